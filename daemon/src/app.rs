@@ -1,0 +1,69 @@
+//! The daemon's shared state: configuration, registry, compute pool, readiness.
+
+use crate::{config::Config, exec::ComputePool, registry::Registry};
+use anyhow::Context;
+use std::{
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
+};
+
+pub struct App {
+    pub config: Config,
+    pub registry: Registry,
+    pub compute: ComputePool,
+    ready: AtomicBool,
+    // Declared last: the registry (and the plugin copies it maps) must go first.
+    _runtime_dir: RuntimeDir,
+}
+
+impl App {
+    pub fn new(config: Config) -> anyhow::Result<App> {
+        let runtime_dir = RuntimeDir::create(config.runtime_dir.clone())?;
+        Ok(App {
+            registry: Registry::new(runtime_dir.path().join("plugins")),
+            compute: ComputePool::new(config.threads)?,
+            ready: AtomicBool::new(false),
+            _runtime_dir: runtime_dir,
+            config,
+        })
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+}
+
+/// The folder for private plugin copies. One created by the daemon is removed at shutdown.
+struct RuntimeDir {
+    path: PathBuf,
+    owned: bool,
+}
+
+impl RuntimeDir {
+    fn create(configured: Option<PathBuf>) -> anyhow::Result<RuntimeDir> {
+        let (path, owned) = match configured {
+            Some(p) => (p, false),
+            None => (std::env::temp_dir().join(format!("opreg-{}", std::process::id())), true),
+        };
+        std::fs::create_dir_all(&path).with_context(|| format!("creating runtime folder {}", path.display()))?;
+        Ok(RuntimeDir { path, owned })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for RuntimeDir {
+    fn drop(&mut self) {
+        if self.owned {
+            if let Err(e) = std::fs::remove_dir_all(&self.path) {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot remove runtime folder");
+            }
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! Running kernels: on the daemon's compute pool, in a host call frame.
+//!
+//! Kernel work never runs on tokio's workers (it would stall I/O); it runs on one rayon pool
+//! for the whole process, which is also what plugins' `parallel_for` uses.
+
+use crate::registry::{KernelQuery, KernelRef, ResolveError, Snapshot};
+use opreg_sdk::{
+    host::{CallFrame, HostTensor},
+    kernel::{Attribute, NodeInfo, ValueInfo},
+    context::LogLevel,
+    Device, ErrorCode,
+};
+use abi_stable::std_types::{RNone, RSome};
+use std::sync::Arc;
+
+/// The process-wide pool for kernel work.
+pub struct ComputePool {
+    pool: rayon::ThreadPool,
+}
+
+impl ComputePool {
+    /// A pool of `threads` workers (0: one per core).
+    pub fn new(threads: usize) -> anyhow::Result<Self> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("opreg-compute-{i}"))
+            .build()?;
+        Ok(ComputePool { pool })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// Runs `f` on the pool and awaits its result without blocking the async runtime.
+    pub async fn run<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> Result<R, ExecError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.pool.spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.await.map_err(|_| ExecError::Lost)
+    }
+}
+
+/// An error from a kernel call, with enough context for the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error("kernel {op_type} of plugin '{plugin}' refused the node: {message}")]
+    Instantiate {
+        op_type: String,
+        plugin: String,
+        code: ErrorCode,
+        message: String,
+    },
+    #[error("kernel {op_type} of plugin '{plugin}' failed: {message}")]
+    Compute {
+        op_type: String,
+        plugin: String,
+        code: ErrorCode,
+        message: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the compute task was lost (worker panicked)")]
+    Lost,
+}
+
+/// One kernel call, outside any graph (the `RunKernel` RPC).
+pub struct KernelCall {
+    pub domain: String,
+    pub op_type: String,
+    pub opset: i32,
+    pub device: Device,
+    pub attributes: Vec<Attribute>,
+    pub inputs: Vec<HostTensor>,
+    pub num_outputs: usize,
+}
+
+/// The result of a kernel call and who computed it.
+pub struct KernelResult {
+    pub outputs: Vec<HostTensor>,
+    pub plugin: String,
+    pub generation: u64,
+}
+
+/// Resolves and runs one kernel on the calling thread (call it from the compute pool).
+pub fn run_kernel(snapshot: &Arc<Snapshot>, call: &KernelCall) -> Result<KernelResult, ExecError> {
+    if !call.device.host_accessible() {
+        return Err(ExecError::Invalid(format!(
+            "RunKernel takes host tensors; device {} is not host-accessible",
+            call.device
+        )));
+    }
+    let types: Vec<_> = call.inputs.iter().map(|t| Some(t.dtype())).collect();
+    let kernel: KernelRef = snapshot.resolve(&KernelQuery {
+        domain: &call.domain,
+        op_type: &call.op_type,
+        opset: call.opset,
+        device: call.device,
+        inputs: &types,
+    })?;
+    let plugin = kernel.plugin.name.clone();
+    let shapes: Vec<Vec<i64>> = call
+        .inputs
+        .iter()
+        .map(|t| t.shape().iter().map(|&d| d as i64).collect())
+        .collect();
+    let input_infos: Vec<ValueInfo<'_>> = call
+        .inputs
+        .iter()
+        .zip(&shapes)
+        .map(|(t, s)| ValueInfo {
+            name: "".into(),
+            present: true,
+            dtype: t.dtype(),
+            shape: RSome(s.as_slice().into()),
+            constant: RNone,
+        })
+        .collect();
+    let node = NodeInfo {
+        name: "".into(),
+        domain: call.domain.as_str().into(),
+        op_type: call.op_type.as_str().into(),
+        opset: call.opset,
+        device: call.device,
+        attributes: call.attributes.as_slice().into(),
+        inputs: input_infos.as_slice().into(),
+        outputs: (&[][..]).into(),
+    };
+    let instance = kernel
+        .registration()
+        .factory
+        .instantiate(&node)
+        .into_result()
+        .map_err(|e| ExecError::Instantiate {
+            op_type: call.op_type.clone(),
+            plugin: plugin.clone(),
+            code: e.code,
+            message: e.message.to_string(),
+        })?;
+    let views: Vec<_> = call.inputs.iter().map(|t| t.view()).collect();
+    let log = |level: LogLevel, msg: &str| log_from_plugin(&plugin, level, msg);
+    let frame = CallFrame::new(call.num_outputs, call.device, snapshot.blas_for(call.device), &log);
+    let computed = frame.with_context(|ctx| instance.compute(ctx, views.as_slice().into()).into_result());
+    let compute_err = |e: opreg_sdk::PluginError| ExecError::Compute {
+        op_type: call.op_type.clone(),
+        plugin: plugin.clone(),
+        code: e.code,
+        message: e.message.to_string(),
+    };
+    computed.map_err(compute_err)?;
+    let outputs = frame.into_outputs().map_err(compute_err)?;
+    // The kernel instance (plugin code) is dropped here, while `kernel` still holds the plugin.
+    drop(instance);
+    Ok(KernelResult {
+        outputs,
+        generation: kernel.plugin.generation,
+        plugin,
+    })
+}
+
+fn log_from_plugin(plugin: &str, level: LogLevel, msg: &str) {
+    match level {
+        LogLevel::Trace => tracing::trace!(target: "opreg::plugin", plugin, "{msg}"),
+        LogLevel::Debug => tracing::debug!(target: "opreg::plugin", plugin, "{msg}"),
+        LogLevel::Info => tracing::info!(target: "opreg::plugin", plugin, "{msg}"),
+        LogLevel::Warn => tracing::warn!(target: "opreg::plugin", plugin, "{msg}"),
+        LogLevel::Error => tracing::error!(target: "opreg::plugin", plugin, "{msg}"),
+    }
+}

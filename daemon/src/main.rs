@@ -1,0 +1,121 @@
+//! opregd: serves ONNX models over gRPC; every kernel, BLAS backend and quantizer is a plugin.
+//!
+//! The data's way, folder by folder: `config` → `plugin` (load and check libraries) →
+//! `registry` (immutable snapshots of what plugins registered) → `exec` (run kernels on the
+//! compute pool) → `server` (gRPC).
+
+mod app;
+mod config;
+mod exec;
+mod plugin;
+mod registry;
+mod server;
+
+use anyhow::Context;
+use clap::Parser;
+use std::{io::Write, path::PathBuf, sync::Arc, time::Instant};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let cli = config::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let config = config::Config::resolve(cli)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("opreg-io")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(config, started))
+}
+
+async fn run(config: config::Config, started: Instant) -> anyhow::Result<()> {
+    let app = Arc::new(app::App::new(config)?);
+    if let Some(repo) = &app.config.model_repo {
+        std::fs::create_dir_all(repo).with_context(|| format!("creating model repository {}", repo.display()))?;
+        tracing::info!(repo = %repo.display(), "model repository");
+    }
+    load_plugin_dirs(&app).await?;
+    let listener = tokio::net::TcpListener::bind(app.config.listen)
+        .await
+        .with_context(|| format!("binding {}", app.config.listen))?;
+    let addr = listener.local_addr()?;
+    app.set_ready(true);
+    let snapshot = app.registry.snapshot();
+    let kernels: usize = snapshot.plugins.values().map(|p| p.kernels.len()).sum();
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+    {
+        // Tests and scripts wait for this line; stdout carries nothing else.
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on {addr}")?;
+        out.flush()?;
+    }
+    tracing::info!(
+        %addr,
+        plugins = snapshot.plugins.len(),
+        kernels,
+        compute_threads = app.compute.threads(),
+        "serving after {elapsed_ms:.1} ms"
+    );
+    drop(snapshot);
+    server::serve(app.clone(), listener, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Loads every plugin of the configured folders in one registry generation. A broken plugin is
+/// logged and skipped; a missing folder is a configuration error.
+async fn load_plugin_dirs(app: &Arc<app::App>) -> anyhow::Result<()> {
+    let mut files: Vec<PathBuf> = Vec::new();
+    for dir in &app.config.plugin_dirs {
+        files.extend(plugin::scan_dir(dir).with_context(|| format!("reading plugin folder {}", dir.display()))?);
+    }
+    let app2 = app.clone();
+    let results = tokio::task::spawn_blocking(move || app2.registry.load_all(&files)).await?;
+    for (path, r) in results {
+        match r {
+            Ok(p) => tracing::info!(
+                plugin = %p.name,
+                version = %p.version,
+                abi = %p.abi_version,
+                kernels = p.kernels.len(),
+                backends = p.backends.len(),
+                quantizers = p.quantizers.len(),
+                source = %path.display(),
+                "plugin loaded"
+            ),
+            Err(e) => tracing::error!("refused plugin: {e}"),
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!("cannot listen for SIGINT: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}

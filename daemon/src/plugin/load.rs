@@ -1,0 +1,205 @@
+//! Loading one plugin file: stage a private copy, map it, check its header and layout, call
+//! its registration, self-check its kernels.
+
+use super::{error::LoadError, library::Library};
+use abi_stable::library::{abi_header_from_raw_library, LibraryError, RawLibrary};
+use opreg_sdk::module::{BlasRegistration, KernelRegistration, PluginModRef, QuantizerRegistration};
+use sha2::{Digest, Sha256};
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+/// A plugin mapped into the daemon, with everything it registered.
+pub struct LoadedPlugin {
+    pub name: String,
+    pub version: String,
+    pub description: String,
+    /// `MAJOR.MINOR` of the SDK ABI the plugin was built with.
+    pub abi_version: String,
+    pub source: PathBuf,
+    pub sha256: String,
+    /// Registry generation that loaded it.
+    pub generation: u64,
+    pub kernels: Vec<KernelRegistration>,
+    pub backends: Vec<BlasRegistration>,
+    pub quantizers: Vec<QuantizerRegistration>,
+    /// Declared last so it drops last: the objects above hold function pointers into it.
+    pub library: Arc<Library>,
+}
+
+impl LoadedPlugin {
+    pub fn loaded_copy(&self) -> &Path {
+        self.library.copy_path()
+    }
+}
+
+impl std::fmt::Debug for LoadedPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LoadedPlugin({} {} gen {})", self.name, self.version, self.generation)
+    }
+}
+
+static COPY_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Loads the plugin at `path` for registry generation `generation`, staging its copy in
+/// `stage_dir`.
+pub fn load(path: &Path, stage_dir: &Path, generation: u64) -> Result<LoadedPlugin, LoadError> {
+    let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    // The copy is made from the bytes we hashed, so the hash describes what is mapped even if
+    // the source file is replaced meanwhile.
+    let copy = stage_copy(path, stage_dir, generation, &bytes)?;
+    let raw = match RawLibrary::load_at(&copy) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let _ = std::fs::remove_file(&copy);
+            return Err(LoadError::NotALibrary {
+                path: path.to_owned(),
+                reason: describe_open_error(&e, &copy, path),
+            });
+        }
+    };
+    let mut library = Library::new(raw, copy);
+    let module = init_module(path, &library)?;
+
+    let info = (module.info())();
+    let name = info.name.to_string();
+    library.set_name(&name);
+    let library = Arc::new(library);
+    if name.is_empty() || name.len() > 128 {
+        return Err(LoadError::Invalid {
+            path: path.to_owned(),
+            what: format!("plugin name {name:?} must have 1 to 128 characters"),
+        });
+    }
+    let registration = (module.register())().into_result().map_err(|e| LoadError::Register {
+        path: path.to_owned(),
+        plugin: name.clone(),
+        message: e.message.to_string(),
+    })?;
+    let plugin = LoadedPlugin {
+        version: info.version.to_string(),
+        description: info.description.to_string(),
+        abi_version: format!("{}.{}", opreg_sdk::ABI_MAJOR, info.abi_minor),
+        source: path.to_owned(),
+        sha256,
+        generation,
+        kernels: registration.kernels.into_vec(),
+        backends: registration.backends.into_vec(),
+        quantizers: registration.quantizers.into_vec(),
+        library,
+        name,
+    };
+    validate(&plugin)?;
+    for k in &plugin.kernels {
+        if let Err(e) = k.factory.self_check().into_result() {
+            return Err(LoadError::SelfCheck {
+                path: path.to_owned(),
+                plugin: plugin.name.clone(),
+                kernel: kernel_label(&k.desc),
+                message: e.message.to_string(),
+            });
+        }
+    }
+    Ok(plugin)
+}
+
+/// `domain::Op(since..end)@device` for messages.
+pub fn kernel_label(d: &opreg_sdk::KernelDesc) -> String {
+    let domain = if d.domain.is_empty() { "ai.onnx" } else { d.domain.as_str() };
+    let end = if d.end_version == opreg_sdk::OPEN_END {
+        String::from("")
+    } else {
+        d.end_version.to_string()
+    };
+    format!("{domain}::{}({}..{end})@{}", d.op_type, d.since_version, d.device)
+}
+
+fn stage_copy(path: &Path, stage_dir: &Path, generation: u64, bytes: &[u8]) -> Result<PathBuf, LoadError> {
+    let stage_err = |source| LoadError::Stage {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(stage_dir).map_err(stage_err)?;
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin");
+    let ext = path.extension().and_then(|s| s.to_str()).unwrap_or("so");
+    let seq = COPY_SEQ.fetch_add(1, Ordering::Relaxed);
+    let copy = stage_dir.join(format!("{stem}.g{generation}.{seq}.{ext}"));
+    std::fs::write(&copy, bytes).map_err(stage_err)?;
+    Ok(copy)
+}
+
+fn init_module(path: &Path, library: &Library) -> Result<PluginModRef, LoadError> {
+    let raw = library.raw().ok_or_else(|| LoadError::NotALibrary {
+        path: path.to_owned(),
+        reason: "library already closed".into(),
+    })?;
+    // SAFETY: the header is only used while `library` is alive (it is dropped with it, and the
+    // module's functions are only called through objects that hold the library's Arc).
+    let header = unsafe { abi_header_from_raw_library(raw) }.map_err(|_| LoadError::NoHeader { path: path.to_owned() })?;
+    let header = header.upgrade().map_err(|e| LoadError::AbiStableMismatch {
+        path: path.to_owned(),
+        reason: one_line(&e.to_string()),
+    })?;
+    header.init_root_module::<PluginModRef>().map_err(|e| match e {
+        LibraryError::IncompatibleVersionNumber {
+            expected_version,
+            actual_version,
+            ..
+        } => LoadError::AbiMajor {
+            path: path.to_owned(),
+            expected: expected_version.to_string(),
+            found: actual_version.to_string(),
+            expected_major: opreg_sdk::ABI_MAJOR,
+        },
+        LibraryError::AbiInstability(detail) => LoadError::Layout {
+            path: path.to_owned(),
+            detail: one_line(&detail.to_string()),
+        },
+        other => LoadError::RootModule {
+            path: path.to_owned(),
+            detail: one_line(&other.to_string()),
+        },
+    })
+}
+
+fn validate(p: &LoadedPlugin) -> Result<(), LoadError> {
+    let invalid = |what: String| LoadError::Invalid {
+        path: p.source.clone(),
+        what,
+    };
+    for k in &p.kernels {
+        let d = &k.desc;
+        if d.op_type.is_empty() {
+            return Err(invalid("a kernel has an empty op_type".into()));
+        }
+        if d.since_version < 1 || d.end_version < d.since_version {
+            return Err(invalid(format!(
+                "kernel {}: opset range {}..={} is empty or starts below 1",
+                kernel_label(d),
+                d.since_version,
+                d.end_version
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn describe_open_error(e: &LibraryError, copy: &Path, original: &Path) -> String {
+    let msg = match e {
+        LibraryError::OpenError { err, .. } => err.to_string(),
+        other => other.to_string(),
+    };
+    one_line(&msg.replace(&*copy.to_string_lossy(), &original.to_string_lossy()))
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}

@@ -1,0 +1,151 @@
+//! The registry: every loaded plugin and what it registered, as an immutable snapshot.
+//!
+//! Snapshots are published through `ArcSwap`. Loading, unloading or replacing a plugin builds a
+//! new snapshot with the next generation; a request holds the snapshot it started with, so
+//! in-flight work finishes on the kernels it bound and new work binds the new ones. A retired
+//! plugin is released (and its library closed) when the last snapshot or request holding it
+//! drops.
+
+mod resolve;
+
+pub use resolve::{KernelQuery, KernelRef, ResolveError};
+
+use crate::plugin::{self, kernel_label, LoadError, LoadedPlugin};
+use arc_swap::ArcSwap;
+use opreg_sdk::{blas::FfiBlasBox, Device};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+/// One immutable state of the registry.
+#[derive(Default)]
+pub struct Snapshot {
+    pub generation: u64,
+    pub plugins: BTreeMap<String, Arc<LoadedPlugin>>,
+}
+
+impl Snapshot {
+    /// The highest-priority BLAS backend for `device`.
+    pub fn blas_for(&self, device: Device) -> Option<&FfiBlasBox> {
+        self.plugins
+            .values()
+            .flat_map(|p| p.backends.iter())
+            .filter(|b| b.desc.device == device)
+            .max_by_key(|b| b.desc.priority)
+            .map(|b| &b.backend)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UnloadError {
+    #[error("no plugin named '{0}' is loaded")]
+    NotLoaded(String),
+}
+
+/// The registry: the current snapshot, and the lock that serialises writers.
+pub struct Registry {
+    current: ArcSwap<Snapshot>,
+    writer: Mutex<()>,
+    stage_dir: PathBuf,
+}
+
+impl Registry {
+    /// An empty registry that stages plugin copies in `stage_dir`.
+    pub fn new(stage_dir: PathBuf) -> Self {
+        Registry {
+            current: ArcSwap::from_pointee(Snapshot::default()),
+            writer: Mutex::new(()),
+            stage_dir,
+        }
+    }
+
+    /// The snapshot to use for one request.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Loads every file in `paths` into one new generation. A file that fails is reported and
+    /// skipped; the others load.
+    pub fn load_all(&self, paths: &[PathBuf]) -> Vec<(PathBuf, Result<Arc<LoadedPlugin>, LoadError>)> {
+        let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.current.load_full();
+        let generation = old.generation + 1;
+        let mut plugins = old.plugins.clone();
+        let mut results = Vec::new();
+        for path in paths {
+            let r = plugin::load(path, &self.stage_dir, generation)
+                .and_then(|p| admit(&plugins, p))
+                .map(|p| {
+                    let p = Arc::new(p);
+                    plugins.insert(p.name.clone(), p.clone());
+                    p
+                });
+            results.push((path.clone(), r));
+        }
+        self.current.store(Arc::new(Snapshot { generation, plugins }));
+        results
+    }
+
+    /// Loads one plugin. A plugin with the name of a loaded one replaces it (hot swap): the
+    /// old one serves the requests that already hold it and is released after them.
+    pub fn load(&self, path: &Path) -> Result<(Arc<LoadedPlugin>, u64), LoadError> {
+        let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.current.load_full();
+        let generation = old.generation + 1;
+        let p = Arc::new(admit(&old.plugins, plugin::load(path, &self.stage_dir, generation)?)?);
+        let mut plugins = old.plugins.clone();
+        plugins.insert(p.name.clone(), p.clone());
+        self.current.store(Arc::new(Snapshot { generation, plugins }));
+        Ok((p, generation))
+    }
+
+    /// Unloads the plugin `name`; returns the new generation.
+    pub fn unload(&self, name: &str) -> Result<u64, UnloadError> {
+        let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.current.load_full();
+        if !old.plugins.contains_key(name) {
+            return Err(UnloadError::NotLoaded(name.to_string()));
+        }
+        let mut plugins = old.plugins.clone();
+        plugins.remove(name);
+        let generation = old.generation + 1;
+        self.current.store(Arc::new(Snapshot { generation, plugins }));
+        Ok(generation)
+    }
+}
+
+/// Checks that `new` does not make kernel resolution ambiguous or shadow a backend or
+/// quantizer of another plugin. A plugin of the same name is about to be replaced, so it is
+/// not compared against.
+fn admit(loaded: &BTreeMap<String, Arc<LoadedPlugin>>, new: LoadedPlugin) -> Result<LoadedPlugin, LoadError> {
+    for other in loaded.values().filter(|o| o.name != new.name) {
+        let conflict = |what: String| LoadError::Conflict {
+            path: new.source.clone(),
+            plugin: new.name.clone(),
+            other: other.name.clone(),
+            what,
+        };
+        for k in &new.kernels {
+            if let Some(o) = other.kernels.iter().find(|o| resolve::ambiguous(&k.desc, &o.desc)) {
+                return Err(conflict(format!(
+                    "both register {} at priority {} for the same types (give one a higher priority to override)",
+                    kernel_label(&k.desc),
+                    o.desc.priority
+                )));
+            }
+        }
+        for b in &new.backends {
+            if other.backends.iter().any(|o| o.desc.name == b.desc.name) {
+                return Err(conflict(format!("both register a BLAS backend named '{}'", b.desc.name)));
+            }
+        }
+        for q in &new.quantizers {
+            if other.quantizers.iter().any(|o| o.desc.name == q.desc.name) {
+                return Err(conflict(format!("both register a quantizer named '{}'", q.desc.name)));
+            }
+        }
+    }
+    Ok(new)
+}

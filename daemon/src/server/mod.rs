@@ -1,0 +1,63 @@
+//! The gRPC surface: a thin layer over the registry and executor.
+
+mod inference;
+mod registry;
+mod status;
+mod tensor;
+
+use crate::app::App;
+use opreg_proto::{
+    inference::grpc_inference_service_server::GrpcInferenceServiceServer,
+    opreg::v1::registry_server::RegistryServer,
+};
+use std::{future::Future, sync::Arc};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+/// Largest gRPC message accepted or sent. tonic's 4 MiB default is far too small for tensors
+/// and model uploads; clients (tritonclient) send up to 2 GiB.
+pub const MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024 * 1024 - 1;
+
+/// Serves until `shutdown` resolves, then drains in-flight calls.
+pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(opreg_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let inference = GrpcInferenceServiceServer::new(inference::InferenceApi { app: app.clone() })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let registry = RegistryServer::new(registry::RegistryApi { app: app.clone() })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+
+    // Health follows readiness: SERVING once start-up loading is done (it is, by the time the
+    // listener exists), NOT_SERVING as soon as shutdown begins.
+    let status = if app.is_ready() { ServingStatus::Serving } else { ServingStatus::NotServing };
+    health.set_service_status("", status).await;
+    health.set_serving::<GrpcInferenceServiceServer<inference::InferenceApi>>().await;
+    health.set_serving::<RegistryServer<registry::RegistryApi>>().await;
+
+    let drain = {
+        let app = app.clone();
+        let health = health.clone();
+        async move {
+            shutdown.await;
+            app.set_ready(false);
+            health.set_service_status("", ServingStatus::NotServing).await;
+            health.set_not_serving::<GrpcInferenceServiceServer<inference::InferenceApi>>().await;
+            tracing::info!("shutting down: draining in-flight calls");
+        }
+    };
+
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(inference)
+        .add_service(registry)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,260 @@
+//! `opreg.v1.Registry`: plugins, kernels, backends, quantizers.
+
+use super::tensor;
+use crate::{
+    app::App,
+    exec::{self, KernelCall},
+    plugin::LoadedPlugin,
+    registry::Snapshot,
+};
+use abi_stable::std_types::{RString, RVec};
+use opreg_proto::opreg::v1::{self as pb, registry_server::Registry};
+use opreg_sdk::{kernel::Attribute, AttrValue, Device, DeviceKind, Observation};
+use std::{path::PathBuf, sync::Arc};
+use tonic::{Request, Response, Status};
+
+pub struct RegistryApi {
+    pub app: Arc<App>,
+}
+
+impl RegistryApi {
+    /// Management calls run code in the daemon: with a token configured they need it; without
+    /// one they are accepted only when the daemon listens on loopback.
+    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        match &self.app.config.admin_token {
+            Some(token) => {
+                let given = req
+                    .metadata()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "));
+                if given == Some(token.as_str()) {
+                    Ok(())
+                } else {
+                    Err(Status::unauthenticated("management call needs 'authorization: Bearer <admin token>'"))
+                }
+            }
+            None if self.app.config.listen.ip().is_loopback() => Ok(()),
+            None => Err(Status::permission_denied(
+                "management calls are disabled: the daemon listens beyond loopback and has no admin token",
+            )),
+        }
+    }
+}
+
+fn plugin_info(p: &LoadedPlugin) -> pb::PluginInfo {
+    pb::PluginInfo {
+        name: p.name.clone(),
+        version: p.version.clone(),
+        abi_version: p.abi_version.clone(),
+        source_file: p.source.display().to_string(),
+        sha256: p.sha256.clone(),
+        generation: p.generation,
+        description: p.description.clone(),
+        kernels: p.kernels.len() as u32,
+        backends: p.backends.len() as u32,
+        quantizers: p.quantizers.len() as u32,
+        loaded_copy: p.loaded_copy().display().to_string(),
+    }
+}
+
+fn kernels(snapshot: &Snapshot, op_type: &str, domain: &str) -> Vec<pb::KernelInfo> {
+    let mut out = Vec::new();
+    for p in snapshot.plugins.values() {
+        for k in &p.kernels {
+            let d = &k.desc;
+            if (!op_type.is_empty() && d.op_type.as_str() != op_type) || (!domain.is_empty() && d.domain.as_str() != domain) {
+                continue;
+            }
+            out.push(pb::KernelInfo {
+                domain: d.domain.to_string(),
+                op_type: d.op_type.to_string(),
+                since_version: d.since_version,
+                end_version: d.end_version,
+                type_constraints: d
+                    .type_constraints
+                    .iter()
+                    .map(|c| pb::TypeConstraint {
+                        name: c.name.to_string(),
+                        types: c.types.iter().map(|t| t.kserve_name().to_string()).collect(),
+                    })
+                    .collect(),
+                device: d.device.to_string(),
+                priority: d.priority,
+                plugin: p.name.clone(),
+                generation: p.generation,
+            });
+        }
+    }
+    out.sort_by(|a, b| (&a.domain, &a.op_type, &a.device, -a.priority).cmp(&(&b.domain, &b.op_type, &b.device, -b.priority)));
+    out
+}
+
+fn parse_device(name: &str) -> Result<Device, Status> {
+    if name.is_empty() {
+        return Ok(Device::CPU);
+    }
+    let (kind, ordinal) = match name.split_once(':') {
+        Some((k, o)) => (k, o.parse().map_err(|_| Status::invalid_argument(format!("bad device ordinal in '{name}'")))?),
+        None => (name, 0),
+    };
+    let kind = DeviceKind::from_name(kind).ok_or_else(|| Status::invalid_argument(format!("unknown device '{name}'")))?;
+    Ok(Device { kind, ordinal })
+}
+
+fn attribute(a: pb::Attribute) -> Result<Attribute, Status> {
+    use pb::attribute::Value;
+    let value = match a.value {
+        Some(Value::I(v)) => AttrValue::Int(v),
+        Some(Value::F(v)) => AttrValue::Float(v),
+        Some(Value::S(v)) => AttrValue::String(v.into()),
+        Some(Value::Ints(v)) => AttrValue::Ints(v.values.into()),
+        Some(Value::Floats(v)) => AttrValue::Floats(v.values.into()),
+        Some(Value::Strings(v)) => AttrValue::Strings(v.values.into_iter().map(RString::from).collect::<RVec<_>>()),
+        None => return Err(Status::invalid_argument(format!("attribute '{}' has no value", a.name))),
+    };
+    Ok(Attribute { name: a.name.into(), value })
+}
+
+#[tonic::async_trait]
+impl Registry for RegistryApi {
+    async fn list_plugins(&self, _: Request<pb::ListPluginsRequest>) -> Result<Response<pb::ListPluginsResponse>, Status> {
+        let s = self.app.registry.snapshot();
+        Ok(Response::new(pb::ListPluginsResponse {
+            plugins: s.plugins.values().map(|p| plugin_info(p)).collect(),
+            generation: s.generation,
+        }))
+    }
+
+    async fn load_plugin(&self, req: Request<pb::LoadPluginRequest>) -> Result<Response<pb::LoadPluginResponse>, Status> {
+        self.authorize(&req)?;
+        let path = PathBuf::from(req.into_inner().path);
+        if path.as_os_str().is_empty() {
+            return Err(Status::invalid_argument("LoadPlugin needs a path"));
+        }
+        let app = self.app.clone();
+        let result = tokio::task::spawn_blocking(move || app.registry.load(&path))
+            .await
+            .map_err(|e| Status::internal(format!("plugin loader task failed: {e}")))?;
+        match result {
+            Ok((p, generation)) => {
+                tracing::info!(plugin = %p.name, version = %p.version, source = %p.source.display(), generation, kernels = p.kernels.len(), "plugin loaded");
+                Ok(Response::new(pb::LoadPluginResponse {
+                    plugin: Some(plugin_info(&p)),
+                    generation,
+                }))
+            }
+            Err(e) => {
+                tracing::error!("refused plugin: {e}");
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn unload_plugin(&self, req: Request<pb::UnloadPluginRequest>) -> Result<Response<pb::UnloadPluginResponse>, Status> {
+        self.authorize(&req)?;
+        let name = req.into_inner().name;
+        let generation = self.app.registry.unload(&name)?;
+        tracing::info!(plugin = %name, generation, "plugin unloaded");
+        Ok(Response::new(pb::UnloadPluginResponse { generation }))
+    }
+
+    async fn list_kernels(&self, req: Request<pb::ListKernelsRequest>) -> Result<Response<pb::ListKernelsResponse>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(pb::ListKernelsResponse {
+            kernels: kernels(&self.app.registry.snapshot(), &r.op_type, &r.domain),
+        }))
+    }
+
+    async fn list_backends(&self, _: Request<pb::ListBackendsRequest>) -> Result<Response<pb::ListBackendsResponse>, Status> {
+        let s = self.app.registry.snapshot();
+        let backends = s
+            .plugins
+            .values()
+            .flat_map(|p| {
+                p.backends.iter().map(move |b| pb::BackendInfo {
+                    name: b.desc.name.to_string(),
+                    device: b.desc.device.to_string(),
+                    gemm_types: b.desc.types.iter().map(|t| t.to_string()).collect(),
+                    priority: b.desc.priority,
+                    plugin: p.name.clone(),
+                    generation: p.generation,
+                })
+            })
+            .collect();
+        Ok(Response::new(pb::ListBackendsResponse { backends }))
+    }
+
+    async fn list_quantizers(&self, _: Request<pb::ListQuantizersRequest>) -> Result<Response<pb::ListQuantizersResponse>, Status> {
+        let s = self.app.registry.snapshot();
+        let quantizers = s
+            .plugins
+            .values()
+            .flat_map(|p| {
+                p.quantizers.iter().map(move |q| pb::QuantizerInfo {
+                    name: q.desc.name.to_string(),
+                    description: q.desc.description.to_string(),
+                    observes: match q.quantizer.observation() {
+                        Observation::Nothing => "nothing".into(),
+                        Observation::MinMax => "min-max".into(),
+                        Observation::Histogram { bins } => format!("histogram({bins})"),
+                    },
+                    plugin: p.name.clone(),
+                    generation: p.generation,
+                })
+            })
+            .collect();
+        Ok(Response::new(pb::ListQuantizersResponse { quantizers }))
+    }
+
+    async fn run_kernel(&self, req: Request<pb::RunKernelRequest>) -> Result<Response<pb::RunKernelResponse>, Status> {
+        let r = req.into_inner();
+        if r.op_type.is_empty() {
+            return Err(Status::invalid_argument("RunKernel needs an op_type"));
+        }
+        let inputs = r
+            .inputs
+            .iter()
+            .map(|t| {
+                let dtype = tensor::dtype(&t.name, &t.datatype)?;
+                let shape = tensor::shape(&t.name, &t.shape)?;
+                tensor::from_raw(&t.name, dtype, &shape, &t.raw)
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let call = KernelCall {
+            device: parse_device(&r.device)?,
+            attributes: r.attributes.into_iter().map(attribute).collect::<Result<_, _>>()?,
+            num_outputs: r.num_outputs.max(1) as usize,
+            opset: r.opset,
+            domain: r.domain,
+            op_type: r.op_type,
+            inputs,
+        };
+        let snapshot = self.app.registry.snapshot();
+        let result = self
+            .app
+            .compute
+            .run(move || exec::run_kernel(&snapshot, &call))
+            .await
+            .and_then(|r| r);
+        let result = result.map_err(|e| {
+            tracing::warn!("RunKernel failed: {e}");
+            Status::from(e)
+        })?;
+        Ok(Response::new(pb::RunKernelResponse {
+            outputs: result
+                .outputs
+                .iter()
+                .enumerate()
+                .map(|(i, t)| pb::Tensor {
+                    name: format!("output_{i}"),
+                    datatype: t.dtype().kserve_name().into(),
+                    shape: t.shape().iter().map(|&d| d as i64).collect(),
+                    raw: tensor::to_raw(t),
+                })
+                .collect(),
+            plugin: result.plugin,
+            generation: result.generation,
+        }))
+    }
+}

@@ -1,0 +1,56 @@
+//! Mapping daemon errors to gRPC statuses.
+
+use crate::{exec::ExecError, plugin::LoadError, registry::UnloadError};
+use opreg_sdk::ErrorCode;
+use tonic::{Code, Status};
+
+pub fn code_of(code: ErrorCode) -> Code {
+    match code {
+        ErrorCode::InvalidArgument => Code::InvalidArgument,
+        ErrorCode::Unimplemented => Code::Unimplemented,
+        ErrorCode::Internal | ErrorCode::Panic => Code::Internal,
+        ErrorCode::ResourceExhausted => Code::ResourceExhausted,
+        ErrorCode::FailedPrecondition => Code::FailedPrecondition,
+    }
+}
+
+impl From<LoadError> for Status {
+    fn from(e: LoadError) -> Status {
+        let code = match &e {
+            LoadError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => Code::NotFound,
+            LoadError::Read { .. } => Code::InvalidArgument,
+            LoadError::Stage { .. } => Code::Internal,
+            LoadError::NotALibrary { .. }
+            | LoadError::NoHeader { .. }
+            | LoadError::AbiStableMismatch { .. }
+            | LoadError::AbiMajor { .. }
+            | LoadError::Layout { .. }
+            | LoadError::RootModule { .. }
+            | LoadError::Invalid { .. } => Code::InvalidArgument,
+            LoadError::Register { .. } | LoadError::SelfCheck { .. } | LoadError::Conflict { .. } => {
+                Code::FailedPrecondition
+            }
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+impl From<UnloadError> for Status {
+    fn from(e: UnloadError) -> Status {
+        match e {
+            UnloadError::NotLoaded(_) => Status::not_found(e.to_string()),
+        }
+    }
+}
+
+impl From<ExecError> for Status {
+    fn from(e: ExecError) -> Status {
+        let code = match &e {
+            ExecError::Resolve(_) => Code::Unimplemented,
+            ExecError::Instantiate { code, .. } | ExecError::Compute { code, .. } => code_of(*code),
+            ExecError::Invalid(_) => Code::InvalidArgument,
+            ExecError::Lost => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}

@@ -1,0 +1,117 @@
+//! Tensors on the wire: KServe datatype names and raw byte contents.
+
+use opreg_sdk::{host::HostTensor, DType};
+use tonic::Status;
+
+/// Largest tensor a request may carry, in elements (guards the shape product).
+const MAX_ELEMENTS: u64 = 1 << 34;
+
+/// Parses a KServe datatype name for the tensor `name`.
+pub fn dtype(name: &str, datatype: &str) -> Result<DType, Status> {
+    DType::from_kserve_name(datatype).ok_or_else(|| {
+        Status::invalid_argument(format!("tensor '{name}': unknown datatype '{datatype}'"))
+    })
+}
+
+/// Checks a wire shape and turns it into dimensions.
+pub fn shape(name: &str, dims: &[i64]) -> Result<Vec<usize>, Status> {
+    let mut total: u64 = 1;
+    let mut out = Vec::with_capacity(dims.len());
+    for &d in dims {
+        if d < 0 {
+            return Err(Status::invalid_argument(format!("tensor '{name}': negative dimension in shape {dims:?}")));
+        }
+        total = total.saturating_mul(d as u64);
+        out.push(d as usize);
+    }
+    if total > MAX_ELEMENTS {
+        return Err(Status::invalid_argument(format!("tensor '{name}': shape {dims:?} is too large")));
+    }
+    Ok(out)
+}
+
+/// Decodes raw contents: row-major little-endian; BYTES elements are a 4-byte little-endian
+/// length followed by the bytes.
+pub fn from_raw(name: &str, dtype: DType, shape: &[usize], raw: &[u8]) -> Result<HostTensor, Status> {
+    let numel: usize = shape.iter().product();
+    if dtype == DType::String {
+        let mut items = Vec::with_capacity(numel);
+        let mut rest = raw;
+        while !rest.is_empty() {
+            if rest.len() < 4 {
+                return Err(Status::invalid_argument(format!("tensor '{name}': truncated BYTES element length")));
+            }
+            let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            rest = &rest[4..];
+            if rest.len() < len {
+                return Err(Status::invalid_argument(format!("tensor '{name}': BYTES element overruns the contents")));
+            }
+            items.push(&rest[..len]);
+            rest = &rest[len..];
+        }
+        if items.len() != numel {
+            return Err(Status::invalid_argument(format!(
+                "tensor '{name}': shape {shape:?} needs {numel} BYTES elements, got {}",
+                items.len()
+            )));
+        }
+        return HostTensor::from_strings(shape, &items).map_err(|e| Status::invalid_argument(format!("tensor '{name}': {}", e.message)));
+    }
+    let want = numel * dtype.size();
+    if raw.len() != want {
+        return Err(Status::invalid_argument(format!(
+            "tensor '{name}': {dtype} of shape {shape:?} needs {want} bytes, got {}",
+            raw.len()
+        )));
+    }
+    HostTensor::from_bytes(dtype, shape, raw).map_err(|e| Status::invalid_argument(format!("tensor '{name}': {}", e.message)))
+}
+
+/// Encodes a tensor as raw contents (inverse of [`from_raw`]).
+pub fn to_raw(t: &HostTensor) -> Vec<u8> {
+    if t.dtype() != DType::String {
+        return t.bytes().to_vec();
+    }
+    let mut out = Vec::new();
+    for s in t.strings() {
+        let b = s.as_bytes();
+        out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+        out.extend_from_slice(b);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_round_trip_and_length_checks() {
+        let bytes: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let t = from_raw("x", DType::F32, &[2], &bytes).expect("decode");
+        assert_eq!(to_raw(&t), bytes);
+        let err = from_raw("x", DType::F32, &[3], &bytes).expect_err("short");
+        assert!(err.message().contains("tensor 'x'") && err.message().contains("needs 12 bytes"), "{}", err.message());
+    }
+
+    #[test]
+    fn bytes_elements_are_length_prefixed() {
+        let mut raw = Vec::new();
+        for s in ["ab", "", "xyz"] {
+            raw.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            raw.extend_from_slice(s.as_bytes());
+        }
+        let t = from_raw("s", DType::String, &[3], &raw).expect("decode");
+        assert_eq!(t.strings().iter().map(|s| s.as_str()).collect::<Vec<_>>(), ["ab", "", "xyz"]);
+        assert_eq!(to_raw(&t), raw);
+        assert!(from_raw("s", DType::String, &[2], &raw).is_err());
+        assert!(from_raw("s", DType::String, &[3], &raw[..raw.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn shapes_are_checked() {
+        assert!(shape("x", &[2, -1]).is_err());
+        assert!(shape("x", &[1 << 20, 1 << 20]).is_err());
+        assert_eq!(shape("x", &[2, 3]).expect("ok"), vec![2, 3]);
+    }
+}

@@ -1,0 +1,24 @@
+//! Compiles the .proto files with protox (a protobuf compiler in pure Rust), so a machine with
+//! only the Rust toolchain builds the workspace: no system `protoc` is needed.
+
+use prost::Message;
+use std::path::PathBuf;
+
+const PROTOS: &[&str] = &[
+    "inference/grpc_service.proto",
+    "inference/model_config.proto",
+    "opreg/v1/registry.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let fds = protox::compile(PROTOS, ["proto"])?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    // The descriptor set also feeds gRPC server reflection.
+    std::fs::write(out.join("opreg_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}

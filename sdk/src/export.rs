@@ -1,0 +1,73 @@
+//! The export macro.
+
+/// Exports a plugin: its identity and the function that registers what it provides.
+///
+/// ```ignore
+/// opreg_sdk::export_plugin! {
+///     name: "my-ops",
+///     version: env!("CARGO_PKG_VERSION"),
+///     description: "My operators",
+///     register: register,   // fn register(r: &mut opreg_sdk::Registrar)
+/// }
+/// ```
+///
+/// It defines the `abi_stable` library header the daemon looks up, so a plugin crate needs no
+/// direct dependency on `abi_stable`. Registration runs inside `catch_unwind`.
+#[macro_export]
+macro_rules! export_plugin {
+    (
+        name: $name:expr,
+        version: $version:expr,
+        description: $description:expr,
+        register: $register:path $(,)?
+    ) => {
+        extern "C" fn __opreg_plugin_info() -> $crate::module::PluginInfo {
+            $crate::module::__info($name, $version, $description)
+        }
+
+        extern "C" fn __opreg_plugin_register() -> $crate::abi_stable::std_types::RResult<
+            $crate::module::Registration,
+            $crate::PluginError,
+        > {
+            $crate::module::__register($register)
+        }
+
+        const __OPREG_PLUGIN_MOD: &$crate::abi_stable::prefix_type::WithMetadata<
+            $crate::module::PluginMod,
+        > = &$crate::abi_stable::prefix_type::WithMetadata::new($crate::module::PluginMod {
+            info: __opreg_plugin_info,
+            register: __opreg_plugin_register,
+        });
+
+        fn __opreg_plugin_root_module() -> $crate::module::PluginModRef {
+            $crate::module::PluginModRef(__OPREG_PLUGIN_MOD.static_as_prefix())
+        }
+
+        /// The `abi_stable` library header; its symbol name is what
+        /// `#[export_root_module]` would generate (checked by an SDK unit test).
+        #[no_mangle]
+        pub static _1as_0lib_1header_0root_bmodule_bloader: $crate::abi_stable::library::LibHeader = {
+            extern "C" fn __constructor() -> $crate::abi_stable::library::RootModuleResult {
+                $crate::abi_stable::library::__call_root_module_loader(__opreg_plugin_root_module)
+            }
+            // SAFETY: the constructor returns the module type named here.
+            unsafe {
+                $crate::abi_stable::library::LibHeader::from_constructor::<$crate::module::PluginModRef>(
+                    __constructor,
+                    $crate::abi_stable::library::CheckTypeLayout::Yes,
+                )
+            }
+        };
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn exported_symbol_is_abi_stables_header_name() {
+        assert_eq!(
+            abi_stable::library::ROOT_MODULE_LOADER_NAME,
+            "_1as_0lib_1header_0root_bmodule_bloader"
+        );
+    }
+}

@@ -1,0 +1,339 @@
+//! Host side of a kernel call, shared by the daemon and the [test kit](crate::testkit).
+//!
+//! A [`CallFrame`] is what one kernel call borrows from the host: output slots, scratch
+//! memory, the BLAS backend and the device. Parallel work runs on the rayon pool the caller
+//! is in (the daemon installs its own pool around kernel calls).
+
+use crate::{
+    blas::{FfiBlasBox, FfiBlas_TO},
+    context::{FfiHost, FfiTask_TO, LogLevel},
+    tensor::{contiguous_strides, TensorView, TensorViewMut},
+    DType, Device, ErrorCode, KernelContext, PluginError,
+};
+use abi_stable::{
+    std_types::{ROption, RResult, RSlice, RSliceMut, RStr, RString},
+    RRef,
+};
+use rayon::prelude::*;
+use std::{alloc, ptr::NonNull, sync::Mutex};
+
+const ALIGN: usize = 64;
+
+/// A zeroed, 64-byte aligned heap buffer.
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: plain owned memory.
+unsafe impl Send for AlignedBuf {}
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// `len` zero bytes.
+    pub fn zeroed(len: usize) -> Result<Self, PluginError> {
+        if len == 0 {
+            return Ok(AlignedBuf {
+                ptr: NonNull::dangling(),
+                len: 0,
+            });
+        }
+        let layout = alloc::Layout::from_size_align(len, ALIGN)
+            .map_err(|_| PluginError::new(ErrorCode::ResourceExhausted, format!("cannot allocate {len} bytes")))?;
+        // SAFETY: non-zero size.
+        let ptr = unsafe { alloc::alloc_zeroed(layout) };
+        NonNull::new(ptr)
+            .map(|ptr| AlignedBuf { ptr, len })
+            .ok_or_else(|| PluginError::new(ErrorCode::ResourceExhausted, format!("out of memory allocating {len} bytes")))
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `len` initialised bytes owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The bytes, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: allocated in `zeroed` with this layout.
+            unsafe { alloc::dealloc(self.ptr.as_ptr(), alloc::Layout::from_size_align_unchecked(self.len, ALIGN)) }
+        }
+    }
+}
+
+/// A dense, row-major tensor in host memory, owned by the host.
+pub struct HostTensor {
+    dtype: DType,
+    shape: Vec<usize>,
+    strides: Vec<isize>,
+    buf: AlignedBuf,
+}
+
+impl HostTensor {
+    /// A zero-filled tensor (empty strings for `String`).
+    pub fn zeroed(dtype: DType, shape: &[usize]) -> Result<Self, PluginError> {
+        let len = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .and_then(|n| n.checked_mul(dtype.size()))
+            .ok_or_else(|| PluginError::new(ErrorCode::ResourceExhausted, format!("tensor of shape {shape:?} is too large")))?;
+        let mut t = HostTensor {
+            dtype,
+            shape: shape.to_vec(),
+            strides: contiguous_strides(shape),
+            buf: AlignedBuf::zeroed(len)?,
+        };
+        if dtype == DType::String {
+            for s in t.strings_mut() {
+                // SAFETY: the slot holds zero bytes, not a string: write without dropping.
+                unsafe { std::ptr::write(s, RString::new()) };
+            }
+        }
+        Ok(t)
+    }
+
+    /// A tensor holding a copy of `bytes` (not for `String`).
+    pub fn from_bytes(dtype: DType, shape: &[usize], bytes: &[u8]) -> Result<Self, PluginError> {
+        if dtype == DType::String {
+            return Err(PluginError::invalid("string tensors are built with from_strings"));
+        }
+        let mut t = Self::zeroed(dtype, shape)?;
+        if t.buf.len() != bytes.len() {
+            return Err(PluginError::invalid(format!(
+                "{dtype} tensor of shape {shape:?} needs {} bytes, got {}",
+                t.buf.len(),
+                bytes.len()
+            )));
+        }
+        t.buf.as_mut_slice().copy_from_slice(bytes);
+        Ok(t)
+    }
+
+    /// A `String` tensor.
+    pub fn from_strings(shape: &[usize], values: &[&[u8]]) -> Result<Self, PluginError> {
+        let mut t = Self::zeroed(DType::String, shape)?;
+        if t.len() != values.len() {
+            return Err(PluginError::invalid(format!(
+                "string tensor of shape {shape:?} needs {} elements, got {}",
+                t.len(),
+                values.len()
+            )));
+        }
+        for (slot, v) in t.strings_mut().iter_mut().zip(values) {
+            *slot = RString::from(String::from_utf8_lossy(v).into_owned());
+        }
+        Ok(t)
+    }
+
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// True when the tensor has no element.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Raw bytes (for `String`, the string headers: use [`strings`](Self::strings)).
+    pub fn bytes(&self) -> &[u8] {
+        self.buf.as_slice()
+    }
+
+    /// The elements of a `String` tensor (empty for other dtypes).
+    pub fn strings(&self) -> &[RString] {
+        if self.dtype != DType::String || self.is_empty() {
+            return &[];
+        }
+        // SAFETY: string tensors hold `len()` initialised `RString`s, aligned to 64.
+        unsafe { std::slice::from_raw_parts(self.buf.as_slice().as_ptr().cast(), self.len()) }
+    }
+
+    fn strings_mut(&mut self) -> &mut [RString] {
+        if self.dtype != DType::String || self.is_empty() {
+            return &mut [];
+        }
+        let len = self.len();
+        // SAFETY: as in `strings`, exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.buf.as_mut_slice().as_mut_ptr().cast(), len) }
+    }
+
+    /// A read-only view for a kernel.
+    pub fn view(&self) -> TensorView<'_> {
+        // SAFETY: the buffer holds `len()` elements of `dtype` and lives as long as `self`.
+        unsafe { TensorView::from_raw(self.dtype, Device::CPU, &self.shape, &self.strides, self.buf.as_slice().as_ptr()) }
+    }
+
+    /// Replaces every string element by a copy allocated by the host. Strings a plugin wrote
+    /// carry that plugin's deallocator; this must run before the plugin can be unloaded.
+    pub fn adopt_strings(&mut self) {
+        for s in self.strings_mut() {
+            let own = RString::from(s.as_str());
+            *s = own;
+        }
+    }
+}
+
+impl Drop for HostTensor {
+    fn drop(&mut self) {
+        for s in self.strings_mut() {
+            // SAFETY: each element is an initialised RString, dropped exactly once here.
+            unsafe { std::ptr::drop_in_place(s) };
+        }
+    }
+}
+
+impl std::fmt::Debug for HostTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HostTensor({} {:?})", self.dtype, self.shape)
+    }
+}
+
+/// Where a frame sends the log lines of plugin code.
+pub type LogSink<'a> = dyn Fn(LogLevel, &str) + Sync + 'a;
+
+/// What one kernel call borrows from the host.
+pub struct CallFrame<'a> {
+    device: Device,
+    blas: Option<&'a FfiBlasBox>,
+    log: &'a LogSink<'a>,
+    outputs: Mutex<Vec<Option<Box<HostTensor>>>>,
+    scratch: Mutex<Vec<AlignedBuf>>,
+}
+
+impl<'a> CallFrame<'a> {
+    /// A frame for a kernel with `num_outputs` outputs on `device`.
+    pub fn new(num_outputs: usize, device: Device, blas: Option<&'a FfiBlasBox>, log: &'a LogSink<'a>) -> Self {
+        CallFrame {
+            device,
+            blas,
+            log,
+            outputs: Mutex::new((0..num_outputs).map(|_| None).collect()),
+            scratch: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Runs `f` with a kernel context backed by this frame.
+    pub fn with_context<R>(&self, f: impl FnOnce(&KernelContext<'_>) -> R) -> R {
+        let ctx = KernelContext::new(self);
+        f(&ctx)
+    }
+
+    /// The outputs the kernel allocated, by position, with strings adopted by the host.
+    /// Errors name the first output the kernel left unallocated.
+    pub fn into_outputs(self) -> Result<Vec<HostTensor>, PluginError> {
+        let outputs = self
+            .outputs
+            .into_inner()
+            .map_err(|_| PluginError::internal("output slots poisoned"))?;
+        outputs
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let mut t = *t.ok_or_else(|| PluginError::internal(format!("kernel did not produce output {i}")))?;
+                t.adopt_strings();
+                Ok(t)
+            })
+            .collect()
+    }
+}
+
+impl FfiHost for CallFrame<'_> {
+    fn parallel_for(&self, len: usize, grain: usize, task: FfiTask_TO<'_, RRef<'_, ()>>) {
+        let grain = grain.max(1);
+        let chunks = len.div_ceil(grain);
+        if chunks <= 1 {
+            task.run(0, len);
+            return;
+        }
+        (0..chunks).into_par_iter().for_each(|c| {
+            let start = c * grain;
+            task.run(start, (start + grain).min(len));
+        });
+    }
+
+    fn output(&self, index: usize, dtype: DType, shape: RSlice<'_, usize>) -> RResult<TensorViewMut<'_>, PluginError> {
+        let result = (|| {
+            let mut slots = self
+                .outputs
+                .lock()
+                .map_err(|_| PluginError::internal("output slots poisoned"))?;
+            let n = slots.len();
+            let slot = slots
+                .get_mut(index)
+                .ok_or_else(|| PluginError::invalid(format!("output {index} out of range: node has {n} outputs")))?;
+            if slot.is_some() {
+                return Err(PluginError::invalid(format!("output {index} allocated twice")));
+            }
+            let t = slot.insert(Box::new(HostTensor::zeroed(dtype, shape.as_slice())?));
+            let data = t.buf.as_mut_slice().as_mut_ptr();
+            // SAFETY: the boxed tensor is neither moved nor dropped while the frame lives (slots
+            // are only filled once, and taken in `into_outputs`, which consumes the frame), so
+            // its shape, strides and buffer outlive the returned borrow of `self`.
+            let (shape, strides): (&[usize], &[isize]) =
+                unsafe { (&*(t.shape.as_slice() as *const [usize]), &*(t.strides.as_slice() as *const [isize])) };
+            // SAFETY: as above; each output is handed out once, so the view is unaliased.
+            Ok(unsafe { TensorViewMut::from_raw(dtype, self.device, shape, strides, data) })
+        })();
+        result.into()
+    }
+
+    fn scratch(&self, bytes: usize) -> RResult<RSliceMut<'_, u8>, PluginError> {
+        let result = (|| {
+            let mut buf = AlignedBuf::zeroed(bytes)?;
+            let ptr = buf.as_mut_slice().as_mut_ptr();
+            self.scratch
+                .lock()
+                .map_err(|_| PluginError::internal("scratch list poisoned"))?
+                .push(buf);
+            // SAFETY: the buffer is kept in the frame (heap memory does not move with the Vec)
+            // until the frame drops, and handed out once.
+            Ok(RSliceMut::from(unsafe { std::slice::from_raw_parts_mut(ptr, bytes) }))
+        })();
+        result.into()
+    }
+
+    fn blas(&self) -> ROption<FfiBlas_TO<'_, RRef<'_, ()>>> {
+        self.blas.map(|b| b.sabi_reborrow()).into()
+    }
+
+    fn log(&self, level: LogLevel, message: RStr<'_>) {
+        (self.log)(level, message.as_str());
+    }
+
+    fn device(&self) -> Device {
+        self.device
+    }
+
+    fn num_threads(&self) -> usize {
+        rayon::current_num_threads()
+    }
+}

@@ -1,0 +1,147 @@
+//! Run a kernel on tensors in a plain unit test, without a daemon.
+//!
+//! The kernel goes through the same ABI wrappers the daemon calls (so a panic comes back as
+//! an [`ErrorCode::Panic`](crate::ErrorCode::Panic) error, as in production), on rayon's
+//! global pool.
+//!
+//! ```
+//! use opreg_sdk::{prelude::*, testkit::{NodeSpec, run_kernel}, host::HostTensor};
+//!
+//! #[derive(Clone)]
+//! struct Neg;
+//! impl Kernel for Neg {
+//!     fn compute(&self, ctx: &KernelContext<'_>, inputs: &[TensorView<'_>]) -> Result<(), PluginError> {
+//!         let x = inputs[0].as_slice::<f32>()?;
+//!         let y = ctx.output_slice::<f32>(0, inputs[0].shape())?;
+//!         y.iter_mut().zip(x).for_each(|(y, x)| *y = -x);
+//!         Ok(())
+//!     }
+//! }
+//!
+//! let x = HostTensor::from_bytes(DType::F32, &[2], bytemuck_f32(&[1.0, -2.0])).unwrap();
+//! let out = run_kernel(stateless(Neg), &NodeSpec::onnx("Neg", 13), &[&x], None).unwrap();
+//! assert_eq!(out[0].bytes(), bytemuck_f32(&[-1.0, 2.0]));
+//! # fn bytemuck_f32(v: &[f32]) -> &[u8] { unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len() * 4) } }
+//! ```
+
+use crate::{
+    blas::{into_ffi_blas, Blas},
+    host::{CallFrame, HostTensor},
+    kernel::{into_ffi_factory, AttrValue, Attribute, KernelFactory, NodeInfo, ValueInfo},
+    Device, PluginError,
+};
+use abi_stable::std_types::{RNone, RSome};
+
+/// A node to instantiate a kernel for.
+#[derive(Clone, Debug)]
+pub struct NodeSpec {
+    /// Operator domain (`""` for ONNX).
+    pub domain: String,
+    /// Operator type.
+    pub op_type: String,
+    /// Opset version.
+    pub opset: i32,
+    /// Attributes.
+    pub attributes: Vec<Attribute>,
+    /// Number of outputs.
+    pub num_outputs: usize,
+    /// Device.
+    pub device: Device,
+}
+
+impl NodeSpec {
+    /// A default-domain ONNX node with one output, on the CPU.
+    pub fn onnx(op_type: &str, opset: i32) -> Self {
+        NodeSpec {
+            domain: String::new(),
+            op_type: op_type.into(),
+            opset,
+            attributes: Vec::new(),
+            num_outputs: 1,
+            device: Device::CPU,
+        }
+    }
+
+    /// Sets the domain.
+    pub fn domain(mut self, domain: &str) -> Self {
+        self.domain = domain.into();
+        self
+    }
+
+    /// Adds an attribute.
+    pub fn attr(mut self, name: &str, value: AttrValue) -> Self {
+        self.attributes.push(Attribute {
+            name: name.into(),
+            value,
+        });
+        self
+    }
+
+    /// Sets the number of outputs.
+    pub fn outputs(mut self, n: usize) -> Self {
+        self.num_outputs = n;
+        self
+    }
+}
+
+/// Instantiates `factory` for `node` and runs it once on `inputs`, with `blas` as the node's
+/// BLAS backend. Returns the outputs, by position.
+pub fn run_kernel(
+    factory: impl KernelFactory,
+    node: &NodeSpec,
+    inputs: &[&HostTensor],
+    blas: Option<Box<dyn Blas>>,
+) -> Result<Vec<HostTensor>, PluginError> {
+    struct Boxed(Box<dyn Blas>);
+    impl Blas for Boxed {
+        fn gemm(&self, ctx: &crate::KernelContext<'_>, args: &crate::GemmArgs) -> Result<(), PluginError> {
+            self.0.gemm(ctx, args)
+        }
+        fn pack_b(&self, args: &crate::GemmArgs) -> Result<crate::PackedB, PluginError> {
+            self.0.pack_b(args)
+        }
+        fn gemm_packed(
+            &self,
+            ctx: &crate::KernelContext<'_>,
+            args: &crate::GemmArgs,
+            packed: &crate::PackedB,
+        ) -> Result<(), PluginError> {
+            self.0.gemm_packed(ctx, args, packed)
+        }
+    }
+    let factory = into_ffi_factory(factory);
+    let blas = blas.map(|b| into_ffi_blas(Boxed(b)));
+    let shapes: Vec<Vec<i64>> = inputs
+        .iter()
+        .map(|t| t.shape().iter().map(|&d| d as i64).collect())
+        .collect();
+    let input_infos: Vec<ValueInfo<'_>> = inputs
+        .iter()
+        .zip(&shapes)
+        .map(|(t, s)| ValueInfo {
+            name: "".into(),
+            present: true,
+            dtype: t.dtype(),
+            shape: RSome(s.as_slice().into()),
+            constant: RNone,
+        })
+        .collect();
+    let info = NodeInfo {
+        name: "test".into(),
+        domain: node.domain.as_str().into(),
+        op_type: node.op_type.as_str().into(),
+        opset: node.opset,
+        device: node.device,
+        attributes: node.attributes.as_slice().into(),
+        inputs: input_infos.as_slice().into(),
+        outputs: (&[][..]).into(),
+    };
+    let kernel = factory.instantiate(&info).into_result()?;
+    let views: Vec<_> = inputs.iter().map(|t| t.view()).collect();
+    let log = |level: crate::LogLevel, msg: &str| eprintln!("[{level:?}] {msg}");
+    let frame = CallFrame::new(node.num_outputs, node.device, blas.as_ref(), &log);
+    frame
+        .with_context(|ctx| kernel.compute(ctx, views.as_slice().into()))
+        .into_result()?;
+    frame.into_outputs()
+}
