@@ -1,0 +1,126 @@
+//! `inference.GRPCInferenceService` (KServe v2) through the real daemon: from tonic and from
+//! Python's tritonclient.
+
+use opreg_proto::inference as pb;
+use opreg_tests::*;
+use tonic::Code;
+
+#[tokio::test]
+async fn server_live_ready_and_metadata() {
+    let d = Daemon::start(&[]);
+    let mut c = d.inference().await;
+    assert!(
+        c.server_live(pb::ServerLiveRequest {})
+            .await
+            .expect("live")
+            .into_inner()
+            .live
+    );
+    assert!(
+        c.server_ready(pb::ServerReadyRequest {})
+            .await
+            .expect("ready")
+            .into_inner()
+            .ready
+    );
+    let m = c
+        .server_metadata(pb::ServerMetadataRequest {})
+        .await
+        .expect("metadata")
+        .into_inner();
+    assert_eq!(m.name, "opreg");
+    assert_eq!(m.version, env!("CARGO_PKG_VERSION"));
+    let err = c
+        .model_infer(pb::ModelInferRequest {
+            model_name: "m".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("no runtime yet");
+    assert_eq!(err.code(), Code::Unimplemented);
+}
+
+#[tokio::test]
+async fn reflection_lists_every_service() {
+    use tokio_stream::StreamExt;
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let d = Daemon::start(&[]);
+    let channel = tonic::transport::Endpoint::from_shared(d.url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut c = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = c
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let resp = stream.next().await.expect("one response").expect("ok");
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("unexpected {resp:?}")
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "inference.GRPCInferenceService",
+        "opreg.v1.Registry",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
+    }
+}
+
+/// The Python interpreter with `tritonclient[grpc]`, from `OPREG_TEST_PYTHON` (the README's
+/// test command creates the venv and sets it). Outside CI a missing interpreter skips the test
+/// with a message; in CI it fails.
+fn python() -> Option<String> {
+    match std::env::var("OPREG_TEST_PYTHON") {
+        Ok(p) if !p.is_empty() => Some(p),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("OPREG_TEST_PYTHON must name a python with tritonclient[grpc] in CI")
+        }
+        _ => {
+            eprintln!("SKIPPED: set OPREG_TEST_PYTHON to a python with tritonclient[grpc] (scripts/test does)");
+            None
+        }
+    }
+}
+
+#[test]
+fn tritonclient_talks_to_the_daemon() {
+    let Some(python) = python() else { return };
+    let d = Daemon::start(&[]);
+    let script = workspace().join("tests/python/tritonclient_server.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .arg(d.addr.to_string())
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "python failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout.lines().last().expect("json line");
+    for want in [
+        "\"live\": true",
+        "\"ready\": true",
+        "\"name\": \"opreg\"",
+        &format!("\"version\": \"{}\"", env!("CARGO_PKG_VERSION")),
+        "\"model_metadata_error\": \"StatusCode.UNIMPLEMENTED\"",
+    ] {
+        assert!(line.contains(want), "{want} not in {line}");
+    }
+}

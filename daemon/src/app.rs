@@ -47,9 +47,13 @@ impl RuntimeDir {
     fn create(configured: Option<PathBuf>) -> anyhow::Result<RuntimeDir> {
         let (path, owned) = match configured {
             Some(p) => (p, false),
-            None => (std::env::temp_dir().join(format!("opreg-{}", std::process::id())), true),
+            None => (
+                std::env::temp_dir().join(format!("opreg-{}", std::process::id())),
+                true,
+            ),
         };
-        std::fs::create_dir_all(&path).with_context(|| format!("creating runtime folder {}", path.display()))?;
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("creating runtime folder {}", path.display()))?;
         Ok(RuntimeDir { path, owned })
     }
 

@@ -76,7 +76,11 @@ impl Config {
             None => FileConfig::default(),
         };
         // Relative paths in the file are relative to the file, not to the working folder.
-        let base = cli.config.as_deref().and_then(Path::parent).unwrap_or(Path::new(""));
+        let base = cli
+            .config
+            .as_deref()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new(""));
         let rel = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
         let default_listen: SocketAddr = DEFAULT_LISTEN.parse()?;
         Ok(Config {
@@ -88,14 +92,18 @@ impl Config {
             },
             model_repo: cli.model_repo.or(file.model_repo.map(rel)),
             runtime_dir: cli.runtime_dir.or(file.runtime_dir.map(rel)),
-            admin_token: cli.admin_token.or(file.admin_token).filter(|t| !t.is_empty()),
+            admin_token: cli
+                .admin_token
+                .or(file.admin_token)
+                .filter(|t| !t.is_empty()),
             threads: cli.threads.or(file.threads).unwrap_or(0),
         })
     }
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
 }
 

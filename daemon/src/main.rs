@@ -13,15 +13,23 @@ mod server;
 
 use anyhow::Context;
 use clap::Parser;
-use std::{io::Write, path::PathBuf, sync::Arc, time::Instant};
+use std::{
+    io::{IsTerminal, Write},
+    path::PathBuf,
+    sync::Arc,
+    time::Instant,
+};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let cli = config::Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let config = config::Config::resolve(cli)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -35,7 +43,8 @@ fn main() -> anyhow::Result<()> {
 async fn run(config: config::Config, started: Instant) -> anyhow::Result<()> {
     let app = Arc::new(app::App::new(config)?);
     if let Some(repo) = &app.config.model_repo {
-        std::fs::create_dir_all(repo).with_context(|| format!("creating model repository {}", repo.display()))?;
+        std::fs::create_dir_all(repo)
+            .with_context(|| format!("creating model repository {}", repo.display()))?;
         tracing::info!(repo = %repo.display(), "model repository");
     }
     load_plugin_dirs(&app).await?;
@@ -43,6 +52,7 @@ async fn run(config: config::Config, started: Instant) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", app.config.listen))?;
     let addr = listener.local_addr()?;
+    let shutdown = shutdown_signal()?;
     app.set_ready(true);
     let snapshot = app.registry.snapshot();
     let kernels: usize = snapshot.plugins.values().map(|p| p.kernels.len()).sum();
@@ -61,7 +71,7 @@ async fn run(config: config::Config, started: Instant) -> anyhow::Result<()> {
         "serving after {elapsed_ms:.1} ms"
     );
     drop(snapshot);
-    server::serve(app.clone(), listener, shutdown_signal()).await?;
+    server::serve(app.clone(), listener, shutdown).await?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -71,7 +81,10 @@ async fn run(config: config::Config, started: Instant) -> anyhow::Result<()> {
 async fn load_plugin_dirs(app: &Arc<app::App>) -> anyhow::Result<()> {
     let mut files: Vec<PathBuf> = Vec::new();
     for dir in &app.config.plugin_dirs {
-        files.extend(plugin::scan_dir(dir).with_context(|| format!("reading plugin folder {}", dir.display()))?);
+        files.extend(
+            plugin::scan_dir(dir)
+                .with_context(|| format!("reading plugin folder {}", dir.display()))?,
+        );
     }
     let app2 = app.clone();
     let results = tokio::task::spawn_blocking(move || app2.registry.load_all(&files)).await?;
@@ -93,29 +106,26 @@ async fn load_plugin_dirs(app: &Arc<app::App>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!("cannot listen for SIGINT: {e}");
-            std::future::pending::<()>().await;
-        }
-    };
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not when the
+/// future is first polled, so a signal sent right after `listening on` is not lost.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        Ok(async move {
+            tokio::select! {
+                _ = int.recv() => tracing::info!("SIGINT received"),
+                _ = term.recv() => tracing::info!("SIGTERM received"),
             }
-            Err(e) => {
-                tracing::error!("cannot listen for SIGTERM: {e}");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
+        })
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("SIGINT received"),
-        _ = term => tracing::info!("SIGTERM received"),
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("Ctrl-C received");
+        })
     }
 }

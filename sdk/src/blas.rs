@@ -109,7 +109,14 @@ unsafe impl Sync for GemmArgs {}
 
 impl GemmArgs {
     /// Row-major f32 `C = A * B` with A `m x k`, B `k x n`, C `m x n`, all contiguous.
-    pub fn f32(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) -> Result<Self, PluginError> {
+    pub fn f32(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        b: &[f32],
+        c: &mut [f32],
+    ) -> Result<Self, PluginError> {
         if a.len() < m * k || b.len() < k * n || c.len() < m * n {
             return Err(PluginError::invalid(format!(
                 "gemm {m}x{k} * {k}x{n}: operand lengths {}, {}, {} too short",
@@ -183,7 +190,12 @@ pub trait Blas: Send + Sync + 'static {
     }
 
     /// Like [`gemm`](Self::gemm), with B taken from `packed` (`args.b` is ignored).
-    fn gemm_packed(&self, _ctx: &KernelContext<'_>, _args: &GemmArgs, _packed: &PackedB) -> Result<(), PluginError> {
+    fn gemm_packed(
+        &self,
+        _ctx: &KernelContext<'_>,
+        _args: &GemmArgs,
+        _packed: &PackedB,
+    ) -> Result<(), PluginError> {
         Err(PluginError::unimplemented("this backend does not pre-pack"))
     }
 }
@@ -197,7 +209,12 @@ pub trait FfiBlas: Send + Sync {
     fn pack_b(&self, args: &GemmArgs) -> RResult<PackedB, PluginError>;
     /// See [`Blas::gemm_packed`].
     #[sabi(last_prefix_field)]
-    fn gemm_packed(&self, ctx: &KernelContext<'_>, args: &GemmArgs, packed: &PackedB) -> RResult<(), PluginError>;
+    fn gemm_packed(
+        &self,
+        ctx: &KernelContext<'_>,
+        args: &GemmArgs,
+        packed: &PackedB,
+    ) -> RResult<(), PluginError>;
 }
 
 /// An owned BLAS backend object, as it crosses the ABI.
@@ -212,7 +229,12 @@ impl<B: Blas> FfiBlas for BlasAdapter<B> {
     fn pack_b(&self, args: &GemmArgs) -> RResult<PackedB, PluginError> {
         guard("pack_b", || self.0.pack_b(args)).into()
     }
-    fn gemm_packed(&self, ctx: &KernelContext<'_>, args: &GemmArgs, packed: &PackedB) -> RResult<(), PluginError> {
+    fn gemm_packed(
+        &self,
+        ctx: &KernelContext<'_>,
+        args: &GemmArgs,
+        packed: &PackedB,
+    ) -> RResult<(), PluginError> {
         guard("gemm_packed", || self.0.gemm_packed(ctx, args, packed)).into()
     }
 }
@@ -241,7 +263,12 @@ impl<'a> BlasRef<'a> {
     }
 
     /// Runs a gemm with a pre-packed B.
-    pub fn gemm_packed(&self, ctx: &KernelContext<'_>, args: &GemmArgs, packed: &PackedB) -> Result<(), PluginError> {
+    pub fn gemm_packed(
+        &self,
+        ctx: &KernelContext<'_>,
+        args: &GemmArgs,
+        packed: &PackedB,
+    ) -> Result<(), PluginError> {
         self.0.gemm_packed(ctx, args, packed).into_result()
     }
 }

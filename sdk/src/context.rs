@@ -108,8 +108,11 @@ impl<'a> KernelContext<'a> {
             f,
             failure: Mutex::new(None),
         };
-        self.host
-            .parallel_for(len, grain.max(1), FfiTask_TO::from_ptr(RRef::new(&task), TD_Opaque));
+        self.host.parallel_for(
+            len,
+            grain.max(1),
+            FfiTask_TO::from_ptr(RRef::new(&task), TD_Opaque),
+        );
         match task.failure.into_inner() {
             Ok(None) => Ok(()),
             Ok(Some(e)) => Err(e),
@@ -119,7 +122,12 @@ impl<'a> KernelContext<'a> {
 
     /// Splits `out` into chunks of `grain` elements and fills them in parallel:
     /// `f(offset_of_chunk, chunk)`.
-    pub fn parallel_chunks<T, F>(&self, out: &mut [T], grain: usize, f: F) -> Result<(), PluginError>
+    pub fn parallel_chunks<T, F>(
+        &self,
+        out: &mut [T],
+        grain: usize,
+        f: F,
+    ) -> Result<(), PluginError>
     where
         T: Send,
         F: Fn(usize, &mut [T]) + Sync,
@@ -133,7 +141,8 @@ impl<'a> KernelContext<'a> {
                 let start = c * grain;
                 let end = (start + grain).min(len);
                 // SAFETY: chunks are disjoint sub-slices of `out`, which outlives this call.
-                let chunk = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), end - start) };
+                let chunk =
+                    unsafe { std::slice::from_raw_parts_mut(base.get().add(start), end - start) };
                 f(start, chunk);
             }
             Ok(())
@@ -141,24 +150,37 @@ impl<'a> KernelContext<'a> {
     }
 
     /// Allocates output `index`.
-    pub fn output(&self, index: usize, dtype: DType, shape: &[usize]) -> Result<TensorViewMut<'_>, PluginError> {
+    pub fn output(
+        &self,
+        index: usize,
+        dtype: DType,
+        shape: &[usize],
+    ) -> Result<TensorViewMut<'_>, PluginError> {
         self.host.output(index, dtype, shape.into()).into_result()
     }
 
     /// Allocates output `index` as a typed, contiguous host slice.
-    pub fn output_slice<T: Element>(&self, index: usize, shape: &[usize]) -> Result<&mut [T], PluginError> {
+    pub fn output_slice<T: Element>(
+        &self,
+        index: usize,
+        shape: &[usize],
+    ) -> Result<&mut [T], PluginError> {
         self.output(index, T::DTYPE, shape)?.into_slice::<T>()
     }
 
     /// Scratch memory for `len` elements of `T`, zeroed, valid for this call.
+    // Each call returns a fresh host buffer, so the `&mut` never aliases.
+    #[allow(clippy::mut_from_ref)]
     pub fn scratch<T: Element>(&self, len: usize) -> Result<&mut [T], PluginError> {
-        let bytes = len
-            .checked_mul(std::mem::size_of::<T>())
-            .ok_or_else(|| PluginError::new(ErrorCode::ResourceExhausted, "scratch size overflows"))?;
+        let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| {
+            PluginError::new(ErrorCode::ResourceExhausted, "scratch size overflows")
+        })?;
         let raw = self.host.scratch(bytes).into_result()?;
         let raw = raw.into_mut_slice();
-        if raw.len() < bytes || (raw.as_ptr() as usize) % std::mem::align_of::<T>() != 0 {
-            return Err(PluginError::internal("host returned misaligned or short scratch"));
+        if raw.len() < bytes || !(raw.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
+            return Err(PluginError::internal(
+                "host returned misaligned or short scratch",
+            ));
         }
         raw.fill(0);
         // SAFETY: length and alignment checked; zero bytes are valid for every `Element`.
@@ -213,13 +235,14 @@ where
 {
     fn run(&self, start: usize, end: usize) {
         // Unwinding out of here would cross the host's `extern "C"` frames: catch it.
-        let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.f)(start..end))) {
-            Ok(r) => r,
-            Err(p) => Err(PluginError::new(
-                ErrorCode::Panic,
-                format!("parallel task panicked: {}", panic_message(&*p)),
-            )),
-        };
+        let result =
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.f)(start..end))) {
+                Ok(r) => r,
+                Err(p) => Err(PluginError::new(
+                    ErrorCode::Panic,
+                    format!("parallel task panicked: {}", panic_message(&*p)),
+                )),
+            };
         if let Err(e) = result {
             if let Ok(mut slot) = self.failure.lock() {
                 slot.get_or_insert(e);

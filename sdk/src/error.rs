@@ -62,7 +62,10 @@ impl std::error::Error for PluginError {}
 
 /// Runs `f`, turning a panic into an [`ErrorCode::Panic`] error. Every call from the host into
 /// plugin code goes through this, because unwinding across `extern "C"` aborts the process.
-pub(crate) fn guard<T>(what: &str, f: impl FnOnce() -> Result<T, PluginError>) -> Result<T, PluginError> {
+pub(crate) fn guard<T>(
+    what: &str,
+    f: impl FnOnce() -> Result<T, PluginError>,
+) -> Result<T, PluginError> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(payload) => Err(PluginError::new(

@@ -38,13 +38,22 @@ impl AlignedBuf {
                 len: 0,
             });
         }
-        let layout = alloc::Layout::from_size_align(len, ALIGN)
-            .map_err(|_| PluginError::new(ErrorCode::ResourceExhausted, format!("cannot allocate {len} bytes")))?;
+        let layout = alloc::Layout::from_size_align(len, ALIGN).map_err(|_| {
+            PluginError::new(
+                ErrorCode::ResourceExhausted,
+                format!("cannot allocate {len} bytes"),
+            )
+        })?;
         // SAFETY: non-zero size.
         let ptr = unsafe { alloc::alloc_zeroed(layout) };
         NonNull::new(ptr)
             .map(|ptr| AlignedBuf { ptr, len })
-            .ok_or_else(|| PluginError::new(ErrorCode::ResourceExhausted, format!("out of memory allocating {len} bytes")))
+            .ok_or_else(|| {
+                PluginError::new(
+                    ErrorCode::ResourceExhausted,
+                    format!("out of memory allocating {len} bytes"),
+                )
+            })
     }
 
     /// The bytes.
@@ -74,7 +83,12 @@ impl Drop for AlignedBuf {
     fn drop(&mut self) {
         if self.len > 0 {
             // SAFETY: allocated in `zeroed` with this layout.
-            unsafe { alloc::dealloc(self.ptr.as_ptr(), alloc::Layout::from_size_align_unchecked(self.len, ALIGN)) }
+            unsafe {
+                alloc::dealloc(
+                    self.ptr.as_ptr(),
+                    alloc::Layout::from_size_align_unchecked(self.len, ALIGN),
+                )
+            }
         }
     }
 }
@@ -94,7 +108,12 @@ impl HostTensor {
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
             .and_then(|n| n.checked_mul(dtype.size()))
-            .ok_or_else(|| PluginError::new(ErrorCode::ResourceExhausted, format!("tensor of shape {shape:?} is too large")))?;
+            .ok_or_else(|| {
+                PluginError::new(
+                    ErrorCode::ResourceExhausted,
+                    format!("tensor of shape {shape:?} is too large"),
+                )
+            })?;
         let mut t = HostTensor {
             dtype,
             shape: shape.to_vec(),
@@ -113,7 +132,9 @@ impl HostTensor {
     /// A tensor holding a copy of `bytes` (not for `String`).
     pub fn from_bytes(dtype: DType, shape: &[usize], bytes: &[u8]) -> Result<Self, PluginError> {
         if dtype == DType::String {
-            return Err(PluginError::invalid("string tensors are built with from_strings"));
+            return Err(PluginError::invalid(
+                "string tensors are built with from_strings",
+            ));
         }
         let mut t = Self::zeroed(dtype, shape)?;
         if t.buf.len() != bytes.len() {
@@ -189,7 +210,15 @@ impl HostTensor {
     /// A read-only view for a kernel.
     pub fn view(&self) -> TensorView<'_> {
         // SAFETY: the buffer holds `len()` elements of `dtype` and lives as long as `self`.
-        unsafe { TensorView::from_raw(self.dtype, Device::CPU, &self.shape, &self.strides, self.buf.as_slice().as_ptr()) }
+        unsafe {
+            TensorView::from_raw(
+                self.dtype,
+                Device::CPU,
+                &self.shape,
+                &self.strides,
+                self.buf.as_slice().as_ptr(),
+            )
+        }
     }
 
     /// Replaces every string element by a copy allocated by the host. Strings a plugin wrote
@@ -231,7 +260,12 @@ pub struct CallFrame<'a> {
 
 impl<'a> CallFrame<'a> {
     /// A frame for a kernel with `num_outputs` outputs on `device`.
-    pub fn new(num_outputs: usize, device: Device, blas: Option<&'a FfiBlasBox>, log: &'a LogSink<'a>) -> Self {
+    pub fn new(
+        num_outputs: usize,
+        device: Device,
+        blas: Option<&'a FfiBlasBox>,
+        log: &'a LogSink<'a>,
+    ) -> Self {
         CallFrame {
             device,
             blas,
@@ -258,7 +292,9 @@ impl<'a> CallFrame<'a> {
             .into_iter()
             .enumerate()
             .map(|(i, t)| {
-                let mut t = *t.ok_or_else(|| PluginError::internal(format!("kernel did not produce output {i}")))?;
+                let mut t = *t.ok_or_else(|| {
+                    PluginError::internal(format!("kernel did not produce output {i}"))
+                })?;
                 t.adopt_strings();
                 Ok(t)
             })
@@ -280,26 +316,37 @@ impl FfiHost for CallFrame<'_> {
         });
     }
 
-    fn output(&self, index: usize, dtype: DType, shape: RSlice<'_, usize>) -> RResult<TensorViewMut<'_>, PluginError> {
+    fn output(
+        &self,
+        index: usize,
+        dtype: DType,
+        shape: RSlice<'_, usize>,
+    ) -> RResult<TensorViewMut<'_>, PluginError> {
         let result = (|| {
             let mut slots = self
                 .outputs
                 .lock()
                 .map_err(|_| PluginError::internal("output slots poisoned"))?;
             let n = slots.len();
-            let slot = slots
-                .get_mut(index)
-                .ok_or_else(|| PluginError::invalid(format!("output {index} out of range: node has {n} outputs")))?;
+            let slot = slots.get_mut(index).ok_or_else(|| {
+                PluginError::invalid(format!("output {index} out of range: node has {n} outputs"))
+            })?;
             if slot.is_some() {
-                return Err(PluginError::invalid(format!("output {index} allocated twice")));
+                return Err(PluginError::invalid(format!(
+                    "output {index} allocated twice"
+                )));
             }
             let t = slot.insert(Box::new(HostTensor::zeroed(dtype, shape.as_slice())?));
             let data = t.buf.as_mut_slice().as_mut_ptr();
             // SAFETY: the boxed tensor is neither moved nor dropped while the frame lives (slots
             // are only filled once, and taken in `into_outputs`, which consumes the frame), so
             // its shape, strides and buffer outlive the returned borrow of `self`.
-            let (shape, strides): (&[usize], &[isize]) =
-                unsafe { (&*(t.shape.as_slice() as *const [usize]), &*(t.strides.as_slice() as *const [isize])) };
+            let (shape, strides): (&[usize], &[isize]) = unsafe {
+                (
+                    &*(t.shape.as_slice() as *const [usize]),
+                    &*(t.strides.as_slice() as *const [isize]),
+                )
+            };
             // SAFETY: as above; each output is handed out once, so the view is unaliased.
             Ok(unsafe { TensorViewMut::from_raw(dtype, self.device, shape, strides, data) })
         })();
@@ -316,7 +363,9 @@ impl FfiHost for CallFrame<'_> {
                 .push(buf);
             // SAFETY: the buffer is kept in the frame (heap memory does not move with the Vec)
             // until the frame drops, and handed out once.
-            Ok(RSliceMut::from(unsafe { std::slice::from_raw_parts_mut(ptr, bytes) }))
+            Ok(RSliceMut::from(unsafe {
+                std::slice::from_raw_parts_mut(ptr, bytes)
+            }))
         })();
         result.into()
     }

@@ -278,7 +278,11 @@ pub trait Kernel: Send + Sync + 'static {
     /// Computes the node's outputs from `inputs` (absent optional inputs are empty views of
     /// rank 0 with a null pointer; check [`NodeInfo::inputs`] at instantiation). Outputs are
     /// allocated through [`KernelContext::output`].
-    fn compute(&self, ctx: &KernelContext<'_>, inputs: &[TensorView<'_>]) -> Result<(), PluginError>;
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError>;
 }
 
 /// Builds a [`Kernel`] for each node that resolves to this registration.
@@ -381,7 +385,9 @@ mod tests {
             .inputs(&["T", "T"]);
         assert!(d.covers(7) && d.covers(13) && !d.covers(6) && !d.covers(14));
         assert!(d.accepts(&[Some(DType::F32), Some(DType::F32)]).is_ok());
-        let err = d.accepts(&[Some(DType::F32), Some(DType::F16)]).unwrap_err();
+        let err = d
+            .accepts(&[Some(DType::F32), Some(DType::F16)])
+            .unwrap_err();
         assert!(err.contains("input 1 is FP16"), "{err}");
         // An absent optional input is not checked.
         assert!(d.accepts(&[Some(DType::I64), None]).is_ok());

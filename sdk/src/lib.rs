@@ -74,12 +74,12 @@ pub mod context;
 pub mod dtype;
 pub mod error;
 mod export;
+#[cfg(feature = "host")]
+pub mod host;
 pub mod kernel;
 pub mod module;
 pub mod quant;
 pub mod tensor;
-#[cfg(feature = "host")]
-pub mod host;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
@@ -95,7 +95,9 @@ pub use kernel::{
     ValueInfo, OPEN_END,
 };
 pub use module::{PluginInfo, Registrar};
-pub use quant::{Directive, Observation, QuantPlan, QuantRequest, Quantizer, QuantizerDesc, TensorStats};
+pub use quant::{
+    Directive, Observation, QuantPlan, QuantRequest, Quantizer, QuantizerDesc, TensorStats,
+};
 pub use tensor::{Device, DeviceKind, OwnedTensor, TensorView, TensorViewMut};
 
 /// The ABI major version. Plugins built for another major are refused at load.

@@ -474,7 +474,12 @@ mod tests {
 
     #[test]
     fn device_names_round_trip() {
-        for k in [DeviceKind::CPU, DeviceKind::CUDA, DeviceKind::MOCK, DeviceKind(1234)] {
+        for k in [
+            DeviceKind::CPU,
+            DeviceKind::CUDA,
+            DeviceKind::MOCK,
+            DeviceKind(1234),
+        ] {
             assert_eq!(DeviceKind::from_name(&k.name()), Some(k));
         }
         assert_eq!(DeviceKind::from_name("tpu"), None);

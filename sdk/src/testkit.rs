@@ -94,7 +94,11 @@ pub fn run_kernel(
 ) -> Result<Vec<HostTensor>, PluginError> {
     struct Boxed(Box<dyn Blas>);
     impl Blas for Boxed {
-        fn gemm(&self, ctx: &crate::KernelContext<'_>, args: &crate::GemmArgs) -> Result<(), PluginError> {
+        fn gemm(
+            &self,
+            ctx: &crate::KernelContext<'_>,
+            args: &crate::GemmArgs,
+        ) -> Result<(), PluginError> {
             self.0.gemm(ctx, args)
         }
         fn pack_b(&self, args: &crate::GemmArgs) -> Result<crate::PackedB, PluginError> {

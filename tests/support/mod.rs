@@ -1,1 +1,270 @@
+//! Test support: start the real `opregd` binary on an ephemeral port, find the built plugins,
+//! and open gRPC clients.
+//!
+//! The plugins and the daemon are built by `cargo build --workspace` (the README's test
+//! command does it before `cargo test`); a missing artifact fails with that instruction.
 
+use opreg_proto::{
+    inference::grpc_inference_service_client::GrpcInferenceServiceClient,
+    opreg::v1::registry_client::RegistryClient,
+};
+use std::{
+    io::{BufRead, BufReader, Read},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{mpsc, Arc, Mutex},
+    time::{Duration, Instant},
+};
+use tonic::transport::Channel;
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// The folder holding this build's binaries and cdylibs (`target/debug`).
+pub fn artifacts() -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    // target/debug/deps/<test>-<hash> -> target/debug
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("artifact folder")
+        .to_path_buf()
+}
+
+fn require(path: PathBuf) -> PathBuf {
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` first (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+/// The built plugin `libopreg_<name>.so`.
+pub fn plugin(name: &str) -> PathBuf {
+    require(artifacts().join(format!(
+        "{}opreg_{name}{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    )))
+}
+
+/// The committed file that is named like a plugin but is not a shared library.
+pub fn not_a_library() -> PathBuf {
+    require(workspace().join("plugins/mock-not-a-library/libopreg_mock_not_a_library.so"))
+}
+
+/// The third-party example plugin, built outside the workspace.
+pub fn third_party_plugin() -> PathBuf {
+    let dir = workspace().join("examples/third-party-plugin/target/debug");
+    let path = dir.join(format!(
+        "{}opreg_example_clamp{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    ));
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build --manifest-path examples/third-party-plugin/Cargo.toml` (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+/// A temporary plugin folder holding copies of `files`.
+pub fn plugin_dir(files: &[PathBuf]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for f in files {
+        std::fs::copy(f, dir.path().join(f.file_name().expect("file name"))).expect("copy plugin");
+    }
+    dir
+}
+
+/// A running daemon; killed (SIGTERM, then SIGKILL) when dropped.
+pub struct Daemon {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+    _runtime: Option<tempfile::TempDir>,
+}
+
+/// How to start a daemon.
+#[derive(Default)]
+pub struct Options {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// Use the daemon's default runtime folder instead of a test-owned one.
+    pub default_runtime_dir: bool,
+}
+
+impl Daemon {
+    /// Starts `opregd --listen 127.0.0.1:0 <args>` and waits for `listening on ADDR`.
+    pub fn start(args: &[&str]) -> Daemon {
+        Self::start_with(Options {
+            args: args.iter().map(|s| s.to_string()).collect(),
+            ..Options::default()
+        })
+    }
+
+    pub fn start_with(opts: Options) -> Daemon {
+        let bin = require(artifacts().join(format!("opregd{}", std::env::consts::EXE_SUFFIX)));
+        let mut cmd = Command::new(bin);
+        cmd.arg("--listen").arg("127.0.0.1:0").args(&opts.args);
+        let runtime = if opts.default_runtime_dir {
+            None
+        } else {
+            let d = tempfile::tempdir().expect("runtime dir");
+            cmd.arg("--runtime-dir").arg(d.path());
+            Some(d)
+        };
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        cmd.env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn opregd");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(stderr);
+                let mut buf = String::new();
+                while r.read_line(&mut buf).map(|n| n > 0).unwrap_or(false) {
+                    eprint!("[opregd] {buf}");
+                    log.lock().expect("log").push_str(&buf);
+                    buf.clear();
+                }
+            });
+        }
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stdout);
+            let mut line = String::new();
+            while r.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                if let Some(addr) = line.trim().strip_prefix("listening on ") {
+                    let _ = tx.send(addr.to_string());
+                }
+                line.clear();
+            }
+            let mut rest = String::new();
+            let _ = r.read_to_string(&mut rest);
+        });
+        let mut daemon = Daemon {
+            child: Some(child),
+            addr: "0.0.0.0:0".parse().expect("addr"),
+            log,
+            _runtime: runtime,
+        };
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => daemon.addr = addr.parse().expect("listening address"),
+            Err(_) => {
+                let status = daemon
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
+                panic!(
+                    "opregd did not print 'listening on' (exit: {status:?}); log:\n{}",
+                    daemon.log()
+                );
+            }
+        }
+        daemon
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log").clone()
+    }
+
+    /// Waits until the log contains `needle` (logs are written asynchronously).
+    pub fn wait_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "log never contained {needle:?}; log:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("child").id()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("child");
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("opregd did not exit within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub async fn registry(&self) -> RegistryClient<Channel> {
+        RegistryClient::connect(self.url())
+            .await
+            .expect("connect registry")
+    }
+
+    pub async fn inference(&self) -> GrpcInferenceServiceClient<Channel> {
+        GrpcInferenceServiceClient::connect(self.url())
+            .await
+            .expect("connect inference")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // Killed outright: a graceful stop would wait for this test's own client connections,
+        // whose tasks cannot run while the test's runtime is blocked here. Graceful shutdown
+        // has its own test.
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// sha256 of a file, hex.
+pub fn sha256(path: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(path).expect("read")))
+}
+
+/// f32 values as little-endian bytes.
+pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Little-endian bytes as f32 values.
+pub fn f32_values(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}

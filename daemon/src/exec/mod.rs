@@ -4,13 +4,13 @@
 //! for the whole process, which is also what plugins' `parallel_for` uses.
 
 use crate::registry::{KernelQuery, KernelRef, ResolveError, Snapshot};
+use abi_stable::std_types::{RNone, RSome};
 use opreg_sdk::{
+    context::LogLevel,
     host::{CallFrame, HostTensor},
     kernel::{Attribute, NodeInfo, ValueInfo},
-    context::LogLevel,
     Device, ErrorCode,
 };
-use abi_stable::std_types::{RNone, RSome};
 use std::sync::Arc;
 
 /// The process-wide pool for kernel work.
@@ -33,7 +33,10 @@ impl ComputePool {
     }
 
     /// Runs `f` on the pool and awaits its result without blocking the async runtime.
-    pub async fn run<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> Result<R, ExecError> {
+    pub async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<R, ExecError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.pool.spawn(move || {
             let _ = tx.send(f());
@@ -142,8 +145,14 @@ pub fn run_kernel(snapshot: &Arc<Snapshot>, call: &KernelCall) -> Result<KernelR
         })?;
     let views: Vec<_> = call.inputs.iter().map(|t| t.view()).collect();
     let log = |level: LogLevel, msg: &str| log_from_plugin(&plugin, level, msg);
-    let frame = CallFrame::new(call.num_outputs, call.device, snapshot.blas_for(call.device), &log);
-    let computed = frame.with_context(|ctx| instance.compute(ctx, views.as_slice().into()).into_result());
+    let frame = CallFrame::new(
+        call.num_outputs,
+        call.device,
+        snapshot.blas_for(call.device),
+        &log,
+    );
+    let computed =
+        frame.with_context(|ctx| instance.compute(ctx, views.as_slice().into()).into_result());
     let compute_err = |e: opreg_sdk::PluginError| ExecError::Compute {
         op_type: call.op_type.clone(),
         plugin: plugin.clone(),

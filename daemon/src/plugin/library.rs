@@ -55,7 +55,9 @@ impl Drop for Library {
                 bytes,
                 "plugin library stayed mapped after release (a thread-local with a destructor?); its memory is not reclaimed"
             ),
-            None => tracing::debug!(plugin = %self.name, copy = %self.copy.display(), "plugin library unmapped"),
+            None => {
+                tracing::info!(plugin = %self.name, copy = %self.copy.display(), "plugin library released and unmapped")
+            }
         }
         if let Err(e) = std::fs::remove_file(&self.copy) {
             tracing::warn!(copy = %self.copy.display(), error = %e, "cannot remove plugin copy");
@@ -71,7 +73,10 @@ pub fn still_mapped(path: &Path) -> Option<u64> {
     for line in maps.lines().filter(|l| l.ends_with(needle.as_ref())) {
         let range = line.split_whitespace().next()?;
         let (a, b) = range.split_once('-')?;
-        let (a, b) = (u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?);
+        let (a, b) = (
+            u64::from_str_radix(a, 16).ok()?,
+            u64::from_str_radix(b, 16).ok()?,
+        );
         total += b.saturating_sub(a);
     }
     (total > 0).then_some(total)

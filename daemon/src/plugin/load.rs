@@ -3,7 +3,9 @@
 
 use super::{error::LoadError, library::Library};
 use abi_stable::library::{abi_header_from_raw_library, LibraryError, RawLibrary};
-use opreg_sdk::module::{BlasRegistration, KernelRegistration, PluginModRef, QuantizerRegistration};
+use opreg_sdk::module::{
+    BlasRegistration, KernelRegistration, PluginModRef, QuantizerRegistration,
+};
 use sha2::{Digest, Sha256};
 use std::{
     path::{Path, PathBuf},
@@ -39,7 +41,11 @@ impl LoadedPlugin {
 
 impl std::fmt::Debug for LoadedPlugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "LoadedPlugin({} {} gen {})", self.name, self.version, self.generation)
+        write!(
+            f,
+            "LoadedPlugin({} {} gen {})",
+            self.name, self.version, self.generation
+        )
     }
 }
 
@@ -79,11 +85,13 @@ pub fn load(path: &Path, stage_dir: &Path, generation: u64) -> Result<LoadedPlug
             what: format!("plugin name {name:?} must have 1 to 128 characters"),
         });
     }
-    let registration = (module.register())().into_result().map_err(|e| LoadError::Register {
-        path: path.to_owned(),
-        plugin: name.clone(),
-        message: e.message.to_string(),
-    })?;
+    let registration = (module.register())()
+        .into_result()
+        .map_err(|e| LoadError::Register {
+            path: path.to_owned(),
+            plugin: name.clone(),
+            message: e.message.to_string(),
+        })?;
     let plugin = LoadedPlugin {
         version: info.version.to_string(),
         description: info.description.to_string(),
@@ -113,22 +121,37 @@ pub fn load(path: &Path, stage_dir: &Path, generation: u64) -> Result<LoadedPlug
 
 /// `domain::Op(since..end)@device` for messages.
 pub fn kernel_label(d: &opreg_sdk::KernelDesc) -> String {
-    let domain = if d.domain.is_empty() { "ai.onnx" } else { d.domain.as_str() };
+    let domain = if d.domain.is_empty() {
+        "ai.onnx"
+    } else {
+        d.domain.as_str()
+    };
     let end = if d.end_version == opreg_sdk::OPEN_END {
         String::from("")
     } else {
         d.end_version.to_string()
     };
-    format!("{domain}::{}({}..{end})@{}", d.op_type, d.since_version, d.device)
+    format!(
+        "{domain}::{}({}..{end})@{}",
+        d.op_type, d.since_version, d.device
+    )
 }
 
-fn stage_copy(path: &Path, stage_dir: &Path, generation: u64, bytes: &[u8]) -> Result<PathBuf, LoadError> {
+fn stage_copy(
+    path: &Path,
+    stage_dir: &Path,
+    generation: u64,
+    bytes: &[u8],
+) -> Result<PathBuf, LoadError> {
     let stage_err = |source| LoadError::Stage {
         path: path.to_owned(),
         source,
     };
     std::fs::create_dir_all(stage_dir).map_err(stage_err)?;
-    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin");
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("plugin");
     let ext = path.extension().and_then(|s| s.to_str()).unwrap_or("so");
     let seq = COPY_SEQ.fetch_add(1, Ordering::Relaxed);
     let copy = stage_dir.join(format!("{stem}.g{generation}.{seq}.{ext}"));
@@ -143,31 +166,35 @@ fn init_module(path: &Path, library: &Library) -> Result<PluginModRef, LoadError
     })?;
     // SAFETY: the header is only used while `library` is alive (it is dropped with it, and the
     // module's functions are only called through objects that hold the library's Arc).
-    let header = unsafe { abi_header_from_raw_library(raw) }.map_err(|_| LoadError::NoHeader { path: path.to_owned() })?;
+    let header = unsafe { abi_header_from_raw_library(raw) }.map_err(|_| LoadError::NoHeader {
+        path: path.to_owned(),
+    })?;
     let header = header.upgrade().map_err(|e| LoadError::AbiStableMismatch {
         path: path.to_owned(),
         reason: one_line(&e.to_string()),
     })?;
-    header.init_root_module::<PluginModRef>().map_err(|e| match e {
-        LibraryError::IncompatibleVersionNumber {
-            expected_version,
-            actual_version,
-            ..
-        } => LoadError::AbiMajor {
-            path: path.to_owned(),
-            expected: expected_version.to_string(),
-            found: actual_version.to_string(),
-            expected_major: opreg_sdk::ABI_MAJOR,
-        },
-        LibraryError::AbiInstability(detail) => LoadError::Layout {
-            path: path.to_owned(),
-            detail: one_line(&detail.to_string()),
-        },
-        other => LoadError::RootModule {
-            path: path.to_owned(),
-            detail: one_line(&other.to_string()),
-        },
-    })
+    header
+        .init_root_module::<PluginModRef>()
+        .map_err(|e| match e {
+            LibraryError::IncompatibleVersionNumber {
+                expected_version,
+                actual_version,
+                ..
+            } => LoadError::AbiMajor {
+                path: path.to_owned(),
+                expected: expected_version.to_string(),
+                found: actual_version.to_string(),
+                expected_major: opreg_sdk::ABI_MAJOR,
+            },
+            LibraryError::AbiInstability(detail) => LoadError::Layout {
+                path: path.to_owned(),
+                detail: one_line(&detail.to_string()),
+            },
+            other => LoadError::RootModule {
+                path: path.to_owned(),
+                detail: one_line(&other.to_string()),
+            },
+        })
 }
 
 fn validate(p: &LoadedPlugin) -> Result<(), LoadError> {

@@ -51,6 +51,11 @@ mod tests {
         assert!(matches!(err, LoadError::NotALibrary { .. }), "{msg}");
         assert!(msg.contains("libopreg_text.so"), "{msg}");
         // The staged copy is removed again.
-        assert_eq!(std::fs::read_dir(dir.path().join("stage")).expect("stage").count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("stage"))
+                .expect("stage")
+                .count(),
+            0
+        );
     }
 }

@@ -68,7 +68,10 @@ impl Registry {
 
     /// Loads every file in `paths` into one new generation. A file that fails is reported and
     /// skipped; the others load.
-    pub fn load_all(&self, paths: &[PathBuf]) -> Vec<(PathBuf, Result<Arc<LoadedPlugin>, LoadError>)> {
+    pub fn load_all(
+        &self,
+        paths: &[PathBuf],
+    ) -> Vec<(PathBuf, Result<Arc<LoadedPlugin>, LoadError>)> {
         let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.current.load_full();
         let generation = old.generation + 1;
@@ -84,7 +87,10 @@ impl Registry {
                 });
             results.push((path.clone(), r));
         }
-        self.current.store(Arc::new(Snapshot { generation, plugins }));
+        self.current.store(Arc::new(Snapshot {
+            generation,
+            plugins,
+        }));
         results
     }
 
@@ -94,10 +100,16 @@ impl Registry {
         let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.current.load_full();
         let generation = old.generation + 1;
-        let p = Arc::new(admit(&old.plugins, plugin::load(path, &self.stage_dir, generation)?)?);
+        let p = Arc::new(admit(
+            &old.plugins,
+            plugin::load(path, &self.stage_dir, generation)?,
+        )?);
         let mut plugins = old.plugins.clone();
         plugins.insert(p.name.clone(), p.clone());
-        self.current.store(Arc::new(Snapshot { generation, plugins }));
+        self.current.store(Arc::new(Snapshot {
+            generation,
+            plugins,
+        }));
         Ok((p, generation))
     }
 
@@ -111,7 +123,10 @@ impl Registry {
         let mut plugins = old.plugins.clone();
         plugins.remove(name);
         let generation = old.generation + 1;
-        self.current.store(Arc::new(Snapshot { generation, plugins }));
+        self.current.store(Arc::new(Snapshot {
+            generation,
+            plugins,
+        }));
         Ok(generation)
     }
 }
@@ -119,7 +134,10 @@ impl Registry {
 /// Checks that `new` does not make kernel resolution ambiguous or shadow a backend or
 /// quantizer of another plugin. A plugin of the same name is about to be replaced, so it is
 /// not compared against.
-fn admit(loaded: &BTreeMap<String, Arc<LoadedPlugin>>, new: LoadedPlugin) -> Result<LoadedPlugin, LoadError> {
+fn admit(
+    loaded: &BTreeMap<String, Arc<LoadedPlugin>>,
+    new: LoadedPlugin,
+) -> Result<LoadedPlugin, LoadError> {
     for other in loaded.values().filter(|o| o.name != new.name) {
         let conflict = |what: String| LoadError::Conflict {
             path: new.source.clone(),
@@ -128,7 +146,11 @@ fn admit(loaded: &BTreeMap<String, Arc<LoadedPlugin>>, new: LoadedPlugin) -> Res
             what,
         };
         for k in &new.kernels {
-            if let Some(o) = other.kernels.iter().find(|o| resolve::ambiguous(&k.desc, &o.desc)) {
+            if let Some(o) = other
+                .kernels
+                .iter()
+                .find(|o| resolve::ambiguous(&k.desc, &o.desc))
+            {
                 return Err(conflict(format!(
                     "both register {} at priority {} for the same types (give one a higher priority to override)",
                     kernel_label(&k.desc),
@@ -138,12 +160,18 @@ fn admit(loaded: &BTreeMap<String, Arc<LoadedPlugin>>, new: LoadedPlugin) -> Res
         }
         for b in &new.backends {
             if other.backends.iter().any(|o| o.desc.name == b.desc.name) {
-                return Err(conflict(format!("both register a BLAS backend named '{}'", b.desc.name)));
+                return Err(conflict(format!(
+                    "both register a BLAS backend named '{}'",
+                    b.desc.name
+                )));
             }
         }
         for q in &new.quantizers {
             if other.quantizers.iter().any(|o| o.desc.name == q.desc.name) {
-                return Err(conflict(format!("both register a quantizer named '{}'", q.desc.name)));
+                return Err(conflict(format!(
+                    "both register a quantizer named '{}'",
+                    q.desc.name
+                )));
             }
         }
     }

@@ -68,9 +68,15 @@ impl Snapshot {
                 let why_not = if d.device != q.device {
                     Some(format!("{} is on {}", kernel_label(d), d.device))
                 } else if !d.covers(q.opset) {
-                    Some(format!("{} does not cover opset {}", kernel_label(d), q.opset))
+                    Some(format!(
+                        "{} does not cover opset {}",
+                        kernel_label(d),
+                        q.opset
+                    ))
                 } else {
-                    d.accepts(q.inputs).err().map(|e| format!("{}: {e}", kernel_label(d)))
+                    d.accepts(q.inputs)
+                        .err()
+                        .map(|e| format!("{}: {e}", kernel_label(d)))
                 };
                 if let Some(w) = why_not {
                     near.push(w);
@@ -88,7 +94,11 @@ impl Snapshot {
             }
         }
         best.map(|(_, k)| k).ok_or_else(|| ResolveError::NoKernel {
-            domain: if domain.is_empty() { "ai.onnx".into() } else { domain.into() },
+            domain: if domain.is_empty() {
+                "ai.onnx".into()
+            } else {
+                domain.into()
+            },
             op_type: q.op_type.into(),
             opset: q.opset,
             device: q.device,
@@ -137,12 +147,18 @@ mod tests {
 
     #[test]
     fn ambiguity_needs_same_priority_overlapping_ranges_and_types() {
-        let a = KernelDesc::onnx("Relu", 6, 13).constraint("T", &[DType::F32]).inputs(&["T"]);
-        let b = KernelDesc::onnx("Relu", 13, OPEN_END).constraint("T", &[DType::F32, DType::F16]).inputs(&["T"]);
+        let a = KernelDesc::onnx("Relu", 6, 13)
+            .constraint("T", &[DType::F32])
+            .inputs(&["T"]);
+        let b = KernelDesc::onnx("Relu", 13, OPEN_END)
+            .constraint("T", &[DType::F32, DType::F16])
+            .inputs(&["T"]);
         assert!(ambiguous(&a, &b));
         assert!(!ambiguous(&a, &b.clone().priority(1)));
         assert!(!ambiguous(&a, &KernelDesc::onnx("Relu", 14, OPEN_END)));
-        let f16 = KernelDesc::onnx("Relu", 6, 13).constraint("T", &[DType::F16]).inputs(&["T"]);
+        let f16 = KernelDesc::onnx("Relu", 6, 13)
+            .constraint("T", &[DType::F16])
+            .inputs(&["T"]);
         assert!(!ambiguous(&a, &f16));
         assert!(ambiguous(&a, &KernelDesc::new("ai.onnx", "Relu", 1, 6)));
     }

@@ -18,24 +18,35 @@ pub struct InferenceApi {
 pub const EXTENSIONS: &[&str] = &[];
 
 fn not_yet(call: &str) -> Status {
-    Status::unimplemented(format!("{call} is not available yet: this opreg build serves plugins only (no graph runtime)"))
+    Status::unimplemented(format!(
+        "{call} is not available yet: this opreg build serves plugins only (no graph runtime)"
+    ))
 }
 
 type Stream_ = Pin<Box<dyn Stream<Item = Result<pb::ModelStreamInferResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl GrpcInferenceService for InferenceApi {
-    async fn server_live(&self, _: Request<pb::ServerLiveRequest>) -> Result<Response<pb::ServerLiveResponse>, Status> {
+    async fn server_live(
+        &self,
+        _: Request<pb::ServerLiveRequest>,
+    ) -> Result<Response<pb::ServerLiveResponse>, Status> {
         Ok(Response::new(pb::ServerLiveResponse { live: true }))
     }
 
-    async fn server_ready(&self, _: Request<pb::ServerReadyRequest>) -> Result<Response<pb::ServerReadyResponse>, Status> {
+    async fn server_ready(
+        &self,
+        _: Request<pb::ServerReadyRequest>,
+    ) -> Result<Response<pb::ServerReadyResponse>, Status> {
         Ok(Response::new(pb::ServerReadyResponse {
             ready: self.app.is_ready(),
         }))
     }
 
-    async fn model_ready(&self, _: Request<pb::ModelReadyRequest>) -> Result<Response<pb::ModelReadyResponse>, Status> {
+    async fn model_ready(
+        &self,
+        _: Request<pb::ModelReadyRequest>,
+    ) -> Result<Response<pb::ModelReadyResponse>, Status> {
         Err(not_yet("ModelReady"))
     }
 
@@ -50,11 +61,17 @@ impl GrpcInferenceService for InferenceApi {
         }))
     }
 
-    async fn model_metadata(&self, _: Request<pb::ModelMetadataRequest>) -> Result<Response<pb::ModelMetadataResponse>, Status> {
+    async fn model_metadata(
+        &self,
+        _: Request<pb::ModelMetadataRequest>,
+    ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
         Err(not_yet("ModelMetadata"))
     }
 
-    async fn model_infer(&self, _: Request<pb::ModelInferRequest>) -> Result<Response<pb::ModelInferResponse>, Status> {
+    async fn model_infer(
+        &self,
+        _: Request<pb::ModelInferRequest>,
+    ) -> Result<Response<pb::ModelInferResponse>, Status> {
         Err(not_yet("ModelInfer"))
     }
 
@@ -67,7 +84,10 @@ impl GrpcInferenceService for InferenceApi {
         Err(not_yet("ModelStreamInfer"))
     }
 
-    async fn model_config(&self, _: Request<pb::ModelConfigRequest>) -> Result<Response<pb::ModelConfigResponse>, Status> {
+    async fn model_config(
+        &self,
+        _: Request<pb::ModelConfigRequest>,
+    ) -> Result<Response<pb::ModelConfigResponse>, Status> {
         Err(not_yet("ModelConfig"))
     }
 
@@ -103,45 +123,60 @@ impl GrpcInferenceService for InferenceApi {
         &self,
         _: Request<pb::SystemSharedMemoryStatusRequest>,
     ) -> Result<Response<pb::SystemSharedMemoryStatusResponse>, Status> {
-        Err(Status::unimplemented("shared-memory extension is not supported"))
+        Err(Status::unimplemented(
+            "shared-memory extension is not supported",
+        ))
     }
 
     async fn system_shared_memory_register(
         &self,
         _: Request<pb::SystemSharedMemoryRegisterRequest>,
     ) -> Result<Response<pb::SystemSharedMemoryRegisterResponse>, Status> {
-        Err(Status::unimplemented("shared-memory extension is not supported"))
+        Err(Status::unimplemented(
+            "shared-memory extension is not supported",
+        ))
     }
 
     async fn system_shared_memory_unregister(
         &self,
         _: Request<pb::SystemSharedMemoryUnregisterRequest>,
     ) -> Result<Response<pb::SystemSharedMemoryUnregisterResponse>, Status> {
-        Err(Status::unimplemented("shared-memory extension is not supported"))
+        Err(Status::unimplemented(
+            "shared-memory extension is not supported",
+        ))
     }
 
     async fn cuda_shared_memory_status(
         &self,
         _: Request<pb::CudaSharedMemoryStatusRequest>,
     ) -> Result<Response<pb::CudaSharedMemoryStatusResponse>, Status> {
-        Err(Status::unimplemented("CUDA shared-memory extension is not supported"))
+        Err(Status::unimplemented(
+            "CUDA shared-memory extension is not supported",
+        ))
     }
 
     async fn cuda_shared_memory_register(
         &self,
         _: Request<pb::CudaSharedMemoryRegisterRequest>,
     ) -> Result<Response<pb::CudaSharedMemoryRegisterResponse>, Status> {
-        Err(Status::unimplemented("CUDA shared-memory extension is not supported"))
+        Err(Status::unimplemented(
+            "CUDA shared-memory extension is not supported",
+        ))
     }
 
     async fn cuda_shared_memory_unregister(
         &self,
         _: Request<pb::CudaSharedMemoryUnregisterRequest>,
     ) -> Result<Response<pb::CudaSharedMemoryUnregisterResponse>, Status> {
-        Err(Status::unimplemented("CUDA shared-memory extension is not supported"))
+        Err(Status::unimplemented(
+            "CUDA shared-memory extension is not supported",
+        ))
     }
 
-    async fn trace(&self, _: Request<pb::TraceRequest>) -> Result<Response<pb::TraceResponse>, Status> {
+    async fn trace(
+        &self,
+        _: Request<pb::TraceRequest>,
+    ) -> Result<Response<pb::TraceResponse>, Status> {
         Err(Status::unimplemented("trace extension is not supported"))
     }
 }

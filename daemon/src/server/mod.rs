@@ -19,8 +19,15 @@ use tonic_health::ServingStatus;
 /// and model uploads; clients (tritonclient) send up to 2 GiB.
 pub const MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024 * 1024 - 1;
 
+/// How long shutdown waits for in-flight calls and open connections.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Serves until `shutdown` resolves, then drains in-flight calls.
-pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+pub async fn serve(
+    app: Arc<App>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(opreg_proto::FILE_DESCRIPTOR_SET)
@@ -35,29 +42,55 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
 
     // Health follows readiness: SERVING once start-up loading is done (it is, by the time the
     // listener exists), NOT_SERVING as soon as shutdown begins.
-    let status = if app.is_ready() { ServingStatus::Serving } else { ServingStatus::NotServing };
+    let status = if app.is_ready() {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
     health.set_service_status("", status).await;
-    health.set_serving::<GrpcInferenceServiceServer<inference::InferenceApi>>().await;
-    health.set_serving::<RegistryServer<registry::RegistryApi>>().await;
+    health
+        .set_serving::<GrpcInferenceServiceServer<inference::InferenceApi>>()
+        .await;
+    health
+        .set_serving::<RegistryServer<registry::RegistryApi>>()
+        .await;
 
+    let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
     let drain = {
         let app = app.clone();
         let health = health.clone();
         async move {
             shutdown.await;
+            let _ = draining_tx.send(());
             app.set_ready(false);
-            health.set_service_status("", ServingStatus::NotServing).await;
-            health.set_not_serving::<GrpcInferenceServiceServer<inference::InferenceApi>>().await;
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            health
+                .set_not_serving::<GrpcInferenceServiceServer<inference::InferenceApi>>()
+                .await;
             tracing::info!("shutting down: draining in-flight calls");
         }
     };
 
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(inference)
         .add_service(registry)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
-        .await?;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain);
+    // Graceful shutdown waits for clients to close their connections; a client that never
+    // does must not keep the daemon alive.
+    let deadline = async {
+        if draining_rx.await.is_ok() {
+            tokio::time::sleep(DRAIN_TIMEOUT).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        r = server => r?,
+        _ = deadline => tracing::warn!("clients still connected after {DRAIN_TIMEOUT:?}: closing"),
+    }
     Ok(())
 }

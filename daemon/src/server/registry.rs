@@ -63,7 +63,9 @@ fn kernels(snapshot: &Snapshot, op_type: &str, domain: &str) -> Vec<pb::KernelIn
     for p in snapshot.plugins.values() {
         for k in &p.kernels {
             let d = &k.desc;
-            if (!op_type.is_empty() && d.op_type.as_str() != op_type) || (!domain.is_empty() && d.domain.as_str() != domain) {
+            if (!op_type.is_empty() && d.op_type.as_str() != op_type)
+                || (!domain.is_empty() && d.domain.as_str() != domain)
+            {
                 continue;
             }
             out.push(pb::KernelInfo {
@@ -76,7 +78,11 @@ fn kernels(snapshot: &Snapshot, op_type: &str, domain: &str) -> Vec<pb::KernelIn
                     .iter()
                     .map(|c| pb::TypeConstraint {
                         name: c.name.to_string(),
-                        types: c.types.iter().map(|t| t.kserve_name().to_string()).collect(),
+                        types: c
+                            .types
+                            .iter()
+                            .map(|t| t.kserve_name().to_string())
+                            .collect(),
                     })
                     .collect(),
                 device: d.device.to_string(),
@@ -86,7 +92,14 @@ fn kernels(snapshot: &Snapshot, op_type: &str, domain: &str) -> Vec<pb::KernelIn
             });
         }
     }
-    out.sort_by(|a, b| (&a.domain, &a.op_type, &a.device, -a.priority).cmp(&(&b.domain, &b.op_type, &b.device, -b.priority)));
+    out.sort_by(|a, b| {
+        (&a.domain, &a.op_type, &a.device, -a.priority).cmp(&(
+            &b.domain,
+            &b.op_type,
+            &b.device,
+            -b.priority,
+        ))
+    });
     out
 }
 
@@ -95,10 +108,15 @@ fn parse_device(name: &str) -> Result<Device, Status> {
         return Ok(Device::CPU);
     }
     let (kind, ordinal) = match name.split_once(':') {
-        Some((k, o)) => (k, o.parse().map_err(|_| Status::invalid_argument(format!("bad device ordinal in '{name}'")))?),
+        Some((k, o)) => (
+            k,
+            o.parse()
+                .map_err(|_| Status::invalid_argument(format!("bad device ordinal in '{name}'")))?,
+        ),
         None => (name, 0),
     };
-    let kind = DeviceKind::from_name(kind).ok_or_else(|| Status::invalid_argument(format!("unknown device '{name}'")))?;
+    let kind = DeviceKind::from_name(kind)
+        .ok_or_else(|| Status::invalid_argument(format!("unknown device '{name}'")))?;
     Ok(Device { kind, ordinal })
 }
 
@@ -110,15 +128,28 @@ fn attribute(a: pb::Attribute) -> Result<Attribute, Status> {
         Some(Value::S(v)) => AttrValue::String(v.into()),
         Some(Value::Ints(v)) => AttrValue::Ints(v.values.into()),
         Some(Value::Floats(v)) => AttrValue::Floats(v.values.into()),
-        Some(Value::Strings(v)) => AttrValue::Strings(v.values.into_iter().map(RString::from).collect::<RVec<_>>()),
-        None => return Err(Status::invalid_argument(format!("attribute '{}' has no value", a.name))),
+        Some(Value::Strings(v)) => {
+            AttrValue::Strings(v.values.into_iter().map(RString::from).collect::<RVec<_>>())
+        }
+        None => {
+            return Err(Status::invalid_argument(format!(
+                "attribute '{}' has no value",
+                a.name
+            )))
+        }
     };
-    Ok(Attribute { name: a.name.into(), value })
+    Ok(Attribute {
+        name: a.name.into(),
+        value,
+    })
 }
 
 #[tonic::async_trait]
 impl Registry for RegistryApi {
-    async fn list_plugins(&self, _: Request<pb::ListPluginsRequest>) -> Result<Response<pb::ListPluginsResponse>, Status> {
+    async fn list_plugins(
+        &self,
+        _: Request<pb::ListPluginsRequest>,
+    ) -> Result<Response<pb::ListPluginsResponse>, Status> {
         let s = self.app.registry.snapshot();
         Ok(Response::new(pb::ListPluginsResponse {
             plugins: s.plugins.values().map(|p| plugin_info(p)).collect(),
@@ -126,7 +157,10 @@ impl Registry for RegistryApi {
         }))
     }
 
-    async fn load_plugin(&self, req: Request<pb::LoadPluginRequest>) -> Result<Response<pb::LoadPluginResponse>, Status> {
+    async fn load_plugin(
+        &self,
+        req: Request<pb::LoadPluginRequest>,
+    ) -> Result<Response<pb::LoadPluginResponse>, Status> {
         self.authorize(&req)?;
         let path = PathBuf::from(req.into_inner().path);
         if path.as_os_str().is_empty() {
@@ -151,7 +185,10 @@ impl Registry for RegistryApi {
         }
     }
 
-    async fn unload_plugin(&self, req: Request<pb::UnloadPluginRequest>) -> Result<Response<pb::UnloadPluginResponse>, Status> {
+    async fn unload_plugin(
+        &self,
+        req: Request<pb::UnloadPluginRequest>,
+    ) -> Result<Response<pb::UnloadPluginResponse>, Status> {
         self.authorize(&req)?;
         let name = req.into_inner().name;
         let generation = self.app.registry.unload(&name)?;
@@ -159,14 +196,20 @@ impl Registry for RegistryApi {
         Ok(Response::new(pb::UnloadPluginResponse { generation }))
     }
 
-    async fn list_kernels(&self, req: Request<pb::ListKernelsRequest>) -> Result<Response<pb::ListKernelsResponse>, Status> {
+    async fn list_kernels(
+        &self,
+        req: Request<pb::ListKernelsRequest>,
+    ) -> Result<Response<pb::ListKernelsResponse>, Status> {
         let r = req.into_inner();
         Ok(Response::new(pb::ListKernelsResponse {
             kernels: kernels(&self.app.registry.snapshot(), &r.op_type, &r.domain),
         }))
     }
 
-    async fn list_backends(&self, _: Request<pb::ListBackendsRequest>) -> Result<Response<pb::ListBackendsResponse>, Status> {
+    async fn list_backends(
+        &self,
+        _: Request<pb::ListBackendsRequest>,
+    ) -> Result<Response<pb::ListBackendsResponse>, Status> {
         let s = self.app.registry.snapshot();
         let backends = s
             .plugins
@@ -185,7 +228,10 @@ impl Registry for RegistryApi {
         Ok(Response::new(pb::ListBackendsResponse { backends }))
     }
 
-    async fn list_quantizers(&self, _: Request<pb::ListQuantizersRequest>) -> Result<Response<pb::ListQuantizersResponse>, Status> {
+    async fn list_quantizers(
+        &self,
+        _: Request<pb::ListQuantizersRequest>,
+    ) -> Result<Response<pb::ListQuantizersResponse>, Status> {
         let s = self.app.registry.snapshot();
         let quantizers = s
             .plugins
@@ -207,7 +253,10 @@ impl Registry for RegistryApi {
         Ok(Response::new(pb::ListQuantizersResponse { quantizers }))
     }
 
-    async fn run_kernel(&self, req: Request<pb::RunKernelRequest>) -> Result<Response<pb::RunKernelResponse>, Status> {
+    async fn run_kernel(
+        &self,
+        req: Request<pb::RunKernelRequest>,
+    ) -> Result<Response<pb::RunKernelResponse>, Status> {
         let r = req.into_inner();
         if r.op_type.is_empty() {
             return Err(Status::invalid_argument("RunKernel needs an op_type"));
@@ -223,7 +272,11 @@ impl Registry for RegistryApi {
             .collect::<Result<Vec<_>, Status>>()?;
         let call = KernelCall {
             device: parse_device(&r.device)?,
-            attributes: r.attributes.into_iter().map(attribute).collect::<Result<_, _>>()?,
+            attributes: r
+                .attributes
+                .into_iter()
+                .map(attribute)
+                .collect::<Result<_, _>>()?,
             num_outputs: r.num_outputs.max(1) as usize,
             opset: r.opset,
             domain: r.domain,

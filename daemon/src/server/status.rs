@@ -17,7 +17,9 @@ pub fn code_of(code: ErrorCode) -> Code {
 impl From<LoadError> for Status {
     fn from(e: LoadError) -> Status {
         let code = match &e {
-            LoadError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => Code::NotFound,
+            LoadError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                Code::NotFound
+            }
             LoadError::Read { .. } => Code::InvalidArgument,
             LoadError::Stage { .. } => Code::Internal,
             LoadError::NotALibrary { .. }
@@ -27,9 +29,9 @@ impl From<LoadError> for Status {
             | LoadError::Layout { .. }
             | LoadError::RootModule { .. }
             | LoadError::Invalid { .. } => Code::InvalidArgument,
-            LoadError::Register { .. } | LoadError::SelfCheck { .. } | LoadError::Conflict { .. } => {
-                Code::FailedPrecondition
-            }
+            LoadError::Register { .. }
+            | LoadError::SelfCheck { .. }
+            | LoadError::Conflict { .. } => Code::FailedPrecondition,
         };
         Status::new(code, e.to_string())
     }

@@ -19,32 +19,45 @@ pub fn shape(name: &str, dims: &[i64]) -> Result<Vec<usize>, Status> {
     let mut out = Vec::with_capacity(dims.len());
     for &d in dims {
         if d < 0 {
-            return Err(Status::invalid_argument(format!("tensor '{name}': negative dimension in shape {dims:?}")));
+            return Err(Status::invalid_argument(format!(
+                "tensor '{name}': negative dimension in shape {dims:?}"
+            )));
         }
         total = total.saturating_mul(d as u64);
         out.push(d as usize);
     }
     if total > MAX_ELEMENTS {
-        return Err(Status::invalid_argument(format!("tensor '{name}': shape {dims:?} is too large")));
+        return Err(Status::invalid_argument(format!(
+            "tensor '{name}': shape {dims:?} is too large"
+        )));
     }
     Ok(out)
 }
 
 /// Decodes raw contents: row-major little-endian; BYTES elements are a 4-byte little-endian
 /// length followed by the bytes.
-pub fn from_raw(name: &str, dtype: DType, shape: &[usize], raw: &[u8]) -> Result<HostTensor, Status> {
+pub fn from_raw(
+    name: &str,
+    dtype: DType,
+    shape: &[usize],
+    raw: &[u8],
+) -> Result<HostTensor, Status> {
     let numel: usize = shape.iter().product();
     if dtype == DType::String {
         let mut items = Vec::with_capacity(numel);
         let mut rest = raw;
         while !rest.is_empty() {
             if rest.len() < 4 {
-                return Err(Status::invalid_argument(format!("tensor '{name}': truncated BYTES element length")));
+                return Err(Status::invalid_argument(format!(
+                    "tensor '{name}': truncated BYTES element length"
+                )));
             }
             let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
             rest = &rest[4..];
             if rest.len() < len {
-                return Err(Status::invalid_argument(format!("tensor '{name}': BYTES element overruns the contents")));
+                return Err(Status::invalid_argument(format!(
+                    "tensor '{name}': BYTES element overruns the contents"
+                )));
             }
             items.push(&rest[..len]);
             rest = &rest[len..];
@@ -55,7 +68,8 @@ pub fn from_raw(name: &str, dtype: DType, shape: &[usize], raw: &[u8]) -> Result
                 items.len()
             )));
         }
-        return HostTensor::from_strings(shape, &items).map_err(|e| Status::invalid_argument(format!("tensor '{name}': {}", e.message)));
+        return HostTensor::from_strings(shape, &items)
+            .map_err(|e| Status::invalid_argument(format!("tensor '{name}': {}", e.message)));
     }
     let want = numel * dtype.size();
     if raw.len() != want {
@@ -64,7 +78,8 @@ pub fn from_raw(name: &str, dtype: DType, shape: &[usize], raw: &[u8]) -> Result
             raw.len()
         )));
     }
-    HostTensor::from_bytes(dtype, shape, raw).map_err(|e| Status::invalid_argument(format!("tensor '{name}': {}", e.message)))
+    HostTensor::from_bytes(dtype, shape, raw)
+        .map_err(|e| Status::invalid_argument(format!("tensor '{name}': {}", e.message)))
 }
 
 /// Encodes a tensor as raw contents (inverse of [`from_raw`]).
@@ -87,11 +102,18 @@ mod tests {
 
     #[test]
     fn raw_round_trip_and_length_checks() {
-        let bytes: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bytes: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         let t = from_raw("x", DType::F32, &[2], &bytes).expect("decode");
         assert_eq!(to_raw(&t), bytes);
         let err = from_raw("x", DType::F32, &[3], &bytes).expect_err("short");
-        assert!(err.message().contains("tensor 'x'") && err.message().contains("needs 12 bytes"), "{}", err.message());
+        assert!(
+            err.message().contains("tensor 'x'") && err.message().contains("needs 12 bytes"),
+            "{}",
+            err.message()
+        );
     }
 
     #[test]
@@ -102,7 +124,10 @@ mod tests {
             raw.extend_from_slice(s.as_bytes());
         }
         let t = from_raw("s", DType::String, &[3], &raw).expect("decode");
-        assert_eq!(t.strings().iter().map(|s| s.as_str()).collect::<Vec<_>>(), ["ab", "", "xyz"]);
+        assert_eq!(
+            t.strings().iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            ["ab", "", "xyz"]
+        );
         assert_eq!(to_raw(&t), raw);
         assert!(from_raw("s", DType::String, &[2], &raw).is_err());
         assert!(from_raw("s", DType::String, &[3], &raw[..raw.len() - 1]).is_err());

@@ -1,1 +1,118 @@
+//! A well-behaved mock plugin for tests: one kernel, one quantizer.
+//!
+//! `opreg.mock::MockScale(x) = x * scale` (attribute `scale`, default 2.0) for f32.
+//! The quantizer `mock-minmax` turns min/max observations into asymmetric u8 parameters.
 
+use opreg_sdk::prelude::*;
+
+#[derive(Clone)]
+struct Scale(f32);
+
+impl Kernel for Scale {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        let x = inputs
+            .first()
+            .ok_or_else(|| PluginError::invalid("MockScale needs one input"))?
+            .as_slice::<f32>()?;
+        let y = ctx.output_slice::<f32>(0, inputs[0].shape())?;
+        let s = self.0;
+        ctx.parallel_chunks(y, 1024, |start, out| {
+            for (o, v) in out.iter_mut().zip(&x[start..]) {
+                *o = v * s;
+            }
+        })
+    }
+}
+
+struct MinMax;
+
+impl Quantizer for MinMax {
+    fn observation(&self) -> Observation {
+        Observation::MinMax
+    }
+
+    fn plan(&self, request: &QuantRequest) -> Result<QuantPlan, PluginError> {
+        let tensors = request
+            .tensors
+            .iter()
+            .map(|t| {
+                // The range must contain 0 so that zero is exactly representable.
+                let (lo, hi) = (t.min.min(0.0), t.max.max(0.0));
+                let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
+                let zero_point = (-lo / scale).round().clamp(0.0, 255.0) as i32;
+                opreg_sdk::quant::TensorPlan {
+                    name: t.name.clone(),
+                    directive: Directive::PerTensor {
+                        scale,
+                        zero_point,
+                        dtype: DType::U8,
+                    },
+                }
+            })
+            .collect();
+        Ok(QuantPlan {
+            tensors,
+            notes: "min-max, asymmetric u8".into(),
+        })
+    }
+}
+
+fn register(r: &mut Registrar) {
+    r.kernel(
+        KernelDesc::new("opreg.mock", "MockScale", 1, OPEN_END)
+            .constraint("T", &[DType::F32])
+            .inputs(&["T"])
+            .outputs(&["T"]),
+        |node: &NodeInfo<'_>| -> Result<Box<dyn Kernel>, PluginError> {
+            Ok(Box::new(Scale(node.float_or("scale", 2.0)?)))
+        },
+    );
+    r.quantizer(
+        QuantizerDesc {
+            name: "mock-minmax".into(),
+            description: "test strategy: asymmetric u8 from min/max".into(),
+        },
+        MinMax,
+    );
+}
+
+opreg_sdk::export_plugin! {
+    name: "mock-good",
+    version: env!("CARGO_PKG_VERSION"),
+    description: "well-behaved mock plugin for tests",
+    register: register,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opreg_sdk::{
+        host::HostTensor,
+        testkit::{run_kernel, NodeSpec},
+    };
+
+    #[test]
+    fn scales_by_the_attribute() {
+        let x: Vec<f32> = (0..3000).map(|i| i as f32).collect();
+        let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let t = HostTensor::from_bytes(DType::F32, &[3000], &bytes).expect("tensor");
+        let node = NodeSpec::onnx("MockScale", 1)
+            .domain("opreg.mock")
+            .attr("scale", AttrValue::Float(-0.5));
+        let factory = |n: &NodeInfo<'_>| -> Result<Box<dyn Kernel>, PluginError> {
+            Ok(Box::new(Scale(n.float_or("scale", 2.0)?)))
+        };
+        let out = run_kernel(factory, &node, &[&t], None).expect("run");
+        let y: Vec<f32> = out[0]
+            .bytes()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        assert_eq!(y.len(), 3000);
+        assert!(y.iter().zip(&x).all(|(y, x)| *y == x * -0.5));
+    }
+}
