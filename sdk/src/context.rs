@@ -74,6 +74,9 @@ pub trait FfiHost: Sync {
     /// The device the node runs on.
     fn device(&self) -> Device;
 
+    /// Number of outputs the node has.
+    fn num_outputs(&self) -> usize;
+
     /// Number of threads `parallel_for` may use.
     #[sabi(last_prefix_field)]
     fn num_threads(&self) -> usize;
@@ -190,6 +193,11 @@ impl<'a> KernelContext<'a> {
     /// The BLAS backend for this node's device, if the host has one.
     pub fn blas(&self) -> Option<BlasRef<'_>> {
         self.host.blas().into_option().map(BlasRef::new)
+    }
+
+    /// Number of outputs the node has (for variadic outputs, as in `Split`).
+    pub fn num_outputs(&self) -> usize {
+        self.host.num_outputs()
     }
 
     /// The device this call runs on.

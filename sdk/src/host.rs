@@ -8,7 +8,7 @@ use crate::{
     blas::{FfiBlasBox, FfiBlas_TO},
     context::{FfiHost, FfiTask_TO, LogLevel},
     tensor::{contiguous_strides, TensorView, TensorViewMut},
-    DType, Device, ErrorCode, KernelContext, PluginError,
+    DType, Device, Element, ErrorCode, KernelContext, PluginError,
 };
 use abi_stable::{
     std_types::{ROption, RResult, RSlice, RSliceMut, RStr, RString},
@@ -146,6 +146,20 @@ impl HostTensor {
         }
         t.buf.as_mut_slice().copy_from_slice(bytes);
         Ok(t)
+    }
+
+    /// A tensor of `T` from its elements in row-major order.
+    pub fn from_vec<T: Element>(shape: &[usize], values: &[T]) -> Result<Self, PluginError> {
+        // SAFETY: `Element` types are plain data; the byte view covers exactly `values`.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
+        };
+        Self::from_bytes(T::DTYPE, shape, bytes)
+    }
+
+    /// The elements as `T` (the dtype must match).
+    pub fn to_vec<T: Element>(&self) -> Result<Vec<T>, PluginError> {
+        Ok(self.view().as_slice::<T>()?.to_vec())
     }
 
     /// A `String` tensor.
@@ -380,6 +394,10 @@ impl FfiHost for CallFrame<'_> {
 
     fn device(&self) -> Device {
         self.device
+    }
+
+    fn num_outputs(&self) -> usize {
+        self.outputs.lock().map(|o| o.len()).unwrap_or(0)
     }
 
     fn num_threads(&self) -> usize {

@@ -275,9 +275,10 @@ impl<'a> NodeInfo<'a> {
 /// A kernel prepared for one node. Called concurrently from many requests: keep per-call
 /// state on the stack or in [`KernelContext::scratch`].
 pub trait Kernel: Send + Sync + 'static {
-    /// Computes the node's outputs from `inputs` (absent optional inputs are empty views of
-    /// rank 0 with a null pointer; check [`NodeInfo::inputs`] at instantiation). Outputs are
-    /// allocated through [`KernelContext::output`].
+    /// Computes the node's outputs from `inputs`, by position. An optional input the node
+    /// leaves out is [`TensorView::absent`] (check [`TensorView::is_absent`]); trailing ones
+    /// may be missing from the slice altogether. Outputs are allocated through
+    /// [`KernelContext::output`]; [`KernelContext::num_outputs`] says how many the node has.
     fn compute(
         &self,
         ctx: &KernelContext<'_>,

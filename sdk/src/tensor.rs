@@ -135,6 +135,44 @@ impl<'a> TensorView<'a> {
         }
     }
 
+    /// The view passed for an optional input the node leaves out (`""` in ONNX): rank 0 with a
+    /// null data pointer, which no real tensor has. Check with [`is_absent`](Self::is_absent).
+    pub fn absent() -> TensorView<'static> {
+        TensorView {
+            dtype: DType::F32,
+            device: Device::CPU,
+            shape: RSlice::EMPTY,
+            strides: RSlice::EMPTY,
+            data: std::ptr::null(),
+            _borrow: PhantomData,
+        }
+    }
+
+    /// True for the view of an absent optional input.
+    pub fn is_absent(&self) -> bool {
+        self.data.is_null() && self.shape.is_empty()
+    }
+
+    /// The elements of an integer tensor (`I64`, `I32`, `U8`...) widened to `i64`: for inputs
+    /// that carry shapes, axes, indices or counts.
+    pub fn to_i64s(&self) -> Result<Vec<i64>, PluginError> {
+        Ok(match self.dtype {
+            DType::I64 => self.as_slice::<i64>()?.to_vec(),
+            DType::I32 => self.as_slice::<i32>()?.iter().map(|&v| v as i64).collect(),
+            DType::I16 => self.as_slice::<i16>()?.iter().map(|&v| v as i64).collect(),
+            DType::I8 => self.as_slice::<i8>()?.iter().map(|&v| v as i64).collect(),
+            DType::U8 => self.as_slice::<u8>()?.iter().map(|&v| v as i64).collect(),
+            DType::U16 => self.as_slice::<u16>()?.iter().map(|&v| v as i64).collect(),
+            DType::U32 => self.as_slice::<u32>()?.iter().map(|&v| v as i64).collect(),
+            DType::U64 => self.as_slice::<u64>()?.iter().map(|&v| v as i64).collect(),
+            other => {
+                return Err(PluginError::invalid(format!(
+                    "expected an integer tensor, got {other}"
+                )))
+            }
+        })
+    }
+
     /// A contiguous host view of a typed slice.
     ///
     /// `strides` must be `contiguous_strides(shape)`; passing it in keeps the view free of

@@ -92,6 +92,17 @@ pub fn run_kernel(
     inputs: &[&HostTensor],
     blas: Option<Box<dyn Blas>>,
 ) -> Result<Vec<HostTensor>, PluginError> {
+    let inputs: Vec<Option<&HostTensor>> = inputs.iter().map(|&t| Some(t)).collect();
+    run_kernel_opt(factory, node, &inputs, blas)
+}
+
+/// Like [`run_kernel`], with optional inputs: `None` is an input the node leaves out.
+pub fn run_kernel_opt(
+    factory: impl KernelFactory,
+    node: &NodeSpec,
+    inputs: &[Option<&HostTensor>],
+    blas: Option<Box<dyn Blas>>,
+) -> Result<Vec<HostTensor>, PluginError> {
     struct Boxed(Box<dyn Blas>);
     impl Blas for Boxed {
         fn gemm(
@@ -117,16 +128,30 @@ pub fn run_kernel(
     let blas = blas.map(|b| into_ffi_blas(Boxed(b)));
     let shapes: Vec<Vec<i64>> = inputs
         .iter()
-        .map(|t| t.shape().iter().map(|&d| d as i64).collect())
+        .map(|t| t.map_or(vec![], |t| t.shape().iter().map(|&d| d as i64).collect()))
         .collect();
     let input_infos: Vec<ValueInfo<'_>> = inputs
         .iter()
         .zip(&shapes)
         .map(|(t, s)| ValueInfo {
             name: "".into(),
+            present: t.is_some(),
+            dtype: t.map_or(crate::DType::F32, |t| t.dtype()),
+            shape: if t.is_some() {
+                RSome(s.as_slice().into())
+            } else {
+                RNone
+            },
+            constant: RNone,
+        })
+        .collect();
+    let output_infos: Vec<ValueInfo<'_>> = (0..node.num_outputs)
+        .map(|_| ValueInfo {
+            name: "".into(),
             present: true,
-            dtype: t.dtype(),
-            shape: RSome(s.as_slice().into()),
+            // Output types are not known before the kernel runs; kernels must not rely on it.
+            dtype: crate::DType::F32,
+            shape: RNone,
             constant: RNone,
         })
         .collect();
@@ -138,10 +163,13 @@ pub fn run_kernel(
         device: node.device,
         attributes: node.attributes.as_slice().into(),
         inputs: input_infos.as_slice().into(),
-        outputs: (&[][..]).into(),
+        outputs: output_infos.as_slice().into(),
     };
     let kernel = factory.instantiate(&info).into_result()?;
-    let views: Vec<_> = inputs.iter().map(|t| t.view()).collect();
+    let views: Vec<_> = inputs
+        .iter()
+        .map(|t| t.map_or(crate::TensorView::absent(), |t| t.view()))
+        .collect();
     let log = |level: crate::LogLevel, msg: &str| eprintln!("[{level:?}] {msg}");
     let frame = CallFrame::new(node.num_outputs, node.device, blas.as_ref(), &log);
     frame

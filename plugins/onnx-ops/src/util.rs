@@ -1,0 +1,135 @@
+//! Helpers shared by the operator families: broadcasting, axes, strided walks.
+
+use opreg_sdk::PluginError;
+
+/// The numpy-style broadcast of `shapes` (ONNX multidirectional broadcasting).
+pub fn broadcast_shapes(shapes: &[&[usize]]) -> Result<Vec<usize>, PluginError> {
+    let rank = shapes.iter().map(|s| s.len()).max().unwrap_or(0);
+    let mut out = vec![1usize; rank];
+    for s in shapes {
+        for (i, &d) in s.iter().enumerate() {
+            let o = &mut out[rank - s.len() + i];
+            if *o == 1 {
+                *o = d;
+            } else if d != 1 && d != *o {
+                return Err(PluginError::invalid(format!(
+                    "shapes {shapes:?} do not broadcast"
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Element strides of a contiguous tensor of `shape` read as if broadcast to `out`
+/// (right-aligned; broadcast dimensions get stride 0). `out.len() >= shape.len()`.
+pub fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
+    let mut strides = vec![0usize; out.len()];
+    let mut acc = 1usize;
+    let off = out.len() - shape.len();
+    for i in (0..shape.len()).rev() {
+        strides[off + i] = if shape[i] == 1 { 0 } else { acc };
+        acc *= shape[i];
+    }
+    strides
+}
+
+/// An axis attribute in `[-rank, rank)` as an index in `[0, rank)`.
+#[allow(dead_code)] // the operator families use it as they land
+pub fn normalize_axis(axis: i64, rank: usize) -> Result<usize, PluginError> {
+    let r = rank as i64;
+    if axis < -r || axis >= r {
+        return Err(PluginError::invalid(format!(
+            "axis {axis} out of range for rank {rank}"
+        )));
+    }
+    Ok(if axis < 0 {
+        (axis + r) as usize
+    } else {
+        axis as usize
+    })
+}
+
+/// Calls `f(offset)` for every element of `shape` in row-major order, where `offset` is the
+/// element's position under `strides` (e.g. from [`broadcast_strides`]). Starts at the linear
+/// index `start` and visits `len` elements, so parallel chunks can walk their own range.
+pub fn walk_offsets(
+    shape: &[usize],
+    strides: &[usize],
+    start: usize,
+    len: usize,
+    mut f: impl FnMut(usize),
+) {
+    let rank = shape.len();
+    if rank == 0 {
+        if len > 0 {
+            f(0);
+        }
+        return;
+    }
+    // Decompose `start` into a multi-index.
+    let mut idx = vec![0usize; rank];
+    let mut rem = start;
+    for d in (0..rank).rev() {
+        idx[d] = rem % shape[d].max(1);
+        rem /= shape[d].max(1);
+    }
+    let mut off: usize = idx.iter().zip(strides).map(|(i, s)| i * s).sum();
+    let inner = shape[rank - 1];
+    let inner_stride = strides[rank - 1];
+    let mut left = len;
+    while left > 0 {
+        // Run along the innermost dimension.
+        let run = (inner - idx[rank - 1]).min(left);
+        for k in 0..run {
+            f(off + k * inner_stride);
+        }
+        left -= run;
+        if left == 0 {
+            break;
+        }
+        off += run * inner_stride;
+        idx[rank - 1] += run;
+        // Carry.
+        let mut d = rank - 1;
+        while idx[d] == shape[d] {
+            off -= idx[d] * strides[d];
+            idx[d] = 0;
+            if d == 0 {
+                return;
+            }
+            d -= 1;
+            idx[d] += 1;
+            off += strides[d];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broadcasting() {
+        assert_eq!(
+            broadcast_shapes(&[&[2, 1, 3], &[4, 1]]).expect("ok"),
+            vec![2, 4, 3]
+        );
+        assert!(broadcast_shapes(&[&[2, 3], &[4, 3]]).is_err());
+        assert_eq!(broadcast_strides(&[4, 1], &[2, 4, 3]), vec![0, 1, 0]);
+    }
+
+    #[test]
+    fn walks_match_naive_indexing() {
+        let shape = [2, 3, 4];
+        let strides = broadcast_strides(&[3, 1], &shape);
+        let mut all = Vec::new();
+        walk_offsets(&shape, &strides, 0, 24, |o| all.push(o));
+        let naive: Vec<usize> = (0..24).map(|i| (i / 4) % 3).collect();
+        assert_eq!(all, naive);
+        // A chunk starting mid-way sees the same offsets.
+        let mut part = Vec::new();
+        walk_offsets(&shape, &strides, 5, 11, |o| part.push(o));
+        assert_eq!(part, naive[5..16].to_vec());
+    }
+}
