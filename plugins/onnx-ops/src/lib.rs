@@ -6,6 +6,7 @@ use opreg_sdk::prelude::*;
 mod elementwise;
 mod nn;
 mod shape;
+#[allow(dead_code)] // shared helpers; not every family uses every one
 mod util;
 
 /// Every non-string tensor type.

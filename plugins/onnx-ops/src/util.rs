@@ -35,7 +35,6 @@ pub fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
 }
 
 /// An axis attribute in `[-rank, rank)` as an index in `[0, rank)`.
-#[allow(dead_code)] // the operator families use it as they land
 pub fn normalize_axis(axis: i64, rank: usize) -> Result<usize, PluginError> {
     let r = rank as i64;
     if axis < -r || axis >= r {
