@@ -8,6 +8,7 @@ const PROTOS: &[&str] = &[
     "inference/grpc_service.proto",
     "inference/model_config.proto",
     "opreg/v1/registry.proto",
+    "onnx/onnx.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

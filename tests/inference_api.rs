@@ -36,8 +36,13 @@ async fn server_live_ready_and_metadata() {
             ..Default::default()
         })
         .await
-        .expect_err("no runtime yet");
-    assert_eq!(err.code(), Code::Unimplemented);
+        .expect_err("no such model");
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(
+        err.message().contains("unknown model 'm'"),
+        "{}",
+        err.message()
+    );
 }
 
 #[tokio::test]
@@ -119,7 +124,7 @@ fn tritonclient_talks_to_the_daemon() {
         "\"ready\": true",
         "\"name\": \"opreg\"",
         &format!("\"version\": \"{}\"", env!("CARGO_PKG_VERSION")),
-        "\"model_metadata_error\": \"StatusCode.UNIMPLEMENTED\"",
+        "\"model_metadata_error\": \"StatusCode.NOT_FOUND\"",
     ] {
         assert!(line.contains(want), "{want} not in {line}");
     }

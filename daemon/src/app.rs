@@ -1,6 +1,6 @@
 //! The daemon's shared state: configuration, registry, compute pool, readiness.
 
-use crate::{config::Config, exec::ComputePool, registry::Registry};
+use crate::{config::Config, exec::ComputePool, registry::Registry, repo::Repository};
 use anyhow::Context;
 use std::{
     path::{Path, PathBuf},
@@ -11,6 +11,7 @@ pub struct App {
     pub config: Config,
     pub registry: Registry,
     pub compute: ComputePool,
+    pub repo: Repository,
     ready: AtomicBool,
     // Declared last: the registry (and the plugin copies it maps) must go first.
     _runtime_dir: RuntimeDir,
@@ -22,6 +23,7 @@ impl App {
         Ok(App {
             registry: Registry::new(runtime_dir.path().join("plugins")),
             compute: ComputePool::new(config.threads)?,
+            repo: Repository::new(config.model_repo.clone()),
             ready: AtomicBool::new(false),
             _runtime_dir: runtime_dir,
             config,

@@ -7,8 +7,10 @@
 mod app;
 mod config;
 mod exec;
+mod graph;
 mod plugin;
 mod registry;
+mod repo;
 mod server;
 
 use anyhow::Context;
@@ -48,6 +50,7 @@ async fn run(config: config::Config, started: Instant) -> anyhow::Result<()> {
         tracing::info!(repo = %repo.display(), "model repository");
     }
     load_plugin_dirs(&app).await?;
+    load_models(&app).await?;
     let listener = tokio::net::TcpListener::bind(app.config.listen)
         .await
         .with_context(|| format!("binding {}", app.config.listen))?;
@@ -101,6 +104,24 @@ async fn load_plugin_dirs(app: &Arc<app::App>) -> anyhow::Result<()> {
                 "plugin loaded"
             ),
             Err(e) => tracing::error!("refused plugin: {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// Loads every model of the repository. A model that fails is logged and listed as
+/// UNAVAILABLE with the reason; the others serve.
+async fn load_models(app: &Arc<app::App>) -> anyhow::Result<()> {
+    for name in app.repo.on_disk()? {
+        let a = app.clone();
+        let n = name.clone();
+        match app
+            .compute
+            .run(move || a.repo.load(&n, Default::default(), &a.registry))
+            .await?
+        {
+            Ok(versions) => tracing::info!(model = %name, ?versions, "model loaded"),
+            Err(e) => tracing::error!(model = %name, "model not loaded: {e}"),
         }
     }
     Ok(())

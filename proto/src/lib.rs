@@ -12,6 +12,11 @@ pub mod inference {
     tonic::include_proto!("inference");
 }
 
+/// `package onnx`: the ONNX model format.
+pub mod onnx {
+    tonic::include_proto!("onnx");
+}
+
 /// `package opreg.*`.
 pub mod opreg {
     /// `package opreg.v1`.

@@ -4,6 +4,8 @@
 //! The plugins and the daemon are built by `cargo build --workspace` (the README's test
 //! command does it before `cargo test`); a missing artifact fails with that instruction.
 
+pub mod onnx;
+
 use opreg_proto::{
     inference::grpc_inference_service_client::GrpcInferenceServiceClient,
     opreg::v1::registry_client::RegistryClient,

@@ -122,6 +122,16 @@ pub fn run_kernel(snapshot: &Arc<Snapshot>, call: &KernelCall) -> Result<KernelR
             constant: RNone,
         })
         .collect();
+    let output_infos: Vec<ValueInfo<'_>> = (0..call.num_outputs)
+        .map(|_| ValueInfo {
+            name: "".into(),
+            present: true,
+            // Unknown before the kernel runs.
+            dtype: opreg_sdk::DType::F32,
+            shape: RNone,
+            constant: RNone,
+        })
+        .collect();
     let node = NodeInfo {
         name: "".into(),
         domain: call.domain.as_str().into(),
@@ -130,7 +140,7 @@ pub fn run_kernel(snapshot: &Arc<Snapshot>, call: &KernelCall) -> Result<KernelR
         device: call.device,
         attributes: call.attributes.as_slice().into(),
         inputs: input_infos.as_slice().into(),
-        outputs: (&[][..]).into(),
+        outputs: output_infos.as_slice().into(),
     };
     let instance = kernel
         .registration()
@@ -170,7 +180,7 @@ pub fn run_kernel(snapshot: &Arc<Snapshot>, call: &KernelCall) -> Result<KernelR
     })
 }
 
-fn log_from_plugin(plugin: &str, level: LogLevel, msg: &str) {
+pub(crate) fn log_from_plugin(plugin: &str, level: LogLevel, msg: &str) {
     match level {
         LogLevel::Trace => tracing::trace!(target: "opreg::plugin", plugin, "{msg}"),
         LogLevel::Debug => tracing::debug!(target: "opreg::plugin", plugin, "{msg}"),

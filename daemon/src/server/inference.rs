@@ -1,12 +1,13 @@
 //! `inference.GRPCInferenceService`: the KServe v2 / Open Inference Protocol.
 //!
-//! Server health and metadata are served here; model calls answer UNIMPLEMENTED until the
-//! graph runtime is in place.
+//! A thin layer: inference is in `infer`, the repository in `crate::repo`.
 
-use crate::app::App;
+use super::infer::infer;
+use crate::{app::App, graph::IoSpec, repo::ServedModel};
 use opreg_proto::inference::{self as pb, grpc_inference_service_server::GrpcInferenceService};
-use std::{pin::Pin, sync::Arc};
-use tokio_stream::Stream;
+use opreg_sdk::DType;
+use std::{collections::BTreeMap, collections::HashMap, pin::Pin, sync::Arc};
+use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 pub struct InferenceApi {
@@ -15,15 +16,102 @@ pub struct InferenceApi {
 
 /// Extensions of the protocol this server implements, as `ServerMetadata` reports them.
 /// perf-style clients read `ModelStatistics` only when `statistics` is listed.
-pub const EXTENSIONS: &[&str] = &[];
+pub const EXTENSIONS: &[&str] = &["model_repository", "model_configuration", "statistics"];
 
-fn not_yet(call: &str) -> Status {
-    Status::unimplemented(format!(
-        "{call} is not available yet: this opreg build serves plugins only (no graph runtime)"
-    ))
+/// The platform name reported in metadata and configuration.
+const PLATFORM: &str = "onnx";
+
+type ResponseStream =
+    Pin<Box<dyn Stream<Item = Result<pb::ModelStreamInferResponse, Status>> + Send>>;
+
+/// Triton's `DataType` enum value for a dtype (model_config.proto).
+fn config_type(d: DType) -> i32 {
+    use pb::DataType as T;
+    (match d {
+        DType::Bool => T::TypeBool,
+        DType::U8 => T::TypeUint8,
+        DType::U16 => T::TypeUint16,
+        DType::U32 => T::TypeUint32,
+        DType::U64 => T::TypeUint64,
+        DType::I8 => T::TypeInt8,
+        DType::I16 => T::TypeInt16,
+        DType::I32 => T::TypeInt32,
+        DType::I64 => T::TypeInt64,
+        DType::F16 => T::TypeFp16,
+        DType::F32 => T::TypeFp32,
+        DType::F64 => T::TypeFp64,
+        DType::String => T::TypeString,
+        DType::BF16 => T::TypeBf16,
+    }) as i32
 }
 
-type Stream_ = Pin<Box<dyn Stream<Item = Result<pb::ModelStreamInferResponse, Status>> + Send>>;
+fn statistics(m: &ServedModel) -> pb::ModelStatistics {
+    let s = *m.stats.lock().unwrap_or_else(|p| p.into_inner());
+    let d = |(count, ns): (u64, u64)| Some(pb::StatisticDuration { count, ns });
+    pb::ModelStatistics {
+        name: m.name.clone(),
+        version: m.version.to_string(),
+        last_inference: s.last_inference_ms,
+        inference_count: s.inference_count,
+        execution_count: s.execution_count,
+        inference_stats: Some(pb::InferStatistics {
+            success: d(s.success),
+            fail: d(s.fail),
+            queue: d((0, 0)),
+            compute_input: d(s.compute_input),
+            compute_infer: d(s.compute_infer),
+            compute_output: d(s.compute_output),
+            cache_hit: d((0, 0)),
+            cache_miss: d((0, 0)),
+        }),
+        batch_stats: Vec::new(),
+    }
+}
+
+/// `file:<version>/model.onnx` parameters of a load request, by version.
+fn submitted_files(
+    params: &HashMap<String, pb::ModelRepositoryParameter>,
+) -> Result<BTreeMap<u64, Vec<u8>>, Status> {
+    use pb::model_repository_parameter::ParameterChoice;
+    let mut files = BTreeMap::new();
+    for (key, value) in params {
+        let Some(path) = key.strip_prefix("file:") else {
+            if key == "config" {
+                return Err(Status::invalid_argument(
+                    "a 'config' override is not supported: put config.toml next to the model in the repository",
+                ));
+            }
+            continue;
+        };
+        let version = path
+            .strip_suffix("/model.onnx")
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "parameter '{key}': expected 'file:<version>/model.onnx'"
+                ))
+            })?;
+        match &value.parameter_choice {
+            Some(ParameterChoice::BytesParam(b)) => {
+                files.insert(version, b.clone());
+            }
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "parameter '{key}' must carry the model as bytes"
+                )))
+            }
+        }
+    }
+    Ok(files)
+}
+
+fn tensor_metadata(io: &IoSpec) -> pb::model_metadata_response::TensorMetadata {
+    pb::model_metadata_response::TensorMetadata {
+        name: io.name.clone(),
+        datatype: io.dtype.kserve_name().into(),
+        shape: io.kserve_shape(),
+    }
+}
 
 #[tonic::async_trait]
 impl GrpcInferenceService for InferenceApi {
@@ -45,9 +133,12 @@ impl GrpcInferenceService for InferenceApi {
 
     async fn model_ready(
         &self,
-        _: Request<pb::ModelReadyRequest>,
+        req: Request<pb::ModelReadyRequest>,
     ) -> Result<Response<pb::ModelReadyResponse>, Status> {
-        Err(not_yet("ModelReady"))
+        let r = req.into_inner();
+        Ok(Response::new(pb::ModelReadyResponse {
+            ready: self.app.repo.get(&r.name, &r.version).is_ok(),
+        }))
     }
 
     async fn server_metadata(
@@ -63,60 +154,192 @@ impl GrpcInferenceService for InferenceApi {
 
     async fn model_metadata(
         &self,
-        _: Request<pb::ModelMetadataRequest>,
+        req: Request<pb::ModelMetadataRequest>,
     ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
-        Err(not_yet("ModelMetadata"))
+        let r = req.into_inner();
+        let m = self.app.repo.get(&r.name, &r.version)?;
+        let versions = self
+            .app
+            .repo
+            .index()
+            .into_iter()
+            .find(|(n, _)| *n == m.name)
+            .map(|(_, e)| e.versions.keys().map(|v| v.to_string()).collect())
+            .unwrap_or_default();
+        Ok(Response::new(pb::ModelMetadataResponse {
+            name: m.name.clone(),
+            versions,
+            platform: PLATFORM.into(),
+            inputs: m.model.inputs.iter().map(tensor_metadata).collect(),
+            outputs: m.model.outputs.iter().map(tensor_metadata).collect(),
+        }))
     }
 
     async fn model_infer(
         &self,
-        _: Request<pb::ModelInferRequest>,
+        req: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
-        Err(not_yet("ModelInfer"))
+        infer(&self.app, req.into_inner()).await.map(Response::new)
     }
 
-    type ModelStreamInferStream = Stream_;
+    type ModelStreamInferStream = ResponseStream;
 
     async fn model_stream_infer(
         &self,
-        _: Request<Streaming<pb::ModelInferRequest>>,
+        req: Request<Streaming<pb::ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
-        Err(not_yet("ModelStreamInfer"))
+        let mut requests = req.into_inner();
+        let app = self.app.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        // Requests are answered in order. An error of one request travels in-band
+        // (`error_message`), as Triton does, and the stream goes on.
+        tokio::spawn(async move {
+            while let Some(next) = requests.next().await {
+                let reply = match next {
+                    Ok(r) => match infer(&app, r).await {
+                        Ok(resp) => pb::ModelStreamInferResponse {
+                            error_message: String::new(),
+                            infer_response: Some(resp),
+                        },
+                        Err(e) => pb::ModelStreamInferResponse {
+                            error_message: e.message().to_string(),
+                            infer_response: None,
+                        },
+                    },
+                    Err(_) => break,
+                };
+                if tx.send(Ok(reply)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn model_config(
         &self,
-        _: Request<pb::ModelConfigRequest>,
+        req: Request<pb::ModelConfigRequest>,
     ) -> Result<Response<pb::ModelConfigResponse>, Status> {
-        Err(not_yet("ModelConfig"))
+        let r = req.into_inner();
+        let m = self.app.repo.get(&r.name, &r.version)?;
+        let batched = m.settings.max_batch_size > 0;
+        // With batching, Triton's dims leave out the batch dimension.
+        let dims = |io: &IoSpec| {
+            let s = io.kserve_shape();
+            if batched && !s.is_empty() {
+                s[1..].to_vec()
+            } else {
+                s
+            }
+        };
+        Ok(Response::new(pb::ModelConfigResponse {
+            config: Some(pb::ModelConfig {
+                name: m.name.clone(),
+                platform: PLATFORM.into(),
+                backend: "opreg".into(),
+                max_batch_size: m.settings.max_batch_size,
+                input: m
+                    .model
+                    .inputs
+                    .iter()
+                    .map(|i| pb::ModelInput {
+                        name: i.name.clone(),
+                        data_type: config_type(i.dtype),
+                        dims: dims(i),
+                    })
+                    .collect(),
+                output: m
+                    .model
+                    .outputs
+                    .iter()
+                    .map(|o| pb::ModelOutput {
+                        name: o.name.clone(),
+                        data_type: config_type(o.dtype),
+                        dims: dims(o),
+                    })
+                    .collect(),
+            }),
+        }))
     }
 
     async fn model_statistics(
         &self,
-        _: Request<pb::ModelStatisticsRequest>,
+        req: Request<pb::ModelStatisticsRequest>,
     ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
-        Err(not_yet("ModelStatistics"))
+        let r = req.into_inner();
+        let model_stats = if r.name.is_empty() {
+            self.app
+                .repo
+                .ready()
+                .iter()
+                .map(|m| statistics(m))
+                .collect()
+        } else {
+            let m = self.app.repo.get(&r.name, &r.version)?;
+            vec![statistics(&m)]
+        };
+        Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
     }
 
     async fn repository_index(
         &self,
-        _: Request<pb::RepositoryIndexRequest>,
+        req: Request<pb::RepositoryIndexRequest>,
     ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
-        Err(not_yet("RepositoryIndex"))
+        let ready_only = req.into_inner().ready;
+        let mut models = Vec::new();
+        for (name, entry) in self.app.repo.index() {
+            if entry.versions.is_empty() {
+                if !ready_only {
+                    models.push(pb::repository_index_response::ModelIndex {
+                        name,
+                        version: String::new(),
+                        state: entry.state.into(),
+                        reason: entry.reason,
+                    });
+                }
+                continue;
+            }
+            for v in entry.versions.keys() {
+                models.push(pb::repository_index_response::ModelIndex {
+                    name: name.clone(),
+                    version: v.to_string(),
+                    state: entry.state.into(),
+                    reason: entry.reason.clone(),
+                });
+            }
+        }
+        Ok(Response::new(pb::RepositoryIndexResponse { models }))
     }
 
     async fn repository_model_load(
         &self,
-        _: Request<pb::RepositoryModelLoadRequest>,
+        req: Request<pb::RepositoryModelLoadRequest>,
     ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
-        Err(not_yet("RepositoryModelLoad"))
+        let r = req.into_inner();
+        let files = submitted_files(&r.parameters)?;
+        let app = self.app.clone();
+        let name = r.model_name.clone();
+        let versions = self
+            .app
+            .compute
+            .run(move || app.repo.load(&name, files, &app.registry))
+            .await?
+            .map_err(|e| {
+                tracing::warn!(model = %r.model_name, "model load failed: {e}");
+                Status::from(e)
+            })?;
+        tracing::info!(model = %r.model_name, ?versions, "model loaded");
+        Ok(Response::new(pb::RepositoryModelLoadResponse {}))
     }
 
     async fn repository_model_unload(
         &self,
-        _: Request<pb::RepositoryModelUnloadRequest>,
+        req: Request<pb::RepositoryModelUnloadRequest>,
     ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
-        Err(not_yet("RepositoryModelUnload"))
+        let r = req.into_inner();
+        self.app.repo.unload(&r.model_name)?;
+        tracing::info!(model = %r.model_name, "model unloaded");
+        Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
     }
 
     async fn system_shared_memory_status(

@@ -1,5 +1,6 @@
 //! The gRPC surface: a thin layer over the registry and executor.
 
+mod infer;
 mod inference;
 mod registry;
 mod status;

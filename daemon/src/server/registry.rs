@@ -253,6 +253,33 @@ impl Registry for RegistryApi {
         Ok(Response::new(pb::ListQuantizersResponse { quantizers }))
     }
 
+    async fn model_placement(
+        &self,
+        req: Request<pb::ModelPlacementRequest>,
+    ) -> Result<Response<pb::ModelPlacementResponse>, Status> {
+        let r = req.into_inner();
+        let m = self.app.repo.get(&r.name, &r.version)?;
+        let plan = m.current_plan();
+        Ok(Response::new(pb::ModelPlacementResponse {
+            name: m.name.clone(),
+            version: m.version.to_string(),
+            generation: plan.generation(),
+            nodes: plan
+                .placement
+                .iter()
+                .map(|p| pb::NodePlacement {
+                    node: p.node.clone(),
+                    op_type: p.op_type.clone(),
+                    opset: p.opset,
+                    kernel: p.kernel.clone(),
+                    plugin: p.plugin.clone(),
+                    device: p.device.to_string(),
+                    folded: p.folded,
+                })
+                .collect(),
+        }))
+    }
+
     async fn run_kernel(
         &self,
         req: Request<pb::RunKernelRequest>,

@@ -56,3 +56,33 @@ impl From<ExecError> for Status {
         Status::new(code, e.to_string())
     }
 }
+
+fn graph_code(e: &crate::graph::GraphError) -> Code {
+    use crate::graph::GraphError as G;
+    match e {
+        G::Decode(_) | G::Invalid(_) | G::Input { .. } => Code::InvalidArgument,
+        G::Unsupported(_) | G::NoKernel { .. } => Code::Unimplemented,
+        G::Instantiate { code, .. } | G::Kernel { code, .. } => code_of(*code),
+    }
+}
+
+impl From<crate::graph::GraphError> for Status {
+    fn from(e: crate::graph::GraphError) -> Status {
+        Status::new(graph_code(&e), e.to_string())
+    }
+}
+
+impl From<crate::repo::RepoError> for Status {
+    fn from(e: crate::repo::RepoError) -> Status {
+        use crate::repo::RepoError as R;
+        let code = match &e {
+            R::UnknownModel(_) | R::NoVersions(_) => Code::NotFound,
+            R::NotReady { .. } => Code::Unavailable,
+            R::BadName(_) | R::BadRequest(_) | R::Config(_) => Code::InvalidArgument,
+            R::Graph { source, .. } => graph_code(source),
+            R::NoRepository => Code::FailedPrecondition,
+            R::Io { .. } => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}

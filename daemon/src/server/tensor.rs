@@ -82,6 +82,90 @@ pub fn from_raw(
         .map_err(|e| Status::invalid_argument(format!("tensor '{name}': {}", e.message)))
 }
 
+/// Decodes typed contents (`InferTensorContents`) into raw bytes of `dtype`. FP16 and BF16
+/// have no typed form: they travel only as raw bytes.
+pub fn typed_to_raw(
+    name: &str,
+    dtype: DType,
+    numel: usize,
+    c: &opreg_proto::inference::InferTensorContents,
+) -> Result<Vec<u8>, Status> {
+    let count = |n: usize| -> Result<(), Status> {
+        if n == numel {
+            Ok(())
+        } else {
+            Err(Status::invalid_argument(format!(
+                "tensor '{name}': shape needs {numel} elements, contents hold {n}"
+            )))
+        }
+    };
+    let out: Vec<u8> = match dtype {
+        DType::F32 => {
+            count(c.fp32_contents.len())?;
+            c.fp32_contents
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect()
+        }
+        DType::F64 => {
+            count(c.fp64_contents.len())?;
+            c.fp64_contents
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect()
+        }
+        DType::I64 => {
+            count(c.int64_contents.len())?;
+            c.int64_contents
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect()
+        }
+        DType::U64 => {
+            count(c.uint64_contents.len())?;
+            c.uint64_contents
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect()
+        }
+        DType::I32 | DType::I16 | DType::I8 => {
+            count(c.int_contents.len())?;
+            let size = dtype.size();
+            c.int_contents
+                .iter()
+                .flat_map(|v| v.to_le_bytes().into_iter().take(size))
+                .collect()
+        }
+        DType::U32 | DType::U16 | DType::U8 => {
+            count(c.uint_contents.len())?;
+            let size = dtype.size();
+            c.uint_contents
+                .iter()
+                .flat_map(|v| v.to_le_bytes().into_iter().take(size))
+                .collect()
+        }
+        DType::Bool => {
+            count(c.bool_contents.len())?;
+            c.bool_contents.iter().map(|&b| b as u8).collect()
+        }
+        DType::String => {
+            count(c.bytes_contents.len())?;
+            let mut out = Vec::new();
+            for b in &c.bytes_contents {
+                out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+                out.extend_from_slice(b);
+            }
+            out
+        }
+        DType::F16 | DType::BF16 => {
+            return Err(Status::invalid_argument(format!(
+                "tensor '{name}': {dtype} travels only in raw_input_contents"
+            )));
+        }
+    };
+    Ok(out)
+}
+
 /// Encodes a tensor as raw contents (inverse of [`from_raw`]).
 pub fn to_raw(t: &HostTensor) -> Vec<u8> {
     if t.dtype() != DType::String {

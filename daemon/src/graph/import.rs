@@ -1,0 +1,424 @@
+//! ONNX import: `ModelProto` bytes into a [`Model`] the planner compiles.
+//!
+//! Initializers are read in every storage form ONNX allows: typed fields, `raw_data`, and
+//! external data files next to the model (paths confined to the model's folder).
+
+use super::GraphError;
+use abi_stable::std_types::{RString, RVec};
+use opreg_proto::onnx;
+use opreg_sdk::{host::HostTensor, kernel::Attribute, AttrValue, DType, OwnedTensor};
+use prost::Message;
+use std::{
+    collections::HashMap,
+    path::{Component, Path},
+    sync::Arc,
+};
+
+/// One dimension of a declared input or output shape.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Dim {
+    Fixed(usize),
+    /// A named or unnamed run-time dimension (`dim_param`, or no value).
+    Symbolic(String),
+}
+
+/// A graph input or output as the model declares it.
+#[derive(Clone, Debug)]
+pub struct IoSpec {
+    pub name: String,
+    pub dtype: DType,
+    /// `None` when the model declares no shape (any rank).
+    pub shape: Option<Vec<Dim>>,
+}
+
+impl IoSpec {
+    /// The KServe shape: -1 for dimensions known only at run time.
+    pub fn kserve_shape(&self) -> Vec<i64> {
+        self.shape
+            .as_ref()
+            .map(|s| {
+                s.iter()
+                    .map(|d| match d {
+                        Dim::Fixed(n) => *n as i64,
+                        Dim::Symbolic(_) => -1,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// A node of the graph.
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub name: String,
+    pub domain: String,
+    pub op_type: String,
+    /// Input value names by position; `""` is an absent optional input.
+    pub inputs: Vec<String>,
+    pub outputs: Vec<String>,
+    pub attributes: Vec<Attribute>,
+}
+
+impl Node {
+    /// `name (op_type)` for messages.
+    pub fn label(&self) -> String {
+        if self.name.is_empty() {
+            format!("<unnamed> ({})", self.op_type)
+        } else {
+            format!("'{}' ({})", self.name, self.op_type)
+        }
+    }
+}
+
+/// An imported model.
+pub struct Model {
+    /// Imported opset per domain (`""` is the default ONNX domain).
+    pub opsets: HashMap<String, i64>,
+    pub inputs: Vec<IoSpec>,
+    pub outputs: Vec<IoSpec>,
+    pub initializers: HashMap<String, Arc<HostTensor>>,
+    pub nodes: Vec<Node>,
+}
+
+impl Model {
+    /// The opset version `domain` is imported at.
+    pub fn opset(&self, domain: &str) -> Option<i64> {
+        let d = if domain == "ai.onnx" { "" } else { domain };
+        self.opsets.get(d).copied()
+    }
+}
+
+/// Decodes and checks an ONNX model. `dir` is the folder external data is read from.
+pub fn import(bytes: &[u8], dir: Option<&Path>) -> Result<Model, GraphError> {
+    let proto = onnx::ModelProto::decode(bytes).map_err(|e| GraphError::Decode(e.to_string()))?;
+    let graph = proto
+        .graph
+        .ok_or_else(|| GraphError::Invalid("the model has no graph".into()))?;
+    if proto.opset_import.is_empty() {
+        return Err(GraphError::Invalid("the model imports no opset".into()));
+    }
+    let opsets = proto
+        .opset_import
+        .iter()
+        .map(|o| {
+            (
+                if o.domain == "ai.onnx" {
+                    String::new()
+                } else {
+                    o.domain.clone()
+                },
+                o.version,
+            )
+        })
+        .collect();
+    let mut initializers = HashMap::new();
+    for t in &graph.initializer {
+        if t.name.is_empty() {
+            return Err(GraphError::Invalid("an initializer has no name".into()));
+        }
+        initializers.insert(t.name.clone(), Arc::new(tensor(t, dir)?));
+    }
+    let inputs = graph
+        .input
+        .iter()
+        .filter(|v| !initializers.contains_key(&v.name))
+        .map(io_spec)
+        .collect::<Result<Vec<_>, _>>()?;
+    let outputs = graph
+        .output
+        .iter()
+        .map(io_spec)
+        .collect::<Result<Vec<_>, _>>()?;
+    if outputs.is_empty() {
+        return Err(GraphError::Invalid("the graph has no outputs".into()));
+    }
+    let nodes = graph
+        .node
+        .iter()
+        .map(|n| {
+            Ok(Node {
+                name: n.name.clone(),
+                domain: if n.domain == "ai.onnx" {
+                    String::new()
+                } else {
+                    n.domain.clone()
+                },
+                op_type: n.op_type.clone(),
+                inputs: n.input.clone(),
+                outputs: n.output.clone(),
+                attributes: n
+                    .attribute
+                    .iter()
+                    .map(|a| attribute(a, dir))
+                    .collect::<Result<_, GraphError>>()
+                    .map_err(|e| {
+                        GraphError::Invalid(format!("node '{}' ({}): {e}", n.name, n.op_type))
+                    })?,
+            })
+        })
+        .collect::<Result<Vec<_>, GraphError>>()?;
+    Ok(Model {
+        opsets,
+        inputs,
+        outputs,
+        initializers,
+        nodes,
+    })
+}
+
+fn io_spec(v: &onnx::ValueInfoProto) -> Result<IoSpec, GraphError> {
+    let Some(onnx::type_proto::Value::TensorType(t)) =
+        v.r#type.as_ref().and_then(|t| t.value.as_ref())
+    else {
+        return Err(GraphError::Unsupported(format!(
+            "graph value '{}' is not a tensor (sequences, maps and optionals are not supported)",
+            v.name
+        )));
+    };
+    let dtype = DType::from_onnx_code(t.elem_type).ok_or_else(|| {
+        GraphError::Unsupported(format!(
+            "graph value '{}' has element type {}, which opreg does not support",
+            v.name, t.elem_type
+        ))
+    })?;
+    let shape = t.shape.as_ref().map(|s| {
+        s.dim
+            .iter()
+            .map(|d| match &d.value {
+                Some(onnx::tensor_shape_proto::dimension::Value::DimValue(n)) if *n >= 0 => {
+                    Dim::Fixed(*n as usize)
+                }
+                Some(onnx::tensor_shape_proto::dimension::Value::DimParam(p)) => {
+                    Dim::Symbolic(p.clone())
+                }
+                _ => Dim::Symbolic(String::new()),
+            })
+            .collect()
+    });
+    Ok(IoSpec {
+        name: v.name.clone(),
+        dtype,
+        shape,
+    })
+}
+
+/// Reads a `TensorProto` in any of its storage forms.
+pub fn tensor(t: &onnx::TensorProto, dir: Option<&Path>) -> Result<HostTensor, GraphError> {
+    let what = || format!("tensor '{}'", t.name);
+    let dtype = DType::from_onnx_code(t.data_type).ok_or_else(|| {
+        GraphError::Unsupported(format!(
+            "{}: element type {} is not supported",
+            what(),
+            t.data_type
+        ))
+    })?;
+    let shape = t
+        .dims
+        .iter()
+        .map(|&d| {
+            usize::try_from(d)
+                .map_err(|_| GraphError::Invalid(format!("{}: negative dimension {d}", what())))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let numel: usize = shape.iter().product();
+    let bad = |e: opreg_sdk::PluginError| GraphError::Invalid(format!("{}: {}", what(), e.message));
+    if t.data_location == onnx::tensor_proto::DataLocation::External as i32 {
+        let bytes = external(t, dir)?;
+        return HostTensor::from_bytes(dtype, &shape, &bytes).map_err(bad);
+    }
+    if dtype == DType::String {
+        let items: Vec<&[u8]> = t.string_data.iter().map(|s| s.as_slice()).collect();
+        return HostTensor::from_strings(&shape, &items).map_err(bad);
+    }
+    if !t.raw_data.is_empty() || numel == 0 {
+        return HostTensor::from_bytes(dtype, &shape, &t.raw_data).map_err(bad);
+    }
+    let count = |n: usize| -> Result<(), GraphError> {
+        if n == numel {
+            Ok(())
+        } else {
+            Err(GraphError::Invalid(format!(
+                "{}: shape {shape:?} needs {numel} values, the typed field holds {n}",
+                what()
+            )))
+        }
+    };
+    let bytes: Vec<u8> = match dtype {
+        DType::F32 => {
+            count(t.float_data.len())?;
+            t.float_data.iter().flat_map(|v| v.to_le_bytes()).collect()
+        }
+        DType::F64 => {
+            count(t.double_data.len())?;
+            t.double_data.iter().flat_map(|v| v.to_le_bytes()).collect()
+        }
+        DType::I64 => {
+            count(t.int64_data.len())?;
+            t.int64_data.iter().flat_map(|v| v.to_le_bytes()).collect()
+        }
+        DType::U32 | DType::U64 => {
+            count(t.uint64_data.len())?;
+            if dtype == DType::U32 {
+                t.uint64_data
+                    .iter()
+                    .flat_map(|&v| (v as u32).to_le_bytes())
+                    .collect()
+            } else {
+                t.uint64_data.iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
+        }
+        DType::I32
+        | DType::I16
+        | DType::I8
+        | DType::U16
+        | DType::U8
+        | DType::Bool
+        | DType::F16
+        | DType::BF16 => {
+            count(t.int32_data.len())?;
+            let size = dtype.size();
+            t.int32_data
+                .iter()
+                .flat_map(|&v| v.to_le_bytes().into_iter().take(size))
+                .collect()
+        }
+        DType::String => unreachable!("handled above"),
+    };
+    HostTensor::from_bytes(dtype, &shape, &bytes).map_err(bad)
+}
+
+fn external(t: &onnx::TensorProto, dir: Option<&Path>) -> Result<Vec<u8>, GraphError> {
+    let what = || format!("tensor '{}'", t.name);
+    let get = |k: &str| {
+        t.external_data
+            .iter()
+            .find(|e| e.key == k)
+            .map(|e| e.value.as_str())
+    };
+    let location = get("location").ok_or_else(|| {
+        GraphError::Invalid(format!("{}: external data without a location", what()))
+    })?;
+    let rel = Path::new(location);
+    // A model must not read files outside its own folder.
+    if rel.is_absolute() || rel.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(GraphError::Invalid(format!(
+            "{}: external data location '{location}' leaves the model folder",
+            what()
+        )));
+    }
+    let dir = dir.ok_or_else(|| {
+        GraphError::Invalid(format!(
+            "{}: external data '{location}' but the model has no folder",
+            what()
+        ))
+    })?;
+    let parse = |k: &str| -> Result<Option<usize>, GraphError> {
+        get(k)
+            .map(|v| {
+                v.parse::<usize>().map_err(|_| {
+                    GraphError::Invalid(format!("{}: bad external data {k} '{v}'", what()))
+                })
+            })
+            .transpose()
+    };
+    let offset = parse("offset")?.unwrap_or(0);
+    let length = parse("length")?;
+    let data = std::fs::read(dir.join(rel)).map_err(|e| {
+        GraphError::Invalid(format!(
+            "{}: reading external data '{location}': {e}",
+            what()
+        ))
+    })?;
+    let end = match length {
+        Some(l) => offset.checked_add(l),
+        None => Some(data.len()),
+    };
+    match end {
+        Some(end) if offset <= end && end <= data.len() => Ok(data[offset..end].to_vec()),
+        _ => Err(GraphError::Invalid(format!(
+            "{}: external data range is outside '{location}'",
+            what()
+        ))),
+    }
+}
+
+fn owned(t: &HostTensor) -> OwnedTensor {
+    OwnedTensor {
+        dtype: t.dtype(),
+        shape: t.shape().to_vec().into(),
+        data: if t.dtype() == DType::String {
+            RVec::new()
+        } else {
+            t.bytes().to_vec().into()
+        },
+        strings: t
+            .strings()
+            .iter()
+            .map(|s| RString::from(s.as_str()))
+            .collect(),
+    }
+}
+
+fn attribute(a: &onnx::AttributeProto, dir: Option<&Path>) -> Result<Attribute, GraphError> {
+    use onnx::attribute_proto::AttributeType as T;
+    let ty = T::try_from(a.r#type).unwrap_or(T::Undefined);
+    // Models from before IR 3 leave `type` unset: infer it from the field that holds a value.
+    let ty = if ty != T::Undefined {
+        ty
+    } else if a.t.is_some() {
+        T::Tensor
+    } else if a.g.is_some() {
+        T::Graph
+    } else if !a.floats.is_empty() {
+        T::Floats
+    } else if !a.ints.is_empty() {
+        T::Ints
+    } else if !a.strings.is_empty() {
+        T::Strings
+    } else if !a.s.is_empty() {
+        T::String
+    } else if a.f != 0.0 {
+        T::Float
+    } else {
+        T::Int
+    };
+    let value = match ty {
+        T::Float => AttrValue::Float(a.f),
+        T::Int => AttrValue::Int(a.i),
+        T::String => AttrValue::String(String::from_utf8_lossy(&a.s).into_owned().into()),
+        T::Floats => AttrValue::Floats(a.floats.clone().into()),
+        T::Ints => AttrValue::Ints(a.ints.clone().into()),
+        T::Strings => AttrValue::Strings(
+            a.strings
+                .iter()
+                .map(|s| RString::from(String::from_utf8_lossy(s).into_owned()))
+                .collect(),
+        ),
+        T::Tensor => {
+            let t = a.t.as_ref().ok_or_else(|| {
+                GraphError::Invalid(format!(
+                    "attribute '{}' is a TENSOR without a value",
+                    a.name
+                ))
+            })?;
+            AttrValue::Tensor(owned(&tensor(t, dir)?))
+        }
+        T::Graph => AttrValue::Graph(
+            a.g.as_ref()
+                .map(|g| g.encode_to_vec())
+                .unwrap_or_default()
+                .into(),
+        ),
+        other => {
+            return Err(GraphError::Unsupported(format!(
+                "attribute '{}' of type {other:?} is not supported",
+                a.name
+            )));
+        }
+    };
+    Ok(Attribute {
+        name: a.name.as_str().into(),
+        value,
+    })
+}

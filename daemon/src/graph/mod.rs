@@ -1,0 +1,42 @@
+//! The graph runtime: import an ONNX model, compile it once per registry generation into a
+//! plan (dead-node removal, constant folding, kernel placement and binding, buffer liveness),
+//! then run the plan concurrently from many requests.
+
+mod import;
+mod plan;
+mod run;
+mod types;
+
+pub use import::{import, Dim, IoSpec, Model};
+pub use plan::{compile, Plan};
+pub use run::run;
+
+use opreg_sdk::ErrorCode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GraphError {
+    #[error("not a valid ONNX model: {0}")]
+    Decode(String),
+    #[error("invalid model: {0}")]
+    Invalid(String),
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    #[error("node {node}: {reason}")]
+    NoKernel { node: String, reason: String },
+    #[error("node {node}: kernel of plugin '{plugin}' refused it: {message}")]
+    Instantiate {
+        node: String,
+        plugin: String,
+        code: ErrorCode,
+        message: String,
+    },
+    #[error("node {node}: kernel of plugin '{plugin}' failed: {message}")]
+    Kernel {
+        node: String,
+        plugin: String,
+        code: ErrorCode,
+        message: String,
+    },
+    #[error("input '{name}': {reason}")]
+    Input { name: String, reason: String },
+}

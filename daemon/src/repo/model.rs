@@ -1,0 +1,149 @@
+//! One served model version: the imported model, its settings, its plan, its statistics.
+
+use super::RepoError;
+use crate::{
+    graph::{self, Model, Plan},
+    registry::Snapshot,
+};
+use opreg_sdk::{Device, DeviceKind};
+use serde::Deserialize;
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+/// `<repo>/<model>/config.toml`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSettings {
+    /// Devices in order of preference; each node runs on the first that has a kernel for it.
+    pub backends: Vec<String>,
+    /// Largest batch (first dimension) a request may carry; 0: the model is not batched.
+    pub max_batch_size: i32,
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        ModelSettings {
+            backends: vec!["cpu".into()],
+            max_batch_size: 0,
+        }
+    }
+}
+
+impl ModelSettings {
+    pub fn read(path: &Path) -> Result<Self, RepoError> {
+        if !path.exists() {
+            return Ok(Self::default());
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| RepoError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let s: ModelSettings = toml::from_str(&text)
+            .map_err(|e| RepoError::Config(format!("{}: {e}", path.display())))?;
+        s.devices()?;
+        Ok(s)
+    }
+
+    pub fn devices(&self) -> Result<Vec<Device>, RepoError> {
+        let mut out: Vec<Device> = self
+            .backends
+            .iter()
+            .map(|b| {
+                DeviceKind::from_name(b)
+                    .map(|kind| Device { kind, ordinal: 0 })
+                    .ok_or_else(|| {
+                        RepoError::Config(format!("unknown backend '{b}' (cpu, cuda, mock)"))
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        // The CPU is always the last fallback.
+        if !out.contains(&Device::CPU) {
+            out.push(Device::CPU);
+        }
+        Ok(out)
+    }
+}
+
+/// Cumulative statistics in the shape of KServe's `ModelStatistics`.
+#[derive(Default, Clone, Copy, Debug)]
+pub struct Stats {
+    pub last_inference_ms: u64,
+    pub inference_count: u64,
+    pub execution_count: u64,
+    pub success: (u64, u64),
+    pub fail: (u64, u64),
+    pub compute_input: (u64, u64),
+    pub compute_infer: (u64, u64),
+    pub compute_output: (u64, u64),
+}
+
+pub struct ServedModel {
+    pub name: String,
+    pub version: u64,
+    pub model: Model,
+    pub settings: ModelSettings,
+    devices: Vec<Device>,
+    plan: Mutex<Arc<Plan>>,
+    pub stats: Mutex<Stats>,
+}
+
+impl ServedModel {
+    /// Imports and compiles a model version. Blocking.
+    pub fn build(
+        name: &str,
+        version: u64,
+        bytes: &[u8],
+        dir: Option<&Path>,
+        settings: ModelSettings,
+        snapshot: Arc<Snapshot>,
+    ) -> Result<Self, RepoError> {
+        let wrap = |source| RepoError::Graph {
+            name: name.into(),
+            version,
+            source,
+        };
+        let model = graph::import(bytes, dir).map_err(wrap)?;
+        let devices = settings.devices()?;
+        let plan = graph::compile(&model, snapshot, &devices).map_err(wrap)?;
+        Ok(ServedModel {
+            name: name.into(),
+            version,
+            model,
+            settings,
+            devices,
+            plan: Mutex::new(Arc::new(plan)),
+            stats: Mutex::new(Stats::default()),
+        })
+    }
+
+    /// The plan for `snapshot`: the current one, or a new one compiled when plugins changed
+    /// since (a plan bound to an old generation is re-bound lazily, on next use). Blocking.
+    pub fn plan(&self, snapshot: &Arc<Snapshot>) -> Result<Arc<Plan>, RepoError> {
+        let mut current = self.plan.lock().unwrap_or_else(|p| p.into_inner());
+        if current.generation() != snapshot.generation {
+            let plan =
+                graph::compile(&self.model, snapshot.clone(), &self.devices).map_err(|source| {
+                    RepoError::Graph {
+                        name: self.name.clone(),
+                        version: self.version,
+                        source,
+                    }
+                })?;
+            tracing::info!(model = %self.name, version = self.version, generation = snapshot.generation, "plan re-bound to new plugins");
+            *current = Arc::new(plan);
+        }
+        Ok(current.clone())
+    }
+
+    /// The current plan, whatever its generation (for describing placement).
+    pub fn current_plan(&self) -> Arc<Plan> {
+        self.plan.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn record(&self, f: impl FnOnce(&mut Stats)) {
+        let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut s);
+    }
+}

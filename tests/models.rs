@@ -1,0 +1,515 @@
+//! Models through the real daemon: submit over gRPC, infer, bad input, repository life cycle.
+
+use opreg_proto::{inference as pb, opreg::v1 as reg};
+use opreg_tests::{onnx::*, *};
+use std::collections::HashMap;
+use tonic::Code;
+
+const W: [f32; 6] = [0.5, -1.0, 2.0, 0.25, -0.5, 1.5];
+
+/// `y = Relu(x[N,3] @ W[3,2])`.
+fn mlp() -> Vec<u8> {
+    model(
+        vec![
+            node("MatMul", &["x", "w"], &["h"]),
+            node("Relu", &["h"], &["y"]),
+        ],
+        vec![value("x", 1, &[-1, 3])],
+        vec![value("y", 1, &[-1, 2])],
+        vec![f32_initializer("w", &[3, 2], &W)],
+        17,
+    )
+}
+
+fn expected(x: &[f32]) -> Vec<f32> {
+    let mut y = Vec::new();
+    for row in x.chunks(3) {
+        for j in 0..2 {
+            let v: f32 = (0..3).map(|k| row[k] * W[k * 2 + j]).sum();
+            y.push(v.max(0.0));
+        }
+    }
+    y
+}
+
+fn load_request(name: &str, bytes: Vec<u8>) -> pb::RepositoryModelLoadRequest {
+    let mut parameters = HashMap::new();
+    parameters.insert(
+        "file:1/model.onnx".to_string(),
+        pb::ModelRepositoryParameter {
+            parameter_choice: Some(pb::model_repository_parameter::ParameterChoice::BytesParam(
+                bytes,
+            )),
+        },
+    );
+    pb::RepositoryModelLoadRequest {
+        model_name: name.into(),
+        parameters,
+        ..Default::default()
+    }
+}
+
+fn input(name: &str, datatype: &str, shape: &[i64]) -> pb::model_infer_request::InferInputTensor {
+    pb::model_infer_request::InferInputTensor {
+        name: name.into(),
+        datatype: datatype.into(),
+        shape: shape.to_vec(),
+        ..Default::default()
+    }
+}
+
+fn infer_request(model: &str, x: &[f32]) -> pb::ModelInferRequest {
+    pb::ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![input("x", "FP32", &[(x.len() / 3) as i64, 3])],
+        raw_input_contents: vec![f32_bytes(x)],
+        ..Default::default()
+    }
+}
+
+fn start(repo: &std::path::Path) -> (Daemon, tempfile::TempDir) {
+    let plugins = plugin_dir(&[plugin("onnx_ops"), plugin("blas_cpu")]);
+    let d = Daemon::start(&[
+        "--plugin-dir",
+        plugins.path().to_str().expect("utf8"),
+        "--model-repo",
+        repo.to_str().expect("utf8"),
+    ]);
+    (d, plugins)
+}
+
+#[tokio::test]
+async fn submitted_model_infers_and_is_served_again_after_restart() {
+    let repo = tempfile::tempdir().expect("repo");
+    let (d, _p) = start(repo.path());
+    let mut c = d.inference().await;
+    c.repository_model_load(load_request("mlp", mlp()))
+        .await
+        .expect("load");
+    assert!(
+        repo.path().join("mlp/1/model.onnx").is_file(),
+        "written to the repository"
+    );
+    assert!(
+        c.model_ready(pb::ModelReadyRequest {
+            name: "mlp".into(),
+            version: String::new()
+        })
+        .await
+        .expect("ready")
+        .into_inner()
+        .ready
+    );
+
+    let meta = c
+        .model_metadata(pb::ModelMetadataRequest {
+            name: "mlp".into(),
+            version: String::new(),
+        })
+        .await
+        .expect("meta")
+        .into_inner();
+    assert_eq!(meta.versions, vec!["1".to_string()]);
+    assert_eq!(
+        (
+            meta.inputs[0].name.as_str(),
+            meta.inputs[0].datatype.as_str(),
+            meta.inputs[0].shape.clone()
+        ),
+        ("x", "FP32", vec![-1, 3])
+    );
+    assert_eq!(
+        (meta.outputs[0].name.as_str(), meta.outputs[0].shape.clone()),
+        ("y", vec![-1, 2])
+    );
+    let config = c
+        .model_config(pb::ModelConfigRequest {
+            name: "mlp".into(),
+            version: String::new(),
+        })
+        .await
+        .expect("config")
+        .into_inner()
+        .config
+        .expect("config");
+    assert_eq!(
+        (config.input[0].data_type, config.input[0].dims.clone()),
+        (pb::DataType::TypeFp32 as i32, vec![-1, 3])
+    );
+
+    let x = [1.0, 2.0, 3.0, -1.0, 0.5, 4.0];
+    let r = c
+        .model_infer(infer_request("mlp", &x))
+        .await
+        .expect("infer")
+        .into_inner();
+    assert_eq!(
+        (
+            r.outputs[0].name.as_str(),
+            r.outputs[0].datatype.as_str(),
+            r.outputs[0].shape.clone()
+        ),
+        ("y", "FP32", vec![2, 2])
+    );
+    assert_eq!(f32_values(&r.raw_output_contents[0]), expected(&x));
+
+    // Typed contents in, raw contents out.
+    let mut typed = infer_request("mlp", &x[..3]);
+    typed.raw_input_contents.clear();
+    typed.inputs[0].shape = vec![1, 3];
+    typed.inputs[0].contents = Some(pb::InferTensorContents {
+        fp32_contents: x[..3].to_vec(),
+        ..Default::default()
+    });
+    let r = c
+        .model_infer(typed)
+        .await
+        .expect("typed infer")
+        .into_inner();
+    assert_eq!(f32_values(&r.raw_output_contents[0]), expected(&x[..3]));
+
+    let stats = c
+        .model_statistics(pb::ModelStatisticsRequest {
+            name: "mlp".into(),
+            version: String::new(),
+        })
+        .await
+        .expect("stats")
+        .into_inner();
+    let s = &stats.model_stats[0];
+    assert_eq!((s.inference_count, s.execution_count), (2, 2));
+    assert_eq!(
+        s.inference_stats
+            .as_ref()
+            .and_then(|i| i.success.as_ref())
+            .map(|d| d.count),
+        Some(2)
+    );
+    let ext = c
+        .server_metadata(pb::ServerMetadataRequest {})
+        .await
+        .expect("server meta")
+        .into_inner()
+        .extensions;
+    assert!(ext.contains(&"statistics".to_string()), "{ext:?}");
+
+    let placement = d
+        .registry()
+        .await
+        .model_placement(reg::ModelPlacementRequest {
+            name: "mlp".into(),
+            version: String::new(),
+        })
+        .await
+        .expect("placement")
+        .into_inner();
+    let ops: Vec<(String, String, String)> = placement
+        .nodes
+        .iter()
+        .map(|n| (n.op_type.clone(), n.plugin.clone(), n.device.clone()))
+        .collect();
+    assert_eq!(
+        ops,
+        vec![
+            ("MatMul".into(), "onnx-ops".into(), "cpu".into()),
+            ("Relu".into(), "onnx-ops".into(), "cpu".into())
+        ]
+    );
+
+    drop(c);
+    drop(d);
+    let (d, _p2) = start(repo.path());
+    let mut c = d.inference().await;
+    let index = c
+        .repository_index(pb::RepositoryIndexRequest::default())
+        .await
+        .expect("index")
+        .into_inner();
+    assert_eq!(index.models.len(), 1);
+    assert_eq!(
+        (
+            index.models[0].name.as_str(),
+            index.models[0].version.as_str(),
+            index.models[0].state.as_str()
+        ),
+        ("mlp", "1", "READY")
+    );
+    let r = c
+        .model_infer(infer_request("mlp", &x))
+        .await
+        .expect("infer after restart")
+        .into_inner();
+    assert_eq!(f32_values(&r.raw_output_contents[0]), expected(&x));
+}
+
+#[tokio::test]
+async fn bad_inference_input_is_invalid_argument_naming_the_tensor() {
+    let repo = tempfile::tempdir().expect("repo");
+    let (d, _p) = start(repo.path());
+    let mut c = d.inference().await;
+    c.repository_model_load(load_request("mlp", mlp()))
+        .await
+        .expect("load");
+    let good = infer_request("mlp", &[1.0, 2.0, 3.0]);
+    let mut cases: Vec<(&str, pb::ModelInferRequest, &str)> = Vec::new();
+    let mut r = good.clone();
+    r.inputs[0].name = "z".into();
+    cases.push(("unknown input", r, "unknown input 'z'"));
+    let mut r = good.clone();
+    r.inputs[0].datatype = "FP64".into();
+    r.raw_input_contents = vec![vec![0; 24]];
+    cases.push(("wrong dtype", r, "input 'x' has datatype FP64"));
+    let mut r = good.clone();
+    r.inputs[0].shape = vec![3];
+    cases.push(("wrong rank", r, "input 'x' has shape [3]"));
+    let mut r = good.clone();
+    r.inputs[0].shape = vec![1, 4];
+    r.raw_input_contents = vec![f32_bytes(&[0.0; 4])];
+    cases.push(("wrong dim", r, "input 'x' has shape [1, 4]"));
+    let mut r = good.clone();
+    r.raw_input_contents = vec![vec![0; 11]];
+    cases.push((
+        "short raw",
+        r,
+        "tensor 'x': FP32 of shape [1, 3] needs 12 bytes, got 11",
+    ));
+    let mut r = good.clone();
+    r.inputs.clear();
+    r.raw_input_contents.clear();
+    cases.push(("missing", r, "missing input 'x'"));
+    let mut r = good.clone();
+    r.outputs
+        .push(pb::model_infer_request::InferRequestedOutputTensor {
+            name: "nope".into(),
+            ..Default::default()
+        });
+    cases.push(("unknown output", r, "unknown output 'nope'"));
+    for (what, req, msg) in cases {
+        let err = c.model_infer(req).await.expect_err(what);
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{what}: {}",
+            err.message()
+        );
+        assert!(err.message().contains(msg), "{what}: {}", err.message());
+    }
+    let err = c
+        .model_infer(infer_request("nope", &[1.0, 2.0, 3.0]))
+        .await
+        .expect_err("unknown model");
+    assert_eq!(err.code(), Code::NotFound);
+    // Still serving.
+    let r = c
+        .model_infer(good)
+        .await
+        .expect("good request")
+        .into_inner();
+    assert_eq!(
+        f32_values(&r.raw_output_contents[0]),
+        expected(&[1.0, 2.0, 3.0])
+    );
+    let stats = c
+        .model_statistics(pb::ModelStatisticsRequest {
+            name: "mlp".into(),
+            version: String::new(),
+        })
+        .await
+        .expect("stats")
+        .into_inner();
+    let fails = stats.model_stats[0]
+        .inference_stats
+        .as_ref()
+        .and_then(|i| i.fail.as_ref())
+        .map(|d| d.count);
+    assert_eq!(fails, Some(7));
+}
+
+#[tokio::test]
+async fn garbage_or_truncated_models_are_refused_and_nothing_is_written() {
+    let repo = tempfile::tempdir().expect("repo");
+    let (d, _p) = start(repo.path());
+    let mut c = d.inference().await;
+    let full = mlp();
+    for (name, bytes) in [
+        ("garbage", b"definitely not protobuf \xff\xff\xff".to_vec()),
+        ("truncated", full[..full.len() / 2].to_vec()),
+    ] {
+        let err = c
+            .repository_model_load(load_request(name, bytes))
+            .await
+            .expect_err(name);
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{name}: {}",
+            err.message()
+        );
+        assert!(
+            err.message().contains(name),
+            "names the model: {}",
+            err.message()
+        );
+        assert!(!repo.path().join(name).exists(), "{name}: nothing written");
+        assert!(
+            !c.model_ready(pb::ModelReadyRequest {
+                name: name.into(),
+                version: String::new()
+            })
+            .await
+            .expect("ready")
+            .into_inner()
+            .ready
+        );
+    }
+    c.repository_model_load(load_request("mlp", full))
+        .await
+        .expect("a good model still loads");
+}
+
+#[tokio::test]
+async fn a_node_no_plugin_runs_fails_the_load_with_its_name_op_opset_and_types() {
+    let repo = tempfile::tempdir().expect("repo");
+    let (d, _p) = start(repo.path());
+    let mut c = d.inference().await;
+    c.repository_model_load(load_request("mlp", mlp()))
+        .await
+        .expect("load");
+    let mut n = node("FancyOp", &["x"], &["y"]);
+    n.name = "fancy_1".into();
+    let bytes = model(
+        vec![n],
+        vec![value("x", 1, &[2])],
+        vec![value("y", 1, &[2])],
+        vec![],
+        17,
+    );
+    let err = c
+        .repository_model_load(load_request("fancy", bytes))
+        .await
+        .expect_err("no kernel");
+    assert_eq!(err.code(), Code::Unimplemented, "{}", err.message());
+    for want in [
+        "'fancy_1' (FancyOp)",
+        "ai.onnx::FancyOp",
+        "opset 17",
+        "FP32",
+    ] {
+        assert!(
+            err.message().contains(want),
+            "{want} missing: {}",
+            err.message()
+        );
+    }
+    assert!(!repo.path().join("fancy").exists());
+    let index = c
+        .repository_index(pb::RepositoryIndexRequest::default())
+        .await
+        .expect("index")
+        .into_inner();
+    let fancy = index
+        .models
+        .iter()
+        .find(|m| m.name == "fancy")
+        .expect("listed");
+    assert_eq!(fancy.state, "UNAVAILABLE");
+    assert!(fancy.reason.contains("FancyOp"));
+    // The other model keeps serving.
+    c.model_infer(infer_request("mlp", &[1.0, 2.0, 3.0]))
+        .await
+        .expect("mlp still serves");
+}
+
+#[tokio::test]
+async fn stream_infer_answers_in_order_with_errors_in_band() {
+    let repo = tempfile::tempdir().expect("repo");
+    let (d, _p) = start(repo.path());
+    let mut c = d.inference().await;
+    c.repository_model_load(load_request("mlp", mlp()))
+        .await
+        .expect("load");
+    let mut bad = infer_request("mlp", &[1.0, 2.0, 3.0]);
+    bad.inputs[0].name = "z".into();
+    let reqs = vec![
+        infer_request("mlp", &[1.0, 2.0, 3.0]),
+        bad,
+        infer_request("mlp", &[-3.0, 1.0, 0.0]),
+    ];
+    let mut stream = c
+        .model_stream_infer(tokio_stream::iter(reqs))
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut got = Vec::new();
+    while let Some(r) = stream.message().await.expect("message") {
+        got.push(r);
+    }
+    assert_eq!(got.len(), 3);
+    assert_eq!(
+        f32_values(
+            &got[0]
+                .infer_response
+                .as_ref()
+                .expect("ok")
+                .raw_output_contents[0]
+        ),
+        expected(&[1.0, 2.0, 3.0])
+    );
+    assert!(
+        got[1].error_message.contains("unknown input 'z'"),
+        "{}",
+        got[1].error_message
+    );
+    assert_eq!(
+        f32_values(
+            &got[2]
+                .infer_response
+                .as_ref()
+                .expect("ok")
+                .raw_output_contents[0]
+        ),
+        expected(&[-3.0, 1.0, 0.0])
+    );
+}
+
+#[tokio::test]
+async fn unloaded_model_stops_serving_but_stays_in_the_repository() {
+    let repo = tempfile::tempdir().expect("repo");
+    let (d, _p) = start(repo.path());
+    let mut c = d.inference().await;
+    c.repository_model_load(load_request("mlp", mlp()))
+        .await
+        .expect("load");
+    c.repository_model_unload(pb::RepositoryModelUnloadRequest {
+        model_name: "mlp".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("unload");
+    assert!(
+        !c.model_ready(pb::ModelReadyRequest {
+            name: "mlp".into(),
+            version: String::new()
+        })
+        .await
+        .expect("ready")
+        .into_inner()
+        .ready
+    );
+    let err = c
+        .model_infer(infer_request("mlp", &[1.0, 2.0, 3.0]))
+        .await
+        .expect_err("unloaded");
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(repo.path().join("mlp/1/model.onnx").is_file());
+    // Load again from the repository (no files in the request).
+    c.repository_model_load(pb::RepositoryModelLoadRequest {
+        model_name: "mlp".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("reload from disk");
+    c.model_infer(infer_request("mlp", &[1.0, 2.0, 3.0]))
+        .await
+        .expect("serves again");
+}
