@@ -129,3 +129,40 @@ fn tritonclient_talks_to_the_daemon() {
         assert!(line.contains(want), "{want} not in {line}");
     }
 }
+
+#[test]
+fn tritonclient_uploads_a_model_and_matches_onnxruntime() {
+    let Some(python) = python() else { return };
+    let repo = tempfile::tempdir().expect("repo");
+    let plugins = plugin_dir(&[plugin("onnx_ops"), plugin("blas_cpu")]);
+    let d = Daemon::start(&[
+        "--plugin-dir",
+        plugins.path().to_str().expect("utf8"),
+        "--model-repo",
+        repo.path().to_str().expect("utf8"),
+    ]);
+    let script = workspace().join("tests/python/tritonclient_model.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .arg(d.addr.to_string())
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "python failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout.lines().last().expect("json line");
+    assert!(line.contains("\"ready\": true"), "{line}");
+    assert!(line.contains("\"shape\": [5, 4]"), "{line}");
+    assert!(line.contains("\"input_shape\": [-1, 8]"), "{line}");
+    let diff: f64 = line
+        .split("\"max_abs_diff\": ")
+        .nth(1)
+        .and_then(|s| s.split([',', '}']).next())
+        .and_then(|s| s.trim().parse().ok())
+        .expect("max_abs_diff");
+    assert!(diff < 1e-5, "opreg and onnxruntime differ by {diff}");
+    assert!(repo.path().join("mlp/1/model.onnx").is_file());
+}
