@@ -513,3 +513,135 @@ async fn unloaded_model_stops_serving_but_stays_in_the_repository() {
         .await
         .expect("serves again");
 }
+
+#[tokio::test]
+async fn placement_follows_the_backend_preference_and_falls_back_to_the_cpu() {
+    let repo = tempfile::tempdir().expect("repo");
+    std::fs::create_dir_all(repo.path().join("mlp/1")).expect("mkdir");
+    std::fs::write(repo.path().join("mlp/1/model.onnx"), mlp()).expect("model");
+    std::fs::write(
+        repo.path().join("mlp/config.toml"),
+        "backends = [\"mock\", \"cpu\"]\n",
+    )
+    .expect("config");
+    let plugins = plugin_dir(&[
+        plugin("onnx_ops"),
+        plugin("blas_cpu"),
+        plugin("mock_device"),
+    ]);
+    let d = Daemon::start(&[
+        "--plugin-dir",
+        plugins.path().to_str().expect("utf8"),
+        "--model-repo",
+        repo.path().to_str().expect("utf8"),
+    ]);
+    let placement = d
+        .registry()
+        .await
+        .model_placement(reg::ModelPlacementRequest {
+            name: "mlp".into(),
+            version: String::new(),
+        })
+        .await
+        .expect("placement")
+        .into_inner();
+    let got: Vec<(String, String, String)> = placement
+        .nodes
+        .iter()
+        .map(|n| (n.op_type.clone(), n.device.clone(), n.plugin.clone()))
+        .collect();
+    // The mock device has Relu but no MatMul: MatMul falls back to the CPU.
+    assert_eq!(
+        got,
+        vec![
+            ("MatMul".into(), "cpu".into(), "onnx-ops".into()),
+            ("Relu".into(), "mock".into(), "mock-device".into())
+        ]
+    );
+    let x = [1.0, -2.0, 3.0];
+    let r = d
+        .inference()
+        .await
+        .model_infer(infer_request("mlp", &x))
+        .await
+        .expect("infer")
+        .into_inner();
+    assert_eq!(f32_values(&r.raw_output_contents[0]), expected(&x));
+}
+
+#[tokio::test]
+async fn a_bad_model_config_is_reported_and_the_rest_serves() {
+    let repo = tempfile::tempdir().expect("repo");
+    for name in ["good", "bad"] {
+        std::fs::create_dir_all(repo.path().join(format!("{name}/1"))).expect("mkdir");
+        std::fs::write(repo.path().join(format!("{name}/1/model.onnx")), mlp()).expect("model");
+    }
+    std::fs::write(
+        repo.path().join("bad/config.toml"),
+        "backends = [\"tpu\"]\n",
+    )
+    .expect("config");
+    let (d, _p) = start(repo.path());
+    let mut c = d.inference().await;
+    let index = c
+        .repository_index(pb::RepositoryIndexRequest::default())
+        .await
+        .expect("index")
+        .into_inner();
+    let bad = index
+        .models
+        .iter()
+        .find(|m| m.name == "bad")
+        .expect("bad listed");
+    assert_eq!(bad.state, "UNAVAILABLE");
+    assert!(
+        bad.reason.contains("unknown backend 'tpu'"),
+        "{}",
+        bad.reason
+    );
+    c.model_infer(infer_request("good", &[1.0, 2.0, 3.0]))
+        .await
+        .expect("good serves");
+}
+
+#[tokio::test]
+async fn the_cli_submits_a_model_infers_and_shows_placement() {
+    let repo = tempfile::tempdir().expect("repo");
+    let (d, _p) = start(repo.path());
+    let file = repo.path().join("upload.onnx");
+    std::fs::write(&file, mlp()).expect("write");
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(artifacts().join("opreg"))
+            .arg("--addr")
+            .arg(d.url())
+            .args(args)
+            .output()
+            .expect("run opreg");
+        assert!(
+            out.status.success(),
+            "opreg {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(cli(&["load-model", "mlp", file.to_str().expect("utf8")]).contains("loaded mlp"));
+    let out = cli(&["infer", "mlp", "--input", "x=FP32:1x3:1,2,3"]);
+    let want = expected(&[1.0, 2.0, 3.0]);
+    assert_eq!(
+        out.trim(),
+        format!("y FP32 [1x2]: {}, {}", want[0], want[1])
+    );
+    let placement = cli(&["placement", "mlp"]);
+    assert!(placement.contains("MatMul\tcpu\tonnx-ops"), "{placement}");
+    assert!(cli(&["models"]).contains("mlp\t1\tREADY"));
+    assert!(cli(&["plugins"]).contains("onnx-ops"));
+    // A bad request exits non-zero with the server's message.
+    let out = std::process::Command::new(artifacts().join("opreg"))
+        .arg("--addr")
+        .arg(d.url())
+        .args(["infer", "mlp", "--input", "z=FP32:1x3:1,2,3"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown input 'z'"));
+}

@@ -1,0 +1,371 @@
+//! opreg: command-line client of opregd (gRPC).
+//!
+//! ```text
+//! opreg plugins                        list loaded plugins
+//! opreg kernels [--op Conv]            list registered kernels
+//! opreg load-plugin PATH               load (or hot-swap) a plugin
+//! opreg unload-plugin NAME
+//! opreg models                         the repository index
+//! opreg load-model NAME [FILE]         submit FILE as version 1 (or reload NAME from the repository)
+//! opreg unload-model NAME
+//! opreg placement NAME                 which kernel and device each node got
+//! opreg infer NAME --input x=FP32:2x3:1,2,3,4,5,6
+//! opreg stats [NAME]
+//! ```
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Parser, Subcommand};
+use opreg_proto::{
+    inference::{self as pb, grpc_inference_service_client::GrpcInferenceServiceClient},
+    opreg::v1::{self as reg, registry_client::RegistryClient},
+};
+use std::collections::HashMap;
+use tonic::{transport::Channel, Request};
+
+#[derive(Parser)]
+#[command(version, about = "Command-line client of opregd")]
+struct Cli {
+    /// Daemon address.
+    #[arg(long, env = "OPREG_ADDR", default_value = "http://127.0.0.1:8001")]
+    addr: String,
+    /// Admin token for plugin management calls.
+    #[arg(long, env = "OPREG_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// List loaded plugins.
+    Plugins,
+    /// List registered kernels.
+    Kernels {
+        #[arg(long)]
+        op: Option<String>,
+    },
+    /// Load (or hot-swap) a plugin file on the daemon's machine.
+    LoadPlugin { path: String },
+    /// Unload a plugin by name.
+    UnloadPlugin { name: String },
+    /// The model repository index.
+    Models,
+    /// Submit an ONNX file as a model version, or reload a model from the repository.
+    LoadModel {
+        name: String,
+        file: Option<std::path::PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        version: u64,
+    },
+    /// Stop serving a model.
+    UnloadModel { name: String },
+    /// Show which kernel and device each node of a model got.
+    Placement { name: String },
+    /// Run one inference; inputs as NAME=DTYPE:DIMS:VALUES (dims joined by 'x', values by ',').
+    Infer {
+        name: String,
+        #[arg(long = "input", required = true)]
+        inputs: Vec<String>,
+    },
+    /// Inference statistics.
+    Stats { name: Option<String> },
+}
+
+fn with_token<T>(msg: T, token: &Option<String>) -> anyhow::Result<Request<T>> {
+    let mut req = Request::new(msg);
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse()?);
+    }
+    Ok(req)
+}
+
+/// `x=FP32:2x3:1,2,3,4,5,6` as a KServe input and its raw bytes.
+fn parse_input(spec: &str) -> anyhow::Result<(pb::model_infer_request::InferInputTensor, Vec<u8>)> {
+    let (name, rest) = spec
+        .split_once('=')
+        .ok_or_else(|| anyhow!("input '{spec}': expected NAME=DTYPE:DIMS:VALUES"))?;
+    let mut parts = rest.splitn(3, ':');
+    let (Some(dtype), Some(dims), Some(values)) = (parts.next(), parts.next(), parts.next()) else {
+        bail!("input '{spec}': expected NAME=DTYPE:DIMS:VALUES");
+    };
+    let shape: Vec<i64> = if dims.is_empty() {
+        vec![]
+    } else {
+        dims.split('x')
+            .map(|d| {
+                d.parse()
+                    .with_context(|| format!("input '{name}': bad dimension '{d}'"))
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let vals: Vec<&str> = if values.is_empty() {
+        vec![]
+    } else {
+        values.split(',').collect()
+    };
+    macro_rules! enc {
+        ($t:ty) => {
+            vals.iter()
+                .map(|v| {
+                    v.trim()
+                        .parse::<$t>()
+                        .map(|x| x.to_le_bytes().to_vec())
+                        .with_context(|| format!("input '{name}': bad value '{v}'"))
+                })
+                .collect::<Result<Vec<_>, _>>()?
+                .concat()
+        };
+    }
+    let raw = match dtype {
+        "FP32" => enc!(f32),
+        "FP64" => enc!(f64),
+        "INT64" => enc!(i64),
+        "INT32" => enc!(i32),
+        "INT8" => enc!(i8),
+        "UINT8" => enc!(u8),
+        "BOOL" => vals.iter().map(|v| matches!(v.trim(), "1" | "true") as u8).collect(),
+        other => bail!("input '{name}': datatype {other} is not supported by the CLI (FP32, FP64, INT64, INT32, INT8, UINT8, BOOL)"),
+    };
+    Ok((
+        pb::model_infer_request::InferInputTensor {
+            name: name.into(),
+            datatype: dtype.into(),
+            shape,
+            ..Default::default()
+        },
+        raw,
+    ))
+}
+
+fn format_values(datatype: &str, raw: &[u8]) -> String {
+    macro_rules! dec {
+        ($t:ty, $n:expr) => {
+            raw.chunks_exact($n)
+                .map(|c| <$t>::from_le_bytes(c.try_into().unwrap_or_default()).to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+    }
+    match datatype {
+        "FP32" => dec!(f32, 4),
+        "FP64" => dec!(f64, 8),
+        "INT64" => dec!(i64, 8),
+        "INT32" => dec!(i32, 4),
+        "INT8" => dec!(i8, 1),
+        "UINT8" | "BOOL" => dec!(u8, 1),
+        _ => format!("<{} bytes>", raw.len()),
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let channel = Channel::from_shared(cli.addr.clone())?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", cli.addr))?;
+    let mut registry = RegistryClient::new(channel.clone());
+    let mut inference = GrpcInferenceServiceClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    match cli.cmd {
+        Cmd::Plugins => {
+            for p in registry
+                .list_plugins(reg::ListPluginsRequest {})
+                .await?
+                .into_inner()
+                .plugins
+            {
+                println!(
+                    "{}\t{}\tabi {}\tgen {}\t{} kernels, {} backends, {} quantizers\t{}",
+                    p.name,
+                    p.version,
+                    p.abi_version,
+                    p.generation,
+                    p.kernels,
+                    p.backends,
+                    p.quantizers,
+                    p.source_file
+                );
+            }
+        }
+        Cmd::Kernels { op } => {
+            let r = registry
+                .list_kernels(reg::ListKernelsRequest {
+                    op_type: op.unwrap_or_default(),
+                    domain: String::new(),
+                })
+                .await?
+                .into_inner();
+            for k in r.kernels {
+                let end = if k.end_version == i32::MAX {
+                    String::new()
+                } else {
+                    k.end_version.to_string()
+                };
+                let types: Vec<String> = k
+                    .type_constraints
+                    .iter()
+                    .map(|c| format!("{}={}", c.name, c.types.join("|")))
+                    .collect();
+                println!(
+                    "{}::{}\t{}..{}\t{}\tprio {}\t{}\t{}",
+                    if k.domain.is_empty() {
+                        "ai.onnx"
+                    } else {
+                        &k.domain
+                    },
+                    k.op_type,
+                    k.since_version,
+                    end,
+                    k.device,
+                    k.priority,
+                    k.plugin,
+                    types.join(" ")
+                );
+            }
+        }
+        Cmd::LoadPlugin { path } => {
+            let r = registry
+                .load_plugin(with_token(reg::LoadPluginRequest { path }, &cli.token)?)
+                .await?
+                .into_inner();
+            let p = r.plugin.unwrap_or_default();
+            println!(
+                "loaded {} {} (generation {})",
+                p.name, p.version, r.generation
+            );
+        }
+        Cmd::UnloadPlugin { name } => {
+            let r = registry
+                .unload_plugin(with_token(reg::UnloadPluginRequest { name }, &cli.token)?)
+                .await?
+                .into_inner();
+            println!("unloaded (generation {})", r.generation);
+        }
+        Cmd::Models => {
+            for m in inference
+                .repository_index(pb::RepositoryIndexRequest::default())
+                .await?
+                .into_inner()
+                .models
+            {
+                println!("{}\t{}\t{}\t{}", m.name, m.version, m.state, m.reason);
+            }
+        }
+        Cmd::LoadModel {
+            name,
+            file,
+            version,
+        } => {
+            let mut parameters = HashMap::new();
+            if let Some(f) = file {
+                let bytes =
+                    std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
+                parameters.insert(
+                    format!("file:{version}/model.onnx"),
+                    pb::ModelRepositoryParameter {
+                        parameter_choice: Some(
+                            pb::model_repository_parameter::ParameterChoice::BytesParam(bytes),
+                        ),
+                    },
+                );
+            }
+            inference
+                .repository_model_load(pb::RepositoryModelLoadRequest {
+                    model_name: name.clone(),
+                    parameters,
+                    ..Default::default()
+                })
+                .await?;
+            println!("loaded {name}");
+        }
+        Cmd::UnloadModel { name } => {
+            inference
+                .repository_model_unload(pb::RepositoryModelUnloadRequest {
+                    model_name: name.clone(),
+                    ..Default::default()
+                })
+                .await?;
+            println!("unloaded {name}");
+        }
+        Cmd::Placement { name } => {
+            let r = registry
+                .model_placement(reg::ModelPlacementRequest {
+                    name,
+                    version: String::new(),
+                })
+                .await?
+                .into_inner();
+            println!(
+                "{} version {} (registry generation {})",
+                r.name, r.version, r.generation
+            );
+            for n in r.nodes {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}{}",
+                    if n.node.is_empty() {
+                        "<unnamed>"
+                    } else {
+                        &n.node
+                    },
+                    n.op_type,
+                    n.device,
+                    n.plugin,
+                    n.kernel,
+                    if n.folded { "\t(folded)" } else { "" }
+                );
+            }
+        }
+        Cmd::Infer { name, inputs } => {
+            let mut req = pb::ModelInferRequest {
+                model_name: name,
+                ..Default::default()
+            };
+            for spec in &inputs {
+                let (t, raw) = parse_input(spec)?;
+                req.inputs.push(t);
+                req.raw_input_contents.push(raw);
+            }
+            let r = inference.model_infer(req).await?.into_inner();
+            for (o, raw) in r.outputs.iter().zip(&r.raw_output_contents) {
+                let dims: Vec<String> = o.shape.iter().map(|d| d.to_string()).collect();
+                println!(
+                    "{} {} [{}]: {}",
+                    o.name,
+                    o.datatype,
+                    dims.join("x"),
+                    format_values(&o.datatype, raw)
+                );
+            }
+        }
+        Cmd::Stats { name } => {
+            let r = inference
+                .model_statistics(pb::ModelStatisticsRequest {
+                    name: name.unwrap_or_default(),
+                    version: String::new(),
+                })
+                .await?
+                .into_inner();
+            for s in r.model_stats {
+                let st = s.inference_stats.unwrap_or_default();
+                let avg = |d: Option<pb::StatisticDuration>| {
+                    d.filter(|d| d.count > 0)
+                        .map(|d| format!("{:.3} ms", d.ns as f64 / d.count as f64 / 1e6))
+                        .unwrap_or_else(|| "-".into())
+                };
+                println!(
+                    "{} v{}: {} inferences, {} ok, {} failed, avg infer {}",
+                    s.name,
+                    s.version,
+                    s.inference_count,
+                    st.success.map(|d| d.count).unwrap_or(0),
+                    st.fail.map(|d| d.count).unwrap_or(0),
+                    avg(st.compute_infer)
+                );
+            }
+        }
+    }
+    Ok(())
+}
