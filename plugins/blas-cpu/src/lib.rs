@@ -2,14 +2,31 @@
 //!
 //! The inner kernel is `matrixmultiply`'s packed, cache-blocked sgemm, which picks its
 //! micro-kernel at run time by CPU feature (AVX+FMA, AVX, SSE2, portable). This crate maps
-//! the gemm API's layouts, transposes and leading dimensions onto strides, and splits the
-//! rows of C across the host's `parallel_for` (matrixmultiply's own threading is off: plugins
-//! start no threads).
+//! the gemm API's layouts, transposes and leading dimensions onto strides, and tiles C across
+//! the host's `parallel_for` (matrixmultiply's own threading is off: plugins start no threads).
+//!
+//! Why not the `gemm` crate, which has AVX-512 kernels: it keeps a `thread_local!` packing
+//! slab with a destructor, and glibc then never unmaps the library, so a hot-swapped BLAS
+//! plugin would leak its mapping on every swap (DESIGN §3). matrixmultiply keeps none.
 
 use opreg_sdk::prelude::*;
 
-/// Rows of C per parallel task: large enough that packing B per task stays cheap.
-const ROWS_PER_TASK: usize = 64;
+/// Smallest tile of C per parallel task: large enough that packing per task stays cheap.
+const MIN_ROWS: usize = 64;
+const MIN_COLS: usize = 128;
+
+/// Splits `m x n` into tiles for `threads` workers: rows first (B is packed once per tile, A
+/// streams), columns too when there are too few row blocks to keep every worker busy.
+fn tiles(m: usize, n: usize, threads: usize) -> (usize, usize) {
+    let want = threads.max(1) * 2;
+    let row_blocks = (m / MIN_ROWS).clamp(1, want);
+    let col_blocks = if row_blocks >= want {
+        1
+    } else {
+        (n / MIN_COLS).clamp(1, want.div_ceil(row_blocks))
+    };
+    (m.div_ceil(row_blocks), n.div_ceil(col_blocks))
+}
 
 struct CpuBlas;
 
@@ -41,28 +58,37 @@ impl Blas for CpuBlas {
         let (rsc, csc) = strides(g.layout, Transpose::No, g.ldc);
         let p = Ptrs(g.a.cast(), g.b.cast(), g.c.cast());
         let (m, n, k, alpha, beta) = (g.m, g.n, g.k, g.alpha, g.beta);
-        ctx.parallel_for(m, ROWS_PER_TASK, move |rows| {
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let (tm, tn) = tiles(m, n, ctx.num_threads());
+        let (row_tiles, col_tiles) = (m.div_ceil(tm), n.div_ceil(tn));
+        ctx.parallel_for(row_tiles * col_tiles, 1, move |range| {
             let p = p;
-            let r0 = rows.start as isize;
-            // SAFETY: the caller guarantees A, B, C cover the described matrices; this task
-            // touches rows `rows` of C only.
-            unsafe {
-                matrixmultiply::sgemm(
-                    rows.len(),
-                    k,
-                    n,
-                    alpha,
-                    p.0.offset(r0 * rsa),
-                    rsa,
-                    csa,
-                    p.1,
-                    rsb,
-                    csb,
-                    beta,
-                    p.2.offset(r0 * rsc),
-                    rsc,
-                    csc,
-                );
+            for t in range {
+                let (r0, c0) = ((t / col_tiles) * tm, (t % col_tiles) * tn);
+                let (rows, cols) = (tm.min(m - r0), tn.min(n - c0));
+                let (r0, c0) = (r0 as isize, c0 as isize);
+                // SAFETY: the caller guarantees A, B, C cover the described matrices; this
+                // task writes only its own tile of C.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        rows,
+                        k,
+                        cols,
+                        alpha,
+                        p.0.offset(r0 * rsa),
+                        rsa,
+                        csa,
+                        p.1.offset(c0 * csb),
+                        rsb,
+                        csb,
+                        beta,
+                        p.2.offset(r0 * rsc + c0 * csc),
+                        rsc,
+                        csc,
+                    );
+                }
             }
             Ok(())
         })
@@ -117,6 +143,15 @@ mod tests {
             .with_context(|ctx| ctx.blas().expect("blas").gemm(ctx, &args))
             .expect("gemm");
         assert_eq!(c, naive(m, n, k, &a, &b));
+    }
+
+    #[test]
+    fn tiles_cover_c_and_use_columns_when_rows_are_few() {
+        assert_eq!(tiles(1024, 1024, 2), (256, 1024));
+        let (tm, tn) = tiles(64, 3136, 2);
+        assert_eq!(tm, 64);
+        assert!(tn < 3136 && 3136usize.div_ceil(tn) >= 4, "{tn}");
+        assert_eq!(tiles(3, 5, 8), (3, 5));
     }
 
     #[test]
