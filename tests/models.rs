@@ -645,3 +645,75 @@ async fn the_cli_submits_a_model_infers_and_shows_placement() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown input 'z'"));
 }
+
+/// The demo model `scripts/serve` starts with loads and computes what its weights say.
+#[tokio::test]
+async fn the_demo_model_serves() {
+    use prost::Message;
+    let repo = tempfile::tempdir().expect("repo");
+    let demo = workspace().join("examples/models/demo");
+    std::fs::create_dir_all(repo.path().join("demo/1")).expect("mkdir");
+    std::fs::copy(
+        demo.join("1/model.onnx"),
+        repo.path().join("demo/1/model.onnx"),
+    )
+    .expect("copy model");
+    std::fs::copy(
+        demo.join("config.toml"),
+        repo.path().join("demo/config.toml"),
+    )
+    .expect("copy config");
+    let (d, _p) = start(repo.path());
+
+    // The reference: the same MLP computed here from the model's own initializers.
+    let bytes = std::fs::read(demo.join("1/model.onnx")).expect("read");
+    let graph = opreg_proto::onnx::ModelProto::decode(bytes.as_slice())
+        .expect("decode")
+        .graph
+        .expect("graph");
+    let init = |n: &str| -> Vec<f32> {
+        let t = graph
+            .initializer
+            .iter()
+            .find(|t| t.name == n)
+            .expect("initializer");
+        if t.raw_data.is_empty() {
+            t.float_data.clone()
+        } else {
+            f32_values(&t.raw_data)
+        }
+    };
+    let (w1, b1, w2, b2) = (init("w1"), init("b1"), init("w2"), init("b2"));
+    let x = [5.1f32, 3.5, 1.4, 0.2, 6.7, 3.0, 5.2, 2.3];
+    let mut want = Vec::new();
+    for row in x.chunks(4) {
+        let h: Vec<f32> = (0..16)
+            .map(|j| ((0..4).map(|k| row[k] * w1[k * 16 + j]).sum::<f32>() + b1[j]).max(0.0))
+            .collect();
+        let logits: Vec<f32> = (0..3)
+            .map(|j| (0..16).map(|k| h[k] * w2[k * 3 + j]).sum::<f32>() + b2[j])
+            .collect();
+        let max = logits.iter().cloned().fold(f32::MIN, f32::max);
+        let e: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+        let s: f32 = e.iter().sum();
+        want.extend(e.iter().map(|v| v / s));
+    }
+    let req = pb::ModelInferRequest {
+        model_name: "demo".into(),
+        inputs: vec![input("x", "FP32", &[2, 4])],
+        raw_input_contents: vec![f32_bytes(&x)],
+        ..Default::default()
+    };
+    let r = d
+        .inference()
+        .await
+        .model_infer(req)
+        .await
+        .expect("infer")
+        .into_inner();
+    assert_eq!(r.outputs[0].shape, vec![2, 3]);
+    let got = f32_values(&r.raw_output_contents[0]);
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
+    }
+}
