@@ -361,6 +361,10 @@ pub(crate) fn strided_copy<T: Elem>(
     base: isize,
 ) -> Result<(), PluginError> {
     let (shape, strides) = coalesce(shape, strides);
+    let r = shape.len();
+    if r >= 2 && strides[r - 2] == 1 && strides[r - 1] != 1 && strides[r - 1] != 0 {
+        return blocked_copy(ctx, src, dst, &shape, &strides, base);
+    }
     ctx.parallel_chunks(dst, GRAIN, |start, chunk| {
         let mut pos = 0;
         walk_runs(
@@ -384,6 +388,61 @@ pub(crate) fn strided_copy<T: Elem>(
                 pos += run;
             },
         );
+    })
+}
+
+/// Side of the square tiles of [`blocked_copy`].
+const TILE: usize = 32;
+
+/// [`strided_copy`] when the last two output dimensions read the source transposed (the
+/// second-to-last has source stride 1): copies square tiles so that both the reads (down a
+/// tile's columns) and the writes (along its rows) stay within a few cache lines.
+fn blocked_copy<T: Elem>(
+    ctx: &KernelContext<'_>,
+    src: &[T],
+    dst: &mut [T],
+    shape: &[usize],
+    strides: &[isize],
+    base: isize,
+) -> Result<(), PluginError> {
+    let r = shape.len();
+    let (rows, cols) = (shape[r - 2], shape[r - 1]);
+    let col_stride = strides[r - 1];
+    let (outer_shape, outer_strides) = (&shape[..r - 2], &strides[..r - 2]);
+    if dst.is_empty() {
+        return Ok(());
+    }
+    // Chunks of whole rows, a multiple of the tile height where possible.
+    let grain = cols * (GRAIN / cols).max(TILE).next_multiple_of(TILE);
+    ctx.parallel_chunks(dst, grain, |start, chunk| {
+        let first = start / cols;
+        let nrows = chunk.len() / cols;
+        let mut g = 0;
+        while g < nrows {
+            // A group of up to TILE rows of one matrix (one outer index).
+            let row = first + g;
+            let (o, i0) = (row / rows, row % rows);
+            let n = (rows - i0).min(TILE).min(nrows - g);
+            let mut rem = o;
+            let mut off = base;
+            for d in (0..r - 2).rev() {
+                off += (rem % outer_shape[d]) as isize * outer_strides[d];
+                rem /= outer_shape[d];
+            }
+            let off = off + i0 as isize;
+            let out = &mut chunk[g * cols..(g + n) * cols];
+            for j0 in (0..cols).step_by(TILE) {
+                let j1 = (j0 + TILE).min(cols);
+                for j in j0..j1 {
+                    let s = (off + j as isize * col_stride) as usize;
+                    let column = &src[s..s + n];
+                    for (i, v) in column.iter().enumerate() {
+                        out[i * cols + j] = v.clone();
+                    }
+                }
+            }
+            g += n;
+        }
     })
 }
 

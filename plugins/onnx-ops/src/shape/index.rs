@@ -442,6 +442,8 @@ impl Kernel for ScatterND {
 #[derive(Clone)]
 pub(crate) struct OneHot {
     axis: i64,
+    /// Negative indices count from the end since opset 11; before, they select nothing.
+    negative: bool,
 }
 
 fn one_hot_run<T: Elem>(
@@ -451,6 +453,7 @@ fn one_hot_run<T: Elem>(
     idx: &[i64],
     depth: usize,
     after: usize,
+    negative: bool,
 ) -> Result<(), PluginError> {
     let v = T::slice(values)?;
     let [off, on] = v else {
@@ -463,7 +466,7 @@ fn one_hot_run<T: Elem>(
     dst.fill(off.clone());
     let d = depth as i64;
     for (p, &i) in idx.iter().enumerate() {
-        let i = if i < 0 { i + d } else { i };
+        let i = if i < 0 && negative { i + d } else { i };
         if (0..d).contains(&i) {
             let (outer, inner) = (p / after, p % after);
             dst[(outer * depth + i as usize) * after + inner] = on.clone();
@@ -500,7 +503,7 @@ impl Kernel for OneHot {
         let idx = ints_of(indices, "OneHot indices")?;
         by_elem!(
             values.dtype,
-            one_hot_run(ctx, values, &out_shape, &idx, depth, after)
+            one_hot_run(ctx, values, &out_shape, &idx, depth, after, self.negative)
         )
     }
 }
@@ -617,6 +620,7 @@ pub(crate) fn register(r: &mut Registrar) {
         |n| {
             Ok(OneHot {
                 axis: n.int_or("axis", -1)?,
+                negative: n.opset >= 11,
             })
         },
     );

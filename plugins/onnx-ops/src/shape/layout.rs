@@ -74,7 +74,7 @@ pub(crate) fn reshape_shape(
                 "Reshape: cannot infer -1 in {target:?} next to a 0 dimension"
             )));
         }
-        if total % known != 0 {
+        if !total.is_multiple_of(known) {
             return Err(PluginError::invalid(format!(
                 "Reshape: {input:?} does not reshape to {target:?}"
             )));
@@ -359,7 +359,7 @@ impl Kernel for Split {
                     let c = dim.div_ceil(n);
                     (0..n).map(|j| c.min(dim.saturating_sub(j * c))).collect()
                 } else {
-                    if dim % n != 0 {
+                    if !dim.is_multiple_of(n) {
                         return Err(PluginError::invalid(format!(
                             "Split: dimension {dim} does not split evenly into {n} outputs"
                         )));
@@ -375,10 +375,12 @@ impl Kernel for Split {
 // ---------------------------------------------------------------------------------------------
 // Slice
 
+type SliceAttrs = (Vec<i64>, Vec<i64>, Option<Vec<i64>>);
+
 #[derive(Clone)]
 pub(crate) struct Slice {
     /// Opsets 1-9: starts, ends, axes as attributes.
-    attrs: Option<(Vec<i64>, Vec<i64>, Option<Vec<i64>>)>,
+    attrs: Option<SliceAttrs>,
 }
 
 /// For each dimension: the first index, the step and the output length.
@@ -723,7 +725,7 @@ impl Kernel for DepthToSpace {
             )));
         };
         let b = self.block;
-        if b == 0 || c % (b * b) != 0 {
+        if b == 0 || !c.is_multiple_of(b * b) {
             return Err(PluginError::invalid(format!(
                 "DepthToSpace: {c} channels do not divide by blocksize² ({b}²)"
             )));
@@ -753,7 +755,7 @@ impl Kernel for SpaceToDepth {
             )));
         };
         let b = self.block;
-        if b == 0 || h % b != 0 || w % b != 0 {
+        if b == 0 || !h.is_multiple_of(b) || !w.is_multiple_of(b) {
             return Err(PluginError::invalid(format!(
                 "SpaceToDepth: {h}x{w} does not divide by blocksize {b}"
             )));

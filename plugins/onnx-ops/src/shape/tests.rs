@@ -228,6 +228,40 @@ fn transpose_large_matches_naive() {
 }
 
 #[test]
+fn transpose_nchw_to_nhwc_batched() {
+    let (n, c, h, w) = (3, 45, 7, 11);
+    let x = iota(&[n, c, h, w]);
+    let out = run1(
+        &NodeSpec::onnx("Transpose", 13).attr("perm", ints(&[0, 2, 3, 1])),
+        &[Some(&x)],
+    );
+    assert_eq!(out.shape(), &[n, h, w, c]);
+    let got = vi(&out);
+    let mut k = 0;
+    for b in 0..n {
+        for y in 0..h {
+            for xx in 0..w {
+                for ch in 0..c {
+                    assert_eq!(got[k], (((b * c + ch) * h + y) * w + xx) as i64);
+                    k += 1;
+                }
+            }
+        }
+    }
+    // A plain 2-D transpose with sizes that are not multiples of the tile.
+    let m = f32t(
+        &[33, 70],
+        &(0..33 * 70).map(|v| v as f32).collect::<Vec<_>>(),
+    );
+    let t = vf(&run1(&NodeSpec::onnx("Transpose", 13), &[Some(&m)]));
+    for i in 0..70 {
+        for j in 0..33 {
+            assert_eq!(t[i * 33 + j], (j * 70 + i) as f32);
+        }
+    }
+}
+
+#[test]
 fn concat_and_types() {
     let a = f32t(&[2, 1], &[1.0, 2.0]);
     let b = f32t(&[2, 2], &[3.0, 4.0, 5.0, 6.0]);
@@ -671,6 +705,15 @@ fn range_one_hot_nonzero() {
     let out = oh(-1, &i64t(&[3], &[0, -1, 5]));
     assert_eq!(out.shape(), &[3, 3]);
     assert_eq!(vf(&out), vec![1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]);
+    let out = run1(
+        &NodeSpec::onnx("OneHot", 9),
+        &[
+            Some(&i64t(&[2], &[-1, 1])),
+            Some(&i64t(&[], &[3])),
+            Some(&values),
+        ],
+    );
+    assert_eq!(vf(&out), vec![0.0, 0.0, 0.0, 0.0, 1.0, 0.0]);
     let out = oh(0, &f32t(&[2], &[0.0, 2.0]));
     assert_eq!(out.shape(), &[3, 2]);
     assert_eq!(vf(&out), vec![1.0, 0.0, 0.0, 0.0, 0.0, 1.0]);
