@@ -417,6 +417,7 @@ fn blocked_copy<T: Elem>(
     ctx.parallel_chunks(dst, grain, |start, chunk| {
         let first = start / cols;
         let nrows = chunk.len() / cols;
+        let mut buf: Vec<T> = Vec::with_capacity(TILE * TILE);
         let mut g = 0;
         while g < nrows {
             // A group of up to TILE rows of one matrix (one outer index).
@@ -433,11 +434,17 @@ fn blocked_copy<T: Elem>(
             let out = &mut chunk[g * cols..(g + n) * cols];
             for j0 in (0..cols).step_by(TILE) {
                 let j1 = (j0 + TILE).min(cols);
+                // Gather the tile's source rows (contiguous reads) into a small buffer, then
+                // write whole output row segments: no long-strided accesses to either side.
+                buf.clear();
                 for j in j0..j1 {
                     let s = (off + j as isize * col_stride) as usize;
-                    let column = &src[s..s + n];
-                    for (i, v) in column.iter().enumerate() {
-                        out[i * cols + j] = v.clone();
+                    buf.extend_from_slice(&src[s..s + n]);
+                }
+                for i in 0..n {
+                    let row = &mut out[i * cols + j0..i * cols + j1];
+                    for (jj, o) in row.iter_mut().enumerate() {
+                        *o = buf[jj * n + i].clone();
                     }
                 }
             }

@@ -146,6 +146,8 @@ impl Kernel for Squeeze {
             (None, Some(v)) => Some(v.to_i64s()?),
             (None, None) => None,
         };
+        // An empty axes list squeezes every 1-sized dimension, as ONNX Runtime does.
+        let axes = axes.filter(|a| !a.is_empty());
         let shape = data.shape();
         let out: Vec<usize> = match axes {
             None => shape.iter().copied().filter(|&d| d != 1).collect(),

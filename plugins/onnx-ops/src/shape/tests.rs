@@ -900,3 +900,32 @@ fn strings_move_too() {
     );
     assert_eq!(strs(&out), vec!["a", "b", "c", "d"]);
 }
+
+#[test]
+#[ignore = "timing; run with --release -- --ignored --nocapture"]
+fn transpose_timing() {
+    let n = 4096;
+    let x = f32t(&[n, n], &vec![1.0; n * n]);
+    for perm in [[1i64, 0], [0, 1]] {
+        let spec = NodeSpec::onnx("Transpose", 13).attr("perm", ints(&perm));
+        run1(&spec, &[Some(&x)]);
+        let t = std::time::Instant::now();
+        for _ in 0..5 {
+            run1(&spec, &[Some(&x)]);
+        }
+        let dt = t.elapsed().as_secs_f64() / 5.0;
+        eprintln!(
+            "transpose {perm:?} {n}x{n} f32: {:.2} ms, {:.2} GB/s",
+            dt * 1e3,
+            2.0 * (n * n * 4) as f64 / dt / 1e9
+        );
+    }
+    let y = f32t(&[64, 256, 512], &vec![1.0; 64 * 256 * 512]);
+    let spec = NodeSpec::onnx("Transpose", 13).attr("perm", ints(&[2, 0, 1]));
+    let t = std::time::Instant::now();
+    run1(&spec, &[Some(&y)]);
+    eprintln!(
+        "transpose [64,256,512] perm 2,0,1: {:.2} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+}
