@@ -902,6 +902,63 @@ fn strings_move_too() {
 }
 
 #[test]
+fn int32_indices_trailing_inputs_and_byte_types() {
+    let x = iota(&[2, 5]);
+    let st = HostTensor::from_vec(&[1], &[-2i32]).expect("i32");
+    let en = HostTensor::from_vec(&[1], &[i32::MAX]).expect("i32");
+    // Only three inputs: axes and steps missing from the end of the slice.
+    let out = run1(
+        &NodeSpec::onnx("Slice", 13),
+        &[Some(&x), Some(&st), Some(&en)],
+    );
+    // Axis 0 of length 2: -2 is row 0, to the end.
+    assert_eq!(out.shape(), &[2, 5]);
+    let st1 = HostTensor::from_vec(&[1], &[-1i32]).expect("i32");
+    let out = run1(
+        &NodeSpec::onnx("Slice", 13),
+        &[Some(&x), Some(&st1), Some(&en)],
+    );
+    assert_eq!(vi(&out), vec![5, 6, 7, 8, 9]);
+    let ax = HostTensor::from_vec(&[1], &[1i32]).expect("i32");
+    let out = run1(
+        &NodeSpec::onnx("Slice", 13),
+        &[Some(&x), Some(&st), Some(&en), Some(&ax)],
+    );
+    assert_eq!(vi(&out), vec![3, 4, 8, 9]);
+    let b = HostTensor::from_bytes(DType::Bool, &[3], &[1, 0, 1]).expect("bool");
+    let out = run1(
+        &NodeSpec::onnx("Gather", 13),
+        &[Some(&b), Some(&i64t(&[4], &[1, 0, -1, 1]))],
+    );
+    assert_eq!(out.bytes(), &[0, 1, 1, 0]);
+    let u8s = HostTensor::from_vec(&[2, 2], &[1u8, 2, 3, 4]).expect("u8");
+    let out = run1(
+        &NodeSpec::onnx("ScatterND", 16).attr("reduction", s("add")),
+        &[
+            Some(&u8s),
+            Some(&i64t(&[1, 2], &[1, 1])),
+            Some(&HostTensor::from_vec(&[1], &[255u8]).expect("u8")),
+        ],
+    );
+    assert_eq!(out.to_vec::<u8>().expect("u8"), vec![1, 2, 3, 3]);
+    let strs = HostTensor::from_strings(&[3], &[b"x", b"y", b"z"]).expect("s");
+    let upd = HostTensor::from_strings(&[1], &[b"w"]).expect("s");
+    let out = run1(
+        &NodeSpec::onnx("ScatterND", 13),
+        &[Some(&strs), Some(&i64t(&[1, 1], &[-2])), Some(&upd)],
+    );
+    let got: Vec<String> = out.strings().iter().map(|s| s.to_string()).collect();
+    assert_eq!(got, vec!["x", "w", "z"]);
+    let out = run(
+        &NodeSpec::onnx("Split", 18).outputs(2),
+        &[Some(&x), Some(&i64t(&[2], &[0, 2]))],
+    )
+    .expect("split");
+    assert_eq!(out[0].shape(), &[0, 5]);
+    assert_eq!(vi(&out[1]), (0..10).collect::<Vec<_>>());
+}
+
+#[test]
 #[ignore = "timing; run with --release -- --ignored --nocapture"]
 fn transpose_timing() {
     let n = 4096;
