@@ -1,52 +1,21 @@
 //! Shape and data-movement operators.
+//!
+//! These operators move elements without looking at them, so they work on raw bytes with
+//! the dtype's element size (`[u8; N]`), one implementation for every fixed-size dtype, and on
+//! `RString` for string tensors. Arithmetic (scatter reductions, Range) is typed.
 
-use crate::ALL_TYPES;
+mod common;
+mod gen;
+mod index;
+mod layout;
+
 use opreg_sdk::prelude::*;
 
-#[derive(Clone)]
-struct Identity;
-
-impl Kernel for Identity {
-    fn compute(
-        &self,
-        ctx: &KernelContext<'_>,
-        inputs: &[TensorView<'_>],
-    ) -> Result<(), PluginError> {
-        let x = inputs[0];
-        let y = ctx.output(0, x.dtype, x.shape())?;
-        y.into_bytes()?.copy_from_slice(x.as_bytes()?);
-        Ok(())
-    }
-}
-
 pub fn register(r: &mut Registrar) {
-    r.kernel(
-        KernelDesc::onnx("Identity", 1, OPEN_END)
-            .constraint("T", ALL_TYPES)
-            .inputs(&["T"])
-            .outputs(&["T"]),
-        stateless(Identity),
-    );
+    gen::register(r);
+    layout::register(r);
+    index::register(r);
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use opreg_sdk::{
-        host::HostTensor,
-        testkit::{run_kernel, NodeSpec},
-    };
-
-    #[test]
-    fn identity_copies_any_type() {
-        let x = HostTensor::from_vec(&[2], &[1i64, 2]).expect("x");
-        let out = run_kernel(
-            stateless(Identity),
-            &NodeSpec::onnx("Identity", 16),
-            &[&x],
-            None,
-        )
-        .expect("run");
-        assert_eq!(out[0].to_vec::<i64>().expect("i64"), vec![1, 2]);
-    }
-}
+mod tests;

@@ -1,0 +1,604 @@
+//! Type-generic element moves shared by the shape family: element types as raw byte arrays
+//! (one implementation for every fixed-size dtype) or strings, strided walks with signed
+//! strides, parallel copies, and small scalar helpers.
+
+use opreg_sdk::abi_stable::std_types::RString;
+use opreg_sdk::half::{bf16, f16};
+use opreg_sdk::prelude::*;
+
+/// Elements per parallel task for plain copies.
+pub(crate) const GRAIN: usize = 1 << 15;
+
+/// An element moved as a whole: `[u8; N]` for fixed-size dtypes, `RString` for strings.
+pub(crate) trait Elem: Clone + Send + Sync + 'static {
+    /// The element whose bytes are all zero (the empty string for strings).
+    fn zero() -> Self;
+    /// The elements of a contiguous host tensor.
+    fn slice<'a>(v: &TensorView<'a>) -> Result<&'a [Self], PluginError>;
+    /// The elements of a host output.
+    fn slice_mut(v: TensorViewMut<'_>) -> Result<&mut [Self], PluginError>;
+    /// The element whose little-endian bytes are `bytes` (`None` for strings).
+    fn from_le(bytes: &[u8]) -> Option<Self>;
+}
+
+impl<const N: usize> Elem for [u8; N] {
+    fn zero() -> Self {
+        [0; N]
+    }
+
+    fn slice<'a>(v: &TensorView<'a>) -> Result<&'a [Self], PluginError> {
+        if v.dtype == DType::String || v.dtype.size() != N {
+            return Err(PluginError::internal(format!(
+                "{} tensor read with {N}-byte elements",
+                v.dtype
+            )));
+        }
+        let b = v.as_bytes()?;
+        // SAFETY: `[u8; N]` has size N and alignment 1; `b` holds `len / N` whole elements.
+        Ok(unsafe { std::slice::from_raw_parts(b.as_ptr().cast::<[u8; N]>(), b.len() / N) })
+    }
+
+    fn slice_mut(v: TensorViewMut<'_>) -> Result<&mut [Self], PluginError> {
+        if v.dtype == DType::String || v.dtype.size() != N {
+            return Err(PluginError::internal(format!(
+                "{} output written with {N}-byte elements",
+                v.dtype
+            )));
+        }
+        let b = v.into_bytes()?;
+        let len = b.len() / N;
+        // SAFETY: as in `slice`; exclusive borrow carried over.
+        Ok(unsafe { std::slice::from_raw_parts_mut(b.as_mut_ptr().cast::<[u8; N]>(), len) })
+    }
+
+    fn from_le(bytes: &[u8]) -> Option<Self> {
+        bytes.try_into().ok()
+    }
+}
+
+impl Elem for RString {
+    fn zero() -> Self {
+        RString::new()
+    }
+
+    fn slice<'a>(v: &TensorView<'a>) -> Result<&'a [Self], PluginError> {
+        v.as_strings()
+    }
+
+    fn slice_mut(v: TensorViewMut<'_>) -> Result<&mut [Self], PluginError> {
+        v.into_strings()
+    }
+
+    fn from_le(_: &[u8]) -> Option<Self> {
+        None
+    }
+}
+
+/// Calls the generic function `f::<T>(args)` with the [`Elem`] type matching `dtype`.
+macro_rules! by_elem {
+    ($dtype:expr, $f:ident ( $($a:expr),* $(,)? )) => {
+        match $dtype {
+            DType::String => $f::<opreg_sdk::abi_stable::std_types::RString>($($a),*),
+            d => match d.size() {
+                1 => $f::<[u8; 1]>($($a),*),
+                2 => $f::<[u8; 2]>($($a),*),
+                4 => $f::<[u8; 4]>($($a),*),
+                8 => $f::<[u8; 8]>($($a),*),
+                n => Err(PluginError::unimplemented(format!("elements of {n} bytes"))),
+            },
+        }
+    };
+}
+pub(crate) use by_elem;
+
+/// Arithmetic for the reductions of ScatterElements / ScatterND.
+pub(crate) trait Num: Element {
+    fn red_add(self, o: Self) -> Self;
+    fn red_mul(self, o: Self) -> Self;
+    fn red_max(self, o: Self) -> Self;
+    fn red_min(self, o: Self) -> Self;
+}
+
+macro_rules! num_int {
+    ($($t:ty),*) => {$(
+        impl Num for $t {
+            fn red_add(self, o: Self) -> Self { self.wrapping_add(o) }
+            fn red_mul(self, o: Self) -> Self { self.wrapping_mul(o) }
+            fn red_max(self, o: Self) -> Self { Ord::max(self, o) }
+            fn red_min(self, o: Self) -> Self { Ord::min(self, o) }
+        }
+    )*};
+}
+num_int!(u8, i8, u16, i16, u32, i32, u64, i64);
+
+macro_rules! num_float {
+    ($($t:ty),*) => {$(
+        impl Num for $t {
+            fn red_add(self, o: Self) -> Self { self + o }
+            fn red_mul(self, o: Self) -> Self { self * o }
+            fn red_max(self, o: Self) -> Self { if self.is_nan() || o.is_nan() { <$t>::NAN } else if o > self { o } else { self } }
+            fn red_min(self, o: Self) -> Self { if self.is_nan() || o.is_nan() { <$t>::NAN } else if o < self { o } else { self } }
+        }
+    )*};
+}
+num_float!(f32, f64, f16, bf16);
+
+/// Calls `f::<T>(args)` with the [`Num`] type matching `dtype`.
+macro_rules! by_num {
+    ($dtype:expr, $f:ident ( $($a:expr),* $(,)? )) => {
+        match $dtype {
+            DType::U8 => $f::<u8>($($a),*),
+            DType::I8 => $f::<i8>($($a),*),
+            DType::U16 => $f::<u16>($($a),*),
+            DType::I16 => $f::<i16>($($a),*),
+            DType::U32 => $f::<u32>($($a),*),
+            DType::I32 => $f::<i32>($($a),*),
+            DType::U64 => $f::<u64>($($a),*),
+            DType::I64 => $f::<i64>($($a),*),
+            DType::F16 => $f::<opreg_sdk::half::f16>($($a),*),
+            DType::BF16 => $f::<opreg_sdk::half::bf16>($($a),*),
+            DType::F32 => $f::<f32>($($a),*),
+            DType::F64 => $f::<f64>($($a),*),
+            d => Err(PluginError::unimplemented(format!("arithmetic on {d}"))),
+        }
+    };
+}
+pub(crate) use by_num;
+
+/// The little-endian bytes of `v` converted to `dtype` (as a C cast would).
+pub(crate) fn scalar_bytes(dtype: DType, v: f64) -> Result<Vec<u8>, PluginError> {
+    Ok(match dtype {
+        DType::Bool => vec![(v != 0.0) as u8],
+        DType::U8 => (v as u8).to_le_bytes().to_vec(),
+        DType::I8 => (v as i8).to_le_bytes().to_vec(),
+        DType::U16 => (v as u16).to_le_bytes().to_vec(),
+        DType::I16 => (v as i16).to_le_bytes().to_vec(),
+        DType::U32 => (v as u32).to_le_bytes().to_vec(),
+        DType::I32 => (v as i32).to_le_bytes().to_vec(),
+        DType::U64 => (v as u64).to_le_bytes().to_vec(),
+        DType::I64 => (v as i64).to_le_bytes().to_vec(),
+        DType::F16 => f16::from_f64(v).to_le_bytes().to_vec(),
+        DType::BF16 => bf16::from_f64(v).to_le_bytes().to_vec(),
+        DType::F32 => (v as f32).to_le_bytes().to_vec(),
+        DType::F64 => v.to_le_bytes().to_vec(),
+        DType::String => {
+            return Err(PluginError::unimplemented(
+                "a numeric value converted to a string",
+            ))
+        }
+    })
+}
+
+/// True when the element's bytes are not zero in `dtype` (`-0.0` is zero).
+pub(crate) fn is_nonzero(dtype: DType, b: &[u8]) -> bool {
+    match (dtype.is_float(), b.split_last()) {
+        (true, Some((last, rest))) => last & 0x7f != 0 || rest.iter().any(|&x| x != 0),
+        _ => b.iter().any(|&x| x != 0),
+    }
+}
+
+/// The elements of an integer (or, truncated, float / bool) tensor as `i64`.
+pub(crate) fn ints_of(v: &TensorView<'_>, what: &str) -> Result<Vec<i64>, PluginError> {
+    let err = |e: PluginError| PluginError::invalid(format!("{what}: {}", e.message));
+    match v.dtype {
+        DType::F32 => Ok(v
+            .as_slice::<f32>()
+            .map_err(err)?
+            .iter()
+            .map(|&x| x as i64)
+            .collect()),
+        DType::F64 => Ok(v
+            .as_slice::<f64>()
+            .map_err(err)?
+            .iter()
+            .map(|&x| x as i64)
+            .collect()),
+        DType::F16 => Ok(v
+            .as_slice::<f16>()
+            .map_err(err)?
+            .iter()
+            .map(|x| x.to_f64() as i64)
+            .collect()),
+        DType::BF16 => Ok(v
+            .as_slice::<bf16>()
+            .map_err(err)?
+            .iter()
+            .map(|x| x.to_f64() as i64)
+            .collect()),
+        DType::Bool => Ok(v
+            .as_bytes()
+            .map_err(err)?
+            .iter()
+            .map(|&x| x as i64)
+            .collect()),
+        _ => v.to_i64s().map_err(err),
+    }
+}
+
+/// One integer from a scalar (or one-element) tensor.
+pub(crate) fn scalar_int(v: &TensorView<'_>, what: &str) -> Result<i64, PluginError> {
+    let vals = ints_of(v, what)?;
+    match vals.as_slice() {
+        [x] => Ok(*x),
+        _ => Err(PluginError::invalid(format!(
+            "{what} must hold one value, has shape {:?}",
+            v.shape()
+        ))),
+    }
+}
+
+/// Input `i`, or `None` when it is absent or left off the end.
+pub(crate) fn opt_input<'a, 'b>(
+    inputs: &'b [TensorView<'a>],
+    i: usize,
+) -> Option<&'b TensorView<'a>> {
+    inputs.get(i).filter(|v| !v.is_absent())
+}
+
+/// Input `i`, which the operator requires.
+pub(crate) fn input<'a, 'b>(
+    inputs: &'b [TensorView<'a>],
+    i: usize,
+    op: &str,
+) -> Result<&'b TensorView<'a>, PluginError> {
+    opt_input(inputs, i).ok_or_else(|| PluginError::invalid(format!("{op}: input {i} is missing")))
+}
+
+/// Row-major strides, in elements.
+pub(crate) fn strides_of(shape: &[usize]) -> Vec<isize> {
+    let mut s = vec![0isize; shape.len()];
+    let mut acc = 1isize;
+    for d in (0..shape.len()).rev() {
+        s[d] = acc;
+        acc *= shape[d] as isize;
+    }
+    s
+}
+
+/// Drops size-1 dimensions and merges dimensions that are contiguous in the source.
+fn coalesce(shape: &[usize], strides: &[isize]) -> (Vec<usize>, Vec<isize>) {
+    let mut sh: Vec<usize> = Vec::with_capacity(shape.len());
+    let mut st: Vec<isize> = Vec::with_capacity(shape.len());
+    for (&d, &s) in shape.iter().zip(strides) {
+        if d == 1 {
+            continue;
+        }
+        if let (Some(ld), Some(ls)) = (sh.last_mut(), st.last_mut()) {
+            if *ls == s * d as isize {
+                *ld *= d;
+                *ls = s;
+                continue;
+            }
+        }
+        sh.push(d);
+        st.push(s);
+    }
+    (sh, st)
+}
+
+/// Walks `len` elements of `shape` in row-major order from linear index `start`, calling
+/// `f(offset, run, stride)` for each run along the innermost dimension: the run's elements
+/// sit at `offset + k * stride` for `k < run`. Offsets are `base + sum(idx * strides)`.
+pub(crate) fn walk_runs(
+    shape: &[usize],
+    strides: &[isize],
+    base: isize,
+    start: usize,
+    len: usize,
+    mut f: impl FnMut(isize, usize, isize),
+) {
+    let rank = shape.len();
+    if len == 0 {
+        return;
+    }
+    if rank == 0 {
+        f(base, 1, 0);
+        return;
+    }
+    let mut idx = vec![0usize; rank];
+    let mut rem = start;
+    for d in (0..rank).rev() {
+        let n = shape[d].max(1);
+        idx[d] = rem % n;
+        rem /= n;
+    }
+    let mut off = base
+        + idx
+            .iter()
+            .zip(strides)
+            .map(|(&i, &s)| i as isize * s)
+            .sum::<isize>();
+    let inner = shape[rank - 1];
+    let inner_stride = strides[rank - 1];
+    let mut left = len;
+    loop {
+        let run = (inner - idx[rank - 1]).min(left);
+        f(off, run, inner_stride);
+        left -= run;
+        if left == 0 {
+            return;
+        }
+        off += run as isize * inner_stride;
+        idx[rank - 1] += run;
+        let mut d = rank - 1;
+        while idx[d] == shape[d] {
+            off -= idx[d] as isize * strides[d];
+            idx[d] = 0;
+            if d == 0 {
+                return;
+            }
+            d -= 1;
+            idx[d] += 1;
+            off += strides[d];
+        }
+    }
+}
+
+/// Like [`walk_runs`], one call per element.
+pub(crate) fn walk_elems(
+    shape: &[usize],
+    strides: &[isize],
+    base: isize,
+    start: usize,
+    len: usize,
+    mut f: impl FnMut(isize),
+) {
+    walk_runs(shape, strides, base, start, len, |off, run, stride| {
+        for k in 0..run {
+            f(off + k as isize * stride);
+        }
+    });
+}
+
+/// `dst[i] = src[base + sum(idx(i) * strides)]` where `idx(i)` is the multi-index of `i` in
+/// `shape` (row-major), in parallel.
+pub(crate) fn strided_copy<T: Elem>(
+    ctx: &KernelContext<'_>,
+    src: &[T],
+    dst: &mut [T],
+    shape: &[usize],
+    strides: &[isize],
+    base: isize,
+) -> Result<(), PluginError> {
+    let (shape, strides) = coalesce(shape, strides);
+    let r = shape.len();
+    if r >= 2 && strides[r - 2] == 1 && strides[r - 1] != 1 && strides[r - 1] != 0 {
+        return blocked_copy(ctx, src, dst, &shape, &strides, base);
+    }
+    ctx.parallel_chunks(dst, GRAIN, |start, chunk| {
+        let mut pos = 0;
+        walk_runs(
+            &shape,
+            &strides,
+            base,
+            start,
+            chunk.len(),
+            |off, run, stride| {
+                let out = &mut chunk[pos..pos + run];
+                let off = off as usize;
+                match stride {
+                    1 => out.clone_from_slice(&src[off..off + run]),
+                    0 => out.fill(src[off].clone()),
+                    _ => {
+                        for (k, o) in out.iter_mut().enumerate() {
+                            *o = src[(off as isize + k as isize * stride) as usize].clone();
+                        }
+                    }
+                }
+                pos += run;
+            },
+        );
+    })
+}
+
+/// Side of the square tiles of [`blocked_copy`].
+const TILE: usize = 32;
+
+/// [`strided_copy`] when the last two output dimensions read the source transposed (the
+/// second-to-last has source stride 1): copies square tiles so that both the reads (down a
+/// tile's columns) and the writes (along its rows) stay within a few cache lines.
+fn blocked_copy<T: Elem>(
+    ctx: &KernelContext<'_>,
+    src: &[T],
+    dst: &mut [T],
+    shape: &[usize],
+    strides: &[isize],
+    base: isize,
+) -> Result<(), PluginError> {
+    let r = shape.len();
+    let (rows, cols) = (shape[r - 2], shape[r - 1]);
+    let col_stride = strides[r - 1];
+    let (outer_shape, outer_strides) = (&shape[..r - 2], &strides[..r - 2]);
+    if dst.is_empty() {
+        return Ok(());
+    }
+    // Chunks of whole rows, a multiple of the tile height where possible.
+    let grain = cols * (GRAIN / cols).max(TILE).next_multiple_of(TILE);
+    ctx.parallel_chunks(dst, grain, |start, chunk| {
+        let first = start / cols;
+        let nrows = chunk.len() / cols;
+        let mut buf: Vec<T> = Vec::with_capacity(TILE * TILE);
+        let mut g = 0;
+        while g < nrows {
+            // A group of up to TILE rows of one matrix (one outer index).
+            let row = first + g;
+            let (o, i0) = (row / rows, row % rows);
+            let n = (rows - i0).min(TILE).min(nrows - g);
+            let mut rem = o;
+            let mut off = base;
+            for d in (0..r - 2).rev() {
+                off += (rem % outer_shape[d]) as isize * outer_strides[d];
+                rem /= outer_shape[d];
+            }
+            let off = off + i0 as isize;
+            let out = &mut chunk[g * cols..(g + n) * cols];
+            for j0 in (0..cols).step_by(TILE) {
+                let j1 = (j0 + TILE).min(cols);
+                // Gather the tile's source rows (contiguous reads) into a small buffer, then
+                // write whole output row segments: no long-strided accesses to either side.
+                buf.clear();
+                for j in j0..j1 {
+                    let s = (off + j as isize * col_stride) as usize;
+                    buf.extend_from_slice(&src[s..s + n]);
+                }
+                for i in 0..n {
+                    let row = &mut out[i * cols + j0..i * cols + j1];
+                    for (jj, o) in row.iter_mut().enumerate() {
+                        *o = buf[jj * n + i].clone();
+                    }
+                }
+            }
+            g += n;
+        }
+    })
+}
+
+/// `dst = src`, in parallel.
+pub(crate) fn copy_all<T: Elem>(
+    ctx: &KernelContext<'_>,
+    src: &[T],
+    dst: &mut [T],
+) -> Result<(), PluginError> {
+    if src.len() != dst.len() {
+        return Err(PluginError::internal(format!(
+            "copy of {} elements into {}",
+            src.len(),
+            dst.len()
+        )));
+    }
+    ctx.parallel_chunks(dst, GRAIN, |start, chunk| {
+        chunk.clone_from_slice(&src[start..start + chunk.len()]);
+    })
+}
+
+/// Calls `f(unit_index, unit)` for each `unit`-sized piece of `dst`, in parallel.
+pub(crate) fn par_units<T: Send>(
+    ctx: &KernelContext<'_>,
+    dst: &mut [T],
+    unit: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) -> Result<(), PluginError> {
+    if unit == 0 || dst.is_empty() {
+        return Ok(());
+    }
+    let per = (GRAIN / unit).max(1);
+    ctx.parallel_chunks(dst, per * unit, |start, chunk| {
+        for (k, u) in chunk.chunks_mut(unit).enumerate() {
+            f(start / unit + k, u);
+        }
+    })
+}
+
+/// Output 0 with `x`'s elements under a new shape.
+pub(crate) fn copy_reshaped(
+    ctx: &KernelContext<'_>,
+    x: &TensorView<'_>,
+    shape: &[usize],
+) -> Result<(), PluginError> {
+    fn run<T: Elem>(
+        ctx: &KernelContext<'_>,
+        x: &TensorView<'_>,
+        shape: &[usize],
+    ) -> Result<(), PluginError> {
+        let src = T::slice(x)?;
+        let dst = T::slice_mut(ctx.output(0, x.dtype, shape)?)?;
+        copy_all(ctx, src, dst)
+    }
+    let n: usize = shape.iter().product();
+    if n != x.len() {
+        return Err(PluginError::invalid(format!(
+            "cannot reshape {:?} ({} elements) to {shape:?} ({n} elements)",
+            x.shape(),
+            x.len()
+        )));
+    }
+    by_elem!(x.dtype, run(ctx, x, shape))
+}
+
+/// Output 0: `x` read through `strides` (in elements of `x`) from `base`, with `shape`.
+pub(crate) fn copy_strided(
+    ctx: &KernelContext<'_>,
+    x: &TensorView<'_>,
+    shape: &[usize],
+    strides: &[isize],
+    base: isize,
+) -> Result<(), PluginError> {
+    fn run<T: Elem>(
+        ctx: &KernelContext<'_>,
+        x: &TensorView<'_>,
+        shape: &[usize],
+        strides: &[isize],
+        base: isize,
+    ) -> Result<(), PluginError> {
+        let src = T::slice(x)?;
+        let dst = T::slice_mut(ctx.output(0, x.dtype, shape)?)?;
+        strided_copy(ctx, src, dst, shape, strides, base)
+    }
+    by_elem!(x.dtype, run(ctx, x, shape, strides, base))
+}
+
+/// Output 0 as `x` reshaped to `shape`, transposed by `perm`, then reshaped to `out_shape`.
+pub(crate) fn copy_permuted(
+    ctx: &KernelContext<'_>,
+    x: &TensorView<'_>,
+    shape: &[usize],
+    perm: &[usize],
+    out_shape: &[usize],
+) -> Result<(), PluginError> {
+    let st = strides_of(shape);
+    let pshape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+    let pstrides: Vec<isize> = perm.iter().map(|&p| st[p]).collect();
+    fn run<T: Elem>(
+        ctx: &KernelContext<'_>,
+        x: &TensorView<'_>,
+        pshape: &[usize],
+        pstrides: &[isize],
+        out_shape: &[usize],
+    ) -> Result<(), PluginError> {
+        let src = T::slice(x)?;
+        let dst = T::slice_mut(ctx.output(0, x.dtype, out_shape)?)?;
+        strided_copy(ctx, src, dst, pshape, pstrides, 0)
+    }
+    by_elem!(x.dtype, run(ctx, x, &pshape, &pstrides, out_shape))
+}
+
+/// Registers a kernel built by `make` from the node.
+pub(crate) fn reg<K: Kernel>(
+    r: &mut Registrar,
+    desc: KernelDesc,
+    make: impl Fn(&NodeInfo<'_>) -> Result<K, PluginError> + Send + Sync + 'static,
+) {
+    r.kernel(
+        desc,
+        move |node: &NodeInfo<'_>| -> Result<Box<dyn Kernel>, PluginError> {
+            Ok(Box::new(make(node)?))
+        },
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn walks_signed_strides_and_coalesces() {
+        let mut v = Vec::new();
+        walk_elems(&[2, 3], &[-3, 1], 3, 0, 6, |o| v.push(o));
+        assert_eq!(v, vec![3, 4, 5, 0, 1, 2]);
+        let mut w = Vec::new();
+        walk_elems(&[2, 3], &[-3, 1], 3, 2, 3, |o| w.push(o));
+        assert_eq!(w, vec![5, 0, 1]);
+        assert_eq!(
+            coalesce(&[2, 1, 3, 4], &[12, 99, 4, 1]),
+            (vec![24], vec![1])
+        );
+        assert_eq!(coalesce(&[2, 3], &[1, 2]), (vec![2, 3], vec![1, 2]));
+    }
+
+    #[test]
+    fn nonzero_treats_negative_zero_as_zero() {
+        assert!(!is_nonzero(DType::F32, &(-0.0f32).to_le_bytes()));
+        assert!(is_nonzero(DType::F32, &(1e-40f32).to_le_bytes()));
+        assert!(is_nonzero(DType::I32, &(i32::MIN).to_le_bytes()));
+    }
+}
