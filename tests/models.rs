@@ -717,3 +717,86 @@ async fn the_demo_model_serves() {
         assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
     }
 }
+
+/// Hot swap: the operator library is replaced ten times while requests are in flight; none
+/// fails, and the retired libraries are released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_swapping_the_operator_plugin_under_load_fails_no_request() {
+    let repo = tempfile::tempdir().expect("repo");
+    let (d, plugins) = start(repo.path());
+    let mut c = d.inference().await;
+    c.repository_model_load(load_request("mlp", mlp()))
+        .await
+        .expect("load");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let mut c = d.inference().await;
+        let stop = stop.clone();
+        workers.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || i < 20 {
+                let x = [w as f32, i as f32 * 0.5, -1.0];
+                match c.model_infer(infer_request("mlp", &x)).await {
+                    Ok(r) if f32_values(&r.get_ref().raw_output_contents[0]) == expected(&x) => {
+                        ok += 1
+                    }
+                    Ok(r) => failed.push(format!(
+                        "wrong result {:?}",
+                        f32_values(&r.get_ref().raw_output_contents[0])
+                    )),
+                    Err(e) => failed.push(format!("{:?}: {}", e.code(), e.message())),
+                }
+                i += 1;
+            }
+            (ok, failed)
+        }));
+    }
+    let mut reg = d.registry().await;
+    let path = plugins
+        .path()
+        .join("libopreg_onnx_ops.so")
+        .display()
+        .to_string();
+    let mut last = 0;
+    for _ in 0..10 {
+        let r = reg
+            .load_plugin(reg::LoadPluginRequest { path: path.clone() })
+            .await
+            .expect("swap")
+            .into_inner();
+        assert!(r.generation > last);
+        last = r.generation;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for w in workers {
+        let (ok, failed) = w.await.expect("worker");
+        assert!(
+            failed.is_empty(),
+            "failed requests during hot swap: {failed:?}"
+        );
+        total += ok;
+    }
+    assert!(total >= 80, "{total} requests");
+    // The next request binds the newest generation.
+    c.model_infer(infer_request("mlp", &[1.0, 2.0, 3.0]))
+        .await
+        .expect("after the swaps");
+    let placement = reg
+        .model_placement(reg::ModelPlacementRequest {
+            name: "mlp".into(),
+            version: String::new(),
+        })
+        .await
+        .expect("placement")
+        .into_inner();
+    assert_eq!(
+        placement.generation, last,
+        "the plan was re-bound to the newest generation"
+    );
+    d.wait_log("plan re-bound to new plugins");
+    d.wait_log("plugin library released and unmapped");
+}
