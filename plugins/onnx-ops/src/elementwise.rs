@@ -10,19 +10,45 @@ use DType::*;
 
 /// The Rust element type of a dtype name.
 macro_rules! dt_ty {
-    (Bool) => { $crate::elementwise::num::Bool };
-    (U8) => { u8 };
-    (I8) => { i8 };
-    (U16) => { u16 };
-    (I16) => { i16 };
-    (U32) => { u32 };
-    (I32) => { i32 };
-    (U64) => { u64 };
-    (I64) => { i64 };
-    (F16) => { opreg_sdk::half::f16 };
-    (BF16) => { opreg_sdk::half::bf16 };
-    (F32) => { f32 };
-    (F64) => { f64 };
+    (Bool) => {
+        $crate::elementwise::num::Bool
+    };
+    (U8) => {
+        u8
+    };
+    (I8) => {
+        i8
+    };
+    (U16) => {
+        u16
+    };
+    (I16) => {
+        i16
+    };
+    (U32) => {
+        u32
+    };
+    (I32) => {
+        i32
+    };
+    (U64) => {
+        u64
+    };
+    (I64) => {
+        i64
+    };
+    (F16) => {
+        opreg_sdk::half::f16
+    };
+    (BF16) => {
+        opreg_sdk::half::bf16
+    };
+    (F32) => {
+        f32
+    };
+    (F64) => {
+        f64
+    };
 }
 
 /// `dispatch!(dtype, what, [F32, ...], T => expr)`: evaluates `expr` with the type alias `T`
@@ -108,7 +134,9 @@ pub fn register(r: &mut Registrar) {
     // Float unary operators whose only state is their attributes.
     type OpOf = fn(&NodeInfo<'_>) -> Result<FloatOp, PluginError>;
     let float_ops: &[(&str, i32, OpOf)] = &[
-        ("LeakyRelu", 6, |n| Ok(FloatOp::LeakyRelu(n.float_or("alpha", 0.01)?))),
+        ("LeakyRelu", 6, |n| {
+            Ok(FloatOp::LeakyRelu(n.float_or("alpha", 0.01)?))
+        }),
         ("Elu", 6, |n| Ok(FloatOp::Elu(n.float_or("alpha", 1.0)?))),
         ("Selu", 6, |n| {
             Ok(FloatOp::Selu {
@@ -128,12 +156,14 @@ pub fn register(r: &mut Registrar) {
         ("Softplus", 1, |_| Ok(FloatOp::Softplus)),
         ("Softsign", 1, |_| Ok(FloatOp::Softsign)),
         ("Tanh", 6, |_| Ok(FloatOp::Tanh)),
-        ("Gelu", 20, |n| match n.string_or("approximate", "none")?.as_str() {
-            "none" => Ok(FloatOp::Gelu { tanh: false }),
-            "tanh" => Ok(FloatOp::Gelu { tanh: true }),
-            other => Err(PluginError::invalid(format!(
-                "Gelu: attribute 'approximate' must be \"none\" or \"tanh\", got {other:?}"
-            ))),
+        ("Gelu", 20, |n| {
+            match n.string_or("approximate", "none")?.as_str() {
+                "none" => Ok(FloatOp::Gelu { tanh: false }),
+                "tanh" => Ok(FloatOp::Gelu { tanh: true }),
+                other => Err(PluginError::invalid(format!(
+                    "Gelu: attribute 'approximate' must be \"none\" or \"tanh\", got {other:?}"
+                ))),
+            }
         }),
         ("Mish", 18, |_| Ok(FloatOp::Mish)),
         ("ThresholdedRelu", 10, |n| {
@@ -193,7 +223,10 @@ pub fn register(r: &mut Registrar) {
             }))
         },
     );
-    r.kernel(desc("Clip", 11, NUMERIC, 3, None), stateless(Clip { attrs: None }));
+    r.kernel(
+        desc("Clip", 11, NUMERIC, 3, None),
+        stateless(Clip { attrs: None }),
+    );
 
     r.kernel(
         desc("IsNaN", 9, FLOATS, 1, Some(BOOL)),

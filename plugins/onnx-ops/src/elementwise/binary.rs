@@ -77,9 +77,15 @@ impl Kernel for Binary {
                     _ => zip2v(ctx, a, b, |x: Bool, y: Bool| Bool::new(x.get() ^ y.get())),
                 }
             }
-            BinOp::BitwiseAnd => dispatch_int!(a.dtype, what, T => zip2v(ctx, a, b, |x: T, y: T| x.and(y))),
-            BinOp::BitwiseOr => dispatch_int!(a.dtype, what, T => zip2v(ctx, a, b, |x: T, y: T| x.or(y))),
-            BinOp::BitwiseXor => dispatch_int!(a.dtype, what, T => zip2v(ctx, a, b, |x: T, y: T| x.xor(y))),
+            BinOp::BitwiseAnd => {
+                dispatch_int!(a.dtype, what, T => zip2v(ctx, a, b, |x: T, y: T| x.and(y)))
+            }
+            BinOp::BitwiseOr => {
+                dispatch_int!(a.dtype, what, T => zip2v(ctx, a, b, |x: T, y: T| x.or(y)))
+            }
+            BinOp::BitwiseXor => {
+                dispatch_int!(a.dtype, what, T => zip2v(ctx, a, b, |x: T, y: T| x.xor(y)))
+            }
             BinOp::Equal => {
                 dispatch_all!(a.dtype, what, T => zip2v(ctx, a, b, |x: T, y: T| Bool::new(x.load() == y.load())))
             }
@@ -246,9 +252,14 @@ impl Kernel for Variadic {
     ) -> Result<(), PluginError> {
         let what = format!("{:?}", self.0);
         let Some(first) = inputs.first() else {
-            return Err(PluginError::invalid(format!("{what}: needs at least one input")));
+            return Err(PluginError::invalid(format!(
+                "{what}: needs at least one input"
+            )));
         };
-        if let Some(i) = inputs.iter().position(|v| v.is_absent() || v.dtype != first.dtype) {
+        if let Some(i) = inputs
+            .iter()
+            .position(|v| v.is_absent() || v.dtype != first.dtype)
+        {
             return Err(PluginError::invalid(format!(
                 "{what}: input {i} is absent or not of type {}",
                 first.dtype

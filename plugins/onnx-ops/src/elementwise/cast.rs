@@ -23,10 +23,14 @@ impl Cast {
             .ok()
             .and_then(DType::from_onnx_code)
             .ok_or_else(|| {
-                PluginError::unimplemented(format!("Cast: attribute 'to' = {code} is not supported"))
+                PluginError::unimplemented(format!(
+                    "Cast: attribute 'to' = {code} is not supported"
+                ))
             })?;
         if to == DType::String {
-            return Err(PluginError::unimplemented("Cast: to STRING is not supported"));
+            return Err(PluginError::unimplemented(
+                "Cast: to STRING is not supported",
+            ));
         }
         Ok(Box::new(Cast(Some(to))))
     }
@@ -43,7 +47,11 @@ impl Kernel for Cast {
             Some(to) => to,
             None => match inputs.get(1) {
                 Some(t) if !t.is_absent() => t.dtype,
-                _ => return Err(PluginError::invalid("CastLike: input 'target_type' is missing")),
+                _ => {
+                    return Err(PluginError::invalid(
+                        "CastLike: input 'target_type' is missing",
+                    ))
+                }
             },
         };
         dispatch_all!(x.dtype, "Cast (input)", S => {

@@ -68,9 +68,8 @@ impl<const N: usize> Plan<N> {
             idx[d] = rem % n;
             rem /= n;
         }
-        let mut offs: [usize; N] = std::array::from_fn(|i| {
-            idx.iter().zip(&self.strides[i]).map(|(a, s)| a * s).sum()
-        });
+        let mut offs: [usize; N] =
+            std::array::from_fn(|i| idx.iter().zip(&self.strides[i]).map(|(a, s)| a * s).sum());
         let inner = self.shape[last];
         let mut pos = 0;
         let mut left = len;
@@ -190,7 +189,10 @@ pub fn zip3<A: Element, B: Element, C: Element, O: Element>(
         plan.runs(start, out.len(), |pos, [oa, ob, oc], n| {
             let o = &mut out[pos..pos + n];
             if (sa, sb, sc) == (1, 1, 1) {
-                let ins = xa[oa..oa + n].iter().zip(&xb[ob..ob + n]).zip(&xc[oc..oc + n]);
+                let ins = xa[oa..oa + n]
+                    .iter()
+                    .zip(&xb[ob..ob + n])
+                    .zip(&xc[oc..oc + n]);
                 for (o, ((&a, &b), &c)) in o.iter_mut().zip(ins) {
                     *o = f(a, b, c);
                 }

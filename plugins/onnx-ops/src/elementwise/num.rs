@@ -243,29 +243,75 @@ pub trait Real:
 macro_rules! real {
     ($t:ty, $erf:expr) => {
         impl Real for $t {
-            fn exp(self) -> Self { <$t>::exp(self) }
-            fn exp_m1(self) -> Self { <$t>::exp_m1(self) }
-            fn ln(self) -> Self { <$t>::ln(self) }
-            fn ln_1p(self) -> Self { <$t>::ln_1p(self) }
-            fn sqrt(self) -> Self { <$t>::sqrt(self) }
-            fn tanh(self) -> Self { <$t>::tanh(self) }
-            fn sin(self) -> Self { <$t>::sin(self) }
-            fn cos(self) -> Self { <$t>::cos(self) }
-            fn tan(self) -> Self { <$t>::tan(self) }
-            fn asin(self) -> Self { <$t>::asin(self) }
-            fn acos(self) -> Self { <$t>::acos(self) }
-            fn atan(self) -> Self { <$t>::atan(self) }
-            fn sinh(self) -> Self { <$t>::sinh(self) }
-            fn cosh(self) -> Self { <$t>::cosh(self) }
-            fn asinh(self) -> Self { <$t>::asinh(self) }
-            fn acosh(self) -> Self { <$t>::acosh(self) }
-            fn atanh(self) -> Self { <$t>::atanh(self) }
-            fn floor(self) -> Self { <$t>::floor(self) }
-            fn ceil(self) -> Self { <$t>::ceil(self) }
-            fn round_ties_even(self) -> Self { <$t>::round_ties_even(self) }
-            fn is_infinite(self) -> bool { <$t>::is_infinite(self) }
-            fn is_sign_positive(self) -> bool { <$t>::is_sign_positive(self) }
-            fn erf(self) -> Self { $erf(self) }
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            fn exp_m1(self) -> Self {
+                <$t>::exp_m1(self)
+            }
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
+            fn ln_1p(self) -> Self {
+                <$t>::ln_1p(self)
+            }
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            fn tanh(self) -> Self {
+                <$t>::tanh(self)
+            }
+            fn sin(self) -> Self {
+                <$t>::sin(self)
+            }
+            fn cos(self) -> Self {
+                <$t>::cos(self)
+            }
+            fn tan(self) -> Self {
+                <$t>::tan(self)
+            }
+            fn asin(self) -> Self {
+                <$t>::asin(self)
+            }
+            fn acos(self) -> Self {
+                <$t>::acos(self)
+            }
+            fn atan(self) -> Self {
+                <$t>::atan(self)
+            }
+            fn sinh(self) -> Self {
+                <$t>::sinh(self)
+            }
+            fn cosh(self) -> Self {
+                <$t>::cosh(self)
+            }
+            fn asinh(self) -> Self {
+                <$t>::asinh(self)
+            }
+            fn acosh(self) -> Self {
+                <$t>::acosh(self)
+            }
+            fn atanh(self) -> Self {
+                <$t>::atanh(self)
+            }
+            fn floor(self) -> Self {
+                <$t>::floor(self)
+            }
+            fn ceil(self) -> Self {
+                <$t>::ceil(self)
+            }
+            fn round_ties_even(self) -> Self {
+                <$t>::round_ties_even(self)
+            }
+            fn is_infinite(self) -> bool {
+                <$t>::is_infinite(self)
+            }
+            fn is_sign_positive(self) -> bool {
+                <$t>::is_sign_positive(self)
+            }
+            fn erf(self) -> Self {
+                $erf(self)
+            }
         }
     };
 }

@@ -105,7 +105,11 @@ where
         }
         FloatOp::Selu { alpha, gamma } => {
             let (a, g) = (c(alpha.into()), c(gamma.into()));
-            go!(|v| if v <= zero { g * (a * v.exp() - a) } else { g * v })
+            go!(|v| if v <= zero {
+                g * (a * v.exp() - a)
+            } else {
+                g * v
+            })
         }
         FloatOp::Celu(a) => {
             // max(0, x) + min(0, alpha * (exp(x / alpha) - 1)), for alpha > 0.
@@ -232,21 +236,22 @@ impl Clip {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let bound = |i: usize, name: &str, attr: Option<f32>, default: T| -> Result<T, PluginError> {
-            if self.attrs.is_some() {
-                return Ok(attr.map_or(default, |v| T::from_f64(v.into())));
-            }
-            match inputs.get(i) {
-                Some(v) if !v.is_absent() => match v.as_slice::<T>()? {
-                    [b] => Ok(*b),
-                    other => Err(PluginError::invalid(format!(
-                        "Clip: input '{name}' must be a scalar, got {} elements",
-                        other.len()
-                    ))),
-                },
-                _ => Ok(default),
-            }
-        };
+        let bound =
+            |i: usize, name: &str, attr: Option<f32>, default: T| -> Result<T, PluginError> {
+                if self.attrs.is_some() {
+                    return Ok(attr.map_or(default, |v| T::from_f64(v.into())));
+                }
+                match inputs.get(i) {
+                    Some(v) if !v.is_absent() => match v.as_slice::<T>()? {
+                        [b] => Ok(*b),
+                        other => Err(PluginError::invalid(format!(
+                            "Clip: input '{name}' must be a scalar, got {} elements",
+                            other.len()
+                        ))),
+                    },
+                    _ => Ok(default),
+                }
+            };
         let (amin, amax) = self.attrs.unwrap_or((None, None));
         let lo = bound(1, "min", amin, T::LOWEST)?.load();
         let hi = bound(2, "max", amax, T::MAX)?.load();
@@ -287,7 +292,12 @@ impl FloatTest {
             FloatTest::IsInf { positive, negative } => map(ctx, x, |x: T| {
                 let v = x.load();
                 Bool::new(
-                    v.is_infinite() && if v.is_sign_positive() { positive } else { negative },
+                    v.is_infinite()
+                        && if v.is_sign_positive() {
+                            positive
+                        } else {
+                            negative
+                        },
                 )
             }),
         }
