@@ -28,6 +28,12 @@ pub enum BinOp {
     GreaterOrEqual,
 }
 
+impl std::fmt::Display for BinOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
 #[derive(Clone)]
 pub struct Binary(pub BinOp);
 
@@ -44,7 +50,7 @@ impl Kernel for Binary {
                 self.0, a.dtype, b.dtype
             )));
         }
-        let what = format!("{:?}", self.0);
+        let what = self.0;
         match self.0 {
             BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Mod { .. } => {
                 dispatch_num!(a.dtype, what, T => arith::<T>(ctx, a, b, self.0))
@@ -185,6 +191,12 @@ fn pow<T: Num>(
     y: &TensorView<'_>,
 ) -> Result<(), PluginError> {
     let xs = (x.as_slice::<T>()?, x.shape());
+    if y.is_empty() {
+        // Nothing to compute (and no scratch to ask for): the broadcast output is empty too.
+        let shape = broadcast_shapes(&[x.shape(), y.shape()])?;
+        ctx.output_slice::<T>(0, &shape)?;
+        return Ok(());
+    }
     if T::IS_FLOAT || y.dtype.is_float() {
         // Widen the exponent to f64 once; compute in f64.
         let e = ctx.scratch::<f64>(y.len())?;
@@ -241,6 +253,12 @@ pub enum VarOp {
     Min,
 }
 
+impl std::fmt::Display for VarOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
 #[derive(Clone)]
 pub struct Variadic(pub VarOp);
 
@@ -250,7 +268,7 @@ impl Kernel for Variadic {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let what = format!("{:?}", self.0);
+        let what = self.0;
         let Some(first) = inputs.first() else {
             return Err(PluginError::invalid(format!(
                 "{what}: needs at least one input"

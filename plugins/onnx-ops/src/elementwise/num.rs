@@ -318,11 +318,23 @@ macro_rules! real {
 real!(f32, |v: f32| erf64(f64::from(v)) as f32);
 real!(f64, erf64);
 
-/// The error function in f64 (relative error near 1e-15).
+/// Ratios of consecutive terms of the erf series, without the `x^2`: `2 / (2n + 3)`.
+const ERF_SERIES: [f64; 64] = {
+    let mut c = [0.0; 64];
+    let mut n = 0;
+    while n < 64 {
+        c[n] = 2.0 / (2 * n + 3) as f64;
+        n += 1;
+    }
+    c
+};
+
+/// The error function in f64 (relative error within a few ulps).
 ///
 /// For |x| < 2.5: erf(x) = 2/sqrt(pi) * exp(-x^2) * sum_n 2^n x^(2n+1) / (1*3*...*(2n+1)),
 /// a series of positive terms (no cancellation). Beyond: erf(x) = 1 - erfc(x), with erfc from
-/// its continued fraction, evaluated bottom-up.
+/// its continued fraction, evaluated bottom-up (32 levels are exact to well below an ulp of
+/// erf there).
 pub fn erf64(x: f64) -> f64 {
     const FRAC_2_SQRT_PI: f64 = std::f64::consts::FRAC_2_SQRT_PI;
     if x.is_nan() {
@@ -337,17 +349,18 @@ pub fn erf64(x: f64) -> f64 {
     let r = if a < 2.5 {
         let mut term = a;
         let mut sum = a;
-        let mut n = 0.0;
-        while term > sum * 1e-17 {
-            n += 1.0;
-            term *= 2.0 * x2 / (2.0 * n + 1.0);
+        for &c in &ERF_SERIES {
+            term *= x2 * c;
             sum += term;
+            if term <= sum * 1e-17 {
+                break;
+            }
         }
         FRAC_2_SQRT_PI * (-x2).exp() * sum
     } else {
         // erfc(a) = exp(-a^2)/sqrt(pi) / (a + (1/2)/(a + 1/(a + (3/2)/(a + 2/(a + ...)))))
         let mut f = a;
-        for k in (1..=60).rev() {
+        for k in (1..=32).rev() {
             f = a + (k as f64 / 2.0) / f;
         }
         1.0 - FRAC_2_SQRT_PI / 2.0 * (-x2).exp() / f

@@ -413,9 +413,9 @@ fn binary_broadcasting() {
     assert_eq!(y.shape(), &[2, 3, 4]);
     let mut want = Vec::new();
     for i in 0..2 {
-        for j in 0..3 {
+        for bj in b3 {
             for k in 0..4 {
-                want.push(a3[i * 4 + k] + b3[j]);
+                want.push(a3[i * 4 + k] + bj);
             }
         }
     }
@@ -785,4 +785,8 @@ fn empty_tensors() {
     assert_eq!(y.shape(), &[0, 3]);
     assert!(f32s(&y).is_empty());
     assert!(f32s(&run("Exp", 13, &[], &[&e])).is_empty());
+    let p = run("Pow", 15, &[], &[&t(&[1], &[2.0f32]), &t::<f32>(&[0], &[])]);
+    assert_eq!(p.shape(), &[0]);
+    let w = run("Where", 16, &[], &[&b(&[0, 1], &[]), &row, &row]);
+    assert_eq!(w.shape(), &[0, 3]);
 }
