@@ -110,6 +110,9 @@ const UNSIGNED: &[DType] = &[U8, U16, U32, U64];
 const SIGNED_AND_FLOATS: &[DType] = &[I8, I16, I32, I64, F16, BF16, F32, F64];
 const NUMERIC: &[DType] = &[U8, I8, U16, I16, U32, I32, U64, I64, F16, BF16, F32, F64];
 const BOOL: &[DType] = &[Bool];
+const ALL_AND_STRING: &[DType] = &[
+    Bool, U8, I8, U16, I16, U32, I32, U64, I64, F16, BF16, F32, F64, String,
+];
 
 type Factory = fn(&NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError>;
 
@@ -263,7 +266,7 @@ pub fn register(r: &mut Registrar) {
         ("BitwiseAnd", 18, INTS, BinOp::BitwiseAnd, false),
         ("BitwiseOr", 18, INTS, BinOp::BitwiseOr, false),
         ("BitwiseXor", 18, INTS, BinOp::BitwiseXor, false),
-        ("Equal", 7, crate::ALL_TYPES, BinOp::Equal, true),
+        ("Equal", 7, ALL_AND_STRING, BinOp::Equal, true),
         ("Less", 7, NUMERIC, BinOp::Less, true),
         ("LessOrEqual", 12, NUMERIC, BinOp::LessOrEqual, true),
         ("Greater", 7, NUMERIC, BinOp::Greater, true),
@@ -308,7 +311,7 @@ pub fn register(r: &mut Registrar) {
     r.kernel(
         KernelDesc::onnx("Where", 9, OPEN_END)
             .constraint("B", BOOL)
-            .constraint("T", crate::ALL_TYPES)
+            .constraint("T", ALL_AND_STRING)
             .inputs(&["B", "T", "T"])
             .outputs(&["T"]),
         stateless(Where),

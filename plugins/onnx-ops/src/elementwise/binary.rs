@@ -1,7 +1,7 @@
 //! Binary and variadic operators with multidirectional broadcasting: arithmetic, Pow, Mod,
 //! PRelu, bit shifts, logic, bitwise, comparisons, Max/Min/Sum/Mean and Where.
 
-use super::engine::{fold_into, zip2, zip2v, zip3};
+use super::engine::{fold_into, zip2, zip2v, zip3, Plan};
 use super::num::{Arith, Bits, Bool, Num};
 use crate::util::broadcast_shapes;
 use opreg_sdk::prelude::*;
@@ -92,6 +92,7 @@ impl Kernel for Binary {
             BinOp::BitwiseXor => {
                 dispatch_int!(a.dtype, what, T => zip2v(ctx, a, b, |x: T, y: T| x.xor(y)))
             }
+            BinOp::Equal if a.dtype == DType::String => equal_strings(ctx, a, b),
             BinOp::Equal => {
                 dispatch_all!(a.dtype, what, T => zip2v(ctx, a, b, |x: T, y: T| Bool::new(x.load() == y.load())))
             }
@@ -358,8 +359,62 @@ impl Kernel for Where {
                 c.dtype
             )));
         }
+        if x.dtype == DType::String {
+            return where_strings(ctx, c, x, y);
+        }
         dispatch_all!(x.dtype, "Where", T => {
             zip3(ctx, c, x, y, |c: Bool, x: T, y: T| if c.get() { x } else { y })
         })
     }
+}
+
+/// Elements per parallel chunk for string outputs (each element clones or compares bytes).
+const STRING_GRAIN: usize = 1024;
+
+/// `Equal` on strings: byte equality.
+fn equal_strings(
+    ctx: &KernelContext<'_>,
+    a: &TensorView<'_>,
+    b: &TensorView<'_>,
+) -> Result<(), PluginError> {
+    let (xa, xb) = (a.as_strings()?, b.as_strings()?);
+    let shapes = [a.shape(), b.shape()];
+    let shape = broadcast_shapes(&shapes)?;
+    let plan = Plan::new(&shape, shapes);
+    let [sa, sb] = plan.inner();
+    let out = ctx.output_slice::<Bool>(0, &shape)?;
+    ctx.parallel_chunks(out, STRING_GRAIN, |start, out| {
+        plan.runs(start, out.len(), |pos, [oa, ob], n| {
+            for (k, o) in out[pos..pos + n].iter_mut().enumerate() {
+                *o = Bool::new(xa[oa + k * sa].as_str() == xb[ob + k * sb].as_str());
+            }
+        })
+    })
+}
+
+/// `Where` on strings: copies of the chosen elements.
+fn where_strings(
+    ctx: &KernelContext<'_>,
+    c: &TensorView<'_>,
+    x: &TensorView<'_>,
+    y: &TensorView<'_>,
+) -> Result<(), PluginError> {
+    let (xc, xx, xy) = (c.as_slice::<Bool>()?, x.as_strings()?, y.as_strings()?);
+    let shapes = [c.shape(), x.shape(), y.shape()];
+    let shape = broadcast_shapes(&shapes)?;
+    let plan = Plan::new(&shape, shapes);
+    let [sc, sx, sy] = plan.inner();
+    let out = ctx.output(0, DType::String, &shape)?.into_strings()?;
+    ctx.parallel_chunks(out, STRING_GRAIN, |start, out| {
+        plan.runs(start, out.len(), |pos, [oc, ox, oy], n| {
+            for (k, o) in out[pos..pos + n].iter_mut().enumerate() {
+                let pick = if xc[oc + k * sc].get() {
+                    &xx[ox + k * sx]
+                } else {
+                    &xy[oy + k * sy]
+                };
+                o.clone_from(pick);
+            }
+        })
+    })
 }

@@ -647,6 +647,19 @@ fn where_broadcasts_three_inputs() {
 }
 
 #[test]
+fn strings_in_equal_and_where() {
+    let a = HostTensor::from_strings(&[2, 2], &[b"ab", b"cd", b"", b"x"]).expect("strings");
+    let k = HostTensor::from_strings(&[2], &[b"ab", b"x"]).expect("strings");
+    assert_eq!(run("Equal", 19, &[], &[&a, &k]).bytes(), &[1, 0, 0, 1]);
+    let c = b(&[2], &[1, 0]);
+    let w = run("Where", 16, &[], &[&c, &a, &k]);
+    assert_eq!(w.dtype(), DType::String);
+    assert_eq!(w.shape(), &[2, 2]);
+    let got: Vec<&str> = w.strings().iter().map(|s| s.as_str()).collect();
+    assert_eq!(got, vec!["ab", "x", "", "x"]);
+}
+
+#[test]
 fn casts() {
     let x = t(&[5], &[1.9f32, -1.9, 2.5, -0.0, 300.0]);
     assert_eq!(
