@@ -1,0 +1,323 @@
+//! Unary operators: activations, float math, sign/abs/neg, Clip, IsNaN/IsInf, Not,
+//! BitwiseNot.
+
+use super::engine::map;
+use super::num::{Arith, Bits, Bool, Num, Real};
+use opreg_sdk::prelude::*;
+
+/// Float-only unary operators (computed in f32 for f16/bf16), with their attributes.
+#[derive(Clone, Copy, Debug)]
+pub enum FloatOp {
+    LeakyRelu(f32),
+    Elu(f32),
+    Selu { alpha: f32, gamma: f32 },
+    Celu(f32),
+    Sigmoid,
+    HardSigmoid { alpha: f32, beta: f32 },
+    HardSwish,
+    Softplus,
+    Softsign,
+    Tanh,
+    Gelu { tanh: bool },
+    Mish,
+    ThresholdedRelu(f32),
+    Exp,
+    Log,
+    Sqrt,
+    Reciprocal,
+    Floor,
+    Ceil,
+    Round,
+    Erf,
+    Sin,
+    Cos,
+    Tan,
+    Asin,
+    Acos,
+    Atan,
+    Sinh,
+    Cosh,
+    Asinh,
+    Acosh,
+    Atanh,
+}
+
+#[derive(Clone)]
+pub struct FloatUnary(pub FloatOp);
+
+impl Kernel for FloatUnary {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        let x = &inputs[0];
+        dispatch_float!(x.dtype, "float unary op", T => float_unary::<T>(ctx, x, self.0))
+    }
+}
+
+fn hard_sigmoid<C: Real>(v: C, alpha: C, beta: C) -> C {
+    let t = alpha * v + beta;
+    if t < C::ZERO {
+        C::ZERO
+    } else if t > C::ONE {
+        C::ONE
+    } else {
+        t
+    }
+}
+
+fn softplus<C: Real>(v: C) -> C {
+    // ln(1 + e^v) without overflow.
+    if v > C::ZERO {
+        v + (-v).exp().ln_1p()
+    } else {
+        v.exp().ln_1p()
+    }
+}
+
+fn float_unary<T: Num>(
+    ctx: &KernelContext<'_>,
+    x: &TensorView<'_>,
+    op: FloatOp,
+) -> Result<(), PluginError>
+where
+    T::C: Real,
+{
+    let c = |v: f64| <T::C as Arith>::from_f64c(v);
+    let (zero, one, half) = (c(0.0), c(1.0), c(0.5));
+    macro_rules! go {
+        (|$v:ident| $e:expr) => {
+            map(ctx, x, |x: T| {
+                let $v = x.load();
+                T::store($e)
+            })
+        };
+    }
+    match op {
+        FloatOp::LeakyRelu(a) => {
+            let a = c(a.into());
+            go!(|v| if v < zero { a * v } else { v })
+        }
+        FloatOp::Elu(a) => {
+            let a = c(a.into());
+            go!(|v| if v < zero { a * v.exp_m1() } else { v })
+        }
+        FloatOp::Selu { alpha, gamma } => {
+            let (a, g) = (c(alpha.into()), c(gamma.into()));
+            go!(|v| if v <= zero {
+                g * (a * v.exp() - a)
+            } else {
+                g * v
+            })
+        }
+        FloatOp::Celu(a) => {
+            // max(0, x) + min(0, alpha * (exp(x / alpha) - 1)), for alpha > 0.
+            let a = c(a.into());
+            go!(|v| if v > zero { v } else { a * (v / a).exp_m1() })
+        }
+        FloatOp::Sigmoid => go!(|v| if v >= zero {
+            one / (one + (-v).exp())
+        } else {
+            let e = v.exp();
+            e / (one + e)
+        }),
+        FloatOp::HardSigmoid { alpha, beta } => {
+            let (a, b) = (c(alpha.into()), c(beta.into()));
+            go!(|v| hard_sigmoid(v, a, b))
+        }
+        FloatOp::HardSwish => {
+            let a = c(1.0 / 6.0);
+            go!(|v| v * hard_sigmoid(v, a, half))
+        }
+        FloatOp::Softplus => go!(|v| softplus(v)),
+        FloatOp::Softsign => go!(|v| v / (one + Arith::abs(v))),
+        FloatOp::Tanh => go!(|v| v.tanh()),
+        FloatOp::Gelu { tanh: false } => {
+            let r = c(std::f64::consts::FRAC_1_SQRT_2);
+            go!(|v| half * v * (one + (v * r).erf()))
+        }
+        FloatOp::Gelu { tanh: true } => {
+            let (k, b) = (c((2.0 / std::f64::consts::PI).sqrt()), c(0.044715));
+            go!(|v| half * v * (one + (k * (v + b * v * v * v)).tanh()))
+        }
+        FloatOp::Mish => go!(|v| v * softplus(v).tanh()),
+        FloatOp::ThresholdedRelu(a) => {
+            let a = c(a.into());
+            go!(|v| if v > a { v } else { zero })
+        }
+        FloatOp::Exp => go!(|v| v.exp()),
+        FloatOp::Log => go!(|v| v.ln()),
+        FloatOp::Sqrt => go!(|v| v.sqrt()),
+        FloatOp::Reciprocal => go!(|v| one / v),
+        FloatOp::Floor => go!(|v| v.floor()),
+        FloatOp::Ceil => go!(|v| v.ceil()),
+        FloatOp::Round => go!(|v| v.round_ties_even()),
+        FloatOp::Erf => go!(|v| v.erf()),
+        FloatOp::Sin => go!(|v| v.sin()),
+        FloatOp::Cos => go!(|v| v.cos()),
+        FloatOp::Tan => go!(|v| v.tan()),
+        FloatOp::Asin => go!(|v| v.asin()),
+        FloatOp::Acos => go!(|v| v.acos()),
+        FloatOp::Atan => go!(|v| v.atan()),
+        FloatOp::Sinh => go!(|v| v.sinh()),
+        FloatOp::Cosh => go!(|v| v.cosh()),
+        FloatOp::Asinh => go!(|v| v.asinh()),
+        FloatOp::Acosh => go!(|v| v.acosh()),
+        FloatOp::Atanh => go!(|v| v.atanh()),
+    }
+}
+
+/// Unary operators defined for integers too.
+#[derive(Clone, Copy, Debug)]
+pub enum NumOp {
+    Relu,
+    Abs,
+    Neg,
+    Sign,
+}
+
+#[derive(Clone)]
+pub struct NumUnary(pub NumOp);
+
+impl Kernel for NumUnary {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        let x = &inputs[0];
+        dispatch_num!(x.dtype, "numeric unary op", T => num_unary::<T>(ctx, x, self.0))
+    }
+}
+
+fn num_unary<T: Num>(
+    ctx: &KernelContext<'_>,
+    x: &TensorView<'_>,
+    op: NumOp,
+) -> Result<(), PluginError>
+where
+    T::C: Arith,
+{
+    let zero = <T::C as Arith>::ZERO;
+    match op {
+        NumOp::Relu => map(ctx, x, |x: T| {
+            let v = x.load();
+            T::store(if v < zero { zero } else { v })
+        }),
+        NumOp::Abs => map(ctx, x, |x: T| T::store(x.load().abs())),
+        NumOp::Neg => map(ctx, x, |x: T| T::store(x.load().neg())),
+        NumOp::Sign => map(ctx, x, |x: T| T::store(x.load().sign())),
+    }
+}
+
+/// `Clip`: bounds from attributes (opset 6) or from optional scalar inputs 1 and 2 (11+).
+/// An absent bound is the type's lowest / highest value.
+#[derive(Clone)]
+pub struct Clip {
+    /// Opset 6 attributes; `None` for the input form.
+    pub attrs: Option<(Option<f32>, Option<f32>)>,
+}
+
+impl Kernel for Clip {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        let x = &inputs[0];
+        dispatch_num!(x.dtype, "Clip", T => self.clip::<T>(ctx, inputs))
+    }
+}
+
+impl Clip {
+    fn clip<T: Num>(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        let bound =
+            |i: usize, name: &str, attr: Option<f32>, default: T| -> Result<T, PluginError> {
+                if self.attrs.is_some() {
+                    return Ok(attr.map_or(default, |v| T::from_f64(v.into())));
+                }
+                match inputs.get(i) {
+                    Some(v) if !v.is_absent() => match v.as_slice::<T>()? {
+                        [b] => Ok(*b),
+                        other => Err(PluginError::invalid(format!(
+                            "Clip: input '{name}' must be a scalar, got {} elements",
+                            other.len()
+                        ))),
+                    },
+                    _ => Ok(default),
+                }
+            };
+        let (amin, amax) = self.attrs.unwrap_or((None, None));
+        let lo = bound(1, "min", amin, T::LOWEST)?.load();
+        let hi = bound(2, "max", amax, T::MAX)?.load();
+        // min > max clips everything to max, as the spec says; NaN passes through.
+        map(ctx, &inputs[0], |x: T| {
+            let v = x.load();
+            let v = if v < lo { lo } else { v };
+            T::store(if v > hi { hi } else { v })
+        })
+    }
+}
+
+/// `IsNaN` and `IsInf`.
+#[derive(Clone)]
+pub enum FloatTest {
+    IsNaN,
+    IsInf { positive: bool, negative: bool },
+}
+
+impl Kernel for FloatTest {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        let x = &inputs[0];
+        dispatch_float!(x.dtype, "IsNaN/IsInf", T => self.test::<T>(ctx, x))
+    }
+}
+
+impl FloatTest {
+    fn test<T: Num>(&self, ctx: &KernelContext<'_>, x: &TensorView<'_>) -> Result<(), PluginError>
+    where
+        T::C: Real,
+    {
+        match *self {
+            FloatTest::IsNaN => map(ctx, x, |x: T| Bool::new(x.load().is_nan())),
+            FloatTest::IsInf { positive, negative } => map(ctx, x, |x: T| {
+                let v = x.load();
+                Bool::new(
+                    v.is_infinite()
+                        && if v.is_sign_positive() {
+                            positive
+                        } else {
+                            negative
+                        },
+                )
+            }),
+        }
+    }
+}
+
+/// `Not` (bool) and `BitwiseNot` (integers).
+#[derive(Clone)]
+pub struct Not;
+
+impl Kernel for Not {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        let x = &inputs[0];
+        if x.dtype == DType::Bool {
+            return map(ctx, x, |v: Bool| Bool::new(!v.get()));
+        }
+        dispatch_int!(x.dtype, "BitwiseNot", T => map(ctx, x, |v: T| v.not()))
+    }
+}
