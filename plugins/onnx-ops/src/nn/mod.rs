@@ -35,7 +35,6 @@ macro_rules! dispatch_float {
         }
     };
 }
-pub(crate) use dispatch_float;
 
 mod conv;
 mod matmul;
@@ -66,7 +65,6 @@ pub(crate) trait Real:
 {
     const ZERO: Self;
     const ONE: Self;
-    const INFINITY: Self;
     const NEG_INFINITY: Self;
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
@@ -78,9 +76,6 @@ pub(crate) trait Real:
     fn sqrt(self) -> Self;
     fn abs(self) -> Self;
     fn powf(self, p: Self) -> Self;
-    fn max(self, o: Self) -> Self;
-    fn min(self, o: Self) -> Self;
-    fn is_nan(self) -> bool;
 }
 
 macro_rules! real {
@@ -88,7 +83,6 @@ macro_rules! real {
         impl Real for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
-            const INFINITY: Self = <$t>::INFINITY;
             const NEG_INFINITY: Self = <$t>::NEG_INFINITY;
             fn from_f64(v: f64) -> Self { v as $t }
             fn to_f64(self) -> f64 { self as f64 }
@@ -97,9 +91,6 @@ macro_rules! real {
             fn sqrt(self) -> Self { <$t>::sqrt(self) }
             fn abs(self) -> Self { <$t>::abs(self) }
             fn powf(self, p: Self) -> Self { <$t>::powf(self, p) }
-            fn max(self, o: Self) -> Self { <$t>::max(self, o) }
-            fn min(self, o: Self) -> Self { <$t>::min(self, o) }
-            fn is_nan(self) -> bool { <$t>::is_nan(self) }
         }
     )*};
 }
