@@ -283,7 +283,7 @@ impl Reduce {
         let count: usize = red.iter().product();
         if count == 0
             && matches!(self.kind, ReduceKind::Max | ReduceKind::Min)
-            && T::DTYPE.is_integer_like()
+            && is_integer(T::DTYPE)
         {
             return Err(PluginError::invalid(format!(
                 "{}: reducing an empty set of integers has no value",
@@ -361,13 +361,8 @@ impl Kernel for Reduce {
     }
 }
 
-trait IntegerLike {
-    fn is_integer_like(self) -> bool;
-}
-impl IntegerLike for DType {
-    fn is_integer_like(self) -> bool {
-        matches!(self, DType::I32 | DType::I64)
-    }
+fn is_integer(d: DType) -> bool {
+    matches!(d, DType::I32 | DType::I64)
 }
 
 // ---------------------------------------------------------------------------------------------
