@@ -37,6 +37,7 @@ macro_rules! dispatch_float {
 }
 
 mod conv;
+mod conv_transpose;
 mod matmul;
 mod norm;
 mod pool;
@@ -387,6 +388,7 @@ pub(crate) fn blas<'a>(
 pub fn register(r: &mut Registrar) {
     matmul::register(r);
     conv::register(r);
+    conv_transpose::register(r);
     pool::register(r);
     norm::register(r);
     softmax::register(r);
