@@ -347,7 +347,7 @@ mod tests {
         let x = data(xs.iter().product(), 1);
         let tx = HostTensor::from_vec(&xs, &x).expect("x");
         // (group, mg, kernel, strides, dilations, pads [b0,b1,e0,e1], output_padding)
-        let cases: [(
+        type Case = (
             usize,
             usize,
             [usize; 2],
@@ -355,7 +355,8 @@ mod tests {
             [usize; 2],
             [usize; 4],
             [usize; 2],
-        ); 4] = [
+        );
+        let cases: [Case; 4] = [
             (1, 3, [3, 3], [1, 1], [1, 1], [0, 0, 0, 0], [0, 0]),
             (1, 2, [3, 2], [2, 3], [1, 1], [1, 0, 1, 1], [1, 0]),
             (2, 2, [2, 3], [2, 1], [2, 1], [0, 1, 0, 1], [0, 0]),
