@@ -38,6 +38,7 @@ macro_rules! dispatch_float {
 
 mod conv;
 mod conv_transpose;
+mod einsum;
 mod matmul;
 mod norm;
 mod pool;
@@ -389,6 +390,7 @@ pub fn register(r: &mut Registrar) {
     matmul::register(r);
     conv::register(r);
     conv_transpose::register(r);
+    einsum::register(r);
     pool::register(r);
     norm::register(r);
     softmax::register(r);
