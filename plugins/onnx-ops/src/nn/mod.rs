@@ -395,3 +395,70 @@ pub fn register(r: &mut Registrar) {
     norm::register(r);
     softmax::register(r);
 }
+
+#[cfg(test)]
+mod tests {
+    use opreg_sdk::prelude::*;
+
+    /// Every op this plugin registers resolves to exactly one kernel per opset: schema
+    /// version ranges never overlap and leave no gap up to the newest.
+    #[test]
+    fn registrations_are_disjoint_and_open_ended() {
+        let mut r = Registrar::default();
+        crate::register(&mut r);
+        let reg = r.finish();
+        let mut by_op: std::collections::BTreeMap<String, Vec<(i32, i32)>> = Default::default();
+        for k in reg.kernels.iter() {
+            by_op
+                .entry(k.desc.op_type.to_string())
+                .or_default()
+                .push((k.desc.since_version, k.desc.end_version));
+        }
+        for (op, mut ranges) in by_op {
+            ranges.sort();
+            for w in ranges.windows(2) {
+                assert_eq!(w[0].1 + 1, w[1].0, "{op}: ranges {ranges:?}");
+            }
+            assert_eq!(ranges.last().map(|r| r.1), Some(OPEN_END), "{op}");
+        }
+        for op in [
+            "MatMul",
+            "Gemm",
+            "Conv",
+            "ConvTranspose",
+            "Einsum",
+            "MaxPool",
+            "AveragePool",
+            "LpPool",
+            "GlobalAveragePool",
+            "GlobalMaxPool",
+            "BatchNormalization",
+            "InstanceNormalization",
+            "LayerNormalization",
+            "GroupNormalization",
+            "LRN",
+            "Softmax",
+            "LogSoftmax",
+            "Hardmax",
+            "ReduceSum",
+            "ReduceMean",
+            "ReduceMax",
+            "ReduceMin",
+            "ReduceProd",
+            "ReduceL1",
+            "ReduceL2",
+            "ReduceLogSum",
+            "ReduceLogSumExp",
+            "ReduceSumSquare",
+            "ArgMax",
+            "ArgMin",
+            "CumSum",
+            "TopK",
+        ] {
+            assert!(
+                reg.kernels.iter().any(|k| k.desc.op_type.as_str() == op),
+                "{op} registered"
+            );
+        }
+    }
+}
