@@ -259,6 +259,49 @@ mod tests {
     }
 
     #[test]
+    fn softmax_f16_and_bf16_compute_in_f32() {
+        use opreg_sdk::half::{bf16, f16};
+        let x = [1.0f32, 2.0, 3.0, 4.0];
+        let e: Vec<f32> = x.iter().map(|v| (v - 4.0).exp()).collect();
+        let s: f32 = e.iter().sum();
+        let want: Vec<f32> = e.iter().map(|v| v / s).collect();
+        let xh: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+        let out = run_kernel(
+            softmax_factory,
+            &NodeSpec::onnx("Softmax", 13),
+            &[&HostTensor::from_vec(&[4], &xh).expect("x")],
+            None,
+        )
+        .expect("run");
+        let y: Vec<f32> = out[0]
+            .to_vec::<f16>()
+            .expect("y")
+            .iter()
+            .map(|v| v.to_f32())
+            .collect();
+        for (a, b) in y.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+        }
+        let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+        let out = run_kernel(
+            log_softmax_factory,
+            &NodeSpec::onnx("LogSoftmax", 13),
+            &[&HostTensor::from_vec(&[4], &xb).expect("x")],
+            None,
+        )
+        .expect("run");
+        let y: Vec<f32> = out[0]
+            .to_vec::<bf16>()
+            .expect("y")
+            .iter()
+            .map(|v| v.to_f32())
+            .collect();
+        for (a, b) in y.iter().zip(&want) {
+            assert!((a - b.ln()).abs() < 2e-2, "{a} vs {}", b.ln());
+        }
+    }
+
+    #[test]
     fn hardmax_first_max_wins() {
         let y = run(
             hardmax_factory,
