@@ -5,6 +5,7 @@ use opreg_sdk::prelude::*;
 
 mod elementwise;
 mod nn;
+mod reduce;
 mod shape;
 #[allow(dead_code)] // shared helpers; not every family uses every one
 mod util;
@@ -30,6 +31,7 @@ fn register(r: &mut Registrar) {
     elementwise::register(r);
     shape::register(r);
     nn::register(r);
+    reduce::register(r);
 }
 
 opreg_sdk::export_plugin! {

@@ -1,0 +1,509 @@
+//! Conv: im2col per group, then one gemm per batch and group through the BLAS backend.
+
+use super::{matmul::gemm_f32, optional, register_versions, Geometry, WindowAttrs};
+use opreg_sdk::prelude::*;
+
+#[derive(Clone)]
+struct Conv {
+    window: WindowAttrs,
+    group: usize,
+}
+
+fn conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    let group = node.int_or("group", 1)?;
+    if group < 1 {
+        return Err(PluginError::invalid(format!(
+            "Conv: attribute 'group' must be >= 1, got {group}"
+        )));
+    }
+    Ok(Box::new(Conv {
+        window: WindowAttrs::from_node(node)?,
+        group: group as usize,
+    }))
+}
+
+fn row_major_strides(shape: &[usize]) -> Vec<usize> {
+    let mut st = vec![1usize; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        st[d] = st[d + 1] * shape[d + 1];
+    }
+    st
+}
+
+/// Unrolls the `channels` planes of `x` (spatial extents `input`) into `col`, a
+/// `(channels * prod(kernel)) x prod(out)` matrix. Padding taps are left untouched, so `col`
+/// must start zeroed; they stay zero across calls with one geometry.
+fn im2col(
+    ctx: &KernelContext<'_>,
+    x: &[f32],
+    input: &[usize],
+    g: &Geometry,
+    col: &mut [f32],
+) -> Result<(), PluginError> {
+    let s = input.len();
+    let kk: usize = g.kernel.iter().product();
+    let p: usize = g.out.iter().product();
+    if p == 0 || kk == 0 {
+        return Ok(());
+    }
+    let plane: usize = input.iter().product();
+    let in_strides = row_major_strides(input);
+    let last = s - 1;
+    let ol = g.out[last];
+    let outer = p / ol;
+    let rows_per_chunk = (16 * 1024 / p).max(1);
+    ctx.parallel_chunks(col, rows_per_chunk * p, |start, chunk| {
+        let mut kid = vec![0usize; s];
+        let mut oid = vec![0usize; s];
+        for (i, row) in chunk.chunks_mut(p).enumerate() {
+            let r = start / p + i;
+            let c = r / kk;
+            let mut rem = r % kk;
+            for d in (0..s).rev() {
+                kid[d] = rem % g.kernel[d];
+                rem /= g.kernel[d];
+            }
+            let xc = &x[c * plane..(c + 1) * plane];
+            let koff = (kid[last] * g.dilations[last]) as isize - g.pad_begin[last] as isize;
+            let st = g.strides[last];
+            let width = input[last] as isize;
+            oid.fill(0);
+            for orow in 0..outer {
+                let mut base = 0isize;
+                let mut valid = true;
+                for d in 0..last {
+                    let pos = (oid[d] * g.strides[d] + kid[d] * g.dilations[d]) as isize
+                        - g.pad_begin[d] as isize;
+                    if pos < 0 || pos >= input[d] as isize {
+                        valid = false;
+                        break;
+                    }
+                    base += pos * in_strides[d] as isize;
+                }
+                if valid {
+                    let dst = &mut row[orow * ol..(orow + 1) * ol];
+                    if st == 1 && koff >= 0 && koff + ol as isize <= width {
+                        let from = (base + koff) as usize;
+                        dst.copy_from_slice(&xc[from..from + ol]);
+                    } else {
+                        for (o, v) in dst.iter_mut().enumerate() {
+                            let pos = (o * st) as isize + koff;
+                            if pos >= 0 && pos < width {
+                                *v = xc[(base + pos) as usize];
+                            }
+                        }
+                    }
+                }
+                for d in (0..last).rev() {
+                    oid[d] += 1;
+                    if oid[d] < g.out[d] {
+                        break;
+                    }
+                    oid[d] = 0;
+                }
+            }
+        }
+    })
+}
+
+impl Kernel for Conv {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        let (xv, wv) = (inputs[0], inputs[1]);
+        let (xs, ws) = (xv.shape(), wv.shape());
+        if xs.len() < 3 || ws.len() != xs.len() {
+            return Err(PluginError::invalid(format!(
+                "Conv: X {xs:?} and W {ws:?} must have the same rank, at least 3"
+            )));
+        }
+        let (n, c) = (xs[0], xs[1]);
+        let (m, cg) = (ws[0], ws[1]);
+        let group = self.group;
+        if cg * group != c || m % group != 0 {
+            return Err(PluginError::invalid(format!(
+                "Conv: W {ws:?} does not fit X {xs:?} with group {group}"
+            )));
+        }
+        let g = self.window.resolve("Conv", &xs[2..], Some(&ws[2..]))?;
+        let mut out_shape = vec![n, m];
+        out_shape.extend_from_slice(&g.out);
+        let bias = match optional(inputs, 2) {
+            Some(b) if b.shape() != [m] => {
+                return Err(PluginError::invalid(format!(
+                    "Conv: bias B has shape {:?}, expected [{m}]",
+                    b.shape()
+                )))
+            }
+            Some(b) => Some(b.as_slice::<f32>()?),
+            None => None,
+        };
+        let x = xv.as_slice::<f32>()?;
+        let w = wv.as_slice::<f32>()?;
+        let y = ctx.output_slice::<f32>(0, &out_shape)?;
+        let p: usize = g.out.iter().product();
+        if y.is_empty() {
+            return Ok(());
+        }
+        let plane: usize = xs[2..].iter().product();
+        let kk: usize = g.kernel.iter().product();
+        let rows = cg * kk;
+        let mg = m / group;
+        let direct = g.kernel.iter().all(|&k| k == 1)
+            && g.strides.iter().all(|&s| s == 1)
+            && g.pad_begin.iter().chain(&g.pad_end).all(|&p| p == 0);
+        let col = if direct {
+            &mut [][..]
+        } else {
+            ctx.scratch::<f32>(rows * p)?
+        };
+        for b in 0..n {
+            for gi in 0..group {
+                let xg = &x[(b * c + gi * cg) * plane..(b * c + (gi + 1) * cg) * plane];
+                let rhs: &[f32] = if direct {
+                    xg
+                } else {
+                    im2col(ctx, xg, &xs[2..], &g, col)?;
+                    col
+                };
+                let yg = &mut y[(b * m + gi * mg) * p..(b * m + (gi + 1) * mg) * p];
+                gemm_f32(
+                    ctx,
+                    "Conv",
+                    false,
+                    false,
+                    mg,
+                    p,
+                    rows,
+                    1.0,
+                    &w[gi * mg * rows..(gi + 1) * mg * rows],
+                    rhs,
+                    0.0,
+                    yg,
+                )?;
+            }
+        }
+        if let Some(bias) = bias {
+            ctx.parallel_chunks(y, p.max(1024).div_ceil(p) * p, |start, chunk| {
+                for (i, plane) in chunk.chunks_mut(p).enumerate() {
+                    let bv = bias[(start / p + i) % m];
+                    plane.iter_mut().for_each(|v| *v += bv);
+                }
+            })?;
+        }
+        Ok(())
+    }
+}
+
+pub fn register(r: &mut Registrar) {
+    register_versions(
+        r,
+        "Conv",
+        &[1, 11, 22],
+        &[("T", &[DType::F32])],
+        &["T", "T", "T"],
+        &["T"],
+        conv_factory,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::testblas::NaiveBlas;
+    use opreg_sdk::{
+        host::HostTensor,
+        testkit::{run_kernel, NodeSpec},
+    };
+
+    /// Direct 3-D convolution; lower ranks embed with unit extents.
+    #[allow(clippy::too_many_arguments)]
+    fn naive_conv3(
+        x: &[f32],
+        xs: [usize; 5],
+        w: &[f32],
+        ws: [usize; 5],
+        bias: Option<&[f32]>,
+        group: usize,
+        strides: [usize; 3],
+        dil: [usize; 3],
+        pads: [usize; 6],
+    ) -> (Vec<usize>, Vec<f32>) {
+        let [n, c, d, h, wd] = xs;
+        let [m, cg, kd, kh, kw] = ws;
+        let od = (d + pads[0] + pads[3] - ((kd - 1) * dil[0] + 1)) / strides[0] + 1;
+        let oh = (h + pads[1] + pads[4] - ((kh - 1) * dil[1] + 1)) / strides[1] + 1;
+        let ow = (wd + pads[2] + pads[5] - ((kw - 1) * dil[2] + 1)) / strides[2] + 1;
+        let mg = m / group;
+        let mut y = vec![0.0f32; n * m * od * oh * ow];
+        for b in 0..n {
+            for oc in 0..m {
+                let gi = oc / mg;
+                for z in 0..od {
+                    for yy in 0..oh {
+                        for xx in 0..ow {
+                            let mut acc = bias.map_or(0.0, |bb| bb[oc]);
+                            for ic in 0..cg {
+                                let ch = gi * cg + ic;
+                                for a in 0..kd {
+                                    for e in 0..kh {
+                                        for f in 0..kw {
+                                            let pz = (z * strides[0] + a * dil[0]) as isize
+                                                - pads[0] as isize;
+                                            let py = (yy * strides[1] + e * dil[1]) as isize
+                                                - pads[1] as isize;
+                                            let px = (xx * strides[2] + f * dil[2]) as isize
+                                                - pads[2] as isize;
+                                            if pz < 0
+                                                || py < 0
+                                                || px < 0
+                                                || pz >= d as isize
+                                                || py >= h as isize
+                                                || px >= wd as isize
+                                            {
+                                                continue;
+                                            }
+                                            let xi = (((b * c + ch) * d + pz as usize) * h
+                                                + py as usize)
+                                                * wd
+                                                + px as usize;
+                                            let wi = (((oc * cg + ic) * kd + a) * kh + e) * kw + f;
+                                            acc += x[xi] * w[wi];
+                                        }
+                                    }
+                                }
+                            }
+                            y[(((b * m + oc) * od + z) * oh + yy) * ow + xx] = acc;
+                        }
+                    }
+                }
+            }
+        }
+        (vec![n, m, od, oh, ow], y)
+    }
+
+    fn data(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i * 37 + seed * 11) % 23) as f32 - 11.0) / 7.0)
+            .collect()
+    }
+
+    fn ints(v: &[usize]) -> AttrValue {
+        AttrValue::Ints(v.iter().map(|&x| x as i64).collect())
+    }
+
+    fn close(a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                "at {i}: {x} vs {y}"
+            );
+        }
+    }
+
+    /// Runs Conv on a rank-(2+s) problem given as its 3-D embedding (leading unit dims).
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        s: usize,
+        xs: [usize; 5],
+        ws: [usize; 5],
+        group: usize,
+        strides: [usize; 3],
+        dil: [usize; 3],
+        pads: [usize; 6],
+        with_bias: bool,
+    ) {
+        let x = data(xs.iter().product(), 1);
+        let w = data(ws.iter().product(), 2);
+        let bias = data(ws[0], 3);
+        let (ys, want) = naive_conv3(
+            &x,
+            xs,
+            &w,
+            ws,
+            with_bias.then_some(&bias[..]),
+            group,
+            strides,
+            dil,
+            pads,
+        );
+        let keep = 3 - s;
+        let shape = |v: [usize; 5]| {
+            let mut out = v[..2].to_vec();
+            out.extend_from_slice(&v[2 + keep..]);
+            out
+        };
+        let tx = HostTensor::from_vec(&shape(xs), &x).expect("x");
+        let tw = HostTensor::from_vec(&shape(ws), &w).expect("w");
+        let tb = HostTensor::from_vec(&[ws[0]], &bias).expect("b");
+        let mut p = pads[keep..3].to_vec();
+        p.extend_from_slice(&pads[3 + keep..]);
+        let node = NodeSpec::onnx("Conv", 11)
+            .attr("group", AttrValue::Int(group as i64))
+            .attr("strides", ints(&strides[keep..]))
+            .attr("dilations", ints(&dil[keep..]))
+            .attr("pads", ints(&p));
+        let mut inputs = vec![&tx, &tw];
+        if with_bias {
+            inputs.push(&tb);
+        }
+        let out = run_kernel(conv_factory, &node, &inputs, Some(Box::new(NaiveBlas))).expect("run");
+        let mut want_shape = ys[..2].to_vec();
+        want_shape.extend_from_slice(&ys[2 + keep..]);
+        assert_eq!(out[0].shape(), &want_shape[..]);
+        close(&out[0].to_vec::<f32>().expect("f32"), &want);
+    }
+
+    #[test]
+    fn conv2d_matches_direct_loops() {
+        // Plain 3x3, padded.
+        check(
+            2,
+            [2, 3, 1, 5, 6],
+            [4, 3, 1, 3, 3],
+            1,
+            [1, 1, 1],
+            [1, 1, 1],
+            [0, 1, 1, 0, 1, 1],
+            true,
+        );
+        // Strided, dilated, asymmetric pads, groups.
+        check(
+            2,
+            [1, 4, 1, 7, 8],
+            [6, 2, 1, 3, 2],
+            2,
+            [1, 2, 3],
+            [1, 2, 1],
+            [0, 1, 0, 0, 2, 1],
+            true,
+        );
+        // Depthwise.
+        check(
+            2,
+            [1, 3, 1, 5, 5],
+            [3, 1, 1, 3, 3],
+            3,
+            [1, 2, 2],
+            [1, 1, 1],
+            [0, 1, 1, 0, 1, 1],
+            false,
+        );
+        // 1x1 stride 1, unpadded: the direct gemm path.
+        check(
+            2,
+            [2, 4, 1, 3, 5],
+            [6, 2, 1, 1, 1],
+            2,
+            [1, 1, 1],
+            [1, 1, 1],
+            [0; 6],
+            true,
+        );
+        // 1x1 with stride goes through im2col.
+        check(
+            2,
+            [1, 2, 1, 5, 5],
+            [3, 2, 1, 1, 1],
+            1,
+            [1, 2, 2],
+            [1, 1, 1],
+            [0; 6],
+            false,
+        );
+    }
+
+    #[test]
+    fn conv1d_and_conv3d() {
+        check(
+            1,
+            [2, 3, 1, 1, 9],
+            [4, 3, 1, 1, 3],
+            1,
+            [1, 1, 2],
+            [1, 1, 2],
+            [0, 0, 2, 0, 0, 1],
+            true,
+        );
+        check(
+            3,
+            [1, 2, 4, 5, 4],
+            [2, 2, 2, 3, 2],
+            1,
+            [2, 1, 1],
+            [1, 1, 2],
+            [1, 0, 1, 0, 1, 1],
+            true,
+        );
+        check(
+            3,
+            [1, 4, 3, 3, 3],
+            [4, 2, 1, 2, 2],
+            2,
+            [1, 1, 1],
+            [1, 1, 1],
+            [0, 1, 1, 0, 0, 0],
+            false,
+        );
+    }
+
+    #[test]
+    fn conv_auto_pad_matches_explicit_pads() {
+        let xs = [1usize, 2, 7, 6];
+        let ws = [3usize, 2, 3, 4];
+        let x = data(xs.iter().product(), 4);
+        let w = data(ws.iter().product(), 5);
+        let tx = HostTensor::from_vec(&xs, &x).expect("x");
+        let tw = HostTensor::from_vec(&ws, &w).expect("w");
+        let run = |node: NodeSpec| {
+            let out = run_kernel(conv_factory, &node, &[&tx, &tw], Some(Box::new(NaiveBlas)))
+                .expect("run");
+            (
+                out[0].shape().to_vec(),
+                out[0].to_vec::<f32>().expect("f32"),
+            )
+        };
+        // strides 2: H out = ceil(7/2) = 4, total pad = 3*2+3-7 = 2 -> (1, 1);
+        // W out = 3, total = 2*2+4-6 = 2 -> (1, 1). Stride 1 on W: out 6, total 3 -> (1,2)/(2,1).
+        for (auto, strides, pads) in [
+            ("SAME_UPPER", [2, 2], [1, 1, 1, 1]),
+            ("SAME_UPPER", [2, 1], [1, 1, 1, 2]),
+            ("SAME_LOWER", [2, 1], [1, 2, 1, 1]),
+            ("VALID", [2, 1], [0, 0, 0, 0]),
+        ] {
+            let auto = run(NodeSpec::onnx("Conv", 11)
+                .attr("auto_pad", AttrValue::String(auto.into()))
+                .attr("strides", ints(&strides)));
+            let explicit = run(NodeSpec::onnx("Conv", 11)
+                .attr("pads", ints(&pads))
+                .attr("strides", ints(&strides)));
+            assert_eq!(auto.0, explicit.0, "{auto:?}");
+            close(&auto.1, &explicit.1);
+        }
+    }
+
+    #[test]
+    fn conv_errors() {
+        let tx = HostTensor::from_vec(&[1, 3, 4, 4], &[0.0f32; 48]).expect("x");
+        let tw = HostTensor::from_vec(&[2, 2, 3, 3], &[0.0f32; 36]).expect("w");
+        let err = run_kernel(
+            conv_factory,
+            &NodeSpec::onnx("Conv", 11),
+            &[&tx, &tw],
+            Some(Box::new(NaiveBlas)),
+        )
+        .expect_err("channels");
+        assert!(err.message.contains("does not fit"), "{}", err.message);
+        let tw = HostTensor::from_vec(&[2, 3, 3, 3], &[0.0f32; 54]).expect("w");
+        let err = run_kernel(conv_factory, &NodeSpec::onnx("Conv", 11), &[&tx, &tw], None)
+            .expect_err("blas");
+        assert!(
+            err.message.contains("needs a BLAS backend"),
+            "{}",
+            err.message
+        );
+    }
+}

@@ -1,0 +1,614 @@
+//! Einsum: diagonals and lone labels summed out first, then operands contracted pairwise
+//! (left to right) as batched gemms through the BLAS backend, then the result laid out in the
+//! output's label order. f32 only, like the BLAS layer.
+
+use super::{matmul::gemm_f32, register_versions};
+use crate::util::walk_offsets;
+use opreg_sdk::prelude::*;
+use std::collections::BTreeMap;
+
+/// A label: a letter's byte, or `ELLIPSIS + i` for the i-th broadcast dimension (aligned
+/// right across operands).
+type Label = u32;
+const ELLIPSIS: Label = 1000;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Token {
+    Letter(u8),
+    Ellipsis,
+}
+
+fn parse_term(op_term: &str) -> Result<Vec<Token>, PluginError> {
+    let b = op_term.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i].is_ascii_alphabetic() {
+            out.push(Token::Letter(b[i]));
+            i += 1;
+        } else if b[i..].starts_with(b"...") {
+            if out.contains(&Token::Ellipsis) {
+                return Err(PluginError::invalid(format!(
+                    "Einsum: term '{op_term}' has two ellipses"
+                )));
+            }
+            out.push(Token::Ellipsis);
+            i += 3;
+        } else {
+            return Err(PluginError::invalid(format!(
+                "Einsum: unexpected character '{}' in term '{op_term}'",
+                b[i] as char
+            )));
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Clone)]
+struct Einsum {
+    inputs: Vec<Vec<Token>>,
+    output: Option<Vec<Token>>,
+}
+
+fn einsum_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    let eq: String = node
+        .string_or("equation", "")?
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    if eq.is_empty() {
+        return Err(PluginError::invalid(
+            "Einsum: attribute 'equation' is required",
+        ));
+    }
+    let (lhs, rhs) = match eq.split_once("->") {
+        Some((l, r)) => (l, Some(r)),
+        None => (eq.as_str(), None),
+    };
+    let inputs = lhs
+        .split(',')
+        .map(parse_term)
+        .collect::<Result<Vec<_>, _>>()?;
+    let output = rhs.map(parse_term).transpose()?;
+    if let Some(out) = &output {
+        for (i, t) in out.iter().enumerate() {
+            if out[..i].contains(t) {
+                return Err(PluginError::invalid(format!(
+                    "Einsum: output label {t:?} appears twice in '{eq}'"
+                )));
+            }
+        }
+    }
+    Ok(Box::new(Einsum { inputs, output }))
+}
+
+/// An operand: contiguous data with one unique label per dimension.
+struct Operand {
+    labels: Vec<Label>,
+    shape: Vec<usize>,
+    data: Vec<f32>,
+}
+
+impl Operand {
+    fn strides(&self) -> Vec<usize> {
+        let mut st = vec![1usize; self.shape.len()];
+        for d in (0..self.shape.len().saturating_sub(1)).rev() {
+            st[d] = st[d + 1] * self.shape[d + 1];
+        }
+        st
+    }
+
+    /// The data laid out with dimensions `order` (each a label of `self`, or a label it
+    /// lacks, broadcast) at the sizes in `sizes`; size-1 dimensions broadcast.
+    fn arrange(&self, order: &[Label], sizes: &BTreeMap<Label, usize>) -> Vec<f32> {
+        let st = self.strides();
+        let shape: Vec<usize> = order.iter().map(|l| sizes[l]).collect();
+        let strides: Vec<usize> = order
+            .iter()
+            .map(|l| match self.labels.iter().position(|m| m == l) {
+                Some(d) if self.shape[d] != 1 => st[d],
+                _ => 0,
+            })
+            .collect();
+        let len: usize = shape.iter().product();
+        let mut out = Vec::with_capacity(len);
+        walk_offsets(&shape, &strides, 0, len, |o| out.push(self.data[o]));
+        out
+    }
+
+    /// Sums out the dimensions whose labels are in `drop`.
+    fn sum_out(self, drop: &[Label], sizes: &BTreeMap<Label, usize>) -> Operand {
+        if !self.labels.iter().any(|l| drop.contains(l)) {
+            return self;
+        }
+        let keep: Vec<Label> = self
+            .labels
+            .iter()
+            .copied()
+            .filter(|l| !drop.contains(l))
+            .collect();
+        let gone: Vec<Label> = self
+            .labels
+            .iter()
+            .copied()
+            .filter(|l| drop.contains(l))
+            .collect();
+        let mut order = keep.clone();
+        order.extend(&gone);
+        let mut local = sizes.clone();
+        for (l, &s) in self.labels.iter().zip(&self.shape) {
+            local.insert(*l, s);
+        }
+        let data = self.arrange(&order, &local);
+        let block: usize = gone.iter().map(|l| local[l]).product();
+        let shape: Vec<usize> = keep.iter().map(|l| local[l]).collect();
+        let n: usize = shape.iter().product();
+        let data = if block == 0 {
+            vec![0.0; n]
+        } else {
+            data.chunks(block).map(|c| c.iter().sum()).collect()
+        };
+        Operand {
+            labels: keep,
+            shape,
+            data,
+        }
+    }
+}
+
+impl Einsum {
+    fn expand(
+        &self,
+        term: &[Token],
+        rank: usize,
+        max_ellipsis: usize,
+    ) -> Result<Vec<Label>, PluginError> {
+        let letters = term.iter().filter(|t| **t != Token::Ellipsis).count();
+        let has_ellipsis = term.contains(&Token::Ellipsis);
+        if rank < letters || (!has_ellipsis && rank != letters) {
+            return Err(PluginError::invalid(format!(
+                "Einsum: term with {letters} labels does not fit an operand of rank {rank}"
+            )));
+        }
+        let e = rank - letters;
+        let mut labels = Vec::with_capacity(rank);
+        for t in term {
+            match t {
+                Token::Letter(c) => labels.push(*c as Label),
+                Token::Ellipsis => {
+                    labels.extend((0..e).map(|i| ELLIPSIS + (max_ellipsis - e + i) as Label))
+                }
+            }
+        }
+        Ok(labels)
+    }
+}
+
+impl Kernel for Einsum {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        if inputs.len() != self.inputs.len() {
+            return Err(PluginError::invalid(format!(
+                "Einsum: the equation has {} operands, the node {}",
+                self.inputs.len(),
+                inputs.len()
+            )));
+        }
+        let max_e = inputs
+            .iter()
+            .zip(&self.inputs)
+            .map(|(v, t)| {
+                v.rank()
+                    .saturating_sub(t.iter().filter(|t| **t != Token::Ellipsis).count())
+            })
+            .max()
+            .unwrap_or(0);
+        // Labels and sizes of every operand.
+        let mut sizes: BTreeMap<Label, usize> = BTreeMap::new();
+        let mut ops = Vec::with_capacity(inputs.len());
+        for (v, term) in inputs.iter().zip(&self.inputs) {
+            let labels = self.expand(term, v.rank(), max_e)?;
+            for (&l, &s) in labels.iter().zip(v.shape()) {
+                let e = sizes.entry(l).or_insert(s);
+                if *e != s {
+                    if *e == 1 {
+                        *e = s;
+                    } else if s != 1 {
+                        return Err(PluginError::invalid(format!(
+                            "Einsum: label {} has extents {} and {s}",
+                            label_name(l),
+                            *e
+                        )));
+                    }
+                }
+            }
+            ops.push((labels, v));
+        }
+        let out_labels: Vec<Label> = match &self.output {
+            Some(term) => {
+                let mut out = Vec::new();
+                for t in term {
+                    match t {
+                        Token::Letter(c) => {
+                            let l = *c as Label;
+                            if !sizes.contains_key(&l) {
+                                return Err(PluginError::invalid(format!(
+                                    "Einsum: output label '{}' is not in any input",
+                                    *c as char
+                                )));
+                            }
+                            out.push(l);
+                        }
+                        Token::Ellipsis => out.extend((0..max_e).map(|i| ELLIPSIS + i as Label)),
+                    }
+                }
+                out
+            }
+            None => {
+                // Implicit: broadcast dims, then the letters used once, alphabetically.
+                let mut out: Vec<Label> = (0..max_e).map(|i| ELLIPSIS + i as Label).collect();
+                let mut counts: BTreeMap<Label, usize> = BTreeMap::new();
+                for (labels, _) in &ops {
+                    for &l in labels.iter().filter(|&&l| l < ELLIPSIS) {
+                        *counts.entry(l).or_default() += 1;
+                    }
+                }
+                out.extend(counts.iter().filter(|(_, &c)| c == 1).map(|(&l, _)| l));
+                out
+            }
+        };
+        // Each operand with unique labels (diagonals taken).
+        let mut operands = Vec::with_capacity(ops.len());
+        for (labels, v) in &ops {
+            let x = v.as_slice::<f32>()?;
+            let shape = v.shape();
+            let mut st = vec![1usize; shape.len()];
+            for d in (0..shape.len().saturating_sub(1)).rev() {
+                st[d] = st[d + 1] * shape[d + 1];
+            }
+            let mut uniq: Vec<Label> = Vec::new();
+            let mut ushape = Vec::new();
+            let mut ustrides: Vec<usize> = Vec::new();
+            for (d, &l) in labels.iter().enumerate() {
+                match uniq.iter().position(|&u| u == l) {
+                    Some(i) => {
+                        if ushape[i] != shape[d] {
+                            return Err(PluginError::invalid(format!(
+                                "Einsum: repeated label {} has extents {} and {}",
+                                label_name(l),
+                                ushape[i],
+                                shape[d]
+                            )));
+                        }
+                        ustrides[i] += st[d];
+                    }
+                    None => {
+                        uniq.push(l);
+                        ushape.push(shape[d]);
+                        ustrides.push(st[d]);
+                    }
+                }
+            }
+            let data = if uniq.len() == labels.len() {
+                x.to_vec()
+            } else {
+                let len: usize = ushape.iter().product();
+                let mut d = Vec::with_capacity(len);
+                walk_offsets(&ushape, &ustrides, 0, len, |o| d.push(x[o]));
+                d
+            };
+            operands.push(Operand {
+                labels: uniq,
+                shape: ushape,
+                data,
+            });
+        }
+        // Contract left to right.
+        let n = operands.len();
+        let mut rest = operands;
+        let later = |k: usize, rest: &[Operand]| -> Vec<Label> {
+            let mut keep = out_labels.clone();
+            for o in &rest[k..] {
+                keep.extend(&o.labels);
+            }
+            keep
+        };
+        let mut acc = rest.remove(0);
+        let drop: Vec<Label> = acc
+            .labels
+            .iter()
+            .copied()
+            .filter(|l| !later(0, &rest).contains(l))
+            .collect();
+        acc = acc.sum_out(&drop, &sizes);
+        for _ in 1..n {
+            let b = rest.remove(0);
+            let keep = later(0, &rest);
+            let drop_b: Vec<Label> = b
+                .labels
+                .iter()
+                .copied()
+                .filter(|l| !keep.contains(l) && !acc.labels.contains(l))
+                .collect();
+            let b = b.sum_out(&drop_b, &sizes);
+            acc = contract(ctx, &acc, &b, &keep, &sizes)?;
+        }
+        let drop: Vec<Label> = acc
+            .labels
+            .iter()
+            .copied()
+            .filter(|l| !out_labels.contains(l))
+            .collect();
+        acc = acc.sum_out(&drop, &sizes);
+        let out_shape: Vec<usize> = out_labels.iter().map(|l| sizes[l]).collect();
+        let y = ctx.output_slice::<f32>(0, &out_shape)?;
+        let data = acc.arrange(&out_labels, &sizes);
+        y.copy_from_slice(&data);
+        Ok(())
+    }
+}
+
+fn label_name(l: Label) -> String {
+    if l >= ELLIPSIS {
+        format!("...[{}]", l - ELLIPSIS)
+    } else {
+        format!("'{}'", l as u8 as char)
+    }
+}
+
+/// `a` and `b` contracted over their shared labels that are not in `keep`; shared labels in
+/// `keep` are batch dimensions. Labels of one side only must be in `keep` (summed before).
+fn contract(
+    ctx: &KernelContext<'_>,
+    a: &Operand,
+    b: &Operand,
+    keep: &[Label],
+    sizes: &BTreeMap<Label, usize>,
+) -> Result<Operand, PluginError> {
+    let shared = |l: &Label| b.labels.contains(l);
+    let batch: Vec<Label> = a
+        .labels
+        .iter()
+        .copied()
+        .filter(|l| shared(l) && keep.contains(l))
+        .collect();
+    let con: Vec<Label> = a
+        .labels
+        .iter()
+        .copied()
+        .filter(|l| shared(l) && !keep.contains(l))
+        .collect();
+    let left: Vec<Label> = a.labels.iter().copied().filter(|l| !shared(l)).collect();
+    let right: Vec<Label> = b
+        .labels
+        .iter()
+        .copied()
+        .filter(|l| !a.labels.contains(l))
+        .collect();
+    let prod = |ls: &[Label]| ls.iter().map(|l| sizes[l]).product::<usize>();
+    let (nb, m, k, n) = (prod(&batch), prod(&left), prod(&con), prod(&right));
+    let order_a: Vec<Label> = batch.iter().chain(&left).chain(&con).copied().collect();
+    let order_b: Vec<Label> = batch.iter().chain(&con).chain(&right).copied().collect();
+    let am = a.arrange(&order_a, sizes);
+    let bm = b.arrange(&order_b, sizes);
+    let mut out = vec![0.0f32; nb * m * n];
+    if m * n * k == 1 {
+        // Pure elementwise product: no matrix to speak of.
+        for ((o, x), y) in out.iter_mut().zip(&am).zip(&bm) {
+            *o = x * y;
+        }
+    } else {
+        for bi in 0..nb {
+            gemm_f32(
+                ctx,
+                "Einsum",
+                false,
+                false,
+                m,
+                n,
+                k,
+                1.0,
+                &am[bi * m * k..],
+                &bm[bi * k * n..],
+                0.0,
+                &mut out[bi * m * n..],
+            )?;
+        }
+    }
+    let labels: Vec<Label> = batch.iter().chain(&left).chain(&right).copied().collect();
+    let shape = labels.iter().map(|l| sizes[l]).collect();
+    Ok(Operand {
+        labels,
+        shape,
+        data: out,
+    })
+}
+
+pub fn register(r: &mut Registrar) {
+    register_versions(
+        r,
+        "Einsum",
+        &[12],
+        &[("T", &[DType::F32])],
+        &["T"],
+        &["T"],
+        einsum_factory,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::testblas::NaiveBlas;
+    use opreg_sdk::{
+        host::HostTensor,
+        testkit::{run_kernel, NodeSpec},
+    };
+
+    fn data(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i * 17 + seed * 5) % 13) as f32 - 6.0) / 4.0)
+            .collect()
+    }
+
+    /// Brute force over every assignment of the letters (no ellipsis).
+    fn naive(terms: &[&str], out: &str, sizes: &BTreeMap<u8, usize>, xs: &[Vec<f32>]) -> Vec<f32> {
+        let letters: Vec<u8> = sizes.keys().copied().collect();
+        let total: usize = sizes.values().product();
+        let out_b = out.as_bytes();
+        let out_len: usize = out_b.iter().map(|c| sizes[c]).product();
+        let mut y = vec![0.0f32; out_len];
+        for flat in 0..total {
+            let mut val = BTreeMap::new();
+            let mut rem = flat;
+            for l in letters.iter().rev() {
+                val.insert(*l, rem % sizes[l]);
+                rem /= sizes[l];
+            }
+            let index = |term: &[u8]| term.iter().fold(0, |acc, c| acc * sizes[c] + val[c]);
+            let mut p = 1.0;
+            for (t, x) in terms.iter().zip(xs) {
+                p *= x[index(t.as_bytes())];
+            }
+            y[index(out_b)] += p;
+        }
+        y
+    }
+
+    fn close(a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                "at {i}: {x} vs {y}"
+            );
+        }
+    }
+
+    fn run(eq: &str, inputs: &[(&[usize], &[f32])]) -> (Vec<usize>, Vec<f32>) {
+        let ts: Vec<HostTensor> = inputs
+            .iter()
+            .map(|(s, v)| HostTensor::from_vec(s, v).expect("x"))
+            .collect();
+        let refs: Vec<&HostTensor> = ts.iter().collect();
+        let out = run_kernel(
+            einsum_factory,
+            &NodeSpec::onnx("Einsum", 12).attr("equation", AttrValue::String(eq.into())),
+            &refs,
+            Some(Box::new(NaiveBlas)),
+        )
+        .expect("run");
+        (
+            out[0].shape().to_vec(),
+            out[0].to_vec::<f32>().expect("f32"),
+        )
+    }
+
+    #[test]
+    fn einsum_matches_brute_force() {
+        let sizes: BTreeMap<u8, usize> = [(b'a', 2), (b'b', 3), (b'c', 4), (b'd', 2), (b'e', 3)]
+            .into_iter()
+            .collect();
+        // (equation, input terms, output term)
+        let cases: [(&str, &[&str], &str); 12] = [
+            ("ab,bc->ac", &["ab", "bc"], "ac"),
+            ("ab,bc", &["ab", "bc"], "ac"),
+            ("dab,dbc->dac", &["dab", "dbc"], "dac"),
+            ("ab->ba", &["ab"], "ba"),
+            ("ab->", &["ab"], ""),
+            ("b,b->", &["b", "b"], ""),
+            ("a,b->ab", &["a", "b"], "ab"),
+            ("ab,ab->ab", &["ab", "ab"], "ab"),
+            ("abc,cd,de->abe", &["abc", "cd", "de"], "abe"),
+            ("ba,dac,cb->db", &["ba", "dac", "cb"], "db"),
+            ("abc->cb", &["abc"], "cb"),
+            ("ab,cd->", &["ab", "cd"], ""),
+        ];
+        for (eq, terms, out) in cases {
+            let xs: Vec<Vec<f32>> = terms
+                .iter()
+                .enumerate()
+                .map(|(i, t)| data(t.bytes().map(|c| sizes[&c]).product(), i))
+                .collect();
+            let shapes: Vec<Vec<usize>> = terms
+                .iter()
+                .map(|t| t.bytes().map(|c| sizes[&c]).collect())
+                .collect();
+            let inputs: Vec<(&[usize], &[f32])> = shapes
+                .iter()
+                .zip(&xs)
+                .map(|(s, x)| (s.as_slice(), x.as_slice()))
+                .collect();
+            let (shape, y) = run(eq, &inputs);
+            let want_shape: Vec<usize> = out.bytes().map(|c| sizes[&c]).collect();
+            assert_eq!(shape, want_shape, "{eq}");
+            let used: BTreeMap<u8, usize> = sizes
+                .iter()
+                .filter(|(c, _)| terms.iter().any(|t| t.as_bytes().contains(c)))
+                .map(|(&c, &s)| (c, s))
+                .collect();
+            close(&y, &naive(terms, out, &used, &xs));
+        }
+    }
+
+    #[test]
+    fn einsum_diagonal_trace_and_ellipsis() {
+        let x: Vec<f32> = (0..9).map(|i| i as f32).collect();
+        assert_eq!(
+            run("ii->i", &[(&[3, 3], &x)]),
+            (vec![3], vec![0.0, 4.0, 8.0])
+        );
+        assert_eq!(run("ii", &[(&[3, 3], &x)]), (vec![], vec![12.0]));
+        // Batch matmul through the ellipsis, with broadcasting of a unit batch dim.
+        let a = data(2 * 3 * 4, 1);
+        let b = data(3 * 4 * 5, 2);
+        let (shape, y) = run(
+            "...ij,...jk->...ik",
+            &[(&[2, 1, 3, 4], &a), (&[3, 4, 5], &b)],
+        );
+        assert_eq!(shape, vec![2, 3, 3, 5]);
+        let mut want = Vec::new();
+        for i in 0..2 {
+            for j in 0..3 {
+                want.extend(crate::nn::testblas::naive_matmul(
+                    &a[i * 12..(i + 1) * 12],
+                    &b[j * 20..(j + 1) * 20],
+                    3,
+                    4,
+                    5,
+                ));
+            }
+        }
+        close(&y, &want);
+        // Implicit output keeps the ellipsis dims first.
+        let (shape, _) = run(
+            "i...,ij",
+            &[(&[4, 2], &data(8, 3)), (&[4, 5], &data(20, 4))],
+        );
+        assert_eq!(shape, vec![2, 5]);
+    }
+
+    #[test]
+    fn einsum_errors() {
+        let x = HostTensor::from_vec(&[2, 3], &[0.0f32; 6]).expect("x");
+        let err = run_kernel(
+            einsum_factory,
+            &NodeSpec::onnx("Einsum", 12).attr("equation", AttrValue::String("abc->a".into())),
+            &[&x],
+            Some(Box::new(NaiveBlas)),
+        )
+        .expect_err("rank");
+        assert!(err.message.contains("does not fit"), "{}", err.message);
+        let err = run_kernel(
+            einsum_factory,
+            &NodeSpec::onnx("Einsum", 12).attr("equation", AttrValue::String("ab,ab->a".into())),
+            &[&x, &HostTensor::from_vec(&[2, 2], &[0.0f32; 4]).expect("y")],
+            Some(Box::new(NaiveBlas)),
+        )
+        .expect_err("extents");
+        assert!(err.message.contains("extents"), "{}", err.message);
+    }
+}

@@ -1,0 +1,446 @@
+//! MatMul and Gemm: shape logic here, the products in the node's BLAS backend.
+
+use super::{blas, optional, register_versions};
+use crate::util::{broadcast_shapes, broadcast_strides, walk_offsets};
+use opreg_sdk::prelude::*;
+
+/// A row-major f32 gemm on contiguous operands with the given transposes.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_f32(
+    ctx: &KernelContext<'_>,
+    op: &str,
+    trans_a: bool,
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: &[f32],
+    b: &[f32],
+    beta: f32,
+    c: &mut [f32],
+) -> Result<(), PluginError> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        // No products: C = beta * C.
+        if beta == 0.0 {
+            c[..m * n].fill(0.0);
+        } else {
+            c[..m * n].iter_mut().for_each(|v| *v *= beta);
+        }
+        return Ok(());
+    }
+    if a.len() < m * k || b.len() < k * n || c.len() < m * n {
+        return Err(PluginError::internal(format!(
+            "{op}: gemm operands too short for {m}x{k} * {k}x{n}"
+        )));
+    }
+    let blas = blas(ctx, op)?;
+    let args = GemmArgs {
+        layout: Layout::RowMajor,
+        trans_a: if trans_a {
+            Transpose::Yes
+        } else {
+            Transpose::No
+        },
+        trans_b: if trans_b {
+            Transpose::Yes
+        } else {
+            Transpose::No
+        },
+        m,
+        n,
+        k,
+        alpha,
+        beta,
+        types: GemmTypes::F32,
+        a: a.as_ptr().cast(),
+        lda: if trans_a { m } else { k },
+        b: b.as_ptr().cast(),
+        ldb: if trans_b { k } else { n },
+        c: c.as_mut_ptr().cast(),
+        ldc: n,
+        a_zero_point: 0,
+        b_zero_point: 0,
+    };
+    blas.gemm(ctx, &args)
+}
+
+#[derive(Clone)]
+struct MatMul;
+
+impl Kernel for MatMul {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        let (a, b) = (inputs[0], inputs[1]);
+        let (sa, sb) = (a.shape(), b.shape());
+        if sa.is_empty() || sb.is_empty() {
+            return Err(PluginError::invalid(format!(
+                "MatMul: operands must have rank >= 1, got {sa:?} x {sb:?}"
+            )));
+        }
+        // numpy rules: a 1-D A is a row vector, a 1-D B a column vector; both dims dropped.
+        let (m, k) = if sa.len() == 1 {
+            (1, sa[0])
+        } else {
+            (sa[sa.len() - 2], sa[sa.len() - 1])
+        };
+        let (k2, n) = if sb.len() == 1 {
+            (sb[0], 1)
+        } else {
+            (sb[sb.len() - 2], sb[sb.len() - 1])
+        };
+        if k != k2 {
+            return Err(PluginError::invalid(format!(
+                "MatMul: inner dimensions differ ({sa:?} x {sb:?})"
+            )));
+        }
+        let batch_a = &sa[..sa.len().saturating_sub(2)];
+        let batch_b = &sb[..sb.len().saturating_sub(2)];
+        let batch = broadcast_shapes(&[batch_a, batch_b]).map_err(|_| {
+            PluginError::invalid(format!(
+                "MatMul: batch dimensions of {sa:?} and {sb:?} do not broadcast"
+            ))
+        })?;
+        let mut out_shape = batch.clone();
+        if sa.len() > 1 {
+            out_shape.push(m);
+        }
+        if sb.len() > 1 {
+            out_shape.push(n);
+        }
+        let nb: usize = batch.iter().product();
+        let x = a.as_slice::<f32>()?;
+        let w = b.as_slice::<f32>()?;
+        let y = ctx.output_slice::<f32>(0, &out_shape)?;
+        if y.is_empty() {
+            return Ok(());
+        }
+        let nb_a: usize = batch_a.iter().product();
+        let nb_b: usize = batch_b.iter().product();
+        if nb_b == 1 && nb_a == nb {
+            // B shared by every batch: fold the batches into M, one gemm.
+            return gemm_f32(ctx, "MatMul", false, false, nb * m, n, k, 1.0, x, w, 0.0, y);
+        }
+        let mut offs_a = Vec::with_capacity(nb);
+        let mut offs_b = Vec::with_capacity(nb);
+        walk_offsets(&batch, &broadcast_strides(batch_a, &batch), 0, nb, |o| {
+            offs_a.push(o * m * k)
+        });
+        walk_offsets(&batch, &broadcast_strides(batch_b, &batch), 0, nb, |o| {
+            offs_b.push(o * k * n)
+        });
+        for (i, yb) in y.chunks_mut(m * n).enumerate() {
+            gemm_f32(
+                ctx,
+                "MatMul",
+                false,
+                false,
+                m,
+                n,
+                k,
+                1.0,
+                &x[offs_a[i]..],
+                &w[offs_b[i]..],
+                0.0,
+                yb,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+struct Gemm {
+    alpha: f32,
+    beta: f32,
+    trans_a: bool,
+    trans_b: bool,
+}
+
+fn gemm_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    Ok(Box::new(Gemm {
+        alpha: node.float_or("alpha", 1.0)?,
+        beta: node.float_or("beta", 1.0)?,
+        trans_a: node.int_or("transA", 0)? != 0,
+        trans_b: node.int_or("transB", 0)? != 0,
+    }))
+}
+
+impl Kernel for Gemm {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        let (a, b) = (inputs[0], inputs[1]);
+        let (&[ra, ca], &[rb, cb]) = (a.shape(), b.shape()) else {
+            return Err(PluginError::invalid(format!(
+                "Gemm: A and B must be 2-D, got {:?} and {:?}",
+                a.shape(),
+                b.shape()
+            )));
+        };
+        let (m, k) = if self.trans_a { (ca, ra) } else { (ra, ca) };
+        let (k2, n) = if self.trans_b { (cb, rb) } else { (rb, cb) };
+        if k != k2 {
+            return Err(PluginError::invalid(format!(
+                "Gemm: inner dimensions differ (op(A) is {m}x{k}, op(B) is {k2}x{n})"
+            )));
+        }
+        let y = ctx.output_slice::<f32>(0, &[m, n])?;
+        let mut beta = 0.0;
+        if let Some(c) = optional(inputs, 2) {
+            let cs = c.shape();
+            let ok = cs.len() <= 2
+                && cs
+                    .iter()
+                    .rev()
+                    .zip([n, m])
+                    .all(|(&d, want)| d == 1 || d == want);
+            if !ok {
+                return Err(PluginError::invalid(format!(
+                    "Gemm: C of shape {cs:?} does not broadcast to ({m}, {n})"
+                )));
+            }
+            if self.beta != 0.0 {
+                let cv = c.as_slice::<f32>()?;
+                let mut i = 0;
+                walk_offsets(&[m, n], &broadcast_strides(cs, &[m, n]), 0, m * n, |o| {
+                    y[i] = self.beta * cv[o];
+                    i += 1;
+                });
+                beta = 1.0;
+            }
+        }
+        gemm_f32(
+            ctx,
+            "Gemm",
+            self.trans_a,
+            self.trans_b,
+            m,
+            n,
+            k,
+            self.alpha,
+            a.as_slice()?,
+            b.as_slice()?,
+            beta,
+            y,
+        )
+    }
+}
+
+fn matmul_factory(_: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    Ok(Box::new(MatMul))
+}
+
+pub fn register(r: &mut Registrar) {
+    let t: &[(&str, &[DType])] = &[("T", &[DType::F32])];
+    register_versions(
+        r,
+        "MatMul",
+        &[1, 9, 13],
+        t,
+        &["T", "T"],
+        &["T"],
+        matmul_factory,
+    );
+    // Gemm before 7 had the `broadcast` attribute; from 11 C is optional.
+    register_versions(
+        r,
+        "Gemm",
+        &[7, 9, 11, 13],
+        t,
+        &["T", "T", "T"],
+        &["T"],
+        gemm_factory,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::testblas::{naive_matmul, NaiveBlas};
+    use opreg_sdk::{
+        host::HostTensor,
+        testkit::{run_kernel, run_kernel_opt, NodeSpec},
+    };
+
+    fn seq(n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7 % 11) as f32 - 5.0) * scale)
+            .collect()
+    }
+
+    fn close(a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                "at {i}: {x} vs {y}"
+            );
+        }
+    }
+
+    fn matmul(sa: &[usize], sb: &[usize]) -> (Vec<usize>, Vec<f32>, Vec<f32>, Vec<f32>) {
+        let a = seq(sa.iter().product(), 0.5);
+        let b = seq(sb.iter().product(), 0.25);
+        let ta = HostTensor::from_vec(sa, &a).expect("a");
+        let tb = HostTensor::from_vec(sb, &b).expect("b");
+        let out = run_kernel(
+            matmul_factory,
+            &NodeSpec::onnx("MatMul", 13),
+            &[&ta, &tb],
+            Some(Box::new(NaiveBlas)),
+        )
+        .expect("run");
+        (
+            out[0].shape().to_vec(),
+            out[0].to_vec::<f32>().expect("f32"),
+            a,
+            b,
+        )
+    }
+
+    #[test]
+    fn matmul_2d_and_vectors() {
+        let (shape, y, a, b) = matmul(&[3, 4], &[4, 5]);
+        assert_eq!(shape, vec![3, 5]);
+        close(&y, &naive_matmul(&a, &b, 3, 4, 5));
+        let (shape, y, a, b) = matmul(&[4], &[4, 5]);
+        assert_eq!(shape, vec![5]);
+        close(&y, &naive_matmul(&a, &b, 1, 4, 5));
+        let (shape, y, a, b) = matmul(&[3, 4], &[4]);
+        assert_eq!(shape, vec![3]);
+        close(&y, &naive_matmul(&a, &b, 3, 4, 1));
+        let (shape, y, a, b) = matmul(&[4], &[4]);
+        assert_eq!(shape, Vec::<usize>::new());
+        close(&y, &naive_matmul(&a, &b, 1, 4, 1));
+    }
+
+    #[test]
+    fn matmul_batch_broadcast() {
+        // A [2,1,3,4] x B [3,4,2] -> [2,3,3,2]
+        let (shape, y, a, b) = matmul(&[2, 1, 3, 4], &[3, 4, 2]);
+        assert_eq!(shape, vec![2, 3, 3, 2]);
+        let mut want = Vec::new();
+        for i in 0..2 {
+            for j in 0..3 {
+                want.extend(naive_matmul(
+                    &a[i * 12..(i + 1) * 12],
+                    &b[j * 8..(j + 1) * 8],
+                    3,
+                    4,
+                    2,
+                ));
+            }
+        }
+        close(&y, &want);
+        // Shared B folds into one gemm.
+        let (shape, y, a, b) = matmul(&[2, 3, 4], &[4, 2]);
+        assert_eq!(shape, vec![2, 3, 2]);
+        close(&y, &naive_matmul(&a, &b, 6, 4, 2));
+        // 1-D A against a batch of B.
+        let (shape, y, a, b) = matmul(&[4], &[2, 4, 3]);
+        assert_eq!(shape, vec![2, 3]);
+        let mut want = naive_matmul(&a, &b[..12], 1, 4, 3);
+        want.extend(naive_matmul(&a, &b[12..], 1, 4, 3));
+        close(&y, &want);
+    }
+
+    #[test]
+    fn matmul_errors() {
+        let a = HostTensor::from_vec(&[1, 2], &[1.0f32, 2.0]).expect("a");
+        let b = HostTensor::from_vec(&[3, 1], &[3.0f32, 4.0, 5.0]).expect("b");
+        let err = run_kernel(
+            matmul_factory,
+            &NodeSpec::onnx("MatMul", 13),
+            &[&a, &b],
+            Some(Box::new(NaiveBlas)),
+        )
+        .expect_err("mismatch");
+        assert!(err.message.contains("inner dimensions"), "{}", err.message);
+        let b = HostTensor::from_vec(&[2, 1], &[3.0f32, 4.0]).expect("b");
+        let err = run_kernel(
+            matmul_factory,
+            &NodeSpec::onnx("MatMul", 13),
+            &[&a, &b],
+            None,
+        )
+        .expect_err("no blas");
+        assert!(
+            err.message.contains("needs a BLAS backend"),
+            "{}",
+            err.message
+        );
+    }
+
+    fn transpose(x: &[f32], r: usize, c: usize) -> Vec<f32> {
+        let mut t = vec![0.0; r * c];
+        for i in 0..r {
+            for j in 0..c {
+                t[j * r + i] = x[i * c + j];
+            }
+        }
+        t
+    }
+
+    #[test]
+    fn gemm_transposes_and_broadcast_c() {
+        let (m, k, n) = (3, 4, 5);
+        let a = seq(m * k, 0.5);
+        let b = seq(k * n, 0.25);
+        let base = naive_matmul(&a, &b, m, k, n);
+        let c_row = seq(n, 1.0);
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let av = if ta { transpose(&a, m, k) } else { a.clone() };
+            let bv = if tb { transpose(&b, k, n) } else { b.clone() };
+            let tav = HostTensor::from_vec(&(if ta { [k, m] } else { [m, k] }), &av).expect("a");
+            let tbv = HostTensor::from_vec(&(if tb { [n, k] } else { [k, n] }), &bv).expect("b");
+            let tc = HostTensor::from_vec(&[n], &c_row).expect("c");
+            let node = NodeSpec::onnx("Gemm", 13)
+                .attr("transA", AttrValue::Int(ta as i64))
+                .attr("transB", AttrValue::Int(tb as i64))
+                .attr("alpha", AttrValue::Float(2.0))
+                .attr("beta", AttrValue::Float(0.5));
+            let out = run_kernel(
+                gemm_factory,
+                &node,
+                &[&tav, &tbv, &tc],
+                Some(Box::new(NaiveBlas)),
+            )
+            .expect("run");
+            let want: Vec<f32> = (0..m * n)
+                .map(|i| 2.0 * base[i] + 0.5 * c_row[i % n])
+                .collect();
+            assert_eq!(out[0].shape(), &[m, n]);
+            close(&out[0].to_vec::<f32>().expect("f32"), &want);
+        }
+        // C of shape (M, 1), and no C at all.
+        let ta = HostTensor::from_vec(&[m, k], &a).expect("a");
+        let tb = HostTensor::from_vec(&[k, n], &b).expect("b");
+        let tc = HostTensor::from_vec(&[m, 1], &[1.0f32, 2.0, 3.0]).expect("c");
+        let out = run_kernel(
+            gemm_factory,
+            &NodeSpec::onnx("Gemm", 13),
+            &[&ta, &tb, &tc],
+            Some(Box::new(NaiveBlas)),
+        )
+        .expect("run");
+        let want: Vec<f32> = (0..m * n).map(|i| base[i] + (i / n + 1) as f32).collect();
+        close(&out[0].to_vec::<f32>().expect("f32"), &want);
+        let out = run_kernel_opt(
+            gemm_factory,
+            &NodeSpec::onnx("Gemm", 13),
+            &[Some(&ta), Some(&tb), None],
+            Some(Box::new(NaiveBlas)),
+        )
+        .expect("run");
+        close(&out[0].to_vec::<f32>().expect("f32"), &base);
+    }
+}

@@ -1,0 +1,464 @@
+//! Neural-network operators: matrix products (through the BLAS backend), convolution,
+//! pooling, normalisation, softmax.
+
+use opreg_sdk::{
+    half::{bf16, f16},
+    prelude::*,
+};
+use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
+
+/// Runs `$body` with the type alias `$t` bound to the Rust type of a float `$dtype`
+/// (f32, f64, f16, bf16); other dtypes are an `unimplemented` error naming `$op`.
+macro_rules! dispatch_float {
+    ($dtype:expr, $op:expr, |$t:ident| $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::F64 => {
+                type $t = f64;
+                $body
+            }
+            DType::F16 => {
+                type $t = opreg_sdk::half::f16;
+                $body
+            }
+            DType::BF16 => {
+                type $t = opreg_sdk::half::bf16;
+                $body
+            }
+            other => Err(PluginError::unimplemented(format!(
+                "{} is not implemented for {other}",
+                $op
+            ))),
+        }
+    };
+}
+
+mod conv;
+mod conv_transpose;
+mod einsum;
+mod matmul;
+mod norm;
+mod pool;
+mod softmax;
+#[cfg(test)]
+pub(crate) mod testblas;
+
+/// The float types the non-BLAS operators accept.
+pub(crate) const FLOATS: &[DType] = &[DType::F32, DType::F64, DType::F16, DType::BF16];
+
+/// Arithmetic the float kernels compute in (f32 or f64).
+pub(crate) trait Real:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + Default
+    + std::fmt::Debug
+    + 'static
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+{
+    const ZERO: Self;
+    const ONE: Self;
+    const NEG_INFINITY: Self;
+    fn from_f64(v: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn from_usize(v: usize) -> Self {
+        Self::from_f64(v as f64)
+    }
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+    fn sqrt(self) -> Self;
+    fn abs(self) -> Self;
+    fn powf(self, p: Self) -> Self;
+}
+
+macro_rules! real {
+    ($($t:ty),*) => {$(
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            const NEG_INFINITY: Self = <$t>::NEG_INFINITY;
+            fn from_f64(v: f64) -> Self { v as $t }
+            fn to_f64(self) -> f64 { self as f64 }
+            fn exp(self) -> Self { <$t>::exp(self) }
+            fn ln(self) -> Self { <$t>::ln(self) }
+            fn sqrt(self) -> Self { <$t>::sqrt(self) }
+            fn abs(self) -> Self { <$t>::abs(self) }
+            fn powf(self, p: Self) -> Self { <$t>::powf(self, p) }
+        }
+    )*};
+}
+real!(f32, f64);
+
+/// A float tensor element, computed in `Self::C` (f16 and bf16 in f32).
+pub(crate) trait Float: Element + Default {
+    type C: Real;
+    fn load(self) -> Self::C;
+    fn store(v: Self::C) -> Self;
+}
+
+impl Float for f32 {
+    type C = f32;
+    #[inline(always)]
+    fn load(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn store(v: f32) -> Self {
+        v
+    }
+}
+impl Float for f64 {
+    type C = f64;
+    #[inline(always)]
+    fn load(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn store(v: f64) -> Self {
+        v
+    }
+}
+impl Float for f16 {
+    type C = f32;
+    #[inline(always)]
+    fn load(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn store(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+impl Float for bf16 {
+    type C = f32;
+    #[inline(always)]
+    fn load(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn store(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+/// A kernel factory as a plain function, registrable once per schema version.
+pub(crate) type Factory = fn(&NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError>;
+
+/// Registers `factory` for `op` once per schema version range: `versions` are the schema
+/// versions in increasing order; the last range is open-ended.
+pub(crate) fn register_versions(
+    r: &mut Registrar,
+    op: &str,
+    versions: &[i32],
+    constraints: &[(&str, &[DType])],
+    inputs: &[&str],
+    outputs: &[&str],
+    factory: Factory,
+) {
+    for (i, &since) in versions.iter().enumerate() {
+        let end = versions.get(i + 1).map_or(OPEN_END, |next| next - 1);
+        let mut desc = KernelDesc::onnx(op, since, end)
+            .inputs(inputs)
+            .outputs(outputs);
+        for (name, types) in constraints {
+            desc = desc.constraint(name, types);
+        }
+        r.kernel(desc, factory);
+    }
+}
+
+/// The optional input `i`: `None` when absent or left out.
+pub(crate) fn optional<'a>(inputs: &[TensorView<'a>], i: usize) -> Option<TensorView<'a>> {
+    inputs.get(i).copied().filter(|t| !t.is_absent())
+}
+
+/// How padding is chosen for a convolution or pooling window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AutoPad {
+    NotSet,
+    Valid,
+    SameUpper,
+    SameLower,
+}
+
+/// Window attributes shared by convolution and pooling, as written on the node.
+#[derive(Clone, Debug)]
+pub(crate) struct WindowAttrs {
+    pub kernel_shape: Option<Vec<i64>>,
+    pub strides: Option<Vec<i64>>,
+    pub dilations: Option<Vec<i64>>,
+    pub pads: Option<Vec<i64>>,
+    pub auto_pad: AutoPad,
+    pub ceil_mode: bool,
+}
+
+/// The resolved geometry of a window over `s` spatial dimensions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Geometry {
+    pub kernel: Vec<usize>,
+    pub strides: Vec<usize>,
+    pub dilations: Vec<usize>,
+    pub pad_begin: Vec<usize>,
+    pub pad_end: Vec<usize>,
+    pub out: Vec<usize>,
+}
+
+impl WindowAttrs {
+    pub fn from_node(node: &NodeInfo<'_>) -> Result<Self, PluginError> {
+        let auto_pad = match node.string_or("auto_pad", "NOTSET")?.as_str() {
+            "NOTSET" | "" => AutoPad::NotSet,
+            "VALID" => AutoPad::Valid,
+            "SAME_UPPER" => AutoPad::SameUpper,
+            "SAME_LOWER" => AutoPad::SameLower,
+            other => {
+                return Err(PluginError::invalid(format!(
+                    "{}: unknown auto_pad '{other}'",
+                    node.op_type
+                )))
+            }
+        };
+        Ok(WindowAttrs {
+            kernel_shape: node.ints("kernel_shape")?,
+            strides: node.ints("strides")?,
+            dilations: node.ints("dilations")?,
+            pads: node.ints("pads")?,
+            auto_pad,
+            ceil_mode: node.int_or("ceil_mode", 0)? != 0,
+        })
+    }
+
+    /// Resolves the window over `input` spatial extents; `kernel` is the kernel shape (from
+    /// the weights for Conv; from `kernel_shape` when `None`).
+    pub fn resolve(
+        &self,
+        op: &str,
+        input: &[usize],
+        kernel: Option<&[usize]>,
+    ) -> Result<Geometry, PluginError> {
+        let s = input.len();
+        let list = |name: &str, v: &Option<Vec<i64>>, len: usize, default: usize, min: i64| match v
+        {
+            None => Ok(vec![default; len]),
+            Some(v) if v.len() != len => Err(PluginError::invalid(format!(
+                "{op}: attribute '{name}' has {} values, expected {len}",
+                v.len()
+            ))),
+            Some(v) => v
+                .iter()
+                .map(|&x| {
+                    if x < min {
+                        Err(PluginError::invalid(format!(
+                            "{op}: attribute '{name}' has value {x} below {min}"
+                        )))
+                    } else {
+                        Ok(x as usize)
+                    }
+                })
+                .collect(),
+        };
+        let kernel = match (kernel, &self.kernel_shape) {
+            (Some(k), Some(attr)) => {
+                if attr.len() != k.len() || attr.iter().zip(k).any(|(&a, &b)| a != b as i64) {
+                    return Err(PluginError::invalid(format!(
+                        "{op}: kernel_shape {attr:?} does not match the weights' {k:?}"
+                    )));
+                }
+                k.to_vec()
+            }
+            (Some(k), None) => k.to_vec(),
+            (None, Some(_)) => list("kernel_shape", &self.kernel_shape, s, 1, 1)?,
+            (None, None) => {
+                return Err(PluginError::invalid(format!(
+                    "{op}: attribute 'kernel_shape' is required"
+                )))
+            }
+        };
+        if kernel.len() != s {
+            return Err(PluginError::invalid(format!(
+                "{op}: kernel has {} spatial dimensions, input has {s}",
+                kernel.len()
+            )));
+        }
+        let strides = list("strides", &self.strides, s, 1, 1)?;
+        let dilations = list("dilations", &self.dilations, s, 1, 1)?;
+        let pads = list("pads", &self.pads, 2 * s, 0, 0)?;
+        let mut g = Geometry {
+            kernel,
+            strides,
+            dilations,
+            pad_begin: vec![0; s],
+            pad_end: vec![0; s],
+            out: vec![0; s],
+        };
+        for d in 0..s {
+            let ek = (g.kernel[d] - 1) * g.dilations[d] + 1;
+            let st = g.strides[d];
+            let inp = input[d];
+            match self.auto_pad {
+                AutoPad::NotSet | AutoPad::Valid => {
+                    if self.auto_pad == AutoPad::NotSet {
+                        g.pad_begin[d] = pads[d];
+                        g.pad_end[d] = pads[s + d];
+                    }
+                    let padded = inp + g.pad_begin[d] + g.pad_end[d];
+                    if padded < ek {
+                        return Err(PluginError::invalid(format!(
+                            "{op}: window of extent {ek} does not fit the padded input extent \
+                             {padded} on spatial axis {d}"
+                        )));
+                    }
+                    let num = padded - ek;
+                    let mut out = if self.ceil_mode && self.auto_pad == AutoPad::NotSet {
+                        num.div_ceil(st) + 1
+                    } else {
+                        num / st + 1
+                    };
+                    // With ceil_mode, a window may not start in the end padding.
+                    if self.ceil_mode && out > 1 && (out - 1) * st >= inp + g.pad_begin[d] {
+                        out -= 1;
+                    }
+                    g.out[d] = out;
+                }
+                AutoPad::SameUpper | AutoPad::SameLower => {
+                    let out = inp.div_ceil(st);
+                    let total = ((out.max(1) - 1) * st + ek).saturating_sub(inp);
+                    let small = total / 2;
+                    let (b, e) = if self.auto_pad == AutoPad::SameUpper {
+                        (small, total - small)
+                    } else {
+                        (total - small, small)
+                    };
+                    g.pad_begin[d] = b;
+                    g.pad_end[d] = e;
+                    g.out[d] = out;
+                }
+            }
+        }
+        Ok(g)
+    }
+}
+
+/// A mutable slice shared with parallel tasks that each write a disjoint part of it.
+pub(crate) struct Disjoint<T> {
+    ptr: *mut T,
+    len: usize,
+}
+
+// SAFETY: tasks only take disjoint sub-slices (see `part`); T is plain data.
+unsafe impl<T: Send> Send for Disjoint<T> {}
+unsafe impl<T: Send> Sync for Disjoint<T> {}
+
+impl<T> Disjoint<T> {
+    pub fn new(s: &mut [T]) -> Self {
+        Disjoint {
+            ptr: s.as_mut_ptr(),
+            len: s.len(),
+        }
+    }
+
+    /// `start..start + len` of the slice.
+    ///
+    /// # Safety
+    /// No two live results may overlap, and the source slice must outlive them.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn part(&self, start: usize, len: usize) -> &mut [T] {
+        assert!(start + len <= self.len, "Disjoint::part out of range");
+        std::slice::from_raw_parts_mut(self.ptr.add(start), len)
+    }
+}
+
+/// The BLAS backend of the node's device, or the error an operator reports without one.
+pub(crate) fn blas<'a>(
+    ctx: &'a KernelContext<'_>,
+    op: &str,
+) -> Result<opreg_sdk::blas::BlasRef<'a>, PluginError> {
+    ctx.blas().ok_or_else(|| {
+        PluginError::unimplemented(format!("{op} needs a BLAS backend on {}", ctx.device()))
+    })
+}
+
+pub fn register(r: &mut Registrar) {
+    matmul::register(r);
+    conv::register(r);
+    conv_transpose::register(r);
+    einsum::register(r);
+    pool::register(r);
+    norm::register(r);
+    softmax::register(r);
+}
+
+#[cfg(test)]
+mod tests {
+    use opreg_sdk::prelude::*;
+
+    /// Every op this plugin registers resolves to exactly one kernel per opset: schema
+    /// version ranges never overlap and leave no gap up to the newest.
+    #[test]
+    fn registrations_are_disjoint_and_open_ended() {
+        let mut r = Registrar::default();
+        crate::register(&mut r);
+        let reg = r.finish();
+        let mut by_op: std::collections::BTreeMap<String, Vec<(i32, i32)>> = Default::default();
+        for k in reg.kernels.iter() {
+            by_op
+                .entry(k.desc.op_type.to_string())
+                .or_default()
+                .push((k.desc.since_version, k.desc.end_version));
+        }
+        for (op, mut ranges) in by_op {
+            ranges.sort();
+            for w in ranges.windows(2) {
+                assert_eq!(w[0].1 + 1, w[1].0, "{op}: ranges {ranges:?}");
+            }
+            assert_eq!(ranges.last().map(|r| r.1), Some(OPEN_END), "{op}");
+        }
+        for op in [
+            "MatMul",
+            "Gemm",
+            "Conv",
+            "ConvTranspose",
+            "Einsum",
+            "MaxPool",
+            "AveragePool",
+            "LpPool",
+            "GlobalAveragePool",
+            "GlobalMaxPool",
+            "BatchNormalization",
+            "InstanceNormalization",
+            "LayerNormalization",
+            "GroupNormalization",
+            "LRN",
+            "Softmax",
+            "LogSoftmax",
+            "Hardmax",
+            "ReduceSum",
+            "ReduceMean",
+            "ReduceMax",
+            "ReduceMin",
+            "ReduceProd",
+            "ReduceL1",
+            "ReduceL2",
+            "ReduceLogSum",
+            "ReduceLogSumExp",
+            "ReduceSumSquare",
+            "ArgMax",
+            "ArgMin",
+            "CumSum",
+            "TopK",
+        ] {
+            assert!(
+                reg.kernels.iter().any(|k| k.desc.op_type.as_str() == op),
+                "{op} registered"
+            );
+        }
+    }
+}

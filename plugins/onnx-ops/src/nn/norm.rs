@@ -1,0 +1,740 @@
+//! Normalisation: BatchNormalization (inference), InstanceNormalization, LayerNormalization,
+//! GroupNormalization, LRN.
+
+use super::{optional, register_versions, Disjoint, Float, Real, FLOATS};
+use crate::util::{broadcast_strides, normalize_axis, walk_offsets};
+use opreg_sdk::prelude::*;
+
+/// A small float parameter tensor (scale, bias, mean...) of any float type, as `C` values.
+fn params<C: Real>(op: &str, name: &str, v: &TensorView<'_>) -> Result<Vec<C>, PluginError> {
+    fn conv<T: Float, C: Real>(v: &TensorView<'_>) -> Result<Vec<C>, PluginError> {
+        Ok(v.as_slice::<T>()?
+            .iter()
+            .map(|x| C::from_f64(x.load().to_f64()))
+            .collect())
+    }
+    dispatch_float!(v.dtype, format!("{op} input '{name}'"), |T| conv::<T, C>(v))
+}
+
+/// `params`, checked to hold exactly `len` values.
+fn params_len<C: Real>(
+    op: &str,
+    name: &str,
+    v: &TensorView<'_>,
+    len: usize,
+) -> Result<Vec<C>, PluginError> {
+    let p = params::<C>(op, name, v)?;
+    if p.len() != len {
+        return Err(PluginError::invalid(format!(
+            "{op}: input '{name}' has shape {:?}, expected {len} values",
+            v.shape()
+        )));
+    }
+    Ok(p)
+}
+
+fn nc(op: &str, xs: &[usize]) -> Result<(usize, usize, usize), PluginError> {
+    if xs.len() < 2 {
+        return Err(PluginError::invalid(format!(
+            "{op}: X must have rank >= 2 (N, C, ...), got {xs:?}"
+        )));
+    }
+    Ok((xs[0], xs[1], xs[2..].iter().product()))
+}
+
+/// Mean and population variance of `x`.
+fn moments<T: Float>(x: &[T]) -> (T::C, T::C) {
+    let n = <T::C as Real>::from_usize(x.len().max(1));
+    let mut sum = <T::C as Real>::ZERO;
+    x.iter().for_each(|v| sum += v.load());
+    let mean = sum / n;
+    let mut sq = <T::C as Real>::ZERO;
+    x.iter().for_each(|v| {
+        let d = v.load() - mean;
+        sq += d * d;
+    });
+    (mean, sq / n)
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone)]
+struct BatchNorm {
+    epsilon: f32,
+}
+
+fn batch_norm_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    if node.int_or("training_mode", 0)? != 0 {
+        return Err(PluginError::unimplemented(
+            "BatchNormalization: training_mode = 1 is not supported (inference only)",
+        ));
+    }
+    if node.opset < 9 && node.int_or("spatial", 1)? == 0 {
+        return Err(PluginError::unimplemented(
+            "BatchNormalization: spatial = 0 is not supported",
+        ));
+    }
+    Ok(Box::new(BatchNorm {
+        epsilon: node.float_or("epsilon", 1e-5)?,
+    }))
+}
+
+impl BatchNorm {
+    fn run<T: Float>(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        const OP: &str = "BatchNormalization";
+        if inputs.len() < 5 {
+            return Err(PluginError::invalid(format!("{OP}: expects 5 inputs")));
+        }
+        let xs = inputs[0].shape();
+        let (_, c, plane) = nc(OP, xs)?;
+        let scale = params_len::<T::C>(OP, "scale", &inputs[1], c)?;
+        let bias = params_len::<T::C>(OP, "B", &inputs[2], c)?;
+        let mean = params_len::<T::C>(OP, "input_mean", &inputs[3], c)?;
+        let var = params_len::<T::C>(OP, "input_var", &inputs[4], c)?;
+        let eps = <T::C as Real>::from_f64(self.epsilon as f64);
+        let a: Vec<T::C> = (0..c).map(|i| scale[i] / (var[i] + eps).sqrt()).collect();
+        let b: Vec<T::C> = (0..c).map(|i| bias[i] - mean[i] * a[i]).collect();
+        let x = inputs[0].as_slice::<T>()?;
+        let y = ctx.output_slice::<T>(0, xs)?;
+        if !y.is_empty() {
+            let plane = plane.max(1);
+            let grain = (16 * 1024 / plane).max(1) * plane;
+            ctx.parallel_chunks(y, grain, |start, chunk| {
+                for (pi, yp) in chunk.chunks_mut(plane).enumerate() {
+                    let p = start / plane + pi;
+                    let ch = p % c;
+                    let xp = &x[p * plane..(p + 1) * plane];
+                    for (yv, xv) in yp.iter_mut().zip(xp) {
+                        *yv = T::store(xv.load() * a[ch] + b[ch]);
+                    }
+                }
+            })?;
+        }
+        // Opsets before 14 may name the running statistics as outputs; in inference they
+        // are the inputs unchanged.
+        for out in 1..ctx.num_outputs().min(5) {
+            let src = if out % 2 == 1 { &inputs[3] } else { &inputs[4] };
+            let o = ctx.output(out, src.dtype, src.shape())?;
+            o.into_bytes()?.copy_from_slice(src.as_bytes()?);
+        }
+        Ok(())
+    }
+}
+
+impl Kernel for BatchNorm {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        dispatch_float!(inputs[0].dtype, "BatchNormalization", |T| self
+            .run::<T>(ctx, inputs))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// InstanceNormalization, and GroupNormalization (statistics over groups of channels).
+#[derive(Clone)]
+struct GroupStats {
+    op: &'static str,
+    epsilon: f32,
+    /// `None` for InstanceNormalization (one group per channel).
+    num_groups: Option<usize>,
+    /// GroupNormalization before opset 21 takes scale and bias per group.
+    per_group_params: bool,
+}
+
+fn instance_norm_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    Ok(Box::new(GroupStats {
+        op: "InstanceNormalization",
+        epsilon: node.float_or("epsilon", 1e-5)?,
+        num_groups: None,
+        per_group_params: false,
+    }))
+}
+
+fn group_norm_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    let g = node.int_or("num_groups", 0)?;
+    if g < 1 {
+        return Err(PluginError::invalid(format!(
+            "GroupNormalization: attribute 'num_groups' must be >= 1, got {g}"
+        )));
+    }
+    Ok(Box::new(GroupStats {
+        op: "GroupNormalization",
+        epsilon: node.float_or("epsilon", 1e-5)?,
+        num_groups: Some(g as usize),
+        per_group_params: node.opset < 21,
+    }))
+}
+
+impl GroupStats {
+    fn run<T: Float>(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        if inputs.len() < 3 {
+            return Err(PluginError::invalid(format!(
+                "{}: expects 3 inputs",
+                self.op
+            )));
+        }
+        let xs = inputs[0].shape();
+        let (_, c, plane) = nc(self.op, xs)?;
+        let groups = self.num_groups.unwrap_or(c);
+        if groups == 0 || c % groups != 0 {
+            return Err(PluginError::invalid(format!(
+                "{}: {c} channels do not split into {groups} groups",
+                self.op
+            )));
+        }
+        let params_n = if self.per_group_params { groups } else { c };
+        let scale = params_len::<T::C>(self.op, "scale", &inputs[1], params_n)?;
+        let bias = params_len::<T::C>(self.op, "B", &inputs[2], params_n)?;
+        let x = inputs[0].as_slice::<T>()?;
+        let y = ctx.output_slice::<T>(0, xs)?;
+        if y.is_empty() {
+            return Ok(());
+        }
+        let cpg = c / groups;
+        let glen = cpg * plane;
+        let eps = <T::C as Real>::from_f64(self.epsilon as f64);
+        let grain = (16 * 1024 / glen.max(1)).max(1) * glen;
+        ctx.parallel_chunks(y, grain.max(1), |start, chunk| {
+            for (gi, yg) in chunk.chunks_mut(glen).enumerate() {
+                let gidx = start / glen + gi;
+                let xg = &x[gidx * glen..(gidx + 1) * glen];
+                let (mean, var) = moments(xg);
+                let inv = <T::C as Real>::ONE / (var + eps).sqrt();
+                let group = gidx % groups;
+                for (ci, (yp, xp)) in yg
+                    .chunks_mut(plane.max(1))
+                    .zip(xg.chunks(plane.max(1)))
+                    .enumerate()
+                {
+                    let pi = if self.per_group_params {
+                        group
+                    } else {
+                        group * cpg + ci
+                    };
+                    let a = scale[pi] * inv;
+                    let b = bias[pi] - mean * a;
+                    for (yv, xv) in yp.iter_mut().zip(xp) {
+                        *yv = T::store(xv.load() * a + b);
+                    }
+                }
+            }
+        })
+    }
+}
+
+impl Kernel for GroupStats {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        dispatch_float!(inputs[0].dtype, self.op, |T| self.run::<T>(ctx, inputs))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone)]
+struct LayerNorm {
+    axis: i64,
+    epsilon: f32,
+}
+
+fn layer_norm_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    let stash = node.int_or("stash_type", 1)?;
+    if stash != 1 {
+        return Err(PluginError::unimplemented(format!(
+            "LayerNormalization: stash_type {stash} (only 1, float, is supported)"
+        )));
+    }
+    Ok(Box::new(LayerNorm {
+        axis: node.int_or("axis", -1)?,
+        epsilon: node.float_or("epsilon", 1e-5)?,
+    }))
+}
+
+/// A scale or bias of `LayerNormalization` broadcast against X: per row, the values along
+/// the normalised dimensions.
+struct RowParam<C> {
+    /// Expanded over the normalised shape when it does not vary with the row.
+    shared: Option<Vec<C>>,
+    values: Vec<C>,
+    strides: Vec<usize>,
+}
+
+impl<C: Real> RowParam<C> {
+    fn new(
+        op: &str,
+        name: &str,
+        v: &TensorView<'_>,
+        xs: &[usize],
+        axis: usize,
+    ) -> Result<Self, PluginError> {
+        let ps = v.shape();
+        let ok = ps.len() <= xs.len()
+            && ps
+                .iter()
+                .rev()
+                .zip(xs.iter().rev())
+                .all(|(&p, &x)| p == 1 || p == x);
+        if !ok {
+            return Err(PluginError::invalid(format!(
+                "{op}: input '{name}' of shape {ps:?} does not broadcast to X {xs:?}"
+            )));
+        }
+        let values = params::<C>(op, name, v)?;
+        let strides = broadcast_strides(ps, xs);
+        let shared = if strides[..axis].iter().all(|&s| s == 0) {
+            let norm = &xs[axis..];
+            let len: usize = norm.iter().product();
+            let mut out = Vec::with_capacity(len);
+            walk_offsets(norm, &strides[axis..], 0, len, |o| out.push(values[o]));
+            Some(out)
+        } else {
+            None
+        };
+        Ok(RowParam {
+            shared,
+            values,
+            strides,
+        })
+    }
+
+    /// The values for `row` (rows of `cols` elements of X of shape `xs`).
+    fn row<'a>(&'a self, xs: &[usize], row: usize, cols: usize, buf: &'a mut Vec<C>) -> &'a [C] {
+        if let Some(s) = &self.shared {
+            return s;
+        }
+        buf.clear();
+        walk_offsets(xs, &self.strides, row * cols, cols, |o| {
+            buf.push(self.values[o])
+        });
+        buf
+    }
+}
+
+impl LayerNorm {
+    fn run<T: Float>(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        const OP: &str = "LayerNormalization";
+        let xs = inputs[0].shape();
+        let axis = normalize_axis(self.axis, xs.len())
+            .map_err(|e| PluginError::invalid(format!("{OP}: attribute 'axis': {}", e.message)))?;
+        let rows: usize = xs[..axis].iter().product();
+        let cols: usize = xs[axis..].iter().product();
+        let scale = RowParam::<T::C>::new(OP, "Scale", &inputs[1], xs, axis)?;
+        let bias = optional(inputs, 2)
+            .map(|b| RowParam::<T::C>::new(OP, "B", &b, xs, axis))
+            .transpose()?;
+        let x = inputs[0].as_slice::<T>()?;
+        let y = ctx.output_slice::<T>(0, xs)?;
+        let mut stat_shape = xs[..axis].to_vec();
+        stat_shape.resize(xs.len(), 1);
+        let nout = ctx.num_outputs();
+        let mut none: [f32; 0] = [];
+        let mean_out = if nout > 1 {
+            ctx.output_slice::<f32>(1, &stat_shape)?
+        } else {
+            &mut none[..]
+        };
+        let mut none2: [f32; 0] = [];
+        let inv_out = if nout > 2 {
+            ctx.output_slice::<f32>(2, &stat_shape)?
+        } else {
+            &mut none2[..]
+        };
+        let (mean_out, inv_out) = (Disjoint::new(mean_out), Disjoint::new(inv_out));
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let eps = <T::C as Real>::from_f64(self.epsilon as f64);
+        let grain = (16 * 1024 / cols).max(1) * cols;
+        ctx.parallel_chunks(y, grain, |start, chunk| {
+            let (mut sb, mut bb) = (Vec::new(), Vec::new());
+            for (ri, yr) in chunk.chunks_mut(cols).enumerate() {
+                let r = start / cols + ri;
+                let xr = &x[r * cols..(r + 1) * cols];
+                let (mean, var) = moments(xr);
+                let inv = <T::C as Real>::ONE / (var + eps).sqrt();
+                let s = scale.row(xs, r, cols, &mut sb);
+                let b = bias.as_ref().map(|b| b.row(xs, r, cols, &mut bb));
+                for j in 0..cols {
+                    let v = (xr[j].load() - mean) * inv * s[j];
+                    yr[j] = T::store(match b {
+                        Some(b) => v + b[j],
+                        None => v,
+                    });
+                }
+                if nout > 1 {
+                    // SAFETY: row `r` belongs to this task only.
+                    unsafe { mean_out.part(r, 1)[0] = mean.to_f64() as f32 };
+                }
+                if nout > 2 {
+                    // SAFETY: as above.
+                    unsafe { inv_out.part(r, 1)[0] = inv.to_f64() as f32 };
+                }
+            }
+        })
+    }
+}
+
+impl Kernel for LayerNorm {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        dispatch_float!(inputs[0].dtype, "LayerNormalization", |T| self
+            .run::<T>(ctx, inputs))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone)]
+struct Lrn {
+    alpha: f32,
+    beta: f32,
+    bias: f32,
+    size: usize,
+}
+
+fn lrn_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    let size = node.int_or("size", 0)?;
+    if size < 1 {
+        return Err(PluginError::invalid(format!(
+            "LRN: attribute 'size' is required and must be >= 1, got {size}"
+        )));
+    }
+    Ok(Box::new(Lrn {
+        alpha: node.float_or("alpha", 1e-4)?,
+        beta: node.float_or("beta", 0.75)?,
+        bias: node.float_or("bias", 1.0)?,
+        size: size as usize,
+    }))
+}
+
+impl Lrn {
+    fn run<T: Float>(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        let xs = inputs[0].shape();
+        let (_, c, plane) = nc("LRN", xs)?;
+        let x = inputs[0].as_slice::<T>()?;
+        let y = ctx.output_slice::<T>(0, xs)?;
+        if y.is_empty() {
+            return Ok(());
+        }
+        let before = (self.size - 1) / 2;
+        let after = self.size - 1 - before;
+        let alpha = <T::C as Real>::from_f64(self.alpha as f64 / self.size as f64);
+        let beta = <T::C as Real>::from_f64(self.beta as f64);
+        let bias = <T::C as Real>::from_f64(self.bias as f64);
+        let grain = (16 * 1024 / plane).max(1) * plane;
+        ctx.parallel_chunks(y, grain, |start, chunk| {
+            for (pi, yp) in chunk.chunks_mut(plane).enumerate() {
+                let p = start / plane + pi;
+                let (n, ch) = (p / c, p % c);
+                let lo = ch.saturating_sub(before);
+                let hi = (ch + after).min(c - 1);
+                for (i, yv) in yp.iter_mut().enumerate() {
+                    let mut sq = <T::C as Real>::ZERO;
+                    for cc in lo..=hi {
+                        let v = x[(n * c + cc) * plane + i].load();
+                        sq += v * v;
+                    }
+                    let xv = x[p * plane + i].load();
+                    *yv = T::store(xv / (bias + alpha * sq).powf(beta));
+                }
+            }
+        })
+    }
+}
+
+impl Kernel for Lrn {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        dispatch_float!(inputs[0].dtype, "LRN", |T| self.run::<T>(ctx, inputs))
+    }
+}
+
+pub fn register(r: &mut Registrar) {
+    let t: &[(&str, &[DType])] = &[("T", FLOATS)];
+    register_versions(
+        r,
+        "BatchNormalization",
+        &[7, 9, 14, 15],
+        &[("T", FLOATS), ("T1", FLOATS), ("T2", FLOATS)],
+        &["T", "T1", "T1", "T2", "T2"],
+        &["T", "T2", "T2"],
+        batch_norm_factory,
+    );
+    register_versions(
+        r,
+        "InstanceNormalization",
+        &[6, 22],
+        t,
+        &["T", "T", "T"],
+        &["T"],
+        instance_norm_factory,
+    );
+    register_versions(
+        r,
+        "LayerNormalization",
+        &[17],
+        &[("T", FLOATS), ("U", &[DType::F32])],
+        &["T", "T", "T"],
+        &["T", "U", "U"],
+        layer_norm_factory,
+    );
+    register_versions(
+        r,
+        "GroupNormalization",
+        &[18, 21],
+        t,
+        &["T", "T", "T"],
+        &["T"],
+        group_norm_factory,
+    );
+    register_versions(r, "LRN", &[1, 13], t, &["T"], &["T"], lrn_factory);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opreg_sdk::{
+        host::HostTensor,
+        testkit::{run_kernel, run_kernel_opt, NodeSpec},
+    };
+
+    fn close(a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                "at {i}: {x} vs {y}"
+            );
+        }
+    }
+
+    fn t(shape: &[usize], v: &[f32]) -> HostTensor {
+        HostTensor::from_vec(shape, v).expect("tensor")
+    }
+
+    fn data(len: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 13 % 17) as f32 - 8.0) / 3.0)
+            .collect()
+    }
+
+    /// Normalises consecutive slices of `len` with the naive two-pass formula.
+    fn naive_norm(x: &[f32], len: usize, eps: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (mut y, mut means, mut invs) = (Vec::new(), Vec::new(), Vec::new());
+        for s in x.chunks(len) {
+            let m = s.iter().sum::<f32>() / len as f32;
+            let v = s.iter().map(|a| (a - m) * (a - m)).sum::<f32>() / len as f32;
+            let inv = 1.0 / (v + eps).sqrt();
+            y.extend(s.iter().map(|a| (a - m) * inv));
+            means.push(m);
+            invs.push(inv);
+        }
+        (y, means, invs)
+    }
+
+    #[test]
+    fn batch_norm_inference() {
+        let x = data(2 * 3 * 4);
+        let scale = [1.0f32, 2.0, 0.5];
+        let bias = [0.0f32, 1.0, -1.0];
+        let mean = [0.5f32, -0.5, 0.0];
+        let var = [1.0f32, 4.0, 0.25];
+        let out = run_kernel(
+            batch_norm_factory,
+            &NodeSpec::onnx("BatchNormalization", 15).attr("epsilon", AttrValue::Float(0.0)),
+            &[
+                &t(&[2, 3, 2, 2], &x),
+                &t(&[3], &scale),
+                &t(&[3], &bias),
+                &t(&[3], &mean),
+                &t(&[3], &var),
+            ],
+            None,
+        )
+        .expect("run");
+        let want: Vec<f32> = x
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let c = (i / 4) % 3;
+                (v - mean[c]) / var[c].sqrt() * scale[c] + bias[c]
+            })
+            .collect();
+        close(&out[0].to_vec::<f32>().expect("y"), &want);
+    }
+
+    #[test]
+    fn instance_and_group_norm() {
+        let x = data(2 * 4 * 3);
+        let xt = t(&[2, 4, 3], &x);
+        let scale = [1.0f32, 2.0, 3.0, 4.0];
+        let bias = [0.5f32, 0.0, -0.5, 1.0];
+        let out = run_kernel(
+            instance_norm_factory,
+            &NodeSpec::onnx("InstanceNormalization", 6),
+            &[&xt, &t(&[4], &scale), &t(&[4], &bias)],
+            None,
+        )
+        .expect("run");
+        let (n, _, _) = naive_norm(&x, 3, 1e-5);
+        let want: Vec<f32> = n
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * scale[(i / 3) % 4] + bias[(i / 3) % 4])
+            .collect();
+        close(&out[0].to_vec::<f32>().expect("y"), &want);
+        // Two groups of two channels; opset 21: per-channel scale and bias.
+        let (n, _, _) = naive_norm(&x, 6, 1e-5);
+        let out = run_kernel(
+            group_norm_factory,
+            &NodeSpec::onnx("GroupNormalization", 21).attr("num_groups", AttrValue::Int(2)),
+            &[&xt, &t(&[4], &scale), &t(&[4], &bias)],
+            None,
+        )
+        .expect("run");
+        let want: Vec<f32> = n
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * scale[(i / 3) % 4] + bias[(i / 3) % 4])
+            .collect();
+        close(&out[0].to_vec::<f32>().expect("y"), &want);
+        // Opset 18: per-group.
+        let out = run_kernel(
+            group_norm_factory,
+            &NodeSpec::onnx("GroupNormalization", 18).attr("num_groups", AttrValue::Int(2)),
+            &[&xt, &t(&[2], &scale[..2]), &t(&[2], &bias[..2])],
+            None,
+        )
+        .expect("run");
+        let want: Vec<f32> = n
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * scale[(i / 6) % 2] + bias[(i / 6) % 2])
+            .collect();
+        close(&out[0].to_vec::<f32>().expect("y"), &want);
+        let err = run_kernel(
+            group_norm_factory,
+            &NodeSpec::onnx("GroupNormalization", 18).attr("num_groups", AttrValue::Int(2)),
+            &[&xt, &t(&[4], &scale), &t(&[4], &bias)],
+            None,
+        )
+        .expect_err("opset 18 scale is per group");
+        assert!(err.message.contains("'scale'"), "{}", err.message);
+    }
+
+    #[test]
+    fn layer_norm_axes_and_stats() {
+        let x = data(2 * 3 * 4);
+        let xt = t(&[2, 3, 4], &x);
+        // axis -1, scale and bias of shape [4], Mean and InvStdDev requested.
+        let scale = [1.0f32, 0.5, 2.0, -1.0];
+        let bias = [0.0f32, 1.0, 0.0, 2.0];
+        let out = run_kernel(
+            layer_norm_factory,
+            &NodeSpec::onnx("LayerNormalization", 17).outputs(3),
+            &[&xt, &t(&[4], &scale), &t(&[4], &bias)],
+            None,
+        )
+        .expect("run");
+        let (n, m, inv) = naive_norm(&x, 4, 1e-5);
+        let want: Vec<f32> = n
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * scale[i % 4] + bias[i % 4])
+            .collect();
+        close(&out[0].to_vec::<f32>().expect("y"), &want);
+        assert_eq!(out[1].shape(), &[2, 3, 1]);
+        close(&out[1].to_vec::<f32>().expect("mean"), &m);
+        close(&out[2].to_vec::<f32>().expect("inv"), &inv);
+        // axis 1 over [3, 4]; scale broadcast from [4]; no bias.
+        let out = run_kernel_opt(
+            layer_norm_factory,
+            &NodeSpec::onnx("LayerNormalization", 17).attr("axis", AttrValue::Int(1)),
+            &[Some(&xt), Some(&t(&[4], &scale)), None],
+            None,
+        )
+        .expect("run");
+        let (n, _, _) = naive_norm(&x, 12, 1e-5);
+        let want: Vec<f32> = n
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * scale[i % 4])
+            .collect();
+        close(&out[0].to_vec::<f32>().expect("y"), &want);
+        // f64 input.
+        let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        let out = run_kernel(
+            layer_norm_factory,
+            &NodeSpec::onnx("LayerNormalization", 17),
+            &[
+                &HostTensor::from_vec(&[6, 4], &x64).expect("x"),
+                &HostTensor::from_vec(&[4], &[1.0f64; 4]).expect("s"),
+            ],
+            None,
+        )
+        .expect("run");
+        let (n, _, _) = naive_norm(&x, 4, 1e-5);
+        let y: Vec<f32> = out[0]
+            .to_vec::<f64>()
+            .expect("y")
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
+        close(&y, &n);
+    }
+
+    #[test]
+    fn lrn_across_channels() {
+        let x = data(5 * 2);
+        let out = run_kernel(
+            lrn_factory,
+            &NodeSpec::onnx("LRN", 13)
+                .attr("size", AttrValue::Int(3))
+                .attr("alpha", AttrValue::Float(0.3))
+                .attr("beta", AttrValue::Float(0.6))
+                .attr("bias", AttrValue::Float(2.0)),
+            &[&t(&[1, 5, 2], &x)],
+            None,
+        )
+        .expect("run");
+        let want: Vec<f32> = (0..10usize)
+            .map(|i| {
+                let (c, s) = (i / 2, i % 2);
+                let sq: f32 = (c.saturating_sub(1)..=(c + 1).min(4))
+                    .map(|cc| x[cc * 2 + s] * x[cc * 2 + s])
+                    .sum();
+                x[i] / (2.0 + 0.3 / 3.0 * sq).powf(0.6)
+            })
+            .collect();
+        close(&out[0].to_vec::<f32>().expect("y"), &want);
+    }
+}

@@ -1,0 +1,646 @@
+//! Pooling: MaxPool (with Indices), AveragePool, LpPool, GlobalAveragePool, GlobalMaxPool.
+
+use super::{register_versions, Disjoint, Float, Real, WindowAttrs, FLOATS};
+use opreg_sdk::prelude::*;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    Max,
+    Avg { count_include_pad: bool },
+    Lp(f64),
+}
+
+#[derive(Clone)]
+struct Pool {
+    op: &'static str,
+    kind: Kind,
+    window: WindowAttrs,
+    storage_order: bool,
+}
+
+fn window(node: &NodeInfo<'_>) -> Result<WindowAttrs, PluginError> {
+    let w = WindowAttrs::from_node(node)?;
+    if w.kernel_shape.is_none() {
+        return Err(PluginError::invalid(format!(
+            "{}: attribute 'kernel_shape' is required",
+            node.op_type
+        )));
+    }
+    Ok(w)
+}
+
+fn max_pool_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    Ok(Box::new(Pool {
+        op: "MaxPool",
+        kind: Kind::Max,
+        window: window(node)?,
+        storage_order: node.int_or("storage_order", 0)? != 0,
+    }))
+}
+
+fn avg_pool_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    Ok(Box::new(Pool {
+        op: "AveragePool",
+        kind: Kind::Avg {
+            count_include_pad: node.int_or("count_include_pad", 0)? != 0,
+        },
+        window: window(node)?,
+        storage_order: false,
+    }))
+}
+
+/// `p` is a FLOAT in LpPool-1 and an INT later.
+fn lp_norm(node: &NodeInfo<'_>) -> Result<f64, PluginError> {
+    let p = match node.attr("p") {
+        None => 2.0,
+        Some(AttrValue::Int(p)) => *p as f64,
+        Some(AttrValue::Float(p)) => *p as f64,
+        Some(other) => {
+            return Err(PluginError::invalid(format!(
+                "{}: attribute 'p' must be INT, got {other:?}",
+                node.op_type
+            )))
+        }
+    };
+    if p <= 0.0 {
+        return Err(PluginError::invalid(format!(
+            "{}: attribute 'p' must be positive, got {p}",
+            node.op_type
+        )));
+    }
+    Ok(p)
+}
+
+fn lp_pool_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    Ok(Box::new(Pool {
+        op: "LpPool",
+        kind: Kind::Lp(lp_norm(node)?),
+        window: window(node)?,
+        storage_order: false,
+    }))
+}
+
+/// Calls `f` with the sum of one entry of each list, for every combination.
+fn for_each_tap(lists: &[&[usize]], f: &mut impl FnMut(usize)) {
+    match lists {
+        [a] => a.iter().for_each(|&a| f(a)),
+        [a, b] => {
+            for &a in *a {
+                for &b in *b {
+                    f(a + b);
+                }
+            }
+        }
+        [a, b, c] => {
+            for &a in *a {
+                for &b in *b {
+                    for &c in *c {
+                        f(a + b + c);
+                    }
+                }
+            }
+        }
+        _ => for_each_tap_dyn(lists, f),
+    }
+}
+
+/// [`for_each_tap`] for rank 4 and above.
+fn for_each_tap_dyn(lists: &[&[usize]], f: &mut dyn FnMut(usize)) {
+    match lists {
+        [] => f(0),
+        [first, rest @ ..] => {
+            for &a in *first {
+                for_each_tap_dyn(rest, &mut |o| f(a + o));
+            }
+        }
+    }
+}
+
+impl Pool {
+    fn run<T: Float>(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        let xv = inputs[0];
+        let xs = xv.shape();
+        if xs.len() < 3 {
+            return Err(PluginError::invalid(format!(
+                "{}: X must have rank >= 3 (N, C, spatial...), got {xs:?}",
+                self.op
+            )));
+        }
+        let spatial = &xs[2..];
+        let s = spatial.len();
+        let g = self.window.resolve(self.op, spatial, None)?;
+        let mut out_shape = xs[..2].to_vec();
+        out_shape.extend_from_slice(&g.out);
+        let x = xv.as_slice::<T>()?;
+        let in_plane: usize = spatial.iter().product();
+        let out_plane: usize = g.out.iter().product();
+        let mut in_strides = vec![1usize; s];
+        for d in (0..s.saturating_sub(1)).rev() {
+            in_strides[d] = in_strides[d + 1] * spatial[d + 1];
+        }
+        // Per dimension and output position: the in-range taps (as offsets) and the number
+        // of taps inside the padded extent.
+        let mut taps: Vec<Vec<Vec<usize>>> = Vec::with_capacity(s);
+        let mut padded: Vec<Vec<usize>> = Vec::with_capacity(s);
+        for d in 0..s {
+            let (mut t, mut p) = (Vec::new(), Vec::new());
+            for o in 0..g.out[d] {
+                let mut list = Vec::new();
+                let mut count = 0;
+                for k in 0..g.kernel[d] {
+                    let pos =
+                        (o * g.strides[d] + k * g.dilations[d]) as isize - g.pad_begin[d] as isize;
+                    if pos >= 0 && pos < spatial[d] as isize {
+                        list.push(pos as usize * in_strides[d]);
+                    }
+                    if pos >= -(g.pad_begin[d] as isize)
+                        && pos < (spatial[d] + g.pad_end[d]) as isize
+                    {
+                        count += 1;
+                    }
+                }
+                t.push(list);
+                p.push(count);
+            }
+            taps.push(t);
+            padded.push(p);
+        }
+        let y = ctx.output_slice::<T>(0, &out_shape)?;
+        let want_indices = self.kind == Kind::Max && ctx.num_outputs() > 1;
+        let mut no_indices: [i64; 0] = [];
+        let indices = if want_indices {
+            ctx.output_slice::<i64>(1, &out_shape)?
+        } else {
+            &mut no_indices[..]
+        };
+        if y.is_empty() {
+            return Ok(());
+        }
+        let indices = Disjoint::new(indices);
+        // Column-major strides of the spatial dims, for storage_order = 1.
+        let mut col_strides = vec![1usize; s];
+        for d in 1..s {
+            col_strides[d] = col_strides[d - 1] * spatial[d - 1];
+        }
+        let grain = (4096 / out_plane.max(1)).max(1) * out_plane;
+        ctx.parallel_chunks(y, grain, |start, chunk| {
+            let mut oid = vec![0usize; s];
+            let mut lists: Vec<&[usize]> = Vec::with_capacity(s);
+            for (pi, yp) in chunk.chunks_mut(out_plane).enumerate() {
+                let plane = start / out_plane + pi;
+                let xp = &x[plane * in_plane..(plane + 1) * in_plane];
+                let mut ip = if want_indices {
+                    // SAFETY: each plane's indices are written by this task only.
+                    Some(unsafe { indices.part(plane * out_plane, out_plane) })
+                } else {
+                    None
+                };
+                oid.fill(0);
+                for (i, yv) in yp.iter_mut().enumerate() {
+                    lists.clear();
+                    lists.extend((0..s).map(|d| taps[d][oid[d]].as_slice()));
+                    match self.kind {
+                        Kind::Max => {
+                            let mut best = <T::C as Real>::NEG_INFINITY;
+                            let mut at = usize::MAX;
+                            for_each_tap(&lists, &mut |o| {
+                                let v = xp[o].load();
+                                if v > best || at == usize::MAX {
+                                    best = v;
+                                    at = o;
+                                }
+                            });
+                            *yv = T::store(best);
+                            if let Some(ip) = ip.as_deref_mut() {
+                                let off = if at == usize::MAX { 0 } else { at };
+                                let sp = if self.storage_order {
+                                    (0..s)
+                                        .map(|d| {
+                                            (off / in_strides[d]) % spatial[d] * col_strides[d]
+                                        })
+                                        .sum()
+                                } else {
+                                    off
+                                };
+                                ip[i] = (plane * in_plane + sp) as i64;
+                            }
+                        }
+                        Kind::Avg { count_include_pad } => {
+                            let mut sum = <T::C as Real>::ZERO;
+                            let mut n = 0usize;
+                            for_each_tap(&lists, &mut |o| {
+                                sum += xp[o].load();
+                                n += 1;
+                            });
+                            if count_include_pad {
+                                n = (0..s).map(|d| padded[d][oid[d]]).product();
+                            }
+                            *yv = T::store(sum / <T::C as Real>::from_usize(n.max(1)));
+                        }
+                        Kind::Lp(p) => {
+                            let pc = <T::C as Real>::from_f64(p);
+                            let mut sum = <T::C as Real>::ZERO;
+                            for_each_tap(&lists, &mut |o| {
+                                sum += xp[o].load().abs().powf(pc);
+                            });
+                            *yv = T::store(sum.powf(<T::C as Real>::ONE / pc));
+                        }
+                    }
+                    for d in (0..s).rev() {
+                        oid[d] += 1;
+                        if oid[d] < g.out[d] {
+                            break;
+                        }
+                        oid[d] = 0;
+                    }
+                }
+            }
+        })
+    }
+}
+
+impl Kernel for Pool {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        dispatch_float!(inputs[0].dtype, self.op, |T| self.run::<T>(ctx, inputs))
+    }
+}
+
+#[derive(Clone)]
+struct GlobalPool {
+    op: &'static str,
+    max: bool,
+}
+
+impl GlobalPool {
+    fn run<T: Float>(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        let xs = inputs[0].shape();
+        if xs.len() < 2 {
+            return Err(PluginError::invalid(format!(
+                "{}: X must have rank >= 2, got {xs:?}",
+                self.op
+            )));
+        }
+        let x = inputs[0].as_slice::<T>()?;
+        let mut out_shape = xs[..2].to_vec();
+        out_shape.resize(xs.len(), 1);
+        let plane: usize = xs[2..].iter().product();
+        let y = ctx.output_slice::<T>(0, &out_shape)?;
+        let grain = (16 * 1024 / plane.max(1)).max(1);
+        ctx.parallel_chunks(y, grain, |start, chunk| {
+            for (i, yv) in chunk.iter_mut().enumerate() {
+                let p = &x[(start + i) * plane..(start + i + 1) * plane];
+                *yv = T::store(if self.max {
+                    p.iter().fold(<T::C as Real>::NEG_INFINITY, |m, v| {
+                        let v = v.load();
+                        if v > m {
+                            v
+                        } else {
+                            m
+                        }
+                    })
+                } else {
+                    let mut sum = <T::C as Real>::ZERO;
+                    p.iter().for_each(|v| sum += v.load());
+                    sum / <T::C as Real>::from_usize(plane)
+                });
+            }
+        })
+    }
+}
+
+impl Kernel for GlobalPool {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        dispatch_float!(inputs[0].dtype, self.op, |T| self.run::<T>(ctx, inputs))
+    }
+}
+
+fn global_avg_factory(_: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    Ok(Box::new(GlobalPool {
+        op: "GlobalAveragePool",
+        max: false,
+    }))
+}
+
+fn global_max_factory(_: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    Ok(Box::new(GlobalPool {
+        op: "GlobalMaxPool",
+        max: true,
+    }))
+}
+
+pub fn register(r: &mut Registrar) {
+    let t: &[(&str, &[DType])] = &[("T", FLOATS)];
+    let ti: &[(&str, &[DType])] = &[("T", FLOATS), ("I", &[DType::I64])];
+    register_versions(
+        r,
+        "MaxPool",
+        &[1, 8, 10, 11, 12, 22],
+        ti,
+        &["T"],
+        &["T", "I"],
+        max_pool_factory,
+    );
+    register_versions(
+        r,
+        "AveragePool",
+        &[1, 7, 10, 11, 19, 22],
+        t,
+        &["T"],
+        &["T"],
+        avg_pool_factory,
+    );
+    register_versions(
+        r,
+        "LpPool",
+        &[1, 2, 11, 18, 22],
+        t,
+        &["T"],
+        &["T"],
+        lp_pool_factory,
+    );
+    register_versions(
+        r,
+        "GlobalAveragePool",
+        &[1, 22],
+        t,
+        &["T"],
+        &["T"],
+        global_avg_factory,
+    );
+    register_versions(
+        r,
+        "GlobalMaxPool",
+        &[1, 22],
+        t,
+        &["T"],
+        &["T"],
+        global_max_factory,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opreg_sdk::{
+        host::HostTensor,
+        testkit::{run_kernel, NodeSpec},
+    };
+
+    fn ints(v: &[usize]) -> AttrValue {
+        AttrValue::Ints(v.iter().map(|&x| x as i64).collect())
+    }
+
+    fn data(len: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 29 % 31) as f32 - 15.0) / 4.0)
+            .collect()
+    }
+
+    /// Naive 2-D pooling over explicit geometry: (values, argmax flat indices).
+    #[allow(clippy::too_many_arguments)]
+    fn naive_pool2(
+        x: &[f32],
+        [n, c, h, w]: [usize; 4],
+        k: [usize; 2],
+        st: [usize; 2],
+        dil: [usize; 2],
+        pads: [usize; 4],
+        out: [usize; 2],
+        kind: Kind,
+    ) -> (Vec<f32>, Vec<i64>) {
+        let mut y = Vec::new();
+        let mut idx = Vec::new();
+        for b in 0..n * c {
+            for oy in 0..out[0] {
+                for ox in 0..out[1] {
+                    let (mut best, mut at, mut sum, mut cnt, mut cnt_pad) =
+                        (f32::NEG_INFINITY, 0usize, 0.0f32, 0usize, 0usize);
+                    for ky in 0..k[0] {
+                        for kx in 0..k[1] {
+                            let py = (oy * st[0] + ky * dil[0]) as isize - pads[0] as isize;
+                            let px = (ox * st[1] + kx * dil[1]) as isize - pads[1] as isize;
+                            if py >= -(pads[0] as isize)
+                                && py < (h + pads[2]) as isize
+                                && px >= -(pads[1] as isize)
+                                && px < (w + pads[3]) as isize
+                            {
+                                cnt_pad += 1;
+                            }
+                            if py < 0 || px < 0 || py >= h as isize || px >= w as isize {
+                                continue;
+                            }
+                            let i = b * h * w + py as usize * w + px as usize;
+                            let v = x[i];
+                            if v > best {
+                                best = v;
+                                at = i;
+                            }
+                            sum += match kind {
+                                Kind::Lp(p) => v.abs().powf(p as f32),
+                                _ => v,
+                            };
+                            cnt += 1;
+                        }
+                    }
+                    y.push(match kind {
+                        Kind::Max => best,
+                        Kind::Avg { count_include_pad } => {
+                            sum / if count_include_pad { cnt_pad } else { cnt } as f32
+                        }
+                        Kind::Lp(p) => sum.powf(1.0 / p as f32),
+                    });
+                    idx.push(at as i64);
+                }
+            }
+        }
+        (y, idx)
+    }
+
+    fn close(a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                "at {i}: {x} vs {y}"
+            );
+        }
+    }
+
+    #[test]
+    fn pools_match_naive_loops() {
+        let xs = [2usize, 3, 7, 8];
+        let x = data(xs.iter().product());
+        let tx = HostTensor::from_vec(&xs, &x).expect("x");
+        // (kernel, strides, dilations, pads, ceil_mode, expected out)
+        let cases = [
+            ([3, 3], [1, 1], [1, 1], [1, 1, 1, 1], false, [7, 8]),
+            ([2, 3], [2, 2], [1, 1], [0, 1, 1, 0], false, [4, 4]),
+            ([2, 2], [2, 3], [1, 1], [0, 0, 0, 0], true, [4, 3]),
+            ([3, 2], [2, 1], [2, 2], [1, 0, 2, 1], true, [4, 7]),
+        ];
+        for (k, st, dil, pads, ceil, out) in cases {
+            for (factory, kind, name) in [
+                (
+                    max_pool_factory as super::super::Factory,
+                    Kind::Max,
+                    "MaxPool",
+                ),
+                (
+                    avg_pool_factory,
+                    Kind::Avg {
+                        count_include_pad: false,
+                    },
+                    "AveragePool",
+                ),
+                (
+                    avg_pool_factory,
+                    Kind::Avg {
+                        count_include_pad: true,
+                    },
+                    "AveragePool",
+                ),
+                (lp_pool_factory, Kind::Lp(3.0), "LpPool"),
+            ] {
+                let mut node = NodeSpec::onnx(name, 19)
+                    .attr("kernel_shape", ints(&k))
+                    .attr("strides", ints(&st))
+                    .attr("dilations", ints(&dil))
+                    .attr("pads", ints(&pads))
+                    .attr("ceil_mode", AttrValue::Int(ceil as i64));
+                if let Kind::Avg { count_include_pad } = kind {
+                    node = node.attr(
+                        "count_include_pad",
+                        AttrValue::Int(count_include_pad as i64),
+                    );
+                }
+                if let Kind::Lp(p) = kind {
+                    node = node.attr("p", AttrValue::Int(p as i64));
+                }
+                if kind == Kind::Max {
+                    node = node.outputs(2);
+                }
+                let got = run_kernel(factory, &node, &[&tx], None).expect("run");
+                let (want, idx) = naive_pool2(&x, xs, k, st, dil, pads, out, kind);
+                assert_eq!(got[0].shape(), &[2, 3, out[0], out[1]], "{name} {k:?}");
+                close(&got[0].to_vec::<f32>().expect("f32"), &want);
+                if kind == Kind::Max {
+                    assert_eq!(got[1].to_vec::<i64>().expect("i64"), idx);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn max_pool_indices_column_major_and_same_pad() {
+        let x: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        let tx = HostTensor::from_vec(&[1, 1, 3, 4], &x).expect("x");
+        let node = NodeSpec::onnx("MaxPool", 12)
+            .attr("kernel_shape", ints(&[2, 2]))
+            .attr("storage_order", AttrValue::Int(1))
+            .outputs(2);
+        let got = run_kernel(max_pool_factory, &node, &[&tx], None).expect("run");
+        assert_eq!(
+            got[0].to_vec::<f32>().expect("y"),
+            vec![5., 6., 7., 9., 10., 11.]
+        );
+        // Row-major 5 = (1, 1) -> column-major 1 + 1 * 3 = 4.
+        assert_eq!(got[1].to_vec::<i64>().expect("i"), vec![4, 7, 10, 5, 8, 11]);
+        // SAME_UPPER, stride 2: out ceil(3/2) x ceil(4/2) = 2 x 2, pad end only.
+        let node = NodeSpec::onnx("MaxPool", 12)
+            .attr("kernel_shape", ints(&[2, 2]))
+            .attr("strides", ints(&[2, 2]))
+            .attr("auto_pad", AttrValue::String("SAME_UPPER".into()));
+        let got = run_kernel(max_pool_factory, &node, &[&tx], None).expect("run");
+        assert_eq!(got[0].shape(), &[1, 1, 2, 2]);
+        assert_eq!(got[0].to_vec::<f32>().expect("y"), vec![5., 7., 9., 11.]);
+        // SAME_LOWER pads the beginning: windows end at rows 0, 2 and columns 1, 3.
+        let node = NodeSpec::onnx("AveragePool", 11)
+            .attr("kernel_shape", ints(&[2, 2]))
+            .attr("strides", ints(&[2, 2]))
+            .attr("auto_pad", AttrValue::String("SAME_LOWER".into()));
+        let got = run_kernel(avg_pool_factory, &node, &[&tx], None).expect("run");
+        assert_eq!(got[0].to_vec::<f32>().expect("y"), vec![0.5, 2.5, 6.5, 8.5]);
+    }
+
+    #[test]
+    fn pool_1d_3d_and_f64() {
+        let x: Vec<f64> = (0..10).map(|i| (i as f64 - 4.0).powi(2)).collect();
+        let tx = HostTensor::from_vec(&[1, 1, 10], &x).expect("x");
+        let node = NodeSpec::onnx("MaxPool", 12)
+            .attr("kernel_shape", ints(&[3]))
+            .attr("strides", ints(&[3]));
+        let got = run_kernel(max_pool_factory, &node, &[&tx], None).expect("run");
+        assert_eq!(got[0].to_vec::<f64>().expect("y"), vec![16.0, 1.0, 16.0]);
+        let x: Vec<f32> = (0..27).map(|i| i as f32).collect();
+        let tx = HostTensor::from_vec(&[1, 1, 3, 3, 3], &x).expect("x");
+        let node = NodeSpec::onnx("AveragePool", 19)
+            .attr("kernel_shape", ints(&[2, 2, 2]))
+            .attr("strides", ints(&[1, 1, 1]));
+        let got = run_kernel(avg_pool_factory, &node, &[&tx], None).expect("run");
+        assert_eq!(got[0].shape(), &[1, 1, 2, 2, 2]);
+        // Mean of a 2x2x2 cube starting at (a,b,c) = start + (9 + 3 + 1) / 2.
+        let want: Vec<f32> = [0., 1., 3., 4., 9., 10., 12., 13.]
+            .iter()
+            .map(|s| s + 6.5)
+            .collect();
+        close(&got[0].to_vec::<f32>().expect("y"), &want);
+    }
+
+    #[test]
+    fn global_pools() {
+        let x: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        let tx = HostTensor::from_vec(&[1, 3, 2, 2], &x).expect("x");
+        let got = run_kernel(
+            global_avg_factory,
+            &NodeSpec::onnx("GlobalAveragePool", 1),
+            &[&tx],
+            None,
+        )
+        .expect("run");
+        assert_eq!(got[0].shape(), &[1, 3, 1, 1]);
+        assert_eq!(got[0].to_vec::<f32>().expect("y"), vec![1.5, 5.5, 9.5]);
+        let got = run_kernel(
+            global_max_factory,
+            &NodeSpec::onnx("GlobalMaxPool", 1),
+            &[&tx],
+            None,
+        )
+        .expect("run");
+        assert_eq!(got[0].to_vec::<f32>().expect("y"), vec![3.0, 7.0, 11.0]);
+        let xh: Vec<opreg_sdk::half::f16> = x
+            .iter()
+            .map(|&v| opreg_sdk::half::f16::from_f32(v))
+            .collect();
+        let tx = HostTensor::from_vec(&[1, 3, 2, 2], &xh).expect("x");
+        let got = run_kernel(
+            global_avg_factory,
+            &NodeSpec::onnx("GlobalAveragePool", 1),
+            &[&tx],
+            None,
+        )
+        .expect("run");
+        let y: Vec<f32> = got[0]
+            .to_vec::<opreg_sdk::half::f16>()
+            .expect("y")
+            .iter()
+            .map(|v| v.to_f32())
+            .collect();
+        assert_eq!(y, vec![1.5, 5.5, 9.5]);
+    }
+}

@@ -1,0 +1,334 @@
+//! Softmax, LogSoftmax and Hardmax: before opset 13 over the input coerced to 2-D at `axis`,
+//! from 13 along the single axis `axis`.
+
+use super::{register_versions, Float, Real, FLOATS};
+use crate::util::normalize_axis;
+use opreg_sdk::prelude::*;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Softmax,
+    LogSoftmax,
+    Hardmax,
+}
+
+#[derive(Clone)]
+struct SoftmaxOp {
+    op: &'static str,
+    kind: Kind,
+    axis: i64,
+    coerce_2d: bool,
+}
+
+fn factory(
+    node: &NodeInfo<'_>,
+    op: &'static str,
+    kind: Kind,
+) -> Result<Box<dyn Kernel>, PluginError> {
+    let coerce_2d = node.opset < 13;
+    Ok(Box::new(SoftmaxOp {
+        op,
+        kind,
+        axis: node.int_or("axis", if coerce_2d { 1 } else { -1 })?,
+        coerce_2d,
+    }))
+}
+
+fn softmax_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    factory(node, "Softmax", Kind::Softmax)
+}
+fn log_softmax_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    factory(node, "LogSoftmax", Kind::LogSoftmax)
+}
+fn hardmax_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    factory(node, "Hardmax", Kind::Hardmax)
+}
+
+impl SoftmaxOp {
+    fn run<T: Float>(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        let xs = inputs[0].shape();
+        let x = inputs[0].as_slice::<T>()?;
+        let y = ctx.output_slice::<T>(0, xs)?;
+        if y.is_empty() {
+            return Ok(());
+        }
+        let rank = xs.len().max(1);
+        let axis = normalize_axis(self.axis, rank).map_err(|e| {
+            PluginError::invalid(format!("{}: attribute 'axis': {}", self.op, e.message))
+        })?;
+        let xs1: Vec<usize> = if xs.is_empty() { vec![1] } else { xs.to_vec() };
+        let (n, inner) = if self.coerce_2d {
+            (xs1[axis..].iter().product::<usize>(), 1)
+        } else {
+            (xs1[axis], xs1[axis + 1..].iter().product::<usize>())
+        };
+        let block = n * inner;
+        let grain = (8 * 1024 / block).max(1) * block;
+        let kind = self.kind;
+        ctx.parallel_chunks(y, grain, |start, chunk| {
+            for (bi, yb) in chunk.chunks_mut(block).enumerate() {
+                let xb = &x[start + bi * block..start + (bi + 1) * block];
+                for lane in 0..inner {
+                    let at = |j: usize| lane + j * inner;
+                    let mut max = <T::C as Real>::NEG_INFINITY;
+                    let mut arg = 0;
+                    for j in 0..n {
+                        let v = xb[at(j)].load();
+                        if v > max {
+                            max = v;
+                            arg = j;
+                        }
+                    }
+                    match kind {
+                        Kind::Hardmax => {
+                            for j in 0..n {
+                                yb[at(j)] = T::store(if j == arg {
+                                    <T::C as Real>::ONE
+                                } else {
+                                    <T::C as Real>::ZERO
+                                });
+                            }
+                        }
+                        Kind::Softmax => {
+                            let mut sum = <T::C as Real>::ZERO;
+                            for j in 0..n {
+                                let e = (xb[at(j)].load() - max).exp();
+                                sum += e;
+                                yb[at(j)] = T::store(e);
+                            }
+                            if T::DTYPE == DType::F32 || T::DTYPE == DType::F64 {
+                                for j in 0..n {
+                                    yb[at(j)] = T::store(yb[at(j)].load() / sum);
+                                }
+                            } else {
+                                // Recompute rather than read back the rounded value.
+                                for j in 0..n {
+                                    yb[at(j)] = T::store((xb[at(j)].load() - max).exp() / sum);
+                                }
+                            }
+                        }
+                        Kind::LogSoftmax => {
+                            let mut sum = <T::C as Real>::ZERO;
+                            for j in 0..n {
+                                sum += (xb[at(j)].load() - max).exp();
+                            }
+                            let lse = max + sum.ln();
+                            for j in 0..n {
+                                yb[at(j)] = T::store(xb[at(j)].load() - lse);
+                            }
+                        }
+                    }
+                }
+            }
+        })
+    }
+}
+
+impl Kernel for SoftmaxOp {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        dispatch_float!(inputs[0].dtype, self.op, |T| self.run::<T>(ctx, inputs))
+    }
+}
+
+pub fn register(r: &mut Registrar) {
+    let t: &[(&str, &[DType])] = &[("T", FLOATS)];
+    register_versions(
+        r,
+        "Softmax",
+        &[1, 11, 13],
+        t,
+        &["T"],
+        &["T"],
+        softmax_factory,
+    );
+    register_versions(
+        r,
+        "LogSoftmax",
+        &[1, 11, 13],
+        t,
+        &["T"],
+        &["T"],
+        log_softmax_factory,
+    );
+    register_versions(
+        r,
+        "Hardmax",
+        &[1, 11, 13],
+        t,
+        &["T"],
+        &["T"],
+        hardmax_factory,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opreg_sdk::{
+        host::HostTensor,
+        testkit::{run_kernel, NodeSpec},
+    };
+
+    fn run(
+        f: super::super::Factory,
+        op: &str,
+        opset: i32,
+        axis: Option<i64>,
+        shape: &[usize],
+        x: &[f32],
+    ) -> Vec<f32> {
+        let mut node = NodeSpec::onnx(op, opset);
+        if let Some(a) = axis {
+            node = node.attr("axis", AttrValue::Int(a));
+        }
+        let tx = HostTensor::from_vec(shape, x).expect("x");
+        let out = run_kernel(f, &node, &[&tx], None).expect("run");
+        assert_eq!(out[0].shape(), shape);
+        out[0].to_vec::<f32>().expect("f32")
+    }
+
+    fn close(a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                "at {i}: {x} vs {y}"
+            );
+        }
+    }
+
+    #[test]
+    fn softmax_hand_values_and_row_sums() {
+        let y = run(
+            softmax_factory,
+            "Softmax",
+            13,
+            None,
+            &[2, 3],
+            &[1.0, 2.0, 3.0, 0.0, 0.0, 1000.0],
+        );
+        let e = [1.0f32.exp(), 2.0f32.exp(), 3.0f32.exp()];
+        let s: f32 = e.iter().sum();
+        close(&y, &[e[0] / s, e[1] / s, e[2] / s, 0.0, 0.0, 1.0]);
+        let x: Vec<f32> = (0..60).map(|i| ((i * 7 % 13) as f32 - 6.0) / 3.0).collect();
+        for axis in [0, 1, 2, -1, -2] {
+            let y = run(softmax_factory, "Softmax", 13, Some(axis), &[3, 4, 5], &x);
+            let a = normalize_axis(axis, 3).expect("axis");
+            let shape = [3usize, 4, 5];
+            let inner: usize = shape[a + 1..].iter().product();
+            let n = shape[a];
+            for outer in 0..60 / (n * inner) {
+                for lane in 0..inner {
+                    let sum: f32 = (0..n)
+                        .map(|j| y[outer * n * inner + j * inner + lane])
+                        .sum();
+                    assert!((sum - 1.0).abs() < 1e-5, "axis {axis}: {sum}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_before_13_coerces_to_2d() {
+        let x: Vec<f32> = (0..24).map(|i| i as f32 / 10.0).collect();
+        // axis 1 of [2, 3, 4]: rows of 12.
+        let y = run(softmax_factory, "Softmax", 11, None, &[2, 3, 4], &x);
+        for r in 0..2 {
+            let row = &x[r * 12..(r + 1) * 12];
+            let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let s: f32 = row.iter().map(|v| (v - m).exp()).sum();
+            let want: Vec<f32> = row.iter().map(|v| (v - m).exp() / s).collect();
+            close(&y[r * 12..(r + 1) * 12], &want);
+        }
+        // LogSoftmax is the log of it.
+        let ly = run(log_softmax_factory, "LogSoftmax", 11, None, &[2, 3, 4], &x);
+        let want: Vec<f32> = y.iter().map(|v| v.ln()).collect();
+        close(&ly, &want);
+        // Opset 13: the same call normalises along the last axis only.
+        let y = run(softmax_factory, "Softmax", 13, None, &[2, 3, 4], &x);
+        let s: f32 = y[..4].iter().sum();
+        assert!((s - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn softmax_f16_and_bf16_compute_in_f32() {
+        use opreg_sdk::half::{bf16, f16};
+        let x = [1.0f32, 2.0, 3.0, 4.0];
+        let e: Vec<f32> = x.iter().map(|v| (v - 4.0).exp()).collect();
+        let s: f32 = e.iter().sum();
+        let want: Vec<f32> = e.iter().map(|v| v / s).collect();
+        let xh: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+        let out = run_kernel(
+            softmax_factory,
+            &NodeSpec::onnx("Softmax", 13),
+            &[&HostTensor::from_vec(&[4], &xh).expect("x")],
+            None,
+        )
+        .expect("run");
+        let y: Vec<f32> = out[0]
+            .to_vec::<f16>()
+            .expect("y")
+            .iter()
+            .map(|v| v.to_f32())
+            .collect();
+        for (a, b) in y.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+        }
+        let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+        let out = run_kernel(
+            log_softmax_factory,
+            &NodeSpec::onnx("LogSoftmax", 13),
+            &[&HostTensor::from_vec(&[4], &xb).expect("x")],
+            None,
+        )
+        .expect("run");
+        let y: Vec<f32> = out[0]
+            .to_vec::<bf16>()
+            .expect("y")
+            .iter()
+            .map(|v| v.to_f32())
+            .collect();
+        for (a, b) in y.iter().zip(&want) {
+            assert!((a - b.ln()).abs() < 2e-2, "{a} vs {}", b.ln());
+        }
+    }
+
+    #[test]
+    fn hardmax_first_max_wins() {
+        let y = run(
+            hardmax_factory,
+            "Hardmax",
+            13,
+            None,
+            &[2, 3],
+            &[1.0, 3.0, 3.0, -1.0, -2.0, -3.0],
+        );
+        assert_eq!(y, vec![0.0, 1.0, 0.0, 1.0, 0.0, 0.0]);
+        let y = run(
+            hardmax_factory,
+            "Hardmax",
+            13,
+            Some(0),
+            &[2, 3],
+            &[1.0, 3.0, 3.0, -1.0, 4.0, -3.0],
+        );
+        assert_eq!(y, vec![1.0, 0.0, 1.0, 0.0, 1.0, 0.0]);
+        let y = run(
+            log_softmax_factory,
+            "LogSoftmax",
+            13,
+            None,
+            &[1, 2],
+            &[0.0, 0.0],
+        );
+        close(&y, &[-(2.0f32.ln()), -(2.0f32.ln())]);
+    }
+}
