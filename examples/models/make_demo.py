@@ -27,7 +27,7 @@ graph = helper.make_graph(
     [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 3])],
     [numpy_helper.from_array(v, n) for n, v in [("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)]],
 )
-model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="opreg-demo")
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="opreg-demo", ir_version=9)
 checker.check_model(model)
 out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "1")
 os.makedirs(out, exist_ok=True)

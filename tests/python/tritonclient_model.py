@@ -31,7 +31,8 @@ graph = helper.make_graph(
     [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
     [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"), numpy_helper.from_array(w2, "w2")],
 )
-model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+# IR version 9 so that the pinned onnxruntime (IR <= 10) loads what the newer onnx writes.
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 onnx.checker.check_model(model)
 data = model.SerializeToString()
 
