@@ -153,14 +153,19 @@ where
         BinOp::Mul => go!(|x, y| x.mul(y)),
         BinOp::Div => go!(|x, y| x.div(y)),
         BinOp::Mod { fmod: true } => go!(|x, y| x.fmod(y)),
-        BinOp::Mod { fmod: false } => {
-            if T::IS_FLOAT {
-                return Err(PluginError::invalid(
-                    "Mod: attribute 'fmod' must be 1 for floating-point inputs",
-                ));
-            }
-            go!(|x, y| x.modulo(y))
+        BinOp::Mod { fmod: false } if T::IS_FLOAT => {
+            // Python's `%`: the result takes the divisor's sign.
+            let zero = <T::C as Arith>::ZERO;
+            go!(|x, y| {
+                let r = x.fmod(y);
+                if r != zero && ((r < zero) != (y < zero)) {
+                    r.add(y)
+                } else {
+                    r
+                }
+            })
         }
+        BinOp::Mod { fmod: false } => go!(|x, y| x.modulo(y)),
         BinOp::PRelu => {
             let zero = <T::C as Arith>::ZERO;
             go!(|x, s| if x < zero { s.mul(x) } else { x })

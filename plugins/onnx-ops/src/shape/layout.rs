@@ -745,6 +745,7 @@ impl Kernel for DepthToSpace {
 #[derive(Clone)]
 pub(crate) struct SpaceToDepth {
     block: usize,
+    crd: bool,
 }
 
 impl Kernel for SpaceToDepth {
@@ -762,11 +763,13 @@ impl Kernel for SpaceToDepth {
                 "SpaceToDepth: {h}x{w} does not divide by blocksize {b}"
             )));
         }
+        // DCR: output channel (b1 * b + b2) * c + ci; CRD: ci * b * b + b1 * b + b2.
+        let perm: &[usize] = if self.crd { &[0, 1, 3, 5, 2, 4] } else { &[0, 3, 5, 1, 2, 4] };
         copy_permuted(
             ctx,
             data,
             &[n, c, h / b, b, w / b, b],
-            &[0, 3, 5, 1, 2, 4],
+            perm,
             &[n, c * b * b, h / b, w / b],
         )
     }
@@ -1058,7 +1061,19 @@ pub(crate) fn register(r: &mut Registrar) {
         })
     });
     reg(r, t("SpaceToDepth", 1, OPEN_END).inputs(&["T"]), move |n| {
-        Ok(SpaceToDepth { block: block(n)? })
+        let crd = match n.string_or("mode", "DCR")?.as_str() {
+            "DCR" => false,
+            "CRD" => true,
+            m => {
+                return Err(PluginError::invalid(format!(
+                    "SpaceToDepth: unknown mode '{m}'"
+                )))
+            }
+        };
+        Ok(SpaceToDepth {
+            block: block(n)?,
+            crd,
+        })
     });
     reg(
         r,
