@@ -4,7 +4,9 @@
 use opreg_sdk::prelude::*;
 
 mod elementwise;
+mod misc;
 mod nn;
+mod quant;
 mod shape;
 #[allow(dead_code)] // shared helpers; not every family uses every one
 mod util;
@@ -30,6 +32,8 @@ fn register(r: &mut Registrar) {
     elementwise::register(r);
     shape::register(r);
     nn::register(r);
+    quant::register(r);
+    misc::register(r);
 }
 
 opreg_sdk::export_plugin! {
