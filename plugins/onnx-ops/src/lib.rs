@@ -4,8 +4,10 @@
 use opreg_sdk::prelude::*;
 
 mod elementwise;
+mod misc;
 mod nn;
 mod reduce;
+mod quant;
 mod shape;
 #[allow(dead_code)] // shared helpers; not every family uses every one
 mod util;
@@ -32,6 +34,8 @@ fn register(r: &mut Registrar) {
     shape::register(r);
     nn::register(r);
     reduce::register(r);
+    quant::register(r);
+    misc::register(r);
 }
 
 opreg_sdk::export_plugin! {

@@ -1,0 +1,413 @@
+//! `ConvInteger` and `QLinearConv`: N-D grouped convolution over zero-point-shifted integers,
+//! accumulated in `i32` with plain loops.
+
+use super::matmul::requant_multiplier;
+use super::{fill_saturated, read_f32, read_i32, Factory, Q8};
+use opreg_sdk::prelude::*;
+
+/// Convolution attributes, as read from the node.
+#[derive(Clone, Debug)]
+struct ConvAttrs {
+    group: i64,
+    auto_pad: String,
+    kernel_shape: Option<Vec<i64>>,
+    pads: Option<Vec<i64>>,
+    strides: Option<Vec<i64>>,
+    dilations: Option<Vec<i64>>,
+}
+
+impl ConvAttrs {
+    fn read(node: &NodeInfo<'_>) -> Result<Self, PluginError> {
+        Ok(ConvAttrs {
+            group: node.int_or("group", 1)?,
+            auto_pad: node.string_or("auto_pad", "NOTSET")?,
+            kernel_shape: node.ints("kernel_shape")?,
+            pads: node.ints("pads")?,
+            strides: node.ints("strides")?,
+            dilations: node.ints("dilations")?,
+        })
+    }
+}
+
+/// The geometry of one convolution.
+#[derive(Debug, PartialEq)]
+struct Geometry {
+    n: usize,
+    c: usize,
+    m: usize,
+    group: usize,
+    in_sp: Vec<usize>,
+    k_sp: Vec<usize>,
+    out_sp: Vec<usize>,
+    strides: Vec<usize>,
+    dilations: Vec<usize>,
+    pad_begin: Vec<usize>,
+}
+
+impl Geometry {
+    fn new(op: &str, x: &[usize], w: &[usize], a: &ConvAttrs) -> Result<Self, PluginError> {
+        if x.len() < 3 || w.len() != x.len() {
+            return Err(PluginError::invalid(format!(
+                "{op}: x {x:?} must be [N, C, D1, ...] and w {w:?} [M, C/group, k1, ...] of the same rank"
+            )));
+        }
+        let sp = x.len() - 2;
+        let (n, c, m) = (x[0], x[1], w[0]);
+        if a.group < 1 {
+            return Err(PluginError::invalid(format!(
+                "{op}: attribute 'group' must be >= 1"
+            )));
+        }
+        let group = a.group as usize;
+        if c % group != 0 || m % group != 0 || w[1] * group != c {
+            return Err(PluginError::invalid(format!(
+                "{op}: channels do not fit group {group}: x {x:?}, w {w:?}"
+            )));
+        }
+        let k_sp = w[2..].to_vec();
+        if let Some(ks) = &a.kernel_shape {
+            if ks.len() != sp || ks.iter().zip(&k_sp).any(|(&a, &b)| a as usize != b) {
+                return Err(PluginError::invalid(format!(
+                    "{op}: attribute 'kernel_shape' {ks:?} does not match w {w:?}"
+                )));
+            }
+        }
+        let attr = |name: &str, v: &Option<Vec<i64>>, len: usize, default: i64, min: i64| {
+            let v = v.clone().unwrap_or_else(|| vec![default; len]);
+            if v.len() != len || v.iter().any(|&e| e < min) {
+                return Err(PluginError::invalid(format!(
+                    "{op}: attribute '{name}' {v:?} must have {len} values >= {min}"
+                )));
+            }
+            Ok(v.iter().map(|&e| e as usize).collect::<Vec<usize>>())
+        };
+        let strides = attr("strides", &a.strides, sp, 1, 1)?;
+        let dilations = attr("dilations", &a.dilations, sp, 1, 1)?;
+        let pads = attr("pads", &a.pads, 2 * sp, 0, 0)?;
+        let in_sp = x[2..].to_vec();
+        let mut out_sp = Vec::with_capacity(sp);
+        let mut pad_begin = Vec::with_capacity(sp);
+        for d in 0..sp {
+            let ext = (k_sp[d].max(1) - 1) * dilations[d] + 1;
+            let (pb, pe) = match a.auto_pad.as_str() {
+                "NOTSET" => (pads[d], pads[d + sp]),
+                "VALID" => (0, 0),
+                "SAME_UPPER" | "SAME_LOWER" => {
+                    let out = in_sp[d].div_ceil(strides[d]);
+                    let total = ((out.max(1) - 1) * strides[d] + ext).saturating_sub(in_sp[d]);
+                    if a.auto_pad == "SAME_UPPER" {
+                        (total / 2, total - total / 2)
+                    } else {
+                        (total - total / 2, total / 2)
+                    }
+                }
+                other => {
+                    return Err(PluginError::invalid(format!(
+                        "{op}: attribute 'auto_pad' = '{other}' is not one of NOTSET, VALID, SAME_UPPER, SAME_LOWER"
+                    )))
+                }
+            };
+            let padded = in_sp[d] + pb + pe;
+            if padded < ext {
+                return Err(PluginError::invalid(format!(
+                    "{op}: kernel extent {ext} exceeds padded input {padded} along spatial dim {d}"
+                )));
+            }
+            out_sp.push((padded - ext) / strides[d] + 1);
+            pad_begin.push(pb);
+        }
+        Ok(Geometry {
+            n,
+            c,
+            m,
+            group,
+            in_sp,
+            k_sp,
+            out_sp,
+            strides,
+            dilations,
+            pad_begin,
+        })
+    }
+
+    fn out_shape(&self) -> Vec<usize> {
+        let mut s = vec![self.n, self.m];
+        s.extend(&self.out_sp);
+        s
+    }
+
+    /// `out[n, m, ...] = bias[m] + sum x[n, c, ...] * w[m, c, ...]` over the group's channels.
+    fn run(
+        &self,
+        ctx: &KernelContext<'_>,
+        x: &[i32],
+        w: &[i32],
+        bias: Option<&[i32]>,
+        out: &mut [i32],
+    ) -> Result<(), PluginError> {
+        let sp = self.in_sp.len();
+        let plane: usize = self.out_sp.iter().product();
+        let in_size: usize = self.in_sp.iter().product();
+        let k_size: usize = self.k_sp.iter().product();
+        let cg = self.c / self.group;
+        let mg = self.m / self.group;
+        // Per kernel position: its dilated offset along each spatial dimension.
+        let mut kpos = vec![0usize; sp];
+        let mut koffs: Vec<Vec<usize>> = Vec::with_capacity(k_size);
+        for _ in 0..k_size {
+            koffs.push(
+                kpos.iter()
+                    .zip(&self.dilations)
+                    .map(|(&k, &d)| k * d)
+                    .collect(),
+            );
+            increment(&mut kpos, &self.k_sp);
+        }
+        let mut in_strides = vec![1usize; sp];
+        for d in (0..sp.saturating_sub(1)).rev() {
+            in_strides[d] = in_strides[d + 1] * self.in_sp[d + 1];
+        }
+        if plane == 0 {
+            return Ok(());
+        }
+        ctx.parallel_chunks(out, plane, |start, chunk| {
+            let idx = start / plane;
+            let (bn, oc) = (idx / self.m, idx % self.m);
+            let g = oc / mg;
+            let b0 = bias.map_or(0, |b| b[oc]);
+            let mut o = vec![0usize; sp];
+            for v in chunk.iter_mut() {
+                let mut acc = b0;
+                for (kp, koff) in koffs.iter().enumerate() {
+                    // Input position of this kernel tap, if inside the (unpadded) input.
+                    let mut lin = 0usize;
+                    let mut inside = true;
+                    for d in 0..sp {
+                        let p = (o[d] * self.strides[d] + koff[d]) as isize
+                            - self.pad_begin[d] as isize;
+                        if p < 0 || p as usize >= self.in_sp[d] {
+                            inside = false;
+                            break;
+                        }
+                        lin += p as usize * in_strides[d];
+                    }
+                    if !inside {
+                        continue;
+                    }
+                    for ic in 0..cg {
+                        let ch = g * cg + ic;
+                        let xv = x[(bn * self.c + ch) * in_size + lin];
+                        let wv = w[(oc * cg + ic) * k_size + kp];
+                        acc = acc.wrapping_add(xv.wrapping_mul(wv));
+                    }
+                }
+                *v = acc;
+                increment(&mut o, &self.out_sp);
+            }
+        })
+    }
+}
+
+/// Advances a row-major multi-index over `shape` (wrapping to zeros at the end).
+fn increment(idx: &mut [usize], shape: &[usize]) {
+    for d in (0..idx.len()).rev() {
+        idx[d] += 1;
+        if idx[d] < shape[d] {
+            return;
+        }
+        idx[d] = 0;
+    }
+}
+
+/// `x - x_zero_point` (scalar zero point only).
+fn shift_x(
+    op: &str,
+    x: &TensorView<'_>,
+    zp: Option<&TensorView<'_>>,
+) -> Result<Vec<i32>, PluginError> {
+    let mut xs = read_i32(x, op)?;
+    if let Some(z) = zp {
+        if z.dtype != x.dtype {
+            return Err(PluginError::invalid(format!(
+                "{op}: x_zero_point is {} but x is {}",
+                z.dtype, x.dtype
+            )));
+        }
+        let zv = read_i32(z, op)?;
+        if zv.len() != 1 {
+            return Err(PluginError::unimplemented(format!(
+                "{op}: x_zero_point of shape {:?}: only a scalar is supported",
+                z.shape()
+            )));
+        }
+        xs.iter_mut().for_each(|v| *v -= zv[0]);
+    }
+    Ok(xs)
+}
+
+/// `w - w_zero_point`, the zero point a scalar or one per output channel.
+fn shift_w(
+    op: &str,
+    w: &TensorView<'_>,
+    zp: Option<&TensorView<'_>>,
+) -> Result<Vec<i32>, PluginError> {
+    let mut ws = read_i32(w, op)?;
+    if let Some(z) = zp {
+        if z.dtype != w.dtype {
+            return Err(PluginError::invalid(format!(
+                "{op}: w_zero_point is {} but w is {}",
+                z.dtype, w.dtype
+            )));
+        }
+        let zv = read_i32(z, op)?;
+        let m = w.shape().first().copied().unwrap_or(0);
+        let per = ws.len().checked_div(m).unwrap_or(0);
+        if zv.len() == 1 {
+            ws.iter_mut().for_each(|v| *v -= zv[0]);
+        } else if z.rank() == 1 && zv.len() == m {
+            for (i, v) in ws.iter_mut().enumerate() {
+                *v -= zv[i / per];
+            }
+        } else {
+            return Err(PluginError::invalid(format!(
+                "{op}: w_zero_point of shape {:?} is neither a scalar nor one per output channel ({m})",
+                z.shape()
+            )));
+        }
+    }
+    Ok(ws)
+}
+
+#[derive(Clone)]
+struct ConvInteger(ConvAttrs);
+
+impl Kernel for ConvInteger {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        const OP: &str = "ConvInteger";
+        let present = |i: usize| inputs.get(i).filter(|t| !t.is_absent());
+        let (x, w) = (&inputs[0], &inputs[1]);
+        let geo = Geometry::new(OP, x.shape(), w.shape(), &self.0)?;
+        let xs = shift_x(OP, x, present(2))?;
+        let ws = shift_w(OP, w, present(3))?;
+        let out = ctx.output_slice::<i32>(0, &geo.out_shape())?;
+        geo.run(ctx, &xs, &ws, None, out)
+    }
+}
+
+#[derive(Clone)]
+struct QLinearConv(ConvAttrs);
+
+impl Kernel for QLinearConv {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        const OP: &str = "QLinearConv";
+        if inputs.len() < 8 {
+            return Err(PluginError::invalid(format!(
+                "{OP}: expects 8 or 9 inputs, got {}",
+                inputs.len()
+            )));
+        }
+        let present = |i: usize| inputs.get(i).filter(|t| !t.is_absent());
+        let (x, w) = (&inputs[0], &inputs[3]);
+        let geo = Geometry::new(OP, x.shape(), w.shape(), &self.0)?;
+        let xs = shift_x(OP, x, present(2))?;
+        let ws = shift_w(OP, w, present(5))?;
+        let scalar = |i: usize, name: &str| -> Result<f32, PluginError> {
+            let v = read_f32(&inputs[i], OP)?;
+            if v.len() != 1 {
+                return Err(PluginError::invalid(format!(
+                    "{OP}: {name} must be a scalar"
+                )));
+            }
+            Ok(v[0])
+        };
+        let x_scale = scalar(1, "x_scale")?;
+        let y_scale = scalar(6, "y_scale")?;
+        let w_scale = read_f32(&inputs[4], OP)?;
+        if w_scale.len() != 1 && w_scale.len() != geo.m {
+            return Err(PluginError::invalid(format!(
+                "{OP}: w_scale has {} elements, expected 1 or {} (one per output channel)",
+                w_scale.len(),
+                geo.m
+            )));
+        }
+        let mult: Vec<f32> = (0..geo.m)
+            .map(|oc| {
+                let ws = w_scale[if w_scale.len() == 1 { 0 } else { oc }];
+                requant_multiplier(DType::F32, x_scale, ws, y_scale)
+            })
+            .collect();
+        let (out_dtype, y_zp) = match present(7) {
+            Some(z) => {
+                let zv = read_i32(z, OP)?;
+                if zv.len() != 1 {
+                    return Err(PluginError::invalid(format!(
+                        "{OP}: y_zero_point must be a scalar"
+                    )));
+                }
+                (z.dtype, zv[0] as f64)
+            }
+            None => (x.dtype, 0.0),
+        };
+        let bias = match present(8) {
+            Some(b) => {
+                let bv = b.as_slice::<i32>()?;
+                if bv.len() != geo.m {
+                    return Err(PluginError::invalid(format!(
+                        "{OP}: B has {} elements, expected {}",
+                        bv.len(),
+                        geo.m
+                    )));
+                }
+                Some(bv)
+            }
+            None => None,
+        };
+        let shape = geo.out_shape();
+        let mut acc = vec![0i32; shape.iter().product()];
+        geo.run(ctx, &xs, &ws, bias, &mut acc)?;
+        let plane: usize = geo.out_sp.iter().product::<usize>().max(1);
+        fill_saturated(ctx, 0, out_dtype, &shape, |i| {
+            let oc = (i / plane) % geo.m;
+            (acc[i] as f64 * mult[oc] as f64 + y_zp).round_ties_even()
+        })
+    }
+}
+
+pub(super) fn conv_integer_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    Ok(Box::new(ConvInteger(ConvAttrs::read(node)?)))
+}
+
+pub(super) fn qlinear_conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    Ok(Box::new(QLinearConv(ConvAttrs::read(node)?)))
+}
+
+pub(super) fn register(r: &mut Registrar) {
+    r.kernel(
+        KernelDesc::onnx("ConvInteger", 10, OPEN_END)
+            .constraint("T1", Q8)
+            .constraint("T2", Q8)
+            .constraint("T3", &[DType::I32])
+            .inputs(&["T1", "T2", "T1", "T2"])
+            .outputs(&["T3"]),
+        conv_integer_factory as Factory,
+    );
+    r.kernel(
+        KernelDesc::onnx("QLinearConv", 10, OPEN_END)
+            .constraint("T1", Q8)
+            .constraint("T2", Q8)
+            .constraint("T3", Q8)
+            .constraint("T4", &[DType::I32])
+            .constraint("TS", &[DType::F32])
+            .inputs(&["T1", "TS", "T1", "T2", "TS", "T2", "TS", "T3", "T4"])
+            .outputs(&["T3"]),
+        qlinear_conv_factory as Factory,
+    );
+}

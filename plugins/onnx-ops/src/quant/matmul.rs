@@ -1,0 +1,298 @@
+//! `MatMulInteger` and `QLinearMatMul`: integer matrix products with numpy-style batch
+//! broadcasting, accumulated in `i32`.
+
+use super::{fill_saturated, read_f32, read_i32, FLOATS, Q8};
+use crate::util::{broadcast_shapes, broadcast_strides, walk_offsets};
+use opreg_sdk::half::{bf16, f16};
+use opreg_sdk::prelude::*;
+
+/// `t - zero_point` as `i32`. A 1-D zero point of length M for a matrix `[.., M, K]` is per
+/// row (`per_row`); otherwise the zero point broadcasts against `t` numpy-style (scalar,
+/// `[N]` per column of B, `[.., M, 1]`, `[.., 1, N]`).
+pub(super) fn shifted(
+    op: &str,
+    name: &str,
+    t: &TensorView<'_>,
+    zp: Option<&TensorView<'_>>,
+    per_row: bool,
+) -> Result<Vec<i32>, PluginError> {
+    let mut x = read_i32(t, op)?;
+    let Some(z) = zp else { return Ok(x) };
+    if z.dtype != t.dtype {
+        return Err(PluginError::invalid(format!(
+            "{op}: {name} is {} but its tensor is {}",
+            z.dtype, t.dtype
+        )));
+    }
+    let zv = read_i32(z, op)?;
+    if zv.len() == 1 {
+        x.iter_mut().for_each(|v| *v -= zv[0]);
+        return Ok(x);
+    }
+    let mut zshape = z.shape().to_vec();
+    if per_row && zshape.len() == 1 && t.rank() >= 2 {
+        zshape.push(1);
+    }
+    let fits = zshape.len() <= t.rank()
+        && broadcast_shapes(&[t.shape(), &zshape]).is_ok_and(|s| s == t.shape());
+    if !fits {
+        return Err(PluginError::invalid(format!(
+            "{op}: {name} of shape {:?} does not fit its tensor of shape {:?}",
+            z.shape(),
+            t.shape()
+        )));
+    }
+    let strides = broadcast_strides(&zshape, t.shape());
+    let mut i = 0;
+    walk_offsets(t.shape(), &strides, 0, x.len(), |o| {
+        x[i] -= zv[o];
+        i += 1;
+    });
+    Ok(x)
+}
+
+/// Shapes of a batched matrix product.
+pub(super) struct MatDims {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    /// Offset of each output batch's A and B matrices.
+    a_off: Vec<usize>,
+    b_off: Vec<usize>,
+    pub out_shape: Vec<usize>,
+}
+
+impl MatDims {
+    pub(super) fn new(op: &str, a: &[usize], b: &[usize]) -> Result<Self, PluginError> {
+        if a.is_empty() || b.is_empty() {
+            return Err(PluginError::invalid(format!(
+                "{op}: operands must have rank >= 1, got {a:?} and {b:?}"
+            )));
+        }
+        let a2: Vec<usize> = if a.len() == 1 {
+            vec![1, a[0]]
+        } else {
+            a.to_vec()
+        };
+        let b2: Vec<usize> = if b.len() == 1 {
+            vec![b[0], 1]
+        } else {
+            b.to_vec()
+        };
+        let (m, k) = (a2[a2.len() - 2], a2[a2.len() - 1]);
+        let (k2, n) = (b2[b2.len() - 2], b2[b2.len() - 1]);
+        if k != k2 {
+            return Err(PluginError::invalid(format!(
+                "{op}: inner dimensions differ, A is {a:?} and B is {b:?}"
+            )));
+        }
+        let (ab, bb) = (&a2[..a2.len() - 2], &b2[..b2.len() - 2]);
+        let batch = broadcast_shapes(&[ab, bb]).map_err(|_| {
+            PluginError::invalid(format!(
+                "{op}: batch dims of {a:?} and {b:?} do not broadcast"
+            ))
+        })?;
+        let nb: usize = batch.iter().product();
+        let mut a_off = Vec::with_capacity(nb);
+        let mut b_off = Vec::with_capacity(nb);
+        walk_offsets(&batch, &broadcast_strides(ab, &batch), 0, nb, |o| {
+            a_off.push(o * m * k)
+        });
+        walk_offsets(&batch, &broadcast_strides(bb, &batch), 0, nb, |o| {
+            b_off.push(o * k * n)
+        });
+        let mut out_shape = batch;
+        if a.len() > 1 {
+            out_shape.push(m);
+        }
+        if b.len() > 1 {
+            out_shape.push(n);
+        }
+        Ok(MatDims {
+            m,
+            k,
+            n,
+            a_off,
+            b_off,
+            out_shape,
+        })
+    }
+
+    /// Number of output elements.
+    pub(super) fn len(&self) -> usize {
+        self.a_off.len() * self.m * self.n
+    }
+
+    /// `out = a @ b` (wrapping `i32` arithmetic), rows in parallel.
+    pub(super) fn run(
+        &self,
+        ctx: &KernelContext<'_>,
+        a: &[i32],
+        b: &[i32],
+        out: &mut [i32],
+    ) -> Result<(), PluginError> {
+        let (m, k, n) = (self.m, self.k, self.n);
+        if n == 0 {
+            return Ok(());
+        }
+        let rows_per_chunk = (4096 / (k * n).max(1)).max(1);
+        ctx.parallel_chunks(out, rows_per_chunk * n, |start, chunk| {
+            for (r, row) in chunk.chunks_mut(n).enumerate() {
+                let r = start / n + r;
+                let (bi, i) = (r / m, r % m);
+                let arow = &a[self.a_off[bi] + i * k..][..k];
+                let bmat = &b[self.b_off[bi]..][..k * n];
+                row.fill(0);
+                for (kk, &av) in arow.iter().enumerate() {
+                    if av == 0 {
+                        continue;
+                    }
+                    for (o, &bv) in row.iter_mut().zip(&bmat[kk * n..(kk + 1) * n]) {
+                        *o = o.wrapping_add(av.wrapping_mul(bv));
+                    }
+                }
+            }
+        })
+    }
+}
+
+#[derive(Clone)]
+pub(super) struct MatMulInteger;
+
+impl Kernel for MatMulInteger {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        const OP: &str = "MatMulInteger";
+        let (a, b) = (&inputs[0], &inputs[1]);
+        let azp = inputs.get(2).filter(|t| !t.is_absent());
+        let bzp = inputs.get(3).filter(|t| !t.is_absent());
+        let dims = MatDims::new(OP, a.shape(), b.shape())?;
+        let a32 = shifted(OP, "a_zero_point", a, azp, true)?;
+        let b32 = shifted(OP, "b_zero_point", b, bzp, false)?;
+        let out = ctx.output_slice::<i32>(0, &dims.out_shape)?;
+        dims.run(ctx, &a32, &b32, out)
+    }
+}
+
+/// `a * b / y` rounded as numpy does in the scales' own type (f32, f16 or bf16).
+pub(super) fn requant_multiplier(dtype: DType, a: f32, b: f32, y: f32) -> f32 {
+    match dtype {
+        DType::F16 => {
+            let ab = f16::from_f32(a * b).to_f32();
+            f16::from_f32(ab / y).to_f32()
+        }
+        DType::BF16 => {
+            let ab = bf16::from_f32(a * b).to_f32();
+            bf16::from_f32(ab / y).to_f32()
+        }
+        _ => a * b / y,
+    }
+}
+
+/// A scale that is a scalar or a vector of `len` (per row of A / per column of B).
+fn vector_scale(
+    op: &str,
+    name: &str,
+    t: &TensorView<'_>,
+    len: usize,
+) -> Result<Vec<f32>, PluginError> {
+    let v = read_f32(t, op)?.into_owned();
+    if v.len() == 1 {
+        return Ok(vec![v[0]; len]);
+    }
+    if t.rank() != 1 || v.len() != len {
+        return Err(PluginError::unimplemented(format!(
+            "{op}: {name} of shape {:?}: only a scalar or a vector of {len} is supported",
+            t.shape()
+        )));
+    }
+    Ok(v)
+}
+
+#[derive(Clone)]
+pub(super) struct QLinearMatMul;
+
+impl Kernel for QLinearMatMul {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        const OP: &str = "QLinearMatMul";
+        if inputs.len() < 8 {
+            return Err(PluginError::invalid(format!(
+                "{OP}: expects 8 inputs, got {}",
+                inputs.len()
+            )));
+        }
+        let present = |i: usize| Some(&inputs[i]).filter(|t| !t.is_absent());
+        let (a, b) = (&inputs[0], &inputs[3]);
+        let dims = MatDims::new(OP, a.shape(), b.shape())?;
+        let a32 = shifted(OP, "a_zero_point", a, present(2), true)?;
+        let b32 = shifted(OP, "b_zero_point", b, present(5), false)?;
+        let a_scale = vector_scale(OP, "a_scale", &inputs[1], dims.m)?;
+        let b_scale = vector_scale(OP, "b_scale", &inputs[4], dims.n)?;
+        let y_scale = read_f32(&inputs[6], OP)?;
+        if y_scale.len() != 1 {
+            return Err(PluginError::invalid(format!(
+                "{OP}: y_scale must be a scalar"
+            )));
+        }
+        let (out_dtype, y_zp) = match present(7) {
+            Some(z) => {
+                let zv = read_i32(z, OP)?;
+                if zv.len() != 1 {
+                    return Err(PluginError::invalid(format!(
+                        "{OP}: y_zero_point must be a scalar"
+                    )));
+                }
+                (z.dtype, zv[0] as f64)
+            }
+            None => (a.dtype, 0.0),
+        };
+        let sdtype = inputs[1].dtype;
+        let mult: Vec<f32> = (0..dims.m * dims.n)
+            .map(|ij| {
+                requant_multiplier(
+                    sdtype,
+                    a_scale[ij / dims.n],
+                    b_scale[ij % dims.n],
+                    y_scale[0],
+                )
+            })
+            .collect();
+        let mut c = vec![0i32; dims.len()];
+        dims.run(ctx, &a32, &b32, &mut c)?;
+        let mn = dims.m * dims.n;
+        fill_saturated(ctx, 0, out_dtype, &dims.out_shape, |i| {
+            (c[i] as f64 * mult[i % mn] as f64 + y_zp).round_ties_even()
+        })
+    }
+}
+
+pub(super) fn register(r: &mut Registrar) {
+    r.kernel(
+        KernelDesc::onnx("MatMulInteger", 10, OPEN_END)
+            .constraint("T1", Q8)
+            .constraint("T2", Q8)
+            .constraint("T3", &[DType::I32])
+            .inputs(&["T1", "T2", "T1", "T2"])
+            .outputs(&["T3"]),
+        stateless(MatMulInteger),
+    );
+    for (since, end, ts) in [(10, 20, &[DType::F32][..]), (21, OPEN_END, FLOATS)] {
+        r.kernel(
+            KernelDesc::onnx("QLinearMatMul", since, end)
+                .constraint("T1", Q8)
+                .constraint("T2", Q8)
+                .constraint("T3", Q8)
+                .constraint("TS", ts)
+                .inputs(&["T1", "TS", "T1", "T2", "TS", "T2", "TS", "T3"])
+                .outputs(&["T3"]),
+            stateless(QLinearMatMul),
+        );
+    }
+}

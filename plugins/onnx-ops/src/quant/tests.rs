@@ -1,0 +1,619 @@
+use super::*;
+use opreg_sdk::{
+    host::HostTensor,
+    testkit::{run_kernel_opt, NodeSpec},
+};
+
+fn t<T: Element>(shape: &[usize], v: &[T]) -> HostTensor {
+    HostTensor::from_vec(shape, v).expect("tensor")
+}
+
+fn run(
+    f: Factory,
+    node: NodeSpec,
+    inputs: &[Option<&HostTensor>],
+) -> Result<Vec<HostTensor>, PluginError> {
+    run_kernel_opt(f, &node, inputs, None)
+}
+
+fn quantize(node: NodeSpec, inputs: &[Option<&HostTensor>]) -> Vec<HostTensor> {
+    run(quantize_factory, node, inputs).expect("QuantizeLinear")
+}
+
+fn dequantize(node: NodeSpec, inputs: &[Option<&HostTensor>]) -> Vec<HostTensor> {
+    run(dequantize_factory, node, inputs).expect("DequantizeLinear")
+}
+
+#[test]
+fn quantize_per_tensor_rounds_half_to_even_and_saturates() {
+    // Operators.md / conformance test_quantizelinear.
+    let x = t(&[6], &[0.0f32, 2.0, 3.0, 1000.0, -254.0, -1000.0]);
+    let s = t::<f32>(&[], &[2.0]);
+    let z = t::<u8>(&[], &[128]);
+    let out = quantize(
+        NodeSpec::onnx("QuantizeLinear", 21),
+        &[Some(&x), Some(&s), Some(&z)],
+    );
+    assert_eq!(
+        out[0].to_vec::<u8>().unwrap(),
+        vec![128, 129, 130, 255, 1, 0]
+    );
+    // Ties go to even: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2, -0.5 -> 0, -1.5 -> -2.
+    let x = t(&[5], &[0.5f32, 1.5, 2.5, -0.5, -1.5]);
+    let s = t::<f32>(&[], &[1.0]);
+    let z = t::<i8>(&[], &[0]);
+    let out = quantize(
+        NodeSpec::onnx("QuantizeLinear", 13),
+        &[Some(&x), Some(&s), Some(&z)],
+    );
+    assert_eq!(out[0].to_vec::<i8>().unwrap(), vec![0, 2, 2, 0, -2]);
+    // No zero point: uint8 with zero point 0.
+    let x = t(&[3], &[-3.0f32, 3.0, 600.0]);
+    let out = quantize(NodeSpec::onnx("QuantizeLinear", 10), &[Some(&x), Some(&s)]);
+    assert_eq!(out[0].dtype(), DType::U8);
+    assert_eq!(out[0].to_vec::<u8>().unwrap(), vec![0, 3, 255]);
+}
+
+#[test]
+fn quantize_int8_with_negative_zero_point() {
+    let x = t(&[4], &[0.0f32, 10.0, -300.0, 300.0]);
+    let s = t::<f32>(&[], &[2.0]);
+    let z = t::<i8>(&[], &[-10]);
+    let out = quantize(
+        NodeSpec::onnx("QuantizeLinear", 19),
+        &[Some(&x), Some(&s), Some(&z)],
+    );
+    assert_eq!(out[0].to_vec::<i8>().unwrap(), vec![-10, -5, -128, 127]);
+}
+
+#[test]
+fn quantize_per_axis() {
+    // Conformance test_quantizelinear_axis.
+    let x = t(
+        &[1, 3, 3, 2],
+        &[
+            -162.0f32, 10.0, -100.0, 232.0, -20.0, -50.0, -76.0, 0.0, 0.0, 252.0, 32.0, -44.0,
+            245.0, -485.0, -960.0, -270.0, -375.0, -470.0,
+        ],
+    );
+    let s = t(&[3], &[2.0f32, 4.0, 5.0]);
+    let z = t(&[3], &[84u8, 24, 196]);
+    let out = quantize(
+        NodeSpec::onnx("QuantizeLinear", 13),
+        &[Some(&x), Some(&s), Some(&z)],
+    );
+    assert_eq!(out[0].shape(), &[1, 3, 3, 2]);
+    assert_eq!(
+        out[0].to_vec::<u8>().unwrap(),
+        vec![3, 89, 34, 200, 74, 59, 5, 24, 24, 87, 32, 13, 245, 99, 4, 142, 121, 102]
+    );
+    // A scale that does not match the axis is refused.
+    let bad = t(&[2], &[1.0f32, 2.0]);
+    let badz = t(&[2], &[0u8, 0]);
+    let err = run(
+        quantize_factory,
+        NodeSpec::onnx("QuantizeLinear", 13),
+        &[Some(&x), Some(&bad), Some(&badz)],
+    )
+    .expect_err("bad scale");
+    assert!(err.message.contains("scale"), "{}", err.message);
+}
+
+#[test]
+fn quantize_blocked() {
+    // Conformance test_quantizelinear_blocked_asymmetric.
+    let x = t(
+        &[3, 4],
+        &[
+            6.0f32, 12.0, 50.0, 5.0, 1.0, 8.0, 4.0, 5.0, 0.0, 20.0, 10.0, 4.0,
+        ],
+    );
+    let s = t(&[3, 2], &[1.5f32, 2.5, 3.0, 4.9, 5.1, 6.9]);
+    let z = t(&[3, 2], &[0u8, 1, 1, 0, 2, 3]);
+    let node = NodeSpec::onnx("QuantizeLinear", 21)
+        .attr("axis", AttrValue::Int(1))
+        .attr("block_size", AttrValue::Int(2));
+    let out = quantize(node, &[Some(&x), Some(&s), Some(&z)]);
+    assert_eq!(
+        out[0].to_vec::<u8>().unwrap(),
+        vec![4, 8, 21, 3, 1, 4, 1, 1, 2, 6, 4, 4]
+    );
+    // A block size that does not divide the axis: the last block is short.
+    let x = t(&[5], &[1.0f32, 2.0, 3.0, 8.0, 10.0]);
+    let s = t(&[2], &[1.0f32, 2.0]);
+    let node = NodeSpec::onnx("QuantizeLinear", 21)
+        .attr("axis", AttrValue::Int(0))
+        .attr("block_size", AttrValue::Int(3));
+    let out = quantize(node, &[Some(&x), Some(&s)]);
+    assert_eq!(out[0].to_vec::<u8>().unwrap(), vec![1, 2, 3, 4, 5]);
+}
+
+#[test]
+fn quantize_int16_and_output_dtype() {
+    // Conformance test_quantizelinear_int16.
+    let x = t(
+        &[16],
+        &[
+            0.0f32, -514.0, 3.0, -3.0, 2.9, -2.9, 3.1, -3.1, 65022.0, -66046.0, 65023.0, -66047.0,
+            65024.0, -66048.0, 70000.0, -70000.0,
+        ],
+    );
+    let s = t::<f32>(&[], &[2.0]);
+    let z = t::<i16>(&[], &[256]);
+    let out = quantize(
+        NodeSpec::onnx("QuantizeLinear", 21),
+        &[Some(&x), Some(&s), Some(&z)],
+    );
+    assert_eq!(
+        out[0].to_vec::<i16>().unwrap(),
+        vec![
+            256, -1, 258, 254, 257, 255, 258, 254, 32767, -32767, 32767, -32768, 32767, -32768,
+            32767, -32768
+        ]
+    );
+    // output_dtype picks the type when there is no zero point.
+    let x = t(&[3], &[-1.0f32, 70000.0, 5.0]);
+    let s = t::<f32>(&[], &[1.0]);
+    let node = NodeSpec::onnx("QuantizeLinear", 21).attr("output_dtype", AttrValue::Int(4));
+    let out = quantize(node, &[Some(&x), Some(&s)]);
+    assert_eq!(out[0].dtype(), DType::U16);
+    assert_eq!(out[0].to_vec::<u16>().unwrap(), vec![0, 65535, 5]);
+    // ... and must agree with the zero point's type.
+    let z = t::<u8>(&[], &[0]);
+    let node = NodeSpec::onnx("QuantizeLinear", 21).attr("output_dtype", AttrValue::Int(4));
+    assert!(run(quantize_factory, node, &[Some(&x), Some(&s), Some(&z)]).is_err());
+}
+
+#[test]
+fn quantize_half_inputs_and_int32() {
+    let x = t(
+        &[3],
+        &[f16::from_f32(1.0), f16::from_f32(-3.0), f16::from_f32(5.0)],
+    );
+    let s = t::<f16>(&[], &[f16::from_f32(2.0)]);
+    let z = t::<i8>(&[], &[1]);
+    let out = quantize(
+        NodeSpec::onnx("QuantizeLinear", 19),
+        &[Some(&x), Some(&s), Some(&z)],
+    );
+    // 0.5 -> 0, -1.5 -> -2, 2.5 -> 2; plus 1.
+    assert_eq!(out[0].to_vec::<i8>().unwrap(), vec![1, -1, 3]);
+    let x = t(
+        &[3],
+        &[
+            bf16::from_f32(6.0),
+            bf16::from_f32(-6.0),
+            bf16::from_f32(7.0),
+        ],
+    );
+    let s = t::<bf16>(&[], &[bf16::from_f32(4.0)]);
+    let out = quantize(NodeSpec::onnx("QuantizeLinear", 21), &[Some(&x), Some(&s)]);
+    assert_eq!(out[0].to_vec::<u8>().unwrap(), vec![2, 0, 2]);
+    let x = t(&[3], &[10i32, 15, 1000]);
+    let s = t::<f32>(&[], &[10.0]);
+    let out = quantize(NodeSpec::onnx("QuantizeLinear", 10), &[Some(&x), Some(&s)]);
+    assert_eq!(out[0].to_vec::<u8>().unwrap(), vec![1, 2, 100]);
+}
+
+#[test]
+fn dequantize_per_tensor_axis_and_blocked() {
+    // Operators.md example.
+    let x = t(&[4], &[0u8, 3, 128, 255]);
+    let s = t::<f32>(&[], &[2.0]);
+    let z = t::<u8>(&[], &[128]);
+    let out = dequantize(
+        NodeSpec::onnx("DequantizeLinear", 10),
+        &[Some(&x), Some(&s), Some(&z)],
+    );
+    assert_eq!(
+        out[0].to_vec::<f32>().unwrap(),
+        vec![-256.0, -250.0, 0.0, 254.0]
+    );
+    // int8 with a negative zero point, no zero point for int32.
+    let x = t(&[3], &[-128i8, 0, 127]);
+    let z = t::<i8>(&[], &[-8]);
+    let out = dequantize(
+        NodeSpec::onnx("DequantizeLinear", 13),
+        &[Some(&x), Some(&s), Some(&z)],
+    );
+    assert_eq!(out[0].to_vec::<f32>().unwrap(), vec![-240.0, 16.0, 270.0]);
+    let x = t(&[2], &[-7i32, 1 << 20]);
+    let out = dequantize(
+        NodeSpec::onnx("DequantizeLinear", 13),
+        &[Some(&x), Some(&s)],
+    );
+    assert_eq!(out[0].to_vec::<f32>().unwrap(), vec![-14.0, 2097152.0]);
+    // Per axis (axis 1 of [1, 3, 2]).
+    let x = t(&[1, 3, 2], &[10u8, 20, 30, 40, 50, 60]);
+    let s = t(&[3], &[1.0f32, 2.0, 0.5]);
+    let z = t(&[3], &[0u8, 10, 50]);
+    let out = dequantize(
+        NodeSpec::onnx("DequantizeLinear", 13),
+        &[Some(&x), Some(&s), Some(&z)],
+    );
+    assert_eq!(
+        out[0].to_vec::<f32>().unwrap(),
+        vec![10.0, 20.0, 40.0, 60.0, 0.0, 5.0]
+    );
+    // Blocked: conformance test_dequantizelinear_blocked.
+    let x = t(
+        &[1, 4, 3, 2],
+        &[
+            3u8, 89, 34, 200, 74, 59, 5, 24, 24, 87, 32, 13, 5, 12, 12, 33, 65, 42, 245, 99, 4,
+            142, 121, 102,
+        ],
+    );
+    let s = t(
+        &[1, 2, 3, 2],
+        &[
+            3.0f32, 2.0, 4.0, 1.0, 2.0, 2.0, 5.0, 2.0, 4.0, 3.0, 5.0, 2.0,
+        ],
+    );
+    let z = t(&[1, 2, 3, 2], &[1u8, 0, 0, 1, 2, 20, 3, 2, 4, 3, 15, 2]);
+    let node = NodeSpec::onnx("DequantizeLinear", 21)
+        .attr("axis", AttrValue::Int(1))
+        .attr("block_size", AttrValue::Int(2));
+    let out = dequantize(node, &[Some(&x), Some(&s), Some(&z)]);
+    assert_eq!(
+        out[0].to_vec::<f32>().unwrap(),
+        vec![
+            6.0, 178.0, 136.0, 199.0, 144.0, 78.0, 12.0, 48.0, 96.0, 86.0, 60.0, -14.0, 10.0, 20.0,
+            32.0, 90.0, 250.0, 80.0, 1210.0, 194.0, 0.0, 417.0, 530.0, 200.0
+        ]
+    );
+}
+
+#[test]
+fn dequantize_output_types() {
+    let x = t(&[2], &[-32768i16, 32767]);
+    let s = t::<f16>(&[], &[f16::from_f32(0.5)]);
+    let out = dequantize(
+        NodeSpec::onnx("DequantizeLinear", 21),
+        &[Some(&x), Some(&s)],
+    );
+    assert_eq!(out[0].dtype(), DType::F16);
+    assert_eq!(
+        out[0].to_vec::<f16>().unwrap(),
+        vec![f16::from_f32(-16384.0), f16::from_f32(16383.5)]
+    );
+    let x = t(&[2], &[65535u16, 1]);
+    let s = t::<f32>(&[], &[1.0]);
+    let z = t::<u16>(&[], &[1]);
+    let node = NodeSpec::onnx("DequantizeLinear", 23).attr("output_dtype", AttrValue::Int(16));
+    let out = dequantize(node, &[Some(&x), Some(&s), Some(&z)]);
+    assert_eq!(out[0].dtype(), DType::BF16);
+    assert_eq!(
+        out[0].to_vec::<bf16>().unwrap(),
+        vec![bf16::from_f32(65534.0), bf16::from_f32(0.0)]
+    );
+    // Zero point of another type than x.
+    let z = t::<u8>(&[], &[1]);
+    assert!(run(
+        dequantize_factory,
+        NodeSpec::onnx("DequantizeLinear", 21),
+        &[Some(&x), Some(&s), Some(&z)]
+    )
+    .is_err());
+}
+
+#[test]
+fn dynamic_quantize() {
+    // Conformance test_dynamicquantizelinear_min_adjusted.
+    let x = t(
+        &[3, 4],
+        &[
+            1.0f32, 2.1, 1.3, 2.5, 3.34, 4.0, 1.5, 2.6, 3.9, 4.0, 3.0, 2.345,
+        ],
+    );
+    let out = run_kernel_opt(
+        stateless(DynamicQuantize),
+        &NodeSpec::onnx("DynamicQuantizeLinear", 11).outputs(3),
+        &[Some(&x)],
+        None,
+    )
+    .expect("run");
+    assert_eq!(
+        out[0].to_vec::<u8>().unwrap(),
+        vec![64, 134, 83, 159, 213, 255, 96, 166, 249, 255, 191, 149]
+    );
+    assert_eq!(out[1].to_vec::<f32>().unwrap(), vec![0.015_686_275]);
+    assert_eq!(out[1].shape(), &[] as &[usize]);
+    assert_eq!(out[2].to_vec::<u8>().unwrap(), vec![0]);
+    // Operators.md example: x = [0, 2, -3, -2.5, 1.34, 0.5] -> scale 5/255, zero point 153.
+    let x = t(&[6], &[0.0f32, 2.0, -3.0, -2.5, 1.34, 0.5]);
+    let out = run_kernel_opt(
+        stateless(DynamicQuantize),
+        &NodeSpec::onnx("DynamicQuantizeLinear", 11).outputs(3),
+        &[Some(&x)],
+        None,
+    )
+    .expect("run");
+    assert_eq!(
+        out[0].to_vec::<u8>().unwrap(),
+        vec![153, 255, 0, 26, 221, 179]
+    );
+    assert_eq!(out[2].to_vec::<u8>().unwrap(), vec![153]);
+}
+
+fn run_stateless<K: Kernel + Clone>(
+    k: K,
+    node: NodeSpec,
+    inputs: &[Option<&HostTensor>],
+) -> Result<Vec<HostTensor>, PluginError> {
+    run_kernel_opt(stateless(k), &node, inputs, None)
+}
+
+#[test]
+fn matmul_integer() {
+    // Conformance test_matmulinteger.
+    let a = t(&[4, 3], &[11u8, 7, 3, 10, 6, 2, 9, 5, 1, 8, 4, 0]);
+    let b = t(&[3, 2], &[1u8, 4, 2, 5, 3, 6]);
+    let az = t(&[1], &[12u8]);
+    let bz = t(&[1], &[0u8]);
+    let out = run_stateless(
+        matmul::MatMulInteger,
+        NodeSpec::onnx("MatMulInteger", 10),
+        &[Some(&a), Some(&b), Some(&az), Some(&bz)],
+    )
+    .unwrap();
+    assert_eq!(out[0].shape(), &[4, 2]);
+    assert_eq!(
+        out[0].to_vec::<i32>().unwrap(),
+        vec![-38, -83, -44, -98, -50, -113, -56, -128]
+    );
+    // Mixed i8 x u8, per-row A zero point, per-column B zero point, batch broadcast.
+    let a = t(&[2, 2, 2], &[1i8, -2, 3, 4, -5, 6, 7, -8]);
+    let b = t(&[2, 3], &[1u8, 2, 3, 4, 5, 6]);
+    let az = t(&[2], &[1i8, -1]);
+    let bz = t(&[3], &[1u8, 0, 2]);
+    let out = run_stateless(
+        matmul::MatMulInteger,
+        NodeSpec::onnx("MatMulInteger", 10),
+        &[Some(&a), Some(&b), Some(&az), Some(&bz)],
+    )
+    .unwrap();
+    assert_eq!(out[0].shape(), &[2, 2, 3]);
+    // A - az = [[0,-3],[4,5]], [[-6,5],[8,-7]]; B - bz = [[0,2,1],[3,5,4]].
+    assert_eq!(
+        out[0].to_vec::<i32>().unwrap(),
+        vec![-9, -15, -12, 15, 33, 24, 15, 13, 14, -21, -19, -20]
+    );
+    // 1-D operands, no zero points.
+    let a = t(&[2], &[2u8, 3]);
+    let b = t(&[2, 2], &[1u8, 2, 3, 4]);
+    let out = run_stateless(
+        matmul::MatMulInteger,
+        NodeSpec::onnx("MatMulInteger", 10),
+        &[Some(&a), Some(&b)],
+    )
+    .unwrap();
+    assert_eq!(out[0].shape(), &[2]);
+    assert_eq!(out[0].to_vec::<i32>().unwrap(), vec![11, 16]);
+    // Inner dimension mismatch.
+    let b = t(&[3, 1], &[1u8, 2, 3]);
+    assert!(run_stateless(
+        matmul::MatMulInteger,
+        NodeSpec::onnx("MatMulInteger", 10),
+        &[Some(&a), Some(&b)]
+    )
+    .is_err());
+}
+
+#[test]
+fn qlinear_matmul_conformance() {
+    // test_qlinearmatmul_2D_uint8_float16 (scales in f16).
+    let h = |v: f32| t::<f16>(&[1], &[f16::from_f32(v)]);
+    let a = t(&[2, 4], &[208u8, 236, 0, 238, 3, 214, 255, 29]);
+    let b = t(
+        &[4, 3],
+        &[152u8, 51, 244, 60, 26, 255, 0, 127, 246, 127, 254, 247],
+    );
+    let (as_, bs, ys) = (h(0.006_599_426), h(0.007_049_560_5), h(0.010_696_411));
+    let (az, bz, yz) = (t(&[1], &[113u8]), t(&[1], &[114u8]), t(&[1], &[118u8]));
+    let ins = [
+        Some(&a),
+        Some(&as_),
+        Some(&az),
+        Some(&b),
+        Some(&bs),
+        Some(&bz),
+        Some(&ys),
+        Some(&yz),
+    ];
+    let out = run_stateless(
+        matmul::QLinearMatMul,
+        NodeSpec::onnx("QLinearMatMul", 21),
+        &ins,
+    )
+    .unwrap();
+    assert_eq!(
+        out[0].to_vec::<u8>().unwrap(),
+        vec![168, 115, 255, 1, 66, 151]
+    );
+    // test_qlinearmatmul_3D_int8_float32.
+    let f = |v: f32| t::<f32>(&[1], &[v]);
+    let a = t(
+        &[2, 2, 4],
+        &[
+            81i8, 109, -127, 111, -124, 87, -128, -98, 81, 109, -127, 111, -124, 87, -128, -98,
+        ],
+    );
+    let b = t(
+        &[2, 4, 3],
+        &[
+            25i8, -76, 117, -67, -101, -128, -127, 0, 119, 0, 127, 120, 25, -76, 117, -67, -101,
+            -128, -127, 0, 119, 0, 127, 120,
+        ],
+    );
+    let (as_, bs, ys) = (f(0.0066), f(0.00705), f(0.0107));
+    let (az, bz, yz) = (t(&[1], &[-14i8]), t(&[1], &[-13i8]), t(&[1], &[-9i8]));
+    let ins = [
+        Some(&a),
+        Some(&as_),
+        Some(&az),
+        Some(&b),
+        Some(&bs),
+        Some(&bz),
+        Some(&ys),
+        Some(&yz),
+    ];
+    let out = run_stateless(
+        matmul::QLinearMatMul,
+        NodeSpec::onnx("QLinearMatMul", 10),
+        &ins,
+    )
+    .unwrap();
+    assert_eq!(out[0].shape(), &[2, 2, 3]);
+    assert_eq!(
+        out[0].to_vec::<i8>().unwrap(),
+        vec![41, -12, -9, 1, -75, -128, 41, -12, -9, 1, -75, -128]
+    );
+}
+
+fn conv_node(op: &str, attrs: &[(&str, AttrValue)]) -> NodeSpec {
+    attrs
+        .iter()
+        .fold(NodeSpec::onnx(op, 10), |n, (k, v)| n.attr(k, v.clone()))
+}
+
+#[test]
+fn conv_integer_padding_and_per_channel_zero_point() {
+    // Conformance test_convinteger_with_padding.
+    let x = t(&[1, 1, 3, 3], &[2u8, 3, 4, 5, 6, 7, 8, 9, 10]);
+    let w = t(&[2, 1, 2, 2], &[1u8; 8]);
+    let xz = t::<u8>(&[], &[1]);
+    let wz = t(&[2], &[0u8, 1]);
+    let node = conv_node(
+        "ConvInteger",
+        &[("pads", AttrValue::Ints(vec![1, 1, 1, 1].into()))],
+    );
+    let out = run(
+        conv::conv_integer_factory,
+        node,
+        &[Some(&x), Some(&w), Some(&xz), Some(&wz)],
+    )
+    .unwrap();
+    assert_eq!(out[0].shape(), &[1, 2, 4, 4]);
+    let mut want = vec![1, 3, 5, 3, 5, 12, 16, 9, 11, 24, 28, 15, 7, 15, 17, 9];
+    want.extend([0; 16]);
+    assert_eq!(out[0].to_vec::<i32>().unwrap(), want);
+    // Without padding (test_convinteger_without_padding): [[12, 16], [24, 28]].
+    let w = t(&[1, 1, 2, 2], &[1u8; 4]);
+    let out = run(
+        conv::conv_integer_factory,
+        conv_node("ConvInteger", &[]),
+        &[Some(&x), Some(&w), Some(&xz)],
+    )
+    .unwrap();
+    assert_eq!(out[0].to_vec::<i32>().unwrap(), vec![12, 16, 24, 28]);
+}
+
+#[test]
+fn conv_integer_strides_dilations_groups_auto_pad() {
+    // 1-D, two groups, stride 2, dilation 2, SAME_UPPER.
+    let x = t(&[1, 2, 5], &[1i8, 2, 3, 4, 5, 10, 20, 30, 40, 50]);
+    let w = t(&[2, 1, 2], &[1i8, -1, 2, 1]);
+    let node = conv_node(
+        "ConvInteger",
+        &[
+            ("group", AttrValue::Int(2)),
+            ("strides", AttrValue::Ints(vec![2].into())),
+            ("dilations", AttrValue::Ints(vec![2].into())),
+            ("auto_pad", AttrValue::String("SAME_UPPER".into())),
+        ],
+    );
+    let out = run(conv::conv_integer_factory, node, &[Some(&x), Some(&w)]).unwrap();
+    // out = ceil(5/2) = 3; extent 3, total pad = (3-1)*2 + 3 - 5 = 2 -> 1 before, 1 after.
+    // Channel 0 taps at p-1, p+1 for p = 0, 2, 4: [0-2, 2-4, 4-0] = [-2, -2, 4].
+    // Channel 1 (w = 2, 1) on [10..50]: [0+20, 40+40, 80+0] = [20, 80, 80].
+    assert_eq!(out[0].shape(), &[1, 2, 3]);
+    assert_eq!(out[0].to_vec::<i32>().unwrap(), vec![-2, -2, 4, 20, 80, 80]);
+    // SAME_LOWER with an odd total pad puts the extra one in front.
+    let x = t(&[1, 1, 4], &[1u8, 2, 3, 4]);
+    let w = t(&[1, 1, 2], &[1u8, 10]);
+    let node = conv_node(
+        "ConvInteger",
+        &[("auto_pad", AttrValue::String("SAME_LOWER".into()))],
+    );
+    let out = run(conv::conv_integer_factory, node, &[Some(&x), Some(&w)]).unwrap();
+    assert_eq!(out[0].to_vec::<i32>().unwrap(), vec![10, 21, 32, 43]);
+    let node = conv_node(
+        "ConvInteger",
+        &[("auto_pad", AttrValue::String("SAME_UPPER".into()))],
+    );
+    let out = run(conv::conv_integer_factory, node, &[Some(&x), Some(&w)]).unwrap();
+    assert_eq!(out[0].to_vec::<i32>().unwrap(), vec![21, 32, 43, 4]);
+}
+
+#[test]
+fn qlinear_conv_conformance_and_bias() {
+    // Conformance test_qlinearconv.
+    let x = t(
+        &[1, 1, 7, 7],
+        &[
+            255u8, 174, 162, 25, 203, 168, 58, 15, 59, 237, 95, 129, 0, 64, 56, 242, 153, 221, 168,
+            12, 166, 232, 178, 186, 195, 237, 162, 237, 188, 39, 124, 77, 80, 102, 43, 127, 230,
+            21, 83, 41, 40, 134, 255, 154, 92, 141, 42, 148, 247,
+        ],
+    );
+    let xs = t::<f32>(&[], &[0.003_692_047]);
+    let xz = t::<u8>(&[], &[132]);
+    let w = t(&[1, 1, 1, 1], &[0u8]);
+    let ws = t(&[1], &[0.001_727_945_8f32]);
+    let wz = t(&[1], &[255u8]);
+    let ys = t::<f32>(&[], &[0.001_626_812_6]);
+    let yz = t::<u8>(&[], &[123]);
+    let ins = [
+        Some(&x),
+        Some(&xs),
+        Some(&xz),
+        Some(&w),
+        Some(&ws),
+        Some(&wz),
+        Some(&ys),
+        Some(&yz),
+    ];
+    let out = run(
+        conv::qlinear_conv_factory,
+        conv_node("QLinearConv", &[]),
+        &ins,
+    )
+    .unwrap();
+    assert_eq!(
+        out[0].to_vec::<u8>().unwrap(),
+        vec![
+            0, 81, 93, 230, 52, 87, 197, 240, 196, 18, 160, 126, 255, 191, 199, 13, 102, 34, 87,
+            243, 89, 23, 77, 69, 60, 18, 93, 18, 67, 216, 131, 178, 175, 153, 212, 128, 25, 234,
+            172, 214, 215, 121, 0, 101, 163, 114, 213, 107, 8
+        ]
+    );
+    // int8, per-channel w scale, bias.
+    let x = t(&[1, 1, 2], &[4i8, -2]);
+    let xs = t::<f32>(&[], &[0.5]);
+    let xz = t::<i8>(&[], &[0]);
+    let w = t(&[2, 1, 1], &[2i8, -3]);
+    let ws = t(&[2], &[1.0f32, 2.0]);
+    let wz = t(&[2], &[0i8, 0]);
+    let ys = t::<f32>(&[], &[0.25]);
+    let yz = t::<i8>(&[], &[-1]);
+    let bias = t(&[2], &[1i32, 100]);
+    let ins = [
+        Some(&x),
+        Some(&xs),
+        Some(&xz),
+        Some(&w),
+        Some(&ws),
+        Some(&wz),
+        Some(&ys),
+        Some(&yz),
+        Some(&bias),
+    ];
+    let out = run(
+        conv::qlinear_conv_factory,
+        conv_node("QLinearConv", &[]),
+        &ins,
+    )
+    .unwrap();
+    // oc 0: (8+1, -4+1) * 2 - 1 = [17, -7]; oc 1: (-12+100, 6+100) * 4 - 1 = [351 -> 127, 423 -> 127].
+    assert_eq!(out[0].to_vec::<i8>().unwrap(), vec![17, -7, 127, 127]);
+}
