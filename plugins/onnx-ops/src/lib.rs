@@ -6,6 +6,7 @@ use opreg_sdk::prelude::*;
 mod elementwise;
 mod nn;
 mod shape;
+mod spatial;
 #[allow(dead_code)] // shared helpers; not every family uses every one
 mod util;
 
@@ -30,6 +31,7 @@ fn register(r: &mut Registrar) {
     elementwise::register(r);
     shape::register(r);
     nn::register(r);
+    spatial::register(r);
 }
 
 opreg_sdk::export_plugin! {

@@ -1,0 +1,3 @@
+use opreg_sdk::prelude::*;
+
+pub fn register(_r: &mut Registrar) {}
