@@ -706,6 +706,23 @@ mod tests {
     }
 
     #[test]
+    fn spatial_resize_opset10_nearest_downsample() {
+        // Opset-10 example resize_downsample_nearest: asymmetric, ceil when downsampling.
+        let x =
+            HostTensor::from_vec(&[1, 1, 2, 4], &[1.0f32, 2., 3., 4., 5., 6., 7., 8.]).expect("x");
+        let scales = HostTensor::from_vec(&[4], &[1.0f32, 1.0, 0.6, 0.6]).expect("scales");
+        let out = run_kernel_opt(
+            factory,
+            &NodeSpec::onnx("Resize", 10),
+            &[Some(&x), Some(&scales)],
+            None,
+        )
+        .expect("run");
+        assert_eq!(out[0].shape(), &[1, 1, 1, 2]);
+        assert_eq!(out[0].to_vec::<f32>().expect("f32"), vec![1.0, 3.0]);
+    }
+
+    #[test]
     fn spatial_resize_rejects_scales_and_sizes_together() {
         let x = HostTensor::from_vec(&[1, 1, 2, 2], &[1.0f32, 2.0, 3.0, 4.0]).expect("x");
         let scales = HostTensor::from_vec(&[4], &[1.0f32, 1.0, 2.0, 2.0]).expect("scales");
