@@ -9,6 +9,7 @@ mod nn;
 mod reduce;
 mod quant;
 mod shape;
+mod spatial;
 #[allow(dead_code)] // shared helpers; not every family uses every one
 mod util;
 
@@ -36,6 +37,7 @@ fn register(r: &mut Registrar) {
     reduce::register(r);
     quant::register(r);
     misc::register(r);
+    spatial::register(r);
 }
 
 opreg_sdk::export_plugin! {

@@ -1,0 +1,744 @@
+//! Resize (opsets 10, 11, 13, 18, 19) and Upsample (opsets 7, 9).
+//!
+//! Every output coordinate is mapped to the input per axis (the coordinate transformation),
+//! which gives a short list of (input index, weight) taps per axis; an output element is the
+//! tensor product of its axes' taps, summed innermost axis first as the reference does.
+
+use super::{optional, read_f64s, strides_of, Scalar, FLOATS};
+use crate::util::normalize_axis;
+use opreg_sdk::{
+    half::{bf16, f16},
+    prelude::*,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    Nearest,
+    Linear,
+    Cubic,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Coord {
+    HalfPixel,
+    HalfPixelSymmetric,
+    PytorchHalfPixel,
+    AlignCorners,
+    Asymmetric,
+    TfHalfPixelForNn,
+    TfCropAndResize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Nearest {
+    RoundPreferFloor,
+    RoundPreferCeil,
+    Floor,
+    Ceil,
+    /// Resize-10 and Upsample: floor when upsampling, ceil when downsampling.
+    Legacy,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Policy {
+    Stretch,
+    NotLarger,
+    NotSmaller,
+}
+
+/// Where the scales come from.
+#[derive(Clone, Debug, PartialEq)]
+enum Layout {
+    /// Upsample-7: the `scales` attribute.
+    ScalesAttr(Vec<f64>),
+    /// Upsample-9, Resize-10: inputs `(X, scales)`.
+    ScalesInput,
+    /// Resize-11 and later: inputs `(X, roi, scales, sizes)`.
+    Full,
+}
+
+#[derive(Clone, Debug)]
+struct Resize {
+    op: &'static str,
+    layout: Layout,
+    mode: Mode,
+    coord: Coord,
+    nearest: Nearest,
+    cubic_a: f64,
+    exclude_outside: bool,
+    extrapolation: f64,
+    antialias: bool,
+    axes: Option<Vec<i64>>,
+    policy: Policy,
+}
+
+impl Resize {
+    fn from_node(node: &NodeInfo<'_>) -> Result<Self, PluginError> {
+        let op: &'static str = if node.op_type.as_str() == "Upsample" {
+            "Upsample"
+        } else {
+            "Resize"
+        };
+        let legacy = op == "Upsample" || node.opset < 11;
+        let layout = if op == "Upsample" && node.opset < 9 {
+            let scales = node
+                .floats("scales")?
+                .ok_or_else(|| PluginError::invalid("Upsample: attribute 'scales' is required"))?;
+            Layout::ScalesAttr(scales.iter().map(|&s| s as f64).collect())
+        } else if legacy {
+            Layout::ScalesInput
+        } else {
+            Layout::Full
+        };
+        let mode = match node.string_or("mode", "nearest")?.as_str() {
+            "nearest" => Mode::Nearest,
+            "linear" | "bilinear" if legacy => Mode::Linear,
+            "linear" => Mode::Linear,
+            "cubic" if !legacy => Mode::Cubic,
+            other => {
+                return Err(PluginError::invalid(format!(
+                    "{op}-{}: unsupported mode '{other}'",
+                    node.opset
+                )))
+            }
+        };
+        let (coord, nearest) = if legacy {
+            (Coord::Asymmetric, Nearest::Legacy)
+        } else {
+            let coord = match node
+                .string_or("coordinate_transformation_mode", "half_pixel")?
+                .as_str()
+            {
+                "half_pixel" => Coord::HalfPixel,
+                "half_pixel_symmetric" if node.opset >= 19 => Coord::HalfPixelSymmetric,
+                "pytorch_half_pixel" => Coord::PytorchHalfPixel,
+                "align_corners" => Coord::AlignCorners,
+                "asymmetric" => Coord::Asymmetric,
+                "tf_half_pixel_for_nn" if node.opset < 13 => Coord::TfHalfPixelForNn,
+                "tf_crop_and_resize" => Coord::TfCropAndResize,
+                other => {
+                    return Err(PluginError::invalid(format!(
+                        "Resize-{}: unsupported coordinate_transformation_mode '{other}'",
+                        node.opset
+                    )))
+                }
+            };
+            let nearest = match node
+                .string_or("nearest_mode", "round_prefer_floor")?
+                .as_str()
+            {
+                "round_prefer_floor" => Nearest::RoundPreferFloor,
+                "round_prefer_ceil" => Nearest::RoundPreferCeil,
+                "floor" => Nearest::Floor,
+                "ceil" => Nearest::Ceil,
+                other => {
+                    return Err(PluginError::invalid(format!(
+                        "Resize: unsupported nearest_mode '{other}'"
+                    )))
+                }
+            };
+            (coord, nearest)
+        };
+        let policy = match node
+            .string_or("keep_aspect_ratio_policy", "stretch")?
+            .as_str()
+        {
+            "stretch" => Policy::Stretch,
+            "not_larger" => Policy::NotLarger,
+            "not_smaller" => Policy::NotSmaller,
+            other => {
+                return Err(PluginError::invalid(format!(
+                    "Resize: unsupported keep_aspect_ratio_policy '{other}'"
+                )))
+            }
+        };
+        let antialias = node.int_or("antialias", 0)? != 0;
+        if antialias && mode == Mode::Nearest {
+            return Err(PluginError::invalid(
+                "Resize: attribute 'antialias' applies to linear and cubic modes only",
+            ));
+        }
+        Ok(Resize {
+            op,
+            layout,
+            mode,
+            coord,
+            nearest,
+            cubic_a: node.float_or("cubic_coeff_a", -0.75)? as f64,
+            exclude_outside: node.int_or("exclude_outside", 0)? != 0,
+            extrapolation: node.float_or("extrapolation_value", 0.0)? as f64,
+            antialias,
+            axes: node.ints("axes")?,
+            policy,
+        })
+    }
+
+    /// Output shape, per-axis scales and per-axis `(roi_start, roi_end)`.
+    #[allow(clippy::type_complexity)]
+    fn plan(
+        &self,
+        inputs: &[TensorView<'_>],
+        in_shape: &[usize],
+    ) -> Result<(Vec<usize>, Vec<f64>, Vec<(f64, f64)>), PluginError> {
+        let op = self.op;
+        let rank = in_shape.len();
+        let axes: Vec<usize> = match &self.axes {
+            Some(a) => {
+                let axes = a
+                    .iter()
+                    .map(|&a| normalize_axis(a, rank))
+                    .collect::<Result<Vec<_>, _>>()?;
+                for (i, a) in axes.iter().enumerate() {
+                    if axes[..i].contains(a) {
+                        return Err(PluginError::invalid(format!(
+                            "{op}: attribute 'axes' repeats axis {a}"
+                        )));
+                    }
+                }
+                axes
+            }
+            None => (0..rank).collect(),
+        };
+        // Empty tensors stand for absent inputs in opsets 11 to 12 (roi, scales required).
+        let nonempty = |i: usize| optional(inputs, i).filter(|t| !t.is_empty());
+        let (scales, sizes, roi) = match &self.layout {
+            Layout::ScalesAttr(s) => (Some(s.clone()), None, None),
+            Layout::ScalesInput => {
+                let s = nonempty(1).ok_or_else(|| {
+                    PluginError::invalid(format!("{op}: input 'scales' is required"))
+                })?;
+                (Some(read_f64s(s, "scales")?), None, None)
+            }
+            Layout::Full => (
+                nonempty(2)
+                    .map(|t| read_f64s(t, "Resize: input 'scales'"))
+                    .transpose()?,
+                nonempty(3).map(|t| t.to_i64s()).transpose()?,
+                nonempty(1)
+                    .map(|t| read_f64s(t, "Resize: input 'roi'"))
+                    .transpose()?,
+            ),
+        };
+        let mut out: Vec<usize> = in_shape.to_vec();
+        let mut scale = vec![1.0f64; rank];
+        match (scales, sizes) {
+            (Some(_), Some(_)) => {
+                return Err(PluginError::invalid(format!(
+                    "{op}: only one of 'scales' and 'sizes' may be given"
+                )))
+            }
+            (None, None) => {
+                return Err(PluginError::invalid(format!(
+                    "{op}: one of 'scales' and 'sizes' is required"
+                )))
+            }
+            (Some(s), None) => {
+                if s.len() != axes.len() {
+                    return Err(PluginError::invalid(format!(
+                        "{op}: 'scales' has {} elements, expected {}",
+                        s.len(),
+                        axes.len()
+                    )));
+                }
+                for (&a, &v) in axes.iter().zip(&s) {
+                    if !(v > 0.0 && v.is_finite()) {
+                        return Err(PluginError::invalid(format!(
+                            "{op}: scales must be positive, got {s:?}"
+                        )));
+                    }
+                    scale[a] = v;
+                    out[a] = (v * in_shape[a] as f64).floor() as usize;
+                }
+            }
+            (None, Some(s)) => {
+                if s.len() != axes.len() {
+                    return Err(PluginError::invalid(format!(
+                        "{op}: 'sizes' has {} elements, expected {}",
+                        s.len(),
+                        axes.len()
+                    )));
+                }
+                for (&a, &v) in axes.iter().zip(&s) {
+                    if v < 0 {
+                        return Err(PluginError::invalid(format!(
+                            "{op}: sizes must not be negative, got {s:?}"
+                        )));
+                    }
+                    out[a] = v as usize;
+                    scale[a] = v as f64 / in_shape[a] as f64;
+                }
+                if self.policy != Policy::Stretch {
+                    let picked = axes.iter().map(|&a| scale[a]);
+                    let s = if self.policy == Policy::NotLarger {
+                        picked.fold(f64::INFINITY, f64::min)
+                    } else {
+                        picked.fold(f64::NEG_INFINITY, f64::max)
+                    };
+                    for &a in &axes {
+                        scale[a] = s;
+                        out[a] = (s * in_shape[a] as f64 + 0.5) as usize;
+                    }
+                }
+            }
+        }
+        let mut roi_full = vec![(0.0, 1.0); rank];
+        if self.coord == Coord::TfCropAndResize {
+            let roi = roi.ok_or_else(|| {
+                PluginError::invalid("Resize: tf_crop_and_resize needs the 'roi' input")
+            })?;
+            let n = axes.len();
+            if roi.len() != 2 * n {
+                return Err(PluginError::invalid(format!(
+                    "Resize: 'roi' has {} elements, expected {}",
+                    roi.len(),
+                    2 * n
+                )));
+            }
+            for (i, &a) in axes.iter().enumerate() {
+                roi_full[a] = (roi[i], roi[n + i]);
+            }
+        }
+        Ok((out, scale, roi_full))
+    }
+
+    /// The input coordinate output coordinate `x` maps to, or `None` outside the crop.
+    fn source_coord(
+        &self,
+        x: usize,
+        in_len: usize,
+        out_len: usize,
+        scale: f64,
+        roi: (f64, f64),
+    ) -> Option<f64> {
+        let x = x as f64;
+        let in_f = in_len as f64;
+        let out_w = scale * in_f;
+        let x_ori = match self.coord {
+            Coord::AlignCorners => {
+                if out_w == 1.0 {
+                    0.0
+                } else {
+                    x * (in_f - 1.0) / (out_w - 1.0)
+                }
+            }
+            Coord::Asymmetric => x / scale,
+            Coord::TfHalfPixelForNn => (x + 0.5) / scale,
+            Coord::TfCropAndResize => {
+                let span = (roi.1 - roi.0) * (in_f - 1.0);
+                let v = if out_w == 1.0 {
+                    span / 2.0
+                } else {
+                    x * span / (out_w - 1.0)
+                } + roi.0 * (in_f - 1.0);
+                if v < 0.0 || v > in_f - 1.0 {
+                    return None;
+                }
+                v
+            }
+            Coord::PytorchHalfPixel => {
+                if out_w == 1.0 {
+                    -0.5
+                } else {
+                    (x + 0.5) / scale - 0.5
+                }
+            }
+            Coord::HalfPixel => (x + 0.5) / scale - 0.5,
+            Coord::HalfPixelSymmetric => {
+                let adjustment = out_len as f64 / out_w;
+                let offset = in_f / 2.0 * (1.0 - adjustment);
+                offset + (x + 0.5) / scale - 0.5
+            }
+        };
+        Some(x_ori)
+    }
+
+    /// The taps of one axis.
+    fn axis_taps(
+        &self,
+        in_len: usize,
+        out_len: usize,
+        scale: f64,
+        roi: (f64, f64),
+        stride: usize,
+    ) -> Taps {
+        let mut t = Taps {
+            start: Vec::with_capacity(out_len + 1),
+            offset: Vec::new(),
+            weight: Vec::new(),
+            outside: vec![false; out_len],
+        };
+        let last = in_len as i64 - 1;
+        let clamp = |i: i64| i.clamp(0, last) as usize * stride;
+        let mut coeffs = Vec::new();
+        for x in 0..out_len {
+            t.start.push(t.offset.len());
+            let Some(x_ori) = self.source_coord(x, in_len, out_len, scale, roi) else {
+                t.outside[x] = true;
+                continue;
+            };
+            let integral = x_ori.fract() == 0.0;
+            // The reference takes the ratio in (0, 1]: an integral coordinate is the right-hand
+            // neighbour of the pixel before it.
+            let (x_int, ratio) = if integral {
+                (x_ori as i64 - 1, 1.0)
+            } else {
+                let f = x_ori.floor();
+                (f as i64, x_ori - f)
+            };
+            if self.mode == Mode::Nearest {
+                let right = match self.nearest {
+                    _ if integral => true,
+                    Nearest::RoundPreferFloor => ratio > 0.5,
+                    Nearest::RoundPreferCeil => ratio >= 0.5,
+                    Nearest::Floor => false,
+                    Nearest::Ceil => true,
+                    Nearest::Legacy => scale < 1.0,
+                };
+                t.offset.push(clamp(x_int + right as i64));
+                t.weight.push(1.0);
+                continue;
+            }
+            // Neighbours x_int - m + 1 ..= x_int + m.
+            let m = self.coefficients(ratio, scale, &mut coeffs);
+            let first = x_int - m + 1;
+            if self.exclude_outside {
+                let mut sum = 0.0;
+                for (k, c) in coeffs.iter_mut().enumerate() {
+                    let p = first + k as i64;
+                    if p < 0 || p > last {
+                        *c = 0.0;
+                    }
+                    sum += *c;
+                }
+                if sum != 0.0 {
+                    coeffs.iter_mut().for_each(|c| *c /= sum);
+                }
+            }
+            for (k, &c) in coeffs.iter().enumerate() {
+                if c != 0.0 {
+                    t.offset.push(clamp(first + k as i64));
+                    t.weight.push(c);
+                }
+            }
+        }
+        t.start.push(t.offset.len());
+        t
+    }
+
+    /// Fills `coeffs` for `ratio` in (0, 1]; returns `m`, half the number of neighbours.
+    fn coefficients(&self, ratio: f64, scale: f64, coeffs: &mut Vec<f64>) -> i64 {
+        coeffs.clear();
+        let a = self.cubic_a;
+        match (self.mode, self.antialias) {
+            (Mode::Linear, false) | (Mode::Nearest, _) => {
+                coeffs.extend([1.0 - ratio, ratio]);
+                1
+            }
+            (Mode::Cubic, false) => {
+                let (r, q) = (ratio, 1.0 - ratio);
+                coeffs.extend([
+                    ((a * (r + 1.0) - 5.0 * a) * (r + 1.0) + 8.0 * a) * (r + 1.0) - 4.0 * a,
+                    ((a + 2.0) * r - (a + 3.0)) * r * r + 1.0,
+                    ((a + 2.0) * q - (a + 3.0)) * q * q + 1.0,
+                    ((a * (q + 1.0) - 5.0 * a) * (q + 1.0) + 8.0 * a) * (q + 1.0) - 4.0 * a,
+                ]);
+                2
+            }
+            (Mode::Linear, true) => {
+                let s = scale.min(1.0);
+                let start = (-1.0 / s).floor() as i64 + 1;
+                let m = 1 - start;
+                coeffs.extend((start..start + 2 * m).map(|i| {
+                    let v = (i as f64 - ratio) * s;
+                    (1.0 - v.abs()).clamp(0.0, 1.0)
+                }));
+                normalize(coeffs);
+                m
+            }
+            (Mode::Cubic, true) => {
+                let s = scale.min(1.0);
+                let start = (-2.0 / s).floor() as i64 + 1;
+                let m = 1 - start;
+                coeffs.extend((start..start + 2 * m).map(|i| {
+                    let x = (s * (i as f64 - ratio)).abs();
+                    if x <= 1.0 {
+                        ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+                    } else if x < 2.0 {
+                        ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
+                    } else {
+                        0.0
+                    }
+                }));
+                normalize(coeffs);
+                m
+            }
+        }
+    }
+
+    fn run<T: Scalar>(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        let xv = &inputs[0];
+        let in_shape = xv.shape();
+        let x = xv.as_slice::<T>()?;
+        let (out_shape, scale, roi) = self.plan(inputs, in_shape)?;
+        let y = ctx.output_slice::<T>(0, &out_shape)?;
+        if y.is_empty() {
+            return Ok(());
+        }
+        if x.is_empty() {
+            return Err(PluginError::invalid(format!(
+                "{}: cannot resize the empty input {in_shape:?} to {out_shape:?}",
+                self.op
+            )));
+        }
+        let in_strides = strides_of(in_shape);
+        let taps: Vec<Taps> = (0..in_shape.len())
+            .map(|d| self.axis_taps(in_shape[d], out_shape[d], scale[d], roi[d], in_strides[d]))
+            .collect();
+        let extrapolation = T::from_f64(self.extrapolation);
+        let rank = out_shape.len();
+        ctx.parallel_chunks(y, 1024, |start, chunk| {
+            let mut coords = vec![0usize; rank];
+            for (i, out) in chunk.iter_mut().enumerate() {
+                let mut lin = start + i;
+                for d in (0..rank).rev() {
+                    coords[d] = lin % out_shape[d];
+                    lin /= out_shape[d];
+                }
+                *out = if taps.iter().zip(&coords).any(|(t, &c)| t.outside[c]) {
+                    extrapolation
+                } else {
+                    T::from_f64(gather(x, &taps, &coords, 0, 0))
+                };
+            }
+        })
+    }
+}
+
+fn normalize(coeffs: &mut [f64]) {
+    let sum: f64 = coeffs.iter().sum();
+    if sum != 0.0 {
+        coeffs.iter_mut().for_each(|c| *c /= sum);
+    }
+}
+
+/// The (input offset, weight) taps of each output coordinate along one axis.
+struct Taps {
+    /// Taps of output coordinate `i`: `start[i]..start[i + 1]`.
+    start: Vec<usize>,
+    /// Input offsets, already multiplied by the axis stride.
+    offset: Vec<usize>,
+    weight: Vec<f64>,
+    /// Output coordinates outside the crop (tf_crop_and_resize): the extrapolation value.
+    outside: Vec<bool>,
+}
+
+/// The weighted sum over the taps of axes `d..`, innermost axis first.
+fn gather<T: Scalar>(x: &[T], taps: &[Taps], coords: &[usize], d: usize, base: usize) -> f64 {
+    let t = &taps[d];
+    let range = t.start[coords[d]]..t.start[coords[d] + 1];
+    let mut sum = 0.0;
+    if d + 1 == taps.len() {
+        for k in range {
+            sum += t.weight[k] * x[base + t.offset[k]].to_f64();
+        }
+    } else {
+        for k in range {
+            sum += t.weight[k] * gather(x, taps, coords, d + 1, base + t.offset[k]);
+        }
+    }
+    sum
+}
+
+impl Kernel for Resize {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        let x = inputs
+            .first()
+            .filter(|t| !t.is_absent())
+            .ok_or_else(|| PluginError::invalid(format!("{}: input 'X' is required", self.op)))?;
+        match x.dtype {
+            DType::F32 => self.run::<f32>(ctx, inputs),
+            DType::F64 => self.run::<f64>(ctx, inputs),
+            DType::F16 => self.run::<f16>(ctx, inputs),
+            DType::BF16 => self.run::<bf16>(ctx, inputs),
+            DType::U8 => self.run::<u8>(ctx, inputs),
+            DType::I8 => self.run::<i8>(ctx, inputs),
+            DType::I32 => self.run::<i32>(ctx, inputs),
+            DType::I64 => self.run::<i64>(ctx, inputs),
+            other => Err(PluginError::invalid(format!(
+                "{}: element type {other} is not supported",
+                self.op
+            ))),
+        }
+    }
+}
+
+/// Element types of `X`.
+const TYPES: &[DType] = &[
+    DType::F16,
+    DType::BF16,
+    DType::F32,
+    DType::F64,
+    DType::U8,
+    DType::I8,
+    DType::I32,
+    DType::I64,
+];
+
+pub(crate) fn factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    Ok(Box::new(Resize::from_node(node)?))
+}
+
+pub fn register(r: &mut Registrar) {
+    r.kernel(
+        KernelDesc::onnx("Upsample", 7, 8)
+            .constraint("T", TYPES)
+            .inputs(&["T"])
+            .outputs(&["T"]),
+        factory,
+    );
+    r.kernel(
+        KernelDesc::onnx("Upsample", 9, 9)
+            .constraint("T", TYPES)
+            .constraint("tensor(float)", &[DType::F32])
+            .inputs(&["T", "tensor(float)"])
+            .outputs(&["T"]),
+        factory,
+    );
+    r.kernel(
+        KernelDesc::onnx("Resize", 10, 10)
+            .constraint("T", TYPES)
+            .constraint("tensor(float)", &[DType::F32])
+            .inputs(&["T", "tensor(float)"])
+            .outputs(&["T"]),
+        factory,
+    );
+    for (since, end) in [(11, 12), (13, 17), (18, 18), (19, OPEN_END)] {
+        r.kernel(
+            KernelDesc::onnx("Resize", since, end)
+                .constraint("T1", TYPES)
+                .constraint("T2", FLOATS)
+                .constraint("tensor(float)", &[DType::F32])
+                .constraint("tensor(int64)", &[DType::I64])
+                .inputs(&["T1", "T2", "tensor(float)", "tensor(int64)"])
+                .outputs(&["T1"]),
+            factory,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spatial::onnx_cases::run_cases;
+    use opreg_sdk::{
+        host::HostTensor,
+        testkit::{run_kernel_opt, NodeSpec},
+    };
+
+    fn s(v: &str) -> AttrValue {
+        AttrValue::String(v.into())
+    }
+
+    fn close(got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len(), "{got:?} vs {want:?}");
+        for (g, w) in got.iter().zip(want) {
+            assert!(
+                (g - w).abs() <= 1e-4 + 1e-4 * w.abs(),
+                "{got:?} vs {want:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn spatial_resize_upsample_scales_linear() {
+        // Operators.md, resize_upsample_scales_linear.
+        let x = HostTensor::from_vec(&[1, 1, 2, 2], &[1.0f32, 2.0, 3.0, 4.0]).expect("x");
+        let scales = HostTensor::from_vec(&[4], &[1.0f32, 1.0, 2.0, 2.0]).expect("scales");
+        let node = NodeSpec::onnx("Resize", 19).attr("mode", s("linear"));
+        let out =
+            run_kernel_opt(factory, &node, &[Some(&x), None, Some(&scales)], None).expect("run");
+        assert_eq!(out[0].shape(), &[1, 1, 4, 4]);
+        close(
+            &out[0].to_vec::<f32>().expect("f32"),
+            &[
+                1.0, 1.25, 1.75, 2.0, 1.5, 1.75, 2.25, 2.5, 2.5, 2.75, 3.25, 3.5, 3.0, 3.25, 3.75,
+                4.0,
+            ],
+        );
+    }
+
+    #[test]
+    fn spatial_resize_downsample_linear_align_corners() {
+        // Operators.md, resize_downsample_scales_linear_align_corners.
+        let x =
+            HostTensor::from_vec(&[1, 1, 2, 4], &[1.0f32, 2., 3., 4., 5., 6., 7., 8.]).expect("x");
+        let scales = HostTensor::from_vec(&[4], &[1.0f32, 1.0, 0.6, 0.6]).expect("scales");
+        let node = NodeSpec::onnx("Resize", 13)
+            .attr("mode", s("linear"))
+            .attr("coordinate_transformation_mode", s("align_corners"));
+        let out =
+            run_kernel_opt(factory, &node, &[Some(&x), None, Some(&scales)], None).expect("run");
+        assert_eq!(out[0].shape(), &[1, 1, 1, 2]);
+        close(&out[0].to_vec::<f32>().expect("f32"), &[1.0, 3.142857]);
+    }
+
+    #[test]
+    fn spatial_resize_nearest_u8_and_upsample7() {
+        let x = HostTensor::from_vec(&[1, 1, 2, 2], &[1u8, 2, 3, 4]).expect("x");
+        let node = NodeSpec::onnx("Upsample", 7).attr(
+            "scales",
+            AttrValue::Floats(vec![1.0f32, 1.0, 2.0, 3.0].into()),
+        );
+        let out = run_kernel_opt(factory, &node, &[Some(&x)], None).expect("run");
+        assert_eq!(out[0].shape(), &[1, 1, 4, 6]);
+        assert_eq!(
+            out[0].to_vec::<u8>().expect("u8"),
+            vec![1, 1, 1, 2, 2, 2, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 3, 3, 3, 4, 4, 4]
+        );
+    }
+
+    #[test]
+    fn spatial_resize_opset10_nearest_downsample() {
+        // Opset-10 example resize_downsample_nearest: asymmetric, ceil when downsampling.
+        let x =
+            HostTensor::from_vec(&[1, 1, 2, 4], &[1.0f32, 2., 3., 4., 5., 6., 7., 8.]).expect("x");
+        let scales = HostTensor::from_vec(&[4], &[1.0f32, 1.0, 0.6, 0.6]).expect("scales");
+        let out = run_kernel_opt(
+            factory,
+            &NodeSpec::onnx("Resize", 10),
+            &[Some(&x), Some(&scales)],
+            None,
+        )
+        .expect("run");
+        assert_eq!(out[0].shape(), &[1, 1, 1, 2]);
+        assert_eq!(out[0].to_vec::<f32>().expect("f32"), vec![1.0, 3.0]);
+    }
+
+    #[test]
+    fn spatial_resize_rejects_scales_and_sizes_together() {
+        let x = HostTensor::from_vec(&[1, 1, 2, 2], &[1.0f32, 2.0, 3.0, 4.0]).expect("x");
+        let scales = HostTensor::from_vec(&[4], &[1.0f32, 1.0, 2.0, 2.0]).expect("scales");
+        let sizes = HostTensor::from_vec(&[4], &[1i64, 1, 4, 4]).expect("sizes");
+        let err = run_kernel_opt(
+            factory,
+            &NodeSpec::onnx("Resize", 19),
+            &[Some(&x), None, Some(&scales), Some(&sizes)],
+            None,
+        )
+        .expect_err("both");
+        assert!(err.message.contains("only one"), "{}", err.message);
+    }
+
+    #[test]
+    fn spatial_resize_conformance() {
+        run_cases(&["test_resize_", "test_upsample_"], factory);
+    }
+}
