@@ -4,8 +4,10 @@
 use opreg_sdk::prelude::*;
 
 mod elementwise;
+mod loss;
 mod nn;
 mod shape;
+mod transformer;
 #[allow(dead_code)] // shared helpers; not every family uses every one
 mod util;
 
@@ -30,6 +32,8 @@ fn register(r: &mut Registrar) {
     elementwise::register(r);
     shape::register(r);
     nn::register(r);
+    transformer::register(r);
+    loss::register(r);
 }
 
 opreg_sdk::export_plugin! {
