@@ -103,6 +103,7 @@ struct Attention {
     kv_num_heads: Option<usize>,
     softcap: f32,
     qk_mode: i64,
+    softmax_precision: Option<i64>,
     left_window: i64,
     right_window: i64,
 }
@@ -154,6 +155,10 @@ impl Attention {
             kv_num_heads: opt_heads(node, "kv_num_heads")?,
             softcap: node.float_or("softcap", 0.0)?,
             qk_mode,
+            softmax_precision: match node.attr("softmax_precision") {
+                None => None,
+                Some(_) => Some(node.int_or("softmax_precision", 1)?),
+            },
             left_window,
             right_window,
         })
@@ -381,8 +386,16 @@ impl Kernel for Attention {
 
         let dtype = qv.dtype;
         let rt = rounder(dtype);
-        let scale = self.scale.unwrap_or(1.0 / (dk as f32).sqrt());
-        let sq = rt(scale.sqrt());
+        let scale = self.scale.map_or(1.0 / (dk as f64).sqrt(), f64::from);
+        let sq = rt(scale.sqrt() as f32);
+        let sm_type = match self.softmax_precision {
+            Some(code) => DType::from_onnx_code(code as i32).ok_or_else(|| {
+                PluginError::invalid(format!("Attention: softmax_precision {code} is no type"))
+            })?,
+            None => dtype,
+        };
+        let rs = rounder(sm_type);
+        let sequential_sum = sm_type == DType::BF16;
         let qs: Vec<f32> = q.data.iter().map(|&x| rt(x * sq)).collect();
         let ks: Vec<f32> = pk.data.iter().map(|&x| rt(x * sq)).collect();
 
@@ -472,7 +485,7 @@ impl Kernel for Attention {
                     let krow = &ks[(kh * t + j) * dk..(kh * t + j + 1) * dk];
                     let mut dot = rt(qrow.iter().zip(krow).map(|(a, b)| a * b).sum::<f32>());
                     if softcap > 0.0 {
-                        dot = rt(softcap * (dot / softcap).tanh());
+                        dot = rt(softcap * rt(rt(dot / softcap).tanh()));
                     }
                     let with_bias = rt(dot + bias_row[j]);
                     out_row[j] = if mode == 2 { with_bias } else { dot };
@@ -483,19 +496,20 @@ impl Kernel for Attention {
                 let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 if fully_masked || max == f32::NEG_INFINITY {
                     prow.fill(0.0);
+                } else if logits.iter().any(|l| l.is_nan()) {
+                    // A NaN logit poisons the row, as in the reference.
+                    prow.fill(f32::NAN);
                 } else {
+                    // In the softmax precision, rounding as numpy does: f16 sums
+                    // accumulate in f32, bf16 sums round at every step.
                     let mut sum = 0.0f32;
                     for (p, &l) in prow.iter_mut().zip(&logits) {
-                        *p = (l - max).exp();
-                        sum += *p;
+                        *p = rs(rs(l - max).exp());
+                        sum = if sequential_sum { rs(sum + *p) } else { sum + *p };
                     }
-                    // A NaN logit poisons the row, as in the reference.
-                    if logits.iter().any(|l| l.is_nan()) {
-                        prow.fill(f32::NAN);
-                    } else {
-                        let sum = if sum == 0.0 { 1.0 } else { sum };
-                        prow.iter_mut().for_each(|p| *p = rt(*p / sum));
-                    }
+                    let sum = rs(sum);
+                    let sum = if sum == 0.0 { 1.0 } else { sum };
+                    prow.iter_mut().for_each(|p| *p = rt(rs(*p / sum)));
                 }
                 if mode == 3 {
                     out_row.copy_from_slice(prow);
