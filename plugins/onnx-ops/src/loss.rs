@@ -25,7 +25,11 @@ struct Loss {
 }
 
 impl Loss {
-    fn from_node(node: &NodeInfo<'_>, op: &'static str, softmax: bool) -> Result<Self, PluginError> {
+    fn from_node(
+        node: &NodeInfo<'_>,
+        op: &'static str,
+        softmax: bool,
+    ) -> Result<Self, PluginError> {
         let reduction = match node.string_or("reduction", "mean")?.as_str() {
             "none" => Reduction::None,
             "sum" => Reduction::Sum,
@@ -57,7 +61,9 @@ impl Kernel for Loss {
     ) -> Result<(), PluginError> {
         let op = self.op;
         if inputs.len() < 2 {
-            return Err(PluginError::invalid(format!("{op} needs scores and labels")));
+            return Err(PluginError::invalid(format!(
+                "{op} needs scores and labels"
+            )));
         }
         let xs = inputs[0].shape();
         let ts = inputs[1].shape();
@@ -183,7 +189,10 @@ mod tests {
             ("test_nllloss", nll_factory),
         ] {
             let (n, failures) = sweep(prefix, f);
-            eprintln!("{prefix}: {} of {n} conformance cases pass", n - failures.len());
+            eprintln!(
+                "{prefix}: {} of {n} conformance cases pass",
+                n - failures.len()
+            );
             assert!(failures.is_empty(), "{}", failures.join("\n"));
         }
     }
@@ -208,7 +217,8 @@ mod tests {
         let spec = NodeSpec::onnx("NegativeLogLikelihoodLoss", 22)
             .attr("reduction", AttrValue::String("mean".into()))
             .attr("ignore_index", AttrValue::Int(1));
-        let out = run_kernel_opt(nll_factory, &spec, &[Some(&x), Some(&t), Some(&w)], None).unwrap();
+        let out =
+            run_kernel_opt(nll_factory, &spec, &[Some(&x), Some(&t), Some(&w)], None).unwrap();
         assert_eq!(out[0].to_vec::<f32>().unwrap(), vec![1.0]);
     }
 

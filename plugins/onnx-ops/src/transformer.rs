@@ -505,7 +505,11 @@ impl Kernel for Attention {
                     let mut sum = 0.0f32;
                     for (p, &l) in prow.iter_mut().zip(&logits) {
                         *p = rs(rs(l - max).exp());
-                        sum = if sequential_sum { rs(sum + *p) } else { sum + *p };
+                        sum = if sequential_sum {
+                            rs(sum + *p)
+                        } else {
+                            sum + *p
+                        };
                     }
                     let sum = rs(sum);
                     let sum = if sum == 0.0 { 1.0 } else { sum };
@@ -780,7 +784,10 @@ impl Kernel for LpNorm {
                 let norm = if self.p == 1 {
                     (0..n).map(|k| xo[k * inner + i].abs()).sum::<f32>()
                 } else {
-                    (0..n).map(|k| xo[k * inner + i].powi(2)).sum::<f32>().sqrt()
+                    (0..n)
+                        .map(|k| xo[k * inner + i].powi(2))
+                        .sum::<f32>()
+                        .sqrt()
                 };
                 for k in 0..n {
                     o[k * inner + i] = if norm == 0.0 {

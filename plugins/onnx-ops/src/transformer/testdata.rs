@@ -123,9 +123,18 @@ pub fn tensor(buf: &[u8]) -> Result<HostTensor, String> {
         match dtype {
             DType::F32 => f32s.iter().flat_map(|x| x.to_le_bytes()).collect(),
             DType::F64 => f64s.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            DType::I64 => i64s.iter().flat_map(|&x| (x as i64).to_le_bytes()).collect(),
-            DType::I32 => i32s.iter().flat_map(|&x| (x as i32).to_le_bytes()).collect(),
-            DType::F16 | DType::BF16 => i32s.iter().flat_map(|&x| (x as u16).to_le_bytes()).collect(),
+            DType::I64 => i64s
+                .iter()
+                .flat_map(|&x| (x as i64).to_le_bytes())
+                .collect(),
+            DType::I32 => i32s
+                .iter()
+                .flat_map(|&x| (x as i32).to_le_bytes())
+                .collect(),
+            DType::F16 | DType::BF16 => i32s
+                .iter()
+                .flat_map(|&x| (x as u16).to_le_bytes())
+                .collect(),
             DType::Bool | DType::U8 => i32s.iter().map(|&x| x as u8).collect(),
             other => return Err(format!("no decoder for {other}")),
         }
@@ -199,9 +208,7 @@ fn close(got: &HostTensor, want: &HostTensor) -> Result<(), String> {
     };
     let (g, w) = (as_f32(got)?, as_f32(want)?);
     for (i, (a, b)) in g.iter().zip(&w).enumerate() {
-        let ok = (a.is_nan() && b.is_nan())
-            || a == b
-            || (a - b).abs() <= 1e-7 + 1e-3 * b.abs();
+        let ok = (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= 1e-7 + 1e-3 * b.abs();
         if !ok {
             return Err(format!("element {i}: got {a}, want {b}"));
         }
