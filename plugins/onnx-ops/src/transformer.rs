@@ -630,7 +630,8 @@ impl Kernel for RmsNorm {
                 k += 1;
             });
         })?;
-        write_f32(ctx, 0, inputs[0].dtype, xs, &y)
+        // Y has the scale's type (V).
+        write_f32(ctx, 0, inputs[1].dtype, xs, &y)
     }
 }
 

@@ -311,3 +311,18 @@ fn rotary_embedding_rotates_pairs() {
     .unwrap();
     assert_eq!(out[0].to_vec::<f32>().unwrap(), vec![-2.0, 1.0, 3.0, 4.0]);
 }
+
+#[test]
+fn rms_normalization_output_takes_the_scale_type() {
+    use opreg_sdk::half::f16;
+    let x = HostTensor::from_vec(&[1, 2], &[3.0f32, 4.0]).unwrap();
+    let w = HostTensor::from_vec(&[2], &[f16::from_f32(1.0), f16::from_f32(1.0)]).unwrap();
+    let out = run_kernel_opt(
+        rms_factory,
+        &NodeSpec::onnx("RMSNormalization", 23),
+        &[Some(&x), Some(&w)],
+        None,
+    )
+    .unwrap();
+    assert_eq!(out[0].dtype(), DType::F16);
+}
