@@ -5,11 +5,13 @@ use opreg_sdk::prelude::*;
 
 mod elementwise;
 mod misc;
+mod loss;
 mod nn;
 mod reduce;
 mod quant;
 mod shape;
 mod spatial;
+mod transformer;
 #[allow(dead_code)] // shared helpers; not every family uses every one
 mod util;
 
@@ -38,6 +40,8 @@ fn register(r: &mut Registrar) {
     quant::register(r);
     misc::register(r);
     spatial::register(r);
+    transformer::register(r);
+    loss::register(r);
 }
 
 opreg_sdk::export_plugin! {
