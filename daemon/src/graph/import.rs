@@ -14,6 +14,10 @@ use std::{
     sync::Arc,
 };
 
+/// A subgraph's formal inputs in order, with the types it declares (subgraphs may leave them
+/// out: the control node binds them).
+pub type FormalInputs = Vec<(String, Option<DType>)>;
+
 /// One dimension of a declared input or output shape.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Dim {
@@ -101,17 +105,37 @@ pub fn import(bytes: &[u8], dir: Option<&Path>) -> Result<Model, GraphError> {
     let opsets = proto
         .opset_import
         .iter()
-        .map(|o| {
-            (
-                if o.domain == "ai.onnx" {
-                    String::new()
-                } else {
-                    o.domain.clone()
-                },
-                o.version,
-            )
-        })
+        .map(|o| (normalise_domain(&o.domain), o.version))
         .collect();
+    let (model, _) = graph_model(&graph, opsets, dir, true)?;
+    Ok(model)
+}
+
+/// A subgraph (`If` branch, `Loop` or `Scan` body), serialized in a GRAPH attribute. Returns
+/// the graph and its formal inputs in order, whose types subgraphs may leave out.
+pub fn import_subgraph(
+    bytes: &[u8],
+    opsets: &HashMap<String, i64>,
+) -> Result<(Model, FormalInputs), GraphError> {
+    let graph = onnx::GraphProto::decode(bytes)
+        .map_err(|e| GraphError::Decode(format!("subgraph: {e}")))?;
+    graph_model(&graph, opsets.clone(), None, false)
+}
+
+fn normalise_domain(d: &str) -> String {
+    if d == "ai.onnx" {
+        String::new()
+    } else {
+        d.to_string()
+    }
+}
+
+fn graph_model(
+    graph: &onnx::GraphProto,
+    opsets: HashMap<String, i64>,
+    dir: Option<&Path>,
+    top: bool,
+) -> Result<(Model, FormalInputs), GraphError> {
     let mut initializers = HashMap::new();
     for t in &graph.initializer {
         if t.name.is_empty() {
@@ -119,16 +143,38 @@ pub fn import(bytes: &[u8], dir: Option<&Path>) -> Result<Model, GraphError> {
         }
         initializers.insert(t.name.clone(), Arc::new(tensor(t, dir)?));
     }
-    let inputs = graph
+    let formal: Vec<&onnx::ValueInfoProto> = graph
         .input
         .iter()
         .filter(|v| !initializers.contains_key(&v.name))
-        .map(io_spec)
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect();
+    // A subgraph's inputs are bound by its control node, so they need no declared type.
+    let loose: FormalInputs = formal
+        .iter()
+        .map(|v| (v.name.clone(), io_spec(v).ok().map(|s| s.dtype)))
+        .collect();
+    let inputs = if top {
+        formal
+            .iter()
+            .map(|v| io_spec(v))
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        Vec::new()
+    };
     let outputs = graph
         .output
         .iter()
-        .map(io_spec)
+        .map(|v| {
+            if top {
+                io_spec(v)
+            } else {
+                Ok(io_spec(v).unwrap_or(IoSpec {
+                    name: v.name.clone(),
+                    dtype: DType::F32,
+                    shape: None,
+                }))
+            }
+        })
         .collect::<Result<Vec<_>, _>>()?;
     if outputs.is_empty() {
         return Err(GraphError::Invalid("the graph has no outputs".into()));
@@ -139,11 +185,7 @@ pub fn import(bytes: &[u8], dir: Option<&Path>) -> Result<Model, GraphError> {
         .map(|n| {
             Ok(Node {
                 name: n.name.clone(),
-                domain: if n.domain == "ai.onnx" {
-                    String::new()
-                } else {
-                    n.domain.clone()
-                },
+                domain: normalise_domain(&n.domain),
                 op_type: n.op_type.clone(),
                 inputs: n.input.clone(),
                 outputs: n.output.clone(),
@@ -158,13 +200,16 @@ pub fn import(bytes: &[u8], dir: Option<&Path>) -> Result<Model, GraphError> {
             })
         })
         .collect::<Result<Vec<_>, GraphError>>()?;
-    Ok(Model {
-        opsets,
-        inputs,
-        outputs,
-        initializers,
-        nodes,
-    })
+    Ok((
+        Model {
+            opsets,
+            inputs,
+            outputs,
+            initializers,
+            nodes,
+        },
+        loose,
+    ))
 }
 
 fn io_spec(v: &onnx::ValueInfoProto) -> Result<IoSpec, GraphError> {

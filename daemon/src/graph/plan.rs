@@ -1,6 +1,13 @@
 //! Compiling a model into a plan bound to one registry generation.
+//!
+//! Kernels come from plugins; the control-flow operators (`If`, `Loop`, `Scan`) are the
+//! runtime's own, because they run subgraphs: their subgraphs are compiled here into nested
+//! plans, and the outer values a subgraph reads are bound to it as extra inputs.
 
-use super::{import::Model, run, types, GraphError};
+use super::{
+    import::{import_subgraph, FormalInputs, Model},
+    run, types, GraphError,
+};
 use crate::{
     plugin::{kernel_label, LoadedPlugin},
     registry::{KernelQuery, Snapshot},
@@ -9,7 +16,7 @@ use abi_stable::std_types::{RNone, RSome};
 use opreg_sdk::{
     host::HostTensor,
     kernel::{FfiKernelBox, NodeInfo, ValueInfo},
-    DType, Device,
+    AttrValue, DType, Device,
 };
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -26,13 +33,20 @@ const NONDETERMINISTIC: &[&str] = &[
     "Bernoulli",
 ];
 
+/// The control-flow operators the runtime runs itself, with their subgraph attributes.
+const CONTROL: &[(&str, &[&str])] = &[
+    ("If", &["then_branch", "else_branch"]),
+    ("Loop", &["body"]),
+    ("Scan", &["body"]),
+];
+
 /// Where one node runs, for the placement query.
 #[derive(Clone, Debug)]
 pub struct Placement {
     pub node: String,
     pub op_type: String,
     pub opset: i64,
-    /// `domain::Op(range)@device` of the kernel, or empty when folded.
+    /// `domain::Op(range)@device` of the kernel (`host::Op` for control flow).
     pub kernel: String,
     pub plugin: String,
     pub device: Device,
@@ -40,13 +54,40 @@ pub struct Placement {
     pub folded: bool,
 }
 
+/// What a step does.
+pub(super) enum Work {
+    Kernel {
+        // Declared before `plugin`: plugin code must be dropped while the library is mapped.
+        instance: FfiKernelBox,
+        plugin: Arc<LoadedPlugin>,
+    },
+    If {
+        then_branch: Box<Plan>,
+        else_branch: Box<Plan>,
+    },
+    Loop {
+        body: Box<Plan>,
+    },
+    Scan(Box<ScanSpec>),
+}
+
+pub(super) struct ScanSpec {
+    pub body: Plan,
+    /// Number of state variables (the remaining inputs are scanned).
+    pub states: usize,
+    pub input_axes: Vec<i64>,
+    pub input_reverse: Vec<bool>,
+    pub output_axes: Vec<i64>,
+    pub output_reverse: Vec<bool>,
+}
+
 pub(super) struct Step {
     pub label: String,
-    // Declared before `plugin`: plugin code must be dropped while the library is mapped.
-    pub instance: FfiKernelBox,
-    pub plugin: Arc<LoadedPlugin>,
+    pub work: Work,
     pub device: Device,
     pub inputs: Vec<Option<usize>>,
+    /// Outer values the step's subgraphs read, in the order of their plans' captured inputs.
+    pub captured: Vec<usize>,
     /// `None` for an output the node leaves unnamed (computed and dropped).
     pub outputs: Vec<Option<usize>>,
     /// Slots whose last reader is this step: released after it.
@@ -58,8 +99,11 @@ pub struct Plan {
     pub(super) steps: Vec<Step>,
     pub(super) slots: usize,
     pub(super) constants: Vec<(usize, Arc<HostTensor>)>,
+    /// Formal inputs first, then captured outer values.
     pub(super) inputs: Vec<(String, usize)>,
+    pub(super) formal_inputs: usize,
     pub(super) outputs: Vec<(String, usize)>,
+    pub(super) output_types: Vec<Option<DType>>,
     pub placement: Vec<Placement>,
     /// The snapshot the plan is bound to: keeps its plugins mapped and gives BLAS backends.
     pub snapshot: Arc<Snapshot>,
@@ -78,39 +122,154 @@ pub fn compile(
     snapshot: Arc<Snapshot>,
     devices: &[Device],
 ) -> Result<Plan, GraphError> {
-    let mut slot_of: HashMap<&str, usize> = HashMap::new();
+    let formal: Vec<(String, Option<DType>)> = model
+        .inputs
+        .iter()
+        .map(|i| (i.name.clone(), Some(i.dtype)))
+        .collect();
+    compile_graph(model, &formal, &[], snapshot, devices)
+}
+
+/// The subgraphs of a control node, imported.
+struct Subgraphs {
+    graphs: Vec<(Model, FormalInputs)>,
+    /// Outer values they read, in first-use order.
+    free: Vec<String>,
+}
+
+fn control_attrs(op_type: &str) -> Option<&'static [&'static str]> {
+    CONTROL
+        .iter()
+        .find(|(op, _)| *op == op_type)
+        .map(|(_, a)| *a)
+}
+
+fn subgraphs(
+    node: &super::import::Node,
+    opsets: &HashMap<String, i64>,
+) -> Result<Option<Subgraphs>, GraphError> {
+    if !node.domain.is_empty() {
+        return Ok(None);
+    }
+    let Some(attrs) = control_attrs(&node.op_type) else {
+        return Ok(None);
+    };
+    let mut graphs = Vec::new();
+    let mut free = Vec::new();
+    for a in attrs {
+        let bytes = match node
+            .attributes
+            .iter()
+            .find(|x| x.name.as_str() == *a)
+            .map(|x| &x.value)
+        {
+            Some(AttrValue::Graph(b)) => b,
+            _ => {
+                return Err(GraphError::Invalid(format!(
+                    "node {}: missing subgraph attribute '{a}'",
+                    node.label()
+                )))
+            }
+        };
+        let (m, formal) = import_subgraph(bytes, opsets)
+            .map_err(|e| GraphError::Invalid(format!("node {} '{a}': {e}", node.label())))?;
+        for v in free_vars(&m, &formal)? {
+            if !free.contains(&v) {
+                free.push(v);
+            }
+        }
+        graphs.push((m, formal));
+    }
+    Ok(Some(Subgraphs { graphs, free }))
+}
+
+/// Names a graph reads that it does not define (its outer-scope references).
+fn free_vars(model: &Model, formal: &[(String, Option<DType>)]) -> Result<Vec<String>, GraphError> {
+    let mut defined: HashSet<&str> = formal.iter().map(|(n, _)| n.as_str()).collect();
+    defined.extend(model.initializers.keys().map(|k| k.as_str()));
+    for n in &model.nodes {
+        defined.extend(n.outputs.iter().map(|o| o.as_str()));
+    }
+    let mut free = Vec::new();
+    let add = |v: &str, free: &mut Vec<String>| {
+        if !v.is_empty() && !defined.contains(v) && !free.iter().any(|f| f == v) {
+            free.push(v.to_string());
+        }
+    };
+    for n in &model.nodes {
+        for i in &n.inputs {
+            add(i, &mut free);
+        }
+        if let Some(sub) = subgraphs(n, &model.opsets)? {
+            for v in &sub.free {
+                add(v, &mut free);
+            }
+        }
+    }
+    Ok(free)
+}
+
+fn compile_graph(
+    model: &Model,
+    formal: &[(String, Option<DType>)],
+    captured: &[(String, Option<DType>)],
+    snapshot: Arc<Snapshot>,
+    devices: &[Device],
+) -> Result<Plan, GraphError> {
+    let mut slot_of: HashMap<String, usize> = HashMap::new();
     let mut types: Vec<Option<DType>> = Vec::new();
-    let slot = |types: &mut Vec<Option<DType>>| -> usize {
-        types.push(None);
+    let new_slot = |types: &mut Vec<Option<DType>>, t: Option<DType>| -> usize {
+        types.push(t);
         types.len() - 1
     };
     // Constants (initializers, later folded results) by slot.
     let mut constants: HashMap<usize, Arc<HostTensor>> = HashMap::new();
     for (name, t) in &model.initializers {
-        let s = slot(&mut types);
-        slot_of.insert(name.as_str(), s);
-        types[s] = Some(t.dtype());
+        let s = new_slot(&mut types, Some(t.dtype()));
+        slot_of.insert(name.clone(), s);
         constants.insert(s, t.clone());
     }
     let mut inputs = Vec::new();
-    for i in &model.inputs {
-        let s = slot(&mut types);
-        slot_of.insert(i.name.as_str(), s);
-        types[s] = Some(i.dtype);
-        inputs.push((i.name.clone(), s));
+    for (name, t) in formal.iter().chain(captured) {
+        // An input shadows an initializer of the same name (ONNX's default-value inputs).
+        let s = new_slot(&mut types, *t);
+        if let Some(old) = slot_of.insert(name.clone(), s) {
+            constants.remove(&old);
+        }
+        inputs.push((name.clone(), s));
     }
     for n in &model.nodes {
         for o in n.outputs.iter().filter(|o| !o.is_empty()) {
-            if slot_of.contains_key(o.as_str()) {
+            if slot_of.contains_key(o) {
                 return Err(GraphError::Invalid(format!(
                     "value '{o}' is produced twice (node {})",
                     n.label()
                 )));
             }
-            let s = slot(&mut types);
-            slot_of.insert(o.as_str(), s);
+            let s = new_slot(&mut types, None);
+            slot_of.insert(o.clone(), s);
         }
     }
+
+    // Control nodes read their subgraphs' outer values too.
+    let subs: Vec<Option<Subgraphs>> = model
+        .nodes
+        .iter()
+        .map(|n| subgraphs(n, &model.opsets))
+        .collect::<Result<_, _>>()?;
+    let reads = |i: usize| -> Vec<&str> {
+        let n = &model.nodes[i];
+        let mut r: Vec<&str> = n
+            .inputs
+            .iter()
+            .filter(|x| !x.is_empty())
+            .map(|x| x.as_str())
+            .collect();
+        if let Some(s) = &subs[i] {
+            r.extend(s.free.iter().map(|x| x.as_str()));
+        }
+        r
+    };
 
     // Dead-node removal: keep what the outputs depend on.
     let producer: HashMap<&str, usize> = model
@@ -133,14 +292,10 @@ pub fn compile(
         }
         match (producer.get(v), slot_of.contains_key(v)) {
             (Some(&i), _) => {
-                needed[i] = true;
-                stack.extend(
-                    model.nodes[i]
-                        .inputs
-                        .iter()
-                        .filter(|x| !x.is_empty())
-                        .map(|x| x.as_str()),
-                );
+                if !needed[i] {
+                    needed[i] = true;
+                    stack.extend(reads(i));
+                }
             }
             (None, true) => {}
             (None, false) => {
@@ -163,8 +318,8 @@ pub fn compile(
     while let Some(i) = pending.pop_front() {
         let n = &model.nodes[i];
         let mut ready = true;
-        for x in n.inputs.iter().filter(|x| !x.is_empty()) {
-            match slot_of.get(x.as_str()) {
+        for x in reads(i) {
+            match slot_of.get(x) {
                 Some(s) if available.contains(s) => {}
                 Some(_) => ready = false,
                 None => {
@@ -177,11 +332,7 @@ pub fn compile(
         }
         if ready {
             order.push(i);
-            available.extend(
-                n.outputs
-                    .iter()
-                    .filter_map(|o| slot_of.get(o.as_str()).copied()),
-            );
+            available.extend(n.outputs.iter().filter_map(|o| slot_of.get(o).copied()));
             stalled = 0;
         } else {
             pending.push_back(i);
@@ -213,7 +364,7 @@ pub fn compile(
                 if x.is_empty() {
                     None
                 } else {
-                    slot_of.get(x.as_str()).copied()
+                    slot_of.get(x).copied()
                 }
             })
             .collect();
@@ -226,10 +377,41 @@ pub fn compile(
                 if o.is_empty() {
                     None
                 } else {
-                    slot_of.get(o.as_str()).copied()
+                    slot_of.get(o).copied()
                 }
             })
             .collect();
+
+        if let Some(sub) = &subs[i] {
+            let step = compile_control(
+                n,
+                sub,
+                &slot_of,
+                &types,
+                in_slots,
+                out_slots.clone(),
+                &snapshot,
+                devices,
+            )?;
+            let out_types = control_output_types(&step.work);
+            for (k, s) in out_slots.iter().enumerate() {
+                if let Some(s) = s {
+                    types[*s] = out_types.get(k).copied().flatten();
+                }
+            }
+            placement.push(Placement {
+                node: n.name.clone(),
+                op_type: n.op_type.clone(),
+                opset: domain_opset,
+                kernel: format!("host::{}", n.op_type),
+                plugin: "opregd".into(),
+                device: Device::CPU,
+                folded: false,
+            });
+            steps.push(step);
+            continue;
+        }
+
         for (k, s) in out_slots.iter().enumerate() {
             if let Some(s) = s {
                 types[*s] = types::output_type(n, k, &in_types);
@@ -321,12 +503,16 @@ pub fn compile(
                     message: e.message.to_string(),
                 })?;
         let label = kernel_label(&reg.desc);
+        let plugin_name = kernel.plugin.name.clone();
         let step = Step {
             label: n.label(),
-            instance,
-            plugin: kernel.plugin.clone(),
+            work: Work::Kernel {
+                instance,
+                plugin: kernel.plugin.clone(),
+            },
             device,
             inputs: in_slots.clone(),
+            captured: Vec::new(),
             outputs: out_slots.clone(),
             release: Vec::new(),
         };
@@ -335,38 +521,29 @@ pub fn compile(
         let foldable = !NONDETERMINISTIC.contains(&n.op_type.as_str())
             && in_slots.iter().flatten().all(|s| constants.contains_key(s))
             && device.host_accessible();
+        placement.push(Placement {
+            node: n.name.clone(),
+            op_type: n.op_type.clone(),
+            opset: domain_opset,
+            kernel: label,
+            plugin: plugin_name,
+            device,
+            folded: foldable,
+        });
         if foldable {
             let ins: Vec<Option<Arc<HostTensor>>> = in_slots
                 .iter()
                 .map(|s| s.and_then(|s| constants.get(&s).cloned()))
                 .collect();
-            let outs = run::run_step(&step, &ins, snapshot.blas_for(device))?;
+            let outs = run::run_kernel_step(&step, &ins, snapshot.blas_for(device))?;
             for (s, t) in out_slots.iter().zip(outs) {
                 if let Some(s) = s {
                     types[*s] = Some(t.dtype());
                     constants.insert(*s, Arc::new(t));
                 }
             }
-            placement.push(Placement {
-                node: n.name.clone(),
-                op_type: n.op_type.clone(),
-                opset: domain_opset,
-                kernel: label,
-                plugin: kernel.plugin.name.clone(),
-                device,
-                folded: true,
-            });
             continue;
         }
-        placement.push(Placement {
-            node: n.name.clone(),
-            op_type: n.op_type.clone(),
-            opset: domain_opset,
-            kernel: label,
-            plugin: kernel.plugin.name.clone(),
-            device,
-            folded: false,
-        });
         steps.push(step);
     }
 
@@ -375,11 +552,12 @@ pub fn compile(
         .iter()
         .map(|o| {
             slot_of
-                .get(o.name.as_str())
+                .get(&o.name)
                 .map(|&s| (o.name.clone(), s))
                 .ok_or_else(|| GraphError::Invalid(format!("output '{}' is never defined", o.name)))
         })
         .collect::<Result<_, _>>()?;
+    let output_types = outputs.iter().map(|(_, s)| types[*s]).collect();
 
     // Liveness: release each computed value after its last reader, unless it is an output.
     let keep: HashSet<usize> = outputs
@@ -389,7 +567,7 @@ pub fn compile(
         .collect();
     let mut last_use: HashMap<usize, usize> = HashMap::new();
     for (k, st) in steps.iter().enumerate() {
-        for s in st.inputs.iter().flatten() {
+        for s in st.inputs.iter().flatten().chain(&st.captured) {
             last_use.insert(*s, k);
         }
     }
@@ -404,8 +582,136 @@ pub fn compile(
         slots: types.len(),
         constants: constants.into_iter().collect(),
         inputs,
+        formal_inputs: formal.len(),
         outputs,
+        output_types,
         placement,
         snapshot,
     })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compile_control(
+    n: &super::import::Node,
+    sub: &Subgraphs,
+    slot_of: &HashMap<String, usize>,
+    types: &[Option<DType>],
+    inputs: Vec<Option<usize>>,
+    outputs: Vec<Option<usize>>,
+    snapshot: &Arc<Snapshot>,
+    devices: &[Device],
+) -> Result<Step, GraphError> {
+    let captured_slots: Vec<usize> = sub
+        .free
+        .iter()
+        .map(|v| {
+            slot_of.get(v).copied().ok_or_else(|| {
+                GraphError::Invalid(format!(
+                    "node {}: subgraph reads '{v}', which is never defined",
+                    n.label()
+                ))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let captured: Vec<(String, Option<DType>)> = sub
+        .free
+        .iter()
+        .zip(&captured_slots)
+        .map(|(v, &s)| (v.clone(), types[s]))
+        .collect();
+    let in_types: Vec<Option<DType>> = inputs.iter().map(|s| s.and_then(|s| types[s])).collect();
+    let body = |g: usize, formal_types: Vec<Option<DType>>| -> Result<Box<Plan>, GraphError> {
+        let (m, formal) = &sub.graphs[g];
+        // Declared subgraph input types win; otherwise those the node binds.
+        let formal: Vec<(String, Option<DType>)> = formal
+            .iter()
+            .enumerate()
+            .map(|(k, (name, t))| (name.clone(), t.or(formal_types.get(k).copied().flatten())))
+            .collect();
+        compile_graph(m, &formal, &captured, snapshot.clone(), devices)
+            .map(Box::new)
+            .map_err(|e| GraphError::Invalid(format!("node {}: subgraph: {e}", n.label())))
+    };
+    let attr_ints = |name: &str| -> Vec<i64> {
+        match n
+            .attributes
+            .iter()
+            .find(|a| a.name.as_str() == name)
+            .map(|a| &a.value)
+        {
+            Some(AttrValue::Ints(v)) => v.to_vec(),
+            _ => Vec::new(),
+        }
+    };
+    let work = match n.op_type.as_str() {
+        "If" => Work::If {
+            then_branch: body(0, vec![])?,
+            else_branch: body(1, vec![])?,
+        },
+        "Loop" => {
+            let mut formal = vec![Some(DType::I64), Some(DType::Bool)];
+            formal.extend(in_types.iter().skip(2).copied());
+            Work::Loop {
+                body: body(0, formal)?,
+            }
+        }
+        "Scan" => {
+            let scanned = match n
+                .attributes
+                .iter()
+                .find(|a| a.name.as_str() == "num_scan_inputs")
+                .map(|a| &a.value)
+            {
+                Some(AttrValue::Int(k)) if *k >= 1 && (*k as usize) <= inputs.len() => *k as usize,
+                _ => {
+                    return Err(GraphError::Invalid(format!(
+                        "node {}: Scan needs num_scan_inputs in 1..={}",
+                        n.label(),
+                        inputs.len()
+                    )))
+                }
+            };
+            let states = inputs.len() - scanned;
+            let outs = sub.graphs[0].0.outputs.len().saturating_sub(states);
+            let or_zero = |v: Vec<i64>, len: usize| if v.is_empty() { vec![0; len] } else { v };
+            let input_axes = or_zero(attr_ints("scan_input_axes"), scanned);
+            let input_reverse = or_zero(attr_ints("scan_input_directions"), scanned)
+                .into_iter()
+                .map(|d| d != 0)
+                .collect();
+            let output_axes = or_zero(attr_ints("scan_output_axes"), outs);
+            let output_reverse = or_zero(attr_ints("scan_output_directions"), outs)
+                .into_iter()
+                .map(|d| d != 0)
+                .collect();
+            Work::Scan(Box::new(ScanSpec {
+                body: *body(0, in_types.clone())?,
+                states,
+                input_axes,
+                input_reverse,
+                output_axes,
+                output_reverse,
+            }))
+        }
+        other => return Err(GraphError::Unsupported(format!("control op {other}"))),
+    };
+    Ok(Step {
+        label: n.label(),
+        work,
+        device: Device::CPU,
+        inputs,
+        captured: captured_slots,
+        outputs,
+        release: Vec::new(),
+    })
+}
+
+fn control_output_types(work: &Work) -> Vec<Option<DType>> {
+    match work {
+        Work::If { then_branch, .. } => then_branch.output_types.clone(),
+        // Body outputs: cond, carried..., scan outputs...
+        Work::Loop { body } => body.output_types.iter().skip(1).copied().collect(),
+        Work::Scan(s) => s.body.output_types.clone(),
+        Work::Kernel { .. } => Vec::new(),
+    }
 }

@@ -95,6 +95,7 @@ async fn run(
         .compute
         .run(move || -> Result<_, Status> {
             let plan = m.plan(&snapshot)?;
+            let feeds = feeds.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
             Ok(crate::graph::run(&plan, feeds)?)
         })
         .await

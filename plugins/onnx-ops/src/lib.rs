@@ -4,11 +4,11 @@
 use opreg_sdk::prelude::*;
 
 mod elementwise;
-mod misc;
 mod loss;
+mod misc;
 mod nn;
-mod reduce;
 mod quant;
+mod reduce;
 mod shape;
 mod spatial;
 mod transformer;
