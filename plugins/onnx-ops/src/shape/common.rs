@@ -166,6 +166,11 @@ pub(crate) fn scalar_bytes(dtype: DType, v: f64) -> Result<Vec<u8>, PluginError>
                 "a numeric value converted to a string",
             ))
         }
+        other => {
+            return Err(PluginError::unimplemented(format!(
+                "a numeric value converted to {other}"
+            )))
+        }
     })
 }
 
