@@ -4,13 +4,15 @@
 use opreg_sdk::prelude::*;
 
 mod elementwise;
-mod misc;
 mod loss;
+mod misc;
 mod nn;
-mod reduce;
 mod quant;
+mod reduce;
 mod shape;
 mod spatial;
+#[cfg(test)]
+mod testcases;
 mod transformer;
 #[allow(dead_code)] // shared helpers; not every family uses every one
 mod util;

@@ -12,8 +12,6 @@ use opreg_sdk::{
 
 mod crop;
 mod grid;
-#[cfg(test)]
-mod onnx_cases;
 mod resize;
 mod roi;
 

@@ -952,7 +952,4 @@ pub fn register(r: &mut Registrar) {
 }
 
 #[cfg(test)]
-pub(crate) mod testdata;
-
-#[cfg(test)]
 mod tests;

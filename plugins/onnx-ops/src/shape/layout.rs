@@ -764,7 +764,11 @@ impl Kernel for SpaceToDepth {
             )));
         }
         // DCR: output channel (b1 * b + b2) * c + ci; CRD: ci * b * b + b1 * b + b2.
-        let perm: &[usize] = if self.crd { &[0, 1, 3, 5, 2, 4] } else { &[0, 3, 5, 1, 2, 4] };
+        let perm: &[usize] = if self.crd {
+            &[0, 1, 3, 5, 2, 4]
+        } else {
+            &[0, 3, 5, 1, 2, 4]
+        };
         copy_permuted(
             ctx,
             data,

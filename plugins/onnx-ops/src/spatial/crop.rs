@@ -246,7 +246,7 @@ pub fn register(r: &mut Registrar) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spatial::onnx_cases::run_cases;
+    use crate::testcases::run_cases;
     use opreg_sdk::{
         host::HostTensor,
         testkit::{run_kernel, NodeSpec},
