@@ -7,7 +7,7 @@ use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
 use std::cmp::Ordering;
 
-type Factory = fn(&NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError>;
+use crate::util::Factory;
 
 /// The elements of a float tensor as `f64`.
 fn read_f64(t: &TensorView<'_>, what: &str) -> Result<Vec<f64>, PluginError> {

@@ -4,7 +4,7 @@
 //! Only the integer quantized types the SDK has (`uint8`, `int8`, `uint16`, `int16`, and
 //! `int32` for dequantization) are supported; float8 / int4 / int2 / float4 / float6 are not.
 
-use crate::util::normalize_axis;
+use crate::util::{normalize_axis, Factory};
 use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
 use std::borrow::Cow;
@@ -360,9 +360,6 @@ impl Kernel for DynamicQuantize {
         Ok(())
     }
 }
-
-/// A plain factory function.
-type Factory = fn(&NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError>;
 
 /// Registers `factory` under each opset range, with the constraints `desc` gives for it.
 fn ranges<F>(r: &mut Registrar, ranges: &[(i32, i32)], desc: impl Fn(i32, i32) -> KernelDesc, f: F)

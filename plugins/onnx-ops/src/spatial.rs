@@ -93,13 +93,7 @@ pub(crate) fn read_f64s(view: &TensorView<'_>, what: &str) -> Result<Vec<f64>, P
         .collect()))
 }
 
-/// Input `i` unless it is absent or missing.
-pub(crate) fn optional<'a, 'b>(
-    inputs: &'b [TensorView<'a>],
-    i: usize,
-) -> Option<&'b TensorView<'a>> {
-    inputs.get(i).filter(|t| !t.is_absent())
-}
+pub(crate) use crate::util::optional;
 
 /// Input `i`, which the operator requires.
 pub(crate) fn required<'a, 'b>(

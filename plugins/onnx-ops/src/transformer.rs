@@ -6,7 +6,7 @@
 //! type (Attention's scaled Q/K, scores, probabilities) we round the same way, so reduced
 //! precision results follow the reference closely.
 
-use crate::util::{broadcast_strides, normalize_axis};
+use crate::util::{broadcast_strides, normalize_axis, optional};
 use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
 
@@ -85,10 +85,6 @@ pub(crate) fn rounder(dtype: DType) -> fn(f32) -> f32 {
         DType::BF16 => |v| bf16::from_f32(v).to_f32(),
         _ => |v| v,
     }
-}
-
-fn present<'a>(inputs: &[TensorView<'a>], i: usize) -> Option<TensorView<'a>> {
-    inputs.get(i).copied().filter(|t| !t.is_absent())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -346,10 +342,10 @@ impl Kernel for Attention {
                 "Attention: {hq} query heads are not a multiple of {hkv} key/value heads"
             )));
         }
-        let mask_in = present(inputs, 3);
-        let past_k_in = present(inputs, 4);
-        let past_v_in = present(inputs, 5);
-        let nonpad_in = present(inputs, 6);
+        let mask_in = optional(inputs, 3);
+        let past_k_in = optional(inputs, 4);
+        let past_v_in = optional(inputs, 5);
+        let nonpad_in = optional(inputs, 6);
         if past_k_in.is_some() != past_v_in.is_some() {
             return Err(PluginError::invalid(
                 "Attention: past_key and past_value must be given together",
@@ -361,10 +357,10 @@ impl Kernel for Attention {
             ));
         }
         let past_k = past_k_in
-            .map(|t| to_heads(&t, "past_key", None))
+            .map(|t| to_heads(t, "past_key", None))
             .transpose()?;
         let past_v = past_v_in
-            .map(|t| to_heads(&t, "past_value", None))
+            .map(|t| to_heads(t, "past_value", None))
             .transpose()?;
         if let Some(p) = &past_k {
             if past_k_in.map(|t| t.rank()) != Some(4) || past_v_in.map(|t| t.rank()) != Some(4) {
@@ -430,7 +426,7 @@ impl Kernel for Attention {
                         .map(|&x| if x != 0 { 0.0 } else { f32::NEG_INFINITY })
                         .collect()
                 } else {
-                    read_f32(&m, "attn_mask")?
+                    read_f32(m, "attn_mask")?
                 };
                 let st = broadcast_strides(ms, &target);
                 Some((values, len, [st[0], st[1], st[2], st[3]]))
@@ -697,7 +693,7 @@ impl Kernel for Rotary {
             )));
         }
         // Row of the caches for (b, s).
-        let rows: Vec<usize> = match present(inputs, 3) {
+        let rows: Vec<usize> = match optional(inputs, 3) {
             Some(p) => {
                 if p.shape() != [b, s] || cs.len() != 2 {
                     return Err(PluginError::invalid(format!(

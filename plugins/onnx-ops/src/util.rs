@@ -1,6 +1,15 @@
-//! Helpers shared by the operator families: broadcasting, axes, strided walks.
+//! Helpers shared by the operator families: broadcasting, axes, strided walks, optional
+//! inputs, the plain-function kernel factory.
 
-use opreg_sdk::PluginError;
+use opreg_sdk::prelude::*;
+
+/// A kernel factory as a plain function, registrable once per schema version.
+pub(crate) type Factory = fn(&NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError>;
+
+/// Input `i`, or `None` when the node leaves it out (absent, or past the end of the list).
+pub fn optional<'a, 'b>(inputs: &'b [TensorView<'a>], i: usize) -> Option<&'b TensorView<'a>> {
+    inputs.get(i).filter(|t| !t.is_absent())
+}
 
 /// The numpy-style broadcast of `shapes` (ONNX multidirectional broadcasting).
 pub fn broadcast_shapes(shapes: &[&[usize]]) -> Result<Vec<usize>, PluginError> {
@@ -130,5 +139,54 @@ mod tests {
         let mut part = Vec::new();
         walk_offsets(&shape, &strides, 5, 11, |o| part.push(o));
         assert_eq!(part, naive[5..16].to_vec());
+    }
+}
+
+/// Shorthands shared by the families' unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::Factory;
+    use opreg_sdk::{
+        host::HostTensor,
+        kernel::{FfiKernelBox, FfiKernelFactoryBox},
+        prelude::*,
+        testkit::{run_kernel_opt, NodeSpec},
+        Element, KernelFactory,
+    };
+
+    pub(crate) fn t<T: Element>(shape: &[usize], v: &[T]) -> HostTensor {
+        HostTensor::from_vec(shape, v).expect("tensor")
+    }
+
+    /// Runs `f` on `inputs` (`None` for a left-out input) without a BLAS backend.
+    pub(crate) fn run(
+        f: Factory,
+        node: NodeSpec,
+        inputs: &[Option<&HostTensor>],
+    ) -> Result<Vec<HostTensor>, PluginError> {
+        run_kernel_opt(f, &node, inputs, None)
+    }
+
+    /// A factory taken back out of the registration table, so a test runs exactly what the
+    /// host would resolve (opset ranges and type constraints included).
+    pub(crate) struct Registered(pub FfiKernelFactoryBox);
+    struct RegisteredKernel(FfiKernelBox);
+
+    impl KernelFactory for Registered {
+        fn instantiate(&self, node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+            Ok(Box::new(RegisteredKernel(
+                self.0.instantiate(node).into_result()?,
+            )))
+        }
+    }
+
+    impl Kernel for RegisteredKernel {
+        fn compute(
+            &self,
+            ctx: &KernelContext<'_>,
+            inputs: &[TensorView<'_>],
+        ) -> Result<(), PluginError> {
+            self.0.compute(ctx, inputs.into()).into_result()
+        }
     }
 }

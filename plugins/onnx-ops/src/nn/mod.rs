@@ -150,8 +150,7 @@ impl Float for bf16 {
     }
 }
 
-/// A kernel factory as a plain function, registrable once per schema version.
-pub(crate) type Factory = fn(&NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError>;
+pub(crate) use crate::util::{optional, Factory};
 
 /// Registers `factory` for `op` once per schema version range: `versions` are the schema
 /// versions in increasing order; the last range is open-ended.
@@ -174,11 +173,6 @@ pub(crate) fn register_versions(
         }
         r.kernel(desc, factory);
     }
-}
-
-/// The optional input `i`: `None` when absent or left out.
-pub(crate) fn optional<'a>(inputs: &[TensorView<'a>], i: usize) -> Option<TensorView<'a>> {
-    inputs.get(i).copied().filter(|t| !t.is_absent())
 }
 
 /// How padding is chosen for a convolution or pooling window.

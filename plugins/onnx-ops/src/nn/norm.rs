@@ -339,7 +339,7 @@ impl LayerNorm {
         let cols: usize = xs[axis..].iter().product();
         let scale = RowParam::<T::C>::new(OP, "Scale", &inputs[1], xs, axis)?;
         let bias = optional(inputs, 2)
-            .map(|b| RowParam::<T::C>::new(OP, "B", &b, xs, axis))
+            .map(|b| RowParam::<T::C>::new(OP, "B", b, xs, axis))
             .transpose()?;
         let x = inputs[0].as_slice::<T>()?;
         let y = ctx.output_slice::<T>(0, xs)?;
