@@ -4,7 +4,7 @@
 //! Only the integer quantized types the SDK has (`uint8`, `int8`, `uint16`, `int16`, and
 //! `int32` for dequantization) are supported; float8 / int4 / int2 / float4 / float6 are not.
 
-use crate::util::{normalize_axis, Factory};
+use crate::util::{floats_as_f32, normalize_axis, Factory};
 use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
 use std::borrow::Cow;
@@ -21,17 +21,16 @@ const GRAIN: usize = 8192;
 
 /// The elements of a float (or `int32`) tensor as `f32`.
 pub(crate) fn read_f32<'a>(t: &TensorView<'a>, what: &str) -> Result<Cow<'a, [f32]>, PluginError> {
-    Ok(match t.dtype {
-        DType::F32 => Cow::Borrowed(t.as_slice::<f32>()?),
-        DType::F16 => Cow::Owned(t.as_slice::<f16>()?.iter().map(|v| v.to_f32()).collect()),
-        DType::BF16 => Cow::Owned(t.as_slice::<bf16>()?.iter().map(|v| v.to_f32()).collect()),
-        DType::F64 => Cow::Owned(t.as_slice::<f64>()?.iter().map(|&v| v as f32).collect()),
-        DType::I32 => Cow::Owned(t.as_slice::<i32>()?.iter().map(|&v| v as f32).collect()),
-        other => {
-            return Err(PluginError::unimplemented(format!(
-                "{what}: element type {other} is not supported"
-            )))
-        }
+    if t.dtype == DType::I32 {
+        return Ok(Cow::Owned(
+            t.as_slice::<i32>()?.iter().map(|&v| v as f32).collect(),
+        ));
+    }
+    floats_as_f32(t).unwrap_or_else(|| {
+        Err(PluginError::unimplemented(format!(
+            "{what}: element type {} is not supported",
+            t.dtype
+        )))
     })
 }
 

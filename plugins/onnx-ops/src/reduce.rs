@@ -117,23 +117,7 @@ num!(i64, i64, |x| x, |v| v, i64::MIN, i64::MAX);
 /// Runs `$body` with `$t` bound to the Rust type of `$dtype` among the reductions' types.
 macro_rules! dispatch_num {
     ($dtype:expr, $op:expr, |$t:ident| $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::F64 => {
-                type $t = f64;
-                $body
-            }
-            DType::F16 => {
-                type $t = f16;
-                $body
-            }
-            DType::BF16 => {
-                type $t = bf16;
-                $body
-            }
+        crate::util::match_float!($dtype, |$t| $body, other => match other {
             DType::I32 => {
                 type $t = i32;
                 $body
@@ -146,7 +130,7 @@ macro_rules! dispatch_num {
                 "{} is not implemented for {other}",
                 $op
             ))),
-        }
+        })
     };
 }
 

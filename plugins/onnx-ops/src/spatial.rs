@@ -58,39 +58,21 @@ impl Scalar for bf16 {
 /// error naming `$what`.
 macro_rules! with_float {
     ($dtype:expr, $what:expr, $t:ident => $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::F64 => {
-                type $t = f64;
-                $body
-            }
-            DType::F16 => {
-                type $t = opreg_sdk::half::f16;
-                $body
-            }
-            DType::BF16 => {
-                type $t = opreg_sdk::half::bf16;
-                $body
-            }
-            other => Err(PluginError::invalid(format!(
-                "{}: element type {other} is not supported",
-                $what
-            ))),
-        }
+        crate::util::match_float!($dtype, |$t| $body, other => Err(PluginError::invalid(
+            format!("{}: element type {other} is not supported", $what)
+        )))
     };
 }
 pub(crate) use with_float;
 
 /// The elements of a float tensor (f16, bf16, f32 or f64) widened to `f64`.
 pub(crate) fn read_f64s(view: &TensorView<'_>, what: &str) -> Result<Vec<f64>, PluginError> {
-    with_float!(view.dtype, what, T => Ok(view
-        .as_slice::<T>()?
-        .iter()
-        .map(|&v| Scalar::to_f64(v))
-        .collect()))
+    crate::util::floats_as_f64(view).unwrap_or_else(|| {
+        Err(PluginError::invalid(format!(
+            "{what}: element type {} is not supported",
+            view.dtype
+        )))
+    })
 }
 
 pub(crate) use crate::util::optional;

@@ -6,7 +6,7 @@
 //! type (Attention's scaled Q/K, scores, probabilities) we round the same way, so reduced
 //! precision results follow the reference closely.
 
-use crate::util::{broadcast_strides, normalize_axis, optional};
+use crate::util::{broadcast_strides, floats_as_f32, normalize_axis, optional};
 use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
 
@@ -15,33 +15,15 @@ pub(crate) const FLOATS: &[DType] = &[DType::F32, DType::F16, DType::BF16];
 
 /// The elements of a floating-point tensor, widened to f32. `what` names the input in errors.
 pub(crate) fn read_f32(t: &TensorView<'_>, what: &str) -> Result<Vec<f32>, PluginError> {
-    let wrap = |e: PluginError| PluginError::invalid(format!("{what}: {}", e.message));
-    Ok(match t.dtype {
-        DType::F32 => t.as_slice::<f32>().map_err(wrap)?.to_vec(),
-        DType::F16 => t
-            .as_slice::<f16>()
-            .map_err(wrap)?
-            .iter()
-            .map(|v| v.to_f32())
-            .collect(),
-        DType::BF16 => t
-            .as_slice::<bf16>()
-            .map_err(wrap)?
-            .iter()
-            .map(|v| v.to_f32())
-            .collect(),
-        DType::F64 => t
-            .as_slice::<f64>()
-            .map_err(wrap)?
-            .iter()
-            .map(|&v| v as f32)
-            .collect(),
-        other => {
-            return Err(PluginError::invalid(format!(
-                "{what}: expected a floating-point tensor, got {other}"
-            )))
-        }
-    })
+    match floats_as_f32(t) {
+        Some(v) => v
+            .map(|v| v.into_owned())
+            .map_err(|e| PluginError::invalid(format!("{what}: {}", e.message))),
+        None => Err(PluginError::invalid(format!(
+            "{what}: expected a floating-point tensor, got {}",
+            t.dtype
+        ))),
+    }
 }
 
 /// Allocates output `index` as `dtype` with `shape` and fills it from `data`.

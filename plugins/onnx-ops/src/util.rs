@@ -1,7 +1,75 @@
 //! Helpers shared by the operator families: broadcasting, axes, strided walks, optional
 //! inputs, the plain-function kernel factory.
 
-use opreg_sdk::prelude::*;
+use opreg_sdk::{
+    half::{bf16, f16},
+    prelude::*,
+};
+use std::borrow::Cow;
+
+/// Runs `$body` with the type alias `$t` bound to the Rust type of a float `$dtype` (f32, f64,
+/// f16, bf16). Any other dtype is bound to `$other` and gives `$fallback`, so each family keeps
+/// its own error (or extends the match with more types).
+macro_rules! match_float {
+    ($dtype:expr, |$t:ident| $body:expr, $other:ident => $fallback:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::F64 => {
+                type $t = f64;
+                $body
+            }
+            DType::F16 => {
+                type $t = opreg_sdk::half::f16;
+                $body
+            }
+            DType::BF16 => {
+                type $t = opreg_sdk::half::bf16;
+                $body
+            }
+            $other => $fallback,
+        }
+    };
+}
+pub(crate) use match_float;
+
+/// The elements of a float tensor (f32, f64, f16, bf16) as `f32`, borrowed when already f32.
+/// `None` for other element types: callers word and classify that error themselves.
+pub fn floats_as_f32<'a>(t: &TensorView<'a>) -> Option<Result<Cow<'a, [f32]>, PluginError>> {
+    Some(match t.dtype {
+        DType::F32 => t.as_slice::<f32>().map(Cow::Borrowed),
+        DType::F64 => t
+            .as_slice::<f64>()
+            .map(|s| Cow::Owned(s.iter().map(|&v| v as f32).collect())),
+        DType::F16 => t
+            .as_slice::<f16>()
+            .map(|s| Cow::Owned(s.iter().map(|v| v.to_f32()).collect())),
+        DType::BF16 => t
+            .as_slice::<bf16>()
+            .map(|s| Cow::Owned(s.iter().map(|v| v.to_f32()).collect())),
+        _ => return None,
+    })
+}
+
+/// The elements of a float tensor (f32, f64, f16, bf16) widened to `f64`; `None` for other
+/// element types, as in [`floats_as_f32`].
+pub fn floats_as_f64(t: &TensorView<'_>) -> Option<Result<Vec<f64>, PluginError>> {
+    Some(match t.dtype {
+        DType::F32 => t
+            .as_slice::<f32>()
+            .map(|s| s.iter().map(|&v| v as f64).collect()),
+        DType::F64 => t.as_slice::<f64>().map(|s| s.to_vec()),
+        DType::F16 => t
+            .as_slice::<f16>()
+            .map(|s| s.iter().map(|v| v.to_f64()).collect()),
+        DType::BF16 => t
+            .as_slice::<bf16>()
+            .map(|s| s.iter().map(|v| v.to_f64()).collect()),
+        _ => return None,
+    })
+}
 
 /// A kernel factory as a plain function, registrable once per schema version.
 pub(crate) type Factory = fn(&NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError>;

@@ -11,28 +11,9 @@ use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
 /// (f32, f64, f16, bf16); other dtypes are an `unimplemented` error naming `$op`.
 macro_rules! dispatch_float {
     ($dtype:expr, $op:expr, |$t:ident| $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::F64 => {
-                type $t = f64;
-                $body
-            }
-            DType::F16 => {
-                type $t = opreg_sdk::half::f16;
-                $body
-            }
-            DType::BF16 => {
-                type $t = opreg_sdk::half::bf16;
-                $body
-            }
-            other => Err(PluginError::unimplemented(format!(
-                "{} is not implemented for {other}",
-                $op
-            ))),
-        }
+        crate::util::match_float!($dtype, |$t| $body, other => Err(PluginError::unimplemented(
+            format!("{} is not implemented for {other}", $op)
+        )))
     };
 }
 
