@@ -2,7 +2,7 @@
 //! CumSum, TopK.
 
 use crate::nn::{register_versions, Factory};
-use crate::util::{normalize_axis, walk_offsets};
+use crate::util::{normalize_axis, row_major_strides, walk_offsets};
 use opreg_sdk::{
     half::{bf16, f16},
     prelude::*,
@@ -260,10 +260,7 @@ impl Reduce {
         } else {
             (0..rank).filter(|&d| !mask[d]).map(|d| xs[d]).collect()
         };
-        let mut strides = vec![1usize; rank];
-        for d in (0..rank.saturating_sub(1)).rev() {
-            strides[d] = strides[d + 1] * xs[d + 1];
-        }
+        let strides = row_major_strides(xs);
         let count: usize = red.iter().product();
         if count == 0
             && matches!(self.kind, ReduceKind::Max | ReduceKind::Min)

@@ -88,14 +88,7 @@ pub(crate) fn required<'a, 'b>(
         .ok_or_else(|| PluginError::invalid(format!("{op}: input '{name}' is required")))
 }
 
-/// Row-major strides, in elements.
-pub(crate) fn strides_of(shape: &[usize]) -> Vec<usize> {
-    let mut s = vec![1usize; shape.len()];
-    for d in (0..shape.len().saturating_sub(1)).rev() {
-        s[d] = s[d + 1] * shape[d + 1];
-    }
-    s
-}
+pub(crate) use crate::util::row_major_strides;
 
 pub fn register(r: &mut Registrar) {
     resize::register(r);

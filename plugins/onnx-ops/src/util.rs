@@ -79,6 +79,15 @@ pub fn optional<'a, 'b>(inputs: &'b [TensorView<'a>], i: usize) -> Option<&'b Te
     inputs.get(i).filter(|t| !t.is_absent())
 }
 
+/// Element strides of a contiguous row-major tensor of `shape`.
+pub fn row_major_strides(shape: &[usize]) -> Vec<usize> {
+    let mut st = vec![1usize; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        st[d] = st[d + 1] * shape[d + 1];
+    }
+    st
+}
+
 /// The numpy-style broadcast of `shapes` (ONNX multidirectional broadcasting).
 pub fn broadcast_shapes(shapes: &[&[usize]]) -> Result<Vec<usize>, PluginError> {
     let rank = shapes.iter().map(|s| s.len()).max().unwrap_or(0);

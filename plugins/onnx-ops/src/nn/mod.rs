@@ -156,6 +156,38 @@ pub(crate) fn register_versions(
     }
 }
 
+/// Integer attribute `name` (`default` when missing), which must be at least 1.
+pub(crate) fn at_least_one(
+    node: &NodeInfo<'_>,
+    op: &str,
+    name: &str,
+    default: i64,
+) -> Result<usize, PluginError> {
+    let v = node.int_or(name, default)?;
+    if v < 1 {
+        return Err(PluginError::invalid(format!(
+            "{op}: attribute '{name}' must be >= 1, got {v}"
+        )));
+    }
+    Ok(v as usize)
+}
+
+/// The optional per-output-channel bias `B` (input 2) of a convolution with `m` outputs.
+pub(crate) fn conv_bias<'a>(
+    op: &str,
+    inputs: &[TensorView<'a>],
+    m: usize,
+) -> Result<Option<&'a [f32]>, PluginError> {
+    match optional(inputs, 2) {
+        Some(b) if b.shape() != [m] => Err(PluginError::invalid(format!(
+            "{op}: bias B has shape {:?}, expected [{m}]",
+            b.shape()
+        ))),
+        Some(b) => Ok(Some(b.as_slice::<f32>()?)),
+        None => Ok(None),
+    }
+}
+
 /// How padding is chosen for a convolution or pooling window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum AutoPad {

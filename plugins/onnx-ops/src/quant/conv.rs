@@ -3,6 +3,7 @@
 
 use super::matmul::requant_multiplier;
 use super::{fill_saturated, read_f32, read_i32, Factory, Q8};
+use crate::util::row_major_strides;
 use opreg_sdk::prelude::*;
 
 /// Convolution attributes, as read from the node.
@@ -163,10 +164,7 @@ impl Geometry {
             );
             increment(&mut kpos, &self.k_sp);
         }
-        let mut in_strides = vec![1usize; sp];
-        for d in (0..sp.saturating_sub(1)).rev() {
-            in_strides[d] = in_strides[d + 1] * self.in_sp[d + 1];
-        }
+        let in_strides = row_major_strides(&self.in_sp);
         if plane == 0 {
             return Ok(());
         }
