@@ -231,6 +231,14 @@ pub(crate) mod testing {
         Element, KernelFactory,
     };
 
+    /// Asserts `got` matches `want` elementwise within `tol * (1 + |want|)`.
+    pub(crate) fn assert_close(got: &[f32], want: &[f32], tol: f32) {
+        assert_eq!(got.len(), want.len());
+        for (i, (x, y)) in got.iter().zip(want).enumerate() {
+            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "at {i}: {x} vs {y}");
+        }
+    }
+
     pub(crate) fn t<T: Element>(shape: &[usize], v: &[T]) -> HostTensor {
         HostTensor::from_vec(shape, v).expect("tensor")
     }
