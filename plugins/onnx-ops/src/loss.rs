@@ -6,6 +6,7 @@
 //! weighted sum by the sum of the weights that were used.
 
 use crate::transformer::{read_f32, write_f32, FLOATS};
+use crate::util::optional;
 use opreg_sdk::prelude::*;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -76,7 +77,7 @@ impl Kernel for Loss {
         let d: usize = xs[2..].iter().product();
         let mut x = read_f32(&inputs[0], "input")?;
         let target = inputs[1].to_i64s()?;
-        let weight = match inputs.get(2).filter(|t| !t.is_absent()) {
+        let weight = match optional(inputs, 2) {
             Some(w) => {
                 if w.shape() != [c] {
                     return Err(PluginError::invalid(format!(

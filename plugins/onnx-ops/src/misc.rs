@@ -2,7 +2,7 @@
 //! (`HannWindow`, `HammingWindow`, `BlackmanWindow`) and `DFT`.
 
 use crate::quant::fill;
-use crate::util::{floats_as_f64, normalize_axis, Factory};
+use crate::util::{floats_as_f64, normalize_axis, optional, Factory};
 use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
 use std::cmp::Ordering;
@@ -542,7 +542,7 @@ impl Kernel for Dft {
                 "{OP}: input must be [..., 1] (real) or [..., 2] (complex), got {s:?}"
             )));
         }
-        let present = |i: usize| inputs.get(i).filter(|t| !t.is_absent());
+        let present = |i: usize| optional(inputs, i);
         let axis = match (self.axis_attr, present(2)) {
             (Some(a), _) => a,
             (None, Some(t)) => scalar_i64(t, OP, "axis")?,

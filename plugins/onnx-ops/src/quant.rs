@@ -4,7 +4,7 @@
 //! Only the integer quantized types the SDK has (`uint8`, `int8`, `uint16`, `int16`, and
 //! `int32` for dequantization) are supported; float8 / int4 / int2 / float4 / float6 are not.
 
-use crate::util::{floats_as_f32, normalize_axis, Factory};
+use crate::util::{floats_as_f32, normalize_axis, optional, Factory};
 use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
 use std::borrow::Cow;
@@ -243,7 +243,7 @@ impl Kernel for Quantize {
     ) -> Result<(), PluginError> {
         const OP: &str = "QuantizeLinear";
         let (x, scale) = (&inputs[0], &inputs[1]);
-        let zp = inputs.get(2).filter(|t| !t.is_absent());
+        let zp = optional(inputs, 2);
         let out_dtype = match (zp, self.output_dtype) {
             (Some(z), Some(o)) if z.dtype != o => {
                 return Err(PluginError::invalid(format!(
@@ -304,7 +304,7 @@ impl Kernel for Dequantize {
     ) -> Result<(), PluginError> {
         const OP: &str = "DequantizeLinear";
         let (x, scale) = (&inputs[0], &inputs[1]);
-        let zp = inputs.get(2).filter(|t| !t.is_absent());
+        let zp = optional(inputs, 2);
         let out_dtype = self.output_dtype.unwrap_or(scale.dtype);
         if !FLOATS.contains(&out_dtype) {
             return Err(PluginError::invalid(format!(

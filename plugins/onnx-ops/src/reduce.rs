@@ -2,7 +2,7 @@
 //! CumSum, TopK.
 
 use crate::nn::{register_versions, Factory};
-use crate::util::{normalize_axis, row_major_strides, walk_offsets};
+use crate::util::{normalize_axis, optional, row_major_strides, walk_offsets};
 use opreg_sdk::{
     half::{bf16, f16},
     prelude::*,
@@ -212,7 +212,7 @@ impl Reduce {
         rank: usize,
     ) -> Result<Option<Vec<bool>>, PluginError> {
         let axes = if self.axes_from_input {
-            match inputs.get(1).filter(|t| !t.is_absent()) {
+            match optional(inputs, 1) {
                 Some(t) => t.to_i64s().map_err(|e| {
                     PluginError::invalid(format!("{}: input 'axes': {}", self.op, e.message))
                 })?,
@@ -453,11 +453,7 @@ impl CumSum {
     ) -> Result<(), PluginError> {
         let xs = inputs[0].shape();
         let x = inputs[0].as_slice::<T>()?;
-        let axis = match inputs
-            .get(1)
-            .filter(|t| !t.is_absent())
-            .map(|t| t.to_i64s())
-        {
+        let axis = match optional(inputs, 1).map(|t| t.to_i64s()) {
             Some(Ok(a)) if a.len() == 1 => a[0],
             _ => {
                 return Err(PluginError::invalid(
@@ -538,11 +534,7 @@ impl TopK {
         let x = inputs[0].as_slice::<T>()?;
         let k = match self.attr_k {
             Some(k) => k,
-            None => match inputs
-                .get(1)
-                .filter(|t| !t.is_absent())
-                .map(|t| t.to_i64s())
-            {
+            None => match optional(inputs, 1).map(|t| t.to_i64s()) {
                 Some(Ok(k)) if k.len() == 1 => k[0],
                 _ => {
                     return Err(PluginError::invalid(
