@@ -5,6 +5,7 @@
 //! dtype (`dispatch_*!`); f16 and bf16 compute in f32. All binary ops share one broadcasting
 //! engine ([`engine`]).
 
+use crate::util::Factory;
 use opreg_sdk::prelude::*;
 use DType::*;
 
@@ -113,8 +114,6 @@ const BOOL: &[DType] = &[Bool];
 const ALL_AND_STRING: &[DType] = &[
     Bool, U8, I8, U16, I16, U32, I32, U64, I64, F16, BF16, F32, F64, String,
 ];
-
-type Factory = fn(&NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError>;
 
 /// `n` inputs of type `T`, one output of type `T` (or `T1` when `out` is given).
 fn desc(op: &str, since: i32, types: &[DType], n: usize, out: Option<&[DType]>) -> KernelDesc {

@@ -11,6 +11,8 @@ mod quant;
 mod reduce;
 mod shape;
 mod spatial;
+#[cfg(test)]
+mod testcases;
 mod transformer;
 #[allow(dead_code)] // shared helpers; not every family uses every one
 mod util;

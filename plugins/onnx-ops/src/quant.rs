@@ -4,7 +4,7 @@
 //! Only the integer quantized types the SDK has (`uint8`, `int8`, `uint16`, `int16`, and
 //! `int32` for dequantization) are supported; float8 / int4 / int2 / float4 / float6 are not.
 
-use crate::util::normalize_axis;
+use crate::util::{floats_as_f32, normalize_axis, optional, Factory};
 use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
 use std::borrow::Cow;
@@ -21,17 +21,16 @@ const GRAIN: usize = 8192;
 
 /// The elements of a float (or `int32`) tensor as `f32`.
 pub(crate) fn read_f32<'a>(t: &TensorView<'a>, what: &str) -> Result<Cow<'a, [f32]>, PluginError> {
-    Ok(match t.dtype {
-        DType::F32 => Cow::Borrowed(t.as_slice::<f32>()?),
-        DType::F16 => Cow::Owned(t.as_slice::<f16>()?.iter().map(|v| v.to_f32()).collect()),
-        DType::BF16 => Cow::Owned(t.as_slice::<bf16>()?.iter().map(|v| v.to_f32()).collect()),
-        DType::F64 => Cow::Owned(t.as_slice::<f64>()?.iter().map(|&v| v as f32).collect()),
-        DType::I32 => Cow::Owned(t.as_slice::<i32>()?.iter().map(|&v| v as f32).collect()),
-        other => {
-            return Err(PluginError::unimplemented(format!(
-                "{what}: element type {other} is not supported"
-            )))
-        }
+    if t.dtype == DType::I32 {
+        return Ok(Cow::Owned(
+            t.as_slice::<i32>()?.iter().map(|&v| v as f32).collect(),
+        ));
+    }
+    floats_as_f32(t).unwrap_or_else(|| {
+        Err(PluginError::unimplemented(format!(
+            "{what}: element type {} is not supported",
+            t.dtype
+        )))
     })
 }
 
@@ -244,7 +243,7 @@ impl Kernel for Quantize {
     ) -> Result<(), PluginError> {
         const OP: &str = "QuantizeLinear";
         let (x, scale) = (&inputs[0], &inputs[1]);
-        let zp = inputs.get(2).filter(|t| !t.is_absent());
+        let zp = optional(inputs, 2);
         let out_dtype = match (zp, self.output_dtype) {
             (Some(z), Some(o)) if z.dtype != o => {
                 return Err(PluginError::invalid(format!(
@@ -305,7 +304,7 @@ impl Kernel for Dequantize {
     ) -> Result<(), PluginError> {
         const OP: &str = "DequantizeLinear";
         let (x, scale) = (&inputs[0], &inputs[1]);
-        let zp = inputs.get(2).filter(|t| !t.is_absent());
+        let zp = optional(inputs, 2);
         let out_dtype = self.output_dtype.unwrap_or(scale.dtype);
         if !FLOATS.contains(&out_dtype) {
             return Err(PluginError::invalid(format!(
@@ -360,9 +359,6 @@ impl Kernel for DynamicQuantize {
         Ok(())
     }
 }
-
-/// A plain factory function.
-type Factory = fn(&NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError>;
 
 /// Registers `factory` under each opset range, with the constraints `desc` gives for it.
 fn ranges<F>(r: &mut Registrar, ranges: &[(i32, i32)], desc: impl Fn(i32, i32) -> KernelDesc, f: F)

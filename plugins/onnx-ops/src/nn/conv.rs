@@ -1,6 +1,7 @@
 //! Conv: im2col per group, then one gemm per batch and group through the BLAS backend.
 
-use super::{matmul::gemm_f32, optional, register_versions, Geometry, WindowAttrs};
+use super::{at_least_one, conv_bias, matmul::gemm_f32, register_versions, Geometry, WindowAttrs};
+use crate::util::row_major_strides;
 use opreg_sdk::prelude::*;
 
 #[derive(Clone)]
@@ -10,24 +11,11 @@ struct Conv {
 }
 
 fn conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
-    let group = node.int_or("group", 1)?;
-    if group < 1 {
-        return Err(PluginError::invalid(format!(
-            "Conv: attribute 'group' must be >= 1, got {group}"
-        )));
-    }
+    let group = at_least_one(node, "Conv", "group", 1)?;
     Ok(Box::new(Conv {
         window: WindowAttrs::from_node(node)?,
-        group: group as usize,
+        group,
     }))
-}
-
-fn row_major_strides(shape: &[usize]) -> Vec<usize> {
-    let mut st = vec![1usize; shape.len()];
-    for d in (0..shape.len().saturating_sub(1)).rev() {
-        st[d] = st[d + 1] * shape[d + 1];
-    }
-    st
 }
 
 /// Unrolls the `channels` planes of `x` (spatial extents `input`) into `col`, a
@@ -130,16 +118,7 @@ impl Kernel for Conv {
         let g = self.window.resolve("Conv", &xs[2..], Some(&ws[2..]))?;
         let mut out_shape = vec![n, m];
         out_shape.extend_from_slice(&g.out);
-        let bias = match optional(inputs, 2) {
-            Some(b) if b.shape() != [m] => {
-                return Err(PluginError::invalid(format!(
-                    "Conv: bias B has shape {:?}, expected [{m}]",
-                    b.shape()
-                )))
-            }
-            Some(b) => Some(b.as_slice::<f32>()?),
-            None => None,
-        };
+        let bias = conv_bias("Conv", inputs, m)?;
         let x = xv.as_slice::<f32>()?;
         let w = wv.as_slice::<f32>()?;
         let y = ctx.output_slice::<f32>(0, &out_shape)?;
@@ -295,13 +274,7 @@ mod tests {
     }
 
     fn close(a: &[f32], b: &[f32]) {
-        assert_eq!(a.len(), b.len());
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!(
-                (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
-                "at {i}: {x} vs {y}"
-            );
-        }
+        crate::util::testing::assert_close(a, b, 1e-4);
     }
 
     /// Runs Conv on a rank-(2+s) problem given as its 3-D embedding (leading unit dims).

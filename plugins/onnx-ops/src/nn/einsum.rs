@@ -3,7 +3,7 @@
 //! output's label order. f32 only, like the BLAS layer.
 
 use super::{matmul::gemm_f32, register_versions};
-use crate::util::walk_offsets;
+use crate::util::{row_major_strides, walk_offsets};
 use opreg_sdk::prelude::*;
 use std::collections::BTreeMap;
 
@@ -91,11 +91,7 @@ struct Operand {
 
 impl Operand {
     fn strides(&self) -> Vec<usize> {
-        let mut st = vec![1usize; self.shape.len()];
-        for d in (0..self.shape.len().saturating_sub(1)).rev() {
-            st[d] = st[d + 1] * self.shape[d + 1];
-        }
-        st
+        row_major_strides(&self.shape)
     }
 
     /// The data laid out with dimensions `order` (each a label of `self`, or a label it
@@ -265,10 +261,7 @@ impl Kernel for Einsum {
         for (labels, v) in &ops {
             let x = v.as_slice::<f32>()?;
             let shape = v.shape();
-            let mut st = vec![1usize; shape.len()];
-            for d in (0..shape.len().saturating_sub(1)).rev() {
-                st[d] = st[d + 1] * shape[d + 1];
-            }
+            let st = row_major_strides(shape);
             let mut uniq: Vec<Label> = Vec::new();
             let mut ushape = Vec::new();
             let mut ustrides: Vec<usize> = Vec::new();
@@ -479,13 +472,7 @@ mod tests {
     }
 
     fn close(a: &[f32], b: &[f32]) {
-        assert_eq!(a.len(), b.len());
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!(
-                (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
-                "at {i}: {x} vs {y}"
-            );
-        }
+        crate::util::testing::assert_close(a, b, 1e-4);
     }
 
     fn run(eq: &str, inputs: &[(&[usize], &[f32])]) -> (Vec<usize>, Vec<f32>) {
