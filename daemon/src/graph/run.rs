@@ -18,6 +18,11 @@ const MAX_UNBOUNDED_TRIPS: i64 = 10_000_000;
 
 type Value = Arc<HostTensor>;
 
+/// Named outputs, in declaration order.
+pub type Outputs = Vec<(String, Value)>;
+/// Each step's label and its time in seconds.
+pub type StepTimes = Vec<(String, f64)>;
+
 /// Runs `plan` on `feeds` (one tensor per input, checked by the caller) and returns the
 /// outputs in declaration order. Call it on the compute pool.
 pub fn run(plan: &Plan, feeds: HashMap<String, Value>) -> Result<Vec<(String, Value)>, GraphError> {
@@ -28,7 +33,7 @@ pub fn run(plan: &Plan, feeds: HashMap<String, Value>) -> Result<Vec<(String, Va
 pub fn run_profiled(
     plan: &Plan,
     feeds: HashMap<String, Value>,
-) -> Result<(Vec<(String, Value)>, Vec<(String, f64)>), GraphError> {
+) -> Result<(Outputs, StepTimes), GraphError> {
     let mut times = Vec::new();
     let out = run_with(plan, feeds, &mut |label, secs| {
         times.push((label.to_string(), secs))
