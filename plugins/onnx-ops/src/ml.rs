@@ -127,8 +127,10 @@ fn write_f64s(
                 *o = x as u8;
             }
         }
-        DType::String => {
-            return Err(PluginError::internal("write_f64s: string output"));
+        other => {
+            return Err(PluginError::unimplemented(format!(
+                "write_f64s: {other} output"
+            )));
         }
     }
     Ok(())
