@@ -117,6 +117,29 @@ pub fn tensor(buf: &[u8]) -> Result<HostTensor, String> {
         }
     }
     let dtype = DType::from_onnx_code(code).ok_or(format!("onnx type {code}"))?;
+    if let Some(bits) = dtype.packed_bits() {
+        // Sub-byte types: packed low bits first (in raw_data, or one byte per int32_data
+        // entry); held unpacked, signed ones sign-extended.
+        let packed: Vec<u8> = match raw {
+            Some(r) => r.to_vec(),
+            None => i32s.iter().map(|&x| x as u8).collect(),
+        };
+        let n: usize = dims.iter().product();
+        let per = (8 / bits) as usize;
+        let signed = matches!(dtype, DType::I4 | DType::I2);
+        let bytes: Vec<u8> = (0..n)
+            .map(|i| {
+                let b = packed.get(i / per).copied().unwrap_or(0);
+                let v = (b >> ((i % per) as u32 * bits)) & ((1u8 << bits) - 1);
+                if signed {
+                    (((v << (8 - bits)) as i8) >> (8 - bits)) as u8
+                } else {
+                    v
+                }
+            })
+            .collect();
+        return HostTensor::from_bytes(dtype, &dims, &bytes).map_err(|e| e.message.to_string());
+    }
     let bytes: Vec<u8> = if let Some(r) = raw {
         r.to_vec()
     } else {
@@ -131,11 +154,12 @@ pub fn tensor(buf: &[u8]) -> Result<HostTensor, String> {
                 .iter()
                 .flat_map(|&x| (x as i32).to_le_bytes())
                 .collect(),
-            DType::F16 | DType::BF16 => i32s
+            DType::F16 | DType::BF16 | DType::I16 | DType::U16 => i32s
                 .iter()
                 .flat_map(|&x| (x as u16).to_le_bytes())
                 .collect(),
-            DType::Bool | DType::U8 => i32s.iter().map(|&x| x as u8).collect(),
+            DType::Bool | DType::U8 | DType::I8 => i32s.iter().map(|&x| x as u8).collect(),
+            d if d.size() == 1 => i32s.iter().map(|&x| x as u8).collect(),
             other => return Err(format!("no decoder for {other}")),
         }
     };
@@ -202,6 +226,22 @@ fn close(got: &HostTensor, want: &HostTensor) -> Result<(), String> {
             want.dtype(),
             want.shape()
         ));
+    }
+    if !got.dtype().is_float() {
+        // Integers, bool and the low-bit codes: exact.
+        let bytes = |t: &HostTensor| t.view().as_bytes().map(<[u8]>::to_vec);
+        let (g, w) = (bytes(got), bytes(want));
+        return match (g, w) {
+            (Ok(g), Ok(w)) if g == w => Ok(()),
+            (Ok(g), Ok(w)) => {
+                let i = g.iter().zip(&w).position(|(a, b)| a != b).unwrap_or(0);
+                Err(format!(
+                    "element {i}: got byte {:#x}, want {:#x}",
+                    g[i], w[i]
+                ))
+            }
+            (Err(e), _) | (_, Err(e)) => Err(e.message.to_string()),
+        };
     }
     let as_f32 = |t: &HostTensor| -> Result<Vec<f32>, String> {
         crate::transformer::read_f32(&t.view(), "out").map_err(|e| e.message.to_string())
