@@ -318,19 +318,19 @@ pub fn register(r: &mut Registrar) {
 
     r.kernel(
         KernelDesc::onnx("Cast", 6, OPEN_END)
-            .constraint("T1", crate::ALL_TYPES)
-            .constraint("T2", crate::ALL_TYPES)
+            .constraint("T1", cast::CAST_TYPES)
+            .constraint("T2", cast::CAST_TYPES)
             .inputs(&["T1"])
             .outputs(&["T2"]),
         Cast::from_node,
     );
     r.kernel(
         KernelDesc::onnx("CastLike", 15, OPEN_END)
-            .constraint("T1", crate::ALL_TYPES)
-            .constraint("T2", crate::ALL_TYPES)
+            .constraint("T1", cast::CAST_TYPES)
+            .constraint("T2", cast::CAST_TYPES)
             .inputs(&["T1", "T2"])
             .outputs(&["T2"]),
-        stateless(Cast(None)),
+        Cast::like_from_node,
     );
 }
 

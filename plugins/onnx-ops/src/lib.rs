@@ -5,6 +5,7 @@ use opreg_sdk::prelude::*;
 
 mod elementwise;
 mod loss;
+mod lowbit;
 mod misc;
 mod ml;
 mod nn;

@@ -143,6 +143,30 @@ fn tensor(buf: &[u8]) -> Result<(String, HostTensor), String> {
     let shape: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
     let size = dtype.size();
     let numel: usize = shape.iter().product();
+    if let Some(bits) = dtype.packed_bits() {
+        // Sub-byte types: packed low bits first (in raw_data, or one byte per int32_data
+        // entry); held unpacked, signed ones sign-extended.
+        let packed: Vec<u8> = if raw.is_empty() {
+            i32s.iter().map(|&x| x as u8).collect()
+        } else {
+            raw
+        };
+        let per = (8 / bits) as usize;
+        let signed = matches!(dtype, DType::I4 | DType::I2);
+        let bytes: Vec<u8> = (0..numel)
+            .map(|i| {
+                let b = packed.get(i / per).copied().unwrap_or(0);
+                let v = (b >> ((i % per) as u32 * bits)) & ((1u8 << bits) - 1);
+                if signed {
+                    (((v << (8 - bits)) as i8) >> (8 - bits)) as u8
+                } else {
+                    v
+                }
+            })
+            .collect();
+        let t = HostTensor::from_bytes(dtype, &shape, &bytes).map_err(|e| e.message.to_string())?;
+        return Ok((name, t));
+    }
     let bytes = if !raw.is_empty() || numel == 0 {
         raw
     } else if !f32s.is_empty() {
@@ -232,6 +256,22 @@ fn close(got: &HostTensor, want: &HostTensor) -> Result<(), String> {
             want.dtype(),
             want.shape()
         ));
+    }
+    if !got.dtype().is_float() {
+        // Integers, bool and the 8-, 4- and 2-bit codes: exact.
+        return match got
+            .bytes()
+            .iter()
+            .zip(want.bytes())
+            .position(|(a, b)| a != b)
+        {
+            None => Ok(()),
+            Some(i) => Err(format!(
+                "element {i}: got byte {:#x}, want {:#x}",
+                got.bytes()[i],
+                want.bytes()[i]
+            )),
+        };
     }
     let (g, w) = (to_f64s(got)?, to_f64s(want)?);
     for (i, (a, b)) in g.iter().zip(&w).enumerate() {
