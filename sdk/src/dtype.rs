@@ -225,7 +225,7 @@ mod tests {
             assert_eq!(DType::from_onnx_code(d.onnx_code()), Some(d));
         }
         assert_eq!(DType::from_kserve_name("FP8"), None);
-        assert_eq!(DType::from_onnx_code(17), None);
+        assert_eq!(DType::from_onnx_code(99), None);
     }
 
     #[test]
