@@ -7,6 +7,7 @@
 //! the node's types.
 
 use crate::{
+    blas::FfiBlas_TO,
     context::KernelContext,
     error::guard,
     tensor::{Device, OwnedTensor, TensorView},
@@ -15,7 +16,7 @@ use crate::{
 use abi_stable::{
     sabi_trait,
     std_types::{RBox, ROption, RResult, RSlice, RStr, RString, RVec},
-    StableAbi,
+    RRef, StableAbi,
 };
 
 /// `end_version` of a kernel that covers every later opset.
@@ -189,7 +190,7 @@ pub struct ValueInfo<'a> {
 
 /// A node, as its kernel sees it at instantiation.
 #[repr(C)]
-#[derive(StableAbi, Copy, Clone, Debug)]
+#[derive(StableAbi)]
 pub struct NodeInfo<'a> {
     /// Node name (may be empty).
     pub name: RStr<'a>,
@@ -207,9 +208,33 @@ pub struct NodeInfo<'a> {
     pub inputs: RSlice<'a, ValueInfo<'a>>,
     /// Outputs, by position.
     pub outputs: RSlice<'a, ValueInfo<'a>>,
+    /// The BLAS backend of the node's device, for pre-packing constant weights at model load
+    /// (use the same backend from [`KernelContext::blas`] when computing).
+    pub blas: ROption<FfiBlas_TO<'a, RRef<'a, ()>>>,
+}
+
+impl std::fmt::Debug for NodeInfo<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeInfo")
+            .field("name", &self.name)
+            .field("domain", &self.domain)
+            .field("op_type", &self.op_type)
+            .field("opset", &self.opset)
+            .field("device", &self.device)
+            .field("attributes", &self.attributes)
+            .field("inputs", &self.inputs)
+            .field("outputs", &self.outputs)
+            .field("blas", &self.blas.is_some())
+            .finish()
+    }
 }
 
 impl<'a> NodeInfo<'a> {
+    /// The BLAS backend of the node's device, if the host has one.
+    pub fn blas(&self) -> Option<crate::blas::BlasRef<'_>> {
+        self.blas.as_ref().map(|b| crate::blas::BlasRef::new(b.sabi_reborrow())).into_option()
+    }
+
     /// The attribute `name`, if present.
     pub fn attr(&self, name: &str) -> Option<&'a AttrValue> {
         self.attributes

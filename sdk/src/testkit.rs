@@ -164,6 +164,7 @@ pub fn run_kernel_opt(
         attributes: node.attributes.as_slice().into(),
         inputs: input_infos.as_slice().into(),
         outputs: output_infos.as_slice().into(),
+        blas: blas.as_ref().map(|b| b.sabi_reborrow()).into(),
     };
     let kernel = factory.instantiate(&info).into_result()?;
     let views: Vec<_> = inputs

@@ -490,6 +490,7 @@ fn compile_graph(
             attributes: n.attributes.as_slice().into(),
             inputs: input_infos.as_slice().into(),
             outputs: output_infos.as_slice().into(),
+            blas: snapshot.blas_for(device).map(|b| b.sabi_reborrow()).into(),
         };
         let reg = kernel.registration();
         let instance =
@@ -502,6 +503,8 @@ fn compile_graph(
                     code: e.code,
                     message: e.message.to_string(),
                 })?;
+        // The node description borrows the constants; folding below adds to them.
+        drop(info);
         let label = kernel_label(&reg.desc);
         let plugin_name = kernel.plugin.name.clone();
         let step = Step {
