@@ -800,3 +800,40 @@ async fn hot_swapping_the_operator_plugin_under_load_fails_no_request() {
     d.wait_log("plan re-bound to new plugins");
     d.wait_log("plugin library released and unmapped");
 }
+
+/// An output declared without a shape gets the one shape inference finds, symbolic batch
+/// included.
+#[tokio::test]
+async fn undeclared_output_shapes_are_inferred() {
+    let repo = tempfile::tempdir().expect("repo");
+    let (d, _p) = start(repo.path());
+    let mut y = value("y", 1, &[]);
+    if let Some(opreg_proto::onnx::type_proto::Value::TensorType(t)) =
+        y.r#type.as_mut().and_then(|t| t.value.as_mut())
+    {
+        t.shape = None;
+    }
+    let bytes = model(
+        vec![
+            node("MatMul", &["x", "w"], &["h"]),
+            node("Relu", &["h"], &["y"]),
+        ],
+        vec![value("x", 1, &[-1, 3])],
+        vec![y],
+        vec![f32_initializer("w", &[3, 2], &W)],
+        17,
+    );
+    let mut c = d.inference().await;
+    c.repository_model_load(load_request("mlp", bytes))
+        .await
+        .expect("load");
+    let meta = c
+        .model_metadata(pb::ModelMetadataRequest {
+            name: "mlp".into(),
+            version: String::new(),
+        })
+        .await
+        .expect("meta")
+        .into_inner();
+    assert_eq!(meta.outputs[0].shape, vec![-1, 2]);
+}

@@ -232,7 +232,10 @@ impl std::fmt::Debug for NodeInfo<'_> {
 impl<'a> NodeInfo<'a> {
     /// The BLAS backend of the node's device, if the host has one.
     pub fn blas(&self) -> Option<crate::blas::BlasRef<'_>> {
-        self.blas.as_ref().map(|b| crate::blas::BlasRef::new(b.sabi_reborrow())).into_option()
+        self.blas
+            .as_ref()
+            .map(|b| crate::blas::BlasRef::new(b.sabi_reborrow()))
+            .into_option()
     }
 
     /// The attribute `name`, if present.

@@ -146,7 +146,10 @@ pub fn run_kernel(snapshot: &Arc<Snapshot>, call: &KernelCall) -> Result<KernelR
         attributes: call.attributes.as_slice().into(),
         inputs: input_infos.as_slice().into(),
         outputs: output_infos.as_slice().into(),
-        blas: snapshot.blas_for(call.device).map(|b| b.sabi_reborrow()).into(),
+        blas: snapshot
+            .blas_for(call.device)
+            .map(|b| b.sabi_reborrow())
+            .into(),
     };
     let instance = kernel
         .registration()

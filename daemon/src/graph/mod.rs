@@ -5,11 +5,13 @@
 mod import;
 mod plan;
 mod run;
+mod shapes;
 mod types;
 
 pub use import::{import, Dim, IoSpec, Model};
 pub use plan::{compile, Plan};
 pub use run::{run, run_profiled};
+pub use shapes::Shape;
 
 use opreg_sdk::ErrorCode;
 

@@ -5,8 +5,8 @@
 //! plans, and the outer values a subgraph reads are bound to it as extra inputs.
 
 use super::{
-    import::{import_subgraph, FormalInputs, Model},
-    run, types, GraphError,
+    import::{import_subgraph, Dim, FormalInputs, Model},
+    run, shapes, types, GraphError,
 };
 use crate::{
     plugin::{kernel_label, LoadedPlugin},
@@ -104,6 +104,8 @@ pub struct Plan {
     pub(super) formal_inputs: usize,
     pub(super) outputs: Vec<(String, usize)>,
     pub(super) output_types: Vec<Option<DType>>,
+    /// Inferred output shapes (symbolic where only known at run time).
+    pub output_shapes: Vec<shapes::Shape>,
     pub placement: Vec<Placement>,
     /// The snapshot the plan is bound to: keeps its plugins mapped and gives BLAS backends.
     pub snapshot: Arc<Snapshot>,
@@ -238,6 +240,16 @@ fn compile_graph(
         }
         inputs.push((name.clone(), s));
     }
+    let fixed = |t: &HostTensor| -> shapes::Shape {
+        Some(t.shape().iter().map(|&d| Dim::Fixed(d)).collect())
+    };
+    let declared = |name: &str| {
+        model
+            .inputs
+            .iter()
+            .find(|i| i.name == name)
+            .and_then(|i| i.shape.clone())
+    };
     for n in &model.nodes {
         for o in n.outputs.iter().filter(|o| !o.is_empty()) {
             if slot_of.contains_key(o) {
@@ -249,6 +261,14 @@ fn compile_graph(
             let s = new_slot(&mut types, None);
             slot_of.insert(o.clone(), s);
         }
+    }
+
+    let mut shape_of: Vec<shapes::Shape> = vec![None; types.len()];
+    for (s, t) in &constants {
+        shape_of[*s] = fixed(t);
+    }
+    for (name, s) in &inputs {
+        shape_of[*s] = declared(name);
     }
 
     // Control nodes read their subgraphs' outer values too.
@@ -444,11 +464,31 @@ fn compile_graph(
             });
         };
 
-        let shapes: Vec<Option<Vec<i64>>> = in_slots
+        let in_shapes: Vec<shapes::Shape> = in_slots
+            .iter()
+            .map(|s| s.and_then(|s| shape_of[s].clone()))
+            .collect();
+        let in_consts: Vec<Option<&HostTensor>> = in_slots
+            .iter()
+            .map(|s| s.and_then(|s| constants.get(&s)).map(|t| &**t))
+            .collect();
+        for (s, sh) in out_slots
+            .iter()
+            .zip(shapes::infer(n, &in_shapes, &in_consts))
+        {
+            if let Some(s) = s {
+                shape_of[*s] = sh;
+            }
+        }
+        // -1 marks a dimension known only at run time.
+        let shapes: Vec<Option<Vec<i64>>> = in_shapes
             .iter()
             .map(|s| {
-                s.and_then(|s| constants.get(&s))
-                    .map(|t| t.shape().iter().map(|&d| d as i64).collect())
+                s.as_ref().map(|d| {
+                    d.iter()
+                        .map(|d| if let Dim::Fixed(v) = d { *v as i64 } else { -1 })
+                        .collect()
+                })
             })
             .collect();
         let input_infos: Vec<ValueInfo<'_>> = in_slots
@@ -542,6 +582,7 @@ fn compile_graph(
             for (s, t) in out_slots.iter().zip(outs) {
                 if let Some(s) = s {
                     types[*s] = Some(t.dtype());
+                    shape_of[*s] = fixed(&t);
                     constants.insert(*s, Arc::new(t));
                 }
             }
@@ -561,6 +602,7 @@ fn compile_graph(
         })
         .collect::<Result<_, _>>()?;
     let output_types = outputs.iter().map(|(_, s)| types[*s]).collect();
+    let output_shapes = outputs.iter().map(|(_, s)| shape_of[*s].clone()).collect();
 
     // Liveness: release each computed value after its last reader, unless it is an output.
     let keep: HashSet<usize> = outputs
@@ -588,6 +630,7 @@ fn compile_graph(
         formal_inputs: formal.len(),
         outputs,
         output_types,
+        output_shapes,
         placement,
         snapshot,
     })

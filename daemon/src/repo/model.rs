@@ -104,9 +104,15 @@ impl ServedModel {
             version,
             source,
         };
-        let model = graph::import(bytes, dir).map_err(wrap)?;
+        let mut model = graph::import(bytes, dir).map_err(wrap)?;
         let devices = settings.devices()?;
         let plan = graph::compile(&model, snapshot, &devices).map_err(wrap)?;
+        // Output shapes the model leaves undeclared come from shape inference.
+        for (o, inferred) in model.outputs.iter_mut().zip(&plan.output_shapes) {
+            if o.shape.is_none() {
+                o.shape = inferred.clone();
+            }
+        }
         Ok(ServedModel {
             name: name.into(),
             version,
