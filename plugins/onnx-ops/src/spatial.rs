@@ -13,7 +13,7 @@ use opreg_sdk::{
 mod crop;
 mod grid;
 #[cfg(test)]
-mod onnx_cases;
+pub(crate) mod onnx_cases;
 mod resize;
 mod roi;
 

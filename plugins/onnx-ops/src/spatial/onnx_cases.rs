@@ -255,19 +255,34 @@ fn to_f64s(t: &HostTensor) -> Vec<f64> {
             .iter()
             .map(|&v| v as f64)
             .collect(),
+        DType::I16 => ints::<i16>(t),
+        DType::U16 => ints::<u16>(t),
+        DType::U32 => ints::<u32>(t),
+        DType::U64 => ints::<u64>(t),
+        DType::Bool => t.bytes().iter().map(|&v| v as f64).collect(),
         other => panic!("compare {other}"),
     }
+}
+
+fn ints<T: opreg_sdk::Element + Into<i128>>(t: &HostTensor) -> Vec<f64> {
+    let v = t.to_vec::<T>().expect("ints");
+    v.into_iter().map(|x| x.into() as f64).collect()
 }
 
 fn cases_root() -> Option<PathBuf> {
     let root = std::env::var_os("OPREG_ONNX_NODE_TESTS")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/work/main/target/onnx-node-tests/node"));
+    // Either the suite's root (holding `node/`) or its `node` folder itself.
+    let node = root.join("node");
+    if node.is_dir() {
+        return Some(node);
+    }
     root.is_dir().then_some(root)
 }
 
 /// Runs one case directory; `Err` describes the first mismatch.
-fn run_case<F>(dir: &std::path::Path, factory: &F) -> Result<(), String>
+fn run_case<F>(dir: &std::path::Path, factory: &F, blas: Blas) -> Result<(), String>
 where
     F: Fn(&NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> + Clone + Send + Sync + 'static,
 {
@@ -354,7 +369,7 @@ where
             .iter()
             .map(|n| if n.is_empty() { None } else { values.get(n) })
             .collect();
-        let got = run_kernel_opt(factory.clone(), &spec, &inputs, None)
+        let got = run_kernel_opt(factory.clone(), &spec, &inputs, blas())
             .map_err(|e| format!("kernel error: {}", e.message))?;
         for (k, name) in graph_outputs.iter().enumerate() {
             let b = std::fs::read(set.join(format!("output_{k}.pb"))).map_err(|e| e.to_string())?;
@@ -392,6 +407,17 @@ pub(crate) fn run_cases<F>(prefixes: &[&str], factory: F)
 where
     F: Fn(&NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> + Clone + Send + Sync + 'static,
 {
+    run_cases_with(prefixes, factory, || None)
+}
+
+/// A BLAS backend for each kernel run.
+pub(crate) type Blas = fn() -> Option<Box<dyn opreg_sdk::blas::Blas>>;
+
+/// [`run_cases`] with the kernels given the BLAS backend `blas` returns.
+pub(crate) fn run_cases_with<F>(prefixes: &[&str], factory: F, blas: Blas)
+where
+    F: Fn(&NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> + Clone + Send + Sync + 'static,
+{
     let Some(root) = cases_root() else {
         eprintln!("ONNX node test cases not found: skipped");
         return;
@@ -404,7 +430,7 @@ where
     names.sort();
     let mut failures = Vec::new();
     for n in &names {
-        if let Err(e) = run_case(&root.join(n), &factory) {
+        if let Err(e) = run_case(&root.join(n), &factory, blas) {
             failures.push(format!("{n}: {e}"));
         }
     }
