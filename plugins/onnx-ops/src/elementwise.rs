@@ -97,6 +97,7 @@ macro_rules! dispatch_all {
 mod binary;
 mod cast;
 mod engine;
+mod gated;
 mod num;
 mod unary;
 
@@ -144,6 +145,7 @@ fn shift_factory(n: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
 }
 
 pub fn register(r: &mut Registrar) {
+    gated::register(r);
     // Float unary operators whose only state is their attributes.
     type OpOf = fn(&NodeInfo<'_>) -> Result<FloatOp, PluginError>;
     let float_ops: &[(&str, i32, OpOf)] = &[
