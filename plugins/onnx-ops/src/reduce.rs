@@ -757,15 +757,22 @@ pub fn register(r: &mut Registrar) {
         // `axes` is the optional second input from opset 18 (13 for ReduceSum).
         if let Some((&20, older)) = versions.split_last() {
             // ReduceMax / ReduceMin take bool from opset 20.
-            register_versions(r, op, older, ti, &["T", "I"], &["T"], factory);
-            r.kernel(
-                KernelDesc::onnx(op, 20, OPEN_END)
-                    .constraint("T", NUMS_AND_BOOL)
-                    .constraint("I", &[DType::I64])
-                    .inputs(&["T", "I"])
-                    .outputs(&["T"]),
-                factory,
-            );
+            let ends = older.iter().skip(1).chain([&20]).map(|v| v - 1);
+            for ((&since, end), types) in older
+                .iter()
+                .zip(ends)
+                .map(|(s, e)| ((s, e), NUMS))
+                .chain([((&20, OPEN_END), NUMS_AND_BOOL)])
+            {
+                r.kernel(
+                    KernelDesc::onnx(op, since, end)
+                        .constraint("T", types)
+                        .constraint("I", &[DType::I64])
+                        .inputs(&["T", "I"])
+                        .outputs(&["T"]),
+                    factory,
+                );
+            }
             continue;
         }
         register_versions(r, op, versions, ti, &["T", "I"], &["T"], factory);
