@@ -45,6 +45,7 @@ mod pool;
 mod softmax;
 #[cfg(test)]
 pub(crate) mod testblas;
+mod unpool;
 
 /// The float types the non-BLAS operators accept.
 pub(crate) const FLOATS: &[DType] = &[DType::F32, DType::F64, DType::F16, DType::BF16];
@@ -394,6 +395,7 @@ pub fn register(r: &mut Registrar) {
     pool::register(r);
     norm::register(r);
     softmax::register(r);
+    unpool::register(r);
 }
 
 #[cfg(test)]
