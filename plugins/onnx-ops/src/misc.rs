@@ -7,6 +7,8 @@ use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
 use std::cmp::Ordering;
 
+mod signal;
+
 type Factory = fn(&NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError>;
 
 /// The elements of a float tensor as `f64`.
@@ -675,6 +677,7 @@ const UNIQUE_TYPES: &[DType] = &[
 const IDX: &[DType] = &[DType::I32, DType::I64];
 
 pub fn register(r: &mut Registrar) {
+    signal::register(r);
     r.kernel(
         KernelDesc::onnx("CumProd", 26, OPEN_END)
             .constraint(
