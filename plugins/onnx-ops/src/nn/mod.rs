@@ -38,6 +38,7 @@ macro_rules! dispatch_float {
 
 mod conv;
 mod conv_transpose;
+mod deform_conv;
 mod einsum;
 mod matmul;
 mod norm;
@@ -396,6 +397,7 @@ pub fn register(r: &mut Registrar) {
     norm::register(r);
     softmax::register(r);
     unpool::register(r);
+    deform_conv::register(r);
 }
 
 #[cfg(test)]
