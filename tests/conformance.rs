@@ -35,6 +35,17 @@ fn kserve_type(code: i32) -> Option<(&'static str, usize)> {
         12 => ("UINT32", 4),
         13 => ("UINT64", 8),
         16 => ("BF16", 2),
+        // opreg's names for the sub-16-bit types: one byte per element on the wire.
+        17 => ("FP8E4M3FN", 1),
+        18 => ("FP8E4M3FNUZ", 1),
+        19 => ("FP8E5M2", 1),
+        20 => ("FP8E5M2FNUZ", 1),
+        21 => ("UINT4", 1),
+        22 => ("INT4", 1),
+        23 => ("FP4E2M1", 1),
+        24 => ("FP8E8M0", 1),
+        25 => ("UINT2", 1),
+        26 => ("INT2", 1),
         _ => return None,
     })
 }
@@ -44,7 +55,33 @@ fn raw_contents(t: &onnx::TensorProto) -> Result<(&'static str, Vec<u8>), String
     let (name, size) = kserve_type(t.data_type)
         .ok_or_else(|| format!("element type {} not in KServe", t.data_type))?;
     let numel: usize = t.dims.iter().map(|&d| d as usize).product();
-    let bytes = if t.data_type == 8 {
+    let packed_bits = match t.data_type {
+        21..=23 => Some(4u32),
+        25 | 26 => Some(2),
+        _ => None,
+    };
+    let bytes = if let Some(bits) = packed_bits {
+        // ONNX packs these low bits first; the wire carries one (sign-extended) element per byte.
+        let src: Vec<u8> = if t.raw_data.is_empty() {
+            t.int32_data.iter().map(|&v| v as u8).collect()
+        } else {
+            t.raw_data.clone()
+        };
+        let per = (8 / bits) as usize;
+        let mask = (1u8 << bits) - 1;
+        let signed = matches!(t.data_type, 22 | 26);
+        (0..numel)
+            .map(|i| {
+                let v =
+                    (src.get(i / per).copied().unwrap_or(0) >> ((i % per) as u32 * bits)) & mask;
+                if signed && v & (1 << (bits - 1)) != 0 {
+                    v | !mask
+                } else {
+                    v
+                }
+            })
+            .collect()
+    } else if t.data_type == 8 {
         let mut out = Vec::new();
         for s in &t.string_data {
             out.extend_from_slice(&(s.len() as u32).to_le_bytes());

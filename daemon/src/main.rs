@@ -1,17 +1,7 @@
 //! opregd: serves ONNX models over gRPC; every kernel, BLAS backend and quantizer is a plugin.
-//!
-//! The data's way, folder by folder: `config` → `plugin` (load and check libraries) →
-//! `registry` (immutable snapshots of what plugins registered) → `exec` (run kernels on the
-//! compute pool) → `server` (gRPC).
+//! The binary is a thin edge over the `opregd` library (flags, logging, signals).
 
-mod app;
-mod config;
-mod exec;
-mod graph;
-mod plugin;
-mod registry;
-mod repo;
-mod server;
+use opregd::{app, config, plugin, server};
 
 use anyhow::Context;
 use clap::Parser;

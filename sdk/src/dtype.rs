@@ -35,11 +35,31 @@ pub enum DType {
     F64 = 12,
     /// UTF-8 (or arbitrary byte) strings; each element is an [`RString`].
     String = 13,
+    /// 8-bit float E4M3, finite only (`float8e4m3fn`); one byte per element, the raw code.
+    F8E4M3FN = 14,
+    /// 8-bit float E4M3, no negative zero (`float8e4m3fnuz`); the raw code.
+    F8E4M3FNUZ = 15,
+    /// 8-bit float E5M2 (`float8e5m2`); the raw code.
+    F8E5M2 = 16,
+    /// 8-bit float E5M2, no negative zero (`float8e5m2fnuz`); the raw code.
+    F8E5M2FNUZ = 17,
+    /// 4-bit unsigned integer, held unpacked: one byte per element, 0..=15.
+    U4 = 18,
+    /// 4-bit signed integer, held unpacked as an `i8` in -8..=7.
+    I4 = 19,
+    /// 4-bit float E2M1 (`float4e2m1`), held unpacked: the 4-bit code in one byte.
+    F4E2M1 = 20,
+    /// 8-bit exponent-only scale (`float8e8m0`); the raw code.
+    F8E8M0 = 21,
+    /// 2-bit unsigned integer, held unpacked: one byte per element, 0..=3.
+    U2 = 22,
+    /// 2-bit signed integer, held unpacked as an `i8` in -2..=1.
+    I2 = 23,
 }
 
 impl DType {
     /// Every dtype, in discriminant order.
-    pub const ALL: [DType; 14] = [
+    pub const ALL: [DType; 24] = [
         DType::Bool,
         DType::U8,
         DType::I8,
@@ -54,12 +74,29 @@ impl DType {
         DType::F32,
         DType::F64,
         DType::String,
+        DType::F8E4M3FN,
+        DType::F8E4M3FNUZ,
+        DType::F8E5M2,
+        DType::F8E5M2FNUZ,
+        DType::U4,
+        DType::I4,
+        DType::F4E2M1,
+        DType::F8E8M0,
+        DType::U2,
+        DType::I2,
     ];
 
     /// Size of one element in bytes (for `String`, the size of one [`RString`] header).
+    /// Sub-byte types are held unpacked, one element per byte.
     pub const fn size(self) -> usize {
         match self {
             DType::Bool | DType::U8 | DType::I8 => 1,
+            DType::F8E4M3FN
+            | DType::F8E4M3FNUZ
+            | DType::F8E5M2
+            | DType::F8E5M2FNUZ
+            | DType::F8E8M0 => 1,
+            DType::U4 | DType::I4 | DType::F4E2M1 | DType::U2 | DType::I2 => 1,
             DType::U16 | DType::I16 | DType::F16 | DType::BF16 => 2,
             DType::U32 | DType::I32 | DType::F32 => 4,
             DType::U64 | DType::I64 | DType::F64 => 8,
@@ -84,6 +121,17 @@ impl DType {
             DType::F32 => "FP32",
             DType::F64 => "FP64",
             DType::String => "BYTES",
+            // Not in the KServe v2 protocol: opreg's names, one byte per element on the wire.
+            DType::F8E4M3FN => "FP8E4M3FN",
+            DType::F8E4M3FNUZ => "FP8E4M3FNUZ",
+            DType::F8E5M2 => "FP8E5M2",
+            DType::F8E5M2FNUZ => "FP8E5M2FNUZ",
+            DType::U4 => "UINT4",
+            DType::I4 => "INT4",
+            DType::F4E2M1 => "FP4E2M1",
+            DType::F8E8M0 => "FP8E8M0",
+            DType::U2 => "UINT2",
+            DType::I2 => "INT2",
         }
     }
 
@@ -109,6 +157,25 @@ impl DType {
             DType::U32 => 12,
             DType::U64 => 13,
             DType::BF16 => 16,
+            DType::F8E4M3FN => 17,
+            DType::F8E4M3FNUZ => 18,
+            DType::F8E5M2 => 19,
+            DType::F8E5M2FNUZ => 20,
+            DType::U4 => 21,
+            DType::I4 => 22,
+            DType::F4E2M1 => 23,
+            DType::F8E8M0 => 24,
+            DType::U2 => 25,
+            DType::I2 => 26,
+        }
+    }
+
+    /// Bits per element in ONNX's packed storage (`raw_data`) for sub-byte types.
+    pub const fn packed_bits(self) -> Option<u32> {
+        match self {
+            DType::U4 | DType::I4 | DType::F4E2M1 => Some(4),
+            DType::U2 | DType::I2 => Some(2),
+            _ => None,
         }
     }
 
@@ -158,7 +225,7 @@ mod tests {
             assert_eq!(DType::from_onnx_code(d.onnx_code()), Some(d));
         }
         assert_eq!(DType::from_kserve_name("FP8"), None);
-        assert_eq!(DType::from_onnx_code(17), None);
+        assert_eq!(DType::from_onnx_code(99), None);
     }
 
     #[test]

@@ -28,6 +28,11 @@ impl ComputePool {
         Ok(ComputePool { pool })
     }
 
+    /// Runs `f` on the pool, blocking the caller (benchmarks, tests).
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+
     pub fn threads(&self) -> usize {
         self.pool.current_num_threads()
     }

@@ -269,12 +269,38 @@ pub fn tensor(t: &onnx::TensorProto, dir: Option<&Path>) -> Result<HostTensor, G
     let numel: usize = shape.iter().product();
     let bad = |e: opreg_sdk::PluginError| GraphError::Invalid(format!("{}: {}", what(), e.message));
     if t.data_location == onnx::tensor_proto::DataLocation::External as i32 {
-        let bytes = external(t, dir)?;
+        let mut bytes = external(t, dir)?;
+        if let Some(bits) = dtype.packed_bits() {
+            bytes = unpack(&bytes, numel, bits, matches!(dtype, DType::I4 | DType::I2))
+                .ok_or_else(|| {
+                    GraphError::Invalid(format!(
+                        "{}: external data too short for {numel} {dtype} elements",
+                        what()
+                    ))
+                })?;
+        }
         return HostTensor::from_bytes(dtype, &shape, &bytes).map_err(bad);
     }
     if dtype == DType::String {
         let items: Vec<&[u8]> = t.string_data.iter().map(|s| s.as_slice()).collect();
         return HostTensor::from_strings(&shape, &items).map_err(bad);
+    }
+    if let Some(bits) = dtype.packed_bits() {
+        // ONNX packs sub-byte types (low bits first); opreg holds one element per byte.
+        let packed: Vec<u8> = if !t.raw_data.is_empty() || numel == 0 {
+            t.raw_data.clone()
+        } else {
+            t.int32_data.iter().map(|&v| v as u8).collect()
+        };
+        let bytes = unpack(&packed, numel, bits, matches!(dtype, DType::I4 | DType::I2))
+            .ok_or_else(|| {
+                GraphError::Invalid(format!(
+                    "{}: {} packed bytes hold fewer than {numel} {dtype} elements",
+                    what(),
+                    packed.len()
+                ))
+            })?;
+        return HostTensor::from_bytes(dtype, &shape, &bytes).map_err(bad);
     }
     if !t.raw_data.is_empty() || numel == 0 {
         return HostTensor::from_bytes(dtype, &shape, &t.raw_data).map_err(bad);
@@ -313,6 +339,13 @@ pub fn tensor(t: &onnx::TensorProto, dir: Option<&Path>) -> Result<HostTensor, G
                 t.uint64_data.iter().flat_map(|v| v.to_le_bytes()).collect()
             }
         }
+        DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ | DType::F8E8M0 => {
+            count(t.int32_data.len())?;
+            t.int32_data.iter().map(|&v| v as u8).collect()
+        }
+        DType::U4 | DType::I4 | DType::F4E2M1 | DType::U2 | DType::I2 => {
+            unreachable!("unpacked above")
+        }
         DType::I32
         | DType::I16
         | DType::I8
@@ -331,6 +364,28 @@ pub fn tensor(t: &onnx::TensorProto, dir: Option<&Path>) -> Result<HostTensor, G
         DType::String => unreachable!("handled above"),
     };
     HostTensor::from_bytes(dtype, &shape, &bytes).map_err(bad)
+}
+
+/// `numel` elements of `bits` bits each, low bits first, one per output byte (sign-extended
+/// when `signed`). `None` when `packed` is too short.
+pub fn unpack(packed: &[u8], numel: usize, bits: u32, signed: bool) -> Option<Vec<u8>> {
+    let per_byte = (8 / bits) as usize;
+    if packed.len() < numel.div_ceil(per_byte) {
+        return None;
+    }
+    let mask = (1u8 << bits) - 1;
+    Some(
+        (0..numel)
+            .map(|i| {
+                let v = (packed[i / per_byte] >> ((i % per_byte) as u32 * bits)) & mask;
+                if signed && v & (1 << (bits - 1)) != 0 {
+                    v | !mask
+                } else {
+                    v
+                }
+            })
+            .collect(),
+    )
 }
 
 fn external(t: &onnx::TensorProto, dir: Option<&Path>) -> Result<Vec<u8>, GraphError> {

@@ -9,7 +9,7 @@ mod types;
 
 pub use import::{import, Dim, IoSpec, Model};
 pub use plan::{compile, Plan};
-pub use run::run;
+pub use run::{run, run_profiled};
 
 use opreg_sdk::ErrorCode;
 

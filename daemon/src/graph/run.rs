@@ -18,11 +18,33 @@ const MAX_UNBOUNDED_TRIPS: i64 = 10_000_000;
 
 type Value = Arc<HostTensor>;
 
+/// Named outputs, in declaration order.
+pub type Outputs = Vec<(String, Value)>;
+/// Each step's label and its time in seconds.
+pub type StepTimes = Vec<(String, f64)>;
+
 /// Runs `plan` on `feeds` (one tensor per input, checked by the caller) and returns the
 /// outputs in declaration order. Call it on the compute pool.
-pub fn run(
+pub fn run(plan: &Plan, feeds: HashMap<String, Value>) -> Result<Vec<(String, Value)>, GraphError> {
+    run_with(plan, feeds, &mut |_, _| {})
+}
+
+/// Like [`run`], also returning the time each step took (label, seconds), for profiling.
+pub fn run_profiled(
+    plan: &Plan,
+    feeds: HashMap<String, Value>,
+) -> Result<(Outputs, StepTimes), GraphError> {
+    let mut times = Vec::new();
+    let out = run_with(plan, feeds, &mut |label, secs| {
+        times.push((label.to_string(), secs))
+    })?;
+    Ok((out, times))
+}
+
+fn run_with(
     plan: &Plan,
     mut feeds: HashMap<String, Value>,
+    observe: &mut dyn FnMut(&str, f64),
 ) -> Result<Vec<(String, Value)>, GraphError> {
     let mut values: Vec<Option<Value>> = vec![None; plan.slots];
     for (s, t) in &plan.constants {
@@ -36,6 +58,7 @@ pub fn run(
         values[*s] = Some(t);
     }
     for step in &plan.steps {
+        let started = std::time::Instant::now();
         let ins: Vec<Option<Value>> = step
             .inputs
             .iter()
@@ -73,6 +96,7 @@ pub fn run(
         for s in &step.release {
             values[*s] = None;
         }
+        observe(&step.label, started.elapsed().as_secs_f64());
     }
     plan.outputs
         .iter()

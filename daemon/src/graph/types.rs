@@ -21,6 +21,12 @@ pub fn output_type(node: &Node, index: usize, inputs: &[Option<DType>]) -> Optio
         _ => None,
     };
     let first = inputs.first().copied().flatten();
+    if node.domain == "ai.onnx.ml" {
+        return match node.op_type.as_str() {
+            "ArrayFeatureExtractor" | "Binarizer" => first,
+            _ => None,
+        };
+    }
     if !node.domain.is_empty() {
         return None;
     }
@@ -28,6 +34,10 @@ pub fn output_type(node: &Node, index: usize, inputs: &[Option<DType>]) -> Optio
         "Equal" | "Less" | "LessOrEqual" | "Greater" | "GreaterOrEqual" | "And" | "Or" | "Xor"
         | "Not" | "IsNaN" | "IsInf" => DType::Bool,
         "Shape" | "Size" | "ArgMax" | "ArgMin" | "NonZero" | "NonMaxSuppression" => DType::I64,
+        "RegexFullMatch" => DType::Bool,
+        "StringSplit" if index == 1 => DType::I64,
+        "TfIdfVectorizer" => DType::F32,
+        "StringNormalizer" | "StringConcat" | "StringSplit" => DType::String,
         "TopK" | "MaxPool" | "Unique" if index > 0 => DType::I64,
         "Dropout" if index == 1 => DType::Bool,
         "Cast" => return attr_type("to"),

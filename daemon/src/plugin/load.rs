@@ -188,7 +188,7 @@ fn init_module(path: &Path, library: &Library) -> Result<PluginModRef, LoadError
             },
             LibraryError::AbiInstability(detail) => LoadError::Layout {
                 path: path.to_owned(),
-                detail: one_line(&detail.to_string()),
+                detail: layout_summary(&detail.to_string()),
             },
             other => LoadError::RootModule {
                 path: path.to_owned(),
@@ -225,6 +225,22 @@ fn describe_open_error(e: &LibraryError, copy: &Path, original: &Path) -> String
         other => other.to_string(),
     };
     one_line(&msg.replace(&*copy.to_string_lossy(), &original.to_string_lossy()))
+}
+
+/// abi_stable explains a layout mismatch with a dump of every type layout on the path to it
+/// (kilobytes; too long for a gRPC status). Keep the type that differs and why.
+fn layout_summary(detail: &str) -> String {
+    let flat = one_line(detail);
+    let why = flat.rsplit("Error:").next().unwrap_or("").trim();
+    // The innermost type that differs is described last.
+    let ty = flat
+        .rsplit("Layout of expected type:")
+        .next()
+        .and_then(|s| s.split("type:").nth(1))
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or("a type");
+    let why: String = why.chars().take(200).collect();
+    format!("{ty} differs: {why} (was it built against another opreg-sdk?)")
 }
 
 fn one_line(s: &str) -> String {

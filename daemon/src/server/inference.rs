@@ -42,6 +42,8 @@ fn config_type(d: DType) -> i32 {
         DType::F64 => T::TypeFp64,
         DType::String => T::TypeString,
         DType::BF16 => T::TypeBf16,
+        // Triton's configuration has no names for the 8-, 4- and 2-bit types.
+        _ => T::TypeInvalid,
     }) as i32
 }
 

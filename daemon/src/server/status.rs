@@ -33,8 +33,22 @@ impl From<LoadError> for Status {
             | LoadError::SelfCheck { .. }
             | LoadError::Conflict { .. } => Code::FailedPrecondition,
         };
-        Status::new(code, e.to_string())
+        Status::new(code, bounded(e.to_string()))
     }
+}
+
+/// Status messages travel in HTTP/2 trailers: keep them well under header size limits.
+fn bounded(mut message: String) -> String {
+    const MAX: usize = 4096;
+    if message.len() > MAX {
+        let mut cut = MAX;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push_str(" …");
+    }
+    message
 }
 
 impl From<UnloadError> for Status {
@@ -53,7 +67,7 @@ impl From<ExecError> for Status {
             ExecError::Invalid(_) => Code::InvalidArgument,
             ExecError::Lost => Code::Internal,
         };
-        Status::new(code, e.to_string())
+        Status::new(code, bounded(e.to_string()))
     }
 }
 
@@ -68,7 +82,7 @@ fn graph_code(e: &crate::graph::GraphError) -> Code {
 
 impl From<crate::graph::GraphError> for Status {
     fn from(e: crate::graph::GraphError) -> Status {
-        Status::new(graph_code(&e), e.to_string())
+        Status::new(graph_code(&e), bounded(e.to_string()))
     }
 }
 
@@ -83,6 +97,6 @@ impl From<crate::repo::RepoError> for Status {
             R::NoRepository => Code::FailedPrecondition,
             R::Io { .. } => Code::Internal,
         };
-        Status::new(code, e.to_string())
+        Status::new(code, bounded(e.to_string()))
     }
 }

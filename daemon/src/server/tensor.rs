@@ -157,7 +157,7 @@ pub fn typed_to_raw(
             }
             out
         }
-        DType::F16 | DType::BF16 => {
+        _ => {
             return Err(Status::invalid_argument(format!(
                 "tensor '{name}': {dtype} travels only in raw_input_contents"
             )));

@@ -5,6 +5,7 @@
 //! dtype (`dispatch_*!`); f16 and bf16 compute in f32. All binary ops share one broadcasting
 //! engine ([`engine`]).
 
+use crate::util::Factory;
 use opreg_sdk::prelude::*;
 use DType::*;
 
@@ -114,8 +115,6 @@ const BOOL: &[DType] = &[Bool];
 const ALL_AND_STRING: &[DType] = &[
     Bool, U8, I8, U16, I16, U32, I32, U64, I64, F16, BF16, F32, F64, String,
 ];
-
-type Factory = fn(&NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError>;
 
 /// `n` inputs of type `T`, one output of type `T` (or `T1` when `out` is given).
 fn desc(op: &str, since: i32, types: &[DType], n: usize, out: Option<&[DType]>) -> KernelDesc {
@@ -332,19 +331,19 @@ pub fn register(r: &mut Registrar) {
 
     r.kernel(
         KernelDesc::onnx("Cast", 6, OPEN_END)
-            .constraint("T1", crate::ALL_TYPES)
-            .constraint("T2", crate::ALL_TYPES)
+            .constraint("T1", cast::CAST_TYPES)
+            .constraint("T2", cast::CAST_TYPES)
             .inputs(&["T1"])
             .outputs(&["T2"]),
         Cast::from_node,
     );
     r.kernel(
         KernelDesc::onnx("CastLike", 15, OPEN_END)
-            .constraint("T1", crate::ALL_TYPES)
-            .constraint("T2", crate::ALL_TYPES)
+            .constraint("T1", cast::CAST_TYPES)
+            .constraint("T2", cast::CAST_TYPES)
             .inputs(&["T1", "T2"])
             .outputs(&["T2"]),
-        stateless(Cast(None)),
+        Cast::like_from_node,
     );
 }
 

@@ -5,12 +5,18 @@ use opreg_sdk::prelude::*;
 
 mod elementwise;
 mod loss;
+mod lowbit;
 mod misc;
+mod ml;
 mod nn;
 mod quant;
 mod reduce;
+mod rnn;
 mod shape;
 mod spatial;
+#[cfg(test)]
+mod testcases;
+mod text;
 mod transformer;
 #[allow(dead_code)] // shared helpers; not every family uses every one
 mod util;
@@ -42,6 +48,9 @@ fn register(r: &mut Registrar) {
     spatial::register(r);
     transformer::register(r);
     loss::register(r);
+    rnn::register(r);
+    text::register(r);
+    ml::register(r);
 }
 
 opreg_sdk::export_plugin! {

@@ -6,6 +6,7 @@
 //! weighted sum by the sum of the weights that were used.
 
 use crate::transformer::{read_f32, write_f32, FLOATS};
+use crate::util::optional;
 use opreg_sdk::prelude::*;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -76,7 +77,7 @@ impl Kernel for Loss {
         let d: usize = xs[2..].iter().product();
         let mut x = read_f32(&inputs[0], "input")?;
         let target = inputs[1].to_i64s()?;
-        let weight = match inputs.get(2).filter(|t| !t.is_absent()) {
+        let weight = match optional(inputs, 2) {
             Some(w) => {
                 if w.shape() != [c] {
                     return Err(PluginError::invalid(format!(
@@ -176,7 +177,7 @@ pub fn register(r: &mut Registrar) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transformer::testdata::sweep;
+    use crate::testcases::run_cases;
     use opreg_sdk::{
         host::HostTensor,
         testkit::{run_kernel_opt, NodeSpec},
@@ -188,12 +189,7 @@ mod tests {
             ("test_sce", sce_factory as fn(&NodeInfo<'_>) -> _),
             ("test_nllloss", nll_factory),
         ] {
-            let (n, failures) = sweep(prefix, f);
-            eprintln!(
-                "{prefix}: {} of {n} conformance cases pass",
-                n - failures.len()
-            );
-            assert!(failures.is_empty(), "{}", failures.join("\n"));
+            run_cases(&[prefix], f);
         }
     }
 

@@ -2,27 +2,20 @@
 //! (`HannWindow`, `HammingWindow`, `BlackmanWindow`) and `DFT`.
 
 use crate::quant::fill;
-use crate::util::normalize_axis;
+use crate::util::{floats_as_f64, normalize_axis, optional, Factory};
 use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
 use std::cmp::Ordering;
 
 mod signal;
 
-type Factory = fn(&NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError>;
-
 /// The elements of a float tensor as `f64`.
 fn read_f64(t: &TensorView<'_>, what: &str) -> Result<Vec<f64>, PluginError> {
-    Ok(match t.dtype {
-        DType::F32 => t.as_slice::<f32>()?.iter().map(|&v| v as f64).collect(),
-        DType::F64 => t.as_slice::<f64>()?.to_vec(),
-        DType::F16 => t.as_slice::<f16>()?.iter().map(|v| v.to_f64()).collect(),
-        DType::BF16 => t.as_slice::<bf16>()?.iter().map(|v| v.to_f64()).collect(),
-        other => {
-            return Err(PluginError::unimplemented(format!(
-                "{what}: element type {other} is not supported"
-            )))
-        }
+    floats_as_f64(t).unwrap_or_else(|| {
+        Err(PluginError::unimplemented(format!(
+            "{what}: element type {} is not supported",
+            t.dtype
+        )))
     })
 }
 
@@ -551,7 +544,7 @@ impl Kernel for Dft {
                 "{OP}: input must be [..., 1] (real) or [..., 2] (complex), got {s:?}"
             )));
         }
-        let present = |i: usize| inputs.get(i).filter(|t| !t.is_absent());
+        let present = |i: usize| optional(inputs, i);
         let axis = match (self.axis_attr, present(2)) {
             (Some(a), _) => a,
             (None, Some(t)) => scalar_i64(t, OP, "axis")?,

@@ -1,10 +1,12 @@
 //! Quantization operators: `QuantizeLinear`, `DequantizeLinear`, `DynamicQuantizeLinear`,
 //! `MatMulInteger`, `QLinearMatMul`, `ConvInteger`, `QLinearConv`.
 //!
-//! Only the integer quantized types the SDK has (`uint8`, `int8`, `uint16`, `int16`, and
-//! `int32` for dequantization) are supported; float8 / int4 / int2 / float4 / float6 are not.
+//! Quantized types: `uint8`, `int8`, `uint16`, `int16` (and `int32` for dequantization), the
+//! 4- and 2-bit integers, float8 (E4M3FN, E4M3FNUZ, E5M2, E5M2FNUZ) and float4 (E2M1), the
+//! low-bit ones held one element per byte (conversions in [`crate::lowbit`]); float6 is not.
 
-use crate::util::normalize_axis;
+use crate::lowbit;
+use crate::util::{floats_as_f32, normalize_axis, optional, Factory};
 use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
 use std::borrow::Cow;
@@ -15,29 +17,73 @@ mod matmul;
 const FLOATS: &[DType] = &[DType::F32, DType::F16, DType::BF16];
 const Q8: &[DType] = &[DType::U8, DType::I8];
 const Q16: &[DType] = &[DType::U8, DType::I8, DType::U16, DType::I16];
+/// The float8 types (QuantizeLinear / DequantizeLinear 19+).
+const F8: &[DType] = &[
+    DType::F8E4M3FN,
+    DType::F8E4M3FNUZ,
+    DType::F8E5M2,
+    DType::F8E5M2FNUZ,
+];
+
+/// The quantized types of QuantizeLinear / DequantizeLinear `since` (without `int32`).
+fn quant_types(since: i32) -> Vec<DType> {
+    let mut t = Q8.to_vec();
+    if since >= 19 {
+        t.extend_from_slice(F8);
+    }
+    if since >= 21 {
+        t.extend_from_slice(&[DType::U16, DType::I16, DType::U4, DType::I4]);
+    }
+    if since >= 23 {
+        t.push(DType::F4E2M1);
+    }
+    if since >= 25 {
+        t.extend_from_slice(&[DType::U2, DType::I2]);
+    }
+    t
+}
+
+/// The values of a float8 / float4 tensor as `f32`; `None` for other types.
+fn read_lowbit_float(t: &TensorView<'_>) -> Result<Option<Vec<f32>>, PluginError> {
+    if !lowbit::is_lowbit_float(t.dtype) || t.dtype == DType::F8E8M0 {
+        return Ok(None);
+    }
+    let d = t.dtype;
+    Ok(Some(
+        t.as_bytes()?
+            .iter()
+            .map(|&c| lowbit::decode(d, c))
+            .collect(),
+    ))
+}
 
 /// Elements per parallel chunk for elementwise loops.
 const GRAIN: usize = 8192;
 
 /// The elements of a float (or `int32`) tensor as `f32`.
 pub(crate) fn read_f32<'a>(t: &TensorView<'a>, what: &str) -> Result<Cow<'a, [f32]>, PluginError> {
-    Ok(match t.dtype {
-        DType::F32 => Cow::Borrowed(t.as_slice::<f32>()?),
-        DType::F16 => Cow::Owned(t.as_slice::<f16>()?.iter().map(|v| v.to_f32()).collect()),
-        DType::BF16 => Cow::Owned(t.as_slice::<bf16>()?.iter().map(|v| v.to_f32()).collect()),
-        DType::F64 => Cow::Owned(t.as_slice::<f64>()?.iter().map(|&v| v as f32).collect()),
-        DType::I32 => Cow::Owned(t.as_slice::<i32>()?.iter().map(|&v| v as f32).collect()),
-        other => {
-            return Err(PluginError::unimplemented(format!(
-                "{what}: element type {other} is not supported"
-            )))
-        }
+    if t.dtype == DType::I32 {
+        return Ok(Cow::Owned(
+            t.as_slice::<i32>()?.iter().map(|&v| v as f32).collect(),
+        ));
+    }
+    floats_as_f32(t).unwrap_or_else(|| {
+        Err(PluginError::unimplemented(format!(
+            "{what}: element type {} is not supported",
+            t.dtype
+        )))
     })
 }
 
-/// The elements of a small-integer tensor (`u8`, `i8`, `u16`, `i16`, `i32`) as `i32`.
+/// The elements of a small-integer tensor (`u8`, `i8`, `u16`, `i16`, `i32`, and the 4- and
+/// 2-bit integers) as `i32`.
 pub(crate) fn read_i32(t: &TensorView<'_>, what: &str) -> Result<Vec<i32>, PluginError> {
     Ok(match t.dtype {
+        d if lowbit::is_lowbit_int(d) => t
+            .as_bytes()?
+            .iter()
+            .map(|&c| lowbit::decode_int(d, c).unwrap_or(0))
+            .collect(),
         DType::U8 => t.as_slice::<u8>()?.iter().map(|&v| v as i32).collect(),
         DType::I8 => t.as_slice::<i8>()?.iter().map(|&v| v as i32).collect(),
         DType::U16 => t.as_slice::<u16>()?.iter().map(|&v| v as i32).collect(),
@@ -91,8 +137,9 @@ where
     }
 }
 
-/// Allocates quantized output `index` of `dtype` (u8, i8, u16, i16) from already rounded
-/// values, saturating them to the type's range (NaN becomes 0).
+/// Allocates quantized output `index` of `dtype` (u8, i8, u16, i16, and the 4- and 2-bit
+/// integers) from already rounded values, saturating them to the type's range (NaN becomes
+/// 0).
 fn fill_saturated<F>(
     ctx: &KernelContext<'_>,
     index: usize,
@@ -109,10 +156,33 @@ where
         DType::I8 => fill::<i8, _>(ctx, index, shape, |i| f(i) as i8),
         DType::U16 => fill::<u16, _>(ctx, index, shape, |i| f(i) as u16),
         DType::I16 => fill::<i16, _>(ctx, index, shape, |i| f(i) as i16),
+        d if lowbit::is_lowbit_int(d) => fill_codes(ctx, index, d, shape, |i| {
+            lowbit::saturate_int(d, f(i) as i64)
+        }),
         other => Err(PluginError::unimplemented(format!(
             "quantized type {other} is not supported"
         ))),
     }
+}
+
+/// Allocates low-bit output `index` of `dtype` (one byte per element) and fills element `i`
+/// with the code `f(i)`, in parallel.
+fn fill_codes<F>(
+    ctx: &KernelContext<'_>,
+    index: usize,
+    dtype: DType,
+    shape: &[usize],
+    f: F,
+) -> Result<(), PluginError>
+where
+    F: Fn(usize) -> u8 + Sync,
+{
+    let y = ctx.output(index, dtype, shape)?.into_bytes()?;
+    ctx.parallel_chunks(y, GRAIN, |start, chunk| {
+        for (j, o) in chunk.iter_mut().enumerate() {
+            *o = f(start + j);
+        }
+    })
 }
 
 /// How scale / zero point elements map onto the elements of `x`.
@@ -234,6 +304,8 @@ struct Quantize {
     axis: i64,
     block_size: i64,
     output_dtype: Option<DType>,
+    /// `saturate` (float8 outputs).
+    saturate: bool,
 }
 
 impl Kernel for Quantize {
@@ -244,7 +316,7 @@ impl Kernel for Quantize {
     ) -> Result<(), PluginError> {
         const OP: &str = "QuantizeLinear";
         let (x, scale) = (&inputs[0], &inputs[1]);
-        let zp = inputs.get(2).filter(|t| !t.is_absent());
+        let zp = optional(inputs, 2);
         let out_dtype = match (zp, self.output_dtype) {
             (Some(z), Some(o)) if z.dtype != o => {
                 return Err(PluginError::invalid(format!(
@@ -256,13 +328,18 @@ impl Kernel for Quantize {
             (None, Some(o)) => o,
             (None, None) => DType::U8,
         };
-        if !Q16.contains(&out_dtype) {
+        let float_out = F8.contains(&out_dtype) || out_dtype == DType::F4E2M1;
+        if !Q16.contains(&out_dtype) && !lowbit::is_lowbit_int(out_dtype) && !float_out {
             return Err(PluginError::unimplemented(format!(
-                "{OP}: output type {out_dtype} is not supported (uint8, int8, uint16, int16)"
+                "{OP}: output type {out_dtype} is not supported (uint8, int8, uint16, int16, \
+                 uint4, int4, uint2, int2, float8, float4e2m1)"
             )));
         }
         let g = Granularity::of(OP, x.shape(), scale.shape(), self.axis, self.block_size)?;
         let scales = read_f32(scale, "QuantizeLinear y_scale")?;
+        if float_out {
+            return self.quantize_float(ctx, (x, scale), &scales, zp, g, out_dtype);
+        }
         let zps = match zp {
             Some(z) => {
                 check_zero_point_shape(OP, scale, z)?;
@@ -290,6 +367,46 @@ impl Kernel for Quantize {
     }
 }
 
+impl Quantize {
+    /// Float8 / float4 output: `x / y_scale (+ y_zero_point)`, rounded to nearest even, with
+    /// `saturate` (float4 always saturates). As the reference, a float8 zero point (which must
+    /// be 0) is only added when non-zero, so -0 stays -0; a float4 one is always added.
+    fn quantize_float(
+        &self,
+        ctx: &KernelContext<'_>,
+        (x, scale): (&TensorView<'_>, &TensorView<'_>),
+        scales: &[f32],
+        zp: Option<&TensorView<'_>>,
+        g: Granularity,
+        out: DType,
+    ) -> Result<(), PluginError> {
+        const OP: &str = "QuantizeLinear";
+        let zps = match zp {
+            Some(z) => {
+                check_zero_point_shape(OP, scale, z)?;
+                read_lowbit_float(z)?
+            }
+            None => None,
+        };
+        let always_add = out == DType::F4E2M1;
+        let xs: Cow<'_, [f32]> = match x.dtype {
+            DType::I32 => Cow::Owned(x.as_slice::<i32>()?.iter().map(|&v| v as f32).collect()),
+            _ => read_f32(x, "QuantizeLinear x")?,
+        };
+        let sat = self.saturate;
+        fill_codes(ctx, 0, out, x.shape(), |i| {
+            let j = g.index(i);
+            let mut v = xs[i] / scales[j];
+            if let Some(z) = &zps {
+                if always_add || z[j] != 0.0 {
+                    v += z[j];
+                }
+            }
+            lowbit::encode_float(out, v, sat)
+        })
+    }
+}
+
 #[derive(Clone)]
 struct Dequantize {
     axis: i64,
@@ -305,7 +422,7 @@ impl Kernel for Dequantize {
     ) -> Result<(), PluginError> {
         const OP: &str = "DequantizeLinear";
         let (x, scale) = (&inputs[0], &inputs[1]);
-        let zp = inputs.get(2).filter(|t| !t.is_absent());
+        let zp = optional(inputs, 2);
         let out_dtype = self.output_dtype.unwrap_or(scale.dtype);
         if !FLOATS.contains(&out_dtype) {
             return Err(PluginError::invalid(format!(
@@ -313,8 +430,29 @@ impl Kernel for Dequantize {
             )));
         }
         let g = Granularity::of(OP, x.shape(), scale.shape(), self.axis, self.block_size)?;
-        let xs = read_i32(x, "DequantizeLinear x")?;
         let scales = read_f32(scale, "DequantizeLinear x_scale")?;
+        if let Some(xf) = read_lowbit_float(x)? {
+            // Float8 / float4: `(x - x_zero_point) * x_scale`, the zero point decoded too.
+            let zps = match zp {
+                Some(z) => {
+                    if z.dtype != x.dtype {
+                        return Err(PluginError::invalid(format!(
+                            "{OP}: x_zero_point is {} but x is {}",
+                            z.dtype, x.dtype
+                        )));
+                    }
+                    check_zero_point_shape(OP, scale, z)?;
+                    read_lowbit_float(z)?
+                }
+                None => None,
+            };
+            return fill_float(ctx, 0, out_dtype, x.shape(), |i| {
+                let j = g.index(i);
+                let z = zps.as_ref().map_or(0.0, |z| z[j]);
+                (xf[i] - z) * scales[j]
+            });
+        }
+        let xs = read_i32(x, "DequantizeLinear x")?;
         let zps = match zp {
             Some(z) => {
                 if z.dtype != x.dtype {
@@ -361,9 +499,6 @@ impl Kernel for DynamicQuantize {
     }
 }
 
-/// A plain factory function.
-type Factory = fn(&NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError>;
-
 /// Registers `factory` under each opset range, with the constraints `desc` gives for it.
 fn ranges<F>(r: &mut Registrar, ranges: &[(i32, i32)], desc: impl Fn(i32, i32) -> KernelDesc, f: F)
 where
@@ -379,6 +514,7 @@ fn quantize_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError>
         axis: node.int_or("axis", 1)?,
         block_size: node.int_or("block_size", 0)?,
         output_dtype: output_dtype_attr(node)?,
+        saturate: node.int_or("saturate", 1)? != 0,
     }))
 }
 
@@ -407,10 +543,10 @@ pub fn register(r: &mut Registrar) {
         &q_ranges,
         |since, end| {
             let d = KernelDesc::onnx("QuantizeLinear", since, end);
+            let q = quant_types(since);
             let (t1, t2): (&[DType], &[DType]) = match since {
-                ..=18 => (&[DType::F32, DType::I32], Q8),
-                19..=20 => (&[DType::F32, DType::F16, DType::BF16, DType::I32], Q8),
-                _ => (&[DType::F32, DType::F16, DType::BF16, DType::I32], Q16),
+                ..=18 => (&[DType::F32, DType::I32], &q),
+                _ => (&[DType::F32, DType::F16, DType::BF16, DType::I32], &q),
             };
             if since >= 23 {
                 d.constraint("T1", t1)
@@ -434,11 +570,9 @@ pub fn register(r: &mut Registrar) {
         &q_ranges,
         |since, end| {
             let d = KernelDesc::onnx("DequantizeLinear", since, end);
-            let t1: &[DType] = if since >= 21 {
-                &[DType::U8, DType::I8, DType::U16, DType::I16, DType::I32]
-            } else {
-                &[DType::U8, DType::I8, DType::I32]
-            };
+            let mut q = quant_types(since);
+            q.push(DType::I32);
+            let t1: &[DType] = &q;
             let ts: &[DType] = if since >= 19 { FLOATS } else { &[DType::F32] };
             let d = d
                 .constraint("T1", t1)

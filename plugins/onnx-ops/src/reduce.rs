@@ -2,7 +2,7 @@
 //! CumSum, TopK.
 
 use crate::nn::{register_versions, Factory};
-use crate::util::{normalize_axis, walk_offsets};
+use crate::util::{normalize_axis, optional, row_major_strides, walk_offsets};
 use opreg_sdk::{
     half::{bf16, f16},
     prelude::*,
@@ -158,23 +158,7 @@ num!(
 /// Runs `$body` with `$t` bound to the Rust type of `$dtype` among the reductions' types.
 macro_rules! dispatch_num {
     ($dtype:expr, $op:expr, |$t:ident| $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::F64 => {
-                type $t = f64;
-                $body
-            }
-            DType::F16 => {
-                type $t = f16;
-                $body
-            }
-            DType::BF16 => {
-                type $t = bf16;
-                $body
-            }
+        crate::util::match_float!($dtype, |$t| $body, other => match other {
             DType::I32 => {
                 type $t = i32;
                 $body
@@ -195,7 +179,7 @@ macro_rules! dispatch_num {
                 "{} is not implemented for {other}",
                 $op
             ))),
-        }
+        })
     };
 }
 
@@ -296,7 +280,7 @@ impl Reduce {
         rank: usize,
     ) -> Result<Option<Vec<bool>>, PluginError> {
         let axes = if self.axes_from_input {
-            match inputs.get(1).filter(|t| !t.is_absent()) {
+            match optional(inputs, 1) {
                 Some(t) => t.to_i64s().map_err(|e| {
                     PluginError::invalid(format!("{}: input 'axes': {}", self.op, e.message))
                 })?,
@@ -344,10 +328,7 @@ impl Reduce {
         } else {
             (0..rank).filter(|&d| !mask[d]).map(|d| xs[d]).collect()
         };
-        let mut strides = vec![1usize; rank];
-        for d in (0..rank.saturating_sub(1)).rev() {
-            strides[d] = strides[d + 1] * xs[d + 1];
-        }
+        let strides = row_major_strides(xs);
         let count: usize = red.iter().product();
         if count == 0
             && matches!(self.kind, ReduceKind::Max | ReduceKind::Min)
@@ -540,11 +521,7 @@ impl CumSum {
     ) -> Result<(), PluginError> {
         let xs = inputs[0].shape();
         let x = inputs[0].as_slice::<T>()?;
-        let axis = match inputs
-            .get(1)
-            .filter(|t| !t.is_absent())
-            .map(|t| t.to_i64s())
-        {
+        let axis = match optional(inputs, 1).map(|t| t.to_i64s()) {
             Some(Ok(a)) if a.len() == 1 => a[0],
             _ => {
                 return Err(PluginError::invalid(
@@ -625,11 +602,7 @@ impl TopK {
         let x = inputs[0].as_slice::<T>()?;
         let k = match self.attr_k {
             Some(k) => k,
-            None => match inputs
-                .get(1)
-                .filter(|t| !t.is_absent())
-                .map(|t| t.to_i64s())
-            {
+            None => match optional(inputs, 1).map(|t| t.to_i64s()) {
                 Some(Ok(k)) if k.len() == 1 => k[0],
                 _ => {
                     return Err(PluginError::invalid(
@@ -1109,7 +1082,7 @@ mod tests {
 #[cfg(test)]
 mod bool_u64_tests {
     use super::*;
-    use crate::spatial::onnx_cases::run_cases;
+    use crate::testcases::run_cases;
     use opreg_sdk::{
         host::HostTensor,
         testkit::{run_kernel, NodeSpec},

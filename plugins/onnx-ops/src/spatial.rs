@@ -12,8 +12,6 @@ use opreg_sdk::{
 
 mod crop;
 mod grid;
-#[cfg(test)]
-pub(crate) mod onnx_cases;
 mod resize;
 mod roi;
 
@@ -60,48 +58,24 @@ impl Scalar for bf16 {
 /// error naming `$what`.
 macro_rules! with_float {
     ($dtype:expr, $what:expr, $t:ident => $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::F64 => {
-                type $t = f64;
-                $body
-            }
-            DType::F16 => {
-                type $t = opreg_sdk::half::f16;
-                $body
-            }
-            DType::BF16 => {
-                type $t = opreg_sdk::half::bf16;
-                $body
-            }
-            other => Err(PluginError::invalid(format!(
-                "{}: element type {other} is not supported",
-                $what
-            ))),
-        }
+        crate::util::match_float!($dtype, |$t| $body, other => Err(PluginError::invalid(
+            format!("{}: element type {other} is not supported", $what)
+        )))
     };
 }
 pub(crate) use with_float;
 
 /// The elements of a float tensor (f16, bf16, f32 or f64) widened to `f64`.
 pub(crate) fn read_f64s(view: &TensorView<'_>, what: &str) -> Result<Vec<f64>, PluginError> {
-    with_float!(view.dtype, what, T => Ok(view
-        .as_slice::<T>()?
-        .iter()
-        .map(|&v| Scalar::to_f64(v))
-        .collect()))
+    crate::util::floats_as_f64(view).unwrap_or_else(|| {
+        Err(PluginError::invalid(format!(
+            "{what}: element type {} is not supported",
+            view.dtype
+        )))
+    })
 }
 
-/// Input `i` unless it is absent or missing.
-pub(crate) fn optional<'a, 'b>(
-    inputs: &'b [TensorView<'a>],
-    i: usize,
-) -> Option<&'b TensorView<'a>> {
-    inputs.get(i).filter(|t| !t.is_absent())
-}
+pub(crate) use crate::util::optional;
 
 /// Input `i`, which the operator requires.
 pub(crate) fn required<'a, 'b>(
@@ -114,14 +88,7 @@ pub(crate) fn required<'a, 'b>(
         .ok_or_else(|| PluginError::invalid(format!("{op}: input '{name}' is required")))
 }
 
-/// Row-major strides, in elements.
-pub(crate) fn strides_of(shape: &[usize]) -> Vec<usize> {
-    let mut s = vec![1usize; shape.len()];
-    for d in (0..shape.len().saturating_sub(1)).rev() {
-        s[d] = s[d + 1] * shape[d + 1];
-    }
-    s
-}
+pub(crate) use crate::util::row_major_strides;
 
 pub fn register(r: &mut Registrar) {
     resize::register(r);

@@ -6,7 +6,7 @@
 //! type (Attention's scaled Q/K, scores, probabilities) we round the same way, so reduced
 //! precision results follow the reference closely.
 
-use crate::util::{broadcast_strides, normalize_axis};
+use crate::util::{broadcast_strides, floats_as_f32, normalize_axis, optional};
 use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
 
@@ -15,33 +15,15 @@ pub(crate) const FLOATS: &[DType] = &[DType::F32, DType::F16, DType::BF16];
 
 /// The elements of a floating-point tensor, widened to f32. `what` names the input in errors.
 pub(crate) fn read_f32(t: &TensorView<'_>, what: &str) -> Result<Vec<f32>, PluginError> {
-    let wrap = |e: PluginError| PluginError::invalid(format!("{what}: {}", e.message));
-    Ok(match t.dtype {
-        DType::F32 => t.as_slice::<f32>().map_err(wrap)?.to_vec(),
-        DType::F16 => t
-            .as_slice::<f16>()
-            .map_err(wrap)?
-            .iter()
-            .map(|v| v.to_f32())
-            .collect(),
-        DType::BF16 => t
-            .as_slice::<bf16>()
-            .map_err(wrap)?
-            .iter()
-            .map(|v| v.to_f32())
-            .collect(),
-        DType::F64 => t
-            .as_slice::<f64>()
-            .map_err(wrap)?
-            .iter()
-            .map(|&v| v as f32)
-            .collect(),
-        other => {
-            return Err(PluginError::invalid(format!(
-                "{what}: expected a floating-point tensor, got {other}"
-            )))
-        }
-    })
+    match floats_as_f32(t) {
+        Some(v) => v
+            .map(|v| v.into_owned())
+            .map_err(|e| PluginError::invalid(format!("{what}: {}", e.message))),
+        None => Err(PluginError::invalid(format!(
+            "{what}: expected a floating-point tensor, got {}",
+            t.dtype
+        ))),
+    }
 }
 
 /// Allocates output `index` as `dtype` with `shape` and fills it from `data`.
@@ -85,10 +67,6 @@ pub(crate) fn rounder(dtype: DType) -> fn(f32) -> f32 {
         DType::BF16 => |v| bf16::from_f32(v).to_f32(),
         _ => |v| v,
     }
-}
-
-fn present<'a>(inputs: &[TensorView<'a>], i: usize) -> Option<TensorView<'a>> {
-    inputs.get(i).copied().filter(|t| !t.is_absent())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -346,10 +324,10 @@ impl Kernel for Attention {
                 "Attention: {hq} query heads are not a multiple of {hkv} key/value heads"
             )));
         }
-        let mask_in = present(inputs, 3);
-        let past_k_in = present(inputs, 4);
-        let past_v_in = present(inputs, 5);
-        let nonpad_in = present(inputs, 6);
+        let mask_in = optional(inputs, 3);
+        let past_k_in = optional(inputs, 4);
+        let past_v_in = optional(inputs, 5);
+        let nonpad_in = optional(inputs, 6);
         if past_k_in.is_some() != past_v_in.is_some() {
             return Err(PluginError::invalid(
                 "Attention: past_key and past_value must be given together",
@@ -361,10 +339,10 @@ impl Kernel for Attention {
             ));
         }
         let past_k = past_k_in
-            .map(|t| to_heads(&t, "past_key", None))
+            .map(|t| to_heads(t, "past_key", None))
             .transpose()?;
         let past_v = past_v_in
-            .map(|t| to_heads(&t, "past_value", None))
+            .map(|t| to_heads(t, "past_value", None))
             .transpose()?;
         if let Some(p) = &past_k {
             if past_k_in.map(|t| t.rank()) != Some(4) || past_v_in.map(|t| t.rank()) != Some(4) {
@@ -430,7 +408,7 @@ impl Kernel for Attention {
                         .map(|&x| if x != 0 { 0.0 } else { f32::NEG_INFINITY })
                         .collect()
                 } else {
-                    read_f32(&m, "attn_mask")?
+                    read_f32(m, "attn_mask")?
                 };
                 let st = broadcast_strides(ms, &target);
                 Some((values, len, [st[0], st[1], st[2], st[3]]))
@@ -697,7 +675,7 @@ impl Kernel for Rotary {
             )));
         }
         // Row of the caches for (b, s).
-        let rows: Vec<usize> = match present(inputs, 3) {
+        let rows: Vec<usize> = match optional(inputs, 3) {
             Some(p) => {
                 if p.shape() != [b, s] || cs.len() != 2 {
                     return Err(PluginError::invalid(format!(
@@ -950,9 +928,6 @@ pub fn register(r: &mut Registrar) {
         mvn_factory,
     );
 }
-
-#[cfg(test)]
-pub(crate) mod testdata;
 
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,92 @@
-//! Helpers shared by the operator families: broadcasting, axes, strided walks.
+//! Helpers shared by the operator families: broadcasting, axes, strided walks, optional
+//! inputs, the plain-function kernel factory.
 
-use opreg_sdk::PluginError;
+use opreg_sdk::{
+    half::{bf16, f16},
+    prelude::*,
+};
+use std::borrow::Cow;
+
+/// Runs `$body` with the type alias `$t` bound to the Rust type of a float `$dtype` (f32, f64,
+/// f16, bf16). Any other dtype is bound to `$other` and gives `$fallback`, so each family keeps
+/// its own error (or extends the match with more types).
+macro_rules! match_float {
+    ($dtype:expr, |$t:ident| $body:expr, $other:ident => $fallback:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::F64 => {
+                type $t = f64;
+                $body
+            }
+            DType::F16 => {
+                type $t = opreg_sdk::half::f16;
+                $body
+            }
+            DType::BF16 => {
+                type $t = opreg_sdk::half::bf16;
+                $body
+            }
+            $other => $fallback,
+        }
+    };
+}
+pub(crate) use match_float;
+
+/// The elements of a float tensor (f32, f64, f16, bf16) as `f32`, borrowed when already f32.
+/// `None` for other element types: callers word and classify that error themselves.
+pub fn floats_as_f32<'a>(t: &TensorView<'a>) -> Option<Result<Cow<'a, [f32]>, PluginError>> {
+    Some(match t.dtype {
+        DType::F32 => t.as_slice::<f32>().map(Cow::Borrowed),
+        DType::F64 => t
+            .as_slice::<f64>()
+            .map(|s| Cow::Owned(s.iter().map(|&v| v as f32).collect())),
+        DType::F16 => t
+            .as_slice::<f16>()
+            .map(|s| Cow::Owned(s.iter().map(|v| v.to_f32()).collect())),
+        DType::BF16 => t
+            .as_slice::<bf16>()
+            .map(|s| Cow::Owned(s.iter().map(|v| v.to_f32()).collect())),
+        _ => return None,
+    })
+}
+
+/// The elements of a float tensor (f32, f64, f16, bf16) widened to `f64`; `None` for other
+/// element types, as in [`floats_as_f32`].
+pub fn floats_as_f64(t: &TensorView<'_>) -> Option<Result<Vec<f64>, PluginError>> {
+    Some(match t.dtype {
+        DType::F32 => t
+            .as_slice::<f32>()
+            .map(|s| s.iter().map(|&v| v as f64).collect()),
+        DType::F64 => t.as_slice::<f64>().map(|s| s.to_vec()),
+        DType::F16 => t
+            .as_slice::<f16>()
+            .map(|s| s.iter().map(|v| v.to_f64()).collect()),
+        DType::BF16 => t
+            .as_slice::<bf16>()
+            .map(|s| s.iter().map(|v| v.to_f64()).collect()),
+        _ => return None,
+    })
+}
+
+/// A kernel factory as a plain function, registrable once per schema version.
+pub(crate) type Factory = fn(&NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError>;
+
+/// Input `i`, or `None` when the node leaves it out (absent, or past the end of the list).
+pub fn optional<'a, 'b>(inputs: &'b [TensorView<'a>], i: usize) -> Option<&'b TensorView<'a>> {
+    inputs.get(i).filter(|t| !t.is_absent())
+}
+
+/// Element strides of a contiguous row-major tensor of `shape`.
+pub fn row_major_strides(shape: &[usize]) -> Vec<usize> {
+    let mut st = vec![1usize; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        st[d] = st[d + 1] * shape[d + 1];
+    }
+    st
+}
 
 /// The numpy-style broadcast of `shapes` (ONNX multidirectional broadcasting).
 pub fn broadcast_shapes(shapes: &[&[usize]]) -> Result<Vec<usize>, PluginError> {
@@ -130,5 +216,62 @@ mod tests {
         let mut part = Vec::new();
         walk_offsets(&shape, &strides, 5, 11, |o| part.push(o));
         assert_eq!(part, naive[5..16].to_vec());
+    }
+}
+
+/// Shorthands shared by the families' unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::Factory;
+    use opreg_sdk::{
+        host::HostTensor,
+        kernel::{FfiKernelBox, FfiKernelFactoryBox},
+        prelude::*,
+        testkit::{run_kernel_opt, NodeSpec},
+        Element, KernelFactory,
+    };
+
+    /// Asserts `got` matches `want` elementwise within `tol * (1 + |want|)`.
+    pub(crate) fn assert_close(got: &[f32], want: &[f32], tol: f32) {
+        assert_eq!(got.len(), want.len());
+        for (i, (x, y)) in got.iter().zip(want).enumerate() {
+            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "at {i}: {x} vs {y}");
+        }
+    }
+
+    pub(crate) fn t<T: Element>(shape: &[usize], v: &[T]) -> HostTensor {
+        HostTensor::from_vec(shape, v).expect("tensor")
+    }
+
+    /// Runs `f` on `inputs` (`None` for a left-out input) without a BLAS backend.
+    pub(crate) fn run(
+        f: Factory,
+        node: NodeSpec,
+        inputs: &[Option<&HostTensor>],
+    ) -> Result<Vec<HostTensor>, PluginError> {
+        run_kernel_opt(f, &node, inputs, None)
+    }
+
+    /// A factory taken back out of the registration table, so a test runs exactly what the
+    /// host would resolve (opset ranges and type constraints included).
+    pub(crate) struct Registered(pub FfiKernelFactoryBox);
+    struct RegisteredKernel(FfiKernelBox);
+
+    impl KernelFactory for Registered {
+        fn instantiate(&self, node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+            Ok(Box::new(RegisteredKernel(
+                self.0.instantiate(node).into_result()?,
+            )))
+        }
+    }
+
+    impl Kernel for RegisteredKernel {
+        fn compute(
+            &self,
+            ctx: &KernelContext<'_>,
+            inputs: &[TensorView<'_>],
+        ) -> Result<(), PluginError> {
+            self.0.compute(ctx, inputs.into()).into_result()
+        }
     }
 }

@@ -2,10 +2,7 @@
 //! the reference's numpy arithmetic in that type does (exact for f32 and f64).
 
 use crate::nn::Float;
-use opreg_sdk::{
-    half::{bf16, f16},
-    prelude::*,
-};
+use opreg_sdk::prelude::*;
 
 /// Elements per parallel task.
 const GRAIN: usize = 1 << 14;
@@ -29,28 +26,9 @@ fn swish<T: Float>(x: T, alpha: T::C) -> T::C {
 /// Runs `f(i)` for every output element `i` of a float kernel in `dtype`.
 macro_rules! float_kernel {
     ($dtype:expr, $op:expr, |$t:ident| $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::F64 => {
-                type $t = f64;
-                $body
-            }
-            DType::F16 => {
-                type $t = f16;
-                $body
-            }
-            DType::BF16 => {
-                type $t = bf16;
-                $body
-            }
-            other => Err(PluginError::unimplemented(format!(
-                "{} is not implemented for {other}",
-                $op
-            ))),
-        }
+        crate::util::match_float!($dtype, |$t| $body, other => Err(
+            PluginError::unimplemented(format!("{} is not implemented for {other}", $op))
+        ))
     };
 }
 
@@ -246,7 +224,7 @@ pub fn register(r: &mut Registrar) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spatial::onnx_cases::run_cases;
+    use crate::testcases::run_cases;
     use opreg_sdk::{
         host::HostTensor,
         testkit::{run_kernel, NodeSpec},

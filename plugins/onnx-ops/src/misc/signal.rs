@@ -1,76 +1,10 @@
 //! STFT and MelWeightMatrix (opset 17), computed in f64.
 
-use opreg_sdk::{
-    half::{bf16, f16},
-    prelude::*,
-};
+use super::{fill_from_f64, read_f64, scalar_i64 as scalar};
+use crate::util::optional;
+use opreg_sdk::prelude::*;
 
 const FLOATS: &[DType] = &[DType::F32, DType::F64, DType::F16, DType::BF16];
-
-/// A float tensor's values as f64.
-fn read_f64(t: &TensorView<'_>, what: &str) -> Result<Vec<f64>, PluginError> {
-    Ok(match t.dtype {
-        DType::F32 => t.as_slice::<f32>()?.iter().map(|&v| v as f64).collect(),
-        DType::F64 => t.as_slice::<f64>()?.to_vec(),
-        DType::F16 => t.as_slice::<f16>()?.iter().map(|v| v.to_f64()).collect(),
-        DType::BF16 => t.as_slice::<bf16>()?.iter().map(|v| v.to_f64()).collect(),
-        other => {
-            return Err(PluginError::invalid(format!(
-                "{what}: type {other} is not a float type"
-            )))
-        }
-    })
-}
-
-/// Writes `v` as output 0 of type `dtype`.
-fn write_f64(
-    ctx: &KernelContext<'_>,
-    dtype: DType,
-    shape: &[usize],
-    v: &[f64],
-) -> Result<(), PluginError> {
-    macro_rules! put {
-        ($t:ty, |$x:ident| $conv:expr) => {{
-            let y = ctx.output_slice::<$t>(0, shape)?;
-            y.iter_mut().zip(v).for_each(|(o, &$x)| *o = $conv);
-        }};
-    }
-    match dtype {
-        DType::F32 => put!(f32, |x| x as f32),
-        DType::F64 => put!(f64, |x| x),
-        DType::F16 => put!(f16, |x| f16::from_f64(x)),
-        DType::BF16 => put!(bf16, |x| bf16::from_f64(x)),
-        DType::I8 => put!(i8, |x| x as i8),
-        DType::U8 => put!(u8, |x| x as u8),
-        DType::I16 => put!(i16, |x| x as i16),
-        DType::U16 => put!(u16, |x| x as u16),
-        DType::I32 => put!(i32, |x| x as i32),
-        DType::U32 => put!(u32, |x| x as u32),
-        DType::I64 => put!(i64, |x| x as i64),
-        DType::U64 => put!(u64, |x| x as u64),
-        other => {
-            return Err(PluginError::unimplemented(format!(
-                "output type {other} is not supported"
-            )))
-        }
-    }
-    Ok(())
-}
-
-/// A scalar (or one-element) integer input.
-fn scalar(t: &TensorView<'_>, op: &str, what: &str) -> Result<i64, PluginError> {
-    match t.to_i64s()?.as_slice() {
-        [v] => Ok(*v),
-        _ => Err(PluginError::invalid(format!(
-            "{op}: input '{what}' must be a scalar, has shape {:?}",
-            t.shape()
-        ))),
-    }
-}
-
-fn present<'a>(inputs: &[TensorView<'a>], i: usize) -> Option<TensorView<'a>> {
-    inputs.get(i).copied().filter(|t| !t.is_absent())
-}
 
 #[derive(Clone)]
 struct Stft {
@@ -93,9 +27,9 @@ impl Kernel for Stft {
         }
         let (batch, len, parts) = (s[0], s[1], s[2]);
         let step = scalar(&inputs[1], OP, "frame_step")?;
-        let window = present(inputs, 2).map(|w| read_f64(&w, OP)).transpose()?;
-        let frame_len = match (present(inputs, 3), &window) {
-            (Some(f), _) => scalar(&f, OP, "frame_length")?,
+        let window = optional(inputs, 2).map(|w| read_f64(w, OP)).transpose()?;
+        let frame_len = match (optional(inputs, 3), &window) {
+            (Some(f), _) => scalar(f, OP, "frame_length")?,
             (None, Some(w)) => w.len() as i64,
             (None, None) => len as i64,
         };
@@ -148,7 +82,7 @@ impl Kernel for Stft {
                 }
             }
         }
-        write_f64(ctx, x.dtype, &[batch, frames, bins, 2], &out)
+        fill_from_f64(ctx, 0, x.dtype, &[batch, frames, bins, 2], |i| out[i])
     }
 }
 
@@ -228,7 +162,7 @@ impl Kernel for MelWeightMatrix {
                 }
             }
         }
-        write_f64(ctx, self.output, &[spec, bins], &out)
+        fill_from_f64(ctx, 0, self.output, &[spec, bins], |i| out[i])
     }
 }
 
@@ -270,7 +204,7 @@ pub fn register(r: &mut Registrar) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spatial::onnx_cases::run_cases;
+    use crate::testcases::run_cases;
     use opreg_sdk::{
         host::HostTensor,
         testkit::{run_kernel_opt, NodeSpec},

@@ -1,20 +1,9 @@
 use super::*;
+use crate::util::testing::{run, t};
 use opreg_sdk::{
     host::HostTensor,
     testkit::{run_kernel_opt, NodeSpec},
 };
-
-fn t<T: Element>(shape: &[usize], v: &[T]) -> HostTensor {
-    HostTensor::from_vec(shape, v).expect("tensor")
-}
-
-fn run(
-    f: Factory,
-    node: NodeSpec,
-    inputs: &[Option<&HostTensor>],
-) -> Result<Vec<HostTensor>, PluginError> {
-    run_kernel_opt(f, &node, inputs, None)
-}
 
 fn close(got: &[f32], want: &[f32], tol: f32) {
     assert_eq!(got.len(), want.len(), "{got:?} vs {want:?}");

@@ -1,6 +1,7 @@
 //! Conv: im2col per group, then one gemm per batch and group through the BLAS backend.
 
-use super::{matmul::gemm_f32, optional, Geometry, WindowAttrs};
+use super::{at_least_one, conv_bias, matmul::gemm_f32, optional, Geometry, WindowAttrs};
+use crate::util::row_major_strides;
 use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
 
@@ -11,24 +12,11 @@ struct Conv {
 }
 
 fn conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
-    let group = node.int_or("group", 1)?;
-    if group < 1 {
-        return Err(PluginError::invalid(format!(
-            "Conv: attribute 'group' must be >= 1, got {group}"
-        )));
-    }
+    let group = at_least_one(node, "Conv", "group", 1)?;
     Ok(Box::new(Conv {
         window: WindowAttrs::from_node(node)?,
-        group: group as usize,
+        group,
     }))
-}
-
-fn row_major_strides(shape: &[usize]) -> Vec<usize> {
-    let mut st = vec![1usize; shape.len()];
-    for d in (0..shape.len().saturating_sub(1)).rev() {
-        st[d] = st[d + 1] * shape[d + 1];
-    }
-    st
 }
 
 /// Unrolls the `channels` planes of `x` (spatial extents `input`) into `col`, a
@@ -131,16 +119,7 @@ impl Kernel for Conv {
         let g = self.window.resolve("Conv", &xs[2..], Some(&ws[2..]))?;
         let mut out_shape = vec![n, m];
         out_shape.extend_from_slice(&g.out);
-        let bias = match optional(inputs, 2) {
-            Some(b) if b.shape() != [m] => {
-                return Err(PluginError::invalid(format!(
-                    "Conv: bias B has shape {:?}, expected [{m}]",
-                    b.shape()
-                )))
-            }
-            b => b,
-        };
-        if let Some(v) = [Some(wv), optional(inputs, 2)]
+        if let Some(v) = [Some(wv), optional(inputs, 2).copied()]
             .into_iter()
             .flatten()
             .find(|v| v.dtype != xv.dtype)
@@ -158,7 +137,7 @@ impl Kernel for Conv {
                 m,
                 xv.as_slice()?,
                 wv.as_slice()?,
-                bias.map(|b| b.as_slice()).transpose()?,
+                conv_bias("Conv", inputs, m)?,
                 ctx.output_slice::<f32>(0, &out_shape)?,
             ),
             // Half types: widened to f32 for the BLAS gemm, the result rounded back.
@@ -207,7 +186,8 @@ impl Conv {
         };
         let x = wide(inputs[0])?;
         let w = wide(inputs[1])?;
-        let bias = optional(inputs, 2).map(wide).transpose()?;
+        let bias: Option<Vec<f32>> =
+            conv_bias::<T>("Conv", inputs, m)?.map(|b| b.iter().map(|&v| load(v)).collect());
         let mut y = vec![0.0f32; out_shape.iter().product()];
         self.run(ctx, xs, g, m, &x, &w, bias.as_deref(), &mut y)?;
         let out = ctx.output_slice::<T>(0, out_shape)?;
@@ -389,13 +369,7 @@ mod tests {
     }
 
     fn close(a: &[f32], b: &[f32]) {
-        assert_eq!(a.len(), b.len());
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!(
-                (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
-                "at {i}: {x} vs {y}"
-            );
-        }
+        crate::util::testing::assert_close(a, b, 1e-4);
     }
 
     /// Runs Conv on a rank-(2+s) problem given as its 3-D embedding (leading unit dims).
@@ -598,6 +572,15 @@ mod tests {
             err.message.contains("needs a BLAS backend"),
             "{}",
             err.message
+        );
+    }
+
+    #[test]
+    fn conv_official_cases() {
+        crate::testcases::run_cases_with(
+            &["test_basic_conv_", "test_conv_with_"],
+            conv_factory,
+            || Some(Box::new(NaiveBlas)),
         );
     }
 }

@@ -1,6 +1,7 @@
 //! ConvTranspose: one gemm per batch and group (Wᵀ·X into columns), then col2im.
 
-use super::{matmul::gemm_f32, optional, register_versions, AutoPad, WindowAttrs};
+use super::{at_least_one, conv_bias, matmul::gemm_f32, register_versions, AutoPad, WindowAttrs};
+use crate::util::row_major_strides;
 use opreg_sdk::prelude::*;
 
 #[derive(Clone)]
@@ -12,15 +13,10 @@ struct ConvTranspose {
 }
 
 fn conv_transpose_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
-    let group = node.int_or("group", 1)?;
-    if group < 1 {
-        return Err(PluginError::invalid(format!(
-            "ConvTranspose: attribute 'group' must be >= 1, got {group}"
-        )));
-    }
+    let group = at_least_one(node, "ConvTranspose", "group", 1)?;
     Ok(Box::new(ConvTranspose {
         window: WindowAttrs::from_node(node)?,
-        group: group as usize,
+        group,
         output_padding: node.ints("output_padding")?,
         output_shape: node.ints("output_shape")?,
     }))
@@ -148,16 +144,7 @@ impl Kernel for ConvTranspose {
         let g = self.geometry(&xs[2..], &ws[2..])?;
         let mut out_shape = vec![n, m];
         out_shape.extend_from_slice(&g.out);
-        let bias = match optional(inputs, 2) {
-            Some(b) if b.shape() != [m] => {
-                return Err(PluginError::invalid(format!(
-                    "ConvTranspose: bias B has shape {:?}, expected [{m}]",
-                    b.shape()
-                )))
-            }
-            Some(b) => Some(b.as_slice::<f32>()?),
-            None => None,
-        };
+        let bias = conv_bias::<f32>("ConvTranspose", inputs, m)?;
         let x = xv.as_slice::<f32>()?;
         let w = wv.as_slice::<f32>()?;
         let y = ctx.output_slice::<f32>(0, &out_shape)?;
@@ -170,10 +157,7 @@ impl Kernel for ConvTranspose {
         let p_in: usize = spatial.iter().product();
         let kk: usize = g.kernel.iter().product();
         let col = ctx.scratch::<f32>(mg * kk * p_in)?;
-        let mut out_strides = vec![1usize; s];
-        for d in (0..s - 1).rev() {
-            out_strides[d] = out_strides[d + 1] * g.out[d + 1];
-        }
+        let out_strides = row_major_strides(&g.out);
         for b in 0..n {
             for gi in 0..group {
                 let xg = &x[(b * c + gi * cg) * p_in..(b * c + (gi + 1) * cg) * p_in];
@@ -332,13 +316,7 @@ mod tests {
     }
 
     fn close(a: &[f32], b: &[f32]) {
-        assert_eq!(a.len(), b.len());
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!(
-                (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
-                "at {i}: {x} vs {y}"
-            );
-        }
+        crate::util::testing::assert_close(a, b, 1e-4);
     }
 
     #[test]

@@ -119,8 +119,8 @@ impl DeformConv {
         let x = load(xv)?;
         let w = load(wv)?;
         let off = load(ov)?;
-        let mask = mask.map(load).transpose()?;
-        let bias = bias.map(load).transpose()?;
+        let mask = mask.copied().map(load).transpose()?;
+        let bias = bias.copied().map(load).transpose()?;
         let (ocg, icog) = (oc / group, ic / og);
         let plane = oh * ow;
         let y = ctx.output_slice::<T>(0, &[n, oc, oh, ow])?;
@@ -220,7 +220,7 @@ mod tests {
 
     #[test]
     fn deform_conv_official_cases() {
-        crate::spatial::onnx_cases::run_cases(
+        crate::testcases::run_cases(
             &["test_basic_deform_conv", "test_deform_conv"],
             deform_conv_factory,
         );

@@ -4,7 +4,7 @@
 //! integer types (wrapping, as numpy's) through plain loops.
 
 use super::matmul::gemm_f32;
-use crate::util::walk_offsets;
+use crate::util::{row_major_strides, walk_offsets};
 use opreg_sdk::prelude::*;
 use std::collections::BTreeMap;
 
@@ -163,11 +163,7 @@ struct Operand<T> {
 
 impl<T: EinElem> Operand<T> {
     fn strides(&self) -> Vec<usize> {
-        let mut st = vec![1usize; self.shape.len()];
-        for d in (0..self.shape.len().saturating_sub(1)).rev() {
-            st[d] = st[d + 1] * self.shape[d + 1];
-        }
-        st
+        row_major_strides(&self.shape)
     }
 
     /// The data laid out with dimensions `order` (each a label of `self`, or a label it
@@ -340,10 +336,7 @@ impl Einsum {
         let mut operands = Vec::with_capacity(ops.len());
         for ((labels, v), &x) in ops.iter().zip(data) {
             let shape = v.shape();
-            let mut st = vec![1usize; shape.len()];
-            for d in (0..shape.len().saturating_sub(1)).rev() {
-                st[d] = st[d + 1] * shape[d + 1];
-            }
+            let st = row_major_strides(shape);
             let mut uniq: Vec<Label> = Vec::new();
             let mut ushape = Vec::new();
             let mut ustrides: Vec<usize> = Vec::new();
@@ -618,13 +611,7 @@ mod tests {
     }
 
     fn close(a: &[f32], b: &[f32]) {
-        assert_eq!(a.len(), b.len());
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!(
-                (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
-                "at {i}: {x} vs {y}"
-            );
-        }
+        crate::util::testing::assert_close(a, b, 1e-4);
     }
 
     fn run(eq: &str, inputs: &[(&[usize], &[f32])]) -> (Vec<usize>, Vec<f32>) {
@@ -753,7 +740,7 @@ mod tests {
 
     #[test]
     fn einsum_official_cases() {
-        crate::spatial::onnx_cases::run_cases_with(&["test_einsum_"], einsum_factory, || {
+        crate::testcases::run_cases_with(&["test_einsum_"], einsum_factory, || {
             Some(Box::new(NaiveBlas))
         });
     }

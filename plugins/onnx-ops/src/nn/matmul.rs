@@ -472,13 +472,7 @@ mod tests {
     }
 
     fn close(a: &[f32], b: &[f32]) {
-        assert_eq!(a.len(), b.len());
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!(
-                (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
-                "at {i}: {x} vs {y}"
-            );
-        }
+        crate::util::testing::assert_close(a, b, 1e-4);
     }
 
     fn matmul(sa: &[usize], sb: &[usize]) -> (Vec<usize>, Vec<f32>, Vec<f32>, Vec<f32>) {
@@ -712,5 +706,15 @@ mod tests {
         )
         .expect("run");
         close(&out[0].to_vec::<f32>().expect("f32"), &base);
+    }
+
+    #[test]
+    fn matmul_and_gemm_official_cases() {
+        crate::testcases::run_cases_with(&["test_matmul_"], matmul_factory, || {
+            Some(Box::new(NaiveBlas))
+        });
+        crate::testcases::run_cases_with(&["test_gemm_"], gemm_factory, || {
+            Some(Box::new(NaiveBlas))
+        });
     }
 }

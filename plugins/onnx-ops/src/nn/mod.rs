@@ -11,28 +11,9 @@ use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
 /// (f32, f64, f16, bf16); other dtypes are an `unimplemented` error naming `$op`.
 macro_rules! dispatch_float {
     ($dtype:expr, $op:expr, |$t:ident| $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::F64 => {
-                type $t = f64;
-                $body
-            }
-            DType::F16 => {
-                type $t = opreg_sdk::half::f16;
-                $body
-            }
-            DType::BF16 => {
-                type $t = opreg_sdk::half::bf16;
-                $body
-            }
-            other => Err(PluginError::unimplemented(format!(
-                "{} is not implemented for {other}",
-                $op
-            ))),
-        }
+        crate::util::match_float!($dtype, |$t| $body, other => Err(PluginError::unimplemented(
+            format!("{} is not implemented for {other}", $op)
+        )))
     };
 }
 
@@ -152,8 +133,7 @@ impl Float for bf16 {
     }
 }
 
-/// A kernel factory as a plain function, registrable once per schema version.
-pub(crate) type Factory = fn(&NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError>;
+pub(crate) use crate::util::{optional, Factory};
 
 /// Registers `factory` for `op` once per schema version range: `versions` are the schema
 /// versions in increasing order; the last range is open-ended.
@@ -178,9 +158,37 @@ pub(crate) fn register_versions(
     }
 }
 
-/// The optional input `i`: `None` when absent or left out.
-pub(crate) fn optional<'a>(inputs: &[TensorView<'a>], i: usize) -> Option<TensorView<'a>> {
-    inputs.get(i).copied().filter(|t| !t.is_absent())
+/// Integer attribute `name` (`default` when missing), which must be at least 1.
+pub(crate) fn at_least_one(
+    node: &NodeInfo<'_>,
+    op: &str,
+    name: &str,
+    default: i64,
+) -> Result<usize, PluginError> {
+    let v = node.int_or(name, default)?;
+    if v < 1 {
+        return Err(PluginError::invalid(format!(
+            "{op}: attribute '{name}' must be >= 1, got {v}"
+        )));
+    }
+    Ok(v as usize)
+}
+
+/// The optional per-output-channel bias `B` (input 2) of a convolution with `m` outputs, as
+/// elements of `T` (the convolution's element type).
+pub(crate) fn conv_bias<'a, T: Element>(
+    op: &str,
+    inputs: &[TensorView<'a>],
+    m: usize,
+) -> Result<Option<&'a [T]>, PluginError> {
+    match optional(inputs, 2) {
+        Some(b) if b.shape() != [m] => Err(PluginError::invalid(format!(
+            "{op}: bias B has shape {:?}, expected [{m}]",
+            b.shape()
+        ))),
+        Some(b) => Ok(Some(b.as_slice::<T>()?)),
+        None => Ok(None),
+    }
 }
 
 /// How padding is chosen for a convolution or pooling window.

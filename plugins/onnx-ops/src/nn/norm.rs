@@ -1,7 +1,7 @@
 //! Normalisation: BatchNormalization (inference), InstanceNormalization, LayerNormalization,
 //! GroupNormalization, LRN.
 
-use super::{optional, register_versions, Disjoint, Float, Real, FLOATS};
+use super::{at_least_one, optional, register_versions, Disjoint, Float, Real, FLOATS};
 use crate::util::{broadcast_strides, normalize_axis, walk_offsets};
 use opreg_sdk::prelude::*;
 
@@ -159,16 +159,11 @@ fn instance_norm_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginE
 }
 
 fn group_norm_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
-    let g = node.int_or("num_groups", 0)?;
-    if g < 1 {
-        return Err(PluginError::invalid(format!(
-            "GroupNormalization: attribute 'num_groups' must be >= 1, got {g}"
-        )));
-    }
+    let g = at_least_one(node, "GroupNormalization", "num_groups", 0)?;
     Ok(Box::new(GroupStats {
         op: "GroupNormalization",
         epsilon: node.float_or("epsilon", 1e-5)?,
-        num_groups: Some(g as usize),
+        num_groups: Some(g),
         per_group_params: node.opset < 21,
     }))
 }
@@ -339,7 +334,7 @@ impl LayerNorm {
         let cols: usize = xs[axis..].iter().product();
         let scale = RowParam::<T::C>::new(OP, "Scale", &inputs[1], xs, axis)?;
         let bias = optional(inputs, 2)
-            .map(|b| RowParam::<T::C>::new(OP, "B", &b, xs, axis))
+            .map(|b| RowParam::<T::C>::new(OP, "B", b, xs, axis))
             .transpose()?;
         let x = inputs[0].as_slice::<T>()?;
         let y = ctx.output_slice::<T>(0, xs)?;
@@ -528,13 +523,7 @@ mod tests {
     };
 
     fn close(a: &[f32], b: &[f32]) {
-        assert_eq!(a.len(), b.len());
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!(
-                (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
-                "at {i}: {x} vs {y}"
-            );
-        }
+        crate::util::testing::assert_close(a, b, 1e-4);
     }
 
     fn t(shape: &[usize], v: &[f32]) -> HostTensor {

@@ -1,6 +1,7 @@
 //! Pooling: MaxPool (with Indices), AveragePool, LpPool, GlobalAveragePool, GlobalMaxPool.
 
 use super::{register_versions, Disjoint, Float, Real, WindowAttrs, FLOATS};
+use crate::util::row_major_strides;
 use opreg_sdk::prelude::*;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -138,10 +139,7 @@ impl Pool {
         let x = xv.as_slice::<T>()?;
         let in_plane: usize = spatial.iter().product();
         let out_plane: usize = g.out.iter().product();
-        let mut in_strides = vec![1usize; s];
-        for d in (0..s.saturating_sub(1)).rev() {
-            in_strides[d] = in_strides[d + 1] * spatial[d + 1];
-        }
+        let in_strides = row_major_strides(spatial);
         // Per dimension and output position: the in-range taps (as offsets) and the number
         // of taps inside the padded extent.
         let mut taps: Vec<Vec<Vec<usize>>> = Vec::with_capacity(s);
@@ -509,13 +507,7 @@ mod tests {
     }
 
     fn close(a: &[f32], b: &[f32]) {
-        assert_eq!(a.len(), b.len());
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!(
-                (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
-                "at {i}: {x} vs {y}"
-            );
-        }
+        crate::util::testing::assert_close(a, b, 1e-5);
     }
 
     #[test]
@@ -687,6 +679,6 @@ mod int8_tests {
 
     #[test]
     fn max_pool_official_cases() {
-        crate::spatial::onnx_cases::run_cases(&["test_maxpool_"], max_pool_factory);
+        crate::testcases::run_cases(&["test_maxpool_"], max_pool_factory);
     }
 }

@@ -183,6 +183,6 @@ mod tests {
 
     #[test]
     fn max_unpool_official_cases() {
-        crate::spatial::onnx_cases::run_cases(&["test_maxunpool"], max_unpool_factory);
+        crate::testcases::run_cases(&["test_maxunpool"], max_unpool_factory);
     }
 }

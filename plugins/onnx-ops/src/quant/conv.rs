@@ -3,6 +3,7 @@
 
 use super::matmul::requant_multiplier;
 use super::{fill_saturated, read_f32, read_i32, Factory, Q8};
+use crate::util::{optional, row_major_strides};
 use opreg_sdk::prelude::*;
 
 /// Convolution attributes, as read from the node.
@@ -163,10 +164,7 @@ impl Geometry {
             );
             increment(&mut kpos, &self.k_sp);
         }
-        let mut in_strides = vec![1usize; sp];
-        for d in (0..sp.saturating_sub(1)).rev() {
-            in_strides[d] = in_strides[d + 1] * self.in_sp[d + 1];
-        }
+        let in_strides = row_major_strides(&self.in_sp);
         if plane == 0 {
             return Ok(());
         }
@@ -288,7 +286,7 @@ impl Kernel for ConvInteger {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         const OP: &str = "ConvInteger";
-        let present = |i: usize| inputs.get(i).filter(|t| !t.is_absent());
+        let present = |i: usize| optional(inputs, i);
         let (x, w) = (&inputs[0], &inputs[1]);
         let geo = Geometry::new(OP, x.shape(), w.shape(), &self.0)?;
         let xs = shift_x(OP, x, present(2))?;
@@ -314,7 +312,7 @@ impl Kernel for QLinearConv {
                 inputs.len()
             )));
         }
-        let present = |i: usize| inputs.get(i).filter(|t| !t.is_absent());
+        let present = |i: usize| optional(inputs, i);
         let (x, w) = (&inputs[0], &inputs[3]);
         let geo = Geometry::new(OP, x.shape(), w.shape(), &self.0)?;
         let xs = shift_x(OP, x, present(2))?;

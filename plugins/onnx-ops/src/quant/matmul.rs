@@ -2,7 +2,7 @@
 //! broadcasting, accumulated in `i32`.
 
 use super::{fill_saturated, read_f32, read_i32, FLOATS, Q8};
-use crate::util::{broadcast_shapes, broadcast_strides, walk_offsets};
+use crate::util::{broadcast_shapes, broadcast_strides, optional, walk_offsets};
 use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
 
@@ -167,8 +167,8 @@ impl Kernel for MatMulInteger {
     ) -> Result<(), PluginError> {
         const OP: &str = "MatMulInteger";
         let (a, b) = (&inputs[0], &inputs[1]);
-        let azp = inputs.get(2).filter(|t| !t.is_absent());
-        let bzp = inputs.get(3).filter(|t| !t.is_absent());
+        let azp = optional(inputs, 2);
+        let bzp = optional(inputs, 3);
         let dims = MatDims::new(OP, a.shape(), b.shape())?;
         let a32 = shifted(OP, "a_zero_point", a, azp, true)?;
         let b32 = shifted(OP, "b_zero_point", b, bzp, false)?;

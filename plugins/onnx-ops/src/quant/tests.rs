@@ -1,20 +1,9 @@
 use super::*;
+use crate::util::testing::{run, t};
 use opreg_sdk::{
     host::HostTensor,
     testkit::{run_kernel_opt, NodeSpec},
 };
-
-fn t<T: Element>(shape: &[usize], v: &[T]) -> HostTensor {
-    HostTensor::from_vec(shape, v).expect("tensor")
-}
-
-fn run(
-    f: Factory,
-    node: NodeSpec,
-    inputs: &[Option<&HostTensor>],
-) -> Result<Vec<HostTensor>, PluginError> {
-    run_kernel_opt(f, &node, inputs, None)
-}
 
 fn quantize(node: NodeSpec, inputs: &[Option<&HostTensor>]) -> Vec<HostTensor> {
     run(quantize_factory, node, inputs).expect("QuantizeLinear")
@@ -616,4 +605,81 @@ fn qlinear_conv_conformance_and_bias() {
     .unwrap();
     // oc 0: (8+1, -4+1) * 2 - 1 = [17, -7]; oc 1: (-12+100, 6+100) * 4 - 1 = [351 -> 127, 423 -> 127].
     assert_eq!(out[0].to_vec::<i8>().unwrap(), vec![17, -7, 127, 127]);
+}
+
+/// Low-bit codes (one byte per element) as a host tensor.
+fn codes(dtype: DType, shape: &[usize], v: &[u8]) -> HostTensor {
+    HostTensor::from_bytes(dtype, shape, v).expect("codes")
+}
+
+fn bytes(t: &HostTensor) -> Vec<u8> {
+    t.view().as_bytes().expect("bytes").to_vec()
+}
+
+#[test]
+fn quantize_int4_uint2_saturate_and_round() {
+    let x = t(&[6], &[0.0f32, 2.5, 3.5, 100.0, -100.0, -2.5]);
+    let s = t::<f32>(&[], &[1.0]);
+    let z = codes(DType::I4, &[], &[1]);
+    let out = quantize(
+        NodeSpec::onnx("QuantizeLinear", 21),
+        &[Some(&x), Some(&s), Some(&z)],
+    );
+    assert_eq!(out[0].dtype(), DType::I4);
+    // rint(x) + 1, clamped to [-8, 7]; stored as sign-extended bytes.
+    let want: Vec<u8> = [1i8, 3, 5, 7, -8, -1].iter().map(|&v| v as u8).collect();
+    assert_eq!(bytes(&out[0]), want);
+    let out = quantize(
+        NodeSpec::onnx("QuantizeLinear", 25).attr("output_dtype", AttrValue::Int(25)),
+        &[Some(&x), Some(&s)],
+    );
+    assert_eq!(out[0].dtype(), DType::U2);
+    assert_eq!(bytes(&out[0]), vec![0, 2, 3, 3, 0, 0]);
+}
+
+#[test]
+fn quantize_float8_saturate_attribute() {
+    let x = t(&[3], &[1000.0f32, -0.0, 3.0]);
+    let s = t::<f32>(&[], &[1.0]);
+    let z = codes(DType::F8E4M3FN, &[], &[0]);
+    let sat = quantize(
+        NodeSpec::onnx("QuantizeLinear", 21),
+        &[Some(&x), Some(&s), Some(&z)],
+    );
+    // 448 (saturated), -0, 3.
+    assert_eq!(bytes(&sat[0]), vec![0x7E, 0x80, 0x44]);
+    let nosat = quantize(
+        NodeSpec::onnx("QuantizeLinear", 21).attr("saturate", AttrValue::Int(0)),
+        &[Some(&x), Some(&s), Some(&z)],
+    );
+    assert_eq!(bytes(&nosat[0]), vec![0x7F, 0x80, 0x44]);
+}
+
+#[test]
+fn dequantize_float8_and_int2() {
+    let x = codes(DType::F8E5M2, &[3], &[0x3C, 0xC0, 0x7C]);
+    let s = t::<f32>(&[], &[2.0]);
+    let out = dequantize(
+        NodeSpec::onnx("DequantizeLinear", 21),
+        &[Some(&x), Some(&s)],
+    );
+    assert_eq!(
+        out[0].to_vec::<f32>().unwrap(),
+        vec![2.0, -4.0, f32::INFINITY]
+    );
+    let x = codes(DType::I2, &[4], &[0xFE, 0xFF, 0, 1]);
+    let z = codes(DType::I2, &[], &[0xFF]);
+    let out = dequantize(
+        NodeSpec::onnx("DequantizeLinear", 25),
+        &[Some(&x), Some(&s), Some(&z)],
+    );
+    assert_eq!(out[0].to_vec::<f32>().unwrap(), vec![-2.0, 0.0, 2.0, 4.0]);
+}
+
+/// The official QuantizeLinear / DequantizeLinear cases, the 4-/2-bit, float8 and float4
+/// ones included.
+#[test]
+fn onnx_quantize_dequantize_cases() {
+    crate::testcases::run_cases(&["test_quantizelinear"], quantize_factory as Factory);
+    crate::testcases::run_cases(&["test_dequantizelinear"], dequantize_factory as Factory);
 }

@@ -166,6 +166,11 @@ pub(crate) fn scalar_bytes(dtype: DType, v: f64) -> Result<Vec<u8>, PluginError>
                 "a numeric value converted to a string",
             ))
         }
+        other => {
+            return Err(PluginError::unimplemented(format!(
+                "a numeric value converted to {other}"
+            )))
+        }
     })
 }
 
@@ -227,13 +232,7 @@ pub(crate) fn scalar_int(v: &TensorView<'_>, what: &str) -> Result<i64, PluginEr
     }
 }
 
-/// Input `i`, or `None` when it is absent or left off the end.
-pub(crate) fn opt_input<'a, 'b>(
-    inputs: &'b [TensorView<'a>],
-    i: usize,
-) -> Option<&'b TensorView<'a>> {
-    inputs.get(i).filter(|v| !v.is_absent())
-}
+pub(crate) use crate::util::optional;
 
 /// Input `i`, which the operator requires.
 pub(crate) fn input<'a, 'b>(
@@ -241,7 +240,7 @@ pub(crate) fn input<'a, 'b>(
     i: usize,
     op: &str,
 ) -> Result<&'b TensorView<'a>, PluginError> {
-    opt_input(inputs, i).ok_or_else(|| PluginError::invalid(format!("{op}: input {i} is missing")))
+    optional(inputs, i).ok_or_else(|| PluginError::invalid(format!("{op}: input {i} is missing")))
 }
 
 /// Row-major strides, in elements.

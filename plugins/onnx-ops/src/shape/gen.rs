@@ -27,9 +27,9 @@ pub(crate) struct Dropout {
 impl Kernel for Dropout {
     fn compute(&self, ctx: &KernelContext<'_>, x: &[TensorView<'_>]) -> Result<(), PluginError> {
         let data = input(x, 0, "Dropout")?;
-        if let Some(t) = opt_input(x, 2) {
+        if let Some(t) = optional(x, 2) {
             let training = ints_of(t, "Dropout training_mode")?;
-            let ratio = match opt_input(x, 1) {
+            let ratio = match optional(x, 1) {
                 Some(r) if r.dtype == DType::F32 => r.as_slice::<f32>()?.first().copied(),
                 Some(r) if r.dtype == DType::F64 => r.as_slice::<f64>()?.first().map(|&v| v as f32),
                 Some(r) if r.dtype == DType::F16 => r
@@ -532,6 +532,6 @@ mod range_half_tests {
 
     #[test]
     fn range_official_cases() {
-        crate::spatial::onnx_cases::run_cases(&["test_range_"], factory);
+        crate::testcases::run_cases(&["test_range_"], factory);
     }
 }

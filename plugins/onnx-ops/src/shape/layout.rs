@@ -141,7 +141,7 @@ pub(crate) struct Squeeze {
 impl Kernel for Squeeze {
     fn compute(&self, ctx: &KernelContext<'_>, x: &[TensorView<'_>]) -> Result<(), PluginError> {
         let data = input(x, 0, "Squeeze")?;
-        let axes = match (&self.attr_axes, opt_input(x, 1)) {
+        let axes = match (&self.attr_axes, optional(x, 1)) {
             (Some(a), _) => Some(a.clone()),
             (None, Some(v)) => Some(v.to_i64s()?),
             (None, None) => None,
@@ -331,7 +331,7 @@ impl Kernel for Split {
             .map_err(|e| PluginError::invalid(format!("Split axis: {}", e.message)))?;
         let dim = data.shape()[axis];
         let n = ctx.num_outputs();
-        let given = match opt_input(x, 1) {
+        let given = match optional(x, 1) {
             Some(v) => Some(v.to_i64s()?),
             None => self.attr_split.clone(),
         };
@@ -472,8 +472,8 @@ impl Kernel for Slice {
             None => (
                 input(x, 1, "Slice")?.to_i64s()?,
                 input(x, 2, "Slice")?.to_i64s()?,
-                opt_input(x, 3).map(|v| v.to_i64s()).transpose()?,
-                opt_input(x, 4).map(|v| v.to_i64s()).transpose()?,
+                optional(x, 3).map(|v| v.to_i64s()).transpose()?,
+                optional(x, 4).map(|v| v.to_i64s()).transpose()?,
             ),
         };
         let plan = slice_plan(
@@ -675,9 +675,9 @@ impl Kernel for Pad {
         let rank = data.rank();
         let (pads, value, value_f) = match &self.attrs {
             Some((p, v)) => (p.clone(), None, *v),
-            None => (input(x, 1, "Pad")?.to_i64s()?, opt_input(x, 2), 0.0),
+            None => (input(x, 1, "Pad")?.to_i64s()?, optional(x, 2), 0.0),
         };
-        let axes = match opt_input(x, 3) {
+        let axes = match optional(x, 3) {
             Some(a) if self.attrs.is_none() => axes_of(&a.to_i64s()?, rank, "Pad axes")?,
             _ => (0..rank).collect(),
         };
@@ -816,7 +816,7 @@ impl Kernel for Trilu {
         if data.rank() < 2 {
             return Err(PluginError::invalid("Trilu: input must have rank >= 2"));
         }
-        let k = match opt_input(x, 1) {
+        let k = match optional(x, 1) {
             Some(v) => scalar_int(v, "Trilu k")?,
             None => 0,
         };

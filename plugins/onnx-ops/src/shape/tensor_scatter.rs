@@ -1,7 +1,7 @@
 //! TensorScatter (opset 24): writes `update` into a copy of `past_cache` along the sequence
 //! axis, at each batch's write index (modulo the cache length in "circular" mode).
 
-use super::common::{input, opt_input, reg};
+use super::common::{input, optional, reg};
 use opreg_sdk::prelude::*;
 
 #[derive(Clone)]
@@ -61,7 +61,7 @@ impl Kernel for TensorScatter {
             )));
         }
         let batch = ps[0];
-        let writes: Vec<i64> = match opt_input(x, 2) {
+        let writes: Vec<i64> = match optional(x, 2) {
             Some(w) => {
                 let w = w.to_i64s()?;
                 if w.len() != batch {
@@ -162,6 +162,6 @@ mod tests {
 
     #[test]
     fn tensor_scatter_official_cases() {
-        crate::spatial::onnx_cases::run_cases(&["test_tensorscatter"], factory);
+        crate::testcases::run_cases(&["test_tensorscatter"], factory);
     }
 }

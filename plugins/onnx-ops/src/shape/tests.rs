@@ -2,32 +2,12 @@
 //! opset ranges are exercised too).
 
 use super::*;
+use crate::util::testing::Registered;
 use opreg_sdk::{
     abi_stable::std_types::RString,
     host::HostTensor,
-    kernel::{FfiKernelBox, FfiKernelFactoryBox},
     testkit::{run_kernel_opt, NodeSpec},
-    KernelFactory,
 };
-
-struct Via(FfiKernelFactoryBox);
-struct ViaKernel(FfiKernelBox);
-
-impl KernelFactory for Via {
-    fn instantiate(&self, node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
-        Ok(Box::new(ViaKernel(self.0.instantiate(node).into_result()?)))
-    }
-}
-
-impl Kernel for ViaKernel {
-    fn compute(
-        &self,
-        ctx: &KernelContext<'_>,
-        inputs: &[TensorView<'_>],
-    ) -> Result<(), PluginError> {
-        self.0.compute(ctx, inputs.into()).into_result()
-    }
-}
 
 fn registered() -> Vec<opreg_sdk::module::KernelRegistration> {
     let mut r = Registrar::default();
@@ -43,7 +23,7 @@ fn run(spec: &NodeSpec, inputs: &[Option<&HostTensor>]) -> Result<Vec<HostTensor
         .collect();
     assert_eq!(hits.len(), 1, "{} at opset {}", spec.op_type, spec.opset);
     let k = hits.pop().expect("one kernel");
-    run_kernel_opt(Via(k.factory), spec, inputs, None)
+    run_kernel_opt(Registered(k.factory), spec, inputs, None)
 }
 
 fn run1(spec: &NodeSpec, inputs: &[Option<&HostTensor>]) -> HostTensor {

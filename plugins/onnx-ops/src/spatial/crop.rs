@@ -1,6 +1,6 @@
 //! CenterCropPad (opset 18) and Col2Im (opset 18).
 
-use super::{required, strides_of, with_float, Scalar};
+use super::{required, row_major_strides, with_float, Scalar};
 use crate::util::normalize_axis;
 use opreg_sdk::prelude::*;
 
@@ -53,7 +53,7 @@ impl Kernel for CenterCropPad {
         if dst.is_empty() {
             return Ok(());
         }
-        let in_strides = strides_of(in_shape);
+        let in_strides = row_major_strides(in_shape);
         let mut coords = vec![0usize; rank];
         for (i, out) in dst.chunks_exact_mut(size).enumerate() {
             let mut lin = i;
@@ -158,7 +158,7 @@ impl Col2Im {
         }
         let img: Vec<usize> = image.iter().map(|&v| v as usize).collect();
         let blk: Vec<usize> = block.iter().map(|&v| v as usize).collect();
-        let img_strides = strides_of(&img);
+        let img_strides = row_major_strides(&img);
         let plane: usize = img.iter().product();
         let mut out_shape = vec![n, c];
         out_shape.extend_from_slice(&img);
@@ -246,7 +246,7 @@ pub fn register(r: &mut Registrar) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spatial::onnx_cases::run_cases;
+    use crate::testcases::run_cases;
     use opreg_sdk::{
         host::HostTensor,
         testkit::{run_kernel, NodeSpec},

@@ -1,6 +1,6 @@
 //! GridSample (opsets 16, 20) and AffineGrid (opset 20).
 
-use super::{required, strides_of, with_float, Scalar, FLOATS};
+use super::{required, row_major_strides, with_float, Scalar, FLOATS};
 use opreg_sdk::prelude::*;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -191,7 +191,7 @@ impl GridSample {
         let mut out_shape = vec![n, c];
         out_shape.extend_from_slice(out_spatial);
         let y = ctx.output_slice::<T>(0, &out_shape)?;
-        let in_strides = strides_of(spatial);
+        let in_strides = row_major_strides(spatial);
         ctx.parallel_chunks(y, 256, |start, chunk| {
             let mut taps: Vec<Vec<(Option<usize>, f64)>> = vec![Vec::new(); r];
             for (i, out) in chunk.iter_mut().enumerate() {
@@ -353,7 +353,7 @@ pub fn register(r: &mut Registrar) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spatial::onnx_cases::run_cases;
+    use crate::testcases::run_cases;
     use opreg_sdk::{
         host::HostTensor,
         testkit::{run_kernel, NodeSpec},

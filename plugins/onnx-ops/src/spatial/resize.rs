@@ -4,7 +4,7 @@
 //! which gives a short list of (input index, weight) taps per axis; an output element is the
 //! tensor product of its axes' taps, summed innermost axis first as the reference does.
 
-use super::{optional, read_f64s, strides_of, Scalar, FLOATS};
+use super::{optional, read_f64s, row_major_strides, Scalar, FLOATS};
 use crate::util::normalize_axis;
 use opreg_sdk::{
     half::{bf16, f16},
@@ -494,7 +494,7 @@ impl Resize {
                 self.op
             )));
         }
-        let in_strides = strides_of(in_shape);
+        let in_strides = row_major_strides(in_shape);
         let taps: Vec<Taps> = (0..in_shape.len())
             .map(|d| self.axis_taps(in_shape[d], out_shape[d], scale[d], roi[d], in_strides[d]))
             .collect();
@@ -637,7 +637,7 @@ pub fn register(r: &mut Registrar) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spatial::onnx_cases::run_cases;
+    use crate::testcases::run_cases;
     use opreg_sdk::{
         host::HostTensor,
         testkit::{run_kernel_opt, NodeSpec},

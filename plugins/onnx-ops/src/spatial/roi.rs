@@ -374,7 +374,7 @@ pub fn register(r: &mut Registrar) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spatial::onnx_cases::run_cases;
+    use crate::testcases::run_cases;
     use opreg_sdk::{
         host::HostTensor,
         testkit::{run_kernel_opt, NodeSpec},

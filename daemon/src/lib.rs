@@ -1,0 +1,15 @@
+//! opregd as a library: the daemon's stages, usable in-process (benchmarks, embedding).
+//!
+//! The data's way, folder by folder: `config` → `plugin` (load and check libraries) →
+//! `registry` (immutable snapshots of what plugins registered) → `exec` (run kernels on the
+//! compute pool) → `graph` (import, plan, run ONNX models) → `repo` (the model repository)
+//! → `server` (gRPC).
+
+pub mod app;
+pub mod config;
+pub mod exec;
+pub mod graph;
+pub mod plugin;
+pub mod registry;
+pub mod repo;
+pub mod server;

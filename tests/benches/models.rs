@@ -1,0 +1,117 @@
+//! Whole models: opreg's graph runtime (in-process, the workspace's release plugins) side by
+//! side with ONNX Runtime (Python, same machine, same thread count) in one run. Reports the
+//! median-latency ratio opreg / ONNX Runtime per model, after checking both agree.
+//!
+//! Run with `scripts/bench`.
+
+use opreg_sdk::{host::HostTensor, DType, Device};
+use opregd::{exec::ComputePool, graph, registry::Registry};
+use std::{collections::HashMap, sync::Arc, time::Instant};
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn main() {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let python = std::env::var("OPREG_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = std::process::Command::new(python)
+        .arg(opreg_tests::workspace().join("tests/python/bench_ort.py"))
+        .arg(dir.path())
+        .arg(threads.to_string())
+        .output()
+        .expect("run onnxruntime side");
+    assert!(
+        out.status.success(),
+        "onnxruntime side failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json = String::from_utf8_lossy(&out.stdout).to_string();
+
+    let registry = Registry::new(dir.path().join("stage"));
+    let loaded = registry.load_all(&[
+        opreg_tests::plugin("onnx_ops"),
+        opreg_tests::plugin("blas_cpu"),
+    ]);
+    for (p, r) in &loaded {
+        if let Err(e) = r {
+            panic!("{}: {e}", p.display());
+        }
+    }
+    let pool = ComputePool::new(threads).expect("pool");
+    println!("threads: {threads}");
+    println!(
+        "{:>6} {:>12} {:>12} {:>14}",
+        "model", "opreg ms", "ORT ms", "opreg/ORT"
+    );
+    for name in ["mlp", "cnn"] {
+        let ort_ms: f64 = json
+            .split(&format!("\"{name}\": {{\"ort_ms\": "))
+            .nth(1)
+            .and_then(|s| s.split([',', '}']).next())
+            .and_then(|s| s.trim().parse().ok())
+            .expect("ort_ms");
+        let shape: Vec<usize> = json
+            .split(&format!("\"{name}\": "))
+            .nth(1)
+            .and_then(|s| s.split("\"shape\": [").nth(1))
+            .and_then(|s| s.split(']').next())
+            .map(|s| {
+                s.split(',')
+                    .map(|d| d.trim().parse().expect("dim"))
+                    .collect()
+            })
+            .expect("shape");
+        let bytes = std::fs::read(dir.path().join(format!("{name}.onnx"))).expect("model");
+        let input = std::fs::read(dir.path().join(format!("{name}.input"))).expect("input");
+        let want = f32s(&std::fs::read(dir.path().join(format!("{name}.output"))).expect("output"));
+        let model = graph::import(&bytes, None).expect("import");
+        let snapshot = registry.snapshot();
+        let plan = pool
+            .install(|| graph::compile(&model, snapshot, &[Device::CPU]))
+            .expect("compile");
+        let x = Arc::new(HostTensor::from_bytes(DType::F32, &shape, &input).expect("input tensor"));
+        let run = || {
+            let feeds: HashMap<String, Arc<HostTensor>> = [("x".to_string(), x.clone())].into();
+            pool.install(|| graph::run(&plan, feeds)).expect("run")
+        };
+        let got = f32s(run()[0].1.bytes());
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs() / (1e-3 + b.abs()))
+            .fold(0f32, f32::max);
+        assert!(
+            worst < 1e-2,
+            "{name}: opreg and onnxruntime disagree (worst relative error {worst})"
+        );
+        let mut times = Vec::new();
+        let start = Instant::now();
+        while times.len() < 20 || (start.elapsed().as_secs_f64() < 2.0 && times.len() < 2000) {
+            let t = Instant::now();
+            run();
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        let ours = times[times.len() / 2];
+        println!(
+            "{name:>6} {ours:>12.3} {ort_ms:>12.3} {:>14.2}",
+            ours / ort_ms
+        );
+        if std::env::var_os("OPREG_BENCH_PROFILE").is_some() {
+            let feeds: HashMap<String, Arc<HostTensor>> = [("x".to_string(), x.clone())].into();
+            let (_, steps) = pool
+                .install(|| graph::run_profiled(&plan, feeds))
+                .expect("profile");
+            for (label, secs) in steps {
+                println!("        {:>9.3} ms  {label}", secs * 1e3);
+            }
+        }
+    }
+}

@@ -1,0 +1,82 @@
+"""Benchmark peer: builds the benchmark models, runs them in onnxruntime, and writes what the
+opreg side needs to run the same thing.
+
+usage: python bench_ort.py DIR THREADS
+writes DIR/<model>.onnx, DIR/<model>.input (raw f32), DIR/<model>.output (raw f32) and prints
+one JSON line: {model: {"ort_ms": median, "shape": [...]}}
+"""
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+out_dir, threads = sys.argv[1], int(sys.argv[2])
+rng = np.random.default_rng(0)
+
+
+def init(name, *shape):
+    return numpy_helper.from_array((rng.standard_normal(shape) * 0.1).astype(np.float32), name)
+
+
+def save(name, nodes, inputs, outputs, inits, x):
+    g = helper.make_graph(nodes, name, inputs, outputs, inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    path = os.path.join(out_dir, name + ".onnx")
+    with open(path, "wb") as f:
+        f.write(m.SerializeToString())
+    x.astype(np.float32).tofile(os.path.join(out_dir, name + ".input"))
+    return path
+
+
+models = {}
+# MLP: 784-512-512-10, batch 64.
+x = rng.standard_normal((64, 784)).astype(np.float32)
+models["mlp"] = (save(
+    "mlp",
+    [
+        helper.make_node("MatMul", ["x", "w1"], ["a1"]), helper.make_node("Add", ["a1", "b1"], ["a2"]), helper.make_node("Relu", ["a2"], ["a3"]),
+        helper.make_node("MatMul", ["a3", "w2"], ["a4"]), helper.make_node("Add", ["a4", "b2"], ["a5"]), helper.make_node("Relu", ["a5"], ["a6"]),
+        helper.make_node("MatMul", ["a6", "w3"], ["a7"]), helper.make_node("Add", ["a7", "b3"], ["y"]),
+    ],
+    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 784])],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 10])],
+    [init("w1", 784, 512), init("b1", 512), init("w2", 512, 512), init("b2", 512), init("w3", 512, 10), init("b3", 10)],
+    x,
+), x)
+# CNN: 3x64x64 -> conv16 -> relu -> pool -> conv32 -> relu -> pool -> conv64 -> relu -> gap -> gemm10, batch 8.
+x = rng.standard_normal((8, 3, 64, 64)).astype(np.float32)
+conv = lambda i, o, w, b: helper.make_node("Conv", [i, w, b], [o], pads=[1, 1, 1, 1], kernel_shape=[3, 3])
+models["cnn"] = (save(
+    "cnn",
+    [
+        conv("x", "c1", "w1", "b1"), helper.make_node("Relu", ["c1"], ["r1"]), helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+        conv("p1", "c2", "w2", "b2"), helper.make_node("Relu", ["c2"], ["r2"]), helper.make_node("MaxPool", ["r2"], ["p2"], kernel_shape=[2, 2], strides=[2, 2]),
+        conv("p2", "c3", "w3", "b3"), helper.make_node("Relu", ["c3"], ["r3"]), helper.make_node("GlobalAveragePool", ["r3"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]), helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], transB=1),
+    ],
+    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 3, 64, 64])],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 10])],
+    [init("w1", 16, 3, 3, 3), init("b1", 16), init("w2", 32, 16, 3, 3), init("b2", 32), init("w3", 64, 32, 3, 3), init("b3", 64), init("wf", 10, 64), init("bf", 10)],
+    x,
+), x)
+
+result = {}
+opts = ort.SessionOptions()
+opts.intra_op_num_threads = threads
+opts.inter_op_num_threads = 1
+for name, (path, x) in models.items():
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"x": x})[0]
+    y.astype(np.float32).tofile(os.path.join(out_dir, name + ".output"))
+    times = []
+    start = time.perf_counter()
+    while len(times) < 20 or (time.perf_counter() - start < 2.0 and len(times) < 2000):
+        t = time.perf_counter()
+        sess.run(None, {"x": x})
+        times.append(time.perf_counter() - t)
+    result[name] = {"ort_ms": float(np.median(times) * 1e3), "shape": list(x.shape)}
+print(json.dumps(result))
