@@ -98,6 +98,7 @@ macro_rules! dispatch_all {
 mod binary;
 mod cast;
 mod engine;
+mod gated;
 mod num;
 mod unary;
 
@@ -132,7 +133,18 @@ fn float_op(
     Ok(Box::new(FloatUnary(f(node)?)))
 }
 
+fn shift_factory(n: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    match n.string_or("direction", "")?.as_str() {
+        "LEFT" => Ok(Box::new(Binary(BinOp::BitShift { left: true }))),
+        "RIGHT" => Ok(Box::new(Binary(BinOp::BitShift { left: false }))),
+        other => Err(PluginError::invalid(format!(
+            "BitShift: attribute 'direction' must be \"LEFT\" or \"RIGHT\", got {other:?}"
+        ))),
+    }
+}
+
 pub fn register(r: &mut Registrar) {
+    gated::register(r);
     // Float unary operators whose only state is their attributes.
     type OpOf = fn(&NodeInfo<'_>) -> Result<FloatOp, PluginError>;
     let float_ops: &[(&str, i32, OpOf)] = &[
@@ -281,14 +293,15 @@ pub fn register(r: &mut Registrar) {
         })))
     };
     r.kernel(desc("Mod", 10, NUMERIC, 2, None), mod_factory);
-    let shift_factory: Factory = |n| match n.string_or("direction", "")?.as_str() {
-        "LEFT" => Ok(Box::new(Binary(BinOp::BitShift { left: true }))),
-        "RIGHT" => Ok(Box::new(Binary(BinOp::BitShift { left: false }))),
-        other => Err(PluginError::invalid(format!(
-            "BitShift: attribute 'direction' must be \"LEFT\" or \"RIGHT\", got {other:?}"
-        ))),
-    };
-    r.kernel(desc("BitShift", 11, UNSIGNED, 2, None), shift_factory);
+    // Signed types from opset 28.
+    r.kernel(
+        KernelDesc::onnx("BitShift", 11, 27)
+            .constraint("T", UNSIGNED)
+            .inputs(&["T", "T"])
+            .outputs(&["T"]),
+        shift_factory,
+    );
+    r.kernel(desc("BitShift", 28, INTS, 2, None), shift_factory);
     r.kernel(
         KernelDesc::onnx("Pow", 7, OPEN_END)
             .constraint("T", &[I32, I64, F16, BF16, F32, F64])

@@ -7,6 +7,8 @@ use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
 use std::cmp::Ordering;
 
+mod signal;
+
 /// The elements of a float tensor as `f64`.
 fn read_f64(t: &TensorView<'_>, what: &str) -> Result<Vec<f64>, PluginError> {
     floats_as_f64(t).unwrap_or_else(|| {
@@ -668,6 +670,7 @@ const UNIQUE_TYPES: &[DType] = &[
 const IDX: &[DType] = &[DType::I32, DType::I64];
 
 pub fn register(r: &mut Registrar) {
+    signal::register(r);
     r.kernel(
         KernelDesc::onnx("CumProd", 26, OPEN_END)
             .constraint(

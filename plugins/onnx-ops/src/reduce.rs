@@ -114,6 +114,47 @@ num!(
 );
 num!(i64, i64, |x| x, |v| v, i64::MIN, i64::MAX);
 
+impl Acc for u64 {
+    const ZERO: Self = 0;
+    const ONE: Self = 1;
+    #[inline(always)]
+    fn add(self, o: Self) -> Self {
+        self.wrapping_add(o)
+    }
+    #[inline(always)]
+    fn mul(self, o: Self) -> Self {
+        self.wrapping_mul(o)
+    }
+    fn abs(self) -> Self {
+        self
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn from_f64(v: f64) -> Self {
+        v as u64
+    }
+}
+num!(u64, u64, |x| x, |v| v, 0, u64::MAX);
+
+/// A bool element (ReduceMax / ReduceMin from opset 20: any / all), held as 0 or 1.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct BoolElem(u8);
+
+// SAFETY: one byte with alignment 1 and no invalid bit pattern, the host's bool layout.
+unsafe impl Element for BoolElem {
+    const DTYPE: DType = DType::Bool;
+}
+num!(
+    BoolElem,
+    i64,
+    |x| (x.0 != 0) as i64,
+    |v| BoolElem((v != 0) as u8),
+    0,
+    1
+);
+
 /// Runs `$body` with `$t` bound to the Rust type of `$dtype` among the reductions' types.
 macro_rules! dispatch_num {
     ($dtype:expr, $op:expr, |$t:ident| $body:expr) => {
@@ -126,6 +167,14 @@ macro_rules! dispatch_num {
                 type $t = i64;
                 $body
             }
+            DType::U64 => {
+                type $t = u64;
+                $body
+            }
+            DType::Bool => {
+                type $t = BoolElem;
+                $body
+            }
             other => Err(PluginError::unimplemented(format!(
                 "{} is not implemented for {other}",
                 $op
@@ -133,6 +182,25 @@ macro_rules! dispatch_num {
         })
     };
 }
+
+const NUMS_AND_BOOL: &[DType] = &[
+    DType::F32,
+    DType::F64,
+    DType::F16,
+    DType::BF16,
+    DType::I32,
+    DType::I64,
+    DType::Bool,
+];
+const NUMS_AND_U64: &[DType] = &[
+    DType::F32,
+    DType::F64,
+    DType::F16,
+    DType::BF16,
+    DType::I32,
+    DType::I64,
+    DType::U64,
+];
 
 const NUMS: &[DType] = &[
     DType::F32,
@@ -660,6 +728,26 @@ pub fn register(r: &mut Registrar) {
     ];
     for (op, versions, factory) in reductions {
         // `axes` is the optional second input from opset 18 (13 for ReduceSum).
+        if let Some((&20, older)) = versions.split_last() {
+            // ReduceMax / ReduceMin take bool from opset 20.
+            let ends = older.iter().skip(1).chain([&20]).map(|v| v - 1);
+            for ((&since, end), types) in older
+                .iter()
+                .zip(ends)
+                .map(|(s, e)| ((s, e), NUMS))
+                .chain([((&20, OPEN_END), NUMS_AND_BOOL)])
+            {
+                r.kernel(
+                    KernelDesc::onnx(op, since, end)
+                        .constraint("T", types)
+                        .constraint("I", &[DType::I64])
+                        .inputs(&["T", "I"])
+                        .outputs(&["T"]),
+                    factory,
+                );
+            }
+            continue;
+        }
         register_versions(r, op, versions, ti, &["T", "I"], &["T"], factory);
     }
     register_versions(
@@ -693,7 +781,7 @@ pub fn register(r: &mut Registrar) {
         r,
         "TopK",
         &[1, 10, 11],
-        &[("T", NUMS), ("I", &[DType::I64])],
+        &[("T", NUMS_AND_U64), ("I", &[DType::I64])],
         &["T", "I"],
         &["T", "I"],
         topk_factory,
@@ -988,5 +1076,40 @@ mod tests {
         )
         .expect_err("k too large");
         assert!(err.message.contains("K = 9"), "{}", err.message);
+    }
+}
+
+#[cfg(test)]
+mod bool_u64_tests {
+    use super::*;
+    use crate::testcases::run_cases;
+    use opreg_sdk::{
+        host::HostTensor,
+        testkit::{run_kernel, NodeSpec},
+    };
+
+    #[test]
+    fn reduce_max_min_on_bool() {
+        // [[1,0],[0,0],[1,1]] over axis 1: max (any) [1,0,1], min (all) [0,0,1].
+        let x = HostTensor::from_bytes(DType::Bool, &[3, 2], &[1, 0, 0, 0, 1, 1]).expect("x");
+        let axes = HostTensor::from_vec(&[1], &[1i64]).expect("axes");
+        let node = |op| NodeSpec::onnx(op, 20).attr("keepdims", AttrValue::Int(0));
+        let y = run_kernel(reduce_max, &node("ReduceMax"), &[&x, &axes], None).expect("max");
+        assert_eq!(
+            (y[0].dtype(), y[0].bytes()),
+            (DType::Bool, &[1u8, 0, 1][..])
+        );
+        let y = run_kernel(reduce_min, &node("ReduceMin"), &[&x, &axes], None).expect("min");
+        assert_eq!(y[0].bytes(), &[0u8, 0, 1]);
+    }
+
+    #[test]
+    fn official_cases() {
+        run_cases(
+            &["test_reduce_max_bool", "test_reduce_max_empty_set_bool"],
+            reduce_max,
+        );
+        run_cases(&["test_reduce_min_bool"], reduce_min);
+        run_cases(&["test_top_k"], topk_factory);
     }
 }

@@ -8,6 +8,7 @@ mod common;
 mod gen;
 mod index;
 mod layout;
+mod tensor_scatter;
 
 use opreg_sdk::prelude::*;
 
@@ -15,6 +16,7 @@ pub fn register(r: &mut Registrar) {
     gen::register(r);
     layout::register(r);
     index::register(r);
+    tensor_scatter::register(r);
 }
 
 #[cfg(test)]

@@ -377,8 +377,9 @@ fn read_tensor(path: &Path) -> Result<HostTensor, String> {
     Ok(tensor(&b)?.1)
 }
 
-/// Runs every data set of the case in `dir`; `Err` describes the first mismatch.
-fn run_case<F: KernelFactory + Clone>(dir: &Path, factory: &F) -> Result<(), String> {
+/// Runs every data set of the case in `dir`, each kernel given the BLAS backend `blas`
+/// returns; `Err` describes the first mismatch.
+fn run_case<F: KernelFactory + Clone>(dir: &Path, factory: &F, blas: Blas) -> Result<(), String> {
     let model = std::fs::read(dir.join("model.onnx")).map_err(|e| e.to_string())?;
     let case = decode_model(&model)?;
     let mut sets: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -408,7 +409,7 @@ fn run_case<F: KernelFactory + Clone>(dir: &Path, factory: &F) -> Result<(), Str
                     .ok_or(format!("no value for input {n}")),
             })
             .collect::<Result<Vec<_>, String>>()?;
-        let got = run_kernel_opt(factory.clone(), &case.spec, &inputs, None)
+        let got = run_kernel_opt(factory.clone(), &case.spec, &inputs, blas())
             .map_err(|e| format!("kernel error: {}", e.message))?;
         for (k, name) in case.graph_outputs.iter().enumerate() {
             let want = read_tensor(&set.join(format!("output_{k}.pb")))?;
@@ -446,8 +447,17 @@ fn suite() -> Option<PathBuf> {
 }
 
 /// Runs `factory` on every non-expanded case whose name starts with one of `prefixes`, then
-/// panics listing the failures.
+/// panics listing the failures. The kernels get no BLAS backend; see [`run_cases_with`].
 pub(crate) fn run_cases<F: KernelFactory + Clone>(prefixes: &[&str], factory: F) {
+    run_cases_with(prefixes, factory, || None);
+}
+
+/// A BLAS backend for each kernel run (`None`: none).
+pub(crate) type Blas = fn() -> Option<Box<dyn opreg_sdk::blas::Blas>>;
+
+/// [`run_cases`] with every kernel run given the BLAS backend `blas` returns (the gemm-based
+/// kernels: MatMul, Conv, Einsum).
+pub(crate) fn run_cases_with<F: KernelFactory + Clone>(prefixes: &[&str], factory: F, blas: Blas) {
     let Some(root) = suite() else { return };
     let mut names: Vec<String> = std::fs::read_dir(&root)
         .expect("read the node test folder")
@@ -458,7 +468,7 @@ pub(crate) fn run_cases<F: KernelFactory + Clone>(prefixes: &[&str], factory: F)
     let failures: Vec<String> = names
         .iter()
         .filter_map(|n| {
-            run_case(&root.join(n), &factory)
+            run_case(&root.join(n), &factory, blas)
                 .err()
                 .map(|e| format!("{n}: {e}"))
         })

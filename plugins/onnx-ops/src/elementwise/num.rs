@@ -378,7 +378,8 @@ pub trait Bits: Copy + Send + Sync + 'static {
     fn or(self, o: Self) -> Self;
     fn xor(self, o: Self) -> Self;
     fn not(self) -> Self;
-    /// Shifts by `n` bits; shifting out every bit gives 0.
+    /// Shifts by `n` bits (arithmetic right shift when signed); a negative `n` or one of at
+    /// least the width gives the sign fill (0, or -1 for a right shift of a negative value).
     fn shl(self, n: Self) -> Self;
     fn shr(self, n: Self) -> Self;
 }
@@ -394,7 +395,9 @@ macro_rules! bits {
                 u32::try_from(n).ok().and_then(|n| self.checked_shl(n)).unwrap_or(0)
             }
             fn shr(self, n: Self) -> Self {
-                u32::try_from(n).ok().and_then(|n| self.checked_shr(n)).unwrap_or(0)
+                // Out-of-range amounts leave only the sign fill (-1 or 0; 0 when unsigned).
+                let fill = if <$t>::MIN == 0 { 0 } else { self >> (<$t>::BITS - 1) };
+                u32::try_from(n).ok().and_then(|n| self.checked_shr(n)).unwrap_or(fill)
             }
         }
     )*};

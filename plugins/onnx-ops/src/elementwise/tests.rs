@@ -503,6 +503,26 @@ fn bit_shift_and_bitwise() {
     );
     assert_eq!(ls.to_vec::<u64>().expect("u64"), vec![1u64 << 42, 12]);
 
+    // Opset 28: signed, arithmetic right shift, out-of-range amounts give the sign fill.
+    let xi = t(&[6], &[-16i8, -16, 64, -1, 5, -128]);
+    let si = t(&[6], &[2i8, 8, 1, -1, 9, 7]);
+    let r = run(
+        "BitShift",
+        28,
+        &[("direction", string("RIGHT"))],
+        &[&xi, &si],
+    );
+    assert_eq!(r.to_vec::<i8>().expect("i8"), vec![-4, -1, 32, -1, 0, -1]);
+    let l = run(
+        "BitShift",
+        28,
+        &[("direction", string("LEFT"))],
+        &[&xi, &si],
+    );
+    assert_eq!(l.to_vec::<i8>().expect("i8"), vec![-64, 0, -128, 0, 0, 0]);
+    let right = [("direction", string("RIGHT"))];
+    assert!(run_opt("BitShift", 27, &right, &[Some(&xi), Some(&si)]).is_err());
+
     let a = t(&[3], &[0b1100i32, -1, 5]);
     let m = t(&[1], &[0b1010i32]);
     let get = |op| run(op, 18, &[], &[&a, &m]).to_vec::<i32>().expect("i32");
@@ -778,4 +798,9 @@ fn empty_tensors() {
     assert_eq!(p.shape(), &[0]);
     let w = run("Where", 16, &[], &[&b(&[0, 1], &[]), &row, &row]);
     assert_eq!(w.shape(), &[0, 3]);
+}
+
+#[test]
+fn bit_shift_official_cases() {
+    crate::testcases::run_cases(&["test_bitshift_"], shift_factory);
 }

@@ -1,7 +1,8 @@
 //! Conv: im2col per group, then one gemm per batch and group through the BLAS backend.
 
-use super::{at_least_one, conv_bias, matmul::gemm_f32, register_versions, Geometry, WindowAttrs};
+use super::{at_least_one, conv_bias, matmul::gemm_f32, optional, Geometry, WindowAttrs};
 use crate::util::row_major_strides;
+use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
 
 #[derive(Clone)]
@@ -118,10 +119,98 @@ impl Kernel for Conv {
         let g = self.window.resolve("Conv", &xs[2..], Some(&ws[2..]))?;
         let mut out_shape = vec![n, m];
         out_shape.extend_from_slice(&g.out);
-        let bias = conv_bias("Conv", inputs, m)?;
-        let x = xv.as_slice::<f32>()?;
-        let w = wv.as_slice::<f32>()?;
-        let y = ctx.output_slice::<f32>(0, &out_shape)?;
+        if let Some(v) = [Some(wv), optional(inputs, 2).copied()]
+            .into_iter()
+            .flatten()
+            .find(|v| v.dtype != xv.dtype)
+        {
+            return Err(PluginError::invalid(format!(
+                "Conv: X is {} but W or B is {}",
+                xv.dtype, v.dtype
+            )));
+        }
+        match xv.dtype {
+            DType::F32 => self.run(
+                ctx,
+                xs,
+                &g,
+                m,
+                xv.as_slice()?,
+                wv.as_slice()?,
+                conv_bias("Conv", inputs, m)?,
+                ctx.output_slice::<f32>(0, &out_shape)?,
+            ),
+            // Half types: widened to f32 for the BLAS gemm, the result rounded back.
+            DType::F16 => self.run_half(
+                ctx,
+                inputs,
+                xs,
+                &g,
+                m,
+                &out_shape,
+                f16::to_f32,
+                f16::from_f32,
+            ),
+            DType::BF16 => self.run_half(
+                ctx,
+                inputs,
+                xs,
+                &g,
+                m,
+                &out_shape,
+                bf16::to_f32,
+                bf16::from_f32,
+            ),
+            other => Err(PluginError::unimplemented(format!(
+                "Conv is not implemented for {other}"
+            ))),
+        }
+    }
+}
+
+impl Conv {
+    #[allow(clippy::too_many_arguments)]
+    fn run_half<T: Element>(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+        xs: &[usize],
+        g: &Geometry,
+        m: usize,
+        out_shape: &[usize],
+        load: fn(T) -> f32,
+        store: fn(f32) -> T,
+    ) -> Result<(), PluginError> {
+        let wide = |v: TensorView<'_>| -> Result<Vec<f32>, PluginError> {
+            Ok(v.as_slice::<T>()?.iter().map(|&x| load(x)).collect())
+        };
+        let x = wide(inputs[0])?;
+        let w = wide(inputs[1])?;
+        let bias: Option<Vec<f32>> =
+            conv_bias::<T>("Conv", inputs, m)?.map(|b| b.iter().map(|&v| load(v)).collect());
+        let mut y = vec![0.0f32; out_shape.iter().product()];
+        self.run(ctx, xs, g, m, &x, &w, bias.as_deref(), &mut y)?;
+        let out = ctx.output_slice::<T>(0, out_shape)?;
+        out.iter_mut().zip(&y).for_each(|(o, &v)| *o = store(v));
+        Ok(())
+    }
+
+    /// The convolution in f32 into `y` (of the output's shape).
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        ctx: &KernelContext<'_>,
+        xs: &[usize],
+        g: &Geometry,
+        m: usize,
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        y: &mut [f32],
+    ) -> Result<(), PluginError> {
+        let (n, c) = (xs[0], xs[1]);
+        let group = self.group;
+        let cg = c / group;
         let p: usize = g.out.iter().product();
         if y.is_empty() {
             return Ok(());
@@ -144,7 +233,7 @@ impl Kernel for Conv {
                 let rhs: &[f32] = if direct {
                     xg
                 } else {
-                    im2col(ctx, xg, &xs[2..], &g, col)?;
+                    im2col(ctx, xg, &xs[2..], g, col)?;
                     col
                 };
                 let yg = &mut y[(b * m + gi * mg) * p..(b * m + (gi + 1) * mg) * p];
@@ -177,15 +266,21 @@ impl Kernel for Conv {
 }
 
 pub fn register(r: &mut Registrar) {
-    register_versions(
-        r,
-        "Conv",
-        &[1, 11, 22],
-        &[("T", &[DType::F32])],
-        &["T", "T", "T"],
-        &["T"],
-        conv_factory,
-    );
+    use DType::*;
+    // bf16 from opset 22.
+    for (since, end, types) in [
+        (1, 10, &[F32, F16][..]),
+        (11, 21, &[F32, F16]),
+        (22, OPEN_END, &[F32, F16, BF16]),
+    ] {
+        r.kernel(
+            KernelDesc::onnx("Conv", since, end)
+                .constraint("T", types)
+                .inputs(&["T", "T", "T"])
+                .outputs(&["T"]),
+            conv_factory,
+        );
+    }
 }
 
 #[cfg(test)]
@@ -477,6 +572,15 @@ mod tests {
             err.message.contains("needs a BLAS backend"),
             "{}",
             err.message
+        );
+    }
+
+    #[test]
+    fn conv_official_cases() {
+        crate::testcases::run_cases_with(
+            &["test_basic_conv_", "test_conv_with_"],
+            conv_factory,
+            || Some(Box::new(NaiveBlas)),
         );
     }
 }

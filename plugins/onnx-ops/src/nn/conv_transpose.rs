@@ -144,7 +144,7 @@ impl Kernel for ConvTranspose {
         let g = self.geometry(&xs[2..], &ws[2..])?;
         let mut out_shape = vec![n, m];
         out_shape.extend_from_slice(&g.out);
-        let bias = conv_bias("ConvTranspose", inputs, m)?;
+        let bias = conv_bias::<f32>("ConvTranspose", inputs, m)?;
         let x = xv.as_slice::<f32>()?;
         let w = wv.as_slice::<f32>()?;
         let y = ctx.output_slice::<f32>(0, &out_shape)?;

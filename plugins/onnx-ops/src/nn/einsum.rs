@@ -1,8 +1,9 @@
 //! Einsum: diagonals and lone labels summed out first, then operands contracted pairwise
 //! (left to right) as batched gemms through the BLAS backend, then the result laid out in the
-//! output's label order. f32 only, like the BLAS layer.
+//! output's label order. f32 goes through BLAS (f16 and bf16 widened to f32); f64 and the
+//! integer types (wrapping, as numpy's) through plain loops.
 
-use super::{matmul::gemm_f32, register_versions};
+use super::matmul::gemm_f32;
 use crate::util::{row_major_strides, walk_offsets};
 use opreg_sdk::prelude::*;
 use std::collections::BTreeMap;
@@ -82,21 +83,92 @@ fn einsum_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
     Ok(Box::new(Einsum { inputs, output }))
 }
 
-/// An operand: contiguous data with one unique label per dimension.
-struct Operand {
-    labels: Vec<Label>,
-    shape: Vec<usize>,
-    data: Vec<f32>,
+/// An element type Einsum computes in.
+trait EinElem: Element + Default {
+    fn add(self, o: Self) -> Self;
+    fn mul(self, o: Self) -> Self;
+    /// `c[..m*n] = a[..m*k] * b[..k*n]` (row-major).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        _ctx: &KernelContext<'_>,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[Self],
+        b: &[Self],
+        c: &mut [Self],
+    ) -> Result<(), PluginError> {
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = Self::default();
+                for p in 0..k {
+                    acc = acc.add(a[i * k + p].mul(b[p * n + j]));
+                }
+                c[i * n + j] = acc;
+            }
+        }
+        Ok(())
+    }
 }
 
-impl Operand {
+impl EinElem for f32 {
+    fn add(self, o: f32) -> f32 {
+        self + o
+    }
+    fn mul(self, o: f32) -> f32 {
+        self * o
+    }
+    fn gemm(
+        ctx: &KernelContext<'_>,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        b: &[f32],
+        c: &mut [f32],
+    ) -> Result<(), PluginError> {
+        gemm_f32(ctx, "Einsum", false, false, m, n, k, 1.0, a, b, 0.0, c)
+    }
+}
+
+impl EinElem for f64 {
+    fn add(self, o: f64) -> f64 {
+        self + o
+    }
+    fn mul(self, o: f64) -> f64 {
+        self * o
+    }
+}
+
+macro_rules! ein_int {
+    ($($t:ty),*) => {$(
+        impl EinElem for $t {
+            fn add(self, o: $t) -> $t {
+                self.wrapping_add(o)
+            }
+            fn mul(self, o: $t) -> $t {
+                self.wrapping_mul(o)
+            }
+        }
+    )*};
+}
+ein_int!(u8, u16, u32, u64, i8, i16, i32, i64);
+
+/// An operand: contiguous data with one unique label per dimension.
+struct Operand<T> {
+    labels: Vec<Label>,
+    shape: Vec<usize>,
+    data: Vec<T>,
+}
+
+impl<T: EinElem> Operand<T> {
     fn strides(&self) -> Vec<usize> {
         row_major_strides(&self.shape)
     }
 
     /// The data laid out with dimensions `order` (each a label of `self`, or a label it
     /// lacks, broadcast) at the sizes in `sizes`; size-1 dimensions broadcast.
-    fn arrange(&self, order: &[Label], sizes: &BTreeMap<Label, usize>) -> Vec<f32> {
+    fn arrange(&self, order: &[Label], sizes: &BTreeMap<Label, usize>) -> Vec<T> {
         let st = self.strides();
         let shape: Vec<usize> = order.iter().map(|l| sizes[l]).collect();
         let strides: Vec<usize> = order
@@ -113,7 +185,7 @@ impl Operand {
     }
 
     /// Sums out the dimensions whose labels are in `drop`.
-    fn sum_out(self, drop: &[Label], sizes: &BTreeMap<Label, usize>) -> Operand {
+    fn sum_out(self, drop: &[Label], sizes: &BTreeMap<Label, usize>) -> Operand<T> {
         if !self.labels.iter().any(|l| drop.contains(l)) {
             return self;
         }
@@ -140,9 +212,11 @@ impl Operand {
         let shape: Vec<usize> = keep.iter().map(|l| local[l]).collect();
         let n: usize = shape.iter().product();
         let data = if block == 0 {
-            vec![0.0; n]
+            vec![T::default(); n]
         } else {
-            data.chunks(block).map(|c| c.iter().sum()).collect()
+            data.chunks(block)
+                .map(|c| c.iter().fold(T::default(), |acc, &v| acc.add(v)))
+                .collect()
         };
         Operand {
             labels: keep,
@@ -180,12 +254,14 @@ impl Einsum {
     }
 }
 
-impl Kernel for Einsum {
-    fn compute(
+impl Einsum {
+    /// The output shape and data, computed in `T` on the operands `data` (the inputs' data).
+    fn eval<T: EinElem>(
         &self,
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
-    ) -> Result<(), PluginError> {
+        data: &[&[T]],
+    ) -> Result<(Vec<usize>, Vec<T>), PluginError> {
         if inputs.len() != self.inputs.len() {
             return Err(PluginError::invalid(format!(
                 "Einsum: the equation has {} operands, the node {}",
@@ -258,8 +334,7 @@ impl Kernel for Einsum {
         };
         // Each operand with unique labels (diagonals taken).
         let mut operands = Vec::with_capacity(ops.len());
-        for (labels, v) in &ops {
-            let x = v.as_slice::<f32>()?;
+        for ((labels, v), &x) in ops.iter().zip(data) {
             let shape = v.shape();
             let st = row_major_strides(shape);
             let mut uniq: Vec<Label> = Vec::new();
@@ -302,7 +377,7 @@ impl Kernel for Einsum {
         // Contract left to right.
         let n = operands.len();
         let mut rest = operands;
-        let later = |k: usize, rest: &[Operand]| -> Vec<Label> {
+        let later = |k: usize, rest: &[Operand<T>]| -> Vec<Label> {
             let mut keep = out_labels.clone();
             for o in &rest[k..] {
                 keep.extend(&o.labels);
@@ -337,10 +412,74 @@ impl Kernel for Einsum {
             .collect();
         acc = acc.sum_out(&drop, &sizes);
         let out_shape: Vec<usize> = out_labels.iter().map(|l| sizes[l]).collect();
-        let y = ctx.output_slice::<f32>(0, &out_shape)?;
-        let data = acc.arrange(&out_labels, &sizes);
-        y.copy_from_slice(&data);
+        Ok((out_shape, acc.arrange(&out_labels, &sizes)))
+    }
+
+    fn write<T: EinElem>(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        let data = inputs
+            .iter()
+            .map(|v| v.as_slice::<T>())
+            .collect::<Result<Vec<_>, _>>()?;
+        let (shape, y) = self.eval::<T>(ctx, inputs, &data)?;
+        ctx.output_slice::<T>(0, &shape)?.copy_from_slice(&y);
         Ok(())
+    }
+
+    /// f16 / bf16: computed in f32.
+    fn write_half<T: Element>(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+        load: fn(T) -> f32,
+        store: fn(f32) -> T,
+    ) -> Result<(), PluginError> {
+        let wide = inputs
+            .iter()
+            .map(|v| Ok(v.as_slice::<T>()?.iter().map(|&x| load(x)).collect()))
+            .collect::<Result<Vec<Vec<f32>>, PluginError>>()?;
+        let data: Vec<&[f32]> = wide.iter().map(|v| v.as_slice()).collect();
+        let (shape, y) = self.eval::<f32>(ctx, inputs, &data)?;
+        let out = ctx.output_slice::<T>(0, &shape)?;
+        out.iter_mut().zip(&y).for_each(|(o, &v)| *o = store(v));
+        Ok(())
+    }
+}
+
+impl Kernel for Einsum {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        use opreg_sdk::half::{bf16, f16};
+        let dtype = inputs.first().map_or(DType::F32, |v| v.dtype);
+        if let Some(v) = inputs.iter().find(|v| v.dtype != dtype) {
+            return Err(PluginError::invalid(format!(
+                "Einsum: operands mix {dtype} and {}",
+                v.dtype
+            )));
+        }
+        match dtype {
+            DType::F32 => self.write::<f32>(ctx, inputs),
+            DType::F64 => self.write::<f64>(ctx, inputs),
+            DType::F16 => self.write_half(ctx, inputs, f16::to_f32, f16::from_f32),
+            DType::BF16 => self.write_half(ctx, inputs, bf16::to_f32, bf16::from_f32),
+            DType::U8 => self.write::<u8>(ctx, inputs),
+            DType::U16 => self.write::<u16>(ctx, inputs),
+            DType::U32 => self.write::<u32>(ctx, inputs),
+            DType::U64 => self.write::<u64>(ctx, inputs),
+            DType::I8 => self.write::<i8>(ctx, inputs),
+            DType::I16 => self.write::<i16>(ctx, inputs),
+            DType::I32 => self.write::<i32>(ctx, inputs),
+            DType::I64 => self.write::<i64>(ctx, inputs),
+            other => Err(PluginError::unimplemented(format!(
+                "Einsum is not implemented for {other}"
+            ))),
+        }
     }
 }
 
@@ -354,13 +493,13 @@ fn label_name(l: Label) -> String {
 
 /// `a` and `b` contracted over their shared labels that are not in `keep`; shared labels in
 /// `keep` are batch dimensions. Labels of one side only must be in `keep` (summed before).
-fn contract(
+fn contract<T: EinElem>(
     ctx: &KernelContext<'_>,
-    a: &Operand,
-    b: &Operand,
+    a: &Operand<T>,
+    b: &Operand<T>,
     keep: &[Label],
     sizes: &BTreeMap<Label, usize>,
-) -> Result<Operand, PluginError> {
+) -> Result<Operand<T>, PluginError> {
     let shared = |l: &Label| b.labels.contains(l);
     let batch: Vec<Label> = a
         .labels
@@ -387,26 +526,21 @@ fn contract(
     let order_b: Vec<Label> = batch.iter().chain(&con).chain(&right).copied().collect();
     let am = a.arrange(&order_a, sizes);
     let bm = b.arrange(&order_b, sizes);
-    let mut out = vec![0.0f32; nb * m * n];
+    let mut out = vec![T::default(); nb * m * n];
     if m * n * k == 1 {
         // Pure elementwise product: no matrix to speak of.
-        for ((o, x), y) in out.iter_mut().zip(&am).zip(&bm) {
-            *o = x * y;
+        for ((o, &x), &y) in out.iter_mut().zip(&am).zip(&bm) {
+            *o = x.mul(y);
         }
-    } else {
+    } else if m * n > 0 {
         for bi in 0..nb {
-            gemm_f32(
+            T::gemm(
                 ctx,
-                "Einsum",
-                false,
-                false,
                 m,
                 n,
                 k,
-                1.0,
                 &am[bi * m * k..],
                 &bm[bi * k * n..],
-                0.0,
                 &mut out[bi * m * n..],
             )?;
         }
@@ -421,15 +555,19 @@ fn contract(
 }
 
 pub fn register(r: &mut Registrar) {
-    register_versions(
-        r,
-        "Einsum",
-        &[12],
-        &[("T", &[DType::F32])],
-        &["T"],
-        &["T"],
-        einsum_factory,
-    );
+    use DType::*;
+    const NUMERIC: &[DType] = &[U8, U16, U32, U64, I8, I16, I32, I64, F16, F32, F64];
+    const WITH_BF16: &[DType] = &[U8, U16, U32, U64, I8, I16, I32, I64, F16, F32, F64, BF16];
+    // bf16 from opset 28.
+    for (since, end, types) in [(12, 27, NUMERIC), (28, OPEN_END, WITH_BF16)] {
+        r.kernel(
+            KernelDesc::onnx("Einsum", since, end)
+                .constraint("T", types)
+                .inputs(&["T"])
+                .outputs(&["T"]),
+            einsum_factory,
+        );
+    }
 }
 
 #[cfg(test)]
@@ -437,6 +575,7 @@ mod tests {
     use super::*;
     use crate::nn::testblas::NaiveBlas;
     use opreg_sdk::{
+        half::bf16,
         host::HostTensor,
         testkit::{run_kernel, NodeSpec},
     };
@@ -597,5 +736,47 @@ mod tests {
         )
         .expect_err("extents");
         assert!(err.message.contains("extents"), "{}", err.message);
+    }
+
+    #[test]
+    fn einsum_official_cases() {
+        crate::testcases::run_cases_with(&["test_einsum_"], einsum_factory, || {
+            Some(Box::new(NaiveBlas))
+        });
+    }
+
+    #[test]
+    fn einsum_other_types() {
+        // "ij,jk->ik" on [[1,2],[3,4]] x [[5,6],[7,8]] = [[19,22],[43,50]], and "ii->" = 5.
+        let a = [1.0, 2.0, 3.0, 4.0];
+        let b = [5.0, 6.0, 7.0, 8.0];
+        let node =
+            |eq: &str| NodeSpec::onnx("Einsum", 28).attr("equation", AttrValue::String(eq.into()));
+        let run = |eq: &str, ts: &[&HostTensor]| {
+            run_kernel(einsum_factory, &node(eq), ts, Some(Box::new(NaiveBlas))).expect("run")
+        };
+        let ta = HostTensor::from_vec(&[2, 2], &a.map(|v| v as i16)).expect("a");
+        let tb = HostTensor::from_vec(&[2, 2], &b.map(|v| v as i16)).expect("b");
+        let y = run("ij,jk->ik", &[&ta, &tb]);
+        assert_eq!(y[0].to_vec::<i16>().expect("i16"), vec![19, 22, 43, 50]);
+        assert_eq!(
+            run("ii->", &[&ta])[0].to_vec::<i16>().expect("i16"),
+            vec![5]
+        );
+        let ta = HostTensor::from_vec(&[2, 2], &a).expect("a");
+        let tb = HostTensor::from_vec(&[2, 2], &b).expect("b");
+        let y = run("ij,jk->ik", &[&ta, &tb]);
+        assert_eq!(
+            y[0].to_vec::<f64>().expect("f64"),
+            vec![19.0, 22.0, 43.0, 50.0]
+        );
+        let h = |v: &[f64]| v.iter().map(|&x| bf16::from_f64(x)).collect::<Vec<_>>();
+        let ta = HostTensor::from_vec(&[2, 2], &h(&a)).expect("a");
+        let tb = HostTensor::from_vec(&[2, 2], &h(&b)).expect("b");
+        let y = run("ij,jk->ik", &[&ta, &tb]);
+        assert_eq!(
+            y[0].to_vec::<bf16>().expect("bf16"),
+            h(&[19.0, 22.0, 43.0, 50.0])
+        );
     }
 }

@@ -71,14 +71,19 @@ pub(crate) fn gemm_f32(
 #[derive(Clone)]
 struct MatMul;
 
-impl Kernel for MatMul {
-    fn compute(
-        &self,
-        ctx: &KernelContext<'_>,
-        inputs: &[TensorView<'_>],
-    ) -> Result<(), PluginError> {
-        let (a, b) = (inputs[0], inputs[1]);
-        let (sa, sb) = (a.shape(), b.shape());
+/// The products a MatMul computes: `nb` gemms of `m x k` by `k x n`, at these element offsets
+/// into A and B (empty when B is shared and the batches fold into M).
+struct MatMulPlan {
+    out_shape: Vec<usize>,
+    nb: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    offs: Vec<(usize, usize)>,
+}
+
+impl MatMulPlan {
+    fn new(sa: &[usize], sb: &[usize]) -> Result<Self, PluginError> {
         if sa.is_empty() || sb.is_empty() {
             return Err(PluginError::invalid(format!(
                 "MatMul: operands must have rank >= 1, got {sa:?} x {sb:?}"
@@ -115,27 +120,61 @@ impl Kernel for MatMul {
             out_shape.push(n);
         }
         let nb: usize = batch.iter().product();
-        let x = a.as_slice::<f32>()?;
-        let w = b.as_slice::<f32>()?;
-        let y = ctx.output_slice::<f32>(0, &out_shape)?;
+        let nb_a: usize = batch_a.iter().product();
+        let nb_b: usize = batch_b.iter().product();
+        let mut offs = Vec::new();
+        if !(nb_b == 1 && nb_a == nb) {
+            let mut offs_a = Vec::with_capacity(nb);
+            walk_offsets(&batch, &broadcast_strides(batch_a, &batch), 0, nb, |o| {
+                offs_a.push(o * m * k)
+            });
+            let mut i = 0;
+            offs.resize(nb, (0, 0));
+            walk_offsets(&batch, &broadcast_strides(batch_b, &batch), 0, nb, |o| {
+                offs[i] = (offs_a[i], o * k * n);
+                i += 1;
+            });
+        }
+        Ok(MatMulPlan {
+            out_shape,
+            nb,
+            m,
+            k,
+            n,
+            offs,
+        })
+    }
+
+    /// The products in the node's BLAS f32 gemm.
+    fn run_f32(
+        &self,
+        ctx: &KernelContext<'_>,
+        x: &[f32],
+        w: &[f32],
+        y: &mut [f32],
+    ) -> Result<(), PluginError> {
+        let (m, k, n) = (self.m, self.k, self.n);
         if y.is_empty() {
             return Ok(());
         }
-        let nb_a: usize = batch_a.iter().product();
-        let nb_b: usize = batch_b.iter().product();
-        if nb_b == 1 && nb_a == nb {
+        if self.offs.is_empty() {
             // B shared by every batch: fold the batches into M, one gemm.
-            return gemm_f32(ctx, "MatMul", false, false, nb * m, n, k, 1.0, x, w, 0.0, y);
+            return gemm_f32(
+                ctx,
+                "MatMul",
+                false,
+                false,
+                self.nb * m,
+                n,
+                k,
+                1.0,
+                x,
+                w,
+                0.0,
+                y,
+            );
         }
-        let mut offs_a = Vec::with_capacity(nb);
-        let mut offs_b = Vec::with_capacity(nb);
-        walk_offsets(&batch, &broadcast_strides(batch_a, &batch), 0, nb, |o| {
-            offs_a.push(o * m * k)
-        });
-        walk_offsets(&batch, &broadcast_strides(batch_b, &batch), 0, nb, |o| {
-            offs_b.push(o * k * n)
-        });
-        for (i, yb) in y.chunks_mut(m * n).enumerate() {
+        for (yb, &(oa, ob)) in y.chunks_mut(m * n).zip(&self.offs) {
             gemm_f32(
                 ctx,
                 "MatMul",
@@ -145,13 +184,161 @@ impl Kernel for MatMul {
                 n,
                 k,
                 1.0,
-                &x[offs_a[i]..],
-                &w[offs_b[i]..],
+                &x[oa..],
+                &w[ob..],
                 0.0,
                 yb,
             )?;
         }
         Ok(())
+    }
+
+    /// The products as plain loops (f64 and integers; integers wrap as numpy's do).
+    fn run_loop<T: MatElem>(
+        &self,
+        ctx: &KernelContext<'_>,
+        x: &[T],
+        w: &[T],
+        y: &mut [T],
+    ) -> Result<(), PluginError> {
+        let (m, k, n) = (self.m, self.k, self.n);
+        if y.is_empty() {
+            return Ok(());
+        }
+        let grain = (4096 / (k * n).max(1)).max(1) * n;
+        ctx.parallel_chunks(y, grain, |start, chunk| {
+            for (j, v) in chunk.iter_mut().enumerate() {
+                let idx = start + j;
+                let (row, col) = (idx / n, idx % n);
+                let (bi, r) = (row / m, row % m);
+                let (oa, ob) = match self.offs.get(bi) {
+                    Some(&o) => o,
+                    None => (bi * m * k, 0),
+                };
+                let a = &x[oa + r * k..oa + r * k + k];
+                let mut acc = T::default();
+                for (p, &av) in a.iter().enumerate() {
+                    acc = acc.mul_add(av, w[ob + p * n + col]);
+                }
+                *v = acc;
+            }
+        })
+    }
+}
+
+/// An element MatMul computes on without BLAS.
+trait MatElem: Element + Default {
+    /// `self + a * b` (wrapping for integers).
+    fn mul_add(self, a: Self, b: Self) -> Self;
+}
+
+impl MatElem for f64 {
+    fn mul_add(self, a: f64, b: f64) -> f64 {
+        self + a * b
+    }
+}
+
+macro_rules! mat_int {
+    ($($t:ty),*) => {$(
+        impl MatElem for $t {
+            fn mul_add(self, a: $t, b: $t) -> $t {
+                self.wrapping_add(a.wrapping_mul(b))
+            }
+        }
+    )*};
+}
+mat_int!(i32, i64, u32, u64);
+
+/// f16 / bf16 operands widened to f32.
+fn widen<T: Element + Copy>(v: &TensorView<'_>, f: fn(T) -> f32) -> Result<Vec<f32>, PluginError> {
+    Ok(v.as_slice::<T>()?.iter().map(|&x| f(x)).collect())
+}
+
+impl Kernel for MatMul {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        use opreg_sdk::half::{bf16, f16};
+        let (a, b) = (inputs[0], inputs[1]);
+        if a.dtype != b.dtype {
+            return Err(PluginError::invalid(format!(
+                "MatMul: A is {} but B is {}",
+                a.dtype, b.dtype
+            )));
+        }
+        let plan = MatMulPlan::new(a.shape(), b.shape())?;
+        let shape = plan.out_shape.clone();
+        match a.dtype {
+            DType::F32 => plan.run_f32(
+                ctx,
+                a.as_slice()?,
+                b.as_slice()?,
+                ctx.output_slice::<f32>(0, &shape)?,
+            ),
+            DType::F16 => {
+                let mut y = vec![0.0f32; shape.iter().product()];
+                plan.run_f32(
+                    ctx,
+                    &widen(&a, f16::to_f32)?,
+                    &widen(&b, f16::to_f32)?,
+                    &mut y,
+                )?;
+                let out = ctx.output_slice::<f16>(0, &shape)?;
+                out.iter_mut()
+                    .zip(&y)
+                    .for_each(|(o, &v)| *o = f16::from_f32(v));
+                Ok(())
+            }
+            DType::BF16 => {
+                let mut y = vec![0.0f32; shape.iter().product()];
+                plan.run_f32(
+                    ctx,
+                    &widen(&a, bf16::to_f32)?,
+                    &widen(&b, bf16::to_f32)?,
+                    &mut y,
+                )?;
+                let out = ctx.output_slice::<bf16>(0, &shape)?;
+                out.iter_mut()
+                    .zip(&y)
+                    .for_each(|(o, &v)| *o = bf16::from_f32(v));
+                Ok(())
+            }
+            DType::F64 => plan.run_loop(
+                ctx,
+                a.as_slice::<f64>()?,
+                b.as_slice()?,
+                ctx.output_slice(0, &shape)?,
+            ),
+            DType::I32 => plan.run_loop(
+                ctx,
+                a.as_slice::<i32>()?,
+                b.as_slice()?,
+                ctx.output_slice(0, &shape)?,
+            ),
+            DType::I64 => plan.run_loop(
+                ctx,
+                a.as_slice::<i64>()?,
+                b.as_slice()?,
+                ctx.output_slice(0, &shape)?,
+            ),
+            DType::U32 => plan.run_loop(
+                ctx,
+                a.as_slice::<u32>()?,
+                b.as_slice()?,
+                ctx.output_slice(0, &shape)?,
+            ),
+            DType::U64 => plan.run_loop(
+                ctx,
+                a.as_slice::<u64>()?,
+                b.as_slice()?,
+                ctx.output_slice(0, &shape)?,
+            ),
+            other => Err(PluginError::unimplemented(format!(
+                "MatMul is not implemented for {other}"
+            ))),
+        }
     }
 }
 
@@ -240,16 +427,23 @@ fn matmul_factory(_: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
 }
 
 pub fn register(r: &mut Registrar) {
-    let t: &[(&str, &[DType])] = &[("T", &[DType::F32])];
-    register_versions(
-        r,
-        "MatMul",
-        &[1, 9, 13],
-        t,
-        &["T", "T"],
-        &["T"],
-        matmul_factory,
-    );
+    use DType::*;
+    let t: &[(&str, &[DType])] = &[("T", &[F32])];
+    // MatMul's types by schema version: floats from 1, 32/64-bit integers from 9, bf16 from 13.
+    let versions: [(i32, i32, &[DType]); 3] = [
+        (1, 8, &[F32, F16, F64]),
+        (9, 12, &[F32, F16, F64, I32, I64, U32, U64]),
+        (13, OPEN_END, &[F32, F16, F64, I32, I64, U32, U64, BF16]),
+    ];
+    for (since, end, types) in versions {
+        r.kernel(
+            KernelDesc::onnx("MatMul", since, end)
+                .constraint("T", types)
+                .inputs(&["T", "T"])
+                .outputs(&["T"]),
+            matmul_factory,
+        );
+    }
     // Gemm before 7 had the `broadcast` attribute; from 11 C is optional.
     register_versions(
         r,
@@ -374,6 +568,82 @@ mod tests {
         );
     }
 
+    #[test]
+    fn matmul_other_types() {
+        use opreg_sdk::half::{bf16, f16};
+        // [[1,2,3],[4,5,6]] x [[1,0],[0,1],[2,-1]] = [[7,-1],[16,-1]]
+        let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let b = [1.0, 0.0, 0.0, 1.0, 2.0, -1.0];
+        let want = [7.0, -1.0, 16.0, -1.0];
+        let run = |ta: HostTensor, tb: HostTensor, blas: bool| {
+            let blas: Option<Box<dyn opreg_sdk::blas::Blas>> = if blas {
+                Some(Box::new(NaiveBlas))
+            } else {
+                None
+            };
+            let out = run_kernel(
+                matmul_factory,
+                &NodeSpec::onnx("MatMul", 13),
+                &[&ta, &tb],
+                blas,
+            )
+            .expect("run");
+            assert_eq!(out[0].shape(), &[2, 2]);
+            out.into_iter().next().expect("output")
+        };
+        let h = |v: &[f64]| v.iter().map(|&x| f16::from_f64(x)).collect::<Vec<_>>();
+        let y = run(
+            HostTensor::from_vec(&[2, 3], &h(&a)).expect("a"),
+            HostTensor::from_vec(&[3, 2], &h(&b)).expect("b"),
+            true,
+        );
+        assert_eq!(y.to_vec::<f16>().expect("f16"), h(&want));
+        let bh = |v: &[f64]| v.iter().map(|&x| bf16::from_f64(x)).collect::<Vec<_>>();
+        let y = run(
+            HostTensor::from_vec(&[2, 3], &bh(&a)).expect("a"),
+            HostTensor::from_vec(&[3, 2], &bh(&b)).expect("b"),
+            true,
+        );
+        assert_eq!(y.to_vec::<bf16>().expect("bf16"), bh(&want));
+        // f64 and integers need no BLAS.
+        let y = run(
+            HostTensor::from_vec(&[2, 3], &a).expect("a"),
+            HostTensor::from_vec(&[3, 2], &b).expect("b"),
+            false,
+        );
+        assert_eq!(y.to_vec::<f64>().expect("f64"), want.to_vec());
+        let i = |v: &[f64]| v.iter().map(|&x| x as i32).collect::<Vec<_>>();
+        let y = run(
+            HostTensor::from_vec(&[2, 3], &i(&a)).expect("a"),
+            HostTensor::from_vec(&[3, 2], &i(&b)).expect("b"),
+            false,
+        );
+        assert_eq!(y.to_vec::<i32>().expect("i32"), i(&want));
+        // Integer products wrap; batches broadcast: [2,1,2] x [2,1] (u64).
+        let ta = HostTensor::from_vec(&[2, 1, 2], &[1u64, 2, u64::MAX, 1]).expect("a");
+        let tb = HostTensor::from_vec(&[2, 1], &[3u64, 4]).expect("b");
+        let out = run_kernel(
+            matmul_factory,
+            &NodeSpec::onnx("MatMul", 13),
+            &[&ta, &tb],
+            None,
+        )
+        .expect("run");
+        assert_eq!(out[0].shape(), &[2, 1, 1]);
+        assert_eq!(out[0].to_vec::<u64>().expect("u64"), vec![11, 1]);
+        // Batched B: [2,1,2] x [2,2,1] (i64).
+        let ta = HostTensor::from_vec(&[2, 1, 2], &[1i64, 2, 3, 4]).expect("a");
+        let tb = HostTensor::from_vec(&[2, 2, 1], &[5i64, 6, -7, 8]).expect("b");
+        let out = run_kernel(
+            matmul_factory,
+            &NodeSpec::onnx("MatMul", 13),
+            &[&ta, &tb],
+            None,
+        )
+        .expect("run");
+        assert_eq!(out[0].to_vec::<i64>().expect("i64"), vec![17, 11]);
+    }
+
     fn transpose(x: &[f32], r: usize, c: usize) -> Vec<f32> {
         let mut t = vec![0.0; r * c];
         for i in 0..r {
@@ -436,5 +706,15 @@ mod tests {
         )
         .expect("run");
         close(&out[0].to_vec::<f32>().expect("f32"), &base);
+    }
+
+    #[test]
+    fn matmul_and_gemm_official_cases() {
+        crate::testcases::run_cases_with(&["test_matmul_"], matmul_factory, || {
+            Some(Box::new(NaiveBlas))
+        });
+        crate::testcases::run_cases_with(&["test_gemm_"], gemm_factory, || {
+            Some(Box::new(NaiveBlas))
+        });
     }
 }

@@ -19,6 +19,7 @@ macro_rules! dispatch_float {
 
 mod conv;
 mod conv_transpose;
+mod deform_conv;
 mod einsum;
 mod matmul;
 mod norm;
@@ -26,6 +27,7 @@ mod pool;
 mod softmax;
 #[cfg(test)]
 pub(crate) mod testblas;
+mod unpool;
 
 /// The float types the non-BLAS operators accept.
 pub(crate) const FLOATS: &[DType] = &[DType::F32, DType::F64, DType::F16, DType::BF16];
@@ -172,18 +174,19 @@ pub(crate) fn at_least_one(
     Ok(v as usize)
 }
 
-/// The optional per-output-channel bias `B` (input 2) of a convolution with `m` outputs.
-pub(crate) fn conv_bias<'a>(
+/// The optional per-output-channel bias `B` (input 2) of a convolution with `m` outputs, as
+/// elements of `T` (the convolution's element type).
+pub(crate) fn conv_bias<'a, T: Element>(
     op: &str,
     inputs: &[TensorView<'a>],
     m: usize,
-) -> Result<Option<&'a [f32]>, PluginError> {
+) -> Result<Option<&'a [T]>, PluginError> {
     match optional(inputs, 2) {
         Some(b) if b.shape() != [m] => Err(PluginError::invalid(format!(
             "{op}: bias B has shape {:?}, expected [{m}]",
             b.shape()
         ))),
-        Some(b) => Ok(Some(b.as_slice::<f32>()?)),
+        Some(b) => Ok(Some(b.as_slice::<T>()?)),
         None => Ok(None),
     }
 }
@@ -401,6 +404,8 @@ pub fn register(r: &mut Registrar) {
     pool::register(r);
     norm::register(r);
     softmax::register(r);
+    unpool::register(r);
+    deform_conv::register(r);
 }
 
 #[cfg(test)]

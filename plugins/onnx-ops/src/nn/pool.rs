@@ -267,9 +267,32 @@ impl Kernel for Pool {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        dispatch_float!(inputs[0].dtype, self.op, |T| self.run::<T>(ctx, inputs))
+        match (self.kind, inputs[0].dtype) {
+            // MaxPool takes 8-bit integers from opset 12.
+            (Kind::Max, DType::U8) => self.run::<u8>(ctx, inputs),
+            (Kind::Max, DType::I8) => self.run::<i8>(ctx, inputs),
+            _ => dispatch_float!(inputs[0].dtype, self.op, |T| self.run::<T>(ctx, inputs)),
+        }
     }
 }
+
+/// 8-bit integers for MaxPool, compared in f32 (exact for every value).
+macro_rules! int8_float {
+    ($($t:ty),*) => {$(
+        impl Float for $t {
+            type C = f32;
+            #[inline(always)]
+            fn load(self) -> f32 {
+                self as f32
+            }
+            #[inline(always)]
+            fn store(v: f32) -> Self {
+                v as $t
+            }
+        }
+    )*};
+}
+int8_float!(u8, i8);
 
 #[derive(Clone)]
 struct GlobalPool {
@@ -344,16 +367,29 @@ fn global_max_factory(_: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> 
 
 pub fn register(r: &mut Registrar) {
     let t: &[(&str, &[DType])] = &[("T", FLOATS)];
-    let ti: &[(&str, &[DType])] = &[("T", FLOATS), ("I", &[DType::I64])];
-    register_versions(
-        r,
-        "MaxPool",
-        &[1, 8, 10, 11, 12, 22],
-        ti,
-        &["T"],
-        &["T", "I"],
-        max_pool_factory,
-    );
+    // MaxPool: int8 and uint8 from opset 12.
+    let with_int8: Vec<DType> = FLOATS
+        .iter()
+        .copied()
+        .chain([DType::I8, DType::U8])
+        .collect();
+    for (since, end, types) in [
+        (1, 7, FLOATS),
+        (8, 9, FLOATS),
+        (10, 10, FLOATS),
+        (11, 11, FLOATS),
+        (12, 21, &with_int8[..]),
+        (22, OPEN_END, &with_int8[..]),
+    ] {
+        r.kernel(
+            KernelDesc::onnx("MaxPool", since, end)
+                .constraint("T", types)
+                .constraint("I", &[DType::I64])
+                .inputs(&["T"])
+                .outputs(&["T", "I"]),
+            max_pool_factory,
+        );
+    }
     register_versions(
         r,
         "AveragePool",
@@ -634,5 +670,15 @@ mod tests {
             .map(|v| v.to_f32())
             .collect();
         assert_eq!(y, vec![1.5, 5.5, 9.5]);
+    }
+}
+
+#[cfg(test)]
+mod int8_tests {
+    use super::*;
+
+    #[test]
+    fn max_pool_official_cases() {
+        crate::testcases::run_cases(&["test_maxpool_"], max_pool_factory);
     }
 }

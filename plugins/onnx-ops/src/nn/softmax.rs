@@ -93,6 +93,23 @@ impl SoftmaxOp {
                                 });
                             }
                         }
+                        Kind::Softmax if T::DTYPE == DType::F16 || T::DTYPE == DType::BF16 => {
+                            // As the reference's numpy arithmetic in the element type: x - max
+                            // and exp rounded to T, the sum accumulated in f32 (f16) or in
+                            // bf16 step by step (ml_dtypes), the quotient rounded to T.
+                            let r = |v: T::C| T::store(v).load();
+                            let step = T::DTYPE == DType::BF16;
+                            let mut sum = <T::C as Real>::ZERO;
+                            for j in 0..n {
+                                let e = r(r(xb[at(j)].load() - max).exp());
+                                sum = if step { r(sum + e) } else { sum + e };
+                                yb[at(j)] = T::store(e);
+                            }
+                            let sum = r(sum);
+                            for j in 0..n {
+                                yb[at(j)] = T::store(yb[at(j)].load() / sum);
+                            }
+                        }
                         Kind::Softmax => {
                             let mut sum = <T::C as Real>::ZERO;
                             for j in 0..n {
@@ -100,15 +117,8 @@ impl SoftmaxOp {
                                 sum += e;
                                 yb[at(j)] = T::store(e);
                             }
-                            if T::DTYPE == DType::F32 || T::DTYPE == DType::F64 {
-                                for j in 0..n {
-                                    yb[at(j)] = T::store(yb[at(j)].load() / sum);
-                                }
-                            } else {
-                                // Recompute rather than read back the rounded value.
-                                for j in 0..n {
-                                    yb[at(j)] = T::store((xb[at(j)].load() - max).exp() / sum);
-                                }
+                            for j in 0..n {
+                                yb[at(j)] = T::store(yb[at(j)].load() / sum);
                             }
                         }
                         Kind::LogSoftmax => {
@@ -324,5 +334,17 @@ mod tests {
             &[0.0, 0.0],
         );
         close(&y, &[-(2.0f32.ln()), -(2.0f32.ln())]);
+    }
+
+    #[test]
+    fn softmax_bf16_sums_step_by_step_like_the_reference() {
+        // 300 equal inputs: exp 1 each; summed in bf16 one at a time the sum stops at 256
+        // (256 + 1 rounds back to 256), so every output is 1/256, not 1/300.
+        use opreg_sdk::half::bf16;
+        let x = HostTensor::from_vec(&[300], &[bf16::from_f32(0.5); 300]).expect("x");
+        let out =
+            run_kernel(softmax_factory, &NodeSpec::onnx("Softmax", 13), &[&x], None).expect("run");
+        let y = out[0].to_vec::<bf16>().expect("bf16");
+        assert!(y.iter().all(|v| v.to_f32() == 1.0 / 256.0), "{:?}", &y[..4]);
     }
 }

@@ -290,12 +290,55 @@ fn range_run<T: RangeNum>(
     Ok(())
 }
 
+/// f16 / bf16 (opset 27): computed in f64 as the reference's `np.arange` on Python floats, or
+/// in f32 with `stash_type` FLOAT; rounded to the element type at the end.
+fn range_half<T: Element>(
+    ctx: &KernelContext<'_>,
+    x: &[TensorView<'_>],
+    stash_f32: bool,
+    load: fn(T) -> f64,
+    store: fn(f64) -> T,
+) -> Result<(), PluginError> {
+    let one = |i: usize, what: &str| -> Result<f64, PluginError> {
+        let v = input(x, i, "Range")?;
+        match v.as_slice::<T>()? {
+            [s] => Ok(load(*s)),
+            _ => Err(PluginError::invalid(format!(
+                "Range: {what} must be a scalar, has shape {:?}",
+                v.shape()
+            ))),
+        }
+    };
+    let (start, limit, delta) = (one(0, "start")?, one(1, "limit")?, one(2, "delta")?);
+    if stash_f32 {
+        let (s, l, d) = (start as f32, limit as f32, delta as f32);
+        let n = f32::count(s, l, d)?;
+        let out = ctx.output_slice::<T>(0, &[n])?;
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = store(f32::at(s, d, i) as f64);
+        }
+    } else {
+        let n = f64::count(start, limit, delta)?;
+        let out = ctx.output_slice::<T>(0, &[n])?;
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = store(f64::at(start, delta, i));
+        }
+    }
+    Ok(())
+}
+
 #[derive(Clone)]
-pub(crate) struct Range;
+pub(crate) struct Range {
+    /// `stash_type` is FLOAT (1): half types computed in f32.
+    stash_f32: bool,
+}
 
 impl Kernel for Range {
     fn compute(&self, ctx: &KernelContext<'_>, x: &[TensorView<'_>]) -> Result<(), PluginError> {
+        use opreg_sdk::half::{bf16, f16};
         match input(x, 0, "Range")?.dtype {
+            DType::F16 => range_half(ctx, x, self.stash_f32, f16::to_f64, f16::from_f64),
+            DType::BF16 => range_half(ctx, x, self.stash_f32, bf16::to_f64, bf16::from_f64),
             DType::F32 => range_run::<f32>(ctx, x),
             DType::F64 => range_run::<f64>(ctx, x),
             DType::I16 => range_run::<i16>(ctx, x),
@@ -410,17 +453,25 @@ pub(crate) fn register(r: &mut Registrar) {
             Ok(ConstantOfShape { value })
         },
     );
-    reg(
-        r,
-        KernelDesc::onnx("Range", 11, OPEN_END)
-            .constraint(
-                "T",
-                &[DType::F32, DType::F64, DType::I16, DType::I32, DType::I64],
-            )
-            .inputs(&["T", "T", "T"])
-            .outputs(&["T"]),
-        |_| Ok(Range),
-    );
+    // f16 and bf16 (and `stash_type`) from opset 27.
+    use DType::*;
+    for (since, end, types) in [
+        (11, 26, &[F32, F64, I16, I32, I64][..]),
+        (27, OPEN_END, &[F32, F64, I16, I32, I64, F16, BF16]),
+    ] {
+        reg(
+            r,
+            KernelDesc::onnx("Range", since, end)
+                .constraint("T", types)
+                .inputs(&["T", "T", "T"])
+                .outputs(&["T"]),
+            |n| {
+                Ok(Range {
+                    stash_f32: n.int_or("stash_type", 11)? == 1,
+                })
+            },
+        );
+    }
     reg(
         r,
         KernelDesc::onnx("EyeLike", 9, OPEN_END)
@@ -443,4 +494,44 @@ pub(crate) fn register(r: &mut Registrar) {
             })
         },
     );
+}
+
+#[cfg(test)]
+mod range_half_tests {
+    use super::*;
+    use opreg_sdk::{
+        half::{bf16, f16},
+        host::HostTensor,
+        testkit::{run_kernel, NodeSpec},
+    };
+
+    fn factory(n: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+        Ok(Box::new(Range {
+            stash_f32: n.int_or("stash_type", 11)? == 1,
+        }))
+    }
+
+    #[test]
+    fn range_half_types() {
+        let h = |v: f64| HostTensor::from_vec(&[], &[f16::from_f64(v)]).expect("f16");
+        let out = run_kernel(
+            factory,
+            &NodeSpec::onnx("Range", 27),
+            &[&h(1.0), &h(2.0), &h(0.25)],
+            None,
+        )
+        .expect("range");
+        let want: Vec<f16> = [1.0, 1.25, 1.5, 1.75].map(f16::from_f64).to_vec();
+        assert_eq!(out[0].to_vec::<f16>().expect("f16"), want);
+        let b = |v: f64| HostTensor::from_vec(&[], &[bf16::from_f64(v)]).expect("bf16");
+        let node = NodeSpec::onnx("Range", 27).attr("stash_type", AttrValue::Int(1));
+        let out = run_kernel(factory, &node, &[&b(10.0), &b(4.0), &b(-3.0)], None).expect("range");
+        let want: Vec<bf16> = [10.0, 7.0].map(bf16::from_f64).to_vec();
+        assert_eq!(out[0].to_vec::<bf16>().expect("bf16"), want);
+    }
+
+    #[test]
+    fn range_official_cases() {
+        crate::testcases::run_cases(&["test_range_"], factory);
+    }
 }

@@ -1,0 +1,239 @@
+//! STFT and MelWeightMatrix (opset 17), computed in f64.
+
+use super::{fill_from_f64, read_f64, scalar_i64 as scalar};
+use crate::util::optional;
+use opreg_sdk::prelude::*;
+
+const FLOATS: &[DType] = &[DType::F32, DType::F64, DType::F16, DType::BF16];
+
+#[derive(Clone)]
+struct Stft {
+    onesided: bool,
+}
+
+impl Kernel for Stft {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        const OP: &str = "STFT";
+        let x = inputs[0];
+        let s = x.shape();
+        if s.len() != 3 || !(s[2] == 1 || s[2] == 2) {
+            return Err(PluginError::invalid(format!(
+                "{OP}: signal must be [batch, length, 1 or 2], got {s:?}"
+            )));
+        }
+        let (batch, len, parts) = (s[0], s[1], s[2]);
+        let step = scalar(&inputs[1], OP, "frame_step")?;
+        let window = optional(inputs, 2).map(|w| read_f64(w, OP)).transpose()?;
+        let frame_len = match (optional(inputs, 3), &window) {
+            (Some(f), _) => scalar(f, OP, "frame_length")?,
+            (None, Some(w)) => w.len() as i64,
+            (None, None) => len as i64,
+        };
+        if step <= 0 || frame_len <= 0 || frame_len as usize > len {
+            return Err(PluginError::invalid(format!(
+                "{OP}: frame_step {step} and frame_length {frame_len} do not fit a signal of \
+                 length {len}"
+            )));
+        }
+        let (step, n) = (step as usize, frame_len as usize);
+        let window = window.unwrap_or_else(|| vec![1.0; n]);
+        if window.len() != n {
+            return Err(PluginError::invalid(format!(
+                "{OP}: window has {} values, frame_length is {n}",
+                window.len()
+            )));
+        }
+        if self.onesided && parts == 2 {
+            return Err(PluginError::invalid(format!(
+                "{OP}: onesided output needs a real signal"
+            )));
+        }
+        let frames = 1 + (len - n) / step;
+        let bins = if self.onesided { n / 2 + 1 } else { n };
+        let xv = read_f64(&x, OP)?;
+        // Twiddles: exp(-2 pi i m / n) for m in 0..n.
+        let tw: Vec<(f64, f64)> = (0..n)
+            .map(|m| {
+                let a = -2.0 * std::f64::consts::PI * m as f64 / n as f64;
+                (a.cos(), a.sin())
+            })
+            .collect();
+        let mut out = vec![0.0f64; batch * frames * bins * 2];
+        for b in 0..batch {
+            for f in 0..frames {
+                let start = f * step;
+                for k in 0..bins {
+                    let (mut re, mut im) = (0.0, 0.0);
+                    for (t, &w) in window.iter().enumerate() {
+                        let at = ((b * len) + start + t) * parts;
+                        let xr = xv[at] * w;
+                        let xi = if parts == 2 { xv[at + 1] * w } else { 0.0 };
+                        let (c, s) = tw[(k * t) % n];
+                        re += xr * c - xi * s;
+                        im += xr * s + xi * c;
+                    }
+                    let o = ((b * frames + f) * bins + k) * 2;
+                    out[o] = re;
+                    out[o + 1] = im;
+                }
+            }
+        }
+        fill_from_f64(ctx, 0, x.dtype, &[batch, frames, bins, 2], |i| out[i])
+    }
+}
+
+#[derive(Clone)]
+struct MelWeightMatrix {
+    output: DType,
+}
+
+impl Kernel for MelWeightMatrix {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        const OP: &str = "MelWeightMatrix";
+        let bins = scalar(&inputs[0], OP, "num_mel_bins")?;
+        let dft = scalar(&inputs[1], OP, "dft_length")?;
+        let rate = scalar(&inputs[2], OP, "sample_rate")?;
+        let edge = |i: usize, what: &str| -> Result<f64, PluginError> {
+            match read_f64(&inputs[i], OP)?.as_slice() {
+                [v] => Ok(*v),
+                _ => Err(PluginError::invalid(format!(
+                    "{OP}: input '{what}' must be a scalar"
+                ))),
+            }
+        };
+        let (lower, upper) = (edge(3, "lower_edge_hertz")?, edge(4, "upper_edge_hertz")?);
+        if bins <= 0 || dft <= 0 || rate <= 0 {
+            return Err(PluginError::invalid(format!(
+                "{OP}: num_mel_bins {bins}, dft_length {dft} and sample_rate {rate} must be \
+                 positive"
+            )));
+        }
+        let (bins, spec) = (bins as usize, dft as usize / 2 + 1);
+        // As the reference: the mel edges from the inputs' own precision (f32 for f32 inputs),
+        // then f64.
+        let single = inputs[3].dtype != DType::F64;
+        let mel = |hz: f64| -> f64 {
+            let l = if single {
+                (2595.0f32 * ((hz as f32) / 700.0).ln_1p()) as f64
+            } else {
+                2595.0 * (hz / 700.0).ln_1p()
+            };
+            l / std::f64::consts::LN_10
+        };
+        let (lo, hi) = (mel(lower), mel(upper));
+        let step = (hi - lo) / (bins + 2) as f64;
+        let points: Vec<i64> = (0..bins + 2)
+            .map(|i| {
+                let m = i as f64 * step + lo;
+                let hz = 700.0 * (m / 2595.0 * std::f64::consts::LN_10).exp_m1();
+                (((dft + 1) as f64 * hz) / rate as f64).floor() as i64
+            })
+            .collect();
+        let mut out = vec![0.0f64; spec * bins];
+        let mut set = |j: i64, i: usize, v: f64| -> Result<(), PluginError> {
+            if j < 0 || j as usize >= spec {
+                return Err(PluginError::invalid(format!(
+                    "{OP}: mel point {j} falls outside the {spec} spectrogram bins"
+                )));
+            }
+            out[j as usize * bins + i] = v;
+            Ok(())
+        };
+        for i in 0..bins {
+            let (l, c, h) = (points[i], points[i + 1], points[i + 2]);
+            if c == l {
+                set(c, i, 1.0)?;
+            } else {
+                for j in l..=c {
+                    set(j, i, (j - l) as f64 / (c - l) as f64)?;
+                }
+            }
+            if h > c {
+                for j in c..h {
+                    set(j, i, (h - j) as f64 / (h - c) as f64)?;
+                }
+            }
+        }
+        fill_from_f64(ctx, 0, self.output, &[spec, bins], |i| out[i])
+    }
+}
+
+fn stft_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    Ok(Box::new(Stft {
+        onesided: node.int_or("onesided", 1)? != 0,
+    }))
+}
+
+fn mel_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    let code = node.int_or("output_datatype", 1)?;
+    let output = DType::from_onnx_code(code as i32).ok_or_else(|| {
+        PluginError::invalid(format!(
+            "MelWeightMatrix: attribute 'output_datatype' {code} is not a supported type"
+        ))
+    })?;
+    Ok(Box::new(MelWeightMatrix { output }))
+}
+
+pub fn register(r: &mut Registrar) {
+    r.kernel(
+        KernelDesc::onnx("STFT", 17, OPEN_END)
+            .constraint("T1", FLOATS)
+            .constraint("T2", &[DType::I32, DType::I64])
+            .inputs(&["T1", "T2", "T1", "T2"])
+            .outputs(&["T1"]),
+        stft_factory,
+    );
+    r.kernel(
+        KernelDesc::onnx("MelWeightMatrix", 17, OPEN_END)
+            .constraint("T1", &[DType::I32, DType::I64])
+            .constraint("T2", FLOATS)
+            .inputs(&["T1", "T1", "T1", "T2", "T2"])
+            .outputs(&["T3"]),
+        mel_factory,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testcases::run_cases;
+    use opreg_sdk::{
+        host::HostTensor,
+        testkit::{run_kernel_opt, NodeSpec},
+    };
+
+    #[test]
+    fn stft_by_hand() {
+        // Signal [1, 2, 3, 4], frames of 2 every 2: DFTs [3, -1] and [7, -1] (onesided: 2 bins).
+        let x = HostTensor::from_vec(&[1, 4, 1], &[1.0f32, 2.0, 3.0, 4.0]).expect("x");
+        let step = HostTensor::from_vec(&[], &[2i64]).expect("step");
+        let len = HostTensor::from_vec(&[], &[2i64]).expect("len");
+        let out = run_kernel_opt(
+            stft_factory,
+            &NodeSpec::onnx("STFT", 17),
+            &[Some(&x), Some(&step), None, Some(&len)],
+            None,
+        )
+        .expect("run");
+        assert_eq!(out[0].shape(), &[1, 2, 2, 2]);
+        let got = out[0].to_vec::<f32>().expect("f32");
+        let want = [3.0, 0.0, -1.0, 0.0, 7.0, 0.0, -1.0, 0.0];
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{got:?}");
+        }
+    }
+
+    #[test]
+    fn official_cases() {
+        run_cases(&["test_stft"], stft_factory);
+        run_cases(&["test_melweightmatrix"], mel_factory);
+    }
+}
