@@ -961,7 +961,7 @@ pub fn register(r: &mut Registrar) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rnn::node_cases::check;
+    use crate::testcases::run_cases_min;
     use opreg_sdk::{
         host::HostTensor,
         testkit::{run_kernel, NodeSpec},
@@ -969,14 +969,14 @@ mod tests {
 
     #[test]
     fn official_cases() {
-        check(&["test_ai_onnx_ml_label_encoder"], 4, label_encoder_factory);
-        check(&["test_ai_onnx_ml_binarizer"], 1, binarizer_factory);
-        check(
+        run_cases_min(&["test_ai_onnx_ml_label_encoder"], 4, label_encoder_factory);
+        run_cases_min(&["test_ai_onnx_ml_binarizer"], 1, binarizer_factory);
+        run_cases_min(
             &["test_ai_onnx_ml_array_feature_extractor"],
             1,
             array_feature_extractor_factory,
         );
-        check(&["test_ai_onnx_ml_tree_ensemble"], 2, tree_ensemble_factory);
+        run_cases_min(&["test_ai_onnx_ml_tree_ensemble"], 2, tree_ensemble_factory);
     }
 
     #[test]

@@ -6,9 +6,6 @@
 use opreg_sdk::prelude::*;
 use std::sync::Mutex;
 
-#[cfg(test)]
-pub(crate) mod node_cases;
-
 /// An activation function of the recurrent cells, with its alpha and beta.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Act {
@@ -675,9 +672,9 @@ mod tests {
 
     #[test]
     fn official_cases() {
-        node_cases::check(&["test_rnn_", "test_simple_rnn_"], 6, rnn_factory);
-        node_cases::check(&["test_gru_"], 6, gru_factory);
-        node_cases::check(&["test_lstm_"], 6, lstm_factory);
+        crate::testcases::run_cases_min(&["test_rnn_", "test_simple_rnn_"], 6, rnn_factory);
+        crate::testcases::run_cases_min(&["test_gru_"], 6, gru_factory);
+        crate::testcases::run_cases_min(&["test_lstm_"], 6, lstm_factory);
     }
 
     fn t(shape: &[usize], v: &[f32]) -> HostTensor {

@@ -1,8 +1,10 @@
 //! Test-only: runs kernels on the official ONNX node test cases (`model.onnx` +
 //! `test_data_set_*/{input,output}_K.pb`), decoding the protobufs by hand so the plugin needs
-//! no protobuf dependency. The suite lives in `$OPREG_ONNX_NODE_TESTS/node`; without the
-//! variable the sweep is skipped locally (the hand-written tests still run) and fails on CI,
-//! where a silently empty sweep would hide regressions.
+//! no protobuf dependency. It reads string tensors (compared exactly), `TENSOR` and `STRINGS`
+//! attributes and nodes of any domain (`ai.onnx.ml` included). The suite lives in
+//! `$OPREG_ONNX_NODE_TESTS/node`; without the variable the sweep is skipped locally (the
+//! hand-written tests still run) and fails on CI, where a silently empty sweep would hide
+//! regressions.
 
 use opreg_sdk::{
     host::HostTensor,
@@ -117,6 +119,7 @@ fn tensor(buf: &[u8]) -> Result<(String, HostTensor), String> {
     let (mut dims, mut code, mut name) = (Vec::new(), 0u64, String::new());
     let (mut raw, mut f32s, mut i32s, mut i64s, mut f64s) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut strings: Vec<&[u8]> = Vec::new();
     for (f, v) in fields(buf)? {
         match f {
             1 => push_varints(&v, &mut dims)?,
@@ -127,6 +130,11 @@ fn tensor(buf: &[u8]) -> Result<(String, HostTensor), String> {
             }
             4 => push_fixed32(&v, &mut f32s),
             5 => push_varints(&v, &mut i32s)?,
+            6 => {
+                if let Val::Bytes(b) = v {
+                    strings.push(b);
+                }
+            }
             // int64_data and uint64_data share the same little-endian encoding.
             7 | 11 => push_varints(&v, &mut i64s)?,
             8 => name = string(&v),
@@ -141,6 +149,10 @@ fn tensor(buf: &[u8]) -> Result<(String, HostTensor), String> {
     }
     let dtype = DType::from_onnx_code(code as i32).ok_or(format!("onnx type {code}"))?;
     let shape: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
+    if dtype == DType::String {
+        let t = HostTensor::from_strings(&shape, &strings).map_err(|e| e.message.to_string())?;
+        return Ok((name, t));
+    }
     let size = dtype.size();
     let numel: usize = shape.iter().product();
     if let Some(bits) = dtype.packed_bits() {
@@ -186,9 +198,25 @@ fn tensor(buf: &[u8]) -> Result<(String, HostTensor), String> {
     Ok((name, t))
 }
 
+/// A `TENSOR` attribute's value.
+fn owned(t: HostTensor) -> OwnedTensor {
+    let string = t.dtype() == DType::String;
+    OwnedTensor {
+        dtype: t.dtype(),
+        shape: t.shape().to_vec().into(),
+        data: if string {
+            Vec::new()
+        } else {
+            t.bytes().to_vec()
+        }
+        .into(),
+        strings: t.strings().iter().cloned().collect(),
+    }
+}
+
 fn attribute(buf: &[u8]) -> Result<(String, AttrValue), String> {
     let (mut name, mut ty) = (String::new(), 0u64);
-    let (mut f, mut i, mut s) = (0f32, 0i64, String::new());
+    let (mut f, mut i, mut s, mut t) = (0f32, 0i64, String::new(), None);
     let (mut floats, mut ints, mut strings) = (Vec::new(), Vec::new(), Vec::new());
     for (field, v) in fields(buf)? {
         match field {
@@ -204,6 +232,11 @@ fn attribute(buf: &[u8]) -> Result<(String, AttrValue), String> {
                 }
             }
             4 => s = string(&v),
+            5 => {
+                if let Val::Bytes(b) = v {
+                    t = Some(owned(tensor(b)?.1));
+                }
+            }
             7 => push_fixed32(&v, &mut floats),
             8 => push_varints(&v, &mut ints)?,
             9 => strings.push(string(&v)),
@@ -219,6 +252,7 @@ fn attribute(buf: &[u8]) -> Result<(String, AttrValue), String> {
         1 => AttrValue::Float(f),
         2 => AttrValue::Int(i),
         3 => AttrValue::String(s.into()),
+        4 => AttrValue::Tensor(t.ok_or(format!("attribute {name}: no tensor"))?),
         6 => AttrValue::Floats(floats.iter().map(|&x| f32::from_bits(x)).collect()),
         7 => AttrValue::Ints(ints.iter().map(|&x| x as i64).collect()),
         8 => AttrValue::Strings(strings.into_iter().map(Into::into).collect()),
@@ -257,6 +291,21 @@ fn close(got: &HostTensor, want: &HostTensor) -> Result<(), String> {
             want.shape()
         ));
     }
+    if got.dtype() == DType::String {
+        return match got
+            .strings()
+            .iter()
+            .zip(want.strings())
+            .position(|(a, b)| a != b)
+        {
+            None => Ok(()),
+            Some(i) => Err(format!(
+                "element {i}: got {:?}, want {:?}",
+                got.strings()[i],
+                want.strings()[i]
+            )),
+        };
+    }
     if !got.dtype().is_float() {
         // Integers, bool and the 8-, 4- and 2-bit codes: exact.
         return match got
@@ -294,8 +343,18 @@ struct Case {
     initializers: HashMap<String, HostTensor>,
 }
 
+/// The default domain's two spellings as one.
+fn domain_name(d: String) -> String {
+    if d == "ai.onnx" {
+        String::new()
+    } else {
+        d
+    }
+}
+
 fn decode_model(model: &[u8]) -> Result<Case, String> {
-    let (mut graph, mut opset) = (None, 0i32);
+    let mut graph = None;
+    let mut opsets: HashMap<String, i32> = HashMap::new();
     for (f, v) in fields(model)? {
         match (f, v) {
             (7, Val::Bytes(b)) => graph = Some(b),
@@ -308,9 +367,7 @@ fn decode_model(model: &[u8]) -> Result<Case, String> {
                         _ => {}
                     }
                 }
-                if domain.is_empty() || domain == "ai.onnx" {
-                    opset = version;
-                }
+                opsets.insert(domain_name(domain), version);
             }
             _ => {}
         }
@@ -343,8 +400,13 @@ fn decode_model(model: &[u8]) -> Result<Case, String> {
     let [node] = nodes[..] else {
         return Err(format!("{} nodes", nodes.len()));
     };
-    let (mut inputs, mut outputs, mut op, mut attrs) =
-        (Vec::new(), Vec::new(), String::new(), Vec::new());
+    let (mut inputs, mut outputs, mut op, mut domain, mut attrs) = (
+        Vec::new(),
+        Vec::new(),
+        String::new(),
+        String::new(),
+        Vec::new(),
+    );
     for (f, v) in fields(node)? {
         match f {
             1 => inputs.push(string(&v)),
@@ -355,10 +417,17 @@ fn decode_model(model: &[u8]) -> Result<Case, String> {
                     attrs.push(attribute(b)?);
                 }
             }
+            7 => domain = string(&v),
             _ => {}
         }
     }
-    let mut spec = NodeSpec::onnx(&op, opset).outputs(outputs.len());
+    let domain = domain_name(domain);
+    let opset = *opsets
+        .get(&domain)
+        .ok_or(format!("no opset for domain {domain:?}"))?;
+    let mut spec = NodeSpec::onnx(&op, opset)
+        .domain(&domain)
+        .outputs(outputs.len());
     for (n, v) in attrs {
         spec = spec.attr(&n, v);
     }
@@ -458,6 +527,20 @@ pub(crate) type Blas = fn() -> Option<Box<dyn opreg_sdk::blas::Blas>>;
 /// [`run_cases`] with every kernel run given the BLAS backend `blas` returns (the gemm-based
 /// kernels: MatMul, Conv, Einsum).
 pub(crate) fn run_cases_with<F: KernelFactory + Clone>(prefixes: &[&str], factory: F, blas: Blas) {
+    sweep(prefixes, 1, factory, blas);
+}
+
+/// [`run_cases`], also failing when fewer than `min_cases` cases match (a renamed or
+/// dropped case would otherwise go unnoticed).
+pub(crate) fn run_cases_min<F: KernelFactory + Clone>(
+    prefixes: &[&str],
+    min_cases: usize,
+    factory: F,
+) {
+    sweep(prefixes, min_cases, factory, || None);
+}
+
+fn sweep<F: KernelFactory + Clone>(prefixes: &[&str], min_cases: usize, factory: F, blas: Blas) {
     let Some(root) = suite() else { return };
     let mut names: Vec<String> = std::fs::read_dir(&root)
         .expect("read the node test folder")
@@ -480,6 +563,11 @@ pub(crate) fn run_cases_with<F: KernelFactory + Clone>(prefixes: &[&str], factor
         names.len()
     );
     assert!(!names.is_empty(), "no cases match {prefixes:?}");
+    assert!(
+        names.len() >= min_cases,
+        "{prefixes:?}: only {} cases, want at least {min_cases}",
+        names.len()
+    );
     assert!(
         failures.is_empty(),
         "failed cases:\n{}",
