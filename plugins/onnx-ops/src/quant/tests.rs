@@ -334,17 +334,19 @@ fn run_stateless<K: Kernel + Clone>(
 
 #[test]
 fn matmul_integer() {
+    let mm = |ins: &[Option<&HostTensor>]| {
+        run_stateless(
+            matmul::MatMulInteger,
+            NodeSpec::onnx("MatMulInteger", 10),
+            ins,
+        )
+    };
     // Conformance test_matmulinteger.
     let a = t(&[4, 3], &[11u8, 7, 3, 10, 6, 2, 9, 5, 1, 8, 4, 0]);
     let b = t(&[3, 2], &[1u8, 4, 2, 5, 3, 6]);
     let az = t(&[1], &[12u8]);
     let bz = t(&[1], &[0u8]);
-    let out = run_stateless(
-        matmul::MatMulInteger,
-        NodeSpec::onnx("MatMulInteger", 10),
-        &[Some(&a), Some(&b), Some(&az), Some(&bz)],
-    )
-    .unwrap();
+    let out = mm(&[Some(&a), Some(&b), Some(&az), Some(&bz)]).unwrap();
     assert_eq!(out[0].shape(), &[4, 2]);
     assert_eq!(
         out[0].to_vec::<i32>().unwrap(),
@@ -355,12 +357,7 @@ fn matmul_integer() {
     let b = t(&[2, 3], &[1u8, 2, 3, 4, 5, 6]);
     let az = t(&[2], &[1i8, -1]);
     let bz = t(&[3], &[1u8, 0, 2]);
-    let out = run_stateless(
-        matmul::MatMulInteger,
-        NodeSpec::onnx("MatMulInteger", 10),
-        &[Some(&a), Some(&b), Some(&az), Some(&bz)],
-    )
-    .unwrap();
+    let out = mm(&[Some(&a), Some(&b), Some(&az), Some(&bz)]).unwrap();
     assert_eq!(out[0].shape(), &[2, 2, 3]);
     // A - az = [[0,-3],[4,5]], [[-6,5],[8,-7]]; B - bz = [[0,2,1],[3,5,4]].
     assert_eq!(
@@ -370,26 +367,25 @@ fn matmul_integer() {
     // 1-D operands, no zero points.
     let a = t(&[2], &[2u8, 3]);
     let b = t(&[2, 2], &[1u8, 2, 3, 4]);
-    let out = run_stateless(
-        matmul::MatMulInteger,
-        NodeSpec::onnx("MatMulInteger", 10),
-        &[Some(&a), Some(&b)],
-    )
-    .unwrap();
+    let out = mm(&[Some(&a), Some(&b)]).unwrap();
     assert_eq!(out[0].shape(), &[2]);
     assert_eq!(out[0].to_vec::<i32>().unwrap(), vec![11, 16]);
     // Inner dimension mismatch.
     let b = t(&[3, 1], &[1u8, 2, 3]);
-    assert!(run_stateless(
-        matmul::MatMulInteger,
-        NodeSpec::onnx("MatMulInteger", 10),
-        &[Some(&a), Some(&b)]
-    )
-    .is_err());
+    assert!(mm(&[Some(&a), Some(&b)]).is_err());
 }
 
 #[test]
 fn qlinear_matmul_conformance() {
+    // Inputs: a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point.
+    let qmm = |ins: [&HostTensor; 8], opset: i32| {
+        run_stateless(
+            matmul::QLinearMatMul,
+            NodeSpec::onnx("QLinearMatMul", opset),
+            &ins.map(Some),
+        )
+        .unwrap()
+    };
     // test_qlinearmatmul_2D_uint8_float16 (scales in f16).
     let h = |v: f32| t::<f16>(&[1], &[f16::from_f32(v)]);
     let a = t(&[2, 4], &[208u8, 236, 0, 238, 3, 214, 255, 29]);
@@ -399,22 +395,7 @@ fn qlinear_matmul_conformance() {
     );
     let (as_, bs, ys) = (h(0.006_599_426), h(0.007_049_560_5), h(0.010_696_411));
     let (az, bz, yz) = (t(&[1], &[113u8]), t(&[1], &[114u8]), t(&[1], &[118u8]));
-    let ins = [
-        Some(&a),
-        Some(&as_),
-        Some(&az),
-        Some(&b),
-        Some(&bs),
-        Some(&bz),
-        Some(&ys),
-        Some(&yz),
-    ];
-    let out = run_stateless(
-        matmul::QLinearMatMul,
-        NodeSpec::onnx("QLinearMatMul", 21),
-        &ins,
-    )
-    .unwrap();
+    let out = qmm([&a, &as_, &az, &b, &bs, &bz, &ys, &yz], 21);
     assert_eq!(
         out[0].to_vec::<u8>().unwrap(),
         vec![168, 115, 255, 1, 66, 151]
@@ -436,22 +417,7 @@ fn qlinear_matmul_conformance() {
     );
     let (as_, bs, ys) = (f(0.0066), f(0.00705), f(0.0107));
     let (az, bz, yz) = (t(&[1], &[-14i8]), t(&[1], &[-13i8]), t(&[1], &[-9i8]));
-    let ins = [
-        Some(&a),
-        Some(&as_),
-        Some(&az),
-        Some(&b),
-        Some(&bs),
-        Some(&bz),
-        Some(&ys),
-        Some(&yz),
-    ];
-    let out = run_stateless(
-        matmul::QLinearMatMul,
-        NodeSpec::onnx("QLinearMatMul", 10),
-        &ins,
-    )
-    .unwrap();
+    let out = qmm([&a, &as_, &az, &b, &bs, &bz, &ys, &yz], 10);
     assert_eq!(out[0].shape(), &[2, 2, 3]);
     assert_eq!(
         out[0].to_vec::<i8>().unwrap(),
