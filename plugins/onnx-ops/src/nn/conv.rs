@@ -250,6 +250,7 @@ impl Conv {
                     rhs,
                     0.0,
                     yg,
+                    None,
                 )?;
             }
         }

@@ -176,6 +176,7 @@ impl Kernel for ConvTranspose {
                     xg,
                     0.0,
                     col,
+                    None,
                 )?;
                 let col = &*col;
                 let yg = &mut y[(b * m + gi * mg) * p_out..(b * m + (gi + 1) * mg) * p_out];

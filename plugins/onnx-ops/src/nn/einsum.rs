@@ -127,7 +127,9 @@ impl EinElem for f32 {
         b: &[f32],
         c: &mut [f32],
     ) -> Result<(), PluginError> {
-        gemm_f32(ctx, "Einsum", false, false, m, n, k, 1.0, a, b, 0.0, c)
+        gemm_f32(
+            ctx, "Einsum", false, false, m, n, k, 1.0, a, b, 0.0, c, None,
+        )
     }
 }
 

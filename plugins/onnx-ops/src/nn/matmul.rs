@@ -2,7 +2,7 @@
 
 use super::{blas, optional, register_versions};
 use crate::util::{broadcast_shapes, broadcast_strides, walk_offsets};
-use opreg_sdk::prelude::*;
+use opreg_sdk::{prelude::*, PackedB};
 
 /// A row-major f32 gemm on contiguous operands with the given transposes.
 #[allow(clippy::too_many_arguments)]
@@ -19,6 +19,7 @@ pub(crate) fn gemm_f32(
     b: &[f32],
     beta: f32,
     c: &mut [f32],
+    packed: Option<&PackedB>,
 ) -> Result<(), PluginError> {
     if m == 0 || n == 0 {
         return Ok(());
@@ -38,7 +39,41 @@ pub(crate) fn gemm_f32(
         )));
     }
     let blas = blas(ctx, op)?;
-    let args = GemmArgs {
+    let args = gemm_args(
+        trans_a,
+        trans_b,
+        m,
+        n,
+        k,
+        alpha,
+        a.as_ptr(),
+        b.as_ptr(),
+        beta,
+        c.as_mut_ptr(),
+    );
+    match packed {
+        Some(p) if p.k == k && p.n == n && p.trans_b == args.trans_b => {
+            blas.gemm_packed(ctx, &args, p)
+        }
+        _ => blas.gemm(ctx, &args),
+    }
+}
+
+/// Row-major f32 gemm arguments over contiguous operands.
+#[allow(clippy::too_many_arguments)]
+fn gemm_args(
+    trans_a: bool,
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: *const f32,
+    b: *const f32,
+    beta: f32,
+    c: *mut f32,
+) -> GemmArgs {
+    GemmArgs {
         layout: Layout::RowMajor,
         trans_a: if trans_a {
             Transpose::Yes
@@ -56,20 +91,47 @@ pub(crate) fn gemm_f32(
         alpha,
         beta,
         types: GemmTypes::F32,
-        a: a.as_ptr().cast(),
+        a: a.cast(),
         lda: if trans_a { m } else { k },
-        b: b.as_ptr().cast(),
+        b: b.cast(),
         ldb: if trans_b { k } else { n },
-        c: c.as_mut_ptr().cast(),
+        c: c.cast(),
         ldc: n,
         a_zero_point: 0,
         b_zero_point: 0,
+    }
+}
+
+/// Packs a constant 2-D f32 B (`inputs[index]`) with the node's BLAS backend at model load,
+/// so that every run skips packing the weights. `None` when B is not constant or the backend
+/// does not pre-pack (then each run packs as usual).
+fn prepack(node: &NodeInfo<'_>, index: usize, trans_b: bool) -> Option<PackedB> {
+    let b = node.inputs.get(index)?.constant.into_option()?;
+    let (&[rows, cols], DType::F32) = (b.shape(), b.dtype) else {
+        return None;
     };
-    blas.gemm(ctx, &args)
+    let (k, n) = if trans_b { (cols, rows) } else { (rows, cols) };
+    let blas = node.blas()?;
+    let args = gemm_args(
+        false,
+        trans_b,
+        1,
+        n,
+        k,
+        1.0,
+        std::ptr::null(),
+        b.data.cast(),
+        0.0,
+        std::ptr::null_mut(),
+    );
+    blas.pack_b(&args).ok()
 }
 
 #[derive(Clone)]
-struct MatMul;
+struct MatMul {
+    /// B pre-packed at model load when it is a constant 2-D f32 matrix.
+    packed: Option<PackedB>,
+}
 
 /// The products a MatMul computes: `nb` gemms of `m x k` by `k x n`, at these element offsets
 /// into A and B (empty when B is shared and the batches fold into M).
@@ -152,6 +214,7 @@ impl MatMulPlan {
         x: &[f32],
         w: &[f32],
         y: &mut [f32],
+        packed: Option<&PackedB>,
     ) -> Result<(), PluginError> {
         let (m, k, n) = (self.m, self.k, self.n);
         if y.is_empty() {
@@ -172,6 +235,7 @@ impl MatMulPlan {
                 w,
                 0.0,
                 y,
+                packed,
             );
         }
         for (yb, &(oa, ob)) in y.chunks_mut(m * n).zip(&self.offs) {
@@ -188,6 +252,7 @@ impl MatMulPlan {
                 &w[ob..],
                 0.0,
                 yb,
+                None,
             )?;
         }
         Ok(())
@@ -276,6 +341,7 @@ impl Kernel for MatMul {
                 a.as_slice()?,
                 b.as_slice()?,
                 ctx.output_slice::<f32>(0, &shape)?,
+                self.packed.as_ref(),
             ),
             DType::F16 => {
                 let mut y = vec![0.0f32; shape.iter().product()];
@@ -284,6 +350,7 @@ impl Kernel for MatMul {
                     &widen(&a, f16::to_f32)?,
                     &widen(&b, f16::to_f32)?,
                     &mut y,
+                    None,
                 )?;
                 let out = ctx.output_slice::<f16>(0, &shape)?;
                 out.iter_mut()
@@ -298,6 +365,7 @@ impl Kernel for MatMul {
                     &widen(&a, bf16::to_f32)?,
                     &widen(&b, bf16::to_f32)?,
                     &mut y,
+                    None,
                 )?;
                 let out = ctx.output_slice::<bf16>(0, &shape)?;
                 out.iter_mut()
@@ -348,6 +416,8 @@ struct Gemm {
     beta: f32,
     trans_a: bool,
     trans_b: bool,
+    /// B pre-packed at model load when it is a constant f32 matrix.
+    packed: Option<PackedB>,
 }
 
 fn gemm_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
@@ -356,6 +426,7 @@ fn gemm_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
         beta: node.float_or("beta", 1.0)?,
         trans_a: node.int_or("transA", 0)? != 0,
         trans_b: node.int_or("transB", 0)? != 0,
+        packed: prepack(node, 1, node.int_or("transB", 0)? != 0),
     }))
 }
 
@@ -418,12 +489,15 @@ impl Kernel for Gemm {
             b.as_slice()?,
             beta,
             y,
+            self.packed.as_ref(),
         )
     }
 }
 
-fn matmul_factory(_: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
-    Ok(Box::new(MatMul))
+fn matmul_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    Ok(Box::new(MatMul {
+        packed: prepack(node, 1, false),
+    }))
 }
 
 pub fn register(r: &mut Registrar) {
