@@ -68,7 +68,7 @@ impl SharedPtr {
 /// Below this many multiply-adds a gemm runs on the calling thread.
 const PARALLEL_MIN_WORK: usize = 48 * 48 * 48;
 /// Smallest number of multiply-adds worth one parallel task.
-const TASK_MIN_WORK: usize = 1 << 19;
+const TASK_MIN_WORK: usize = 1 << 20;
 /// Tasks per thread, for load balance.
 const TASKS_PER_THREAD: usize = 3;
 
@@ -186,24 +186,34 @@ unsafe fn gemm_with<K: MicroKernel>(
     let parallel = threads > 1 && m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MIN_WORK;
     let kc_max = depth_block(k, K::KC);
     let n_pad = n.div_ceil(K::NR) * K::NR;
-    let mut b_buf = match p.b {
-        BSource::Strided(_) => Some(AlignedBuf::new(kc_max * K::NC.min(n_pad))?),
-        BSource::Packed { kc, .. } if kc != kc_max => {
+    if let BSource::Packed { kc, .. } = p.b {
+        if kc != kc_max {
             return Err(PluginError::internal(format!(
                 "cpu blas: packed B has depth blocks of {kc}, expected {kc_max}"
-            )))
+            )));
         }
-        BSource::Packed { .. } => None,
-    };
+    }
+    let mut b_buf = None;
     for jc in (0..n).step_by(K::NC) {
         let nc = K::NC.min(n - jc);
         let panels = nc.div_ceil(K::NR);
+        let split = split::<K>(m, nc, kc_max, if parallel { threads } else { 1 });
         for pc in (0..k).step_by(kc_max) {
             let kc = kc_max.min(k - pc);
-            // The B block: `panels` micro-panels of `kc x NR`, one after another.
-            let b_block: *const f32 = match (p.b, b_buf.as_mut()) {
-                (BSource::Packed { ptr, .. }, _) => ptr.wrapping_add(pc * n_pad + jc * kc),
-                (BSource::Strided(b), Some(buf)) => {
+            let b_block = match p.b {
+                BSource::Packed { ptr, .. } => {
+                    BlockB::Packed(ptr.wrapping_add(pc * n_pad + jc * kc))
+                }
+                // Few row blocks: each task packs the B panels it uses (one parallel loop,
+                // and the panels stay in that core's cache); the redundant packing across
+                // row blocks costs no more than packing A.
+                BSource::Strided(b) if (split.0 - 1) * nc <= m => BlockB::PerTask(b),
+                BSource::Strided(b) => {
+                    // Many row blocks: pack the B block once, shared by all tasks.
+                    let buf = match &mut b_buf {
+                        Some(buf) => buf,
+                        None => b_buf.insert(AlignedBuf::new(kc_max * K::NC.min(n_pad))?),
+                    };
                     let out = SharedPtr(buf.ptr());
                     let grain = panels.div_ceil(threads * 2).max(1);
                     run_ranges(ctx, parallel, panels, grain, |r| {
@@ -212,20 +222,48 @@ unsafe fn gemm_with<K: MicroKernel>(
                         unsafe { pack_b_panels::<K>(b, pc, kc, jc, nc, r, out.get()) };
                         Ok(())
                     })?;
-                    out.get()
-                }
-                (BSource::Strided(_), None) => {
-                    return Err(PluginError::internal("cpu blas: no B packing buffer"))
+                    BlockB::Packed(out.get())
                 }
             };
             let beta = if pc == 0 { p.beta } else { 1.0 };
-            // SAFETY: forwarded from the caller; the B block is packed.
-            unsafe {
-                compute_block::<K>(ctx, parallel, threads, p, b_block, jc, nc, pc, kc, beta)?
+            let block = Block {
+                jc,
+                nc,
+                pc,
+                kc,
+                beta,
+                split,
             };
+            // SAFETY: forwarded from the caller; a shared B block is packed.
+            unsafe { compute_block::<K>(ctx, parallel, p, b_block, &block)? };
         }
     }
     Ok(())
+}
+
+/// The B block of one `(jc, pc)` step.
+#[derive(Clone, Copy)]
+enum BlockB {
+    /// Packed micro-panels (`kc x NR` each, one after another).
+    Packed(*const f32),
+    /// Not packed yet: each task packs the panels it uses.
+    PerTask(Mat),
+}
+
+// SAFETY: the block only describes memory that the gemm call's caller owns (or that the call
+// packed before the parallel loop) and that tasks only read.
+unsafe impl Send for BlockB {}
+unsafe impl Sync for BlockB {}
+
+/// One `(jc, pc)` step: columns `jc..jc+nc`, depth `pc..pc+kc`, the beta it applies, and the
+/// task split ([`split`]).
+struct Block {
+    jc: usize,
+    nc: usize,
+    pc: usize,
+    kc: usize,
+    beta: f32,
+    split: (usize, usize, usize),
 }
 
 /// How a `m x nc x kc` block is cut into tasks for `threads` threads: `(row blocks of MC,
@@ -249,34 +287,37 @@ pub(crate) fn split<K: MicroKernel>(
     (row_blocks, chunk, panels.div_ceil(chunk))
 }
 
-/// Multiplies rows `0..m` of A's depth block `pc..pc+kc` by the packed B block into C's
-/// columns `jc..jc+nc`, split into parallel tasks.
+/// Multiplies rows `0..m` of A's depth block by the B block into C's columns of the block,
+/// split into parallel tasks (row blocks x column chunks).
 ///
 /// # Safety
-/// As [`gemm`]; `b_block` holds the packed `kc x nc` block.
-#[allow(clippy::too_many_arguments)]
+/// As [`gemm`]; a packed `b` holds the packed `kc x nc` block.
 unsafe fn compute_block<K: MicroKernel>(
     ctx: &KernelContext<'_>,
     parallel: bool,
-    threads: usize,
     p: &Problem,
-    b_block: *const f32,
-    jc: usize,
-    nc: usize,
-    pc: usize,
-    kc: usize,
-    beta: f32,
+    b: BlockB,
+    blk: &Block,
 ) -> Result<(), PluginError> {
     let m = p.m;
+    let &Block {
+        jc,
+        nc,
+        pc,
+        kc,
+        beta,
+        split: (row_blocks, chunk, col_chunks),
+    } = blk;
     let panels = nc.div_ceil(K::NR);
-    let threads = if parallel { threads } else { 1 };
-    let (row_blocks, chunk, col_chunks) = split::<K>(m, nc, kc, threads);
-    let b_block = SharedPtr(b_block.cast_mut());
     let a_len = K::MC.min(m.div_ceil(K::MR) * K::MR) * kc;
     run_ranges(ctx, parallel, row_blocks * col_chunks, 1, |range| {
         let mut a_buf = AlignedBuf::new(a_len)?;
         let a_pack = a_buf.ptr();
-        let mut packed_rows = None;
+        let mut b_buf = match b {
+            BlockB::PerTask(_) => Some(AlignedBuf::new(chunk * K::NR * kc)?),
+            BlockB::Packed(_) => None,
+        };
+        let (mut packed_rows, mut packed_cols) = (None, None);
         for t in range {
             let (rb, cb) = (t / col_chunks, t % col_chunks);
             let ic = rb * K::MC;
@@ -286,10 +327,39 @@ unsafe fn compute_block<K: MicroKernel>(
                 unsafe { pack_a::<K>(p.a, ic, mc, pc, kc, a_pack) };
                 packed_rows = Some(rb);
             }
-            for panel in cb * chunk..((cb + 1) * chunk).min(panels) {
+            let first = cb * chunk;
+            let cols = first..((cb + 1) * chunk).min(panels);
+            // `b_chunk` is the first panel of this chunk.
+            let b_chunk: *const f32 = match (b, b_buf.as_mut()) {
+                (BlockB::Packed(block), _) => block.wrapping_add(first * kc * K::NR),
+                (BlockB::PerTask(mat), Some(buf)) => {
+                    let out = buf.ptr();
+                    if packed_cols != Some(cb) {
+                        // SAFETY: B is valid (caller); the buffer holds `chunk` panels, and
+                        // panel `q` of the chunk lands at `out + (q - first) * kc * NR`.
+                        unsafe {
+                            pack_b_panels::<K>(
+                                mat,
+                                pc,
+                                kc,
+                                jc,
+                                nc,
+                                cols.clone(),
+                                out.wrapping_sub(first * kc * K::NR),
+                            )
+                        };
+                        packed_cols = Some(cb);
+                    }
+                    out
+                }
+                (BlockB::PerTask(_), None) => {
+                    return Err(PluginError::internal("cpu blas: no B packing buffer"))
+                }
+            };
+            for panel in cols {
                 let j = panel * K::NR;
                 let nr = K::NR.min(nc - j);
-                let b_panel = b_block.get().wrapping_add(panel * kc * K::NR);
+                let b_panel = b_chunk.wrapping_add((panel - first) * kc * K::NR);
                 for ir in (0..mc).step_by(K::MR) {
                     let mr = K::MR.min(mc - ir);
                     // SAFETY: the A and B micro-panels are packed (`kc` steps each); the tile

@@ -227,6 +227,14 @@ mod x86 {
         nr: usize,
     ) {
         let mut acc = [[_mm512_setzero_ps(); 2]; 8];
+        if csc == 1 {
+            // Bring the C tile in while the product runs.
+            for i in 0..mr {
+                let row = c.wrapping_add(i * rsc);
+                _mm_prefetch::<_MM_HINT_T0>(row.cast());
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(nr.min(32) - 1).cast());
+            }
+        }
         for _ in 0..kc {
             // SAFETY: `a` and `b` advance through the caller's `kc` panel steps.
             unsafe {

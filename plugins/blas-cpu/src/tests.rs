@@ -261,9 +261,9 @@ fn small_and_odd_shapes_all_layouts_transposes_and_scales() {
 #[test]
 fn block_boundaries_in_every_loop() {
     // Crosses MC (rows), KC (depth, with a balanced last block) and NC (columns) for every
-    // kernel, in parallel.
+    // kernel, in parallel; B packed per task (few row blocks) and shared (200x230).
     sweep(
-        &[(200, 45, 600), (5, 4200, 7)],
+        &[(200, 45, 600), (5, 4200, 7), (200, 230, 20)],
         &[(1.0, 0.0), (-1.5, 0.5)],
         &[2],
     );
@@ -499,4 +499,72 @@ fn op_strides() {
     assert_eq!(strides(Layout::ColMajor, Transpose::No, 5), (1, 5));
     assert_eq!(strides(Layout::RowMajor, Transpose::No, 5), (5, 1));
     assert_eq!(strides(Layout::ColMajor, Transpose::Yes, 5), (5, 1));
+}
+
+/// Throughput per kernel on the benchmark shapes (`cargo test --release -p
+/// opreg-plugin-blas-cpu -- --ignored --nocapture throughput`).
+#[test]
+#[ignore]
+fn throughput() {
+    let shapes = [
+        (128, 128, 128),
+        (256, 256, 256),
+        (512, 512, 512),
+        (1024, 1024, 1024),
+        (64, 3136, 576),
+        (3136, 64, 576),
+    ];
+    // BLAS_SHAPES="m,n,k;m,n,k" replaces the shapes; BLAS_KERNEL=Avx2 picks one kernel.
+    let custom: Vec<(usize, usize, usize)> = std::env::var("BLAS_SHAPES")
+        .unwrap_or_default()
+        .split(';')
+        .filter_map(|s| {
+            let v: Vec<usize> = s.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+            (v.len() == 3).then(|| (v[0], v[1], v[2]))
+        })
+        .collect();
+    let shapes = if custom.is_empty() {
+        shapes.to_vec()
+    } else {
+        custom
+    };
+    let only = std::env::var("BLAS_KERNEL").ok();
+    for kind in kernels() {
+        if only.as_ref().is_some_and(|o| *o != format!("{kind:?}")) {
+            continue;
+        }
+        let blas = into_ffi_blas(CpuBlas { kind });
+        for &(m, n, k) in &shapes {
+            let a = values(m * k, 1);
+            let b = values(k * n, 2);
+            let mut c = vec![0f32; m * n];
+            let args = GemmArgs::f32(m, n, k, &a, &b, &mut c).expect("args");
+            let pb = CpuBlas { kind }.pack_b(&args).expect("pack");
+            let mut best = [f64::MAX; 2];
+            for (slot, packed) in [false, true].into_iter().enumerate() {
+                let start = std::time::Instant::now();
+                let mut runs = 0;
+                while runs < 5 || (start.elapsed().as_secs_f64() < 0.5 && runs < 200) {
+                    let t = std::time::Instant::now();
+                    frame_run(&blas, |ctx| {
+                        let blas = ctx.blas().expect("blas");
+                        if packed {
+                            blas.gemm_packed(ctx, &args, &pb)
+                        } else {
+                            blas.gemm(ctx, &args)
+                        }
+                    })
+                    .expect("gemm");
+                    best[slot] = best[slot].min(t.elapsed().as_secs_f64());
+                    runs += 1;
+                }
+            }
+            let gf = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;
+            eprintln!(
+                "{kind:?} {m}x{n}x{k}: {:.1} GF/s, packed B {:.1} GF/s",
+                gf(best[0]),
+                gf(best[1])
+            );
+        }
+    }
 }
