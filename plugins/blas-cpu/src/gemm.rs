@@ -263,19 +263,23 @@ struct Block {
     pc: usize,
     kc: usize,
     beta: f32,
-    split: (usize, usize, usize),
+    split: (usize, usize, usize, usize),
 }
 
-/// How a `m x nc x kc` block is cut into tasks for `threads` threads: `(row blocks of MC,
-/// B micro-panels per column chunk, column chunks)`; tasks are row blocks x column chunks.
+/// How a `m x nc x kc` block is cut into tasks for `threads` threads: `(row blocks, rows per
+/// block (at most MC, a multiple of MR), B micro-panels per column chunk, column chunks)`;
+/// tasks are row blocks x column chunks. Row blocks are balanced (no thin last block).
 pub(crate) fn split<K: MicroKernel>(
     m: usize,
     nc: usize,
     kc: usize,
     threads: usize,
-) -> (usize, usize, usize) {
+) -> (usize, usize, usize, usize) {
     let panels = nc.div_ceil(K::NR).max(1);
-    let row_blocks = m.div_ceil(K::MC).max(1);
+    let m = m.max(1);
+    let blocks = m.div_ceil(K::MC);
+    let mc = m.div_ceil(blocks).div_ceil(K::MR) * K::MR;
+    let row_blocks = m.div_ceil(mc);
     let tasks_wanted = if threads > 1 {
         (m.saturating_mul(nc).saturating_mul(kc) / TASK_MIN_WORK)
             .clamp(1, threads * TASKS_PER_THREAD)
@@ -284,7 +288,7 @@ pub(crate) fn split<K: MicroKernel>(
     };
     let col_chunks = tasks_wanted.div_ceil(row_blocks).clamp(1, panels);
     let chunk = panels.div_ceil(col_chunks);
-    (row_blocks, chunk, panels.div_ceil(chunk))
+    (row_blocks, mc, chunk, panels.div_ceil(chunk))
 }
 
 /// Multiplies rows `0..m` of A's depth block by the B block into C's columns of the block,
@@ -306,10 +310,10 @@ unsafe fn compute_block<K: MicroKernel>(
         pc,
         kc,
         beta,
-        split: (row_blocks, chunk, col_chunks),
+        split: (row_blocks, mc_max, chunk, col_chunks),
     } = blk;
     let panels = nc.div_ceil(K::NR);
-    let a_len = K::MC.min(m.div_ceil(K::MR) * K::MR) * kc;
+    let a_len = mc_max * kc;
     run_ranges(ctx, parallel, row_blocks * col_chunks, 1, |range| {
         let mut a_buf = AlignedBuf::new(a_len)?;
         let a_pack = a_buf.ptr();
@@ -320,10 +324,10 @@ unsafe fn compute_block<K: MicroKernel>(
         let (mut packed_rows, mut packed_cols) = (None, None);
         for t in range {
             let (rb, cb) = (t / col_chunks, t % col_chunks);
-            let ic = rb * K::MC;
-            let mc = K::MC.min(m - ic);
+            let ic = rb * mc_max;
+            let mc = mc_max.min(m - ic);
             if packed_rows != Some(rb) {
-                // SAFETY: A is valid (caller); the buffer holds `MC * kc` floats.
+                // SAFETY: A is valid (caller); the buffer holds `mc_max * kc` floats.
                 unsafe { pack_a::<K>(p.a, ic, mc, pc, kc, a_pack) };
                 packed_rows = Some(rb);
             }

@@ -461,7 +461,7 @@ fn depth_blocks_are_balanced() {
 
 /// Tasks a block is split into for 2 threads.
 fn tasks<K: MicroKernel>(m: usize, n: usize, k: usize) -> usize {
-    let (rows, _, cols) = split::<K>(m, n.min(K::NC), depth_block(k, K::KC), 2);
+    let (rows, _, _, cols) = split::<K>(m, n.min(K::NC), depth_block(k, K::KC), 2);
     rows * cols
 }
 
@@ -477,12 +477,16 @@ fn two_threads_get_work_on_square_conv_like_and_tall_shapes() {
             let t = tasks::<K>(m, n, k);
             assert!(t >= 2, "{m}x{n}x{k}: {t} tasks");
         }
-        let (rows, chunk, cols) = split::<K>(64, 3136, 192, 2);
-        assert!(cols >= 4 && rows == 1 && chunk * cols * K::NR >= 3136);
-        assert_eq!(
-            split::<K>(64, 3136, 192, 1),
-            (1, 3136usize.div_ceil(K::NR), 1)
-        );
+        let (rows, mc, chunk, cols) = split::<K>(64, 3136, 192, 2);
+        assert!(cols >= 4 && rows == 1 && mc >= 64 && chunk * cols * K::NR >= 3136);
+        let panels = 3136usize.div_ceil(K::NR);
+        let (rows, mc, chunk, cols) = split::<K>(64, 3136, 192, 1);
+        assert_eq!((rows, chunk, cols), (1, panels, 1));
+        assert!(mc >= 64 && mc < 64 + K::MR);
+        // Balanced row blocks, each at most MC rows, covering all rows.
+        let (rows, mc, _, _) = split::<K>(1024, 1024, 256, 2);
+        assert!(mc <= K::MC && mc % K::MR == 0 && rows * mc >= 1024 && (rows - 1) * mc < 1024);
+        assert!(1024 - (rows - 1) * mc >= mc / 2, "{rows} x {mc}");
     }
     all::<kernels::Portable>();
     #[cfg(target_arch = "x86_64")]
