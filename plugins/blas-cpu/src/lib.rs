@@ -1,164 +1,323 @@
-//! CPU BLAS backend: the opreg gemm API for f32 on the host.
+//! CPU BLAS backend: opreg's own f32 gemm for the host, behind the opreg gemm API.
 //!
-//! The inner kernel is `matrixmultiply`'s packed, cache-blocked sgemm, which picks its
-//! micro-kernel at run time by CPU feature (AVX+FMA, AVX, SSE2, portable). This crate maps
-//! the gemm API's layouts, transposes and leading dimensions onto strides, and tiles C across
-//! the host's `parallel_for` (matrixmultiply's own threading is off: plugins start no threads).
+//! A BLIS-style blocked gemm ([`gemm`] module): `op(B)` is packed into `NR`-column
+//! micro-panels per `KC x NC` block (shared by all tasks of a block), `op(A)` into `MR`-row
+//! micro-panels per `MC x KC` block (per task), and a register-blocked micro-kernel computes
+//! one `MR x NR` tile of C per call. The micro-kernel is picked at run time by CPU feature,
+//! detected once ([`kernels`]): AVX-512F (8x32, 16 zmm accumulators), AVX2 + FMA (6x16, 12 ymm
+//! accumulators), or portable Rust (4x8, also the only one on non-x86 targets).
 //!
-//! Why not the `gemm` crate, which has AVX-512 kernels: it keeps a `thread_local!` packing
-//! slab with a destructor, and glibc then never unmaps the library, so a hot-swapped BLAS
-//! plugin would leak its mapping on every swap (DESIGN §3). matrixmultiply keeps none.
+//! Parallelism goes only through the host's `parallel_for` (plugins start no threads): the
+//! packing of each B block is split over its micro-panels, and the product over (row block)
+//! x (run of B micro-panels) tasks, so that short-and-wide (conv-like) and tall-and-narrow
+//! products keep every thread busy. Packing buffers are per call / per task `Vec`s: no
+//! global mutable state beyond the detected kernel (a `OnceLock` static).
+//!
+//! [`Blas::pack_b`] packs a constant B (weights) once into the panel layout of the detected
+//! kernel (a small header records kernel, panel width, depth block, `k` and `n`), and
+//! [`Blas::gemm_packed`] multiplies with it, skipping B's packing on every call.
+//!
+//! Why our own gemm rather than a crate: `matrixmultiply` (the previous inner kernel) has no
+//! AVX-512 micro-kernels and no pre-packing API for constant weights; the `gemm` crate has
+//! AVX-512 but keeps a `thread_local!` packing slab with a destructor, and glibc then never
+//! unmaps the library, so a hot-swapped BLAS plugin would leak its mapping on every swap
+//! (DESIGN §3).
+//!
+//! Not supported: operands that overlap C, and types other than f32 (refused with
+//! `Unimplemented`).
 
-use opreg_sdk::prelude::*;
+mod gemm;
+mod kernels;
+#[cfg(test)]
+mod tests;
 
-/// Smallest tile of C per parallel task: large enough that packing per task stays cheap.
-const MIN_ROWS: usize = 64;
-const MIN_COLS: usize = 128;
+use abi_stable::std_types::RVec;
+use gemm::{AlignedBuf, BSource, Mat, Problem};
+use kernels::KernelKind;
+use opreg_sdk::{abi_stable, prelude::*, PackedB};
 
-/// Splits `m x n` into tiles for `threads` workers: rows first (B is packed once per tile, A
-/// streams), columns too when there are too few row blocks to keep every worker busy.
-fn tiles(m: usize, n: usize, threads: usize) -> (usize, usize) {
-    let want = threads.max(1) * 2;
-    let row_blocks = (m / MIN_ROWS).clamp(1, want);
-    let col_blocks = if row_blocks >= want {
-        1
-    } else {
-        (n / MIN_COLS).clamp(1, want.div_ceil(row_blocks))
-    };
-    (m.div_ceil(row_blocks), n.div_ceil(col_blocks))
+/// The backend name, also stamped into packed B buffers.
+const NAME: &str = "cpu";
+
+/// The CPU BLAS backend, running one micro-kernel.
+struct CpuBlas {
+    kind: KernelKind,
 }
 
-struct CpuBlas;
+impl CpuBlas {
+    /// The backend with the best kernel of this CPU.
+    fn detect() -> Self {
+        CpuBlas {
+            kind: KernelKind::best(),
+        }
+    }
+}
 
 /// (row stride, column stride) of `op(X)` for a matrix stored with leading dimension `ld`.
-fn strides(layout: Layout, trans: Transpose, ld: usize) -> (isize, isize) {
-    let ld = ld as isize;
+fn strides(layout: Layout, trans: Transpose, ld: usize) -> (usize, usize) {
     match (layout, trans) {
         (Layout::RowMajor, Transpose::No) | (Layout::ColMajor, Transpose::Yes) => (ld, 1),
         (Layout::RowMajor, Transpose::Yes) | (Layout::ColMajor, Transpose::No) => (1, ld),
     }
 }
 
-#[derive(Clone, Copy)]
-struct Ptrs(*const f32, *const f32, *mut f32);
-// SAFETY: the tasks write disjoint row blocks of C and only read A and B.
-unsafe impl Send for Ptrs {}
-unsafe impl Sync for Ptrs {}
+/// Checks one operand: `op(X)` is `rows x cols`; its leading dimension must cover the
+/// contiguous dimension of the stored matrix, and the pointer must be a valid f32 address.
+fn check_operand(
+    name: &str,
+    ptr: *const u8,
+    layout: Layout,
+    trans: Transpose,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+) -> Result<Mat, PluginError> {
+    let (rs, cs) = strides(layout, trans, ld);
+    if rows == 0 || cols == 0 {
+        return Ok(Mat {
+            ptr: ptr.cast(),
+            rs,
+            cs,
+        });
+    }
+    // The contiguous dimension of op(X) is the one with stride 1.
+    let inner = if cs == 1 { cols } else { rows };
+    let outer = if cs == 1 { rows } else { cols };
+    if outer > 1 && ld < inner {
+        return Err(PluginError::invalid(format!(
+            "cpu blas: ld{name} = {ld} is less than {inner}"
+        )));
+    }
+    if ptr.is_null() || !(ptr as usize).is_multiple_of(std::mem::align_of::<f32>()) {
+        return Err(PluginError::invalid(format!(
+            "cpu blas: {name} is null or not f32-aligned"
+        )));
+    }
+    Ok(Mat {
+        ptr: ptr.cast(),
+        rs,
+        cs,
+    })
+}
+
+fn check_types(types: GemmTypes) -> Result<(), PluginError> {
+    if types != GemmTypes::F32 {
+        return Err(PluginError::unimplemented(format!(
+            "cpu blas: {types} gemm is not supported"
+        )));
+    }
+    Ok(())
+}
+
+/// Validates A and C of `g` (B too unless `packed`) and maps them onto a row-oriented problem.
+fn problem(g: &GemmArgs, b: Option<BSource>) -> Result<Problem, PluginError> {
+    check_types(g.types)?;
+    let reads = g.k > 0 && g.alpha != 0.0;
+    let (ar, ac) = if reads { (g.m, g.k) } else { (0, 0) };
+    let a = check_operand("a", g.a, g.layout, g.trans_a, ar, ac, g.lda)?;
+    let c = check_operand(
+        "c",
+        g.c.cast_const(),
+        g.layout,
+        Transpose::No,
+        g.m,
+        g.n,
+        g.ldc,
+    )?;
+    let b = match b {
+        Some(b) => b,
+        None => {
+            let (br, bc) = if reads { (g.k, g.n) } else { (0, 0) };
+            BSource::Strided(check_operand("b", g.b, g.layout, g.trans_b, br, bc, g.ldb)?)
+        }
+    };
+    Ok(Problem {
+        m: g.m,
+        n: g.n,
+        k: g.k,
+        alpha: g.alpha,
+        beta: g.beta,
+        a,
+        b,
+        c: c.ptr.cast_mut(),
+        rsc: c.rs,
+        csc: c.cs,
+    })
+}
+
+/// Bytes of the packed-B header: magic, then kernel id, NR, depth block, k, n and the byte
+/// offset of the panels, each a little-endian u64.
+const HEADER: usize = 56;
+const MAGIC: [u8; 8] = *b"opregB01";
+
+fn header_field(data: &[u8], i: usize) -> Result<usize, PluginError> {
+    let bytes: [u8; 8] = data
+        .get(8 + 8 * i..16 + 8 * i)
+        .and_then(|s| s.try_into().ok())
+        .ok_or_else(|| PluginError::invalid("cpu blas: packed B is truncated"))?;
+    usize::try_from(u64::from_le_bytes(bytes))
+        .map_err(|_| PluginError::invalid("cpu blas: packed B header out of range"))
+}
 
 impl Blas for CpuBlas {
     fn gemm(&self, ctx: &KernelContext<'_>, g: &GemmArgs) -> Result<(), PluginError> {
-        if g.types != GemmTypes::F32 {
-            return Err(PluginError::unimplemented(format!(
-                "cpu blas: {} gemm is not supported yet",
-                g.types
+        let mut p = problem(g, None)?;
+        if let (Layout::ColMajor, BSource::Strided(b)) = (g.layout, p.b) {
+            // C^T = op(B)^T op(A)^T is the same product with a row-major C, which the kernels
+            // store with full vectors.
+            p = Problem {
+                m: p.n,
+                n: p.m,
+                a: Mat {
+                    ptr: b.ptr,
+                    rs: b.cs,
+                    cs: b.rs,
+                },
+                b: BSource::Strided(Mat {
+                    ptr: p.a.ptr,
+                    rs: p.a.cs,
+                    cs: p.a.rs,
+                }),
+                rsc: p.csc,
+                csc: p.rsc,
+                ..p
+            };
+        }
+        // SAFETY: the caller guarantees the operands cover the matrices `g` describes (checked
+        // for null, alignment and leading dimensions above); the kernel is available (chosen
+        // by detection, or checked by the test constructor).
+        unsafe { gemm::gemm(ctx, self.kind, &p) }
+    }
+
+    fn pack_b(&self, g: &GemmArgs) -> Result<PackedB, PluginError> {
+        check_types(g.types)?;
+        let (k, n) = (g.k, g.n);
+        let b = check_operand("b", g.b, g.layout, g.trans_b, k, n, g.ldb)?;
+        let (nr, _) = gemm::panel_width(self.kind);
+        let n_pad = n.div_ceil(nr) * nr;
+        let floats = k
+            .checked_mul(n_pad)
+            .ok_or_else(|| PluginError::invalid("cpu blas: packed B size overflows"))?;
+        let mut data = Vec::new();
+        data.try_reserve_exact(HEADER + 64 + 4 * floats)
+            .map_err(|_| {
+                PluginError::new(
+                    ErrorCode::ResourceExhausted,
+                    format!("cpu blas: cannot allocate packed B of {k}x{n}"),
+                )
+            })?;
+        data.resize(HEADER + 64 + 4 * floats, 0u8);
+        // Panels start 64-byte aligned in this allocation (a clone may move them off that
+        // alignment; the kernels use unaligned loads, so it stays correct).
+        let pad = data.as_ptr().wrapping_add(HEADER).align_offset(64);
+        if pad >= 64 {
+            return Err(PluginError::internal("cpu blas: cannot align packed B"));
+        }
+        let offset = HEADER + pad;
+        // SAFETY: `data` has room for `k * n_pad` floats at `offset`, a 64-byte aligned
+        // address; B was checked above.
+        let kc = unsafe {
+            gemm::pack_b_all_for(self.kind, b, k, n, data.as_mut_ptr().add(offset).cast())
+        };
+        data[..8].copy_from_slice(&MAGIC);
+        let fields = [self.kind.id() as usize, nr, kc, k, n, offset];
+        for (i, v) in fields.into_iter().enumerate() {
+            data[8 + 8 * i..16 + 8 * i].copy_from_slice(&(v as u64).to_le_bytes());
+        }
+        Ok(PackedB {
+            backend: NAME.into(),
+            types: g.types,
+            trans_b: g.trans_b,
+            k,
+            n,
+            data: RVec::from(data),
+        })
+    }
+
+    fn gemm_packed(
+        &self,
+        ctx: &KernelContext<'_>,
+        g: &GemmArgs,
+        packed: &PackedB,
+    ) -> Result<(), PluginError> {
+        if packed.backend.as_str() != NAME {
+            return Err(PluginError::invalid(format!(
+                "cpu blas: B was packed by backend {:?}",
+                packed.backend.as_str()
             )));
         }
-        let (rsa, csa) = strides(g.layout, g.trans_a, g.lda);
-        let (rsb, csb) = strides(g.layout, g.trans_b, g.ldb);
-        let (rsc, csc) = strides(g.layout, Transpose::No, g.ldc);
-        let p = Ptrs(g.a.cast(), g.b.cast(), g.c.cast());
-        let (m, n, k, alpha, beta) = (g.m, g.n, g.k, g.alpha, g.beta);
-        if m == 0 || n == 0 {
-            return Ok(());
+        check_types(g.types)?;
+        if packed.types != g.types || packed.k != g.k || packed.n != g.n {
+            return Err(PluginError::invalid(format!(
+                "cpu blas: B packed as {} {}x{}, gemm wants {} {}x{}",
+                packed.types, packed.k, packed.n, g.types, g.k, g.n
+            )));
         }
-        let (tm, tn) = tiles(m, n, ctx.num_threads());
-        let (row_tiles, col_tiles) = (m.div_ceil(tm), n.div_ceil(tn));
-        ctx.parallel_for(row_tiles * col_tiles, 1, move |range| {
-            let p = p;
-            for t in range {
-                let (r0, c0) = ((t / col_tiles) * tm, (t % col_tiles) * tn);
-                let (rows, cols) = (tm.min(m - r0), tn.min(n - c0));
-                let (r0, c0) = (r0 as isize, c0 as isize);
-                // SAFETY: the caller guarantees A, B, C cover the described matrices; this
-                // task writes only its own tile of C.
-                unsafe {
-                    matrixmultiply::sgemm(
-                        rows,
-                        k,
-                        cols,
-                        alpha,
-                        p.0.offset(r0 * rsa),
-                        rsa,
-                        csa,
-                        p.1.offset(c0 * csb),
-                        rsb,
-                        csb,
-                        beta,
-                        p.2.offset(r0 * rsc + c0 * csc),
-                        rsc,
-                        csc,
-                    );
-                }
-            }
-            Ok(())
-        })
+        let data = packed.data.as_slice();
+        if data.get(..8) != Some(&MAGIC[..]) {
+            return Err(PluginError::invalid(
+                "cpu blas: packed B has no valid header",
+            ));
+        }
+        let f = |i| header_field(data, i);
+        let (id, nr, kc, k, n, offset) = (f(0)?, f(1)?, f(2)?, f(3)?, f(4)?, f(5)?);
+        let kind = u32::try_from(id)
+            .ok()
+            .and_then(KernelKind::from_id)
+            .filter(|k| k.available())
+            .ok_or_else(|| {
+                PluginError::invalid(format!(
+                    "cpu blas: packed B is for kernel {id}, not on this CPU"
+                ))
+            })?;
+        let (kernel_nr, kernel_kc) = gemm::panel_width(kind);
+        let n_pad = n.div_ceil(kernel_nr) * kernel_nr;
+        let floats = k.saturating_mul(n_pad);
+        if nr != kernel_nr
+            || kc != gemm::depth_block(k, kernel_kc)
+            || (k, n) != (g.k, g.n)
+            || offset < HEADER
+            || data.len() < offset.saturating_add(floats.saturating_mul(4))
+        {
+            return Err(PluginError::invalid(
+                "cpu blas: packed B header is inconsistent",
+            ));
+        }
+        let panels = data.as_ptr().wrapping_add(offset);
+        let mut copy = None;
+        let ptr: *const f32 = if (panels as usize).is_multiple_of(4) {
+            panels.cast()
+        } else {
+            // Moved to an address f32 reads cannot use: copy into an aligned buffer.
+            let mut buf = AlignedBuf::new(floats)?;
+            // SAFETY: `floats * 4` bytes were checked to lie in `data`; the buffer has room.
+            unsafe { std::ptr::copy_nonoverlapping(panels, buf.ptr().cast::<u8>(), floats * 4) };
+            copy.insert(buf).ptr().cast_const()
+        };
+        let p = problem(g, Some(BSource::Packed { ptr, kc }))?;
+        // SAFETY: A and C checked as in `gemm`; the packed panels cover `k x n_pad` floats for
+        // this kernel (header checked); the kernel is available (checked above).
+        let result = unsafe { gemm::gemm(ctx, kind, &p) };
+        drop(copy);
+        result
     }
 }
 
 fn register(r: &mut Registrar) {
     r.blas(
         BlasDesc {
-            name: "cpu-matrixmultiply".into(),
+            name: NAME.into(),
             device: Device::CPU,
             priority: 0,
             types: vec![GemmTypes::F32].into(),
         },
-        CpuBlas,
+        CpuBlas::detect(),
     );
 }
 
 opreg_sdk::export_plugin! {
     name: "blas-cpu",
     version: env!("CARGO_PKG_VERSION"),
-    description: "CPU BLAS backend (f32 gemm, run-time CPU feature dispatch, host-pool parallel)",
+    description: "CPU BLAS backend (f32 gemm, AVX-512/AVX2/portable kernels, B pre-packing, host-pool parallel)",
     register: register,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn naive(m: usize, n: usize, k: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
-        let mut c = vec![0f32; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                c[i * n + j] = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
-            }
-        }
-        c
-    }
-
-    #[test]
-    fn matches_naive_product_across_parallel_row_blocks() {
-        use opreg_sdk::{blas::into_ffi_blas, host::CallFrame, LogLevel};
-        let (m, n, k) = (150, 70, 33);
-        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
-        let b: Vec<f32> = (0..k * n).map(|i| ((i * 5) % 11) as f32 - 5.0).collect();
-        let mut c = vec![f32::NAN; m * n]; // beta = 0 must ignore C's contents
-        let args = GemmArgs::f32(m, n, k, &a, &b, &mut c).expect("args");
-        let log = |_: LogLevel, _: &str| {};
-        let blas = into_ffi_blas(CpuBlas);
-        let frame = CallFrame::new(0, Device::CPU, Some(&blas), &log);
-        frame
-            .with_context(|ctx| ctx.blas().expect("blas").gemm(ctx, &args))
-            .expect("gemm");
-        assert_eq!(c, naive(m, n, k, &a, &b));
-    }
-
-    #[test]
-    fn tiles_cover_c_and_use_columns_when_rows_are_few() {
-        assert_eq!(tiles(1024, 1024, 2), (256, 1024));
-        let (tm, tn) = tiles(64, 3136, 2);
-        assert_eq!(tm, 64);
-        assert!(tn < 3136 && 3136usize.div_ceil(tn) >= 4, "{tn}");
-        assert_eq!(tiles(3, 5, 8), (3, 5));
-    }
-
-    #[test]
-    fn transposed_operands() {
-        // op(A) = A^T with A stored k x m.
-        assert_eq!(strides(Layout::RowMajor, Transpose::Yes, 5), (1, 5));
-        assert_eq!(strides(Layout::ColMajor, Transpose::No, 5), (1, 5));
-        assert_eq!(strides(Layout::RowMajor, Transpose::No, 5), (5, 1));
-    }
 }

@@ -1,0 +1,556 @@
+//! The BLIS-style blocked f32 gemm driver: packing, blocking and the parallel split.
+//!
+//! Loops, outermost first: `jc` over `NC` columns of B and C; `pc` over depth blocks of at
+//! most `KC` (B's `kc x nc` block is packed into `NR`-column micro-panels, shared by all
+//! tasks); then, in parallel, tasks of (`MC`-row block of A and C) x (a run of B
+//! micro-panels), each packing its A block into `MR`-row micro-panels and running the
+//! micro-kernel over its tiles (`jr` over B micro-panels, `ir` over A micro-panels).
+
+use crate::kernels::{KernelKind, MicroKernel, Portable};
+use opreg_sdk::prelude::*;
+use std::ops::Range;
+
+/// A strided f32 matrix: element `(i, j)` at `ptr + i * rs + j * cs`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Mat {
+    pub ptr: *const f32,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+// SAFETY: a `Mat` only describes memory that the gemm call's caller owns and that tasks only
+// read.
+unsafe impl Send for Mat {}
+unsafe impl Sync for Mat {}
+
+/// Where B comes from.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum BSource {
+    /// `op(B)` as stored, packed per block during the call.
+    Strided(Mat),
+    /// The panels of a [`pack_b_all`] buffer, packed for the same kernel (`kc` must be the
+    /// depth block [`depth_block`] gives for this `k`).
+    Packed { ptr: *const f32, kc: usize },
+}
+
+/// `C = alpha * A * B + beta * C` with A `m x k`, B `k x n`, C `m x n` at `c + i*rsc + j*csc`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Problem {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub alpha: f32,
+    pub beta: f32,
+    pub a: Mat,
+    pub b: BSource,
+    pub c: *mut f32,
+    pub rsc: usize,
+    pub csc: usize,
+}
+
+// SAFETY: a problem describes memory the caller owns for the call's duration; tasks read A
+// and B and write disjoint tiles of C.
+unsafe impl Send for Problem {}
+unsafe impl Sync for Problem {}
+
+/// A raw pointer that parallel tasks share (each writes its own disjoint part).
+#[derive(Clone, Copy)]
+struct SharedPtr(*mut f32);
+// SAFETY: tasks write disjoint ranges through it; the buffer outlives the parallel loop.
+unsafe impl Send for SharedPtr {}
+unsafe impl Sync for SharedPtr {}
+impl SharedPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Below this many multiply-adds a gemm runs on the calling thread.
+const PARALLEL_MIN_WORK: usize = 48 * 48 * 48;
+/// Smallest number of multiply-adds worth one parallel task.
+const TASK_MIN_WORK: usize = 1 << 20;
+/// Tasks per thread, for load balance.
+const TASKS_PER_THREAD: usize = 3;
+
+/// Depth of the `pc` blocks for depth `k`: at most `kc_max`, balanced so the last block is not
+/// a thin sliver (a multiple of 8 where possible).
+pub(crate) fn depth_block(k: usize, kc_max: usize) -> usize {
+    if k <= kc_max {
+        return k.max(1);
+    }
+    let blocks = k.div_ceil(kc_max);
+    (k.div_ceil(blocks).div_ceil(8) * 8).min(kc_max)
+}
+
+/// An uninitialised f32 buffer whose start is 64-byte aligned.
+pub(crate) struct AlignedBuf {
+    v: Vec<f32>,
+    off: usize,
+}
+
+impl AlignedBuf {
+    pub(crate) fn new(len: usize) -> Result<Self, PluginError> {
+        let mut v = Vec::<f32>::new();
+        v.try_reserve_exact(len + 16).map_err(|_| {
+            PluginError::new(
+                ErrorCode::ResourceExhausted,
+                format!("cpu blas: cannot allocate {len} floats of packing buffer"),
+            )
+        })?;
+        let off = v.as_ptr().align_offset(64);
+        Ok(AlignedBuf {
+            v,
+            off: if off <= 16 { off } else { 0 },
+        })
+    }
+
+    /// The start (its `len` floats are writable; read only what was written).
+    pub(crate) fn ptr(&mut self) -> *mut f32 {
+        self.v.as_mut_ptr().wrapping_add(self.off)
+    }
+}
+
+/// Runs `f` over `0..len` on the host pool, or inline when `parallel` is off or one range
+/// would do.
+fn run_ranges<F>(
+    ctx: &KernelContext<'_>,
+    parallel: bool,
+    len: usize,
+    grain: usize,
+    f: F,
+) -> Result<(), PluginError>
+where
+    F: Fn(Range<usize>) -> Result<(), PluginError> + Sync,
+{
+    if !parallel || len <= grain {
+        f(0..len)
+    } else {
+        ctx.parallel_for(len, grain, f)
+    }
+}
+
+/// Runs `p` with the given kernel.
+///
+/// # Safety
+/// `p` describes valid memory: A (`m x k`), B (`k x n`, or a packed buffer for this kernel
+/// and `k`, `n`), C (`m x n`, disjoint from A and B); `kind` is available on this CPU.
+pub(crate) unsafe fn gemm(
+    ctx: &KernelContext<'_>,
+    kind: KernelKind,
+    p: &Problem,
+) -> Result<(), PluginError> {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match kind {
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::Avx512 => gemm_with::<crate::kernels::Avx512>(ctx, p),
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::Avx2 => gemm_with::<crate::kernels::Avx2>(ctx, p),
+            _ => gemm_with::<Portable>(ctx, p),
+        }
+    }
+}
+
+/// `C = beta * C` (for `k == 0` or `alpha == 0`, where A and B are not read).
+///
+/// # Safety
+/// C as in [`gemm`].
+unsafe fn scale_c(p: &Problem) {
+    for i in 0..p.m {
+        for j in 0..p.n {
+            // SAFETY: (i, j) lies in C.
+            unsafe {
+                let c = p.c.add(i * p.rsc + j * p.csc);
+                *c = if p.beta == 0.0 { 0.0 } else { p.beta * *c };
+            }
+        }
+    }
+}
+
+/// # Safety
+/// As [`gemm`], with `K` the kernel.
+unsafe fn gemm_with<K: MicroKernel>(
+    ctx: &KernelContext<'_>,
+    p: &Problem,
+) -> Result<(), PluginError> {
+    let (m, n, k) = (p.m, p.n, p.k);
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 || p.alpha == 0.0 {
+        // SAFETY: forwarded from the caller.
+        unsafe { scale_c(p) };
+        return Ok(());
+    }
+    let threads = ctx.num_threads().max(1);
+    let parallel = threads > 1 && m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MIN_WORK;
+    let kc_max = depth_block(k, K::KC);
+    let n_pad = n.div_ceil(K::NR) * K::NR;
+    if let BSource::Packed { kc, .. } = p.b {
+        if kc != kc_max {
+            return Err(PluginError::internal(format!(
+                "cpu blas: packed B has depth blocks of {kc}, expected {kc_max}"
+            )));
+        }
+    }
+    let mut b_buf = None;
+    for jc in (0..n).step_by(K::NC) {
+        let nc = K::NC.min(n - jc);
+        let panels = nc.div_ceil(K::NR);
+        let split = split::<K>(m, nc, kc_max, if parallel { threads } else { 1 });
+        for pc in (0..k).step_by(kc_max) {
+            let kc = kc_max.min(k - pc);
+            let b_block = match p.b {
+                BSource::Packed { ptr, .. } => {
+                    BlockB::Packed(ptr.wrapping_add(pc * n_pad + jc * kc))
+                }
+                // Few row blocks: each task packs the B panels it uses (one parallel loop,
+                // and the panels stay in that core's cache); the redundant packing across
+                // row blocks costs no more than packing A.
+                BSource::Strided(b) if (split.0 - 1) * nc <= m => BlockB::PerTask(b),
+                BSource::Strided(b) => {
+                    // Many row blocks: pack the B block once, shared by all tasks.
+                    let buf = match &mut b_buf {
+                        Some(buf) => buf,
+                        None => b_buf.insert(AlignedBuf::new(kc_max * K::NC.min(n_pad))?),
+                    };
+                    let out = SharedPtr(buf.ptr());
+                    let grain = panels.div_ceil(threads * 2).max(1);
+                    run_ranges(ctx, parallel, panels, grain, |r| {
+                        // SAFETY: B is valid (caller); the buffer holds `kc_max * nc` floats,
+                        // and each range writes its own panels.
+                        unsafe { pack_b_panels::<K>(b, pc, kc, jc, nc, r, out.get()) };
+                        Ok(())
+                    })?;
+                    BlockB::Packed(out.get())
+                }
+            };
+            let beta = if pc == 0 { p.beta } else { 1.0 };
+            let block = Block {
+                jc,
+                nc,
+                pc,
+                kc,
+                beta,
+                split,
+            };
+            // SAFETY: forwarded from the caller; a shared B block is packed.
+            unsafe { compute_block::<K>(ctx, parallel, p, b_block, &block)? };
+        }
+    }
+    Ok(())
+}
+
+/// The B block of one `(jc, pc)` step.
+#[derive(Clone, Copy)]
+enum BlockB {
+    /// Packed micro-panels (`kc x NR` each, one after another).
+    Packed(*const f32),
+    /// Not packed yet: each task packs the panels it uses.
+    PerTask(Mat),
+}
+
+// SAFETY: the block only describes memory that the gemm call's caller owns (or that the call
+// packed before the parallel loop) and that tasks only read.
+unsafe impl Send for BlockB {}
+unsafe impl Sync for BlockB {}
+
+/// One `(jc, pc)` step: columns `jc..jc+nc`, depth `pc..pc+kc`, the beta it applies, and the
+/// task split ([`split`]).
+struct Block {
+    jc: usize,
+    nc: usize,
+    pc: usize,
+    kc: usize,
+    beta: f32,
+    split: (usize, usize, usize, usize),
+}
+
+/// How a `m x nc x kc` block is cut into tasks for `threads` threads: `(row blocks, rows per
+/// block (at most MC, a multiple of MR), B micro-panels per column chunk, column chunks)`;
+/// tasks are row blocks x column chunks. Row blocks are balanced (no thin last block).
+pub(crate) fn split<K: MicroKernel>(
+    m: usize,
+    nc: usize,
+    kc: usize,
+    threads: usize,
+) -> (usize, usize, usize, usize) {
+    let panels = nc.div_ceil(K::NR).max(1);
+    let m = m.max(1);
+    let blocks = m.div_ceil(K::MC);
+    let mc = m.div_ceil(blocks).div_ceil(K::MR) * K::MR;
+    let row_blocks = m.div_ceil(mc);
+    let tasks_wanted = if threads > 1 {
+        (m.saturating_mul(nc).saturating_mul(kc) / TASK_MIN_WORK)
+            .clamp(1, threads * TASKS_PER_THREAD)
+    } else {
+        1
+    };
+    let col_chunks = tasks_wanted.div_ceil(row_blocks).clamp(1, panels);
+    let chunk = panels.div_ceil(col_chunks);
+    (row_blocks, mc, chunk, panels.div_ceil(chunk))
+}
+
+/// Multiplies rows `0..m` of A's depth block by the B block into C's columns of the block,
+/// split into parallel tasks (row blocks x column chunks).
+///
+/// # Safety
+/// As [`gemm`]; a packed `b` holds the packed `kc x nc` block.
+unsafe fn compute_block<K: MicroKernel>(
+    ctx: &KernelContext<'_>,
+    parallel: bool,
+    p: &Problem,
+    b: BlockB,
+    blk: &Block,
+) -> Result<(), PluginError> {
+    let m = p.m;
+    let &Block {
+        jc,
+        nc,
+        pc,
+        kc,
+        beta,
+        split: (row_blocks, mc_max, chunk, col_chunks),
+    } = blk;
+    let panels = nc.div_ceil(K::NR);
+    let a_len = mc_max * kc;
+    run_ranges(ctx, parallel, row_blocks * col_chunks, 1, |range| {
+        let mut a_buf = AlignedBuf::new(a_len)?;
+        let a_pack = a_buf.ptr();
+        let mut b_buf = match b {
+            BlockB::PerTask(_) => Some(AlignedBuf::new(chunk * K::NR * kc)?),
+            BlockB::Packed(_) => None,
+        };
+        let (mut packed_rows, mut packed_cols) = (None, None);
+        for t in range {
+            let (rb, cb) = (t / col_chunks, t % col_chunks);
+            let ic = rb * mc_max;
+            let mc = mc_max.min(m - ic);
+            if packed_rows != Some(rb) {
+                // SAFETY: A is valid (caller); the buffer holds `mc_max * kc` floats.
+                unsafe { pack_a::<K>(p.a, ic, mc, pc, kc, a_pack) };
+                packed_rows = Some(rb);
+            }
+            let first = cb * chunk;
+            let cols = first..((cb + 1) * chunk).min(panels);
+            // `b_chunk` is the first panel of this chunk.
+            let b_chunk: *const f32 = match (b, b_buf.as_mut()) {
+                (BlockB::Packed(block), _) => block.wrapping_add(first * kc * K::NR),
+                (BlockB::PerTask(mat), Some(buf)) => {
+                    let out = buf.ptr();
+                    if packed_cols != Some(cb) {
+                        // SAFETY: B is valid (caller); the buffer holds `chunk` panels, and
+                        // panel `q` of the chunk lands at `out + (q - first) * kc * NR`.
+                        unsafe {
+                            pack_b_panels::<K>(
+                                mat,
+                                pc,
+                                kc,
+                                jc,
+                                nc,
+                                cols.clone(),
+                                out.wrapping_sub(first * kc * K::NR),
+                            )
+                        };
+                        packed_cols = Some(cb);
+                    }
+                    out
+                }
+                (BlockB::PerTask(_), None) => {
+                    return Err(PluginError::internal("cpu blas: no B packing buffer"))
+                }
+            };
+            for panel in cols {
+                let j = panel * K::NR;
+                let nr = K::NR.min(nc - j);
+                let b_panel = b_chunk.wrapping_add((panel - first) * kc * K::NR);
+                for ir in (0..mc).step_by(K::MR) {
+                    let mr = K::MR.min(mc - ir);
+                    // SAFETY: the A and B micro-panels are packed (`kc` steps each); the tile
+                    // lies in C and belongs to this task alone; the kernel is available
+                    // (caller).
+                    unsafe {
+                        K::tile(
+                            kc,
+                            a_pack.wrapping_add(ir * kc),
+                            b_panel,
+                            p.c.add((ic + ir) * p.rsc + (jc + j) * p.csc),
+                            p.rsc,
+                            p.csc,
+                            p.alpha,
+                            beta,
+                            mr,
+                            nr,
+                        )
+                    };
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Packs rows `ic..ic+mc`, columns `pc..pc+kc` of A into `MR`-row micro-panels at `out`
+/// (panel `r` at `out + r * MR * kc`, step `p` of it holding `MR` values), zero-padding the
+/// last panel's missing rows.
+///
+/// # Safety
+/// A covers the block; `out` has room for `mc.div_ceil(MR) * MR * kc` floats.
+unsafe fn pack_a<K: MicroKernel>(
+    a: Mat,
+    ic: usize,
+    mc: usize,
+    pc: usize,
+    kc: usize,
+    out: *mut f32,
+) {
+    let mr_ = K::MR;
+    for r0 in (0..mc).step_by(mr_) {
+        let rows = mr_.min(mc - r0);
+        let dst = out.wrapping_add(r0 * kc);
+        let src = a.ptr.wrapping_add((ic + r0) * a.rs + pc * a.cs);
+        // SAFETY (all branches): reads stay inside A's block, writes inside this panel.
+        unsafe {
+            if rows == mr_ && a.rs == 1 {
+                // Columns of A are contiguous: MR values per step in one copy.
+                for q in 0..kc {
+                    std::ptr::copy_nonoverlapping(src.add(q * a.cs), dst.add(q * mr_), mr_);
+                }
+            } else if rows == mr_ && a.cs == 1 {
+                // Rows of A are contiguous: interleave MR row streams.
+                for q in 0..kc {
+                    for i in 0..mr_ {
+                        *dst.add(q * mr_ + i) = *src.add(i * a.rs + q);
+                    }
+                }
+            } else {
+                for q in 0..kc {
+                    for i in 0..mr_ {
+                        *dst.add(q * mr_ + i) = if i < rows {
+                            *src.add(i * a.rs + q * a.cs)
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Packs micro-panels `panels` of B's block (rows `pc..pc+kc`, columns `jc..jc+nc`) into
+/// `NR`-column micro-panels at `out` (panel `q` at `out + q * kc * NR`, step `p` of it
+/// holding `NR` values), zero-padding the last panel's missing columns.
+///
+/// # Safety
+/// B covers the block; `out` has room for `nc.div_ceil(NR) * NR * kc` floats.
+pub(crate) unsafe fn pack_b_panels<K: MicroKernel>(
+    b: Mat,
+    pc: usize,
+    kc: usize,
+    jc: usize,
+    nc: usize,
+    panels: Range<usize>,
+    out: *mut f32,
+) {
+    let nr_ = K::NR;
+    for panel in panels {
+        let j0 = panel * nr_;
+        let cols = nr_.min(nc - j0);
+        let dst = out.wrapping_add(panel * kc * nr_);
+        let src = b.ptr.wrapping_add(pc * b.rs + (jc + j0) * b.cs);
+        // SAFETY (all branches): reads stay inside B's block, writes inside this panel.
+        unsafe {
+            if cols == nr_ && b.cs == 1 {
+                // Rows of op(B) are contiguous: NR values per step in one copy.
+                for q in 0..kc {
+                    std::ptr::copy_nonoverlapping(src.add(q * b.rs), dst.add(q * nr_), nr_);
+                }
+            } else if b.rs == 1 {
+                // Columns of op(B) are contiguous (B transposed): one column stream at a time.
+                for j in 0..nr_ {
+                    if j < cols {
+                        let col = src.add(j * b.cs);
+                        for q in 0..kc {
+                            *dst.add(q * nr_ + j) = *col.add(q);
+                        }
+                    } else {
+                        for q in 0..kc {
+                            *dst.add(q * nr_ + j) = 0.0;
+                        }
+                    }
+                }
+            } else {
+                for q in 0..kc {
+                    for j in 0..nr_ {
+                        *dst.add(q * nr_ + j) = if j < cols {
+                            *src.add(q * b.rs + j * b.cs)
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Packs all of `op(B)` (`k x n`) for kernel `K`: depth blocks of `kc = depth_block(k, KC)`
+/// rows one after another, block `pc` at `out + pc * n_pad` (`n_pad` = `n` rounded up to
+/// `NR`) holding all of its `NR`-column micro-panels, so that [`gemm`]'s block `(jc, pc)`
+/// starts at `out + pc * n_pad + jc * kc`. Returns `kc`.
+///
+/// # Safety
+/// B covers `k x n`; `out` has room for `k * n_pad` floats.
+pub(crate) unsafe fn pack_b_all<K: MicroKernel>(
+    b: Mat,
+    k: usize,
+    n: usize,
+    out: *mut f32,
+) -> usize {
+    let kc_max = depth_block(k, K::KC);
+    let n_pad = n.div_ceil(K::NR) * K::NR;
+    for pc in (0..k).step_by(kc_max) {
+        let kc = kc_max.min(k - pc);
+        // SAFETY: forwarded from the caller; block `pc` has room for `kc * n_pad` floats.
+        unsafe { pack_b_panels::<K>(b, pc, kc, 0, n, 0..n_pad / K::NR, out.add(pc * n_pad)) };
+    }
+    kc_max
+}
+
+/// [`pack_b_all`] for the kernel `kind`; returns `(kc, nr)`.
+///
+/// # Safety
+/// As [`pack_b_all`] with `NR` the kernel's (see [`panel_width`]).
+pub(crate) unsafe fn pack_b_all_for(
+    kind: KernelKind,
+    b: Mat,
+    k: usize,
+    n: usize,
+    out: *mut f32,
+) -> usize {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match kind {
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::Avx512 => pack_b_all::<crate::kernels::Avx512>(b, k, n, out),
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::Avx2 => pack_b_all::<crate::kernels::Avx2>(b, k, n, out),
+            _ => pack_b_all::<Portable>(b, k, n, out),
+        }
+    }
+}
+
+/// `(NR, KC)` of the kernel `kind`.
+pub(crate) fn panel_width(kind: KernelKind) -> (usize, usize) {
+    fn of<K: MicroKernel>() -> (usize, usize) {
+        (K::NR, K::KC)
+    }
+    match kind {
+        #[cfg(target_arch = "x86_64")]
+        KernelKind::Avx512 => of::<crate::kernels::Avx512>(),
+        #[cfg(target_arch = "x86_64")]
+        KernelKind::Avx2 => of::<crate::kernels::Avx2>(),
+        _ => of::<Portable>(),
+    }
+}

@@ -1,0 +1,396 @@
+//! Register-blocked f32 micro-kernels and their run-time selection.
+//!
+//! A micro-kernel computes one `MR x NR` tile of C from an A micro-panel (`kc` steps of `MR`
+//! values, column by column) and a B micro-panel (`kc` steps of `NR` values, row by row):
+//! `C[i, j] = alpha * sum_p A[p][i] * B[p][j] + beta * C[i, j]`, for the top-left `mr x nr`
+//! part of the tile only (edges), at `C + i * rsc + j * csc`. `beta == 0` never reads C.
+
+use std::sync::OnceLock;
+
+/// One micro-kernel with its blocking parameters.
+pub(crate) trait MicroKernel {
+    /// Rows of a C tile (A panel height).
+    const MR: usize;
+    /// Columns of a C tile (B panel width).
+    const NR: usize;
+    /// Rows of A packed per block (a multiple of `MR`; the block stays in L2).
+    const MC: usize;
+    /// Largest depth of a block (a B micro-panel of `KC x NR` stays in L1).
+    const KC: usize;
+    /// Columns of B packed per block (a multiple of `NR`; the block stays in L3).
+    const NC: usize;
+
+    /// Computes one tile (see the module docs).
+    ///
+    /// # Safety
+    /// `a` holds `kc * MR` and `b` `kc * NR` readable floats (any alignment); the `mr x nr`
+    /// tile at `c` with strides `rsc`, `csc` is writable (and readable unless `beta == 0`);
+    /// `mr <= MR`, `nr <= NR`; the CPU has the kernel's features ([`KernelKind::available`]).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        rsc: usize,
+        csc: usize,
+        alpha: f32,
+        beta: f32,
+        mr: usize,
+        nr: usize,
+    );
+}
+
+/// The micro-kernels this build has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum KernelKind {
+    /// 8x32 tile in 16 zmm accumulators (AVX-512F).
+    Avx512,
+    /// 6x16 tile in 12 ymm accumulators (AVX2 + FMA).
+    Avx2,
+    /// 4x8 tile in plain Rust (any CPU).
+    Portable,
+}
+
+impl KernelKind {
+    /// Every kernel, best first.
+    pub(crate) const ALL: [KernelKind; 3] =
+        [KernelKind::Avx512, KernelKind::Avx2, KernelKind::Portable];
+
+    /// Whether this CPU runs the kernel.
+    pub(crate) fn available(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            KernelKind::Avx512 | KernelKind::Avx2 => false,
+            KernelKind::Portable => true,
+        }
+    }
+
+    /// The best kernel for this CPU, detected once per process.
+    pub(crate) fn best() -> KernelKind {
+        // A plain static (no destructor, no thread-local): it does not pin the library.
+        static BEST: OnceLock<KernelKind> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            KernelKind::ALL
+                .into_iter()
+                .find(|k| k.available())
+                .unwrap_or(KernelKind::Portable)
+        })
+    }
+
+    /// Stable id, as stored in packed B buffers.
+    pub(crate) fn id(self) -> u32 {
+        match self {
+            KernelKind::Avx512 => 1,
+            KernelKind::Avx2 => 2,
+            KernelKind::Portable => 3,
+        }
+    }
+
+    /// The kernel with id `id`.
+    pub(crate) fn from_id(id: u32) -> Option<KernelKind> {
+        KernelKind::ALL.into_iter().find(|k| k.id() == id)
+    }
+}
+
+/// Writes `alpha`-scaled results from `buf` (row stride `ld`) into the `mr x nr` tile of C.
+///
+/// # Safety
+/// As [`MicroKernel::tile`] for `c`; `buf` holds `mr` rows of `ld >= nr` values.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn store_scalar(
+    buf: &[f32],
+    ld: usize,
+    c: *mut f32,
+    rsc: usize,
+    csc: usize,
+    beta: f32,
+    mr: usize,
+    nr: usize,
+) {
+    for i in 0..mr {
+        for j in 0..nr {
+            let v = buf[i * ld + j];
+            // SAFETY: (i, j) lies in the caller's writable tile.
+            unsafe {
+                let p = c.add(i * rsc + j * csc);
+                *p = if beta == 0.0 { v } else { v + beta * *p };
+            }
+        }
+    }
+}
+
+/// 4x8 portable kernel (LLVM vectorizes it for the baseline SIMD of the target).
+pub(crate) struct Portable;
+
+impl MicroKernel for Portable {
+    const MR: usize = 4;
+    const NR: usize = 8;
+    const MC: usize = 64;
+    const KC: usize = 256;
+    const NC: usize = 2048;
+
+    unsafe fn tile(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        rsc: usize,
+        csc: usize,
+        alpha: f32,
+        beta: f32,
+        mr: usize,
+        nr: usize,
+    ) {
+        let mut acc = [[0f32; 8]; 4];
+        // SAFETY: the caller guarantees `kc * MR` floats at `a` and `kc * NR` at `b`.
+        let (a, b) = unsafe {
+            (
+                std::slice::from_raw_parts(a, kc * 4),
+                std::slice::from_raw_parts(b, kc * 8),
+            )
+        };
+        for (ap, bp) in a.chunks_exact(4).zip(b.chunks_exact(8)) {
+            for (row, &x) in acc.iter_mut().zip(ap) {
+                for (s, &y) in row.iter_mut().zip(bp) {
+                    *s += x * y;
+                }
+            }
+        }
+        let mut buf = [0f32; 32];
+        for (dst, src) in buf.chunks_exact_mut(8).zip(&acc) {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = alpha * s;
+            }
+        }
+        // SAFETY: forwarded from the caller.
+        unsafe { store_scalar(&buf, 8, c, rsc, csc, beta, mr, nr) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::{Avx2, Avx512};
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{store_scalar, MicroKernel};
+    use std::arch::x86_64::*;
+
+    /// 8x32 AVX-512F kernel: per step, two zmm rows of B and eight broadcasts of A feed 16
+    /// FMAs into 16 accumulators.
+    pub(crate) struct Avx512;
+
+    impl MicroKernel for Avx512 {
+        const MR: usize = 8;
+        const NR: usize = 32;
+        const MC: usize = 192;
+        const KC: usize = 256;
+        const NC: usize = 4096;
+
+        unsafe fn tile(
+            kc: usize,
+            a: *const f32,
+            b: *const f32,
+            c: *mut f32,
+            rsc: usize,
+            csc: usize,
+            alpha: f32,
+            beta: f32,
+            mr: usize,
+            nr: usize,
+        ) {
+            // SAFETY: forwarded from the caller, who checked that the CPU has AVX-512F.
+            unsafe { avx512_8x32(kc, a, b, c, rsc, csc, alpha, beta, mr, nr) }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn avx512_8x32(
+        kc: usize,
+        mut a: *const f32,
+        mut b: *const f32,
+        c: *mut f32,
+        rsc: usize,
+        csc: usize,
+        alpha: f32,
+        beta: f32,
+        mr: usize,
+        nr: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; 8];
+        if csc == 1 {
+            // Bring the C tile in while the product runs.
+            for i in 0..mr {
+                let row = c.wrapping_add(i * rsc);
+                _mm_prefetch::<_MM_HINT_T0>(row.cast());
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(nr.min(32) - 1).cast());
+            }
+        }
+        for _ in 0..kc {
+            // SAFETY: `a` and `b` advance through the caller's `kc` panel steps.
+            unsafe {
+                let b0 = _mm512_loadu_ps(b);
+                let b1 = _mm512_loadu_ps(b.add(16));
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let x = _mm512_set1_ps(*a.add(i));
+                    row[0] = _mm512_fmadd_ps(x, b0, row[0]);
+                    row[1] = _mm512_fmadd_ps(x, b1, row[1]);
+                }
+                a = a.add(8);
+                b = b.add(32);
+            }
+        }
+        let va = _mm512_set1_ps(alpha);
+        if csc == 1 {
+            // Rows are contiguous: masked vector stores cover full and edge tiles alike.
+            let vb = _mm512_set1_ps(beta);
+            for (i, row) in acc.iter().enumerate().take(mr) {
+                for (h, v) in row.iter().enumerate() {
+                    let lanes = nr.saturating_sub(16 * h).min(16);
+                    if lanes == 0 {
+                        break;
+                    }
+                    let mask: __mmask16 = if lanes == 16 {
+                        0xFFFF
+                    } else {
+                        (1u16 << lanes) - 1
+                    };
+                    // SAFETY: the masked lanes lie in the caller's tile (row i < mr, columns
+                    // < nr); masked-off lanes are neither read nor written.
+                    unsafe {
+                        let p = c.add(i * rsc + 16 * h);
+                        let r = if beta == 0.0 {
+                            _mm512_mul_ps(*v, va)
+                        } else {
+                            let old = _mm512_maskz_loadu_ps(mask, p);
+                            if beta == 1.0 {
+                                _mm512_fmadd_ps(*v, va, old)
+                            } else {
+                                _mm512_fmadd_ps(*v, va, _mm512_mul_ps(old, vb))
+                            }
+                        };
+                        _mm512_mask_storeu_ps(p, mask, r);
+                    }
+                }
+            }
+        } else {
+            let mut buf = [0f32; 8 * 32];
+            for (i, row) in acc.iter().enumerate() {
+                for (h, v) in row.iter().enumerate() {
+                    // SAFETY: 16 floats at row i, half h of the 8x32 buffer.
+                    unsafe {
+                        _mm512_storeu_ps(
+                            buf.as_mut_ptr().add(i * 32 + 16 * h),
+                            _mm512_mul_ps(*v, va),
+                        )
+                    };
+                }
+            }
+            // SAFETY: forwarded from the caller.
+            unsafe { store_scalar(&buf, 32, c, rsc, csc, beta, mr, nr) }
+        }
+    }
+
+    /// 6x16 AVX2 + FMA kernel: per step, two ymm rows of B and six broadcasts of A feed 12
+    /// FMAs into 12 accumulators.
+    pub(crate) struct Avx2;
+
+    impl MicroKernel for Avx2 {
+        const MR: usize = 6;
+        const NR: usize = 16;
+        const MC: usize = 144;
+        const KC: usize = 256;
+        const NC: usize = 4096;
+
+        unsafe fn tile(
+            kc: usize,
+            a: *const f32,
+            b: *const f32,
+            c: *mut f32,
+            rsc: usize,
+            csc: usize,
+            alpha: f32,
+            beta: f32,
+            mr: usize,
+            nr: usize,
+        ) {
+            // SAFETY: forwarded from the caller, who checked that the CPU has AVX2 and FMA.
+            unsafe { avx2_6x16(kc, a, b, c, rsc, csc, alpha, beta, mr, nr) }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn avx2_6x16(
+        kc: usize,
+        mut a: *const f32,
+        mut b: *const f32,
+        c: *mut f32,
+        rsc: usize,
+        csc: usize,
+        alpha: f32,
+        beta: f32,
+        mr: usize,
+        nr: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; 6];
+        for _ in 0..kc {
+            // SAFETY: `a` and `b` advance through the caller's `kc` panel steps.
+            unsafe {
+                let b0 = _mm256_loadu_ps(b);
+                let b1 = _mm256_loadu_ps(b.add(8));
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let x = _mm256_broadcast_ss(&*a.add(i));
+                    row[0] = _mm256_fmadd_ps(x, b0, row[0]);
+                    row[1] = _mm256_fmadd_ps(x, b1, row[1]);
+                }
+                a = a.add(6);
+                b = b.add(16);
+            }
+        }
+        let va = _mm256_set1_ps(alpha);
+        if csc == 1 && mr == 6 && nr == 16 {
+            let vb = _mm256_set1_ps(beta);
+            for (i, row) in acc.iter().enumerate() {
+                for (h, v) in row.iter().enumerate() {
+                    // SAFETY: full tile: row i < 6, columns 8h..8h+8 < 16 are the caller's.
+                    unsafe {
+                        let p = c.add(i * rsc + 8 * h);
+                        let r = if beta == 0.0 {
+                            _mm256_mul_ps(*v, va)
+                        } else if beta == 1.0 {
+                            _mm256_fmadd_ps(*v, va, _mm256_loadu_ps(p))
+                        } else {
+                            _mm256_fmadd_ps(*v, va, _mm256_mul_ps(_mm256_loadu_ps(p), vb))
+                        };
+                        _mm256_storeu_ps(p, r);
+                    }
+                }
+            }
+        } else {
+            let mut buf = [0f32; 6 * 16];
+            for (i, row) in acc.iter().enumerate() {
+                for (h, v) in row.iter().enumerate() {
+                    // SAFETY: 8 floats at row i, half h of the 6x16 buffer.
+                    unsafe {
+                        _mm256_storeu_ps(
+                            buf.as_mut_ptr().add(i * 16 + 8 * h),
+                            _mm256_mul_ps(*v, va),
+                        )
+                    };
+                }
+            }
+            // SAFETY: forwarded from the caller.
+            unsafe { store_scalar(&buf, 16, c, rsc, csc, beta, mr, nr) }
+        }
+    }
+}

@@ -1,0 +1,574 @@
+//! Correctness against a naive f64 product, for every kernel this CPU has.
+
+use super::*;
+use crate::gemm::{depth_block, split};
+use crate::kernels::MicroKernel;
+use opreg_sdk::{
+    blas::{into_ffi_blas, FfiBlasBox},
+    host::CallFrame,
+    LogLevel,
+};
+
+/// Deterministic values in [-1, 1).
+fn values(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// A matrix `op(X)` of `rows x cols` stored per layout and transpose with `pad` extra
+/// elements per leading dimension.
+struct Stored {
+    data: Vec<f32>,
+    ld: usize,
+    layout: Layout,
+    trans: Transpose,
+}
+
+impl Stored {
+    fn new(
+        layout: Layout,
+        trans: Transpose,
+        rows: usize,
+        cols: usize,
+        pad: usize,
+        seed: u64,
+    ) -> Self {
+        let (sr, sc) = match trans {
+            Transpose::No => (rows, cols),
+            Transpose::Yes => (cols, rows),
+        };
+        let (ld, outer) = match layout {
+            Layout::RowMajor => (sc + pad, sr),
+            Layout::ColMajor => (sr + pad, sc),
+        };
+        Stored {
+            data: values(ld * outer.max(1), seed),
+            ld,
+            layout,
+            trans,
+        }
+    }
+
+    /// Index of `op(X)(i, j)`.
+    fn at(&self, i: usize, j: usize) -> usize {
+        let (r, c) = match self.trans {
+            Transpose::No => (i, j),
+            Transpose::Yes => (j, i),
+        };
+        match self.layout {
+            Layout::RowMajor => r * self.ld + c,
+            Layout::ColMajor => r + c * self.ld,
+        }
+    }
+}
+
+fn frame_run<R>(blas: &FfiBlasBox, f: impl FnOnce(&KernelContext<'_>) -> R) -> R {
+    let log = |_: LogLevel, _: &str| {};
+    let frame = CallFrame::new(0, Device::CPU, Some(blas), &log);
+    frame.with_context(f)
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    layout: Layout,
+    ta: Transpose,
+    tb: Transpose,
+    m: usize,
+    n: usize,
+    k: usize,
+    pad: usize,
+    alpha: f32,
+    beta: f32,
+    packed: bool,
+}
+
+const SENTINEL: f32 = 12345.0;
+
+/// Runs one case with kernel `kind` and checks every element of C (and that C's padding is
+/// untouched).
+fn check(kind: KernelKind, case: Case) {
+    let Case {
+        layout,
+        ta,
+        tb,
+        m,
+        n,
+        k,
+        pad,
+        alpha,
+        beta,
+        packed,
+    } = case;
+    let seed = (m * 1_000_003 + n * 1009 + k) as u64;
+    let a = Stored::new(layout, ta, m, k, pad, seed);
+    let b = Stored::new(layout, tb, k, n, pad + 1, seed + 1);
+    let mut c = Stored::new(layout, Transpose::No, m, n, pad, seed + 2);
+    // Padding holds a sentinel; with beta == 0, the matrix itself holds NaN.
+    let mut in_c = vec![false; c.data.len()];
+    for i in 0..m {
+        for j in 0..n {
+            in_c[c.at(i, j)] = true;
+        }
+    }
+    for (v, inside) in c.data.iter_mut().zip(&in_c) {
+        if !inside {
+            *v = SENTINEL;
+        } else if beta == 0.0 {
+            *v = f32::NAN;
+        }
+    }
+    let c0 = c.data.clone();
+    let args = GemmArgs {
+        layout,
+        trans_a: ta,
+        trans_b: tb,
+        m,
+        n,
+        k,
+        alpha,
+        beta,
+        types: GemmTypes::F32,
+        a: a.data.as_ptr().cast(),
+        lda: a.ld,
+        b: b.data.as_ptr().cast(),
+        ldb: b.ld,
+        c: c.data.as_mut_ptr().cast(),
+        ldc: c.ld,
+        a_zero_point: 0,
+        b_zero_point: 0,
+    };
+    let blas = into_ffi_blas(CpuBlas { kind });
+    frame_run(&blas, |ctx| {
+        let blas = ctx.blas().expect("blas");
+        if packed {
+            let pb = blas.pack_b(&args).expect("pack_b");
+            blas.gemm_packed(ctx, &args, &pb)
+        } else {
+            blas.gemm(ctx, &args)
+        }
+    })
+    .unwrap_or_else(|e| panic!("{kind:?} {case:?}: {e:?}"));
+    for i in 0..m {
+        for j in 0..n {
+            let (mut sum, mut mag) = (0f64, 0f64);
+            for p in 0..k {
+                let x = a.data[a.at(i, p)] as f64 * b.data[b.at(p, j)] as f64;
+                sum += x;
+                mag += x.abs();
+            }
+            let old = c0[c.at(i, j)] as f64;
+            let (want, scale) = if beta == 0.0 {
+                (alpha as f64 * sum, (alpha as f64 * mag).abs())
+            } else {
+                (
+                    alpha as f64 * sum + beta as f64 * old,
+                    (alpha as f64 * mag).abs() + (beta as f64 * old).abs(),
+                )
+            };
+            let got = c.data[c.at(i, j)] as f64;
+            assert!(
+                (got - want).abs() <= 1e-5 * scale.max(1e-30) + 1e-30,
+                "{kind:?} {case:?}: C[{i},{j}] = {got}, want {want}"
+            );
+        }
+    }
+    for (idx, inside) in in_c.iter().enumerate() {
+        if !inside {
+            assert_eq!(
+                c.data[idx], SENTINEL,
+                "{kind:?} {case:?}: padding {idx} written"
+            );
+        }
+    }
+}
+
+fn kernels() -> Vec<KernelKind> {
+    let ks: Vec<_> = KernelKind::ALL
+        .into_iter()
+        .filter(|k| k.available())
+        .collect();
+    eprintln!(
+        "kernels on this CPU: {ks:?} (best {:?})",
+        KernelKind::best()
+    );
+    ks
+}
+
+const LAYOUTS: [Layout; 2] = [Layout::RowMajor, Layout::ColMajor];
+const TRANS: [Transpose; 2] = [Transpose::No, Transpose::Yes];
+/// (alpha, beta): overwrite (C holds NaN), accumulate, general.
+const SCALES: [(f32, f32); 3] = [(1.0, 0.0), (1.0, 1.0), (-1.5, 0.5)];
+
+fn sweep(shapes: &[(usize, usize, usize)], scales: &[(f32, f32)], pads: &[usize]) {
+    for kind in kernels() {
+        for &(m, n, k) in shapes {
+            for layout in LAYOUTS {
+                for ta in TRANS {
+                    for tb in TRANS {
+                        for &(alpha, beta) in scales {
+                            for &pad in pads {
+                                for packed in [false, true] {
+                                    check(
+                                        kind,
+                                        Case {
+                                            layout,
+                                            ta,
+                                            tb,
+                                            m,
+                                            n,
+                                            k,
+                                            pad,
+                                            alpha,
+                                            beta,
+                                            packed,
+                                        },
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn small_and_odd_shapes_all_layouts_transposes_and_scales() {
+    let shapes = [
+        (1, 1, 1),
+        (7, 13, 5),
+        (33, 65, 17),
+        (150, 70, 33),
+        (1, 50, 40),
+        (17, 1, 30),
+        (9, 33, 1),
+        (6, 16, 8),
+        (8, 32, 8),
+    ];
+    sweep(&shapes, &SCALES, &[0, 3]);
+}
+
+#[test]
+fn block_boundaries_in_every_loop() {
+    // Crosses MC (rows), KC (depth, with a balanced last block) and NC (columns) for every
+    // kernel, in parallel; B packed per task (few row blocks) and shared (200x230).
+    sweep(
+        &[(200, 45, 600), (5, 4200, 7), (200, 230, 20)],
+        &[(1.0, 0.0), (-1.5, 0.5)],
+        &[2],
+    );
+}
+
+#[test]
+fn conv_like_and_tall_shapes() {
+    for kind in kernels() {
+        for (m, n, k) in [(64, 3136, 576), (3136, 64, 576)] {
+            for (layout, ta, tb, packed) in [
+                (Layout::RowMajor, Transpose::No, Transpose::No, false),
+                (Layout::RowMajor, Transpose::No, Transpose::Yes, true),
+                (Layout::ColMajor, Transpose::Yes, Transpose::No, false),
+            ] {
+                let case = Case {
+                    layout,
+                    ta,
+                    tb,
+                    m,
+                    n,
+                    k,
+                    pad: 1,
+                    alpha: 1.0,
+                    beta: 0.0,
+                    packed,
+                };
+                check(kind, case);
+            }
+        }
+    }
+}
+
+#[test]
+fn empty_depth_and_zero_alpha_scale_c() {
+    for kind in kernels() {
+        for layout in LAYOUTS {
+            for (k, alpha) in [(0, 1.0), (5, 0.0)] {
+                for beta in [0.0, 2.0] {
+                    let case = Case {
+                        layout,
+                        ta: Transpose::No,
+                        tb: Transpose::Yes,
+                        m: 5,
+                        n: 6,
+                        k,
+                        pad: 1,
+                        alpha,
+                        beta,
+                        packed: false,
+                    };
+                    check(kind, case);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn matches_naive_product_through_the_registered_backend() {
+    use opreg_sdk::blas::into_ffi_blas;
+    let (m, n, k) = (150, 70, 33);
+    let a = values(m * k, 1);
+    let b = values(k * n, 2);
+    let mut c = vec![f32::NAN; m * n];
+    let args = GemmArgs::f32(m, n, k, &a, &b, &mut c).expect("args");
+    let blas = into_ffi_blas(CpuBlas::detect());
+    frame_run(&blas, |ctx| ctx.blas().expect("blas").gemm(ctx, &args)).expect("gemm");
+    for i in 0..m {
+        for j in 0..n {
+            let want: f64 = (0..k)
+                .map(|p| a[i * k + p] as f64 * b[p * n + j] as f64)
+                .sum();
+            assert!((c[i * n + j] as f64 - want).abs() < 1e-4, "C[{i},{j}]");
+        }
+    }
+}
+
+/// A 4x3 by 3x5 product and its packed B, for the error tests.
+fn packed_fixture(kind: KernelKind) -> (Vec<f32>, Vec<f32>, PackedB) {
+    let a = values(12, 3);
+    let b = values(15, 4);
+    let mut c = vec![0f32; 20];
+    let args = GemmArgs::f32(4, 5, 3, &a, &b, &mut c).expect("args");
+    let pb = CpuBlas { kind }.pack_b(&args).expect("pack");
+    (a, b, pb)
+}
+
+fn gemm_packed_with(
+    kind: KernelKind,
+    a: &[f32],
+    b: &[f32],
+    pb: &PackedB,
+) -> Result<Vec<f32>, PluginError> {
+    let mut c = vec![0f32; 20];
+    let args = GemmArgs::f32(4, 5, 3, a, b, &mut c)?;
+    let blas = into_ffi_blas(CpuBlas { kind });
+    frame_run(&blas, |ctx| {
+        ctx.blas().expect("blas").gemm_packed(ctx, &args, pb)
+    })?;
+    Ok(c)
+}
+
+#[test]
+fn packed_b_is_checked_and_portable_across_backend_instances() {
+    let ks = kernels();
+    for &kind in &ks {
+        let (a, b, pb) = packed_fixture(kind);
+        assert_eq!(pb.backend.as_str(), "cpu");
+        assert_eq!((pb.k, pb.n, pb.types), (3, 5, GemmTypes::F32));
+        let want = gemm_packed_with(kind, &a, &b, &pb).expect("packed gemm");
+        // The header names the kernel: another instance uses it too.
+        for &other in &ks {
+            assert_eq!(gemm_packed_with(other, &a, &b, &pb).expect("other"), want);
+        }
+        // A clone lives elsewhere (other alignment).
+        assert_eq!(
+            gemm_packed_with(kind, &a, &b, &pb.clone()).expect("clone"),
+            want
+        );
+        // Panels shifted off f32 alignment are copied, not misread.
+        let mut shifted = pb.clone();
+        let mut bytes = shifted.data.to_vec();
+        bytes.insert(HEADER, 0);
+        let off = header_field(&bytes, 5).expect("offset") + 1;
+        bytes[8 + 40..8 + 48].copy_from_slice(&(off as u64).to_le_bytes());
+        shifted.data = bytes.into();
+        assert_eq!(
+            gemm_packed_with(kind, &a, &b, &shifted).expect("shifted"),
+            want
+        );
+
+        let mut wrong = pb.clone();
+        wrong.backend = "gpu".into();
+        assert!(gemm_packed_with(kind, &a, &b, &wrong).is_err());
+        let mut wrong = pb.clone();
+        wrong.k = 4;
+        assert!(gemm_packed_with(kind, &a, &b, &wrong).is_err());
+        let mut wrong = pb.clone();
+        wrong.types = GemmTypes {
+            a: DType::F16,
+            b: DType::F16,
+            c: DType::F32,
+        };
+        assert!(gemm_packed_with(kind, &a, &b, &wrong).is_err());
+        let mut wrong = pb.clone();
+        wrong.data = wrong.data.as_slice()[..HEADER].to_vec().into();
+        assert!(gemm_packed_with(kind, &a, &b, &wrong).is_err());
+        let mut wrong = pb.clone();
+        wrong.data = RVec::new();
+        assert!(gemm_packed_with(kind, &a, &b, &wrong).is_err());
+    }
+}
+
+#[test]
+fn refuses_other_types_and_short_leading_dimensions() {
+    let a = values(12, 3);
+    let b = values(15, 4);
+    let mut c = vec![0f32; 20];
+    let mut args = GemmArgs::f32(4, 5, 3, &a, &b, &mut c).expect("args");
+    let blas = into_ffi_blas(CpuBlas::detect());
+    args.lda = 2;
+    let e = frame_run(&blas, |ctx| ctx.blas().expect("blas").gemm(ctx, &args)).expect_err("lda");
+    assert_eq!(e.code, ErrorCode::InvalidArgument, "{e:?}");
+    args.lda = 3;
+    args.types.a = DType::F16;
+    let e = frame_run(&blas, |ctx| ctx.blas().expect("blas").gemm(ctx, &args)).expect_err("f16");
+    assert_eq!(e.code, ErrorCode::Unimplemented, "{e:?}");
+}
+
+#[test]
+fn detection_prefers_the_widest_kernel() {
+    let best = KernelKind::best();
+    assert!(best.available());
+    assert_eq!(
+        Some(best),
+        KernelKind::ALL.into_iter().find(|k| k.available())
+    );
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        assert_eq!(best, KernelKind::Avx512);
+    }
+    for k in KernelKind::ALL {
+        assert_eq!(KernelKind::from_id(k.id()), Some(k));
+    }
+}
+
+#[test]
+fn depth_blocks_are_balanced() {
+    assert_eq!(depth_block(576, 256), 192);
+    assert_eq!(depth_block(1024, 256), 256);
+    assert_eq!(depth_block(100, 256), 100);
+    assert_eq!(depth_block(0, 256), 1);
+    assert_eq!(depth_block(600, 256), 200);
+}
+
+/// Tasks a block is split into for 2 threads.
+fn tasks<K: MicroKernel>(m: usize, n: usize, k: usize) -> usize {
+    let (rows, _, _, cols) = split::<K>(m, n.min(K::NC), depth_block(k, K::KC), 2);
+    rows * cols
+}
+
+#[test]
+fn two_threads_get_work_on_square_conv_like_and_tall_shapes() {
+    fn all<K: MicroKernel>() {
+        for (m, n, k) in [
+            (1024, 1024, 1024),
+            (64, 3136, 576),
+            (3136, 64, 576),
+            (128, 128, 128),
+        ] {
+            let t = tasks::<K>(m, n, k);
+            assert!(t >= 2, "{m}x{n}x{k}: {t} tasks");
+        }
+        let (rows, mc, chunk, cols) = split::<K>(64, 3136, 192, 2);
+        assert!(cols >= 4 && rows == 1 && mc >= 64 && chunk * cols * K::NR >= 3136);
+        let panels = 3136usize.div_ceil(K::NR);
+        let (rows, mc, chunk, cols) = split::<K>(64, 3136, 192, 1);
+        assert_eq!((rows, chunk, cols), (1, panels, 1));
+        assert!(mc >= 64 && mc < 64 + K::MR);
+        // Balanced row blocks, each at most MC rows, covering all rows.
+        let (rows, mc, _, _) = split::<K>(1024, 1024, 256, 2);
+        assert!(mc <= K::MC && mc % K::MR == 0 && rows * mc >= 1024 && (rows - 1) * mc < 1024);
+        assert!(1024 - (rows - 1) * mc >= mc / 2, "{rows} x {mc}");
+    }
+    all::<kernels::Portable>();
+    #[cfg(target_arch = "x86_64")]
+    {
+        all::<kernels::Avx512>();
+        all::<kernels::Avx2>();
+    }
+}
+
+#[test]
+fn op_strides() {
+    // op(A) = A^T with A stored k x m.
+    assert_eq!(strides(Layout::RowMajor, Transpose::Yes, 5), (1, 5));
+    assert_eq!(strides(Layout::ColMajor, Transpose::No, 5), (1, 5));
+    assert_eq!(strides(Layout::RowMajor, Transpose::No, 5), (5, 1));
+    assert_eq!(strides(Layout::ColMajor, Transpose::Yes, 5), (5, 1));
+}
+
+/// Throughput per kernel on the benchmark shapes (`cargo test --release -p
+/// opreg-plugin-blas-cpu -- --ignored --nocapture throughput`).
+#[test]
+#[ignore]
+fn throughput() {
+    let shapes = [
+        (128, 128, 128),
+        (256, 256, 256),
+        (512, 512, 512),
+        (1024, 1024, 1024),
+        (64, 3136, 576),
+        (3136, 64, 576),
+    ];
+    // BLAS_SHAPES="m,n,k;m,n,k" replaces the shapes; BLAS_KERNEL=Avx2 picks one kernel.
+    let custom: Vec<(usize, usize, usize)> = std::env::var("BLAS_SHAPES")
+        .unwrap_or_default()
+        .split(';')
+        .filter_map(|s| {
+            let v: Vec<usize> = s.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+            (v.len() == 3).then(|| (v[0], v[1], v[2]))
+        })
+        .collect();
+    let shapes = if custom.is_empty() {
+        shapes.to_vec()
+    } else {
+        custom
+    };
+    let only = std::env::var("BLAS_KERNEL").ok();
+    for kind in kernels() {
+        if only.as_ref().is_some_and(|o| *o != format!("{kind:?}")) {
+            continue;
+        }
+        let blas = into_ffi_blas(CpuBlas { kind });
+        for &(m, n, k) in &shapes {
+            let a = values(m * k, 1);
+            let b = values(k * n, 2);
+            let mut c = vec![0f32; m * n];
+            let args = GemmArgs::f32(m, n, k, &a, &b, &mut c).expect("args");
+            let pb = CpuBlas { kind }.pack_b(&args).expect("pack");
+            let mut best = [f64::MAX; 2];
+            for (slot, packed) in [false, true].into_iter().enumerate() {
+                let start = std::time::Instant::now();
+                let mut runs = 0;
+                while runs < 5 || (start.elapsed().as_secs_f64() < 0.5 && runs < 200) {
+                    let t = std::time::Instant::now();
+                    frame_run(&blas, |ctx| {
+                        let blas = ctx.blas().expect("blas");
+                        if packed {
+                            blas.gemm_packed(ctx, &args, &pb)
+                        } else {
+                            blas.gemm(ctx, &args)
+                        }
+                    })
+                    .expect("gemm");
+                    best[slot] = best[slot].min(t.elapsed().as_secs_f64());
+                    runs += 1;
+                }
+            }
+            let gf = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;
+            eprintln!(
+                "{kind:?} {m}x{n}x{k}: {:.1} GF/s, packed B {:.1} GF/s",
+                gf(best[0]),
+                gf(best[1])
+            );
+        }
+    }
+}
