@@ -29,19 +29,29 @@ fn im2col(
     g: &Geometry,
     col: &mut [f32],
 ) -> Result<(), PluginError> {
-    let s = input.len();
     let kk: usize = g.kernel.iter().product();
     let p: usize = g.out.iter().product();
     if p == 0 || kk == 0 {
         return Ok(());
     }
+    let rows_per_chunk = (16 * 1024 / p).max(1);
+    ctx.parallel_chunks(col, rows_per_chunk * p, |start, chunk| {
+        im2col_rows(x, input, g, start, chunk)
+    })
+}
+
+/// The im2col rows starting at flat element `start` of the column matrix, into `chunk`
+/// (whole rows of `p` elements).
+fn im2col_rows(x: &[f32], input: &[usize], g: &Geometry, start: usize, chunk: &mut [f32]) {
+    let s = input.len();
+    let kk: usize = g.kernel.iter().product();
+    let p: usize = g.out.iter().product();
     let plane: usize = input.iter().product();
     let in_strides = row_major_strides(input);
     let last = s - 1;
     let ol = g.out[last];
     let outer = p / ol;
-    let rows_per_chunk = (16 * 1024 / p).max(1);
-    ctx.parallel_chunks(col, rows_per_chunk * p, |start, chunk| {
+    {
         let mut kid = vec![0usize; s];
         let mut oid = vec![0usize; s];
         for (i, row) in chunk.chunks_mut(p).enumerate() {
@@ -92,7 +102,7 @@ fn im2col(
                 }
             }
         }
-    })
+    }
 }
 
 impl Kernel for Conv {
@@ -222,6 +232,43 @@ impl Conv {
         let direct = g.kernel.iter().all(|&k| k == 1)
             && g.strides.iter().all(|&s| s == 1)
             && g.pad_begin.iter().chain(&g.pad_end).all(|&p| p == 0);
+        if n * group >= ctx.num_threads().max(2) && !direct {
+            // Enough images (x groups) to keep every thread busy: one task per (image, group),
+            // each with its own column buffer, instead of a parallel im2col and gemm per image.
+            let yp = SendPtr(y.as_mut_ptr());
+            let ylen = y.len();
+            ctx.parallel_for(n * group, 1, |range| {
+                let mut col = vec![0f32; rows * p];
+                for t in range {
+                    let (b, gi) = (t / group, t % group);
+                    let xg = &x[(b * c + gi * cg) * plane..(b * c + (gi + 1) * cg) * plane];
+                    im2col_rows(xg, &xs[2..], g, 0, &mut col);
+                    let at = (b * m + gi * mg) * p;
+                    if at + mg * p > ylen {
+                        return Err(PluginError::internal("Conv: output too short"));
+                    }
+                    // SAFETY: each (image, group) writes its own disjoint block of y.
+                    let yg = unsafe { std::slice::from_raw_parts_mut(yp.get().add(at), mg * p) };
+                    gemm_f32(
+                        ctx,
+                        "Conv",
+                        false,
+                        false,
+                        mg,
+                        p,
+                        rows,
+                        1.0,
+                        &w[gi * mg * rows..(gi + 1) * mg * rows],
+                        &col,
+                        0.0,
+                        yg,
+                        None,
+                    )?;
+                }
+                Ok(())
+            })?;
+            return add_bias(ctx, y, bias, m, p);
+        }
         let col = if direct {
             &mut [][..]
         } else {
@@ -254,15 +301,38 @@ impl Conv {
                 )?;
             }
         }
-        if let Some(bias) = bias {
-            ctx.parallel_chunks(y, p.max(1024).div_ceil(p) * p, |start, chunk| {
-                for (i, plane) in chunk.chunks_mut(p).enumerate() {
-                    let bv = bias[(start / p + i) % m];
-                    plane.iter_mut().for_each(|v| *v += bv);
-                }
-            })?;
-        }
-        Ok(())
+        add_bias(ctx, y, bias, m, p)
+    }
+}
+
+/// Adds the per-output-channel bias to every plane of `y`.
+fn add_bias(
+    ctx: &KernelContext<'_>,
+    y: &mut [f32],
+    bias: Option<&[f32]>,
+    m: usize,
+    p: usize,
+) -> Result<(), PluginError> {
+    if let Some(bias) = bias {
+        ctx.parallel_chunks(y, p.max(1024).div_ceil(p) * p, |start, chunk| {
+            for (i, plane) in chunk.chunks_mut(p).enumerate() {
+                let bv = bias[(start / p + i) % m];
+                plane.iter_mut().for_each(|v| *v += bv);
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// A raw pointer handed to parallel tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only for disjoint writes, within the call that owns the buffer.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
     }
 }
 
