@@ -21,22 +21,9 @@ mod transformer;
 #[allow(dead_code)] // shared helpers; not every family uses every one
 mod util;
 
-/// Every non-string tensor type.
-pub(crate) const ALL_TYPES: &[DType] = &[
-    DType::Bool,
-    DType::U8,
-    DType::I8,
-    DType::U16,
-    DType::I16,
-    DType::U32,
-    DType::I32,
-    DType::U64,
-    DType::I64,
-    DType::F16,
-    DType::BF16,
-    DType::F32,
-    DType::F64,
-];
+/// Every standard non-string tensor type (bool, the integers, f16, bf16, f32, f64): what ONNX
+/// schemas list as "all numeric types and bool". `DType::ALL` orders them first.
+pub(crate) const ALL_TYPES: &[DType] = DType::ALL.split_at(13).0;
 
 fn register(r: &mut Registrar) {
     elementwise::register(r);

@@ -6,32 +6,19 @@ use super::num::{convert, Num};
 use crate::lowbit::{self, RoundMode};
 use opreg_sdk::prelude::*;
 
-/// Every type `Cast` converts between: the standard numeric types, bool and the low-bit ones.
-pub const CAST_TYPES: &[DType] = &[
-    DType::Bool,
-    DType::U8,
-    DType::I8,
-    DType::U16,
-    DType::I16,
-    DType::U32,
-    DType::I32,
-    DType::U64,
-    DType::I64,
-    DType::F16,
-    DType::BF16,
-    DType::F32,
-    DType::F64,
-    DType::F8E4M3FN,
-    DType::F8E4M3FNUZ,
-    DType::F8E5M2,
-    DType::F8E5M2FNUZ,
-    DType::F8E8M0,
-    DType::F4E2M1,
-    DType::U4,
-    DType::I4,
-    DType::U2,
-    DType::I2,
-];
+/// Every type `Cast` converts between: every dtype but strings.
+pub const CAST_TYPES: &[DType] = &{
+    let mut out = [DType::Bool; DType::ALL.len() - 1];
+    let (mut i, mut j) = (0, 0);
+    while i < DType::ALL.len() {
+        if !matches!(DType::ALL[i], DType::String) {
+            out[j] = DType::ALL[i];
+            j += 1;
+        }
+        i += 1;
+    }
+    out
+};
 
 /// Elements per parallel chunk.
 const GRAIN: usize = 8192;
