@@ -135,6 +135,14 @@ impl Repository {
         entry.versions.get(&v).cloned().ok_or_else(not_ready)
     }
 
+    /// The loaded versions of `name` (in memory only: no repository I/O on a request path).
+    pub fn versions(&self, name: &str) -> Vec<u64> {
+        self.read()
+            .get(name)
+            .map(|e| e.versions.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
     /// Every model known, loaded or not.
     pub fn index(&self) -> Vec<(String, Entry)> {
         let mut out: BTreeMap<String, Entry> = self.read().clone();

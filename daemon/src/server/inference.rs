@@ -163,11 +163,10 @@ impl GrpcInferenceService for InferenceApi {
         let versions = self
             .app
             .repo
-            .index()
-            .into_iter()
-            .find(|(n, _)| *n == m.name)
-            .map(|(_, e)| e.versions.keys().map(|v| v.to_string()).collect())
-            .unwrap_or_default();
+            .versions(&m.name)
+            .iter()
+            .map(|v| v.to_string())
+            .collect();
         Ok(Response::new(pb::ModelMetadataResponse {
             name: m.name.clone(),
             versions,

@@ -1,6 +1,6 @@
 //! Conv: im2col per group, then one gemm per batch and group through the BLAS backend.
 
-use super::{at_least_one, conv_bias, matmul::gemm_f32, optional, Geometry, WindowAttrs};
+use super::{at_least_one, conv_bias, matmul::gemm_f32, optional, Disjoint, Geometry, WindowAttrs};
 use crate::util::row_major_strides;
 use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
@@ -235,8 +235,7 @@ impl Conv {
         if n * group >= ctx.num_threads().max(2) && !direct {
             // Enough images (x groups) to keep every thread busy: one task per (image, group),
             // each with its own column buffer, instead of a parallel im2col and gemm per image.
-            let yp = SendPtr(y.as_mut_ptr());
-            let ylen = y.len();
+            let yd = Disjoint::new(y);
             ctx.parallel_for(n * group, 1, |range| {
                 let mut col = vec![0f32; rows * p];
                 for t in range {
@@ -244,11 +243,8 @@ impl Conv {
                     let xg = &x[(b * c + gi * cg) * plane..(b * c + (gi + 1) * cg) * plane];
                     im2col_rows(xg, &xs[2..], g, 0, &mut col);
                     let at = (b * m + gi * mg) * p;
-                    if at + mg * p > ylen {
-                        return Err(PluginError::internal("Conv: output too short"));
-                    }
                     // SAFETY: each (image, group) writes its own disjoint block of y.
-                    let yg = unsafe { std::slice::from_raw_parts_mut(yp.get().add(at), mg * p) };
+                    let yg = unsafe { yd.part(at, mg * p) };
                     gemm_f32(
                         ctx,
                         "Conv",
@@ -322,18 +318,6 @@ fn add_bias(
         })?;
     }
     Ok(())
-}
-
-/// A raw pointer handed to parallel tasks that write disjoint parts of one buffer.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: used only for disjoint writes, within the call that owns the buffer.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 pub fn register(r: &mut Registrar) {

@@ -335,6 +335,16 @@ impl Kernel for MatMul {
         }
         let plan = MatMulPlan::new(a.shape(), b.shape())?;
         let shape = plan.out_shape.clone();
+        macro_rules! looped {
+            ($t:ty) => {
+                plan.run_loop(
+                    ctx,
+                    a.as_slice::<$t>()?,
+                    b.as_slice()?,
+                    ctx.output_slice(0, &shape)?,
+                )
+            };
+        }
         match a.dtype {
             DType::F32 => plan.run_f32(
                 ctx,
@@ -373,36 +383,11 @@ impl Kernel for MatMul {
                     .for_each(|(o, &v)| *o = bf16::from_f32(v));
                 Ok(())
             }
-            DType::F64 => plan.run_loop(
-                ctx,
-                a.as_slice::<f64>()?,
-                b.as_slice()?,
-                ctx.output_slice(0, &shape)?,
-            ),
-            DType::I32 => plan.run_loop(
-                ctx,
-                a.as_slice::<i32>()?,
-                b.as_slice()?,
-                ctx.output_slice(0, &shape)?,
-            ),
-            DType::I64 => plan.run_loop(
-                ctx,
-                a.as_slice::<i64>()?,
-                b.as_slice()?,
-                ctx.output_slice(0, &shape)?,
-            ),
-            DType::U32 => plan.run_loop(
-                ctx,
-                a.as_slice::<u32>()?,
-                b.as_slice()?,
-                ctx.output_slice(0, &shape)?,
-            ),
-            DType::U64 => plan.run_loop(
-                ctx,
-                a.as_slice::<u64>()?,
-                b.as_slice()?,
-                ctx.output_slice(0, &shape)?,
-            ),
+            DType::F64 => looped!(f64),
+            DType::I32 => looped!(i32),
+            DType::I64 => looped!(i64),
+            DType::U32 => looped!(u32),
+            DType::U64 => looped!(u64),
             other => Err(PluginError::unimplemented(format!(
                 "MatMul is not implemented for {other}"
             ))),
