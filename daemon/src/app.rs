@@ -23,7 +23,7 @@ impl App {
         Ok(App {
             registry: Registry::new(runtime_dir.path().join("plugins")),
             compute: ComputePool::new(config.threads)?,
-            repo: Repository::new(config.model_repo.clone()),
+            repo: Repository::new(config.model_repo.clone(), config.limits.clone()),
             ready: AtomicBool::new(false),
             _runtime_dir: runtime_dir,
             config,

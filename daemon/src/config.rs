@@ -40,6 +40,121 @@ pub struct Cli {
     /// Threads of the compute pool (0: one per core).
     #[arg(long, env = "OPREG_THREADS")]
     pub threads: Option<usize>,
+    /// Require the admin token for inference and read-only calls too (health stays open).
+    #[arg(long, env = "OPREG_REQUIRE_TOKEN_FOR_INFERENCE")]
+    pub require_token_for_inference: bool,
+    /// PEM certificate chain: serve gRPC over TLS (with --tls-key).
+    #[arg(long, env = "OPREG_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "OPREG_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: require clients to present a certificate they signed (mutual TLS).
+    #[arg(long, env = "OPREG_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub limits: LimitFlags,
+}
+
+/// Limits on what a request or a model may cost (see [`Limits`] for the defaults).
+#[derive(clap::Args, Debug, Default)]
+pub struct LimitFlags {
+    /// Largest tensor (input, output or intermediate value) in bytes.
+    #[arg(long, env = "OPREG_MAX_TENSOR_BYTES")]
+    pub max_tensor_bytes: Option<u64>,
+    /// Largest total of a request's live values (inputs, intermediates, outputs) in bytes.
+    #[arg(long, env = "OPREG_MAX_REQUEST_BYTES")]
+    pub max_request_bytes: Option<u64>,
+    /// Largest total of the constants folded at model load, in bytes; nodes past it run at
+    /// request time instead.
+    #[arg(long, env = "OPREG_MAX_FOLDED_BYTES")]
+    pub max_folded_bytes: Option<u64>,
+    /// Largest model file (uploaded or on disk, with its external data), in bytes.
+    #[arg(long, env = "OPREG_MAX_MODEL_BYTES")]
+    pub max_model_bytes: Option<u64>,
+    /// Model loads that may run at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "OPREG_MAX_CONCURRENT_LOADS")]
+    pub max_concurrent_loads: Option<usize>,
+    /// Models whose last load failed that the index remembers (oldest forgotten first).
+    #[arg(long, env = "OPREG_MAX_FAILED_MODELS")]
+    pub max_failed_models: Option<usize>,
+    /// Deadline of an inference request without a client deadline (`grpc-timeout`), in
+    /// seconds; 0: none. A client's shorter deadline wins.
+    #[arg(long, env = "OPREG_INFER_TIMEOUT_S")]
+    pub infer_timeout_s: Option<f64>,
+}
+
+/// The limits in force. Every size that comes from a client or a model is checked against one
+/// of these, so no request or model can take the daemon's memory or its compute pool.
+#[derive(Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_tensor_bytes: u64,
+    pub max_request_bytes: u64,
+    pub max_folded_bytes: u64,
+    pub max_model_bytes: u64,
+    pub max_concurrent_loads: usize,
+    pub max_failed_models: usize,
+    pub infer_timeout_s: f64,
+}
+
+impl Default for Limits {
+    /// Sized for a server that runs real models (a ResNet-50 request holds ~100 MB of live
+    /// values) and stays inside a machine of a few GiB: one value up to 2 GiB (the gRPC
+    /// message limit), 4 GiB live per request, 256 MiB of folded constants per model.
+    fn default() -> Self {
+        Limits {
+            max_tensor_bytes: 2 << 30,
+            max_request_bytes: 4 << 30,
+            max_folded_bytes: 256 << 20,
+            max_model_bytes: 2 << 30,
+            max_concurrent_loads: 2,
+            max_failed_models: 256,
+            infer_timeout_s: 300.0,
+        }
+    }
+}
+
+impl Limits {
+    /// The server's inference deadline, if any.
+    pub fn infer_timeout(&self) -> Option<std::time::Duration> {
+        (self.infer_timeout_s > 0.0)
+            .then(|| std::time::Duration::try_from_secs_f64(self.infer_timeout_s).ok())
+            .flatten()
+    }
+
+    fn merge(mut self, f: LimitFlags) -> anyhow::Result<Self> {
+        macro_rules! take {
+            ($($k:ident),*) => { $( if let Some(v) = f.$k { self.$k = v; } )* };
+        }
+        take!(
+            max_tensor_bytes,
+            max_request_bytes,
+            max_folded_bytes,
+            max_model_bytes,
+            max_concurrent_loads,
+            max_failed_models,
+            infer_timeout_s
+        );
+        anyhow::ensure!(
+            self.max_concurrent_loads > 0,
+            "max_concurrent_loads must be at least 1"
+        );
+        anyhow::ensure!(
+            self.infer_timeout_s >= 0.0 && self.infer_timeout_s.is_finite(),
+            "infer_timeout_s must be a number of seconds >= 0"
+        );
+        Ok(self)
+    }
+}
+
+/// TLS for the gRPC listener.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// With a client CA, clients must present a certificate it signed (mutual TLS).
+    pub client_ca: Option<PathBuf>,
 }
 
 /// The TOML file: the same settings as the flags.
@@ -53,6 +168,13 @@ pub struct FileConfig {
     pub runtime_dir: Option<PathBuf>,
     pub admin_token: Option<String>,
     pub threads: Option<usize>,
+    #[serde(default)]
+    pub require_token_for_inference: bool,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
+    #[serde(default)]
+    pub limits: Limits,
 }
 
 /// The settings in force.
@@ -64,6 +186,9 @@ pub struct Config {
     pub runtime_dir: Option<PathBuf>,
     pub admin_token: Option<String>,
     pub threads: usize,
+    pub require_token_for_inference: bool,
+    pub tls: Option<Tls>,
+    pub limits: Limits,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8001";
@@ -83,6 +208,32 @@ impl Config {
             .unwrap_or(Path::new(""));
         let rel = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
         let default_listen: SocketAddr = DEFAULT_LISTEN.parse()?;
+        let tls = match (
+            cli.tls_cert.or(file.tls_cert.map(rel)),
+            cli.tls_key.or(file.tls_key.map(rel)),
+            cli.tls_client_ca.or(file.tls_client_ca.map(rel)),
+        ) {
+            (Some(cert), Some(key), client_ca) => Some(Tls {
+                cert,
+                key,
+                client_ca,
+            }),
+            (None, None, None) => None,
+            (None, None, Some(_)) => {
+                anyhow::bail!("--tls-client-ca needs --tls-cert and --tls-key")
+            }
+            _ => anyhow::bail!("TLS needs both --tls-cert and --tls-key"),
+        };
+        let admin_token = cli
+            .admin_token
+            .or(file.admin_token)
+            .filter(|t| !t.is_empty());
+        let require_token_for_inference =
+            cli.require_token_for_inference || file.require_token_for_inference;
+        anyhow::ensure!(
+            !require_token_for_inference || admin_token.is_some(),
+            "--require-token-for-inference needs --admin-token"
+        );
         Ok(Config {
             listen: cli.listen.or(file.listen).unwrap_or(default_listen),
             plugin_dirs: if cli.plugin_dirs.is_empty() {
@@ -92,11 +243,11 @@ impl Config {
             },
             model_repo: cli.model_repo.or(file.model_repo.map(rel)),
             runtime_dir: cli.runtime_dir.or(file.runtime_dir.map(rel)),
-            admin_token: cli
-                .admin_token
-                .or(file.admin_token)
-                .filter(|t| !t.is_empty()),
+            admin_token,
             threads: cli.threads.or(file.threads).unwrap_or(0),
+            require_token_for_inference,
+            tls,
+            limits: file.limits.merge(cli.limits)?,
         })
     }
 }
@@ -143,6 +294,51 @@ mod tests {
         })
         .expect_err("typo must be refused");
         assert!(format!("{err:#}").contains("lisen"), "{err:#}");
+    }
+
+    #[test]
+    fn limits_merge_file_then_flags_and_are_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("opreg.toml");
+        std::fs::write(
+            &file,
+            "[limits]\nmax_tensor_bytes = 1000\nmax_concurrent_loads = 4\n",
+        )
+        .expect("write");
+        let cli = Cli {
+            config: Some(file.clone()),
+            limits: LimitFlags {
+                max_concurrent_loads: Some(1),
+                ..LimitFlags::default()
+            },
+            ..Cli::default()
+        };
+        let c = Config::resolve(cli).expect("config");
+        assert_eq!(c.limits.max_tensor_bytes, 1000);
+        assert_eq!(c.limits.max_concurrent_loads, 1);
+        assert_eq!(
+            c.limits.max_request_bytes,
+            Limits::default().max_request_bytes
+        );
+        let zero = Cli {
+            limits: LimitFlags {
+                max_concurrent_loads: Some(0),
+                ..LimitFlags::default()
+            },
+            ..Cli::default()
+        };
+        assert!(Config::resolve(zero).is_err());
+        let half_tls = Cli {
+            tls_cert: Some("cert.pem".into()),
+            ..Cli::default()
+        };
+        let err = Config::resolve(half_tls).expect_err("a cert without a key");
+        assert!(format!("{err:#}").contains("--tls-key"), "{err:#}");
+        let open_inference = Cli {
+            require_token_for_inference: true,
+            ..Cli::default()
+        };
+        assert!(Config::resolve(open_inference).is_err());
     }
 
     #[test]

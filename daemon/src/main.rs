@@ -38,6 +38,10 @@ async fn run(config: config::Config, started: Instant) -> anyhow::Result<()> {
         std::fs::create_dir_all(repo)
             .with_context(|| format!("creating model repository {}", repo.display()))?;
         tracing::info!(repo = %repo.display(), "model repository");
+        let removed = app.repo.remove_stale_uploads();
+        if removed > 0 {
+            tracing::info!(removed, "removed temporary files of interrupted uploads");
+        }
     }
     load_plugin_dirs(&app).await?;
     load_models(&app).await?;

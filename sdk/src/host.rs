@@ -270,6 +270,7 @@ pub struct CallFrame<'a> {
     log: &'a LogSink<'a>,
     outputs: Mutex<Vec<Option<Box<HostTensor>>>>,
     scratch: Mutex<Vec<AlignedBuf>>,
+    max_tensor_bytes: usize,
 }
 
 impl<'a> CallFrame<'a> {
@@ -286,6 +287,31 @@ impl<'a> CallFrame<'a> {
             log,
             outputs: Mutex::new((0..num_outputs).map(|_| None).collect()),
             scratch: Mutex::new(Vec::new()),
+            max_tensor_bytes: usize::MAX,
+        }
+    }
+
+    /// Refuses (with [`ErrorCode::ResourceExhausted`]) any output or scratch buffer larger
+    /// than `bytes`: the host's per-value limit, applied where kernels allocate.
+    pub fn with_max_tensor_bytes(mut self, bytes: usize) -> Self {
+        self.max_tensor_bytes = bytes;
+        self
+    }
+
+    fn within_limit(&self, what: &str, bytes: Option<usize>) -> Result<(), PluginError> {
+        match bytes {
+            Some(b) if b <= self.max_tensor_bytes => Ok(()),
+            Some(b) => Err(PluginError::new(
+                ErrorCode::ResourceExhausted,
+                format!(
+                    "{what} would take {b} bytes, more than the limit of {} bytes per tensor",
+                    self.max_tensor_bytes
+                ),
+            )),
+            None => Err(PluginError::new(
+                ErrorCode::ResourceExhausted,
+                format!("{what} is larger than the address space"),
+            )),
         }
     }
 
@@ -350,6 +376,14 @@ impl FfiHost for CallFrame<'_> {
                     "output {index} allocated twice"
                 )));
             }
+            let bytes = shape
+                .as_slice()
+                .iter()
+                .try_fold(dtype.size(), |a, &d| a.checked_mul(d));
+            self.within_limit(
+                &format!("output {index} ({dtype} {:?})", shape.as_slice()),
+                bytes,
+            )?;
             let t = slot.insert(Box::new(HostTensor::zeroed(dtype, shape.as_slice())?));
             let data = t.buf.as_mut_slice().as_mut_ptr();
             // SAFETY: the boxed tensor is neither moved nor dropped while the frame lives (slots
@@ -369,6 +403,7 @@ impl FfiHost for CallFrame<'_> {
 
     fn scratch(&self, bytes: usize) -> RResult<RSliceMut<'_, u8>, PluginError> {
         let result = (|| {
+            self.within_limit("scratch buffer", Some(bytes))?;
             let mut buf = AlignedBuf::zeroed(bytes)?;
             let ptr = buf.as_mut_slice().as_mut_ptr();
             self.scratch

@@ -69,6 +69,7 @@
 // holds the ABI, rather than weakened for the workspace.
 #![allow(non_local_definitions)]
 
+pub mod alloc;
 pub mod blas;
 pub mod context;
 pub mod dtype;

@@ -74,7 +74,7 @@ fn main() {
         let model = graph::import(&bytes, None).expect("import");
         let snapshot = registry.snapshot();
         let plan = pool
-            .install(|| graph::compile(&model, snapshot, &[Device::CPU]))
+            .install(|| graph::compile(&model, snapshot, &[Device::CPU], usize::MAX))
             .expect("compile");
         let x = Arc::new(HostTensor::from_bytes(DType::F32, &shape, &input).expect("input tensor"));
         let run = || {

@@ -24,6 +24,11 @@ impl ComputePool {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("opreg-compute-{i}"))
+            // Without a handler rayon aborts the process on a panic in a spawned job. `run`
+            // catches panics itself; this is the last line for any other job.
+            .panic_handler(|p| {
+                tracing::error!("compute job panicked: {}", panic_message(p.as_ref()))
+            })
             .build()?;
         Ok(ComputePool { pool })
     }
@@ -37,17 +42,33 @@ impl ComputePool {
         self.pool.current_num_threads()
     }
 
-    /// Runs `f` on the pool and awaits its result without blocking the async runtime.
+    /// Runs `f` on the pool and awaits its result without blocking the async runtime. A panic
+    /// in `f` fails this call with [`ExecError::Panicked`]; the pool and the daemon go on.
     pub async fn run<R: Send + 'static>(
         &self,
         f: impl FnOnce() -> R + Send + 'static,
     ) -> Result<R, ExecError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.pool.spawn(move || {
-            let _ = tx.send(f());
+            // AssertUnwindSafe: on a panic nothing `f` touched is used again except through
+            // locks, which the daemon opens poison-tolerantly.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+                let message = panic_message(p.as_ref());
+                tracing::error!("compute job panicked: {message}");
+                ExecError::Panicked(message)
+            });
+            let _ = tx.send(r);
         });
-        rx.await.map_err(|_| ExecError::Lost)
+        rx.await.map_err(|_| ExecError::Lost)?
     }
+}
+
+/// The text of a panic payload.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic with a non-text payload".into())
 }
 
 /// An error from a kernel call, with enough context for the client.
@@ -71,8 +92,10 @@ pub enum ExecError {
     },
     #[error("{0}")]
     Invalid(String),
-    #[error("the compute task was lost (worker panicked)")]
+    #[error("the compute task was lost")]
     Lost,
+    #[error("internal error (a bug in opreg, please report it): {0}")]
+    Panicked(String),
 }
 
 /// One kernel call, outside any graph (the `RunKernel` RPC).
@@ -84,6 +107,8 @@ pub struct KernelCall {
     pub attributes: Vec<Attribute>,
     pub inputs: Vec<HostTensor>,
     pub num_outputs: usize,
+    /// The largest output or scratch buffer the kernel may allocate.
+    pub max_tensor_bytes: usize,
 }
 
 /// The result of a kernel call and who computed it.
@@ -169,7 +194,8 @@ pub fn run_kernel(snapshot: &Arc<Snapshot>, call: &KernelCall) -> Result<KernelR
         call.device,
         snapshot.blas_for(call.device),
         &log,
-    );
+    )
+    .with_max_tensor_bytes(call.max_tensor_bytes);
     let computed =
         frame.with_context(|ctx| instance.compute(ctx, views.as_slice().into()).into_result());
     let compute_err = |e: opreg_sdk::PluginError| ExecError::Compute {

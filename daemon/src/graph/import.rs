@@ -266,7 +266,8 @@ pub fn tensor(t: &onnx::TensorProto, dir: Option<&Path>) -> Result<HostTensor, G
                 .map_err(|_| GraphError::Invalid(format!("{}: negative dimension {d}", what())))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let numel: usize = shape.iter().product();
+    let numel = opreg_sdk::alloc::checked_numel(&shape)
+        .map_err(|e| GraphError::Invalid(format!("{}: {}", what(), e.message)))?;
     let bad = |e: opreg_sdk::PluginError| GraphError::Invalid(format!("{}: {}", what(), e.message));
     if t.data_location == onnx::tensor_proto::DataLocation::External as i32 {
         let mut bytes = external(t, dir)?;
@@ -424,23 +425,57 @@ fn external(t: &onnx::TensorProto, dir: Option<&Path>) -> Result<Vec<u8>, GraphE
     };
     let offset = parse("offset")?.unwrap_or(0);
     let length = parse("length")?;
-    let data = std::fs::read(dir.join(rel)).map_err(|e| {
+    let read_err = |e: std::io::Error| {
         GraphError::Invalid(format!(
             "{}: reading external data '{location}': {e}",
             what()
         ))
-    })?;
+    };
+    // The lexical check above is not enough: a symbolic link inside the folder may point
+    // anywhere. Resolve both and compare.
+    let root = dir.canonicalize().map_err(read_err)?;
+    let path = dir.join(rel).canonicalize().map_err(read_err)?;
+    if !path.starts_with(&root) {
+        return Err(GraphError::Invalid(format!(
+            "{}: external data location '{location}' leads outside the model folder",
+            what()
+        )));
+    }
+    let mut file = std::fs::File::open(&path).map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(GraphError::Invalid(format!(
+            "{}: external data '{location}' is not a regular file",
+            what()
+        )));
+    }
+    let size = usize::try_from(meta.len()).unwrap_or(usize::MAX);
     let end = match length {
         Some(l) => offset.checked_add(l),
-        None => Some(data.len()),
+        None => Some(size),
     };
-    match end {
-        Some(end) if offset <= end && end <= data.len() => Ok(data[offset..end].to_vec()),
-        _ => Err(GraphError::Invalid(format!(
+    let Some(end) = end.filter(|&e| offset <= e && e <= size) else {
+        return Err(GraphError::Invalid(format!(
             "{}: external data range is outside '{location}'",
             what()
-        ))),
+        )));
+    };
+    // Only the range is read, into a buffer reserved fallibly.
+    use std::io::{Read, Seek, SeekFrom};
+    file.seek(SeekFrom::Start(offset as u64))
+        .map_err(read_err)?;
+    let mut data = opreg_sdk::alloc::try_with_capacity::<u8>(end - offset)
+        .map_err(|e| GraphError::Invalid(format!("{}: {}", what(), e.message)))?;
+    file.take((end - offset) as u64)
+        .read_to_end(&mut data)
+        .map_err(read_err)?;
+    if data.len() != end - offset {
+        return Err(GraphError::Invalid(format!(
+            "{}: external data '{location}' changed while it was read",
+            what()
+        )));
     }
+    Ok(data)
 }
 
 fn owned(t: &HostTensor) -> OwnedTensor {

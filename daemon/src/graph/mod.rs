@@ -10,7 +10,7 @@ mod types;
 
 pub use import::{import, Dim, IoSpec, Model};
 pub use plan::{compile, Plan};
-pub use run::{run, run_profiled};
+pub use run::{run, run_profiled, run_with_control, RunControl};
 pub use shapes::Shape;
 
 use opreg_sdk::ErrorCode;
@@ -41,4 +41,10 @@ pub enum GraphError {
     },
     #[error("input '{name}': {reason}")]
     Input { name: String, reason: String },
+    #[error("request cancelled at node {node}: the client went away")]
+    Cancelled { node: String },
+    #[error("deadline exceeded at node {node}")]
+    DeadlineExceeded { node: String },
+    #[error("node {node}: {reason}")]
+    Limit { node: String, reason: String },
 }

@@ -123,13 +123,15 @@ pub fn compile(
     model: &Model,
     snapshot: Arc<Snapshot>,
     devices: &[Device],
+    max_folded_bytes: usize,
 ) -> Result<Plan, GraphError> {
     let formal: Vec<(String, Option<DType>)> = model
         .inputs
         .iter()
         .map(|i| (i.name.clone(), Some(i.dtype)))
         .collect();
-    compile_graph(model, &formal, &[], snapshot, devices)
+    let mut fold_budget = max_folded_bytes;
+    compile_graph(model, &formal, &[], snapshot, devices, &mut fold_budget)
 }
 
 /// The subgraphs of a control node, imported.
@@ -217,6 +219,7 @@ fn compile_graph(
     captured: &[(String, Option<DType>)],
     snapshot: Arc<Snapshot>,
     devices: &[Device],
+    fold_budget: &mut usize,
 ) -> Result<Plan, GraphError> {
     let mut slot_of: HashMap<String, usize> = HashMap::new();
     let mut types: Vec<Option<DType>> = Vec::new();
@@ -412,6 +415,7 @@ fn compile_graph(
                 out_slots.clone(),
                 &snapshot,
                 devices,
+                fold_budget,
             )?;
             let out_types = control_output_types(&step.work);
             for (k, s) in out_slots.iter().enumerate() {
@@ -560,10 +564,34 @@ fn compile_graph(
             release: Vec::new(),
         };
 
-        // Constant folding: every present input is a constant.
+        // Constant folding: every present input is a constant, and the results fit in what is
+        // left of the model's folding budget (a tiny model must not make a huge constant at
+        // load: past the budget the node runs per request, under the request's limits).
         let foldable = !NONDETERMINISTIC.contains(&n.op_type.as_str())
             && in_slots.iter().flatten().all(|s| constants.contains_key(s))
             && device.host_accessible();
+        let folded = if foldable {
+            let ins: Vec<Option<Arc<HostTensor>>> = in_slots
+                .iter()
+                .map(|s| s.and_then(|s| constants.get(&s).cloned()))
+                .collect();
+            match run::run_kernel_step(&step, &ins, snapshot.blas_for(device), *fold_budget) {
+                Ok(outs) => {
+                    let bytes: usize = outs.iter().map(|t| t.bytes().len()).sum();
+                    (bytes <= *fold_budget).then(|| {
+                        *fold_budget -= bytes;
+                        outs
+                    })
+                }
+                Err(GraphError::Kernel {
+                    code: opreg_sdk::ErrorCode::ResourceExhausted,
+                    ..
+                }) => None,
+                Err(e) => return Err(e),
+            }
+        } else {
+            None
+        };
         placement.push(Placement {
             node: n.name.clone(),
             op_type: n.op_type.clone(),
@@ -571,14 +599,9 @@ fn compile_graph(
             kernel: label,
             plugin: plugin_name,
             device,
-            folded: foldable,
+            folded: folded.is_some(),
         });
-        if foldable {
-            let ins: Vec<Option<Arc<HostTensor>>> = in_slots
-                .iter()
-                .map(|s| s.and_then(|s| constants.get(&s).cloned()))
-                .collect();
-            let outs = run::run_kernel_step(&step, &ins, snapshot.blas_for(device))?;
+        if let Some(outs) = folded {
             for (s, t) in out_slots.iter().zip(outs) {
                 if let Some(s) = s {
                     types[*s] = Some(t.dtype());
@@ -646,6 +669,7 @@ fn compile_control(
     outputs: Vec<Option<usize>>,
     snapshot: &Arc<Snapshot>,
     devices: &[Device],
+    fold_budget: &mut usize,
 ) -> Result<Step, GraphError> {
     let captured_slots: Vec<usize> = sub
         .free
@@ -666,17 +690,26 @@ fn compile_control(
         .map(|(v, &s)| (v.clone(), types[s]))
         .collect();
     let in_types: Vec<Option<DType>> = inputs.iter().map(|s| s.and_then(|s| types[s])).collect();
-    let body = |g: usize, formal_types: Vec<Option<DType>>| -> Result<Box<Plan>, GraphError> {
-        let (m, formal) = &sub.graphs[g];
+    let mut body = |g: usize, formal_types: Vec<Option<DType>>| -> Result<Box<Plan>, GraphError> {
+        let (m, formal) = sub.graphs.get(g).ok_or_else(|| {
+            GraphError::Invalid(format!("node {}: subgraph {g} is missing", n.label()))
+        })?;
         // Declared subgraph input types win; otherwise those the node binds.
         let formal: Vec<(String, Option<DType>)> = formal
             .iter()
             .enumerate()
             .map(|(k, (name, t))| (name.clone(), t.or(formal_types.get(k).copied().flatten())))
             .collect();
-        compile_graph(m, &formal, &captured, snapshot.clone(), devices)
-            .map(Box::new)
-            .map_err(|e| GraphError::Invalid(format!("node {}: subgraph: {e}", n.label())))
+        compile_graph(
+            m,
+            &formal,
+            &captured,
+            snapshot.clone(),
+            devices,
+            fold_budget,
+        )
+        .map(Box::new)
+        .map_err(|e| GraphError::Invalid(format!("node {}: subgraph: {e}", n.label())))
     };
     let attr_ints = |name: &str| -> Vec<i64> {
         match n
@@ -697,9 +730,20 @@ fn compile_control(
         "Loop" => {
             let mut formal = vec![Some(DType::I64), Some(DType::Bool)];
             formal.extend(in_types.iter().skip(2).copied());
-            Work::Loop {
-                body: body(0, formal)?,
+            let body = body(0, formal)?;
+            // Body: (iteration, condition, carried...) -> (condition, carried..., scans...).
+            let carried = inputs.len().saturating_sub(2);
+            if body.formal_inputs != 2 + carried || body.outputs.len() < 1 + carried {
+                return Err(GraphError::Invalid(format!(
+                    "node {}: Loop carries {carried} values, so its body must take {} inputs and return at least {}; it takes {} and returns {}",
+                    n.label(),
+                    2 + carried,
+                    1 + carried,
+                    body.formal_inputs,
+                    body.outputs.len()
+                )));
             }
+            Work::Loop { body }
         }
         "Scan" => {
             let scanned = match n
@@ -718,7 +762,14 @@ fn compile_control(
                 }
             };
             let states = inputs.len() - scanned;
-            let outs = sub.graphs[0].0.outputs.len().saturating_sub(states);
+            let body_outputs = sub.graphs.first().map_or(0, |g| g.0.outputs.len());
+            if body_outputs < states {
+                return Err(GraphError::Invalid(format!(
+                    "node {}: Scan has {states} state values, so its body must return at least {states} outputs; it returns {body_outputs}",
+                    n.label()
+                )));
+            }
+            let outs = body_outputs - states;
             let or_zero = |v: Vec<i64>, len: usize| if v.is_empty() { vec![0; len] } else { v };
             let input_axes = or_zero(attr_ints("scan_input_axes"), scanned);
             let input_reverse = or_zero(attr_ints("scan_input_directions"), scanned)
@@ -730,8 +781,22 @@ fn compile_control(
                 .into_iter()
                 .map(|d| d != 0)
                 .collect();
+            let body = body(0, in_types.clone())?;
+            if body.formal_inputs != inputs.len()
+                || input_axes.len() != scanned
+                || output_axes.len() != outs
+            {
+                return Err(GraphError::Invalid(format!(
+                    "node {}: Scan body takes {} inputs for {} node inputs; {} scan_input_axes for {scanned} scanned inputs; {} scan_output_axes for {outs} scan outputs",
+                    n.label(),
+                    body.formal_inputs,
+                    inputs.len(),
+                    input_axes.len(),
+                    output_axes.len()
+                )));
+            }
             Work::Scan(Box::new(ScanSpec {
-                body: *body(0, in_types.clone())?,
+                body: *body,
                 states,
                 input_axes,
                 input_reverse,

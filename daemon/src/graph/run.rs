@@ -11,7 +11,14 @@ use opreg_sdk::{
     host::{CallFrame, HostTensor},
     DType, LogLevel, TensorView,
 };
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
 
 /// Longest a `Loop` may run without a trip count before it is stopped as runaway.
 const MAX_UNBOUNDED_TRIPS: i64 = 10_000_000;
@@ -23,10 +30,101 @@ pub type Outputs = Vec<(String, Value)>;
 /// Each step's label and its time in seconds.
 pub type StepTimes = Vec<(String, f64)>;
 
+/// What bounds one run: cancellation (the client went away), a deadline, and memory (the
+/// largest value, and the values alive at once). Checked at every node boundary and every
+/// `Loop`/`Scan` iteration, so a cancelled or overdue request stops there and frees its memory.
+pub struct RunControl {
+    cancelled: AtomicBool,
+    deadline: Option<Instant>,
+    max_tensor_bytes: usize,
+    max_live_bytes: usize,
+    live: AtomicUsize,
+}
+
+impl RunControl {
+    /// No deadline, no limits (benchmarks, folding has its own).
+    pub fn unbounded() -> Self {
+        Self::new(usize::MAX, usize::MAX, None)
+    }
+
+    /// Values up to `max_tensor_bytes` each and `max_live_bytes` alive at once, stopping at
+    /// `deadline`.
+    pub fn new(max_tensor_bytes: usize, max_live_bytes: usize, deadline: Option<Instant>) -> Self {
+        RunControl {
+            cancelled: AtomicBool::new(false),
+            deadline,
+            max_tensor_bytes,
+            max_live_bytes,
+            live: AtomicUsize::new(0),
+        }
+    }
+
+    /// Asks the run to stop at its next node boundary.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
+    }
+
+    /// The largest single value a kernel may allocate.
+    pub fn max_tensor_bytes(&self) -> usize {
+        self.max_tensor_bytes
+    }
+
+    fn check(&self, node: &str) -> Result<(), GraphError> {
+        if self.cancelled.load(Ordering::Acquire) {
+            return Err(GraphError::Cancelled { node: node.into() });
+        }
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(GraphError::DeadlineExceeded { node: node.into() });
+        }
+        Ok(())
+    }
+
+    /// Counts `bytes` more alive; fails when the request's live total passes its limit.
+    fn hold(&self, node: &str, bytes: usize) -> Result<(), GraphError> {
+        let live = self
+            .live
+            .fetch_add(bytes, Ordering::Relaxed)
+            .saturating_add(bytes);
+        if live > self.max_live_bytes {
+            return Err(GraphError::Limit {
+                node: node.into(),
+                reason: format!(
+                    "the request's values would hold {live} bytes at once, more than the limit of {} (max_request_bytes)",
+                    self.max_live_bytes
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn free(&self, bytes: usize) {
+        // Saturating: a value counted by an outer run may be released by a nested one.
+        let _ = self
+            .live
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                Some(l.saturating_sub(bytes))
+            });
+    }
+}
+
+/// Bytes a value holds (strings: their slots; their text is bounded by the wire limits).
+fn bytes_of(t: &HostTensor) -> usize {
+    t.bytes().len()
+}
+
 /// Runs `plan` on `feeds` (one tensor per input, checked by the caller) and returns the
-/// outputs in declaration order. Call it on the compute pool.
+/// outputs in declaration order, with no deadline or limits. Call it on the compute pool.
 pub fn run(plan: &Plan, feeds: HashMap<String, Value>) -> Result<Vec<(String, Value)>, GraphError> {
-    run_with(plan, feeds, &mut |_, _| {})
+    run_with(plan, feeds, &RunControl::unbounded(), &mut |_, _| {})
+}
+
+/// Like [`run`], bounded and cancellable by `control`.
+pub fn run_with_control(
+    plan: &Plan,
+    feeds: HashMap<String, Value>,
+    control: &RunControl,
+) -> Result<Vec<(String, Value)>, GraphError> {
+    run_with(plan, feeds, control, &mut |_, _| {})
 }
 
 /// Like [`run`], also returning the time each step took (label, seconds), for profiling.
@@ -35,48 +133,107 @@ pub fn run_profiled(
     feeds: HashMap<String, Value>,
 ) -> Result<(Outputs, StepTimes), GraphError> {
     let mut times = Vec::new();
-    let out = run_with(plan, feeds, &mut |label, secs| {
+    let out = run_with(plan, feeds, &RunControl::unbounded(), &mut |label, secs| {
         times.push((label.to_string(), secs))
     })?;
     Ok((out, times))
 }
 
+/// The value table of one run. What it holds counts against the run's live bytes until the
+/// table drops, also when the run fails half-way.
+struct Values<'c> {
+    slots: Vec<Option<Value>>,
+    /// Slots whose value this run owns (constants belong to the plan).
+    owned: Vec<bool>,
+    control: &'c RunControl,
+}
+
+impl Values<'_> {
+    fn set(&mut self, slot: usize, t: Value, node: &str) -> Result<(), GraphError> {
+        let Some(place) = self.slots.get_mut(slot) else {
+            return Err(GraphError::Invalid(format!(
+                "node {node}: value slot {slot} out of range"
+            )));
+        };
+        if let Some(old) = place.replace(t.clone()) {
+            if self.owned.get(slot).copied().unwrap_or(false) {
+                self.control.free(bytes_of(&old));
+            }
+        }
+        if let Some(o) = self.owned.get_mut(slot) {
+            *o = true;
+        }
+        self.control.hold(node, bytes_of(&t))
+    }
+
+    fn get(&self, slot: usize) -> Option<Value> {
+        self.slots.get(slot).cloned().flatten()
+    }
+
+    fn release(&mut self, slot: usize) {
+        if let Some(t) = self.slots.get_mut(slot).and_then(Option::take) {
+            if self.owned.get(slot).copied().unwrap_or(false) {
+                self.control.free(bytes_of(&t));
+            }
+        }
+    }
+}
+
+impl Drop for Values<'_> {
+    fn drop(&mut self) {
+        for slot in 0..self.slots.len() {
+            self.release(slot);
+        }
+    }
+}
+
 fn run_with(
     plan: &Plan,
     mut feeds: HashMap<String, Value>,
+    control: &RunControl,
     observe: &mut dyn FnMut(&str, f64),
 ) -> Result<Vec<(String, Value)>, GraphError> {
-    let mut values: Vec<Option<Value>> = vec![None; plan.slots];
+    let mut values = Values {
+        slots: vec![None; plan.slots],
+        owned: vec![false; plan.slots],
+        control,
+    };
     for (s, t) in &plan.constants {
-        values[*s] = Some(t.clone());
+        if let Some(place) = values.slots.get_mut(*s) {
+            *place = Some(t.clone());
+        }
     }
     for (name, s) in &plan.inputs {
         let t = feeds.remove(name).ok_or_else(|| GraphError::Input {
             name: name.clone(),
             reason: "missing".into(),
         })?;
-        values[*s] = Some(t);
+        values.set(*s, t, name)?;
     }
     for step in &plan.steps {
+        control.check(&step.label)?;
         let started = std::time::Instant::now();
         let ins: Vec<Option<Value>> = step
             .inputs
             .iter()
-            .map(|s| s.and_then(|s| values[s].clone()))
+            .map(|s| s.and_then(|s| values.get(s)))
             .collect();
         let outs: Vec<Value> = match &step.work {
-            Work::Kernel { .. } => {
-                run_kernel_step(step, &ins, plan.snapshot.blas_for(step.device))?
-                    .into_iter()
-                    .map(Arc::new)
-                    .collect()
-            }
-            control => {
+            Work::Kernel { .. } => run_kernel_step(
+                step,
+                &ins,
+                plan.snapshot.blas_for(step.device),
+                control.max_tensor_bytes(),
+            )?
+            .into_iter()
+            .map(Arc::new)
+            .collect(),
+            control_work => {
                 let captured: Vec<Value> = step
                     .captured
                     .iter()
                     .map(|&s| {
-                        values[s].clone().ok_or_else(|| {
+                        values.get(s).ok_or_else(|| {
                             GraphError::Invalid(format!(
                                 "node {}: outer value not computed",
                                 step.label
@@ -84,25 +241,25 @@ fn run_with(
                         })
                     })
                     .collect::<Result<_, _>>()?;
-                run_control(step, control, &ins, &captured)?
+                run_control(step, control_work, &ins, &captured, control)?
             }
         };
         drop(ins);
         for (s, t) in step.outputs.iter().zip(outs) {
             if let Some(s) = s {
-                values[*s] = Some(t);
+                values.set(*s, t, &step.label)?;
             }
         }
         for s in &step.release {
-            values[*s] = None;
+            values.release(*s);
         }
         observe(&step.label, started.elapsed().as_secs_f64());
     }
     plan.outputs
         .iter()
         .map(|(name, s)| {
-            values[*s]
-                .clone()
+            values
+                .get(*s)
                 .map(|t| (name.clone(), t))
                 .ok_or_else(|| GraphError::Invalid(format!("output '{name}' was not computed")))
         })
@@ -114,6 +271,7 @@ pub(super) fn run_kernel_step(
     step: &Step,
     inputs: &[Option<Value>],
     blas: Option<&FfiBlasBox>,
+    max_tensor_bytes: usize,
 ) -> Result<Vec<HostTensor>, GraphError> {
     let Work::Kernel { instance, plugin } = &step.work else {
         return Err(GraphError::Invalid(format!(
@@ -127,7 +285,8 @@ pub(super) fn run_kernel_step(
         .collect();
     let plugin = plugin.name.as_str();
     let log = |level: LogLevel, msg: &str| log_from_plugin(plugin, level, msg);
-    let frame = CallFrame::new(step.outputs.len(), step.device, blas, &log);
+    let frame = CallFrame::new(step.outputs.len(), step.device, blas, &log)
+        .with_max_tensor_bytes(max_tensor_bytes);
     let failed = |e: opreg_sdk::PluginError| GraphError::Kernel {
         node: step.label.clone(),
         plugin: plugin.to_string(),
@@ -185,11 +344,24 @@ fn bool_value(b: bool) -> Result<Value, GraphError> {
         .map_err(|e| GraphError::Invalid(e.message.to_string()))
 }
 
+/// Runs a nested plan under the same control as its parent, returning its outputs in order.
+fn run_nested(
+    plan: &Plan,
+    feeds: HashMap<String, Value>,
+    control: &RunControl,
+) -> Result<Vec<Value>, GraphError> {
+    Ok(run_with(plan, feeds, control, &mut |_, _| {})?
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect())
+}
+
 fn run_control(
     step: &Step,
     work: &Work,
     ins: &[Option<Value>],
     captured: &[Value],
+    control: &RunControl,
 ) -> Result<Vec<Value>, GraphError> {
     match work {
         Work::If {
@@ -206,14 +378,52 @@ fn run_control(
             } else {
                 else_branch
             };
-            Ok(run(branch, feeds(step, branch, vec![], captured)?)?
-                .into_iter()
-                .map(|(_, t)| t)
-                .collect())
+            run_nested(branch, feeds(step, branch, vec![], captured)?, control)
         }
-        Work::Loop { body } => run_loop(step, body, ins, captured),
-        Work::Scan(spec) => run_scan(step, spec, ins, captured),
+        Work::Loop { body } => run_loop(step, body, ins, captured, control),
+        Work::Scan(spec) => run_scan(step, spec, ins, captured, control),
         Work::Kernel { .. } => Err(invalid(step, "kernel step run as control flow")),
+    }
+}
+
+/// Per-iteration outputs a `Loop` or `Scan` collects, counted against the request's live
+/// bytes until they are stacked.
+struct Collected<'c> {
+    items: Vec<Vec<Value>>,
+    bytes: usize,
+    control: &'c RunControl,
+}
+
+impl<'c> Collected<'c> {
+    fn new(outputs: usize, control: &'c RunControl) -> Self {
+        Collected {
+            items: vec![Vec::new(); outputs],
+            bytes: 0,
+            control,
+        }
+    }
+
+    fn push(&mut self, step: &Step, values: &[Value]) -> Result<(), GraphError> {
+        for (k, t) in values.iter().enumerate() {
+            let list = self
+                .items
+                .get_mut(k)
+                .ok_or_else(|| invalid(step, "an iteration returned more outputs than declared"))?;
+            opreg_sdk::alloc::try_reserve(list, 1).map_err(|e| GraphError::Limit {
+                node: step.label.clone(),
+                reason: e.message.to_string(),
+            })?;
+            list.push(t.clone());
+            self.bytes = self.bytes.saturating_add(bytes_of(t));
+            self.control.hold(&step.label, bytes_of(t))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Collected<'_> {
+    fn drop(&mut self) {
+        self.control.free(self.bytes);
     }
 }
 
@@ -222,6 +432,7 @@ fn run_loop(
     body: &Plan,
     ins: &[Option<Value>],
     captured: &[Value],
+    control: &RunControl,
 ) -> Result<Vec<Value>, GraphError> {
     let trips = match ins.first().cloned().flatten() {
         Some(m) => Some(
@@ -248,9 +459,10 @@ fn run_loop(
         .collect::<Result<_, _>>()?;
     let n = carried.len();
     let scans = body.outputs.len().saturating_sub(1 + n);
-    let mut scanned: Vec<Vec<Value>> = vec![Vec::new(); scans];
+    let mut scanned = Collected::new(scans, control);
     let mut i: i64 = 0;
     while cond && trips.is_none_or(|m| i < m) {
+        control.check(&step.label)?;
         if trips.is_none() && i >= MAX_UNBOUNDED_TRIPS {
             return Err(invalid(
                 step,
@@ -262,19 +474,25 @@ fn run_loop(
             .map_err(|e| invalid(step, e.message))?;
         let mut formal = vec![iter, bool_value(cond)?];
         formal.extend(carried.iter().cloned());
-        let outs: Vec<Value> = run(body, feeds(step, body, formal, captured)?)?
-            .into_iter()
-            .map(|(_, t)| t)
-            .collect();
-        cond = scalar_bool(step, &outs[0], "the body's condition output")?;
-        carried = outs[1..1 + n].to_vec();
-        for (k, t) in outs[1 + n..].iter().enumerate() {
-            scanned[k].push(t.clone());
+        let outs = run_nested(body, feeds(step, body, formal, captured)?, control)?;
+        // The plan checked the body's arity; a short result is still an error, not a panic.
+        let (Some(c), Some(rest)) = (outs.first(), outs.get(1..)) else {
+            return Err(invalid(step, "the body returned no condition"));
+        };
+        cond = scalar_bool(step, c, "the body's condition output")?;
+        if rest.len() < n {
+            return Err(invalid(
+                step,
+                format!("the body returned {} values for {n} carried", rest.len()),
+            ));
         }
+        let (next, scan_values) = rest.split_at(n);
+        carried = next.to_vec();
+        scanned.push(step, scan_values)?;
         i += 1;
     }
     let mut out = carried;
-    for (k, items) in scanned.into_iter().enumerate() {
+    for (k, items) in std::mem::take(&mut scanned.items).into_iter().enumerate() {
         let dtype = body
             .output_types
             .get(1 + n + k)
@@ -291,6 +509,7 @@ fn run_scan(
     spec: &ScanSpec,
     ins: &[Option<Value>],
     captured: &[Value],
+    control: &RunControl,
 ) -> Result<Vec<Value>, GraphError> {
     let all: Vec<Value> = ins
         .iter()
@@ -299,36 +518,57 @@ fn run_scan(
                 .ok_or_else(|| invalid(step, "Scan inputs may not be absent"))
         })
         .collect::<Result<_, _>>()?;
+    if all.len() < spec.states || spec.input_axes.len() != all.len() - spec.states {
+        return Err(invalid(
+            step,
+            "Scan inputs do not match its states and axes",
+        ));
+    }
     let (states, scanned) = all.split_at(spec.states);
     let axes: Vec<usize> = scanned
         .iter()
         .zip(&spec.input_axes)
         .map(|(t, &a)| normalize_axis(step, a, t.shape().len()))
         .collect::<Result<_, _>>()?;
-    let len = scanned.first().map(|t| t.shape()[axes[0]]).unwrap_or(0);
-    if scanned.iter().zip(&axes).any(|(t, &a)| t.shape()[a] != len) {
+    let extent = |t: &Value, a: usize| t.shape().get(a).copied().unwrap_or(0);
+    let len = scanned
+        .first()
+        .zip(axes.first())
+        .map_or(0, |(t, &a)| extent(t, a));
+    if scanned.iter().zip(&axes).any(|(t, &a)| extent(t, a) != len) {
         return Err(invalid(step, "scan inputs differ in sequence length"));
     }
     let mut carried: Vec<Value> = states.to_vec();
     let outs_n = spec.body.outputs.len().saturating_sub(spec.states);
-    let mut collected: Vec<Vec<Value>> = vec![Vec::new(); outs_n];
+    let mut collected = Collected::new(outs_n, control);
     for t in 0..len {
+        control.check(&step.label)?;
         let mut formal = carried.clone();
         for ((x, &a), &rev) in scanned.iter().zip(&axes).zip(&spec.input_reverse) {
             let idx = if rev { len - 1 - t } else { t };
             formal.push(Arc::new(slice_axis(step, x, a, idx)?));
         }
-        let outs: Vec<Value> = run(&spec.body, feeds(step, &spec.body, formal, captured)?)?
-            .into_iter()
-            .map(|(_, v)| v)
-            .collect();
-        carried = outs[..spec.states].to_vec();
-        for (k, v) in outs[spec.states..].iter().enumerate() {
-            collected[k].push(v.clone());
+        let outs = run_nested(
+            &spec.body,
+            feeds(step, &spec.body, formal, captured)?,
+            control,
+        )?;
+        if outs.len() < spec.states {
+            return Err(invalid(
+                step,
+                format!(
+                    "the body returned {} values for {} states",
+                    outs.len(),
+                    spec.states
+                ),
+            ));
         }
+        let (next, scan_values) = outs.split_at(spec.states);
+        carried = next.to_vec();
+        collected.push(step, scan_values)?;
     }
     let mut out = carried;
-    for (k, mut items) in collected.into_iter().enumerate() {
+    for (k, mut items) in std::mem::take(&mut collected.items).into_iter().enumerate() {
         if spec.output_reverse.get(k).copied().unwrap_or(false) {
             items.reverse();
         }

@@ -6,6 +6,9 @@
 //! a model leaves undeclared. An operator without a rule yields an unknown shape: execution
 //! never depends on inference, kernels compute output shapes at run time.
 
+// Shapes here come from models, which may declare anything: no unchecked index or slice.
+#![deny(clippy::indexing_slicing)]
+
 use super::import::{Dim, Node};
 use opreg_sdk::{host::HostTensor, AttrValue, DType};
 
@@ -151,23 +154,28 @@ fn broadcast_dim(a: &Dim, b: &Dim) -> Option<Dim> {
     })
 }
 
-fn broadcast(shapes: &[&Vec<Dim>]) -> Shape {
+fn broadcast(shapes: &[&[Dim]]) -> Shape {
     let rank = shapes.iter().map(|s| s.len()).max()?;
     let mut out = vec![Dim::Fixed(1); rank];
     for s in shapes {
-        for (i, d) in s.iter().enumerate() {
-            let o = &mut out[rank - s.len() + i];
+        // Right-aligned: the last dimensions of every shape line up.
+        for (o, d) in out.iter_mut().rev().zip(s.iter().rev()) {
             *o = broadcast_dim(o, d)?;
         }
     }
     Some(out)
 }
 
+/// The product of `dims`; unknown when a dimension is symbolic or the product overflows (a
+/// model may declare any dimensions).
 fn product(dims: &[Dim]) -> Dim {
     let mut n = 1usize;
     for d in dims {
         match d {
-            Dim::Fixed(v) => n *= v,
+            Dim::Fixed(v) => match n.checked_mul(*v) {
+                Some(p) => n = p,
+                None => return Dim::Symbolic(String::new()),
+            },
             Dim::Symbolic(_) => return Dim::Symbolic(String::new()),
         }
     }
@@ -185,34 +193,43 @@ fn window(node: &Node, spatial: &[Dim], kernel: &[i64]) -> Vec<Dim> {
         Some(AttrValue::String(s)) => s.to_string(),
         _ => "NOTSET".into(),
     };
-    (0..n)
-        .map(|i| {
+    let unknown = || Dim::Symbolic(String::new());
+    spatial
+        .iter()
+        .enumerate()
+        .map(|(i, x)| {
             let (Dim::Fixed(x), Some(&k), Some(&s), Some(&d)) =
-                (&spatial[i], kernel.get(i), strides.get(i), dilations.get(i))
+                (x, kernel.get(i), strides.get(i), dilations.get(i))
             else {
-                return Dim::Symbolic(String::new());
+                return unknown();
             };
-            let (x, s) = (*x as i64, s.max(1));
-            let span = d * (k - 1) + 1;
-            let out = match auto_pad.as_str() {
-                "SAME_UPPER" | "SAME_LOWER" => (x + s - 1) / s,
-                "VALID" => (x - span) / s + 1,
-                _ => {
-                    let padded = x
-                        + pads.get(i).copied().unwrap_or(0)
-                        + pads.get(i + n).copied().unwrap_or(0)
-                        - span;
-                    if ceil {
-                        (padded + s - 1) / s + 1
-                    } else {
-                        padded / s + 1
+            // Attributes come from the model: any overflow makes the extent unknown here and
+            // leaves the kernel to refuse the node.
+            let Ok(x) = i64::try_from(*x) else {
+                return unknown();
+            };
+            let s = s.max(1);
+            let out = (|| {
+                let span = d.checked_mul(k.checked_sub(1)?)?.checked_add(1)?;
+                match auto_pad.as_str() {
+                    "SAME_UPPER" | "SAME_LOWER" => Some(x.checked_add(s - 1)? / s),
+                    "VALID" => Some(x.checked_sub(span)? / s + 1),
+                    _ => {
+                        let padded = x
+                            .checked_add(pads.get(i).copied().unwrap_or(0))?
+                            .checked_add(pads.get(i + n).copied().unwrap_or(0))?
+                            .checked_sub(span)?;
+                        if ceil {
+                            Some(padded.checked_add(s - 1)? / s + 1)
+                        } else {
+                            Some(padded / s + 1)
+                        }
                     }
                 }
-            };
-            if out >= 0 {
-                Dim::Fixed(out as usize)
-            } else {
-                Dim::Symbolic(String::new())
+            })();
+            match out.and_then(|o| usize::try_from(o).ok()) {
+                Some(o) => Dim::Fixed(o),
+                None => unknown(),
             }
         })
         .collect()
@@ -222,17 +239,20 @@ fn window(node: &Node, spatial: &[Dim], kernel: &[i64]) -> Vec<Dim> {
 pub fn infer(node: &Node, inputs: &[Shape], constants: &[Option<&HostTensor>]) -> Vec<Shape> {
     let n_out = node.outputs.len();
     let mut out = vec![None; n_out];
-    if !node.domain.is_empty() || n_out == 0 {
+    let Some(first) = out.first_mut() else {
+        return out;
+    };
+    if !node.domain.is_empty() {
         return out;
     }
     let input = |i: usize| inputs.get(i).cloned().flatten();
     let constant = |i: usize| constants.get(i).copied().flatten();
     let op = node.op_type.as_str();
-    out[0] = if SAME_AS_INPUT.contains(&op) {
+    *first = if SAME_AS_INPUT.contains(&op) {
         input(0)
     } else if BROADCAST.contains(&op) {
         let known: Option<Vec<Vec<Dim>>> = (0..inputs.len()).map(input).collect();
-        known.and_then(|k| broadcast(&k.iter().collect::<Vec<_>>()))
+        known.and_then(|k| broadcast(&k.iter().map(Vec::as_slice).collect::<Vec<_>>()))
     } else {
         match op {
             "PRelu" => input(0),
@@ -247,14 +267,16 @@ pub fn infer(node: &Node, inputs: &[Shape], constants: &[Option<&HostTensor>]) -
                 if b1 {
                     b.push(Dim::Fixed(1));
                 }
-                let (ar, br) = (a.len(), b.len());
-                let batch = broadcast(&[&a[..ar - 2].to_vec(), &b[..br - 2].to_vec()])?;
-                let mut s = batch;
+                // A declared rank 0 (or any rank the op cannot take) gives no shape; the
+                // kernel refuses the node.
+                let (a_batch, a_mat) = a.split_at_checked(a.len().checked_sub(2)?)?;
+                let (b_batch, b_mat) = b.split_at_checked(b.len().checked_sub(2)?)?;
+                let mut s = broadcast(&[a_batch, b_batch])?;
                 if !a1 {
-                    s.push(a[ar - 2].clone());
+                    s.push(a_mat.first()?.clone());
                 }
                 if !b1 {
-                    s.push(b[br - 1].clone());
+                    s.push(b_mat.get(1)?.clone());
                 }
                 Some(s)
             })(),
@@ -274,13 +296,14 @@ pub fn infer(node: &Node, inputs: &[Shape], constants: &[Option<&HostTensor>]) -
             })(),
             "Conv" | "MaxPool" | "AveragePool" | "LpPool" => (|| {
                 let x = input(0)?;
-                if x.len() < 3 {
-                    return None;
-                }
+                let (batch, x_channels, spatial) = match x.as_slice() {
+                    [n, c, spatial @ ..] if !spatial.is_empty() => (n, c, spatial),
+                    _ => return None,
+                };
                 let (channels, kernel) = if op == "Conv" {
                     let w = input(1)?;
                     let kernel = attr_ints(node, "kernel_shape").or_else(|| {
-                        w[2..]
+                        w.get(2..)?
                             .iter()
                             .map(|d| {
                                 if let Dim::Fixed(v) = d {
@@ -291,12 +314,12 @@ pub fn infer(node: &Node, inputs: &[Shape], constants: &[Option<&HostTensor>]) -
                             })
                             .collect()
                     })?;
-                    (w[0].clone(), kernel)
+                    (w.first()?.clone(), kernel)
                 } else {
-                    (x[1].clone(), attr_ints(node, "kernel_shape")?)
+                    (x_channels.clone(), attr_ints(node, "kernel_shape")?)
                 };
-                let mut s = vec![x[0].clone(), channels];
-                s.extend(window(node, &x[2..], &kernel));
+                let mut s = vec![batch.clone(), channels];
+                s.extend(window(node, spatial, &kernel));
                 Some(s)
             })(),
             "GlobalAveragePool" | "GlobalMaxPool" | "GlobalLpPool" => input(0).map(|x| {
@@ -307,7 +330,8 @@ pub fn infer(node: &Node, inputs: &[Shape], constants: &[Option<&HostTensor>]) -
             }),
             "Flatten" => input(0).and_then(|x| {
                 let a = axis(attr_int(node, "axis", 1), x.len() + 1)?;
-                Some(vec![product(&x[..a]), product(&x[a..])])
+                let (outer, inner) = x.split_at_checked(a)?;
+                Some(vec![product(outer), product(inner)])
             }),
             "Transpose" => input(0).map(|x| match attr_ints(node, "perm") {
                 Some(p) => p
@@ -344,11 +368,14 @@ pub fn infer(node: &Node, inputs: &[Shape], constants: &[Option<&HostTensor>]) -
                             .map(|(_, d)| d.clone())
                             .collect::<Vec<_>>(),
                     );
-                    if let Some(v) = match rest {
-                        Dim::Fixed(r) => total.checked_div(r),
-                        Dim::Symbolic(_) => None,
-                    } {
-                        dims[pos] = Dim::Fixed(v);
+                    if let (Some(v), Some(d)) = (
+                        match rest {
+                            Dim::Fixed(r) => total.checked_div(r),
+                            Dim::Symbolic(_) => None,
+                        },
+                        dims.get_mut(pos),
+                    ) {
+                        *d = Dim::Fixed(v);
                     }
                 }
                 Some(dims)
@@ -394,28 +421,23 @@ pub fn infer(node: &Node, inputs: &[Shape], constants: &[Option<&HostTensor>]) -
                 let first = all.first()?.clone();
                 let a = axis(attr_int(node, "axis", 0), first.len())?;
                 let mut s = first;
-                s[a] = product(&[]);
-                let mut total = 0usize;
+                let mut total = Some(0usize);
                 for t in &all {
-                    match t.get(a)? {
-                        Dim::Fixed(v) => total += v,
-                        Dim::Symbolic(_) => {
-                            return Some({
-                                s[a] = Dim::Symbolic(String::new());
-                                s
-                            })
-                        }
-                    }
+                    total = match t.get(a)? {
+                        Dim::Fixed(v) => total.and_then(|n| n.checked_add(*v)),
+                        Dim::Symbolic(_) => None,
+                    };
                 }
-                s[a] = Dim::Fixed(total);
+                *s.get_mut(a)? = total.map_or(Dim::Symbolic(String::new()), Dim::Fixed);
                 Some(s)
             })(),
             "Gather" => (|| {
                 let (x, idx) = (input(0)?, input(1)?);
                 let a = axis(attr_int(node, "axis", 0), x.len())?;
-                let mut s = x[..a].to_vec();
+                let (before, from) = x.split_at_checked(a)?;
+                let mut s = before.to_vec();
                 s.extend(idx);
-                s.extend_from_slice(&x[a + 1..]);
+                s.extend_from_slice(from.get(1..)?);
                 Some(s)
             })(),
             r if r.starts_with("Reduce") || r == "ArgMax" || r == "ArgMin" => (|| {
@@ -452,6 +474,7 @@ pub fn infer(node: &Node, inputs: &[Shape], constants: &[Option<&HostTensor>]) -
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use opreg_sdk::kernel::Attribute;
@@ -543,6 +566,37 @@ mod tests {
             &[],
         );
         assert_eq!(gap[0], s(&["N", "8", "1", "1"]));
+    }
+
+    #[test]
+    fn declared_shapes_that_do_not_fit_the_op_give_no_shape() {
+        // Each of these panicked the compute pool (and aborted the daemon) at model load.
+        let mm = infer(&node("MatMul", vec![], 1), &[s(&[]), s(&["3", "4"])], &[]);
+        assert_eq!(mm[0], None);
+        let conv = infer(
+            &node("Conv", vec![], 1),
+            &[s(&["1", "3", "8", "8"]), s(&["3"])],
+            &[],
+        );
+        assert_eq!(conv[0], None);
+        let huge = node(
+            "Conv",
+            vec![
+                ("pads", AttrValue::Ints(vec![i64::MAX, 0].into())),
+                ("dilations", AttrValue::Ints(vec![i64::MAX].into())),
+            ],
+            1,
+        );
+        let y = infer(&huge, &[s(&["1", "1", "8"]), s(&["1", "1", "3"])], &[]);
+        assert_eq!(y[0], s(&["1", "1", ""]));
+        let flat = infer(
+            &node("Flatten", vec![], 1),
+            &[s(&["4294967296", "4294967296", "4294967296"])],
+            &[],
+        );
+        // 2^64 overflows: unknown, not a panic (debug) or a wrapped size (release).
+        assert_eq!(flat[0], s(&["4294967296", ""]));
+        assert!(infer(&node("Relu", vec![], 0), &[s(&["1"])], &[]).is_empty());
     }
 
     #[test]

@@ -51,10 +51,34 @@ impl std::fmt::Debug for LoadedPlugin {
 
 static COPY_SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// Reads a plugin file, refusing anything but a regular file. Opened non-blocking first: a
+/// FIFO or device given as a plugin path would otherwise block the loader until a writer
+/// appears.
+fn read_regular_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::{io::Read, os::unix::fs::OpenOptionsExt};
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let mut bytes = Vec::new();
+    bytes
+        .try_reserve_exact(usize::try_from(meta.len()).unwrap_or(usize::MAX))
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::OutOfMemory, "file too large"))?;
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// Loads the plugin at `path` for registry generation `generation`, staging its copy in
 /// `stage_dir`.
 pub fn load(path: &Path, stage_dir: &Path, generation: u64) -> Result<LoadedPlugin, LoadError> {
-    let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+    let bytes = read_regular_file(path).map_err(|source| LoadError::Read {
         path: path.to_owned(),
         source,
     })?;

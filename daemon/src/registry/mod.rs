@@ -97,13 +97,15 @@ impl Registry {
     /// Loads one plugin. A plugin with the name of a loaded one replaces it (hot swap): the
     /// old one serves the requests that already hold it and is released after them.
     pub fn load(&self, path: &Path) -> Result<(Arc<LoadedPlugin>, u64), LoadError> {
+        // Reading, mapping and checking a file may take long (a slow disk, a large library):
+        // it happens before the writer lock, so a slow load holds up no other load or unload.
+        // The generation is fixed when the new snapshot is published.
+        let mut loaded = plugin::load(path, &self.stage_dir, self.snapshot().generation + 1)?;
         let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.current.load_full();
         let generation = old.generation + 1;
-        let p = Arc::new(admit(
-            &old.plugins,
-            plugin::load(path, &self.stage_dir, generation)?,
-        )?);
+        loaded.generation = generation;
+        let p = Arc::new(admit(&old.plugins, loaded)?);
         let mut plugins = old.plugins.clone();
         plugins.insert(p.name.clone(), p.clone());
         self.current.store(Arc::new(Snapshot {

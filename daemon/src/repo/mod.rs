@@ -2,18 +2,23 @@
 //! optional `<repo>/<model>/config.toml`, and the models loaded from it.
 //!
 //! Models submitted over gRPC are checked (imported and compiled) before anything is written,
-//! then written atomically (temporary file + rename), so a restart serves them again and a
-//! bad upload leaves the repository as it was.
+//! then written atomically (a uniquely named temporary file, fsync, rename, fsync of the
+//! folder), so a restart serves them again, a bad upload leaves the repository as it was, and
+//! a kill at any point leaves the old version or the new one, never a broken one. Loads of one
+//! model are serialized; temporary files a kill left behind are removed at start-up.
 
 mod model;
 
 pub use model::{ModelSettings, ServedModel};
 
-use crate::{graph, registry::Registry};
+use crate::{config::Limits, graph, registry::Registry};
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, VecDeque},
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, RwLock,
+    },
 };
 
 pub const MODEL_FILE: &str = "model.onnx";
@@ -28,8 +33,12 @@ pub enum RepoError {
         name: String,
         version: Option<String>,
     },
-    #[error("invalid model name '{0}': use letters, digits, '-', '_' and '.'")]
+    #[error("invalid model name '{0}': use 1 to {MAX_NAME_LEN} letters, digits, '-', '_' and '.'")]
     BadName(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{running} model loads are running, the limit (max_concurrent_loads); retry later")]
+    Busy { running: usize },
     #[error("model '{name}' version {version}: {source}")]
     Graph {
         name: String,
@@ -62,11 +71,37 @@ pub struct Entry {
 
 pub struct Repository {
     root: Option<PathBuf>,
+    limits: Limits,
     models: RwLock<BTreeMap<String, Entry>>,
+    /// Names whose only entry is a failed load, oldest first: bounded by `max_failed_models`.
+    failed: Mutex<VecDeque<String>>,
+    /// Loads of one model run one at a time: a lock per name, striped so that the set of
+    /// locks stays bounded whatever names clients send.
+    name_locks: Vec<Mutex<()>>,
+    loads_running: AtomicUsize,
+}
+
+/// Longest model name: a folder name on every common file system, with room to spare.
+pub const MAX_NAME_LEN: usize = 200;
+/// Longest failure reason the index keeps per model.
+const MAX_REASON_LEN: usize = 1024;
+const NAME_LOCKS: usize = 64;
+
+/// Shortens client- or model-supplied text that goes into a message or the index.
+pub fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut cut = max;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..cut], text.len())
 }
 
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
         && name != "."
         && name != ".."
         && name
@@ -75,11 +110,52 @@ fn valid_name(name: &str) -> bool {
 }
 
 impl Repository {
-    pub fn new(root: Option<PathBuf>) -> Self {
+    pub fn new(root: Option<PathBuf>, limits: Limits) -> Self {
         Repository {
             root,
+            limits,
             models: RwLock::new(BTreeMap::new()),
+            failed: Mutex::new(VecDeque::new()),
+            name_locks: (0..NAME_LOCKS).map(|_| Mutex::new(())).collect(),
+            loads_running: AtomicUsize::new(0),
         }
+    }
+
+    /// Removes the temporary files of uploads that a kill interrupted (`.model.onnx.*.tmp` in
+    /// version folders). Call it at start-up, before anything loads.
+    pub fn remove_stale_uploads(&self) -> usize {
+        let Some(root) = &self.root else { return 0 };
+        let mut removed = 0;
+        let dirs = |p: &Path| -> Vec<PathBuf> {
+            std::fs::read_dir(p)
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok())
+                        .map(|e| e.path())
+                        .filter(|p| p.is_dir())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        for model in dirs(root) {
+            for version in dirs(&model) {
+                let Ok(rd) = std::fs::read_dir(&version) else {
+                    continue;
+                };
+                for e in rd.filter_map(|e| e.ok()) {
+                    let name = e.file_name();
+                    let name = name.to_string_lossy();
+                    if name.starts_with(&format!(".{MODEL_FILE}.")) && name.ends_with(".tmp") {
+                        match std::fs::remove_file(e.path()) {
+                            Ok(()) => removed += 1,
+                            Err(err) => {
+                                tracing::warn!(path = %e.path().display(), "cannot remove stale upload: {err}")
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        removed
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Entry>> {
@@ -115,10 +191,10 @@ impl Repository {
         let models = self.read();
         let entry = models
             .get(name)
-            .ok_or_else(|| RepoError::UnknownModel(name.into()))?;
+            .ok_or_else(|| RepoError::UnknownModel(clip(name, 128)))?;
         let not_ready = || RepoError::NotReady {
             name: name.into(),
-            version: (!version.is_empty()).then(|| version.to_string()),
+            version: (!version.is_empty()).then(|| clip(version, 32)),
         };
         if entry.state != "READY" {
             return Err(not_ready());
@@ -176,24 +252,69 @@ impl Repository {
         files: BTreeMap<u64, Vec<u8>>,
         registry: &Registry,
     ) -> Result<Vec<u64>, RepoError> {
+        // A name the repository could never hold is refused up front and not remembered.
         if !valid_name(name) {
-            return Err(RepoError::BadName(name.into()));
+            return Err(RepoError::BadName(clip(name, 64)));
         }
+        let _slot = LoadSlot::take(&self.loads_running, self.limits.max_concurrent_loads)?;
+        let _serial = self.lock_name(name);
         let result = self.load_inner(name, files, registry);
-        if let Err(e) = &result {
-            // A failed reload keeps serving what was ready; a failed first load is recorded.
-            let mut models = self.write();
-            let entry = models.entry(name.to_string()).or_insert(Entry {
-                versions: BTreeMap::new(),
-                state: "UNAVAILABLE",
-                reason: String::new(),
-            });
-            if entry.versions.is_empty() {
-                entry.state = "UNAVAILABLE";
-                entry.reason = e.to_string();
-            }
+        match &result {
+            Ok(_) => self.forget_failure(name),
+            Err(e) => self.remember_failure(name, e),
         }
         result
+    }
+
+    fn lock_name(&self, name: &str) -> std::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        name.hash(&mut h);
+        let lock = &self.name_locks[(h.finish() as usize) % self.name_locks.len()];
+        lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A failed reload keeps serving what was ready; a failed first load is recorded (the
+    /// last failure per name, with a bounded reason, for at most `max_failed_models` names).
+    fn remember_failure(&self, name: &str, e: &RepoError) {
+        let mut models = self.write();
+        let entry = models.entry(name.to_string()).or_insert(Entry {
+            versions: BTreeMap::new(),
+            state: "UNAVAILABLE",
+            reason: String::new(),
+        });
+        if !entry.versions.is_empty() {
+            return;
+        }
+        entry.state = "UNAVAILABLE";
+        entry.reason = clip(&e.to_string(), MAX_REASON_LEN);
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        failed.retain(|n| n != name);
+        failed.push_back(name.to_string());
+        while failed.len() > self.limits.max_failed_models {
+            if let Some(old) = failed.pop_front() {
+                if models.get(&old).is_some_and(|e| e.versions.is_empty()) {
+                    models.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn forget_failure(&self, name: &str) {
+        self.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|n| n != name);
+    }
+
+    fn check_size(&self, what: &str, len: u64) -> Result<(), RepoError> {
+        if len > self.limits.max_model_bytes {
+            return Err(RepoError::TooLarge(format!(
+                "{what} has {len} bytes, more than the limit of {} (max_model_bytes)",
+                self.limits.max_model_bytes
+            )));
+        }
+        Ok(())
     }
 
     fn load_inner(
@@ -212,10 +333,13 @@ impl Repository {
         if files.is_empty() {
             let dir = model_dir.ok_or(RepoError::NoRepository)?;
             for (version, path) in versions_on_disk(&dir)? {
-                let bytes = std::fs::read(&path).map_err(|source| RepoError::Io {
+                let io = |source| RepoError::Io {
                     path: path.clone(),
                     source,
-                })?;
+                };
+                let len = std::fs::metadata(&path).map_err(io)?.len();
+                self.check_size(&format!("version {version} of model '{name}'"), len)?;
+                let bytes = std::fs::read(&path).map_err(io)?;
                 let m = ServedModel::build(
                     name,
                     version,
@@ -223,6 +347,7 @@ impl Repository {
                     path.parent(),
                     settings.clone(),
                     snapshot.clone(),
+                    self.limits.max_folded_bytes,
                 )?;
                 loaded.insert(version, Arc::new(m));
             }
@@ -232,6 +357,10 @@ impl Repository {
         } else {
             // Check every submitted version before writing any of them.
             for (&version, bytes) in &files {
+                self.check_size(
+                    &format!("version {version} of model '{name}'"),
+                    bytes.len() as u64,
+                )?;
                 let m = ServedModel::build(
                     name,
                     version,
@@ -239,6 +368,7 @@ impl Repository {
                     None,
                     settings.clone(),
                     snapshot.clone(),
+                    self.limits.max_folded_bytes,
                 )?;
                 loaded.insert(version, Arc::new(m));
             }
@@ -270,7 +400,7 @@ impl Repository {
         let mut models = self.write();
         let entry = models
             .get_mut(name)
-            .ok_or_else(|| RepoError::UnknownModel(name.into()))?;
+            .ok_or_else(|| RepoError::UnknownModel(clip(name, 128)))?;
         entry.versions.clear();
         entry.state = "UNAVAILABLE";
         entry.reason = "unloaded".into();
@@ -296,19 +426,58 @@ fn versions_on_disk(dir: &Path) -> Result<Vec<(u64, PathBuf)>, RepoError> {
     Ok(out)
 }
 
+/// Holds one of the `max_concurrent_loads` load slots.
+struct LoadSlot<'a>(&'a AtomicUsize);
+
+impl<'a> LoadSlot<'a> {
+    fn take(running: &'a AtomicUsize, max: usize) -> Result<Self, RepoError> {
+        running
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map(|_| LoadSlot(running))
+            .map_err(|n| RepoError::Busy { running: n })
+    }
+}
+
+impl Drop for LoadSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Writes `dir/file` so that a reader (or a restart after a kill at any point) sees the old
+/// file or the new one: a temporary name unique to this write, fsync, rename over the target,
+/// fsync of the folder so the rename itself is durable.
 fn write_atomically(dir: &Path, file: &str, bytes: &[u8]) -> Result<(), RepoError> {
+    static WRITES: AtomicU64 = AtomicU64::new(0);
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| RepoError::Io { path, source }
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let tmp = dir.join(format!(".{file}.{}.tmp", std::process::id()));
+    let tmp = dir.join(format!(
+        ".{file}.{}.{}.tmp",
+        std::process::id(),
+        WRITES.fetch_add(1, Ordering::Relaxed)
+    ));
     let target = dir.join(file);
-    {
+    let written = (|| {
         use std::io::Write;
-        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
         f.write_all(bytes).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &target).map_err(io(&target))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    std::fs::rename(&tmp, &target).map_err(io(&target))
+    written?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
 }

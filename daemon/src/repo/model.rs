@@ -86,6 +86,7 @@ pub struct ServedModel {
     pub settings: ModelSettings,
     devices: Vec<Device>,
     plan: Mutex<Arc<Plan>>,
+    max_folded_bytes: usize,
     pub stats: Mutex<Stats>,
 }
 
@@ -98,7 +99,9 @@ impl ServedModel {
         dir: Option<&Path>,
         settings: ModelSettings,
         snapshot: Arc<Snapshot>,
+        max_folded_bytes: u64,
     ) -> Result<Self, RepoError> {
+        let max_folded_bytes = usize::try_from(max_folded_bytes).unwrap_or(usize::MAX);
         let wrap = |source| RepoError::Graph {
             name: name.into(),
             version,
@@ -106,7 +109,7 @@ impl ServedModel {
         };
         let mut model = graph::import(bytes, dir).map_err(wrap)?;
         let devices = settings.devices()?;
-        let plan = graph::compile(&model, snapshot, &devices).map_err(wrap)?;
+        let plan = graph::compile(&model, snapshot, &devices, max_folded_bytes).map_err(wrap)?;
         // Output shapes the model leaves undeclared come from shape inference.
         for (o, inferred) in model.outputs.iter_mut().zip(&plan.output_shapes) {
             if o.shape.is_none() {
@@ -120,6 +123,7 @@ impl ServedModel {
             settings,
             devices,
             plan: Mutex::new(Arc::new(plan)),
+            max_folded_bytes,
             stats: Mutex::new(Stats::default()),
         })
     }
@@ -129,14 +133,17 @@ impl ServedModel {
     pub fn plan(&self, snapshot: &Arc<Snapshot>) -> Result<Arc<Plan>, RepoError> {
         let mut current = self.plan.lock().unwrap_or_else(|p| p.into_inner());
         if current.generation() != snapshot.generation {
-            let plan =
-                graph::compile(&self.model, snapshot.clone(), &self.devices).map_err(|source| {
-                    RepoError::Graph {
-                        name: self.name.clone(),
-                        version: self.version,
-                        source,
-                    }
-                })?;
+            let plan = graph::compile(
+                &self.model,
+                snapshot.clone(),
+                &self.devices,
+                self.max_folded_bytes,
+            )
+            .map_err(|source| RepoError::Graph {
+                name: self.name.clone(),
+                version: self.version,
+                source,
+            })?;
             tracing::info!(model = %self.name, version = self.version, generation = snapshot.generation, "plan re-bound to new plugins");
             *current = Arc::new(plan);
         }

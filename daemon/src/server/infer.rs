@@ -1,24 +1,69 @@
 //! `ModelInfer`: check a request against the model, run it, build the response.
 
 use super::tensor;
-use crate::{app::App, graph::Dim, repo::ServedModel};
+use crate::{
+    app::App,
+    graph::{Dim, RunControl},
+    repo::{clip, ServedModel},
+};
 use opreg_proto::inference as pb;
 use opreg_sdk::host::HostTensor;
 use std::{
     collections::HashMap,
     sync::Arc,
-    time::{Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 use tonic::Status;
 
-/// Runs one inference request.
+/// Longest piece of a client-supplied name echoed in an error.
+const ECHO: usize = 128;
+
+/// The deadline a client asked for in the `grpc-timeout` header (`<digits><unit>`, units
+/// H, M, S, m, u, n), if any.
+pub fn client_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    // The protocol allows at most 8 digits.
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Cancels a run when the request's future is dropped: the client went away, or tonic gave
+/// up on the client's deadline. The compute job then stops at its next node boundary.
+struct CancelOnDrop(Arc<RunControl>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// Runs one inference request; `client_deadline` from the call's `grpc-timeout`, if any.
 pub async fn infer(
     app: &Arc<App>,
     req: pb::ModelInferRequest,
+    client_deadline: Option<Duration>,
 ) -> Result<pb::ModelInferResponse, Status> {
     let model = app.repo.get(&req.model_name, &req.model_version)?;
     let started = Instant::now();
-    let result = run(app, &model, req).await;
+    // The earlier of the client's deadline and the server's.
+    let timeout = match (client_deadline, app.config.limits.infer_timeout()) {
+        (Some(c), Some(s)) => Some(c.min(s)),
+        (c, s) => c.or(s),
+    };
+    let deadline = timeout.map(|t| started + t);
+    let result = run(app, &model, req, deadline).await;
     let ns = started.elapsed().as_nanos() as u64;
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -57,9 +102,13 @@ async fn run(
     app: &Arc<App>,
     model: &Arc<ServedModel>,
     req: pb::ModelInferRequest,
+    deadline: Option<Instant>,
 ) -> Result<(pb::ModelInferResponse, Timing), Status> {
     let t0 = Instant::now();
-    let feeds = decode_inputs(model, &req)?;
+    let limits = &app.config.limits;
+    let max_tensor = usize::try_from(limits.max_tensor_bytes).unwrap_or(usize::MAX);
+    let max_live = usize::try_from(limits.max_request_bytes).unwrap_or(usize::MAX);
+    let feeds = decode_inputs(model, &req, max_tensor)?;
     let batch = if model.settings.max_batch_size > 0 {
         feeds
             .values()
@@ -80,7 +129,8 @@ async fn run(
                 } else {
                     Err(Status::invalid_argument(format!(
                         "unknown output '{}' requested from model '{}'",
-                        o.name, model.name
+                        clip(&o.name, ECHO),
+                        model.name
                     )))
                 }
             })
@@ -91,15 +141,28 @@ async fn run(
     let t1 = Instant::now();
     let snapshot = app.registry.snapshot();
     let m = model.clone();
-    let outputs = app
-        .compute
-        .run(move || -> Result<_, Status> {
+    let control = Arc::new(RunControl::new(max_tensor, max_live, deadline));
+    let _cancel = CancelOnDrop(control.clone());
+    let job = app.compute.run({
+        let control = control.clone();
+        move || -> Result<_, Status> {
+            // A request that waited past its deadline in the queue does not start.
             let plan = m.plan(&snapshot)?;
             let feeds = feeds.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
-            Ok(crate::graph::run(&plan, feeds)?)
-        })
-        .await
-        .map_err(Status::from)??;
+            Ok(crate::graph::run_with_control(&plan, feeds, &control)?)
+        }
+    });
+    let outputs = match deadline {
+        Some(d) => tokio::time::timeout_at(d.into(), job).await.map_err(|_| {
+            control.cancel();
+            Status::deadline_exceeded(format!(
+                "model '{}' did not answer within the deadline",
+                model.name
+            ))
+        })?,
+        None => job.await,
+    }
+    .map_err(Status::from)??;
     let infer_ns = t1.elapsed().as_nanos() as u64;
 
     let t2 = Instant::now();
@@ -142,6 +205,7 @@ async fn run(
 fn decode_inputs(
     model: &ServedModel,
     req: &pb::ModelInferRequest,
+    max_tensor_bytes: usize,
 ) -> Result<HashMap<String, HostTensor>, Status> {
     let raw = !req.raw_input_contents.is_empty();
     if raw && req.raw_input_contents.len() != req.inputs.len() {
@@ -153,12 +217,14 @@ fn decode_inputs(
     }
     let mut feeds = HashMap::new();
     for (i, input) in req.inputs.iter().enumerate() {
-        let name = input.name.as_str();
+        let full_name = input.name.as_str();
+        let shown = clip(full_name, ECHO);
+        let name = shown.as_str();
         let spec = model
             .model
             .inputs
             .iter()
-            .find(|s| s.name == name)
+            .find(|s| s.name == full_name)
             .ok_or_else(|| {
                 let names: Vec<&str> = model.model.inputs.iter().map(|s| s.name.as_str()).collect();
                 Status::invalid_argument(format!(
@@ -166,12 +232,12 @@ fn decode_inputs(
                     model.name
                 ))
             })?;
-        if feeds.contains_key(name) {
+        if feeds.contains_key(full_name) {
             return Err(Status::invalid_argument(format!(
                 "input '{name}' given twice"
             )));
         }
-        let dtype = tensor::dtype(name, &input.datatype)?;
+        let dtype = tensor::dtype(name, &clip(&input.datatype, ECHO))?;
         if dtype != spec.dtype {
             return Err(Status::invalid_argument(format!(
                 "input '{name}' has datatype {dtype}, model '{}' expects {}",
@@ -179,6 +245,7 @@ fn decode_inputs(
             )));
         }
         let shape = tensor::shape(name, &input.shape)?;
+        tensor::check_bytes(name, dtype, &shape, max_tensor_bytes)?;
         if let Some(decl) = &spec.shape {
             let fits = decl.len() == shape.len()
                 && decl
@@ -201,11 +268,15 @@ fn decode_inputs(
         {
             return Err(Status::invalid_argument(format!(
                 "input '{name}': batch {} exceeds max_batch_size {}",
-                shape[0], model.settings.max_batch_size
+                shape.first().copied().unwrap_or(0),
+                model.settings.max_batch_size
             )));
         }
         let t = if raw {
-            tensor::from_raw(name, dtype, &shape, &req.raw_input_contents[i])?
+            let bytes = req.raw_input_contents.get(i).ok_or_else(|| {
+                Status::invalid_argument(format!("input '{name}' has no raw contents"))
+            })?;
+            tensor::from_raw(name, dtype, &shape, bytes)?
         } else {
             let contents = input.contents.as_ref().ok_or_else(|| {
                 Status::invalid_argument(format!("input '{name}' has no contents"))
@@ -213,7 +284,7 @@ fn decode_inputs(
             let bytes = tensor::typed_to_raw(name, dtype, shape.iter().product(), contents)?;
             tensor::from_raw(name, dtype, &shape, &bytes)?
         };
-        feeds.insert(name.to_string(), t);
+        feeds.insert(full_name.to_string(), t);
     }
     if let Some(missing) = model
         .model

@@ -2,8 +2,12 @@
 //!
 //! A thin layer: inference is in `infer`, the repository in `crate::repo`.
 
-use super::infer::infer;
-use crate::{app::App, graph::IoSpec, repo::ServedModel};
+use super::infer::{client_timeout, infer};
+use crate::{
+    app::App,
+    graph::IoSpec,
+    repo::{clip, ServedModel},
+};
 use opreg_proto::inference::{self as pb, grpc_inference_service_server::GrpcInferenceService};
 use opreg_sdk::DType;
 use std::{collections::BTreeMap, collections::HashMap, pin::Pin, sync::Arc};
@@ -77,6 +81,7 @@ fn submitted_files(
     use pb::model_repository_parameter::ParameterChoice;
     let mut files = BTreeMap::new();
     for (key, value) in params {
+        let shown = clip(key, 128);
         let Some(path) = key.strip_prefix("file:") else {
             if key == "config" {
                 return Err(Status::invalid_argument(
@@ -85,12 +90,14 @@ fn submitted_files(
             }
             continue;
         };
+        // Only the canonical spelling: `01` or `+1` would alias version 1.
         let version = path
             .strip_suffix("/model.onnx")
-            .and_then(|v| v.parse::<u64>().ok())
+            .and_then(|v| v.parse::<u64>().ok().filter(|n| n.to_string() == v))
+            .filter(|&n| n > 0)
             .ok_or_else(|| {
                 Status::invalid_argument(format!(
-                    "parameter '{key}': expected 'file:<version>/model.onnx'"
+                    "parameter '{shown}': expected 'file:<version>/model.onnx' with a version from 1, written without leading zeros"
                 ))
             })?;
         match &value.parameter_choice {
@@ -99,7 +106,7 @@ fn submitted_files(
             }
             _ => {
                 return Err(Status::invalid_argument(format!(
-                    "parameter '{key}' must carry the model as bytes"
+                    "parameter '{shown}' must carry the model as bytes"
                 )))
             }
         }
@@ -180,7 +187,10 @@ impl GrpcInferenceService for InferenceApi {
         &self,
         req: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
-        infer(&self.app, req.into_inner()).await.map(Response::new)
+        let deadline = client_timeout(req.metadata());
+        infer(&self.app, req.into_inner(), deadline)
+            .await
+            .map(Response::new)
     }
 
     type ModelStreamInferStream = ResponseStream;
@@ -193,11 +203,15 @@ impl GrpcInferenceService for InferenceApi {
         let app = self.app.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         // Requests are answered in order. An error of one request travels in-band
-        // (`error_message`), as Triton does, and the stream goes on.
+        // (`error_message`), as Triton does, and the stream goes on. When the client goes
+        // away, the request in progress is dropped, which cancels its run.
         tokio::spawn(async move {
             while let Some(next) = requests.next().await {
                 let reply = match next {
-                    Ok(r) => match infer(&app, r).await {
+                    Ok(r) => match tokio::select! {
+                        r = infer(&app, r, None) => r,
+                        _ = tx.closed() => break,
+                    } {
                         Ok(resp) => pb::ModelStreamInferResponse {
                             error_message: String::new(),
                             infer_response: Some(resp),
@@ -326,7 +340,7 @@ impl GrpcInferenceService for InferenceApi {
             .run(move || app.repo.load(&name, files, &app.registry))
             .await?
             .map_err(|e| {
-                tracing::warn!(model = %r.model_name, "model load failed: {e}");
+                tracing::warn!(model = %clip(&r.model_name, 128), "model load failed: {e}");
                 Status::from(e)
             })?;
         tracing::info!(model = %r.model_name, ?versions, "model loaded");
@@ -339,6 +353,10 @@ impl GrpcInferenceService for InferenceApi {
     ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
         let r = req.into_inner();
         self.app.repo.unload(&r.model_name)?;
+        let r = pb::RepositoryModelUnloadRequest {
+            model_name: clip(&r.model_name, 128),
+            ..r
+        };
         tracing::info!(model = %r.model_name, "model unloaded");
         Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
     }

@@ -38,7 +38,7 @@ impl From<LoadError> for Status {
 }
 
 /// Status messages travel in HTTP/2 trailers: keep them well under header size limits.
-fn bounded(mut message: String) -> String {
+pub fn bounded(mut message: String) -> String {
     const MAX: usize = 4096;
     if message.len() > MAX {
         let mut cut = MAX;
@@ -65,7 +65,7 @@ impl From<ExecError> for Status {
             ExecError::Resolve(_) => Code::Unimplemented,
             ExecError::Instantiate { code, .. } | ExecError::Compute { code, .. } => code_of(*code),
             ExecError::Invalid(_) => Code::InvalidArgument,
-            ExecError::Lost => Code::Internal,
+            ExecError::Lost | ExecError::Panicked(_) => Code::Internal,
         };
         Status::new(code, bounded(e.to_string()))
     }
@@ -77,6 +77,9 @@ fn graph_code(e: &crate::graph::GraphError) -> Code {
         G::Decode(_) | G::Invalid(_) | G::Input { .. } => Code::InvalidArgument,
         G::Unsupported(_) | G::NoKernel { .. } => Code::Unimplemented,
         G::Instantiate { code, .. } | G::Kernel { code, .. } => code_of(*code),
+        G::Cancelled { .. } => Code::Cancelled,
+        G::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+        G::Limit { .. } => Code::ResourceExhausted,
     }
 }
 
@@ -93,10 +96,21 @@ impl From<crate::repo::RepoError> for Status {
             R::UnknownModel(_) | R::NoVersions(_) => Code::NotFound,
             R::NotReady { .. } => Code::Unavailable,
             R::BadName(_) | R::BadRequest(_) | R::Config(_) => Code::InvalidArgument,
+            R::TooLarge(_) | R::Busy { .. } => Code::ResourceExhausted,
             R::Graph { source, .. } => graph_code(source),
             R::NoRepository => Code::FailedPrecondition,
             R::Io { .. } => Code::Internal,
         };
-        Status::new(code, bounded(e.to_string()))
+        // Clients see where in the repository, not where the repository is on the host.
+        let message = match &e {
+            R::Io { path, source } => {
+                tracing::error!(path = %path.display(), "repository I/O error: {source}");
+                let tail: Vec<_> = path.iter().rev().take(3).collect();
+                let shown: std::path::PathBuf = tail.into_iter().rev().collect();
+                format!("repository I/O error on {}: {source}", shown.display())
+            }
+            _ => e.to_string(),
+        };
+        Status::new(code, bounded(message))
     }
 }

@@ -13,14 +13,30 @@ pub fn dtype(name: &str, datatype: &str) -> Result<DType, Status> {
     })
 }
 
-/// Checks a wire shape and turns it into dimensions.
+/// Largest rank a request may carry (ONNX Runtime's limit is lower still).
+const MAX_RANK: usize = 64;
+
+/// Checks a wire shape and turns it into dimensions. Every dimension is bounded on its own
+/// too: a zero-size tensor such as `[0, 2^40]` holds no data, but kernels size state by its
+/// other dimensions.
 pub fn shape(name: &str, dims: &[i64]) -> Result<Vec<usize>, Status> {
+    if dims.len() > MAX_RANK {
+        return Err(Status::invalid_argument(format!(
+            "tensor '{name}': rank {} is more than {MAX_RANK}",
+            dims.len()
+        )));
+    }
     let mut total: u64 = 1;
     let mut out = Vec::with_capacity(dims.len());
     for &d in dims {
         if d < 0 {
             return Err(Status::invalid_argument(format!(
                 "tensor '{name}': negative dimension in shape {dims:?}"
+            )));
+        }
+        if d as u64 > MAX_ELEMENTS {
+            return Err(Status::invalid_argument(format!(
+                "tensor '{name}': dimension {d} in shape {dims:?} is too large"
             )));
         }
         total = total.saturating_mul(d as u64);
@@ -34,6 +50,19 @@ pub fn shape(name: &str, dims: &[i64]) -> Result<Vec<usize>, Status> {
     Ok(out)
 }
 
+/// Refuses a tensor whose decoded form would take more than `max` bytes (max_tensor_bytes).
+pub fn check_bytes(name: &str, dtype: DType, shape: &[usize], max: usize) -> Result<(), Status> {
+    let bytes = shape
+        .iter()
+        .try_fold(dtype.size(), |a, &d| a.checked_mul(d));
+    match bytes {
+        Some(b) if b <= max => Ok(()),
+        _ => Err(Status::resource_exhausted(format!(
+            "tensor '{name}': {dtype} of shape {shape:?} is larger than the limit of {max} bytes per tensor (max_tensor_bytes)"
+        ))),
+    }
+}
+
 /// Decodes raw contents: row-major little-endian; BYTES elements are a 4-byte little-endian
 /// length followed by the bytes.
 pub fn from_raw(
@@ -42,25 +71,31 @@ pub fn from_raw(
     shape: &[usize],
     raw: &[u8],
 ) -> Result<HostTensor, Status> {
-    let numel: usize = shape.iter().product();
+    let numel = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| {
+            Status::invalid_argument(format!("tensor '{name}': shape {shape:?} is too large"))
+        })?;
     if dtype == DType::String {
-        let mut items = Vec::with_capacity(numel);
+        // Each element takes at least its 4-byte length: the contents bound the count, the
+        // shape does not (it comes from the client too).
+        let mut items = Vec::with_capacity(numel.min(raw.len() / 4));
         let mut rest = raw;
         while !rest.is_empty() {
-            if rest.len() < 4 {
+            let Some((len, tail)) = rest.split_first_chunk::<4>() else {
                 return Err(Status::invalid_argument(format!(
                     "tensor '{name}': truncated BYTES element length"
                 )));
-            }
-            let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-            rest = &rest[4..];
-            if rest.len() < len {
+            };
+            let len = u32::from_le_bytes(*len) as usize;
+            let Some((item, tail)) = tail.split_at_checked(len) else {
                 return Err(Status::invalid_argument(format!(
                     "tensor '{name}': BYTES element overruns the contents"
                 )));
-            }
-            items.push(&rest[..len]);
-            rest = &rest[len..];
+            };
+            items.push(item);
+            rest = tail;
         }
         if items.len() != numel {
             return Err(Status::invalid_argument(format!(
@@ -71,7 +106,7 @@ pub fn from_raw(
         return HostTensor::from_strings(shape, &items)
             .map_err(|e| Status::invalid_argument(format!("tensor '{name}': {}", e.message)));
     }
-    let want = numel * dtype.size();
+    let want = numel.saturating_mul(dtype.size());
     if raw.len() != want {
         return Err(Status::invalid_argument(format!(
             "tensor '{name}': {dtype} of shape {shape:?} needs {want} bytes, got {}",
@@ -218,9 +253,26 @@ mod tests {
     }
 
     #[test]
+    fn lying_bytes_shapes_fail_without_reserving_for_the_shape() {
+        // 4 bytes of contents claiming 2^34 elements: refused, nothing sized by the shape.
+        let err = from_raw("s", DType::String, &[1 << 34], &[0, 0, 0, 0]).expect_err("lie");
+        assert!(
+            err.message().contains("needs 17179869184 BYTES elements"),
+            "{}",
+            err.message()
+        );
+        let err = check_bytes("x", DType::F32, &[1 << 20, 1 << 10], 1 << 30).expect_err("4 GiB");
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        assert!(check_bytes("x", DType::F32, &[1 << 20], 1 << 30).is_ok());
+    }
+
+    #[test]
     fn shapes_are_checked() {
         assert!(shape("x", &[2, -1]).is_err());
         assert!(shape("x", &[1 << 20, 1 << 20]).is_err());
+        // Zero elements, but a dimension no kernel could size state by.
+        assert!(shape("x", &[0, 1 << 40, 1]).is_err());
+        assert!(shape("x", &[1; 65]).is_err());
         assert_eq!(shape("x", &[2, 3]).expect("ok"), vec![2, 3]);
     }
 }
