@@ -86,22 +86,6 @@ async fn reflection_lists_every_service() {
     }
 }
 
-/// The Python interpreter with `tritonclient[grpc]`, from `OPREG_TEST_PYTHON` (the README's
-/// test command creates the venv and sets it). Outside CI a missing interpreter skips the test
-/// with a message; in CI it fails.
-fn python() -> Option<String> {
-    match std::env::var("OPREG_TEST_PYTHON") {
-        Ok(p) if !p.is_empty() => Some(p),
-        _ if std::env::var_os("CI").is_some() => {
-            panic!("OPREG_TEST_PYTHON must name a python with tritonclient[grpc] in CI")
-        }
-        _ => {
-            eprintln!("SKIPPED: set OPREG_TEST_PYTHON to a python with tritonclient[grpc] (scripts/test does)");
-            None
-        }
-    }
-}
-
 #[test]
 fn tritonclient_talks_to_the_daemon() {
     let Some(python) = python() else { return };

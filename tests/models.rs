@@ -2,7 +2,6 @@
 
 use opreg_proto::{inference as pb, opreg::v1 as reg};
 use opreg_tests::{onnx::*, *};
-use std::collections::HashMap;
 use tonic::Code;
 
 const W: [f32; 6] = [0.5, -1.0, 2.0, 0.25, -0.5, 1.5];
@@ -30,23 +29,6 @@ fn expected(x: &[f32]) -> Vec<f32> {
         }
     }
     y
-}
-
-fn load_request(name: &str, bytes: Vec<u8>) -> pb::RepositoryModelLoadRequest {
-    let mut parameters = HashMap::new();
-    parameters.insert(
-        "file:1/model.onnx".to_string(),
-        pb::ModelRepositoryParameter {
-            parameter_choice: Some(pb::model_repository_parameter::ParameterChoice::BytesParam(
-                bytes,
-            )),
-        },
-    );
-    pb::RepositoryModelLoadRequest {
-        model_name: name.into(),
-        parameters,
-        ..Default::default()
-    }
 }
 
 fn input(name: &str, datatype: &str, shape: &[i64]) -> pb::model_infer_request::InferInputTensor {

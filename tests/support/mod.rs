@@ -101,6 +101,8 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// Use the daemon's default runtime folder instead of a test-owned one.
     pub default_runtime_dir: bool,
+    /// The listen address (default `127.0.0.1:0`); the tests connect over loopback anyway.
+    pub listen: Option<String>,
 }
 
 impl Daemon {
@@ -115,7 +117,9 @@ impl Daemon {
     pub fn start_with(opts: Options) -> Daemon {
         let bin = require(artifacts().join(format!("opregd{}", std::env::consts::EXE_SUFFIX)));
         let mut cmd = Command::new(bin);
-        cmd.arg("--listen").arg("127.0.0.1:0").args(&opts.args);
+        cmd.arg("--listen")
+            .arg(opts.listen.as_deref().unwrap_or("127.0.0.1:0"))
+            .args(&opts.args);
         let runtime = if opts.default_runtime_dir {
             None
         } else {
@@ -166,7 +170,14 @@ impl Daemon {
             _runtime: runtime,
         };
         match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(addr) => daemon.addr = addr.parse().expect("listening address"),
+            Ok(addr) => {
+                let mut a: SocketAddr = addr.parse().expect("listening address");
+                // A wildcard listener is reached over loopback.
+                if a.ip().is_unspecified() {
+                    a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                daemon.addr = a
+            }
             Err(_) => {
                 let status = daemon
                     .child
@@ -208,6 +219,32 @@ impl Daemon {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("child").id()
+    }
+
+    /// Resident memory of the daemon, in KiB (`VmRSS`).
+    pub fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// Whether the process is still running (not exited, not killed by a signal).
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// SIGKILL, no chance to clean up (crash tests).
+    pub fn kill9(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// Sends SIGTERM and waits for the exit status.
@@ -269,4 +306,101 @@ pub fn f32_values(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect()
+}
+
+/// A `RepositoryModelLoad` request carrying `bytes` as version 1 of `name`.
+pub fn load_request(
+    name: &str,
+    bytes: Vec<u8>,
+) -> opreg_proto::inference::RepositoryModelLoadRequest {
+    use opreg_proto::inference as pb;
+    let mut parameters = std::collections::HashMap::new();
+    parameters.insert(
+        "file:1/model.onnx".to_string(),
+        pb::ModelRepositoryParameter {
+            parameter_choice: Some(pb::model_repository_parameter::ParameterChoice::BytesParam(
+                bytes,
+            )),
+        },
+    );
+    pb::RepositoryModelLoadRequest {
+        model_name: name.into(),
+        parameters,
+        ..Default::default()
+    }
+}
+
+/// The Python interpreter with `tritonclient[grpc]`, from `OPREG_TEST_PYTHON` (the README's
+/// test command creates the venv and sets it). Outside CI a missing interpreter skips the test
+/// with a message; in CI it fails.
+pub fn python() -> Option<String> {
+    match std::env::var("OPREG_TEST_PYTHON") {
+        Ok(p) if !p.is_empty() => Some(p),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("OPREG_TEST_PYTHON must name a python with tritonclient[grpc] in CI")
+        }
+        _ => {
+            eprintln!("SKIPPED: set OPREG_TEST_PYTHON to a python with tritonclient[grpc] (scripts/test does)");
+            None
+        }
+    }
+}
+
+/// A private CA with a server certificate (for `localhost` and 127.0.0.1) and a client
+/// certificate it signed, written as PEM files into a temporary folder.
+pub struct TestPki {
+    pub dir: tempfile::TempDir,
+}
+
+impl TestPki {
+    pub fn new() -> TestPki {
+        use rcgen::{CertificateParams, DnType, IsCa, KeyPair, SanType};
+        let dir = tempfile::tempdir().expect("pki dir");
+        let write = |name: &str, pem: String| {
+            std::fs::write(dir.path().join(name), pem).expect("write pem");
+        };
+        let ca_key = KeyPair::generate().expect("ca key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "opreg test CA");
+        let ca_cert = ca.self_signed(&ca_key).expect("ca cert");
+        write("ca.pem", ca_cert.pem());
+        let leaf = |name: &str, sans: Vec<SanType>| {
+            let key = KeyPair::generate().expect("key");
+            let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+            p.subject_alt_names = sans;
+            p.distinguished_name.push(DnType::CommonName, name);
+            let cert = p.signed_by(&key, &ca_cert, &ca_key).expect("sign");
+            write(&format!("{name}.pem"), cert.pem());
+            write(&format!("{name}.key"), key.serialize_pem());
+        };
+        leaf(
+            "server",
+            vec![
+                SanType::DnsName("localhost".try_into().expect("dns")),
+                SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
+            ],
+        );
+        leaf(
+            "client",
+            vec![SanType::DnsName("client.test".try_into().expect("dns"))],
+        );
+        TestPki { dir }
+    }
+
+    /// A file of the PKI: `ca.pem`, `server.pem`, `server.key`, `client.pem`, `client.key`.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn read(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path(name)).expect("read pem")
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        Self::new()
+    }
 }

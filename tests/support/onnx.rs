@@ -82,3 +82,93 @@ pub fn model(
     }
     .encode_to_vec()
 }
+
+/// An int64 initializer.
+pub fn i64_initializer(name: &str, dims: &[i64], values: &[i64]) -> onnx::TensorProto {
+    onnx::TensorProto {
+        name: name.into(),
+        dims: dims.to_vec(),
+        data_type: 7,
+        int64_data: values.to_vec(),
+        ..Default::default()
+    }
+}
+
+/// A bool initializer.
+pub fn bool_initializer(name: &str, value: bool) -> onnx::TensorProto {
+    onnx::TensorProto {
+        name: name.into(),
+        dims: vec![],
+        data_type: 9,
+        int32_data: vec![value as i32],
+        ..Default::default()
+    }
+}
+
+/// An integer attribute.
+pub fn attr_int(name: &str, v: i64) -> onnx::AttributeProto {
+    onnx::AttributeProto {
+        name: name.into(),
+        r#type: onnx::attribute_proto::AttributeType::Int as i32,
+        i: v,
+        ..Default::default()
+    }
+}
+
+/// A list-of-integers attribute.
+pub fn attr_ints(name: &str, v: &[i64]) -> onnx::AttributeProto {
+    onnx::AttributeProto {
+        name: name.into(),
+        r#type: onnx::attribute_proto::AttributeType::Ints as i32,
+        ints: v.to_vec(),
+        ..Default::default()
+    }
+}
+
+/// A tensor attribute.
+pub fn attr_tensor(name: &str, t: onnx::TensorProto) -> onnx::AttributeProto {
+    onnx::AttributeProto {
+        name: name.into(),
+        r#type: onnx::attribute_proto::AttributeType::Tensor as i32,
+        t: Some(t),
+        ..Default::default()
+    }
+}
+
+/// A subgraph attribute (the body of Loop/Scan, the branches of If).
+pub fn attr_graph(name: &str, g: onnx::GraphProto) -> onnx::AttributeProto {
+    onnx::AttributeProto {
+        name: name.into(),
+        r#type: onnx::attribute_proto::AttributeType::Graph as i32,
+        g: Some(g),
+        ..Default::default()
+    }
+}
+
+/// A node with attributes.
+pub fn node_with(
+    op: &str,
+    inputs: &[&str],
+    outputs: &[&str],
+    attributes: Vec<onnx::AttributeProto>,
+) -> onnx::NodeProto {
+    onnx::NodeProto {
+        attribute: attributes,
+        ..node(op, inputs, outputs)
+    }
+}
+
+/// A graph (for subgraph attributes).
+pub fn graph(
+    nodes: Vec<onnx::NodeProto>,
+    inputs: Vec<onnx::ValueInfoProto>,
+    outputs: Vec<onnx::ValueInfoProto>,
+) -> onnx::GraphProto {
+    onnx::GraphProto {
+        node: nodes,
+        name: "body".into(),
+        input: inputs,
+        output: outputs,
+        ..Default::default()
+    }
+}

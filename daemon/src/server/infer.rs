@@ -3,7 +3,7 @@
 use super::tensor;
 use crate::{
     app::App,
-    graph::{Dim, RunControl},
+    graph::{Dim, GraphError, RunControl},
     repo::{clip, ServedModel},
 };
 use opreg_proto::inference as pb;
@@ -149,7 +149,14 @@ async fn run(
             // A request that waited past its deadline in the queue does not start.
             let plan = m.plan(&snapshot)?;
             let feeds = feeds.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
-            Ok(crate::graph::run_with_control(&plan, feeds, &control)?)
+            let result = crate::graph::run_with_control(&plan, feeds, &control);
+            if let Err(e @ (GraphError::Cancelled { .. } | GraphError::DeadlineExceeded { .. })) =
+                &result
+            {
+                // The client may be gone: this log line is the only trace of the stop.
+                tracing::info!(model = %m.name, version = m.version, "{e}; memory released");
+            }
+            Ok(result?)
         }
     });
     let outputs = match deadline {
@@ -202,7 +209,7 @@ async fn run(
 
 /// Checks each input against the model's declaration (name, datatype, rank, fixed dims, byte
 /// length) and decodes it. Every error names the tensor.
-fn decode_inputs(
+pub fn decode_inputs(
     model: &ServedModel,
     req: &pb::ModelInferRequest,
     max_tensor_bytes: usize,

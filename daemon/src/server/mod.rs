@@ -1,11 +1,11 @@
 //! The gRPC surface: a thin layer over the registry and executor.
 
 pub mod auth;
-mod infer;
+pub mod infer;
 mod inference;
 mod registry;
 mod status;
-mod tensor;
+pub mod tensor;
 
 use crate::app::App;
 use anyhow::Context;
