@@ -32,7 +32,7 @@ pub struct Cli {
     /// temporary folder, removed at shutdown).
     #[arg(long, env = "OPREG_RUNTIME_DIR")]
     pub runtime_dir: Option<PathBuf>,
-    /// Token that management calls (LoadPlugin, UnloadPlugin) must present as
+    /// Token that mutating calls (model load/unload, plugin load/unload) must present as
     /// `authorization: Bearer <token>`. Without one, they are accepted only on a loopback
     /// listener.
     #[arg(long, env = "OPREG_ADMIN_TOKEN", hide_env_values = true)]

@@ -20,17 +20,25 @@ use opreg_proto::{
     opreg::v1::{self as reg, registry_client::RegistryClient},
 };
 use std::collections::HashMap;
-use tonic::{transport::Channel, Request};
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::Interceptor,
+    transport::{Certificate, Channel, ClientTlsConfig},
+    Request, Status,
+};
 
 #[derive(Parser)]
 #[command(version, about = "Command-line client of opregd")]
 struct Cli {
-    /// Daemon address.
+    /// Daemon address (`https://...` for a TLS listener).
     #[arg(long, env = "OPREG_ADDR", default_value = "http://127.0.0.1:8001")]
     addr: String,
-    /// Admin token for plugin management calls.
+    /// Admin token, sent with every call (management calls need it when the daemon has one).
     #[arg(long, env = "OPREG_ADMIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// PEM CA certificate that signed the daemon's TLS certificate.
+    #[arg(long, env = "OPREG_CA_CERT")]
+    ca_cert: Option<std::path::PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -71,13 +79,17 @@ enum Cmd {
     Stats { name: Option<String> },
 }
 
-fn with_token<T>(msg: T, token: &Option<String>) -> anyhow::Result<Request<T>> {
-    let mut req = Request::new(msg);
-    if let Some(t) = token {
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {t}").parse()?);
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+struct Token(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Token {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
     }
-    Ok(req)
 }
 
 /// `x=FP32:2x3:1,2,3,4,5,6` as a KServe input and its raw bytes.
@@ -174,12 +186,25 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let channel = Channel::from_shared(cli.addr.clone())?
+    let mut endpoint = Channel::from_shared(cli.addr.clone())?;
+    if let Some(ca) = &cli.ca_cert {
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        endpoint = endpoint
+            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("connecting to {}", cli.addr))?;
-    let mut registry = RegistryClient::new(channel.clone());
-    let mut inference = GrpcInferenceServiceClient::new(channel)
+    let token = Token(
+        cli.token
+            .as_deref()
+            .map(|t| format!("Bearer {t}").parse())
+            .transpose()
+            .context("the token is not a valid header value")?,
+    );
+    let mut registry = RegistryClient::with_interceptor(channel.clone(), token.clone());
+    let mut inference = GrpcInferenceServiceClient::with_interceptor(channel, token)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
     match cli.cmd {
@@ -241,7 +266,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::LoadPlugin { path } => {
             let r = registry
-                .load_plugin(with_token(reg::LoadPluginRequest { path }, &cli.token)?)
+                .load_plugin(reg::LoadPluginRequest { path })
                 .await?
                 .into_inner();
             let p = r.plugin.unwrap_or_default();
@@ -252,7 +277,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::UnloadPlugin { name } => {
             let r = registry
-                .unload_plugin(with_token(reg::UnloadPluginRequest { name }, &cli.token)?)
+                .unload_plugin(reg::UnloadPluginRequest { name })
                 .await?
                 .into_inner();
             println!("unloaded (generation {})", r.generation);
