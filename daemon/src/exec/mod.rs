@@ -3,6 +3,9 @@
 //! Kernel work never runs on tokio's workers (it would stall I/O); it runs on one rayon pool
 //! for the whole process, which is also what plugins' `parallel_for` uses.
 
+// Request and model data reach this module: no unchecked index or slice.
+#![deny(clippy::indexing_slicing)]
+
 use crate::registry::{KernelQuery, KernelRef, ResolveError, Snapshot};
 use abi_stable::std_types::{RNone, RSome};
 use opreg_sdk::{

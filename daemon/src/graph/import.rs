@@ -3,6 +3,9 @@
 //! Initializers are read in every storage form ONNX allows: typed fields, `raw_data`, and
 //! external data files next to the model (paths confined to the model's folder).
 
+// Request and model data reach this module: no unchecked index or slice.
+#![deny(clippy::indexing_slicing)]
+
 use super::GraphError;
 use abi_stable::std_types::{RString, RVec};
 use opreg_proto::onnx;
@@ -378,7 +381,9 @@ pub fn unpack(packed: &[u8], numel: usize, bits: u32, signed: bool) -> Option<Ve
     Some(
         (0..numel)
             .map(|i| {
-                let v = (packed[i / per_byte] >> ((i % per_byte) as u32 * bits)) & mask;
+                // In range: the length was checked above.
+                let byte = packed.get(i / per_byte).copied().unwrap_or(0);
+                let v = (byte >> ((i % per_byte) as u32 * bits)) & mask;
                 if signed && v & (1 << (bits - 1)) != 0 {
                     v | !mask
                 } else {

@@ -4,6 +4,9 @@
 //! runtime's own, because they run subgraphs: their subgraphs are compiled here into nested
 //! plans, and the outer values a subgraph reads are bound to it as extra inputs.
 
+// Indexing here is into the plan's own tables (slots, nodes), sized by the plan as it is
+// built; what comes from the model is checked where it enters (names, arities, attributes).
+
 use super::{
     import::{import_subgraph, Dim, FormalInputs, Model},
     run, shapes, types, GraphError,

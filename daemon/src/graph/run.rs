@@ -1,6 +1,9 @@
 //! Running a plan: one value table per request, steps in order, buffers released after
 //! their last reader. Control-flow steps run their nested plans.
 
+// Request and model data reach this module: no unchecked index or slice.
+#![deny(clippy::indexing_slicing)]
+
 use super::{
     plan::{ScanSpec, Step, Work},
     GraphError, Plan,
@@ -335,7 +338,7 @@ fn scalar_bool(step: &Step, t: &HostTensor, what: &str) -> Result<bool, GraphErr
             format!("{what} must be one bool, is {} {:?}", t.dtype(), t.shape()),
         ));
     }
-    Ok(t.bytes()[0] != 0)
+    Ok(t.bytes().first().is_some_and(|&b| b != 0))
 }
 
 fn bool_value(b: bool) -> Result<Value, GraphError> {
@@ -601,6 +604,14 @@ fn normalize_axis(step: &Step, axis: i64, rank: usize) -> Result<usize, GraphErr
     })
 }
 
+/// Row `r` of `data` viewed as rows of `len` elements; empty when out of range (the caller's
+/// size check then refuses the result instead of a panic).
+fn row<T>(data: &[T], len: usize, r: usize) -> &[T] {
+    r.checked_mul(len)
+        .and_then(|start| data.get(start..start.checked_add(len)?))
+        .unwrap_or(&[])
+}
+
 /// The sub-tensor at `index` along `axis`, with that axis removed.
 fn slice_axis(
     step: &Step,
@@ -609,28 +620,32 @@ fn slice_axis(
     index: usize,
 ) -> Result<HostTensor, GraphError> {
     let shape = t.shape();
-    let outer: usize = shape[..axis].iter().product();
-    let inner: usize = shape[axis + 1..].iter().product();
-    let mut out_shape = shape.to_vec();
-    out_shape.remove(axis);
+    let (before, rest) = shape
+        .split_at_checked(axis)
+        .ok_or_else(|| invalid(step, "scan axis out of range"))?;
+    let (&extent, after) = rest
+        .split_first()
+        .ok_or_else(|| invalid(step, "scan axis out of range"))?;
+    let outer: usize = before.iter().product();
+    let inner: usize = after.iter().product();
+    let out_shape: Vec<usize> = before.iter().chain(after).copied().collect();
     let err = |e: opreg_sdk::PluginError| invalid(step, e.message);
     if t.dtype() == DType::String {
         let s = t.strings();
         let items: Vec<&[u8]> = (0..outer)
-            .flat_map(|o| {
-                s[(o * shape[axis] + index) * inner..][..inner]
-                    .iter()
-                    .map(|x| x.as_bytes())
-            })
+            .flat_map(|o| row(row(s, extent * inner, o), inner, index))
+            .map(|x| x.as_bytes())
             .collect();
         return HostTensor::from_strings(&out_shape, &items).map_err(err);
     }
     let size = t.dtype().size();
-    let bytes = t.bytes();
-    let mut out = Vec::with_capacity(outer * inner * size);
+    let mut out = opreg_sdk::alloc::try_with_capacity(outer * inner * size).map_err(err)?;
     for o in 0..outer {
-        let start = (o * shape[axis] + index) * inner * size;
-        out.extend_from_slice(&bytes[start..start + inner * size]);
+        out.extend_from_slice(row(
+            row(t.bytes(), extent * inner * size, o),
+            inner * size,
+            index,
+        ));
     }
     HostTensor::from_bytes(t.dtype(), &out_shape, &out).map_err(err)
 }
@@ -656,28 +671,29 @@ fn stack(
             "iterations produced differently shaped outputs",
         ));
     }
-    let outer: usize = inner_shape[..axis].iter().product();
-    let inner: usize = inner_shape[axis..].iter().product();
+    let (before, after) = inner_shape
+        .split_at_checked(axis)
+        .ok_or_else(|| invalid(step, "scan output axis out of range"))?;
+    let outer: usize = before.iter().product();
+    let inner: usize = after.iter().product();
     let mut shape = inner_shape.to_vec();
     shape.insert(axis, items.len());
     if first.dtype() == DType::String {
         let mut all: Vec<&[u8]> = Vec::new();
         for o in 0..outer {
             for t in items {
-                all.extend(
-                    t.strings()[o * inner..(o + 1) * inner]
-                        .iter()
-                        .map(|s| s.as_bytes()),
-                );
+                all.extend(row(t.strings(), inner, o).iter().map(|s| s.as_bytes()));
             }
         }
         return HostTensor::from_strings(&shape, &all).map_err(err);
     }
     let size = first.dtype().size();
-    let mut out = Vec::with_capacity(items.len() * first.bytes().len());
+    let mut out =
+        opreg_sdk::alloc::try_with_capacity(items.len().saturating_mul(first.bytes().len()))
+            .map_err(err)?;
     for o in 0..outer {
         for t in items {
-            out.extend_from_slice(&t.bytes()[o * inner * size..(o + 1) * inner * size]);
+            out.extend_from_slice(row(t.bytes(), inner * size, o));
         }
     }
     HostTensor::from_bytes(first.dtype(), &shape, &out).map_err(err)

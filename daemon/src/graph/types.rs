@@ -5,6 +5,9 @@
 //! operators. An unknown type (`None`) is not checked at plan time; the kernel checks it when
 //! it runs.
 
+// Request and model data reach this module: no unchecked index or slice.
+#![deny(clippy::indexing_slicing)]
+
 use super::import::Node;
 use opreg_sdk::{AttrValue, DType};
 

@@ -7,6 +7,9 @@
 //! a kill at any point leaves the old version or the new one, never a broken one. Loads of one
 //! model are serialized; temporary files a kill left behind are removed at start-up.
 
+// Request and model data reach this module: no unchecked index or slice.
+#![deny(clippy::indexing_slicing)]
+
 mod model;
 
 pub use model::{ModelSettings, ServedModel};
@@ -77,7 +80,7 @@ pub struct Repository {
     failed: Mutex<VecDeque<String>>,
     /// Loads of one model run one at a time: a lock per name, striped so that the set of
     /// locks stays bounded whatever names clients send.
-    name_locks: Vec<Mutex<()>>,
+    name_locks: [Mutex<()>; NAME_LOCKS],
     loads_running: AtomicUsize,
 }
 
@@ -116,7 +119,7 @@ impl Repository {
             limits,
             models: RwLock::new(BTreeMap::new()),
             failed: Mutex::new(VecDeque::new()),
-            name_locks: (0..NAME_LOCKS).map(|_| Mutex::new(())).collect(),
+            name_locks: std::array::from_fn(|_| Mutex::new(())),
             loads_running: AtomicUsize::new(0),
         }
     }
@@ -270,7 +273,9 @@ impl Repository {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
         name.hash(&mut h);
-        let lock = &self.name_locks[(h.finish() as usize) % self.name_locks.len()];
+        let stripe = (h.finish() % NAME_LOCKS as u64) as usize;
+        #[allow(clippy::indexing_slicing)] // stripe < NAME_LOCKS = the array's length
+        let lock = &self.name_locks[stripe];
         lock.lock().unwrap_or_else(|p| p.into_inner())
     }
 

@@ -1,5 +1,8 @@
 //! `ModelInfer`: check a request against the model, run it, build the response.
 
+// Request and model data reach this module: no unchecked index or slice.
+#![deny(clippy::indexing_slicing)]
+
 use super::tensor;
 use crate::{
     app::App,

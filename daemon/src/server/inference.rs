@@ -2,6 +2,9 @@
 //!
 //! A thin layer: inference is in `infer`, the repository in `crate::repo`.
 
+// Request and model data reach this module: no unchecked index or slice.
+#![deny(clippy::indexing_slicing)]
+
 use super::infer::{client_timeout, infer};
 use crate::{
     app::App,
@@ -241,10 +244,9 @@ impl GrpcInferenceService for InferenceApi {
         // With batching, Triton's dims leave out the batch dimension.
         let dims = |io: &IoSpec| {
             let s = io.kserve_shape();
-            if batched && !s.is_empty() {
-                s[1..].to_vec()
-            } else {
-                s
+            match s.split_first() {
+                Some((_, rest)) if batched => rest.to_vec(),
+                _ => s,
             }
         };
         Ok(Response::new(pb::ModelConfigResponse {

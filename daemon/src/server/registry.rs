@@ -1,5 +1,8 @@
 //! `opreg.v1.Registry`: plugins, kernels, backends, quantizers.
 
+// Request and model data reach this module: no unchecked index or slice.
+#![deny(clippy::indexing_slicing)]
+
 use super::tensor;
 use crate::{
     app::App,

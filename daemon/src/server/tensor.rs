@@ -1,5 +1,8 @@
 //! Tensors on the wire: KServe datatype names and raw byte contents.
 
+// Request and model data reach this module: no unchecked index or slice.
+#![deny(clippy::indexing_slicing)]
+
 use opreg_sdk::{host::HostTensor, DType};
 use tonic::Status;
 
@@ -216,6 +219,7 @@ pub fn to_raw(t: &HostTensor) -> Vec<u8> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)]
 mod tests {
     use super::*;
 
