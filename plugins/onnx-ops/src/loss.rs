@@ -74,7 +74,8 @@ impl Kernel for Loss {
             )));
         }
         let (n, c) = (xs[0], xs[1]);
-        let d: usize = xs[2..].iter().product();
+        // Saturating: exact whenever the target has elements (it holds n * d of them).
+        let d = crate::util::product_sat(&xs[2..]);
         let mut x = read_f32(&inputs[0], "input")?;
         let target = inputs[1].to_i64s()?;
         let weight = match optional(inputs, 2) {

@@ -2,7 +2,8 @@
 //! (`HannWindow`, `HammingWindow`, `BlackmanWindow`) and `DFT`.
 
 use crate::quant::fill;
-use crate::util::{floats_as_f64, normalize_axis, optional, Factory};
+use crate::util::{floats_as_f64, normalize_axis, optional, product_sat, Factory};
+use opreg_sdk::alloc::{try_vec, try_with_capacity};
 use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
 use std::cmp::Ordering;
@@ -128,7 +129,8 @@ impl CumProd {
         let xs = x.as_slice::<T>()?;
         let shape = x.shape();
         let d = shape[axis];
-        let post: usize = shape[axis + 1..].iter().product();
+        // Saturating: exact whenever x has elements.
+        let post = product_sat(&shape[axis + 1..]);
         let y = ctx.output_slice::<T>(0, shape)?;
         if y.is_empty() {
             return Ok(());
@@ -275,19 +277,25 @@ impl Unique {
             Some(a) => {
                 let a = normalize_axis(a, shape.len())?;
                 let d = shape[a];
-                let post: usize = shape[a + 1..].iter().product();
-                (shape[..a].iter().product::<usize>(), d, post, Some(a))
+                (
+                    product_sat(&shape[..a]),
+                    d,
+                    product_sat(&shape[a + 1..]),
+                    Some(a),
+                )
             }
         };
+        // An empty X may still have a huge extent along the axis (`[0, 2^40]`): the tables
+        // of `d` entries are allocated fallibly.
         // Item j: the sub-tensor at index j along the axis, flattened row-major.
-        let items: Vec<Vec<T>> = (0..d)
-            .map(|j| {
-                (0..pre)
-                    .flat_map(|p| xs[(p * d + j) * post..][..post].iter().copied())
-                    .collect()
-            })
-            .collect();
-        let mut order: Vec<usize> = (0..d).collect();
+        let mut items: Vec<Vec<T>> = try_with_capacity(d)?;
+        items.extend((0..d).map(|j| {
+            (0..pre)
+                .flat_map(|p| xs[(p * d + j) * post..][..post].iter().copied())
+                .collect()
+        }));
+        let mut order: Vec<usize> = try_with_capacity(d)?;
+        order.extend(0..d);
         order.sort_by(|&a, &b| cmp_items(&items[a], &items[b]));
         // Groups of equal items, in sorted order: (first index, members).
         let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
@@ -304,7 +312,7 @@ impl Unique {
             groups.sort_by_key(|g| g.0);
         }
         let u = groups.len();
-        let mut inverse = vec![0i64; d];
+        let mut inverse = try_vec(d, 0i64)?;
         for (g, (_, members)) in groups.iter().enumerate() {
             for &j in members {
                 inverse[j] = g as i64;
@@ -572,7 +580,8 @@ impl Kernel for Dft {
             None => in_len,
         };
         let comp = s[rank - 1];
-        let post: usize = s[axis + 1..rank - 1].iter().product();
+        // Saturating: exact whenever the input has elements.
+        let post = product_sat(&s[axis + 1..rank - 1]);
         let (out_len, out_comp) = if irfft {
             (n, 1)
         } else if self.onesided {
@@ -598,7 +607,8 @@ impl Kernel for Dft {
         let scale = if self.inverse { 1.0 / n as f64 } else { 1.0 };
         let tau = 2.0 * std::f64::consts::PI;
         let twiddle = |k: usize, t: usize| {
-            let ang = sign * tau * ((k * t) % n) as f64 / n as f64;
+            // In u128: dft_length is data, and k * t may pass usize.
+            let ang = sign * tau * ((k as u128 * t as u128) % n as u128) as f64 / n as f64;
             (ang.cos(), ang.sin())
         };
         fill_from_f64(ctx, 0, x.dtype, &out_shape, |i| {

@@ -1,7 +1,9 @@
 //! `ai.onnx.ml` operators: LabelEncoder, Binarizer, ArrayFeatureExtractor and TreeEnsemble.
 
+use crate::util::numel;
 use opreg_sdk::{
     abi_stable::std_types::RString,
+    alloc::try_vec,
     half::{bf16, f16},
     prelude::*,
 };
@@ -862,7 +864,8 @@ impl Kernel for TreeEnsemble {
             Aggregate::Max => lo,
         };
         let nt = self.n_targets;
-        let mut y = vec![init; rows * nt];
+        // n_targets is an attribute, and X may be empty with a huge row count: fallible.
+        let mut y = try_vec(numel(&[rows, nt])?, init)?;
         let trees = self.roots.len() as f64;
         for (r, out) in y.chunks_mut(nt).enumerate() {
             let xr = &xv[r * cols..(r + 1) * cols];
@@ -1058,5 +1061,16 @@ mod tests {
         assert_eq!(got, vec!["b", "d"]);
         let bad = HostTensor::from_vec(&[1], &[2i64]).expect("y");
         assert!(run_kernel(array_feature_extractor_factory, &node, &[&x, &bad], None).is_err());
+    }
+
+    /// n_targets of 2^62 sizes the result rows: refused as too large instead of aborting.
+    #[test]
+    fn tree_ensemble_huge_n_targets_is_resource_exhausted() {
+        let mut node = tree(1, 0);
+        node.attributes.retain(|a| a.name.as_str() != "n_targets");
+        let node = node.attr("n_targets", AttrValue::Int(1 << 62));
+        let x = HostTensor::from_vec(&[2, 1], &[0.0f32, 1.0]).expect("x");
+        let e = run_kernel(tree_ensemble_factory, &node, &[&x], None).expect_err("too large");
+        assert_eq!(e.code, ErrorCode::ResourceExhausted, "{}", e.message);
     }
 }

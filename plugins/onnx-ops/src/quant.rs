@@ -224,7 +224,8 @@ impl Granularity {
         axis: i64,
         block_size: i64,
     ) -> Result<Self, PluginError> {
-        if scale.iter().product::<usize>() == 1 {
+        // Saturating products: shapes of possibly empty tensors.
+        if crate::util::product_sat(scale) == 1 {
             return Ok(Granularity::Tensor);
         }
         if block_size < 0 {
@@ -235,7 +236,7 @@ impl Granularity {
         let axis = normalize_axis(axis, x.len())
             .map_err(|e| PluginError::invalid(format!("{op}: attribute 'axis': {}", e.message)))?;
         let d = x[axis];
-        let post: usize = x[axis + 1..].iter().product();
+        let post = crate::util::product_sat(&x[axis + 1..]);
         if block_size == 0 {
             if scale.len() != 1 || scale[0] != d {
                 return Err(PluginError::invalid(format!(

@@ -2,8 +2,9 @@
 //! CumSum, TopK.
 
 use crate::nn::{register_versions, Factory};
-use crate::util::{normalize_axis, optional, row_major_strides, walk_offsets};
+use crate::util::{normalize_axis, optional, product_sat, row_major_strides, walk_offsets};
 use opreg_sdk::{
+    alloc::try_with_capacity,
     half::{bf16, f16},
     prelude::*,
 };
@@ -211,13 +212,62 @@ const NUMS: &[DType] = &[
     DType::I64,
 ];
 
-/// `outer x n x inner` around `axis`.
+/// `outer x n x inner` around `axis` (saturating products: see [`product_sat`]).
 fn split_at_axis(shape: &[usize], axis: usize) -> (usize, usize, usize) {
     (
-        shape[..axis].iter().product(),
+        product_sat(&shape[..axis]),
         shape[axis],
-        shape[axis + 1..].iter().product(),
+        product_sat(&shape[axis + 1..]),
     )
+}
+
+/// Pairwise summation over a stream of values: runs of `BLOCK` values are summed plainly and
+/// the run sums merged like a binary counter, so rounding error grows with log(n) rather than
+/// n (a plain f32 running sum of ones stops growing at 2^24).
+struct Pairwise<A> {
+    run: A,
+    in_run: usize,
+    /// `levels[l]` holds the sum of `2^l` runs, when set.
+    levels: [Option<A>; usize::BITS as usize],
+}
+
+impl<A: Acc> Pairwise<A> {
+    const BLOCK: usize = 64;
+
+    fn new() -> Self {
+        Pairwise {
+            run: A::ZERO,
+            in_run: 0,
+            levels: [None; usize::BITS as usize],
+        }
+    }
+
+    #[inline(always)]
+    fn add(&mut self, v: A) {
+        self.run = self.run.add(v);
+        self.in_run += 1;
+        if self.in_run == Self::BLOCK {
+            let mut carry = std::mem::replace(&mut self.run, A::ZERO);
+            self.in_run = 0;
+            for slot in self.levels.iter_mut() {
+                match slot.take() {
+                    Some(s) => carry = s.add(carry),
+                    None => {
+                        *slot = Some(carry);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The total: the partial sums from the smallest up.
+    fn sum(self) -> A {
+        self.levels
+            .iter()
+            .flatten()
+            .fold(self.run, |acc, &s| acc.add(s))
+    }
 }
 
 fn axis_err(op: &str, e: PluginError) -> PluginError {
@@ -329,7 +379,9 @@ impl Reduce {
             (0..rank).filter(|&d| !mask[d]).map(|d| xs[d]).collect()
         };
         let strides = row_major_strides(xs);
-        let count: usize = red.iter().product();
+        // Saturating: only an empty input's reduced extents can overflow, and then no output
+        // element reads them.
+        let count = product_sat(&red);
         if count == 0
             && matches!(self.kind, ReduceKind::Max | ReduceKind::Min)
             && is_integer(T::DTYPE)
@@ -354,10 +406,21 @@ impl Reduce {
                     ReduceKind::Prod => <T::A as Acc>::ONE,
                     _ => <T::A as Acc>::ZERO,
                 };
-                match kind {
-                    ReduceKind::Sum | ReduceKind::Mean | ReduceKind::LogSum => {
-                        each(&mut |v| acc = acc.add(v))
+                // Sums of more than one run go through `Pairwise` (exact for integers,
+                // accurate for floats); shorter ones are a plain run either way, without the
+                // counter's setup per output element.
+                let sum = |f: fn(T::A) -> T::A| {
+                    if count <= Pairwise::<T::A>::BLOCK {
+                        let mut s = <T::A as Acc>::ZERO;
+                        each(&mut |v| s = s.add(f(v)));
+                        return s;
                     }
+                    let mut p = Pairwise::<T::A>::new();
+                    each(&mut |v| p.add(f(v)));
+                    p.sum()
+                };
+                match kind {
+                    ReduceKind::Sum | ReduceKind::Mean | ReduceKind::LogSum => acc = sum(|v| v),
                     ReduceKind::Max => each(&mut |v| {
                         if v > acc {
                             acc = v
@@ -369,10 +432,8 @@ impl Reduce {
                         }
                     }),
                     ReduceKind::Prod => each(&mut |v| acc = acc.mul(v)),
-                    ReduceKind::L1 => each(&mut |v| acc = acc.add(v.abs())),
-                    ReduceKind::L2 | ReduceKind::SumSquare => {
-                        each(&mut |v| acc = acc.add(v.mul(v)))
-                    }
+                    ReduceKind::L1 => acc = sum(|v| v.abs()),
+                    ReduceKind::L2 | ReduceKind::SumSquare => acc = sum(|v| v.mul(v)),
                     ReduceKind::LogSumExp => {
                         let mut max = T::LOWEST;
                         each(&mut |v| {
@@ -382,9 +443,9 @@ impl Reduce {
                         });
                         let m = max.to_f64();
                         let m = if m.is_finite() { m } else { 0.0 };
-                        let mut sum = 0.0f64;
-                        each(&mut |v| sum += (v.to_f64() - m).exp());
-                        acc = <T::A as Acc>::from_f64(m + sum.ln());
+                        let mut exps = Pairwise::<f64>::new();
+                        each(&mut |v| exps.add((v.to_f64() - m).exp()));
+                        acc = <T::A as Acc>::from_f64(m + exps.sum().ln());
                     }
                 }
                 acc = match kind {
@@ -532,8 +593,9 @@ impl CumSum {
         let axis = normalize_axis(axis, xs.len()).map_err(|e| axis_err("CumSum", e))?;
         let (_, n, inner) = split_at_axis(xs, axis);
         let y = ctx.output_slice::<T>(0, xs)?;
-        let block = n * inner;
-        if block == 0 {
+        // Saturating: it only overflows when Y is empty.
+        let block = n.saturating_mul(inner);
+        if block == 0 || y.is_empty() {
             return Ok(());
         }
         let (exclusive, reverse) = (self.exclusive, self.reverse);
@@ -649,7 +711,7 @@ impl TopK {
         let vals = crate::nn::Disjoint::new(values);
         let idxs = crate::nn::Disjoint::new(indices);
         ctx.parallel_for(outer * inner, (4096 / n).max(1), |range| {
-            let mut lane: Vec<(T::A, usize)> = Vec::with_capacity(n);
+            let mut lane: Vec<(T::A, usize)> = try_with_capacity(n)?;
             for l in range {
                 let (o, i) = (l / inner, l % inner);
                 lane.clear();
@@ -946,6 +1008,42 @@ mod tests {
                 None,
             )
             .expect_err("bad axes");
+        }
+    }
+
+    /// A plain f32 running sum of ones stops at 2^24; ONNX Runtime gives 2^25.
+    #[test]
+    fn reduce_sum_of_2_pow_25_ones_is_exact() {
+        let n = 1usize << 25;
+        let tx = HostTensor::from_vec(&[n], &vec![1.0f32; n]).expect("x");
+        for (op, factory, want) in [
+            ("ReduceSum", reduce_sum as Factory, n as f32),
+            ("ReduceSumSquare", reduce_sum_square, n as f32),
+            ("ReduceL1", reduce_l1, n as f32),
+            ("ReduceMean", reduce_mean, 1.0),
+            ("ReduceL2", reduce_l2, (n as f64).sqrt() as f32),
+        ] {
+            let out = run_kernel(factory, &NodeSpec::onnx(op, 13), &[&tx], None).expect("run");
+            assert_eq!(out[0].to_vec::<f32>().expect("y"), vec![want], "{op}");
+        }
+        // Along a strided axis too: [n / 4, 4] over axis 0.
+        let tx = HostTensor::from_vec(&[n / 4, 4], &vec![1.0f32; n]).expect("x");
+        let out = run_kernel(
+            reduce_sum,
+            &NodeSpec::onnx("ReduceSum", 11).attr("axes", AttrValue::Ints(vec![0].into())),
+            &[&tx],
+            None,
+        )
+        .expect("run");
+        assert_eq!(out[0].to_vec::<f32>().expect("y"), vec![(n / 4) as f32; 4]);
+    }
+
+    #[test]
+    fn pairwise_matches_exact_sums() {
+        for n in [0usize, 1, 63, 64, 65, 1000, 4097] {
+            let mut p = Pairwise::<i64>::new();
+            (1..=n as i64).for_each(|v| p.add(v));
+            assert_eq!(p.sum(), (n * (n + 1) / 2) as i64, "{n}");
         }
     }
 

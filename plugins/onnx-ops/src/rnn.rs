@@ -3,7 +3,10 @@
 //! pair is an independent recurrence, so they run in parallel; the arithmetic is f64 for f32
 //! and f64 tensors alike.
 
-use opreg_sdk::prelude::*;
+use opreg_sdk::{
+    alloc::{checked_numel, try_vec, try_with_capacity},
+    prelude::*,
+};
 use std::sync::Mutex;
 
 /// An activation function of the recurrent cells, with its alpha and beta.
@@ -322,11 +325,12 @@ impl Recurrent {
         hidden: usize,
         h0: Vec<f64>,
         c0: Vec<f64>,
-    ) -> Track {
+    ) -> Result<Track, PluginError> {
         let seq = xs.len();
         let g = self.cell.gates();
         let gh = g * hidden;
-        let mut y = vec![0.0; seq * hidden];
+        // `seq * hidden` is not bounded by X's size (X may have no input features).
+        let mut y = try_vec(checked_numel(&[seq, hidden])?, 0.0)?;
         let (mut h, mut c) = (h0, c0);
         let mut wx = vec![0.0; gh];
         let mut rh = vec![0.0; gh];
@@ -403,7 +407,7 @@ impl Recurrent {
             }
             y[t * hidden..(t + 1) * hidden].copy_from_slice(&h);
         }
-        Track { y, h, c }
+        Ok(Track { y, h, c })
     }
 }
 
@@ -438,7 +442,11 @@ impl Kernel for Recurrent {
                 )))
             }
         };
-        let gh = g * hidden;
+        // Sizes from the `hidden_size` attribute and X's batch dimension are checked: X may be
+        // empty with a huge batch, or hidden_size absurd; both fail here or at allocation.
+        let gh = checked_numel(&[g, hidden])?;
+        let bias_len = checked_numel(&[num_dir, 2, gh])?;
+        let peephole_len = checked_numel(&[num_dir, 3, hidden])?;
         let expect = |name: &str, t: &TensorView<'_>, want: &[usize]| {
             if t.shape() == want {
                 Ok(())
@@ -459,9 +467,10 @@ impl Kernel for Recurrent {
                 expect("B", &b, &[num_dir, 2 * gh])?;
                 read_f64(op, &b, "B")?
             }
-            None => vec![0.0; num_dir * 2 * gh],
+            None => try_vec(bias_len, 0.0)?,
         };
-        let lens: Vec<usize> = match input(inputs, 4) {
+        // Per-batch lengths; `None` (every batch runs `seq` steps) needs no batch-sized vector.
+        let lens: Option<Vec<usize>> = match input(inputs, 4) {
             Some(s) => {
                 expect("sequence_lens", &s, &[batch])?;
                 s.to_i64s()?
@@ -475,9 +484,10 @@ impl Kernel for Recurrent {
                             )))
                         }
                     })
-                    .collect::<Result<_, _>>()?
+                    .collect::<Result<_, _>>()
+                    .map(Some)?
             }
-            None => vec![seq; batch],
+            None => None,
         };
         let state_shape = if self.layout == 0 {
             [num_dir, batch, hidden]
@@ -509,12 +519,45 @@ impl Kernel for Recurrent {
                     expect("P", &p, &[num_dir, 3 * hidden])?;
                     read_f64(op, &p, "P")?
                 }
-                None => vec![0.0; num_dir * 3 * hidden],
+                None => try_vec(peephole_len, 0.0)?,
             };
             (c0, pv)
         } else {
-            (None, vec![0.0; num_dir * 3 * hidden])
+            (None, try_vec(peephole_len, 0.0)?)
         };
+        // Outputs first, so that the host refuses sizes past its limit before any per-batch
+        // work or state exists.
+        let n_out = ctx.num_outputs();
+        if n_out > 2 && self.cell != Cell::Lstm {
+            return Err(PluginError::invalid(format!(
+                "{op}: the node has {n_out} outputs, at most 2"
+            )));
+        }
+        // Y: [seq, dir, batch, hidden] (layout 0) or [batch, seq, dir, hidden] (layout 1).
+        let y_shape = if self.layout == 0 {
+            [seq, num_dir, batch, hidden]
+        } else {
+            [batch, seq, num_dir, hidden]
+        };
+        let mut y_out = (n_out > 0)
+            .then(|| Sink::alloc(ctx, 0, dtype, &y_shape))
+            .transpose()?;
+        let mut h_out = (n_out > 1)
+            .then(|| Sink::alloc(ctx, 1, dtype, &state_shape))
+            .transpose()?;
+        let mut c_out = (n_out > 2)
+            .then(|| Sink::alloc(ctx, 2, dtype, &state_shape))
+            .transpose()?;
+        if seq == 0 {
+            // No steps: Y is empty and the final states are the initial ones (zeros when
+            // absent). Nothing per batch is allocated, however large the batch.
+            for (out, init) in [(&mut h_out, &h0), (&mut c_out, &c0)] {
+                if let (Some(out), Some(init)) = (out, init) {
+                    out.put(0, init);
+                }
+            }
+            return Ok(());
+        }
         let x_at = |t: usize, b: usize| {
             let row = if self.layout == 0 {
                 t * batch + b
@@ -524,8 +567,10 @@ impl Kernel for Recurrent {
             xv[row * input_size..(row + 1) * input_size].to_vec()
         };
         let per_dir = self.cell.default_acts().len();
-        let tasks = num_dir * batch;
-        let results: Mutex<Vec<Option<Track>>> = Mutex::new((0..tasks).map(|_| None).collect());
+        let tasks = checked_numel(&[num_dir, batch])?;
+        let mut slots = try_with_capacity(tasks)?;
+        slots.resize_with(tasks, || None);
+        let results: Mutex<Vec<Option<Track>>> = Mutex::new(slots);
         ctx.parallel_for(tasks, 1, |range| {
             for task in range {
                 let (d, b) = (task / batch, task % batch);
@@ -539,13 +584,13 @@ impl Kernel for Recurrent {
                 let reverse = self.direction == Direction::Reverse || d == 1;
                 let xs: Vec<Vec<f64>> = (0..seq).map(|t| x_at(t, b)).collect();
                 let s = st(d, b);
-                let h0 = h0
-                    .as_ref()
-                    .map_or(vec![0.0; hidden], |v| v[s..s + hidden].to_vec());
-                let c0 = c0
-                    .as_ref()
-                    .map_or(vec![0.0; hidden], |v| v[s..s + hidden].to_vec());
-                let tr = self.track(&prm, &xs, lens[b], reverse, hidden, h0, c0);
+                let state0 = |v: &Option<Vec<f64>>| match v {
+                    Some(v) => Ok(v[s..s + hidden].to_vec()),
+                    None => try_vec(hidden, 0.0),
+                };
+                let (h0, c0) = (state0(&h0)?, state0(&c0)?);
+                let len = lens.as_ref().map_or(seq, |l| l[b]);
+                let tr = self.track(&prm, &xs, len, reverse, hidden, h0, c0)?;
                 results
                     .lock()
                     .map_err(|_| PluginError::internal(format!("{op}: result slots poisoned")))?
@@ -562,15 +607,7 @@ impl Kernel for Recurrent {
                 t.ok_or_else(|| PluginError::internal(format!("{op}: a recurrence did not run")))
             })
             .collect::<Result<_, _>>()?;
-        // Y: [seq, dir, batch, hidden] (layout 0) or [batch, seq, dir, hidden] (layout 1).
-        let n_out = ctx.num_outputs();
-        if n_out > 0 {
-            let shape = if self.layout == 0 {
-                [seq, num_dir, batch, hidden]
-            } else {
-                [batch, seq, num_dir, hidden]
-            };
-            let mut y = vec![0.0; seq * num_dir * batch * hidden];
+        if let Some(y) = &mut y_out {
             for (task, tr) in tracks.iter().enumerate() {
                 let (d, b) = (task / batch, task % batch);
                 for t in 0..seq {
@@ -579,50 +616,63 @@ impl Kernel for Recurrent {
                     } else {
                         ((b * seq + t) * num_dir + d) * hidden
                     };
-                    y[o..o + hidden].copy_from_slice(&tr.y[t * hidden..(t + 1) * hidden]);
+                    y.put(o, &tr.y[t * hidden..(t + 1) * hidden]);
                 }
             }
-            write(ctx, 0, dtype, &shape, &y)?;
         }
-        let state = |i: usize, pick: fn(&Track) -> &[f64]| -> Result<(), PluginError> {
-            let mut v = vec![0.0; num_dir * batch * hidden];
-            for (task, tr) in tracks.iter().enumerate() {
-                let s = st(task / batch, task % batch);
-                v[s..s + hidden].copy_from_slice(pick(tr));
+        let states: [(_, Pick); 2] = [(&mut h_out, |t| &t.h), (&mut c_out, |t| &t.c)];
+        for (out, pick) in states {
+            if let Some(out) = out {
+                for (task, tr) in tracks.iter().enumerate() {
+                    out.put(st(task / batch, task % batch), pick(tr));
+                }
             }
-            write(ctx, i, dtype, &state_shape, &v)
-        };
-        if n_out > 1 {
-            state(1, |t| &t.h)?;
-        }
-        if n_out > 2 {
-            if self.cell != Cell::Lstm {
-                return Err(PluginError::invalid(format!(
-                    "{op}: the node has {n_out} outputs, at most 2"
-                )));
-            }
-            state(2, |t| &t.c)?;
         }
         Ok(())
     }
 }
 
-fn write(
-    ctx: &KernelContext<'_>,
-    i: usize,
-    dtype: DType,
-    shape: &[usize],
-    v: &[f64],
-) -> Result<(), PluginError> {
-    match dtype {
-        DType::F64 => ctx.output_slice::<f64>(i, shape)?.copy_from_slice(v),
-        _ => ctx
-            .output_slice::<f32>(i, shape)?
-            .iter_mut()
-            .zip(v)
-            .for_each(|(o, &x)| *o = x as f32),
+/// Which final state of a recurrence an output takes.
+type Pick = fn(&Track) -> &[f64];
+
+/// An output tensor (f32 or f64) the recurrence writes f64 values into.
+enum Sink<'a> {
+    F32(&'a mut [f32]),
+    F64(&'a mut [f64]),
+}
+
+impl<'a> Sink<'a> {
+    /// Output `i`, zero-filled (states without an initial value start at zero).
+    fn alloc(
+        ctx: &'a KernelContext<'_>,
+        i: usize,
+        dtype: DType,
+        shape: &[usize],
+    ) -> Result<Self, PluginError> {
+        Ok(match dtype {
+            DType::F64 => {
+                let s = ctx.output_slice::<f64>(i, shape)?;
+                s.fill(0.0);
+                Sink::F64(s)
+            }
+            _ => {
+                let s = ctx.output_slice::<f32>(i, shape)?;
+                s.fill(0.0);
+                Sink::F32(s)
+            }
+        })
     }
-    Ok(())
+
+    /// Writes `v` from element `at` on.
+    fn put(&mut self, at: usize, v: &[f64]) {
+        match self {
+            Sink::F64(s) => s[at..at + v.len()].copy_from_slice(v),
+            Sink::F32(s) => s[at..at + v.len()]
+                .iter_mut()
+                .zip(v)
+                .for_each(|(o, &x)| *o = x as f32),
+        }
+    }
 }
 
 type Factory = fn(&NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError>;
@@ -751,6 +801,85 @@ mod tests {
         let got_h = out[1].to_vec::<f32>().expect("h")[0] as f64;
         assert!((got_c - c).abs() < 1e-6, "{got_c} vs {c}");
         assert!((got_h - h).abs() < 1e-6, "{got_h} vs {h}");
+    }
+
+    /// X of shape [0, 2^40, 1]: no steps, a huge batch. Y is empty; asking for the final
+    /// states (2^40 per direction) is refused as too large instead of aborting.
+    #[test]
+    fn zero_length_sequence_with_huge_batch() {
+        let batch = 1usize << 40;
+        let x = t(&[0, batch, 1], &[]);
+        for (f, op, g) in [
+            (rnn_factory as Factory, "RNN", 1),
+            (gru_factory, "GRU", 3),
+            (lstm_factory, "LSTM", 4),
+        ] {
+            let w = t(&[1, g, 1], &vec![0.5; g]);
+            let r = t(&[1, g, 1], &vec![0.5; g]);
+            let inputs = [Some(&x), Some(&w), Some(&r)];
+            let out = run_kernel_opt(f, &NodeSpec::onnx(op, 14), &inputs, None).expect(op);
+            assert_eq!(out[0].shape(), &[0, 1, batch, 1], "{op}");
+            for n_out in [2, if op == "LSTM" { 3 } else { 2 }] {
+                let err = run_kernel_opt(f, &NodeSpec::onnx(op, 14).outputs(n_out), &inputs, None)
+                    .expect_err(op);
+                assert_eq!(
+                    err.code,
+                    ErrorCode::ResourceExhausted,
+                    "{op}: {}",
+                    err.message
+                );
+            }
+            // Layout 1 puts the batch first: [2^40, 0, 1].
+            let x1 = t(&[batch, 0, 1], &[]);
+            let node = NodeSpec::onnx(op, 14).attr("layout", AttrValue::Int(1));
+            let out = run_kernel_opt(f, &node, &[Some(&x1), Some(&w), Some(&r)], None).expect(op);
+            assert_eq!(out[0].shape(), &[batch, 0, 1, 1], "{op}");
+        }
+    }
+
+    /// Without input features, X is empty however long the sequence and large the batch; the
+    /// per-step outputs are refused as too large.
+    #[test]
+    fn no_input_features_with_huge_batch() {
+        let x = t(&[4, 1 << 40, 0], &[]);
+        let w = t(&[1, 1, 0], &[]);
+        let r = t(&[1, 1, 1], &[0.5]);
+        let err = run_kernel_opt(
+            rnn_factory,
+            &NodeSpec::onnx("RNN", 14),
+            &[Some(&x), Some(&w), Some(&r)],
+            None,
+        )
+        .expect_err("too large");
+        assert_eq!(err.code, ErrorCode::ResourceExhausted, "{}", err.message);
+    }
+
+    /// A zero-length sequence gives back the initial states.
+    #[test]
+    fn zero_length_sequence_returns_initial_state() {
+        let x = t(&[0, 2, 1], &[]);
+        let w = t(&[1, 4, 1], &[0.5; 4]);
+        let r = t(&[1, 4, 1], &[0.5; 4]);
+        let h0 = t(&[1, 2, 1], &[1.5, -2.0]);
+        let c0 = t(&[1, 2, 1], &[3.0, 4.0]);
+        let out = run_kernel_opt(
+            lstm_factory,
+            &NodeSpec::onnx("LSTM", 14).outputs(3),
+            &[
+                Some(&x),
+                Some(&w),
+                Some(&r),
+                None,
+                None,
+                Some(&h0),
+                Some(&c0),
+            ],
+            None,
+        )
+        .expect("run");
+        assert_eq!(out[0].shape(), &[0, 1, 2, 1]);
+        assert_eq!(out[1].to_vec::<f32>().expect("h"), vec![1.5, -2.0]);
+        assert_eq!(out[2].to_vec::<f32>().expect("c"), vec![3.0, 4.0]);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! `regex-lite`, whose ASCII `\w` / `\b` / `\s` match RE2's defaults) and TfIdfVectorizer.
 
 use crate::util::{broadcast_shapes, broadcast_strides, walk_offsets};
-use opreg_sdk::{abi_stable::std_types::RString, prelude::*};
+use opreg_sdk::{abi_stable::std_types::RString, alloc::try_with_capacity, prelude::*};
 use std::{collections::HashMap, hash::Hash};
 
 type Factory = fn(&NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError>;
@@ -126,16 +126,18 @@ impl Kernel for StringConcat {
             ))
         })?;
         let (xs, ys) = (x.as_strings()?, y.as_strings()?);
-        let n: usize = shape.iter().product();
-        let mut xo = Vec::with_capacity(n);
+        // Broadcasting can make the output far larger than X and Y: the output first (the
+        // host refuses sizes past its limit), then the offset tables, fallibly.
+        let out = ctx.output(0, DType::String, &shape)?.into_strings()?;
+        let n = out.len();
+        let mut xo = try_with_capacity(n)?;
         walk_offsets(&shape, &broadcast_strides(x.shape(), &shape), 0, n, |o| {
             xo.push(o)
         });
-        let mut yo = Vec::with_capacity(n);
+        let mut yo = try_with_capacity(n)?;
         walk_offsets(&shape, &broadcast_strides(y.shape(), &shape), 0, n, |o| {
             yo.push(o)
         });
-        let out = ctx.output(0, DType::String, &shape)?.into_strings()?;
         for ((o, &i), &j) in out.iter_mut().zip(&xo).zip(&yo) {
             let (a, b) = (xs[i].as_str(), ys[j].as_str());
             let mut s = String::with_capacity(a.len() + b.len());
@@ -437,15 +439,18 @@ impl TfIdf {
         freq: &mut [f32],
     ) {
         let mut start_n = self.min_n;
-        let mut gram: Vec<T> = Vec::with_capacity(self.max_n);
-        for skip in 1..=self.max_skip + 1 {
+        // The gram lengths and skips are attributes: a gram never holds more than the row,
+        // and no skip of the row's length or more fits a 2-gram.
+        let mut gram: Vec<T> = Vec::with_capacity(self.max_n.min(row.len()));
+        let max_skip = self.max_skip.saturating_add(1).min(row.len().max(1));
+        for skip in 1..=max_skip {
             for i in 0..row.len() {
-                if i + skip * (start_n - 1) >= row.len() {
+                if i.saturating_add(skip.saturating_mul(start_n - 1)) >= row.len() {
                     break;
                 }
                 gram.clear();
                 for n in 1..=self.max_n {
-                    let at = i + (n - 1) * skip;
+                    let at = i.saturating_add((n - 1).saturating_mul(skip));
                     if at >= row.len() {
                         break;
                     }
@@ -675,5 +680,35 @@ mod tests {
         let bad =
             NodeSpec::onnx("RegexFullMatch", 20).attr("pattern", AttrValue::String("(".into()));
         assert!(run_kernel(regex_full_match_factory, &bad, &[&x], None).is_err());
+    }
+
+    /// Broadcasting two 2^20-string tensors into 2^40 outputs is refused as too large (the
+    /// offset tables used to be allocated first, infallibly); a huge max_gram_length does
+    /// not reserve memory by itself.
+    #[test]
+    fn huge_broadcasts_and_gram_lengths() {
+        let one: Vec<&[u8]> = vec![b"a"; 1 << 20];
+        let x = HostTensor::from_strings(&[1 << 20, 1], &one).expect("x");
+        let y = HostTensor::from_strings(&[1, 1 << 20], &one).expect("y");
+        let e = run_kernel(
+            string_concat_factory,
+            &NodeSpec::onnx("StringConcat", 20),
+            &[&x, &y],
+            None,
+        )
+        .expect_err("too large");
+        assert_eq!(e.code, ErrorCode::ResourceExhausted, "{}", e.message);
+
+        let node = NodeSpec::onnx("TfIdfVectorizer", 9)
+            .attr("min_gram_length", AttrValue::Int(1))
+            .attr("max_gram_length", AttrValue::Int(1 << 62))
+            .attr("max_skip_count", AttrValue::Int(1 << 62))
+            .attr("mode", AttrValue::String("TF".into()))
+            .attr("ngram_counts", AttrValue::Ints(vec![0].into()))
+            .attr("ngram_indexes", AttrValue::Ints(vec![0, 1].into()))
+            .attr("pool_int64s", AttrValue::Ints(vec![7, 8].into()));
+        let x = HostTensor::from_vec(&[4], &[7i64, 8, 7, 9]).expect("x");
+        let out = run_kernel(tfidf_factory, &node, &[&x], None).expect("run");
+        assert_eq!(out[0].to_vec::<f32>().expect("f32"), vec![2.0, 1.0]);
     }
 }

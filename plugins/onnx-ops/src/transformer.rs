@@ -6,7 +6,8 @@
 //! type (Attention's scaled Q/K, scores, probabilities) we round the same way, so reduced
 //! precision results follow the reference closely.
 
-use crate::util::{broadcast_strides, floats_as_f32, normalize_axis, optional};
+use crate::util::{broadcast_strides, floats_as_f32, normalize_axis, numel, optional, product_sat};
+use opreg_sdk::alloc::{try_vec, try_with_capacity};
 use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
 
@@ -213,7 +214,8 @@ fn concat_seq(past: Option<&Heads>, cur: &Heads, what: &str) -> Result<Heads, Pl
     }
     let t = p.s + cur.s;
     let d = cur.d;
-    let mut data = Vec::with_capacity(cur.b * cur.h * t * d);
+    // Empty heads (d = 0) may carry huge extents: a checked size.
+    let mut data = try_with_capacity(numel(&[cur.b, cur.h, t, d])?)?;
     for bh in 0..cur.b * cur.h {
         data.extend_from_slice(&p.data[bh * p.s * d..(bh + 1) * p.s * d]);
         data.extend_from_slice(&cur.data[bh * cur.s * d..(bh + 1) * cur.s * d]);
@@ -260,13 +262,14 @@ impl Bias {
             }
             None => out.fill(0.0),
         }
-        let pos = i as i64 + self.offsets[b];
+        // Saturating: offsets come from nonpad_kv_seqlen, data.
+        let pos = (i as i64).saturating_add(self.offsets[b]);
         for (j, o) in out.iter_mut().enumerate() {
-            let diff = pos - j as i64;
+            let diff = pos.saturating_sub(j as i64);
             if self.causal && diff < 0 {
                 *o += ninf;
             }
-            if (self.left >= 0 && diff > self.left) || (self.right >= 0 && -diff > self.right) {
+            if (self.left >= 0 && diff > self.left) || (self.right >= 0 && diff < -self.right) {
                 *o += ninf;
             }
         }
@@ -427,8 +430,9 @@ impl Kernel for Attention {
             })
             .transpose()?;
         let offsets: Vec<i64> = match &nonpad {
-            Some(np) => np.iter().map(|&n| n - s as i64).collect(),
-            None => vec![past_len as i64; b],
+            Some(np) => np.iter().map(|&n| n.saturating_sub(s as i64)).collect(),
+            // Q may be empty with a huge batch.
+            None => try_vec(b, past_len as i64)?,
         };
         let bias = Bias {
             mask,
@@ -440,12 +444,15 @@ impl Kernel for Attention {
         };
 
         // Pass 1: per (batch, query head), the exposed QK values and the probabilities.
-        let st = s * t;
+        // Saturating: exact whenever `buf` below has elements.
+        let st = s.saturating_mul(t);
         let group = hq / hkv;
         let softcap = self.softcap;
         let mode = self.qk_mode;
-        let mut buf = vec![0.0f32; b * hq * 2 * st];
-        ctx.parallel_chunks(&mut buf, (2 * st).max(1), |start, chunk| {
+        // Sized by the sequence lengths, which empty Q and K (head size 0) leave unbounded by
+        // data: allocated fallibly.
+        let mut buf = try_vec(numel(&[b, hq, 2, s, t])?, 0.0f32)?;
+        ctx.parallel_chunks(&mut buf, st.saturating_mul(2).max(1), |start, chunk| {
             if st == 0 {
                 return;
             }
@@ -500,8 +507,8 @@ impl Kernel for Attention {
         })?;
 
         // Pass 2: Y = P V, per (batch, query head), as (B, Hq, S, Dv).
-        let sdv = s * dv;
-        let mut y = vec![0.0f32; b * hq * sdv];
+        let sdv = s.saturating_mul(dv);
+        let mut y = try_vec(numel(&[b, hq, s, dv])?, 0.0f32)?;
         ctx.parallel_chunks(&mut y, sdv.max(1), |start, chunk| {
             if sdv == 0 {
                 return;
@@ -526,7 +533,7 @@ impl Kernel for Attention {
 
         if rank == 3 {
             // (B, Hq, S, Dv) -> (B, S, Hq * Dv)
-            let mut y3 = vec![0.0f32; y.len()];
+            let mut y3 = try_vec(y.len(), 0.0f32)?;
             for bi in 0..b {
                 for hi in 0..hq {
                     for si in 0..s {
@@ -548,10 +555,11 @@ impl Kernel for Attention {
             write_f32(ctx, 2, vv.dtype, &pv.dims(), &pv.data)?;
         }
         if n_out > 3 {
-            let qk: Vec<f32> = buf
-                .chunks(2 * st.max(1))
-                .flat_map(|c| c[..st.min(c.len())].iter().copied())
-                .collect();
+            let mut qk: Vec<f32> = try_with_capacity(buf.len() / 2)?;
+            qk.extend(
+                buf.chunks(st.max(1).saturating_mul(2))
+                    .flat_map(|c| c[..st.min(c.len())].iter().copied()),
+            );
             write_f32(ctx, 3, dtype, &[b, hq, s, t], &qk)?;
         }
         Ok(())
@@ -593,7 +601,8 @@ impl Kernel for RmsNorm {
             )));
         }
         let wst = broadcast_strides(ws, xs);
-        let inner: usize = xs[axis..].iter().product();
+        // Saturating: exact whenever X has elements.
+        let inner = product_sat(&xs[axis..]);
         let rt = rounder(inputs[0].dtype);
         let mut y = vec![0.0f32; x.len()];
         let eps = self.epsilon;
@@ -636,6 +645,11 @@ impl Kernel for Rotary {
         }
         let shape = inputs[0].shape();
         let x = read_f32(&inputs[0], "input")?;
+        if x.is_empty() {
+            // Nothing to rotate; the extents of an empty input may be huge (no per-position
+            // table is built for them).
+            return write_f32(ctx, 0, inputs[0].dtype, shape, &x);
+        }
         let cos = read_f32(&inputs[1], "cos_cache")?;
         let sin = read_f32(&inputs[2], "sin_cache")?;
         // Index of element (b, s, h, d) in `x`: b*sb + s*ss + h*sh + d.
@@ -753,12 +767,11 @@ impl Kernel for LpNorm {
         let axis = normalize_axis(self.axis, shape.len())?;
         let x = read_f32(&inputs[0], "input")?;
         let n = shape[axis];
-        let inner: usize = shape[axis + 1..].iter().product();
+        // Saturating: exact whenever the input has elements.
+        let inner = product_sat(&shape[axis + 1..]);
+        let block = n.saturating_mul(inner).max(1);
         let mut y = vec![0.0f32; x.len()];
-        for (o, xo) in y
-            .chunks_mut((n * inner).max(1))
-            .zip(x.chunks((n * inner).max(1)))
-        {
+        for (o, xo) in y.chunks_mut(block).zip(x.chunks(block)) {
             for i in 0..inner {
                 let norm = if self.p == 1 {
                     (0..n).map(|k| xo[k * inner + i].abs()).sum::<f32>()
@@ -802,6 +815,10 @@ impl Kernel for Mvn {
             reduced[normalize_axis(a, rank)?] = true;
         }
         let x = read_f32(&inputs[0], "X")?;
+        if x.is_empty() {
+            // No statistics to take (and the kept extents of an empty X may be huge).
+            return write_f32(ctx, 0, inputs[0].dtype, shape, &x);
+        }
         // Statistics live in the shape with reduced axes set to 1.
         let stat_shape: Vec<usize> = shape
             .iter()

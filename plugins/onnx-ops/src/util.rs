@@ -79,13 +79,35 @@ pub fn optional<'a, 'b>(inputs: &'b [TensorView<'a>], i: usize) -> Option<&'b Te
     inputs.get(i).filter(|t| !t.is_absent())
 }
 
-/// Element strides of a contiguous row-major tensor of `shape`.
+/// Element strides of a contiguous row-major tensor of `shape`. They saturate: only an empty
+/// tensor's strides can overflow, and no element of it is ever addressed.
 pub fn row_major_strides(shape: &[usize]) -> Vec<usize> {
     let mut st = vec![1usize; shape.len()];
     for d in (0..shape.len().saturating_sub(1)).rev() {
-        st[d] = st[d + 1] * shape[d + 1];
+        st[d] = st[d + 1].saturating_mul(shape[d + 1]);
     }
     st
+}
+
+/// The product of some of a tensor's extents, saturating. It is exact whenever the tensor
+/// has elements, and 0 whenever one of `dims` is 0; it saturates only when the tensor is
+/// empty through another dimension (data-given shapes such as `[0, 2^40, 2^40]`), where a
+/// plain product would overflow.
+pub fn product_sat(dims: &[usize]) -> usize {
+    if dims.contains(&0) {
+        return 0;
+    }
+    dims.iter().fold(1usize, |a, &d| a.saturating_mul(d))
+}
+
+/// The element count of `dims`: 0 when one of them is 0 (however large the others), else
+/// their product, or a `ResourceExhausted` error when it overflows. Use it to size buffers
+/// from data-given extents (see `opreg_sdk::alloc`).
+pub fn numel(dims: &[usize]) -> Result<usize, PluginError> {
+    if dims.contains(&0) {
+        return Ok(0);
+    }
+    opreg_sdk::alloc::checked_numel(dims)
 }
 
 /// The numpy-style broadcast of `shapes` (ONNX multidirectional broadcasting).
@@ -115,7 +137,8 @@ pub fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
     let off = out.len() - shape.len();
     for i in (0..shape.len()).rev() {
         strides[off + i] = if shape[i] == 1 { 0 } else { acc };
-        acc *= shape[i];
+        // Saturating, as in `row_major_strides`.
+        acc = acc.saturating_mul(shape[i]);
     }
     strides
 }

@@ -29,8 +29,10 @@ impl<const N: usize> Plan<N> {
                 continue;
             }
             if let Some(k) = shape.len().checked_sub(1) {
-                if (0..N).all(|i| strides[i][k] == full[i][d] * n) {
-                    shape[k] *= n;
+                // Checked and saturating: an empty output may have huge extents (and its
+                // saturated strides are never walked).
+                if (0..N).all(|i| full[i][d].checked_mul(n) == Some(strides[i][k])) {
+                    shape[k] = shape[k].saturating_mul(n);
                     for i in 0..N {
                         strides[i][k] = full[i][d];
                     }

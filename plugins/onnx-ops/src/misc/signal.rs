@@ -1,8 +1,11 @@
 //! STFT and MelWeightMatrix (opset 17), computed in f64.
 
 use super::{fill_from_f64, read_f64, scalar_i64 as scalar};
-use crate::util::optional;
-use opreg_sdk::prelude::*;
+use crate::util::{numel, optional};
+use opreg_sdk::{
+    alloc::{try_vec, try_with_capacity},
+    prelude::*,
+};
 
 const FLOATS: &[DType] = &[DType::F32, DType::F64, DType::F16, DType::BF16];
 
@@ -40,7 +43,16 @@ impl Kernel for Stft {
             )));
         }
         let (step, n) = (step as usize, frame_len as usize);
-        let window = window.unwrap_or_else(|| vec![1.0; n]);
+        let frames = 1 + (len - n) / step;
+        let bins = if self.onesided { n / 2 + 1 } else { n };
+        if batch == 0 {
+            // An empty signal may still claim a huge length: no window or twiddles needed.
+            return fill_from_f64(ctx, 0, x.dtype, &[0, frames, bins, 2], |_| 0.0);
+        }
+        let window = match window {
+            Some(w) => w,
+            None => try_vec(n, 1.0)?,
+        };
         if window.len() != n {
             return Err(PluginError::invalid(format!(
                 "{OP}: window has {} values, frame_length is {n}",
@@ -52,17 +64,14 @@ impl Kernel for Stft {
                 "{OP}: onesided output needs a real signal"
             )));
         }
-        let frames = 1 + (len - n) / step;
-        let bins = if self.onesided { n / 2 + 1 } else { n };
         let xv = read_f64(&x, OP)?;
         // Twiddles: exp(-2 pi i m / n) for m in 0..n.
-        let tw: Vec<(f64, f64)> = (0..n)
-            .map(|m| {
-                let a = -2.0 * std::f64::consts::PI * m as f64 / n as f64;
-                (a.cos(), a.sin())
-            })
-            .collect();
-        let mut out = vec![0.0f64; batch * frames * bins * 2];
+        let mut tw: Vec<(f64, f64)> = try_with_capacity(n)?;
+        tw.extend((0..n).map(|m| {
+            let a = -2.0 * std::f64::consts::PI * m as f64 / n as f64;
+            (a.cos(), a.sin())
+        }));
+        let mut out = try_vec(numel(&[batch, frames, bins, 2])?, 0.0f64)?;
         for b in 0..batch {
             for f in 0..frames {
                 let start = f * step;
@@ -116,7 +125,9 @@ impl Kernel for MelWeightMatrix {
                  positive"
             )));
         }
+        // Both sizes are input values: the tables below are allocated fallibly.
         let (bins, spec) = (bins as usize, dft as usize / 2 + 1);
+        let mut out = try_vec(numel(&[spec, bins])?, 0.0f64)?;
         // As the reference: the mel edges from the inputs' own precision (f32 for f32 inputs),
         // then f64.
         let single = inputs[3].dtype != DType::F64;
@@ -130,14 +141,13 @@ impl Kernel for MelWeightMatrix {
         };
         let (lo, hi) = (mel(lower), mel(upper));
         let step = (hi - lo) / (bins + 2) as f64;
-        let points: Vec<i64> = (0..bins + 2)
-            .map(|i| {
-                let m = i as f64 * step + lo;
-                let hz = 700.0 * (m / 2595.0 * std::f64::consts::LN_10).exp_m1();
-                (((dft + 1) as f64 * hz) / rate as f64).floor() as i64
-            })
-            .collect();
-        let mut out = vec![0.0f64; spec * bins];
+        let mut points: Vec<i64> = try_with_capacity(bins + 2)?;
+        points.extend((0..bins + 2).map(|i| {
+            let m = i as f64 * step + lo;
+            let hz = 700.0 * (m / 2595.0 * std::f64::consts::LN_10).exp_m1();
+            // (dft + 1 in f64: dft may be i64::MAX.)
+            ((dft as f64 + 1.0) * hz / rate as f64).floor() as i64
+        }));
         let mut set = |j: i64, i: usize, v: f64| -> Result<(), PluginError> {
             if j < 0 || j as usize >= spec {
                 return Err(PluginError::invalid(format!(
@@ -235,5 +245,32 @@ mod tests {
     fn official_cases() {
         run_cases(&["test_stft"], stft_factory);
         run_cases(&["test_melweightmatrix"], mel_factory);
+    }
+
+    /// MelWeightMatrix sizes come from input values: 2^40 bins fail as too large (they used
+    /// to abort). STFT of an empty batch claiming a 2^40-sample signal builds no window.
+    #[test]
+    fn huge_sizes_from_input_values() {
+        let i = |v: i64| HostTensor::from_vec(&[], &[v]).expect("scalar");
+        let f = |v: f32| HostTensor::from_vec(&[], &[v]).expect("scalar");
+        let (bins, dft, rate, lo, hi) = (i(1 << 40), i(1 << 10), i(8000), f(0.0), f(4000.0));
+        let e = run_kernel_opt(
+            mel_factory,
+            &NodeSpec::onnx("MelWeightMatrix", 17),
+            &[Some(&bins), Some(&dft), Some(&rate), Some(&lo), Some(&hi)],
+            None,
+        )
+        .expect_err("too large");
+        assert_eq!(e.code, ErrorCode::ResourceExhausted, "{}", e.message);
+
+        let signal = HostTensor::from_vec::<f32>(&[0, 1 << 40, 1], &[]).expect("signal");
+        let out = run_kernel_opt(
+            stft_factory,
+            &NodeSpec::onnx("STFT", 17),
+            &[Some(&signal), Some(&i(1)), None, Some(&i(1 << 40))],
+            None,
+        )
+        .expect("run");
+        assert_eq!(out[0].shape(), &[0, 1, (1 << 39) + 1, 2]);
     }
 }

@@ -283,3 +283,13 @@ fn dft_forward_inverse_onesided() {
     )
     .is_err());
 }
+
+/// Unique along an axis of 2^40 on an empty X: the per-item tables are refused as too
+/// large instead of aborting.
+#[test]
+fn unique_along_a_huge_empty_axis_is_resource_exhausted() {
+    let x = t::<i32>(&[0, 1 << 40], &[]);
+    let node = NodeSpec::onnx("Unique", 11).attr("axis", AttrValue::Int(1));
+    let e = run(unique_factory, node, &[Some(&x)]).expect_err("too large");
+    assert_eq!(e.code, ErrorCode::ResourceExhausted, "{}", e.message);
+}

@@ -1,7 +1,8 @@
 //! Conv: im2col per group, then one gemm per batch and group through the BLAS backend.
 
 use super::{at_least_one, conv_bias, matmul::gemm_f32, optional, Disjoint, Geometry, WindowAttrs};
-use crate::util::row_major_strides;
+use crate::util::{product_sat, row_major_strides};
+use opreg_sdk::alloc::{checked_numel, try_vec};
 use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
 
@@ -29,8 +30,9 @@ fn im2col(
     g: &Geometry,
     col: &mut [f32],
 ) -> Result<(), PluginError> {
-    let kk: usize = g.kernel.iter().product();
-    let p: usize = g.out.iter().product();
+    // Saturating: with no input channels, W is empty and its kernel extents unbounded.
+    let kk = product_sat(&g.kernel);
+    let p = product_sat(&g.out);
     if p == 0 || kk == 0 {
         return Ok(());
     }
@@ -44,9 +46,9 @@ fn im2col(
 /// (whole rows of `p` elements).
 fn im2col_rows(x: &[f32], input: &[usize], g: &Geometry, start: usize, chunk: &mut [f32]) {
     let s = input.len();
-    let kk: usize = g.kernel.iter().product();
-    let p: usize = g.out.iter().product();
-    let plane: usize = input.iter().product();
+    let kk = product_sat(&g.kernel);
+    let p = product_sat(&g.out);
+    let plane = product_sat(input);
     let in_strides = row_major_strides(input);
     let last = s - 1;
     let ol = g.out[last];
@@ -198,9 +200,11 @@ impl Conv {
         let w = wide(inputs[1])?;
         let bias: Option<Vec<f32>> =
             conv_bias::<T>("Conv", inputs, m)?.map(|b| b.iter().map(|&v| load(v)).collect());
-        let mut y = vec![0.0f32; out_shape.iter().product()];
-        self.run(ctx, xs, g, m, &x, &w, bias.as_deref(), &mut y)?;
+        // The output first (the host refuses sizes past its limit), then the f32 result it is
+        // rounded from: padding makes both arbitrarily larger than X, so neither may abort.
         let out = ctx.output_slice::<T>(0, out_shape)?;
+        let mut y = try_vec(checked_numel(out_shape)?, 0.0f32)?;
+        self.run(ctx, xs, g, m, &x, &w, bias.as_deref(), &mut y)?;
         out.iter_mut().zip(&y).for_each(|(o, &v)| *o = store(v));
         Ok(())
     }
@@ -221,12 +225,15 @@ impl Conv {
         let (n, c) = (xs[0], xs[1]);
         let group = self.group;
         let cg = c / group;
-        let p: usize = g.out.iter().product();
         if y.is_empty() {
             return Ok(());
         }
-        let plane: usize = xs[2..].iter().product();
-        let kk: usize = g.kernel.iter().product();
+        // Non-empty y: the output's extents multiply without overflow.
+        let p: usize = g.out.iter().product();
+        // Saturating: with no input channels, X and W are empty and their spatial and kernel
+        // extents unbounded (then no column is filled).
+        let plane = product_sat(&xs[2..]);
+        let kk = product_sat(&g.kernel);
         let rows = cg * kk;
         let mg = m / group;
         let direct = g.kernel.iter().all(|&k| k == 1)
@@ -236,8 +243,9 @@ impl Conv {
             // Enough images (x groups) to keep every thread busy: one task per (image, group),
             // each with its own column buffer, instead of a parallel im2col and gemm per image.
             let yd = Disjoint::new(y);
+            let col_len = checked_numel(&[rows, p])?;
             ctx.parallel_for(n * group, 1, |range| {
-                let mut col = vec![0f32; rows * p];
+                let mut col = try_vec(col_len, 0f32)?;
                 for t in range {
                     let (b, gi) = (t / group, t % group);
                     let xg = &x[(b * c + gi * cg) * plane..(b * c + (gi + 1) * cg) * plane];
@@ -268,7 +276,7 @@ impl Conv {
         let col = if direct {
             &mut [][..]
         } else {
-            ctx.scratch::<f32>(rows * p)?
+            ctx.scratch::<f32>(checked_numel(&[rows, p])?)?
         };
         for b in 0..n {
             for gi in 0..group {
@@ -628,6 +636,47 @@ mod tests {
             "{}",
             err.message
         );
+    }
+
+    /// Pads that blow a 2x2 input up to ~2^48 output elements: every element type fails the
+    /// call as too large (the f16 path used to abort on an infallible f32 buffer).
+    #[test]
+    fn conv_huge_pads_are_resource_exhausted() {
+        let pads = ints(&[0, 0, 1 << 24, 1 << 24]);
+        let node = || NodeSpec::onnx("Conv", 22).attr("pads", pads.clone());
+        let run = |x: HostTensor, w: HostTensor| {
+            run_kernel(conv_factory, &node(), &[&x, &w], Some(Box::new(NaiveBlas)))
+                .expect_err("too large")
+        };
+        let h = |v: f32| f16::from_f32(v);
+        let b = |v: f32| bf16::from_f32(v);
+        let errs = [
+            run(
+                HostTensor::from_vec(&[1, 1, 2, 2], &[h(1.0); 4]).expect("x"),
+                HostTensor::from_vec(&[1, 1, 1, 1], &[h(1.0)]).expect("w"),
+            ),
+            run(
+                HostTensor::from_vec(&[1, 1, 2, 2], &[b(1.0); 4]).expect("x"),
+                HostTensor::from_vec(&[1, 1, 1, 1], &[b(1.0)]).expect("w"),
+            ),
+            run(
+                HostTensor::from_vec(&[1, 1, 2, 2], &[1.0f32; 4]).expect("x"),
+                HostTensor::from_vec(&[1, 1, 1, 1], &[1.0f32]).expect("w"),
+            ),
+        ];
+        for e in errs {
+            assert_eq!(e.code, ErrorCode::ResourceExhausted, "{}", e.message);
+        }
+        // Pads and dilations past usize overflow the window arithmetic: invalid, no panic.
+        let x = HostTensor::from_vec(&[1, 1, 2, 2], &[1.0f32; 4]).expect("x");
+        let w = HostTensor::from_vec(&[1, 1, 2, 2], &[1.0f32; 4]).expect("w");
+        for (name, v) in [("pads", [i64::MAX; 4]), ("dilations", [i64::MAX, 3, 0, 0])] {
+            let v = if name == "pads" { &v[..] } else { &v[..2] };
+            let node = NodeSpec::onnx("Conv", 11).attr(name, AttrValue::Ints(v.to_vec().into()));
+            let e = run_kernel(conv_factory, &node, &[&x, &w], Some(Box::new(NaiveBlas)))
+                .expect_err(name);
+            assert_eq!(e.code, ErrorCode::InvalidArgument, "{name}: {}", e.message);
+        }
     }
 
     #[test]

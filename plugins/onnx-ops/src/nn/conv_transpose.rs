@@ -2,7 +2,7 @@
 
 use super::{at_least_one, conv_bias, matmul::gemm_f32, register_versions, AutoPad, WindowAttrs};
 use crate::util::row_major_strides;
-use opreg_sdk::prelude::*;
+use opreg_sdk::{alloc::checked_numel, prelude::*};
 
 #[derive(Clone)]
 struct ConvTranspose {
@@ -83,15 +83,33 @@ impl ConvTranspose {
             pad_begin: vec![0; s],
             out: vec![0; s],
         };
+        // Attributes are arbitrary i64s: the extents are computed checked, and every window
+        // position (up to `natural`, less the begin pad) must fit in an isize.
         for d in 0..s {
-            let ek = ((kernel[d] as i64) - 1) * dilations[d] + 1;
-            let natural = strides[d] * (input[d] as i64 - 1) + out_pad[d] + ek;
+            let overflow = || {
+                PluginError::invalid(format!(
+                    "{OP}: extents on spatial axis {d} overflow (strides {strides:?}, \
+                     dilations {dilations:?}, pads {pads:?})"
+                ))
+            };
+            let ek = ((kernel[d] as i64) - 1)
+                .checked_mul(dilations[d])
+                .and_then(|e| e.checked_add(1))
+                .ok_or_else(overflow)?;
+            let natural = strides[d]
+                .checked_mul(input[d] as i64 - 1)
+                .and_then(|v| v.checked_add(out_pad[d]))
+                .and_then(|v| v.checked_add(ek))
+                .ok_or_else(overflow)?;
             let (pb, out) = match &pads {
                 None => {
-                    let out = out_shape
-                        .as_ref()
-                        .map_or(input[d] as i64 * strides[d], |o| o[d]);
-                    let total = natural - out;
+                    let out = match &out_shape {
+                        Some(o) => o[d],
+                        None => (input[d] as i64)
+                            .checked_mul(strides[d])
+                            .ok_or_else(overflow)?,
+                    };
+                    let total = natural.checked_sub(out).ok_or_else(overflow)?;
                     let half = total.div_euclid(2);
                     let pb = if w.auto_pad == AutoPad::SameUpper {
                         half
@@ -102,11 +120,16 @@ impl ConvTranspose {
                 }
                 Some(p) => (
                     p[d],
-                    out_shape
-                        .as_ref()
-                        .map_or(natural - p[d] - p[s + d], |o| o[d]),
+                    match &out_shape {
+                        Some(o) => o[d],
+                        None => natural
+                            .checked_sub(p[d])
+                            .and_then(|v| v.checked_sub(p[s + d]))
+                            .ok_or_else(overflow)?,
+                    },
                 ),
             };
+            natural.checked_sub(pb).ok_or_else(overflow)?;
             if out < 0 {
                 return Err(PluginError::invalid(format!(
                     "{OP}: output extent {out} on spatial axis {d} is negative"
@@ -148,15 +171,17 @@ impl Kernel for ConvTranspose {
         let x = xv.as_slice::<f32>()?;
         let w = wv.as_slice::<f32>()?;
         let y = ctx.output_slice::<f32>(0, &out_shape)?;
-        let p_out: usize = g.out.iter().product();
         if y.is_empty() {
             return Ok(());
         }
+        // Non-empty y: the output's extents multiply without overflow.
+        let p_out: usize = g.out.iter().product();
         let spatial = &xs[2..];
         let s = spatial.len();
-        let p_in: usize = spatial.iter().product();
-        let kk: usize = g.kernel.iter().product();
-        let col = ctx.scratch::<f32>(mg * kk * p_in)?;
+        let p_in: usize = checked_numel(spatial)?;
+        let kk: usize = checked_numel(&g.kernel)?;
+        // Columns scale with the kernel and X, not with the output.
+        let col = ctx.scratch::<f32>(checked_numel(&[mg, kk, p_in])?)?;
         let out_strides = row_major_strides(&g.out);
         for b in 0..n {
             for gi in 0..group {
@@ -464,5 +489,28 @@ mod tests {
             None,
         );
         close(&got[0].to_vec::<f32>().expect("y"), &want);
+    }
+
+    /// Strides and pads whose window arithmetic overflows i64 are invalid, not a panic.
+    #[test]
+    fn conv_transpose_overflowing_attributes_are_invalid() {
+        let x = HostTensor::from_vec(&[1, 1, 3], &[1.0f32, 2.0, 3.0]).expect("x");
+        let w = HostTensor::from_vec(&[1, 1, 2], &[1.0f32, 1.0]).expect("w");
+        for (name, v) in [
+            ("strides", vec![i64::MAX]),
+            ("dilations", vec![i64::MAX]),
+            ("pads", vec![i64::MAX, i64::MAX]),
+            ("output_padding", vec![i64::MAX]),
+        ] {
+            let node = NodeSpec::onnx("ConvTranspose", 11).attr(name, ints(&v));
+            let e = run_kernel(
+                conv_transpose_factory,
+                &node,
+                &[&x, &w],
+                Some(Box::new(NaiveBlas)),
+            )
+            .expect_err(name);
+            assert_eq!(e.code, ErrorCode::InvalidArgument, "{name}: {}", e.message);
+        }
     }
 }

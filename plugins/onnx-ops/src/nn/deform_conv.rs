@@ -3,7 +3,7 @@
 //! Computed in f64; the output grid is the offset's spatial shape.
 
 use super::{optional, register_versions, Float, Real, FLOATS};
-use opreg_sdk::prelude::*;
+use opreg_sdk::{alloc::checked_numel, prelude::*};
 
 #[derive(Clone)]
 struct DeformConv {
@@ -73,11 +73,12 @@ impl DeformConv {
                 "{OP}: W {ws:?} does not fit X {xs:?} with group {group} and offset_group {og}"
             )));
         }
-        let taps = kh * kw;
-        if os[0] != n || os[1] != og * taps * 2 {
+        // An empty W may have huge kernel extents: checked products.
+        let taps = checked_numel(&[kh, kw])?;
+        let offset_channels = checked_numel(&[og, taps, 2])?;
+        if os[0] != n || os[1] != offset_channels {
             return Err(PluginError::invalid(format!(
-                "{OP}: offset {os:?} must be [{n}, {}, oH, oW]",
-                og * taps * 2
+                "{OP}: offset {os:?} must be [{n}, {offset_channels}, oH, oW]"
             )));
         }
         let two = |name: &str, v: &Option<Vec<i64>>, len: usize, default: i64| match v {
@@ -122,7 +123,8 @@ impl DeformConv {
         let mask = mask.copied().map(load).transpose()?;
         let bias = bias.copied().map(load).transpose()?;
         let (ocg, icog) = (oc / group, ic / og);
-        let plane = oh * ow;
+        // Saturating: it only overflows when Y is empty (no plane is visited).
+        let plane = oh.saturating_mul(ow);
         let y = ctx.output_slice::<T>(0, &[n, oc, oh, ow])?;
         ctx.parallel_chunks(y, plane.max(1), |start, chunk| {
             let (b, o) = (start / plane / oc, start / plane % oc);
@@ -139,10 +141,14 @@ impl DeformConv {
                             let t = a * kw + e;
                             // offset [n, og, kh, kw, 2, oh, ow]; mask [n, og, kh, kw, oh, ow]
                             let ob = (((b * og + ogi) * taps + t) * 2) * plane + p;
-                            let h = (i as i64 * strides[0] - pads[0] + (a as i64) * dil[0]) as f64
-                                + off[ob];
-                            let wc = (j as i64 * strides[1] - pads[1] + (e as i64) * dil[1]) as f64
-                                + off[ob + plane];
+                            // In f64: attributes are arbitrary i64s, and i64 arithmetic on
+                            // them could overflow.
+                            let at = |o: usize, k: usize, d: usize| {
+                                o as f64 * strides[d] as f64 - pads[d] as f64
+                                    + k as f64 * dil[d] as f64
+                            };
+                            let h = at(i, a, 0) + off[ob];
+                            let wc = at(j, e, 1) + off[ob + plane];
                             let m = mask
                                 .as_ref()
                                 .map_or(1.0, |m| m[((b * og + ogi) * taps + t) * plane + p]);

@@ -4,8 +4,11 @@
 //! integer types (wrapping, as numpy's) through plain loops.
 
 use super::matmul::gemm_f32;
-use crate::util::{row_major_strides, walk_offsets};
-use opreg_sdk::prelude::*;
+use crate::util::{numel, product_sat, row_major_strides, walk_offsets};
+use opreg_sdk::{
+    alloc::{try_vec, try_with_capacity},
+    prelude::*,
+};
 use std::collections::BTreeMap;
 
 /// A label: a letter's byte, or `ELLIPSIS + i` for the i-th broadcast dimension (aligned
@@ -169,8 +172,13 @@ impl<T: EinElem> Operand<T> {
     }
 
     /// The data laid out with dimensions `order` (each a label of `self`, or a label it
-    /// lacks, broadcast) at the sizes in `sizes`; size-1 dimensions broadcast.
-    fn arrange(&self, order: &[Label], sizes: &BTreeMap<Label, usize>) -> Vec<T> {
+    /// lacks, broadcast) at the sizes in `sizes`; size-1 dimensions broadcast. Broadcasting
+    /// can make this far larger than the operand: allocated fallibly.
+    fn arrange(
+        &self,
+        order: &[Label],
+        sizes: &BTreeMap<Label, usize>,
+    ) -> Result<Vec<T>, PluginError> {
         let st = self.strides();
         let shape: Vec<usize> = order.iter().map(|l| sizes[l]).collect();
         let strides: Vec<usize> = order
@@ -180,16 +188,20 @@ impl<T: EinElem> Operand<T> {
                 _ => 0,
             })
             .collect();
-        let len: usize = shape.iter().product();
-        let mut out = Vec::with_capacity(len);
+        let len = numel(&shape)?;
+        let mut out = try_with_capacity(len)?;
         walk_offsets(&shape, &strides, 0, len, |o| out.push(self.data[o]));
-        out
+        Ok(out)
     }
 
     /// Sums out the dimensions whose labels are in `drop`.
-    fn sum_out(self, drop: &[Label], sizes: &BTreeMap<Label, usize>) -> Operand<T> {
+    fn sum_out(
+        self,
+        drop: &[Label],
+        sizes: &BTreeMap<Label, usize>,
+    ) -> Result<Operand<T>, PluginError> {
         if !self.labels.iter().any(|l| drop.contains(l)) {
-            return self;
+            return Ok(self);
         }
         let keep: Vec<Label> = self
             .labels
@@ -209,22 +221,22 @@ impl<T: EinElem> Operand<T> {
         for (l, &s) in self.labels.iter().zip(&self.shape) {
             local.insert(*l, s);
         }
-        let data = self.arrange(&order, &local);
-        let block: usize = gone.iter().map(|l| local[l]).product();
+        let data = self.arrange(&order, &local)?;
+        let block = product_sat(&gone.iter().map(|l| local[l]).collect::<Vec<_>>());
         let shape: Vec<usize> = keep.iter().map(|l| local[l]).collect();
-        let n: usize = shape.iter().product();
         let data = if block == 0 {
-            vec![T::default(); n]
+            // Summing over an empty extent: zeros, as many as the kept extents say.
+            try_vec(numel(&shape)?, T::default())?
         } else {
             data.chunks(block)
                 .map(|c| c.iter().fold(T::default(), |acc, &v| acc.add(v)))
                 .collect()
         };
-        Operand {
+        Ok(Operand {
             labels: keep,
             shape,
             data,
-        }
+        })
     }
 }
 
@@ -365,8 +377,9 @@ impl Einsum {
             let data = if uniq.len() == labels.len() {
                 x.to_vec()
             } else {
-                let len: usize = ushape.iter().product();
-                let mut d = Vec::with_capacity(len);
+                // A diagonal: no larger than the operand.
+                let len = product_sat(&ushape);
+                let mut d = try_with_capacity(len)?;
                 walk_offsets(&ushape, &ustrides, 0, len, |o| d.push(x[o]));
                 d
             };
@@ -393,7 +406,7 @@ impl Einsum {
             .copied()
             .filter(|l| !later(0, &rest).contains(l))
             .collect();
-        acc = acc.sum_out(&drop, &sizes);
+        acc = acc.sum_out(&drop, &sizes)?;
         for _ in 1..n {
             let b = rest.remove(0);
             let keep = later(0, &rest);
@@ -403,7 +416,7 @@ impl Einsum {
                 .copied()
                 .filter(|l| !keep.contains(l) && !acc.labels.contains(l))
                 .collect();
-            let b = b.sum_out(&drop_b, &sizes);
+            let b = b.sum_out(&drop_b, &sizes)?;
             acc = contract(ctx, &acc, &b, &keep, &sizes)?;
         }
         let drop: Vec<Label> = acc
@@ -412,9 +425,9 @@ impl Einsum {
             .copied()
             .filter(|l| !out_labels.contains(l))
             .collect();
-        acc = acc.sum_out(&drop, &sizes);
+        acc = acc.sum_out(&drop, &sizes)?;
         let out_shape: Vec<usize> = out_labels.iter().map(|l| sizes[l]).collect();
-        Ok((out_shape, acc.arrange(&out_labels, &sizes)))
+        Ok((out_shape, acc.arrange(&out_labels, &sizes)?))
     }
 
     fn write<T: EinElem>(
@@ -522,19 +535,21 @@ fn contract<T: EinElem>(
         .copied()
         .filter(|l| !a.labels.contains(l))
         .collect();
-    let prod = |ls: &[Label]| ls.iter().map(|l| sizes[l]).product::<usize>();
-    let (nb, m, k, n) = (prod(&batch), prod(&left), prod(&con), prod(&right));
+    // Extents from the operands' shapes: an outer product or an empty contraction can make
+    // the result far larger than the operands, so its size is checked and allocated fallibly.
+    let prod = |ls: &[Label]| numel(&ls.iter().map(|l| sizes[l]).collect::<Vec<_>>());
+    let (nb, m, k, n) = (prod(&batch)?, prod(&left)?, prod(&con)?, prod(&right)?);
     let order_a: Vec<Label> = batch.iter().chain(&left).chain(&con).copied().collect();
     let order_b: Vec<Label> = batch.iter().chain(&con).chain(&right).copied().collect();
-    let am = a.arrange(&order_a, sizes);
-    let bm = b.arrange(&order_b, sizes);
-    let mut out = vec![T::default(); nb * m * n];
-    if m * n * k == 1 {
+    let am = a.arrange(&order_a, sizes)?;
+    let bm = b.arrange(&order_b, sizes)?;
+    let mut out = try_vec(numel(&[nb, m, n])?, T::default())?;
+    if m == 1 && n == 1 && k == 1 {
         // Pure elementwise product: no matrix to speak of.
         for ((o, &x), &y) in out.iter_mut().zip(&am).zip(&bm) {
             *o = x.mul(y);
         }
-    } else if m * n > 0 {
+    } else if m > 0 && n > 0 {
         for bi in 0..nb {
             T::gemm(
                 ctx,
@@ -780,5 +795,29 @@ mod tests {
             y[0].to_vec::<bf16>().expect("bf16"),
             h(&[19.0, 22.0, 43.0, 50.0])
         );
+    }
+
+    /// An empty contraction ([2^20, 0] x [0, 2^20]) asks for 2^40 output elements: the call
+    /// fails as too large (it used to abort on an infallible buffer), for f32 and f16.
+    #[test]
+    fn empty_contraction_with_huge_result_is_resource_exhausted() {
+        let node =
+            NodeSpec::onnx("Einsum", 12).attr("equation", AttrValue::String("ij,jk->ik".into()));
+        let a = HostTensor::from_vec::<f32>(&[1 << 20, 0], &[]).expect("a");
+        let b = HostTensor::from_vec::<f32>(&[0, 1 << 20], &[]).expect("b");
+        let ah = HostTensor::from_vec::<opreg_sdk::half::f16>(&[1 << 20, 0], &[]).expect("a");
+        let bh = HostTensor::from_vec::<opreg_sdk::half::f16>(&[0, 1 << 20], &[]).expect("b");
+        for (a, b) in [(&a, &b), (&ah, &bh)] {
+            let e = run_kernel(einsum_factory, &node, &[a, b], Some(Box::new(NaiveBlas)))
+                .expect_err("too large");
+            assert_eq!(e.code, ErrorCode::ResourceExhausted, "{}", e.message);
+        }
+        // Broadcast outer product of small operands into 2^40 elements.
+        let outer =
+            NodeSpec::onnx("Einsum", 12).attr("equation", AttrValue::String("i,j->ij".into()));
+        let v = HostTensor::from_vec(&[1 << 20], &vec![1.0f32; 1 << 20]).expect("v");
+        let e = run_kernel(einsum_factory, &outer, &[&v, &v], Some(Box::new(NaiveBlas)))
+            .expect_err("too large");
+        assert_eq!(e.code, ErrorCode::ResourceExhausted, "{}", e.message);
     }
 }

@@ -1,8 +1,12 @@
 //! MatMul and Gemm: shape logic here, the products in the node's BLAS backend.
 
 use super::{blas, optional, register_versions};
-use crate::util::{broadcast_shapes, broadcast_strides, walk_offsets};
-use opreg_sdk::{prelude::*, PackedB};
+use crate::util::{broadcast_shapes, broadcast_strides, product_sat, walk_offsets};
+use opreg_sdk::{
+    alloc::{checked_numel, try_vec, try_with_capacity},
+    prelude::*,
+    PackedB,
+};
 
 /// A row-major f32 gemm on contiguous operands with the given transposes.
 #[allow(clippy::too_many_arguments)]
@@ -181,17 +185,20 @@ impl MatMulPlan {
         if sb.len() > 1 {
             out_shape.push(n);
         }
-        let nb: usize = batch.iter().product();
-        let nb_a: usize = batch_a.iter().product();
-        let nb_b: usize = batch_b.iter().product();
+        // Empty operands may carry huge batch extents: saturating products (exact whenever the
+        // output has elements), and no offset table for an empty output.
+        let nb = product_sat(&batch);
+        let nb_a = product_sat(batch_a);
+        let nb_b = product_sat(batch_b);
+        let empty = product_sat(&out_shape) == 0;
         let mut offs = Vec::new();
-        if !(nb_b == 1 && nb_a == nb) {
-            let mut offs_a = Vec::with_capacity(nb);
+        if !empty && (nb_b != 1 || nb_a != nb) {
+            let mut offs_a = try_with_capacity(nb)?;
             walk_offsets(&batch, &broadcast_strides(batch_a, &batch), 0, nb, |o| {
                 offs_a.push(o * m * k)
             });
             let mut i = 0;
-            offs.resize(nb, (0, 0));
+            offs = try_vec(nb, (0, 0))?;
             walk_offsets(&batch, &broadcast_strides(batch_b, &batch), 0, nb, |o| {
                 offs[i] = (offs_a[i], o * k * n);
                 i += 1;
@@ -354,7 +361,10 @@ impl Kernel for MatMul {
                 self.packed.as_ref(),
             ),
             DType::F16 => {
-                let mut y = vec![0.0f32; shape.iter().product()];
+                // Output first (the host refuses sizes past its limit), then the f32 result
+                // it rounds: with K = 0 both can be far larger than A and B.
+                let out = ctx.output_slice::<f16>(0, &shape)?;
+                let mut y = try_vec(checked_numel(&shape)?, 0.0f32)?;
                 plan.run_f32(
                     ctx,
                     &widen(&a, f16::to_f32)?,
@@ -362,14 +372,16 @@ impl Kernel for MatMul {
                     &mut y,
                     None,
                 )?;
-                let out = ctx.output_slice::<f16>(0, &shape)?;
                 out.iter_mut()
                     .zip(&y)
                     .for_each(|(o, &v)| *o = f16::from_f32(v));
                 Ok(())
             }
             DType::BF16 => {
-                let mut y = vec![0.0f32; shape.iter().product()];
+                // Output first (the host refuses sizes past its limit), then the f32 result
+                // it rounds: with K = 0 both can be far larger than A and B.
+                let out = ctx.output_slice::<bf16>(0, &shape)?;
+                let mut y = try_vec(checked_numel(&shape)?, 0.0f32)?;
                 plan.run_f32(
                     ctx,
                     &widen(&a, bf16::to_f32)?,
@@ -377,7 +389,6 @@ impl Kernel for MatMul {
                     &mut y,
                     None,
                 )?;
-                let out = ctx.output_slice::<bf16>(0, &shape)?;
                 out.iter_mut()
                     .zip(&y)
                     .for_each(|(o, &v)| *o = bf16::from_f32(v));
@@ -775,5 +786,41 @@ mod tests {
         crate::testcases::run_cases_with(&["test_gemm_"], gemm_factory, || {
             Some(Box::new(NaiveBlas))
         });
+    }
+
+    /// K = 0 with large M and N: 2^40 outputs from empty operands fail as too large (the f16
+    /// and bf16 paths used to abort on an infallible f32 buffer); huge batch extents of empty
+    /// operands do not overflow.
+    #[test]
+    fn empty_inner_dimension_with_huge_output() {
+        use opreg_sdk::half::{bf16, f16};
+        let node = NodeSpec::onnx("MatMul", 13);
+        let run = |a: HostTensor, b: HostTensor| {
+            run_kernel(matmul_factory, &node, &[&a, &b], Some(Box::new(NaiveBlas)))
+        };
+        for e in [
+            run(
+                HostTensor::from_vec::<f16>(&[1 << 20, 0], &[]).expect("a"),
+                HostTensor::from_vec::<f16>(&[0, 1 << 20], &[]).expect("b"),
+            ),
+            run(
+                HostTensor::from_vec::<bf16>(&[1 << 20, 0], &[]).expect("a"),
+                HostTensor::from_vec::<bf16>(&[0, 1 << 20], &[]).expect("b"),
+            ),
+            run(
+                HostTensor::from_vec::<f32>(&[1 << 20, 0], &[]).expect("a"),
+                HostTensor::from_vec::<f32>(&[0, 1 << 20], &[]).expect("b"),
+            ),
+        ] {
+            let e = e.expect_err("too large");
+            assert_eq!(e.code, ErrorCode::ResourceExhausted, "{}", e.message);
+        }
+        // [2^40, 0, 2^19, 2, 3] x [1, 3, 4]: an empty result, no offsets per batch.
+        let out = run(
+            HostTensor::from_vec::<f32>(&[1 << 40, 0, 1 << 19, 2, 3], &[]).expect("a"),
+            HostTensor::from_vec(&[1, 3, 4], &[0.5f32; 12]).expect("b"),
+        )
+        .expect("empty");
+        assert_eq!(out[0].shape(), &[1 << 40, 0, 1 << 19, 2, 4]);
     }
 }

@@ -309,8 +309,24 @@ impl WindowAttrs {
             pad_end: vec![0; s],
             out: vec![0; s],
         };
+        // Attributes are arbitrary i64s: extents are computed checked, so that absurd pads or
+        // dilations are an error rather than an overflow.
+        let too_large = |d: usize| {
+            PluginError::invalid(format!(
+                "{op}: window extents on spatial axis {d} overflow (pads {pads:?})"
+            ))
+        };
         for d in 0..s {
-            let ek = (g.kernel[d] - 1) * g.dilations[d] + 1;
+            if g.kernel[d] == 0 {
+                return Err(PluginError::invalid(format!(
+                    "{op}: kernel {:?} is empty on spatial axis {d}",
+                    g.kernel
+                )));
+            }
+            let ek = (g.kernel[d] - 1)
+                .checked_mul(g.dilations[d])
+                .and_then(|e| e.checked_add(1))
+                .ok_or_else(|| too_large(d))?;
             let st = g.strides[d];
             let inp = input[d];
             match self.auto_pad {
@@ -319,7 +335,12 @@ impl WindowAttrs {
                         g.pad_begin[d] = pads[d];
                         g.pad_end[d] = pads[s + d];
                     }
-                    let padded = inp + g.pad_begin[d] + g.pad_end[d];
+                    // Window positions are isize (from minus the begin pad): keep them there.
+                    let padded = inp
+                        .checked_add(g.pad_begin[d])
+                        .and_then(|v| v.checked_add(g.pad_end[d]))
+                        .filter(|&v| v <= isize::MAX as usize)
+                        .ok_or_else(|| too_large(d))?;
                     if padded < ek {
                         return Err(PluginError::invalid(format!(
                             "{op}: window of extent {ek} does not fit the padded input extent \
@@ -340,7 +361,11 @@ impl WindowAttrs {
                 }
                 AutoPad::SameUpper | AutoPad::SameLower => {
                     let out = inp.div_ceil(st);
-                    let total = ((out.max(1) - 1) * st + ek).saturating_sub(inp);
+                    let total = ((out.max(1) - 1) * st)
+                        .checked_add(ek)
+                        .filter(|&v| v <= isize::MAX as usize)
+                        .ok_or_else(|| too_large(d))?
+                        .saturating_sub(inp);
                     let small = total / 2;
                     let (b, e) = if self.auto_pad == AutoPad::SameUpper {
                         (small, total - small)

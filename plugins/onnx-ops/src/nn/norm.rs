@@ -2,7 +2,7 @@
 //! GroupNormalization, LRN.
 
 use super::{at_least_one, optional, register_versions, Disjoint, Float, Real, FLOATS};
-use crate::util::{broadcast_strides, normalize_axis, walk_offsets};
+use crate::util::{broadcast_strides, normalize_axis, product_sat, walk_offsets};
 use opreg_sdk::prelude::*;
 
 /// A small float parameter tensor (scale, bias, mean...) of any float type, as `C` values.
@@ -39,7 +39,7 @@ fn nc(op: &str, xs: &[usize]) -> Result<(usize, usize, usize), PluginError> {
             "{op}: X must have rank >= 2 (N, C, ...), got {xs:?}"
         )));
     }
-    Ok((xs[0], xs[1], xs[2..].iter().product()))
+    Ok((xs[0], xs[1], product_sat(&xs[2..])))
 }
 
 /// Mean and population variance of `x`.
@@ -330,12 +330,10 @@ impl LayerNorm {
         let xs = inputs[0].shape();
         let axis = normalize_axis(self.axis, xs.len())
             .map_err(|e| PluginError::invalid(format!("{OP}: attribute 'axis': {}", e.message)))?;
-        let rows: usize = xs[..axis].iter().product();
-        let cols: usize = xs[axis..].iter().product();
-        let scale = RowParam::<T::C>::new(OP, "Scale", &inputs[1], xs, axis)?;
-        let bias = optional(inputs, 2)
-            .map(|b| RowParam::<T::C>::new(OP, "B", b, xs, axis))
-            .transpose()?;
+        // Exact whenever X has elements; an empty X returns before the parameters are
+        // expanded over a row (X may be [0, 2^40]).
+        let rows = product_sat(&xs[..axis]);
+        let cols = product_sat(&xs[axis..]);
         let x = inputs[0].as_slice::<T>()?;
         let y = ctx.output_slice::<T>(0, xs)?;
         let mut stat_shape = xs[..axis].to_vec();
@@ -357,6 +355,10 @@ impl LayerNorm {
         if rows == 0 || cols == 0 {
             return Ok(());
         }
+        let scale = RowParam::<T::C>::new(OP, "Scale", &inputs[1], xs, axis)?;
+        let bias = optional(inputs, 2)
+            .map(|b| RowParam::<T::C>::new(OP, "B", b, xs, axis))
+            .transpose()?;
         let eps = <T::C as Real>::from_f64(self.epsilon as f64);
         let grain = (16 * 1024 / cols).max(1) * cols;
         ctx.parallel_chunks(y, grain, |start, chunk| {
@@ -725,5 +727,21 @@ mod tests {
             })
             .collect();
         close(&out[0].to_vec::<f32>().expect("y"), &want);
+    }
+
+    /// An empty X of shape [0, 2^40] normalises to an empty Y: the broadcast scale is not
+    /// expanded over the (huge) row.
+    #[test]
+    fn layer_norm_of_empty_input_with_huge_rows() {
+        let x = HostTensor::from_vec::<f32>(&[0, 1 << 40], &[]).expect("x");
+        let scale = HostTensor::from_vec(&[1], &[2.0f32]).expect("scale");
+        let out = run_kernel(
+            layer_norm_factory,
+            &NodeSpec::onnx("LayerNormalization", 17),
+            &[&x, &scale],
+            None,
+        )
+        .expect("run");
+        assert_eq!(out[0].shape(), &[0, 1 << 40]);
     }
 }

@@ -1,8 +1,8 @@
 //! Pooling: MaxPool (with Indices), AveragePool, LpPool, GlobalAveragePool, GlobalMaxPool.
 
-use super::{register_versions, Disjoint, Float, Real, WindowAttrs, FLOATS};
-use crate::util::row_major_strides;
-use opreg_sdk::prelude::*;
+use super::{register_versions, Disjoint, Float, Geometry, Real, WindowAttrs, FLOATS};
+use crate::util::{product_sat, row_major_strides};
+use opreg_sdk::{alloc::try_with_capacity, prelude::*};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {
@@ -81,6 +81,71 @@ fn lp_pool_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> 
     }))
 }
 
+/// The in-range taps of one spatial dimension, as offsets into the input plane, for every
+/// output position; and how many taps fall inside the padded extent.
+struct Taps {
+    /// All positions' taps, back to back.
+    flat: Vec<usize>,
+    /// `flat[start[o]..start[o + 1]]` are position `o`'s taps.
+    start: Vec<usize>,
+    padded: Vec<usize>,
+}
+
+impl Taps {
+    /// The taps of spatial dimension `d`. Pads, kernel and output extents come from the
+    /// model and can make this table far larger than X or Y, so it is counted first and then
+    /// allocated in one fallible piece.
+    fn new(
+        g: &Geometry,
+        spatial: &[usize],
+        in_stride: usize,
+        d: usize,
+    ) -> Result<Self, PluginError> {
+        let (out, extent) = (g.out[d], spatial[d] as isize);
+        let pb = g.pad_begin[d] as isize;
+        let pe = g.pad_end[d] as isize;
+        // `resolve` keeps the padded extent within isize.
+        let pos = |o: usize, k: usize| (o * g.strides[d] + k * g.dilations[d]) as isize - pb;
+        let mut start = try_with_capacity(out + 1)?;
+        let mut padded = try_with_capacity(out)?;
+        start.push(0usize);
+        for o in 0..out {
+            let (mut inside, mut count) = (0usize, 0usize);
+            for k in 0..g.kernel[d] {
+                let p = pos(o, k);
+                inside += (p >= 0 && p < extent) as usize;
+                count += (p >= -pb && p < extent + pe) as usize;
+            }
+            let next = start[o].checked_add(inside).ok_or_else(|| {
+                PluginError::new(
+                    ErrorCode::ResourceExhausted,
+                    "pooling window table overflows",
+                )
+            })?;
+            start.push(next);
+            padded.push(count);
+        }
+        let mut flat = try_with_capacity(start[out])?;
+        for o in 0..out {
+            for k in 0..g.kernel[d] {
+                let p = pos(o, k);
+                if p >= 0 && p < extent {
+                    flat.push(p as usize * in_stride);
+                }
+            }
+        }
+        Ok(Taps {
+            flat,
+            start,
+            padded,
+        })
+    }
+
+    fn of(&self, o: usize) -> &[usize] {
+        &self.flat[self.start[o]..self.start[o + 1]]
+    }
+}
+
 /// Calls `f` with the sum of one entry of each list, for every combination.
 fn for_each_tap(lists: &[&[usize]], f: &mut impl FnMut(usize)) {
     match lists {
@@ -137,36 +202,8 @@ impl Pool {
         let mut out_shape = xs[..2].to_vec();
         out_shape.extend_from_slice(&g.out);
         let x = xv.as_slice::<T>()?;
-        let in_plane: usize = spatial.iter().product();
-        let out_plane: usize = g.out.iter().product();
-        let in_strides = row_major_strides(spatial);
-        // Per dimension and output position: the in-range taps (as offsets) and the number
-        // of taps inside the padded extent.
-        let mut taps: Vec<Vec<Vec<usize>>> = Vec::with_capacity(s);
-        let mut padded: Vec<Vec<usize>> = Vec::with_capacity(s);
-        for d in 0..s {
-            let (mut t, mut p) = (Vec::new(), Vec::new());
-            for o in 0..g.out[d] {
-                let mut list = Vec::new();
-                let mut count = 0;
-                for k in 0..g.kernel[d] {
-                    let pos =
-                        (o * g.strides[d] + k * g.dilations[d]) as isize - g.pad_begin[d] as isize;
-                    if pos >= 0 && pos < spatial[d] as isize {
-                        list.push(pos as usize * in_strides[d]);
-                    }
-                    if pos >= -(g.pad_begin[d] as isize)
-                        && pos < (spatial[d] + g.pad_end[d]) as isize
-                    {
-                        count += 1;
-                    }
-                }
-                t.push(list);
-                p.push(count);
-            }
-            taps.push(t);
-            padded.push(p);
-        }
+        // The outputs before anything sized by the geometry: the host refuses outputs past
+        // its limit.
         let y = ctx.output_slice::<T>(0, &out_shape)?;
         let want_indices = self.kind == Kind::Max && ctx.num_outputs() > 1;
         let mut no_indices: [i64; 0] = [];
@@ -178,11 +215,21 @@ impl Pool {
         if y.is_empty() {
             return Ok(());
         }
+        // Non-empty y: N and C are not zero, so X's plane is its size over N * C (zero when a
+        // spatial extent is); the output's extents multiply without overflow.
+        let in_plane = product_sat(spatial);
+        let out_plane: usize = g.out.iter().product();
+        let in_strides = row_major_strides(spatial);
+        // Per dimension and output position: the in-range taps (as offsets) and the number
+        // of taps inside the padded extent.
+        let taps = (0..s)
+            .map(|d| Taps::new(&g, spatial, in_strides[d], d))
+            .collect::<Result<Vec<_>, _>>()?;
         let indices = Disjoint::new(indices);
         // Column-major strides of the spatial dims, for storage_order = 1.
         let mut col_strides = vec![1usize; s];
         for d in 1..s {
-            col_strides[d] = col_strides[d - 1] * spatial[d - 1];
+            col_strides[d] = col_strides[d - 1].saturating_mul(spatial[d - 1]);
         }
         let grain = (4096 / out_plane.max(1)).max(1) * out_plane;
         ctx.parallel_chunks(y, grain, |start, chunk| {
@@ -202,9 +249,9 @@ impl Pool {
                     // rows and columns (the general walk below costs ~3x more per tap).
                     let (rows_of, cols_of) = (&taps[0], &taps[1]);
                     for (oh, yrow) in yp.chunks_mut(g.out[1]).enumerate() {
-                        let rows = &rows_of[oh];
+                        let rows = rows_of.of(oh);
                         for (ow, yv) in yrow.iter_mut().enumerate() {
-                            let cols = &cols_of[ow];
+                            let cols = cols_of.of(ow);
                             *yv = match self.kind {
                                 Kind::Max => {
                                     let mut best = <T::C as Real>::NEG_INFINITY;
@@ -228,7 +275,7 @@ impl Pool {
                                         }
                                     }
                                     let n = if count_include_pad {
-                                        padded[0][oh] * padded[1][ow]
+                                        rows_of.padded[oh] * cols_of.padded[ow]
                                     } else {
                                         rows.len() * cols.len()
                                     };
@@ -243,7 +290,7 @@ impl Pool {
                 oid.fill(0);
                 for (i, yv) in yp.iter_mut().enumerate() {
                     lists.clear();
-                    lists.extend((0..s).map(|d| taps[d][oid[d]].as_slice()));
+                    lists.extend((0..s).map(|d| taps[d].of(oid[d])));
                     match self.kind {
                         Kind::Max => {
                             let mut best = <T::C as Real>::NEG_INFINITY;
@@ -261,7 +308,9 @@ impl Pool {
                                 let sp = if self.storage_order {
                                     (0..s)
                                         .map(|d| {
-                                            (off / in_strides[d]) % spatial[d] * col_strides[d]
+                                            // max(1): X may be empty (all taps padding).
+                                            (off / in_strides[d].max(1)) % spatial[d].max(1)
+                                                * col_strides[d]
                                         })
                                         .sum()
                                 } else {
@@ -278,7 +327,7 @@ impl Pool {
                                 n += 1;
                             });
                             if count_include_pad {
-                                n = (0..s).map(|d| padded[d][oid[d]]).product();
+                                n = (0..s).map(|d| taps[d].padded[oid[d]]).product();
                             }
                             *yv = T::store(sum / <T::C as Real>::from_usize(n.max(1)));
                         }
@@ -359,7 +408,7 @@ impl GlobalPool {
         let x = inputs[0].as_slice::<T>()?;
         let mut out_shape = xs[..2].to_vec();
         out_shape.resize(xs.len(), 1);
-        let plane: usize = xs[2..].iter().product();
+        let plane = product_sat(&xs[2..]);
         let y = ctx.output_slice::<T>(0, &out_shape)?;
         let grain = (16 * 1024 / plane.max(1)).max(1);
         ctx.parallel_chunks(y, grain, |start, chunk| {
@@ -723,5 +772,33 @@ mod int8_tests {
     #[test]
     fn max_pool_official_cases() {
         crate::testcases::run_cases(&["test_maxpool_"], max_pool_factory);
+    }
+
+    /// Pads of 2^40 on a 2-element input: the output is refused as too large before any
+    /// table sized by it (the window tables used to grow infallibly to 2^40 entries).
+    #[test]
+    fn huge_pads_are_resource_exhausted() {
+        use opreg_sdk::{
+            host::HostTensor,
+            testkit::{run_kernel, NodeSpec},
+        };
+        let x = HostTensor::from_vec(&[1, 1, 2], &[1.0f32, 2.0]).expect("x");
+        for (op, f) in [
+            ("MaxPool", max_pool_factory as super::super::Factory),
+            ("AveragePool", avg_pool_factory),
+            ("LpPool", lp_pool_factory),
+        ] {
+            let node = NodeSpec::onnx(op, 18)
+                .attr("kernel_shape", AttrValue::Ints(vec![1].into()))
+                .attr("pads", AttrValue::Ints(vec![1 << 40, 1 << 40].into()));
+            let e = run_kernel(f, &node, &[&x], None).expect_err(op);
+            assert_eq!(e.code, ErrorCode::ResourceExhausted, "{op}: {}", e.message);
+            // Pads past isize are invalid, not an overflow.
+            let node = NodeSpec::onnx(op, 18)
+                .attr("kernel_shape", AttrValue::Ints(vec![1].into()))
+                .attr("pads", AttrValue::Ints(vec![i64::MAX, i64::MAX].into()));
+            let e = run_kernel(f, &node, &[&x], None).expect_err(op);
+            assert_eq!(e.code, ErrorCode::InvalidArgument, "{op}: {}", e.message);
+        }
     }
 }

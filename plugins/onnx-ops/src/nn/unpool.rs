@@ -3,7 +3,10 @@
 //! each dimension, as the reference implementation does.
 
 use super::{optional, register_versions, Float, FLOATS};
-use opreg_sdk::prelude::*;
+use opreg_sdk::{
+    alloc::{checked_numel, try_vec},
+    prelude::*,
+};
 
 #[derive(Clone)]
 struct MaxUnpool {
@@ -44,7 +47,17 @@ impl MaxUnpool {
         }
         let mut out = xs[..2].to_vec();
         for d in 0..s {
-            let v = (xs[d + 2] as i64 - 1) * strides[d] - (pads[d] + pads[s + d]) + self.kernel[d];
+            // Checked: the attributes are arbitrary i64s.
+            let v = (xs[d + 2] as i64 - 1)
+                .checked_mul(strides[d])
+                .and_then(|v| v.checked_sub(pads[d]))
+                .and_then(|v| v.checked_sub(pads[s + d]))
+                .and_then(|v| v.checked_add(self.kernel[d]))
+                .ok_or_else(|| {
+                    PluginError::invalid(format!(
+                        "MaxUnpool: spatial dimension {d} of the output overflows"
+                    ))
+                })?;
             if v < 0 {
                 return Err(PluginError::invalid(format!(
                     "MaxUnpool: spatial dimension {d} of the output would be {v}"
@@ -83,8 +96,12 @@ impl MaxUnpool {
                 o.iter().map(|&v| v as usize).collect()
             }
         };
-        let total: usize = inferred.iter().product();
-        let mut block = vec![T::default(); total];
+        // The output first (the host refuses sizes past its limit; it holds at least the
+        // block), then the block, fallibly: strides can make it far larger than X.
+        let y = ctx.output_slice::<T>(0, &shape)?;
+        y.fill(T::default());
+        let total = checked_numel(&inferred)?;
+        let mut block = try_vec(total, T::default())?;
         let x = xv.as_slice::<T>()?;
         let idx = iv.as_slice::<i64>()?;
         for (&v, &i) in x.iter().zip(idx) {
@@ -95,8 +112,6 @@ impl MaxUnpool {
             }
             block[i as usize] = v;
         }
-        let y = ctx.output_slice::<T>(0, &shape)?;
-        y.fill(T::default());
         // Copy the block into the output's leading corner, one innermost row at a time.
         let rank = shape.len();
         let row = inferred[rank - 1];
@@ -184,5 +199,24 @@ mod tests {
     #[test]
     fn max_unpool_official_cases() {
         crate::testcases::run_cases(&["test_maxunpool"], max_unpool_factory);
+    }
+
+    /// Strides of 2^40 unpool a 2-element X into ~2^40 elements: refused as too large (the
+    /// block used to be allocated infallibly); strides that overflow are invalid.
+    #[test]
+    fn huge_strides_are_refused() {
+        let x = HostTensor::from_vec(&[1, 1, 2], &[5.0f32, 6.0]).expect("x");
+        let i = HostTensor::from_vec(&[1, 1, 2], &[0i64, 1]).expect("i");
+        for (strides, code) in [
+            (1i64 << 40, ErrorCode::ResourceExhausted),
+            (i64::MAX, ErrorCode::InvalidArgument),
+        ] {
+            let node = NodeSpec::onnx("MaxUnpool", 22)
+                .attr("kernel_shape", AttrValue::Ints(vec![2].into()))
+                .attr("strides", AttrValue::Ints(vec![strides].into()));
+            let e = run_kernel_opt(max_unpool_factory, &node, &[Some(&x), Some(&i)], None)
+                .expect_err("too large");
+            assert_eq!(e.code, code, "{}", e.message);
+        }
     }
 }

@@ -3,8 +3,11 @@
 
 use super::matmul::requant_multiplier;
 use super::{fill_saturated, read_f32, read_i32, Factory, Q8};
-use crate::util::{optional, row_major_strides};
-use opreg_sdk::prelude::*;
+use crate::util::{numel, optional, product_sat, row_major_strides};
+use opreg_sdk::{
+    alloc::{try_vec, try_with_capacity},
+    prelude::*,
+};
 
 /// Convolution attributes, as read from the node.
 #[derive(Clone, Debug)]
@@ -60,7 +63,7 @@ impl Geometry {
             )));
         }
         let group = a.group as usize;
-        if c % group != 0 || m % group != 0 || w[1] * group != c {
+        if c % group != 0 || m % group != 0 || w[1].checked_mul(group) != Some(c) {
             return Err(PluginError::invalid(format!(
                 "{op}: channels do not fit group {group}: x {x:?}, w {w:?}"
             )));
@@ -88,14 +91,28 @@ impl Geometry {
         let in_sp = x[2..].to_vec();
         let mut out_sp = Vec::with_capacity(sp);
         let mut pad_begin = Vec::with_capacity(sp);
+        // Attributes are arbitrary i64s: extents are checked, and window positions (from
+        // minus the begin pad to the padded extent) must fit in an isize.
+        let overflow = |d: usize| {
+            PluginError::invalid(format!(
+                "{op}: window extents on spatial dim {d} overflow (pads {pads:?}, dilations \
+                 {dilations:?})"
+            ))
+        };
         for d in 0..sp {
-            let ext = (k_sp[d].max(1) - 1) * dilations[d] + 1;
+            let ext = (k_sp[d].max(1) - 1)
+                .checked_mul(dilations[d])
+                .and_then(|e| e.checked_add(1))
+                .ok_or_else(|| overflow(d))?;
             let (pb, pe) = match a.auto_pad.as_str() {
                 "NOTSET" => (pads[d], pads[d + sp]),
                 "VALID" => (0, 0),
                 "SAME_UPPER" | "SAME_LOWER" => {
                     let out = in_sp[d].div_ceil(strides[d]);
-                    let total = ((out.max(1) - 1) * strides[d] + ext).saturating_sub(in_sp[d]);
+                    let total = ((out.max(1) - 1) * strides[d])
+                        .checked_add(ext)
+                        .ok_or_else(|| overflow(d))?
+                        .saturating_sub(in_sp[d]);
                     if a.auto_pad == "SAME_UPPER" {
                         (total / 2, total - total / 2)
                     } else {
@@ -108,7 +125,11 @@ impl Geometry {
                     )))
                 }
             };
-            let padded = in_sp[d] + pb + pe;
+            let padded = in_sp[d]
+                .checked_add(pb)
+                .and_then(|v| v.checked_add(pe))
+                .filter(|&v| v <= isize::MAX as usize)
+                .ok_or_else(|| overflow(d))?;
             if padded < ext {
                 return Err(PluginError::invalid(format!(
                     "{op}: kernel extent {ext} exceeds padded input {padded} along spatial dim {d}"
@@ -147,14 +168,20 @@ impl Geometry {
         out: &mut [i32],
     ) -> Result<(), PluginError> {
         let sp = self.in_sp.len();
+        if out.is_empty() {
+            return Ok(());
+        }
+        // A non-empty output: its plane multiplies exactly; X's plane is 0 or exact. The
+        // kernel's extents come from W, which is empty when C is 0: checked, and the
+        // per-tap table allocated fallibly.
         let plane: usize = self.out_sp.iter().product();
-        let in_size: usize = self.in_sp.iter().product();
-        let k_size: usize = self.k_sp.iter().product();
+        let in_size = product_sat(&self.in_sp);
+        let k_size = numel(&self.k_sp)?;
         let cg = self.c / self.group;
         let mg = self.m / self.group;
         // Per kernel position: its dilated offset along each spatial dimension.
         let mut kpos = vec![0usize; sp];
-        let mut koffs: Vec<Vec<usize>> = Vec::with_capacity(k_size);
+        let mut koffs: Vec<Vec<usize>> = try_with_capacity(k_size)?;
         for _ in 0..k_size {
             koffs.push(
                 kpos.iter()
@@ -369,9 +396,10 @@ impl Kernel for QLinearConv {
             None => None,
         };
         let shape = geo.out_shape();
-        let mut acc = vec![0i32; shape.iter().product()];
+        // Padding makes the output arbitrarily larger than x: fallible.
+        let mut acc = try_vec(numel(&shape)?, 0i32)?;
         geo.run(ctx, &xs, &ws, bias, &mut acc)?;
-        let plane: usize = geo.out_sp.iter().product::<usize>().max(1);
+        let plane = product_sat(&geo.out_sp).max(1);
         fill_saturated(ctx, 0, out_dtype, &shape, |i| {
             let oc = (i / plane) % geo.m;
             (acc[i] as f64 * mult[oc] as f64 + y_zp).round_ties_even()

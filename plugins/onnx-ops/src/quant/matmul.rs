@@ -2,7 +2,10 @@
 //! broadcasting, accumulated in `i32`.
 
 use super::{fill_saturated, read_f32, read_i32, FLOATS, Q8};
-use crate::util::{broadcast_shapes, broadcast_strides, optional, walk_offsets};
+use crate::util::{
+    broadcast_shapes, broadcast_strides, numel, optional, product_sat, walk_offsets,
+};
+use opreg_sdk::alloc::{try_vec, try_with_capacity};
 use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
 
@@ -56,7 +59,9 @@ pub(super) struct MatDims {
     pub m: usize,
     pub k: usize,
     pub n: usize,
-    /// Offset of each output batch's A and B matrices.
+    /// Number of output batches.
+    nb: usize,
+    /// Offset of each output batch's A and B matrices (none when the output is empty).
     a_off: Vec<usize>,
     b_off: Vec<usize>,
     pub out_shape: Vec<usize>,
@@ -92,15 +97,20 @@ impl MatDims {
                 "{op}: batch dims of {a:?} and {b:?} do not broadcast"
             ))
         })?;
-        let nb: usize = batch.iter().product();
-        let mut a_off = Vec::with_capacity(nb);
-        let mut b_off = Vec::with_capacity(nb);
-        walk_offsets(&batch, &broadcast_strides(ab, &batch), 0, nb, |o| {
-            a_off.push(o * m * k)
-        });
-        walk_offsets(&batch, &broadcast_strides(bb, &batch), 0, nb, |o| {
-            b_off.push(o * k * n)
-        });
+        // Empty operands may carry huge batch extents: a saturating count (exact whenever
+        // the output has elements), and offsets only for a non-empty output, fallibly.
+        let nb = product_sat(&batch);
+        let (mut a_off, mut b_off) = (Vec::new(), Vec::new());
+        if m > 0 && n > 0 && nb > 0 {
+            a_off = try_with_capacity(nb)?;
+            b_off = try_with_capacity(nb)?;
+            walk_offsets(&batch, &broadcast_strides(ab, &batch), 0, nb, |o| {
+                a_off.push(o * m * k)
+            });
+            walk_offsets(&batch, &broadcast_strides(bb, &batch), 0, nb, |o| {
+                b_off.push(o * k * n)
+            });
+        }
         let mut out_shape = batch;
         if a.len() > 1 {
             out_shape.push(m);
@@ -112,15 +122,16 @@ impl MatDims {
             m,
             k,
             n,
+            nb,
             a_off,
             b_off,
             out_shape,
         })
     }
 
-    /// Number of output elements.
-    pub(super) fn len(&self) -> usize {
-        self.a_off.len() * self.m * self.n
+    /// Number of output elements (with K = 0, unbounded by the operands' sizes).
+    pub(super) fn len(&self) -> Result<usize, PluginError> {
+        numel(&[self.nb, self.m, self.n])
     }
 
     /// `out = a @ b` (wrapping `i32` arithmetic), rows in parallel.
@@ -132,7 +143,7 @@ impl MatDims {
         out: &mut [i32],
     ) -> Result<(), PluginError> {
         let (m, k, n) = (self.m, self.k, self.n);
-        if n == 0 {
+        if n == 0 || out.is_empty() {
             return Ok(());
         }
         let rows_per_chunk = (4096 / (k * n).max(1)).max(1);
@@ -201,7 +212,8 @@ fn vector_scale(
 ) -> Result<Vec<f32>, PluginError> {
     let v = read_f32(t, op)?.into_owned();
     if v.len() == 1 {
-        return Ok(vec![v[0]; len]);
+        // `len` is an extent of A or B, which may be empty.
+        return try_vec(len, v[0]);
     }
     if t.rank() != 1 || v.len() != len {
         return Err(PluginError::unimplemented(format!(
@@ -254,19 +266,19 @@ impl Kernel for QLinearMatMul {
             None => (a.dtype, 0.0),
         };
         let sdtype = inputs[1].dtype;
-        let mult: Vec<f32> = (0..dims.m * dims.n)
-            .map(|ij| {
-                requant_multiplier(
-                    sdtype,
-                    a_scale[ij / dims.n],
-                    b_scale[ij % dims.n],
-                    y_scale[0],
-                )
-            })
-            .collect();
-        let mut c = vec![0i32; dims.len()];
+        // M x N and the output are unbounded by the operands when K = 0: fallible.
+        let mn = numel(&[dims.m, dims.n])?;
+        let mut mult: Vec<f32> = try_with_capacity(mn)?;
+        mult.extend((0..mn).map(|ij| {
+            requant_multiplier(
+                sdtype,
+                a_scale[ij / dims.n],
+                b_scale[ij % dims.n],
+                y_scale[0],
+            )
+        }));
+        let mut c = try_vec(dims.len()?, 0i32)?;
         dims.run(ctx, &a32, &b32, &mut c)?;
-        let mn = dims.m * dims.n;
         fill_saturated(ctx, 0, out_dtype, &dims.out_shape, |i| {
             (c[i] as f64 * mult[i % mn] as f64 + y_zp).round_ties_even()
         })

@@ -649,3 +649,36 @@ fn onnx_quantize_dequantize_cases() {
     crate::testcases::run_cases(&["test_quantizelinear"], quantize_factory as Factory);
     crate::testcases::run_cases(&["test_dequantizelinear"], dequantize_factory as Factory);
 }
+
+/// Pads of 2^30 per side blow a 1x1 QLinearConv up to ~2^62 accumulators: refused as too
+/// large (the accumulator used to be allocated infallibly); overflowing pads are invalid.
+#[test]
+fn qlinear_conv_huge_pads_are_refused() {
+    let x = t(&[1, 1, 1, 1], &[3u8]);
+    let (w, s, z) = (
+        t(&[1, 1, 1, 1], &[2u8]),
+        t::<f32>(&[], &[0.5]),
+        t::<u8>(&[], &[0]),
+    );
+    let ins = [
+        Some(&x),
+        Some(&s),
+        Some(&z),
+        Some(&w),
+        Some(&s),
+        Some(&z),
+        Some(&s),
+        Some(&z),
+    ];
+    for (pad, code) in [
+        (1i64 << 30, ErrorCode::ResourceExhausted),
+        (i64::MAX, ErrorCode::InvalidArgument),
+    ] {
+        let node = conv_node(
+            "QLinearConv",
+            &[("pads", AttrValue::Ints(vec![pad; 4].into()))],
+        );
+        let e = run(conv::qlinear_conv_factory, node, &ins).expect_err("too large");
+        assert_eq!(e.code, code, "{}", e.message);
+    }
+}

@@ -243,13 +243,14 @@ pub(crate) fn input<'a, 'b>(
     optional(inputs, i).ok_or_else(|| PluginError::invalid(format!("{op}: input {i} is missing")))
 }
 
-/// Row-major strides, in elements.
+/// Row-major strides, in elements. They saturate: only an empty tensor's strides overflow,
+/// and none of its elements is addressed.
 pub(crate) fn strides_of(shape: &[usize]) -> Vec<isize> {
     let mut s = vec![0isize; shape.len()];
     let mut acc = 1isize;
     for d in (0..shape.len()).rev() {
         s[d] = acc;
-        acc *= shape[d] as isize;
+        acc = acc.saturating_mul(shape[d].try_into().unwrap_or(isize::MAX));
     }
     s
 }
@@ -263,8 +264,9 @@ fn coalesce(shape: &[usize], strides: &[isize]) -> (Vec<usize>, Vec<isize>) {
             continue;
         }
         if let (Some(ld), Some(ls)) = (sh.last_mut(), st.last_mut()) {
-            if *ls == s * d as isize {
-                *ld *= d;
+            // Checked and saturating: an empty tensor's extents may be huge.
+            if s.checked_mul(d as isize) == Some(*ls) {
+                *ld = ld.saturating_mul(d);
                 *ls = s;
                 continue;
             }
@@ -503,7 +505,8 @@ pub(crate) fn copy_reshaped(
         let dst = T::slice_mut(ctx.output(0, x.dtype, shape)?)?;
         copy_all(ctx, src, dst)
     }
-    let n: usize = shape.iter().product();
+    // Saturating: a product past usize cannot match X's length anyway.
+    let n = crate::util::product_sat(shape);
     if n != x.len() {
         return Err(PluginError::invalid(format!(
             "cannot reshape {:?} ({} elements) to {shape:?} ({n} elements)",

@@ -371,8 +371,12 @@ impl Kernel for EyeLike {
         let one = scalar_bytes(dtype, 1.0)?;
         let size = one.len();
         let out = ctx.output(0, dtype, &[rows, cols])?.into_bytes()?;
+        if out.is_empty() {
+            // An empty input may still have a huge row count: nothing to walk.
+            return Ok(());
+        }
         for i in 0..rows {
-            let j = i as i64 + self.k;
+            let j = (i as i64).saturating_add(self.k);
             if (0..cols as i64).contains(&j) {
                 let p = (i * cols + j as usize) * size;
                 out[p..p + size].copy_from_slice(&one);

@@ -2,8 +2,8 @@
 //! Scatter), ScatterND, OneHot, NonZero, Compress.
 
 use super::common::*;
-use crate::util::normalize_axis;
-use opreg_sdk::prelude::*;
+use crate::util::{normalize_axis, numel, product_sat};
+use opreg_sdk::{alloc::try_with_capacity, prelude::*};
 
 /// Indices in `[-dim, dim)` as positions in `[0, dim)`.
 fn norm_indices(raw: &[i64], dim: usize, what: &str) -> Result<Vec<usize>, PluginError> {
@@ -39,7 +39,8 @@ fn gather_run<T: Elem>(
     let src = T::slice(data)?;
     let shape = data.shape();
     let dim = shape[axis];
-    let inner: usize = shape[axis + 1..].iter().product();
+    // Saturating: exact whenever the output has elements (then so has `data`).
+    let inner = product_sat(&shape[axis + 1..]);
     let mut out_shape = shape[..axis].to_vec();
     out_shape.extend_from_slice(idx_shape);
     out_shape.extend_from_slice(&shape[axis + 1..]);
@@ -198,12 +199,19 @@ fn nd_offsets(
             "{op}: indices of shape {idx_shape:?} (batch_dims {b}) do not fit data {data:?}"
         )));
     }
-    let inner: usize = data[b + k..].iter().product();
-    let batch_block: usize = data[b..].iter().product();
+    // Saturating products of data's extents: exact whenever a slice is ever copied.
+    let inner = product_sat(&data[b + k..]);
+    let batch_block = product_sat(&data[b..]);
+    if k == 0 && inner == 0 {
+        // No index to check and nothing to move, however many (empty) tuples there are.
+        return Ok((Vec::new(), 0));
+    }
     let st = strides_of(&data[b..]);
-    let tuples: usize = idx_shape[..q - 1].iter().product();
-    let per_batch: usize = idx_shape[b..q - 1].iter().product();
-    let mut offs = Vec::with_capacity(tuples);
+    // With k = 0 the indices are empty whatever their leading extents: the offsets are
+    // sized by shapes, not data, so allocated fallibly.
+    let tuples = numel(&idx_shape[..q - 1])?;
+    let per_batch = product_sat(&idx_shape[b..q - 1]);
+    let mut offs = try_with_capacity(tuples)?;
     for n in 0..tuples {
         let mut off = (n / per_batch.max(1)) * batch_block;
         for j in 0..k {
@@ -499,7 +507,8 @@ impl Kernel for OneHot {
         } as usize;
         let mut out_shape = indices.shape().to_vec();
         out_shape.insert(axis, depth);
-        let after: usize = indices.shape()[axis..].iter().product();
+        // Saturating: exact whenever the indices have elements.
+        let after = product_sat(&indices.shape()[axis..]);
         let idx = ints_of(indices, "OneHot indices")?;
         by_elem!(
             values.dtype,

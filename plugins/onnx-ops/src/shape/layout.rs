@@ -3,8 +3,8 @@
 //! ReverseSequence.
 
 use super::common::*;
-use crate::util::{broadcast_shapes, broadcast_strides, normalize_axis};
-use opreg_sdk::prelude::*;
+use crate::util::{broadcast_shapes, broadcast_strides, normalize_axis, numel, product_sat};
+use opreg_sdk::{alloc::try_with_capacity, prelude::*};
 
 fn dims(v: &[i64], what: &str) -> Result<Vec<usize>, PluginError> {
     v.iter()
@@ -66,9 +66,10 @@ pub(crate) fn reshape_shape(
             t => out.push(t as usize),
         }
     }
-    let total: usize = input.iter().product();
+    // Saturating products: the target is data, and a product past usize cannot match.
+    let total = product_sat(input);
     if let Some(i) = infer {
-        let known: usize = out.iter().product();
+        let known = product_sat(&out);
         if known == 0 {
             return Err(PluginError::invalid(format!(
                 "Reshape: cannot infer -1 in {target:?} next to a 0 dimension"
@@ -81,7 +82,7 @@ pub(crate) fn reshape_shape(
         }
         out[i] = total / known;
     }
-    if out.iter().product::<usize>() != total {
+    if product_sat(&out) != total {
         return Err(PluginError::invalid(format!(
             "Reshape: {input:?} does not reshape to {target:?}"
         )));
@@ -124,8 +125,9 @@ impl Kernel for Flatten {
         } else {
             self.axis
         } as usize;
-        let outer: usize = data.shape()[..axis].iter().product();
-        let inner: usize = data.shape()[axis..].iter().product();
+        // Saturating: exact unless the input is empty with huge extents.
+        let outer = product_sat(&data.shape()[..axis]);
+        let inner = product_sat(&data.shape()[axis..]);
         copy_reshaped(ctx, data, &[outer, inner])
     }
 }
@@ -242,12 +244,14 @@ fn concat_run<T: Elem>(
     axis: usize,
     out_shape: &[usize],
 ) -> Result<(), PluginError> {
-    let inner: usize = out_shape[axis + 1..].iter().product();
+    // Saturating: exact whenever the output has elements (empty inputs may carry huge
+    // extents, and then nothing is copied).
+    let inner = product_sat(&out_shape[axis + 1..]);
     let srcs: Vec<(&[T], usize)> = xs
         .iter()
-        .map(|v| Ok((T::slice(v)?, v.shape()[axis] * inner)))
+        .map(|v| Ok((T::slice(v)?, v.shape()[axis].saturating_mul(inner))))
         .collect::<Result<_, PluginError>>()?;
-    let row: usize = srcs.iter().map(|s| s.1).sum();
+    let row = srcs.iter().fold(0usize, |a, s| a.saturating_add(s.1));
     let dst = T::slice_mut(ctx.output(0, xs[0].dtype, out_shape)?)?;
     par_units(ctx, dst, row, |o, out| {
         let mut pos = 0;
@@ -282,7 +286,12 @@ impl Kernel for Concat {
                     first.shape()
                 )));
             }
-            out[axis] += v.shape()[axis];
+            out[axis] = out[axis].checked_add(v.shape()[axis]).ok_or_else(|| {
+                PluginError::new(
+                    ErrorCode::ResourceExhausted,
+                    format!("Concat: the extents along axis {axis} overflow"),
+                )
+            })?;
         }
         by_elem!(first.dtype, concat_run(ctx, &xs, axis, &out))
     }
@@ -307,14 +316,15 @@ fn split_run<T: Elem>(
 ) -> Result<(), PluginError> {
     let src = T::slice(x)?;
     let shape = x.shape();
-    let inner: usize = shape[axis + 1..].iter().product();
-    let row = shape[axis] * inner;
+    // Saturating: exact whenever X has elements; otherwise nothing is copied.
+    let inner = product_sat(&shape[axis + 1..]);
+    let row = shape[axis].saturating_mul(inner);
     let mut begin = 0;
     for (j, &s) in sizes.iter().enumerate() {
         let mut oshape = shape.to_vec();
         oshape[axis] = s;
         let dst = T::slice_mut(ctx.output(j, x.dtype, &oshape)?)?;
-        let n = s * inner;
+        let n = s.saturating_mul(inner);
         let b = begin * inner;
         par_units(ctx, dst, n, |o, out| {
             out.clone_from_slice(&src[o * row + b..o * row + b + n]);
@@ -338,7 +348,8 @@ impl Kernel for Split {
         let sizes: Vec<usize> = match given {
             Some(s) => {
                 let s = dims(&s, "Split split")?;
-                if s.len() != n || s.iter().sum::<usize>() != dim {
+                let total = s.iter().try_fold(0usize, |a, &b| a.checked_add(b));
+                if s.len() != n || total != Some(dim) {
                     return Err(PluginError::invalid(format!(
                         "Split: split {s:?} does not cover dimension {dim} in {n} outputs"
                     )));
@@ -540,7 +551,12 @@ impl Kernel for Tile {
             vshape.extend([r, d]);
             vstrides.extend([0, s]);
         }
-        let out: Vec<usize> = reps.iter().zip(data.shape()).map(|(r, d)| r * d).collect();
+        // Checked: repeats are data (the host then refuses outputs past its limit).
+        let out = reps
+            .iter()
+            .zip(data.shape())
+            .map(|(&r, &d)| numel(&[r, d]))
+            .collect::<Result<Vec<_>, _>>()?;
         fn run<T: Elem>(
             ctx: &KernelContext<'_>,
             x: &TensorView<'_>,
@@ -574,35 +590,48 @@ pub(crate) struct Pad {
     attrs: Option<(Vec<i64>, f32)>,
 }
 
-/// The source index along one axis for each output index (`None`: the constant).
-fn pad_map(
-    dim: usize,
-    begin: i64,
-    end: i64,
-    mode: PadMode,
-) -> Result<Vec<Option<usize>>, PluginError> {
-    let out = dim as i64 + begin + end;
+/// The output extent of an axis of `dim` padded by (`begin`, `end`), checked: the pads are
+/// data.
+fn pad_extent(dim: usize, begin: i64, end: i64, mode: PadMode) -> Result<usize, PluginError> {
+    let out = (dim as i128) + (begin as i128) + (end as i128);
     if out < 0 {
         return Err(PluginError::invalid(format!(
             "Pad: pads ({begin}, {end}) remove more than dimension {dim}"
         )));
     }
-    let d = dim as i64;
-    (0..out)
-        .map(|o| {
-            let i = o - begin;
-            if (0..d).contains(&i) {
-                return Ok(Some(i as usize));
-            }
-            if mode == PadMode::Constant {
-                return Ok(None);
-            }
-            if d == 0 {
-                return Err(PluginError::invalid(format!(
-                    "Pad: {mode:?} padding of an empty dimension"
-                )));
-            }
-            let j = match mode {
+    if dim == 0 && out > 0 && mode != PadMode::Constant {
+        return Err(PluginError::invalid(format!(
+            "Pad: {mode:?} padding of an empty dimension"
+        )));
+    }
+    usize::try_from(out).map_err(|_| {
+        PluginError::new(
+            ErrorCode::ResourceExhausted,
+            format!("Pad: pads ({begin}, {end}) on dimension {dim} overflow"),
+        )
+    })
+}
+
+/// The source index along one axis for each of its `out` output indices (`None`: the
+/// constant). As long as the padded axis: allocated fallibly. In i128, so that no pad
+/// overflows.
+fn pad_map(
+    dim: usize,
+    begin: i64,
+    out: usize,
+    mode: PadMode,
+) -> Result<Vec<Option<usize>>, PluginError> {
+    let d = dim as i128;
+    let mut map = try_with_capacity(out)?;
+    for o in 0..out {
+        let i = o as i128 - begin as i128;
+        let j = if (0..d).contains(&i) {
+            Some(i)
+        } else if mode == PadMode::Constant || d == 0 {
+            // (`pad_extent` refused other modes on an empty dimension.)
+            None
+        } else {
+            Some(match mode {
                 PadMode::Edge => i.clamp(0, d - 1),
                 PadMode::Wrap => i.rem_euclid(d),
                 _ if d == 1 => 0,
@@ -615,16 +644,17 @@ fn pad_map(
                         m
                     }
                 }
-            };
-            Ok(Some(j as usize))
-        })
-        .collect()
+            })
+        };
+        map.push(j.map(|j| j as usize));
+    }
+    Ok(map)
 }
 
 fn pad_run<T: Elem>(
     ctx: &KernelContext<'_>,
     x: &TensorView<'_>,
-    maps: &[Vec<Option<usize>>],
+    (pads, mode): (&[(i64, i64)], PadMode),
     value: Option<&TensorView<'_>>,
     value_bytes: &[u8],
 ) -> Result<(), PluginError> {
@@ -633,8 +663,24 @@ fn pad_run<T: Elem>(
         _ => T::from_le(value_bytes).unwrap_or_else(T::zero),
     };
     let src = T::slice(x)?;
-    let out_shape: Vec<usize> = maps.iter().map(|m| m.len()).collect();
+    let out_shape = x
+        .shape()
+        .iter()
+        .zip(pads)
+        .map(|(&d, &(b, e))| pad_extent(d, b, e, mode))
+        .collect::<Result<Vec<_>, _>>()?;
+    // The output before the index maps: the host refuses sizes past its limit.
     let dst = T::slice_mut(ctx.output(0, x.dtype, &out_shape)?)?;
+    if dst.is_empty() {
+        return Ok(());
+    }
+    let maps = x
+        .shape()
+        .iter()
+        .zip(pads)
+        .zip(&out_shape)
+        .map(|((&d, &(b, _)), &out)| pad_map(d, b, out, mode))
+        .collect::<Result<Vec<_>, _>>()?;
     let rank = maps.len();
     if rank == 0 {
         dst.clone_from_slice(src);
@@ -650,8 +696,9 @@ fn pad_run<T: Elem>(
         for d in (0..rank - 1).rev() {
             let o = rem % outer_shape[d];
             rem /= outer_shape[d];
+            // Checked: an empty X has saturated strides, and its rows are all padding.
             base = match (base, maps[d][o]) {
-                (Some(b), Some(i)) => Some(b + i * st[d] as usize),
+                (Some(b), Some(i)) => i.checked_mul(st[d] as usize).and_then(|v| b.checked_add(v)),
                 _ => None,
             };
         }
@@ -693,18 +740,15 @@ impl Kernel for Pad {
         for (i, &a) in axes.iter().enumerate() {
             full[a] = (pads[i], pads[k + i]);
         }
-        let maps = data
-            .shape()
-            .iter()
-            .zip(&full)
-            .map(|(&d, &(b, e))| pad_map(d, b, e, self.mode))
-            .collect::<Result<Vec<_>, _>>()?;
         let value_bytes = if data.dtype == DType::String {
             Vec::new()
         } else {
             scalar_bytes(data.dtype, value_f as f64)?
         };
-        by_elem!(data.dtype, pad_run(ctx, data, &maps, value, &value_bytes))
+        by_elem!(
+            data.dtype,
+            pad_run(ctx, data, (&full, self.mode), value, &value_bytes)
+        )
     }
 }
 
@@ -727,13 +771,17 @@ impl Kernel for DepthToSpace {
             )));
         };
         let b = self.block;
-        if b == 0 || !c.is_multiple_of(b * b) {
+        // Checked: the blocksize is an attribute.
+        let bb = b
+            .checked_mul(b)
+            .filter(|&bb| bb > 0 && c.is_multiple_of(bb));
+        let Some(bb) = bb else {
             return Err(PluginError::invalid(format!(
                 "DepthToSpace: {c} channels do not divide by blocksize² ({b}²)"
             )));
-        }
-        let c2 = c / (b * b);
-        let out = [n, c2, h * b, w * b];
+        };
+        let c2 = c / bb;
+        let out = [n, c2, numel(&[h, b])?, numel(&[w, b])?];
         if self.crd {
             copy_permuted(ctx, data, &[n, c2, b, b, h, w], &[0, 1, 4, 2, 5, 3], &out)
         } else {
@@ -774,7 +822,7 @@ impl Kernel for SpaceToDepth {
             data,
             &[n, c, h / b, b, w / b, b],
             perm,
-            &[n, c * b * b, h / b, w / b],
+            &[n, numel(&[c, b, b])?, h / b, w / b],
         )
     }
 }

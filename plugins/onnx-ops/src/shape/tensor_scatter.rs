@@ -61,6 +61,15 @@ impl Kernel for TensorScatter {
             )));
         }
         let batch = ps[0];
+        let src = past.as_bytes()?;
+        let upd = update.as_bytes()?;
+        let out = ctx.output(0, past.dtype, ps)?.into_bytes()?;
+        if out.is_empty() {
+            // An empty cache may still have a huge batch: nothing to write, nothing per batch
+            // to allocate or walk.
+            return Ok(());
+        }
+        out.copy_from_slice(src);
         let writes: Vec<i64> = match optional(x, 2) {
             Some(w) => {
                 let w = w.to_i64s()?;
@@ -80,19 +89,16 @@ impl Kernel for TensorScatter {
         // Bytes of one step along the axis (the dims after it), and prefixes per batch.
         let inner: usize = ps[axis + 1..].iter().product::<usize>() * size;
         let per_batch: usize = ps[1..axis].iter().product();
-        let src = past.as_bytes()?;
-        let upd = update.as_bytes()?;
-        let out = ctx.output(0, past.dtype, ps)?.into_bytes()?;
-        out.copy_from_slice(src);
         for (b, &w) in writes.iter().enumerate() {
             for p in 0..per_batch {
                 let prefix = b * per_batch + p;
                 for s in 0..seq {
-                    let mut at = w + s as i64;
+                    // In i128: write indices are data, and w + s must not overflow.
+                    let mut at = w as i128 + s as i128;
                     if self.circular {
-                        at = at.rem_euclid(max_seq as i64);
+                        at = at.rem_euclid(max_seq as i128);
                     }
-                    if at < 0 || at as usize >= max_seq {
+                    if at < 0 || at >= max_seq as i128 {
                         return Err(PluginError::invalid(format!(
                             "TensorScatter: write index {w} + {s} is outside the cache length \
                              {max_seq} (batch {b})"

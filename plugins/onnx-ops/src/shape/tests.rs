@@ -966,3 +966,65 @@ fn transpose_timing() {
         t.elapsed().as_secs_f64() * 1e3
     );
 }
+
+/// Sizes from data far past memory fail the call (ResourceExhausted) instead of aborting the
+/// process; empty tensors with huge extents still work, without overflow.
+#[test]
+fn data_sized_buffers_fail_cleanly() {
+    let exhausted = |r: Result<Vec<HostTensor>, PluginError>, what: &str| {
+        let e = r.expect_err(what);
+        assert_eq!(
+            e.code,
+            ErrorCode::ResourceExhausted,
+            "{what}: {}",
+            e.message
+        );
+    };
+    let x = f32t(&[2], &[1.0, 2.0]);
+    // Pad: 2^40 and i64::MAX pads, every mode; pads removing more than the input.
+    for pads in [[1i64 << 40, 0], [i64::MAX, i64::MAX]] {
+        for mode in ["constant", "reflect", "edge", "wrap"] {
+            let p = i64t(&[2], &pads);
+            let node = NodeSpec::onnx("Pad", 19).attr("mode", s(mode));
+            exhausted(run(&node, &[Some(&x), Some(&p)]), mode);
+        }
+    }
+    let p = i64t(&[2], &[i64::MIN, 0]);
+    let e = run(&NodeSpec::onnx("Pad", 19), &[Some(&x), Some(&p)]).expect_err("negative");
+    assert_eq!(e.code, ErrorCode::InvalidArgument, "{}", e.message);
+    // Tile: repeats whose product with the extent is past memory.
+    let reps = i64t(&[1], &[i64::MAX]);
+    exhausted(
+        run(&NodeSpec::onnx("Tile", 13), &[Some(&x), Some(&reps)]),
+        "Tile",
+    );
+    // GatherND: 2^40 empty index tuples (k = 0), each selecting all of X.
+    let idx = i64t(&[1 << 40, 0], &[]);
+    exhausted(
+        run(&NodeSpec::onnx("GatherND", 13), &[Some(&x), Some(&idx)]),
+        "GatherND",
+    );
+
+    // An empty cache with a 2^40 batch: nothing per batch.
+    let past = f32t(&[1 << 40, 4, 0], &[]);
+    let upd = f32t(&[1 << 40, 1, 0], &[]);
+    let out = run1(
+        &NodeSpec::onnx("TensorScatter", 24),
+        &[Some(&past), Some(&upd)],
+    );
+    assert_eq!(out.shape(), &[1 << 40, 4, 0]);
+    // [2^30, 0, 2^30]: huge extents around an empty one.
+    let e = f32t(&[1 << 30, 0, 1 << 30], &[]);
+    let shape = i64t(&[3], &[1 << 30, -1, 1 << 20]);
+    let out = run1(&NodeSpec::onnx("Reshape", 14), &[Some(&e), Some(&shape)]);
+    assert_eq!(out.shape(), &[1 << 30, 0, 1 << 20]);
+    let node = NodeSpec::onnx("Concat", 13).attr("axis", AttrValue::Int(2));
+    let out = run1(&node, &[Some(&e), Some(&e)]);
+    assert_eq!(out.shape(), &[1 << 30, 0, 1 << 31]);
+    let sizes = i64t(&[2], &[1 << 29, 1 << 29]);
+    let node = NodeSpec::onnx("Split", 13)
+        .attr("axis", AttrValue::Int(2))
+        .outputs(2);
+    let out = run(&node, &[Some(&e), Some(&sizes)]).expect("split");
+    assert_eq!(out[1].shape(), &[1 << 30, 0, 1 << 29]);
+}

@@ -1,8 +1,8 @@
 //! CenterCropPad (opset 18) and Col2Im (opset 18).
 
 use super::{required, row_major_strides, with_float, Scalar};
-use crate::util::normalize_axis;
-use opreg_sdk::prelude::*;
+use crate::util::{normalize_axis, numel};
+use opreg_sdk::{alloc::try_vec, prelude::*};
 
 #[derive(Clone, Debug)]
 struct CenterCropPad {
@@ -133,7 +133,9 @@ impl Col2Im {
                 "{op}: image_shape {image:?}, block_shape {block:?}, dilations {dil:?} and strides {strides:?} must be positive and of one length"
             )));
         }
-        let kernel: usize = block.iter().map(|&b| b as usize).product();
+        // Shapes and attributes are data: products and extents are checked.
+        let blk: Vec<usize> = block.iter().map(|&v| v as usize).collect();
+        let kernel = numel(&blk)?;
         if cb % kernel != 0 {
             return Err(PluginError::invalid(format!(
                 "{op}: input dimension 1 ({cb}) is not a multiple of prod(block_shape) ({kernel})"
@@ -143,7 +145,21 @@ impl Col2Im {
         // Blocks along each dimension.
         let mut blocks = Vec::with_capacity(r);
         for d in 0..r {
-            let span = image[d] + pads[d] + pads[r + d] - (dil[d] * (block[d] - 1) + 1);
+            let span = dil[d]
+                .checked_mul(block[d] - 1)
+                .and_then(|e| e.checked_add(1))
+                .and_then(|e| {
+                    image[d]
+                        .checked_add(pads[d])?
+                        .checked_add(pads[r + d])?
+                        .checked_sub(e)
+                })
+                .ok_or_else(|| {
+                    PluginError::invalid(format!(
+                        "{op}: extents on axis {d} overflow (image_shape {image:?}, block_shape \
+                         {block:?}, pads {pads:?}, dilations {dil:?})"
+                    ))
+                })?;
             if span < 0 {
                 return Err(PluginError::invalid(format!(
                     "{op}: block {block:?} does not fit the padded image {image:?}"
@@ -151,15 +167,14 @@ impl Col2Im {
             }
             blocks.push((span / strides[d] + 1) as usize);
         }
-        if blocks.iter().product::<usize>() != l {
+        if numel(&blocks)? != l {
             return Err(PluginError::invalid(format!(
                 "{op}: input has {l} blocks, image_shape and attributes give {blocks:?}"
             )));
         }
         let img: Vec<usize> = image.iter().map(|&v| v as usize).collect();
-        let blk: Vec<usize> = block.iter().map(|&v| v as usize).collect();
         let img_strides = row_major_strides(&img);
-        let plane: usize = img.iter().product();
+        let plane = numel(&img)?;
         let mut out_shape = vec![n, c];
         out_shape.extend_from_slice(&img);
         let x = xv.as_slice::<T>()?;
@@ -167,38 +182,47 @@ impl Col2Im {
         if y.is_empty() {
             return Ok(());
         }
-        ctx.parallel_chunks(y, plane, |start, out| {
-            let nc = start / plane;
-            let (b, ch) = (nc / c, nc % c);
-            let mut acc = vec![0.0f64; plane];
+        // One task step per output plane, accumulated in f64 in a buffer of the plane's size
+        // (as large as the image the model asks for: allocated fallibly).
+        let planes = y.len() / plane;
+        let yd = crate::nn::Disjoint::new(y);
+        ctx.parallel_for(planes, 1, |range| {
+            let mut acc = try_vec(plane, 0.0f64)?;
             let (mut k, mut p) = (vec![0usize; r], vec![0usize; r]);
-            for kl in 0..kernel {
-                let mut rem = kl;
-                for d in (0..r).rev() {
-                    k[d] = rem % blk[d];
-                    rem /= blk[d];
-                }
-                let row = &x[((b * c + ch) * kernel + kl) * l..][..l];
-                'blocks: for (ll, v) in row.iter().enumerate() {
-                    let mut rem = ll;
+            for nc in range {
+                let (b, ch) = (nc / c, nc % c);
+                acc.fill(0.0);
+                for kl in 0..kernel {
+                    let mut rem = kl;
                     for d in (0..r).rev() {
-                        p[d] = rem % blocks[d];
-                        rem /= blocks[d];
+                        k[d] = rem % blk[d];
+                        rem /= blk[d];
                     }
-                    let mut off = 0usize;
-                    for d in 0..r {
-                        let pos = p[d] as i64 * strides[d] - pads[d] + k[d] as i64 * dil[d];
-                        if pos < 0 || pos >= image[d] {
-                            continue 'blocks;
+                    let row = &x[((b * c + ch) * kernel + kl) * l..][..l];
+                    'blocks: for (ll, v) in row.iter().enumerate() {
+                        let mut rem = ll;
+                        for d in (0..r).rev() {
+                            p[d] = rem % blocks[d];
+                            rem /= blocks[d];
                         }
-                        off += pos as usize * img_strides[d];
+                        let mut off = 0usize;
+                        for d in 0..r {
+                            let pos = p[d] as i64 * strides[d] - pads[d] + k[d] as i64 * dil[d];
+                            if pos < 0 || pos >= image[d] {
+                                continue 'blocks;
+                            }
+                            off += pos as usize * img_strides[d];
+                        }
+                        acc[off] += v.to_f64();
                     }
-                    acc[off] += v.to_f64();
+                }
+                // SAFETY: plane `nc` is written by this step only.
+                let out = unsafe { yd.part(nc * plane, plane) };
+                for (o, a) in out.iter_mut().zip(&acc) {
+                    *o = T::from_f64(*a);
                 }
             }
-            for (o, a) in out.iter_mut().zip(&acc) {
-                *o = T::from_f64(*a);
-            }
+            Ok(())
         })
     }
 }

@@ -1,6 +1,7 @@
 //! GridSample (opsets 16, 20) and AffineGrid (opset 20).
 
 use super::{required, row_major_strides, with_float, Scalar, FLOATS};
+use crate::util::product_sat;
 use opreg_sdk::prelude::*;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -186,11 +187,22 @@ impl GridSample {
         let (n, c) = (xs[0], xs[1]);
         let spatial = &xs[2..];
         let out_spatial = &gs[1..=r];
-        let plane: usize = spatial.iter().product();
-        let out_plane: usize = out_spatial.iter().product();
+        // Saturating: exact whenever X (or Y) has elements; empty tensors may carry huge
+        // extents.
+        let plane = product_sat(spatial);
+        let out_plane = product_sat(out_spatial);
         let mut out_shape = vec![n, c];
         out_shape.extend_from_slice(out_spatial);
         let y = ctx.output_slice::<T>(0, &out_shape)?;
+        if y.is_empty() {
+            return Ok(());
+        }
+        if plane == 0 {
+            // No pixel to read (border padding would clamp into an empty range).
+            return Err(PluginError::invalid(format!(
+                "GridSample: cannot sample the empty input {xs:?}"
+            )));
+        }
         let in_strides = row_major_strides(spatial);
         ctx.parallel_chunks(y, 256, |start, chunk| {
             let mut taps: Vec<Vec<(Option<usize>, f64)>> = vec![Vec::new(); r];
@@ -290,7 +302,8 @@ impl AffineGrid {
             }
         };
         let y = ctx.output_slice::<T>(0, &out_shape)?;
-        let plane: usize = dims.iter().product();
+        // Saturating: exact whenever Y has elements.
+        let plane = product_sat(&dims);
         ctx.parallel_chunks(y, 4096, |start, chunk| {
             let mut point = vec![0.0f64; r + 1];
             for (k, out) in chunk.iter_mut().enumerate() {

@@ -7,6 +7,7 @@
 use super::{optional, read_f64s, row_major_strides, Scalar, FLOATS};
 use crate::util::normalize_axis;
 use opreg_sdk::{
+    alloc::{try_reserve, try_vec, try_with_capacity},
     half::{bf16, f16},
     prelude::*,
 };
@@ -352,7 +353,7 @@ impl Resize {
         Some(x_ori)
     }
 
-    /// The taps of one axis.
+    /// The taps of one axis. Sizes and scales are data: the tables are allocated fallibly.
     fn axis_taps(
         &self,
         in_len: usize,
@@ -360,12 +361,12 @@ impl Resize {
         scale: f64,
         roi: (f64, f64),
         stride: usize,
-    ) -> Taps {
+    ) -> Result<Taps, PluginError> {
         let mut t = Taps {
-            start: Vec::with_capacity(out_len + 1),
+            start: try_with_capacity(out_len.saturating_add(1))?,
             offset: Vec::new(),
             weight: Vec::new(),
-            outside: vec![false; out_len],
+            outside: try_vec(out_len, false)?,
         };
         let last = in_len as i64 - 1;
         let clamp = |i: i64| i.clamp(0, last) as usize * stride;
@@ -394,6 +395,8 @@ impl Resize {
                     Nearest::Ceil => true,
                     Nearest::Legacy => scale < 1.0,
                 };
+                try_reserve(&mut t.offset, 1)?;
+                try_reserve(&mut t.weight, 1)?;
                 t.offset.push(clamp(x_int + right as i64));
                 t.weight.push(1.0);
                 continue;
@@ -414,6 +417,8 @@ impl Resize {
                     coeffs.iter_mut().for_each(|c| *c /= sum);
                 }
             }
+            try_reserve(&mut t.offset, coeffs.len())?;
+            try_reserve(&mut t.weight, coeffs.len())?;
             for (k, &c) in coeffs.iter().enumerate() {
                 if c != 0.0 {
                     t.offset.push(clamp(first + k as i64));
@@ -422,7 +427,7 @@ impl Resize {
             }
         }
         t.start.push(t.offset.len());
-        t
+        Ok(t)
     }
 
     /// Fills `coeffs` for `ratio` in (0, 1]; returns `m`, half the number of neighbours.
@@ -497,7 +502,7 @@ impl Resize {
         let in_strides = row_major_strides(in_shape);
         let taps: Vec<Taps> = (0..in_shape.len())
             .map(|d| self.axis_taps(in_shape[d], out_shape[d], scale[d], roi[d], in_strides[d]))
-            .collect();
+            .collect::<Result<_, _>>()?;
         let extrapolation = T::from_f64(self.extrapolation);
         let rank = out_shape.len();
         ctx.parallel_chunks(y, 1024, |start, chunk| {

@@ -1,7 +1,8 @@
 //! RoiAlign (opsets 10, 16) and NonMaxSuppression (opsets 10, 11).
 
 use super::{optional, read_f64s, required, with_float, Scalar};
-use opreg_sdk::prelude::*;
+use crate::util::numel;
+use opreg_sdk::{alloc::try_with_capacity, prelude::*};
 
 #[derive(Clone, Debug)]
 struct RoiAlign {
@@ -66,7 +67,14 @@ struct Sample {
 
 impl RoiAlign {
     /// The sampling grid of one roi, and the number of samples per bin in each direction.
-    fn samples(&self, roi: &[f64], height: usize, width: usize) -> (Vec<Sample>, usize, usize) {
+    /// Without `sampling_ratio` the grid follows the roi's extent, which is data (a huge roi
+    /// asks for a huge grid): allocated fallibly.
+    fn samples(
+        &self,
+        roi: &[f64],
+        height: usize,
+        width: usize,
+    ) -> Result<(Vec<Sample>, usize, usize), PluginError> {
         let offset = if self.half_pixel { 0.5 } else { 0.0 };
         let s = self.spatial_scale;
         let (start_w, start_h) = (roi[0] * s - offset, roi[1] * s - offset);
@@ -87,7 +95,7 @@ impl RoiAlign {
         };
         let (gh, gw) = (grid(roi_h, self.out_h), grid(roi_w, self.out_w));
         let (hf, wf) = (height as f64, width as f64);
-        let mut out = Vec::with_capacity(self.out_h * self.out_w * gh * gw);
+        let mut out = try_with_capacity(numel(&[self.out_h, self.out_w, gh, gw])?)?;
         for ph in 0..self.out_h {
             for pw in 0..self.out_w {
                 for iy in 0..gh {
@@ -131,7 +139,7 @@ impl RoiAlign {
                 }
             }
         }
-        (out, gh, gw)
+        Ok((out, gh, gw))
     }
 
     fn run<T: Scalar>(
@@ -161,14 +169,37 @@ impl RoiAlign {
         }
         let x = xv.as_slice::<T>()?;
         let y = ctx.output_slice::<T>(0, &[num, c, self.out_h, self.out_w])?;
-        let bins = self.out_h * self.out_w;
         if y.is_empty() || h == 0 || w == 0 {
             return Ok(());
         }
-        // One chunk per (roi, channel) plane.
-        ctx.parallel_chunks(y, bins, |start, plane| {
-            let (r, ch) = (start / bins / c, start / bins % c);
-            let (samples, gh, gw) = self.samples(&rois[r * 4..r * 4 + 4], h, w);
+        // Non-empty y: the bins multiply without overflow.
+        let bins = self.out_h * self.out_w;
+        let planes = y.len() / bins;
+        let yd = crate::nn::Disjoint::new(y);
+        // One step per (roi, channel) plane.
+        ctx.parallel_for(planes, 1, |range| {
+            for pi in range {
+                // SAFETY: plane `pi` is written by this step only.
+                let out = unsafe { yd.part(pi * bins, bins) };
+                self.plane(x, rois, batch, (c, h, w), pi, out)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Output plane `pi` (roi `pi / c`, channel `pi % c`) into `plane`.
+    fn plane<T: Scalar>(
+        &self,
+        x: &[T],
+        rois: &[f64],
+        batch: &[i64],
+        (c, h, w): (usize, usize, usize),
+        pi: usize,
+        plane: &mut [T],
+    ) -> Result<(), PluginError> {
+        {
+            let (r, ch) = (pi / c, pi % c);
+            let (samples, gh, gw) = self.samples(&rois[r * 4..r * 4 + 4], h, w)?;
             let per_bin = gh * gw;
             let count = per_bin.max(1) as f64;
             let data = &x[(batch[r] as usize * c + ch) * h * w..][..h * w];
@@ -195,7 +226,8 @@ impl RoiAlign {
                 };
                 *out = T::from_f64(v);
             }
-        })
+        }
+        Ok(())
     }
 }
 
@@ -302,7 +334,8 @@ impl Kernel for Nms {
             .map(|t| t.as_slice::<f32>().map(|s| s[0]))
             .transpose()?;
         let mut selected: Vec<[i64; 3]> = Vec::new();
-        let mut candidates: Vec<(f32, usize)> = Vec::with_capacity(nboxes);
+        // Grown as scores are read (with no batch, `nboxes` is only a shape).
+        let mut candidates: Vec<(f32, usize)> = Vec::new();
         let mut kept: Vec<usize> = Vec::new();
         for b in 0..nb {
             let bb = &boxes[b * nboxes * 4..][..nboxes * 4];
@@ -424,5 +457,37 @@ mod tests {
     #[test]
     fn spatial_nms_conformance() {
         run_cases(&["test_nonmaxsuppression"], nms);
+    }
+
+    /// A roi of extent 1e30 without sampling_ratio asks for a 1e30-sample grid per bin: the
+    /// call fails as too large (the grid used to be allocated infallibly). NMS over an empty
+    /// batch with 2^40 boxes selects nothing.
+    #[test]
+    fn huge_rois_and_empty_batches() {
+        let x = HostTensor::from_vec(&[1, 1, 2, 2], &[1.0f32; 4]).expect("x");
+        let rois = HostTensor::from_vec(&[1, 4], &[0.0f32, 0.0, 1e30, 1e30]).expect("rois");
+        let batch = HostTensor::from_vec(&[1], &[0i64]).expect("batch");
+        let node = NodeSpec::onnx("RoiAlign", 16)
+            .attr("output_height", AttrValue::Int(1))
+            .attr("output_width", AttrValue::Int(1));
+        let e = run_kernel_opt(
+            roi_align,
+            &node,
+            &[Some(&x), Some(&rois), Some(&batch)],
+            None,
+        )
+        .expect_err("too large");
+        assert_eq!(e.code, ErrorCode::ResourceExhausted, "{}", e.message);
+
+        let boxes = HostTensor::from_vec::<f32>(&[0, 1 << 40, 4], &[]).expect("boxes");
+        let scores = HostTensor::from_vec::<f32>(&[0, 1, 1 << 40], &[]).expect("scores");
+        let out = run_kernel_opt(
+            nms,
+            &NodeSpec::onnx("NonMaxSuppression", 11),
+            &[Some(&boxes), Some(&scores)],
+            None,
+        )
+        .expect("run");
+        assert_eq!(out[0].shape(), &[0, 3]);
     }
 }

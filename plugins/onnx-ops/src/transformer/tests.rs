@@ -317,3 +317,31 @@ fn rms_normalization_output_takes_the_scale_type() {
     .unwrap();
     assert_eq!(out[0].dtype(), DType::F16);
 }
+
+/// Empty Q, K and V (head size 0) with 2^20-long sequences ask for 2^40 attention scores:
+/// refused as too large instead of aborting. An empty X of a huge batch normalises to an
+/// empty Y without per-position tables.
+#[test]
+fn empty_heads_with_huge_sequences() {
+    let e = |s: &[usize]| HostTensor::from_vec::<f32>(s, &[]).unwrap();
+    let (q, k) = (e(&[1, 1, 1 << 20, 0]), e(&[1, 1, 1 << 20, 0]));
+    let err = run_kernel_opt(
+        attention_factory,
+        &NodeSpec::onnx("Attention", 23),
+        &[Some(&q), Some(&k), Some(&k)],
+        None,
+    )
+    .unwrap_err();
+    assert_eq!(err.code, ErrorCode::ResourceExhausted, "{}", err.message);
+
+    let x = e(&[1 << 30, 0, 1 << 30]);
+    let out = run_kernel_opt(
+        mvn_factory,
+        &NodeSpec::onnx("MeanVarianceNormalization", 13)
+            .attr("axes", AttrValue::Ints(vec![0].into())),
+        &[Some(&x)],
+        None,
+    )
+    .unwrap();
+    assert_eq!(out[0].shape(), &[1 << 30, 0, 1 << 30]);
+}
