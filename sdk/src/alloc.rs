@@ -7,11 +7,18 @@
 
 use crate::{ErrorCode, PluginError};
 
+/// The element count of `dims`: 0 when any dimension is 0 (whatever the others), `None` when
+/// the product overflows.
+pub fn numel(dims: &[usize]) -> Option<usize> {
+    if dims.contains(&0) {
+        return Some(0);
+    }
+    dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d))
+}
+
 /// The element count `dims` multiply to, or a `ResourceExhausted` error on overflow.
 pub fn checked_numel(dims: &[usize]) -> Result<usize, PluginError> {
-    dims.iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| too_large(format!("shape {dims:?} overflows the address space")))
+    numel(dims).ok_or_else(|| too_large(format!("shape {dims:?} overflows the address space")))
 }
 
 /// A vector of `len` copies of `value`, reserved fallibly.
@@ -57,6 +64,12 @@ mod tests {
         assert_eq!(e.code, ErrorCode::ResourceExhausted);
         assert!(checked_numel(&[1 << 40, 1 << 40]).is_err());
         assert_eq!(checked_numel(&[0, 1 << 40]).expect("zero"), 0);
+        // Empty whatever the order of its dimensions.
+        assert_eq!(checked_numel(&[1 << 40, 1 << 40, 0]).expect("zero"), 0);
+        assert_eq!(
+            crate::tensor::contiguous_strides(&[0, 1 << 32, 1 << 32]),
+            [isize::MAX, 1 << 32, 1]
+        );
         let v = try_vec(3, 7u8).expect("small");
         assert_eq!(v, [7, 7, 7]);
         let mut w: Vec<u64> = Vec::new();

@@ -104,9 +104,7 @@ pub struct HostTensor {
 impl HostTensor {
     /// A zero-filled tensor (empty strings for `String`).
     pub fn zeroed(dtype: DType, shape: &[usize]) -> Result<Self, PluginError> {
-        let len = shape
-            .iter()
-            .try_fold(1usize, |a, &d| a.checked_mul(d))
+        let len = crate::alloc::numel(shape)
             .and_then(|n| n.checked_mul(dtype.size()))
             .ok_or_else(|| {
                 PluginError::new(
@@ -190,7 +188,8 @@ impl HostTensor {
 
     /// Number of elements.
     pub fn len(&self) -> usize {
-        self.shape.iter().product()
+        // An existing tensor is either empty or small enough to be allocated: no overflow.
+        crate::alloc::numel(&self.shape).unwrap_or(0)
     }
 
     /// True when the tensor has no element.
@@ -376,10 +375,8 @@ impl FfiHost for CallFrame<'_> {
                     "output {index} allocated twice"
                 )));
             }
-            let bytes = shape
-                .as_slice()
-                .iter()
-                .try_fold(dtype.size(), |a, &d| a.checked_mul(d));
+            let bytes =
+                crate::alloc::numel(shape.as_slice()).and_then(|n| n.checked_mul(dtype.size()));
             self.within_limit(
                 &format!("output {index} ({dtype} {:?})", shape.as_slice()),
                 bytes,

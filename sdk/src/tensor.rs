@@ -210,7 +210,8 @@ impl<'a> TensorView<'a> {
 
     /// Number of elements.
     pub fn len(&self) -> usize {
-        self.shape.iter().product()
+        // An existing tensor is either empty or small enough to be allocated: no overflow.
+        crate::alloc::numel(&self.shape).unwrap_or(0)
     }
 
     /// True when the tensor has no element.
@@ -323,7 +324,8 @@ impl<'a> TensorViewMut<'a> {
 
     /// Number of elements.
     pub fn len(&self) -> usize {
-        self.shape.iter().product()
+        // An existing tensor is either empty or small enough to be allocated: no overflow.
+        crate::alloc::numel(&self.shape).unwrap_or(0)
     }
 
     /// True when the tensor has no element.
@@ -408,7 +410,8 @@ impl OwnedTensor {
 
     /// Number of elements.
     pub fn len(&self) -> usize {
-        self.shape.iter().product()
+        // An existing tensor is either empty or small enough to be allocated: no overflow.
+        crate::alloc::numel(&self.shape).unwrap_or(0)
     }
 
     /// True when the tensor has no element.
@@ -449,7 +452,10 @@ pub fn contiguous_strides(shape: &[usize]) -> Vec<isize> {
     let mut acc = 1isize;
     for (s, &d) in strides.iter_mut().zip(shape).rev() {
         *s = acc;
-        acc *= d.max(1) as isize;
+        // Saturating: an empty tensor may have dimensions whose product overflows (e.g.
+        // [0, 2^32, 2^32]); its strides are never used to address memory, and a non-empty
+        // tensor that large could not have been allocated.
+        acc = acc.saturating_mul(isize::try_from(d.max(1)).unwrap_or(isize::MAX));
     }
     strides
 }
@@ -464,13 +470,13 @@ pub fn is_contiguous(shape: &[usize], strides: &[isize]) -> bool {
         if d > 1 && s != acc {
             return false;
         }
-        acc *= d.max(1) as isize;
+        acc = acc.saturating_mul(isize::try_from(d.max(1)).unwrap_or(isize::MAX));
     }
     true
 }
 
 fn check_len(shape: &[usize], len: usize) -> Result<(), PluginError> {
-    let want: usize = shape.iter().product();
+    let want = crate::alloc::numel(shape).unwrap_or(usize::MAX);
     if want != len {
         return Err(PluginError::invalid(format!(
             "shape {shape:?} needs {want} elements, got {len}"
