@@ -253,6 +253,13 @@ impl<'a> TensorView<'a> {
     }
 
     fn check_access(&self, want: DType) -> Result<(), PluginError> {
+        // An absent optional input has no data at all (its shape `[]` would otherwise read as
+        // one scalar element behind a null pointer).
+        if self.is_absent() {
+            return Err(PluginError::invalid(
+                "an optional input the node leaves out was read",
+            ));
+        }
         if self.dtype != want {
             return Err(PluginError::invalid(format!(
                 "tensor is {}, read as {}",
@@ -488,6 +495,16 @@ fn check_len(shape: &[usize], len: usize) -> Result<(), PluginError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_absent_input_is_refused_not_read() {
+        let absent = TensorView::absent();
+        assert!(absent.is_absent());
+        let e = absent.as_slice::<f32>().expect_err("no data");
+        assert_eq!(e.code, crate::ErrorCode::InvalidArgument);
+        assert!(absent.as_bytes().is_err());
+        assert!(absent.to_i64s().is_err());
+    }
 
     #[test]
     fn strides_and_contiguity() {
