@@ -9,8 +9,9 @@
 //! a million), from seed `OPREG_FUZZ_SEED` (fixed by default, so a CI run is reproducible).
 //!
 //! A panic that reaches the harness is a crash: its input is written to
-//! `target/fuzz-crashes/` and the test fails. An abort (allocation failure) kills the test
-//! process, which fails it too. Kernel panics the SDK caught at the plugin boundary are
+//! `target/fuzz-crashes/` and the test fails. An execution that runs past `OPREG_FUZZ_HANG_S`
+//! seconds (default 10) is a hang: a watchdog saves its input the same way and ends the
+//! process. An abort (allocation failure) kills the test process, which fails it too. Kernel panics the SDK caught at the plugin boundary are
 //! counted and reported: the daemon survives them, but each is a bug to fix.
 
 use opreg_proto::{inference as pb, onnx};
@@ -239,6 +240,49 @@ fn pick<'a, T>(rng: &mut Rng, v: &'a mut [T]) -> Option<&'a mut T> {
     v.get_mut(i)
 }
 
+/// Ends the process when one execution runs too long, after saving its input: a hang must
+/// fail the run, not stall CI until its time limit.
+struct Watchdog {
+    current: Arc<std::sync::Mutex<Option<(Instant, Vec<u8>)>>>,
+}
+
+impl Watchdog {
+    fn start(target: &'static str) -> Watchdog {
+        let limit = Duration::from_secs(
+            std::env::var("OPREG_FUZZ_HANG_S")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(10),
+        );
+        let current: Arc<std::sync::Mutex<Option<(Instant, Vec<u8>)>>> = Default::default();
+        let watched = Arc::downgrade(&current);
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(250));
+            let Some(current) = watched.upgrade() else {
+                return;
+            };
+            let guard = current.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((started, input)) = guard.as_ref() {
+                if started.elapsed() > limit {
+                    let mut t = Tally::default();
+                    t.crash(&format!("{target}-hang"), input);
+                    eprintln!(
+                        "fuzz {target}: one execution ran past {limit:?}; input saved as {:?}",
+                        t.crashes
+                    );
+                    std::process::exit(3);
+                }
+            }
+        });
+        Watchdog { current }
+    }
+
+    fn begin(&self, input: &[u8]) {
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now(), input.to_vec()));
+    }
+}
+
 /// What a harness saw.
 #[derive(Default)]
 struct Tally {
@@ -333,6 +377,7 @@ fn fuzz_importer_compile_and_run() {
     let seeds = model_seeds();
     let mut rng = Rng(b.seed);
     let mut t = Tally::default();
+    let watchdog = Watchdog::start("importer");
     while t.execs < b.execs && Instant::now() < b.until {
         t.execs += 1;
         let seed = &seeds[rng.below(seeds.len())];
@@ -348,15 +393,17 @@ fn fuzz_importer_compile_and_run() {
                 data
             }
         };
+        watchdog.begin(&input);
+        // Small limits: each execution must stay short in a debug build.
         let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<bool, GraphError> {
             let model = graph::import(&input, None)?;
-            let plan = graph::compile(&model, snap.clone(), &[opreg_sdk::Device::CPU], 64 << 20)?;
+            let plan = graph::compile(&model, snap.clone(), &[opreg_sdk::Device::CPU], 1 << 20)?;
             let Some(feeds) = feeds(&model) else {
                 return Ok(false);
             };
             let control = RunControl::new(
-                64 << 20,
-                256 << 20,
+                4 << 20,
+                16 << 20,
                 Some(Instant::now() + Duration::from_secs(2)),
             );
             graph::run_with_control(&plan, feeds, &control)?;
@@ -400,6 +447,7 @@ fn fuzz_request_decoder() {
     let seeds: Vec<Vec<u8>> = seed_requests().iter().map(|r| r.encode_to_vec()).collect();
     let mut rng = Rng(b.seed);
     let mut t = Tally::default();
+    let watchdog = Watchdog::start("decoder");
     while t.execs < b.execs * 10 && Instant::now() < b.until {
         t.execs += 1;
         let mut data = seeds[rng.below(seeds.len())].clone();
@@ -436,6 +484,7 @@ fn fuzz_request_decoder() {
             r
         };
         data = req.encode_to_vec();
+        watchdog.begin(&data);
         let model = &served[rng.below(served.len())];
         match catch_unwind(AssertUnwindSafe(|| decode_inputs(model, &req, 64 << 20))) {
             Ok(Ok(_)) => t.ran += 1,

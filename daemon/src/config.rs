@@ -123,6 +123,15 @@ impl Limits {
             .flatten()
     }
 
+    /// The timeout of a call whose client asked for `client` (its `grpc-timeout`): the
+    /// earlier of the client's and the server's.
+    pub fn call_timeout(&self, client: Option<std::time::Duration>) -> Option<std::time::Duration> {
+        match (client, self.infer_timeout()) {
+            (Some(c), Some(s)) => Some(c.min(s)),
+            (c, s) => c.or(s),
+        }
+    }
+
     fn merge(mut self, f: LimitFlags) -> anyhow::Result<Self> {
         macro_rules! take {
             ($($k:ident),*) => { $( if let Some(v) = f.$k { self.$k = v; } )* };

@@ -262,6 +262,10 @@ impl std::fmt::Debug for HostTensor {
 /// Where a frame sends the log lines of plugin code.
 pub type LogSink<'a> = dyn Fn(LogLevel, &str) + Sync + 'a;
 
+/// Asked between chunks of parallel work: `true` stops the call (its deadline passed, or its
+/// client went away).
+pub type StopCheck<'a> = dyn Fn() -> bool + Sync + 'a;
+
 /// What one kernel call borrows from the host.
 pub struct CallFrame<'a> {
     device: Device,
@@ -270,6 +274,8 @@ pub struct CallFrame<'a> {
     outputs: Mutex<Vec<Option<Box<HostTensor>>>>,
     scratch: Mutex<Vec<AlignedBuf>>,
     max_tensor_bytes: usize,
+    stop: Option<&'a StopCheck<'a>>,
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 impl<'a> CallFrame<'a> {
@@ -287,7 +293,35 @@ impl<'a> CallFrame<'a> {
             outputs: Mutex::new((0..num_outputs).map(|_| None).collect()),
             scratch: Mutex::new(Vec::new()),
             max_tensor_bytes: usize::MAX,
+            stop: None,
+            stopped: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Checks `stop` before every chunk of [`KernelContext::parallel_for`] work: once it says
+    /// stop, the remaining chunks are skipped and [`CallFrame::stopped`] turns true. This is
+    /// how a long kernel call is cut short without the kernel's help; the host must then
+    /// discard the call's outputs.
+    pub fn with_stop_check(mut self, stop: &'a StopCheck<'a>) -> Self {
+        self.stop = Some(stop);
+        self
+    }
+
+    /// True when the stop check cut the call short: its outputs are incomplete.
+    pub fn stopped(&self) -> bool {
+        self.stopped.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn should_stop(&self) -> bool {
+        if self.stopped() {
+            return true;
+        }
+        let stop = self.stop.is_some_and(|f| f());
+        if stop {
+            self.stopped
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        stop
     }
 
     /// Refuses (with [`ErrorCode::ResourceExhausted`]) any output or scratch buffer larger
@@ -345,11 +379,17 @@ impl FfiHost for CallFrame<'_> {
     fn parallel_for(&self, len: usize, grain: usize, task: FfiTask_TO<'_, RRef<'_, ()>>) {
         let grain = grain.max(1);
         let chunks = len.div_ceil(grain);
+        if self.should_stop() {
+            return;
+        }
         if chunks <= 1 {
             task.run(0, len);
             return;
         }
         (0..chunks).into_par_iter().for_each(|c| {
+            if self.should_stop() {
+                return;
+            }
             let start = c * grain;
             task.run(start, (start + grain).min(len));
         });

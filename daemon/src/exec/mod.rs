@@ -97,6 +97,8 @@ pub enum ExecError {
     Invalid(String),
     #[error("the compute task was lost")]
     Lost,
+    #[error("deadline exceeded")]
+    DeadlineExceeded,
     #[error("internal error (a bug in opreg, please report it): {0}")]
     Panicked(String),
 }
@@ -112,6 +114,8 @@ pub struct KernelCall {
     pub num_outputs: usize,
     /// The largest output or scratch buffer the kernel may allocate.
     pub max_tensor_bytes: usize,
+    /// When the call is cut short (between chunks of the kernel's parallel work).
+    pub deadline: Option<std::time::Instant>,
 }
 
 /// The result of a kernel call and who computed it.
@@ -199,6 +203,11 @@ pub fn run_kernel(snapshot: &Arc<Snapshot>, call: &KernelCall) -> Result<KernelR
         &log,
     )
     .with_max_tensor_bytes(call.max_tensor_bytes);
+    let stop = || {
+        call.deadline
+            .is_some_and(|d| std::time::Instant::now() >= d)
+    };
+    let frame = frame.with_stop_check(&stop);
     let computed =
         frame.with_context(|ctx| instance.compute(ctx, views.as_slice().into()).into_result());
     let compute_err = |e: opreg_sdk::PluginError| ExecError::Compute {
@@ -207,6 +216,9 @@ pub fn run_kernel(snapshot: &Arc<Snapshot>, call: &KernelCall) -> Result<KernelR
         code: e.code,
         message: e.message.to_string(),
     };
+    if frame.stopped() {
+        return Err(ExecError::DeadlineExceeded);
+    }
     computed.map_err(compute_err)?;
     let outputs = frame.into_outputs().map_err(compute_err)?;
     // The kernel instance (plugin code) is dropped here, while `kernel` still holds the plugin.

@@ -26,6 +26,9 @@ use std::{
     sync::Arc,
 };
 
+/// Longest one constant fold may take at model load.
+const FOLD_STEP_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Ops whose result is not a function of their inputs: never folded.
 const NONDETERMINISTIC: &[&str] = &[
     "RandomNormal",
@@ -578,7 +581,14 @@ fn compile_graph(
                 .iter()
                 .map(|s| s.and_then(|s| constants.get(&s).cloned()))
                 .collect();
-            match run::run_kernel_step(&step, &ins, snapshot.blas_for(device), *fold_budget) {
+            // A fold gets the rest of the byte budget and a few seconds: a node that needs more
+            // is left to run per request, under the request's deadline and limits.
+            let control = run::RunControl::new(
+                *fold_budget,
+                *fold_budget,
+                Some(std::time::Instant::now() + FOLD_STEP_TIME),
+            );
+            match run::run_kernel_step(&step, &ins, snapshot.blas_for(device), &control) {
                 Ok(outs) => {
                     let bytes: usize = outs.iter().map(|t| t.bytes().len()).sum();
                     (bytes <= *fold_budget).then(|| {
@@ -586,10 +596,13 @@ fn compile_graph(
                         outs
                     })
                 }
-                Err(GraphError::Kernel {
-                    code: opreg_sdk::ErrorCode::ResourceExhausted,
-                    ..
-                }) => None,
+                Err(
+                    GraphError::Kernel {
+                        code: opreg_sdk::ErrorCode::ResourceExhausted,
+                        ..
+                    }
+                    | GraphError::DeadlineExceeded { .. },
+                ) => None,
                 Err(e) => return Err(e),
             }
         } else {

@@ -72,6 +72,12 @@ impl RunControl {
         self.max_tensor_bytes
     }
 
+    /// True once the run should stop (cancelled or past its deadline): asked between chunks of
+    /// a kernel's parallel work, so one long kernel call is cut short too.
+    pub fn should_stop(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire) || self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
     fn check(&self, node: &str) -> Result<(), GraphError> {
         if self.cancelled.load(Ordering::Acquire) {
             return Err(GraphError::Cancelled { node: node.into() });
@@ -222,15 +228,12 @@ fn run_with(
             .map(|s| s.and_then(|s| values.get(s)))
             .collect();
         let outs: Vec<Value> = match &step.work {
-            Work::Kernel { .. } => run_kernel_step(
-                step,
-                &ins,
-                plan.snapshot.blas_for(step.device),
-                control.max_tensor_bytes(),
-            )?
-            .into_iter()
-            .map(Arc::new)
-            .collect(),
+            Work::Kernel { .. } => {
+                { run_kernel_step(step, &ins, plan.snapshot.blas_for(step.device), control)? }
+                    .into_iter()
+                    .map(Arc::new)
+                    .collect()
+            }
             control_work => {
                 let captured: Vec<Value> = step
                     .captured
@@ -274,7 +277,7 @@ pub(super) fn run_kernel_step(
     step: &Step,
     inputs: &[Option<Value>],
     blas: Option<&FfiBlasBox>,
-    max_tensor_bytes: usize,
+    control: &RunControl,
 ) -> Result<Vec<HostTensor>, GraphError> {
     let Work::Kernel { instance, plugin } = &step.work else {
         return Err(GraphError::Invalid(format!(
@@ -288,17 +291,23 @@ pub(super) fn run_kernel_step(
         .collect();
     let plugin = plugin.name.as_str();
     let log = |level: LogLevel, msg: &str| log_from_plugin(plugin, level, msg);
+    let stop = || control.should_stop();
     let frame = CallFrame::new(step.outputs.len(), step.device, blas, &log)
-        .with_max_tensor_bytes(max_tensor_bytes);
+        .with_max_tensor_bytes(control.max_tensor_bytes())
+        .with_stop_check(&stop);
     let failed = |e: opreg_sdk::PluginError| GraphError::Kernel {
         node: step.label.clone(),
         plugin: plugin.to_string(),
         code: e.code,
         message: e.message.to_string(),
     };
-    frame
-        .with_context(|ctx| instance.compute(ctx, views.as_slice().into()).into_result())
-        .map_err(failed)?;
+    let computed =
+        frame.with_context(|ctx| instance.compute(ctx, views.as_slice().into()).into_result());
+    if frame.stopped() {
+        // Chunks were skipped: whatever the kernel returned is incomplete.
+        control.check(&step.label)?;
+    }
+    computed.map_err(failed)?;
     frame.into_outputs().map_err(failed)
 }
 

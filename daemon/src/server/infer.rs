@@ -60,12 +60,11 @@ pub async fn infer(
 ) -> Result<pb::ModelInferResponse, Status> {
     let model = app.repo.get(&req.model_name, &req.model_version)?;
     let started = Instant::now();
-    // The earlier of the client's deadline and the server's.
-    let timeout = match (client_deadline, app.config.limits.infer_timeout()) {
-        (Some(c), Some(s)) => Some(c.min(s)),
-        (c, s) => c.or(s),
-    };
-    let deadline = timeout.map(|t| started + t);
+    let deadline = app
+        .config
+        .limits
+        .call_timeout(client_deadline)
+        .map(|t| started + t);
     let result = run(app, &model, req, deadline).await;
     let ns = started.elapsed().as_nanos() as u64;
     let now_ms = SystemTime::now()

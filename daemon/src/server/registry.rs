@@ -264,6 +264,12 @@ impl Registry for RegistryApi {
         &self,
         req: Request<pb::RunKernelRequest>,
     ) -> Result<Response<pb::RunKernelResponse>, Status> {
+        let deadline = self
+            .app
+            .config
+            .limits
+            .call_timeout(super::infer::client_timeout(req.metadata()))
+            .map(|t| std::time::Instant::now() + t);
         let r = req.into_inner();
         if r.op_type.is_empty() {
             return Err(Status::invalid_argument("RunKernel needs an op_type"));
@@ -302,6 +308,7 @@ impl Registry for RegistryApi {
             op_type: r.op_type,
             inputs,
             max_tensor_bytes: max_tensor,
+            deadline,
         };
         let snapshot = self.app.registry.snapshot();
         let result = self

@@ -66,6 +66,7 @@ impl From<ExecError> for Status {
             ExecError::Instantiate { code, .. } | ExecError::Compute { code, .. } => code_of(*code),
             ExecError::Invalid(_) => Code::InvalidArgument,
             ExecError::Lost | ExecError::Panicked(_) => Code::Internal,
+            ExecError::DeadlineExceeded => Code::DeadlineExceeded,
         };
         Status::new(code, bounded(e.to_string()))
     }
