@@ -243,8 +243,11 @@ fn pick<'a, T>(rng: &mut Rng, v: &'a mut [T]) -> Option<&'a mut T> {
 /// Ends the process when one execution runs too long, after saving its input: a hang must
 /// fail the run, not stall CI until its time limit.
 struct Watchdog {
-    current: Arc<std::sync::Mutex<Option<(Instant, Vec<u8>)>>>,
+    current: Arc<std::sync::Mutex<Running>>,
 }
+
+/// The execution in progress: when it started, and its input.
+type Running = Option<(Instant, Vec<u8>)>;
 
 impl Watchdog {
     fn start(target: &'static str) -> Watchdog {
@@ -254,7 +257,7 @@ impl Watchdog {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(10),
         );
-        let current: Arc<std::sync::Mutex<Option<(Instant, Vec<u8>)>>> = Default::default();
+        let current: Arc<std::sync::Mutex<Running>> = Default::default();
         let watched = Arc::downgrade(&current);
         std::thread::spawn(move || loop {
             std::thread::sleep(Duration::from_millis(250));
