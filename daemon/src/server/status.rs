@@ -115,3 +115,26 @@ impl From<crate::repo::RepoError> for Status {
         Status::new(code, bounded(message))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repository_io_errors_do_not_reveal_where_the_repository_is() {
+        let e = crate::repo::RepoError::Io {
+            path: "/srv/secret/place/models/m/1/model.onnx".into(),
+            source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, "denied"),
+        };
+        let s = Status::from(e);
+        assert_eq!(s.code(), Code::Internal);
+        assert!(s.message().contains("m/1/model.onnx"), "{}", s.message());
+        assert!(!s.message().contains("/srv/secret"), "{}", s.message());
+    }
+
+    #[test]
+    fn long_messages_are_bounded() {
+        let m = bounded("é".repeat(10_000));
+        assert!(m.len() <= 4096 + 4, "{}", m.len());
+    }
+}
