@@ -283,6 +283,11 @@ async fn broken_plugins_are_refused_with_the_file_and_the_reason() {
             "plugin ABI 2.0.0 is not compatible with this daemon's ABI 1.0.0",
         ),
         (
+            plugin("mock_newer_minor"),
+            Code::InvalidArgument,
+            "plugin was built for ABI 1.99, newer than this daemon's 1.0",
+        ),
+        (
             plugin("mock_layout"),
             Code::InvalidArgument,
             "plugin ABI layout does not match this daemon's: PluginMod differs",

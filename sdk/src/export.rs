@@ -39,6 +39,11 @@ macro_rules! export_plugin {
             register: __opreg_plugin_register,
         });
 
+        /// The ABI version this plugin was built for, read by the daemon before anything else.
+        #[no_mangle]
+        #[allow(non_upper_case_globals)]
+        pub static opreg_plugin_abi: $crate::module::PluginAbi = $crate::module::PluginAbi::CURRENT;
+
         fn __opreg_plugin_root_module() -> $crate::module::PluginModRef {
             $crate::module::PluginModRef(__OPREG_PLUGIN_MOD.static_as_prefix())
         }
@@ -63,6 +68,24 @@ macro_rules! export_plugin {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_version_symbol_matches_the_macro() {
+        assert_eq!(crate::module::ABI_SYMBOL, b"opreg_plugin_abi\0");
+        let host = crate::module::PluginAbi::CURRENT;
+        let newer = crate::module::PluginAbi {
+            minor: host.minor + 1,
+            ..host
+        };
+        assert!(host.accepts(host));
+        assert!(!host.accepts(newer), "a newer minor is refused");
+        assert!(newer.accepts(host), "an older minor loads");
+        let other_major = crate::module::PluginAbi {
+            major: host.major + 1,
+            minor: 0,
+        };
+        assert!(!host.accepts(other_major));
+    }
+
     #[test]
     fn exported_symbol_is_abi_stables_header_name() {
         assert_eq!(

@@ -31,6 +31,38 @@ pub struct PluginInfo {
     pub sdk_version: RString,
 }
 
+/// The ABI version a plugin was built for, exported as the plain C symbol
+/// [`ABI_SYMBOL`] next to the `abi_stable` header. The daemon reads it *before* any layout
+/// check: a plugin built for a newer minor than the daemon's is refused there, so its (larger)
+/// layouts never reach `abi_stable`'s process-wide layout cache, whose entries would point into
+/// the plugin after it is unloaded.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct PluginAbi {
+    /// [`ABI_MAJOR`](crate::ABI_MAJOR) of the SDK the plugin was built with.
+    pub major: u32,
+    /// [`ABI_MINOR`](crate::ABI_MINOR) of the SDK the plugin was built with.
+    pub minor: u32,
+}
+
+/// The symbol name of the plugin's [`PluginAbi`] (NUL-terminated, for `dlsym`).
+pub const ABI_SYMBOL: &[u8] = b"opreg_plugin_abi\0";
+
+impl PluginAbi {
+    /// The ABI of this SDK.
+    pub const CURRENT: PluginAbi = PluginAbi {
+        major: crate::ABI_MAJOR,
+        minor: ABI_MINOR,
+    };
+
+    /// Whether a host speaking `self` can load a plugin built for `plugin`: same major, and
+    /// the plugin's minor no newer than the host's (a newer plugin may call what this host
+    /// does not have).
+    pub fn accepts(self, plugin: PluginAbi) -> bool {
+        self.major == plugin.major && plugin.minor <= self.minor
+    }
+}
+
 /// A kernel with its description.
 #[repr(C)]
 #[derive(StableAbi)]

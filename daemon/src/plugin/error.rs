@@ -29,6 +29,13 @@ pub enum LoadError {
         found: String,
         expected_major: u32,
     },
+    #[error("{path}: plugin was built for ABI {major}.{plugin_minor}, newer than this daemon's {major}.{host_minor}: upgrade the daemon, or rebuild the plugin against opreg-sdk {major}.{host_minor}")]
+    AbiMinor {
+        path: PathBuf,
+        major: u32,
+        plugin_minor: u32,
+        host_minor: u32,
+    },
     #[error("{path}: plugin ABI layout does not match this daemon's: {detail}")]
     Layout { path: PathBuf, detail: String },
     #[error("{path}: plugin root module failed to initialise: {detail}")]

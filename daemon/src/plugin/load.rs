@@ -4,7 +4,8 @@
 use super::{error::LoadError, library::Library};
 use abi_stable::library::{abi_header_from_raw_library, LibraryError, RawLibrary};
 use opreg_sdk::module::{
-    BlasRegistration, KernelRegistration, PluginModRef, QuantizerRegistration,
+    BlasRegistration, KernelRegistration, PluginAbi, PluginModRef, QuantizerRegistration,
+    ABI_SYMBOL,
 };
 use sha2::{Digest, Sha256};
 use std::{
@@ -97,6 +98,7 @@ pub fn load(path: &Path, stage_dir: &Path, generation: u64) -> Result<LoadedPlug
         }
     };
     let mut library = Library::new(raw, copy);
+    let abi = check_abi_version(path, &library)?;
     let module = init_module(path, &library)?;
 
     let info = (module.info())();
@@ -119,7 +121,7 @@ pub fn load(path: &Path, stage_dir: &Path, generation: u64) -> Result<LoadedPlug
     let plugin = LoadedPlugin {
         version: info.version.to_string(),
         description: info.description.to_string(),
-        abi_version: format!("{}.{}", opreg_sdk::ABI_MAJOR, info.abi_minor),
+        abi_version: format!("{}.{}", abi.major, abi.minor),
         source: path.to_owned(),
         sha256,
         generation,
@@ -181,6 +183,41 @@ fn stage_copy(
     let copy = stage_dir.join(format!("{stem}.g{generation}.{seq}.{ext}"));
     std::fs::write(&copy, bytes).map_err(stage_err)?;
     Ok(copy)
+}
+
+/// Reads the plugin's ABI version symbol and refuses another major or a newer minor before
+/// `abi_stable` sees any of its layouts. A plugin without the symbol predates it and is
+/// taken as 1.0 (its layouts are then checked as before).
+fn check_abi_version(path: &Path, library: &Library) -> Result<PluginAbi, LoadError> {
+    let raw = library.raw().ok_or_else(|| LoadError::NotALibrary {
+        path: path.to_owned(),
+        reason: "library already closed".into(),
+    })?;
+    // SAFETY: the symbol, when present, is the address of a `PluginAbi` static written by
+    // `export_plugin!`; it is copied out while the library is mapped.
+    let abi = match unsafe { raw.get::<*const PluginAbi>(ABI_SYMBOL) } {
+        Ok(symbol) if !symbol.is_null() => unsafe { **symbol },
+        _ => PluginAbi { major: 1, minor: 0 },
+    };
+    let host = PluginAbi::CURRENT;
+    if host.accepts(abi) {
+        return Ok(abi);
+    }
+    Err(if abi.major != host.major {
+        LoadError::AbiMajor {
+            path: path.to_owned(),
+            expected: format!("{}.{}", host.major, host.minor),
+            found: format!("{}.{}", abi.major, abi.minor),
+            expected_major: host.major,
+        }
+    } else {
+        LoadError::AbiMinor {
+            path: path.to_owned(),
+            major: abi.major,
+            plugin_minor: abi.minor,
+            host_minor: host.minor,
+        }
+    })
 }
 
 fn init_module(path: &Path, library: &Library) -> Result<PluginModRef, LoadError> {

@@ -26,6 +26,7 @@ impl From<LoadError> for Status {
             | LoadError::NoHeader { .. }
             | LoadError::AbiStableMismatch { .. }
             | LoadError::AbiMajor { .. }
+            | LoadError::AbiMinor { .. }
             | LoadError::Layout { .. }
             | LoadError::RootModule { .. }
             | LoadError::Invalid { .. } => Code::InvalidArgument,
