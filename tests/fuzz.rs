@@ -328,7 +328,7 @@ impl Tally {
 
 fn snapshot() -> (Arc<Snapshot>, tempfile::TempDir) {
     let stage = tempfile::tempdir().expect("stage");
-    let registry = Registry::new(stage.path().to_path_buf());
+    let registry = Registry::new(stage.path().to_path_buf(), Default::default());
     for (path, r) in registry.load_all(&[plugin("onnx_ops"), plugin("blas_cpu")]) {
         r.unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     }

@@ -530,3 +530,60 @@ async fn health_follows_readiness() {
         .expect_err("unknown");
     assert_eq!(unknown.code(), Code::NotFound);
 }
+
+#[tokio::test]
+async fn init_gets_the_plugin_config_and_shutdown_runs_before_unmapping() {
+    let cfg_dir = tempfile::tempdir().expect("tempdir");
+    let marker = cfg_dir.path().join("shutdown-called");
+    let cfg = cfg_dir.path().join("opreg.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[plugin_config.mock-good]\nshutdown_marker = {:?}\n",
+            marker.display().to_string()
+        ),
+    )
+    .expect("write");
+    let d = Daemon::start(&["--config", cfg.to_str().expect("utf8")]);
+    let mut reg = d.registry().await;
+    reg.load_plugin(pb::LoadPluginRequest {
+        path: plugin("mock_good").display().to_string(),
+    })
+    .await
+    .expect("load");
+    assert!(!marker.exists(), "shutdown before unload");
+    reg.unload_plugin(pb::UnloadPluginRequest {
+        name: "mock-good".into(),
+    })
+    .await
+    .expect("unload");
+    d.wait_log("plugin library released and unmapped");
+    assert_eq!(
+        std::fs::read_to_string(&marker).expect("shutdown ran"),
+        "shutdown"
+    );
+
+    // An init that fails refuses the load with the plugin's reason.
+    std::fs::write(
+        &cfg,
+        "[plugin_config.mock-good]\nrefuse = \"no licence for this device\"\n",
+    )
+    .expect("write");
+    drop(d);
+    let d = Daemon::start(&["--config", cfg.to_str().expect("utf8")]);
+    let err = d
+        .registry()
+        .await
+        .load_plugin(pb::LoadPluginRequest {
+            path: plugin("mock_good").display().to_string(),
+        })
+        .await
+        .expect_err("init refuses");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    assert!(
+        err.message()
+            .contains("plugin 'mock-good' failed to initialise: no licence for this device"),
+        "{}",
+        err.message()
+    );
+}

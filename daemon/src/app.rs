@@ -21,7 +21,10 @@ impl App {
     pub fn new(config: Config) -> anyhow::Result<App> {
         let runtime_dir = RuntimeDir::create(config.runtime_dir.clone())?;
         Ok(App {
-            registry: Registry::new(runtime_dir.path().join("plugins")),
+            registry: Registry::new(
+                runtime_dir.path().join("plugins"),
+                config.plugin_config.clone(),
+            ),
             compute: ComputePool::new(config.threads)?,
             repo: Repository::new(config.model_repo.clone(), config.limits.clone()),
             ready: AtomicBool::new(false),

@@ -184,6 +184,9 @@ pub struct FileConfig {
     pub tls_client_ca: Option<PathBuf>,
     #[serde(default)]
     pub limits: Limits,
+    /// `[plugin_config.<plugin name>]`: a table handed to that plugin's `init` as TOML text.
+    #[serde(default)]
+    pub plugin_config: std::collections::BTreeMap<String, toml::Table>,
 }
 
 /// The settings in force.
@@ -198,6 +201,8 @@ pub struct Config {
     pub require_token_for_inference: bool,
     pub tls: Option<Tls>,
     pub limits: Limits,
+    /// Configuration text per plugin name (TOML), for the plugin's `init`.
+    pub plugin_config: std::collections::BTreeMap<String, String>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8001";
@@ -257,6 +262,11 @@ impl Config {
             require_token_for_inference,
             tls,
             limits: file.limits.merge(cli.limits)?,
+            plugin_config: file
+                .plugin_config
+                .into_iter()
+                .map(|(name, table)| (name, table.to_string()))
+                .collect(),
         })
     }
 }

@@ -7,9 +7,15 @@
 ///     name: "my-ops",
 ///     version: env!("CARGO_PKG_VERSION"),
 ///     description: "My operators",
+///     init: init,           // optional: fn init(config: &str) -> Result<(), PluginError>
 ///     register: register,   // fn register(r: &mut opreg_sdk::Registrar)
+///     shutdown: shutdown,   // optional: fn shutdown()
 /// }
 /// ```
+///
+/// `init` runs once per load before `register`, with the TOML text of the daemon's
+/// `[plugin_config.<name>]` table; `shutdown` runs once before the library is unmapped (after
+/// every object of this load was released): release whatever `init` acquired there.
 ///
 /// It defines the `abi_stable` library header the daemon looks up, so a plugin crate needs no
 /// direct dependency on `abi_stable`. Registration runs inside `catch_unwind`.
@@ -19,10 +25,28 @@ macro_rules! export_plugin {
         name: $name:expr,
         version: $version:expr,
         description: $description:expr,
-        register: $register:path $(,)?
+        $(init: $init:path,)?
+        register: $register:path
+        $(, shutdown: $shutdown:path)? $(,)?
     ) => {
         extern "C" fn __opreg_plugin_info() -> $crate::module::PluginInfo {
             $crate::module::__info($name, $version, $description)
+        }
+
+        extern "C" fn __opreg_plugin_init(
+            config: $crate::abi_stable::std_types::RStr<'_>,
+        ) -> $crate::abi_stable::std_types::RResult<(), $crate::PluginError> {
+            #[allow(unused_variables)]
+            let init: Option<$crate::module::InitFn> = None;
+            $(let init = Some($init as $crate::module::InitFn);)?
+            $crate::module::__init(config, init)
+        }
+
+        extern "C" fn __opreg_plugin_shutdown() {
+            #[allow(unused_variables)]
+            let shutdown: Option<fn()> = None;
+            $(let shutdown = Some($shutdown as fn());)?
+            $crate::module::__shutdown(shutdown)
         }
 
         extern "C" fn __opreg_plugin_register() -> $crate::abi_stable::std_types::RResult<
@@ -36,7 +60,9 @@ macro_rules! export_plugin {
             $crate::module::PluginMod,
         > = &$crate::abi_stable::prefix_type::WithMetadata::new($crate::module::PluginMod {
             info: __opreg_plugin_info,
+            init: __opreg_plugin_init,
             register: __opreg_plugin_register,
+            shutdown: __opreg_plugin_shutdown,
         });
 
         /// The ABI version this plugin was built for, read by the daemon before anything else.

@@ -11,7 +11,7 @@ use abi_stable::{
     library::RootModule,
     package_version_strings,
     sabi_types::VersionStrings,
-    std_types::{RResult, RString, RVec},
+    std_types::{RResult, RStr, RString, RVec},
     StableAbi,
 };
 
@@ -113,11 +113,18 @@ pub struct Registration {
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = PluginModRef)))]
 pub struct PluginMod {
-    /// Who the plugin is.
+    /// Who the plugin is. Pure: called first, before `init`.
     pub info: extern "C" fn() -> PluginInfo,
-    /// What it registers. Called once per load.
-    #[sabi(last_prefix_field)]
+    /// Called once per load, before `register`, with the plugin's configuration (TOML text
+    /// of the daemon's `[plugin_config.<plugin name>]` table; empty when there is none). A
+    /// plugin opens drivers, probes devices and creates pools here. An error refuses the load.
+    pub init: extern "C" fn(config: RStr<'_>) -> RResult<(), PluginError>,
+    /// What it registers. Called once per load, after `init`.
     pub register: extern "C" fn() -> RResult<Registration, PluginError>,
+    /// Called once after a successful `init`, when the last object of this load is released
+    /// and before the library is unmapped: release contexts, handles, pools and threads.
+    #[sabi(last_prefix_field)]
+    pub shutdown: extern "C" fn(),
 }
 
 impl RootModule for PluginModRef {
@@ -178,6 +185,29 @@ pub fn __info(name: &str, version: &str, description: &str) -> PluginInfo {
         description: description.into(),
         abi_minor: ABI_MINOR,
         sdk_version: package_version_strings!().version.as_str().into(),
+    }
+}
+
+/// A plugin's `init` function (see [`export_plugin!`](crate::export_plugin)).
+pub type InitFn = fn(&str) -> Result<(), PluginError>;
+
+#[doc(hidden)]
+pub fn __init(config: RStr<'_>, init: Option<InitFn>) -> RResult<(), PluginError> {
+    guard("plugin init", || match init {
+        Some(f) => f(config.as_str()),
+        None => Ok(()),
+    })
+    .into()
+}
+
+#[doc(hidden)]
+pub fn __shutdown(shutdown: Option<fn()>) {
+    if let Some(f) = shutdown {
+        // A panic must not cross `extern "C"`; there is nobody to report it to but the log.
+        let _ = guard("plugin shutdown", || {
+            f();
+            Ok(())
+        });
     }
 }
 

@@ -34,7 +34,7 @@ fn main() {
     );
     let json = String::from_utf8_lossy(&out.stdout).to_string();
 
-    let registry = Registry::new(dir.path().join("stage"));
+    let registry = Registry::new(dir.path().join("stage"), Default::default());
     let loaded = registry.load_all(&[
         opreg_tests::plugin("onnx_ops"),
         opreg_tests::plugin("blas_cpu"),

@@ -40,6 +40,12 @@ pub enum LoadError {
     Layout { path: PathBuf, detail: String },
     #[error("{path}: plugin root module failed to initialise: {detail}")]
     RootModule { path: PathBuf, detail: String },
+    #[error("{path}: plugin '{plugin}' failed to initialise: {message}")]
+    Init {
+        path: PathBuf,
+        plugin: String,
+        message: String,
+    },
     #[error("{path}: plugin '{plugin}' failed to register: {message}")]
     Register {
         path: PathBuf,

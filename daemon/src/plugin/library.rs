@@ -18,6 +18,8 @@ pub struct Library {
     raw: Option<RawLibrary>,
     copy: PathBuf,
     name: String,
+    /// The plugin's `shutdown`, once its `init` succeeded: called before `dlclose`.
+    shutdown: Option<extern "C" fn()>,
 }
 
 impl Library {
@@ -26,7 +28,13 @@ impl Library {
             raw: Some(raw),
             copy,
             name: String::new(),
+            shutdown: None,
         }
+    }
+
+    /// Arms the plugin's `shutdown` (after its `init` succeeded).
+    pub(super) fn set_shutdown(&mut self, shutdown: extern "C" fn()) {
+        self.shutdown = Some(shutdown);
     }
 
     pub(super) fn raw(&self) -> Option<&RawLibrary> {
@@ -45,8 +53,12 @@ impl Library {
 
 impl Drop for Library {
     fn drop(&mut self) {
-        // dlclose first, then delete the copy: the file must exist while it is mapped for
-        // /proc/self/maps to show it by name.
+        // Every object of this load is gone (they hold the Arc to this library): the plugin
+        // releases what `init` acquired, then it is unmapped. dlclose first, then delete the
+        // copy: the file must exist while it is mapped for /proc/self/maps to show it by name.
+        if let Some(shutdown) = self.shutdown.take() {
+            shutdown();
+        }
         drop(self.raw.take());
         match still_mapped(&self.copy) {
             Some(bytes) => tracing::warn!(

@@ -77,8 +77,13 @@ fn read_regular_file(path: &Path) -> std::io::Result<Vec<u8>> {
 }
 
 /// Loads the plugin at `path` for registry generation `generation`, staging its copy in
-/// `stage_dir`.
-pub fn load(path: &Path, stage_dir: &Path, generation: u64) -> Result<LoadedPlugin, LoadError> {
+/// `stage_dir`; `config` gives the configuration text for a plugin name (its `init` input).
+pub fn load(
+    path: &Path,
+    stage_dir: &Path,
+    generation: u64,
+    config: &dyn Fn(&str) -> String,
+) -> Result<LoadedPlugin, LoadError> {
     let bytes = read_regular_file(path).map_err(|source| LoadError::Read {
         path: path.to_owned(),
         source,
@@ -104,13 +109,23 @@ pub fn load(path: &Path, stage_dir: &Path, generation: u64) -> Result<LoadedPlug
     let info = (module.info())();
     let name = info.name.to_string();
     library.set_name(&name);
-    let library = Arc::new(library);
     if name.is_empty() || name.len() > 128 {
         return Err(LoadError::Invalid {
             path: path.to_owned(),
             what: format!("plugin name {name:?} must have 1 to 128 characters"),
         });
     }
+    // `init` before anything is registered; from here on, whatever happens, the plugin's
+    // `shutdown` runs before the library is unmapped.
+    (module.init())(config(&name).as_str().into())
+        .into_result()
+        .map_err(|e| LoadError::Init {
+            path: path.to_owned(),
+            plugin: name.clone(),
+            message: e.message.to_string(),
+        })?;
+    library.set_shutdown(module.shutdown());
+    let library = Arc::new(library);
     let registration = (module.register())()
         .into_result()
         .map_err(|e| LoadError::Register {

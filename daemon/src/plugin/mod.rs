@@ -46,7 +46,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let f = dir.path().join("libopreg_text.so");
         std::fs::write(&f, b"this is text, not ELF").expect("write");
-        let err = load(&f, &dir.path().join("stage"), 1).expect_err("must refuse");
+        let err =
+            load(&f, &dir.path().join("stage"), 1, &|_| String::new()).expect_err("must refuse");
         let msg = err.to_string();
         assert!(matches!(err, LoadError::NotALibrary { .. }), "{msg}");
         assert!(msg.contains("libopreg_text.so"), "{msg}");

@@ -49,16 +49,24 @@ pub struct Registry {
     current: ArcSwap<Snapshot>,
     writer: Mutex<()>,
     stage_dir: PathBuf,
+    /// Configuration text per plugin name, handed to the plugin's `init`.
+    configs: BTreeMap<String, String>,
 }
 
 impl Registry {
-    /// An empty registry that stages plugin copies in `stage_dir`.
-    pub fn new(stage_dir: PathBuf) -> Self {
+    /// An empty registry that stages plugin copies in `stage_dir` and gives each plugin the
+    /// configuration text `configs` holds under its name.
+    pub fn new(stage_dir: PathBuf, configs: BTreeMap<String, String>) -> Self {
         Registry {
             current: ArcSwap::from_pointee(Snapshot::default()),
             writer: Mutex::new(()),
             stage_dir,
+            configs,
         }
+    }
+
+    fn config_of(&self, plugin: &str) -> String {
+        self.configs.get(plugin).cloned().unwrap_or_default()
     }
 
     /// The snapshot to use for one request.
@@ -78,7 +86,7 @@ impl Registry {
         let mut plugins = old.plugins.clone();
         let mut results = Vec::new();
         for path in paths {
-            let r = plugin::load(path, &self.stage_dir, generation)
+            let r = plugin::load(path, &self.stage_dir, generation, &|n| self.config_of(n))
                 .and_then(|p| admit(&plugins, p))
                 .map(|p| {
                     let p = Arc::new(p);
@@ -100,7 +108,12 @@ impl Registry {
         // Reading, mapping and checking a file may take long (a slow disk, a large library):
         // it happens before the writer lock, so a slow load holds up no other load or unload.
         // The generation is fixed when the new snapshot is published.
-        let mut loaded = plugin::load(path, &self.stage_dir, self.snapshot().generation + 1)?;
+        let mut loaded = plugin::load(
+            path,
+            &self.stage_dir,
+            self.snapshot().generation + 1,
+            &|n| self.config_of(n),
+        )?;
         let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.current.load_full();
         let generation = old.generation + 1;

@@ -30,7 +30,8 @@ impl From<LoadError> for Status {
             | LoadError::Layout { .. }
             | LoadError::RootModule { .. }
             | LoadError::Invalid { .. } => Code::InvalidArgument,
-            LoadError::Register { .. }
+            LoadError::Init { .. }
+            | LoadError::Register { .. }
             | LoadError::SelfCheck { .. }
             | LoadError::Conflict { .. } => Code::FailedPrecondition,
         };

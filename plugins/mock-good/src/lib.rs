@@ -80,11 +80,46 @@ fn register(r: &mut Registrar) {
     );
 }
 
+/// Where `shutdown` leaves its mark (from the `shutdown_marker` setting), so a test can see
+/// that the daemon called it. A plain static: no destructor, nothing that pins the library.
+static SHUTDOWN_MARKER: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// The test settings, one `key = "value"` a line (the TOML the daemon renders): `refuse`
+/// fails `init` with its text; `shutdown_marker` names a file `shutdown` writes.
+fn init(config: &str) -> Result<(), PluginError> {
+    for line in config.lines() {
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        let value = value.trim().trim_matches('"').to_string();
+        match key.trim() {
+            "refuse" => {
+                return Err(PluginError::new(ErrorCode::FailedPrecondition, value));
+            }
+            "shutdown_marker" => {
+                *SHUTDOWN_MARKER
+                    .lock()
+                    .map_err(|_| PluginError::internal("poisoned"))? = Some(value);
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn shutdown() {
+    if let Ok(Some(path)) = SHUTDOWN_MARKER.lock().map(|m| m.clone()) {
+        let _ = std::fs::write(path, "shutdown");
+    }
+}
+
 opreg_sdk::export_plugin! {
     name: "mock-good",
     version: env!("CARGO_PKG_VERSION"),
     description: "well-behaved mock plugin for tests",
+    init: init,
     register: register,
+    shutdown: shutdown,
 }
 
 #[cfg(test)]
