@@ -6,6 +6,8 @@ use opreg_sdk::prelude::*;
 mod elementwise;
 mod loss;
 mod lowbit;
+#[cfg(test)]
+mod malformed;
 mod misc;
 mod ml;
 mod nn;

@@ -61,13 +61,9 @@ impl Kernel for Loss {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let op = self.op;
-        if inputs.len() < 2 {
-            return Err(PluginError::invalid(format!(
-                "{op} needs scores and labels"
-            )));
-        }
-        let xs = inputs[0].shape();
-        let ts = inputs[1].shape();
+        let [xv, tv] = crate::util::required(op, inputs, ["scores", "labels"])?;
+        let xs = xv.shape();
+        let ts = tv.shape();
         if xs.len() < 2 || ts.len() != xs.len() - 1 || ts[0] != xs[0] || ts[1..] != xs[2..] {
             return Err(PluginError::invalid(format!(
                 "{op}: input {xs:?} and target {ts:?} must be (N, C, d...) and (N, d...)"
@@ -76,8 +72,8 @@ impl Kernel for Loss {
         let (n, c) = (xs[0], xs[1]);
         // Saturating: exact whenever the target has elements (it holds n * d of them).
         let d = crate::util::product_sat(&xs[2..]);
-        let mut x = read_f32(&inputs[0], "input")?;
-        let target = inputs[1].to_i64s()?;
+        let mut x = read_f32(&xv, "input")?;
+        let target = tv.to_i64s()?;
         let weight = match optional(inputs, 2) {
             Some(w) => {
                 if w.shape() != [c] {
@@ -126,7 +122,7 @@ impl Kernel for Loss {
                 wsum += f64::from(w);
             }
         }
-        let dtype = inputs[0].dtype;
+        let dtype = xv.dtype;
         match self.reduction {
             Reduction::None => write_f32(ctx, 0, dtype, ts, &loss)?,
             Reduction::Sum => write_f32(ctx, 0, dtype, &[], &[total as f32])?,

@@ -2,7 +2,7 @@
 //! (`HannWindow`, `HammingWindow`, `BlackmanWindow`) and `DFT`.
 
 use crate::quant::fill;
-use crate::util::{floats_as_f64, normalize_axis, optional, product_sat, Factory};
+use crate::util::{floats_as_f64, input, normalize_axis, optional, product_sat, required, Factory};
 use opreg_sdk::alloc::{try_vec, try_with_capacity};
 use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
@@ -162,8 +162,9 @@ impl Kernel for CumProd {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let x = &inputs[0];
-        let axis = scalar_i64(&inputs[1], "CumProd", "axis")?;
+        let [x, axis] = required("CumProd", inputs, ["x", "axis"])?;
+        let x = &x;
+        let axis = scalar_i64(&axis, "CumProd", "axis")?;
         if x.rank() == 0 {
             return Err(PluginError::invalid("CumProd: x must have rank >= 1"));
         }
@@ -205,7 +206,7 @@ impl Kernel for BitCast {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let x = &inputs[0];
+        let x = &input("BitCast", inputs, 0, "input")?;
         if x.dtype.size() != self.to.size() || x.dtype == DType::String {
             return Err(PluginError::invalid(format!(
                 "BitCast: {} and {} do not have the same bit width",
@@ -359,7 +360,7 @@ impl Kernel for Unique {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let x = &inputs[0];
+        let x = &input("Unique", inputs, 0, "X")?;
         let s = x.shape();
         match x.dtype {
             DType::U8 => self.run(ctx, x.as_slice::<u8>()?, s, x.dtype, |y| y.into_slice()),
@@ -435,7 +436,7 @@ impl Kernel for Det {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let x = &inputs[0];
+        let x = &input("Det", inputs, 0, "X")?;
         let s = x.shape();
         if s.len() < 2 || s[s.len() - 1] != s[s.len() - 2] {
             return Err(PluginError::invalid(format!(
@@ -474,7 +475,7 @@ impl Kernel for Window {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let size = scalar_i64(&inputs[0], "window", "size")?;
+        let size = scalar_i64(&input("window", inputs, 0, "size")?, "window", "size")?;
         if size < 0 {
             return Err(PluginError::invalid(format!(
                 "window: input 'size' must be >= 0, got {size}"
@@ -544,7 +545,7 @@ impl Kernel for Dft {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         const OP: &str = "DFT";
-        let x = &inputs[0];
+        let x = &input(OP, inputs, 0, "input")?;
         let s = x.shape();
         let rank = s.len();
         if rank < 2 || (s[rank - 1] != 1 && s[rank - 1] != 2) {
@@ -576,7 +577,7 @@ impl Kernel for Dft {
                 }
                 v as usize
             }
-            None if irfft => 2 * in_len.saturating_sub(1),
+            None if irfft => in_len.saturating_sub(1).saturating_mul(2),
             None => in_len,
         };
         let comp = s[rank - 1];

@@ -284,7 +284,7 @@ impl Kernel for LabelEncoder {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let x = inputs[0];
+        let x = crate::util::input("LabelEncoder", inputs, 0, "X")?;
         let keys: Vec<Key> = match x.dtype {
             DType::String => x
                 .as_strings()?
@@ -338,7 +338,7 @@ impl Kernel for Binarizer {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let x = inputs[0];
+        let x = crate::util::input("Binarizer", inputs, 0, "X")?;
         let v = input_f64s("Binarizer", &x)?;
         let t = self.threshold;
         write_f64s(
@@ -362,7 +362,7 @@ impl Kernel for ArrayFeatureExtractor {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let (x, y) = (inputs[0], inputs[1]);
+        let [x, y] = crate::util::required("ArrayFeatureExtractor", inputs, ["X", "Y"])?;
         let idx = y.to_i64s()?;
         let shape = x.shape();
         let Some(&last) = shape.last() else {
@@ -617,16 +617,27 @@ fn tree_ensemble_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginE
                 )));
             }
             let r = r as usize;
-            // A tree that is a single leaf: both branches go to the same leaf.
-            Ok(
-                if true_leafs[r] != 0 && false_leafs[r] != 0 && true_ids[r] == false_ids[r] {
-                    Next::Leaf(r)
-                } else {
-                    Next::Node(r)
-                },
-            )
+            // A tree that is a single leaf: both branches go to the same leaf. As the
+            // reference, the leaf is the one at the root's index.
+            if true_leafs[r] != 0 && false_leafs[r] != 0 && true_ids[r] == false_ids[r] {
+                if r >= n_leaves {
+                    return Err(PluginError::invalid(format!(
+                        "{op}: tree root {r} is a single leaf, but there are only {n_leaves} \
+                         leaves"
+                    )));
+                }
+                Ok(Next::Leaf(r))
+            } else {
+                Ok(Next::Node(r))
+            }
         })
         .collect::<Result<Vec<_>, _>>()?;
+    if let Some(i) = find_cycle(&nodes) {
+        return Err(PluginError::invalid(format!(
+            "{op}: nodes_truenodeids / nodes_falsenodeids form a cycle (node {i} is on it \
+             or reached from it); the nodes must form trees"
+        )));
+    }
     if let Some(&t) = leaf_targets
         .iter()
         .find(|&&t| t < 0 || t as usize >= n_targets)
@@ -670,6 +681,39 @@ fn tree_ensemble_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginE
         aggregate,
         post,
     }))
+}
+
+/// A node on or below a cycle of the branch graph, if there is one (`leaf` would never
+/// return there). Kahn's algorithm: nodes whose predecessors are all removed are removed in
+/// turn; whatever remains lies on, or downstream of, a cycle.
+fn find_cycle(nodes: &[TreeNode]) -> Option<usize> {
+    let children = |n: &TreeNode| {
+        [n.yes, n.no].into_iter().filter_map(|c| match c {
+            Next::Node(i) => Some(i),
+            Next::Leaf(_) => None,
+        })
+    };
+    let mut indegree = vec![0usize; nodes.len()];
+    for n in nodes {
+        for c in children(n) {
+            indegree[c] += 1;
+        }
+    }
+    let mut ready: Vec<usize> = (0..nodes.len()).filter(|&i| indegree[i] == 0).collect();
+    let mut removed = 0;
+    while let Some(i) = ready.pop() {
+        removed += 1;
+        for c in children(&nodes[i]) {
+            indegree[c] -= 1;
+            if indegree[c] == 0 {
+                ready.push(c);
+            }
+        }
+    }
+    if removed == nodes.len() {
+        return None;
+    }
+    indegree.iter().position(|&d| d > 0)
 }
 
 /// The inverse of the standard normal CDF (Acklam's rational approximation, refined by one
@@ -829,7 +873,7 @@ impl Kernel for TreeEnsemble {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let x = inputs[0];
+        let x = crate::util::input("TreeEnsemble", inputs, 0, "X")?;
         let (rows, cols) = match x.shape() {
             &[n, f] => (n, f),
             &[f] => (1, f),
@@ -1061,6 +1105,76 @@ mod tests {
         assert_eq!(got, vec!["b", "d"]);
         let bad = HostTensor::from_vec(&[1], &[2i64]).expect("y");
         assert!(run_kernel(array_feature_extractor_factory, &node, &[&x, &bad], None).is_err());
+    }
+
+    /// `tree` with attribute `name` replaced.
+    fn with(name: &str, value: AttrValue) -> NodeSpec {
+        let mut node = tree(1, 0);
+        node.attributes.retain(|a| a.name.as_str() != name);
+        node.attr(name, value)
+    }
+
+    fn refused(node: &NodeSpec, what: &str) {
+        let x = HostTensor::from_vec(&[1, 1], &[0.0f32]).expect("x");
+        let e = run_kernel(tree_ensemble_factory, node, &[&x], None).expect_err("refused");
+        assert_eq!(e.code, ErrorCode::InvalidArgument, "{}", e.message);
+        assert!(e.message.contains(what), "{}", e.message);
+    }
+
+    /// Node 0's true branch goes to node 1, whose false branch goes back to node 0: `leaf`
+    /// used to loop forever on such a graph; the node is refused when instantiated.
+    #[test]
+    fn tree_ensemble_cycles_are_refused() {
+        let ids = |v: &[i64]| AttrValue::Ints(v.to_vec().into());
+        let mut node = with("nodes_truenodeids", ids(&[1, 2]));
+        node.attributes.retain(|a| {
+            !matches!(
+                a.name.as_str(),
+                "nodes_trueleafs" | "nodes_falsenodeids" | "nodes_falseleafs" | "tree_roots"
+            )
+        });
+        let node = node
+            .attr("nodes_trueleafs", ids(&[0, 1]))
+            .attr("nodes_falsenodeids", ids(&[1, 0]))
+            .attr("nodes_falseleafs", ids(&[1, 0]))
+            .attr("tree_roots", ids(&[0]));
+        refused(&node, "cycle");
+        // A self-loop.
+        let mut node = with("nodes_trueleafs", ids(&[0, 1]));
+        node.attributes
+            .retain(|a| a.name.as_str() != "nodes_truenodeids");
+        refused(&node.attr("nodes_truenodeids", ids(&[0, 2])), "cycle");
+    }
+
+    /// Child ids past the node or leaf lists, and a single-leaf root past the leaves.
+    #[test]
+    fn tree_ensemble_out_of_range_ids_are_refused() {
+        let ids = |v: &[i64]| AttrValue::Ints(v.to_vec().into());
+        refused(
+            &with("nodes_truenodeids", ids(&[0, 9])),
+            "nodes_truenodeids",
+        );
+        refused(
+            &with("nodes_falsenodeids", ids(&[-1, 3])),
+            "nodes_falsenodeids",
+        );
+        refused(&with("tree_roots", ids(&[0, 5])), "tree_roots");
+        // Root 1 is a single leaf (both branches to leaf 0) at index 1 of a 1-leaf list.
+        let mut node = with("leaf_targetids", ids(&[0]));
+        node.attributes.retain(|a| {
+            !matches!(
+                a.name.as_str(),
+                "leaf_weights" | "nodes_truenodeids" | "nodes_falsenodeids"
+            )
+        });
+        let node = node
+            .attr(
+                "leaf_weights",
+                AttrValue::Tensor(OwnedTensor::from_vec(vec![1], vec![1.0f32]).expect("w")),
+            )
+            .attr("nodes_truenodeids", ids(&[0, 0]))
+            .attr("nodes_falsenodeids", ids(&[0, 0]));
+        refused(&node, "single leaf");
     }
 
     /// n_targets of 2^62 sizes the result rows: refused as too large instead of aborting.

@@ -6,7 +6,7 @@
 //! low-bit ones held one element per byte (conversions in [`crate::lowbit`]); float6 is not.
 
 use crate::lowbit;
-use crate::util::{floats_as_f32, normalize_axis, optional, Factory};
+use crate::util::{floats_as_f32, input, normalize_axis, optional, required, Factory};
 use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
 use std::borrow::Cow;
@@ -316,7 +316,8 @@ impl Kernel for Quantize {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         const OP: &str = "QuantizeLinear";
-        let (x, scale) = (&inputs[0], &inputs[1]);
+        let [x, scale] = required(OP, inputs, ["x", "y_scale"])?;
+        let (x, scale) = (&x, &scale);
         let zp = optional(inputs, 2);
         let out_dtype = match (zp, self.output_dtype) {
             (Some(z), Some(o)) if z.dtype != o => {
@@ -422,7 +423,8 @@ impl Kernel for Dequantize {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         const OP: &str = "DequantizeLinear";
-        let (x, scale) = (&inputs[0], &inputs[1]);
+        let [x, scale] = required(OP, inputs, ["x", "x_scale"])?;
+        let (x, scale) = (&x, &scale);
         let zp = optional(inputs, 2);
         let out_dtype = self.output_dtype.unwrap_or(scale.dtype);
         if !FLOATS.contains(&out_dtype) {
@@ -484,14 +486,15 @@ impl Kernel for DynamicQuantize {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let x = inputs[0].as_slice::<f32>()?;
+        let xv = input("DynamicQuantizeLinear", inputs, 0, "x")?;
+        let x = xv.as_slice::<f32>()?;
         let (qmin, qmax) = (0.0f32, 255.0f32);
         // The range always includes 0, so that 0 is exactly representable.
         let maxx = x.iter().copied().fold(0.0f32, f32::max);
         let minx = x.iter().copied().fold(0.0f32, f32::min);
         let scale = if maxx == minx { 1.0 } else { maxx - minx } / (qmax - qmin);
         let zp = (qmin - minx / scale).clamp(qmin, qmax).round_ties_even();
-        fill::<u8, _>(ctx, 0, inputs[0].shape(), |i| {
+        fill::<u8, _>(ctx, 0, xv.shape(), |i| {
             ((x[i] / scale).round_ties_even() + zp).clamp(qmin, qmax) as u8
         })?;
         ctx.output_slice::<f32>(1, &[])?[0] = scale;

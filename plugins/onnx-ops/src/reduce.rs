@@ -2,7 +2,7 @@
 //! CumSum, TopK.
 
 use crate::nn::{register_versions, Factory};
-use crate::util::{normalize_axis, optional, product_sat, row_major_strides, walk_offsets};
+use crate::util::{input, normalize_axis, optional, product_sat, row_major_strides, walk_offsets};
 use opreg_sdk::{
     alloc::try_with_capacity,
     half::{bf16, f16},
@@ -364,8 +364,9 @@ impl Reduce {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let xs = inputs[0].shape();
-        let x = inputs[0].as_slice::<T>()?;
+        let xv = input(self.op, inputs, 0, "X")?;
+        let xs = xv.shape();
+        let x = xv.as_slice::<T>()?;
         let rank = xs.len();
         let mask = self
             .axes(inputs, rank)?
@@ -467,7 +468,8 @@ impl Kernel for Reduce {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        dispatch_num!(inputs[0].dtype, self.op, |T| self.run::<T>(ctx, inputs))
+        let dtype = input(self.op, inputs, 0, "X")?.dtype;
+        dispatch_num!(dtype, self.op, |T| self.run::<T>(ctx, inputs))
     }
 }
 
@@ -506,8 +508,9 @@ impl ArgReduce {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let xs = inputs[0].shape();
-        let x = inputs[0].as_slice::<T>()?;
+        let xv = input(self.op, inputs, 0, "X")?;
+        let xs = xv.shape();
+        let x = xv.as_slice::<T>()?;
         let axis = normalize_axis(self.axis, xs.len()).map_err(|e| axis_err(self.op, e))?;
         let (_, n, inner) = split_at_axis(xs, axis);
         if n == 0 {
@@ -555,7 +558,8 @@ impl Kernel for ArgReduce {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        dispatch_num!(inputs[0].dtype, self.op, |T| self.run::<T>(ctx, inputs))
+        let dtype = input(self.op, inputs, 0, "X")?.dtype;
+        dispatch_num!(dtype, self.op, |T| self.run::<T>(ctx, inputs))
     }
 }
 
@@ -580,8 +584,9 @@ impl CumSum {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let xs = inputs[0].shape();
-        let x = inputs[0].as_slice::<T>()?;
+        let xv = input("CumSum", inputs, 0, "X")?;
+        let xs = xv.shape();
+        let x = xv.as_slice::<T>()?;
         let axis = match optional(inputs, 1).map(|t| t.to_i64s()) {
             Some(Ok(a)) if a.len() == 1 => a[0],
             _ => {
@@ -627,7 +632,8 @@ impl Kernel for CumSum {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        dispatch_num!(inputs[0].dtype, "CumSum", |T| self.run::<T>(ctx, inputs))
+        let dtype = input("CumSum", inputs, 0, "X")?.dtype;
+        dispatch_num!(dtype, "CumSum", |T| self.run::<T>(ctx, inputs))
     }
 }
 
@@ -660,8 +666,9 @@ impl TopK {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let xs = inputs[0].shape();
-        let x = inputs[0].as_slice::<T>()?;
+        let xv = input("TopK", inputs, 0, "X")?;
+        let xs = xv.shape();
+        let x = xv.as_slice::<T>()?;
         let k = match self.attr_k {
             Some(k) => k,
             None => match optional(inputs, 1).map(|t| t.to_i64s()) {
@@ -741,7 +748,8 @@ impl Kernel for TopK {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        dispatch_num!(inputs[0].dtype, "TopK", |T| self.run::<T>(ctx, inputs))
+        let dtype = input("TopK", inputs, 0, "X")?.dtype;
+        dispatch_num!(dtype, "TopK", |T| self.run::<T>(ctx, inputs))
     }
 }
 

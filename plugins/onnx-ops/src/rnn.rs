@@ -418,7 +418,7 @@ impl Kernel for Recurrent {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let op = self.cell.name();
-        let (x, w, r) = (inputs[0], inputs[1], inputs[2]);
+        let [x, w, r] = crate::util::required(op, inputs, ["X", "W", "R"])?;
         let dtype = x.dtype;
         let num_dir = if self.direction == Direction::Bidirectional {
             2

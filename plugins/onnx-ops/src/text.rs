@@ -1,9 +1,12 @@
 //! String operators: StringNormalizer, StringConcat, StringSplit, RegexFullMatch (with
 //! `regex-lite`, whose ASCII `\w` / `\b` / `\s` match RE2's defaults) and TfIdfVectorizer.
 
-use crate::util::{broadcast_shapes, broadcast_strides, walk_offsets};
+use crate::util::{broadcast_shapes, broadcast_strides, input, required, walk_offsets};
 use opreg_sdk::{abi_stable::std_types::RString, alloc::try_with_capacity, prelude::*};
-use std::{collections::HashMap, hash::Hash};
+use std::{
+    collections::{HashMap, HashSet},
+    hash::Hash,
+};
 
 type Factory = fn(&NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError>;
 
@@ -67,7 +70,7 @@ impl Kernel for StringNormalizer {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let x = inputs[0];
+        let x = input("StringNormalizer", inputs, 0, "X")?;
         let two_d = match x.shape() {
             [_] => false,
             [1, _] => true,
@@ -117,7 +120,7 @@ impl Kernel for StringConcat {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let (x, y) = (inputs[0], inputs[1]);
+        let [x, y] = required("StringConcat", inputs, ["X", "Y"])?;
         let shape = broadcast_shapes(&[x.shape(), y.shape()]).map_err(|_| {
             PluginError::invalid(format!(
                 "StringConcat: shapes {:?} and {:?} do not broadcast",
@@ -220,7 +223,7 @@ impl Kernel for StringSplit {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let x = inputs[0];
+        let x = input("StringSplit", inputs, 0, "X")?;
         let parts: Vec<Vec<&str>> = x.as_strings()?.iter().map(|s| self.split(s)).collect();
         let width = parts.iter().map(Vec::len).max().unwrap_or(0);
         let mut shape = x.shape().to_vec();
@@ -278,7 +281,7 @@ impl Kernel for RegexFullMatch {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let x = inputs[0];
+        let x = input("RegexFullMatch", inputs, 0, "X")?;
         let xs = x.as_strings()?;
         // Bool tensors are one byte per element, 0 or 1.
         let out = ctx.output(0, DType::Bool, x.shape())?.into_bytes()?;
@@ -395,7 +398,7 @@ fn tfidf_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
         .iter()
         .copied()
         .max()
-        .map_or(0, |m| (m + 1).max(0) as usize);
+        .map_or(0, |m| m.saturating_add(1).max(0) as usize);
     let pool = match (
         node.ints("pool_int64s")?,
         strings_attr(node, "pool_strings")?,
@@ -432,9 +435,13 @@ fn tfidf_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
 impl TfIdf {
     /// Adds the n-gram counts of `row` into `freq` (as ONNX Runtime counts: unigrams once,
     /// longer n-grams once per skip distance).
+    /// `items` holds every element of the pool's n-grams: a gram holding anything else, and
+    /// every longer gram from it, matches nothing (so a row of such values costs one lookup
+    /// per position and skip, however long the grams and the skips).
     fn count<T: Hash + Eq + Clone>(
         &self,
         map: &HashMap<Vec<T>, usize>,
+        items: &HashSet<&T>,
         row: &[T],
         freq: &mut [f32],
     ) {
@@ -442,6 +449,7 @@ impl TfIdf {
         // The gram lengths and skips are attributes: a gram never holds more than the row,
         // and no skip of the row's length or more fits a 2-gram.
         let mut gram: Vec<T> = Vec::with_capacity(self.max_n.min(row.len()));
+        let in_pool: Vec<bool> = row.iter().map(|v| items.contains(v)).collect();
         let max_skip = self.max_skip.saturating_add(1).min(row.len().max(1));
         for skip in 1..=max_skip {
             for i in 0..row.len() {
@@ -451,7 +459,7 @@ impl TfIdf {
                 gram.clear();
                 for n in 1..=self.max_n {
                     let at = i.saturating_add((n - 1).saturating_mul(skip));
-                    if at >= row.len() {
+                    if at >= row.len() || !in_pool[at] {
                         break;
                     }
                     gram.push(row[at].clone());
@@ -480,7 +488,7 @@ impl Kernel for TfIdf {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let x = inputs[0];
+        let x = input("TfIdfVectorizer", inputs, 0, "X")?;
         let (rows, width, shape) = match x.shape() {
             &[c] => (1, c, vec![self.out_size]),
             &[n, c] => (n, c, vec![n, self.out_size]),
@@ -497,16 +505,20 @@ impl Kernel for TfIdf {
         match (&self.pool, x.dtype) {
             (Pool::Strings(map), DType::String) => {
                 let xs: Vec<String> = x.as_strings()?.iter().map(|s| s.to_string()).collect();
+                let items = map.keys().flatten().collect();
                 for r in 0..rows {
                     let row = &xs[r * width..(r + 1) * width];
-                    self.count(map, row, &mut y[r * self.out_size..(r + 1) * self.out_size]);
+                    let freq = &mut y[r * self.out_size..(r + 1) * self.out_size];
+                    self.count(map, &items, row, freq);
                 }
             }
             (Pool::Ints(map), DType::I32 | DType::I64) => {
                 let xs = x.to_i64s()?;
+                let items = map.keys().flatten().collect();
                 for r in 0..rows {
                     let row = &xs[r * width..(r + 1) * width];
-                    self.count(map, row, &mut y[r * self.out_size..(r + 1) * self.out_size]);
+                    let freq = &mut y[r * self.out_size..(r + 1) * self.out_size];
+                    self.count(map, &items, row, freq);
                 }
             }
             (_, t) => {

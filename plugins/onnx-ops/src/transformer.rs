@@ -6,7 +6,9 @@
 //! type (Attention's scaled Q/K, scores, probabilities) we round the same way, so reduced
 //! precision results follow the reference closely.
 
-use crate::util::{broadcast_strides, floats_as_f32, normalize_axis, numel, optional, product_sat};
+use crate::util::{
+    broadcast_strides, floats_as_f32, input, normalize_axis, numel, optional, product_sat, required,
+};
 use opreg_sdk::alloc::{try_vec, try_with_capacity};
 use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
@@ -146,6 +148,10 @@ impl Attention {
 
 /// (B, S, H*D) -> (B, H, S, D).
 fn split_heads(x: &[f32], b: usize, s: usize, h: usize, d: usize) -> Vec<f32> {
+    if x.is_empty() {
+        // The extents of an empty operand may be huge: no loop over them.
+        return Vec::new();
+    }
     let mut out = vec![0.0; x.len()];
     for bi in 0..b {
         for si in 0..s {
@@ -215,8 +221,10 @@ fn concat_seq(past: Option<&Heads>, cur: &Heads, what: &str) -> Result<Heads, Pl
     let t = p.s + cur.s;
     let d = cur.d;
     // Empty heads (d = 0) may carry huge extents: a checked size.
-    let mut data = try_with_capacity(numel(&[cur.b, cur.h, t, d])?)?;
-    for bh in 0..cur.b * cur.h {
+    let len = numel(&[cur.b, cur.h, t, d])?;
+    let mut data = try_with_capacity(len)?;
+    // Only when there is data: then B * H does not overflow (nor run 2^64 empty copies).
+    for bh in 0..if len == 0 { 0 } else { cur.b * cur.h } {
         data.extend_from_slice(&p.data[bh * p.s * d..(bh + 1) * p.s * d]);
         data.extend_from_slice(&cur.data[bh * cur.s * d..(bh + 1) * cur.s * d]);
     }
@@ -288,10 +296,7 @@ impl Kernel for Attention {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        if inputs.len() < 3 {
-            return Err(PluginError::invalid("Attention needs Q, K and V"));
-        }
-        let (qv, kv, vv) = (inputs[0], inputs[1], inputs[2]);
+        let [qv, kv, vv] = required("Attention", inputs, ["Q", "K", "V"])?;
         let rank = qv.rank();
         if kv.rank() != rank || vv.rank() != rank {
             return Err(PluginError::invalid(format!(
@@ -533,8 +538,14 @@ impl Kernel for Attention {
 
         if rank == 3 {
             // (B, Hq, S, Dv) -> (B, S, Hq * Dv)
+            let hidden = hq.checked_mul(dv).ok_or_else(|| {
+                PluginError::invalid(format!(
+                    "Attention: {hq} heads of {dv} values overflow the output's hidden size"
+                ))
+            })?;
             let mut y3 = try_vec(y.len(), 0.0f32)?;
-            for bi in 0..b {
+            // Only when Y has elements: the extents of an empty Y may be huge.
+            for bi in 0..if y.is_empty() { 0 } else { b } {
                 for hi in 0..hq {
                     for si in 0..s {
                         let src = ((bi * hq + hi) * s + si) * dv;
@@ -543,7 +554,7 @@ impl Kernel for Attention {
                     }
                 }
             }
-            write_f32(ctx, 0, dtype, &[b, s, hq * dv], &y3)?;
+            write_f32(ctx, 0, dtype, &[b, s, hidden], &y3)?;
         } else {
             write_f32(ctx, 0, dtype, &[b, hq, s, dv], &y)?;
         }
@@ -581,14 +592,12 @@ impl Kernel for RmsNorm {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        if inputs.len() < 2 {
-            return Err(PluginError::invalid("RMSNormalization needs X and scale"));
-        }
-        let xs = inputs[0].shape();
+        let [xv, wv] = required("RMSNormalization", inputs, ["X", "scale"])?;
+        let xs = xv.shape();
         let axis = normalize_axis(self.axis, xs.len())?;
-        let x = read_f32(&inputs[0], "X")?;
-        let w = read_f32(&inputs[1], "scale")?;
-        let ws = inputs[1].shape();
+        let x = read_f32(&xv, "X")?;
+        let w = read_f32(&wv, "scale")?;
+        let ws = wv.shape();
         if ws.len() > xs.len()
             || ws
                 .iter()
@@ -603,7 +612,7 @@ impl Kernel for RmsNorm {
         let wst = broadcast_strides(ws, xs);
         // Saturating: exact whenever X has elements.
         let inner = product_sat(&xs[axis..]);
-        let rt = rounder(inputs[0].dtype);
+        let rt = rounder(xv.dtype);
         let mut y = vec![0.0f32; x.len()];
         let eps = self.epsilon;
         ctx.parallel_chunks(&mut y, inner.max(1), |start, chunk| {
@@ -618,7 +627,7 @@ impl Kernel for RmsNorm {
             });
         })?;
         // Y has the scale's type (V).
-        write_f32(ctx, 0, inputs[1].dtype, xs, &y)
+        write_f32(ctx, 0, wv.dtype, xs, &y)
     }
 }
 
@@ -638,20 +647,20 @@ impl Kernel for Rotary {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        if inputs.len() < 3 {
-            return Err(PluginError::invalid(
-                "RotaryEmbedding needs input, cos_cache and sin_cache",
-            ));
-        }
-        let shape = inputs[0].shape();
-        let x = read_f32(&inputs[0], "input")?;
+        let [xv, cv, sv] = required(
+            "RotaryEmbedding",
+            inputs,
+            ["input", "cos_cache", "sin_cache"],
+        )?;
+        let shape = xv.shape();
+        let x = read_f32(&xv, "input")?;
         if x.is_empty() {
             // Nothing to rotate; the extents of an empty input may be huge (no per-position
             // table is built for them).
-            return write_f32(ctx, 0, inputs[0].dtype, shape, &x);
+            return write_f32(ctx, 0, xv.dtype, shape, &x);
         }
-        let cos = read_f32(&inputs[1], "cos_cache")?;
-        let sin = read_f32(&inputs[2], "sin_cache")?;
+        let cos = read_f32(&cv, "cos_cache")?;
+        let sin = read_f32(&sv, "sin_cache")?;
         // Index of element (b, s, h, d) in `x`: b*sb + s*ss + h*sh + d.
         let (b, s, h, d, sb, ss, sh) = match *shape {
             [b, h, s, d] => (b, s, h, d, h * s * d, d, s * d),
@@ -681,11 +690,11 @@ impl Kernel for Rotary {
             )));
         }
         let half = rd / 2;
-        let cs = inputs[1].shape();
-        if inputs[2].shape() != cs || cs.last() != Some(&half) {
+        let cs = cv.shape();
+        if sv.shape() != cs || cs.last() != Some(&half) {
             return Err(PluginError::invalid(format!(
                 "RotaryEmbedding: cos/sin caches {cs:?} and {:?} must match, last dim {half}",
-                inputs[2].shape()
+                sv.shape()
             )));
         }
         // Row of the caches for (b, s).
@@ -720,7 +729,7 @@ impl Kernel for Rotary {
                 (0..b * s).collect()
             }
         };
-        let rt = rounder(inputs[0].dtype);
+        let rt = rounder(xv.dtype);
         let mut y = x.clone();
         for bi in 0..b {
             for si in 0..s {
@@ -741,7 +750,7 @@ impl Kernel for Rotary {
                 }
             }
         }
-        write_f32(ctx, 0, inputs[0].dtype, shape, &y)
+        write_f32(ctx, 0, xv.dtype, shape, &y)
     }
 }
 
@@ -760,12 +769,10 @@ impl Kernel for LpNorm {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let shape = inputs
-            .first()
-            .ok_or_else(|| PluginError::invalid("LpNormalization needs an input"))?
-            .shape();
+        let xv = input("LpNormalization", inputs, 0, "input")?;
+        let shape = xv.shape();
         let axis = normalize_axis(self.axis, shape.len())?;
-        let x = read_f32(&inputs[0], "input")?;
+        let x = read_f32(&xv, "input")?;
         let n = shape[axis];
         // Saturating: exact whenever the input has elements.
         let inner = product_sat(&shape[axis + 1..]);
@@ -790,7 +797,7 @@ impl Kernel for LpNorm {
                 }
             }
         }
-        write_f32(ctx, 0, inputs[0].dtype, shape, &y)
+        write_f32(ctx, 0, xv.dtype, shape, &y)
     }
 }
 
@@ -805,19 +812,17 @@ impl Kernel for Mvn {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let shape = inputs
-            .first()
-            .ok_or_else(|| PluginError::invalid("MeanVarianceNormalization needs an input"))?
-            .shape();
+        let xv = input("MeanVarianceNormalization", inputs, 0, "X")?;
+        let shape = xv.shape();
         let rank = shape.len();
         let mut reduced = vec![false; rank];
         for &a in &self.axes {
             reduced[normalize_axis(a, rank)?] = true;
         }
-        let x = read_f32(&inputs[0], "X")?;
+        let x = read_f32(&xv, "X")?;
         if x.is_empty() {
             // No statistics to take (and the kept extents of an empty X may be huge).
-            return write_f32(ctx, 0, inputs[0].dtype, shape, &x);
+            return write_f32(ctx, 0, xv.dtype, shape, &x);
         }
         // Statistics live in the shape with reduced axes set to 1.
         let stat_shape: Vec<usize> = shape
@@ -847,7 +852,7 @@ impl Kernel for Mvn {
             y[k] = ((x[k] as f64 - mean[off]) / (std[off] + 1e-9)) as f32;
             k += 1;
         });
-        write_f32(ctx, 0, inputs[0].dtype, shape, &y)
+        write_f32(ctx, 0, xv.dtype, shape, &y)
     }
 }
 

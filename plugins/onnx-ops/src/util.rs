@@ -79,6 +79,54 @@ pub fn optional<'a, 'b>(inputs: &'b [TensorView<'a>], i: usize) -> Option<&'b Te
     inputs.get(i).filter(|t| !t.is_absent())
 }
 
+/// Required input `i` of `op` (named `name` in the operator's schema), or an error naming it
+/// when the node leaves it out (absent, or past the end of the list). Kernels take their
+/// required inputs through it (or [`required`]) rather than by indexing, which would panic on
+/// a node with too few inputs.
+pub fn input<'a>(
+    op: &str,
+    inputs: &[TensorView<'a>],
+    i: usize,
+    name: &str,
+) -> Result<TensorView<'a>, PluginError> {
+    match inputs.get(i) {
+        Some(t) if !t.is_absent() => Ok(*t),
+        _ => Err(PluginError::invalid(format!(
+            "{op}: required input {i} '{name}' is missing"
+        ))),
+    }
+}
+
+/// The leading required inputs `names` of `op` (positions `0..N`), as [`input`] takes each.
+pub fn required<'a, const N: usize>(
+    op: &str,
+    inputs: &[TensorView<'a>],
+    names: [&str; N],
+) -> Result<[TensorView<'a>; N], PluginError> {
+    let mut out = [TensorView::absent(); N];
+    for (i, (slot, name)) in out.iter_mut().zip(names).enumerate() {
+        *slot = input(op, inputs, i, name)?;
+    }
+    Ok(out)
+}
+
+/// Checks that `op` has at least `min` inputs and that none of them is left out: for
+/// variadic operators, whose inputs are all required.
+pub fn all_present(op: &str, inputs: &[TensorView<'_>], min: usize) -> Result<(), PluginError> {
+    if inputs.len() < min {
+        return Err(PluginError::invalid(format!(
+            "{op}: the node has {} inputs, at least {min} required",
+            inputs.len()
+        )));
+    }
+    match inputs.iter().position(|t| t.is_absent()) {
+        Some(i) => Err(PluginError::invalid(format!(
+            "{op}: input {i} is missing (every input is required)"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Element strides of a contiguous row-major tensor of `shape`. They saturate: only an empty
 /// tensor's strides can overflow, and no element of it is ever addressed.
 pub fn row_major_strides(shape: &[usize]) -> Vec<usize> {
@@ -281,6 +329,17 @@ pub(crate) mod testing {
     struct RegisteredKernel(FfiKernelBox);
 
     impl KernelFactory for Registered {
+        fn instantiate(&self, node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+            Ok(Box::new(RegisteredKernel(
+                self.0.instantiate(node).into_result()?,
+            )))
+        }
+    }
+
+    /// A registered factory shared by many runs (the test kit takes its factory by value).
+    pub(crate) struct Shared(pub std::sync::Arc<FfiKernelFactoryBox>);
+
+    impl KernelFactory for Shared {
         fn instantiate(&self, node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
             Ok(Box::new(RegisteredKernel(
                 self.0.instantiate(node).into_result()?,

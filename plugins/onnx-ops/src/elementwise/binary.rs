@@ -3,7 +3,7 @@
 
 use super::engine::{fold_into, zip2, zip2v, zip3, Plan};
 use super::num::{Arith, Bits, Bool, Num};
-use crate::util::broadcast_shapes;
+use crate::util::{broadcast_shapes, required};
 use opreg_sdk::prelude::*;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -349,9 +349,8 @@ impl Kernel for Where {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let [c, x, y, ..] = inputs else {
-            return Err(PluginError::invalid("Where: expected 3 inputs"));
-        };
+        let [c, x, y] = required("Where", inputs, ["condition", "X", "Y"])?;
+        let (c, x, y) = (&c, &x, &y);
         if x.dtype != y.dtype {
             return Err(PluginError::invalid(format!(
                 "Where: X and Y differ in type ({} and {})",

@@ -4,6 +4,7 @@
 use super::engine::map;
 use super::num::{convert, Num};
 use crate::lowbit::{self, RoundMode};
+use crate::util::input;
 use opreg_sdk::prelude::*;
 
 /// Every type `Cast` converts between: every dtype but strings.
@@ -88,7 +89,12 @@ impl Kernel for Cast {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let x = &inputs[0];
+        let op = if self.to.is_some() {
+            "Cast"
+        } else {
+            "CastLike"
+        };
+        let x = &input(op, inputs, 0, "input")?;
         let to = match self.to {
             Some(to) => to,
             None => match inputs.get(1) {

@@ -2,6 +2,7 @@
 //! the reference's numpy arithmetic in that type does (exact for f32 and f64).
 
 use crate::nn::Float;
+use crate::util::{input, required};
 use opreg_sdk::prelude::*;
 
 /// Elements per parallel task.
@@ -65,7 +66,7 @@ impl Kernel for Swish {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let x = inputs[0];
+        let x = input("Swish", inputs, 0, "X")?;
         float_kernel!(x.dtype, "Swish", |T| {
             use crate::nn::Real;
             let xs = x.as_slice::<T>()?;
@@ -95,7 +96,7 @@ impl Kernel for SwiGlu {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let (a, b) = (inputs[0], inputs[1]);
+        let [a, b] = required("SwiGLU", inputs, ["A", "B"])?;
         if a.shape() != b.shape() || a.dtype != b.dtype {
             return Err(PluginError::invalid(format!(
                 "SwiGLU: A ({} {:?}) and B ({} {:?}) must have one type and shape \
@@ -164,7 +165,7 @@ impl Kernel for Shrink {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let x = inputs[0];
+        let x = input("Shrink", inputs, 0, "input")?;
         macro_rules! int {
             ($t:ty) => {
                 self.ints::<$t>(ctx, &x, |v| v as f64, |v| v as $t)

@@ -3,6 +3,7 @@
 
 use super::engine::map;
 use super::num::{Arith, Bits, Bool, Num, Real};
+use crate::util::input;
 use opreg_sdk::prelude::*;
 
 /// Float-only unary operators (computed in f32 for f16/bf16), with their attributes.
@@ -51,7 +52,7 @@ impl Kernel for FloatUnary {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let x = &inputs[0];
+        let x = &input("float unary op", inputs, 0, "X")?;
         dispatch_float!(x.dtype, "float unary op", T => float_unary::<T>(ctx, x, self.0))
     }
 }
@@ -186,7 +187,7 @@ impl Kernel for NumUnary {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let x = &inputs[0];
+        let x = &input("numeric unary op", inputs, 0, "X")?;
         dispatch_num!(x.dtype, "numeric unary op", T => num_unary::<T>(ctx, x, self.0))
     }
 }
@@ -225,7 +226,7 @@ impl Kernel for Clip {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let x = &inputs[0];
+        let x = &input("Clip", inputs, 0, "input")?;
         dispatch_num!(x.dtype, "Clip", T => self.clip::<T>(ctx, inputs))
     }
 }
@@ -256,7 +257,7 @@ impl Clip {
         let lo = bound(1, "min", amin, T::LOWEST)?.load();
         let hi = bound(2, "max", amax, T::MAX)?.load();
         // min > max clips everything to max, as the spec says; NaN passes through.
-        map(ctx, &inputs[0], |x: T| {
+        map(ctx, &input("Clip", inputs, 0, "input")?, |x: T| {
             let v = x.load();
             let v = if v < lo { lo } else { v };
             T::store(if v > hi { hi } else { v })
@@ -277,7 +278,7 @@ impl Kernel for FloatTest {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let x = &inputs[0];
+        let x = &input("IsNaN/IsInf", inputs, 0, "X")?;
         dispatch_float!(x.dtype, "IsNaN/IsInf", T => self.test::<T>(ctx, x))
     }
 }
@@ -314,7 +315,7 @@ impl Kernel for Not {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let x = &inputs[0];
+        let x = &input("Not/BitwiseNot", inputs, 0, "X")?;
         if x.dtype == DType::Bool {
             return map(ctx, x, |v: Bool| Bool::new(!v.get()));
         }

@@ -1,7 +1,7 @@
 //! STFT and MelWeightMatrix (opset 17), computed in f64.
 
 use super::{fill_from_f64, read_f64, scalar_i64 as scalar};
-use crate::util::{numel, optional};
+use crate::util::{numel, optional, required};
 use opreg_sdk::{
     alloc::{try_vec, try_with_capacity},
     prelude::*,
@@ -21,7 +21,7 @@ impl Kernel for Stft {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         const OP: &str = "STFT";
-        let x = inputs[0];
+        let [x, step] = required(OP, inputs, ["signal", "frame_step"])?;
         let s = x.shape();
         if s.len() != 3 || !(s[2] == 1 || s[2] == 2) {
             return Err(PluginError::invalid(format!(
@@ -29,7 +29,7 @@ impl Kernel for Stft {
             )));
         }
         let (batch, len, parts) = (s[0], s[1], s[2]);
-        let step = scalar(&inputs[1], OP, "frame_step")?;
+        let step = scalar(&step, OP, "frame_step")?;
         let window = optional(inputs, 2).map(|w| read_f64(w, OP)).transpose()?;
         let frame_len = match (optional(inputs, 3), &window) {
             (Some(f), _) => scalar(f, OP, "frame_length")?,
@@ -107,18 +107,33 @@ impl Kernel for MelWeightMatrix {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         const OP: &str = "MelWeightMatrix";
-        let bins = scalar(&inputs[0], OP, "num_mel_bins")?;
-        let dft = scalar(&inputs[1], OP, "dft_length")?;
-        let rate = scalar(&inputs[2], OP, "sample_rate")?;
-        let edge = |i: usize, what: &str| -> Result<f64, PluginError> {
-            match read_f64(&inputs[i], OP)?.as_slice() {
+        let [bins, dft, rate, lower, upper] = required(
+            OP,
+            inputs,
+            [
+                "num_mel_bins",
+                "dft_length",
+                "sample_rate",
+                "lower_edge_hertz",
+                "upper_edge_hertz",
+            ],
+        )?;
+        let bins = scalar(&bins, OP, "num_mel_bins")?;
+        let dft = scalar(&dft, OP, "dft_length")?;
+        let rate = scalar(&rate, OP, "sample_rate")?;
+        let edge = |t: TensorView<'_>, what: &str| -> Result<f64, PluginError> {
+            match read_f64(&t, OP)?.as_slice() {
                 [v] => Ok(*v),
                 _ => Err(PluginError::invalid(format!(
                     "{OP}: input '{what}' must be a scalar"
                 ))),
             }
         };
-        let (lower, upper) = (edge(3, "lower_edge_hertz")?, edge(4, "upper_edge_hertz")?);
+        let single = lower.dtype != DType::F64;
+        let (lower, upper) = (
+            edge(lower, "lower_edge_hertz")?,
+            edge(upper, "upper_edge_hertz")?,
+        );
         if bins <= 0 || dft <= 0 || rate <= 0 {
             return Err(PluginError::invalid(format!(
                 "{OP}: num_mel_bins {bins}, dft_length {dft} and sample_rate {rate} must be \
@@ -130,7 +145,6 @@ impl Kernel for MelWeightMatrix {
         let mut out = try_vec(numel(&[spec, bins])?, 0.0f64)?;
         // As the reference: the mel edges from the inputs' own precision (f32 for f32 inputs),
         // then f64.
-        let single = inputs[3].dtype != DType::F64;
         let mel = |hz: f64| -> f64 {
             let l = if single {
                 (2595.0f32 * ((hz as f32) / 700.0).ln_1p()) as f64

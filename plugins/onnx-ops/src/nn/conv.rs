@@ -1,7 +1,7 @@
 //! Conv: im2col per group, then one gemm per batch and group through the BLAS backend.
 
 use super::{at_least_one, conv_bias, matmul::gemm_f32, optional, Disjoint, Geometry, WindowAttrs};
-use crate::util::{product_sat, row_major_strides};
+use crate::util::{product_sat, required, row_major_strides};
 use opreg_sdk::alloc::{checked_numel, try_vec};
 use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
@@ -113,7 +113,7 @@ impl Kernel for Conv {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let (xv, wv) = (inputs[0], inputs[1]);
+        let [xv, wv] = required("Conv", inputs, ["X", "W"])?;
         let (xs, ws) = (xv.shape(), wv.shape());
         if xs.len() < 3 || ws.len() != xs.len() {
             return Err(PluginError::invalid(format!(
@@ -123,7 +123,7 @@ impl Kernel for Conv {
         let (n, c) = (xs[0], xs[1]);
         let (m, cg) = (ws[0], ws[1]);
         let group = self.group;
-        if cg * group != c || m % group != 0 {
+        if cg.checked_mul(group) != Some(c) || m % group != 0 {
             return Err(PluginError::invalid(format!(
                 "Conv: W {ws:?} does not fit X {xs:?} with group {group}"
             )));
@@ -196,8 +196,8 @@ impl Conv {
         let wide = |v: TensorView<'_>| -> Result<Vec<f32>, PluginError> {
             Ok(v.as_slice::<T>()?.iter().map(|&x| load(x)).collect())
         };
-        let x = wide(inputs[0])?;
-        let w = wide(inputs[1])?;
+        let [x, w] = required("Conv", inputs, ["X", "W"])?;
+        let (x, w) = (wide(x)?, wide(w)?);
         let bias: Option<Vec<f32>> =
             conv_bias::<T>("Conv", inputs, m)?.map(|b| b.iter().map(|&v| load(v)).collect());
         // The output first (the host refuses sizes past its limit), then the f32 result it is

@@ -1,7 +1,7 @@
 //! ConvTranspose: one gemm per batch and group (Wᵀ·X into columns), then col2im.
 
 use super::{at_least_one, conv_bias, matmul::gemm_f32, register_versions, AutoPad, WindowAttrs};
-use crate::util::row_major_strides;
+use crate::util::{required, row_major_strides};
 use opreg_sdk::{alloc::checked_numel, prelude::*};
 
 #[derive(Clone)]
@@ -148,7 +148,7 @@ impl Kernel for ConvTranspose {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let (xv, wv) = (inputs[0], inputs[1]);
+        let [xv, wv] = required("ConvTranspose", inputs, ["X", "W"])?;
         let (xs, ws) = (xv.shape(), wv.shape());
         if xs.len() < 3 || ws.len() != xs.len() {
             return Err(PluginError::invalid(format!(
@@ -163,7 +163,11 @@ impl Kernel for ConvTranspose {
             )));
         }
         let (cg, mg) = (c / group, ws[1]);
-        let m = mg * group;
+        let m = mg.checked_mul(group).ok_or_else(|| {
+            PluginError::invalid(format!(
+                "ConvTranspose: W {ws:?} with group {group} gives too many output channels"
+            ))
+        })?;
         let g = self.geometry(&xs[2..], &ws[2..])?;
         let mut out_shape = vec![n, m];
         out_shape.extend_from_slice(&g.out);

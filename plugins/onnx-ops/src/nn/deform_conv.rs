@@ -3,6 +3,7 @@
 //! Computed in f64; the output grid is the offset's spatial shape.
 
 use super::{optional, register_versions, Float, Real, FLOATS};
+use crate::util::{input, required};
 use opreg_sdk::{alloc::checked_numel, prelude::*};
 
 #[derive(Clone)]
@@ -38,7 +39,8 @@ fn bilinear(x: &[f64], ih: usize, iw: usize, h: f64, w: f64) -> f64 {
     let (h0, w0) = (h.floor(), w.floor());
     let (dh, dw) = (h - h0, w - w0);
     let at = |r: f64, c: f64| -> f64 {
-        if r < 0.0 || c < 0.0 || r >= ih as f64 || c >= iw as f64 {
+        // Negated, so that a NaN position (from a NaN offset) reads as outside too.
+        if !(r >= 0.0 && c >= 0.0 && r < ih as f64 && c < iw as f64) {
             0.0
         } else {
             x[r as usize * iw + c as usize]
@@ -57,7 +59,7 @@ impl DeformConv {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         const OP: &str = "DeformConv";
-        let (xv, wv, ov) = (inputs[0], inputs[1], inputs[2]);
+        let [xv, wv, ov] = required(OP, inputs, ["X", "W", "offset"])?;
         let (xs, ws, os) = (xv.shape(), wv.shape(), ov.shape());
         if xs.len() != 4 || ws.len() != 4 || os.len() != 4 {
             return Err(PluginError::invalid(format!(
@@ -68,7 +70,7 @@ impl DeformConv {
         let (oc, icg, kh, kw) = (ws[0], ws[1], ws[2], ws[3]);
         let (oh, ow) = (os[2], os[3]);
         let (group, og) = (self.group, self.offset_group);
-        if icg * group != ic || oc % group != 0 || ic % og != 0 {
+        if icg.checked_mul(group) != Some(ic) || oc % group != 0 || ic % og != 0 {
             return Err(PluginError::invalid(format!(
                 "{OP}: W {ws:?} does not fit X {xs:?} with group {group} and offset_group {og}"
             )));
@@ -169,8 +171,8 @@ impl Kernel for DeformConv {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        dispatch_float!(inputs[0].dtype, "DeformConv", |T| self
-            .run::<T>(ctx, inputs))
+        let dtype = input("DeformConv", inputs, 0, "X")?.dtype;
+        dispatch_float!(dtype, "DeformConv", |T| self.run::<T>(ctx, inputs))
     }
 }
 

@@ -471,6 +471,7 @@ impl Kernel for Einsum {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         use opreg_sdk::half::{bf16, f16};
+        crate::util::all_present("Einsum", inputs, 1)?;
         let dtype = inputs.first().map_or(DType::F32, |v| v.dtype);
         if let Some(v) = inputs.iter().find(|v| v.dtype != dtype) {
             return Err(PluginError::invalid(format!(

@@ -1,7 +1,7 @@
 //! MatMul and Gemm: shape logic here, the products in the node's BLAS backend.
 
 use super::{blas, optional, register_versions};
-use crate::util::{broadcast_shapes, broadcast_strides, product_sat, walk_offsets};
+use crate::util::{broadcast_shapes, broadcast_strides, product_sat, required, walk_offsets};
 use opreg_sdk::{
     alloc::{checked_numel, try_vec, try_with_capacity},
     prelude::*,
@@ -28,6 +28,13 @@ pub(crate) fn gemm_f32(
     if m == 0 || n == 0 {
         return Ok(());
     }
+    let fits =
+        |len: usize, rows: usize, cols: usize| rows.checked_mul(cols).is_some_and(|e| len >= e);
+    if !fits(c.len(), m, n) || (k > 0 && (!fits(a.len(), m, k) || !fits(b.len(), k, n))) {
+        return Err(PluginError::internal(format!(
+            "{op}: gemm operands too short for {m}x{k} * {k}x{n}"
+        )));
+    }
     if k == 0 {
         // No products: C = beta * C.
         if beta == 0.0 {
@@ -36,11 +43,6 @@ pub(crate) fn gemm_f32(
             c[..m * n].iter_mut().for_each(|v| *v *= beta);
         }
         return Ok(());
-    }
-    if a.len() < m * k || b.len() < k * n || c.len() < m * n {
-        return Err(PluginError::internal(format!(
-            "{op}: gemm operands too short for {m}x{k} * {k}x{n}"
-        )));
     }
     let blas = blas(ctx, op)?;
     let args = gemm_args(
@@ -333,7 +335,7 @@ impl Kernel for MatMul {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         use opreg_sdk::half::{bf16, f16};
-        let (a, b) = (inputs[0], inputs[1]);
+        let [a, b] = required("MatMul", inputs, ["A", "B"])?;
         if a.dtype != b.dtype {
             return Err(PluginError::invalid(format!(
                 "MatMul: A is {} but B is {}",
@@ -432,7 +434,7 @@ impl Kernel for Gemm {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let (a, b) = (inputs[0], inputs[1]);
+        let [a, b] = required("Gemm", inputs, ["A", "B"])?;
         let (&[ra, ca], &[rb, cb]) = (a.shape(), b.shape()) else {
             return Err(PluginError::invalid(format!(
                 "Gemm: A and B must be 2-D, got {:?} and {:?}",

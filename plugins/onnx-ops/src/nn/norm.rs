@@ -2,7 +2,7 @@
 //! GroupNormalization, LRN.
 
 use super::{at_least_one, optional, register_versions, Disjoint, Float, Real, FLOATS};
-use crate::util::{broadcast_strides, normalize_axis, product_sat, walk_offsets};
+use crate::util::{broadcast_strides, input, normalize_axis, product_sat, required, walk_offsets};
 use opreg_sdk::prelude::*;
 
 /// A small float parameter tensor (scale, bias, mean...) of any float type, as `C` values.
@@ -86,19 +86,18 @@ impl BatchNorm {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         const OP: &str = "BatchNormalization";
-        if inputs.len() < 5 {
-            return Err(PluginError::invalid(format!("{OP}: expects 5 inputs")));
-        }
-        let xs = inputs[0].shape();
+        let [xv, sv, bv, mv, vv] =
+            required(OP, inputs, ["X", "scale", "B", "input_mean", "input_var"])?;
+        let xs = xv.shape();
         let (_, c, plane) = nc(OP, xs)?;
-        let scale = params_len::<T::C>(OP, "scale", &inputs[1], c)?;
-        let bias = params_len::<T::C>(OP, "B", &inputs[2], c)?;
-        let mean = params_len::<T::C>(OP, "input_mean", &inputs[3], c)?;
-        let var = params_len::<T::C>(OP, "input_var", &inputs[4], c)?;
+        let scale = params_len::<T::C>(OP, "scale", &sv, c)?;
+        let bias = params_len::<T::C>(OP, "B", &bv, c)?;
+        let mean = params_len::<T::C>(OP, "input_mean", &mv, c)?;
+        let var = params_len::<T::C>(OP, "input_var", &vv, c)?;
         let eps = <T::C as Real>::from_f64(self.epsilon as f64);
         let a: Vec<T::C> = (0..c).map(|i| scale[i] / (var[i] + eps).sqrt()).collect();
         let b: Vec<T::C> = (0..c).map(|i| bias[i] - mean[i] * a[i]).collect();
-        let x = inputs[0].as_slice::<T>()?;
+        let x = xv.as_slice::<T>()?;
         let y = ctx.output_slice::<T>(0, xs)?;
         if !y.is_empty() {
             let plane = plane.max(1);
@@ -117,7 +116,7 @@ impl BatchNorm {
         // Opsets before 14 may name the running statistics as outputs; in inference they
         // are the inputs unchanged.
         for out in 1..ctx.num_outputs().min(5) {
-            let src = if out % 2 == 1 { &inputs[3] } else { &inputs[4] };
+            let src = if out % 2 == 1 { &mv } else { &vv };
             let o = ctx.output(out, src.dtype, src.shape())?;
             o.into_bytes()?.copy_from_slice(src.as_bytes()?);
         }
@@ -131,8 +130,8 @@ impl Kernel for BatchNorm {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        dispatch_float!(inputs[0].dtype, "BatchNormalization", |T| self
-            .run::<T>(ctx, inputs))
+        let dtype = input("BatchNormalization", inputs, 0, "X")?.dtype;
+        dispatch_float!(dtype, "BatchNormalization", |T| self.run::<T>(ctx, inputs))
     }
 }
 
@@ -174,13 +173,8 @@ impl GroupStats {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        if inputs.len() < 3 {
-            return Err(PluginError::invalid(format!(
-                "{}: expects 3 inputs",
-                self.op
-            )));
-        }
-        let xs = inputs[0].shape();
+        let [xv, sv, bv] = required(self.op, inputs, ["X", "scale", "B"])?;
+        let xs = xv.shape();
         let (_, c, plane) = nc(self.op, xs)?;
         let groups = self.num_groups.unwrap_or(c);
         if groups == 0 || c % groups != 0 {
@@ -190,9 +184,9 @@ impl GroupStats {
             )));
         }
         let params_n = if self.per_group_params { groups } else { c };
-        let scale = params_len::<T::C>(self.op, "scale", &inputs[1], params_n)?;
-        let bias = params_len::<T::C>(self.op, "B", &inputs[2], params_n)?;
-        let x = inputs[0].as_slice::<T>()?;
+        let scale = params_len::<T::C>(self.op, "scale", &sv, params_n)?;
+        let bias = params_len::<T::C>(self.op, "B", &bv, params_n)?;
+        let x = xv.as_slice::<T>()?;
         let y = ctx.output_slice::<T>(0, xs)?;
         if y.is_empty() {
             return Ok(());
@@ -235,7 +229,8 @@ impl Kernel for GroupStats {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        dispatch_float!(inputs[0].dtype, self.op, |T| self.run::<T>(ctx, inputs))
+        let dtype = input(self.op, inputs, 0, "X")?.dtype;
+        dispatch_float!(dtype, self.op, |T| self.run::<T>(ctx, inputs))
     }
 }
 
@@ -327,14 +322,15 @@ impl LayerNorm {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         const OP: &str = "LayerNormalization";
-        let xs = inputs[0].shape();
+        let [xv, sv] = required(OP, inputs, ["X", "Scale"])?;
+        let xs = xv.shape();
         let axis = normalize_axis(self.axis, xs.len())
             .map_err(|e| PluginError::invalid(format!("{OP}: attribute 'axis': {}", e.message)))?;
         // Exact whenever X has elements; an empty X returns before the parameters are
         // expanded over a row (X may be [0, 2^40]).
         let rows = product_sat(&xs[..axis]);
         let cols = product_sat(&xs[axis..]);
-        let x = inputs[0].as_slice::<T>()?;
+        let x = xv.as_slice::<T>()?;
         let y = ctx.output_slice::<T>(0, xs)?;
         let mut stat_shape = xs[..axis].to_vec();
         stat_shape.resize(xs.len(), 1);
@@ -355,7 +351,7 @@ impl LayerNorm {
         if rows == 0 || cols == 0 {
             return Ok(());
         }
-        let scale = RowParam::<T::C>::new(OP, "Scale", &inputs[1], xs, axis)?;
+        let scale = RowParam::<T::C>::new(OP, "Scale", &sv, xs, axis)?;
         let bias = optional(inputs, 2)
             .map(|b| RowParam::<T::C>::new(OP, "B", b, xs, axis))
             .transpose()?;
@@ -396,8 +392,8 @@ impl Kernel for LayerNorm {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        dispatch_float!(inputs[0].dtype, "LayerNormalization", |T| self
-            .run::<T>(ctx, inputs))
+        let dtype = input("LayerNormalization", inputs, 0, "X")?.dtype;
+        dispatch_float!(dtype, "LayerNormalization", |T| self.run::<T>(ctx, inputs))
     }
 }
 
@@ -432,9 +428,10 @@ impl Lrn {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let xs = inputs[0].shape();
+        let xv = input("LRN", inputs, 0, "X")?;
+        let xs = xv.shape();
         let (_, c, plane) = nc("LRN", xs)?;
-        let x = inputs[0].as_slice::<T>()?;
+        let x = xv.as_slice::<T>()?;
         let y = ctx.output_slice::<T>(0, xs)?;
         if y.is_empty() {
             return Ok(());
@@ -471,7 +468,8 @@ impl Kernel for Lrn {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        dispatch_float!(inputs[0].dtype, "LRN", |T| self.run::<T>(ctx, inputs))
+        let dtype = input("LRN", inputs, 0, "X")?.dtype;
+        dispatch_float!(dtype, "LRN", |T| self.run::<T>(ctx, inputs))
     }
 }
 

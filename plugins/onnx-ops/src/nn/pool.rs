@@ -1,7 +1,7 @@
 //! Pooling: MaxPool (with Indices), AveragePool, LpPool, GlobalAveragePool, GlobalMaxPool.
 
 use super::{register_versions, Disjoint, Float, Geometry, Real, WindowAttrs, FLOATS};
-use crate::util::{product_sat, row_major_strides};
+use crate::util::{input, product_sat, row_major_strides};
 use opreg_sdk::{alloc::try_with_capacity, prelude::*};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -94,45 +94,54 @@ struct Taps {
 impl Taps {
     /// The taps of spatial dimension `d`. Pads, kernel and output extents come from the
     /// model and can make this table far larger than X or Y, so it is counted first and then
-    /// allocated in one fallible piece.
+    /// allocated in one fallible piece. Each position's taps are a range of kernel indices,
+    /// worked out arithmetically: walking every kernel tap would take as long as the kernel
+    /// extent (an attribute, up to 2^63) per output position.
     fn new(
         g: &Geometry,
         spatial: &[usize],
         in_stride: usize,
         d: usize,
     ) -> Result<Self, PluginError> {
-        let (out, extent) = (g.out[d], spatial[d] as isize);
-        let pb = g.pad_begin[d] as isize;
-        let pe = g.pad_end[d] as isize;
-        // `resolve` keeps the padded extent within isize.
-        let pos = |o: usize, k: usize| (o * g.strides[d] + k * g.dilations[d]) as isize - pb;
+        let (out, extent) = (g.out[d], spatial[d] as i128);
+        let pb = g.pad_begin[d] as i128;
+        let pe = g.pad_end[d] as i128;
+        let (st, dil, kernel) = (
+            g.strides[d] as i128,
+            g.dilations[d] as i128,
+            g.kernel[d] as i128,
+        );
+        // Kernel indices k of output position `o` whose input position
+        // `o * st + k * dil - pb` lies in `[lo, hi)`, as the range `k0..k1` (empty when
+        // `k1 <= k0`). In i128: the attributes are arbitrary (resolve bounds them by isize).
+        let taps = |o: usize, lo: i128, hi: i128| {
+            let base = o as i128 * st - pb;
+            let k0 = (lo - base + dil - 1).div_euclid(dil).max(0);
+            let k1 = ((hi - base - 1).div_euclid(dil) + 1).min(kernel);
+            (k0, k1.max(k0))
+        };
         let mut start = try_with_capacity(out + 1)?;
         let mut padded = try_with_capacity(out)?;
         start.push(0usize);
         for o in 0..out {
-            let (mut inside, mut count) = (0usize, 0usize);
-            for k in 0..g.kernel[d] {
-                let p = pos(o, k);
-                inside += (p >= 0 && p < extent) as usize;
-                count += (p >= -pb && p < extent + pe) as usize;
-            }
-            let next = start[o].checked_add(inside).ok_or_else(|| {
+            let (k0, k1) = taps(o, 0, extent);
+            let (p0, p1) = taps(o, -pb, extent + pe);
+            // At most `extent` taps are inside (distinct positions), at most the kernel
+            // extent inside the padding: both fit a usize.
+            let next = start[o].checked_add((k1 - k0) as usize).ok_or_else(|| {
                 PluginError::new(
                     ErrorCode::ResourceExhausted,
                     "pooling window table overflows",
                 )
             })?;
             start.push(next);
-            padded.push(count);
+            padded.push((p1 - p0) as usize);
         }
         let mut flat = try_with_capacity(start[out])?;
         for o in 0..out {
-            for k in 0..g.kernel[d] {
-                let p = pos(o, k);
-                if p >= 0 && p < extent {
-                    flat.push(p as usize * in_stride);
-                }
-            }
+            let (k0, k1) = taps(o, 0, extent);
+            let base = o as i128 * st - pb;
+            flat.extend((k0..k1).map(|k| (base + k * dil) as usize * in_stride));
         }
         Ok(Taps {
             flat,
@@ -188,7 +197,7 @@ impl Pool {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let xv = inputs[0];
+        let xv = input(self.op, inputs, 0, "X")?;
         let xs = xv.shape();
         if xs.len() < 3 {
             return Err(PluginError::invalid(format!(
@@ -359,11 +368,12 @@ impl Kernel for Pool {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        match (self.kind, inputs[0].dtype) {
+        let dtype = input(self.op, inputs, 0, "X")?.dtype;
+        match (self.kind, dtype) {
             // MaxPool takes 8-bit integers from opset 12.
             (Kind::Max, DType::U8) => self.run::<u8>(ctx, inputs),
             (Kind::Max, DType::I8) => self.run::<i8>(ctx, inputs),
-            _ => dispatch_float!(inputs[0].dtype, self.op, |T| self.run::<T>(ctx, inputs)),
+            _ => dispatch_float!(dtype, self.op, |T| self.run::<T>(ctx, inputs)),
         }
     }
 }
@@ -398,14 +408,15 @@ impl GlobalPool {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let xs = inputs[0].shape();
+        let xv = input(self.op, inputs, 0, "X")?;
+        let xs = xv.shape();
         if xs.len() < 2 {
             return Err(PluginError::invalid(format!(
                 "{}: X must have rank >= 2, got {xs:?}",
                 self.op
             )));
         }
-        let x = inputs[0].as_slice::<T>()?;
+        let x = xv.as_slice::<T>()?;
         let mut out_shape = xs[..2].to_vec();
         out_shape.resize(xs.len(), 1);
         let plane = product_sat(&xs[2..]);
@@ -439,7 +450,8 @@ impl Kernel for GlobalPool {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        dispatch_float!(inputs[0].dtype, self.op, |T| self.run::<T>(ctx, inputs))
+        let dtype = input(self.op, inputs, 0, "X")?.dtype;
+        dispatch_float!(dtype, self.op, |T| self.run::<T>(ctx, inputs))
     }
 }
 

@@ -2,7 +2,7 @@
 //! from 13 along the single axis `axis`.
 
 use super::{register_versions, Float, Real, FLOATS};
-use crate::util::normalize_axis;
+use crate::util::{input, normalize_axis};
 use opreg_sdk::prelude::*;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,8 +50,9 @@ impl SoftmaxOp {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let xs = inputs[0].shape();
-        let x = inputs[0].as_slice::<T>()?;
+        let xv = input(self.op, inputs, 0, "input")?;
+        let xs = xv.shape();
+        let x = xv.as_slice::<T>()?;
         let y = ctx.output_slice::<T>(0, xs)?;
         if y.is_empty() {
             return Ok(());
@@ -144,7 +145,8 @@ impl Kernel for SoftmaxOp {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        dispatch_float!(inputs[0].dtype, self.op, |T| self.run::<T>(ctx, inputs))
+        let dtype = input(self.op, inputs, 0, "input")?.dtype;
+        dispatch_float!(dtype, self.op, |T| self.run::<T>(ctx, inputs))
     }
 }
 

@@ -3,6 +3,7 @@
 //! each dimension, as the reference implementation does.
 
 use super::{optional, register_versions, Float, FLOATS};
+use crate::util::{input, required};
 use opreg_sdk::{
     alloc::{checked_numel, try_vec},
     prelude::*,
@@ -73,7 +74,7 @@ impl MaxUnpool {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let (xv, iv) = (inputs[0], inputs[1]);
+        let [xv, iv] = required("MaxUnpool", inputs, ["X", "I"])?;
         let xs = xv.shape();
         if iv.shape() != xs {
             return Err(PluginError::invalid(format!(
@@ -142,7 +143,8 @@ impl Kernel for MaxUnpool {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        dispatch_float!(inputs[0].dtype, "MaxUnpool", |T| self.run::<T>(ctx, inputs))
+        let dtype = input("MaxUnpool", inputs, 0, "X")?.dtype;
+        dispatch_float!(dtype, "MaxUnpool", |T| self.run::<T>(ctx, inputs))
     }
 }
 

@@ -3,7 +3,7 @@
 
 use super::matmul::requant_multiplier;
 use super::{fill_saturated, read_f32, read_i32, Factory, Q8};
-use crate::util::{numel, optional, product_sat, row_major_strides};
+use crate::util::{input, numel, optional, product_sat, required, row_major_strides};
 use opreg_sdk::{
     alloc::{try_vec, try_with_capacity},
     prelude::*,
@@ -314,7 +314,8 @@ impl Kernel for ConvInteger {
     ) -> Result<(), PluginError> {
         const OP: &str = "ConvInteger";
         let present = |i: usize| optional(inputs, i);
-        let (x, w) = (&inputs[0], &inputs[1]);
+        let [x, w] = required(OP, inputs, ["x", "w"])?;
+        let (x, w) = (&x, &w);
         let geo = Geometry::new(OP, x.shape(), w.shape(), &self.0)?;
         let xs = shift_x(OP, x, present(2))?;
         let ws = shift_w(OP, w, present(3))?;
@@ -340,12 +341,12 @@ impl Kernel for QLinearConv {
             )));
         }
         let present = |i: usize| optional(inputs, i);
-        let (x, w) = (&inputs[0], &inputs[3]);
+        let (x, w) = (&input(OP, inputs, 0, "x")?, &input(OP, inputs, 3, "w")?);
         let geo = Geometry::new(OP, x.shape(), w.shape(), &self.0)?;
         let xs = shift_x(OP, x, present(2))?;
         let ws = shift_w(OP, w, present(5))?;
         let scalar = |i: usize, name: &str| -> Result<f32, PluginError> {
-            let v = read_f32(&inputs[i], OP)?;
+            let v = read_f32(&input(OP, inputs, i, name)?, OP)?;
             if v.len() != 1 {
                 return Err(PluginError::invalid(format!(
                     "{OP}: {name} must be a scalar"
@@ -355,7 +356,7 @@ impl Kernel for QLinearConv {
         };
         let x_scale = scalar(1, "x_scale")?;
         let y_scale = scalar(6, "y_scale")?;
-        let w_scale = read_f32(&inputs[4], OP)?;
+        let w_scale = read_f32(&input(OP, inputs, 4, "w_scale")?, OP)?;
         if w_scale.len() != 1 && w_scale.len() != geo.m {
             return Err(PluginError::invalid(format!(
                 "{OP}: w_scale has {} elements, expected 1 or {} (one per output channel)",

@@ -3,7 +3,8 @@
 
 use super::{fill_saturated, read_f32, read_i32, FLOATS, Q8};
 use crate::util::{
-    broadcast_shapes, broadcast_strides, numel, optional, product_sat, walk_offsets,
+    broadcast_shapes, broadcast_strides, input, numel, optional, product_sat, required,
+    walk_offsets,
 };
 use opreg_sdk::alloc::{try_vec, try_with_capacity};
 use opreg_sdk::half::{bf16, f16};
@@ -177,7 +178,8 @@ impl Kernel for MatMulInteger {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         const OP: &str = "MatMulInteger";
-        let (a, b) = (&inputs[0], &inputs[1]);
+        let [a, b] = required(OP, inputs, ["A", "B"])?;
+        let (a, b) = (&a, &b);
         let azp = optional(inputs, 2);
         let bzp = optional(inputs, 3);
         let dims = MatDims::new(OP, a.shape(), b.shape())?;
@@ -240,14 +242,18 @@ impl Kernel for QLinearMatMul {
                 inputs.len()
             )));
         }
-        let present = |i: usize| Some(&inputs[i]).filter(|t| !t.is_absent());
-        let (a, b) = (&inputs[0], &inputs[3]);
+        let present = |i: usize| optional(inputs, i);
+        let [a, a_scale] = required(OP, inputs, ["a", "a_scale"])?;
+        let (b, b_scale) = (input(OP, inputs, 3, "b")?, input(OP, inputs, 4, "b_scale")?);
+        let y_scale = input(OP, inputs, 6, "y_scale")?;
+        let (a, b) = (&a, &b);
         let dims = MatDims::new(OP, a.shape(), b.shape())?;
         let a32 = shifted(OP, "a_zero_point", a, present(2), true)?;
         let b32 = shifted(OP, "b_zero_point", b, present(5), false)?;
-        let a_scale = vector_scale(OP, "a_scale", &inputs[1], dims.m)?;
-        let b_scale = vector_scale(OP, "b_scale", &inputs[4], dims.n)?;
-        let y_scale = read_f32(&inputs[6], OP)?;
+        let sdtype = a_scale.dtype;
+        let a_scale = vector_scale(OP, "a_scale", &a_scale, dims.m)?;
+        let b_scale = vector_scale(OP, "b_scale", &b_scale, dims.n)?;
+        let y_scale = read_f32(&y_scale, OP)?;
         if y_scale.len() != 1 {
             return Err(PluginError::invalid(format!(
                 "{OP}: y_scale must be a scalar"
@@ -265,7 +271,6 @@ impl Kernel for QLinearMatMul {
             }
             None => (a.dtype, 0.0),
         };
-        let sdtype = inputs[1].dtype;
         // M x N and the output are unbounded by the operands when K = 0: fallible.
         let mn = numel(&[dims.m, dims.n])?;
         let mut mult: Vec<f32> = try_with_capacity(mn)?;

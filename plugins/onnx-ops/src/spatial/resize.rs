@@ -485,7 +485,7 @@ impl Resize {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let xv = &inputs[0];
+        let xv = super::required(inputs, 0, self.op, "X")?;
         let in_shape = xv.shape();
         let x = xv.as_slice::<T>()?;
         let (out_shape, scale, roi) = self.plan(inputs, in_shape)?;
