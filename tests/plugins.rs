@@ -532,7 +532,7 @@ async fn health_follows_readiness() {
 }
 
 #[tokio::test]
-async fn init_gets_the_plugin_config_and_shutdown_runs_before_unmapping() {
+async fn init_gets_the_plugin_config_self_tests_run_and_shutdown_runs_before_unmapping() {
     let cfg_dir = tempfile::tempdir().expect("tempdir");
     let marker = cfg_dir.path().join("shutdown-called");
     let cfg = cfg_dir.path().join("opreg.toml");
@@ -561,6 +561,30 @@ async fn init_gets_the_plugin_config_and_shutdown_runs_before_unmapping() {
     assert_eq!(
         std::fs::read_to_string(&marker).expect("shutdown ran"),
         "shutdown"
+    );
+
+    // A self-test that fails refuses the load and names what failed.
+    std::fs::write(
+        &cfg,
+        "[plugin_config.mock-good]\nfail_self_test = \"yes\"\n",
+    )
+    .expect("write");
+    drop(d);
+    let d = Daemon::start(&["--config", cfg.to_str().expect("utf8")]);
+    let err = d
+        .registry()
+        .await
+        .load_plugin(pb::LoadPluginRequest {
+            path: plugin("mock_good").display().to_string(),
+        })
+        .await
+        .expect_err("self-test fails");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    assert!(
+        err.message()
+            .contains("quantizer 'mock-minmax' failed its self-test: failing on purpose"),
+        "{}",
+        err.message()
     );
 
     // An init that fails refuses the load with the plugin's reason.

@@ -198,6 +198,14 @@ pub trait Blas: Send + Sync + 'static {
     ) -> Result<(), PluginError> {
         Err(PluginError::unimplemented("this backend does not pre-pack"))
     }
+
+    /// Checks the backend on this machine: run by the daemon when the plugin loads (and before
+    /// a hot swap is published); a backend that fails is refused with its plugin. A backend
+    /// whose results depend on the CPU or driver (kernels chosen at run time) should compare
+    /// a few products with a reference here. Default: nothing to check.
+    fn self_test(&self, _ctx: &KernelContext<'_>) -> Result<(), PluginError> {
+        Ok(())
+    }
 }
 
 /// The ABI form of [`Blas`]. Implemented by the SDK; hosts and kernels call it.
@@ -208,13 +216,15 @@ pub trait FfiBlas: Send + Sync {
     /// See [`Blas::pack_b`].
     fn pack_b(&self, args: &GemmArgs) -> RResult<PackedB, PluginError>;
     /// See [`Blas::gemm_packed`].
-    #[sabi(last_prefix_field)]
     fn gemm_packed(
         &self,
         ctx: &KernelContext<'_>,
         args: &GemmArgs,
         packed: &PackedB,
     ) -> RResult<(), PluginError>;
+    /// See [`Blas::self_test`].
+    #[sabi(last_prefix_field)]
+    fn self_test(&self, ctx: &KernelContext<'_>) -> RResult<(), PluginError>;
 }
 
 /// An owned BLAS backend object, as it crosses the ABI.
@@ -236,6 +246,9 @@ impl<B: Blas> FfiBlas for BlasAdapter<B> {
         packed: &PackedB,
     ) -> RResult<(), PluginError> {
         guard("gemm_packed", || self.0.gemm_packed(ctx, args, packed)).into()
+    }
+    fn self_test(&self, ctx: &KernelContext<'_>) -> RResult<(), PluginError> {
+        guard("BLAS self-test", || self.0.self_test(ctx)).into()
     }
 }
 

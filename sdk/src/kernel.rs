@@ -320,8 +320,9 @@ pub trait KernelFactory: Send + Sync + 'static {
     /// weights. Errors here fail the model load, with the node named.
     fn instantiate(&self, node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError>;
 
-    /// Run once when the plugin is loaded: a kernel that fails it is refused with the plugin.
-    fn self_check(&self) -> Result<(), PluginError> {
+    /// Checks the kernel: run by the daemon when the plugin loads (and before a hot swap is
+    /// published); a kernel that fails is refused with its plugin. Default: nothing to check.
+    fn self_test(&self) -> Result<(), PluginError> {
         Ok(())
     }
 }
@@ -346,9 +347,9 @@ pub trait FfiKernelFactory: Send + Sync {
     /// See [`KernelFactory::instantiate`].
     fn instantiate(&self, node: &NodeInfo<'_>) -> RResult<FfiKernelBox, PluginError>;
 
-    /// See [`KernelFactory::self_check`].
+    /// See [`KernelFactory::self_test`].
     #[sabi(last_prefix_field)]
-    fn self_check(&self) -> RResult<(), PluginError>;
+    fn self_test(&self) -> RResult<(), PluginError>;
 }
 
 /// The ABI form of [`Kernel`]. Implemented by the SDK; hosts call it.
@@ -383,8 +384,8 @@ impl<F: KernelFactory> FfiKernelFactory for FactoryAdapter<F> {
         .into()
     }
 
-    fn self_check(&self) -> RResult<(), PluginError> {
-        guard("kernel self-check", || self.0.self_check()).into()
+    fn self_test(&self) -> RResult<(), PluginError> {
+        guard("kernel self-test", || self.0.self_test()).into()
     }
 }
 

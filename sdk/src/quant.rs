@@ -161,6 +161,12 @@ pub trait Quantizer: Send + Sync + 'static {
     fn observation(&self) -> Observation;
     /// Turns observations into a plan.
     fn plan(&self, request: &QuantRequest) -> Result<QuantPlan, PluginError>;
+
+    /// Checks the strategy: run by the daemon when the plugin loads (and before a hot swap is
+    /// published); a strategy that fails is refused with its plugin. Default: nothing to check.
+    fn self_test(&self) -> Result<(), PluginError> {
+        Ok(())
+    }
 }
 
 /// The ABI form of [`Quantizer`]. Implemented by the SDK; hosts call it.
@@ -169,8 +175,10 @@ pub trait FfiQuantizer: Send + Sync {
     /// See [`Quantizer::observation`].
     fn observation(&self) -> Observation;
     /// See [`Quantizer::plan`].
-    #[sabi(last_prefix_field)]
     fn plan(&self, request: &QuantRequest) -> RResult<QuantPlan, PluginError>;
+    /// See [`Quantizer::self_test`].
+    #[sabi(last_prefix_field)]
+    fn self_test(&self) -> RResult<(), PluginError>;
 }
 
 /// An owned quantizer object, as it crosses the ABI.
@@ -187,6 +195,9 @@ impl<Q: Quantizer> FfiQuantizer for QuantizerAdapter<Q> {
     }
     fn plan(&self, request: &QuantRequest) -> RResult<QuantPlan, PluginError> {
         guard("quantizer plan", || self.0.plan(request)).into()
+    }
+    fn self_test(&self) -> RResult<(), PluginError> {
+        guard("quantizer self-test", || self.0.self_test()).into()
     }
 }
 

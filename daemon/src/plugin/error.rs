@@ -52,11 +52,11 @@ pub enum LoadError {
         plugin: String,
         message: String,
     },
-    #[error("{path}: plugin '{plugin}': kernel {kernel} failed its self-check: {message}")]
-    SelfCheck {
+    #[error("{path}: plugin '{plugin}': {what} failed its self-test: {message}")]
+    SelfTest {
         path: PathBuf,
         plugin: String,
-        kernel: String,
+        what: String,
         message: String,
     },
     #[error("{path}: plugin '{plugin}' conflicts with plugin '{other}': {what}")]

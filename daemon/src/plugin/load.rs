@@ -3,6 +3,7 @@
 
 use super::{error::LoadError, library::Library};
 use abi_stable::library::{abi_header_from_raw_library, LibraryError, RawLibrary};
+use opreg_sdk::host::CallFrame;
 use opreg_sdk::module::{
     BlasRegistration, KernelRegistration, PluginAbi, PluginModRef, QuantizerRegistration,
     ABI_SYMBOL,
@@ -106,8 +107,16 @@ pub fn load(
     let abi = check_abi_version(path, &library)?;
     let module = init_module(path, &library)?;
 
-    let info = (module.info())();
-    let name = info.name.to_string();
+    // Copied out at once: the plugin's `RString`s free through its own code, so none may
+    // outlive the library (a failed load below unmaps it before the locals drop).
+    let (name, version, description) = {
+        let info = (module.info())();
+        (
+            info.name.to_string(),
+            info.version.to_string(),
+            info.description.to_string(),
+        )
+    };
     library.set_name(&name);
     if name.is_empty() || name.len() > 128 {
         return Err(LoadError::Invalid {
@@ -134,8 +143,8 @@ pub fn load(
             message: e.message.to_string(),
         })?;
     let plugin = LoadedPlugin {
-        version: info.version.to_string(),
-        description: info.description.to_string(),
+        version,
+        description,
         abi_version: format!("{}.{}", abi.major, abi.minor),
         source: path.to_owned(),
         sha256,
@@ -147,17 +156,39 @@ pub fn load(
         name,
     };
     validate(&plugin)?;
-    for k in &plugin.kernels {
-        if let Err(e) = k.factory.self_check().into_result() {
-            return Err(LoadError::SelfCheck {
-                path: path.to_owned(),
-                plugin: plugin.name.clone(),
-                kernel: kernel_label(&k.desc),
-                message: e.message.to_string(),
-            });
-        }
-    }
+    self_test(&plugin)?;
     Ok(plugin)
+}
+
+/// Runs the self-test of everything the plugin registered; the first failure refuses it.
+fn self_test(p: &LoadedPlugin) -> Result<(), LoadError> {
+    let failed = |what: String, e: opreg_sdk::PluginError| LoadError::SelfTest {
+        path: p.source.clone(),
+        plugin: p.name.clone(),
+        what,
+        message: e.message.to_string(),
+    };
+    for k in &p.kernels {
+        k.factory
+            .self_test()
+            .into_result()
+            .map_err(|e| failed(format!("kernel {}", kernel_label(&k.desc)), e))?;
+    }
+    for b in &p.backends {
+        let plugin = p.name.as_str();
+        let log = |level, msg: &str| crate::exec::log_from_plugin(plugin, level, msg);
+        let frame = CallFrame::new(0, b.desc.device, Some(&b.backend), &log);
+        frame
+            .with_context(|ctx| b.backend.self_test(ctx).into_result())
+            .map_err(|e| failed(format!("BLAS backend '{}'", b.desc.name), e))?;
+    }
+    for q in &p.quantizers {
+        q.quantizer
+            .self_test()
+            .into_result()
+            .map_err(|e| failed(format!("quantizer '{}'", q.desc.name), e))?;
+    }
+    Ok(())
 }
 
 /// `domain::Op(since..end)@device` for messages.

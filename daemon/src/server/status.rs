@@ -32,7 +32,7 @@ impl From<LoadError> for Status {
             | LoadError::Invalid { .. } => Code::InvalidArgument,
             LoadError::Init { .. }
             | LoadError::Register { .. }
-            | LoadError::SelfCheck { .. }
+            | LoadError::SelfTest { .. }
             | LoadError::Conflict { .. } => Code::FailedPrecondition,
         };
         Status::new(code, bounded(e.to_string()))

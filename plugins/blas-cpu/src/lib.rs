@@ -28,6 +28,7 @@
 
 mod gemm;
 mod kernels;
+mod selftest;
 #[cfg(test)]
 mod tests;
 
@@ -160,6 +161,10 @@ fn header_field(data: &[u8], i: usize) -> Result<usize, PluginError> {
 }
 
 impl Blas for CpuBlas {
+    fn self_test(&self, ctx: &KernelContext<'_>) -> Result<(), PluginError> {
+        selftest::run(self, ctx)
+    }
+
     fn gemm(&self, ctx: &KernelContext<'_>, g: &GemmArgs) -> Result<(), PluginError> {
         let mut p = problem(g, None)?;
         if let (Layout::ColMajor, BSource::Strided(b)) = (g.layout, p.b) {

@@ -3,7 +3,7 @@
 //! `opreg.mock::MockScale(x) = x * scale` (attribute `scale`, default 2.0) for f32.
 //! The quantizer `mock-minmax` turns min/max observations into asymmetric u8 parameters.
 
-use opreg_sdk::prelude::*;
+use opreg_sdk::{abi_stable::std_types::ROption, prelude::*};
 
 #[derive(Clone)]
 struct Scale(f32);
@@ -59,7 +59,40 @@ impl Quantizer for MinMax {
             notes: "min-max, asymmetric u8".into(),
         })
     }
+
+    /// A known range must give the known parameters (and the `fail_self_test` setting makes
+    /// it fail, for the daemon's test of refusals).
+    fn self_test(&self) -> Result<(), PluginError> {
+        if FAIL_SELF_TEST.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(PluginError::internal("failing on purpose (fail_self_test)"));
+        }
+        let request = QuantRequest {
+            tensors: vec![TensorStats {
+                name: "t".into(),
+                dtype: DType::F32,
+                is_weight: false,
+                min: -1.0,
+                max: 3.0,
+                histogram: Default::default(),
+                hist_max: 0.0,
+                weight: ROption::RNone,
+            }]
+            .into(),
+            options: Default::default(),
+        };
+        let plan = self.plan(&request)?;
+        match plan.tensors.first().map(|t| &t.directive) {
+            Some(Directive::PerTensor {
+                scale, zero_point, ..
+            }) if (*scale - 4.0 / 255.0).abs() < 1e-7 && *zero_point == 64 => Ok(()),
+            other => Err(PluginError::internal(format!(
+                "min-max of [-1, 3] gave {other:?}, expected scale 4/255 and zero point 64"
+            ))),
+        }
+    }
 }
+
+static FAIL_SELF_TEST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn register(r: &mut Registrar) {
     r.kernel(
@@ -85,7 +118,8 @@ fn register(r: &mut Registrar) {
 static SHUTDOWN_MARKER: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 
 /// The test settings, one `key = "value"` a line (the TOML the daemon renders): `refuse`
-/// fails `init` with its text; `shutdown_marker` names a file `shutdown` writes.
+/// fails `init` with its text; `fail_self_test = "yes"` fails the quantizer's self-test;
+/// `shutdown_marker` names a file `shutdown` writes.
 fn init(config: &str) -> Result<(), PluginError> {
     for line in config.lines() {
         let Some((key, value)) = line.split_once('=') else {
@@ -95,6 +129,9 @@ fn init(config: &str) -> Result<(), PluginError> {
         match key.trim() {
             "refuse" => {
                 return Err(PluginError::new(ErrorCode::FailedPrecondition, value));
+            }
+            "fail_self_test" => {
+                FAIL_SELF_TEST.store(value == "yes", std::sync::atomic::Ordering::Relaxed);
             }
             "shutdown_marker" => {
                 *SHUTDOWN_MARKER
