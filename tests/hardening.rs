@@ -858,6 +858,7 @@ async fn small_requests_never_wait_on_nagle() {
         c.model_infer(mlp_request()).await.expect("infer");
     }
     let elapsed = started.elapsed();
+    eprintln!("ATTACK 50 sequential small calls took {elapsed:?}");
     assert!(
         elapsed < Duration::from_millis(50 * 40 / 2),
         "50 small calls took {elapsed:?}: a Nagle stall is back (TCP_NODELAY)"
