@@ -58,6 +58,14 @@ fn too_large(message: String) -> PluginError {
 mod tests {
     use super::*;
 
+    #[cfg(feature = "host")]
+    #[test]
+    fn an_unknown_dtype_is_refused_not_allocated_as_zero_bytes() {
+        let e = crate::host::HostTensor::zeroed(crate::DType(99), &[4]).expect_err("unknown");
+        assert_eq!(e.code, ErrorCode::Unimplemented);
+        assert!(e.message.contains("dtype 99"), "{}", e.message);
+    }
+
     #[test]
     fn huge_sizes_fail_the_call_instead_of_aborting() {
         let e = try_vec(1usize << 62, 0f32).expect_err("2^62 floats cannot exist");

@@ -3,21 +3,48 @@
 use abi_stable::{std_types::RString, StableAbi};
 
 /// What kind of failure a [`PluginError`] is; the daemon maps it to a gRPC status.
-#[repr(u8)]
-#[derive(StableAbi, Copy, Clone, Debug, PartialEq, Eq)]
-pub enum ErrorCode {
+///
+/// An open code, so that later SDKs can add kinds without breaking plugins built before: a
+/// code the daemon does not know is reported as `UNKNOWN` with the plugin's message.
+#[repr(transparent)]
+#[derive(StableAbi, Copy, Clone, PartialEq, Eq, Hash)]
+pub struct ErrorCode(pub u32);
+
+#[allow(non_upper_case_globals)]
+impl ErrorCode {
     /// The inputs or attributes are not acceptable (gRPC `INVALID_ARGUMENT`).
-    InvalidArgument = 0,
+    pub const InvalidArgument: ErrorCode = ErrorCode(0);
     /// The kernel does not support this case (gRPC `UNIMPLEMENTED`).
-    Unimplemented = 1,
+    pub const Unimplemented: ErrorCode = ErrorCode(1);
     /// A bug or an unexpected state (gRPC `INTERNAL`).
-    Internal = 2,
+    pub const Internal: ErrorCode = ErrorCode(2);
     /// The plugin panicked; the SDK caught it at the boundary (gRPC `INTERNAL`).
-    Panic = 3,
+    pub const Panic: ErrorCode = ErrorCode(3);
     /// Out of memory or another resource (gRPC `RESOURCE_EXHAUSTED`).
-    ResourceExhausted = 4,
+    pub const ResourceExhausted: ErrorCode = ErrorCode(4);
     /// Called in a state that does not allow it (gRPC `FAILED_PRECONDITION`).
-    FailedPrecondition = 5,
+    pub const FailedPrecondition: ErrorCode = ErrorCode(5);
+
+    fn name(self) -> Option<&'static str> {
+        Some(match self {
+            ErrorCode::InvalidArgument => "InvalidArgument",
+            ErrorCode::Unimplemented => "Unimplemented",
+            ErrorCode::Internal => "Internal",
+            ErrorCode::Panic => "Panic",
+            ErrorCode::ResourceExhausted => "ResourceExhausted",
+            ErrorCode::FailedPrecondition => "FailedPrecondition",
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Debug for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.name() {
+            Some(n) => f.write_str(n),
+            None => write!(f, "ErrorCode({})", self.0),
+        }
+    }
 }
 
 /// An error returned by plugin code. Owned, FFI-safe, and cheap to convert to a gRPC status.

@@ -104,6 +104,11 @@ pub struct HostTensor {
 impl HostTensor {
     /// A zero-filled tensor (empty strings for `String`).
     pub fn zeroed(dtype: DType, shape: &[usize]) -> Result<Self, PluginError> {
+        if !dtype.is_known() {
+            return Err(PluginError::unimplemented(format!(
+                "{dtype} is not an element type this host knows"
+            )));
+        }
         let len = crate::alloc::numel(shape)
             .and_then(|n| n.checked_mul(dtype.size()))
             .ok_or_else(|| {

@@ -11,6 +11,8 @@ pub fn code_of(code: ErrorCode) -> Code {
         ErrorCode::Internal | ErrorCode::Panic => Code::Internal,
         ErrorCode::ResourceExhausted => Code::ResourceExhausted,
         ErrorCode::FailedPrecondition => Code::FailedPrecondition,
+        // A kind from a newer SDK: the plugin's message still says what happened.
+        _ => Code::Unknown,
     }
 }
 

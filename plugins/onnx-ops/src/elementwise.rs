@@ -6,8 +6,8 @@
 //! engine ([`engine`]).
 
 use crate::util::Factory;
+use opreg_sdk::dtype::names::*;
 use opreg_sdk::prelude::*;
-use DType::*;
 
 /// The Rust element type of a dtype name.
 macro_rules! dt_ty {

@@ -201,7 +201,7 @@ impl Kernel for Shrink {
 }
 
 pub fn register(r: &mut Registrar) {
-    use DType::*;
+    use opreg_sdk::dtype::names::*;
     const FLOATS: &[DType] = &[F16, BF16, F32, F64];
     let one = |op: &str, since: i32, types: &[DType], n: usize| {
         KernelDesc::onnx(op, since, OPEN_END)

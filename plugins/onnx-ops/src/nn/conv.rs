@@ -329,7 +329,7 @@ fn add_bias(
 }
 
 pub fn register(r: &mut Registrar) {
-    use DType::*;
+    use opreg_sdk::dtype::names::*;
     // bf16 from opset 22.
     for (since, end, types) in [
         (1, 10, &[F32, F16][..]),

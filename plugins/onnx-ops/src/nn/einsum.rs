@@ -573,7 +573,7 @@ fn contract<T: EinElem>(
 }
 
 pub fn register(r: &mut Registrar) {
-    use DType::*;
+    use opreg_sdk::dtype::names::*;
     const NUMERIC: &[DType] = &[U8, U16, U32, U64, I8, I16, I32, I64, F16, F32, F64];
     const WITH_BF16: &[DType] = &[U8, U16, U32, U64, I8, I16, I32, I64, F16, F32, F64, BF16];
     // bf16 from opset 28.

@@ -499,7 +499,7 @@ fn matmul_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
 }
 
 pub fn register(r: &mut Registrar) {
-    use DType::*;
+    use opreg_sdk::dtype::names::*;
     let t: &[(&str, &[DType])] = &[("T", &[F32])];
     // MatMul's types by schema version: floats from 1, 32/64-bit integers from 9, bf16 from 13.
     let versions: [(i32, i32, &[DType]); 3] = [

@@ -458,7 +458,7 @@ pub(crate) fn register(r: &mut Registrar) {
         },
     );
     // f16 and bf16 (and `stash_type`) from opset 27.
-    use DType::*;
+    use opreg_sdk::dtype::names::*;
     for (since, end, types) in [
         (11, 26, &[F32, F64, I16, I32, I64][..]),
         (27, OPEN_END, &[F32, F64, I16, I32, I64, F16, BF16]),
