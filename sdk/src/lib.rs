@@ -99,7 +99,7 @@ pub use module::{PluginInfo, Registrar};
 pub use quant::{
     Directive, Observation, QuantPlan, QuantRequest, Quantizer, QuantizerDesc, TensorStats,
 };
-pub use tensor::{Device, DeviceKind, OwnedTensor, TensorView, TensorViewMut};
+pub use tensor::{Device, DeviceKind, MemoryType, OwnedTensor, TensorView, TensorViewMut};
 
 /// The ABI major version. Plugins built for another major are refused at load.
 pub const ABI_MAJOR: u32 = 1;

@@ -45,6 +45,34 @@ impl DeviceKind {
     }
 }
 
+/// Which memory of a device a tensor's data is in. An open code: device providers may add
+/// kinds from [`MemoryType::FIRST_CUSTOM`] on.
+#[repr(transparent)]
+#[derive(StableAbi, Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MemoryType(pub u32);
+
+impl MemoryType {
+    /// The device's own memory (host memory for the CPU).
+    pub const DEVICE: MemoryType = MemoryType(0);
+    /// Ordinary host memory, whatever the device.
+    pub const HOST: MemoryType = MemoryType(1);
+    /// Page-locked host memory a device can copy from and to directly.
+    pub const HOST_PINNED: MemoryType = MemoryType(2);
+    /// Memory both the host and the device address (unified / managed).
+    pub const MANAGED: MemoryType = MemoryType(3);
+    /// First code free for device-specific memory kinds.
+    pub const FIRST_CUSTOM: MemoryType = MemoryType(1000);
+
+    /// Whether host code may read and write memory of this type on `device`.
+    pub fn host_accessible(self, device: Device) -> bool {
+        match self {
+            MemoryType::DEVICE => device.host_accessible(),
+            MemoryType::HOST | MemoryType::HOST_PINNED | MemoryType::MANAGED => true,
+            _ => false,
+        }
+    }
+}
+
 /// One device: a kind and an ordinal (GPU 0, GPU 1, ...).
 #[repr(C)]
 #[derive(StableAbi, Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -99,12 +127,16 @@ pub struct TensorView<'a> {
     pub dtype: DType,
     /// Where `data` lives.
     pub device: Device,
+    /// Which memory of `device` holds `data`.
+    pub memory: MemoryType,
     /// Extent of each dimension.
     pub shape: RSlice<'a, usize>,
     /// Distance between neighbours along each dimension, in elements.
     pub strides: RSlice<'a, isize>,
     /// The first element.
     pub data: *const u8,
+    /// Reserved for properties added in later minors (0 today; readers ignore unknown bits).
+    pub flags: u64,
     _borrow: PhantomData<&'a u8>,
 }
 
@@ -128,9 +160,11 @@ impl<'a> TensorView<'a> {
         TensorView {
             dtype,
             device,
+            memory: MemoryType::DEVICE,
             shape: shape.into(),
             strides: strides.into(),
             data,
+            flags: 0,
             _borrow: PhantomData,
         }
     }
@@ -141,9 +175,11 @@ impl<'a> TensorView<'a> {
         TensorView {
             dtype: DType::F32,
             device: Device::CPU,
+            memory: MemoryType::DEVICE,
             shape: RSlice::EMPTY,
             strides: RSlice::EMPTY,
             data: std::ptr::null(),
+            flags: 0,
             _borrow: PhantomData,
         }
     }
@@ -186,9 +222,11 @@ impl<'a> TensorView<'a> {
         Ok(TensorView {
             dtype: T::DTYPE,
             device: Device::CPU,
+            memory: MemoryType::DEVICE,
             shape: shape.into(),
             strides: strides.into(),
             data: data.as_ptr().cast(),
+            flags: 0,
             _borrow: PhantomData,
         })
     }
@@ -266,7 +304,7 @@ impl<'a> TensorView<'a> {
                 self.dtype, want
             )));
         }
-        if !self.device.host_accessible() {
+        if !self.memory.host_accessible(self.device) {
             return Err(PluginError::invalid(format!(
                 "tensor lives on {}, not in host memory",
                 self.device
@@ -289,12 +327,16 @@ pub struct TensorViewMut<'a> {
     pub dtype: DType,
     /// Where `data` lives.
     pub device: Device,
+    /// Which memory of `device` holds `data`.
+    pub memory: MemoryType,
     /// Extent of each dimension.
     pub shape: RSlice<'a, usize>,
     /// Distance between neighbours along each dimension, in elements.
     pub strides: RSlice<'a, isize>,
     /// The first element.
     pub data: *mut u8,
+    /// Reserved for properties added in later minors (0 today; readers ignore unknown bits).
+    pub flags: u64,
     _borrow: PhantomData<&'a mut u8>,
 }
 
@@ -317,9 +359,11 @@ impl<'a> TensorViewMut<'a> {
         TensorViewMut {
             dtype,
             device,
+            memory: MemoryType::DEVICE,
             shape: shape.into(),
             strides: strides.into(),
             data,
+            flags: 0,
             _borrow: PhantomData,
         }
     }
@@ -345,9 +389,11 @@ impl<'a> TensorViewMut<'a> {
         TensorView {
             dtype: self.dtype,
             device: self.device,
+            memory: self.memory,
             shape: self.shape,
             strides: self.strides,
             data: self.data,
+            flags: self.flags,
             _borrow: PhantomData,
         }
     }
