@@ -611,3 +611,47 @@ async fn init_gets_the_plugin_config_self_tests_run_and_shutdown_runs_before_unm
         err.message()
     );
 }
+
+#[tokio::test]
+async fn loading_and_unloading_different_builds_a_hundred_times_is_stable() {
+    // The layout-cache hazard: abi_stable keeps layouts it checked in a process-wide map; a
+    // plugin's entries must not be read after its library is unmapped. Alternate two
+    // different plugins through load -> call -> unload, 100 rounds, in one daemon.
+    let d = Daemon::start(&[]);
+    let mut reg = d.registry().await;
+    let before = d.rss_kib();
+    for round in 0..100 {
+        let (file, name) = if round % 2 == 0 {
+            ("mock_good", "mock-good")
+        } else {
+            ("mock_device", "mock-device")
+        };
+        reg.load_plugin(pb::LoadPluginRequest {
+            path: plugin(file).display().to_string(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("round {round}: load {file}: {e}"));
+        if round % 2 == 0 {
+            let out = reg
+                .run_kernel(run_req("opreg.mock", "MockScale", &[1.5]))
+                .await
+                .expect("run")
+                .into_inner();
+            assert_eq!(f32_values(&out.outputs[0].raw), vec![3.0]);
+        }
+        reg.unload_plugin(pb::UnloadPluginRequest { name: name.into() })
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: unload {name}: {e}"));
+    }
+    let after = d.rss_kib();
+    eprintln!("100 load/unload rounds: RSS {before} -> {after} KiB");
+    let log = d.log();
+    assert!(
+        !log.contains("stayed mapped"),
+        "a released library stayed mapped"
+    );
+    assert_eq!(
+        log.matches("plugin library released and unmapped").count(),
+        100
+    );
+}
