@@ -46,15 +46,7 @@ fn mlp_request() -> pb::ModelInferRequest {
 }
 
 fn start(repo: &Path, extra: &[&str]) -> (Daemon, tempfile::TempDir) {
-    let plugins = plugin_dir(&[plugin("onnx_ops"), plugin("blas_cpu")]);
-    let mut args = vec![
-        "--plugin-dir",
-        plugins.path().to_str().expect("utf8"),
-        "--model-repo",
-        repo.to_str().expect("utf8"),
-    ];
-    args.extend_from_slice(extra);
-    (Daemon::start(&args), plugins)
+    start_serving(repo, extra)
 }
 
 /// The daemon is alive and serves the healthy model within `within`.
@@ -377,27 +369,7 @@ async fn runaway_requests_stop_at_their_deadline_and_free_the_compute_pool() {
         .expect("loop model");
 
     // Two requests with a client deadline of 1 s take both compute threads...
-    let calls: Vec<_> = (0..2)
-        .map(|_| {
-            let url = d.url();
-            tokio::spawn(async move {
-                let mut c =
-                    pb::grpc_inference_service_client::GrpcInferenceServiceClient::connect(url)
-                        .await
-                        .expect("connect");
-                let mut req = Request::new(loop_request());
-                req.set_timeout(Duration::from_secs(1));
-                c.model_infer(req).await
-            })
-        })
-        .collect();
-    for call in calls {
-        let e = call.await.expect("join").expect_err("runaway");
-        assert!(
-            matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled),
-            "{e:?}"
-        );
-    }
+    all_overdue(&d, loop_request, Duration::from_secs(1)).await;
     // ...and give them back: a healthy request and a model load go through at once.
     assert_serving(&mut d, Duration::from_secs(5)).await;
     load(&d, "mlp2", mlp()).await.expect("load after runaway");
@@ -436,16 +408,10 @@ fn bearer<T>(message: T, token: &str) -> Request<T> {
 #[tokio::test]
 async fn model_management_needs_the_token_and_inference_optionally_too() {
     let repo = tempfile::tempdir().expect("repo");
-    let plugins = plugin_dir(&[plugin("onnx_ops"), plugin("blas_cpu")]);
-    let d = Daemon::start(&[
-        "--plugin-dir",
-        plugins.path().to_str().expect("utf8"),
-        "--model-repo",
-        repo.path().to_str().expect("utf8"),
-        "--admin-token",
-        "s3cret",
-        "--require-token-for-inference",
-    ]);
+    let (d, _p) = start(
+        repo.path(),
+        &["--admin-token", "s3cret", "--require-token-for-inference"],
+    );
     let mut c = d.inference().await;
     expect_err(
         c.repository_model_load(load_request("mlp", mlp())).await,
@@ -940,12 +906,50 @@ async fn a_kill_at_any_point_of_an_upload_leaves_the_old_version_or_the_new_one(
     );
 }
 
+/// Side of the MatMul that takes seconds in a debug build.
+const N: usize = 2048;
+
+fn big_request() -> pb::ModelInferRequest {
+    pb::ModelInferRequest {
+        model_name: "big".into(),
+        inputs: vec![input("x", "FP32", &[N as i64, N as i64])],
+        raw_input_contents: vec![f32_bytes(&vec![1.0; N * N])],
+        ..Default::default()
+    }
+}
+
+/// Two concurrent calls of `make()` (one per compute thread), each on its own connection with
+/// `timeout`: both must end as overdue.
+async fn all_overdue(d: &Daemon, make: fn() -> pb::ModelInferRequest, timeout: Duration) {
+    let calls: Vec<_> = (0..2)
+        .map(|_| {
+            let url = d.url();
+            tokio::spawn(async move {
+                let mut c =
+                    pb::grpc_inference_service_client::GrpcInferenceServiceClient::connect(url)
+                        .await
+                        .expect("connect")
+                        .max_decoding_message_size(usize::MAX);
+                let mut req = Request::new(make());
+                req.set_timeout(timeout);
+                c.model_infer(req).await
+            })
+        })
+        .collect();
+    for call in calls {
+        let e = call.await.expect("join").expect_err("past its deadline");
+        assert!(
+            matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled),
+            "{e:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_long_kernel_call_is_cut_at_the_deadline_between_its_chunks() {
     // A 2048^3 MatMul takes seconds in a debug build; the host stops handing out its parallel
     // chunks once the deadline passes, so both compute threads come back at once instead of
     // after the whole product.
-    const N: usize = 2048;
     let repo = tempfile::tempdir().expect("repo");
     let (mut d, _p) = start(repo.path(), &["--threads", "2"]);
     load(&d, "mlp", mlp()).await.expect("healthy model");
@@ -961,33 +965,7 @@ async fn one_long_kernel_call_is_cut_at_the_deadline_between_its_chunks() {
         17,
     );
     load(&d, "big", big).await.expect("big model");
-    let calls: Vec<_> = (0..2)
-        .map(|_| {
-            let url = d.url();
-            tokio::spawn(async move {
-                let mut c =
-                    pb::grpc_inference_service_client::GrpcInferenceServiceClient::connect(url)
-                        .await
-                        .expect("connect")
-                        .max_decoding_message_size(usize::MAX);
-                let mut req = Request::new(pb::ModelInferRequest {
-                    model_name: "big".into(),
-                    inputs: vec![input("x", "FP32", &[N as i64, N as i64])],
-                    raw_input_contents: vec![f32_bytes(&vec![1.0; N * N])],
-                    ..Default::default()
-                });
-                req.set_timeout(Duration::from_millis(300));
-                c.model_infer(req).await
-            })
-        })
-        .collect();
-    for call in calls {
-        let e = call.await.expect("join").expect_err("past its deadline");
-        assert!(
-            matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled),
-            "{e:?}"
-        );
-    }
+    all_overdue(&d, big_request, Duration::from_millis(300)).await;
     assert_serving(&mut d, Duration::from_secs(4)).await;
     d.wait_log("memory released");
 }

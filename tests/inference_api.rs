@@ -88,21 +88,10 @@ async fn reflection_lists_every_service() {
 
 #[test]
 fn tritonclient_talks_to_the_daemon() {
-    let Some(python) = python() else { return };
     let d = Daemon::start(&[]);
-    let script = workspace().join("tests/python/tritonclient_server.py");
-    let out = std::process::Command::new(python)
-        .arg(script)
-        .arg(d.addr.to_string())
-        .output()
-        .expect("run python");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "python failed: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = stdout.lines().last().expect("json line");
+    let Some(line) = run_python("tritonclient_server.py", &[&d.addr.to_string()]) else {
+        return;
+    };
     for want in [
         "\"live\": true",
         "\"ready\": true",
@@ -116,28 +105,11 @@ fn tritonclient_talks_to_the_daemon() {
 
 #[test]
 fn tritonclient_uploads_a_model_and_matches_onnxruntime() {
-    let Some(python) = python() else { return };
     let repo = tempfile::tempdir().expect("repo");
-    let plugins = plugin_dir(&[plugin("onnx_ops"), plugin("blas_cpu")]);
-    let d = Daemon::start(&[
-        "--plugin-dir",
-        plugins.path().to_str().expect("utf8"),
-        "--model-repo",
-        repo.path().to_str().expect("utf8"),
-    ]);
-    let script = workspace().join("tests/python/tritonclient_model.py");
-    let out = std::process::Command::new(python)
-        .arg(script)
-        .arg(d.addr.to_string())
-        .output()
-        .expect("run python");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "python failed: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = stdout.lines().last().expect("json line");
+    let (d, _plugins) = start_serving(repo.path(), &[]);
+    let Some(line) = run_python("tritonclient_model.py", &[&d.addr.to_string()]) else {
+        return;
+    };
     assert!(line.contains("\"ready\": true"), "{line}");
     assert!(line.contains("\"shape\": [5, 4]"), "{line}");
     assert!(line.contains("\"input_shape\": [\"-1\", \"8\"]"), "{line}");

@@ -70,14 +70,7 @@ async fn placement(d: &Daemon, model: &str) -> (u64, Vec<(String, String, String
 }
 
 fn start(repo: &std::path::Path) -> (Daemon, tempfile::TempDir) {
-    let plugins = plugin_dir(&[plugin("onnx_ops"), plugin("blas_cpu")]);
-    let d = Daemon::start(&[
-        "--plugin-dir",
-        plugins.path().to_str().expect("utf8"),
-        "--model-repo",
-        repo.to_str().expect("utf8"),
-    ]);
-    (d, plugins)
+    start_serving(repo, &[])
 }
 
 #[tokio::test]

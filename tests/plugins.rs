@@ -531,6 +531,23 @@ async fn health_follows_readiness() {
     assert_eq!(unknown.code(), Code::NotFound);
 }
 
+/// Loading mock-good into a daemon whose config file `cfg` gives it `setting`: refused.
+async fn mock_good_refused_with(cfg: &std::path::Path, setting: &str) -> tonic::Status {
+    std::fs::write(cfg, format!("[plugin_config.mock-good]\n{setting}\n")).expect("write");
+    let d = Daemon::start(&["--config", cfg.to_str().expect("utf8")]);
+    let err = d
+        .registry()
+        .await
+        .load_plugin(pb::LoadPluginRequest {
+            path: plugin("mock_good").display().to_string(),
+        })
+        .await
+        .expect_err("refused");
+    // Refused, and still serving.
+    assert!(plugin_names(&d).await.is_empty());
+    err
+}
+
 #[tokio::test]
 async fn init_gets_the_plugin_config_self_tests_run_and_shutdown_runs_before_unmapping() {
     let cfg_dir = tempfile::tempdir().expect("tempdir");
@@ -564,21 +581,8 @@ async fn init_gets_the_plugin_config_self_tests_run_and_shutdown_runs_before_unm
     );
 
     // A self-test that fails refuses the load and names what failed.
-    std::fs::write(
-        &cfg,
-        "[plugin_config.mock-good]\nfail_self_test = \"yes\"\n",
-    )
-    .expect("write");
     drop(d);
-    let d = Daemon::start(&["--config", cfg.to_str().expect("utf8")]);
-    let err = d
-        .registry()
-        .await
-        .load_plugin(pb::LoadPluginRequest {
-            path: plugin("mock_good").display().to_string(),
-        })
-        .await
-        .expect_err("self-test fails");
+    let err = mock_good_refused_with(&cfg, "fail_self_test = \"yes\"").await;
     assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
     assert!(
         err.message()
@@ -588,21 +592,7 @@ async fn init_gets_the_plugin_config_self_tests_run_and_shutdown_runs_before_unm
     );
 
     // An init that fails refuses the load with the plugin's reason.
-    std::fs::write(
-        &cfg,
-        "[plugin_config.mock-good]\nrefuse = \"no licence for this device\"\n",
-    )
-    .expect("write");
-    drop(d);
-    let d = Daemon::start(&["--config", cfg.to_str().expect("utf8")]);
-    let err = d
-        .registry()
-        .await
-        .load_plugin(pb::LoadPluginRequest {
-            path: plugin("mock_good").display().to_string(),
-        })
-        .await
-        .expect_err("init refuses");
+    let err = mock_good_refused_with(&cfg, "refuse = \"no licence for this device\"").await;
     assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
     assert!(
         err.message()

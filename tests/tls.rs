@@ -21,26 +21,13 @@ fn mlp() -> Vec<u8> {
 }
 
 fn start(pki: &TestPki, repo: &std::path::Path, mutual: bool) -> (Daemon, tempfile::TempDir) {
-    let plugins = plugin_dir(&[plugin("onnx_ops"), plugin("blas_cpu")]);
     let path = |n: &str| pki.path(n).display().to_string();
-    let mut args = vec![
-        "--plugin-dir".to_string(),
-        plugins.path().display().to_string(),
-        "--model-repo".into(),
-        repo.display().to_string(),
-        "--tls-cert".into(),
-        path("server.pem"),
-        "--tls-key".into(),
-        path("server.key"),
-    ];
+    let (cert, key, ca) = (path("server.pem"), path("server.key"), path("ca.pem"));
+    let mut args = vec!["--tls-cert", cert.as_str(), "--tls-key", key.as_str()];
     if mutual {
-        args.extend(["--tls-client-ca".into(), path("ca.pem")]);
+        args.extend(["--tls-client-ca", ca.as_str()]);
     }
-    let d = Daemon::start_with(Options {
-        args,
-        ..Options::default()
-    });
-    (d, plugins)
+    start_serving(repo, &args)
 }
 
 async fn client(
@@ -115,22 +102,19 @@ async fn mutual_tls_needs_a_client_certificate_from_the_ca() {
 /// Runs tritonclient over TLS; `identity`: present the client certificate; `ok`: expect the
 /// inference to succeed.
 fn tritonclient(d: &Daemon, pki: &TestPki, identity: bool, ok: bool) {
-    let Some(python) = python() else { return };
-    let mut cmd = std::process::Command::new(python);
-    cmd.arg(workspace().join("tests/python/tritonclient_tls.py"))
-        .arg(format!("localhost:{}", d.addr.port()))
-        .arg(pki.path("ca.pem"));
-    if identity {
-        cmd.arg(pki.path("client.pem")).arg(pki.path("client.key"));
-    }
-    let out = cmd.output().expect("run python");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "python failed: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
+    let url = format!("localhost:{}", d.addr.port());
+    let (ca, cert, key) = (
+        pki.path("ca.pem"),
+        pki.path("client.pem"),
+        pki.path("client.key"),
     );
-    let line = stdout.lines().last().expect("json line");
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&url, &ca];
+    if identity {
+        args.extend([&cert as &dyn AsRef<std::ffi::OsStr>, &key]);
+    }
+    let Some(line) = run_python("tritonclient_tls.py", &args) else {
+        return;
+    };
     if ok {
         assert!(line.contains("\"live\": true"), "{line}");
         assert!(line.contains("\"y\": [[6.0, 6.0]]"), "{line}");

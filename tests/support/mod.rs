@@ -308,6 +308,38 @@ pub fn f32_values(b: &[u8]) -> Vec<f32> {
         .collect()
 }
 
+/// A daemon serving the workspace's operator and CPU BLAS plugins from a copy of them, with
+/// `repo` as its model repository and `extra` flags; keep the folder alive with the daemon.
+pub fn start_serving(repo: &Path, extra: &[&str]) -> (Daemon, tempfile::TempDir) {
+    let plugins = plugin_dir(&[plugin("onnx_ops"), plugin("blas_cpu")]);
+    let mut args = vec![
+        "--plugin-dir",
+        plugins.path().to_str().expect("utf8"),
+        "--model-repo",
+        repo.to_str().expect("utf8"),
+    ];
+    args.extend_from_slice(extra);
+    (Daemon::start(&args), plugins)
+}
+
+/// Runs the Python test client `tests/python/<script>` with `args` and returns the JSON line it
+/// prints last; `None` (the test is skipped) without a Python interpreter outside CI.
+pub fn run_python(script: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Option<String> {
+    let python = python()?;
+    let out = Command::new(python)
+        .arg(workspace().join("tests/python").join(script))
+        .args(args.iter().map(|a| a.as_ref()))
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "python failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(stdout.lines().last().expect("json line").to_string())
+}
+
 /// A `RepositoryModelLoad` request carrying `bytes` as version 1 of `name`.
 pub fn load_request(
     name: &str,
