@@ -5,7 +5,6 @@ use opreg_proto::{inference as pb, opreg::v1 as reg};
 use opreg_tests::{onnx::*, *};
 use std::{
     collections::HashMap,
-    path::Path,
     time::{Duration, Instant},
 };
 use tonic::{Code, Request};
@@ -43,10 +42,6 @@ fn mlp_request() -> pb::ModelInferRequest {
         raw_input_contents: vec![f32_bytes(&[1.0, 2.0, 3.0])],
         ..Default::default()
     }
-}
-
-fn start(repo: &Path, extra: &[&str]) -> (Daemon, tempfile::TempDir) {
-    start_serving(repo, extra)
 }
 
 /// The daemon is alive and serves the healthy model within `within`.
@@ -94,7 +89,7 @@ fn expect_err<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, needl
 #[tokio::test]
 async fn lying_declared_shapes_and_arities_are_refused_at_load_and_the_daemon_serves() {
     let repo = tempfile::tempdir().expect("repo");
-    let (mut d, _p) = start(repo.path(), &[]);
+    let (mut d, _p) = start_serving(repo.path(), &[]);
     load(&d, "mlp", mlp()).await.expect("healthy model");
 
     // MatMul whose input is declared rank 0: shape inference used to slice a[..ar-2].
@@ -202,7 +197,7 @@ async fn lying_declared_shapes_and_arities_are_refused_at_load_and_the_daemon_se
 #[tokio::test]
 async fn sizes_from_the_wire_fail_the_call_not_the_daemon() {
     let repo = tempfile::tempdir().expect("repo");
-    let (mut d, _p) = start(repo.path(), &[]);
+    let (mut d, _p) = start_serving(repo.path(), &[]);
     load(&d, "mlp", mlp()).await.expect("healthy model");
     let strings = model(
         vec![node("Identity", &["s"], &["t"])],
@@ -332,6 +327,11 @@ fn runaway_loop(trips: i64) -> Vec<u8> {
         ],
         vec![value("c_out", 9, &[]), value("x_out", F32, &[-1])],
     );
+    loop_model(body, trips)
+}
+
+/// `y = Loop(trips, true, x)` with `body`.
+fn loop_model(body: opreg_proto::onnx::GraphProto, trips: i64) -> Vec<u8> {
     model(
         vec![node_with(
             "Loop",
@@ -362,7 +362,7 @@ fn loop_request() -> pb::ModelInferRequest {
 async fn runaway_requests_stop_at_their_deadline_and_free_the_compute_pool() {
     let repo = tempfile::tempdir().expect("repo");
     // Two compute threads, as on the machine the attack ran on.
-    let (mut d, _p) = start(repo.path(), &["--threads", "2"]);
+    let (mut d, _p) = start_serving(repo.path(), &["--threads", "2"]);
     load(&d, "mlp", mlp()).await.expect("healthy model");
     load(&d, "runaway", runaway_loop(1_000_000_000_000))
         .await
@@ -379,7 +379,7 @@ async fn runaway_requests_stop_at_their_deadline_and_free_the_compute_pool() {
 #[tokio::test]
 async fn the_server_deadline_applies_without_a_client_deadline() {
     let repo = tempfile::tempdir().expect("repo");
-    let (mut d, _p) = start(repo.path(), &["--infer-timeout-s", "0.5"]);
+    let (mut d, _p) = start_serving(repo.path(), &["--infer-timeout-s", "0.5"]);
     load(&d, "mlp", mlp()).await.expect("healthy model");
     load(&d, "runaway", runaway_loop(1_000_000_000_000))
         .await
@@ -408,7 +408,7 @@ fn bearer<T>(message: T, token: &str) -> Request<T> {
 #[tokio::test]
 async fn model_management_needs_the_token_and_inference_optionally_too() {
     let repo = tempfile::tempdir().expect("repo");
-    let (d, _p) = start(
+    let (d, _p) = start_serving(
         repo.path(),
         &["--admin-token", "s3cret", "--require-token-for-inference"],
     );
@@ -508,11 +508,7 @@ async fn without_a_token_a_wildcard_listener_refuses_management() {
         "",
     );
     // Reading stays open.
-    d.inference()
-        .await
-        .repository_index(pb::RepositoryIndexRequest::default())
-        .await
-        .expect("index");
+    d.index().await;
     assert!(
         std::fs::read_dir(repo.path())
             .expect("repo")
@@ -525,7 +521,7 @@ async fn without_a_token_a_wildcard_listener_refuses_management() {
 #[tokio::test]
 async fn failed_loads_and_huge_names_cost_bounded_memory() {
     let repo = tempfile::tempdir().expect("repo");
-    let (mut d, _p) = start(repo.path(), &["--max-failed-models", "4"]);
+    let (mut d, _p) = start_serving(repo.path(), &["--max-failed-models", "4"]);
     load(&d, "mlp", mlp()).await.expect("healthy model");
     let before = d.rss_kib();
     // A 20 MiB name: refused up front, not remembered.
@@ -543,20 +539,14 @@ async fn failed_loads_and_huge_names_cost_bounded_memory() {
             .await
             .expect_err("garbage");
     }
-    let index = d
-        .inference()
-        .await
-        .repository_index(pb::RepositoryIndexRequest::default())
-        .await
-        .expect("index")
-        .into_inner();
-    let names: Vec<&str> = index.models.iter().map(|m| m.name.as_str()).collect();
+    let index = d.index().await;
+    let names: Vec<&str> = index.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(
         names,
         ["bad16", "bad17", "bad18", "bad19", "mlp"],
         "{names:?}"
     );
-    assert!(index.models.iter().all(|m| m.reason.len() <= 2048));
+    assert!(index.iter().all(|m| m.reason.len() <= 2048));
     let after = d.rss_kib();
     eprintln!("RSS before {before} KiB, after {after} KiB");
     assert!(after < before + 200 * 1024, "RSS {before} -> {after} KiB");
@@ -566,7 +556,7 @@ async fn failed_loads_and_huge_names_cost_bounded_memory() {
 #[tokio::test]
 async fn a_tiny_model_cannot_fold_or_compute_a_huge_constant() {
     let repo = tempfile::tempdir().expect("repo");
-    let (mut d, _p) = start(
+    let (mut d, _p) = start_serving(
         repo.path(),
         &[
             "--max-folded-bytes",
@@ -639,7 +629,7 @@ fn onnx_f32_scalar(v: f32) -> opreg_proto::onnx::TensorProto {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_loads_of_one_model_serialize_and_disk_matches_what_serves() {
     let repo = tempfile::tempdir().expect("repo");
-    let (d, _p) = start(repo.path(), &["--max-concurrent-loads", "8"]);
+    let (d, _p) = start_serving(repo.path(), &["--max-concurrent-loads", "8"]);
     let variant = |k: f32| {
         model(
             vec![node("Mul", &["x", "k"], &["y"])],
@@ -673,7 +663,7 @@ async fn concurrent_loads_of_one_model_serialize_and_disk_matches_what_serves() 
         .collect();
     assert_eq!(files, ["model.onnx"], "no temporary file is left");
     drop(d);
-    let (d, _p2) = start(repo.path(), &[]);
+    let (d, _p2) = start_serving(repo.path(), &[]);
     let after = served_m(&d).await;
     assert_eq!(before, after, "what served is what is on disk");
 }
@@ -747,20 +737,10 @@ async fn smaller_findings_version_aliases_echoes_stale_temp_files_symlinked_data
     )
     .expect("write model");
 
-    let (mut d, _p) = start(repo.path(), &[]);
+    let (mut d, _p) = start_serving(repo.path(), &[]);
     assert!(!stale.exists(), "stale upload removed at start-up");
-    let index = d
-        .inference()
-        .await
-        .repository_index(pb::RepositoryIndexRequest::default())
-        .await
-        .expect("index")
-        .into_inner();
-    let linked_entry = index
-        .models
-        .iter()
-        .find(|m| m.name == "linked")
-        .expect("listed");
+    let index = d.index().await;
+    let linked_entry = index.iter().find(|m| m.name == "linked").expect("listed");
     assert!(
         linked_entry
             .reason
@@ -815,7 +795,7 @@ async fn small_requests_never_wait_on_nagle() {
     // delayed ACK, ~40 ms per call; a healthy call takes well under a millisecond. Only the
     // stall can break this bound.
     let repo = tempfile::tempdir().expect("repo");
-    let (d, _p) = start(repo.path(), &[]);
+    let (d, _p) = start_serving(repo.path(), &[]);
     load(&d, "mlp", mlp()).await.expect("healthy model");
     let mut c = d.inference().await;
     c.model_infer(mlp_request()).await.expect("warm-up");
@@ -850,7 +830,7 @@ fn padded_model(k: f32) -> Vec<u8> {
 async fn a_kill_at_any_point_of_an_upload_leaves_the_old_version_or_the_new_one() {
     let repo = tempfile::tempdir().expect("repo");
     let file = repo.path().join("m/1/model.onnx");
-    let (d, _p) = start(repo.path(), &[]);
+    let (d, _p) = start_serving(repo.path(), &[]);
     load(&d, "m", padded_model(1.0))
         .await
         .expect("first version");
@@ -864,7 +844,7 @@ async fn a_kill_at_any_point_of_an_upload_leaves_the_old_version_or_the_new_one(
         | 1;
     eprintln!("kill-point seed {seed}");
     for round in 2..8 {
-        let (d, _p) = start(repo.path(), &[]);
+        let (d, _p) = start_serving(repo.path(), &[]);
         assert_eq!(
             served_m(&d).await,
             [on_disk],
@@ -893,7 +873,7 @@ async fn a_kill_at_any_point_of_an_upload_leaves_the_old_version_or_the_new_one(
         }
         eprintln!("round {round}: version on disk has k = {on_disk}");
     }
-    let (d, _p) = start(repo.path(), &[]);
+    let (d, _p) = start_serving(repo.path(), &[]);
     assert_eq!(served_m(&d).await, [on_disk]);
     let leftovers: Vec<_> = std::fs::read_dir(repo.path().join("m/1"))
         .expect("version folder")
@@ -951,7 +931,7 @@ async fn one_long_kernel_call_is_cut_at_the_deadline_between_its_chunks() {
     // chunks once the deadline passes, so both compute threads come back at once instead of
     // after the whole product.
     let repo = tempfile::tempdir().expect("repo");
-    let (mut d, _p) = start(repo.path(), &["--threads", "2"]);
+    let (mut d, _p) = start_serving(repo.path(), &["--threads", "2"]);
     load(&d, "mlp", mlp()).await.expect("healthy model");
     let big = model(
         vec![node("MatMul", &["x", "w"], &["y"])],

@@ -69,14 +69,10 @@ async fn placement(d: &Daemon, model: &str) -> (u64, Vec<(String, String, String
     (p.generation, nodes)
 }
 
-fn start(repo: &std::path::Path) -> (Daemon, tempfile::TempDir) {
-    start_serving(repo, &[])
-}
-
 #[tokio::test]
 async fn submitted_model_infers_and_is_served_again_after_restart() {
     let repo = tempfile::tempdir().expect("repo");
-    let (d, _p) = start(repo.path());
+    let (d, _p) = start_serving(repo.path(), &[]);
     let mut c = d.inference().await;
     c.repository_model_load(load_request("mlp", mlp()))
         .await
@@ -198,7 +194,7 @@ async fn submitted_model_infers_and_is_served_again_after_restart() {
 
     drop(c);
     drop(d);
-    let (d, _p2) = start(repo.path());
+    let (d, _p2) = start_serving(repo.path(), &[]);
     let mut c = d.inference().await;
     let index = c
         .repository_index(pb::RepositoryIndexRequest::default())
@@ -225,7 +221,7 @@ async fn submitted_model_infers_and_is_served_again_after_restart() {
 #[tokio::test]
 async fn bad_inference_input_is_invalid_argument_naming_the_tensor() {
     let repo = tempfile::tempdir().expect("repo");
-    let (d, _p) = start(repo.path());
+    let (d, _p) = start_serving(repo.path(), &[]);
     let mut c = d.inference().await;
     c.repository_model_load(load_request("mlp", mlp()))
         .await
@@ -308,7 +304,7 @@ async fn bad_inference_input_is_invalid_argument_naming_the_tensor() {
 #[tokio::test]
 async fn garbage_or_truncated_models_are_refused_and_nothing_is_written() {
     let repo = tempfile::tempdir().expect("repo");
-    let (d, _p) = start(repo.path());
+    let (d, _p) = start_serving(repo.path(), &[]);
     let mut c = d.inference().await;
     let full = mlp();
     for (name, bytes) in [
@@ -350,7 +346,7 @@ async fn garbage_or_truncated_models_are_refused_and_nothing_is_written() {
 #[tokio::test]
 async fn a_node_no_plugin_runs_fails_the_load_with_its_name_op_opset_and_types() {
     let repo = tempfile::tempdir().expect("repo");
-    let (d, _p) = start(repo.path());
+    let (d, _p) = start_serving(repo.path(), &[]);
     let mut c = d.inference().await;
     c.repository_model_load(load_request("mlp", mlp()))
         .await
@@ -403,7 +399,7 @@ async fn a_node_no_plugin_runs_fails_the_load_with_its_name_op_opset_and_types()
 #[tokio::test]
 async fn stream_infer_answers_in_order_with_errors_in_band() {
     let repo = tempfile::tempdir().expect("repo");
-    let (d, _p) = start(repo.path());
+    let (d, _p) = start_serving(repo.path(), &[]);
     let mut c = d.inference().await;
     c.repository_model_load(load_request("mlp", mlp()))
         .await
@@ -455,7 +451,7 @@ async fn stream_infer_answers_in_order_with_errors_in_band() {
 #[tokio::test]
 async fn unloaded_model_stops_serving_but_stays_in_the_repository() {
     let repo = tempfile::tempdir().expect("repo");
-    let (d, _p) = start(repo.path());
+    let (d, _p) = start_serving(repo.path(), &[]);
     let mut c = d.inference().await;
     c.repository_model_load(load_request("mlp", mlp()))
         .await
@@ -547,7 +543,7 @@ async fn a_bad_model_config_is_reported_and_the_rest_serves() {
         "backends = [\"tpu\"]\n",
     )
     .expect("config");
-    let (d, _p) = start(repo.path());
+    let (d, _p) = start_serving(repo.path(), &[]);
     let mut c = d.inference().await;
     let index = c
         .repository_index(pb::RepositoryIndexRequest::default())
@@ -573,7 +569,7 @@ async fn a_bad_model_config_is_reported_and_the_rest_serves() {
 #[tokio::test]
 async fn the_cli_submits_a_model_infers_and_shows_placement() {
     let repo = tempfile::tempdir().expect("repo");
-    let (d, _p) = start(repo.path());
+    let (d, _p) = start_serving(repo.path(), &[]);
     let file = repo.path().join("upload.onnx");
     std::fs::write(&file, mlp()).expect("write");
     let cli = |args: &[&str]| {
@@ -629,7 +625,7 @@ async fn the_demo_model_serves() {
         repo.path().join("demo/config.toml"),
     )
     .expect("copy config");
-    let (d, _p) = start(repo.path());
+    let (d, _p) = start_serving(repo.path(), &[]);
 
     // The reference: the same MLP computed here from the model's own initializers.
     let bytes = std::fs::read(demo.join("1/model.onnx")).expect("read");
@@ -689,7 +685,7 @@ async fn the_demo_model_serves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_swapping_the_operator_plugin_under_load_fails_no_request() {
     let repo = tempfile::tempdir().expect("repo");
-    let (d, plugins) = start(repo.path());
+    let (d, plugins) = start_serving(repo.path(), &[]);
     let mut c = d.inference().await;
     c.repository_model_load(load_request("mlp", mlp()))
         .await
@@ -765,7 +761,7 @@ async fn hot_swapping_the_operator_plugin_under_load_fails_no_request() {
 #[tokio::test]
 async fn undeclared_output_shapes_are_inferred() {
     let repo = tempfile::tempdir().expect("repo");
-    let (d, _p) = start(repo.path());
+    let (d, _p) = start_serving(repo.path(), &[]);
     let mut y = value("y", 1, &[]);
     if let Some(opreg_proto::onnx::type_proto::Value::TensorType(t)) =
         y.r#type.as_mut().and_then(|t| t.value.as_mut())

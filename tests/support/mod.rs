@@ -271,6 +271,19 @@ impl Daemon {
             .expect("connect registry")
     }
 
+    /// Every model the repository knows (`RepositoryIndex`, not only the ready ones).
+    pub async fn index(
+        &self,
+    ) -> Vec<opreg_proto::inference::repository_index_response::ModelIndex> {
+        self.inference()
+            .await
+            .repository_index(opreg_proto::inference::RepositoryIndexRequest::default())
+            .await
+            .expect("index")
+            .into_inner()
+            .models
+    }
+
     pub async fn inference(&self) -> GrpcInferenceServiceClient<Channel> {
         GrpcInferenceServiceClient::connect(self.url())
             .await

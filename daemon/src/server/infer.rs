@@ -148,7 +148,8 @@ async fn run(
     let job = app.compute.run({
         let control = control.clone();
         move || -> Result<_, Status> {
-            // A request that waited past its deadline in the queue does not start.
+            // A request that waited past its deadline in the queue stops at the plan's first
+            // node (run_with_control checks before every step) and frees its inputs there.
             let plan = m.plan(&snapshot)?;
             let feeds = feeds.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
             let result = crate::graph::run_with_control(&plan, feeds, &control);
