@@ -1,12 +1,14 @@
 //! opregd as a library: the daemon's stages, usable in-process (benchmarks, embedding).
 //!
 //! The data's way, folder by folder: `config` → `plugin` (load and check libraries) →
-//! `registry` (immutable snapshots of what plugins registered) → `exec` (run kernels on the
+//! `registry` (immutable snapshots of what plugins registered; `device`: the devices they
+//! provide) → `exec` (run kernels on the
 //! compute pool) → `graph` (import, plan, run ONNX models) → `repo` (the model repository)
 //! → `server` (gRPC).
 
 pub mod app;
 pub mod config;
+pub mod device;
 pub mod exec;
 pub mod graph;
 pub mod plugin;

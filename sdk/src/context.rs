@@ -9,7 +9,7 @@ use crate::{
     blas::{BlasRef, FfiBlas_TO},
     error::panic_message,
     tensor::TensorViewMut,
-    DType, Device, Element, ErrorCode, PluginError,
+    DType, Device, Element, ErrorCode, MemRef, PluginError, Stream,
 };
 use abi_stable::{
     sabi_trait,
@@ -19,20 +19,23 @@ use abi_stable::{
 };
 use std::sync::Mutex;
 
-/// Severity of a log line; mapped onto `tracing` levels by the host.
-#[repr(u8)]
-#[derive(StableAbi, Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum LogLevel {
+/// Severity of a log line; mapped onto `tracing` levels by the host. An open code: a level
+/// the host does not know is logged as `INFO`.
+#[repr(transparent)]
+#[derive(StableAbi, Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LogLevel(pub u32);
+
+impl LogLevel {
     /// Very verbose.
-    Trace = 0,
+    pub const TRACE: LogLevel = LogLevel(0);
     /// For developers.
-    Debug = 1,
+    pub const DEBUG: LogLevel = LogLevel(1);
     /// Normal operation.
-    Info = 2,
+    pub const INFO: LogLevel = LogLevel(2);
     /// Something looks wrong.
-    Warn = 3,
+    pub const WARN: LogLevel = LogLevel(3);
     /// Something failed.
-    Error = 4,
+    pub const ERROR: LogLevel = LogLevel(4);
 }
 
 /// A range of work items handed to a task by [`FfiHost::parallel_for`].
@@ -48,7 +51,7 @@ pub trait FfiTask: Sync {
 ///
 /// [test kit]: crate::testkit
 #[sabi_trait]
-pub trait FfiHost: Sync {
+pub trait FfiHost: Send + Sync {
     /// Calls `task.run` over `0..len` in chunks of at least `grain` items, possibly in
     /// parallel, and returns when every chunk is done.
     fn parallel_for(&self, len: usize, grain: usize, task: FfiTask_TO<'_, RRef<'_, ()>>);
@@ -78,8 +81,22 @@ pub trait FfiHost: Sync {
     fn num_outputs(&self) -> usize;
 
     /// Number of threads `parallel_for` may use.
-    #[sabi(last_prefix_field)]
     fn num_threads(&self) -> usize;
+
+    /// The stream the node's work is enqueued on (devices with streams).
+    fn stream(&self) -> Stream;
+
+    /// A named resource of the node's device and stream (see
+    /// [`DeviceProvider::resource`](crate::DeviceProvider::resource)); 0 when none.
+    fn resource(&self, key: RStr<'_>) -> u64;
+
+    /// True once the request was cancelled or ran past its deadline: stop early with any
+    /// error (the host reports the cancellation, not the error).
+    fn cancelled(&self) -> bool;
+
+    /// `bytes` of scratch in the node's device memory, valid until the call returns.
+    #[sabi(last_prefix_field)]
+    fn device_scratch(&self, bytes: usize) -> RResult<MemRef, PluginError>;
 }
 
 /// The context a kernel receives for one call.
@@ -94,6 +111,13 @@ impl<'a> KernelContext<'a> {
     pub fn new<H: FfiHost + 'a>(host: &'a H) -> Self {
         KernelContext {
             host: FfiHost_TO::from_ptr(RRef::new(host), TD_Opaque),
+        }
+    }
+
+    /// The same context, borrowed for a shorter lifetime.
+    pub fn reborrow(&self) -> KernelContext<'_> {
+        KernelContext {
+            host: self.host.sabi_reborrow(),
         }
     }
 
@@ -214,6 +238,26 @@ impl<'a> KernelContext<'a> {
     pub fn log(&self, level: LogLevel, message: &str) {
         self.host.log(level, message.into());
     }
+
+    /// The stream this call's device work goes on.
+    pub fn stream(&self) -> Stream {
+        self.host.stream()
+    }
+
+    /// A named resource of the node's device and stream (e.g. a BLAS handle); 0 when none.
+    pub fn resource(&self, key: &str) -> u64 {
+        self.host.resource(key.into())
+    }
+
+    /// True once the request was cancelled or ran past its deadline.
+    pub fn cancelled(&self) -> bool {
+        self.host.cancelled()
+    }
+
+    /// Scratch in the node's device memory, valid for this call (not zeroed).
+    pub fn device_scratch(&self, bytes: usize) -> Result<MemRef, PluginError> {
+        self.host.device_scratch(bytes).into_result()
+    }
 }
 
 struct SendPtr<T>(*mut T);
@@ -259,7 +303,8 @@ where
     }
 }
 
-/// Formats a message and logs it through a [`KernelContext`] at the given level.
+/// Formats a message and logs it through a [`KernelContext`] at a [`LogLevel`] constant:
+/// `ctx_log!(ctx, WARN, "clamped {n} values")`.
 #[macro_export]
 macro_rules! ctx_log {
     ($ctx:expr, $level:ident, $($arg:tt)*) => {

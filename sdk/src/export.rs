@@ -49,11 +49,10 @@ macro_rules! export_plugin {
             $crate::module::__shutdown(shutdown)
         }
 
-        extern "C" fn __opreg_plugin_register() -> $crate::abi_stable::std_types::RResult<
-            $crate::module::Registration,
-            $crate::PluginError,
-        > {
-            $crate::module::__register($register)
+        extern "C" fn __opreg_plugin_register(
+            registrar: $crate::module::FfiRegistrar_TO<'_, $crate::abi_stable::sabi_types::RMut<'_, ()>>,
+        ) -> $crate::abi_stable::std_types::RResult<(), $crate::PluginError> {
+            $crate::module::__register(registrar, $register)
         }
 
         const __OPREG_PLUGIN_MOD: &$crate::abi_stable::prefix_type::WithMetadata<

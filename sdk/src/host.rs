@@ -8,7 +8,7 @@ use crate::{
     blas::{FfiBlasBox, FfiBlas_TO},
     context::{FfiHost, FfiTask_TO, LogLevel},
     tensor::{contiguous_strides, TensorView, TensorViewMut},
-    DType, Device, Element, ErrorCode, KernelContext, PluginError,
+    DType, Device, Element, ErrorCode, KernelContext, MemRef, MemoryType, PluginError,
 };
 use abi_stable::{
     std_types::{ROption, RResult, RSlice, RSliceMut, RStr, RString},
@@ -99,6 +99,33 @@ pub struct HostTensor {
     shape: Vec<usize>,
     strides: Vec<isize>,
     buf: AlignedBuf,
+    /// Set when the data lives in a device's memory instead of `buf` (then empty).
+    device: Option<Box<dyn DeviceBuffer>>,
+}
+
+/// Device memory the host lends a tensor: the daemon's pooled buffers (returned to their pool
+/// when dropped), or the test kit's. The host never dereferences it; only the device's
+/// provider (copies) and kernels of that device do.
+pub trait DeviceBuffer: Send + Sync {
+    /// Where it is.
+    fn mem(&self) -> MemRef;
+    /// Its size in bytes (at least what the tensor needs).
+    fn len(&self) -> usize;
+    /// True for a zero-sized buffer.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Allocates device memory for the outputs and scratch of calls on one device, and says
+/// which stream and resources those calls use. Implemented by the daemon's device pools.
+pub trait DeviceAlloc: Sync {
+    /// `bytes` of the device's memory.
+    fn alloc(&self, bytes: usize) -> Result<Box<dyn DeviceBuffer>, PluginError>;
+    /// The stream calls on this device enqueue on.
+    fn stream(&self) -> crate::Stream;
+    /// A named resource of the device and stream (see `DeviceProvider::resource`).
+    fn resource(&self, key: &str) -> u64;
 }
 
 impl HostTensor {
@@ -122,6 +149,7 @@ impl HostTensor {
             shape: shape.to_vec(),
             strides: contiguous_strides(shape),
             buf: AlignedBuf::zeroed(len)?,
+            device: None,
         };
         if dtype == DType::String {
             for s in t.strings_mut() {
@@ -207,6 +235,65 @@ impl HostTensor {
         self.buf.as_slice()
     }
 
+    /// The host bytes, writable (empty for a device tensor). Not for string tensors.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        if self.dtype == DType::String {
+            return &mut [];
+        }
+        self.buf.as_mut_slice()
+    }
+
+    /// A tensor whose `dtype` x `shape` elements live in `buf` on `device` (uninitialised
+    /// until a copy or a kernel writes them). String tensors stay on the host.
+    pub fn on_device(
+        dtype: DType,
+        shape: &[usize],
+        buf: Box<dyn DeviceBuffer>,
+    ) -> Result<Self, PluginError> {
+        if !dtype.is_known() || dtype == DType::String {
+            return Err(PluginError::unimplemented(format!(
+                "{dtype} tensors cannot live in device memory"
+            )));
+        }
+        let need = crate::alloc::numel(shape)
+            .and_then(|n| n.checked_mul(dtype.size()))
+            .ok_or_else(|| {
+                PluginError::new(
+                    ErrorCode::ResourceExhausted,
+                    format!("tensor of shape {shape:?} is too large"),
+                )
+            })?;
+        if buf.len() < need {
+            return Err(PluginError::internal(format!(
+                "device buffer of {} bytes for a tensor of {need}",
+                buf.len()
+            )));
+        }
+        Ok(HostTensor {
+            dtype,
+            shape: shape.to_vec(),
+            strides: contiguous_strides(shape),
+            buf: AlignedBuf::zeroed(0)?,
+            device: Some(buf),
+        })
+    }
+
+    /// Where the data is: `None` for host memory, else the device buffer's place.
+    pub fn device_mem(&self) -> Option<MemRef> {
+        self.device.as_ref().map(|b| b.mem())
+    }
+
+    /// True when the data is in host memory ([`bytes`](Self::bytes) reads it; for a device
+    /// tensor it is empty).
+    pub fn on_host(&self) -> bool {
+        self.device.is_none()
+    }
+
+    /// Bytes of element data (whichever memory holds them).
+    pub fn byte_len(&self) -> usize {
+        self.len().saturating_mul(self.dtype.size())
+    }
+
     /// The elements of a `String` tensor (empty for other dtypes).
     pub fn strings(&self) -> &[RString] {
         if self.dtype != DType::String || self.is_empty() {
@@ -227,16 +314,19 @@ impl HostTensor {
 
     /// A read-only view for a kernel.
     pub fn view(&self) -> TensorView<'_> {
-        // SAFETY: the buffer holds `len()` elements of `dtype` and lives as long as `self`.
-        unsafe {
-            TensorView::from_raw(
-                self.dtype,
+        let (device, memory, data) = match self.device_mem() {
+            Some(m) => (m.device, m.memory, m.ptr.cast_const()),
+            None => (
                 Device::CPU,
-                &self.shape,
-                &self.strides,
+                MemoryType::DEVICE,
                 self.buf.as_slice().as_ptr(),
-            )
-        }
+            ),
+        };
+        // SAFETY: the buffer holds `len()` elements of `dtype` and lives as long as `self`.
+        let mut v =
+            unsafe { TensorView::from_raw(self.dtype, device, &self.shape, &self.strides, data) };
+        v.memory = memory;
+        v
     }
 
     /// Replaces every string element by a copy allocated by the host. Strings a plugin wrote
@@ -281,6 +371,9 @@ pub struct CallFrame<'a> {
     max_tensor_bytes: usize,
     stop: Option<&'a StopCheck<'a>>,
     stopped: std::sync::atomic::AtomicBool,
+    alloc: Option<&'a dyn DeviceAlloc>,
+    output_memory: &'a [MemoryType],
+    device_scratch: Mutex<Vec<Box<dyn DeviceBuffer>>>,
 }
 
 impl<'a> CallFrame<'a> {
@@ -300,7 +393,33 @@ impl<'a> CallFrame<'a> {
             max_tensor_bytes: usize::MAX,
             stop: None,
             stopped: std::sync::atomic::AtomicBool::new(false),
+            alloc: None,
+            output_memory: &[],
+            device_scratch: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Gives the frame the allocator of its (non-host) device: outputs and device scratch
+    /// come from it, and the kernel sees its stream and resources. `output_memory` lists the
+    /// memory type of each output as the kernel declared it (missing: the device's own).
+    pub fn with_device(
+        mut self,
+        alloc: &'a dyn DeviceAlloc,
+        output_memory: &'a [MemoryType],
+    ) -> Self {
+        self.alloc = Some(alloc);
+        self.output_memory = output_memory;
+        self
+    }
+
+    /// Whether output `index` goes to device memory (else host memory).
+    fn output_on_device(&self, index: usize) -> bool {
+        let memory = self
+            .output_memory
+            .get(index)
+            .copied()
+            .unwrap_or(MemoryType::DEVICE);
+        !memory.host_accessible(self.device)
     }
 
     /// Checks `stop` before every chunk of [`KernelContext::parallel_for`] work: once it says
@@ -426,8 +545,28 @@ impl FfiHost for CallFrame<'_> {
                 &format!("output {index} ({dtype} {:?})", shape.as_slice()),
                 bytes,
             )?;
-            let t = slot.insert(Box::new(HostTensor::zeroed(dtype, shape.as_slice())?));
-            let data = t.buf.as_mut_slice().as_mut_ptr();
+            let (t, device, memory, data) = if self.output_on_device(index) {
+                let alloc = self.alloc.ok_or_else(|| {
+                    PluginError::unimplemented(format!(
+                        "output {index} belongs in {} memory, and this host has no allocator for it",
+                        self.device
+                    ))
+                })?;
+                let buf = alloc.alloc(bytes.unwrap_or(0))?;
+                let t = slot.insert(Box::new(HostTensor::on_device(
+                    dtype,
+                    shape.as_slice(),
+                    buf,
+                )?));
+                let mem = t
+                    .device_mem()
+                    .ok_or_else(|| PluginError::internal("device output"))?;
+                (t, mem.device, mem.memory, mem.ptr)
+            } else {
+                let t = slot.insert(Box::new(HostTensor::zeroed(dtype, shape.as_slice())?));
+                let data = t.buf.as_mut_slice().as_mut_ptr();
+                (t, Device::CPU, MemoryType::DEVICE, data)
+            };
             // SAFETY: the boxed tensor is neither moved nor dropped while the frame lives (slots
             // are only filled once, and taken in `into_outputs`, which consumes the frame), so
             // its shape, strides and buffer outlive the returned borrow of `self`.
@@ -438,7 +577,9 @@ impl FfiHost for CallFrame<'_> {
                 )
             };
             // SAFETY: as above; each output is handed out once, so the view is unaliased.
-            Ok(unsafe { TensorViewMut::from_raw(dtype, self.device, shape, strides, data) })
+            let mut view = unsafe { TensorViewMut::from_raw(dtype, device, shape, strides, data) };
+            view.memory = memory;
+            Ok(view)
         })();
         result.into()
     }
@@ -479,5 +620,44 @@ impl FfiHost for CallFrame<'_> {
 
     fn num_threads(&self) -> usize {
         rayon::current_num_threads()
+    }
+
+    fn stream(&self) -> crate::Stream {
+        self.alloc.map_or(crate::Stream::DEFAULT, |a| a.stream())
+    }
+
+    fn resource(&self, key: RStr<'_>) -> u64 {
+        self.alloc.map_or(0, |a| a.resource(key.as_str()))
+    }
+
+    fn cancelled(&self) -> bool {
+        self.should_stop()
+    }
+
+    fn device_scratch(&self, bytes: usize) -> RResult<crate::MemRef, PluginError> {
+        if !self.device.host_accessible() {
+            let result = (|| {
+                self.within_limit("device scratch", Some(bytes))?;
+                let alloc = self.alloc.ok_or_else(|| {
+                    PluginError::unimplemented(format!(
+                        "device {}: this host has no device scratch",
+                        self.device
+                    ))
+                })?;
+                let buf = alloc.alloc(bytes)?;
+                let mem = buf.mem();
+                self.device_scratch
+                    .lock()
+                    .map_err(|_| PluginError::internal("scratch list poisoned"))?
+                    .push(buf);
+                Ok(mem)
+            })();
+            return result.into();
+        }
+        self.scratch(bytes).map(|s| crate::MemRef {
+            device: self.device,
+            memory: crate::MemoryType::DEVICE,
+            ptr: s.into_mut_slice().as_mut_ptr(),
+        })
     }
 }

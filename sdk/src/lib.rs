@@ -72,6 +72,7 @@
 pub mod alloc;
 pub mod blas;
 pub mod context;
+pub mod device;
 pub mod dtype;
 pub mod error;
 mod export;
@@ -87,17 +88,21 @@ pub mod testkit;
 pub use abi_stable;
 pub use half;
 
-pub use blas::{Blas, BlasDesc, GemmArgs, GemmTypes, Layout, PackedB, Transpose};
+pub use blas::{
+    Blas, BlasDesc, Epilogue, GemmArgs, GemmTypes, Layout, PackedB, PackedInfo, Transpose,
+};
 pub use context::{KernelContext, LogLevel};
+pub use device::{DeviceProvider, Event, MemRef, ProviderInfo, Stream};
 pub use dtype::{DType, Element};
 pub use error::{ErrorCode, PluginError};
 pub use kernel::{
-    stateless, AttrValue, Attribute, Kernel, KernelDesc, KernelFactory, NodeInfo, TypeConstraint,
-    ValueInfo, OPEN_END,
+    stateless, AttrKind, AttrValue, Attribute, Kernel, KernelDesc, KernelFactory, NodeInfo,
+    TypeConstraint, ValueInfo, OPEN_END,
 };
 pub use module::{PluginInfo, Registrar};
 pub use quant::{
-    Directive, Observation, QuantPlan, QuantRequest, Quantizer, QuantizerDesc, TensorStats,
+    Directive, DirectiveKind, Observation, ObservationKind, QuantPlan, QuantRequest, Quantizer,
+    QuantizerDesc, TensorStats,
 };
 pub use tensor::{Device, DeviceKind, MemoryType, OwnedTensor, TensorView, TensorViewMut};
 
@@ -112,9 +117,11 @@ pub const ABI_VERSION: &str = "1.0.0";
 /// Everything a plugin author usually needs.
 pub mod prelude {
     pub use crate::{
-        stateless, AttrValue, Blas, BlasDesc, DType, Device, DeviceKind, Directive, Element,
-        ErrorCode, GemmArgs, GemmTypes, Kernel, KernelContext, KernelDesc, KernelFactory, Layout,
-        NodeInfo, Observation, OwnedTensor, PluginError, QuantPlan, QuantRequest, Quantizer,
-        QuantizerDesc, Registrar, TensorStats, TensorView, TensorViewMut, Transpose, OPEN_END,
+        stateless, AttrValue, Blas, BlasDesc, DType, Device, DeviceKind, DeviceProvider, Directive,
+        DirectiveKind, Element, Epilogue, ErrorCode, GemmArgs, GemmTypes, Kernel, KernelContext,
+        KernelDesc, KernelFactory, Layout, MemRef, MemoryType, NodeInfo, Observation,
+        ObservationKind, OwnedTensor, PackedB, PackedInfo, PluginError, ProviderInfo, QuantPlan,
+        QuantRequest, Quantizer, QuantizerDesc, Registrar, Stream, TensorStats, TensorView,
+        TensorViewMut, Transpose, OPEN_END,
     };
 }

@@ -14,20 +14,59 @@ use abi_stable::{
     StableAbi,
 };
 
-/// What a strategy needs the host to observe on each activation during calibration.
-#[repr(u8)]
-#[derive(StableAbi, Copy, Clone, Debug, PartialEq, Eq)]
-pub enum Observation {
+/// The kind of an [`Observation`]. An open code: a host that does not know a kind refuses the
+/// calibration with `UNIMPLEMENTED`, naming the strategy.
+#[repr(transparent)]
+#[derive(StableAbi, Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ObservationKind(pub u32);
+
+impl ObservationKind {
     /// Nothing: weights only, or dynamic quantization.
-    Nothing,
+    pub const NOTHING: ObservationKind = ObservationKind(0);
     /// Running minimum and maximum.
-    MinMax,
+    pub const MIN_MAX: ObservationKind = ObservationKind(1);
     /// A histogram of `bins` bins over the running range of absolute values (for KL/entropy
     /// or percentile calibration), plus min and max.
-    Histogram {
-        /// Number of bins.
-        bins: u32,
-    },
+    pub const HISTOGRAM: ObservationKind = ObservationKind(2);
+}
+
+/// What a strategy needs the host to observe on each activation during calibration: a kind
+/// and its parameters (kind + params, so kinds can be added without a layout change).
+#[repr(C)]
+#[derive(StableAbi, Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Observation {
+    /// What to gather.
+    pub kind: ObservationKind,
+    /// Histogram bins ([`ObservationKind::HISTOGRAM`]).
+    pub bins: u32,
+    /// Channel axis for per-channel kinds (-1: none).
+    pub axis: i32,
+    /// Extension bits; none are defined in 1.0.
+    pub flags: u64,
+}
+
+impl Observation {
+    /// Observe nothing.
+    pub const NOTHING: Observation = Observation {
+        kind: ObservationKind::NOTHING,
+        bins: 0,
+        axis: -1,
+        flags: 0,
+    };
+    /// Running min and max.
+    pub const MIN_MAX: Observation = Observation {
+        kind: ObservationKind::MIN_MAX,
+        ..Observation::NOTHING
+    };
+
+    /// A histogram of |x| with `bins` bins.
+    pub fn histogram(bins: u32) -> Observation {
+        Observation {
+            kind: ObservationKind::HISTOGRAM,
+            bins,
+            ..Observation::NOTHING
+        }
+    }
 }
 
 /// Statistics of one tensor, as the host gathered them.
@@ -82,47 +121,113 @@ impl QuantRequest {
     }
 }
 
-/// What to do with one tensor.
-#[repr(u8)]
+/// The kind of a [`Directive`]. An open code: a host that does not know a kind refuses the
+/// plan with `UNIMPLEMENTED`, naming the strategy and tensor.
+#[repr(transparent)]
+#[derive(StableAbi, Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DirectiveKind(pub u32);
+
+impl DirectiveKind {
+    /// Leave the tensor as it is.
+    pub const KEEP: DirectiveKind = DirectiveKind(0);
+    /// One scale and zero point (`scales[0]`, `zero_points[0]`).
+    pub const PER_TENSOR: DirectiveKind = DirectiveKind(1);
+    /// One scale and zero point per slice along `axis`.
+    pub const PER_CHANNEL: DirectiveKind = DirectiveKind(2);
+    /// Quantized at run time from the live range (dynamic quantization).
+    pub const DYNAMIC: DirectiveKind = DirectiveKind(3);
+    /// Zero the elements whose `mask` byte is 0 (pruning); the mask has the tensor's shape.
+    pub const PRUNE: DirectiveKind = DirectiveKind(4);
+    /// Store in another float type (`dtype`: F16, BF16).
+    pub const CAST: DirectiveKind = DirectiveKind(5);
+}
+
+/// What to do with one tensor: a kind and its parameters (kind + params, so kinds can be
+/// added without a layout change). Fields a kind does not use are empty.
+#[repr(C)]
 #[derive(StableAbi, Clone, Debug, PartialEq)]
-pub enum Directive {
-    /// Leave it as it is.
-    Keep,
+pub struct Directive {
+    /// What to do.
+    pub kind: DirectiveKind,
+    /// Target type: U8, I8, U16, I16 for quantization; F16, BF16 for casts.
+    pub dtype: DType,
+    /// Channel axis for per-channel kinds (-1: none).
+    pub axis: i32,
+    /// Block size along `axis` for blocked kinds (0: none).
+    pub block_size: u32,
+    /// Scales.
+    pub scales: RVec<f32>,
+    /// Zero points, one per scale.
+    pub zero_points: RVec<i32>,
+    /// Pruning mask, one byte per element.
+    pub mask: RVec<u8>,
+    /// Indices (e.g. kept channels for structured pruning).
+    pub indices: RVec<i64>,
+    /// Extension bits; none are defined in 1.0.
+    pub flags: u64,
+}
+
+impl Directive {
+    fn of(kind: DirectiveKind, dtype: DType) -> Directive {
+        Directive {
+            kind,
+            dtype,
+            axis: -1,
+            block_size: 0,
+            scales: RVec::new(),
+            zero_points: RVec::new(),
+            mask: RVec::new(),
+            indices: RVec::new(),
+            flags: 0,
+        }
+    }
+
+    /// Leave the tensor as it is.
+    pub fn keep() -> Directive {
+        Directive::of(DirectiveKind::KEEP, DType::F32)
+    }
+
     /// Quantize with one scale and zero point.
-    PerTensor {
-        /// Scale.
-        scale: f32,
-        /// Zero point.
-        zero_point: i32,
-        /// `U8`, `I8`, `U16` or `I16`.
-        dtype: DType,
-    },
+    pub fn per_tensor(scale: f32, zero_point: i32, dtype: DType) -> Directive {
+        Directive {
+            scales: vec![scale].into(),
+            zero_points: vec![zero_point].into(),
+            ..Directive::of(DirectiveKind::PER_TENSOR, dtype)
+        }
+    }
+
     /// Quantize a weight with one scale and zero point per slice along `axis`.
-    PerChannel {
-        /// The channel axis.
+    pub fn per_channel(
         axis: i32,
-        /// One scale per channel.
-        scales: RVec<f32>,
-        /// One zero point per channel.
-        zero_points: RVec<i32>,
-        /// `U8`, `I8`, `U16` or `I16`.
+        scales: Vec<f32>,
+        zero_points: Vec<i32>,
         dtype: DType,
-    },
-    /// Quantize at run time from the live range (dynamic quantization).
-    Dynamic {
-        /// `U8` or `I8`.
-        dtype: DType,
-    },
-    /// Zero the elements whose mask byte is 0 (pruning); the mask has the tensor's shape.
-    Prune {
-        /// One byte per element: 0 prunes it.
-        mask: RVec<u8>,
-    },
-    /// Store in another float type (`F16`, `BF16`).
-    Cast {
-        /// The new type.
-        dtype: DType,
-    },
+    ) -> Directive {
+        Directive {
+            axis,
+            scales: scales.into(),
+            zero_points: zero_points.into(),
+            ..Directive::of(DirectiveKind::PER_CHANNEL, dtype)
+        }
+    }
+
+    /// Quantize at run time.
+    pub fn dynamic(dtype: DType) -> Directive {
+        Directive::of(DirectiveKind::DYNAMIC, dtype)
+    }
+
+    /// Zero the elements whose mask byte is 0.
+    pub fn prune(mask: Vec<u8>) -> Directive {
+        Directive {
+            mask: mask.into(),
+            ..Directive::of(DirectiveKind::PRUNE, DType::F32)
+        }
+    }
+
+    /// Store in another float type.
+    pub fn cast(dtype: DType) -> Directive {
+        Directive::of(DirectiveKind::CAST, dtype)
+    }
 }
 
 /// One entry of a plan.
@@ -145,14 +250,14 @@ pub struct QuantPlan {
     pub notes: RString,
 }
 
-/// What a quantization strategy is.
-#[repr(C)]
-#[derive(StableAbi, Clone, Debug)]
+/// What a quantization strategy is (the plugin's side of
+/// [`FfiRegistrar::add_quantizer`](crate::module::FfiRegistrar::add_quantizer)).
+#[derive(Clone, Debug)]
 pub struct QuantizerDesc {
     /// Unique name, e.g. `"ptq-static-kl"`.
-    pub name: RString,
+    pub name: String,
     /// One line for listings.
-    pub description: RString,
+    pub description: String,
 }
 
 /// A quantization strategy, as a plugin author implements it.
@@ -191,7 +296,7 @@ impl<Q: Quantizer> FfiQuantizer for QuantizerAdapter<Q> {
         // A panic here has no error channel: fall back to observing nothing, which makes the
         // plan step fail loudly instead of the process aborting.
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.0.observation()))
-            .unwrap_or(Observation::Nothing)
+            .unwrap_or(Observation::NOTHING)
     }
     fn plan(&self, request: &QuantRequest) -> RResult<QuantPlan, PluginError> {
         guard("quantizer plan", || self.0.plan(request)).into()

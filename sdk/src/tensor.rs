@@ -94,15 +94,17 @@ impl Device {
         kind: DeviceKind::CUDA,
         ordinal: 0,
     };
-    /// The mock device (host memory standing in for another device).
+    /// The mock device of the test suite's `mock-device` plugin: a separate memory space.
     pub const MOCK: Device = Device {
         kind: DeviceKind::MOCK,
         ordinal: 0,
     };
 
-    /// True when the device's memory is directly addressable by host code.
+    /// True when the device's memory is directly addressable by host code: the CPU's only.
+    /// (The mock device's memory is a separate space, scrambled, exactly so that tests catch
+    /// a host or kernel that reads it as host memory.)
     pub fn host_accessible(self) -> bool {
-        self.kind == DeviceKind::CPU || self.kind == DeviceKind::MOCK
+        self.kind == DeviceKind::CPU
     }
 }
 

@@ -30,7 +30,7 @@ use crate::{
     kernel::{into_ffi_factory, AttrValue, Attribute, KernelFactory, NodeInfo, ValueInfo},
     Device, PluginError,
 };
-use abi_stable::std_types::{RNone, RSome};
+use std::borrow::Cow;
 
 /// A node to instantiate a kernel for.
 #[derive(Clone, Debug)]
@@ -105,6 +105,9 @@ pub fn run_kernel_opt(
 ) -> Result<Vec<HostTensor>, PluginError> {
     struct Boxed(Box<dyn Blas>);
     impl Blas for Boxed {
+        fn supports(&self, args: &crate::GemmArgs) -> bool {
+            self.0.supports(args)
+        }
         fn gemm(
             &self,
             ctx: &crate::KernelContext<'_>,
@@ -112,8 +115,12 @@ pub fn run_kernel_opt(
         ) -> Result<(), PluginError> {
             self.0.gemm(ctx, args)
         }
-        fn pack_b(&self, args: &crate::GemmArgs) -> Result<crate::PackedB, PluginError> {
-            self.0.pack_b(args)
+        fn pack_b(
+            &self,
+            ctx: &crate::KernelContext<'_>,
+            args: &crate::GemmArgs,
+        ) -> Result<crate::PackedB, PluginError> {
+            self.0.pack_b(ctx, args)
         }
         fn gemm_packed(
             &self,
@@ -122,6 +129,9 @@ pub fn run_kernel_opt(
             packed: &crate::PackedB,
         ) -> Result<(), PluginError> {
             self.0.gemm_packed(ctx, args, packed)
+        }
+        fn self_test(&self, ctx: &crate::KernelContext<'_>) -> Result<(), PluginError> {
+            self.0.self_test(ctx)
         }
     }
     let factory = into_ffi_factory(factory);
@@ -134,44 +144,44 @@ pub fn run_kernel_opt(
         .iter()
         .zip(&shapes)
         .map(|(t, s)| ValueInfo {
-            name: "".into(),
+            name: "",
             present: t.is_some(),
             dtype: t.map_or(crate::DType::F32, |t| t.dtype()),
-            shape: if t.is_some() {
-                RSome(s.as_slice().into())
-            } else {
-                RNone
-            },
-            constant: RNone,
+            shape: t.map(|_| s.as_slice()),
+            constant: None,
         })
         .collect();
     let output_infos: Vec<ValueInfo<'_>> = (0..node.num_outputs)
         .map(|_| ValueInfo {
-            name: "".into(),
+            name: "",
             present: true,
             // Output types are not known before the kernel runs; kernels must not rely on it.
             dtype: crate::DType::F32,
-            shape: RNone,
-            constant: RNone,
+            shape: None,
+            constant: None,
         })
         .collect();
-    let info = NodeInfo {
-        name: "test".into(),
-        domain: node.domain.as_str().into(),
-        op_type: node.op_type.as_str().into(),
-        opset: node.opset,
-        device: node.device,
-        attributes: node.attributes.as_slice().into(),
-        inputs: input_infos.as_slice().into(),
-        outputs: output_infos.as_slice().into(),
-        blas: blas.as_ref().map(|b| b.sabi_reborrow()).into(),
-    };
-    let kernel = factory.instantiate(&info).into_result()?;
+    let log = |level: crate::LogLevel, msg: &str| eprintln!("[{level:?}] {msg}");
+    let load_frame = CallFrame::new(0, node.device, blas.as_ref(), &log);
+    let kernel = load_frame.with_context(|load_ctx| {
+        let info = NodeInfo {
+            name: "test",
+            domain: node.domain.as_str(),
+            op_type: node.op_type.as_str(),
+            opset: node.opset,
+            device: node.device,
+            attributes: Cow::Borrowed(node.attributes.as_slice()),
+            inputs: input_infos,
+            outputs: output_infos,
+            blas: blas.as_ref().map(|b| b.sabi_reborrow()),
+            context: Some(load_ctx.reborrow()),
+        };
+        factory.instantiate(info.as_ffi()).into_result()
+    })?;
     let views: Vec<_> = inputs
         .iter()
         .map(|t| t.map_or(crate::TensorView::absent(), |t| t.view()))
         .collect();
-    let log = |level: crate::LogLevel, msg: &str| eprintln!("[{level:?}] {msg}");
     let frame = CallFrame::new(node.num_outputs, node.device, blas.as_ref(), &log);
     frame
         .with_context(|ctx| kernel.compute(ctx, views.as_slice().into()))

@@ -75,7 +75,7 @@ fn main() {
     let module = header
         .init_root_module::<PluginModRef>()
         .expect("root module");
-    let registration = (module.register())().into_result().expect("register");
+    let registration = opreg_sdk::module::collect(module.register()).expect("register");
     let backend = &registration.backends[0];
     println!("backend: {} ({})", backend.desc.name, lib.display());
     let threads = std::thread::available_parallelism()

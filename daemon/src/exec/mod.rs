@@ -7,13 +7,13 @@
 #![deny(clippy::indexing_slicing)]
 
 use crate::registry::{KernelQuery, KernelRef, ResolveError, Snapshot};
-use abi_stable::std_types::{RNone, RSome};
 use opreg_sdk::{
     context::LogLevel,
     host::{CallFrame, HostTensor},
     kernel::{Attribute, NodeInfo, ValueInfo},
     Device, ErrorCode,
 };
+use std::borrow::Cow;
 use std::sync::Arc;
 
 /// The process-wide pool for kernel work.
@@ -152,42 +152,46 @@ pub fn run_kernel(snapshot: &Arc<Snapshot>, call: &KernelCall) -> Result<KernelR
         .iter()
         .zip(&shapes)
         .map(|(t, s)| ValueInfo {
-            name: "".into(),
+            name: "",
             present: true,
             dtype: t.dtype(),
-            shape: RSome(s.as_slice().into()),
-            constant: RNone,
+            shape: Some(s.as_slice()),
+            constant: None,
         })
         .collect();
     let output_infos: Vec<ValueInfo<'_>> = (0..call.num_outputs)
         .map(|_| ValueInfo {
-            name: "".into(),
+            name: "",
             present: true,
             // Unknown before the kernel runs.
             dtype: opreg_sdk::DType::F32,
-            shape: RNone,
-            constant: RNone,
+            shape: None,
+            constant: None,
         })
         .collect();
-    let node = NodeInfo {
-        name: "".into(),
-        domain: call.domain.as_str().into(),
-        op_type: call.op_type.as_str().into(),
-        opset: call.opset,
-        device: call.device,
-        attributes: call.attributes.as_slice().into(),
-        inputs: input_infos.as_slice().into(),
-        outputs: output_infos.as_slice().into(),
-        blas: snapshot
-            .blas_for(call.device)
-            .map(|b| b.sabi_reborrow())
-            .into(),
-    };
-    let instance = kernel
-        .registration()
-        .factory
-        .instantiate(&node)
-        .into_result()
+    let log = |level: LogLevel, msg: &str| log_from_plugin(&plugin, level, msg);
+    let blas = snapshot.blas_for(call.device);
+    let load_frame = CallFrame::new(0, call.device, blas, &log);
+    let instance = load_frame
+        .with_context(|ctx| {
+            let node = NodeInfo {
+                name: "",
+                domain: call.domain.as_str(),
+                op_type: call.op_type.as_str(),
+                opset: call.opset,
+                device: call.device,
+                attributes: Cow::Borrowed(call.attributes.as_slice()),
+                inputs: input_infos,
+                outputs: output_infos,
+                blas: blas.map(|b| b.sabi_reborrow()),
+                context: Some(ctx.reborrow()),
+            };
+            kernel
+                .registration()
+                .factory
+                .instantiate(node.as_ffi())
+                .into_result()
+        })
         .map_err(|e| ExecError::Instantiate {
             op_type: call.op_type.clone(),
             plugin: plugin.clone(),
@@ -195,7 +199,6 @@ pub fn run_kernel(snapshot: &Arc<Snapshot>, call: &KernelCall) -> Result<KernelR
             message: e.message.to_string(),
         })?;
     let views: Vec<_> = call.inputs.iter().map(|t| t.view()).collect();
-    let log = |level: LogLevel, msg: &str| log_from_plugin(&plugin, level, msg);
     let frame = CallFrame::new(
         call.num_outputs,
         call.device,
@@ -232,10 +235,11 @@ pub fn run_kernel(snapshot: &Arc<Snapshot>, call: &KernelCall) -> Result<KernelR
 
 pub(crate) fn log_from_plugin(plugin: &str, level: LogLevel, msg: &str) {
     match level {
-        LogLevel::Trace => tracing::trace!(target: "opreg::plugin", plugin, "{msg}"),
-        LogLevel::Debug => tracing::debug!(target: "opreg::plugin", plugin, "{msg}"),
-        LogLevel::Info => tracing::info!(target: "opreg::plugin", plugin, "{msg}"),
-        LogLevel::Warn => tracing::warn!(target: "opreg::plugin", plugin, "{msg}"),
-        LogLevel::Error => tracing::error!(target: "opreg::plugin", plugin, "{msg}"),
+        LogLevel::TRACE => tracing::trace!(target: "opreg::plugin", plugin, "{msg}"),
+        LogLevel::DEBUG => tracing::debug!(target: "opreg::plugin", plugin, "{msg}"),
+        LogLevel::WARN => tracing::warn!(target: "opreg::plugin", plugin, "{msg}"),
+        LogLevel::ERROR => tracing::error!(target: "opreg::plugin", plugin, "{msg}"),
+        // INFO, and levels added after this daemon was built.
+        _ => tracing::info!(target: "opreg::plugin", plugin, "{msg}"),
     }
 }

@@ -539,13 +539,13 @@ fn attribute(a: &onnx::AttributeProto, dir: Option<&Path>) -> Result<Attribute, 
     let value = match ty {
         T::Float => AttrValue::Float(a.f),
         T::Int => AttrValue::Int(a.i),
-        T::String => AttrValue::String(String::from_utf8_lossy(&a.s).into_owned().into()),
-        T::Floats => AttrValue::Floats(a.floats.clone().into()),
-        T::Ints => AttrValue::Ints(a.ints.clone().into()),
+        T::String => AttrValue::String(String::from_utf8_lossy(&a.s).into_owned()),
+        T::Floats => AttrValue::Floats(a.floats.clone()),
+        T::Ints => AttrValue::Ints(a.ints.clone()),
         T::Strings => AttrValue::Strings(
             a.strings
                 .iter()
-                .map(|s| RString::from(String::from_utf8_lossy(s).into_owned()))
+                .map(|s| String::from_utf8_lossy(s).into_owned())
                 .collect(),
         ),
         T::Tensor => {
@@ -557,12 +557,7 @@ fn attribute(a: &onnx::AttributeProto, dir: Option<&Path>) -> Result<Attribute, 
             })?;
             AttrValue::Tensor(owned(&tensor(t, dir)?))
         }
-        T::Graph => AttrValue::Graph(
-            a.g.as_ref()
-                .map(|g| g.encode_to_vec())
-                .unwrap_or_default()
-                .into(),
-        ),
+        T::Graph => AttrValue::Graph(a.g.as_ref().map(|g| g.encode_to_vec()).unwrap_or_default()),
         other => {
             return Err(GraphError::Unsupported(format!(
                 "attribute '{}' of type {other:?} is not supported",

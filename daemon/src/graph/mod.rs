@@ -2,12 +2,15 @@
 //! plan (dead-node removal, constant folding, kernel placement and binding, buffer liveness),
 //! then run the plan concurrently from many requests.
 
+mod copies;
+mod copy;
 mod import;
 mod plan;
 mod run;
 mod shapes;
 mod types;
 
+pub use copies::{CopyInfo, Place};
 pub use import::{import, Dim, IoSpec, Model};
 pub use plan::{compile, Plan};
 pub use run::{run, run_profiled, run_with_control, RunControl};

@@ -8,20 +8,22 @@
 // built; what comes from the model is checked where it enters (names, arities, attributes).
 
 use super::{
+    copies::{self, CopyInfo, Place},
     import::{import_subgraph, Dim, FormalInputs, Model},
     run, shapes, types, GraphError,
 };
 use crate::{
+    exec::log_from_plugin,
     plugin::{kernel_label, LoadedPlugin},
     registry::{KernelQuery, Snapshot},
 };
-use abi_stable::std_types::{RNone, RSome};
 use opreg_sdk::{
-    host::HostTensor,
+    host::{CallFrame, HostTensor},
     kernel::{FfiKernelBox, NodeInfo, ValueInfo},
-    AttrValue, DType, Device,
+    AttrValue, DType, Device, LogLevel, MemoryType,
 };
 use std::{
+    borrow::Cow,
     collections::{HashMap, HashSet, VecDeque},
     sync::Arc,
 };
@@ -75,6 +77,11 @@ pub(super) enum Work {
         body: Box<Plan>,
     },
     Scan(Box<ScanSpec>),
+    /// Moves one value between host and device memory (see [`copies`](super::copies)).
+    Copy {
+        from: Place,
+        to: Place,
+    },
 }
 
 pub(super) struct ScanSpec {
@@ -98,6 +105,9 @@ pub(super) struct Step {
     pub outputs: Vec<Option<usize>>,
     /// Slots whose last reader is this step: released after it.
     pub release: Vec<usize>,
+    /// Kernels: the memory type each input is wanted in, and each output produced in.
+    pub input_memory: Vec<MemoryType>,
+    pub output_memory: Vec<MemoryType>,
 }
 
 /// A model compiled against one registry snapshot; run it with [`run`](super::run).
@@ -113,6 +123,8 @@ pub struct Plan {
     /// Inferred output shapes (symbolic where only known at run time).
     pub output_shapes: Vec<shapes::Shape>,
     pub placement: Vec<Placement>,
+    /// The copy steps at device boundaries, in plan order.
+    pub copies: Vec<CopyInfo>,
     /// The snapshot the plan is bound to: keeps its plugins mapped and gives BLAS backends.
     pub snapshot: Arc<Snapshot>,
 }
@@ -507,54 +519,56 @@ fn compile_graph(
             .zip(&shapes)
             .zip(&n.inputs)
             .map(|(((s, t), shape), name)| ValueInfo {
-                name: name.as_str().into(),
+                name: name.as_str(),
                 present: s.is_some(),
                 dtype: t.unwrap_or(DType::F32),
-                shape: shape
-                    .as_ref()
-                    .map(|v| v.as_slice().into())
-                    .map_or(RNone, RSome),
-                constant: s
-                    .and_then(|s| constants.get(&s))
-                    .map(|t| t.view())
-                    .map_or(RNone, RSome),
+                shape: shape.as_deref(),
+                constant: s.and_then(|s| constants.get(&s)).map(|t| t.view()),
             })
             .collect();
         let output_infos: Vec<ValueInfo<'_>> = out_slots
             .iter()
             .zip(&n.outputs)
             .map(|(s, name)| ValueInfo {
-                name: name.as_str().into(),
+                name: name.as_str(),
                 present: s.is_some(),
                 dtype: s.and_then(|s| types[s]).unwrap_or(DType::F32),
-                shape: RNone,
-                constant: RNone,
+                shape: None,
+                constant: None,
             })
             .collect();
-        let info = NodeInfo {
-            name: n.name.as_str().into(),
-            domain: n.domain.as_str().into(),
-            op_type: n.op_type.as_str().into(),
-            opset,
-            device,
-            attributes: n.attributes.as_slice().into(),
-            inputs: input_infos.as_slice().into(),
-            outputs: output_infos.as_slice().into(),
-            blas: snapshot.blas_for(device).map(|b| b.sabi_reborrow()).into(),
-        };
         let reg = kernel.registration();
-        let instance =
-            reg.factory
-                .instantiate(&info)
-                .into_result()
-                .map_err(|e| GraphError::Instantiate {
-                    node: n.label(),
-                    plugin: kernel.plugin.name.clone(),
-                    code: e.code,
-                    message: e.message.to_string(),
-                })?;
-        // The node description borrows the constants; folding below adds to them.
-        drop(info);
+        // A context for the kernel's load-time work (packing weights) on the node's device.
+        let log = |level: LogLevel, msg: &str| log_from_plugin(&kernel.plugin.name, level, msg);
+        let handle = snapshot.device(device);
+        let mut load_frame = CallFrame::new(0, device, snapshot.blas_for(device), &log);
+        if let Some(h) = handle.as_ref().filter(|_| !device.host_accessible()) {
+            load_frame = load_frame.with_device(h, &[]);
+        }
+        // The node description borrows the constants; it ends with the closure, before
+        // folding below adds to them.
+        let instance = load_frame
+            .with_context(|ctx| {
+                let info = NodeInfo {
+                    name: n.name.as_str(),
+                    domain: n.domain.as_str(),
+                    op_type: n.op_type.as_str(),
+                    opset,
+                    device,
+                    attributes: Cow::Borrowed(n.attributes.as_slice()),
+                    inputs: input_infos,
+                    outputs: output_infos,
+                    blas: snapshot.blas_for(device).map(|b| b.sabi_reborrow()),
+                    context: Some(ctx.reborrow()),
+                };
+                reg.factory.instantiate(info.as_ffi()).into_result()
+            })
+            .map_err(|e| GraphError::Instantiate {
+                node: n.label(),
+                plugin: kernel.plugin.name.clone(),
+                code: e.code,
+                message: e.message.to_string(),
+            })?;
         let label = kernel_label(&reg.desc);
         let plugin_name = kernel.plugin.name.clone();
         let step = Step {
@@ -564,6 +578,12 @@ fn compile_graph(
                 plugin: kernel.plugin.clone(),
             },
             device,
+            input_memory: (0..in_slots.len())
+                .map(|i| reg.desc.input_memory_of(i))
+                .collect(),
+            output_memory: (0..out_slots.len())
+                .map(|i| reg.desc.output_memory_of(i))
+                .collect(),
             inputs: in_slots.clone(),
             captured: Vec::new(),
             outputs: out_slots.clone(),
@@ -588,7 +608,7 @@ fn compile_graph(
                 *fold_budget,
                 Some(std::time::Instant::now() + FOLD_STEP_TIME),
             );
-            match run::run_kernel_step(&step, &ins, snapshot.blas_for(device), &control) {
+            match run::run_kernel_step(&step, &ins, &snapshot, &control) {
                 Ok(outs) => {
                     let bytes: usize = outs.iter().map(|t| t.bytes().len()).sum();
                     (bytes <= *fold_budget).then(|| {
@@ -640,6 +660,17 @@ fn compile_graph(
                 .ok_or_else(|| GraphError::Invalid(format!("output '{}' is never defined", o.name)))
         })
         .collect::<Result<_, _>>()?;
+    let mut outputs = outputs;
+    let names: HashMap<usize, String> = slot_of.iter().map(|(n, &s)| (s, n.clone())).collect();
+    let (steps, copies) = copies::insert(
+        steps,
+        &mut outputs,
+        &mut types,
+        &mut shape_of,
+        &names,
+        &snapshot,
+    )?;
+    let mut steps = steps;
     let output_types = outputs.iter().map(|(_, s)| types[*s]).collect();
     let output_shapes = outputs.iter().map(|(_, s)| shape_of[*s].clone()).collect();
 
@@ -671,6 +702,7 @@ fn compile_graph(
         output_types,
         output_shapes,
         placement,
+        copies,
         snapshot,
     })
 }
@@ -830,6 +862,8 @@ fn compile_control(
         captured: captured_slots,
         outputs,
         release: Vec::new(),
+        input_memory: Vec::new(),
+        output_memory: Vec::new(),
     })
 }
 
@@ -839,6 +873,6 @@ fn control_output_types(work: &Work) -> Vec<Option<DType>> {
         // Body outputs: cond, carried..., scan outputs...
         Work::Loop { body } => body.output_types.iter().skip(1).copied().collect(),
         Work::Scan(s) => s.body.output_types.clone(),
-        Work::Kernel { .. } => Vec::new(),
+        Work::Kernel { .. } | Work::Copy { .. } => Vec::new(),
     }
 }

@@ -5,19 +5,19 @@
 #![deny(clippy::indexing_slicing)]
 
 use super::{
+    copy,
     plan::{ScanSpec, Step, Work},
     GraphError, Plan,
 };
-use crate::exec::log_from_plugin;
+use crate::{exec::log_from_plugin, registry::Snapshot};
 use opreg_sdk::{
-    blas::FfiBlasBox,
     host::{CallFrame, HostTensor},
     DType, LogLevel, TensorView,
 };
 use std::{
     collections::HashMap,
     sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     time::Instant,
@@ -42,6 +42,8 @@ pub struct RunControl {
     max_tensor_bytes: usize,
     max_live_bytes: usize,
     live: AtomicUsize,
+    copies: AtomicU64,
+    copy_bytes: AtomicU64,
 }
 
 impl RunControl {
@@ -59,7 +61,17 @@ impl RunControl {
             max_tensor_bytes,
             max_live_bytes,
             live: AtomicUsize::new(0),
+            copies: AtomicU64::new(0),
+            copy_bytes: AtomicU64::new(0),
         }
+    }
+
+    /// Copy steps this run executed, and the bytes they moved.
+    pub fn copies(&self) -> (u64, u64) {
+        (
+            self.copies.load(Ordering::Relaxed),
+            self.copy_bytes.load(Ordering::Relaxed),
+        )
     }
 
     /// Asks the run to stop at its next node boundary.
@@ -116,9 +128,10 @@ impl RunControl {
     }
 }
 
-/// Bytes a value holds (strings: their slots; their text is bounded by the wire limits).
+/// Bytes a value holds (strings: their slots; their text is bounded by the wire limits), in
+/// host or device memory.
 fn bytes_of(t: &HostTensor) -> usize {
-    t.bytes().len()
+    t.byte_len()
 }
 
 /// Runs `plan` on `feeds` (one tensor per input, checked by the caller) and returns the
@@ -228,11 +241,26 @@ fn run_with(
             .map(|s| s.and_then(|s| values.get(s)))
             .collect();
         let outs: Vec<Value> = match &step.work {
-            Work::Kernel { .. } => {
-                { run_kernel_step(step, &ins, plan.snapshot.blas_for(step.device), control)? }
-                    .into_iter()
-                    .map(Arc::new)
-                    .collect()
+            Work::Kernel { .. } => { run_kernel_step(step, &ins, &plan.snapshot, control)? }
+                .into_iter()
+                .map(Arc::new)
+                .collect(),
+            Work::Copy { from, to } => {
+                let t = ins.first().cloned().flatten().ok_or_else(|| {
+                    GraphError::Invalid(format!("{}: nothing to copy", step.label))
+                })?;
+                let moved =
+                    copy::copy(&plan.snapshot, &t, *from, *to).map_err(|e| GraphError::Kernel {
+                        node: step.label.clone(),
+                        plugin: "opregd".into(),
+                        code: e.code,
+                        message: e.message.to_string(),
+                    })?;
+                control.copies.fetch_add(1, Ordering::Relaxed);
+                control
+                    .copy_bytes
+                    .fetch_add(t.byte_len() as u64, Ordering::Relaxed);
+                vec![Arc::new(moved)]
             }
             control_work => {
                 let captured: Vec<Value> = step
@@ -276,9 +304,10 @@ fn run_with(
 pub(super) fn run_kernel_step(
     step: &Step,
     inputs: &[Option<Value>],
-    blas: Option<&FfiBlasBox>,
+    snapshot: &Snapshot,
     control: &RunControl,
 ) -> Result<Vec<HostTensor>, GraphError> {
+    let blas = snapshot.blas_for(step.device);
     let Work::Kernel { instance, plugin } = &step.work else {
         return Err(GraphError::Invalid(format!(
             "node {} is not a kernel step",
@@ -292,9 +321,22 @@ pub(super) fn run_kernel_step(
     let plugin = plugin.name.as_str();
     let log = |level: LogLevel, msg: &str| log_from_plugin(plugin, level, msg);
     let stop = || control.should_stop();
-    let frame = CallFrame::new(step.outputs.len(), step.device, blas, &log)
+    let mut frame = CallFrame::new(step.outputs.len(), step.device, blas, &log)
         .with_max_tensor_bytes(control.max_tensor_bytes())
         .with_stop_check(&stop);
+    let device = if step.device.host_accessible() {
+        None
+    } else {
+        Some(snapshot.device(step.device).ok_or_else(|| {
+            GraphError::Invalid(format!(
+                "node {}: no loaded plugin provides device {}",
+                step.label, step.device
+            ))
+        })?)
+    };
+    if let Some(d) = &device {
+        frame = frame.with_device(d, &step.output_memory);
+    }
     let failed = |e: opreg_sdk::PluginError| GraphError::Kernel {
         node: step.label.clone(),
         plugin: plugin.to_string(),
@@ -308,6 +350,10 @@ pub(super) fn run_kernel_step(
         control.check(&step.label)?;
     }
     computed.map_err(failed)?;
+    if let Some(d) = &device {
+        // The kernel enqueued on the device's stream: its outputs are ready after this.
+        d.synchronize().map_err(failed)?;
+    }
     frame.into_outputs().map_err(failed)
 }
 
@@ -394,7 +440,9 @@ fn run_control(
         }
         Work::Loop { body } => run_loop(step, body, ins, captured, control),
         Work::Scan(spec) => run_scan(step, spec, ins, captured, control),
-        Work::Kernel { .. } => Err(invalid(step, "kernel step run as control flow")),
+        Work::Kernel { .. } | Work::Copy { .. } => {
+            Err(invalid(step, "kernel step run as control flow"))
+        }
     }
 }
 

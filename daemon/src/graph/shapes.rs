@@ -536,8 +536,8 @@ mod tests {
         let conv = node(
             "Conv",
             vec![
-                ("pads", AttrValue::Ints(vec![1, 1, 1, 1].into())),
-                ("strides", AttrValue::Ints(vec![2, 2].into())),
+                ("pads", AttrValue::Ints(vec![1, 1, 1, 1])),
+                ("strides", AttrValue::Ints(vec![2, 2])),
             ],
             1,
         );
@@ -550,8 +550,8 @@ mod tests {
         let pool = node(
             "MaxPool",
             vec![
-                ("kernel_shape", AttrValue::Ints(vec![2, 2].into())),
-                ("strides", AttrValue::Ints(vec![2, 2].into())),
+                ("kernel_shape", AttrValue::Ints(vec![2, 2])),
+                ("strides", AttrValue::Ints(vec![2, 2])),
                 ("ceil_mode", AttrValue::Int(1)),
             ],
             1,
@@ -582,8 +582,8 @@ mod tests {
         let huge = node(
             "Conv",
             vec![
-                ("pads", AttrValue::Ints(vec![i64::MAX, 0].into())),
-                ("dilations", AttrValue::Ints(vec![i64::MAX].into())),
+                ("pads", AttrValue::Ints(vec![i64::MAX, 0])),
+                ("dilations", AttrValue::Ints(vec![i64::MAX])),
             ],
             1,
         );
@@ -611,7 +611,7 @@ mod tests {
         let red = node(
             "ReduceMean",
             vec![
-                ("axes", AttrValue::Ints(vec![-1].into())),
+                ("axes", AttrValue::Ints(vec![-1])),
                 ("keepdims", AttrValue::Int(0)),
             ],
             1,

@@ -2,6 +2,7 @@
 //! its registration, self-check its kernels.
 
 use super::{error::LoadError, library::Library};
+use crate::device::LoadedDevice;
 use abi_stable::library::{abi_header_from_raw_library, LibraryError, RawLibrary};
 use opreg_sdk::host::CallFrame;
 use opreg_sdk::module::{
@@ -31,6 +32,8 @@ pub struct LoadedPlugin {
     pub kernels: Vec<KernelRegistration>,
     pub backends: Vec<BlasRegistration>,
     pub quantizers: Vec<QuantizerRegistration>,
+    /// Device providers, with their pools (drained back to the provider when this drops).
+    pub devices: Vec<LoadedDevice>,
     /// Declared last so it drops last: the objects above hold function pointers into it.
     pub library: Arc<Library>,
 }
@@ -135,12 +138,21 @@ pub fn load(
         })?;
     library.set_shutdown(module.shutdown());
     let library = Arc::new(library);
-    let registration = (module.register())()
-        .into_result()
-        .map_err(|e| LoadError::Register {
+    let registration =
+        opreg_sdk::module::collect(module.register()).map_err(|e| LoadError::Register {
             path: path.to_owned(),
             plugin: name.clone(),
             message: e.message.to_string(),
+        })?;
+    let devices = registration
+        .devices
+        .into_iter()
+        .map(|d| LoadedDevice::new(d.provider))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| LoadError::Register {
+            path: path.to_owned(),
+            plugin: name.clone(),
+            message: format!("device provider: {}", e.message),
         })?;
     let plugin = LoadedPlugin {
         version,
@@ -149,9 +161,10 @@ pub fn load(
         source: path.to_owned(),
         sha256,
         generation,
-        kernels: registration.kernels.into_vec(),
-        backends: registration.backends.into_vec(),
-        quantizers: registration.quantizers.into_vec(),
+        kernels: registration.kernels,
+        backends: registration.backends,
+        quantizers: registration.quantizers,
+        devices,
         library,
         name,
     };
@@ -187,6 +200,13 @@ fn self_test(p: &LoadedPlugin) -> Result<(), LoadError> {
             .self_test()
             .into_result()
             .map_err(|e| failed(format!("quantizer '{}'", q.desc.name), e))?;
+    }
+    for d in &p.devices {
+        let kind = d.info.kind;
+        d.provider
+            .self_test()
+            .into_result()
+            .map_err(|e| failed(format!("device provider for '{}'", kind.name()), e))?;
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ mod resolve;
 
 pub use resolve::{KernelQuery, KernelRef, ResolveError};
 
+use crate::device::DeviceHandle;
 use crate::plugin::{self, kernel_label, LoadError, LoadedPlugin};
 use arc_swap::ArcSwap;
 use opreg_sdk::{blas::FfiBlasBox, Device};
@@ -35,6 +36,13 @@ impl Snapshot {
             .filter(|b| b.desc.device == device)
             .max_by_key(|b| b.desc.priority)
             .map(|b| &b.backend)
+    }
+
+    /// `device` as the first plugin (by name) that provides it.
+    pub fn device(&self, device: Device) -> Option<DeviceHandle> {
+        self.plugins
+            .values()
+            .find_map(|p| DeviceHandle::find(p, device))
     }
 }
 

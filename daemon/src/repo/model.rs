@@ -77,6 +77,9 @@ pub struct Stats {
     pub compute_input: (u64, u64),
     pub compute_infer: (u64, u64),
     pub compute_output: (u64, u64),
+    /// Copy steps at device boundaries executed, and the bytes they moved.
+    pub device_copies: u64,
+    pub device_copy_bytes: u64,
 }
 
 pub struct ServedModel {

@@ -84,6 +84,8 @@ pub async fn infer(
             s.compute_infer.1 += timing.infer_ns;
             s.compute_output.0 += 1;
             s.compute_output.1 += timing.output_ns;
+            s.device_copies += timing.copies;
+            s.device_copy_bytes += timing.copy_bytes;
         }
         Err(_) => {
             s.fail.0 += 1;
@@ -98,6 +100,9 @@ struct Timing {
     input_ns: u64,
     infer_ns: u64,
     output_ns: u64,
+    /// Copy steps at device boundaries the run executed, and their bytes.
+    copies: u64,
+    copy_bytes: u64,
 }
 
 async fn run(
@@ -174,6 +179,7 @@ async fn run(
     }
     .map_err(Status::from)??;
     let infer_ns = t1.elapsed().as_nanos() as u64;
+    let (copies, copy_bytes) = control.copies();
 
     let t2 = Instant::now();
     let by_name: HashMap<&str, &Arc<HostTensor>> =
@@ -188,6 +194,12 @@ async fn run(
         let t = by_name
             .get(name.as_str())
             .ok_or_else(|| Status::internal(format!("output '{name}' missing from the run")))?;
+        if !t.on_host() {
+            // The plan copies every output to the host; anything else is a bug, not data.
+            return Err(Status::internal(format!(
+                "output '{name}' is still in device memory (a bug in opreg, please report it)"
+            )));
+        }
         resp.outputs
             .push(pb::model_infer_response::InferOutputTensor {
                 name,
@@ -206,6 +218,8 @@ async fn run(
             input_ns,
             infer_ns,
             output_ns,
+            copies,
+            copy_bytes,
         },
     ))
 }

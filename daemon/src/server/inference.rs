@@ -63,6 +63,8 @@ fn statistics(m: &ServedModel) -> pb::ModelStatistics {
         last_inference: s.last_inference_ms,
         inference_count: s.inference_count,
         execution_count: s.execution_count,
+        device_copies: s.device_copies,
+        device_copy_bytes: s.device_copy_bytes,
         inference_stats: Some(pb::InferStatistics {
             success: d(s.success),
             fail: d(s.fail),

@@ -10,9 +10,8 @@ use crate::{
     plugin::LoadedPlugin,
     registry::Snapshot,
 };
-use abi_stable::std_types::{RString, RVec};
 use opreg_proto::opreg::v1::{self as pb, registry_server::Registry};
-use opreg_sdk::{kernel::Attribute, AttrValue, Device, DeviceKind, Observation};
+use opreg_sdk::{kernel::Attribute, AttrValue, Device, DeviceKind, ObservationKind};
 use std::{path::PathBuf, sync::Arc};
 use tonic::{Request, Response, Status};
 
@@ -107,12 +106,10 @@ fn attribute(a: pb::Attribute) -> Result<Attribute, Status> {
     let value = match a.value {
         Some(Value::I(v)) => AttrValue::Int(v),
         Some(Value::F(v)) => AttrValue::Float(v),
-        Some(Value::S(v)) => AttrValue::String(v.into()),
-        Some(Value::Ints(v)) => AttrValue::Ints(v.values.into()),
-        Some(Value::Floats(v)) => AttrValue::Floats(v.values.into()),
-        Some(Value::Strings(v)) => {
-            AttrValue::Strings(v.values.into_iter().map(RString::from).collect::<RVec<_>>())
-        }
+        Some(Value::S(v)) => AttrValue::String(v),
+        Some(Value::Ints(v)) => AttrValue::Ints(v.values),
+        Some(Value::Floats(v)) => AttrValue::Floats(v.values),
+        Some(Value::Strings(v)) => AttrValue::Strings(v.values),
         None => {
             return Err(Status::invalid_argument(format!(
                 "attribute '{}' has no value",
@@ -121,7 +118,7 @@ fn attribute(a: pb::Attribute) -> Result<Attribute, Status> {
         }
     };
     Ok(Attribute {
-        name: a.name.into(),
+        name: a.name,
         value,
     })
 }
@@ -220,10 +217,14 @@ impl Registry for RegistryApi {
                 p.quantizers.iter().map(move |q| pb::QuantizerInfo {
                     name: q.desc.name.to_string(),
                     description: q.desc.description.to_string(),
-                    observes: match q.quantizer.observation() {
-                        Observation::Nothing => "nothing".into(),
-                        Observation::MinMax => "min-max".into(),
-                        Observation::Histogram { bins } => format!("histogram({bins})"),
+                    observes: {
+                        let o = q.quantizer.observation();
+                        match o.kind {
+                            ObservationKind::NOTHING => "nothing".into(),
+                            ObservationKind::MIN_MAX => "min-max".into(),
+                            ObservationKind::HISTOGRAM => format!("histogram({})", o.bins),
+                            other => format!("unknown observation kind {}", other.0),
+                        }
                     },
                     plugin: p.name.clone(),
                     generation: p.generation,
@@ -255,6 +256,15 @@ impl Registry for RegistryApi {
                     plugin: p.plugin.clone(),
                     device: p.device.to_string(),
                     folded: p.folded,
+                })
+                .collect(),
+            copies: plan
+                .copies
+                .iter()
+                .map(|c| pb::DeviceCopy {
+                    value: c.value.clone(),
+                    from: c.from.to_string(),
+                    to: c.to.to_string(),
                 })
                 .collect(),
         }))

@@ -108,6 +108,11 @@ impl AlignedBuf {
     pub(crate) fn ptr(&mut self) -> *mut f32 {
         self.v.as_mut_ptr().wrapping_add(self.off)
     }
+
+    /// The start, for reading what was written.
+    pub(crate) fn as_ptr(&self) -> *const f32 {
+        self.v.as_ptr().wrapping_add(self.off)
+    }
 }
 
 /// Runs `f` over `0..len` on the host pool, or inline when `parallel` is off or one range

@@ -84,20 +84,6 @@ impl KernelKind {
                 .unwrap_or(KernelKind::Portable)
         })
     }
-
-    /// Stable id, as stored in packed B buffers.
-    pub(crate) fn id(self) -> u32 {
-        match self {
-            KernelKind::Avx512 => 1,
-            KernelKind::Avx2 => 2,
-            KernelKind::Portable => 3,
-        }
-    }
-
-    /// The kernel with id `id`.
-    pub(crate) fn from_id(id: u32) -> Option<KernelKind> {
-        KernelKind::ALL.into_iter().find(|k| k.id() == id)
-    }
 }
 
 /// Writes `alpha`-scaled results from `buf` (row stride `ld`) into the `mr x nr` tile of C.

@@ -14,7 +14,7 @@
 //! global mutable state beyond the detected kernel (a `OnceLock` static).
 //!
 //! [`Blas::pack_b`] packs a constant B (weights) once into the panel layout of the detected
-//! kernel (a small header records kernel, panel width, depth block, `k` and `n`), and
+//! kernel, returned as a handle only this build of the backend can read back, and
 //! [`Blas::gemm_packed`] multiplies with it, skipping B's packing on every call.
 //!
 //! Why our own gemm rather than a crate: `matrixmultiply` (the previous inner kernel) has no
@@ -23,21 +23,29 @@
 //! unmaps the library, so a hot-swapped BLAS plugin would leak its mapping on every swap
 //! (DESIGN §3).
 //!
-//! Not supported: operands that overlap C, and types other than f32 (refused with
-//! `Unimplemented`).
+//! The integer flavours (u8/i8 x u8/i8, exact i32 accumulation, then dequantized f32 or
+//! requantized u8/i8 with bias and activation) run the kernels of [`int8`]: AVX-512 VNNI, AVX2
+//! without `maddubs` saturation, or portable ([`quant`] is the output stage around them).
+//!
+//! Not supported: operands that overlap C, and types other than those above (refused with
+//! `Unimplemented`; [`Blas::supports`] says so first).
 
+mod epilogue;
+#[cfg(test)]
+mod flavours;
+mod float;
 mod gemm;
+mod int8;
 mod kernels;
+mod quant;
 mod selftest;
 #[cfg(test)]
 mod tests;
 
-use abi_stable::std_types::RVec;
-use gemm::{AlignedBuf, BSource, Mat, Problem};
 use kernels::KernelKind;
-use opreg_sdk::{abi_stable, prelude::*, PackedB};
+use opreg_sdk::{prelude::*, PackedB, PackedInfo};
 
-/// The backend name, also stamped into packed B buffers.
+/// The backend name.
 const NAME: &str = "cpu";
 
 /// The CPU BLAS backend, running one micro-kernel.
@@ -54,189 +62,78 @@ impl CpuBlas {
     }
 }
 
-/// (row stride, column stride) of `op(X)` for a matrix stored with leading dimension `ld`.
-fn strides(layout: Layout, trans: Transpose, ld: usize) -> (usize, usize) {
-    match (layout, trans) {
-        (Layout::RowMajor, Transpose::No) | (Layout::ColMajor, Transpose::Yes) => (ld, 1),
-        (Layout::RowMajor, Transpose::Yes) | (Layout::ColMajor, Transpose::No) => (1, ld),
-    }
+/// What a packed B handle of this backend holds.
+enum Packed {
+    F32(float::PackedF32),
+    Int(quant::PackedInt),
 }
 
-/// Checks one operand: `op(X)` is `rows x cols`; its leading dimension must cover the
-/// contiguous dimension of the stored matrix, and the pointer must be a valid f32 address.
-fn check_operand(
-    name: &str,
-    ptr: *const u8,
-    layout: Layout,
-    trans: Transpose,
-    rows: usize,
-    cols: usize,
-    ld: usize,
-) -> Result<Mat, PluginError> {
-    let (rs, cs) = strides(layout, trans, ld);
-    if rows == 0 || cols == 0 {
-        return Ok(Mat {
-            ptr: ptr.cast(),
-            rs,
-            cs,
-        });
-    }
-    // The contiguous dimension of op(X) is the one with stride 1.
-    let inner = if cs == 1 { cols } else { rows };
-    let outer = if cs == 1 { rows } else { cols };
-    if outer > 1 && ld < inner {
-        return Err(PluginError::invalid(format!(
-            "cpu blas: ld{name} = {ld} is less than {inner}"
-        )));
-    }
-    if ptr.is_null() || !(ptr as usize).is_multiple_of(std::mem::align_of::<f32>()) {
-        return Err(PluginError::invalid(format!(
-            "cpu blas: {name} is null or not f32-aligned"
-        )));
-    }
-    Ok(Mat {
-        ptr: ptr.cast(),
-        rs,
-        cs,
-    })
+fn known_shape(g: &GemmArgs) -> bool {
+    g.flags == 0
+        && matches!(g.layout, Layout::ROW_MAJOR | Layout::COL_MAJOR)
+        && matches!(g.trans_a, Transpose::NO | Transpose::YES)
+        && matches!(g.trans_b, Transpose::NO | Transpose::YES)
+        && epilogue::supported(g.epilogue)
 }
 
-fn check_types(types: GemmTypes) -> Result<(), PluginError> {
-    if types != GemmTypes::F32 {
-        return Err(PluginError::unimplemented(format!(
-            "cpu blas: {types} gemm is not supported"
-        )));
-    }
-    Ok(())
-}
-
-/// Validates A and C of `g` (B too unless `packed`) and maps them onto a row-oriented problem.
-fn problem(g: &GemmArgs, b: Option<BSource>) -> Result<Problem, PluginError> {
-    check_types(g.types)?;
-    let reads = g.k > 0 && g.alpha != 0.0;
-    let (ar, ac) = if reads { (g.m, g.k) } else { (0, 0) };
-    let a = check_operand("a", g.a, g.layout, g.trans_a, ar, ac, g.lda)?;
-    let c = check_operand(
-        "c",
-        g.c.cast_const(),
-        g.layout,
-        Transpose::No,
-        g.m,
-        g.n,
-        g.ldc,
-    )?;
-    let b = match b {
-        Some(b) => b,
-        None => {
-            let (br, bc) = if reads { (g.k, g.n) } else { (0, 0) };
-            BSource::Strided(check_operand("b", g.b, g.layout, g.trans_b, br, bc, g.ldb)?)
-        }
-    };
-    Ok(Problem {
-        m: g.m,
-        n: g.n,
-        k: g.k,
-        alpha: g.alpha,
-        beta: g.beta,
-        a,
-        b,
-        c: c.ptr.cast_mut(),
-        rsc: c.rs,
-        csc: c.cs,
-    })
-}
-
-/// Bytes of the packed-B header: magic, then kernel id, NR, depth block, k, n and the byte
-/// offset of the panels, each a little-endian u64.
-const HEADER: usize = 56;
-const MAGIC: [u8; 8] = *b"opregB01";
-
-fn header_field(data: &[u8], i: usize) -> Result<usize, PluginError> {
-    let bytes: [u8; 8] = data
-        .get(8 + 8 * i..16 + 8 * i)
-        .and_then(|s| s.try_into().ok())
-        .ok_or_else(|| PluginError::invalid("cpu blas: packed B is truncated"))?;
-    usize::try_from(u64::from_le_bytes(bytes))
-        .map_err(|_| PluginError::invalid("cpu blas: packed B header out of range"))
+fn refuse(g: &GemmArgs) -> PluginError {
+    PluginError::unimplemented(format!(
+        "cpu blas: {} gemm with compute {}, epilogue {}, layout {}, flags {:#x} is not supported",
+        g.types, g.compute, g.epilogue.0, g.layout.0, g.flags
+    ))
 }
 
 impl Blas for CpuBlas {
+    fn supports(&self, g: &GemmArgs) -> bool {
+        known_shape(g)
+            && if g.types == GemmTypes::F32 {
+                g.compute == DType::F32
+            } else {
+                g.types.is_integer() && quant::supports(g)
+            }
+    }
+
     fn self_test(&self, ctx: &KernelContext<'_>) -> Result<(), PluginError> {
         selftest::run(self, ctx)
     }
 
     fn gemm(&self, ctx: &KernelContext<'_>, g: &GemmArgs) -> Result<(), PluginError> {
-        let mut p = problem(g, None)?;
-        if let (Layout::ColMajor, BSource::Strided(b)) = (g.layout, p.b) {
-            // C^T = op(B)^T op(A)^T is the same product with a row-major C, which the kernels
-            // store with full vectors.
-            p = Problem {
-                m: p.n,
-                n: p.m,
-                a: Mat {
-                    ptr: b.ptr,
-                    rs: b.cs,
-                    cs: b.rs,
-                },
-                b: BSource::Strided(Mat {
-                    ptr: p.a.ptr,
-                    rs: p.a.cs,
-                    cs: p.a.rs,
-                }),
-                rsc: p.csc,
-                csc: p.rsc,
-                ..p
-            };
+        if !self.supports(g) {
+            return Err(refuse(g));
         }
-        // SAFETY: the caller guarantees the operands cover the matrices `g` describes (checked
-        // for null, alignment and leading dimensions above); the kernel is available (chosen
-        // by detection, or checked by the test constructor).
-        unsafe { gemm::gemm(ctx, self.kind, &p) }
+        if g.types.is_integer() {
+            quant::gemm(ctx, g, None)
+        } else {
+            float::gemm(ctx, self.kind, g, None)
+        }
     }
 
-    fn pack_b(&self, g: &GemmArgs) -> Result<PackedB, PluginError> {
-        check_types(g.types)?;
-        let (k, n) = (g.k, g.n);
-        let b = check_operand("b", g.b, g.layout, g.trans_b, k, n, g.ldb)?;
-        let (nr, _) = gemm::panel_width(self.kind);
-        let n_pad = n.div_ceil(nr) * nr;
-        let floats = k
-            .checked_mul(n_pad)
-            .ok_or_else(|| PluginError::invalid("cpu blas: packed B size overflows"))?;
-        let mut data = Vec::new();
-        data.try_reserve_exact(HEADER + 64 + 4 * floats)
-            .map_err(|_| {
-                PluginError::new(
-                    ErrorCode::ResourceExhausted,
-                    format!("cpu blas: cannot allocate packed B of {k}x{n}"),
-                )
-            })?;
-        data.resize(HEADER + 64 + 4 * floats, 0u8);
-        // Panels start 64-byte aligned in this allocation (a clone may move them off that
-        // alignment; the kernels use unaligned loads, so it stays correct).
-        let pad = data.as_ptr().wrapping_add(HEADER).align_offset(64);
-        if pad >= 64 {
-            return Err(PluginError::internal("cpu blas: cannot align packed B"));
+    fn pack_b(&self, _ctx: &KernelContext<'_>, g: &GemmArgs) -> Result<PackedB, PluginError> {
+        if !self.supports(g) {
+            return Err(refuse(g));
         }
-        let offset = HEADER + pad;
-        // SAFETY: `data` has room for `k * n_pad` floats at `offset`, a 64-byte aligned
-        // address; B was checked above.
-        let kc = unsafe {
-            gemm::pack_b_all_for(self.kind, b, k, n, data.as_mut_ptr().add(offset).cast())
+        let (packed, bytes) = if g.types.is_integer() {
+            let p = quant::pack_b(g)?;
+            let bytes = p.bytes();
+            (Packed::Int(p), bytes)
+        } else {
+            let p = float::pack_b(self.kind, g)?;
+            let bytes = p.bytes();
+            (Packed::F32(p), bytes)
         };
-        data[..8].copy_from_slice(&MAGIC);
-        let fields = [self.kind.id() as usize, nr, kc, k, n, offset];
-        for (i, v) in fields.into_iter().enumerate() {
-            data[8 + 8 * i..16 + 8 * i].copy_from_slice(&(v as u64).to_le_bytes());
-        }
-        Ok(PackedB {
-            backend: NAME.into(),
-            types: g.types,
-            trans_b: g.trans_b,
-            k,
-            n,
-            data: RVec::from(data),
-        })
+        Ok(PackedB::new(
+            packed,
+            PackedInfo {
+                types: g.types,
+                trans_b: g.trans_b,
+                k: g.k,
+                n: g.n,
+                bytes,
+                device: Device::CPU,
+                memory: MemoryType::DEVICE,
+                flags: 0,
+            },
+        ))
     }
 
     fn gemm_packed(
@@ -245,76 +142,41 @@ impl Blas for CpuBlas {
         g: &GemmArgs,
         packed: &PackedB,
     ) -> Result<(), PluginError> {
-        if packed.backend.as_str() != NAME {
+        if !self.supports(g) {
+            return Err(refuse(g));
+        }
+        let info = packed.info();
+        if info.types != g.types || info.trans_b != g.trans_b {
             return Err(PluginError::invalid(format!(
-                "cpu blas: B was packed by backend {:?}",
-                packed.backend.as_str()
+                "cpu blas: B packed for {} (trans {}), gemm is {} (trans {})",
+                info.types, info.trans_b.0, g.types, g.trans_b.0
             )));
         }
-        check_types(g.types)?;
-        if packed.types != g.types || packed.k != g.k || packed.n != g.n {
-            return Err(PluginError::invalid(format!(
-                "cpu blas: B packed as {} {}x{}, gemm wants {} {}x{}",
-                packed.types, packed.k, packed.n, g.types, g.k, g.n
-            )));
+        match packed.downcast::<Packed>() {
+            Some(Packed::F32(p)) => float::gemm(ctx, self.kind, g, Some(p)),
+            Some(Packed::Int(p)) => quant::gemm(ctx, g, Some(p)),
+            None => Err(PluginError::invalid(
+                "cpu blas: B was packed by another backend (or another build of this one)",
+            )),
         }
-        let data = packed.data.as_slice();
-        if data.get(..8) != Some(&MAGIC[..]) {
-            return Err(PluginError::invalid(
-                "cpu blas: packed B has no valid header",
-            ));
-        }
-        let f = |i| header_field(data, i);
-        let (id, nr, kc, k, n, offset) = (f(0)?, f(1)?, f(2)?, f(3)?, f(4)?, f(5)?);
-        let kind = u32::try_from(id)
-            .ok()
-            .and_then(KernelKind::from_id)
-            .filter(|k| k.available())
-            .ok_or_else(|| {
-                PluginError::invalid(format!(
-                    "cpu blas: packed B is for kernel {id}, not on this CPU"
-                ))
-            })?;
-        let (kernel_nr, kernel_kc) = gemm::panel_width(kind);
-        let n_pad = n.div_ceil(kernel_nr) * kernel_nr;
-        let floats = k.saturating_mul(n_pad);
-        if nr != kernel_nr
-            || kc != gemm::depth_block(k, kernel_kc)
-            || (k, n) != (g.k, g.n)
-            || offset < HEADER
-            || data.len() < offset.saturating_add(floats.saturating_mul(4))
-        {
-            return Err(PluginError::invalid(
-                "cpu blas: packed B header is inconsistent",
-            ));
-        }
-        let panels = data.as_ptr().wrapping_add(offset);
-        let mut copy = None;
-        let ptr: *const f32 = if (panels as usize).is_multiple_of(4) {
-            panels.cast()
-        } else {
-            // Moved to an address f32 reads cannot use: copy into an aligned buffer.
-            let mut buf = AlignedBuf::new(floats)?;
-            // SAFETY: `floats * 4` bytes were checked to lie in `data`; the buffer has room.
-            unsafe { std::ptr::copy_nonoverlapping(panels, buf.ptr().cast::<u8>(), floats * 4) };
-            copy.insert(buf).ptr().cast_const()
-        };
-        let p = problem(g, Some(BSource::Packed { ptr, kc }))?;
-        // SAFETY: A and C checked as in `gemm`; the packed panels cover `k x n_pad` floats for
-        // this kernel (header checked); the kernel is available (checked above).
-        let result = unsafe { gemm::gemm(ctx, kind, &p) };
-        drop(copy);
-        result
     }
 }
 
 fn register(r: &mut Registrar) {
+    let int = |a, b, c| GemmTypes { a, b, c };
     r.blas(
         BlasDesc {
             name: NAME.into(),
             device: Device::CPU,
             priority: 0,
-            types: vec![GemmTypes::F32].into(),
+            types: vec![
+                GemmTypes::F32,
+                int(DType::U8, DType::I8, DType::I32),
+                int(DType::U8, DType::U8, DType::I32),
+                int(DType::I8, DType::I8, DType::I32),
+                int(DType::U8, DType::I8, DType::F32),
+                int(DType::U8, DType::I8, DType::U8),
+            ],
         },
         CpuBlas::detect(),
     );
@@ -323,6 +185,6 @@ fn register(r: &mut Registrar) {
 opreg_sdk::export_plugin! {
     name: "blas-cpu",
     version: env!("CARGO_PKG_VERSION"),
-    description: "CPU BLAS backend (f32 gemm, AVX-512/AVX2/portable kernels, B pre-packing, host-pool parallel)",
+    description: "CPU BLAS backend (f32 and exact integer gemm; AVX-512/VNNI/AVX2/portable kernels; B pre-packing; host-pool parallel)",
     register: register,
 }

@@ -43,26 +43,26 @@ pub(crate) fn run(blas: &impl Blas, ctx: &KernelContext<'_>) -> Result<(), Plugi
         let want = reference(m, n, k, &a, &b);
         let (at, bt) = (transposed(&a, m, k), transposed(&b, k, n));
         for (trans_a, trans_b) in [
-            (Transpose::No, Transpose::No),
-            (Transpose::Yes, Transpose::No),
-            (Transpose::No, Transpose::Yes),
-            (Transpose::Yes, Transpose::Yes),
+            (Transpose::NO, Transpose::NO),
+            (Transpose::YES, Transpose::NO),
+            (Transpose::NO, Transpose::YES),
+            (Transpose::YES, Transpose::YES),
         ] {
-            let a_op = if trans_a == Transpose::Yes { &at } else { &a };
-            let b_op = if trans_b == Transpose::Yes { &bt } else { &b };
+            let a_op = if trans_a == Transpose::YES { &at } else { &a };
+            let b_op = if trans_b == Transpose::YES { &bt } else { &b };
             let mut c = vec![f32::NAN; m * n];
             let mut args = GemmArgs::f32(m, n, k, a_op, b_op, &mut c)?;
             args.trans_a = trans_a;
             args.trans_b = trans_b;
-            args.lda = if trans_a == Transpose::Yes { m } else { k };
-            args.ldb = if trans_b == Transpose::Yes { k } else { n };
+            args.lda = if trans_a == Transpose::YES { m } else { k };
+            args.ldb = if trans_b == Transpose::YES { k } else { n };
             blas.gemm(ctx, &args)?;
             compare(&format!("{m}x{n}x{k} {trans_a:?}/{trans_b:?}"), &c, &want)?;
         }
         // Column-major: A's memory is row-major A^T, and C's is row-major C^T.
         let mut c = vec![f32::NAN; m * n];
         let mut args = GemmArgs::f32(m, n, k, &at, &bt, &mut c)?;
-        args.layout = Layout::ColMajor;
+        args.layout = Layout::COL_MAJOR;
         args.lda = m;
         args.ldb = k;
         args.ldc = m;
@@ -75,9 +75,66 @@ pub(crate) fn run(blas: &impl Blas, ctx: &KernelContext<'_>) -> Result<(), Plugi
         // Pre-packed B, as MatMul and Gemm use it for weights.
         let mut c = vec![f32::NAN; m * n];
         let args = GemmArgs::f32(m, n, k, &a, &b, &mut c)?;
-        let packed = blas.pack_b(&args)?;
+        let packed = blas.pack_b(ctx, &args)?;
         blas.gemm_packed(ctx, &args, &packed)?;
         compare(&format!("{m}x{n}x{k} packed"), &c, &want)?;
+        integer(blas, ctx, m, n, k)?;
+    }
+    Ok(())
+}
+
+/// u8 x i8 -> i32 with zero points on both sides, plain and pre-packed: the integer kernels
+/// are chosen from the CPU too (VNNI, AVX2, portable).
+fn integer(
+    blas: &impl Blas,
+    ctx: &KernelContext<'_>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<(), PluginError> {
+    let a: Vec<u8> = (0..m * k).map(|i| ((i * 37 + 11) % 256) as u8).collect();
+    let b: Vec<i8> = (0..k * n)
+        .map(|i| ((i * 53 + 7) % 256) as u8 as i8)
+        .collect();
+    let (za, zb) = (131i32, -3i32);
+    let want: Vec<i32> = (0..m * n)
+        .map(|e| {
+            let (i, j) = (e / n, e % n);
+            (0..k)
+                .map(|p| (a[i * k + p] as i32 - za) * (b[p * n + j] as i32 - zb))
+                .sum()
+        })
+        .collect();
+    let mut g = GemmArgs::new(
+        GemmTypes {
+            a: DType::U8,
+            b: DType::I8,
+            c: DType::I32,
+        },
+        m,
+        n,
+        k,
+    );
+    g.a = a.as_ptr();
+    g.b = b.as_ptr().cast();
+    g.a_zero_point = za;
+    g.b_zero_points = &zb;
+    for packed in [false, true] {
+        let mut c = vec![i32::MIN; m * n];
+        g.c = c.as_mut_ptr().cast();
+        if packed {
+            let p = blas.pack_b(ctx, &g)?;
+            blas.gemm_packed(ctx, &g, &p)?;
+        } else {
+            blas.gemm(ctx, &g)?;
+        }
+        if let Some(i) = c.iter().zip(&want).position(|(g, w)| g != w) {
+            return Err(PluginError::internal(format!(
+                "cpu blas computes the {m}x{n}x{k} u8 x i8 gemm (packed: {packed}) wrong on this \
+                 machine: element {i} is {}, expected {}",
+                c[i], want[i]
+            )));
+        }
     }
     Ok(())
 }

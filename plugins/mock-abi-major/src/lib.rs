@@ -11,7 +11,7 @@ use abi_stable::{
     std_types::{RResult, RString},
     StableAbi,
 };
-use opreg_sdk::module::{PluginInfo, Registration};
+use opreg_sdk::module::PluginInfo;
 use opreg_sdk::PluginError;
 
 /// The SDK's root module as a future major version would declare it.
@@ -21,7 +21,7 @@ use opreg_sdk::PluginError;
 pub struct FutureMod {
     pub info: extern "C" fn() -> PluginInfo,
     #[sabi(last_prefix_field)]
-    pub register: extern "C" fn() -> RResult<Registration, PluginError>,
+    pub register: extern "C" fn() -> RResult<u32, PluginError>,
 }
 
 impl RootModule for FutureModRef {
@@ -41,8 +41,8 @@ extern "C" fn info() -> PluginInfo {
     }
 }
 
-extern "C" fn register() -> RResult<Registration, PluginError> {
-    RResult::ROk(Registration::default())
+extern "C" fn register() -> RResult<u32, PluginError> {
+    RResult::ROk(0)
 }
 
 #[export_root_module]

@@ -1,11 +1,186 @@
-//! A mock device for placement tests: kernels on `Device::MOCK`, whose memory is host memory,
-//! so preference lists, fallback to the CPU and device boundaries are exercised without a GPU.
+//! The mock device: a device provider whose memory is a separate space, and a `Relu` kernel
+//! that runs there. Tests use it to prove the memory model without a GPU.
 //!
-//! Registers `Relu` (f32) on the mock device. A model whose config prefers
-//! `["mock", "cpu"]` runs Relu here and everything else on the CPU.
+//! The memory is host RAM *scrambled*: every byte is stored XOR [`KEY`], and only this
+//! provider's copies and kernels unscramble it. So a host that hands a CPU kernel mock memory,
+//! reads a mock output without copying it, or forgets a copy, computes garbage and fails the
+//! test instead of passing by accident (as plain host memory would let it). Fresh allocations
+//! hold a pattern, as device memory holds whatever was there before.
+//!
+//! Configuration (`[plugin_config.mock-device]`, one `key = value` per line):
+//! - `devices = N`: offer mock:0 .. mock:N-1 (default 1);
+//! - `fail_alloc_after = N`: allocations after the first N fail (RESOURCE_EXHAUSTED); the
+//!   self-test at load takes one, so 0 makes the plugin fail its self-test and 1 lets it load
+//!   and fail at the first request;
+//! - `null_alloc_after = N`: allocations after the first N "succeed" with a null pointer (a
+//!   broken provider);
+//! - `leak_report = <path>`: `shutdown` writes the bytes still allocated there, so a test can
+//!   check that the daemon returned every block before unloading the plugin.
 
 use opreg_sdk::prelude::*;
+use std::sync::{
+    atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
+    Mutex,
+};
 
+/// What every stored byte is XORed with.
+pub const KEY: u8 = 0xA5;
+const ALIGN: usize = 64;
+
+static DEVICES: AtomicU32 = AtomicU32::new(1);
+static FAIL_ALLOC_AFTER: AtomicU64 = AtomicU64::new(u64::MAX);
+static NULL_ALLOC_AFTER: AtomicU64 = AtomicU64::new(u64::MAX);
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+static OUTSTANDING: AtomicUsize = AtomicUsize::new(0);
+static LEAK_REPORT: Mutex<Option<String>> = Mutex::new(None);
+
+fn layout(bytes: usize) -> Result<std::alloc::Layout, PluginError> {
+    std::alloc::Layout::from_size_align(bytes.max(1), ALIGN)
+        .map_err(|_| PluginError::new(ErrorCode::ResourceExhausted, "mock: size overflows"))
+}
+
+struct MockProvider;
+
+impl DeviceProvider for MockProvider {
+    fn info(&self) -> ProviderInfo {
+        let n = DEVICES.load(Ordering::Relaxed);
+        ProviderInfo {
+            kind: DeviceKind::MOCK,
+            devices: (0..n)
+                .map(|ordinal| Device {
+                    kind: DeviceKind::MOCK,
+                    ordinal,
+                })
+                .collect(),
+            alignment: ALIGN,
+            flags: 0,
+        }
+    }
+
+    fn alloc(
+        &self,
+        device: Device,
+        memory: MemoryType,
+        bytes: usize,
+        _stream: Stream,
+    ) -> Result<MemRef, PluginError> {
+        let done = ALLOCS.fetch_add(1, Ordering::Relaxed);
+        if done >= FAIL_ALLOC_AFTER.load(Ordering::Relaxed) {
+            return Err(PluginError::new(
+                ErrorCode::ResourceExhausted,
+                format!("mock: out of device memory allocating {bytes} bytes (fail_alloc_after)"),
+            ));
+        }
+        if done >= NULL_ALLOC_AFTER.load(Ordering::Relaxed) {
+            return Ok(MemRef {
+                device,
+                memory,
+                ptr: std::ptr::null_mut(),
+            });
+        }
+        // SAFETY: non-zero size, valid alignment.
+        let ptr = unsafe { std::alloc::alloc(layout(bytes)?) };
+        if ptr.is_null() {
+            return Err(PluginError::new(
+                ErrorCode::ResourceExhausted,
+                format!("mock: cannot allocate {bytes} bytes"),
+            ));
+        }
+        // Device memory is not zeroed: leave a pattern a careless reader would trip over.
+        // SAFETY: `bytes.max(1)` bytes were just allocated.
+        unsafe { std::ptr::write_bytes(ptr, 0xCD, bytes.max(1)) };
+        OUTSTANDING.fetch_add(bytes, Ordering::Relaxed);
+        Ok(MemRef {
+            device,
+            memory,
+            ptr,
+        })
+    }
+
+    fn free(&self, mem: MemRef, bytes: usize, _stream: Stream) {
+        if mem.ptr.is_null() {
+            return;
+        }
+        if let Ok(l) = layout(bytes) {
+            // SAFETY: allocated by `alloc` with this size (the host's contract).
+            unsafe { std::alloc::dealloc(mem.ptr, l) };
+            OUTSTANDING.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
+
+    fn copy(
+        &self,
+        dst: MemRef,
+        src: MemRef,
+        bytes: usize,
+        _stream: Stream,
+    ) -> Result<(), PluginError> {
+        let mock = |m: &MemRef| m.device.kind == DeviceKind::MOCK;
+        let host = |m: &MemRef| m.device == Device::CPU;
+        if bytes == 0 {
+            return Ok(());
+        }
+        if dst.ptr.is_null() || src.ptr.is_null() {
+            return Err(PluginError::invalid("mock: copy with a null pointer"));
+        }
+        // SAFETY (all arms): the host passes `bytes` valid bytes at both ends.
+        match (mock(&dst), mock(&src)) {
+            (true, false) if host(&src) => unsafe { scramble_copy(dst.ptr, src.ptr, bytes) },
+            (false, true) if host(&dst) => unsafe { scramble_copy(dst.ptr, src.ptr, bytes) },
+            (true, true) if dst.device == src.device => unsafe {
+                std::ptr::copy(src.ptr, dst.ptr, bytes)
+            },
+            _ => {
+                return Err(PluginError::unimplemented(format!(
+                    "mock: cannot copy {} -> {}",
+                    src.device, dst.device
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    fn self_test(&self) -> Result<(), PluginError> {
+        // There and back again, through the scramble.
+        let device = Device::MOCK;
+        let data: Vec<u8> = (0..=255).collect();
+        let mem = self.alloc(device, MemoryType::DEVICE, data.len(), Stream::DEFAULT)?;
+        let host = |ptr: *const u8| MemRef {
+            device: Device::CPU,
+            memory: MemoryType::HOST,
+            ptr: ptr.cast_mut(),
+        };
+        let mut back = vec![0u8; data.len()];
+        let result = self
+            .copy(mem, host(data.as_ptr()), data.len(), Stream::DEFAULT)
+            .and_then(|()| self.copy(host(back.as_mut_ptr()), mem, data.len(), Stream::DEFAULT));
+        self.free(mem, data.len(), Stream::DEFAULT);
+        result?;
+        if back != data {
+            return Err(PluginError::internal("mock: a round trip changed the data"));
+        }
+        Ok(())
+    }
+}
+
+/// `dst[i] = src[i] ^ KEY`: scrambles into mock memory, or unscrambles out of it.
+///
+/// # Safety
+/// `bytes` valid bytes at `src` and `dst`, not overlapping.
+unsafe fn scramble_copy(dst: *mut u8, src: *const u8, bytes: usize) {
+    // SAFETY: per the contract.
+    let (d, s) = unsafe {
+        (
+            std::slice::from_raw_parts_mut(dst, bytes),
+            std::slice::from_raw_parts(src, bytes),
+        )
+    };
+    for (d, s) in d.iter_mut().zip(s) {
+        *d = s ^ KEY;
+    }
+}
+
+/// Relu on f32 mock memory: unscramble, compute, scramble.
 #[derive(Clone)]
 struct MockRelu;
 
@@ -15,22 +190,44 @@ impl Kernel for MockRelu {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        if ctx.device() != Device::MOCK {
+        let x = inputs
+            .first()
+            .ok_or_else(|| PluginError::invalid("Relu needs an input"))?;
+        if x.device.kind != DeviceKind::MOCK || x.memory != MemoryType::DEVICE {
             return Err(PluginError::internal(format!(
-                "mock-device kernel called on {}",
-                ctx.device()
+                "mock Relu was given {} memory of {} (the host must copy it to the mock device)",
+                x.memory.0, x.device
             )));
         }
-        let x = inputs[0].as_slice::<f32>()?;
-        let y = ctx.output_slice::<f32>(0, inputs[0].shape())?;
-        for (o, v) in y.iter_mut().zip(x) {
-            *o = v.max(0.0);
+        if x.dtype != DType::F32 || !x.is_contiguous() {
+            return Err(PluginError::invalid("mock Relu takes contiguous f32"));
+        }
+        let y = ctx.output(0, DType::F32, x.shape())?;
+        if y.device != x.device || y.memory != MemoryType::DEVICE {
+            return Err(PluginError::internal(format!(
+                "the host allocated the mock Relu's output on {}, not on {}",
+                y.device, x.device
+            )));
+        }
+        let n = x.len();
+        // SAFETY: the host lends `n` f32 of mock memory behind each pointer (checked above that
+        // both are mock device memory); the output is unaliased.
+        let (src, dst) = unsafe {
+            (
+                std::slice::from_raw_parts(x.data.cast::<[u8; 4]>(), n),
+                std::slice::from_raw_parts_mut(y.data.cast::<[u8; 4]>(), n),
+            )
+        };
+        for (d, s) in dst.iter_mut().zip(src) {
+            let v = f32::from_le_bytes(s.map(|b| b ^ KEY)).max(0.0);
+            *d = v.to_le_bytes().map(|b| b ^ KEY);
         }
         Ok(())
     }
 }
 
 fn register(r: &mut Registrar) {
+    r.device_provider(MockProvider);
     r.kernel(
         KernelDesc::onnx("Relu", 6, OPEN_END)
             .constraint("T", &[DType::F32])
@@ -41,9 +238,47 @@ fn register(r: &mut Registrar) {
     );
 }
 
+fn init(config: &str) -> Result<(), PluginError> {
+    for line in config.lines() {
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        let value = value.trim().trim_matches('"');
+        let count = |v: &str| {
+            v.parse::<u64>()
+                .map_err(|_| PluginError::invalid(format!("mock: {key} = {v:?} is not a count")))
+        };
+        match key.trim() {
+            "devices" => DEVICES.store(
+                value
+                    .parse()
+                    .map_err(|_| PluginError::invalid(format!("mock: devices = {value:?}")))?,
+                Ordering::Relaxed,
+            ),
+            "fail_alloc_after" => FAIL_ALLOC_AFTER.store(count(value)?, Ordering::Relaxed),
+            "null_alloc_after" => NULL_ALLOC_AFTER.store(count(value)?, Ordering::Relaxed),
+            "leak_report" => {
+                *LEAK_REPORT
+                    .lock()
+                    .map_err(|_| PluginError::internal("poisoned"))? = Some(value.to_string())
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn shutdown() {
+    if let Ok(Some(path)) = LEAK_REPORT.lock().map(|m| m.clone()) {
+        let _ = std::fs::write(path, OUTSTANDING.load(Ordering::Relaxed).to_string());
+    }
+}
+
 opreg_sdk::export_plugin! {
     name: "mock-device",
     version: env!("CARGO_PKG_VERSION"),
-    description: "mock device (host memory) for placement tests",
+    description: "mock device: a scrambled memory space with its own allocator and copies, and Relu on it",
+    init: init,
     register: register,
+    shutdown: shutdown,
 }

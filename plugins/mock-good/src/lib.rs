@@ -32,7 +32,7 @@ struct MinMax;
 
 impl Quantizer for MinMax {
     fn observation(&self) -> Observation {
-        Observation::MinMax
+        Observation::MIN_MAX
     }
 
     fn plan(&self, request: &QuantRequest) -> Result<QuantPlan, PluginError> {
@@ -46,11 +46,7 @@ impl Quantizer for MinMax {
                 let zero_point = (-lo / scale).round().clamp(0.0, 255.0) as i32;
                 opreg_sdk::quant::TensorPlan {
                     name: t.name.clone(),
-                    directive: Directive::PerTensor {
-                        scale,
-                        zero_point,
-                        dtype: DType::U8,
-                    },
+                    directive: Directive::per_tensor(scale, zero_point, DType::U8),
                 }
             })
             .collect();
@@ -81,10 +77,13 @@ impl Quantizer for MinMax {
             options: Default::default(),
         };
         let plan = self.plan(&request)?;
-        match plan.tensors.first().map(|t| &t.directive) {
-            Some(Directive::PerTensor {
-                scale, zero_point, ..
-            }) if (*scale - 4.0 / 255.0).abs() < 1e-7 && *zero_point == 64 => Ok(()),
+        let d = plan.tensors.first().map(|t| &t.directive);
+        match d.map(|d| (d.kind, d.scales.first(), d.zero_points.first())) {
+            Some((DirectiveKind::PER_TENSOR, Some(scale), Some(&64)))
+                if (*scale - 4.0 / 255.0).abs() < 1e-7 =>
+            {
+                Ok(())
+            }
             other => Err(PluginError::internal(format!(
                 "min-max of [-1, 3] gave {other:?}, expected scale 4/255 and zero point 64"
             ))),

@@ -9,10 +9,10 @@ use abi_stable::{
     library::RootModule,
     prefix_type::PrefixTypeTrait,
     sabi_types::VersionStrings,
-    std_types::{RResult, RString},
-    StableAbi,
+    std_types::{RResult, RStr, RString},
+    RMut, StableAbi,
 };
-use opreg_sdk::module::{PluginAbi, PluginInfo, Registration};
+use opreg_sdk::module::{FfiRegistrar_TO, PluginAbi, PluginInfo};
 use opreg_sdk::PluginError;
 
 /// The version symbol a 1.99 SDK would write.
@@ -29,9 +29,13 @@ pub static opreg_plugin_abi: PluginAbi = PluginAbi {
 #[sabi(kind(Prefix(prefix_ref = NewerModRef)))]
 pub struct NewerMod {
     pub info: extern "C" fn() -> PluginInfo,
+    pub init: extern "C" fn(config: RStr<'_>) -> RResult<(), PluginError>,
+    pub register:
+        extern "C" fn(registrar: FfiRegistrar_TO<'_, RMut<'_, ()>>) -> RResult<(), PluginError>,
     #[sabi(last_prefix_field)]
-    pub register: extern "C" fn() -> RResult<Registration, PluginError>,
     pub shutdown: extern "C" fn(),
+    /// What 1.99 appended.
+    pub newer: extern "C" fn() -> u32,
 }
 
 impl RootModule for NewerModRef {
@@ -51,18 +55,28 @@ extern "C" fn info() -> PluginInfo {
     }
 }
 
-extern "C" fn register() -> RResult<Registration, PluginError> {
-    RResult::ROk(Registration::default())
+extern "C" fn init(_: RStr<'_>) -> RResult<(), PluginError> {
+    RResult::ROk(())
+}
+
+extern "C" fn register(_: FfiRegistrar_TO<'_, RMut<'_, ()>>) -> RResult<(), PluginError> {
+    RResult::ROk(())
 }
 
 extern "C" fn shutdown() {}
+
+extern "C" fn newer() -> u32 {
+    199
+}
 
 #[export_root_module]
 pub fn root() -> NewerModRef {
     NewerMod {
         info,
+        init,
         register,
         shutdown,
+        newer,
     }
     .leak_into_prefix()
 }

@@ -15,9 +15,8 @@ use std::sync::Arc;
 
 /// Every kernel the plugin registers: its description and a factory shared by many runs.
 fn registered() -> Vec<(KernelDesc, Arc<FfiKernelFactoryBox>)> {
-    let mut r = Registrar::default();
-    crate::register(&mut r);
-    r.finish()
+    opreg_sdk::module::collect_from(crate::register)
+        .expect("registration")
         .kernels
         .into_iter()
         .map(|k| (k.desc, Arc::new(k.factory)))
@@ -65,7 +64,7 @@ fn run_reg(
 }
 
 fn ints(v: &[i64]) -> AttrValue {
-    AttrValue::Ints(v.to_vec().into())
+    AttrValue::Ints(v.to_vec())
 }
 
 /// Attribute sets the sweep runs every kernel with: none, small ones that let window and
@@ -398,7 +397,7 @@ fn string_kernels_need_their_inputs() {
         ("max_skip_count", AttrValue::Int(0)),
         ("ngram_counts", ints(&[0])),
         ("ngram_indexes", ints(&[0])),
-        ("pool_strings", AttrValue::Strings(vec!["a".into()].into())),
+        ("pool_strings", AttrValue::Strings(vec!["a".into()])),
     ];
     assert_invalid(run_op("TfIdfVectorizer", 9, &tfidf, &[]), "'X'");
     // An output column index of i64::MAX: refused (the output size no longer overflows).

@@ -47,7 +47,7 @@ fn tensor_i64s(op: &str, name: &str, t: &OwnedTensor) -> Result<Vec<i64>, Plugin
 }
 
 fn tensor_attr<'a>(
-    node: &NodeInfo<'a>,
+    node: &'a NodeInfo<'_>,
     name: &str,
 ) -> Result<Option<&'a OwnedTensor>, PluginError> {
     match node.attr(name) {
@@ -1031,10 +1031,10 @@ mod tests {
         let x = HostTensor::from_vec(&[3], &[1.5f32, f32::NAN, 7.0]).expect("x");
         let node = NodeSpec::onnx("LabelEncoder", 2)
             .domain(ML)
-            .attr("keys_floats", AttrValue::Floats(vec![1.5, f32::NAN].into()))
+            .attr("keys_floats", AttrValue::Floats(vec![1.5, f32::NAN]))
             .attr(
                 "values_strings",
-                AttrValue::Strings(vec!["a".into(), "nan".into()].into()),
+                AttrValue::Strings(vec!["a".into(), "nan".into()]),
             );
         let out = run_kernel(label_encoder_factory, &node, &[&x], None).expect("run");
         let got: Vec<&str> = out[0].strings().iter().map(|s| s.as_str()).collect();
@@ -1048,8 +1048,8 @@ mod tests {
             .attr("n_targets", AttrValue::Int(2))
             .attr("aggregate_function", AttrValue::Int(aggregate))
             .attr("post_transform", AttrValue::Int(post))
-            .attr("tree_roots", AttrValue::Ints(vec![0, 1].into()))
-            .attr("nodes_featureids", AttrValue::Ints(vec![0, 0].into()))
+            .attr("tree_roots", AttrValue::Ints(vec![0, 1]))
+            .attr("nodes_featureids", AttrValue::Ints(vec![0, 0]))
             .attr(
                 "nodes_modes",
                 AttrValue::Tensor(OwnedTensor::from_vec(vec![2], vec![0u8, 1]).expect("m")),
@@ -1058,11 +1058,11 @@ mod tests {
                 "nodes_splits",
                 AttrValue::Tensor(OwnedTensor::from_vec(vec![2], vec![0.5f32, 2.0]).expect("s")),
             )
-            .attr("nodes_truenodeids", AttrValue::Ints(vec![0, 2].into()))
-            .attr("nodes_falsenodeids", AttrValue::Ints(vec![1, 3].into()))
-            .attr("nodes_trueleafs", AttrValue::Ints(vec![1, 1].into()))
-            .attr("nodes_falseleafs", AttrValue::Ints(vec![1, 1].into()))
-            .attr("leaf_targetids", AttrValue::Ints(vec![0, 1, 0, 1].into()))
+            .attr("nodes_truenodeids", AttrValue::Ints(vec![0, 2]))
+            .attr("nodes_falsenodeids", AttrValue::Ints(vec![1, 3]))
+            .attr("nodes_trueleafs", AttrValue::Ints(vec![1, 1]))
+            .attr("nodes_falseleafs", AttrValue::Ints(vec![1, 1]))
+            .attr("leaf_targetids", AttrValue::Ints(vec![0, 1, 0, 1]))
             .attr(
                 "leaf_weights",
                 AttrValue::Tensor(
@@ -1125,7 +1125,7 @@ mod tests {
     /// used to loop forever on such a graph; the node is refused when instantiated.
     #[test]
     fn tree_ensemble_cycles_are_refused() {
-        let ids = |v: &[i64]| AttrValue::Ints(v.to_vec().into());
+        let ids = |v: &[i64]| AttrValue::Ints(v.to_vec());
         let mut node = with("nodes_truenodeids", ids(&[1, 2]));
         node.attributes.retain(|a| {
             !matches!(
@@ -1149,7 +1149,7 @@ mod tests {
     /// Child ids past the node or leaf lists, and a single-leaf root past the leaves.
     #[test]
     fn tree_ensemble_out_of_range_ids_are_refused() {
-        let ids = |v: &[i64]| AttrValue::Ints(v.to_vec().into());
+        let ids = |v: &[i64]| AttrValue::Ints(v.to_vec());
         refused(
             &with("nodes_truenodeids", ids(&[0, 9])),
             "nodes_truenodeids",

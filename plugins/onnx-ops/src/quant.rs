@@ -12,6 +12,7 @@ use opreg_sdk::prelude::*;
 use std::borrow::Cow;
 
 mod conv;
+mod gemm;
 mod matmul;
 
 const FLOATS: &[DType] = &[DType::F32, DType::F16, DType::BF16];

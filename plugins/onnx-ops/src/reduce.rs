@@ -972,7 +972,7 @@ mod tests {
                 // Axes as attribute (opset 11); no attribute means every axis.
                 let mut node = NodeSpec::onnx(op, 11);
                 if !axes.is_empty() {
-                    node = node.attr("axes", AttrValue::Ints(axes.clone().into()));
+                    node = node.attr("axes", AttrValue::Ints(axes.clone()));
                 }
                 let out = run_kernel(factory, &node, &[&tx], None).expect("run");
                 assert_eq!(out[0].shape(), &kept[..], "{op}");
@@ -1038,7 +1038,7 @@ mod tests {
         let tx = HostTensor::from_vec(&[n / 4, 4], &vec![1.0f32; n]).expect("x");
         let out = run_kernel(
             reduce_sum,
-            &NodeSpec::onnx("ReduceSum", 11).attr("axes", AttrValue::Ints(vec![0].into())),
+            &NodeSpec::onnx("ReduceSum", 11).attr("axes", AttrValue::Ints(vec![0])),
             &[&tx],
             None,
         )
@@ -1080,7 +1080,7 @@ mod tests {
         assert_eq!(out[0].to_vec::<i32>().expect("y"), vec![5, 9]);
         let out = run_kernel(
             reduce_mean,
-            &NodeSpec::onnx("ReduceMean", 13).attr("axes", AttrValue::Ints(vec![0].into())),
+            &NodeSpec::onnx("ReduceMean", 13).attr("axes", AttrValue::Ints(vec![0])),
             &[&tx],
             None,
         )

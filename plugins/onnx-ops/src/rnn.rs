@@ -746,10 +746,7 @@ mod tests {
                 .outputs(2)
                 .attr("hidden_size", AttrValue::Int(1))
                 .attr("direction", AttrValue::String(dir.into()))
-                .attr(
-                    "activations",
-                    AttrValue::Strings(vec!["Relu".into()].into()),
-                );
+                .attr("activations", AttrValue::Strings(vec!["Relu".into()]));
             let out = run_kernel_opt(
                 rnn_factory,
                 &node,

@@ -251,11 +251,11 @@ fn attribute(buf: &[u8]) -> Result<(String, AttrValue), String> {
     let value = match ty {
         1 => AttrValue::Float(f),
         2 => AttrValue::Int(i),
-        3 => AttrValue::String(s.into()),
+        3 => AttrValue::String(s),
         4 => AttrValue::Tensor(t.ok_or(format!("attribute {name}: no tensor"))?),
         6 => AttrValue::Floats(floats.iter().map(|&x| f32::from_bits(x)).collect()),
         7 => AttrValue::Ints(ints.iter().map(|&x| x as i64).collect()),
-        8 => AttrValue::Strings(strings.into_iter().map(Into::into).collect()),
+        8 => AttrValue::Strings(strings.into_iter().collect()),
         t => return Err(format!("attribute {name}: type {t} not handled")),
     };
     Ok((name, value))

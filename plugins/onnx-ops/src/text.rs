@@ -655,7 +655,7 @@ mod tests {
         let x = strings(&[3], &["Stop", "GO", "stop"]);
         let node = NodeSpec::onnx("StringNormalizer", 10)
             .attr("case_change_action", AttrValue::String("LOWER".into()))
-            .attr("stopwords", AttrValue::Strings(vec!["STOP".into()].into()));
+            .attr("stopwords", AttrValue::Strings(vec!["STOP".into()]));
         let out = run_kernel(string_normalizer_factory, &node, &[&x], None).expect("run");
         assert_eq!(out[0].shape(), &[1]);
         assert_eq!(out[0].strings()[0].as_str(), "go");
@@ -670,13 +670,13 @@ mod tests {
                 .attr("min_gram_length", AttrValue::Int(1))
                 .attr("max_gram_length", AttrValue::Int(2))
                 .attr("max_skip_count", AttrValue::Int(0))
-                .attr("ngram_counts", AttrValue::Ints(vec![0, 2].into()))
-                .attr("ngram_indexes", AttrValue::Ints(vec![0, 1, 2].into()))
+                .attr("ngram_counts", AttrValue::Ints(vec![0, 2]))
+                .attr("ngram_indexes", AttrValue::Ints(vec![0, 1, 2]))
                 .attr(
                     "pool_strings",
-                    AttrValue::Strings(vec!["a".into(), "b".into(), "a".into(), "b".into()].into()),
+                    AttrValue::Strings(vec!["a".into(), "b".into(), "a".into(), "b".into()]),
                 )
-                .attr("weights", AttrValue::Floats(vec![0.5, 2.0, 4.0].into()));
+                .attr("weights", AttrValue::Floats(vec![0.5, 2.0, 4.0]));
             let out = run_kernel(tfidf_factory, &node, &[&x], None).expect("run");
             assert_eq!(out[0].to_vec::<f32>().expect("f32"), want, "{mode}");
         }
@@ -716,9 +716,9 @@ mod tests {
             .attr("max_gram_length", AttrValue::Int(1 << 62))
             .attr("max_skip_count", AttrValue::Int(1 << 62))
             .attr("mode", AttrValue::String("TF".into()))
-            .attr("ngram_counts", AttrValue::Ints(vec![0].into()))
-            .attr("ngram_indexes", AttrValue::Ints(vec![0, 1].into()))
-            .attr("pool_int64s", AttrValue::Ints(vec![7, 8].into()));
+            .attr("ngram_counts", AttrValue::Ints(vec![0]))
+            .attr("ngram_indexes", AttrValue::Ints(vec![0, 1]))
+            .attr("pool_int64s", AttrValue::Ints(vec![7, 8]));
         let x = HostTensor::from_vec(&[4], &[7i64, 8, 7, 9]).expect("x");
         let out = run_kernel(tfidf_factory, &node, &[&x], None).expect("run");
         assert_eq!(out[0].to_vec::<f32>().expect("f32"), vec![2.0, 1.0]);

@@ -331,7 +331,7 @@ pub(crate) mod testing {
     impl KernelFactory for Registered {
         fn instantiate(&self, node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
             Ok(Box::new(RegisteredKernel(
-                self.0.instantiate(node).into_result()?,
+                self.0.instantiate(node.as_ffi()).into_result()?,
             )))
         }
     }
@@ -342,7 +342,7 @@ pub(crate) mod testing {
     impl KernelFactory for Shared {
         fn instantiate(&self, node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
             Ok(Box::new(RegisteredKernel(
-                self.0.instantiate(node).into_result()?,
+                self.0.instantiate(node.as_ffi()).into_result()?,
             )))
         }
     }

@@ -13,10 +13,9 @@ use opreg_sdk::{
 
 /// The registered factory for `op` at `opset` accepting these input types.
 fn resolve(op: &str, opset: i32, inputs: &[Option<&HostTensor>]) -> Option<Registered> {
-    let mut r = Registrar::default();
-    register(&mut r);
     let types: Vec<Option<DType>> = inputs.iter().map(|t| t.map(|t| t.dtype())).collect();
-    r.finish()
+    opreg_sdk::module::collect_from(register)
+        .expect("registration")
         .kernels
         .into_iter()
         .find(|k| {

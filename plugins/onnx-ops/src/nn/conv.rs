@@ -672,7 +672,7 @@ mod tests {
         let w = HostTensor::from_vec(&[1, 1, 2, 2], &[1.0f32; 4]).expect("w");
         for (name, v) in [("pads", [i64::MAX; 4]), ("dilations", [i64::MAX, 3, 0, 0])] {
             let v = if name == "pads" { &v[..] } else { &v[..2] };
-            let node = NodeSpec::onnx("Conv", 11).attr(name, AttrValue::Ints(v.to_vec().into()));
+            let node = NodeSpec::onnx("Conv", 11).attr(name, AttrValue::Ints(v.to_vec()));
             let e = run_kernel(conv_factory, &node, &[&x, &w], Some(Box::new(NaiveBlas)))
                 .expect_err(name);
             assert_eq!(e.code, ErrorCode::InvalidArgument, "{name}: {}", e.message);

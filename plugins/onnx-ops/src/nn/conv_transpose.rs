@@ -342,7 +342,7 @@ mod tests {
     }
 
     fn ints(v: &[i64]) -> AttrValue {
-        AttrValue::Ints(v.to_vec().into())
+        AttrValue::Ints(v.to_vec())
     }
 
     fn close(a: &[f32], b: &[f32]) {

@@ -7,6 +7,7 @@ use opreg_sdk::{
     prelude::*,
     PackedB,
 };
+use std::sync::Arc;
 
 /// A row-major f32 gemm on contiguous operands with the given transposes.
 #[allow(clippy::too_many_arguments)]
@@ -58,7 +59,12 @@ pub(crate) fn gemm_f32(
         c.as_mut_ptr(),
     );
     match packed {
-        Some(p) if p.k == k && p.n == n && p.trans_b == args.trans_b => {
+        Some(p)
+            if {
+                let info = p.info();
+                info.k == k && info.n == n && info.trans_b == args.trans_b
+            } =>
+        {
             blas.gemm_packed(ctx, &args, p)
         }
         _ => blas.gemm(ctx, &args),
@@ -79,40 +85,33 @@ fn gemm_args(
     beta: f32,
     c: *mut f32,
 ) -> GemmArgs {
-    GemmArgs {
-        layout: Layout::RowMajor,
-        trans_a: if trans_a {
-            Transpose::Yes
-        } else {
-            Transpose::No
-        },
-        trans_b: if trans_b {
-            Transpose::Yes
-        } else {
-            Transpose::No
-        },
-        m,
-        n,
-        k,
-        alpha,
-        beta,
-        types: GemmTypes::F32,
-        a: a.cast(),
-        lda: if trans_a { m } else { k },
-        b: b.cast(),
-        ldb: if trans_b { k } else { n },
-        c: c.cast(),
-        ldc: n,
-        a_zero_point: 0,
-        b_zero_point: 0,
-    }
+    let mut g = GemmArgs::new(GemmTypes::F32, m, n, k);
+    g.trans_a = if trans_a {
+        Transpose::YES
+    } else {
+        Transpose::NO
+    };
+    g.trans_b = if trans_b {
+        Transpose::YES
+    } else {
+        Transpose::NO
+    };
+    g.alpha = alpha;
+    g.beta = beta;
+    g.a = a.cast();
+    g.lda = if trans_a { m } else { k };
+    g.b = b.cast();
+    g.ldb = if trans_b { k } else { n };
+    g.c = c.cast();
+    g.ldc = n;
+    g
 }
 
 /// Packs a constant 2-D f32 B (`inputs[index]`) with the node's BLAS backend at model load,
 /// so that every run skips packing the weights. `None` when B is not constant or the backend
 /// does not pre-pack (then each run packs as usual).
-fn prepack(node: &NodeInfo<'_>, index: usize, trans_b: bool) -> Option<PackedB> {
-    let b = node.inputs.get(index)?.constant.into_option()?;
+fn prepack(node: &NodeInfo<'_>, index: usize, trans_b: bool) -> Option<Arc<PackedB>> {
+    let b = node.inputs.get(index)?.constant?;
     let (&[rows, cols], DType::F32) = (b.shape(), b.dtype) else {
         return None;
     };
@@ -130,13 +129,15 @@ fn prepack(node: &NodeInfo<'_>, index: usize, trans_b: bool) -> Option<PackedB> 
         0.0,
         std::ptr::null_mut(),
     );
-    blas.pack_b(&args).ok()
+    blas.pack_b(node.context.as_ref()?, &args)
+        .ok()
+        .map(Arc::new)
 }
 
 #[derive(Clone)]
 struct MatMul {
     /// B pre-packed at model load when it is a constant 2-D f32 matrix.
-    packed: Option<PackedB>,
+    packed: Option<Arc<PackedB>>,
 }
 
 /// The products a MatMul computes: `nb` gemms of `m x k` by `k x n`, at these element offsets
@@ -360,7 +361,7 @@ impl Kernel for MatMul {
                 a.as_slice()?,
                 b.as_slice()?,
                 ctx.output_slice::<f32>(0, &shape)?,
-                self.packed.as_ref(),
+                self.packed.as_deref(),
             ),
             DType::F16 => {
                 // Output first (the host refuses sizes past its limit), then the f32 result
@@ -415,7 +416,7 @@ struct Gemm {
     trans_a: bool,
     trans_b: bool,
     /// B pre-packed at model load when it is a constant f32 matrix.
-    packed: Option<PackedB>,
+    packed: Option<Arc<PackedB>>,
 }
 
 fn gemm_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
@@ -487,7 +488,7 @@ impl Kernel for Gemm {
             b.as_slice()?,
             beta,
             y,
-            self.packed.as_ref(),
+            self.packed.as_deref(),
         )
     }
 }

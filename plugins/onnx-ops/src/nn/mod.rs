@@ -443,10 +443,11 @@ mod tests {
     #[test]
     fn registrations_are_disjoint_and_open_ended() {
         // Only this family's registrations: other families split some ops by type.
-        let mut r = Registrar::default();
-        register(&mut r);
-        crate::reduce::register(&mut r);
-        let reg = r.finish();
+        let reg = opreg_sdk::module::collect_from(|r| {
+            register(r);
+            crate::reduce::register(r);
+        })
+        .expect("registration");
         let mut by_op: std::collections::BTreeMap<String, Vec<(i32, i32)>> = Default::default();
         for k in reg.kernels.iter() {
             by_op

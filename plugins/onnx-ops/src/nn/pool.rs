@@ -801,14 +801,14 @@ mod int8_tests {
             ("LpPool", lp_pool_factory),
         ] {
             let node = NodeSpec::onnx(op, 18)
-                .attr("kernel_shape", AttrValue::Ints(vec![1].into()))
-                .attr("pads", AttrValue::Ints(vec![1 << 40, 1 << 40].into()));
+                .attr("kernel_shape", AttrValue::Ints(vec![1]))
+                .attr("pads", AttrValue::Ints(vec![1 << 40, 1 << 40]));
             let e = run_kernel(f, &node, &[&x], None).expect_err(op);
             assert_eq!(e.code, ErrorCode::ResourceExhausted, "{op}: {}", e.message);
             // Pads past isize are invalid, not an overflow.
             let node = NodeSpec::onnx(op, 18)
-                .attr("kernel_shape", AttrValue::Ints(vec![1].into()))
-                .attr("pads", AttrValue::Ints(vec![i64::MAX, i64::MAX].into()));
+                .attr("kernel_shape", AttrValue::Ints(vec![1]))
+                .attr("pads", AttrValue::Ints(vec![i64::MAX, i64::MAX]));
             let e = run_kernel(f, &node, &[&x], None).expect_err(op);
             assert_eq!(e.code, ErrorCode::InvalidArgument, "{op}: {}", e.message);
         }

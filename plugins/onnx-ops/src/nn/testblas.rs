@@ -6,7 +6,24 @@ use opreg_sdk::prelude::*;
 pub(crate) struct NaiveBlas;
 
 impl Blas for NaiveBlas {
+    fn supports(&self, g: &GemmArgs) -> bool {
+        g.flags == 0
+            && g.batch <= 1
+            && g.epilogue == Epilogue::NONE
+            && g.bias.is_null()
+            && (g.types == GemmTypes::F32
+                || (g.types.is_integer()
+                    && g.types.c == DType::I32
+                    && g.layout == Layout::ROW_MAJOR
+                    && g.trans_a == Transpose::NO))
+    }
+
     fn gemm(&self, _ctx: &KernelContext<'_>, g: &GemmArgs) -> Result<(), PluginError> {
+        if g.types.is_integer() {
+            // SAFETY: the caller's operands cover what `g` describes.
+            unsafe { integer(g) };
+            return Ok(());
+        }
         assert_eq!(g.types, GemmTypes::F32);
         let a = g.a.cast::<f32>();
         let b = g.b.cast::<f32>();
@@ -14,8 +31,8 @@ impl Blas for NaiveBlas {
         // Element (r, col) of a stored matrix with leading dimension ld.
         let at = |p: *const f32, ld: usize, r: usize, col: usize| -> f32 {
             let i = match g.layout {
-                Layout::RowMajor => r * ld + col,
-                Layout::ColMajor => col * ld + r,
+                Layout::COL_MAJOR => col * ld + r,
+                _ => r * ld + col,
             };
             // SAFETY: the caller passes operands covering the described matrices.
             unsafe { *p.add(i) }
@@ -25,18 +42,18 @@ impl Blas for NaiveBlas {
                 let mut acc = 0.0f32;
                 for p in 0..g.k {
                     let av = match g.trans_a {
-                        Transpose::No => at(a, g.lda, i, p),
-                        Transpose::Yes => at(a, g.lda, p, i),
+                        Transpose::YES => at(a, g.lda, p, i),
+                        _ => at(a, g.lda, i, p),
                     };
                     let bv = match g.trans_b {
-                        Transpose::No => at(b, g.ldb, p, j),
-                        Transpose::Yes => at(b, g.ldb, j, p),
+                        Transpose::YES => at(b, g.ldb, j, p),
+                        _ => at(b, g.ldb, p, j),
                     };
                     acc += av * bv;
                 }
                 let ci = match g.layout {
-                    Layout::RowMajor => i * g.ldc + j,
-                    Layout::ColMajor => j * g.ldc + i,
+                    Layout::COL_MAJOR => j * g.ldc + i,
+                    _ => i * g.ldc + j,
                 };
                 // SAFETY: as above.
                 unsafe {
@@ -62,4 +79,44 @@ pub(crate) fn naive_matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -
         }
     }
     c
+}
+
+/// The integer flavour: `C = (A - za) (op(B) - zb[j])`, row-major, i32 out.
+///
+/// # Safety
+/// The operands must cover the matrices `g` describes.
+unsafe fn integer(g: &GemmArgs) {
+    let val = |p: *const u8, i: usize, t: DType| -> i32 {
+        // SAFETY: in bounds per the contract.
+        let b = unsafe { *p.add(i) };
+        if t == DType::I8 {
+            b as i8 as i32
+        } else {
+            b as i32
+        }
+    };
+    let zb = |j: usize| -> i32 {
+        if g.b_zero_points.is_null() {
+            0
+        } else {
+            // SAFETY: `b_quant_len` entries.
+            unsafe { *g.b_zero_points.add(if g.b_quant_len == 1 { 0 } else { j }) }
+        }
+    };
+    for i in 0..g.m {
+        for j in 0..g.n {
+            let mut acc = 0i32;
+            for p in 0..g.k {
+                let bi = if g.trans_b == Transpose::YES {
+                    j * g.ldb + p
+                } else {
+                    p * g.ldb + j
+                };
+                acc += (val(g.a, i * g.lda + p, g.types.a) - g.a_zero_point)
+                    * (val(g.b, bi, g.types.b) - zb(j));
+            }
+            // SAFETY: as above.
+            unsafe { *g.c.cast::<i32>().add(i * g.ldc + j) = acc };
+        }
+    }
 }

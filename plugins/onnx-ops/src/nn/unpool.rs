@@ -175,8 +175,8 @@ mod tests {
         let x = HostTensor::from_vec(&[1, 1, 1, 2], &[5.0f32, 6.0]).expect("x");
         let i = HostTensor::from_vec(&[1, 1, 1, 2], &[1i64, 2]).expect("i");
         let node = NodeSpec::onnx("MaxUnpool", 22)
-            .attr("kernel_shape", AttrValue::Ints(vec![2, 1].into()))
-            .attr("strides", AttrValue::Ints(vec![2, 1].into()));
+            .attr("kernel_shape", AttrValue::Ints(vec![2, 1]))
+            .attr("strides", AttrValue::Ints(vec![2, 1]));
         let out =
             run_kernel_opt(max_unpool_factory, &node, &[Some(&x), Some(&i)], None).expect("run");
         assert_eq!(out[0].shape(), &[1, 1, 2, 2]);
@@ -214,8 +214,8 @@ mod tests {
             (i64::MAX, ErrorCode::InvalidArgument),
         ] {
             let node = NodeSpec::onnx("MaxUnpool", 22)
-                .attr("kernel_shape", AttrValue::Ints(vec![2].into()))
-                .attr("strides", AttrValue::Ints(vec![strides].into()));
+                .attr("kernel_shape", AttrValue::Ints(vec![2]))
+                .attr("strides", AttrValue::Ints(vec![strides]));
             let e = run_kernel_opt(max_unpool_factory, &node, &[Some(&x), Some(&i)], None)
                 .expect_err("too large");
             assert_eq!(e.code, code, "{}", e.message);

@@ -1,6 +1,8 @@
 //! `ConvInteger` and `QLinearConv`: N-D grouped convolution over zero-point-shifted integers,
-//! accumulated in `i32` with plain loops.
+//! accumulated in `i32`: im2col and the node's BLAS backend, or plain loops where the backend
+//! cannot take the operands.
 
+use super::gemm::{bytes, zero_points, IntProduct};
 use super::matmul::requant_multiplier;
 use super::{fill_saturated, read_f32, read_i32, Factory, Q8};
 use crate::util::{input, numel, optional, product_sat, required, row_major_strides};
@@ -233,6 +235,136 @@ impl Geometry {
     }
 }
 
+impl Geometry {
+    /// The convolution as one integer product per (image, group) through the node's BLAS:
+    /// `out[n, g*mg + j, p] = Σ_k col[p, k] * W_g[j, k]`, where `col` (plane x C/group *
+    /// kernel taps) holds the input value under each tap, or the input's zero point where the
+    /// tap falls in the padding (so it contributes 0 after the shift). `Ok(false)` and nothing
+    /// written when the backend is missing or refuses the operands.
+    #[allow(clippy::too_many_arguments)]
+    fn run_blas(
+        &self,
+        ctx: &KernelContext<'_>,
+        op: &str,
+        x: &TensorView<'_>,
+        w: &TensorView<'_>,
+        x_zp: Option<&TensorView<'_>>,
+        w_zp: Option<&TensorView<'_>>,
+        bias: Option<&[i32]>,
+        out: &mut [i32],
+    ) -> Result<bool, PluginError> {
+        if !matches!(x.dtype, DType::U8 | DType::I8) || !matches!(w.dtype, DType::U8 | DType::I8) {
+            return Ok(false);
+        }
+        let (Some(zx), Some(zw)) = (
+            zero_points(op, x_zp, x.dtype, 1)?,
+            zero_points(op, w_zp, w.dtype, self.m)?,
+        ) else {
+            return Ok(false);
+        };
+        if out.is_empty() {
+            return Ok(true);
+        }
+        let (xb, wb) = (bytes(x, op)?, bytes(w, op)?);
+        let sp = self.in_sp.len();
+        let plane: usize = self.out_sp.iter().product();
+        let in_size = product_sat(&self.in_sp);
+        let taps = numel(&self.k_sp)?;
+        let (cg, mg) = (self.c / self.group, self.m / self.group);
+        let kdim = cg
+            .checked_mul(taps)
+            .ok_or_else(|| PluginError::invalid(format!("{op}: kernel too large")))?;
+        // The zero point's byte: an i8 zero point as its two's-complement bit pattern.
+        let pad = zx[0] as u8;
+        let mut col = try_vec(numel(&[plane, kdim])?, pad)?;
+        let mut tmp = try_vec(numel(&[plane, mg])?, 0i32)?;
+        let in_strides = row_major_strides(&self.in_sp);
+        // Per tap: its dilated offset along each spatial dimension.
+        let mut kpos = vec![0usize; sp];
+        let mut koffs: Vec<Vec<usize>> = try_with_capacity(taps)?;
+        for _ in 0..taps {
+            koffs.push(
+                kpos.iter()
+                    .zip(&self.dilations)
+                    .map(|(&k, &d)| k * d)
+                    .collect(),
+            );
+            increment(&mut kpos, &self.k_sp);
+        }
+        let out_strides = row_major_strides(&self.out_sp);
+        for bn in 0..self.n {
+            for g in 0..self.group {
+                let x0 = (bn * self.c + g * cg) * in_size;
+                ctx.parallel_chunks(&mut col, kdim.max(1) * 64, |start, chunk| {
+                    for (r, row) in chunk.chunks_mut(kdim.max(1)).enumerate() {
+                        let p = start / kdim.max(1) + r;
+                        // The output position of row p.
+                        let o: Vec<usize> = out_strides
+                            .iter()
+                            .zip(&self.out_sp)
+                            .map(|(&st, &ext)| (p / st.max(1)) % ext.max(1))
+                            .collect();
+                        for (kp, koff) in koffs.iter().enumerate() {
+                            let mut lin = 0usize;
+                            let mut inside = true;
+                            for d in 0..sp {
+                                let q = (o[d] * self.strides[d] + koff[d]) as isize
+                                    - self.pad_begin[d] as isize;
+                                if q < 0 || q as usize >= self.in_sp[d] {
+                                    inside = false;
+                                    break;
+                                }
+                                lin += q as usize * in_strides[d];
+                            }
+                            for ic in 0..cg {
+                                row[ic * taps + kp] = if inside {
+                                    xb[x0 + ic * in_size + lin]
+                                } else {
+                                    pad
+                                };
+                            }
+                        }
+                    }
+                })?;
+                let zb = if zw.len() == 1 {
+                    &zw[..]
+                } else {
+                    &zw[g * mg..(g + 1) * mg]
+                };
+                let product = IntProduct {
+                    m: plane,
+                    n: mg,
+                    k: kdim,
+                    a: &col,
+                    a_type: x.dtype,
+                    lda: kdim,
+                    a_zp: zx[0],
+                    b: wb.get(g * mg * kdim..).unwrap_or(&[]),
+                    b_type: w.dtype,
+                    ldb: kdim,
+                    trans_b: true,
+                    b_zp: zb,
+                };
+                // Types and parameters are the same for every group: only the first product
+                // can be refused, before anything is written.
+                if !product.run(ctx, &mut tmp, mg)? {
+                    return Ok(false);
+                }
+                let base = (bn * self.m + g * mg) * plane;
+                let dst = &mut out[base..base + mg * plane];
+                ctx.parallel_chunks(dst, plane.max(1), |start, chunk| {
+                    let j = start / plane.max(1);
+                    let b0 = bias.map_or(0, |b| b[g * mg + j]);
+                    for (p, v) in chunk.iter_mut().enumerate() {
+                        *v = tmp[p * mg + j].wrapping_add(b0);
+                    }
+                })?;
+            }
+        }
+        Ok(true)
+    }
+}
+
 /// Advances a row-major multi-index over `shape` (wrapping to zeros at the end).
 fn increment(idx: &mut [usize], shape: &[usize]) {
     for d in (0..idx.len()).rev() {
@@ -317,9 +449,12 @@ impl Kernel for ConvInteger {
         let [x, w] = required(OP, inputs, ["x", "w"])?;
         let (x, w) = (&x, &w);
         let geo = Geometry::new(OP, x.shape(), w.shape(), &self.0)?;
+        let out = ctx.output_slice::<i32>(0, &geo.out_shape())?;
+        if geo.run_blas(ctx, OP, x, w, present(2), present(3), None, out)? {
+            return Ok(());
+        }
         let xs = shift_x(OP, x, present(2))?;
         let ws = shift_w(OP, w, present(3))?;
-        let out = ctx.output_slice::<i32>(0, &geo.out_shape())?;
         geo.run(ctx, &xs, &ws, None, out)
     }
 }
@@ -343,8 +478,6 @@ impl Kernel for QLinearConv {
         let present = |i: usize| optional(inputs, i);
         let (x, w) = (&input(OP, inputs, 0, "x")?, &input(OP, inputs, 3, "w")?);
         let geo = Geometry::new(OP, x.shape(), w.shape(), &self.0)?;
-        let xs = shift_x(OP, x, present(2))?;
-        let ws = shift_w(OP, w, present(5))?;
         let scalar = |i: usize, name: &str| -> Result<f32, PluginError> {
             let v = read_f32(&input(OP, inputs, i, name)?, OP)?;
             if v.len() != 1 {
@@ -399,7 +532,11 @@ impl Kernel for QLinearConv {
         let shape = geo.out_shape();
         // Padding makes the output arbitrarily larger than x: fallible.
         let mut acc = try_vec(numel(&shape)?, 0i32)?;
-        geo.run(ctx, &xs, &ws, bias, &mut acc)?;
+        if !geo.run_blas(ctx, OP, x, w, present(2), present(5), bias, &mut acc)? {
+            let xs = shift_x(OP, x, present(2))?;
+            let ws = shift_w(OP, w, present(5))?;
+            geo.run(ctx, &xs, &ws, bias, &mut acc)?;
+        }
         let plane = product_sat(&geo.out_sp).max(1);
         fill_saturated(ctx, 0, out_dtype, &shape, |i| {
             let oc = (i / plane) % geo.m;

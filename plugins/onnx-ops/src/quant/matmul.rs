@@ -1,6 +1,7 @@
 //! `MatMulInteger` and `QLinearMatMul`: integer matrix products with numpy-style batch
 //! broadcasting, accumulated in `i32`.
 
+use super::gemm::{bytes, zero_points, IntProduct};
 use super::{fill_saturated, read_f32, read_i32, FLOATS, Q8};
 use crate::util::{
     broadcast_shapes, broadcast_strides, input, numel, optional, product_sat, required,
@@ -135,6 +136,65 @@ impl MatDims {
         numel(&[self.nb, self.m, self.n])
     }
 
+    /// `out = (a - a_zp) @ (b - b_zp)` through the node's BLAS backend, one product per batch:
+    /// `Ok(false)` (and nothing written) when the backend is missing or cannot take these
+    /// operands (then the caller shifts and multiplies itself). The A zero point must be a
+    /// scalar, B's a scalar or one per column.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn run_blas(
+        &self,
+        ctx: &KernelContext<'_>,
+        op: &str,
+        a: &TensorView<'_>,
+        b: &TensorView<'_>,
+        a_zp: Option<&TensorView<'_>>,
+        b_zp: Option<&TensorView<'_>>,
+        out: &mut [i32],
+    ) -> Result<bool, PluginError> {
+        if !matches!(a.dtype, DType::U8 | DType::I8) || !matches!(b.dtype, DType::U8 | DType::I8) {
+            return Ok(false);
+        }
+        let (Some(za), Some(zb)) = (
+            zero_points(op, a_zp, a.dtype, 1)?,
+            zero_points(op, b_zp, b.dtype, self.n)?,
+        ) else {
+            return Ok(false);
+        };
+        let (m, k, n) = (self.m, self.k, self.n);
+        if out.is_empty() {
+            return Ok(true);
+        }
+        let (a_type, b_type) = (a.dtype, b.dtype);
+        let (a, b) = (bytes(a, op)?, bytes(b, op)?);
+        for (bi, c) in out.chunks_mut(m * n).enumerate() {
+            let (Some(&ao), Some(&bo)) = (self.a_off.get(bi), self.b_off.get(bi)) else {
+                return Err(PluginError::internal(format!(
+                    "{op}: batch {bi} has no offsets"
+                )));
+            };
+            let product = IntProduct {
+                m,
+                n,
+                k,
+                a: a.get(ao..).unwrap_or(&[]),
+                a_type,
+                lda: k,
+                a_zp: za[0],
+                b: b.get(bo..).unwrap_or(&[]),
+                b_type,
+                ldb: n,
+                trans_b: false,
+                b_zp: &zb,
+            };
+            // The backend's answer depends only on types and parameters, the same for every
+            // batch: only the first can say no.
+            if !product.run(ctx, c, n)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// `out = a @ b` (wrapping `i32` arithmetic), rows in parallel.
     pub(super) fn run(
         &self,
@@ -183,9 +243,12 @@ impl Kernel for MatMulInteger {
         let azp = optional(inputs, 2);
         let bzp = optional(inputs, 3);
         let dims = MatDims::new(OP, a.shape(), b.shape())?;
+        let out = ctx.output_slice::<i32>(0, &dims.out_shape)?;
+        if dims.run_blas(ctx, OP, a, b, azp, bzp, out)? {
+            return Ok(());
+        }
         let a32 = shifted(OP, "a_zero_point", a, azp, true)?;
         let b32 = shifted(OP, "b_zero_point", b, bzp, false)?;
-        let out = ctx.output_slice::<i32>(0, &dims.out_shape)?;
         dims.run(ctx, &a32, &b32, out)
     }
 }
@@ -248,8 +311,6 @@ impl Kernel for QLinearMatMul {
         let y_scale = input(OP, inputs, 6, "y_scale")?;
         let (a, b) = (&a, &b);
         let dims = MatDims::new(OP, a.shape(), b.shape())?;
-        let a32 = shifted(OP, "a_zero_point", a, present(2), true)?;
-        let b32 = shifted(OP, "b_zero_point", b, present(5), false)?;
         let sdtype = a_scale.dtype;
         let a_scale = vector_scale(OP, "a_scale", &a_scale, dims.m)?;
         let b_scale = vector_scale(OP, "b_scale", &b_scale, dims.n)?;
@@ -283,7 +344,11 @@ impl Kernel for QLinearMatMul {
             )
         }));
         let mut c = try_vec(dims.len()?, 0i32)?;
-        dims.run(ctx, &a32, &b32, &mut c)?;
+        if !dims.run_blas(ctx, OP, a, b, present(2), present(5), &mut c)? {
+            let a32 = shifted(OP, "a_zero_point", a, present(2), true)?;
+            let b32 = shifted(OP, "b_zero_point", b, present(5), false)?;
+            dims.run(ctx, &a32, &b32, &mut c)?;
+        }
         fill_saturated(ctx, 0, out_dtype, &dims.out_shape, |i| {
             (c[i] as f64 * mult[i % mn] as f64 + y_zp).round_ties_even()
         })

@@ -1,9 +1,50 @@
 use super::*;
-use crate::util::testing::{run, t};
+use crate::util::testing::t;
 use opreg_sdk::{
     host::HostTensor,
     testkit::{run_kernel_opt, NodeSpec},
 };
+
+/// Runs a kernel twice, without a BLAS backend (the operators' own loops) and with the naive
+/// reference backend (the BLAS path), and checks both give the same outputs, or both fail.
+fn run(
+    f: Factory,
+    node: NodeSpec,
+    inputs: &[Option<&HostTensor>],
+) -> Result<Vec<HostTensor>, PluginError> {
+    both(node, inputs, |node, inputs, blas| {
+        run_kernel_opt(f, node, inputs, blas)
+    })
+}
+
+fn both(
+    node: NodeSpec,
+    inputs: &[Option<&HostTensor>],
+    run: impl Fn(
+        &NodeSpec,
+        &[Option<&HostTensor>],
+        Option<Box<dyn Blas>>,
+    ) -> Result<Vec<HostTensor>, PluginError>,
+) -> Result<Vec<HostTensor>, PluginError> {
+    let plain = run(&node, inputs, None);
+    let blas = run(
+        &node,
+        inputs,
+        Some(Box::new(crate::nn::testblas::NaiveBlas)),
+    );
+    match (&plain, &blas) {
+        (Ok(a), Ok(b)) => {
+            assert_eq!(a.len(), b.len());
+            for (x, y) in a.iter().zip(b) {
+                assert_eq!((x.dtype(), x.shape()), (y.dtype(), y.shape()), "{node:?}");
+                assert_eq!(x.bytes(), y.bytes(), "{node:?}: BLAS path differs");
+            }
+        }
+        (Err(_), Err(_)) => {}
+        _ => panic!("{node:?}: without BLAS {plain:?}, with BLAS {blas:?}"),
+    }
+    plain
+}
 
 fn quantize(node: NodeSpec, inputs: &[Option<&HostTensor>]) -> Vec<HostTensor> {
     run(quantize_factory, node, inputs).expect("QuantizeLinear")
@@ -329,7 +370,9 @@ fn run_stateless<K: Kernel + Clone>(
     node: NodeSpec,
     inputs: &[Option<&HostTensor>],
 ) -> Result<Vec<HostTensor>, PluginError> {
-    run_kernel_opt(stateless(k), &node, inputs, None)
+    both(node, inputs, |node, inputs, blas| {
+        run_kernel_opt(stateless(k.clone()), node, inputs, blas)
+    })
 }
 
 #[test]
@@ -440,7 +483,7 @@ fn conv_integer_padding_and_per_channel_zero_point() {
     let wz = t(&[2], &[0u8, 1]);
     let node = conv_node(
         "ConvInteger",
-        &[("pads", AttrValue::Ints(vec![1, 1, 1, 1].into()))],
+        &[("pads", AttrValue::Ints(vec![1, 1, 1, 1]))],
     );
     let out = run(
         conv::conv_integer_factory,
@@ -472,8 +515,8 @@ fn conv_integer_strides_dilations_groups_auto_pad() {
         "ConvInteger",
         &[
             ("group", AttrValue::Int(2)),
-            ("strides", AttrValue::Ints(vec![2].into())),
-            ("dilations", AttrValue::Ints(vec![2].into())),
+            ("strides", AttrValue::Ints(vec![2])),
+            ("dilations", AttrValue::Ints(vec![2])),
             ("auto_pad", AttrValue::String("SAME_UPPER".into())),
         ],
     );
@@ -674,10 +717,7 @@ fn qlinear_conv_huge_pads_are_refused() {
         (1i64 << 30, ErrorCode::ResourceExhausted),
         (i64::MAX, ErrorCode::InvalidArgument),
     ] {
-        let node = conv_node(
-            "QLinearConv",
-            &[("pads", AttrValue::Ints(vec![pad; 4].into()))],
-        );
+        let node = conv_node("QLinearConv", &[("pads", AttrValue::Ints(vec![pad; 4]))]);
         let e = run(conv::qlinear_conv_factory, node, &ins).expect_err("too large");
         assert_eq!(e.code, code, "{}", e.message);
     }

@@ -183,8 +183,10 @@ fn constant_value(n: &NodeInfo<'_>) -> Result<OwnedTensor, PluginError> {
         ("value_floats", AttrValue::Floats(v)) => OwnedTensor::from_vec(vec![v.len()], v.to_vec())?,
         ("value_int", AttrValue::Int(v)) => OwnedTensor::from_vec(vec![], vec![*v])?,
         ("value_ints", AttrValue::Ints(v)) => OwnedTensor::from_vec(vec![v.len()], v.to_vec())?,
-        ("value_string", AttrValue::String(s)) => string_tensor(vec![], vec![s.clone()]),
-        ("value_strings", AttrValue::Strings(s)) => string_tensor(vec![s.len()], s.to_vec()),
+        ("value_string", AttrValue::String(s)) => string_tensor(vec![], vec![s.as_str().into()]),
+        ("value_strings", AttrValue::Strings(s)) => {
+            string_tensor(vec![s.len()], s.iter().map(|s| s.as_str().into()).collect())
+        }
         ("sparse_value", _) => {
             return Err(PluginError::unimplemented(
                 "Constant: sparse_value is not supported",

@@ -4,15 +4,14 @@
 use super::*;
 use crate::util::testing::Registered;
 use opreg_sdk::{
-    abi_stable::std_types::RString,
     host::HostTensor,
     testkit::{run_kernel_opt, NodeSpec},
 };
 
 fn registered() -> Vec<opreg_sdk::module::KernelRegistration> {
-    let mut r = Registrar::default();
-    register(&mut r);
-    r.finish().kernels.into_iter().collect()
+    opreg_sdk::module::collect_from(register)
+        .expect("registration")
+        .kernels
 }
 
 /// Runs the kernel registered for `spec`'s op and opset.
@@ -44,11 +43,11 @@ fn iota(shape: &[usize]) -> HostTensor {
 }
 
 fn ints(v: &[i64]) -> AttrValue {
-    AttrValue::Ints(v.to_vec().into())
+    AttrValue::Ints(v.to_vec())
 }
 
 fn s(v: &str) -> AttrValue {
-    AttrValue::String(RString::from(v))
+    AttrValue::String(v.to_string())
 }
 
 fn vi(t: &HostTensor) -> Vec<i64> {

@@ -75,7 +75,7 @@ struct Resize {
 
 impl Resize {
     fn from_node(node: &NodeInfo<'_>) -> Result<Self, PluginError> {
-        let op: &'static str = if node.op_type.as_str() == "Upsample" {
+        let op: &'static str = if node.op_type == "Upsample" {
             "Upsample"
         } else {
             "Resize"
@@ -698,10 +698,8 @@ mod tests {
     #[test]
     fn spatial_resize_nearest_u8_and_upsample7() {
         let x = HostTensor::from_vec(&[1, 1, 2, 2], &[1u8, 2, 3, 4]).expect("x");
-        let node = NodeSpec::onnx("Upsample", 7).attr(
-            "scales",
-            AttrValue::Floats(vec![1.0f32, 1.0, 2.0, 3.0].into()),
-        );
+        let node = NodeSpec::onnx("Upsample", 7)
+            .attr("scales", AttrValue::Floats(vec![1.0f32, 1.0, 2.0, 3.0]));
         let out = run_kernel_opt(factory, &node, &[Some(&x)], None).expect("run");
         assert_eq!(out[0].shape(), &[1, 1, 4, 6]);
         assert_eq!(

@@ -1,0 +1,243 @@
+//! Tests of the gemm API's v1 parts against plain references: batches with shared operands,
+//! bias and activation epilogues, and the integer flavours (i32, dequantized f32, requantized
+//! u8/i8; per-tensor and per-column B parameters; plain and pre-packed B).
+
+use super::*;
+use crate::epilogue::{activate, requantize};
+use opreg_sdk::{blas::into_ffi_blas, host::CallFrame, LogLevel};
+
+fn run(f: impl FnOnce(&KernelContext<'_>, opreg_sdk::blas::BlasRef<'_>)) {
+    let blas = into_ffi_blas(CpuBlas::detect());
+    let log = |_: LogLevel, _: &str| {};
+    let frame = CallFrame::new(0, Device::CPU, Some(&blas), &log);
+    frame.with_context(|ctx| f(ctx, ctx.blas().expect("blas")));
+}
+
+/// Deterministic bytes.
+fn bytes(len: usize, seed: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i * 131 + seed * 71 + 17) % 251) as u8)
+        .collect()
+}
+
+fn floats(len: usize, seed: usize) -> Vec<f32> {
+    bytes(len, seed)
+        .iter()
+        .map(|&b| b as f32 / 64.0 - 2.0)
+        .collect()
+}
+
+#[test]
+fn batched_f32_with_shared_b_bias_and_activations() {
+    let (batch, m, n, k) = (3, 5, 7, 9);
+    let a = floats(batch * m * k, 1);
+    let b = floats(k * n, 2);
+    let bias = floats(n, 3);
+    for epi in [Epilogue::NONE, Epilogue::RELU, Epilogue::GELU] {
+        let mut c = vec![f32::NAN; batch * m * n];
+        let mut g = GemmArgs::new(GemmTypes::F32, m, n, k);
+        g.batch = batch;
+        (g.a, g.stride_a) = (a.as_ptr().cast(), m * k);
+        (g.b, g.stride_b) = (b.as_ptr().cast(), 0);
+        (g.c, g.stride_c) = (c.as_mut_ptr().cast(), m * n);
+        g.bias = bias.as_ptr().cast();
+        g.epilogue = epi;
+        run(|ctx, blas| {
+            assert!(blas.supports(&g));
+            blas.gemm(ctx, &g).expect("gemm");
+        });
+        for p in 0..batch {
+            for i in 0..m {
+                for j in 0..n {
+                    let dot: f64 = (0..k)
+                        .map(|q| a[p * m * k + i * k + q] as f64 * b[q * n + j] as f64)
+                        .sum();
+                    let want = activate(epi, dot as f32 + bias[j]);
+                    let got = c[p * m * n + i * n + j];
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "epilogue {} batch {p} ({i},{j}): {got} vs {want}",
+                        epi.0
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The integer product with zero points, exact.
+#[allow(clippy::too_many_arguments)]
+fn acc(
+    a: &[u8],
+    sa: bool,
+    za: i32,
+    b: &[u8],
+    sb: bool,
+    zb: &[i32],
+    m: usize,
+    n: usize,
+    k: usize,
+    tb: bool,
+) -> Vec<i32> {
+    let v = |x: u8, signed: bool| if signed { x as i8 as i32 } else { x as i32 };
+    (0..m * n)
+        .map(|e| {
+            let (i, j) = (e / n, e % n);
+            let z = zb[j.min(zb.len() - 1)];
+            (0..k)
+                .map(|q| {
+                    let bv = if tb { b[j * k + q] } else { b[q * n + j] };
+                    (v(a[i * k + q], sa) - za) * (v(bv, sb) - z)
+                })
+                .sum()
+        })
+        .collect()
+}
+
+#[test]
+fn integer_flavours_match_the_reference() {
+    let (m, n, k) = (9, 13, 21);
+    let cases = [
+        (DType::U8, DType::I8, DType::I32),
+        (DType::U8, DType::U8, DType::I32),
+        (DType::I8, DType::I8, DType::I32),
+        (DType::I8, DType::U8, DType::I32),
+        (DType::U8, DType::I8, DType::F32),
+        (DType::U8, DType::I8, DType::U8),
+        (DType::I8, DType::I8, DType::I8),
+    ];
+    let a = bytes(m * k, 4);
+    let b = bytes(k * n, 5);
+    let bias = floats(n, 6);
+    for (ta, tb_type, tc) in cases {
+        let (sa, sb) = (ta == DType::I8, tb_type == DType::I8);
+        let za = if sa { -7 } else { 128 };
+        for per_column in [false, true] {
+            for trans_b in [false, true] {
+                for packed in [false, true] {
+                    let zb: Vec<i32> = if per_column {
+                        (0..n as i32)
+                            .map(|j| if sb { j - 6 } else { j * 9 })
+                            .collect()
+                    } else {
+                        vec![if sb { 3 } else { 250 }]
+                    };
+                    let scales: Vec<f32> = (0..zb.len()).map(|j| 0.01 + j as f32 * 0.003).collect();
+                    let want_acc = acc(&a, sa, za, &b, sb, &zb, m, n, k, trans_b);
+                    let mut g = GemmArgs::new(
+                        GemmTypes {
+                            a: ta,
+                            b: tb_type,
+                            c: tc,
+                        },
+                        m,
+                        n,
+                        k,
+                    );
+                    g.a = a.as_ptr();
+                    g.b = b.as_ptr();
+                    if trans_b {
+                        g.trans_b = Transpose::YES;
+                        g.ldb = k;
+                    }
+                    g.a_zero_point = za;
+                    g.a_scale = 0.5;
+                    g.b_zero_points = zb.as_ptr();
+                    g.b_scales = scales.as_ptr();
+                    g.b_quant_len = zb.len();
+                    g.c_scale = 0.25;
+                    g.c_zero_point = if tc == DType::U8 { 100 } else { -5 };
+                    if tc != DType::I32 {
+                        g.bias = bias.as_ptr().cast();
+                        g.epilogue = Epilogue::RELU;
+                    }
+                    let mut c = vec![0u8; m * n * 4];
+                    g.c = c.as_mut_ptr();
+                    run(|ctx, blas| {
+                        assert!(blas.supports(&g), "{}", g.types);
+                        if packed {
+                            let p = blas.pack_b(ctx, &g).expect("pack");
+                            blas.gemm_packed(ctx, &g, &p).expect("gemm packed");
+                        } else {
+                            blas.gemm(ctx, &g).expect("gemm");
+                        }
+                    });
+                    for (e, &acc) in want_acc.iter().enumerate() {
+                        let j = e % n;
+                        let s = scales[j.min(scales.len() - 1)];
+                        let y = activate(
+                            g.epilogue,
+                            acc as f32 * (g.a_scale * s)
+                                + if g.bias.is_null() { 0.0 } else { bias[j] },
+                        );
+                        let case = format!("{} per_column {per_column} trans_b {trans_b} packed {packed} element {e}", g.types);
+                        match tc {
+                            DType::I32 => {
+                                let got =
+                                    i32::from_le_bytes(c[4 * e..4 * e + 4].try_into().unwrap());
+                                assert_eq!(got, acc, "{case}");
+                            }
+                            DType::F32 => {
+                                let got =
+                                    f32::from_le_bytes(c[4 * e..4 * e + 4].try_into().unwrap());
+                                assert!(
+                                    (got - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                                    "{case}: {got} vs {y}"
+                                );
+                            }
+                            DType::U8 => {
+                                assert_eq!(c[e] as i32, requantize(y, 4.0, 100, 0, 255), "{case}")
+                            }
+                            _ => assert_eq!(
+                                c[e] as i8 as i32,
+                                requantize(y, 4.0, -5, -128, 127),
+                                "{case}"
+                            ),
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn supports_refuses_what_it_cannot_run() {
+    let mut g = GemmArgs::new(GemmTypes::F32, 2, 2, 2);
+    run(|_, blas| {
+        assert!(blas.supports(&g));
+        g.flags = 1;
+        assert!(!blas.supports(&g), "unknown flag bits");
+        g.flags = 0;
+        g.epilogue = Epilogue(77);
+        assert!(!blas.supports(&g), "unknown epilogue");
+        g.epilogue = Epilogue::NONE;
+        g.types = GemmTypes {
+            a: DType::U8,
+            b: DType::I8,
+            c: DType::I32,
+        };
+        g.compute = DType::I32;
+        assert!(blas.supports(&g));
+        g.layout = Layout::COL_MAJOR;
+        assert!(!blas.supports(&g), "integer column-major");
+        g.layout = Layout::ROW_MAJOR;
+        g.b_quant_len = 3;
+        assert!(!blas.supports(&g), "3 zero points for 2 columns");
+        g.b_quant_len = 1;
+        g.types.c = DType::F16;
+        assert!(!blas.supports(&g), "f16 result of an integer gemm");
+    });
+}
+
+#[test]
+fn unsupported_arguments_fail_with_unimplemented() {
+    let a = [1.0f32; 4];
+    let mut c = [0.0f32; 4];
+    let mut g = GemmArgs::f32(2, 2, 2, &a, &a, &mut c).expect("args");
+    g.epilogue = Epilogue(99);
+    run(|ctx, blas| {
+        let e = blas.gemm(ctx, &g).expect_err("unknown epilogue");
+        assert_eq!(e.code, ErrorCode::Unimplemented, "{e:?}");
+    });
+}

@@ -1,0 +1,374 @@
+//! Exact integer gemm for the quantized ONNX operators (MatMulInteger, QLinearMatMul,
+//! ConvInteger, QLinearConv):
+//!
+//! `C[i, j] = Σ_k (A[i, k] - a_zp) * (B[k, j] - b_zp[j])`, C in i32.
+//!
+//! A (`m x k`, row-major, row stride `lda`) and B (`k x n`, row-major or stored transposed,
+//! stride `ldb`) hold u8 or i8 elements (a flag each); `a_zp` is one value, `b_zp` one value or
+//! one per column of B. B is packed once ([`pack_b`], for constant weights), A per row block
+//! inside [`gemm_rows`], so that callers can split the rows of C over threads.
+//!
+//! # Exactness
+//! All arithmetic is two's-complement i32 with wraparound, so C is the true sum reduced
+//! modulo 2^32: bit-exact whenever the true sum fits in i32, which is guaranteed for
+//! `k <= EXACT_MAX_K` (33025: `|(a - a_zp) * (b - b_zp)| <= 255 * 255`, and
+//! `33025 * 65025 < 2^31`). Larger `k` is accepted, and an overflowing sum wraps exactly as
+//! `(i64 sum) as i32` would (as ONNX Runtime's i32 accumulation does); callers that want to
+//! refuse such models compare `k` with [`EXACT_MAX_K`]. (`k <= 2^16` is *not* enough for the
+//! worst case: `65536 * 65025 > 2^31`.)
+//!
+//! # Kernels (picked at run time, best first; see [`Int8Kernel`])
+//! - AVX-512 VNNI: `vpdpbusd` (u8 x s8, four products summed into i32, no saturation) on zmm.
+//! - AVX-VNNI: the same instruction on ymm (CPUs with AVX-VNNI but no AVX-512).
+//! - AVX2: operands widened to i16 with the zero points already subtracted
+//!   (`(a - a_zp)` and `(b - b_zp)` lie in -255..=255) and `vpmaddwd` (pairs summed to i32).
+//!   `vpmaddubsw` is never used: its i16 pair sums saturate (255 * 127 * 2 > i16::MAX).
+//! - Portable Rust on the i16 layout (any CPU).
+//!
+//! The VNNI kernels need u8 A and s8 B, so operands of the other signedness are shifted by 128
+//! (an xor of the top bit) with the zero point shifted alike, which leaves every difference
+//! `x - zp` unchanged: i8 A becomes `A + 128` with `a_zp + 128`, u8 B becomes `B - 128` with
+//! `b_zp - 128`. The zero points are then applied after the product, exactly:
+//! `Σ(a - za)(b - zb) = Σab - zb * Σa + za * (k * zb - Σb)`, with `Σb` (per column) and
+//! `k * zb - Σb` computed at pack time and `Σa` (per row) while packing A.
+//!
+//! Layout shared by all kernels: a "lane" is 4 bytes = one column (of B) or row (of A) over a
+//! group of `G` consecutive k (`G = 4` bytes for VNNI, `G = 2` i16 for the others). B is cut
+//! into depth blocks of `kc` (a multiple of 4) and each block into micro-panels of `NR`
+//! columns (the last one only as wide as needed, rounded up to a vector), each micro-panel
+//! storing, group after group, its columns' lanes; padding is zero. A's row block is packed
+//! the same way into micro-panels of at most `MR` rows per depth block.
+
+mod drive;
+mod kernel;
+mod pack;
+mod portable;
+#[cfg(test)]
+mod tests;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use drive::drive;
+use kernel::Geometry;
+pub(crate) use kernel::Int8Kernel;
+use pack::{AlignedBytes, BView};
+use std::marker::PhantomData;
+use std::ops::Range;
+
+/// Largest depth for which C is guaranteed exact (no i32 overflow for any inputs).
+// For callers that choose to refuse deeper products; the backend itself wraps.
+#[allow(dead_code)]
+pub(crate) const EXACT_MAX_K: usize = 33025;
+
+/// B packed for one kernel ([`pack_b`]), reusable across calls and threads.
+pub(crate) struct PackedB {
+    kind: Int8Kernel,
+    k: usize,
+    n: usize,
+    b_signed: bool,
+    /// Depth block the panels were cut with.
+    kc: usize,
+    /// Packed width: `n` rounded up as the last micro-panel is ([`packed_width`]).
+    width: usize,
+    data: AlignedBytes,
+    /// VNNI layout only (else empty), `width` values each, zero past `n`: the shifted zero
+    /// point `zb'` of each column, and `k * zb' - Σ_k b'` (wrapping).
+    zb: Vec<i32>,
+    kzb_minus_sum: Vec<i32>,
+    /// VNNI layout: `Some(zb')` when every column has the same shifted zero point.
+    zb_uniform: Option<i32>,
+}
+
+impl PackedB {
+    pub(crate) fn k(&self) -> usize {
+        self.k
+    }
+    pub(crate) fn n(&self) -> usize {
+        self.n
+    }
+    #[allow(dead_code)] // accessors for callers and tests
+    pub(crate) fn b_signed(&self) -> bool {
+        self.b_signed
+    }
+    #[allow(dead_code)]
+    pub(crate) fn kernel(&self) -> Int8Kernel {
+        self.kind
+    }
+    /// Heap bytes held (for memory accounting).
+    pub(crate) fn size_bytes(&self) -> usize {
+        self.data.len() + 4 * (self.zb.len() + self.kzb_minus_sum.len())
+    }
+}
+
+/// Operand A: `m x k`, element `(i, k)` at `a[i * lda + k]`, u8 or (`signed`) i8 bytes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct IntA<'a> {
+    pub a: &'a [u8],
+    pub signed: bool,
+    pub lda: usize,
+    pub zp: i32,
+}
+
+/// Output C (`m x n` i32, element `(i, j)` at `ptr[i * ldc + j]`) shared by the tasks of one
+/// product, each of which writes its own rows ([`gemm_rows`]).
+#[derive(Clone, Copy)]
+pub(crate) struct IntC<'a> {
+    ptr: *mut i32,
+    len: usize,
+    ldc: usize,
+    _c: PhantomData<&'a mut [i32]>,
+}
+
+// SAFETY: an `IntC` is a mutable borrow of the buffer for `'a`; `gemm_rows`' contract makes
+// the tasks sharing it write disjoint rows, so no element is accessed by two threads.
+unsafe impl Send for IntC<'_> {}
+unsafe impl Sync for IntC<'_> {}
+
+impl<'a> IntC<'a> {
+    /// The whole C buffer with row stride `ldc` (checked against `m` and `n` by the gemm).
+    pub(crate) fn new(c: &'a mut [i32], ldc: usize) -> Self {
+        IntC {
+            ptr: c.as_mut_ptr(),
+            len: c.len(),
+            ldc,
+            _c: PhantomData,
+        }
+    }
+}
+
+/// Checks that a u8 (`signed == false`) or i8 zero point is in range.
+fn check_zp(what: &str, zp: i32, signed: bool) -> Result<(), String> {
+    let range = if signed { -128..=127 } else { 0..=255 };
+    if range.contains(&zp) {
+        Ok(())
+    } else {
+        let ty = if signed { "i8" } else { "u8" };
+        Err(format!(
+            "int8 gemm: {what} zero point {zp} is out of range for {ty}"
+        ))
+    }
+}
+
+/// Checks that a strided matrix of `rows` rows of `cols` elements with stride `ld` lies in
+/// `len` elements (nothing is needed when it is empty).
+fn check_matrix(what: &str, len: usize, rows: usize, cols: usize, ld: usize) -> Result<(), String> {
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    if ld < cols {
+        return Err(format!(
+            "int8 gemm: {what} has stride {ld}, less than its row length {cols}"
+        ));
+    }
+    let need = (rows - 1)
+        .checked_mul(ld)
+        .and_then(|x| x.checked_add(cols))
+        .ok_or_else(|| {
+            format!("int8 gemm: {what} of {rows} x {cols} (stride {ld}) is too large")
+        })?;
+    if len < need {
+        return Err(format!(
+            "int8 gemm: {what} of {rows} x {cols} (stride {ld}) needs {need} elements, got {len}"
+        ));
+    }
+    Ok(())
+}
+
+/// Width of the packed B (and its per-column tables): full micro-panels, and a last one of
+/// `n % nr` columns rounded up to a vector.
+fn packed_width(g: &Geometry, n: usize) -> usize {
+    n / g.nr * g.nr + (n % g.nr).div_ceil(g.lanes) * g.lanes
+}
+
+/// A `Vec` of `len` zeros, allocated fallibly.
+fn try_zeros(len: usize, what: &str) -> Result<Vec<i32>, String> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len)
+        .map_err(|_| format!("int8 gemm: cannot allocate {len} i32 for {what}"))?;
+    v.resize(len, 0);
+    Ok(v)
+}
+
+/// Packs B (`k x n`; element `(k, j)` at `b[k * ldb + j]`, or at `b[j * ldb + k]` when
+/// `transposed`; u8 or (`b_signed`) i8) with zero point(s) `b_zp` (one, or one per column)
+/// for the best kernel of this CPU.
+pub(crate) fn pack_b(
+    b: &[u8],
+    b_signed: bool,
+    k: usize,
+    n: usize,
+    ldb: usize,
+    transposed: bool,
+    b_zp: &[i32],
+) -> Result<PackedB, String> {
+    pack_b_with(Int8Kernel::best(), b, b_signed, k, n, ldb, transposed, b_zp)
+}
+
+/// [`pack_b`] for a given kernel (which must be available on this CPU).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pack_b_with(
+    kind: Int8Kernel,
+    b: &[u8],
+    b_signed: bool,
+    k: usize,
+    n: usize,
+    ldb: usize,
+    transposed: bool,
+    b_zp: &[i32],
+) -> Result<PackedB, String> {
+    if !kind.available() {
+        return Err(format!(
+            "int8 gemm: kernel {kind:?} is not available on this CPU"
+        ));
+    }
+    if b_zp.len() != 1 && b_zp.len() != n {
+        return Err(format!(
+            "int8 gemm: B has {n} columns but {} zero points (expected 1 or {n})",
+            b_zp.len()
+        ));
+    }
+    for &zp in b_zp {
+        check_zp("B", zp, b_signed)?;
+    }
+    if transposed {
+        check_matrix("B (transposed)", b.len(), n, k, ldb)?;
+    } else {
+        check_matrix("B", b.len(), k, n, ldb)?;
+    }
+    let g = kind.geometry();
+    let width = packed_width(&g, n);
+    let kc = pack::depth_block(k, g.kc);
+    let bytes = k
+        .div_ceil(g.group())
+        .checked_mul(width)
+        .and_then(|x| x.checked_mul(4))
+        .ok_or_else(|| format!("int8 gemm: packed B of {k} x {n} is too large"))?;
+    let mut data = AlignedBytes::zeroed(bytes, "packed B")?;
+    let view = BView {
+        b,
+        ldb,
+        transposed,
+        k,
+        n,
+    };
+    let zp_of = |j: usize| if b_zp.len() == 1 { b_zp[0] } else { b_zp[j] };
+    let (mut zb, mut kzb_minus_sum, mut zb_uniform) = (Vec::new(), Vec::new(), None);
+    if g.vnni {
+        let mut colsum = try_zeros(width, "B column sums")?;
+        pack::pack_b_vnni(
+            &view,
+            b_signed,
+            &g,
+            kc,
+            width,
+            data.bytes_mut(),
+            &mut colsum,
+        );
+        // u8 B was stored as B - 128: shift its zero point alike.
+        let shift = if b_signed { 0 } else { 128 };
+        zb = try_zeros(width, "B zero points")?;
+        kzb_minus_sum = try_zeros(width, "B column terms")?;
+        // `k` modulo 2^32 suffices: everything below is modulo 2^32.
+        let k32 = k as u32 as i32;
+        for j in 0..n {
+            zb[j] = zp_of(j) - shift;
+            kzb_minus_sum[j] = k32.wrapping_mul(zb[j]).wrapping_sub(colsum[j]);
+        }
+        let first = zb.first().copied().unwrap_or(0);
+        zb_uniform = zb[..n].iter().all(|&z| z == first).then_some(first);
+    } else {
+        pack::pack_b_i16(&view, b_signed, &zp_of, &g, kc, width, data.bytes_mut());
+    }
+    Ok(PackedB {
+        kind,
+        k,
+        n,
+        b_signed,
+        kc,
+        width,
+        data,
+        zb,
+        kzb_minus_sum,
+        zb_uniform,
+    })
+}
+
+/// Computes rows `rows` of C for A (`m x k`, [`IntA`]) times the packed B into `c`, which
+/// holds all of C (`m x n`, row stride `ldc >= n`). Rows outside `rows`, and columns past `n`,
+/// are not touched, so tasks may compute disjoint row ranges of one C in parallel. `k == 0`
+/// gives zeros. A is checked for all `m` rows; only rows `rows` are read.
+///
+/// # Safety
+/// While this runs, no other code accesses rows `rows` of C: concurrent calls sharing one
+/// [`IntC`] must use disjoint row ranges. (Everything else is checked.)
+pub(crate) unsafe fn gemm_rows(
+    a: &IntA<'_>,
+    m: usize,
+    rows: Range<usize>,
+    packed: &PackedB,
+    c: IntC<'_>,
+) -> Result<(), String> {
+    let (k, n) = (packed.k, packed.n);
+    check_zp("A", a.zp, a.signed)?;
+    check_matrix("A", a.a.len(), m, k, a.lda)?;
+    check_matrix("C", c.len, m, n, c.ldc)?;
+    if rows.start > rows.end || rows.end > m {
+        return Err(format!(
+            "int8 gemm: row range {}..{} is not within the {m} rows of A",
+            rows.start, rows.end
+        ));
+    }
+    if !packed.kind.available() {
+        return Err(format!(
+            "int8 gemm: B was packed for {:?}, not available on this CPU",
+            packed.kind
+        ));
+    }
+    if rows.is_empty() || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        for i in rows {
+            // SAFETY: row i < m lies in C (checked above: (m-1)*ldc + n <= len), and the
+            // caller gives this call exclusive access to it.
+            let row = unsafe { std::slice::from_raw_parts_mut(c.ptr.add(i * c.ldc), n) };
+            row.fill(0);
+        }
+        return Ok(());
+    }
+    // SAFETY: A, C and the row range are checked; exclusivity of the rows is the caller's.
+    unsafe { drive(a, rows, packed, c) }
+}
+
+/// Safe single-threaded [`gemm_rows`]: `c` is all of C (`m x n`, row stride `ldc`).
+pub(crate) fn gemm_rows_mut(
+    a: &IntA<'_>,
+    m: usize,
+    rows: Range<usize>,
+    packed: &PackedB,
+    c: &mut [i32],
+    ldc: usize,
+) -> Result<(), String> {
+    // SAFETY: `c` is borrowed mutably for the call, so nothing else accesses it.
+    unsafe { gemm_rows(a, m, rows, packed, IntC::new(c, ldc)) }
+}
+
+/// The whole product on the calling thread: packs B (`k x n`, see [`pack_b`]) for the best
+/// kernel and computes all `m` rows of C.
+#[allow(clippy::too_many_arguments, dead_code)] // for one-off products (and the tests)
+pub(crate) fn gemm(
+    a: &IntA<'_>,
+    m: usize,
+    k: usize,
+    n: usize,
+    b: &[u8],
+    b_signed: bool,
+    ldb: usize,
+    b_transposed: bool,
+    b_zp: &[i32],
+    c: &mut [i32],
+    ldc: usize,
+) -> Result<(), String> {
+    let packed = pack_b(b, b_signed, k, n, ldb, b_transposed, b_zp)?;
+    gemm_rows_mut(a, m, 0..m, &packed, c, ldc)
+}

@@ -1,0 +1,179 @@
+//! The blocked driver of [`super::gemm_rows`]: loops over row blocks of A (packed per block
+//! and depth block), B's packed micro-panels and A's micro-panels, calling the kernel's tile
+//! function on each register tile.
+
+use super::pack::{self, AMode, AlignedBytes};
+use super::{Int8Kernel, IntA, IntC, PackedB};
+use std::ops::Range;
+
+/// Most rows of A packed per block, over all kernels (`Geometry::mc`).
+pub(super) const MAX_MC: usize = 192;
+
+/// One register tile's work for a kernel (pointers into packed buffers and C).
+pub(super) struct Tile {
+    /// k groups in this depth block.
+    pub groups: usize,
+    /// A micro-panel: `groups` x `mr` lanes.
+    pub a: *const u8,
+    /// B micro-panel: `groups` x (`nv` vectors) lanes.
+    pub b: *const u8,
+    /// Tile's top-left element of C, and C's row stride.
+    pub c: *mut i32,
+    pub ldc: usize,
+    /// Columns to store (<= the micro-panel width).
+    pub nr: usize,
+    /// First depth block: C is overwritten (else accumulated into).
+    pub first: bool,
+    /// VNNI only, or null: per-column values added (on the first depth block only).
+    pub colterm: *const i32,
+    /// VNNI only, or null: per-row values added (`-Σa * zb` for a uniform zero point).
+    pub rowadd: *const i32,
+    /// VNNI only, or null (both): `rowsum[i] * zb[j]` is subtracted (per-column zero points).
+    pub rowsum: *const i32,
+    pub zb: *const i32,
+}
+
+/// A kernel's tile function: computes `t` with `mr` rows and `nv` vectors of columns;
+/// returns false for a shape it has no instance for.
+type TileFn = unsafe fn(t: &Tile, mr: usize, nv: usize) -> bool;
+
+fn tile_fn(kind: Int8Kernel) -> TileFn {
+    match kind {
+        #[cfg(target_arch = "x86_64")]
+        Int8Kernel::Avx512Vnni => super::x86::tile_avx512vnni,
+        #[cfg(target_arch = "x86_64")]
+        Int8Kernel::AvxVnni => super::x86::tile_avxvnni,
+        #[cfg(target_arch = "x86_64")]
+        Int8Kernel::Avx2 => super::x86::tile_avx2,
+        _ => super::portable::tile_portable,
+    }
+}
+
+/// The blocked product for rows `rows` (non-empty), `k > 0`, `n > 0`.
+///
+/// # Safety
+/// As [`super::gemm_rows`], with A, C and `rows` checked and the kernel available.
+pub(super) unsafe fn drive(
+    a: &IntA<'_>,
+    rows: Range<usize>,
+    p: &PackedB,
+    c: IntC<'_>,
+) -> Result<(), String> {
+    let g = p.kind.geometry();
+    let group = g.group();
+    let (k, n) = (p.k, p.n);
+    let kc = p.kc;
+    let mc_max = g.mc.min(MAX_MC).min(rows.len());
+    let mut a_buf = AlignedBytes::zeroed(mc_max * kc.div_ceil(group) * 4, "packed A")?;
+    // Per row of the block: sums of packed A (VNNI), and `-Σa * zb` for a uniform zb.
+    let mut rowsum = [0i32; MAX_MC];
+    let mut rowadd = [0i32; MAX_MC];
+    // VNNI: the shifted A zero point (i8 A is packed as A + 128), and the per-column term
+    // `za * (k * zb - Σb)` it contributes; none when it is zero.
+    let za = if a.signed { a.zp + 128 } else { a.zp };
+    let colterm = if g.vnni && za != 0 {
+        let mut v = super::try_zeros(p.width, "column terms")?;
+        for (t, &s) in v.iter_mut().zip(&p.kzb_minus_sum) {
+            *t = za.wrapping_mul(s);
+        }
+        v
+    } else {
+        Vec::new()
+    };
+    let a_mode = if g.vnni {
+        AMode::Vnni {
+            flip: if a.signed { 0x80 } else { 0 },
+        }
+    } else {
+        // Checked to be in -128..=255.
+        AMode::I16 {
+            signed: a.signed,
+            zp: a.zp as i16,
+        }
+    };
+    let tile = tile_fn(p.kind);
+    let null = std::ptr::null::<i32>();
+    let mut ic = rows.start;
+    while ic < rows.end {
+        let mc = mc_max.min(rows.end - ic);
+        for pc in (0..k).step_by(kc) {
+            let kcb = kc.min(k - pc);
+            let groups = kcb.div_ceil(group);
+            let src = pack::ABlock {
+                a: a.a,
+                lda: a.lda,
+                rows: ic..ic + mc,
+                pc,
+                kc: kcb,
+                mr: g.mr,
+            };
+            pack::pack_a(&src, a_mode, a_buf.bytes_mut(), &mut rowsum[..mc]);
+            if let (true, Some(zb)) = (g.vnni, p.zb_uniform) {
+                for (r, &s) in rowadd.iter_mut().zip(&rowsum).take(mc) {
+                    *r = s.wrapping_mul(zb).wrapping_neg();
+                }
+            }
+            // Where block `pc` of B starts (earlier blocks are all `kc` deep).
+            let b_block = pc / group * p.width * 4;
+            for j0 in (0..n).step_by(g.nr) {
+                let nr = g.nr.min(n - j0);
+                let nv = nr.div_ceil(g.lanes);
+                let b_panel = p.data.ptr().wrapping_add(b_block + j0 * groups * 4);
+                // The layout's invariants, checked once per micro-panel (cheap): the kernel
+                // reads `groups x nv * lanes` lanes of B and `nv * lanes` table columns.
+                let cols = nv * g.lanes;
+                if b_block + (j0 + cols) * groups * 4 > p.data.len()
+                    || j0 + cols > p.width
+                    || (g.vnni && p.zb.len() < j0 + cols)
+                    || mc.div_ceil(g.mr) * g.mr > MAX_MC
+                    || mc * groups * 4 > a_buf.len()
+                {
+                    return Err(format!(
+                        "int8 gemm: internal error: bad layout for {:?}",
+                        p.kind
+                    ));
+                }
+                let colterm = if pc == 0 && !colterm.is_empty() {
+                    colterm[j0..].as_ptr()
+                } else {
+                    null
+                };
+                for r0 in (0..mc).step_by(g.mr) {
+                    let mr = g.mr.min(mc - r0);
+                    let (rowadd, rowsum, zb) = match (g.vnni, p.zb_uniform) {
+                        (false, _) | (true, Some(0)) => (null, null, null),
+                        (true, Some(_)) => (rowadd[r0..].as_ptr(), null, null),
+                        (true, None) => (null, rowsum[r0..].as_ptr(), p.zb[j0..].as_ptr()),
+                    };
+                    let t = Tile {
+                        groups,
+                        a: a_buf.ptr().wrapping_add(r0 * groups * 4),
+                        b: b_panel,
+                        // SAFETY: (ic + r0, j0) lies in C (rows < m and j0 < n, checked).
+                        c: unsafe { c.ptr.add((ic + r0) * c.ldc + j0) },
+                        ldc: c.ldc,
+                        nr,
+                        first: pc == 0,
+                        colterm,
+                        rowadd,
+                        rowsum,
+                        zb,
+                    };
+                    // SAFETY: the A micro-panel holds `groups x mr` lanes and the B one
+                    // `groups x nv * lanes` (packed above, and by `pack_b_with` for this
+                    // kernel and `kc`); the row tables hold `mr` rows from `r0` and the
+                    // column ones `width - j0 >= nv * lanes` columns; the `mr x nr` tile of C
+                    // lies in C and in this call's rows; the kernel is available (checked).
+                    if !unsafe { tile(&t, mr, nv) } {
+                        return Err(format!(
+                            "int8 gemm: internal error: no {mr} x {nv} tile for {:?}",
+                            p.kind
+                        ));
+                    }
+                }
+            }
+        }
+        ic += mc;
+    }
+    Ok(())
+}

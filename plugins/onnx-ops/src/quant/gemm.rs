@@ -1,0 +1,138 @@
+//! The integer products of `MatMulInteger`, `QLinearMatMul`, `ConvInteger` and `QLinearConv`,
+//! through the node's BLAS backend (exact `i32` accumulation with zero points). The operators
+//! keep their own loop only as the fallback for what a backend does not support (zero points
+//! per row of A, no backend on the device).
+
+use opreg_sdk::prelude::*;
+
+/// `C[i, j] = Σ_k (A[i, k] - a_zp) * (op(B)[k, j] - b_zp[j])` over u8/i8 bytes.
+pub(super) struct IntProduct<'a> {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    /// A, row-major `m x k` with leading dimension `lda`.
+    pub a: &'a [u8],
+    pub a_type: DType,
+    pub lda: usize,
+    pub a_zp: i32,
+    /// B: row-major `k x n` (`ldb` >= n), or with `trans_b` row-major `n x k` (`ldb` >= k).
+    pub b: &'a [u8],
+    pub b_type: DType,
+    pub ldb: usize,
+    pub trans_b: bool,
+    /// One zero point, or one per column of `op(B)`.
+    pub b_zp: &'a [i32],
+}
+
+impl IntProduct<'_> {
+    fn args(&self, c: &mut [i32], ldc: usize) -> GemmArgs {
+        let mut g = GemmArgs::new(
+            GemmTypes {
+                a: self.a_type,
+                b: self.b_type,
+                c: DType::I32,
+            },
+            self.m,
+            self.n,
+            self.k,
+        );
+        g.a = self.a.as_ptr();
+        g.lda = self.lda;
+        g.a_zero_point = self.a_zp;
+        g.b = self.b.as_ptr();
+        g.ldb = self.ldb;
+        if self.trans_b {
+            g.trans_b = Transpose::YES;
+        }
+        g.b_zero_points = self.b_zp.as_ptr();
+        g.b_quant_len = self.b_zp.len();
+        g.c = c.as_mut_ptr().cast();
+        g.ldc = ldc;
+        g
+    }
+
+    /// Whether the operands cover what the product reads (so the backend never reads past
+    /// them): checked here, on the plugin's side, before any pointer crosses.
+    fn covered(&self, c: &[i32], ldc: usize) -> bool {
+        let span = |rows: usize, cols: usize, ld: usize| -> Option<usize> {
+            if rows == 0 || cols == 0 {
+                return Some(0);
+            }
+            (rows - 1).checked_mul(ld)?.checked_add(cols)
+        };
+        let (br, bc) = if self.trans_b {
+            (self.n, self.k)
+        } else {
+            (self.k, self.n)
+        };
+        let ok = |need: Option<usize>, have: usize| need.is_some_and(|n| n <= have);
+        ok(span(self.m, self.k, self.lda), self.a.len())
+            && ok(span(br, bc, self.ldb), self.b.len())
+            && ok(span(self.m, self.n, ldc), c.len())
+            && (self.b_zp.len() == 1 || self.b_zp.len() == self.n)
+    }
+
+    /// Runs the product into `c` (row stride `ldc`) through the node's backend. `Ok(false)`
+    /// when there is no backend or it does not support these operands: the caller computes
+    /// the product itself.
+    pub fn run(
+        &self,
+        ctx: &KernelContext<'_>,
+        c: &mut [i32],
+        ldc: usize,
+    ) -> Result<bool, PluginError> {
+        let Some(blas) = ctx.blas() else {
+            return Ok(false);
+        };
+        if !self.covered(c, ldc) {
+            return Err(PluginError::internal(
+                "integer product: operands shorter than their shapes",
+            ));
+        }
+        let g = self.args(c, ldc);
+        if !blas.supports(&g) {
+            return Ok(false);
+        }
+        blas.gemm(ctx, &g)?;
+        Ok(true)
+    }
+}
+
+/// The raw bytes of a u8/i8 tensor (i8 as its two's-complement bytes).
+pub(super) fn bytes<'a>(t: &TensorView<'a>, op: &str) -> Result<&'a [u8], PluginError> {
+    match t.dtype {
+        DType::U8 => t.as_slice::<u8>(),
+        DType::I8 => t
+            .as_slice::<i8>()
+            // SAFETY: i8 and u8 have the same size and alignment; every bit pattern is valid.
+            .map(|s| unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), s.len()) }),
+        other => Err(PluginError::invalid(format!(
+            "{op}: expected u8 or i8, got {other}"
+        ))),
+    }
+}
+
+/// A zero point read as one value per `len` columns: `None` for a shape the BLAS path does
+/// not take (the caller falls back).
+pub(super) fn zero_points(
+    op: &str,
+    zp: Option<&TensorView<'_>>,
+    of: DType,
+    len: usize,
+) -> Result<Option<Vec<i32>>, PluginError> {
+    let Some(z) = zp else {
+        return Ok(Some(vec![0]));
+    };
+    if z.dtype != of {
+        return Err(PluginError::invalid(format!(
+            "{op}: a zero point is {} but its tensor is {of}",
+            z.dtype
+        )));
+    }
+    let v = super::read_i32(z, op)?;
+    Ok(match v.len() {
+        1 => Some(v),
+        l if l == len && z.rank() == 1 => Some(v),
+        _ => None,
+    })
+}
