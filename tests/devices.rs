@@ -10,19 +10,22 @@ use tonic::Code;
 const W1: [f32; 6] = [0.5, -1.0, 2.0, 0.25, -0.5, 1.5];
 const W2: [f32; 4] = [1.0, -2.0, 0.5, 3.0];
 
-/// `y = Relu(x[N,3] @ W1[3,2]) @ W2[2,2]`: Relu between two MatMuls.
+/// `y = Reshape(Relu(x[N,3] @ W1[3,2]), [-1, 2]) @ W2[2,2]`: Relu (and a Reshape whose shape
+/// input the mock kernel wants on the host) between two MatMuls.
 fn sandwich() -> Vec<u8> {
     model(
         vec![
             node("MatMul", &["x", "w1"], &["h"]),
             node("Relu", &["h"], &["r"]),
-            node("MatMul", &["r", "w2"], &["y"]),
+            node("Reshape", &["r", "shape"], &["s"]),
+            node("MatMul", &["s", "w2"], &["y"]),
         ],
         vec![value("x", 1, &[-1, 3])],
         vec![value("y", 1, &[-1, 2])],
         vec![
             f32_initializer("w1", &[3, 2], &W1),
             f32_initializer("w2", &[2, 2], &W2),
+            i64_initializer("shape", &[2], &[-1, 2]),
         ],
         17,
     )
@@ -124,7 +127,7 @@ async fn device_copies(d: &Daemon, model: &str) -> (u64, u64) {
 }
 
 #[tokio::test]
-async fn relu_on_the_mock_device_between_two_cpu_matmuls_copies_exactly_twice() {
+async fn mock_kernels_between_two_cpu_matmuls_copy_exactly_twice() {
     let (d, _dirs) = start("");
     let p = placement(&d, "sandwich").await;
     let nodes: Vec<(String, String)> = p
@@ -134,8 +137,13 @@ async fn relu_on_the_mock_device_between_two_cpu_matmuls_copies_exactly_twice() 
         .collect();
     assert_eq!(
         nodes,
-        [("MatMul", "cpu"), ("Relu", "mock"), ("MatMul", "cpu")]
-            .map(|(a, b)| (a.to_string(), b.to_string()))
+        [
+            ("MatMul", "cpu"),
+            ("Relu", "mock"),
+            ("Reshape", "mock"),
+            ("MatMul", "cpu")
+        ]
+        .map(|(a, b)| (a.to_string(), b.to_string()))
     );
     let copies: Vec<(String, String, String)> = p
         .copies
@@ -144,7 +152,8 @@ async fn relu_on_the_mock_device_between_two_cpu_matmuls_copies_exactly_twice() 
         .collect();
     assert_eq!(
         copies,
-        [("h", "host", "mock"), ("r", "mock", "host")].map(|(a, b, c)| (
+        // The shape input stays on the host, as the mock Reshape declared it.
+        [("h", "host", "mock"), ("s", "mock", "host")].map(|(a, b, c)| (
             a.to_string(),
             b.to_string(),
             c.to_string()

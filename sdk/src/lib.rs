@@ -119,7 +119,7 @@ pub mod prelude {
     pub use crate::{
         stateless, AttrValue, Blas, BlasDesc, DType, Device, DeviceKind, DeviceProvider, Directive,
         DirectiveKind, Element, Epilogue, ErrorCode, GemmArgs, GemmTypes, Kernel, KernelContext,
-        KernelDesc, KernelFactory, Layout, MemRef, MemoryType, NodeInfo, Observation,
+        KernelDesc, KernelFactory, Layout, LogLevel, MemRef, MemoryType, NodeInfo, Observation,
         ObservationKind, OwnedTensor, PackedB, PackedInfo, PluginError, ProviderInfo, QuantPlan,
         QuantRequest, Quantizer, QuantizerDesc, Registrar, Stream, TensorStats, TensorView,
         TensorViewMut, Transpose, OPEN_END,

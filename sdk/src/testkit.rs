@@ -188,3 +188,30 @@ pub fn run_kernel_opt(
         .into_result()?;
     frame.into_outputs()
 }
+
+/// Runs a kernel factory's self-test through the ABI wrappers, as the daemon does at load.
+pub fn self_test_kernel(factory: impl KernelFactory) -> Result<(), PluginError> {
+    into_ffi_factory(factory).self_test().into_result()
+}
+
+/// Runs a BLAS backend's self-test through the ABI wrappers, on a host context of `device`.
+pub fn self_test_blas(blas: impl Blas, device: Device) -> Result<(), PluginError> {
+    let blas = into_ffi_blas(blas);
+    let log = |level: crate::LogLevel, msg: &str| eprintln!("[{level:?}] {msg}");
+    let frame = CallFrame::new(0, device, Some(&blas), &log);
+    frame.with_context(|ctx| blas.self_test(ctx).into_result())
+}
+
+/// Runs a quantizer's self-test through the ABI wrappers.
+pub fn self_test_quantizer(q: impl crate::Quantizer) -> Result<(), PluginError> {
+    crate::quant::into_ffi_quantizer(q)
+        .self_test()
+        .into_result()
+}
+
+/// Runs a device provider's self-test through the ABI wrappers.
+pub fn self_test_device(provider: impl crate::DeviceProvider) -> Result<(), PluginError> {
+    crate::device::into_ffi_device_provider(provider)
+        .self_test()
+        .into_result()
+}

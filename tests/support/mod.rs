@@ -77,6 +77,22 @@ pub fn third_party_plugin() -> PathBuf {
     path
 }
 
+/// The plugin built against the frozen ABI 1.0 SDK (`sdk/compat/plugin-1.0`), outside the
+/// workspace.
+pub fn compat_plugin() -> PathBuf {
+    let path = workspace().join(format!(
+        "sdk/compat/plugin-1.0/target/debug/{}opreg_compat_v1{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    ));
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build --manifest-path sdk/compat/plugin-1.0/Cargo.toml` (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
 /// A temporary plugin folder holding copies of `files`.
 pub fn plugin_dir(files: &[PathBuf]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -1,5 +1,5 @@
-//! The mock device: a device provider whose memory is a separate space, and a `Relu` kernel
-//! that runs there. Tests use it to prove the memory model without a GPU.
+//! The mock device: a device provider whose memory is a separate space, and `Relu` and
+//! `Reshape` kernels that run there. Tests use it to prove the memory model without a GPU.
 //!
 //! The memory is host RAM *scrambled*: every byte is stored XOR [`KEY`], and only this
 //! provider's copies and kernels unscramble it. So a host that hands a CPU kernel mock memory,
@@ -226,8 +226,77 @@ impl Kernel for MockRelu {
     }
 }
 
+/// Reshape on mock memory: the data stays on the device (a device-to-device copy), the shape
+/// input is declared host memory, as shape, axes and size inputs of device kernels are.
+#[derive(Clone)]
+struct MockReshape;
+
+impl Kernel for MockReshape {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        let [x, shape] = inputs else {
+            return Err(PluginError::invalid("Reshape takes data and shape"));
+        };
+        if x.device.kind != DeviceKind::MOCK || !x.is_contiguous() {
+            return Err(PluginError::internal(format!(
+                "mock Reshape was given data on {}",
+                x.device
+            )));
+        }
+        // Host memory, as declared at registration: readable as a slice (a mock copy would
+        // be refused here, and would read as garbage if it were not).
+        let wanted = shape.as_slice::<i64>()?;
+        let len = x.len();
+        let mut dims: Vec<usize> = Vec::with_capacity(wanted.len());
+        let mut infer = None;
+        for (i, &d) in wanted.iter().enumerate() {
+            match d {
+                -1 if infer.is_none() => {
+                    infer = Some(i);
+                    dims.push(1);
+                }
+                0 => dims.push(
+                    *x.shape()
+                        .get(i)
+                        .ok_or_else(|| PluginError::invalid("Reshape: 0 past the input's rank"))?,
+                ),
+                d if d > 0 => dims.push(d as usize),
+                d => return Err(PluginError::invalid(format!("Reshape: bad dimension {d}"))),
+            }
+        }
+        let known: usize = dims.iter().product();
+        if let Some(i) = infer {
+            if known == 0 || len % known != 0 {
+                return Err(PluginError::invalid("Reshape: -1 cannot be inferred"));
+            }
+            dims[i] = len / known;
+        } else if known != len {
+            return Err(PluginError::invalid(format!(
+                "Reshape: {len} elements into {dims:?}"
+            )));
+        }
+        let y = ctx.output(0, x.dtype, &dims)?;
+        // SAFETY: both are `len` elements of mock memory (device to device: no unscrambling).
+        unsafe { std::ptr::copy_nonoverlapping(x.data, y.data, len * x.dtype.size()) };
+        Ok(())
+    }
+}
+
 fn register(r: &mut Registrar) {
     r.device_provider(MockProvider);
+    r.kernel(
+        KernelDesc::onnx("Reshape", 14, OPEN_END)
+            .constraint("T", &[DType::F32])
+            .constraint("S", &[DType::I64])
+            .inputs(&["T", "S"])
+            .outputs(&["T"])
+            .device(Device::MOCK)
+            .input_memory(1, MemoryType::HOST),
+        stateless(MockReshape),
+    );
     r.kernel(
         KernelDesc::onnx("Relu", 6, OPEN_END)
             .constraint("T", &[DType::F32])
@@ -281,4 +350,30 @@ opreg_sdk::export_plugin! {
     init: init,
     register: register,
     shutdown: shutdown,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opreg_sdk::testkit::self_test_device;
+
+    #[test]
+    fn the_provider_passes_its_self_test_and_scrambles_what_it_stores() {
+        self_test_device(MockProvider).expect("self-test");
+        let p = MockProvider;
+        let mem = p
+            .alloc(Device::MOCK, MemoryType::DEVICE, 4, Stream::DEFAULT)
+            .expect("alloc");
+        let data = [1u8, 2, 3, 4];
+        let host = MemRef {
+            device: Device::CPU,
+            memory: MemoryType::HOST,
+            ptr: data.as_ptr().cast_mut(),
+        };
+        p.copy(mem, host, 4, Stream::DEFAULT).expect("copy in");
+        // SAFETY: 4 bytes were allocated; read as the host would by mistake.
+        let raw = unsafe { std::slice::from_raw_parts(mem.ptr, 4) }.to_vec();
+        assert_ne!(raw, data, "mock memory must not read as the data it holds");
+        p.free(mem, 4, Stream::DEFAULT);
+    }
 }

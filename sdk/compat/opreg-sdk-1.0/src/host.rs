@@ -1,0 +1,663 @@
+//! Host side of a kernel call, shared by the daemon and the [test kit](crate::testkit).
+//!
+//! A [`CallFrame`] is what one kernel call borrows from the host: output slots, scratch
+//! memory, the BLAS backend and the device. Parallel work runs on the rayon pool the caller
+//! is in (the daemon installs its own pool around kernel calls).
+
+use crate::{
+    blas::{FfiBlasBox, FfiBlas_TO},
+    context::{FfiHost, FfiTask_TO, LogLevel},
+    tensor::{contiguous_strides, TensorView, TensorViewMut},
+    DType, Device, Element, ErrorCode, KernelContext, MemRef, MemoryType, PluginError,
+};
+use abi_stable::{
+    std_types::{ROption, RResult, RSlice, RSliceMut, RStr, RString},
+    RRef,
+};
+use rayon::prelude::*;
+use std::{alloc, ptr::NonNull, sync::Mutex};
+
+const ALIGN: usize = 64;
+
+/// A zeroed, 64-byte aligned heap buffer.
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: plain owned memory.
+unsafe impl Send for AlignedBuf {}
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// `len` zero bytes.
+    pub fn zeroed(len: usize) -> Result<Self, PluginError> {
+        if len == 0 {
+            return Ok(AlignedBuf {
+                ptr: NonNull::dangling(),
+                len: 0,
+            });
+        }
+        let layout = alloc::Layout::from_size_align(len, ALIGN).map_err(|_| {
+            PluginError::new(
+                ErrorCode::ResourceExhausted,
+                format!("cannot allocate {len} bytes"),
+            )
+        })?;
+        // SAFETY: non-zero size.
+        let ptr = unsafe { alloc::alloc_zeroed(layout) };
+        NonNull::new(ptr)
+            .map(|ptr| AlignedBuf { ptr, len })
+            .ok_or_else(|| {
+                PluginError::new(
+                    ErrorCode::ResourceExhausted,
+                    format!("out of memory allocating {len} bytes"),
+                )
+            })
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `len` initialised bytes owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The bytes, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: allocated in `zeroed` with this layout.
+            unsafe {
+                alloc::dealloc(
+                    self.ptr.as_ptr(),
+                    alloc::Layout::from_size_align_unchecked(self.len, ALIGN),
+                )
+            }
+        }
+    }
+}
+
+/// A dense, row-major tensor in host memory, owned by the host.
+pub struct HostTensor {
+    dtype: DType,
+    shape: Vec<usize>,
+    strides: Vec<isize>,
+    buf: AlignedBuf,
+    /// Set when the data lives in a device's memory instead of `buf` (then empty).
+    device: Option<Box<dyn DeviceBuffer>>,
+}
+
+/// Device memory the host lends a tensor: the daemon's pooled buffers (returned to their pool
+/// when dropped), or the test kit's. The host never dereferences it; only the device's
+/// provider (copies) and kernels of that device do.
+pub trait DeviceBuffer: Send + Sync {
+    /// Where it is.
+    fn mem(&self) -> MemRef;
+    /// Its size in bytes (at least what the tensor needs).
+    fn len(&self) -> usize;
+    /// True for a zero-sized buffer.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Allocates device memory for the outputs and scratch of calls on one device, and says
+/// which stream and resources those calls use. Implemented by the daemon's device pools.
+pub trait DeviceAlloc: Sync {
+    /// `bytes` of the device's memory.
+    fn alloc(&self, bytes: usize) -> Result<Box<dyn DeviceBuffer>, PluginError>;
+    /// The stream calls on this device enqueue on.
+    fn stream(&self) -> crate::Stream;
+    /// A named resource of the device and stream (see `DeviceProvider::resource`).
+    fn resource(&self, key: &str) -> u64;
+}
+
+impl HostTensor {
+    /// A zero-filled tensor (empty strings for `String`).
+    pub fn zeroed(dtype: DType, shape: &[usize]) -> Result<Self, PluginError> {
+        if !dtype.is_known() {
+            return Err(PluginError::unimplemented(format!(
+                "{dtype} is not an element type this host knows"
+            )));
+        }
+        let len = crate::alloc::numel(shape)
+            .and_then(|n| n.checked_mul(dtype.size()))
+            .ok_or_else(|| {
+                PluginError::new(
+                    ErrorCode::ResourceExhausted,
+                    format!("tensor of shape {shape:?} is too large"),
+                )
+            })?;
+        let mut t = HostTensor {
+            dtype,
+            shape: shape.to_vec(),
+            strides: contiguous_strides(shape),
+            buf: AlignedBuf::zeroed(len)?,
+            device: None,
+        };
+        if dtype == DType::String {
+            for s in t.strings_mut() {
+                // SAFETY: the slot holds zero bytes, not a string: write without dropping.
+                unsafe { std::ptr::write(s, RString::new()) };
+            }
+        }
+        Ok(t)
+    }
+
+    /// A tensor holding a copy of `bytes` (not for `String`).
+    pub fn from_bytes(dtype: DType, shape: &[usize], bytes: &[u8]) -> Result<Self, PluginError> {
+        if dtype == DType::String {
+            return Err(PluginError::invalid(
+                "string tensors are built with from_strings",
+            ));
+        }
+        let mut t = Self::zeroed(dtype, shape)?;
+        if t.buf.len() != bytes.len() {
+            return Err(PluginError::invalid(format!(
+                "{dtype} tensor of shape {shape:?} needs {} bytes, got {}",
+                t.buf.len(),
+                bytes.len()
+            )));
+        }
+        t.buf.as_mut_slice().copy_from_slice(bytes);
+        Ok(t)
+    }
+
+    /// A tensor of `T` from its elements in row-major order.
+    pub fn from_vec<T: Element>(shape: &[usize], values: &[T]) -> Result<Self, PluginError> {
+        // SAFETY: `Element` types are plain data; the byte view covers exactly `values`.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
+        };
+        Self::from_bytes(T::DTYPE, shape, bytes)
+    }
+
+    /// The elements as `T` (the dtype must match).
+    pub fn to_vec<T: Element>(&self) -> Result<Vec<T>, PluginError> {
+        Ok(self.view().as_slice::<T>()?.to_vec())
+    }
+
+    /// A `String` tensor.
+    pub fn from_strings(shape: &[usize], values: &[&[u8]]) -> Result<Self, PluginError> {
+        let mut t = Self::zeroed(DType::String, shape)?;
+        if t.len() != values.len() {
+            return Err(PluginError::invalid(format!(
+                "string tensor of shape {shape:?} needs {} elements, got {}",
+                t.len(),
+                values.len()
+            )));
+        }
+        for (slot, v) in t.strings_mut().iter_mut().zip(values) {
+            *slot = RString::from(String::from_utf8_lossy(v).into_owned());
+        }
+        Ok(t)
+    }
+
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        // An existing tensor is either empty or small enough to be allocated: no overflow.
+        crate::alloc::numel(&self.shape).unwrap_or(0)
+    }
+
+    /// True when the tensor has no element.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Raw bytes (for `String`, the string headers: use [`strings`](Self::strings)).
+    pub fn bytes(&self) -> &[u8] {
+        self.buf.as_slice()
+    }
+
+    /// The host bytes, writable (empty for a device tensor). Not for string tensors.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        if self.dtype == DType::String {
+            return &mut [];
+        }
+        self.buf.as_mut_slice()
+    }
+
+    /// A tensor whose `dtype` x `shape` elements live in `buf` on `device` (uninitialised
+    /// until a copy or a kernel writes them). String tensors stay on the host.
+    pub fn on_device(
+        dtype: DType,
+        shape: &[usize],
+        buf: Box<dyn DeviceBuffer>,
+    ) -> Result<Self, PluginError> {
+        if !dtype.is_known() || dtype == DType::String {
+            return Err(PluginError::unimplemented(format!(
+                "{dtype} tensors cannot live in device memory"
+            )));
+        }
+        let need = crate::alloc::numel(shape)
+            .and_then(|n| n.checked_mul(dtype.size()))
+            .ok_or_else(|| {
+                PluginError::new(
+                    ErrorCode::ResourceExhausted,
+                    format!("tensor of shape {shape:?} is too large"),
+                )
+            })?;
+        if buf.len() < need {
+            return Err(PluginError::internal(format!(
+                "device buffer of {} bytes for a tensor of {need}",
+                buf.len()
+            )));
+        }
+        Ok(HostTensor {
+            dtype,
+            shape: shape.to_vec(),
+            strides: contiguous_strides(shape),
+            buf: AlignedBuf::zeroed(0)?,
+            device: Some(buf),
+        })
+    }
+
+    /// Where the data is: `None` for host memory, else the device buffer's place.
+    pub fn device_mem(&self) -> Option<MemRef> {
+        self.device.as_ref().map(|b| b.mem())
+    }
+
+    /// True when the data is in host memory ([`bytes`](Self::bytes) reads it; for a device
+    /// tensor it is empty).
+    pub fn on_host(&self) -> bool {
+        self.device.is_none()
+    }
+
+    /// Bytes of element data (whichever memory holds them).
+    pub fn byte_len(&self) -> usize {
+        self.len().saturating_mul(self.dtype.size())
+    }
+
+    /// The elements of a `String` tensor (empty for other dtypes).
+    pub fn strings(&self) -> &[RString] {
+        if self.dtype != DType::String || self.is_empty() {
+            return &[];
+        }
+        // SAFETY: string tensors hold `len()` initialised `RString`s, aligned to 64.
+        unsafe { std::slice::from_raw_parts(self.buf.as_slice().as_ptr().cast(), self.len()) }
+    }
+
+    fn strings_mut(&mut self) -> &mut [RString] {
+        if self.dtype != DType::String || self.is_empty() {
+            return &mut [];
+        }
+        let len = self.len();
+        // SAFETY: as in `strings`, exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.buf.as_mut_slice().as_mut_ptr().cast(), len) }
+    }
+
+    /// A read-only view for a kernel.
+    pub fn view(&self) -> TensorView<'_> {
+        let (device, memory, data) = match self.device_mem() {
+            Some(m) => (m.device, m.memory, m.ptr.cast_const()),
+            None => (
+                Device::CPU,
+                MemoryType::DEVICE,
+                self.buf.as_slice().as_ptr(),
+            ),
+        };
+        // SAFETY: the buffer holds `len()` elements of `dtype` and lives as long as `self`.
+        let mut v =
+            unsafe { TensorView::from_raw(self.dtype, device, &self.shape, &self.strides, data) };
+        v.memory = memory;
+        v
+    }
+
+    /// Replaces every string element by a copy allocated by the host. Strings a plugin wrote
+    /// carry that plugin's deallocator; this must run before the plugin can be unloaded.
+    pub fn adopt_strings(&mut self) {
+        for s in self.strings_mut() {
+            let own = RString::from(s.as_str());
+            *s = own;
+        }
+    }
+}
+
+impl Drop for HostTensor {
+    fn drop(&mut self) {
+        for s in self.strings_mut() {
+            // SAFETY: each element is an initialised RString, dropped exactly once here.
+            unsafe { std::ptr::drop_in_place(s) };
+        }
+    }
+}
+
+impl std::fmt::Debug for HostTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HostTensor({} {:?})", self.dtype, self.shape)
+    }
+}
+
+/// Where a frame sends the log lines of plugin code.
+pub type LogSink<'a> = dyn Fn(LogLevel, &str) + Sync + 'a;
+
+/// Asked between chunks of parallel work: `true` stops the call (its deadline passed, or its
+/// client went away).
+pub type StopCheck<'a> = dyn Fn() -> bool + Sync + 'a;
+
+/// What one kernel call borrows from the host.
+pub struct CallFrame<'a> {
+    device: Device,
+    blas: Option<&'a FfiBlasBox>,
+    log: &'a LogSink<'a>,
+    outputs: Mutex<Vec<Option<Box<HostTensor>>>>,
+    scratch: Mutex<Vec<AlignedBuf>>,
+    max_tensor_bytes: usize,
+    stop: Option<&'a StopCheck<'a>>,
+    stopped: std::sync::atomic::AtomicBool,
+    alloc: Option<&'a dyn DeviceAlloc>,
+    output_memory: &'a [MemoryType],
+    device_scratch: Mutex<Vec<Box<dyn DeviceBuffer>>>,
+}
+
+impl<'a> CallFrame<'a> {
+    /// A frame for a kernel with `num_outputs` outputs on `device`.
+    pub fn new(
+        num_outputs: usize,
+        device: Device,
+        blas: Option<&'a FfiBlasBox>,
+        log: &'a LogSink<'a>,
+    ) -> Self {
+        CallFrame {
+            device,
+            blas,
+            log,
+            outputs: Mutex::new((0..num_outputs).map(|_| None).collect()),
+            scratch: Mutex::new(Vec::new()),
+            max_tensor_bytes: usize::MAX,
+            stop: None,
+            stopped: std::sync::atomic::AtomicBool::new(false),
+            alloc: None,
+            output_memory: &[],
+            device_scratch: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Gives the frame the allocator of its (non-host) device: outputs and device scratch
+    /// come from it, and the kernel sees its stream and resources. `output_memory` lists the
+    /// memory type of each output as the kernel declared it (missing: the device's own).
+    pub fn with_device(
+        mut self,
+        alloc: &'a dyn DeviceAlloc,
+        output_memory: &'a [MemoryType],
+    ) -> Self {
+        self.alloc = Some(alloc);
+        self.output_memory = output_memory;
+        self
+    }
+
+    /// Whether output `index` goes to device memory (else host memory).
+    fn output_on_device(&self, index: usize) -> bool {
+        let memory = self
+            .output_memory
+            .get(index)
+            .copied()
+            .unwrap_or(MemoryType::DEVICE);
+        !memory.host_accessible(self.device)
+    }
+
+    /// Checks `stop` before every chunk of [`KernelContext::parallel_for`] work: once it says
+    /// stop, the remaining chunks are skipped and [`CallFrame::stopped`] turns true. This is
+    /// how a long kernel call is cut short without the kernel's help; the host must then
+    /// discard the call's outputs.
+    pub fn with_stop_check(mut self, stop: &'a StopCheck<'a>) -> Self {
+        self.stop = Some(stop);
+        self
+    }
+
+    /// True when the stop check cut the call short: its outputs are incomplete.
+    pub fn stopped(&self) -> bool {
+        self.stopped.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn should_stop(&self) -> bool {
+        if self.stopped() {
+            return true;
+        }
+        let stop = self.stop.is_some_and(|f| f());
+        if stop {
+            self.stopped
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        stop
+    }
+
+    /// Refuses (with [`ErrorCode::ResourceExhausted`]) any output or scratch buffer larger
+    /// than `bytes`: the host's per-value limit, applied where kernels allocate.
+    pub fn with_max_tensor_bytes(mut self, bytes: usize) -> Self {
+        self.max_tensor_bytes = bytes;
+        self
+    }
+
+    fn within_limit(&self, what: &str, bytes: Option<usize>) -> Result<(), PluginError> {
+        match bytes {
+            Some(b) if b <= self.max_tensor_bytes => Ok(()),
+            Some(b) => Err(PluginError::new(
+                ErrorCode::ResourceExhausted,
+                format!(
+                    "{what} would take {b} bytes, more than the limit of {} bytes per tensor",
+                    self.max_tensor_bytes
+                ),
+            )),
+            None => Err(PluginError::new(
+                ErrorCode::ResourceExhausted,
+                format!("{what} is larger than the address space"),
+            )),
+        }
+    }
+
+    /// Runs `f` with a kernel context backed by this frame.
+    pub fn with_context<R>(&self, f: impl FnOnce(&KernelContext<'_>) -> R) -> R {
+        let ctx = KernelContext::new(self);
+        f(&ctx)
+    }
+
+    /// The outputs the kernel allocated, by position, with strings adopted by the host.
+    /// Errors name the first output the kernel left unallocated.
+    pub fn into_outputs(self) -> Result<Vec<HostTensor>, PluginError> {
+        let outputs = self
+            .outputs
+            .into_inner()
+            .map_err(|_| PluginError::internal("output slots poisoned"))?;
+        outputs
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let mut t = *t.ok_or_else(|| {
+                    PluginError::internal(format!("kernel did not produce output {i}"))
+                })?;
+                t.adopt_strings();
+                Ok(t)
+            })
+            .collect()
+    }
+}
+
+impl FfiHost for CallFrame<'_> {
+    fn parallel_for(&self, len: usize, grain: usize, task: FfiTask_TO<'_, RRef<'_, ()>>) {
+        let grain = grain.max(1);
+        let chunks = len.div_ceil(grain);
+        if self.should_stop() {
+            return;
+        }
+        if chunks <= 1 {
+            task.run(0, len);
+            return;
+        }
+        (0..chunks).into_par_iter().for_each(|c| {
+            if self.should_stop() {
+                return;
+            }
+            let start = c * grain;
+            task.run(start, (start + grain).min(len));
+        });
+    }
+
+    fn output(
+        &self,
+        index: usize,
+        dtype: DType,
+        shape: RSlice<'_, usize>,
+    ) -> RResult<TensorViewMut<'_>, PluginError> {
+        let result = (|| {
+            let mut slots = self
+                .outputs
+                .lock()
+                .map_err(|_| PluginError::internal("output slots poisoned"))?;
+            let n = slots.len();
+            let slot = slots.get_mut(index).ok_or_else(|| {
+                PluginError::invalid(format!("output {index} out of range: node has {n} outputs"))
+            })?;
+            if slot.is_some() {
+                return Err(PluginError::invalid(format!(
+                    "output {index} allocated twice"
+                )));
+            }
+            let bytes =
+                crate::alloc::numel(shape.as_slice()).and_then(|n| n.checked_mul(dtype.size()));
+            self.within_limit(
+                &format!("output {index} ({dtype} {:?})", shape.as_slice()),
+                bytes,
+            )?;
+            let (t, device, memory, data) = if self.output_on_device(index) {
+                let alloc = self.alloc.ok_or_else(|| {
+                    PluginError::unimplemented(format!(
+                        "output {index} belongs in {} memory, and this host has no allocator for it",
+                        self.device
+                    ))
+                })?;
+                let buf = alloc.alloc(bytes.unwrap_or(0))?;
+                let t = slot.insert(Box::new(HostTensor::on_device(
+                    dtype,
+                    shape.as_slice(),
+                    buf,
+                )?));
+                let mem = t
+                    .device_mem()
+                    .ok_or_else(|| PluginError::internal("device output"))?;
+                (t, mem.device, mem.memory, mem.ptr)
+            } else {
+                let t = slot.insert(Box::new(HostTensor::zeroed(dtype, shape.as_slice())?));
+                let data = t.buf.as_mut_slice().as_mut_ptr();
+                (t, Device::CPU, MemoryType::DEVICE, data)
+            };
+            // SAFETY: the boxed tensor is neither moved nor dropped while the frame lives (slots
+            // are only filled once, and taken in `into_outputs`, which consumes the frame), so
+            // its shape, strides and buffer outlive the returned borrow of `self`.
+            let (shape, strides): (&[usize], &[isize]) = unsafe {
+                (
+                    &*(t.shape.as_slice() as *const [usize]),
+                    &*(t.strides.as_slice() as *const [isize]),
+                )
+            };
+            // SAFETY: as above; each output is handed out once, so the view is unaliased.
+            let mut view = unsafe { TensorViewMut::from_raw(dtype, device, shape, strides, data) };
+            view.memory = memory;
+            Ok(view)
+        })();
+        result.into()
+    }
+
+    fn scratch(&self, bytes: usize) -> RResult<RSliceMut<'_, u8>, PluginError> {
+        let result = (|| {
+            self.within_limit("scratch buffer", Some(bytes))?;
+            let mut buf = AlignedBuf::zeroed(bytes)?;
+            let ptr = buf.as_mut_slice().as_mut_ptr();
+            self.scratch
+                .lock()
+                .map_err(|_| PluginError::internal("scratch list poisoned"))?
+                .push(buf);
+            // SAFETY: the buffer is kept in the frame (heap memory does not move with the Vec)
+            // until the frame drops, and handed out once.
+            Ok(RSliceMut::from(unsafe {
+                std::slice::from_raw_parts_mut(ptr, bytes)
+            }))
+        })();
+        result.into()
+    }
+
+    fn blas(&self) -> ROption<FfiBlas_TO<'_, RRef<'_, ()>>> {
+        self.blas.map(|b| b.sabi_reborrow()).into()
+    }
+
+    fn log(&self, level: LogLevel, message: RStr<'_>) {
+        (self.log)(level, message.as_str());
+    }
+
+    fn device(&self) -> Device {
+        self.device
+    }
+
+    fn num_outputs(&self) -> usize {
+        self.outputs.lock().map(|o| o.len()).unwrap_or(0)
+    }
+
+    fn num_threads(&self) -> usize {
+        rayon::current_num_threads()
+    }
+
+    fn stream(&self) -> crate::Stream {
+        self.alloc.map_or(crate::Stream::DEFAULT, |a| a.stream())
+    }
+
+    fn resource(&self, key: RStr<'_>) -> u64 {
+        self.alloc.map_or(0, |a| a.resource(key.as_str()))
+    }
+
+    fn cancelled(&self) -> bool {
+        self.should_stop()
+    }
+
+    fn device_scratch(&self, bytes: usize) -> RResult<crate::MemRef, PluginError> {
+        if !self.device.host_accessible() {
+            let result = (|| {
+                self.within_limit("device scratch", Some(bytes))?;
+                let alloc = self.alloc.ok_or_else(|| {
+                    PluginError::unimplemented(format!(
+                        "device {}: this host has no device scratch",
+                        self.device
+                    ))
+                })?;
+                let buf = alloc.alloc(bytes)?;
+                let mem = buf.mem();
+                self.device_scratch
+                    .lock()
+                    .map_err(|_| PluginError::internal("scratch list poisoned"))?
+                    .push(buf);
+                Ok(mem)
+            })();
+            return result.into();
+        }
+        self.scratch(bytes).map(|s| crate::MemRef {
+            device: self.device,
+            memory: crate::MemoryType::DEVICE,
+            ptr: s.into_mut_slice().as_mut_ptr(),
+        })
+    }
+}

@@ -1,0 +1,312 @@
+//! Quantization strategies.
+//!
+//! A strategy declares what it needs observed during calibration ([`Observation`]); the host
+//! streams calibration batches through the model, keeps only those statistics (never the
+//! activations themselves), and hands them to [`Quantizer::plan`]. The plan says, per tensor,
+//! what to do; the host applies it as standard ONNX (QDQ, or integer ops for dynamic
+//! quantization) and reports the figures.
+
+use crate::{error::guard, tensor::OwnedTensor, DType, PluginError};
+use abi_stable::{
+    sabi_trait,
+    sabi_trait::TD_Opaque,
+    std_types::{RBox, ROption, RResult, RString, RVec},
+    StableAbi,
+};
+
+/// The kind of an [`Observation`]. An open code: a host that does not know a kind refuses the
+/// calibration with `UNIMPLEMENTED`, naming the strategy.
+#[repr(transparent)]
+#[derive(StableAbi, Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ObservationKind(pub u32);
+
+impl ObservationKind {
+    /// Nothing: weights only, or dynamic quantization.
+    pub const NOTHING: ObservationKind = ObservationKind(0);
+    /// Running minimum and maximum.
+    pub const MIN_MAX: ObservationKind = ObservationKind(1);
+    /// A histogram of `bins` bins over the running range of absolute values (for KL/entropy
+    /// or percentile calibration), plus min and max.
+    pub const HISTOGRAM: ObservationKind = ObservationKind(2);
+}
+
+/// What a strategy needs the host to observe on each activation during calibration: a kind
+/// and its parameters (kind + params, so kinds can be added without a layout change).
+#[repr(C)]
+#[derive(StableAbi, Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Observation {
+    /// What to gather.
+    pub kind: ObservationKind,
+    /// Histogram bins ([`ObservationKind::HISTOGRAM`]).
+    pub bins: u32,
+    /// Channel axis for per-channel kinds (-1: none).
+    pub axis: i32,
+    /// Extension bits; none are defined in 1.0.
+    pub flags: u64,
+}
+
+impl Observation {
+    /// Observe nothing.
+    pub const NOTHING: Observation = Observation {
+        kind: ObservationKind::NOTHING,
+        bins: 0,
+        axis: -1,
+        flags: 0,
+    };
+    /// Running min and max.
+    pub const MIN_MAX: Observation = Observation {
+        kind: ObservationKind::MIN_MAX,
+        ..Observation::NOTHING
+    };
+
+    /// A histogram of |x| with `bins` bins.
+    pub fn histogram(bins: u32) -> Observation {
+        Observation {
+            kind: ObservationKind::HISTOGRAM,
+            bins,
+            ..Observation::NOTHING
+        }
+    }
+}
+
+/// Statistics of one tensor, as the host gathered them.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug)]
+pub struct TensorStats {
+    /// Tensor name in the graph.
+    pub name: RString,
+    /// Element type in the float model.
+    pub dtype: DType,
+    /// True for initializers (weights); their values are in `weight`.
+    pub is_weight: bool,
+    /// Smallest value seen.
+    pub min: f32,
+    /// Largest value seen.
+    pub max: f32,
+    /// Histogram counts over `[0, hist_max]` of |x| (empty unless requested).
+    pub histogram: RVec<u64>,
+    /// Upper edge of the histogram's last bin.
+    pub hist_max: f32,
+    /// The weight itself, for weights.
+    pub weight: ROption<OwnedTensor>,
+}
+
+/// A `key = value` option.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct KeyValue {
+    /// Key.
+    pub key: RString,
+    /// Value.
+    pub value: RString,
+}
+
+/// Input of [`Quantizer::plan`].
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug)]
+pub struct QuantRequest {
+    /// Statistics of every tensor the host observed.
+    pub tensors: RVec<TensorStats>,
+    /// Options from the user (`per_channel=true`, `weight_type=INT8`, ...).
+    pub options: RVec<KeyValue>,
+}
+
+impl QuantRequest {
+    /// The option `key`, if given.
+    pub fn option(&self, key: &str) -> Option<&str> {
+        self.options
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| kv.value.as_str())
+    }
+}
+
+/// The kind of a [`Directive`]. An open code: a host that does not know a kind refuses the
+/// plan with `UNIMPLEMENTED`, naming the strategy and tensor.
+#[repr(transparent)]
+#[derive(StableAbi, Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DirectiveKind(pub u32);
+
+impl DirectiveKind {
+    /// Leave the tensor as it is.
+    pub const KEEP: DirectiveKind = DirectiveKind(0);
+    /// One scale and zero point (`scales[0]`, `zero_points[0]`).
+    pub const PER_TENSOR: DirectiveKind = DirectiveKind(1);
+    /// One scale and zero point per slice along `axis`.
+    pub const PER_CHANNEL: DirectiveKind = DirectiveKind(2);
+    /// Quantized at run time from the live range (dynamic quantization).
+    pub const DYNAMIC: DirectiveKind = DirectiveKind(3);
+    /// Zero the elements whose `mask` byte is 0 (pruning); the mask has the tensor's shape.
+    pub const PRUNE: DirectiveKind = DirectiveKind(4);
+    /// Store in another float type (`dtype`: F16, BF16).
+    pub const CAST: DirectiveKind = DirectiveKind(5);
+}
+
+/// What to do with one tensor: a kind and its parameters (kind + params, so kinds can be
+/// added without a layout change). Fields a kind does not use are empty.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct Directive {
+    /// What to do.
+    pub kind: DirectiveKind,
+    /// Target type: U8, I8, U16, I16 for quantization; F16, BF16 for casts.
+    pub dtype: DType,
+    /// Channel axis for per-channel kinds (-1: none).
+    pub axis: i32,
+    /// Block size along `axis` for blocked kinds (0: none).
+    pub block_size: u32,
+    /// Scales.
+    pub scales: RVec<f32>,
+    /// Zero points, one per scale.
+    pub zero_points: RVec<i32>,
+    /// Pruning mask, one byte per element.
+    pub mask: RVec<u8>,
+    /// Indices (e.g. kept channels for structured pruning).
+    pub indices: RVec<i64>,
+    /// Extension bits; none are defined in 1.0.
+    pub flags: u64,
+}
+
+impl Directive {
+    fn of(kind: DirectiveKind, dtype: DType) -> Directive {
+        Directive {
+            kind,
+            dtype,
+            axis: -1,
+            block_size: 0,
+            scales: RVec::new(),
+            zero_points: RVec::new(),
+            mask: RVec::new(),
+            indices: RVec::new(),
+            flags: 0,
+        }
+    }
+
+    /// Leave the tensor as it is.
+    pub fn keep() -> Directive {
+        Directive::of(DirectiveKind::KEEP, DType::F32)
+    }
+
+    /// Quantize with one scale and zero point.
+    pub fn per_tensor(scale: f32, zero_point: i32, dtype: DType) -> Directive {
+        Directive {
+            scales: vec![scale].into(),
+            zero_points: vec![zero_point].into(),
+            ..Directive::of(DirectiveKind::PER_TENSOR, dtype)
+        }
+    }
+
+    /// Quantize a weight with one scale and zero point per slice along `axis`.
+    pub fn per_channel(
+        axis: i32,
+        scales: Vec<f32>,
+        zero_points: Vec<i32>,
+        dtype: DType,
+    ) -> Directive {
+        Directive {
+            axis,
+            scales: scales.into(),
+            zero_points: zero_points.into(),
+            ..Directive::of(DirectiveKind::PER_CHANNEL, dtype)
+        }
+    }
+
+    /// Quantize at run time.
+    pub fn dynamic(dtype: DType) -> Directive {
+        Directive::of(DirectiveKind::DYNAMIC, dtype)
+    }
+
+    /// Zero the elements whose mask byte is 0.
+    pub fn prune(mask: Vec<u8>) -> Directive {
+        Directive {
+            mask: mask.into(),
+            ..Directive::of(DirectiveKind::PRUNE, DType::F32)
+        }
+    }
+
+    /// Store in another float type.
+    pub fn cast(dtype: DType) -> Directive {
+        Directive::of(DirectiveKind::CAST, dtype)
+    }
+}
+
+/// One entry of a plan.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct TensorPlan {
+    /// Tensor name in the graph.
+    pub name: RString,
+    /// What to do with it.
+    pub directive: Directive,
+}
+
+/// Output of [`Quantizer::plan`].
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct QuantPlan {
+    /// One entry per tensor to change; tensors not listed are kept.
+    pub tensors: RVec<TensorPlan>,
+    /// Free text for the report (method, parameters chosen).
+    pub notes: RString,
+}
+
+/// What a quantization strategy is (the plugin's side of
+/// [`FfiRegistrar::add_quantizer`](crate::module::FfiRegistrar::add_quantizer)).
+#[derive(Clone, Debug)]
+pub struct QuantizerDesc {
+    /// Unique name, e.g. `"ptq-static-kl"`.
+    pub name: String,
+    /// One line for listings.
+    pub description: String,
+}
+
+/// A quantization strategy, as a plugin author implements it.
+pub trait Quantizer: Send + Sync + 'static {
+    /// What the host must observe during calibration.
+    fn observation(&self) -> Observation;
+    /// Turns observations into a plan.
+    fn plan(&self, request: &QuantRequest) -> Result<QuantPlan, PluginError>;
+
+    /// Checks the strategy: run by the daemon when the plugin loads (and before a hot swap is
+    /// published); a strategy that fails is refused with its plugin. Default: nothing to check.
+    fn self_test(&self) -> Result<(), PluginError> {
+        Ok(())
+    }
+}
+
+/// The ABI form of [`Quantizer`]. Implemented by the SDK; hosts call it.
+#[sabi_trait]
+pub trait FfiQuantizer: Send + Sync {
+    /// See [`Quantizer::observation`].
+    fn observation(&self) -> Observation;
+    /// See [`Quantizer::plan`].
+    fn plan(&self, request: &QuantRequest) -> RResult<QuantPlan, PluginError>;
+    /// See [`Quantizer::self_test`].
+    #[sabi(last_prefix_field)]
+    fn self_test(&self) -> RResult<(), PluginError>;
+}
+
+/// An owned quantizer object, as it crosses the ABI.
+pub type FfiQuantizerBox = FfiQuantizer_TO<'static, RBox<()>>;
+
+struct QuantizerAdapter<Q>(Q);
+
+impl<Q: Quantizer> FfiQuantizer for QuantizerAdapter<Q> {
+    fn observation(&self) -> Observation {
+        // A panic here has no error channel: fall back to observing nothing, which makes the
+        // plan step fail loudly instead of the process aborting.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.0.observation()))
+            .unwrap_or(Observation::NOTHING)
+    }
+    fn plan(&self, request: &QuantRequest) -> RResult<QuantPlan, PluginError> {
+        guard("quantizer plan", || self.0.plan(request)).into()
+    }
+    fn self_test(&self) -> RResult<(), PluginError> {
+        guard("quantizer self-test", || self.0.self_test()).into()
+    }
+}
+
+/// Wraps a [`Quantizer`] into its ABI form, with every call guarded against panics.
+pub fn into_ffi_quantizer<Q: Quantizer>(q: Q) -> FfiQuantizerBox {
+    FfiQuantizer_TO::from_value(QuantizerAdapter(q), TD_Opaque)
+}
