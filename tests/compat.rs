@@ -48,7 +48,10 @@ fn dense_model() -> Vec<u8> {
         ],
         vec![value("x", 1, &[-1, 3])],
         vec![value("y", 1, &[-1, 2]), value("s", 1, &[])],
-        vec![f32_initializer("w", &[3, 2], &W), f32_initializer("b", &[2], &B)],
+        vec![
+            f32_initializer("w", &[3, 2], &W),
+            f32_initializer("b", &[2], &B),
+        ],
         17,
     );
     let mut m = onnx::ModelProto::decode(bytes.as_slice()).expect("decode");

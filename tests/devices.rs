@@ -159,6 +159,14 @@ async fn mock_kernels_between_two_cpu_matmuls_copy_exactly_twice() {
             c.to_string()
         ))
     );
+    // The command-line client lists them after the nodes.
+    let cli = std::process::Command::new(artifacts().join("opreg"))
+        .args(["--addr", &d.url(), "placement", "sandwich"])
+        .output()
+        .expect("run opreg");
+    let text = String::from_utf8_lossy(&cli.stdout);
+    assert!(text.contains("copy\th\thost -> mock"), "{text}");
+    assert!(text.contains("copy\ts\tmock -> host"), "{text}");
     // The right answer: had any step read mock memory as host memory (or the other way
     // round), the scramble would have made it garbage.
     let mut c = d.inference().await;
@@ -284,4 +292,38 @@ async fn pooled_device_memory_is_returned_before_the_plugin_unloads() {
         "0",
         "device memory still allocated when the plugin shut down"
     );
+}
+
+#[test]
+fn a_copy_no_provider_can_make_is_refused_by_name() {
+    // In-process: the mock provider offers mock:0 and mock:1 but copies only within one
+    // device (as a GPU provider without peer access would).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let configs = [("mock-device".to_string(), "devices = 2\n".to_string())].into();
+    let registry = opregd::registry::Registry::new(dir.path().join("stage"), configs);
+    for (p, r) in registry.load_all(&[plugin("mock_device")]) {
+        if let Err(e) = r {
+            panic!("{}: {e}", p.display());
+        }
+    }
+    let snapshot = registry.snapshot();
+    let second = opreg_sdk::Device {
+        kind: opreg_sdk::DeviceKind::MOCK,
+        ordinal: 1,
+    };
+    let (a, b) = (
+        snapshot.device(opreg_sdk::Device::MOCK).expect("mock:0"),
+        snapshot.device(second).expect("mock:1"),
+    );
+    assert!(a.same_provider(&b));
+    let (src, dst) = (
+        a.alloc_pooled(64).expect("alloc on mock:0"),
+        b.alloc_pooled(64).expect("alloc on mock:1"),
+    );
+    use opreg_sdk::host::DeviceBuffer;
+    let err = a.copy(dst.mem(), src.mem(), 64).expect_err("no peer copy");
+    assert_eq!(err.code, opreg_sdk::ErrorCode::Unimplemented, "{err:?}");
+    for needle in ["mock-device", "mock -> mock:1"] {
+        assert!(err.message.contains(needle), "{needle}: {}", err.message);
+    }
 }

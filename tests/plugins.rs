@@ -214,6 +214,20 @@ async fn plugins_load_and_unload_at_run_time() {
         (out.plugin.as_str(), out.generation),
         ("mock-good", loaded.generation)
     );
+    // A plugin asking for an element type this daemon has no code for (as one built for a
+    // later ABI might): refused by name, and the daemon serves on.
+    let mut req = run_req("opreg.mock", "MockScale", &[1.0]);
+    req.attributes.push(pb::Attribute {
+        name: "out_dtype".into(),
+        value: Some(pb::attribute::Value::I(999)),
+    });
+    let err = reg.run_kernel(req).await.expect_err("unknown dtype");
+    assert_eq!(err.code(), Code::Unimplemented, "{}", err.message());
+    assert!(
+        err.message().contains("dtype 999") && err.message().contains("mock-good"),
+        "{}",
+        err.message()
+    );
 
     // Loading the same plugin again replaces it in a new generation (hot swap) with a new copy.
     let again = reg

@@ -8,7 +8,7 @@
 //! opreg models                         the repository index
 //! opreg load-model NAME [FILE]         submit FILE as version 1 (or reload NAME from the repository)
 //! opreg unload-model NAME
-//! opreg placement NAME                 which kernel and device each node got
+//! opreg placement NAME                 which kernel and device each node got, and the copies
 //! opreg infer NAME --input x=FP32:2x3:1,2,3,4,5,6
 //! opreg stats [NAME]
 //! ```
@@ -354,6 +354,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     n.kernel,
                     if n.folded { "\t(folded)" } else { "" }
                 );
+            }
+            for c in r.copies {
+                println!("copy\t{}\t{} -> {}", c.value, c.from, c.to);
             }
         }
         Cmd::Infer { name, inputs } => {

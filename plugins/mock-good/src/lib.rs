@@ -1,12 +1,15 @@
 //! A well-behaved mock plugin for tests: one kernel, one quantizer.
 //!
-//! `opreg.mock::MockScale(x) = x * scale` (attribute `scale`, default 2.0) for f32.
+//! `opreg.mock::MockScale(x) = x * scale` (attribute `scale`, default 2.0) for f32. With the
+//! attribute `out_dtype` (an element-type code) it asks the host for an output of that type
+//! instead, as a plugin built for a later ABI might: the host must refuse a code it does not
+//! know, by name.
 //! The quantizer `mock-minmax` turns min/max observations into asymmetric u8 parameters.
 
 use opreg_sdk::{abi_stable::std_types::ROption, prelude::*};
 
 #[derive(Clone)]
-struct Scale(f32);
+struct Scale(f32, Option<DType>);
 
 impl Kernel for Scale {
     fn compute(
@@ -18,6 +21,10 @@ impl Kernel for Scale {
             .first()
             .ok_or_else(|| PluginError::invalid("MockScale needs one input"))?
             .as_slice::<f32>()?;
+        if let Some(dtype) = self.1 {
+            ctx.output(0, dtype, inputs[0].shape())?;
+            return Ok(());
+        }
         let y = ctx.output_slice::<f32>(0, inputs[0].shape())?;
         let s = self.0;
         ctx.parallel_chunks(y, 1024, |start, out| {
@@ -100,7 +107,12 @@ fn register(r: &mut Registrar) {
             .inputs(&["T"])
             .outputs(&["T"]),
         |node: &NodeInfo<'_>| -> Result<Box<dyn Kernel>, PluginError> {
-            Ok(Box::new(Scale(node.float_or("scale", 2.0)?)))
+            let out = node
+                .attr("out_dtype")
+                .is_some()
+                .then(|| node.int_or("out_dtype", 1));
+            let out = out.transpose()?.map(|c| DType(c as i32));
+            Ok(Box::new(Scale(node.float_or("scale", 2.0)?, out)))
         },
     );
     r.quantizer(
@@ -175,7 +187,7 @@ mod tests {
             .domain("opreg.mock")
             .attr("scale", AttrValue::Float(-0.5));
         let factory = |n: &NodeInfo<'_>| -> Result<Box<dyn Kernel>, PluginError> {
-            Ok(Box::new(Scale(n.float_or("scale", 2.0)?)))
+            Ok(Box::new(Scale(n.float_or("scale", 2.0)?, None)))
         };
         let out = run_kernel(factory, &node, &[&t], None).expect("run");
         let y: Vec<f32> = out[0]

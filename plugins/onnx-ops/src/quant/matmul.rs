@@ -343,6 +343,10 @@ impl Kernel for QLinearMatMul {
                 y_scale[0],
             )
         }));
+        // The product goes through the BLAS as exact i32; the requantization stays here, not
+        // in the BLAS epilogue, because the reference rounds `acc * (a*b/y)` with the
+        // multiplier rounded in the scales' own type (f16/bf16 too), and conformance compares
+        // bit for bit. Fused graphs (QDQ -> integer ops) use the BLAS epilogue instead.
         let mut c = try_vec(dims.len()?, 0i32)?;
         if !dims.run_blas(ctx, OP, a, b, present(2), present(5), &mut c)? {
             let a32 = shifted(OP, "a_zero_point", a, present(2), true)?;
