@@ -2,17 +2,17 @@
 //! them.
 //!
 //! A plugin registers a device provider (see `opreg_sdk::device`); when it loads, the daemon
-//! asks the provider for its devices and keeps one [`Pool`] and one stream per device in the
-//! plugin's [`LoadedDevice`]. A [`DeviceHandle`] names one device of one loaded plugin and
-//! holds that plugin (its generation) alive: so does every buffer allocated through it, so a
-//! hot swap never unmaps code or memory a tensor still uses. Unloading drains the pools back to
-//! the provider before the plugin's `shutdown`.
+//! asks the provider for its devices and keeps one [`Pool`] and one stream per device in a
+//! [`LoadedDevice`] the plugin holds. A [`DeviceHandle`] names one device of one loaded plugin
+//! and holds that plugin (its generation) alive: so does every buffer allocated through it, so
+//! a hot swap never unmaps code or memory a tensor still uses. Unloading drains the pools back
+//! to the provider before the plugin's `shutdown`. (This module does not know plugins: the
+//! registry hands it what to keep alive.)
 
 mod pool;
 
 pub use pool::{size_class, Pool, PoolStats};
 
-use crate::plugin::LoadedPlugin;
 use opreg_sdk::{
     device::FfiDeviceProviderBox,
     host::{DeviceAlloc, DeviceBuffer},
@@ -54,7 +54,8 @@ impl LoadedDevice {
         })
     }
 
-    fn index(&self, device: Device) -> Option<usize> {
+    /// Position of `device` among this provider's devices.
+    pub fn index(&self, device: Device) -> Option<usize> {
         self.info.devices.iter().position(|&d| d == device)
     }
 }
@@ -75,47 +76,52 @@ impl Drop for LoadedDevice {
 /// One device of one loaded plugin.
 #[derive(Clone)]
 pub struct DeviceHandle {
-    plugin: Arc<LoadedPlugin>,
-    provider: usize,
+    // Before `owner`: the provider is dropped (when this was the last reference) while its
+    // plugin is still mapped.
+    loaded: Arc<LoadedDevice>,
     index: usize,
     pub device: Device,
+    plugin: Arc<str>,
+    /// Keeps the plugin generation that provides the device (its library) alive.
+    _owner: Arc<dyn Send + Sync>,
 }
 
 impl std::fmt::Debug for DeviceHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "DeviceHandle({} of {})", self.device, self.plugin.name)
+        write!(f, "DeviceHandle({} of {})", self.device, self.plugin)
     }
 }
 
 impl DeviceHandle {
-    /// `device` as `plugin` provides it, if it does.
-    pub fn find(plugin: &Arc<LoadedPlugin>, device: Device) -> Option<DeviceHandle> {
-        plugin
-            .devices
-            .iter()
-            .enumerate()
-            .find_map(|(p, d)| d.index(device).map(|i| (p, i)))
-            .map(|(provider, index)| DeviceHandle {
-                plugin: plugin.clone(),
-                provider,
-                index,
-                device,
-            })
+    /// `device` of `loaded` (a provider of the plugin `plugin`, kept alive by `owner`), if it
+    /// offers that device.
+    pub fn new(
+        loaded: &Arc<LoadedDevice>,
+        device: Device,
+        plugin: &str,
+        owner: Arc<dyn Send + Sync>,
+    ) -> Option<DeviceHandle> {
+        Some(DeviceHandle {
+            index: loaded.index(device)?,
+            loaded: loaded.clone(),
+            device,
+            plugin: plugin.into(),
+            _owner: owner,
+        })
     }
 
     fn loaded(&self) -> &LoadedDevice {
-        // Indices were found in this plugin's (immutable) device list.
-        &self.plugin.devices[self.provider]
+        &self.loaded
     }
 
     /// The plugin that provides the device.
     pub fn plugin(&self) -> &str {
-        &self.plugin.name
+        &self.plugin
     }
 
     /// Whether `other` is served by the same provider object (so it copies between them).
     pub fn same_provider(&self, other: &DeviceHandle) -> bool {
-        Arc::ptr_eq(&self.plugin, &other.plugin) && self.provider == other.provider
+        Arc::ptr_eq(&self.loaded, &other.loaded)
     }
 
     pub fn pool(&self) -> &Pool {
@@ -131,7 +137,7 @@ impl DeviceHandle {
             e.code,
             format!(
                 "device {} (plugin {}): {what}: {}",
-                self.device, self.plugin.name, e.message
+                self.device, self.plugin, e.message
             ),
         )
     }

@@ -1,19 +1,27 @@
 //! Running kernels: on the daemon's compute pool, in a host call frame.
 //!
 //! Kernel work never runs on tokio's workers (it would stall I/O); it runs on one rayon pool
-//! for the whole process, which is also what plugins' `parallel_for` uses.
+//! for the whole process, which is also what plugins' `parallel_for` uses. One path for every
+//! kernel: [`bind`] (resolved kernel + node description -> [`BoundKernel`]) then [`call`]
+//! (bound kernel + inputs -> outputs); graph steps, constant folding and RunKernel all use it,
+//! and fail with one error, [`KernelError`].
 
 // Request and model data reach this module: no unchecked index or slice.
 #![deny(clippy::indexing_slicing)]
 
+mod bind;
+mod call;
+
+pub use bind::{bind, BoundKernel, NodeDesc};
+pub use call::{call, CallLimits};
+
+pub(crate) use crate::plugin::log_from_plugin;
 use crate::registry::{KernelQuery, KernelRef, ResolveError, Snapshot};
 use opreg_sdk::{
-    context::LogLevel,
-    host::{CallFrame, HostTensor},
-    kernel::{Attribute, NodeInfo, ValueInfo},
+    host::HostTensor,
+    kernel::{Attribute, ValueInfo},
     Device, ErrorCode,
 };
-use std::borrow::Cow;
 use std::sync::Arc;
 
 /// The process-wide pool for kernel work.
@@ -74,25 +82,45 @@ pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "panic with a non-text payload".into())
 }
 
-/// An error from a kernel call, with enough context for the client.
+/// A kernel that refused a node or failed on it: the one error of the kernel-call path.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("node {node}: kernel of plugin '{plugin}' refused it: {message}")]
+    Refused {
+        node: String,
+        plugin: String,
+        code: ErrorCode,
+        message: String,
+    },
+    #[error("node {node}: kernel of plugin '{plugin}' failed: {message}")]
+    Failed {
+        node: String,
+        plugin: String,
+        code: ErrorCode,
+        message: String,
+    },
+    /// The call's stop check cut it short (deadline or cancellation); its outputs are gone.
+    #[error("node {node}: stopped before it finished")]
+    Stopped { node: String },
+}
+
+impl KernelError {
+    /// The plugin's error code (`Stopped` has none of its own: the caller says why).
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            KernelError::Refused { code, .. } | KernelError::Failed { code, .. } => Some(*code),
+            KernelError::Stopped { .. } => None,
+        }
+    }
+}
+
+/// An error of a compute job or a RunKernel call, with enough context for the client.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
     #[error(transparent)]
     Resolve(#[from] ResolveError),
-    #[error("kernel {op_type} of plugin '{plugin}' refused the node: {message}")]
-    Instantiate {
-        op_type: String,
-        plugin: String,
-        code: ErrorCode,
-        message: String,
-    },
-    #[error("kernel {op_type} of plugin '{plugin}' failed: {message}")]
-    Compute {
-        op_type: String,
-        plugin: String,
-        code: ErrorCode,
-        message: String,
-    },
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
     #[error("{0}")]
     Invalid(String),
     #[error("the compute task was lost")]
@@ -125,7 +153,7 @@ pub struct KernelResult {
     pub generation: u64,
 }
 
-/// Resolves and runs one kernel on the calling thread (call it from the compute pool).
+/// Resolves, binds and calls one kernel on the calling thread (call it from the compute pool).
 pub fn run_kernel(snapshot: &Arc<Snapshot>, call: &KernelCall) -> Result<KernelResult, ExecError> {
     if !call.device.host_accessible() {
         return Err(ExecError::Invalid(format!(
@@ -141,105 +169,67 @@ pub fn run_kernel(snapshot: &Arc<Snapshot>, call: &KernelCall) -> Result<KernelR
         device: call.device,
         inputs: &types,
     })?;
-    let plugin = kernel.plugin.name.clone();
     let shapes: Vec<Vec<i64>> = call
         .inputs
         .iter()
         .map(|t| t.shape().iter().map(|&d| d as i64).collect())
         .collect();
-    let input_infos: Vec<ValueInfo<'_>> = call
-        .inputs
-        .iter()
-        .zip(&shapes)
-        .map(|(t, s)| ValueInfo {
-            name: "",
-            present: true,
-            dtype: t.dtype(),
-            shape: Some(s.as_slice()),
-            constant: None,
-        })
-        .collect();
-    let output_infos: Vec<ValueInfo<'_>> = (0..call.num_outputs)
-        .map(|_| ValueInfo {
-            name: "",
-            present: true,
-            // Unknown before the kernel runs.
-            dtype: opreg_sdk::DType::F32,
-            shape: None,
-            constant: None,
-        })
-        .collect();
-    let log = |level: LogLevel, msg: &str| log_from_plugin(&plugin, level, msg);
-    let blas = snapshot.blas_for(call.device);
-    let load_frame = CallFrame::new(0, call.device, blas, &log);
-    let instance = load_frame
-        .with_context(|ctx| {
-            let node = NodeInfo {
+    let node = NodeDesc {
+        label: &call.op_type,
+        name: "",
+        domain: &call.domain,
+        op_type: &call.op_type,
+        opset: call.opset,
+        device: call.device,
+        attributes: &call.attributes,
+        inputs: call
+            .inputs
+            .iter()
+            .zip(&shapes)
+            .map(|(t, s)| ValueInfo {
                 name: "",
-                domain: call.domain.as_str(),
-                op_type: call.op_type.as_str(),
-                opset: call.opset,
-                device: call.device,
-                attributes: Cow::Borrowed(call.attributes.as_slice()),
-                inputs: input_infos,
-                outputs: output_infos,
-                blas: blas.map(|b| b.sabi_reborrow()),
-                context: Some(ctx.reborrow()),
-            };
-            kernel
-                .registration()
-                .factory
-                .instantiate(node.as_ffi())
-                .into_result()
-        })
-        .map_err(|e| ExecError::Instantiate {
-            op_type: call.op_type.clone(),
-            plugin: plugin.clone(),
-            code: e.code,
-            message: e.message.to_string(),
-        })?;
+                present: true,
+                dtype: t.dtype(),
+                shape: Some(s.as_slice()),
+                constant: None,
+            })
+            .collect(),
+        outputs: (0..call.num_outputs)
+            .map(|_| ValueInfo {
+                name: "",
+                present: true,
+                // Unknown before the kernel runs.
+                dtype: opreg_sdk::DType::F32,
+                shape: None,
+                constant: None,
+            })
+            .collect(),
+    };
+    let bound = bind(snapshot, &kernel, node)?;
     let views: Vec<_> = call.inputs.iter().map(|t| t.view()).collect();
-    let frame = CallFrame::new(
-        call.num_outputs,
-        call.device,
-        snapshot.blas_for(call.device),
-        &log,
-    )
-    .with_max_tensor_bytes(call.max_tensor_bytes);
     let stop = || {
         call.deadline
             .is_some_and(|d| std::time::Instant::now() >= d)
     };
-    let frame = frame.with_stop_check(&stop);
-    let computed =
-        frame.with_context(|ctx| instance.compute(ctx, views.as_slice().into()).into_result());
-    let compute_err = |e: opreg_sdk::PluginError| ExecError::Compute {
-        op_type: call.op_type.clone(),
-        plugin: plugin.clone(),
-        code: e.code,
-        message: e.message.to_string(),
+    let limits = CallLimits {
+        max_tensor_bytes: call.max_tensor_bytes,
+        stop: &stop,
     };
-    if frame.stopped() {
-        return Err(ExecError::DeadlineExceeded);
-    }
-    computed.map_err(compute_err)?;
-    let outputs = frame.into_outputs().map_err(compute_err)?;
-    // The kernel instance (plugin code) is dropped here, while `kernel` still holds the plugin.
-    drop(instance);
+    let outputs = match self::call::call(
+        snapshot,
+        &bound,
+        &call.op_type,
+        call.num_outputs,
+        &views,
+        &limits,
+    ) {
+        Ok(o) => o,
+        Err(KernelError::Stopped { .. }) => return Err(ExecError::DeadlineExceeded),
+        Err(e) => return Err(e.into()),
+    };
     Ok(KernelResult {
         outputs,
         generation: kernel.plugin.generation,
-        plugin,
+        plugin: kernel.plugin.name.clone(),
     })
-}
-
-pub(crate) fn log_from_plugin(plugin: &str, level: LogLevel, msg: &str) {
-    match level {
-        LogLevel::TRACE => tracing::trace!(target: "opreg::plugin", plugin, "{msg}"),
-        LogLevel::DEBUG => tracing::debug!(target: "opreg::plugin", plugin, "{msg}"),
-        LogLevel::WARN => tracing::warn!(target: "opreg::plugin", plugin, "{msg}"),
-        LogLevel::ERROR => tracing::error!(target: "opreg::plugin", plugin, "{msg}"),
-        // INFO, and levels added after this daemon was built.
-        _ => tracing::info!(target: "opreg::plugin", plugin, "{msg}"),
-    }
 }

@@ -7,27 +7,11 @@
 //! crossing between devices of different providers goes through the host (two copies), since
 //! neither provider can address the other's memory.
 
-use super::plan::{Step, Work};
+use super::compiled::{CopyInfo, Place, Step, Work};
 use super::GraphError;
 use crate::registry::Snapshot;
 use opreg_sdk::{DType, Device, MemoryType};
 use std::collections::HashMap;
-
-/// Where a value lives.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
-pub enum Place {
-    Host,
-    Device(Device),
-}
-
-impl std::fmt::Display for Place {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Place::Host => f.write_str("host"),
-            Place::Device(d) => write!(f, "{d}"),
-        }
-    }
-}
 
 /// Where a kernel on `device` wants (or puts) a value of `memory`.
 pub fn place_of(device: Device, memory: MemoryType) -> Place {
@@ -36,15 +20,6 @@ pub fn place_of(device: Device, memory: MemoryType) -> Place {
     } else {
         Place::Device(device)
     }
-}
-
-/// One copy step the plan has, for the placement query.
-#[derive(Clone, Debug, PartialEq)]
-pub struct CopyInfo {
-    /// The value copied (its name in the graph).
-    pub value: String,
-    pub from: Place,
-    pub to: Place,
 }
 
 /// Inserts the copy steps `steps` needs. `names` gives each slot's value name (for
@@ -73,39 +48,26 @@ pub fn insert(
         infos: &mut infos,
     };
     for mut step in steps {
-        let kernel = matches!(step.work, Work::Kernel { .. });
+        // Kernels say where they want each value; control flow runs on the host.
+        let (in_memory, out_memory) = match &step.work {
+            Work::Kernel(b) => (Some(b.input_memory.clone()), Some(b.output_memory.clone())),
+            _ => (None, None),
+        };
+        let device = step.device;
+        let at = |memory: &Option<Vec<MemoryType>>, i: usize| match memory {
+            Some(m) => place_of(device, m.get(i).copied().unwrap_or(MemoryType::DEVICE)),
+            None => Place::Host,
+        };
         for (i, input) in step.inputs.iter_mut().enumerate() {
             let Some(slot) = *input else { continue };
-            let want = if kernel {
-                place_of(
-                    step.device,
-                    step.input_memory
-                        .get(i)
-                        .copied()
-                        .unwrap_or(MemoryType::DEVICE),
-                )
-            } else {
-                Place::Host
-            };
-            *input = Some(ctx.ensure(slot, want, &step.label, &mut out)?);
+            *input = Some(ctx.ensure(slot, at(&in_memory, i), &step.label, &mut out)?);
         }
         for slot in step.captured.iter_mut() {
             *slot = ctx.ensure(*slot, Place::Host, &step.label, &mut out)?;
         }
         for (k, output) in step.outputs.iter().enumerate() {
             let Some(slot) = *output else { continue };
-            let at = if kernel {
-                place_of(
-                    step.device,
-                    step.output_memory
-                        .get(k)
-                        .copied()
-                        .unwrap_or(MemoryType::DEVICE),
-                )
-            } else {
-                Place::Host
-            };
-            ctx.place.insert(slot, at);
+            ctx.place.insert(slot, at(&out_memory, k));
         }
         out.push(step);
     }
@@ -200,8 +162,6 @@ impl Ctx<'_> {
             captured: Vec::new(),
             outputs: vec![Some(new)],
             release: Vec::new(),
-            input_memory: Vec::new(),
-            output_memory: Vec::new(),
         });
         self.place.insert(new, to);
         self.copied.insert((slot, to), new);

@@ -1,7 +1,7 @@
 //! Executing a copy step: host memory to a device, a device to host memory, or between two
 //! devices of one provider, through the provider's copy on the device's stream.
 
-use super::copies::Place;
+use super::compiled::Place;
 use crate::registry::Snapshot;
 use opreg_sdk::{host::HostTensor, Device, MemRef, MemoryType, PluginError};
 

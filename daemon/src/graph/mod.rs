@@ -2,6 +2,7 @@
 //! plan (dead-node removal, constant folding, kernel placement and binding, buffer liveness),
 //! then run the plan concurrently from many requests.
 
+mod compiled;
 mod copies;
 mod copy;
 mod import;
@@ -10,13 +11,11 @@ mod run;
 mod shapes;
 mod types;
 
-pub use copies::{CopyInfo, Place};
+pub use compiled::{CopyInfo, Place, Placement, Plan};
 pub use import::{import, Dim, IoSpec, Model};
-pub use plan::{compile, Plan};
+pub use plan::compile;
 pub use run::{run, run_profiled, run_with_control, RunControl};
 pub use shapes::Shape;
-
-use opreg_sdk::ErrorCode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GraphError {
@@ -28,20 +27,8 @@ pub enum GraphError {
     Unsupported(String),
     #[error("node {node}: {reason}")]
     NoKernel { node: String, reason: String },
-    #[error("node {node}: kernel of plugin '{plugin}' refused it: {message}")]
-    Instantiate {
-        node: String,
-        plugin: String,
-        code: ErrorCode,
-        message: String,
-    },
-    #[error("node {node}: kernel of plugin '{plugin}' failed: {message}")]
-    Kernel {
-        node: String,
-        plugin: String,
-        code: ErrorCode,
-        message: String,
-    },
+    #[error(transparent)]
+    Kernel(#[from] crate::exec::KernelError),
     #[error("input '{name}': {reason}")]
     Input { name: String, reason: String },
     #[error("request cancelled at node {node}: the client went away")]

@@ -7,23 +7,19 @@
 // Indexing here is into the plan's own tables (slots, nodes), sized by the plan as it is
 // built; what comes from the model is checked where it enters (names, arities, attributes).
 
+use super::compiled::{Placement, Plan};
+use super::compiled::{ScanSpec, Step, Work};
 use super::{
-    copies::{self, CopyInfo, Place},
+    copies,
     import::{import_subgraph, Dim, FormalInputs, Model},
-    run, shapes, types, GraphError,
+    shapes, types, GraphError,
 };
 use crate::{
-    exec::log_from_plugin,
-    plugin::{kernel_label, LoadedPlugin},
+    exec::{self, BoundKernel, CallLimits, KernelError, NodeDesc},
     registry::{KernelQuery, Snapshot},
 };
-use opreg_sdk::{
-    host::{CallFrame, HostTensor},
-    kernel::{FfiKernelBox, NodeInfo, ValueInfo},
-    AttrValue, DType, Device, LogLevel, MemoryType,
-};
+use opreg_sdk::{host::HostTensor, kernel::ValueInfo, AttrValue, DType, Device, TensorView};
 use std::{
-    borrow::Cow,
     collections::{HashMap, HashSet, VecDeque},
     sync::Arc,
 };
@@ -47,93 +43,6 @@ const CONTROL: &[(&str, &[&str])] = &[
     ("Loop", &["body"]),
     ("Scan", &["body"]),
 ];
-
-/// Where one node runs, for the placement query.
-#[derive(Clone, Debug)]
-pub struct Placement {
-    pub node: String,
-    pub op_type: String,
-    pub opset: i64,
-    /// `domain::Op(range)@device` of the kernel (`host::Op` for control flow).
-    pub kernel: String,
-    pub plugin: String,
-    pub device: Device,
-    /// Computed once at compile time (all inputs constant).
-    pub folded: bool,
-}
-
-/// What a step does.
-pub(super) enum Work {
-    Kernel {
-        // Declared before `plugin`: plugin code must be dropped while the library is mapped.
-        instance: FfiKernelBox,
-        plugin: Arc<LoadedPlugin>,
-    },
-    If {
-        then_branch: Box<Plan>,
-        else_branch: Box<Plan>,
-    },
-    Loop {
-        body: Box<Plan>,
-    },
-    Scan(Box<ScanSpec>),
-    /// Moves one value between host and device memory (see [`copies`](super::copies)).
-    Copy {
-        from: Place,
-        to: Place,
-    },
-}
-
-pub(super) struct ScanSpec {
-    pub body: Plan,
-    /// Number of state variables (the remaining inputs are scanned).
-    pub states: usize,
-    pub input_axes: Vec<i64>,
-    pub input_reverse: Vec<bool>,
-    pub output_axes: Vec<i64>,
-    pub output_reverse: Vec<bool>,
-}
-
-pub(super) struct Step {
-    pub label: String,
-    pub work: Work,
-    pub device: Device,
-    pub inputs: Vec<Option<usize>>,
-    /// Outer values the step's subgraphs read, in the order of their plans' captured inputs.
-    pub captured: Vec<usize>,
-    /// `None` for an output the node leaves unnamed (computed and dropped).
-    pub outputs: Vec<Option<usize>>,
-    /// Slots whose last reader is this step: released after it.
-    pub release: Vec<usize>,
-    /// Kernels: the memory type each input is wanted in, and each output produced in.
-    pub input_memory: Vec<MemoryType>,
-    pub output_memory: Vec<MemoryType>,
-}
-
-/// A model compiled against one registry snapshot; run it with [`run`](super::run).
-pub struct Plan {
-    pub(super) steps: Vec<Step>,
-    pub(super) slots: usize,
-    pub(super) constants: Vec<(usize, Arc<HostTensor>)>,
-    /// Formal inputs first, then captured outer values.
-    pub(super) inputs: Vec<(String, usize)>,
-    pub(super) formal_inputs: usize,
-    pub(super) outputs: Vec<(String, usize)>,
-    pub(super) output_types: Vec<Option<DType>>,
-    /// Inferred output shapes (symbolic where only known at run time).
-    pub output_shapes: Vec<shapes::Shape>,
-    pub placement: Vec<Placement>,
-    /// The copy steps at device boundaries, in plan order.
-    pub copies: Vec<CopyInfo>,
-    /// The snapshot the plan is bound to: keeps its plugins mapped and gives BLAS backends.
-    pub snapshot: Arc<Snapshot>,
-}
-
-impl Plan {
-    pub fn generation(&self) -> u64 {
-        self.snapshot.generation
-    }
-}
 
 /// Compiles `model` against `snapshot`, placing each node on the first device of `devices`
 /// that has a kernel for it. Call it on the compute pool: folding runs kernels.
@@ -537,58 +446,26 @@ fn compile_graph(
                 constant: None,
             })
             .collect();
-        let reg = kernel.registration();
-        // A context for the kernel's load-time work (packing weights) on the node's device.
-        let log = |level: LogLevel, msg: &str| log_from_plugin(&kernel.plugin.name, level, msg);
-        let handle = snapshot.device(device);
-        let mut load_frame = CallFrame::new(0, device, snapshot.blas_for(device), &log);
-        if let Some(h) = handle.as_ref().filter(|_| !device.host_accessible()) {
-            load_frame = load_frame.with_device(h, &[]);
-        }
-        // The node description borrows the constants; it ends with the closure, before
-        // folding below adds to them.
-        let instance = load_frame
-            .with_context(|ctx| {
-                let info = NodeInfo {
-                    name: n.name.as_str(),
-                    domain: n.domain.as_str(),
-                    op_type: n.op_type.as_str(),
-                    opset,
-                    device,
-                    attributes: Cow::Borrowed(n.attributes.as_slice()),
-                    inputs: input_infos,
-                    outputs: output_infos,
-                    blas: snapshot.blas_for(device).map(|b| b.sabi_reborrow()),
-                    context: Some(ctx.reborrow()),
-                };
-                reg.factory.instantiate(info.as_ffi()).into_result()
-            })
-            .map_err(|e| GraphError::Instantiate {
-                node: n.label(),
-                plugin: kernel.plugin.name.clone(),
-                code: e.code,
-                message: e.message.to_string(),
-            })?;
-        let label = kernel_label(&reg.desc);
-        let plugin_name = kernel.plugin.name.clone();
-        let step = Step {
-            label: n.label(),
-            work: Work::Kernel {
-                instance,
-                plugin: kernel.plugin.clone(),
+        // The node description borrows the constants; it ends with `bind`, before folding
+        // below adds to them.
+        let label = n.label();
+        let bound = exec::bind(
+            &snapshot,
+            &kernel,
+            NodeDesc {
+                label: &label,
+                name: &n.name,
+                domain: &n.domain,
+                op_type: &n.op_type,
+                opset,
+                device,
+                attributes: &n.attributes,
+                inputs: input_infos,
+                outputs: output_infos,
             },
-            device,
-            input_memory: (0..in_slots.len())
-                .map(|i| reg.desc.input_memory_of(i))
-                .collect(),
-            output_memory: (0..out_slots.len())
-                .map(|i| reg.desc.output_memory_of(i))
-                .collect(),
-            inputs: in_slots.clone(),
-            captured: Vec::new(),
-            outputs: out_slots.clone(),
-            release: Vec::new(),
-        };
+        )?;
+        let kernel_name = bound.kernel.clone();
+        let plugin_name = kernel.plugin.name.clone();
 
         // Constant folding: every present input is a constant, and the results fit in what is
         // left of the model's folding budget (a tiny model must not make a huge constant at
@@ -597,34 +474,15 @@ fn compile_graph(
             && in_slots.iter().flatten().all(|s| constants.contains_key(s))
             && device.host_accessible();
         let folded = if foldable {
-            let ins: Vec<Option<Arc<HostTensor>>> = in_slots
-                .iter()
-                .map(|s| s.and_then(|s| constants.get(&s).cloned()))
-                .collect();
-            // A fold gets the rest of the byte budget and a few seconds: a node that needs more
-            // is left to run per request, under the request's deadline and limits.
-            let control = run::RunControl::new(
-                *fold_budget,
-                *fold_budget,
-                Some(std::time::Instant::now() + FOLD_STEP_TIME),
-            );
-            match run::run_kernel_step(&step, &ins, &snapshot, &control) {
-                Ok(outs) => {
-                    let bytes: usize = outs.iter().map(|t| t.bytes().len()).sum();
-                    (bytes <= *fold_budget).then(|| {
-                        *fold_budget -= bytes;
-                        outs
-                    })
-                }
-                Err(
-                    GraphError::Kernel {
-                        code: opreg_sdk::ErrorCode::ResourceExhausted,
-                        ..
-                    }
-                    | GraphError::DeadlineExceeded { .. },
-                ) => None,
-                Err(e) => return Err(e),
-            }
+            fold(
+                &snapshot,
+                &bound,
+                &label,
+                &in_slots,
+                out_slots.len(),
+                &constants,
+                fold_budget,
+            )?
         } else {
             None
         };
@@ -632,7 +490,7 @@ fn compile_graph(
             node: n.name.clone(),
             op_type: n.op_type.clone(),
             opset: domain_opset,
-            kernel: label,
+            kernel: kernel_name,
             plugin: plugin_name,
             device,
             folded: folded.is_some(),
@@ -647,7 +505,15 @@ fn compile_graph(
             }
             continue;
         }
-        steps.push(step);
+        steps.push(Step {
+            label,
+            work: Work::Kernel(bound),
+            device,
+            inputs: in_slots.clone(),
+            captured: Vec::new(),
+            outputs: out_slots.clone(),
+            release: Vec::new(),
+        });
     }
 
     let outputs: Vec<(String, usize)> = model
@@ -705,6 +571,45 @@ fn compile_graph(
         copies,
         snapshot,
     })
+}
+
+/// Runs a node whose inputs are all constants once, at load, when its results fit in what is
+/// left of `budget`: `None` when it does not fit or takes longer than [`FOLD_STEP_TIME`] (the
+/// node then runs per request, under the request's limits).
+fn fold(
+    snapshot: &Snapshot,
+    bound: &BoundKernel,
+    label: &str,
+    in_slots: &[Option<usize>],
+    num_outputs: usize,
+    constants: &HashMap<usize, Arc<HostTensor>>,
+    budget: &mut usize,
+) -> Result<Option<Vec<HostTensor>>, GraphError> {
+    let views: Vec<TensorView<'_>> = in_slots
+        .iter()
+        .map(|s| {
+            s.and_then(|s| constants.get(&s))
+                .map_or(TensorView::absent(), |t| t.view())
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + FOLD_STEP_TIME;
+    let stop = || std::time::Instant::now() >= deadline;
+    let limits = CallLimits {
+        max_tensor_bytes: *budget,
+        stop: &stop,
+    };
+    match exec::call(snapshot, bound, label, num_outputs, &views, &limits) {
+        Ok(outs) => {
+            let bytes: usize = outs.iter().map(|t| t.byte_len()).sum();
+            Ok((bytes <= *budget).then(|| {
+                *budget -= bytes;
+                outs
+            }))
+        }
+        Err(KernelError::Stopped { .. }) => Ok(None),
+        Err(e) if e.code() == Some(opreg_sdk::ErrorCode::ResourceExhausted) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -862,8 +767,6 @@ fn compile_control(
         captured: captured_slots,
         outputs,
         release: Vec::new(),
-        input_memory: Vec::new(),
-        output_memory: Vec::new(),
     })
 }
 

@@ -5,15 +5,14 @@
 #![deny(clippy::indexing_slicing)]
 
 use super::{
-    copy,
-    plan::{ScanSpec, Step, Work},
-    GraphError, Plan,
+    compiled::{Plan, ScanSpec, Step, Work},
+    copy, GraphError,
 };
-use crate::{exec::log_from_plugin, registry::Snapshot};
-use opreg_sdk::{
-    host::{CallFrame, HostTensor},
-    DType, LogLevel, TensorView,
+use crate::{
+    exec::{self, BoundKernel, CallLimits, KernelError},
+    registry::Snapshot,
 };
+use opreg_sdk::{host::HostTensor, DType, TensorView};
 use std::{
     collections::HashMap,
     sync::{
@@ -241,7 +240,7 @@ fn run_with(
             .map(|s| s.and_then(|s| values.get(s)))
             .collect();
         let outs: Vec<Value> = match &step.work {
-            Work::Kernel { .. } => { run_kernel_step(step, &ins, &plan.snapshot, control)? }
+            Work::Kernel(bound) => { run_kernel_step(step, bound, &ins, &plan.snapshot, control)? }
                 .into_iter()
                 .map(Arc::new)
                 .collect(),
@@ -249,13 +248,14 @@ fn run_with(
                 let t = ins.first().cloned().flatten().ok_or_else(|| {
                     GraphError::Invalid(format!("{}: nothing to copy", step.label))
                 })?;
-                let moved =
-                    copy::copy(&plan.snapshot, &t, *from, *to).map_err(|e| GraphError::Kernel {
+                let moved = copy::copy(&plan.snapshot, &t, *from, *to).map_err(|e| {
+                    KernelError::Failed {
                         node: step.label.clone(),
                         plugin: "opregd".into(),
                         code: e.code,
                         message: e.message.to_string(),
-                    })?;
+                    }
+                })?;
                 control.copies.fetch_add(1, Ordering::Relaxed);
                 control
                     .copy_bytes
@@ -301,60 +301,40 @@ fn run_with(
 }
 
 /// Runs one kernel step on `inputs` (by position; `None` for absent ones).
-pub(super) fn run_kernel_step(
+fn run_kernel_step(
     step: &Step,
+    bound: &BoundKernel,
     inputs: &[Option<Value>],
     snapshot: &Snapshot,
     control: &RunControl,
 ) -> Result<Vec<HostTensor>, GraphError> {
-    let blas = snapshot.blas_for(step.device);
-    let Work::Kernel { instance, plugin } = &step.work else {
-        return Err(GraphError::Invalid(format!(
-            "node {} is not a kernel step",
-            step.label
-        )));
-    };
     let views: Vec<TensorView<'_>> = inputs
         .iter()
         .map(|t| t.as_ref().map_or(TensorView::absent(), |t| t.view()))
         .collect();
-    let plugin = plugin.name.as_str();
-    let log = |level: LogLevel, msg: &str| log_from_plugin(plugin, level, msg);
     let stop = || control.should_stop();
-    let mut frame = CallFrame::new(step.outputs.len(), step.device, blas, &log)
-        .with_max_tensor_bytes(control.max_tensor_bytes())
-        .with_stop_check(&stop);
-    let device = if step.device.host_accessible() {
-        None
-    } else {
-        Some(snapshot.device(step.device).ok_or_else(|| {
-            GraphError::Invalid(format!(
-                "node {}: no loaded plugin provides device {}",
-                step.label, step.device
-            ))
-        })?)
+    let limits = CallLimits {
+        max_tensor_bytes: control.max_tensor_bytes(),
+        stop: &stop,
     };
-    if let Some(d) = &device {
-        frame = frame.with_device(d, &step.output_memory);
+    match exec::call(
+        snapshot,
+        bound,
+        &step.label,
+        step.outputs.len(),
+        &views,
+        &limits,
+    ) {
+        Ok(outs) => Ok(outs),
+        Err(KernelError::Stopped { .. }) => {
+            // Chunks were skipped: whatever the kernel computed is incomplete. Say why.
+            control.check(&step.label)?;
+            Err(GraphError::DeadlineExceeded {
+                node: step.label.clone(),
+            })
+        }
+        Err(e) => Err(e.into()),
     }
-    let failed = |e: opreg_sdk::PluginError| GraphError::Kernel {
-        node: step.label.clone(),
-        plugin: plugin.to_string(),
-        code: e.code,
-        message: e.message.to_string(),
-    };
-    let computed =
-        frame.with_context(|ctx| instance.compute(ctx, views.as_slice().into()).into_result());
-    if frame.stopped() {
-        // Chunks were skipped: whatever the kernel returned is incomplete.
-        control.check(&step.label)?;
-    }
-    computed.map_err(failed)?;
-    if let Some(d) = &device {
-        // The kernel enqueued on the device's stream: its outputs are ready after this.
-        d.synchronize().map_err(failed)?;
-    }
-    frame.into_outputs().map_err(failed)
 }
 
 fn invalid(step: &Step, msg: impl std::fmt::Display) -> GraphError {

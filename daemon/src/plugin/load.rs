@@ -33,7 +33,7 @@ pub struct LoadedPlugin {
     pub backends: Vec<BlasRegistration>,
     pub quantizers: Vec<QuantizerRegistration>,
     /// Device providers, with their pools (drained back to the provider when this drops).
-    pub devices: Vec<LoadedDevice>,
+    pub devices: Vec<Arc<LoadedDevice>>,
     /// Declared last so it drops last: the objects above hold function pointers into it.
     pub library: Arc<Library>,
 }
@@ -147,7 +147,7 @@ pub fn load(
     let devices = registration
         .devices
         .into_iter()
-        .map(|d| LoadedDevice::new(d.provider))
+        .map(|d| LoadedDevice::new(d.provider).map(Arc::new))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| LoadError::Register {
             path: path.to_owned(),
@@ -189,7 +189,7 @@ fn self_test(p: &LoadedPlugin) -> Result<(), LoadError> {
     }
     for b in &p.backends {
         let plugin = p.name.as_str();
-        let log = |level, msg: &str| crate::exec::log_from_plugin(plugin, level, msg);
+        let log = |level, msg: &str| super::log_from_plugin(plugin, level, msg);
         let frame = CallFrame::new(0, b.desc.device, Some(&b.backend), &log);
         frame
             .with_context(|ctx| b.backend.self_test(ctx).into_result())

@@ -7,6 +7,7 @@ mod load;
 pub use error::LoadError;
 pub use load::{kernel_label, load, LoadedPlugin};
 
+use opreg_sdk::LogLevel;
 use std::path::{Path, PathBuf};
 
 /// The file names the daemon loads from a plugin folder: `libopreg_*.so` (Linux),
@@ -28,6 +29,18 @@ pub fn scan_dir(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         .collect();
     files.sort();
     Ok(files)
+}
+
+/// Writes one log line of plugin code into the daemon's `tracing` subscriber.
+pub(crate) fn log_from_plugin(plugin: &str, level: LogLevel, msg: &str) {
+    match level {
+        LogLevel::TRACE => tracing::trace!(target: "opreg::plugin", plugin, "{msg}"),
+        LogLevel::DEBUG => tracing::debug!(target: "opreg::plugin", plugin, "{msg}"),
+        LogLevel::WARN => tracing::warn!(target: "opreg::plugin", plugin, "{msg}"),
+        LogLevel::ERROR => tracing::error!(target: "opreg::plugin", plugin, "{msg}"),
+        // INFO, and levels added after this daemon was built.
+        _ => tracing::info!(target: "opreg::plugin", plugin, "{msg}"),
+    }
 }
 
 #[cfg(test)]

@@ -25,9 +25,22 @@ use std::{
 pub struct Snapshot {
     pub generation: u64,
     pub plugins: BTreeMap<String, Arc<LoadedPlugin>>,
+    /// Kernels by (domain, op type), so resolving a node costs what its own op has registered,
+    /// not what every plugin has.
+    index: resolve::Index,
 }
 
 impl Snapshot {
+    /// The snapshot of `plugins` at `generation`, with its kernel index.
+    pub fn new(generation: u64, plugins: BTreeMap<String, Arc<LoadedPlugin>>) -> Self {
+        let index = resolve::Index::build(&plugins);
+        Snapshot {
+            generation,
+            plugins,
+            index,
+        }
+    }
+
     /// The highest-priority BLAS backend for `device`.
     pub fn blas_for(&self, device: Device) -> Option<&FfiBlasBox> {
         self.plugins
@@ -40,9 +53,12 @@ impl Snapshot {
 
     /// `device` as the first plugin (by name) that provides it.
     pub fn device(&self, device: Device) -> Option<DeviceHandle> {
-        self.plugins
-            .values()
-            .find_map(|p| DeviceHandle::find(p, device))
+        self.plugins.values().find_map(|p| {
+            let owner: Arc<dyn Send + Sync> = p.clone();
+            p.devices
+                .iter()
+                .find_map(|d| DeviceHandle::new(d, device, &p.name, owner.clone()))
+        })
     }
 }
 
@@ -103,10 +119,8 @@ impl Registry {
                 });
             results.push((path.clone(), r));
         }
-        self.current.store(Arc::new(Snapshot {
-            generation,
-            plugins,
-        }));
+        self.current
+            .store(Arc::new(Snapshot::new(generation, plugins)));
         results
     }
 
@@ -129,10 +143,8 @@ impl Registry {
         let p = Arc::new(admit(&old.plugins, loaded)?);
         let mut plugins = old.plugins.clone();
         plugins.insert(p.name.clone(), p.clone());
-        self.current.store(Arc::new(Snapshot {
-            generation,
-            plugins,
-        }));
+        self.current
+            .store(Arc::new(Snapshot::new(generation, plugins)));
         Ok((p, generation))
     }
 
@@ -146,10 +158,8 @@ impl Registry {
         let mut plugins = old.plugins.clone();
         plugins.remove(name);
         let generation = old.generation + 1;
-        self.current.store(Arc::new(Snapshot {
-            generation,
-            plugins,
-        }));
+        self.current
+            .store(Arc::new(Snapshot::new(generation, plugins)));
         Ok(generation)
     }
 }

@@ -1,13 +1,77 @@
 //! Kernel resolution: which registered kernel runs a node.
 //!
-//! As in ONNX Runtime: candidates are the kernels of the node's (domain, op_type) on the
-//! requested device whose opset range covers the node's resolved opset and whose type
-//! constraints accept the node's input types; the highest priority wins.
+//! As in ONNX Runtime (`kernel_registry.cc`): candidates are the kernels registered for the
+//! node's (domain, op type), found through an index; among those on the requested device whose
+//! opset range covers the node's opset and whose type constraints accept its input types, the
+//! highest priority wins. An open-ended kernel (`OPEN_END`) covers opsets up to the newest
+//! schema this daemon knows for a standard domain, not opsets that do not exist yet: their
+//! operators may change meaning.
 
 use super::Snapshot;
 use crate::plugin::{kernel_label, LoadedPlugin};
-use opreg_sdk::{module::KernelRegistration, DType, Device, KernelDesc};
-use std::sync::Arc;
+use opreg_sdk::{module::KernelRegistration, DType, Device, KernelDesc, OPEN_END};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
+
+/// The newest opset of each standard domain this daemon knows (the schemas of onnx 1.23.2).
+const LATEST_KNOWN: &[(&str, i32)] = &[
+    ("", 28),
+    ("ai.onnx.ml", 5),
+    ("ai.onnx.preview", 1),
+    ("ai.onnx.preview.training", 1),
+];
+
+/// The newest opset of `domain` this daemon knows, for standard domains.
+pub fn latest_known(domain: &str) -> Option<i32> {
+    let domain = normalise(domain);
+    LATEST_KNOWN
+        .iter()
+        .find(|(d, _)| *d == domain)
+        .map(|&(_, v)| v)
+}
+
+/// Whether `d` covers `opset`, with open ends closed at the newest known opset.
+fn covers(d: &KernelDesc, opset: i32) -> bool {
+    let end = match (d.end_version, latest_known(&d.domain)) {
+        (OPEN_END, Some(latest)) => latest,
+        (end, _) => end,
+    };
+    d.since_version <= opset && opset <= end
+}
+
+/// A registered kernel: its plugin and its position in the plugin's kernels.
+type Entry = (Arc<LoadedPlugin>, usize);
+
+/// Kernels by (normalised domain, op type).
+#[derive(Default)]
+pub(super) struct Index(HashMap<(String, String), Vec<Entry>>);
+
+impl Index {
+    pub(super) fn build(plugins: &BTreeMap<String, Arc<LoadedPlugin>>) -> Self {
+        let mut map: HashMap<(String, String), Vec<Entry>> = HashMap::new();
+        for p in plugins.values() {
+            for (i, k) in p.kernels.iter().enumerate() {
+                map.entry((
+                    normalise(&k.desc.domain).to_string(),
+                    k.desc.op_type.clone(),
+                ))
+                .or_default()
+                .push((p.clone(), i));
+            }
+        }
+        Index(map)
+    }
+
+    fn get(&self, domain: &str, op: &str) -> &[Entry] {
+        // A lookup without allocating a key per query would need a borrowed-key map; one
+        // small String pair per resolved node is noise next to instantiating its kernel.
+        self.0
+            .get(&(domain.to_string(), op.to_string()))
+            .map_or(&[], Vec::as_slice)
+    }
+}
 
 /// What a node needs.
 pub struct KernelQuery<'a> {
@@ -59,38 +123,40 @@ impl Snapshot {
         let domain = normalise(q.domain);
         let mut best: Option<(i32, KernelRef)> = None;
         let mut near = Vec::new();
-        for plugin in self.plugins.values() {
-            for (index, k) in plugin.kernels.iter().enumerate() {
-                let d = &k.desc;
-                if normalise(d.domain.as_str()) != domain || d.op_type.as_str() != q.op_type {
-                    continue;
-                }
-                let why_not = if d.device != q.device {
-                    Some(format!("{} is on {}", kernel_label(d), d.device))
-                } else if !d.covers(q.opset) {
-                    Some(format!(
-                        "{} does not cover opset {}",
+        for (plugin, index) in self.index.get(domain, q.op_type) {
+            let index = *index;
+            let Some(k) = plugin.kernels.get(index) else {
+                continue;
+            };
+            let d = &k.desc;
+            let why_not = if d.device != q.device {
+                Some(format!("{} is on {}", kernel_label(d), d.device))
+            } else if !covers(d, q.opset) {
+                Some(match latest_known(domain) {
+                    Some(latest) if q.opset > latest => format!(
+                        "{} does not cover opset {}: the newest this daemon knows is {latest}",
                         kernel_label(d),
                         q.opset
-                    ))
-                } else {
-                    d.accepts(q.inputs)
-                        .err()
-                        .map(|e| format!("{}: {e}", kernel_label(d)))
-                };
-                if let Some(w) = why_not {
-                    near.push(w);
-                    continue;
-                }
-                if best.as_ref().is_none_or(|(p, _)| d.priority > *p) {
-                    best = Some((
-                        d.priority,
-                        KernelRef {
-                            plugin: plugin.clone(),
-                            index,
-                        },
-                    ));
-                }
+                    ),
+                    _ => format!("{} does not cover opset {}", kernel_label(d), q.opset),
+                })
+            } else {
+                d.accepts(q.inputs)
+                    .err()
+                    .map(|e| format!("{}: {e}", kernel_label(d)))
+            };
+            if let Some(w) = why_not {
+                near.push(w);
+                continue;
+            }
+            if best.as_ref().is_none_or(|(p, _)| d.priority > *p) {
+                best = Some((
+                    d.priority,
+                    KernelRef {
+                        plugin: plugin.clone(),
+                        index,
+                    },
+                ));
             }
         }
         best.map(|(_, k)| k).ok_or_else(|| ResolveError::NoKernel {
@@ -143,7 +209,20 @@ fn types_overlap(a: &KernelDesc, b: &KernelDesc) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use opreg_sdk::OPEN_END;
+
+    #[test]
+    fn open_ends_stop_at_the_newest_known_opset_of_standard_domains() {
+        let relu = KernelDesc::onnx("Relu", 14, OPEN_END);
+        assert!(covers(&relu, 14) && covers(&relu, 28));
+        assert!(!covers(&relu, 29), "an opset that does not exist yet");
+        assert!(!covers(&relu, 13));
+        let ml = KernelDesc::new("ai.onnx.ml", "LinearClassifier", 1, OPEN_END);
+        assert!(covers(&ml, 5) && !covers(&ml, 6));
+        // Custom domains have no known newest version: open means open.
+        let custom = KernelDesc::new("my.ops", "Fancy", 1, OPEN_END);
+        assert!(covers(&custom, 1000));
+        assert!(covers(&KernelDesc::new("ai.onnx", "Relu", 6, 13), 13));
+    }
 
     #[test]
     fn ambiguity_needs_same_priority_overlapping_ranges_and_types() {

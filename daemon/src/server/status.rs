@@ -67,7 +67,7 @@ impl From<ExecError> for Status {
     fn from(e: ExecError) -> Status {
         let code = match &e {
             ExecError::Resolve(_) => Code::Unimplemented,
-            ExecError::Instantiate { code, .. } | ExecError::Compute { code, .. } => code_of(*code),
+            ExecError::Kernel(k) => kernel_code(k),
             ExecError::Invalid(_) => Code::InvalidArgument,
             ExecError::Lost | ExecError::Panicked(_) => Code::Internal,
             ExecError::DeadlineExceeded => Code::DeadlineExceeded,
@@ -76,12 +76,21 @@ impl From<ExecError> for Status {
     }
 }
 
+fn kernel_code(e: &crate::exec::KernelError) -> Code {
+    match e.code() {
+        Some(code) => code_of(code),
+        // A stopped call is reported by its caller (deadline or cancellation); on its own it
+        // means the deadline.
+        None => Code::DeadlineExceeded,
+    }
+}
+
 fn graph_code(e: &crate::graph::GraphError) -> Code {
     use crate::graph::GraphError as G;
     match e {
         G::Decode(_) | G::Invalid(_) | G::Input { .. } => Code::InvalidArgument,
         G::Unsupported(_) | G::NoKernel { .. } => Code::Unimplemented,
-        G::Instantiate { code, .. } | G::Kernel { code, .. } => code_of(*code),
+        G::Kernel(k) => kernel_code(k),
         G::Cancelled { .. } => Code::Cancelled,
         G::DeadlineExceeded { .. } => Code::DeadlineExceeded,
         G::Limit { .. } => Code::ResourceExhausted,

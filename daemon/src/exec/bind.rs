@@ -1,0 +1,91 @@
+//! Binding: a resolved kernel instantiated for one node. The one place the host builds the
+//! node description a kernel factory sees (through the ABI's accessors), with a load-time
+//! context on the node's device for packing weights.
+
+use super::{log_from_plugin, KernelError};
+use crate::plugin::{kernel_label, LoadedPlugin};
+use crate::registry::{KernelRef, Snapshot};
+use opreg_sdk::{
+    host::CallFrame,
+    kernel::{Attribute, FfiKernelBox, NodeInfo, ValueInfo},
+    Device, LogLevel, MemoryType,
+};
+use std::{borrow::Cow, sync::Arc};
+
+/// What the host knows about a node when it binds a kernel to it.
+pub struct NodeDesc<'a> {
+    /// For messages: `name (op)` or the op type.
+    pub label: &'a str,
+    pub name: &'a str,
+    pub domain: &'a str,
+    pub op_type: &'a str,
+    pub opset: i32,
+    pub device: Device,
+    pub attributes: &'a [Attribute],
+    pub inputs: Vec<ValueInfo<'a>>,
+    pub outputs: Vec<ValueInfo<'a>>,
+}
+
+/// A kernel instantiated for one node, ready to call.
+pub struct BoundKernel {
+    // Declared before `plugin`: plugin code must be dropped while the library is mapped.
+    pub instance: FfiKernelBox,
+    pub plugin: Arc<LoadedPlugin>,
+    /// `domain::Op(range)@device` of the registration.
+    pub kernel: String,
+    pub device: Device,
+    /// The memory type each input is wanted in, and each output produced in.
+    pub input_memory: Vec<MemoryType>,
+    pub output_memory: Vec<MemoryType>,
+}
+
+/// Instantiates `kernel` for `node`. An error fails the model load (or the RunKernel call),
+/// naming the node and plugin.
+pub fn bind(
+    snapshot: &Snapshot,
+    kernel: &KernelRef,
+    node: NodeDesc<'_>,
+) -> Result<BoundKernel, KernelError> {
+    let reg = kernel.registration();
+    let plugin = &kernel.plugin;
+    let device = node.device;
+    let (num_in, num_out) = (node.inputs.len(), node.outputs.len());
+    let log = |level: LogLevel, msg: &str| log_from_plugin(&plugin.name, level, msg);
+    let blas = snapshot.blas_for(device);
+    let handle = snapshot.device(device);
+    let mut load_frame = CallFrame::new(0, device, blas, &log);
+    if let Some(h) = handle.as_ref().filter(|_| !device.host_accessible()) {
+        load_frame = load_frame.with_device(h, &[]);
+    }
+    let label = node.label.to_string();
+    let instance = load_frame
+        .with_context(|ctx| {
+            let info = NodeInfo {
+                name: node.name,
+                domain: node.domain,
+                op_type: node.op_type,
+                opset: node.opset,
+                device,
+                attributes: Cow::Borrowed(node.attributes),
+                inputs: node.inputs,
+                outputs: node.outputs,
+                blas: blas.map(|b| b.sabi_reborrow()),
+                context: Some(ctx.reborrow()),
+            };
+            reg.factory.instantiate(info.as_ffi()).into_result()
+        })
+        .map_err(|e| KernelError::Refused {
+            node: label,
+            plugin: plugin.name.clone(),
+            code: e.code,
+            message: e.message.to_string(),
+        })?;
+    Ok(BoundKernel {
+        instance,
+        plugin: plugin.clone(),
+        kernel: kernel_label(&reg.desc),
+        device,
+        input_memory: (0..num_in).map(|i| reg.desc.input_memory_of(i)).collect(),
+        output_memory: (0..num_out).map(|i| reg.desc.output_memory_of(i)).collect(),
+    })
+}

@@ -1,0 +1,113 @@
+//! The compiled form of a graph: a plan of steps (what each does, which value slots it reads
+//! and writes, which it releases), where nodes were placed and where values are copied.
+//! Written by the compiler (`plan`, `copies`), read by execution (`run`) and the placement
+//! query; it imports neither, so they do not import each other.
+
+use crate::{exec::BoundKernel, registry::Snapshot};
+use opreg_sdk::{host::HostTensor, DType, Device};
+use std::sync::Arc;
+
+/// Where a value lives.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Place {
+    Host,
+    Device(Device),
+}
+
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Place::Host => f.write_str("host"),
+            Place::Device(d) => write!(f, "{d}"),
+        }
+    }
+}
+
+/// One copy step the plan has, for the placement query.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CopyInfo {
+    /// The value copied (its name in the graph).
+    pub value: String,
+    pub from: Place,
+    pub to: Place,
+}
+
+/// Where one node runs, for the placement query.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    pub node: String,
+    pub op_type: String,
+    pub opset: i64,
+    /// `domain::Op(range)@device` of the kernel (`host::Op` for control flow).
+    pub kernel: String,
+    pub plugin: String,
+    pub device: Device,
+    /// Computed once at compile time (all inputs constant).
+    pub folded: bool,
+}
+
+/// A model compiled against one registry snapshot; run it with [`run`](super::run).
+pub struct Plan {
+    pub(super) steps: Vec<Step>,
+    pub(super) slots: usize,
+    pub(super) constants: Vec<(usize, Arc<HostTensor>)>,
+    /// Formal inputs first, then captured outer values.
+    pub(super) inputs: Vec<(String, usize)>,
+    pub(super) formal_inputs: usize,
+    pub(super) outputs: Vec<(String, usize)>,
+    pub(super) output_types: Vec<Option<DType>>,
+    /// Inferred output shapes (symbolic where only known at run time).
+    pub output_shapes: Vec<super::shapes::Shape>,
+    pub placement: Vec<Placement>,
+    /// The copy steps at device boundaries, in plan order.
+    pub copies: Vec<CopyInfo>,
+    /// The snapshot the plan is bound to: keeps its plugins mapped and gives BLAS backends.
+    pub snapshot: Arc<Snapshot>,
+}
+
+impl Plan {
+    pub fn generation(&self) -> u64 {
+        self.snapshot.generation
+    }
+}
+
+/// What a step does.
+pub(super) enum Work {
+    Kernel(BoundKernel),
+    If {
+        then_branch: Box<Plan>,
+        else_branch: Box<Plan>,
+    },
+    Loop {
+        body: Box<Plan>,
+    },
+    Scan(Box<ScanSpec>),
+    /// Moves one value between host and device memory (see [`copies`](super::copies)).
+    Copy {
+        from: Place,
+        to: Place,
+    },
+}
+
+pub(super) struct ScanSpec {
+    pub body: Plan,
+    /// Number of state variables (the remaining inputs are scanned).
+    pub states: usize,
+    pub input_axes: Vec<i64>,
+    pub input_reverse: Vec<bool>,
+    pub output_axes: Vec<i64>,
+    pub output_reverse: Vec<bool>,
+}
+
+pub(super) struct Step {
+    pub label: String,
+    pub work: Work,
+    pub device: Device,
+    pub inputs: Vec<Option<usize>>,
+    /// Outer values the step's subgraphs read, in the order of their plans' captured inputs.
+    pub captured: Vec<usize>,
+    /// `None` for an output the node leaves unnamed (computed and dropped).
+    pub outputs: Vec<Option<usize>>,
+    /// Slots whose last reader is this step: released after it.
+    pub release: Vec<usize>,
+}
