@@ -10,6 +10,7 @@
 //! opreg unload-model NAME
 //! opreg placement NAME                 which kernel and device each node got, and the copies
 //! opreg infer NAME --input x=FP32:2x3:1,2,3,4,5,6
+//! opreg optimize MODEL.onnx OUT.onnx      standard graph passes, written back as ONNX (local)
 //! opreg stats [NAME]
 //! ```
 
@@ -77,6 +78,15 @@ enum Cmd {
     },
     /// Inference statistics.
     Stats { name: Option<String> },
+    /// Rewrite an ONNX file with the graph passes whose result is standard ONNX (no daemon
+    /// needed); prints each pass's node counts.
+    Optimize {
+        model: std::path::PathBuf,
+        out: std::path::PathBuf,
+        /// Initializers of at least this many bytes go to `<OUT>.data` (ONNX external data).
+        #[arg(long, default_value_t = 1 << 20)]
+        external_data_threshold: usize,
+    },
 }
 
 /// Adds `authorization: Bearer <token>` to every call.
@@ -185,7 +195,49 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
+/// `opreg optimize`: import, run the standard passes, export.
+fn optimize(
+    model: &std::path::Path,
+    out: &std::path::Path,
+    threshold: usize,
+) -> anyhow::Result<()> {
+    let bytes = std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
+    let mut m = opregd::graph::import(&bytes, model.parent())
+        .with_context(|| format!("importing {}", model.display()))?;
+    for r in opregd::graph::optimize(&mut m)? {
+        println!("{}\t{} -> {} nodes", r.pass, r.nodes_before, r.nodes_after);
+    }
+    let file_name = out
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("the output path has no file name")?;
+    let external = opregd::graph::ExternalData {
+        location: format!("{file_name}.data"),
+        threshold,
+    };
+    let exported = opregd::graph::export(&m, Some(&external))?;
+    std::fs::write(out, &exported.model).with_context(|| format!("writing {}", out.display()))?;
+    let data_path = out.with_file_name(&external.location);
+    if exported.external.is_empty() {
+        // A stale data file from an earlier run would mislead a reader of the folder.
+        let _ = std::fs::remove_file(&data_path);
+    } else {
+        std::fs::write(&data_path, &exported.external)
+            .with_context(|| format!("writing {}", data_path.display()))?;
+    }
+    println!("wrote {} ({} nodes)", out.display(), m.nodes.len());
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Cmd::Optimize {
+        model,
+        out,
+        external_data_threshold,
+    } = &cli.cmd
+    {
+        return optimize(model, out, *external_data_threshold);
+    }
     let mut endpoint = Channel::from_shared(cli.addr.clone())?;
     if let Some(ca) = &cli.ca_cert {
         let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
@@ -381,6 +433,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        // Local: done above, before connecting.
+        Cmd::Optimize { .. } => {}
         Cmd::Stats { name } => {
             let r = inference
                 .model_statistics(pb::ModelStatisticsRequest {

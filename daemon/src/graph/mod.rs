@@ -5,14 +5,19 @@
 mod compiled;
 mod copies;
 mod copy;
+mod export;
 mod import;
+mod passes;
 mod plan;
 mod run;
 mod shapes;
+mod subgraphs;
 mod types;
 
 pub use compiled::{CopyInfo, Place, Placement, Plan};
+pub use export::{export, Exported, ExternalData};
 pub use import::{import, Dim, IoSpec, Model};
+pub use passes::{optimize, PassReport};
 pub use plan::compile;
 pub use run::{run, run_profiled, run_with_control, RunControl};
 pub use shapes::Shape;

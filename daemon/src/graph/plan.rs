@@ -9,9 +9,10 @@
 
 use super::compiled::{Placement, Plan};
 use super::compiled::{ScanSpec, Step, Work};
+use super::subgraphs::{subgraphs, Subgraphs};
 use super::{
     copies,
-    import::{import_subgraph, Dim, FormalInputs, Model},
+    import::{Dim, Model},
     shapes, types, GraphError,
 };
 use crate::{
@@ -37,13 +38,6 @@ const NONDETERMINISTIC: &[&str] = &[
     "Bernoulli",
 ];
 
-/// The control-flow operators the runtime runs itself, with their subgraph attributes.
-const CONTROL: &[(&str, &[&str])] = &[
-    ("If", &["then_branch", "else_branch"]),
-    ("Loop", &["body"]),
-    ("Scan", &["body"]),
-];
-
 /// Compiles `model` against `snapshot`, placing each node on the first device of `devices`
 /// that has a kernel for it. Call it on the compute pool: folding runs kernels.
 pub fn compile(
@@ -59,85 +53,6 @@ pub fn compile(
         .collect();
     let mut fold_budget = max_folded_bytes;
     compile_graph(model, &formal, &[], snapshot, devices, &mut fold_budget)
-}
-
-/// The subgraphs of a control node, imported.
-struct Subgraphs {
-    graphs: Vec<(Model, FormalInputs)>,
-    /// Outer values they read, in first-use order.
-    free: Vec<String>,
-}
-
-fn control_attrs(op_type: &str) -> Option<&'static [&'static str]> {
-    CONTROL
-        .iter()
-        .find(|(op, _)| *op == op_type)
-        .map(|(_, a)| *a)
-}
-
-fn subgraphs(
-    node: &super::import::Node,
-    opsets: &HashMap<String, i64>,
-) -> Result<Option<Subgraphs>, GraphError> {
-    if !node.domain.is_empty() {
-        return Ok(None);
-    }
-    let Some(attrs) = control_attrs(&node.op_type) else {
-        return Ok(None);
-    };
-    let mut graphs = Vec::new();
-    let mut free = Vec::new();
-    for a in attrs {
-        let bytes = match node
-            .attributes
-            .iter()
-            .find(|x| x.name.as_str() == *a)
-            .map(|x| &x.value)
-        {
-            Some(AttrValue::Graph(b)) => b,
-            _ => {
-                return Err(GraphError::Invalid(format!(
-                    "node {}: missing subgraph attribute '{a}'",
-                    node.label()
-                )))
-            }
-        };
-        let (m, formal) = import_subgraph(bytes, opsets)
-            .map_err(|e| GraphError::Invalid(format!("node {} '{a}': {e}", node.label())))?;
-        for v in free_vars(&m, &formal)? {
-            if !free.contains(&v) {
-                free.push(v);
-            }
-        }
-        graphs.push((m, formal));
-    }
-    Ok(Some(Subgraphs { graphs, free }))
-}
-
-/// Names a graph reads that it does not define (its outer-scope references).
-fn free_vars(model: &Model, formal: &[(String, Option<DType>)]) -> Result<Vec<String>, GraphError> {
-    let mut defined: HashSet<&str> = formal.iter().map(|(n, _)| n.as_str()).collect();
-    defined.extend(model.initializers.keys().map(|k| k.as_str()));
-    for n in &model.nodes {
-        defined.extend(n.outputs.iter().map(|o| o.as_str()));
-    }
-    let mut free = Vec::new();
-    let add = |v: &str, free: &mut Vec<String>| {
-        if !v.is_empty() && !defined.contains(v) && !free.iter().any(|f| f == v) {
-            free.push(v.to_string());
-        }
-    };
-    for n in &model.nodes {
-        for i in &n.inputs {
-            add(i, &mut free);
-        }
-        if let Some(sub) = subgraphs(n, &model.opsets)? {
-            for v in &sub.free {
-                add(v, &mut free);
-            }
-        }
-    }
-    Ok(free)
 }
 
 fn compile_graph(

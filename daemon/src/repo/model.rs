@@ -111,6 +111,19 @@ impl ServedModel {
             source,
         };
         let mut model = graph::import(bytes, dir).map_err(wrap)?;
+        // The standard passes run once per version; a re-bind after a hot swap starts from
+        // their result.
+        let reports = graph::optimize(&mut model).map_err(wrap)?;
+        for r in reports.iter().filter(|r| r.nodes_after != r.nodes_before) {
+            tracing::debug!(
+                model = name,
+                version,
+                pass = r.pass,
+                before = r.nodes_before,
+                after = r.nodes_after,
+                "graph pass"
+            );
+        }
         let devices = settings.devices()?;
         let plan = graph::compile(&model, snapshot, &devices, max_folded_bytes).map_err(wrap)?;
         // Output shapes the model leaves undeclared come from shape inference.

@@ -1,0 +1,159 @@
+//! Conv + BatchNormalization folding: a `BatchNormalization` (inference) whose input is a
+//! `Conv` read by nothing else becomes part of the Conv's weights and bias:
+//! `W'[m] = W[m] * s[m]`, `B'[m] = (B[m] - mean[m]) * s[m] + beta[m]` with
+//! `s = scale / sqrt(var + epsilon)`, computed in f64. Only f32 constants are folded.
+
+use super::{super::import::Model, reads, Pass};
+use crate::graph::GraphError;
+use opreg_sdk::{host::HostTensor, AttrValue, DType};
+use std::{collections::HashMap, sync::Arc};
+
+pub struct ConvBatchNorm;
+
+fn f32s(t: &HostTensor) -> Option<Vec<f32>> {
+    (t.dtype() == DType::F32 && t.on_host())
+        .then(|| t.to_vec::<f32>().ok())
+        .flatten()
+}
+
+fn float_attr(n: &crate::graph::import::Node, name: &str, default: f32) -> Option<f32> {
+    match n
+        .attributes
+        .iter()
+        .find(|a| a.name == name)
+        .map(|a| &a.value)
+    {
+        None => Some(default),
+        Some(AttrValue::Float(v)) => Some(*v),
+        Some(_) => None,
+    }
+}
+
+/// A fresh initializer name derived from `base`.
+fn fresh(model: &Model, base: &str) -> String {
+    let mut name = format!("{base}_bnfold");
+    let mut k = 1;
+    while model.initializers.contains_key(&name) {
+        name = format!("{base}_bnfold{k}");
+        k += 1;
+    }
+    name
+}
+
+impl Pass for ConvBatchNorm {
+    fn name(&self) -> &'static str {
+        "conv-batchnorm"
+    }
+
+    fn run(&self, model: &mut Model) -> Result<usize, GraphError> {
+        let read = reads(model)?;
+        let graph_outputs: Vec<String> = model.outputs.iter().map(|o| o.name.clone()).collect();
+        let conv_of: HashMap<String, usize> = model
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.domain.is_empty() && n.op_type == "Conv")
+            .filter_map(|(i, n)| Some((n.outputs.first()?.clone(), i)))
+            .collect();
+        let mut folded = Vec::new();
+        for (bi, bn) in model.nodes.iter().enumerate() {
+            if !bn.domain.is_empty() || bn.op_type != "BatchNormalization" {
+                continue;
+            }
+            let Some(fold) = self.plan(model, bn, &conv_of, &read, &graph_outputs) else {
+                continue;
+            };
+            folded.push((bi, fold));
+        }
+        let count = folded.len();
+        let mut remove = vec![false; model.nodes.len()];
+        for (bi, (ci, w, b)) in folded {
+            let w_name = fresh(model, &model.nodes[ci].inputs[1]);
+            model.initializers.insert(w_name.clone(), Arc::new(w));
+            let b_name = fresh(model, &format!("{}_bias", model.nodes[ci].inputs[1]));
+            model.initializers.insert(b_name.clone(), Arc::new(b));
+            let out = model.nodes[bi].outputs[0].clone();
+            let conv = &mut model.nodes[ci];
+            conv.inputs.resize(3, String::new());
+            conv.inputs[1] = w_name;
+            conv.inputs[2] = b_name;
+            conv.outputs[0] = out;
+            remove[bi] = true;
+        }
+        let mut i = 0;
+        model.nodes.retain(|_| {
+            i += 1;
+            !remove[i - 1]
+        });
+        Ok(count)
+    }
+}
+
+impl ConvBatchNorm {
+    /// The Conv to fold `bn` into and its new weights and bias, when it can be folded.
+    fn plan(
+        &self,
+        model: &Model,
+        bn: &crate::graph::import::Node,
+        conv_of: &HashMap<String, usize>,
+        read: &HashMap<String, usize>,
+        graph_outputs: &[String],
+    ) -> Option<(usize, HostTensor, HostTensor)> {
+        // Inference form only: one output, no training mode.
+        if bn.outputs.iter().skip(1).any(|o| !o.is_empty())
+            || bn
+                .attributes
+                .iter()
+                .any(|a| a.name == "training_mode" && a.value != AttrValue::Int(0))
+        {
+            return None;
+        }
+        let x = bn.inputs.first()?;
+        let &ci = conv_of.get(x)?;
+        // The Conv's output must feed only this BatchNormalization.
+        if read.get(x).copied() != Some(1) || graph_outputs.contains(x) {
+            return None;
+        }
+        let conv = &model.nodes[ci];
+        let constant = |i: usize, list: &[String]| -> Option<Vec<f32>> {
+            f32s(model.initializers.get(list.get(i)?)?)
+        };
+        let (scale, beta, mean, var) = (
+            constant(1, &bn.inputs)?,
+            constant(2, &bn.inputs)?,
+            constant(3, &bn.inputs)?,
+            constant(4, &bn.inputs)?,
+        );
+        let eps = float_attr(bn, "epsilon", 1e-5)? as f64;
+        let w_t = model.initializers.get(conv.inputs.get(1)?)?;
+        let w = f32s(w_t)?;
+        let m = *w_t.shape().first()?;
+        if [&scale, &beta, &mean, &var].iter().any(|v| v.len() != m) || m == 0 {
+            return None;
+        }
+        let bias = match conv.inputs.get(2).filter(|b| !b.is_empty()) {
+            Some(b) => f32s(model.initializers.get(b)?)?,
+            None => vec![0.0; m],
+        };
+        if bias.len() != m || w.len() % m != 0 {
+            return None;
+        }
+        let per = w.len() / m;
+        let s: Vec<f64> = (0..m)
+            .map(|c| scale[c] as f64 / (var[c] as f64 + eps).sqrt())
+            .collect();
+        let w2: Vec<f32> = w
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (v as f64 * s[i / per]) as f32)
+            .collect();
+        let b2: Vec<f32> = (0..m)
+            .map(|c| ((bias[c] as f64 - mean[c] as f64) * s[c] + beta[c] as f64) as f32)
+            .collect();
+        Some((
+            ci,
+            HostTensor::from_vec(w_t.shape(), &w2).ok()?,
+            HostTensor::from_vec(&[m], &b2).ok()?,
+        ))
+    }
+}

@@ -1,0 +1,56 @@
+//! Dead-node removal: nodes none of whose outputs a graph output depends on, and initializers
+//! nothing reads.
+
+use super::{super::import::Model, reads, Pass};
+use crate::graph::GraphError;
+use std::collections::{HashMap, HashSet};
+
+pub struct DeadNodes;
+
+impl Pass for DeadNodes {
+    fn name(&self) -> &'static str {
+        "dead-nodes"
+    }
+
+    fn run(&self, model: &mut Model) -> Result<usize, GraphError> {
+        let producer: HashMap<&str, usize> = model
+            .nodes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, n)| {
+                n.outputs
+                    .iter()
+                    .filter(|o| !o.is_empty())
+                    .map(move |o| (o.as_str(), i))
+            })
+            .collect();
+        let mut live = vec![false; model.nodes.len()];
+        let mut stack: Vec<String> = model.outputs.iter().map(|o| o.name.clone()).collect();
+        let mut seen = HashSet::new();
+        while let Some(v) = stack.pop() {
+            if !seen.insert(v.clone()) {
+                continue;
+            }
+            if let Some(&i) = producer.get(v.as_str()) {
+                if !live[i] {
+                    live[i] = true;
+                    let n = &model.nodes[i];
+                    stack.extend(n.inputs.iter().filter(|x| !x.is_empty()).cloned());
+                    stack.extend(super::super::subgraphs::outer_reads(n, &model.opsets)?);
+                }
+            }
+        }
+        let before = model.nodes.len();
+        let mut i = 0;
+        model.nodes.retain(|_| {
+            i += 1;
+            live[i - 1]
+        });
+        let read = reads(model)?;
+        let outputs: HashSet<&str> = model.outputs.iter().map(|o| o.name.as_str()).collect();
+        model
+            .initializers
+            .retain(|name, _| read.contains_key(name) || outputs.contains(name.as_str()));
+        Ok(before - model.nodes.len())
+    }
+}

@@ -1,0 +1,89 @@
+//! Graph passes: rewrites of an imported model before it is compiled, each a small [`Pass`],
+//! run in one listed order ([`STANDARD`]) like tract's `optim` pipeline.
+//!
+//! Every pass here keeps the model standard ONNX, so what they produce can be exported
+//! (`opreg optimize`) and loaded by any runtime. A pass logs what it changed at debug level;
+//! `OPREG_DUMP_AFTER=<pass name>` (or `all`) prints the graph after it.
+
+mod bn_fold;
+mod dead;
+mod identity;
+
+use super::{import::Model, GraphError};
+
+/// One rewrite of a model.
+pub trait Pass: Sync {
+    /// Short name, for logs, reports and `OPREG_DUMP_AFTER`.
+    fn name(&self) -> &'static str;
+    /// Rewrites `model` in place; returns how many nodes it removed or fused away.
+    fn run(&self, model: &mut Model) -> Result<usize, GraphError>;
+}
+
+/// The passes whose result is standard ONNX, in the order they run.
+pub const STANDARD: &[&dyn Pass] = &[
+    &identity::Identities,
+    &bn_fold::ConvBatchNorm,
+    &dead::DeadNodes,
+];
+
+/// Runs the standard passes (the ones whose result is standard ONNX) over `model`.
+pub fn optimize(model: &mut Model) -> Result<Vec<PassReport>, GraphError> {
+    run(model, STANDARD)
+}
+
+/// What one pass did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PassReport {
+    pub pass: &'static str,
+    pub nodes_before: usize,
+    pub nodes_after: usize,
+}
+
+/// Runs `passes` over `model` in order.
+pub fn run(model: &mut Model, passes: &[&dyn Pass]) -> Result<Vec<PassReport>, GraphError> {
+    let dump = std::env::var("OPREG_DUMP_AFTER").ok();
+    let mut reports = Vec::with_capacity(passes.len());
+    for pass in passes {
+        let nodes_before = model.nodes.len();
+        let changed = pass.run(model)?;
+        tracing::debug!(
+            pass = pass.name(),
+            changed,
+            nodes_before,
+            nodes_after = model.nodes.len(),
+            "graph pass"
+        );
+        if dump
+            .as_deref()
+            .is_some_and(|d| d == "all" || d == pass.name())
+        {
+            eprintln!("--- after {} ---", pass.name());
+            for n in &model.nodes {
+                eprintln!("{} {:?} -> {:?}", n.label(), n.inputs, n.outputs);
+            }
+        }
+        reports.push(PassReport {
+            pass: pass.name(),
+            nodes_before,
+            nodes_after: model.nodes.len(),
+        });
+    }
+    Ok(reports)
+}
+
+/// Names every node reads: its inputs, and the outer values its subgraphs read.
+fn reads(model: &Model) -> Result<std::collections::HashMap<String, usize>, GraphError> {
+    let mut count = std::collections::HashMap::new();
+    for n in &model.nodes {
+        for i in n.inputs.iter().filter(|i| !i.is_empty()) {
+            *count.entry(i.clone()).or_insert(0) += 1;
+        }
+        for v in super::subgraphs::outer_reads(n, &model.opsets)? {
+            *count.entry(v).or_insert(0) += 1;
+        }
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests;
