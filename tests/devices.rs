@@ -327,3 +327,54 @@ fn a_copy_no_provider_can_make_is_refused_by_name() {
         assert!(err.message.contains(needle), "{needle}: {}", err.message);
     }
 }
+
+#[tokio::test]
+async fn the_profiler_reports_every_step_with_its_kernel_device_and_bytes() {
+    let (d, _dirs) = start("");
+    let p = d
+        .registry()
+        .await
+        .profile_model(reg::ProfileModelRequest {
+            name: "sandwich".into(),
+            runs: 3,
+            batch: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("profile")
+        .into_inner();
+    assert_eq!(p.runs, 3);
+    let steps: Vec<(&str, &str, u64, u64)> = p
+        .steps
+        .iter()
+        .map(|s| {
+            (
+                s.kernel.as_str(),
+                s.device.as_str(),
+                s.calls,
+                s.output_bytes,
+            )
+        })
+        .collect();
+    // x is [2, 3] (batch 2): every value after the first MatMul is 2 x 2 f32 = 16 bytes.
+    assert_eq!(steps.len(), 6, "{steps:?}");
+    assert_eq!(steps[1], ("copy", "mock", 3, 16));
+    assert_eq!(steps[4], ("copy", "mock", 3, 16));
+    assert!(
+        steps[2].0.starts_with("ai.onnx::Relu") && steps[2].1 == "mock",
+        "{steps:?}"
+    );
+    assert!(
+        steps[0].0.starts_with("ai.onnx::MatMul") && steps[0].1 == "cpu",
+        "{steps:?}"
+    );
+    assert!(p.steps.iter().all(|s| s.calls == 3));
+    // The command-line view of the same.
+    let out = std::process::Command::new(artifacts().join("opreg"))
+        .args(["--addr", &d.url(), "profile", "sandwich", "--runs", "2"])
+        .output()
+        .expect("run opreg");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("sandwich version 1: 2 runs"), "{text}");
+    assert!(text.contains("\tmock\tcopy\tcopy h host->mock"), "{text}");
+}

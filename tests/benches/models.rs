@@ -107,10 +107,12 @@ fn main() {
         if std::env::var_os("OPREG_BENCH_PROFILE").is_some() {
             let feeds: HashMap<String, Arc<HostTensor>> = [("x".to_string(), x.clone())].into();
             let (_, steps) = pool
-                .install(|| graph::run_profiled(&plan, feeds))
+                .install(|| graph::run_profiled(&plan, feeds, &graph::RunControl::unbounded()))
                 .expect("profile");
-            for (label, secs) in steps {
-                println!("        {:>9.3} ms  {label}", secs * 1e3);
+            let info = plan.steps();
+            for t in steps {
+                let label = info.get(t.step).map_or("?", |s| s.label.as_str());
+                println!("        {:>9.3} ms  {label}", t.seconds * 1e3);
             }
         }
     }

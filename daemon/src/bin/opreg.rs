@@ -12,6 +12,7 @@
 //! opreg infer NAME --input x=FP32:2x3:1,2,3,4,5,6
 //! opreg optimize MODEL.onnx OUT.onnx      standard graph passes, written back as ONNX (local)
 //! opreg stats [NAME]
+//! opreg profile NAME [--runs N] [--batch B]  per-step time, kernel, device, bytes
 //! ```
 
 use anyhow::{anyhow, bail, Context};
@@ -78,6 +79,15 @@ enum Cmd {
     },
     /// Inference statistics.
     Stats { name: Option<String> },
+    /// Run a model on zero inputs and show each step's time, kernel, device and output size.
+    Profile {
+        name: String,
+        #[arg(long, default_value_t = 10)]
+        runs: u32,
+        /// The value of the dimensions the model leaves symbolic.
+        #[arg(long, default_value_t = 1)]
+        batch: i64,
+    },
     /// Rewrite an ONNX file with the graph passes whose result is standard ONNX (no daemon
     /// needed); prints each pass's node counts.
     Optimize {
@@ -430,6 +440,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     o.datatype,
                     dims.join("x"),
                     format_values(&o.datatype, raw)
+                );
+            }
+        }
+        Cmd::Profile { name, runs, batch } => {
+            let r = registry
+                .profile_model(reg::ProfileModelRequest {
+                    name,
+                    version: String::new(),
+                    runs,
+                    batch,
+                })
+                .await?
+                .into_inner();
+            let total: u64 = r.steps.iter().map(|s| s.total_ns).sum();
+            println!(
+                "{} version {}: {} runs, {:.3} ms per run",
+                r.name,
+                r.version,
+                r.runs,
+                r.mean_run_ns as f64 / 1e6
+            );
+            println!("ms/call\t%\tbytes out\tdevice\tkernel\tstep");
+            for s in &r.steps {
+                let per_call = s.total_ns as f64 / s.calls.max(1) as f64 / 1e6;
+                let share = 100.0 * s.total_ns as f64 / total.max(1) as f64;
+                println!(
+                    "{per_call:.3}\t{share:.1}\t{}\t{}\t{}\t{}",
+                    s.output_bytes, s.device, s.kernel, s.step
                 );
             }
         }

@@ -65,7 +65,40 @@ pub struct Plan {
     pub snapshot: Arc<Snapshot>,
 }
 
+/// What one step of a plan is, for the profiler and listings.
+#[derive(Clone, Debug)]
+pub struct StepInfo {
+    /// The node's label (`'name' (Op)`), or `copy VALUE FROM->TO`.
+    pub label: String,
+    /// `domain::Op(range)@device` of the kernel, `host::Op` for control flow, `copy`.
+    pub kernel: String,
+    pub plugin: String,
+    pub device: Device,
+}
+
 impl Plan {
+    /// The top-level steps, in execution order.
+    pub fn steps(&self) -> Vec<StepInfo> {
+        self.steps
+            .iter()
+            .map(|s| {
+                let (kernel, plugin) = match &s.work {
+                    Work::Kernel(b) => (b.kernel.clone(), b.plugin.name.clone()),
+                    Work::Copy { .. } => ("copy".to_string(), "opregd".to_string()),
+                    Work::If { .. } => ("host::If".to_string(), "opregd".to_string()),
+                    Work::Loop { .. } => ("host::Loop".to_string(), "opregd".to_string()),
+                    Work::Scan(_) => ("host::Scan".to_string(), "opregd".to_string()),
+                };
+                StepInfo {
+                    label: s.label.clone(),
+                    kernel,
+                    plugin,
+                    device: s.device,
+                }
+            })
+            .collect()
+    }
+
     pub fn generation(&self) -> u64 {
         self.snapshot.generation
     }

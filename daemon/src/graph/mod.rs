@@ -14,12 +14,12 @@ mod shapes;
 mod subgraphs;
 mod types;
 
-pub use compiled::{CopyInfo, Place, Placement, Plan};
+pub use compiled::{CopyInfo, Place, Placement, Plan, StepInfo};
 pub use export::{export, Exported, ExternalData};
 pub use import::{import, Dim, IoSpec, Model};
 pub use passes::{optimize, PassReport};
 pub use plan::compile;
-pub use run::{run, run_profiled, run_with_control, RunControl};
+pub use run::{run, run_profiled, run_with_control, RunControl, StepTime};
 pub use shapes::Shape;
 
 #[derive(Debug, thiserror::Error)]

@@ -29,8 +29,18 @@ type Value = Arc<HostTensor>;
 
 /// Named outputs, in declaration order.
 pub type Outputs = Vec<(String, Value)>;
-/// Each step's label and its time in seconds.
-pub type StepTimes = Vec<(String, f64)>;
+/// What one executed step took, for the profiler.
+#[derive(Clone, Debug)]
+pub struct StepTime {
+    /// Position of the step in the plan (top-level steps only).
+    pub step: usize,
+    pub seconds: f64,
+    /// Bytes of the values it produced (host or device memory).
+    pub output_bytes: usize,
+}
+
+/// Each executed step's time and output size, in execution order.
+pub type StepTimes = Vec<StepTime>;
 
 /// What bounds one run: cancellation (the client went away), a deadline, and memory (the
 /// largest value, and the values alive at once). Checked at every node boundary and every
@@ -136,7 +146,7 @@ fn bytes_of(t: &HostTensor) -> usize {
 /// Runs `plan` on `feeds` (one tensor per input, checked by the caller) and returns the
 /// outputs in declaration order, with no deadline or limits. Call it on the compute pool.
 pub fn run(plan: &Plan, feeds: HashMap<String, Value>) -> Result<Vec<(String, Value)>, GraphError> {
-    run_with(plan, feeds, &RunControl::unbounded(), &mut |_, _| {})
+    run_with(plan, feeds, &RunControl::unbounded(), &mut |_| {})
 }
 
 /// Like [`run`], bounded and cancellable by `control`.
@@ -145,18 +155,18 @@ pub fn run_with_control(
     feeds: HashMap<String, Value>,
     control: &RunControl,
 ) -> Result<Vec<(String, Value)>, GraphError> {
-    run_with(plan, feeds, control, &mut |_, _| {})
+    run_with(plan, feeds, control, &mut |_| {})
 }
 
-/// Like [`run`], also returning the time each step took (label, seconds), for profiling.
+/// Like [`run_with_control`], also returning the time each top-level step took and the bytes
+/// it produced, for profiling.
 pub fn run_profiled(
     plan: &Plan,
     feeds: HashMap<String, Value>,
+    control: &RunControl,
 ) -> Result<(Outputs, StepTimes), GraphError> {
     let mut times = Vec::new();
-    let out = run_with(plan, feeds, &RunControl::unbounded(), &mut |label, secs| {
-        times.push((label.to_string(), secs))
-    })?;
+    let out = run_with(plan, feeds, control, &mut |t| times.push(t))?;
     Ok((out, times))
 }
 
@@ -212,7 +222,7 @@ fn run_with(
     plan: &Plan,
     mut feeds: HashMap<String, Value>,
     control: &RunControl,
-    observe: &mut dyn FnMut(&str, f64),
+    observe: &mut dyn FnMut(StepTime),
 ) -> Result<Vec<(String, Value)>, GraphError> {
     let mut values = Values {
         slots: vec![None; plan.slots],
@@ -231,7 +241,7 @@ fn run_with(
         })?;
         values.set(*s, t, name)?;
     }
-    for step in &plan.steps {
+    for (index, step) in plan.steps.iter().enumerate() {
         control.check(&step.label)?;
         let started = std::time::Instant::now();
         let ins: Vec<Option<Value>> = step
@@ -279,6 +289,7 @@ fn run_with(
             }
         };
         drop(ins);
+        let output_bytes = outs.iter().map(|t| bytes_of(t)).sum();
         for (s, t) in step.outputs.iter().zip(outs) {
             if let Some(s) = s {
                 values.set(*s, t, &step.label)?;
@@ -287,7 +298,11 @@ fn run_with(
         for s in &step.release {
             values.release(*s);
         }
-        observe(&step.label, started.elapsed().as_secs_f64());
+        observe(StepTime {
+            step: index,
+            seconds: started.elapsed().as_secs_f64(),
+            output_bytes,
+        });
     }
     plan.outputs
         .iter()
@@ -388,7 +403,7 @@ fn run_nested(
     feeds: HashMap<String, Value>,
     control: &RunControl,
 ) -> Result<Vec<Value>, GraphError> {
-    Ok(run_with(plan, feeds, control, &mut |_, _| {})?
+    Ok(run_with(plan, feeds, control, &mut |_| {})?
         .into_iter()
         .map(|(_, t)| t)
         .collect())

@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod infer;
 mod inference;
+mod profile;
 mod registry;
 mod status;
 pub mod tensor;

@@ -270,6 +270,21 @@ impl Registry for RegistryApi {
         }))
     }
 
+    async fn profile_model(
+        &self,
+        req: Request<pb::ProfileModelRequest>,
+    ) -> Result<Response<pb::ProfileModelResponse>, Status> {
+        let deadline = self
+            .app
+            .config
+            .limits
+            .call_timeout(super::infer::client_timeout(req.metadata()))
+            .map(|t| std::time::Instant::now() + t);
+        super::profile::profile(&self.app, req.into_inner(), deadline)
+            .await
+            .map(Response::new)
+    }
+
     async fn run_kernel(
         &self,
         req: Request<pb::RunKernelRequest>,
