@@ -21,7 +21,10 @@ rng = np.random.default_rng(0)
 feeds = {}
 for i in ort.InferenceSession(a, providers=["CPUExecutionProvider"]).get_inputs():
     shape = [d if isinstance(d, int) else 1 for d in i.shape]
-    feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
+    if i.type == "tensor(int64)":
+        feeds[i.name] = np.ones(shape, np.int64)
+    else:
+        feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
 ya, yb = run(a, feeds), run(b, feeds)
 print(json.dumps({
     "max_abs_diff": float(np.max(np.abs(ya - yb))),

@@ -1,0 +1,68 @@
+//! Compile cost on real model sizes (ResNet-50, MobileNetV2, a BERT-base-style encoder, made
+//! with seeded random weights by `tests/python/make_models.py`): import, the graph passes
+//! (nodes before -> after, per pass), and compiling the plan (binding, folding, weight
+//! packing), with the passes and without them, side by side in one run.
+//!
+//! Run with `scripts/bench` (release build; the models are written to `target/models`).
+
+use opregd::{exec::ComputePool, graph, registry::Registry};
+use opreg_sdk::Device;
+use std::time::Instant;
+
+fn main() {
+    let dir = opreg_tests::workspace().join("target/models");
+    let stage = tempfile::tempdir().expect("tempdir");
+    let registry = Registry::new(stage.path().join("stage"), Default::default());
+    for (p, r) in registry.load_all(&[
+        opreg_tests::plugin("onnx_ops"),
+        opreg_tests::plugin("blas_cpu"),
+    ]) {
+        if let Err(e) = r {
+            panic!("{}: {e}", p.display());
+        }
+    }
+    let pool = ComputePool::new(
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+    )
+    .expect("pool");
+    println!(
+        "{:>12} {:>10} {:>12} {:>14} {:>14} {:>10}",
+        "model", "import ms", "passes ms", "compile ms", "no-pass ms", "ratio"
+    );
+    for name in ["resnet50", "mobilenetv2", "bert"] {
+        let path = dir.join(format!("{name}.onnx"));
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+            panic!("{}: {e} (scripts/bench makes it)", path.display())
+        });
+        let t = Instant::now();
+        let model = graph::import(&bytes, None).expect("import");
+        let import_ms = t.elapsed().as_secs_f64() * 1e3;
+        let mut optimized = graph::import(&bytes, None).expect("import");
+        let t = Instant::now();
+        let reports = graph::optimize(&mut optimized).expect("passes");
+        let passes_ms = t.elapsed().as_secs_f64() * 1e3;
+        let compile = |m: &graph::Model| {
+            let t = Instant::now();
+            pool.install(|| graph::compile(m, registry.snapshot(), &[Device::CPU], usize::MAX))
+                .expect("compile");
+            t.elapsed().as_secs_f64() * 1e3
+        };
+        let with = compile(&optimized);
+        let without = compile(&model);
+        println!(
+            "{name:>12} {import_ms:>10.1} {passes_ms:>12.1} {with:>14.1} {without:>14.1} {:>10.2}",
+            (passes_ms + with) / without
+        );
+        for r in reports {
+            println!(
+                "{:>12}   {:<16} {} -> {} nodes",
+                "",
+                r.pass,
+                r.nodes_before,
+                r.nodes_after
+            );
+        }
+    }
+}

@@ -1,0 +1,203 @@
+"""Writes real-size models with seeded random weights (no model hub needed), in the shapes
+torch's ONNX exporter produces:
+
+- resnet50.onnx: ResNet-50 v1.5 (Conv + BatchNormalization + Relu, bottlenecks [3, 4, 6, 3],
+  global average pool, Gemm to 1000 classes), input x [N, 3, 224, 224];
+- mobilenetv2.onnx: MobileNetV2 (inverted residuals with depthwise convolutions, Clip as ReLU6);
+- bert.onnx: a BERT-style encoder (embeddings + LayerNormalization, L layers of multi-head
+  self-attention and an erf-GELU feed-forward, as exported from PyTorch), inputs
+  input_ids [N, S] (int64) and attention_mask [N, S] (int64), output [N, S, H].
+
+Usage: make_models.py OUTDIR [--bert-layers L] [--bert-hidden H]
+Prints one JSON line: {name: {"path": ..., "nodes": ..., "params": ...}}.
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+class Builder:
+    def __init__(self, seed):
+        self.rng = np.random.default_rng(seed)
+        self.nodes, self.inits, self.n = [], [], 0
+        self.params = 0
+
+    def name(self, base):
+        self.n += 1
+        return f"{base}_{self.n}"
+
+    def const(self, base, array):
+        name = self.name(base)
+        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        self.params += int(np.asarray(array).size)
+        return name
+
+    def weight(self, base, shape, fan_in):
+        return self.const(base, (self.rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32))
+
+    def op(self, op_type, inputs, n_out=1, **attrs):
+        outs = [self.name(op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(op_type), **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def model(self, inputs, outputs, name):
+        g = helper.make_graph(self.nodes, name, inputs, outputs, self.inits)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="opreg-make-models")
+        m.ir_version = 8
+        return m
+
+    # Convolution + BatchNormalization (+ activation), as torchvision's models export.
+    def conv_bn(self, x, cin, cout, k, stride=1, groups=1, act="relu"):
+        w = self.weight("conv_w", (cout, cin // groups, k, k), cin // groups * k * k)
+        y = self.op("Conv", [x, w], kernel_shape=[k, k], strides=[stride, stride],
+                    pads=[k // 2] * 4, group=groups)
+        bn = [self.const("bn_scale", (1 + 0.1 * self.rng.standard_normal(cout)).astype(np.float32)),
+              self.const("bn_bias", (0.1 * self.rng.standard_normal(cout)).astype(np.float32)),
+              self.const("bn_mean", (0.1 * self.rng.standard_normal(cout)).astype(np.float32)),
+              self.const("bn_var", (1 + 0.1 * np.abs(self.rng.standard_normal(cout))).astype(np.float32))]
+        y = self.op("BatchNormalization", [y] + bn, epsilon=1e-5)
+        if act == "relu":
+            y = self.op("Relu", [y])
+        elif act == "relu6":
+            y = self.op("Clip", [y, self.const("zero", np.float32(0)), self.const("six", np.float32(6))])
+        return y
+
+
+def resnet50():
+    b = Builder(50)
+    x = "x"
+    y = b.conv_bn(x, 3, 64, 7, stride=2)
+    y = b.op("MaxPool", [y], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    cin = 64
+    for stage, (blocks, width) in enumerate(zip([3, 4, 6, 3], [64, 128, 256, 512])):
+        for i in range(blocks):
+            stride = 2 if i == 0 and stage > 0 else 1
+            out = width * 4
+            h = b.conv_bn(y, cin, width, 1)
+            h = b.conv_bn(h, width, width, 3, stride=stride)
+            h = b.conv_bn(h, width, out, 1, act=None)
+            short = y if (i > 0) else b.conv_bn(y, cin, out, 1, stride=stride, act=None)
+            y = b.op("Relu", [b.op("Add", [h, short])])
+            cin = out
+    y = b.op("GlobalAveragePool", [y])
+    y = b.op("Flatten", [y], axis=1)
+    w = b.weight("fc_w", (1000, 2048), 2048)
+    bias = b.const("fc_b", np.zeros(1000, np.float32))
+    b.nodes.append(helper.make_node("Gemm", [y, w, bias], ["logits"], name="fc", transB=1))
+    return b, b.model(
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 224, 224])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1000])],
+        "resnet50",
+    )
+
+
+def mobilenetv2():
+    b = Builder(2)
+    y = b.conv_bn("x", 3, 32, 3, stride=2, act="relu6")
+    cin = 32
+    settings = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+    for t, c, n, s in settings:
+        for i in range(n):
+            stride = s if i == 0 else 1
+            hidden = cin * t
+            h = y if t == 1 else b.conv_bn(y, cin, hidden, 1, act="relu6")
+            h = b.conv_bn(h, hidden, hidden, 3, stride=stride, groups=hidden, act="relu6")
+            h = b.conv_bn(h, hidden, c, 1, act=None)
+            y = b.op("Add", [y, h]) if stride == 1 and cin == c else h
+            cin = c
+    y = b.conv_bn(y, cin, 1280, 1, act="relu6")
+    y = b.op("GlobalAveragePool", [y])
+    y = b.op("Flatten", [y], axis=1)
+    w = b.weight("fc_w", (1000, 1280), 1280)
+    bias = b.const("fc_b", np.zeros(1000, np.float32))
+    b.nodes.append(helper.make_node("Gemm", [y, w, bias], ["logits"], name="fc", transB=1))
+    return b, b.model(
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 224, 224])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1000])],
+        "mobilenetv2",
+    )
+
+
+def bert(layers, hidden, heads=None, vocab=30522, max_pos=512):
+    heads = heads or hidden // 64
+    head = hidden // heads
+    ffn = hidden * 4
+    b = Builder(7)
+
+    def dense(x, cin, cout):
+        return b.op("Add", [b.op("MatMul", [x, b.weight("w", (cin, cout), cin)]),
+                            b.const("b", np.zeros(cout, np.float32))])
+
+    def layer_norm(x):
+        return b.op("LayerNormalization", [x, b.const("ln_g", np.ones(hidden, np.float32)),
+                                           b.const("ln_b", np.zeros(hidden, np.float32))],
+                    axis=-1, epsilon=1e-12)
+
+    def shape_of(x, idx):
+        return b.op("Gather", [b.op("Shape", [x]), b.const("idx", np.array([idx], np.int64))], axis=0)
+
+    ids, mask = "input_ids", "attention_mask"
+    words = b.op("Gather", [b.weight("word_emb", (vocab, hidden), hidden), ids], axis=0)
+    seq = shape_of(ids, 1)
+    positions = b.op("Unsqueeze", [b.op("Range", [b.const("start", np.int64(0)),
+                                                  b.op("Squeeze", [seq, b.const("ax0", np.array([0], np.int64))]),
+                                                  b.const("step", np.int64(1))]),
+                                   b.const("ax0", np.array([0], np.int64))])
+    pos = b.op("Gather", [b.weight("pos_emb", (max_pos, hidden), hidden), positions], axis=0)
+    types = b.op("Gather", [b.weight("type_emb", (2, hidden), hidden), b.op("Mul", [ids, b.const("zero", np.int64(0))])], axis=0)
+    x = layer_norm(b.op("Add", [b.op("Add", [words, pos]), types]))
+    # The additive mask: (1 - mask) * -10000, shaped [N, 1, 1, S].
+    m = b.op("Cast", [b.op("Unsqueeze", [mask, b.const("ax12", np.array([1, 2], np.int64))])], to=TensorProto.FLOAT)
+    m = b.op("Mul", [b.op("Sub", [b.const("one", np.float32(1)), m]), b.const("neg", np.float32(-10000))])
+    split = b.const("split_shape", np.array([0, 0, heads, head], np.int64))
+    merge = b.const("merge_shape", np.array([0, 0, hidden], np.int64))
+    scale = b.const("scale", np.float32(np.sqrt(head)))
+    for _ in range(layers):
+        def heads_of(t):
+            return b.op("Transpose", [b.op("Reshape", [t, split])], perm=[0, 2, 1, 3])
+        q, k, v = (heads_of(dense(x, hidden, hidden)) for _ in range(3))
+        kt = b.op("Transpose", [k], perm=[0, 1, 3, 2])
+        s = b.op("Add", [b.op("Div", [b.op("MatMul", [q, kt]), scale]), m])
+        p = b.op("Softmax", [s], axis=-1)
+        ctx = b.op("Reshape", [b.op("Transpose", [b.op("MatMul", [p, v])], perm=[0, 2, 1, 3]), merge])
+        x = layer_norm(b.op("Add", [dense(ctx, hidden, hidden), x]))
+        h = dense(x, hidden, ffn)
+        # erf GELU, as torch exports it: x * 0.5 * (1 + erf(x / sqrt(2))).
+        g = b.op("Erf", [b.op("Div", [h, b.const("sqrt2", np.float32(np.sqrt(2)))])])
+        h = b.op("Mul", [b.op("Mul", [h, b.op("Add", [g, b.const("one", np.float32(1))])]), b.const("half", np.float32(0.5))])
+        x = layer_norm(b.op("Add", [dense(h, ffn, hidden), x]))
+    b.nodes.append(helper.make_node("Identity", [x], ["hidden_states"], name="out"))
+    return b, b.model(
+        [helper.make_tensor_value_info(ids, TensorProto.INT64, ["N", "S"]),
+         helper.make_tensor_value_info(mask, TensorProto.INT64, ["N", "S"])],
+        [helper.make_tensor_value_info("hidden_states", TensorProto.FLOAT, ["N", "S", hidden])],
+        "bert",
+    )
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--bert-layers", type=int, default=12)
+    ap.add_argument("--bert-hidden", type=int, default=768)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    report = {}
+    for name, make in [("resnet50", resnet50), ("mobilenetv2", mobilenetv2),
+                       ("bert", lambda: bert(args.bert_layers, args.bert_hidden))]:
+        builder, model = make()
+        onnx.checker.check_model(model)
+        path = os.path.join(args.out, f"{name}.onnx")
+        onnx.save(model, path)
+        report[name] = {"path": path, "nodes": len(model.graph.node), "params": builder.params}
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
