@@ -313,42 +313,6 @@ async fn sizes_from_the_wire_fail_the_call_not_the_daemon() {
     assert_serving(&mut d, Duration::from_secs(10)).await;
 }
 
-/// `y = Loop(M, true, x)` with an identity body: runs M iterations.
-fn runaway_loop(trips: i64) -> Vec<u8> {
-    let body = graph(
-        vec![
-            node("Identity", &["c"], &["c_out"]),
-            node("Identity", &["x_in"], &["x_out"]),
-        ],
-        vec![
-            value("i", 7, &[]),
-            value("c", 9, &[]),
-            value("x_in", F32, &[-1]),
-        ],
-        vec![value("c_out", 9, &[]), value("x_out", F32, &[-1])],
-    );
-    loop_model(body, trips)
-}
-
-/// `y = Loop(trips, true, x)` with `body`.
-fn loop_model(body: opreg_proto::onnx::GraphProto, trips: i64) -> Vec<u8> {
-    model(
-        vec![node_with(
-            "Loop",
-            &["m", "cond", "x"],
-            &["y"],
-            vec![attr_graph("body", body)],
-        )],
-        vec![value("x", F32, &[-1])],
-        vec![value("y", F32, &[-1])],
-        vec![
-            i64_initializer("m", &[], &[trips]),
-            bool_initializer("cond", true),
-        ],
-        17,
-    )
-}
-
 fn loop_request() -> pb::ModelInferRequest {
     pb::ModelInferRequest {
         model_name: "runaway".into(),

@@ -792,3 +792,89 @@ async fn undeclared_output_shapes_are_inferred() {
         .into_inner();
     assert_eq!(meta.outputs[0].shape, vec![-1, 2]);
 }
+
+/// `(version, state, reason)` of every index entry of `model`.
+async fn states(d: &Daemon, model: &str) -> Vec<(String, String, String)> {
+    d.index()
+        .await
+        .into_iter()
+        .filter(|m| m.name == model)
+        .map(|m| (m.version, m.state, m.reason))
+        .collect()
+}
+
+#[tokio::test]
+async fn each_version_has_its_own_state_through_load_failure_and_unload() {
+    let repo = tempfile::tempdir().expect("repo");
+    let (d, _p) = start_serving(repo.path(), &[]);
+    let mut c = d.inference().await;
+    c.repository_model_load(load_request("mlp", mlp()))
+        .await
+        .expect("v1");
+    // Version 2 is garbage: it is unavailable with its reason, version 1 keeps serving.
+    let mut bad = load_request("mlp", b"not onnx".to_vec());
+    let file = bad.parameters.remove("file:1/model.onnx").expect("file");
+    bad.parameters.insert("file:2/model.onnx".into(), file);
+    c.repository_model_load(bad)
+        .await
+        .expect_err("v2 is garbage");
+    let s = states(&d, "mlp").await;
+    assert_eq!((s[0].0.as_str(), s[0].1.as_str()), ("1", "READY"), "{s:?}");
+    assert_eq!(
+        (s[1].0.as_str(), s[1].1.as_str()),
+        ("2", "UNAVAILABLE"),
+        "{s:?}"
+    );
+    assert!(s[1].2.contains("not a valid ONNX model"), "{s:?}");
+    c.model_infer(infer_request("mlp", &[1.0, 2.0, 3.0]))
+        .await
+        .expect("v1 serves");
+
+    // A request running when its model is unloaded finishes on it: UNLOADING meanwhile.
+    c.repository_model_load(load_request("runaway", runaway_loop(1_000_000_000_000)))
+        .await
+        .expect("loop model");
+    let mut slow = d.inference().await;
+    let running = tokio::spawn(async move {
+        let mut req = tonic::Request::new(pb::ModelInferRequest {
+            model_name: "runaway".into(),
+            inputs: vec![input("x", "FP32", &[1])],
+            raw_input_contents: vec![f32_bytes(&[1.0])],
+            ..Default::default()
+        });
+        req.set_timeout(std::time::Duration::from_secs(3));
+        slow.model_infer(req).await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    c.repository_model_unload(pb::RepositoryModelUnloadRequest {
+        model_name: "runaway".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("unload");
+    let s = states(&d, "runaway").await;
+    assert_eq!(s[0].1, "UNLOADING", "{s:?}");
+    let done = running.await.expect("task");
+    // Past its deadline: the server says so, or the client gives up first.
+    let code = done.expect_err("deadline").code();
+    assert!(
+        matches!(code, Code::DeadlineExceeded | Code::Cancelled),
+        "{code:?}"
+    );
+    // The daemon cancels the run at its next node boundary and drops the version (the job
+    // returns just after it logs that): poll for the end of UNLOADING.
+    d.wait_log("memory released");
+    let mut s = states(&d, "runaway").await;
+    for _ in 0..50 {
+        if s[0].1 != "UNLOADING" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        s = states(&d, "runaway").await;
+    }
+    assert_eq!(
+        (s[0].1.as_str(), s[0].2.as_str()),
+        ("UNAVAILABLE", "unloaded"),
+        "{s:?}"
+    );
+}

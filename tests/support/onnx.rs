@@ -172,3 +172,39 @@ pub fn graph(
         ..Default::default()
     }
 }
+
+/// `y = Loop(M, true, x)` with an identity body: runs M iterations.
+pub fn runaway_loop(trips: i64) -> Vec<u8> {
+    let body = graph(
+        vec![
+            node("Identity", &["c"], &["c_out"]),
+            node("Identity", &["x_in"], &["x_out"]),
+        ],
+        vec![
+            value("i", 7, &[]),
+            value("c", 9, &[]),
+            value("x_in", 1, &[-1]),
+        ],
+        vec![value("c_out", 9, &[]), value("x_out", 1, &[-1])],
+    );
+    loop_model(body, trips)
+}
+
+/// `y = Loop(trips, true, x)` with `body`.
+pub fn loop_model(body: onnx::GraphProto, trips: i64) -> Vec<u8> {
+    model(
+        vec![node_with(
+            "Loop",
+            &["m", "cond", "x"],
+            &["y"],
+            vec![attr_graph("body", body)],
+        )],
+        vec![value("x", 1, &[-1])],
+        vec![value("y", 1, &[-1])],
+        vec![
+            i64_initializer("m", &[], &[trips]),
+            bool_initializer("cond", true),
+        ],
+        17,
+    )
+}

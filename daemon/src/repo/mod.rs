@@ -64,12 +64,64 @@ pub enum RepoError {
     Config(String),
 }
 
-/// One model's entry in the index.
+/// Where one model version is in its life cycle (Triton's model states).
+#[derive(Clone)]
+pub enum VersionState {
+    /// Being read and compiled; not served yet.
+    Loading,
+    /// Served.
+    Ready(Arc<ServedModel>),
+    /// Unloaded, with requests that started before still running on it.
+    Unloading(std::sync::Weak<ServedModel>),
+    /// Not served, and why.
+    Unavailable(String),
+}
+
+impl VersionState {
+    /// The state's name and reason, as `RepositoryIndex` reports them.
+    pub fn describe(&self) -> (&'static str, String) {
+        match self {
+            VersionState::Loading => ("LOADING", String::new()),
+            VersionState::Ready(_) => ("READY", String::new()),
+            // Once the last request on it is done, it is simply unloaded.
+            VersionState::Unloading(w) if w.strong_count() > 0 => {
+                ("UNLOADING", "unloaded; requests in flight".into())
+            }
+            VersionState::Unloading(_) => ("UNAVAILABLE", "unloaded".into()),
+            VersionState::Unavailable(reason) => ("UNAVAILABLE", reason.clone()),
+        }
+    }
+
+    fn ready(&self) -> Option<&Arc<ServedModel>> {
+        match self {
+            VersionState::Ready(m) => Some(m),
+            _ => None,
+        }
+    }
+}
+
+/// A failed load: the version that failed (when one did), and why.
+type VersionError = (Option<u64>, RepoError);
+
+/// One model's entry in the index: each known version's state, and why the model as a whole
+/// is unavailable when no version could even be listed.
 #[derive(Clone)]
 pub struct Entry {
-    pub versions: BTreeMap<u64, Arc<ServedModel>>,
-    pub state: &'static str,
+    pub versions: BTreeMap<u64, VersionState>,
     pub reason: String,
+}
+
+impl Entry {
+    fn empty(reason: &str) -> Entry {
+        Entry {
+            versions: BTreeMap::new(),
+            reason: reason.into(),
+        }
+    }
+
+    fn has_ready(&self) -> bool {
+        self.versions.values().any(|v| v.ready().is_some())
+    }
 }
 
 pub struct Repository {
@@ -199,26 +251,35 @@ impl Repository {
             name: name.into(),
             version: (!version.is_empty()).then(|| clip(version, 32)),
         };
-        if entry.state != "READY" {
-            return Err(not_ready());
-        }
         if version.is_empty() {
             return entry
                 .versions
                 .values()
-                .next_back()
+                .rev()
+                .find_map(VersionState::ready)
                 .cloned()
                 .ok_or_else(not_ready);
         }
         let v: u64 = version.parse().map_err(|_| not_ready())?;
-        entry.versions.get(&v).cloned().ok_or_else(not_ready)
+        entry
+            .versions
+            .get(&v)
+            .and_then(VersionState::ready)
+            .cloned()
+            .ok_or_else(not_ready)
     }
 
     /// The loaded versions of `name` (in memory only: no repository I/O on a request path).
     pub fn versions(&self, name: &str) -> Vec<u64> {
         self.read()
             .get(name)
-            .map(|e| e.versions.keys().copied().collect())
+            .map(|e| {
+                e.versions
+                    .iter()
+                    .filter(|(_, s)| s.ready().is_some())
+                    .map(|(v, _)| *v)
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -227,11 +288,7 @@ impl Repository {
         let mut out: BTreeMap<String, Entry> = self.read().clone();
         if let Ok(names) = self.on_disk() {
             for n in names {
-                out.entry(n).or_insert(Entry {
-                    versions: BTreeMap::new(),
-                    state: "UNAVAILABLE",
-                    reason: "not loaded".into(),
-                });
+                out.entry(n).or_insert(Entry::empty("not loaded"));
             }
         }
         out.into_iter().collect()
@@ -241,8 +298,7 @@ impl Repository {
     pub fn ready(&self) -> Vec<Arc<ServedModel>> {
         self.read()
             .values()
-            .filter(|e| e.state == "READY")
-            .flat_map(|e| e.versions.values().cloned())
+            .flat_map(|e| e.versions.values().filter_map(VersionState::ready).cloned())
             .collect()
     }
 
@@ -283,22 +339,19 @@ impl Repository {
     /// last failure per name, with a bounded reason, for at most `max_failed_models` names).
     fn remember_failure(&self, name: &str, e: &RepoError) {
         let mut models = self.write();
-        let entry = models.entry(name.to_string()).or_insert(Entry {
-            versions: BTreeMap::new(),
-            state: "UNAVAILABLE",
-            reason: String::new(),
-        });
-        if !entry.versions.is_empty() {
+        let entry = models
+            .entry(name.to_string())
+            .or_insert_with(|| Entry::empty(""));
+        if entry.has_ready() {
             return;
         }
-        entry.state = "UNAVAILABLE";
         entry.reason = clip(&e.to_string(), MAX_REASON_LEN);
         let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
         failed.retain(|n| n != name);
         failed.push_back(name.to_string());
         while failed.len() > self.limits.max_failed_models {
             if let Some(old) = failed.pop_front() {
-                if models.get(&old).is_some_and(|e| e.versions.is_empty()) {
+                if models.get(&old).is_some_and(|e| !e.has_ready()) {
                     models.remove(&old);
                 }
             }
@@ -333,71 +386,142 @@ impl Repository {
             Some(d) => ModelSettings::read(&d.join(CONFIG_FILE))?,
             None => ModelSettings::default(),
         };
-        let snapshot = registry.snapshot();
-        let mut loaded = BTreeMap::new();
-        if files.is_empty() {
-            let dir = model_dir.ok_or(RepoError::NoRepository)?;
-            for (version, path) in versions_on_disk(&dir)? {
-                let io = |source| RepoError::Io {
-                    path: path.clone(),
-                    source,
-                };
-                let len = std::fs::metadata(&path).map_err(io)?.len();
-                self.check_size(&format!("version {version} of model '{name}'"), len)?;
-                let bytes = std::fs::read(&path).map_err(io)?;
-                let m = ServedModel::build(
-                    name,
-                    version,
-                    &bytes,
-                    path.parent(),
-                    settings.clone(),
-                    snapshot.clone(),
-                    self.limits.max_folded_bytes,
-                )?;
-                loaded.insert(version, Arc::new(m));
-            }
-            if loaded.is_empty() {
+        // The versions to load: submitted, or found on disk.
+        let on_disk = if files.is_empty() {
+            let dir = model_dir.as_ref().ok_or(RepoError::NoRepository)?;
+            let found = versions_on_disk(dir)?;
+            if found.is_empty() {
                 return Err(RepoError::NoVersions(name.into()));
             }
+            found
         } else {
-            // Check every submitted version before writing any of them.
-            for (&version, bytes) in &files {
-                self.check_size(
-                    &format!("version {version} of model '{name}'"),
-                    bytes.len() as u64,
-                )?;
-                let m = ServedModel::build(
-                    name,
-                    version,
-                    bytes,
-                    None,
-                    settings.clone(),
-                    snapshot.clone(),
-                    self.limits.max_folded_bytes,
-                )?;
-                loaded.insert(version, Arc::new(m));
+            Vec::new()
+        };
+        let versions: Vec<u64> = if files.is_empty() {
+            on_disk.iter().map(|(v, _)| *v).collect()
+        } else {
+            files.keys().copied().collect()
+        };
+        self.mark_loading(name, &versions);
+        let built = self.build_versions(name, &files, &on_disk, &settings, registry);
+        let loaded = match built {
+            Ok(loaded) => loaded,
+            Err(failed) => {
+                let (version, e) = *failed;
+                self.mark_failed(name, &versions, version, &e);
+                return Err(e);
             }
-            if let Some(dir) = &model_dir {
-                for (version, bytes) in &files {
-                    write_atomically(&dir.join(version.to_string()), MODEL_FILE, bytes)?;
+        };
+        if let Some(dir) = &model_dir {
+            for (version, bytes) in &files {
+                if let Err(e) = write_atomically(&dir.join(version.to_string()), MODEL_FILE, bytes)
+                {
+                    self.mark_failed(name, &versions, None, &e);
+                    return Err(e);
                 }
             }
         }
-        let versions: Vec<u64> = loaded.keys().copied().collect();
         let mut models = self.write();
-        let entry = models.entry(name.to_string()).or_insert(Entry {
-            versions: BTreeMap::new(),
-            state: "READY",
-            reason: String::new(),
-        });
+        let entry = models
+            .entry(name.to_string())
+            .or_insert_with(|| Entry::empty(""));
         if files.is_empty() {
-            entry.versions = loaded;
-        } else {
-            entry.versions.extend(loaded);
+            // A reload from disk: versions no longer on disk go.
+            entry.versions.retain(|v, _| loaded.contains_key(v));
         }
-        entry.state = "READY";
+        for (v, m) in loaded {
+            entry.versions.insert(v, VersionState::Ready(m));
+        }
         entry.reason.clear();
         Ok(versions)
+    }
+
+    /// Versions about to load show `LOADING`, except ready ones: they serve until replaced.
+    fn mark_loading(&self, name: &str, versions: &[u64]) {
+        let mut models = self.write();
+        let entry = models
+            .entry(name.to_string())
+            .or_insert_with(|| Entry::empty(""));
+        for v in versions {
+            let state = entry.versions.entry(*v).or_insert(VersionState::Loading);
+            if state.ready().is_none() {
+                *state = VersionState::Loading;
+            }
+        }
+    }
+
+    /// After a failed load: the version that failed (or, with `None`, every version still
+    /// loading) is unavailable with the reason; the others that were loading are unavailable
+    /// as not loaded. Ready versions stay ready.
+    fn mark_failed(&self, name: &str, versions: &[u64], failed: Option<u64>, e: &RepoError) {
+        let reason = clip(&e.to_string(), MAX_REASON_LEN);
+        let mut models = self.write();
+        let Some(entry) = models.get_mut(name) else {
+            return;
+        };
+        for v in versions {
+            if let Some(state) = entry.versions.get_mut(v) {
+                if matches!(state, VersionState::Loading) {
+                    *state = VersionState::Unavailable(if failed.is_none_or(|f| f == *v) {
+                        reason.clone()
+                    } else {
+                        format!("not loaded: version {} failed", failed.unwrap_or(*v))
+                    });
+                }
+            }
+        }
+    }
+
+    /// Builds every version (checks all before anything is written or served). The error
+    /// names the version that failed.
+    fn build_versions(
+        &self,
+        name: &str,
+        files: &BTreeMap<u64, Vec<u8>>,
+        on_disk: &[(u64, PathBuf)],
+        settings: &ModelSettings,
+        registry: &Registry,
+    ) -> Result<BTreeMap<u64, Arc<ServedModel>>, Box<VersionError>> {
+        let snapshot = registry.snapshot();
+        let mut loaded = BTreeMap::new();
+        let build = |version: u64, bytes: &[u8], dir: Option<&Path>| {
+            self.check_size(
+                &format!("version {version} of model '{name}'"),
+                bytes.len() as u64,
+            )?;
+            ServedModel::build(
+                name,
+                version,
+                bytes,
+                dir,
+                settings.clone(),
+                snapshot.clone(),
+                self.limits.max_folded_bytes,
+            )
+        };
+        for (version, path) in on_disk {
+            let io = |source| RepoError::Io {
+                path: path.clone(),
+                source,
+            };
+            let len = std::fs::metadata(path)
+                .map_err(io)
+                .map_err(|e| Box::new((Some(*version), e)))?
+                .len();
+            self.check_size(&format!("version {version} of model '{name}'"), len)
+                .map_err(|e| Box::new((Some(*version), e)))?;
+            let bytes = std::fs::read(path)
+                .map_err(io)
+                .map_err(|e| Box::new((Some(*version), e)))?;
+            let m = build(*version, &bytes, path.parent())
+                .map_err(|e| Box::new((Some(*version), e)))?;
+            loaded.insert(*version, Arc::new(m));
+        }
+        for (&version, bytes) in files {
+            let m = build(version, bytes, None).map_err(|e| Box::new((Some(version), e)))?;
+            loaded.insert(version, Arc::new(m));
+        }
+        Ok(loaded)
     }
 
     /// Stops serving `name`; its files stay in the repository.
@@ -406,8 +530,12 @@ impl Repository {
         let entry = models
             .get_mut(name)
             .ok_or_else(|| RepoError::UnknownModel(clip(name, 128)))?;
-        entry.versions.clear();
-        entry.state = "UNAVAILABLE";
+        // Requests already running hold their version: it shows UNLOADING until they finish.
+        for state in entry.versions.values_mut() {
+            if let Some(m) = state.ready() {
+                *state = VersionState::Unloading(Arc::downgrade(m));
+            }
+        }
         entry.reason = "unloaded".into();
         Ok(())
     }

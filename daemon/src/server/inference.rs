@@ -312,18 +312,22 @@ impl GrpcInferenceService for InferenceApi {
                     models.push(pb::repository_index_response::ModelIndex {
                         name,
                         version: String::new(),
-                        state: entry.state.into(),
+                        state: "UNAVAILABLE".into(),
                         reason: entry.reason,
                     });
                 }
                 continue;
             }
-            for v in entry.versions.keys() {
+            for (v, state) in &entry.versions {
+                let (state, reason) = state.describe();
+                if ready_only && state != "READY" {
+                    continue;
+                }
                 models.push(pb::repository_index_response::ModelIndex {
                     name: name.clone(),
                     version: v.to_string(),
-                    state: entry.state.into(),
-                    reason: entry.reason.clone(),
+                    state: state.into(),
+                    reason,
                 });
             }
         }
