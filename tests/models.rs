@@ -1,6 +1,6 @@
 //! Models through the real daemon: submit over gRPC, infer, bad input, repository life cycle.
 
-use opreg_proto::{inference as pb, opreg::v1 as reg};
+use opreg_proto::{inference as pb, onnx, opreg::v1 as reg};
 use opreg_tests::{onnx::*, *};
 use tonic::Code;
 
@@ -877,4 +877,89 @@ async fn each_version_has_its_own_state_through_load_failure_and_unload() {
         ("UNAVAILABLE", "unloaded"),
         "{s:?}"
     );
+}
+
+/// `y = act(Conv1x1(x[1, 2, 2, 2], W[3, 2, 1, 1], B))` with `act` one node after the Conv.
+fn conv_act(act: onnx::NodeProto, extra: Vec<onnx::TensorProto>) -> Vec<u8> {
+    let mut inits = vec![
+        f32_initializer("w", &[3, 2, 1, 1], &[1.0, -1.0, 0.5, 2.0, -3.0, 0.25]),
+        f32_initializer("b", &[3], &[0.5, -0.5, 1.0]),
+    ];
+    inits.extend(extra);
+    model(
+        vec![node("Conv", &["x", "w", "b"], &["c"]), act],
+        vec![value("x", 1, &[1, 2, 2, 2])],
+        vec![value("y", 1, &[1, 3, 2, 2])],
+        inits,
+        17,
+    )
+}
+
+fn conv_act_expected(x: &[f32], act: impl Fn(f32) -> f32) -> Vec<f32> {
+    let w = [1.0, -1.0, 0.5, 2.0, -3.0, 0.25];
+    let b = [0.5, -0.5, 1.0];
+    let mut y = Vec::new();
+    for oc in 0..3 {
+        for p in 0..4 {
+            y.push(act(w[oc * 2] * x[p] + w[oc * 2 + 1] * x[4 + p] + b[oc]));
+        }
+    }
+    y
+}
+
+#[tokio::test]
+async fn conv_and_its_activation_run_as_one_fused_kernel() {
+    let repo = tempfile::tempdir().expect("repo");
+    let (d, _p) = start_serving(repo.path(), &[]);
+    let mut c = d.inference().await;
+    let x = [1.0, -2.0, 3.0, -4.0, 0.5, 1.5, -2.5, 3.5];
+    type Case = (&'static str, Vec<u8>, fn(f32) -> f32);
+    let cases: [Case; 2] = [
+        (
+            "relu",
+            conv_act(node("Relu", &["c"], &["y"]), vec![]),
+            |v: f32| v.max(0.0),
+        ),
+        (
+            "clip",
+            conv_act(
+                node("Clip", &["c", "lo", "hi"], &["y"]),
+                vec![
+                    f32_initializer("lo", &[], &[-1.0]),
+                    f32_initializer("hi", &[], &[2.0]),
+                ],
+            ),
+            |v: f32| v.clamp(-1.0, 2.0),
+        ),
+    ];
+    for (name, bytes, act) in cases {
+        c.repository_model_load(load_request(name, bytes))
+            .await
+            .expect("load");
+        let (_, nodes) = placement(&d, name).await;
+        assert_eq!(
+            nodes,
+            vec![(
+                "FusedConv".to_string(),
+                "cpu".to_string(),
+                "onnx-ops".to_string()
+            )],
+            "{name}"
+        );
+        let r = c
+            .model_infer(pb::ModelInferRequest {
+                model_name: name.into(),
+                inputs: vec![input("x", "FP32", &[1, 2, 2, 2])],
+                raw_input_contents: vec![f32_bytes(&x)],
+                ..Default::default()
+            })
+            .await
+            .expect("infer")
+            .into_inner();
+        assert_eq!(
+            f32_values(&r.raw_output_contents[0]),
+            conv_act_expected(&x, act),
+            "{name}"
+        );
+    }
 }

@@ -96,6 +96,10 @@ enum Cmd {
         /// Initializers of at least this many bytes go to `<OUT>.data` (ONNX external data).
         #[arg(long, default_value_t = 1 << 20)]
         external_data_threshold: usize,
+        /// `standard`: only passes whose result is standard ONNX; `all`: also fusions into
+        /// opreg's own operators (domain `opreg`, which only opreg runs).
+        #[arg(long, default_value = "standard", value_parser = ["standard", "all"])]
+        level: String,
     },
 }
 
@@ -210,11 +214,16 @@ fn optimize(
     model: &std::path::Path,
     out: &std::path::Path,
     threshold: usize,
+    all: bool,
 ) -> anyhow::Result<()> {
     let bytes = std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
     let mut m = opregd::graph::import(&bytes, model.parent())
         .with_context(|| format!("importing {}", model.display()))?;
-    for r in opregd::graph::optimize(&mut m)? {
+    let mut reports = opregd::graph::optimize(&mut m)?;
+    if all {
+        reports.extend(opregd::graph::fuse(&mut m)?);
+    }
+    for r in reports {
         println!("{}\t{} -> {} nodes", r.pass, r.nodes_before, r.nodes_after);
     }
     let file_name = out
@@ -244,9 +253,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         model,
         out,
         external_data_threshold,
+        level,
     } = &cli.cmd
     {
-        return optimize(model, out, *external_data_threshold);
+        return optimize(model, out, *external_data_threshold, level == "all");
     }
     let mut endpoint = Channel::from_shared(cli.addr.clone())?;
     if let Some(ca) = &cli.ca_cert {

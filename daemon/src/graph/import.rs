@@ -78,7 +78,8 @@ impl Node {
     }
 }
 
-/// An imported model.
+/// An imported model. Cloning shares the initializers.
+#[derive(Clone)]
 pub struct Model {
     /// Imported opset per domain (`""` is the default ONNX domain).
     pub opsets: HashMap<String, i64>,

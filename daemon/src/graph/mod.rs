@@ -17,7 +17,7 @@ mod types;
 pub use compiled::{CopyInfo, Place, Placement, Plan, StepInfo};
 pub use export::{export, Exported, ExternalData};
 pub use import::{import, Dim, IoSpec, Model};
-pub use passes::{optimize, PassReport};
+pub use passes::{fuse, optimize, PassReport};
 pub use plan::compile;
 pub use run::{run, run_profiled, run_with_control, RunControl, StepTime};
 pub use shapes::Shape;

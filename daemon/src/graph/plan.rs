@@ -52,7 +52,45 @@ pub fn compile(
         .map(|i| (i.name.clone(), Some(i.dtype)))
         .collect();
     let mut fold_budget = max_folded_bytes;
+    // Fusions into opreg's operators depend on the kernels this snapshot has: they run per
+    // compile (a hot swap may add or remove them), on a copy sharing the initializers.
+    let fused;
+    let model = if fusions_available(&snapshot, devices) {
+        let mut m = model.clone();
+        super::passes::run(&mut m, super::passes::FUSIONS)?;
+        fused = m;
+        &fused
+    } else {
+        model
+    };
     compile_graph(model, &formal, &[], snapshot, devices, &mut fold_budget)
+}
+
+/// Whether the fused operators can run wherever their originals could: every preferred
+/// device with a `Conv` kernel has an `opreg::FusedConv` one.
+fn fusions_available(snapshot: &Snapshot, devices: &[Device]) -> bool {
+    let has = |op: &str, domain: &str, device: Device| {
+        [DType::F32, DType::F16].iter().any(|&t| {
+            snapshot
+                .resolve(&KernelQuery {
+                    domain,
+                    op_type: op,
+                    opset: if domain.is_empty() { 17 } else { 1 },
+                    device,
+                    inputs: &[Some(t), Some(t), Some(t)],
+                })
+                .is_ok()
+        })
+    };
+    let mut any = false;
+    for &d in devices {
+        let fused = has("FusedConv", "opreg", d);
+        if has("Conv", "", d) && !fused {
+            return false;
+        }
+        any |= fused;
+    }
+    any
 }
 
 fn compile_graph(

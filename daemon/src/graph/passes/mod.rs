@@ -7,6 +7,7 @@
 
 mod bn_fold;
 mod dead;
+mod fuse;
 mod identity;
 
 use super::{import::Model, GraphError};
@@ -26,9 +27,18 @@ pub const STANDARD: &[&dyn Pass] = &[
     &dead::DeadNodes,
 ];
 
+/// The fusions into opreg's own operators, in the order they run (see [`fuse`]).
+pub const FUSIONS: &[&dyn Pass] = &[&fuse::ConvActivation];
+
 /// Runs the standard passes (the ones whose result is standard ONNX) over `model`.
 pub fn optimize(model: &mut Model) -> Result<Vec<PassReport>, GraphError> {
     run(model, STANDARD)
+}
+
+/// Runs the fusions into opreg's own operators over `model` (for `opreg optimize --level all`;
+/// compiling applies them itself when the kernels exist).
+pub fn fuse(model: &mut Model) -> Result<Vec<PassReport>, GraphError> {
+    run(model, FUSIONS)
 }
 
 /// What one pass did.

@@ -10,6 +10,67 @@ use opreg_sdk::prelude::*;
 struct Conv {
     window: WindowAttrs,
     group: usize,
+    activation: Activation,
+}
+
+/// What `opreg::FusedConv` applies after the bias, in the same pass over the output (the graph
+/// pass `conv-activation` fuses a Conv and the activation reading it into one node; the
+/// attributes are ONNX Runtime's `FusedConv` ones).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Activation {
+    None,
+    Relu,
+    Clip(f32, f32),
+    LeakyRelu(f32),
+}
+
+impl Activation {
+    fn from_node(node: &NodeInfo<'_>) -> Result<Self, PluginError> {
+        let params = node.floats("activation_params")?.unwrap_or_default();
+        let param = |i: usize, what: &str| {
+            params.get(i).copied().ok_or_else(|| {
+                PluginError::invalid(format!(
+                    "FusedConv: activation_params needs {what} for this activation"
+                ))
+            })
+        };
+        Ok(match node.string_or("activation", "")?.as_str() {
+            "" => Activation::None,
+            "Relu" => Activation::Relu,
+            "Clip" => Activation::Clip(param(0, "min")?, param(1, "max")?),
+            "LeakyRelu" => Activation::LeakyRelu(param(0, "alpha")?),
+            other => {
+                return Err(PluginError::unimplemented(format!(
+                    "FusedConv: activation '{other}' is not supported"
+                )))
+            }
+        })
+    }
+
+    #[inline]
+    fn apply(self, v: f32) -> f32 {
+        match self {
+            Activation::None => v,
+            Activation::Relu => v.max(0.0),
+            // As Clip does: NaN stays NaN.
+            Activation::Clip(lo, hi) => {
+                if v < lo {
+                    lo
+                } else if v > hi {
+                    hi
+                } else {
+                    v
+                }
+            }
+            Activation::LeakyRelu(a) => {
+                if v < 0.0 {
+                    a * v
+                } else {
+                    v
+                }
+            }
+        }
+    }
 }
 
 fn conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
@@ -17,6 +78,11 @@ fn conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
     Ok(Box::new(Conv {
         window: WindowAttrs::from_node(node)?,
         group,
+        activation: if node.domain == "opreg" {
+            Activation::from_node(node)?
+        } else {
+            Activation::None
+        },
     }))
 }
 
@@ -271,7 +337,7 @@ impl Conv {
                 }
                 Ok(())
             })?;
-            return add_bias(ctx, y, bias, m, p);
+            return finish(ctx, y, bias, self.activation, m, p);
         }
         let col = if direct {
             &mut [][..]
@@ -305,27 +371,30 @@ impl Conv {
                 )?;
             }
         }
-        add_bias(ctx, y, bias, m, p)
+        finish(ctx, y, bias, self.activation, m, p)
     }
 }
 
-/// Adds the per-output-channel bias to every plane of `y`.
-fn add_bias(
+/// Adds the per-output-channel bias to every plane of `y` and applies the activation, in one
+/// pass over the output.
+fn finish(
     ctx: &KernelContext<'_>,
     y: &mut [f32],
     bias: Option<&[f32]>,
+    act: Activation,
     m: usize,
     p: usize,
 ) -> Result<(), PluginError> {
-    if let Some(bias) = bias {
-        ctx.parallel_chunks(y, p.max(1024).div_ceil(p) * p, |start, chunk| {
-            for (i, plane) in chunk.chunks_mut(p).enumerate() {
-                let bv = bias[(start / p + i) % m];
-                plane.iter_mut().for_each(|v| *v += bv);
-            }
-        })?;
+    if bias.is_none() && act == Activation::None {
+        return Ok(());
     }
-    Ok(())
+    let p = p.max(1);
+    ctx.parallel_chunks(y, p.max(1024).div_ceil(p) * p, |start, chunk| {
+        for (i, plane) in chunk.chunks_mut(p).enumerate() {
+            let bv = bias.map_or(0.0, |b| b[(start / p + i) % m]);
+            plane.iter_mut().for_each(|v| *v = act.apply(*v + bv));
+        }
+    })
 }
 
 pub fn register(r: &mut Registrar) {
@@ -344,12 +413,49 @@ pub fn register(r: &mut Registrar) {
             conv_factory,
         );
     }
+    // Conv with its activation fused in (the graph pass `conv-activation` makes these).
+    r.kernel(
+        KernelDesc::new("opreg", "FusedConv", 1, OPEN_END)
+            .constraint("T", &[F32, F16, BF16])
+            .inputs(&["T", "T", "T"])
+            .outputs(&["T"]),
+        conv_factory,
+    );
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::nn::testblas::NaiveBlas;
+
+    #[test]
+    fn fused_activations_match_their_operators() {
+        assert_eq!(Activation::Relu.apply(-2.0), 0.0);
+        assert_eq!(Activation::Clip(0.0, 6.0).apply(7.5), 6.0);
+        assert_eq!(Activation::Clip(0.0, 6.0).apply(-1.0), 0.0);
+        assert!(
+            Activation::Clip(0.0, 6.0).apply(f32::NAN).is_nan(),
+            "Clip keeps NaN"
+        );
+        assert_eq!(Activation::LeakyRelu(0.1).apply(-2.0), -0.2);
+        assert_eq!(Activation::None.apply(-3.0), -3.0);
+        // FusedConv with an activation runs Conv and the activation on the same data.
+        let x = HostTensor::from_vec(&[1, 1, 2, 2], &[1.0f32, -2.0, 3.0, -4.0]).expect("x");
+        let w = HostTensor::from_vec(&[1, 1, 1, 1], &[2.0f32]).expect("w");
+        let node = NodeSpec::onnx("FusedConv", 1)
+            .domain("opreg")
+            .attr("activation", AttrValue::String("LeakyRelu".into()))
+            .attr("activation_params", AttrValue::Floats(vec![0.5]));
+        let out =
+            run_kernel(conv_factory, &node, &[&x, &w], Some(Box::new(NaiveBlas))).expect("run");
+        assert_eq!(out[0].to_vec::<f32>().unwrap(), vec![2.0, -2.0, 6.0, -4.0]);
+        let bad = NodeSpec::onnx("FusedConv", 1)
+            .domain("opreg")
+            .attr("activation", AttrValue::String("Clip".into()));
+        let e = run_kernel(conv_factory, &bad, &[&x, &w], Some(Box::new(NaiveBlas)))
+            .expect_err("Clip without bounds");
+        assert!(e.message.contains("activation_params"), "{e:?}");
+    }
     use opreg_sdk::{
         host::HostTensor,
         testkit::{run_kernel, NodeSpec},
