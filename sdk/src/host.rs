@@ -103,6 +103,18 @@ pub struct HostTensor {
     device: Option<Box<dyn DeviceBuffer>>,
 }
 
+/// Bytes `shape` elements of `dtype` take, refused when that overflows.
+fn byte_size(dtype: DType, shape: &[usize]) -> Result<usize, PluginError> {
+    crate::alloc::numel(shape)
+        .and_then(|n| n.checked_mul(dtype.size()))
+        .ok_or_else(|| {
+            PluginError::new(
+                ErrorCode::ResourceExhausted,
+                format!("tensor of shape {shape:?} is too large"),
+            )
+        })
+}
+
 /// Device memory the host lends a tensor: the daemon's pooled buffers (returned to their pool
 /// when dropped), or the test kit's. The host never dereferences it; only the device's
 /// provider (copies) and kernels of that device do.
@@ -136,14 +148,7 @@ impl HostTensor {
                 "{dtype} is not an element type this host knows"
             )));
         }
-        let len = crate::alloc::numel(shape)
-            .and_then(|n| n.checked_mul(dtype.size()))
-            .ok_or_else(|| {
-                PluginError::new(
-                    ErrorCode::ResourceExhausted,
-                    format!("tensor of shape {shape:?} is too large"),
-                )
-            })?;
+        let len = byte_size(dtype, shape)?;
         let mut t = HostTensor {
             dtype,
             shape: shape.to_vec(),
@@ -255,14 +260,7 @@ impl HostTensor {
                 "{dtype} tensors cannot live in device memory"
             )));
         }
-        let need = crate::alloc::numel(shape)
-            .and_then(|n| n.checked_mul(dtype.size()))
-            .ok_or_else(|| {
-                PluginError::new(
-                    ErrorCode::ResourceExhausted,
-                    format!("tensor of shape {shape:?} is too large"),
-                )
-            })?;
+        let need = byte_size(dtype, shape)?;
         if buf.len() < need {
             return Err(PluginError::internal(format!(
                 "device buffer of {} bytes for a tensor of {need}",

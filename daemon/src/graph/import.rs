@@ -90,6 +90,20 @@ pub struct Model {
 }
 
 impl Model {
+    /// The node producing each named value, by position.
+    pub fn producers(&self) -> HashMap<&str, usize> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, n)| {
+                n.outputs
+                    .iter()
+                    .filter(|o| !o.is_empty())
+                    .map(move |o| (o.as_str(), i))
+            })
+            .collect()
+    }
+
     /// The opset version `domain` is imported at.
     pub fn opset(&self, domain: &str) -> Option<i64> {
         let d = if domain == "ai.onnx" { "" } else { domain };

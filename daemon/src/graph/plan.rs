@@ -175,17 +175,7 @@ fn compile_graph(
     };
 
     // Dead-node removal: keep what the outputs depend on.
-    let producer: HashMap<&str, usize> = model
-        .nodes
-        .iter()
-        .enumerate()
-        .flat_map(|(i, n)| {
-            n.outputs
-                .iter()
-                .filter(|o| !o.is_empty())
-                .map(move |o| (o.as_str(), i))
-        })
-        .collect();
+    let producer = model.producers();
     let mut needed = vec![false; model.nodes.len()];
     let mut stack: Vec<&str> = model.outputs.iter().map(|o| o.name.as_str()).collect();
     let mut seen: HashSet<&str> = HashSet::new();

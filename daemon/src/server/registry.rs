@@ -123,6 +123,17 @@ fn attribute(a: pb::Attribute) -> Result<Attribute, Status> {
     })
 }
 
+impl RegistryApi {
+    /// When a call must be done: the client's `grpc-timeout`, bounded by the server's.
+    fn deadline(&self, metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Instant> {
+        self.app
+            .config
+            .limits
+            .call_timeout(super::infer::client_timeout(metadata))
+            .map(|t| std::time::Instant::now() + t)
+    }
+}
+
 #[tonic::async_trait]
 impl Registry for RegistryApi {
     async fn list_plugins(
@@ -274,12 +285,7 @@ impl Registry for RegistryApi {
         &self,
         req: Request<pb::ProfileModelRequest>,
     ) -> Result<Response<pb::ProfileModelResponse>, Status> {
-        let deadline = self
-            .app
-            .config
-            .limits
-            .call_timeout(super::infer::client_timeout(req.metadata()))
-            .map(|t| std::time::Instant::now() + t);
+        let deadline = self.deadline(req.metadata());
         super::profile::profile(&self.app, req.into_inner(), deadline)
             .await
             .map(Response::new)
@@ -289,12 +295,7 @@ impl Registry for RegistryApi {
         &self,
         req: Request<pb::RunKernelRequest>,
     ) -> Result<Response<pb::RunKernelResponse>, Status> {
-        let deadline = self
-            .app
-            .config
-            .limits
-            .call_timeout(super::infer::client_timeout(req.metadata()))
-            .map(|t| std::time::Instant::now() + t);
+        let deadline = self.deadline(req.metadata());
         let r = req.into_inner();
         if r.op_type.is_empty() {
             return Err(Status::invalid_argument("RunKernel needs an op_type"));

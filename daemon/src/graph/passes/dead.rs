@@ -3,7 +3,7 @@
 
 use super::{super::import::Model, reads, Pass};
 use crate::graph::GraphError;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 pub struct DeadNodes;
 
@@ -13,17 +13,7 @@ impl Pass for DeadNodes {
     }
 
     fn run(&self, model: &mut Model) -> Result<usize, GraphError> {
-        let producer: HashMap<&str, usize> = model
-            .nodes
-            .iter()
-            .enumerate()
-            .flat_map(|(i, n)| {
-                n.outputs
-                    .iter()
-                    .filter(|o| !o.is_empty())
-                    .map(move |o| (o.as_str(), i))
-            })
-            .collect();
+        let producer = model.producers();
         let mut live = vec![false; model.nodes.len()];
         let mut stack: Vec<String> = model.outputs.iter().map(|o| o.name.clone()).collect();
         let mut seen = HashSet::new();

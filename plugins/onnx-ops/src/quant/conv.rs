@@ -154,6 +154,23 @@ impl Geometry {
         })
     }
 
+    /// Per kernel tap (`taps` of them, row-major over the kernel): its dilated offset along
+    /// each spatial dimension. Allocated fallibly: the kernel's extents come from the model.
+    fn tap_offsets(&self, taps: usize) -> Result<Vec<Vec<usize>>, PluginError> {
+        let mut kpos = vec![0usize; self.k_sp.len()];
+        let mut koffs: Vec<Vec<usize>> = try_with_capacity(taps)?;
+        for _ in 0..taps {
+            koffs.push(
+                kpos.iter()
+                    .zip(&self.dilations)
+                    .map(|(&k, &d)| k * d)
+                    .collect(),
+            );
+            increment(&mut kpos, &self.k_sp);
+        }
+        Ok(koffs)
+    }
+
     fn out_shape(&self) -> Vec<usize> {
         let mut s = vec![self.n, self.m];
         s.extend(&self.out_sp);
@@ -181,18 +198,7 @@ impl Geometry {
         let k_size = numel(&self.k_sp)?;
         let cg = self.c / self.group;
         let mg = self.m / self.group;
-        // Per kernel position: its dilated offset along each spatial dimension.
-        let mut kpos = vec![0usize; sp];
-        let mut koffs: Vec<Vec<usize>> = try_with_capacity(k_size)?;
-        for _ in 0..k_size {
-            koffs.push(
-                kpos.iter()
-                    .zip(&self.dilations)
-                    .map(|(&k, &d)| k * d)
-                    .collect(),
-            );
-            increment(&mut kpos, &self.k_sp);
-        }
+        let koffs = self.tap_offsets(k_size)?;
         let in_strides = row_major_strides(&self.in_sp);
         if plane == 0 {
             return Ok(());
@@ -279,18 +285,7 @@ impl Geometry {
         let mut col = try_vec(numel(&[plane, kdim])?, pad)?;
         let mut tmp = try_vec(numel(&[plane, mg])?, 0i32)?;
         let in_strides = row_major_strides(&self.in_sp);
-        // Per tap: its dilated offset along each spatial dimension.
-        let mut kpos = vec![0usize; sp];
-        let mut koffs: Vec<Vec<usize>> = try_with_capacity(taps)?;
-        for _ in 0..taps {
-            koffs.push(
-                kpos.iter()
-                    .zip(&self.dilations)
-                    .map(|(&k, &d)| k * d)
-                    .collect(),
-            );
-            increment(&mut kpos, &self.k_sp);
-        }
+        let koffs = self.tap_offsets(taps)?;
         let out_strides = row_major_strides(&self.out_sp);
         for bn in 0..self.n {
             for g in 0..self.group {
