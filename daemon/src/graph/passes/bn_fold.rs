@@ -68,23 +68,28 @@ impl Pass for ConvBatchNorm {
         let count = folded.len();
         let mut remove = vec![false; model.nodes.len()];
         for (bi, (ci, w, b)) in folded {
-            let w_name = fresh(model, &model.nodes[ci].inputs[1]);
+            let (Some(bn), Some(conv)) = (model.nodes.get(bi), model.nodes.get(ci)) else {
+                continue;
+            };
+            let (Some(out), Some(weight)) = (bn.outputs.first(), conv.inputs.get(1)) else {
+                continue;
+            };
+            let (out, weight) = (out.clone(), weight.clone());
+            let w_name = fresh(model, &weight);
             model.initializers.insert(w_name.clone(), Arc::new(w));
-            let b_name = fresh(model, &format!("{}_bias", model.nodes[ci].inputs[1]));
+            let b_name = fresh(model, &format!("{weight}_bias"));
             model.initializers.insert(b_name.clone(), Arc::new(b));
-            let out = model.nodes[bi].outputs[0].clone();
-            let conv = &mut model.nodes[ci];
-            conv.inputs.resize(3, String::new());
-            conv.inputs[1] = w_name;
-            conv.inputs[2] = b_name;
-            conv.outputs[0] = out;
-            remove[bi] = true;
+            if let Some(conv) = model.nodes.get_mut(ci) {
+                conv.inputs.resize(3, String::new());
+                conv.inputs.splice(1..3, [w_name, b_name]);
+                conv.outputs.truncate(1);
+                conv.outputs.splice(0..1, [out]);
+            }
+            if let Some(r) = remove.get_mut(bi) {
+                *r = true;
+            }
         }
-        let mut i = 0;
-        model.nodes.retain(|_| {
-            i += 1;
-            !remove[i - 1]
-        });
+        super::remove_nodes(model, &remove);
         Ok(count)
     }
 }
@@ -100,7 +105,8 @@ impl ConvBatchNorm {
         graph_outputs: &[String],
     ) -> Option<(usize, HostTensor, HostTensor)> {
         // Inference form only: one output, no training mode.
-        if bn.outputs.iter().skip(1).any(|o| !o.is_empty())
+        if bn.outputs.first().is_none_or(|o| o.is_empty())
+            || bn.outputs.iter().skip(1).any(|o| !o.is_empty())
             || bn
                 .attributes
                 .iter()
@@ -114,7 +120,7 @@ impl ConvBatchNorm {
         if read.get(x).copied() != Some(1) || graph_outputs.contains(x) {
             return None;
         }
-        let conv = &model.nodes[ci];
+        let conv = model.nodes.get(ci)?;
         let constant = |i: usize, list: &[String]| -> Option<Vec<f32>> {
             f32s(model.initializers.get(list.get(i)?)?)
         };
@@ -139,16 +145,22 @@ impl ConvBatchNorm {
             return None;
         }
         let per = w.len() / m;
-        let s: Vec<f64> = (0..m)
-            .map(|c| scale[c] as f64 / (var[c] as f64 + eps).sqrt())
+        let s: Vec<f64> = scale
+            .iter()
+            .zip(&var)
+            .map(|(&sc, &v)| sc as f64 / (v as f64 + eps).sqrt())
             .collect();
         let w2: Vec<f32> = w
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| (v as f64 * s[i / per]) as f32)
+            .chunks(per)
+            .zip(&s)
+            .flat_map(|(row, &sc)| row.iter().map(move |&v| (v as f64 * sc) as f32))
             .collect();
-        let b2: Vec<f32> = (0..m)
-            .map(|c| ((bias[c] as f64 - mean[c] as f64) * s[c] + beta[c] as f64) as f32)
+        let b2: Vec<f32> = bias
+            .iter()
+            .zip(&mean)
+            .zip(&beta)
+            .zip(&s)
+            .map(|(((&b, &mu), &be), &sc)| ((b as f64 - mu as f64) * sc + be as f64) as f32)
             .collect();
         Some((
             ci,

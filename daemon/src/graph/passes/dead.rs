@@ -21,21 +21,21 @@ impl Pass for DeadNodes {
             if !seen.insert(v.clone()) {
                 continue;
             }
-            if let Some(&i) = producer.get(v.as_str()) {
-                if !live[i] {
-                    live[i] = true;
-                    let n = &model.nodes[i];
-                    stack.extend(n.inputs.iter().filter(|x| !x.is_empty()).cloned());
-                    stack.extend(super::super::subgraphs::outer_reads(n, &model.opsets)?);
-                }
+            let Some(&i) = producer.get(v.as_str()) else {
+                continue;
+            };
+            let (Some(l), Some(n)) = (live.get_mut(i), model.nodes.get(i)) else {
+                continue;
+            };
+            if !*l {
+                *l = true;
+                stack.extend(n.inputs.iter().filter(|x| !x.is_empty()).cloned());
+                stack.extend(super::super::subgraphs::outer_reads(n, &model.opsets)?);
             }
         }
         let before = model.nodes.len();
-        let mut i = 0;
-        model.nodes.retain(|_| {
-            i += 1;
-            live[i - 1]
-        });
+        let dead: Vec<bool> = live.iter().map(|l| !l).collect();
+        super::remove_nodes(model, &dead);
         let read = reads(model)?;
         let outputs: HashSet<&str> = model.outputs.iter().map(|o| o.name.as_str()).collect();
         model

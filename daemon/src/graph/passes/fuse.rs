@@ -77,7 +77,9 @@ impl Pass for ConvActivation {
         let mut remove = vec![false; model.nodes.len()];
         let mut fused = 0;
         for ci in 0..model.nodes.len() {
-            let conv = &model.nodes[ci];
+            let Some(conv) = model.nodes.get(ci) else {
+                continue;
+            };
             if !conv.domain.is_empty() || conv.op_type != "Conv" {
                 continue;
             }
@@ -87,8 +89,18 @@ impl Pass for ConvActivation {
             let Some((ai, (name, params))) = act_of.get(y).cloned() else {
                 continue;
             };
-            let out = model.nodes[ai].outputs.first().cloned().unwrap_or_default();
-            let conv = &mut model.nodes[ci];
+            let Some(out) = model
+                .nodes
+                .get(ai)
+                .and_then(|a| a.outputs.first())
+                .filter(|o| !o.is_empty())
+                .cloned()
+            else {
+                continue;
+            };
+            let Some(conv) = model.nodes.get_mut(ci) else {
+                continue;
+            };
             conv.domain = "opreg".into();
             conv.op_type = "FusedConv".into();
             conv.attributes.push(Attribute {
@@ -101,18 +113,17 @@ impl Pass for ConvActivation {
                     value: AttrValue::Floats(params),
                 });
             }
-            conv.outputs[0] = out;
-            remove[ai] = true;
+            conv.outputs.truncate(1);
+            conv.outputs.splice(0..1, [out]);
+            if let Some(r) = remove.get_mut(ai) {
+                *r = true;
+            }
             fused += 1;
         }
         if fused > 0 {
             model.opsets.insert("opreg".into(), 1);
         }
-        let mut i = 0;
-        model.nodes.retain(|_| {
-            i += 1;
-            !remove[i - 1]
-        });
+        super::remove_nodes(model, &remove);
         Ok(fused)
     }
 }

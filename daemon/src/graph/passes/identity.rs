@@ -23,18 +23,22 @@ impl Pass for Identities {
                 .any(|a| matches!(a.value, opreg_sdk::AttrValue::Graph(_)))
         });
         for n in std::mem::take(&mut model.nodes) {
+            let (Some(input), Some(output)) = (n.inputs.first(), n.outputs.first()) else {
+                keep.push(n);
+                continue;
+            };
             let forwards = n.domain.is_empty()
                 && (n.op_type == "Identity"
                     || (n.op_type == "Dropout" && n.outputs.iter().skip(1).all(|o| o.is_empty())
                         && n.inputs.iter().skip(1).all(|i| i.is_empty())))
-                && n.inputs.first().is_some_and(|i| !i.is_empty())
-                && n.outputs.first().is_some_and(|o| !outputs.contains(&o.as_str()))
+                && !input.is_empty()
+                && !output.is_empty()
+                && !outputs.contains(&output.as_str())
                 // Subgraphs read outer values by name: renaming under them is not worth it.
                 && !has_subgraphs;
             if forwards {
-                let from = n.inputs[0].clone();
-                let from = forward.get(&from).cloned().unwrap_or(from);
-                forward.insert(n.outputs[0].clone(), from);
+                let from = forward.get(input).cloned().unwrap_or_else(|| input.clone());
+                forward.insert(output.clone(), from);
             } else {
                 keep.push(n);
             }

@@ -1,3 +1,5 @@
+// Models reach these passes before anything checks them: no unchecked index or slice.
+#![deny(clippy::indexing_slicing)]
 //! Graph passes: rewrites of an imported model before it is compiled, each a small [`Pass`],
 //! run in one listed order ([`STANDARD`]) like tract's `optim` pipeline.
 //!
@@ -79,6 +81,14 @@ pub fn run(model: &mut Model, passes: &[&dyn Pass]) -> Result<Vec<PassReport>, G
         });
     }
     Ok(reports)
+}
+
+/// Removes the nodes whose flag in `remove` is set (by position).
+fn remove_nodes(model: &mut Model, remove: &[bool]) {
+    let mut flags = remove.iter();
+    model
+        .nodes
+        .retain(|_| !flags.next().copied().unwrap_or(false));
 }
 
 /// Names every node reads: its inputs, and the outer values its subgraphs read.

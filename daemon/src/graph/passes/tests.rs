@@ -1,3 +1,4 @@
+#![allow(clippy::indexing_slicing)] // tests index what they just built
 use super::*;
 use crate::graph::import::{IoSpec, Node};
 use opreg_sdk::{host::HostTensor, DType};
@@ -108,4 +109,26 @@ fn batch_norm_folds_into_its_conv_only_when_nothing_else_reads_the_conv() {
     );
     assert_eq!(bn_fold::ConvBatchNorm.run(&mut m).unwrap(), 0);
     assert_eq!(m.nodes.len(), 3);
+}
+
+#[test]
+fn malformed_nodes_pass_through_every_pass_without_a_panic() {
+    // Nodes with missing inputs and outputs, as a hostile model has them: the passes leave
+    // them for the compiler to refuse with a message.
+    let inits: &[(&str, &[usize], Vec<f32>)] = &[("w", &[1, 1, 1, 1], vec![1.0])];
+    let mut m = model(
+        vec![
+            node("Conv", &["x", "w"], &["c"]),
+            node("BatchNormalization", &["c"], &[]),
+            node("Identity", &[], &["i"]),
+            node("Identity", &["x"], &[]),
+            node("Conv", &["x"], &["d"]),
+            node("Relu", &["d"], &[]),
+            node("Clip", &["c", "nope"], &["y"]),
+        ],
+        &["y", "i"],
+        inits,
+    );
+    run(&mut m, STANDARD).expect("standard passes");
+    run(&mut m, FUSIONS).expect("fusions");
 }
