@@ -963,3 +963,50 @@ async fn conv_and_its_activation_run_as_one_fused_kernel() {
         );
     }
 }
+
+#[tokio::test]
+async fn matmul_and_its_bias_add_run_as_one_fused_kernel() {
+    let repo = tempfile::tempdir().expect("repo");
+    let (d, _p) = start_serving(repo.path(), &[]);
+    let mut c = d.inference().await;
+    // y = (x[N,3] @ W[3,2]) + b, with the Add's operands in both orders.
+    for (name, add) in [
+        ("bias_right", node("Add", &["h", "b"], &["y"])),
+        ("bias_left", node("Add", &["b", "h"], &["y"])),
+    ] {
+        let bytes = model(
+            vec![node("MatMul", &["x", "w"], &["h"]), add],
+            vec![value("x", 1, &[-1, 3])],
+            vec![value("y", 1, &[-1, 2])],
+            vec![
+                f32_initializer("w", &[3, 2], &W),
+                f32_initializer("b", &[2], &[0.25, -4.0]),
+            ],
+            17,
+        );
+        c.repository_model_load(load_request(name, bytes))
+            .await
+            .expect("load");
+        let (_, nodes) = placement(&d, name).await;
+        assert_eq!(
+            nodes,
+            vec![("FusedMatMul".to_string(), "cpu".to_string(), "onnx-ops".to_string())],
+            "{name}"
+        );
+        let x = [1.0, -2.0, 3.0, 0.5, 0.5, -1.0];
+        let r = c
+            .model_infer(infer_request(name, &x))
+            .await
+            .expect("infer")
+            .into_inner();
+        let want: Vec<f32> = x
+            .chunks(3)
+            .flat_map(|row| {
+                (0..2).map(move |j| {
+                    (0..3).map(|k| row[k] * W[k * 2 + j]).sum::<f32>() + [0.25, -4.0][j]
+                })
+            })
+            .collect();
+        assert_eq!(f32_values(&r.raw_output_contents[0]), want, "{name}");
+    }
+}

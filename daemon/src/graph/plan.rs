@@ -54,21 +54,30 @@ pub fn compile(
     let mut fold_budget = max_folded_bytes;
     // Fusions into opreg's operators depend on the kernels this snapshot has: they run per
     // compile (a hot swap may add or remove them), on a copy sharing the initializers.
+    let fusions: Vec<&dyn super::passes::Pass> = super::passes::FUSIONS
+        .iter()
+        .copied()
+        .filter(|p| {
+            p.fuses().is_some_and(|(original, fused)| {
+                fusion_available(&snapshot, devices, original, fused)
+            })
+        })
+        .collect();
     let fused;
-    let model = if fusions_available(&snapshot, devices) {
+    let model = if fusions.is_empty() {
+        model
+    } else {
         let mut m = model.clone();
-        super::passes::run(&mut m, super::passes::FUSIONS)?;
+        super::passes::run(&mut m, &fusions)?;
         fused = m;
         &fused
-    } else {
-        model
     };
     compile_graph(model, &formal, &[], snapshot, devices, &mut fold_budget)
 }
 
-/// Whether the fused operators can run wherever their originals could: every preferred
-/// device with a `Conv` kernel has an `opreg::FusedConv` one.
-fn fusions_available(snapshot: &Snapshot, devices: &[Device]) -> bool {
+/// Whether `opreg::<fused>` can run wherever `<original>` could: every preferred device with
+/// a kernel for the original has one for the fused operator, and some device has it.
+fn fusion_available(snapshot: &Snapshot, devices: &[Device], original: &str, fused: &str) -> bool {
     let has = |op: &str, domain: &str, device: Device| {
         [DType::F32, DType::F16].iter().any(|&t| {
             snapshot
@@ -84,11 +93,11 @@ fn fusions_available(snapshot: &Snapshot, devices: &[Device]) -> bool {
     };
     let mut any = false;
     for &d in devices {
-        let fused = has("FusedConv", "opreg", d);
-        if has("Conv", "", d) && !fused {
+        let has_fused = has(fused, "opreg", d);
+        if has(original, "", d) && !has_fused {
             return false;
         }
-        any |= fused;
+        any |= has_fused;
     }
     any
 }

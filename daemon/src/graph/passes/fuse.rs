@@ -6,6 +6,10 @@
 //! bounds) reads becomes `opreg::FusedConv` with ONNX Runtime's `activation` /
 //! `activation_params` attributes: the activation is applied in the pass that adds the bias,
 //! instead of a second pass over the output and a second buffer.
+//!
+//! `matmul-add`: a `MatMul` with a constant B whose output only an `Add` of a constant 1-D f32
+//! bias of B's column count reads becomes `opreg::FusedMatMul(A, B, bias)` (the dense layers of
+//! transformer encoders).
 
 use super::{super::import::Model, reads, Pass};
 use crate::graph::{import::Node, GraphError};
@@ -58,6 +62,10 @@ fn activation(model: &Model, n: &Node) -> Option<(&'static str, Vec<f32>)> {
 impl Pass for ConvActivation {
     fn name(&self) -> &'static str {
         "conv-activation"
+    }
+
+    fn fuses(&self) -> Option<(&'static str, &'static str)> {
+        Some(("Conv", "FusedConv"))
     }
 
     fn run(&self, model: &mut Model) -> Result<usize, GraphError> {
@@ -115,6 +123,92 @@ impl Pass for ConvActivation {
             }
             conv.outputs.truncate(1);
             conv.outputs.splice(0..1, [out]);
+            if let Some(r) = remove.get_mut(ai) {
+                *r = true;
+            }
+            fused += 1;
+        }
+        if fused > 0 {
+            model.opsets.insert("opreg".into(), 1);
+        }
+        super::remove_nodes(model, &remove);
+        Ok(fused)
+    }
+}
+
+pub struct MatMulAdd;
+
+impl Pass for MatMulAdd {
+    fn name(&self) -> &'static str {
+        "matmul-add"
+    }
+
+    fn fuses(&self) -> Option<(&'static str, &'static str)> {
+        Some(("MatMul", "FusedMatMul"))
+    }
+
+    fn run(&self, model: &mut Model) -> Result<usize, GraphError> {
+        let read = reads(model)?;
+        let outputs: Vec<&str> = model.outputs.iter().map(|o| o.name.as_str()).collect();
+        let f32_const = |name: &str| {
+            model
+                .initializers
+                .get(name)
+                .filter(|t| t.dtype() == DType::F32 && t.on_host())
+        };
+        // MatMul output -> (Add position, bias name, Add output).
+        let mut adds = std::collections::HashMap::new();
+        for (i, n) in model.nodes.iter().enumerate() {
+            if !n.domain.is_empty() || n.op_type != "Add" {
+                continue;
+            }
+            let (Some(a), Some(b), Some(out)) =
+                (n.inputs.first(), n.inputs.get(1), n.outputs.first())
+            else {
+                continue;
+            };
+            for (x, bias) in [(a, b), (b, a)] {
+                if f32_const(bias).is_some_and(|t| t.shape().len() == 1)
+                    && read.get(x) == Some(&1)
+                    && !outputs.contains(&x.as_str())
+                    && !out.is_empty()
+                {
+                    adds.insert(x.clone(), (i, bias.clone(), out.clone()));
+                }
+            }
+        }
+        let mut remove = vec![false; model.nodes.len()];
+        let mut fused = 0;
+        for mi in 0..model.nodes.len() {
+            let Some(mm) = model.nodes.get(mi) else {
+                continue;
+            };
+            if !mm.domain.is_empty() || mm.op_type != "MatMul" {
+                continue;
+            }
+            let (Some(y), Some(w)) = (mm.outputs.first(), mm.inputs.get(1)) else {
+                continue;
+            };
+            let Some((ai, bias, out)) = adds.get(y).cloned() else {
+                continue;
+            };
+            // B constant with at least 2 dims, and a bias of exactly its column count.
+            let columns = f32_const(w)
+                .filter(|t| t.shape().len() >= 2)
+                .and_then(|t| t.shape().last().copied());
+            let bias_len = f32_const(&bias).map(|t| t.len());
+            if columns.is_none() || columns != bias_len {
+                continue;
+            }
+            let Some(mm) = model.nodes.get_mut(mi) else {
+                continue;
+            };
+            mm.domain = "opreg".into();
+            mm.op_type = "FusedMatMul".into();
+            mm.inputs.truncate(2);
+            mm.inputs.push(bias);
+            mm.outputs.truncate(1);
+            mm.outputs.splice(0..1, [out]);
             if let Some(r) = remove.get_mut(ai) {
                 *r = true;
             }

@@ -20,6 +20,11 @@ pub trait Pass: Sync {
     fn name(&self) -> &'static str;
     /// Rewrites `model` in place; returns how many nodes it removed or fused away.
     fn run(&self, model: &mut Model) -> Result<usize, GraphError>;
+    /// For fusions into opreg's operators: `(original op, fused op)` — the pass runs only
+    /// where every device that has the original has the fused kernel too.
+    fn fuses(&self) -> Option<(&'static str, &'static str)> {
+        None
+    }
 }
 
 /// The passes whose result is standard ONNX, in the order they run.
@@ -30,7 +35,7 @@ pub const STANDARD: &[&dyn Pass] = &[
 ];
 
 /// The fusions into opreg's own operators, in the order they run (see [`fuse`]).
-pub const FUSIONS: &[&dyn Pass] = &[&fuse::ConvActivation];
+pub const FUSIONS: &[&dyn Pass] = &[&fuse::ConvActivation, &fuse::MatMulAdd];
 
 /// Runs the standard passes (the ones whose result is standard ONNX) over `model`.
 pub fn optimize(model: &mut Model) -> Result<Vec<PassReport>, GraphError> {

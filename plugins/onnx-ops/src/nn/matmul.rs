@@ -409,6 +409,50 @@ impl Kernel for MatMul {
     }
 }
 
+/// `opreg::FusedMatMul(A, B, bias)`: MatMul followed by the `Add` of a per-column bias (the
+/// graph pass `matmul-add` makes these from MatMul + Add): the bias is added in one pass over
+/// the output instead of a second node with its own output buffer. f32.
+struct FusedMatMul(MatMul);
+
+impl Kernel for FusedMatMul {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        let [a, b, bias] = required("FusedMatMul", inputs, ["A", "B", "bias"])?;
+        let plan = MatMulPlan::new(a.shape(), b.shape())?;
+        let bias = bias.as_slice::<f32>()?;
+        if bias.len() != plan.n {
+            return Err(PluginError::invalid(format!(
+                "FusedMatMul: bias has {} elements for {} columns",
+                bias.len(),
+                plan.n
+            )));
+        }
+        let y = ctx.output_slice::<f32>(0, &plan.out_shape)?;
+        plan.run_f32(
+            ctx,
+            a.as_slice()?,
+            b.as_slice()?,
+            y,
+            self.0.packed.as_deref(),
+        )?;
+        let n = plan.n.max(1);
+        ctx.parallel_chunks(y, (16384 / n).max(1) * n, |_, chunk| {
+            for row in chunk.chunks_mut(n) {
+                row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+            }
+        })
+    }
+}
+
+fn fused_matmul_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    Ok(Box::new(FusedMatMul(MatMul {
+        packed: prepack(node, 1, false),
+    })))
+}
+
 #[derive(Clone)]
 struct Gemm {
     alpha: f32,
@@ -517,6 +561,14 @@ pub fn register(r: &mut Registrar) {
             matmul_factory,
         );
     }
+    // MatMul with its bias Add fused in (the graph pass `matmul-add` makes these).
+    r.kernel(
+        KernelDesc::new("opreg", "FusedMatMul", 1, OPEN_END)
+            .constraint("T", &[F32])
+            .inputs(&["T", "T", "T"])
+            .outputs(&["T"]),
+        fused_matmul_factory,
+    );
     // Gemm before 7 had the `broadcast` attribute; from 11 C is optional.
     register_versions(
         r,
