@@ -990,7 +990,11 @@ async fn matmul_and_its_bias_add_run_as_one_fused_kernel() {
         let (_, nodes) = placement(&d, name).await;
         assert_eq!(
             nodes,
-            vec![("FusedMatMul".to_string(), "cpu".to_string(), "onnx-ops".to_string())],
+            vec![(
+                "FusedMatMul".to_string(),
+                "cpu".to_string(),
+                "onnx-ops".to_string()
+            )],
             "{name}"
         );
         let x = [1.0, -2.0, 3.0, 0.5, 0.5, -1.0];
