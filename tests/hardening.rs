@@ -511,6 +511,28 @@ async fn failed_loads_and_huge_names_cost_bounded_memory() {
         "{names:?}"
     );
     assert!(index.iter().all(|m| m.reason.len() <= 2048));
+    // Garbage under many version numbers of one model: only the newest few failures are
+    // kept, and the ready version keeps serving.
+    let mut c = d.inference().await;
+    for v in 2..42 {
+        let mut req = load_request("mlp", vec![0xFF; 64]);
+        let file = req.parameters.remove("file:1/model.onnx").expect("file");
+        req.parameters.insert(format!("file:{v}/model.onnx"), file);
+        c.repository_model_load(req)
+            .await
+            .expect_err("garbage version");
+    }
+    let mlp_rows: Vec<(String, String)> = d
+        .index()
+        .await
+        .into_iter()
+        .filter(|m| m.name == "mlp")
+        .map(|m| (m.version, m.state))
+        .collect();
+    assert_eq!(mlp_rows.len(), 9, "{mlp_rows:?}");
+    assert_eq!(mlp_rows[0], ("1".to_string(), "READY".to_string()));
+    assert!(mlp_rows[1..].iter().all(|(_, s)| s == "UNAVAILABLE"));
+    assert_eq!(mlp_rows[8].0, "41", "the newest failures are the ones kept");
     let after = d.rss_kib();
     eprintln!("RSS before {before} KiB, after {after} KiB");
     assert!(after < before + 200 * 1024, "RSS {before} -> {after} KiB");

@@ -140,6 +140,8 @@ pub struct Repository {
 pub const MAX_NAME_LEN: usize = 200;
 /// Longest failure reason the index keeps per model.
 const MAX_REASON_LEN: usize = 1024;
+/// Failed versions the index keeps per model (the newest).
+const MAX_FAILED_VERSIONS: usize = 8;
 const NAME_LOCKS: usize = 64;
 
 /// Shortens client- or model-supplied text that goes into a message or the index.
@@ -469,6 +471,18 @@ impl Repository {
                     });
                 }
             }
+        }
+        // Failed versions cost memory a client chooses (any version numbers, each with a
+        // reason): a model keeps the newest few.
+        let unavailable: Vec<u64> = entry
+            .versions
+            .iter()
+            .filter(|(_, s)| matches!(s, VersionState::Unavailable(_)))
+            .map(|(v, _)| *v)
+            .collect();
+        let excess = unavailable.len().saturating_sub(MAX_FAILED_VERSIONS);
+        for v in unavailable.into_iter().take(excess) {
+            entry.versions.remove(&v);
         }
     }
 

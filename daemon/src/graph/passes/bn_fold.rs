@@ -141,7 +141,8 @@ impl ConvBatchNorm {
             Some(b) => f32s(model.initializers.get(b)?)?,
             None => vec![0.0; m],
         };
-        if bias.len() != m || w.len() % m != 0 {
+        // A zero-size weight (`[M, 0, ...]`) has nothing to fold.
+        if bias.len() != m || w.is_empty() || w.len() % m != 0 {
             return None;
         }
         let per = w.len() / m;

@@ -115,9 +115,17 @@ fn batch_norm_folds_into_its_conv_only_when_nothing_else_reads_the_conv() {
 fn malformed_nodes_pass_through_every_pass_without_a_panic() {
     // Nodes with missing inputs and outputs, as a hostile model has them: the passes leave
     // them for the compiler to refuse with a message.
-    let inits: &[(&str, &[usize], Vec<f32>)] = &[("w", &[1, 1, 1, 1], vec![1.0])];
+    let inits: &[(&str, &[usize], Vec<f32>)] = &[
+        ("w", &[1, 1, 1, 1], vec![1.0]),
+        // A zero-size weight under a complete BatchNormalization.
+        ("w0", &[2, 0, 1, 1], vec![]),
+        ("s", &[2], vec![1.0, 1.0]),
+        ("v", &[2], vec![1.0, 1.0]),
+    ];
     let mut m = model(
         vec![
+            node("Conv", &["x", "w0"], &["z"]),
+            node("BatchNormalization", &["z", "s", "s", "s", "v"], &["zn"]),
             node("Conv", &["x", "w"], &["c"]),
             node("BatchNormalization", &["c"], &[]),
             node("Identity", &[], &["i"]),
@@ -126,7 +134,7 @@ fn malformed_nodes_pass_through_every_pass_without_a_panic() {
             node("Relu", &["d"], &[]),
             node("Clip", &["c", "nope"], &["y"]),
         ],
-        &["y", "i"],
+        &["y", "i", "zn"],
         inits,
     );
     run(&mut m, STANDARD).expect("standard passes");
