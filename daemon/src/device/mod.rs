@@ -110,10 +110,6 @@ impl DeviceHandle {
         })
     }
 
-    fn loaded(&self) -> &LoadedDevice {
-        &self.loaded
-    }
-
     /// The plugin that provides the device.
     pub fn plugin(&self) -> &str {
         &self.plugin
@@ -125,11 +121,11 @@ impl DeviceHandle {
     }
 
     pub fn pool(&self) -> &Pool {
-        &self.loaded().pools[self.index]
+        &self.loaded.pools[self.index]
     }
 
     pub fn stream(&self) -> Stream {
-        self.loaded().streams[self.index]
+        self.loaded.streams[self.index]
     }
 
     fn error(&self, e: PluginError, what: &str) -> PluginError {
@@ -162,7 +158,7 @@ impl DeviceHandle {
     }
 
     fn alloc_from_provider(&self, class: usize) -> Result<MemRef, PluginError> {
-        let d = self.loaded();
+        let d = &self.loaded;
         let try_alloc = || {
             d.provider
                 .alloc(self.device, MemoryType::DEVICE, class, self.stream())
@@ -179,7 +175,7 @@ impl DeviceHandle {
                 try_alloc().map_err(|e| self.error(e, &format!("allocating {class} bytes")))?
             }
         };
-        self.pool().note_driver_alloc(class);
+        self.pool().note_driver_alloc();
         Ok(mem)
     }
 
@@ -204,7 +200,7 @@ impl DeviceHandle {
 
     /// Copies `bytes` from `src` to `dst` on this device's stream and waits for it.
     pub fn copy(&self, dst: MemRef, src: MemRef, bytes: usize) -> Result<(), PluginError> {
-        let d = self.loaded();
+        let d = &self.loaded;
         d.provider
             .copy(dst, src, bytes, self.stream())
             .into_result()
@@ -223,7 +219,7 @@ impl DeviceHandle {
 
     /// Waits for everything queued on this device's stream.
     pub fn synchronize(&self) -> Result<(), PluginError> {
-        let d = self.loaded();
+        let d = &self.loaded;
         d.provider
             .synchronize(self.device, self.stream())
             .into_result()
@@ -239,7 +235,7 @@ impl DeviceAlloc for DeviceHandle {
         DeviceHandle::stream(self)
     }
     fn resource(&self, key: &str) -> u64 {
-        self.loaded()
+        self.loaded
             .provider
             .resource(self.device, self.stream(), key.into())
     }

@@ -33,8 +33,6 @@ pub struct PoolStats {
     pub driver_allocs: AtomicU64,
     /// Allocations served from the cache.
     pub reused: AtomicU64,
-    /// Bytes handed out and not returned yet.
-    pub in_use: AtomicU64,
 }
 
 /// Cached free blocks of one device, by size class.
@@ -51,20 +49,17 @@ impl Pool {
         let mem = free.get_mut(&class).and_then(Vec::pop);
         if mem.is_some() {
             self.stats.reused.fetch_add(1, Ordering::Relaxed);
-            self.stats.in_use.fetch_add(class as u64, Ordering::Relaxed);
         }
         mem
     }
 
-    /// Records a block the provider allocated for class `class`.
-    pub fn note_driver_alloc(&self, class: usize) {
+    /// Records a block the provider allocated.
+    pub fn note_driver_alloc(&self) {
         self.stats.driver_allocs.fetch_add(1, Ordering::Relaxed);
-        self.stats.in_use.fetch_add(class as u64, Ordering::Relaxed);
     }
 
     /// Returns a block to the cache.
     pub fn put(&self, class: usize, mem: MemRef) {
-        self.stats.in_use.fetch_sub(class as u64, Ordering::Relaxed);
         self.free
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -80,16 +75,6 @@ impl Pool {
             .into_iter()
             .flat_map(|(class, v)| v.into_iter().map(move |m| (class, m)))
             .collect()
-    }
-
-    /// Bytes held in the cache.
-    pub fn cached_bytes(&self) -> usize {
-        self.free
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(class, v)| class * v.len())
-            .sum()
     }
 }
 
