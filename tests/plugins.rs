@@ -50,7 +50,10 @@ async fn workspace_plugins_load_at_startup_and_are_listed() {
         .find(|p| p.name == "onnx-ops")
         .expect("onnx-ops listed");
     assert_eq!(ops.version, "0.1.0");
-    assert_eq!(ops.abi_version, "1.0");
+    assert_eq!(
+        ops.abi_version,
+        format!("{}.{}", opreg_sdk::ABI_MAJOR, opreg_sdk::ABI_MINOR)
+    );
     assert_eq!(
         ops.source_file,
         dir.path()
@@ -160,7 +163,11 @@ async fn broken_plugins_in_the_folder_are_skipped_with_a_logged_reason() {
         log.contains("libopreg_mock_no_header.so: not an opreg plugin"),
         "{log}"
     );
-    assert!(log.contains("libopreg_mock_abi_major.so: plugin ABI 2.0.0 is not compatible with this daemon's ABI 1.0.0"), "{log}");
+    let refusal = format!(
+        "libopreg_mock_abi_major.so: plugin ABI 2.0.0 is not compatible with this daemon's ABI {}",
+        opreg_sdk::ABI_VERSION
+    );
+    assert!(log.contains(&refusal), "{log}");
     // And it serves.
     let out = d
         .registry()
@@ -294,17 +301,18 @@ async fn broken_plugins_are_refused_with_the_file_and_the_reason() {
         (
             plugin("mock_abi_major"),
             Code::InvalidArgument,
-            "plugin ABI 2.0.0 is not compatible with this daemon's ABI 1.0.0",
+            "plugin ABI 2.0.0 is not compatible with this daemon's ABI 1.",
         ),
         (
             plugin("mock_newer_minor"),
             Code::InvalidArgument,
-            "plugin was built for ABI 1.99, newer than this daemon's 1.0",
+            "plugin was built for ABI 1.99, newer than this daemon's 1.",
         ),
         (
             plugin("mock_layout"),
             Code::InvalidArgument,
-            "plugin ABI layout does not match this daemon's: PluginMod differs",
+            // Checked as the plugin's minor: its skewed root module is what differs.
+            "plugin ABI layout does not match this daemon's: checked as ABI 1.0 against",
         ),
         (
             std::path::PathBuf::from("/nonexistent/libopreg_x.so"),

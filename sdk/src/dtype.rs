@@ -19,6 +19,9 @@ pub struct DType(pub i32);
 
 #[allow(non_upper_case_globals)]
 impl DType {
+    /// No type (ONNX `UNDEFINED`, 0): what [`KernelFactory::infer`](crate::KernelFactory::infer)
+    /// reads for an input whose type is not known statically (ABI 1.1).
+    pub const UNDEFINED: DType = DType(0);
     /// `f32` (ONNX `FLOAT`, 1).
     pub const F32: DType = DType(1);
     /// `u8` (2).

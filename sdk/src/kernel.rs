@@ -16,7 +16,7 @@ use crate::{
 use abi_stable::{
     sabi_trait,
     sabi_trait::TD_Opaque,
-    std_types::{RBox, ROption, RResult, RSlice, RStr},
+    std_types::{RBox, ROption, RResult, RResult::ROk, RSlice, RStr, RVec},
     RRef, StableAbi,
 };
 use std::borrow::Cow;
@@ -688,6 +688,106 @@ pub trait KernelFactory: Send + Sync + 'static {
     fn self_test(&self) -> Result<(), PluginError> {
         Ok(())
     }
+
+    /// What the node's outputs will be, before anything runs (ABI 1.1): one [`OutputFact`]
+    /// per output, from the node's attributes and its inputs' types, static shapes and
+    /// constants. The daemon calls it at compile time, after resolving this kernel and before
+    /// instantiating it, and carries the result downstream: later nodes are resolved by these
+    /// types and see these shapes in their [`ValueInfo`]s. Fewer facts than outputs (the
+    /// default: none) leave the rest unknown; execution never depends on inference, since
+    /// kernels size their outputs at run time. An input whose type is not known statically
+    /// reads [`DType::UNDEFINED`]; output [`ValueInfo`]s carry nothing yet.
+    fn infer(&self, node: &NodeInfo<'_>) -> Result<Vec<OutputFact>, PluginError> {
+        let _ = node;
+        Ok(Vec::new())
+    }
+}
+
+/// What inference knows about one output of a node (see [`KernelFactory::infer`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OutputFact {
+    /// The element type, `None` when unknown.
+    pub dtype: Option<DType>,
+    /// The shape, `-1` for a dimension known only at run time; `None` when not even the rank
+    /// is known.
+    pub shape: Option<Vec<i64>>,
+}
+
+impl OutputFact {
+    /// A fact with a type and a shape.
+    pub fn new(dtype: Option<DType>, shape: Option<Vec<i64>>) -> Self {
+        OutputFact { dtype, shape }
+    }
+
+    /// Nothing known.
+    pub fn unknown() -> Self {
+        OutputFact::default()
+    }
+
+    /// The ABI form.
+    pub fn into_ffi(self) -> FfiOutputFact {
+        FfiOutputFact {
+            dtype: self.dtype.unwrap_or(DType::UNDEFINED),
+            shape: self.shape.map(RVec::from).into(),
+        }
+    }
+
+    /// From the ABI form.
+    pub fn from_ffi(f: FfiOutputFact) -> Self {
+        OutputFact {
+            dtype: (f.dtype != DType::UNDEFINED).then_some(f.dtype),
+            shape: f.shape.into_option().map(|s| s.into_vec()),
+        }
+    }
+}
+
+/// [`OutputFact`] as it crosses the ABI (appended in 1.1; frozen from then on: a later minor
+/// adds a method rather than a field).
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct FfiOutputFact {
+    /// The element type; [`DType::UNDEFINED`] when unknown.
+    pub dtype: DType,
+    /// The shape (`-1` for a run-time dimension), or `RNone` when the rank is unknown.
+    pub shape: ROption<RVec<i64>>,
+}
+
+/// A factory whose inference is `infer` wherever `factory`'s own gives nothing: how an
+/// operator library supplies one table of rules for all its kernels
+/// (see [`Registrar::infer_with`](crate::Registrar::infer_with)).
+pub struct WithInfer<F> {
+    factory: F,
+    infer: InferFn,
+}
+
+/// A shared inference function (see [`KernelFactory::infer`]).
+pub type InferFn =
+    std::sync::Arc<dyn Fn(&NodeInfo<'_>) -> Result<Vec<OutputFact>, PluginError> + Send + Sync>;
+
+impl<F: KernelFactory> WithInfer<F> {
+    /// Wraps `factory`, falling back to `infer`.
+    pub fn new(factory: F, infer: InferFn) -> Self {
+        WithInfer { factory, infer }
+    }
+}
+
+impl<F: KernelFactory> KernelFactory for WithInfer<F> {
+    fn instantiate(&self, node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+        self.factory.instantiate(node)
+    }
+
+    fn self_test(&self) -> Result<(), PluginError> {
+        self.factory.self_test()
+    }
+
+    fn infer(&self, node: &NodeInfo<'_>) -> Result<Vec<OutputFact>, PluginError> {
+        let own = self.factory.infer(node)?;
+        if own.is_empty() {
+            (self.infer)(node)
+        } else {
+            Ok(own)
+        }
+    }
 }
 
 impl<F> KernelFactory for F
@@ -716,6 +816,16 @@ pub trait FfiKernelFactory: Send + Sync {
     /// See [`KernelFactory::self_test`].
     #[sabi(last_prefix_field)]
     fn self_test(&self) -> RResult<(), PluginError>;
+
+    /// See [`KernelFactory::infer`]. Appended in 1.1: a 1.0 plugin's vtable lacks it, and
+    /// this default body (nothing known) answers for it.
+    fn infer(
+        &self,
+        node: FfiNodeInfo_TO<'_, RRef<'_, ()>>,
+    ) -> RResult<RVec<FfiOutputFact>, PluginError> {
+        let _ = node;
+        ROk(RVec::new())
+    }
 }
 
 /// The ABI form of [`Kernel`]. Implemented by the SDK; hosts call it.
@@ -756,6 +866,18 @@ impl<F: KernelFactory> FfiKernelFactory for FactoryAdapter<F> {
 
     fn self_test(&self) -> RResult<(), PluginError> {
         guard("kernel self-test", || self.0.self_test()).into()
+    }
+
+    fn infer(
+        &self,
+        node: FfiNodeInfo_TO<'_, RRef<'_, ()>>,
+    ) -> RResult<RVec<FfiOutputFact>, PluginError> {
+        guard("shape inference", || {
+            let node = NodeInfo::from_ffi(&node);
+            let facts = self.0.infer(&node)?;
+            Ok(facts.into_iter().map(OutputFact::into_ffi).collect())
+        })
+        .into()
     }
 }
 

@@ -96,8 +96,8 @@ pub use device::{DeviceProvider, Event, MemRef, ProviderInfo, Stream};
 pub use dtype::{DType, Element};
 pub use error::{ErrorCode, PluginError};
 pub use kernel::{
-    stateless, AttrKind, AttrValue, Attribute, Kernel, KernelDesc, KernelFactory, NodeInfo,
-    TypeConstraint, ValueInfo, OPEN_END,
+    stateless, AttrKind, AttrValue, Attribute, InferFn, Kernel, KernelDesc, KernelFactory,
+    NodeInfo, OutputFact, TypeConstraint, ValueInfo, WithInfer, OPEN_END,
 };
 pub use module::{PluginInfo, Registrar};
 pub use quant::{
@@ -110,9 +110,9 @@ pub use tensor::{Device, DeviceKind, MemoryType, OwnedTensor, TensorView, Tensor
 pub const ABI_MAJOR: u32 = 1;
 /// The ABI minor version: bumped when capabilities are appended to the root module or to a
 /// trait's vtable. Older minors keep loading.
-pub const ABI_MINOR: u32 = 0;
+pub const ABI_MINOR: u32 = 1;
 /// `ABI_MAJOR.ABI_MINOR.0`, as checked by `abi_stable` when a plugin loads.
-pub const ABI_VERSION: &str = "1.0.0";
+pub const ABI_VERSION: &str = "1.1.0";
 
 /// Everything a plugin author usually needs.
 pub mod prelude {
@@ -120,8 +120,8 @@ pub mod prelude {
         stateless, AttrValue, Blas, BlasDesc, DType, Device, DeviceKind, DeviceProvider, Directive,
         DirectiveKind, Element, Epilogue, ErrorCode, GemmArgs, GemmTypes, Kernel, KernelContext,
         KernelDesc, KernelFactory, Layout, LogLevel, MemRef, MemoryType, NodeInfo, Observation,
-        ObservationKind, OwnedTensor, PackedB, PackedInfo, PluginError, ProviderInfo, QuantPlan,
-        QuantRequest, Quantizer, QuantizerDesc, Registrar, Stream, TensorStats, TensorView,
-        TensorViewMut, Transpose, OPEN_END,
+        ObservationKind, OutputFact, OwnedTensor, PackedB, PackedInfo, PluginError, ProviderInfo,
+        QuantPlan, QuantRequest, Quantizer, QuantizerDesc, Registrar, Stream, TensorStats,
+        TensorView, TensorViewMut, Transpose, OPEN_END,
     };
 }

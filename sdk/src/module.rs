@@ -386,12 +386,31 @@ impl RootModule for PluginModRef {
 pub struct Registrar<'a, 'b> {
     host: FfiRegistrar_TO<'a, RMut<'b, ()>>,
     error: Option<PluginError>,
+    infer: Option<crate::kernel::InferFn>,
 }
 
 impl<'a, 'b> Registrar<'a, 'b> {
     /// For the SDK and hosts: a registrar over the host's.
     pub fn new(host: FfiRegistrar_TO<'a, RMut<'b, ()>>) -> Self {
-        Registrar { host, error: None }
+        Registrar {
+            host,
+            error: None,
+            infer: None,
+        }
+    }
+
+    /// Sets the inference used by kernels registered from now on wherever their factory's
+    /// own [`infer`](KernelFactory::infer) gives nothing: an operator library's one table of
+    /// type and shape rules (ABI 1.1).
+    pub fn infer_with(
+        &mut self,
+        infer: impl Fn(&crate::NodeInfo<'_>) -> Result<Vec<crate::OutputFact>, PluginError>
+            + Send
+            + Sync
+            + 'static,
+    ) -> &mut Self {
+        self.infer = Some(std::sync::Arc::new(infer));
+        self
     }
 
     fn keep<T>(&mut self, r: RResult<T, PluginError>) -> Option<T> {
@@ -411,7 +430,10 @@ impl<'a, 'b> Registrar<'a, 'b> {
             desc.op_type.as_str().into(),
             desc.since_version,
             desc.end_version,
-            into_ffi_factory(factory),
+            match &self.infer {
+                Some(infer) => into_ffi_factory(crate::WithInfer::new(factory, infer.clone())),
+                None => into_ffi_factory(factory),
+            },
         );
         let Some(id) = self.keep(r) else { return self };
         for c in &desc.type_constraints {

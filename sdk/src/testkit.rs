@@ -215,3 +215,35 @@ pub fn self_test_device(provider: impl crate::DeviceProvider) -> Result<(), Plug
         .self_test()
         .into_result()
 }
+
+/// Asks `factory` what `node`'s outputs will be (see
+/// [`KernelFactory::infer`](crate::KernelFactory::infer)), through the ABI as the daemon does,
+/// given what is known statically about each input (`None`: an input the node leaves out).
+pub fn infer_outputs(
+    factory: impl KernelFactory,
+    node: &NodeSpec,
+    inputs: &[Option<ValueInfo<'_>>],
+) -> Result<Vec<crate::OutputFact>, PluginError> {
+    let factory = into_ffi_factory(factory);
+    let absent = ValueInfo {
+        name: "",
+        present: false,
+        dtype: crate::DType::UNDEFINED,
+        shape: None,
+        constant: None,
+    };
+    let info = NodeInfo {
+        name: "test",
+        domain: node.domain.as_str(),
+        op_type: node.op_type.as_str(),
+        opset: node.opset,
+        device: node.device,
+        attributes: Cow::Borrowed(node.attributes.as_slice()),
+        inputs: inputs.iter().map(|v| v.unwrap_or(absent)).collect(),
+        outputs: (0..node.num_outputs).map(|_| absent).collect(),
+        blas: None,
+        context: None,
+    };
+    let facts = factory.infer(info.as_ffi()).into_result()?;
+    Ok(facts.into_iter().map(crate::OutputFact::from_ffi).collect())
+}

@@ -8,7 +8,7 @@ use crate::registry::{KernelRef, Snapshot};
 use opreg_sdk::{
     host::CallFrame,
     kernel::{Attribute, FfiKernelBox, NodeInfo, ValueInfo},
-    Device, LogLevel, MemoryType,
+    Device, LogLevel, MemoryType, OutputFact,
 };
 use std::{borrow::Cow, sync::Arc};
 
@@ -37,6 +37,39 @@ pub struct BoundKernel {
     /// The memory type each input is wanted in, and each output produced in.
     pub input_memory: Vec<MemoryType>,
     pub output_memory: Vec<MemoryType>,
+}
+
+/// Asks `kernel` what `node`'s outputs will be (ABI 1.1 `infer`; a 1.0 plugin answers
+/// nothing). One fact per output; missing ones are unknown. Runs at compile time, before
+/// [`bind`]; an error refuses the node like a failed instantiation.
+pub fn infer(kernel: &KernelRef, node: &NodeDesc<'_>) -> Result<Vec<OutputFact>, KernelError> {
+    let info = NodeInfo {
+        name: node.name,
+        domain: node.domain,
+        op_type: node.op_type,
+        opset: node.opset,
+        device: node.device,
+        attributes: Cow::Borrowed(node.attributes),
+        inputs: node.inputs.clone(),
+        outputs: node.outputs.clone(),
+        blas: None,
+        context: None,
+    };
+    let facts = kernel
+        .registration()
+        .factory
+        .infer(info.as_ffi())
+        .into_result()
+        .map_err(|e| KernelError::Refused {
+            node: node.label.to_string(),
+            plugin: kernel.plugin.name.clone(),
+            code: e.code,
+            message: e.message.to_string(),
+        })?;
+    let mut facts: Vec<OutputFact> = facts.into_iter().map(OutputFact::from_ffi).collect();
+    // A plugin may answer for more outputs than the node has: the extra facts mean nothing.
+    facts.truncate(node.outputs.len());
+    Ok(facts)
 }
 
 /// Instantiates `kernel` for `node`. An error fails the model load (or the RunKernel call),

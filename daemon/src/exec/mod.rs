@@ -12,7 +12,7 @@
 mod bind;
 mod call;
 
-pub use bind::{bind, BoundKernel, NodeDesc};
+pub use bind::{bind, infer, BoundKernel, NodeDesc};
 pub use call::{call, CallLimits};
 
 pub(crate) use crate::plugin::log_from_plugin;

@@ -57,7 +57,7 @@ pub struct Plan {
     pub(super) outputs: Vec<(String, usize)>,
     pub(super) output_types: Vec<Option<DType>>,
     /// Inferred output shapes (symbolic where only known at run time).
-    pub output_shapes: Vec<super::shapes::Shape>,
+    pub output_shapes: Vec<super::import::Shape>,
     pub placement: Vec<Placement>,
     /// The copy steps at device boundaries, in plan order.
     pub copies: Vec<CopyInfo>,

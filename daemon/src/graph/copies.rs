@@ -29,7 +29,7 @@ pub fn insert(
     steps: Vec<Step>,
     outputs: &mut [(String, usize)],
     types: &mut Vec<Option<DType>>,
-    shapes: &mut Vec<super::shapes::Shape>,
+    shapes: &mut Vec<super::import::Shape>,
     names: &HashMap<usize, String>,
     snapshot: &Snapshot,
 ) -> Result<(Vec<Step>, Vec<CopyInfo>), GraphError> {
@@ -81,7 +81,7 @@ struct Ctx<'a> {
     place: &'a mut HashMap<usize, Place>,
     copied: &'a mut HashMap<(usize, Place), usize>,
     types: &'a mut Vec<Option<DType>>,
-    shapes: &'a mut Vec<super::shapes::Shape>,
+    shapes: &'a mut Vec<super::import::Shape>,
     names: &'a HashMap<usize, String>,
     snapshot: &'a Snapshot,
     infos: &'a mut Vec<CopyInfo>,

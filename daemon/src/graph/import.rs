@@ -29,6 +29,9 @@ pub enum Dim {
     Symbolic(String),
 }
 
+/// A shape, or `None` when not even the rank is known.
+pub type Shape = Option<Vec<Dim>>;
+
 /// A graph input or output as the model declares it.
 #[derive(Clone, Debug)]
 pub struct IoSpec {
@@ -65,7 +68,36 @@ pub struct Node {
     pub inputs: Vec<String>,
     pub outputs: Vec<String>,
     pub attributes: Vec<Attribute>,
+    /// The subgraphs of a control-flow node (`If`, `Loop`, `Scan`), parsed once at import,
+    /// in the order of [`CONTROL`]'s attribute list; empty for other nodes. The GRAPH
+    /// attributes keep their bytes too (export writes them back unchanged).
+    pub subgraphs: Vec<Arc<Subgraph>>,
 }
+
+/// A subgraph of a control-flow node.
+pub struct Subgraph {
+    /// The attribute holding it (`then_branch`, `body`, …).
+    pub attr: String,
+    pub model: Model,
+    /// Its formal inputs in order, with the types it declares.
+    pub formal: FormalInputs,
+}
+
+impl std::fmt::Debug for Subgraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subgraph")
+            .field("attr", &self.attr)
+            .field("nodes", &self.model.nodes.len())
+            .finish()
+    }
+}
+
+/// The control-flow operators the runtime runs itself, with their subgraph attributes.
+pub const CONTROL: &[(&str, &[&str])] = &[
+    ("If", &["then_branch", "else_branch"]),
+    ("Loop", &["body"]),
+    ("Scan", &["body"]),
+];
 
 impl Node {
     /// `name (op_type)` for messages.
@@ -140,6 +172,42 @@ pub fn import_subgraph(
     graph_model(&graph, opsets.clone(), None, false)
 }
 
+/// Parses the subgraphs of a control-flow node (none for other nodes). Nesting is bounded by
+/// the protobuf decoder's recursion limit on the model as a whole.
+fn subgraphs(node: &Node, opsets: &HashMap<String, i64>) -> Result<Vec<Arc<Subgraph>>, GraphError> {
+    let Some(attrs) = CONTROL
+        .iter()
+        .find(|(op, _)| node.domain.is_empty() && *op == node.op_type)
+        .map(|(_, a)| *a)
+    else {
+        return Ok(Vec::new());
+    };
+    attrs
+        .iter()
+        .map(|a| {
+            let bytes = match node.attributes.iter().find(|x| x.name.as_str() == *a) {
+                Some(Attribute {
+                    value: AttrValue::Graph(b),
+                    ..
+                }) => b,
+                _ => {
+                    return Err(GraphError::Invalid(format!(
+                        "node {}: missing subgraph attribute '{a}'",
+                        node.label()
+                    )))
+                }
+            };
+            let (model, formal) = import_subgraph(bytes, opsets)
+                .map_err(|e| GraphError::Invalid(format!("node {} '{a}': {e}", node.label())))?;
+            Ok(Arc::new(Subgraph {
+                attr: a.to_string(),
+                model,
+                formal,
+            }))
+        })
+        .collect()
+}
+
 fn normalise_domain(d: &str) -> String {
     if d == "ai.onnx" {
         String::new()
@@ -201,7 +269,7 @@ fn graph_model(
         .node
         .iter()
         .map(|n| {
-            Ok(Node {
+            let mut node = Node {
                 name: n.name.clone(),
                 domain: normalise_domain(&n.domain),
                 op_type: n.op_type.clone(),
@@ -215,7 +283,10 @@ fn graph_model(
                     .map_err(|e| {
                         GraphError::Invalid(format!("node '{}' ({}): {e}", n.name, n.op_type))
                     })?,
-            })
+                subgraphs: Vec::new(),
+            };
+            node.subgraphs = subgraphs(&node, &opsets)?;
+            Ok(node)
         })
         .collect::<Result<Vec<_>, GraphError>>()?;
     Ok((

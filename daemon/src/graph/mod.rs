@@ -3,6 +3,7 @@
 //! then run the plan concurrently from many requests.
 
 mod compiled;
+mod control;
 mod copies;
 mod copy;
 mod export;
@@ -10,17 +11,16 @@ mod import;
 mod passes;
 mod plan;
 mod run;
-mod shapes;
+mod schedule;
 mod subgraphs;
-mod types;
+mod values;
 
 pub use compiled::{CopyInfo, Place, Placement, Plan, StepInfo};
 pub use export::{export, Exported, ExternalData};
-pub use import::{import, Dim, IoSpec, Model};
+pub use import::{import, Dim, IoSpec, Model, Shape};
 pub use passes::{fuse, optimize, PassReport};
 pub use plan::compile;
 pub use run::{run, run_profiled, run_with_control, RunControl, StepTime};
-pub use shapes::Shape;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GraphError {

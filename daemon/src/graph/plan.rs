@@ -7,21 +7,23 @@
 // Indexing here is into the plan's own tables (slots, nodes), sized by the plan as it is
 // built; what comes from the model is checked where it enters (names, arities, attributes).
 
-use super::compiled::{Placement, Plan};
-use super::compiled::{ScanSpec, Step, Work};
+use super::compiled::{Placement, Plan, Step, Work};
+use super::control::{self, Typed};
+use super::schedule::schedule;
 use super::subgraphs::{subgraphs, Subgraphs};
+use super::values::Values;
 use super::{
     copies,
-    import::{Dim, Model},
-    shapes, types, GraphError,
+    import::{Dim, Model, Node},
+    GraphError,
 };
 use crate::{
     exec::{self, BoundKernel, CallLimits, KernelError, NodeDesc},
-    registry::{KernelQuery, Snapshot},
+    registry::{KernelQuery, KernelRef, Snapshot},
 };
-use opreg_sdk::{host::HostTensor, kernel::ValueInfo, AttrValue, DType, Device, TensorView};
+use opreg_sdk::{host::HostTensor, kernel::ValueInfo, DType, Device, TensorView};
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, HashSet},
     sync::Arc,
 };
 
@@ -46,7 +48,7 @@ pub fn compile(
     devices: &[Device],
     max_folded_bytes: usize,
 ) -> Result<Plan, GraphError> {
-    let formal: Vec<(String, Option<DType>)> = model
+    let formal: Typed = model
         .inputs
         .iter()
         .map(|i| (i.name.clone(), Some(i.dtype)))
@@ -110,65 +112,9 @@ fn compile_graph(
     devices: &[Device],
     fold_budget: &mut usize,
 ) -> Result<Plan, GraphError> {
-    let mut slot_of: HashMap<String, usize> = HashMap::new();
-    let mut types: Vec<Option<DType>> = Vec::new();
-    let new_slot = |types: &mut Vec<Option<DType>>, t: Option<DType>| -> usize {
-        types.push(t);
-        types.len() - 1
-    };
-    // Constants (initializers, later folded results) by slot.
-    let mut constants: HashMap<usize, Arc<HostTensor>> = HashMap::new();
-    for (name, t) in &model.initializers {
-        let s = new_slot(&mut types, Some(t.dtype()));
-        slot_of.insert(name.clone(), s);
-        constants.insert(s, t.clone());
-    }
-    let mut inputs = Vec::new();
-    for (name, t) in formal.iter().chain(captured) {
-        // An input shadows an initializer of the same name (ONNX's default-value inputs).
-        let s = new_slot(&mut types, *t);
-        if let Some(old) = slot_of.insert(name.clone(), s) {
-            constants.remove(&old);
-        }
-        inputs.push((name.clone(), s));
-    }
-    let fixed = |t: &HostTensor| -> shapes::Shape {
-        Some(t.shape().iter().map(|&d| Dim::Fixed(d)).collect())
-    };
-    let declared = |name: &str| {
-        model
-            .inputs
-            .iter()
-            .find(|i| i.name == name)
-            .and_then(|i| i.shape.clone())
-    };
-    for n in &model.nodes {
-        for o in n.outputs.iter().filter(|o| !o.is_empty()) {
-            if slot_of.contains_key(o) {
-                return Err(GraphError::Invalid(format!(
-                    "value '{o}' is produced twice (node {})",
-                    n.label()
-                )));
-            }
-            let s = new_slot(&mut types, None);
-            slot_of.insert(o.clone(), s);
-        }
-    }
-
-    let mut shape_of: Vec<shapes::Shape> = vec![None; types.len()];
-    for (s, t) in &constants {
-        shape_of[*s] = fixed(t);
-    }
-    for (name, s) in &inputs {
-        shape_of[*s] = declared(name);
-    }
-
+    let mut values = Values::new(model, formal, captured)?;
     // Control nodes read their subgraphs' outer values too.
-    let subs: Vec<Option<Subgraphs>> = model
-        .nodes
-        .iter()
-        .map(|n| subgraphs(n, &model.opsets))
-        .collect::<Result<_, _>>()?;
+    let subs: Vec<Option<Subgraphs<'_>>> = model.nodes.iter().map(subgraphs).collect();
     let reads = |i: usize| -> Vec<&str> {
         let n = &model.nodes[i];
         let mut r: Vec<&str> = n
@@ -182,75 +128,11 @@ fn compile_graph(
         }
         r
     };
-
-    // Dead-node removal: keep what the outputs depend on.
-    let producer = model.producers();
-    let mut needed = vec![false; model.nodes.len()];
-    let mut stack: Vec<&str> = model.outputs.iter().map(|o| o.name.as_str()).collect();
-    let mut seen: HashSet<&str> = HashSet::new();
-    while let Some(v) = stack.pop() {
-        if !seen.insert(v) {
-            continue;
-        }
-        match (producer.get(v), slot_of.contains_key(v)) {
-            (Some(&i), _) => {
-                if !needed[i] {
-                    needed[i] = true;
-                    stack.extend(reads(i));
-                }
-            }
-            (None, true) => {}
-            (None, false) => {
-                return Err(GraphError::Invalid(format!(
-                    "value '{v}' is used but never defined"
-                )))
-            }
-        }
-    }
-
-    // Topological order (Kahn), in model order among ready nodes.
-    let mut available: HashSet<usize> = constants
-        .keys()
-        .copied()
-        .chain(inputs.iter().map(|(_, s)| *s))
-        .collect();
-    let mut pending: VecDeque<usize> = (0..model.nodes.len()).filter(|&i| needed[i]).collect();
-    let mut order = Vec::new();
-    let mut stalled = 0;
-    while let Some(i) = pending.pop_front() {
-        let n = &model.nodes[i];
-        let mut ready = true;
-        for x in reads(i) {
-            match slot_of.get(x) {
-                Some(s) if available.contains(s) => {}
-                Some(_) => ready = false,
-                None => {
-                    return Err(GraphError::Invalid(format!(
-                        "node {} reads '{x}', which is never defined",
-                        n.label()
-                    )))
-                }
-            }
-        }
-        if ready {
-            order.push(i);
-            available.extend(n.outputs.iter().filter_map(|o| slot_of.get(o).copied()));
-            stalled = 0;
-        } else {
-            pending.push_back(i);
-            stalled += 1;
-            if stalled > pending.len() {
-                return Err(GraphError::Invalid(format!(
-                    "the graph has a cycle through node {}",
-                    n.label()
-                )));
-            }
-        }
-    }
+    let order = schedule(model, &values, reads)?;
 
     let mut steps = Vec::new();
     let mut placement = Vec::new();
-    for &i in &order {
+    for i in order {
         let n = &model.nodes[i];
         let domain_opset = model.opset(&n.domain).ok_or_else(|| {
             GraphError::Invalid(format!(
@@ -259,50 +141,27 @@ fn compile_graph(
                 n.domain
             ))
         })?;
-        let in_slots: Vec<Option<usize>> = n
-            .inputs
-            .iter()
-            .map(|x| {
-                if x.is_empty() {
-                    None
-                } else {
-                    slot_of.get(x).copied()
-                }
-            })
-            .collect();
-        let in_types: Vec<Option<DType>> =
-            in_slots.iter().map(|s| s.and_then(|s| types[s])).collect();
-        let out_slots: Vec<Option<usize>> = n
-            .outputs
-            .iter()
-            .map(|o| {
-                if o.is_empty() {
-                    None
-                } else {
-                    slot_of.get(o).copied()
-                }
-            })
-            .collect();
-
-        if let Some(sub) = &subs[i] {
-            let step = compile_control(
+        let in_slots = values.slots(&n.inputs);
+        let out_slots = values.slots(&n.outputs);
+        let (step, place) = if let Some(sub) = &subs[i] {
+            let mut compile_body = |m: &Model, formal: &[_], captured: &[_]| {
+                compile_graph(m, formal, captured, snapshot.clone(), devices, fold_budget)
+            };
+            let step = control::lower(
                 n,
                 sub,
-                &slot_of,
-                &types,
+                &values,
                 in_slots,
                 out_slots.clone(),
-                &snapshot,
-                devices,
-                fold_budget,
+                &mut compile_body,
             )?;
-            let out_types = control_output_types(&step.work);
+            let out_types = control::output_types(&step.work);
             for (k, s) in out_slots.iter().enumerate() {
                 if let Some(s) = s {
-                    types[*s] = out_types.get(k).copied().flatten();
+                    values.set(*s, out_types.get(k).copied().flatten(), None);
                 }
             }
-            placement.push(Placement {
+            let place = Placement {
                 node: n.name.clone(),
                 op_type: n.op_type.clone(),
                 opset: domain_opset,
@@ -310,165 +169,270 @@ fn compile_graph(
                 plugin: "opregd".into(),
                 device: Device::CPU,
                 folded: false,
-            });
-            steps.push(step);
-            continue;
-        }
-
-        for (k, s) in out_slots.iter().enumerate() {
-            if let Some(s) = s {
-                types[*s] = types::output_type(n, k, &in_types);
-            }
-        }
-
-        // Bind: the first preferred device with a kernel wins.
-        let opset = i32::try_from(domain_opset).unwrap_or(i32::MAX);
-        let mut errors = Vec::new();
-        let mut bound = None;
-        for &device in devices {
-            match snapshot.resolve(&KernelQuery {
-                domain: &n.domain,
-                op_type: &n.op_type,
+            };
+            (Some(step), place)
+        } else {
+            let opset = i32::try_from(domain_opset).unwrap_or(i32::MAX);
+            let node = NodeSlots {
+                node: n,
+                domain_opset,
                 opset,
-                device,
-                inputs: &in_types,
-            }) {
-                Ok(k) => {
-                    bound = Some((k, device));
-                    break;
-                }
-                Err(e) => errors.push(e.to_string()),
-            }
-        }
-        let Some((kernel, device)) = bound else {
-            return Err(GraphError::NoKernel {
-                node: n.label(),
-                reason: errors.join("; "),
-            });
+                inputs: in_slots,
+                outputs: out_slots,
+            };
+            lower_kernel(&node, &mut values, &snapshot, devices, fold_budget)?
         };
+        placement.push(place);
+        steps.extend(step);
+    }
+    finish(model, formal.len(), values, steps, placement, snapshot)
+}
 
-        let in_shapes: Vec<shapes::Shape> = in_slots
+/// A node with its value slots.
+struct NodeSlots<'m> {
+    node: &'m Node,
+    /// The opset the model imports the node's domain at, and the same as kernels see it.
+    domain_opset: i64,
+    opset: i32,
+    inputs: Vec<Option<usize>>,
+    outputs: Vec<Option<usize>>,
+}
+
+/// Resolves, infers, binds and (when its inputs are all constants) folds one kernel node:
+/// its step (`None` when folded) and where it was placed. Records what is known about the
+/// node's outputs in `values`.
+fn lower_kernel(
+    ns: &NodeSlots<'_>,
+    values: &mut Values,
+    snapshot: &Arc<Snapshot>,
+    devices: &[Device],
+    fold_budget: &mut usize,
+) -> Result<(Option<Step>, Placement), GraphError> {
+    let n = ns.node;
+    let (kernel, device) = resolve(snapshot, devices, n, ns.opset, &values.types_of(&ns.inputs))?;
+    let label = n.label();
+    let shapes: Vec<Option<Vec<i64>>> = ns
+        .inputs
+        .iter()
+        .map(|s| s.and_then(|s| values.shapes[s].as_deref().map(dims)))
+        .collect();
+    let describing = Describing {
+        ns,
+        values,
+        shapes: &shapes,
+        label: &label,
+        device,
+    };
+    // The kernel tells what its outputs will be; later nodes resolve by these types.
+    let facts = exec::infer(&kernel, &describing.desc(&[], &[]))?;
+    let out_types: Vec<Option<DType>> = (0..n.outputs.len())
+        .map(|k| facts.get(k).and_then(|f| f.dtype))
+        .collect();
+    let out_shapes: Vec<Option<Vec<i64>>> = (0..n.outputs.len())
+        .map(|k| facts.get(k).and_then(|f| f.shape.clone()))
+        .collect();
+    let mut desc = describing.desc(&out_types, &out_shapes);
+    // ABI 1.0 kernels read F32 for a type not known statically at instantiation; kept.
+    for v in desc.inputs.iter_mut().chain(desc.outputs.iter_mut()) {
+        if v.dtype == DType::UNDEFINED {
+            v.dtype = DType::F32;
+        }
+    }
+    // The node description borrows the constants; it ends with `bind`, before folding adds
+    // to them.
+    let bound = exec::bind(snapshot, &kernel, desc)?;
+    for (k, s) in ns.outputs.iter().enumerate() {
+        if let Some(s) = s {
+            let shape = out_shapes.get(k).cloned().flatten().map(|d| from_dims(&d));
+            values.set(*s, out_types.get(k).copied().flatten(), shape);
+        }
+    }
+    let place = Placement {
+        node: n.name.clone(),
+        op_type: n.op_type.clone(),
+        opset: ns.domain_opset,
+        kernel: bound.kernel.clone(),
+        plugin: kernel.plugin.name.clone(),
+        device,
+        folded: false,
+    };
+    // Constant folding: every present input is a constant, and the results fit in what is
+    // left of the model's folding budget (a tiny model must not make a huge constant at load:
+    // past the budget the node runs per request, under the request's limits).
+    let foldable = !NONDETERMINISTIC.contains(&n.op_type.as_str())
+        && ns
+            .inputs
             .iter()
-            .map(|s| s.and_then(|s| shape_of[s].clone()))
-            .collect();
-        let in_consts: Vec<Option<&HostTensor>> = in_slots
-            .iter()
-            .map(|s| s.and_then(|s| constants.get(&s)).map(|t| &**t))
-            .collect();
-        for (s, sh) in out_slots
-            .iter()
-            .zip(shapes::infer(n, &in_shapes, &in_consts))
-        {
+            .flatten()
+            .all(|s| values.constants.contains_key(s))
+        && device.host_accessible();
+    let folded = if foldable {
+        fold(
+            snapshot,
+            &bound,
+            &label,
+            &ns.inputs,
+            ns.outputs.len(),
+            &values.constants,
+            fold_budget,
+        )?
+    } else {
+        None
+    };
+    if let Some(outs) = folded {
+        for (s, t) in ns.outputs.iter().zip(outs) {
             if let Some(s) = s {
-                shape_of[*s] = sh;
+                values.set_constant(*s, t);
             }
         }
-        // -1 marks a dimension known only at run time.
-        let shapes: Vec<Option<Vec<i64>>> = in_shapes
+        return Ok((
+            None,
+            Placement {
+                folded: true,
+                ..place
+            },
+        ));
+    }
+    let step = Step {
+        label,
+        work: Work::Kernel(bound),
+        device,
+        inputs: ns.inputs.clone(),
+        captured: Vec::new(),
+        outputs: ns.outputs.clone(),
+        release: Vec::new(),
+    };
+    Ok((Some(step), place))
+}
+
+/// What a node description is made of, before and after inference.
+struct Describing<'a> {
+    ns: &'a NodeSlots<'a>,
+    values: &'a Values,
+    /// Input shapes as kernels see them.
+    shapes: &'a [Option<Vec<i64>>],
+    label: &'a str,
+    device: Device,
+}
+
+impl<'a> Describing<'a> {
+    /// The node as its kernel sees it, with what is known of its outputs.
+    fn desc(
+        &self,
+        out_types: &[Option<DType>],
+        out_shapes: &'a [Option<Vec<i64>>],
+    ) -> NodeDesc<'a> {
+        let (ns, values, n) = (self.ns, self.values, self.ns.node);
+        let inputs = ns
+            .inputs
             .iter()
-            .map(|s| {
-                s.as_ref().map(|d| {
-                    d.iter()
-                        .map(|d| if let Dim::Fixed(v) = d { *v as i64 } else { -1 })
-                        .collect()
-                })
-            })
-            .collect();
-        let input_infos: Vec<ValueInfo<'_>> = in_slots
-            .iter()
-            .zip(&in_types)
-            .zip(&shapes)
+            .zip(self.shapes)
             .zip(&n.inputs)
-            .map(|(((s, t), shape), name)| ValueInfo {
+            .map(|((s, shape), name)| ValueInfo {
                 name: name.as_str(),
                 present: s.is_some(),
-                dtype: t.unwrap_or(DType::F32),
+                dtype: s.and_then(|s| values.types[s]).unwrap_or(DType::UNDEFINED),
                 shape: shape.as_deref(),
-                constant: s.and_then(|s| constants.get(&s)).map(|t| t.view()),
+                constant: s.and_then(|s| values.constants.get(&s)).map(|t| t.view()),
             })
             .collect();
-        let output_infos: Vec<ValueInfo<'_>> = out_slots
+        let outputs = ns
+            .outputs
             .iter()
             .zip(&n.outputs)
-            .map(|(s, name)| ValueInfo {
+            .enumerate()
+            .map(|(k, (s, name))| ValueInfo {
                 name: name.as_str(),
                 present: s.is_some(),
-                dtype: s.and_then(|s| types[s]).unwrap_or(DType::F32),
-                shape: None,
+                dtype: out_types
+                    .get(k)
+                    .copied()
+                    .flatten()
+                    .unwrap_or(DType::UNDEFINED),
+                shape: out_shapes.get(k).and_then(|s| s.as_deref()),
                 constant: None,
             })
             .collect();
-        // The node description borrows the constants; it ends with `bind`, before folding
-        // below adds to them.
-        let label = n.label();
-        let bound = exec::bind(
-            &snapshot,
-            &kernel,
-            NodeDesc {
-                label: &label,
-                name: &n.name,
-                domain: &n.domain,
-                op_type: &n.op_type,
-                opset,
-                device,
-                attributes: &n.attributes,
-                inputs: input_infos,
-                outputs: output_infos,
-            },
-        )?;
-        let kernel_name = bound.kernel.clone();
-        let plugin_name = kernel.plugin.name.clone();
-
-        // Constant folding: every present input is a constant, and the results fit in what is
-        // left of the model's folding budget (a tiny model must not make a huge constant at
-        // load: past the budget the node runs per request, under the request's limits).
-        let foldable = !NONDETERMINISTIC.contains(&n.op_type.as_str())
-            && in_slots.iter().flatten().all(|s| constants.contains_key(s))
-            && device.host_accessible();
-        let folded = if foldable {
-            fold(
-                &snapshot,
-                &bound,
-                &label,
-                &in_slots,
-                out_slots.len(),
-                &constants,
-                fold_budget,
-            )?
-        } else {
-            None
-        };
-        placement.push(Placement {
-            node: n.name.clone(),
-            op_type: n.op_type.clone(),
-            opset: domain_opset,
-            kernel: kernel_name,
-            plugin: plugin_name,
-            device,
-            folded: folded.is_some(),
-        });
-        if let Some(outs) = folded {
-            for (s, t) in out_slots.iter().zip(outs) {
-                if let Some(s) = s {
-                    types[*s] = Some(t.dtype());
-                    shape_of[*s] = fixed(&t);
-                    constants.insert(*s, Arc::new(t));
-                }
-            }
-            continue;
+        NodeDesc {
+            label: self.label,
+            name: &n.name,
+            domain: &n.domain,
+            op_type: &n.op_type,
+            opset: ns.opset,
+            device: self.device,
+            attributes: &n.attributes,
+            inputs,
+            outputs,
         }
-        steps.push(Step {
-            label,
-            work: Work::Kernel(bound),
-            device,
-            inputs: in_slots.clone(),
-            captured: Vec::new(),
-            outputs: out_slots.clone(),
-            release: Vec::new(),
-        });
     }
+}
 
-    let outputs: Vec<(String, usize)> = model
+/// The kernel for `n` on the first device of `devices` that has one.
+fn resolve(
+    snapshot: &Snapshot,
+    devices: &[Device],
+    n: &Node,
+    opset: i32,
+    in_types: &[Option<DType>],
+) -> Result<(KernelRef, Device), GraphError> {
+    let mut errors = Vec::new();
+    for &device in devices {
+        match snapshot.resolve(&KernelQuery {
+            domain: &n.domain,
+            op_type: &n.op_type,
+            opset,
+            device,
+            inputs: in_types,
+        }) {
+            Ok(k) => return Ok((k, device)),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    Err(GraphError::NoKernel {
+        node: n.label(),
+        reason: errors.join("; "),
+    })
+}
+
+/// A shape as kernels see it: -1 marks a dimension known only at run time.
+fn dims(shape: &[Dim]) -> Vec<i64> {
+    shape
+        .iter()
+        .map(|d| match d {
+            Dim::Fixed(v) => i64::try_from(*v).unwrap_or(-1),
+            Dim::Symbolic(_) => -1,
+        })
+        .collect()
+}
+
+/// A shape from a kernel's inference: any negative extent is a run-time dimension.
+fn from_dims(dims: &[i64]) -> Vec<Dim> {
+    dims.iter()
+        .map(|&d| match usize::try_from(d) {
+            Ok(v) => Dim::Fixed(v),
+            Err(_) => Dim::Symbolic(String::new()),
+        })
+        .collect()
+}
+
+/// Completes the plan: outputs, copies at device boundaries, and liveness (each computed
+/// value released after its last reader, unless it is an output or a constant).
+fn finish(
+    model: &Model,
+    formal_inputs: usize,
+    values: Values,
+    steps: Vec<Step>,
+    placement: Vec<Placement>,
+    snapshot: Arc<Snapshot>,
+) -> Result<Plan, GraphError> {
+    let Values {
+        slot_of,
+        mut types,
+        mut shapes,
+        constants,
+        inputs,
+    } = values;
+    let mut outputs: Vec<(String, usize)> = model
         .outputs
         .iter()
         .map(|o| {
@@ -478,21 +442,17 @@ fn compile_graph(
                 .ok_or_else(|| GraphError::Invalid(format!("output '{}' is never defined", o.name)))
         })
         .collect::<Result<_, _>>()?;
-    let mut outputs = outputs;
     let names: HashMap<usize, String> = slot_of.iter().map(|(n, &s)| (s, n.clone())).collect();
-    let (steps, copies) = copies::insert(
+    let (mut steps, copies) = copies::insert(
         steps,
         &mut outputs,
         &mut types,
-        &mut shape_of,
+        &mut shapes,
         &names,
         &snapshot,
     )?;
-    let mut steps = steps;
     let output_types = outputs.iter().map(|(_, s)| types[*s]).collect();
-    let output_shapes = outputs.iter().map(|(_, s)| shape_of[*s].clone()).collect();
-
-    // Liveness: release each computed value after its last reader, unless it is an output.
+    let output_shapes = outputs.iter().map(|(_, s)| shapes[*s].clone()).collect();
     let keep: HashSet<usize> = outputs
         .iter()
         .map(|(_, s)| *s)
@@ -509,13 +469,12 @@ fn compile_graph(
             steps[k].release.push(s);
         }
     }
-
     Ok(Plan {
         steps,
         slots: types.len(),
         constants: constants.into_iter().collect(),
         inputs,
-        formal_inputs: formal.len(),
+        formal_inputs,
         outputs,
         output_types,
         output_shapes,
@@ -561,173 +520,5 @@ fn fold(
         Err(KernelError::Stopped { .. }) => Ok(None),
         Err(e) if e.code() == Some(opreg_sdk::ErrorCode::ResourceExhausted) => Ok(None),
         Err(e) => Err(e.into()),
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn compile_control(
-    n: &super::import::Node,
-    sub: &Subgraphs,
-    slot_of: &HashMap<String, usize>,
-    types: &[Option<DType>],
-    inputs: Vec<Option<usize>>,
-    outputs: Vec<Option<usize>>,
-    snapshot: &Arc<Snapshot>,
-    devices: &[Device],
-    fold_budget: &mut usize,
-) -> Result<Step, GraphError> {
-    let captured_slots: Vec<usize> = sub
-        .free
-        .iter()
-        .map(|v| {
-            slot_of.get(v).copied().ok_or_else(|| {
-                GraphError::Invalid(format!(
-                    "node {}: subgraph reads '{v}', which is never defined",
-                    n.label()
-                ))
-            })
-        })
-        .collect::<Result<_, _>>()?;
-    let captured: Vec<(String, Option<DType>)> = sub
-        .free
-        .iter()
-        .zip(&captured_slots)
-        .map(|(v, &s)| (v.clone(), types[s]))
-        .collect();
-    let in_types: Vec<Option<DType>> = inputs.iter().map(|s| s.and_then(|s| types[s])).collect();
-    let mut body = |g: usize, formal_types: Vec<Option<DType>>| -> Result<Box<Plan>, GraphError> {
-        let (m, formal) = sub.graphs.get(g).ok_or_else(|| {
-            GraphError::Invalid(format!("node {}: subgraph {g} is missing", n.label()))
-        })?;
-        // Declared subgraph input types win; otherwise those the node binds.
-        let formal: Vec<(String, Option<DType>)> = formal
-            .iter()
-            .enumerate()
-            .map(|(k, (name, t))| (name.clone(), t.or(formal_types.get(k).copied().flatten())))
-            .collect();
-        compile_graph(
-            m,
-            &formal,
-            &captured,
-            snapshot.clone(),
-            devices,
-            fold_budget,
-        )
-        .map(Box::new)
-        .map_err(|e| GraphError::Invalid(format!("node {}: subgraph: {e}", n.label())))
-    };
-    let attr_ints = |name: &str| -> Vec<i64> {
-        match n
-            .attributes
-            .iter()
-            .find(|a| a.name.as_str() == name)
-            .map(|a| &a.value)
-        {
-            Some(AttrValue::Ints(v)) => v.to_vec(),
-            _ => Vec::new(),
-        }
-    };
-    let work = match n.op_type.as_str() {
-        "If" => Work::If {
-            then_branch: body(0, vec![])?,
-            else_branch: body(1, vec![])?,
-        },
-        "Loop" => {
-            let mut formal = vec![Some(DType::I64), Some(DType::Bool)];
-            formal.extend(in_types.iter().skip(2).copied());
-            let body = body(0, formal)?;
-            // Body: (iteration, condition, carried...) -> (condition, carried..., scans...).
-            let carried = inputs.len().saturating_sub(2);
-            if body.formal_inputs != 2 + carried || body.outputs.len() < 1 + carried {
-                return Err(GraphError::Invalid(format!(
-                    "node {}: Loop carries {carried} values, so its body must take {} inputs and return at least {}; it takes {} and returns {}",
-                    n.label(),
-                    2 + carried,
-                    1 + carried,
-                    body.formal_inputs,
-                    body.outputs.len()
-                )));
-            }
-            Work::Loop { body }
-        }
-        "Scan" => {
-            let scanned = match n
-                .attributes
-                .iter()
-                .find(|a| a.name.as_str() == "num_scan_inputs")
-                .map(|a| &a.value)
-            {
-                Some(AttrValue::Int(k)) if *k >= 1 && (*k as usize) <= inputs.len() => *k as usize,
-                _ => {
-                    return Err(GraphError::Invalid(format!(
-                        "node {}: Scan needs num_scan_inputs in 1..={}",
-                        n.label(),
-                        inputs.len()
-                    )))
-                }
-            };
-            let states = inputs.len() - scanned;
-            let body_outputs = sub.graphs.first().map_or(0, |g| g.0.outputs.len());
-            if body_outputs < states {
-                return Err(GraphError::Invalid(format!(
-                    "node {}: Scan has {states} state values, so its body must return at least {states} outputs; it returns {body_outputs}",
-                    n.label()
-                )));
-            }
-            let outs = body_outputs - states;
-            let or_zero = |v: Vec<i64>, len: usize| if v.is_empty() { vec![0; len] } else { v };
-            let input_axes = or_zero(attr_ints("scan_input_axes"), scanned);
-            let input_reverse = or_zero(attr_ints("scan_input_directions"), scanned)
-                .into_iter()
-                .map(|d| d != 0)
-                .collect();
-            let output_axes = or_zero(attr_ints("scan_output_axes"), outs);
-            let output_reverse = or_zero(attr_ints("scan_output_directions"), outs)
-                .into_iter()
-                .map(|d| d != 0)
-                .collect();
-            let body = body(0, in_types.clone())?;
-            if body.formal_inputs != inputs.len()
-                || input_axes.len() != scanned
-                || output_axes.len() != outs
-            {
-                return Err(GraphError::Invalid(format!(
-                    "node {}: Scan body takes {} inputs for {} node inputs; {} scan_input_axes for {scanned} scanned inputs; {} scan_output_axes for {outs} scan outputs",
-                    n.label(),
-                    body.formal_inputs,
-                    inputs.len(),
-                    input_axes.len(),
-                    output_axes.len()
-                )));
-            }
-            Work::Scan(Box::new(ScanSpec {
-                body: *body,
-                states,
-                input_axes,
-                input_reverse,
-                output_axes,
-                output_reverse,
-            }))
-        }
-        other => return Err(GraphError::Unsupported(format!("control op {other}"))),
-    };
-    Ok(Step {
-        label: n.label(),
-        work,
-        device: Device::CPU,
-        inputs,
-        captured: captured_slots,
-        outputs,
-        release: Vec::new(),
-    })
-}
-
-fn control_output_types(work: &Work) -> Vec<Option<DType>> {
-    match work {
-        Work::If { then_branch, .. } => then_branch.output_types.clone(),
-        // Body outputs: cond, carried..., scan outputs...
-        Work::Loop { body } => body.output_types.iter().skip(1).copied().collect(),
-        Work::Scan(s) => s.body.output_types.clone(),
-        Work::Kernel { .. } | Work::Copy { .. } => Vec::new(),
     }
 }

@@ -3,7 +3,11 @@
 
 use super::{error::LoadError, library::Library};
 use crate::device::LoadedDevice;
+use abi_stable::abi_stability::abi_checking::{
+    check_layout_compatibility_with_globals, CheckingGlobals,
+};
 use abi_stable::library::{abi_header_from_raw_library, LibraryError, RawLibrary};
+use abi_stable::{sabi_types::VersionNumber, StableAbi};
 use opreg_sdk::host::CallFrame;
 use opreg_sdk::module::{
     BlasRegistration, KernelRegistration, PluginAbi, PluginModRef, QuantizerRegistration,
@@ -108,7 +112,7 @@ pub fn load(
     };
     let mut library = Library::new(raw, copy);
     let abi = check_abi_version(path, &library)?;
-    let module = init_module(path, &library)?;
+    let module = init_module(path, &library, abi.minor)?;
 
     // Copied out at once: the plugin's `RString`s free through its own code, so none may
     // outlive the library (a failed load below unmaps it before the locals drop).
@@ -286,7 +290,18 @@ fn check_abi_version(path: &Path, library: &Library) -> Result<PluginAbi, LoadEr
     })
 }
 
-fn init_module(path: &Path, library: &Library) -> Result<PluginModRef, LoadError> {
+/// Checks the plugin's layouts and initialises its root module.
+///
+/// `abi_stable` checks an implementation against an interface and lets the implementation have
+/// *more* fields than the interface (a newer library in an older host), not fewer. A plugin of
+/// this daemon's minor is checked that way. A plugin of an older minor has fewer: its own
+/// layout is then the interface and this daemon's the implementation, which checks exactly
+/// the contract of a minor — every type the plugin knows is unchanged, and what this daemon
+/// has beyond it is appended after `last_prefix_field` (methods the host calls on an older
+/// plugin's objects then answer with their default bodies). That check runs with its own
+/// checking globals, dropped after it, so the plugin's layouts never enter `abi_stable`'s
+/// process-wide cache, whose entries would point into the plugin after it is unloaded.
+fn init_module(path: &Path, library: &Library, minor: u32) -> Result<PluginModRef, LoadError> {
     let raw = library.raw().ok_or_else(|| LoadError::NotALibrary {
         path: path.to_owned(),
         reason: "library already closed".into(),
@@ -300,28 +315,57 @@ fn init_module(path: &Path, library: &Library) -> Result<PluginModRef, LoadError
         path: path.to_owned(),
         reason: one_line(&e.to_string()),
     })?;
-    header
-        .init_root_module::<PluginModRef>()
-        .map_err(|e| match e {
-            LibraryError::IncompatibleVersionNumber {
-                expected_version,
-                actual_version,
-                ..
-            } => LoadError::AbiMajor {
-                path: path.to_owned(),
-                expected: expected_version.to_string(),
-                found: actual_version.to_string(),
-                expected_major: opreg_sdk::ABI_MAJOR,
-            },
-            LibraryError::AbiInstability(detail) => LoadError::Layout {
-                path: path.to_owned(),
-                detail: layout_summary(&detail.to_string()),
-            },
-            other => LoadError::RootModule {
-                path: path.to_owned(),
-                detail: one_line(&other.to_string()),
-            },
-        })
+    let library_version = VersionNumber::new(header.version_strings()).ok();
+    let loaded = if minor < opreg_sdk::ABI_MINOR
+        && library_version.is_some_and(|v| v.major == opreg_sdk::ABI_MAJOR)
+    {
+        let layout = header.layout().ok_or_else(|| LoadError::Layout {
+            path: path.to_owned(),
+            detail: "the plugin exports no root-module layout to check".into(),
+        })?;
+        let globals = CheckingGlobals::new();
+        check_layout_compatibility_with_globals(
+            layout,
+            <PluginModRef as StableAbi>::LAYOUT,
+            &globals,
+        )
+        .map_err(|e| LoadError::Layout {
+            path: path.to_owned(),
+            // abi_stable's "Expected" is the plugin's side here.
+            detail: format!(
+                "checked as ABI {}.{minor} against this daemon's {}.{}: {}",
+                opreg_sdk::ABI_MAJOR,
+                opreg_sdk::ABI_MAJOR,
+                opreg_sdk::ABI_MINOR,
+                layout_summary(&e.to_string())
+            ),
+        })?;
+        // SAFETY: checked just above, in the direction that fits an older minor.
+        unsafe { header.init_root_module_with_unchecked_layout::<PluginModRef>() }
+    } else {
+        // Also how another major is refused, by abi_stable's version check.
+        header.init_root_module::<PluginModRef>()
+    };
+    loaded.map_err(|e| match e {
+        LibraryError::IncompatibleVersionNumber {
+            expected_version,
+            actual_version,
+            ..
+        } => LoadError::AbiMajor {
+            path: path.to_owned(),
+            expected: expected_version.to_string(),
+            found: actual_version.to_string(),
+            expected_major: opreg_sdk::ABI_MAJOR,
+        },
+        LibraryError::AbiInstability(detail) => LoadError::Layout {
+            path: path.to_owned(),
+            detail: layout_summary(&detail.to_string()),
+        },
+        other => LoadError::RootModule {
+            path: path.to_owned(),
+            detail: one_line(&other.to_string()),
+        },
+    })
 }
 
 fn validate(p: &LoadedPlugin) -> Result<(), LoadError> {

@@ -4,6 +4,7 @@
 use opreg_sdk::prelude::*;
 
 mod elementwise;
+mod infer;
 mod loss;
 mod lowbit;
 #[cfg(test)]
@@ -28,6 +29,8 @@ mod util;
 pub(crate) const ALL_TYPES: &[DType] = DType::ALL.split_at(13).0;
 
 fn register(r: &mut Registrar) {
+    // One table of type and shape rules answers for every kernel below (ABI 1.1).
+    r.infer_with(infer::infer);
     elementwise::register(r);
     shape::register(r);
     nn::register(r);

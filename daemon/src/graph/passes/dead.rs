@@ -30,7 +30,7 @@ impl Pass for DeadNodes {
             if !*l {
                 *l = true;
                 stack.extend(n.inputs.iter().filter(|x| !x.is_empty()).cloned());
-                stack.extend(super::super::subgraphs::outer_reads(n, &model.opsets)?);
+                stack.extend(super::super::subgraphs::outer_reads(n));
             }
         }
         let before = model.nodes.len();

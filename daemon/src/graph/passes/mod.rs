@@ -103,7 +103,7 @@ fn reads(model: &Model) -> Result<std::collections::HashMap<String, usize>, Grap
         for i in n.inputs.iter().filter(|i| !i.is_empty()) {
             *count.entry(i.clone()).or_insert(0) += 1;
         }
-        for v in super::subgraphs::outer_reads(n, &model.opsets)? {
+        for v in super::subgraphs::outer_reads(n) {
             *count.entry(v).or_insert(0) += 1;
         }
     }

@@ -12,6 +12,7 @@ fn node(op: &str, inputs: &[&str], outputs: &[&str]) -> Node {
         inputs: inputs.iter().map(|s| s.to_string()).collect(),
         outputs: outputs.iter().map(|s| s.to_string()).collect(),
         attributes: Vec::new(),
+        subgraphs: Vec::new(),
     }
 }
 

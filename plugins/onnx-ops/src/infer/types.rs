@@ -1,39 +1,31 @@
-//! Output element types, where the planner can tell them before running.
-//!
-//! Kernel resolution checks type constraints against input types; graph inputs, initializers
-//! and folded constants have known types, and these rules carry them through the common
-//! operators. An unknown type (`None`) is not checked at plan time; the kernel checks it when
-//! it runs.
+//! Output element types from input types and attributes.
 
-// Request and model data reach this module: no unchecked index or slice.
-#![deny(clippy::indexing_slicing)]
+use opreg_sdk::{AttrValue, DType, NodeInfo};
 
-use super::import::Node;
-use opreg_sdk::{AttrValue, DType};
-
-/// The element type of output `index` of `node`, given its input types.
-pub fn output_type(node: &Node, index: usize, inputs: &[Option<DType>]) -> Option<DType> {
-    let attr = |name: &str| {
-        node.attributes
-            .iter()
-            .find(|a| a.name.as_str() == name)
-            .map(|a| &a.value)
-    };
-    let attr_type = |name: &str| match attr(name) {
-        Some(AttrValue::Int(code)) => DType::from_onnx_code(*code as i32),
+/// The element type of output `index` of `node`, given its input types (`None`: unknown).
+pub(super) fn output_type(
+    node: &NodeInfo<'_>,
+    index: usize,
+    inputs: &[Option<DType>],
+) -> Option<DType> {
+    let attr_type = |name: &str| match node.attr(name) {
+        Some(AttrValue::Int(code)) => i32::try_from(*code).ok().and_then(DType::from_onnx_code),
         _ => None,
     };
     let first = inputs.first().copied().flatten();
-    if node.domain == "ai.onnx.ml" {
-        return match node.op_type.as_str() {
-            "ArrayFeatureExtractor" | "Binarizer" => first,
-            _ => None,
-        };
+    match node.domain {
+        "ai.onnx.ml" => {
+            return match node.op_type {
+                "ArrayFeatureExtractor" | "Binarizer" => first,
+                _ => None,
+            }
+        }
+        // opreg's fused operators keep the type of their data input.
+        "opreg" => return first,
+        "" | "ai.onnx" => {}
+        _ => return None,
     }
-    if !node.domain.is_empty() {
-        return None;
-    }
-    Some(match node.op_type.as_str() {
+    Some(match node.op_type {
         "Equal" | "Less" | "LessOrEqual" | "Greater" | "GreaterOrEqual" | "And" | "Or" | "Xor"
         | "Not" | "IsNaN" | "IsInf" => DType::Bool,
         "Shape" | "Size" | "ArgMax" | "ArgMin" | "NonZero" | "NonMaxSuppression" => DType::I64,
@@ -49,15 +41,21 @@ pub fn output_type(node: &Node, index: usize, inputs: &[Option<DType>]) -> Optio
             return attr_type("dtype").or(first)
         }
         "RandomNormal" | "RandomUniform" => return attr_type("dtype").or(Some(DType::F32)),
-        "ConstantOfShape" => match attr("value") {
+        "ConstantOfShape" => match node.attr("value") {
             Some(AttrValue::Tensor(t)) => t.dtype,
             _ => DType::F32,
         },
-        "Constant" => match attr("value") {
+        "Constant" => match node.attr("value") {
             Some(AttrValue::Tensor(t)) => t.dtype,
-            _ if attr("value_float").is_some() || attr("value_floats").is_some() => DType::F32,
-            _ if attr("value_int").is_some() || attr("value_ints").is_some() => DType::I64,
-            _ if attr("value_string").is_some() || attr("value_strings").is_some() => DType::String,
+            _ if node.attr("value_float").is_some() || node.attr("value_floats").is_some() => {
+                DType::F32
+            }
+            _ if node.attr("value_int").is_some() || node.attr("value_ints").is_some() => {
+                DType::I64
+            }
+            _ if node.attr("value_string").is_some() || node.attr("value_strings").is_some() => {
+                DType::String
+            }
             _ => return None,
         },
         "Where" => return inputs.get(1).copied().flatten(),
