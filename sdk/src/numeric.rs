@@ -16,7 +16,7 @@
 //!   - [`Bits`]: integer bit operations.
 //!
 //! ```
-//! use opreg_sdk::numeric::{Float, Real};
+//! use opreg_sdk::numeric::{Float, Real, Scalar};
 //! use opreg_sdk::prelude::*;
 //!
 //! /// Sum of exponentials, computed in f32 for f16 / bf16 / f32 and in f64 for f64.
@@ -872,7 +872,16 @@ mod tests {
                 assert_eq!(got, $fam, stringify!($fam));
             )*};
         }
-        check!(FLOATS, FLOATS_TO_F32, SIGNED, UNSIGNED, INTEGERS, SIGNED_AND_FLOATS, NUMERIC, ALL);
+        check!(
+            FLOATS,
+            FLOATS_TO_F32,
+            SIGNED,
+            UNSIGNED,
+            INTEGERS,
+            SIGNED_AND_FLOATS,
+            NUMERIC,
+            ALL
+        );
         let r: Result<(), String> =
             crate::dispatch!(DType::String, NUMERIC, |T| Ok(()), other => Err(other.to_string()));
         assert_eq!(r, Err("BYTES".to_string()));

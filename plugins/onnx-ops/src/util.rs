@@ -7,33 +7,11 @@ use opreg_sdk::{
 };
 use std::borrow::Cow;
 
-/// Runs `$body` with the type alias `$t` bound to the Rust type of a float `$dtype` (f32, f64,
-/// f16, bf16). Any other dtype is bound to `$other` and gives `$fallback`, so each family keeps
-/// its own error (or extends the match with more types).
-macro_rules! match_float {
-    ($dtype:expr, |$t:ident| $body:expr, $other:ident => $fallback:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::F64 => {
-                type $t = f64;
-                $body
-            }
-            DType::F16 => {
-                type $t = opreg_sdk::half::f16;
-                $body
-            }
-            DType::BF16 => {
-                type $t = opreg_sdk::half::bf16;
-                $body
-            }
-            $other => $fallback,
-        }
-    };
+/// The error of an operator asked for an element type it has no kernel for (the fallback arm
+/// of its `opreg_sdk::dispatch!`).
+pub(crate) fn not_implemented_for(op: impl std::fmt::Display, dtype: DType) -> PluginError {
+    PluginError::unimplemented(format!("{op} is not implemented for {dtype}"))
 }
-pub(crate) use match_float;
 
 /// The elements of a float tensor (f32, f64, f16, bf16) as `f32`, borrowed when already f32.
 /// `None` for other element types: callers word and classify that error themselves.

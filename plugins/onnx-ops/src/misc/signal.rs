@@ -7,7 +7,7 @@ use opreg_sdk::{
     prelude::*,
 };
 
-const FLOATS: &[DType] = &[DType::F32, DType::F64, DType::F16, DType::BF16];
+use opreg_sdk::numeric::FLOATS;
 
 #[derive(Clone)]
 struct Stft {
