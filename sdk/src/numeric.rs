@@ -856,7 +856,7 @@ mod tests {
         assert_eq!(ints, want);
         assert!(FLOATS.iter().all(|d| d.is_float()));
         assert!(FLOATS_TO_F32.iter().all(|d| FLOATS.contains(d)));
-        assert_eq!(&ALL[..], &DType::ALL[..13]);
+        assert_eq!(ALL, &DType::ALL[..13]);
         // Every element of ALL has a Rust type, and that type names the same dtype.
         assert_eq!(bound(ALL), ALL);
     }

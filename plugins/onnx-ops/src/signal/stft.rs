@@ -1,7 +1,6 @@
 //! STFT and MelWeightMatrix (opset 17), computed in f64.
 
-use super::{fill_from_f64, read_f64, scalar_i64 as scalar};
-use crate::util::{numel, optional, required};
+use crate::util::{fill_from_f64, numel, optional, read_f64, required, scalar_i64 as scalar};
 use opreg_sdk::{
     alloc::{try_vec, try_with_capacity},
     prelude::*,
