@@ -80,6 +80,7 @@ mod export;
 pub mod host;
 pub mod kernel;
 pub mod module;
+pub mod numeric;
 pub mod quant;
 pub mod tensor;
 #[cfg(feature = "testkit")]
@@ -115,6 +116,10 @@ pub const ABI_MINOR: u32 = 1;
 pub const ABI_VERSION: &str = "1.1.0";
 
 /// Everything a plugin author usually needs.
+///
+/// The numeric vocabulary ([`numeric`]: dtype lists, element traits) is not in the prelude: its
+/// trait methods (`to_f64`, `exp`, ...) would clash with a plugin's own traits. Import it with
+/// `use opreg_sdk::numeric::*` (or by name); the dispatch macro is [`dispatch!`].
 pub mod prelude {
     pub use crate::{
         stateless, AttrValue, Blas, BlasDesc, DType, Device, DeviceKind, DeviceProvider, Directive,

@@ -2,119 +2,31 @@
 //! with multidirectional broadcasting, variadic Sum/Mean/Max/Min, Where, Cast.
 //!
 //! Kernels are generic over the element type and dispatched once per call on the input's
-//! dtype (`dispatch_*!`); f16 and bf16 compute in f32. All binary ops share one broadcasting
+//! dtype (`opreg_sdk::dispatch!`); f16 and bf16 compute in f32. All binary ops share one broadcasting
 //! engine ([`engine`]).
 
 use crate::util::Factory;
 use opreg_sdk::dtype::names::*;
+use opreg_sdk::numeric::{
+    ALL_AND_STRING, BOOL, FLOATS, INTEGERS, NUMERIC, SIGNED_AND_FLOATS, UNSIGNED,
+};
 use opreg_sdk::prelude::*;
 
-/// The Rust element type of a dtype name.
-macro_rules! dt_ty {
-    (Bool) => {
-        $crate::elementwise::num::Bool
-    };
-    (U8) => {
-        u8
-    };
-    (I8) => {
-        i8
-    };
-    (U16) => {
-        u16
-    };
-    (I16) => {
-        i16
-    };
-    (U32) => {
-        u32
-    };
-    (I32) => {
-        i32
-    };
-    (U64) => {
-        u64
-    };
-    (I64) => {
-        i64
-    };
-    (F16) => {
-        opreg_sdk::half::f16
-    };
-    (BF16) => {
-        opreg_sdk::half::bf16
-    };
-    (F32) => {
-        f32
-    };
-    (F64) => {
-        f64
-    };
-}
-
-/// `dispatch!(dtype, what, [F32, ...], T => expr)`: evaluates `expr` with the type alias `T`
-/// bound to the element type of `dtype`; other dtypes are `unimplemented` errors.
-macro_rules! dispatch {
-    ($dt:expr, $what:expr, [$($d:ident),*], $T:ident => $body:expr) => {
-        match $dt {
-            $(opreg_sdk::DType::$d => {
-                type $T = dt_ty!($d);
-                $body
-            })*
-            other => Err(opreg_sdk::PluginError::unimplemented(format!(
-                "{}: type {} is not supported",
-                $what, other
-            ))),
-        }
-    };
-}
-
-macro_rules! dispatch_float {
-    ($dt:expr, $what:expr, $T:ident => $body:expr) => {
-        dispatch!($dt, $what, [F16, BF16, F32, F64], $T => $body)
-    };
-}
-
-macro_rules! dispatch_int {
-    ($dt:expr, $what:expr, $T:ident => $body:expr) => {
-        dispatch!($dt, $what, [U8, I8, U16, I16, U32, I32, U64, I64], $T => $body)
-    };
-}
-
-macro_rules! dispatch_num {
-    ($dt:expr, $what:expr, $T:ident => $body:expr) => {
-        dispatch!($dt, $what,
-            [U8, I8, U16, I16, U32, I32, U64, I64, F16, BF16, F32, F64], $T => $body)
-    };
-}
-
-macro_rules! dispatch_all {
-    ($dt:expr, $what:expr, $T:ident => $body:expr) => {
-        dispatch!($dt, $what,
-            [Bool, U8, I8, U16, I16, U32, I32, U64, I64, F16, BF16, F32, F64], $T => $body)
-    };
+/// The error for a dtype an elementwise kernel has no implementation for (the fallback arm of
+/// its `dispatch!`).
+fn unsupported(what: impl std::fmt::Display, dtype: DType) -> PluginError {
+    PluginError::unimplemented(format!("{what}: type {dtype} is not supported"))
 }
 
 mod binary;
 mod cast;
 mod engine;
 mod gated;
-mod num;
 mod unary;
 
 use binary::{BinOp, Binary, Pow, VarOp, Variadic, Where};
 use cast::Cast;
 use unary::{Clip, FloatOp, FloatTest, FloatUnary, NumOp, NumUnary};
-
-const FLOATS: &[DType] = &[F16, BF16, F32, F64];
-const INTS: &[DType] = &[U8, I8, U16, I16, U32, I32, U64, I64];
-const UNSIGNED: &[DType] = &[U8, U16, U32, U64];
-const SIGNED_AND_FLOATS: &[DType] = &[I8, I16, I32, I64, F16, BF16, F32, F64];
-const NUMERIC: &[DType] = &[U8, I8, U16, I16, U32, I32, U64, I64, F16, BF16, F32, F64];
-const BOOL: &[DType] = &[Bool];
-const ALL_AND_STRING: &[DType] = &[
-    Bool, U8, I8, U16, I16, U32, I32, U64, I64, F16, BF16, F32, F64, String,
-];
 
 /// `n` inputs of type `T`, one output of type `T` (or `T1` when `out` is given).
 fn desc(op: &str, since: i32, types: &[DType], n: usize, out: Option<&[DType]>) -> KernelDesc {
@@ -256,7 +168,10 @@ pub fn register(r: &mut Registrar) {
         },
     );
     r.kernel(desc("Not", 1, BOOL, 1, None), stateless(unary::Not));
-    r.kernel(desc("BitwiseNot", 18, INTS, 1, None), stateless(unary::Not));
+    r.kernel(
+        desc("BitwiseNot", 18, INTEGERS, 1, None),
+        stateless(unary::Not),
+    );
 
     // Binary operators with multidirectional broadcasting.
     let bin_ops: &[(&str, i32, &[DType], BinOp, bool)] = &[
@@ -274,9 +189,9 @@ pub fn register(r: &mut Registrar) {
         ("And", 7, BOOL, BinOp::And, false),
         ("Or", 7, BOOL, BinOp::Or, false),
         ("Xor", 7, BOOL, BinOp::Xor, false),
-        ("BitwiseAnd", 18, INTS, BinOp::BitwiseAnd, false),
-        ("BitwiseOr", 18, INTS, BinOp::BitwiseOr, false),
-        ("BitwiseXor", 18, INTS, BinOp::BitwiseXor, false),
+        ("BitwiseAnd", 18, INTEGERS, BinOp::BitwiseAnd, false),
+        ("BitwiseOr", 18, INTEGERS, BinOp::BitwiseOr, false),
+        ("BitwiseXor", 18, INTEGERS, BinOp::BitwiseXor, false),
         ("Equal", 7, ALL_AND_STRING, BinOp::Equal, true),
         ("Less", 7, NUMERIC, BinOp::Less, true),
         ("LessOrEqual", 12, NUMERIC, BinOp::LessOrEqual, true),
@@ -301,7 +216,7 @@ pub fn register(r: &mut Registrar) {
             .outputs(&["T"]),
         shift_factory,
     );
-    r.kernel(desc("BitShift", 28, INTS, 2, None), shift_factory);
+    r.kernel(desc("BitShift", 28, INTEGERS, 2, None), shift_factory);
     r.kernel(
         KernelDesc::onnx("Pow", 7, OPEN_END)
             .constraint("T", &[I32, I64, F16, BF16, F32, F64])

@@ -3,24 +3,28 @@
 
 use opreg_sdk::prelude::*;
 
+mod bitcast;
+mod cumulative;
 mod elementwise;
 mod infer;
+mod linalg;
 mod loss;
 mod lowbit;
 #[cfg(test)]
 mod malformed;
-mod misc;
 mod ml;
 mod nn;
 mod quant;
 mod reduce;
 mod rnn;
 mod shape;
+mod signal;
 mod spatial;
 #[cfg(test)]
 mod testcases;
 mod text;
 mod transformer;
+mod unique;
 #[allow(dead_code)] // shared helpers; not every family uses every one
 mod util;
 
@@ -36,7 +40,11 @@ fn register(r: &mut Registrar) {
     nn::register(r);
     reduce::register(r);
     quant::register(r);
-    misc::register(r);
+    cumulative::register(r);
+    bitcast::register(r);
+    unique::register(r);
+    linalg::register(r);
+    signal::register(r);
     spatial::register(r);
     transformer::register(r);
     loss::register(r);

@@ -424,9 +424,9 @@ fn depth_to_space_blocksize_products_are_checked() {
     assert_ne!(e.expect_err("refused").code, ErrorCode::Panic);
 }
 
-/// The integer-input kernels of misc with their second input missing.
+/// The integer-input kernels of CumProd, the windows and DFT with their second input missing.
 #[test]
-fn misc_kernels_need_their_inputs() {
+fn integer_input_kernels_need_their_inputs() {
     let x = f32s(&[3]);
     assert_invalid(run_op("CumProd", 26, &[], &[Some(&x)]), "'axis'");
     assert_invalid(

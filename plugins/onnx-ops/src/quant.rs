@@ -15,7 +15,8 @@ mod conv;
 mod gemm;
 mod matmul;
 
-const FLOATS: &[DType] = &[DType::F32, DType::F16, DType::BF16];
+/// The float types of the quantized kernels: f64 is not in their ONNX schemas.
+use opreg_sdk::numeric::FLOATS_TO_F32 as FLOATS;
 const Q8: &[DType] = &[DType::U8, DType::I8];
 const Q16: &[DType] = &[DType::U8, DType::I8, DType::U16, DType::I16];
 /// The float8 types (QuantizeLinear / DequantizeLinear 19+).

@@ -2,188 +2,38 @@
 //! CumSum, TopK.
 
 use crate::nn::{register_versions, Factory};
-use crate::util::{input, normalize_axis, optional, product_sat, row_major_strides, walk_offsets};
-use opreg_sdk::{
-    alloc::try_with_capacity,
-    half::{bf16, f16},
-    prelude::*,
+use crate::util::{
+    input, normalize_axis, not_implemented_for, optional, product_sat, row_major_strides,
+    walk_offsets,
 };
+use opreg_sdk::numeric::{Arith, Scalar};
+use opreg_sdk::{alloc::try_with_capacity, prelude::*};
 
-/// Accumulator arithmetic: f32, f64, or i64 (wrapping).
-trait Acc: Copy + Send + Sync + PartialOrd + 'static {
-    const ZERO: Self;
-    const ONE: Self;
-    fn add(self, o: Self) -> Self;
-    fn mul(self, o: Self) -> Self;
-    fn abs(self) -> Self;
-    fn to_f64(self) -> f64;
-    fn from_f64(v: f64) -> Self;
-}
-
-macro_rules! acc_float {
-    ($($t:ty),*) => {$(
-        impl Acc for $t {
-            const ZERO: Self = 0.0;
-            const ONE: Self = 1.0;
-            #[inline(always)]
-            fn add(self, o: Self) -> Self { self + o }
-            #[inline(always)]
-            fn mul(self, o: Self) -> Self { self * o }
-            fn abs(self) -> Self { <$t>::abs(self) }
-            fn to_f64(self) -> f64 { self as f64 }
-            fn from_f64(v: f64) -> Self { v as $t }
-        }
-    )*};
-}
-acc_float!(f32, f64);
-
-impl Acc for i64 {
-    const ZERO: Self = 0;
-    const ONE: Self = 1;
-    #[inline(always)]
-    fn add(self, o: Self) -> Self {
-        self.wrapping_add(o)
-    }
-    #[inline(always)]
-    fn mul(self, o: Self) -> Self {
-        self.wrapping_mul(o)
-    }
-    fn abs(self) -> Self {
-        self.wrapping_abs()
-    }
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    fn from_f64(v: f64) -> Self {
-        v as i64
+/// The identity of a max in the accumulator: −∞ for floats, the element type's lowest value
+/// otherwise.
+#[inline(always)]
+fn lowest<T: Scalar>() -> T::Wide {
+    if T::IS_FLOAT {
+        <T::Wide as Scalar>::from_f64(f64::NEG_INFINITY)
+    } else {
+        T::LOWEST.widen()
     }
 }
 
-/// A tensor element the reductions accept, accumulated in `Self::A`.
-trait Num: Element {
-    type A: Acc;
-    /// Integers: the lowest and highest values of the element type itself.
-    const LOWEST: Self::A;
-    const HIGHEST: Self::A;
-    fn load(self) -> Self::A;
-    fn store(v: Self::A) -> Self;
-}
-
-macro_rules! num {
-    ($t:ty, $a:ty, |$x:ident| $load:expr, |$v:ident| $store:expr, $lo:expr, $hi:expr) => {
-        impl Num for $t {
-            type A = $a;
-            const LOWEST: $a = $lo;
-            const HIGHEST: $a = $hi;
-            #[inline(always)]
-            fn load(self) -> $a {
-                let $x = self;
-                $load
-            }
-            #[inline(always)]
-            fn store($v: $a) -> Self {
-                $store
-            }
-        }
-    };
-}
-num!(f32, f32, |x| x, |v| v, f32::NEG_INFINITY, f32::INFINITY);
-num!(f64, f64, |x| x, |v| v, f64::NEG_INFINITY, f64::INFINITY);
-num!(
-    f16,
-    f32,
-    |x| x.to_f32(),
-    |v| f16::from_f32(v),
-    f32::NEG_INFINITY,
-    f32::INFINITY
-);
-num!(
-    bf16,
-    f32,
-    |x| x.to_f32(),
-    |v| bf16::from_f32(v),
-    f32::NEG_INFINITY,
-    f32::INFINITY
-);
-num!(
-    i32,
-    i64,
-    |x| x as i64,
-    |v| v as i32,
-    i32::MIN as i64,
-    i32::MAX as i64
-);
-num!(i64, i64, |x| x, |v| v, i64::MIN, i64::MAX);
-
-impl Acc for u64 {
-    const ZERO: Self = 0;
-    const ONE: Self = 1;
-    #[inline(always)]
-    fn add(self, o: Self) -> Self {
-        self.wrapping_add(o)
-    }
-    #[inline(always)]
-    fn mul(self, o: Self) -> Self {
-        self.wrapping_mul(o)
-    }
-    fn abs(self) -> Self {
-        self
-    }
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    fn from_f64(v: f64) -> Self {
-        v as u64
+/// The identity of a min in the accumulator: +∞ for floats, the element type's highest value
+/// otherwise.
+#[inline(always)]
+fn highest<T: Scalar>() -> T::Wide {
+    if T::IS_FLOAT {
+        <T::Wide as Scalar>::from_f64(f64::INFINITY)
+    } else {
+        T::MAX.widen()
     }
 }
-num!(u64, u64, |x| x, |v| v, 0, u64::MAX);
 
-/// A bool element (ReduceMax / ReduceMin from opset 20: any / all), held as 0 or 1.
-#[repr(transparent)]
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct BoolElem(u8);
-
-// SAFETY: one byte with alignment 1 and no invalid bit pattern, the host's bool layout.
-unsafe impl Element for BoolElem {
-    const DTYPE: DType = DType::Bool;
-}
-num!(
-    BoolElem,
-    i64,
-    |x| (x.0 != 0) as i64,
-    |v| BoolElem((v != 0) as u8),
-    0,
-    1
-);
-
-/// Runs `$body` with `$t` bound to the Rust type of `$dtype` among the reductions' types.
-macro_rules! dispatch_num {
-    ($dtype:expr, $op:expr, |$t:ident| $body:expr) => {
-        crate::util::match_float!($dtype, |$t| $body, other => match other {
-            DType::I32 => {
-                type $t = i32;
-                $body
-            }
-            DType::I64 => {
-                type $t = i64;
-                $body
-            }
-            DType::U64 => {
-                type $t = u64;
-                $body
-            }
-            DType::Bool => {
-                type $t = BoolElem;
-                $body
-            }
-            other => Err(PluginError::unimplemented(format!(
-                "{} is not implemented for {other}",
-                $op
-            ))),
-        })
-    };
-}
-
+// The reductions' own type sets, narrower than the SDK's families: the floats with i32 and
+// i64 (what ONNX Runtime implements for them), bool for ReduceMax / ReduceMin from opset 20,
+// u64 for TopK. The dispatch lists above match their union.
 const NUMS_AND_BOOL: &[DType] = &[
     DType::F32,
     DType::F64,
@@ -231,7 +81,7 @@ struct Pairwise<A> {
     levels: [Option<A>; usize::BITS as usize],
 }
 
-impl<A: Acc> Pairwise<A> {
+impl<A: Arith> Pairwise<A> {
     const BLOCK: usize = 64;
 
     fn new() -> Self {
@@ -359,7 +209,7 @@ impl Reduce {
         Ok(Some(mask))
     }
 
-    fn run<T: Num>(
+    fn run<T: Scalar>(
         &self,
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
@@ -398,25 +248,25 @@ impl Reduce {
         ctx.parallel_chunks(y, grain, |start, chunk| {
             let mut i = 0;
             walk_offsets(&kept, &strides, start, chunk.len(), |base| {
-                let each = |f: &mut dyn FnMut(T::A)| {
-                    walk_offsets(&red, &strides, 0, count, |o| f(x[base + o].load()))
+                let each = |f: &mut dyn FnMut(T::Wide)| {
+                    walk_offsets(&red, &strides, 0, count, |o| f(x[base + o].widen()))
                 };
                 let mut acc = match kind {
-                    ReduceKind::Max => T::LOWEST,
-                    ReduceKind::Min => T::HIGHEST,
-                    ReduceKind::Prod => <T::A as Acc>::ONE,
-                    _ => <T::A as Acc>::ZERO,
+                    ReduceKind::Max => lowest::<T>(),
+                    ReduceKind::Min => highest::<T>(),
+                    ReduceKind::Prod => <T::Wide as Arith>::ONE,
+                    _ => <T::Wide as Arith>::ZERO,
                 };
                 // Sums of more than one run go through `Pairwise` (exact for integers,
                 // accurate for floats); shorter ones are a plain run either way, without the
                 // counter's setup per output element.
-                let sum = |f: fn(T::A) -> T::A| {
-                    if count <= Pairwise::<T::A>::BLOCK {
-                        let mut s = <T::A as Acc>::ZERO;
+                let sum = |f: fn(T::Wide) -> T::Wide| {
+                    if count <= Pairwise::<T::Wide>::BLOCK {
+                        let mut s = <T::Wide as Arith>::ZERO;
                         each(&mut |v| s = s.add(f(v)));
                         return s;
                     }
-                    let mut p = Pairwise::<T::A>::new();
+                    let mut p = Pairwise::<T::Wide>::new();
                     each(&mut |v| p.add(f(v)));
                     p.sum()
                 };
@@ -436,7 +286,7 @@ impl Reduce {
                     ReduceKind::L1 => acc = sum(|v| v.abs()),
                     ReduceKind::L2 | ReduceKind::SumSquare => acc = sum(|v| v.mul(v)),
                     ReduceKind::LogSumExp => {
-                        let mut max = T::LOWEST;
+                        let mut max = lowest::<T>();
                         each(&mut |v| {
                             if v > max {
                                 max = v
@@ -446,16 +296,16 @@ impl Reduce {
                         let m = if m.is_finite() { m } else { 0.0 };
                         let mut exps = Pairwise::<f64>::new();
                         each(&mut |v| exps.add((v.to_f64() - m).exp()));
-                        acc = <T::A as Acc>::from_f64(m + exps.sum().ln());
+                        acc = <T::Wide as Scalar>::from_f64(m + exps.sum().ln());
                     }
                 }
                 acc = match kind {
-                    ReduceKind::Mean => <T::A as Acc>::from_f64(acc.to_f64() / count as f64),
-                    ReduceKind::L2 => <T::A as Acc>::from_f64(acc.to_f64().sqrt()),
-                    ReduceKind::LogSum => <T::A as Acc>::from_f64(acc.to_f64().ln()),
+                    ReduceKind::Mean => <T::Wide as Scalar>::from_f64(acc.to_f64() / count as f64),
+                    ReduceKind::L2 => <T::Wide as Scalar>::from_f64(acc.to_f64().sqrt()),
+                    ReduceKind::LogSum => <T::Wide as Scalar>::from_f64(acc.to_f64().ln()),
                     _ => acc,
                 };
-                chunk[i] = T::store(acc);
+                chunk[i] = T::narrow(acc);
                 i += 1;
             });
         })
@@ -469,7 +319,7 @@ impl Kernel for Reduce {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let dtype = input(self.op, inputs, 0, "X")?.dtype;
-        dispatch_num!(dtype, self.op, |T| self.run::<T>(ctx, inputs))
+        opreg_sdk::dispatch!(dtype, [F32, F64, F16, BF16, I32, I64, U64, Bool], |T| self.run::<T>(ctx, inputs), other => Err(not_implemented_for(self.op, other)))
     }
 }
 
@@ -503,7 +353,7 @@ fn arg_factory(
 }
 
 impl ArgReduce {
-    fn run<T: Num>(
+    fn run<T: Scalar>(
         &self,
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
@@ -531,10 +381,10 @@ impl ArgReduce {
             for (k, yv) in chunk.iter_mut().enumerate() {
                 let (o, i) = ((start + k) / inner, (start + k) % inner);
                 let base = o * n * inner + i;
-                let mut best = x[base].load();
+                let mut best = x[base].widen();
                 let mut at = 0;
                 for j in 1..n {
-                    let v = x[base + j * inner].load();
+                    let v = x[base + j * inner].widen();
                     let better = match (max, last) {
                         (true, false) => v > best,
                         (true, true) => v >= best,
@@ -559,7 +409,7 @@ impl Kernel for ArgReduce {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let dtype = input(self.op, inputs, 0, "X")?.dtype;
-        dispatch_num!(dtype, self.op, |T| self.run::<T>(ctx, inputs))
+        opreg_sdk::dispatch!(dtype, [F32, F64, F16, BF16, I32, I64, U64, Bool], |T| self.run::<T>(ctx, inputs), other => Err(not_implemented_for(self.op, other)))
     }
 }
 
@@ -579,7 +429,7 @@ fn cumsum_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
 }
 
 impl CumSum {
-    fn run<T: Num>(
+    fn run<T: Scalar>(
         &self,
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
@@ -608,16 +458,16 @@ impl CumSum {
             for (bi, yb) in chunk.chunks_mut(block).enumerate() {
                 let xb = &x[start + bi * block..start + (bi + 1) * block];
                 for i in 0..inner {
-                    let mut acc = <T::A as Acc>::ZERO;
+                    let mut acc = <T::Wide as Arith>::ZERO;
                     for step in 0..n {
                         let j = if reverse { n - 1 - step } else { step };
-                        let v = xb[j * inner + i].load();
+                        let v = xb[j * inner + i].widen();
                         if exclusive {
-                            yb[j * inner + i] = T::store(acc);
+                            yb[j * inner + i] = T::narrow(acc);
                             acc = acc.add(v);
                         } else {
                             acc = acc.add(v);
-                            yb[j * inner + i] = T::store(acc);
+                            yb[j * inner + i] = T::narrow(acc);
                         }
                     }
                 }
@@ -633,7 +483,7 @@ impl Kernel for CumSum {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let dtype = input("CumSum", inputs, 0, "X")?.dtype;
-        dispatch_num!(dtype, "CumSum", |T| self.run::<T>(ctx, inputs))
+        opreg_sdk::dispatch!(dtype, [F32, F64, F16, BF16, I32, I64, U64, Bool], |T| self.run::<T>(ctx, inputs), other => Err(not_implemented_for("CumSum", other)))
     }
 }
 
@@ -661,7 +511,7 @@ fn topk_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
 }
 
 impl TopK {
-    fn run<T: Num>(
+    fn run<T: Scalar>(
         &self,
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
@@ -698,7 +548,7 @@ impl TopK {
         let largest = self.largest;
         // Largest first (or smallest first); equal values by lower index; NaN counts as the
         // largest value.
-        let order = |a: &(T::A, usize), b: &(T::A, usize)| {
+        let order = |a: &(T::Wide, usize), b: &(T::Wide, usize)| {
             use std::cmp::Ordering;
             let c = match a.0.partial_cmp(&b.0) {
                 Some(c) => c,
@@ -718,11 +568,11 @@ impl TopK {
         let vals = crate::nn::Disjoint::new(values);
         let idxs = crate::nn::Disjoint::new(indices);
         ctx.parallel_for(outer * inner, (4096 / n).max(1), |range| {
-            let mut lane: Vec<(T::A, usize)> = try_with_capacity(n)?;
+            let mut lane: Vec<(T::Wide, usize)> = try_with_capacity(n)?;
             for l in range {
                 let (o, i) = (l / inner, l % inner);
                 lane.clear();
-                lane.extend((0..n).map(|j| (x[(o * n + j) * inner + i].load(), j)));
+                lane.extend((0..n).map(|j| (x[(o * n + j) * inner + i].widen(), j)));
                 if k < n {
                     lane.select_nth_unstable_by(k - 1, order);
                     lane.truncate(k);
@@ -732,7 +582,7 @@ impl TopK {
                     let pos = (o * k + j) * inner + i;
                     // SAFETY: each lane writes its own positions only.
                     unsafe {
-                        vals.part(pos, 1)[0] = T::store(v);
+                        vals.part(pos, 1)[0] = T::narrow(v);
                         idxs.part(pos, 1)[0] = at as i64;
                     }
                 }
@@ -749,7 +599,7 @@ impl Kernel for TopK {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let dtype = input("TopK", inputs, 0, "X")?.dtype;
-        dispatch_num!(dtype, "TopK", |T| self.run::<T>(ctx, inputs))
+        opreg_sdk::dispatch!(dtype, [F32, F64, F16, BF16, I32, I64, U64, Bool], |T| self.run::<T>(ctx, inputs), other => Err(not_implemented_for("TopK", other)))
     }
 }
 

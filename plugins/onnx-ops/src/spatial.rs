@@ -5,65 +5,23 @@
 //! (`onnx/reference/ops`); interpolation arithmetic is carried out in `f64`, as the reference
 //! does, and rounded to the element type once per output element.
 
-use opreg_sdk::{
-    half::{bf16, f16},
-    prelude::*,
-};
+use opreg_sdk::prelude::*;
 
 mod crop;
 mod grid;
 mod resize;
 mod roi;
 
-/// Float element types the interpolating kernels accept.
-pub(crate) const FLOATS: &[DType] = &[DType::F16, DType::BF16, DType::F32, DType::F64];
+/// The float types the interpolating kernels accept, and the element conversions through
+/// `f64` they use (the SDK's: floats round to nearest, integers truncate with saturation, as
+/// numpy's `astype` does for in-range values).
+pub(crate) use opreg_sdk::numeric::{Scalar, FLOATS};
 
-/// An element that interpolation reads and writes through `f64`.
-pub(crate) trait Scalar: Element {
-    fn to_f64(self) -> f64;
-    /// Rounds (floats) or truncates toward zero with saturation (integers), as numpy's
-    /// `astype` does for in-range values.
-    fn from_f64(v: f64) -> Self;
+/// The error for an element type a spatial kernel does not take (the fallback arm of its
+/// `opreg_sdk::dispatch!`).
+pub(crate) fn unsupported(what: &str, dtype: DType) -> PluginError {
+    PluginError::invalid(format!("{what}: element type {dtype} is not supported"))
 }
-
-macro_rules! scalar_prim {
-    ($($t:ty),*) => {$(
-        impl Scalar for $t {
-            fn to_f64(self) -> f64 { self as f64 }
-            fn from_f64(v: f64) -> Self { v as $t }
-        }
-    )*};
-}
-scalar_prim!(f32, f64, u8, i8, i32, i64);
-
-impl Scalar for f16 {
-    fn to_f64(self) -> f64 {
-        self.to_f64()
-    }
-    fn from_f64(v: f64) -> Self {
-        f16::from_f64(v)
-    }
-}
-
-impl Scalar for bf16 {
-    fn to_f64(self) -> f64 {
-        self.to_f64()
-    }
-    fn from_f64(v: f64) -> Self {
-        bf16::from_f64(v)
-    }
-}
-
-/// Runs `$body` with `$t` bound to the Rust type of a float `$dtype`; other types are an
-/// error naming `$what`.
-macro_rules! with_float {
-    ($dtype:expr, $what:expr, $t:ident => $body:expr) => {
-        crate::util::match_float!($dtype, |$t| $body, other => Err(PluginError::invalid(
-            format!("{}: element type {other} is not supported", $what)
-        )))
-    };
-}
-pub(crate) use with_float;
 
 /// The elements of a float tensor (f16, bf16, f32 or f64) widened to `f64`.
 pub(crate) fn read_f64s(view: &TensorView<'_>, what: &str) -> Result<Vec<f64>, PluginError> {

@@ -13,8 +13,9 @@ use opreg_sdk::alloc::{try_vec, try_with_capacity};
 use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
 
-/// The floating-point types these kernels accept.
-pub(crate) const FLOATS: &[DType] = &[DType::F32, DType::F16, DType::BF16];
+/// The floating-point types these kernels accept: they compute in f32 (attention, rotary
+/// embedding, ...), so f64 is not offered.
+pub(crate) use opreg_sdk::numeric::FLOATS_TO_F32 as FLOATS;
 
 /// The elements of a floating-point tensor, widened to f32. `what` names the input in errors.
 pub(crate) fn read_f32(t: &TensorView<'_>, what: &str) -> Result<Vec<f32>, PluginError> {

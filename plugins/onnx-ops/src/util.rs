@@ -1,39 +1,19 @@
 //! Helpers shared by the operator families: broadcasting, axes, strided walks, optional
 //! inputs, the plain-function kernel factory.
 
+use crate::quant::fill;
+use opreg_sdk::numeric::Scalar;
 use opreg_sdk::{
     half::{bf16, f16},
     prelude::*,
 };
 use std::borrow::Cow;
 
-/// Runs `$body` with the type alias `$t` bound to the Rust type of a float `$dtype` (f32, f64,
-/// f16, bf16). Any other dtype is bound to `$other` and gives `$fallback`, so each family keeps
-/// its own error (or extends the match with more types).
-macro_rules! match_float {
-    ($dtype:expr, |$t:ident| $body:expr, $other:ident => $fallback:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::F64 => {
-                type $t = f64;
-                $body
-            }
-            DType::F16 => {
-                type $t = opreg_sdk::half::f16;
-                $body
-            }
-            DType::BF16 => {
-                type $t = opreg_sdk::half::bf16;
-                $body
-            }
-            $other => $fallback,
-        }
-    };
+/// The error of an operator asked for an element type it has no kernel for (the fallback arm
+/// of its `opreg_sdk::dispatch!`).
+pub(crate) fn not_implemented_for(op: impl std::fmt::Display, dtype: DType) -> PluginError {
+    PluginError::unimplemented(format!("{op} is not implemented for {dtype}"))
 }
-pub(crate) use match_float;
 
 /// The elements of a float tensor (f32, f64, f16, bf16) as `f32`, borrowed when already f32.
 /// `None` for other element types: callers word and classify that error themselves.
@@ -69,6 +49,44 @@ pub fn floats_as_f64(t: &TensorView<'_>) -> Option<Result<Vec<f64>, PluginError>
             .map(|s| s.iter().map(|v| v.to_f64()).collect()),
         _ => return None,
     })
+}
+
+/// The elements of a float tensor as `f64`.
+pub(crate) fn read_f64(t: &TensorView<'_>, what: &str) -> Result<Vec<f64>, PluginError> {
+    floats_as_f64(t).unwrap_or_else(|| {
+        Err(PluginError::unimplemented(format!(
+            "{what}: element type {} is not supported",
+            t.dtype
+        )))
+    })
+}
+
+/// Allocates output `index` of `dtype` from `f64` values, converted as [`Scalar::from_f64`]
+/// does (`as` casts for integer types, rounding to nearest for floats).
+pub(crate) fn fill_from_f64<F>(
+    ctx: &KernelContext<'_>,
+    index: usize,
+    dtype: DType,
+    shape: &[usize],
+    f: F,
+) -> Result<(), PluginError>
+where
+    F: Fn(usize) -> f64 + Sync,
+{
+    opreg_sdk::dispatch!(dtype, NUMERIC, |T| fill::<T, _>(ctx, index, shape, |i| T::from_f64(f(i))),
+        other => Err(PluginError::unimplemented(format!("output type {other} is not supported"))))
+}
+
+/// A scalar integer input (`axis`, `size`, `dft_length`).
+pub(crate) fn scalar_i64(t: &TensorView<'_>, op: &str, name: &str) -> Result<i64, PluginError> {
+    let v = t.to_i64s()?;
+    if v.len() != 1 {
+        return Err(PluginError::invalid(format!(
+            "{op}: input '{name}' must be a scalar, got shape {:?}",
+            t.shape()
+        )));
+    }
+    Ok(v[0])
 }
 
 /// A kernel factory as a plain function, registrable once per schema version.

@@ -2,8 +2,8 @@
 //! PRelu, bit shifts, logic, bitwise, comparisons, Max/Min/Sum/Mean and Where.
 
 use super::engine::{fold_into, zip2, zip2v, zip3, Plan};
-use super::num::{Arith, Bits, Bool, Num};
 use crate::util::{broadcast_shapes, required};
+use opreg_sdk::numeric::{Arith, Bits, Bool, Scalar};
 use opreg_sdk::prelude::*;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -53,7 +53,7 @@ impl Kernel for Binary {
         let what = self.0;
         match self.0 {
             BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Mod { .. } => {
-                dispatch_num!(a.dtype, what, T => arith::<T>(ctx, a, b, self.0))
+                opreg_sdk::dispatch!(a.dtype, NUMERIC, |T| arith::<T>(ctx, a, b, self.0), other => Err(super::unsupported(what, other)))
             }
             BinOp::PRelu => {
                 if broadcast_shapes(&[a.shape(), b.shape()])? != a.shape() {
@@ -63,13 +63,13 @@ impl Kernel for Binary {
                         a.shape()
                     )));
                 }
-                dispatch_num!(a.dtype, what, T => arith::<T>(ctx, a, b, self.0))
+                opreg_sdk::dispatch!(a.dtype, NUMERIC, |T| arith::<T>(ctx, a, b, self.0), other => Err(super::unsupported(what, other)))
             }
-            BinOp::BitShift { left } => dispatch_int!(a.dtype, what, T => if left {
+            BinOp::BitShift { left } => opreg_sdk::dispatch!(a.dtype, INTEGERS, |T| if left {
                 zip2v(ctx, a, b, |x: T, y: T| x.shl(y))
             } else {
                 zip2v(ctx, a, b, |x: T, y: T| x.shr(y))
-            }),
+            }, other => Err(super::unsupported(what, other))),
             BinOp::And | BinOp::Or | BinOp::Xor => {
                 if a.dtype != DType::Bool {
                     return Err(PluginError::unimplemented(format!(
@@ -84,29 +84,29 @@ impl Kernel for Binary {
                 }
             }
             BinOp::BitwiseAnd => {
-                dispatch_int!(a.dtype, what, T => zip2v(ctx, a, b, |x: T, y: T| x.and(y)))
+                opreg_sdk::dispatch!(a.dtype, INTEGERS, |T| zip2v(ctx, a, b, |x: T, y: T| x.and(y)), other => Err(super::unsupported(what, other)))
             }
             BinOp::BitwiseOr => {
-                dispatch_int!(a.dtype, what, T => zip2v(ctx, a, b, |x: T, y: T| x.or(y)))
+                opreg_sdk::dispatch!(a.dtype, INTEGERS, |T| zip2v(ctx, a, b, |x: T, y: T| x.or(y)), other => Err(super::unsupported(what, other)))
             }
             BinOp::BitwiseXor => {
-                dispatch_int!(a.dtype, what, T => zip2v(ctx, a, b, |x: T, y: T| x.xor(y)))
+                opreg_sdk::dispatch!(a.dtype, INTEGERS, |T| zip2v(ctx, a, b, |x: T, y: T| x.xor(y)), other => Err(super::unsupported(what, other)))
             }
             BinOp::Equal if a.dtype == DType::String => equal_strings(ctx, a, b),
             BinOp::Equal => {
-                dispatch_all!(a.dtype, what, T => zip2v(ctx, a, b, |x: T, y: T| Bool::new(x.load() == y.load())))
+                opreg_sdk::dispatch!(a.dtype, ALL, |T| zip2v(ctx, a, b, |x: T, y: T| Bool::new(x.load() == y.load())), other => Err(super::unsupported(what, other)))
             }
             BinOp::Less => {
-                dispatch_num!(a.dtype, what, T => zip2v(ctx, a, b, |x: T, y: T| Bool::new(x.load() < y.load())))
+                opreg_sdk::dispatch!(a.dtype, NUMERIC, |T| zip2v(ctx, a, b, |x: T, y: T| Bool::new(x.load() < y.load())), other => Err(super::unsupported(what, other)))
             }
             BinOp::LessOrEqual => {
-                dispatch_num!(a.dtype, what, T => zip2v(ctx, a, b, |x: T, y: T| Bool::new(x.load() <= y.load())))
+                opreg_sdk::dispatch!(a.dtype, NUMERIC, |T| zip2v(ctx, a, b, |x: T, y: T| Bool::new(x.load() <= y.load())), other => Err(super::unsupported(what, other)))
             }
             BinOp::Greater => {
-                dispatch_num!(a.dtype, what, T => zip2v(ctx, a, b, |x: T, y: T| Bool::new(x.load() > y.load())))
+                opreg_sdk::dispatch!(a.dtype, NUMERIC, |T| zip2v(ctx, a, b, |x: T, y: T| Bool::new(x.load() > y.load())), other => Err(super::unsupported(what, other)))
             }
             BinOp::GreaterOrEqual => {
-                dispatch_num!(a.dtype, what, T => zip2v(ctx, a, b, |x: T, y: T| Bool::new(x.load() >= y.load())))
+                opreg_sdk::dispatch!(a.dtype, NUMERIC, |T| zip2v(ctx, a, b, |x: T, y: T| Bool::new(x.load() >= y.load())), other => Err(super::unsupported(what, other)))
             }
         }
     }
@@ -121,18 +121,18 @@ fn two<'a, 'b>(
     }
 }
 
-fn arith<T: Num>(
+fn arith<T: Scalar>(
     ctx: &KernelContext<'_>,
     a: &TensorView<'_>,
     b: &TensorView<'_>,
     op: BinOp,
 ) -> Result<(), PluginError>
 where
-    T::C: Arith,
+    T::Compute: Arith,
 {
     let divides = matches!(op, BinOp::Div | BinOp::Mod { .. });
     if divides && !T::IS_FLOAT {
-        let zero = <T::C as Arith>::ZERO;
+        let zero = <T::Compute as Arith>::ZERO;
         if b.as_slice::<T>()?.iter().any(|v| v.load() == zero) {
             return Err(PluginError::invalid(format!(
                 "{op:?}: integer division by zero (input B)"
@@ -155,7 +155,7 @@ where
         BinOp::Mod { fmod: true } => go!(|x, y| x.fmod(y)),
         BinOp::Mod { fmod: false } if T::IS_FLOAT => {
             // Python's `%`: the result takes the divisor's sign.
-            let zero = <T::C as Arith>::ZERO;
+            let zero = <T::Compute as Arith>::ZERO;
             go!(|x, y| {
                 let r = x.fmod(y);
                 if r != zero && ((r < zero) != (y < zero)) {
@@ -167,7 +167,7 @@ where
         }
         BinOp::Mod { fmod: false } => go!(|x, y| x.modulo(y)),
         BinOp::PRelu => {
-            let zero = <T::C as Arith>::ZERO;
+            let zero = <T::Compute as Arith>::ZERO;
             go!(|x, s| if x < zero { s.mul(x) } else { x })
         }
         other => Err(PluginError::internal(format!(
@@ -187,11 +187,11 @@ impl Kernel for Pow {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let (x, y) = two(inputs)?;
-        dispatch_num!(x.dtype, "Pow (base X)", T => pow::<T>(ctx, x, y))
+        opreg_sdk::dispatch!(x.dtype, NUMERIC, |T| pow::<T>(ctx, x, y), other => Err(super::unsupported("Pow (base X)", other)))
     }
 }
 
-fn pow<T: Num>(
+fn pow<T: Scalar>(
     ctx: &KernelContext<'_>,
     x: &TensorView<'_>,
     y: &TensorView<'_>,
@@ -206,23 +206,23 @@ fn pow<T: Num>(
     if T::IS_FLOAT || y.dtype.is_float() {
         // Widen the exponent to f64 once; compute in f64.
         let e = ctx.scratch::<f64>(y.len())?;
-        dispatch_num!(y.dtype, "Pow (exponent Y)", E => {
+        opreg_sdk::dispatch!(y.dtype, NUMERIC, |E| {
             for (d, &s) in e.iter_mut().zip(y.as_slice::<E>()?) {
                 *d = s.to_f64();
             }
             Ok(())
-        })?;
+        }, other => Err(super::unsupported("Pow (exponent Y)", other)))?;
         zip2(ctx, xs, (&*e, y.shape()), |b: T, e: f64| {
             T::from_f64(b.to_f64().powf(e))
         })
     } else {
         let e = ctx.scratch::<i64>(y.len())?;
-        dispatch_num!(y.dtype, "Pow (exponent Y)", E => {
+        opreg_sdk::dispatch!(y.dtype, NUMERIC, |E| {
             for (d, &s) in e.iter_mut().zip(y.as_slice::<E>()?) {
                 *d = s.to_i128() as i64;
             }
             Ok(())
-        })?;
+        }, other => Err(super::unsupported("Pow (exponent Y)", other)))?;
         zip2(ctx, xs, (&*e, y.shape()), |b: T, e: i64| {
             T::from_i128(int_pow(b.to_i128(), e))
         })
@@ -289,7 +289,7 @@ impl Kernel for Variadic {
                 first.dtype
             )));
         }
-        dispatch_num!(first.dtype, what, T => variadic::<T>(ctx, inputs, self.0))
+        opreg_sdk::dispatch!(first.dtype, NUMERIC, |T| variadic::<T>(ctx, inputs, self.0), other => Err(super::unsupported(what, other)))
     }
 }
 
@@ -303,13 +303,13 @@ fn pick<C: Arith>(a: C, b: C, max: bool) -> C {
     }
 }
 
-fn variadic<T: Num>(
+fn variadic<T: Scalar>(
     ctx: &KernelContext<'_>,
     inputs: &[TensorView<'_>],
     op: VarOp,
 ) -> Result<(), PluginError>
 where
-    T::C: Arith,
+    T::Compute: Arith,
 {
     let shapes: Vec<&[usize]> = inputs.iter().map(|v| v.shape()).collect();
     let shape = broadcast_shapes(&shapes)?;
@@ -329,7 +329,7 @@ where
         }
     }
     if let VarOp::Mean = op {
-        let n = <T::C as Arith>::from_f64c(inputs.len() as f64);
+        let n = <T::Compute as Scalar>::from_f64(inputs.len() as f64);
         ctx.parallel_chunks(out, super::engine::GRAIN, |_, chunk| {
             for o in chunk {
                 *o = T::store(o.load().div(n));
@@ -366,9 +366,9 @@ impl Kernel for Where {
         if x.dtype == DType::String {
             return where_strings(ctx, c, x, y);
         }
-        dispatch_all!(x.dtype, "Where", T => {
+        opreg_sdk::dispatch!(x.dtype, ALL, |T| {
             zip3(ctx, c, x, y, |c: Bool, x: T, y: T| if c.get() { x } else { y })
-        })
+        }, other => Err(super::unsupported("Where", other)))
     }
 }
 

@@ -2,9 +2,9 @@
 //! including the 8-, 4- and 2-bit types (held one element per byte; see [`crate::lowbit`]).
 
 use super::engine::map;
-use super::num::{convert, Num};
 use crate::lowbit::{self, RoundMode};
 use crate::util::input;
+use opreg_sdk::numeric::{convert, Scalar};
 use opreg_sdk::prelude::*;
 
 /// Every type `Cast` converts between: every dtype but strings.
@@ -117,14 +117,14 @@ impl Kernel for Cast {
                 self.cast_to(ctx, x.shape(), to, get)
             }
         } else if lowbit::is_lowbit(to) {
-            dispatch_all!(x.dtype, "Cast (input)", S => {
+            opreg_sdk::dispatch!(x.dtype, ALL, |S| {
                 let xs = x.as_slice::<S>()?;
                 self.cast_to(ctx, x.shape(), to, |i| Wide::of(xs[i]))
-            })
+            }, other => Err(super::unsupported("Cast (input)", other)))
         } else {
-            dispatch_all!(x.dtype, "Cast (input)", S => {
-                dispatch_all!(to, "Cast (target)", D => map(ctx, x, convert::<S, D>))
-            })
+            opreg_sdk::dispatch!(x.dtype, ALL, |S| {
+                opreg_sdk::dispatch!(to, ALL, |D| map(ctx, x, convert::<S, D>), other => Err(super::unsupported("Cast (target)", other)))
+            }, other => Err(super::unsupported("Cast (input)", other)))
         }
     }
 }
@@ -138,7 +138,7 @@ enum Wide {
 }
 
 impl Wide {
-    fn of<S: Num>(v: S) -> Self {
+    fn of<S: Scalar>(v: S) -> Self {
         if S::IS_FLOAT {
             Wide::Float(v.to_f64())
         } else {
@@ -175,7 +175,7 @@ impl Cast {
                 }
             });
         }
-        dispatch_all!(to, "Cast (target)", D => {
+        opreg_sdk::dispatch!(to, ALL, |D| {
             let y = ctx.output_slice::<D>(0, shape)?;
             ctx.parallel_chunks(y, GRAIN, |start, out| {
                 for (j, o) in out.iter_mut().enumerate() {
@@ -185,7 +185,7 @@ impl Cast {
                     };
                 }
             })
-        })
+        }, other => Err(super::unsupported("Cast (target)", other)))
     }
 }
 

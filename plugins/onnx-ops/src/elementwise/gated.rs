@@ -1,8 +1,8 @@
 //! Swish, SwiGLU and Shrink. Float kernels round every intermediate to the element type, as
 //! the reference's numpy arithmetic in that type does (exact for f32 and f64).
 
-use crate::nn::Float;
-use crate::util::{input, required};
+use crate::util::{input, not_implemented_for, required};
+use opreg_sdk::numeric::{Arith, Float, Real, Scalar, FLOATS};
 use opreg_sdk::prelude::*;
 
 /// Elements per parallel task.
@@ -10,27 +10,17 @@ const GRAIN: usize = 1 << 14;
 
 /// `v` rounded to `T` and back.
 #[inline(always)]
-fn r<T: Float>(v: T::C) -> T::C {
+fn r<T: Float>(v: T::Compute) -> T::Compute {
     T::store(v).load()
 }
 
 /// `x * sigmoid(alpha * x)`, each step in `T`: `x * (1 / (1 + exp(-alpha * x)))`.
 #[inline(always)]
-fn swish<T: Float>(x: T, alpha: T::C) -> T::C {
-    use crate::nn::Real;
+fn swish<T: Float>(x: T, alpha: T::Compute) -> T::Compute {
     let x = x.load();
     let e = r::<T>(r::<T>(-(alpha * x)).exp());
-    let s = r::<T>(T::C::ONE / r::<T>(T::C::ONE + e));
+    let s = r::<T>(<T as Scalar>::Compute::ONE / r::<T>(<T as Scalar>::Compute::ONE + e));
     r::<T>(x * s)
-}
-
-/// Runs `f(i)` for every output element `i` of a float kernel in `dtype`.
-macro_rules! float_kernel {
-    ($dtype:expr, $op:expr, |$t:ident| $body:expr) => {
-        crate::util::match_float!($dtype, |$t| $body, other => Err(
-            PluginError::unimplemented(format!("{} is not implemented for {other}", $op))
-        ))
-    };
 }
 
 fn fill<T: Float, F: Fn(usize) -> T + Sync>(
@@ -67,12 +57,11 @@ impl Kernel for Swish {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let x = input("Swish", inputs, 0, "X")?;
-        float_kernel!(x.dtype, "Swish", |T| {
-            use crate::nn::Real;
-            let xs = x.as_slice::<T>()?;
-            let alpha = r::<T>(<T as Float>::C::from_f64(self.alpha as f64));
+        opreg_sdk::dispatch!(x.dtype, FLOATS, |T| {
+                    let xs = x.as_slice::<T>()?;
+            let alpha = r::<T>(<T as Scalar>::Compute::from_f64(self.alpha as f64));
             fill::<T, _>(ctx, x.shape(), |i| T::store(swish(xs[i], alpha)))
-        })
+        }, other => Err(not_implemented_for("Swish", other)))
     }
 }
 
@@ -107,14 +96,13 @@ impl Kernel for SwiGlu {
                 b.shape()
             )));
         }
-        float_kernel!(a.dtype, "SwiGLU", |T| {
-            use crate::nn::Real;
-            let (av, bv) = (a.as_slice::<T>()?, b.as_slice::<T>()?);
-            let alpha = r::<T>(<T as Float>::C::from_f64(self.alpha as f64));
+        opreg_sdk::dispatch!(a.dtype, FLOATS, |T| {
+                    let (av, bv) = (a.as_slice::<T>()?, b.as_slice::<T>()?);
+            let alpha = r::<T>(<T as Scalar>::Compute::from_f64(self.alpha as f64));
             fill::<T, _>(ctx, a.shape(), |i| {
                 T::store(swish(av[i], alpha) * bv[i].load())
             })
-        })
+        }, other => Err(not_implemented_for("SwiGLU", other)))
     }
 }
 
@@ -166,24 +154,11 @@ impl Kernel for Shrink {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let x = input("Shrink", inputs, 0, "input")?;
-        macro_rules! int {
-            ($t:ty) => {
-                self.ints::<$t>(ctx, &x, |v| v as f64, |v| v as $t)
-            };
-        }
-        match x.dtype {
-            DType::U8 => int!(u8),
-            DType::I8 => int!(i8),
-            DType::U16 => int!(u16),
-            DType::I16 => int!(i16),
-            DType::U32 => int!(u32),
-            DType::I32 => int!(i32),
-            DType::U64 => int!(u64),
-            DType::I64 => int!(i64),
-            dtype => float_kernel!(dtype, "Shrink", |T| {
-                use crate::nn::Real;
-                let xs = x.as_slice::<T>()?;
-                let c = |v: f32| r::<T>(<T as Float>::C::from_f64(v as f64));
+        opreg_sdk::dispatch!(x.dtype, INTEGERS, |T| {
+            self.ints::<T>(ctx, &x, Scalar::to_f64, Scalar::from_f64)
+        }, dtype => opreg_sdk::dispatch!(dtype, FLOATS, |T| {
+                            let xs = x.as_slice::<T>()?;
+                let c = |v: f32| r::<T>(<T as Scalar>::Compute::from_f64(v as f64));
                 let (bias, lambd) = (c(self.bias), c(self.lambd));
                 fill::<T, _>(ctx, x.shape(), |i| {
                     let v = xs[i].load();
@@ -192,17 +167,15 @@ impl Kernel for Shrink {
                     } else if v > lambd {
                         v - bias
                     } else {
-                        <T as Float>::C::ZERO
+                        <T as Scalar>::Compute::ZERO
                     })
                 })
-            }),
-        }
+            }, other => Err(not_implemented_for("Shrink", other))))
     }
 }
 
 pub fn register(r: &mut Registrar) {
     use opreg_sdk::dtype::names::*;
-    const FLOATS: &[DType] = &[F16, BF16, F32, F64];
     let one = |op: &str, since: i32, types: &[DType], n: usize| {
         KernelDesc::onnx(op, since, OPEN_END)
             .constraint("T", types)

@@ -2,8 +2,8 @@
 //! BitwiseNot.
 
 use super::engine::map;
-use super::num::{Arith, Bits, Bool, Num, Real};
 use crate::util::input;
+use opreg_sdk::numeric::{Arith, Bits, Bool, Real, Scalar};
 use opreg_sdk::prelude::*;
 
 /// Float-only unary operators (computed in f32 for f16/bf16), with their attributes.
@@ -53,7 +53,7 @@ impl Kernel for FloatUnary {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let x = &input("float unary op", inputs, 0, "X")?;
-        dispatch_float!(x.dtype, "float unary op", T => float_unary::<T>(ctx, x, self.0))
+        opreg_sdk::dispatch!(x.dtype, FLOATS, |T| float_unary::<T>(ctx, x, self.0), other => Err(super::unsupported("float unary op", other)))
     }
 }
 
@@ -77,15 +77,15 @@ fn softplus<C: Real>(v: C) -> C {
     }
 }
 
-fn float_unary<T: Num>(
+fn float_unary<T: Scalar>(
     ctx: &KernelContext<'_>,
     x: &TensorView<'_>,
     op: FloatOp,
 ) -> Result<(), PluginError>
 where
-    T::C: Real,
+    T::Compute: Real,
 {
-    let c = |v: f64| <T::C as Arith>::from_f64c(v);
+    let c = |v: f64| <T::Compute as Scalar>::from_f64(v);
     let (zero, one, half) = (c(0.0), c(1.0), c(0.5));
     macro_rules! go {
         (|$v:ident| $e:expr) => {
@@ -188,19 +188,19 @@ impl Kernel for NumUnary {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let x = &input("numeric unary op", inputs, 0, "X")?;
-        dispatch_num!(x.dtype, "numeric unary op", T => num_unary::<T>(ctx, x, self.0))
+        opreg_sdk::dispatch!(x.dtype, NUMERIC, |T| num_unary::<T>(ctx, x, self.0), other => Err(super::unsupported("numeric unary op", other)))
     }
 }
 
-fn num_unary<T: Num>(
+fn num_unary<T: Scalar>(
     ctx: &KernelContext<'_>,
     x: &TensorView<'_>,
     op: NumOp,
 ) -> Result<(), PluginError>
 where
-    T::C: Arith,
+    T::Compute: Arith,
 {
-    let zero = <T::C as Arith>::ZERO;
+    let zero = <T::Compute as Arith>::ZERO;
     match op {
         NumOp::Relu => map(ctx, x, |x: T| {
             let v = x.load();
@@ -227,12 +227,12 @@ impl Kernel for Clip {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let x = &input("Clip", inputs, 0, "input")?;
-        dispatch_num!(x.dtype, "Clip", T => self.clip::<T>(ctx, inputs))
+        opreg_sdk::dispatch!(x.dtype, NUMERIC, |T| self.clip::<T>(ctx, inputs), other => Err(super::unsupported("Clip", other)))
     }
 }
 
 impl Clip {
-    fn clip<T: Num>(
+    fn clip<T: Scalar>(
         &self,
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
@@ -279,14 +279,18 @@ impl Kernel for FloatTest {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let x = &input("IsNaN/IsInf", inputs, 0, "X")?;
-        dispatch_float!(x.dtype, "IsNaN/IsInf", T => self.test::<T>(ctx, x))
+        opreg_sdk::dispatch!(x.dtype, FLOATS, |T| self.test::<T>(ctx, x), other => Err(super::unsupported("IsNaN/IsInf", other)))
     }
 }
 
 impl FloatTest {
-    fn test<T: Num>(&self, ctx: &KernelContext<'_>, x: &TensorView<'_>) -> Result<(), PluginError>
+    fn test<T: Scalar>(
+        &self,
+        ctx: &KernelContext<'_>,
+        x: &TensorView<'_>,
+    ) -> Result<(), PluginError>
     where
-        T::C: Real,
+        T::Compute: Real,
     {
         match *self {
             FloatTest::IsNaN => map(ctx, x, |x: T| Bool::new(x.load().is_nan())),
@@ -319,6 +323,6 @@ impl Kernel for Not {
         if x.dtype == DType::Bool {
             return map(ctx, x, |v: Bool| Bool::new(!v.get()));
         }
-        dispatch_int!(x.dtype, "BitwiseNot", T => map(ctx, x, |v: T| v.not()))
+        opreg_sdk::dispatch!(x.dtype, INTEGERS, |T| map(ctx, x, |v: T| v.not()), other => Err(super::unsupported("BitwiseNot", other)))
     }
 }

@@ -2,7 +2,7 @@
 //! moved by the learned offset, scaled by the optional mask, then weighted as in Conv.
 //! Computed in f64; the output grid is the offset's spatial shape.
 
-use super::{optional, register_versions, Float, Real, FLOATS};
+use super::{not_implemented_for, optional, register_versions, Float, Scalar, FLOATS};
 use crate::util::{input, required};
 use opreg_sdk::{alloc::checked_numel, prelude::*};
 
@@ -159,7 +159,7 @@ impl DeformConv {
                         }
                     }
                 }
-                *yv = T::store(<T::C as Real>::from_f64(acc));
+                *yv = T::store(<T::Compute as Scalar>::from_f64(acc));
             }
         })
     }
@@ -172,7 +172,7 @@ impl Kernel for DeformConv {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let dtype = input("DeformConv", inputs, 0, "X")?.dtype;
-        dispatch_float!(dtype, "DeformConv", |T| self.run::<T>(ctx, inputs))
+        opreg_sdk::dispatch!(dtype, FLOATS, |T| self.run::<T>(ctx, inputs), other => Err(not_implemented_for("DeformConv", other)))
     }
 }
 

@@ -574,10 +574,10 @@ fn contract<T: EinElem>(
 
 pub fn register(r: &mut Registrar) {
     use opreg_sdk::dtype::names::*;
-    const NUMERIC: &[DType] = &[U8, U16, U32, U64, I8, I16, I32, I64, F16, F32, F64];
-    const WITH_BF16: &[DType] = &[U8, U16, U32, U64, I8, I16, I32, I64, F16, F32, F64, BF16];
-    // bf16 from opset 28.
-    for (since, end, types) in [(12, 27, NUMERIC), (28, OPEN_END, WITH_BF16)] {
+    use opreg_sdk::numeric::NUMERIC;
+    // Up to opset 27 the schema lists every numeric type but bf16, which opset 28 adds.
+    const NO_BF16: &[DType] = &[U8, U16, U32, U64, I8, I16, I32, I64, F16, F32, F64];
+    for (since, end, types) in [(12, 27, NO_BF16), (28, OPEN_END, NUMERIC)] {
         r.kernel(
             KernelDesc::onnx("Einsum", since, end)
                 .constraint("T", types)

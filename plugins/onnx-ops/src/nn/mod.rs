@@ -1,21 +1,7 @@
 //! Neural-network operators: matrix products (through the BLAS backend), convolution,
 //! pooling, normalisation, softmax.
 
-use opreg_sdk::{
-    half::{bf16, f16},
-    prelude::*,
-};
-use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
-
-/// Runs `$body` with the type alias `$t` bound to the Rust type of a float `$dtype`
-/// (f32, f64, f16, bf16); other dtypes are an `unimplemented` error naming `$op`.
-macro_rules! dispatch_float {
-    ($dtype:expr, $op:expr, |$t:ident| $body:expr) => {
-        crate::util::match_float!($dtype, |$t| $body, other => Err(PluginError::unimplemented(
-            format!("{} is not implemented for {other}", $op)
-        )))
-    };
-}
+use opreg_sdk::prelude::*;
 
 mod conv;
 mod conv_transpose;
@@ -29,111 +15,10 @@ mod softmax;
 pub(crate) mod testblas;
 mod unpool;
 
-/// The float types the non-BLAS operators accept.
-pub(crate) const FLOATS: &[DType] = &[DType::F32, DType::F64, DType::F16, DType::BF16];
+/// The element vocabulary of the float kernels: the SDK's (f16 and bf16 compute in f32).
+pub(crate) use opreg_sdk::numeric::{Arith, Float, Real, Scalar, FLOATS};
 
-/// Arithmetic the float kernels compute in (f32 or f64).
-pub(crate) trait Real:
-    Copy
-    + Send
-    + Sync
-    + PartialOrd
-    + Default
-    + std::fmt::Debug
-    + 'static
-    + Add<Output = Self>
-    + Sub<Output = Self>
-    + Mul<Output = Self>
-    + Div<Output = Self>
-    + Neg<Output = Self>
-    + AddAssign
-{
-    const ZERO: Self;
-    const ONE: Self;
-    const NEG_INFINITY: Self;
-    fn from_f64(v: f64) -> Self;
-    fn to_f64(self) -> f64;
-    fn from_usize(v: usize) -> Self {
-        Self::from_f64(v as f64)
-    }
-    fn exp(self) -> Self;
-    fn ln(self) -> Self;
-    fn sqrt(self) -> Self;
-    fn abs(self) -> Self;
-    fn powf(self, p: Self) -> Self;
-}
-
-macro_rules! real {
-    ($($t:ty),*) => {$(
-        impl Real for $t {
-            const ZERO: Self = 0.0;
-            const ONE: Self = 1.0;
-            const NEG_INFINITY: Self = <$t>::NEG_INFINITY;
-            fn from_f64(v: f64) -> Self { v as $t }
-            fn to_f64(self) -> f64 { self as f64 }
-            fn exp(self) -> Self { <$t>::exp(self) }
-            fn ln(self) -> Self { <$t>::ln(self) }
-            fn sqrt(self) -> Self { <$t>::sqrt(self) }
-            fn abs(self) -> Self { <$t>::abs(self) }
-            fn powf(self, p: Self) -> Self { <$t>::powf(self, p) }
-        }
-    )*};
-}
-real!(f32, f64);
-
-/// A float tensor element, computed in `Self::C` (f16 and bf16 in f32).
-pub(crate) trait Float: Element + Default {
-    type C: Real;
-    fn load(self) -> Self::C;
-    fn store(v: Self::C) -> Self;
-}
-
-impl Float for f32 {
-    type C = f32;
-    #[inline(always)]
-    fn load(self) -> f32 {
-        self
-    }
-    #[inline(always)]
-    fn store(v: f32) -> Self {
-        v
-    }
-}
-impl Float for f64 {
-    type C = f64;
-    #[inline(always)]
-    fn load(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn store(v: f64) -> Self {
-        v
-    }
-}
-impl Float for f16 {
-    type C = f32;
-    #[inline(always)]
-    fn load(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn store(v: f32) -> Self {
-        f16::from_f32(v)
-    }
-}
-impl Float for bf16 {
-    type C = f32;
-    #[inline(always)]
-    fn load(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn store(v: f32) -> Self {
-        bf16::from_f32(v)
-    }
-}
-
-pub(crate) use crate::util::{optional, Factory};
+pub(crate) use crate::util::{not_implemented_for, optional, Factory};
 
 /// Registers `factory` for `op` once per schema version range: `versions` are the schema
 /// versions in increasing order; the last range is open-ended.

@@ -1,7 +1,10 @@
 //! Normalisation: BatchNormalization (inference), InstanceNormalization, LayerNormalization,
 //! GroupNormalization, LRN.
 
-use super::{at_least_one, optional, register_versions, Disjoint, Float, Real, FLOATS};
+use super::{
+    at_least_one, not_implemented_for, optional, register_versions, Arith, Disjoint, Float, Real,
+    Scalar, FLOATS,
+};
 use crate::util::{broadcast_strides, input, normalize_axis, product_sat, required, walk_offsets};
 use opreg_sdk::prelude::*;
 
@@ -13,7 +16,7 @@ fn params<C: Real>(op: &str, name: &str, v: &TensorView<'_>) -> Result<Vec<C>, P
             .map(|x| C::from_f64(x.load().to_f64()))
             .collect())
     }
-    dispatch_float!(v.dtype, format!("{op} input '{name}'"), |T| conv::<T, C>(v))
+    opreg_sdk::dispatch!(v.dtype, FLOATS, |T| conv::<T, C>(v), other => Err(not_implemented_for(format!("{op} input '{name}'"), other)))
 }
 
 /// `params`, checked to hold exactly `len` values.
@@ -43,12 +46,12 @@ fn nc(op: &str, xs: &[usize]) -> Result<(usize, usize, usize), PluginError> {
 }
 
 /// Mean and population variance of `x`.
-fn moments<T: Float>(x: &[T]) -> (T::C, T::C) {
-    let n = <T::C as Real>::from_usize(x.len().max(1));
-    let mut sum = <T::C as Real>::ZERO;
+fn moments<T: Float>(x: &[T]) -> (T::Compute, T::Compute) {
+    let n = <T::Compute as Real>::from_usize(x.len().max(1));
+    let mut sum = <T::Compute as Arith>::ZERO;
     x.iter().for_each(|v| sum += v.load());
     let mean = sum / n;
-    let mut sq = <T::C as Real>::ZERO;
+    let mut sq = <T::Compute as Arith>::ZERO;
     x.iter().for_each(|v| {
         let d = v.load() - mean;
         sq += d * d;
@@ -90,13 +93,13 @@ impl BatchNorm {
             required(OP, inputs, ["X", "scale", "B", "input_mean", "input_var"])?;
         let xs = xv.shape();
         let (_, c, plane) = nc(OP, xs)?;
-        let scale = params_len::<T::C>(OP, "scale", &sv, c)?;
-        let bias = params_len::<T::C>(OP, "B", &bv, c)?;
-        let mean = params_len::<T::C>(OP, "input_mean", &mv, c)?;
-        let var = params_len::<T::C>(OP, "input_var", &vv, c)?;
-        let eps = <T::C as Real>::from_f64(self.epsilon as f64);
-        let a: Vec<T::C> = (0..c).map(|i| scale[i] / (var[i] + eps).sqrt()).collect();
-        let b: Vec<T::C> = (0..c).map(|i| bias[i] - mean[i] * a[i]).collect();
+        let scale = params_len::<T::Compute>(OP, "scale", &sv, c)?;
+        let bias = params_len::<T::Compute>(OP, "B", &bv, c)?;
+        let mean = params_len::<T::Compute>(OP, "input_mean", &mv, c)?;
+        let var = params_len::<T::Compute>(OP, "input_var", &vv, c)?;
+        let eps = <T::Compute as Scalar>::from_f64(self.epsilon as f64);
+        let a: Vec<T::Compute> = (0..c).map(|i| scale[i] / (var[i] + eps).sqrt()).collect();
+        let b: Vec<T::Compute> = (0..c).map(|i| bias[i] - mean[i] * a[i]).collect();
         let x = xv.as_slice::<T>()?;
         let y = ctx.output_slice::<T>(0, xs)?;
         if !y.is_empty() {
@@ -131,7 +134,7 @@ impl Kernel for BatchNorm {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let dtype = input("BatchNormalization", inputs, 0, "X")?.dtype;
-        dispatch_float!(dtype, "BatchNormalization", |T| self.run::<T>(ctx, inputs))
+        opreg_sdk::dispatch!(dtype, FLOATS, |T| self.run::<T>(ctx, inputs), other => Err(not_implemented_for("BatchNormalization", other)))
     }
 }
 
@@ -184,8 +187,8 @@ impl GroupStats {
             )));
         }
         let params_n = if self.per_group_params { groups } else { c };
-        let scale = params_len::<T::C>(self.op, "scale", &sv, params_n)?;
-        let bias = params_len::<T::C>(self.op, "B", &bv, params_n)?;
+        let scale = params_len::<T::Compute>(self.op, "scale", &sv, params_n)?;
+        let bias = params_len::<T::Compute>(self.op, "B", &bv, params_n)?;
         let x = xv.as_slice::<T>()?;
         let y = ctx.output_slice::<T>(0, xs)?;
         if y.is_empty() {
@@ -193,14 +196,14 @@ impl GroupStats {
         }
         let cpg = c / groups;
         let glen = cpg * plane;
-        let eps = <T::C as Real>::from_f64(self.epsilon as f64);
+        let eps = <T::Compute as Scalar>::from_f64(self.epsilon as f64);
         let grain = (16 * 1024 / glen.max(1)).max(1) * glen;
         ctx.parallel_chunks(y, grain.max(1), |start, chunk| {
             for (gi, yg) in chunk.chunks_mut(glen).enumerate() {
                 let gidx = start / glen + gi;
                 let xg = &x[gidx * glen..(gidx + 1) * glen];
                 let (mean, var) = moments(xg);
-                let inv = <T::C as Real>::ONE / (var + eps).sqrt();
+                let inv = <T::Compute as Arith>::ONE / (var + eps).sqrt();
                 let group = gidx % groups;
                 for (ci, (yp, xp)) in yg
                     .chunks_mut(plane.max(1))
@@ -230,7 +233,7 @@ impl Kernel for GroupStats {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let dtype = input(self.op, inputs, 0, "X")?.dtype;
-        dispatch_float!(dtype, self.op, |T| self.run::<T>(ctx, inputs))
+        opreg_sdk::dispatch!(dtype, FLOATS, |T| self.run::<T>(ctx, inputs), other => Err(not_implemented_for(self.op, other)))
     }
 }
 
@@ -351,11 +354,11 @@ impl LayerNorm {
         if rows == 0 || cols == 0 {
             return Ok(());
         }
-        let scale = RowParam::<T::C>::new(OP, "Scale", &sv, xs, axis)?;
+        let scale = RowParam::<T::Compute>::new(OP, "Scale", &sv, xs, axis)?;
         let bias = optional(inputs, 2)
-            .map(|b| RowParam::<T::C>::new(OP, "B", b, xs, axis))
+            .map(|b| RowParam::<T::Compute>::new(OP, "B", b, xs, axis))
             .transpose()?;
-        let eps = <T::C as Real>::from_f64(self.epsilon as f64);
+        let eps = <T::Compute as Scalar>::from_f64(self.epsilon as f64);
         let grain = (16 * 1024 / cols).max(1) * cols;
         ctx.parallel_chunks(y, grain, |start, chunk| {
             let (mut sb, mut bb) = (Vec::new(), Vec::new());
@@ -363,7 +366,7 @@ impl LayerNorm {
                 let r = start / cols + ri;
                 let xr = &x[r * cols..(r + 1) * cols];
                 let (mean, var) = moments(xr);
-                let inv = <T::C as Real>::ONE / (var + eps).sqrt();
+                let inv = <T::Compute as Arith>::ONE / (var + eps).sqrt();
                 let s = scale.row(xs, r, cols, &mut sb);
                 let b = bias.as_ref().map(|b| b.row(xs, r, cols, &mut bb));
                 for j in 0..cols {
@@ -393,7 +396,7 @@ impl Kernel for LayerNorm {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let dtype = input("LayerNormalization", inputs, 0, "X")?.dtype;
-        dispatch_float!(dtype, "LayerNormalization", |T| self.run::<T>(ctx, inputs))
+        opreg_sdk::dispatch!(dtype, FLOATS, |T| self.run::<T>(ctx, inputs), other => Err(not_implemented_for("LayerNormalization", other)))
     }
 }
 
@@ -438,9 +441,9 @@ impl Lrn {
         }
         let before = (self.size - 1) / 2;
         let after = self.size - 1 - before;
-        let alpha = <T::C as Real>::from_f64(self.alpha as f64 / self.size as f64);
-        let beta = <T::C as Real>::from_f64(self.beta as f64);
-        let bias = <T::C as Real>::from_f64(self.bias as f64);
+        let alpha = <T::Compute as Scalar>::from_f64(self.alpha as f64 / self.size as f64);
+        let beta = <T::Compute as Scalar>::from_f64(self.beta as f64);
+        let bias = <T::Compute as Scalar>::from_f64(self.bias as f64);
         let grain = (16 * 1024 / plane).max(1) * plane;
         ctx.parallel_chunks(y, grain, |start, chunk| {
             for (pi, yp) in chunk.chunks_mut(plane).enumerate() {
@@ -449,7 +452,7 @@ impl Lrn {
                 let lo = ch.saturating_sub(before);
                 let hi = (ch + after).min(c - 1);
                 for (i, yv) in yp.iter_mut().enumerate() {
-                    let mut sq = <T::C as Real>::ZERO;
+                    let mut sq = <T::Compute as Arith>::ZERO;
                     for cc in lo..=hi {
                         let v = x[(n * c + cc) * plane + i].load();
                         sq += v * v;
@@ -469,7 +472,7 @@ impl Kernel for Lrn {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let dtype = input("LRN", inputs, 0, "X")?.dtype;
-        dispatch_float!(dtype, "LRN", |T| self.run::<T>(ctx, inputs))
+        opreg_sdk::dispatch!(dtype, FLOATS, |T| self.run::<T>(ctx, inputs), other => Err(not_implemented_for("LRN", other)))
     }
 }
 

@@ -1,7 +1,11 @@
 //! Pooling: MaxPool (with Indices), AveragePool, LpPool, GlobalAveragePool, GlobalMaxPool.
 
-use super::{register_versions, Disjoint, Float, Geometry, Real, WindowAttrs, FLOATS};
+use super::{
+    not_implemented_for, register_versions, Arith, Disjoint, Geometry, Real, Scalar, WindowAttrs,
+    FLOATS,
+};
 use crate::util::{input, product_sat, row_major_strides};
+use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::{alloc::try_with_capacity, prelude::*};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -192,7 +196,7 @@ fn for_each_tap_dyn(lists: &[&[usize]], f: &mut dyn FnMut(usize)) {
 }
 
 impl Pool {
-    fn run<T: Float>(
+    fn run<T: PoolElem>(
         &self,
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
@@ -277,7 +281,7 @@ impl Pool {
                                     T::store(best)
                                 }
                                 Kind::Avg { count_include_pad } => {
-                                    let mut sum = <T::C as Real>::ZERO;
+                                    let mut sum = <T::C as Arith>::ZERO;
                                     for &r in rows {
                                         for &c in cols {
                                             sum += xp[r + c].load();
@@ -329,7 +333,7 @@ impl Pool {
                             }
                         }
                         Kind::Avg { count_include_pad } => {
-                            let mut sum = <T::C as Real>::ZERO;
+                            let mut sum = <T::C as Arith>::ZERO;
                             let mut n = 0usize;
                             for_each_tap(&lists, &mut |o| {
                                 sum += xp[o].load();
@@ -341,12 +345,12 @@ impl Pool {
                             *yv = T::store(sum / <T::C as Real>::from_usize(n.max(1)));
                         }
                         Kind::Lp(p) => {
-                            let pc = <T::C as Real>::from_f64(p);
-                            let mut sum = <T::C as Real>::ZERO;
+                            let pc = <T::C as Scalar>::from_f64(p);
+                            let mut sum = <T::C as Arith>::ZERO;
                             for_each_tap(&lists, &mut |o| {
                                 sum += xp[o].load().abs().powf(pc);
                             });
-                            *yv = T::store(sum.powf(<T::C as Real>::ONE / pc));
+                            *yv = T::store(sum.powf(<T::C as Arith>::ONE / pc));
                         }
                     }
                     for d in (0..s).rev() {
@@ -373,15 +377,44 @@ impl Kernel for Pool {
             // MaxPool takes 8-bit integers from opset 12.
             (Kind::Max, DType::U8) => self.run::<u8>(ctx, inputs),
             (Kind::Max, DType::I8) => self.run::<i8>(ctx, inputs),
-            _ => dispatch_float!(dtype, self.op, |T| self.run::<T>(ctx, inputs)),
+            _ => {
+                opreg_sdk::dispatch!(dtype, FLOATS, |T| self.run::<T>(ctx, inputs), other => Err(not_implemented_for(self.op, other)))
+            }
         }
     }
 }
 
+/// An element the pools read and write through a float compute type: the floats, in their
+/// SDK compute type, and (MaxPool from opset 12) 8-bit integers compared in f32, exact for
+/// every value. Local because only the pools compute integers in a float.
+trait PoolElem: Element + Default {
+    type C: Real;
+    fn load(self) -> Self::C;
+    fn store(v: Self::C) -> Self;
+}
+
+/// The floats, in their SDK compute type.
+macro_rules! float_elem {
+    ($($t:ty),*) => {$(
+        impl PoolElem for $t {
+            type C = <$t as Scalar>::Compute;
+            #[inline(always)]
+            fn load(self) -> Self::C {
+                Scalar::load(self)
+            }
+            #[inline(always)]
+            fn store(v: Self::C) -> Self {
+                Scalar::store(v)
+            }
+        }
+    )*};
+}
+float_elem!(f16, bf16, f32, f64);
+
 /// 8-bit integers for MaxPool, compared in f32 (exact for every value).
 macro_rules! int8_float {
     ($($t:ty),*) => {$(
-        impl Float for $t {
+        impl PoolElem for $t {
             type C = f32;
             #[inline(always)]
             fn load(self) -> f32 {
@@ -403,7 +436,7 @@ struct GlobalPool {
 }
 
 impl GlobalPool {
-    fn run<T: Float>(
+    fn run<T: PoolElem>(
         &self,
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
@@ -435,7 +468,7 @@ impl GlobalPool {
                         }
                     })
                 } else {
-                    let mut sum = <T::C as Real>::ZERO;
+                    let mut sum = <T::C as Arith>::ZERO;
                     p.iter().for_each(|v| sum += v.load());
                     sum / <T::C as Real>::from_usize(plane)
                 });
@@ -451,7 +484,7 @@ impl Kernel for GlobalPool {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let dtype = input(self.op, inputs, 0, "X")?.dtype;
-        dispatch_float!(dtype, self.op, |T| self.run::<T>(ctx, inputs))
+        opreg_sdk::dispatch!(dtype, FLOATS, |T| self.run::<T>(ctx, inputs), other => Err(not_implemented_for(self.op, other)))
     }
 }
 

@@ -1,7 +1,7 @@
 //! Softmax, LogSoftmax and Hardmax: before opset 13 over the input coerced to 2-D at `axis`,
 //! from 13 along the single axis `axis`.
 
-use super::{register_versions, Float, Real, FLOATS};
+use super::{not_implemented_for, register_versions, Arith, Float, Real, FLOATS};
 use crate::util::{input, normalize_axis};
 use opreg_sdk::prelude::*;
 
@@ -75,7 +75,7 @@ impl SoftmaxOp {
                 let xb = &x[start + bi * block..start + (bi + 1) * block];
                 for lane in 0..inner {
                     let at = |j: usize| lane + j * inner;
-                    let mut max = <T::C as Real>::NEG_INFINITY;
+                    let mut max = <T::Compute as Real>::NEG_INFINITY;
                     let mut arg = 0;
                     for j in 0..n {
                         let v = xb[at(j)].load();
@@ -88,9 +88,9 @@ impl SoftmaxOp {
                         Kind::Hardmax => {
                             for j in 0..n {
                                 yb[at(j)] = T::store(if j == arg {
-                                    <T::C as Real>::ONE
+                                    <T::Compute as Arith>::ONE
                                 } else {
-                                    <T::C as Real>::ZERO
+                                    <T::Compute as Arith>::ZERO
                                 });
                             }
                         }
@@ -98,9 +98,9 @@ impl SoftmaxOp {
                             // As the reference's numpy arithmetic in the element type: x - max
                             // and exp rounded to T, the sum accumulated in f32 (f16) or in
                             // bf16 step by step (ml_dtypes), the quotient rounded to T.
-                            let r = |v: T::C| T::store(v).load();
+                            let r = |v: T::Compute| T::store(v).load();
                             let step = T::DTYPE == DType::BF16;
-                            let mut sum = <T::C as Real>::ZERO;
+                            let mut sum = <T::Compute as Arith>::ZERO;
                             for j in 0..n {
                                 let e = r(r(xb[at(j)].load() - max).exp());
                                 sum = if step { r(sum + e) } else { sum + e };
@@ -112,7 +112,7 @@ impl SoftmaxOp {
                             }
                         }
                         Kind::Softmax => {
-                            let mut sum = <T::C as Real>::ZERO;
+                            let mut sum = <T::Compute as Arith>::ZERO;
                             for j in 0..n {
                                 let e = (xb[at(j)].load() - max).exp();
                                 sum += e;
@@ -123,7 +123,7 @@ impl SoftmaxOp {
                             }
                         }
                         Kind::LogSoftmax => {
-                            let mut sum = <T::C as Real>::ZERO;
+                            let mut sum = <T::Compute as Arith>::ZERO;
                             for j in 0..n {
                                 sum += (xb[at(j)].load() - max).exp();
                             }
@@ -146,7 +146,7 @@ impl Kernel for SoftmaxOp {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let dtype = input(self.op, inputs, 0, "input")?.dtype;
-        dispatch_float!(dtype, self.op, |T| self.run::<T>(ctx, inputs))
+        opreg_sdk::dispatch!(dtype, FLOATS, |T| self.run::<T>(ctx, inputs), other => Err(not_implemented_for(self.op, other)))
     }
 }
 

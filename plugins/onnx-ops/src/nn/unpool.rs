@@ -2,7 +2,7 @@
 //! the shape MaxPool's input had; a larger `output_shape` pads that block at the end of
 //! each dimension, as the reference implementation does.
 
-use super::{optional, register_versions, Float, FLOATS};
+use super::{not_implemented_for, optional, register_versions, Float, FLOATS};
 use crate::util::{input, required};
 use opreg_sdk::{
     alloc::{checked_numel, try_vec},
@@ -144,7 +144,7 @@ impl Kernel for MaxUnpool {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let dtype = input("MaxUnpool", inputs, 0, "X")?.dtype;
-        dispatch_float!(dtype, "MaxUnpool", |T| self.run::<T>(ctx, inputs))
+        opreg_sdk::dispatch!(dtype, FLOATS, |T| self.run::<T>(ctx, inputs), other => Err(not_implemented_for("MaxUnpool", other)))
     }
 }
 

@@ -91,60 +91,6 @@ macro_rules! by_elem {
 }
 pub(crate) use by_elem;
 
-/// Arithmetic for the reductions of ScatterElements / ScatterND.
-pub(crate) trait Num: Element {
-    fn red_add(self, o: Self) -> Self;
-    fn red_mul(self, o: Self) -> Self;
-    fn red_max(self, o: Self) -> Self;
-    fn red_min(self, o: Self) -> Self;
-}
-
-macro_rules! num_int {
-    ($($t:ty),*) => {$(
-        impl Num for $t {
-            fn red_add(self, o: Self) -> Self { self.wrapping_add(o) }
-            fn red_mul(self, o: Self) -> Self { self.wrapping_mul(o) }
-            fn red_max(self, o: Self) -> Self { Ord::max(self, o) }
-            fn red_min(self, o: Self) -> Self { Ord::min(self, o) }
-        }
-    )*};
-}
-num_int!(u8, i8, u16, i16, u32, i32, u64, i64);
-
-macro_rules! num_float {
-    ($($t:ty),*) => {$(
-        impl Num for $t {
-            fn red_add(self, o: Self) -> Self { self + o }
-            fn red_mul(self, o: Self) -> Self { self * o }
-            fn red_max(self, o: Self) -> Self { if self.is_nan() || o.is_nan() { <$t>::NAN } else if o > self { o } else { self } }
-            fn red_min(self, o: Self) -> Self { if self.is_nan() || o.is_nan() { <$t>::NAN } else if o < self { o } else { self } }
-        }
-    )*};
-}
-num_float!(f32, f64, f16, bf16);
-
-/// Calls `f::<T>(args)` with the [`Num`] type matching `dtype`.
-macro_rules! by_num {
-    ($dtype:expr, $f:ident ( $($a:expr),* $(,)? )) => {
-        match $dtype {
-            DType::U8 => $f::<u8>($($a),*),
-            DType::I8 => $f::<i8>($($a),*),
-            DType::U16 => $f::<u16>($($a),*),
-            DType::I16 => $f::<i16>($($a),*),
-            DType::U32 => $f::<u32>($($a),*),
-            DType::I32 => $f::<i32>($($a),*),
-            DType::U64 => $f::<u64>($($a),*),
-            DType::I64 => $f::<i64>($($a),*),
-            DType::F16 => $f::<opreg_sdk::half::f16>($($a),*),
-            DType::BF16 => $f::<opreg_sdk::half::bf16>($($a),*),
-            DType::F32 => $f::<f32>($($a),*),
-            DType::F64 => $f::<f64>($($a),*),
-            d => Err(PluginError::unimplemented(format!("arithmetic on {d}"))),
-        }
-    };
-}
-pub(crate) use by_num;
-
 /// The little-endian bytes of `v` converted to `dtype` (as a C cast would).
 pub(crate) fn scalar_bytes(dtype: DType, v: f64) -> Result<Vec<u8>, PluginError> {
     Ok(match dtype {

@@ -3,6 +3,7 @@
 
 use super::common::*;
 use crate::util::{normalize_axis, numel, product_sat};
+use opreg_sdk::numeric::{Arith, Num};
 use opreg_sdk::{alloc::try_with_capacity, prelude::*};
 
 /// Indices in `[-dim, dim)` as positions in `[0, dim)`.
@@ -292,14 +293,30 @@ fn reduction(n: &NodeInfo<'_>, max_min_since: i32) -> Result<Reduction, PluginEr
     }
 }
 
+/// How ScatterElements / ScatterND combine an update `u` into `o`: integers wrap, f16 and bf16
+/// compute in f32 and round once, Max / Min give NaN when either side is NaN.
 fn combine<T: Num>(red: Reduction) -> impl Fn(&mut T, &T) {
     move |o: &mut T, u: &T| {
+        let (a, b) = (o.load(), u.load());
         *o = match red {
             Reduction::None => *u,
-            Reduction::Add => o.red_add(*u),
-            Reduction::Mul => o.red_mul(*u),
-            Reduction::Max => o.red_max(*u),
-            Reduction::Min => o.red_min(*u),
+            Reduction::Add => T::store(a.add(b)),
+            Reduction::Mul => T::store(a.mul(b)),
+            Reduction::Max | Reduction::Min if a.is_nan() || b.is_nan() => T::from_f64(f64::NAN),
+            Reduction::Max => {
+                if b > a {
+                    *u
+                } else {
+                    *o
+                }
+            }
+            Reduction::Min => {
+                if b < a {
+                    *u
+                } else {
+                    *o
+                }
+            }
         }
     }
 }
@@ -377,7 +394,8 @@ fn scatter(
     if red == Reduction::None {
         by_elem!(data.dtype, scatter_elem(ctx, data, upd, targets))
     } else {
-        by_num!(data.dtype, scatter_num(ctx, data, upd, targets, red))
+        opreg_sdk::dispatch!(data.dtype, NUMERIC, |T| scatter_num::<T>(ctx, data, upd, targets, red),
+            d => Err(PluginError::unimplemented(format!("arithmetic on {d}"))))
     }
 }
 

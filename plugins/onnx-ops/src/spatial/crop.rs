@@ -1,6 +1,6 @@
 //! CenterCropPad (opset 18) and Col2Im (opset 18).
 
-use super::{required, row_major_strides, with_float, Scalar};
+use super::{required, row_major_strides, unsupported, Scalar};
 use crate::util::{normalize_axis, numel};
 use opreg_sdk::{alloc::try_vec, prelude::*};
 
@@ -236,7 +236,7 @@ impl Kernel for Col2Im {
         let x = required(inputs, 0, "Col2Im", "input")?;
         let image = required(inputs, 1, "Col2Im", "image_shape")?.to_i64s()?;
         let block = required(inputs, 2, "Col2Im", "block_shape")?.to_i64s()?;
-        with_float!(x.dtype, "Col2Im: input", T => self.run::<T>(ctx, x, &image, &block))
+        opreg_sdk::dispatch!(x.dtype, FLOATS, |T| self.run::<T>(ctx, x, &image, &block), other => Err(unsupported("Col2Im: input", other)))
     }
 }
 

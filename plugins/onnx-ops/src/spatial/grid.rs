@@ -1,6 +1,6 @@
 //! GridSample (opsets 16, 20) and AffineGrid (opset 20).
 
-use super::{required, row_major_strides, with_float, Scalar, FLOATS};
+use super::{required, row_major_strides, unsupported, Scalar, FLOATS};
 use crate::util::product_sat;
 use opreg_sdk::prelude::*;
 
@@ -253,9 +253,10 @@ impl Kernel for GridSample {
     ) -> Result<(), PluginError> {
         let x = required(inputs, 0, "GridSample", "X")?;
         let g = required(inputs, 1, "GridSample", "grid")?;
-        with_float!(x.dtype, "GridSample: X", T => {
-            with_float!(g.dtype, "GridSample: grid", G => self.run::<T, G>(ctx, x, g))
-        })
+        opreg_sdk::dispatch!(x.dtype, FLOATS, |T| {
+            opreg_sdk::dispatch!(g.dtype, FLOATS, |G| self.run::<T, G>(ctx, x, g),
+                other => Err(unsupported("GridSample: grid", other)))
+        }, other => Err(unsupported("GridSample: X", other)))
     }
 }
 
@@ -332,7 +333,7 @@ impl Kernel for AffineGrid {
     ) -> Result<(), PluginError> {
         let theta = required(inputs, 0, "AffineGrid", "theta")?;
         let size = required(inputs, 1, "AffineGrid", "size")?.to_i64s()?;
-        with_float!(theta.dtype, "AffineGrid: theta", T => self.run::<T>(ctx, theta, &size))
+        opreg_sdk::dispatch!(theta.dtype, FLOATS, |T| self.run::<T>(ctx, theta, &size), other => Err(unsupported("AffineGrid: theta", other)))
     }
 }
 

@@ -1,6 +1,6 @@
 //! RoiAlign (opsets 10, 16) and NonMaxSuppression (opsets 10, 11).
 
-use super::{optional, read_f64s, required, with_float, Scalar};
+use super::{optional, read_f64s, required, unsupported, Scalar};
 use crate::util::numel;
 use opreg_sdk::{alloc::try_with_capacity, prelude::*};
 
@@ -240,7 +240,7 @@ impl Kernel for RoiAlign {
         let x = required(inputs, 0, "RoiAlign", "X")?;
         let rois = read_f64s(required(inputs, 1, "RoiAlign", "rois")?, "RoiAlign: rois")?;
         let batch = required(inputs, 2, "RoiAlign", "batch_indices")?.to_i64s()?;
-        with_float!(x.dtype, "RoiAlign: X", T => self.run::<T>(ctx, x, &rois, &batch))
+        opreg_sdk::dispatch!(x.dtype, FLOATS, |T| self.run::<T>(ctx, x, &rois, &batch), other => Err(unsupported("RoiAlign: X", other)))
     }
 }
 

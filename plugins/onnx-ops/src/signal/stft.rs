@@ -1,13 +1,12 @@
 //! STFT and MelWeightMatrix (opset 17), computed in f64.
 
-use super::{fill_from_f64, read_f64, scalar_i64 as scalar};
-use crate::util::{numel, optional, required};
+use crate::util::{fill_from_f64, numel, optional, read_f64, required, scalar_i64 as scalar};
 use opreg_sdk::{
     alloc::{try_vec, try_with_capacity},
     prelude::*,
 };
 
-const FLOATS: &[DType] = &[DType::F32, DType::F64, DType::F16, DType::BF16];
+use opreg_sdk::numeric::FLOATS;
 
 #[derive(Clone)]
 struct Stft {

@@ -1,0 +1,932 @@
+//! One numeric vocabulary for kernel authors: dtype lists, a dispatch macro and a trait tower.
+//!
+//! - **dtype lists** ([`FLOATS`], [`INTEGERS`], [`SIGNED`], [`UNSIGNED`], [`NUMERIC`], [`ALL`],
+//!   ...) for type constraints, so that "the floats" mean the same four types in every plugin;
+//! - **[`dispatch!`](crate::dispatch)**: a runtime [`DType`] to a Rust type, once per call,
+//!   for one of those families (or an explicit list of dtypes);
+//! - **traits**, from the widest to the narrowest:
+//!   - [`Scalar`]: every non-string element ([`Bool`], the integers, f16, bf16, f32, f64), with
+//!     its compute type (f16 and bf16 compute in f32), its reduction accumulator and the
+//!     conversions ONNX `Cast` uses;
+//!   - [`Arith`]: the types arithmetic runs in (every integer type, f32, f64): integer
+//!     operations wrap, as C's do;
+//!   - [`Num`]: elements with arithmetic (integers and floats, not bool);
+//!   - [`Real`]: the float compute types (f32, f64) with their math functions;
+//!   - [`Float`]: float elements (f16, bf16, f32, f64), computed in a [`Real`];
+//!   - [`Bits`]: integer bit operations.
+//!
+//! ```
+//! use opreg_sdk::numeric::{Float, Real, Scalar};
+//! use opreg_sdk::prelude::*;
+//!
+//! /// Sum of exponentials, computed in f32 for f16 / bf16 / f32 and in f64 for f64.
+//! fn sum_exp<T: Float>(x: &[T]) -> f64 {
+//!     x.iter().map(|v| v.load().exp().to_f64()).sum()
+//! }
+//!
+//! fn run(x: &TensorView<'_>) -> Result<f64, PluginError> {
+//!     opreg_sdk::dispatch!(x.dtype, FLOATS, |T| Ok(sum_exp(x.as_slice::<T>()?)),
+//!         other => Err(PluginError::unimplemented(format!("SumExp: {other} is not supported"))))
+//! }
+//! # let _ = run;
+//! ```
+
+use crate::dtype::{DType, Element};
+use half::{bf16, f16};
+use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
+
+// ---------------------------------------------------------------------------------------------
+// dtype lists
+
+/// The float types: f16, bf16, f32, f64 (ONNX's `tensor(float16)`, `tensor(bfloat16)`,
+/// `tensor(float)`, `tensor(double)`).
+pub const FLOATS: &[DType] = &[DType::F16, DType::BF16, DType::F32, DType::F64];
+
+/// The float types without f64: f16, bf16, f32. For operators whose ONNX schema (or whose
+/// implementation, e.g. a BLAS path) stops at single precision: quantization, attention.
+pub const FLOATS_TO_F32: &[DType] = &[DType::F16, DType::BF16, DType::F32];
+
+/// The signed integers: i8, i16, i32, i64.
+pub const SIGNED: &[DType] = &[DType::I8, DType::I16, DType::I32, DType::I64];
+
+/// The unsigned integers: u8, u16, u32, u64.
+pub const UNSIGNED: &[DType] = &[DType::U8, DType::U16, DType::U32, DType::U64];
+
+/// Every integer type, 8 to 64 bits, signed and unsigned.
+pub const INTEGERS: &[DType] = &[
+    DType::U8,
+    DType::I8,
+    DType::U16,
+    DType::I16,
+    DType::U32,
+    DType::I32,
+    DType::U64,
+    DType::I64,
+];
+
+/// The signed integers and the floats: the types with a negation (`Neg`, `Abs` of a signed
+/// value).
+pub const SIGNED_AND_FLOATS: &[DType] = &[
+    DType::I8,
+    DType::I16,
+    DType::I32,
+    DType::I64,
+    DType::F16,
+    DType::BF16,
+    DType::F32,
+    DType::F64,
+];
+
+/// Every integer and float type: [`INTEGERS`] then [`FLOATS`] (ONNX's "all numeric types").
+pub const NUMERIC: &[DType] = &[
+    DType::U8,
+    DType::I8,
+    DType::U16,
+    DType::I16,
+    DType::U32,
+    DType::I32,
+    DType::U64,
+    DType::I64,
+    DType::F16,
+    DType::BF16,
+    DType::F32,
+    DType::F64,
+];
+
+/// Just bool, for logical operators and masks.
+pub const BOOL: &[DType] = &[DType::Bool];
+
+/// Every non-string tensor type: bool then [`NUMERIC`] (ONNX's "all numeric types and bool";
+/// the types [`Scalar`] is implemented for).
+pub const ALL: &[DType] = &[
+    DType::Bool,
+    DType::U8,
+    DType::I8,
+    DType::U16,
+    DType::I16,
+    DType::U32,
+    DType::I32,
+    DType::U64,
+    DType::I64,
+    DType::F16,
+    DType::BF16,
+    DType::F32,
+    DType::F64,
+];
+
+/// [`ALL`] and strings: the types equality and selection (`Equal`, `Where`) accept.
+pub const ALL_AND_STRING: &[DType] = &[
+    DType::Bool,
+    DType::U8,
+    DType::I8,
+    DType::U16,
+    DType::I16,
+    DType::U32,
+    DType::I32,
+    DType::U64,
+    DType::I64,
+    DType::F16,
+    DType::BF16,
+    DType::F32,
+    DType::F64,
+    DType::String,
+];
+
+/// The index types ONNX operators take for axes, sizes and positions: i32, i64.
+pub const INDICES: &[DType] = &[DType::I32, DType::I64];
+
+// ---------------------------------------------------------------------------------------------
+// dispatch
+
+/// Runs a body generic over the element type of a runtime [`DType`].
+///
+/// `dispatch!(dtype, FAMILY, |T| body, other => fallback)` matches `dtype` against the types
+/// of `FAMILY` and evaluates `body` with the type alias `T` bound to the Rust element type;
+/// any other dtype is bound to the pattern `other` and gives `fallback` (so that each operator
+/// words and classifies its own error, or matches more types there).
+///
+/// `FAMILY` is the name of one of this module's lists: `FLOATS`, `FLOATS_TO_F32`, `SIGNED`,
+/// `UNSIGNED`, `INTEGERS`, `SIGNED_AND_FLOATS`, `NUMERIC`, `ALL`; or an explicit list of dtype
+/// names, e.g. `[F32, F64, I32, I64, Bool]`. `Bool` binds [`numeric::Bool`](Bool); f16 and bf16
+/// bind [`half::f16`] and [`half::bf16`].
+///
+/// Dispatch once per call, outside the loops: the body is compiled once per type.
+///
+/// ```
+/// use opreg_sdk::numeric::Scalar;
+/// use opreg_sdk::prelude::*;
+///
+/// fn first_as_f64(x: &TensorView<'_>) -> Result<f64, PluginError> {
+///     opreg_sdk::dispatch!(x.dtype, NUMERIC, |T| {
+///         let xs = x.as_slice::<T>()?;
+///         Ok(xs.first().map_or(0.0, |v| v.to_f64()))
+///     }, other => Err(PluginError::unimplemented(format!("First: {other} is not supported"))))
+/// }
+///
+/// fn is_small_int(dtype: DType) -> bool {
+///     opreg_sdk::dispatch!(dtype, [U8, I8], |T| std::mem::size_of::<T>() == 1, _ => false)
+/// }
+/// # let _ = first_as_f64;
+/// assert!(is_small_int(DType::I8) && !is_small_int(DType::F32));
+/// ```
+#[macro_export]
+macro_rules! dispatch {
+    // The Rust element type of a dtype name (internal).
+    (@ty Bool) => { $crate::numeric::Bool };
+    (@ty U8) => { u8 };
+    (@ty I8) => { i8 };
+    (@ty U16) => { u16 };
+    (@ty I16) => { i16 };
+    (@ty U32) => { u32 };
+    (@ty I32) => { i32 };
+    (@ty U64) => { u64 };
+    (@ty I64) => { i64 };
+    (@ty F16) => { $crate::half::f16 };
+    (@ty BF16) => { $crate::half::bf16 };
+    (@ty F32) => { f32 };
+    (@ty F64) => { f64 };
+    // Families: the lists of this module, by name.
+    ($dtype:expr, FLOATS, $($rest:tt)+) => {
+        $crate::dispatch!($dtype, [F16, BF16, F32, F64], $($rest)+)
+    };
+    ($dtype:expr, FLOATS_TO_F32, $($rest:tt)+) => {
+        $crate::dispatch!($dtype, [F16, BF16, F32], $($rest)+)
+    };
+    ($dtype:expr, SIGNED, $($rest:tt)+) => {
+        $crate::dispatch!($dtype, [I8, I16, I32, I64], $($rest)+)
+    };
+    ($dtype:expr, UNSIGNED, $($rest:tt)+) => {
+        $crate::dispatch!($dtype, [U8, U16, U32, U64], $($rest)+)
+    };
+    ($dtype:expr, INTEGERS, $($rest:tt)+) => {
+        $crate::dispatch!($dtype, [U8, I8, U16, I16, U32, I32, U64, I64], $($rest)+)
+    };
+    ($dtype:expr, SIGNED_AND_FLOATS, $($rest:tt)+) => {
+        $crate::dispatch!($dtype, [I8, I16, I32, I64, F16, BF16, F32, F64], $($rest)+)
+    };
+    ($dtype:expr, NUMERIC, $($rest:tt)+) => {
+        $crate::dispatch!($dtype,
+            [U8, I8, U16, I16, U32, I32, U64, I64, F16, BF16, F32, F64], $($rest)+)
+    };
+    ($dtype:expr, ALL, $($rest:tt)+) => {
+        $crate::dispatch!($dtype,
+            [Bool, U8, I8, U16, I16, U32, I32, U64, I64, F16, BF16, F32, F64], $($rest)+)
+    };
+    // An explicit list of dtype names.
+    ($dtype:expr, [$($d:ident),+ $(,)?], |$t:ident| $body:expr, $other:pat => $fallback:expr $(,)?) => {
+        match $dtype {
+            $($crate::DType::$d => {
+                #[allow(dead_code)]
+                type $t = $crate::dispatch!(@ty $d);
+                $body
+            })+
+            $other => $fallback,
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bool
+
+/// A `bool` tensor element: one byte, 0 or 1 (any non-zero byte reads as true).
+#[repr(transparent)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Bool(pub u8);
+
+// SAFETY: one byte with alignment 1 and no invalid bit pattern, exactly the layout of the
+// host's `Bool` tensors.
+unsafe impl Element for Bool {
+    const DTYPE: DType = DType::Bool;
+}
+
+impl Bool {
+    /// `b` as a tensor element.
+    #[inline]
+    pub fn new(b: bool) -> Self {
+        Bool(b as u8)
+    }
+    /// Whether the element is true (non-zero).
+    #[inline]
+    pub fn get(self) -> bool {
+        self.0 != 0
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalar
+
+/// Every non-string tensor element type: [`Bool`], the integers, f16, bf16, f32, f64.
+pub trait Scalar: Element + PartialOrd + Default + std::fmt::Debug {
+    /// True for f16, bf16, f32, f64.
+    const IS_FLOAT: bool;
+    /// The lowest finite value (`numeric_limits<T>::lowest()`; `false` for bool).
+    const LOWEST: Self;
+    /// The highest finite value (`numeric_limits<T>::max()`; `true` for bool).
+    const MAX: Self;
+    /// The type arithmetic on this element runs in: the type itself, but f32 for f16 and bf16
+    /// and `bool` for [`Bool`].
+    type Compute: Copy + PartialOrd + Send + Sync + 'static;
+    /// The type reductions (sums, products, extrema) accumulate in: the compute type for
+    /// floats, i64 for the signed integers and bool (0 or 1), u64 for the unsigned integers.
+    /// Integer accumulators wrap; a result stored back wraps as a C cast does.
+    type Wide: Arith;
+    /// The element in its compute type (exact).
+    fn load(self) -> Self::Compute;
+    /// A compute value as the element (rounds to nearest for f16 and bf16).
+    fn store(c: Self::Compute) -> Self;
+    /// The element in its accumulator type (exact).
+    fn widen(self) -> Self::Wide;
+    /// An accumulator value as the element (wrapping for integers, non-zero is true for bool,
+    /// rounding to nearest for floats).
+    fn narrow(w: Self::Wide) -> Self;
+    /// The element as f64: exact for floats and for integers up to 2^53.
+    fn to_f64(self) -> f64;
+    /// Rounds to nearest for floats; saturates and truncates toward zero for integers (Rust's
+    /// `as`); non-zero is true for bool.
+    fn from_f64(v: f64) -> Self;
+    /// Exact for integers and bool; floats truncate toward zero (saturating).
+    fn to_i128(self) -> i128;
+    /// Wraps (C conversion) for integers; non-zero is true for bool.
+    fn from_i128(v: i128) -> Self;
+}
+
+macro_rules! scalar_int {
+    ($($t:ty => $w:ty),*) => {$(
+        impl Scalar for $t {
+            const IS_FLOAT: bool = false;
+            const LOWEST: Self = <$t>::MIN;
+            const MAX: Self = <$t>::MAX;
+            type Compute = $t;
+            type Wide = $w;
+            #[inline]
+            fn load(self) -> $t { self }
+            #[inline]
+            fn store(c: $t) -> Self { c }
+            #[inline]
+            fn widen(self) -> $w { self as $w }
+            #[inline]
+            fn narrow(w: $w) -> Self { w as $t }
+            #[inline]
+            fn to_f64(self) -> f64 { self as f64 }
+            #[inline]
+            fn from_f64(v: f64) -> Self { v as $t }
+            #[inline]
+            fn to_i128(self) -> i128 { self as i128 }
+            #[inline]
+            fn from_i128(v: i128) -> Self { v as $t }
+        }
+    )*};
+}
+scalar_int!(u8 => u64, u16 => u64, u32 => u64, u64 => u64,
+    i8 => i64, i16 => i64, i32 => i64, i64 => i64);
+
+macro_rules! scalar_float {
+    ($($t:ty),*) => {$(
+        impl Scalar for $t {
+            const IS_FLOAT: bool = true;
+            const LOWEST: Self = <$t>::MIN;
+            const MAX: Self = <$t>::MAX;
+            type Compute = $t;
+            type Wide = $t;
+            #[inline]
+            fn load(self) -> $t { self }
+            #[inline]
+            fn store(c: $t) -> Self { c }
+            #[inline]
+            fn widen(self) -> $t { self }
+            #[inline]
+            fn narrow(w: $t) -> Self { w }
+            #[inline]
+            fn to_f64(self) -> f64 { self as f64 }
+            #[inline]
+            fn from_f64(v: f64) -> Self { v as $t }
+            #[inline]
+            fn to_i128(self) -> i128 { self as i128 }
+            #[inline]
+            fn from_i128(v: i128) -> Self { v as $t }
+        }
+    )*};
+}
+scalar_float!(f32, f64);
+
+// f16 and bf16 compute in f32: widening is exact, storing rounds once.
+macro_rules! scalar_half {
+    ($($t:ty),*) => {$(
+        impl Scalar for $t {
+            const IS_FLOAT: bool = true;
+            const LOWEST: Self = <$t>::MIN;
+            const MAX: Self = <$t>::MAX;
+            type Compute = f32;
+            type Wide = f32;
+            #[inline]
+            fn load(self) -> f32 { self.to_f32() }
+            #[inline]
+            fn store(c: f32) -> Self { <$t>::from_f32(c) }
+            #[inline]
+            fn widen(self) -> f32 { self.to_f32() }
+            #[inline]
+            fn narrow(w: f32) -> Self { <$t>::from_f32(w) }
+            #[inline]
+            fn to_f64(self) -> f64 { <$t>::to_f64(self) }
+            #[inline]
+            fn from_f64(v: f64) -> Self { <$t>::from_f64(v) }
+            #[inline]
+            fn to_i128(self) -> i128 { <$t>::to_f64(self) as i128 }
+            #[inline]
+            fn from_i128(v: i128) -> Self { <$t>::from_f64(v as f64) }
+        }
+    )*};
+}
+scalar_half!(f16, bf16);
+
+impl Scalar for Bool {
+    const IS_FLOAT: bool = false;
+    const LOWEST: Self = Bool(0);
+    const MAX: Self = Bool(1);
+    type Compute = bool;
+    type Wide = i64;
+    #[inline]
+    fn load(self) -> bool {
+        self.get()
+    }
+    #[inline]
+    fn store(c: bool) -> Self {
+        Bool::new(c)
+    }
+    #[inline]
+    fn widen(self) -> i64 {
+        i64::from(self.get())
+    }
+    #[inline]
+    fn narrow(w: i64) -> Self {
+        Bool::new(w != 0)
+    }
+    #[inline]
+    fn to_f64(self) -> f64 {
+        f64::from(u8::from(self.get()))
+    }
+    #[inline]
+    fn from_f64(v: f64) -> Self {
+        Bool::new(v != 0.0)
+    }
+    #[inline]
+    fn to_i128(self) -> i128 {
+        i128::from(self.get())
+    }
+    #[inline]
+    fn from_i128(v: i128) -> Self {
+        Bool::new(v != 0)
+    }
+}
+
+/// Converts one element as ONNX `Cast` does: floats to integers truncate toward zero
+/// (saturating), integers wrap, anything non-zero is true.
+#[inline]
+pub fn convert<S: Scalar, D: Scalar>(v: S) -> D {
+    if S::IS_FLOAT {
+        D::from_f64(v.to_f64())
+    } else {
+        D::from_i128(v.to_i128())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Arith
+
+/// Arithmetic in a compute type (every integer type, f32, f64). Integer operations wrap;
+/// callers reject zero divisors before calling `div`, `modulo` or `fmod` on integers.
+pub trait Arith: Scalar<Compute = Self> {
+    /// 0.
+    const ZERO: Self;
+    /// 1.
+    const ONE: Self;
+    /// `self + o`.
+    fn add(self, o: Self) -> Self;
+    /// `self - o`.
+    fn sub(self, o: Self) -> Self;
+    /// `self * o`.
+    fn mul(self, o: Self) -> Self;
+    /// `self / o`; integer division truncates toward zero (as in C).
+    fn div(self, o: Self) -> Self;
+    /// Remainder with the sign of the divisor (Python's `%`).
+    fn modulo(self, o: Self) -> Self;
+    /// Remainder with the sign of the dividend (C's `fmod`, `%`).
+    fn fmod(self, o: Self) -> Self;
+    /// `|self|` (wrapping for the lowest signed integer).
+    fn abs(self) -> Self;
+    /// `-self` (wrapping for integers).
+    fn neg(self) -> Self;
+    /// -1, 0 or 1 (NaN stays NaN, and ±0.0 keeps its sign).
+    fn sign(self) -> Self;
+    /// True only for a float NaN.
+    fn is_nan(self) -> bool;
+}
+
+macro_rules! arith_int {
+    ($signed:tt: $($t:ty),*) => {$(
+        impl Arith for $t {
+            const ZERO: Self = 0;
+            const ONE: Self = 1;
+            #[inline]
+            fn add(self, o: Self) -> Self { self.wrapping_add(o) }
+            #[inline]
+            fn sub(self, o: Self) -> Self { self.wrapping_sub(o) }
+            #[inline]
+            fn mul(self, o: Self) -> Self { self.wrapping_mul(o) }
+            #[inline]
+            fn div(self, o: Self) -> Self { self.wrapping_div(o) }
+            #[inline]
+            fn modulo(self, o: Self) -> Self {
+                let r = self.wrapping_rem(o);
+                arith_int!(@fix $signed, r, o)
+            }
+            #[inline]
+            fn fmod(self, o: Self) -> Self { self.wrapping_rem(o) }
+            #[inline]
+            fn abs(self) -> Self { arith_int!(@abs $signed, self) }
+            #[inline]
+            fn neg(self) -> Self { self.wrapping_neg() }
+            #[inline]
+            fn sign(self) -> Self { arith_int!(@sign $signed, self) }
+            #[inline]
+            fn is_nan(self) -> bool { false }
+        }
+    )*};
+    (@fix signed, $r:ident, $o:ident) => {
+        if $r != 0 && (($r < 0) != ($o < 0)) { $r.wrapping_add($o) } else { $r }
+    };
+    (@fix unsigned, $r:ident, $o:ident) => { $r };
+    (@abs signed, $v:ident) => { $v.wrapping_abs() };
+    (@abs unsigned, $v:ident) => { $v };
+    (@sign signed, $v:ident) => { $v.signum() };
+    (@sign unsigned, $v:ident) => { Self::from($v != 0) };
+}
+arith_int!(signed: i8, i16, i32, i64);
+arith_int!(unsigned: u8, u16, u32, u64);
+
+macro_rules! arith_float {
+    ($($t:ty),*) => {$(
+        impl Arith for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            #[inline]
+            fn add(self, o: Self) -> Self { self + o }
+            #[inline]
+            fn sub(self, o: Self) -> Self { self - o }
+            #[inline]
+            fn mul(self, o: Self) -> Self { self * o }
+            #[inline]
+            fn div(self, o: Self) -> Self { self / o }
+            #[inline]
+            fn modulo(self, o: Self) -> Self {
+                let r = self % o;
+                if r != 0.0 && ((r < 0.0) != (o < 0.0)) { r + o } else { r }
+            }
+            #[inline]
+            fn fmod(self, o: Self) -> Self { self % o }
+            #[inline]
+            fn abs(self) -> Self { <$t>::abs(self) }
+            #[inline]
+            fn neg(self) -> Self { -self }
+            #[inline]
+            fn sign(self) -> Self {
+                if self > 0.0 { 1.0 } else if self < 0.0 { -1.0 } else { self }
+            }
+            #[inline]
+            fn is_nan(self) -> bool { <$t>::is_nan(self) }
+        }
+    )*};
+}
+arith_float!(f32, f64);
+
+// ---------------------------------------------------------------------------------------------
+// Num, Float
+
+/// A tensor element with arithmetic: the integers and the floats (not bool). Its compute type
+/// is an [`Arith`].
+pub trait Num: Scalar<Compute: Arith> {}
+
+impl<T: Scalar<Compute: Arith>> Num for T {}
+
+/// A float tensor element (f16, bf16, f32, f64), computed in a [`Real`] (f32 for f16 and bf16).
+pub trait Float: Num<Compute: Real> {}
+
+impl<T: Num<Compute: Real>> Float for T {}
+
+// ---------------------------------------------------------------------------------------------
+// Real
+
+/// The float compute types, f32 and f64, with their operators and math functions (each one the
+/// standard library's, except [`erf`](Real::erf): see [`erf64`]).
+pub trait Real:
+    Arith
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+{
+    /// −∞.
+    const NEG_INFINITY: Self;
+    /// `v` as this type (rounded to nearest).
+    #[inline]
+    fn from_usize(v: usize) -> Self {
+        Self::from_f64(v as f64)
+    }
+    /// `e^self`.
+    fn exp(self) -> Self;
+    /// `e^self - 1`, accurate near 0.
+    fn exp_m1(self) -> Self;
+    /// Natural logarithm.
+    fn ln(self) -> Self;
+    /// `ln(1 + self)`, accurate near 0.
+    fn ln_1p(self) -> Self;
+    /// Square root.
+    fn sqrt(self) -> Self;
+    /// `self^p`.
+    fn powf(self, p: Self) -> Self;
+    /// Hyperbolic tangent.
+    fn tanh(self) -> Self;
+    /// Sine.
+    fn sin(self) -> Self;
+    /// Cosine.
+    fn cos(self) -> Self;
+    /// Tangent.
+    fn tan(self) -> Self;
+    /// Arcsine.
+    fn asin(self) -> Self;
+    /// Arccosine.
+    fn acos(self) -> Self;
+    /// Arctangent.
+    fn atan(self) -> Self;
+    /// Hyperbolic sine.
+    fn sinh(self) -> Self;
+    /// Hyperbolic cosine.
+    fn cosh(self) -> Self;
+    /// Inverse hyperbolic sine.
+    fn asinh(self) -> Self;
+    /// Inverse hyperbolic cosine.
+    fn acosh(self) -> Self;
+    /// Inverse hyperbolic tangent.
+    fn atanh(self) -> Self;
+    /// Largest integer not above.
+    fn floor(self) -> Self;
+    /// Smallest integer not below.
+    fn ceil(self) -> Self;
+    /// Nearest integer, ties to even.
+    fn round_ties_even(self) -> Self;
+    /// ±∞.
+    fn is_infinite(self) -> bool;
+    /// Sign bit clear (+0.0, +∞ and positive NaNs included).
+    fn is_sign_positive(self) -> bool;
+    /// The error function, computed in f64 ([`erf64`]) and rounded once.
+    fn erf(self) -> Self;
+}
+
+macro_rules! real {
+    ($t:ty, $erf:expr) => {
+        impl Real for $t {
+            const NEG_INFINITY: Self = <$t>::NEG_INFINITY;
+            #[inline]
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            #[inline]
+            fn exp_m1(self) -> Self {
+                <$t>::exp_m1(self)
+            }
+            #[inline]
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
+            #[inline]
+            fn ln_1p(self) -> Self {
+                <$t>::ln_1p(self)
+            }
+            #[inline]
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            #[inline]
+            fn powf(self, p: Self) -> Self {
+                <$t>::powf(self, p)
+            }
+            #[inline]
+            fn tanh(self) -> Self {
+                <$t>::tanh(self)
+            }
+            #[inline]
+            fn sin(self) -> Self {
+                <$t>::sin(self)
+            }
+            #[inline]
+            fn cos(self) -> Self {
+                <$t>::cos(self)
+            }
+            #[inline]
+            fn tan(self) -> Self {
+                <$t>::tan(self)
+            }
+            #[inline]
+            fn asin(self) -> Self {
+                <$t>::asin(self)
+            }
+            #[inline]
+            fn acos(self) -> Self {
+                <$t>::acos(self)
+            }
+            #[inline]
+            fn atan(self) -> Self {
+                <$t>::atan(self)
+            }
+            #[inline]
+            fn sinh(self) -> Self {
+                <$t>::sinh(self)
+            }
+            #[inline]
+            fn cosh(self) -> Self {
+                <$t>::cosh(self)
+            }
+            #[inline]
+            fn asinh(self) -> Self {
+                <$t>::asinh(self)
+            }
+            #[inline]
+            fn acosh(self) -> Self {
+                <$t>::acosh(self)
+            }
+            #[inline]
+            fn atanh(self) -> Self {
+                <$t>::atanh(self)
+            }
+            #[inline]
+            fn floor(self) -> Self {
+                <$t>::floor(self)
+            }
+            #[inline]
+            fn ceil(self) -> Self {
+                <$t>::ceil(self)
+            }
+            #[inline]
+            fn round_ties_even(self) -> Self {
+                <$t>::round_ties_even(self)
+            }
+            #[inline]
+            fn is_infinite(self) -> bool {
+                <$t>::is_infinite(self)
+            }
+            #[inline]
+            fn is_sign_positive(self) -> bool {
+                <$t>::is_sign_positive(self)
+            }
+            #[inline]
+            fn erf(self) -> Self {
+                $erf(self)
+            }
+        }
+    };
+}
+real!(f32, |v: f32| erf64(f64::from(v)) as f32);
+real!(f64, erf64);
+
+/// Ratios of consecutive terms of the erf series, without the `x^2`: `2 / (2n + 3)`.
+const ERF_SERIES: [f64; 64] = {
+    let mut c = [0.0; 64];
+    let mut n = 0;
+    while n < 64 {
+        c[n] = 2.0 / (2 * n + 3) as f64;
+        n += 1;
+    }
+    c
+};
+
+/// The error function in f64 (relative error within a few ulps).
+///
+/// For |x| < 2.5: erf(x) = 2/sqrt(pi) * exp(-x^2) * sum_n 2^n x^(2n+1) / (1*3*...*(2n+1)),
+/// a series of positive terms (no cancellation). Beyond: erf(x) = 1 - erfc(x), with erfc from
+/// its continued fraction, evaluated bottom-up (32 levels are exact to well below an ulp of
+/// erf there).
+pub fn erf64(x: f64) -> f64 {
+    const FRAC_2_SQRT_PI: f64 = std::f64::consts::FRAC_2_SQRT_PI;
+    if x.is_nan() {
+        return x;
+    }
+    let a = x.abs();
+    if a >= 6.0 {
+        // erfc(6) < 2.2e-17: below half an ulp of 1.
+        return x.signum();
+    }
+    let x2 = a * a;
+    let r = if a < 2.5 {
+        let mut term = a;
+        let mut sum = a;
+        for &c in &ERF_SERIES {
+            term *= x2 * c;
+            sum += term;
+            if term <= sum * 1e-17 {
+                break;
+            }
+        }
+        FRAC_2_SQRT_PI * (-x2).exp() * sum
+    } else {
+        // erfc(a) = exp(-a^2)/sqrt(pi) / (a + (1/2)/(a + 1/(a + (3/2)/(a + 2/(a + ...)))))
+        let mut f = a;
+        for k in (1..=32).rev() {
+            f = a + (k as f64 / 2.0) / f;
+        }
+        1.0 - FRAC_2_SQRT_PI / 2.0 * (-x2).exp() / f
+    };
+    if x < 0.0 {
+        -r
+    } else {
+        r
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bits
+
+/// Integer bit operations.
+pub trait Bits: Copy + Send + Sync + 'static {
+    /// `self & o`.
+    fn and(self, o: Self) -> Self;
+    /// `self | o`.
+    fn or(self, o: Self) -> Self;
+    /// `self ^ o`.
+    fn xor(self, o: Self) -> Self;
+    /// `!self`.
+    fn not(self) -> Self;
+    /// Shifts left by `n` bits; a negative `n` or one of at least the width gives 0.
+    fn shl(self, n: Self) -> Self;
+    /// Shifts right by `n` bits (arithmetic when signed); a negative `n` or one of at least
+    /// the width gives the sign fill (0, or -1 for a negative value).
+    fn shr(self, n: Self) -> Self;
+}
+
+macro_rules! bits {
+    ($($t:ty),*) => {$(
+        impl Bits for $t {
+            #[inline]
+            fn and(self, o: Self) -> Self { self & o }
+            #[inline]
+            fn or(self, o: Self) -> Self { self | o }
+            #[inline]
+            fn xor(self, o: Self) -> Self { self ^ o }
+            #[inline]
+            fn not(self) -> Self { !self }
+            #[inline]
+            fn shl(self, n: Self) -> Self {
+                u32::try_from(n).ok().and_then(|n| self.checked_shl(n)).unwrap_or(0)
+            }
+            #[inline]
+            fn shr(self, n: Self) -> Self {
+                // Out-of-range amounts leave only the sign fill (-1 or 0; 0 when unsigned).
+                let fill = if <$t>::MIN == 0 { 0 } else { self >> (<$t>::BITS - 1) };
+                u32::try_from(n).ok().and_then(|n| self.checked_shr(n)).unwrap_or(fill)
+            }
+        }
+    )*};
+}
+bits!(u8, i8, u16, i16, u32, i32, u64, i64);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The dtypes `dispatch!` binds for a family, in its order.
+    fn bound(family: &[DType]) -> Vec<DType> {
+        family
+            .iter()
+            .filter_map(|&d| crate::dispatch!(d, ALL, |T| Some(T::DTYPE), _ => None))
+            .collect()
+    }
+
+    #[test]
+    fn lists_are_consistent() {
+        let cat = |a: &[DType], b: &[DType]| [a, b].concat();
+        assert_eq!(cat(INTEGERS, FLOATS), NUMERIC);
+        assert_eq!(cat(BOOL, NUMERIC), ALL);
+        assert_eq!(cat(ALL, &[DType::String]), ALL_AND_STRING);
+        assert_eq!(cat(SIGNED, FLOATS), SIGNED_AND_FLOATS);
+        let mut ints = cat(SIGNED, UNSIGNED);
+        ints.sort();
+        let mut want = INTEGERS.to_vec();
+        want.sort();
+        assert_eq!(ints, want);
+        assert!(FLOATS.iter().all(|d| d.is_float()));
+        assert!(FLOATS_TO_F32.iter().all(|d| FLOATS.contains(d)));
+        assert_eq!(ALL, &DType::ALL[..13]);
+        // Every element of ALL has a Rust type, and that type names the same dtype.
+        assert_eq!(bound(ALL), ALL);
+    }
+
+    #[test]
+    fn dispatch_families_bind_exactly_their_list() {
+        macro_rules! check {
+            ($($fam:ident),*) => {$(
+                let got: Vec<DType> = ALL_AND_STRING
+                    .iter()
+                    .filter_map(|&d| crate::dispatch!(d, $fam, |T| Some(T::DTYPE), _ => None))
+                    .collect();
+                assert_eq!(got, $fam, stringify!($fam));
+            )*};
+        }
+        check!(
+            FLOATS,
+            FLOATS_TO_F32,
+            SIGNED,
+            UNSIGNED,
+            INTEGERS,
+            SIGNED_AND_FLOATS,
+            NUMERIC,
+            ALL
+        );
+        let r: Result<(), String> =
+            crate::dispatch!(DType::String, NUMERIC, |T| Ok(()), other => Err(other.to_string()));
+        assert_eq!(r, Err("BYTES".to_string()));
+    }
+
+    #[test]
+    fn half_precision_computes_in_f32() {
+        let x = f16::from_f32(1.5);
+        assert_eq!(x.load(), 1.5f32);
+        assert_eq!(f16::store(1.0 / 3.0), f16::from_f32(1.0 / 3.0));
+        assert_eq!(bf16::narrow(2.5), bf16::from_f32(2.5));
+        // A NaN stored from f32 is the type's own NaN.
+        assert_eq!(f16::store(f32::NAN).to_bits(), f16::NAN.to_bits());
+        assert_eq!(bf16::store(f32::NAN).to_bits(), bf16::NAN.to_bits());
+    }
+
+    #[test]
+    fn conversions_follow_cast() {
+        assert_eq!(convert::<f32, i8>(-3.9), -3);
+        assert_eq!(convert::<f32, u8>(300.0), 255);
+        assert_eq!(convert::<i32, u8>(300), 44);
+        assert_eq!(convert::<f64, Bool>(0.5), Bool(1));
+        assert_eq!(convert::<Bool, f32>(Bool(1)), 1.0);
+        assert_eq!(i32::narrow(i64::from(i32::MAX) + 1), i32::MIN);
+        assert_eq!(Bool::narrow(2), Bool(1));
+        assert_eq!(u8::widen(200), 200u64);
+    }
+
+    #[test]
+    fn integer_arithmetic_wraps_and_floors() {
+        assert_eq!(Arith::abs(i8::MIN), i8::MIN);
+        assert_eq!(Arith::modulo(-7i32, 3), 2);
+        assert_eq!(Arith::fmod(-7i32, 3), -1);
+        assert_eq!(Arith::modulo(-7.0f64, 3.0), 2.0);
+        assert_eq!(Arith::sign(-0.0f32).to_bits(), (-0.0f32).to_bits());
+        assert_eq!(7u8.sign(), 1);
+        assert_eq!(Bits::shr(-8i16, 20), -1);
+        assert_eq!(Bits::shl(1u32, 40), 0);
+    }
+
+    #[test]
+    fn erf_is_accurate() {
+        assert_eq!(erf64(0.0), 0.0);
+        assert!((erf64(1.0) - 0.842_700_792_949_714_9).abs() < 1e-15);
+        assert!((erf64(-3.0) + 0.999_977_909_503_001_4).abs() < 1e-15);
+        assert_eq!(Real::erf(10.0f32), 1.0);
+    }
+}
