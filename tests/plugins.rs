@@ -667,3 +667,82 @@ async fn loading_and_unloading_different_builds_a_hundred_times_is_stable() {
         100
     );
 }
+
+/// A model whose output shape is left undeclared: `X[2,3] -> example.clamp::Clamp -> Relu -> Y`.
+fn clamp_then_relu() -> Vec<u8> {
+    use opreg_proto::onnx;
+    use prost::Message;
+    let mut y = opreg_tests::onnx::value("Y", 1, &[]);
+    if let Some(onnx::type_proto::Value::TensorType(t)) =
+        y.r#type.as_mut().and_then(|t| t.value.as_mut())
+    {
+        t.shape = None;
+    }
+    let mut clamp = opreg_tests::onnx::node("Clamp", &["X"], &["C"]);
+    clamp.domain = "example.clamp".into();
+    opreg_proto::onnx::ModelProto {
+        ir_version: 8,
+        opset_import: ["", "example.clamp"]
+            .iter()
+            .map(|d| onnx::OperatorSetIdProto {
+                domain: d.to_string(),
+                version: if d.is_empty() { 17 } else { 1 },
+            })
+            .collect(),
+        graph: Some(onnx::GraphProto {
+            node: vec![clamp, opreg_tests::onnx::node("Relu", &["C"], &["Y"])],
+            name: "g".into(),
+            input: vec![opreg_tests::onnx::value("X", 1, &[2, 3])],
+            output: vec![y],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+#[tokio::test]
+async fn a_third_party_operator_that_infers_gives_static_shapes_downstream() {
+    use opreg_proto::inference as ipb;
+    let dir = plugin_dir(&[plugin("onnx_ops"), third_party_plugin()]);
+    let d = Daemon::start(&["--plugin-dir", dir.path().to_str().expect("utf8")]);
+    let mut c = d.inference().await;
+    c.repository_model_load(load_request("clamped", clamp_then_relu()))
+        .await
+        .expect("load");
+    let meta = c
+        .model_metadata(ipb::ModelMetadataRequest {
+            name: "clamped".into(),
+            version: String::new(),
+        })
+        .await
+        .expect("metadata")
+        .into_inner();
+    // Clamp's `infer` gives [2, 3] and FP32; onnx-ops' Relu carries them to the undeclared Y.
+    assert_eq!(
+        (
+            meta.outputs[0].datatype.as_str(),
+            meta.outputs[0].shape.clone()
+        ),
+        ("FP32", vec![2, 3])
+    );
+    let out = c
+        .model_infer(ipb::ModelInferRequest {
+            model_name: "clamped".into(),
+            inputs: vec![ipb::model_infer_request::InferInputTensor {
+                name: "X".into(),
+                datatype: "FP32".into(),
+                shape: vec![2, 3],
+                ..Default::default()
+            }],
+            raw_input_contents: vec![f32_bytes(&[-1.0, 0.25, 0.5, 2.0, 0.75, -3.0])],
+            ..Default::default()
+        })
+        .await
+        .expect("infer")
+        .into_inner();
+    assert_eq!(
+        f32_values(&out.raw_output_contents[0]),
+        vec![0.0, 0.25, 0.5, 1.0, 0.75, 0.0]
+    );
+}

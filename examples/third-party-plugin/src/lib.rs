@@ -52,13 +52,32 @@ impl Kernel for Clamp {
     }
 }
 
-fn instantiate(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
-    let lo = node.float_or("min", 0.0)? as f64;
-    let hi = node.float_or("max", 1.0)? as f64;
-    if lo > hi {
-        return Err(PluginError::invalid(format!("Clamp: min {lo} > max {hi}")));
+/// Builds Clamp kernels, and tells the daemon what a Clamp node produces before it runs.
+struct ClampFactory;
+
+impl KernelFactory for ClampFactory {
+    fn instantiate(&self, node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+        let lo = node.float_or("min", 0.0)? as f64;
+        let hi = node.float_or("max", 1.0)? as f64;
+        if lo > hi {
+            return Err(PluginError::invalid(format!("Clamp: min {lo} > max {hi}")));
+        }
+        Ok(Box::new(Clamp { lo, hi }))
     }
-    Ok(Box::new(Clamp { lo, hi }))
+
+    /// Elementwise: the output has the input's type and shape (ABI 1.1). Without this, the
+    /// daemon knows nothing static about what follows a Clamp.
+    fn infer(&self, node: &NodeInfo<'_>) -> Result<Vec<OutputFact>, PluginError> {
+        Ok(node
+            .inputs
+            .first()
+            .map(|x| {
+                let dtype = (x.dtype != DType::UNDEFINED).then_some(x.dtype);
+                OutputFact::new(dtype, x.shape.map(<[i64]>::to_vec))
+            })
+            .into_iter()
+            .collect())
+    }
 }
 
 fn register(r: &mut Registrar) {
@@ -67,7 +86,7 @@ fn register(r: &mut Registrar) {
             .constraint("T", &[DType::F32, DType::F64])
             .inputs(&["T"])
             .outputs(&["T"]),
-        instantiate,
+        ClampFactory,
     );
 }
 
@@ -83,7 +102,8 @@ mod tests {
     use super::*;
     use opreg_sdk::{
         host::HostTensor,
-        testkit::{run_kernel, NodeSpec},
+        testkit::{infer_outputs, run_kernel, NodeSpec},
+        ValueInfo,
     };
 
     #[test]
@@ -96,12 +116,29 @@ mod tests {
         let node = NodeSpec::onnx("Clamp", 1)
             .domain("example.clamp")
             .attr("max", AttrValue::Float(2.0));
-        let out = run_kernel(instantiate, &node, &[&x], None).unwrap();
+        let out = run_kernel(ClampFactory, &node, &[&x], None).unwrap();
         let y: Vec<f64> = out[0]
             .bytes()
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
             .collect();
         assert_eq!(y, vec![0.0, 0.5, 2.0]);
+    }
+
+    #[test]
+    fn infers_the_input_type_and_shape() {
+        let node = NodeSpec::onnx("Clamp", 1).domain("example.clamp");
+        let x = ValueInfo {
+            name: "x",
+            present: true,
+            dtype: DType::F64,
+            shape: Some(&[-1, 3]),
+            constant: None,
+        };
+        let facts = infer_outputs(ClampFactory, &node, &[Some(x)]).unwrap();
+        assert_eq!(
+            facts,
+            vec![OutputFact::new(Some(DType::F64), Some(vec![-1, 3]))]
+        );
     }
 }
