@@ -19,6 +19,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Initializer bytes decode as slices of the model file's buffer (zero copy) when the
+        // model is decoded from `Bytes`: the weights are most of a model's size.
+        .bytes(".onnx.TensorProto.raw_data")
         .compile_fds(fds)?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())

@@ -65,7 +65,7 @@ fn raw_contents(t: &onnx::TensorProto) -> Result<(&'static str, Vec<u8>), String
         let src: Vec<u8> = if t.raw_data.is_empty() {
             t.int32_data.iter().map(|&v| v as u8).collect()
         } else {
-            t.raw_data.clone()
+            t.raw_data.to_vec()
         };
         let per = (8 / bits) as usize;
         let mask = (1u8 << bits) - 1;
@@ -89,7 +89,7 @@ fn raw_contents(t: &onnx::TensorProto) -> Result<(&'static str, Vec<u8>), String
         }
         out
     } else if !t.raw_data.is_empty() || numel == 0 {
-        t.raw_data.clone()
+        t.raw_data.to_vec()
     } else if !t.float_data.is_empty() {
         t.float_data.iter().flat_map(|v| v.to_le_bytes()).collect()
     } else if !t.double_data.is_empty() {

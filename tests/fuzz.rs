@@ -429,7 +429,7 @@ fn fuzz_request_decoder() {
             ServedModel::build(
                 name,
                 1,
-                &bytes,
+                bytes.into(),
                 None,
                 ModelSettings::default(),
                 snap.clone(),

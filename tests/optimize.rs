@@ -111,3 +111,199 @@ fn optimize_folds_batch_norms_drops_identities_and_onnxruntime_agrees() {
         "optimized model differs in onnxruntime: {line}"
     );
 }
+
+/// A constant of ONNX type `code` from its little-endian bytes.
+fn raw_tensor(name: &str, code: i32, dims: &[i64], raw: Vec<u8>) -> onnx::TensorProto {
+    onnx::TensorProto {
+        name: name.into(),
+        dims: dims.to_vec(),
+        data_type: code,
+        raw_data: raw.into(),
+        ..Default::default()
+    }
+}
+
+/// Pseudo-random i8 weights.
+fn i8s(n: usize, seed: u32) -> Vec<u8> {
+    f32s(n, seed)
+        .iter()
+        .map(|v| ((v * 100.0) as i8) as u8)
+        .collect()
+}
+
+/// A QDQ model as quantizers write it: `x -> Q -> DQ -> Conv(DQ(w_i8 per channel), DQ(b_i32))
+/// -> Q -> DQ -> y` and `x2 -> Q -> DQ -> MatMul(DQ(m_i8 per column)) -> Q -> DQ -> y2`. With
+/// `float_outputs`, the float Conv and MatMul outputs are graph outputs too, which keeps them
+/// (and so the float path) in the plan.
+fn qdq_model(float_outputs: bool) -> Vec<u8> {
+    let (xs, ws, ms, ys) = (0.02f32, [0.01f32, 0.02, 0.015, 0.03], [0.01f32; 5], 0.05f32);
+    let scalar = |name: &str, v: f32| f32_initializer(name, &[], &[v]);
+    let u8_scalar = |name: &str, v: u8| raw_tensor(name, 2, &[], vec![v]);
+    let bias: Vec<u8> = [100i32, -250, 0, 4000]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let bs: Vec<f32> = ws.iter().map(|w| w * xs).collect();
+    let inits = vec![
+        scalar("xs", xs),
+        u8_scalar("xz", 128),
+        scalar("ys", ys),
+        u8_scalar("yz", 100),
+        raw_tensor("wq", 3, &[4, 3, 3, 3], i8s(4 * 27, 7)),
+        f32_initializer("ws", &[4], &ws),
+        raw_tensor("bq", 6, &[4], bias),
+        f32_initializer("bs", &[4], &bs),
+        raw_tensor("mq", 3, &[8, 5], i8s(40, 11)),
+        f32_initializer("ms", &[5], &ms),
+    ];
+    let nodes = vec![
+        node("QuantizeLinear", &["x", "xs", "xz"], &["xq"]),
+        node("DequantizeLinear", &["xq", "xs", "xz"], &["xf"]),
+        node_with(
+            "DequantizeLinear",
+            &["wq", "ws"],
+            &["wf"],
+            vec![attr_int("axis", 0)],
+        ),
+        node_with(
+            "DequantizeLinear",
+            &["bq", "bs"],
+            &["bf"],
+            vec![attr_int("axis", 0)],
+        ),
+        node_with(
+            "Conv",
+            &["xf", "wf", "bf"],
+            &["c"],
+            vec![attr_ints("pads", &[1, 1, 1, 1])],
+        ),
+        node("QuantizeLinear", &["c", "ys", "yz"], &["cq"]),
+        node("DequantizeLinear", &["cq", "ys", "yz"], &["y"]),
+        node("QuantizeLinear", &["x2", "xs", "xz"], &["x2q"]),
+        node("DequantizeLinear", &["x2q", "xs", "xz"], &["x2f"]),
+        node_with(
+            "DequantizeLinear",
+            &["mq", "ms"],
+            &["mf"],
+            vec![attr_int("axis", 1)],
+        ),
+        node("MatMul", &["x2f", "mf"], &["p"]),
+        node("QuantizeLinear", &["p", "ys", "yz"], &["pq"]),
+        node("DequantizeLinear", &["pq", "ys", "yz"], &["y2"]),
+    ];
+    let mut outputs = vec![value("y", 1, &[1, 4, 6, 6]), value("y2", 1, &[2, 5])];
+    if float_outputs {
+        outputs.push(value("c", 1, &[1, 4, 6, 6]));
+        outputs.push(value("p", 1, &[2, 5]));
+    }
+    model(
+        nodes,
+        vec![value("x", 1, &[1, 3, 6, 6]), value("x2", 1, &[2, 8])],
+        outputs,
+        inits,
+        19,
+    )
+}
+
+#[tokio::test]
+async fn qdq_models_run_on_integer_operators_and_agree_with_the_float_path() {
+    use opreg_proto::{inference as pb, opreg::v1 as reg};
+    let plugins = plugin_dir(&[plugin("onnx_ops"), plugin("blas_cpu")]);
+    let d = Daemon::start(&["--plugin-dir", plugins.path().to_str().expect("utf8")]);
+    let mut c = d.inference().await;
+    for (name, float_outputs) in [("fused", false), ("float", true)] {
+        c.repository_model_load(load_request(name, qdq_model(float_outputs)))
+            .await
+            .expect("load");
+    }
+    let ops = |name: &'static str| {
+        let d = &d;
+        async move {
+            let p = d
+                .registry()
+                .await
+                .model_placement(reg::ModelPlacementRequest {
+                    name: name.into(),
+                    version: String::new(),
+                })
+                .await
+                .expect("placement")
+                .into_inner();
+            p.nodes
+                .iter()
+                .filter(|n| !n.folded)
+                .map(|n| n.op_type.clone())
+                .collect::<Vec<_>>()
+        }
+    };
+    let fused = ops("fused").await;
+    assert!(
+        fused.contains(&"QLinearConv".to_string()) && fused.contains(&"QLinearMatMul".to_string()),
+        "{fused:?}"
+    );
+    assert!(
+        !fused.iter().any(|o| o == "Conv" || o == "MatMul"),
+        "{fused:?}"
+    );
+    let float = ops("float").await;
+    assert!(float.contains(&"Conv".to_string()) && float.contains(&"MatMul".to_string()));
+
+    let x = f32s(108, 3);
+    let x2 = f32s(16, 5);
+    let mut outs = Vec::new();
+    for name in ["fused", "float"] {
+        let r = c
+            .model_infer(pb::ModelInferRequest {
+                model_name: name.into(),
+                inputs: vec![
+                    pb::model_infer_request::InferInputTensor {
+                        name: "x".into(),
+                        datatype: "FP32".into(),
+                        shape: vec![1, 3, 6, 6],
+                        ..Default::default()
+                    },
+                    pb::model_infer_request::InferInputTensor {
+                        name: "x2".into(),
+                        datatype: "FP32".into(),
+                        shape: vec![2, 8],
+                        ..Default::default()
+                    },
+                ],
+                outputs: ["y", "y2"]
+                    .iter()
+                    .map(|o| pb::model_infer_request::InferRequestedOutputTensor {
+                        name: o.to_string(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                raw_input_contents: vec![f32_bytes(&x), f32_bytes(&x2)],
+                ..Default::default()
+            })
+            .await
+            .expect("infer")
+            .into_inner();
+        outs.push(
+            r.raw_output_contents
+                .iter()
+                .map(|b| f32_values(b))
+                .collect::<Vec<_>>(),
+        );
+    }
+    // The integer path requantizes the exact int32 sum; the float path rounds the f32 sum: they
+    // may differ by one quantization step (0.05) where a value sits on a rounding boundary.
+    for (k, (a, b)) in outs[0].iter().zip(&outs[1]).enumerate() {
+        assert_eq!(a.len(), b.len());
+        let worst = a
+            .iter()
+            .zip(b)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0, f32::max);
+        let differ = a.iter().zip(b).filter(|(p, q)| p != q).count();
+        assert!(worst <= 0.05 + 1e-6, "output {k}: {worst}");
+        assert!(
+            differ * 20 <= a.len(),
+            "output {k}: {differ} of {} differ",
+            a.len()
+        );
+    }
+}

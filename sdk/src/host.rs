@@ -56,6 +56,30 @@ impl AlignedBuf {
             })
     }
 
+    /// A copy of `bytes`.
+    pub fn copy_of(bytes: &[u8]) -> Result<Self, PluginError> {
+        let len = bytes.len();
+        if len == 0 {
+            return Self::zeroed(0);
+        }
+        let layout = alloc::Layout::from_size_align(len, ALIGN).map_err(|_| {
+            PluginError::new(
+                ErrorCode::ResourceExhausted,
+                format!("cannot allocate {len} bytes"),
+            )
+        })?;
+        // SAFETY: non-zero size; every byte is written before the buffer is used.
+        let ptr = NonNull::new(unsafe { alloc::alloc(layout) }).ok_or_else(|| {
+            PluginError::new(
+                ErrorCode::ResourceExhausted,
+                format!("out of memory allocating {len} bytes"),
+            )
+        })?;
+        // SAFETY: `ptr` holds `len` writable bytes and does not overlap `bytes`.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr.as_ptr(), len) };
+        Ok(AlignedBuf { ptr, len })
+    }
+
     /// The bytes.
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: `len` initialised bytes owned by `self`.
@@ -172,16 +196,21 @@ impl HostTensor {
                 "string tensors are built with from_strings",
             ));
         }
-        let mut t = Self::zeroed(dtype, shape)?;
-        if t.buf.len() != bytes.len() {
+        let len = byte_size(dtype, shape)?;
+        if len != bytes.len() {
             return Err(PluginError::invalid(format!(
-                "{dtype} tensor of shape {shape:?} needs {} bytes, got {}",
-                t.buf.len(),
+                "{dtype} tensor of shape {shape:?} needs {len} bytes, got {}",
                 bytes.len()
             )));
         }
-        t.buf.as_mut_slice().copy_from_slice(bytes);
-        Ok(t)
+        Ok(HostTensor {
+            dtype,
+            shape: shape.to_vec(),
+            strides: contiguous_strides(shape),
+            // Copied, not zeroed first: model weights are hundreds of megabytes.
+            buf: AlignedBuf::copy_of(bytes)?,
+            device: None,
+        })
     }
 
     /// A tensor of `T` from its elements in row-major order.

@@ -189,9 +189,9 @@ fn tensor_proto(
         dims: shape.iter().map(|&d| d as i64).collect(),
         data_type: dtype.0,
         raw_data: if dtype == DType::String {
-            Vec::new()
+            Default::default()
         } else {
-            raw(dtype, bytes)
+            raw(dtype, bytes).into()
         },
         string_data: strings,
         ..Default::default()

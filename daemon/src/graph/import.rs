@@ -145,7 +145,23 @@ impl Model {
 
 /// Decodes and checks an ONNX model. `dir` is the folder external data is read from.
 pub fn import(bytes: &[u8], dir: Option<&Path>) -> Result<Model, GraphError> {
-    let proto = onnx::ModelProto::decode(bytes).map_err(|e| GraphError::Decode(e.to_string()))?;
+    from_proto(onnx::ModelProto::decode(bytes), dir)
+}
+
+/// [`import`] from an owned buffer (a model file as read): initializer bytes are decoded as
+/// slices of it rather than copied, so the weights are copied once, into their tensors.
+pub fn import_owned(
+    bytes: impl Into<prost::bytes::Bytes>,
+    dir: Option<&Path>,
+) -> Result<Model, GraphError> {
+    from_proto(onnx::ModelProto::decode(bytes.into()), dir)
+}
+
+fn from_proto(
+    proto: Result<onnx::ModelProto, prost::DecodeError>,
+    dir: Option<&Path>,
+) -> Result<Model, GraphError> {
+    let proto = proto.map_err(|e| GraphError::Decode(e.to_string()))?;
     let graph = proto
         .graph
         .ok_or_else(|| GraphError::Invalid("the model has no graph".into()))?;
@@ -378,7 +394,7 @@ pub fn tensor(t: &onnx::TensorProto, dir: Option<&Path>) -> Result<HostTensor, G
     if let Some(bits) = dtype.packed_bits() {
         // ONNX packs sub-byte types (low bits first); opreg holds one element per byte.
         let packed: Vec<u8> = if !t.raw_data.is_empty() || numel == 0 {
-            t.raw_data.clone()
+            t.raw_data.to_vec()
         } else {
             t.int32_data.iter().map(|&v| v as u8).collect()
         };

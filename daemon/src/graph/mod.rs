@@ -17,7 +17,7 @@ mod values;
 
 pub use compiled::{CopyInfo, Place, Placement, Plan, StepInfo};
 pub use export::{export, Exported, ExternalData};
-pub use import::{import, Dim, IoSpec, Model, Shape};
+pub use import::{import, import_owned, Dim, IoSpec, Model, Shape};
 pub use passes::{fuse, optimize, PassReport};
 pub use plan::compile;
 pub use run::{run, run_profiled, run_with_control, RunControl, StepTime};

@@ -9,6 +9,7 @@
 
 use super::compiled::{Placement, Plan, Step, Work};
 use super::control::{self, Typed};
+use super::passes::Fusion;
 use super::schedule::schedule;
 use super::subgraphs::{subgraphs, Subgraphs};
 use super::values::Values;
@@ -60,9 +61,8 @@ pub fn compile(
         .iter()
         .copied()
         .filter(|p| {
-            p.fuses().is_some_and(|(original, fused)| {
-                fusion_available(&snapshot, devices, original, fused)
-            })
+            p.fuses()
+                .is_some_and(|f| fusion_available(&snapshot, devices, f))
         })
         .collect();
     let fused;
@@ -77,26 +77,29 @@ pub fn compile(
     compile_graph(model, &formal, &[], snapshot, devices, &mut fold_budget)
 }
 
-/// Whether `opreg::<fused>` can run wherever `<original>` could: every preferred device with
-/// a kernel for the original has one for the fused operator, and some device has it.
-fn fusion_available(snapshot: &Snapshot, devices: &[Device], original: &str, fused: &str) -> bool {
-    let has = |op: &str, domain: &str, device: Device| {
-        [DType::F32, DType::F16].iter().any(|&t| {
-            snapshot
-                .resolve(&KernelQuery {
-                    domain,
-                    op_type: op,
-                    opset: if domain.is_empty() { 17 } else { 1 },
-                    device,
-                    inputs: &[Some(t), Some(t), Some(t)],
-                })
-                .is_ok()
-        })
+/// Whether the fused operator can run wherever the original could: every preferred device with
+/// a kernel for the original (probed with float inputs) has one for the fused operator (any
+/// input types: an integer fusion's inputs are integers), and some device has it.
+fn fusion_available(snapshot: &Snapshot, devices: &[Device], f: Fusion) -> bool {
+    let has = |op: &str, domain: &str, device: Device, probe: &[Option<DType>]| {
+        snapshot
+            .resolve(&KernelQuery {
+                domain,
+                op_type: op,
+                opset: if domain.is_empty() { 17 } else { 1 },
+                device,
+                inputs: probe,
+            })
+            .is_ok()
     };
+    let floats = |t: DType| [Some(t), Some(t), Some(t)];
     let mut any = false;
     for &d in devices {
-        let has_fused = has(fused, "opreg", d);
-        if has(original, "", d) && !has_fused {
+        let has_fused = has(f.fused, f.domain, d, &[]);
+        let has_original = [DType::F32, DType::F16]
+            .iter()
+            .any(|&t| has(f.original, "", d, &floats(t)));
+        if has_original && !has_fused {
             return false;
         }
         any |= has_fused;

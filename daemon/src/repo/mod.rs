@@ -498,7 +498,7 @@ impl Repository {
     ) -> Result<BTreeMap<u64, Arc<ServedModel>>, Box<VersionError>> {
         let snapshot = registry.snapshot();
         let mut loaded = BTreeMap::new();
-        let build = |version: u64, bytes: &[u8], dir: Option<&Path>| {
+        let build = |version: u64, bytes: prost::bytes::Bytes, dir: Option<&Path>| {
             self.check_size(
                 &format!("version {version} of model '{name}'"),
                 bytes.len() as u64,
@@ -527,11 +527,12 @@ impl Repository {
             let bytes = std::fs::read(path)
                 .map_err(io)
                 .map_err(|e| Box::new((Some(*version), e)))?;
-            let m = build(*version, &bytes, path.parent())
+            let m = build(*version, bytes.into(), path.parent())
                 .map_err(|e| Box::new((Some(*version), e)))?;
             loaded.insert(*version, Arc::new(m));
         }
         for (&version, bytes) in files {
+            let bytes = prost::bytes::Bytes::copy_from_slice(bytes);
             let m = build(version, bytes, None).map_err(|e| Box::new((Some(version), e)))?;
             loaded.insert(version, Arc::new(m));
         }

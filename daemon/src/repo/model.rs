@@ -98,7 +98,7 @@ impl ServedModel {
     pub fn build(
         name: &str,
         version: u64,
-        bytes: &[u8],
+        bytes: prost::bytes::Bytes,
         dir: Option<&Path>,
         settings: ModelSettings,
         snapshot: Arc<Snapshot>,
@@ -110,7 +110,7 @@ impl ServedModel {
             version,
             source,
         };
-        let mut model = graph::import(bytes, dir).map_err(wrap)?;
+        let mut model = graph::import_owned(bytes, dir).map_err(wrap)?;
         // The standard passes run once per version; a re-bind after a hot swap starts from
         // their result.
         let reports = graph::optimize(&mut model).map_err(wrap)?;

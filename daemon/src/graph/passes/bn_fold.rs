@@ -132,7 +132,9 @@ impl ConvBatchNorm {
         );
         let eps = float_attr(bn, "epsilon", 1e-5)? as f64;
         let w_t = model.initializers.get(conv.inputs.get(1)?)?;
-        let w = f32s(w_t)?;
+        // Read in place: the weights are the bulk of a CNN's bytes.
+        let w_view = (w_t.dtype() == DType::F32 && w_t.on_host()).then(|| w_t.view())?;
+        let w = w_view.as_slice::<f32>().ok()?;
         let m = *w_t.shape().first()?;
         if [&scale, &beta, &mean, &var].iter().any(|v| v.len() != m) || m == 0 {
             return None;
@@ -151,11 +153,18 @@ impl ConvBatchNorm {
             .zip(&var)
             .map(|(&sc, &v)| sc as f64 / (v as f64 + eps).sqrt())
             .collect();
-        let w2: Vec<f32> = w
-            .chunks(per)
+        // Written straight into the new tensor, row by row (one pass, no intermediate copy).
+        let mut w2 = HostTensor::zeroed(DType::F32, w_t.shape()).ok()?;
+        for ((dst, row), &sc) in w2
+            .bytes_mut()
+            .chunks_exact_mut(per * 4)
+            .zip(w.chunks_exact(per))
             .zip(&s)
-            .flat_map(|(row, &sc)| row.iter().map(move |&v| (v as f64 * sc) as f32))
-            .collect();
+        {
+            for (d, &v) in dst.chunks_exact_mut(4).zip(row) {
+                d.copy_from_slice(&((v as f64 * sc) as f32).to_le_bytes());
+            }
+        }
         let b2: Vec<f32> = bias
             .iter()
             .zip(&mean)
@@ -163,10 +172,6 @@ impl ConvBatchNorm {
             .zip(&s)
             .map(|(((&b, &mu), &be), &sc)| ((b as f64 - mu as f64) * sc + be as f64) as f32)
             .collect();
-        Some((
-            ci,
-            HostTensor::from_vec(w_t.shape(), &w2).ok()?,
-            HostTensor::from_vec(&[m], &b2).ok()?,
-        ))
+        Some((ci, w2, HostTensor::from_vec(&[m], &b2).ok()?))
     }
 }

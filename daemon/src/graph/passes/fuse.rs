@@ -11,7 +11,7 @@
 //! bias of B's column count reads becomes `opreg::FusedMatMul(A, B, bias)` (the dense layers of
 //! transformer encoders).
 
-use super::{super::import::Model, reads, Pass};
+use super::{super::import::Model, reads, Fusion, Pass};
 use crate::graph::{import::Node, GraphError};
 use opreg_sdk::{kernel::Attribute, AttrValue, DType};
 
@@ -64,8 +64,12 @@ impl Pass for ConvActivation {
         "conv-activation"
     }
 
-    fn fuses(&self) -> Option<(&'static str, &'static str)> {
-        Some(("Conv", "FusedConv"))
+    fn fuses(&self) -> Option<Fusion> {
+        Some(Fusion {
+            original: "Conv",
+            domain: "opreg",
+            fused: "FusedConv",
+        })
     }
 
     fn run(&self, model: &mut Model) -> Result<usize, GraphError> {
@@ -143,8 +147,12 @@ impl Pass for MatMulAdd {
         "matmul-add"
     }
 
-    fn fuses(&self) -> Option<(&'static str, &'static str)> {
-        Some(("MatMul", "FusedMatMul"))
+    fn fuses(&self) -> Option<Fusion> {
+        Some(Fusion {
+            original: "MatMul",
+            domain: "opreg",
+            fused: "FusedMatMul",
+        })
     }
 
     fn run(&self, model: &mut Model) -> Result<usize, GraphError> {

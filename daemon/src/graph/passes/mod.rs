@@ -11,6 +11,7 @@ mod bn_fold;
 mod dead;
 mod fuse;
 mod identity;
+mod qdq;
 
 use super::{import::Model, GraphError};
 
@@ -20,11 +21,21 @@ pub trait Pass: Sync {
     fn name(&self) -> &'static str;
     /// Rewrites `model` in place; returns how many nodes it removed or fused away.
     fn run(&self, model: &mut Model) -> Result<usize, GraphError>;
-    /// For fusions into opreg's operators: `(original op, fused op)` — the pass runs only
-    /// where every device that has the original has the fused kernel too.
-    fn fuses(&self) -> Option<(&'static str, &'static str)> {
+    /// For fusions that depend on kernels: what they fuse into — the pass runs only where
+    /// every device that has the original has the fused kernel too.
+    fn fuses(&self) -> Option<Fusion> {
         None
     }
+}
+
+/// What a kernel-dependent fusion turns a node into.
+#[derive(Clone, Copy, Debug)]
+pub struct Fusion {
+    /// The default-domain operator fused.
+    pub original: &'static str,
+    /// Domain and operator type of the result.
+    pub domain: &'static str,
+    pub fused: &'static str,
 }
 
 /// The passes whose result is standard ONNX, in the order they run.
@@ -34,16 +45,22 @@ pub const STANDARD: &[&dyn Pass] = &[
     &dead::DeadNodes,
 ];
 
-/// The fusions into opreg's own operators, in the order they run (see [`fuse`]).
-pub const FUSIONS: &[&dyn Pass] = &[&fuse::ConvActivation, &fuse::MatMulAdd];
+/// The fusions that depend on the registry's kernels, in the order they run: QDQ into
+/// ONNX's integer operators (see [`qdq`]), then into opreg's own operators (see [`fuse`]).
+pub const FUSIONS: &[&dyn Pass] = &[
+    &qdq::QdqConv,
+    &qdq::QdqMatMul,
+    &fuse::ConvActivation,
+    &fuse::MatMulAdd,
+];
 
 /// Runs the standard passes (the ones whose result is standard ONNX) over `model`.
 pub fn optimize(model: &mut Model) -> Result<Vec<PassReport>, GraphError> {
     run(model, STANDARD)
 }
 
-/// Runs the fusions into opreg's own operators over `model` (for `opreg optimize --level all`;
-/// compiling applies them itself when the kernels exist).
+/// Runs the kernel-dependent fusions over `model` (for `opreg optimize --level all`; compiling
+/// applies them itself when the kernels exist).
 pub fn fuse(model: &mut Model) -> Result<Vec<PassReport>, GraphError> {
     run(model, FUSIONS)
 }

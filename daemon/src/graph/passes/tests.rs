@@ -141,3 +141,134 @@ fn malformed_nodes_pass_through_every_pass_without_a_panic() {
     run(&mut m, STANDARD).expect("standard passes");
     run(&mut m, FUSIONS).expect("fusions");
 }
+
+/// A node with integer attributes.
+fn node_with(op: &str, inputs: &[&str], outputs: &[&str], attrs: &[(&str, i64)]) -> Node {
+    let mut n = node(op, inputs, outputs);
+    n.attributes = attrs
+        .iter()
+        .map(|(k, v)| opreg_sdk::kernel::Attribute {
+            name: (*k).into(),
+            value: opreg_sdk::AttrValue::Int(*v),
+        })
+        .collect();
+    n
+}
+
+/// Adds integer constants to `m`.
+fn with_ints(mut m: Model) -> Model {
+    let u8s = |s: &[usize], v: &[u8]| Arc::new(HostTensor::from_vec(s, v).unwrap());
+    let i8s = |s: &[usize], v: &[i8]| Arc::new(HostTensor::from_vec(s, v).unwrap());
+    m.initializers.insert("xz".into(), u8s(&[], &[128]));
+    m.initializers.insert("yz".into(), u8s(&[], &[10]));
+    m.initializers
+        .insert("wq".into(), i8s(&[2, 1, 1, 1], &[3, -4]));
+    m.initializers
+        .insert("mq".into(), i8s(&[3, 2], &[1, 2, 3, 4, 5, 6]));
+    m.initializers.insert(
+        "bq".into(),
+        Arc::new(HostTensor::from_vec(&[2], &[8i32, -16]).unwrap()),
+    );
+    m
+}
+
+fn qdq_conv(w_axis: i64, conv_also_read: bool) -> Model {
+    let mut nodes = vec![
+        node("QuantizeLinear", &["x", "xs", "xz"], &["xq"]),
+        node("DequantizeLinear", &["xq", "xs", "xz"], &["xf"]),
+        node_with(
+            "DequantizeLinear",
+            &["wq", "ws"],
+            &["wf"],
+            &[("axis", w_axis)],
+        ),
+        node_with("DequantizeLinear", &["bq", "bs"], &["bf"], &[("axis", 0)]),
+        node("Conv", &["xf", "wf", "bf"], &["c"]),
+        node("QuantizeLinear", &["c", "ys", "yz"], &["cq"]),
+        node("DequantizeLinear", &["cq", "ys", "yz"], &["y"]),
+    ];
+    let mut outputs = vec!["y"];
+    if conv_also_read {
+        nodes.push(node("Relu", &["c"], &["r"]));
+        outputs.push("r");
+    }
+    with_ints(model(
+        nodes,
+        &outputs,
+        &[
+            ("xs", &[], vec![0.5]),
+            ("ws", &[2], vec![0.25, 0.125]),
+            ("bs", &[2], vec![0.125, 0.0625]),
+            ("ys", &[], vec![0.2]),
+        ],
+    ))
+}
+
+#[test]
+fn qdq_around_a_conv_becomes_qlinearconv_with_an_int32_bias() {
+    let mut m = qdq_conv(0, false);
+    assert_eq!(qdq::QdqConv.run(&mut m).unwrap(), 1);
+    let ops: Vec<&str> = m.nodes.iter().map(|n| n.op_type.as_str()).collect();
+    // The DQs of x, w and b had no other reader: gone.
+    assert_eq!(ops, ["QuantizeLinear", "QLinearConv", "DequantizeLinear"]);
+    let q = &m.nodes[1];
+    assert_eq!(&q.inputs[..5], ["xq", "xs", "xz", "wq", "ws"]);
+    assert_eq!(&q.inputs[6..8], ["ys", "yz"]);
+    assert_eq!(q.outputs, ["cq"]);
+    // The weight's zero point defaults to zeros of its type, one per channel.
+    let wz = &m.initializers[&q.inputs[5]];
+    assert_eq!((wz.dtype(), wz.shape()), (DType::I8, &[2usize][..]));
+    assert_eq!(wz.to_vec::<i8>().unwrap(), vec![0, 0]);
+    // Bias [8 * 0.125, -16 * 0.0625] = [1, -1] at x_s * w_s = [0.125, 0.0625].
+    let b = &m.initializers[&q.inputs[8]];
+    assert_eq!(b.to_vec::<i32>().unwrap(), vec![8, -16]);
+}
+
+#[test]
+fn qdq_fusion_leaves_what_it_cannot_express() {
+    // A per-channel weight scale along the input channels (axis 1): no QLinearConv form.
+    let mut m = qdq_conv(1, false);
+    assert_eq!(qdq::QdqConv.run(&mut m).unwrap(), 0);
+    assert_eq!(m.nodes.len(), 7);
+    // The float Conv output read by something else too.
+    let mut m = qdq_conv(0, true);
+    assert_eq!(qdq::QdqConv.run(&mut m).unwrap(), 0);
+    assert!(m.nodes.iter().any(|n| n.op_type == "Conv"));
+}
+
+#[test]
+fn qdq_around_a_matmul_becomes_qlinearmatmul_per_column() {
+    let nodes = vec![
+        node("QuantizeLinear", &["x", "xs", "xz"], &["xq"]),
+        node("DequantizeLinear", &["xq", "xs", "xz"], &["xf"]),
+        // Also read by the Relu: this DQ stays for it.
+        node("Relu", &["xf"], &["r"]),
+        node_with("DequantizeLinear", &["mq", "ms"], &["mf"], &[("axis", 1)]),
+        node("MatMul", &["xf", "mf"], &["p"]),
+        node("QuantizeLinear", &["p", "ys", "yz"], &["pq"]),
+    ];
+    let mut m = with_ints(model(
+        nodes,
+        &["pq", "r"],
+        &[
+            ("xs", &[], vec![0.5]),
+            ("ms", &[2], vec![0.25, 0.5]),
+            ("ys", &[], vec![0.2]),
+        ],
+    ));
+    assert_eq!(qdq::QdqMatMul.run(&mut m).unwrap(), 1);
+    let ops: Vec<&str> = m.nodes.iter().map(|n| n.op_type.as_str()).collect();
+    assert_eq!(
+        ops,
+        [
+            "QuantizeLinear",
+            "DequantizeLinear",
+            "Relu",
+            "QLinearMatMul"
+        ]
+    );
+    let q = &m.nodes[3];
+    assert_eq!(q.inputs.len(), 8);
+    assert_eq!(&q.inputs[..5], ["xq", "xs", "xz", "mq", "ms"]);
+    assert_eq!(q.outputs, ["pq"]);
+}

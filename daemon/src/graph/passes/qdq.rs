@@ -1,0 +1,360 @@
+//! QDQ fusions: a float `Conv` / `MatMul` between `DequantizeLinear` nodes and one
+//! `QuantizeLinear` — the QDQ form quantizers write (ONNX Runtime's, `opreg quantize`) —
+//! becomes the integer operator ONNX has for it, `QLinearConv` / `QLinearMatMul`, when the
+//! registry has that kernel. The product then runs on integers (u8/i8 gemm with a requantizing
+//! epilogue) instead of dequantizing, computing in f32 and quantizing again.
+//!
+//! ```text
+//! x_q -> DQ(x_s, x_zp) -\
+//! w_q -> DQ(w_s, w_zp) ---> Conv -> Q(y_s, y_zp) -> y_q   ==>   QLinearConv(x_q, x_s, x_zp,
+//! [b  -> DQ(b_s)      -/]                                          w_q, w_s, w_zp, y_s, y_zp, b_q)
+//! ```
+//!
+//! Conditions (anything else is left as it is): the scales are f32 constants, per tensor for the
+//! activations (`x`, `y`) and per tensor or per output channel (Conv: axis 0; MatMul: the last
+//! axis, per column) for the weights; every zero point but the weight's is a constant the graph
+//! gives (the weight's defaults to zero); the weight is a constant; the product's output is read
+//! by the `QuantizeLinear` only. A Conv bias (a float constant, or a `DequantizeLinear` of one)
+//! is requantized to int32 at `x_s * w_s`, as `QLinearConv` wants it. A `DequantizeLinear` whose
+//! output no one reads any more is removed; one that others still read stays for them.
+
+use super::{super::import::Model, reads, Fusion, Pass};
+use crate::graph::{import::Node, GraphError};
+use opreg_sdk::{host::HostTensor, AttrValue, DType};
+use std::{collections::HashMap, sync::Arc};
+
+/// `DQ -> Conv -> Q` into `QLinearConv`.
+pub struct QdqConv;
+/// `DQ -> MatMul -> Q` into `QLinearMatMul`.
+pub struct QdqMatMul;
+
+impl Pass for QdqConv {
+    fn name(&self) -> &'static str {
+        "qdq-conv"
+    }
+
+    fn fuses(&self) -> Option<Fusion> {
+        Some(Fusion {
+            original: "Conv",
+            domain: "",
+            fused: "QLinearConv",
+        })
+    }
+
+    fn run(&self, model: &mut Model) -> Result<usize, GraphError> {
+        fuse(model, "Conv", "QLinearConv")
+    }
+}
+
+impl Pass for QdqMatMul {
+    fn name(&self) -> &'static str {
+        "qdq-matmul"
+    }
+
+    fn fuses(&self) -> Option<Fusion> {
+        Some(Fusion {
+            original: "MatMul",
+            domain: "",
+            fused: "QLinearMatMul",
+        })
+    }
+
+    fn run(&self, model: &mut Model) -> Result<usize, GraphError> {
+        fuse(model, "MatMul", "QLinearMatMul")
+    }
+}
+
+/// A `DequantizeLinear` node's inputs and axis.
+struct Dq {
+    input: String,
+    scale: String,
+    zero_point: Option<String>,
+    axis: i64,
+}
+
+fn attr_int(n: &Node, name: &str, default: i64) -> i64 {
+    match n
+        .attributes
+        .iter()
+        .find(|a| a.name == name)
+        .map(|a| &a.value)
+    {
+        Some(AttrValue::Int(v)) => *v,
+        _ => default,
+    }
+}
+
+fn is(n: &Node, op: &str) -> bool {
+    n.domain.is_empty() && n.op_type == op
+}
+
+/// The `DequantizeLinear` producing `value`, when one does (blocked quantization excluded).
+fn dq_of(model: &Model, producer: &HashMap<&str, usize>, value: &str) -> Option<Dq> {
+    let n = model.nodes.get(*producer.get(value)?)?;
+    if !is(n, "DequantizeLinear") || attr_int(n, "block_size", 0) != 0 {
+        return None;
+    }
+    Some(Dq {
+        input: n.inputs.first()?.clone(),
+        scale: n.inputs.get(1).filter(|s| !s.is_empty())?.clone(),
+        zero_point: n.inputs.get(2).filter(|s| !s.is_empty()).cloned(),
+        axis: attr_int(n, "axis", 1),
+    })
+}
+
+fn constant<'m>(model: &'m Model, name: &str) -> Option<&'m Arc<HostTensor>> {
+    model.initializers.get(name).filter(|t| t.on_host())
+}
+
+/// An f32 constant's values.
+fn f32s(model: &Model, name: &str) -> Option<Vec<f32>> {
+    constant(model, name)
+        .filter(|t| t.dtype() == DType::F32)
+        .and_then(|t| t.to_vec::<f32>().ok())
+}
+
+/// A scale of one value, or of one value per `len` channels, as an f32 constant.
+fn scale(model: &Model, name: &str, len: Option<usize>) -> Option<Vec<f32>> {
+    let s = f32s(model, name)?;
+    let shape = constant(model, name)?.shape().len();
+    let ok = match (s.len(), len) {
+        (1, _) => shape <= 1,
+        (n, Some(len)) => shape == 1 && n == len,
+        _ => false,
+    };
+    (ok && s.iter().all(|v| v.is_finite() && *v > 0.0)).then_some(s)
+}
+
+/// A zero point matching a scale of `len` values: a u8/i8 constant.
+fn zero_point(model: &Model, name: &str, len: usize) -> Option<DType> {
+    let t = constant(model, name)?;
+    (matches!(t.dtype(), DType::U8 | DType::I8) && t.len() == len && t.shape().len() <= 1)
+        .then(|| t.dtype())
+}
+
+/// What the rewrite of one product node needs.
+struct Plan {
+    node: usize,
+    quantize: usize,
+    inputs: Vec<String>,
+    output: String,
+    /// New initializers (weight zero point, int32 bias).
+    constants: Vec<(String, HostTensor)>,
+}
+
+fn fuse(model: &mut Model, op: &str, fused: &str) -> Result<usize, GraphError> {
+    let read = reads(model)?;
+    let outputs: Vec<&str> = model.outputs.iter().map(|o| o.name.as_str()).collect();
+    let producer = model.producers();
+    // Each value's readers, for the QuantizeLinear after a product.
+    let mut reader: HashMap<&str, usize> = HashMap::new();
+    for (i, n) in model.nodes.iter().enumerate() {
+        for x in n.inputs.iter().filter(|x| !x.is_empty()) {
+            reader.insert(x.as_str(), i);
+        }
+    }
+    let mut plans = Vec::new();
+    for (i, n) in model.nodes.iter().enumerate() {
+        if !is(n, op) {
+            continue;
+        }
+        let Some(y) = n.outputs.first().filter(|y| !y.is_empty()) else {
+            continue;
+        };
+        if read.get(y) != Some(&1) || outputs.contains(&y.as_str()) {
+            continue;
+        }
+        let Some(&qi) = reader.get(y.as_str()) else {
+            continue;
+        };
+        if let Some(p) = plan(model, &producer, i, qi, op) {
+            plans.push(p);
+        }
+    }
+    let fused_count = plans.len();
+    let mut remove = vec![false; model.nodes.len()];
+    let mut names: Vec<String> = Vec::new();
+    for mut p in plans {
+        for (name, t) in p.constants {
+            // Plans were made against the model before any of them: a name an earlier one
+            // took is renamed here.
+            let unique = fresh(model, &name);
+            for x in p.inputs.iter_mut().filter(|x| **x == name) {
+                x.clone_from(&unique);
+            }
+            model.initializers.insert(unique, Arc::new(t));
+        }
+        if let Some(n) = model.nodes.get_mut(p.node) {
+            n.op_type = fused.into();
+            n.inputs = p.inputs;
+            n.outputs = vec![p.output];
+            names.push(n.name.clone());
+        }
+        if let Some(r) = remove.get_mut(p.quantize) {
+            *r = true;
+        }
+    }
+    super::remove_nodes(model, &remove);
+    if fused_count > 0 {
+        remove_unread_dequantize(model)?;
+        tracing::debug!(op, fused, nodes = ?names, "QDQ fusion");
+    }
+    Ok(fused_count)
+}
+
+/// The rewrite of product node `i` whose output quantize node `qi` reads, when it fits.
+fn plan(
+    model: &Model,
+    producer: &HashMap<&str, usize>,
+    i: usize,
+    qi: usize,
+    op: &str,
+) -> Option<Plan> {
+    let n = model.nodes.get(i)?;
+    let q = model.nodes.get(qi)?;
+    if !is(q, "QuantizeLinear") || q.inputs.first() != n.outputs.first() {
+        return None;
+    }
+    let y_q = q.outputs.first().filter(|o| !o.is_empty())?.clone();
+    let (y_s, y_zp) = (q.inputs.get(1)?, q.inputs.get(2).filter(|z| !z.is_empty())?);
+    scale(model, y_s, None)?;
+    zero_point(model, y_zp, 1)?;
+
+    let x = dq_of(model, producer, n.inputs.first()?)?;
+    let x_scale = scale(model, &x.scale, None)?;
+    zero_point(model, x.zero_point.as_deref()?, 1)?;
+
+    let w = dq_of(model, producer, n.inputs.get(1)?)?;
+    let w_t = constant(model, &w.input)?;
+    let rank = w_t.shape().len() as i64;
+    // The weight's channels a per-channel scale runs along: Conv's output channels (axis 0),
+    // MatMul's columns (the last axis).
+    let (channel_axis, channels) = if op == "Conv" {
+        (0, *w_t.shape().first()?)
+    } else {
+        (rank - 1, *w_t.shape().last()?)
+    };
+    if !matches!(w_t.dtype(), DType::U8 | DType::I8) || rank < 2 {
+        return None;
+    }
+    let w_scale = scale(model, &w.scale, Some(channels))?;
+    if w_scale.len() > 1 && w.axis.rem_euclid(rank) != channel_axis {
+        return None;
+    }
+    let mut constants = Vec::new();
+    let w_zp = match &w.zero_point {
+        Some(z) => {
+            (zero_point(model, z, w_scale.len())? == w_t.dtype()).then_some(())?;
+            z.clone()
+        }
+        None => {
+            let name = fresh(model, &format!("{}_zero_point", w.input));
+            let shape: &[usize] = if w_scale.len() > 1 { &[channels] } else { &[] };
+            let zeros = HostTensor::zeroed(w_t.dtype(), shape).ok()?;
+            constants.push((name.clone(), zeros));
+            name
+        }
+    };
+    let mut inputs = vec![
+        x.input,
+        x.scale,
+        x.zero_point?,
+        w.input,
+        w.scale,
+        w_zp,
+        y_s.clone(),
+        y_zp.clone(),
+    ];
+    if op == "Conv" {
+        if let Some(b) = n.inputs.get(2).filter(|b| !b.is_empty()) {
+            let bias = requantized_bias(model, producer, b, x_scale.first()?, &w_scale, channels)?;
+            let name = fresh(model, &format!("{b}_int32"));
+            constants.push((name.clone(), bias));
+            inputs.push(name);
+        }
+    } else if n.inputs.len() > 2 {
+        return None;
+    }
+    Some(Plan {
+        node: i,
+        quantize: qi,
+        inputs,
+        output: y_q,
+        constants,
+    })
+}
+
+/// A Conv bias (a float constant, or a `DequantizeLinear` of a constant) as int32 at scale
+/// `x_s * w_s[c]`: what `QLinearConv` adds to its int32 accumulators.
+fn requantized_bias(
+    model: &Model,
+    producer: &HashMap<&str, usize>,
+    b: &str,
+    x_s: &f32,
+    w_s: &[f32],
+    channels: usize,
+) -> Option<HostTensor> {
+    let floats: Vec<f64> = match f32s(model, b) {
+        Some(v) => v.into_iter().map(f64::from).collect(),
+        None => {
+            let dq = dq_of(model, producer, b)?;
+            let q = constant(model, &dq.input)?;
+            let s = scale(model, &dq.scale, Some(q.len()))?;
+            if dq.zero_point.is_some() || q.dtype() != DType::I32 {
+                return None;
+            }
+            let q = q.to_vec::<i32>().ok()?;
+            q.iter()
+                .enumerate()
+                .map(|(c, &v)| Some(f64::from(v) * f64::from(*s.get(c).or(s.first())?)))
+                .collect::<Option<_>>()?
+        }
+    };
+    if floats.len() != channels {
+        return None;
+    }
+    let ints: Vec<i32> = floats
+        .iter()
+        .enumerate()
+        .map(|(c, &v)| {
+            let s = f64::from(*x_s) * f64::from(*w_s.get(c).or(w_s.first())?);
+            let r = (v / s).round();
+            (r >= f64::from(i32::MIN) && r <= f64::from(i32::MAX)).then_some(r as i32)
+        })
+        .collect::<Option<_>>()?;
+    HostTensor::from_vec(&[channels], &ints).ok()
+}
+
+/// Removes `DequantizeLinear` nodes whose output nothing reads any more.
+fn remove_unread_dequantize(model: &mut Model) -> Result<(), GraphError> {
+    let read = reads(model)?;
+    let outputs: Vec<&str> = model.outputs.iter().map(|o| o.name.as_str()).collect();
+    let remove: Vec<bool> = model
+        .nodes
+        .iter()
+        .map(|n| {
+            is(n, "DequantizeLinear")
+                && n.outputs.iter().all(|o| {
+                    o.is_empty() || (!read.contains_key(o) && !outputs.contains(&o.as_str()))
+                })
+        })
+        .collect();
+    super::remove_nodes(model, &remove);
+    Ok(())
+}
+
+/// A value name not used in `model`, from `base`.
+fn fresh(model: &Model, base: &str) -> String {
+    let taken = |n: &str| {
+        model.initializers.contains_key(n)
+            || model.nodes.iter().any(|x| x.outputs.iter().any(|o| o == n))
+            || model.inputs.iter().any(|i| i.name == n)
+    };
+    let mut name = base.to_string();
+    let mut k = 1;
+    while taken(&name) {
+        name = format!("{base}_{k}");
+        k += 1;
+    }
+    name
+}
