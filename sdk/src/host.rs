@@ -15,15 +15,37 @@ use abi_stable::{
     RRef,
 };
 use rayon::prelude::*;
-use std::{alloc, ptr::NonNull, sync::Mutex};
+use std::{alloc, any::Any, ptr::NonNull, sync::Arc, sync::Mutex};
 
 const ALIGN: usize = 64;
 
-/// A zeroed, 64-byte aligned heap buffer.
+/// A 64-byte aligned host buffer: owned heap memory, or a range of a larger buffer (an arena)
+/// that `keep` holds alive.
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
+    /// Set for a range of memory another object owns: holding it keeps the memory valid, and
+    /// dropping this buffer frees nothing.
+    keep: Option<Arc<dyn Any + Send + Sync>>,
 }
+
+/// A range of host memory that the host planned for one kernel output (see
+/// [`CallFrame::with_planned_outputs`]): `len` bytes at `ptr`, 64-byte aligned, valid while
+/// `keep` is held.
+#[derive(Clone)]
+pub struct PlannedBuf {
+    /// Start of the range.
+    pub ptr: NonNull<u8>,
+    /// Its length in bytes.
+    pub len: usize,
+    /// The range's owner, held by the tensor placed there.
+    pub keep: Arc<dyn Any + Send + Sync>,
+}
+
+// SAFETY: the range is plain memory whose owner `keep` is Send + Sync; who writes it is
+// governed by the plan (one output per range at a time).
+unsafe impl Send for PlannedBuf {}
+unsafe impl Sync for PlannedBuf {}
 
 // SAFETY: plain owned memory.
 unsafe impl Send for AlignedBuf {}
@@ -36,6 +58,7 @@ impl AlignedBuf {
             return Ok(AlignedBuf {
                 ptr: NonNull::dangling(),
                 len: 0,
+                keep: None,
             });
         }
         let layout = alloc::Layout::from_size_align(len, ALIGN).map_err(|_| {
@@ -47,7 +70,11 @@ impl AlignedBuf {
         // SAFETY: non-zero size.
         let ptr = unsafe { alloc::alloc_zeroed(layout) };
         NonNull::new(ptr)
-            .map(|ptr| AlignedBuf { ptr, len })
+            .map(|ptr| AlignedBuf {
+                ptr,
+                len,
+                keep: None,
+            })
             .ok_or_else(|| {
                 PluginError::new(
                     ErrorCode::ResourceExhausted,
@@ -77,7 +104,23 @@ impl AlignedBuf {
         })?;
         // SAFETY: `ptr` holds `len` writable bytes and does not overlap `bytes`.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr.as_ptr(), len) };
-        Ok(AlignedBuf { ptr, len })
+        Ok(AlignedBuf {
+            ptr,
+            len,
+            keep: None,
+        })
+    }
+
+    /// `planned`'s range, zeroed (as every fresh output is), borrowed from its owner.
+    fn planned(planned: &PlannedBuf) -> Self {
+        // SAFETY: `planned` describes `len` writable bytes that stay valid while `keep` is
+        // held, and the plan hands each range to one output at a time.
+        unsafe { std::ptr::write_bytes(planned.ptr.as_ptr(), 0, planned.len) };
+        AlignedBuf {
+            ptr: planned.ptr,
+            len: planned.len,
+            keep: Some(planned.keep.clone()),
+        }
     }
 
     /// The bytes.
@@ -105,7 +148,7 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        if self.len > 0 {
+        if self.len > 0 && self.keep.is_none() {
             // SAFETY: allocated in `zeroed` with this layout.
             unsafe {
                 alloc::dealloc(
@@ -187,6 +230,25 @@ impl HostTensor {
             }
         }
         Ok(t)
+    }
+
+    /// A zeroed tensor in `planned`'s range, which must be exactly its size (not for
+    /// `String`).
+    fn in_planned(
+        dtype: DType,
+        shape: &[usize],
+        planned: &PlannedBuf,
+    ) -> Result<Self, PluginError> {
+        if dtype == DType::String || byte_size(dtype, shape)? != planned.len {
+            return Err(PluginError::internal("planned output of another size"));
+        }
+        Ok(HostTensor {
+            dtype,
+            shape: shape.to_vec(),
+            strides: contiguous_strides(shape),
+            buf: AlignedBuf::planned(planned),
+            device: None,
+        })
     }
 
     /// A tensor holding a copy of `bytes` (not for `String`).
@@ -401,6 +463,7 @@ pub struct CallFrame<'a> {
     alloc: Option<&'a dyn DeviceAlloc>,
     output_memory: &'a [MemoryType],
     device_scratch: Mutex<Vec<Box<dyn DeviceBuffer>>>,
+    planned: Vec<Option<PlannedBuf>>,
 }
 
 impl<'a> CallFrame<'a> {
@@ -423,7 +486,16 @@ impl<'a> CallFrame<'a> {
             alloc: None,
             output_memory: &[],
             device_scratch: Mutex::new(Vec::new()),
+            planned: Vec::new(),
         }
+    }
+
+    /// Host memory the host planned for the outputs, by position: an output whose size is
+    /// exactly its range's is placed there (zeroed) instead of in a fresh allocation; any
+    /// other goes to the heap as usual.
+    pub fn with_planned_outputs(mut self, planned: Vec<Option<PlannedBuf>>) -> Self {
+        self.planned = planned;
+        self
     }
 
     /// Gives the frame the allocator of its (non-host) device: outputs and device scratch
@@ -590,7 +662,15 @@ impl FfiHost for CallFrame<'_> {
                     .ok_or_else(|| PluginError::internal("device output"))?;
                 (t, mem.device, mem.memory, mem.ptr)
             } else {
-                let t = slot.insert(Box::new(HostTensor::zeroed(dtype, shape.as_slice())?));
+                let planned = self
+                    .planned
+                    .get(index)
+                    .and_then(Option::as_ref)
+                    .filter(|p| Some(p.len) == bytes && p.len > 0 && dtype != DType::String);
+                let t = slot.insert(Box::new(match planned {
+                    Some(p) => HostTensor::in_planned(dtype, shape.as_slice(), p)?,
+                    None => HostTensor::zeroed(dtype, shape.as_slice())?,
+                }));
                 let data = t.buf.as_mut_slice().as_mut_ptr();
                 (t, Device::CPU, MemoryType::DEVICE, data)
             };

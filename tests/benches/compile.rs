@@ -5,9 +5,9 @@
 //!
 //! Run with `scripts/bench` (release build; the models are written to `target/models`).
 
-use opreg_sdk::Device;
+use opreg_sdk::{host::HostTensor, Device};
 use opregd::{exec::ComputePool, graph, registry::Registry};
-use std::time::Instant;
+use std::{collections::HashMap, sync::Arc, time::Instant};
 
 fn main() {
     let dir = opreg_tests::workspace().join("target/models");
@@ -67,5 +67,41 @@ fn main() {
                 "", r.pass, r.nodes_before, r.nodes_after
             );
         }
+        // Memory planning: two runs on zeros (batch 1, sequence 1 for symbolic dimensions);
+        // the first teaches the plan its sizes, the second runs in the arena.
+        let plan = pool
+            .install(|| graph::compile(&optimized, registry.snapshot(), &[Device::CPU], usize::MAX))
+            .expect("compile");
+        let feeds = || -> HashMap<String, Arc<HostTensor>> {
+            optimized
+                .inputs
+                .iter()
+                .map(|i| {
+                    let shape: Vec<usize> = i
+                        .shape
+                        .iter()
+                        .flatten()
+                        .map(|d| match d {
+                            graph::Dim::Fixed(n) => *n,
+                            graph::Dim::Symbolic(_) => 1,
+                        })
+                        .collect();
+                    let t = HostTensor::zeroed(i.dtype, &shape).expect("input");
+                    (i.name.clone(), Arc::new(t))
+                })
+                .collect()
+        };
+        for _ in 0..2 {
+            pool.install(|| graph::run(&plan, feeds())).expect("run");
+        }
+        let m = plan.memory.stats();
+        println!(
+            "{:>12}   memory plan: values {:.1} MB in an arena of {:.1} MB ({:.2}), {} arena(s) for 2 runs",
+            "",
+            m.value_bytes as f64 / 1e6,
+            m.arena_bytes as f64 / 1e6,
+            m.arena_bytes as f64 / m.value_bytes.max(1) as f64,
+            m.arenas_allocated
+        );
     }
 }

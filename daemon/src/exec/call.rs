@@ -5,7 +5,7 @@
 use super::{log_from_plugin, BoundKernel, KernelError};
 use crate::registry::Snapshot;
 use opreg_sdk::{
-    host::{CallFrame, HostTensor},
+    host::{CallFrame, HostTensor, PlannedBuf},
     LogLevel, TensorView,
 };
 
@@ -18,7 +18,8 @@ pub struct CallLimits<'a> {
 }
 
 /// Runs `bound` (the kernel of node `label`, with `num_outputs` outputs) on `inputs`
-/// (absent optional inputs as [`TensorView::absent`]) and returns its outputs. A call cut
+/// (absent optional inputs as [`TensorView::absent`]) and returns its outputs. `planned` is the
+/// host memory the run's memory plan has for each output (see `graph::memory`), if any. A call cut
 /// short by `limits.stop` is [`KernelError::Stopped`]: its outputs are incomplete.
 pub fn call(
     snapshot: &Snapshot,
@@ -27,6 +28,7 @@ pub fn call(
     num_outputs: usize,
     inputs: &[TensorView<'_>],
     limits: &CallLimits<'_>,
+    planned: Vec<Option<PlannedBuf>>,
 ) -> Result<Vec<HostTensor>, KernelError> {
     let plugin = bound.plugin.name.as_str();
     let failed = |e: opreg_sdk::PluginError| KernelError::Failed {
@@ -53,7 +55,8 @@ pub fn call(
         &log,
     )
     .with_max_tensor_bytes(limits.max_tensor_bytes)
-    .with_stop_check(limits.stop);
+    .with_stop_check(limits.stop)
+    .with_planned_outputs(planned);
     if let Some(d) = &device {
         frame = frame.with_device(d, &bound.output_memory);
     }

@@ -222,6 +222,7 @@ pub fn run_kernel(snapshot: &Arc<Snapshot>, call: &KernelCall) -> Result<KernelR
         call.num_outputs,
         &views,
         &limits,
+        Vec::new(),
     ) {
         Ok(o) => o,
         Err(KernelError::Stopped { .. }) => return Err(ExecError::DeadlineExceeded),

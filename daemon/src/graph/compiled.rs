@@ -61,6 +61,8 @@ pub struct Plan {
     pub placement: Vec<Placement>,
     /// The copy steps at device boundaries, in plan order.
     pub copies: Vec<CopyInfo>,
+    /// Where runs place their values (see [`memory`](super::memory)).
+    pub memory: super::memory::MemoryPlan,
     /// The snapshot the plan is bound to: keeps its plugins mapped and gives BLAS backends.
     pub snapshot: Arc<Snapshot>,
 }

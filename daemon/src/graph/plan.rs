@@ -9,6 +9,7 @@
 
 use super::compiled::{Placement, Plan, Step, Work};
 use super::control::{self, Typed};
+use super::memory::MemoryPlan;
 use super::passes::Fusion;
 use super::schedule::schedule;
 use super::subgraphs::{subgraphs, Subgraphs};
@@ -467,9 +468,24 @@ fn finish(
             last_use.insert(*s, k);
         }
     }
-    for (s, k) in last_use {
+    let mut lifetimes = vec![None; types.len()];
+    for (&s, &k) in &last_use {
         if !keep.contains(&s) {
             steps[k].release.push(s);
+        }
+    }
+    // Values a run may place in its arena: made by a host kernel step and released by the
+    // run (not outputs, constants, or values from control flow and copies).
+    for (made, st) in steps.iter().enumerate() {
+        if !matches!(st.work, Work::Kernel(_)) || st.device != Device::CPU {
+            continue;
+        }
+        for s in st.outputs.iter().flatten() {
+            if let (Some(&last), false) = (last_use.get(s), keep.contains(s)) {
+                if let Some(l) = lifetimes.get_mut(*s) {
+                    *l = Some((made, last.max(made)));
+                }
+            }
         }
     }
     Ok(Plan {
@@ -483,6 +499,7 @@ fn finish(
         output_shapes,
         placement,
         copies,
+        memory: MemoryPlan::new(lifetimes),
         snapshot,
     })
 }
@@ -512,7 +529,15 @@ fn fold(
         max_tensor_bytes: *budget,
         stop: &stop,
     };
-    match exec::call(snapshot, bound, label, num_outputs, &views, &limits) {
+    match exec::call(
+        snapshot,
+        bound,
+        label,
+        num_outputs,
+        &views,
+        &limits,
+        Vec::new(),
+    ) {
         Ok(outs) => {
             let bytes: usize = outs.iter().map(|t| t.byte_len()).sum();
             Ok((bytes <= *budget).then(|| {

@@ -6,13 +6,18 @@
 
 use super::{
     compiled::{Plan, ScanSpec, Step, Work},
-    copy, GraphError,
+    copy,
+    memory::ShapeKey,
+    GraphError,
 };
 use crate::{
     exec::{self, BoundKernel, CallLimits, KernelError},
     registry::Snapshot,
 };
-use opreg_sdk::{host::HostTensor, DType, TensorView};
+use opreg_sdk::{
+    host::{HostTensor, PlannedBuf},
+    DType, TensorView,
+};
 use std::{
     collections::HashMap,
     sync::{
@@ -224,6 +229,23 @@ fn run_with(
     control: &RunControl,
     observe: &mut dyn FnMut(StepTime),
 ) -> Result<Vec<(String, Value)>, GraphError> {
+    // The input shapes pick the memory pattern: an arena when one was learnt for them, else
+    // this run records the sizes to learn it.
+    let key: ShapeKey = plan
+        .inputs
+        .iter()
+        .map(|(name, _)| {
+            feeds.get(name).map_or((DType::UNDEFINED, Vec::new()), |t| {
+                (t.dtype(), t.shape().to_vec())
+            })
+        })
+        .collect();
+    let arena = plan.memory.arena(&key);
+    let mut sizes: Vec<Option<usize>> = if arena.is_none() {
+        vec![None; plan.slots]
+    } else {
+        Vec::new()
+    };
     let mut values = Values {
         slots: vec![None; plan.slots],
         owned: vec![false; plan.slots],
@@ -250,10 +272,18 @@ fn run_with(
             .map(|s| s.and_then(|s| values.get(s)))
             .collect();
         let outs: Vec<Value> = match &step.work {
-            Work::Kernel(bound) => { run_kernel_step(step, bound, &ins, &plan.snapshot, control)? }
-                .into_iter()
-                .map(Arc::new)
-                .collect(),
+            Work::Kernel(bound) => {
+                let planned = arena.as_ref().map_or_else(Vec::new, |a| {
+                    step.outputs
+                        .iter()
+                        .map(|s| s.and_then(|s| a.place(s)))
+                        .collect()
+                });
+                run_kernel_step(step, bound, &ins, &plan.snapshot, control, planned)?
+                    .into_iter()
+                    .map(Arc::new)
+                    .collect()
+            }
             Work::Copy { from, to } => {
                 let t = ins.first().cloned().flatten().ok_or_else(|| {
                     GraphError::Invalid(format!("{}: nothing to copy", step.label))
@@ -292,6 +322,11 @@ fn run_with(
         let output_bytes = outs.iter().map(|t| bytes_of(t)).sum();
         for (s, t) in step.outputs.iter().zip(outs) {
             if let Some(s) = s {
+                if plan.memory.plannable(*s) && t.on_host() && t.dtype() != DType::String {
+                    if let Some(size) = sizes.get_mut(*s) {
+                        *size = Some(t.byte_len());
+                    }
+                }
                 values.set(*s, t, &step.label)?;
             }
         }
@@ -304,7 +339,8 @@ fn run_with(
             output_bytes,
         });
     }
-    plan.outputs
+    let outputs = plan
+        .outputs
         .iter()
         .map(|(name, s)| {
             values
@@ -312,7 +348,11 @@ fn run_with(
                 .map(|t| (name.clone(), t))
                 .ok_or_else(|| GraphError::Invalid(format!("output '{name}' was not computed")))
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    if !sizes.is_empty() {
+        plan.memory.learn(key, &sizes);
+    }
+    Ok(outputs)
 }
 
 /// Runs one kernel step on `inputs` (by position; `None` for absent ones).
@@ -322,6 +362,7 @@ fn run_kernel_step(
     inputs: &[Option<Value>],
     snapshot: &Snapshot,
     control: &RunControl,
+    planned: Vec<Option<PlannedBuf>>,
 ) -> Result<Vec<HostTensor>, GraphError> {
     let views: Vec<TensorView<'_>> = inputs
         .iter()
@@ -339,6 +380,7 @@ fn run_kernel_step(
         step.outputs.len(),
         &views,
         &limits,
+        planned,
     ) {
         Ok(outs) => Ok(outs),
         Err(KernelError::Stopped { .. }) => {

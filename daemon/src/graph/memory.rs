@@ -1,0 +1,298 @@
+//! Memory planning: the values of a run live at planned offsets of one arena instead of one
+//! heap allocation each, and arenas are kept between runs, so a steady-state run allocates
+//! nothing per value (ONNX Runtime's memory patterns).
+//!
+//! Shapes often depend on the inputs (a symbolic batch), so the offsets are planned per set of
+//! input shapes: the first run with new shapes allocates as usual and records each value's
+//! size; from the second on, the plan's liveness (when each value is made and last read) and
+//! those sizes give offsets, greedily by size (a value shares memory only with values whose
+//! lifetimes do not overlap its own). A value whose size turns out different (data-dependent
+//! operators) goes to the heap as before. Only values the run owns and drops are planned:
+//! graph outputs leave the run, constants belong to the plan, and values made by control flow
+//! or copies come from elsewhere.
+//!
+//! Soundness does not rest on the plan being right: a tensor placed in an arena holds the arena
+//! (`PlannedBuf::keep`), and an arena is reused only when nothing else holds it.
+
+// Sizes here come from models and requests: no unchecked index or slice.
+#![deny(clippy::indexing_slicing)]
+
+use opreg_sdk::host::PlannedBuf;
+use opreg_sdk::DType;
+use std::{
+    alloc::Layout,
+    collections::HashMap,
+    ptr::NonNull,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+};
+
+/// Offsets are multiples of this (the alignment kernels get from a fresh allocation).
+const ALIGN: usize = 64;
+/// Input shapes remembered per plan; more are run without planning.
+const MAX_PATTERNS: usize = 16;
+/// Idle arenas kept per pattern (one per concurrent run).
+const MAX_IDLE_ARENAS: usize = 4;
+
+/// The dtypes and shapes of a run's formal inputs: what a pattern is planned for.
+pub(super) type ShapeKey = Vec<(DType, Vec<usize>)>;
+
+/// One block of host memory values are placed in.
+struct Arena {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: plain owned memory; which range is written by whom is governed by the plan.
+unsafe impl Send for Arena {}
+unsafe impl Sync for Arena {}
+
+impl Arena {
+    fn new(len: usize) -> Option<Arena> {
+        let layout = Layout::from_size_align(len.max(1), ALIGN).ok()?;
+        // SAFETY: non-zero size. Not zeroed: every range is zeroed when an output takes it.
+        let ptr = NonNull::new(unsafe { std::alloc::alloc(layout) })?;
+        Some(Arena { ptr, len })
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe {
+            std::alloc::dealloc(
+                self.ptr.as_ptr(),
+                Layout::from_size_align_unchecked(self.len.max(1), ALIGN),
+            )
+        }
+    }
+}
+
+/// Offsets for one set of input shapes, and its idle arenas.
+struct Pattern {
+    /// Per slot: `(offset, bytes)` in the arena.
+    places: Vec<Option<(usize, usize)>>,
+    size: usize,
+    idle: Mutex<Vec<Arc<Arena>>>,
+}
+
+/// The memory plan of one compiled graph: which values may be planned (their lifetimes in
+/// step positions), and the patterns learnt so far.
+pub struct MemoryPlan {
+    /// Per slot: `(made by step, last read by step)` for the values runs may place.
+    lifetimes: Vec<Option<(usize, usize)>>,
+    patterns: Mutex<HashMap<ShapeKey, Arc<Pattern>>>,
+    arenas_allocated: AtomicU64,
+}
+
+/// What a plan's memory planning did so far.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// Sets of input shapes planned for.
+    pub patterns: usize,
+    /// Arenas allocated over the plan's life (a steady state allocates none).
+    pub arenas_allocated: u64,
+    /// Arena bytes of the largest pattern, and the bytes its values would take one allocation
+    /// each (the difference is what liveness saves).
+    pub arena_bytes: usize,
+    pub value_bytes: usize,
+}
+
+impl MemoryPlan {
+    /// A plan over `lifetimes` (per slot, `None` for values runs must not place).
+    pub(super) fn new(lifetimes: Vec<Option<(usize, usize)>>) -> Self {
+        MemoryPlan {
+            lifetimes,
+            patterns: Mutex::new(HashMap::new()),
+            arenas_allocated: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether runs may place the value in `slot`.
+    pub(super) fn plannable(&self, slot: usize) -> bool {
+        matches!(self.lifetimes.get(slot), Some(Some(_)))
+    }
+
+    /// An arena for a run with input shapes `key`, when a pattern exists for them.
+    pub(super) fn arena(&self, key: &ShapeKey) -> Option<RunArena> {
+        let pattern = self.patterns.lock().ok()?.get(key).cloned()?;
+        let reused = pattern.idle.lock().ok().and_then(|mut idle| {
+            // Only an arena nothing else holds: a tensor of an earlier run may still be alive.
+            let i = idle.iter().position(|a| Arc::strong_count(a) == 1)?;
+            Some(idle.swap_remove(i))
+        });
+        let arena = match reused {
+            Some(a) => a,
+            None => {
+                self.arenas_allocated.fetch_add(1, Ordering::Relaxed);
+                Arc::new(Arena::new(pattern.size)?)
+            }
+        };
+        Some(RunArena { pattern, arena })
+    }
+
+    /// Learns the pattern for `key` from the sizes a run recorded (per slot, bytes).
+    pub(super) fn learn(&self, key: ShapeKey, sizes: &[Option<usize>]) {
+        let Ok(mut patterns) = self.patterns.lock() else {
+            return;
+        };
+        if patterns.len() >= MAX_PATTERNS || patterns.contains_key(&key) {
+            return;
+        }
+        let values: Vec<(usize, usize, (usize, usize))> = sizes
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, bytes)| {
+                let bytes = (*bytes)?.checked_next_multiple_of(ALIGN)?;
+                let life = (*self.lifetimes.get(slot)?)?;
+                (bytes > 0).then_some((slot, bytes, life))
+            })
+            .collect();
+        let (places, size) = assign(&values, self.lifetimes.len());
+        patterns.insert(
+            key,
+            Arc::new(Pattern {
+                places,
+                size,
+                idle: Mutex::new(Vec::new()),
+            }),
+        );
+    }
+
+    pub fn stats(&self) -> MemoryStats {
+        let patterns = self.patterns.lock().map(|p| p.clone()).unwrap_or_default();
+        let largest = patterns.values().max_by_key(|p| p.size);
+        MemoryStats {
+            patterns: patterns.len(),
+            arenas_allocated: self.arenas_allocated.load(Ordering::Relaxed),
+            arena_bytes: largest.map_or(0, |p| p.size),
+            value_bytes: largest.map_or(0, |p| p.places.iter().flatten().map(|(_, b)| b).sum()),
+        }
+    }
+}
+
+/// Greedy-by-size offsets: the largest values first, each at the lowest offset where it
+/// overlaps no placed value whose lifetime overlaps its own. Returns per-slot places and the
+/// arena size.
+fn assign(
+    values: &[(usize, usize, (usize, usize))],
+    slots: usize,
+) -> (Vec<Option<(usize, usize)>>, usize) {
+    let mut order: Vec<&(usize, usize, (usize, usize))> = values.iter().collect();
+    order.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut placed: Vec<(usize, usize, (usize, usize))> = Vec::new(); // (offset, bytes, life)
+    let mut places = vec![None; slots];
+    let mut size = 0usize;
+    for &&(slot, bytes, (start, end)) in &order {
+        let mut busy: Vec<(usize, usize)> = placed
+            .iter()
+            .filter(|(_, _, (s, e))| *s <= end && start <= *e)
+            .map(|(o, b, _)| (*o, *b))
+            .collect();
+        busy.sort_unstable();
+        let mut offset = 0usize;
+        for (o, b) in busy {
+            if offset.saturating_add(bytes) <= o {
+                break;
+            }
+            offset = offset.max(o.saturating_add(b));
+        }
+        placed.push((offset, bytes, (start, end)));
+        if let Some(p) = places.get_mut(slot) {
+            *p = Some((offset, bytes));
+        }
+        size = size.max(offset.saturating_add(bytes));
+    }
+    (places, size)
+}
+
+/// One run's arena: where its planned values go. Returned to its pattern when dropped.
+pub(super) struct RunArena {
+    pattern: Arc<Pattern>,
+    arena: Arc<Arena>,
+}
+
+impl RunArena {
+    /// The range planned for `slot`, if any.
+    pub(super) fn place(&self, slot: usize) -> Option<PlannedBuf> {
+        let (offset, len) = (*self.pattern.places.get(slot)?)?;
+        if offset.checked_add(len)? > self.arena.len {
+            return None;
+        }
+        // SAFETY: `offset + len` is within the arena (checked above).
+        let ptr = unsafe { NonNull::new_unchecked(self.arena.ptr.as_ptr().add(offset)) };
+        Some(PlannedBuf {
+            ptr,
+            len,
+            keep: self.arena.clone(),
+        })
+    }
+}
+
+impl Drop for RunArena {
+    fn drop(&mut self) {
+        if let Ok(mut idle) = self.pattern.idle.lock() {
+            if idle.len() < MAX_IDLE_ARENAS {
+                idle.push(self.arena.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_whose_lifetimes_do_not_overlap_share_memory() {
+        // a: steps 0-1, b: 1-2, c: 2-3, d: 0-3 (alive throughout).
+        let values = [
+            (0, 128, (0, 1)),
+            (1, 64, (1, 2)),
+            (2, 128, (2, 3)),
+            (3, 64, (0, 3)),
+        ];
+        let (places, size) = assign(&values, 4);
+        let (a, b, c, d) = (
+            places[0].unwrap(),
+            places[1].unwrap(),
+            places[2].unwrap(),
+            places[3].unwrap(),
+        );
+        // a and c never live together: the same memory.
+        assert_eq!(a.0, c.0);
+        // Everything alive at once is disjoint.
+        let disjoint = |x: (usize, usize), y: (usize, usize)| x.0 + x.1 <= y.0 || y.0 + y.1 <= x.0;
+        for (x, y) in [(a, b), (a, d), (b, c), (b, d), (c, d)] {
+            assert!(disjoint(x, y), "{x:?} {y:?}");
+        }
+        assert_eq!(
+            size,
+            128 + 64 + 64,
+            "less than the 384 bytes of one buffer each"
+        );
+    }
+
+    #[test]
+    fn arenas_are_reused_only_when_nothing_holds_them() {
+        let plan = MemoryPlan::new(vec![Some((0, 1)), Some((1, 2)), None]);
+        let key: ShapeKey = vec![(DType::F32, vec![2])];
+        assert!(plan.arena(&key).is_none(), "nothing learnt yet");
+        plan.learn(key.clone(), &[Some(100), Some(10), Some(1000)]);
+        let run = plan.arena(&key).expect("pattern");
+        let a = run.place(0).expect("slot 0 planned");
+        assert_eq!((a.len, a.ptr.as_ptr() as usize % ALIGN), (128, 0));
+        assert!(run.place(2).is_none(), "slot 2 is not plannable");
+        drop(run);
+        // `a` still holds the first arena: the next run gets a second one.
+        let second = plan.arena(&key).expect("pattern");
+        assert_eq!(plan.stats().arenas_allocated, 2);
+        drop(second);
+        drop(a);
+        let _third = plan.arena(&key).expect("pattern");
+        assert_eq!(plan.stats().arenas_allocated, 2, "an idle arena is reused");
+    }
+}
