@@ -1,6 +1,8 @@
 //! Whole models: opreg's graph runtime (in-process, the workspace's release plugins) side by
 //! side with ONNX Runtime (Python, same machine, same thread count) in one run. Reports the
-//! median-latency ratio opreg / ONNX Runtime per model, after checking both agree.
+//! median-latency ratio opreg / ONNX Runtime per model, after checking both agree: a small MLP
+//! and CNN, and ResNet-50 and MobileNetV2 at batch 1 when `target/models` has them
+//! (`scripts/bench` writes them).
 //!
 //! Run with `scripts/bench`.
 
@@ -25,6 +27,7 @@ fn main() {
         .arg(opreg_tests::workspace().join("tests/python/bench_ort.py"))
         .arg(dir.path())
         .arg(threads.to_string())
+        .arg(opreg_tests::workspace().join("target/models"))
         .output()
         .expect("run onnxruntime side");
     assert!(
@@ -32,8 +35,8 @@ fn main() {
         "onnxruntime side failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let json = String::from_utf8_lossy(&out.stdout).to_string();
-
+    let results: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&out.stdout).expect("onnxruntime side's JSON");
     let registry = Registry::new(dir.path().join("stage"), Default::default());
     let loaded = registry.load_all(&[
         opreg_tests::plugin("onnx_ops"),
@@ -47,31 +50,23 @@ fn main() {
     let pool = ComputePool::new(threads).expect("pool");
     println!("threads: {threads}");
     println!(
-        "{:>6} {:>12} {:>12} {:>14}",
+        "{:>12} {:>12} {:>12} {:>14}",
         "model", "opreg ms", "ORT ms", "opreg/ORT"
     );
-    for name in ["mlp", "cnn"] {
-        let ort_ms: f64 = json
-            .split(&format!("\"{name}\": {{\"ort_ms\": "))
-            .nth(1)
-            .and_then(|s| s.split([',', '}']).next())
-            .and_then(|s| s.trim().parse().ok())
-            .expect("ort_ms");
-        let shape: Vec<usize> = json
-            .split(&format!("\"{name}\": "))
-            .nth(1)
-            .and_then(|s| s.split("\"shape\": [").nth(1))
-            .and_then(|s| s.split(']').next())
-            .map(|s| {
-                s.split(',')
-                    .map(|d| d.trim().parse().expect("dim"))
-                    .collect()
-            })
-            .expect("shape");
-        let bytes = std::fs::read(dir.path().join(format!("{name}.onnx"))).expect("model");
+    for (name, r) in &results {
+        let ort_ms = r["ort_ms"].as_f64().expect("ort_ms");
+        let shape: Vec<usize> = r["shape"]
+            .as_array()
+            .expect("shape")
+            .iter()
+            .map(|d| d.as_u64().expect("dim") as usize)
+            .collect();
+        let bytes = std::fs::read(r["path"].as_str().expect("path")).expect("model");
         let input = std::fs::read(dir.path().join(format!("{name}.input"))).expect("input");
         let want = f32s(&std::fs::read(dir.path().join(format!("{name}.output"))).expect("output"));
-        let model = graph::import(&bytes, None).expect("import");
+        // As the daemon serves a model: the standard passes once, then compile (fusions).
+        let mut model = graph::import(&bytes, None).expect("import");
+        graph::optimize(&mut model).expect("passes");
         let snapshot = registry.snapshot();
         let plan = pool
             .install(|| graph::compile(&model, snapshot, &[Device::CPU], usize::MAX))
@@ -101,7 +96,7 @@ fn main() {
         times.sort_by(f64::total_cmp);
         let ours = times[times.len() / 2];
         println!(
-            "{name:>6} {ours:>12.3} {ort_ms:>12.3} {:>14.2}",
+            "{name:>12} {ours:>12.3} {ort_ms:>12.3} {:>14.2}",
             ours / ort_ms
         );
         if std::env::var_os("OPREG_BENCH_PROFILE").is_some() {

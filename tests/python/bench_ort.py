@@ -1,9 +1,11 @@
 """Benchmark peer: builds the benchmark models, runs them in onnxruntime, and writes what the
 opreg side needs to run the same thing.
 
-usage: python bench_ort.py DIR THREADS
+usage: python bench_ort.py DIR THREADS [REAL_MODELS_DIR]
 writes DIR/<model>.onnx, DIR/<model>.input (raw f32), DIR/<model>.output (raw f32) and prints
-one JSON line: {model: {"ort_ms": median, "shape": [...]}}
+one JSON line: {model: {"ort_ms": median, "shape": [...], "path": model file}}. With
+REAL_MODELS_DIR (tests/python/make_models.py's output), ResNet-50 and MobileNetV2 from there
+are run too, at batch 1.
 """
 import json
 import os
@@ -64,6 +66,14 @@ models["cnn"] = (save(
     x,
 ), x)
 
+if len(sys.argv) > 3:
+    for real in ["resnet50", "mobilenetv2"]:
+        path = os.path.join(sys.argv[3], real + ".onnx")
+        if os.path.exists(path):
+            x = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)
+            x.tofile(os.path.join(out_dir, real + ".input"))
+            models[real] = (path, x)
+
 result = {}
 opts = ort.SessionOptions()
 opts.intra_op_num_threads = threads
@@ -78,5 +88,5 @@ for name, (path, x) in models.items():
         t = time.perf_counter()
         sess.run(None, {"x": x})
         times.append(time.perf_counter() - t)
-    result[name] = {"ort_ms": float(np.median(times) * 1e3), "shape": list(x.shape)}
+    result[name] = {"ort_ms": float(np.median(times) * 1e3), "shape": list(x.shape), "path": path}
 print(json.dumps(result))
