@@ -53,16 +53,7 @@ pub const SIGNED: &[DType] = &[DType::I8, DType::I16, DType::I32, DType::I64];
 pub const UNSIGNED: &[DType] = &[DType::U8, DType::U16, DType::U32, DType::U64];
 
 /// Every integer type, 8 to 64 bits, signed and unsigned.
-pub const INTEGERS: &[DType] = &[
-    DType::U8,
-    DType::I8,
-    DType::U16,
-    DType::I16,
-    DType::U32,
-    DType::I32,
-    DType::U64,
-    DType::I64,
-];
+pub const INTEGERS: &[DType] = DType::ALL.split_at(9).0.split_at(1).1;
 
 /// The signed integers and the floats: the types with a negation (`Neg`, `Abs` of a signed
 /// value).
@@ -78,59 +69,17 @@ pub const SIGNED_AND_FLOATS: &[DType] = &[
 ];
 
 /// Every integer and float type: [`INTEGERS`] then [`FLOATS`] (ONNX's "all numeric types").
-pub const NUMERIC: &[DType] = &[
-    DType::U8,
-    DType::I8,
-    DType::U16,
-    DType::I16,
-    DType::U32,
-    DType::I32,
-    DType::U64,
-    DType::I64,
-    DType::F16,
-    DType::BF16,
-    DType::F32,
-    DType::F64,
-];
+pub const NUMERIC: &[DType] = DType::ALL.split_at(13).0.split_at(1).1;
 
 /// Just bool, for logical operators and masks.
 pub const BOOL: &[DType] = &[DType::Bool];
 
 /// Every non-string tensor type: bool then [`NUMERIC`] (ONNX's "all numeric types and bool";
 /// the types [`Scalar`] is implemented for).
-pub const ALL: &[DType] = &[
-    DType::Bool,
-    DType::U8,
-    DType::I8,
-    DType::U16,
-    DType::I16,
-    DType::U32,
-    DType::I32,
-    DType::U64,
-    DType::I64,
-    DType::F16,
-    DType::BF16,
-    DType::F32,
-    DType::F64,
-];
+pub const ALL: &[DType] = DType::ALL.split_at(13).0;
 
 /// [`ALL`] and strings: the types equality and selection (`Equal`, `Where`) accept.
-pub const ALL_AND_STRING: &[DType] = &[
-    DType::Bool,
-    DType::U8,
-    DType::I8,
-    DType::U16,
-    DType::I16,
-    DType::U32,
-    DType::I32,
-    DType::U64,
-    DType::I64,
-    DType::F16,
-    DType::BF16,
-    DType::F32,
-    DType::F64,
-    DType::String,
-];
+pub const ALL_AND_STRING: &[DType] = DType::ALL.split_at(14).0;
 
 /// The index types ONNX operators take for axes, sizes and positions: i32, i64.
 pub const INDICES: &[DType] = &[DType::I32, DType::I64];

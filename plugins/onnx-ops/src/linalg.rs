@@ -81,15 +81,8 @@ pub fn register(r: &mut Registrar) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::util::testing::t;
+    use crate::util::testing::{close, t};
     use opreg_sdk::testkit::{run_kernel_opt, NodeSpec};
-
-    fn close(got: &[f32], want: &[f32], tol: f32) {
-        assert_eq!(got.len(), want.len(), "{got:?} vs {want:?}");
-        for (g, w) in got.iter().zip(want) {
-            assert!((g - w).abs() <= tol, "{got:?} vs {want:?}");
-        }
-    }
 
     #[test]
     fn det_batched() {

@@ -312,6 +312,14 @@ mod tests {
 #[cfg(test)]
 pub(crate) mod testing {
     use super::Factory;
+
+    /// Asserts `got` equals `want` element by element within `tol`.
+    pub fn close(got: &[f32], want: &[f32], tol: f32) {
+        assert_eq!(got.len(), want.len(), "{got:?} vs {want:?}");
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() <= tol, "{got:?} vs {want:?}");
+        }
+    }
     use opreg_sdk::{
         host::HostTensor,
         kernel::{FfiKernelBox, FfiKernelFactoryBox},

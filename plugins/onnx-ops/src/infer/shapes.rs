@@ -124,6 +124,11 @@ fn axis(a: i64, rank: usize) -> Option<usize> {
         .then(|| if a < 0 { (a + r) as usize } else { a as usize })
 }
 
+/// Every axis of `list` normalised for `rank`; `None` when one is out of range.
+fn axes_of(list: &[i64], rank: usize) -> Option<Vec<usize>> {
+    list.iter().map(|&a| axis(a, rank)).collect()
+}
+
 /// Two dimensions that must broadcast; `None` when they visibly do not.
 fn broadcast_dim(a: i64, b: i64) -> Option<i64> {
     Some(match (a, b) {
@@ -279,8 +284,7 @@ pub(super) fn infer(node: &NodeInfo<'_>) -> Vec<Shape> {
                 let x = input(0)?;
                 let axes = attr_ints(node, "axes").or_else(|| const_ints(1))?;
                 let rank = x.len() + axes.len();
-                let mut axes: Vec<usize> =
-                    axes.iter().map(|&a| axis(a, rank)).collect::<Option<_>>()?;
+                let mut axes = axes_of(&axes, rank)?;
                 axes.sort_unstable();
                 let mut s = x;
                 for a in axes {
@@ -292,10 +296,7 @@ pub(super) fn infer(node: &NodeInfo<'_>) -> Vec<Shape> {
                 let x = input(0)?;
                 match attr_ints(node, "axes").or_else(|| const_ints(1)) {
                     Some(axes) => {
-                        let axes: Vec<usize> = axes
-                            .iter()
-                            .map(|&a| axis(a, x.len()))
-                            .collect::<Option<_>>()?;
+                        let axes = axes_of(&axes, x.len())?;
                         Some(
                             x.into_iter()
                                 .enumerate()
@@ -406,10 +407,7 @@ fn reduce(node: &NodeInfo<'_>, x: Shape, const_axes: Option<Vec<i64>>) -> Shape 
             _ => (0..x.len() as i64).collect(),
         }
     };
-    let axes: Vec<usize> = axes
-        .iter()
-        .map(|&a| axis(a, x.len()))
-        .collect::<Option<_>>()?;
+    let axes = axes_of(&axes, x.len())?;
     Some(
         x.into_iter()
             .enumerate()

@@ -155,15 +155,8 @@ pub fn register(r: &mut Registrar) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::util::testing::{run, t};
+    use crate::util::testing::{close, run, t};
     use opreg_sdk::testkit::NodeSpec;
-
-    fn close(got: &[f32], want: &[f32], tol: f32) {
-        assert_eq!(got.len(), want.len(), "{got:?} vs {want:?}");
-        for (g, w) in got.iter().zip(want) {
-            assert!((g - w).abs() <= tol, "{got:?} vs {want:?}");
-        }
-    }
 
     #[test]
     fn dft_forward_inverse_onesided() {
