@@ -77,14 +77,28 @@ fn main() {
             pool.install(|| graph::run(&plan, feeds)).expect("run")
         };
         let got = f32s(run()[0].1.bytes());
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs() / (1e-3 + b.abs()))
-            .fold(0f32, f32::max);
+        // Float models: the worst per-element relative error. Quantized ones: the worst
+        // difference against the largest logit, since each requantization may round a value
+        // one step the other way and the steps add up over 53 layers (onnxruntime's own float
+        // and fused integer paths differ by ~1.5 % of the largest logit here).
+        let (error, limit) = if name.ends_with("_qdq") {
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            (diff / scale, 5e-2)
+        } else {
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs() / (1e-3 + b.abs()))
+                .fold(0f32, f32::max);
+            (worst, 1e-2)
+        };
         assert!(
-            worst < 1e-2,
-            "{name}: opreg and onnxruntime disagree (worst relative error {worst})"
+            error < limit,
+            "{name}: opreg and onnxruntime disagree (error {error}, limit {limit})"
         );
         let mut times = Vec::new();
         let start = Instant::now();

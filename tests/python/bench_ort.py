@@ -4,8 +4,8 @@ opreg side needs to run the same thing.
 usage: python bench_ort.py DIR THREADS [REAL_MODELS_DIR]
 writes DIR/<model>.onnx, DIR/<model>.input (raw f32), DIR/<model>.output (raw f32) and prints
 one JSON line: {model: {"ort_ms": median, "shape": [...], "path": model file}}. With
-REAL_MODELS_DIR (tests/python/make_models.py's output), ResNet-50 and MobileNetV2 from there
-are run too, at batch 1.
+REAL_MODELS_DIR (tests/python/make_models.py's output), ResNet-50, MobileNetV2 and ResNet-50
+quantized to QDQ from there are run too, at batch 1.
 """
 import json
 import os
@@ -67,7 +67,7 @@ models["cnn"] = (save(
 ), x)
 
 if len(sys.argv) > 3:
-    for real in ["resnet50", "mobilenetv2"]:
+    for real in ["resnet50", "mobilenetv2", "resnet50_qdq"]:
         path = os.path.join(sys.argv[3], real + ".onnx")
         if os.path.exists(path):
             x = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)

@@ -300,13 +300,24 @@ fn requantized_bias(
             let dq = dq_of(model, producer, b)?;
             let q = constant(model, &dq.input)?;
             let s = scale(model, &dq.scale, Some(q.len()))?;
-            if dq.zero_point.is_some() || q.dtype() != DType::I32 {
+            if q.dtype() != DType::I32 {
                 return None;
             }
+            // Quantizers write an all-zero int32 zero point, or none.
+            let zp = match &dq.zero_point {
+                Some(z) => constant(model, z)
+                    .filter(|t| t.dtype() == DType::I32)?
+                    .to_vec::<i32>()
+                    .ok()?,
+                None => vec![0],
+            };
             let q = q.to_vec::<i32>().ok()?;
             q.iter()
                 .enumerate()
-                .map(|(c, &v)| Some(f64::from(v) * f64::from(*s.get(c).or(s.first())?)))
+                .map(|(c, &v)| {
+                    let z = *zp.get(c).or(zp.first())?;
+                    Some((f64::from(v) - f64::from(z)) * f64::from(*s.get(c).or(s.first())?))
+                })
                 .collect::<Option<_>>()?
         }
     };
@@ -325,7 +336,8 @@ fn requantized_bias(
     HostTensor::from_vec(&[channels], &ints).ok()
 }
 
-/// Removes `DequantizeLinear` nodes whose output nothing reads any more.
+/// Removes `DequantizeLinear` nodes whose output nothing reads any more, then the constants
+/// only they read (the float weights' and biases' quantized forms a fused node replaced).
 fn remove_unread_dequantize(model: &mut Model) -> Result<(), GraphError> {
     let read = reads(model)?;
     let outputs: Vec<&str> = model.outputs.iter().map(|o| o.name.as_str()).collect();
@@ -340,6 +352,11 @@ fn remove_unread_dequantize(model: &mut Model) -> Result<(), GraphError> {
         })
         .collect();
     super::remove_nodes(model, &remove);
+    let read = reads(model)?;
+    let outputs: Vec<String> = model.outputs.iter().map(|o| o.name.clone()).collect();
+    model
+        .initializers
+        .retain(|name, _| read.contains_key(name) || outputs.contains(name));
     Ok(())
 }
 
