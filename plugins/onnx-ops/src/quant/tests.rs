@@ -722,3 +722,42 @@ fn qlinear_conv_huge_pads_are_refused() {
         assert_eq!(e.code, code, "{}", e.message);
     }
 }
+
+#[test]
+fn per_tensor_fast_paths_match_the_formula_across_chunks_and_edge_values() {
+    // Longer than one parallel chunk, with ties, saturation, infinities and NaN.
+    let n = 3 * GRAIN + 17;
+    let mut xs: Vec<f32> = (0..n).map(|i| (i as f32 - n as f32 / 2.0) * 0.37).collect();
+    xs[..6].copy_from_slice(&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.5, -2.5, 1e30]);
+    let x = t(&[n], &xs);
+    let s = t::<f32>(&[], &[0.5]);
+    for (zp, signed) in [(t::<u8>(&[], &[7]), false), (t::<i8>(&[], &[-3]), true)] {
+        let q = quantize(
+            NodeSpec::onnx("QuantizeLinear", 19),
+            &[Some(&x), Some(&s), Some(&zp)],
+        );
+        let z = if signed { -3.0 } else { 7.0 };
+        let want: Vec<u8> = xs
+            .iter()
+            .map(|&v| {
+                let r = (v / 0.5).round_ties_even() as f64 + z;
+                if signed {
+                    (r as i8) as u8
+                } else {
+                    r as u8
+                }
+            })
+            .collect();
+        assert_eq!(q[0].bytes(), &want[..], "signed {signed}");
+        // And back: (q - z) * s, for every element.
+        let d = dequantize(
+            NodeSpec::onnx("DequantizeLinear", 19),
+            &[Some(&q[0]), Some(&s), Some(&zp)],
+        );
+        let back = d[0].to_vec::<f32>().unwrap();
+        for (i, (&b, &c)) in back.iter().zip(q[0].bytes()).enumerate() {
+            let code = if signed { c as i8 as f32 } else { c as f32 };
+            assert_eq!(b, (code - z as f32) * 0.5, "element {i}");
+        }
+    }
+}
