@@ -24,7 +24,7 @@ use std::{
     collections::HashMap,
     ptr::NonNull,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
     },
 };
@@ -35,6 +35,11 @@ const ALIGN: usize = 64;
 const MAX_PATTERNS: usize = 16;
 /// Idle arenas kept per pattern (one per concurrent run).
 const MAX_IDLE_ARENAS: usize = 4;
+/// Idle arena bytes kept per plan, over all its patterns. Clients choose the input shapes, so
+/// without a bound a few requests of different shapes would make a plan hold several of the
+/// largest arenas a request may need; past it, an arena is freed after its run (that run's
+/// shapes then allocate per run, as without planning).
+const MAX_IDLE_BYTES: usize = 256 << 20;
 
 /// The dtypes and shapes of a run's formal inputs: what a pattern is planned for.
 pub(super) type ShapeKey = Vec<(DType, Vec<usize>)>;
@@ -76,6 +81,8 @@ struct Pattern {
     places: Vec<Option<(usize, usize)>>,
     size: usize,
     idle: Mutex<Vec<Arc<Arena>>>,
+    /// The plan's idle bytes over all its patterns (see [`MAX_IDLE_BYTES`]).
+    idle_bytes: Arc<AtomicUsize>,
 }
 
 /// The memory plan of one compiled graph: which values may be planned (their lifetimes in
@@ -85,6 +92,7 @@ pub struct MemoryPlan {
     lifetimes: Vec<Option<(usize, usize)>>,
     patterns: Mutex<HashMap<ShapeKey, Arc<Pattern>>>,
     arenas_allocated: AtomicU64,
+    idle_bytes: Arc<AtomicUsize>,
 }
 
 /// What a plan's memory planning did so far.
@@ -107,6 +115,7 @@ impl MemoryPlan {
             lifetimes,
             patterns: Mutex::new(HashMap::new()),
             arenas_allocated: AtomicU64::new(0),
+            idle_bytes: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -121,7 +130,9 @@ impl MemoryPlan {
         let reused = pattern.idle.lock().ok().and_then(|mut idle| {
             // Only an arena nothing else holds: a tensor of an earlier run may still be alive.
             let i = idle.iter().position(|a| Arc::strong_count(a) == 1)?;
-            Some(idle.swap_remove(i))
+            let a = idle.swap_remove(i);
+            pattern.idle_bytes.fetch_sub(a.len, Ordering::Relaxed);
+            Some(a)
         });
         let arena = match reused {
             Some(a) => a,
@@ -157,6 +168,7 @@ impl MemoryPlan {
                 places,
                 size,
                 idle: Mutex::new(Vec::new()),
+                idle_bytes: self.idle_bytes.clone(),
             }),
         );
     }
@@ -234,8 +246,17 @@ impl RunArena {
 impl Drop for RunArena {
     fn drop(&mut self) {
         if let Ok(mut idle) = self.pattern.idle.lock() {
-            if idle.len() < MAX_IDLE_ARENAS {
+            let bytes = &self.pattern.idle_bytes;
+            let len = self.arena.len;
+            let fits = bytes
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                    b.checked_add(len).filter(|&t| t <= MAX_IDLE_BYTES)
+                })
+                .is_ok();
+            if fits && idle.len() < MAX_IDLE_ARENAS {
                 idle.push(self.arena.clone());
+            } else if fits {
+                bytes.fetch_sub(len, Ordering::Relaxed);
             }
         }
     }
@@ -294,5 +315,23 @@ mod tests {
         drop(a);
         let _third = plan.arena(&key).expect("pattern");
         assert_eq!(plan.stats().arenas_allocated, 2, "an idle arena is reused");
+    }
+
+    #[test]
+    fn idle_arenas_are_bounded_in_bytes_over_all_shapes() {
+        let plan = MemoryPlan::new(vec![Some((0, 0))]);
+        // Patterns whose arenas are each 3/8 of the idle bound: two fit, the third is freed.
+        let big = MAX_IDLE_BYTES / 8 * 3;
+        for batch in 1..=3usize {
+            let key: ShapeKey = vec![(DType::F32, vec![batch])];
+            plan.learn(key.clone(), &[Some(big)]);
+            drop(plan.arena(&key).expect("pattern"));
+        }
+        let kept = plan.idle_bytes.load(Ordering::Relaxed);
+        assert_eq!(kept, 2 * big.next_multiple_of(ALIGN), "{kept}");
+        // The third shapes' next run allocates again; the first's reuses its arena.
+        drop(plan.arena(&vec![(DType::F32, vec![3])]).expect("pattern"));
+        drop(plan.arena(&vec![(DType::F32, vec![1])]).expect("pattern"));
+        assert_eq!(plan.stats().arenas_allocated, 4);
     }
 }
