@@ -12,6 +12,7 @@ pub mod device;
 pub mod exec;
 pub mod graph;
 pub mod plugin;
+pub mod quant;
 pub mod registry;
 pub mod repo;
 pub mod server;

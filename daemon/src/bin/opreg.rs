@@ -13,6 +13,9 @@
 //! opreg optimize MODEL.onnx OUT.onnx      standard graph passes, written back as ONNX (local)
 //! opreg stats [NAME]
 //! opreg profile NAME [--runs N] [--batch B]  per-step time, kernel, device, bytes
+//! opreg quantize NAME --method quant-static --data DIR [--eval DIR] [--option k=v ...]
+//!                                      a new, quantized version of NAME, with a report
+//! opreg report PATH                    a quantization report's summary (local file/folder)
 //! ```
 
 use anyhow::{anyhow, bail, Context};
@@ -88,6 +91,34 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         batch: i64,
     },
+    /// Quantize a served model with a strategy plugin: calibration data streamed from a local
+    /// folder (or read by the daemon with --on-daemon); the result becomes a new version.
+    Quantize {
+        name: String,
+        /// The strategy (`opreg quantizers` … ListQuantizers): quant-static, quant-dynamic, …
+        #[arg(long, default_value = "quant-static")]
+        method: String,
+        /// Calibration samples: `*.npy` batches (single-input models) or one subfolder per
+        /// sample with `INPUT.npy` / `input_K.pb` files.
+        #[arg(long)]
+        data: std::path::PathBuf,
+        /// Held-out samples for the error figures (with `*.labels.npy`, the accuracy).
+        #[arg(long)]
+        eval: Option<std::path::PathBuf>,
+        /// Strategy options, `key=value` (e.g. calibrator=minmax).
+        #[arg(long = "option")]
+        options: Vec<String>,
+        /// The folders are on the daemon's machine: send their paths, not their samples.
+        #[arg(long)]
+        on_daemon: bool,
+        /// The float version to quantize (default: the newest).
+        #[arg(long, default_value = "")]
+        version: String,
+    },
+    /// Print the summary of a quantization report (`report.json`, or a version folder).
+    Report { path: std::path::PathBuf },
+    /// List the quantization strategies.
+    Quantizers,
     /// Rewrite an ONNX file with the graph passes whose result is standard ONNX (no daemon
     /// needed); prints each pass's node counts.
     Optimize {
@@ -248,7 +279,83 @@ fn optimize(
     Ok(())
 }
 
+fn report(path: &std::path::Path) -> anyhow::Result<()> {
+    let file = if path.is_dir() {
+        path.join("quantization").join("report.json")
+    } else {
+        path.to_path_buf()
+    };
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let r: opregd::quant::report::Report = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a quantization report", file.display()))?;
+    print!("{}", r.summary());
+    Ok(())
+}
+
+/// The model's inputs as the daemon declares them.
+async fn model_inputs(
+    inference: &mut GrpcInferenceServiceClient<
+        tonic::service::interceptor::InterceptedService<Channel, Token>,
+    >,
+    name: &str,
+    version: &str,
+) -> anyhow::Result<Vec<opregd::graph::IoSpec>> {
+    let m = inference
+        .model_metadata(pb::ModelMetadataRequest {
+            name: name.into(),
+            version: version.into(),
+        })
+        .await?
+        .into_inner();
+    m.inputs
+        .into_iter()
+        .map(|i| {
+            let dtype = opreg_sdk::DType::from_kserve_name(&i.datatype)
+                .ok_or_else(|| anyhow!("input '{}': datatype {} unknown", i.name, i.datatype))?;
+            let shape = i
+                .shape
+                .iter()
+                .map(|&d| match usize::try_from(d) {
+                    Ok(n) => opregd::graph::Dim::Fixed(n),
+                    Err(_) => opregd::graph::Dim::Symbolic(String::new()),
+                })
+                .collect();
+            Ok(opregd::graph::IoSpec {
+                name: i.name,
+                dtype,
+                shape: Some(shape),
+            })
+        })
+        .collect()
+}
+
+/// A sample as the request carries it.
+fn sample_message(s: opregd::quant::data::Sample, heldout: bool) -> reg::QuantizeRequest {
+    let mut inputs: Vec<reg::Tensor> = s
+        .feeds
+        .into_iter()
+        .map(|(name, t)| reg::Tensor {
+            name,
+            datatype: t.dtype().kserve_name().into(),
+            shape: t.shape().iter().map(|&d| d as i64).collect(),
+            raw: t.bytes().to_vec(),
+        })
+        .collect();
+    inputs.sort_by(|a, b| a.name.cmp(&b.name));
+    reg::QuantizeRequest {
+        msg: Some(reg::quantize_request::Msg::Sample(reg::CalibrationSample {
+            inputs,
+            labels: s.labels.unwrap_or_default(),
+            heldout,
+        })),
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Cmd::Report { path } = &cli.cmd {
+        return report(path);
+    }
     if let Cmd::Optimize {
         model,
         out,
@@ -482,7 +589,136 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         // Local: done above, before connecting.
-        Cmd::Optimize { .. } => {}
+        Cmd::Optimize { .. } | Cmd::Report { .. } => {}
+        Cmd::Quantizers => {
+            let r = registry
+                .list_quantizers(reg::ListQuantizersRequest {})
+                .await?
+                .into_inner();
+            for q in r.quantizers {
+                println!(
+                    "{}\t{}\tobserves {}\tgen {}\t{}",
+                    q.name, q.plugin, q.observes, q.generation, q.description
+                );
+            }
+        }
+        Cmd::Quantize {
+            name,
+            method,
+            data,
+            eval,
+            options,
+            on_daemon,
+            version,
+        } => {
+            let options = options
+                .iter()
+                .map(|o| {
+                    o.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .ok_or_else(|| anyhow!("option '{o}': expected key=value"))
+                })
+                .collect::<anyhow::Result<HashMap<_, _>>>()?;
+            let absolute = |p: &std::path::Path| {
+                std::path::absolute(p)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|_| p.display().to_string())
+            };
+            let job = reg::QuantizeJob {
+                model: name.clone(),
+                version: version.clone(),
+                strategy: method,
+                options,
+                data_dir: if on_daemon {
+                    absolute(&data)
+                } else {
+                    String::new()
+                },
+                eval_dir: match (&eval, on_daemon) {
+                    (Some(e), true) => absolute(e),
+                    _ => String::new(),
+                },
+            };
+            // Local folders: entries are read one at a time while the daemon works through
+            // the previous ones (a small channel between them).
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tx.send(reg::QuantizeRequest {
+                msg: Some(reg::quantize_request::Msg::Job(job)),
+            })
+            .await
+            .map_err(|_| anyhow!("the request stream closed"))?;
+            let mut total = 0u64;
+            if !on_daemon {
+                let inputs = model_inputs(&mut inference, &name, &version).await?;
+                let eval_entries = match &eval {
+                    Some(e) => opregd::quant::data::entries(e)?,
+                    None => Vec::new(),
+                };
+                let entries = opregd::quant::data::entries(&data)?;
+                if entries.is_empty() {
+                    bail!(
+                        "{} holds no samples (*.npy files or sample folders)",
+                        data.display()
+                    );
+                }
+                total = entries.len() as u64;
+                tokio::task::spawn_blocking(move || {
+                    let all = eval_entries
+                        .into_iter()
+                        .map(|e| (e, true))
+                        .chain(entries.into_iter().map(|e| (e, false)));
+                    for (entry, heldout) in all {
+                        let msg = match opregd::quant::data::read(&entry, &inputs) {
+                            Ok(s) => sample_message(s, heldout),
+                            Err(e) => {
+                                eprintln!("error: {e}");
+                                return;
+                            }
+                        };
+                        if tx.blocking_send(msg).is_err() {
+                            return;
+                        }
+                    }
+                });
+            } else {
+                drop(tx);
+            }
+            let mut events = registry
+                .quantize(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await?
+                .into_inner();
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} {msg:12} [{bar:40}] {pos}/{len} samples {elapsed}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let mut result = None;
+            while let Some(e) = events.message().await? {
+                match e.event {
+                    Some(reg::quantize_event::Event::Progress(p)) => {
+                        bar.set_message(p.stage);
+                        if p.samples > 0 {
+                            bar.set_position(p.samples);
+                        }
+                    }
+                    Some(reg::quantize_event::Event::Result(r)) => result = Some(r),
+                    None => {}
+                }
+            }
+            bar.finish_and_clear();
+            let r = result.ok_or_else(|| anyhow!("the daemon sent no result"))?;
+            let report: opregd::quant::report::Report = serde_json::from_str(&r.report_json)
+                .context("the daemon's report is not valid JSON")?;
+            print!("{}", report.summary());
+            if r.version > 0 {
+                println!(
+                    "\nserving {} version {} ({} bytes), report in {}",
+                    r.model, r.version, r.model_bytes, r.directory
+                );
+            }
+        }
         Cmd::Stats { name } => {
             let r = inference
                 .model_statistics(pb::ModelStatisticsRequest {

@@ -18,7 +18,9 @@ mod values;
 
 pub use compiled::{CopyInfo, Place, Placement, Plan, StepInfo};
 pub use export::{export, Exported, ExternalData};
-pub use import::{import, import_owned, Dim, IoSpec, Model, Shape};
+pub use import::{
+    import, import_owned, tensor as tensor_from_proto, Dim, IoSpec, Model, Node, Shape,
+};
 pub use memory::MemoryStats;
 pub use passes::{fuse, optimize, PassReport};
 pub use plan::compile;

@@ -178,6 +178,38 @@ impl Repository {
         }
     }
 
+    /// The folder of model `name` in the repository (none without a repository folder).
+    pub fn model_dir(&self, name: &str) -> Option<PathBuf> {
+        valid_name(name)
+            .then(|| self.root.as_ref().map(|r| r.join(name)))
+            .flatten()
+    }
+
+    /// The repository's limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// A version number above every version of `name` known in memory and every numbered
+    /// folder on disk (complete or not: a folder a killed run left is never reused).
+    pub fn next_version(&self, name: &str) -> u64 {
+        let in_memory = self
+            .read()
+            .get(name)
+            .and_then(|e| e.versions.keys().next_back().copied())
+            .unwrap_or(0);
+        let on_disk = self
+            .model_dir(name)
+            .and_then(|d| std::fs::read_dir(d).ok())
+            .map(|rd| {
+                rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0);
+        in_memory.max(on_disk).saturating_add(1)
+    }
+
     /// Removes the temporary files of uploads that a kill interrupted (`.model.onnx.*.tmp` in
     /// version folders). Call it at start-up, before anything loads.
     pub fn remove_stale_uploads(&self) -> usize {

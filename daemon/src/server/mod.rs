@@ -4,6 +4,7 @@ pub mod auth;
 pub mod infer;
 mod inference;
 mod profile;
+pub mod quantize;
 mod registry;
 mod status;
 pub mod tensor;

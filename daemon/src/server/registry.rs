@@ -281,6 +281,17 @@ impl Registry for RegistryApi {
         }))
     }
 
+    type QuantizeStream = super::quantize::Events;
+
+    async fn quantize(
+        &self,
+        req: Request<tonic::Streaming<pb::QuantizeRequest>>,
+    ) -> Result<Response<Self::QuantizeStream>, Status> {
+        super::quantize::quantize(self.app.clone(), req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
     async fn profile_model(
         &self,
         req: Request<pb::ProfileModelRequest>,

@@ -105,8 +105,14 @@ impl From<crate::graph::GraphError> for Status {
 
 impl From<crate::repo::RepoError> for Status {
     fn from(e: crate::repo::RepoError) -> Status {
+        repo_status(&e)
+    }
+}
+
+fn repo_status(e: &crate::repo::RepoError) -> Status {
+    {
         use crate::repo::RepoError as R;
-        let code = match &e {
+        let code = match e {
             R::UnknownModel(_) | R::NoVersions(_) => Code::NotFound,
             R::NotReady { .. } => Code::Unavailable,
             R::BadName(_) | R::BadRequest(_) | R::Config(_) => Code::InvalidArgument,
@@ -116,7 +122,7 @@ impl From<crate::repo::RepoError> for Status {
             R::Io { .. } => Code::Internal,
         };
         // Clients see where in the repository, not where the repository is on the host.
-        let message = match &e {
+        let message = match e {
             R::Io { path, source } => {
                 tracing::error!(path = %path.display(), "repository I/O error: {source}");
                 let tail: Vec<_> = path.iter().rev().take(3).collect();
@@ -126,6 +132,40 @@ impl From<crate::repo::RepoError> for Status {
             _ => e.to_string(),
         };
         Status::new(code, bounded(message))
+    }
+}
+
+impl From<crate::quant::QuantError> for Status {
+    fn from(e: crate::quant::QuantError) -> Status {
+        use crate::quant::QuantError as Q;
+        let code = match &e {
+            Q::UnknownStrategy(_) => Code::NotFound,
+            Q::Data(_) | Q::EmptyCalibration => Code::InvalidArgument,
+            Q::Strategy { code, .. } => code_of(*code),
+            // A malformed plan is the plugin's fault, not the caller's.
+            Q::BadPlan { .. } => Code::Internal,
+            Q::Unimplemented { .. } => Code::Unimplemented,
+            Q::Model { .. } => Code::FailedPrecondition,
+            Q::Graph(g) => graph_code(g),
+            Q::Repo(r) => return repo_status(r),
+            Q::Io { path, source } => {
+                tracing::error!(path = %path.display(), "quantization I/O error: {source}");
+                let name = path.file_name().map(|n| n.to_string_lossy().to_string());
+                return Status::new(
+                    if source.kind() == std::io::ErrorKind::NotFound {
+                        Code::NotFound
+                    } else {
+                        Code::Internal
+                    },
+                    bounded(format!(
+                        "I/O error on {}: {source}",
+                        name.unwrap_or_default()
+                    )),
+                );
+            }
+            Q::Cancelled => Code::Cancelled,
+        };
+        Status::new(code, bounded(e.to_string()))
     }
 }
 

@@ -4,7 +4,9 @@
 //! attribute `out_dtype` (an element-type code) it asks the host for an output of that type
 //! instead, as a plugin built for a later ABI might: the host must refuse a code it does not
 //! know, by name.
-//! The quantizer `mock-minmax` turns min/max observations into asymmetric u8 parameters.
+//! The quantizer `mock-minmax` turns min/max observations into asymmetric u8 parameters, as a
+//! strategy written against ABI 1.0 does (only `observation` and `plan`); with the option
+//! `malformed=yes` its plan has a NaN scale, for the daemon's test of malformed plans.
 
 use opreg_sdk::{abi_stable::std_types::ROption, prelude::*};
 
@@ -51,6 +53,11 @@ impl Quantizer for MinMax {
                 let (lo, hi) = (t.min.min(0.0), t.max.max(0.0));
                 let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
                 let zero_point = (-lo / scale).round().clamp(0.0, 255.0) as i32;
+                let scale = if request.option("malformed") == Some("yes") {
+                    f32::NAN
+                } else {
+                    scale
+                };
                 opreg_sdk::quant::TensorPlan {
                     name: t.name.clone(),
                     directive: Directive::per_tensor(scale, zero_point, DType::U8),

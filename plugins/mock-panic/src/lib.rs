@@ -1,5 +1,6 @@
 //! A mock plugin whose kernel panics: the SDK must turn the panic into an error for that one
-//! call, and the daemon must keep serving.
+//! call, and the daemon must keep serving. Its quantization strategy `mock-panic-plan`
+//! panics while planning: the run must fail naming it, and the model stay as it was.
 
 use opreg_sdk::prelude::*;
 
@@ -26,7 +27,39 @@ impl Kernel for Panics {
     }
 }
 
+struct PanicsPlanning;
+
+impl Quantizer for PanicsPlanning {
+    fn observe(
+        &self,
+        graph: &GraphView<'_>,
+        _options: &[opreg_sdk::quant::KeyValue],
+    ) -> Result<Vec<TensorObservation>, PluginError> {
+        Ok(graph
+            .inputs
+            .iter()
+            .map(|i| TensorObservation::new(i.as_str(), Observation::MIN_MAX))
+            .collect())
+    }
+
+    fn plan_graph(
+        &self,
+        _graph: &GraphView<'_>,
+        _request: &QuantRequest,
+        _evaluator: &Evaluator<'_>,
+    ) -> Result<GraphPlan, PluginError> {
+        panic!("mock strategy panicked while planning, on purpose")
+    }
+}
+
 fn register(r: &mut Registrar) {
+    r.quantizer(
+        QuantizerDesc {
+            name: "mock-panic-plan".into(),
+            description: "test strategy that panics while planning".into(),
+        },
+        PanicsPlanning,
+    );
     r.kernel(
         KernelDesc::new("opreg.mock", "MockPanic", 1, OPEN_END),
         stateless(Panics),

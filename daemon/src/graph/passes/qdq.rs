@@ -136,6 +136,8 @@ fn zero_point(model: &Model, name: &str, len: usize) -> Option<DType> {
 struct Plan {
     node: usize,
     quantize: usize,
+    /// A `Relu` absorbed between the product and the quantize node.
+    relu: Option<usize>,
     inputs: Vec<String>,
     output: String,
     /// New initializers (weight zero point, int32 bias).
@@ -164,10 +166,25 @@ fn fuse(model: &mut Model, op: &str, fused: &str) -> Result<usize, GraphError> {
         if read.get(y) != Some(&1) || outputs.contains(&y.as_str()) {
             continue;
         }
-        let Some(&qi) = reader.get(y.as_str()) else {
+        let Some(&ri) = reader.get(y.as_str()) else {
             continue;
         };
-        if let Some(p) = plan(model, &producer, i, qi, op) {
+        let (qi, relu) = match model.nodes.get(ri) {
+            Some(r) if is(r, "Relu") => {
+                let Some(ry) = r.outputs.first() else {
+                    continue;
+                };
+                if read.get(ry) != Some(&1) || outputs.contains(&ry.as_str()) {
+                    continue;
+                }
+                let Some(&qi) = reader.get(ry.as_str()) else {
+                    continue;
+                };
+                (qi, Some(ri))
+            }
+            _ => (ri, None),
+        };
+        if let Some(p) = plan(model, &producer, i, qi, relu, op) {
             plans.push(p);
         }
     }
@@ -190,8 +207,10 @@ fn fuse(model: &mut Model, op: &str, fused: &str) -> Result<usize, GraphError> {
             n.outputs = vec![p.output];
             names.push(n.name.clone());
         }
-        if let Some(r) = remove.get_mut(p.quantize) {
-            *r = true;
+        for k in std::iter::once(p.quantize).chain(p.relu) {
+            if let Some(r) = remove.get_mut(k) {
+                *r = true;
+            }
         }
     }
     super::remove_nodes(model, &remove);
@@ -208,17 +227,34 @@ fn plan(
     producer: &HashMap<&str, usize>,
     i: usize,
     qi: usize,
+    relu: Option<usize>,
     op: &str,
 ) -> Option<Plan> {
     let n = model.nodes.get(i)?;
     let q = model.nodes.get(qi)?;
-    if !is(q, "QuantizeLinear") || q.inputs.first() != n.outputs.first() {
+    let quantized = match relu {
+        Some(r) => model.nodes.get(r)?.outputs.first(),
+        None => n.outputs.first(),
+    };
+    if !is(q, "QuantizeLinear") || q.inputs.first() != quantized {
         return None;
     }
     let y_q = q.outputs.first().filter(|o| !o.is_empty())?.clone();
     let (y_s, y_zp) = (q.inputs.get(1)?, q.inputs.get(2).filter(|z| !z.is_empty())?);
     scale(model, y_s, None)?;
-    zero_point(model, y_zp, 1)?;
+    let y_type = zero_point(model, y_zp, 1)?;
+    if relu.is_some() {
+        // Absorbing the Relu is exact only when quantizing clamps negatives to the zero point.
+        let zp = constant(model, y_zp)?;
+        let at_min = match y_type {
+            DType::U8 => zp.to_vec::<u8>().ok()?.first() == Some(&0),
+            DType::I8 => zp.to_vec::<i8>().ok()?.first() == Some(&-128),
+            _ => false,
+        };
+        if !at_min {
+            return None;
+        }
+    }
 
     let x = dq_of(model, producer, n.inputs.first()?)?;
     let x_scale = scale(model, &x.scale, None)?;
@@ -278,6 +314,7 @@ fn plan(
     Some(Plan {
         node: i,
         quantize: qi,
+        relu,
         inputs,
         output: y_q,
         constants,

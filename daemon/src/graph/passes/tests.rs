@@ -224,6 +224,34 @@ fn qdq_around_a_conv_becomes_qlinearconv_with_an_int32_bias() {
     assert_eq!(b.to_vec::<i32>().unwrap(), vec![8, -16]);
 }
 
+/// `DQ -> Conv -> Relu -> Q` with output zero point `yz`.
+fn qdq_conv_relu(yz: u8) -> Model {
+    let mut m = qdq_conv(0, false);
+    m.nodes.truncate(5);
+    m.nodes.push(node("Relu", &["c"], &["r"]));
+    m.nodes
+        .push(node("QuantizeLinear", &["r", "ys", "yz"], &["rq"]));
+    m.outputs = vec![io("rq")];
+    m.initializers.insert(
+        "yz".into(),
+        Arc::new(HostTensor::from_vec(&[], &[yz]).unwrap()),
+    );
+    m
+}
+
+#[test]
+fn a_relu_between_conv_and_quantize_is_absorbed_only_at_a_zero_point_of_the_type_minimum() {
+    let mut m = qdq_conv_relu(0);
+    assert_eq!(qdq::QdqConv.run(&mut m).unwrap(), 1);
+    let ops: Vec<&str> = m.nodes.iter().map(|n| n.op_type.as_str()).collect();
+    assert_eq!(ops, ["QuantizeLinear", "QLinearConv"]);
+    assert_eq!(m.nodes[1].outputs, ["rq"]);
+    // At zero point 10, negative values would quantize below 10: the Relu must stay.
+    let mut m = qdq_conv_relu(10);
+    assert_eq!(qdq::QdqConv.run(&mut m).unwrap(), 0);
+    assert!(m.nodes.iter().any(|n| n.op_type == "Relu"));
+}
+
 #[test]
 fn qdq_fusion_leaves_what_it_cannot_express() {
     // A per-channel weight scale along the input channels (axis 1): no QLinearConv form.

@@ -1,16 +1,34 @@
 //! Quantization strategies.
 //!
-//! A strategy declares what it needs observed during calibration ([`Observation`]); the host
-//! streams calibration batches through the model, keeps only those statistics (never the
-//! activations themselves), and hands them to [`Quantizer::plan`]. The plan says, per tensor,
-//! what to do; the host applies it as standard ONNX (QDQ, or integer ops for dynamic
+//! A strategy sees a read-only view of the float model ([`GraphView`]: nodes, value types and
+//! shapes, weights as borrowed views) and says which tensors the host must observe during
+//! calibration and how ([`Quantizer::observe`]); the host streams calibration batches through
+//! the model, keeps only those statistics (never the activations themselves), and hands them to
+//! [`Quantizer::plan_graph`]. The plan says, per node (exclude, compute precision) and per
+//! tensor (scale and zero point per tensor or channel, dynamic, pruning, casts), what to do; a
+//! strategy may measure candidate plans on calibration data through the host's [`Evaluator`].
+//! The host applies the chosen plan as standard ONNX (QDQ, or integer ops for dynamic
 //! quantization) and reports the figures.
+//!
+//! ABI 1.0/1.1 strategies implement only [`Quantizer::observation`] and [`Quantizer::plan`];
+//! the 1.2 methods' defaults keep them working (the host observes its default tensors and
+//! passes weights as copies in [`TensorStats::weight`]).
+
+pub mod calib;
+mod graph;
+mod plan;
+
+pub use graph::{GraphView, NodeView, ValueView};
+pub use plan::{
+    Annotation, Evaluation, Evaluator, FfiEvaluator, FfiEvaluatorRef, FfiEvaluator_TO, GraphPlan,
+    NodeKind, NodePlan, TensorObservation,
+};
 
 use crate::{error::guard, tensor::OwnedTensor, DType, PluginError};
 use abi_stable::{
     sabi_trait,
     sabi_trait::TD_Opaque,
-    std_types::{RBox, ROption, RResult, RString, RVec},
+    std_types::{RBox, ROption, RResult, RSlice, RString, RVec},
     StableAbi,
 };
 
@@ -28,6 +46,18 @@ impl ObservationKind {
     /// A histogram of `bins` bins over the running range of absolute values (for KL/entropy
     /// or percentile calibration), plus min and max.
     pub const HISTOGRAM: ObservationKind = ObservationKind(2);
+}
+
+impl ObservationKind {
+    /// The kind's name, for messages.
+    pub fn name(self) -> String {
+        match self {
+            ObservationKind::NOTHING => "nothing".into(),
+            ObservationKind::MIN_MAX => "min-max".into(),
+            ObservationKind::HISTOGRAM => "histogram".into(),
+            ObservationKind(other) => format!("kind {other}"),
+        }
+    }
 }
 
 /// What a strategy needs the host to observe on each activation during calibration: a kind
@@ -87,7 +117,8 @@ pub struct TensorStats {
     pub histogram: RVec<u64>,
     /// Upper edge of the histogram's last bin.
     pub hist_max: f32,
-    /// The weight itself, for weights.
+    /// The weight itself, for weights — for strategies built against ABI 1.0/1.1 only; 1.2
+    /// strategies read weights through the [`GraphView`] (borrowed, not copied) and get `None`.
     pub weight: ROption<OwnedTensor>,
 }
 
@@ -261,11 +292,50 @@ pub struct QuantizerDesc {
 }
 
 /// A quantization strategy, as a plugin author implements it.
+///
+/// A 1.2 strategy implements [`observe`](Quantizer::observe) and
+/// [`plan_graph`](Quantizer::plan_graph); the 1.0 pair [`observation`](Quantizer::observation)
+/// and [`plan`](Quantizer::plan) remains for strategies written against older SDKs.
 pub trait Quantizer: Send + Sync + 'static {
-    /// What the host must observe during calibration.
-    fn observation(&self) -> Observation;
-    /// Turns observations into a plan.
-    fn plan(&self, request: &QuantRequest) -> Result<QuantPlan, PluginError>;
+    /// What the host must observe on each of its default tensors (1.0 form; see
+    /// [`observe`](Quantizer::observe)). Default: nothing.
+    fn observation(&self) -> Observation {
+        Observation::NOTHING
+    }
+
+    /// Turns observations into a plan (1.0 form; see [`plan_graph`](Quantizer::plan_graph)).
+    /// Default: refused, for strategies that implement `plan_graph` only.
+    fn plan(&self, request: &QuantRequest) -> Result<QuantPlan, PluginError> {
+        let _ = request;
+        Err(PluginError::unimplemented(
+            "this strategy implements plan_graph only",
+        ))
+    }
+
+    /// Which tensors of `graph` to observe during calibration, and how (ABI 1.2). `options`
+    /// are the user's. An empty list asks for the host's default: every activation a `Conv`,
+    /// `MatMul` or `Gemm` reads or writes, observed with [`observation`](Quantizer::observation).
+    fn observe(
+        &self,
+        graph: &GraphView<'_>,
+        options: &[KeyValue],
+    ) -> Result<Vec<TensorObservation>, PluginError> {
+        let _ = (graph, options);
+        Ok(Vec::new())
+    }
+
+    /// Turns the statistics in `request` into a plan for `graph` (ABI 1.2). `evaluator` runs a
+    /// candidate plan on held-out calibration data and measures its error against the float
+    /// model. Default: [`plan`](Quantizer::plan), with no per-node entries.
+    fn plan_graph(
+        &self,
+        graph: &GraphView<'_>,
+        request: &QuantRequest,
+        evaluator: &Evaluator<'_>,
+    ) -> Result<GraphPlan, PluginError> {
+        let _ = (graph, evaluator);
+        self.plan(request).map(GraphPlan::from)
+    }
 
     /// Checks the strategy: run by the daemon when the plugin loads (and before a hot swap is
     /// published); a strategy that fails is refused with its plugin. Default: nothing to check.
@@ -284,6 +354,29 @@ pub trait FfiQuantizer: Send + Sync {
     /// See [`Quantizer::self_test`].
     #[sabi(last_prefix_field)]
     fn self_test(&self) -> RResult<(), PluginError>;
+
+    /// See [`Quantizer::observe`]. Appended in 1.2: an older plugin's vtable lacks it, and
+    /// this default (the host's default tensors) answers for it.
+    fn observe(
+        &self,
+        graph: &GraphView<'_>,
+        options: RSlice<'_, KeyValue>,
+    ) -> RResult<RVec<TensorObservation>, PluginError> {
+        let _ = (graph, options);
+        RResult::ROk(RVec::new())
+    }
+
+    /// See [`Quantizer::plan_graph`]. Appended in 1.2: for an older plugin this default calls
+    /// its 1.0 `plan`.
+    fn plan_graph(
+        &self,
+        graph: &GraphView<'_>,
+        request: &QuantRequest,
+        evaluator: FfiEvaluatorRef<'_>,
+    ) -> RResult<GraphPlan, PluginError> {
+        let _ = (graph, evaluator);
+        self.plan(request).map(GraphPlan::from)
+    }
 }
 
 /// An owned quantizer object, as it crosses the ABI.
@@ -303,6 +396,28 @@ impl<Q: Quantizer> FfiQuantizer for QuantizerAdapter<Q> {
     }
     fn self_test(&self) -> RResult<(), PluginError> {
         guard("quantizer self-test", || self.0.self_test()).into()
+    }
+    fn observe(
+        &self,
+        graph: &GraphView<'_>,
+        options: RSlice<'_, KeyValue>,
+    ) -> RResult<RVec<TensorObservation>, PluginError> {
+        guard("quantizer observe", || {
+            self.0.observe(graph, options.as_slice()).map(RVec::from)
+        })
+        .into()
+    }
+    fn plan_graph(
+        &self,
+        graph: &GraphView<'_>,
+        request: &QuantRequest,
+        evaluator: FfiEvaluatorRef<'_>,
+    ) -> RResult<GraphPlan, PluginError> {
+        let evaluator = Evaluator::new(evaluator);
+        guard("quantizer plan", || {
+            self.0.plan_graph(graph, request, &evaluator)
+        })
+        .into()
     }
 }
 

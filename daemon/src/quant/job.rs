@@ -1,0 +1,497 @@
+//! One quantization run, end to end: the float version's model → the strategy's observations →
+//! calibration → the strategy's plan → the quantized model, checked on held-out samples → a
+//! new version of the model in the repository, with its report.
+//!
+//! The float version keeps serving throughout. The new version becomes visible only complete:
+//! the report is written into a fresh version folder first, then the model is checked,
+//! compiled and written atomically by the repository's load, and only then served. A run that
+//! fails removes its folder; a run killed midway leaves a folder without `model.onnx`, which
+//! is not a version (and whose number is never reused).
+
+use super::{
+    apply::{self, Applied},
+    calibrate::Calibrator,
+    data::Sample,
+    evaluate::Heldout,
+    prepare,
+    report::{self, Report},
+    view::{Facts, View},
+    QuantError,
+};
+use crate::{
+    graph::{self, Model},
+    plugin::LoadedPlugin,
+    registry::Registry,
+    repo::Repository,
+};
+use opreg_sdk::{
+    abi_stable::{
+        sabi_trait::TD_Opaque,
+        std_types::{RResult, RSome},
+        RRef,
+    },
+    quant::{FfiEvaluator, FfiEvaluator_TO, KeyValue},
+    Device, Evaluation, GraphPlan, Observation, PluginError, QuantRequest, TensorObservation,
+};
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{atomic::AtomicU32, Arc},
+    time::Instant,
+};
+
+/// Held-out samples taken from the calibration stream when no evaluation set is given: every
+/// `HELDOUT_EVERY`-th sample, at most `MAX_HELDOUT`.
+const HELDOUT_EVERY: u64 = 5;
+const MAX_HELDOUT: usize = 16;
+
+/// What to quantize, and how.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub model: String,
+    /// `""`: the newest ready version.
+    pub version: String,
+    pub strategy: String,
+    pub options: Vec<(String, String)>,
+}
+
+/// One sample of the stream: calibration data, or held-out data for the evaluation.
+pub struct Incoming {
+    pub sample: Sample,
+    pub heldout: bool,
+}
+
+/// Most held-out samples a run keeps (they are kept whole, unlike calibration samples).
+pub const MAX_EXPLICIT_HELDOUT: usize = 256;
+
+/// Progress, for the caller's display.
+#[derive(Clone, Debug)]
+pub enum Progress {
+    /// A stage started.
+    Stage(String),
+    /// Calibration samples done so far.
+    Calibrated(u64),
+}
+
+/// The result of a run.
+pub struct Outcome {
+    pub report: Report,
+    /// Where the new version's folder is (none without a repository folder).
+    pub dir: Option<PathBuf>,
+    pub model_bytes: usize,
+}
+
+/// Where the strategy lives.
+struct Strategy {
+    plugin: Arc<LoadedPlugin>,
+    index: usize,
+    minor: u32,
+}
+
+fn find_strategy(registry: &Registry, name: &str) -> Result<Strategy, QuantError> {
+    let snapshot = registry.snapshot();
+    for plugin in snapshot.plugins.values() {
+        if let Some(index) = plugin.quantizers.iter().position(|q| q.desc.name == name) {
+            let minor = plugin
+                .abi_version
+                .split('.')
+                .nth(1)
+                .and_then(|m| m.parse().ok())
+                .unwrap_or(0);
+            return Ok(Strategy {
+                plugin: plugin.clone(),
+                index,
+                minor,
+            });
+        }
+    }
+    Err(QuantError::UnknownStrategy(name.into()))
+}
+
+/// The host's evaluator of candidate plans (see [`opreg_sdk::Evaluator`]).
+struct HostEvaluator<'a> {
+    model: &'a Model,
+    heldout: &'a Heldout,
+    registry: &'a Registry,
+    devices: &'a [Device],
+    max_folded: usize,
+    strategy: &'a str,
+    calls: AtomicU32,
+}
+
+impl HostEvaluator<'_> {
+    fn evaluate_plan(&self, plan: &GraphPlan) -> Result<(Evaluation, Option<f64>), QuantError> {
+        let applied = apply::apply(self.model, plan, self.strategy)?;
+        let compiled = graph::compile(
+            &applied.model,
+            self.registry.snapshot(),
+            self.devices,
+            self.max_folded,
+        )?;
+        self.heldout.compare(&compiled)
+    }
+}
+
+impl FfiEvaluator for HostEvaluator<'_> {
+    fn evaluate(&self, plan: &GraphPlan) -> RResult<Evaluation, PluginError> {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.evaluate_plan(plan)
+            .map(|(e, _)| e)
+            .map_err(|e| PluginError::invalid(e.to_string()))
+            .into()
+    }
+}
+
+/// Runs one quantization. `samples` yields the samples (read or received one at a time):
+/// held-out ones form the evaluation set; without any, every fifth calibration sample is held
+/// out, up to 16. `cancelled` is polled between samples. Blocking: call it on the compute
+/// pool.
+pub fn run(
+    req: &Request,
+    samples: &mut dyn Iterator<Item = Result<Incoming, QuantError>>,
+    registry: &Registry,
+    repo: &Repository,
+    progress: &mut dyn FnMut(Progress),
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Outcome, QuantError> {
+    let started = Instant::now();
+    let served = repo.get(&req.model, &req.version)?;
+    let devices = served.settings.devices()?;
+    let max_folded = usize::try_from(repo.limits().max_folded_bytes).unwrap_or(usize::MAX);
+    let strategy = find_strategy(registry, &req.strategy)?;
+    let quantizer = strategy
+        .plugin
+        .quantizers
+        .get(strategy.index)
+        .ok_or_else(|| QuantError::UnknownStrategy(req.strategy.clone()))?;
+    let strategy_err = |e: PluginError| QuantError::Strategy {
+        strategy: req.strategy.clone(),
+        code: e.code,
+        message: e.message.to_string(),
+    };
+    let options: Vec<KeyValue> = req
+        .options
+        .iter()
+        .map(|(k, v)| KeyValue {
+            key: k.as_str().into(),
+            value: v.as_str().into(),
+        })
+        .collect();
+
+    progress(Progress::Stage("preparing".into()));
+    let model = prepare::prepare(&served.model);
+    let observations = {
+        let view = View::new(&model, &Facts::new());
+        let asked: Vec<TensorObservation> = quantizer
+            .quantizer
+            .observe(&view.graph(), options.as_slice().into())
+            .into_result()
+            .map_err(strategy_err)?
+            .into_iter()
+            .collect();
+        if asked.is_empty() {
+            // The host's default (1.0 strategies): every activation of the products, observed
+            // as the strategy's `observation()` says.
+            let how: Observation = quantizer.quantizer.observation();
+            view.graph()
+                .activations_of(&["Conv", "MatMul", "Gemm"])
+                .into_iter()
+                .map(|n| TensorObservation::new(n, how))
+                .collect()
+        } else {
+            asked
+        }
+    };
+
+    progress(Progress::Stage("calibrating".into()));
+    let mut calibrator = Calibrator::new(
+        &model,
+        &observations,
+        registry.snapshot(),
+        &devices,
+        max_folded,
+        &req.strategy,
+    )?;
+    let mut explicit_heldout = false;
+    let mut heldout = Vec::new();
+    let mut seen = 0u64;
+    for incoming in samples {
+        if cancelled() {
+            return Err(QuantError::Cancelled);
+        }
+        let Incoming {
+            sample,
+            heldout: held,
+        } = incoming?;
+        super::data::check(&sample, &served.model.inputs)?;
+        if held {
+            if !explicit_heldout {
+                explicit_heldout = true;
+                heldout.clear();
+            }
+            if heldout.len() >= MAX_EXPLICIT_HELDOUT {
+                return Err(QuantError::Data(format!(
+                    "more than {MAX_EXPLICIT_HELDOUT} held-out samples: batch them"
+                )));
+            }
+            heldout.push(sample);
+            continue;
+        }
+        seen += 1;
+        if !explicit_heldout && seen.is_multiple_of(HELDOUT_EVERY) && heldout.len() < MAX_HELDOUT {
+            heldout.push(sample);
+            continue;
+        }
+        calibrator.feed(&sample)?;
+        progress(Progress::Calibrated(calibrator.samples()));
+    }
+    if calibrator.samples() == 0 {
+        return Err(QuantError::EmptyCalibration);
+    }
+    let calibration_seconds = started.elapsed().as_secs_f64();
+
+    progress(Progress::Stage("planning".into()));
+    let float_plan = graph::compile(&model, registry.snapshot(), &devices, max_folded)?;
+    let heldout = Heldout::new(&float_plan, heldout)?;
+    let facts = calibrator.facts();
+    let mut stats = calibrator.stats();
+    if strategy.minor < 2 {
+        // 1.0/1.1 strategies read weights from their statistics (copies).
+        add_weight_stats(&model, &mut stats);
+    }
+    let request = QuantRequest {
+        tensors: stats.clone().into_iter().collect(),
+        options: options.iter().cloned().collect(),
+    };
+    let evaluator = HostEvaluator {
+        model: &model,
+        heldout: &heldout,
+        registry,
+        devices: &devices,
+        max_folded,
+        strategy: &req.strategy,
+        calls: AtomicU32::new(0),
+    };
+    let plan = {
+        let view = View::new(&model, &facts);
+        let ffi = FfiEvaluator_TO::from_ptr(RRef::new(&evaluator), TD_Opaque);
+        quantizer
+            .quantizer
+            .plan_graph(&view.graph(), &request, ffi)
+            .into_result()
+            .map_err(strategy_err)?
+    };
+
+    progress(Progress::Stage("applying".into()));
+    let applied = apply::apply(&model, &plan, &req.strategy)?;
+    let quantized_plan = graph::compile(&applied.model, registry.snapshot(), &devices, max_folded)?;
+    progress(Progress::Stage("evaluating".into()));
+    let (error, accuracy) = heldout.compare(&quantized_plan)?;
+
+    let exported = graph::export(&applied.model, None)?;
+    let version = repo
+        .model_dir(&req.model)
+        .map(|_| repo.next_version(&req.model));
+    let mut report = build_report(
+        req,
+        &served,
+        &strategy,
+        &applied,
+        &plan,
+        &stats,
+        Summary {
+            version,
+            samples: calibrator.samples(),
+            heldout: heldout.samples.len(),
+            seconds: calibration_seconds,
+            statistics_bytes: calibrator.stats_bytes(),
+            error,
+            accuracy: heldout.float_accuracy.zip(accuracy),
+        },
+    );
+
+    progress(Progress::Stage("saving".into()));
+    let dir = match (repo.model_dir(&req.model), version) {
+        (Some(model_dir), Some(v)) => {
+            let dir = model_dir.join(v.to_string());
+            let saved = save(&dir, &mut report, &stats).and_then(|()| {
+                repo.load(
+                    &req.model,
+                    [(v, exported.model.clone())].into_iter().collect(),
+                    registry,
+                )
+                .map_err(QuantError::from)
+            });
+            if let Err(e) = saved {
+                // Never leave a half-written version behind.
+                if !dir.join(crate::repo::MODEL_FILE).exists() {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                return Err(e);
+            }
+            Some(dir)
+        }
+        _ => None,
+    };
+    Ok(Outcome {
+        report,
+        dir,
+        model_bytes: exported.model.len(),
+    })
+}
+
+fn add_weight_stats(model: &Model, stats: &mut Vec<opreg_sdk::TensorStats>) {
+    use opreg_sdk::abi_stable::std_types::{RString, RVec};
+    let mut names: Vec<&String> = model
+        .nodes
+        .iter()
+        .filter(|n| n.domain.is_empty() && matches!(n.op_type.as_str(), "Conv" | "MatMul"))
+        .filter_map(|n| n.inputs.get(1))
+        .filter(|w| model.initializers.contains_key(*w))
+        .collect();
+    names.sort();
+    names.dedup();
+    for name in names {
+        let Some(t) = model.initializers.get(name) else {
+            continue;
+        };
+        let Ok(values) = t.to_vec::<f32>() else {
+            continue;
+        };
+        let (min, max) = values
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                (a.min(v), b.max(v))
+            });
+        let Ok(owned) = opreg_sdk::OwnedTensor::from_vec(t.shape().to_vec(), values) else {
+            continue;
+        };
+        stats.push(opreg_sdk::TensorStats {
+            name: RString::from(name.as_str()),
+            dtype: t.dtype(),
+            is_weight: true,
+            min,
+            max,
+            histogram: RVec::new(),
+            hist_max: 0.0,
+            weight: RSome(owned),
+        });
+    }
+}
+
+struct Summary {
+    version: Option<u64>,
+    samples: u64,
+    heldout: usize,
+    seconds: f64,
+    statistics_bytes: usize,
+    error: Evaluation,
+    accuracy: Option<(f64, f64)>,
+}
+
+fn build_report(
+    req: &Request,
+    served: &crate::repo::ServedModel,
+    strategy: &Strategy,
+    applied: &Applied,
+    plan: &GraphPlan,
+    stats: &[opreg_sdk::TensorStats],
+    s: Summary,
+) -> Report {
+    let mut figures: BTreeMap<&str, BTreeMap<String, f64>> = BTreeMap::new();
+    for a in plan.annotations.iter() {
+        if a.value.is_finite() {
+            figures
+                .entry(a.subject.as_str())
+                .or_default()
+                .insert(a.key.to_string(), a.value);
+        }
+    }
+    let tensors = applied
+        .tensors
+        .iter()
+        .map(|t| {
+            let st = stats
+                .iter()
+                .find(|x| x.name.as_str() == t.name && !x.is_weight);
+            report::TensorReport {
+                name: t.name.clone(),
+                role: t.role.into(),
+                dtype: t.dtype.clone(),
+                axis: t.axis,
+                scales: t.scales.clone(),
+                zero_points: t.zero_points.clone(),
+                min: st.map(|x| x.min),
+                max: st.map(|x| x.max),
+                figures: figures.get(t.name.as_str()).cloned().unwrap_or_default(),
+            }
+        })
+        .collect();
+    Report {
+        model: req.model.clone(),
+        source_version: served.version,
+        version: s.version,
+        strategy: req.strategy.clone(),
+        plugin: format!(
+            "{} {} (abi {})",
+            strategy.plugin.name, strategy.plugin.version, strategy.plugin.abi_version
+        ),
+        options: req.options.iter().cloned().collect(),
+        calibration: report::Calibration {
+            samples: s.samples,
+            heldout_samples: s.heldout,
+            seconds: s.seconds,
+            statistics_bytes: s.statistics_bytes,
+        },
+        tensors,
+        nodes: report::Nodes {
+            total: served.model.nodes.len(),
+            quantized: applied.quantized_nodes.clone(),
+            excluded: applied.excluded_nodes.clone(),
+        },
+        error: report::Error {
+            sqnr_db: s.error.sqnr_db.is_finite().then_some(s.error.sqnr_db),
+            max_abs: s.error.max_abs,
+            cosine: s.error.cosine,
+            samples: s.error.samples,
+        },
+        accuracy: s
+            .accuracy
+            .map(|(float, quantized)| report::Accuracy { float, quantized }),
+        notes: applied.notes.clone(),
+        strategy_notes: plan.notes.to_string(),
+        plots: Vec::new(),
+    }
+}
+
+/// Writes the report and its plots into the new version's folder `dir` (created here).
+fn save(
+    dir: &std::path::Path,
+    report: &mut Report,
+    stats: &[opreg_sdk::TensorStats],
+) -> Result<(), QuantError> {
+    let io = |path: &std::path::Path| {
+        let path = path.to_path_buf();
+        move |source| QuantError::Io { path, source }
+    };
+    let qdir = dir.join("quantization");
+    std::fs::create_dir_all(qdir.join("histograms")).map_err(io(&qdir))?;
+    let mut plots = Vec::new();
+    for (i, st) in stats.iter().filter(|s| !s.histogram.is_empty()).enumerate() {
+        let threshold = report
+            .tensors
+            .iter()
+            .find(|t| t.name == st.name.as_str())
+            .and_then(|t| t.figures.get("threshold").copied());
+        let svg = report::histogram_svg(&st.name, &st.histogram, st.hist_max, threshold);
+        let rel = report::plot_name(i, &st.name);
+        let path = qdir.join(&rel);
+        std::fs::write(&path, svg).map_err(io(&path))?;
+        plots.push(format!("quantization/{rel}"));
+    }
+    report.plots = plots;
+    let path = qdir.join("report.json");
+    std::fs::write(&path, report.to_json()).map_err(io(&path))?;
+    Ok(())
+}

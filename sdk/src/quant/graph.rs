@@ -1,0 +1,142 @@
+//! The read-only view of a float model a strategy plans on (ABI 1.2).
+//!
+//! The view is built by the host for one call and borrowed by the strategy: weights are
+//! [`TensorView`]s of the host's initializers, never copies (a BERT-base encoder's weights are
+//! hundreds of megabytes; a strategy reads the few it needs).
+
+use crate::{DType, TensorView};
+use abi_stable::{
+    std_types::{ROption, RSlice, RString, RVec},
+    StableAbi,
+};
+
+/// One node of the model, in execution order.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug)]
+pub struct NodeView {
+    /// Node name (unique; the host names unnamed nodes).
+    pub name: RString,
+    /// Operator domain (`""` for ONNX).
+    pub domain: RString,
+    /// Operator type, e.g. `Conv`.
+    pub op_type: RString,
+    /// Input value names (`""` for an omitted optional input).
+    pub inputs: RVec<RString>,
+    /// Output value names.
+    pub outputs: RVec<RString>,
+    /// Reserved for properties added in later minors (0 today).
+    pub flags: u64,
+}
+
+/// One value of the model: a graph input, a node output or a weight.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug)]
+pub struct ValueView<'a> {
+    /// Value name.
+    pub name: RString,
+    /// Element type (`UNDEFINED` when the host does not know it).
+    pub dtype: DType,
+    /// Dimensions (-1 for a symbolic one); `None` when even the rank is unknown.
+    pub shape: ROption<RVec<i64>>,
+    /// The weight's data, for initializers.
+    pub weight: ROption<TensorView<'a>>,
+    /// Reserved for properties added in later minors (0 today).
+    pub flags: u64,
+}
+
+/// A read-only view of a model: its nodes in execution order and its values.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug)]
+pub struct GraphView<'a> {
+    /// Nodes in execution order.
+    pub nodes: RSlice<'a, NodeView>,
+    /// Every value with a known name.
+    pub values: RSlice<'a, ValueView<'a>>,
+    /// The model's input names (weights excluded).
+    pub inputs: RSlice<'a, RString>,
+    /// The model's output names.
+    pub outputs: RSlice<'a, RString>,
+    /// Reserved for properties added in later minors (0 today).
+    pub flags: u64,
+}
+
+impl<'a> GraphView<'a> {
+    /// The value named `name`.
+    pub fn value(&self, name: &str) -> Option<&'a ValueView<'a>> {
+        self.values.as_slice().iter().find(|v| v.name == name)
+    }
+
+    /// The weight named `name`, when `name` is an initializer.
+    pub fn weight(&self, name: &str) -> Option<TensorView<'a>> {
+        self.value(name).and_then(|v| v.weight.into_option())
+    }
+
+    /// True when `name` is an initializer.
+    pub fn is_weight(&self, name: &str) -> bool {
+        self.value(name).is_some_and(|v| v.weight.is_some())
+    }
+
+    /// The node that writes `name` (none for graph inputs and weights).
+    pub fn producer(&self, name: &str) -> Option<&'a NodeView> {
+        self.nodes
+            .as_slice()
+            .iter()
+            .find(|n| n.outputs.iter().any(|o| o == name))
+    }
+
+    /// The nodes that read `name`.
+    pub fn consumers<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'a NodeView> + 's {
+        self.nodes
+            .as_slice()
+            .iter()
+            .filter(move |n| n.inputs.iter().any(|i| i == name))
+    }
+
+    /// True when `name` is one of the model's outputs.
+    pub fn is_output(&self, name: &str) -> bool {
+        self.outputs.as_slice().iter().any(|o| o == name)
+    }
+
+    /// The activations (inputs that are not weights, and outputs) of every node whose
+    /// `op_type` is in `ops`, in first-use order and without repeats — the tensors a
+    /// strategy usually observes. A node's output read only by a `Relu` is replaced by that
+    /// `Relu`'s output: the quantized range of a rectified tensor starts at zero, and the
+    /// integer kernel absorbs the `Relu` into its output clamp.
+    pub fn activations_of(&self, ops: &[&str]) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        let mut push = |name: &str| {
+            if !name.is_empty() && !out.iter().any(|o| o == name) {
+                out.push(name.to_string());
+            }
+        };
+        for n in self.nodes.as_slice() {
+            if !n.domain.is_empty() || !ops.contains(&n.op_type.as_str()) {
+                continue;
+            }
+            for i in n.inputs.iter().filter(|i| !self.is_weight(i)) {
+                push(i);
+            }
+            for o in n.outputs.iter() {
+                push(&self.rectified(o));
+            }
+        }
+        out
+    }
+
+    /// `name`, or the output of the `Relu` that alone reads it (see
+    /// [`activations_of`](GraphView::activations_of)).
+    pub fn rectified(&self, name: &str) -> String {
+        if self.is_output(name) {
+            return name.to_string();
+        }
+        let mut readers = self.consumers(name);
+        match (readers.next(), readers.next()) {
+            (Some(r), None) if r.op_type == "Relu" && r.domain.is_empty() => r
+                .outputs
+                .first()
+                .map(|o| o.to_string())
+                .unwrap_or_else(|| name.to_string()),
+            _ => name.to_string(),
+        }
+    }
+}

@@ -1,0 +1,527 @@
+//! Quantization as a service, on a real model and real data: the LeNet-5-style CNN trained on
+//! scikit-learn's handwritten digits (`tests/data/digits`), quantized by the strategy plugins
+//! through `opreg.v1.Registry/Quantize`, served as a new version, compared with the float
+//! version and loaded in onnxruntime; and every refusal, with the model left as it was.
+
+use opreg_proto::{
+    inference as pb,
+    opreg::v1::{self as reg, quantize_request::Msg},
+};
+use opreg_tests::*;
+use std::path::{Path, PathBuf};
+use tonic::Code;
+
+fn digits() -> PathBuf {
+    workspace().join("tests/data/digits")
+}
+
+/// A repository holding the float LeNet as version 1 of `lenet`.
+fn repo() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("repo");
+    let v1 = dir.path().join("lenet/1");
+    std::fs::create_dir_all(&v1).expect("version folder");
+    std::fs::copy(digits().join("lenet.onnx"), v1.join("model.onnx")).expect("model");
+    dir
+}
+
+fn daemon(repo: &Path, extra: &[PathBuf]) -> (Daemon, tempfile::TempDir) {
+    let mut files = vec![
+        plugin("onnx_ops"),
+        plugin("blas_cpu"),
+        plugin("quant_static"),
+        plugin("quant_dynamic"),
+    ];
+    files.extend_from_slice(extra);
+    let plugins = plugin_dir(&files);
+    let d = Daemon::start(&[
+        "--plugin-dir",
+        plugins.path().to_str().expect("utf8"),
+        "--model-repo",
+        repo.to_str().expect("utf8"),
+    ]);
+    (d, plugins)
+}
+
+fn job(
+    strategy: &str,
+    options: &[(&str, &str)],
+    data: &Path,
+    eval: Option<&Path>,
+) -> reg::QuantizeJob {
+    reg::QuantizeJob {
+        model: "lenet".into(),
+        version: "1".into(),
+        strategy: strategy.into(),
+        options: options
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        data_dir: data.display().to_string(),
+        eval_dir: eval.map(|e| e.display().to_string()).unwrap_or_default(),
+    }
+}
+
+/// Runs one Quantize call: the job, then `samples`; the result, or the status it failed with.
+/// Progress events must come before the result.
+async fn quantize(
+    d: &Daemon,
+    job: reg::QuantizeJob,
+    samples: Vec<reg::CalibrationSample>,
+) -> Result<(reg::QuantizeResult, Vec<String>), tonic::Status> {
+    let mut messages = vec![reg::QuantizeRequest {
+        msg: Some(Msg::Job(job)),
+    }];
+    messages.extend(samples.into_iter().map(|s| reg::QuantizeRequest {
+        msg: Some(Msg::Sample(s)),
+    }));
+    let mut events = d
+        .registry()
+        .await
+        .quantize(tokio_stream::iter(messages))
+        .await?
+        .into_inner();
+    let mut stages = Vec::new();
+    let mut result = None;
+    while let Some(e) = events.message().await? {
+        match e.event {
+            Some(reg::quantize_event::Event::Progress(p)) => {
+                assert!(result.is_none(), "progress after the result");
+                if stages.last() != Some(&p.stage) {
+                    stages.push(p.stage);
+                }
+            }
+            Some(reg::quantize_event::Event::Result(r)) => result = Some(r),
+            None => {}
+        }
+    }
+    Ok((result.expect("a result event"), stages))
+}
+
+fn npy_f32(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    let t = opregd::quant::data::read_npy(path).expect("npy");
+    (t.shape().to_vec(), t.to_vec::<f32>().expect("f32"))
+}
+
+fn labels() -> Vec<i64> {
+    let t = opregd::quant::data::read_npy(&digits().join("test/digits.labels.npy")).expect("npy");
+    t.to_vec::<i64>().expect("i64")
+}
+
+/// The served version's logits on the test set, over gRPC.
+async fn logits(d: &Daemon, version: &str) -> Vec<f32> {
+    let (shape, x) = npy_f32(&digits().join("test/digits.npy"));
+    let r = d
+        .inference()
+        .await
+        .model_infer(pb::ModelInferRequest {
+            model_name: "lenet".into(),
+            model_version: version.into(),
+            inputs: vec![pb::model_infer_request::InferInputTensor {
+                name: "image".into(),
+                datatype: "FP32".into(),
+                shape: shape.iter().map(|&d| d as i64).collect(),
+                ..Default::default()
+            }],
+            raw_input_contents: vec![f32_bytes(&x)],
+            ..Default::default()
+        })
+        .await
+        .expect("infer")
+        .into_inner();
+    f32_values(&r.raw_output_contents[0])
+}
+
+fn accuracy(logits: &[f32], labels: &[i64]) -> f64 {
+    let classes = logits.len() / labels.len();
+    let correct = logits
+        .chunks(classes)
+        .zip(labels)
+        .filter(|(row, &l)| {
+            let arg = row
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(i, _)| i as i64);
+            arg == Some(l)
+        })
+        .count();
+    correct as f64 / labels.len() as f64
+}
+
+fn report(r: &reg::QuantizeResult) -> serde_json::Value {
+    serde_json::from_str(&r.report_json).expect("report JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lenet_quantized_by_each_method_stays_within_a_point_of_f32_and_runs_in_onnxruntime() {
+    let repo = repo();
+    let (d, _plugins) = daemon(repo.path(), &[]);
+    let labels = labels();
+    let float = accuracy(&logits(&d, "1").await, &labels);
+    assert!(float > 0.95, "the float LeNet scores {float}");
+    let calib = digits().join("calib");
+    let eval = digits().join("test");
+
+    // (strategy, options, an operator the output must contain)
+    type Method<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let methods: &[Method] = &[
+        ("quant-static", &[], "QuantizeLinear"),
+        (
+            "quant-static",
+            &[("calibrator", "minmax")],
+            "QuantizeLinear",
+        ),
+        (
+            "quant-static",
+            &[("calibrator", "percentile")],
+            "QuantizeLinear",
+        ),
+        ("quant-dynamic", &[], "MatMulInteger"),
+    ];
+    let mut versions = Vec::new();
+    for (strategy, options, op) in methods {
+        let what = format!("{strategy} {options:?}");
+        let (r, stages) = quantize(&d, job(strategy, options, &calib, Some(&eval)), vec![])
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e:?}\n{}", d.log()));
+        assert!(
+            stages.contains(&"calibrating".to_string()),
+            "{what}: {stages:?}"
+        );
+        assert!(r.version > 1, "{what}: a new version, got {}", r.version);
+        assert!(
+            !versions.contains(&r.version),
+            "{what}: a fresh version number"
+        );
+        versions.push(r.version);
+        let rep = report(&r);
+        assert_eq!(
+            rep["calibration"]["samples"], 8,
+            "{what}: all 8 batches calibrate"
+        );
+
+        // The new version is served next to the float one, and its accuracy is ours to
+        // measure, not only the report's.
+        let v = r.version.to_string();
+        let ours = accuracy(&logits(&d, &v).await, &labels);
+        assert!(
+            ours >= float - 0.01,
+            "{what}: accuracy {ours} vs f32 {float}\n{}",
+            r.report_json
+        );
+        let reported = rep["accuracy"]["quantized"]
+            .as_f64()
+            .expect("accuracy in the report");
+        assert!(
+            (reported - ours).abs() < 1e-9,
+            "{what}: report {reported}, served {ours}"
+        );
+        assert!(
+            rep["error"]["sqnr_db"].as_f64().expect("sqnr") > 20.0,
+            "{what}: {}",
+            r.report_json
+        );
+
+        // The version is standard ONNX with the report beside it.
+        let dir = repo.path().join("lenet").join(&v);
+        let model = dir.join("model.onnx");
+        assert!(dir.join("quantization/report.json").is_file(), "{what}");
+        if *strategy == "quant-static" && options.is_empty() {
+            let plots = rep["plots"].as_array().expect("plots");
+            assert!(!plots.is_empty(), "KL calibration plots its histograms");
+            let svg =
+                std::fs::read_to_string(dir.join(plots[0].as_str().expect("path"))).expect("svg");
+            assert!(svg.contains("threshold"), "the threshold is marked");
+        }
+
+        // onnxruntime loads it and agrees with our run.
+        let Some(out) = run_python(
+            "quant_ort.py",
+            &[
+                &model,
+                &digits().join("test/digits.npy"),
+                &digits().join("test/digits.labels.npy"),
+            ],
+        ) else {
+            continue;
+        };
+        let ort: serde_json::Value = serde_json::from_str(&out).expect("json");
+        let ops: Vec<&str> = ort["ops"]
+            .as_array()
+            .expect("ops")
+            .iter()
+            .filter_map(|o| o.as_str())
+            .collect();
+        assert!(ops.contains(op), "{what}: {op} in {ops:?}");
+        let ort_acc = ort["accuracy"].as_f64().expect("accuracy");
+        assert!(
+            (ort_acc - ours).abs() <= 0.01,
+            "{what}: onnxruntime {ort_acc}, opreg {ours}"
+        );
+        let ort_logits: Vec<f32> = ort["logits"]
+            .as_array()
+            .expect("logits")
+            .iter()
+            .map(|v| v.as_f64().expect("f64") as f32)
+            .collect();
+        let ours_logits = logits(&d, &v).await;
+        let agree = ours_logits
+            .chunks(10)
+            .zip(ort_logits.chunks(10))
+            .filter(|(a, b)| accuracy(a, &[argmax(b)]) == 1.0)
+            .count();
+        assert!(
+            agree as f64 >= 0.98 * labels.len() as f64,
+            "{what}: top-1 agrees with onnxruntime on {agree} of {}",
+            labels.len()
+        );
+    }
+    // The float version still serves, unchanged.
+    assert_eq!(accuracy(&logits(&d, "1").await, &labels), float);
+}
+
+fn argmax(row: &[f32]) -> i64 {
+    row.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(-1, |(i, _)| i as i64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_samples_calibrate_like_a_folder_and_statistics_do_not_grow_with_samples() {
+    let repo = repo();
+    let (d, _plugins) = daemon(repo.path(), &[]);
+    let calib = digits().join("calib");
+    let entries = opregd::quant::data::entries(&calib).expect("entries");
+    let sample = |path: &Path, heldout: bool| {
+        let (shape, x) = npy_f32(path);
+        reg::CalibrationSample {
+            inputs: vec![reg::Tensor {
+                name: "image".into(),
+                datatype: "FP32".into(),
+                shape: shape.iter().map(|&d| d as i64).collect(),
+                raw: f32_bytes(&x),
+            }],
+            labels: vec![],
+            heldout,
+        }
+    };
+    // Held-out first, then the calibration batches, all in the request.
+    let mut samples = vec![sample(&digits().join("test/digits.npy"), true)];
+    samples.extend(entries.iter().map(|e| sample(e, false)));
+    let empty = tempfile::tempdir().expect("empty");
+    let mut streamed_job = job(
+        "quant-static",
+        &[("calibrator", "minmax")],
+        empty.path(),
+        None,
+    );
+    streamed_job.data_dir.clear();
+    let (streamed, _) = quantize(&d, streamed_job, samples).await.expect("streamed");
+    let (folder, _) = quantize(
+        &d,
+        job(
+            "quant-static",
+            &[("calibrator", "minmax")],
+            &calib,
+            Some(&digits().join("test")),
+        ),
+        vec![],
+    )
+    .await
+    .expect("folder");
+    let (s, f) = (report(&streamed), report(&folder));
+    assert_eq!(s["calibration"]["samples"], 8);
+    // The same data gives the same parameters, whichever way it came.
+    assert_eq!(s["tensors"], f["tensors"]);
+
+    // Two batches instead of eight: the statistics take the same bytes.
+    let few = tempfile::tempdir().expect("few");
+    for e in entries.iter().take(2) {
+        std::fs::copy(e, few.path().join(e.file_name().expect("name"))).expect("copy");
+    }
+    let (r2, _) = quantize(
+        &d,
+        job(
+            "quant-static",
+            &[],
+            few.path(),
+            Some(&digits().join("test")),
+        ),
+        vec![],
+    )
+    .await
+    .expect("two batches");
+    let (r8, _) = quantize(
+        &d,
+        job("quant-static", &[], &calib, Some(&digits().join("test"))),
+        vec![],
+    )
+    .await
+    .expect("eight batches");
+    assert_eq!(report(&r2)["calibration"]["samples"], 2);
+    assert_eq!(
+        report(&r2)["calibration"]["statistics_bytes"],
+        report(&r8)["calibration"]["statistics_bytes"]
+    );
+}
+
+/// The version folders of `lenet` that hold a model.
+fn versions(repo: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(repo.join("lenet"))
+        .expect("model folder")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("model.onnx").is_file())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_quantization_requests_are_refused_by_name_and_leave_no_version() {
+    let repo = repo();
+    let (d, _plugins) = daemon(repo.path(), &[plugin("mock_panic"), plugin("mock_good")]);
+    let calib = digits().join("calib");
+    let empty = tempfile::tempdir().expect("empty");
+    let wrong = tempfile::tempdir().expect("wrong");
+    // float64 images: the most common mistake with numpy.
+    {
+        let src = std::fs::read(calib.join("batch_000.npy")).expect("npy");
+        let t = opregd::quant::data::npy_tensor(&src).expect("decode");
+        let as_f64: Vec<f64> = t
+            .to_vec::<f32>()
+            .expect("f32")
+            .iter()
+            .map(|&v| v.into())
+            .collect();
+        let mut header = format!(
+            "{{'descr': '<f8', 'fortran_order': False, 'shape': ({}, 1, 8, 8), }}",
+            t.shape()[0]
+        );
+        while (11 + header.len()) % 64 != 0 {
+            header.push(' ');
+        }
+        header.push('\n');
+        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+        bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(header.as_bytes());
+        for v in as_f64 {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        std::fs::write(wrong.path().join("batch.npy"), bytes).expect("write");
+    }
+    let cases: Vec<(reg::QuantizeJob, Vec<reg::CalibrationSample>, Code, &str)> = vec![
+        (
+            job("quant-static", &[], empty.path(), None),
+            vec![],
+            Code::InvalidArgument,
+            "empty",
+        ),
+        (
+            job("quant-static", &[], wrong.path(), None),
+            vec![],
+            Code::InvalidArgument,
+            "'image' is FP64",
+        ),
+        (
+            job("no-such-strategy", &[], &calib, None),
+            vec![],
+            Code::NotFound,
+            "no-such-strategy",
+        ),
+        (
+            job("quant-static", &[("calibrator", "magic")], &calib, None),
+            vec![],
+            Code::InvalidArgument,
+            "calibrator=magic",
+        ),
+        (
+            job("quant-static", &[], &calib, None),
+            vec![reg::CalibrationSample {
+                inputs: vec![reg::Tensor {
+                    name: "image".into(),
+                    datatype: "FP32".into(),
+                    shape: vec![1, 1, 8, 9],
+                    raw: vec![0; 4 * 72],
+                }],
+                labels: vec![],
+                heldout: false,
+            }],
+            Code::InvalidArgument,
+            "has shape [1, 1, 8, 9]",
+        ),
+        (
+            job("mock-panic-plan", &[], &calib, None),
+            vec![],
+            Code::Internal,
+            "mock-panic-plan",
+        ),
+        (
+            job("mock-minmax", &[("malformed", "yes")], &calib, None),
+            vec![],
+            Code::Internal,
+            "malformed plan",
+        ),
+    ];
+    for (j, samples, code, needle) in cases {
+        let what = format!("{} {:?}", j.strategy, j.options);
+        let e = quantize(&d, j, samples)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{what}: accepted"));
+        assert_eq!(e.code(), code, "{what}: {}", e.message());
+        assert!(
+            e.message().contains(needle),
+            "{what}: '{needle}' in {}",
+            e.message()
+        );
+        // Nothing was written, and the float version serves on.
+        assert_eq!(versions(repo.path()), ["1"], "{what}");
+        let leftovers: Vec<_> = std::fs::read_dir(repo.path().join("lenet"))
+            .expect("folder")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(leftovers.len(), 1, "{what}: {leftovers:?}");
+        assert!(logits(&d, "1").await.len() == labels().len() * 10);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strategy_built_against_the_1_0_sdk_quantizes_through_the_host_defaults() {
+    let repo = repo();
+    // A folder a killed run left behind (report, no model): not a version, never reused.
+    std::fs::create_dir_all(repo.path().join("lenet/5/quantization")).expect("leftover");
+    let (d, _plugins) = daemon(repo.path(), &[compat_plugin()]);
+    let (r, _) = quantize(
+        &d,
+        job(
+            "compat-minmax",
+            &[],
+            &digits().join("calib"),
+            Some(&digits().join("test")),
+        ),
+        vec![],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:?}\n{}", d.log()));
+    assert_eq!(r.version, 6, "the number after the leftover folder");
+    let rep = report(&r);
+    assert!(rep["plugin"].as_str().expect("plugin").contains("abi 1.0"));
+    // The 1.0 strategy saw the weights (copies in its statistics) and quantized them too.
+    let weights = rep["tensors"]
+        .as_array()
+        .expect("tensors")
+        .iter()
+        .filter(|t| t["role"] == "weight")
+        .count();
+    assert!(weights >= 4, "{}", r.report_json);
+    let acc = rep["accuracy"]["quantized"].as_f64().expect("accuracy");
+    let float = rep["accuracy"]["float"].as_f64().expect("accuracy");
+    assert!(
+        acc >= float - 0.03,
+        "per-tensor u8 min-max: {acc} vs {float}"
+    );
+    assert_eq!(versions(repo.path()), ["1", "6"]);
+}
