@@ -30,6 +30,7 @@ fn daemon(repo: &Path, extra: &[PathBuf]) -> (Daemon, tempfile::TempDir) {
         plugin("blas_cpu"),
         plugin("quant_static"),
         plugin("quant_dynamic"),
+        plugin("quant_mixed"),
     ];
     files.extend_from_slice(extra);
     let plugins = plugin_dir(&files);
@@ -177,6 +178,8 @@ async fn lenet_quantized_by_each_method_stays_within_a_point_of_f32_and_runs_in_
             "QuantizeLinear",
         ),
         ("quant-dynamic", &[], "MatMulInteger"),
+        // A target the all-int8 plan misses: some layers stay in f32.
+        ("quant-mixed", &[("target_sqnr_db", "60")], "QuantizeLinear"),
     ];
     let mut versions = Vec::new();
     for (strategy, options, op) in methods {
@@ -222,6 +225,25 @@ async fn lenet_quantized_by_each_method_stays_within_a_point_of_f32_and_runs_in_
             r.report_json
         );
 
+        if *strategy == "quant-mixed" {
+            // Every quantized layer's sensitivity was measured, and the most sensitive ones
+            // kept in float (the budget is a quarter of the 4 layers: one).
+            let layers = rep["layers"].as_array().expect("layers");
+            assert_eq!(layers.len(), 4, "{}", r.report_json);
+            assert!(layers
+                .iter()
+                .all(|l| l["figures"]["sensitivity_db"].is_number()));
+            assert_eq!(
+                rep["nodes"]["excluded"].as_array().expect("excluded").len(),
+                1
+            );
+            let svg = repo
+                .path()
+                .join("lenet")
+                .join(r.version.to_string())
+                .join("quantization/sensitivity.svg");
+            assert!(svg.is_file(), "the sensitivity plot");
+        }
         // The version is standard ONNX with the report beside it.
         let dir = repo.path().join("lenet").join(&v);
         let model = dir.join("model.onnx");

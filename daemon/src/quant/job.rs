@@ -380,6 +380,11 @@ fn add_weight_stats(model: &Model, stats: &mut Vec<opreg_sdk::TensorStats>) {
     }
 }
 
+/// True when `name` is a node of the quantized model (figures about nodes, not tensors).
+fn served_or_prepared_node(applied: &Applied, name: &str) -> bool {
+    applied.model.nodes.iter().any(|n| n.name == name)
+}
+
 struct Summary {
     version: Option<u64>,
     samples: u64,
@@ -408,6 +413,14 @@ fn build_report(
                 .insert(a.key.to_string(), a.value);
         }
     }
+    let layers = figures
+        .iter()
+        .filter(|(subject, _)| served_or_prepared_node(applied, subject))
+        .map(|(subject, f)| report::LayerReport {
+            node: subject.to_string(),
+            figures: f.clone(),
+        })
+        .collect();
     let tensors = applied
         .tensors
         .iter()
@@ -445,6 +458,7 @@ fn build_report(
             statistics_bytes: s.statistics_bytes,
         },
         tensors,
+        layers,
         nodes: report::Nodes {
             total: served.model.nodes.len(),
             quantized: applied.quantized_nodes.clone(),
@@ -488,6 +502,17 @@ fn save(
         let rel = report::plot_name(i, &st.name);
         let path = qdir.join(&rel);
         std::fs::write(&path, svg).map_err(io(&path))?;
+        plots.push(format!("quantization/{rel}"));
+    }
+    let sensitivity: Vec<(String, f64)> = report
+        .layers
+        .iter()
+        .filter_map(|l| Some((l.node.clone(), *l.figures.get("sensitivity_db")?)))
+        .collect();
+    if !sensitivity.is_empty() {
+        let rel = "sensitivity.svg";
+        let path = qdir.join(rel);
+        std::fs::write(&path, report::sensitivity_svg(&sensitivity)).map_err(io(&path))?;
         plots.push(format!("quantization/{rel}"));
     }
     report.plots = plots;

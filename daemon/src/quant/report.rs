@@ -17,6 +17,8 @@ pub struct Report {
     pub options: BTreeMap<String, String>,
     pub calibration: Calibration,
     pub tensors: Vec<TensorReport>,
+    /// The strategy's figures per layer (node), e.g. `sensitivity_db`.
+    pub layers: Vec<LayerReport>,
     pub nodes: Nodes,
     /// Error of the quantized model against the float one on held-out samples.
     pub error: Error,
@@ -52,6 +54,12 @@ pub struct TensorReport {
     pub min: Option<f32>,
     pub max: Option<f32>,
     /// The strategy's figures: `threshold`, `kl`, ...
+    pub figures: BTreeMap<String, f64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LayerReport {
+    pub node: String,
     pub figures: BTreeMap<String, f64>,
 }
 
@@ -160,6 +168,19 @@ impl Report {
                     .map_or("-".into(), |v| format!("{v:.4}"))
             );
         }
+        if !self.layers.is_empty() {
+            let _ = writeln!(s, "\n{:<40} {:>16}", "layer", "sensitivity dB");
+            for l in &self.layers {
+                let _ = writeln!(
+                    s,
+                    "{:<40} {:>16}",
+                    clip(&l.node, 40),
+                    l.figures
+                        .get("sensitivity_db")
+                        .map_or("-".into(), |v| format!("{v:.2}"))
+                );
+            }
+        }
         for n in &self.notes {
             let _ = writeln!(s, "note: {n}");
         }
@@ -267,6 +288,41 @@ pub fn histogram_svg(tensor: &str, counts: &[u64], max: f32, threshold: Option<f
             r##"<line x1="{x:.2}" y1="{TOP}" x2="{x:.2}" y2="{y}" stroke="#c03030" stroke-width="2"/><text x="{x:.2}" y="{ty}" fill="#c03030" text-anchor="middle">threshold {t:.4}</text>"##,
             y = TOP + plot_h,
             ty = TOP - 2.0
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// An SVG bar chart of each layer's sensitivity: the output SQNR (dB) when only that layer is
+/// quantized; the shortest bars are the layers a mixed plan keeps in float.
+pub fn sensitivity_svg(layers: &[(String, f64)]) -> String {
+    const W: f64 = 640.0;
+    const ROW: f64 = 16.0;
+    const LEFT: f64 = 220.0;
+    let h = 40.0 + ROW * layers.len() as f64;
+    let top = layers
+        .iter()
+        .map(|(_, v)| *v)
+        .filter(|v| v.is_finite())
+        .fold(1.0f64, f64::max);
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" viewBox="0 0 {W} {h}" font-family="sans-serif" font-size="11"><text x="10" y="18" font-size="13">output SQNR (dB) with only this layer in int8</text>"#
+    );
+    for (i, (name, db)) in layers.iter().enumerate() {
+        let y = 30.0 + ROW * i as f64;
+        let v = if db.is_finite() { db.max(0.0) } else { top };
+        let w = v / top * (W - LEFT - 60.0);
+        let _ = write!(
+            s,
+            r##"<text x="{x}" y="{ty}" text-anchor="end">{}</text><rect x="{LEFT}" y="{y}" width="{w:.2}" height="{bh}" fill="#4878a8"/><text x="{vx:.2}" y="{ty}">{db:.1}</text>"##,
+            xml(name),
+            x = LEFT - 6.0,
+            ty = y + ROW - 5.0,
+            bh = ROW - 3.0,
+            vx = LEFT + w + 4.0
         );
     }
     s.push_str("</svg>\n");

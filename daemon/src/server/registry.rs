@@ -230,7 +230,11 @@ impl Registry for RegistryApi {
                     description: q.desc.description.to_string(),
                     observes: {
                         let o = q.quantizer.observation();
+                        let v2 =
+                            !p.abi_version.starts_with("1.0") && !p.abi_version.starts_with("1.1");
                         match o.kind {
+                            // A 1.2 strategy chooses per tensor in `observe`.
+                            ObservationKind::NOTHING if v2 => "chosen per tensor".into(),
                             ObservationKind::NOTHING => "nothing".into(),
                             ObservationKind::MIN_MAX => "min-max".into(),
                             ObservationKind::HISTOGRAM => format!("histogram({})", o.bins),

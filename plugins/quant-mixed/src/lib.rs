@@ -1,0 +1,197 @@
+//! `quant-mixed`: int8 where it is harmless, f32 where it is not.
+//!
+//! Starts from the static int8 plan (`quant-static`, with its calibrator options), measures
+//! each layer's **sensitivity** — the output SQNR against the float model when only that
+//! layer is quantized, on the host's held-out samples, through the host's evaluator — and
+//! keeps the most sensitive layers in f32, one at a time, until the whole model meets the
+//! error target or the float budget is spent.
+//!
+//! Options: `target_sqnr_db` (30: about 3 % relative output noise), `max_float_fraction`
+//! (0.25 of the quantized layers at most stay in f32), `max_evaluations` (128: sensitivity is
+//! measured for the largest layers first when a model has more), and `quant-static`'s options.
+//!
+//! Not yet: f16/bf16 as the lowered precision (`NodeKind::FLOAT`; the host refuses it today).
+
+use opreg_quant_core::{Options, Static};
+use opreg_sdk::{
+    quant::{Annotation, KeyValue},
+    Evaluation, Evaluator, GraphPlan, GraphView, NodePlan, PluginError, QuantRequest, Quantizer,
+    QuantizerDesc, Registrar, TensorObservation,
+};
+
+/// This strategy's own options, and the rest for the static plan.
+#[derive(Debug)]
+struct Mixed {
+    target_sqnr_db: f64,
+    max_float_fraction: f64,
+    max_evaluations: usize,
+    rest: Vec<KeyValue>,
+}
+
+fn parse(options: &[KeyValue]) -> Result<Mixed, PluginError> {
+    let mut m = Mixed {
+        target_sqnr_db: 30.0,
+        max_float_fraction: 0.25,
+        max_evaluations: 128,
+        rest: Vec::new(),
+    };
+    let number = |k: &str, v: &str| {
+        v.parse::<f64>()
+            .ok()
+            .filter(|x| x.is_finite())
+            .ok_or_else(|| PluginError::invalid(format!("option {k}={v}: expected a number")))
+    };
+    for kv in options {
+        let (k, v) = (kv.key.as_str(), kv.value.as_str());
+        match k {
+            "target_sqnr_db" => m.target_sqnr_db = number(k, v)?,
+            "max_float_fraction" => {
+                m.max_float_fraction = number(k, v)?;
+                if !(0.0..=1.0).contains(&m.max_float_fraction) {
+                    return Err(PluginError::invalid(format!(
+                        "option {k}={v}: expected 0..=1"
+                    )));
+                }
+            }
+            "max_evaluations" => m.max_evaluations = number(k, v)? as usize,
+            _ => m.rest.push(kv.clone()),
+        }
+    }
+    // The static options are checked now, naming the bad one.
+    Options::from_kv(&m.rest)?;
+    Ok(m)
+}
+
+/// Mixed int8 / f32 by measured sensitivity.
+pub struct MixedPrecision;
+
+fn only(plan: &GraphPlan, layers: &[String], keep: &str) -> GraphPlan {
+    let mut p = plan.clone();
+    p.nodes = layers
+        .iter()
+        .filter(|l| l.as_str() != keep)
+        .map(|l| NodePlan::exclude(l.as_str()))
+        .collect();
+    p
+}
+
+fn excluding(plan: &GraphPlan, float: &[String]) -> GraphPlan {
+    let mut p = plan.clone();
+    p.nodes = float
+        .iter()
+        .map(|l| NodePlan::exclude(l.as_str()))
+        .collect();
+    p
+}
+
+impl Quantizer for MixedPrecision {
+    fn observe(
+        &self,
+        graph: &GraphView<'_>,
+        options: &[KeyValue],
+    ) -> Result<Vec<TensorObservation>, PluginError> {
+        let m = parse(options)?;
+        Static.observe(graph, &m.rest)
+    }
+
+    fn plan_graph(
+        &self,
+        graph: &GraphView<'_>,
+        request: &QuantRequest,
+        evaluator: &Evaluator<'_>,
+    ) -> Result<GraphPlan, PluginError> {
+        let m = parse(&request.options)?;
+        let static_request = QuantRequest {
+            tensors: request.tensors.clone(),
+            options: m.rest.clone().into(),
+        };
+        let full = Static.plan_graph(graph, &static_request, evaluator)?;
+        // The layers the static plan quantizes: products whose weight it quantizes, largest
+        // weights first (when not all can be measured, the big ones matter most).
+        let mut layers: Vec<(String, usize)> = graph
+            .nodes
+            .iter()
+            .filter(|n| n.domain.is_empty() && matches!(n.op_type.as_str(), "Conv" | "MatMul"))
+            .filter_map(|n| {
+                let w = n.inputs.get(1)?;
+                full.tensors.iter().any(|t| t.name == *w).then(|| {
+                    let size = graph.weight(w).map_or(0, |v| v.len());
+                    (n.name.to_string(), size)
+                })
+            })
+            .collect();
+        layers.sort_by_key(|l| std::cmp::Reverse(l.1));
+        let names: Vec<String> = layers.iter().map(|(n, _)| n.clone()).collect();
+
+        let whole = evaluator.evaluate(&full)?;
+        let mut annotations = full.annotations.to_vec();
+        let mut sensitivity: Vec<(String, f64)> = Vec::new();
+        for layer in names.iter().take(m.max_evaluations) {
+            let e: Evaluation = evaluator.evaluate(&only(&full, &names, layer))?;
+            annotations.push(Annotation::new(layer, "sensitivity_db", e.sqnr_db));
+            sensitivity.push((layer.clone(), e.sqnr_db));
+        }
+        // Most sensitive (lowest SQNR when alone) first.
+        sensitivity.sort_by(|a, b| a.1.total_cmp(&b.1));
+        let budget = (names.len() as f64 * m.max_float_fraction).floor() as usize;
+        let mut float: Vec<String> = Vec::new();
+        let mut current = whole;
+        for (layer, _) in &sensitivity {
+            if current.sqnr_db >= m.target_sqnr_db || float.len() >= budget {
+                break;
+            }
+            float.push(layer.clone());
+            current = evaluator.evaluate(&excluding(&full, &float))?;
+        }
+        let mut plan = excluding(&full, &float);
+        plan.annotations = annotations.into();
+        plan.notes = format!(
+            "mixed int8/f32: all int8 {:.2} dB; {} of {} layers kept in f32 ({}) -> {:.2} dB (target {:.1} dB); {}",
+            whole.sqnr_db,
+            float.len(),
+            names.len(),
+            float.join(", "),
+            current.sqnr_db,
+            m.target_sqnr_db,
+            full.notes
+        )
+        .into();
+        Ok(plan)
+    }
+}
+
+fn register(r: &mut Registrar) {
+    r.quantizer(
+        QuantizerDesc {
+            name: "quant-mixed".into(),
+            description: "mixed int8/f32: static int8, the most sensitive layers (measured one by one on held-out data) kept in f32 until an SQNR target is met".into(),
+        },
+        MixedPrecision,
+    );
+}
+
+opreg_sdk::export_plugin! {
+    name: "quant-mixed",
+    version: env!("CARGO_PKG_VERSION"),
+    description: "mixed-precision quantization by measured layer sensitivity",
+    register: register,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_options_are_taken_and_static_ones_passed_on_and_checked() {
+        let kv = |k: &str, v: &str| KeyValue {
+            key: k.into(),
+            value: v.into(),
+        };
+        let m = parse(&[kv("target_sqnr_db", "40"), kv("calibrator", "minmax")]).unwrap();
+        assert_eq!(m.target_sqnr_db, 40.0);
+        assert_eq!(m.rest.len(), 1);
+        assert!(parse(&[kv("max_float_fraction", "2")]).is_err());
+        let e = parse(&[kv("calibrator", "magic")]).unwrap_err();
+        assert!(e.message.contains("calibrator=magic"));
+    }
+}
