@@ -31,6 +31,7 @@ fn daemon(repo: &Path, extra: &[PathBuf]) -> (Daemon, tempfile::TempDir) {
         plugin("quant_static"),
         plugin("quant_dynamic"),
         plugin("quant_mixed"),
+        plugin("quant_prune"),
     ];
     files.extend_from_slice(extra);
     let plugins = plugin_dir(&files);
@@ -307,6 +308,84 @@ fn argmax(row: &[f32]) -> i64 {
         .enumerate()
         .max_by(|a, b| a.1.total_cmp(b.1))
         .map_or(-1, |(i, _)| i as i64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruned_filters_are_removed_where_the_graph_allows_and_the_model_runs_in_onnxruntime() {
+    let repo = repo();
+    let (d, _plugins) = daemon(repo.path(), &[]);
+    let (r, _) = quantize(
+        &d,
+        job(
+            "quant-prune",
+            &[("method", "filters"), ("sparsity", "0.5")],
+            &digits().join("calib"),
+            Some(&digits().join("test")),
+        ),
+        vec![],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:?}\n{}", d.log()));
+    let rep = report(&r);
+    let effects: Vec<(String, String)> = rep["pruning"]
+        .as_array()
+        .expect("pruning")
+        .iter()
+        .map(|p| {
+            (
+                p["weight"].as_str().expect("weight").to_string(),
+                p["effect"].as_str().expect("effect").to_string(),
+            )
+        })
+        .collect();
+    // conv1 feeds conv2 through Relu and MaxPool: removed; conv2 feeds Flatten: zeroed; fc1
+    // feeds fc2 through its bias and Relu: removed; fc2 is the head: not pruned.
+    let expect = [
+        ("conv1.w", "removed"),
+        ("conv2.w", "zeroed"),
+        ("fc1.w_transposed", "removed"),
+    ];
+    assert_eq!(
+        effects,
+        expect.map(|(w, e)| (w.to_string(), e.to_string())),
+        "{}",
+        r.report_json
+    );
+    // The layers really shrank in the model written.
+    let model = repo
+        .path()
+        .join("lenet")
+        .join(r.version.to_string())
+        .join("model.onnx");
+    let m = opregd::graph::import(&std::fs::read(&model).expect("model"), None).expect("import");
+    let shape = |name: &str| {
+        m.initializers
+            .get(name)
+            .map(|t| t.shape().to_vec())
+            .unwrap_or_else(|| panic!("{name} in {:?}", m.initializers.keys()))
+    };
+    assert_eq!(shape("conv1.w_quantized"), [4, 1, 3, 3]);
+    assert_eq!(shape("conv2.w_quantized"), [16, 4, 3, 3]);
+    assert_eq!(shape("fc1.w_transposed_quantized"), [64, 16]);
+    assert_eq!(shape("fc2.w_transposed_quantized"), [16, 10]);
+    // onnxruntime runs the pruned, quantized model as we do.
+    let ours = logits(&d, &r.version.to_string()).await;
+    if let Some(out) = run_python(
+        "quant_ort.py",
+        &[
+            &model,
+            &digits().join("test/digits.npy"),
+            &digits().join("test/digits.labels.npy"),
+        ],
+    ) {
+        let ort: serde_json::Value = serde_json::from_str(&out).expect("json");
+        let ort_acc = ort["accuracy"].as_f64().expect("accuracy");
+        let our_acc = accuracy(&ours, &labels());
+        assert!(
+            (ort_acc - our_acc).abs() <= 0.01,
+            "onnxruntime {ort_acc}, opreg {our_acc}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -47,6 +47,8 @@ pub struct Applied {
     /// Nodes that read quantized inputs and weights (integer execution candidates).
     pub quantized_nodes: Vec<String>,
     pub excluded_nodes: Vec<String>,
+    /// What pruning did, per weight.
+    pub pruning: Vec<super::prune::Layer>,
     pub notes: Vec<String>,
 }
 
@@ -82,6 +84,9 @@ pub fn apply(model: &Model, plan: &GraphPlan, strategy: &str) -> Result<Applied,
         strategy: strategy.into(),
         reason,
     };
+    // Pruning first: the quantization below sees the smaller layers.
+    let pruned = super::prune::apply(model, plan, strategy)?;
+    let model = &pruned.model;
     let opset = model.opset("").unwrap_or(1);
     let mut notes = Vec::new();
 
@@ -128,8 +133,27 @@ pub fn apply(model: &Model, plan: &GraphPlan, strategy: &str) -> Result<Applied,
     let mut weights: HashMap<String, Q> = HashMap::new();
     for tp in plan.tensors.iter() {
         let name = tp.name.as_str();
-        let d = &tp.directive;
         let weight = model.initializers.get(name);
+        // Per-channel parameters given for a weight's original slices, some of which pruning
+        // removed: those of the kept slices.
+        let remapped;
+        let d = match (pruned.kept.get(name), weight) {
+            (Some((axis, kept)), Some(w))
+                if tp.directive.kind == DirectiveKind::PER_CHANNEL
+                    && usize::try_from(tp.directive.axis).ok() == Some(*axis)
+                    && w.shape().get(*axis) == Some(&kept.len())
+                    && tp.directive.scales.len() != kept.len() =>
+            {
+                let pick = |v: &[f32]| kept.iter().filter_map(|&k| v.get(k).copied()).collect();
+                let pick_i = |v: &[i32]| kept.iter().filter_map(|&k| v.get(k).copied()).collect();
+                let mut d = tp.directive.clone();
+                d.scales = pick(&tp.directive.scales);
+                d.zero_points = pick_i(&tp.directive.zero_points);
+                remapped = d;
+                &remapped
+            }
+            _ => &tp.directive,
+        };
         if weight.is_none() && !produced.contains(name) && !is_input(name) {
             return Err(bad(format!("the model has no tensor '{name}'")));
         }
@@ -171,9 +195,10 @@ pub fn apply(model: &Model, plan: &GraphPlan, strategy: &str) -> Result<Applied,
                 }
                 dynamic.insert(name.to_string(), d.dtype);
             }
+            // Applied above.
+            DirectiveKind::PRUNE | DirectiveKind::KEEP_INDICES => {}
             DirectiveKind(other) => {
                 let what = match d.kind {
-                    DirectiveKind::PRUNE => "pruning",
                     DirectiveKind::CAST => "storing in another float type",
                     _ => "",
                 };
@@ -440,6 +465,7 @@ pub fn apply(model: &Model, plan: &GraphPlan, strategy: &str) -> Result<Applied,
             e.sort();
             e
         },
+        pruning: pruned.layers,
         notes,
     })
 }

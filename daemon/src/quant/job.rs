@@ -458,6 +458,7 @@ fn build_report(
             statistics_bytes: s.statistics_bytes,
         },
         tensors,
+        pruning: applied.pruning.clone(),
         layers,
         nodes: report::Nodes {
             total: served.model.nodes.len(),

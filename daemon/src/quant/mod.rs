@@ -7,6 +7,7 @@
 //! `data` (calibration samples from a folder or a request, checked against the model's
 //! inputs) → `calibrate` (the model compiled with every observed tensor as an output; each
 //! batch updates `observe`'s bounded statistics and is dropped) → the strategy's plan →
+//! `prune` (structured pruning removes channels where the graph allows, masks zero weights) →
 //! `apply` (the plan as standard ONNX: QDQ, integer ops for dynamic quantization) →
 //! `evaluate` (the float and quantized models on held-out samples) → `report` (JSON and SVG
 //! histograms) → `job` (one quantization run end to end; the result becomes a new version of
@@ -19,6 +20,7 @@ pub mod evaluate;
 pub mod job;
 pub mod observe;
 pub mod prepare;
+pub mod prune;
 pub mod report;
 pub mod view;
 

@@ -17,6 +17,9 @@ pub struct Report {
     pub options: BTreeMap<String, String>,
     pub calibration: Calibration,
     pub tensors: Vec<TensorReport>,
+    /// What pruning did, per weight.
+    #[serde(default)]
+    pub pruning: Vec<super::prune::Layer>,
     /// The strategy's figures per layer (node), e.g. `sensitivity_db`.
     pub layers: Vec<LayerReport>,
     pub nodes: Nodes,
@@ -167,6 +170,23 @@ impl Report {
                     .get("threshold")
                     .map_or("-".into(), |v| format!("{v:.4}"))
             );
+        }
+        if !self.pruning.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n{:<40} {:<10} {:>9} {:>10}",
+                "pruned weight", "method", "sparsity", "effect"
+            );
+            for p in &self.pruning {
+                let _ = writeln!(
+                    s,
+                    "{:<40} {:<10} {:>8.1}% {:>10}",
+                    clip(&p.weight, 40),
+                    p.method,
+                    p.sparsity * 100.0,
+                    p.effect
+                );
+            }
         }
         if !self.layers.is_empty() {
             let _ = writeln!(s, "\n{:<40} {:>16}", "layer", "sensitivity dB");

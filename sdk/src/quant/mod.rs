@@ -171,6 +171,13 @@ impl DirectiveKind {
     pub const PRUNE: DirectiveKind = DirectiveKind(4);
     /// Store in another float type (`dtype`: F16, BF16).
     pub const CAST: DirectiveKind = DirectiveKind(5);
+    /// Structured pruning of a weight (ABI 1.2): keep only the slices `indices` (ascending)
+    /// along `axis` (a Conv's output filters: 0; a MatMul's columns: 1). The host removes the
+    /// other slices from the graph where its structure allows — the layer and the layers that
+    /// read it get smaller — and zeroes them where it does not. A quantization directive for
+    /// the same weight lists per-channel scales for the original slices; the host keeps those
+    /// of the kept ones.
+    pub const KEEP_INDICES: DirectiveKind = DirectiveKind(6);
 }
 
 /// What to do with one tensor: a kind and its parameters (kind + params, so kinds can be
@@ -252,6 +259,15 @@ impl Directive {
         Directive {
             mask: mask.into(),
             ..Directive::of(DirectiveKind::PRUNE, DType::F32)
+        }
+    }
+
+    /// Keep only the slices `indices` of a weight along `axis` (structured pruning).
+    pub fn keep_indices(axis: i32, indices: Vec<i64>) -> Directive {
+        Directive {
+            axis,
+            indices: indices.into(),
+            ..Directive::of(DirectiveKind::KEEP_INDICES, DType::F32)
         }
     }
 
