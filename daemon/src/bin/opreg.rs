@@ -95,8 +95,10 @@ enum Cmd {
     /// folder (or read by the daemon with --on-daemon); the result becomes a new version.
     Quantize {
         name: String,
-        /// The strategy (`opreg quantizers` … ListQuantizers): quant-static, quant-dynamic, …
-        #[arg(long, default_value = "quant-static")]
+        /// The strategy (`opreg quantizers`): quant-static, quant-dynamic, quant-mixed,
+        /// quant-prune, … or `auto`: quant-static for models with convolutions, quant-dynamic
+        /// for the others (transformers, RNNs).
+        #[arg(long, default_value = "auto")]
         method: String,
         /// Calibration samples: `*.npy` batches (single-input models) or one subfolder per
         /// sample with `INPUT.npy` / `input_K.pb` files.

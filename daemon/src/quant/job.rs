@@ -40,6 +40,9 @@ use std::{
     time::Instant,
 };
 
+/// The strategy name that picks one by the model's kind.
+pub const AUTO: &str = "auto";
+
 /// Held-out samples taken from the calibration stream when no evaluation set is given: every
 /// `HELDOUT_EVERY`-th sample, at most `MAX_HELDOUT`.
 const HELDOUT_EVERY: u64 = 5;
@@ -159,6 +162,28 @@ pub fn run(
     let served = repo.get(&req.model, &req.version)?;
     let devices = served.settings.devices()?;
     let max_folded = usize::try_from(repo.limits().max_folded_bytes).unwrap_or(usize::MAX);
+    // `auto`: static for convolutional models, dynamic for the rest (transformers, RNNs),
+    // where run-time ranges beat any calibrated one (measured: README, "Quantization").
+    let resolved;
+    let req = if req.strategy == AUTO {
+        let conv = served
+            .model
+            .nodes
+            .iter()
+            .any(|n| n.domain.is_empty() && n.op_type == "Conv");
+        resolved = Request {
+            strategy: if conv {
+                "quant-static"
+            } else {
+                "quant-dynamic"
+            }
+            .into(),
+            ..req.clone()
+        };
+        &resolved
+    } else {
+        req
+    };
     let strategy = find_strategy(registry, &req.strategy)?;
     let quantizer = strategy
         .plugin

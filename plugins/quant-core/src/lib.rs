@@ -5,16 +5,21 @@
 //! Activations are calibrated on unlabelled data and quantized per tensor; weights per output
 //! channel (or per tensor), symmetric int8. The calibrator is selectable:
 //!
-//! - `kl` (entropy, the default): the clipping threshold that minimises the KL divergence
-//!   between the |x| histogram and its quantized form (TensorRT's method; 2048 bins by
-//!   default, thresholds searched from `levels` = 128 bins up, empty bins smoothed). It clips
-//!   the rare outliers min/max calibration would spend the whole range on.
+//! - `percentile` (the default): the threshold below which `percentile` % (default 99.99) of
+//!   |x| lies. Measured against the others on a LeNet (real digits), a BatchNorm CNN and a
+//!   transformer encoder with an attention mask (`scripts/compare-quant`), it gave the best
+//!   sum of output SQNRs (112.4 dB against 111.8 for min-max and 110.2 for KL) and is immune
+//!   to the rare extreme values (padding constants, masks) min-max would spend the range on.
+//! - `kl` (entropy): the clipping threshold that minimises the KL divergence between the |x|
+//!   histogram and its quantized form (TensorRT's method; 2048 bins by default, thresholds
+//!   searched from `levels` = 128 bins up, empty bins smoothed, the exact zeros of rectified
+//!   tensors left out). Best on the BatchNorm CNN; it clips more than the others elsewhere.
 //! - `minmax`: the observed range.
-//! - `percentile`: the threshold below which `percentile` % (default 99.99) of |x| lies.
 //!
-//! Options (`key=value`): `calibrator` (`kl`), `activation_type` (`uint8` | `int8`; default
+//! Options (`key=value`): `calibrator` (`percentile`), `activation_type` (`uint8` | `int8`; default
 //! `uint8`), `symmetric` (`false`: asymmetric activations), `per_channel` (`true`), `bins`
-//! (2048), `levels` (128), `percentile` (99.99).
+//! (2048), `levels` (128), `percentile` (99.99), `quantize_head` (`false`: the last layer's
+//! output, which is the model's, stays in float).
 //!
 //! Why uint8 activations by default: most quantized activations follow a `Relu` and are
 //! non-negative, so an asymmetric uint8 range spends all 256 levels on them where int8 spends
@@ -40,6 +45,8 @@ pub struct Options {
     pub bins: u32,
     pub levels: usize,
     pub percentile: f64,
+    /// Quantize the head's output too (`quantize_head`, default false).
+    pub quantize_head: bool,
 }
 
 /// How activation ranges are chosen.
@@ -53,13 +60,14 @@ pub enum Calibrator {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            calibrator: Calibrator::Kl,
+            calibrator: Calibrator::Percentile,
             activation_type: DType::U8,
             symmetric: false,
             per_channel: true,
             bins: 2048,
             levels: 128,
             percentile: 99.99,
+            quantize_head: false,
         }
     }
 }
@@ -105,6 +113,7 @@ impl Options {
                     }
                 }
                 "symmetric" => o.symmetric = boolean(k, v)?,
+                "quantize_head" => o.quantize_head = boolean(k, v)?,
                 "per_channel" => o.per_channel = boolean(k, v)?,
                 "bins" => {
                     o.bins = v
@@ -131,7 +140,7 @@ impl Options {
                 }
                 other => {
                     return Err(invalid(format!(
-                        "unknown option '{other}' (calibrator, activation_type, symmetric, per_channel, bins, levels, percentile)"
+                        "unknown option '{other}' (calibrator, activation_type, symmetric, per_channel, bins, levels, percentile, quantize_head)"
                     )))
                 }
             }
@@ -166,6 +175,23 @@ impl Options {
 /// The operators whose inputs and outputs are quantized (their integer forms exist).
 const PRODUCTS: &[&str] = &["Conv", "MatMul"];
 
+/// True when `t` is a model output, or reaches one through a bias `Add` only: the head's
+/// result. Quantizing it puts the quantization noise straight on the model's output (and
+/// its integer kernel saves little: heads are small), so by default it stays in float.
+fn is_head_output(graph: &GraphView<'_>, t: &str) -> bool {
+    if graph.is_output(t) {
+        return true;
+    }
+    let mut readers = graph.consumers(t);
+    match (readers.next(), readers.next()) {
+        (Some(r), None) if r.op_type == "Add" && r.domain.is_empty() => {
+            r.inputs.iter().any(|i| i != t && graph.is_weight(i))
+                && r.outputs.iter().any(|o| graph.is_output(o))
+        }
+        _ => false,
+    }
+}
+
 /// Post-training static quantization.
 pub struct Static;
 
@@ -180,9 +206,18 @@ impl Quantizer for Static {
             Calibrator::MinMax => Observation::MIN_MAX,
             _ => Observation::histogram(o.bins),
         };
+        // Products of two activations (attention's Q·Kᵀ and P·V) have no integer kernel
+        // here (QLinearMatMul wants a constant weight): quantizing their operands would only
+        // add noise, so they stay in float.
+        let weighted = |n: &opreg_sdk::NodeView| {
+            n.domain.is_empty()
+                && PRODUCTS.contains(&n.op_type.as_str())
+                && n.inputs.get(1).is_some_and(|w| graph.is_weight(w))
+        };
         Ok(graph
-            .activations_of(PRODUCTS)
+            .activations_where(weighted)
             .into_iter()
+            .filter(|t| o.quantize_head || !is_head_output(graph, t))
             .map(|t| TensorObservation::new(t, how))
             .collect())
     }

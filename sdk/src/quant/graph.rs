@@ -103,6 +103,11 @@ impl<'a> GraphView<'a> {
     /// `Relu`'s output: the quantized range of a rectified tensor starts at zero, and the
     /// integer kernel absorbs the `Relu` into its output clamp.
     pub fn activations_of(&self, ops: &[&str]) -> Vec<String> {
+        self.activations_where(|n| n.domain.is_empty() && ops.contains(&n.op_type.as_str()))
+    }
+
+    /// Like [`activations_of`](GraphView::activations_of), for the nodes `pick` selects.
+    pub fn activations_where(&self, pick: impl Fn(&NodeView) -> bool) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
         let mut push = |name: &str| {
             if !name.is_empty() && !out.iter().any(|o| o == name) {
@@ -110,7 +115,7 @@ impl<'a> GraphView<'a> {
             }
         };
         for n in self.nodes.as_slice() {
-            if !n.domain.is_empty() || !ops.contains(&n.op_type.as_str()) {
+            if !pick(n) {
                 continue;
             }
             for i in n.inputs.iter().filter(|i| !self.is_weight(i)) {
