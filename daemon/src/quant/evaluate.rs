@@ -1,6 +1,9 @@
 //! The float and quantized models side by side on held-out samples: SQNR, largest absolute
 //! error, cosine similarity, and top-1 accuracy when the samples carry labels.
 
+// Model and request data reach this module: no unchecked index or slice.
+#![deny(clippy::indexing_slicing)]
+
 use super::{data::Sample, QuantError};
 use crate::graph::{self, Plan};
 use opreg_sdk::{DType, Evaluation};

@@ -8,6 +8,9 @@
 //! fails removes its folder; a run killed midway leaves a folder without `model.onnx`, which
 //! is not a version (and whose number is never reused).
 
+// Model and request data reach this module: no unchecked index or slice.
+#![deny(clippy::indexing_slicing)]
+
 use super::{
     apply::{self, Applied},
     calibrate::Calibrator,

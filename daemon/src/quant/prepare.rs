@@ -7,6 +7,9 @@
 //!   torch's `Linear` layers quantizable as standard ONNX; a per-channel weight scale then
 //!   runs along `MatMul`'s last axis, which is what the strategy sees.
 
+// Model and request data reach this module: no unchecked index or slice.
+#![deny(clippy::indexing_slicing)]
+
 use crate::graph::{Model, Node};
 use opreg_sdk::{host::HostTensor, AttrValue, DType};
 use std::{collections::HashSet, sync::Arc};

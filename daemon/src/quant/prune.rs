@@ -9,6 +9,9 @@
 //!   here, fewer input channels there). Anywhere else (a graph output, `Flatten`, `Concat`, a
 //!   residual `Add`) they are zeroed instead, which keeps the shapes.
 
+// Model and request data reach this module: no unchecked index or slice.
+#![deny(clippy::indexing_slicing)]
+
 use super::QuantError;
 use crate::graph::{Model, Node};
 use opreg_sdk::{host::HostTensor, AttrValue, DType, DirectiveKind, GraphPlan};
@@ -115,14 +118,14 @@ pub fn apply(model: &Model, plan: &GraphPlan, strategy: &str) -> Result<Pruned, 
                     shape.len()
                 ))
             })?;
-        let total = shape[axis];
+        let total = shape.get(axis).copied().unwrap_or(0);
         let kept: Vec<usize> = d
             .indices
             .iter()
             .map(|&i| usize::try_from(i).ok().filter(|&i| i < total))
             .collect::<Option<_>>()
             .ok_or_else(|| bad(format!("'{name}': an index outside 0..{total}")))?;
-        if kept.is_empty() || kept.windows(2).any(|p| p[0] >= p[1]) {
+        if kept.is_empty() || kept.windows(2).any(|p| p.first() >= p.get(1)) {
             return Err(bad(format!(
                 "'{name}': kept indices must be non-empty and ascending"
             )));
@@ -132,33 +135,28 @@ pub fn apply(model: &Model, plan: &GraphPlan, strategy: &str) -> Result<Pruned, 
             .iter()
             .position(|n| n.inputs.get(1).is_some_and(|i| i == name) && is_product(n))
             .ok_or_else(|| bad(format!("'{name}': not the weight of a Conv or MatMul")))?;
-        let out_axis = if m.nodes[producer].op_type == "Conv" {
+        let (conv, bias, y) = match m.nodes.get(producer) {
+            Some(n) => (
+                n.op_type == "Conv",
+                n.inputs.get(2).filter(|b| !b.is_empty()).cloned(),
+                n.outputs.first().cloned(),
+            ),
+            None => (false, None, None),
+        };
+        let out_axis = if conv {
             0
         } else {
-            shape.len() - 1
+            shape.len().saturating_sub(1)
         };
-        let removable = axis == out_axis && readers(&m, name) == 1;
         let mut slices: Vec<Slice> = vec![(producer, 1, axis)];
-        let structural = removable
-            && m.nodes[producer]
-                .inputs
-                .get(2)
-                .filter(|b| !b.is_empty())
-                .is_none_or(|b| m.initializers.contains_key(b))
-            && {
-                if m.nodes[producer]
-                    .inputs
-                    .get(2)
-                    .is_some_and(|b| !b.is_empty())
-                {
+        let structural = axis == out_axis
+            && readers(&m, name) == 1
+            && bias.as_ref().is_none_or(|b| m.initializers.contains_key(b))
+            && y.is_some_and(|y| {
+                if bias.is_some() {
                     slices.push((producer, 2, 0));
                 }
-                let channel_axis = if m.nodes[producer].op_type == "Conv" {
-                    1
-                } else {
-                    usize::MAX
-                };
-                let y = m.nodes[producer].outputs[0].clone();
+                let channel_axis = if conv { 1 } else { usize::MAX };
                 walk(
                     &m,
                     &y,
@@ -167,12 +165,17 @@ pub fn apply(model: &Model, plan: &GraphPlan, strategy: &str) -> Result<Pruned, 
                     &mut slices,
                     &mut HashSet::new(),
                 )
-            };
+            });
         let sparsity = 1.0 - kept.len() as f64 / total.max(1) as f64;
         if structural {
             for &(node, input, ax) in &slices {
-                let t_name = m.nodes[node].inputs[input].clone();
-                let t = m.initializers[&t_name].clone();
+                let Some(t_name) = m.nodes.get(node).and_then(|n| n.inputs.get(input)).cloned()
+                else {
+                    continue;
+                };
+                let Some(t) = m.initializers.get(&t_name).cloned() else {
+                    continue;
+                };
                 let sliced = slice(&t, ax, &kept).map_err(|e| bad(format!("'{t_name}': {e}")))?;
                 if readers(&m, &t_name) == 1 {
                     m.initializers.insert(t_name.clone(), Arc::new(sliced));
@@ -182,7 +185,10 @@ pub fn apply(model: &Model, plan: &GraphPlan, strategy: &str) -> Result<Pruned, 
                 } else {
                     let fresh = format!("{t_name}_pruned_{node}");
                     m.initializers.insert(fresh.clone(), Arc::new(sliced));
-                    m.nodes[node].inputs[input] = fresh;
+                    if let Some(slot) = m.nodes.get_mut(node).and_then(|n| n.inputs.get_mut(input))
+                    {
+                        *slot = fresh;
+                    }
                 }
             }
             layers.push(Layer {
@@ -317,13 +323,19 @@ fn walk(
     any
 }
 
+/// The extents before, along and after `axis` of `shape`.
+fn split(shape: &[usize], axis: usize) -> Option<(usize, usize, usize)> {
+    let dim = *shape.get(axis)?;
+    let outer = shape.get(..axis)?.iter().product();
+    let inner = shape.get(axis + 1..)?.iter().product();
+    Some((outer, dim, inner))
+}
+
 /// `t` with only the slices `kept` along `axis`.
 fn slice(t: &HostTensor, axis: usize, kept: &[usize]) -> Result<HostTensor, String> {
     let v = t.to_vec::<f32>().map_err(|e| e.to_string())?;
     let shape = t.shape();
-    let outer: usize = shape[..axis].iter().product();
-    let inner: usize = shape[axis + 1..].iter().product();
-    let dim = shape[axis];
+    let (outer, dim, inner) = split(shape, axis).ok_or("axis outside the rank")?;
     let mut out = Vec::new();
     out.try_reserve_exact(outer * kept.len() * inner)
         .map_err(|e| e.to_string())?;
@@ -334,13 +346,14 @@ fn slice(t: &HostTensor, axis: usize, kept: &[usize]) -> Result<HostTensor, Stri
         }
     }
     let mut new_shape = shape.to_vec();
-    new_shape[axis] = kept.len();
+    if let Some(d) = new_shape.get_mut(axis) {
+        *d = kept.len();
+    }
     HostTensor::from_vec(&new_shape, &out).map_err(|e| e.to_string())
 }
 
 fn zero_slices(v: &[f32], shape: &[usize], axis: usize, kept: &[usize]) -> Vec<f32> {
-    let inner: usize = shape[axis + 1..].iter().product();
-    let dim = shape[axis];
+    let (_, dim, inner) = split(shape, axis).unwrap_or((1, 1, 1));
     let keep: HashSet<usize> = kept.iter().copied().collect();
     v.iter()
         .enumerate()

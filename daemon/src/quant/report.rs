@@ -1,6 +1,9 @@
 //! The report of a quantization run: JSON (written next to the model and returned over gRPC)
 //! and one SVG histogram per calibrated tensor with the chosen threshold marked.
 
+// Model and request data reach this module: no unchecked index or slice.
+#![deny(clippy::indexing_slicing)]
+
 use serde::{Deserialize, Serialize};
 use std::{collections::BTreeMap, fmt::Write as _};
 

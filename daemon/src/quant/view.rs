@@ -4,6 +4,9 @@
 //! while the [`View`] lives (the strategy's call): nothing is copied. Intermediate values carry
 //! the type and shape calibration saw (for the tensors it observed); others read `UNDEFINED`.
 
+// Model and request data reach this module: no unchecked index or slice.
+#![deny(clippy::indexing_slicing)]
+
 use crate::graph::{Dim, Model};
 use opreg_sdk::{
     abi_stable::std_types::{RNone, ROption, RSome, RString, RVec},

@@ -99,9 +99,10 @@ impl<'a> GraphView<'a> {
 
     /// The activations (inputs that are not weights, and outputs) of every node whose
     /// `op_type` is in `ops`, in first-use order and without repeats — the tensors a
-    /// strategy usually observes. A node's output read only by a `Relu` is replaced by that
-    /// `Relu`'s output: the quantized range of a rectified tensor starts at zero, and the
-    /// integer kernel absorbs the `Relu` into its output clamp.
+    /// strategy usually observes. A node's output is followed through the bias `Add` and the
+    /// `Relu` that alone read it ([`rectified`](GraphView::rectified)): the quantized range
+    /// of a rectified tensor starts at zero, and the integer kernel absorbs the `Relu` into
+    /// its output clamp.
     pub fn activations_of(&self, ops: &[&str]) -> Vec<String> {
         self.activations_where(|n| n.domain.is_empty() && ops.contains(&n.op_type.as_str()))
     }
@@ -128,20 +129,39 @@ impl<'a> GraphView<'a> {
         out
     }
 
-    /// `name`, or the output of the `Relu` that alone reads it (see
-    /// [`activations_of`](GraphView::activations_of)).
+    /// `name`, or what it becomes through the per-channel bias `Add` (a constant added) and
+    /// the `Relu` that alone read it (see [`activations_of`](GraphView::activations_of)): the
+    /// bias belongs to the product (quantizing before it adds an extra rounding, which
+    /// onnxruntime's `Gemm` does not have), and the rectified range starts at zero.
     pub fn rectified(&self, name: &str) -> String {
-        if self.is_output(name) {
-            return name.to_string();
+        let mut current = name.to_string();
+        let mut bias_taken = false;
+        while !self.is_output(&current) {
+            let single = {
+                let mut readers = self.consumers(&current);
+                match (readers.next(), readers.next()) {
+                    (Some(r), None) => Some(r),
+                    _ => None,
+                }
+            };
+            let Some(r) = single else {
+                break;
+            };
+            let is_bias = !bias_taken
+                && r.domain.is_empty()
+                && r.op_type == "Add"
+                && r.inputs.iter().any(|i| i != &current && self.is_weight(i));
+            let is_relu = r.domain.is_empty() && r.op_type == "Relu";
+            let next = match r.outputs.first() {
+                Some(o) if is_bias || is_relu => o.to_string(),
+                _ => break,
+            };
+            current = next;
+            if is_relu {
+                break;
+            }
+            bias_taken = true;
         }
-        let mut readers = self.consumers(name);
-        match (readers.next(), readers.next()) {
-            (Some(r), None) if r.op_type == "Relu" && r.domain.is_empty() => r
-                .outputs
-                .first()
-                .map(|o| o.to_string())
-                .unwrap_or_else(|| name.to_string()),
-            _ => name.to_string(),
-        }
+        current
     }
 }
