@@ -137,6 +137,26 @@ impl Model {
     }
 
     /// The opset version `domain` is imported at.
+    /// A value name no initializer, graph input or node uses, from `base` (`base`, else
+    /// `base_1`, `base_2`, …): for values a rewrite adds.
+    pub fn fresh_name(&self, base: &str) -> String {
+        let taken = |n: &str| {
+            self.initializers.contains_key(n)
+                || self.inputs.iter().any(|i| i.name == n)
+                || self
+                    .nodes
+                    .iter()
+                    .any(|x| x.outputs.iter().chain(&x.inputs).any(|o| o == n))
+        };
+        let mut name = base.to_string();
+        let mut k = 1;
+        while taken(&name) {
+            name = format!("{base}_{k}");
+            k += 1;
+        }
+        name
+    }
+
     pub fn opset(&self, domain: &str) -> Option<i64> {
         let d = if domain == "ai.onnx" { "" } else { domain };
         self.opsets.get(d).copied()

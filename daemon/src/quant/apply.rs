@@ -619,19 +619,7 @@ struct Builder {
 
 impl Builder {
     fn fresh(&self, base: &str) -> String {
-        let m = &self.model;
-        let used = |n: &str| {
-            m.initializers.contains_key(n)
-                || m.inputs.iter().any(|i| i.name == n)
-                || m.nodes.iter().any(|x| x.outputs.iter().any(|o| o == n))
-        };
-        let mut name = base.to_string();
-        let mut k = 1;
-        while used(&name) {
-            name = format!("{base}_{k}");
-            k += 1;
-        }
-        name
+        self.model.fresh_name(base)
     }
 
     fn constant(&mut self, base: &str, t: HostTensor) -> String {

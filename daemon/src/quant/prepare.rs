@@ -73,24 +73,6 @@ fn float_attr(n: &Node, name: &str, default: f32) -> f32 {
     }
 }
 
-/// A fresh value name derived from `base`.
-fn fresh(m: &Model, base: &str) -> String {
-    let used = |n: &str| {
-        m.initializers.contains_key(n)
-            || m.inputs.iter().any(|i| i.name == n)
-            || m.nodes
-                .iter()
-                .any(|x| x.outputs.iter().chain(&x.inputs).any(|o| o == n))
-    };
-    let mut name = base.to_string();
-    let mut k = 1;
-    while used(&name) {
-        name = format!("{base}_{k}");
-        k += 1;
-    }
-    name
-}
-
 fn gemm_as_matmul(m: &mut Model, n: &Node) -> Option<Vec<Node>> {
     if !n.domain.is_empty() || n.op_type != "Gemm" {
         return None;
@@ -117,7 +99,7 @@ fn gemm_as_matmul(m: &mut Model, n: &Node) -> Option<Vec<Node>> {
                 t.push(*v.get(r * cols + c)?);
             }
         }
-        let name = fresh(m, &format!("{b}_transposed"));
+        let name = m.fresh_name(&format!("{b}_transposed"));
         let tensor = HostTensor::from_vec(&[cols, rows], &t).ok()?;
         m.initializers.insert(name.clone(), Arc::new(tensor));
         name
@@ -126,7 +108,7 @@ fn gemm_as_matmul(m: &mut Model, n: &Node) -> Option<Vec<Node>> {
     };
     let bias = n.inputs.get(2).filter(|c| !c.is_empty());
     let product = if bias.is_some() {
-        fresh(m, &format!("{y}_product"))
+        m.fresh_name(&format!("{y}_product"))
     } else {
         y.clone()
     };

@@ -29,17 +29,6 @@ fn float_attr(n: &crate::graph::import::Node, name: &str, default: f32) -> Optio
     }
 }
 
-/// A fresh initializer name derived from `base`.
-fn fresh(model: &Model, base: &str) -> String {
-    let mut name = format!("{base}_bnfold");
-    let mut k = 1;
-    while model.initializers.contains_key(&name) {
-        name = format!("{base}_bnfold{k}");
-        k += 1;
-    }
-    name
-}
-
 impl Pass for ConvBatchNorm {
     fn name(&self) -> &'static str {
         "conv-batchnorm"
@@ -75,9 +64,9 @@ impl Pass for ConvBatchNorm {
                 continue;
             };
             let (out, weight) = (out.clone(), weight.clone());
-            let w_name = fresh(model, &weight);
+            let w_name = model.fresh_name(&format!("{weight}_bnfold"));
             model.initializers.insert(w_name.clone(), Arc::new(w));
-            let b_name = fresh(model, &format!("{weight}_bias"));
+            let b_name = model.fresh_name(&format!("{weight}_bias_bnfold"));
             model.initializers.insert(b_name.clone(), Arc::new(b));
             if let Some(conv) = model.nodes.get_mut(ci) {
                 conv.inputs.resize(3, String::new());

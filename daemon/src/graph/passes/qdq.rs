@@ -195,7 +195,7 @@ fn fuse(model: &mut Model, op: &str, fused: &str) -> Result<usize, GraphError> {
         for (name, t) in p.constants {
             // Plans were made against the model before any of them: a name an earlier one
             // took is renamed here.
-            let unique = fresh(model, &name);
+            let unique = model.fresh_name(&name);
             for x in p.inputs.iter_mut().filter(|x| **x == name) {
                 x.clone_from(&unique);
             }
@@ -284,7 +284,7 @@ fn plan(
             z.clone()
         }
         None => {
-            let name = fresh(model, &format!("{}_zero_point", w.input));
+            let name = model.fresh_name(&format!("{}_zero_point", w.input));
             let shape: &[usize] = if w_scale.len() > 1 { &[channels] } else { &[] };
             let zeros = HostTensor::zeroed(w_t.dtype(), shape).ok()?;
             constants.push((name.clone(), zeros));
@@ -304,7 +304,7 @@ fn plan(
     if op == "Conv" {
         if let Some(b) = n.inputs.get(2).filter(|b| !b.is_empty()) {
             let bias = requantized_bias(model, producer, b, x_scale.first()?, &w_scale, channels)?;
-            let name = fresh(model, &format!("{b}_int32"));
+            let name = model.fresh_name(&format!("{b}_int32"));
             constants.push((name.clone(), bias));
             inputs.push(name);
         }
@@ -395,20 +395,4 @@ fn remove_unread_dequantize(model: &mut Model) -> Result<(), GraphError> {
         .initializers
         .retain(|name, _| read.contains_key(name) || outputs.contains(name));
     Ok(())
-}
-
-/// A value name not used in `model`, from `base`.
-fn fresh(model: &Model, base: &str) -> String {
-    let taken = |n: &str| {
-        model.initializers.contains_key(n)
-            || model.nodes.iter().any(|x| x.outputs.iter().any(|o| o == n))
-            || model.inputs.iter().any(|i| i.name == n)
-    };
-    let mut name = base.to_string();
-    let mut k = 1;
-    while taken(&name) {
-        name = format!("{base}_{k}");
-        k += 1;
-    }
-    name
 }
