@@ -4,7 +4,7 @@
 
 use super::gemm::{bytes, zero_points, IntProduct};
 use super::matmul::requant_multiplier;
-use super::{fill_saturated, read_f32, read_i32, Factory, Q8};
+use super::{read_f32, read_i32, Factory, Q8};
 use crate::util::{input, numel, optional, product_sat, required, row_major_strides};
 use opreg_sdk::{
     alloc::{try_vec, try_with_capacity},
@@ -241,12 +241,17 @@ impl Geometry {
     }
 }
 
+/// Receives one (image, group) tile of integer products: `tmp[p * mg + j]` for output
+/// position `p` and the group's output channel `j`, before any bias.
+type Store<'s> = dyn FnMut(usize, usize, &[i32]) -> Result<(), PluginError> + 's;
+
 impl Geometry {
     /// The convolution as one integer product per (image, group) through the node's BLAS:
-    /// `out[n, g*mg + j, p] = Σ_k col[p, k] * W_g[j, k]`, where `col` (plane x C/group *
-    /// kernel taps) holds the input value under each tap, or the input's zero point where the
-    /// tap falls in the padding (so it contributes 0 after the shift). `Ok(false)` and nothing
-    /// written when the backend is missing or refuses the operands.
+    /// `tmp[p, j] = Σ_k col[p, k] * W_g[j, k]`, where `col` (plane x C/group * kernel taps)
+    /// holds the input value under each tap, or the input's zero point where the tap falls in
+    /// the padding (so it contributes 0 after the shift). Each tile goes to `store`, which
+    /// writes it into the output in its own form (i32, or requantized). `Ok(false)` and
+    /// nothing stored when the backend is missing or refuses the operands.
     #[allow(clippy::too_many_arguments)]
     fn run_blas(
         &self,
@@ -256,8 +261,7 @@ impl Geometry {
         w: &TensorView<'_>,
         x_zp: Option<&TensorView<'_>>,
         w_zp: Option<&TensorView<'_>>,
-        bias: Option<&[i32]>,
-        out: &mut [i32],
+        store: &mut Store<'_>,
     ) -> Result<bool, PluginError> {
         if !matches!(x.dtype, DType::U8 | DType::I8) || !matches!(w.dtype, DType::U8 | DType::I8) {
             return Ok(false);
@@ -268,13 +272,11 @@ impl Geometry {
         ) else {
             return Ok(false);
         };
-        if out.is_empty() {
+        let plane: usize = self.out_sp.iter().product();
+        if plane == 0 || self.m == 0 || self.n == 0 {
             return Ok(true);
         }
         let (xb, wb) = (bytes(x, op)?, bytes(w, op)?);
-        let sp = self.in_sp.len();
-        let plane: usize = self.out_sp.iter().product();
-        let in_size = product_sat(&self.in_sp);
         let taps = numel(&self.k_sp)?;
         let (cg, mg) = (self.c / self.group, self.m / self.group);
         let kdim = cg
@@ -284,43 +286,14 @@ impl Geometry {
         let pad = zx[0] as u8;
         let mut col = try_vec(numel(&[plane, kdim])?, pad)?;
         let mut tmp = try_vec(numel(&[plane, mg])?, 0i32)?;
-        let in_strides = row_major_strides(&self.in_sp);
-        let koffs = self.tap_offsets(taps)?;
-        let out_strides = row_major_strides(&self.out_sp);
+        let in_size = product_sat(&self.in_sp);
         for bn in 0..self.n {
             for g in 0..self.group {
                 let x0 = (bn * self.c + g * cg) * in_size;
-                ctx.parallel_chunks(&mut col, kdim.max(1) * 64, |start, chunk| {
-                    for (r, row) in chunk.chunks_mut(kdim.max(1)).enumerate() {
-                        let p = start / kdim.max(1) + r;
-                        // The output position of row p.
-                        let o: Vec<usize> = out_strides
-                            .iter()
-                            .zip(&self.out_sp)
-                            .map(|(&st, &ext)| (p / st.max(1)) % ext.max(1))
-                            .collect();
-                        for (kp, koff) in koffs.iter().enumerate() {
-                            let mut lin = 0usize;
-                            let mut inside = true;
-                            for d in 0..sp {
-                                let q = (o[d] * self.strides[d] + koff[d]) as isize
-                                    - self.pad_begin[d] as isize;
-                                if q < 0 || q as usize >= self.in_sp[d] {
-                                    inside = false;
-                                    break;
-                                }
-                                lin += q as usize * in_strides[d];
-                            }
-                            for ic in 0..cg {
-                                row[ic * taps + kp] = if inside {
-                                    xb[x0 + ic * in_size + lin]
-                                } else {
-                                    pad
-                                };
-                            }
-                        }
-                    }
+                let xg = xb.get(x0..x0 + cg * in_size).ok_or_else(|| {
+                    PluginError::invalid(format!("{op}: x is shorter than its shape"))
                 })?;
+                self.im2col(ctx, xg, pad, kdim, &mut col)?;
                 let zb = if zw.len() == 1 {
                     &zw[..]
                 } else {
@@ -341,22 +314,113 @@ impl Geometry {
                     b_zp: zb,
                 };
                 // Types and parameters are the same for every group: only the first product
-                // can be refused, before anything is written.
+                // can be refused, before anything is stored.
                 if !product.run(ctx, &mut tmp, mg)? {
                     return Ok(false);
                 }
-                let base = (bn * self.m + g * mg) * plane;
-                let dst = &mut out[base..base + mg * plane];
-                ctx.parallel_chunks(dst, plane.max(1), |start, chunk| {
-                    let j = start / plane.max(1);
-                    let b0 = bias.map_or(0, |b| b[g * mg + j]);
-                    for (p, v) in chunk.iter_mut().enumerate() {
-                        *v = tmp[p * mg + j].wrapping_add(b0);
-                    }
-                })?;
+                store(bn, g, &tmp)?;
             }
         }
         Ok(true)
+    }
+
+    /// `col[p, ic * taps + kp]`: the value of channel `ic` of `xg` (one image's group, `cg`
+    /// planes) under kernel tap `kp` at output position `p`, or `pad` in the padding.
+    fn im2col(
+        &self,
+        ctx: &KernelContext<'_>,
+        xg: &[u8],
+        pad: u8,
+        kdim: usize,
+        col: &mut [u8],
+    ) -> Result<(), PluginError> {
+        let in_size = product_sat(&self.in_sp);
+        let cg = self.c / self.group;
+        let kdim = kdim.max(1);
+        let pointwise = self.k_sp.iter().all(|&k| k == 1)
+            && self.strides.iter().all(|&s| s == 1)
+            && self.pad_begin.iter().all(|&p| p == 0)
+            && self.out_sp == self.in_sp;
+        if pointwise {
+            // A 1x1 convolution: col is x transposed (planes -> rows), copied in blocks so
+            // that both sides stay in cache.
+            const B: usize = 64;
+            return ctx.parallel_chunks(col, kdim * B, |start, chunk| {
+                let p0 = start / kdim;
+                let rows = chunk.len() / kdim;
+                for c0 in (0..cg).step_by(B) {
+                    for ic in c0..(c0 + B).min(cg) {
+                        let src = &xg[ic * in_size + p0..ic * in_size + p0 + rows];
+                        for (r, &v) in src.iter().enumerate() {
+                            chunk[r * kdim + ic] = v;
+                        }
+                    }
+                }
+            });
+        }
+        if self.in_sp.len() == 2 {
+            let [ih, iw] = [self.in_sp[0], self.in_sp[1]];
+            let ow_n = self.out_sp[1].max(1);
+            let [kh_n, kw_n] = [self.k_sp[0], self.k_sp[1]];
+            let [sh, sw] = [self.strides[0], self.strides[1]];
+            let [dh, dw] = [self.dilations[0], self.dilations[1]];
+            let [ph, pw] = [self.pad_begin[0], self.pad_begin[1]];
+            return ctx.parallel_chunks(col, kdim * 16, |start, chunk| {
+                for (r, row) in chunk.chunks_mut(kdim).enumerate() {
+                    let p = start / kdim + r;
+                    let (oh, ow) = (p / ow_n, p % ow_n);
+                    let mut k = 0;
+                    for ic in 0..cg {
+                        let plane = &xg[ic * in_size..(ic + 1) * in_size];
+                        for kh in 0..kh_n {
+                            let y = (oh * sh + kh * dh).wrapping_sub(ph);
+                            if y >= ih {
+                                row[k..k + kw_n].fill(pad);
+                                k += kw_n;
+                                continue;
+                            }
+                            let line = &plane[y * iw..(y + 1) * iw];
+                            for kw in 0..kw_n {
+                                let xx = (ow * sw + kw * dw).wrapping_sub(pw);
+                                row[k] = if xx < iw { line[xx] } else { pad };
+                                k += 1;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        // Any other rank: the general walk over the kernel's taps.
+        let sp = self.in_sp.len();
+        let taps = numel(&self.k_sp)?;
+        let in_strides = row_major_strides(&self.in_sp);
+        let out_strides = row_major_strides(&self.out_sp);
+        let koffs = self.tap_offsets(taps)?;
+        ctx.parallel_chunks(col, kdim * 64, |start, chunk| {
+            let mut o = vec![0usize; sp];
+            for (r, row) in chunk.chunks_mut(kdim).enumerate() {
+                let p = start / kdim + r;
+                for ((od, &st), &ext) in o.iter_mut().zip(&out_strides).zip(&self.out_sp) {
+                    *od = (p / st.max(1)) % ext.max(1);
+                }
+                for (kp, koff) in koffs.iter().enumerate() {
+                    let mut lin = 0usize;
+                    let mut inside = true;
+                    for d in 0..sp {
+                        let q = (o[d] * self.strides[d] + koff[d]) as isize
+                            - self.pad_begin[d] as isize;
+                        if q < 0 || q as usize >= self.in_sp[d] {
+                            inside = false;
+                            break;
+                        }
+                        lin += q as usize * in_strides[d];
+                    }
+                    for ic in 0..cg {
+                        row[ic * taps + kp] = if inside { xg[ic * in_size + lin] } else { pad };
+                    }
+                }
+            }
+        })
     }
 }
 
@@ -445,7 +509,19 @@ impl Kernel for ConvInteger {
         let (x, w) = (&x, &w);
         let geo = Geometry::new(OP, x.shape(), w.shape(), &self.0)?;
         let out = ctx.output_slice::<i32>(0, &geo.out_shape())?;
-        if geo.run_blas(ctx, OP, x, w, present(2), present(3), None, out)? {
+        let plane: usize = geo.out_sp.iter().product();
+        let mg = geo.m / geo.group;
+        let mut store = |bn: usize, g: usize, tmp: &[i32]| {
+            let base = (bn * geo.m + g * mg) * plane;
+            let dst = &mut out[base..base + mg * plane];
+            ctx.parallel_chunks(dst, plane.max(1), |start, chunk| {
+                let j = start / plane.max(1);
+                for (p, v) in chunk.iter_mut().enumerate() {
+                    *v = tmp[p * mg + j];
+                }
+            })
+        };
+        if geo.run_blas(ctx, OP, x, w, present(2), present(3), &mut store)? {
             return Ok(());
         }
         let xs = shift_x(OP, x, present(2))?;
@@ -525,18 +601,46 @@ impl Kernel for QLinearConv {
             None => None,
         };
         let shape = geo.out_shape();
+        let plane = product_sat(&geo.out_sp).max(1);
+        // QLinearConv's output is u8 or i8 (its type constraint).
+        let out = ctx.output(0, out_dtype, &shape)?.into_bytes()?;
+        let signed = out_dtype == DType::I8;
+        let requant = |acc: i32, oc: usize| -> u8 {
+            let q = (f64::from(acc) * f64::from(mult[oc]) + y_zp).round_ties_even();
+            // `as` from f64 saturates.
+            if signed {
+                q as i8 as u8
+            } else {
+                q as u8
+            }
+        };
+        let mg = geo.m / geo.group;
+        // Each tile of products is biased, requantized and written in place (no i32 copy of
+        // the whole output, no per-element index arithmetic).
+        let mut store = |bn: usize, g: usize, tmp: &[i32]| {
+            let base = (bn * geo.m + g * mg) * plane;
+            let dst = &mut out[base..base + mg * plane];
+            ctx.parallel_chunks(dst, plane, |start, chunk| {
+                let j = start / plane;
+                let oc = g * mg + j;
+                let b0 = bias.map_or(0, |b| b[oc]);
+                for (p, v) in chunk.iter_mut().enumerate() {
+                    *v = requant(tmp[p * mg + j].wrapping_add(b0), oc);
+                }
+            })
+        };
+        if geo.run_blas(ctx, OP, x, w, present(2), present(5), &mut store)? {
+            return Ok(());
+        }
         // Padding makes the output arbitrarily larger than x: fallible.
         let mut acc = try_vec(numel(&shape)?, 0i32)?;
-        if !geo.run_blas(ctx, OP, x, w, present(2), present(5), bias, &mut acc)? {
-            let xs = shift_x(OP, x, present(2))?;
-            let ws = shift_w(OP, w, present(5))?;
-            geo.run(ctx, &xs, &ws, bias, &mut acc)?;
+        let xs = shift_x(OP, x, present(2))?;
+        let ws = shift_w(OP, w, present(5))?;
+        geo.run(ctx, &xs, &ws, bias, &mut acc)?;
+        for (i, (v, &a)) in out.iter_mut().zip(&acc).enumerate() {
+            *v = requant(a, (i / plane) % geo.m.max(1));
         }
-        let plane = product_sat(&geo.out_sp).max(1);
-        fill_saturated(ctx, 0, out_dtype, &shape, |i| {
-            let oc = (i / plane) % geo.m;
-            (acc[i] as f64 * mult[oc] as f64 + y_zp).round_ties_even()
-        })
+        Ok(())
     }
 }
 

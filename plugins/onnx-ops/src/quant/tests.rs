@@ -761,3 +761,73 @@ fn per_tensor_fast_paths_match_the_formula_across_chunks_and_edge_values() {
         }
     }
 }
+
+/// The im2col shapes of the BLAS path (1x1 transposed in blocks, 2-D with strides, padding,
+/// dilation and groups, any other rank) against the plain loops, on pseudo-random data, with
+/// u8 and i8 outputs and a bias.
+#[test]
+fn qlinear_conv_blas_path_matches_the_loops_on_every_im2col_shape() {
+    let bytes = |n: usize, seed: u32| -> Vec<u8> {
+        (0..n as u32)
+            .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 13) as u8)
+            .collect()
+    };
+    // (x shape, w shape, attributes)
+    let cases: Vec<(Vec<usize>, Vec<usize>, Vec<(&str, AttrValue)>)> = vec![
+        (vec![1, 70, 5, 6], vec![9, 70, 1, 1], vec![]),
+        (
+            vec![2, 4, 9, 8],
+            vec![6, 2, 3, 3],
+            vec![
+                ("group", AttrValue::Int(2)),
+                ("strides", AttrValue::Ints(vec![2, 1])),
+                ("pads", AttrValue::Ints(vec![1, 2, 1, 0])),
+                ("dilations", AttrValue::Ints(vec![1, 2])),
+            ],
+        ),
+        (
+            vec![1, 3, 11],
+            vec![4, 3, 3],
+            vec![("pads", AttrValue::Ints(vec![1, 1]))],
+        ),
+    ];
+    for (k, (xs, wsh, attrs)) in cases.into_iter().enumerate() {
+        let m = wsh[0];
+        let x = t(&xs, &bytes(xs.iter().product(), k as u32));
+        let w: Vec<i8> = bytes(wsh.iter().product(), 7 + k as u32)
+            .into_iter()
+            .map(|b| b as i8)
+            .collect();
+        let w = t(&wsh, &w);
+        let bias: Vec<i32> = (0..m as i32).map(|i| i * 37 - 100).collect();
+        let b = t(&[m], &bias);
+        for signed_out in [false, true] {
+            let xs_ = t::<f32>(&[], &[0.02]);
+            let xz = t::<u8>(&[], &[120]);
+            let ws = t(&[m], &vec![0.01f32; m]);
+            let ys = t::<f32>(&[], &[0.5]);
+            let yz_u = t::<u8>(&[], &[7]);
+            let yz_i = t::<i8>(&[], &[-3]);
+            let yz = if signed_out { &yz_i } else { &yz_u };
+            let ins = [
+                Some(&x),
+                Some(&xs_),
+                Some(&xz),
+                Some(&w),
+                Some(&ws),
+                None,
+                Some(&ys),
+                Some(yz),
+                Some(&b),
+            ];
+            // `run` checks the BLAS path against the loops byte for byte.
+            let out = run(
+                conv::qlinear_conv_factory,
+                conv_node("QLinearConv", &attrs),
+                &ins,
+            )
+            .unwrap_or_else(|e| panic!("case {k}: {e:?}"));
+            assert_eq!(out[0].shape()[1], m, "case {k}");
+        }
+    }
+}
