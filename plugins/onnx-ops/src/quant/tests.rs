@@ -773,7 +773,8 @@ fn qlinear_conv_blas_path_matches_the_loops_on_every_im2col_shape() {
             .collect()
     };
     // (x shape, w shape, attributes)
-    let cases: Vec<(Vec<usize>, Vec<usize>, Vec<(&str, AttrValue)>)> = vec![
+    type Case<'a> = (Vec<usize>, Vec<usize>, Vec<(&'a str, AttrValue)>);
+    let cases: Vec<Case> = vec![
         (vec![1, 70, 5, 6], vec![9, 70, 1, 1], vec![]),
         (
             vec![2, 4, 9, 8],
