@@ -241,3 +241,69 @@ fn unsupported_arguments_fail_with_unimplemented() {
         assert_eq!(e.code, ErrorCode::Unimplemented, "{e:?}");
     });
 }
+
+/// Throughput of the integer and float paths on a ResNet-50 1x1 convolution's product
+/// (3136 x 256 x 64): a diagnostic, not a test (`--ignored --nocapture`, release).
+#[test]
+#[ignore]
+fn int8_and_f32_throughput_on_a_pointwise_conv_shape() {
+    let (m, n, k) = (3136usize, 256usize, 64usize);
+    let a = bytes(m * k, 1);
+    let b = bytes(n * k, 2);
+    let af = floats(m * k, 1);
+    let bf = floats(n * k, 2);
+    let mut c = vec![0i32; m * n];
+    let mut cf = vec![0f32; m * n];
+    let zb = [0i32];
+    let zbn = vec![0i32; n];
+    run(|ctx, blas| {
+        let mut g = GemmArgs::new(
+            GemmTypes {
+                a: DType::U8,
+                b: DType::I8,
+                c: DType::I32,
+            },
+            m,
+            n,
+            k,
+        );
+        g.a = a.as_ptr();
+        g.lda = k;
+        g.b = b.as_ptr();
+        g.ldb = k;
+        g.trans_b = Transpose::YES;
+        g.b_zero_points = zb.as_ptr();
+        g.b_quant_len = 1;
+        g.c = c.as_mut_ptr().cast();
+        g.ldc = n;
+        let mut gf = GemmArgs::new(GemmTypes::F32, m, n, k);
+        gf.a = af.as_ptr().cast();
+        gf.lda = k;
+        gf.b = bf.as_ptr().cast();
+        gf.ldb = k;
+        gf.trans_b = Transpose::YES;
+        gf.c = cf.as_mut_ptr().cast();
+        gf.ldc = n;
+        let mut gz = g;
+        gz.b_zero_points = zbn.as_ptr();
+        gz.b_quant_len = n;
+        for (name, args) in [
+            ("u8 x i8", &g),
+            ("u8 x i8, zero point per column", &gz),
+            ("f32", &gf),
+        ] {
+            blas.gemm(ctx, args).expect("gemm");
+            let runs = 20;
+            let t = std::time::Instant::now();
+            for _ in 0..runs {
+                blas.gemm(ctx, args).expect("gemm");
+            }
+            let s = t.elapsed().as_secs_f64() / runs as f64;
+            println!(
+                "{name}: {:.3} ms, {:.1} GMAC/s",
+                s * 1e3,
+                (m * n * k) as f64 / s / 1e9
+            );
+        }
+    });
+}

@@ -182,14 +182,16 @@ fn quantize_per_tensor(
     let y = ctx.output(0, dtype, shape)?.into_bytes()?;
     ctx.parallel_chunks(y, GRAIN, |start, out| {
         let xs = x.get(start..).unwrap_or_default();
-        if dtype == DType::U8 {
-            for (o, &v) in out.iter_mut().zip(xs) {
-                *o = ((v / s).round_ties_even() + z) as u8;
-            }
+        let (lo, hi) = if dtype == DType::U8 {
+            (0.0, 255.0)
         } else {
-            for (o, &v) in out.iter_mut().zip(xs) {
-                *o = (((v / s).round_ties_even() + z) as i8) as u8;
-            }
+            (-128.0, 127.0)
+        };
+        // In f64: `v / s` is the f32 quotient QuantizeLinear rounds (widening is exact), and
+        // the zero point, an integer, shifts it without changing how it rounds.
+        let z = f64::from(z);
+        for (o, &v) in out.iter_mut().zip(xs) {
+            *o = crate::util::round_saturate_byte(f64::from(v / s) + z, lo, hi);
         }
     })
 }
@@ -565,7 +567,7 @@ impl Kernel for DynamicQuantize {
         let scale = if maxx == minx { 1.0 } else { maxx - minx } / (qmax - qmin);
         let zp = (qmin - minx / scale).clamp(qmin, qmax).round_ties_even();
         fill::<u8, _>(ctx, 0, xv.shape(), |i| {
-            ((x[i] / scale).round_ties_even() + zp).clamp(qmin, qmax) as u8
+            (crate::util::round_even_narrow_f32(x[i] / scale) + zp).clamp(qmin, qmax) as u8
         })?;
         ctx.output_slice::<f32>(1, &[])?[0] = scale;
         ctx.output_slice::<u8>(2, &[])?[0] = zp as u8;

@@ -383,3 +383,105 @@ pub(crate) mod testing {
         }
     }
 }
+
+/// `x` rounded to the nearest integer, ties to even, for a value that is then saturated to a
+/// narrow integer type (8 or 16 bits): what `round_ties_even` gives there, without its libm
+/// call. On the x86-64 baseline (no SSE4.1 `roundss`) `round_ties_even` is an out-of-line
+/// `rintf` call per element — measured as the largest single cost of requantizing a
+/// convolution's output. Adding and subtracting 1.5·2^23 makes the FPU round in its default
+/// mode (to nearest, ties to even), and vectorizes. Values are first clamped to ±2^22, where
+/// the trick is exact; beyond, any narrow type saturates anyway. NaN stays NaN.
+#[inline(always)]
+pub fn round_even_narrow_f32(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+    const LIMIT: f32 = 4_194_304.0; // 2^22
+    (x.clamp(-LIMIT, LIMIT) + MAGIC) - MAGIC
+}
+
+/// [`round_even_narrow_f32`] for f64 (exact within ±2^51).
+#[inline(always)]
+pub fn round_even_narrow_f64(x: f64) -> f64 {
+    const MAGIC: f64 = 6_755_399_441_055_744.0; // 1.5 * 2^52
+    const LIMIT: f64 = 2_251_799_813_685_248.0; // 2^51
+    (x.clamp(-LIMIT, LIMIT) + MAGIC) - MAGIC
+}
+
+#[cfg(test)]
+mod rounding_tests {
+    use super::*;
+
+    #[test]
+    fn narrow_rounding_matches_round_ties_even() {
+        let mut xs: Vec<f32> = vec![
+            0.5,
+            1.5,
+            2.5,
+            -0.5,
+            -1.5,
+            -2.5,
+            0.49999997,
+            254.5,
+            255.5,
+            -128.5,
+            127.5,
+            1e9,
+            -1e9,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.0,
+            -0.0,
+            3.7,
+            -3.7,
+        ];
+        xs.extend((0..20_000).map(|i| (i as f32 - 10_000.0) * 0.037_5));
+        for &x in &xs {
+            let want = x.round_ties_even().clamp(-4_194_304.0, 4_194_304.0);
+            assert_eq!(round_even_narrow_f32(x), want, "{x}");
+            let w64 = (x as f64)
+                .round_ties_even()
+                .clamp(-2_251_799_813_685_248.0, 2_251_799_813_685_248.0);
+            assert_eq!(round_even_narrow_f64(x as f64), w64, "{x}");
+        }
+        assert!(round_even_narrow_f32(f32::NAN).is_nan());
+        assert_eq!(round_even_narrow_f32(f32::NAN) as u8, 0);
+    }
+}
+
+/// The byte of `x` rounded (ties to even) and saturated to `[lo, hi]` (integer bounds of an
+/// 8-bit type: 0..=255 or -128..=127, the byte then read as that type): what
+/// `x.round_ties_even() as u8` / `as i8` gives, NaN included (0). Clamped first, then rounded
+/// by adding 1.5·2^52: the sum's low mantissa bits are the integer in two's complement. No
+/// libm call and no saturating cast, so requantizing loops vectorize.
+#[inline(always)]
+pub fn round_saturate_byte(x: f64, lo: f64, hi: f64) -> u8 {
+    const MAGIC: f64 = 6_755_399_441_055_744.0; // 1.5 * 2^52
+    let x = if x.is_nan() { 0.0 } else { x };
+    (x.max(lo).min(hi) + MAGIC).to_bits() as u8
+}
+
+#[cfg(test)]
+mod byte_tests {
+    use super::*;
+
+    #[test]
+    fn bytes_match_rounding_then_saturating() {
+        for i in -4000..4000 {
+            let x = i as f64 * 0.125 - 0.0625 * (i % 3) as f64;
+            let r = x.round_ties_even();
+            assert_eq!(
+                round_saturate_byte(x, 0.0, 255.0),
+                r.clamp(0.0, 255.0) as u8,
+                "{x}"
+            );
+            assert_eq!(
+                round_saturate_byte(x, -128.0, 127.0) as i8,
+                r.clamp(-128.0, 127.0) as i8,
+                "{x}"
+            );
+        }
+        assert_eq!(round_saturate_byte(f64::NAN, 0.0, 255.0), 0);
+        assert_eq!(round_saturate_byte(f64::INFINITY, -128.0, 127.0) as i8, 127);
+        assert_eq!(round_saturate_byte(2.5, 0.0, 255.0), 2);
+        assert_eq!(round_saturate_byte(-2.5, -128.0, 127.0) as i8, -2);
+    }
+}

@@ -354,7 +354,7 @@ impl Kernel for QLinearMatMul {
             dims.run(ctx, &a32, &b32, &mut c)?;
         }
         fill_saturated(ctx, 0, out_dtype, &dims.out_shape, |i| {
-            (c[i] as f64 * mult[i % mn] as f64 + y_zp).round_ties_even()
+            crate::util::round_even_narrow_f64(c[i] as f64 * mult[i % mn] as f64 + y_zp)
         })
     }
 }
