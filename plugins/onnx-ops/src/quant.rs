@@ -187,11 +187,12 @@ fn quantize_per_tensor(
         } else {
             (-128.0, 127.0)
         };
-        // In f64: `v / s` is the f32 quotient QuantizeLinear rounds (widening is exact), and
-        // the zero point, an integer, shifts it without changing how it rounds.
+        // QuantizeLinear rounds the f32 quotient, then adds the zero point: adding first
+        // would move ties (25.5 + 153 rounds to 178, round(25.5) + 153 is 179).
         let z = f64::from(z);
         for (o, &v) in out.iter_mut().zip(xs) {
-            *o = crate::util::round_saturate_byte(f64::from(v / s) + z, lo, hi);
+            let q = f64::from(crate::util::round_even_narrow_f32(v / s));
+            *o = crate::util::round_saturate_byte(q + z, lo, hi);
         }
     })
 }

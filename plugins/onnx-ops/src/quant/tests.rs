@@ -728,7 +728,21 @@ fn per_tensor_fast_paths_match_the_formula_across_chunks_and_edge_values() {
     // Longer than one parallel chunk, with ties, saturation, infinities and NaN.
     let n = 3 * GRAIN + 17;
     let mut xs: Vec<f32> = (0..n).map(|i| (i as f32 - n as f32 / 2.0) * 0.37).collect();
-    xs[..6].copy_from_slice(&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.5, -2.5, 1e30]);
+    // Quotients of exact halves (0.25 / 0.5 = 0.5, ...) with odd zero points: rounding must
+    // come before the zero point is added (ties to even move otherwise).
+    xs[..11].copy_from_slice(&[
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        0.5,
+        -2.5,
+        1e30,
+        0.25,
+        0.75,
+        -0.25,
+        1.25,
+        -1.75,
+    ]);
     let x = t(&[n], &xs);
     let s = t::<f32>(&[], &[0.5]);
     for (zp, signed) in [(t::<u8>(&[], &[7]), false), (t::<i8>(&[], &[-3]), true)] {
