@@ -62,13 +62,13 @@ pub fn read(entry: &Path, inputs: &[IoSpec]) -> Result<Sample, QuantError> {
     let origin = entry.display().to_string();
     let mut feeds = HashMap::new();
     let labels = if entry.is_dir() {
-        let files = entries_in(entry)?;
+        let pbs = read_pbs(&entries_in(entry)?)?;
         for (k, spec) in inputs.iter().enumerate() {
             let npy = entry.join(format!("{}.npy", spec.name));
             let t = if npy.is_file() {
                 read_npy(&npy)?
             } else {
-                find_pb(&files, &spec.name, k)?.ok_or_else(|| {
+                find_pb(entry, &pbs, &spec.name, k)?.ok_or_else(|| {
                     QuantError::Data(format!(
                         "{origin}: no tensor for input '{}' (expected {}.npy or a .pb TensorProto named so)",
                         spec.name, spec.name
@@ -131,26 +131,46 @@ fn read_file(path: &Path) -> Result<Vec<u8>, QuantError> {
     std::fs::read(path).map_err(io)
 }
 
-/// The `.pb` tensor for input `name` (at position `k`): by the tensor's name, else `input_K.pb`.
-fn find_pb(files: &[PathBuf], name: &str, k: usize) -> Result<Option<HostTensor>, QuantError> {
-    let mut by_position = None;
-    for f in files {
-        let bytes = read_file(f)?;
-        let proto = opreg_proto::onnx::TensorProto::decode(bytes.as_slice()).map_err(|e| {
-            QuantError::Data(format!("{}: not an ONNX TensorProto: {e}", f.display()))
-        })?;
-        let tensor = || {
-            crate::graph::tensor_from_proto(&proto, None)
-                .map_err(|e| QuantError::Data(format!("{}: {e}", f.display())))
-        };
-        if proto.name == name {
-            return tensor().map(Some);
-        }
-        if f.file_name().and_then(|n| n.to_str()) == Some(&format!("input_{k}.pb")) {
-            by_position = Some(tensor()?);
-        }
-    }
-    Ok(by_position)
+/// A sample folder's `.pb` tensors, each decoded once: (file name, tensor name, proto).
+fn read_pbs(
+    files: &[PathBuf],
+) -> Result<Vec<(String, opreg_proto::onnx::TensorProto)>, QuantError> {
+    files
+        .iter()
+        .map(|f| {
+            let bytes = read_file(f)?;
+            let proto = opreg_proto::onnx::TensorProto::decode(bytes.as_slice()).map_err(|e| {
+                QuantError::Data(format!("{}: not an ONNX TensorProto: {e}", f.display()))
+            })?;
+            let file = f
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_string();
+            Ok((file, proto))
+        })
+        .collect()
+}
+
+/// The `.pb` tensor for input `name` (at position `k`): by the tensor's name, else
+/// `input_K.pb`.
+fn find_pb(
+    dir: &Path,
+    pbs: &[(String, opreg_proto::onnx::TensorProto)],
+    name: &str,
+    k: usize,
+) -> Result<Option<HostTensor>, QuantError> {
+    let positional = format!("input_{k}.pb");
+    let found = pbs
+        .iter()
+        .find(|(_, p)| p.name == name)
+        .or_else(|| pbs.iter().find(|(f, _)| *f == positional));
+    found
+        .map(|(file, proto)| {
+            crate::graph::tensor_from_proto(proto, None)
+                .map_err(|e| QuantError::Data(format!("{}: {e}", dir.join(file).display())))
+        })
+        .transpose()
 }
 
 /// An `.npy` array (C order) as a host tensor of the same element type.
@@ -289,6 +309,7 @@ pub fn check(sample: &Sample, inputs: &[IoSpec]) -> Result<(), QuantError> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::indexing_slicing)] // tests index what they just built
     use super::*;
 
     fn npy(header_shape: &str, descr: &str, data: &[u8]) -> Vec<u8> {
@@ -314,6 +335,44 @@ mod tests {
         let t = npy_tensor(&npy("(2, 3)", "<f4", &data)).unwrap();
         assert_eq!((t.dtype(), t.shape()), (DType::F32, &[2usize, 3][..]));
         assert_eq!(t.to_vec::<f32>().unwrap(), vec![1., 2., 3., 4., 5., 6.]);
+    }
+
+    #[test]
+    fn a_sample_folder_of_pb_tensors_is_matched_by_name_then_by_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let proto = |name: &str, v: &[f32]| opreg_proto::onnx::TensorProto {
+            name: name.into(),
+            dims: vec![1, v.len() as i64],
+            data_type: 1,
+            float_data: v.to_vec(),
+            ..Default::default()
+        };
+        let sample = dir.path().join("s0");
+        std::fs::create_dir(&sample).unwrap();
+        // `b` by its tensor name (in a file named for another position), `a` by position.
+        std::fs::write(
+            sample.join("input_0.pb"),
+            proto("", &[1., 2.]).encode_to_vec(),
+        )
+        .unwrap();
+        std::fs::write(
+            sample.join("input_9.pb"),
+            proto("b", &[3., 4.]).encode_to_vec(),
+        )
+        .unwrap();
+        let spec = |n: &str| IoSpec {
+            name: n.into(),
+            dtype: DType::F32,
+            shape: Some(vec![Dim::Fixed(1), Dim::Fixed(2)]),
+        };
+        let s = read(&sample, &[spec("a"), spec("b")]).unwrap();
+        assert_eq!(s.feeds["a"].to_vec::<f32>().unwrap(), vec![1., 2.]);
+        assert_eq!(s.feeds["b"].to_vec::<f32>().unwrap(), vec![3., 4.]);
+        let e = match read(&sample, &[spec("a"), spec("b"), spec("c")]) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("input 'c' has no file"),
+        };
+        assert!(e.contains("input 'c'"), "{e}");
     }
 
     #[test]

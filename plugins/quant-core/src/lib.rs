@@ -82,11 +82,7 @@ impl Options {
         options: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> Result<Self, PluginError> {
         let mut o = Options::default();
-        let boolean = |k: &str, v: &str| match v {
-            "true" | "1" | "yes" => Ok(true),
-            "false" | "0" | "no" => Ok(false),
-            _ => Err(invalid(format!("option {k}={v}: expected true or false"))),
-        };
+        let boolean = parse_bool;
         for (k, v) in options {
             match k {
                 "calibrator" | "calibrate_method" => {
@@ -192,8 +188,38 @@ fn is_head_output(graph: &GraphView<'_>, t: &str) -> bool {
     }
 }
 
+/// A boolean option's value (`true`/`1`/`yes`, `false`/`0`/`no`); anything else is refused
+/// naming the option. Shared by the strategies built on this crate.
+pub fn parse_bool(key: &str, value: &str) -> Result<bool, PluginError> {
+    match value {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(invalid(format!(
+            "option {key}={value}: expected true or false"
+        ))),
+    }
+}
+
 /// Post-training static quantization.
 pub struct Static;
+
+impl Static {
+    /// The static plan for `request`'s statistics with `options` instead of the request's:
+    /// for a strategy that composes this one and has taken its own options out.
+    pub fn plan_with(
+        &self,
+        graph: &GraphView<'_>,
+        request: &QuantRequest,
+        options: &[KeyValue],
+        evaluator: &Evaluator<'_>,
+    ) -> Result<GraphPlan, PluginError> {
+        let request = QuantRequest {
+            tensors: request.tensors.clone(),
+            options: options.to_vec().into(),
+        };
+        self.plan_graph(graph, &request, evaluator)
+    }
+}
 
 impl Quantizer for Static {
     fn observe(

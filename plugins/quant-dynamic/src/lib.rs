@@ -23,8 +23,7 @@ fn per_channel(options: &[KeyValue]) -> Result<bool, PluginError> {
     let mut per_channel = true;
     for kv in options {
         match (kv.key.as_str(), kv.value.as_str()) {
-            ("per_channel", "true" | "1" | "yes") => per_channel = true,
-            ("per_channel", "false" | "0" | "no") => per_channel = false,
+            ("per_channel", v) => per_channel = opreg_quant_core::parse_bool("per_channel", v)?,
             (k, v) => {
                 return Err(PluginError::invalid(format!(
                     "option {k}={v}: quant-dynamic takes per_channel=true|false only"

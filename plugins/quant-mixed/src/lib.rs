@@ -101,11 +101,7 @@ impl Quantizer for MixedPrecision {
         evaluator: &Evaluator<'_>,
     ) -> Result<GraphPlan, PluginError> {
         let m = parse(&request.options)?;
-        let static_request = QuantRequest {
-            tensors: request.tensors.clone(),
-            options: m.rest.clone().into(),
-        };
-        let full = Static.plan_graph(graph, &static_request, evaluator)?;
+        let full = Static.plan_with(graph, request, &m.rest, evaluator)?;
         // The layers the static plan quantizes: products whose weight it quantizes, largest
         // weights first (when not all can be measured, the big ones matter most).
         let mut layers: Vec<(String, usize)> = graph

@@ -57,11 +57,7 @@ fn parse(options: &[KeyValue]) -> Result<Options, PluginError> {
         quantize: true,
         rest: Vec::new(),
     };
-    let boolean = |k: &str, v: &str| match v {
-        "true" | "1" | "yes" => Ok(true),
-        "false" | "0" | "no" => Ok(false),
-        _ => Err(invalid(format!("option {k}={v}: expected true or false"))),
-    };
+    let boolean = opreg_quant_core::parse_bool;
     for kv in options {
         let (k, v) = (kv.key.as_str(), kv.value.as_str());
         match k {
@@ -206,14 +202,7 @@ impl Quantizer for Prune {
     ) -> Result<GraphPlan, PluginError> {
         let o = parse(&request.options)?;
         let mut plan = if o.quantize {
-            Static.plan_graph(
-                graph,
-                &QuantRequest {
-                    tensors: request.tensors.clone(),
-                    options: o.rest.clone().into(),
-                },
-                evaluator,
-            )?
+            Static.plan_with(graph, request, &o.rest, evaluator)?
         } else {
             GraphPlan::default()
         };
