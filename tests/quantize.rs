@@ -32,6 +32,7 @@ fn daemon(repo: &Path, extra: &[PathBuf]) -> (Daemon, tempfile::TempDir) {
         plugin("quant_dynamic"),
         plugin("quant_mixed"),
         plugin("quant_prune"),
+        plugin("quant_adaptive"),
     ];
     files.extend_from_slice(extra);
     let plugins = plugin_dir(&files);
@@ -112,6 +113,16 @@ fn labels() -> Vec<i64> {
 /// The served version's logits on the test set, over gRPC.
 async fn logits(d: &Daemon, version: &str) -> Vec<f32> {
     let (shape, x) = npy_f32(&digits().join("test/digits.npy"));
+    infer(d, version, &shape, &x).await.expect("infer")
+}
+
+/// One request of `x` (images of `shape`) to `lenet`: its logits.
+async fn infer(
+    d: &Daemon,
+    version: &str,
+    shape: &[usize],
+    x: &[f32],
+) -> Result<Vec<f32>, tonic::Status> {
     let r = d
         .inference()
         .await
@@ -124,13 +135,12 @@ async fn logits(d: &Daemon, version: &str) -> Vec<f32> {
                 shape: shape.iter().map(|&d| d as i64).collect(),
                 ..Default::default()
             }],
-            raw_input_contents: vec![f32_bytes(&x)],
+            raw_input_contents: vec![f32_bytes(x)],
             ..Default::default()
         })
-        .await
-        .expect("infer")
+        .await?
         .into_inner();
-    f32_values(&r.raw_output_contents[0])
+    Ok(f32_values(&r.raw_output_contents[0]))
 }
 
 fn accuracy(logits: &[f32], labels: &[i64]) -> f64 {
@@ -628,4 +638,153 @@ async fn a_strategy_built_against_the_1_0_sdk_quantizes_through_the_host_default
         "per-tensor u8 min-max: {acc} vs {float}"
     );
     assert_eq!(versions(repo.path()), ["1", "6"]);
+}
+
+async fn adaptation(d: &Daemon, version: u64) -> reg::ModelAdaptationResponse {
+    d.registry()
+        .await
+        .model_adaptation(reg::ModelAdaptationRequest {
+            name: "lenet".into(),
+            version: version.to_string(),
+        })
+        .await
+        .expect("ModelAdaptation")
+        .into_inner()
+}
+
+/// Sends the images of `x` (shape `[n, ...]`) to `version` in requests of 32, from 4 clients
+/// at once; every request must succeed.
+async fn traffic(d: &Daemon, version: u64, shape: &[usize], x: &[f32]) {
+    let per_image: usize = shape[1..].iter().product();
+    let chunks: Vec<Vec<f32>> = x.chunks(32 * per_image).map(<[f32]>::to_vec).collect();
+    let mut clients = tokio::task::JoinSet::new();
+    for part in 0..4 {
+        let mine: Vec<Vec<f32>> = chunks.iter().skip(part).step_by(4).cloned().collect();
+        let mut client = d.inference().await;
+        let tail = shape[1..].to_vec();
+        clients.spawn(async move {
+            for c in mine {
+                let mut shape = vec![(c.len() / per_image) as i64];
+                shape.extend(tail.iter().map(|&d| d as i64));
+                client
+                    .model_infer(pb::ModelInferRequest {
+                        model_name: "lenet".into(),
+                        model_version: version.to_string(),
+                        inputs: vec![pb::model_infer_request::InferInputTensor {
+                            name: "image".into(),
+                            datatype: "FP32".into(),
+                            shape,
+                            ..Default::default()
+                        }],
+                        raw_input_contents: vec![f32_bytes(&c)],
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("every request succeeds, during a swap too");
+            }
+        });
+    }
+    while let Some(done) = clients.join_next().await {
+        done.expect("client task");
+    }
+}
+
+/// Waits (bounded) until `version`'s adaptation status satisfies `until`.
+async fn wait_adaptation(
+    d: &Daemon,
+    version: u64,
+    until: impl Fn(&reg::ModelAdaptationResponse) -> bool,
+) -> reg::ModelAdaptationResponse {
+    for _ in 0..600 {
+        let s = adaptation(d, version).await;
+        if until(&s) {
+            return s;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!(
+        "adaptation status never got there: {:?}\n{}",
+        adaptation(d, version).await,
+        d.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adaptive_model_follows_drifted_traffic_where_fixed_scales_lose_accuracy() {
+    let repo = repo();
+    let (d, _plugins) = daemon(repo.path(), &[]);
+    let labels = labels();
+    let calib = digits().join("calib");
+    let (shape, x) = npy_f32(&digits().join("test/digits.npy"));
+    // The drift: the same images, 4 times brighter (a camera's gain changed).
+    let x4: Vec<f32> = x.iter().map(|v| v * 4.0).collect();
+
+    let minmax = [("calibrator", "minmax")];
+    let (fixed, _) = quantize(&d, job("quant-static", &minmax, &calib, None), vec![])
+        .await
+        .unwrap_or_else(|e| panic!("quant-static: {e:?}\n{}", d.log()));
+    let policy = [
+        ("calibrator", "minmax"),
+        ("sample_every", "1"),
+        ("check_every", "4"),
+        ("window", "12"),
+    ];
+    let (adaptive, _) = quantize(&d, job("quant-adaptive", &policy, &calib, None), vec![])
+        .await
+        .unwrap_or_else(|e| panic!("quant-adaptive: {e:?}\n{}", d.log()));
+    let dir = PathBuf::from(&adaptive.directory);
+    for file in ["model.onnx", "float.onnx", "adaptive.toml"] {
+        assert!(dir.join(file).is_file(), "{file} in {}", dir.display());
+    }
+    assert!(!adaptation(&d, fixed.version).await.adaptive);
+    let s = adaptation(&d, adaptive.version).await;
+    assert!(s.adaptive && s.strategy == "quant-adaptive", "{s:?}");
+
+    let acc = |logits: &[f32]| accuracy(logits, &labels);
+    let float4 = acc(&infer(&d, "1", &shape, &x4).await.expect("float"));
+    let fixed4 = acc(&infer(&d, &fixed.version.to_string(), &shape, &x4)
+        .await
+        .expect("fixed"));
+    assert!(
+        fixed4 < float4 - 0.03,
+        "fixed scales should lose accuracy on drifted inputs: {fixed4} vs float {float4}"
+    );
+
+    // Traffic like the calibration data: checks run, nothing moves.
+    traffic(&d, adaptive.version, &shape, &x).await;
+    let s = wait_adaptation(&d, adaptive.version, |s| s.checks >= 1).await;
+    assert_eq!(s.adaptations, 0, "{s:?}");
+    assert!(s.last_drift < 0.5, "{s:?}");
+    assert!(s.last_outcome.starts_with("steady"), "{s:?}");
+    assert!(s.sampled >= 15 && s.window == 12, "{s:?}");
+
+    // Drifted traffic: the ranges are re-derived, verified and swapped in while requests run.
+    let mut adapted = None;
+    for _ in 0..10 {
+        let before = adaptation(&d, adaptive.version).await.checks;
+        traffic(&d, adaptive.version, &shape, &x4).await;
+        let s = wait_adaptation(&d, adaptive.version, |s| s.checks > before).await;
+        if s.adaptations > 0 {
+            adapted = Some(s);
+            break;
+        }
+    }
+    let s = adapted.unwrap_or_else(|| panic!("no adaptation after drifted traffic\n{}", d.log()));
+    assert!(s.last_drift > 0.5, "{s:?}");
+    assert!(s.candidate_sqnr_db > s.current_sqnr_db + 1.0, "{s:?}");
+    let adapted4 = acc(&infer(&d, &adaptive.version.to_string(), &shape, &x4)
+        .await
+        .expect("adapted"));
+    eprintln!(
+        "drifted x4: float {float4:.4}, fixed scales {fixed4:.4}, adapted {adapted4:.4}; {s:?}"
+    );
+    assert!(
+        adapted4 >= float4 - 0.01 && adapted4 > fixed4 + 0.03,
+        "adapted {adapted4}, float {float4}, fixed {fixed4}"
+    );
+    // The fixed version and the float one are untouched.
+    let fixed4_again = acc(&infer(&d, &fixed.version.to_string(), &shape, &x4)
+        .await
+        .expect("fixed"));
+    assert_eq!(fixed4_again, fixed4);
 }

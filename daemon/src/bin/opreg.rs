@@ -121,6 +121,13 @@ enum Cmd {
     Report { path: std::path::PathBuf },
     /// List the quantization strategies.
     Quantizers,
+    /// How an adaptive version (`--method quant-adaptive`) follows its traffic.
+    Adaptation {
+        name: String,
+        /// The version (default: the newest ready one).
+        #[arg(long, default_value = "")]
+        version: String,
+    },
     /// Rewrite an ONNX file with the graph passes whose result is standard ONNX (no daemon
     /// needed); prints each pass's node counts.
     Optimize {
@@ -592,6 +599,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         // Local: done above, before connecting.
         Cmd::Optimize { .. } | Cmd::Report { .. } => {}
+        Cmd::Adaptation { name, version } => {
+            let r = registry
+                .model_adaptation(reg::ModelAdaptationRequest { name, version })
+                .await?
+                .into_inner();
+            if !r.adaptive {
+                println!(
+                    "{} version {}: fixed parameters (not adaptive)",
+                    r.name, r.version
+                );
+            } else {
+                println!(
+                    "{} version {} ({}): {} sampled, {} in the window, {} checks, {} adaptations, {} refused",
+                    r.name, r.version, r.strategy, r.sampled, r.window, r.checks, r.adaptations, r.refused
+                );
+                if r.checks > 0 {
+                    println!("last check: {}", r.last_outcome);
+                }
+            }
+        }
         Cmd::Quantizers => {
             let r = registry
                 .list_quantizers(reg::ListQuantizersRequest {})

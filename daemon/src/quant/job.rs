@@ -12,6 +12,7 @@
 #![deny(clippy::indexing_slicing)]
 
 use super::{
+    adaptive::{Adaptive, Policy},
     apply::{self, Applied},
     calibrate::Calibrator,
     data::Sample,
@@ -88,13 +89,13 @@ pub struct Outcome {
 }
 
 /// Where the strategy lives.
-struct Strategy {
+pub(super) struct Strategy {
     plugin: Arc<LoadedPlugin>,
     index: usize,
     minor: u32,
 }
 
-fn find_strategy(registry: &Registry, name: &str) -> Result<Strategy, QuantError> {
+pub(super) fn find_strategy(registry: &Registry, name: &str) -> Result<Strategy, QuantError> {
     let snapshot = registry.snapshot();
     for plugin in snapshot.plugins.values() {
         if let Some(index) = plugin.quantizers.iter().position(|q| q.desc.name == name) {
@@ -149,6 +150,115 @@ impl FfiEvaluator for HostEvaluator<'_> {
     }
 }
 
+/// One strategy's part of a run, shared by a quantization job and an adaptive model's
+/// re-derivation: which tensors to observe, the calibration, the plan.
+pub(super) struct Planner<'a> {
+    pub strategy: &'a Strategy,
+    /// The strategy's name (for messages).
+    pub name: &'a str,
+    pub options: Vec<KeyValue>,
+    pub registry: &'a Registry,
+    pub devices: &'a [Device],
+    pub max_folded: usize,
+}
+
+impl Planner<'_> {
+    fn quantizer(&self) -> Result<&opreg_sdk::module::QuantizerRegistration, QuantError> {
+        self.strategy
+            .plugin
+            .quantizers
+            .get(self.strategy.index)
+            .ok_or_else(|| QuantError::UnknownStrategy(self.name.into()))
+    }
+
+    fn strategy_err(&self, e: PluginError) -> QuantError {
+        QuantError::Strategy {
+            strategy: self.name.into(),
+            code: e.code,
+            message: e.message.to_string(),
+        }
+    }
+
+    /// The tensors the strategy observes on `model` (prepared), and how.
+    pub fn observations(&self, model: &Model) -> Result<Vec<TensorObservation>, QuantError> {
+        let quantizer = self.quantizer()?;
+        let view = View::new(model, &Facts::new());
+        let asked: Vec<TensorObservation> = quantizer
+            .quantizer
+            .observe(&view.graph(), self.options.as_slice().into())
+            .into_result()
+            .map_err(|e| self.strategy_err(e))?
+            .into_iter()
+            .collect();
+        if !asked.is_empty() {
+            return Ok(asked);
+        }
+        // The host's default (1.0 strategies): every activation of the products, observed as
+        // the strategy's `observation()` says.
+        let how: Observation = quantizer.quantizer.observation();
+        Ok(view
+            .graph()
+            .activations_of(&["Conv", "MatMul", "Gemm"])
+            .into_iter()
+            .map(|n| TensorObservation::new(n, how))
+            .collect())
+    }
+
+    /// `model` compiled to observe `observations`.
+    pub fn calibrator(
+        &self,
+        model: &Model,
+        observations: &[TensorObservation],
+    ) -> Result<Calibrator, QuantError> {
+        Calibrator::new(
+            model,
+            observations,
+            self.registry.snapshot(),
+            self.devices,
+            self.max_folded,
+            self.name,
+        )
+    }
+
+    /// The strategy's plan from `calibrator`'s statistics; its evaluator measures candidates
+    /// on `heldout`. Also returns the statistics the strategy saw.
+    pub fn plan(
+        &self,
+        model: &Model,
+        calibrator: &Calibrator,
+        heldout: &Heldout,
+    ) -> Result<(GraphPlan, Vec<opreg_sdk::TensorStats>), QuantError> {
+        let quantizer = self.quantizer()?;
+        let facts = calibrator.facts();
+        let mut stats = calibrator.stats();
+        if self.strategy.minor < 2 {
+            // 1.0/1.1 strategies read weights from their statistics (copies).
+            add_weight_stats(model, &mut stats);
+        }
+        let request = QuantRequest {
+            tensors: stats.clone().into_iter().collect(),
+            options: self.options.iter().cloned().collect(),
+        };
+        let evaluator = HostEvaluator {
+            model,
+            heldout,
+            registry: self.registry,
+            devices: self.devices,
+            max_folded: self.max_folded,
+            strategy: self.name,
+            calls: AtomicU32::new(0),
+        };
+        let view = View::new(model, &facts);
+        let ffi = FfiEvaluator_TO::from_ptr(RRef::new(&evaluator), TD_Opaque);
+        let plan = quantizer
+            .quantizer
+            .plan_graph(&view.graph(), &request, ffi)
+            .into_result()
+            .map_err(|e| self.strategy_err(e))?;
+        Ok((plan, stats))
+    }
+}
+
 /// Runs one quantization. `samples` yields the samples (read or received one at a time):
 /// held-out ones form the evaluation set; without any, every fifth calibration sample is held
 /// out, up to 16. `cancelled` is polled between samples. Blocking: call it on the compute
@@ -188,59 +298,28 @@ pub fn run(
         req
     };
     let strategy = find_strategy(registry, &req.strategy)?;
-    let quantizer = strategy
-        .plugin
-        .quantizers
-        .get(strategy.index)
-        .ok_or_else(|| QuantError::UnknownStrategy(req.strategy.clone()))?;
-    let strategy_err = |e: PluginError| QuantError::Strategy {
-        strategy: req.strategy.clone(),
-        code: e.code,
-        message: e.message.to_string(),
+    let planner = Planner {
+        strategy: &strategy,
+        name: &req.strategy,
+        options: req
+            .options
+            .iter()
+            .map(|(k, v)| KeyValue {
+                key: k.as_str().into(),
+                value: v.as_str().into(),
+            })
+            .collect(),
+        registry,
+        devices: &devices,
+        max_folded,
     };
-    let options: Vec<KeyValue> = req
-        .options
-        .iter()
-        .map(|(k, v)| KeyValue {
-            key: k.as_str().into(),
-            value: v.as_str().into(),
-        })
-        .collect();
 
     progress(Progress::Stage("preparing".into()));
     let model = prepare::prepare(&served.model);
-    let observations = {
-        let view = View::new(&model, &Facts::new());
-        let asked: Vec<TensorObservation> = quantizer
-            .quantizer
-            .observe(&view.graph(), options.as_slice().into())
-            .into_result()
-            .map_err(strategy_err)?
-            .into_iter()
-            .collect();
-        if asked.is_empty() {
-            // The host's default (1.0 strategies): every activation of the products, observed
-            // as the strategy's `observation()` says.
-            let how: Observation = quantizer.quantizer.observation();
-            view.graph()
-                .activations_of(&["Conv", "MatMul", "Gemm"])
-                .into_iter()
-                .map(|n| TensorObservation::new(n, how))
-                .collect()
-        } else {
-            asked
-        }
-    };
+    let observations = planner.observations(&model)?;
 
     progress(Progress::Stage("calibrating".into()));
-    let mut calibrator = Calibrator::new(
-        &model,
-        &observations,
-        registry.snapshot(),
-        &devices,
-        max_folded,
-        &req.strategy,
-    )?;
+    let mut calibrator = planner.calibrator(&model, &observations)?;
     let mut explicit_heldout = false;
     let mut heldout = Vec::new();
     let mut seen = 0u64;
@@ -282,34 +361,10 @@ pub fn run(
     progress(Progress::Stage("planning".into()));
     let float_plan = graph::compile(&model, registry.snapshot(), &devices, max_folded)?;
     let heldout = Heldout::new(&float_plan, heldout)?;
-    let facts = calibrator.facts();
-    let mut stats = calibrator.stats();
-    if strategy.minor < 2 {
-        // 1.0/1.1 strategies read weights from their statistics (copies).
-        add_weight_stats(&model, &mut stats);
-    }
-    let request = QuantRequest {
-        tensors: stats.clone().into_iter().collect(),
-        options: options.iter().cloned().collect(),
-    };
-    let evaluator = HostEvaluator {
-        model: &model,
-        heldout: &heldout,
-        registry,
-        devices: &devices,
-        max_folded,
-        strategy: &req.strategy,
-        calls: AtomicU32::new(0),
-    };
-    let plan = {
-        let view = View::new(&model, &facts);
-        let ffi = FfiEvaluator_TO::from_ptr(RRef::new(&evaluator), TD_Opaque);
-        quantizer
-            .quantizer
-            .plan_graph(&view.graph(), &request, ffi)
-            .into_result()
-            .map_err(strategy_err)?
-    };
+    let (plan, stats) = planner.plan(&model, &calibrator, &heldout)?;
+    let adaptive = (plan.flags & GraphPlan::ADAPTIVE != 0)
+        .then(|| Policy::from_plan(&req.strategy, &req.options, &plan))
+        .transpose()?;
 
     progress(Progress::Stage("applying".into()));
     let applied = apply::apply(&model, &plan, &req.strategy)?;
@@ -343,14 +398,19 @@ pub fn run(
     let dir = match (repo.model_dir(&req.model), version) {
         (Some(model_dir), Some(v)) => {
             let dir = model_dir.join(v.to_string());
-            let saved = save(&dir, &mut report, &stats).and_then(|()| {
-                repo.load(
-                    &req.model,
-                    [(v, exported.model.clone())].into_iter().collect(),
-                    registry,
-                )
-                .map_err(QuantError::from)
-            });
+            let saved = save(&dir, &mut report, &stats)
+                .and_then(|()| match &adaptive {
+                    Some(policy) => Adaptive::save(&dir, &model, policy),
+                    None => Ok(()),
+                })
+                .and_then(|()| {
+                    repo.load(
+                        &req.model,
+                        [(v, exported.model.clone())].into_iter().collect(),
+                        registry,
+                    )
+                    .map_err(QuantError::from)
+                });
             if let Err(e) = saved {
                 // Never leave a half-written version behind.
                 if !dir.join(crate::repo::MODEL_FILE).exists() {

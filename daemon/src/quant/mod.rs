@@ -11,8 +11,10 @@
 //! `apply` (the plan as standard ONNX: QDQ, integer ops for dynamic quantization) →
 //! `evaluate` (the float and quantized models on held-out samples) → `report` (JSON and SVG
 //! histograms) → `job` (one quantization run end to end; the result becomes a new version of
-//! the model, written only once complete).
+//! the model, written only once complete) → `adaptive` (a version whose strategy asked for it
+//! follows its traffic: sampled requests, re-derived ranges, verified swaps).
 
+pub mod adaptive;
 pub mod apply;
 pub mod calibrate;
 pub mod data;

@@ -14,7 +14,7 @@ mod model;
 
 pub use model::{ModelSettings, ServedModel};
 
-use crate::{config::Limits, graph, registry::Registry};
+use crate::{config::Limits, graph, quant::adaptive::Adaptive, registry::Registry};
 use std::{
     collections::{BTreeMap, VecDeque},
     path::{Path, PathBuf},
@@ -535,15 +535,22 @@ impl Repository {
                 &format!("version {version} of model '{name}'"),
                 bytes.len() as u64,
             )?;
-            ServedModel::build(
+            let mut m = ServedModel::build(
                 name,
                 version,
-                bytes,
+                bytes.clone(),
                 dir,
                 settings.clone(),
                 snapshot.clone(),
                 self.limits.max_folded_bytes,
-            )
+            )?;
+            // The version's folder, also for a submitted version (its model is written there
+            // once every version built): an adaptive version's extra files are there.
+            if let Some(root) = &self.root {
+                let vdir = root.join(name).join(version.to_string());
+                m.adaptive = Adaptive::read(&vdir, &bytes, self.limits.max_model_bytes)?;
+            }
+            Ok(m)
         };
         for (version, path) in on_disk {
             let io = |source| RepoError::Io {

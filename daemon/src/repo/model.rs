@@ -88,9 +88,18 @@ pub struct ServedModel {
     pub model: Model,
     pub settings: ModelSettings,
     devices: Vec<Device>,
-    plan: Mutex<Arc<Plan>>,
+    current: Mutex<Current>,
     max_folded_bytes: usize,
     pub stats: Mutex<Stats>,
+    /// Set for a version served adaptively (its folder has `adaptive.toml`).
+    pub adaptive: Option<crate::quant::adaptive::Adaptive>,
+}
+
+/// What requests run now: the plan, and the graph it was compiled from when an adaptive
+/// version replaced `model`'s parameters (a re-bind after a plugin swap compiles that one).
+struct Current {
+    plan: Arc<Plan>,
+    replaced: Option<Arc<Model>>,
 }
 
 impl ServedModel {
@@ -138,19 +147,23 @@ impl ServedModel {
             model,
             settings,
             devices,
-            plan: Mutex::new(Arc::new(plan)),
+            current: Mutex::new(Current {
+                plan: Arc::new(plan),
+                replaced: None,
+            }),
             max_folded_bytes,
             stats: Mutex::new(Stats::default()),
+            adaptive: None,
         })
     }
 
     /// The plan for `snapshot`: the current one, or a new one compiled when plugins changed
     /// since (a plan bound to an old generation is re-bound lazily, on next use). Blocking.
     pub fn plan(&self, snapshot: &Arc<Snapshot>) -> Result<Arc<Plan>, RepoError> {
-        let mut current = self.plan.lock().unwrap_or_else(|p| p.into_inner());
-        if current.generation() != snapshot.generation {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if current.plan.generation() != snapshot.generation {
             let plan = graph::compile(
-                &self.model,
+                current.replaced.as_deref().unwrap_or(&self.model),
                 snapshot.clone(),
                 &self.devices,
                 self.max_folded_bytes,
@@ -161,14 +174,28 @@ impl ServedModel {
                 source,
             })?;
             tracing::info!(model = %self.name, version = self.version, generation = snapshot.generation, "plan re-bound to new plugins");
-            *current = Arc::new(plan);
+            current.plan = Arc::new(plan);
         }
-        Ok(current.clone())
+        Ok(current.plan.clone())
     }
 
     /// The current plan, whatever its generation (for describing placement).
     pub fn current_plan(&self) -> Arc<Plan> {
-        self.plan.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .plan
+            .clone()
+    }
+
+    /// Serves `plan`, compiled from `model` (the same inputs and outputs as this version's,
+    /// other parameters), from the next request on; requests running keep theirs.
+    pub fn replace(&self, model: Arc<Model>, plan: Arc<Plan>) {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        *current = Current {
+            plan,
+            replaced: Some(model),
+        };
     }
 
     pub fn record(&self, f: impl FnOnce(&mut Stats)) {

@@ -50,6 +50,7 @@ const READ_METHODS: &[&str] = &[
     "/opreg.v1.Registry/ListQuantizers",
     "/opreg.v1.Registry/RunKernel",
     "/opreg.v1.Registry/ModelPlacement",
+    "/opreg.v1.Registry/ModelAdaptation",
 ];
 
 /// The access class of the method at `path` (`/package.Service/Method`).

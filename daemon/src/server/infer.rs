@@ -148,6 +148,10 @@ async fn run(
     let t1 = Instant::now();
     let snapshot = app.registry.snapshot();
     let m = model.clone();
+    let feeds: HashMap<String, Arc<HostTensor>> =
+        feeds.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
+    // An adaptive version samples the inputs of requests that succeed (shared, not copied).
+    let offered = model.adaptive.as_ref().map(|_| feeds.clone());
     let control = Arc::new(RunControl::new(max_tensor, max_live, deadline));
     let _cancel = CancelOnDrop(control.clone());
     let job = app.compute.run({
@@ -156,7 +160,6 @@ async fn run(
             // A request that waited past its deadline in the queue stops at the plan's first
             // node (run_with_control checks before every step) and frees its inputs there.
             let plan = m.plan(&snapshot)?;
-            let feeds = feeds.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
             let result = crate::graph::run_with_control(&plan, feeds, &control);
             if let Err(e @ (GraphError::Cancelled { .. } | GraphError::DeadlineExceeded { .. })) =
                 &result
@@ -179,6 +182,11 @@ async fn run(
     }
     .map_err(Status::from)??;
     let infer_ns = t1.elapsed().as_nanos() as u64;
+    if let (Some(adaptive), Some(feeds)) = (&model.adaptive, &offered) {
+        if adaptive.offer(feeds) {
+            crate::quant::adaptive::spawn_check(app.clone(), model.clone());
+        }
+    }
     let (copies, copy_bytes) = control.copies();
 
     let t2 = Instant::now();

@@ -285,6 +285,34 @@ impl Registry for RegistryApi {
         }))
     }
 
+    async fn model_adaptation(
+        &self,
+        req: Request<pb::ModelAdaptationRequest>,
+    ) -> Result<Response<pb::ModelAdaptationResponse>, Status> {
+        let r = req.into_inner();
+        let m = self.app.repo.get(&r.name, &r.version)?;
+        let mut resp = pb::ModelAdaptationResponse {
+            name: m.name.clone(),
+            version: m.version.to_string(),
+            ..Default::default()
+        };
+        if let Some(a) = &m.adaptive {
+            let s = a.status();
+            resp.adaptive = true;
+            resp.strategy = a.policy.strategy.clone();
+            resp.sampled = s.sampled;
+            resp.window = s.window as u64;
+            resp.checks = s.checks;
+            resp.adaptations = s.adaptations;
+            resp.refused = s.refused;
+            resp.last_drift = s.last_drift;
+            resp.current_sqnr_db = s.current_sqnr_db;
+            resp.candidate_sqnr_db = s.candidate_sqnr_db;
+            resp.last_outcome = s.last_outcome;
+        }
+        Ok(Response::new(resp))
+    }
+
     type QuantizeStream = super::quantize::Events;
 
     async fn quantize(

@@ -106,8 +106,24 @@ pub struct GraphPlan {
     pub annotations: RVec<Annotation>,
     /// Free text for the report (method, parameters chosen).
     pub notes: RString,
-    /// Reserved for properties added in later minors (0 today).
+    /// Properties of the whole plan: [`GraphPlan::ADAPTIVE`]; other bits are reserved (0).
     pub flags: u64,
+}
+
+impl GraphPlan {
+    /// Serve the result as an **adaptive** model: the host keeps the float model beside the
+    /// quantized one, samples the live requests, and every so often calls this strategy's
+    /// `observe` and `plan_graph` again over the recent samples; when the activation ranges
+    /// have drifted and the new plan verifies better against the float model, the host swaps
+    /// it in while serving. The host's policy (how often, how much drift) takes the
+    /// [`Annotation`]s on the subject `"adaptive"` with the keys `drift` (largest move of a
+    /// range's end as a fraction of the served range), `window` (samples kept), `sample_every`
+    /// (one request in N), `check_every` (samples between checks), `min_gain_db` (SQNR a new
+    /// plan must gain) and `max_window_bytes`; missing keys take the host's defaults.
+    ///
+    /// Defined within ABI 1.2 (a flag, no layout change): a host that predates it serves the
+    /// plan with fixed parameters, which is still a correct model.
+    pub const ADAPTIVE: u64 = 1;
 }
 
 impl From<QuantPlan> for GraphPlan {
