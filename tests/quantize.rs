@@ -191,6 +191,8 @@ async fn lenet_quantized_by_each_method_stays_within_a_point_of_f32_and_runs_in_
         ("quant-dynamic", &[], "MatMulInteger"),
         // A target the all-int8 plan misses: some layers stay in f32.
         ("quant-mixed", &[("target_sqnr_db", "60")], "QuantizeLinear"),
+        // Every product (and the ReLUs and pools between them) in float16.
+        ("quant-mixed", &[("lowered", "f16")], "Cast"),
     ];
     let mut versions = Vec::new();
     for (strategy, options, op) in methods {
@@ -236,7 +238,32 @@ async fn lenet_quantized_by_each_method_stays_within_a_point_of_f32_and_runs_in_
             r.report_json
         );
 
-        if *strategy == "quant-mixed" {
+        if *strategy == "quant-mixed" && options == &[("lowered", "f16")] {
+            // The 4 products and the 7 nodes between them (ReLUs, pools, Flatten, a bias Add)
+            // computed in f16, casts only at the chain's ends (the input, and the head's
+            // MatMul before its f32 bias), half the weight bytes.
+            let lowered = rep["nodes"]["lowered"].as_object().expect("lowered");
+            assert_eq!(lowered.len(), 11, "{}", r.report_json);
+            assert!(lowered.values().all(|t| t == "float16"), "{lowered:?}");
+            assert!(rep["error"]["sqnr_db"].as_f64().expect("sqnr") > 50.0);
+            let float_bytes = std::fs::metadata(digits().join("lenet.onnx"))
+                .expect("float model")
+                .len();
+            assert!(
+                (r.model_bytes as f64) < 0.6 * float_bytes as f64,
+                "{} bytes vs {float_bytes}",
+                r.model_bytes
+            );
+            let m = std::fs::read(repo.path().join("lenet").join(&v).join("model.onnx"))
+                .expect("model");
+            let casts = opregd::graph::import(&m, None)
+                .expect("import")
+                .nodes
+                .iter()
+                .filter(|n| n.op_type == "Cast")
+                .count();
+            assert_eq!(casts, 2, "one cast in, one out");
+        } else if *strategy == "quant-mixed" {
             // Every quantized layer's sensitivity was measured, and the most sensitive ones
             // kept in float (the budget is a quarter of the 4 layers: one).
             let layers = rep["layers"].as_array().expect("layers");
@@ -787,4 +814,61 @@ async fn an_adaptive_model_follows_drifted_traffic_where_fixed_scales_lose_accur
         .await
         .expect("fixed"));
     assert_eq!(fixed4_again, fixed4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_precision_computes_layers_in_bfloat16_from_opset_22_and_refuses_it_below() {
+    let repo = repo();
+    // Version 2: the same LeNet declared at opset 22 (its operators are unchanged from 13),
+    // where ONNX's Conv and MaxPool take bfloat16.
+    let bytes = std::fs::read(digits().join("lenet.onnx")).expect("model");
+    let mut m = opregd::graph::import(&bytes, None).expect("import");
+    m.opsets.insert(String::new(), 22);
+    let v2 = repo.path().join("lenet/2");
+    std::fs::create_dir_all(&v2).expect("folder");
+    std::fs::write(
+        v2.join("model.onnx"),
+        opregd::graph::export(&m, None).expect("export").model,
+    )
+    .expect("write");
+    let (d, _plugins) = daemon(repo.path(), &[]);
+    let labels = labels();
+    let float = accuracy(&logits(&d, "1").await, &labels);
+    let calib = digits().join("calib");
+    let eval = digits().join("test");
+    let bf16 = [("lowered", "bf16")];
+
+    let e = quantize(&d, job("quant-mixed", &bf16, &calib, Some(&eval)), vec![])
+        .await
+        .expect_err("bfloat16 Conv at opset 13");
+    // Raised in the strategy's evaluation of its candidate: the strategy's error.
+    assert!(
+        matches!(e.code(), Code::FailedPrecondition | Code::InvalidArgument),
+        "{e:?}"
+    );
+    assert!(
+        e.message().contains("'lenet'") && e.message().contains("opset 22"),
+        "{e:?}"
+    );
+
+    let (r, _) = quantize(
+        &d,
+        reg::QuantizeJob {
+            version: "2".into(),
+            ..job("quant-mixed", &bf16, &calib, Some(&eval))
+        },
+        vec![],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("bf16: {e:?}\n{}", d.log()));
+    let rep = report(&r);
+    let lowered = rep["nodes"]["lowered"].as_object().expect("lowered");
+    assert_eq!(lowered.len(), 11, "{}", r.report_json);
+    assert!(lowered.values().all(|t| t == "bfloat16"), "{lowered:?}");
+    let ours = accuracy(&logits(&d, &r.version.to_string()).await, &labels);
+    let sqnr = rep["error"]["sqnr_db"].as_f64().expect("sqnr");
+    eprintln!("bf16 LeNet: top-1 {ours:.4} (f32 {float:.4}), output SQNR {sqnr:.2} dB");
+    assert!(ours >= float - 0.01, "bf16 {ours}, f32 {float}");
+    // bfloat16 keeps 8 bits of mantissa: about 2^-9 relative error per value.
+    assert!(sqnr > 30.0, "{}", r.report_json);
 }

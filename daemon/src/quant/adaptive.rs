@@ -435,6 +435,7 @@ impl Adaptive {
         let devices = served.settings.devices()?;
         let max_folded = usize::try_from(app.repo.limits().max_folded_bytes).unwrap_or(usize::MAX);
         let planner = Planner {
+            model_name: &served.name,
             strategy: &strategy,
             name: &p.strategy,
             options: p
@@ -467,7 +468,8 @@ impl Adaptive {
 
         // A candidate, served exactly as a loaded version would be: exported, imported and
         // optimized (the QDQ patterns fuse into integer kernels), then compiled.
-        let applied = apply::apply(&self.float, &plan, &p.strategy)?;
+        let applied =
+            apply::apply(&self.float, &plan, &p.strategy).map_err(|e| e.of_model(&served.name))?;
         let exported = graph::export(&applied.model, None)?;
         let mut candidate = graph::import_owned(exported.model, None)?;
         graph::optimize(&mut candidate)?;

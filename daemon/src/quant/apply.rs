@@ -52,6 +52,8 @@ pub struct Applied {
     pub excluded_nodes: Vec<String>,
     /// What pruning did, per weight.
     pub pruning: Vec<super::prune::Layer>,
+    /// Nodes computed in a narrower float type, with the type (`float16`, `bfloat16`).
+    pub lowered_nodes: Vec<(String, String)>,
     pub notes: Vec<String>,
 }
 
@@ -96,6 +98,7 @@ pub fn apply(model: &Model, plan: &GraphPlan, strategy: &str) -> Result<Applied,
     // Nodes.
     let names: HashSet<&str> = model.nodes.iter().map(|n| n.name.as_str()).collect();
     let mut excluded: HashSet<String> = HashSet::new();
+    let mut asked_lower: HashMap<String, DType> = HashMap::new();
     for np in plan.nodes.iter() {
         let node = np.node.as_str();
         if !names.contains(node) {
@@ -107,13 +110,7 @@ pub fn apply(model: &Model, plan: &GraphPlan, strategy: &str) -> Result<Applied,
                 excluded.insert(node.to_string());
             }
             NodeKind::FLOAT => {
-                return Err(QuantError::Unimplemented {
-                    strategy: strategy.into(),
-                    what: format!(
-                        "computing node '{node}' in {:?} (NodeKind::FLOAT)",
-                        np.precision
-                    ),
-                })
+                asked_lower.insert(node.to_string(), np.precision);
             }
             NodeKind(other) => {
                 return Err(QuantError::Unimplemented {
@@ -123,6 +120,11 @@ pub fn apply(model: &Model, plan: &GraphPlan, strategy: &str) -> Result<Applied,
             }
         }
     }
+
+    // Lowered nodes compute in float16/bfloat16 and take no part in the integer plan.
+    let lowered = super::lower::choose(model, asked_lower, strategy)?;
+    excluded.extend(lowered.keys().cloned());
+    let mut lowerer = super::lower::Lowerer::new(model, &lowered);
 
     // Tensors.
     let produced: HashSet<&str> = model
@@ -332,7 +334,21 @@ pub fn apply(model: &Model, plan: &GraphPlan, strategy: &str) -> Result<Applied,
     }
     for (i, n) in model.nodes.iter().enumerate() {
         let mut node = n.clone();
-        if reads_excluded(n) {
+        if let Some(p) = lowerer.precision(n) {
+            lowerer.lower(&mut b.model, n, p)?;
+            let quantized: Vec<&String> = n
+                .outputs
+                .iter()
+                .filter(|y| activations.contains_key(*y))
+                .collect();
+            if !quantized.is_empty() {
+                notes.push(format!(
+                    "node '{}' computes in {p:?}: its output is not quantized",
+                    n.name
+                ));
+            }
+            continue;
+        } else if reads_excluded(n) {
             b.model.nodes.push(node);
         } else if let (true, Some(x), Some(w), Some(y), Some(wq)) = (
             dynamic_nodes.contains(&i),
@@ -459,8 +475,12 @@ pub fn apply(model: &Model, plan: &GraphPlan, strategy: &str) -> Result<Applied,
     let used: HashSet<&String> = b.model.nodes.iter().flat_map(|n| &n.inputs).collect();
     let unread: Vec<String> = model
         .initializers
-        .keys()
-        .filter(|k| weights.contains_key(*k) && !used.contains(k))
+        .iter()
+        .filter(|(k, t)| {
+            (weights.contains_key(*k) || !lowered.is_empty() && t.dtype() == DType::F32)
+                && !used.contains(k)
+        })
+        .map(|(k, _)| k)
         .filter(|k| !model.outputs.iter().any(|o| &&o.name == k))
         .cloned()
         .collect();
@@ -477,11 +497,22 @@ pub fn apply(model: &Model, plan: &GraphPlan, strategy: &str) -> Result<Applied,
         tensors: b.tensors,
         quantized_nodes,
         excluded_nodes: {
-            let mut e: Vec<String> = excluded.into_iter().collect();
+            let mut e: Vec<String> = excluded
+                .into_iter()
+                .filter(|n| !lowered.contains_key(n))
+                .collect();
             e.sort();
             e
         },
         pruning: pruned.layers,
+        lowered_nodes: {
+            let mut l: Vec<(String, String)> = lowered
+                .iter()
+                .map(|(n, p)| (n.clone(), super::lower::type_name(*p).to_string()))
+                .collect();
+            l.sort();
+            l
+        },
         notes,
     })
 }

@@ -118,6 +118,8 @@ pub(super) fn find_strategy(registry: &Registry, name: &str) -> Result<Strategy,
 /// The host's evaluator of candidate plans (see [`opreg_sdk::Evaluator`]).
 struct HostEvaluator<'a> {
     model: &'a Model,
+    /// The served model's name (for messages).
+    model_name: &'a str,
     heldout: &'a Heldout,
     registry: &'a Registry,
     devices: &'a [Device],
@@ -128,7 +130,8 @@ struct HostEvaluator<'a> {
 
 impl HostEvaluator<'_> {
     fn evaluate_plan(&self, plan: &GraphPlan) -> Result<(Evaluation, Option<f64>), QuantError> {
-        let applied = apply::apply(self.model, plan, self.strategy)?;
+        let applied = apply::apply(self.model, plan, self.strategy)
+            .map_err(|e| e.of_model(self.model_name))?;
         let compiled = graph::compile(
             &applied.model,
             self.registry.snapshot(),
@@ -153,6 +156,8 @@ impl FfiEvaluator for HostEvaluator<'_> {
 /// One strategy's part of a run, shared by a quantization job and an adaptive model's
 /// re-derivation: which tensors to observe, the calibration, the plan.
 pub(super) struct Planner<'a> {
+    /// The served model's name (for messages).
+    pub model_name: &'a str,
     pub strategy: &'a Strategy,
     /// The strategy's name (for messages).
     pub name: &'a str,
@@ -241,6 +246,7 @@ impl Planner<'_> {
         };
         let evaluator = HostEvaluator {
             model,
+            model_name: self.model_name,
             heldout,
             registry: self.registry,
             devices: self.devices,
@@ -299,6 +305,7 @@ pub fn run(
     };
     let strategy = find_strategy(registry, &req.strategy)?;
     let planner = Planner {
+        model_name: &req.model,
         strategy: &strategy,
         name: &req.strategy,
         options: req
@@ -367,7 +374,7 @@ pub fn run(
         .transpose()?;
 
     progress(Progress::Stage("applying".into()));
-    let applied = apply::apply(&model, &plan, &req.strategy)?;
+    let applied = apply::apply(&model, &plan, &req.strategy).map_err(|e| e.of_model(&req.model))?;
     let quantized_plan = graph::compile(&applied.model, registry.snapshot(), &devices, max_folded)?;
     progress(Progress::Stage("evaluating".into()));
     let (error, accuracy) = heldout.compare(&quantized_plan)?;
@@ -552,6 +559,7 @@ fn build_report(
             total: served.model.nodes.len(),
             quantized: applied.quantized_nodes.clone(),
             excluded: applied.excluded_nodes.clone(),
+            lowered: applied.lowered_nodes.iter().cloned().collect(),
         },
         error: report::Error {
             sqnr_db: s.error.sqnr_db.is_finite().then_some(s.error.sqnr_db),

@@ -20,6 +20,7 @@ pub mod calibrate;
 pub mod data;
 pub mod evaluate;
 pub mod job;
+pub mod lower;
 pub mod observe;
 pub mod prepare;
 pub mod prune;
@@ -61,4 +62,17 @@ pub enum QuantError {
     },
     #[error("quantization cancelled: the client went away")]
     Cancelled,
+}
+
+impl QuantError {
+    /// Names the model in an error raised where its name is not known (`model: ""`).
+    pub fn of_model(self, name: &str) -> Self {
+        match self {
+            QuantError::Model { model, reason } if model.is_empty() => QuantError::Model {
+                model: name.into(),
+                reason,
+            },
+            e => e,
+        }
+    }
 }

@@ -73,7 +73,11 @@ pub struct LayerReport {
 pub struct Nodes {
     pub total: usize,
     pub quantized: Vec<String>,
+    /// Kept in f32.
     pub excluded: Vec<String>,
+    /// Computed in a narrower float type: node → `float16` or `bfloat16`.
+    #[serde(default)]
+    pub lowered: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -121,9 +125,10 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "nodes: {} of {} quantized, {} excluded",
+            "nodes: {} of {} quantized, {} lowered to f16/bf16, {} kept in f32",
             self.nodes.quantized.len(),
             self.nodes.total,
+            self.nodes.lowered.len(),
             self.nodes.excluded.len()
         );
         let _ = writeln!(

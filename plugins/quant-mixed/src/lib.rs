@@ -1,27 +1,34 @@
-//! `quant-mixed`: int8 where it is harmless, f32 where it is not.
+//! `quant-mixed`: a lower precision where it is harmless, f32 where it is not.
 //!
-//! Starts from the static int8 plan (`quant-static`, with its calibrator options), measures
-//! each layer's **sensitivity** — the output SQNR against the float model when only that
-//! layer is quantized, on the host's held-out samples, through the host's evaluator — and
-//! keeps the most sensitive layers in f32, one at a time, until the whole model meets the
-//! error target or the float budget is spent.
+//! `lowered=int8` (the default) starts from the static int8 plan (`quant-static`, with its
+//! calibrator options); `lowered=f16` or `bf16` computes every convolution and matrix product
+//! in that type instead (weights stored in it: half the size), with the elementwise and
+//! pooling nodes between them (the host places the casts: one in and one out per chain).
+//! Either way it measures each layer's **sensitivity** — the output SQNR against the float
+//! model when only that layer is lowered, on the host's held-out samples, through the host's
+//! evaluator — and keeps the most sensitive layers in f32, one at a time, until the whole
+//! model meets the error target or the float budget is spent.
 //!
-//! Options: `target_sqnr_db` (30: about 3 % relative output noise), `max_float_fraction`
-//! (0.25 of the quantized layers at most stay in f32), `max_evaluations` (128: sensitivity is
-//! measured for the largest layers first when a model has more), and `quant-static`'s options.
+//! Options: `lowered` (int8, f16, bf16), `target_sqnr_db` (30: about 3 % relative output
+//! noise), `max_float_fraction` (0.25 of the lowered layers at most stay in f32),
+//! `max_evaluations` (128: sensitivity is measured for the largest layers first when a model
+//! has more), and `quant-static`'s options.
 //!
-//! Not yet: f16/bf16 as the lowered precision (`NodeKind::FLOAT`; the host refuses it today).
+//! f16 models load in onnxruntime too; bf16 ones need opset 22 for convolutions (ONNX's rule)
+//! and run in opreg (onnxruntime's CPU provider has no bf16 Conv or MatMul).
 
 use opreg_quant_core::{Options, Static};
 use opreg_sdk::{
     quant::{Annotation, KeyValue},
-    Evaluation, Evaluator, GraphPlan, GraphView, NodePlan, PluginError, QuantRequest, Quantizer,
-    QuantizerDesc, Registrar, TensorObservation,
+    DType, Evaluation, Evaluator, GraphPlan, GraphView, NodePlan, PluginError, QuantRequest,
+    Quantizer, QuantizerDesc, Registrar, TensorObservation,
 };
 
 /// This strategy's own options, and the rest for the static plan.
 #[derive(Debug)]
 struct Mixed {
+    /// I8 (int8 quantization), F16 or BF16 (computed in that float type).
+    lowered: DType,
     target_sqnr_db: f64,
     max_float_fraction: f64,
     max_evaluations: usize,
@@ -30,6 +37,7 @@ struct Mixed {
 
 fn parse(options: &[KeyValue]) -> Result<Mixed, PluginError> {
     let mut m = Mixed {
+        lowered: DType::I8,
         target_sqnr_db: 30.0,
         max_float_fraction: 0.25,
         max_evaluations: 128,
@@ -54,6 +62,18 @@ fn parse(options: &[KeyValue]) -> Result<Mixed, PluginError> {
                 }
             }
             "max_evaluations" => m.max_evaluations = number(k, v)? as usize,
+            "lowered" => {
+                m.lowered = match v.to_ascii_lowercase().as_str() {
+                    "int8" | "i8" => DType::I8,
+                    "f16" | "float16" | "fp16" => DType::F16,
+                    "bf16" | "bfloat16" => DType::BF16,
+                    _ => {
+                        return Err(PluginError::invalid(format!(
+                            "option lowered={v}: expected int8, f16 or bf16"
+                        )))
+                    }
+                }
+            }
             _ => m.rest.push(kv.clone()),
         }
     }
@@ -62,25 +82,52 @@ fn parse(options: &[KeyValue]) -> Result<Mixed, PluginError> {
     Ok(m)
 }
 
-/// Mixed int8 / f32 by measured sensitivity.
+fn precision_name(t: DType) -> &'static str {
+    match t {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => "int8",
+    }
+}
+
+/// Mixed int8 (or f16, bf16) / f32 by measured sensitivity.
 pub struct MixedPrecision;
 
-fn only(plan: &GraphPlan, layers: &[String], keep: &str) -> GraphPlan {
+/// `plan` with only `keep` lowered: in int8 mode the other layers are excluded, in float
+/// mode the other layers' node plans are dropped.
+fn only(plan: &GraphPlan, layers: &[String], keep: &str, float_mode: bool) -> GraphPlan {
     let mut p = plan.clone();
-    p.nodes = layers
-        .iter()
-        .filter(|l| l.as_str() != keep)
-        .map(|l| NodePlan::exclude(l.as_str()))
-        .collect();
+    p.nodes = if float_mode {
+        plan.nodes
+            .iter()
+            .filter(|n| n.node.as_str() == keep)
+            .cloned()
+            .collect()
+    } else {
+        layers
+            .iter()
+            .filter(|l| l.as_str() != keep)
+            .map(|l| NodePlan::exclude(l.as_str()))
+            .collect()
+    };
     p
 }
 
-fn excluding(plan: &GraphPlan, float: &[String]) -> GraphPlan {
+/// `plan` with the layers `float` kept in f32.
+fn excluding(plan: &GraphPlan, float: &[String], float_mode: bool) -> GraphPlan {
     let mut p = plan.clone();
-    p.nodes = float
-        .iter()
-        .map(|l| NodePlan::exclude(l.as_str()))
-        .collect();
+    p.nodes = if float_mode {
+        plan.nodes
+            .iter()
+            .filter(|n| !float.iter().any(|f| f.as_str() == n.node.as_str()))
+            .cloned()
+            .collect()
+    } else {
+        float
+            .iter()
+            .map(|l| NodePlan::exclude(l.as_str()))
+            .collect()
+    };
     p
 }
 
@@ -91,7 +138,17 @@ impl Quantizer for MixedPrecision {
         options: &[KeyValue],
     ) -> Result<Vec<TensorObservation>, PluginError> {
         let m = parse(options)?;
-        Static.observe(graph, &m.rest)
+        if m.lowered == DType::I8 {
+            return Static.observe(graph, &m.rest);
+        }
+        // A float type needs no ranges; the host wants at least one observation (none would
+        // mean "the host's defaults"): the first input's range, nearly free.
+        Ok(graph
+            .inputs
+            .iter()
+            .take(1)
+            .map(|i| TensorObservation::new(i.as_str(), opreg_sdk::Observation::MIN_MAX))
+            .collect())
     }
 
     fn plan_graph(
@@ -101,16 +158,30 @@ impl Quantizer for MixedPrecision {
         evaluator: &Evaluator<'_>,
     ) -> Result<GraphPlan, PluginError> {
         let m = parse(&request.options)?;
-        let full = Static.plan_with(graph, request, &m.rest, evaluator)?;
-        // The layers the static plan quantizes: products whose weight it quantizes, largest
-        // weights first (when not all can be measured, the big ones matter most).
-        let mut layers: Vec<(String, usize)> = graph
+        let float_mode = m.lowered != DType::I8;
+        let products = graph
             .nodes
             .iter()
             .filter(|n| n.domain.is_empty() && matches!(n.op_type.as_str(), "Conv" | "MatMul"))
+            .filter(|n| n.inputs.get(1).is_some_and(|w| graph.is_weight(w)));
+        let full = if float_mode {
+            GraphPlan {
+                nodes: products
+                    .clone()
+                    .map(|n| NodePlan::float(n.name.as_str(), m.lowered))
+                    .collect(),
+                notes: format!("{} products", precision_name(m.lowered)).into(),
+                ..GraphPlan::default()
+            }
+        } else {
+            Static.plan_with(graph, request, &m.rest, evaluator)?
+        };
+        // The layers the plan lowers (in int8 mode: the products whose weight it quantizes),
+        // largest weights first (when not all can be measured, the big ones matter most).
+        let mut layers: Vec<(String, usize)> = products
             .filter_map(|n| {
                 let w = n.inputs.get(1)?;
-                full.tensors.iter().any(|t| t.name == *w).then(|| {
+                (float_mode || full.tensors.iter().any(|t| t.name == *w)).then(|| {
                     let size = graph.weight(w).map_or(0, |v| v.len());
                     (n.name.to_string(), size)
                 })
@@ -123,7 +194,7 @@ impl Quantizer for MixedPrecision {
         let mut annotations = full.annotations.to_vec();
         let mut sensitivity: Vec<(String, f64)> = Vec::new();
         for layer in names.iter().take(m.max_evaluations) {
-            let e: Evaluation = evaluator.evaluate(&only(&full, &names, layer))?;
+            let e: Evaluation = evaluator.evaluate(&only(&full, &names, layer, float_mode))?;
             annotations.push(Annotation::new(layer, "sensitivity_db", e.sqnr_db));
             sensitivity.push((layer.clone(), e.sqnr_db));
         }
@@ -137,12 +208,13 @@ impl Quantizer for MixedPrecision {
                 break;
             }
             float.push(layer.clone());
-            current = evaluator.evaluate(&excluding(&full, &float))?;
+            current = evaluator.evaluate(&excluding(&full, &float, float_mode))?;
         }
-        let mut plan = excluding(&full, &float);
+        let mut plan = excluding(&full, &float, float_mode);
         plan.annotations = annotations.into();
         plan.notes = format!(
-            "mixed int8/f32: all int8 {:.2} dB; {} of {} layers kept in f32 ({}) -> {:.2} dB (target {:.1} dB); {}",
+            "mixed {}/f32: all lowered {:.2} dB; {} of {} layers kept in f32 ({}) -> {:.2} dB (target {:.1} dB); {}",
+            precision_name(m.lowered),
             whole.sqnr_db,
             float.len(),
             names.len(),
@@ -160,7 +232,7 @@ fn register(r: &mut Registrar) {
     r.quantizer(
         QuantizerDesc {
             name: "quant-mixed".into(),
-            description: "mixed int8/f32: static int8, the most sensitive layers (measured one by one on held-out data) kept in f32 until an SQNR target is met".into(),
+            description: "mixed precision: int8 (default), f16 or bf16 layers, the most sensitive (measured one by one on held-out data) kept in f32 until an SQNR target is met".into(),
         },
         MixedPrecision,
     );

@@ -68,6 +68,18 @@ impl NodePlan {
             flags: 0,
         }
     }
+
+    /// Compute `node` in `precision` (F16 or BF16): its float constants are stored in that
+    /// type and its computed inputs cast to it (once per value, none between two nodes
+    /// lowered alike); its output is cast back to f32 where a reader needs it.
+    pub fn float(node: impl Into<String>, precision: DType) -> Self {
+        NodePlan {
+            node: RString::from(node.into()),
+            kind: NodeKind::FLOAT,
+            precision,
+            flags: 0,
+        }
+    }
 }
 
 /// A figure a strategy reports about one tensor or node (the calibration threshold, the KL
