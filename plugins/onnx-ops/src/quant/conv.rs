@@ -261,6 +261,7 @@ impl Geometry {
         w: &TensorView<'_>,
         x_zp: Option<&TensorView<'_>>,
         w_zp: Option<&TensorView<'_>>,
+        packed: &[PackedB],
         store: &mut Store<'_>,
     ) -> Result<bool, PluginError> {
         if !matches!(x.dtype, DType::U8 | DType::I8) || !matches!(w.dtype, DType::U8 | DType::I8) {
@@ -315,7 +316,7 @@ impl Geometry {
                 };
                 // Types and parameters are the same for every group: only the first product
                 // can be refused, before anything is stored.
-                if !product.run(ctx, &mut tmp, mg)? {
+                if !product.run_packed(ctx, &mut tmp, mg, packed.get(g))? {
                     return Ok(false);
                 }
                 store(bn, g, &tmp)?;
@@ -556,7 +557,7 @@ impl Kernel for ConvInteger {
                 out.copy_from_slice(src)
             })
         };
-        if geo.run_blas(ctx, OP, x, w, present(2), present(3), &mut store)? {
+        if geo.run_blas(ctx, OP, x, w, present(2), present(3), &[], &mut store)? {
             return Ok(());
         }
         let xs = shift_x(OP, x, present(2))?;
@@ -566,7 +567,11 @@ impl Kernel for ConvInteger {
 }
 
 #[derive(Clone)]
-struct QLinearConv(ConvAttrs);
+struct QLinearConv {
+    attrs: ConvAttrs,
+    /// The weights packed once per group at model load, when they are constant.
+    packed: std::sync::Arc<[PackedB]>,
+}
 
 impl Kernel for QLinearConv {
     fn compute(
@@ -583,7 +588,7 @@ impl Kernel for QLinearConv {
         }
         let present = |i: usize| optional(inputs, i);
         let (x, w) = (&input(OP, inputs, 0, "x")?, &input(OP, inputs, 3, "w")?);
-        let geo = Geometry::new(OP, x.shape(), w.shape(), &self.0)?;
+        let geo = Geometry::new(OP, x.shape(), w.shape(), &self.attrs)?;
         let scalar = |i: usize, name: &str| -> Result<f32, PluginError> {
             let v = read_f32(&input(OP, inputs, i, name)?, OP)?;
             if v.len() != 1 {
@@ -663,7 +668,16 @@ impl Kernel for QLinearConv {
                 }
             })
         };
-        if geo.run_blas(ctx, OP, x, w, present(2), present(5), &mut store)? {
+        if geo.run_blas(
+            ctx,
+            OP,
+            x,
+            w,
+            present(2),
+            present(5),
+            &self.packed,
+            &mut store,
+        )? {
             return Ok(());
         }
         // Padding makes the output arbitrarily larger than x: fallible.
@@ -683,7 +697,56 @@ pub(super) fn conv_integer_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel
 }
 
 pub(super) fn qlinear_conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
-    Ok(Box::new(QLinearConv(ConvAttrs::read(node)?)))
+    let attrs = ConvAttrs::read(node)?;
+    let packed = prepack(node, &attrs, 3, 5).unwrap_or_default().into();
+    Ok(Box::new(QLinearConv { attrs, packed }))
+}
+
+/// The constant weight `inputs[w]` (zero point `inputs[w_zp]`, constant or absent) packed
+/// for each group's product with the node's BLAS backend, so that runs skip packing it
+/// (for ResNet-50's late 1x1 layers, packing cost more than the product). `None` when the
+/// weight is not constant, its zero point varies or the backend does not pre-pack; a run
+/// whose operands turn out different (another x type) packs as usual.
+fn prepack(node: &NodeInfo<'_>, attrs: &ConvAttrs, w: usize, w_zp: usize) -> Option<Vec<PackedB>> {
+    let x = node.inputs.first()?;
+    let wv = node.inputs.get(w)?.constant?;
+    let zp = match node.inputs.get(w_zp) {
+        Some(z) if z.present => Some(z.constant?),
+        _ => None,
+    };
+    let shape = wv.shape();
+    let (&m, rest) = shape.split_first()?;
+    let group = usize::try_from(attrs.group)
+        .ok()
+        .filter(|&g| g > 0 && m % g == 0)?;
+    let mg = m / group;
+    let kdim = rest.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
+    let zw = zero_points("QLinearConv", zp.as_ref(), wv.dtype, m).ok()??;
+    let wb = bytes(&wv, "QLinearConv").ok()?;
+    (0..group)
+        .map(|g| {
+            let b_zp = if zw.len() == 1 {
+                &zw[..]
+            } else {
+                zw.get(g * mg..(g + 1) * mg)?
+            };
+            IntProduct {
+                m: 1,
+                n: mg,
+                k: kdim,
+                a: &[],
+                a_type: x.dtype,
+                lda: kdim,
+                a_zp: 0,
+                b: wb.get(g * mg * kdim..)?,
+                b_type: wv.dtype,
+                ldb: kdim,
+                trans_b: true,
+                b_zp,
+            }
+            .pack(node)
+        })
+        .collect()
 }
 
 pub(super) fn register(r: &mut Registrar) {

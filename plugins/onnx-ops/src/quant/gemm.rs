@@ -96,6 +96,60 @@ impl IntProduct<'_> {
         blas.gemm(ctx, &g)?;
         Ok(true)
     }
+
+    /// [`run`](Self::run) with B taken from `packed` when it was packed for exactly this
+    /// product (types, shape, transposition), else as `run`.
+    pub fn run_packed(
+        &self,
+        ctx: &KernelContext<'_>,
+        c: &mut [i32],
+        ldc: usize,
+        packed: Option<&PackedB>,
+    ) -> Result<bool, PluginError> {
+        let Some(p) = packed else {
+            return self.run(ctx, c, ldc);
+        };
+        let Some(blas) = ctx.blas() else {
+            return Ok(false);
+        };
+        if !self.covered(c, ldc) {
+            return Err(PluginError::internal(
+                "integer product: operands shorter than their shapes",
+            ));
+        }
+        let g = self.args(c, ldc);
+        let info = p.info();
+        if !blas.supports(&g)
+            || info.types != g.types
+            || info.trans_b != g.trans_b
+            || info.k != g.k
+            || info.n != g.n
+        {
+            return self.run(ctx, c, ldc);
+        }
+        blas.gemm_packed(ctx, &g, p)?;
+        Ok(true)
+    }
+
+    /// B packed by the node's backend at model load (constant weights), or `None` when the
+    /// backend does not pre-pack these operands. `a`, `lda` and `a_zp` are not used.
+    pub fn pack(&self, node: &NodeInfo<'_>) -> Option<PackedB> {
+        let blas = node.blas()?;
+        let mut none: [i32; 0] = [];
+        let mut g = self.args(&mut none, self.n);
+        g.a = std::ptr::null();
+        g.c = std::ptr::null_mut();
+        let (br, bc) = if self.trans_b {
+            (self.n, self.k)
+        } else {
+            (self.k, self.n)
+        };
+        let b_span = br.checked_sub(1)?.checked_mul(self.ldb)?.checked_add(bc)?;
+        if b_span > self.b.len() || !(self.b_zp.len() == 1 || self.b_zp.len() == self.n) {
+            return None;
+        }
+        blas.pack_b(node.context.as_ref()?, &g).ok()
+    }
 }
 
 /// The raw bytes of a u8/i8 tensor (i8 as its two's-complement bytes).
