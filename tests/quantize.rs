@@ -872,3 +872,57 @@ async fn mixed_precision_computes_layers_in_bfloat16_from_opset_22_and_refuses_i
     // bfloat16 keeps 8 bits of mantissa: about 2^-9 relative error per value.
     assert!(sqnr > 30.0, "{}", r.report_json);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_of_four_pruning_with_reconstruction_keeps_accuracy_where_masking_alone_loses_it() {
+    let repo = repo();
+    let (d, _plugins) = daemon(repo.path(), &[]);
+    let labels = labels();
+    let float = accuracy(&logits(&d, "1").await, &labels);
+    let calib = digits().join("calib");
+    let eval = digits().join("test");
+    let mut results = Vec::new();
+    for reconstruct in ["true", "false"] {
+        let (r, _) = quantize(
+            &d,
+            job(
+                "quant-prune",
+                &[("reconstruct", reconstruct)],
+                &calib,
+                Some(&eval),
+            ),
+            vec![],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("reconstruct={reconstruct}: {e:?}\n{}", d.log()));
+        let rep = report(&r);
+        let pruning = rep["pruning"].as_array().expect("pruning").clone();
+        // conv1 has one input channel (no group of 4); fc2 is the head: conv2 and fc1.
+        assert_eq!(pruning.len(), 2, "{}", r.report_json);
+        for p in &pruning {
+            assert_eq!(p["sparsity"].as_f64(), Some(0.5), "{p}");
+            let effect = p["effect"].as_str().expect("effect");
+            assert_eq!(
+                effect.contains("reconstructed"),
+                reconstruct == "true",
+                "{effect}"
+            );
+        }
+        let ours = accuracy(&logits(&d, &r.version.to_string()).await, &labels);
+        results.push((
+            ours,
+            rep["error"]["sqnr_db"].as_f64().unwrap_or(f64::INFINITY),
+        ));
+    }
+    let [(rebuilt, rebuilt_db), (masked, masked_db)] = results[..] else {
+        unreachable!()
+    };
+    eprintln!(
+        "2:4 + int8 LeNet: f32 {float:.4}; masked {masked:.4} ({masked_db:.2} dB); reconstructed {rebuilt:.4} ({rebuilt_db:.2} dB)"
+    );
+    assert!(rebuilt_db > masked_db, "{rebuilt_db} vs {masked_db}");
+    assert!(
+        rebuilt >= float - 0.03,
+        "2:4 + int8 within 3 points: {rebuilt} vs f32 {float}"
+    );
+}

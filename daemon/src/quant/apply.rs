@@ -20,7 +20,7 @@
 // Model and request data reach this module: no unchecked index or slice.
 #![deny(clippy::indexing_slicing)]
 
-use super::QuantError;
+use super::{reconstruct::Grams, QuantError};
 use crate::graph::{Model, Node};
 use opreg_sdk::{
     host::HostTensor, kernel::Attribute, AttrValue, DType, Directive, DirectiveKind, GraphPlan,
@@ -85,12 +85,23 @@ struct Q {
 
 /// Applies `plan` (from `strategy`) to the prepared float `model`.
 pub fn apply(model: &Model, plan: &GraphPlan, strategy: &str) -> Result<Applied, QuantError> {
+    apply_with(model, plan, strategy, &Grams::new())
+}
+
+/// [`apply`], with the input Gram matrices calibration observed (for pruned weights the plan
+/// asks to reconstruct).
+pub fn apply_with(
+    model: &Model,
+    plan: &GraphPlan,
+    strategy: &str,
+    grams: &Grams<'_>,
+) -> Result<Applied, QuantError> {
     let bad = |reason: String| QuantError::BadPlan {
         strategy: strategy.into(),
         reason,
     };
     // Pruning first: the quantization below sees the smaller layers.
-    let pruned = super::prune::apply(model, plan, strategy)?;
+    let pruned = super::prune::apply(model, plan, strategy, grams)?;
     let model = &pruned.model;
     let opset = model.opset("").unwrap_or(1);
     let mut notes = Vec::new();
@@ -211,6 +222,20 @@ pub fn apply(model: &Model, plan: &GraphPlan, strategy: &str) -> Result<Applied,
                     strategy: strategy.into(),
                     what: format!("directive kind {other} {what} for tensor '{name}'"),
                 });
+            }
+        }
+    }
+    // A reconstructed weight moved: its symmetric scales are taken again from its new values
+    // (the strategy computed them on the original ones, and a grown entry would saturate).
+    for (name, q) in weights.iter_mut() {
+        if !pruned.reconstructed.contains(name) || q.zero_points.iter().any(|&z| z != 0) {
+            continue;
+        }
+        if let Some(w) = model.initializers.get(name) {
+            if refit_scales(w, q) {
+                notes.push(format!(
+                    "'{name}': scales taken from its reconstructed values"
+                ));
             }
         }
     }
@@ -618,6 +643,36 @@ fn quantize(w: &HostTensor, q: &Q) -> Result<HostTensor, String> {
         }
     }
     .map_err(|e| e.to_string())
+}
+
+/// Symmetric scales of `w` per channel of `q`'s axis (or per tensor): `max |w| / qmax`.
+/// False (unchanged) when `w` cannot be read or a channel is all zeros.
+fn refit_scales(w: &HostTensor, q: &mut Q) -> bool {
+    let Ok(values) = w.to_vec::<f32>() else {
+        return false;
+    };
+    let qmax = match q.dtype {
+        DType::U8 => 255.0,
+        _ => 127.0,
+    };
+    let channels = q.axis.and_then(|a| w.shape().get(a).copied()).unwrap_or(1);
+    if channels != q.scales.len() || channels == 0 {
+        return false;
+    }
+    let inner: usize = q.axis.map_or(1, |a| {
+        w.shape().iter().skip(a + 1).product::<usize>().max(1)
+    });
+    let mut absmax = vec![0f32; channels];
+    for (i, v) in values.iter().enumerate() {
+        if let Some(m) = absmax.get_mut((i / inner) % channels) {
+            *m = m.max(v.abs());
+        }
+    }
+    if absmax.iter().any(|&m| m == 0.0 || !m.is_finite()) {
+        return false;
+    }
+    q.scales = absmax.iter().map(|m| m / qmax).collect();
+    true
 }
 
 fn plain(name: &str, op: &str, inputs: Vec<String>, outputs: Vec<String>) -> Node {

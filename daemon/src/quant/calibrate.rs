@@ -8,6 +8,7 @@
 use super::{
     data::Sample,
     observe::{AbsHistogram, MinMax},
+    reconstruct::{Gram, Grams, Rows},
     view::Facts,
     QuantError,
 };
@@ -33,10 +34,26 @@ struct Observed {
     fact: Option<(DType, Vec<i64>)>,
 }
 
+/// An input Gram matrix kept for reconstructing a pruned weight.
+struct GramObserved {
+    weight: String,
+    /// The product's input, and whether it is a graph input (read from the feeds).
+    input: String,
+    is_input: bool,
+    rows: Rows,
+    gram: Gram,
+}
+
+/// Most bytes all Gram matrices of a run may take together.
+pub const MAX_GRAM_BYTES: usize = 1 << 30;
+
 /// The running calibration of one model.
 pub struct Calibrator {
     plan: graph::Plan,
     observed: Vec<Observed>,
+    grams: Vec<GramObserved>,
+    /// Gram observations the host could not take, and why (for the report).
+    skipped: Vec<String>,
     samples: u64,
 }
 
@@ -61,8 +78,45 @@ impl Calibrator {
             reason,
         };
         let mut observed: Vec<Observed> = Vec::new();
+        let mut grams: Vec<GramObserved> = Vec::new();
+        let mut skipped = Vec::new();
+        let mut gram_bytes = 0usize;
         for o in observations {
             let name = o.name.as_str();
+            if o.observation.kind == ObservationKind::GRAM {
+                if grams.iter().any(|g| g.weight == name) {
+                    return Err(bad(format!(
+                        "observe: the Gram matrix of '{name}' is listed twice"
+                    )));
+                }
+                let (rows, input) = match Rows::of(model, name) {
+                    Ok(found) => found,
+                    Err(why) => {
+                        skipped.push(format!("'{name}' was not reconstructed: {why}"));
+                        continue;
+                    }
+                };
+                let k = rows.k();
+                gram_bytes = gram_bytes.saturating_add(k.saturating_mul(k).saturating_mul(8));
+                if gram_bytes > MAX_GRAM_BYTES {
+                    skipped.push(format!(
+                        "'{name}' was not reconstructed: the Gram matrices would take more than {} MiB",
+                        MAX_GRAM_BYTES >> 20
+                    ));
+                    continue;
+                }
+                let gram = Gram::new(k).map_err(QuantError::Data)?;
+                let is_input = model.inputs.iter().any(|i| i.name == input)
+                    && !model.initializers.contains_key(&input);
+                grams.push(GramObserved {
+                    weight: name.into(),
+                    input,
+                    is_input,
+                    rows,
+                    gram,
+                });
+                continue;
+            }
             let is_input = model.inputs.iter().any(|i| i.name == name)
                 && !model.initializers.contains_key(name);
             if !is_input && !produced.contains(name) {
@@ -101,10 +155,15 @@ impl Calibrator {
             });
         }
         let mut augmented = model.clone();
-        for o in observed.iter().filter(|o| !o.is_input) {
-            if !augmented.outputs.iter().any(|x| x.name == o.name) {
+        let extra = observed
+            .iter()
+            .filter(|o| !o.is_input)
+            .map(|o| &o.name)
+            .chain(grams.iter().filter(|g| !g.is_input).map(|g| &g.input));
+        for name in extra {
+            if !augmented.outputs.iter().any(|x| &x.name == name) {
                 augmented.outputs.push(IoSpec {
-                    name: o.name.clone(),
+                    name: name.clone(),
                     dtype: DType::F32,
                     shape: None,
                 });
@@ -114,6 +173,8 @@ impl Calibrator {
         Ok(Calibrator {
             plan,
             observed,
+            grams,
+            skipped,
             samples: 0,
         })
     }
@@ -157,8 +218,41 @@ impl Calibrator {
                 o.fact = Some((t.dtype(), shape));
             }
         }
+        for g in &mut self.grams {
+            let t = if g.is_input {
+                sample.feeds.get(&g.input)
+            } else {
+                outputs.get(&g.input)
+            };
+            let t = t.ok_or_else(|| {
+                QuantError::Data(format!("{}: the run gave no '{}'", sample.origin, g.input))
+            })?;
+            if t.dtype() != DType::F32 || !t.on_host() {
+                continue;
+            }
+            let view = t.view();
+            let xs = view
+                .as_slice::<f32>()
+                .map_err(|e| QuantError::Data(format!("tensor '{}': {e}", g.input)))?;
+            g.gram
+                .update(&g.rows, xs, t.shape())
+                .map_err(|e| QuantError::Data(format!("the input of '{}': {e}", g.weight)))?;
+        }
         self.samples += 1;
         Ok(())
+    }
+
+    /// The input Gram matrices observed, by weight.
+    pub fn grams(&self) -> Grams<'_> {
+        self.grams
+            .iter()
+            .map(|g| (g.weight.clone(), (&g.rows, &g.gram)))
+            .collect()
+    }
+
+    /// Gram observations not taken, and why.
+    pub fn skipped(&self) -> &[String] {
+        &self.skipped
     }
 
     /// Samples fed so far.
@@ -210,6 +304,7 @@ impl Calibrator {
                 std::mem::size_of::<Observed>()
                     + o.histogram.as_ref().map_or(0, |h| h.counts.len() * 8)
             })
-            .sum()
+            .sum::<usize>()
+            + self.grams.iter().map(|g| g.gram.bytes()).sum::<usize>()
     }
 }

@@ -18,6 +18,7 @@ use super::{
     data::Sample,
     evaluate::Heldout,
     prepare,
+    reconstruct::Grams,
     report::{self, Report},
     view::{Facts, View},
     QuantError,
@@ -118,6 +119,7 @@ pub(super) fn find_strategy(registry: &Registry, name: &str) -> Result<Strategy,
 /// The host's evaluator of candidate plans (see [`opreg_sdk::Evaluator`]).
 struct HostEvaluator<'a> {
     model: &'a Model,
+    grams: &'a Grams<'a>,
     /// The served model's name (for messages).
     model_name: &'a str,
     heldout: &'a Heldout,
@@ -130,7 +132,7 @@ struct HostEvaluator<'a> {
 
 impl HostEvaluator<'_> {
     fn evaluate_plan(&self, plan: &GraphPlan) -> Result<(Evaluation, Option<f64>), QuantError> {
-        let applied = apply::apply(self.model, plan, self.strategy)
+        let applied = apply::apply_with(self.model, plan, self.strategy, self.grams)
             .map_err(|e| e.of_model(self.model_name))?;
         let compiled = graph::compile(
             &applied.model,
@@ -244,8 +246,10 @@ impl Planner<'_> {
             tensors: stats.clone().into_iter().collect(),
             options: self.options.iter().cloned().collect(),
         };
+        let grams = calibrator.grams();
         let evaluator = HostEvaluator {
             model,
+            grams: &grams,
             model_name: self.model_name,
             heldout,
             registry: self.registry,
@@ -374,7 +378,9 @@ pub fn run(
         .transpose()?;
 
     progress(Progress::Stage("applying".into()));
-    let applied = apply::apply(&model, &plan, &req.strategy).map_err(|e| e.of_model(&req.model))?;
+    let mut applied = apply::apply_with(&model, &plan, &req.strategy, &calibrator.grams())
+        .map_err(|e| e.of_model(&req.model))?;
+    applied.notes.extend(calibrator.skipped().iter().cloned());
     let quantized_plan = graph::compile(&applied.model, registry.snapshot(), &devices, max_folded)?;
     progress(Progress::Stage("evaluating".into()));
     let (error, accuracy) = heldout.compare(&quantized_plan)?;

@@ -7,7 +7,9 @@
 //! `data` (calibration samples from a folder or a request, checked against the model's
 //! inputs) → `calibrate` (the model compiled with every observed tensor as an output; each
 //! batch updates `observe`'s bounded statistics and is dropped) → the strategy's plan →
-//! `prune` (structured pruning removes channels where the graph allows, masks zero weights) →
+//! `prune` (structured pruning removes channels where the graph allows, masks zero weights;
+//! `reconstruct` re-fits what a mask keeps to the calibration inputs) → `lower` (nodes computed
+//! in float16/bfloat16) →
 //! `apply` (the plan as standard ONNX: QDQ, integer ops for dynamic quantization) →
 //! `evaluate` (the float and quantized models on held-out samples) → `report` (JSON and SVG
 //! histograms) → `job` (one quantization run end to end; the result becomes a new version of
@@ -24,6 +26,7 @@ pub mod lower;
 pub mod observe;
 pub mod prepare;
 pub mod prune;
+pub mod reconstruct;
 pub mod report;
 pub mod view;
 

@@ -12,9 +12,9 @@
 // Model and request data reach this module: no unchecked index or slice.
 #![deny(clippy::indexing_slicing)]
 
-use super::QuantError;
+use super::{reconstruct::Grams, QuantError};
 use crate::graph::{Model, Node};
-use opreg_sdk::{host::HostTensor, AttrValue, DType, DirectiveKind, GraphPlan};
+use opreg_sdk::{host::HostTensor, AttrValue, DType, Directive, DirectiveKind, GraphPlan};
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
@@ -40,6 +40,8 @@ pub struct Pruned {
     pub layers: Vec<Layer>,
     /// Weight -> (axis, kept indices), for remapping per-channel quantization scales.
     pub kept: HashMap<String, (usize, Vec<usize>)>,
+    /// Weights re-fitted after masking (their values, so their ranges, changed).
+    pub reconstructed: HashSet<String>,
 }
 
 /// Channel-wise operators a pruned channel passes through unchanged in position.
@@ -61,7 +63,12 @@ const CHANNELWISE: &[&str] = &[
 type Slice = (usize, usize, usize);
 
 /// Applies the plan's pruning directives to `model`.
-pub fn apply(model: &Model, plan: &GraphPlan, strategy: &str) -> Result<Pruned, QuantError> {
+pub fn apply(
+    model: &Model,
+    plan: &GraphPlan,
+    strategy: &str,
+    grams: &Grams<'_>,
+) -> Result<Pruned, QuantError> {
     let bad = |reason: String| QuantError::BadPlan {
         strategy: strategy.into(),
         reason,
@@ -69,6 +76,7 @@ pub fn apply(model: &Model, plan: &GraphPlan, strategy: &str) -> Result<Pruned, 
     let mut m = model.clone();
     let mut layers = Vec::new();
     let mut kept_map = HashMap::new();
+    let mut reconstructed = HashSet::new();
     for tp in plan.tensors.iter() {
         let name = tp.name.as_str();
         let d = &tp.directive;
@@ -90,18 +98,46 @@ pub fn apply(model: &Model, plan: &GraphPlan, strategy: &str) -> Result<Pruned, 
                     values.len()
                 )));
             }
-            let pruned: Vec<f32> = values
+            let mut pruned: Vec<f32> = values
                 .iter()
                 .zip(d.mask.iter())
                 .map(|(&v, &k)| if k == 0 { 0.0 } else { v })
                 .collect();
+            let mut effect = "masked".to_string();
+            if d.flags & Directive::RECONSTRUCT != 0 {
+                match grams.get(name) {
+                    Some((rows, gram)) => {
+                        let mut refitted = values.clone();
+                        let fit = super::reconstruct::refit(
+                            &mut refitted,
+                            w.shape(),
+                            &d.mask,
+                            rows,
+                            gram,
+                        )?;
+                        // Only when it helps (it always should; a degenerate Gram matrix
+                        // might not).
+                        if fit.refit_error < fit.masked_error {
+                            pruned = refitted;
+                            reconstructed.insert(name.to_string());
+                            effect = format!(
+                                "masked, reconstructed: output error on the calibration inputs {:.3e} -> {:.3e}",
+                                fit.masked_error, fit.refit_error
+                            );
+                        }
+                    }
+                    None => {
+                        effect = "masked (not reconstructed: its input was not observed)".into()
+                    }
+                }
+            }
             let zeros = d.mask.iter().filter(|&&k| k == 0).count();
             replace(&mut m, name, HostTensor::from_vec(w.shape(), &pruned))?;
             layers.push(Layer {
                 weight: name.into(),
                 method: "mask".into(),
                 sparsity: zeros as f64 / values.len().max(1) as f64,
-                effect: "masked".into(),
+                effect,
                 kept: None,
             });
             continue;
@@ -215,6 +251,7 @@ pub fn apply(model: &Model, plan: &GraphPlan, strategy: &str) -> Result<Pruned, 
         model: m,
         layers,
         kept: kept_map,
+        reconstructed,
     })
 }
 
@@ -432,7 +469,7 @@ mod tests {
 
     #[test]
     fn filters_feeding_a_conv_through_relu_are_removed_from_both_layers() {
-        let p = apply(&model("Conv"), &keep("w1", &[1, 3]), "s").unwrap();
+        let p = apply(&model("Conv"), &keep("w1", &[1, 3]), "s", &Grams::new()).unwrap();
         assert_eq!(p.layers[0].effect, "removed");
         assert_eq!(p.model.initializers["w1"].shape(), &[2, 2, 1, 1]);
         assert_eq!(
@@ -451,11 +488,11 @@ mod tests {
 
     #[test]
     fn filters_feeding_a_graph_output_are_zeroed_in_place() {
-        let p = apply(&model("Relu"), &keep("w1", &[0]), "s").unwrap();
+        let p = apply(&model("Relu"), &keep("w1", &[0]), "s", &Grams::new()).unwrap();
         assert_eq!(p.layers[0].effect, "zeroed");
         let w1 = p.model.initializers["w1"].to_vec::<f32>().unwrap();
         assert_eq!(w1, vec![1., 2., 0., 0., 0., 0., 0., 0.]);
-        assert!(apply(&model("Relu"), &keep("w1", &[2, 1]), "s").is_err());
-        assert!(apply(&model("Relu"), &keep("w1", &[9]), "s").is_err());
+        assert!(apply(&model("Relu"), &keep("w1", &[2, 1]), "s", &Grams::new()).is_err());
+        assert!(apply(&model("Relu"), &keep("w1", &[9]), "s", &Grams::new()).is_err());
     }
 }

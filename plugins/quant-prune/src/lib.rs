@@ -10,6 +10,11 @@
 //!   `group`. The host **removes** them where the graph allows — the layer and the layers that
 //!   read it shrink, so the gemms are smaller — and zeroes them elsewhere.
 //!
+//! With N:M, the host re-fits the weights each mask keeps to the layer's calibration inputs
+//! (`reconstruct=true`, the default; optimal-brain-surgeon updates through the input's Gram
+//! matrix, which this strategy asks the host to observe), so the pruned layer's output stays
+//! close to the original without fine-tuning.
+//!
 //! The last layer (the classifier or regressor head) is not pruned unless `prune_last=true`:
 //! its outputs are the model's. Layers too narrow for the pattern are left whole. Then the
 //! static int8 plan of `quant-core` (its options apply: `calibrator`, ...); `quantize=false`
@@ -18,8 +23,8 @@
 use opreg_quant_core::Static;
 use opreg_sdk::{
     quant::{Annotation, KeyValue, TensorPlan},
-    DType, Directive, Evaluator, GraphPlan, GraphView, PluginError, QuantRequest, Quantizer,
-    QuantizerDesc, Registrar, TensorObservation,
+    DType, Directive, Evaluator, GraphPlan, GraphView, Observation, PluginError, QuantRequest,
+    Quantizer, QuantizerDesc, Registrar, TensorObservation,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -40,6 +45,8 @@ struct Options {
     method: Method,
     prune_last: bool,
     quantize: bool,
+    /// N:M masks: the host re-fits the kept weights to the calibration inputs.
+    reconstruct: bool,
     rest: Vec<KeyValue>,
 }
 
@@ -55,6 +62,7 @@ fn parse(options: &[KeyValue]) -> Result<Options, PluginError> {
         method: Method::NofM { n, m },
         prune_last: false,
         quantize: true,
+        reconstruct: true,
         rest: Vec::new(),
     };
     let boolean = opreg_quant_core::parse_bool;
@@ -96,6 +104,7 @@ fn parse(options: &[KeyValue]) -> Result<Options, PluginError> {
             }
             "prune_last" => o.prune_last = boolean(k, v)?,
             "quantize" => o.quantize = boolean(k, v)?,
+            "reconstruct" => o.reconstruct = boolean(k, v)?,
             _ => o.rest.push(kv.clone()),
         }
     }
@@ -178,6 +187,33 @@ pub fn strongest(
     kept
 }
 
+/// The products this strategy prunes: each with its f32 weight, in graph order, the last one
+/// left out unless `prune_last`.
+fn targets<'g>(graph: &'g GraphView<'g>, o: &Options) -> Vec<(&'g opreg_sdk::NodeView, String)> {
+    let products: Vec<_> = graph
+        .nodes
+        .iter()
+        .filter(|n| n.domain.is_empty() && matches!(n.op_type.as_str(), "Conv" | "MatMul"))
+        .filter(|n| n.inputs.get(1).is_some_and(|w| graph.is_weight(w)))
+        .collect();
+    let last = if o.prune_last {
+        products.len()
+    } else {
+        products.len().saturating_sub(1)
+    };
+    let mut out: Vec<(&opreg_sdk::NodeView, String)> = Vec::new();
+    for n in products.into_iter().take(last) {
+        let Some(w) = n.inputs.get(1) else { continue };
+        let ok = graph
+            .weight(w)
+            .is_some_and(|v| v.dtype == DType::F32 && (n.op_type == "Conv" || v.rank() == 2));
+        if ok && !out.iter().any(|(_, x)| x == w.as_str()) {
+            out.push((n, w.to_string()));
+        }
+    }
+    out
+}
+
 /// Structured pruning, then static int8.
 pub struct Prune;
 
@@ -188,10 +224,20 @@ impl Quantizer for Prune {
         options: &[KeyValue],
     ) -> Result<Vec<TensorObservation>, PluginError> {
         let o = parse(options)?;
-        if !o.quantize {
-            return Ok(Vec::new());
+        let mut observe = if o.quantize {
+            Static.observe(graph, &o.rest)?
+        } else {
+            Vec::new()
+        };
+        // The input Gram matrix of each layer a mask will prune, for the host's refit.
+        if o.reconstruct && matches!(o.method, Method::NofM { .. }) {
+            observe.extend(
+                targets(graph, &o)
+                    .into_iter()
+                    .map(|(_, w)| TensorObservation::new(w, Observation::GRAM)),
+            );
         }
-        Static.observe(graph, &o.rest)
+        Ok(observe)
     }
 
     fn plan_graph(
@@ -206,33 +252,22 @@ impl Quantizer for Prune {
         } else {
             GraphPlan::default()
         };
-        let products: Vec<_> = graph
+        let total = graph
             .nodes
             .iter()
             .filter(|n| n.domain.is_empty() && matches!(n.op_type.as_str(), "Conv" | "MatMul"))
             .filter(|n| n.inputs.get(1).is_some_and(|w| graph.is_weight(w)))
-            .collect();
-        let last = if o.prune_last {
-            products.len()
-        } else {
-            products.len().saturating_sub(1)
-        };
+            .count();
         let mut pruning = Vec::new();
         let mut annotations = plan.annotations.to_vec();
-        for n in products.iter().take(last) {
-            let Some(w) = n.inputs.get(1) else { continue };
+        for (n, w) in targets(graph, &o) {
+            let w = &w;
             let Some(view) = graph.weight(w) else {
                 continue;
             };
-            if view.dtype != DType::F32 || pruning.iter().any(|t: &TensorPlan| t.name == *w) {
-                continue;
-            }
             let data = view.as_slice::<f32>()?;
             let shape = view.shape();
             let conv = n.op_type == "Conv";
-            if !conv && shape.len() != 2 {
-                continue;
-            }
             let (directive, sparsity) = match o.method {
                 Method::NofM { n: keep, m } => {
                     let Some(mask) = n_of_m_mask(data, shape, conv, keep, m) else {
@@ -240,7 +275,11 @@ impl Quantizer for Prune {
                     };
                     let zeros = mask.iter().filter(|&&k| k == 0).count();
                     let s = zeros as f64 / mask.len().max(1) as f64;
-                    (Directive::prune(mask), s)
+                    let mut d = Directive::prune(mask);
+                    if o.reconstruct {
+                        d.flags |= Directive::RECONSTRUCT;
+                    }
+                    (d, s)
                 }
                 Method::Filters {
                     sparsity,
@@ -255,7 +294,7 @@ impl Quantizer for Prune {
             };
             annotations.push(Annotation::new(w, "sparsity", s_round(sparsity)));
             pruning.push(TensorPlan {
-                name: w.clone(),
+                name: w.as_str().into(),
                 directive,
             });
         }
@@ -266,7 +305,7 @@ impl Quantizer for Prune {
         plan.notes = format!(
             "prune: {:?} on {count} of {} layers{}; {}",
             o.method,
-            products.len(),
+            total,
             if o.prune_last { "" } else { " (not the last)" },
             if o.quantize {
                 plan.notes.as_str()

@@ -46,6 +46,12 @@ impl ObservationKind {
     /// A histogram of `bins` bins over the running range of absolute values (for KL/entropy
     /// or percentile calibration), plus min and max.
     pub const HISTOGRAM: ObservationKind = ObservationKind(2);
+    /// Observed on a **weight's** name (ABI 1.2): the Gram matrix `XᵀX` of the input rows of
+    /// the `Conv` (2-D, one group: im2col patches) or `MatMul` reading it, kept by the host
+    /// (`K²` values, at most 4096 per row) for [`Directive::RECONSTRUCT`]. No statistics come
+    /// back for it; a layer whose layout the host cannot take is not observed (the report
+    /// says so).
+    pub const GRAM: ObservationKind = ObservationKind(3);
 }
 
 impl ObservationKind {
@@ -55,6 +61,7 @@ impl ObservationKind {
             ObservationKind::NOTHING => "nothing".into(),
             ObservationKind::MIN_MAX => "min-max".into(),
             ObservationKind::HISTOGRAM => "histogram".into(),
+            ObservationKind::GRAM => "gram".into(),
             ObservationKind(other) => format!("kind {other}"),
         }
     }
@@ -86,6 +93,12 @@ impl Observation {
     /// Running min and max.
     pub const MIN_MAX: Observation = Observation {
         kind: ObservationKind::MIN_MAX,
+        ..Observation::NOTHING
+    };
+
+    /// The input Gram matrix of the product reading a weight ([`ObservationKind::GRAM`]).
+    pub const GRAM: Observation = Observation {
+        kind: ObservationKind::GRAM,
         ..Observation::NOTHING
     };
 
@@ -201,7 +214,7 @@ pub struct Directive {
     pub mask: RVec<u8>,
     /// Indices (e.g. kept channels for structured pruning).
     pub indices: RVec<i64>,
-    /// Extension bits; none are defined in 1.0.
+    /// Extension bits: [`Directive::RECONSTRUCT`] (1.2); the others are reserved (0).
     pub flags: u64,
 }
 
@@ -253,6 +266,13 @@ impl Directive {
     pub fn dynamic(dtype: DType) -> Directive {
         Directive::of(DirectiveKind::DYNAMIC, dtype)
     }
+
+    /// In [`flags`](Self::flags) of a `PRUNE` directive (ABI 1.2): after masking, the host
+    /// re-fits the kept weights to the layer's calibration inputs (least squares through the
+    /// input's Gram matrix, which the strategy must have observed with
+    /// [`Observation::GRAM`]), so the pruned layer's output stays close to the original's.
+    /// Without the Gram matrix the weight is only masked and the report says why.
+    pub const RECONSTRUCT: u64 = 1;
 
     /// Zero the elements whose mask byte is 0.
     pub fn prune(mask: Vec<u8>) -> Directive {
