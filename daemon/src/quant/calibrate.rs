@@ -185,15 +185,19 @@ impl Calibrator {
             graph::run(&self.plan, sample.feeds.clone())?
                 .into_iter()
                 .collect();
-        for o in &mut self.observed {
-            let t = if o.is_input {
-                sample.feeds.get(&o.name)
+        // A graph input is read from the feeds, anything else from the run's outputs.
+        let fetch = |name: &str, is_input: bool| {
+            let t = if is_input {
+                sample.feeds.get(name)
             } else {
-                outputs.get(&o.name)
+                outputs.get(name)
             };
-            let t = t.ok_or_else(|| {
-                QuantError::Data(format!("{}: the run gave no '{}'", sample.origin, o.name))
-            })?;
+            t.ok_or_else(|| {
+                QuantError::Data(format!("{}: the run gave no '{name}'", sample.origin))
+            })
+        };
+        for o in &mut self.observed {
+            let t = fetch(&o.name, o.is_input)?;
             if t.dtype() != DType::F32 || !t.on_host() {
                 return Err(QuantError::Data(format!(
                     "tensor '{}' is {:?}: only f32 host tensors can be observed",
@@ -219,14 +223,7 @@ impl Calibrator {
             }
         }
         for g in &mut self.grams {
-            let t = if g.is_input {
-                sample.feeds.get(&g.input)
-            } else {
-                outputs.get(&g.input)
-            };
-            let t = t.ok_or_else(|| {
-                QuantError::Data(format!("{}: the run gave no '{}'", sample.origin, g.input))
-            })?;
+            let t = fetch(&g.input, g.is_input)?;
             if t.dtype() != DType::F32 || !t.on_host() {
                 continue;
             }

@@ -81,6 +81,18 @@ impl IntProduct<'_> {
         c: &mut [i32],
         ldc: usize,
     ) -> Result<bool, PluginError> {
+        self.run_packed(ctx, c, ldc, None)
+    }
+
+    /// [`run`](Self::run) with B taken from `packed` when it was packed for exactly this
+    /// product (types, shape, transposition); B itself otherwise.
+    pub fn run_packed(
+        &self,
+        ctx: &KernelContext<'_>,
+        c: &mut [i32],
+        ldc: usize,
+        packed: Option<&PackedB>,
+    ) -> Result<bool, PluginError> {
         let Some(blas) = ctx.blas() else {
             return Ok(false);
         };
@@ -93,41 +105,14 @@ impl IntProduct<'_> {
         if !blas.supports(&g) {
             return Ok(false);
         }
-        blas.gemm(ctx, &g)?;
-        Ok(true)
-    }
-
-    /// [`run`](Self::run) with B taken from `packed` when it was packed for exactly this
-    /// product (types, shape, transposition), else as `run`.
-    pub fn run_packed(
-        &self,
-        ctx: &KernelContext<'_>,
-        c: &mut [i32],
-        ldc: usize,
-        packed: Option<&PackedB>,
-    ) -> Result<bool, PluginError> {
-        let Some(p) = packed else {
-            return self.run(ctx, c, ldc);
+        let fits = |p: &&PackedB| {
+            let info = p.info();
+            info.types == g.types && info.trans_b == g.trans_b && info.k == g.k && info.n == g.n
         };
-        let Some(blas) = ctx.blas() else {
-            return Ok(false);
-        };
-        if !self.covered(c, ldc) {
-            return Err(PluginError::internal(
-                "integer product: operands shorter than their shapes",
-            ));
+        match packed.filter(fits) {
+            Some(p) => blas.gemm_packed(ctx, &g, p)?,
+            None => blas.gemm(ctx, &g)?,
         }
-        let g = self.args(c, ldc);
-        let info = p.info();
-        if !blas.supports(&g)
-            || info.types != g.types
-            || info.trans_b != g.trans_b
-            || info.k != g.k
-            || info.n != g.n
-        {
-            return self.run(ctx, c, ldc);
-        }
-        blas.gemm_packed(ctx, &g, p)?;
         Ok(true)
     }
 
