@@ -50,6 +50,7 @@ pub const STANDARD: &[&dyn Pass] = &[
 pub const FUSIONS: &[&dyn Pass] = &[
     &qdq::QdqConv,
     &qdq::QdqMatMul,
+    &qdq::QdqMaxPool,
     &fuse::ConvActivation,
     &fuse::MatMulAdd,
 ];

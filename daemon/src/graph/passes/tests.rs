@@ -300,3 +300,43 @@ fn qdq_around_a_matmul_becomes_qlinearmatmul_per_column() {
     assert_eq!(&q.inputs[..5], ["xq", "xs", "xz", "mq", "ms"]);
     assert_eq!(q.outputs, ["pq"]);
 }
+
+/// `Q -> DQ -> MaxPool -> Q -> DQ` with the pool's output quantized at `(ys, yz)`.
+fn qdq_maxpool(ys: f32, yz: u8, opset: i64) -> Model {
+    let mut m = with_ints(model(
+        vec![
+            node("QuantizeLinear", &["x", "xs", "xz"], &["xq"]),
+            node("DequantizeLinear", &["xq", "xs", "xz"], &["xf"]),
+            node_with("MaxPool", &["xf"], &["p"], &[]),
+            node("QuantizeLinear", &["p", "ys", "yz"], &["pq"]),
+            node("DequantizeLinear", &["pq", "ys", "yz"], &["y"]),
+        ],
+        &["y"],
+        &[("xs", &[], vec![0.5]), ("ys", &[], vec![ys])],
+    ));
+    m.initializers.insert(
+        "yz".into(),
+        Arc::new(HostTensor::from_vec(&[], &[yz]).unwrap()),
+    );
+    m.opsets.insert(String::new(), opset);
+    m
+}
+
+#[test]
+fn a_maxpool_between_equal_qdq_parameters_pools_the_integers() {
+    let mut m = qdq_maxpool(0.5, 128, 13);
+    assert_eq!(qdq::QdqMaxPool.run(&mut m).unwrap(), 1);
+    let ops: Vec<&str> = m.nodes.iter().map(|n| n.op_type.as_str()).collect();
+    assert_eq!(ops, ["QuantizeLinear", "MaxPool", "DequantizeLinear"]);
+    assert_eq!(m.nodes[1].inputs, ["xq"]);
+    assert_eq!(m.nodes[1].outputs, ["pq"]);
+    // Other parameters on the two sides, or an opset without integer MaxPool: left alone.
+    for mut other in [
+        qdq_maxpool(0.25, 128, 13),
+        qdq_maxpool(0.5, 10, 13),
+        qdq_maxpool(0.5, 128, 11),
+    ] {
+        assert_eq!(qdq::QdqMaxPool.run(&mut other).unwrap(), 0);
+        assert_eq!(other.nodes.len(), 5);
+    }
+}
