@@ -90,12 +90,7 @@ impl Pass for QdqMaxPool {
         let read = reads(model)?;
         let outputs: Vec<&str> = model.outputs.iter().map(|o| o.name.as_str()).collect();
         let producer = model.producers();
-        let mut reader: HashMap<&str, usize> = HashMap::new();
-        for (i, n) in model.nodes.iter().enumerate() {
-            for x in n.inputs.iter().filter(|x| !x.is_empty()) {
-                reader.insert(x.as_str(), i);
-            }
-        }
+        let reader = readers(model);
         // (MaxPool, QuantizeLinear, the integer input, the integer output)
         let mut rewrites: Vec<(usize, usize, String, String)> = Vec::new();
         for (i, n) in model.nodes.iter().enumerate() {
@@ -170,6 +165,18 @@ impl Pass for QdqMaxPool {
         }
         Ok(count)
     }
+}
+
+/// The (last) node reading each value: the one reader of a value read once, which is all the
+/// fusions use it for.
+fn readers(model: &Model) -> HashMap<&str, usize> {
+    let mut reader = HashMap::new();
+    for (i, n) in model.nodes.iter().enumerate() {
+        for x in n.inputs.iter().filter(|x| !x.is_empty()) {
+            reader.insert(x.as_str(), i);
+        }
+    }
+    reader
 }
 
 /// A `DequantizeLinear` node's inputs and axis.
@@ -256,13 +263,8 @@ fn fuse(model: &mut Model, op: &str, fused: &str) -> Result<usize, GraphError> {
     let read = reads(model)?;
     let outputs: Vec<&str> = model.outputs.iter().map(|o| o.name.as_str()).collect();
     let producer = model.producers();
-    // Each value's readers, for the QuantizeLinear after a product.
-    let mut reader: HashMap<&str, usize> = HashMap::new();
-    for (i, n) in model.nodes.iter().enumerate() {
-        for x in n.inputs.iter().filter(|x| !x.is_empty()) {
-            reader.insert(x.as_str(), i);
-        }
-    }
+    // Each value's reader, for the QuantizeLinear after a product.
+    let reader = readers(model);
     let mut plans = Vec::new();
     for (i, n) in model.nodes.iter().enumerate() {
         if !is(n, op) {
