@@ -117,6 +117,13 @@ pub fn choose(
         .flat_map(|n| n.outputs.iter().map(move |o| (o.as_str(), n.name.as_str())))
         .collect();
     let outputs: HashSet<&str> = model.outputs.iter().map(|o| o.name.as_str()).collect();
+    // Each value's readers, once (the set below is narrowed over several rounds).
+    let mut readers: HashMap<&str, Vec<&str>> = HashMap::new();
+    for n in &model.nodes {
+        for x in n.inputs.iter().filter(|x| !x.is_empty()) {
+            readers.entry(x.as_str()).or_default().push(n.name.as_str());
+        }
+    }
     let mut lowered = asked.clone();
     let mut precisions: Vec<DType> = asked.values().copied().collect();
     precisions.sort_by_key(|p| format!("{p:?}"));
@@ -154,11 +161,9 @@ pub fn choose(
                         .all(|x| producer.get(x.as_str()).is_some_and(|m| inside(&set, m)));
                     let readers_inside = n.outputs.iter().all(|y| {
                         !outputs.contains(y.as_str())
-                            && model
-                                .nodes
-                                .iter()
-                                .filter(|r| r.inputs.contains(y))
-                                .all(|r| inside(&set, &r.name))
+                            && readers
+                                .get(y.as_str())
+                                .is_none_or(|rs| rs.iter().all(|r| inside(&set, r)))
                     });
                     inputs_inside && readers_inside
                 })

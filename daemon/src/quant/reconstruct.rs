@@ -449,8 +449,7 @@ fn output_error(h: &[f64], k: usize, w: &[f32], v: &[f32]) -> f64 {
         .map(|(a, b)| f64::from(*a) - f64::from(*b))
         .collect();
     let mut total = 0.0;
-    for (r, row) in d.chunks_exact(k.max(1)).enumerate() {
-        let _ = r;
+    for row in d.chunks_exact(k.max(1)) {
         for (i, &a) in row.iter().enumerate() {
             if a == 0.0 {
                 continue;
