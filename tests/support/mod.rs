@@ -93,11 +93,18 @@ pub fn compat_plugin() -> PathBuf {
     path
 }
 
-/// A temporary plugin folder holding copies of `files`.
+/// A temporary plugin folder holding `files`: hard links where the file system allows (the
+/// daemon stages its own private copy of each anyway, and a copy per test daemon cost CI
+/// hundreds of megabytes), copies otherwise. A test that changes a plugin in this folder must
+/// replace the file (write elsewhere, then rename), never write into it: a write through a
+/// hard link would change the build in `target/`.
 pub fn plugin_dir(files: &[PathBuf]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     for f in files {
-        std::fs::copy(f, dir.path().join(f.file_name().expect("file name"))).expect("copy plugin");
+        let to = dir.path().join(f.file_name().expect("file name"));
+        if std::fs::hard_link(f, &to).is_err() {
+            std::fs::copy(f, &to).expect("copy plugin");
+        }
     }
     dir
 }
