@@ -189,11 +189,7 @@ fn quantize_per_tensor(
         };
         // QuantizeLinear rounds the f32 quotient, then adds the zero point: adding first
         // would move ties (25.5 + 153 rounds to 178, round(25.5) + 153 is 179).
-        let z = f64::from(z);
-        for (o, &v) in out.iter_mut().zip(xs) {
-            let q = f64::from(crate::util::round_even_narrow_f32(v / s));
-            *o = crate::util::round_saturate_byte(q + z, lo, hi);
-        }
+        crate::util::quantize(xs, s, f64::from(z), lo, hi, out);
     })
 }
 
@@ -208,10 +204,7 @@ fn dequantize_per_tensor<T: Element + Into<f32>>(
 ) -> Result<(), PluginError> {
     let y = ctx.output_slice::<f32>(0, shape)?;
     ctx.parallel_chunks(y, GRAIN, |start, out| {
-        let xs = x.get(start..).unwrap_or_default();
-        for (o, &v) in out.iter_mut().zip(xs) {
-            *o = (v.into() - z) * s;
-        }
+        crate::util::dequantize(x.get(start..).unwrap_or_default(), s, z, out);
     })
 }
 

@@ -459,6 +459,140 @@ pub fn round_saturate_byte(x: f64, lo: f64, hi: f64) -> u8 {
     (x.max(lo).min(hi) + MAGIC).to_bits() as u8
 }
 
+/// Whether this CPU has AVX-512 F, BW and VL: the requantizing loops below have a copy for it
+/// (it narrows i64 lanes to bytes in one instruction, where AVX2 shuffles).
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+}
+
+/// `out[i] = round_saturate_byte((src[i] + bias[i]) * mult[i] + zp, lo, hi)` (the sum
+/// wrapping as i32): the requantizing epilogue of the integer convolution, over one position's
+/// run of output channels. Exact in f64 like the ONNX reference; compiled again for AVX-512 and
+/// for AVX2 and picked at run time, since the plugin's baseline (SSE2) vectorizes it two
+/// values wide.
+pub fn requantize(
+    src: &[i32],
+    bias: &[i32],
+    mult: &[f64],
+    zp: f64,
+    lo: f64,
+    hi: f64,
+    out: &mut [u8],
+) {
+    #[inline(always)]
+    fn body(src: &[i32], bias: &[i32], mult: &[f64], zp: f64, lo: f64, hi: f64, out: &mut [u8]) {
+        let n = out.len().min(src.len()).min(bias.len()).min(mult.len());
+        let (src, bias, mult, out) = (&src[..n], &bias[..n], &mult[..n], &mut out[..n]);
+        for i in 0..n {
+            let acc = f64::from(src[i].wrapping_add(bias[i]));
+            out[i] = round_saturate_byte(acc * mult[i] + zp, lo, hi);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        unsafe fn avx512(
+            src: &[i32],
+            bias: &[i32],
+            mult: &[f64],
+            zp: f64,
+            lo: f64,
+            hi: f64,
+            out: &mut [u8],
+        ) {
+            body(src, bias, mult, zp, lo, hi, out)
+        }
+        if has_avx512() {
+            // SAFETY: the CPU has these features (checked); the body is safe code.
+            return unsafe { avx512(src, bias, mult, zp, lo, hi, out) };
+        }
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(
+            src: &[i32],
+            bias: &[i32],
+            mult: &[f64],
+            zp: f64,
+            lo: f64,
+            hi: f64,
+            out: &mut [u8],
+        ) {
+            body(src, bias, mult, zp, lo, hi, out)
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked); the body is safe code.
+            return unsafe { avx2(src, bias, mult, zp, lo, hi, out) };
+        }
+    }
+    body(src, bias, mult, zp, lo, hi, out)
+}
+
+/// `out[i] = round_saturate_byte(round(xs[i] / s) + z, lo, hi)`, the quotient rounded in
+/// f32 (QuantizeLinear's per-tensor loop); compiled again for AVX-512 and AVX2 like
+/// [`requantize`].
+pub fn quantize(xs: &[f32], s: f32, z: f64, lo: f64, hi: f64, out: &mut [u8]) {
+    #[inline(always)]
+    fn body(xs: &[f32], s: f32, z: f64, lo: f64, hi: f64, out: &mut [u8]) {
+        for (o, &v) in out.iter_mut().zip(xs) {
+            let q = f64::from(round_even_narrow_f32(v / s));
+            *o = round_saturate_byte(q + z, lo, hi);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        unsafe fn avx512(xs: &[f32], s: f32, z: f64, lo: f64, hi: f64, out: &mut [u8]) {
+            body(xs, s, z, lo, hi, out)
+        }
+        if has_avx512() {
+            // SAFETY: the CPU has these features (checked); the body is safe code.
+            return unsafe { avx512(xs, s, z, lo, hi, out) };
+        }
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(xs: &[f32], s: f32, z: f64, lo: f64, hi: f64, out: &mut [u8]) {
+            body(xs, s, z, lo, hi, out)
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked); the body is safe code.
+            return unsafe { avx2(xs, s, z, lo, hi, out) };
+        }
+    }
+    body(xs, s, z, lo, hi, out)
+}
+
+/// `out[i] = (xs[i] - z) * s` (DequantizeLinear's per-tensor loop); compiled again for
+/// AVX-512 and AVX2 like [`requantize`].
+pub fn dequantize<T: Copy + Into<f32>>(xs: &[T], s: f32, z: f32, out: &mut [f32]) {
+    #[inline(always)]
+    fn body<T: Copy + Into<f32>>(xs: &[T], s: f32, z: f32, out: &mut [f32]) {
+        for (o, &v) in out.iter_mut().zip(xs) {
+            *o = (v.into() - z) * s;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        unsafe fn avx512<T: Copy + Into<f32>>(xs: &[T], s: f32, z: f32, out: &mut [f32]) {
+            body(xs, s, z, out)
+        }
+        if has_avx512() {
+            // SAFETY: the CPU has these features (checked); the body is safe code.
+            return unsafe { avx512(xs, s, z, out) };
+        }
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2<T: Copy + Into<f32>>(xs: &[T], s: f32, z: f32, out: &mut [f32]) {
+            body(xs, s, z, out)
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked); the body is safe code.
+            return unsafe { avx2(xs, s, z, out) };
+        }
+    }
+    body(xs, s, z, out)
+}
+
 #[cfg(test)]
 mod byte_tests {
     use super::*;

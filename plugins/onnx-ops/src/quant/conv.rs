@@ -288,13 +288,43 @@ impl Geometry {
         let mut col = try_vec(numel(&[plane, kdim])?, pad)?;
         let mut tmp = try_vec(numel(&[plane, mg])?, 0i32)?;
         let in_size = product_sat(&self.in_sp);
+        // 2-D columns are gathered from x in HWC order (see `im2col`), so their depth runs
+        // tap-major (`kh, kw, c`): the weights must run alike. Pre-packed weights were
+        // reordered at load; others are reordered here, once per call.
+        let hwc = self.tap_major();
+        let mut hwc_x = if hwc && !self.pointwise() {
+            try_vec(numel(&[in_size, cg])?, 0u8)?
+        } else {
+            Vec::new()
+        };
+        let first = IntProduct {
+            m: plane,
+            n: mg,
+            k: kdim,
+            a: &[],
+            a_type: x.dtype,
+            lda: kdim,
+            a_zp: zx[0],
+            b: &[],
+            b_type: w.dtype,
+            ldb: kdim,
+            trans_b: true,
+            b_zp: &zw,
+        };
+        let reordered;
+        let wb = if hwc && taps > 1 && !packed.first().is_some_and(|p| first.fits(p)) {
+            reordered = tap_major(wb, self.m, cg, taps)?;
+            &reordered[..]
+        } else {
+            wb
+        };
         for bn in 0..self.n {
             for g in 0..self.group {
                 let x0 = (bn * self.c + g * cg) * in_size;
                 let xg = xb.get(x0..x0 + cg * in_size).ok_or_else(|| {
                     PluginError::invalid(format!("{op}: x is shorter than its shape"))
                 })?;
-                self.im2col(ctx, xg, pad, kdim, &mut col)?;
+                self.im2col(ctx, xg, pad, kdim, &mut hwc_x, &mut col)?;
                 let zb = if zw.len() == 1 {
                     &zw[..]
                 } else {
@@ -325,66 +355,77 @@ impl Geometry {
         Ok(true)
     }
 
-    /// `col[p, ic * taps + kp]`: the value of channel `ic` of `xg` (one image's group, `cg`
-    /// planes) under kernel tap `kp` at output position `p`, or `pad` in the padding.
+    /// Whether the columns' depth runs tap-major (`kh, kw, c`: 2-D convolutions, gathered
+    /// from x in HWC order) rather than channel-major (`c, taps`: any other rank). The two
+    /// agree when the kernel has one tap.
+    fn tap_major(&self) -> bool {
+        self.in_sp.len() == 2
+    }
+
+    /// A 1x1 convolution with unit strides and no padding: the columns are x transposed.
+    fn pointwise(&self) -> bool {
+        self.k_sp.iter().all(|&k| k == 1)
+            && self.strides.iter().all(|&s| s == 1)
+            && self.pad_begin.iter().all(|&p| p == 0)
+            && self.out_sp == self.in_sp
+    }
+
+    /// The columns of one image's group `xg` (`cg` planes): row `p` holds the values under
+    /// the kernel at output position `p`, `pad` in the padding. 2-D (see [`tap_major`]):
+    /// `col[p, (kh * kw_n + kw) * cg + ic]`, copied as runs of `cg` channels (a run of
+    /// `kw_n * cg` where the kernel row lies inside) from x transposed to HWC in `hwc_x`
+    /// (`in_size x cg`; unused for a pointwise convolution, whose columns *are* x in HWC).
+    /// Other ranks: `col[p, ic * taps + kp]`, element by element.
+    ///
+    /// [`tap_major`]: Self::tap_major
     fn im2col(
         &self,
         ctx: &KernelContext<'_>,
         xg: &[u8],
         pad: u8,
         kdim: usize,
+        hwc_x: &mut [u8],
         col: &mut [u8],
     ) -> Result<(), PluginError> {
         let in_size = product_sat(&self.in_sp);
         let cg = self.c / self.group;
         let kdim = kdim.max(1);
-        let pointwise = self.k_sp.iter().all(|&k| k == 1)
-            && self.strides.iter().all(|&s| s == 1)
-            && self.pad_begin.iter().all(|&p| p == 0)
-            && self.out_sp == self.in_sp;
-        if pointwise {
-            // A 1x1 convolution: col is x transposed (planes -> rows), copied in blocks so
-            // that both sides stay in cache.
-            const B: usize = 64;
-            return ctx.parallel_chunks(col, kdim * B, |start, chunk| {
-                let p0 = start / kdim;
-                let rows = chunk.len() / kdim;
-                for c0 in (0..cg).step_by(B) {
-                    for ic in c0..(c0 + B).min(cg) {
-                        let src = &xg[ic * in_size + p0..ic * in_size + p0 + rows];
-                        for (r, &v) in src.iter().enumerate() {
-                            chunk[r * kdim + ic] = v;
-                        }
-                    }
-                }
-            });
+        if self.pointwise() {
+            return to_hwc(ctx, xg, cg, in_size, col);
         }
-        if self.in_sp.len() == 2 {
+        if self.tap_major() {
+            to_hwc(ctx, xg, cg, in_size, hwc_x)?;
+            let xt = &*hwc_x;
             let [ih, iw] = [self.in_sp[0], self.in_sp[1]];
             let ow_n = self.out_sp[1].max(1);
             let [kh_n, kw_n] = [self.k_sp[0], self.k_sp[1]];
             let [sh, sw] = [self.strides[0], self.strides[1]];
             let [dh, dw] = [self.dilations[0], self.dilations[1]];
             let [ph, pw] = [self.pad_begin[0], self.pad_begin[1]];
+            let run = kw_n * cg;
             return ctx.parallel_chunks(col, kdim * 16, |start, chunk| {
                 for (r, row) in chunk.chunks_mut(kdim).enumerate() {
                     let p = start / kdim + r;
                     let (oh, ow) = (p / ow_n, p % ow_n);
-                    let mut k = 0;
-                    for ic in 0..cg {
-                        let plane = &xg[ic * in_size..(ic + 1) * in_size];
-                        for kh in 0..kh_n {
-                            let y = (oh * sh + kh * dh).wrapping_sub(ph);
-                            if y >= ih {
-                                row[k..k + kw_n].fill(pad);
-                                k += kw_n;
-                                continue;
-                            }
-                            let line = &plane[y * iw..(y + 1) * iw];
-                            for kw in 0..kw_n {
-                                let xx = (ow * sw + kw * dw).wrapping_sub(pw);
-                                row[k] = if xx < iw { line[xx] } else { pad };
-                                k += 1;
+                    let x0 = (ow * sw).wrapping_sub(pw);
+                    for (kh, taps) in row.chunks_exact_mut(run.max(1)).enumerate().take(kh_n) {
+                        let y = (oh * sh + kh * dh).wrapping_sub(ph);
+                        if y >= ih {
+                            taps.fill(pad);
+                            continue;
+                        }
+                        let line = &xt[y * iw * cg..(y + 1) * iw * cg];
+                        // The whole kernel row inside the input, taps adjacent: one copy.
+                        if dw == 1 && x0 < iw && iw - x0 >= kw_n {
+                            taps.copy_from_slice(&line[x0 * cg..(x0 + kw_n) * cg]);
+                            continue;
+                        }
+                        for (kw, dst) in taps.chunks_exact_mut(cg.max(1)).enumerate() {
+                            let xx = x0.wrapping_add(kw * dw);
+                            if xx < iw {
+                                dst.copy_from_slice(&line[xx * cg..(xx + 1) * cg]);
+                            } else {
+                                dst.fill(pad);
                             }
                         }
                     }
@@ -425,39 +466,85 @@ impl Geometry {
     }
 }
 
+/// `xg` (`cg` planes of `in_size` values) transposed to HWC: `out[p * cg + ic] = xg[ic *
+/// in_size + p]`, in 64 x 64 blocks so that both sides stay in cache.
+fn to_hwc(
+    ctx: &KernelContext<'_>,
+    xg: &[u8],
+    cg: usize,
+    in_size: usize,
+    out: &mut [u8],
+) -> Result<(), PluginError> {
+    const B: usize = 64;
+    let cg = cg.max(1);
+    ctx.parallel_chunks(out, cg * B, |start, chunk| {
+        let p0 = start / cg;
+        let rows = chunk.len() / cg;
+        for c0 in (0..cg).step_by(B) {
+            for ic in c0..(c0 + B).min(cg) {
+                let Some(src) = xg.get(ic * in_size + p0..ic * in_size + p0 + rows) else {
+                    return;
+                };
+                for (r, &v) in src.iter().enumerate() {
+                    chunk[r * cg + ic] = v;
+                }
+            }
+        }
+    })
+}
+
+/// Convolution weights `[m, cg, taps]` reordered tap-major, `[m, taps, cg]`: the depth order
+/// of 2-D columns ([`Geometry::im2col`]).
+fn tap_major(w: &[u8], m: usize, cg: usize, taps: usize) -> Result<Vec<u8>, PluginError> {
+    let mut out = try_vec(numel(&[m, cg, taps])?, 0u8)?;
+    let per = cg * taps;
+    if per == 0 {
+        return Ok(out);
+    }
+    for (src, dst) in w.chunks_exact(per).zip(out.chunks_exact_mut(per)) {
+        for (ic, channel) in src.chunks_exact(taps).enumerate() {
+            for (t, &v) in channel.iter().enumerate() {
+                dst[t * cg + ic] = v;
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Writes a product tile `tmp` (`plane x mg`, position-major, as the gemm leaves it) into
-/// `dst` (`mg x plane`, channel-major, as NCHW wants it): 64 x 64 blocks are transposed into a
-/// small buffer, then `row(channel, values, out)` converts each channel's run of positions.
-/// Read column by column, `tmp` (megabytes for an early ResNet layer) would miss the cache on
-/// every element; and a row with one channel's constants vectorizes where scattered single
-/// elements did not (measured: the per-element form was most of `QLinearConv`'s time).
-fn transpose_tile<T: Send>(
+/// `dst` (`mg x plane`, channel-major, as NCHW wants it). For each 64 x 64 block,
+/// `convert(j0, values, out)` first turns one position's run of channels `j0..` (contiguous in
+/// `tmp`; per-channel constants are then contiguous too, so it vectorizes) into output
+/// values, then the block of converted values is transposed into `dst`: for a requantized
+/// output that moves bytes rather than i32s. Read column by column, `tmp` (megabytes for an
+/// early ResNet layer) would miss the cache on every element.
+fn transpose_tile<T: Copy + Default + Send>(
     ctx: &KernelContext<'_>,
     dst: &mut [T],
     tmp: &[i32],
     plane: usize,
     mg: usize,
-    row: impl Fn(usize, &[i32], &mut [T]) + Sync,
+    convert: impl Fn(usize, &[i32], &mut [T]) + Sync,
 ) -> Result<(), PluginError> {
     const B: usize = 64;
     let plane = plane.max(1);
     ctx.parallel_chunks(dst, plane * B, |start, chunk| {
         let j0 = start / plane;
         let rows = chunk.len() / plane;
-        let mut block = [0i32; B * B];
+        let mut block = [T::default(); B * B];
         for p0 in (0..plane).step_by(B) {
             let pn = B.min(plane - p0);
             for (dp, p) in (p0..p0 + pn).enumerate() {
                 let Some(src) = tmp.get(p * mg + j0..p * mg + j0 + rows) else {
                     return;
                 };
-                for (jj, &v) in src.iter().enumerate() {
-                    block[jj * B + dp] = v;
-                }
+                convert(j0, src, &mut block[dp * B..dp * B + rows]);
             }
             for jj in 0..rows {
                 let out = &mut chunk[jj * plane + p0..jj * plane + p0 + pn];
-                row(j0 + jj, &block[jj * B..jj * B + pn], out);
+                for (dp, o) in out.iter_mut().enumerate() {
+                    *o = block[dp * B + jj];
+                }
             }
         }
     })
@@ -608,12 +695,13 @@ impl Kernel for QLinearConv {
                 geo.m
             )));
         }
-        let mult: Vec<f32> = (0..geo.m)
-            .map(|oc| {
-                let ws = w_scale[if w_scale.len() == 1 { 0 } else { oc }];
-                requant_multiplier(DType::F32, x_scale, ws, y_scale)
-            })
-            .collect();
+        // Per output channel (fallibly: `m` comes from the model): the requantizing
+        // multiplier, and the bias (zeros without one) for the tiles' epilogue.
+        let mut mult: Vec<f64> = try_with_capacity(geo.m)?;
+        mult.extend((0..geo.m).map(|oc| {
+            let ws = w_scale[if w_scale.len() == 1 { 0 } else { oc }];
+            f64::from(requant_multiplier(DType::F32, x_scale, ws, y_scale))
+        }));
         let (out_dtype, y_zp) = match present(7) {
             Some(z) => {
                 let zv = read_i32(z, OP)?;
@@ -626,6 +714,7 @@ impl Kernel for QLinearConv {
             }
             None => (x.dtype, 0.0),
         };
+        let zeros;
         let bias = match present(8) {
             Some(b) => {
                 let bv = b.as_slice::<i32>()?;
@@ -636,9 +725,12 @@ impl Kernel for QLinearConv {
                         geo.m
                     )));
                 }
-                Some(bv)
+                bv
             }
-            None => None,
+            None => {
+                zeros = try_vec(geo.m, 0i32)?;
+                &zeros[..]
+            }
         };
         let shape = geo.out_shape();
         let plane = product_sat(&geo.out_sp).max(1);
@@ -651,7 +743,7 @@ impl Kernel for QLinearConv {
             (0.0, 255.0)
         };
         let requant = |acc: i32, oc: usize| -> u8 {
-            crate::util::round_saturate_byte(f64::from(acc) * f64::from(mult[oc]) + y_zp, lo, hi)
+            crate::util::round_saturate_byte(f64::from(acc) * mult[oc] + y_zp, lo, hi)
         };
         let mg = geo.m / geo.group;
         // Each tile of products is biased, requantized and written in place (no i32 copy of
@@ -659,13 +751,18 @@ impl Kernel for QLinearConv {
         let mut store = |bn: usize, g: usize, tmp: &[i32]| {
             let base = (bn * geo.m + g * mg) * plane;
             let dst = &mut out[base..base + mg * plane];
-            transpose_tile(ctx, dst, tmp, plane, mg, |j, src, out| {
-                let oc = g * mg + j;
-                let (b0, m) = (bias.map_or(0, |b| b[oc]), f64::from(mult[oc]));
-                for (o, &v) in out.iter_mut().zip(src) {
-                    let q = f64::from(v.wrapping_add(b0)) * m + y_zp;
-                    *o = crate::util::round_saturate_byte(q, lo, hi);
-                }
+            let (bias, mult) = (&bias[g * mg..], &mult[g * mg..]);
+            transpose_tile(ctx, dst, tmp, plane, mg, |j0, src, out| {
+                let n = src.len();
+                crate::util::requantize(
+                    src,
+                    &bias[j0..j0 + n],
+                    &mult[j0..j0 + n],
+                    y_zp,
+                    lo,
+                    hi,
+                    out,
+                );
             })
         };
         if geo.run_blas(
@@ -684,7 +781,7 @@ impl Kernel for QLinearConv {
         let mut acc = try_vec(numel(&shape)?, 0i32)?;
         let xs = shift_x(OP, x, present(2))?;
         let ws = shift_w(OP, w, present(5))?;
-        geo.run(ctx, &xs, &ws, bias, &mut acc)?;
+        geo.run(ctx, &xs, &ws, Some(bias), &mut acc)?;
         for (i, (v, &a)) in out.iter_mut().zip(&acc).enumerate() {
             *v = requant(a, (i / plane) % geo.m.max(1));
         }
@@ -723,6 +820,15 @@ fn prepack(node: &NodeInfo<'_>, attrs: &ConvAttrs, w: usize, w_zp: usize) -> Opt
     let kdim = rest.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
     let zw = zero_points("QLinearConv", zp.as_ref(), wv.dtype, m).ok()??;
     let wb = bytes(&wv, "QLinearConv").ok()?;
+    // 2-D convolutions take their depth tap-major (`Geometry::tap_major`).
+    let reordered;
+    let wb = match rest {
+        &[cg, kh, kw] if kh * kw > 1 => {
+            reordered = tap_major(wb, m, cg, kh * kw).ok()?;
+            &reordered[..]
+        }
+        _ => wb,
+    };
     (0..group)
         .map(|g| {
             let b_zp = if zw.len() == 1 {

@@ -105,15 +105,20 @@ impl IntProduct<'_> {
         if !blas.supports(&g) {
             return Ok(false);
         }
-        let fits = |p: &&PackedB| {
-            let info = p.info();
-            info.types == g.types && info.trans_b == g.trans_b && info.k == g.k && info.n == g.n
-        };
-        match packed.filter(fits) {
+        match packed.filter(|p| self.fits(p)) {
             Some(p) => blas.gemm_packed(ctx, &g, p)?,
             None => blas.gemm(ctx, &g)?,
         }
         Ok(true)
+    }
+
+    /// Whether `packed` was packed for exactly this product's B (types, shape,
+    /// transposition), so that [`run_packed`](Self::run_packed) takes it instead of B.
+    pub fn fits(&self, packed: &PackedB) -> bool {
+        let info = packed.info();
+        let mut none: [i32; 0] = [];
+        let g = self.args(&mut none, self.n);
+        info.types == g.types && info.trans_b == g.trans_b && info.k == g.k && info.n == g.n
     }
 
     /// B packed by the node's backend at model load (constant weights), or `None` when the
