@@ -134,7 +134,8 @@ fn i8s(n: usize, seed: u32) -> Vec<u8> {
 /// A QDQ model as quantizers write it: `x -> Q -> DQ -> Conv(DQ(w_i8 per channel), DQ(b_i32))
 /// -> Q -> DQ -> y` and `x2 -> Q -> DQ -> MatMul(DQ(m_i8 per column)) -> Q -> DQ -> y2`. With
 /// `float_outputs`, the float Conv and MatMul outputs are graph outputs too, which keeps them
-/// (and so the float path) in the plan.
+/// (and so the float path) in the plan. A residual-style join adds the dequantized Conv output
+/// and a dequantized per-channel constant (broadcast) and quantizes the sum: `y3`.
 fn qdq_model(float_outputs: bool) -> Vec<u8> {
     let (xs, ws, ms, ys) = (0.02f32, [0.01f32, 0.02, 0.015, 0.03], [0.01f32; 5], 0.05f32);
     let scalar = |name: &str, v: f32| f32_initializer(name, &[], &[v]);
@@ -155,6 +156,11 @@ fn qdq_model(float_outputs: bool) -> Vec<u8> {
         f32_initializer("bs", &[4], &bs),
         raw_tensor("mq", 3, &[8, 5], i8s(40, 11)),
         f32_initializer("ms", &[5], &ms),
+        raw_tensor("rq", 2, &[4, 1, 1], vec![3, 250, 128, 77]),
+        scalar("rs", 0.03),
+        u8_scalar("rz", 120),
+        scalar("ss", 0.05),
+        u8_scalar("sz", 90),
     ];
     let nodes = vec![
         node("QuantizeLinear", &["x", "xs", "xz"], &["xq"]),
@@ -190,11 +196,20 @@ fn qdq_model(float_outputs: bool) -> Vec<u8> {
         node("MatMul", &["x2f", "mf"], &["p"]),
         node("QuantizeLinear", &["p", "ys", "yz"], &["pq"]),
         node("DequantizeLinear", &["pq", "ys", "yz"], &["y2"]),
+        node("DequantizeLinear", &["rq", "rs", "rz"], &["rf"]),
+        node("Add", &["y", "rf"], &["sum"]),
+        node("QuantizeLinear", &["sum", "ss", "sz"], &["sq"]),
+        node("DequantizeLinear", &["sq", "ss", "sz"], &["y3"]),
     ];
-    let mut outputs = vec![value("y", 1, &[1, 4, 6, 6]), value("y2", 1, &[2, 5])];
+    let mut outputs = vec![
+        value("y", 1, &[1, 4, 6, 6]),
+        value("y2", 1, &[2, 5]),
+        value("y3", 1, &[1, 4, 6, 6]),
+    ];
     if float_outputs {
         outputs.push(value("c", 1, &[1, 4, 6, 6]));
         outputs.push(value("p", 1, &[2, 5]));
+        outputs.push(value("sum", 1, &[1, 4, 6, 6]));
     }
     model(
         nodes,
@@ -238,15 +253,24 @@ async fn qdq_models_run_on_integer_operators_and_agree_with_the_float_path() {
     };
     let fused = ops("fused").await;
     assert!(
-        fused.contains(&"QLinearConv".to_string()) && fused.contains(&"QLinearMatMul".to_string()),
+        ["QLinearConv", "QLinearMatMul", "QLinearAdd"]
+            .iter()
+            .all(|op| fused.iter().any(|o| o == op)),
         "{fused:?}"
     );
     assert!(
-        !fused.iter().any(|o| o == "Conv" || o == "MatMul"),
+        !fused
+            .iter()
+            .any(|o| o == "Conv" || o == "MatMul" || o == "Add"),
         "{fused:?}"
     );
     let float = ops("float").await;
-    assert!(float.contains(&"Conv".to_string()) && float.contains(&"MatMul".to_string()));
+    assert!(
+        ["Conv", "MatMul", "Add"]
+            .iter()
+            .all(|op| float.iter().any(|o| o == op)),
+        "{float:?}"
+    );
 
     let x = f32s(108, 3);
     let x2 = f32s(16, 5);
@@ -269,7 +293,7 @@ async fn qdq_models_run_on_integer_operators_and_agree_with_the_float_path() {
                         ..Default::default()
                     },
                 ],
-                outputs: ["y", "y2"]
+                outputs: ["y", "y2", "y3"]
                     .iter()
                     .map(|o| pb::model_infer_request::InferRequestedOutputTensor {
                         name: o.to_string(),

@@ -11,6 +11,7 @@ use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
 use std::borrow::Cow;
 
+mod add;
 mod conv;
 mod gemm;
 mod matmul;
@@ -668,6 +669,7 @@ pub fn register(r: &mut Registrar) {
 
     matmul::register(r);
     conv::register(r);
+    add::register(r);
 }
 
 #[cfg(test)]

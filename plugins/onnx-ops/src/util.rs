@@ -593,6 +593,100 @@ pub fn dequantize<T: Copy + Into<f32>>(xs: &[T], s: f32, z: f32, out: &mut [f32]
     body(xs, s, z, out)
 }
 
+/// `out[i] = Q(DQ(xs[i]) + DQ(ys[i]))` for bytes of one 8-bit type (`signed`: i8), each
+/// operand's and the output's `[scale, zero point]` given: QLinearAdd's loop, the f32 steps
+/// of the unfused graph. Compiled again for AVX-512 and AVX2 like [`requantize`].
+pub fn qlinear_add(
+    xs: &[u8],
+    ys: &[u8],
+    signed: bool,
+    a: [f32; 2],
+    b: [f32; 2],
+    c: [f32; 2],
+    out: &mut [u8],
+) {
+    #[inline(always)]
+    fn body<const SIGNED: bool>(
+        xs: &[u8],
+        ys: &[u8],
+        a: [f32; 2],
+        b: [f32; 2],
+        c: [f32; 2],
+        out: &mut [u8],
+    ) {
+        let value = |v: u8| {
+            if SIGNED {
+                f32::from(v as i8)
+            } else {
+                f32::from(v)
+            }
+        };
+        let (lo, hi) = if SIGNED {
+            (-128.0, 127.0)
+        } else {
+            (0.0, 255.0)
+        };
+        let zc = f64::from(c[1]);
+        for ((o, &x), &y) in out.iter_mut().zip(xs).zip(ys) {
+            let sum = (value(x) - a[1]) * a[0] + (value(y) - b[1]) * b[0];
+            let q = f64::from(round_even_narrow_f32(sum / c[0]));
+            *o = round_saturate_byte(q + zc, lo, hi);
+        }
+    }
+    #[inline(always)]
+    fn either(
+        xs: &[u8],
+        ys: &[u8],
+        signed: bool,
+        a: [f32; 2],
+        b: [f32; 2],
+        c: [f32; 2],
+        out: &mut [u8],
+    ) {
+        if signed {
+            body::<true>(xs, ys, a, b, c, out)
+        } else {
+            body::<false>(xs, ys, a, b, c, out)
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        unsafe fn avx512(
+            xs: &[u8],
+            ys: &[u8],
+            signed: bool,
+            a: [f32; 2],
+            b: [f32; 2],
+            c: [f32; 2],
+            out: &mut [u8],
+        ) {
+            either(xs, ys, signed, a, b, c, out)
+        }
+        if has_avx512() {
+            // SAFETY: the CPU has these features (checked); the body is safe code.
+            return unsafe { avx512(xs, ys, signed, a, b, c, out) };
+        }
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(
+            xs: &[u8],
+            ys: &[u8],
+            signed: bool,
+            a: [f32; 2],
+            b: [f32; 2],
+            c: [f32; 2],
+            out: &mut [u8],
+        ) {
+            either(xs, ys, signed, a, b, c, out)
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked); the body is safe code.
+            return unsafe { avx2(xs, ys, signed, a, b, c, out) };
+        }
+    }
+    either(xs, ys, signed, a, b, c, out)
+}
+
 #[cfg(test)]
 mod byte_tests {
     use super::*;

@@ -51,6 +51,7 @@ pub const FUSIONS: &[&dyn Pass] = &[
     &qdq::QdqConv,
     &qdq::QdqMatMul,
     &qdq::QdqMaxPool,
+    &qdq::QdqAdd,
     &fuse::ConvActivation,
     &fuse::MatMulAdd,
 ];

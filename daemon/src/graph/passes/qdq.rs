@@ -17,6 +17,9 @@
 //! by the `QuantizeLinear` only. A Conv bias (a float constant, or a `DequantizeLinear` of one)
 //! is requantized to int32 at `x_s * w_s`, as `QLinearConv` wants it. A `DequantizeLinear` whose
 //! output no one reads any more is removed; one that others still read stays for them.
+//!
+//! `qdq-maxpool` and `qdq-add` (below) take the integers through a pooling and a residual join
+//! the same way.
 
 use super::{super::import::Model, reads, Fusion, Pass};
 use crate::graph::{import::Node, GraphError};
@@ -160,6 +163,100 @@ impl Pass for QdqMaxPool {
             }
         }
         if count > 0 {
+            super::remove_nodes(model, &remove);
+            remove_unread_dequantize(model)?;
+        }
+        Ok(count)
+    }
+}
+
+/// `DQ(a), DQ(b) -> Add -> Q` with per-tensor parameters, all of one 8-bit type, into ONNX
+/// Runtime's `com.microsoft::QLinearAdd` (the residual joins of a quantized ResNet). The
+/// kernel computes the unfused graph's f32 steps, so results do not change; the two f32
+/// tensors, the float sum and the separate quantization pass are gone.
+pub struct QdqAdd;
+
+impl Pass for QdqAdd {
+    fn name(&self) -> &'static str {
+        "qdq-add"
+    }
+
+    fn fuses(&self) -> Option<Fusion> {
+        Some(Fusion {
+            original: "Add",
+            domain: "com.microsoft",
+            fused: "QLinearAdd",
+        })
+    }
+
+    fn run(&self, model: &mut Model) -> Result<usize, GraphError> {
+        let read = reads(model)?;
+        let outputs: Vec<&str> = model.outputs.iter().map(|o| o.name.as_str()).collect();
+        let producer = model.producers();
+        let reader = readers(model);
+        // A per-tensor scale and zero point of an 8-bit type: the zero point's type.
+        let per_tensor = |s: &str, z: &str| -> Option<DType> {
+            scale(model, s, None)?;
+            zero_point(model, z, 1)
+        };
+        // (Add, QuantizeLinear, QLinearAdd's inputs, its output)
+        let mut rewrites: Vec<(usize, usize, Vec<String>, String)> = Vec::new();
+        for (i, n) in model.nodes.iter().enumerate() {
+            let (true, [a, b], [y]) = (is(n, "Add"), &n.inputs[..], &n.outputs[..]) else {
+                continue;
+            };
+            if read.get(y) != Some(&1) || outputs.contains(&y.as_str()) {
+                continue;
+            }
+            let Some(&qi) = reader.get(y.as_str()) else {
+                continue;
+            };
+            let Some(q) = model.nodes.get(qi).filter(|q| is(q, "QuantizeLinear")) else {
+                continue;
+            };
+            if q.inputs.first() != Some(y)
+                || attr_int(q, "block_size", 0) != 0
+                || attr_int(q, "output_dtype", 0) != 0
+            {
+                continue;
+            }
+            let (Some(qs), Some(qz), Some(q_out)) = (
+                q.inputs.get(1).filter(|s| !s.is_empty()),
+                q.inputs.get(2).filter(|s| !s.is_empty()),
+                q.outputs.first(),
+            ) else {
+                continue;
+            };
+            let Some(t) = per_tensor(qs, qz) else {
+                continue;
+            };
+            let operand = |v: &str| -> Option<[String; 3]> {
+                let dq = dq_of(model, &producer, v)?;
+                let z = dq.zero_point?;
+                (per_tensor(&dq.scale, &z)? == t).then_some([dq.input, dq.scale, z])
+            };
+            let (Some([aq, as_, az]), Some([bq, bs, bz])) = (operand(a), operand(b)) else {
+                continue;
+            };
+            let inputs = vec![aq, as_, az, bq, bs, bz, qs.clone(), qz.clone()];
+            rewrites.push((i, qi, inputs, q_out.clone()));
+        }
+        let count = rewrites.len();
+        let mut remove = vec![false; model.nodes.len()];
+        for (add, q, inputs, output) in rewrites {
+            if let Some(n) = model.nodes.get_mut(add) {
+                n.domain = "com.microsoft".into();
+                n.op_type = "QLinearAdd".into();
+                n.inputs = inputs;
+                n.outputs = vec![output];
+                n.attributes.clear();
+            }
+            if let Some(r) = remove.get_mut(q) {
+                *r = true;
+            }
+        }
+        if count > 0 {
+            model.opsets.entry("com.microsoft".into()).or_insert(1);
             super::remove_nodes(model, &remove);
             remove_unread_dequantize(model)?;
         }

@@ -340,3 +340,50 @@ fn a_maxpool_between_equal_qdq_parameters_pools_the_integers() {
         assert_eq!(other.nodes.len(), 5);
     }
 }
+
+/// `Q -> DQ` on two inputs, `Add`, `Q -> DQ`: the join of a quantized residual block. With
+/// `sum_read`, the float sum is a graph output too.
+fn qdq_add(sum_read: bool) -> Model {
+    let mut outputs = vec!["y"];
+    if sum_read {
+        outputs.push("s");
+    }
+    with_ints(model(
+        vec![
+            node("QuantizeLinear", &["a", "xs", "xz"], &["aq"]),
+            node("DequantizeLinear", &["aq", "xs", "xz"], &["af"]),
+            node("QuantizeLinear", &["b", "ys", "yz"], &["bq"]),
+            node("DequantizeLinear", &["bq", "ys", "yz"], &["bf"]),
+            node("Add", &["af", "bf"], &["s"]),
+            node("QuantizeLinear", &["s", "ys", "yz"], &["sq"]),
+            node("DequantizeLinear", &["sq", "ys", "yz"], &["y"]),
+        ],
+        &outputs,
+        &[("xs", &[], vec![0.5]), ("ys", &[], vec![0.2])],
+    ))
+}
+
+#[test]
+fn a_quantized_residual_add_becomes_qlinear_add() {
+    let mut m = qdq_add(false);
+    assert_eq!(qdq::QdqAdd.run(&mut m).unwrap(), 1);
+    let ops: Vec<&str> = m.nodes.iter().map(|n| n.op_type.as_str()).collect();
+    assert_eq!(
+        ops,
+        [
+            "QuantizeLinear",
+            "QuantizeLinear",
+            "QLinearAdd",
+            "DequantizeLinear"
+        ]
+    );
+    let add = &m.nodes[2];
+    assert_eq!(add.domain, "com.microsoft");
+    assert_eq!(add.inputs, ["aq", "xs", "xz", "bq", "ys", "yz", "ys", "yz"]);
+    assert_eq!(add.outputs, ["sq"]);
+    assert_eq!(m.opset("com.microsoft"), Some(1));
+    // The float sum read elsewhere: left alone.
+    let mut kept = qdq_add(true);
+    assert_eq!(qdq::QdqAdd.run(&mut kept).unwrap(), 0);
+    assert_eq!(kept.nodes.len(), 7);
+}

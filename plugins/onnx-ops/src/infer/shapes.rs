@@ -210,6 +210,12 @@ pub(super) fn infer(node: &NodeInfo<'_>) -> Vec<Shape> {
             "FusedMatMul" => "MatMul",
             _ => return out,
         },
+        "com.microsoft" if node.op_type == "QLinearAdd" => {
+            // A and B (inputs 0 and 3) broadcast, as Add's inputs do.
+            let shape = |i: usize| node.inputs.get(i).filter(|v| v.present)?.shape;
+            *first = shape(0).zip(shape(3)).and_then(|(a, b)| broadcast(&[a, b]));
+            return out;
+        }
         _ => return out,
     };
     let input = |i: usize| -> Shape {

@@ -22,6 +22,13 @@ pub(super) fn output_type(
         }
         // opreg's fused operators keep the type of their data input.
         "opreg" => return first,
+        // ONNX Runtime's quantized contrib operators this plugin has keep their input's type.
+        "com.microsoft" => {
+            return match node.op_type {
+                "QLinearAdd" => first,
+                _ => None,
+            }
+        }
         "" | "ai.onnx" => {}
         _ => return None,
     }

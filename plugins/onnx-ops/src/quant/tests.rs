@@ -846,3 +846,102 @@ fn qlinear_conv_blas_path_matches_the_loops_on_every_im2col_shape() {
         }
     }
 }
+
+/// QLinearAdd is `Q(DQ(A) + DQ(B))`: compared with this plugin's DequantizeLinear, an f32
+/// add and its QuantizeLinear, for u8 and i8, equal shapes (the vectorized loop, over more
+/// than one parallel chunk) and broadcast shapes, including values that saturate.
+#[test]
+fn qlinear_add_is_dequantize_add_quantize() {
+    let bytes = |n: usize, seed: u32| -> Vec<u8> {
+        (0..n as u32)
+            .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 11) as u8)
+            .collect()
+    };
+    let cases: [(&[usize], &[usize]); 3] = [
+        (&[2, 3, 70, 90], &[2, 3, 70, 90]),
+        (&[2, 4, 5, 6], &[4, 1, 1]),
+        (&[1, 6], &[3, 1]),
+    ];
+    for signed in [false, true] {
+        for (k, (sa, sb)) in cases.iter().enumerate() {
+            let (na, nb) = (sa.iter().product(), sb.iter().product());
+            let (ab, bb) = (bytes(na, k as u32), bytes(nb, 99 + k as u32));
+            let q8 = |shape: &[usize], v: &[u8]| -> HostTensor {
+                if signed {
+                    let v: Vec<i8> = v.iter().map(|&b| b as i8).collect();
+                    t(shape, &v)
+                } else {
+                    t(shape, v)
+                }
+            };
+            let zp = |v: u8| {
+                if signed {
+                    q8(&[], &[v.wrapping_sub(128)])
+                } else {
+                    q8(&[], &[v])
+                }
+            };
+            let (a, b) = (q8(sa, &ab), q8(sb, &bb));
+            let (az, bz, cz) = (zp(120), zp(3), zp(200));
+            let (as_, bs, cs) = (
+                t::<f32>(&[], &[0.031]),
+                t::<f32>(&[], &[0.007]),
+                t::<f32>(&[], &[0.02]),
+            );
+            let fused = run(
+                add::qlinear_add_factory,
+                NodeSpec::onnx("QLinearAdd", 1).domain("com.microsoft"),
+                &[
+                    Some(&a),
+                    Some(&as_),
+                    Some(&az),
+                    Some(&b),
+                    Some(&bs),
+                    Some(&bz),
+                    Some(&cs),
+                    Some(&cz),
+                ],
+            )
+            .expect("QLinearAdd");
+            let dq = |x: &HostTensor, s: &HostTensor, z: &HostTensor| {
+                let f = dequantize(
+                    NodeSpec::onnx("DequantizeLinear", 19),
+                    &[Some(x), Some(s), Some(z)],
+                );
+                f[0].to_vec::<f32>().expect("f32")
+            };
+            let (fa, fb) = (dq(&a, &as_, &az), dq(&b, &bs, &bz));
+            let shape = crate::util::broadcast_shapes(&[sa, sb]).expect("broadcast");
+            let (ta, tb) = (
+                crate::util::broadcast_strides(sa, &shape),
+                crate::util::broadcast_strides(sb, &shape),
+            );
+            let n: usize = shape.iter().product();
+            let (mut ia, mut ib) = (Vec::new(), Vec::new());
+            crate::util::walk_offsets(&shape, &ta, 0, n, |o| ia.push(o));
+            crate::util::walk_offsets(&shape, &tb, 0, n, |o| ib.push(o));
+            let sum: Vec<f32> = ia.iter().zip(&ib).map(|(&i, &j)| fa[i] + fb[j]).collect();
+            let want = quantize(
+                NodeSpec::onnx("QuantizeLinear", 19),
+                &[Some(&t(&shape, &sum)), Some(&cs), Some(&cz)],
+            );
+            assert_eq!(fused[0].shape(), &shape[..], "case {k}");
+            assert_eq!(fused[0].dtype(), want[0].dtype(), "case {k}");
+            assert_eq!(
+                fused[0].bytes(),
+                want[0].bytes(),
+                "case {k}, signed {signed}"
+            );
+            let (lo, hi) = if signed { (0x80, 0x7f) } else { (0, 255) };
+            let saturated = want[0]
+                .bytes()
+                .iter()
+                .filter(|&&v| v == lo || v == hi)
+                .count();
+            assert!(
+                saturated > 0 || k > 0,
+                "case {k}: the data should reach saturation"
+            );
+        }
+    }
+}
