@@ -177,7 +177,9 @@ async fn lenet_quantized_by_each_method_stays_within_a_point_of_f32_and_runs_in_
     // (strategy, options, an operator the output must contain)
     type Method<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
     let methods: &[Method] = &[
+        // The default calibrator, `auto`: each of the three below measured, the best kept.
         ("quant-static", &[], "QuantizeLinear"),
+        ("quant-static", &[("calibrator", "kl")], "QuantizeLinear"),
         (
             "quant-static",
             &[("calibrator", "minmax")],
@@ -195,6 +197,8 @@ async fn lenet_quantized_by_each_method_stays_within_a_point_of_f32_and_runs_in_
         ("quant-mixed", &[("lowered", "f16")], "Cast"),
     ];
     let mut versions = Vec::new();
+    // quant-static's held-out SQNR per calibrator option ("" for the default).
+    let mut static_sqnr: Vec<(String, f64)> = Vec::new();
     for (strategy, options, op) in methods {
         let what = format!("{strategy} {options:?}");
         let (r, stages) = quantize(&d, job(strategy, options, &calib, Some(&eval)), vec![])
@@ -289,6 +293,18 @@ async fn lenet_quantized_by_each_method_stays_within_a_point_of_f32_and_runs_in_
         if *strategy == "auto" {
             assert_eq!(rep["strategy"], "quant-static", "{}", r.report_json);
         }
+        if *strategy == "quant-static" {
+            let calibrator = options.first().map_or("", |o| o.1);
+            let sqnr = rep["error"]["sqnr_db"].as_f64().expect("sqnr");
+            static_sqnr.push((calibrator.to_string(), sqnr));
+            if calibrator.is_empty() {
+                let notes = rep["strategy_notes"].as_str().expect("strategy notes");
+                assert!(
+                    notes.starts_with("calibrator auto (percentile "),
+                    "the default measures the calibrators: {notes}"
+                );
+            }
+        }
         if *strategy == "quant-static" && options == &[("calibrator", "kl")] {
             let plots = rep["plots"].as_array().expect("plots");
             assert!(!plots.is_empty(), "KL calibration plots its histograms");
@@ -339,6 +355,21 @@ async fn lenet_quantized_by_each_method_stays_within_a_point_of_f32_and_runs_in_
             labels.len()
         );
     }
+    // The default calibrator kept the best of the three on the same held-out samples.
+    let best = static_sqnr
+        .iter()
+        .filter(|(c, _)| !c.is_empty())
+        .map(|(_, s)| *s)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let auto = static_sqnr
+        .iter()
+        .find(|(c, _)| c.is_empty())
+        .expect("default")
+        .1;
+    assert!(
+        auto >= best - 1e-9,
+        "auto {auto} dB, best calibrator {best} dB: {static_sqnr:?}"
+    );
     // The float version still serves, unchanged.
     assert_eq!(accuracy(&logits(&d, "1").await, &labels), float);
 }

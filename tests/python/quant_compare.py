@@ -17,7 +17,11 @@ Models (generated here, nothing large is committed; seeded, so reruns give the s
            [N,16] (1 keep / 0 pad), the additive mask (1 - mask) * float32 min (the value
            that breaks onnxruntime's calibrators), 4-head attention, LayerNormalization, a
            tanh-GELU MLP; one subfolder per sample (x.npy, mask.npy), 8 calibration samples
-           of batch 4, 2 held out.
+           of batch 4, 2 held out;
+- crnn:    a CRNN-style text-line recognizer (3 x Conv3x3+BN+Relu with MaxPool, the 25
+           columns as a sequence into a bidirectional LSTM of 64, a dense head to 37 classes,
+           LogSoftmax per frame), input [N,1,32,100]; seeded synthetic text lines (strokes and
+           crossbars on a noisy background), 8 calibration batches of 8, 2 held out (SQNR).
 
 Rows:
 - opreg auto (default): `opreg quantize --method auto` with no options, what a user gets
@@ -242,6 +246,60 @@ def encoder(seq=16, hidden=64, heads=4, ffn=128):
                    "encoder", 17)
 
 
+def crnn(height=32, width=100, classes=37, hidden=64):
+    """A CRNN-style text-line recognizer: a conv backbone (Conv3x3 + BatchNormalization + Relu,
+    pooling the height away), the columns as a sequence into a bidirectional LSTM, a dense
+    head and LogSoftmax per frame (what a CTC decoder reads): x [N,1,32,100] -> [25,N,37]."""
+    from onnx import TensorProto, helper
+    b = Builder(23)
+
+    def conv_bn_relu(x, cin, cout):
+        w = b.weight("conv_w", (cout, cin, 3, 3), cin * 9)
+        y = b.op("Conv", [x, w], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+        bn = [b.const("bn_scale", (1 + 0.1 * b.rng.standard_normal(cout)).astype(np.float32)),
+              b.const("bn_bias", (0.1 * b.rng.standard_normal(cout)).astype(np.float32)),
+              b.const("bn_mean", (0.1 * b.rng.standard_normal(cout)).astype(np.float32)),
+              b.const("bn_var", (1 + 0.1 * np.abs(b.rng.standard_normal(cout))).astype(np.float32))]
+        return b.op("Relu", [b.op("BatchNormalization", [y] + bn, epsilon=1e-5)])
+
+    y = b.op("MaxPool", [conv_bn_relu("x", 1, 32)], kernel_shape=[2, 2], strides=[2, 2])
+    y = b.op("MaxPool", [conv_bn_relu(y, 32, 64)], kernel_shape=[2, 2], strides=[2, 2])
+    y = b.op("MaxPool", [conv_bn_relu(y, 64, 128)], kernel_shape=[2, 1], strides=[2, 1])
+    # [N, 128, 4, 25] -> the 25 columns as time steps: [25, N, 512].
+    keep2 = b.const("keep2", np.array([0, 0, -1], np.int64))
+    seq = b.op("Reshape", [b.op("Transpose", [y], perm=[3, 0, 1, 2]), keep2])
+    feat = 128 * (height // 8)
+    w = b.weight("lstm_w", (2, 4 * hidden, feat), feat, gain=1.0)
+    r = b.weight("lstm_r", (2, 4 * hidden, hidden), hidden, gain=1.0)
+    bias = b.const("lstm_b", (0.05 * b.rng.standard_normal((2, 8 * hidden))).astype(np.float32))
+    lstm = b.op("LSTM", [seq, w, r, bias], direction="bidirectional", hidden_size=hidden)
+    # Y [25, 2, N, 64] -> [25, N, 128].
+    frames = b.op("Reshape", [b.op("Transpose", [lstm], perm=[0, 2, 1, 3]), keep2])
+    logits = b.op("Add", [b.op("MatMul", [frames, b.weight("head_w", (2 * hidden, classes), 2 * hidden, gain=1.0)]),
+                          b.const("head_b", (0.02 * b.rng.standard_normal(classes)).astype(np.float32))])
+    b.op("LogSoftmax", [logits], out="y", axis=2)
+    return b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, height, width])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [width // 4, "N", classes])],
+                   "crnn", 17)
+
+
+def text_lines(rng, batch, height=32, width=100):
+    """Synthetic text-line images: dark background, glyph-like strokes (bars and blocks of
+    random width and height) in a band, sensor noise."""
+    x = 0.05 * rng.standard_normal((batch, 1, height, width)).astype(np.float32)
+    for i in range(batch):
+        col = int(rng.integers(2, 8))
+        while col < width - 4:
+            w, top = int(rng.integers(2, 7)), int(rng.integers(4, 10))
+            h = int(rng.integers(10, height - top - 2))
+            x[i, 0, top:top + h, col:col + w] += rng.uniform(0.6, 1.0)
+            if rng.random() < 0.5:  # a crossbar
+                y = int(rng.integers(top, top + h))
+                x[i, 0, y:y + 2, col:col + w + 3] += rng.uniform(0.6, 1.0)
+            col += w + int(rng.integers(2, 6))
+    return x
+
+
 def encoder_sample(rng, batch, seq=16, hidden=64):
     x = rng.standard_normal((batch, seq, hidden)).astype(np.float32)
     lengths = rng.integers(seq // 2, seq + 1, size=batch)
@@ -277,8 +335,14 @@ def prepare_models(work, names, quick):
             n_cal = 4 if quick else 8
             write_samples(calib, [encoder_sample(rng, 4) for _ in range(n_cal)])
             write_samples(heldout, [encoder_sample(rng, 4) for _ in range(2)])
+        elif name == "crnn":
+            onnx.save(crnn(), path)
+            rng = np.random.default_rng(7)
+            n_cal, batch = (4, 4) if quick else (8, 8)
+            write_batches(calib, [text_lines(rng, batch) for _ in range(n_cal)])
+            write_batches(heldout, [text_lines(rng, batch) for _ in range(2)])
         else:
-            raise SystemExit(f"unknown model {name!r} (lenet, cnn-bn, encoder)")
+            raise SystemExit(f"unknown model {name!r} (lenet, cnn-bn, encoder, crnn)")
         specs[name] = {"name": name, "path": path, "calib": calib, "eval": heldout, "dir": d}
     return specs
 
@@ -953,7 +1017,7 @@ def main():
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="lenet,cnn-bn,encoder")
+    ap.add_argument("--models", default="lenet,cnn-bn,encoder,crnn")
     ap.add_argument("--quick", action="store_true", help="fewer synthetic samples (debug binaries)")
     ap.add_argument("--full", action="store_true",
                     help="also int8 activations (both sides), opreg per-tensor weights, ORT on "

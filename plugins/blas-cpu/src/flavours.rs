@@ -307,3 +307,69 @@ fn int8_and_f32_throughput_on_a_pointwise_conv_shape() {
         }
     });
 }
+
+/// Throughput of the integer path on the products of ResNet-50's convolutions (im2col:
+/// positions x output channels x C * taps), B pre-packed as for constant weights, one thread
+/// (the call's context runs on the calling thread): a diagnostic for tuning the int8 tiles,
+/// not a test (`--ignored --nocapture`, release).
+#[test]
+#[ignore]
+fn int8_throughput_on_resnet50_conv_products() {
+    let shapes = [
+        (12544usize, 64usize, 147usize),
+        (3136, 64, 256),
+        (3136, 64, 576),
+        (3136, 256, 64),
+        (784, 128, 1152),
+        (784, 512, 128),
+        (196, 256, 2304),
+        (196, 1024, 256),
+        (49, 512, 4608),
+        (49, 2048, 512),
+    ];
+    run(|ctx, blas| {
+        let mut total = (0.0, 0.0);
+        for (m, n, k) in shapes {
+            let a = bytes(m * k, 1);
+            let b = bytes(n * k, 2);
+            let mut c = vec![0i32; m * n];
+            let zbn = vec![3i32; n];
+            let mut g = GemmArgs::new(
+                GemmTypes {
+                    a: DType::U8,
+                    b: DType::I8,
+                    c: DType::I32,
+                },
+                m,
+                n,
+                k,
+            );
+            g.a = a.as_ptr();
+            g.lda = k;
+            g.a_zero_point = 100;
+            g.b = b.as_ptr();
+            g.ldb = k;
+            g.trans_b = Transpose::YES;
+            g.b_zero_points = zbn.as_ptr();
+            g.b_quant_len = n;
+            g.c = c.as_mut_ptr().cast();
+            g.ldc = n;
+            let packed = blas.pack_b(ctx, &g).expect("pack");
+            blas.gemm_packed(ctx, &g, &packed).expect("gemm");
+            let runs = (2e9 / (m * n * k) as f64).ceil() as usize;
+            let t = std::time::Instant::now();
+            for _ in 0..runs {
+                blas.gemm_packed(ctx, &g, &packed).expect("gemm");
+            }
+            let s = t.elapsed().as_secs_f64() / runs as f64;
+            total.0 += s;
+            total.1 += (m * n * k) as f64;
+            println!(
+                "{m:>6} x {n:>5} x {k:>5}: {:.3} ms, {:.1} GMAC/s",
+                s * 1e3,
+                (m * n * k) as f64 / s / 1e9
+            );
+        }
+        println!("all: {:.1} GMAC/s", total.1 / total.0 / 1e9);
+    });
+}

@@ -9,7 +9,7 @@ fn register(r: &mut Registrar) {
     r.quantizer(
         QuantizerDesc {
             name: "quant-static".into(),
-            description: "post-training static int8: percentile (default), KL/entropy or min-max calibration; per-channel int8 weights; QDQ output".into(),
+            description: "post-training static int8: percentile, KL/entropy or min-max calibration (default auto: each measured on held-out samples, the best kept); per-channel int8 weights; QDQ output".into(),
         },
         Static,
     );
