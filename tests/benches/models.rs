@@ -1,8 +1,8 @@
 //! Whole models: opreg's graph runtime (in-process, the workspace's release plugins) side by
 //! side with ONNX Runtime (Python, same machine, same thread count) in one run. Reports the
 //! median-latency ratio opreg / ONNX Runtime per model, after checking both agree: a small MLP
-//! and CNN, and ResNet-50 and MobileNetV2 at batch 1 when `target/models` has them
-//! (`scripts/bench` writes them).
+//! and CNN, and ResNet-50 and MobileNetV2 at batch 1 (float, and quantized to QDQ by ONNX Runtime)
+//! when `target/models` has them (`scripts/bench` writes them).
 //!
 //! Run with `scripts/bench`.
 
@@ -50,7 +50,7 @@ fn main() {
     let pool = ComputePool::new(threads).expect("pool");
     println!("threads: {threads}");
     println!(
-        "{:>12} {:>12} {:>12} {:>14}",
+        "{:>16} {:>12} {:>12} {:>14}",
         "model", "opreg ms", "ORT ms", "opreg/ORT"
     );
     for (name, r) in &results {
@@ -110,7 +110,7 @@ fn main() {
         times.sort_by(f64::total_cmp);
         let ours = times[times.len() / 2];
         println!(
-            "{name:>12} {ours:>12.3} {ort_ms:>12.3} {:>14.2}",
+            "{name:>16} {ours:>12.3} {ort_ms:>12.3} {:>14.2}",
             ours / ort_ms
         );
         if std::env::var_os("OPREG_BENCH_PROFILE").is_some() {

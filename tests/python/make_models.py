@@ -4,6 +4,7 @@ torch's ONNX exporter produces:
 - resnet50.onnx: ResNet-50 v1.5 (Conv + BatchNormalization + Relu, bottlenecks [3, 4, 6, 3],
   global average pool, Gemm to 1000 classes), input x [N, 3, 224, 224];
 - mobilenetv2.onnx: MobileNetV2 (inverted residuals with depthwise convolutions, Clip as ReLU6);
+- resnet50_qdq.onnx, mobilenetv2_qdq.onnx: the two quantized to QDQ by onnxruntime;
 - bert.onnx: a BERT-style encoder (embeddings + LayerNormalization, L layers of multi-head
   self-attention and an erf-GELU feed-forward, as exported from PyTorch), inputs
   input_ids [N, S] (int64) and attention_mask [N, S] (int64), output [N, S, H].
@@ -196,12 +197,13 @@ def main():
         path = os.path.join(args.out, f"{name}.onnx")
         onnx.save(model, path)
         report[name] = {"path": path, "nodes": len(model.graph.node), "params": builder.params}
-    # ResNet-50 quantized to QDQ by onnxruntime's own static quantizer (u8 activations, i8
-    # per-channel weights), calibrated on seeded random images: the QDQ form opreg fuses into
-    # integer operators.
-    path = os.path.join(args.out, "resnet50_qdq.onnx")
-    quantize_qdq(os.path.join(args.out, "resnet50.onnx"), path)
-    report["resnet50_qdq"] = {"path": path, "nodes": len(onnx.load(path).graph.node)}
+    # ResNet-50 and MobileNetV2 quantized to QDQ by onnxruntime's own static quantizer (u8
+    # activations, i8 per-channel weights), calibrated on seeded random images: the QDQ form
+    # opreg fuses into integer operators.
+    for name in ["resnet50", "mobilenetv2"]:
+        path = os.path.join(args.out, f"{name}_qdq.onnx")
+        quantize_qdq(os.path.join(args.out, f"{name}.onnx"), path)
+        report[f"{name}_qdq"] = {"path": path, "nodes": len(onnx.load(path).graph.node)}
     print(json.dumps(report))
 
 

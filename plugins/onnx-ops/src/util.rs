@@ -462,7 +462,7 @@ pub fn round_saturate_byte(x: f64, lo: f64, hi: f64) -> u8 {
 /// Whether this CPU has AVX-512 F, BW and VL: the requantizing loops below have a copy for it
 /// (it narrows i64 lanes to bytes in one instruction, where AVX2 shuffles).
 #[cfg(target_arch = "x86_64")]
-fn has_avx512() -> bool {
+pub(crate) fn has_avx512() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("avx512bw")
         && std::arch::is_x86_feature_detected!("avx512vl")

@@ -2,6 +2,8 @@
 //! accumulated in `i32`: im2col and the node's BLAS backend, or plain loops where the backend
 //! cannot take the operands.
 
+mod depthwise;
+
 use super::gemm::{bytes, zero_points, IntProduct};
 use super::matmul::requant_multiplier;
 use super::{read_f32, read_i32, Factory, Q8};
@@ -550,6 +552,44 @@ fn transpose_tile<T: Copy + Default + Send>(
     })
 }
 
+/// The operands of a depthwise convolution ([`Geometry::depthwise`]) with zero points the
+/// direct loop takes (a scalar for x; one, or one per output channel, for w); `None` for
+/// another convolution, which goes through im2col.
+fn depthwise_operands<'a>(
+    op: &str,
+    geo: &Geometry,
+    x: &TensorView<'a>,
+    w: &TensorView<'a>,
+    x_zp: Option<&TensorView<'_>>,
+    w_zp: Option<&TensorView<'_>>,
+    bias: Option<&'a [i32]>,
+) -> Result<Option<depthwise::Depthwise<'a>>, PluginError> {
+    if !geo.depthwise()
+        || !matches!(x.dtype, DType::U8 | DType::I8)
+        || !matches!(w.dtype, DType::U8 | DType::I8)
+    {
+        return Ok(None);
+    }
+    let (Some(zx), Some(zw)) = (
+        zero_points(op, x_zp, x.dtype, 1)?,
+        zero_points(op, w_zp, w.dtype, geo.m)?,
+    ) else {
+        return Ok(None);
+    };
+    let [zx] = zx[..] else {
+        return Ok(None);
+    };
+    Ok(Some(depthwise::Depthwise {
+        x: bytes(x, op)?,
+        x_signed: x.dtype == DType::I8,
+        x_zp: zx,
+        w: bytes(w, op)?,
+        w_signed: w.dtype == DType::I8,
+        w_zp: zw,
+        bias,
+    }))
+}
+
 /// Advances a row-major multi-index over `shape` (wrapping to zeros at the end).
 fn increment(idx: &mut [usize], shape: &[usize]) {
     for d in (0..idx.len()).rev() {
@@ -644,6 +684,9 @@ impl Kernel for ConvInteger {
                 out.copy_from_slice(src)
             })
         };
+        if let Some(d) = depthwise_operands(OP, &geo, x, w, present(2), present(3), None)? {
+            return geo.run_depthwise(ctx, OP, &d, out, |_, acc, dst| dst.copy_from_slice(acc));
+        }
         if geo.run_blas(ctx, OP, x, w, present(2), present(3), &[], &mut store)? {
             return Ok(());
         }
@@ -765,6 +808,14 @@ impl Kernel for QLinearConv {
                 );
             })
         };
+        if let Some(d) = depthwise_operands(OP, &geo, x, w, present(2), present(5), Some(bias))? {
+            let zeros = [0i32; depthwise::BLOCK];
+            return geo.run_depthwise(ctx, OP, &d, out, |oc, acc, dst| {
+                // The bias is in the accumulators already.
+                let m = [mult[oc]; depthwise::BLOCK];
+                crate::util::requantize(acc, &zeros, &m, y_zp, lo, hi, dst);
+            });
+        }
         if geo.run_blas(
             ctx,
             OP,

@@ -945,3 +945,164 @@ fn qlinear_add_is_dequantize_add_quantize() {
         }
     }
 }
+
+/// Depthwise 2-D convolutions (one input channel per group) take a direct loop: ConvInteger
+/// against a naive convolution written here, and QLinearConv against requantizing that
+/// ConvInteger result with its bias, over strides, asymmetric padding, dilation, a channel
+/// multiplier of 2, u8 and i8 inputs and per-channel weight zero points.
+#[test]
+fn depthwise_convolutions_match_a_naive_convolution() {
+    let bytes = |n: usize, seed: u32| -> Vec<u8> {
+        (0..n as u32)
+            .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 9) as u8)
+            .collect()
+    };
+    // (x shape, output channels, kernel, strides, pads [top, left, bottom, right], dilations)
+    type Case = (
+        [usize; 4],
+        usize,
+        [usize; 2],
+        [usize; 2],
+        [usize; 4],
+        [usize; 2],
+    );
+    let cases: [Case; 4] = [
+        ([2, 3, 9, 11], 3, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
+        ([1, 4, 10, 7], 8, [3, 3], [2, 2], [1, 0, 2, 1], [1, 1]),
+        ([1, 2, 12, 300], 2, [3, 2], [1, 3], [0, 2, 1, 0], [2, 2]),
+        ([1, 1, 5, 5], 1, [5, 5], [1, 1], [2, 2, 2, 2], [1, 1]),
+    ];
+    for (k, (xs, m, ks, st, pads, dil)) in cases.into_iter().enumerate() {
+        let c = xs[1];
+        let mg = m / c;
+        for x_signed in [false, true] {
+            let xb = bytes(xs.iter().product(), k as u32);
+            let wb = bytes(m * ks[0] * ks[1], 50 + k as u32);
+            let x = if x_signed {
+                t(&xs, &xb.iter().map(|&b| b as i8).collect::<Vec<_>>())
+            } else {
+                t(&xs, &xb)
+            };
+            let xz_v: i32 = if x_signed { -7 } else { 131 };
+            let xz = if x_signed {
+                t::<i8>(&[], &[-7])
+            } else {
+                t::<u8>(&[], &[131])
+            };
+            let w = t(
+                &[m, 1, ks[0], ks[1]],
+                &wb.iter().map(|&b| b as i8).collect::<Vec<_>>(),
+            );
+            let wz_v: Vec<i8> = (0..m).map(|i| (i as i8) * 3 - 4).collect();
+            let wz = t(&[m], &wz_v);
+            let attrs = vec![
+                ("group", AttrValue::Int(c as i64)),
+                (
+                    "kernel_shape",
+                    AttrValue::Ints(ks.iter().map(|&v| v as i64).collect()),
+                ),
+                (
+                    "strides",
+                    AttrValue::Ints(st.iter().map(|&v| v as i64).collect()),
+                ),
+                (
+                    "pads",
+                    AttrValue::Ints(pads.iter().map(|&v| v as i64).collect()),
+                ),
+                (
+                    "dilations",
+                    AttrValue::Ints(dil.iter().map(|&v| v as i64).collect()),
+                ),
+            ];
+            // The naive convolution.
+            let oh = (xs[2] + pads[0] + pads[2] - (ks[0] - 1) * dil[0] - 1) / st[0] + 1;
+            let ow = (xs[3] + pads[1] + pads[3] - (ks[1] - 1) * dil[1] - 1) / st[1] + 1;
+            let xval = |i: usize| {
+                if x_signed {
+                    xb[i] as i8 as i32
+                } else {
+                    xb[i] as i32
+                }
+            };
+            let mut want = Vec::new();
+            for n in 0..xs[0] {
+                for oc in 0..m {
+                    let ic = oc / mg;
+                    for y in 0..oh {
+                        for xx in 0..ow {
+                            let mut acc = 0i32;
+                            for a in 0..ks[0] {
+                                for b in 0..ks[1] {
+                                    let iy = (y * st[0] + a * dil[0]) as isize - pads[0] as isize;
+                                    let ix = (xx * st[1] + b * dil[1]) as isize - pads[1] as isize;
+                                    if iy < 0
+                                        || ix < 0
+                                        || iy >= xs[2] as isize
+                                        || ix >= xs[3] as isize
+                                    {
+                                        continue;
+                                    }
+                                    let xi =
+                                        ((n * c + ic) * xs[2] + iy as usize) * xs[3] + ix as usize;
+                                    let wv = wb[(oc * ks[0] + a) * ks[1] + b] as i8 as i32;
+                                    acc += (xval(xi) - xz_v) * (wv - wz_v[oc] as i32);
+                                }
+                            }
+                            want.push(acc);
+                        }
+                    }
+                }
+            }
+            let got = run(
+                conv::conv_integer_factory,
+                conv_node("ConvInteger", &attrs),
+                &[Some(&x), Some(&w), Some(&xz), Some(&wz)],
+            )
+            .unwrap_or_else(|e| panic!("case {k}: {e:?}"));
+            assert_eq!(got[0].shape(), &[xs[0], m, oh, ow], "case {k}");
+            assert_eq!(
+                got[0].to_vec::<i32>().unwrap(),
+                want,
+                "case {k}, signed x {x_signed}"
+            );
+
+            // QLinearConv: the same sums, biased and requantized (x_s * w_s / y_s, + y_zp).
+            let bias: Vec<i32> = (0..m as i32).map(|i| i * 211 - 300).collect();
+            let (xsc, ysc) = (0.02f32, 0.3f32);
+            let wsc: Vec<f32> = (0..m).map(|i| 0.01 + 0.002 * i as f32).collect();
+            let y_zp = 9u8;
+            let out = run(
+                conv::qlinear_conv_factory,
+                conv_node("QLinearConv", &attrs),
+                &[
+                    Some(&x),
+                    Some(&t::<f32>(&[], &[xsc])),
+                    Some(&xz),
+                    Some(&w),
+                    Some(&t(&[m], &wsc)),
+                    Some(&wz),
+                    Some(&t::<f32>(&[], &[ysc])),
+                    Some(&t::<u8>(&[], &[y_zp])),
+                    Some(&t(&[m], &bias)),
+                ],
+            )
+            .unwrap_or_else(|e| panic!("case {k}: {e:?}"));
+            let plane = oh * ow;
+            let requantized: Vec<u8> = want
+                .iter()
+                .enumerate()
+                .map(|(i, &a)| {
+                    let oc = (i / plane) % m;
+                    let mult = f64::from(xsc * wsc[oc] / ysc);
+                    let q = (f64::from(a + bias[oc]) * mult + f64::from(y_zp)).round_ties_even();
+                    q.clamp(0.0, 255.0) as u8
+                })
+                .collect();
+            assert_eq!(
+                out[0].to_vec::<u8>().unwrap(),
+                requantized,
+                "case {k}, signed x {x_signed}"
+            );
+        }
+    }
+}
