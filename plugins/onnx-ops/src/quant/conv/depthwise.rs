@@ -77,40 +77,57 @@ impl Geometry {
                 *t = byte(b, d.w_signed) - zw;
             }
         }
+        let (sw, dw, pw) = (self.strides[1], self.dilations[1], self.pad_begin[1]);
+        // Per kernel column: the output columns whose input column `ow * sw + kw * dw - pw`
+        // lies in the input (the same on every row; integer divisions per row and tap were
+        // most of the time on small planes).
+        let mut cols: Vec<(usize, usize)> = opreg_sdk::alloc::try_with_capacity(kw_n)?;
+        for kw in 0..kw_n {
+            let off = kw * dw;
+            let lo = pw.saturating_sub(off).div_ceil(sw);
+            let hi = (iw + pw)
+                .checked_sub(off + 1)
+                .map_or(0, |last| (last / sw + 1).min(ow_n));
+            cols.push((lo, hi.max(lo)));
+        }
         let p = Pass {
             ih,
             iw,
-            ow_n,
             kh_n,
             kw_n,
             sh: self.strides[0],
-            sw: self.strides[1],
+            sw,
             dh: self.dilations[0],
-            dw: self.dilations[1],
+            dw,
             ph: self.pad_begin[0],
-            pw: self.pad_begin[1],
+            pw,
             zx: d.x_zp,
+            cols: &cols,
         };
-        ctx.parallel_chunks(out, plane, |start, chunk| {
-            let idx = start / plane;
-            let (bn, oc) = (idx / self.m, idx % self.m);
-            let ic = oc / mg.max(1);
-            let x0 = (bn * self.c + ic) * in_size;
-            let (Some(xp), Some(w)) = (
-                d.x.get(x0..x0 + in_size),
-                wt.get(oc * taps..(oc + 1) * taps),
-            ) else {
-                return;
-            };
-            let bias = d.bias.and_then(|b| b.get(oc)).copied().unwrap_or(0);
+        // Several small planes per task: one task per 7x7 plane costs more than the plane.
+        let grain = plane * 4096usize.div_ceil(plane);
+        ctx.parallel_chunks(out, grain, |start, chunk| {
             let mut acc = [0i32; BLOCK];
-            for (oh, row) in chunk.chunks_mut(ow_n).enumerate() {
-                for ow0 in (0..ow_n).step_by(BLOCK) {
-                    let len = BLOCK.min(ow_n - ow0);
-                    let acc = &mut acc[..len];
-                    acc.fill(bias);
-                    p.accumulate(d.x_signed, xp, w, oh, ow0, acc);
-                    emit(oc, acc, &mut row[ow0..ow0 + len]);
+            for (k, planes) in chunk.chunks_mut(plane).enumerate() {
+                let idx = start / plane + k;
+                let (bn, oc) = (idx / self.m, idx % self.m);
+                let ic = oc / mg.max(1);
+                let x0 = (bn * self.c + ic) * in_size;
+                let (Some(xp), Some(w)) = (
+                    d.x.get(x0..x0 + in_size),
+                    wt.get(oc * taps..(oc + 1) * taps),
+                ) else {
+                    return;
+                };
+                let bias = d.bias.and_then(|b| b.get(oc)).copied().unwrap_or(0);
+                for (oh, row) in planes.chunks_mut(ow_n).enumerate() {
+                    for ow0 in (0..ow_n).step_by(BLOCK) {
+                        let len = BLOCK.min(ow_n - ow0);
+                        let acc = &mut acc[..len];
+                        acc.fill(bias);
+                        p.accumulate(d.x_signed, xp, w, oh, ow0, acc);
+                        emit(oc, acc, &mut row[ow0..ow0 + len]);
+                    }
                 }
             }
         })
@@ -128,10 +145,9 @@ fn byte(b: u8, signed: bool) -> i32 {
 }
 
 /// The geometry one plane's loop needs.
-struct Pass {
+struct Pass<'a> {
     ih: usize,
     iw: usize,
-    ow_n: usize,
     kh_n: usize,
     kw_n: usize,
     sh: usize,
@@ -141,9 +157,11 @@ struct Pass {
     ph: usize,
     pw: usize,
     zx: i32,
+    /// Per kernel column, the range of output columns inside the input.
+    cols: &'a [(usize, usize)],
 }
 
-impl Pass {
+impl Pass<'_> {
     /// `acc[j] += Σ_taps w * (x - zx)` for output row `oh`, columns `ow0 ..`: taps in the
     /// padding contribute nothing (the padding holds the zero point). Compiled again for
     /// AVX-512 and AVX2, picked at run time.
@@ -227,13 +245,11 @@ impl Pass {
                 if wv == 0 {
                     continue;
                 }
-                // Output columns whose input column `ow * sw + kw * dw - pw` lies in the line.
                 let off = kw * self.dw;
-                let lo = self.pw.saturating_sub(off).div_ceil(self.sw).max(ow0);
-                let hi = match (self.iw + self.pw).checked_sub(off + 1) {
-                    Some(last) => (last / self.sw + 1).min(ow0 + len).min(self.ow_n),
-                    None => continue,
+                let Some(&(lo, hi)) = self.cols.get(kw) else {
+                    return;
                 };
+                let (lo, hi) = (lo.max(ow0), hi.min(ow0 + len));
                 if lo >= hi {
                     continue;
                 }
@@ -254,12 +270,18 @@ impl Pass {
                         *a = a.wrapping_add(wv.wrapping_mul(value(b) - zx));
                     }
                 } else {
+                    // Strided: the taps' bytes gathered first (a plain copy), so that the
+                    // multiply-add runs on contiguous values and vectorizes.
+                    let mut gathered = [0u8; BLOCK];
                     let src = line
                         .get(first..)
                         .unwrap_or_default()
                         .iter()
                         .step_by(self.sw);
-                    for (a, &b) in dst.iter_mut().zip(src) {
+                    for (g, &b) in gathered.iter_mut().zip(src) {
+                        *g = b;
+                    }
+                    for (a, &b) in dst.iter_mut().zip(&gathered) {
                         *a = a.wrapping_add(wv.wrapping_mul(value(b) - zx));
                     }
                 }
