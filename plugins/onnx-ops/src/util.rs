@@ -529,6 +529,36 @@ pub fn requantize(
     body(src, bias, mult, zp, lo, hi, out)
 }
 
+/// [`requantize`] for one channel's run: one multiplier, the bias already in `src`.
+pub fn requantize_channel(src: &[i32], mult: f64, zp: f64, lo: f64, hi: f64, out: &mut [u8]) {
+    #[inline(always)]
+    fn body(src: &[i32], mult: f64, zp: f64, lo: f64, hi: f64, out: &mut [u8]) {
+        for (o, &v) in out.iter_mut().zip(src) {
+            *o = round_saturate_byte(f64::from(v) * mult + zp, lo, hi);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        unsafe fn avx512(src: &[i32], mult: f64, zp: f64, lo: f64, hi: f64, out: &mut [u8]) {
+            body(src, mult, zp, lo, hi, out)
+        }
+        if has_avx512() {
+            // SAFETY: the CPU has these features (checked); the body is safe code.
+            return unsafe { avx512(src, mult, zp, lo, hi, out) };
+        }
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(src: &[i32], mult: f64, zp: f64, lo: f64, hi: f64, out: &mut [u8]) {
+            body(src, mult, zp, lo, hi, out)
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked); the body is safe code.
+            return unsafe { avx2(src, mult, zp, lo, hi, out) };
+        }
+    }
+    body(src, mult, zp, lo, hi, out)
+}
+
 /// `out[i] = round_saturate_byte(round(xs[i] / s) + z, lo, hi)`, the quotient rounded in
 /// f32 (QuantizeLinear's per-tensor loop); compiled again for AVX-512 and AVX2 like
 /// [`requantize`].

@@ -809,11 +809,9 @@ impl Kernel for QLinearConv {
             })
         };
         if let Some(d) = depthwise_operands(OP, &geo, x, w, present(2), present(5), Some(bias))? {
-            let zeros = [0i32; depthwise::BLOCK];
             return geo.run_depthwise(ctx, OP, &d, out, |oc, acc, dst| {
                 // The bias is in the accumulators already.
-                let m = [mult[oc]; depthwise::BLOCK];
-                crate::util::requantize(acc, &zeros, &m, y_zp, lo, hi, dst);
+                crate::util::requantize_channel(acc, mult[oc], y_zp, lo, hi, dst);
             });
         }
         if geo.run_blas(
