@@ -242,6 +242,37 @@ fn unsupported_arguments_fail_with_unimplemented() {
     });
 }
 
+/// A u8 x i8 -> i32 product `C (m x n) = A (m x k) * B^T` (B stored `n x k`) with zero points
+/// `zb` for B (one, or one per column).
+fn u8_i8_args(
+    (m, n, k): (usize, usize, usize),
+    a: &[u8],
+    b: &[u8],
+    zb: &[i32],
+    c: &mut [i32],
+) -> GemmArgs {
+    let mut g = GemmArgs::new(
+        GemmTypes {
+            a: DType::U8,
+            b: DType::I8,
+            c: DType::I32,
+        },
+        m,
+        n,
+        k,
+    );
+    g.a = a.as_ptr();
+    g.lda = k;
+    g.b = b.as_ptr();
+    g.ldb = k;
+    g.trans_b = Transpose::YES;
+    g.b_zero_points = zb.as_ptr();
+    g.b_quant_len = zb.len();
+    g.c = c.as_mut_ptr().cast();
+    g.ldc = n;
+    g
+}
+
 /// Throughput of the integer and float paths on a ResNet-50 1x1 convolution's product
 /// (3136 x 256 x 64): a diagnostic, not a test (`--ignored --nocapture`, release).
 #[test]
@@ -257,25 +288,7 @@ fn int8_and_f32_throughput_on_a_pointwise_conv_shape() {
     let zb = [0i32];
     let zbn = vec![0i32; n];
     run(|ctx, blas| {
-        let mut g = GemmArgs::new(
-            GemmTypes {
-                a: DType::U8,
-                b: DType::I8,
-                c: DType::I32,
-            },
-            m,
-            n,
-            k,
-        );
-        g.a = a.as_ptr();
-        g.lda = k;
-        g.b = b.as_ptr();
-        g.ldb = k;
-        g.trans_b = Transpose::YES;
-        g.b_zero_points = zb.as_ptr();
-        g.b_quant_len = 1;
-        g.c = c.as_mut_ptr().cast();
-        g.ldc = n;
+        let g = u8_i8_args((m, n, k), &a, &b, &zb, &mut c);
         let mut gf = GemmArgs::new(GemmTypes::F32, m, n, k);
         gf.a = af.as_ptr().cast();
         gf.lda = k;
@@ -334,26 +347,8 @@ fn int8_throughput_on_resnet50_conv_products() {
             let b = bytes(n * k, 2);
             let mut c = vec![0i32; m * n];
             let zbn = vec![3i32; n];
-            let mut g = GemmArgs::new(
-                GemmTypes {
-                    a: DType::U8,
-                    b: DType::I8,
-                    c: DType::I32,
-                },
-                m,
-                n,
-                k,
-            );
-            g.a = a.as_ptr();
-            g.lda = k;
+            let mut g = u8_i8_args((m, n, k), &a, &b, &zbn, &mut c);
             g.a_zero_point = 100;
-            g.b = b.as_ptr();
-            g.ldb = k;
-            g.trans_b = Transpose::YES;
-            g.b_zero_points = zbn.as_ptr();
-            g.b_quant_len = n;
-            g.c = c.as_mut_ptr().cast();
-            g.ldc = n;
             let packed = blas.pack_b(ctx, &g).expect("pack");
             blas.gemm_packed(ctx, &g, &packed).expect("gemm");
             let runs = (2e9 / (m * n * k) as f64).ceil() as usize;

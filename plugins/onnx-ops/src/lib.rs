@@ -19,6 +19,7 @@ mod reduce;
 mod rnn;
 mod shape;
 mod signal;
+mod simd;
 mod spatial;
 #[cfg(test)]
 mod testcases;

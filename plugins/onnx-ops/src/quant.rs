@@ -190,13 +190,13 @@ fn quantize_per_tensor(
         };
         // QuantizeLinear rounds the f32 quotient, then adds the zero point: adding first
         // would move ties (25.5 + 153 rounds to 178, round(25.5) + 153 is 179).
-        crate::util::quantize(xs, s, f64::from(z), lo, hi, out);
+        crate::simd::quantize(xs, s, f64::from(z), lo, hi, out);
     })
 }
 
 /// DequantizeLinear's common case, u8/i8 to f32 with one scale: `(x - z) * s` in one
 /// vectorized pass (the general path widens `x` to i32 first).
-fn dequantize_per_tensor<T: Element + Into<f32>>(
+fn dequantize_per_tensor<T: Element + crate::simd::Dequantize>(
     ctx: &KernelContext<'_>,
     x: &[T],
     shape: &[usize],
@@ -205,7 +205,7 @@ fn dequantize_per_tensor<T: Element + Into<f32>>(
 ) -> Result<(), PluginError> {
     let y = ctx.output_slice::<f32>(0, shape)?;
     ctx.parallel_chunks(y, GRAIN, |start, out| {
-        crate::util::dequantize(x.get(start..).unwrap_or_default(), s, z, out);
+        T::dequantize(x.get(start..).unwrap_or_default(), s, z, out);
     })
 }
 

@@ -103,29 +103,16 @@ impl Pass for QdqMaxPool {
             let (Some(x), Some(y)) = (n.inputs.first(), n.outputs.first()) else {
                 continue;
             };
-            if read.get(y) != Some(&1) || outputs.contains(&y.as_str()) {
-                continue;
-            }
             let Some(dq) = dq_of(model, &producer, x) else {
                 continue;
             };
-            let Some(&qi) = reader.get(y.as_str()) else {
-                continue;
-            };
-            let Some(q) = model.nodes.get(qi).filter(|q| is(q, "QuantizeLinear")) else {
-                continue;
-            };
-            if q.inputs.first() != Some(y)
-                || attr_int(q, "block_size", 0) != 0
-                || attr_int(q, "output_dtype", 0) != 0
-            {
-                continue;
-            }
-            let (Some(q_scale), Some(q_zp), Some(q_out)) = (
-                q.inputs.get(1).filter(|s| !s.is_empty()),
-                q.inputs.get(2).filter(|s| !s.is_empty()),
-                q.outputs.first(),
-            ) else {
+            let Some(SoleQuantize {
+                node: qi,
+                scale: q_scale,
+                zero_point: q_zp,
+                output: q_out,
+            }) = sole_quantize(model, &read, &outputs, &reader, y)
+            else {
                 continue;
             };
             let Some(dq_zp) = &dq.zero_point else {
@@ -205,26 +192,13 @@ impl Pass for QdqAdd {
             let (true, [a, b], [y]) = (is(n, "Add"), &n.inputs[..], &n.outputs[..]) else {
                 continue;
             };
-            if read.get(y) != Some(&1) || outputs.contains(&y.as_str()) {
-                continue;
-            }
-            let Some(&qi) = reader.get(y.as_str()) else {
-                continue;
-            };
-            let Some(q) = model.nodes.get(qi).filter(|q| is(q, "QuantizeLinear")) else {
-                continue;
-            };
-            if q.inputs.first() != Some(y)
-                || attr_int(q, "block_size", 0) != 0
-                || attr_int(q, "output_dtype", 0) != 0
-            {
-                continue;
-            }
-            let (Some(qs), Some(qz), Some(q_out)) = (
-                q.inputs.get(1).filter(|s| !s.is_empty()),
-                q.inputs.get(2).filter(|s| !s.is_empty()),
-                q.outputs.first(),
-            ) else {
+            let Some(SoleQuantize {
+                node: qi,
+                scale: qs,
+                zero_point: qz,
+                output: q_out,
+            }) = sole_quantize(model, &read, &outputs, &reader, y)
+            else {
                 continue;
             };
             let Some(t) = per_tensor(qs, qz) else {
@@ -262,6 +236,43 @@ impl Pass for QdqAdd {
         }
         Ok(count)
     }
+}
+
+/// The `QuantizeLinear` that is the only reader of `y`, and what the QDQ fusions need of it.
+struct SoleQuantize<'m> {
+    node: usize,
+    scale: &'m String,
+    zero_point: &'m String,
+    output: &'m String,
+}
+
+/// The `QuantizeLinear` reading `y` when it is `y`'s only reader (`y` read once, not a graph
+/// output), per tensor or per axis (no blocks, the default output type), with a scale and a
+/// zero point given.
+fn sole_quantize<'m>(
+    model: &'m Model,
+    read: &HashMap<String, usize>,
+    outputs: &[&str],
+    reader: &HashMap<&str, usize>,
+    y: &str,
+) -> Option<SoleQuantize<'m>> {
+    if read.get(y) != Some(&1) || outputs.contains(&y) {
+        return None;
+    }
+    let node = *reader.get(y)?;
+    let q = model.nodes.get(node).filter(|q| is(q, "QuantizeLinear"))?;
+    if q.inputs.first().map(String::as_str) != Some(y)
+        || attr_int(q, "block_size", 0) != 0
+        || attr_int(q, "output_dtype", 0) != 0
+    {
+        return None;
+    }
+    Some(SoleQuantize {
+        node,
+        scale: q.inputs.get(1).filter(|s| !s.is_empty())?,
+        zero_point: q.inputs.get(2).filter(|s| !s.is_empty())?,
+        output: q.outputs.first()?,
+    })
 }
 
 /// The (last) node reading each value: the one reader of a value read once, which is all the

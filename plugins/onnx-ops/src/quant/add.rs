@@ -15,16 +15,9 @@ use opreg_sdk::prelude::*;
 
 const OP: &str = "QLinearAdd";
 
-/// One operand's per-tensor parameters: scale and zero point.
-#[derive(Clone, Copy)]
-struct Params {
-    scale: f32,
-    zero: f32,
-}
-
-/// A scalar scale (f32) and the zero point (of the operand's type, absent = 0) at `inputs[s]`
-/// and `inputs[s + 1]`.
-fn params(inputs: &[TensorView<'_>], s: usize, of: DType) -> Result<Params, PluginError> {
+/// `[scale, zero point]`: a scalar scale (f32) and the zero point (of the operand's type,
+/// absent = 0) at `inputs[s]` and `inputs[s + 1]`.
+fn params(inputs: &[TensorView<'_>], s: usize, of: DType) -> Result<[f32; 2], PluginError> {
     let scale = read_f32(&input(OP, inputs, s, "scale")?, OP)?;
     let [scale] = scale[..] else {
         return Err(PluginError::unimplemented(format!(
@@ -52,7 +45,7 @@ fn params(inputs: &[TensorView<'_>], s: usize, of: DType) -> Result<Params, Plug
         }
         None => 0.0,
     };
-    Ok(Params { scale, zero })
+    Ok([scale, zero])
 }
 
 #[derive(Clone)]
@@ -81,59 +74,38 @@ impl Kernel for QLinearAdd {
         numel(&shape)?;
         let (ab, bb) = (super::gemm::bytes(&a, OP)?, super::gemm::bytes(&b, OP)?);
         let signed = dtype == DType::I8;
-        // Bytes as the type's values (an i8 byte read as two's complement).
-        let value = move |v: u8| -> f32 {
-            if signed {
-                f32::from(v as i8)
-            } else {
-                f32::from(v)
-            }
-        };
-        let (lo, hi) = if signed {
-            (-128.0, 127.0)
-        } else {
-            (0.0, 255.0)
-        };
-        let one = move |x: u8, y: u8| -> u8 {
-            let sum = (value(x) - pa.zero) * pa.scale + (value(y) - pb.zero) * pb.scale;
-            let q = f64::from(crate::util::round_even_narrow_f32(sum / pc.scale));
-            crate::util::round_saturate_byte(q + f64::from(pc.zero), lo, hi)
-        };
         let out = ctx.output(0, dtype, &shape)?.into_bytes()?;
         if a.shape() == b.shape() {
-            let (a, b, c) = (
-                [pa.scale, pa.zero],
-                [pb.scale, pb.zero],
-                [pc.scale, pc.zero],
-            );
             return ctx.parallel_chunks(out, GRAIN, |start, chunk| {
                 let (xs, ys) = (&ab[start..], &bb[start..]);
-                crate::util::qlinear_add(xs, ys, signed, a, b, c, chunk);
+                crate::simd::qlinear_add(xs, ys, signed, pa, pb, pc, chunk);
             });
         }
+        // Broadcast: a bounded run of outputs gathers its operands, then the same loop.
+        const RUN: usize = 1024;
         let (sa, sb) = (
             broadcast_strides(a.shape(), &shape),
             broadcast_strides(b.shape(), &shape),
         );
-        // Broadcast: A's offsets for a bounded run of outputs, then B's walked alongside.
-        const RUN: usize = 4096;
         ctx.parallel_chunks(out, GRAIN, |start, chunk| {
-            let mut xo = Vec::with_capacity(RUN);
+            let (mut xs, mut ys) = ([0u8; RUN], [0u8; RUN]);
             for (r, run) in chunk.chunks_mut(RUN).enumerate() {
                 let first = start + r * RUN;
-                xo.clear();
-                walk_offsets(&shape, &sa, first, run.len(), |o| xo.push(o));
                 let mut k = 0;
-                walk_offsets(&shape, &sb, first, run.len(), |o| {
-                    if let (Some(d), Some(&x), Some(&y)) = (
-                        run.get_mut(k),
-                        xo.get(k).and_then(|&i| ab.get(i)),
-                        bb.get(o),
-                    ) {
-                        *d = one(x, y);
+                walk_offsets(&shape, &sa, first, run.len(), |o| {
+                    if let (Some(d), Some(&v)) = (xs.get_mut(k), ab.get(o)) {
+                        *d = v;
                     }
                     k += 1;
                 });
+                k = 0;
+                walk_offsets(&shape, &sb, first, run.len(), |o| {
+                    if let (Some(d), Some(&v)) = (ys.get_mut(k), bb.get(o)) {
+                        *d = v;
+                    }
+                    k += 1;
+                });
+                crate::simd::qlinear_add(&xs, &ys, signed, pa, pb, pc, run);
             }
         })
     }

@@ -797,7 +797,7 @@ impl Kernel for QLinearConv {
             let (bias, mult) = (&bias[g * mg..], &mult[g * mg..]);
             transpose_tile(ctx, dst, tmp, plane, mg, |j0, src, out| {
                 let n = src.len();
-                crate::util::requantize(
+                crate::simd::requantize(
                     src,
                     &bias[j0..j0 + n],
                     &mult[j0..j0 + n],
@@ -811,7 +811,7 @@ impl Kernel for QLinearConv {
         if let Some(d) = depthwise_operands(OP, &geo, x, w, present(2), present(5), Some(bias))? {
             return geo.run_depthwise(ctx, OP, &d, out, |oc, acc, dst| {
                 // The bias is in the accumulators already.
-                crate::util::requantize_channel(acc, mult[oc], y_zp, lo, hi, dst);
+                crate::simd::requantize_channel(acc, mult[oc], y_zp, lo, hi, dst);
             });
         }
         if geo.run_blas(

@@ -125,7 +125,7 @@ impl Geometry {
                         let len = BLOCK.min(ow_n - ow0);
                         let acc = &mut acc[..len];
                         acc.fill(bias);
-                        p.accumulate(d.x_signed, xp, w, oh, ow0, acc);
+                        accumulate(&p, d.x_signed, xp, w, oh, ow0, acc);
                         emit(oc, acc, &mut row[ow0..ow0 + len]);
                     }
                 }
@@ -162,56 +162,6 @@ struct Pass<'a> {
 }
 
 impl Pass<'_> {
-    /// `acc[j] += Σ_taps w * (x - zx)` for output row `oh`, columns `ow0 ..`: taps in the
-    /// padding contribute nothing (the padding holds the zero point). Compiled again for
-    /// AVX-512 and AVX2, picked at run time.
-    fn accumulate(
-        &self,
-        signed: bool,
-        x: &[u8],
-        w: &[i32],
-        oh: usize,
-        ow0: usize,
-        acc: &mut [i32],
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-            unsafe fn avx512(
-                p: &Pass,
-                s: bool,
-                x: &[u8],
-                w: &[i32],
-                oh: usize,
-                ow0: usize,
-                acc: &mut [i32],
-            ) {
-                p.body(s, x, w, oh, ow0, acc)
-            }
-            #[target_feature(enable = "avx2")]
-            unsafe fn avx2(
-                p: &Pass,
-                s: bool,
-                x: &[u8],
-                w: &[i32],
-                oh: usize,
-                ow0: usize,
-                acc: &mut [i32],
-            ) {
-                p.body(s, x, w, oh, ow0, acc)
-            }
-            if crate::util::has_avx512() {
-                // SAFETY: the CPU has these features (checked); the body is safe code.
-                return unsafe { avx512(self, signed, x, w, oh, ow0, acc) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU has AVX2 (checked); the body is safe code.
-                return unsafe { avx2(self, signed, x, w, oh, ow0, acc) };
-            }
-        }
-        self.body(signed, x, w, oh, ow0, acc)
-    }
-
     #[inline(always)]
     fn body(&self, signed: bool, x: &[u8], w: &[i32], oh: usize, ow0: usize, acc: &mut [i32]) {
         if signed {
@@ -287,5 +237,21 @@ impl Pass<'_> {
                 }
             }
         }
+    }
+}
+
+crate::simd::simd_fn! {
+    /// `acc[j] += Σ_taps w * (x - zx)` for output row `oh`, columns `ow0 ..`: taps in the
+    /// padding contribute nothing (the padding holds the zero point).
+    fn accumulate(
+        p: &Pass<'_>,
+        signed: bool,
+        x: &[u8],
+        w: &[i32],
+        oh: usize,
+        ow0: usize,
+        acc: &mut [i32],
+    ) {
+        p.body(signed, x, w, oh, ow0, acc)
     }
 }

@@ -1,0 +1,177 @@
+//! Loops the plugin's baseline (x86-64 with SSE2) vectorizes only narrowly, compiled again for
+//! AVX-512 (F, BW, VL) and for AVX2 and picked at run time ([`simd_fn!`]): the requantizing
+//! epilogues and the per-tensor (de)quantization of the integer operators, where AVX-512
+//! narrows wide lanes to bytes in one instruction.
+
+use crate::util::{round_even_narrow_f32, round_saturate_byte};
+
+/// Whether this CPU has AVX-512 F, BW and VL.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+}
+
+/// `fn name(args) { body }` whose body (safe code) is compiled three times: for AVX-512, for
+/// AVX2 and for the baseline; each call runs the best copy this CPU has (the features are
+/// detected once and cached by std).
+macro_rules! simd_fn {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if $crate::simd::has_avx512() {
+                    // SAFETY: the CPU has these features (checked); the body is safe code.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has AVX2 (checked); the body is safe code.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(crate) use simd_fn;
+
+simd_fn! {
+    /// `out[i] = round_saturate_byte((src[i] + bias[i]) * mult[i] + zp, lo, hi)` (the sum
+    /// wrapping as i32): the requantizing epilogue of the integer convolution, over one
+    /// position's run of output channels. Exact in f64 like the ONNX reference.
+    pub fn requantize(
+        src: &[i32],
+        bias: &[i32],
+        mult: &[f64],
+        zp: f64,
+        lo: f64,
+        hi: f64,
+        out: &mut [u8],
+    ) {
+        let n = out.len().min(src.len()).min(bias.len()).min(mult.len());
+        let (src, bias, mult, out) = (&src[..n], &bias[..n], &mult[..n], &mut out[..n]);
+        for i in 0..n {
+            let acc = f64::from(src[i].wrapping_add(bias[i]));
+            out[i] = round_saturate_byte(acc * mult[i] + zp, lo, hi);
+        }
+    }
+}
+
+simd_fn! {
+    /// [`requantize`] for one channel's run: one multiplier, the bias already in `src`.
+    pub fn requantize_channel(src: &[i32], mult: f64, zp: f64, lo: f64, hi: f64, out: &mut [u8]) {
+        for (o, &v) in out.iter_mut().zip(src) {
+            *o = round_saturate_byte(f64::from(v) * mult + zp, lo, hi);
+        }
+    }
+}
+
+simd_fn! {
+    /// `out[i] = round_saturate_byte(round(xs[i] / s) + z, lo, hi)`, the quotient rounded in
+    /// f32 (QuantizeLinear's per-tensor loop).
+    pub fn quantize(xs: &[f32], s: f32, z: f64, lo: f64, hi: f64, out: &mut [u8]) {
+        for (o, &v) in out.iter_mut().zip(xs) {
+            let q = f64::from(round_even_narrow_f32(v / s));
+            *o = round_saturate_byte(q + z, lo, hi);
+        }
+    }
+}
+
+/// `out[i] = (xs[i] - z) * s` (DequantizeLinear's per-tensor loop), for the 8-bit types.
+pub trait Dequantize: Sized {
+    fn dequantize(xs: &[Self], s: f32, z: f32, out: &mut [f32]);
+}
+
+#[inline(always)]
+fn dequantize_body<T: Copy + Into<f32>>(xs: &[T], s: f32, z: f32, out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(xs) {
+        *o = (v.into() - z) * s;
+    }
+}
+
+simd_fn! {
+    fn dequantize_u8(xs: &[u8], s: f32, z: f32, out: &mut [f32]) {
+        dequantize_body(xs, s, z, out)
+    }
+}
+
+simd_fn! {
+    fn dequantize_i8(xs: &[i8], s: f32, z: f32, out: &mut [f32]) {
+        dequantize_body(xs, s, z, out)
+    }
+}
+
+impl Dequantize for u8 {
+    fn dequantize(xs: &[u8], s: f32, z: f32, out: &mut [f32]) {
+        dequantize_u8(xs, s, z, out)
+    }
+}
+
+impl Dequantize for i8 {
+    fn dequantize(xs: &[i8], s: f32, z: f32, out: &mut [f32]) {
+        dequantize_i8(xs, s, z, out)
+    }
+}
+
+/// QLinearAdd's loop for one 8-bit type (`SIGNED`: i8): `out[i] = Q(DQ(xs[i]) + DQ(ys[i]))`,
+/// each operand's and the output's `[scale, zero point]` given, the f32 steps of the unfused
+/// graph.
+#[inline(always)]
+fn qlinear_add_body<const SIGNED: bool>(
+    xs: &[u8],
+    ys: &[u8],
+    a: [f32; 2],
+    b: [f32; 2],
+    c: [f32; 2],
+    out: &mut [u8],
+) {
+    let value = |v: u8| {
+        if SIGNED {
+            f32::from(v as i8)
+        } else {
+            f32::from(v)
+        }
+    };
+    let (lo, hi) = if SIGNED {
+        (-128.0, 127.0)
+    } else {
+        (0.0, 255.0)
+    };
+    let zc = f64::from(c[1]);
+    for ((o, &x), &y) in out.iter_mut().zip(xs).zip(ys) {
+        let sum = (value(x) - a[1]) * a[0] + (value(y) - b[1]) * b[0];
+        let q = f64::from(round_even_narrow_f32(sum / c[0]));
+        *o = round_saturate_byte(q + zc, lo, hi);
+    }
+}
+
+simd_fn! {
+    /// [`qlinear_add_body`] for bytes of one 8-bit type (`signed`: i8).
+    pub fn qlinear_add(
+        xs: &[u8],
+        ys: &[u8],
+        signed: bool,
+        a: [f32; 2],
+        b: [f32; 2],
+        c: [f32; 2],
+        out: &mut [u8],
+    ) {
+        if signed {
+            qlinear_add_body::<true>(xs, ys, a, b, c, out)
+        } else {
+            qlinear_add_body::<false>(xs, ys, a, b, c, out)
+        }
+    }
+}
