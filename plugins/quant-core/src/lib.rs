@@ -282,8 +282,9 @@ impl Quantizer for Static {
         evaluator: &Evaluator<'_>,
     ) -> Result<GraphPlan, PluginError> {
         let o = Options::from_kv(&request.options)?;
+        let weights = weight_plans(graph, request, &o)?;
         if o.calibrator != Calibrator::Auto {
-            return plan_for(graph, request, &o);
+            return plan_for(request, &o, weights);
         }
         // Each candidate planned and measured; the best SQNR kept (the first on ties, and
         // when nothing could be measured: no held-out samples).
@@ -291,12 +292,12 @@ impl Quantizer for Static {
         let mut measured = Vec::new();
         for c in Calibrator::CANDIDATES {
             let plan = plan_for(
-                graph,
                 request,
                 &Options {
                     calibrator: c,
                     ..o.clone()
                 },
+                weights.clone(),
             )?;
             let e = evaluator.evaluate(&plan)?;
             let sqnr = if e.samples == 0 || e.sqnr_db.is_nan() {
@@ -347,16 +348,16 @@ impl Quantizer for Static {
     }
 }
 
-/// The static plan with calibrator `o.calibrator` (not `Auto`).
+/// The static plan with calibrator `o.calibrator` (not `Auto`): the activations calibrated,
+/// and `weights` ([`weight_plans`], which no calibrator changes).
 fn plan_for(
-    graph: &GraphView<'_>,
     request: &QuantRequest,
     o: &Options,
+    weights: Vec<TensorPlan>,
 ) -> Result<GraphPlan, PluginError> {
     let (qmin, qmax) = o.range();
     let mut tensors = Vec::new();
     let mut annotations = Vec::new();
-    let mut calibrated = std::collections::HashSet::new();
     for t in request.tensors.iter().filter(|t| !t.is_weight) {
         let (lo, hi, threshold) = match o.calibrator {
             Calibrator::MinMax => (t.min, t.max, None),
@@ -399,9 +400,51 @@ fn plan_for(
             name: t.name.clone(),
             directive: Directive::per_tensor(scale, zero_point, o.activation_type),
         });
-        calibrated.insert(t.name.as_str());
     }
-    // Weights of the products whose input was calibrated.
+    tensors.extend(weights);
+    Ok(GraphPlan {
+        tensors: tensors.into(),
+        nodes: Default::default(),
+        annotations: annotations.into(),
+        notes: format!(
+            "static: {:?} calibration, {} activations ({}), int8 weights {}",
+            o.calibrator,
+            if o.activation_type == DType::U8 {
+                "uint8"
+            } else {
+                "int8"
+            },
+            if o.symmetric {
+                "symmetric"
+            } else {
+                "asymmetric"
+            },
+            if o.per_channel {
+                "per channel"
+            } else {
+                "per tensor"
+            }
+        )
+        .into(),
+        flags: 0,
+    })
+}
+
+/// The int8 weights of the products whose input `request` calibrates (per output channel for
+/// Conv, per column for MatMul; or per tensor), the same whichever calibrator sets the
+/// activations.
+fn weight_plans(
+    graph: &GraphView<'_>,
+    request: &QuantRequest,
+    o: &Options,
+) -> Result<Vec<TensorPlan>, PluginError> {
+    let calibrated: std::collections::HashSet<&str> = request
+        .tensors
+        .iter()
+        .filter(|t| !t.is_weight)
+        .map(|t| t.name.as_str())
+        .collect();
+    let mut tensors: Vec<TensorPlan> = Vec::new();
     for n in graph.nodes.iter() {
         if !n.domain.is_empty() || !PRODUCTS.contains(&n.op_type.as_str()) {
             continue;
@@ -445,32 +488,7 @@ fn plan_for(
             directive,
         });
     }
-    Ok(GraphPlan {
-        tensors: tensors.into(),
-        nodes: Default::default(),
-        annotations: annotations.into(),
-        notes: format!(
-            "static: {:?} calibration, {} activations ({}), int8 weights {}",
-            o.calibrator,
-            if o.activation_type == DType::U8 {
-                "uint8"
-            } else {
-                "int8"
-            },
-            if o.symmetric {
-                "symmetric"
-            } else {
-                "asymmetric"
-            },
-            if o.per_channel {
-                "per channel"
-            } else {
-                "per tensor"
-            }
-        )
-        .into(),
-        flags: 0,
-    })
+    Ok(tensors)
 }
 
 #[cfg(test)]

@@ -266,13 +266,7 @@ impl Geometry {
         packed: &[PackedB],
         store: &mut Store<'_>,
     ) -> Result<bool, PluginError> {
-        if !matches!(x.dtype, DType::U8 | DType::I8) || !matches!(w.dtype, DType::U8 | DType::I8) {
-            return Ok(false);
-        }
-        let (Some(zx), Some(zw)) = (
-            zero_points(op, x_zp, x.dtype, 1)?,
-            zero_points(op, w_zp, w.dtype, self.m)?,
-        ) else {
+        let Some((zx, zw)) = int_zero_points(op, x, w, self.m, x_zp, w_zp)? else {
             return Ok(false);
         };
         let plane: usize = self.out_sp.iter().product();
@@ -286,7 +280,7 @@ impl Geometry {
             .checked_mul(taps)
             .ok_or_else(|| PluginError::invalid(format!("{op}: kernel too large")))?;
         // The zero point's byte: an i8 zero point as its two's-complement bit pattern.
-        let pad = zx[0] as u8;
+        let pad = zx as u8;
         let mut col = try_vec(numel(&[plane, kdim])?, pad)?;
         let mut tmp = try_vec(numel(&[plane, mg])?, 0i32)?;
         let in_size = product_sat(&self.in_sp);
@@ -299,14 +293,15 @@ impl Geometry {
         } else {
             Vec::new()
         };
-        let first = IntProduct {
+        // Every group's product but its operands (the same for all groups).
+        let shape = IntProduct {
             m: plane,
             n: mg,
             k: kdim,
             a: &[],
             a_type: x.dtype,
             lda: kdim,
-            a_zp: zx[0],
+            a_zp: zx,
             b: &[],
             b_type: w.dtype,
             ldb: kdim,
@@ -314,7 +309,7 @@ impl Geometry {
             b_zp: &zw,
         };
         let reordered;
-        let wb = if hwc && taps > 1 && !packed.first().is_some_and(|p| first.fits(p)) {
+        let wb = if hwc && taps > 1 && !packed.first().is_some_and(|p| shape.fits(p)) {
             reordered = tap_major(wb, self.m, cg, taps)?;
             &reordered[..]
         } else {
@@ -333,18 +328,10 @@ impl Geometry {
                     &zw[g * mg..(g + 1) * mg]
                 };
                 let product = IntProduct {
-                    m: plane,
-                    n: mg,
-                    k: kdim,
                     a: &col,
-                    a_type: x.dtype,
-                    lda: kdim,
-                    a_zp: zx[0],
                     b: wb.get(g * mg * kdim..).unwrap_or(&[]),
-                    b_type: w.dtype,
-                    ldb: kdim,
-                    trans_b: true,
                     b_zp: zb,
+                    ..shape
                 };
                 // Types and parameters are the same for every group: only the first product
                 // can be refused, before anything is stored.
@@ -552,40 +539,53 @@ fn transpose_tile<T: Copy + Default + Send>(
     })
 }
 
-/// The operands of a depthwise convolution ([`Geometry::depthwise`]) with zero points the
-/// direct loop takes (a scalar for x; one, or one per output channel, for w); `None` for
-/// another convolution, which goes through im2col.
+/// The zero points of x (a scalar) and w (one, or one per output channel of `m`) of an
+/// integer convolution over u8/i8, as the BLAS and depthwise paths take them; `None` for
+/// other types or zero-point shapes (the plain loops handle or refuse them).
+fn int_zero_points(
+    op: &str,
+    x: &TensorView<'_>,
+    w: &TensorView<'_>,
+    m: usize,
+    x_zp: Option<&TensorView<'_>>,
+    w_zp: Option<&TensorView<'_>>,
+) -> Result<Option<(i32, Vec<i32>)>, PluginError> {
+    if !matches!(x.dtype, DType::U8 | DType::I8) || !matches!(w.dtype, DType::U8 | DType::I8) {
+        return Ok(None);
+    }
+    Ok(
+        match (
+            zero_points(op, x_zp, x.dtype, 1)?,
+            zero_points(op, w_zp, w.dtype, m)?,
+        ) {
+            (Some(zx), Some(zw)) => zx.first().map(|&zx| (zx, zw)),
+            _ => None,
+        },
+    )
+}
+
+/// The operands of a depthwise convolution ([`Geometry::depthwise`]) the direct loop takes;
+/// `None` for another convolution, which goes through im2col.
 fn depthwise_operands<'a>(
     op: &str,
     geo: &Geometry,
     x: &TensorView<'a>,
-    w: &TensorView<'a>,
+    w: &TensorView<'_>,
     x_zp: Option<&TensorView<'_>>,
     w_zp: Option<&TensorView<'_>>,
     bias: Option<&'a [i32]>,
 ) -> Result<Option<depthwise::Depthwise<'a>>, PluginError> {
-    if !geo.depthwise()
-        || !matches!(x.dtype, DType::U8 | DType::I8)
-        || !matches!(w.dtype, DType::U8 | DType::I8)
-    {
+    if !geo.depthwise() {
         return Ok(None);
     }
-    let (Some(zx), Some(zw)) = (
-        zero_points(op, x_zp, x.dtype, 1)?,
-        zero_points(op, w_zp, w.dtype, geo.m)?,
-    ) else {
-        return Ok(None);
-    };
-    let [zx] = zx[..] else {
+    let Some((zx, _)) = int_zero_points(op, x, w, geo.m, x_zp, w_zp)? else {
         return Ok(None);
     };
     Ok(Some(depthwise::Depthwise {
         x: bytes(x, op)?,
         x_signed: x.dtype == DType::I8,
         x_zp: zx,
-        w: bytes(w, op)?,
-        w_signed: w.dtype == DType::I8,
-        w_zp: zw,
+        w: shift_w(op, w, w_zp)?,
         bias,
     }))
 }

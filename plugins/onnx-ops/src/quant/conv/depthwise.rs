@@ -16,11 +16,8 @@ pub(super) struct Depthwise<'a> {
     pub x: &'a [u8],
     pub x_signed: bool,
     pub x_zp: i32,
-    /// W's bytes, `[m, 1, kh, kw]`.
-    pub w: &'a [u8],
-    pub w_signed: bool,
-    /// One zero point, or one per output channel.
-    pub w_zp: Vec<i32>,
+    /// W (`[m, 1, kh, kw]`) with its zero point subtracted.
+    pub w: Vec<i32>,
     /// Per output channel, or none.
     pub bias: Option<&'a [i32]>,
 }
@@ -57,25 +54,6 @@ impl Geometry {
             return Err(PluginError::invalid(format!(
                 "{op}: x or w is shorter than its shape"
             )));
-        }
-        if d.w_zp.len() != 1 && d.w_zp.len() != self.m {
-            return Err(PluginError::invalid(format!(
-                "{op}: {} weight zero points for {} output channels",
-                d.w_zp.len(),
-                self.m
-            )));
-        }
-        // The weights as i32 with their zero point subtracted, per output channel.
-        let mut wt: Vec<i32> = opreg_sdk::alloc::try_vec(self.m * taps, 0)?;
-        for (oc, (dst, src)) in wt
-            .chunks_mut(taps.max(1))
-            .zip(d.w.chunks(taps.max(1)))
-            .enumerate()
-        {
-            let zw = d.w_zp[if d.w_zp.len() == 1 { 0 } else { oc }];
-            for (t, &b) in dst.iter_mut().zip(src) {
-                *t = byte(b, d.w_signed) - zw;
-            }
         }
         let (sw, dw, pw) = (self.strides[1], self.dilations[1], self.pad_begin[1]);
         // Per kernel column: the output columns whose input column `ow * sw + kw * dw - pw`
@@ -115,7 +93,7 @@ impl Geometry {
                 let x0 = (bn * self.c + ic) * in_size;
                 let (Some(xp), Some(w)) = (
                     d.x.get(x0..x0 + in_size),
-                    wt.get(oc * taps..(oc + 1) * taps),
+                    d.w.get(oc * taps..(oc + 1) * taps),
                 ) else {
                     return;
                 };
@@ -131,16 +109,6 @@ impl Geometry {
                 }
             }
         })
-    }
-}
-
-/// A byte as its type's value.
-#[inline(always)]
-fn byte(b: u8, signed: bool) -> i32 {
-    if signed {
-        i32::from(b as i8)
-    } else {
-        i32::from(b)
     }
 }
 
