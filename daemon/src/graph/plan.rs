@@ -80,7 +80,8 @@ pub fn compile(
 
 /// Whether the fused operator can run wherever the original could: every preferred device with
 /// a kernel for the original (probed with float inputs) has one for the fused operator (any
-/// input types: an integer fusion's inputs are integers), and some device has it.
+/// input types: an integer fusion's inputs are integers), and some device has it and each of
+/// the other operators the pass writes.
 fn fusion_available(snapshot: &Snapshot, devices: &[Device], f: Fusion) -> bool {
     let has = |op: &str, domain: &str, device: Device, probe: &[Option<DType>]| {
         snapshot
@@ -105,7 +106,11 @@ fn fusion_available(snapshot: &Snapshot, devices: &[Device], f: Fusion) -> bool 
         }
         any |= has_fused;
     }
-    any
+    // What the pass writes besides: on some device (placement puts each node where it is).
+    any && f
+        .also
+        .iter()
+        .all(|&(domain, op)| devices.iter().any(|&d| has(op, domain, d, &[])))
 }
 
 fn compile_graph(

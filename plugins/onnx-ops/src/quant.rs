@@ -15,6 +15,7 @@ mod add;
 mod conv;
 mod gemm;
 mod matmul;
+mod pool;
 
 /// The float types of the quantized kernels: f64 is not in their ONNX schemas.
 use opreg_sdk::numeric::FLOATS_TO_F32 as FLOATS;
@@ -670,6 +671,7 @@ pub fn register(r: &mut Registrar) {
     matmul::register(r);
     conv::register(r);
     add::register(r);
+    pool::register(r);
 }
 
 #[cfg(test)]

@@ -69,6 +69,7 @@ impl Pass for ConvActivation {
             original: "Conv",
             domain: "opreg",
             fused: "FusedConv",
+            also: &[],
         })
     }
 
@@ -152,6 +153,7 @@ impl Pass for MatMulAdd {
             original: "MatMul",
             domain: "opreg",
             fused: "FusedMatMul",
+            also: &[],
         })
     }
 

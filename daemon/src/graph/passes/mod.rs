@@ -11,6 +11,7 @@ mod bn_fold;
 mod dead;
 mod fuse;
 mod identity;
+mod layout;
 mod qdq;
 
 use super::{import::Model, GraphError};
@@ -36,6 +37,8 @@ pub struct Fusion {
     /// Domain and operator type of the result.
     pub domain: &'static str,
     pub fused: &'static str,
+    /// Other operators (domain, type) the pass writes: some device must have each.
+    pub also: &'static [(&'static str, &'static str)],
 }
 
 /// The passes whose result is standard ONNX, in the order they run.
@@ -46,12 +49,14 @@ pub const STANDARD: &[&dyn Pass] = &[
 ];
 
 /// The fusions that depend on the registry's kernels, in the order they run: QDQ into
-/// ONNX's integer operators (see [`qdq`]), then into opreg's own operators (see [`fuse`]).
+/// ONNX's integer operators (see [`qdq`]), those channels-last (see [`layout`]), then float
+/// operators into opreg's own (see [`fuse`]).
 pub const FUSIONS: &[&dyn Pass] = &[
     &qdq::QdqConv,
     &qdq::QdqMatMul,
     &qdq::QdqMaxPool,
     &qdq::QdqAdd,
+    &layout::Nhwc,
     &fuse::ConvActivation,
     &fuse::MatMulAdd,
 ];

@@ -41,6 +41,7 @@ impl Pass for QdqConv {
             original: "Conv",
             domain: "",
             fused: "QLinearConv",
+            also: &[],
         })
     }
 
@@ -59,6 +60,7 @@ impl Pass for QdqMatMul {
             original: "MatMul",
             domain: "",
             fused: "QLinearMatMul",
+            also: &[],
         })
     }
 
@@ -83,6 +85,7 @@ impl Pass for QdqMaxPool {
             original: "MaxPool",
             domain: "",
             fused: "MaxPool",
+            also: &[],
         })
     }
 
@@ -173,6 +176,7 @@ impl Pass for QdqAdd {
             original: "Add",
             domain: "com.microsoft",
             fused: "QLinearAdd",
+            also: &[],
         })
     }
 

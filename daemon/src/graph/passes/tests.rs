@@ -387,3 +387,149 @@ fn a_quantized_residual_add_becomes_qlinear_add() {
     assert_eq!(qdq::QdqAdd.run(&mut kept).unwrap(), 0);
     assert_eq!(kept.nodes.len(), 7);
 }
+
+/// The channels-last pass: a chain of integer convolutions, a max pool and a residual join
+/// stays channels-last between them; values are transposed only where they enter (the graph
+/// input, once for its two readers) and leave (the DequantizeLinear, a graph output, a node
+/// it does not convert); a MaxPool or QLinearAdd over an NCHW value is left alone.
+#[test]
+fn integer_convolutions_and_their_joins_run_channels_last() {
+    let conv = |x: &str, y: &str| {
+        node(
+            "QLinearConv",
+            &[x, "s", "xz", "wq", "s", "wz", "s", "xz"],
+            &[y],
+        )
+    };
+    let mut pool = node_with("MaxPool", &["c2"], &["p"], &[("storage_order", 0)]);
+    pool.attributes.push(opreg_sdk::kernel::Attribute {
+        name: "kernel_shape".into(),
+        value: opreg_sdk::AttrValue::Ints(vec![1, 1]),
+    });
+    let mut add = node(
+        "QLinearAdd",
+        &["c1", "s", "xz", "p", "s", "xz", "s", "xz"],
+        &["sum"],
+    );
+    add.domain = "com.microsoft".into();
+    let mut nchw_add = add.clone();
+    nchw_add.inputs = ["sum", "s", "xz", "r", "s", "xz", "s", "xz"]
+        .map(String::from)
+        .to_vec();
+    nchw_add.outputs = vec!["mixed".into()];
+    let mut m = model(
+        vec![
+            // Out of order on purpose: the pass walks a topological order.
+            node("DequantizeLinear", &["sum", "s", "xz"], &["y"]),
+            conv("xq", "c1"),
+            conv("c1", "c2"),
+            pool,
+            add,
+            conv("xq", "side"),
+            node("Relu", &["side"], &["r"]),
+            nchw_add,
+        ],
+        &["y", "c2", "r", "mixed"],
+        &[("s", &[], vec![0.5])],
+    );
+    m.initializers.insert(
+        "wq".into(),
+        Arc::new(HostTensor::from_vec(&[2, 2, 1, 1], &[1i8, 2, 3, 4]).unwrap()),
+    );
+    m.initializers.insert(
+        "wz".into(),
+        Arc::new(HostTensor::from_vec(&[], &[0i8]).unwrap()),
+    );
+    m.initializers.insert(
+        "xz".into(),
+        Arc::new(HostTensor::from_vec(&[], &[128u8]).unwrap()),
+    );
+    m.inputs = vec![io("xq")];
+    assert_eq!(layout::Nhwc.run(&mut m).unwrap(), 5);
+
+    let by_output = |v: &str| {
+        m.nodes
+            .iter()
+            .find(|n| n.outputs.iter().any(|o| o == v))
+            .unwrap_or_else(|| panic!("nothing writes {v}"))
+    };
+    let perm = |n: &Node| match &n.attributes[..] {
+        [a] if a.name == "perm" => match &a.value {
+            opreg_sdk::AttrValue::Ints(p) => p.clone(),
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    };
+    let transposes: Vec<&Node> = m
+        .nodes
+        .iter()
+        .filter(|n| n.op_type == "Transpose")
+        .collect();
+    // In: xq once. Out: sum (for the DQ and the NCHW add), c2 (a graph output), side (Relu).
+    assert_eq!(transposes.len(), 4, "{:?}", m.nodes);
+    let into: Vec<_> = transposes
+        .iter()
+        .filter(|t| perm(t) == [0, 2, 3, 1])
+        .collect();
+    assert_eq!(into.len(), 1);
+    assert_eq!(into[0].inputs, ["xq"]);
+    let mut back: Vec<&str> = transposes
+        .iter()
+        .filter(|t| perm(t) == [0, 3, 1, 2])
+        .map(|t| t.outputs[0].as_str())
+        .collect();
+    back.sort_unstable();
+    assert_eq!(back, ["c2", "side", "sum"]);
+
+    // The converted nodes read each other's channels-last values directly.
+    let c1 = m
+        .nodes
+        .iter()
+        .find(|n| n.op_type == "QLinearConv" && n.inputs[0] == into[0].outputs[0])
+        .expect("c1");
+    assert_eq!(c1.domain, "com.microsoft");
+    assert!(c1
+        .attributes
+        .iter()
+        .any(|a| a.name == "channels_last" && matches!(a.value, opreg_sdk::AttrValue::Int(1))));
+    let c2 = m
+        .nodes
+        .iter()
+        .find(|n| n.op_type == "QLinearConv" && n.inputs[0] == c1.outputs[0])
+        .expect("c2 reads c1's channels-last output");
+    let pool = m
+        .nodes
+        .iter()
+        .find(|n| n.op_type == "NhwcMaxPool")
+        .expect("NhwcMaxPool");
+    assert_eq!(pool.inputs, [c2.outputs[0].clone()]);
+    assert!(pool.attributes.iter().all(|a| a.name != "storage_order"));
+    let add = m
+        .nodes
+        .iter()
+        .find(|n| n.op_type == "QLinearAdd" && n.inputs[0] != "sum")
+        .expect("QLinearAdd");
+    assert_eq!(
+        (&add.inputs[0], &add.inputs[3]),
+        (&c1.outputs[0], &pool.outputs[0])
+    );
+    // The NCHW add, the DQ and the Relu read NCHW values, written before them.
+    assert_eq!(by_output("mixed").inputs[0], "sum");
+    assert_eq!(by_output("y").inputs[0], "sum");
+    assert_eq!(by_output("r").inputs[0], "side");
+    let position = |v: &str| {
+        m.nodes
+            .iter()
+            .position(|n| n.outputs.iter().any(|o| o == v))
+    };
+    for n in &m.nodes {
+        for i in n.inputs.iter().filter(|i| position(i).is_some()) {
+            assert!(
+                position(i) < position(&n.outputs[0]),
+                "{} before its reader",
+                i
+            );
+        }
+    }
+    assert_eq!(m.opsets.get("com.microsoft"), Some(&1));
+}

@@ -74,6 +74,12 @@ impl Int8Kernel {
         }
     }
 
+    /// Whether the kernel can read u8 A in place (row stride apart) instead of a packed
+    /// micro-panel: the AVX-512 VNNI one (see `drive`).
+    pub(super) fn reads_a_in_place(self) -> bool {
+        matches!(self, Int8Kernel::Avx512Vnni)
+    }
+
     /// The best kernel for this CPU, detected once per process.
     pub(crate) fn best() -> Int8Kernel {
         // A plain static (no destructor, no thread-local): it does not pin the library.

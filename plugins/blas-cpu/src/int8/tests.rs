@@ -307,6 +307,36 @@ fn every_size_up_to_37() {
     }
 }
 
+/// u8 A with B's zero point 0 and whole 4-byte groups: the AVX-512 VNNI kernel reads A in
+/// place instead of packing it (`drive`). Row strides, tails of rows and columns, several row
+/// and depth blocks, A's zero point at its extremes, partial row ranges.
+#[test]
+fn a_read_in_place() {
+    let mut rng = Rng::new(9);
+    let shapes = [
+        (1, 16, 4),
+        (7, 33, 8),
+        (8, 48, 64),
+        (13, 100, 516),
+        (200, 50, 1028),
+        (9, 5, 2048),
+    ];
+    for (s, &(m, n, k)) in shapes.iter().enumerate() {
+        for (v, (pad, b_signed, transposed)) in
+            [(0, true, true), (3, true, false), (1, false, true)]
+                .into_iter()
+                .enumerate()
+        {
+            let mut case =
+                Case::random(&mut rng, (m, n, k), false, b_signed, transposed, false, pad);
+            case.b_zp = vec![0];
+            case.a_zp = [0, 255, 128][(s + v) % 3];
+            case.check(0..m);
+            case.check(m / 2..m);
+        }
+    }
+}
+
 #[test]
 fn large_and_blocked() {
     let mut rng = Rng::new(2);

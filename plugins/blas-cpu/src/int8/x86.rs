@@ -37,7 +37,33 @@ macro_rules! dispatch {
 /// C; the CPU has AVX-512F, AVX-512BW and AVX-512 VNNI.
 pub(super) unsafe fn tile_avx512vnni(t: &Tile, mr: usize, nv: usize) -> bool {
     // SAFETY: forwarded from the caller.
-    unsafe { dispatch!(vnni512, t, mr, nv, [1 2 3 4 5 6 7 8], [1 2 3]) }
+    unsafe {
+        if t.lda == 0 {
+            dispatch!(vnni512_packed, t, mr, nv, [1 2 3 4 5 6 7 8], [1 2 3])
+        } else {
+            dispatch!(vnni512_in_place, t, mr, nv, [1 2 3 4 5 6 7 8], [1 2 3])
+        }
+    }
+}
+
+/// [`vnni512`] on a packed A micro-panel.
+///
+/// # Safety
+/// As [`vnni512`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn vnni512_packed<const MR: usize, const NV: usize>(t: &Tile) {
+    // SAFETY: forwarded from the caller.
+    unsafe { vnni512::<MR, NV, false>(t) }
+}
+
+/// [`vnni512`] on A read in place (`t.lda` apart).
+///
+/// # Safety
+/// As [`vnni512`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn vnni512_in_place<const MR: usize, const NV: usize>(t: &Tile) {
+    // SAFETY: forwarded from the caller.
+    unsafe { vnni512::<MR, NV, true>(t) }
 }
 
 /// AVX-VNNI tiles up to 6 x 16.
@@ -68,14 +94,17 @@ unsafe fn a_lane(a: *const u8, i: usize) -> i32 {
     unsafe { a.add(4 * i).cast::<i32>().read_unaligned() }
 }
 
-/// The AVX-512 VNNI `MR x 16 NV` tile.
+/// The AVX-512 VNNI `MR x 16 NV` tile; `IN_PLACE`: row `i` of A at `t.a + i * t.lda`, its
+/// groups contiguous (else a packed micro-panel, rows' lanes interleaved per group).
 ///
 /// # Safety
 /// As [`tile_avx512vnni`] with `mr == MR` and `nv == NV`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn vnni512<const MR: usize, const NV: usize>(t: &Tile) {
+#[inline(always)]
+unsafe fn vnni512<const MR: usize, const NV: usize, const IN_PLACE: bool>(t: &Tile) {
     let mut acc = [[_mm512_setzero_si512(); NV]; MR];
     let (mut a, mut b) = (t.a, t.b);
+    // Bytes from one row's lane to the next, and from one group to the next.
+    let (row_step, group_step) = if IN_PLACE { (t.lda, 4) } else { (4, 4 * MR) };
     for _ in 0..t.groups {
         // SAFETY: `a` and `b` advance through the caller's `groups` groups of `MR` and
         // `16 * NV` lanes.
@@ -87,12 +116,12 @@ unsafe fn vnni512<const MR: usize, const NV: usize>(t: &Tile) {
             for (i, row) in acc.iter_mut().enumerate() {
                 // u8 A (first operand) x s8 B: four products per lane, summed into i32
                 // without saturation (at most 4 * 255 * 128 in magnitude).
-                let x = _mm512_set1_epi32(a_lane(a, i));
+                let x = _mm512_set1_epi32(a.add(i * row_step).cast::<i32>().read_unaligned());
                 for (s, y) in row.iter_mut().zip(&bv) {
                     *s = _mm512_dpbusd_epi32(*s, x, *y);
                 }
             }
-            a = a.add(4 * MR);
+            a = a.add(group_step);
             b = b.add(64 * NV);
         }
     }

@@ -216,6 +216,31 @@ pub(super) fn infer(node: &NodeInfo<'_>) -> Vec<Shape> {
             *first = shape(0).zip(shape(3)).and_then(|(a, b)| broadcast(&[a, b]));
             return out;
         }
+        "com.microsoft"
+            if node.op_type == "QLinearConv" && attr_int(node, "channels_last", 0) == 0 =>
+        {
+            "QLinearConv"
+        }
+        "com.microsoft" if matches!(node.op_type, "QLinearConv" | "NhwcMaxPool") => {
+            // Channels-last: x is [N, H, W, C], the output [N, OH, OW, M].
+            let shape = |i: usize| node.inputs.get(i).filter(|v| v.present)?.shape;
+            *first = (|| {
+                let &[n, h, w, c] = shape(0)? else {
+                    return None;
+                };
+                let (m, kernel) = if node.op_type == "QLinearConv" {
+                    let wt = shape(3).filter(|w| w.len() == 4)?;
+                    (*wt.first()?, wt.get(2..).map(<[i64]>::to_vec))
+                } else {
+                    (c, None)
+                };
+                let mut s = vec![n];
+                s.extend(window(node, &[h, w], kernel));
+                s.push(m);
+                Some(s)
+            })();
+            return out;
+        }
         _ => return out,
     };
     let input = |i: usize| -> Shape {
@@ -250,15 +275,16 @@ pub(super) fn infer(node: &NodeInfo<'_>) -> Vec<Shape> {
                 };
                 Some(vec![*m, *n])
             })(),
-            "Conv" | "MaxPool" | "AveragePool" | "LpPool" => (|| {
+            "Conv" | "QLinearConv" | "MaxPool" | "AveragePool" | "LpPool" => (|| {
                 let x = input(0)?;
                 let (batch, x_channels, spatial) = match x.as_slice() {
                     [n, c, spatial @ ..] if !spatial.is_empty() => (*n, *c, spatial),
                     _ => return None,
                 };
-                let (channels, kernel) = if op == "Conv" {
+                let (channels, kernel) = if matches!(op, "Conv" | "QLinearConv") {
                     // Weights of another rank than the input: the kernel refuses the node.
-                    let w = input(1).filter(|w| w.len() == x.len())?;
+                    let w =
+                        input(if op == "Conv" { 1 } else { 3 }).filter(|w| w.len() == x.len())?;
                     (*w.first()?, w.get(2..).map(<[i64]>::to_vec))
                 } else {
                     (x_channels, None)

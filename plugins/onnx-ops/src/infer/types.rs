@@ -25,9 +25,11 @@ pub(super) fn output_type(
         // ONNX Runtime's quantized contrib operators this plugin has keep their input's type.
         "com.microsoft" => {
             return match node.op_type {
-                "QLinearAdd" => first,
+                "QLinearAdd" | "NhwcMaxPool" => first,
+                // y's type is y_zero_point's (x's without one), as in ONNX's QLinearConv.
+                "QLinearConv" => inputs.get(7).copied().flatten().or(first),
                 _ => None,
-            }
+            };
         }
         "" | "ai.onnx" => {}
         _ => return None,
@@ -74,6 +76,8 @@ pub(super) fn output_type(
         "DynamicQuantizeLinear" => DType::U8,
         "DequantizeLinear" => return inputs.get(1).copied().flatten().or(Some(DType::F32)),
         "MatMulInteger" | "ConvInteger" => DType::I32,
+        // y's type is y_zero_point's (x's without one).
+        "QLinearConv" => return inputs.get(7).copied().flatten().or(first),
         _ => return first,
     })
 }

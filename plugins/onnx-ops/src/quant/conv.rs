@@ -179,6 +179,14 @@ impl Geometry {
         s
     }
 
+    /// The output shape channels-last: `[N, D1, ..., M]`.
+    fn out_shape_nhwc(&self) -> Vec<usize> {
+        let mut s = vec![self.n];
+        s.extend(&self.out_sp);
+        s.push(self.m);
+        s
+    }
+
     /// `out[n, m, ...] = bias[m] + sum x[n, c, ...] * w[m, c, ...]` over the group's channels.
     fn run(
         &self,
@@ -253,12 +261,15 @@ impl Geometry {
     /// holds the input value under each tap, or the input's zero point where the tap falls in
     /// the padding (so it contributes 0 after the shift). Each tile goes to `store`, which
     /// writes it into the output in its own form (i32, or requantized). `Ok(false)` and
-    /// nothing stored when the backend is missing or refuses the operands.
+    /// nothing stored when the backend is missing or refuses the operands. `nhwc`: x is
+    /// channels-last (`[N, H, W, C]`, 2-D only), and a 1x1 convolution of one group reads
+    /// it as its columns without any copy.
     #[allow(clippy::too_many_arguments)]
     fn run_blas(
         &self,
         ctx: &KernelContext<'_>,
         op: &str,
+        nhwc: bool,
         x: &TensorView<'_>,
         w: &TensorView<'_>,
         x_zp: Option<&TensorView<'_>>,
@@ -281,14 +292,19 @@ impl Geometry {
             .ok_or_else(|| PluginError::invalid(format!("{op}: kernel too large")))?;
         // The zero point's byte: an i8 zero point as its two's-complement bit pattern.
         let pad = zx as u8;
-        let mut col = try_vec(numel(&[plane, kdim])?, pad)?;
+        let direct = nhwc && self.pointwise() && self.group == 1;
+        let mut col = if direct {
+            Vec::new()
+        } else {
+            try_vec(numel(&[plane, kdim])?, pad)?
+        };
         let mut tmp = try_vec(numel(&[plane, mg])?, 0i32)?;
         let in_size = product_sat(&self.in_sp);
         // 2-D columns are gathered from x in HWC order (see `im2col`), so their depth runs
         // tap-major (`kh, kw, c`): the weights must run alike. Pre-packed weights were
         // reordered at load; others are reordered here, once per call.
         let hwc = self.tap_major();
-        let mut hwc_x = if hwc && !self.pointwise() {
+        let mut hwc_x = if hwc && !nhwc && !self.pointwise() {
             try_vec(numel(&[in_size, cg])?, 0u8)?
         } else {
             Vec::new()
@@ -315,20 +331,31 @@ impl Geometry {
         } else {
             wb
         };
+        let short = || PluginError::invalid(format!("{op}: x is shorter than its shape"));
+        let image = numel(&[self.c, in_size])?;
         for bn in 0..self.n {
             for g in 0..self.group {
-                let x0 = (bn * self.c + g * cg) * in_size;
-                let xg = xb.get(x0..x0 + cg * in_size).ok_or_else(|| {
-                    PluginError::invalid(format!("{op}: x is shorter than its shape"))
-                })?;
-                self.im2col(ctx, xg, pad, kdim, &mut hwc_x, &mut col)?;
+                let a: &[u8] = if nhwc {
+                    let xi = xb.get(bn * image..(bn + 1) * image).ok_or_else(short)?;
+                    if direct {
+                        xi
+                    } else {
+                        self.gather_hwc(ctx, xi, self.c, g * cg, pad, kdim, &mut col)?;
+                        &col
+                    }
+                } else {
+                    let x0 = (bn * self.c + g * cg) * in_size;
+                    let xg = xb.get(x0..x0 + cg * in_size).ok_or_else(short)?;
+                    self.im2col(ctx, xg, pad, kdim, &mut hwc_x, &mut col)?;
+                    &col
+                };
                 let zb = if zw.len() == 1 {
                     &zw[..]
                 } else {
                     &zw[g * mg..(g + 1) * mg]
                 };
                 let product = IntProduct {
-                    a: &col,
+                    a,
                     b: wb.get(g * mg * kdim..).unwrap_or(&[]),
                     b_zp: zb,
                     ..shape
@@ -384,42 +411,7 @@ impl Geometry {
         }
         if self.tap_major() {
             to_hwc(ctx, xg, cg, in_size, hwc_x)?;
-            let xt = &*hwc_x;
-            let [ih, iw] = [self.in_sp[0], self.in_sp[1]];
-            let ow_n = self.out_sp[1].max(1);
-            let [kh_n, kw_n] = [self.k_sp[0], self.k_sp[1]];
-            let [sh, sw] = [self.strides[0], self.strides[1]];
-            let [dh, dw] = [self.dilations[0], self.dilations[1]];
-            let [ph, pw] = [self.pad_begin[0], self.pad_begin[1]];
-            let run = kw_n * cg;
-            return ctx.parallel_chunks(col, kdim * 16, |start, chunk| {
-                for (r, row) in chunk.chunks_mut(kdim).enumerate() {
-                    let p = start / kdim + r;
-                    let (oh, ow) = (p / ow_n, p % ow_n);
-                    let x0 = (ow * sw).wrapping_sub(pw);
-                    for (kh, taps) in row.chunks_exact_mut(run.max(1)).enumerate().take(kh_n) {
-                        let y = (oh * sh + kh * dh).wrapping_sub(ph);
-                        if y >= ih {
-                            taps.fill(pad);
-                            continue;
-                        }
-                        let line = &xt[y * iw * cg..(y + 1) * iw * cg];
-                        // The whole kernel row inside the input, taps adjacent: one copy.
-                        if dw == 1 && x0 < iw && iw - x0 >= kw_n {
-                            taps.copy_from_slice(&line[x0 * cg..(x0 + kw_n) * cg]);
-                            continue;
-                        }
-                        for (kw, dst) in taps.chunks_exact_mut(cg.max(1)).enumerate() {
-                            let xx = x0.wrapping_add(kw * dw);
-                            if xx < iw {
-                                dst.copy_from_slice(&line[xx * cg..(xx + 1) * cg]);
-                            } else {
-                                dst.fill(pad);
-                            }
-                        }
-                    }
-                }
-            });
+            return self.gather_hwc(ctx, hwc_x, cg, 0, pad, kdim, col);
         }
         // Any other rank: the general walk over the kernel's taps.
         let sp = self.in_sp.len();
@@ -448,6 +440,67 @@ impl Geometry {
                     }
                     for ic in 0..cg {
                         row[ic * taps + kp] = if inside { xg[ic * in_size + lin] } else { pad };
+                    }
+                }
+            }
+        })
+    }
+
+    /// 2-D columns gathered from `xt`, the image in HWC order with `ld` channels per
+    /// position, of which the group's `cg` start at `c0`: `col[p, (kh * kw_n + kw) * cg + ic]`,
+    /// copied as runs of `cg` channels (one run of `kw_n * cg` where the kernel row lies
+    /// inside and the group is the whole image), `pad` in the padding.
+    #[allow(clippy::too_many_arguments)]
+    fn gather_hwc(
+        &self,
+        ctx: &KernelContext<'_>,
+        xt: &[u8],
+        ld: usize,
+        c0: usize,
+        pad: u8,
+        kdim: usize,
+        col: &mut [u8],
+    ) -> Result<(), PluginError> {
+        let cg = self.c / self.group;
+        let kdim = kdim.max(1);
+        let [ih, iw] = [self.in_sp[0], self.in_sp[1]];
+        let ow_n = self.out_sp[1].max(1);
+        let [kh_n, kw_n] = [self.k_sp[0], self.k_sp[1]];
+        let [sh, sw] = [self.strides[0], self.strides[1]];
+        let [dh, dw] = [self.dilations[0], self.dilations[1]];
+        let [ph, pw] = [self.pad_begin[0], self.pad_begin[1]];
+        let run = kw_n * cg;
+        let whole = ld == cg;
+        if xt.len() < ih * iw * ld || c0 + cg > ld {
+            return Err(PluginError::invalid(
+                "convolution: x is shorter than its shape",
+            ));
+        }
+        ctx.parallel_chunks(col, kdim * 16, |start, chunk| {
+            for (r, row) in chunk.chunks_mut(kdim).enumerate() {
+                let p = start / kdim + r;
+                let (oh, ow) = (p / ow_n, p % ow_n);
+                let x0 = (ow * sw).wrapping_sub(pw);
+                for (kh, taps) in row.chunks_exact_mut(run.max(1)).enumerate().take(kh_n) {
+                    let y = (oh * sh + kh * dh).wrapping_sub(ph);
+                    if y >= ih {
+                        taps.fill(pad);
+                        continue;
+                    }
+                    let line = &xt[y * iw * ld..(y + 1) * iw * ld];
+                    // The whole kernel row inside the input, taps adjacent: one copy.
+                    if whole && dw == 1 && x0 < iw && iw - x0 >= kw_n {
+                        taps.copy_from_slice(&line[x0 * cg..(x0 + kw_n) * cg]);
+                        continue;
+                    }
+                    for (kw, dst) in taps.chunks_exact_mut(cg.max(1)).enumerate() {
+                        let xx = x0.wrapping_add(kw * dw);
+                        if xx < iw {
+                            let at = xx * ld + c0;
+                            dst.copy_from_slice(&line[at..at + cg]);
+                        } else {
+                            dst.fill(pad);
+                        }
                     }
                 }
             }
@@ -590,6 +643,21 @@ fn depthwise_operands<'a>(
     }))
 }
 
+/// `x` (`[n, positions, c]`, channels-last) in NCHW order (`[n, c, positions]`), fallibly.
+fn nhwc_to_nchw(x: &[i32], n: usize, c: usize, positions: usize) -> Result<Vec<i32>, PluginError> {
+    let mut out = try_vec(numel(&[n, c, positions])?, 0i32)?;
+    if x.len() < out.len() {
+        return Err(PluginError::invalid(
+            "QLinearConv: x is shorter than its shape",
+        ));
+    }
+    for (i, v) in out.iter_mut().enumerate() {
+        let (bn, ch, p) = (i / (c * positions), (i / positions) % c, i % positions);
+        *v = x[(bn * positions + p) * c + ch];
+    }
+    Ok(out)
+}
+
 /// Advances a row-major multi-index over `shape` (wrapping to zeros at the end).
 fn increment(idx: &mut [usize], shape: &[usize]) {
     for d in (0..idx.len()).rev() {
@@ -687,7 +755,17 @@ impl Kernel for ConvInteger {
         if let Some(d) = depthwise_operands(OP, &geo, x, w, present(2), present(3), None)? {
             return geo.run_depthwise(ctx, OP, &d, out, |_, acc, dst| dst.copy_from_slice(acc));
         }
-        if geo.run_blas(ctx, OP, x, w, present(2), present(3), &[], &mut store)? {
+        if geo.run_blas(
+            ctx,
+            OP,
+            false,
+            x,
+            w,
+            present(2),
+            present(3),
+            &[],
+            &mut store,
+        )? {
             return Ok(());
         }
         let xs = shift_x(OP, x, present(2))?;
@@ -699,6 +777,11 @@ impl Kernel for ConvInteger {
 #[derive(Clone)]
 struct QLinearConv {
     attrs: ConvAttrs,
+    /// `com.microsoft::QLinearConv`'s `channels_last`: x and y are `[N, H, W, C]` (2-D
+    /// only). The layout pass gives the graph's integer convolutions this form, so that a
+    /// chain of them keeps channels-last data between them instead of transposing into and
+    /// out of every product.
+    channels_last: bool,
     /// The weights packed once per group at model load, when they are constant.
     packed: std::sync::Arc<[PackedB]>,
 }
@@ -718,7 +801,18 @@ impl Kernel for QLinearConv {
         }
         let present = |i: usize| optional(inputs, i);
         let (x, w) = (&input(OP, inputs, 0, "x")?, &input(OP, inputs, 3, "w")?);
-        let geo = Geometry::new(OP, x.shape(), w.shape(), &self.attrs)?;
+        let nhwc = self.channels_last;
+        let geo = if nhwc {
+            let &[n, h, wd, c] = x.shape() else {
+                return Err(PluginError::invalid(format!(
+                    "{OP}: channels_last takes a 4-D x [N, H, W, C], got {:?}",
+                    x.shape()
+                )));
+            };
+            Geometry::new(OP, &[n, c, h, wd], w.shape(), &self.attrs)?
+        } else {
+            Geometry::new(OP, x.shape(), w.shape(), &self.attrs)?
+        };
         let scalar = |i: usize, name: &str| -> Result<f32, PluginError> {
             let v = read_f32(&input(OP, inputs, i, name)?, OP)?;
             if v.len() != 1 {
@@ -775,7 +869,11 @@ impl Kernel for QLinearConv {
                 &zeros[..]
             }
         };
-        let shape = geo.out_shape();
+        let shape = if nhwc {
+            geo.out_shape_nhwc()
+        } else {
+            geo.out_shape()
+        };
         let plane = product_sat(&geo.out_sp).max(1);
         // QLinearConv's output is u8 or i8 (its type constraint).
         let out = ctx.output(0, out_dtype, &shape)?.into_bytes()?;
@@ -790,12 +888,11 @@ impl Kernel for QLinearConv {
         };
         let mg = geo.m / geo.group;
         // Each tile of products is biased, requantized and written in place (no i32 copy of
-        // the whole output, no per-element index arithmetic).
+        // the whole output, no per-element index arithmetic): transposed to NCHW, or
+        // channels-last position by position.
         let mut store = |bn: usize, g: usize, tmp: &[i32]| {
-            let base = (bn * geo.m + g * mg) * plane;
-            let dst = &mut out[base..base + mg * plane];
-            let (bias, mult) = (&bias[g * mg..], &mult[g * mg..]);
-            transpose_tile(ctx, dst, tmp, plane, mg, |j0, src, out| {
+            let (bias, mult) = (&bias[g * mg..(g + 1) * mg], &mult[g * mg..(g + 1) * mg]);
+            let requantize = |src: &[i32], out: &mut [u8], j0: usize| {
                 let n = src.len();
                 crate::simd::requantize(
                     src,
@@ -806,17 +903,44 @@ impl Kernel for QLinearConv {
                     hi,
                     out,
                 );
+            };
+            if nhwc {
+                let dst = &mut out[bn * plane * geo.m..(bn + 1) * plane * geo.m];
+                let m = geo.m.max(1);
+                return ctx.parallel_chunks(dst, m * 64, |start, chunk| {
+                    for (r, row) in chunk.chunks_exact_mut(m).enumerate() {
+                        let p = start / m + r;
+                        if let Some(src) = tmp.get(p * mg..(p + 1) * mg) {
+                            requantize(src, &mut row[g * mg..(g + 1) * mg], 0);
+                        }
+                    }
+                });
+            }
+            let base = (bn * geo.m + g * mg) * plane;
+            let dst = &mut out[base..base + mg * plane];
+            transpose_tile(ctx, dst, tmp, plane, mg, |j0, src, out| {
+                requantize(src, out, j0)
             })
         };
         if let Some(d) = depthwise_operands(OP, &geo, x, w, present(2), present(5), Some(bias))? {
-            return geo.run_depthwise(ctx, OP, &d, out, |oc, acc, dst| {
-                // The bias is in the accumulators already.
-                crate::simd::requantize_channel(acc, mult[oc], y_zp, lo, hi, dst);
-            });
+            if !nhwc {
+                return geo.run_depthwise(ctx, OP, &d, out, |oc, acc, dst| {
+                    // The bias is in the accumulators already.
+                    crate::simd::requantize_channel(acc, mult[oc], y_zp, lo, hi, dst);
+                });
+            }
+            if geo.m == geo.c {
+                return geo.run_depthwise_nhwc(ctx, OP, &d, out, |c0, acc, dst| {
+                    let n = acc.len();
+                    let (b, m) = (&bias[c0..c0 + n], &mult[c0..c0 + n]);
+                    crate::simd::requantize(acc, b, m, y_zp, lo, hi, dst);
+                });
+            }
         }
         if geo.run_blas(
             ctx,
             OP,
+            nhwc,
             x,
             w,
             present(2),
@@ -828,11 +952,24 @@ impl Kernel for QLinearConv {
         }
         // Padding makes the output arbitrarily larger than x: fallible.
         let mut acc = try_vec(numel(&shape)?, 0i32)?;
-        let xs = shift_x(OP, x, present(2))?;
+        let mut xs = shift_x(OP, x, present(2))?;
+        if nhwc {
+            xs = nhwc_to_nchw(&xs, geo.n, geo.c, product_sat(&geo.in_sp))?;
+        }
         let ws = shift_w(OP, w, present(5))?;
         geo.run(ctx, &xs, &ws, Some(bias), &mut acc)?;
+        let m = geo.m.max(1);
         for (i, (v, &a)) in out.iter_mut().zip(&acc).enumerate() {
-            *v = requant(a, (i / plane) % geo.m.max(1));
+            // acc is NCHW; channels-last output is written at the transposed position.
+            let oc = (i / plane) % m;
+            *v = requant(a, oc);
+        }
+        if nhwc {
+            let planar = out.to_vec();
+            for (i, &v) in planar.iter().enumerate() {
+                let (bn, oc, p) = (i / (plane * m), (i / plane) % m, i % plane);
+                out[(bn * plane + p) * m + oc] = v;
+            }
         }
         Ok(())
     }
@@ -845,7 +982,13 @@ pub(super) fn conv_integer_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel
 pub(super) fn qlinear_conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
     let attrs = ConvAttrs::read(node)?;
     let packed = prepack(node, &attrs, 3, 5).unwrap_or_default().into();
-    Ok(Box::new(QLinearConv { attrs, packed }))
+    // ONNX Runtime's contrib form (`com.microsoft`), as its layout transformer writes it.
+    let channels_last = node.domain == "com.microsoft" && node.int_or("channels_last", 0)? != 0;
+    Ok(Box::new(QLinearConv {
+        attrs,
+        packed,
+        channels_last,
+    }))
 }
 
 /// The constant weight `inputs[w]` (zero point `inputs[w_zp]`, constant or absent) packed
@@ -916,6 +1059,18 @@ pub(super) fn register(r: &mut Registrar) {
     );
     r.kernel(
         KernelDesc::onnx("QLinearConv", 10, OPEN_END)
+            .constraint("T1", Q8)
+            .constraint("T2", Q8)
+            .constraint("T3", Q8)
+            .constraint("T4", &[DType::I32])
+            .constraint("TS", &[DType::F32])
+            .inputs(&["T1", "TS", "T1", "T2", "TS", "T2", "TS", "T3", "T4"])
+            .outputs(&["T3"]),
+        qlinear_conv_factory as Factory,
+    );
+    // ONNX Runtime's contrib QLinearConv: the same, plus `channels_last`.
+    r.kernel(
+        KernelDesc::new("com.microsoft", "QLinearConv", 1, OPEN_END)
             .constraint("T1", Q8)
             .constraint("T2", Q8)
             .constraint("T3", Q8)

@@ -1106,3 +1106,189 @@ fn depthwise_convolutions_match_a_naive_convolution() {
         }
     }
 }
+
+/// `x` (`[n, c, h, w]` bytes) transposed to channels-last `[n, h, w, c]`.
+fn to_nhwc(x: &[u8], [_, c, h, w]: [usize; 4]) -> Vec<u8> {
+    let mut out = vec![0; x.len()];
+    for (i, &v) in x.iter().enumerate() {
+        let (b, ch, p) = (i / (c * h * w), (i / (h * w)) % c, i % (h * w));
+        out[(b * h * w + p) * c + ch] = v;
+    }
+    out
+}
+
+/// The channels-last `com.microsoft::QLinearConv` (what the layout pass compiles integer
+/// convolutions into) gives exactly the NCHW operator's bytes, transposed: pointwise (read
+/// in place), strided pointwise, 3x3 with padding, grouped, depthwise (its own loop; more
+/// channels than one block), depthwise with a channel multiplier (through the product), u8
+/// and i8, per-channel weight zero points, with and without a BLAS backend.
+#[test]
+fn channels_last_convolutions_equal_the_nchw_ones() {
+    let bytes = |n: usize, seed: u32| -> Vec<u8> {
+        (0..n as u32)
+            .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 11) as u8)
+            .collect()
+    };
+    // (x shape, output channels, group, kernel, strides, pads)
+    type Case = ([usize; 4], usize, usize, [usize; 2], [usize; 2], [usize; 4]);
+    let cases: [Case; 8] = [
+        ([1, 16, 5, 7], 24, 1, [1, 1], [1, 1], [0, 0, 0, 0]),
+        ([2, 8, 9, 6], 12, 1, [1, 1], [2, 2], [0, 0, 0, 0]),
+        ([2, 8, 9, 6], 12, 1, [3, 3], [1, 1], [1, 1, 1, 1]),
+        ([1, 8, 7, 7], 6, 2, [3, 3], [2, 1], [1, 0, 1, 2]),
+        ([1, 6, 4, 4], 6, 2, [1, 1], [1, 1], [0, 0, 0, 0]),
+        ([1, 20, 9, 8], 20, 20, [3, 3], [2, 2], [1, 1, 1, 1]),
+        ([1, 300, 4, 5], 300, 300, [3, 3], [1, 1], [1, 1, 1, 1]),
+        ([1, 4, 6, 6], 8, 4, [3, 3], [1, 1], [0, 1, 2, 1]),
+    ];
+    for (k, (xs, m, group, ks, st, pads)) in cases.into_iter().enumerate() {
+        let cg = xs[1] / group;
+        for x_signed in [false, true] {
+            let xb = bytes(xs.iter().product(), k as u32);
+            let wb = bytes(m * cg * ks[0] * ks[1], 70 + k as u32);
+            let x_of = |shape: &[usize], b: &[u8]| {
+                if x_signed {
+                    t(shape, &b.iter().map(|&v| v as i8).collect::<Vec<_>>())
+                } else {
+                    t(shape, b)
+                }
+            };
+            let xz = if x_signed {
+                t::<i8>(&[], &[-5])
+            } else {
+                t::<u8>(&[], &[121])
+            };
+            let w = t(
+                &[m, cg, ks[0], ks[1]],
+                &wb.iter().map(|&b| b as i8).collect::<Vec<_>>(),
+            );
+            let wz = t(&[m], &(0..m).map(|i| (i % 7) as i8 - 3).collect::<Vec<_>>());
+            let wsc: Vec<f32> = (0..m).map(|i| 0.003 + 0.0005 * (i % 11) as f32).collect();
+            let bias: Vec<i32> = (0..m as i32).map(|i| i * 97 - 400).collect();
+            let attrs = [
+                ("group", AttrValue::Int(group as i64)),
+                (
+                    "kernel_shape",
+                    AttrValue::Ints(ks.map(|v| v as i64).to_vec()),
+                ),
+                ("strides", AttrValue::Ints(st.map(|v| v as i64).to_vec())),
+                ("pads", AttrValue::Ints(pads.map(|v| v as i64).to_vec())),
+            ];
+            let rest = [
+                t::<f32>(&[], &[0.05]),
+                xz,
+                w,
+                t(&[m], &wsc),
+                wz,
+                t::<f32>(&[], &[0.4]),
+                t::<u8>(&[], &[17]),
+                t(&[m], &bias),
+            ];
+            let conv = |node: NodeSpec, x: &HostTensor| {
+                let mut inputs = vec![Some(x)];
+                inputs.extend(rest.iter().map(Some));
+                run(conv::qlinear_conv_factory, node, &inputs)
+                    .unwrap_or_else(|e| panic!("case {k}: {e:?}"))
+                    .remove(0)
+            };
+            let nchw = conv(conv_node("QLinearConv", &attrs), &x_of(&xs, &xb));
+            let [_, _, oh, ow] = nchw.shape() else {
+                panic!("case {k}: output {:?}", nchw.shape());
+            };
+            let (oh, ow) = (*oh, *ow);
+            let node = conv_node("QLinearConv", &attrs)
+                .domain("com.microsoft")
+                .attr("channels_last", AttrValue::Int(1));
+            let [n, c, h, wd] = xs;
+            let nhwc = conv(node, &x_of(&[n, h, wd, c], &to_nhwc(&xb, xs)));
+            assert_eq!(nhwc.shape(), &[n, oh, ow, m], "case {k}");
+            assert_eq!(
+                nhwc.bytes(),
+                to_nhwc(nchw.bytes(), [n, m, oh, ow]),
+                "case {k}, signed x {x_signed}"
+            );
+        }
+    }
+}
+
+/// `com.microsoft::NhwcMaxPool` over u8 and i8: the maximum of each window's bytes in the
+/// type's order, padding ignored, strides, dilations and ceil mode, against a direct loop.
+#[test]
+fn nhwc_max_pool_takes_each_windows_maximum() {
+    let (n, h, w, c) = (2, 7, 6, 5);
+    let xb: Vec<u8> = (0..n * h * w * c)
+        .map(|i| ((i as u32).wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    // (kernel, strides, pads [top, left, bottom, right], dilations, ceil mode)
+    type Case = ([usize; 2], [usize; 2], [usize; 4], [usize; 2], bool);
+    let cases: [Case; 3] = [
+        ([3, 3], [2, 2], [1, 1, 1, 1], [1, 1], false),
+        ([2, 3], [1, 2], [0, 1, 0, 0], [2, 1], true),
+        ([1, 1], [3, 3], [0, 0, 0, 0], [1, 1], false),
+    ];
+    for (k, (ks, st, pads, dil, ceil)) in cases.into_iter().enumerate() {
+        for signed in [false, true] {
+            let out_extent = |d: usize| {
+                let span = [h, w][d] + pads[d] + pads[d + 2] - (ks[d] - 1) * dil[d] - 1;
+                if ceil {
+                    span.div_ceil(st[d]) + 1
+                } else {
+                    span / st[d] + 1
+                }
+            };
+            let (oh, ow) = (out_extent(0), out_extent(1));
+            let value = |b: u8| {
+                if signed {
+                    i32::from(b as i8)
+                } else {
+                    i32::from(b)
+                }
+            };
+            let mut want = Vec::new();
+            for b in 0..n {
+                for y in 0..oh {
+                    for xx in 0..ow {
+                        for ch in 0..c {
+                            let mut best: Option<u8> = None;
+                            for a in 0..ks[0] {
+                                for e in 0..ks[1] {
+                                    let iy = (y * st[0] + a * dil[0]) as isize - pads[0] as isize;
+                                    let ix = (xx * st[1] + e * dil[1]) as isize - pads[1] as isize;
+                                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                        continue;
+                                    }
+                                    let v = xb[((b * h + iy as usize) * w + ix as usize) * c + ch];
+                                    if best.is_none_or(|m| value(v) > value(m)) {
+                                        best = Some(v);
+                                    }
+                                }
+                            }
+                            want.push(best.expect("every window has a tap inside"));
+                        }
+                    }
+                }
+            }
+            let x = if signed {
+                t(
+                    &[n, h, w, c],
+                    &xb.iter().map(|&v| v as i8).collect::<Vec<_>>(),
+                )
+            } else {
+                t(&[n, h, w, c], &xb)
+            };
+            let node = NodeSpec::onnx("NhwcMaxPool", 1)
+                .domain("com.microsoft")
+                .attr(
+                    "kernel_shape",
+                    AttrValue::Ints(ks.map(|v| v as i64).to_vec()),
+                )
+                .attr("strides", AttrValue::Ints(st.map(|v| v as i64).to_vec()))
+                .attr("pads", AttrValue::Ints(pads.map(|v| v as i64).to_vec()))
+                .attr("dilations", AttrValue::Ints(dil.map(|v| v as i64).to_vec()))
+                .attr("ceil_mode", AttrValue::Int(i64::from(ceil)));
+            let got = run(pool::factory, node, &[Some(&x)]).unwrap_or_else(|e| panic!("{e:?}"));
+            assert_eq!(got[0].shape(), &[n, oh, ow, c], "case {k}");
+            assert_eq!(got[0].bytes(), want, "case {k}, signed {signed}");
+        }
+    }
+}

@@ -223,3 +223,154 @@ crate::simd::simd_fn! {
         p.body(signed, x, w, oh, ow0, acc)
     }
 }
+
+/// Channels accumulated at a time by the channels-last loop (a stack buffer).
+const CHANNELS: usize = 256;
+
+/// The geometry the channels-last loop needs per output position.
+struct Position<'a> {
+    ih: usize,
+    iw: usize,
+    c: usize,
+    kh_n: usize,
+    kw_n: usize,
+    sh: usize,
+    sw: usize,
+    dh: usize,
+    dw: usize,
+    ph: usize,
+    pw: usize,
+    zx: i32,
+    /// Weights tap-major: `w[tap * c + channel]`, zero point subtracted.
+    w: &'a [i32],
+}
+
+impl Geometry {
+    /// Runs a [`depthwise`](Self::depthwise) convolution with one output channel per input
+    /// channel over channels-last x and out (`[n, h, w, c]`): per output position, the taps
+    /// inside the input are multiply-added along the channels, which are contiguous in x,
+    /// in the tap-major weights and in the output. `emit(c0, acc, dst)` turns the sums of
+    /// channels `c0..` (bias not included) into output values.
+    pub(super) fn run_depthwise_nhwc(
+        &self,
+        ctx: &KernelContext<'_>,
+        op: &str,
+        d: &Depthwise<'_>,
+        out: &mut [u8],
+        emit: impl Fn(usize, &[i32], &mut [u8]) + Sync,
+    ) -> Result<(), PluginError> {
+        let c = self.c;
+        let [ih, iw] = [self.in_sp[0], self.in_sp[1]];
+        let [oh_n, ow_n] = [self.out_sp[0], self.out_sp[1]];
+        let [kh_n, kw_n] = [self.k_sp[0], self.k_sp[1]];
+        let taps = kh_n * kw_n;
+        let row = ow_n * c;
+        if out.is_empty() || row == 0 {
+            return Ok(());
+        }
+        if self.m != c
+            || d.x.len() < self.n * ih * iw * c
+            || d.w.len() < c * taps
+            || out.len() < self.n * oh_n * row
+        {
+            return Err(PluginError::invalid(format!(
+                "{op}: x, w or y is shorter than its shape"
+            )));
+        }
+        let mut w = opreg_sdk::alloc::try_vec(taps * c, 0i32)?;
+        for (ch, src) in d.w.chunks_exact(taps).take(c).enumerate() {
+            for (t, &v) in src.iter().enumerate() {
+                w[t * c + ch] = v;
+            }
+        }
+        let p = Position {
+            ih,
+            iw,
+            c,
+            kh_n,
+            kw_n,
+            sh: self.strides[0],
+            sw: self.strides[1],
+            dh: self.dilations[0],
+            dw: self.dilations[1],
+            ph: self.pad_begin[0],
+            pw: self.pad_begin[1],
+            zx: d.x_zp,
+            w: &w,
+        };
+        let image = ih * iw * c;
+        // Several output rows per task when rows are small (MobileNet's 7x7 layers).
+        let grain = row * 8192usize.div_ceil(row);
+        ctx.parallel_chunks(out, grain, |start, chunk| {
+            let mut acc = [0i32; CHANNELS];
+            for (k, orow) in chunk.chunks_mut(row).enumerate() {
+                let r = start / row + k;
+                let (bn, oh) = (r / oh_n, r % oh_n);
+                let Some(x) = d.x.get(bn * image..(bn + 1) * image) else {
+                    return;
+                };
+                for (ow, pixel) in orow.chunks_exact_mut(c).enumerate() {
+                    for c0 in (0..c).step_by(CHANNELS) {
+                        let cn = CHANNELS.min(c - c0);
+                        let acc = &mut acc[..cn];
+                        acc.fill(0);
+                        accumulate_position(&p, d.x_signed, x, oh, ow, c0, acc);
+                        emit(c0, acc, &mut pixel[c0..c0 + cn]);
+                    }
+                }
+            }
+        })
+    }
+}
+
+impl Position<'_> {
+    #[inline(always)]
+    fn taps<const SIGNED: bool>(&self, x: &[u8], oh: usize, ow: usize, c0: usize, acc: &mut [i32]) {
+        let (c, cn, zx) = (self.c, acc.len(), self.zx);
+        for kh in 0..self.kh_n {
+            let y = (oh * self.sh + kh * self.dh).wrapping_sub(self.ph);
+            if y >= self.ih {
+                continue;
+            }
+            for kw in 0..self.kw_n {
+                let xx = (ow * self.sw + kw * self.dw).wrapping_sub(self.pw);
+                if xx >= self.iw {
+                    continue;
+                }
+                let at = (y * self.iw + xx) * c + c0;
+                let t = (kh * self.kw_n + kw) * c + c0;
+                let (Some(xs), Some(ws)) = (x.get(at..at + cn), self.w.get(t..t + cn)) else {
+                    return;
+                };
+                for ((a, &b), &wv) in acc.iter_mut().zip(xs).zip(ws) {
+                    let v = if SIGNED {
+                        i32::from(b as i8)
+                    } else {
+                        i32::from(b)
+                    };
+                    *a = a.wrapping_add(wv.wrapping_mul(v - zx));
+                }
+            }
+        }
+    }
+}
+
+crate::simd::simd_fn! {
+    /// `acc[j] = Σ_taps w[tap][c0 + j] * (x[.., c0 + j] - zx)` at output position (oh, ow)
+    /// of one channels-last image: taps in the padding contribute nothing.
+    fn accumulate_position(
+        p: &Position<'_>,
+        signed: bool,
+        x: &[u8],
+        oh: usize,
+        ow: usize,
+        c0: usize,
+        acc: &mut [i32],
+    ) {
+        if signed {
+            p.taps::<true>(x, oh, ow, c0, acc)
+        } else {
+            p.taps::<false>(x, oh, ow, c0, acc)
+        }
+    }
+}
