@@ -331,3 +331,58 @@ async fn qdq_models_run_on_integer_operators_and_agree_with_the_float_path() {
         );
     }
 }
+
+/// `opreg optimize --level all` writes the integer operators the compiler runs — the QDQ
+/// convolution as ONNX Runtime's channels-last `com.microsoft::QLinearConv`, transposed only
+/// at the integer region's edges — and onnxruntime loads that file and computes what it
+/// computes for the QDQ original, to within one output quantization step (0.05: the two
+/// runtimes may round a tie differently).
+#[test]
+fn optimize_all_writes_channels_last_integer_operators_that_onnxruntime_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let original = dir.path().join("model.onnx");
+    std::fs::write(&original, qdq_model(false)).expect("write");
+    let out = dir.path().join("optimized.onnx");
+    let cli = std::process::Command::new(artifacts().join("opreg"))
+        .arg("optimize")
+        .arg(&original)
+        .arg(&out)
+        .args(["--level", "all"])
+        .output()
+        .expect("run opreg optimize");
+    let report = String::from_utf8_lossy(&cli.stdout).into_owned();
+    assert!(
+        cli.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    let m =
+        onnx::ModelProto::decode(std::fs::read(&out).expect("read").as_slice()).expect("decode");
+    let g = m.graph.expect("graph");
+    let conv = g
+        .node
+        .iter()
+        .find(|n| n.op_type == "QLinearConv")
+        .unwrap_or_else(|| panic!("no QLinearConv: {report}"));
+    assert_eq!(conv.domain, "com.microsoft");
+    assert!(
+        conv.attribute
+            .iter()
+            .any(|a| a.name == "channels_last" && a.i == 1),
+        "{conv:?}"
+    );
+    let transposes = g.node.iter().filter(|n| n.op_type == "Transpose").count();
+    assert_eq!(transposes, 2, "into and out of the convolution only");
+
+    let Some(line) = run_python("compare_ort.py", &[&original, &out]) else {
+        eprintln!("skipped the onnxruntime comparison: OPREG_TEST_PYTHON is not set");
+        return;
+    };
+    let diff: f64 = line
+        .split("\"max_abs_diff\": ")
+        .nth(1)
+        .and_then(|s| s.split([',', '}']).next())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("max_abs_diff in {line}"));
+    assert!(diff <= 0.0501, "onnxruntime differs by {diff}: {line}");
+}
