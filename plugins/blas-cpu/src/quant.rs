@@ -184,11 +184,6 @@ pub(crate) fn gemm(
     Ok(())
 }
 
-/// Rows per task: enough work per task to amortize it, at least one row.
-fn grain(g: &GemmArgs) -> usize {
-    (1 << 18) / g.n.saturating_mul(g.k).max(1)
-}
-
 /// One product into C of `types.c`.
 ///
 /// # Safety
@@ -206,7 +201,7 @@ unsafe fn one(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let grain = grain(g).clamp(1, m);
+    let grain = b.inner.rows_per_task(m, ctx.num_threads());
     if g.types.c == DType::I32 {
         // SAFETY: C covers `c_len` i32 values (contract); tasks write disjoint rows.
         let out = unsafe { std::slice::from_raw_parts_mut(c.cast::<i32>(), c_len) };

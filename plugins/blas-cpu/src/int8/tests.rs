@@ -594,3 +594,48 @@ fn speed_512() {
         }
     }
 }
+
+/// The parallel split gives whole register tiles, covers the rows, keeps deep products in
+/// tasks of many rows (one-row tasks stream all of B per row: the bug this guards), splits
+/// evenly over the threads when there is work for them, and leaves tiny products whole.
+#[test]
+fn rows_per_task_keeps_tiles_whole_and_deep_products_in_blocks() {
+    for kind in available() {
+        let mr = kind.geometry().mr;
+        let pack = |k: usize, n: usize| {
+            pack_b_with(kind, &vec![1u8; k * n], true, k, n, n, false, &[0]).unwrap()
+        };
+        // ResNet-50 3x3 at 28x28: m = 784, k = 1152, n = 128.
+        let deep = pack(1152, 128);
+        for threads in [1, 2, 4, 16] {
+            let rows = deep.rows_per_task(784, threads);
+            assert!(
+                (1..=784).contains(&rows),
+                "{kind:?} threads {threads}: {rows}"
+            );
+            assert!(
+                rows == 784 || rows.is_multiple_of(mr),
+                "{kind:?}: {rows} rows, mr {mr}"
+            );
+            let tasks = 784usize.div_ceil(rows);
+            assert!(rows >= mr.min(784), "{kind:?}: {rows} rows");
+            // Rounding to whole tiles may cost a task or two, not a thread's share.
+            if threads > 1 {
+                let want = threads.min(784 / mr) * 3 / 4;
+                assert!(
+                    tasks >= want,
+                    "{kind:?}: {tasks} tasks for {threads} threads"
+                );
+            }
+        }
+        let rows = deep.rows_per_task(784, 2);
+        assert!(
+            rows >= 8 * mr,
+            "{kind:?}: deep product cut into {rows}-row tasks"
+        );
+        // A product too small to pay for a second task stays whole.
+        let tiny = pack(8, 8);
+        assert_eq!(tiny.rows_per_task(12, 2), 12);
+        assert_eq!(tiny.rows_per_task(0, 2), 1);
+    }
+}
