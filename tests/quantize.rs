@@ -374,6 +374,131 @@ async fn lenet_quantized_by_each_method_stays_within_a_point_of_f32_and_runs_in_
     assert_eq!(accuracy(&logits(&d, "1").await, &labels), float);
 }
 
+/// The error-budget mode (`quant-mixed lowered=auto`): each layer in int8, f16 or f32, the
+/// SQNR target met on the held-out samples, the uniform candidates measured beside the mix;
+/// a target the all-int8 plan misses keeps some layer above int8, and onnxruntime runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_error_budget_mode_meets_its_target_and_lists_each_measured_candidate() {
+    let repo = repo();
+    let (d, _plugins) = daemon(repo.path(), &[]);
+    let labels = labels();
+    let float = accuracy(&logits(&d, "1").await, &labels);
+    let calib = digits().join("calib");
+    let eval = digits().join("test");
+    for target in [30.0, 60.0] {
+        let t = target.to_string();
+        let options = [("lowered", "auto"), ("target_sqnr_db", t.as_str())];
+        let (r, _) = quantize(
+            &d,
+            job("quant-mixed", &options, &calib, Some(&eval)),
+            vec![],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("target {target}: {e:?}\n{}", d.log()));
+        let rep = report(&r);
+        let notes = rep["strategy_notes"].as_str().expect("strategy notes");
+        assert!(notes.starts_with("error budget"), "{notes}");
+        // "candidates: LABEL SQNR dB LATENCY ms[ (misses)]; ...": the uniform plans are
+        // always measured, and the chosen one is the fastest that meets the target.
+        let candidates: Vec<(&str, f64, f64, bool)> = notes
+            .split_once("candidates: ")
+            .expect("candidates listed")
+            .1
+            .split("; ")
+            .filter_map(|c| {
+                let (label, rest) = c.split_once(" dB ").and_then(|(l, r)| {
+                    let (label, sqnr) = l.rsplit_once(' ')?;
+                    Some((label, (sqnr, r)))
+                })?;
+                let (sqnr, rest) = rest;
+                let ms = rest.split(" ms").next()?.parse::<f64>().ok()?;
+                let sqnr = if sqnr == "inf" {
+                    f64::INFINITY
+                } else {
+                    sqnr.parse().ok()?
+                };
+                Some((label, sqnr, ms, !rest.contains("(misses)")))
+            })
+            .collect();
+        for label in ["all f32", "all int8", "all f16"] {
+            assert!(
+                candidates.iter().any(|c| c.0 == label),
+                "{label} measured: {notes}"
+            );
+        }
+        for c in &candidates {
+            assert_eq!(c.3, c.1 >= target || c.0 == "all f32", "{c:?}: {notes}");
+        }
+        let chosen = notes
+            .split_once("latency: ")
+            .and_then(|(_, r)| r.split(" (").next())
+            .expect("the chosen candidate");
+        let fastest = candidates
+            .iter()
+            .filter(|c| c.3)
+            .min_by(|a, b| a.2.total_cmp(&b.2))
+            .expect("a candidate meets the target");
+        assert_eq!(chosen, fastest.0, "{notes}");
+        let layers = rep["layers"].as_array().expect("layers");
+        assert_eq!(layers.len(), 4, "{}", r.report_json);
+        let bits: Vec<f64> = layers
+            .iter()
+            .map(|l| {
+                let f = &l["figures"];
+                assert!(
+                    f["sensitivity_db"].is_number() && f["sensitivity_f16_db"].is_number(),
+                    "each layer measured alone in int8 and f16: {f}"
+                );
+                f["precision_bits"].as_f64().expect("precision_bits")
+            })
+            .collect();
+        assert!(
+            bits.iter().all(|b| [8.0, 16.0, 32.0].contains(b)),
+            "{bits:?}"
+        );
+        // The report measures the saved version on the same held-out samples the search did.
+        let sqnr = rep["error"]["sqnr_db"].as_f64().unwrap_or(f64::INFINITY);
+        assert!(sqnr >= target - 0.5, "target {target}: {sqnr} dB\n{notes}");
+        let v = r.version.to_string();
+        let ours = accuracy(&logits(&d, &v).await, &labels);
+        assert!(
+            ours >= float - 0.01,
+            "target {target}: {ours} vs f32 {float}"
+        );
+        if target == 60.0 {
+            let int8 = notes
+                .split("; ")
+                .find_map(|c| c.strip_prefix("all int8 "))
+                .and_then(|c| c.split(' ').next())
+                .and_then(|x| x.parse::<f64>().ok())
+                .expect("the all-int8 candidate's SQNR");
+            assert!(
+                int8 < 60.0,
+                "the all-int8 plan meets 60 dB already: {notes}"
+            );
+            assert!(bits.iter().any(|&b| b > 8.0), "{bits:?}: {notes}");
+            // Whatever was chosen, the file is standard ONNX that onnxruntime runs alike.
+            let model = repo.path().join("lenet").join(&v).join("model.onnx");
+            let Some(out) = run_python(
+                "quant_ort.py",
+                &[
+                    &model,
+                    &digits().join("test/digits.npy"),
+                    &digits().join("test/digits.labels.npy"),
+                ],
+            ) else {
+                continue;
+            };
+            let ort: serde_json::Value = serde_json::from_str(&out).expect("json");
+            let ort_acc = ort["accuracy"].as_f64().expect("accuracy");
+            assert!(
+                (ort_acc - ours).abs() <= 0.01,
+                "onnxruntime {ort_acc}, opreg {ours}"
+            );
+        }
+    }
+}
+
 fn argmax(row: &[f32]) -> i64 {
     row.iter()
         .enumerate()

@@ -104,7 +104,7 @@ pub use module::{PluginInfo, Registrar};
 pub use quant::{
     Directive, DirectiveKind, Evaluation, Evaluator, GraphPlan, GraphView, NodeKind, NodePlan,
     NodeView, Observation, ObservationKind, QuantPlan, QuantRequest, Quantizer, QuantizerDesc,
-    TensorObservation, TensorStats, ValueView,
+    TensorObservation, TensorStats, TimedEvaluation, ValueView,
 };
 pub use tensor::{Device, DeviceKind, MemoryType, OwnedTensor, TensorView, TensorViewMut};
 
@@ -112,9 +112,9 @@ pub use tensor::{Device, DeviceKind, MemoryType, OwnedTensor, TensorView, Tensor
 pub const ABI_MAJOR: u32 = 1;
 /// The ABI minor version: bumped when capabilities are appended to the root module or to a
 /// trait's vtable. Older minors keep loading.
-pub const ABI_MINOR: u32 = 2;
+pub const ABI_MINOR: u32 = 3;
 /// `ABI_MAJOR.ABI_MINOR.0`, as checked by `abi_stable` when a plugin loads.
-pub const ABI_VERSION: &str = "1.2.0";
+pub const ABI_VERSION: &str = "1.3.0";
 
 /// Everything a plugin author usually needs.
 ///

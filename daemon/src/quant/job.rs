@@ -37,6 +37,7 @@ use opreg_sdk::{
     },
     quant::{FfiEvaluator, FfiEvaluator_TO, KeyValue},
     Device, Evaluation, GraphPlan, Observation, PluginError, QuantRequest, TensorObservation,
+    TimedEvaluation,
 };
 use std::{
     collections::BTreeMap,
@@ -131,16 +132,36 @@ struct HostEvaluator<'a> {
 }
 
 impl HostEvaluator<'_> {
-    fn evaluate_plan(&self, plan: &GraphPlan) -> Result<(Evaluation, Option<f64>), QuantError> {
-        let applied = apply::apply_with(self.model, plan, self.strategy, self.grams)
+    /// `plan` applied to the float model and compiled; `served` also runs the standard passes a
+    /// loaded version gets (for timing: the candidate as it would be served).
+    fn compile(&self, plan: &GraphPlan, served: bool) -> Result<graph::Plan, QuantError> {
+        let mut applied = apply::apply_with(self.model, plan, self.strategy, self.grams)
             .map_err(|e| e.of_model(self.model_name))?;
-        let compiled = graph::compile(
+        if served {
+            graph::optimize(&mut applied.model)?;
+        }
+        Ok(graph::compile(
             &applied.model,
             self.registry.snapshot(),
             self.devices,
             self.max_folded,
-        )?;
-        self.heldout.compare(&compiled)
+        )?)
+    }
+
+    fn evaluate_plan(&self, plan: &GraphPlan) -> Result<(Evaluation, Option<f64>), QuantError> {
+        self.heldout.compare(&self.compile(plan, false)?)
+    }
+
+    fn evaluate_timed_plan(&self, plan: &GraphPlan) -> Result<TimedEvaluation, QuantError> {
+        let compiled = self.compile(plan, true)?;
+        let (evaluation, _) = self.heldout.compare(&compiled)?;
+        let (latency_ms, passes) = self.heldout.time(&compiled)?;
+        Ok(TimedEvaluation {
+            evaluation,
+            latency_ms,
+            passes,
+            flags: 0,
+        })
     }
 }
 
@@ -150,6 +171,14 @@ impl FfiEvaluator for HostEvaluator<'_> {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.evaluate_plan(plan)
             .map(|(e, _)| e)
+            .map_err(|e| PluginError::invalid(e.to_string()))
+            .into()
+    }
+
+    fn evaluate_timed(&self, plan: &GraphPlan) -> RResult<TimedEvaluation, PluginError> {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.evaluate_timed_plan(plan)
             .map_err(|e| PluginError::invalid(e.to_string()))
             .into()
     }

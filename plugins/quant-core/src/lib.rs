@@ -35,6 +35,8 @@
 //! half on negatives never seen; and the integer kernels of `blas-cpu` (VNNI `vpdpbusd`)
 //! multiply u8 × s8 natively. The report compares both on the LeNet test model.
 
+pub mod budget;
+
 use opreg_sdk::{
     quant::{
         calib::{kl_threshold, per_channel_symmetric, percentile_threshold, qparams, QParams},

@@ -9,7 +9,11 @@
 //! evaluator — and keeps the most sensitive layers in f32, one at a time, until the whole
 //! model meets the error target or the float budget is spent.
 //!
-//! Options: `lowered` (int8, f16, bf16), `target_sqnr_db` (30: about 3 % relative output
+//! `lowered=auto` is the **error-budget mode** ([`opreg_quant_core::budget`]): int8, f16 or
+//! f32 per layer, chosen so that the model meets `target_sqnr_db` at the lowest latency the
+//! host measures (each candidate timed on the held-out samples; needs a 1.3 host).
+//!
+//! Options: `lowered` (int8, f16, bf16, auto), `target_sqnr_db` (30: about 3 % relative output
 //! noise), `max_float_fraction` (0.25 of the lowered layers at most stay in f32),
 //! `max_evaluations` (128: sensitivity is measured for the largest layers first when a model
 //! has more), and `quant-static`'s options.
@@ -29,6 +33,8 @@ use opreg_sdk::{
 struct Mixed {
     /// I8 (int8 quantization), F16 or BF16 (computed in that float type).
     lowered: DType,
+    /// `lowered=auto`: the error-budget mode (`lowered` is I8 then, for the observations).
+    auto: bool,
     target_sqnr_db: f64,
     max_float_fraction: f64,
     max_evaluations: usize,
@@ -38,6 +44,7 @@ struct Mixed {
 fn parse(options: &[KeyValue]) -> Result<Mixed, PluginError> {
     let mut m = Mixed {
         lowered: DType::I8,
+        auto: false,
         target_sqnr_db: 30.0,
         max_float_fraction: 0.25,
         max_evaluations: 128,
@@ -63,13 +70,14 @@ fn parse(options: &[KeyValue]) -> Result<Mixed, PluginError> {
             }
             "max_evaluations" => m.max_evaluations = number(k, v)? as usize,
             "lowered" => {
+                m.auto = v.eq_ignore_ascii_case("auto");
                 m.lowered = match v.to_ascii_lowercase().as_str() {
-                    "int8" | "i8" => DType::I8,
+                    "int8" | "i8" | "auto" => DType::I8,
                     "f16" | "float16" | "fp16" => DType::F16,
                     "bf16" | "bfloat16" => DType::BF16,
                     _ => {
                         return Err(PluginError::invalid(format!(
-                            "option lowered={v}: expected int8, f16 or bf16"
+                            "option lowered={v}: expected int8, f16, bf16 or auto"
                         )))
                     }
                 }
@@ -158,6 +166,13 @@ impl Quantizer for MixedPrecision {
         evaluator: &Evaluator<'_>,
     ) -> Result<GraphPlan, PluginError> {
         let m = parse(&request.options)?;
+        if m.auto {
+            let budget = opreg_quant_core::budget::Budget {
+                target_sqnr_db: m.target_sqnr_db,
+                max_evaluations: m.max_evaluations,
+            };
+            return opreg_quant_core::budget::plan(graph, request, &m.rest, evaluator, &budget);
+        }
         let float_mode = m.lowered != DType::I8;
         let products = graph
             .nodes
@@ -232,7 +247,7 @@ fn register(r: &mut Registrar) {
     r.quantizer(
         QuantizerDesc {
             name: "quant-mixed".into(),
-            description: "mixed precision: int8 (default), f16 or bf16 layers, the most sensitive (measured one by one on held-out data) kept in f32 until an SQNR target is met".into(),
+            description: "mixed precision: int8 (default), f16 or bf16 layers, the most sensitive (measured one by one on held-out data) kept in f32 until an SQNR target is met; lowered=auto picks int8/f16/f32 per layer for the target at the lowest measured latency".into(),
         },
         MixedPrecision,
     );

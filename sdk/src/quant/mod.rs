@@ -21,7 +21,7 @@ mod plan;
 pub use graph::{GraphView, NodeView, ValueView};
 pub use plan::{
     Annotation, Evaluation, Evaluator, FfiEvaluator, FfiEvaluatorRef, FfiEvaluator_TO, GraphPlan,
-    NodeKind, NodePlan, TensorObservation,
+    NodeKind, NodePlan, TensorObservation, TimedEvaluation,
 };
 
 use crate::{error::guard, tensor::OwnedTensor, DType, PluginError};

@@ -167,12 +167,37 @@ pub struct Evaluation {
     pub flags: u64,
 }
 
+/// An [`Evaluation`] with the measured latency of the candidate (ABI 1.3).
+#[repr(C)]
+#[derive(StableAbi, Copy, Clone, Debug, PartialEq, Default)]
+pub struct TimedEvaluation {
+    /// The error figures, as [`Evaluator::evaluate`] gives them.
+    pub evaluation: Evaluation,
+    /// Milliseconds per held-out sample: the fastest of several timed passes over the samples
+    /// (the candidate compiled and optimized as it would be served, warmed up first), on this
+    /// host, with the model's thread settings.
+    pub latency_ms: f64,
+    /// Timed passes the figure is the fastest of.
+    pub passes: u32,
+    /// Reserved for properties added in later minors (0 today).
+    pub flags: u64,
+}
+
 /// The host's evaluator, as it crosses the ABI. Implemented by hosts.
 #[sabi_trait]
 pub trait FfiEvaluator: Sync {
     /// Applies `plan` to the float model, runs it on the held-out samples and compares.
     #[sabi(last_prefix_field)]
     fn evaluate(&self, plan: &GraphPlan) -> RResult<Evaluation, PluginError>;
+
+    /// [`evaluate`](FfiEvaluator::evaluate), then times the candidate. Appended in 1.3: a
+    /// host that predates it answers with this default, an `UNIMPLEMENTED` error.
+    fn evaluate_timed(&self, plan: &GraphPlan) -> RResult<TimedEvaluation, PluginError> {
+        let _ = plan;
+        RResult::RErr(PluginError::unimplemented(
+            "this host predates ABI 1.3: it measures no latency",
+        ))
+    }
 }
 
 /// A borrowed evaluator object.
@@ -194,5 +219,12 @@ impl<'a> Evaluator<'a> {
     /// evaluate a bounded number of candidates.
     pub fn evaluate(&self, plan: &GraphPlan) -> Result<Evaluation, PluginError> {
         self.inner.evaluate(plan).into()
+    }
+
+    /// [`evaluate`](Self::evaluate), then the candidate's latency on this host (ABI 1.3): for
+    /// strategies that trade error for speed. Costs the evaluation plus a few timed passes
+    /// over the held-out samples. A host older than 1.3 answers `UNIMPLEMENTED`.
+    pub fn evaluate_timed(&self, plan: &GraphPlan) -> Result<TimedEvaluation, PluginError> {
+        self.inner.evaluate_timed(plan).into()
     }
 }
