@@ -140,3 +140,83 @@ impl<'m> View<'m> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::indexing_slicing)] // tests index what they just built
+    use super::*;
+    use crate::graph::{IoSpec, Node};
+    use opreg_sdk::host::HostTensor;
+    use std::sync::Arc;
+
+    fn node(op: &str, inputs: &[&str], output: &str) -> Node {
+        Node {
+            name: format!("{op}_{output}"),
+            domain: String::new(),
+            op_type: op.into(),
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            outputs: vec![output.to_string()],
+            attributes: Vec::new(),
+            subgraphs: Vec::new(),
+        }
+    }
+
+    /// Conv -> bias Add -> `activation` -> Conv: which tensors the products' activations are.
+    fn activations(activation: Node) -> Vec<String> {
+        let f = |v: f32| Arc::new(HostTensor::from_vec(&[], &[v]).unwrap());
+        let model = Model {
+            opsets: [(String::new(), 17)].into(),
+            inputs: vec![IoSpec {
+                name: "x".into(),
+                dtype: DType::F32,
+                shape: None,
+            }],
+            outputs: vec![IoSpec {
+                name: "y".into(),
+                dtype: DType::F32,
+                shape: None,
+            }],
+            initializers: [
+                ("w".to_string(), f(1.0)),
+                ("b".to_string(), f(0.5)),
+                ("lo".to_string(), f(0.0)),
+                ("hi".to_string(), f(6.0)),
+            ]
+            .into(),
+            nodes: vec![
+                node("Conv", &["x", "w"], "c"),
+                node("Add", &["c", "b"], "cb"),
+                activation,
+                node("Conv", &["a", "w"], "y"),
+            ],
+        };
+        View::new(&model, &Facts::new())
+            .graph()
+            .activations_of(&["Conv"])
+    }
+
+    #[test]
+    fn a_products_output_is_quantized_after_its_bias_and_a_relu_or_constant_clip() {
+        for rectifier in [
+            node("Relu", &["cb"], "a"),
+            node("Clip", &["cb", "lo", "hi"], "a"),
+            node("Clip", &["cb", "lo"], "a"),
+        ] {
+            let what = format!("{:?}", rectifier.inputs);
+            assert_eq!(activations(rectifier), ["x", "a", "y"], "{what}");
+        }
+        // A Clip with a computed bound, or none at all, is not a rectifier: quantized before.
+        assert_eq!(
+            activations(node("Clip", &["cb", "x"], "a")),
+            ["x", "cb", "a", "y"]
+        );
+        assert_eq!(
+            activations(node("Clip", &["cb"], "a")),
+            ["x", "cb", "a", "y"]
+        );
+        assert_eq!(
+            activations(node("Sigmoid", &["cb"], "a")),
+            ["x", "cb", "a", "y"]
+        );
+    }
+}

@@ -276,5 +276,11 @@ mod tests {
         assert!(parse(&[kv("max_float_fraction", "2")]).is_err());
         let e = parse(&[kv("calibrator", "magic")]).unwrap_err();
         assert!(e.message.contains("calibrator=magic"));
+        // The error-budget mode observes as int8 does (its int8 candidates need the ranges).
+        let auto = parse(&[kv("lowered", "AUTO")]).unwrap();
+        assert!(auto.auto && auto.lowered == DType::I8);
+        assert!(!parse(&[kv("lowered", "f16")]).unwrap().auto);
+        let e = parse(&[kv("lowered", "f8")]).unwrap_err();
+        assert!(e.message.contains("auto"), "{}", e.message);
     }
 }

@@ -100,9 +100,10 @@ impl<'a> GraphView<'a> {
     /// The activations (inputs that are not weights, and outputs) of every node whose
     /// `op_type` is in `ops`, in first-use order and without repeats — the tensors a
     /// strategy usually observes. A node's output is followed through the bias `Add` and the
-    /// `Relu` that alone read it ([`rectified`](GraphView::rectified)): the quantized range
-    /// of a rectified tensor starts at zero, and the integer kernel absorbs the `Relu` into
-    /// its output clamp.
+    /// `Relu` (or `Clip` with constant bounds: ReLU6) that alone read it
+    /// ([`rectified`](GraphView::rectified)): the quantized range of a rectified tensor lies
+    /// within the activation's, and the integer kernel absorbs the activation into its output
+    /// clamp.
     pub fn activations_of(&self, ops: &[&str]) -> Vec<String> {
         self.activations_where(|n| n.domain.is_empty() && ops.contains(&n.op_type.as_str()))
     }
@@ -130,7 +131,7 @@ impl<'a> GraphView<'a> {
     }
 
     /// `name`, or what it becomes through the per-channel bias `Add` (a constant added) and
-    /// the `Relu` that alone read it (see [`activations_of`](GraphView::activations_of)): the
+    /// the `Relu` or constant-bound `Clip` that alone read it (see [`activations_of`](GraphView::activations_of)): the
     /// bias belongs to the product (quantizing before it adds an extra rounding, which
     /// onnxruntime's `Gemm` does not have), and the rectified range starts at zero.
     pub fn rectified(&self, name: &str) -> String {
@@ -151,7 +152,19 @@ impl<'a> GraphView<'a> {
                 && r.domain.is_empty()
                 && r.op_type == "Add"
                 && r.inputs.iter().any(|i| i != &current && self.is_weight(i));
-            let is_relu = r.domain.is_empty() && r.op_type == "Relu";
+            // A Clip with constant bounds (ReLU6) rectifies as a Relu does; the integer
+            // kernel absorbs it when the quantized range lies within its bounds.
+            let constant_or_absent = |i: usize| {
+                r.inputs
+                    .get(i)
+                    .is_none_or(|b| b.is_empty() || self.is_weight(b))
+            };
+            let is_relu = r.domain.is_empty()
+                && (r.op_type == "Relu"
+                    || r.op_type == "Clip"
+                        && r.inputs.get(1).is_some_and(|b| !b.is_empty())
+                        && constant_or_absent(1)
+                        && constant_or_absent(2));
             let next = match r.outputs.first() {
                 Some(o) if is_bias || is_relu => o.to_string(),
                 _ => break,

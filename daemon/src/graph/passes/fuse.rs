@@ -18,7 +18,7 @@ use opreg_sdk::{kernel::Attribute, AttrValue, DType};
 pub struct ConvActivation;
 
 /// The activation `n` applies, as (name, params), when it can be fused.
-fn activation(model: &Model, n: &Node) -> Option<(&'static str, Vec<f32>)> {
+pub(super) fn activation(model: &Model, n: &Node) -> Option<(&'static str, Vec<f32>)> {
     if !n.domain.is_empty() {
         return None;
     }

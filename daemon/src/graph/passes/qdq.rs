@@ -359,11 +359,37 @@ fn zero_point(model: &Model, name: &str, len: usize) -> Option<DType> {
         .then(|| t.dtype())
 }
 
+/// Whether `QuantizeLinear(scale, zero_point)` (per tensor, of `y_type`) saturates values
+/// below `lo` and above `hi` as clamping them to `[lo, hi]` first would: the quantized `lo`
+/// is the type's minimum (or below it) and the quantized `hi` its maximum (or above), so
+/// `Q(clamp(v)) == Q(v)` for every v. Computed as QuantizeLinear does: the f32 quotient
+/// rounded half to even, plus the zero point.
+fn quantize_clamps_within(
+    model: &Model,
+    scale_name: &str,
+    zero_point: &str,
+    y_type: DType,
+    lo: f32,
+    hi: f32,
+) -> Option<bool> {
+    let s = *scale(model, scale_name, None)?.first()?;
+    let zp = constant(model, zero_point)?;
+    let (zp, qmin, qmax) = match y_type {
+        DType::U8 => (f32::from(*zp.to_vec::<u8>().ok()?.first()?), 0.0, 255.0),
+        DType::I8 => (f32::from(*zp.to_vec::<i8>().ok()?.first()?), -128.0, 127.0),
+        _ => return None,
+    };
+    let q = |x: f32| (x / s).round_ties_even() + zp;
+    let low_ok = lo == f32::NEG_INFINITY || q(lo) <= qmin;
+    let high_ok = hi == f32::INFINITY || q(hi) >= qmax;
+    Some(low_ok && high_ok && !lo.is_nan() && !hi.is_nan())
+}
+
 /// What the rewrite of one product node needs.
 struct Plan {
     node: usize,
     quantize: usize,
-    /// A `Relu` absorbed between the product and the quantize node.
+    /// A `Relu` or `Clip` absorbed between the product and the quantize node.
     relu: Option<usize>,
     inputs: Vec<String>,
     output: String,
@@ -392,7 +418,7 @@ fn fuse(model: &mut Model, op: &str, fused: &str) -> Result<usize, GraphError> {
             continue;
         };
         let (qi, relu) = match model.nodes.get(ri) {
-            Some(r) if is(r, "Relu") => {
+            Some(r) if is(r, "Relu") || is(r, "Clip") => {
                 let Some(ry) = r.outputs.first() else {
                     continue;
                 };
@@ -465,15 +491,15 @@ fn plan(
     let (y_s, y_zp) = (q.inputs.get(1)?, q.inputs.get(2).filter(|z| !z.is_empty())?);
     scale(model, y_s, None)?;
     let y_type = zero_point(model, y_zp, 1)?;
-    if relu.is_some() {
-        // Absorbing the Relu is exact only when quantizing clamps negatives to the zero point.
-        let zp = constant(model, y_zp)?;
-        let at_min = match y_type {
-            DType::U8 => zp.to_vec::<u8>().ok()?.first() == Some(&0),
-            DType::I8 => zp.to_vec::<i8>().ok()?.first() == Some(&-128),
-            _ => false,
+    if let Some(r) = relu {
+        // Absorbing the activation is exact only when quantizing clamps as it does: the
+        // representable range lies within the activation's.
+        let r = model.nodes.get(r)?;
+        let (lo, hi) = match super::fuse::activation(model, r)? {
+            ("Clip", b) => (*b.first()?, *b.get(1)?),
+            _ => (0.0, f32::INFINITY),
         };
-        if !at_min {
+        if !quantize_clamps_within(model, y_s, y_zp, y_type, lo, hi)? {
             return None;
         }
     }

@@ -252,6 +252,42 @@ fn a_relu_between_conv_and_quantize_is_absorbed_only_at_a_zero_point_of_the_type
     assert!(m.nodes.iter().any(|n| n.op_type == "Relu"));
 }
 
+/// `DQ -> Conv -> Clip(lo, hi) -> Q` at output scale `ys` and zero point 0 (u8).
+fn qdq_conv_clip(lo: f32, hi: f32, ys: f32) -> Model {
+    let mut m = qdq_conv_relu(0);
+    m.nodes.retain(|n| n.op_type != "Relu");
+    let q = m.nodes.len() - 1;
+    m.nodes
+        .insert(q, node("Clip", &["c", "clip_lo", "clip_hi"], &["r"]));
+    for (name, v) in [("clip_lo", lo), ("clip_hi", hi), ("ys", ys)] {
+        m.initializers.insert(
+            name.into(),
+            Arc::new(HostTensor::from_vec(&[], &[v]).unwrap()),
+        );
+    }
+    m
+}
+
+#[test]
+fn a_clip_between_conv_and_quantize_is_absorbed_when_quantizing_clamps_as_it_does() {
+    // ReLU6 with the range [0, 6] or narrower (what calibration after the Clip gives):
+    // quantizing saturates at 0 and 255 exactly where the Clip would clamp.
+    for ys in [6.0 / 255.0, 5.0 / 255.0] {
+        let mut m = qdq_conv_clip(0.0, 6.0, ys);
+        assert_eq!(qdq::QdqConv.run(&mut m).unwrap(), 1, "scale {ys}");
+        let ops: Vec<&str> = m.nodes.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(ops, ["QuantizeLinear", "QLinearConv"]);
+        assert_eq!(m.nodes[1].outputs, ["rq"]);
+    }
+    // A range wider than the Clip's: 6 quantizes to 219, values above it would reach 255.
+    let mut m = qdq_conv_clip(0.0, 6.0, 7.0 / 255.0);
+    assert_eq!(qdq::QdqConv.run(&mut m).unwrap(), 0);
+    assert!(m.nodes.iter().any(|n| n.op_type == "Clip"));
+    // A lower bound above the representable minimum: negatives would not stop at 0.5.
+    let mut m = qdq_conv_clip(0.5, 6.0, 6.0 / 255.0);
+    assert_eq!(qdq::QdqConv.run(&mut m).unwrap(), 0);
+}
+
 #[test]
 fn qdq_fusion_leaves_what_it_cannot_express() {
     // A per-channel weight scale along the input channels (axis 1): no QLinearConv form.
