@@ -17,6 +17,7 @@ mod nn;
 mod quant;
 mod reduce;
 mod rnn;
+mod scratch;
 mod shape;
 mod signal;
 mod simd;

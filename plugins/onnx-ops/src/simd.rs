@@ -50,18 +50,29 @@ pub(crate) use simd_fn;
 simd_fn! {
     /// `out[i] = round_saturate_byte((src[i] + bias[i]) * mult[i] + zp, lo, hi)` (the sum
     /// wrapping as i32): the requantizing epilogue of the integer convolution, over one
-    /// position's run of output channels. Exact in f64 like the ONNX reference.
+    /// position's run of output channels. Exact in f64 like the ONNX reference. `finite`:
+    /// the caller checked that `zp` and every multiplier are finite (once per node, not per
+    /// run of channels), so no sum is NaN.
     pub fn requantize(
         src: &[i32],
         bias: &[i32],
         mult: &[f64],
         zp: f64,
-        lo: f64,
-        hi: f64,
+        bounds: (f64, f64),
+        finite: bool,
         out: &mut [u8],
     ) {
+        let (lo, hi) = bounds;
         let n = out.len().min(src.len()).min(bias.len()).min(mult.len());
         let (src, bias, mult, out) = (&src[..n], &bias[..n], &mult[..n], &mut out[..n]);
+        if finite {
+            // The sums are finite: no NaN to map, a plain clamp (a third fewer instructions).
+            for i in 0..n {
+                let acc = f64::from(src[i].wrapping_add(bias[i]));
+                out[i] = round_clamp_finite(acc * mult[i] + zp, lo, hi);
+            }
+            return;
+        }
         for i in 0..n {
             let acc = f64::from(src[i].wrapping_add(bias[i]));
             out[i] = round_saturate_byte(acc * mult[i] + zp, lo, hi);
@@ -69,9 +80,25 @@ simd_fn! {
     }
 }
 
+/// [`round_saturate_byte`] for an `x` that is not NaN (the requantizing epilogue's sums of
+/// finite terms): the clamp compiles to one max and one min, without the NaN selects.
+#[inline(always)]
+fn round_clamp_finite(x: f64, lo: f64, hi: f64) -> u8 {
+    const MAGIC: f64 = 6_755_399_441_055_744.0; // 1.5 * 2^52
+    let x = if x > lo { x } else { lo };
+    let x = if x < hi { x } else { hi };
+    (x + MAGIC).to_bits() as u8
+}
+
 simd_fn! {
     /// [`requantize`] for one channel's run: one multiplier, the bias already in `src`.
     pub fn requantize_channel(src: &[i32], mult: f64, zp: f64, lo: f64, hi: f64, out: &mut [u8]) {
+        if mult.is_finite() && zp.is_finite() {
+            for (o, &v) in out.iter_mut().zip(src) {
+                *o = round_clamp_finite(f64::from(v) * mult + zp, lo, hi);
+            }
+            return;
+        }
         for (o, &v) in out.iter_mut().zip(src) {
             *o = round_saturate_byte(f64::from(v) * mult + zp, lo, hi);
         }
@@ -172,6 +199,31 @@ simd_fn! {
             qlinear_add_body::<true>(xs, ys, a, b, c, out)
         } else {
             qlinear_add_body::<false>(xs, ys, a, b, c, out)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_finite_clamp_rounds_and_saturates_as_the_general_one() {
+        for i in -40000..40000 {
+            let x = f64::from(i) * 0.0125 - 0.00625 * f64::from(i % 3);
+            for (lo, hi) in [(0.0, 255.0), (-128.0, 127.0)] {
+                assert_eq!(
+                    round_clamp_finite(x, lo, hi),
+                    round_saturate_byte(x, lo, hi),
+                    "{x}"
+                );
+            }
+        }
+        for x in [f64::INFINITY, f64::NEG_INFINITY, 1e300, -1e300] {
+            assert_eq!(
+                round_clamp_finite(x, -128.0, 127.0),
+                round_saturate_byte(x, -128.0, 127.0)
+            );
         }
     }
 }

@@ -7,6 +7,7 @@ mod depthwise;
 use super::gemm::{bytes, zero_points, IntProduct};
 use super::matmul::requant_multiplier;
 use super::{read_f32, read_i32, Factory, Q8};
+use crate::scratch::Scratch;
 use crate::util::{input, numel, optional, product_sat, required, row_major_strides};
 use opreg_sdk::{
     alloc::{try_vec, try_with_capacity},
@@ -293,17 +294,19 @@ impl Geometry {
         // The zero point's byte: an i8 zero point as its two's-complement bit pattern.
         let pad = zx as u8;
         let direct = nhwc && self.pointwise() && self.group == 1;
-        let mut col = if direct {
-            Vec::new()
-        } else {
-            try_vec(numel(&[plane, kdim])?, pad)?
-        };
-        let mut tmp = try_vec(numel(&[plane, mg])?, 0i32)?;
-        let in_size = product_sat(&self.in_sp);
         // 2-D columns are gathered from x in HWC order (see `im2col`), so their depth runs
         // tap-major (`kh, kw, c`): the weights must run alike. Pre-packed weights were
         // reordered at load; others are reordered here, once per call.
         let hwc = self.tap_major();
+        // The columns and the products come from this thread's scratch (no allocation or
+        // memset per call): the 2-D gathers write every column element, the product every
+        // element of `tmp`; the general walk of other ranks writes only the taps inside x.
+        let mut col = Scratch::<u8>::take(if direct { 0 } else { numel(&[plane, kdim])? })?;
+        if !hwc {
+            col.fill(pad);
+        }
+        let mut tmp = Scratch::<i32>::take(numel(&[plane, mg])?)?;
+        let in_size = product_sat(&self.in_sp);
         let mut hwc_x = if hwc && !nhwc && !self.pointwise() {
             try_vec(numel(&[in_size, cg])?, 0u8)?
         } else {
@@ -883,6 +886,8 @@ impl Kernel for QLinearConv {
         } else {
             (0.0, 255.0)
         };
+        // Checked once: the requantizing loops skip the NaN handling when no sum can be NaN.
+        let finite = y_zp.is_finite() && mult.iter().all(|m| m.is_finite());
         let requant = |acc: i32, oc: usize| -> u8 {
             crate::util::round_saturate_byte(f64::from(acc) * mult[oc] + y_zp, lo, hi)
         };
@@ -899,8 +904,8 @@ impl Kernel for QLinearConv {
                     &bias[j0..j0 + n],
                     &mult[j0..j0 + n],
                     y_zp,
-                    lo,
-                    hi,
+                    (lo, hi),
+                    finite,
                     out,
                 );
             };
@@ -933,7 +938,7 @@ impl Kernel for QLinearConv {
                 return geo.run_depthwise_nhwc(ctx, OP, &d, out, |c0, acc, dst| {
                     let n = acc.len();
                     let (b, m) = (&bias[c0..c0 + n], &mult[c0..c0 + n]);
-                    crate::simd::requantize(acc, b, m, y_zp, lo, hi, dst);
+                    crate::simd::requantize(acc, b, m, y_zp, (lo, hi), finite, dst);
                 });
             }
         }

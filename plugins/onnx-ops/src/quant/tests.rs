@@ -1131,7 +1131,7 @@ fn channels_last_convolutions_equal_the_nchw_ones() {
     };
     // (x shape, output channels, group, kernel, strides, pads)
     type Case = ([usize; 4], usize, usize, [usize; 2], [usize; 2], [usize; 4]);
-    let cases: [Case; 8] = [
+    let cases: [Case; 10] = [
         ([1, 16, 5, 7], 24, 1, [1, 1], [1, 1], [0, 0, 0, 0]),
         ([2, 8, 9, 6], 12, 1, [1, 1], [2, 2], [0, 0, 0, 0]),
         ([2, 8, 9, 6], 12, 1, [3, 3], [1, 1], [1, 1, 1, 1]),
@@ -1140,6 +1140,9 @@ fn channels_last_convolutions_equal_the_nchw_ones() {
         ([1, 20, 9, 8], 20, 20, [3, 3], [2, 2], [1, 1, 1, 1]),
         ([1, 300, 4, 5], 300, 300, [3, 3], [1, 1], [1, 1, 1, 1]),
         ([1, 4, 6, 6], 8, 4, [3, 3], [1, 1], [0, 1, 2, 1]),
+        // Depthwise, a kernel wider than the padding on one side and uneven strides.
+        ([2, 32, 7, 9], 32, 32, [5, 5], [1, 2], [2, 0, 1, 3]),
+        ([1, 3, 3, 2], 3, 3, [3, 3], [1, 1], [2, 2, 2, 2]),
     ];
     for (k, (xs, m, group, ks, st, pads)) in cases.into_iter().enumerate() {
         let cg = xs[1] / group;

@@ -224,10 +224,11 @@ crate::simd::simd_fn! {
     }
 }
 
-/// Channels accumulated at a time by the channels-last loop (a stack buffer).
+/// Channels accumulated at a time by the channels-last loop: a row's sums are `ow * CHANNELS`
+/// i32 at most (MobileNet's 112-wide rows of 32 channels: 14 KiB, within L1).
 const CHANNELS: usize = 256;
 
-/// The geometry the channels-last loop needs per output position.
+/// The geometry the channels-last loop needs per output row.
 struct Position<'a> {
     ih: usize,
     iw: usize,
@@ -240,6 +241,7 @@ struct Position<'a> {
     dw: usize,
     ph: usize,
     pw: usize,
+    ow_n: usize,
     zx: i32,
     /// Weights tap-major: `w[tap * c + channel]`, zero point subtracted.
     w: &'a [i32],
@@ -247,10 +249,12 @@ struct Position<'a> {
 
 impl Geometry {
     /// Runs a [`depthwise`](Self::depthwise) convolution with one output channel per input
-    /// channel over channels-last x and out (`[n, h, w, c]`): per output position, the taps
-    /// inside the input are multiply-added along the channels, which are contiguous in x,
-    /// in the tap-major weights and in the output. `emit(c0, acc, dst)` turns the sums of
-    /// channels `c0..` (bias not included) into output values.
+    /// channel over channels-last x and out (`[n, h, w, c]`), a whole output row at a time:
+    /// per tap, the row's positions inside the input are multiply-added along the channels,
+    /// which are contiguous in x, in the tap-major weights and in the sums (one call per row
+    /// and channel block; a tap's weights stay in registers across the row). `emit(c0, acc,
+    /// dst)` turns one position's sums of channels `c0..` (bias not included) into output
+    /// values.
     pub(super) fn run_depthwise_nhwc(
         &self,
         ctx: &KernelContext<'_>,
@@ -295,60 +299,99 @@ impl Geometry {
             dw: self.dilations[1],
             ph: self.pad_begin[0],
             pw: self.pad_begin[1],
+            ow_n,
             zx: d.x_zp,
             w: &w,
         };
         let image = ih * iw * c;
+        let cn_max = CHANNELS.min(c);
         // Several output rows per task when rows are small (MobileNet's 7x7 layers).
         let grain = row * 8192usize.div_ceil(row);
+        let failed = std::sync::atomic::AtomicBool::new(false);
         ctx.parallel_chunks(out, grain, |start, chunk| {
-            let mut acc = [0i32; CHANNELS];
+            // The row's sums: ow_n * cn_max i32, allocated once per task (fallibly: the
+            // width comes from the model).
+            let Ok(mut acc) = opreg_sdk::alloc::try_vec(ow_n * cn_max, 0i32) else {
+                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                return;
+            };
             for (k, orow) in chunk.chunks_mut(row).enumerate() {
                 let r = start / row + k;
                 let (bn, oh) = (r / oh_n, r % oh_n);
                 let Some(x) = d.x.get(bn * image..(bn + 1) * image) else {
                     return;
                 };
-                for (ow, pixel) in orow.chunks_exact_mut(c).enumerate() {
-                    for c0 in (0..c).step_by(CHANNELS) {
-                        let cn = CHANNELS.min(c - c0);
-                        let acc = &mut acc[..cn];
-                        acc.fill(0);
-                        accumulate_position(&p, d.x_signed, x, oh, ow, c0, acc);
-                        emit(c0, acc, &mut pixel[c0..c0 + cn]);
+                for c0 in (0..c).step_by(CHANNELS) {
+                    let cn = CHANNELS.min(c - c0);
+                    let acc = &mut acc[..ow_n * cn];
+                    accumulate_row(&p, d.x_signed, x, oh, c0, acc);
+                    for (pixel, sums) in orow.chunks_exact_mut(c).zip(acc.chunks_exact(cn)) {
+                        emit(c0, sums, &mut pixel[c0..c0 + cn]);
                     }
                 }
             }
-        })
+        })?;
+        if failed.into_inner() {
+            return Err(PluginError::invalid(format!(
+                "{op}: out of memory for a row of {ow_n} x {cn_max} sums"
+            )));
+        }
+        Ok(())
     }
 }
 
 impl Position<'_> {
+    /// The output columns whose tap at kernel column `kw` lands inside the input: `ow * sw +
+    /// kw * dw - pw` in `0..iw`.
     #[inline(always)]
-    fn taps<const SIGNED: bool>(&self, x: &[u8], oh: usize, ow: usize, c0: usize, acc: &mut [i32]) {
-        let (c, cn, zx) = (self.c, acc.len(), self.zx);
+    fn columns(&self, kw: usize) -> std::ops::Range<usize> {
+        let off = kw * self.dw;
+        let lo = if off >= self.pw {
+            0
+        } else {
+            (self.pw - off).div_ceil(self.sw)
+        };
+        let hi = if self.iw + self.pw > off {
+            ((self.iw + self.pw - off - 1) / self.sw + 1).min(self.ow_n)
+        } else {
+            0
+        };
+        lo..hi.max(lo)
+    }
+
+    #[inline(always)]
+    fn row<const SIGNED: bool>(&self, x: &[u8], oh: usize, c0: usize, acc: &mut [i32]) {
+        let (c, zx) = (self.c, self.zx);
+        let cn = acc.len() / self.ow_n.max(1);
+        acc.fill(0);
         for kh in 0..self.kh_n {
             let y = (oh * self.sh + kh * self.dh).wrapping_sub(self.ph);
             if y >= self.ih {
                 continue;
             }
+            let Some(xrow) = x.get(y * self.iw * c..(y + 1) * self.iw * c) else {
+                return;
+            };
             for kw in 0..self.kw_n {
-                let xx = (ow * self.sw + kw * self.dw).wrapping_sub(self.pw);
-                if xx >= self.iw {
-                    continue;
-                }
-                let at = (y * self.iw + xx) * c + c0;
                 let t = (kh * self.kw_n + kw) * c + c0;
-                let (Some(xs), Some(ws)) = (x.get(at..at + cn), self.w.get(t..t + cn)) else {
+                let Some(ws) = self.w.get(t..t + cn) else {
                     return;
                 };
-                for ((a, &b), &wv) in acc.iter_mut().zip(xs).zip(ws) {
-                    let v = if SIGNED {
-                        i32::from(b as i8)
-                    } else {
-                        i32::from(b)
+                for ow in self.columns(kw) {
+                    let at = (ow * self.sw + kw * self.dw - self.pw) * c + c0;
+                    let (Some(xs), Some(a)) =
+                        (xrow.get(at..at + cn), acc.get_mut(ow * cn..ow * cn + cn))
+                    else {
+                        return;
                     };
-                    *a = a.wrapping_add(wv.wrapping_mul(v - zx));
+                    for ((a, &b), &wv) in a.iter_mut().zip(xs).zip(ws) {
+                        let v = if SIGNED {
+                            i32::from(b as i8)
+                        } else {
+                            i32::from(b)
+                        };
+                        *a = a.wrapping_add(wv.wrapping_mul(v - zx));
+                    }
                 }
             }
         }
@@ -356,21 +399,21 @@ impl Position<'_> {
 }
 
 crate::simd::simd_fn! {
-    /// `acc[j] = Σ_taps w[tap][c0 + j] * (x[.., c0 + j] - zx)` at output position (oh, ow)
-    /// of one channels-last image: taps in the padding contribute nothing.
-    fn accumulate_position(
+    /// `acc[ow * cn + j] = Σ_taps w[tap][c0 + j] * (x[.., c0 + j] - zx)` for every column
+    /// `ow` of output row `oh` of one channels-last image (`cn = acc.len() / ow_n`): taps in
+    /// the padding contribute nothing.
+    fn accumulate_row(
         p: &Position<'_>,
         signed: bool,
         x: &[u8],
         oh: usize,
-        ow: usize,
         c0: usize,
         acc: &mut [i32],
     ) {
         if signed {
-            p.taps::<true>(x, oh, ow, c0, acc)
+            p.row::<true>(x, oh, c0, acc)
         } else {
-            p.taps::<false>(x, oh, ow, c0, acc)
+            p.row::<false>(x, oh, c0, acc)
         }
     }
 }
