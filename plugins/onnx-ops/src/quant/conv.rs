@@ -467,6 +467,32 @@ impl Geometry {
         let cg = self.c / self.group;
         let kdim = kdim.max(1);
         let [ih, iw] = [self.in_sp[0], self.in_sp[1]];
+        if xt.len() < ih * iw * ld || c0 + cg > ld {
+            return Err(PluginError::invalid(
+                "convolution: x is shorter than its shape",
+            ));
+        }
+        ctx.parallel_chunks(col, kdim * 16, |start, chunk| {
+            self.gather_rows(xt, ld, c0, pad, kdim, start / kdim, chunk)
+        })
+    }
+
+    /// The rows of [`gather_hwc`](Self::gather_hwc)'s columns for output positions `p0..`
+    /// (`col.len() / kdim` of them), on this thread. The caller checked x's length.
+    #[allow(clippy::too_many_arguments)]
+    fn gather_rows(
+        &self,
+        xt: &[u8],
+        ld: usize,
+        c0: usize,
+        pad: u8,
+        kdim: usize,
+        p0: usize,
+        col: &mut [u8],
+    ) {
+        let cg = self.c / self.group;
+        let kdim = kdim.max(1);
+        let [ih, iw] = [self.in_sp[0], self.in_sp[1]];
         let ow_n = self.out_sp[1].max(1);
         let [kh_n, kw_n] = [self.k_sp[0], self.k_sp[1]];
         let [sh, sw] = [self.strides[0], self.strides[1]];
@@ -474,40 +500,145 @@ impl Geometry {
         let [ph, pw] = [self.pad_begin[0], self.pad_begin[1]];
         let run = kw_n * cg;
         let whole = ld == cg;
-        if xt.len() < ih * iw * ld || c0 + cg > ld {
-            return Err(PluginError::invalid(
-                "convolution: x is shorter than its shape",
-            ));
-        }
-        ctx.parallel_chunks(col, kdim * 16, |start, chunk| {
-            for (r, row) in chunk.chunks_mut(kdim).enumerate() {
-                let p = start / kdim + r;
-                let (oh, ow) = (p / ow_n, p % ow_n);
-                let x0 = (ow * sw).wrapping_sub(pw);
-                for (kh, taps) in row.chunks_exact_mut(run.max(1)).enumerate().take(kh_n) {
-                    let y = (oh * sh + kh * dh).wrapping_sub(ph);
-                    if y >= ih {
-                        taps.fill(pad);
-                        continue;
-                    }
-                    let line = &xt[y * iw * ld..(y + 1) * iw * ld];
-                    // The whole kernel row inside the input, taps adjacent: one copy.
-                    if whole && dw == 1 && x0 < iw && iw - x0 >= kw_n {
-                        taps.copy_from_slice(&line[x0 * cg..(x0 + kw_n) * cg]);
-                        continue;
-                    }
-                    for (kw, dst) in taps.chunks_exact_mut(cg.max(1)).enumerate() {
-                        let xx = x0.wrapping_add(kw * dw);
-                        if xx < iw {
-                            let at = xx * ld + c0;
-                            dst.copy_from_slice(&line[at..at + cg]);
-                        } else {
-                            dst.fill(pad);
-                        }
+        for (r, row) in col.chunks_mut(kdim).enumerate() {
+            let p = p0 + r;
+            let (oh, ow) = (p / ow_n, p % ow_n);
+            let x0 = (ow * sw).wrapping_sub(pw);
+            for (kh, taps) in row.chunks_exact_mut(run.max(1)).enumerate().take(kh_n) {
+                let y = (oh * sh + kh * dh).wrapping_sub(ph);
+                if y >= ih {
+                    taps.fill(pad);
+                    continue;
+                }
+                let line = &xt[y * iw * ld..(y + 1) * iw * ld];
+                // The whole kernel row inside the input, taps adjacent: one copy.
+                if whole && dw == 1 && x0 < iw && iw - x0 >= kw_n {
+                    taps.copy_from_slice(&line[x0 * cg..(x0 + kw_n) * cg]);
+                    continue;
+                }
+                for (kw, dst) in taps.chunks_exact_mut(cg.max(1)).enumerate() {
+                    let xx = x0.wrapping_add(kw * dw);
+                    if xx < iw {
+                        let at = xx * ld + c0;
+                        dst.copy_from_slice(&line[at..at + cg]);
+                    } else {
+                        dst.fill(pad);
                     }
                 }
             }
-        })
+        }
+    }
+
+    /// A channels-last convolution of one group in blocks of output positions: per task, a
+    /// block is gathered (read in place for a 1x1), multiplied and requantized while its
+    /// products are in cache. One parallel section per image instead of three (gather,
+    /// product, requantize: each a wake-up of the pool), and no image-sized i32 buffer.
+    /// Blocks are about the product driver's row block (each streams the packed weights
+    /// once), as many as a multiple of the threads. `emit(sums, row)` turns one position's
+    /// products (before bias) into its output bytes. `Ok(false)` and nothing written when
+    /// the backend is missing or refuses the operands.
+    #[allow(clippy::too_many_arguments)]
+    fn run_blas_nhwc(
+        &self,
+        ctx: &KernelContext<'_>,
+        op: &str,
+        x: &TensorView<'_>,
+        w: &TensorView<'_>,
+        x_zp: Option<&TensorView<'_>>,
+        w_zp: Option<&TensorView<'_>>,
+        packed: &[PackedB],
+        out: &mut [u8],
+        emit: impl Fn(&[i32], &mut [u8]) + Sync,
+    ) -> Result<bool, PluginError> {
+        let Some((zx, zw)) = int_zero_points(op, x, w, self.m, x_zp, w_zp)? else {
+            return Ok(false);
+        };
+        let plane: usize = self.out_sp.iter().product();
+        let m = self.m;
+        if plane == 0 || m == 0 || self.n == 0 {
+            return Ok(true);
+        }
+        let (xb, wb) = (bytes(x, op)?, bytes(w, op)?);
+        let taps = numel(&self.k_sp)?;
+        let kdim = self
+            .c
+            .checked_mul(taps)
+            .ok_or_else(|| PluginError::invalid(format!("{op}: kernel too large")))?;
+        let pad = zx as u8;
+        let direct = self.pointwise();
+        let image = numel(&[self.c, product_sat(&self.in_sp)])?;
+        let [ih, iw] = [self.in_sp[0], self.in_sp[1]];
+        if xb.len() < self.n * image || ih * iw * self.c > image || out.len() < self.n * plane * m {
+            return Err(PluginError::invalid(format!(
+                "{op}: x or y is shorter than its shape"
+            )));
+        }
+        let shape = IntProduct {
+            m: plane,
+            n: m,
+            k: kdim,
+            a: &[],
+            a_type: x.dtype,
+            lda: kdim,
+            a_zp: zx,
+            b: &[],
+            b_type: w.dtype,
+            ldb: kdim,
+            trans_b: true,
+            b_zp: &zw,
+        };
+        // Columns run tap-major: so must the weights (pre-packed ones were reordered at load).
+        let reordered;
+        let wb = if taps > 1 && !packed.first().is_some_and(|p| shape.fits(p)) {
+            reordered = tap_major(wb, m, self.c, taps)?;
+            &reordered[..]
+        } else {
+            wb
+        };
+        let whole = IntProduct { b: wb, ..shape };
+        if !whole.supported(ctx) {
+            return Ok(false);
+        }
+        let threads = ctx.num_threads().max(1);
+        let blocks = plane.div_ceil(192).div_ceil(threads) * threads;
+        let rows = plane.div_ceil(blocks).max(1);
+        let failure = std::sync::Mutex::new(None);
+        for bn in 0..self.n {
+            let xi = &xb[bn * image..(bn + 1) * image];
+            let dst = &mut out[bn * plane * m..(bn + 1) * plane * m];
+            ctx.parallel_chunks(dst, rows * m, |start, chunk| {
+                let (p0, pn) = (start / m, chunk.len() / m);
+                let mut block = || -> Result<(), PluginError> {
+                    let mut tmp = Scratch::<i32>::take(pn * m)?;
+                    let mut col = Scratch::<u8>::take(if direct { 0 } else { pn * kdim })?;
+                    let a: &[u8] = if direct {
+                        xi.get(p0 * kdim..(p0 + pn) * kdim).unwrap_or(&[])
+                    } else {
+                        self.gather_rows(xi, self.c, 0, pad, kdim, p0, &mut col);
+                        &col
+                    };
+                    let product = IntProduct { a, m: pn, ..whole };
+                    if !product.run_packed(ctx, &mut tmp, m, packed.first())? {
+                        return Err(PluginError::internal(format!(
+                            "{op}: the backend refused a block of a product it accepted"
+                        )));
+                    }
+                    for (sums, row) in tmp.chunks_exact(m).zip(chunk.chunks_exact_mut(m)) {
+                        emit(sums, row);
+                    }
+                    Ok(())
+                };
+                if let Err(e) = block() {
+                    if let Ok(mut f) = failure.lock() {
+                        f.get_or_insert(e);
+                    }
+                }
+            })?;
+        }
+        match failure.into_inner() {
+            Ok(Some(e)) => Err(e),
+            _ => Ok(true),
+        }
     }
 }
 
@@ -891,6 +1022,26 @@ impl Kernel for QLinearConv {
         let requant = |acc: i32, oc: usize| -> u8 {
             crate::util::round_saturate_byte(f64::from(acc) * mult[oc] + y_zp, lo, hi)
         };
+        // Channels-last, one group: gathered, multiplied and requantized block by block.
+        if nhwc
+            && geo.group == 1
+            && depthwise_operands(OP, &geo, x, w, present(2), present(5), Some(bias))?.is_none()
+            && geo.run_blas_nhwc(
+                ctx,
+                OP,
+                x,
+                w,
+                present(2),
+                present(5),
+                &self.packed,
+                out,
+                |sums, row| {
+                    crate::simd::requantize(sums, bias, &mult, y_zp, (lo, hi), finite, row);
+                },
+            )?
+        {
+            return Ok(());
+        }
         let mg = geo.m / geo.group;
         // Each tile of products is biased, requantized and written in place (no i32 copy of
         // the whole output, no per-element index arithmetic): transposed to NCHW, or

@@ -112,6 +112,14 @@ impl IntProduct<'_> {
         Ok(true)
     }
 
+    /// Whether the node's backend runs this product's operand types and options (what
+    /// [`run`](Self::run) would answer `Ok(false)` to otherwise), checked before any work.
+    pub fn supported(&self, ctx: &KernelContext<'_>) -> bool {
+        let mut none: [i32; 0] = [];
+        let g = self.args(&mut none, self.n);
+        ctx.blas().is_some_and(|b| b.supports(&g))
+    }
+
     /// Whether `packed` was packed for exactly this product's B (types, shape,
     /// transposition), so that [`run_packed`](Self::run_packed) takes it instead of B.
     pub fn fits(&self, packed: &PackedB) -> bool {
