@@ -4,6 +4,7 @@
 use opreg_proto::onnx;
 use opreg_tests::{onnx::*, *};
 use prost::Message;
+use std::path::Path;
 
 fn f32s(n: usize, seed: u32) -> Vec<f32> {
     (0..n)
@@ -57,18 +58,13 @@ fn conv_bn_model() -> Vec<u8> {
     )
 }
 
-#[test]
-fn optimize_folds_batch_norms_drops_identities_and_onnxruntime_agrees() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let original = dir.path().join("model.onnx");
-    std::fs::write(&original, conv_bn_model()).expect("write");
-    let out = dir.path().join("optimized.onnx");
+/// Runs `opreg optimize ORIGINAL OUT ARGS`, which must succeed; its report.
+fn optimize(original: &Path, out: &Path, args: &[&str]) -> String {
     let cli = std::process::Command::new(artifacts().join("opreg"))
         .arg("optimize")
-        .arg(&original)
-        .arg(&out)
-        // w1 (432 bytes) goes to the external data file, the small tensors stay inline.
-        .args(["--external-data-threshold", "400"])
+        .arg(original)
+        .arg(out)
+        .args(args)
         .output()
         .expect("run opreg optimize");
     let report = String::from_utf8_lossy(&cli.stdout).into_owned();
@@ -77,6 +73,17 @@ fn optimize_folds_batch_norms_drops_identities_and_onnxruntime_agrees() {
         "{report}{}",
         String::from_utf8_lossy(&cli.stderr)
     );
+    report
+}
+
+#[test]
+fn optimize_folds_batch_norms_drops_identities_and_onnxruntime_agrees() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let original = dir.path().join("model.onnx");
+    std::fs::write(&original, conv_bn_model()).expect("write");
+    let out = dir.path().join("optimized.onnx");
+    // w1 (432 bytes) goes to the external data file, the small tensors stay inline.
+    let report = optimize(&original, &out, &["--external-data-threshold", "400"]);
     assert!(report.contains("identities\t6 -> 5 nodes"), "{report}");
     assert!(report.contains("conv-batchnorm\t5 -> 3 nodes"), "{report}");
 
@@ -343,19 +350,7 @@ fn optimize_all_writes_channels_last_integer_operators_that_onnxruntime_runs() {
     let original = dir.path().join("model.onnx");
     std::fs::write(&original, qdq_model(false)).expect("write");
     let out = dir.path().join("optimized.onnx");
-    let cli = std::process::Command::new(artifacts().join("opreg"))
-        .arg("optimize")
-        .arg(&original)
-        .arg(&out)
-        .args(["--level", "all"])
-        .output()
-        .expect("run opreg optimize");
-    let report = String::from_utf8_lossy(&cli.stdout).into_owned();
-    assert!(
-        cli.status.success(),
-        "{report}{}",
-        String::from_utf8_lossy(&cli.stderr)
-    );
+    let report = optimize(&original, &out, &["--level", "all"]);
     let m =
         onnx::ModelProto::decode(std::fs::read(&out).expect("read").as_slice()).expect("decode");
     let g = m.graph.expect("graph");

@@ -160,6 +160,20 @@ fn accuracy(logits: &[f32], labels: &[i64]) -> f64 {
     correct as f64 / labels.len() as f64
 }
 
+/// onnxruntime's run of `model` on the digits test set (`quant_ort.py`: the operators, the
+/// logits and the accuracy), or `None` without the Python environment.
+fn onnxruntime_on_digits(model: &Path) -> Option<serde_json::Value> {
+    let out = run_python(
+        "quant_ort.py",
+        &[
+            &model,
+            &digits().join("test/digits.npy"),
+            &digits().join("test/digits.labels.npy"),
+        ],
+    )?;
+    Some(serde_json::from_str(&out).expect("json"))
+}
+
 fn report(r: &reg::QuantizeResult) -> serde_json::Value {
     serde_json::from_str(&r.report_json).expect("report JSON")
 }
@@ -314,17 +328,9 @@ async fn lenet_quantized_by_each_method_stays_within_a_point_of_f32_and_runs_in_
         }
 
         // onnxruntime loads it and agrees with our run.
-        let Some(out) = run_python(
-            "quant_ort.py",
-            &[
-                &model,
-                &digits().join("test/digits.npy"),
-                &digits().join("test/digits.labels.npy"),
-            ],
-        ) else {
+        let Some(ort) = onnxruntime_on_digits(&model) else {
             continue;
         };
-        let ort: serde_json::Value = serde_json::from_str(&out).expect("json");
         let ops: Vec<&str> = ort["ops"]
             .as_array()
             .expect("ops")
@@ -479,17 +485,9 @@ async fn the_error_budget_mode_meets_its_target_and_lists_each_measured_candidat
             assert!(bits.iter().any(|&b| b > 8.0), "{bits:?}: {notes}");
             // Whatever was chosen, the file is standard ONNX that onnxruntime runs alike.
             let model = repo.path().join("lenet").join(&v).join("model.onnx");
-            let Some(out) = run_python(
-                "quant_ort.py",
-                &[
-                    &model,
-                    &digits().join("test/digits.npy"),
-                    &digits().join("test/digits.labels.npy"),
-                ],
-            ) else {
+            let Some(ort) = onnxruntime_on_digits(&model) else {
                 continue;
             };
-            let ort: serde_json::Value = serde_json::from_str(&out).expect("json");
             let ort_acc = ort["accuracy"].as_f64().expect("accuracy");
             assert!(
                 (ort_acc - ours).abs() <= 0.01,
@@ -566,15 +564,7 @@ async fn pruned_filters_are_removed_where_the_graph_allows_and_the_model_runs_in
     assert_eq!(shape("fc2.w_transposed_quantized"), [16, 10]);
     // onnxruntime runs the pruned, quantized model as we do.
     let ours = logits(&d, &r.version.to_string()).await;
-    if let Some(out) = run_python(
-        "quant_ort.py",
-        &[
-            &model,
-            &digits().join("test/digits.npy"),
-            &digits().join("test/digits.labels.npy"),
-        ],
-    ) {
-        let ort: serde_json::Value = serde_json::from_str(&out).expect("json");
+    if let Some(ort) = onnxruntime_on_digits(&model) {
         let ort_acc = ort["accuracy"].as_f64().expect("accuracy");
         let our_acc = accuracy(&ours, &labels());
         assert!(

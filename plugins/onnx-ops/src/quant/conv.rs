@@ -13,6 +13,7 @@ use opreg_sdk::{
     alloc::{try_vec, try_with_capacity},
     prelude::*,
 };
+use std::borrow::Cow;
 
 /// Convolution attributes, as read from the node.
 #[derive(Clone, Debug)]
@@ -252,6 +253,48 @@ impl Geometry {
     }
 }
 
+/// The integer product of a convolution's columns (`m x k`) by its weights (`n x k`,
+/// transposed), without its operands: the same for every group and block.
+fn product_shape<'z>(
+    x: &TensorView<'_>,
+    w: &TensorView<'_>,
+    (m, n, k): (usize, usize, usize),
+    a_zp: i32,
+    b_zp: &'z [i32],
+) -> IntProduct<'z> {
+    IntProduct {
+        m,
+        n,
+        k,
+        a: &[],
+        a_type: x.dtype,
+        lda: k,
+        a_zp,
+        b: &[],
+        b_type: w.dtype,
+        ldb: k,
+        trans_b: true,
+        b_zp,
+    }
+}
+
+/// The weights (`m` output channels) in the columns' tap-major order (see `im2col`), unless
+/// the node's pre-packed weights fit `shape` (reordered at load then) or there is one tap.
+fn tap_major_unless_packed<'w>(
+    wb: &'w [u8],
+    shape: &IntProduct<'_>,
+    packed: &[PackedB],
+    m: usize,
+    taps: usize,
+) -> Result<Cow<'w, [u8]>, PluginError> {
+    if taps > 1 && !packed.first().is_some_and(|p| shape.fits(p)) {
+        let cg = shape.k / taps.max(1);
+        Ok(Cow::Owned(tap_major(wb, m, cg, taps)?))
+    } else {
+        Ok(Cow::Borrowed(wb))
+    }
+}
+
 /// Receives one (image, group) tile of integer products: `tmp[p * mg + j]` for output
 /// position `p` and the group's output channel `j`, before any bias.
 type Store<'s> = dyn FnMut(usize, usize, &[i32]) -> Result<(), PluginError> + 's;
@@ -313,26 +356,11 @@ impl Geometry {
             Vec::new()
         };
         // Every group's product but its operands (the same for all groups).
-        let shape = IntProduct {
-            m: plane,
-            n: mg,
-            k: kdim,
-            a: &[],
-            a_type: x.dtype,
-            lda: kdim,
-            a_zp: zx,
-            b: &[],
-            b_type: w.dtype,
-            ldb: kdim,
-            trans_b: true,
-            b_zp: &zw,
-        };
-        let reordered;
-        let wb = if hwc && taps > 1 && !packed.first().is_some_and(|p| shape.fits(p)) {
-            reordered = tap_major(wb, self.m, cg, taps)?;
-            &reordered[..]
+        let shape = product_shape(x, w, (plane, mg, kdim), zx, &zw);
+        let wb = if hwc {
+            tap_major_unless_packed(wb, &shape, packed, self.m, taps)?
         } else {
-            wb
+            Cow::Borrowed(wb)
         };
         let short = || PluginError::invalid(format!("{op}: x is shorter than its shape"));
         let image = numel(&[self.c, in_size])?;
@@ -573,29 +601,9 @@ impl Geometry {
                 "{op}: x or y is shorter than its shape"
             )));
         }
-        let shape = IntProduct {
-            m: plane,
-            n: m,
-            k: kdim,
-            a: &[],
-            a_type: x.dtype,
-            lda: kdim,
-            a_zp: zx,
-            b: &[],
-            b_type: w.dtype,
-            ldb: kdim,
-            trans_b: true,
-            b_zp: &zw,
-        };
-        // Columns run tap-major: so must the weights (pre-packed ones were reordered at load).
-        let reordered;
-        let wb = if taps > 1 && !packed.first().is_some_and(|p| shape.fits(p)) {
-            reordered = tap_major(wb, m, self.c, taps)?;
-            &reordered[..]
-        } else {
-            wb
-        };
-        let whole = IntProduct { b: wb, ..shape };
+        let shape = product_shape(x, w, (plane, m, kdim), zx, &zw);
+        let wb = tap_major_unless_packed(wb, &shape, packed, m, taps)?;
+        let whole = IntProduct { b: &wb, ..shape };
         if !whole.supported(ctx) {
             return Ok(false);
         }
@@ -1213,27 +1221,20 @@ pub(super) fn register(r: &mut Registrar) {
             .outputs(&["T3"]),
         conv_integer_factory as Factory,
     );
-    r.kernel(
-        KernelDesc::onnx("QLinearConv", 10, OPEN_END)
-            .constraint("T1", Q8)
-            .constraint("T2", Q8)
-            .constraint("T3", Q8)
-            .constraint("T4", &[DType::I32])
-            .constraint("TS", &[DType::F32])
-            .inputs(&["T1", "TS", "T1", "T2", "TS", "T2", "TS", "T3", "T4"])
-            .outputs(&["T3"]),
-        qlinear_conv_factory as Factory,
-    );
-    // ONNX Runtime's contrib QLinearConv: the same, plus `channels_last`.
-    r.kernel(
-        KernelDesc::new("com.microsoft", "QLinearConv", 1, OPEN_END)
-            .constraint("T1", Q8)
-            .constraint("T2", Q8)
-            .constraint("T3", Q8)
-            .constraint("T4", &[DType::I32])
-            .constraint("TS", &[DType::F32])
-            .inputs(&["T1", "TS", "T1", "T2", "TS", "T2", "TS", "T3", "T4"])
-            .outputs(&["T3"]),
-        qlinear_conv_factory as Factory,
-    );
+    // ONNX's QLinearConv, and ONNX Runtime's contrib one: the same, plus `channels_last`.
+    for desc in [
+        KernelDesc::onnx("QLinearConv", 10, OPEN_END),
+        KernelDesc::new("com.microsoft", "QLinearConv", 1, OPEN_END),
+    ] {
+        r.kernel(
+            desc.constraint("T1", Q8)
+                .constraint("T2", Q8)
+                .constraint("T3", Q8)
+                .constraint("T4", &[DType::I32])
+                .constraint("TS", &[DType::F32])
+                .inputs(&["T1", "TS", "T1", "T2", "TS", "T2", "TS", "T3", "T4"])
+                .outputs(&["T3"]),
+            qlinear_conv_factory as Factory,
+        );
+    }
 }

@@ -22,6 +22,58 @@ pub(super) struct Depthwise<'a> {
     pub bias: Option<&'a [i32]>,
 }
 
+/// A 2-D depthwise convolution's window, as both loops walk it.
+struct Window {
+    ih: usize,
+    iw: usize,
+    ow_n: usize,
+    kh_n: usize,
+    kw_n: usize,
+    sh: usize,
+    sw: usize,
+    dh: usize,
+    dw: usize,
+    ph: usize,
+    pw: usize,
+}
+
+impl Window {
+    fn of(g: &Geometry) -> Self {
+        Window {
+            ih: g.in_sp[0],
+            iw: g.in_sp[1],
+            ow_n: g.out_sp[1],
+            kh_n: g.k_sp[0],
+            kw_n: g.k_sp[1],
+            sh: g.strides[0],
+            sw: g.strides[1],
+            dh: g.dilations[0],
+            dw: g.dilations[1],
+            ph: g.pad_begin[0],
+            pw: g.pad_begin[1],
+        }
+    }
+
+    /// The input row under kernel row `kh` at output row `oh`, or `None` in the padding.
+    #[inline(always)]
+    fn row(&self, oh: usize, kh: usize) -> Option<usize> {
+        let y = (oh * self.sh + kh * self.dh).wrapping_sub(self.ph);
+        (y < self.ih).then_some(y)
+    }
+
+    /// The output columns whose tap at kernel column `kw` lands inside the input (`ow * sw +
+    /// kw * dw - pw` in `0..iw`), as `(lo, hi)`.
+    #[inline(always)]
+    fn columns(&self, kw: usize) -> (usize, usize) {
+        let off = kw * self.dw;
+        let lo = self.pw.saturating_sub(off).div_ceil(self.sw);
+        let hi = (self.iw + self.pw)
+            .checked_sub(off + 1)
+            .map_or(0, |last| (last / self.sw + 1).min(self.ow_n));
+        (lo, hi.max(lo))
+    }
+}
+
 impl Geometry {
     /// Whether [`Geometry::run_depthwise`] takes this convolution: 2-D, one input channel per
     /// group.
@@ -55,30 +107,13 @@ impl Geometry {
                 "{op}: x or w is shorter than its shape"
             )));
         }
-        let (sw, dw, pw) = (self.strides[1], self.dilations[1], self.pad_begin[1]);
-        // Per kernel column: the output columns whose input column `ow * sw + kw * dw - pw`
-        // lies in the input (the same on every row; integer divisions per row and tap were
-        // most of the time on small planes).
+        // Per kernel column, the output columns whose tap lies in the input (the same on
+        // every row; integer divisions per row and tap were most of the time on small planes).
+        let win = Window::of(self);
         let mut cols: Vec<(usize, usize)> = opreg_sdk::alloc::try_with_capacity(kw_n)?;
-        for kw in 0..kw_n {
-            let off = kw * dw;
-            let lo = pw.saturating_sub(off).div_ceil(sw);
-            let hi = (iw + pw)
-                .checked_sub(off + 1)
-                .map_or(0, |last| (last / sw + 1).min(ow_n));
-            cols.push((lo, hi.max(lo)));
-        }
+        cols.extend((0..kw_n).map(|kw| win.columns(kw)));
         let p = Pass {
-            ih,
-            iw,
-            kh_n,
-            kw_n,
-            sh: self.strides[0],
-            sw,
-            dh: self.dilations[0],
-            dw,
-            ph: self.pad_begin[0],
-            pw,
+            win,
             zx: d.x_zp,
             cols: &cols,
         };
@@ -114,16 +149,7 @@ impl Geometry {
 
 /// The geometry one plane's loop needs.
 struct Pass<'a> {
-    ih: usize,
-    iw: usize,
-    kh_n: usize,
-    kw_n: usize,
-    sh: usize,
-    sw: usize,
-    dh: usize,
-    dw: usize,
-    ph: usize,
-    pw: usize,
+    win: Window,
     zx: i32,
     /// Per kernel column, the range of output columns inside the input.
     cols: &'a [(usize, usize)],
@@ -149,21 +175,20 @@ impl Pass<'_> {
         acc: &mut [i32],
     ) {
         let len = acc.len();
-        let zx = self.zx;
-        for kh in 0..self.kh_n {
-            let y = (oh * self.sh + kh * self.dh).wrapping_sub(self.ph);
-            if y >= self.ih {
+        let (zx, win) = (self.zx, &self.win);
+        for kh in 0..win.kh_n {
+            let Some(y) = win.row(oh, kh) else {
                 continue;
-            }
-            let Some(line) = x.get(y * self.iw..(y + 1) * self.iw) else {
+            };
+            let Some(line) = x.get(y * win.iw..(y + 1) * win.iw) else {
                 return;
             };
-            for kw in 0..self.kw_n {
-                let wv = w.get(kh * self.kw_n + kw).copied().unwrap_or(0);
+            for kw in 0..win.kw_n {
+                let wv = w.get(kh * win.kw_n + kw).copied().unwrap_or(0);
                 if wv == 0 {
                     continue;
                 }
-                let off = kw * self.dw;
+                let off = kw * win.dw;
                 let Some(&(lo, hi)) = self.cols.get(kw) else {
                     return;
                 };
@@ -171,7 +196,7 @@ impl Pass<'_> {
                 if lo >= hi {
                     continue;
                 }
-                let first = lo * self.sw + off - self.pw;
+                let first = lo * win.sw + off - win.pw;
                 let dst = &mut acc[lo - ow0..hi - ow0];
                 let value = |b: u8| -> i32 {
                     if SIGNED {
@@ -180,7 +205,7 @@ impl Pass<'_> {
                         i32::from(b)
                     }
                 };
-                if self.sw == 1 {
+                if win.sw == 1 {
                     let Some(src) = line.get(first..first + dst.len()) else {
                         return;
                     };
@@ -191,11 +216,7 @@ impl Pass<'_> {
                     // Strided: the taps' bytes gathered first (a plain copy), so that the
                     // multiply-add runs on contiguous values and vectorizes.
                     let mut gathered = [0u8; BLOCK];
-                    let src = line
-                        .get(first..)
-                        .unwrap_or_default()
-                        .iter()
-                        .step_by(self.sw);
+                    let src = line.get(first..).unwrap_or_default().iter().step_by(win.sw);
                     for (g, &b) in gathered.iter_mut().zip(src) {
                         *g = b;
                     }
@@ -230,18 +251,8 @@ const CHANNELS: usize = 256;
 
 /// The geometry the channels-last loop needs per output row.
 struct Position<'a> {
-    ih: usize,
-    iw: usize,
+    win: Window,
     c: usize,
-    kh_n: usize,
-    kw_n: usize,
-    sh: usize,
-    sw: usize,
-    dh: usize,
-    dw: usize,
-    ph: usize,
-    pw: usize,
-    ow_n: usize,
     zx: i32,
     /// Weights tap-major: `w[tap * c + channel]`, zero point subtracted.
     w: &'a [i32],
@@ -288,18 +299,8 @@ impl Geometry {
             }
         }
         let p = Position {
-            ih,
-            iw,
+            win: Window::of(self),
             c,
-            kh_n,
-            kw_n,
-            sh: self.strides[0],
-            sw: self.strides[1],
-            dh: self.dilations[0],
-            dw: self.dilations[1],
-            ph: self.pad_begin[0],
-            pw: self.pad_begin[1],
-            ow_n,
             zx: d.x_zp,
             w: &w,
         };
@@ -341,44 +342,26 @@ impl Geometry {
 }
 
 impl Position<'_> {
-    /// The output columns whose tap at kernel column `kw` lands inside the input: `ow * sw +
-    /// kw * dw - pw` in `0..iw`.
-    #[inline(always)]
-    fn columns(&self, kw: usize) -> std::ops::Range<usize> {
-        let off = kw * self.dw;
-        let lo = if off >= self.pw {
-            0
-        } else {
-            (self.pw - off).div_ceil(self.sw)
-        };
-        let hi = if self.iw + self.pw > off {
-            ((self.iw + self.pw - off - 1) / self.sw + 1).min(self.ow_n)
-        } else {
-            0
-        };
-        lo..hi.max(lo)
-    }
-
     #[inline(always)]
     fn row<const SIGNED: bool>(&self, x: &[u8], oh: usize, c0: usize, acc: &mut [i32]) {
-        let (c, zx) = (self.c, self.zx);
-        let cn = acc.len() / self.ow_n.max(1);
+        let (c, zx, win) = (self.c, self.zx, &self.win);
+        let cn = acc.len() / win.ow_n.max(1);
         acc.fill(0);
-        for kh in 0..self.kh_n {
-            let y = (oh * self.sh + kh * self.dh).wrapping_sub(self.ph);
-            if y >= self.ih {
+        for kh in 0..win.kh_n {
+            let Some(y) = win.row(oh, kh) else {
                 continue;
-            }
-            let Some(xrow) = x.get(y * self.iw * c..(y + 1) * self.iw * c) else {
+            };
+            let Some(xrow) = x.get(y * win.iw * c..(y + 1) * win.iw * c) else {
                 return;
             };
-            for kw in 0..self.kw_n {
-                let t = (kh * self.kw_n + kw) * c + c0;
+            for kw in 0..win.kw_n {
+                let t = (kh * win.kw_n + kw) * c + c0;
                 let Some(ws) = self.w.get(t..t + cn) else {
                     return;
                 };
-                for ow in self.columns(kw) {
-                    let at = (ow * self.sw + kw * self.dw - self.pw) * c + c0;
+                let (lo, hi) = win.columns(kw);
+                for ow in lo..hi {
+                    let at = (ow * win.sw + kw * win.dw - win.pw) * c + c0;
                     let (Some(xs), Some(a)) =
                         (xrow.get(at..at + cn), acc.get_mut(ow * cn..ow * cn + cn))
                     else {
