@@ -432,7 +432,9 @@ async fn the_error_budget_mode_meets_its_target_and_lists_each_measured_candidat
                 "{label} measured: {notes}"
             );
         }
-        for c in &candidates {
+        // (The notes round the SQNR to 0.01 dB: a figure that close to the target is not
+        // judged from them.)
+        for c in candidates.iter().filter(|c| (c.1 - target).abs() > 0.01) {
             assert_eq!(c.3, c.1 >= target || c.0 == "all f32", "{c:?}: {notes}");
         }
         let chosen = notes
