@@ -185,20 +185,19 @@ fn compose(
         .filter(|(_, &p)| p != Precision::Int8)
         .map(|(l, _)| l.name.as_str())
         .collect();
-    // Values an int8 layer reads or writes, and the outputs of the nodes reading its outputs
-    // (the static plan quantizes after a product's bias Add).
-    let mut near: HashSet<&str> = HashSet::new();
+    // Values an int8 layer reads or writes, its outputs as the static plan quantizes them
+    // (after the bias Add and the Relu/ReLU6: `rectified`), whatever reads them next: the
+    // integer kernel needs the quantize node after it.
+    let mut near: HashSet<String> = HashSet::new();
     for n in graph
         .nodes
         .iter()
         .filter(|n| int8_layers.contains(n.name.as_str()))
     {
-        near.extend(n.inputs.iter().map(|s| s.as_str()));
+        near.extend(n.inputs.iter().map(|s| s.to_string()));
         for o in n.outputs.iter() {
-            near.insert(o.as_str());
-            for c in graph.consumers(o.as_str()) {
-                near.extend(c.outputs.iter().map(|s| s.as_str()));
-            }
+            near.insert(o.to_string());
+            near.insert(graph.rectified(o.as_str()));
         }
     }
     let mut plan = int8.clone();
