@@ -176,6 +176,25 @@ fn qlinear_add_body<const SIGNED: bool>(
     } else {
         (0.0, 255.0)
     };
+    if [a, b, c].iter().flatten().all(|v| v.is_finite()) && c[0] != 0.0 {
+        // Finite parameters: every step stays in f32 (16 lanes), with plain clamps. The
+        // rounded quotient is an integer within 2^22 and the zero point one within 2^8, so
+        // their f32 sum is exact: the same bytes as the f64 saturation below.
+        const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+        const LIMIT: f32 = 4_194_304.0; // 2^22
+        let (lo, hi) = (lo as f32, hi as f32);
+        for ((o, &x), &y) in out.iter_mut().zip(xs).zip(ys) {
+            let sum = (value(x) - a[1]) * a[0] + (value(y) - b[1]) * b[0];
+            let q = sum / c[0];
+            let q = if q > -LIMIT { q } else { -LIMIT };
+            let q = if q < LIMIT { q } else { LIMIT };
+            let q = (q + MAGIC) - MAGIC + c[1];
+            let q = if q > lo { q } else { lo };
+            let q = if q < hi { q } else { hi };
+            *o = (q + MAGIC).to_bits() as u8;
+        }
+        return;
+    }
     let zc = f64::from(c[1]);
     for ((o, &x), &y) in out.iter_mut().zip(xs).zip(ys) {
         let sum = (value(x) - a[1]) * a[0] + (value(y) - b[1]) * b[0];
@@ -206,6 +225,62 @@ simd_fn! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The unfused graph's steps, one value at a time (f32 dequantize and add, the quotient
+    /// rounded half to even, the zero point added, saturated).
+    fn qlinear_add_reference(
+        x: f32,
+        y: f32,
+        a: [f32; 2],
+        b: [f32; 2],
+        c: [f32; 2],
+        signed: bool,
+    ) -> u8 {
+        let sum = (x - a[1]) * a[0] + (y - b[1]) * b[0];
+        let q = f64::from((sum / c[0]).round_ties_even()) + f64::from(c[1]);
+        if signed {
+            q.clamp(-128.0, 127.0) as i8 as u8
+        } else {
+            q.clamp(0.0, 255.0) as u8
+        }
+    }
+
+    #[test]
+    fn qlinear_add_gives_the_unfused_steps_bytes_for_every_operand_pair() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        // Scales with exact halves among the quotients, odd zero points, a tiny output scale
+        // (saturation) and a large one.
+        let cases = [
+            ([0.5, 3.0], [0.25, 128.0], [0.5, 7.0]),
+            ([0.02, 0.0], [0.03, 10.0], [0.04, 128.0]),
+            ([1.0, 255.0], [1.0, 0.0], [1e-3, 0.0]),
+            ([0.1, -3.0], [0.07, 5.0], [0.3, -9.0]),
+            ([1e5, 1.0], [1e5, 2.0], [7.0, 100.0]),
+        ];
+        for (a, b, c) in cases {
+            for signed in [false, true] {
+                let value = |v: u8| {
+                    if signed {
+                        f32::from(v as i8)
+                    } else {
+                        f32::from(v)
+                    }
+                };
+                for &x in &bytes {
+                    let xs = vec![x; 256];
+                    let mut out = vec![0u8; 256];
+                    qlinear_add(&xs, &bytes, signed, a, b, c, &mut out);
+                    for (&y, &o) in bytes.iter().zip(&out) {
+                        let want = qlinear_add_reference(value(x), value(y), a, b, c, signed);
+                        assert_eq!(
+                            o, want,
+                            "x {x} y {y} a {a:?} b {b:?} c {c:?} signed {signed}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn the_finite_clamp_rounds_and_saturates_as_the_general_one() {
