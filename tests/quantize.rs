@@ -160,6 +160,31 @@ fn accuracy(logits: &[f32], labels: &[i64]) -> f64 {
     correct as f64 / labels.len() as f64
 }
 
+/// A daemon serving the float LeNet from `repo`, the digits' labels, the float model's
+/// accuracy on them, and the calibration and held-out folders.
+struct Served {
+    d: Daemon,
+    plugins: tempfile::TempDir,
+    labels: Vec<i64>,
+    float: f64,
+    calib: PathBuf,
+    eval: PathBuf,
+}
+
+async fn served(repo: &Path) -> Served {
+    let (d, plugins) = daemon(repo, &[]);
+    let labels = labels();
+    let float = accuracy(&logits(&d, "1").await, &labels);
+    Served {
+        d,
+        plugins,
+        labels,
+        float,
+        calib: digits().join("calib"),
+        eval: digits().join("test"),
+    }
+}
+
 /// onnxruntime's run of `model` on the digits test set (`quant_ort.py`: the operators, the
 /// logits and the accuracy), or `None` without the Python environment.
 fn onnxruntime_on_digits(model: &Path) -> Option<serde_json::Value> {
@@ -181,12 +206,15 @@ fn report(r: &reg::QuantizeResult) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lenet_quantized_by_each_method_stays_within_a_point_of_f32_and_runs_in_onnxruntime() {
     let repo = repo();
-    let (d, _plugins) = daemon(repo.path(), &[]);
-    let labels = labels();
-    let float = accuracy(&logits(&d, "1").await, &labels);
+    let Served {
+        d,
+        plugins: _plugins,
+        labels,
+        float,
+        calib,
+        eval,
+    } = served(repo.path()).await;
     assert!(float > 0.95, "the float LeNet scores {float}");
-    let calib = digits().join("calib");
-    let eval = digits().join("test");
 
     // (strategy, options, an operator the output must contain)
     type Method<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
@@ -386,11 +414,14 @@ async fn lenet_quantized_by_each_method_stays_within_a_point_of_f32_and_runs_in_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_error_budget_mode_meets_its_target_and_lists_each_measured_candidate() {
     let repo = repo();
-    let (d, _plugins) = daemon(repo.path(), &[]);
-    let labels = labels();
-    let float = accuracy(&logits(&d, "1").await, &labels);
-    let calib = digits().join("calib");
-    let eval = digits().join("test");
+    let Served {
+        d,
+        plugins: _plugins,
+        labels,
+        float,
+        calib,
+        eval,
+    } = served(repo.path()).await;
     for target in [30.0, 60.0] {
         let t = target.to_string();
         let options = [("lowered", "auto"), ("target_sqnr_db", t.as_str())];
@@ -979,11 +1010,14 @@ async fn mixed_precision_computes_layers_in_bfloat16_from_opset_22_and_refuses_i
         opregd::graph::export(&m, None).expect("export").model,
     )
     .expect("write");
-    let (d, _plugins) = daemon(repo.path(), &[]);
-    let labels = labels();
-    let float = accuracy(&logits(&d, "1").await, &labels);
-    let calib = digits().join("calib");
-    let eval = digits().join("test");
+    let Served {
+        d,
+        plugins: _plugins,
+        labels,
+        float,
+        calib,
+        eval,
+    } = served(repo.path()).await;
     let bf16 = [("lowered", "bf16")];
 
     let e = quantize(&d, job("quant-mixed", &bf16, &calib, Some(&eval)), vec![])
@@ -1024,11 +1058,14 @@ async fn mixed_precision_computes_layers_in_bfloat16_from_opset_22_and_refuses_i
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_of_four_pruning_with_reconstruction_keeps_accuracy_where_masking_alone_loses_it() {
     let repo = repo();
-    let (d, _plugins) = daemon(repo.path(), &[]);
-    let labels = labels();
-    let float = accuracy(&logits(&d, "1").await, &labels);
-    let calib = digits().join("calib");
-    let eval = digits().join("test");
+    let Served {
+        d,
+        plugins: _plugins,
+        labels,
+        float,
+        calib,
+        eval,
+    } = served(repo.path()).await;
     let mut results = Vec::new();
     for reconstruct in ["true", "false"] {
         let (r, _) = quantize(

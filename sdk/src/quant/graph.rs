@@ -131,9 +131,10 @@ impl<'a> GraphView<'a> {
     }
 
     /// `name`, or what it becomes through the per-channel bias `Add` (a constant added) and
-    /// the `Relu` or constant-bound `Clip` that alone read it (see [`activations_of`](GraphView::activations_of)): the
-    /// bias belongs to the product (quantizing before it adds an extra rounding, which
-    /// onnxruntime's `Gemm` does not have), and the rectified range starts at zero.
+    /// the `Relu` or constant-bound `Clip` that alone read it (see
+    /// [`activations_of`](GraphView::activations_of)): the bias belongs to the product
+    /// (quantizing before it adds an extra rounding, which onnxruntime's `Gemm` does not
+    /// have), and the rectified range lies within the activation's bounds.
     pub fn rectified(&self, name: &str) -> String {
         let mut current = name.to_string();
         let mut bias_taken = false;

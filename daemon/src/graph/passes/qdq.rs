@@ -379,10 +379,9 @@ fn quantize_clamps_within(
         DType::I8 => (f32::from(*zp.to_vec::<i8>().ok()?.first()?), -128.0, 127.0),
         _ => return None,
     };
+    // Infinite bounds quantize to infinities (always within); a NaN bound compares false.
     let q = |x: f32| (x / s).round_ties_even() + zp;
-    let low_ok = lo == f32::NEG_INFINITY || q(lo) <= qmin;
-    let high_ok = hi == f32::INFINITY || q(hi) >= qmax;
-    Some(low_ok && high_ok && !lo.is_nan() && !hi.is_nan())
+    Some(q(lo) <= qmin && q(hi) >= qmax)
 }
 
 /// What the rewrite of one product node needs.
@@ -390,7 +389,7 @@ struct Plan {
     node: usize,
     quantize: usize,
     /// A `Relu` or `Clip` absorbed between the product and the quantize node.
-    relu: Option<usize>,
+    activation: Option<usize>,
     inputs: Vec<String>,
     output: String,
     /// New initializers (weight zero point, int32 bias).
@@ -417,7 +416,7 @@ fn fuse(model: &mut Model, op: &str, fused: &str) -> Result<usize, GraphError> {
         let Some(&ri) = reader.get(y.as_str()) else {
             continue;
         };
-        let (qi, relu) = match model.nodes.get(ri) {
+        let (qi, activation) = match model.nodes.get(ri) {
             Some(r) if is(r, "Relu") || is(r, "Clip") => {
                 let Some(ry) = r.outputs.first() else {
                     continue;
@@ -432,7 +431,7 @@ fn fuse(model: &mut Model, op: &str, fused: &str) -> Result<usize, GraphError> {
             }
             _ => (ri, None),
         };
-        if let Some(p) = plan(model, &producer, i, qi, relu, op) {
+        if let Some(p) = plan(model, &producer, i, qi, activation, op) {
             plans.push(p);
         }
     }
@@ -455,7 +454,7 @@ fn fuse(model: &mut Model, op: &str, fused: &str) -> Result<usize, GraphError> {
             n.outputs = vec![p.output];
             names.push(n.name.clone());
         }
-        for k in std::iter::once(p.quantize).chain(p.relu) {
+        for k in std::iter::once(p.quantize).chain(p.activation) {
             if let Some(r) = remove.get_mut(k) {
                 *r = true;
             }
@@ -475,12 +474,12 @@ fn plan(
     producer: &HashMap<&str, usize>,
     i: usize,
     qi: usize,
-    relu: Option<usize>,
+    activation: Option<usize>,
     op: &str,
 ) -> Option<Plan> {
     let n = model.nodes.get(i)?;
     let q = model.nodes.get(qi)?;
-    let quantized = match relu {
+    let quantized = match activation {
         Some(r) => model.nodes.get(r)?.outputs.first(),
         None => n.outputs.first(),
     };
@@ -491,7 +490,7 @@ fn plan(
     let (y_s, y_zp) = (q.inputs.get(1)?, q.inputs.get(2).filter(|z| !z.is_empty())?);
     scale(model, y_s, None)?;
     let y_type = zero_point(model, y_zp, 1)?;
-    if let Some(r) = relu {
+    if let Some(r) = activation {
         // Absorbing the activation is exact only when quantizing clamps as it does: the
         // representable range lies within the activation's.
         let r = model.nodes.get(r)?;
@@ -562,7 +561,7 @@ fn plan(
     Some(Plan {
         node: i,
         quantize: qi,
-        relu,
+        activation,
         inputs,
         output: y_q,
         constants,
