@@ -657,6 +657,18 @@ async fn loading_and_unloading_different_builds_a_hundred_times_is_stable() {
     }
     let after = d.rss_kib();
     eprintln!("100 load/unload rounds: RSS {before} -> {after} KiB");
+    // The last library is released once its registry snapshot is dropped, which may be just
+    // after the unload call answers: wait for its line (seen once as a flaky 99).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while d
+        .log()
+        .matches("plugin library released and unmapped")
+        .count()
+        < 100
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let log = d.log();
     assert!(
         !log.contains("stayed mapped"),

@@ -686,6 +686,136 @@ async fn streamed_samples_calibrate_like_a_folder_and_statistics_do_not_grow_wit
     );
 }
 
+/// A daemon on `threads` compute threads (so as many calibration lanes) serving the LeNet.
+fn daemon_on(repo: &Path, threads: usize) -> (Daemon, tempfile::TempDir) {
+    let plugins = plugin_dir(&[
+        plugin("onnx_ops"),
+        plugin("blas_cpu"),
+        plugin("quant_static"),
+        plugin("quant_mixed"),
+    ]);
+    let d = Daemon::start(&[
+        "--plugin-dir",
+        plugins.path().to_str().expect("utf8"),
+        "--model-repo",
+        repo.to_str().expect("utf8"),
+        "--threads",
+        &threads.to_string(),
+    ]);
+    (d, plugins)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strategys_own_observer_calibrates_and_lanes_merge_to_the_serial_statistics() {
+    // The calibration batches rescaled by 1..4, so their ranges differ (the mean of the
+    // batch ranges is then not the global range).
+    let entries = opregd::quant::data::entries(&digits().join("calib")).expect("entries");
+    let (test_shape, test_x) = npy_f32(&digits().join("test/digits.npy"));
+    let tensor = |shape: &[usize], x: &[f32]| reg::Tensor {
+        name: "image".into(),
+        datatype: "FP32".into(),
+        shape: shape.iter().map(|&d| d as i64).collect(),
+        raw: f32_bytes(x),
+    };
+    let mut batch_ranges = Vec::new();
+    let mut samples = vec![reg::CalibrationSample {
+        inputs: vec![tensor(&test_shape, &test_x)],
+        labels: vec![],
+        heldout: true,
+    }];
+    for (i, e) in entries.iter().enumerate() {
+        let (shape, x) = npy_f32(e);
+        let k = (i % 4 + 1) as f32;
+        let x: Vec<f32> = x.iter().map(|v| v * k).collect();
+        let lo = x.iter().copied().fold(f32::INFINITY, f32::min);
+        let hi = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        batch_ranges.push((f64::from(lo), f64::from(hi)));
+        samples.push(reg::CalibrationSample {
+            inputs: vec![tensor(&shape, &x)],
+            labels: vec![],
+            heldout: false,
+        });
+    }
+    let n = batch_ranges.len() as f64;
+    let mean_lo = batch_ranges.iter().map(|r| r.0).sum::<f64>() / n;
+    let mean_hi = batch_ranges.iter().map(|r| r.1).sum::<f64>() / n;
+    let global_hi = batch_ranges.iter().map(|r| r.1).fold(f64::MIN, f64::max);
+    assert!(
+        mean_hi < 0.8 * global_hi,
+        "the batches must differ in range"
+    );
+
+    let mut reports = Vec::new();
+    for threads in [1, 3] {
+        let repo = repo();
+        let (d, _plugins) = daemon_on(repo.path(), threads);
+        let mut per_calibrator = Vec::new();
+        for (strategy, calibrator) in [
+            ("quant-static", "average"),
+            ("quant-static", "kl"),
+            // A strategy composing quant-static passes its observers on.
+            ("quant-mixed", "average"),
+        ] {
+            let mut j = job(strategy, &[("calibrator", calibrator)], Path::new(""), None);
+            j.data_dir.clear();
+            let (r, _) = quantize(&d, j, samples.clone())
+                .await
+                .unwrap_or_else(|e| panic!("{strategy} {calibrator} on {threads} threads: {e}"));
+            let rep = report(&r);
+            assert_eq!(rep["calibration"]["samples"], 8);
+            per_calibrator.push(rep);
+        }
+        let image = |rep: &serde_json::Value| {
+            rep["tensors"]
+                .as_array()
+                .expect("tensors")
+                .iter()
+                .find(|t| t["name"] == "image")
+                .cloned()
+                .expect("the input is quantized")
+        };
+        // The strategy's observer saw every batch once: the mean of their ranges, and the
+        // input's parameters from it (u8, asymmetric; the range widened to hold zero).
+        let img = image(&per_calibrator[0]);
+        let f = |key: &str| img["figures"][key].as_f64().expect(key);
+        assert!((f("average_min") - mean_lo).abs() < 1e-5, "{img}");
+        assert!((f("average_max") - mean_hi).abs() < 1e-4 * mean_hi, "{img}");
+        let scale = img["scales"][0].as_f64().expect("scale");
+        let want = (mean_hi.max(0.0) - mean_lo.min(0.0)) / 255.0;
+        assert!(
+            (scale - want).abs() < 1e-6 * want,
+            "scale {scale}, want {want}"
+        );
+        assert_eq!(image(&per_calibrator[2])["scales"], img["scales"]);
+        reports.push(per_calibrator);
+    }
+    // One lane or three: the same statistics. Histograms merge exactly (the KL thresholds
+    // are equal to the bit); the averages up to the order of a sum.
+    let [one, three] = &reports[..] else {
+        unreachable!()
+    };
+    assert_eq!(one[1]["tensors"], three[1]["tensors"]);
+    for (a, b) in one.iter().zip(three) {
+        let (ta, tb) = (
+            a["tensors"].as_array().expect("tensors"),
+            b["tensors"].as_array().expect("tensors"),
+        );
+        assert_eq!(ta.len(), tb.len());
+        for (x, y) in ta.iter().zip(tb) {
+            assert_eq!(x["name"], y["name"]);
+            for key in ["average_min", "average_max"] {
+                if let (Some(p), Some(q)) = (x["figures"][key].as_f64(), y["figures"][key].as_f64())
+                {
+                    assert!(
+                        (p - q).abs() <= 1e-9 * p.abs().max(1.0),
+                        "{key}: {x} vs {y}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// The version folders of `lenet` that hold a model.
 fn versions(repo: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(repo.join("lenet"))
@@ -782,6 +912,26 @@ async fn bad_quantization_requests_are_refused_by_name_and_leave_no_version() {
             vec![],
             Code::Internal,
             "malformed plan",
+        ),
+        // A strategy's own observer that cannot be made, panics or cannot merge: the error
+        // names the strategy, the tensor and the call.
+        (
+            job("mock-bad-observer", &[("at", "create")], &calib, None),
+            vec![],
+            Code::InvalidArgument,
+            "observer of 'image': mock: no observer today",
+        ),
+        (
+            job("mock-bad-observer", &[("at", "update")], &calib, None),
+            vec![],
+            Code::Internal,
+            "observer of 'image' failed in update: observer update panicked",
+        ),
+        (
+            job("mock-bad-observer", &[("at", "finish")], &calib, None),
+            vec![],
+            Code::Internal,
+            "observer of 'image' failed in finish",
         ),
     ];
     for (j, samples, code, needle) in cases {

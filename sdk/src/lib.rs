@@ -103,8 +103,8 @@ pub use kernel::{
 pub use module::{PluginInfo, Registrar};
 pub use quant::{
     Directive, DirectiveKind, Evaluation, Evaluator, GraphPlan, GraphView, NodeKind, NodePlan,
-    NodeView, Observation, ObservationKind, QuantPlan, QuantRequest, Quantizer, QuantizerDesc,
-    TensorObservation, TensorStats, TimedEvaluation, ValueView,
+    NodeView, Observation, ObservationKind, Observer, ObserverOutput, QuantPlan, QuantRequest,
+    Quantizer, QuantizerDesc, TensorObservation, TensorStats, TimedEvaluation, ValueView,
 };
 pub use tensor::{Device, DeviceKind, MemoryType, OwnedTensor, TensorView, TensorViewMut};
 
@@ -112,9 +112,9 @@ pub use tensor::{Device, DeviceKind, MemoryType, OwnedTensor, TensorView, Tensor
 pub const ABI_MAJOR: u32 = 1;
 /// The ABI minor version: bumped when capabilities are appended to the root module or to a
 /// trait's vtable. Older minors keep loading.
-pub const ABI_MINOR: u32 = 3;
+pub const ABI_MINOR: u32 = 4;
 /// `ABI_MAJOR.ABI_MINOR.0`, as checked by `abi_stable` when a plugin loads.
-pub const ABI_VERSION: &str = "1.3.0";
+pub const ABI_VERSION: &str = "1.4.0";
 
 /// Everything a plugin author usually needs.
 ///
@@ -126,9 +126,9 @@ pub mod prelude {
         stateless, AttrValue, Blas, BlasDesc, DType, Device, DeviceKind, DeviceProvider, Directive,
         DirectiveKind, Element, Epilogue, ErrorCode, Evaluation, Evaluator, GemmArgs, GemmTypes,
         GraphPlan, GraphView, Kernel, KernelContext, KernelDesc, KernelFactory, Layout, LogLevel,
-        MemRef, MemoryType, NodeInfo, NodeKind, NodePlan, Observation, ObservationKind, OutputFact,
-        OwnedTensor, PackedB, PackedInfo, PluginError, ProviderInfo, QuantPlan, QuantRequest,
-        Quantizer, QuantizerDesc, Registrar, Stream, TensorObservation, TensorStats, TensorView,
-        TensorViewMut, Transpose, OPEN_END,
+        MemRef, MemoryType, NodeInfo, NodeKind, NodePlan, Observation, ObservationKind, Observer,
+        ObserverOutput, OutputFact, OwnedTensor, PackedB, PackedInfo, PluginError, ProviderInfo,
+        QuantPlan, QuantRequest, Quantizer, QuantizerDesc, Registrar, Stream, TensorObservation,
+        TensorStats, TensorView, TensorViewMut, Transpose, OPEN_END,
     };
 }

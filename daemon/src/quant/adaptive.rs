@@ -452,9 +452,7 @@ impl Adaptive {
         };
         let observations = planner.observations(&self.float)?;
         let mut calibrator = planner.calibrator(&self.float, &observations)?;
-        for s in &samples {
-            calibrator.feed(s)?;
-        }
+        calibrator.feed(&samples)?;
         let float_plan =
             graph::compile(&self.float, app.registry.snapshot(), &devices, max_folded)?;
         let heldout = Heldout::new(&float_plan, samples)?;

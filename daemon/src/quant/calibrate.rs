@@ -1,6 +1,15 @@
 //! Calibration: the model compiled once with every observed tensor as an extra output; each
 //! sample runs it, updates the bounded statistics of [`observe`](super::observe) and is
 //! dropped, so memory does not grow with the number of samples.
+//!
+//! Samples run side by side on *lanes* (one per compute thread, at most [`MAX_LANES`]): each
+//! lane keeps statistics of its own, updated by the thread that ran the sample, and after
+//! each group of samples the lanes are folded into the first (min/max and histograms here; a
+//! strategy's own observers through their partial state and merge). One sample per lane, so
+//! small models, whose operators are too small to spread over the threads, still keep every
+//! core busy. Folding after each group keeps one invariant: between calls, the first lane
+//! holds everything seen so far. Histograms merge exactly because every lane starts from the
+//! first lane's range (ranges then only double): the result does not depend on the lanes.
 
 // Model and request data reach this module: no unchecked index or slice.
 #![deny(clippy::indexing_slicing)]
@@ -18,20 +27,95 @@ use crate::{
 };
 use opreg_sdk::{
     abi_stable::std_types::{RNone, RString, RVec},
-    DType, Device, ObservationKind, TensorObservation, TensorStats,
+    quant::{FfiObserverBox, ObserverOutput},
+    DType, Device, Observation, ObservationKind, TensorObservation, TensorStats,
 };
+use rayon::prelude::*;
 use std::{collections::HashMap, sync::Arc};
 
 /// Most histogram bins a strategy may ask for per tensor (the statistics' memory bound).
 pub const MAX_BINS: u32 = 1 << 16;
 
+/// Most samples run side by side (each holds its activations while it runs).
+pub const MAX_LANES: usize = 4;
+
+/// Makes a strategy's own observer of a tensor ([`ObservationKind::CUSTOM`]), one per lane.
+pub type ObserverFactory =
+    Box<dyn Fn(&str, &Observation) -> Result<FfiObserverBox, QuantError> + Send + Sync>;
+
 struct Observed {
     name: String,
     /// A graph input: read from the feeds, not from the run's outputs.
     is_input: bool,
+    observation: Observation,
+}
+
+/// One lane's statistics of one observed tensor.
+struct Stats {
     minmax: MinMax,
     histogram: Option<AbsHistogram>,
+    custom: Option<FfiObserverBox>,
+    /// The tensor's type and shape on the lane's first sample.
     fact: Option<(DType, Vec<i64>)>,
+}
+
+/// Folds one tensor of one sample into a lane's statistics.
+fn update(
+    strategy: &str,
+    o: &Observed,
+    stats: &mut Stats,
+    t: &opreg_sdk::host::HostTensor,
+) -> Result<(), QuantError> {
+    if t.dtype() != DType::F32 || !t.on_host() {
+        return Err(QuantError::Data(format!(
+            "tensor '{}' is {:?}: only f32 host tensors can be observed",
+            o.name,
+            t.dtype()
+        )));
+    }
+    let view = t.view();
+    let xs = view
+        .as_slice::<f32>()
+        .map_err(|e| QuantError::Data(format!("tensor '{}': {e}", o.name)))?;
+    stats.minmax.update(xs);
+    if let Some(h) = &mut stats.histogram {
+        h.update(xs);
+    }
+    if let Some(custom) = &mut stats.custom {
+        custom
+            .update(view)
+            .into_result()
+            .map_err(|e| observer_error(strategy, &o.name, "update", e))?;
+    }
+    if stats.fact.is_none() {
+        let shape = t
+            .shape()
+            .iter()
+            .map(|&d| i64::try_from(d).unwrap_or(-1))
+            .collect();
+        stats.fact = Some((t.dtype(), shape));
+    }
+    Ok(())
+}
+
+/// A strategy's observer failed: the error names the strategy, the tensor and the call.
+fn observer_error(
+    strategy: &str,
+    tensor: &str,
+    call: &str,
+    e: opreg_sdk::PluginError,
+) -> QuantError {
+    QuantError::Strategy {
+        strategy: strategy.into(),
+        code: e.code,
+        message: format!("its observer of '{tensor}' failed in {call}: {}", e.message),
+    }
+}
+
+/// The statistics of the samples one lane ran, per observed tensor (in `observed` order).
+struct Lane {
+    stats: Vec<Stats>,
+    samples: u64,
 }
 
 /// An input Gram matrix kept for reconstructing a pruned weight.
@@ -51,15 +135,21 @@ pub const MAX_GRAM_BYTES: usize = 1 << 30;
 pub struct Calibrator {
     plan: graph::Plan,
     observed: Vec<Observed>,
+    /// Declared before `factory`: the strategy's observers drop before the plugin handle the
+    /// factory holds.
+    lanes: Vec<Lane>,
     grams: Vec<GramObserved>,
     /// Gram observations the host could not take, and why (for the report).
     skipped: Vec<String>,
-    samples: u64,
+    /// The strategy's name (for messages).
+    strategy: String,
+    factory: Option<ObserverFactory>,
 }
 
 impl Calibrator {
     /// Checks `observations` against `model` and compiles the model with the observed tensors
-    /// as outputs. Call it on the compute pool.
+    /// as outputs; `factory` makes the strategy's own observers (custom observations are
+    /// refused without one). Call it on the compute pool.
     pub fn new(
         model: &Model,
         observations: &[TensorObservation],
@@ -67,6 +157,7 @@ impl Calibrator {
         devices: &[Device],
         max_folded_bytes: usize,
         strategy: &str,
+        factory: Option<ObserverFactory>,
     ) -> Result<Self, QuantError> {
         let produced: std::collections::HashSet<&str> = model
             .nodes
@@ -124,9 +215,10 @@ impl Calibrator {
                     "observe: '{name}' is not an activation of the model (a graph input or a node output)"
                 )));
             }
-            let histogram = match o.observation.kind {
+            match o.observation.kind {
                 ObservationKind::NOTHING => continue,
-                ObservationKind::MIN_MAX => None,
+                ObservationKind::MIN_MAX => {}
+                ObservationKind::CUSTOM if factory.is_some() => {}
                 ObservationKind::HISTOGRAM => {
                     let bins = o.observation.bins;
                     if !(2..=MAX_BINS).contains(&bins) {
@@ -134,7 +226,6 @@ impl Calibrator {
                             "observe '{name}': a histogram of {bins} bins (2..={MAX_BINS})"
                         )));
                     }
-                    Some(AbsHistogram::new(bins as usize))
                 }
                 other => {
                     return Err(QuantError::Unimplemented {
@@ -149,9 +240,7 @@ impl Calibrator {
             observed.push(Observed {
                 name: name.to_string(),
                 is_input,
-                minmax: MinMax::new(),
-                histogram,
-                fact: None,
+                observation: o.observation,
             });
         }
         let mut augmented = model.clone();
@@ -170,73 +259,202 @@ impl Calibrator {
             }
         }
         let plan = graph::compile(&augmented, snapshot, devices, max_folded_bytes)?;
-        Ok(Calibrator {
+        let mut calibrator = Calibrator {
             plan,
             observed,
+            lanes: Vec::new(),
             grams,
             skipped,
-            samples: 0,
-        })
+            strategy: strategy.into(),
+            factory,
+        };
+        let lanes = rayon::current_num_threads().clamp(1, MAX_LANES);
+        for _ in 0..lanes {
+            let lane = calibrator.fresh_lane(None)?;
+            calibrator.lanes.push(lane);
+        }
+        Ok(calibrator)
     }
 
-    /// Runs one sample and updates the statistics. Call it on the compute pool.
-    pub fn feed(&mut self, sample: &Sample) -> Result<(), QuantError> {
-        let outputs: HashMap<String, Arc<opreg_sdk::host::HostTensor>> =
-            graph::run(&self.plan, sample.feeds.clone())?
-                .into_iter()
-                .collect();
-        // A graph input is read from the feeds, anything else from the run's outputs.
-        let fetch = |name: &str, is_input: bool| {
-            let t = if is_input {
-                sample.feeds.get(name)
-            } else {
-                outputs.get(name)
+    /// A lane that has seen nothing; its histograms start from `like`'s ranges (so that
+    /// merging it back is exact).
+    fn fresh_lane(&self, like: Option<&Lane>) -> Result<Lane, QuantError> {
+        let mut stats = Vec::with_capacity(self.observed.len());
+        for (i, o) in self.observed.iter().enumerate() {
+            let histogram = (o.observation.kind == ObservationKind::HISTOGRAM).then(|| {
+                let mut h = AbsHistogram::new(o.observation.bins as usize);
+                if let Some(base) = like
+                    .and_then(|l| l.stats.get(i))
+                    .and_then(|s| s.histogram.as_ref())
+                {
+                    h.max = base.max;
+                }
+                h
+            });
+            let custom = match (o.observation.kind, &self.factory) {
+                (ObservationKind::CUSTOM, Some(make)) => Some(make(&o.name, &o.observation)?),
+                _ => None,
             };
-            t.ok_or_else(|| {
-                QuantError::Data(format!("{}: the run gave no '{name}'", sample.origin))
-            })
-        };
-        for o in &mut self.observed {
-            let t = fetch(&o.name, o.is_input)?;
-            if t.dtype() != DType::F32 || !t.on_host() {
-                return Err(QuantError::Data(format!(
-                    "tensor '{}' is {:?}: only f32 host tensors can be observed",
-                    o.name,
-                    t.dtype()
-                )));
-            }
-            let view = t.view();
-            let xs = view
-                .as_slice::<f32>()
-                .map_err(|e| QuantError::Data(format!("tensor '{}': {e}", o.name)))?;
-            o.minmax.update(xs);
-            if let Some(h) = &mut o.histogram {
-                h.update(xs);
-            }
-            if o.fact.is_none() {
-                let shape = t
-                    .shape()
+            stats.push(Stats {
+                minmax: MinMax::new(),
+                histogram,
+                custom,
+                fact: None,
+            });
+        }
+        Ok(Lane { stats, samples: 0 })
+    }
+
+    /// Samples run side by side: as many as [`feed`](Self::feed) takes at once.
+    pub fn lanes(&self) -> usize {
+        self.lanes.len()
+    }
+
+    /// Runs `samples` (one per lane, side by side; more are taken in groups) and updates the
+    /// statistics. Call it on the compute pool.
+    pub fn feed(&mut self, samples: &[Sample]) -> Result<(), QuantError> {
+        let mut rest = samples;
+        if self.samples() == 0 {
+            // The very first sample runs alone: it fixes the histogram ranges every other
+            // lane then starts from, which is what makes their merges exact.
+            let Some((first, others)) = rest.split_first() else {
+                return Ok(());
+            };
+            self.feed_group(std::slice::from_ref(first))?;
+            rest = others;
+        }
+        for group in rest.chunks(self.lanes.len().max(1)) {
+            self.feed_group(group)?;
+        }
+        Ok(())
+    }
+
+    fn feed_group(&mut self, group: &[Sample]) -> Result<(), QuantError> {
+        let plan = &self.plan;
+        let observed = &self.observed;
+        let strategy = self.strategy.as_str();
+        // Gram matrices can be large: one copy, updated below in sample order, not per lane.
+        let gram_inputs: Vec<(&str, bool)> = self
+            .grams
+            .iter()
+            .map(|g| (g.input.as_str(), g.is_input))
+            .collect();
+        type Kept = Vec<Option<Arc<opreg_sdk::host::HostTensor>>>;
+        let runs: Vec<Result<Kept, QuantError>> = group
+            .par_iter()
+            .zip(self.lanes.par_iter_mut())
+            .map(|(sample, lane)| {
+                let outputs: HashMap<String, Arc<opreg_sdk::host::HostTensor>> =
+                    graph::run(plan, sample.feeds.clone())?
+                        .into_iter()
+                        .collect();
+                // A graph input is read from the feeds, anything else from the run's outputs.
+                let fetch = |name: &str, is_input: bool| {
+                    let t = if is_input {
+                        sample.feeds.get(name)
+                    } else {
+                        outputs.get(name)
+                    };
+                    t.ok_or_else(|| {
+                        QuantError::Data(format!("{}: the run gave no '{name}'", sample.origin))
+                    })
+                };
+                for (o, stats) in observed.iter().zip(lane.stats.iter_mut()) {
+                    let t = fetch(&o.name, o.is_input)?;
+                    update(strategy, o, stats, t)?;
+                }
+                lane.samples += 1;
+                gram_inputs
                     .iter()
-                    .map(|&d| i64::try_from(d).unwrap_or(-1))
-                    .collect();
-                o.fact = Some((t.dtype(), shape));
+                    .map(|&(name, is_input)| Ok(fetch(name, is_input).ok().cloned()))
+                    .collect()
+            })
+            .collect();
+        for (sample, run) in group.iter().zip(runs) {
+            let kept = run?;
+            for (g, t) in self.grams.iter_mut().zip(kept) {
+                let Some(t) = t else {
+                    return Err(QuantError::Data(format!(
+                        "{}: the run gave no '{}'",
+                        sample.origin, g.input
+                    )));
+                };
+                if t.dtype() != DType::F32 || !t.on_host() {
+                    continue;
+                }
+                let view = t.view();
+                let xs = view
+                    .as_slice::<f32>()
+                    .map_err(|e| QuantError::Data(format!("tensor '{}': {e}", g.input)))?;
+                g.gram
+                    .update(&g.rows, xs, t.shape())
+                    .map_err(|e| QuantError::Data(format!("the input of '{}': {e}", g.weight)))?;
             }
         }
-        for g in &mut self.grams {
-            let t = fetch(&g.input, g.is_input)?;
-            if t.dtype() != DType::F32 || !t.on_host() {
+        self.fold_lanes()
+    }
+
+    /// Folds every lane into the first and gives the others fresh statistics on the first's
+    /// histogram ranges.
+    fn fold_lanes(&mut self) -> Result<(), QuantError> {
+        if self.lanes.len() < 2 {
+            return Ok(());
+        }
+        let mut rest = self.lanes.split_off(1);
+        let Some(first) = self.lanes.first_mut() else {
+            return Ok(());
+        };
+        for lane in &rest {
+            if lane.samples == 0 {
                 continue;
             }
-            let view = t.view();
-            let xs = view
-                .as_slice::<f32>()
-                .map_err(|e| QuantError::Data(format!("tensor '{}': {e}", g.input)))?;
-            g.gram
-                .update(&g.rows, xs, t.shape())
-                .map_err(|e| QuantError::Data(format!("the input of '{}': {e}", g.weight)))?;
+            for ((o, into), from) in self.observed.iter().zip(&mut first.stats).zip(&lane.stats) {
+                into.minmax.merge(&from.minmax);
+                if let (Some(a), Some(b)) = (&mut into.histogram, &from.histogram) {
+                    a.merge(b);
+                }
+                if let (Some(a), Some(b)) = (&mut into.custom, &from.custom) {
+                    let state = b
+                        .state()
+                        .into_result()
+                        .map_err(|e| observer_error(&self.strategy, &o.name, "state", e))?;
+                    a.merge(state.as_slice().into())
+                        .into_result()
+                        .map_err(|e| observer_error(&self.strategy, &o.name, "merge", e))?;
+                }
+            }
+            first.samples += lane.samples;
         }
-        self.samples += 1;
+        // Every other lane starts again from the first's ranges, also the ones this group
+        // left idle (they may still be on the ranges they were made with).
+        for lane in &mut rest {
+            *lane = self.fresh_lane(self.lanes.first())?;
+        }
+        self.lanes.append(&mut rest);
         Ok(())
+    }
+
+    /// What the strategy's own observers finished with.
+    pub fn observer_outputs(&self) -> Result<Vec<ObserverOutput>, QuantError> {
+        let Some(first) = self.lanes.first() else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for (o, s) in self.observed.iter().zip(&first.stats) {
+            if let Some(custom) = &s.custom {
+                let values = custom
+                    .finish()
+                    .into_result()
+                    .map_err(|e| observer_error(&self.strategy, &o.name, "finish", e))?;
+                out.push(ObserverOutput {
+                    name: RString::from(o.name.as_str()),
+                    values,
+                    samples: first.samples,
+                    flags: 0,
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// The input Gram matrices observed, by weight.
@@ -254,22 +472,31 @@ impl Calibrator {
 
     /// Samples fed so far.
     pub fn samples(&self) -> u64 {
-        self.samples
+        self.lanes.first().map_or(0, |l| l.samples)
+    }
+
+    /// The observed tensors with the first lane's statistics (which hold every sample).
+    fn settled(&self) -> impl Iterator<Item = (&Observed, &Stats)> {
+        self.observed.iter().zip(
+            self.lanes
+                .first()
+                .map(|l| l.stats.as_slice())
+                .unwrap_or_default(),
+        )
     }
 
     /// The statistics, as a strategy receives them.
     pub fn stats(&self) -> Vec<TensorStats> {
-        self.observed
-            .iter()
-            .map(|o| {
-                let (histogram, hist_max) = match &o.histogram {
+        self.settled()
+            .map(|(o, s)| {
+                let (histogram, hist_max) = match &s.histogram {
                     Some(h) => (h.counts.iter().copied().collect::<RVec<u64>>(), h.max),
                     None => (RVec::new(), 0.0),
                 };
-                let (min, max) = if o.minmax.is_empty() {
+                let (min, max) = if s.minmax.is_empty() {
                     (0.0, 0.0)
                 } else {
-                    (o.minmax.min, o.minmax.max)
+                    (s.minmax.min, s.minmax.max)
                 };
                 TensorStats {
                     name: RString::from(o.name.as_str()),
@@ -287,19 +514,20 @@ impl Calibrator {
 
     /// The type and shape of each observed tensor on the first sample.
     pub fn facts(&self) -> Facts {
-        self.observed
-            .iter()
-            .filter_map(|o| o.fact.clone().map(|f| (o.name.clone(), f)))
+        self.settled()
+            .filter_map(|(o, s)| s.fact.clone().map(|f| (o.name.clone(), f)))
             .collect()
     }
 
-    /// Bytes the statistics hold (constant in the number of samples).
+    /// Bytes the statistics hold, over every lane (constant in the number of samples; the
+    /// strategy's own observers are not counted).
     pub fn stats_bytes(&self) -> usize {
-        self.observed
+        self.lanes
             .iter()
-            .map(|o| {
-                std::mem::size_of::<Observed>()
-                    + o.histogram.as_ref().map_or(0, |h| h.counts.len() * 8)
+            .flat_map(|l| &l.stats)
+            .map(|s| {
+                std::mem::size_of::<Stats>()
+                    + s.histogram.as_ref().map_or(0, |h| h.counts.len() * 8)
             })
             .sum::<usize>()
             + self.grams.iter().map(|g| g.gram.bytes()).sum::<usize>()

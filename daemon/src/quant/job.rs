@@ -14,7 +14,7 @@
 use super::{
     adaptive::{Adaptive, Policy},
     apply::{self, Applied},
-    calibrate::Calibrator,
+    calibrate::{Calibrator, ObserverFactory},
     data::Sample,
     evaluate::Heldout,
     prepare,
@@ -246,6 +246,26 @@ impl Planner<'_> {
         model: &Model,
         observations: &[TensorObservation],
     ) -> Result<Calibrator, QuantError> {
+        // The strategy's own observers: made through its plugin, which the factory keeps
+        // loaded for as long as the calibrator holds them.
+        let plugin = Arc::clone(&self.strategy.plugin);
+        let index = self.strategy.index;
+        let options = self.options.clone();
+        let strategy = self.name.to_string();
+        let factory: ObserverFactory = Box::new(move |tensor, observation| {
+            let q = plugin
+                .quantizers
+                .get(index)
+                .ok_or_else(|| QuantError::UnknownStrategy(strategy.clone()))?;
+            q.quantizer
+                .observer(tensor.into(), observation, options.as_slice().into())
+                .into_result()
+                .map_err(|e| QuantError::Strategy {
+                    strategy: strategy.clone(),
+                    code: e.code,
+                    message: format!("observer of '{tensor}': {}", e.message),
+                })
+        });
         Calibrator::new(
             model,
             observations,
@@ -253,6 +273,7 @@ impl Planner<'_> {
             self.devices,
             self.max_folded,
             self.name,
+            Some(factory),
         )
     }
 
@@ -288,10 +309,11 @@ impl Planner<'_> {
             calls: AtomicU32::new(0),
         };
         let view = View::new(model, &facts);
+        let observed = calibrator.observer_outputs()?;
         let ffi = FfiEvaluator_TO::from_ptr(RRef::new(&evaluator), TD_Opaque);
         let plan = quantizer
             .quantizer
-            .plan_graph(&view.graph(), &request, ffi)
+            .plan_observed(&view.graph(), &request, observed.as_slice().into(), ffi)
             .into_result()
             .map_err(|e| self.strategy_err(e))?;
         Ok((plan, stats))
@@ -363,6 +385,8 @@ pub fn run(
     let mut explicit_heldout = false;
     let mut heldout = Vec::new();
     let mut seen = 0u64;
+    // Samples wait here until there is one per calibration lane (they run side by side).
+    let mut pending = Vec::new();
     for incoming in samples {
         if cancelled() {
             return Err(QuantError::Cancelled);
@@ -390,7 +414,15 @@ pub fn run(
             heldout.push(sample);
             continue;
         }
-        calibrator.feed(&sample)?;
+        pending.push(sample);
+        if pending.len() >= calibrator.lanes() {
+            calibrator.feed(&pending)?;
+            pending.clear();
+            progress(Progress::Calibrated(calibrator.samples()));
+        }
+    }
+    if !pending.is_empty() {
+        calibrator.feed(&pending)?;
         progress(Progress::Calibrated(calibrator.samples()));
     }
     if calibrator.samples() == 0 {

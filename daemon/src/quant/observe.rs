@@ -80,20 +80,28 @@ impl Default for MinMax {
 /// multiplier overflow to infinity.
 pub const MIN_RANGE: f32 = 1e-30;
 
+/// The least range for values up to `x` in `bins` bins: `x · (1 + 1/bins)`, so `x` falls
+/// at most `bins / (bins + 1)` of the way across the last bin — never on the upper edge, nor
+/// rounded onto it.
+pub fn headroom(x: f32, bins: usize) -> f32 {
+    x + x / bins.max(1) as f32
+}
+
 /// A histogram of |x| over `[0, max]` with a fixed number of bins whose range grows by
 /// doubling, so memory stays constant however many batches are seen and counts stay exact.
 ///
-/// * Value `v` goes to bin `min(floor(v / max * bins), bins - 1)`: bins are half-open
-///   `[k·w, (k+1)·w)` except the last, which also takes `v == max`.
-/// * The first batch holding a finite value fixes the initial range at that batch's max |x|,
-///   floored at [`MIN_RANGE`] (so an all-zero first batch gives `max = MIN_RANGE`).
-/// * When a later batch holds a finite value above `max`, the range doubles (as many times as
-///   needed) and adjacent bins are summed pairwise each time; the bin count never changes.
-///   Because every range is `initial · 2^k`, each old bin lies entirely inside one new bin and
-///   no count is ever split or approximated. The one boundary subtlety: a value that was exactly
-///   equal to an earlier `max` sat in that range's closed last bin, and after doubling it stays
-///   in the bin whose *upper* edge it lies on, whereas binning it afresh at the new range would
-///   put it in the bin it is the *lower* edge of. It is never more than that edge away.
+/// * Value `v` goes to bin `floor(v / max * bins)`: bins are half-open `[k·w, (k+1)·w)`.
+/// * The range keeps a headroom of `1/bins` above every binned value ([`headroom`]): no value
+///   lies on the upper edge, so none needs a closed last bin.
+/// * The first batch holding a finite value fixes the initial range at that batch's max |x|
+///   plus the headroom, floored at [`MIN_RANGE`] (an all-zero first batch gives
+///   `max = MIN_RANGE`).
+/// * When a later batch needs more (its max |x| plus the headroom is above `max`), the range
+///   doubles as many times as needed and adjacent bins are summed pairwise each time; the bin
+///   count never changes. Every range is `initial · 2^k` and the binning multiplier scales by
+///   exact powers of two, so each old bin lies entirely inside one new bin: the histogram is
+///   the one binning every value afresh at the final range would give, whatever the order of
+///   the batches, and two histograms started from one range [`merge`](Self::merge) exactly.
 /// * NaN is skipped and counted in `nan`; ±inf are counted in `inf` and not binned. Infinities
 ///   do not widen the range: doubling towards infinity would never end, and one overflow would
 ///   collapse every finite value into bin 0.
@@ -155,10 +163,11 @@ impl AbsHistogram {
             return;
         }
 
+        let need = headroom(batch_max, self.counts.len());
         if self.max <= 0.0 {
-            self.max = batch_max.max(MIN_RANGE);
-        } else if batch_max > self.max {
-            self.grow_to(batch_max);
+            self.max = need.max(MIN_RANGE);
+        } else if need > self.max {
+            self.grow_to(need);
         }
 
         // `new` never makes an empty histogram, but the fields are public.
@@ -173,11 +182,59 @@ impl AbsHistogram {
             if !a.is_finite() {
                 continue;
             }
-            // `a * scale >= 0`; the float-to-int cast saturates, so a value above `max`
-            // (only possible when the range hit f32::MAX) lands in the last bin.
+            // `a * scale` is below `bins - 1/2` (the headroom); the float-to-int cast
+            // saturates, so a value above `max` (only possible when the range hit f32::MAX)
+            // lands in the last bin.
             let idx = ((a * scale) as usize).min(last);
             if let Some(c) = self.counts.get_mut(idx) {
                 *c = c.saturating_add(1);
+            }
+        }
+    }
+
+    /// Folds in another histogram of the same bin count, as if its values had been passed to
+    /// [`update`](Self::update) here (used to combine the calibration lanes).
+    ///
+    /// Exact when the two ranges are the same up to a power of two (histograms that started
+    /// from one range: every later range is a doubling of it). Otherwise each of `other`'s
+    /// bins goes to the bin holding its centre, at most one bin away from where its values
+    /// would have fallen.
+    pub fn merge(&mut self, other: &AbsHistogram) {
+        self.nan = self.nan.saturating_add(other.nan);
+        self.inf = self.inf.saturating_add(other.inf);
+        if other.max <= 0.0 || other.total() == 0 {
+            return;
+        }
+        if self.max <= 0.0 || self.total() == 0 {
+            // Nothing binned here yet: take the other's range (and counts) as they are.
+            if self.counts.len() == other.counts.len() {
+                self.max = other.max;
+                self.counts.clone_from(&other.counts);
+                return;
+            }
+            self.max = other.max;
+        } else if other.max > self.max {
+            self.grow_to(other.max);
+        }
+        let Some(last) = self.counts.len().checked_sub(1) else {
+            return;
+        };
+        // `other`'s bin i spans [i, i+1) * ow; it maps onto our bins i * ow / w.
+        let ratio = f64::from(other.max) / f64::from(self.max) * self.counts.len() as f64
+            / other.counts.len() as f64;
+        let k = (-ratio.log2()).round();
+        let exact = ratio > 0.0 && (0.0..63.0).contains(&k) && ratio * k.exp2() == 1.0;
+        for (i, &c) in other.counts.iter().enumerate() {
+            if c == 0 {
+                continue;
+            }
+            let idx = if exact {
+                i >> (k as u32)
+            } else {
+                (((i as f64 + 0.5) * ratio) as usize).min(last)
+            };
+            if let Some(slot) = self.counts.get_mut(idx.min(last)) {
+                *slot = slot.saturating_add(c);
             }
         }
     }
@@ -295,16 +352,16 @@ mod tests {
     #[test]
     fn hist_exact_counts_small() {
         let mut h = AbsHistogram::new(4);
-        // Range fixed at 4.0, width 1.0.
+        // Range fixed at 4.0 plus a quarter: 5.0, width 1.25.
         h.update(&[0.0, 0.5, -1.0, 1.5, 2.0, -3.999, 4.0, -4.0]);
-        assert_eq!(h.max, 4.0);
-        assert_eq!(h.bin_width(), 1.0);
-        assert_eq!(h.counts, vec![2, 2, 1, 3]);
+        assert_eq!(h.max, 5.0);
+        assert_eq!(h.bin_width(), 1.25);
+        assert_eq!(h.counts, vec![3, 2, 0, 3]);
         assert_eq!(h.total(), 8);
-        // Within range: no growth.
+        // Within range (3.0 plus its headroom is 3.75): no growth.
         h.update(&[3.0, 0.25]);
-        assert_eq!(h.max, 4.0);
-        assert_eq!(h.counts, vec![3, 2, 1, 4]);
+        assert_eq!(h.max, 5.0);
+        assert_eq!(h.counts, vec![4, 2, 1, 3]);
     }
 
     #[test]
@@ -325,10 +382,10 @@ mod tests {
         h.update(&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY]);
         assert_eq!((h.nan, h.inf, h.total(), h.max), (1, 2, 0, 0.0));
         h.update(&[2.0, f32::NAN, f32::INFINITY, 1.0]);
-        // Infinity did not widen the range.
-        assert_eq!(h.max, 2.0);
+        // Infinity did not widen the range: 2.0 and its headroom.
+        assert_eq!(h.max, 2.5);
         assert_eq!((h.nan, h.inf, h.total()), (2, 3, 2));
-        assert_eq!(h.counts, vec![0, 0, 1, 1]);
+        assert_eq!(h.counts, vec![0, 1, 0, 1]);
     }
 
     #[test]
@@ -340,7 +397,7 @@ mod tests {
         assert_eq!(h.total(), 3);
         // A real batch afterwards grows the range by many doublings; the zeros stay in bin 0.
         h.update(&[1.0]);
-        assert!(h.max >= 1.0 && h.max < 2.0, "max {}", h.max);
+        assert!(h.max > 1.0 && h.max < 2.25, "max {}", h.max);
         assert_eq!(h.counts[0], 3);
         let idx = (8.0 / h.max) as usize; // where 1.0 falls at the grown range
         assert!(idx >= 4);
@@ -351,12 +408,66 @@ mod tests {
     #[test]
     fn hist_pairwise_merge_once() {
         let mut h = AbsHistogram::new(4);
-        h.update(&[0.1, 0.3, 0.6, 0.9]); // range 0.9: bin edges 0.225, 0.45, 0.675
+        h.update(&[0.1, 0.3, 0.6, 0.9]); // range 1.125: bin edges 0.28125, 0.5625, 0.84375
         assert_eq!(h.counts, vec![1, 1, 1, 1]);
-        h.update(&[1.5]); // doubles once to 1.8
-        assert_eq!(h.max, 1.8);
-        assert_eq!(h.counts, vec![2, 2, 0, 1]);
+        h.update(&[1.5]); // needs 1.875: doubles once to 2.25
+        assert_eq!(h.max, 2.25);
+        assert_eq!(h.counts, vec![2, 2, 1, 0]);
         assert_eq!(h.total(), 5);
+    }
+
+    #[test]
+    fn hist_merge_of_lanes_on_one_base_range_is_exact() {
+        // Three lanes that all start from the first lane's range (as the calibrator seeds
+        // them), fed different batches, merge into exactly the serial histogram.
+        let batches: Vec<Vec<f32>> = (0..6)
+            .map(|i| lcg_values(i + 10, 3000, 0.5 * 3f32.powi(i as i32)))
+            .collect();
+        let mut serial = AbsHistogram::new(128);
+        for b in &batches {
+            serial.update(b);
+        }
+        let mut first = AbsHistogram::new(128);
+        first.update(&batches[0]);
+        let mut lanes: Vec<AbsHistogram> = (0..2)
+            .map(|_| {
+                let mut h = AbsHistogram::new(128);
+                h.max = first.max;
+                h
+            })
+            .collect();
+        for (i, b) in batches.iter().enumerate().skip(1) {
+            if i % 2 == 0 {
+                first.update(b);
+            } else {
+                lanes[i % 4 / 2].update(b);
+            }
+        }
+        lanes[0].update(&[f32::NAN, f32::INFINITY]);
+        serial.update(&[f32::NAN, f32::INFINITY]);
+        for l in &lanes {
+            first.merge(l);
+        }
+        assert_eq!(first, serial);
+        // Merging an empty histogram changes nothing; merging into one takes the other.
+        let before = first.clone();
+        first.merge(&AbsHistogram::new(128));
+        assert_eq!(first, before);
+        let mut empty = AbsHistogram::new(128);
+        empty.merge(&before);
+        assert_eq!(empty, before);
+    }
+
+    #[test]
+    fn hist_merge_of_unrelated_ranges_keeps_every_count() {
+        let mut a = AbsHistogram::new(64);
+        a.update(&lcg_values(1, 1000, 1.0));
+        let mut b = AbsHistogram::new(64);
+        b.update(&lcg_values(2, 1000, 3.0));
+        let total = a.total() + b.total();
+        a.merge(&b);
+        assert_eq!(a.total(), total);
+        assert!(a.max >= b.max);
     }
 
     /// Deterministic pseudo-random values (64-bit LCG), scaled to `[-scale, scale)`.
@@ -374,70 +485,37 @@ mod tests {
     }
 
     #[test]
-    fn hist_doubling_matches_direct_histogram() {
-        // Ranges 1 → 8 → 64 (power-of-two related). Each batch's max is placed exactly on a
-        // power of two so the first batch fixes max = 1.0 exactly.
+    fn hist_doubling_matches_the_direct_histogram_bin_for_bin() {
+        // Ranges grow by doubling from the first batch's; batches put values on every earlier
+        // range's edge and on powers of two. Binned batch by batch or all at the final range,
+        // and in any batch order, the counts are the same.
         let mut b1 = lcg_values(1, 5000, 0.999);
         b1.push(1.0);
         let mut b2 = lcg_values(2, 5000, 7.9);
-        b2.push(-8.0);
+        b2.extend([-8.0, 1.0, headroom(1.0, 64)]);
         let mut b3 = lcg_values(3, 5000, 63.0);
-        b3.push(64.0);
+        b3.extend([64.0, 8.0, 2.0 * headroom(1.0, 64)]);
         let batches = [b1, b2, b3];
 
         let mut h = AbsHistogram::new(64);
         for b in &batches {
             h.update(b);
         }
-        assert_eq!(h.max, 64.0);
-
-        // Direct histogram at the final range.
         let mut direct = AbsHistogram::new(64);
-        direct.max = 64.0;
+        direct.max = h.max;
         for b in &batches {
             direct.update(b);
         }
-        assert_eq!(direct.max, 64.0);
-        assert_eq!(h.total(), direct.total());
-        assert_eq!(h.total(), 15003);
+        assert_eq!(direct.max, h.max, "the final range holds every value");
+        assert_eq!(h.counts, direct.counts);
+        assert_eq!(h.total(), 15007);
 
-        // The only permitted difference: values exactly equal to an earlier range maximum
-        // (1.0 and 8.0) sit in the bin below their edge. At range 64 with 64 bins, 1.0 is the
-        // lower edge of bin 1 (merged: bin 0) and 8.0 the lower edge of bin 8 (merged: bin 7).
-        let mut expected = direct.counts.clone();
-        expected[1] -= 1;
-        expected[0] += 1;
-        expected[8] -= 1;
-        expected[7] += 1;
-        assert_eq!(h.counts, expected);
-    }
-
-    #[test]
-    fn hist_doubling_without_edge_values_is_exact() {
-        // Initial range 0.75 (first batch max); later ranges 0.75·2^k. No later value sits on
-        // an intermediate maximum, so merged and direct histograms agree bin for bin except the
-        // first batch's own maximum.
-        let mut b1 = lcg_values(11, 3000, 0.7);
-        b1.push(0.75);
-        let b2 = lcg_values(12, 3000, 2.9); // needs 0.75·4 = 3.0
-        let b3 = lcg_values(13, 3000, 11.9); // needs 0.75·16 = 12.0
-        let batches = [b1, b2, b3];
-        let mut h = AbsHistogram::new(32);
-        for b in &batches {
-            h.update(b);
+        let mut reversed = AbsHistogram::new(64);
+        reversed.max = headroom(1.0, 64);
+        for b in batches.iter().rev() {
+            reversed.update(b);
         }
-        assert_eq!(h.max, 12.0);
-        let mut direct = AbsHistogram::new(32);
-        direct.max = 12.0;
-        for b in &batches {
-            direct.update(b);
-        }
-        // 0.75 at range 12 with 32 bins is the lower edge of bin 2; merged keeps it in bin 1.
-        let mut expected = direct.counts.clone();
-        expected[2] -= 1;
-        expected[1] += 1;
-        assert_eq!(h.counts, expected);
-        assert_eq!(h.total(), 9001);
+        assert_eq!(reversed, h);
     }
 
     #[test]

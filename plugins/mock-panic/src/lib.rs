@@ -1,6 +1,8 @@
 //! A mock plugin whose kernel panics: the SDK must turn the panic into an error for that one
 //! call, and the daemon must keep serving. Its quantization strategy `mock-panic-plan`
 //! panics while planning: the run must fail naming it, and the model stay as it was.
+//! `mock-bad-observer` asks for its own observer of each input, which fails where its option
+//! `at` says: `create` (refused), `update` (panics) or `finish` (panics).
 
 use opreg_sdk::prelude::*;
 
@@ -52,7 +54,86 @@ impl Quantizer for PanicsPlanning {
     }
 }
 
+struct BadObserver;
+
+/// An observer that fails at one call.
+struct FailsAt(String);
+
+impl Observer for FailsAt {
+    fn update(&mut self, _batch: &TensorView<'_>) -> Result<(), PluginError> {
+        if self.0 == "update" {
+            panic!("mock observer panicked in update, on purpose");
+        }
+        Ok(())
+    }
+    fn state(&self) -> Result<Vec<f64>, PluginError> {
+        Ok(Vec::new())
+    }
+    fn merge(&mut self, _state: &[f64]) -> Result<(), PluginError> {
+        Ok(())
+    }
+    fn finish(&self) -> Result<Vec<f64>, PluginError> {
+        if self.0 == "finish" {
+            panic!("mock observer panicked in finish, on purpose");
+        }
+        Ok(Vec::new())
+    }
+}
+
+fn at(options: &[opreg_sdk::quant::KeyValue]) -> String {
+    options
+        .iter()
+        .find(|kv| kv.key.as_str() == "at")
+        .map(|kv| kv.value.to_string())
+        .unwrap_or_default()
+}
+
+impl Quantizer for BadObserver {
+    fn observe(
+        &self,
+        graph: &GraphView<'_>,
+        _options: &[opreg_sdk::quant::KeyValue],
+    ) -> Result<Vec<TensorObservation>, PluginError> {
+        Ok(graph
+            .inputs
+            .iter()
+            .map(|i| TensorObservation::new(i.as_str(), Observation::CUSTOM))
+            .collect())
+    }
+
+    fn observer(
+        &self,
+        _tensor: &str,
+        _observation: &Observation,
+        options: &[opreg_sdk::quant::KeyValue],
+    ) -> Result<Box<dyn Observer>, PluginError> {
+        match at(options).as_str() {
+            "create" => Err(PluginError::invalid("mock: no observer today")),
+            other => Ok(Box::new(FailsAt(other.into()))),
+        }
+    }
+
+    fn plan_observed(
+        &self,
+        _graph: &GraphView<'_>,
+        _request: &QuantRequest,
+        _observed: &[ObserverOutput],
+        _evaluator: &Evaluator<'_>,
+    ) -> Result<GraphPlan, PluginError> {
+        Err(PluginError::internal(
+            "mock-bad-observer: its observers all worked",
+        ))
+    }
+}
+
 fn register(r: &mut Registrar) {
+    r.quantizer(
+        QuantizerDesc {
+            name: "mock-bad-observer".into(),
+            description: "test strategy whose own observer fails".into(),
+        },
+        BadObserver,
+    );
     r.quantizer(
         QuantizerDesc {
             name: "mock-panic-plan".into(),

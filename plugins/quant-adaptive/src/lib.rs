@@ -17,8 +17,8 @@
 use opreg_quant_core::{Options, Static};
 use opreg_sdk::{
     quant::{Annotation, KeyValue},
-    Evaluator, GraphPlan, GraphView, PluginError, QuantRequest, Quantizer, QuantizerDesc,
-    Registrar, TensorObservation,
+    Evaluator, GraphPlan, GraphView, Observation, Observer, ObserverOutput, PluginError,
+    QuantRequest, Quantizer, QuantizerDesc, Registrar, TensorObservation,
 };
 
 /// The host's policy keys, with the range each accepts (counts are whole numbers).
@@ -75,14 +75,24 @@ impl Quantizer for Adaptive {
         Static.observe(graph, &rest)
     }
 
-    fn plan_graph(
+    fn observer(
+        &self,
+        tensor: &str,
+        observation: &Observation,
+        options: &[KeyValue],
+    ) -> Result<Box<dyn Observer>, PluginError> {
+        Static.observer(tensor, observation, &parse(options)?.1)
+    }
+
+    fn plan_observed(
         &self,
         graph: &GraphView<'_>,
         request: &QuantRequest,
+        observed: &[ObserverOutput],
         evaluator: &Evaluator<'_>,
     ) -> Result<GraphPlan, PluginError> {
         let (policy, rest) = parse(&request.options)?;
-        let mut plan = Static.plan_with(graph, request, &rest, evaluator)?;
+        let mut plan = Static.plan_with(graph, request, &rest, observed, evaluator)?;
         plan.flags |= GraphPlan::ADAPTIVE;
         plan.annotations.extend(policy);
         plan.notes = format!("adaptive ({})", plan.notes).into();

@@ -27,8 +27,8 @@
 use crate::Static;
 use opreg_sdk::{
     quant::{Annotation, KeyValue},
-    DType, Evaluation, Evaluator, GraphPlan, GraphView, NodePlan, PluginError, QuantRequest,
-    TimedEvaluation,
+    DType, Evaluation, Evaluator, GraphPlan, GraphView, NodePlan, ObserverOutput, PluginError,
+    QuantRequest, TimedEvaluation,
 };
 use std::collections::HashSet;
 
@@ -404,10 +404,11 @@ pub fn plan(
     graph: &GraphView<'_>,
     request: &QuantRequest,
     rest: &[KeyValue],
+    observed: &[ObserverOutput],
     evaluator: &Evaluator<'_>,
     budget: &Budget,
 ) -> Result<GraphPlan, PluginError> {
-    let int8 = Static.plan_with(graph, request, rest, evaluator)?;
+    let int8 = Static.plan_with(graph, request, rest, observed, evaluator)?;
     let mut layers = layers(graph, &int8);
     if layers.is_empty() {
         return Err(PluginError::invalid(

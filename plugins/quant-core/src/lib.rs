@@ -24,6 +24,11 @@
 //!   searched from `levels` = 128 bins up, empty bins smoothed, the exact zeros of rectified
 //!   tensors left out). Best on the BatchNorm CNN; it clips more than the others elsewhere.
 //! - `minmax`: the observed range.
+//! - `average`: the mean of each calibration batch's min and max (the range PyTorch's
+//!   moving-average observer estimates), gathered by this strategy's own observer
+//!   ([`average::AverageRange`]) rather than by the host: a range one batch's outliers cannot
+//!   stretch, without a histogram. Not among `auto`'s candidates (it needs its own
+//!   calibration pass).
 //!
 //! Options (`key=value`): `calibrator` (`auto`), `activation_type` (`uint8` | `int8`; default
 //! `uint8`), `symmetric` (`false`: asymmetric activations), `per_channel` (`true`), `bins`
@@ -35,6 +40,7 @@
 //! half on negatives never seen; and the integer kernels of `blas-cpu` (VNNI `vpdpbusd`)
 //! multiply u8 × s8 natively. The report compares both on the LeNet test model.
 
+pub mod average;
 pub mod budget;
 
 use opreg_sdk::{
@@ -42,8 +48,8 @@ use opreg_sdk::{
         calib::{kl_threshold, per_channel_symmetric, percentile_threshold, qparams, QParams},
         Annotation, KeyValue, TensorPlan,
     },
-    DType, Directive, Evaluator, GraphPlan, GraphView, Observation, PluginError, QuantRequest,
-    Quantizer, TensorObservation,
+    DType, Directive, Evaluator, GraphPlan, GraphView, Observation, ObservationKind, Observer,
+    ObserverOutput, PluginError, QuantRequest, Quantizer, TensorObservation,
 };
 
 /// The options of one run, parsed and checked.
@@ -68,6 +74,8 @@ pub enum Calibrator {
     Kl,
     MinMax,
     Percentile,
+    /// The mean of the batches' ranges, from the strategy's own observer.
+    Average,
 }
 
 impl Calibrator {
@@ -81,6 +89,7 @@ impl Calibrator {
             Calibrator::Kl => "kl",
             Calibrator::MinMax => "minmax",
             Calibrator::Percentile => "percentile",
+            Calibrator::Average => "average",
         }
     }
 }
@@ -119,9 +128,10 @@ impl Options {
                         "minmax" | "min-max" => Calibrator::MinMax,
                         "percentile" => Calibrator::Percentile,
                         "auto" => Calibrator::Auto,
+                        "average" | "moving_average" => Calibrator::Average,
                         _ => {
                             return Err(invalid(format!(
-                                "option calibrator={v}: expected auto, kl, minmax or percentile"
+                                "option calibrator={v}: expected auto, kl, minmax, percentile or average"
                             )))
                         }
                     }
@@ -240,13 +250,14 @@ impl Static {
         graph: &GraphView<'_>,
         request: &QuantRequest,
         options: &[KeyValue],
+        observed: &[ObserverOutput],
         evaluator: &Evaluator<'_>,
     ) -> Result<GraphPlan, PluginError> {
         let request = QuantRequest {
             tensors: request.tensors.clone(),
             options: options.to_vec().into(),
         };
-        self.plan_graph(graph, &request, evaluator)
+        self.plan_observed(graph, &request, observed, evaluator)
     }
 }
 
@@ -259,6 +270,7 @@ impl Quantizer for Static {
         let o = Options::from_kv(options)?;
         let how = match o.calibrator {
             Calibrator::MinMax => Observation::MIN_MAX,
+            Calibrator::Average => Observation::CUSTOM,
             _ => Observation::histogram(o.bins),
         };
         // Products of two activations (attention's Q·Kᵀ and P·V) have no integer kernel
@@ -277,16 +289,42 @@ impl Quantizer for Static {
             .collect())
     }
 
+    fn observer(
+        &self,
+        tensor: &str,
+        observation: &Observation,
+        options: &[KeyValue],
+    ) -> Result<Box<dyn Observer>, PluginError> {
+        let o = Options::from_kv(options)?;
+        if o.calibrator != Calibrator::Average || observation.kind != ObservationKind::CUSTOM {
+            return Err(invalid(format!(
+                "no observer of this strategy for '{tensor}' with calibrator {}",
+                o.calibrator.name()
+            )));
+        }
+        Ok(Box::<average::AverageRange>::default())
+    }
+
     fn plan_graph(
         &self,
         graph: &GraphView<'_>,
         request: &QuantRequest,
         evaluator: &Evaluator<'_>,
     ) -> Result<GraphPlan, PluginError> {
+        self.plan_observed(graph, request, &[], evaluator)
+    }
+
+    fn plan_observed(
+        &self,
+        graph: &GraphView<'_>,
+        request: &QuantRequest,
+        observed: &[ObserverOutput],
+        evaluator: &Evaluator<'_>,
+    ) -> Result<GraphPlan, PluginError> {
         let o = Options::from_kv(&request.options)?;
         let weights = weight_plans(graph, request, &o)?;
         if o.calibrator != Calibrator::Auto {
-            return plan_for(request, &o, weights);
+            return plan_for(request, observed, &o, weights);
         }
         // Each candidate planned and measured; the best SQNR kept (the first on ties, and
         // when nothing could be measured: no held-out samples).
@@ -295,6 +333,7 @@ impl Quantizer for Static {
         for c in Calibrator::CANDIDATES {
             let plan = plan_for(
                 request,
+                observed,
                 &Options {
                     calibrator: c,
                     ..o.clone()
@@ -354,6 +393,7 @@ impl Quantizer for Static {
 /// and `weights` ([`weight_plans`], which no calibrator changes).
 fn plan_for(
     request: &QuantRequest,
+    observed: &[ObserverOutput],
     o: &Options,
     weights: Vec<TensorPlan>,
 ) -> Result<GraphPlan, PluginError> {
@@ -363,6 +403,23 @@ fn plan_for(
     for t in request.tensors.iter().filter(|t| !t.is_weight) {
         let (lo, hi, threshold) = match o.calibrator {
             Calibrator::MinMax => (t.min, t.max, None),
+            Calibrator::Average => {
+                let found = ObserverOutput::find(observed, &t.name).ok_or_else(|| {
+                    invalid(format!(
+                        "tensor '{}': its average range was not observed",
+                        t.name
+                    ))
+                })?;
+                let &[lo, hi, ..] = found.values.as_slice() else {
+                    return Err(invalid(format!(
+                        "tensor '{}': no finite value in any calibration batch",
+                        t.name
+                    )));
+                };
+                annotations.push(Annotation::new(&t.name, "average_min", lo));
+                annotations.push(Annotation::new(&t.name, "average_max", hi));
+                (lo as f32, hi as f32, None)
+            }
             // `Auto` never reaches here (it plans each candidate); percentile is its fallback.
             Calibrator::Kl | Calibrator::Percentile | Calibrator::Auto => {
                 if t.histogram.is_empty() {

@@ -24,8 +24,9 @@
 use opreg_quant_core::{Options, Static};
 use opreg_sdk::{
     quant::{Annotation, KeyValue},
-    DType, Evaluation, Evaluator, GraphPlan, GraphView, NodePlan, PluginError, QuantRequest,
-    Quantizer, QuantizerDesc, Registrar, TensorObservation,
+    DType, Evaluation, Evaluator, GraphPlan, GraphView, NodePlan, Observation, Observer,
+    ObserverOutput, PluginError, QuantRequest, Quantizer, QuantizerDesc, Registrar,
+    TensorObservation,
 };
 
 /// This strategy's own options, and the rest for the static plan.
@@ -155,14 +156,24 @@ impl Quantizer for MixedPrecision {
             .inputs
             .iter()
             .take(1)
-            .map(|i| TensorObservation::new(i.as_str(), opreg_sdk::Observation::MIN_MAX))
+            .map(|i| TensorObservation::new(i.as_str(), Observation::MIN_MAX))
             .collect())
     }
 
-    fn plan_graph(
+    fn observer(
+        &self,
+        tensor: &str,
+        observation: &Observation,
+        options: &[KeyValue],
+    ) -> Result<Box<dyn Observer>, PluginError> {
+        Static.observer(tensor, observation, &parse(options)?.rest)
+    }
+
+    fn plan_observed(
         &self,
         graph: &GraphView<'_>,
         request: &QuantRequest,
+        observed: &[ObserverOutput],
         evaluator: &Evaluator<'_>,
     ) -> Result<GraphPlan, PluginError> {
         let m = parse(&request.options)?;
@@ -171,7 +182,9 @@ impl Quantizer for MixedPrecision {
                 target_sqnr_db: m.target_sqnr_db,
                 max_evaluations: m.max_evaluations,
             };
-            return opreg_quant_core::budget::plan(graph, request, &m.rest, evaluator, &budget);
+            return opreg_quant_core::budget::plan(
+                graph, request, &m.rest, observed, evaluator, &budget,
+            );
         }
         let float_mode = m.lowered != DType::I8;
         let products = graph
@@ -189,7 +202,7 @@ impl Quantizer for MixedPrecision {
                 ..GraphPlan::default()
             }
         } else {
-            Static.plan_with(graph, request, &m.rest, evaluator)?
+            Static.plan_with(graph, request, &m.rest, observed, evaluator)?
         };
         // The layers the plan lowers (in int8 mode: the products whose weight it quantizes),
         // largest weights first (when not all can be measured, the big ones matter most).

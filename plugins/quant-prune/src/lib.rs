@@ -23,8 +23,8 @@
 use opreg_quant_core::Static;
 use opreg_sdk::{
     quant::{Annotation, KeyValue, TensorPlan},
-    DType, Directive, Evaluator, GraphPlan, GraphView, Observation, PluginError, QuantRequest,
-    Quantizer, QuantizerDesc, Registrar, TensorObservation,
+    DType, Directive, Evaluator, GraphPlan, GraphView, Observation, Observer, ObserverOutput,
+    PluginError, QuantRequest, Quantizer, QuantizerDesc, Registrar, TensorObservation,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -240,15 +240,25 @@ impl Quantizer for Prune {
         Ok(observe)
     }
 
-    fn plan_graph(
+    fn observer(
+        &self,
+        tensor: &str,
+        observation: &Observation,
+        options: &[KeyValue],
+    ) -> Result<Box<dyn Observer>, PluginError> {
+        Static.observer(tensor, observation, &parse(options)?.rest)
+    }
+
+    fn plan_observed(
         &self,
         graph: &GraphView<'_>,
         request: &QuantRequest,
+        observed: &[ObserverOutput],
         evaluator: &Evaluator<'_>,
     ) -> Result<GraphPlan, PluginError> {
         let o = parse(&request.options)?;
         let mut plan = if o.quantize {
-            Static.plan_with(graph, request, &o.rest, evaluator)?
+            Static.plan_with(graph, request, &o.rest, observed, evaluator)?
         } else {
             GraphPlan::default()
         };

@@ -10,15 +10,23 @@
 //! The host applies the chosen plan as standard ONNX (QDQ, or integer ops for dynamic
 //! quantization) and reports the figures.
 //!
+//! A strategy that needs a statistic the host does not gather asks for
+//! [`ObservationKind::CUSTOM`] and supplies the [`Observer`] itself (ABI 1.4; see
+//! [`observer`](self::observer)); what it finishes with reaches [`Quantizer::plan_observed`].
+//!
 //! ABI 1.0/1.1 strategies implement only [`Quantizer::observation`] and [`Quantizer::plan`];
 //! the 1.2 methods' defaults keep them working (the host observes its default tensors and
 //! passes weights as copies in [`TensorStats::weight`]).
 
 pub mod calib;
 mod graph;
+pub mod observer;
 mod plan;
 
 pub use graph::{GraphView, NodeView, ValueView};
+pub use observer::{
+    into_ffi_observer, FfiObserver, FfiObserverBox, FfiObserver_TO, Observer, ObserverOutput,
+};
 pub use plan::{
     Annotation, Evaluation, Evaluator, FfiEvaluator, FfiEvaluatorRef, FfiEvaluator_TO, GraphPlan,
     NodeKind, NodePlan, TensorObservation, TimedEvaluation,
@@ -28,7 +36,7 @@ use crate::{error::guard, tensor::OwnedTensor, DType, PluginError};
 use abi_stable::{
     sabi_trait,
     sabi_trait::TD_Opaque,
-    std_types::{RBox, ROption, RResult, RSlice, RString, RVec},
+    std_types::{RBox, ROption, RResult, RSlice, RStr, RString, RVec},
     StableAbi,
 };
 
@@ -52,6 +60,12 @@ impl ObservationKind {
     /// back for it; a layer whose layout the host cannot take is not observed (the report
     /// says so).
     pub const GRAM: ObservationKind = ObservationKind(3);
+    /// The strategy's own statistic (ABI 1.4): the host asks
+    /// [`Quantizer::observer`] for an [`Observer`] of the tensor (one per calibration lane),
+    /// feeds it the tensor's batches, merges the lanes and passes what it finishes with to
+    /// [`Quantizer::plan_observed`]. `bins`, `axis` and `flags` of the [`Observation`] are the
+    /// strategy's to interpret. A host older than 1.4 refuses the kind by name.
+    pub const CUSTOM: ObservationKind = ObservationKind(4);
 }
 
 impl ObservationKind {
@@ -62,6 +76,7 @@ impl ObservationKind {
             ObservationKind::MIN_MAX => "min-max".into(),
             ObservationKind::HISTOGRAM => "histogram".into(),
             ObservationKind::GRAM => "gram".into(),
+            ObservationKind::CUSTOM => "custom".into(),
             ObservationKind(other) => format!("kind {other}"),
         }
     }
@@ -99,6 +114,12 @@ impl Observation {
     /// The input Gram matrix of the product reading a weight ([`ObservationKind::GRAM`]).
     pub const GRAM: Observation = Observation {
         kind: ObservationKind::GRAM,
+        ..Observation::NOTHING
+    };
+
+    /// The strategy's own observer ([`ObservationKind::CUSTOM`]).
+    pub const CUSTOM: Observation = Observation {
+        kind: ObservationKind::CUSTOM,
         ..Observation::NOTHING
     };
 
@@ -378,6 +399,35 @@ pub trait Quantizer: Send + Sync + 'static {
     fn self_test(&self) -> Result<(), PluginError> {
         Ok(())
     }
+
+    /// A fresh observer of `tensor` for an [`ObservationKind::CUSTOM`] observation this
+    /// strategy asked for in [`observe`](Quantizer::observe) (ABI 1.4). The host calls it once
+    /// per calibration lane. Default: refused (a strategy that asks for custom observations
+    /// must supply them).
+    fn observer(
+        &self,
+        tensor: &str,
+        observation: &Observation,
+        options: &[KeyValue],
+    ) -> Result<Box<dyn Observer>, PluginError> {
+        let _ = (observation, options);
+        Err(PluginError::unimplemented(format!(
+            "this strategy has no observer of its own (asked for '{tensor}')"
+        )))
+    }
+
+    /// [`plan_graph`](Quantizer::plan_graph) with what the strategy's own observers finished
+    /// with (ABI 1.4; `observed` is empty when it asked for none). Default: `plan_graph`.
+    fn plan_observed(
+        &self,
+        graph: &GraphView<'_>,
+        request: &QuantRequest,
+        observed: &[ObserverOutput],
+        evaluator: &Evaluator<'_>,
+    ) -> Result<GraphPlan, PluginError> {
+        let _ = observed;
+        self.plan_graph(graph, request, evaluator)
+    }
 }
 
 /// The ABI form of [`Quantizer`]. Implemented by the SDK; hosts call it.
@@ -412,6 +462,33 @@ pub trait FfiQuantizer: Send + Sync {
     ) -> RResult<GraphPlan, PluginError> {
         let _ = (graph, evaluator);
         self.plan(request).map(GraphPlan::from)
+    }
+
+    /// See [`Quantizer::observer`]. Appended in 1.4: an older plugin's vtable lacks it, and
+    /// this default refuses (an older strategy never asks for a custom observation).
+    fn observer(
+        &self,
+        tensor: RStr<'_>,
+        observation: &Observation,
+        options: RSlice<'_, KeyValue>,
+    ) -> RResult<FfiObserverBox, PluginError> {
+        let _ = (observation, options);
+        RResult::RErr(PluginError::unimplemented(format!(
+            "this strategy predates ABI 1.4: it has no observer of its own (asked for '{tensor}')"
+        )))
+    }
+
+    /// See [`Quantizer::plan_observed`]. Appended in 1.4: for an older plugin this default
+    /// calls its `plan_graph`.
+    fn plan_observed(
+        &self,
+        graph: &GraphView<'_>,
+        request: &QuantRequest,
+        observed: RSlice<'_, ObserverOutput>,
+        evaluator: FfiEvaluatorRef<'_>,
+    ) -> RResult<GraphPlan, PluginError> {
+        let _ = observed;
+        self.plan_graph(graph, request, evaluator)
     }
 }
 
@@ -452,6 +529,33 @@ impl<Q: Quantizer> FfiQuantizer for QuantizerAdapter<Q> {
         let evaluator = Evaluator::new(evaluator);
         guard("quantizer plan", || {
             self.0.plan_graph(graph, request, &evaluator)
+        })
+        .into()
+    }
+    fn observer(
+        &self,
+        tensor: RStr<'_>,
+        observation: &Observation,
+        options: RSlice<'_, KeyValue>,
+    ) -> RResult<FfiObserverBox, PluginError> {
+        guard("quantizer observer", || {
+            self.0
+                .observer(tensor.as_str(), observation, options.as_slice())
+                .map(into_ffi_observer)
+        })
+        .into()
+    }
+    fn plan_observed(
+        &self,
+        graph: &GraphView<'_>,
+        request: &QuantRequest,
+        observed: RSlice<'_, ObserverOutput>,
+        evaluator: FfiEvaluatorRef<'_>,
+    ) -> RResult<GraphPlan, PluginError> {
+        let evaluator = Evaluator::new(evaluator);
+        guard("quantizer plan", || {
+            self.0
+                .plan_observed(graph, request, observed.as_slice(), &evaluator)
         })
         .into()
     }
