@@ -1,4 +1,7 @@
-//! Conv: im2col per group, then one gemm per batch and group through the BLAS backend.
+//! Conv: im2col per group, then one gemm per batch and group through the BLAS backend;
+//! depthwise 2-D convolutions directly ([`depthwise`]).
+
+mod depthwise;
 
 use super::{at_least_one, conv_bias, matmul::gemm_f32, optional, Disjoint, Geometry, WindowAttrs};
 use crate::util::{product_sat, required, row_major_strides};
@@ -305,6 +308,9 @@ impl Conv {
         let direct = g.kernel.iter().all(|&k| k == 1)
             && g.strides.iter().all(|&s| s == 1)
             && g.pad_begin.iter().chain(&g.pad_end).all(|&p| p == 0);
+        if depthwise::applies(xs, group, m) {
+            return depthwise::run(ctx, xs, g, x, w, bias, self.activation, y);
+        }
         if n * group >= ctx.num_threads().max(2) && !direct {
             // Enough images (x groups) to keep every thread busy: one task per (image, group),
             // each with its own column buffer, instead of a parallel im2col and gemm per image.
@@ -449,6 +455,23 @@ mod tests {
         let out =
             run_kernel(conv_factory, &node, &[&x, &w], Some(Box::new(NaiveBlas))).expect("run");
         assert_eq!(out[0].to_vec::<f32>().unwrap(), vec![2.0, -2.0, 6.0, -4.0]);
+        // The depthwise path applies it too (ReLU6, as MobileNetV2 fuses it), after the bias.
+        let x = HostTensor::from_vec(&[1, 2, 1, 2], &[1.0f32, -2.0, 3.0, 4.0]).expect("x");
+        let w = HostTensor::from_vec(&[2, 1, 1, 1], &[2.0f32, 3.0]).expect("w");
+        let b = HostTensor::from_vec(&[2], &[0.5f32, -1.0]).expect("b");
+        let node = NodeSpec::onnx("FusedConv", 1)
+            .domain("opreg")
+            .attr("group", AttrValue::Int(2))
+            .attr("activation", AttrValue::String("Clip".into()))
+            .attr("activation_params", AttrValue::Floats(vec![0.0, 6.0]));
+        let out = run_kernel(
+            conv_factory,
+            &node,
+            &[&x, &w, &b],
+            Some(Box::new(NaiveBlas)),
+        )
+        .expect("run");
+        assert_eq!(out[0].to_vec::<f32>().unwrap(), vec![2.5, 0.0, 6.0, 6.0]);
         let bad = NodeSpec::onnx("FusedConv", 1)
             .domain("opreg")
             .attr("activation", AttrValue::String("Clip".into()));
@@ -651,6 +674,44 @@ mod tests {
             [0; 6],
             false,
         );
+    }
+
+    #[test]
+    fn depthwise_convolutions_match_direct_loops_in_every_geometry() {
+        // (input, kernel, strides, dilations, pads [top, left, bottom, right]): the interior
+        // fast loops (3-wide stride 1 and 2, other widths) and the checked edges, padding as
+        // wide as the kernel, kernels wider than the input, two images.
+        type Case = ([usize; 4], [usize; 2], [usize; 2], [usize; 2], [usize; 4]);
+        let cases: [Case; 9] = [
+            ([1, 5, 9, 11], [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
+            ([2, 4, 8, 8], [3, 3], [2, 2], [1, 1], [1, 1, 1, 1]),
+            ([1, 3, 7, 9], [3, 3], [2, 2], [1, 1], [0, 0, 1, 1]),
+            ([1, 3, 10, 12], [5, 5], [1, 2], [1, 1], [2, 2, 2, 2]),
+            ([1, 2, 9, 9], [3, 3], [1, 1], [2, 2], [2, 2, 2, 2]),
+            ([1, 2, 6, 7], [3, 2], [1, 3], [1, 2], [0, 3, 1, 0]),
+            ([1, 2, 3, 2], [3, 3], [1, 1], [1, 1], [3, 3, 3, 3]),
+            ([1, 2, 2, 2], [3, 5], [1, 1], [1, 1], [1, 2, 1, 2]),
+            ([1, 7, 4, 33], [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
+        ];
+        for (x, k, st, dil, pads) in cases {
+            let c = x[1];
+            assert!(depthwise::applies(&x, c, c));
+            for with_bias in [true, false] {
+                check(
+                    2,
+                    [x[0], c, 1, x[2], x[3]],
+                    [c, 1, 1, k[0], k[1]],
+                    c,
+                    [1, st[0], st[1]],
+                    [1, dil[0], dil[1]],
+                    [0, pads[0], pads[1], 0, pads[2], pads[3]],
+                    with_bias,
+                );
+            }
+        }
+        // Channel multipliers and 1-D/3-D depthwise convolutions take the general path.
+        assert!(!depthwise::applies(&[1, 4, 5, 5], 4, 8));
+        assert!(!depthwise::applies(&[1, 4, 5], 4, 4));
     }
 
     #[test]
