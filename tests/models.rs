@@ -1014,3 +1014,65 @@ async fn matmul_and_its_bias_add_run_as_one_fused_kernel() {
         assert_eq!(f32_values(&r.raw_output_contents[0]), want, "{name}");
     }
 }
+
+/// A ResNet-style join over a small image with more channels than pixels: the main path's
+/// Conv and the shortcut's Conv (both with weights packed at load, computed pixels by
+/// channels) meet in an Add and a Relu, which fuse into the main Conv.
+#[tokio::test]
+async fn a_residual_join_runs_as_one_fused_conv() {
+    let (c_in, m, pixels) = (4usize, 8usize, 4usize);
+    // Halves and small integers: every sum is exact in f32, in any order.
+    let w1: Vec<f32> = (0..m * c_in).map(|i| (i % 7) as f32 * 0.5 - 1.5).collect();
+    let w2: Vec<f32> = (0..m * c_in).map(|i| (i % 5) as f32 - 2.0).collect();
+    let b1: Vec<f32> = (0..m).map(|i| i as f32 * 0.25 - 1.0).collect();
+    let x: Vec<f32> = (0..c_in * pixels)
+        .map(|i| (i % 9) as f32 * 0.5 - 2.0)
+        .collect();
+    let bytes = model(
+        vec![
+            node("Conv", &["x", "w1", "b1"], &["main"]),
+            node("Conv", &["x", "w2"], &["short"]),
+            node("Add", &["main", "short"], &["sum"]),
+            node("Relu", &["sum"], &["y"]),
+        ],
+        vec![value("x", 1, &[1, c_in as i64, 2, 2])],
+        vec![value("y", 1, &[1, m as i64, 2, 2])],
+        vec![
+            f32_initializer("w1", &[m as i64, c_in as i64, 1, 1], &w1),
+            f32_initializer("w2", &[m as i64, c_in as i64, 1, 1], &w2),
+            f32_initializer("b1", &[m as i64], &b1),
+        ],
+        17,
+    );
+    let repo = tempfile::tempdir().expect("repo");
+    let (d, _p) = start_serving(repo.path(), &[]);
+    let mut c = d.inference().await;
+    c.repository_model_load(load_request("join", bytes))
+        .await
+        .expect("load");
+    let (_, nodes) = placement(&d, "join").await;
+    let ops: Vec<&str> = nodes.iter().map(|n| n.0.as_str()).collect();
+    assert_eq!(ops, ["Conv", "FusedConv"], "{nodes:?}");
+    let r = c
+        .model_infer(pb::ModelInferRequest {
+            model_name: "join".into(),
+            inputs: vec![input("x", "FP32", &[1, c_in as i64, 2, 2])],
+            raw_input_contents: vec![f32_bytes(&x)],
+            ..Default::default()
+        })
+        .await
+        .expect("infer")
+        .into_inner();
+    let mut want = Vec::new();
+    for oc in 0..m {
+        for p in 0..pixels {
+            let dot = |w: &[f32]| {
+                (0..c_in)
+                    .map(|ic| w[oc * c_in + ic] * x[ic * pixels + p])
+                    .sum::<f32>()
+            };
+            want.push((dot(&w1) + b1[oc] + dot(&w2)).max(0.0));
+        }
+    }
+    assert_eq!(f32_values(&r.raw_output_contents[0]), want);
+}

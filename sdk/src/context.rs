@@ -97,6 +97,10 @@ pub trait FfiHost: Send + Sync {
     /// `bytes` of scratch in the node's device memory, valid until the call returns.
     #[sabi(last_prefix_field)]
     fn device_scratch(&self, bytes: usize) -> RResult<MemRef, PluginError>;
+
+    /// `bytes` of 64-byte aligned host scratch memory, valid until the call returns, holding
+    /// whatever an earlier call left there (always initialised bytes). Since ABI 1.5.
+    fn scratch_reused(&self, bytes: usize) -> RResult<RSliceMut<'_, u8>, PluginError>;
 }
 
 /// The context a kernel receives for one call.
@@ -211,6 +215,32 @@ impl<'a> KernelContext<'a> {
         }
         raw.fill(0);
         // SAFETY: length and alignment checked; zero bytes are valid for every `Element`.
+        Ok(unsafe { std::slice::from_raw_parts_mut(raw.as_mut_ptr().cast::<T>(), len) })
+    }
+
+    /// Scratch memory for `len` elements of `T`, valid for this call, holding whatever an
+    /// earlier call left there: for temporaries the kernel overwrites before reading (im2col
+    /// columns, packed panels, partial products). The host lends these from buffers it keeps
+    /// across calls, so unlike [`scratch`](Self::scratch) there is no zeroing pass and no page
+    /// fault of fresh memory on every call; plugins keep no buffers of their own (a
+    /// thread-local with a destructor would keep the library mapped after unloading).
+    ///
+    /// Since ABI 1.5: a plugin built with this SDK needs a 1.5 host, which the loader checks.
+    // Each call returns a distinct host buffer, so the `&mut` never aliases.
+    #[allow(clippy::mut_from_ref)]
+    pub fn scratch_reused<T: Element>(&self, len: usize) -> Result<&mut [T], PluginError> {
+        let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| {
+            PluginError::new(ErrorCode::ResourceExhausted, "scratch size overflows")
+        })?;
+        let raw = self.host.scratch_reused(bytes).into_result()?;
+        let raw = raw.into_mut_slice();
+        if raw.len() < bytes || !(raw.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
+            return Err(PluginError::internal(
+                "host returned misaligned or short scratch",
+            ));
+        }
+        // SAFETY: length and alignment checked; the bytes are initialised and every `Element`
+        // accepts any bit pattern (numbers, and `Bool` as a byte).
         Ok(unsafe { std::slice::from_raw_parts_mut(raw.as_mut_ptr().cast::<T>(), len) })
     }
 

@@ -457,6 +457,8 @@ pub struct CallFrame<'a> {
     log: &'a LogSink<'a>,
     outputs: Mutex<Vec<Option<Box<HostTensor>>>>,
     scratch: Mutex<Vec<AlignedBuf>>,
+    /// Buffers lent from [`reused`]'s pool, given back when the frame drops.
+    reused: Mutex<Vec<AlignedBuf>>,
     max_tensor_bytes: usize,
     stop: Option<&'a StopCheck<'a>>,
     stopped: std::sync::atomic::AtomicBool,
@@ -480,6 +482,7 @@ impl<'a> CallFrame<'a> {
             log,
             outputs: Mutex::new((0..num_outputs).map(|_| None).collect()),
             scratch: Mutex::new(Vec::new()),
+            reused: Mutex::new(Vec::new()),
             max_tensor_bytes: usize::MAX,
             stop: None,
             stopped: std::sync::atomic::AtomicBool::new(false),
@@ -579,11 +582,12 @@ impl<'a> CallFrame<'a> {
 
     /// The outputs the kernel allocated, by position, with strings adopted by the host.
     /// Errors name the first output the kernel left unallocated.
-    pub fn into_outputs(self) -> Result<Vec<HostTensor>, PluginError> {
-        let outputs = self
-            .outputs
-            .into_inner()
-            .map_err(|_| PluginError::internal("output slots poisoned"))?;
+    pub fn into_outputs(mut self) -> Result<Vec<HostTensor>, PluginError> {
+        let outputs = std::mem::take(
+            self.outputs
+                .get_mut()
+                .map_err(|_| PluginError::internal("output slots poisoned"))?,
+        );
         outputs
             .into_iter()
             .enumerate()
@@ -595,6 +599,79 @@ impl<'a> CallFrame<'a> {
                 Ok(t)
             })
             .collect()
+    }
+}
+
+impl Drop for CallFrame<'_> {
+    fn drop(&mut self) {
+        if let Ok(bufs) = self.reused.get_mut() {
+            reused::give_back(std::mem::take(bufs));
+        }
+    }
+}
+
+/// The host's pool of scratch buffers lent with their old contents
+/// ([`FfiHost::scratch_reused`]): process-wide, so that the buffers outlive any plugin
+/// library (a plugin keeping its own would pin or leak its mapping) and serve every thread.
+mod reused {
+    use super::AlignedBuf;
+    use crate::PluginError;
+    use std::sync::Mutex;
+
+    /// What the pool keeps between calls: the im2col columns of a ResNet-50 or MobileNetV2
+    /// layer (up to ~7 MiB) for a few concurrent calls; a larger or further buffer is freed.
+    const KEEP_BYTES: usize = 64 << 20;
+    const KEEP_BUFFERS: usize = 64;
+
+    static POOL: Mutex<Vec<AlignedBuf>> = Mutex::new(Vec::new());
+
+    /// The smallest pooled buffer of at least `bytes`, or a fresh zeroed one.
+    pub(super) fn lend(bytes: usize) -> Result<AlignedBuf, PluginError> {
+        if let Ok(mut pool) = POOL.lock() {
+            let fit = pool
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.len() >= bytes)
+                .min_by_key(|(_, b)| b.len())
+                .map(|(i, _)| i);
+            if let Some(i) = fit {
+                return Ok(poisoned(pool.swap_remove(i)));
+            }
+        }
+        // Zeroed, so that a lent buffer never holds uninitialised bytes.
+        AlignedBuf::zeroed(bytes).map(poisoned)
+    }
+
+    /// In debug builds (the tests), every lent buffer is filled with 0xFF bytes (NaN as a
+    /// float, -1 as an integer), so that a kernel reading what it did not write fails its
+    /// tests instead of passing on zeros.
+    fn poisoned(mut buf: AlignedBuf) -> AlignedBuf {
+        if cfg!(debug_assertions) {
+            buf.as_mut_slice().fill(0xFF);
+        }
+        buf
+    }
+
+    /// Returns `bufs` to the pool, keeping the largest within the bounds.
+    pub(super) fn give_back(bufs: Vec<AlignedBuf>) {
+        if bufs.is_empty() {
+            return;
+        }
+        let Ok(mut pool) = POOL.lock() else {
+            return;
+        };
+        pool.extend(bufs.into_iter().filter(|b| !b.is_empty()));
+        pool.sort_unstable_by_key(|b| std::cmp::Reverse(b.len()));
+        // The largest first, while within both bounds (a buffer alone past them is freed).
+        let (mut total, mut count) = (0usize, 0usize);
+        pool.retain(|b| {
+            let keep = count < KEEP_BUFFERS && total.saturating_add(b.len()) <= KEEP_BYTES;
+            if keep {
+                total += b.len();
+                count += 1;
+            }
+            keep
+        });
     }
 }
 
@@ -702,6 +779,23 @@ impl FfiHost for CallFrame<'_> {
                 .push(buf);
             // SAFETY: the buffer is kept in the frame (heap memory does not move with the Vec)
             // until the frame drops, and handed out once.
+            Ok(RSliceMut::from(unsafe {
+                std::slice::from_raw_parts_mut(ptr, bytes)
+            }))
+        })();
+        result.into()
+    }
+
+    fn scratch_reused(&self, bytes: usize) -> RResult<RSliceMut<'_, u8>, PluginError> {
+        let result = (|| {
+            self.within_limit("scratch buffer", Some(bytes))?;
+            let mut buf = reused::lend(bytes)?;
+            let ptr = buf.as_mut_slice().as_mut_ptr();
+            self.reused
+                .lock()
+                .map_err(|_| PluginError::internal("scratch list poisoned"))?
+                .push(buf);
+            // SAFETY: as in `scratch`: kept in the frame until it drops, handed out once.
             Ok(RSliceMut::from(unsafe {
                 std::slice::from_raw_parts_mut(ptr, bytes)
             }))

@@ -8,13 +8,27 @@ use abi_stable::library::{lib_header_from_path, RootModule};
 use opreg_sdk::{host::CallFrame, module::PluginModRef, Device, GemmArgs, LogLevel};
 use std::time::Instant;
 
+/// Squares, then the im2col products of ResNet-50 (output channels x pixels x depth, from the
+/// stem to the last stage), then a BERT-base encoder layer at sequence 128 (QKV/output
+/// projection, the two feed-forward products).
 const SHAPES: &[(usize, usize, usize)] = &[
+    (64, 64, 64),
     (128, 128, 128),
     (256, 256, 256),
     (512, 512, 512),
     (1024, 1024, 1024),
+    (64, 12544, 147),
     (64, 3136, 576),
+    (256, 3136, 64),
     (3136, 64, 576),
+    (128, 784, 1152),
+    (256, 196, 2304),
+    (1024, 196, 256),
+    (512, 49, 4608),
+    (2048, 49, 512),
+    (128, 768, 768),
+    (128, 3072, 768),
+    (128, 768, 3072),
 ];
 
 fn best_of<F: FnMut()>(mut f: F) -> f64 {

@@ -102,13 +102,26 @@ unsafe fn store_scalar(
     mr: usize,
     nr: usize,
 ) {
-    for i in 0..mr {
+    let store = |i: usize, j: usize| {
+        let v = buf[i * ld + j];
+        // SAFETY: (i, j) lies in the caller's writable tile.
+        unsafe {
+            let p = c.add(i * rsc + j * csc);
+            *p = if beta == 0.0 { v } else { v + beta * *p };
+        }
+    };
+    if rsc < csc {
+        // Column-major C (a convolution's NCHW output computed pixels x channels): walk each
+        // column's contiguous run.
         for j in 0..nr {
-            let v = buf[i * ld + j];
-            // SAFETY: (i, j) lies in the caller's writable tile.
-            unsafe {
-                let p = c.add(i * rsc + j * csc);
-                *p = if beta == 0.0 { v } else { v + beta * *p };
+            for i in 0..mr {
+                store(i, j);
+            }
+        }
+    } else {
+        for i in 0..mr {
+            for j in 0..nr {
+                store(i, j);
             }
         }
     }

@@ -17,7 +17,6 @@ mod nn;
 mod quant;
 mod reduce;
 mod rnn;
-mod scratch;
 mod shape;
 mod signal;
 mod simd;

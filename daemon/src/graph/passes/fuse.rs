@@ -7,6 +7,13 @@
 //! `activation_params` attributes: the activation is applied in the pass that adds the bias,
 //! instead of a second pass over the output and a second buffer.
 //!
+//! `conv-add`: a `Conv` whose output only an `Add` reads (a residual join), and the activation
+//! only reading that sum if there is one, become `opreg::FusedConv(X, W, B, Z)` with Z the
+//! Add's other operand: the sum and the activation are applied in the pass that adds the bias
+//! (ONNX Runtime's `FusedConv` has the same fourth input). The fused node takes the Add's
+//! place in the node order, where Z is already computed. The kernel broadcasts a Z of
+//! another shape as Add would, so no shape needs to be known here.
+//!
 //! `matmul-add`: a `MatMul` with a constant B whose output only an `Add` of a constant 1-D f32
 //! bias of B's column count reads becomes `opreg::FusedMatMul(A, B, bias)` (the dense layers of
 //! transformer encoders).
@@ -138,6 +145,127 @@ impl Pass for ConvActivation {
         }
         super::remove_nodes(model, &remove);
         Ok(fused)
+    }
+}
+
+pub struct ConvAdd;
+
+impl Pass for ConvAdd {
+    fn name(&self) -> &'static str {
+        "conv-add"
+    }
+
+    fn fuses(&self) -> Option<Fusion> {
+        Some(Fusion {
+            original: "Conv",
+            domain: "opreg",
+            fused: "FusedConv",
+            also: &[],
+        })
+    }
+
+    fn run(&self, model: &mut Model) -> Result<usize, GraphError> {
+        let read = reads(model)?;
+        let outputs: Vec<String> = model.outputs.iter().map(|o| o.name.clone()).collect();
+        // Read by one node only, and not a graph output: the value may disappear.
+        let private = |v: &String| read.get(v) == Some(&1) && !outputs.contains(v);
+        let producer: std::collections::HashMap<&String, usize> = model
+            .nodes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, n)| n.outputs.iter().map(move |o| (o, i)))
+            .collect();
+        // The activation reading each value, when it is the value's only reader.
+        let mut act_of = std::collections::HashMap::new();
+        for (i, n) in model.nodes.iter().enumerate() {
+            if let Some(x) = n.inputs.first().filter(|x| private(x)) {
+                if let Some(a) = activation(model, n) {
+                    act_of.insert(x.clone(), (i, a));
+                }
+            }
+        }
+        let is_conv = |i: usize| {
+            model.nodes.get(i).is_some_and(|n| {
+                n.domain.is_empty()
+                    && n.op_type == "Conv"
+                    && n.outputs.len() == 1
+                    && n.inputs.len() <= 3
+            })
+        };
+        // (Add position, Conv position, Z, activation position and what it applies).
+        let mut joins = Vec::new();
+        let mut taken = vec![false; model.nodes.len()];
+        for (ai, add) in model.nodes.iter().enumerate() {
+            if !add.domain.is_empty() || add.op_type != "Add" || add.outputs.len() != 1 {
+                continue;
+            }
+            let (Some(a), Some(b), None) =
+                (add.inputs.first(), add.inputs.get(1), add.inputs.get(2))
+            else {
+                continue;
+            };
+            if a == b || a.is_empty() || b.is_empty() {
+                continue;
+            }
+            let conv = [(a, b), (b, a)].into_iter().find_map(|(y, z)| {
+                let ci = *producer.get(y)?;
+                (private(y) && is_conv(ci) && taken.get(ci) == Some(&false))
+                    .then(|| (ci, z.clone()))
+            });
+            let Some((ci, z)) = conv else {
+                continue;
+            };
+            if let Some(t) = taken.get_mut(ci) {
+                *t = true;
+            }
+            let act = add.outputs.first().and_then(|s| act_of.get(s)).cloned();
+            joins.push((ai, ci, z, act));
+        }
+        let mut remove = vec![false; model.nodes.len()];
+        for (ai, ci, z, act) in &joins {
+            let Some(mut conv) = model.nodes.get(*ci).cloned() else {
+                continue;
+            };
+            let out = match act {
+                Some((i, _)) => model.nodes.get(*i).and_then(|n| n.outputs.first()),
+                None => model.nodes.get(*ai).and_then(|n| n.outputs.first()),
+            };
+            let Some(out) = out.filter(|o| !o.is_empty()).cloned() else {
+                continue;
+            };
+            conv.domain = "opreg".into();
+            conv.op_type = "FusedConv".into();
+            conv.inputs.resize(3, String::new());
+            conv.inputs.push(z.clone());
+            if let Some((i, (name, params))) = act {
+                conv.attributes.push(Attribute {
+                    name: "activation".into(),
+                    value: AttrValue::String((*name).into()),
+                });
+                if !params.is_empty() {
+                    conv.attributes.push(Attribute {
+                        name: "activation_params".into(),
+                        value: AttrValue::Floats(params.clone()),
+                    });
+                }
+                if let Some(r) = remove.get_mut(*i) {
+                    *r = true;
+                }
+            }
+            conv.outputs = vec![out];
+            // In the Add's place: after Z and after the Conv's own inputs.
+            if let Some(slot) = model.nodes.get_mut(*ai) {
+                *slot = conv;
+            }
+            if let Some(r) = remove.get_mut(*ci) {
+                *r = true;
+            }
+        }
+        if !joins.is_empty() {
+            model.opsets.insert("opreg".into(), 1);
+        }
+        super::remove_nodes(model, &remove);
+        Ok(joins.len())
     }
 }
 

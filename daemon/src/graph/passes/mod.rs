@@ -57,6 +57,7 @@ pub const FUSIONS: &[&dyn Pass] = &[
     &qdq::QdqMaxPool,
     &qdq::QdqAdd,
     &layout::Nhwc,
+    &fuse::ConvAdd,
     &fuse::ConvActivation,
     &fuse::MatMulAdd,
 ];

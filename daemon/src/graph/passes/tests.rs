@@ -569,3 +569,87 @@ fn integer_convolutions_and_their_joins_run_channels_last() {
     }
     assert_eq!(m.opsets.get("com.microsoft"), Some(&1));
 }
+
+/// A ResNet join: the main path's last Conv and the shortcut's Conv meet in an Add and a Relu.
+fn residual_join(sum_read: bool) -> Model {
+    let mut outputs = vec!["y"];
+    if sum_read {
+        outputs.push("s");
+    }
+    model(
+        vec![
+            node("Conv", &["x", "w1", "b1"], &["main"]),
+            node("Conv", &["x", "w2"], &["short"]),
+            node("Add", &["main", "short"], &["s"]),
+            node("Relu", &["s"], &["r"]),
+            node("Neg", &["r"], &["y"]),
+        ],
+        &outputs,
+        &[
+            ("w1", &[1, 1, 1, 1], vec![2.0]),
+            ("b1", &[1], vec![1.0]),
+            ("w2", &[1, 1, 1, 1], vec![3.0]),
+        ],
+    )
+}
+
+#[test]
+fn a_residual_add_and_its_activation_fuse_into_the_conv_in_the_adds_place() {
+    let mut m = residual_join(false);
+    assert_eq!(fuse::ConvAdd.run(&mut m).unwrap(), 1);
+    let ops: Vec<&str> = m.nodes.iter().map(|n| n.op_type.as_str()).collect();
+    // The shortcut (Z) is computed before the fused node that reads it.
+    assert_eq!(ops, ["Conv", "FusedConv", "Neg"]);
+    let fused = &m.nodes[1];
+    assert_eq!(fused.domain, "opreg");
+    assert_eq!(fused.inputs, ["x", "w1", "b1", "short"]);
+    assert_eq!(fused.outputs, ["r"]);
+    let act = fused.attributes.iter().find(|a| a.name == "activation");
+    assert_eq!(
+        act.map(|a| &a.value),
+        Some(&opreg_sdk::AttrValue::String("Relu".into()))
+    );
+    assert_eq!(m.opset("opreg"), Some(1));
+    // A bias-less Conv gets an empty bias slot before Z; the later passes leave it alone.
+    let mut m = model(
+        vec![
+            node("Conv", &["x", "w"], &["c"]),
+            node("Add", &["x", "c"], &["y"]),
+        ],
+        &["y"],
+        &[("w", &[1, 1, 1, 1], vec![2.0])],
+    );
+    assert_eq!(fuse::ConvAdd.run(&mut m).unwrap(), 1);
+    assert_eq!(m.nodes.len(), 1);
+    assert_eq!(m.nodes[0].inputs, ["x", "w", "", "x"]);
+    assert_eq!(m.nodes[0].outputs, ["y"]);
+    assert!(m.nodes[0].attributes.iter().all(|a| a.name != "activation"));
+    assert_eq!(fuse::ConvActivation.run(&mut m).unwrap(), 0);
+    // The sum read by another node too: the Add stays, the Relu is not fused (the Conv may
+    // still take the Add alone).
+    let mut kept = residual_join(true);
+    assert_eq!(fuse::ConvAdd.run(&mut kept).unwrap(), 1);
+    let ops: Vec<&str> = kept.nodes.iter().map(|n| n.op_type.as_str()).collect();
+    assert_eq!(ops, ["Conv", "FusedConv", "Relu", "Neg"]);
+    assert_eq!(kept.nodes[1].outputs, ["s"]);
+    // A Conv output read twice, or an Add of a value with itself: nothing to fuse.
+    let mut twice = model(
+        vec![
+            node("Conv", &["x", "w"], &["c"]),
+            node("Add", &["c", "x"], &["s"]),
+            node("Mul", &["c", "s"], &["y"]),
+        ],
+        &["y"],
+        &[("w", &[1, 1, 1, 1], vec![2.0])],
+    );
+    assert_eq!(fuse::ConvAdd.run(&mut twice).unwrap(), 0);
+    let mut doubled = model(
+        vec![
+            node("Conv", &["x", "w"], &["c"]),
+            node("Add", &["c", "c"], &["y"]),
+        ],
+        &["y"],
+        &[("w", &[1, 1, 1, 1], vec![2.0])],
+    );
+    assert_eq!(fuse::ConvAdd.run(&mut doubled).unwrap(), 0);
+}

@@ -3,17 +3,79 @@
 
 mod depthwise;
 
-use super::{at_least_one, conv_bias, matmul::gemm_f32, optional, Disjoint, Geometry, WindowAttrs};
-use crate::util::{product_sat, required, row_major_strides};
+use super::{
+    at_least_one, blas, conv_bias, matmul::gemm_f32, optional, Disjoint, Geometry, WindowAttrs,
+};
+use crate::util::{
+    broadcast_shapes, broadcast_strides, product_sat, required, row_major_strides, walk_offsets,
+};
 use opreg_sdk::alloc::{checked_numel, try_vec};
 use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
+use opreg_sdk::PackedB;
+use std::sync::Arc;
 
 #[derive(Clone)]
 struct Conv {
     window: WindowAttrs,
     group: usize,
     activation: Activation,
+    /// Constant weights of one group, packed at load as the right operand of the
+    /// pixels-by-channels product ([`Conv::pixels_by_channels`]).
+    packed: Option<Arc<PackedB>>,
+}
+
+/// Layers with at most this many output pixels per output channel compute `Y^T = cols^T W^T`
+/// (pixels x channels, C stored column-major, so Y stays NCHW) with the weights packed once
+/// at load, instead of `Y = W cols`, which packs the weights on every call: there the weights
+/// outweigh the pixels (ResNet-50's last two stages: 196 or 49 pixels, 256-2048 channels), and
+/// packing them cost as much as a third of the product. Where pixels dominate, the usual
+/// orientation stores C row by row, which is faster.
+const PIXELS_PER_CHANNEL_SWAP: usize = 1;
+
+/// Packs a constant f32 `W` (`m x c/group x k...`) of a one-group Conv as the `k x m` right
+/// operand `W^T` (column-major args), with the node's BLAS backend. `None` when W is not
+/// constant or the backend does not pre-pack.
+fn prepack_weights(node: &NodeInfo<'_>, group: usize) -> Option<Arc<PackedB>> {
+    let w = node.inputs.get(1)?.constant?;
+    if group != 1 || w.dtype != DType::F32 || w.shape().len() < 3 {
+        return None;
+    }
+    let (&m, rest) = w.shape().split_first()?;
+    let rows = rest.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
+    let args = pixels_by_channels_args(
+        1,
+        m,
+        rows,
+        std::ptr::null(),
+        w.data.cast(),
+        std::ptr::null_mut(),
+    );
+    node.blas()?
+        .pack_b(node.context.as_ref()?, &args)
+        .ok()
+        .map(Arc::new)
+}
+
+/// Column-major gemm arguments of `Y^T (p x m) = cols^T (p x k) W^T (k x m)` over the
+/// row-major `cols` (`k x p`), `W` (`m x k`) and `Y` (`m x p`) as they lie in memory.
+fn pixels_by_channels_args(
+    p: usize,
+    m: usize,
+    k: usize,
+    cols: *const f32,
+    w: *const f32,
+    y: *mut f32,
+) -> GemmArgs {
+    let mut g = GemmArgs::new(GemmTypes::F32, p, m, k);
+    g.layout = Layout::COL_MAJOR;
+    g.a = cols.cast();
+    g.lda = p.max(1);
+    g.b = w.cast();
+    g.ldb = k.max(1);
+    g.c = y.cast();
+    g.ldc = p.max(1);
+    g
 }
 
 /// What `opreg::FusedConv` applies after the bias, in the same pass over the output (the graph
@@ -86,12 +148,13 @@ fn conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
         } else {
             Activation::None
         },
+        packed: prepack_weights(node, group),
     }))
 }
 
 /// Unrolls the `channels` planes of `x` (spatial extents `input`) into `col`, a
-/// `(channels * prod(kernel)) x prod(out)` matrix. Padding taps are left untouched, so `col`
-/// must start zeroed; they stay zero across calls with one geometry.
+/// `(channels * prod(kernel)) x prod(out)` matrix. Every element is written (padding taps as
+/// zeros), so `col` may hold anything before: it comes from the host's reused scratch.
 fn im2col(
     ctx: &KernelContext<'_>,
     x: &[f32],
@@ -150,19 +213,33 @@ fn im2col_rows(x: &[f32], input: &[usize], g: &Geometry, start: usize, chunk: &m
                     }
                     base += pos * in_strides[d] as isize;
                 }
+                let dst = &mut row[orow * ol..(orow + 1) * ol];
                 if valid {
-                    let dst = &mut row[orow * ol..(orow + 1) * ol];
-                    if st == 1 && koff >= 0 && koff + ol as isize <= width {
-                        let from = (base + koff) as usize;
-                        dst.copy_from_slice(&xc[from..from + ol]);
+                    // Outputs `lo..hi` read inside the row (`o * st + koff` in `0..width`);
+                    // the rest are padding.
+                    let lo = if koff >= 0 {
+                        0
                     } else {
-                        for (o, v) in dst.iter_mut().enumerate() {
-                            let pos = (o * st) as isize + koff;
-                            if pos >= 0 && pos < width {
-                                *v = xc[(base + pos) as usize];
-                            }
+                        koff.unsigned_abs().div_ceil(st).min(ol)
+                    };
+                    let hi = if width > koff {
+                        (width - koff).unsigned_abs().div_ceil(st).clamp(lo, ol)
+                    } else {
+                        lo
+                    };
+                    dst[..lo].fill(0.0);
+                    dst[hi..].fill(0.0);
+                    let first = base + koff + (lo * st) as isize;
+                    if st == 1 {
+                        let from = first as usize;
+                        dst[lo..hi].copy_from_slice(&xc[from..from + (hi - lo)]);
+                    } else {
+                        for (i, v) in dst[lo..hi].iter_mut().enumerate() {
+                            *v = xc[first as usize + i * st];
                         }
                     }
+                } else {
+                    dst.fill(0.0);
                 }
                 for d in (0..last).rev() {
                     oid[d] += 1;
@@ -200,18 +277,23 @@ impl Kernel for Conv {
         let g = self.window.resolve("Conv", &xs[2..], Some(&ws[2..]))?;
         let mut out_shape = vec![n, m];
         out_shape.extend_from_slice(&g.out);
-        if let Some(v) = [Some(wv), optional(inputs, 2).copied()]
+        // FusedConv's sum input (a residual Add fused in by the pass `conv-add`).
+        let z = optional(inputs, 3).copied();
+        if let Some(v) = [Some(wv), optional(inputs, 2).copied(), z]
             .into_iter()
             .flatten()
             .find(|v| v.dtype != xv.dtype)
         {
             return Err(PluginError::invalid(format!(
-                "Conv: X is {} but W or B is {}",
+                "Conv: X is {} but W, B or Z is {}",
                 xv.dtype, v.dtype
             )));
         }
+        // A Z of the output's own shape is added in the pass that adds the bias; any other
+        // shape takes the widened path, which broadcasts as Add does.
+        let z_same = z.filter(|v| v.shape() == out_shape.as_slice());
         match xv.dtype {
-            DType::F32 => self.run(
+            DType::F32 if z.is_none() || z_same.is_some() => self.run(
                 ctx,
                 xs,
                 &g,
@@ -219,10 +301,13 @@ impl Kernel for Conv {
                 xv.as_slice()?,
                 wv.as_slice()?,
                 conv_bias("Conv", inputs, m)?,
+                z_same.map(|v| v.as_slice()).transpose()?,
+                self.activation,
                 ctx.output_slice::<f32>(0, &out_shape)?,
             ),
+            DType::F32 => self.run_widened(ctx, inputs, xs, &g, m, &out_shape, |v: f32| v, |v| v),
             // Half types: widened to f32 for the BLAS gemm, the result rounded back.
-            DType::F16 => self.run_half(
+            DType::F16 => self.run_widened(
                 ctx,
                 inputs,
                 xs,
@@ -232,7 +317,7 @@ impl Kernel for Conv {
                 f16::to_f32,
                 f16::from_f32,
             ),
-            DType::BF16 => self.run_half(
+            DType::BF16 => self.run_widened(
                 ctx,
                 inputs,
                 xs,
@@ -250,8 +335,11 @@ impl Kernel for Conv {
 }
 
 impl Conv {
+    /// The convolution computed in f32 from operands widened from `T`, the result rounded
+    /// back once (after the bias, Z and the activation); also the path of a Z that
+    /// broadcasts to or from the convolution's shape.
     #[allow(clippy::too_many_arguments)]
-    fn run_half<T: Element>(
+    fn run_widened<T: Element>(
         &self,
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
@@ -269,16 +357,103 @@ impl Conv {
         let (x, w) = (wide(x)?, wide(w)?);
         let bias: Option<Vec<f32>> =
             conv_bias::<T>("Conv", inputs, m)?.map(|b| b.iter().map(|&v| load(v)).collect());
+        let z = optional(inputs, 3)
+            .map(|v| Ok::<_, PluginError>((v.shape(), wide(*v)?)))
+            .transpose()?;
+        let broadcast = z.as_ref().filter(|(zs, _)| *zs != out_shape);
+        let final_shape = match broadcast {
+            Some((zs, _)) => broadcast_shapes(&[out_shape, zs])?,
+            None => out_shape.to_vec(),
+        };
         // The output first (the host refuses sizes past its limit), then the f32 result it is
         // rounded from: padding makes both arbitrarily larger than X, so neither may abort.
-        let out = ctx.output_slice::<T>(0, out_shape)?;
+        let out = ctx.output_slice::<T>(0, &final_shape)?;
         let mut y = try_vec(checked_numel(out_shape)?, 0.0f32)?;
-        self.run(ctx, xs, g, m, &x, &w, bias.as_deref(), &mut y)?;
-        out.iter_mut().zip(&y).for_each(|(o, &v)| *o = store(v));
+        let Some((zs, zv)) = broadcast else {
+            let z = z.as_ref().map(|(_, v)| v.as_slice());
+            self.run(
+                ctx,
+                xs,
+                g,
+                m,
+                &x,
+                &w,
+                bias.as_deref(),
+                z,
+                self.activation,
+                &mut y,
+            )?;
+            out.iter_mut().zip(&y).for_each(|(o, &v)| *o = store(v));
+            return Ok(());
+        };
+        self.run(
+            ctx,
+            xs,
+            g,
+            m,
+            &x,
+            &w,
+            bias.as_deref(),
+            None,
+            Activation::None,
+            &mut y,
+        )?;
+        // Y + Z with both broadcast to the output's shape, then the activation.
+        let mut sum = try_vec(out.len(), 0.0f32)?;
+        for (src, shape) in [(&y, out_shape), (zv, *zs)] {
+            let strides = broadcast_strides(shape, &final_shape);
+            let mut dst = sum.iter_mut();
+            walk_offsets(&final_shape, &strides, 0, out.len(), |o| {
+                if let (Some(d), Some(&v)) = (dst.next(), src.get(o)) {
+                    *d += v;
+                }
+            });
+        }
+        let act = self.activation;
+        out.iter_mut()
+            .zip(&sum)
+            .for_each(|(o, &v)| *o = store(act.apply(v)));
         Ok(())
     }
 
-    /// The convolution in f32 into `y` (of the output's shape).
+    /// `yg (mg x p) = w (mg x rows) * rhs (rows x p)` for one image and group: with the
+    /// packed weights as `Y^T = rhs^T W^T` where the layer has few pixels per channel (see
+    /// [`PIXELS_PER_CHANNEL_SWAP`]), else as a plain gemm.
+    #[allow(clippy::too_many_arguments)]
+    fn product(
+        &self,
+        ctx: &KernelContext<'_>,
+        mg: usize,
+        p: usize,
+        rows: usize,
+        w: &[f32],
+        rhs: &[f32],
+        yg: &mut [f32],
+    ) -> Result<(), PluginError> {
+        let packed = self.packed.as_deref().filter(|pk| {
+            let info = pk.info();
+            self.group == 1 && p <= PIXELS_PER_CHANNEL_SWAP * mg && info.k == rows && info.n == mg
+        });
+        let Some(pk) = packed else {
+            return gemm_f32(
+                ctx, "Conv", false, false, mg, p, rows, 1.0, w, rhs, 0.0, yg, None,
+            );
+        };
+        if p == 0 || mg == 0 {
+            return Ok(());
+        }
+        let fits = |len: usize, a: usize, b: usize| a.checked_mul(b).is_some_and(|e| len >= e);
+        if !fits(rhs.len(), rows, p) || !fits(yg.len(), mg, p) {
+            return Err(PluginError::internal(format!(
+                "Conv: operands too short for {p}x{rows} * {rows}x{mg}"
+            )));
+        }
+        let args = pixels_by_channels_args(p, mg, rows, rhs.as_ptr(), w.as_ptr(), yg.as_mut_ptr());
+        blas(ctx, "Conv")?.gemm_packed(ctx, &args, pk)
+    }
+
+    /// The convolution in f32 into `y` (of the output's shape), plus `z` (of the same shape)
+    /// when given, then `act`.
     #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
@@ -289,6 +464,8 @@ impl Conv {
         x: &[f32],
         w: &[f32],
         bias: Option<&[f32]>,
+        z: Option<&[f32]>,
+        act: Activation,
         y: &mut [f32],
     ) -> Result<(), PluginError> {
         let (n, c) = (xs[0], xs[1]);
@@ -309,7 +486,12 @@ impl Conv {
             && g.strides.iter().all(|&s| s == 1)
             && g.pad_begin.iter().chain(&g.pad_end).all(|&p| p == 0);
         if depthwise::applies(xs, group, m) {
-            return depthwise::run(ctx, xs, g, x, w, bias, self.activation, y);
+            if z.is_none() {
+                return depthwise::run(ctx, xs, g, x, w, bias, act, y);
+            }
+            // Z is added after the taps (as the Add it replaces would), then the activation.
+            depthwise::run(ctx, xs, g, x, w, bias, Activation::None, y)?;
+            return finish(ctx, y, None, z, act, m, p);
         }
         if n * group >= ctx.num_threads().max(2) && !direct {
             // Enough images (x groups) to keep every thread busy: one task per (image, group),
@@ -317,38 +499,25 @@ impl Conv {
             let yd = Disjoint::new(y);
             let col_len = checked_numel(&[rows, p])?;
             ctx.parallel_for(n * group, 1, |range| {
-                let mut col = try_vec(col_len, 0f32)?;
+                let col = ctx.scratch_reused::<f32>(col_len)?;
                 for t in range {
                     let (b, gi) = (t / group, t % group);
                     let xg = &x[(b * c + gi * cg) * plane..(b * c + (gi + 1) * cg) * plane];
-                    im2col_rows(xg, &xs[2..], g, 0, &mut col);
+                    im2col_rows(xg, &xs[2..], g, 0, col);
                     let at = (b * m + gi * mg) * p;
                     // SAFETY: each (image, group) writes its own disjoint block of y.
                     let yg = unsafe { yd.part(at, mg * p) };
-                    gemm_f32(
-                        ctx,
-                        "Conv",
-                        false,
-                        false,
-                        mg,
-                        p,
-                        rows,
-                        1.0,
-                        &w[gi * mg * rows..(gi + 1) * mg * rows],
-                        &col,
-                        0.0,
-                        yg,
-                        None,
-                    )?;
+                    let wg = &w[gi * mg * rows..(gi + 1) * mg * rows];
+                    self.product(ctx, mg, p, rows, wg, col, yg)?;
                 }
                 Ok(())
             })?;
-            return finish(ctx, y, bias, self.activation, m, p);
+            return finish(ctx, y, bias, z, act, m, p);
         }
         let col = if direct {
             &mut [][..]
         } else {
-            ctx.scratch::<f32>(checked_numel(&[rows, p])?)?
+            ctx.scratch_reused::<f32>(checked_numel(&[rows, p])?)?
         };
         for b in 0..n {
             for gi in 0..group {
@@ -360,45 +529,41 @@ impl Conv {
                     col
                 };
                 let yg = &mut y[(b * m + gi * mg) * p..(b * m + (gi + 1) * mg) * p];
-                gemm_f32(
-                    ctx,
-                    "Conv",
-                    false,
-                    false,
-                    mg,
-                    p,
-                    rows,
-                    1.0,
-                    &w[gi * mg * rows..(gi + 1) * mg * rows],
-                    rhs,
-                    0.0,
-                    yg,
-                    None,
-                )?;
+                let wg = &w[gi * mg * rows..(gi + 1) * mg * rows];
+                self.product(ctx, mg, p, rows, wg, rhs, yg)?;
             }
         }
-        finish(ctx, y, bias, self.activation, m, p)
+        finish(ctx, y, bias, z, act, m, p)
     }
 }
 
-/// Adds the per-output-channel bias to every plane of `y` and applies the activation, in one
-/// pass over the output.
+/// Adds the per-output-channel bias and `z` (of `y`'s shape) to every plane of `y` and applies
+/// the activation, in one pass over the output. The sums are rounded in the order of the
+/// unfused graph (Conv's bias, then the Add), so fusing changes no bit.
 fn finish(
     ctx: &KernelContext<'_>,
     y: &mut [f32],
     bias: Option<&[f32]>,
+    z: Option<&[f32]>,
     act: Activation,
     m: usize,
     p: usize,
 ) -> Result<(), PluginError> {
-    if bias.is_none() && act == Activation::None {
+    if bias.is_none() && z.is_none() && act == Activation::None {
         return Ok(());
     }
     let p = p.max(1);
     ctx.parallel_chunks(y, p.max(1024).div_ceil(p) * p, |start, chunk| {
         for (i, plane) in chunk.chunks_mut(p).enumerate() {
-            let bv = bias.map_or(0.0, |b| b[(start / p + i) % m]);
-            plane.iter_mut().for_each(|v| *v = act.apply(*v + bv));
+            let at = start + i * p;
+            let bv = bias.map_or(0.0, |b| b[(at / p) % m]);
+            match z.and_then(|z| z.get(at..at + plane.len())) {
+                Some(zp) => plane
+                    .iter_mut()
+                    .zip(zp)
+                    .for_each(|(v, &zv)| *v = act.apply((*v + bv) + zv)),
+                None => plane.iter_mut().for_each(|v| *v = act.apply(*v + bv)),
+            }
         }
     })
 }
@@ -419,11 +584,13 @@ pub fn register(r: &mut Registrar) {
             conv_factory,
         );
     }
-    // Conv with its activation fused in (the graph pass `conv-activation` makes these).
+    // Conv with its activation (the graph pass `conv-activation`), or a residual Add and the
+    // activation after it (`conv-add`: the optional fourth input Z, ONNX Runtime's `Sum`)
+    // fused in.
     r.kernel(
         KernelDesc::new("opreg", "FusedConv", 1, OPEN_END)
             .constraint("T", &[F32, F16, BF16])
-            .inputs(&["T", "T", "T"])
+            .inputs(&["T", "T", "T", "T"])
             .outputs(&["T"]),
         conv_factory,
     );
@@ -481,8 +648,158 @@ mod tests {
     }
     use opreg_sdk::{
         host::HostTensor,
-        testkit::{run_kernel, NodeSpec},
+        testkit::{run_kernel, run_kernel_opt, NodeSpec},
     };
+
+    #[test]
+    fn a_fused_residual_sum_equals_conv_then_add_then_the_activation_bit_for_bit() {
+        // (x shape, w shape, group, pads, strides, with bias): the per-image gemm path (two
+        // images), the one-image im2col path, a direct 1x1, a depthwise layer, no bias.
+        type Case = ([usize; 4], [usize; 4], usize, i64, i64, bool);
+        let cases: [Case; 5] = [
+            ([2, 3, 6, 5], [4, 3, 3, 3], 1, 1, 1, true),
+            ([1, 4, 7, 7], [6, 4, 3, 3], 1, 1, 2, true),
+            ([1, 5, 4, 4], [8, 5, 1, 1], 1, 0, 1, true),
+            ([1, 6, 9, 8], [6, 1, 3, 3], 6, 1, 1, true),
+            ([1, 3, 5, 5], [2, 3, 3, 3], 1, 0, 1, false),
+        ];
+        for (i, (xs, ws, group, pad, stride, with_bias)) in cases.into_iter().enumerate() {
+            let x = HostTensor::from_vec(&xs, &data(xs.iter().product(), 1)).expect("x");
+            let w = HostTensor::from_vec(&ws, &data(ws.iter().product(), 2)).expect("w");
+            let b = HostTensor::from_vec(&[ws[0]], &data(ws[0], 3)).expect("b");
+            let conv = NodeSpec::onnx("Conv", 11)
+                .attr("group", AttrValue::Int(group as i64))
+                .attr("pads", ints(&[pad as usize; 4]))
+                .attr("strides", ints(&[stride as usize; 2]));
+            let bias = with_bias.then_some(&b);
+            let plain = run_kernel_opt(
+                conv_factory,
+                &conv,
+                &[Some(&x), Some(&w), bias],
+                Some(Box::new(NaiveBlas)),
+            )
+            .expect("conv");
+            let y = plain[0].to_vec::<f32>().unwrap();
+            let z = data(y.len(), 4);
+            let zt = HostTensor::from_vec(plain[0].shape(), &z).expect("z");
+            for (act, params, f) in [
+                ("", vec![], Activation::None),
+                ("Relu", vec![], Activation::Relu),
+                ("Clip", vec![-0.5, 0.5], Activation::Clip(-0.5, 0.5)),
+            ] {
+                let mut node = NodeSpec::onnx("FusedConv", 1)
+                    .domain("opreg")
+                    .attr("group", AttrValue::Int(group as i64))
+                    .attr("pads", ints(&[pad as usize; 4]))
+                    .attr("strides", ints(&[stride as usize; 2]));
+                if !act.is_empty() {
+                    node = node.attr("activation", AttrValue::String(act.into()));
+                }
+                if !params.is_empty() {
+                    node = node.attr("activation_params", AttrValue::Floats(params));
+                }
+                let fused = run_kernel_opt(
+                    conv_factory,
+                    &node,
+                    &[Some(&x), Some(&w), bias, Some(&zt)],
+                    Some(Box::new(NaiveBlas)),
+                )
+                .expect("fused");
+                let want: Vec<u32> = y
+                    .iter()
+                    .zip(&z)
+                    .map(|(&a, &b)| f.apply(a + b).to_bits())
+                    .collect();
+                let got: Vec<u32> = fused[0]
+                    .to_vec::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect();
+                assert_eq!(got, want, "case {i} activation '{act}'");
+            }
+        }
+    }
+
+    #[test]
+    fn a_fused_sum_of_another_shape_broadcasts_as_add_does() {
+        // y [1, 2, 1, 2] (1x1 conv of a 1x2 image): Z [2, 1, 1] broadcasts up to it, and
+        // Z [1, 2, 3, 1] broadcasts y up to [1, 2, 3, 2].
+        let x = HostTensor::from_vec(&[1, 1, 1, 2], &[1.0f32, -2.0]).expect("x");
+        let w = HostTensor::from_vec(&[2, 1, 1, 1], &[2.0f32, 3.0]).expect("w");
+        let node = NodeSpec::onnx("FusedConv", 1)
+            .domain("opreg")
+            .attr("activation", AttrValue::String("Relu".into()));
+        let run = |z: &HostTensor| {
+            let out = run_kernel_opt(
+                conv_factory,
+                &node,
+                &[Some(&x), Some(&w), None, Some(z)],
+                Some(Box::new(NaiveBlas)),
+            )
+            .expect("run");
+            (out[0].shape().to_vec(), out[0].to_vec::<f32>().unwrap())
+        };
+        // y = [[2, -4], [3, -6]].
+        let z = HostTensor::from_vec(&[2, 1, 1], &[1.0f32, 10.0]).expect("z");
+        assert_eq!(run(&z), (vec![1, 2, 1, 2], vec![3.0, 0.0, 13.0, 4.0]));
+        let z = HostTensor::from_vec(&[1, 2, 3, 1], &[0.0f32, 1.0, 5.0, 0.0, 2.0, 7.0]).expect("z");
+        assert_eq!(
+            run(&z),
+            (
+                vec![1, 2, 3, 2],
+                vec![2.0, 0.0, 3.0, 0.0, 7.0, 1.0, 3.0, 0.0, 5.0, 0.0, 10.0, 1.0]
+            )
+        );
+        // Shapes that do not broadcast, and a Z of another type, are refused.
+        let z = HostTensor::from_vec(&[3], &[0.0f32; 3]).expect("z");
+        let e = run_kernel_opt(
+            conv_factory,
+            &node,
+            &[Some(&x), Some(&w), None, Some(&z)],
+            Some(Box::new(NaiveBlas)),
+        )
+        .expect_err("no broadcast");
+        assert!(e.message.contains("broadcast"), "{e:?}");
+        let z = HostTensor::from_vec(&[1, 2, 1, 2], &[0i32; 4]).expect("z");
+        let e = run_kernel_opt(
+            conv_factory,
+            &node,
+            &[Some(&x), Some(&w), None, Some(&z)],
+            Some(Box::new(NaiveBlas)),
+        )
+        .expect_err("wrong type");
+        assert!(e.message.contains("Z"), "{e:?}");
+    }
+
+    #[test]
+    fn a_half_precision_fused_sum_is_rounded_once() {
+        let x = HostTensor::from_vec(&[1, 1, 2, 2], &[1.5f32, -2.0, 3.25, 0.5].map(f16::from_f32))
+            .expect("x");
+        let w = HostTensor::from_vec(&[1, 1, 1, 1], &[f16::from_f32(3.0)]).expect("w");
+        let z = HostTensor::from_vec(
+            &[1, 1, 2, 2],
+            &[0.5f32, 1.0, -20.0, 0.25].map(f16::from_f32),
+        )
+        .expect("z");
+        let node = NodeSpec::onnx("FusedConv", 1)
+            .domain("opreg")
+            .attr("activation", AttrValue::String("Relu".into()));
+        let out = run_kernel_opt(
+            conv_factory,
+            &node,
+            &[Some(&x), Some(&w), None, Some(&z)],
+            Some(Box::new(NaiveBlas)),
+        )
+        .expect("run");
+        let got: Vec<f32> = out[0]
+            .to_vec::<f16>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_f32())
+            .collect();
+        assert_eq!(got, vec![5.0, 0.0, 0.0, 1.75]);
+    }
 
     /// Direct 3-D convolution; lower ranks embed with unit extents.
     #[allow(clippy::too_many_arguments)]

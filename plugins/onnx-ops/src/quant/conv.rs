@@ -7,7 +7,6 @@ mod depthwise;
 use super::gemm::{bytes, zero_points, IntProduct};
 use super::matmul::requant_multiplier;
 use super::{read_f32, read_i32, Factory, Q8};
-use crate::scratch::Scratch;
 use crate::util::{input, numel, optional, product_sat, required, row_major_strides};
 use opreg_sdk::{
     alloc::{try_vec, try_with_capacity},
@@ -341,14 +340,14 @@ impl Geometry {
         // tap-major (`kh, kw, c`): the weights must run alike. Pre-packed weights were
         // reordered at load; others are reordered here, once per call.
         let hwc = self.tap_major();
-        // The columns and the products come from this thread's scratch (no allocation or
+        // The columns and the products come from the host's reused scratch (no allocation or
         // memset per call): the 2-D gathers write every column element, the product every
         // element of `tmp`; the general walk of other ranks writes only the taps inside x.
-        let mut col = Scratch::<u8>::take(if direct { 0 } else { numel(&[plane, kdim])? })?;
+        let col = ctx.scratch_reused::<u8>(if direct { 0 } else { numel(&[plane, kdim])? })?;
         if !hwc {
             col.fill(pad);
         }
-        let mut tmp = Scratch::<i32>::take(numel(&[plane, mg])?)?;
+        let tmp = ctx.scratch_reused::<i32>(numel(&[plane, mg])?)?;
         let in_size = product_sat(&self.in_sp);
         let mut hwc_x = if hwc && !nhwc && !self.pointwise() {
             try_vec(numel(&[in_size, cg])?, 0u8)?
@@ -371,14 +370,14 @@ impl Geometry {
                     if direct {
                         xi
                     } else {
-                        self.gather_hwc(ctx, xi, self.c, g * cg, pad, kdim, &mut col)?;
-                        &col
+                        self.gather_hwc(ctx, xi, self.c, g * cg, pad, kdim, col)?;
+                        col
                     }
                 } else {
                     let x0 = (bn * self.c + g * cg) * in_size;
                     let xg = xb.get(x0..x0 + cg * in_size).ok_or_else(short)?;
-                    self.im2col(ctx, xg, pad, kdim, &mut hwc_x, &mut col)?;
-                    &col
+                    self.im2col(ctx, xg, pad, kdim, &mut hwc_x, col)?;
+                    col
                 };
                 let zb = if zw.len() == 1 {
                     &zw[..]
@@ -393,10 +392,10 @@ impl Geometry {
                 };
                 // Types and parameters are the same for every group: only the first product
                 // can be refused, before anything is stored.
-                if !product.run_packed(ctx, &mut tmp, mg, packed.get(g))? {
+                if !product.run_packed(ctx, tmp, mg, packed.get(g))? {
                     return Ok(false);
                 }
-                store(bn, g, &tmp)?;
+                store(bn, g, tmp)?;
             }
         }
         Ok(true)
@@ -617,16 +616,16 @@ impl Geometry {
             ctx.parallel_chunks(dst, rows * m, |start, chunk| {
                 let (p0, pn) = (start / m, chunk.len() / m);
                 let mut block = || -> Result<(), PluginError> {
-                    let mut tmp = Scratch::<i32>::take(pn * m)?;
-                    let mut col = Scratch::<u8>::take(if direct { 0 } else { pn * kdim })?;
+                    let tmp = ctx.scratch_reused::<i32>(pn * m)?;
+                    let col = ctx.scratch_reused::<u8>(if direct { 0 } else { pn * kdim })?;
                     let a: &[u8] = if direct {
                         xi.get(p0 * kdim..(p0 + pn) * kdim).unwrap_or(&[])
                     } else {
-                        self.gather_rows(xi, self.c, 0, pad, kdim, p0, &mut col);
-                        &col
+                        self.gather_rows(xi, self.c, 0, pad, kdim, p0, col);
+                        col
                     };
                     let product = IntProduct { a, m: pn, ..whole };
-                    if !product.run_packed(ctx, &mut tmp, m, packed.first())? {
+                    if !product.run_packed(ctx, tmp, m, packed.first())? {
                         return Err(PluginError::internal(format!(
                             "{op}: the backend refused a block of a product it accepted"
                         )));
