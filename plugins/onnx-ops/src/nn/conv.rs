@@ -369,35 +369,17 @@ impl Conv {
         // rounded from: padding makes both arbitrarily larger than X, so neither may abort.
         let out = ctx.output_slice::<T>(0, &final_shape)?;
         let mut y = try_vec(checked_numel(out_shape)?, 0.0f32)?;
+        // A same-shape Z and the activation go into the epilogue; a Z of another shape is
+        // added after, broadcast, and the activation with it.
+        let (same_z, act) = match broadcast {
+            None => (z.as_ref().map(|(_, v)| v.as_slice()), self.activation),
+            Some(_) => (None, Activation::None),
+        };
+        self.run(ctx, xs, g, m, &x, &w, bias.as_deref(), same_z, act, &mut y)?;
         let Some((zs, zv)) = broadcast else {
-            let z = z.as_ref().map(|(_, v)| v.as_slice());
-            self.run(
-                ctx,
-                xs,
-                g,
-                m,
-                &x,
-                &w,
-                bias.as_deref(),
-                z,
-                self.activation,
-                &mut y,
-            )?;
             out.iter_mut().zip(&y).for_each(|(o, &v)| *o = store(v));
             return Ok(());
         };
-        self.run(
-            ctx,
-            xs,
-            g,
-            m,
-            &x,
-            &w,
-            bias.as_deref(),
-            None,
-            Activation::None,
-            &mut y,
-        )?;
         // Y + Z with both broadcast to the output's shape, then the activation.
         let mut sum = try_vec(out.len(), 0.0f32)?;
         for (src, shape) in [(&y, out_shape), (zv, *zs)] {
