@@ -9,7 +9,7 @@ use super::{
 use crate::util::{
     broadcast_shapes, broadcast_strides, product_sat, required, row_major_strides, walk_offsets,
 };
-use opreg_sdk::alloc::{checked_numel, try_vec};
+use opreg_sdk::alloc::{checked_numel, try_vec, try_with_capacity};
 use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::prelude::*;
 use opreg_sdk::PackedB;
@@ -350,8 +350,12 @@ impl Conv {
         load: fn(T) -> f32,
         store: fn(f32) -> T,
     ) -> Result<(), PluginError> {
+        // Widened copies are as large as the inputs, which come from the request: fallible.
         let wide = |v: TensorView<'_>| -> Result<Vec<f32>, PluginError> {
-            Ok(v.as_slice::<T>()?.iter().map(|&x| load(x)).collect())
+            let src = v.as_slice::<T>()?;
+            let mut out = try_with_capacity(src.len())?;
+            out.extend(src.iter().map(|&x| load(x)));
+            Ok(out)
         };
         let [x, w] = required("Conv", inputs, ["X", "W"])?;
         let (x, w) = (wide(x)?, wide(w)?);
