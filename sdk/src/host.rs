@@ -602,6 +602,28 @@ impl<'a> CallFrame<'a> {
     }
 }
 
+impl CallFrame<'_> {
+    /// A buffer of `bytes` from `make`, kept in `list` (and so alive) until the frame drops.
+    fn lend_for_call(
+        &self,
+        list: &Mutex<Vec<AlignedBuf>>,
+        bytes: usize,
+        make: fn(usize) -> Result<AlignedBuf, PluginError>,
+    ) -> Result<RSliceMut<'_, u8>, PluginError> {
+        self.within_limit("scratch buffer", Some(bytes))?;
+        let mut buf = make(bytes)?;
+        let ptr = buf.as_mut_slice().as_mut_ptr();
+        list.lock()
+            .map_err(|_| PluginError::internal("scratch list poisoned"))?
+            .push(buf);
+        // SAFETY: the buffer is kept in the frame (heap memory does not move with the Vec)
+        // until the frame drops, and handed out once.
+        Ok(RSliceMut::from(unsafe {
+            std::slice::from_raw_parts_mut(ptr, bytes)
+        }))
+    }
+}
+
 impl Drop for CallFrame<'_> {
     fn drop(&mut self) {
         if let Ok(bufs) = self.reused.get_mut() {
@@ -769,38 +791,12 @@ impl FfiHost for CallFrame<'_> {
     }
 
     fn scratch(&self, bytes: usize) -> RResult<RSliceMut<'_, u8>, PluginError> {
-        let result = (|| {
-            self.within_limit("scratch buffer", Some(bytes))?;
-            let mut buf = AlignedBuf::zeroed(bytes)?;
-            let ptr = buf.as_mut_slice().as_mut_ptr();
-            self.scratch
-                .lock()
-                .map_err(|_| PluginError::internal("scratch list poisoned"))?
-                .push(buf);
-            // SAFETY: the buffer is kept in the frame (heap memory does not move with the Vec)
-            // until the frame drops, and handed out once.
-            Ok(RSliceMut::from(unsafe {
-                std::slice::from_raw_parts_mut(ptr, bytes)
-            }))
-        })();
-        result.into()
+        self.lend_for_call(&self.scratch, bytes, AlignedBuf::zeroed)
+            .into()
     }
 
     fn scratch_reused(&self, bytes: usize) -> RResult<RSliceMut<'_, u8>, PluginError> {
-        let result = (|| {
-            self.within_limit("scratch buffer", Some(bytes))?;
-            let mut buf = reused::lend(bytes)?;
-            let ptr = buf.as_mut_slice().as_mut_ptr();
-            self.reused
-                .lock()
-                .map_err(|_| PluginError::internal("scratch list poisoned"))?
-                .push(buf);
-            // SAFETY: as in `scratch`: kept in the frame until it drops, handed out once.
-            Ok(RSliceMut::from(unsafe {
-                std::slice::from_raw_parts_mut(ptr, bytes)
-            }))
-        })();
-        result.into()
+        self.lend_for_call(&self.reused, bytes, reused::lend).into()
     }
 
     fn blas(&self) -> ROption<FfiBlas_TO<'_, RRef<'_, ()>>> {
