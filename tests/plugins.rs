@@ -287,7 +287,18 @@ async fn plugins_load_and_unload_at_run_time() {
 async fn broken_plugins_are_refused_with_the_file_and_the_reason() {
     let d = Daemon::start(&[]);
     let mut reg = d.registry().await;
+    // A plugin cut short (a half-finished copy): the dynamic loader would map its segments
+    // past the end of the file, and the first touch of one would kill the daemon (SIGBUS).
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let truncated = scratch.path().join("libopreg_truncated.so");
+    let bytes = std::fs::read(plugin("mock_good")).expect("read");
+    std::fs::write(&truncated, &bytes[..4096]).expect("write");
     let cases = [
+        (
+            truncated,
+            Code::InvalidArgument,
+            "not a loadable shared library: malformed ELF file",
+        ),
         (
             not_a_library(),
             Code::InvalidArgument,

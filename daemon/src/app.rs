@@ -24,7 +24,8 @@ impl App {
             registry: Registry::new(
                 runtime_dir.path().join("plugins"),
                 config.plugin_config.clone(),
-            ),
+            )
+            .with_grace(config.swap.grace),
             compute: ComputePool::new(config.threads)?,
             repo: Repository::new(config.model_repo.clone(), config.limits.clone()),
             ready: AtomicBool::new(false),

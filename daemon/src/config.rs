@@ -52,6 +52,25 @@ pub struct Cli {
     /// PEM CA certificates: require clients to present a certificate they signed (mutual TLS).
     #[arg(long, env = "OPREG_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Swap in (or load) a new or replaced plugin file in a plugin folder once it is
+    /// completely written, verified like SwapPlugin.
+    #[arg(long, env = "OPREG_WATCH_PLUGINS")]
+    pub watch_plugins: bool,
+    /// How long a plugin file's size and modification time must stay unchanged before the
+    /// watcher takes it (default 2000).
+    #[arg(long, env = "OPREG_WATCH_SETTLE_MS")]
+    pub watch_settle_ms: Option<u64>,
+    /// How long a replaced plugin build stays loaded for RollbackPlugin, in seconds (default
+    /// 600; 0: released at once).
+    #[arg(long, env = "OPREG_SWAP_GRACE_S")]
+    pub swap_grace_s: Option<f64>,
+    /// A verified swap accepts outputs with |new - old| <= abs + rel * |old| (default 1e-4);
+    /// the watcher uses this, a SwapPlugin call may give its own.
+    #[arg(long, env = "OPREG_SWAP_ABS_TOLERANCE")]
+    pub swap_abs_tolerance: Option<f64>,
+    /// The relative part of the swap tolerance (default 1e-3).
+    #[arg(long, env = "OPREG_SWAP_REL_TOLERANCE")]
+    pub swap_rel_tolerance: Option<f64>,
     #[command(flatten)]
     pub limits: LimitFlags,
 }
@@ -183,6 +202,12 @@ pub struct FileConfig {
     pub tls_key: Option<PathBuf>,
     pub tls_client_ca: Option<PathBuf>,
     #[serde(default)]
+    pub watch_plugins: bool,
+    pub watch_settle_ms: Option<u64>,
+    pub swap_grace_s: Option<f64>,
+    pub swap_abs_tolerance: Option<f64>,
+    pub swap_rel_tolerance: Option<f64>,
+    #[serde(default)]
     pub limits: Limits,
     /// `[plugin_config.<plugin name>]`: a table handed to that plugin's `init` as TOML text.
     #[serde(default)]
@@ -201,8 +226,24 @@ pub struct Config {
     pub require_token_for_inference: bool,
     pub tls: Option<Tls>,
     pub limits: Limits,
+    /// Plugin swaps: the folder watcher and the rollback grace period.
+    pub swap: SwapSettings,
     /// Configuration text per plugin name (TOML), for the plugin's `init`.
     pub plugin_config: std::collections::BTreeMap<String, String>,
+}
+
+/// Plugin swap settings.
+#[derive(Debug, Clone)]
+pub struct SwapSettings {
+    /// Watch the plugin folders (`--watch-plugins`).
+    pub watch: bool,
+    /// How long a file must stay unchanged before the watcher takes it.
+    pub settle: std::time::Duration,
+    /// How long a replaced build stays loaded for rollback.
+    pub grace: std::time::Duration,
+    /// The default tolerance of a verified swap: absolute and relative.
+    pub abs_tolerance: f64,
+    pub rel_tolerance: f64,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8001";
@@ -262,6 +303,30 @@ impl Config {
             require_token_for_inference,
             tls,
             limits: file.limits.merge(cli.limits)?,
+            swap: SwapSettings {
+                watch: cli.watch_plugins || file.watch_plugins,
+                settle: std::time::Duration::from_millis(
+                    cli.watch_settle_ms.or(file.watch_settle_ms).unwrap_or(2000),
+                ),
+                grace: {
+                    let s = cli.swap_grace_s.or(file.swap_grace_s).unwrap_or(600.0);
+                    anyhow::ensure!(
+                        s.is_finite() && (0.0..=1e7).contains(&s),
+                        "--swap-grace-s must be between 0 and 1e7 seconds, not {s}"
+                    );
+                    std::time::Duration::from_secs_f64(s)
+                },
+                abs_tolerance: tolerance(
+                    cli.swap_abs_tolerance.or(file.swap_abs_tolerance),
+                    1e-4,
+                    "--swap-abs-tolerance",
+                )?,
+                rel_tolerance: tolerance(
+                    cli.swap_rel_tolerance.or(file.swap_rel_tolerance),
+                    1e-3,
+                    "--swap-rel-tolerance",
+                )?,
+            },
             plugin_config: file
                 .plugin_config
                 .into_iter()
@@ -269,6 +334,16 @@ impl Config {
                 .collect(),
         })
     }
+}
+
+/// A tolerance setting: a finite number, zero or more.
+fn tolerance(v: Option<f64>, default: f64, flag: &str) -> anyhow::Result<f64> {
+    let v = v.unwrap_or(default);
+    anyhow::ensure!(
+        v.is_finite() && v >= 0.0,
+        "{flag} must be a finite number, zero or more, not {v}"
+    );
+    Ok(v)
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {

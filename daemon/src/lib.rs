@@ -4,7 +4,8 @@
 //! `registry` (immutable snapshots of what plugins registered; `device`: the devices they
 //! provide) → `exec` (run kernels on the
 //! compute pool) → `graph` (import, plan, run ONNX models) → `repo` (the model repository)
-//! → `server` (gRPC).
+//! → `server` (gRPC). `swap` verifies a new plugin build against the served models before
+//! the registry publishes it.
 
 pub mod app;
 pub mod config;
@@ -16,3 +17,4 @@ pub mod quant;
 pub mod registry;
 pub mod repo;
 pub mod server;
+pub mod swap;

@@ -1,7 +1,7 @@
 //! opregd: serves ONNX models over gRPC; every kernel, BLAS backend and quantizer is a plugin.
 //! The binary is a thin edge over the `opregd` library (flags, logging, signals).
 
-use opregd::{app, config, plugin, server};
+use opregd::{app, config, plugin, server, swap};
 
 use anyhow::Context;
 use clap::Parser;
@@ -68,6 +68,27 @@ async fn run(config: config::Config, started: Instant) -> anyhow::Result<()> {
         "serving after {elapsed_ms:.1} ms"
     );
     drop(snapshot);
+    // Background work holds the app weakly: it ends when the app does, at shutdown.
+    if app.config.swap.watch {
+        tokio::spawn(swap::watch::run(
+            Arc::downgrade(&app),
+            app.config.swap.settle,
+        ));
+    }
+    // Replaced builds past their rollback grace period are released even when no swap
+    // happens for a while.
+    tokio::spawn({
+        let app = Arc::downgrade(&app);
+        async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                match app.upgrade() {
+                    Some(app) => app.registry.expire_previous(),
+                    None => return,
+                }
+            }
+        }
+    });
     server::serve(app.clone(), listener, shutdown).await?;
     tracing::info!("stopped");
     Ok(())

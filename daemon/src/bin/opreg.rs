@@ -57,8 +57,25 @@ enum Cmd {
         #[arg(long)]
         op: Option<String>,
     },
-    /// Load (or hot-swap) a plugin file on the daemon's machine.
+    /// Load a plugin file on the daemon's machine (a loaded name is replaced unverified).
     LoadPlugin { path: String },
+    /// Replace a loaded plugin with a new build, verified against the served models first.
+    SwapPlugin {
+        path: String,
+        /// The plugin name the build must register.
+        #[arg(long)]
+        name: Option<String>,
+        /// Outputs agree when |new - old| <= abs + rel * |old| (defaults 1e-4, 1e-3).
+        #[arg(long)]
+        abs_tolerance: Option<f64>,
+        #[arg(long)]
+        rel_tolerance: Option<f64>,
+        /// Verify only; publish nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Return a plugin to the build it replaced (within the swap grace period).
+    RollbackPlugin { name: String },
     /// Unload a plugin by name.
     UnloadPlugin { name: String },
     /// The model repository index.
@@ -397,12 +414,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .max_encoding_message_size(usize::MAX);
     match cli.cmd {
         Cmd::Plugins => {
-            for p in registry
+            let list = registry
                 .list_plugins(reg::ListPluginsRequest {})
                 .await?
-                .into_inner()
-                .plugins
-            {
+                .into_inner();
+            for p in &list.plugins {
                 println!(
                     "{}\t{}\tabi {}\tgen {}\t{} kernels, {} backends, {} quantizers\t{}",
                     p.name,
@@ -414,6 +430,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     p.quantizers,
                     p.source_file
                 );
+            }
+            for p in &list.previous {
+                println!(
+                    "(previous) {}\t{}\tgen {}\t{}",
+                    p.name, p.version, p.generation, p.source_file
+                );
+            }
+            for r in &list.refused {
+                println!("(refused) {}\t{}\t{}", r.path, r.sha256, r.reason);
             }
         }
         Cmd::Kernels { op } => {
@@ -460,6 +485,61 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let p = r.plugin.unwrap_or_default();
             println!(
                 "loaded {} {} (generation {})",
+                p.name, p.version, r.generation
+            );
+        }
+        Cmd::SwapPlugin {
+            path,
+            name,
+            abs_tolerance,
+            rel_tolerance,
+            dry_run,
+        } => {
+            let r = registry
+                .swap_plugin(reg::SwapPluginRequest {
+                    path,
+                    name: name.unwrap_or_default(),
+                    abs_tolerance: abs_tolerance.unwrap_or(0.0),
+                    rel_tolerance: rel_tolerance.unwrap_or(0.0),
+                    dry_run,
+                })
+                .await?
+                .into_inner();
+            let p = r.plugin.unwrap_or_default();
+            println!(
+                "{} {} {} (generation {}, replaced the build of generation {}; {} plans compiled, verified in {:.1} ms)",
+                if dry_run { "would swap in" } else { "swapped in" },
+                p.name,
+                p.version,
+                r.generation,
+                r.replaced_generation,
+                r.plans_compiled,
+                r.verify_ns as f64 / 1e6
+            );
+            for c in r.checks {
+                println!(
+                    "  {} v{}: {} input sets ({}), max |diff| {:.3e} ({})",
+                    c.model,
+                    c.version,
+                    c.inputs,
+                    if c.recorded {
+                        "recorded"
+                    } else {
+                        "synthesized"
+                    },
+                    c.max_abs_diff,
+                    c.worst_output
+                );
+            }
+        }
+        Cmd::RollbackPlugin { name } => {
+            let r = registry
+                .rollback_plugin(reg::RollbackPluginRequest { name })
+                .await?
+                .into_inner();
+            let p = r.plugin.unwrap_or_default();
+            println!(
+                "rolled back to {} {} (generation {})",
                 p.name, p.version, r.generation
             );
         }

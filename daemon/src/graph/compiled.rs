@@ -104,6 +104,29 @@ impl Plan {
     pub fn generation(&self) -> u64 {
         self.snapshot.generation
     }
+
+    /// Adds the name of every plugin whose kernels the plan binds or folded constants with,
+    /// its subgraphs' included, to `names`.
+    pub fn plugins(&self, names: &mut std::collections::BTreeSet<String>) {
+        names.extend(self.placement.iter().map(|p| p.plugin.clone()));
+        for s in &self.steps {
+            match &s.work {
+                Work::Kernel(b) => {
+                    names.insert(b.plugin.name.clone());
+                }
+                Work::If {
+                    then_branch,
+                    else_branch,
+                } => {
+                    then_branch.plugins(names);
+                    else_branch.plugins(names);
+                }
+                Work::Loop { body } => body.plugins(names),
+                Work::Scan(scan) => scan.body.plugins(names),
+                Work::Copy { .. } => {}
+            }
+        }
+    }
 }
 
 /// What a step does.

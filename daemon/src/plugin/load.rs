@@ -97,6 +97,10 @@ pub fn load(
         source,
     })?;
     let sha256 = hex::encode(Sha256::digest(&bytes));
+    check_elf(&bytes).map_err(|reason| LoadError::NotALibrary {
+        path: path.to_owned(),
+        reason,
+    })?;
     // The copy is made from the bytes we hashed, so the hash describes what is mapped even if
     // the source file is replaced meanwhile.
     let copy = stage_copy(path, stage_dir, generation, &bytes)?;
@@ -385,6 +389,34 @@ fn validate(p: &LoadedPlugin) -> Result<(), LoadError> {
                 d.since_version,
                 d.end_version
             )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that every part of the file the dynamic loader maps lies inside the file. The
+/// loader itself does not: it maps a truncated library's segments past the end of the file,
+/// and the first touch of such a page kills the process with SIGBUS (a half-copied plugin
+/// would take the daemon down). Files that are not ELF are left to the loader's own error.
+fn check_elf(bytes: &[u8]) -> Result<(), String> {
+    use object::read::elf::{ElfFile64, FileHeader, ProgramHeader};
+    if !bytes.starts_with(b"\x7fELF") {
+        return Ok(());
+    }
+    let file = ElfFile64::<object::Endianness>::parse(bytes)
+        .map_err(|e| format!("malformed ELF file: {e}"))?;
+    let endian = file.endian();
+    let headers = file
+        .elf_header()
+        .program_headers(endian, bytes)
+        .map_err(|e| format!("malformed ELF program headers: {e}"))?;
+    for (i, ph) in headers.iter().enumerate() {
+        let end = ph.p_offset(endian).checked_add(ph.p_filesz(endian));
+        if end.is_none_or(|end| end > bytes.len() as u64) {
+            return Err(format!(
+                "segment {i} ends past the end of the file ({} bytes): truncated or still being copied",
+                bytes.len()
+            ));
         }
     }
     Ok(())

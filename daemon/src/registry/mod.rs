@@ -6,8 +6,10 @@
 //! plugin is released (and its library closed) when the last snapshot or request holding it
 //! drops.
 
+mod candidate;
 mod resolve;
 
+pub use candidate::{Candidate, Refused, SwapError};
 pub use resolve::{KernelQuery, KernelRef, ResolveError};
 
 use crate::device::DeviceHandle;
@@ -16,8 +18,10 @@ use arc_swap::ArcSwap;
 use opreg_sdk::{blas::FfiBlasBox, Device};
 use std::{
     collections::BTreeMap,
+    collections::VecDeque,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 /// One immutable state of the registry.
@@ -75,18 +79,109 @@ pub struct Registry {
     stage_dir: PathBuf,
     /// Configuration text per plugin name, handed to the plugin's `init`.
     configs: BTreeMap<String, String>,
+    /// The build each replaced plugin had, for `RollbackPlugin`, until its grace period ends
+    /// (it stays mapped until then: that is what makes a rollback instant).
+    previous: Mutex<BTreeMap<String, Retired>>,
+    grace: Duration,
+    /// Candidates refused by a verified swap, newest last (bounded).
+    refused: Mutex<VecDeque<Refused>>,
 }
+
+/// A replaced build kept for rollback.
+struct Retired {
+    plugin: Arc<LoadedPlugin>,
+    until: Instant,
+}
+
+/// How long a replaced build stays loaded for rollback by default.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(600);
+
+/// Most refused candidates remembered.
+const MAX_REFUSED: usize = 64;
 
 impl Registry {
     /// An empty registry that stages plugin copies in `stage_dir` and gives each plugin the
-    /// configuration text `configs` holds under its name.
+    /// configuration text `configs` holds under its name. A replaced build is kept loaded for
+    /// [`DEFAULT_GRACE`] so that it can be rolled back to (see [`with_grace`](Self::with_grace)).
     pub fn new(stage_dir: PathBuf, configs: BTreeMap<String, String>) -> Self {
         Registry {
             current: ArcSwap::from_pointee(Snapshot::default()),
             writer: Mutex::new(()),
             stage_dir,
             configs,
+            previous: Mutex::new(BTreeMap::new()),
+            grace: DEFAULT_GRACE,
+            refused: Mutex::new(VecDeque::new()),
         }
+    }
+
+    /// Keeps a replaced build loaded for `grace` (zero: released at once, no rollback).
+    pub fn with_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Releases replaced builds whose grace period is over (their libraries unmap once no
+    /// request holds them). Called by every writer and periodically by the daemon.
+    pub fn expire_previous(&self) {
+        let now = Instant::now();
+        let expired: Vec<Arc<LoadedPlugin>> = {
+            let mut previous = self.previous.lock().unwrap_or_else(|p| p.into_inner());
+            let names: Vec<String> = previous
+                .iter()
+                .filter(|(_, r)| r.until <= now)
+                .map(|(n, _)| n.clone())
+                .collect();
+            names
+                .iter()
+                .filter_map(|n| previous.remove(n))
+                .map(|r| r.plugin)
+                .collect()
+        };
+        for p in expired {
+            tracing::info!(plugin = %p.name, generation = p.generation, "rollback grace period over: previous build released");
+        }
+    }
+
+    /// The builds kept for rollback.
+    pub fn previous(&self) -> Vec<Arc<LoadedPlugin>> {
+        let previous = self.previous.lock().unwrap_or_else(|p| p.into_inner());
+        previous.values().map(|r| r.plugin.clone()).collect()
+    }
+
+    fn retire(&self, old: Option<&Arc<LoadedPlugin>>) {
+        if let Some(old) = old.filter(|_| !self.grace.is_zero()) {
+            let mut previous = self.previous.lock().unwrap_or_else(|p| p.into_inner());
+            previous.insert(
+                old.name.clone(),
+                Retired {
+                    plugin: old.clone(),
+                    until: Instant::now() + self.grace,
+                },
+            );
+        }
+    }
+
+    /// Remembers a refused candidate (the watcher does not retry its content).
+    pub fn remember_refused(&self, refused: Refused) {
+        let mut list = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        list.retain(|r| r.sha256 != refused.sha256);
+        if list.len() >= MAX_REFUSED {
+            list.pop_front();
+        }
+        list.push_back(refused);
+    }
+
+    /// The refused candidates, oldest first.
+    pub fn refused(&self) -> Vec<Refused> {
+        let list = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        list.iter().cloned().collect()
+    }
+
+    /// Whether a candidate with this content was refused.
+    pub fn was_refused(&self, sha256: &str) -> bool {
+        let list = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        list.iter().any(|r| r.sha256 == sha256)
     }
 
     fn config_of(&self, plugin: &str) -> String {
@@ -142,9 +237,12 @@ impl Registry {
         loaded.generation = generation;
         let p = Arc::new(admit(&old.plugins, loaded)?);
         let mut plugins = old.plugins.clone();
-        plugins.insert(p.name.clone(), p.clone());
+        let replaced = plugins.insert(p.name.clone(), p.clone());
         self.current
             .store(Arc::new(Snapshot::new(generation, plugins)));
+        self.retire(replaced.as_ref());
+        drop(old);
+        self.expire_previous();
         Ok((p, generation))
     }
 
@@ -160,6 +258,12 @@ impl Registry {
         let generation = old.generation + 1;
         self.current
             .store(Arc::new(Snapshot::new(generation, plugins)));
+        // An unloaded plugin has nothing to roll back to.
+        let kept = {
+            let mut previous = self.previous.lock().unwrap_or_else(|p| p.into_inner());
+            previous.remove(name)
+        };
+        drop(kept);
         Ok(generation)
     }
 }

@@ -5,12 +5,21 @@ use crate::{
     graph::{self, Model, Plan},
     registry::Snapshot,
 };
-use opreg_sdk::{Device, DeviceKind};
+use opreg_sdk::{host::HostTensor, Device, DeviceKind};
 use serde::Deserialize;
 use std::{
+    collections::{HashMap, VecDeque},
     path::Path,
     sync::{Arc, Mutex},
 };
+
+/// One request's inputs, by name (shared with the request, not copied).
+pub type Feeds = HashMap<String, Arc<HostTensor>>;
+
+/// Recent requests kept per model version for verifying a plugin swap.
+const RECENT_REQUESTS: usize = 4;
+/// A request larger than this is not kept (bounds what a model holds for verification).
+const RECENT_MAX_BYTES: usize = 16 << 20;
 
 /// `<repo>/<model>/config.toml`.
 #[derive(Clone, Debug, Deserialize)]
@@ -93,6 +102,15 @@ pub struct ServedModel {
     pub stats: Mutex<Stats>,
     /// Set for a version served adaptively (its folder has `adaptive.toml`).
     pub adaptive: Option<crate::quant::adaptive::Adaptive>,
+    /// The inputs of the last few successful requests: what a plugin swap is verified on.
+    recent: Mutex<VecDeque<Feeds>>,
+}
+
+/// A plan compiled ahead of publishing a generation, for [`ServedModel::install`].
+pub struct Prepared {
+    pub plan: Arc<Plan>,
+    /// The graph it was compiled from (`None`: the version's own).
+    source: Option<Arc<Model>>,
 }
 
 /// What requests run now: the plan, and the graph it was compiled from when an adaptive
@@ -154,14 +172,17 @@ impl ServedModel {
             max_folded_bytes,
             stats: Mutex::new(Stats::default()),
             adaptive: None,
+            recent: Mutex::new(VecDeque::new()),
         })
     }
 
-    /// The plan for `snapshot`: the current one, or a new one compiled when plugins changed
-    /// since (a plan bound to an old generation is re-bound lazily, on next use). Blocking.
+    /// The plan for a request that started at `snapshot`: the current one, or a new one
+    /// compiled when plugins changed since (a plan bound to an older generation is re-bound
+    /// lazily, on next use, unless a swap installed one first). A plan newer than the
+    /// request's snapshot serves it: the request has not started computing. Blocking.
     pub fn plan(&self, snapshot: &Arc<Snapshot>) -> Result<Arc<Plan>, RepoError> {
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        if current.plan.generation() != snapshot.generation {
+        if current.plan.generation() < snapshot.generation {
             let plan = graph::compile(
                 current.replaced.as_deref().unwrap_or(&self.model),
                 snapshot.clone(),
@@ -177,6 +198,66 @@ impl ServedModel {
             current.plan = Arc::new(plan);
         }
         Ok(current.plan.clone())
+    }
+
+    /// A plan for `snapshot`, compiled but not installed (a swap verifies it first). Blocking.
+    pub fn prepare(&self, snapshot: &Arc<Snapshot>) -> Result<Prepared, RepoError> {
+        let source = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replaced
+            .clone();
+        let plan = graph::compile(
+            source.as_deref().unwrap_or(&self.model),
+            snapshot.clone(),
+            &self.devices,
+            self.max_folded_bytes,
+        )
+        .map_err(|source| RepoError::Graph {
+            name: self.name.clone(),
+            version: self.version,
+            source,
+        })?;
+        Ok(Prepared {
+            plan: Arc::new(plan),
+            source,
+        })
+    }
+
+    /// Serves `prepared` from the next request on, unless the version's graph was replaced
+    /// (an adaptive update) since it was compiled or a newer plan is in place: then the next
+    /// request re-binds as usual.
+    pub fn install(&self, prepared: Prepared) {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let same_source = match (&current.replaced, &prepared.source) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        if same_source && current.plan.generation() < prepared.plan.generation() {
+            current.plan = prepared.plan;
+        }
+    }
+
+    /// Keeps the inputs of a request that succeeded for verifying swaps (the last few, each
+    /// under a size bound; shared with the request, not copied).
+    pub fn remember(&self, feeds: &Feeds) {
+        let bytes: usize = feeds.values().map(|t| t.byte_len()).sum();
+        if bytes > RECENT_MAX_BYTES {
+            return;
+        }
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() >= RECENT_REQUESTS {
+            recent.pop_front();
+        }
+        recent.push_back(feeds.clone());
+    }
+
+    /// The inputs of recent requests, oldest first.
+    pub fn recent_inputs(&self) -> Vec<Feeds> {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.iter().cloned().collect()
     }
 
     /// The current plan, whatever its generation (for describing placement).

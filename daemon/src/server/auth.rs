@@ -212,6 +212,8 @@ mod tests {
             Access::Admin
         );
         assert_eq!(access("/opreg.v1.Registry/LoadPlugin"), Access::Admin);
+        assert_eq!(access("/opreg.v1.Registry/SwapPlugin"), Access::Admin);
+        assert_eq!(access("/opreg.v1.Registry/RollbackPlugin"), Access::Admin);
         assert_eq!(access("/opreg.v1.Registry/SomeFutureCall"), Access::Admin);
     }
 

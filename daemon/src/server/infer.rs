@@ -18,6 +18,9 @@ use std::{
 };
 use tonic::Status;
 
+/// The response parameter naming the registry generation whose plugins computed it.
+pub const GENERATION_PARAMETER: &str = "opreg_generation";
+
 /// Longest piece of a client-supplied name echoed in an error.
 const ECHO: usize = 128;
 
@@ -150,8 +153,9 @@ async fn run(
     let m = model.clone();
     let feeds: HashMap<String, Arc<HostTensor>> =
         feeds.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
-    // An adaptive version samples the inputs of requests that succeed (shared, not copied).
-    let offered = model.adaptive.as_ref().map(|_| feeds.clone());
+    // The inputs of a request that succeeds are kept (shared, not copied): an adaptive
+    // version samples them, and a plugin swap is verified on the last few.
+    let kept = feeds.clone();
     let control = Arc::new(RunControl::new(max_tensor, max_live, deadline));
     let _cancel = CancelOnDrop(control.clone());
     let job = app.compute.run({
@@ -160,7 +164,8 @@ async fn run(
             // A request that waited past its deadline in the queue stops at the plan's first
             // node (run_with_control checks before every step) and frees its inputs there.
             let plan = m.plan(&snapshot)?;
-            let result = crate::graph::run_with_control(&plan, feeds, &control);
+            let result = crate::graph::run_with_control(&plan, feeds, &control)
+                .map(|o| (o, plan.generation()));
             if let Err(e @ (GraphError::Cancelled { .. } | GraphError::DeadlineExceeded { .. })) =
                 &result
             {
@@ -181,9 +186,11 @@ async fn run(
         None => job.await,
     }
     .map_err(Status::from)??;
+    let (outputs, generation) = outputs;
     let infer_ns = t1.elapsed().as_nanos() as u64;
-    if let (Some(adaptive), Some(feeds)) = (&model.adaptive, &offered) {
-        if adaptive.offer(feeds) {
+    model.remember(&kept);
+    if let Some(adaptive) = &model.adaptive {
+        if adaptive.offer(&kept) {
             crate::quant::adaptive::spawn_check(app.clone(), model.clone());
         }
     }
@@ -196,6 +203,15 @@ async fn run(
         model_name: model.name.clone(),
         model_version: model.version.to_string(),
         id: req.id,
+        // Which plugin generation computed the answer (a swap changes it).
+        parameters: HashMap::from([(
+            GENERATION_PARAMETER.to_string(),
+            pb::InferParameter {
+                parameter_choice: Some(pb::infer_parameter::ParameterChoice::Int64Param(
+                    i64::try_from(generation).unwrap_or(i64::MAX),
+                )),
+            },
+        )]),
         ..Default::default()
     };
     for name in wanted {

@@ -9,6 +9,7 @@ use crate::{
     exec::{self, KernelCall},
     plugin::LoadedPlugin,
     registry::Snapshot,
+    swap,
 };
 use opreg_proto::opreg::v1::{self as pb, registry_server::Registry};
 use opreg_sdk::{kernel::Attribute, AttrValue, Device, DeviceKind, ObservationKind};
@@ -144,6 +145,106 @@ impl Registry for RegistryApi {
         Ok(Response::new(pb::ListPluginsResponse {
             plugins: s.plugins.values().map(|p| plugin_info(p)).collect(),
             generation: s.generation,
+            previous: self
+                .app
+                .registry
+                .previous()
+                .iter()
+                .map(|p| plugin_info(p))
+                .collect(),
+            refused: self
+                .app
+                .registry
+                .refused()
+                .into_iter()
+                .map(|r| pb::RefusedSwap {
+                    path: r.path,
+                    sha256: r.sha256,
+                    reason: r.reason,
+                    unix_ms: r.unix_ms,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn swap_plugin(
+        &self,
+        req: Request<pb::SwapPluginRequest>,
+    ) -> Result<Response<pb::SwapPluginResponse>, Status> {
+        let r = req.into_inner();
+        if r.path.is_empty() {
+            return Err(Status::invalid_argument("SwapPlugin needs a path"));
+        }
+        let tolerance = |v: f64, default: f64, what: &str| match v {
+            0.0 => Ok(default),
+            v if v.is_finite() && v > 0.0 => Ok(v),
+            v => Err(Status::invalid_argument(format!(
+                "{what} {v} must be a positive number (0: the default {default})"
+            ))),
+        };
+        let defaults = swap::Tolerance::configured(&self.app.config.swap);
+        let options = swap::SwapOptions {
+            expected: Some(r.name).filter(|n| !n.is_empty()),
+            tolerance: swap::Tolerance {
+                abs: tolerance(r.abs_tolerance, defaults.abs, "abs_tolerance")?,
+                rel: tolerance(r.rel_tolerance, defaults.rel, "rel_tolerance")?,
+            },
+            dry_run: r.dry_run,
+        };
+        let path = PathBuf::from(r.path);
+        let app = self.app.clone();
+        let report = tokio::task::spawn_blocking(move || swap::swap(&app, &path, &options))
+            .await
+            .map_err(|e| Status::internal(format!("plugin swap task failed: {e}")))??;
+        tracing::info!(
+            plugin = %report.plugin.name,
+            version = %report.plugin.version,
+            generation = report.generation,
+            models_checked = report.checks.len(),
+            plans = report.plans_compiled,
+            verify_ms = report.verify.as_secs_f64() * 1e3,
+            dry_run = r.dry_run,
+            "plugin swapped"
+        );
+        Ok(Response::new(pb::SwapPluginResponse {
+            plugin: Some(plugin_info(&report.plugin)),
+            generation: report.generation,
+            replaced_generation: report.replaced_generation,
+            checks: report
+                .checks
+                .into_iter()
+                .map(|c| pb::SwapCheck {
+                    model: c.model,
+                    version: c.version.to_string(),
+                    inputs: c.inputs,
+                    max_abs_diff: c.max_abs_diff,
+                    worst_output: c.worst_output,
+                    recorded: c.recorded,
+                })
+                .collect(),
+            plans_compiled: report.plans_compiled,
+            verify_ns: report.verify.as_nanos() as u64,
+        }))
+    }
+
+    async fn rollback_plugin(
+        &self,
+        req: Request<pb::RollbackPluginRequest>,
+    ) -> Result<Response<pb::RollbackPluginResponse>, Status> {
+        let name = req.into_inner().name;
+        let app = self.app.clone();
+        let report = tokio::task::spawn_blocking(move || swap::rollback(&app, &name))
+            .await
+            .map_err(|e| Status::internal(format!("plugin rollback task failed: {e}")))??;
+        tracing::info!(
+            plugin = %report.plugin.name,
+            version = %report.plugin.version,
+            generation = report.generation,
+            "plugin rolled back"
+        );
+        Ok(Response::new(pb::RollbackPluginResponse {
+            plugin: Some(plugin_info(&report.plugin)),
+            generation: report.generation,
         }))
     }
 

@@ -1,6 +1,10 @@
 //! Mapping daemon errors to gRPC statuses.
 
-use crate::{exec::ExecError, plugin::LoadError, registry::UnloadError};
+use crate::{
+    exec::ExecError,
+    plugin::LoadError,
+    registry::{SwapError, UnloadError},
+};
 use opreg_sdk::ErrorCode;
 use tonic::{Code, Status};
 
@@ -18,24 +22,39 @@ pub fn code_of(code: ErrorCode) -> Code {
 
 impl From<LoadError> for Status {
     fn from(e: LoadError) -> Status {
+        Status::new(load_code(&e), bounded(e.to_string()))
+    }
+}
+
+fn load_code(e: &LoadError) -> Code {
+    match e {
+        LoadError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            Code::NotFound
+        }
+        LoadError::Read { .. } => Code::InvalidArgument,
+        LoadError::Stage { .. } => Code::Internal,
+        LoadError::NotALibrary { .. }
+        | LoadError::NoHeader { .. }
+        | LoadError::AbiStableMismatch { .. }
+        | LoadError::AbiMajor { .. }
+        | LoadError::AbiMinor { .. }
+        | LoadError::Layout { .. }
+        | LoadError::RootModule { .. }
+        | LoadError::Invalid { .. } => Code::InvalidArgument,
+        LoadError::Init { .. }
+        | LoadError::Register { .. }
+        | LoadError::SelfTest { .. }
+        | LoadError::Conflict { .. } => Code::FailedPrecondition,
+    }
+}
+
+impl From<SwapError> for Status {
+    fn from(e: SwapError) -> Status {
         let code = match &e {
-            LoadError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-                Code::NotFound
-            }
-            LoadError::Read { .. } => Code::InvalidArgument,
-            LoadError::Stage { .. } => Code::Internal,
-            LoadError::NotALibrary { .. }
-            | LoadError::NoHeader { .. }
-            | LoadError::AbiStableMismatch { .. }
-            | LoadError::AbiMajor { .. }
-            | LoadError::AbiMinor { .. }
-            | LoadError::Layout { .. }
-            | LoadError::RootModule { .. }
-            | LoadError::Invalid { .. } => Code::InvalidArgument,
-            LoadError::Init { .. }
-            | LoadError::Register { .. }
-            | LoadError::SelfTest { .. }
-            | LoadError::Conflict { .. } => Code::FailedPrecondition,
+            SwapError::Load(l) => load_code(l),
+            SwapError::WrongName { .. } => Code::InvalidArgument,
+            SwapError::NotLoaded { .. } | SwapError::NothingToRollBack(_) => Code::NotFound,
+            SwapError::NoPrevious(_) | SwapError::Verification(_) => Code::FailedPrecondition,
         };
         Status::new(code, bounded(e.to_string()))
     }

@@ -1,0 +1,75 @@
+//! What a swap is verified on: the inputs of a model's recent requests, or, for a model that
+//! has served none yet, inputs synthesized from its declared shapes.
+
+use crate::{
+    graph::Dim,
+    repo::{Feeds, ServedModel},
+};
+use opreg_sdk::{host::HostTensor, DType};
+use std::sync::Arc;
+
+/// Inputs for verifying `model`; `true` when they were recorded from requests. Empty when
+/// the model has served nothing and declares no shape for some input (nothing to go on).
+pub fn for_model(model: &ServedModel, max_tensor_bytes: usize) -> (Vec<Feeds>, bool) {
+    let recent = model.recent_inputs();
+    if !recent.is_empty() {
+        return (recent, true);
+    }
+    (
+        synthesized(model, max_tensor_bytes).into_iter().collect(),
+        false,
+    )
+}
+
+/// One input set of the declared shapes (symbolic dimensions 1): floats spread over [-1, 1)
+/// by a fixed sequence, so that a kernel that is wrong shows; integers and booleans zero and
+/// strings empty, which every model accepts (an integer input is often an index).
+fn synthesized(model: &ServedModel, max_tensor_bytes: usize) -> Option<Feeds> {
+    let mut feeds = Feeds::new();
+    for (k, input) in model.model.inputs.iter().enumerate() {
+        let shape: Vec<usize> = input
+            .shape
+            .as_ref()?
+            .iter()
+            .map(|d| match d {
+                Dim::Fixed(n) => *n,
+                Dim::Symbolic(_) => 1,
+            })
+            .collect();
+        let n = opreg_sdk::alloc::numel(&shape)?;
+        if n.checked_mul(input.dtype.size())? > max_tensor_bytes {
+            return None;
+        }
+        let mut t = HostTensor::zeroed(input.dtype, &shape).ok()?;
+        fill(&mut t, k as u64 + 1);
+        feeds.insert(input.name.clone(), Arc::new(t));
+    }
+    Some(feeds)
+}
+
+fn fill(t: &mut HostTensor, seed: u64) {
+    let dtype = t.dtype();
+    if !dtype.is_float() {
+        return;
+    }
+    // xorshift64*: a fixed, portable sequence.
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        let r = state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11;
+        (r as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+    };
+    let size = dtype.size();
+    for e in t.bytes_mut().chunks_exact_mut(size) {
+        let v = next();
+        match dtype {
+            DType::F32 => e.copy_from_slice(&(v as f32).to_le_bytes()),
+            DType::F64 => e.copy_from_slice(&v.to_le_bytes()),
+            DType::F16 => e.copy_from_slice(&half::f16::from_f64(v).to_le_bytes()),
+            DType::BF16 => e.copy_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
+            _ => {}
+        }
+    }
+}

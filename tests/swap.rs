@@ -1,0 +1,486 @@
+//! Verified hot swap through the real daemon: swaps under load, refusals that change nothing,
+//! rollback, and the plugin-folder watcher.
+//!
+//! Two builds of the same plugin differ observably: `mock-good` computes
+//! `MockScale(x) = x * scale`, `mock-good-v2` computes `x * scale + 0.5`. Every response
+//! names the generation that computed it (`opreg_generation`), so each answer is checked
+//! against the build of its own generation.
+
+use opreg_proto::{inference as ipb, opreg::v1 as pb};
+use opreg_tests::*;
+use prost::Message;
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+use tonic::Code;
+
+const SCALE: f32 = 3.0;
+
+/// `X[1,4] -> opreg.mock::MockScale(scale=3) -> Y`.
+fn scale_model() -> Vec<u8> {
+    let mut node = opreg_tests::onnx::node("MockScale", &["X"], &["Y"]);
+    node.domain = "opreg.mock".into();
+    node.attribute.push(opreg_proto::onnx::AttributeProto {
+        name: "scale".into(),
+        r#type: 1,
+        f: SCALE,
+        ..Default::default()
+    });
+    opreg_proto::onnx::ModelProto {
+        ir_version: 8,
+        opset_import: ["", "opreg.mock"]
+            .iter()
+            .map(|d| opreg_proto::onnx::OperatorSetIdProto {
+                domain: d.to_string(),
+                version: if d.is_empty() { 17 } else { 1 },
+            })
+            .collect(),
+        graph: Some(opreg_proto::onnx::GraphProto {
+            node: vec![node],
+            name: "g".into(),
+            input: vec![opreg_tests::onnx::value("X", 1, &[1, 4])],
+            output: vec![opreg_tests::onnx::value("Y", 1, &[1, 4])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+fn infer_request(x: &[f32]) -> ipb::ModelInferRequest {
+    ipb::ModelInferRequest {
+        model_name: "scale".into(),
+        inputs: vec![ipb::model_infer_request::InferInputTensor {
+            name: "X".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, 4],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![f32_bytes(x)],
+        ..Default::default()
+    }
+}
+
+fn generation_of(r: &ipb::ModelInferResponse) -> u64 {
+    match r
+        .parameters
+        .get("opreg_generation")
+        .and_then(|p| p.parameter_choice.as_ref())
+    {
+        Some(ipb::infer_parameter::ParameterChoice::Int64Param(g)) => *g as u64,
+        other => panic!("no generation in the response: {other:?}"),
+    }
+}
+
+/// What build `b` answers for `x` (0: mock-good, 1: mock-good-v2).
+fn expected(build: usize, x: &[f32]) -> Vec<f32> {
+    let offset = [0.0, 0.5][build];
+    x.iter().map(|v| v * SCALE + offset).collect()
+}
+
+/// A daemon serving `scale` on `mock-good` (v1), from a plugin folder of its own.
+async fn serving(extra: &[&str]) -> (Daemon, tempfile::TempDir) {
+    let dir = plugin_dir(&[plugin("mock_good")]);
+    let mut args = vec!["--plugin-dir", dir.path().to_str().expect("utf8")];
+    args.extend_from_slice(extra);
+    let d = Daemon::start(&args);
+    d.inference()
+        .await
+        .repository_model_load(load_request("scale", scale_model()))
+        .await
+        .expect("load model");
+    (d, dir)
+}
+
+fn swap_request(path: &Path, abs_tolerance: f64) -> pb::SwapPluginRequest {
+    pb::SwapPluginRequest {
+        path: path.display().to_string(),
+        name: "mock-good".into(),
+        abs_tolerance,
+        ..Default::default()
+    }
+}
+
+async fn generation(d: &Daemon) -> u64 {
+    d.registry()
+        .await
+        .list_plugins(pb::ListPluginsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .generation
+}
+
+/// One client's record: (generation, input, output) per answer, and the failures.
+#[derive(Default)]
+struct Record {
+    answers: Vec<(u64, Vec<f32>, Vec<f32>)>,
+    failures: Vec<String>,
+    latencies_us: Vec<u64>,
+}
+
+/// Runs `clients` clients until `stop`; each sends distinct inputs.
+fn start_clients(
+    d: &Daemon,
+    clients: usize,
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Record>> {
+    (0..clients)
+        .map(|c| {
+            let url = d.url();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut client =
+                    ipb::grpc_inference_service_client::GrpcInferenceServiceClient::connect(url)
+                        .await
+                        .expect("connect");
+                let mut record = Record::default();
+                let mut i = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    // Small values: 0.5 (the builds' difference) is far beyond the default
+                    // relative tolerance on them.
+                    let x: Vec<f32> = (0..4)
+                        .map(|k| (c * 4 + k) as f32 * 0.01 + (i % 16) as f32 * 0.001)
+                        .collect();
+                    let started = Instant::now();
+                    match client.model_infer(infer_request(&x)).await {
+                        Ok(r) => {
+                            record
+                                .latencies_us
+                                .push(started.elapsed().as_micros() as u64);
+                            let r = r.into_inner();
+                            let y = f32_values(&r.raw_output_contents[0]);
+                            record.answers.push((generation_of(&r), x, y));
+                        }
+                        Err(e) => record
+                            .failures
+                            .push(format!("{:?}: {}", e.code(), e.message())),
+                    }
+                }
+                record
+            })
+        })
+        .collect()
+}
+
+async fn collect(handles: Vec<tokio::task::JoinHandle<Record>>) -> Record {
+    let mut all = Record::default();
+    for h in handles {
+        let r = h.await.expect("client task");
+        all.answers.extend(r.answers);
+        all.failures.extend(r.failures);
+        all.latencies_us.extend(r.latencies_us);
+    }
+    all
+}
+
+fn percentile(v: &mut [u64], p: f64) -> u64 {
+    v.sort_unstable();
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// The first KiB of `file`: an ELF header whose sections are missing, not a loadable library.
+fn truncated(file: &Path, dir: &Path) -> PathBuf {
+    let bytes = std::fs::read(file).expect("read");
+    let to = dir.join("libopreg_truncated.so");
+    std::fs::write(&to, &bytes[..1024]).expect("write");
+    to
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn swaps_under_load_fail_no_request_and_each_answer_matches_its_generation() {
+    const CLIENTS: usize = 4;
+    const SWAPS: usize = 100;
+    let (d, _dir) = serving(&[]).await;
+    let builds = [plugin("mock_good"), plugin("mock_good_v2")];
+    let first = generation(&d).await;
+    let mut build_of: HashMap<u64, usize> = HashMap::from([(first, 0)]);
+
+    // Without swaps first, then the same load during swaps: request latency side by side.
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = start_clients(&d, CLIENTS, stop.clone());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut quiet = collect(clients).await;
+    assert!(quiet.failures.is_empty(), "{:?}", quiet.failures);
+
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let broken = truncated(&builds[1], scratch.path());
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = start_clients(&d, CLIENTS, stop.clone());
+    let mut reg = d.registry().await;
+    let mut swap_us = Vec::new();
+    let mut current = 0usize;
+    for i in 0..SWAPS {
+        if i == SWAPS / 2 {
+            // In the middle: a build that diverges beyond the default tolerance, and a file
+            // that is not a plugin. Both refused; the serving generation is untouched.
+            let before = generation(&d).await;
+            let other = 1 - current;
+            let e = reg
+                .swap_plugin(swap_request(&builds[other], 0.0))
+                .await
+                .expect_err("diverging build");
+            assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+            assert!(
+                e.message().contains("model 'scale' version 1, output 'Y'")
+                    && e.message().contains("max |new - old| = 5.000000e-1"),
+                "{}",
+                e.message()
+            );
+            eprintln!("a refused verification prints: {}", e.message());
+            let e = reg
+                .swap_plugin(swap_request(&broken, 1.0))
+                .await
+                .expect_err("not a plugin");
+            assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+            assert!(
+                e.message().contains("not a loadable shared library"),
+                "{}",
+                e.message()
+            );
+            assert_eq!(generation(&d).await, before, "a refusal changed nothing");
+            let list = reg
+                .list_plugins(pb::ListPluginsRequest {})
+                .await
+                .expect("list")
+                .into_inner();
+            assert_eq!(list.refused.len(), 2, "{:?}", list.refused);
+            assert_eq!(list.refused[0].sha256, sha256(&builds[other]));
+            assert_eq!(list.refused[1].sha256, sha256(&broken));
+        }
+        let next = 1 - current;
+        let started = Instant::now();
+        let r = reg
+            .swap_plugin(swap_request(&builds[next], 1.0))
+            .await
+            .unwrap_or_else(|e| panic!("swap {i}: {e}"))
+            .into_inner();
+        swap_us.push(started.elapsed().as_micros() as u64);
+        // The model was compared (on recorded requests) and its plan compiled before publishing.
+        assert_eq!(r.plans_compiled, 1);
+        let check = r.checks.first().expect("the model was checked");
+        assert!(check.recorded && check.inputs > 0, "{check:?}");
+        assert!(
+            (check.max_abs_diff - 0.5).abs() < 1e-6,
+            "the builds differ by 0.5: {check:?}"
+        );
+        build_of.insert(r.generation, next);
+        current = next;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut during = collect(clients).await;
+
+    assert!(
+        during.failures.is_empty(),
+        "{} failed requests during swaps: {:?}",
+        during.failures.len(),
+        &during.failures[..during.failures.len().min(5)]
+    );
+    let mut per_build = [0usize; 2];
+    for (generation, x, y) in quiet.answers.iter().chain(&during.answers) {
+        let build = *build_of
+            .get(generation)
+            .unwrap_or_else(|| panic!("answer from generation {generation}, never published"));
+        assert_eq!(y, &expected(build, x), "generation {generation}");
+        per_build[build] += 1;
+    }
+    assert!(
+        per_build.iter().all(|&n| n > 0),
+        "both builds answered: {per_build:?}"
+    );
+    eprintln!(
+        "swap: {SWAPS} verified swaps, {} requests during them, 0 failed; swap call p50 {} us, p99 {} us; \
+         request latency without swaps p50 {} us p99 {} us ({} requests), during swaps p50 {} us p99 {} us",
+        during.answers.len(),
+        percentile(&mut swap_us, 0.5),
+        percentile(&mut swap_us, 0.99),
+        percentile(&mut quiet.latencies_us, 0.5),
+        percentile(&mut quiet.latencies_us, 0.99),
+        quiet.answers.len(),
+        percentile(&mut during.latencies_us, 0.5),
+        percentile(&mut during.latencies_us, 0.99),
+    );
+}
+
+#[tokio::test]
+async fn rollback_returns_to_the_previous_build_and_a_dry_run_publishes_nothing() {
+    let (d, _dir) = serving(&[]).await;
+    let mut reg = d.registry().await;
+    let mut inf = d.inference().await;
+    let x = [1.0, 2.0, 3.0, 4.0];
+    let answer = |r: ipb::ModelInferResponse| f32_values(&r.raw_output_contents[0]);
+
+    // No model has served a request yet: the swap is verified on synthesized inputs.
+    let dry = reg
+        .swap_plugin(pb::SwapPluginRequest {
+            dry_run: true,
+            ..swap_request(&plugin("mock_good_v2"), 1.0)
+        })
+        .await
+        .expect("dry run")
+        .into_inner();
+    let check = dry.checks.first().expect("checked");
+    assert!(!check.recorded && check.inputs == 1, "{check:?}");
+    assert_eq!(
+        dry.generation,
+        generation(&d).await,
+        "dry run publishes nothing"
+    );
+    let r = inf.model_infer(infer_request(&x)).await.expect("infer");
+    assert_eq!(answer(r.into_inner()), expected(0, &x));
+
+    let swapped = reg
+        .swap_plugin(swap_request(&plugin("mock_good_v2"), 1.0))
+        .await
+        .expect("swap")
+        .into_inner();
+    assert!(swapped.plugin.expect("info").version.ends_with("+v2"));
+    let r = inf.model_infer(infer_request(&x)).await.expect("infer");
+    assert_eq!(answer(r.into_inner()), expected(1, &x));
+
+    let back = reg
+        .rollback_plugin(pb::RollbackPluginRequest {
+            name: "mock-good".into(),
+        })
+        .await
+        .expect("rollback")
+        .into_inner();
+    assert!(back.generation > swapped.generation);
+    assert!(!back.plugin.expect("info").version.ends_with("+v2"));
+    let r = inf
+        .model_infer(infer_request(&x))
+        .await
+        .expect("infer")
+        .into_inner();
+    assert_eq!(generation_of(&r), back.generation);
+    assert_eq!(answer(r), expected(0, &x));
+    // The build rolled back from is kept in turn: a second rollback goes forward again.
+    let list = reg
+        .list_plugins(pb::ListPluginsRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(list.previous.len(), 1);
+    assert!(list.previous[0].version.ends_with("+v2"));
+    reg.rollback_plugin(pb::RollbackPluginRequest {
+        name: "mock-good".into(),
+    })
+    .await
+    .expect("roll forward");
+    let r = inf.model_infer(infer_request(&x)).await.expect("infer");
+    assert_eq!(answer(r.into_inner()), expected(1, &x));
+
+    // Refusals: a build registering another name, a name that is not loaded, nothing to
+    // roll back to.
+    let e = reg
+        .swap_plugin(pb::SwapPluginRequest {
+            name: "other".into(),
+            ..swap_request(&plugin("mock_good"), 1.0)
+        })
+        .await
+        .expect_err("wrong name");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("registers plugin 'mock-good'"),
+        "{}",
+        e.message()
+    );
+    let e = reg
+        .swap_plugin(pb::SwapPluginRequest {
+            name: String::new(),
+            ..swap_request(&plugin("mock_device"), 1.0)
+        })
+        .await
+        .expect_err("not loaded");
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(e.message().contains("is not loaded"), "{}", e.message());
+    reg.unload_plugin(pb::UnloadPluginRequest {
+        name: "mock-good".into(),
+    })
+    .await
+    .expect("unload");
+    let e = reg
+        .rollback_plugin(pb::RollbackPluginRequest {
+            name: "mock-good".into(),
+        })
+        .await
+        .expect_err("unloaded");
+    assert_eq!(e.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn without_a_grace_period_there_is_nothing_to_roll_back_to() {
+    let (d, _dir) = serving(&["--swap-grace-s", "0"]).await;
+    let mut reg = d.registry().await;
+    reg.swap_plugin(swap_request(&plugin("mock_good_v2"), 1.0))
+        .await
+        .expect("swap");
+    let e = reg
+        .rollback_plugin(pb::RollbackPluginRequest {
+            name: "mock-good".into(),
+        })
+        .await
+        .expect_err("nothing kept");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("no previous build"), "{}", e.message());
+    // Nothing kept, so the replaced library is released at once.
+    d.wait_log("plugin library released and unmapped");
+}
+
+#[tokio::test]
+async fn the_watcher_takes_a_file_only_once_it_is_completely_written() {
+    // The two builds differ by 0.5: the daemon's tolerance lets the watcher accept that.
+    let (d, dir) = serving(&[
+        "--watch-plugins",
+        "--watch-settle-ms",
+        "800",
+        "--swap-abs-tolerance",
+        "1",
+    ])
+    .await;
+    let mut inf = d.inference().await;
+    let x = [0.5, 1.0, 1.5, 2.0];
+    let r = inf.model_infer(infer_request(&x)).await.expect("infer");
+    assert_eq!(
+        f32_values(&r.into_inner().raw_output_contents[0]),
+        expected(0, &x)
+    );
+    let start = generation(&d).await;
+
+    // A slow copy in 8 chunks, 300 ms apart: never still for the settle time until done.
+    let bytes = std::fs::read(plugin("mock_good_v2")).expect("read");
+    let target = dir.path().join("libopreg_mock_good_next.so");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&target).expect("create");
+        for chunk in bytes.chunks(bytes.len().div_ceil(8)) {
+            f.write_all(chunk).expect("write");
+            f.flush().expect("flush");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert_eq!(generation(&d).await, start, "taken before it was complete");
+        }
+    }
+    let log = d.wait_log("watcher: plugin swapped");
+    assert!(!log.contains("swap refused"), "{log}");
+    assert!(generation(&d).await > start);
+    let r = inf.model_infer(infer_request(&x)).await.expect("infer");
+    assert_eq!(
+        f32_values(&r.into_inner().raw_output_contents[0]),
+        expected(1, &x)
+    );
+
+    // A file that is not a plugin is refused once and not retried while it stays the same.
+    std::fs::write(dir.path().join("libopreg_junk.so"), b"not a library").expect("write");
+    d.wait_log("watcher: refused plugin");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(d.log().matches("watcher: refused plugin").count(), 1);
+    assert!(d.log().contains("libopreg_junk.so: not a loadable"));
+}
