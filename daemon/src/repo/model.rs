@@ -29,6 +29,10 @@ pub struct ModelSettings {
     pub backends: Vec<String>,
     /// Largest batch (first dimension) a request may carry; 0: the model is not batched.
     pub max_batch_size: i32,
+    /// `[pin]`: plugin name -> the build this version runs on, by version or sha256. The
+    /// version loads only when that build is loaded, and stays on it when a swap replaces it
+    /// (its plan keeps the pinned build mapped) until a build matching the pin is back.
+    pub pin: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for ModelSettings {
@@ -36,6 +40,7 @@ impl Default for ModelSettings {
         ModelSettings {
             backends: vec!["cpu".into()],
             max_batch_size: 0,
+            pin: Default::default(),
         }
     }
 }
@@ -53,6 +58,27 @@ impl ModelSettings {
             .map_err(|e| RepoError::Config(format!("{}: {e}", path.display())))?;
         s.devices()?;
         Ok(s)
+    }
+
+    /// Whether `snapshot` has every build this version pins; the first mismatch when not.
+    pub fn pins_met(&self, snapshot: &Snapshot) -> Result<(), String> {
+        for (name, want) in &self.pin {
+            match snapshot.plugins.get(name) {
+                None => {
+                    return Err(format!(
+                        "pins plugin '{name}' at '{want}', which is not loaded"
+                    ))
+                }
+                Some(p) if p.version == *want || p.sha256.eq_ignore_ascii_case(want) => {}
+                Some(p) => {
+                    return Err(format!(
+                        "pins plugin '{name}' at '{want}', but the loaded build is {} (sha256 {})",
+                        p.version, p.sha256
+                    ))
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn devices(&self) -> Result<Vec<Device>, RepoError> {
@@ -152,6 +178,9 @@ impl ServedModel {
             );
         }
         let devices = settings.devices()?;
+        settings
+            .pins_met(&snapshot)
+            .map_err(|why| RepoError::Config(format!("model '{name}' version {version} {why}")))?;
         let plan = graph::compile(&model, snapshot, &devices, max_folded_bytes).map_err(wrap)?;
         // Output shapes the model leaves undeclared come from shape inference.
         for (o, inferred) in model.outputs.iter_mut().zip(&plan.output_shapes) {
@@ -182,6 +211,9 @@ impl ServedModel {
     /// request's snapshot serves it: the request has not started computing. Blocking.
     pub fn plan(&self, snapshot: &Arc<Snapshot>) -> Result<Arc<Plan>, RepoError> {
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if current.plan.generation() < snapshot.generation && self.pinned_away(snapshot) {
+            return Ok(current.plan.clone());
+        }
         if current.plan.generation() < snapshot.generation {
             let plan = graph::compile(
                 current.replaced.as_deref().unwrap_or(&self.model),
@@ -198,6 +230,11 @@ impl ServedModel {
             current.plan = Arc::new(plan);
         }
         Ok(current.plan.clone())
+    }
+
+    /// Whether `snapshot` lacks a build this version pins: it then stays on its plan.
+    pub fn pinned_away(&self, snapshot: &Snapshot) -> bool {
+        self.settings.pins_met(snapshot).is_err()
     }
 
     /// A plan for `snapshot`, compiled but not installed (a swap verifies it first). Blocking.

@@ -5,7 +5,7 @@
 //! 1. the candidate is loaded and self-tested ([`Registry::prepare_swap`]), unpublished, with
 //!    the registry's writer lock held until the end;
 //! 2. every ready model version is compiled against the candidate snapshot, so no request
-//!    pays for re-binding after the swap;
+//!    pays for re-binding after the swap (a version pinned to the replaced build stays on it);
 //! 3. each version whose plans bind a kernel of the plugin (or every version, when the
 //!    plugin brings BLAS backends or devices, which any kernel may call) runs its recorded
 //!    inputs on both plans, and the outputs are compared within a [`Tolerance`];
@@ -125,6 +125,8 @@ fn prepare(
     app.repo
         .ready()
         .into_iter()
+        // A version pinned to the build being replaced stays on it: nothing to compile.
+        .filter(|m| !m.pinned_away(&candidate.snapshot))
         .map(|m| {
             let p = app.compute.install(|| m.prepare(&candidate.snapshot));
             match p {
