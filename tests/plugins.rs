@@ -206,7 +206,7 @@ async fn plugins_load_and_unload_at_run_time() {
     let info = loaded.plugin.expect("info");
     assert_eq!(
         (info.name.as_str(), info.kernels, info.quantizers),
-        ("mock-good", 1, 1)
+        ("mock-good", 2, 1)
     );
     assert_eq!(info.sha256, sha256(&path));
 

@@ -633,3 +633,97 @@ async fn a_model_pinned_to_a_build_stays_on_it_through_swaps() {
     assert_eq!(generation_of(&pinned), back.generation);
     assert_eq!(f32_values(&pinned.raw_output_contents[0]), expected(0, &x));
 }
+
+/// `X[1,4] -> opreg.mock::MockFlaky -> Y` (mock-panic's panics; mock-good's is the identity).
+fn flaky_model() -> Vec<u8> {
+    let mut node = opreg_tests::onnx::node("MockFlaky", &["X"], &["Y"]);
+    node.domain = "opreg.mock".into();
+    opreg_proto::onnx::ModelProto {
+        ir_version: 8,
+        opset_import: ["", "opreg.mock"]
+            .iter()
+            .map(|d| opreg_proto::onnx::OperatorSetIdProto {
+                domain: d.to_string(),
+                version: if d.is_empty() { 17 } else { 1 },
+            })
+            .collect(),
+        graph: Some(opreg_proto::onnx::GraphProto {
+            node: vec![node],
+            name: "g".into(),
+            input: vec![opreg_tests::onnx::value("X", 1, &[1, 4])],
+            output: vec![opreg_tests::onnx::value("Y", 1, &[1, 4])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+#[tokio::test]
+async fn a_faulting_plugin_is_quarantined_and_nodes_fall_back() {
+    let dir = plugin_dir(&[plugin("mock_good"), plugin("mock_panic")]);
+    let d = Daemon::start(&[
+        "--plugin-dir",
+        dir.path().to_str().expect("utf8"),
+        "--quarantine-faults",
+        "3",
+    ]);
+    let mut inf = d.inference().await;
+    let mut reg = d.registry().await;
+    inf.repository_model_load(load_request("flaky", flaky_model()))
+        .await
+        .expect("load");
+    let x = [1.0, -2.0, 3.0, -4.0];
+    let ask = || ipb::ModelInferRequest {
+        model_name: "flaky".into(),
+        ..infer_request(&x)
+    };
+    // Each fault fails its own request with INTERNAL and the reason; the third quarantines.
+    for _ in 0..3 {
+        let e = inf.model_infer(ask()).await.expect_err("panics");
+        assert_eq!(e.code(), Code::Internal);
+        assert!(
+            e.message().contains("mock-panic") && e.message().contains("on purpose"),
+            "{}",
+            e.message()
+        );
+    }
+    d.wait_log("plugin quarantined after repeated kernel faults");
+    let listed = |list: &pb::ListPluginsResponse, name: &str| {
+        list.plugins
+            .iter()
+            .find(|p| p.name == name)
+            .cloned()
+            .expect("listed")
+    };
+    let list = reg
+        .list_plugins(pb::ListPluginsRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(listed(&list, "mock-panic").quarantined);
+    assert!(!listed(&list, "mock-good").quarantined);
+    // The node now runs on mock-good's MockFlaky.
+    let r = inf
+        .model_infer(ask())
+        .await
+        .expect("falls back")
+        .into_inner();
+    assert_eq!(f32_values(&r.raw_output_contents[0]), x.to_vec());
+
+    // Lifted by RPC: the panicking kernel is back (and a request fails again).
+    reg.release_quarantine(pb::ReleaseQuarantineRequest {
+        name: "mock-panic".into(),
+    })
+    .await
+    .expect("release");
+    let e = inf.model_infer(ask()).await.expect_err("panics again");
+    assert_eq!(e.code(), Code::Internal);
+    let list = reg
+        .list_plugins(pb::ListPluginsRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(!listed(&list, "mock-panic").quarantined);
+    assert_eq!(listed(&list, "mock-panic").recent_faults, 1);
+}

@@ -25,7 +25,8 @@ impl App {
                 runtime_dir.path().join("plugins"),
                 config.plugin_config.clone(),
             )
-            .with_grace(config.swap.grace),
+            .with_grace(config.swap.grace)
+            .with_quarantine(config.swap.quarantine),
             compute: ComputePool::new(config.threads)?,
             repo: Repository::new(config.model_repo.clone(), config.limits.clone()),
             ready: AtomicBool::new(false),

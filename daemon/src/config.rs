@@ -71,6 +71,13 @@ pub struct Cli {
     /// The relative part of the swap tolerance (default 1e-3).
     #[arg(long, env = "OPREG_SWAP_REL_TOLERANCE")]
     pub swap_rel_tolerance: Option<f64>,
+    /// Kernel faults (panics, internal errors) on served models within the quarantine window
+    /// that quarantine a plugin (default 5; 0: never).
+    #[arg(long, env = "OPREG_QUARANTINE_FAULTS")]
+    pub quarantine_faults: Option<usize>,
+    /// The quarantine window in seconds (default 60).
+    #[arg(long, env = "OPREG_QUARANTINE_WINDOW_S")]
+    pub quarantine_window_s: Option<f64>,
     #[command(flatten)]
     pub limits: LimitFlags,
 }
@@ -207,6 +214,8 @@ pub struct FileConfig {
     pub swap_grace_s: Option<f64>,
     pub swap_abs_tolerance: Option<f64>,
     pub swap_rel_tolerance: Option<f64>,
+    pub quarantine_faults: Option<usize>,
+    pub quarantine_window_s: Option<f64>,
     #[serde(default)]
     pub limits: Limits,
     /// `[plugin_config.<plugin name>]`: a table handed to that plugin's `init` as TOML text.
@@ -244,6 +253,8 @@ pub struct SwapSettings {
     /// The default tolerance of a verified swap: absolute and relative.
     pub abs_tolerance: f64,
     pub rel_tolerance: f64,
+    /// Faults within a window that quarantine a plugin (`None`: never).
+    pub quarantine: Option<(usize, std::time::Duration)>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8001";
@@ -326,6 +337,21 @@ impl Config {
                     1e-3,
                     "--swap-rel-tolerance",
                 )?,
+                quarantine: {
+                    let faults = cli
+                        .quarantine_faults
+                        .or(file.quarantine_faults)
+                        .unwrap_or(5);
+                    let window = cli
+                        .quarantine_window_s
+                        .or(file.quarantine_window_s)
+                        .unwrap_or(60.0);
+                    anyhow::ensure!(
+                        window.is_finite() && (0.0..=1e7).contains(&window),
+                        "--quarantine-window-s must be between 0 and 1e7 seconds, not {window}"
+                    );
+                    (faults > 0).then(|| (faults, std::time::Duration::from_secs_f64(window)))
+                },
             },
             plugin_config: file
                 .plugin_config

@@ -76,6 +76,8 @@ enum Cmd {
     },
     /// Return a plugin to the build it replaced (within the swap grace period).
     RollbackPlugin { name: String },
+    /// Lift the quarantine of a plugin whose kernels faulted repeatedly.
+    ReleaseQuarantine { name: String },
     /// Unload a plugin by name.
     UnloadPlugin { name: String },
     /// The model repository index.
@@ -420,8 +422,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .into_inner();
             for p in &list.plugins {
                 println!(
-                    "{}\t{}\tabi {}\tgen {}\t{} kernels, {} backends, {} quantizers\t{}",
+                    "{}{}\t{}\tabi {}\tgen {}\t{} kernels, {} backends, {} quantizers\t{}",
                     p.name,
+                    if p.quarantined { " (QUARANTINED)" } else { "" },
                     p.version,
                     p.abi_version,
                     p.generation,
@@ -531,6 +534,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     c.worst_output
                 );
             }
+        }
+        Cmd::ReleaseQuarantine { name } => {
+            let r = registry
+                .release_quarantine(reg::ReleaseQuarantineRequest { name })
+                .await?
+                .into_inner();
+            println!("quarantine lifted (generation {})", r.generation);
         }
         Cmd::RollbackPlugin { name } => {
             let r = registry

@@ -47,3 +47,19 @@ pub enum GraphError {
     #[error("node {node}: {reason}")]
     Limit { node: String, reason: String },
 }
+
+impl GraphError {
+    /// The plugin at fault when a kernel panicked or failed with an internal error: a fault of
+    /// the plugin, not of the request (a kernel refusing bad input is not counted).
+    pub fn plugin_fault(&self) -> Option<&str> {
+        use opreg_sdk::ErrorCode;
+        match self {
+            GraphError::Kernel(crate::exec::KernelError::Failed { plugin, code, .. })
+                if matches!(*code, ErrorCode::Panic | ErrorCode::Internal) =>
+            {
+                Some(plugin)
+            }
+            _ => None,
+        }
+    }
+}

@@ -126,7 +126,7 @@ impl Registry {
         Candidate {
             registry: self,
             _writer: writer,
-            snapshot: Arc::new(Snapshot::new(serving.generation + 1, plugins)),
+            snapshot: Arc::new(serving.succeed(serving.generation + 1, plugins, &[&plugin.name])),
             serving,
             plugin,
             replaces,

@@ -17,8 +17,8 @@ use crate::plugin::{self, kernel_label, LoadError, LoadedPlugin};
 use arc_swap::ArcSwap;
 use opreg_sdk::{blas::FfiBlasBox, Device};
 use std::{
-    collections::BTreeMap,
     collections::VecDeque,
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -29,6 +29,9 @@ use std::{
 pub struct Snapshot {
     pub generation: u64,
     pub plugins: BTreeMap<String, Arc<LoadedPlugin>>,
+    /// Plugins whose kernels are skipped after repeated faults (they stay loaded; nodes fall
+    /// back to the next provider). Cleared by a new build of the plugin or by an RPC.
+    pub quarantined: BTreeSet<String>,
     /// Kernels by (domain, op type), so resolving a node costs what its own op has registered,
     /// not what every plugin has.
     index: resolve::Index,
@@ -37,12 +40,39 @@ pub struct Snapshot {
 impl Snapshot {
     /// The snapshot of `plugins` at `generation`, with its kernel index.
     pub fn new(generation: u64, plugins: BTreeMap<String, Arc<LoadedPlugin>>) -> Self {
-        let index = resolve::Index::build(&plugins);
+        Self::with_quarantined(generation, plugins, BTreeSet::new())
+    }
+
+    /// The snapshot of `plugins` at `generation` with the kernels of `quarantined` skipped
+    /// (names not in `plugins` are dropped).
+    pub fn with_quarantined(
+        generation: u64,
+        plugins: BTreeMap<String, Arc<LoadedPlugin>>,
+        mut quarantined: BTreeSet<String>,
+    ) -> Self {
+        quarantined.retain(|n| plugins.contains_key(n));
+        let index = resolve::Index::build(&plugins, &quarantined);
         Snapshot {
             generation,
             plugins,
+            quarantined,
             index,
         }
+    }
+
+    /// The next snapshot: `plugins` at `generation`, keeping this one's quarantine except for
+    /// the plugins named in `fresh` (a new build starts with a clean record).
+    pub fn succeed(
+        &self,
+        generation: u64,
+        plugins: BTreeMap<String, Arc<LoadedPlugin>>,
+        fresh: &[&str],
+    ) -> Self {
+        let mut quarantined = self.quarantined.clone();
+        for n in fresh {
+            quarantined.remove(*n);
+        }
+        Self::with_quarantined(generation, plugins, quarantined)
     }
 
     /// The highest-priority BLAS backend for `device`.
@@ -85,6 +115,9 @@ pub struct Registry {
     grace: Duration,
     /// Candidates refused by a verified swap, newest last (bounded).
     refused: Mutex<VecDeque<Refused>>,
+    /// Recent kernel faults per plugin, and how many within which window quarantine it.
+    faults: Mutex<HashMap<String, VecDeque<Instant>>>,
+    quarantine_after: Option<(usize, Duration)>,
 }
 
 /// A replaced build kept for rollback.
@@ -95,6 +128,9 @@ struct Retired {
 
 /// How long a replaced build stays loaded for rollback by default.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(600);
+
+/// Kernel faults within a window that quarantine a plugin by default.
+pub const DEFAULT_QUARANTINE: (usize, Duration) = (5, Duration::from_secs(60));
 
 /// Most refused candidates remembered.
 const MAX_REFUSED: usize = 64;
@@ -112,7 +148,72 @@ impl Registry {
             previous: Mutex::new(BTreeMap::new()),
             grace: DEFAULT_GRACE,
             refused: Mutex::new(VecDeque::new()),
+            faults: Mutex::new(HashMap::new()),
+            quarantine_after: Some(DEFAULT_QUARANTINE),
         }
+    }
+
+    /// Quarantines a plugin after `faults` kernel faults within `window` (`None`: never).
+    pub fn with_quarantine(mut self, after: Option<(usize, Duration)>) -> Self {
+        self.quarantine_after = after;
+        self
+    }
+
+    /// Counts a fault (a kernel that panicked or failed with an internal error on a served
+    /// model) against `plugin`. True when this fault reaches the quarantine threshold and the
+    /// plugin is not quarantined yet: the caller then quarantines it.
+    pub fn record_fault(&self, plugin: &str) -> bool {
+        let Some((limit, window)) = self.quarantine_after else {
+            return false;
+        };
+        let now = Instant::now();
+        let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+        let recent = faults.entry(plugin.to_string()).or_default();
+        recent.push_back(now);
+        while recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > window)
+        {
+            recent.pop_front();
+        }
+        if recent.len() < limit || self.snapshot().quarantined.contains(plugin) {
+            return false;
+        }
+        recent.clear();
+        true
+    }
+
+    /// Faults counted against `plugin` within the quarantine window.
+    pub fn recent_faults(&self, plugin: &str) -> usize {
+        let window = self.quarantine_after.map_or(Duration::ZERO, |(_, w)| w);
+        let faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+        faults
+            .get(plugin)
+            .map_or(0, |f| f.iter().filter(|t| t.elapsed() <= window).count())
+    }
+
+    /// Quarantines plugin `name` (`on`), or lifts its quarantine, in a new generation.
+    pub fn set_quarantine(&self, name: &str, on: bool) -> Result<u64, UnloadError> {
+        let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.current.load_full();
+        if !old.plugins.contains_key(name) {
+            return Err(UnloadError::NotLoaded(name.to_string()));
+        }
+        let mut quarantined = old.quarantined.clone();
+        if on {
+            quarantined.insert(name.to_string());
+        } else {
+            quarantined.remove(name);
+            let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+            faults.remove(name);
+        }
+        let generation = old.generation + 1;
+        self.current.store(Arc::new(Snapshot::with_quarantined(
+            generation,
+            old.plugins.clone(),
+            quarantined,
+        )));
+        Ok(generation)
     }
 
     /// Keeps a replaced build loaded for `grace` (zero: released at once, no rollback).
@@ -214,8 +315,12 @@ impl Registry {
                 });
             results.push((path.clone(), r));
         }
+        let fresh: Vec<&str> = results
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().ok().map(|p| p.name.as_str()))
+            .collect();
         self.current
-            .store(Arc::new(Snapshot::new(generation, plugins)));
+            .store(Arc::new(old.succeed(generation, plugins, &fresh)));
         results
     }
 
@@ -239,7 +344,7 @@ impl Registry {
         let mut plugins = old.plugins.clone();
         let replaced = plugins.insert(p.name.clone(), p.clone());
         self.current
-            .store(Arc::new(Snapshot::new(generation, plugins)));
+            .store(Arc::new(old.succeed(generation, plugins, &[&p.name])));
         self.retire(replaced.as_ref());
         drop(old);
         self.expire_previous();
@@ -257,7 +362,7 @@ impl Registry {
         plugins.remove(name);
         let generation = old.generation + 1;
         self.current
-            .store(Arc::new(Snapshot::new(generation, plugins)));
+            .store(Arc::new(old.succeed(generation, plugins, &[name])));
         // An unloaded plugin has nothing to roll back to.
         let kept = {
             let mut previous = self.previous.lock().unwrap_or_else(|p| p.into_inner());

@@ -11,7 +11,7 @@ use super::Snapshot;
 use crate::plugin::{kernel_label, LoadedPlugin};
 use opreg_sdk::{module::KernelRegistration, DType, Device, KernelDesc, OPEN_END};
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::Arc,
 };
 
@@ -49,9 +49,13 @@ type Entry = (Arc<LoadedPlugin>, usize);
 pub(super) struct Index(HashMap<(String, String), Vec<Entry>>);
 
 impl Index {
-    pub(super) fn build(plugins: &BTreeMap<String, Arc<LoadedPlugin>>) -> Self {
+    /// The index of every kernel of `plugins` but those of the `quarantined` ones.
+    pub(super) fn build(
+        plugins: &BTreeMap<String, Arc<LoadedPlugin>>,
+        quarantined: &BTreeSet<String>,
+    ) -> Self {
         let mut map: HashMap<(String, String), Vec<Entry>> = HashMap::new();
-        for p in plugins.values() {
+        for p in plugins.values().filter(|p| !quarantined.contains(&p.name)) {
             for (i, k) in p.kernels.iter().enumerate() {
                 map.entry((
                     normalise(&k.desc.domain).to_string(),

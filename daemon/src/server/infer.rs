@@ -172,7 +172,13 @@ async fn run(
                 // The client may be gone: this log line is the only trace of the stop.
                 tracing::info!(model = %m.name, version = m.version, "{e}; memory released");
             }
-            Ok(result?)
+            match result {
+                Ok(r) => Ok(Ok(r)),
+                Err(e) => {
+                    let fault = e.plugin_fault().map(str::to_string);
+                    Ok(Err((Status::from(e), fault)))
+                }
+            }
         }
     });
     let outputs = match deadline {
@@ -186,7 +192,15 @@ async fn run(
         None => job.await,
     }
     .map_err(Status::from)??;
-    let (outputs, generation) = outputs;
+    let (outputs, generation) = match outputs {
+        Ok(o) => o,
+        Err((status, fault)) => {
+            if let Some(plugin) = fault {
+                crate::swap::quarantine::on_fault(app, &plugin);
+            }
+            return Err(status);
+        }
+    };
     let infer_ns = t1.elapsed().as_nanos() as u64;
     model.remember(&kept);
     if let Some(adaptive) = &model.adaptive {

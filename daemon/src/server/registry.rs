@@ -37,6 +37,8 @@ fn plugin_info(p: &LoadedPlugin) -> pb::PluginInfo {
         backends: p.backends.len() as u32,
         quantizers: p.quantizers.len() as u32,
         loaded_copy: p.loaded_copy().display().to_string(),
+        quarantined: false,
+        recent_faults: 0,
     }
 }
 
@@ -143,7 +145,15 @@ impl Registry for RegistryApi {
     ) -> Result<Response<pb::ListPluginsResponse>, Status> {
         let s = self.app.registry.snapshot();
         Ok(Response::new(pb::ListPluginsResponse {
-            plugins: s.plugins.values().map(|p| plugin_info(p)).collect(),
+            plugins: s
+                .plugins
+                .values()
+                .map(|p| pb::PluginInfo {
+                    quarantined: s.quarantined.contains(&p.name),
+                    recent_faults: self.app.registry.recent_faults(&p.name) as u32,
+                    ..plugin_info(p)
+                })
+                .collect(),
             generation: s.generation,
             previous: self
                 .app
@@ -225,6 +235,19 @@ impl Registry for RegistryApi {
             plans_compiled: report.plans_compiled,
             verify_ns: report.verify.as_nanos() as u64,
         }))
+    }
+
+    async fn release_quarantine(
+        &self,
+        req: Request<pb::ReleaseQuarantineRequest>,
+    ) -> Result<Response<pb::ReleaseQuarantineResponse>, Status> {
+        let name = req.into_inner().name;
+        let app = self.app.clone();
+        let generation =
+            tokio::task::spawn_blocking(move || swap::quarantine::set(&app, &name, false))
+                .await
+                .map_err(|e| Status::internal(format!("quarantine task failed: {e}")))??;
+        Ok(Response::new(pb::ReleaseQuarantineResponse { generation }))
     }
 
     async fn rollback_plugin(

@@ -16,6 +16,7 @@
 
 mod compare;
 mod inputs;
+pub mod quarantine;
 pub mod watch;
 
 pub use compare::{compare, Difference, Tolerance};

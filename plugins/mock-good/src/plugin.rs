@@ -30,6 +30,25 @@ impl Kernel for Scale {
     }
 }
 
+/// `MockFlaky(x) = x`.
+#[derive(Clone)]
+struct Identity;
+
+impl Kernel for Identity {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        let x = inputs
+            .first()
+            .ok_or_else(|| PluginError::invalid("MockFlaky needs one input"))?;
+        let y = ctx.output_slice::<f32>(0, x.shape())?;
+        y.copy_from_slice(x.as_slice::<f32>()?);
+        Ok(())
+    }
+}
+
 struct MinMax;
 
 impl Quantizer for MinMax {
@@ -114,6 +133,14 @@ fn register(r: &mut Registrar) {
             let out = out.transpose()?.map(|c| DType(c as i32));
             Ok(Box::new(Scale(node.float_or("scale", 2.0)?, out)))
         },
+    );
+    // The fallback provider of `MockFlaky` (mock-panic overrides it at a higher priority).
+    r.kernel(
+        KernelDesc::new("opreg.mock", "MockFlaky", 1, OPEN_END)
+            .constraint("T", &[DType::F32])
+            .inputs(&["T"])
+            .outputs(&["T"]),
+        |_: &NodeInfo<'_>| -> Result<Box<dyn Kernel>, PluginError> { Ok(Box::new(Identity)) },
     );
     r.quantizer(
         QuantizerDesc {

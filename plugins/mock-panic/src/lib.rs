@@ -1,5 +1,5 @@
-//! A mock plugin whose kernel panics: the SDK must turn the panic into an error for that one
-//! call, and the daemon must keep serving. Its quantization strategy `mock-panic-plan`
+//! A mock plugin whose kernels panic (`MockPanic`, and `MockFlaky` over mock-good's): the SDK
+//! must turn the panic into an error for that one call, and the daemon must keep serving. Its quantization strategy `mock-panic-plan`
 //! panics while planning: the run must fail naming it, and the model stay as it was.
 //! `mock-bad-observer` asks for its own observer of each input, which fails where its option
 //! `at` says: `create` (refused), `update` (panics) or `finish` (panics).
@@ -143,6 +143,12 @@ fn register(r: &mut Registrar) {
     );
     r.kernel(
         KernelDesc::new("opreg.mock", "MockPanic", 1, OPEN_END),
+        stateless(Panics),
+    );
+    // Overrides mock-good's identity `MockFlaky` (priority 0) and panics: the daemon's
+    // quarantine test sees nodes fall back to mock-good once this plugin is quarantined.
+    r.kernel(
+        KernelDesc::new("opreg.mock", "MockFlaky", 1, OPEN_END).priority(10),
         stateless(Panics),
     );
 }
