@@ -77,7 +77,8 @@ fn main() {
             pool.install(|| graph::run(&plan, feeds)).expect("run")
         };
         let got = f32s(run()[0].1.bytes());
-        // Float models: the worst per-element relative error. Quantized ones: the worst
+        // Float models: the worst per-element relative error. Quantized ones (against
+        // onnxruntime evaluating the QDQ graph as written, see bench_ort.py): the worst
         // difference against the largest logit, since each requantization may round a value
         // one step the other way and the steps add up over 53 layers (onnxruntime's own float
         // and fused integer paths differ by ~1.5 % of the largest logit here).

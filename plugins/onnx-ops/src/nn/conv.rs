@@ -140,16 +140,42 @@ impl Activation {
 
 fn conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
     let group = at_least_one(node, "Conv", "group", 1)?;
+    let window = WindowAttrs::from_node(node)?;
+    // The packed weights serve only layers with few pixels per channel: where the input's
+    // spatial extents are known at load and the layer has more, they would sit in memory
+    // beside the weights unused.
+    let packed = if pixels_per_channel(node, &window).is_none_or(|r| r <= PIXELS_PER_CHANNEL_SWAP) {
+        prepack_weights(node, group)
+    } else {
+        None
+    };
     Ok(Box::new(Conv {
-        window: WindowAttrs::from_node(node)?,
+        window,
         group,
         activation: if node.domain == "opreg" {
             Activation::from_node(node)?
         } else {
             Activation::None
         },
-        packed: prepack_weights(node, group),
+        packed,
     }))
+}
+
+/// Output pixels per output channel (rounded up), when the input's spatial extents and the
+/// weights' shape are known at load.
+fn pixels_per_channel(node: &NodeInfo<'_>, window: &WindowAttrs) -> Option<usize> {
+    let x = node.inputs.first()?.shape?;
+    let w = node.inputs.get(1)?.constant?;
+    let spatial: Vec<usize> = x
+        .get(2..)?
+        .iter()
+        .map(|&d| usize::try_from(d).ok())
+        .collect::<Option<_>>()?;
+    let kernel = w.shape().get(2..)?;
+    let g = window.resolve("Conv", &spatial, Some(kernel)).ok()?;
+    let pixels = g.out.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
+    let m = (*w.shape().first()?).max(1);
+    Some(pixels.div_ceil(m))
 }
 
 /// Unrolls the `channels` planes of `x` (spatial extents `input`) into `col`, a
