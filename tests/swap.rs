@@ -22,16 +22,11 @@ use tonic::Code;
 
 const SCALE: f32 = 3.0;
 
-/// `X[1,4] -> opreg.mock::MockScale(scale=3) -> Y`.
-fn scale_model() -> Vec<u8> {
-    let mut node = opreg_tests::onnx::node("MockScale", &["X"], &["Y"]);
+/// `X[1,4] -> opreg.mock::<op> -> Y` with `attributes`.
+fn mock_model(op: &str, attributes: Vec<opreg_proto::onnx::AttributeProto>) -> Vec<u8> {
+    let mut node = opreg_tests::onnx::node(op, &["X"], &["Y"]);
     node.domain = "opreg.mock".into();
-    node.attribute.push(opreg_proto::onnx::AttributeProto {
-        name: "scale".into(),
-        r#type: 1,
-        f: SCALE,
-        ..Default::default()
-    });
+    node.attribute = attributes;
     opreg_proto::onnx::ModelProto {
         ir_version: 8,
         opset_import: ["", "opreg.mock"]
@@ -53,6 +48,24 @@ fn scale_model() -> Vec<u8> {
     .encode_to_vec()
 }
 
+/// `X[1,4] -> opreg.mock::MockScale(scale=3) -> Y`.
+fn scale_model() -> Vec<u8> {
+    mock_model(
+        "MockScale",
+        vec![opreg_proto::onnx::AttributeProto {
+            name: "scale".into(),
+            r#type: 1,
+            f: SCALE,
+            ..Default::default()
+        }],
+    )
+}
+
+/// `X[1,4] -> opreg.mock::MockFlaky -> Y` (mock-panic's panics; mock-good's is the identity).
+fn flaky_model() -> Vec<u8> {
+    mock_model("MockFlaky", Vec::new())
+}
+
 fn infer_request(x: &[f32]) -> ipb::ModelInferRequest {
     ipb::ModelInferRequest {
         model_name: "scale".into(),
@@ -64,17 +77,6 @@ fn infer_request(x: &[f32]) -> ipb::ModelInferRequest {
         }],
         raw_input_contents: vec![f32_bytes(x)],
         ..Default::default()
-    }
-}
-
-fn generation_of(r: &ipb::ModelInferResponse) -> u64 {
-    match r
-        .parameters
-        .get("opreg_generation")
-        .and_then(|p| p.parameter_choice.as_ref())
-    {
-        Some(ipb::infer_parameter::ParameterChoice::Int64Param(g)) => *g as u64,
-        other => panic!("no generation in the response: {other:?}"),
     }
 }
 
@@ -157,7 +159,9 @@ fn start_clients(
                                 .push(started.elapsed().as_micros() as u64);
                             let r = r.into_inner();
                             let y = f32_values(&r.raw_output_contents[0]);
-                            record.answers.push((generation_of(&r), x, y));
+                            record
+                                .answers
+                                .push((generation_of(&r).expect("generation"), x, y));
                         }
                         Err(e) => record
                             .failures
@@ -360,7 +364,7 @@ async fn rollback_returns_to_the_previous_build_and_a_dry_run_publishes_nothing(
         .await
         .expect("infer")
         .into_inner();
-    assert_eq!(generation_of(&r), back.generation);
+    assert_eq!(generation_of(&r), Some(back.generation));
     assert_eq!(answer(r), expected(0, &x));
     // The build rolled back from is kept in turn: a second rollback goes forward again.
     let list = reg
@@ -596,7 +600,7 @@ async fn a_model_pinned_to_a_build_stays_on_it_through_swaps() {
         .await
         .expect("infer")
         .into_inner();
-    let start = generation_of(&first);
+    let start = generation_of(&first).expect("generation");
     let swapped = reg
         .swap_plugin(swap_request(&plugin("mock_good_v2"), 1.0))
         .await
@@ -615,7 +619,7 @@ async fn a_model_pinned_to_a_build_stays_on_it_through_swaps() {
         .await
         .expect("infer")
         .into_inner();
-    assert_eq!(generation_of(&pinned), start);
+    assert_eq!(generation_of(&pinned), Some(start));
     assert_eq!(f32_values(&pinned.raw_output_contents[0]), expected(0, &x));
 
     // A build that meets the pin again: the pinned model moves to it.
@@ -630,33 +634,8 @@ async fn a_model_pinned_to_a_build_stays_on_it_through_swaps() {
         .await
         .expect("infer")
         .into_inner();
-    assert_eq!(generation_of(&pinned), back.generation);
+    assert_eq!(generation_of(&pinned), Some(back.generation));
     assert_eq!(f32_values(&pinned.raw_output_contents[0]), expected(0, &x));
-}
-
-/// `X[1,4] -> opreg.mock::MockFlaky -> Y` (mock-panic's panics; mock-good's is the identity).
-fn flaky_model() -> Vec<u8> {
-    let mut node = opreg_tests::onnx::node("MockFlaky", &["X"], &["Y"]);
-    node.domain = "opreg.mock".into();
-    opreg_proto::onnx::ModelProto {
-        ir_version: 8,
-        opset_import: ["", "opreg.mock"]
-            .iter()
-            .map(|d| opreg_proto::onnx::OperatorSetIdProto {
-                domain: d.to_string(),
-                version: if d.is_empty() { 17 } else { 1 },
-            })
-            .collect(),
-        graph: Some(opreg_proto::onnx::GraphProto {
-            node: vec![node],
-            name: "g".into(),
-            input: vec![opreg_tests::onnx::value("X", 1, &[1, 4])],
-            output: vec![opreg_tests::onnx::value("Y", 1, &[1, 4])],
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-    .encode_to_vec()
 }
 
 #[tokio::test]
@@ -726,4 +705,55 @@ async fn a_faulting_plugin_is_quarantined_and_nodes_fall_back() {
         .into_inner();
     assert!(!listed(&list, "mock-panic").quarantined);
     assert_eq!(listed(&list, "mock-panic").recent_faults, 1);
+}
+
+#[tokio::test]
+async fn warm_up_samples_from_the_model_config_verify_a_swap_before_any_request() {
+    let repo = tempfile::tempdir().expect("repo");
+    // `good` has one warm-up sample (an ONNX TensorProto, as in ONNX test data sets); `bad`
+    // has one of the wrong shape, which fails its load with the reason.
+    for (name, dims) in [("good", vec![1i64, 4]), ("bad", vec![1, 5])] {
+        let dir = repo.path().join(name);
+        std::fs::create_dir_all(dir.join("1")).expect("mkdir");
+        std::fs::create_dir_all(dir.join("samples/s0")).expect("mkdir");
+        std::fs::write(dir.join("1/model.onnx"), scale_model()).expect("model");
+        std::fs::write(dir.join("config.toml"), "warmup = \"samples\"\n").expect("config");
+        let n: i64 = dims.iter().product();
+        let t = opreg_proto::onnx::TensorProto {
+            name: "X".into(),
+            dims,
+            data_type: 1,
+            float_data: (0..n).map(|i| i as f32 * 0.1).collect(),
+            ..Default::default()
+        };
+        std::fs::write(dir.join("samples/s0/input_0.pb"), t.encode_to_vec()).expect("sample");
+    }
+    let dir = plugin_dir(&[plugin("mock_good")]);
+    let d = Daemon::start(&[
+        "--plugin-dir",
+        dir.path().to_str().expect("utf8"),
+        "--model-repo",
+        repo.path().to_str().expect("utf8"),
+    ]);
+    let index = d.index().await;
+    let bad = index.iter().find(|m| m.name == "bad").expect("listed");
+    assert!(bad.reason.contains("warm-up samples in"), "{bad:?}");
+    let mut reg = d.registry().await;
+    let e = reg
+        .swap_plugin(swap_request(&plugin("mock_good_v2"), 0.0))
+        .await
+        .expect_err("the warm-up sample shows the change");
+    assert!(
+        e.message()
+            .contains("model 'good' version 1, output 'Y' (input set 0, a warm-up sample)"),
+        "{}",
+        e.message()
+    );
+    let ok = reg
+        .swap_plugin(swap_request(&plugin("mock_good_v2"), 1.0))
+        .await
+        .expect("within tolerance")
+        .into_inner();
+    let check = ok.checks.first().expect("checked");
+    assert!(check.recorded && check.inputs == 1, "{check:?}");
 }

@@ -77,17 +77,6 @@ fn request(model: &str, input: &str, shape: &[i64]) -> ipb::ModelInferRequest {
     }
 }
 
-fn generation_of(r: &ipb::ModelInferResponse) -> u64 {
-    match r
-        .parameters
-        .get("opreg_generation")
-        .and_then(|p| p.parameter_choice.as_ref())
-    {
-        Some(ipb::infer_parameter::ParameterChoice::Int64Param(g)) => *g as u64,
-        _ => 0,
-    }
-}
-
 /// (finished at, latency, generation) per answer.
 type Answers = Vec<(Instant, Duration, u64)>;
 
@@ -107,7 +96,11 @@ async fn load(url: String, stop: Arc<AtomicBool>, req: ipb::ModelInferRequest) -
                         .model_infer(req.clone())
                         .await
                         .expect("no request may fail");
-                    out.push((Instant::now(), t.elapsed(), generation_of(&r.into_inner())));
+                    out.push((
+                        Instant::now(),
+                        t.elapsed(),
+                        generation_of(&r.into_inner()).unwrap_or(0),
+                    ));
                 }
                 out
             })

@@ -376,6 +376,21 @@ pub fn run_python(script: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Option<
     Some(stdout.lines().last().expect("json line").to_string())
 }
 
+/// The registry generation whose plugins computed an inference response (its
+/// `opreg_generation` parameter).
+pub fn generation_of(r: &opreg_proto::inference::ModelInferResponse) -> Option<u64> {
+    use opreg_proto::inference::infer_parameter::ParameterChoice;
+    match r
+        .parameters
+        .get("opreg_generation")?
+        .parameter_choice
+        .as_ref()?
+    {
+        ParameterChoice::Int64Param(g) => u64::try_from(*g).ok(),
+        _ => None,
+    }
+}
+
 /// A `RepositoryModelLoad` request carrying `bytes` as version 1 of `name`.
 pub fn load_request(
     name: &str,

@@ -5,7 +5,7 @@ mod library;
 mod load;
 
 pub use error::LoadError;
-pub use load::{kernel_label, load, LoadedPlugin};
+pub use load::{kernel_label, load, sha256_file, LoadedPlugin};
 
 use opreg_sdk::LogLevel;
 use std::path::{Path, PathBuf};

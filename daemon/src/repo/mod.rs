@@ -549,6 +549,7 @@ impl Repository {
             if let Some(root) = &self.root {
                 let vdir = root.join(name).join(version.to_string());
                 m.adaptive = Adaptive::read(&vdir, &bytes, self.limits.max_model_bytes)?;
+                m.read_warmup(&root.join(name))?;
             }
             Ok(m)
         };

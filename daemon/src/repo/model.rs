@@ -33,6 +33,10 @@ pub struct ModelSettings {
     /// version loads only when that build is loaded, and stays on it when a swap replaces it
     /// (its plan keeps the pinned build mapped) until a build matching the pin is back.
     pub pin: std::collections::BTreeMap<String, String>,
+    /// A folder (relative to the model's folder) of warm-up input samples, in the layout of a
+    /// calibration folder: read at load (the first few), and what a plugin swap is verified on
+    /// before any request was recorded.
+    pub warmup: Option<std::path::PathBuf>,
 }
 
 impl Default for ModelSettings {
@@ -41,6 +45,7 @@ impl Default for ModelSettings {
             backends: vec!["cpu".into()],
             max_batch_size: 0,
             pin: Default::default(),
+            warmup: None,
         }
     }
 }
@@ -130,6 +135,8 @@ pub struct ServedModel {
     pub adaptive: Option<crate::quant::adaptive::Adaptive>,
     /// The inputs of the last few successful requests: what a plugin swap is verified on.
     recent: Mutex<VecDeque<Feeds>>,
+    /// The warm-up samples of its settings (verified on first).
+    warmup: Vec<Feeds>,
 }
 
 /// A plan compiled ahead of publishing a generation, for [`ServedModel::install`].
@@ -202,6 +209,7 @@ impl ServedModel {
             stats: Mutex::new(Stats::default()),
             adaptive: None,
             recent: Mutex::new(VecDeque::new()),
+            warmup: Vec::new(),
         })
     }
 
@@ -215,21 +223,26 @@ impl ServedModel {
             return Ok(current.plan.clone());
         }
         if current.plan.generation() < snapshot.generation {
-            let plan = graph::compile(
-                current.replaced.as_deref().unwrap_or(&self.model),
-                snapshot.clone(),
-                &self.devices,
-                self.max_folded_bytes,
-            )
-            .map_err(|source| RepoError::Graph {
-                name: self.name.clone(),
-                version: self.version,
-                source,
-            })?;
+            let plan = self.compile(current.replaced.as_deref(), snapshot)?;
             tracing::info!(model = %self.name, version = self.version, generation = snapshot.generation, "plan re-bound to new plugins");
             current.plan = Arc::new(plan);
         }
         Ok(current.plan.clone())
+    }
+
+    /// Compiles `source` (the version's own graph when `None`) against `snapshot`.
+    fn compile(&self, source: Option<&Model>, snapshot: &Arc<Snapshot>) -> Result<Plan, RepoError> {
+        graph::compile(
+            source.unwrap_or(&self.model),
+            snapshot.clone(),
+            &self.devices,
+            self.max_folded_bytes,
+        )
+        .map_err(|source| RepoError::Graph {
+            name: self.name.clone(),
+            version: self.version,
+            source,
+        })
     }
 
     /// Whether `snapshot` lacks a build this version pins: it then stays on its plan.
@@ -245,17 +258,7 @@ impl ServedModel {
             .unwrap_or_else(|p| p.into_inner())
             .replaced
             .clone();
-        let plan = graph::compile(
-            source.as_deref().unwrap_or(&self.model),
-            snapshot.clone(),
-            &self.devices,
-            self.max_folded_bytes,
-        )
-        .map_err(|source| RepoError::Graph {
-            name: self.name.clone(),
-            version: self.version,
-            source,
-        })?;
+        let plan = self.compile(source.as_deref(), snapshot)?;
         Ok(Prepared {
             plan: Arc::new(plan),
             source,
@@ -289,6 +292,47 @@ impl ServedModel {
             recent.pop_front();
         }
         recent.push_back(feeds.clone());
+    }
+
+    /// Reads the warm-up samples of the settings' `warmup` folder (relative to `model_dir`):
+    /// the first few entries, each checked against the model's inputs and size-bounded.
+    pub fn read_warmup(&mut self, model_dir: &Path) -> Result<(), RepoError> {
+        let Some(rel) = &self.settings.warmup else {
+            return Ok(());
+        };
+        let dir = model_dir.join(rel);
+        let bad = |e: crate::quant::QuantError| {
+            RepoError::Config(format!(
+                "model '{}' version {}: warm-up samples in {}: {e}",
+                self.name,
+                self.version,
+                dir.display()
+            ))
+        };
+        let mut samples = Vec::new();
+        for entry in crate::quant::data::entries(&dir)
+            .map_err(bad)?
+            .iter()
+            .take(RECENT_REQUESTS)
+        {
+            let sample = crate::quant::data::read(entry, &self.model.inputs).map_err(bad)?;
+            crate::quant::data::check(&sample, &self.model.inputs).map_err(bad)?;
+            let bytes: usize = sample.feeds.values().map(|t| t.byte_len()).sum();
+            if bytes > RECENT_MAX_BYTES {
+                return Err(RepoError::Config(format!(
+                    "model '{}' version {}: warm-up sample {} has {bytes} bytes, more than {RECENT_MAX_BYTES}",
+                    self.name, self.version, sample.origin
+                )));
+            }
+            samples.push(sample.feeds);
+        }
+        self.warmup = samples;
+        Ok(())
+    }
+
+    /// The warm-up samples from the settings.
+    pub fn warmup_inputs(&self) -> &[Feeds] {
+        &self.warmup
     }
 
     /// The inputs of recent requests, oldest first.

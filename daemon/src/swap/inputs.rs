@@ -1,5 +1,6 @@
-//! What a swap is verified on: the inputs of a model's recent requests, or, for a model that
-//! has served none yet, inputs synthesized from its declared shapes.
+//! What a swap is verified on: a model's warm-up samples (its `config.toml`) and the inputs
+//! of its recent requests, or, for a model with neither, inputs synthesized from its declared
+//! shapes.
 
 use crate::{
     graph::Dim,
@@ -8,17 +9,43 @@ use crate::{
 use opreg_sdk::{host::HostTensor, DType};
 use std::sync::Arc;
 
-/// Inputs for verifying `model`; `true` when they were recorded from requests. Empty when
-/// the model has served nothing and declares no shape for some input (nothing to go on).
-pub fn for_model(model: &ServedModel, max_tensor_bytes: usize) -> (Vec<Feeds>, bool) {
-    let recent = model.recent_inputs();
-    if !recent.is_empty() {
-        return (recent, true);
+/// Where a set of verification inputs came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Warmup,
+    Request,
+    Synthesized,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Origin::Warmup => "a warm-up sample",
+            Origin::Request => "recorded from a request",
+            Origin::Synthesized => "synthesized",
+        })
     }
-    (
-        synthesized(model, max_tensor_bytes).into_iter().collect(),
-        false,
-    )
+}
+
+/// Inputs for verifying `model`: its warm-up samples and the inputs of its recent requests;
+/// without either, one set synthesized from the declared shapes. Empty when there is nothing
+/// to go on (no samples, no requests, an input without a declared shape).
+pub fn for_model(model: &ServedModel, max_tensor_bytes: usize) -> Vec<(Feeds, Origin)> {
+    let mut sets: Vec<(Feeds, Origin)> = model
+        .warmup_inputs()
+        .iter()
+        .map(|f| (f.clone(), Origin::Warmup))
+        .chain(
+            model
+                .recent_inputs()
+                .into_iter()
+                .map(|f| (f, Origin::Request)),
+        )
+        .collect();
+    if sets.is_empty() {
+        sets.extend(synthesized(model, max_tensor_bytes).map(|f| (f, Origin::Synthesized)));
+    }
+    sets
 }
 
 /// One input set of the declared shapes (symbolic dimensions 1): floats spread over [-1, 1)

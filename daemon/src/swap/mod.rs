@@ -7,8 +7,8 @@
 //! 2. every ready model version is compiled against the candidate snapshot, so no request
 //!    pays for re-binding after the swap (a version pinned to the replaced build stays on it);
 //! 3. each version whose plans bind a kernel of the plugin (or every version, when the
-//!    plugin brings BLAS backends or devices, which any kernel may call) runs its recorded
-//!    inputs on both plans, and the outputs are compared within a [`Tolerance`];
+//!    plugin brings BLAS backends or devices, which any kernel may call) runs its warm-up
+//!    samples and recorded request inputs on both plans, and the outputs are compared within a [`Tolerance`];
 //! 4. only then are the plans installed and the generation published. Anything else (a
 //!    load failure, a self-test, a compile error, a failure or panic on the candidate, an
 //!    output beyond tolerance) refuses the candidate with the reason; the serving generation
@@ -28,7 +28,6 @@ use crate::{
     registry::{Candidate, Refused, SwapError},
     repo::{Feeds, Prepared, ServedModel},
 };
-use sha2::{Digest, Sha256};
 use std::{
     collections::BTreeSet,
     path::Path,
@@ -190,7 +189,8 @@ fn check(
     let limits = &app.config.limits;
     let max_tensor = usize::try_from(limits.max_tensor_bytes).unwrap_or(usize::MAX);
     let max_live = usize::try_from(limits.max_request_bytes).unwrap_or(usize::MAX);
-    let (sets, recorded) = inputs::for_model(model, max_tensor);
+    let sets = inputs::for_model(model, max_tensor);
+    let recorded = sets.iter().any(|(_, o)| *o != inputs::Origin::Synthesized);
     let label = format!("model '{}' version {}", model.name, model.version);
     let mut result = Check {
         model: model.name.clone(),
@@ -208,7 +208,7 @@ fn check(
             }))
         })
     };
-    for (k, feeds) in sets.iter().enumerate() {
+    for (k, (feeds, origin)) in sets.iter().enumerate() {
         // An input the serving generation cannot run either says nothing about the candidate.
         let Ok(Ok(expected)) = run(old, feeds) else {
             continue;
@@ -243,8 +243,7 @@ fn check(
                     new,
                 } => {
                     return Err(SwapError::Verification(format!(
-                        "{label}, output '{name}' (input set {k}, {}): max |new - old| = {max_abs:.6e}; element {index} was {old} and is {new} on the candidate, beyond the tolerance {} + {} * |old|",
-                        if recorded { "recorded from a request" } else { "synthesized" },
+                        "{label}, output '{name}' (input set {k}, {origin}): max |new - old| = {max_abs:.6e}; element {index} was {old} and is {new} on the candidate, beyond the tolerance {} + {} * |old|",
                         tolerance.abs, tolerance.rel
                     )))
                 }
@@ -257,7 +256,7 @@ fn check(
         }
     }
     if result.inputs == 0 {
-        tracing::warn!(model = %model.name, version = model.version, "swap: nothing to verify this model on (no recorded request, and its inputs cannot be synthesized); compiled only");
+        tracing::warn!(model = %model.name, version = model.version, "swap: nothing to verify this model on (no warm-up sample or recorded request, and its inputs cannot be synthesized); compiled only");
     }
     Ok(result)
 }
@@ -280,9 +279,7 @@ fn refuse(app: &App, path: &Path, e: &SwapError) {
 
 /// Remembers that the content of `path` was refused, and why.
 pub fn remember(app: &App, path: &Path, reason: String) {
-    let sha256 = std::fs::read(path)
-        .map(|b| hex::encode(Sha256::digest(&b)))
-        .unwrap_or_default();
+    let sha256 = crate::plugin::sha256_file(path).unwrap_or_default();
     app.registry.remember_refused(Refused {
         path: path.display().to_string(),
         sha256,

@@ -14,7 +14,6 @@
 
 use super::{swap, SwapOptions};
 use crate::{app::App, plugin, registry::SwapError};
-use sha2::{Digest, Sha256};
 use std::{
     collections::HashMap,
     path::PathBuf,
@@ -90,11 +89,9 @@ pub async fn run(app: Weak<App>, settle: Duration) {
 
 /// Swaps in, loads, or ignores one settled file.
 fn take(app: &App, path: PathBuf) {
-    let Ok(bytes) = std::fs::read(&path) else {
+    let Ok(sha256) = plugin::sha256_file(&path) else {
         return;
     };
-    let sha256 = hex::encode(Sha256::digest(&bytes));
-    drop(bytes);
     let snapshot = app.registry.snapshot();
     if snapshot.plugins.values().any(|p| p.sha256 == sha256) {
         return;
