@@ -7,7 +7,7 @@
 //! releases the candidate build (its library unmaps; the serving generation never saw it).
 
 use super::{admit, Registry, Snapshot};
-use crate::plugin::{self, LoadError, LoadedPlugin};
+use crate::plugin::{LoadError, LoadedPlugin};
 use std::{
     path::Path,
     sync::{Arc, MutexGuard},
@@ -70,13 +70,7 @@ impl Registry {
         path: &Path,
         expected: Option<&str>,
     ) -> Result<Candidate<'_>, SwapError> {
-        // Loading runs before the writer lock, as in `load`: a slow file holds up no one.
-        let mut loaded = plugin::load(
-            path,
-            &self.stage_dir,
-            self.snapshot().generation + 1,
-            &|n| self.config_of(n),
-        )?;
+        let mut loaded = self.load_unpublished(path)?;
         if let Some(expected) = expected.filter(|e| *e != loaded.name) {
             return Err(SwapError::WrongName {
                 path: path.to_owned(),

@@ -324,18 +324,23 @@ impl Registry {
         results
     }
 
-    /// Loads one plugin. A plugin with the name of a loaded one replaces it (hot swap): the
-    /// old one serves the requests that already hold it and is released after them.
-    pub fn load(&self, path: &Path) -> Result<(Arc<LoadedPlugin>, u64), LoadError> {
-        // Reading, mapping and checking a file may take long (a slow disk, a large library):
-        // it happens before the writer lock, so a slow load holds up no other load or unload.
-        // The generation is fixed when the new snapshot is published.
-        let mut loaded = plugin::load(
+    /// Loads (maps, initialises, self-tests) the plugin at `path` without publishing it.
+    /// Reading, mapping and checking a file may take long (a slow disk, a large library): it
+    /// happens before the writer lock, so a slow load holds up no other load or unload. The
+    /// generation is fixed when the new snapshot is published.
+    fn load_unpublished(&self, path: &Path) -> Result<LoadedPlugin, LoadError> {
+        plugin::load(
             path,
             &self.stage_dir,
             self.snapshot().generation + 1,
             &|n| self.config_of(n),
-        )?;
+        )
+    }
+
+    /// Loads one plugin. A plugin with the name of a loaded one replaces it (hot swap): the
+    /// old one serves the requests that already hold it and is released after them.
+    pub fn load(&self, path: &Path) -> Result<(Arc<LoadedPlugin>, u64), LoadError> {
+        let mut loaded = self.load_unpublished(path)?;
         let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.current.load_full();
         let generation = old.generation + 1;
