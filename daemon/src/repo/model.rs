@@ -18,6 +18,9 @@ pub type Feeds = HashMap<String, Arc<HostTensor>>;
 
 /// Recent requests kept per model version for verifying a plugin swap.
 const RECENT_REQUESTS: usize = 4;
+/// After the first few, one request in this many is kept: a kept request's inputs stay alive
+/// for its whole run (the run would otherwise release them after their last reader).
+const RECENT_SAMPLE_EVERY: u64 = 16;
 /// A request larger than this is not kept (bounds what a model holds for verification).
 const RECENT_MAX_BYTES: usize = 16 << 20;
 
@@ -133,8 +136,10 @@ pub struct ServedModel {
     pub stats: Mutex<Stats>,
     /// Set for a version served adaptively (its folder has `adaptive.toml`).
     pub adaptive: Option<crate::quant::adaptive::Adaptive>,
-    /// The inputs of the last few successful requests: what a plugin swap is verified on.
+    /// The inputs of a few recent successful requests: what a plugin swap is verified on.
     recent: Mutex<VecDeque<Feeds>>,
+    /// Requests offered to `recent` so far (for sampling).
+    offered: std::sync::atomic::AtomicU64,
     /// The warm-up samples of its settings (verified on first).
     warmup: Vec<Feeds>,
 }
@@ -209,6 +214,7 @@ impl ServedModel {
             stats: Mutex::new(Stats::default()),
             adaptive: None,
             recent: Mutex::new(VecDeque::new()),
+            offered: Default::default(),
             warmup: Vec::new(),
         })
     }
@@ -280,8 +286,17 @@ impl ServedModel {
         }
     }
 
-    /// Keeps the inputs of a request that succeeded for verifying swaps (the last few, each
-    /// under a size bound; shared with the request, not copied).
+    /// Whether to keep this request's inputs for verifying swaps: the first few requests,
+    /// then one in [`RECENT_SAMPLE_EVERY`].
+    pub fn sample_for_swaps(&self) -> bool {
+        let n = self
+            .offered
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        n < RECENT_REQUESTS as u64 || n.is_multiple_of(RECENT_SAMPLE_EVERY)
+    }
+
+    /// Keeps the inputs of a request that succeeded for verifying swaps (the last few kept,
+    /// each under a size bound; shared with the request, not copied).
     pub fn remember(&self, feeds: &Feeds) {
         let bytes: usize = feeds.values().map(|t| t.byte_len()).sum();
         if bytes > RECENT_MAX_BYTES {

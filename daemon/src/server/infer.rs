@@ -153,9 +153,11 @@ async fn run(
     let m = model.clone();
     let feeds: HashMap<String, Arc<HostTensor>> =
         feeds.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
-    // The inputs of a request that succeeds are kept (shared, not copied): an adaptive
-    // version samples them, and a plugin swap is verified on the last few.
-    let kept = feeds.clone();
+    // Inputs kept past the run (shared, not copied), for a sampled request only: they stay
+    // alive for its whole run. An adaptive version samples them, and a plugin swap is
+    // verified on the last few kept.
+    let for_swaps = model.sample_for_swaps();
+    let kept = (for_swaps || model.adaptive.is_some()).then(|| feeds.clone());
     let control = Arc::new(RunControl::new(max_tensor, max_live, deadline));
     let _cancel = CancelOnDrop(control.clone());
     let job = app.compute.run({
@@ -202,10 +204,14 @@ async fn run(
         }
     };
     let infer_ns = t1.elapsed().as_nanos() as u64;
-    model.remember(&kept);
-    if let Some(adaptive) = &model.adaptive {
-        if adaptive.offer(&kept) {
-            crate::quant::adaptive::spawn_check(app.clone(), model.clone());
+    if let Some(kept) = &kept {
+        if for_swaps {
+            model.remember(kept);
+        }
+        if let Some(adaptive) = &model.adaptive {
+            if adaptive.offer(kept) {
+                crate::quant::adaptive::spawn_check(app.clone(), model.clone());
+            }
         }
     }
     let (copies, copy_bytes) = control.copies();
