@@ -406,6 +406,35 @@ async fn rollback_returns_to_the_previous_build_and_a_dry_run_publishes_nothing(
         .expect_err("not loaded");
     assert_eq!(e.code(), Code::NotFound);
     assert!(e.message().contains("is not loaded"), "{}", e.message());
+    // Builds for another ABI major or a newer minor: refused by the loader, named, remembered.
+    let before = generation(&d).await;
+    for (file, why) in [
+        ("mock_abi_major", "is not compatible with this daemon's ABI"),
+        ("mock_newer_minor", "newer than this daemon's"),
+    ] {
+        let e = reg
+            .swap_plugin(swap_request(&plugin(file), 1.0))
+            .await
+            .expect_err(file);
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+        assert!(e.message().contains(why), "{}", e.message());
+    }
+    assert_eq!(generation(&d).await, before);
+    let refused: Vec<String> = reg
+        .list_plugins(pb::ListPluginsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .refused
+        .into_iter()
+        .map(|r| r.sha256)
+        .collect();
+    for file in ["mock_abi_major", "mock_newer_minor"] {
+        assert!(
+            refused.contains(&sha256(&plugin(file))),
+            "{file} remembered"
+        );
+    }
     reg.unload_plugin(pb::UnloadPluginRequest {
         name: "mock-good".into(),
     })
