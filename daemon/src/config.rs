@@ -259,6 +259,11 @@ pub struct SwapSettings {
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8001";
 
+/// A verified swap's default tolerance, absolute and relative: loose enough for a kernel that
+/// sums in another order or uses FMA (f32 round-off over thousands of terms), tight enough
+/// that a wrong kernel shows.
+pub const DEFAULT_SWAP_TOLERANCE: (f64, f64) = (1e-4, 1e-3);
+
 impl Config {
     /// Merges the command line (with its environment variables) over the file it names.
     pub fn resolve(cli: Cli) -> anyhow::Result<Config> {
@@ -329,12 +334,12 @@ impl Config {
                 },
                 abs_tolerance: tolerance(
                     cli.swap_abs_tolerance.or(file.swap_abs_tolerance),
-                    1e-4,
+                    DEFAULT_SWAP_TOLERANCE.0,
                     "--swap-abs-tolerance",
                 )?,
                 rel_tolerance: tolerance(
                     cli.swap_rel_tolerance.or(file.swap_rel_tolerance),
-                    1e-3,
+                    DEFAULT_SWAP_TOLERANCE.1,
                     "--swap-rel-tolerance",
                 )?,
                 quarantine: {

@@ -11,13 +11,11 @@ pub struct Tolerance {
 }
 
 impl Default for Tolerance {
-    /// Loose enough for a kernel that sums in another order or uses FMA (f32 round-off over
-    /// thousands of terms), tight enough that a wrong kernel shows.
+    /// [`DEFAULT_SWAP_TOLERANCE`](crate::config::DEFAULT_SWAP_TOLERANCE), what the daemon's
+    /// flags default to.
     fn default() -> Self {
-        Tolerance {
-            abs: 1e-4,
-            rel: 1e-3,
-        }
+        let (abs, rel) = crate::config::DEFAULT_SWAP_TOLERANCE;
+        Tolerance { abs, rel }
     }
 }
 
