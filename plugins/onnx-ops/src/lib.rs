@@ -6,6 +6,7 @@ use opreg_sdk::prelude::*;
 mod bitcast;
 mod cumulative;
 mod elementwise;
+mod image;
 mod infer;
 mod linalg;
 mod loss;
@@ -14,7 +15,10 @@ mod lowbit;
 mod malformed;
 mod ml;
 mod nn;
+mod optional;
 mod quant;
+mod random;
+mod recurrent;
 mod reduce;
 mod rnn;
 mod shape;
@@ -24,6 +28,7 @@ mod spatial;
 #[cfg(test)]
 mod testcases;
 mod text;
+mod training;
 mod transformer;
 mod unique;
 #[allow(dead_code)] // shared helpers; not every family uses every one
@@ -52,6 +57,11 @@ fn register(r: &mut Registrar) {
     rnn::register(r);
     text::register(r);
     ml::register(r);
+    image::register(r);
+    optional::register(r);
+    random::register(r);
+    recurrent::register(r);
+    training::register(r);
 }
 
 opreg_sdk::export_plugin! {

@@ -22,6 +22,8 @@ const SAME_AS_INPUT: &[&str] = &[
     "BitwiseNot",
     "Cast",
     "CastLike",
+    // Output [B, C, L] like its input (depthwise, left-padded by the state).
+    "CausalConvWithState",
     "Ceil",
     "Celu",
     "Clip",
@@ -51,6 +53,8 @@ const SAME_AS_INPUT: &[&str] = &[
     "Mish",
     "Neg",
     "Not",
+    "Optional",
+    "OptionalGetElement",
     "PRelu",
     "Reciprocal",
     "Relu",
