@@ -40,6 +40,11 @@ const NONDETERMINISTIC: &[&str] = &[
     "RandomUniformLike",
     "Multinomial",
     "Bernoulli",
+    // In training mode (training_mode input true, nonzero ratio) its mask is random: a
+    // Dropout of constant inputs must not be frozen into one mask at load. Little folding is
+    // lost: the plain inference form (no ratio, training_mode or mask) is removed by the
+    // identities pass before this.
+    "Dropout",
 ];
 
 /// Compiles `model` against `snapshot`, placing each node on the first device of `devices`

@@ -19,6 +19,7 @@ const SAME_AS_INPUT: &[&str] = &[
     "Atan",
     "Atanh",
     "BatchNormalization",
+    "Bernoulli",
     "BitwiseNot",
     "Cast",
     "CastLike",
@@ -56,6 +57,8 @@ const SAME_AS_INPUT: &[&str] = &[
     "Optional",
     "OptionalGetElement",
     "PRelu",
+    "RandomNormalLike",
+    "RandomUniformLike",
     "Reciprocal",
     "Relu",
     "Round",
@@ -214,6 +217,19 @@ pub(super) fn infer(node: &NodeInfo<'_>) -> Vec<Shape> {
             "FusedMatMul" => "MatMul",
             _ => return out,
         },
+        "ai.onnx.preview.training" if matches!(node.op_type, "Adagrad" | "Adam" | "Momentum") => {
+            // Inputs R, T, then n tensors per role (X..., G..., state...); outputs X_new...,
+            // then each state's updates: output k has the shape of X_(k mod n).
+            let group = if node.op_type == "Adam" { 4 } else { 3 };
+            let n = node.inputs.len().saturating_sub(2) / group;
+            if n > 0 && node.inputs.len() == 2 + n * group {
+                for (k, o) in out.iter_mut().enumerate() {
+                    let x = node.inputs.get(2 + k % n).filter(|v| v.present);
+                    *o = x.and_then(|v| v.shape).map(<[i64]>::to_vec);
+                }
+            }
+            return out;
+        }
         "com.microsoft" if node.op_type == "QLinearAdd" => {
             // A and B (inputs 0 and 3) broadcast, as Add's inputs do.
             let shape = |i: usize| node.inputs.get(i).filter(|v| v.present)?.shape;
@@ -263,6 +279,16 @@ pub(super) fn infer(node: &NodeInfo<'_>) -> Vec<Shape> {
     } else {
         match op {
             "Shape" => input(0).map(|s| vec![s.len() as i64]),
+            // The shape attribute; a negative dimension gives none (the kernel refuses it).
+            "RandomNormal" | "RandomUniform" => {
+                attr_ints(node, "shape").filter(|s| s.iter().all(|&d| d >= 0))
+            }
+            // [batch, classes] -> [batch, sample_size].
+            "Multinomial" => (|| {
+                let x = input(0).filter(|x| x.len() == 2)?;
+                let n = attr_int(node, "sample_size", 1);
+                (n >= 1).then_some(vec![*x.first()?, n])
+            })(),
             "Size" => Some(vec![]),
             "MatMul" => matmul(input(0), input(1)),
             "Gemm" => (|| {
@@ -375,6 +401,14 @@ pub(super) fn infer(node: &NodeInfo<'_>) -> Vec<Shape> {
             _ => None,
         }
     };
+    if op == "BatchNormalization" {
+        // The running statistics (and, before opset 14, the saved ones): one value per
+        // channel, shaped as the input mean.
+        let stats = input(3).or_else(|| Some(vec![*input(0)?.get(1)?]));
+        for o in out.iter_mut().skip(1) {
+            o.clone_from(&stats);
+        }
+    }
     out
 }
 

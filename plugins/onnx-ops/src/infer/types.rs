@@ -31,6 +31,14 @@ pub(super) fn output_type(
                 _ => None,
             };
         }
+        // The preview-training optimizers output updated copies of their optimized tensors
+        // (T3, from input 2 on).
+        "ai.onnx.preview.training" => {
+            return match node.op_type {
+                "Adagrad" | "Adam" | "Momentum" => inputs.get(2).copied().flatten(),
+                _ => None,
+            }
+        }
         "" | "ai.onnx" => {}
         _ => return None,
     }
@@ -46,12 +54,17 @@ pub(super) fn output_type(
         "StringNormalizer" | "StringConcat" | "StringSplit" => DType::String,
         "TopK" | "MaxPool" | "Unique" if index > 0 => DType::I64,
         "Dropout" if index == 1 => DType::Bool,
+        // The running (and, before opset 14, saved) statistics have the input mean's type,
+        // which may differ from X's (T2 / U).
+        "BatchNormalization" if index > 0 => return inputs.get(3).copied().flatten(),
         "Cast" => return attr_type("to"),
         "CastLike" => return inputs.get(1).copied().flatten(),
         "EyeLike" | "RandomNormalLike" | "RandomUniformLike" => {
             return attr_type("dtype").or(first)
         }
         "RandomNormal" | "RandomUniform" => return attr_type("dtype").or(Some(DType::F32)),
+        "Bernoulli" => return attr_type("dtype").or(first),
+        "Multinomial" => return attr_type("dtype").or(Some(DType::I32)),
         "ConstantOfShape" => match node.attr("value") {
             Some(AttrValue::Tensor(t)) => t.dtype,
             _ => DType::F32,

@@ -1,11 +1,13 @@
-//! Normalisation: BatchNormalization (inference), InstanceNormalization, LayerNormalization,
-//! GroupNormalization, LRN.
+//! Normalisation: BatchNormalization (inference, and training mode from opset 14),
+//! InstanceNormalization, LayerNormalization, GroupNormalization, LRN.
 
 use super::{
     at_least_one, not_implemented_for, optional, register_versions, Arith, Disjoint, Float, Real,
     Scalar, FLOATS,
 };
-use crate::util::{broadcast_strides, input, normalize_axis, product_sat, required, walk_offsets};
+use crate::util::{
+    broadcast_strides, fill_from_f64, input, normalize_axis, product_sat, required, walk_offsets,
+};
 use opreg_sdk::prelude::*;
 
 /// A small float parameter tensor (scale, bias, mean...) of any float type, as `C` values.
@@ -64,14 +66,30 @@ fn moments<T: Float>(x: &[T]) -> (T::Compute, T::Compute) {
 #[derive(Clone)]
 struct BatchNorm {
     epsilon: f32,
+    /// `Some(momentum)` in training mode (opset 14+, `training_mode = 1`): normalise with the
+    /// batch's statistics and output the updated running ones.
+    training: Option<f32>,
 }
 
 fn batch_norm_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
-    if node.int_or("training_mode", 0)? != 0 {
-        return Err(PluginError::unimplemented(
-            "BatchNormalization: training_mode = 1 is not supported (inference only)",
-        ));
-    }
+    let training_mode = node.int_or("training_mode", 0)?;
+    let training = match training_mode {
+        0 => None,
+        // Opsets before 14 have no training_mode (their training outputs were the saved
+        // statistics, with another meaning): only opset 14's form is implemented.
+        1 if node.opset >= 14 => Some(node.float_or("momentum", 0.9)?),
+        1 => {
+            return Err(PluginError::unimplemented(format!(
+                "BatchNormalization: training_mode = 1 needs opset 14 or later (got {})",
+                node.opset
+            )))
+        }
+        other => {
+            return Err(PluginError::invalid(format!(
+                "BatchNormalization: training_mode must be 0 or 1, got {other}"
+            )))
+        }
+    };
     if node.opset < 9 && node.int_or("spatial", 1)? == 0 {
         return Err(PluginError::unimplemented(
             "BatchNormalization: spatial = 0 is not supported",
@@ -79,7 +97,42 @@ fn batch_norm_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginErro
     }
     Ok(Box::new(BatchNorm {
         epsilon: node.float_or("epsilon", 1e-5)?,
+        training,
     }))
+}
+
+/// The mean and population (biased) variance of each channel of `x` (`[n, c, plane...]`),
+/// over every axis but 1, accumulated in f64. NaN for an empty batch, as numpy's mean of no
+/// values.
+fn channel_moments<T: Float>(
+    ctx: &KernelContext<'_>,
+    x: &[T],
+    n: usize,
+    c: usize,
+    plane: usize,
+) -> Result<Vec<(f64, f64)>, PluginError> {
+    let mut stats = vec![(f64::NAN, f64::NAN); c];
+    // Exact whenever x has elements.
+    let count = n.saturating_mul(plane);
+    if count == 0 || x.is_empty() {
+        return Ok(stats);
+    }
+    let count = count as f64;
+    // Plane p of x belongs to channel p % c (c > 0 here: x has elements).
+    let channel = |ch: usize| x.chunks_exact(plane).skip(ch).step_by(c).flatten();
+    ctx.parallel_chunks(&mut stats, 1, |start, out| {
+        for (k, slot) in out.iter_mut().enumerate() {
+            let ch = start + k;
+            let mean = channel(ch).map(|v| v.to_f64()).sum::<f64>() / count;
+            // Two passes, as numpy's var: no cancellation from a sum of squares.
+            let var = channel(ch)
+                .map(|v| (v.to_f64() - mean) * (v.to_f64() - mean))
+                .sum::<f64>()
+                / count;
+            *slot = (mean, var);
+        }
+    })?;
+    Ok(stats)
 }
 
 impl BatchNorm {
@@ -92,15 +145,60 @@ impl BatchNorm {
         let [xv, sv, bv, mv, vv] =
             required(OP, inputs, ["X", "scale", "B", "input_mean", "input_var"])?;
         let xs = xv.shape();
-        let (_, c, plane) = nc(OP, xs)?;
+        let (n, c, plane) = nc(OP, xs)?;
         let scale = params_len::<T::Compute>(OP, "scale", &sv, c)?;
         let bias = params_len::<T::Compute>(OP, "B", &bv, c)?;
-        let mean = params_len::<T::Compute>(OP, "input_mean", &mv, c)?;
-        let var = params_len::<T::Compute>(OP, "input_var", &vv, c)?;
+        let x = xv.as_slice::<T>()?;
+        let (mean, var) = match self.training {
+            None => (
+                params_len::<T::Compute>(OP, "input_mean", &mv, c)?,
+                params_len::<T::Compute>(OP, "input_var", &vv, c)?,
+            ),
+            Some(momentum) => {
+                // As the reference: the batch's statistics (biased variance) normalise X and
+                // update the running ones, running = input * momentum + batch * (1 -
+                // momentum). They are rounded to X's type first, as the reference computes
+                // them in it.
+                let input_mean = params_len::<f64>(OP, "input_mean", &mv, c)?;
+                let input_var = params_len::<f64>(OP, "input_var", &vv, c)?;
+                let round = |v: f64| T::store(<T::Compute as Scalar>::from_f64(v)).to_f64();
+                let (batch_mean, batch_var): (Vec<f64>, Vec<f64>) =
+                    channel_moments(ctx, x, n, c, plane)?
+                        .into_iter()
+                        .map(|(m, v)| (round(m), round(v)))
+                        .unzip();
+                let m = momentum as f64;
+                let running = |input: &[f64], batch: &[f64]| -> Vec<f64> {
+                    input
+                        .iter()
+                        .zip(batch)
+                        .map(|(&i, &b)| i * m + b * (1.0 - m))
+                        .collect()
+                };
+                // running_mean and running_var have the input statistics' type (T2 / U) and
+                // shape.
+                for (out, input, batch, src) in [
+                    (1, &input_mean, &batch_mean, &mv),
+                    (2, &input_var, &batch_var, &vv),
+                ] {
+                    if ctx.num_outputs() > out {
+                        let r = running(input, batch);
+                        fill_from_f64(ctx, out, src.dtype, src.shape(), |i| {
+                            r.get(i).copied().unwrap_or(f64::NAN)
+                        })?;
+                    }
+                }
+                let compute = |v: &[f64]| -> Vec<T::Compute> {
+                    v.iter()
+                        .map(|&v| <T::Compute as Scalar>::from_f64(v))
+                        .collect()
+                };
+                (compute(&batch_mean), compute(&batch_var))
+            }
+        };
         let eps = <T::Compute as Scalar>::from_f64(self.epsilon as f64);
         let a: Vec<T::Compute> = (0..c).map(|i| scale[i] / (var[i] + eps).sqrt()).collect();
         let b: Vec<T::Compute> = (0..c).map(|i| bias[i] - mean[i] * a[i]).collect();
-        let x = xv.as_slice::<T>()?;
         let y = ctx.output_slice::<T>(0, xs)?;
         if !y.is_empty() {
             let plane = plane.max(1);
@@ -115,6 +213,9 @@ impl BatchNorm {
                     }
                 }
             })?;
+        }
+        if self.training.is_some() {
+            return Ok(());
         }
         // Opsets before 14 may name the running statistics as outputs; in inference they
         // are the inputs unchanged.
@@ -582,6 +683,172 @@ mod tests {
             })
             .collect();
         close(&out[0].to_vec::<f32>().expect("y"), &want);
+    }
+
+    #[test]
+    fn conformance_batch_norm() {
+        // Inference and training mode (test_batchnorm_*_training_mode).
+        crate::testcases::run_cases_min(&["test_batchnorm"], 4, batch_norm_factory);
+    }
+
+    fn training_node(momentum: f32) -> NodeSpec {
+        NodeSpec::onnx("BatchNormalization", 15)
+            .attr("epsilon", AttrValue::Float(0.0))
+            .attr("momentum", AttrValue::Float(momentum))
+            .attr("training_mode", AttrValue::Int(1))
+            .outputs(3)
+    }
+
+    #[test]
+    fn batch_norm_training_by_hand() {
+        // [N=2, C=2, 1]: channel 0 holds {1, 3} (mean 2, biased variance 1), channel 1
+        // {10, 20} (mean 15, variance 25).
+        let x = t(&[2, 2, 1], &[1.0, 10.0, 3.0, 20.0]);
+        let out = run_kernel(
+            batch_norm_factory,
+            &training_node(0.5),
+            &[
+                &x,
+                &t(&[2], &[1.0, 2.0]),
+                &t(&[2], &[0.0, 1.0]),
+                &t(&[2], &[0.0, 5.0]),
+                &t(&[2], &[1.0, 1.0]),
+            ],
+            None,
+        )
+        .expect("run");
+        assert_eq!(out.len(), 3);
+        // Normalised with the batch's statistics, not the inputs'.
+        close(&out[0].to_vec::<f32>().expect("y"), &[-1.0, -1.0, 1.0, 3.0]);
+        // running = input * 0.5 + batch * 0.5, with the biased batch variance.
+        close(&out[1].to_vec::<f32>().expect("mean"), &[1.0, 10.0]);
+        close(&out[2].to_vec::<f32>().expect("var"), &[1.0, 13.0]);
+        assert_eq!(out[1].shape(), &[2]);
+    }
+
+    #[test]
+    fn batch_norm_training_keeps_the_statistics_type() {
+        // X in f32, the running statistics in f64 (T2 may differ from T): outputs 1 and 2
+        // are f64; only Y asked for gives Y alone.
+        let x = t(&[2, 1, 2], &[1.0, 2.0, 3.0, 4.0]);
+        let one = t(&[1], &[1.0]);
+        let zero = t(&[1], &[0.0]);
+        let mean = HostTensor::from_vec(&[1], &[4.0f64]).expect("mean");
+        let var = HostTensor::from_vec(&[1], &[2.0f64]).expect("var");
+        let out = run_kernel(
+            batch_norm_factory,
+            &training_node(0.75),
+            &[&x, &one, &zero, &mean, &var],
+            None,
+        )
+        .expect("run");
+        // Batch mean 2.5, variance 1.25.
+        assert_eq!(out[1].to_vec::<f64>().expect("mean"), vec![3.625]);
+        assert_eq!(out[2].to_vec::<f64>().expect("var"), vec![1.8125]);
+        let out = run_kernel(
+            batch_norm_factory,
+            &training_node(0.75).outputs(1),
+            &[&x, &one, &zero, &mean, &var],
+            None,
+        )
+        .expect("run");
+        assert_eq!(out.len(), 1);
+        let s = 1.25f32.sqrt();
+        close(
+            &out[0].to_vec::<f32>().expect("y"),
+            &[-1.5 / s, -0.5 / s, 0.5 / s, 1.5 / s],
+        );
+    }
+
+    #[test]
+    fn batch_norm_training_refuses_malformed_nodes() {
+        let x = t(&[2, 2, 1], &[1.0, 10.0, 3.0, 20.0]);
+        let two = t(&[2], &[1.0, 1.0]);
+        let three = t(&[3], &[0.0, 0.0, 0.0]);
+        let err = run_kernel(
+            batch_norm_factory,
+            &training_node(0.9),
+            &[&x, &two, &two, &three, &two],
+            None,
+        )
+        .expect_err("input_mean has 3 values for 2 channels");
+        assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
+        assert!(err.message.contains("input_mean"), "{err}");
+        let err = run_kernel(
+            batch_norm_factory,
+            &NodeSpec::onnx("BatchNormalization", 15).attr("training_mode", AttrValue::Int(2)),
+            &[&x, &two, &two, &two, &two],
+            None,
+        )
+        .expect_err("training_mode 2");
+        assert!(err.message.contains("training_mode"), "{err}");
+        // X of rank 1 has no channel axis.
+        let err = run_kernel(
+            batch_norm_factory,
+            &training_node(0.9),
+            &[&two, &two, &two, &two, &two],
+            None,
+        )
+        .expect_err("rank 1");
+        assert!(err.message.contains("rank >= 2"), "{err}");
+    }
+
+    #[test]
+    fn batch_norm_training_of_an_empty_batch() {
+        // No values: the batch statistics are NaN, as numpy's mean of nothing; Y is empty.
+        let x = t(&[0, 2, 3], &[]);
+        let two = t(&[2], &[1.0, 1.0]);
+        let out = run_kernel(
+            batch_norm_factory,
+            &training_node(0.9),
+            &[&x, &two, &two, &two, &two],
+            None,
+        )
+        .expect("run");
+        assert_eq!(out[0].shape(), &[0, 2, 3]);
+        assert!(out[1]
+            .to_vec::<f32>()
+            .expect("mean")
+            .iter()
+            .all(|v| v.is_nan()));
+    }
+
+    #[test]
+    fn batch_norm_inference_of_the_training_outputs() {
+        use opreg_sdk::ValueInfo;
+        let value = |dtype: DType, shape: &'static [i64]| ValueInfo {
+            name: "",
+            present: true,
+            dtype,
+            shape: Some(shape),
+            constant: None,
+        };
+        let spec = training_node(0.9);
+        let info = NodeInfo {
+            name: "n",
+            domain: "",
+            op_type: "BatchNormalization",
+            opset: 15,
+            device: Device::CPU,
+            attributes: std::borrow::Cow::Borrowed(spec.attributes.as_slice()),
+            inputs: vec![
+                value(DType::F16, &[-1, 3, 4, 5]),
+                value(DType::F16, &[3]),
+                value(DType::F16, &[3]),
+                value(DType::F32, &[3]),
+                value(DType::F32, &[3]),
+            ],
+            outputs: vec![value(DType::UNDEFINED, &[]); 3],
+            blas: None,
+            context: None,
+        };
+        let facts = crate::infer::infer(&info).expect("infer");
+        assert_eq!(facts[0].dtype, Some(DType::F16));
+        assert_eq!(facts[0].shape, Some(vec![-1, 3, 4, 5]));
+        for f in &facts[1..] {
+            assert_eq!(f.dtype, Some(DType::F32));
+            assert_eq!(f.shape, Some(vec![3]));
+        }
     }
 
     #[test]

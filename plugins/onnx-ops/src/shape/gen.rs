@@ -16,12 +16,14 @@ impl Kernel for Identity {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Dropout (inference)
+// Dropout (inference; training mode samples its mask in `crate::random`)
 
 #[derive(Clone)]
 pub(crate) struct Dropout {
     /// Opsets before 10 type the mask like the data; later ones use bool.
     bool_mask: bool,
+    /// The `seed` attribute (opset 12+), for training mode's mask.
+    seed: crate::random::Seed,
 }
 
 impl Kernel for Dropout {
@@ -29,19 +31,22 @@ impl Kernel for Dropout {
         let data = input(x, 0, "Dropout")?;
         if let Some(t) = optional(x, 2) {
             let training = ints_of(t, "Dropout training_mode")?;
-            let ratio = match optional(x, 1) {
-                Some(r) if r.dtype == DType::F32 => r.as_slice::<f32>()?.first().copied(),
-                Some(r) if r.dtype == DType::F64 => r.as_slice::<f64>()?.first().map(|&v| v as f32),
-                Some(r) if r.dtype == DType::F16 => r
-                    .as_slice::<opreg_sdk::half::f16>()?
-                    .first()
-                    .map(|v| v.to_f32()),
-                _ => Some(0.5),
-            };
-            if training.first().is_some_and(|&t| t != 0) && ratio != Some(0.0) {
-                return Err(PluginError::unimplemented(
-                    "Dropout: training mode (random masks) is not supported",
-                ));
+            if training.first().is_some_and(|&t| t != 0) {
+                // The ratio only matters (and is only checked) in training mode.
+                let ratio = match optional(x, 1) {
+                    Some(r) => crate::random::dropout_ratio(r)?,
+                    None => 0.5,
+                };
+                // Ratio 0 keeps everything: the identity below, with an all-true mask.
+                if ratio != 0.0 {
+                    return crate::random::dropout_training(
+                        ctx,
+                        data,
+                        ratio,
+                        self.seed,
+                        self.bool_mask,
+                    );
+                }
             }
         }
         copy_reshaped(ctx, data, data.shape())?;
@@ -409,6 +414,7 @@ pub(crate) fn register(r: &mut Registrar) {
         |n| {
             Ok(Dropout {
                 bool_mask: n.opset >= 10,
+                seed: crate::random::Seed::from_node(n, "Dropout")?,
             })
         },
     );
