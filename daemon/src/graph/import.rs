@@ -181,7 +181,14 @@ fn from_proto(
     proto: Result<onnx::ModelProto, prost::DecodeError>,
     dir: Option<&Path>,
 ) -> Result<Model, GraphError> {
-    let proto = proto.map_err(|e| GraphError::Decode(e.to_string()))?;
+    let mut proto = proto.map_err(|e| GraphError::Decode(e.to_string()))?;
+    if let Some(u) = super::legacy::upgrade(&mut proto)? {
+        tracing::info!(
+            from = u.from,
+            to = u.to,
+            "legacy model upgraded to a newer opset at import"
+        );
+    }
     let graph = proto
         .graph
         .ok_or_else(|| GraphError::Invalid("the model has no graph".into()))?;

@@ -8,6 +8,7 @@ mod copies;
 mod copy;
 mod export;
 mod import;
+mod legacy;
 mod memory;
 mod passes;
 mod plan;
