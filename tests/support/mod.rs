@@ -5,6 +5,7 @@
 //! command does it before `cargo test`); a missing artifact fails with that instruction.
 
 pub mod onnx;
+pub mod reference;
 
 use opreg_proto::{
     inference::grpc_inference_service_client::GrpcInferenceServiceClient,

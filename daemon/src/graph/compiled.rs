@@ -56,6 +56,8 @@ pub struct Plan {
     pub(super) formal_inputs: usize,
     pub(super) outputs: Vec<(String, usize)>,
     pub(super) output_types: Vec<Option<DType>>,
+    /// Which outputs are sequences (only a subgraph's may be).
+    pub(super) output_seqs: Vec<bool>,
     /// Inferred output shapes (symbolic where only known at run time).
     pub output_shapes: Vec<super::import::Shape>,
     pub placement: Vec<Placement>,
@@ -90,6 +92,7 @@ impl Plan {
                     Work::If { .. } => ("host::If".to_string(), "opregd".to_string()),
                     Work::Loop { .. } => ("host::Loop".to_string(), "opregd".to_string()),
                     Work::Scan(_) => ("host::Scan".to_string(), "opregd".to_string()),
+                    Work::Sequence(op) => (format!("host::{op:?}"), "opregd".to_string()),
                 };
                 StepInfo {
                     label: s.label.clone(),
@@ -123,7 +126,7 @@ impl Plan {
                 }
                 Work::Loop { body } => body.plugins(names),
                 Work::Scan(scan) => scan.body.plugins(names),
-                Work::Copy { .. } => {}
+                Work::Copy { .. } | Work::Sequence(_) => {}
             }
         }
     }
@@ -140,6 +143,8 @@ pub(super) enum Work {
         body: Box<Plan>,
     },
     Scan(Box<ScanSpec>),
+    /// A sequence operator, run on the host (see [`sequence`](super::sequence)).
+    Sequence(super::sequence::SeqOp),
     /// Moves one value between host and device memory (see [`copies`](super::copies)).
     Copy {
         from: Place,

@@ -6,15 +6,18 @@
 use super::compiled::{Plan, ScanSpec, Step, Work};
 use super::{import::Node, subgraphs::Subgraphs, values::Values, GraphError};
 use opreg_sdk::{AttrValue, DType, Device};
+use std::collections::HashSet;
 
 /// Typed names: a graph's formal inputs, or the outer values it captures.
 pub(super) type Typed = Vec<(String, Option<DType>)>;
 
-/// Compiles one subgraph given its formal inputs and captured values.
+/// Compiles one subgraph given its formal inputs, its captured values, and which of those
+/// (by name) hold sequences.
 pub(super) type CompileBody<'c> = dyn FnMut(
         &super::import::Model,
         &[(String, Option<DType>)],
         &[(String, Option<DType>)],
+        &HashSet<String>,
     ) -> Result<Plan, GraphError>
     + 'c;
 
@@ -46,7 +49,20 @@ pub(super) fn lower(
         .map(|(v, &s)| (v.clone(), values.types[s]))
         .collect();
     let in_types = values.types_of(&inputs);
-    let mut body = |g: usize, formal_types: Vec<Option<DType>>| -> Result<Box<Plan>, GraphError> {
+    let is_seq = |s: &Option<usize>| s.is_some_and(|s| values.seqs.contains(&s));
+    let in_seqs: Vec<bool> = inputs.iter().map(is_seq).collect();
+    let captured_seqs: HashSet<String> = sub
+        .free
+        .iter()
+        .zip(&captured_slots)
+        .filter(|(_, s)| values.seqs.contains(s))
+        .map(|(v, _)| v.clone())
+        .collect();
+    // `formal_seqs[k]`: formal input k of the subgraph is bound to a sequence.
+    let mut body = |g: usize,
+                    formal_types: Vec<Option<DType>>,
+                    formal_seqs: Vec<bool>|
+     -> Result<Box<Plan>, GraphError> {
         let graph = sub.graphs.get(g).ok_or_else(|| {
             GraphError::Invalid(format!("node {}: subgraph {g} is missing", n.label()))
         })?;
@@ -57,19 +73,29 @@ pub(super) fn lower(
             .enumerate()
             .map(|(k, (name, t))| (name.clone(), t.or(formal_types.get(k).copied().flatten())))
             .collect();
-        compile_body(&graph.model, &formal, &captured)
+        let mut seqs = captured_seqs.clone();
+        seqs.extend(
+            formal
+                .iter()
+                .zip(&formal_seqs)
+                .filter(|(_, &s)| s)
+                .map(|((name, _), _)| name.clone()),
+        );
+        compile_body(&graph.model, &formal, &captured, &seqs)
             .map(Box::new)
             .map_err(|e| GraphError::Invalid(format!("node {}: subgraph: {e}", n.label())))
     };
     let work = match n.op_type.as_str() {
         "If" => Work::If {
-            then_branch: body(0, vec![])?,
-            else_branch: body(1, vec![])?,
+            then_branch: body(0, vec![], vec![])?,
+            else_branch: body(1, vec![], vec![])?,
         },
         "Loop" => {
             let mut formal = vec![Some(DType::I64), Some(DType::Bool)];
             formal.extend(in_types.iter().skip(2).copied());
-            let body = body(0, formal)?;
+            let mut seqs = vec![false, false];
+            seqs.extend(in_seqs.iter().skip(2).copied());
+            let body = body(0, formal, seqs)?;
             // Body: (iteration, condition, carried...) -> (condition, carried..., scans...).
             let carried = inputs.len().saturating_sub(2);
             if body.formal_inputs != 2 + carried || body.outputs.len() < 1 + carried {
@@ -87,7 +113,7 @@ pub(super) fn lower(
         "Scan" => {
             let body_outputs = sub.graphs.first().map_or(0, |g| g.model.outputs.len());
             let (axes, scanned) = scan_axes(n, inputs.len(), body_outputs)?;
-            let body = body(0, in_types.clone())?;
+            let body = body(0, in_types.clone(), in_seqs.clone())?;
             if body.formal_inputs != inputs.len() || axes.input_axes.len() != scanned {
                 return Err(GraphError::Invalid(format!(
                     "node {}: Scan body takes {} inputs for {} node inputs; {} scan_input_axes for {scanned} scanned inputs",
@@ -188,6 +214,17 @@ fn scan_axes(
     Ok((axes, scanned))
 }
 
+/// Which of a control step's outputs are sequences: carried or branch results (scan outputs
+/// are stacked tensors).
+pub(super) fn output_seqs(work: &Work) -> Vec<bool> {
+    match work {
+        Work::If { then_branch, .. } => then_branch.output_seqs.clone(),
+        Work::Loop { body } => body.output_seqs.iter().skip(1).copied().collect(),
+        Work::Scan(s) => s.body.output_seqs.iter().take(s.states).copied().collect(),
+        Work::Kernel { .. } | Work::Copy { .. } | Work::Sequence(_) => Vec::new(),
+    }
+}
+
 /// The element types of a control step's outputs, from its subgraphs' plans.
 pub(super) fn output_types(work: &Work) -> Vec<Option<DType>> {
     match work {
@@ -195,6 +232,6 @@ pub(super) fn output_types(work: &Work) -> Vec<Option<DType>> {
         // Body outputs: cond, carried..., scan outputs...
         Work::Loop { body } => body.output_types.iter().skip(1).copied().collect(),
         Work::Scan(s) => s.body.output_types.clone(),
-        Work::Kernel { .. } | Work::Copy { .. } => Vec::new(),
+        Work::Kernel { .. } | Work::Copy { .. } | Work::Sequence(_) => Vec::new(),
     }
 }

@@ -345,14 +345,21 @@ fn graph_model(
 }
 
 fn io_spec(v: &onnx::ValueInfoProto) -> Result<IoSpec, GraphError> {
-    let Some(onnx::type_proto::Value::TensorType(t)) =
-        v.r#type.as_ref().and_then(|t| t.value.as_ref())
-    else {
-        return Err(GraphError::Unsupported(format!(
-            "graph value '{}' is not a tensor (sequences, maps and optionals are not supported)",
-            v.name
-        )));
+    let kind = match v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        Some(onnx::type_proto::Value::TensorType(t)) => Ok(t),
+        Some(onnx::type_proto::Value::SequenceType(_)) => Err("a sequence"),
+        Some(onnx::type_proto::Value::MapType(_)) => Err("a map"),
+        Some(onnx::type_proto::Value::OptionalType(_)) => Err("an optional"),
+        _ => Err("not a tensor"),
     };
+    let t = kind.map_err(|what| {
+        // Only a served graph's inputs and outputs get here (a subgraph's are bound by its
+        // control node): inside a graph, sequences are values like tensors.
+        GraphError::Unsupported(format!(
+            "graph input or output '{}' is {what}: KServe v2 carries tensors only, so a served model's inputs and outputs must be tensors (inside the graph, sequences are supported)",
+            v.name
+        ))
+    })?;
     let dtype = DType::from_onnx_code(t.elem_type).ok_or_else(|| {
         GraphError::Unsupported(format!(
             "graph value '{}' has element type {}, which opreg does not support",

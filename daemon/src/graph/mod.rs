@@ -14,6 +14,7 @@ mod passes;
 mod plan;
 mod run;
 mod schedule;
+mod sequence;
 mod subgraphs;
 mod values;
 

@@ -17,7 +17,7 @@ use super::values::Values;
 use super::{
     copies,
     import::{Dim, Model, Node},
-    GraphError,
+    sequence, GraphError,
 };
 use crate::{
     exec::{self, BoundKernel, CallLimits, KernelError, NodeDesc},
@@ -80,7 +80,22 @@ pub fn compile(
         fused = m;
         &fused
     };
-    compile_graph(model, &formal, &[], snapshot, devices, &mut fold_budget)
+    let plan = compile_graph(
+        model,
+        &formal,
+        &[],
+        &HashSet::new(),
+        snapshot,
+        devices,
+        &mut fold_budget,
+    )?;
+    // KServe v2 carries tensors: a sequence may live inside the graph, not leave it.
+    if let Some(((name, _), _)) = plan.outputs.iter().zip(&plan.output_seqs).find(|(_, &s)| s) {
+        return Err(GraphError::Unsupported(format!(
+            "output '{name}' is a sequence: KServe v2 carries tensors only, so sequences may be used inside a served graph but not returned from it"
+        )));
+    }
+    Ok(plan)
 }
 
 /// Whether the fused operator can run wherever the original could: every preferred device with
@@ -122,11 +137,17 @@ fn compile_graph(
     model: &Model,
     formal: &[(String, Option<DType>)],
     captured: &[(String, Option<DType>)],
+    seqs: &HashSet<String>,
     snapshot: Arc<Snapshot>,
     devices: &[Device],
     fold_budget: &mut usize,
 ) -> Result<Plan, GraphError> {
     let mut values = Values::new(model, formal, captured)?;
+    for (name, s) in &values.inputs {
+        if seqs.contains(name) {
+            values.seqs.insert(*s);
+        }
+    }
     // Control nodes read their subgraphs' outer values too.
     let subs: Vec<Option<Subgraphs<'_>>> = model.nodes.iter().map(subgraphs).collect();
     let reads = |i: usize| -> Vec<&str> {
@@ -158,9 +179,18 @@ fn compile_graph(
         let in_slots = values.slots(&n.inputs);
         let out_slots = values.slots(&n.outputs);
         let (step, place) = if let Some(sub) = &subs[i] {
-            let mut compile_body = |m: &Model, formal: &[_], captured: &[_]| {
-                compile_graph(m, formal, captured, snapshot.clone(), devices, fold_budget)
-            };
+            let mut compile_body =
+                |m: &Model, formal: &[_], captured: &[_], seqs: &HashSet<String>| {
+                    compile_graph(
+                        m,
+                        formal,
+                        captured,
+                        seqs,
+                        snapshot.clone(),
+                        devices,
+                        fold_budget,
+                    )
+                };
             let step = control::lower(
                 n,
                 sub,
@@ -170,9 +200,13 @@ fn compile_graph(
                 &mut compile_body,
             )?;
             let out_types = control::output_types(&step.work);
+            let out_seqs = control::output_seqs(&step.work);
             for (k, s) in out_slots.iter().enumerate() {
                 if let Some(s) = s {
                     values.set(*s, out_types.get(k).copied().flatten(), None);
+                    if out_seqs.get(k).copied().unwrap_or(false) {
+                        values.seqs.insert(*s);
+                    }
                 }
             }
             let place = Placement {
@@ -185,7 +219,52 @@ fn compile_graph(
                 folded: false,
             };
             (Some(step), place)
+        } else if let Some(op) = sequence::op_of(
+            n,
+            in_slots
+                .first()
+                .copied()
+                .flatten()
+                .is_some_and(|s| values.seqs.contains(&s)),
+        )? {
+            let dtype = sequence::output_type(&op, &values, &in_slots);
+            if let Some(Some(s)) = out_slots.first() {
+                values.set(*s, dtype, None);
+                if op.makes_sequence() {
+                    values.seqs.insert(*s);
+                }
+            }
+            let place = Placement {
+                node: n.name.clone(),
+                op_type: n.op_type.clone(),
+                opset: domain_opset,
+                kernel: format!("host::{}", n.op_type),
+                plugin: "opregd".into(),
+                device: Device::CPU,
+                folded: false,
+            };
+            let step = Step {
+                label: n.label(),
+                work: Work::Sequence(op),
+                device: Device::CPU,
+                inputs: in_slots,
+                captured: Vec::new(),
+                outputs: out_slots,
+                release: Vec::new(),
+            };
+            (Some(step), place)
         } else {
+            if let Some(k) = in_slots
+                .iter()
+                .position(|s| s.is_some_and(|s| values.seqs.contains(&s)))
+            {
+                return Err(GraphError::Unsupported(format!(
+                    "node {}: input {k} ('{}') is a sequence; {} takes tensors",
+                    n.label(),
+                    n.inputs.get(k).map_or("", |s| s.as_str()),
+                    n.op_type
+                )));
+            }
             let opset = i32::try_from(domain_opset).unwrap_or(i32::MAX);
             let node = NodeSlots {
                 node: n,
@@ -445,6 +524,7 @@ fn finish(
         mut shapes,
         constants,
         inputs,
+        seqs,
     } = values;
     let mut outputs: Vec<(String, usize)> = model
         .outputs
@@ -466,6 +546,7 @@ fn finish(
         &snapshot,
     )?;
     let output_types = outputs.iter().map(|(_, s)| types[*s]).collect();
+    let output_seqs = outputs.iter().map(|(_, s)| seqs.contains(s)).collect();
     let output_shapes = outputs.iter().map(|(_, s)| shapes[*s].clone()).collect();
     let keep: HashSet<usize> = outputs
         .iter()
@@ -506,6 +587,7 @@ fn finish(
         formal_inputs,
         outputs,
         output_types,
+        output_seqs,
         output_shapes,
         placement,
         copies,

@@ -8,6 +8,7 @@ use super::{
     compiled::{Plan, ScanSpec, Step, Work},
     copy,
     memory::ShapeKey,
+    sequence::{self, Slot},
     GraphError,
 };
 use crate::{
@@ -151,7 +152,7 @@ fn bytes_of(t: &HostTensor) -> usize {
 /// Runs `plan` on `feeds` (one tensor per input, checked by the caller) and returns the
 /// outputs in declaration order, with no deadline or limits. Call it on the compute pool.
 pub fn run(plan: &Plan, feeds: HashMap<String, Value>) -> Result<Vec<(String, Value)>, GraphError> {
-    run_with(plan, feeds, &RunControl::unbounded(), &mut |_| {})
+    run_tensors(plan, feeds, &RunControl::unbounded(), &mut |_| {})
 }
 
 /// Like [`run`], bounded and cancellable by `control`.
@@ -160,7 +161,7 @@ pub fn run_with_control(
     feeds: HashMap<String, Value>,
     control: &RunControl,
 ) -> Result<Vec<(String, Value)>, GraphError> {
-    run_with(plan, feeds, control, &mut |_| {})
+    run_tensors(plan, feeds, control, &mut |_| {})
 }
 
 /// Like [`run_with_control`], also returning the time each top-level step took and the bytes
@@ -171,45 +172,66 @@ pub fn run_profiled(
     control: &RunControl,
 ) -> Result<(Outputs, StepTimes), GraphError> {
     let mut times = Vec::new();
-    let out = run_with(plan, feeds, control, &mut |t| times.push(t))?;
+    let out = run_tensors(plan, feeds, control, &mut |t| times.push(t))?;
     Ok((out, times))
+}
+
+/// A run whose inputs and outputs are tensors (a served model's: sequences stay inside).
+fn run_tensors(
+    plan: &Plan,
+    feeds: HashMap<String, Value>,
+    control: &RunControl,
+    observe: &mut dyn FnMut(StepTime),
+) -> Result<Vec<(String, Value)>, GraphError> {
+    let feeds = feeds
+        .into_iter()
+        .map(|(n, t)| (n, Slot::Tensor(t)))
+        .collect();
+    run_with(plan, feeds, control, observe)?
+        .into_iter()
+        .map(|(name, v)| {
+            let t = v.tensor(|| format!("output '{name}'"))?.clone();
+            Ok((name, t))
+        })
+        .collect()
 }
 
 /// The value table of one run. What it holds counts against the run's live bytes until the
 /// table drops, also when the run fails half-way.
 struct Values<'c> {
-    slots: Vec<Option<Value>>,
+    slots: Vec<Option<Slot>>,
     /// Slots whose value this run owns (constants belong to the plan).
     owned: Vec<bool>,
     control: &'c RunControl,
 }
 
 impl Values<'_> {
-    fn set(&mut self, slot: usize, t: Value, node: &str) -> Result<(), GraphError> {
+    fn set(&mut self, slot: usize, t: Slot, node: &str) -> Result<(), GraphError> {
         let Some(place) = self.slots.get_mut(slot) else {
             return Err(GraphError::Invalid(format!(
                 "node {node}: value slot {slot} out of range"
             )));
         };
-        if let Some(old) = place.replace(t.clone()) {
+        let bytes = t.byte_len();
+        if let Some(old) = place.replace(t) {
             if self.owned.get(slot).copied().unwrap_or(false) {
-                self.control.free(bytes_of(&old));
+                self.control.free(old.byte_len());
             }
         }
         if let Some(o) = self.owned.get_mut(slot) {
             *o = true;
         }
-        self.control.hold(node, bytes_of(&t))
+        self.control.hold(node, bytes)
     }
 
-    fn get(&self, slot: usize) -> Option<Value> {
+    fn get(&self, slot: usize) -> Option<Slot> {
         self.slots.get(slot).cloned().flatten()
     }
 
     fn release(&mut self, slot: usize) {
         if let Some(t) = self.slots.get_mut(slot).and_then(Option::take) {
             if self.owned.get(slot).copied().unwrap_or(false) {
-                self.control.free(bytes_of(&t));
+                self.control.free(t.byte_len());
             }
         }
     }
@@ -225,19 +247,18 @@ impl Drop for Values<'_> {
 
 fn run_with(
     plan: &Plan,
-    mut feeds: HashMap<String, Value>,
+    mut feeds: HashMap<String, Slot>,
     control: &RunControl,
     observe: &mut dyn FnMut(StepTime),
-) -> Result<Vec<(String, Value)>, GraphError> {
+) -> Result<Vec<(String, Slot)>, GraphError> {
     // The input shapes pick the memory pattern: an arena when one was learnt for them, else
     // this run records the sizes to learn it.
     let key: ShapeKey = plan
         .inputs
         .iter()
-        .map(|(name, _)| {
-            feeds.get(name).map_or((DType::UNDEFINED, Vec::new()), |t| {
-                (t.dtype(), t.shape().to_vec())
-            })
+        .map(|(name, _)| match feeds.get(name) {
+            Some(Slot::Tensor(t)) => (t.dtype(), t.shape().to_vec()),
+            _ => (DType::UNDEFINED, Vec::new()),
         })
         .collect();
     let arena = plan.memory.arena(&key);
@@ -253,7 +274,7 @@ fn run_with(
     };
     for (s, t) in &plan.constants {
         if let Some(place) = values.slots.get_mut(*s) {
-            *place = Some(t.clone());
+            *place = Some(Slot::Tensor(t.clone()));
         }
     }
     for (name, s) in &plan.inputs {
@@ -266,13 +287,14 @@ fn run_with(
     for (index, step) in plan.steps.iter().enumerate() {
         control.check(&step.label)?;
         let started = std::time::Instant::now();
-        let ins: Vec<Option<Value>> = step
+        let ins: Vec<Option<Slot>> = step
             .inputs
             .iter()
             .map(|s| s.and_then(|s| values.get(s)))
             .collect();
-        let outs: Vec<Value> = match &step.work {
+        let outs: Vec<Slot> = match &step.work {
             Work::Kernel(bound) => {
+                let ins = tensors(step, &ins)?;
                 let planned = arena.as_ref().map_or_else(Vec::new, |a| {
                     step.outputs
                         .iter()
@@ -281,13 +303,17 @@ fn run_with(
                 });
                 run_kernel_step(step, bound, &ins, &plan.snapshot, control, planned)?
                     .into_iter()
-                    .map(Arc::new)
+                    .map(|t| Slot::Tensor(Arc::new(t)))
                     .collect()
             }
             Work::Copy { from, to } => {
-                let t = ins.first().cloned().flatten().ok_or_else(|| {
-                    GraphError::Invalid(format!("{}: nothing to copy", step.label))
-                })?;
+                let t = tensors(step, &ins)?
+                    .first()
+                    .cloned()
+                    .flatten()
+                    .ok_or_else(|| {
+                        GraphError::Invalid(format!("{}: nothing to copy", step.label))
+                    })?;
                 let moved = copy::copy(&plan.snapshot, &t, *from, *to).map_err(|e| {
                     KernelError::Failed {
                         node: step.label.clone(),
@@ -300,10 +326,11 @@ fn run_with(
                 control
                     .copy_bytes
                     .fetch_add(t.byte_len() as u64, Ordering::Relaxed);
-                vec![Arc::new(moved)]
+                vec![Slot::Tensor(Arc::new(moved))]
             }
+            Work::Sequence(op) => sequence::run(step, op, &ins)?,
             control_work => {
-                let captured: Vec<Value> = step
+                let captured: Vec<Slot> = step
                     .captured
                     .iter()
                     .map(|&s| {
@@ -319,12 +346,14 @@ fn run_with(
             }
         };
         drop(ins);
-        let output_bytes = outs.iter().map(|t| bytes_of(t)).sum();
+        let output_bytes = outs.iter().map(Slot::byte_len).sum();
         for (s, t) in step.outputs.iter().zip(outs) {
             if let Some(s) = s {
-                if plan.memory.plannable(*s) && t.on_host() && t.dtype() != DType::String {
-                    if let Some(size) = sizes.get_mut(*s) {
-                        *size = Some(t.byte_len());
+                if let Slot::Tensor(t) = &t {
+                    if plan.memory.plannable(*s) && t.on_host() && t.dtype() != DType::String {
+                        if let Some(size) = sizes.get_mut(*s) {
+                            *size = Some(t.byte_len());
+                        }
                     }
                 }
                 values.set(*s, t, &step.label)?;
@@ -394,6 +423,24 @@ fn run_kernel_step(
     }
 }
 
+/// A kernel's inputs: tensors (a sequence reaching a kernel is refused).
+fn tensors(step: &Step, ins: &[Option<Slot>]) -> Result<Vec<Option<Value>>, GraphError> {
+    ins.iter()
+        .enumerate()
+        .map(|(k, v)| match v {
+            Some(v) => v
+                .tensor(|| format!("node {}: input {k}", step.label))
+                .map(|t| Some(t.clone())),
+            None => Ok(None),
+        })
+        .collect()
+}
+
+/// A tensor operand of control flow.
+fn tensor_of<'v>(step: &Step, v: &'v Slot, what: &str) -> Result<&'v Value, GraphError> {
+    v.tensor(|| format!("node {}: {what}", step.label))
+}
+
 fn invalid(step: &Step, msg: impl std::fmt::Display) -> GraphError {
     GraphError::Invalid(format!("node {}: {msg}", step.label))
 }
@@ -402,9 +449,9 @@ fn invalid(step: &Step, msg: impl std::fmt::Display) -> GraphError {
 fn feeds(
     step: &Step,
     plan: &Plan,
-    formal: Vec<Value>,
-    captured: &[Value],
-) -> Result<HashMap<String, Value>, GraphError> {
+    formal: Vec<Slot>,
+    captured: &[Slot],
+) -> Result<HashMap<String, Slot>, GraphError> {
     if formal.len() != plan.formal_inputs {
         return Err(invalid(
             step,
@@ -433,18 +480,18 @@ fn scalar_bool(step: &Step, t: &HostTensor, what: &str) -> Result<bool, GraphErr
     Ok(t.bytes().first().is_some_and(|&b| b != 0))
 }
 
-fn bool_value(b: bool) -> Result<Value, GraphError> {
+fn bool_value(b: bool) -> Result<Slot, GraphError> {
     HostTensor::from_bytes(DType::Bool, &[], &[b as u8])
-        .map(Arc::new)
+        .map(|t| Slot::Tensor(Arc::new(t)))
         .map_err(|e| GraphError::Invalid(e.message.to_string()))
 }
 
 /// Runs a nested plan under the same control as its parent, returning its outputs in order.
 fn run_nested(
     plan: &Plan,
-    feeds: HashMap<String, Value>,
+    feeds: HashMap<String, Slot>,
     control: &RunControl,
-) -> Result<Vec<Value>, GraphError> {
+) -> Result<Vec<Slot>, GraphError> {
     Ok(run_with(plan, feeds, control, &mut |_| {})?
         .into_iter()
         .map(|(_, t)| t)
@@ -454,10 +501,10 @@ fn run_nested(
 fn run_control(
     step: &Step,
     work: &Work,
-    ins: &[Option<Value>],
-    captured: &[Value],
+    ins: &[Option<Slot>],
+    captured: &[Slot],
     control: &RunControl,
-) -> Result<Vec<Value>, GraphError> {
+) -> Result<Vec<Slot>, GraphError> {
     match work {
         Work::If {
             then_branch,
@@ -468,7 +515,11 @@ fn run_control(
                 .cloned()
                 .flatten()
                 .ok_or_else(|| invalid(step, "If needs a condition"))?;
-            let branch = if scalar_bool(step, &cond, "the condition")? {
+            let branch = if scalar_bool(
+                step,
+                tensor_of(step, &cond, "the condition")?,
+                "the condition",
+            )? {
                 then_branch
             } else {
                 else_branch
@@ -477,7 +528,7 @@ fn run_control(
         }
         Work::Loop { body } => run_loop(step, body, ins, captured, control),
         Work::Scan(spec) => run_scan(step, spec, ins, captured, control),
-        Work::Kernel { .. } | Work::Copy { .. } => {
+        Work::Kernel { .. } | Work::Copy { .. } | Work::Sequence(_) => {
             Err(invalid(step, "kernel step run as control flow"))
         }
     }
@@ -500,8 +551,9 @@ impl<'c> Collected<'c> {
         }
     }
 
-    fn push(&mut self, step: &Step, values: &[Value]) -> Result<(), GraphError> {
+    fn push(&mut self, step: &Step, values: &[Slot]) -> Result<(), GraphError> {
         for (k, t) in values.iter().enumerate() {
+            let t = tensor_of(step, t, "a scan output (stacked per iteration)")?;
             let list = self
                 .items
                 .get_mut(k)
@@ -527,13 +579,14 @@ impl Drop for Collected<'_> {
 fn run_loop(
     step: &Step,
     body: &Plan,
-    ins: &[Option<Value>],
-    captured: &[Value],
+    ins: &[Option<Slot>],
+    captured: &[Slot],
     control: &RunControl,
-) -> Result<Vec<Value>, GraphError> {
+) -> Result<Vec<Slot>, GraphError> {
     let trips = match ins.first().cloned().flatten() {
         Some(m) => Some(
-            m.view()
+            tensor_of(step, &m, "the trip count")?
+                .view()
                 .to_i64s()
                 .map_err(|e| invalid(step, e.message))?
                 .first()
@@ -543,10 +596,14 @@ fn run_loop(
         None => None,
     };
     let mut cond = match ins.get(1).cloned().flatten() {
-        Some(c) => scalar_bool(step, &c, "the loop condition")?,
+        Some(c) => scalar_bool(
+            step,
+            tensor_of(step, &c, "the loop condition")?,
+            "the loop condition",
+        )?,
         None => true,
     };
-    let mut carried: Vec<Value> = ins
+    let mut carried: Vec<Slot> = ins
         .iter()
         .skip(2)
         .map(|t| {
@@ -567,7 +624,7 @@ fn run_loop(
             ));
         }
         let iter = HostTensor::from_vec::<i64>(&[], &[i])
-            .map(Arc::new)
+            .map(|t| Slot::Tensor(Arc::new(t)))
             .map_err(|e| invalid(step, e.message))?;
         let mut formal = vec![iter, bool_value(cond)?];
         formal.extend(carried.iter().cloned());
@@ -576,7 +633,11 @@ fn run_loop(
         let (Some(c), Some(rest)) = (outs.first(), outs.get(1..)) else {
             return Err(invalid(step, "the body returned no condition"));
         };
-        cond = scalar_bool(step, c, "the body's condition output")?;
+        cond = scalar_bool(
+            step,
+            tensor_of(step, c, "the body's condition output")?,
+            "the body's condition output",
+        )?;
         if rest.len() < n {
             return Err(invalid(
                 step,
@@ -596,7 +657,7 @@ fn run_loop(
             .copied()
             .flatten()
             .unwrap_or(DType::F32);
-        out.push(Arc::new(stack(step, &items, 0, dtype)?));
+        out.push(Slot::Tensor(Arc::new(stack(step, &items, 0, dtype)?)));
     }
     Ok(out)
 }
@@ -604,11 +665,11 @@ fn run_loop(
 fn run_scan(
     step: &Step,
     spec: &ScanSpec,
-    ins: &[Option<Value>],
-    captured: &[Value],
+    ins: &[Option<Slot>],
+    captured: &[Slot],
     control: &RunControl,
-) -> Result<Vec<Value>, GraphError> {
-    let all: Vec<Value> = ins
+) -> Result<Vec<Slot>, GraphError> {
+    let all: Vec<Slot> = ins
         .iter()
         .map(|t| {
             t.clone()
@@ -622,12 +683,16 @@ fn run_scan(
         ));
     }
     let (states, scanned) = all.split_at(spec.states);
+    let scanned: Vec<&Value> = scanned
+        .iter()
+        .map(|v| tensor_of(step, v, "a scanned input"))
+        .collect::<Result<_, _>>()?;
     let axes: Vec<usize> = scanned
         .iter()
         .zip(&spec.input_axes)
         .map(|(t, &a)| normalize_axis(step, a, t.shape().len()))
         .collect::<Result<_, _>>()?;
-    let extent = |t: &Value, a: usize| t.shape().get(a).copied().unwrap_or(0);
+    let extent = |t: &&Value, a: usize| t.shape().get(a).copied().unwrap_or(0);
     let len = scanned
         .first()
         .zip(axes.first())
@@ -635,7 +700,7 @@ fn run_scan(
     if scanned.iter().zip(&axes).any(|(t, &a)| extent(t, a) != len) {
         return Err(invalid(step, "scan inputs differ in sequence length"));
     }
-    let mut carried: Vec<Value> = states.to_vec();
+    let mut carried: Vec<Slot> = states.to_vec();
     let outs_n = spec.body.outputs.len().saturating_sub(spec.states);
     let mut collected = Collected::new(outs_n, control);
     for t in 0..len {
@@ -643,7 +708,7 @@ fn run_scan(
         let mut formal = carried.clone();
         for ((x, &a), &rev) in scanned.iter().zip(&axes).zip(&spec.input_reverse) {
             let idx = if rev { len - 1 - t } else { t };
-            formal.push(Arc::new(slice_axis(step, x, a, idx)?));
+            formal.push(Slot::Tensor(Arc::new(slice_axis(step, x, a, idx)?)));
         }
         let outs = run_nested(
             &spec.body,
@@ -678,7 +743,7 @@ fn run_scan(
             .copied()
             .flatten()
             .unwrap_or(DType::F32);
-        out.push(Arc::new(stack(step, &items, axis, dtype)?));
+        out.push(Slot::Tensor(Arc::new(stack(step, &items, axis, dtype)?)));
     }
     Ok(out)
 }

@@ -16,6 +16,8 @@ pub(super) struct Values {
     pub constants: HashMap<usize, Arc<HostTensor>>,
     /// Formal inputs first, then captured outer values.
     pub inputs: Vec<(String, usize)>,
+    /// Slots holding sequences (their `types` entry is the element type).
+    pub seqs: std::collections::HashSet<usize>,
 }
 
 /// The shape of a tensor whose extents are all known.
@@ -38,6 +40,7 @@ impl Values {
             shapes: Vec::new(),
             constants: HashMap::new(),
             inputs: Vec::new(),
+            seqs: Default::default(),
         };
         for (name, t) in &model.initializers {
             let s = v.push(Some(t.dtype()), fixed(t));

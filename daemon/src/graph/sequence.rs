@@ -1,0 +1,505 @@
+//! Sequence values inside graphs: the runtime's values are tensors or sequences of tensors,
+//! and the sequence operators run on the host, like control flow.
+//!
+//! Why the daemon and not a plugin: the kernel ABI hands kernels tensors. A sequence is a
+//! list of tensors the runtime already holds (`Arc`s); the operators on it build, index and
+//! take apart lists — they move no element data except `SplitToSequence` and
+//! `ConcatFromSequence`, which copy bytes once. Keeping them here means a sequence never
+//! crosses the ABI and a plugin never has to know the type.
+//!
+//! KServe v2 carries tensors only, so a model whose inputs or outputs are sequences is
+//! refused at load (import says so); inside the graph — `SplitToSequence` →
+//! `ConcatFromSequence`, `SequenceConstruct` → `SequenceAt`, sequences carried through `Loop`
+//! — they run. Bad positions and mismatched element types fail the request with the node
+//! named.
+
+// Request and model data reach this module: no unchecked index or slice.
+#![deny(clippy::indexing_slicing)]
+
+use super::{compiled::Step, import::Node, values::Values, GraphError};
+use opreg_sdk::{host::HostTensor, AttrValue, DType};
+use std::sync::Arc;
+
+/// A sequence of tensors of one element type.
+#[derive(Debug)]
+pub struct Sequence {
+    /// The element type (declared by `SequenceEmpty`, else its elements').
+    pub dtype: DType,
+    pub items: Vec<Arc<HostTensor>>,
+}
+
+/// A runtime value: a tensor or a sequence of tensors.
+#[derive(Clone, Debug)]
+pub enum Slot {
+    Tensor(Arc<HostTensor>),
+    Seq(Arc<Sequence>),
+}
+
+impl Slot {
+    /// Bytes the value holds (a sequence: its elements').
+    pub fn byte_len(&self) -> usize {
+        match self {
+            Slot::Tensor(t) => t.byte_len(),
+            Slot::Seq(s) => s.items.iter().map(|t| t.byte_len()).sum(),
+        }
+    }
+
+    /// The tensor, or an error naming what wanted one.
+    pub fn tensor(&self, what: impl FnOnce() -> String) -> Result<&Arc<HostTensor>, GraphError> {
+        match self {
+            Slot::Tensor(t) => Ok(t),
+            Slot::Seq(_) => Err(GraphError::Invalid(format!(
+                "{} is a sequence, where a tensor is needed",
+                what()
+            ))),
+        }
+    }
+}
+
+/// The sequence operators, lowered.
+#[derive(Clone, Debug)]
+pub(super) enum SeqOp {
+    Empty(DType),
+    Construct,
+    Insert,
+    Erase,
+    At,
+    Length,
+    Split {
+        axis: i64,
+        keepdims: bool,
+    },
+    Concat {
+        axis: i64,
+        new_axis: bool,
+    },
+    /// `Identity` of a sequence.
+    Identity,
+}
+
+impl SeqOp {
+    /// Whether output 0 is a sequence.
+    pub fn makes_sequence(&self) -> bool {
+        matches!(
+            self,
+            SeqOp::Empty(_)
+                | SeqOp::Construct
+                | SeqOp::Insert
+                | SeqOp::Erase
+                | SeqOp::Split { .. }
+                | SeqOp::Identity
+        )
+    }
+}
+
+/// The sequence operator `n` is, when it is one: a default-domain sequence operator, or an
+/// `Identity` whose input is a sequence (`input_is_seq`).
+pub(super) fn op_of(n: &Node, input_is_seq: bool) -> Result<Option<SeqOp>, GraphError> {
+    if !n.domain.is_empty() {
+        return Ok(None);
+    }
+    let int = |name: &str, default: i64| match n
+        .attributes
+        .iter()
+        .find(|a| a.name.as_str() == name)
+        .map(|a| &a.value)
+    {
+        Some(AttrValue::Int(v)) => *v,
+        _ => default,
+    };
+    Ok(Some(match n.op_type.as_str() {
+        "SequenceEmpty" => {
+            let code = int("dtype", 1);
+            let dtype = i32::try_from(code)
+                .ok()
+                .and_then(DType::from_onnx_code)
+                .ok_or_else(|| {
+                    GraphError::Invalid(format!(
+                        "node {}: dtype {code} is not a tensor element type",
+                        n.label()
+                    ))
+                })?;
+            SeqOp::Empty(dtype)
+        }
+        "SequenceConstruct" => SeqOp::Construct,
+        "SequenceInsert" => SeqOp::Insert,
+        "SequenceErase" => SeqOp::Erase,
+        "SequenceAt" => SeqOp::At,
+        "SequenceLength" => SeqOp::Length,
+        "SplitToSequence" => SeqOp::Split {
+            axis: int("axis", 0),
+            keepdims: int("keepdims", 1) != 0,
+        },
+        "ConcatFromSequence" => SeqOp::Concat {
+            axis: int("axis", 0),
+            new_axis: int("new_axis", 0) != 0,
+        },
+        "Identity" if input_is_seq => SeqOp::Identity,
+        _ => return Ok(None),
+    }))
+}
+
+/// The element type of `op`'s output 0, from its inputs' types (`None`: unknown).
+pub(super) fn output_type(op: &SeqOp, values: &Values, inputs: &[Option<usize>]) -> Option<DType> {
+    let ty = |k: usize| {
+        inputs
+            .get(k)
+            .copied()
+            .flatten()
+            .and_then(|s| values.types.get(s).copied().flatten())
+    };
+    match op {
+        SeqOp::Empty(d) => Some(*d),
+        SeqOp::Length => Some(DType::I64),
+        // The first of the inputs that says.
+        SeqOp::Insert => ty(0).or_else(|| ty(1)),
+        _ => ty(0),
+    }
+}
+
+fn invalid(step: &Step, msg: impl std::fmt::Display) -> GraphError {
+    GraphError::Invalid(format!("node {}: {msg}", step.label))
+}
+
+/// Input `k` as a sequence.
+fn seq_in<'a>(
+    step: &Step,
+    ins: &'a [Option<Slot>],
+    k: usize,
+) -> Result<&'a Arc<Sequence>, GraphError> {
+    match ins.get(k) {
+        Some(Some(Slot::Seq(s))) => Ok(s),
+        Some(Some(Slot::Tensor(_))) => Err(invalid(
+            step,
+            format!("input {k} must be a sequence, is a tensor"),
+        )),
+        _ => Err(invalid(step, format!("input {k} (a sequence) is missing"))),
+    }
+}
+
+/// Input `k` as a tensor, `None` when absent.
+fn tensor_in<'a>(
+    step: &Step,
+    ins: &'a [Option<Slot>],
+    k: usize,
+) -> Result<Option<&'a Arc<HostTensor>>, GraphError> {
+    match ins.get(k) {
+        Some(Some(s)) => s
+            .tensor(|| format!("node {}: input {k}", step.label))
+            .map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// A position input (one integer), checked against `0..len` after adding `len` to a
+/// negative one; `inclusive` allows `len` (insert at the end).
+fn position(step: &Step, t: &HostTensor, len: usize, inclusive: bool) -> Result<usize, GraphError> {
+    let v = t.view().to_i64s().map_err(|e| invalid(step, e.message))?;
+    let [p] = v.as_slice() else {
+        return Err(invalid(
+            step,
+            format!("position must be one integer, has {} elements", v.len()),
+        ));
+    };
+    let n = len as i64;
+    let idx = if *p < 0 { p + n } else { *p };
+    let hi = if inclusive { n } else { n - 1 };
+    if idx < 0 || idx > hi {
+        return Err(invalid(
+            step,
+            format!(
+                "position {p} is out of range for a sequence of {len} (allowed {}..={hi})",
+                -n
+            ),
+        ));
+    }
+    Ok(idx as usize)
+}
+
+fn seq(dtype: DType, items: Vec<Arc<HostTensor>>) -> Slot {
+    Slot::Seq(Arc::new(Sequence { dtype, items }))
+}
+
+fn check_type(step: &Step, s: &Sequence, t: &HostTensor) -> Result<(), GraphError> {
+    if t.dtype() != s.dtype {
+        return Err(invalid(
+            step,
+            format!(
+                "a {} tensor cannot join a sequence of {}",
+                t.dtype(),
+                s.dtype
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs one sequence step.
+pub(super) fn run(step: &Step, op: &SeqOp, ins: &[Option<Slot>]) -> Result<Vec<Slot>, GraphError> {
+    let err = |e: opreg_sdk::PluginError| invalid(step, e.message);
+    Ok(vec![match op {
+        SeqOp::Empty(d) => seq(*d, Vec::new()),
+        SeqOp::Identity => ins
+            .first()
+            .cloned()
+            .flatten()
+            .ok_or_else(|| invalid(step, "input 0 is missing"))?,
+        SeqOp::Construct => {
+            let items: Vec<Arc<HostTensor>> = (0..ins.len())
+                .map(|k| {
+                    tensor_in(step, ins, k)?
+                        .cloned()
+                        .ok_or_else(|| invalid(step, format!("input {k} is missing")))
+                })
+                .collect::<Result<_, _>>()?;
+            let Some(first) = items.first() else {
+                return Err(invalid(step, "SequenceConstruct needs at least one tensor"));
+            };
+            let dtype = first.dtype();
+            if let Some(t) = items.iter().find(|t| t.dtype() != dtype) {
+                return Err(invalid(
+                    step,
+                    format!("elements differ in type ({dtype} and {})", t.dtype()),
+                ));
+            }
+            seq(dtype, items)
+        }
+        SeqOp::Insert => {
+            let s = seq_in(step, ins, 0)?;
+            let t = tensor_in(step, ins, 1)?
+                .ok_or_else(|| invalid(step, "the tensor to insert is missing"))?;
+            check_type(step, s, t)?;
+            let at = match tensor_in(step, ins, 2)? {
+                Some(p) => position(step, p, s.items.len(), true)?,
+                None => s.items.len(),
+            };
+            let mut items = opreg_sdk::alloc::try_with_capacity(s.items.len() + 1).map_err(err)?;
+            items.extend(s.items.iter().cloned());
+            items.insert(at, t.clone());
+            seq(s.dtype, items)
+        }
+        SeqOp::Erase => {
+            let s = seq_in(step, ins, 0)?;
+            if s.items.is_empty() {
+                return Err(invalid(step, "cannot erase from an empty sequence"));
+            }
+            let at = match tensor_in(step, ins, 1)? {
+                Some(p) => position(step, p, s.items.len(), false)?,
+                None => s.items.len() - 1,
+            };
+            let mut items = s.items.clone();
+            items.remove(at);
+            seq(s.dtype, items)
+        }
+        SeqOp::At => {
+            let s = seq_in(step, ins, 0)?;
+            let p = tensor_in(step, ins, 1)?.ok_or_else(|| invalid(step, "position is missing"))?;
+            let at = position(step, p, s.items.len(), false)?;
+            Slot::Tensor(
+                s.items
+                    .get(at)
+                    .cloned()
+                    .ok_or_else(|| invalid(step, "position out of range"))?,
+            )
+        }
+        SeqOp::Length => {
+            let s = seq_in(step, ins, 0)?;
+            Slot::Tensor(Arc::new(
+                HostTensor::from_vec::<i64>(&[], &[s.items.len() as i64]).map_err(err)?,
+            ))
+        }
+        SeqOp::Split { axis, keepdims } => {
+            let x = tensor_in(step, ins, 0)?.ok_or_else(|| invalid(step, "input 0 is missing"))?;
+            let split = tensor_in(step, ins, 1)?;
+            split_to_sequence(step, x, split.map(|t| t.as_ref()), *axis, *keepdims)?
+        }
+        SeqOp::Concat { axis, new_axis } => {
+            let s = seq_in(step, ins, 0)?;
+            Slot::Tensor(Arc::new(concat(step, s, *axis, *new_axis)?))
+        }
+    }])
+}
+
+fn normalize(step: &Step, axis: i64, rank: usize) -> Result<usize, GraphError> {
+    let r = rank as i64;
+    if axis < -r || axis >= r {
+        return Err(invalid(
+            step,
+            format!("axis {axis} is out of range for rank {rank}"),
+        ));
+    }
+    Ok(if axis < 0 {
+        (axis + r) as usize
+    } else {
+        axis as usize
+    })
+}
+
+/// Elements (bytes, or strings) of `t` in `[start, start+len)` along `axis`, as a tensor.
+fn slice(
+    step: &Step,
+    t: &HostTensor,
+    axis: usize,
+    start: usize,
+    len: usize,
+    keep: bool,
+) -> Result<HostTensor, GraphError> {
+    let shape = t.shape();
+    let outer: usize = shape.iter().take(axis).product();
+    let extent = shape.get(axis).copied().unwrap_or(0);
+    let inner: usize = shape.iter().skip(axis + 1).product();
+    let mut out_shape = shape.to_vec();
+    if keep {
+        if let Some(d) = out_shape.get_mut(axis) {
+            *d = len;
+        }
+    } else {
+        out_shape.remove(axis);
+    }
+    let err = |e: opreg_sdk::PluginError| invalid(step, e.message);
+    if t.dtype() == DType::String {
+        let s = t.strings();
+        let mut items: Vec<&[u8]> = Vec::new();
+        for o in 0..outer {
+            let from = (o * extent + start) * inner;
+            let part = s
+                .get(from..from + len * inner)
+                .ok_or_else(|| invalid(step, "split out of range"))?;
+            items.extend(part.iter().map(|x| x.as_bytes()));
+        }
+        return HostTensor::from_strings(&out_shape, &items).map_err(err);
+    }
+    let size = t.dtype().size();
+    let mut out = opreg_sdk::alloc::try_with_capacity(outer * len * inner * size).map_err(err)?;
+    for o in 0..outer {
+        let from = (o * extent + start) * inner * size;
+        let part = t
+            .bytes()
+            .get(from..from + len * inner * size)
+            .ok_or_else(|| invalid(step, "split out of range"))?;
+        out.extend_from_slice(part);
+    }
+    HostTensor::from_bytes(t.dtype(), &out_shape, &out).map_err(err)
+}
+
+fn split_to_sequence(
+    step: &Step,
+    x: &HostTensor,
+    split: Option<&HostTensor>,
+    axis: i64,
+    keepdims: bool,
+) -> Result<Slot, GraphError> {
+    let axis = normalize(step, axis, x.shape().len())?;
+    let extent = x.shape().get(axis).copied().unwrap_or(0);
+    // Chunk lengths: one per element without `split` (then keepdims applies), a scalar chunk
+    // size (the last chunk may be shorter), or explicit lengths summing to the extent.
+    let (lens, keep): (Vec<usize>, bool) = match split {
+        None => (vec![1; extent], keepdims),
+        Some(s) => {
+            let v = s.view().to_i64s().map_err(|e| invalid(step, e.message))?;
+            if v.iter().any(|&l| l < 0) {
+                return Err(invalid(
+                    step,
+                    format!("split lengths must not be negative, got {v:?}"),
+                ));
+            }
+            if s.shape().is_empty() {
+                let size = v.first().copied().unwrap_or(0) as usize;
+                if size == 0 {
+                    return Err(invalid(step, "split size must be positive"));
+                }
+                let mut lens = Vec::new();
+                let mut left = extent;
+                while left > 0 {
+                    lens.push(size.min(left));
+                    left -= size.min(left);
+                }
+                (lens, true)
+            } else {
+                let lens: Vec<usize> = v.iter().map(|&l| l as usize).collect();
+                if lens.iter().sum::<usize>() != extent {
+                    return Err(invalid(
+                        step,
+                        format!("split lengths {v:?} do not sum to the axis extent {extent}"),
+                    ));
+                }
+                (lens, true)
+            }
+        }
+    };
+    let mut items = Vec::with_capacity(lens.len());
+    let mut start = 0;
+    for len in lens {
+        items.push(Arc::new(slice(step, x, axis, start, len, keep)?));
+        start += len;
+    }
+    Ok(seq(x.dtype(), items))
+}
+
+/// Joins the elements along `axis` (or stacks them along a new axis).
+fn concat(step: &Step, s: &Sequence, axis: i64, new_axis: bool) -> Result<HostTensor, GraphError> {
+    let Some(first) = s.items.first() else {
+        return Err(invalid(step, "cannot concatenate an empty sequence"));
+    };
+    let rank = first.shape().len();
+    let axis = normalize(step, axis, rank + usize::from(new_axis))?;
+    // Stacking is concatenation of the elements with a unit axis inserted.
+    let shape_of = |t: &HostTensor| -> Vec<usize> {
+        let mut v = t.shape().to_vec();
+        if new_axis {
+            v.insert(axis, 1);
+        }
+        v
+    };
+    let base = shape_of(first);
+    let mut total = 0usize;
+    for t in &s.items {
+        let sh = shape_of(t);
+        let same_elsewhere = sh.len() == base.len()
+            && sh
+                .iter()
+                .zip(&base)
+                .enumerate()
+                .all(|(d, (a, b))| d == axis || a == b);
+        if !same_elsewhere || t.dtype() != first.dtype() {
+            return Err(invalid(
+                step,
+                format!(
+                    "elements {:?} and {:?} ({} and {}) cannot be joined on axis {axis}",
+                    first.shape(),
+                    t.shape(),
+                    first.dtype(),
+                    t.dtype()
+                ),
+            ));
+        }
+        total += sh.get(axis).copied().unwrap_or(0);
+    }
+    let outer: usize = base.iter().take(axis).product();
+    let inner: usize = base.iter().skip(axis + 1).product();
+    let mut out_shape = base.clone();
+    if let Some(d) = out_shape.get_mut(axis) {
+        *d = total;
+    }
+    let err = |e: opreg_sdk::PluginError| invalid(step, e.message);
+    if first.dtype() == DType::String {
+        let mut all: Vec<&[u8]> = Vec::new();
+        for o in 0..outer {
+            for t in &s.items {
+                let n = shape_of(t).get(axis).copied().unwrap_or(0) * inner;
+                let part = t.strings().get(o * n..(o + 1) * n).unwrap_or(&[]);
+                all.extend(part.iter().map(|x| x.as_bytes()));
+            }
+        }
+        return HostTensor::from_strings(&out_shape, &all).map_err(err);
+    }
+    let size = first.dtype().size();
+    let mut out = opreg_sdk::alloc::try_with_capacity(outer * total * inner * size).map_err(err)?;
+    for o in 0..outer {
+        for t in &s.items {
+            let n = shape_of(t).get(axis).copied().unwrap_or(0) * inner * size;
+            out.extend_from_slice(t.bytes().get(o * n..(o + 1) * n).unwrap_or(&[]));
+        }
+    }
+    HostTensor::from_bytes(first.dtype(), &out_shape, &out).map_err(err)
+}

@@ -1,0 +1,164 @@
+"""Models that use sequences inside the graph while their inputs and outputs are tensors (what
+KServe v2 can carry): split/concat, construct/insert/erase/at/length, a sequence carried
+through Loop, sequences out of If branches. Expected outputs are the ONNX reference
+evaluator's.
+
+Usage: make_sequence_models.py OUT_DIR  ->  OUT_DIR/<name>/{model.onnx,input_*.npy,output_*.npy}
+"""
+
+import os
+import sys
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+rng = np.random.default_rng(11)
+OPSET = 17
+
+
+def f32(*shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def vi(name, elem, shape):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def model(name, nodes, inputs, outputs, inits=()):
+    g = helper.make_graph(nodes, name, inputs, outputs, list(inits))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
+    onnx.checker.check_model(m)
+    return m
+
+
+def i64(name, values):
+    return numpy_helper.from_array(np.array(values, np.int64), name)
+
+
+def split_concat():
+    """SplitToSequence by explicit lengths and per element (keepdims=0), SequenceLength,
+    SequenceAt with a negative position, ConcatFromSequence along an axis and stacked."""
+    nodes = [
+        helper.make_node("SplitToSequence", ["x", "lens"], ["parts"], axis=0),
+        helper.make_node("SequenceLength", ["parts"], ["n"]),
+        helper.make_node("SequenceAt", ["parts", "minus1"], ["last"]),
+        helper.make_node("ConcatFromSequence", ["parts"], ["joined"], axis=0),
+        helper.make_node("SplitToSequence", ["x"], ["cols"], axis=1, keepdims=0),
+        helper.make_node("ConcatFromSequence", ["cols"], ["stacked"], axis=1, new_axis=1),
+    ]
+    m = model(
+        "split_concat",
+        nodes,
+        [vi("x", TensorProto.FLOAT, [6, 4])],
+        [
+            vi("n", TensorProto.INT64, []),
+            vi("last", TensorProto.FLOAT, [4, 4]),
+            vi("joined", TensorProto.FLOAT, [6, 4]),
+            vi("stacked", TensorProto.FLOAT, [6, 4]),
+        ],
+        [i64("lens", [2, 4]), i64("minus1", -1)],
+    )
+    return m, {"x": f32(6, 4)}
+
+
+def construct_insert_erase():
+    """SequenceConstruct, SequenceInsert at the front, SequenceErase of the last element,
+    SequenceAt, ConcatFromSequence."""
+    nodes = [
+        helper.make_node("SequenceConstruct", ["a", "b"], ["s0"]),
+        helper.make_node("Add", ["a", "b"], ["ab"]),
+        helper.make_node("SequenceInsert", ["s0", "ab", "zero"], ["s1"]),
+        helper.make_node("SequenceErase", ["s1"], ["s2"]),
+        helper.make_node("SequenceAt", ["s2", "one"], ["second"]),
+        helper.make_node("ConcatFromSequence", ["s2"], ["y"], axis=0),
+    ]
+    m = model(
+        "construct_insert_erase",
+        nodes,
+        [vi("a", TensorProto.FLOAT, [2, 3]), vi("b", TensorProto.FLOAT, [2, 3])],
+        [vi("second", TensorProto.FLOAT, [2, 3]), vi("y", TensorProto.FLOAT, [4, 3])],
+        [i64("zero", [0]), i64("one", 1)],
+    )
+    return m, {"a": f32(2, 3), "b": f32(2, 3)}
+
+
+def loop_accumulate():
+    """A sequence carried through Loop: each iteration appends x * i; the result is stacked."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Cast", ["i"], ["fi"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["x", "fi"], ["xi"]),
+            helper.make_node("SequenceInsert", ["seq_in", "xi"], ["seq_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "body",
+        [
+            vi("i", TensorProto.INT64, []),
+            vi("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_sequence_value_info("seq_in", TensorProto.FLOAT, None),
+        ],
+        [
+            vi("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_sequence_value_info("seq_out", TensorProto.FLOAT, None),
+        ],
+    )
+    nodes = [
+        helper.make_node("SequenceEmpty", [], ["empty"], dtype=TensorProto.FLOAT),
+        helper.make_node("Loop", ["trips", "true", "empty"], ["acc"], body=body),
+        helper.make_node("ConcatFromSequence", ["acc"], ["y"], axis=0, new_axis=1),
+        helper.make_node("SequenceLength", ["acc"], ["n"]),
+    ]
+    m = model(
+        "loop_accumulate",
+        nodes,
+        [vi("x", TensorProto.FLOAT, [3]), vi("trips", TensorProto.INT64, [])],
+        [vi("y", TensorProto.FLOAT, [None, 3]), vi("n", TensorProto.INT64, [])],
+        [numpy_helper.from_array(np.array(True), "true")],
+    )
+    return m, {"x": f32(3), "trips": np.array(4, np.int64)}
+
+
+def if_sequences():
+    """If branches that return sequences of different lengths, joined after the If."""
+
+    def branch(name, count):
+        return helper.make_graph(
+            [helper.make_node("SequenceConstruct", ["x"] * count, [f"s_{name}"])],
+            name,
+            [],
+            [helper.make_tensor_sequence_value_info(f"s_{name}", TensorProto.FLOAT, None)],
+        )
+
+    nodes = [
+        helper.make_node(
+            "If", ["c"], ["s"], then_branch=branch("then", 3), else_branch=branch("else", 1)
+        ),
+        helper.make_node("ConcatFromSequence", ["s"], ["y"], axis=0),
+    ]
+    m = model(
+        "if_sequences",
+        nodes,
+        [vi("c", TensorProto.BOOL, []), vi("x", TensorProto.FLOAT, [2, 2])],
+        [vi("y", TensorProto.FLOAT, [None, 2])],
+    )
+    return m, {"c": np.array(True), "x": f32(2, 2)}
+
+
+def main():
+    out = sys.argv[1]
+    for make in (split_concat, construct_insert_erase, loop_accumulate, if_sequences):
+        m, feeds = make()
+        d = os.path.join(out, m.graph.name)
+        os.makedirs(d, exist_ok=True)
+        onnx.save(m, os.path.join(d, "model.onnx"))
+        for i, (name, v) in enumerate(feeds.items()):
+            np.save(os.path.join(d, f"input_{i}_{name}.npy"), v)
+        for i, v in enumerate(ReferenceEvaluator(m).run(None, feeds)):
+            np.save(os.path.join(d, f"output_{i}.npy"), np.asarray(v))
+        print(m.graph.name)
+
+
+if __name__ == "__main__":
+    main()
