@@ -1,6 +1,6 @@
 //! Sequences inside served graphs: the models of `tests/python/make_sequence_models.py`
 //! (split/concat, construct/insert/erase/at/length, a sequence carried through Loop, sequences
-//! out of If branches) run over gRPC and match the ONNX reference evaluator. A position from
+//! out of If branches, SequenceMap, optionals full and empty) run over gRPC and match the ONNX reference evaluator. A position from
 //! the wire out of range fails that request with the node named and the daemon keeps
 //! serving; a model returning a sequence, or feeding one to a tensor kernel, is refused at
 //! load with the reason.
@@ -18,7 +18,7 @@ async fn sequence_models_match_the_reference() {
     let Some(cases) = reference::generate("make_sequence_models.py", gen.path()) else {
         return;
     };
-    assert_eq!(cases.len(), 4, "{cases:?}");
+    assert_eq!(cases.len(), 6, "{cases:?}");
     reference::check(gen.path(), &cases).await;
 }
 

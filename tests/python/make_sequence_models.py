@@ -146,16 +146,78 @@ def if_sequences():
     return m, {"c": np.array(True), "x": f32(2, 2)}
 
 
+def sequence_map():
+    """SequenceMap over a split: each element scaled by a tensor input, and its shape."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Mul", ["e", "k"], ["scaled"]),
+            helper.make_node("Shape", ["e"], ["shape"]),
+        ],
+        "map_body",
+        [vi("e", TensorProto.FLOAT, None), vi("k", TensorProto.FLOAT, [3])],
+        [vi("scaled", TensorProto.FLOAT, None), vi("shape", TensorProto.INT64, [2])],
+    )
+    nodes = [
+        helper.make_node("SplitToSequence", ["x", "lens"], ["parts"], axis=0),
+        helper.make_node("SequenceMap", ["parts", "k"], ["scaled", "shapes"], body=body),
+        helper.make_node("ConcatFromSequence", ["scaled"], ["y"], axis=0),
+        helper.make_node("ConcatFromSequence", ["shapes"], ["s"], axis=0, new_axis=1),
+    ]
+    m = model(
+        "sequence_map",
+        nodes,
+        [vi("x", TensorProto.FLOAT, [5, 3]), vi("k", TensorProto.FLOAT, [3])],
+        [vi("y", TensorProto.FLOAT, [5, 3]), vi("s", TensorProto.INT64, [3, 2])],
+        [i64("lens", [1, 3, 1])],
+    )
+    return m, {"x": f32(5, 3), "k": f32(3)}
+
+
+def optionals():
+    """Optional around a tensor and an empty one (declared by type), tested and unwrapped."""
+    nodes = [
+        helper.make_node("Optional", ["x"], ["ox"]),
+        helper.make_node("OptionalHasElement", ["ox"], ["has"]),
+        helper.make_node("OptionalGetElement", ["ox"], ["y"]),
+        helper.make_node(
+            "Optional", [], ["none"], type=helper.make_tensor_type_proto(TensorProto.FLOAT, None)
+        ),
+        helper.make_node("OptionalHasElement", ["none"], ["has_none"]),
+    ]
+    m = model(
+        "optionals",
+        nodes,
+        [vi("x", TensorProto.FLOAT, [2])],
+        [
+            vi("has", TensorProto.BOOL, []),
+            vi("y", TensorProto.FLOAT, [2]),
+            vi("has_none", TensorProto.BOOL, []),
+        ],
+    )
+    x = f32(2)
+    # The reference evaluator's OptionalGetElement returns the optional's list wrapper ([1, 2]
+    # here) rather than the tensor; the spec's result is the tensor itself.
+    return m, {"x": x}, [np.array(True), x, np.array(False)]
+
+
 def main():
     out = sys.argv[1]
-    for make in (split_concat, construct_insert_erase, loop_accumulate, if_sequences):
-        m, feeds = make()
+    for make in (
+        split_concat,
+        construct_insert_erase,
+        loop_accumulate,
+        if_sequences,
+        sequence_map,
+        optionals,
+    ):
+        m, feeds, *given = make()
         d = os.path.join(out, m.graph.name)
         os.makedirs(d, exist_ok=True)
         onnx.save(m, os.path.join(d, "model.onnx"))
         for i, (name, v) in enumerate(feeds.items()):
             np.save(os.path.join(d, f"input_{i}_{name}.npy"), v)
-        for i, v in enumerate(ReferenceEvaluator(m).run(None, feeds)):
+        expected = given[0] if given else ReferenceEvaluator(m).run(None, feeds)
+        for i, v in enumerate(expected):
             np.save(os.path.join(d, f"output_{i}.npy"), np.asarray(v))
         print(m.graph.name)
 

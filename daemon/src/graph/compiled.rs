@@ -92,6 +92,9 @@ impl Plan {
                     Work::If { .. } => ("host::If".to_string(), "opregd".to_string()),
                     Work::Loop { .. } => ("host::Loop".to_string(), "opregd".to_string()),
                     Work::Scan(_) => ("host::Scan".to_string(), "opregd".to_string()),
+                    Work::SequenceMap { .. } => {
+                        ("host::SequenceMap".to_string(), "opregd".to_string())
+                    }
                     Work::Sequence(op) => (format!("host::{op:?}"), "opregd".to_string()),
                 };
                 StepInfo {
@@ -124,7 +127,7 @@ impl Plan {
                     then_branch.plugins(names);
                     else_branch.plugins(names);
                 }
-                Work::Loop { body } => body.plugins(names),
+                Work::Loop { body } | Work::SequenceMap { body } => body.plugins(names),
                 Work::Scan(scan) => scan.body.plugins(names),
                 Work::Copy { .. } | Work::Sequence(_) => {}
             }
@@ -143,6 +146,10 @@ pub(super) enum Work {
         body: Box<Plan>,
     },
     Scan(Box<ScanSpec>),
+    /// Runs `body` once per element of the input sequences (see [`sequence`](super::sequence)).
+    SequenceMap {
+        body: Box<Plan>,
+    },
     /// A sequence operator, run on the host (see [`sequence`](super::sequence)).
     Sequence(super::sequence::SeqOp),
     /// Moves one value between host and device memory (see [`copies`](super::copies)).

@@ -132,6 +132,21 @@ pub(super) fn lower(
                 output_reverse: axes.output_reverse,
             }))
         }
+        "SequenceMap" => {
+            // The body sees one element of each sequence input (a tensor of its element
+            // type) and each tensor input whole.
+            let body = body(0, in_types.clone(), vec![false; inputs.len()])?;
+            if body.formal_inputs != inputs.len() || body.outputs.is_empty() {
+                return Err(GraphError::Invalid(format!(
+                    "node {}: SequenceMap's body must take {} inputs and return at least one; it takes {} and returns {}",
+                    n.label(),
+                    inputs.len(),
+                    body.formal_inputs,
+                    body.outputs.len()
+                )));
+            }
+            Work::SequenceMap { body }
+        }
         other => return Err(GraphError::Unsupported(format!("control op {other}"))),
     };
     Ok(Step {
@@ -221,6 +236,7 @@ pub(super) fn output_seqs(work: &Work) -> Vec<bool> {
         Work::If { then_branch, .. } => then_branch.output_seqs.clone(),
         Work::Loop { body } => body.output_seqs.iter().skip(1).copied().collect(),
         Work::Scan(s) => s.body.output_seqs.iter().take(s.states).copied().collect(),
+        Work::SequenceMap { body } => vec![true; body.outputs.len()],
         Work::Kernel { .. } | Work::Copy { .. } | Work::Sequence(_) => Vec::new(),
     }
 }
@@ -232,6 +248,7 @@ pub(super) fn output_types(work: &Work) -> Vec<Option<DType>> {
         // Body outputs: cond, carried..., scan outputs...
         Work::Loop { body } => body.output_types.iter().skip(1).copied().collect(),
         Work::Scan(s) => s.body.output_types.clone(),
+        Work::SequenceMap { body } => body.output_types.clone(),
         Work::Kernel { .. } | Work::Copy { .. } | Work::Sequence(_) => Vec::new(),
     }
 }

@@ -92,11 +92,13 @@ impl std::fmt::Debug for Subgraph {
     }
 }
 
-/// The control-flow operators the runtime runs itself, with their subgraph attributes.
+/// The control-flow operators the runtime runs itself (and `SequenceMap`, which runs a body
+/// per sequence element), with their subgraph attributes.
 pub const CONTROL: &[(&str, &[&str])] = &[
     ("If", &["then_branch", "else_branch"]),
     ("Loop", &["body"]),
     ("Scan", &["body"]),
+    ("SequenceMap", &["body"]),
 ];
 
 impl Node {
@@ -332,16 +334,15 @@ fn graph_model(
             Ok(node)
         })
         .collect::<Result<Vec<_>, GraphError>>()?;
-    Ok((
-        Model {
-            opsets,
-            inputs,
-            outputs,
-            initializers,
-            nodes,
-        },
-        loose,
-    ))
+    let mut model = Model {
+        opsets,
+        inputs,
+        outputs,
+        initializers,
+        nodes,
+    };
+    super::expand::expand(&mut model)?;
+    Ok((model, loose))
 }
 
 fn io_spec(v: &onnx::ValueInfoProto) -> Result<IoSpec, GraphError> {
@@ -694,6 +695,11 @@ fn attribute(a: &onnx::AttributeProto, dir: Option<&Path>) -> Result<Attribute, 
             AttrValue::Tensor(owned(&tensor(t, dir)?))
         }
         T::Graph => AttrValue::Graph(a.g.as_ref().map(|g| g.encode_to_vec()).unwrap_or_default()),
+        // A declared type (`Optional`'s, `SequenceEmpty`-like ops'): informational for the
+        // host's optional and sequence operators, so carried as a kind no kernel reads.
+        T::TypeProto | T::TypeProtos => {
+            AttrValue::Unsupported(opreg_sdk::kernel::AttrKind(ty as i32 as u32))
+        }
         other => {
             return Err(GraphError::Unsupported(format!(
                 "attribute '{}' of type {other:?} is not supported",

@@ -6,6 +6,7 @@ mod compiled;
 mod control;
 mod copies;
 mod copy;
+mod expand;
 mod export;
 mod import;
 mod legacy;

@@ -228,9 +228,14 @@ fn compile_graph(
                 .is_some_and(|s| values.seqs.contains(&s)),
         )? {
             let dtype = sequence::output_type(&op, &values, &in_slots);
+            let input_is_seq = in_slots
+                .first()
+                .copied()
+                .flatten()
+                .is_some_and(|s| values.seqs.contains(&s));
             if let Some(Some(s)) = out_slots.first() {
                 values.set(*s, dtype, None);
-                if op.makes_sequence() {
+                if op.makes_sequence(input_is_seq) {
                     values.seqs.insert(*s);
                 }
             }

@@ -528,6 +528,7 @@ fn run_control(
         }
         Work::Loop { body } => run_loop(step, body, ins, captured, control),
         Work::Scan(spec) => run_scan(step, spec, ins, captured, control),
+        Work::SequenceMap { body } => run_sequence_map(step, body, ins, captured, control),
         Work::Kernel { .. } | Work::Copy { .. } | Work::Sequence(_) => {
             Err(invalid(step, "kernel step run as control flow"))
         }
@@ -660,6 +661,76 @@ fn run_loop(
         out.push(Slot::Tensor(Arc::new(stack(step, &items, 0, dtype)?)));
     }
     Ok(out)
+}
+
+/// `SequenceMap`: the body once per element of the first input's sequence (the other
+/// sequence inputs give their element at the same position; tensor inputs are passed whole),
+/// each output collected into a sequence.
+fn run_sequence_map(
+    step: &Step,
+    body: &Plan,
+    ins: &[Option<Slot>],
+    captured: &[Slot],
+    control: &RunControl,
+) -> Result<Vec<Slot>, GraphError> {
+    let len = match ins.first() {
+        Some(Some(Slot::Seq(s))) => s.items.len(),
+        _ => return Err(invalid(step, "input 0 must be a sequence")),
+    };
+    for (k, v) in ins.iter().enumerate() {
+        match v {
+            Some(Slot::Seq(s)) if s.items.len() != len => {
+                return Err(invalid(
+                    step,
+                    format!(
+                        "input {k} has {} elements, input 0 has {len}",
+                        s.items.len()
+                    ),
+                ))
+            }
+            Some(Slot::Empty) | None => {
+                return Err(invalid(step, format!("input {k} is missing or empty")))
+            }
+            _ => {}
+        }
+    }
+    let mut collected = Collected::new(body.outputs.len(), control);
+    for i in 0..len {
+        control.check(&step.label)?;
+        let formal: Vec<Slot> = ins
+            .iter()
+            .flatten()
+            .map(|v| match v {
+                Slot::Seq(s) => s
+                    .items
+                    .get(i)
+                    .cloned()
+                    .map(Slot::Tensor)
+                    .ok_or_else(|| invalid(step, "sequence element out of range")),
+                other => Ok(other.clone()),
+            })
+            .collect::<Result<_, _>>()?;
+        let outs = run_nested(body, feeds(step, body, formal, captured)?, control)?;
+        collected.push(step, &outs)?;
+    }
+    let items = std::mem::take(&mut collected.items);
+    Ok(items
+        .into_iter()
+        .enumerate()
+        .map(|(k, items)| {
+            let dtype = items.first().map_or_else(
+                || {
+                    body.output_types
+                        .get(k)
+                        .copied()
+                        .flatten()
+                        .unwrap_or(DType::F32)
+                },
+                |t| t.dtype(),
+            );
+            Slot::Seq(Arc::new(sequence::Sequence { dtype, items }))
+        })
+        .collect())
 }
 
 fn run_scan(

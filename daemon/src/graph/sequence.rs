@@ -1,5 +1,6 @@
-//! Sequence values inside graphs: the runtime's values are tensors or sequences of tensors,
-//! and the sequence operators run on the host, like control flow.
+//! Sequence and optional values inside graphs: the runtime's values are tensors, sequences of
+//! tensors, or empty optionals, and the sequence and optional operators run on the host, like
+//! control flow (an optional holding a value is that value).
 //!
 //! Why the daemon and not a plugin: the kernel ABI hands kernels tensors. A sequence is a
 //! list of tensors the runtime already holds (`Arc`s); the operators on it build, index and
@@ -28,11 +29,13 @@ pub struct Sequence {
     pub items: Vec<Arc<HostTensor>>,
 }
 
-/// A runtime value: a tensor or a sequence of tensors.
+/// A runtime value: a tensor, a sequence of tensors, or an optional without a value (an
+/// optional with one is its value).
 #[derive(Clone, Debug)]
 pub enum Slot {
     Tensor(Arc<HostTensor>),
     Seq(Arc<Sequence>),
+    Empty,
 }
 
 impl Slot {
@@ -41,6 +44,7 @@ impl Slot {
         match self {
             Slot::Tensor(t) => t.byte_len(),
             Slot::Seq(s) => s.items.iter().map(|t| t.byte_len()).sum(),
+            Slot::Empty => 0,
         }
     }
 
@@ -50,6 +54,10 @@ impl Slot {
             Slot::Tensor(t) => Ok(t),
             Slot::Seq(_) => Err(GraphError::Invalid(format!(
                 "{} is a sequence, where a tensor is needed",
+                what()
+            ))),
+            Slot::Empty => Err(GraphError::Invalid(format!(
+                "{} is an empty optional, where a tensor is needed",
                 what()
             ))),
         }
@@ -75,20 +83,27 @@ pub(super) enum SeqOp {
     },
     /// `Identity` of a sequence.
     Identity,
+    /// `Optional(x)`: `x`; without an input, an empty optional.
+    Optional,
+    /// `OptionalHasElement`: whether the input is present and not empty.
+    HasElement,
+    /// `OptionalGetElement`: the value, or an error when empty.
+    GetElement,
 }
 
 impl SeqOp {
-    /// Whether output 0 is a sequence.
-    pub fn makes_sequence(&self) -> bool {
-        matches!(
-            self,
+    /// Whether output 0 is a sequence, given whether input 0 is one.
+    pub fn makes_sequence(&self, input_is_seq: bool) -> bool {
+        match self {
             SeqOp::Empty(_)
-                | SeqOp::Construct
-                | SeqOp::Insert
-                | SeqOp::Erase
-                | SeqOp::Split { .. }
-                | SeqOp::Identity
-        )
+            | SeqOp::Construct
+            | SeqOp::Insert
+            | SeqOp::Erase
+            | SeqOp::Split { .. }
+            | SeqOp::Identity => true,
+            SeqOp::Optional | SeqOp::GetElement => input_is_seq,
+            SeqOp::At | SeqOp::Length | SeqOp::Concat { .. } | SeqOp::HasElement => false,
+        }
     }
 }
 
@@ -135,6 +150,9 @@ pub(super) fn op_of(n: &Node, input_is_seq: bool) -> Result<Option<SeqOp>, Graph
             new_axis: int("new_axis", 0) != 0,
         },
         "Identity" if input_is_seq => SeqOp::Identity,
+        "Optional" => SeqOp::Optional,
+        "OptionalHasElement" => SeqOp::HasElement,
+        "OptionalGetElement" => SeqOp::GetElement,
         _ => return Ok(None),
     }))
 }
@@ -151,6 +169,7 @@ pub(super) fn output_type(op: &SeqOp, values: &Values, inputs: &[Option<usize>])
     match op {
         SeqOp::Empty(d) => Some(*d),
         SeqOp::Length => Some(DType::I64),
+        SeqOp::HasElement => Some(DType::Bool),
         // The first of the inputs that says.
         SeqOp::Insert => ty(0).or_else(|| ty(1)),
         _ => ty(0),
@@ -172,6 +191,10 @@ fn seq_in<'a>(
         Some(Some(Slot::Tensor(_))) => Err(invalid(
             step,
             format!("input {k} must be a sequence, is a tensor"),
+        )),
+        Some(Some(Slot::Empty)) => Err(invalid(
+            step,
+            format!("input {k} (a sequence) is an empty optional"),
         )),
         _ => Err(invalid(step, format!("input {k} (a sequence) is missing"))),
     }
@@ -244,6 +267,17 @@ pub(super) fn run(step: &Step, op: &SeqOp, ins: &[Option<Slot>]) -> Result<Vec<S
             .cloned()
             .flatten()
             .ok_or_else(|| invalid(step, "input 0 is missing"))?,
+        SeqOp::Optional => ins.first().cloned().flatten().unwrap_or(Slot::Empty),
+        SeqOp::HasElement => {
+            let has = matches!(ins.first(), Some(Some(Slot::Tensor(_) | Slot::Seq(_))));
+            Slot::Tensor(Arc::new(
+                HostTensor::from_bytes(DType::Bool, &[], &[u8::from(has)]).map_err(err)?,
+            ))
+        }
+        SeqOp::GetElement => match ins.first() {
+            Some(Some(v @ (Slot::Tensor(_) | Slot::Seq(_)))) => v.clone(),
+            _ => return Err(invalid(step, "the optional is empty")),
+        },
         SeqOp::Construct => {
             let items: Vec<Arc<HostTensor>> = (0..ins.len())
                 .map(|k| {

@@ -15,7 +15,6 @@ mod lowbit;
 mod malformed;
 mod ml;
 mod nn;
-mod optional;
 mod quant;
 mod random;
 mod recurrent;
@@ -58,7 +57,6 @@ fn register(r: &mut Registrar) {
     text::register(r);
     ml::register(r);
     image::register(r);
-    optional::register(r);
     random::register(r);
     recurrent::register(r);
     training::register(r);

@@ -4,7 +4,7 @@
 //! the dtype's element size (`[u8; N]`), one implementation for every fixed-size dtype, and on
 //! `RString` for string tensors. Arithmetic (scatter reductions, Range) is typed.
 
-pub(crate) mod common;
+mod common;
 mod gen;
 mod index;
 mod layout;

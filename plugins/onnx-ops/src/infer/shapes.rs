@@ -54,8 +54,6 @@ const SAME_AS_INPUT: &[&str] = &[
     "Mish",
     "Neg",
     "Not",
-    "Optional",
-    "OptionalGetElement",
     "PRelu",
     "RandomNormalLike",
     "RandomUniformLike",

@@ -46,7 +46,7 @@ pub(super) fn output_type(
         "Equal" | "Less" | "LessOrEqual" | "Greater" | "GreaterOrEqual" | "And" | "Or" | "Xor"
         | "Not" | "IsNaN" | "IsInf" => DType::Bool,
         "Shape" | "Size" | "ArgMax" | "ArgMin" | "NonZero" | "NonMaxSuppression" => DType::I64,
-        "RegexFullMatch" | "OptionalHasElement" => DType::Bool,
+        "RegexFullMatch" => DType::Bool,
         // present_state has past_state's type (S), the query's when past_state is left out.
         "LinearAttention" if index == 1 => return inputs.get(3).copied().flatten().or(first),
         "StringSplit" if index == 1 => DType::I64,
