@@ -1,3 +1,6 @@
+// Tests index what they just built.
+#![allow(clippy::indexing_slicing)]
+
 use super::*;
 use opreg_proto::onnx::{OperatorSetIdProto, TypeProto};
 
