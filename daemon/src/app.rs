@@ -12,6 +12,7 @@ pub struct App {
     pub registry: Registry,
     pub compute: ComputePool,
     pub repo: Repository,
+    pub metrics: crate::metrics::Metrics,
     ready: AtomicBool,
     // Declared last: the registry (and the plugin copies it maps) must go first.
     _runtime_dir: RuntimeDir,
@@ -29,6 +30,7 @@ impl App {
             .with_quarantine(config.swap.quarantine),
             compute: ComputePool::new(config.threads)?,
             repo: Repository::new(config.model_repo.clone(), config.limits.clone()),
+            metrics: crate::metrics::Metrics::new(),
             ready: AtomicBool::new(false),
             _runtime_dir: runtime_dir,
             config,

@@ -78,6 +78,10 @@ pub struct Cli {
     /// The quarantine window in seconds (default 60).
     #[arg(long, env = "OPREG_QUARANTINE_WINDOW_S")]
     pub quarantine_window_s: Option<f64>,
+    /// HTTP address of the Prometheus metrics (`GET /metrics`), or `off` (default
+    /// 127.0.0.1:8002, Triton's metrics port, loopback only).
+    #[arg(long, env = "OPREG_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     #[command(flatten)]
     pub limits: LimitFlags,
 }
@@ -216,6 +220,7 @@ pub struct FileConfig {
     pub swap_rel_tolerance: Option<f64>,
     pub quarantine_faults: Option<usize>,
     pub quarantine_window_s: Option<f64>,
+    pub metrics_listen: Option<String>,
     #[serde(default)]
     pub limits: Limits,
     /// `[plugin_config.<plugin name>]`: a table handed to that plugin's `init` as TOML text.
@@ -227,6 +232,8 @@ pub struct FileConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// Where the Prometheus metrics are served (`None`: off).
+    pub metrics_listen: Option<SocketAddr>,
     pub plugin_dirs: Vec<PathBuf>,
     pub model_repo: Option<PathBuf>,
     pub runtime_dir: Option<PathBuf>,
@@ -258,6 +265,8 @@ pub struct SwapSettings {
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8001";
+/// Triton's metrics port, on loopback: metrics are opt-in beyond the machine.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:8002";
 
 /// A verified swap's default tolerance, absolute and relative: loose enough for a kernel that
 /// sums in another order or uses FMA (f32 round-off over thousands of terms), tight enough
@@ -305,8 +314,20 @@ impl Config {
             !require_token_for_inference || admin_token.is_some(),
             "--require-token-for-inference needs --admin-token"
         );
+        let metrics_listen = match cli
+            .metrics_listen
+            .or(file.metrics_listen)
+            .as_deref()
+            .unwrap_or(DEFAULT_METRICS_LISTEN)
+        {
+            "off" | "none" => None,
+            a => Some(a.parse::<SocketAddr>().with_context(|| {
+                format!("--metrics-listen {a}: not an address (HOST:PORT) or 'off'")
+            })?),
+        };
         Ok(Config {
             listen: cli.listen.or(file.listen).unwrap_or(default_listen),
+            metrics_listen,
             plugin_dirs: if cli.plugin_dirs.is_empty() {
                 file.plugin_dirs.into_iter().map(rel).collect()
             } else {

@@ -12,6 +12,7 @@ pub mod config;
 pub mod device;
 pub mod exec;
 pub mod graph;
+pub mod metrics;
 pub mod plugin;
 pub mod quant;
 pub mod registry;

@@ -49,6 +49,15 @@ async fn run(config: config::Config, started: Instant) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", app.config.listen))?;
     let addr = listener.local_addr()?;
+    if let Some(metrics_addr) = app.config.metrics_listen {
+        let l = opregd::metrics::bind(metrics_addr).await?;
+        let app = Arc::downgrade(&app);
+        tokio::spawn(async move {
+            if let Err(e) = opregd::metrics::serve(app, l).await {
+                tracing::error!("metrics listener stopped: {e}");
+            }
+        });
+    }
     let shutdown = shutdown_signal()?;
     app.set_ready(true);
     let snapshot = app.registry.snapshot();

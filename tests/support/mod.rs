@@ -144,6 +144,10 @@ impl Daemon {
         cmd.arg("--listen")
             .arg(opts.listen.as_deref().unwrap_or("127.0.0.1:0"))
             .args(&opts.args);
+        // Tests run daemons in parallel: each gets its own metrics port unless it asks.
+        if !opts.args.iter().any(|a| a == "--metrics-listen") {
+            cmd.arg("--metrics-listen").arg("127.0.0.1:0");
+        }
         let runtime = if opts.default_runtime_dir {
             None
         } else {

@@ -57,6 +57,8 @@ pub struct RunControl {
     max_tensor_bytes: usize,
     max_live_bytes: usize,
     live: AtomicUsize,
+    /// The most `live` has been.
+    peak: AtomicUsize,
     copies: AtomicU64,
     copy_bytes: AtomicU64,
 }
@@ -76,6 +78,7 @@ impl RunControl {
             max_tensor_bytes,
             max_live_bytes,
             live: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
             copies: AtomicU64::new(0),
             copy_bytes: AtomicU64::new(0),
         }
@@ -87,6 +90,11 @@ impl RunControl {
             self.copies.load(Ordering::Relaxed),
             self.copy_bytes.load(Ordering::Relaxed),
         )
+    }
+
+    /// The most bytes the run's values held at once.
+    pub fn peak_bytes(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
     }
 
     /// Asks the run to stop at its next node boundary.
@@ -121,6 +129,7 @@ impl RunControl {
             .live
             .fetch_add(bytes, Ordering::Relaxed)
             .saturating_add(bytes);
+        self.peak.fetch_max(live, Ordering::Relaxed);
         if live > self.max_live_bytes {
             return Err(GraphError::Limit {
                 node: node.into(),

@@ -117,6 +117,8 @@ pub struct Stats {
     pub execution_count: u64,
     pub success: (u64, u64),
     pub fail: (u64, u64),
+    /// Waiting for the compute pool.
+    pub queue: (u64, u64),
     pub compute_input: (u64, u64),
     pub compute_infer: (u64, u64),
     pub compute_output: (u64, u64),

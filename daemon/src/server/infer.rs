@@ -74,6 +74,7 @@ pub async fn infer(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
+    record_metrics(app, &model, &result, ns);
     model.record(|s| match &result {
         Ok((_, timing)) => {
             s.success.0 += 1;
@@ -81,6 +82,8 @@ pub async fn infer(
             s.inference_count += timing.batch;
             s.execution_count += 1;
             s.last_inference_ms = now_ms;
+            s.queue.0 += 1;
+            s.queue.1 += timing.queue_ns;
             s.compute_input.0 += 1;
             s.compute_input.1 += timing.input_ns;
             s.compute_infer.0 += 1;
@@ -98,8 +101,68 @@ pub async fn infer(
     result.map(|(r, _)| r)
 }
 
+/// Counts the request in the Prometheus metrics (Triton's names).
+fn record_metrics(
+    app: &App,
+    model: &ServedModel,
+    result: &Result<(pb::ModelInferResponse, Timing), Status>,
+    ns: u64,
+) {
+    let m = &app.metrics;
+    let version = model.version.to_string();
+    let labels = [model.name.as_str(), version.as_str()];
+    let us = |ns: u64| ns / 1000;
+    m.request_duration_us
+        .with_label_values(&labels)
+        .inc_by(us(ns));
+    match result {
+        Ok((_, t)) => {
+            m.request_success.with_label_values(&labels).inc();
+            m.inference_count.with_label_values(&labels).inc_by(t.batch);
+            m.exec_count.with_label_values(&labels).inc();
+            m.queue_duration_us
+                .with_label_values(&labels)
+                .inc_by(us(t.queue_ns));
+            m.compute_input_duration_us
+                .with_label_values(&labels)
+                .inc_by(us(t.input_ns));
+            m.compute_infer_duration_us
+                .with_label_values(&labels)
+                .inc_by(us(t.infer_ns));
+            m.compute_output_duration_us
+                .with_label_values(&labels)
+                .inc_by(us(t.output_ns));
+            m.device_copies.with_label_values(&labels).inc_by(t.copies);
+            m.device_copy_bytes
+                .with_label_values(&labels)
+                .inc_by(t.copy_bytes);
+            m.request_peak_bytes.observe(t.peak_bytes as f64);
+        }
+        Err(status) => {
+            use tonic::Code;
+            // Triton's failure reasons.
+            let reason = match status.code() {
+                Code::Cancelled | Code::DeadlineExceeded => "CANCELED",
+                Code::Unavailable | Code::ResourceExhausted => "REJECTED",
+                Code::Internal => "BACKEND",
+                _ => "OTHER",
+            };
+            if reason == "CANCELED" {
+                m.cancelled.with_label_values(&labels).inc();
+            }
+            m.request_failure
+                .with_label_values(&[labels[0], labels[1], reason])
+                .inc();
+        }
+    }
+}
+
 struct Timing {
     batch: u64,
+    /// Waiting for the compute pool.
+    queue_ns: u64,
+    /// The most bytes the run's values held at once.
+    peak_bytes: usize,
     input_ns: u64,
     infer_ns: u64,
     output_ns: u64,
@@ -160,9 +223,16 @@ async fn run(
     let kept = (for_swaps || model.adaptive.is_some()).then(|| feeds.clone());
     let control = Arc::new(RunControl::new(max_tensor, max_live, deadline));
     let _cancel = CancelOnDrop(control.clone());
+    let queue_ns = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let submitted = Instant::now();
     let job = app.compute.run({
         let control = control.clone();
+        let queue_ns = queue_ns.clone();
         move || -> Result<_, Status> {
+            queue_ns.store(
+                submitted.elapsed().as_nanos() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             // A request that waited past its deadline in the queue stops at the plan's first
             // node (run_with_control checks before every step) and frees its inputs there.
             let plan = m.plan(&snapshot)?;
@@ -203,7 +273,9 @@ async fn run(
             return Err(status);
         }
     };
-    let infer_ns = t1.elapsed().as_nanos() as u64;
+    let queue_ns = queue_ns.load(std::sync::atomic::Ordering::Relaxed);
+    // Compute time excludes the wait for the pool (reported as queue time, as Triton does).
+    let infer_ns = (t1.elapsed().as_nanos() as u64).saturating_sub(queue_ns);
     if let Some(kept) = &kept {
         if for_swaps {
             model.remember(kept);
@@ -259,6 +331,8 @@ async fn run(
         resp,
         Timing {
             batch,
+            queue_ns,
+            peak_bytes: control.peak_bytes(),
             input_ns,
             infer_ns,
             output_ns,

@@ -68,7 +68,7 @@ fn statistics(m: &ServedModel) -> pb::ModelStatistics {
         inference_stats: Some(pb::InferStatistics {
             success: d(s.success),
             fail: d(s.fail),
-            queue: d((0, 0)),
+            queue: d(s.queue),
             compute_input: d(s.compute_input),
             compute_infer: d(s.compute_infer),
             compute_output: d(s.compute_output),

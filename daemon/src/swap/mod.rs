@@ -74,8 +74,13 @@ pub fn swap(app: &App, path: &Path, options: &SwapOptions) -> Result<SwapReport,
         .registry
         .prepare_swap(path, options.expected.as_deref())
         .and_then(|candidate| verify_and_publish(app, candidate, options, started));
-    if let Err(e) = &result {
-        refuse(app, path, e);
+    match &result {
+        Ok(r) => app
+            .metrics
+            .swaps
+            .with_label_values(&[r.plugin.name.as_str()])
+            .inc(),
+        Err(e) => refuse(app, path, e),
     }
     result
 }
@@ -90,7 +95,9 @@ pub fn rollback(app: &App, name: &str) -> Result<SwapReport, SwapError> {
         ..SwapOptions::default()
     };
     let prepared = prepare(app, &candidate)?;
-    Ok(publish(candidate, prepared, Vec::new(), &options, started))
+    let report = publish(candidate, prepared, Vec::new(), &options, started);
+    app.metrics.rollbacks.with_label_values(&[name]).inc();
+    Ok(report)
 }
 
 fn verify_and_publish(
@@ -274,6 +281,7 @@ fn refuse(app: &App, path: &Path, e: &SwapError) {
     ) {
         return;
     }
+    app.metrics.swaps_refused.inc();
     remember(app, path, e.to_string());
 }
 
