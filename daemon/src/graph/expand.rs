@@ -31,7 +31,7 @@
 #![deny(clippy::indexing_slicing)]
 
 use super::{
-    import::{import_subgraph, Dim, Model, Node},
+    import::{import_subgraph, Dim, Model, Node, Subgraph},
     GraphError,
 };
 use half::{bf16, f16};
@@ -49,59 +49,125 @@ fn is_flex(n: &Node) -> bool {
 }
 
 /// Rewrites every `FlexAttention` node of `model` into standard ONNX operators, in place of
-/// the node; other nodes are left untouched. A no-op when the model has none.
+/// the node, and likewise in its control-flow subgraphs (`If` branches, `Loop`/`Scan`
+/// bodies, at any depth: their FlexAttention nodes may read values of the enclosing graphs,
+/// whose types the expansion needs). Other nodes are left untouched; a no-op when the model
+/// has none. Run once, on the top-level model.
 pub(super) fn expand(model: &mut Model) -> Result<(), GraphError> {
-    if !model.nodes.iter().any(is_flex) {
+    expand_in(model, &[], None, &HashSet::new())
+}
+
+fn has_flex(model: &Model) -> bool {
+    model
+        .nodes
+        .iter()
+        .any(|n| is_flex(n) || n.subgraphs.iter().any(|g| has_flex(&g.model)))
+}
+
+/// [`expand`] for a graph whose formal inputs are `formal` (none for the top-level graph),
+/// inside `parent`, where the enclosing graphs use the names `outer`.
+fn expand_in(
+    model: &mut Model,
+    formal: &[(String, Option<DType>)],
+    parent: Option<&Scope<'_>>,
+    outer: &HashSet<String>,
+) -> Result<(), GraphError> {
+    if !has_flex(model) {
         return Ok(());
     }
-    let mut names = Names::of(model);
-    let mut initializers = HashMap::new();
-    let mut expansions: HashMap<usize, Vec<Node>> = HashMap::new();
-    {
-        let producers = model.producers();
-        for (i, node) in model.nodes.iter().enumerate() {
-            if !is_flex(node) {
-                continue;
+    let mut names = Names::of(model, formal, outer);
+    if model.nodes.iter().any(is_flex) {
+        let mut initializers = HashMap::new();
+        let mut expansions: HashMap<usize, Vec<Node>> = HashMap::new();
+        {
+            let scope = Scope::new(model, formal, parent);
+            for (i, node) in model.nodes.iter().enumerate() {
+                if !is_flex(node) {
+                    continue;
+                }
+                let mut x = Expander {
+                    scope: &scope,
+                    names: &mut names,
+                    initializers: &mut initializers,
+                    node,
+                    prefix: if node.name.is_empty() {
+                        "FlexAttention".to_string()
+                    } else {
+                        node.name.clone()
+                    },
+                    out: Vec::new(),
+                };
+                x.flex_attention()?;
+                expansions.insert(i, x.out);
             }
-            let mut x = Expander {
-                model,
-                producers: &producers,
-                names: &mut names,
-                initializers: &mut initializers,
-                node,
-                prefix: if node.name.is_empty() {
-                    "FlexAttention".to_string()
-                } else {
-                    node.name.clone()
-                },
-                out: Vec::new(),
-            };
-            x.flex_attention()?;
-            expansions.insert(i, x.out);
+        }
+        let old = std::mem::take(&mut model.nodes);
+        for (i, node) in old.into_iter().enumerate() {
+            match expansions.remove(&i) {
+                Some(nodes) => model.nodes.extend(nodes),
+                None => model.nodes.push(node),
+            }
+        }
+        model.initializers.extend(initializers);
+    }
+
+    // Subgraphs, with this graph (as expanded) as their enclosing scope.
+    let mut rewritten = Vec::new();
+    {
+        let scope = Scope::new(model, formal, parent);
+        for (i, node) in model.nodes.iter().enumerate() {
+            for (j, g) in node.subgraphs.iter().enumerate() {
+                if !has_flex(&g.model) {
+                    continue;
+                }
+                let mut sub = g.model.clone();
+                expand_in(&mut sub, &g.formal, Some(&scope), &names.0).map_err(|e| {
+                    let at = format!("node {} '{}'", node.label(), g.attr);
+                    match e {
+                        GraphError::Invalid(m) => GraphError::Invalid(format!("{at}: {m}")),
+                        GraphError::Unsupported(m) => GraphError::Unsupported(format!("{at}: {m}")),
+                        other => other,
+                    }
+                })?;
+                let sub = Subgraph {
+                    attr: g.attr.clone(),
+                    model: sub,
+                    formal: g.formal.clone(),
+                };
+                rewritten.push((i, j, Arc::new(sub)));
+            }
         }
     }
-    let old = std::mem::take(&mut model.nodes);
-    for (i, node) in old.into_iter().enumerate() {
-        match expansions.remove(&i) {
-            Some(nodes) => model.nodes.extend(nodes),
-            None => model.nodes.push(node),
+    for (i, j, g) in rewritten {
+        if let Some(slot) = model.nodes.get_mut(i).and_then(|n| n.subgraphs.get_mut(j)) {
+            *slot = g;
         }
     }
-    model.initializers.extend(initializers);
     Ok(())
 }
 
-/// The value names a model uses, to hand out unused ones.
+/// The value names in use, to hand out unused ones.
 struct Names(HashSet<String>);
 
 impl Names {
-    fn of(model: &Model) -> Self {
-        let mut set: HashSet<String> = model.initializers.keys().cloned().collect();
-        set.extend(model.inputs.iter().map(|i| i.name.clone()));
-        set.extend(model.outputs.iter().map(|o| o.name.clone()));
-        for n in &model.nodes {
-            set.extend(n.inputs.iter().chain(&n.outputs).cloned());
+    /// The names `model` (its subgraphs included), its formal inputs and the enclosing
+    /// graphs (`outer`) use: a new value must shadow none that a subgraph may read.
+    fn of(model: &Model, formal: &[(String, Option<DType>)], outer: &HashSet<String>) -> Self {
+        fn add(set: &mut HashSet<String>, model: &Model) {
+            set.extend(model.initializers.keys().cloned());
+            set.extend(model.inputs.iter().map(|i| i.name.clone()));
+            set.extend(model.outputs.iter().map(|o| o.name.clone()));
+            for n in &model.nodes {
+                set.extend(n.inputs.iter().chain(&n.outputs).cloned());
+                for g in &n.subgraphs {
+                    set.extend(g.formal.iter().map(|(f, _)| f.clone()));
+                    add(set, &g.model);
+                }
+            }
         }
+        let mut set = outer.clone();
+        set.extend(formal.iter().map(|(f, _)| f.clone()));
+        add(&mut set, model);
         Names(set)
     }
 
@@ -119,69 +185,121 @@ impl Names {
     }
 }
 
-/// A value's shape as far as the model declares it (graph inputs and initializers).
-fn known_shape(model: &Model, name: &str) -> Option<Vec<Dim>> {
-    if let Some(t) = model.initializers.get(name) {
-        return Some(t.shape().iter().map(|&d| Dim::Fixed(d)).collect());
-    }
-    model
-        .inputs
-        .iter()
-        .find(|i| i.name == name)
-        .and_then(|i| i.shape.clone())
+/// A graph with the graphs enclosing it: where the values a node reads are defined.
+struct Scope<'a> {
+    model: &'a Model,
+    producers: HashMap<&'a str, usize>,
+    /// A subgraph's formal inputs, with the types it declares.
+    formal: &'a [(String, Option<DType>)],
+    parent: Option<&'a Scope<'a>>,
 }
 
-/// A value's element type, followed back through the operators whose output has the type of
-/// an input; `None` where that leads nowhere known.
-fn value_dtype(model: &Model, producers: &HashMap<&str, usize>, name: &str) -> Option<DType> {
-    let mut name = name;
-    // Bounded: a malformed model may have a cycle.
-    for _ in 0..256 {
-        if let Some(t) = model.initializers.get(name) {
-            return Some(t.dtype());
+/// Where a scope finds a value.
+enum Found<'a> {
+    Initializer(&'a HostTensor),
+    Input(DType, Option<&'a Vec<Dim>>),
+    /// A formal input of a subgraph, with its type where declared.
+    Formal(Option<DType>),
+    Node(&'a Scope<'a>, &'a Node),
+}
+
+impl<'a> Scope<'a> {
+    fn new(
+        model: &'a Model,
+        formal: &'a [(String, Option<DType>)],
+        parent: Option<&'a Scope<'a>>,
+    ) -> Self {
+        Scope {
+            model,
+            producers: model.producers(),
+            formal,
+            parent,
         }
-        if let Some(i) = model.inputs.iter().find(|i| i.name == name) {
-            return Some(i.dtype);
-        }
-        let node = model.nodes.get(*producers.get(name)?)?;
-        let first = node.outputs.first().is_some_and(|o| o == name);
-        let next = if is_flex(node) {
-            0
-        } else if !node.domain.is_empty() {
-            return None;
-        } else {
-            match node.op_type.as_str() {
-                "Cast" => {
-                    return match attr(node, "to")? {
-                        AttrValue::Int(c) => i32::try_from(*c).ok().and_then(DType::from_onnx_code),
-                        _ => None,
-                    }
-                }
-                "Constant" => {
-                    return match attr(node, "value")? {
-                        AttrValue::Tensor(t) => Some(t.dtype),
-                        _ => None,
-                    }
-                }
-                // The output has the type of the second input (DequantizeLinear: the scale's).
-                "CastLike" | "Where" | "DequantizeLinear" if first => 1,
-                "Split" => 0,
-                "Identity" | "Reshape" | "Transpose" | "Squeeze" | "Unsqueeze" | "Flatten"
-                | "Expand" | "Tile" | "Slice" | "Gather" | "Concat" | "Pad" | "Add" | "Sub"
-                | "Mul" | "Div" | "Pow" | "Neg" | "Abs" | "Relu" | "LeakyRelu" | "Gelu"
-                | "Sigmoid" | "Tanh" | "Erf" | "Exp" | "Log" | "Sqrt" | "Softmax"
-                | "LogSoftmax" | "MatMul" | "Gemm" | "Clip" | "Max" | "Min" | "Dropout"
-                | "LayerNormalization" | "RMSNormalization" | "BatchNormalization"
-                    if first =>
-                {
-                    0
-                }
-                _ => return None,
-            }
-        };
-        name = node.inputs.get(next).filter(|s| !s.is_empty())?;
     }
-    None
+
+    /// Where `name` is defined: in this graph, else in the nearest enclosing one.
+    fn find(&'a self, name: &str) -> Option<Found<'a>> {
+        let m = self.model;
+        if let Some(t) = m.initializers.get(name) {
+            return Some(Found::Initializer(t));
+        }
+        if let Some(i) = m.inputs.iter().find(|i| i.name == name) {
+            return Some(Found::Input(i.dtype, i.shape.as_ref()));
+        }
+        if let Some((_, t)) = self.formal.iter().find(|(f, _)| f == name) {
+            return Some(Found::Formal(*t));
+        }
+        match self.producers.get(name) {
+            Some(&i) => Some(Found::Node(self, m.nodes.get(i)?)),
+            None => self.parent?.find(name),
+        }
+    }
+
+    /// A value's shape as far as the model declares it (graph inputs and initializers).
+    fn shape(&'a self, name: &str) -> Option<Vec<Dim>> {
+        match self.find(name)? {
+            Found::Initializer(t) => Some(t.shape().iter().map(|&d| Dim::Fixed(d)).collect()),
+            Found::Input(_, shape) => shape.cloned(),
+            _ => None,
+        }
+    }
+
+    /// A value's element type, followed back through the operators whose output has the
+    /// type of an input; `None` where that leads nowhere known.
+    fn dtype(&'a self, name: &str) -> Option<DType> {
+        let mut scope = self;
+        let mut name = name.to_string();
+        // Bounded: a malformed model may have a cycle.
+        for _ in 0..256 {
+            let (at, node) = match scope.find(&name)? {
+                Found::Initializer(t) => return Some(t.dtype()),
+                Found::Input(t, _) => return Some(t),
+                Found::Formal(t) => return t,
+                Found::Node(at, node) => (at, node),
+            };
+            let first = node.outputs.first().is_some_and(|o| *o == name);
+            let next = if is_flex(node) {
+                0
+            } else if !node.domain.is_empty() {
+                return None;
+            } else {
+                match node.op_type.as_str() {
+                    "Cast" => {
+                        return match attr(node, "to")? {
+                            AttrValue::Int(c) => {
+                                i32::try_from(*c).ok().and_then(DType::from_onnx_code)
+                            }
+                            _ => None,
+                        }
+                    }
+                    "Constant" => {
+                        return match attr(node, "value")? {
+                            AttrValue::Tensor(t) => Some(t.dtype),
+                            _ => None,
+                        }
+                    }
+                    // The output has the type of the second input (DequantizeLinear: the
+                    // scale's).
+                    "CastLike" | "Where" | "DequantizeLinear" if first => 1,
+                    "Split" => 0,
+                    "Identity" | "Reshape" | "Transpose" | "Squeeze" | "Unsqueeze" | "Flatten"
+                    | "Expand" | "Tile" | "Slice" | "Gather" | "Concat" | "Pad" | "Add" | "Sub"
+                    | "Mul" | "Div" | "Pow" | "Neg" | "Abs" | "Relu" | "LeakyRelu" | "Gelu"
+                    | "Sigmoid" | "Tanh" | "Erf" | "Exp" | "Log" | "Sqrt" | "Softmax"
+                    | "LogSoftmax" | "MatMul" | "Gemm" | "Clip" | "Max" | "Min" | "Dropout"
+                    | "LayerNormalization" | "RMSNormalization" | "BatchNormalization"
+                        if first =>
+                    {
+                        0
+                    }
+                    _ => return None,
+                }
+            };
+            name = node.inputs.get(next).filter(|s| !s.is_empty())?.clone();
+            scope = at;
+        }
+        None
+    }
 }
 
 fn attr<'a>(node: &'a Node, name: &str) -> Option<&'a AttrValue> {
@@ -222,8 +340,7 @@ fn int(name: &str, v: i64) -> Attribute {
 /// Expands one node: collects the nodes replacing it in `out` and the constants they need in
 /// `initializers`.
 struct Expander<'a> {
-    model: &'a Model,
-    producers: &'a HashMap<&'a str, usize>,
+    scope: &'a Scope<'a>,
     names: &'a mut Names,
     initializers: &'a mut HashMap<String, Arc<HostTensor>>,
     node: &'a Node,
@@ -275,24 +392,24 @@ impl Expander<'_> {
         Ok(self.constant(what, t))
     }
 
-    /// Appends `op(inputs)` with one new output, whose name it returns.
+    /// Appends `op(inputs)` with one new output, whose name it returns (and the node's).
     fn op(&mut self, op: &str, what: &str, inputs: &[&str], attributes: Vec<Attribute>) -> String {
         let out = self.names.fresh(&format!("{}_{what}", self.prefix));
-        self.op_into(op, what, inputs, attributes, out.clone());
+        self.op_into(op, out.clone(), inputs, attributes, out.clone());
         out
     }
 
-    /// Appends `op(inputs)` writing `out`.
+    /// Appends node `name`, `op(inputs)` writing `out`.
     fn op_into(
         &mut self,
         op: &str,
-        what: &str,
+        name: String,
         inputs: &[&str],
         attributes: Vec<Attribute>,
         out: String,
     ) {
         self.out.push(Node {
-            name: format!("{}/{what}", self.prefix),
+            name,
             domain: String::new(),
             op_type: op.into(),
             inputs: inputs.iter().map(|s| s.to_string()).collect(),
@@ -377,7 +494,7 @@ impl Expander<'_> {
         }
 
         // What the model declares of the shapes: ranks must be 4 and sizes agree.
-        let shape = |name: &str| known_shape(self.model, name);
+        let shape = |name: &str| self.scope.shape(name);
         let (qs, ks, vs) = (shape(q), shape(k), shape(v));
         for (what, s) in [("Q", &qs), ("K", &ks), ("V", &vs)] {
             if let Some(s) = s {
@@ -424,9 +541,7 @@ impl Expander<'_> {
         let head_size = fixed(&qs, 3).or(fixed(&ks, 3));
 
         // Element types: Q, K, V and Y share one.
-        let dtype = [q, k, v]
-            .into_iter()
-            .find_map(|n| value_dtype(self.model, self.producers, n));
+        let dtype = [q, k, v].into_iter().find_map(|n| self.scope.dtype(n));
         if let Some(t) = dtype {
             if !matches!(t, DType::F16 | DType::BF16 | DType::F32 | DType::F64) {
                 return Err(self.invalid(format!(
@@ -455,7 +570,7 @@ impl Expander<'_> {
                 }
             },
         };
-        let opset = self.model.opset("").ok_or_else(|| {
+        let opset = self.scope.model.opset("").ok_or_else(|| {
             self.unsupported(
                 "the model imports no default-domain (ai.onnx) opset, which the expansion \
                  into standard operators needs",
@@ -481,11 +596,13 @@ impl Expander<'_> {
             )));
         }
 
-        // sqrt(scale), in Q's type: Q and K are both scaled by it before the product.
+        // sqrt(scale), in Q's type: Q and K are both scaled by it before the product, as the
+        // reference computes. A negative scale has no square root: it scales Q alone.
         let scale = scale.or_else(|| head_size.map(|e| (1.0 / (e as f64).sqrt()) as f32));
+        let q_only = scale.is_some_and(|s| s < 0.0);
         let root = match scale {
             Some(s) => {
-                let r = s.sqrt();
+                let r = if q_only { s } else { s.sqrt() };
                 match input_type {
                     TypeOf::Known(t) => self.scalar("ScaleSqrt", t, r)?,
                     TypeOf::Like => {
@@ -508,7 +625,8 @@ impl Expander<'_> {
             }
         };
 
-        // Grouped-query attention: the factor K and V heads are repeated by, `[1,1,r,1,1]`.
+        // Grouped-query attention: the `Expand` shape `[1, 1, r, 1, 1]`, where r = Hq / Hkv
+        // is how many query heads share each K/V head.
         let expand_shape = if !repeat {
             None
         } else if let (Some(hq), Some(hkv)) = (hq, hkv) {
@@ -587,7 +705,11 @@ impl Expander<'_> {
         // Scores = (Q·s) @ repeat(K·s)^T, in Q's type. K is scaled and transposed before
         // the repeat: the same values, on Hkv heads rather than Hq.
         let q_scaled = self.op("Mul", "QScaled", &[q, &root], Vec::new());
-        let k_scaled = self.op("Mul", "KScaled", &[k, &root], Vec::new());
+        let k_scaled = if q_only {
+            k.clone()
+        } else {
+            self.op("Mul", "KScaled", &[k, &root], Vec::new())
+        };
         let k_t = self.op(
             "Transpose",
             "KTransposed",
@@ -609,16 +731,17 @@ impl Expander<'_> {
         };
         let v_cast = self.cast("VCast", v, dtype, softmax_type, q);
         let v_aligned = repeat_heads(self, "V", &v_cast)?;
+        let name = self.names.fresh(&format!("{}_Y", self.prefix));
         if dtype == Some(softmax) {
-            self.op_into("MatMul", "Y", &[&probs, &v_aligned], Vec::new(), y.clone());
+            self.op_into("MatMul", name, &[&probs, &v_aligned], Vec::new(), y.clone());
         } else {
             let out = self.op("MatMul", "YSoftmaxType", &[&probs, &v_aligned], Vec::new());
             match input_type {
                 TypeOf::Known(t) => {
                     let to = vec![int("to", t.onnx_code().into())];
-                    self.op_into("Cast", "Y", &[&out], to, y.clone())
+                    self.op_into("Cast", name, &[&out], to, y.clone())
                 }
-                TypeOf::Like => self.op_into("CastLike", "Y", &[&out, v], Vec::new(), y.clone()),
+                TypeOf::Like => self.op_into("CastLike", name, &[&out, v], Vec::new(), y.clone()),
             }
         }
         Ok(())
@@ -628,7 +751,7 @@ impl Expander<'_> {
     /// formal input read as `input`, its own values and initializers under fresh names.
     /// Returns the value holding its output.
     fn inline(&mut self, attr: &str, bytes: &[u8], input: &str) -> Result<String, GraphError> {
-        let (graph, formal) = import_subgraph(bytes, &self.model.opsets)
+        let (graph, formal) = import_subgraph(bytes, &self.scope.model.opsets)
             .map_err(|e| self.invalid(format!("attribute '{attr}': {e}")))?;
         let [(formal, _)] = formal.as_slice() else {
             return Err(self.invalid(format!(
@@ -679,13 +802,12 @@ impl Expander<'_> {
             }
         }
         for n in &graph.nodes {
-            let label = if n.name.is_empty() {
-                n.op_type.clone()
-            } else {
-                n.name.clone()
+            let label = match n.outputs.iter().find(|o| !o.is_empty()) {
+                Some(o) => map(&rename, o),
+                None => format!("{base}_{}", n.op_type),
             };
             self.out.push(Node {
-                name: format!("{}/{attr}/{label}", self.prefix),
+                name: label,
                 domain: n.domain.clone(),
                 op_type: n.op_type.clone(),
                 inputs: n.inputs.iter().map(|i| map(&rename, i)).collect(),

@@ -202,7 +202,10 @@ fn from_proto(
         .iter()
         .map(|o| (normalise_domain(&o.domain), o.version))
         .collect();
-    let (model, _) = graph_model(&graph, opsets, dir, true)?;
+    let (mut model, _) = graph_model(&graph, opsets, dir, true)?;
+    // Operators the runtime expands into standard ones (FlexAttention), once, from the top:
+    // an expansion inside a branch may need the outer graph's types.
+    super::expand::expand(&mut model)?;
     Ok(model)
 }
 
@@ -334,15 +337,16 @@ fn graph_model(
             Ok(node)
         })
         .collect::<Result<Vec<_>, GraphError>>()?;
-    let mut model = Model {
-        opsets,
-        inputs,
-        outputs,
-        initializers,
-        nodes,
-    };
-    super::expand::expand(&mut model)?;
-    Ok((model, loose))
+    Ok((
+        Model {
+            opsets,
+            inputs,
+            outputs,
+            initializers,
+            nodes,
+        },
+        loose,
+    ))
 }
 
 fn io_spec(v: &onnx::ValueInfoProto) -> Result<IoSpec, GraphError> {
