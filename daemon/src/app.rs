@@ -13,6 +13,8 @@ pub struct App {
     pub compute: ComputePool,
     pub repo: Repository,
     pub metrics: crate::metrics::Metrics,
+    /// Dynamic batching queues, per model version.
+    pub batchers: crate::server::batch::Batchers,
     ready: AtomicBool,
     // Declared last: the registry (and the plugin copies it maps) must go first.
     _runtime_dir: RuntimeDir,
@@ -31,6 +33,7 @@ impl App {
             compute: ComputePool::new(config.threads)?,
             repo: Repository::new(config.model_repo.clone(), config.limits.clone()),
             metrics: crate::metrics::Metrics::new(),
+            batchers: Default::default(),
             ready: AtomicBool::new(false),
             _runtime_dir: runtime_dir,
             config,

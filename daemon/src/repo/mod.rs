@@ -12,7 +12,7 @@
 
 mod model;
 
-pub use model::{Feeds, ModelSettings, Prepared, ServedModel};
+pub use model::{DynamicBatching, Feeds, ModelSettings, Prepared, ServedModel};
 
 use crate::{config::Limits, graph, quant::adaptive::Adaptive, registry::Registry};
 use std::{

@@ -40,6 +40,34 @@ pub struct ModelSettings {
     /// calibration folder: read at load (the first few), and what a plugin swap is verified on
     /// before any request was recorded.
     pub warmup: Option<std::path::PathBuf>,
+    /// `[dynamic_batching]`: concurrent requests are merged along the batch dimension into
+    /// one run (needs `max_batch_size` > 0).
+    pub dynamic_batching: Option<DynamicBatching>,
+    /// Runs of this version at once (Triton's instance count); more wait. 0: no limit.
+    pub instance_count: usize,
+}
+
+/// `[dynamic_batching]` of a model's `config.toml` (Triton's names).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DynamicBatching {
+    /// Batch sizes dispatched as soon as they are reached (else at `max_batch_size` or when the
+    /// delay runs out).
+    pub preferred_batch_sizes: Vec<usize>,
+    /// How long the first request of a batch waits for others, in microseconds.
+    pub max_queue_delay_us: u64,
+    /// Requests waiting for a batch; more are refused with `UNAVAILABLE`.
+    pub max_queue_size: usize,
+}
+
+impl Default for DynamicBatching {
+    fn default() -> Self {
+        DynamicBatching {
+            preferred_batch_sizes: Vec::new(),
+            max_queue_delay_us: 100,
+            max_queue_size: 1024,
+        }
+    }
 }
 
 impl Default for ModelSettings {
@@ -49,6 +77,8 @@ impl Default for ModelSettings {
             max_batch_size: 0,
             pin: Default::default(),
             warmup: None,
+            dynamic_batching: None,
+            instance_count: 0,
         }
     }
 }
@@ -65,7 +95,38 @@ impl ModelSettings {
         let s: ModelSettings = toml::from_str(&text)
             .map_err(|e| RepoError::Config(format!("{}: {e}", path.display())))?;
         s.devices()?;
+        s.check_batching()
+            .map_err(|why| RepoError::Config(format!("{}: {why}", path.display())))?;
         Ok(s)
+    }
+
+    /// Dynamic batching needs a batch dimension and sizes that fit it.
+    fn check_batching(&self) -> Result<(), String> {
+        let Some(b) = &self.dynamic_batching else {
+            return Ok(());
+        };
+        if self.max_batch_size <= 0 {
+            return Err(
+                "[dynamic_batching] needs max_batch_size > 0 (the model's first dimension is its batch)"
+                    .into(),
+            );
+        }
+        let max = self.max_batch_size as usize;
+        if let Some(p) = b.preferred_batch_sizes.iter().find(|&&p| p == 0 || p > max) {
+            return Err(format!(
+                "preferred batch size {p} is not within 1..={max} (max_batch_size)"
+            ));
+        }
+        if b.max_queue_size == 0 {
+            return Err("max_queue_size must be at least 1".into());
+        }
+        if b.max_queue_delay_us > 10_000_000 {
+            return Err(format!(
+                "max_queue_delay_us {} is over 10 s",
+                b.max_queue_delay_us
+            ));
+        }
+        Ok(())
     }
 
     /// Whether `snapshot` has every build this version pins; the first mismatch when not.
@@ -144,6 +205,8 @@ pub struct ServedModel {
     offered: std::sync::atomic::AtomicU64,
     /// The warm-up samples of its settings (verified on first).
     warmup: Vec<Feeds>,
+    /// Permits for its runs when `instance_count` limits them.
+    pub instances: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// A plan compiled ahead of publishing a generation, for [`ServedModel::install`].
@@ -202,7 +265,10 @@ impl ServedModel {
                 o.shape = inferred.clone();
             }
         }
+        let instances = (settings.instance_count > 0)
+            .then(|| Arc::new(tokio::sync::Semaphore::new(settings.instance_count)));
         Ok(ServedModel {
+            instances,
             name: name.into(),
             version,
             model,

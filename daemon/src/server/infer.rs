@@ -80,7 +80,7 @@ pub async fn infer(
             s.success.0 += 1;
             s.success.1 += ns;
             s.inference_count += timing.batch;
-            s.execution_count += 1;
+            s.execution_count += u64::from(timing.executed);
             s.last_inference_ms = now_ms;
             s.queue.0 += 1;
             s.queue.1 += timing.queue_ns;
@@ -101,6 +101,106 @@ pub async fn infer(
     result.map(|(r, _)| r)
 }
 
+/// What one model run gave a request.
+pub(super) struct Executed {
+    pub outputs: Vec<(String, Arc<HostTensor>)>,
+    pub generation: u64,
+    /// Waiting for a batch and for the compute pool.
+    pub queue_ns: u64,
+    pub peak_bytes: usize,
+    pub copies: u64,
+    pub copy_bytes: u64,
+    /// Whether this request counts the run as an execution (one per batched run).
+    pub executed: bool,
+}
+
+/// Runs `model` on `feeds` on the compute pool under `control` (and the model's instance
+/// limit), stopping at `deadline`. A kernel fault counts against its plugin's quarantine.
+pub(super) async fn execute(
+    app: &Arc<App>,
+    model: &Arc<ServedModel>,
+    feeds: HashMap<String, Arc<HostTensor>>,
+    control: Arc<RunControl>,
+    deadline: Option<Instant>,
+    on_start: Option<Box<dyn FnOnce() + Send>>,
+) -> Result<Executed, Status> {
+    let submitted = Instant::now();
+    // At most `instance_count` runs of this version at once; the rest wait here (queue time).
+    let _instance = match &model.instances {
+        Some(s) => Some(
+            s.clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| Status::unavailable("the model is shutting down"))?,
+        ),
+        None => None,
+    };
+    let snapshot = app.registry.snapshot();
+    let m = model.clone();
+    let queue_ns = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let job = app.compute.run({
+        let control = control.clone();
+        let queue_ns = queue_ns.clone();
+        move || -> Result<_, Status> {
+            queue_ns.store(
+                submitted.elapsed().as_nanos() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            if let Some(f) = on_start {
+                f();
+            }
+            // A request that waited past its deadline in the queue stops at the plan's first
+            // node (run_with_control checks before every step) and frees its inputs there.
+            let plan = m.plan(&snapshot)?;
+            let result = crate::graph::run_with_control(&plan, feeds, &control)
+                .map(|o| (o, plan.generation()));
+            if let Err(e @ (GraphError::Cancelled { .. } | GraphError::DeadlineExceeded { .. })) =
+                &result
+            {
+                // The client may be gone: this log line is the only trace of the stop.
+                tracing::info!(model = %m.name, version = m.version, "{e}; memory released");
+            }
+            match result {
+                Ok(r) => Ok(Ok(r)),
+                Err(e) => {
+                    let fault = e.plugin_fault().map(str::to_string);
+                    Ok(Err((Status::from(e), fault)))
+                }
+            }
+        }
+    });
+    let outputs = match deadline {
+        Some(d) => tokio::time::timeout_at(d.into(), job).await.map_err(|_| {
+            control.cancel();
+            Status::deadline_exceeded(format!(
+                "model '{}' did not answer within the deadline",
+                model.name
+            ))
+        })?,
+        None => job.await,
+    }
+    .map_err(Status::from)??;
+    let (outputs, generation) = match outputs {
+        Ok(o) => o,
+        Err((status, fault)) => {
+            if let Some(plugin) = fault {
+                crate::swap::quarantine::on_fault(app, &plugin);
+            }
+            return Err(status);
+        }
+    };
+    let (copies, copy_bytes) = control.copies();
+    Ok(Executed {
+        outputs,
+        generation,
+        queue_ns: queue_ns.load(std::sync::atomic::Ordering::Relaxed),
+        peak_bytes: control.peak_bytes(),
+        copies,
+        copy_bytes,
+        executed: true,
+    })
+}
+
 /// Counts the request in the Prometheus metrics (Triton's names).
 fn record_metrics(
     app: &App,
@@ -119,7 +219,9 @@ fn record_metrics(
         Ok((_, t)) => {
             m.request_success.with_label_values(&labels).inc();
             m.inference_count.with_label_values(&labels).inc_by(t.batch);
-            m.exec_count.with_label_values(&labels).inc();
+            m.exec_count
+                .with_label_values(&labels)
+                .inc_by(u64::from(t.executed));
             m.queue_duration_us
                 .with_label_values(&labels)
                 .inc_by(us(t.queue_ns));
@@ -159,6 +261,8 @@ fn record_metrics(
 
 struct Timing {
     batch: u64,
+    /// False for all but one request of a dynamically batched run (it counts one execution).
+    executed: bool,
     /// Waiting for the compute pool.
     queue_ns: u64,
     /// The most bytes the run's values held at once.
@@ -212,8 +316,6 @@ async fn run(
     let input_ns = t0.elapsed().as_nanos() as u64;
 
     let t1 = Instant::now();
-    let snapshot = app.registry.snapshot();
-    let m = model.clone();
     let feeds: HashMap<String, Arc<HostTensor>> =
         feeds.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
     // Inputs kept past the run (shared, not copied), for a sampled request only: they stay
@@ -221,60 +323,23 @@ async fn run(
     // verified on the last few kept.
     let for_swaps = model.sample_for_swaps();
     let kept = (for_swaps || model.adaptive.is_some()).then(|| feeds.clone());
-    let control = Arc::new(RunControl::new(max_tensor, max_live, deadline));
-    let _cancel = CancelOnDrop(control.clone());
-    let queue_ns = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let submitted = Instant::now();
-    let job = app.compute.run({
-        let control = control.clone();
-        let queue_ns = queue_ns.clone();
-        move || -> Result<_, Status> {
-            queue_ns.store(
-                submitted.elapsed().as_nanos() as u64,
-                std::sync::atomic::Ordering::Relaxed,
-            );
-            // A request that waited past its deadline in the queue stops at the plan's first
-            // node (run_with_control checks before every step) and frees its inputs there.
-            let plan = m.plan(&snapshot)?;
-            let result = crate::graph::run_with_control(&plan, feeds, &control)
-                .map(|o| (o, plan.generation()));
-            if let Err(e @ (GraphError::Cancelled { .. } | GraphError::DeadlineExceeded { .. })) =
-                &result
-            {
-                // The client may be gone: this log line is the only trace of the stop.
-                tracing::info!(model = %m.name, version = m.version, "{e}; memory released");
-            }
-            match result {
-                Ok(r) => Ok(Ok(r)),
-                Err(e) => {
-                    let fault = e.plugin_fault().map(str::to_string);
-                    Ok(Err((Status::from(e), fault)))
-                }
-            }
-        }
-    });
-    let outputs = match deadline {
-        Some(d) => tokio::time::timeout_at(d.into(), job).await.map_err(|_| {
-            control.cancel();
-            Status::deadline_exceeded(format!(
-                "model '{}' did not answer within the deadline",
-                model.name
-            ))
-        })?,
-        None => job.await,
-    }
-    .map_err(Status::from)??;
-    let (outputs, generation) = match outputs {
-        Ok(o) => o,
-        Err((status, fault)) => {
-            if let Some(plugin) = fault {
-                crate::swap::quarantine::on_fault(app, &plugin);
-            }
-            return Err(status);
+    let done = match &model.settings.dynamic_batching {
+        Some(cfg) => super::batch::submit(app, model, cfg, feeds, batch as usize, deadline).await?,
+        None => {
+            let control = Arc::new(RunControl::new(max_tensor, max_live, deadline));
+            let _cancel = CancelOnDrop(control.clone());
+            execute(app, model, feeds, control, deadline, None).await?
         }
     };
-    let queue_ns = queue_ns.load(std::sync::atomic::Ordering::Relaxed);
-    // Compute time excludes the wait for the pool (reported as queue time, as Triton does).
+    let Executed {
+        outputs,
+        generation,
+        queue_ns,
+        peak_bytes,
+        copies,
+        copy_bytes,
+        executed,
+    } = done;
     let infer_ns = (t1.elapsed().as_nanos() as u64).saturating_sub(queue_ns);
     if let Some(kept) = &kept {
         if for_swaps {
@@ -286,7 +351,6 @@ async fn run(
             }
         }
     }
-    let (copies, copy_bytes) = control.copies();
 
     let t2 = Instant::now();
     let by_name: HashMap<&str, &Arc<HostTensor>> =
@@ -331,8 +395,9 @@ async fn run(
         resp,
         Timing {
             batch,
+            executed,
             queue_ns,
-            peak_bytes: control.peak_bytes(),
+            peak_bytes,
             input_ns,
             infer_ns,
             output_ns,

@@ -1,6 +1,7 @@
 //! The gRPC surface: a thin layer over the registry and executor.
 
 pub mod auth;
+pub mod batch;
 pub mod infer;
 mod inference;
 mod profile;
