@@ -7,11 +7,22 @@
 //! Pillow's `RGB;16B` unpacking does). JPEG 2000, which the `image` crate cannot decode, is
 //! refused with an error naming it. The stream comes from a request, so everything sized by it
 //! is bounded: the decoded image may not exceed [`MAX_DECODED_BYTES`].
+//!
+//! JPEG is decoded by libjpeg-turbo's decoder (the `mozjpeg` crate, built from source), not by
+//! the `image` crate: Pillow decodes with libjpeg-turbo, and JPEG decoders differ by a unit or
+//! two in their IDCT, chroma upsampling and YCbCr conversion. With libjpeg's defaults, as
+//! Pillow leaves them (accurate integer IDCT, fancy upsampling), the pixels are Pillow's.
 
 use crate::util::required;
-use ::image::{DynamicImage, ImageDecoder as _, ImageError, ImageFormat, ImageReader, Limits};
+use ::image::{
+    DynamicImage, GrayImage, ImageDecoder as _, ImageError, ImageFormat, ImageReader, Limits,
+    RgbImage,
+};
+use mozjpeg::{ColorSpace, Decompress};
 use opreg_sdk::prelude::*;
-use std::io::Cursor;
+use std::cell::Cell;
+use std::io::{self, BufRead, Cursor, Read};
+use std::panic::{self, AssertUnwindSafe};
 
 const OP: &str = "ImageDecoder";
 
@@ -67,6 +78,162 @@ fn is_jpeg2000(bytes: &[u8]) -> bool {
     bytes.starts_with(&JP2) || bytes.starts_with(&[0xff, 0x4f, 0xff, 0x51])
 }
 
+/// True for a JPEG stream: the SOI marker and the start of the next marker (as the `image`
+/// crate recognises JPEG).
+fn is_jpeg(bytes: &[u8]) -> bool {
+    bytes.starts_with(&[0xff, 0xd8, 0xff])
+}
+
+/// A JPEG decoding error.
+fn jpeg_error(message: impl std::fmt::Display) -> PluginError {
+    PluginError::invalid(format!("{OP}: cannot decode the Jpeg image: {message}"))
+}
+
+/// The encoded stream as libjpeg's source reads it, noting whether libjpeg asked for more
+/// bytes than there are. libjpeg itself only warns at the end of its input (it ends the stream
+/// with a made-up EOI marker and fills the rest of the image with grey), and the `mozjpeg`
+/// crate silences warnings; Pillow reports such a stream as truncated, and so does this kernel.
+struct JpegSource<'a> {
+    rest: &'a [u8],
+    ran_out: &'a Cell<bool>,
+}
+
+impl Read for JpegSource<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.rest.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.ran_out.set(true);
+        }
+        Ok(n)
+    }
+}
+
+impl BufRead for JpegSource<'_> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        if self.rest.is_empty() {
+            self.ran_out.set(true);
+        }
+        Ok(self.rest)
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.rest = &self.rest[n.min(self.rest.len())..];
+    }
+}
+
+/// Decodes a JPEG stream with libjpeg-turbo as Pillow does: grayscale streams to one channel,
+/// CMYK and YCCK ones to CMYK and from there to RGB as Pillow converts them, everything else to
+/// RGB by libjpeg. libjpeg reports fatal errors by unwinding out of its calls (the `mozjpeg`
+/// crate builds it with unwind tables for that); they are caught here and become errors.
+fn decode_jpeg(bytes: &[u8]) -> Result<DynamicImage, PluginError> {
+    let ran_out = Cell::new(false);
+    let source = JpegSource {
+        rest: bytes,
+        ran_out: &ran_out,
+    };
+    match panic::catch_unwind(AssertUnwindSafe(|| decode_jpeg_from(source, &ran_out))) {
+        Ok(result) => result,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("libjpeg failed");
+            // Past the end libjpeg reads a made-up EOI marker, which can break the segment it
+            // was reading: the cause is then the truncation.
+            if ran_out.get() {
+                Err(jpeg_error(format!("the stream is truncated ({message})")))
+            } else {
+                Err(jpeg_error(message))
+            }
+        }
+    }
+}
+
+/// The error for a stream that ended before the image did.
+fn jpeg_truncated() -> PluginError {
+    jpeg_error("the stream is truncated")
+}
+
+fn decode_jpeg_from(
+    source: JpegSource<'_>,
+    ran_out: &Cell<bool>,
+) -> Result<DynamicImage, PluginError> {
+    let dec = Decompress::new_reader(source).map_err(|e| {
+        // A stream that ends inside the header reads as one with no image in it.
+        if ran_out.get() {
+            jpeg_truncated()
+        } else {
+            jpeg_error(e)
+        }
+    })?;
+    let (w, h) = dec.size();
+    let space = dec.color_space();
+    let decoded_channels: u64 = match space {
+        ColorSpace::JCS_GRAYSCALE => 1,
+        ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK => 4,
+        _ => 3,
+    };
+    // Everything is bounded from the header before libjpeg allocates for the image: the output
+    // (3 bytes a pixel at most), the decoded pixels, and the whole-image coefficient buffer a
+    // progressive stream needs (a 2-byte coefficient per sample of each component, whose
+    // blocks are padded to the sampling factors; counted for every stream, as a bound).
+    let pixels = w as u64 * h as u64;
+    let coefficients: u64 = dec
+        .components()
+        .iter()
+        .map(|c| {
+            let blocks_w = u64::from(c.width_in_blocks) + c.h_samp_factor.max(0) as u64;
+            let blocks_h = u64::from(c.height_in_blocks) + c.v_samp_factor.max(0) as u64;
+            blocks_w * blocks_h * 128
+        })
+        .sum();
+    let decoded_bytes = pixels * decoded_channels;
+    if pixels * 3 > MAX_DECODED_BYTES || decoded_bytes + coefficients > MAX_DECODED_BYTES {
+        return Err(PluginError::invalid(format!(
+            "{OP}: the Jpeg image is {w}x{h} pixels, over the {} MiB decoding limit",
+            MAX_DECODED_BYTES >> 20
+        )));
+    }
+    let mut started = match space {
+        ColorSpace::JCS_GRAYSCALE => dec.grayscale(),
+        ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK => dec.to_colorspace(ColorSpace::JCS_CMYK),
+        _ => dec.rgb(),
+    }
+    .map_err(jpeg_error)?;
+    let data = started.read_scanlines::<u8>().map_err(jpeg_error)?;
+    if ran_out.get() {
+        return Err(jpeg_truncated());
+    }
+    // Reads on to the EOI marker, as Pillow does: a broken marker there is an error.
+    started.finish().map_err(jpeg_error)?;
+    let (w, h) = (w as u32, h as u32);
+    let img = match space {
+        ColorSpace::JCS_GRAYSCALE => GrayImage::from_raw(w, h, data).map(DynamicImage::ImageLuma8),
+        ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK => {
+            let rgb = data
+                .chunks_exact(4)
+                .flat_map(|p| adobe_cmyk_to_rgb([p[0], p[1], p[2], p[3]]))
+                .collect();
+            RgbImage::from_raw(w, h, rgb).map(DynamicImage::ImageRgb8)
+        }
+        _ => RgbImage::from_raw(w, h, data).map(DynamicImage::ImageRgb8),
+    };
+    img.ok_or_else(|| jpeg_error("libjpeg returned fewer pixels than the image has"))
+}
+
+/// A CMYK JPEG pixel as Pillow reads and converts it: the samples inverted (Pillow assumes
+/// Adobe's convention, `CMYK;I`), then its `cmyk2rgb`, `nk - c * nk / 255` rounded.
+fn adobe_cmyk_to_rgb(stored: [u8; 4]) -> [u8; 3] {
+    let [c, m, y, k] = stored.map(|v| 255 - u32::from(v));
+    let nk = 255 - k;
+    let channel = |v: u32| {
+        let t = v * nk + 128;
+        (nk - (((t >> 8) + t) >> 8)) as u8
+    };
+    [channel(c), channel(m), channel(y)]
+}
+
 /// An `image` error as a plugin error naming the format.
 fn image_error(format: ImageFormat, e: ImageError) -> PluginError {
     let message = format!("{OP}: cannot decode the {format:?} image: {e}");
@@ -89,6 +256,9 @@ fn decode(bytes: &[u8]) -> Result<DynamicImage, PluginError> {
         return Err(PluginError::unimplemented(format!(
             "{OP}: JPEG 2000 images are not supported (supported formats: {SUPPORTED})"
         )));
+    }
+    if is_jpeg(bytes) {
+        return decode_jpeg(bytes);
     }
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
@@ -333,6 +503,170 @@ mod tests {
         assert!(invalid(run(&bytes[..bytes.len() - 20], None)).contains("Png"));
         let b = bmp(&sample());
         assert!(invalid(run(&b[..b.len() - 4], None)).contains("Bmp"));
+    }
+
+    /// Encodes `pixels` (`w` x `h`, in `space`) as a JPEG with mozjpeg: progressive (its
+    /// default) or baseline (libjpeg-turbo's defaults), quality 90, chroma subsampled 4:2:0.
+    fn jpeg(space: ColorSpace, w: usize, h: usize, pixels: &[u8], progressive: bool) -> Vec<u8> {
+        let mut c = mozjpeg::Compress::new(space);
+        if !progressive {
+            c.set_fastest_defaults();
+        }
+        c.set_size(w, h);
+        c.set_quality(90.0);
+        let mut started = c.start_compress(Vec::new()).unwrap();
+        started.write_scanlines(pixels).unwrap();
+        started.finish().unwrap()
+    }
+
+    /// A `w` x `h` RGB image with smooth gradients (and, with `noise`, speckles that make the
+    /// entropy-coded data long).
+    fn gradient(w: u32, h: u32, noise: bool) -> RgbImage {
+        RgbImage::from_fn(w, h, |x, y| {
+            let speckle = if noise {
+                ((x * 7919 + y * 104729) % 61) as u8
+            } else {
+                0
+            };
+            Rgb([
+                (x * 255 / w.max(2)) as u8 ^ speckle,
+                (y * 255 / h.max(2)) as u8,
+                ((x + y) * 4) as u8 ^ speckle,
+            ])
+        })
+    }
+
+    fn assert_near(got: &[u8], want: &[u8], tolerance: u8) {
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(g.abs_diff(*w) <= tolerance, "sample {i}: {g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn jpeg_decodes_rgb_bgr_and_grayscale() {
+        let img = gradient(17, 9, false);
+        for progressive in [false, true] {
+            let bytes = jpeg(ColorSpace::JCS_RGB, 17, 9, img.as_raw(), progressive);
+            let rgb = run(&bytes, None).unwrap();
+            assert_eq!(rgb.shape(), &[9, 17, 3]);
+            let rgb = rgb.to_vec::<u8>().unwrap();
+            assert_near(&rgb, img.as_raw(), 16);
+
+            let bgr = run(&bytes, Some("BGR")).unwrap();
+            assert_eq!(bgr.shape(), &[9, 17, 3]);
+            let want: Vec<u8> = rgb
+                .chunks_exact(3)
+                .flat_map(|p| [p[2], p[1], p[0]])
+                .collect();
+            assert_eq!(bgr.to_vec::<u8>().unwrap(), want);
+
+            // As Pillow: decoded to RGB, then converted to L (not libjpeg's own Y channel).
+            let gray = run(&bytes, Some("Grayscale")).unwrap();
+            assert_eq!(gray.shape(), &[9, 17, 1]);
+            let want: Vec<u8> = rgb
+                .chunks_exact(3)
+                .map(|p| luma(p[0], p[1], p[2]))
+                .collect();
+            assert_eq!(gray.to_vec::<u8>().unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn grayscale_jpeg_is_replicated() {
+        let pixels: Vec<u8> = (0..8 * 5).map(|i| (i * 6) as u8).collect();
+        let bytes = jpeg(ColorSpace::JCS_GRAYSCALE, 8, 5, &pixels, false);
+        let gray = run(&bytes, Some("Grayscale")).unwrap();
+        assert_eq!(gray.shape(), &[5, 8, 1]);
+        let gray = gray.to_vec::<u8>().unwrap();
+        assert_near(&gray, &pixels, 8);
+        let rgb = run(&bytes, None).unwrap();
+        assert_eq!(rgb.shape(), &[5, 8, 3]);
+        let want: Vec<u8> = gray.iter().flat_map(|&v| [v, v, v]).collect();
+        assert_eq!(rgb.to_vec::<u8>().unwrap(), want);
+    }
+
+    #[test]
+    fn cmyk_jpeg_converts_as_pillow() {
+        assert_eq!(adobe_cmyk_to_rgb([255, 255, 255, 255]), [255, 255, 255]);
+        assert_eq!(adobe_cmyk_to_rgb([0, 0, 0, 255]), [0, 0, 0]);
+        assert_eq!(adobe_cmyk_to_rgb([255, 255, 255, 0]), [0, 0, 0]);
+        assert_eq!(adobe_cmyk_to_rgb([0, 255, 255, 255]), [0, 255, 255]);
+        assert_eq!(adobe_cmyk_to_rgb([127, 255, 255, 127]), [63, 127, 127]);
+        // A flat CMYK image, stored inverted (Adobe's convention): cyan.
+        let pixels: Vec<u8> = [0u8, 255, 255, 255].repeat(16 * 8);
+        let bytes = jpeg(ColorSpace::JCS_CMYK, 16, 8, &pixels, false);
+        let rgb = run(&bytes, None).unwrap();
+        assert_eq!(rgb.shape(), &[8, 16, 3]);
+        assert_near(
+            &rgb.to_vec::<u8>().unwrap(),
+            &[0, 255, 255].repeat(16 * 8),
+            2,
+        );
+    }
+
+    #[test]
+    fn bad_jpeg_streams_are_errors() {
+        let img = gradient(64, 48, true);
+        for progressive in [false, true] {
+            let bytes = jpeg(ColorSpace::JCS_RGB, 64, 48, img.as_raw(), progressive);
+            assert!(run(&bytes, None).is_ok());
+            // Cut in the entropy-coded data, in the header, and right after SOI.
+            for len in [bytes.len() / 2, bytes.len() - 40, 30, 3] {
+                let msg = invalid(run(&bytes[..len], None));
+                assert!(
+                    msg.contains("Jpeg") && msg.contains("truncated"),
+                    "{len}: {msg}"
+                );
+            }
+            // Only the EOI marker missing: libjpeg's Huffman decoder (or, in a progressive
+            // stream, its marker reader) reads past the end, and Pillow calls it truncated.
+            let msg = invalid(run(&bytes[..bytes.len() - 2], None));
+            assert!(msg.contains("truncated"), "{msg}");
+        }
+        // A JPEG signature followed by junk: libjpeg's fatal error (an unknown marker),
+        // caught; and junk with no marker in it, which libjpeg scans to its end.
+        let mut junk = vec![0xff, 0xd8, 0xff, 0x12];
+        junk.extend((0..200u32).map(|i| (i * 37 % 251) as u8));
+        let msg = invalid(run(&junk, None));
+        assert!(msg.contains("Jpeg") && msg.contains("0x12"), "{msg}");
+        junk[3] = 0;
+        let msg = invalid(run(&junk, None));
+        assert!(msg.contains("Jpeg") && msg.contains("truncated"), "{msg}");
+        let msg = invalid(run(&[0xff, 0xd8, 0xff, 0xd9], None));
+        assert!(msg.contains("Jpeg"), "{msg}");
+    }
+
+    #[test]
+    fn damaged_jpegs_never_panic() {
+        let img = gradient(24, 16, true);
+        for progressive in [false, true] {
+            let bytes = jpeg(ColorSpace::JCS_RGB, 24, 16, img.as_raw(), progressive);
+            let check = |b: &[u8]| {
+                if let Err(e) = run(b, None) {
+                    assert_eq!(e.code, ErrorCode::InvalidArgument, "{}", e.message);
+                }
+            };
+            for len in 0..bytes.len() {
+                check(&bytes[..len]);
+            }
+            for i in (2..bytes.len()).step_by(3) {
+                let mut b = bytes.clone();
+                b[i] ^= 0x5a;
+                check(&b);
+            }
+        }
+    }
+
+    #[test]
+    fn huge_jpeg_is_refused_before_allocation() {
+        let img = gradient(16, 16, false);
+        let mut bytes = jpeg(ColorSpace::JCS_RGB, 16, 16, img.as_raw(), false);
+        // Patch the baseline frame header (SOF0: FF C0, length, precision, height, width).
+        let sof = bytes.windows(2).position(|m| m == [0xff, 0xc0]).unwrap();
+        bytes[sof + 5..sof + 9].copy_from_slice(&[0xea, 0x60, 0xea, 0x60]);
+        let msg = invalid(run(&bytes, None));
+        assert!(msg.contains("60000x60000"), "{msg}");
     }
 
     #[test]
