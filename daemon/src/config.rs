@@ -82,6 +82,15 @@ pub struct Cli {
     /// 127.0.0.1:8002, Triton's metrics port, loopback only).
     #[arg(long, env = "OPREG_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// How models come and go (Triton's modes): `explicit` (default) loads the repository at
+    /// start-up and takes RepositoryModelLoad/Unload calls; `poll` also loads, reloads and
+    /// unloads model folders that change on disk; `none` loads at start-up only and refuses
+    /// load/unload calls.
+    #[arg(long, env = "OPREG_MODEL_CONTROL_MODE", value_enum)]
+    pub model_control_mode: Option<ModelControl>,
+    /// Seconds between repository scans in poll mode (default 15, Triton's).
+    #[arg(long, env = "OPREG_REPOSITORY_POLL_SECS")]
+    pub repository_poll_secs: Option<f64>,
     #[command(flatten)]
     pub limits: LimitFlags,
 }
@@ -221,6 +230,8 @@ pub struct FileConfig {
     pub quarantine_faults: Option<usize>,
     pub quarantine_window_s: Option<f64>,
     pub metrics_listen: Option<String>,
+    pub model_control_mode: Option<ModelControl>,
+    pub repository_poll_secs: Option<f64>,
     #[serde(default)]
     pub limits: Limits,
     /// `[plugin_config.<plugin name>]`: a table handed to that plugin's `init` as TOML text.
@@ -234,6 +245,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Where the Prometheus metrics are served (`None`: off).
     pub metrics_listen: Option<SocketAddr>,
+    pub model_control: ModelControl,
+    /// Between repository scans in poll mode.
+    pub poll_interval: std::time::Duration,
     pub plugin_dirs: Vec<PathBuf>,
     pub model_repo: Option<PathBuf>,
     pub runtime_dir: Option<PathBuf>,
@@ -246,6 +260,21 @@ pub struct Config {
     pub swap: SwapSettings,
     /// Configuration text per plugin name (TOML), for the plugin's `init`.
     pub plugin_config: std::collections::BTreeMap<String, String>,
+}
+
+/// How models come and go (`--model-control-mode`, Triton's names).
+#[derive(clap::ValueEnum, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelControl {
+    /// The repository loads at start-up; nothing changes afterwards (load/unload refused).
+    None,
+    /// The repository loads at start-up, then RepositoryModelLoad/Unload change it. (Triton's
+    /// explicit mode loads nothing at start-up; opreg loads the repository, as users of its
+    /// README demo and earlier releases expect.)
+    #[default]
+    Explicit,
+    /// As explicit, and model folders that change on disk are (re)loaded or unloaded.
+    Poll,
 }
 
 /// Plugin swap settings.
@@ -325,9 +354,22 @@ impl Config {
                 format!("--metrics-listen {a}: not an address (HOST:PORT) or 'off'")
             })?),
         };
+        let poll_secs = cli
+            .repository_poll_secs
+            .or(file.repository_poll_secs)
+            .unwrap_or(15.0);
+        anyhow::ensure!(
+            poll_secs.is_finite() && (0.05..=86400.0).contains(&poll_secs),
+            "--repository-poll-secs {poll_secs}: must be within 0.05..=86400"
+        );
         Ok(Config {
             listen: cli.listen.or(file.listen).unwrap_or(default_listen),
             metrics_listen,
+            model_control: cli
+                .model_control_mode
+                .or(file.model_control_mode)
+                .unwrap_or_default(),
+            poll_interval: std::time::Duration::from_secs_f64(poll_secs),
             plugin_dirs: if cli.plugin_dirs.is_empty() {
                 file.plugin_dirs.into_iter().map(rel).collect()
             } else {

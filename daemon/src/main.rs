@@ -84,6 +84,12 @@ async fn run(config: config::Config, started: Instant) -> anyhow::Result<()> {
             app.config.swap.settle,
         ));
     }
+    if app.config.model_control == config::ModelControl::Poll && app.config.model_repo.is_some() {
+        tokio::spawn(opregd::repo::poll::run(
+            Arc::downgrade(&app),
+            app.config.poll_interval,
+        ));
+    }
     // Replaced builds past their rollback grace period are released even when no swap
     // happens for a while.
     tokio::spawn({

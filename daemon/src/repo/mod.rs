@@ -11,6 +11,7 @@
 #![deny(clippy::indexing_slicing)]
 
 mod model;
+pub mod poll;
 
 pub use model::{DynamicBatching, Feeds, ModelSettings, Prepared, ServedModel};
 

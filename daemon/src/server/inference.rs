@@ -54,6 +54,16 @@ fn config_type(d: DType) -> i32 {
     }) as i32
 }
 
+/// `--model-control-mode none`: the repository is fixed after start-up.
+fn refuse_in_mode_none(app: &App) -> Result<(), Status> {
+    if app.config.model_control == crate::config::ModelControl::None {
+        return Err(Status::failed_precondition(
+            "model control mode is 'none': models load at start-up only (start with --model-control-mode explicit or poll to load and unload)",
+        ));
+    }
+    Ok(())
+}
+
 fn statistics(m: &ServedModel) -> pb::ModelStatistics {
     let s = *m.stats.lock().unwrap_or_else(|p| p.into_inner());
     let d = |(count, ns): (u64, u64)| Some(pb::StatisticDuration { count, ns });
@@ -338,6 +348,7 @@ impl GrpcInferenceService for InferenceApi {
         &self,
         req: Request<pb::RepositoryModelLoadRequest>,
     ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
+        refuse_in_mode_none(&self.app)?;
         let r = req.into_inner();
         let files = submitted_files(&r.parameters)?;
         let app = self.app.clone();
@@ -359,6 +370,7 @@ impl GrpcInferenceService for InferenceApi {
         &self,
         req: Request<pb::RepositoryModelUnloadRequest>,
     ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
+        refuse_in_mode_none(&self.app)?;
         let r = req.into_inner();
         self.app.repo.unload(&r.model_name)?;
         let r = pb::RepositoryModelUnloadRequest {
