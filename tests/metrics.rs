@@ -1,7 +1,8 @@
 //! The Prometheus endpoint: after a few requests a scrape shows Triton's counters with the
 //! model's labels (successes, failures by reason, inference and execution counts, durations)
 //! and opreg's own state (registry generation, plugins, ready versions, swaps); `off`
-//! disables the listener.
+//! disables the listener. With `--log-format json` the log lines are JSON objects carrying the
+//! request id a client sent.
 
 use opreg_proto::inference as pb;
 use opreg_tests::{onnx::*, *};
@@ -163,4 +164,30 @@ async fn metrics_can_be_turned_off() {
         .await
         .expect("live");
     assert!(!d.log().contains("metrics on http://"), "{}", d.log());
+}
+
+#[tokio::test]
+async fn json_logs_carry_the_request_id() {
+    let repo = tempfile::tempdir().unwrap();
+    let (d, _plugins) = start_serving(repo.path(), &["--log-format", "json"]);
+    let mut c = d.inference().await;
+    c.repository_model_load(load_request("mlp", mlp())).await.expect("load");
+    let mut req = tonic::Request::new(request(&[1.0, 2.0]));
+    req.metadata_mut()
+        .insert("triton-request-id", "req-42".parse().unwrap());
+    c.model_infer(req).await.expect_err("bad shape");
+    let log = d.wait_log("req-42");
+    let line = log
+        .lines()
+        .find(|l| l.contains("req-42"))
+        .expect("a line with the id");
+    let v: serde_json::Value = serde_json::from_str(line).expect("a JSON log line");
+    assert_eq!(v["span"]["request_id"], "req-42", "{line}");
+    assert_eq!(v["span"]["model"], "mlp", "{line}");
+    assert!(
+        v["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("request failed") && m.contains("input 'x'")),
+        "{line}"
+    );
 }

@@ -82,6 +82,14 @@ pub struct Cli {
     /// 127.0.0.1:8002, Triton's metrics port, loopback only).
     #[arg(long, env = "OPREG_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// Log lines as `text` (default) or `json` (one object per line, with the request's
+    /// model and id on lines logged while serving it).
+    #[arg(long, env = "OPREG_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// HTTP address of the KServe v2 REST protocol, or `off` (default 127.0.0.1:8000,
+    /// Triton's HTTP port, loopback only).
+    #[arg(long, env = "OPREG_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
     /// How models come and go (Triton's modes): `explicit` (default) loads the repository at
     /// start-up and takes RepositoryModelLoad/Unload calls; `poll` also loads, reloads and
     /// unloads model folders that change on disk; `none` loads at start-up only and refuses
@@ -230,6 +238,7 @@ pub struct FileConfig {
     pub quarantine_faults: Option<usize>,
     pub quarantine_window_s: Option<f64>,
     pub metrics_listen: Option<String>,
+    pub http_listen: Option<String>,
     pub model_control_mode: Option<ModelControl>,
     pub repository_poll_secs: Option<f64>,
     #[serde(default)]
@@ -245,6 +254,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Where the Prometheus metrics are served (`None`: off).
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the KServe v2 REST protocol is served (`None`: off).
+    pub http_listen: Option<SocketAddr>,
     pub model_control: ModelControl,
     /// Between repository scans in poll mode.
     pub poll_interval: std::time::Duration,
@@ -260,6 +271,14 @@ pub struct Config {
     pub swap: SwapSettings,
     /// Configuration text per plugin name (TOML), for the plugin's `init`.
     pub plugin_config: std::collections::BTreeMap<String, String>,
+}
+
+/// The log format (`--log-format`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// How models come and go (`--model-control-mode`, Triton's names).
@@ -296,6 +315,22 @@ pub struct SwapSettings {
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8001";
 /// Triton's metrics port, on loopback: metrics are opt-in beyond the machine.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:8002";
+/// Triton's HTTP port, on loopback.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8000";
+
+/// An address flag's value: `HOST:PORT`, or `off`/`none`.
+fn optional_addr(
+    flag: &str,
+    value: Option<String>,
+    default: &str,
+) -> anyhow::Result<Option<SocketAddr>> {
+    match value.as_deref().unwrap_or(default) {
+        "off" | "none" => Ok(None),
+        a => Ok(Some(a.parse::<SocketAddr>().with_context(|| {
+            format!("{flag} {a}: not an address (HOST:PORT) or 'off'")
+        })?)),
+    }
+}
 
 /// A verified swap's default tolerance, absolute and relative: loose enough for a kernel that
 /// sums in another order or uses FMA (f32 round-off over thousands of terms), tight enough
@@ -343,17 +378,16 @@ impl Config {
             !require_token_for_inference || admin_token.is_some(),
             "--require-token-for-inference needs --admin-token"
         );
-        let metrics_listen = match cli
-            .metrics_listen
-            .or(file.metrics_listen)
-            .as_deref()
-            .unwrap_or(DEFAULT_METRICS_LISTEN)
-        {
-            "off" | "none" => None,
-            a => Some(a.parse::<SocketAddr>().with_context(|| {
-                format!("--metrics-listen {a}: not an address (HOST:PORT) or 'off'")
-            })?),
-        };
+        let metrics_listen = optional_addr(
+            "--metrics-listen",
+            cli.metrics_listen.or(file.metrics_listen),
+            DEFAULT_METRICS_LISTEN,
+        )?;
+        let http_listen = optional_addr(
+            "--http-listen",
+            cli.http_listen.or(file.http_listen),
+            DEFAULT_HTTP_LISTEN,
+        )?;
         let poll_secs = cli
             .repository_poll_secs
             .or(file.repository_poll_secs)
@@ -365,6 +399,7 @@ impl Config {
         Ok(Config {
             listen: cli.listen.or(file.listen).unwrap_or(default_listen),
             metrics_listen,
+            http_listen,
             model_control: cli
                 .model_control_mode
                 .or(file.model_control_mode)

@@ -16,13 +16,16 @@ use tracing_subscriber::EnvFilter;
 fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let cli = config::Cli::parse();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        // One JSON object per line, the request's span (model, request id) included.
+        config::LogFormat::Json => logs.json().with_current_span(true).init(),
+        config::LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
     let config = config::Config::resolve(cli)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -55,6 +58,20 @@ async fn run(config: config::Config, started: Instant) -> anyhow::Result<()> {
         tokio::spawn(async move {
             if let Err(e) = opregd::metrics::serve(app, l).await {
                 tracing::error!("metrics listener stopped: {e}");
+            }
+        });
+    }
+    if let Some(http_addr) = app.config.http_listen {
+        let l = tokio::net::TcpListener::bind(http_addr)
+            .await
+            .with_context(|| format!("binding the HTTP listener {http_addr} (--http-listen)"))?;
+        let bound = l.local_addr()?;
+        tracing::info!(addr = %bound, "KServe v2 REST on http://{bound}/v2");
+        let policy = opregd::server::auth::Policy::for_listener(&app.config, bound);
+        let app = Arc::downgrade(&app);
+        tokio::spawn(async move {
+            if let Err(e) = opregd::server::http::serve(app, policy, l).await {
+                tracing::error!("HTTP listener stopped: {e}");
             }
         });
     }

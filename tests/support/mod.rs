@@ -148,6 +148,9 @@ impl Daemon {
         if !opts.args.iter().any(|a| a == "--metrics-listen") {
             cmd.arg("--metrics-listen").arg("127.0.0.1:0");
         }
+        if !opts.args.iter().any(|a| a == "--http-listen") {
+            cmd.arg("--http-listen").arg("127.0.0.1:0");
+        }
         let runtime = if opts.default_runtime_dir {
             None
         } else {

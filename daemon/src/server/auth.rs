@@ -77,9 +77,15 @@ pub struct Policy {
 
 impl Policy {
     pub fn new(config: &Config) -> Self {
+        Self::for_listener(config, config.listen)
+    }
+
+    /// The policy of a listener on `addr` (the gRPC one, or the REST one): without a token,
+    /// management calls are open only on a loopback listener.
+    pub fn for_listener(config: &Config, addr: std::net::SocketAddr) -> Self {
         Policy {
             token: config.admin_token.clone(),
-            loopback: config.listen.ip().is_loopback(),
+            loopback: addr.ip().is_loopback(),
             inference_needs_token: config.require_token_for_inference,
         }
     }

@@ -202,10 +202,43 @@ impl GrpcInferenceService for InferenceApi {
         &self,
         req: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
+        use tracing::Instrument;
         let deadline = client_timeout(req.metadata());
-        infer(&self.app, req.into_inner(), deadline)
-            .await
-            .map(Response::new)
+        // The client's request id (Triton's header, the common one, or the request's own id)
+        // goes on every line logged while serving it.
+        let header = |k: &str| {
+            req.metadata()
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .map(|s| clip(s, 128))
+        };
+        let id = header("triton-request-id")
+            .or_else(|| header("x-request-id"))
+            .unwrap_or_else(|| clip(&req.get_ref().id, 128));
+        let span = tracing::info_span!(
+            "infer",
+            model = %clip(&req.get_ref().model_name, 128),
+            request_id = %id
+        );
+        async move {
+            let started = std::time::Instant::now();
+            let result = infer(&self.app, req.into_inner(), deadline).await;
+            match &result {
+                Ok(_) => tracing::debug!(
+                    us = started.elapsed().as_micros() as u64,
+                    "request done"
+                ),
+                Err(s) => tracing::info!(
+                    us = started.elapsed().as_micros() as u64,
+                    code = ?s.code(),
+                    "request failed: {}",
+                    s.message()
+                ),
+            }
+            result.map(Response::new)
+        }
+        .instrument(span)
+        .await
     }
 
     type ModelStreamInferStream = ResponseStream;

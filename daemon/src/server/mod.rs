@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod batch;
+pub mod http;
 pub mod infer;
 mod inference;
 mod profile;
