@@ -16,7 +16,12 @@
 //! opreg quantize NAME --method quant-static --data DIR [--eval DIR] [--option k=v ...]
 //!                                      a new, quantized version of NAME, with a report
 //! opreg report PATH                    a quantization report's summary (local file/folder)
+//! opreg perf NAME [--concurrency-range 1:4 | --request-rate-range 100:400:100] [--json]
+//!                                      load generator (KServe v2 ModelInfer): throughput, p50/p90/p99
 //! ```
+
+#[path = "opreg/perf.rs"]
+mod perf;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
@@ -36,13 +41,18 @@ use tonic::{
 #[command(version, about = "Command-line client of opregd")]
 struct Cli {
     /// Daemon address (`https://...` for a TLS listener).
-    #[arg(long, env = "OPREG_ADDR", default_value = "http://127.0.0.1:8001")]
+    #[arg(
+        long,
+        global = true,
+        env = "OPREG_ADDR",
+        default_value = "http://127.0.0.1:8001"
+    )]
     addr: String,
     /// Admin token, sent with every call (management calls need it when the daemon has one).
-    #[arg(long, env = "OPREG_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "OPREG_ADMIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// PEM CA certificate that signed the daemon's TLS certificate.
-    #[arg(long, env = "OPREG_CA_CERT")]
+    #[arg(long, global = true, env = "OPREG_CA_CERT")]
     ca_cert: Option<std::path::PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
@@ -160,6 +170,10 @@ enum Cmd {
         #[arg(long, default_value = "standard", value_parser = ["standard", "all"])]
         level: String,
     },
+    /// Measure throughput and latency under load, like Triton's perf_analyzer: a concurrency
+    /// sweep (closed loop) or a request-rate sweep (open loop) of `ModelInfer` calls with
+    /// inputs generated from the model's metadata; works against any KServe v2 gRPC server.
+    Perf(perf::PerfArgs),
 }
 
 /// Adds `authorization: Bearer <token>` to every call.
@@ -380,7 +394,41 @@ fn sample_message(s: opregd::quant::data::Sample, heldout: bool) -> reg::Quantiz
     }
 }
 
+/// A channel to the daemon, and the interceptor that sends the token with every call.
+async fn connect(
+    addr: &str,
+    ca_cert: Option<&std::path::Path>,
+    token: Option<&str>,
+) -> anyhow::Result<(Channel, Token)> {
+    let mut endpoint = Channel::from_shared(addr.to_string())?;
+    if let Some(ca) = ca_cert {
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        endpoint = endpoint
+            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))?;
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    let token = Token(
+        token
+            .map(|t| format!("Bearer {t}").parse())
+            .transpose()
+            .context("the token is not a valid header value")?,
+    );
+    Ok((channel, token))
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Cli {
+        addr,
+        token,
+        ca_cert,
+        cmd: Cmd::Perf(args),
+    } = cli
+    {
+        return perf::run(args, addr, ca_cert, token).await;
+    }
     if let Cmd::Report { path } = &cli.cmd {
         return report(path);
     }
@@ -393,23 +441,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     {
         return optimize(model, out, *external_data_threshold, level == "all");
     }
-    let mut endpoint = Channel::from_shared(cli.addr.clone())?;
-    if let Some(ca) = &cli.ca_cert {
-        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
-        endpoint = endpoint
-            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))?;
-    }
-    let channel = endpoint
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {}", cli.addr))?;
-    let token = Token(
-        cli.token
-            .as_deref()
-            .map(|t| format!("Bearer {t}").parse())
-            .transpose()
-            .context("the token is not a valid header value")?,
-    );
+    let (channel, token) = connect(&cli.addr, cli.ca_cert.as_deref(), cli.token.as_deref()).await?;
     let mut registry = RegistryClient::with_interceptor(channel.clone(), token.clone());
     let mut inference = GrpcInferenceServiceClient::with_interceptor(channel, token)
         .max_decoding_message_size(usize::MAX)
@@ -688,7 +720,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         // Local: done above, before connecting.
-        Cmd::Optimize { .. } | Cmd::Report { .. } => {}
+        Cmd::Optimize { .. } | Cmd::Report { .. } | Cmd::Perf(_) => {}
         Cmd::Adaptation { name, version } => {
             let r = registry
                 .model_adaptation(reg::ModelAdaptationRequest { name, version })
