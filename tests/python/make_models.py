@@ -3,6 +3,7 @@ torch's ONNX exporter produces:
 
 - resnet50.onnx: ResNet-50 v1.5 (Conv + BatchNormalization + Relu, bottlenecks [3, 4, 6, 3],
   global average pool, Gemm to 1000 classes), input x [N, 3, 224, 224];
+- resnet18.onnx: ResNet-18 (basic blocks [2, 2, 2, 2]), input x [N, 3, 224, 224];
 - mobilenetv2.onnx: MobileNetV2 (inverted residuals with depthwise convolutions, Clip as ReLU6);
 - resnet50_qdq.onnx, mobilenetv2_qdq.onnx: the two quantized to QDQ by onnxruntime;
 - bert.onnx: a BERT-style encoder (embeddings + LayerNormalization, L layers of multi-head
@@ -98,6 +99,33 @@ def resnet50():
     )
 
 
+def resnet18():
+    """ResNet-18: basic blocks (two 3x3 convolutions) [2, 2, 2, 2], as torchvision's."""
+    b = Builder(18)
+    y = b.conv_bn("x", 3, 64, 7, stride=2)
+    y = b.op("MaxPool", [y], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    cin = 64
+    for stage, width in enumerate([64, 128, 256, 512]):
+        for i in range(2):
+            stride = 2 if i == 0 and stage > 0 else 1
+            h = b.conv_bn(y, cin, width, 3, stride=stride)
+            h = b.conv_bn(h, width, width, 3, act=None)
+            short = y if (stride == 1 and cin == width) else b.conv_bn(
+                y, cin, width, 1, stride=stride, act=None)
+            y = b.op("Relu", [b.op("Add", [h, short])])
+            cin = width
+    y = b.op("GlobalAveragePool", [y])
+    y = b.op("Flatten", [y], axis=1)
+    w = b.weight("fc_w", (1000, 512), 512)
+    bias = b.const("fc_b", np.zeros(1000, np.float32))
+    b.nodes.append(helper.make_node("Gemm", [y, w, bias], ["logits"], name="fc", transB=1))
+    return b, b.model(
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 224, 224])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1000])],
+        "resnet18",
+    )
+
+
 def mobilenetv2():
     b = Builder(2)
     y = b.conv_bn("x", 3, 32, 3, stride=2, act="relu6")
@@ -190,7 +218,7 @@ def main():
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     report = {}
-    for name, make in [("resnet50", resnet50), ("mobilenetv2", mobilenetv2),
+    for name, make in [("resnet50", resnet50), ("resnet18", resnet18), ("mobilenetv2", mobilenetv2),
                        ("bert", lambda: bert(args.bert_layers, args.bert_hidden))]:
         builder, model = make()
         onnx.checker.check_model(model)
