@@ -209,45 +209,18 @@ fn compile_graph(
                     }
                 }
             }
-            let place = Placement {
-                node: n.name.clone(),
-                op_type: n.op_type.clone(),
-                opset: domain_opset,
-                kernel: format!("host::{}", n.op_type),
-                plugin: "opregd".into(),
-                device: Device::CPU,
-                folded: false,
-            };
+            let place = host_placement(n, domain_opset);
             (Some(step), place)
-        } else if let Some(op) = sequence::op_of(
-            n,
-            in_slots
-                .first()
-                .copied()
-                .flatten()
-                .is_some_and(|s| values.seqs.contains(&s)),
-        )? {
+        } else if let Some(op) = sequence::op_of(n, first_is_seq(&values, &in_slots))? {
             let dtype = sequence::output_type(&op, &values, &in_slots);
-            let input_is_seq = in_slots
-                .first()
-                .copied()
-                .flatten()
-                .is_some_and(|s| values.seqs.contains(&s));
+            let input_is_seq = first_is_seq(&values, &in_slots);
             if let Some(Some(s)) = out_slots.first() {
                 values.set(*s, dtype, None);
                 if op.makes_sequence(input_is_seq) {
                     values.seqs.insert(*s);
                 }
             }
-            let place = Placement {
-                node: n.name.clone(),
-                op_type: n.op_type.clone(),
-                opset: domain_opset,
-                kernel: format!("host::{}", n.op_type),
-                plugin: "opregd".into(),
-                device: Device::CPU,
-                folded: false,
-            };
+            let place = host_placement(n, domain_opset);
             let step = Step {
                 label: n.label(),
                 work: Work::Sequence(op),
@@ -284,6 +257,28 @@ fn compile_graph(
         steps.extend(step);
     }
     finish(model, formal.len(), values, steps, placement, snapshot)
+}
+
+/// Where a node the daemon runs itself (control flow, sequences) is placed.
+fn host_placement(n: &Node, domain_opset: i64) -> Placement {
+    Placement {
+        node: n.name.clone(),
+        op_type: n.op_type.clone(),
+        opset: domain_opset,
+        kernel: format!("host::{}", n.op_type),
+        plugin: "opregd".into(),
+        device: Device::CPU,
+        folded: false,
+    }
+}
+
+/// Whether a node's first input holds a sequence.
+fn first_is_seq(values: &Values, inputs: &[Option<usize>]) -> bool {
+    inputs
+        .first()
+        .copied()
+        .flatten()
+        .is_some_and(|s| values.seqs.contains(&s))
 }
 
 /// A node with its value slots.

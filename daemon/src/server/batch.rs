@@ -171,6 +171,14 @@ async fn collect(
 ) {
     let delay = Duration::from_micros(cfg.max_queue_delay_us);
     let largest_preferred = cfg.preferred_batch_sizes.iter().copied().max();
+    // Batches in flight at once: the instance count (one without a limit). A batch is formed
+    // only when an instance is free, so what queued meanwhile joins it — measured on
+    // ResNet-18 with 16 clients, batches run concurrently starved each other and some requests
+    // waited seconds.
+    let instances = model
+        .upgrade()
+        .map_or(1, |m| m.settings.instance_count.max(1));
+    let free = Arc::new(tokio::sync::Semaphore::new(instances));
     let mut carried: Option<Pending> = None;
     loop {
         let first = match carried.take() {
@@ -189,6 +197,9 @@ async fn collect(
                 .send(Err(Status::unavailable("the model was unloaded")));
             return;
         };
+        let Ok(slot) = free.clone().acquire_owned().await else {
+            return;
+        };
         let until = tokio::time::Instant::from_std(first.enqueued + delay);
         let mut total = first.batch;
         let mut group = vec![first];
@@ -198,7 +209,15 @@ async fn collect(
                 || largest_preferred.is_some_and(|p| total >= p)
         };
         while !full(total) {
-            match tokio::time::timeout_at(until, rx.recv()).await {
+            // What queued while waiting for an instance joins at once; then the delay applies.
+            let next = match rx.try_recv() {
+                Ok(p) => Ok(Some(p)),
+                Err(mpsc::error::TryRecvError::Disconnected) => Ok(None),
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    tokio::time::timeout_at(until, rx.recv()).await
+                }
+            };
+            match next {
                 Ok(Some(p)) => {
                     let fits = group
                         .first()
@@ -218,7 +237,10 @@ async fn collect(
         }
         match (app.upgrade(), model.upgrade()) {
             (Some(app), Some(model)) => {
-                tokio::spawn(run_batch(app, model, group));
+                tokio::spawn(async move {
+                    run_batch(app, model, group).await;
+                    drop(slot);
+                });
             }
             _ => {
                 for p in group {

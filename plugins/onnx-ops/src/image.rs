@@ -400,9 +400,13 @@ mod tests {
         })
     }
 
-    fn png(img: &RgbImage) -> Vec<u8> {
-        let mut buf = Vec::new();
-        ::image::codecs::png::PngEncoder::new(&mut buf)
+    /// `img` encoded by `encoder` into a fresh buffer.
+    fn encode<'b, E: ImageEncoder>(
+        img: &RgbImage,
+        buf: &'b mut Vec<u8>,
+        encoder: impl FnOnce(&'b mut Vec<u8>) -> E,
+    ) {
+        encoder(buf)
             .write_image(
                 img.as_raw(),
                 img.width(),
@@ -410,19 +414,17 @@ mod tests {
                 ::image::ExtendedColorType::Rgb8,
             )
             .unwrap();
+    }
+
+    fn png(img: &RgbImage) -> Vec<u8> {
+        let mut buf = Vec::new();
+        encode(img, &mut buf, ::image::codecs::png::PngEncoder::new);
         buf
     }
 
     fn bmp(img: &RgbImage) -> Vec<u8> {
         let mut buf = Vec::new();
-        ::image::codecs::bmp::BmpEncoder::new(&mut buf)
-            .write_image(
-                img.as_raw(),
-                img.width(),
-                img.height(),
-                ::image::ExtendedColorType::Rgb8,
-            )
-            .unwrap();
+        encode(img, &mut buf, ::image::codecs::bmp::BmpEncoder::new);
         buf
     }
 
