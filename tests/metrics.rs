@@ -171,7 +171,9 @@ async fn json_logs_carry_the_request_id() {
     let repo = tempfile::tempdir().unwrap();
     let (d, _plugins) = start_serving(repo.path(), &["--log-format", "json"]);
     let mut c = d.inference().await;
-    c.repository_model_load(load_request("mlp", mlp())).await.expect("load");
+    c.repository_model_load(load_request("mlp", mlp()))
+        .await
+        .expect("load");
     let mut req = tonic::Request::new(request(&[1.0, 2.0]));
     req.metadata_mut()
         .insert("triton-request-id", "req-42".parse().unwrap());

@@ -224,10 +224,7 @@ impl GrpcInferenceService for InferenceApi {
             let started = std::time::Instant::now();
             let result = infer(&self.app, req.into_inner(), deadline).await;
             match &result {
-                Ok(_) => tracing::debug!(
-                    us = started.elapsed().as_micros() as u64,
-                    "request done"
-                ),
+                Ok(_) => tracing::debug!(us = started.elapsed().as_micros() as u64, "request done"),
                 Err(s) => tracing::info!(
                     us = started.elapsed().as_micros() as u64,
                     code = ?s.code(),
