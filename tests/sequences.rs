@@ -176,3 +176,55 @@ async fn sequences_cannot_leave_the_graph_or_reach_a_tensor_kernel() {
         .await
         .expect("live");
 }
+
+/// An empty tensor with a huge extent split into one-element chunks: the chunk count comes
+/// from data, so it is reserved fallibly and refused, and the daemon keeps serving.
+#[tokio::test]
+async fn splitting_a_huge_empty_extent_is_refused_not_an_abort() {
+    let split = model(
+        vec![
+            node_with(
+                "SplitToSequence",
+                &["x"],
+                &["s"],
+                vec![attr_int("axis", 1), attr_int("keepdims", 0)],
+            ),
+            node("SequenceLength", &["s"], &["n"]),
+        ],
+        vec![value("x", F32, &[-1, -1])],
+        vec![value("n", I64, &[])],
+        vec![],
+        17,
+    );
+    let repo = tempfile::tempdir().unwrap();
+    let (d, _plugins) = start_serving(repo.path(), &[]);
+    let mut client = d.inference().await;
+    client
+        .repository_model_load(load_request("split", split))
+        .await
+        .expect("load");
+    let req = |cols: i64| pb::ModelInferRequest {
+        model_name: "split".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: vec![0, cols],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![Vec::new()],
+        ..Default::default()
+    };
+    let e = client.model_infer(req(1 << 30)).await.expect_err("refused");
+    assert!(
+        e.message().contains("(SplitToSequence)") && e.message().contains("longer than"),
+        "{}",
+        e.message()
+    );
+    let r = client.model_infer(req(3)).await.expect("still serving");
+    let n = i64::from_le_bytes(
+        r.into_inner().raw_output_contents[0][..8]
+            .try_into()
+            .unwrap(),
+    );
+    assert_eq!(n, 3);
+}

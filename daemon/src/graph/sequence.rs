@@ -21,6 +21,11 @@ use super::{compiled::Step, import::Node, values::Values, GraphError};
 use opreg_sdk::{host::HostTensor, AttrValue, DType};
 use std::sync::Arc;
 
+/// Most elements a sequence may hold. Each element is a tensor the runtime tracks (a few
+/// hundred bytes even when empty), and an element count can come from data (an empty tensor
+/// with a huge extent split per element), so it is bounded on its own.
+pub const MAX_SEQUENCE_LEN: usize = 1 << 20;
+
 /// A sequence of tensors of one element type.
 #[derive(Debug)]
 pub struct Sequence {
@@ -303,6 +308,14 @@ pub(super) fn run(step: &Step, op: &SeqOp, ins: &[Option<Slot>]) -> Result<Vec<S
             let t = tensor_in(step, ins, 1)?
                 .ok_or_else(|| invalid(step, "the tensor to insert is missing"))?;
             check_type(step, s, t)?;
+            if s.items.len() >= MAX_SEQUENCE_LEN {
+                return Err(invalid(
+                    step,
+                    format!(
+                        "the sequence already holds {MAX_SEQUENCE_LEN} elements, the most allowed"
+                    ),
+                ));
+            }
             let at = match tensor_in(step, ins, 2)? {
                 Some(p) => position(step, p, s.items.len(), true)?,
                 None => s.items.len(),
@@ -428,7 +441,17 @@ fn split_to_sequence(
     // Chunk lengths: one per element without `split` (then keepdims applies), a scalar chunk
     // size (the last chunk may be shorter), or explicit lengths summing to the extent.
     let (lens, keep): (Vec<usize>, bool) = match split {
-        None => (vec![1; extent], keepdims),
+        // The chunk count comes from data (an empty tensor may have a huge extent).
+        None if extent > MAX_SEQUENCE_LEN => return Err(invalid(
+            step,
+            format!(
+                "splitting {extent} elements would make a sequence longer than {MAX_SEQUENCE_LEN}"
+            ),
+        )),
+        None => (
+            opreg_sdk::alloc::try_vec(extent, 1usize).map_err(|e| invalid(step, e.message))?,
+            keepdims,
+        ),
         Some(s) => {
             let v = s.view().to_i64s().map_err(|e| invalid(step, e.message))?;
             if v.iter().any(|&l| l < 0) {
@@ -442,7 +465,14 @@ fn split_to_sequence(
                 if size == 0 {
                     return Err(invalid(step, "split size must be positive"));
                 }
-                let mut lens = Vec::new();
+                if extent.div_ceil(size) > MAX_SEQUENCE_LEN {
+                    return Err(invalid(
+                        step,
+                        format!("splitting {extent} elements by {size} would make a sequence longer than {MAX_SEQUENCE_LEN}"),
+                    ));
+                }
+                let mut lens = opreg_sdk::alloc::try_with_capacity(extent.div_ceil(size))
+                    .map_err(|e| invalid(step, e.message))?;
                 let mut left = extent;
                 while left > 0 {
                     lens.push(size.min(left));
@@ -461,7 +491,8 @@ fn split_to_sequence(
             }
         }
     };
-    let mut items = Vec::with_capacity(lens.len());
+    let mut items =
+        opreg_sdk::alloc::try_with_capacity(lens.len()).map_err(|e| invalid(step, e.message))?;
     let mut start = 0;
     for len in lens {
         items.push(Arc::new(slice(step, x, axis, start, len, keep)?));
@@ -507,7 +538,9 @@ fn concat(step: &Step, s: &Sequence, axis: i64, new_axis: bool) -> Result<HostTe
                 ),
             ));
         }
-        total += sh.get(axis).copied().unwrap_or(0);
+        total = total
+            .checked_add(sh.get(axis).copied().unwrap_or(0))
+            .ok_or_else(|| invalid(step, "the joined extent overflows"))?;
     }
     let outer: usize = base.iter().take(axis).product();
     let inner: usize = base.iter().skip(axis + 1).product();
@@ -528,7 +561,11 @@ fn concat(step: &Step, s: &Sequence, axis: i64, new_axis: bool) -> Result<HostTe
         return HostTensor::from_strings(&out_shape, &all).map_err(err);
     }
     let size = first.dtype().size();
-    let mut out = opreg_sdk::alloc::try_with_capacity(outer * total * inner * size).map_err(err)?;
+    let bytes = [outer, total, inner, size]
+        .iter()
+        .try_fold(1usize, |a, &b| a.checked_mul(b))
+        .ok_or_else(|| invalid(step, "the joined tensor's size overflows"))?;
+    let mut out = opreg_sdk::alloc::try_with_capacity(bytes).map_err(err)?;
     for o in 0..outer {
         for t in &s.items {
             let n = shape_of(t).get(axis).copied().unwrap_or(0) * inner * size;
