@@ -442,12 +442,14 @@ fn split_to_sequence(
     // size (the last chunk may be shorter), or explicit lengths summing to the extent.
     let (lens, keep): (Vec<usize>, bool) = match split {
         // The chunk count comes from data (an empty tensor may have a huge extent).
-        None if extent > MAX_SEQUENCE_LEN => return Err(invalid(
-            step,
-            format!(
+        None if extent > MAX_SEQUENCE_LEN => {
+            return Err(invalid(
+                step,
+                format!(
                 "splitting {extent} elements would make a sequence longer than {MAX_SEQUENCE_LEN}"
             ),
-        )),
+            ))
+        }
         None => (
             opreg_sdk::alloc::try_vec(extent, 1usize).map_err(|e| invalid(step, e.message))?,
             keepdims,
