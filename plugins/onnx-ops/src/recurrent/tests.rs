@@ -18,6 +18,7 @@ fn la_node(rule: &str, hq: i64, hk: i64) -> NodeSpec {
         .attr("q_num_heads", AttrValue::Int(hq))
         .attr("kv_num_heads", AttrValue::Int(hk))
         .attr("update_rule", AttrValue::String(rule.into()))
+        .outputs(2)
 }
 
 /// The gated-delta recurrence for one batch, one kv head shared by two query heads, d_k =
@@ -182,6 +183,7 @@ fn causal_conv_streams_like_one_call() {
     let node = || {
         NodeSpec::onnx("CausalConvWithState", 27)
             .attr("activation", AttrValue::String("silu".into()))
+            .outputs(2)
     };
     let full = run(
         causal_conv_factory,

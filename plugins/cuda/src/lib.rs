@@ -1,0 +1,103 @@
+//! The CUDA plugin: a device provider for NVIDIA GPUs and a cuBLAS BLAS backend (f32 gemm),
+//! on `cudarc` with the CUDA libraries loaded at run time.
+//!
+//! It builds and loads everywhere, with no CUDA toolkit or driver: at registration it probes
+//! for the driver library, cuBLAS and devices without panicking ([`probe`]), and on a machine
+//! with no usable GPU it registers nothing and writes one line saying why, e.g.
+//!
+//! ```text
+//! cuda: no GPU (CUDA driver library not found: tried libcuda.so.1 and 14 other names); registering nothing
+//! ```
+//!
+//! With GPUs it registers one device provider for all of them ([`device`]) and one cuBLAS
+//! backend per GPU ([`blas`], named like the device: `cuda`, `cuda:1`, ...). Both share the
+//! per-device contexts and handles; when the daemon drops them (before `shutdown`), the last
+//! one releases every stream, event, cuBLAS handle, allocation and context reference.
+//!
+//! **The GPU path is unverified until a GPU run**: the probe, the no-GPU registration, the
+//! gemm argument mapping and the CPU reference are tested on any machine, and fake CUDA
+//! libraries (built with `cc` by the tests) drive the probe and `cudarc` through a failing
+//! `cuInit`, zero devices and a failing device open; the memory, copy, stream, event and
+//! cuBLAS calls run only on a GPU (`OPREG_GPU_TESTS=1 cargo test -p opreg-plugin-cuda`, and
+//! the self-tests the daemon runs at load). CUDA kernels for operators, f16/bf16/int8 gemm,
+//! epilogues and pre-packing are not here yet.
+//!
+//! The line goes to standard error: the SDK has no log channel during registration (a
+//! kernel's `KernelContext::log` is the only one), and the daemon's own log records that the
+//! plugin loaded with nothing registered.
+
+pub mod blas;
+pub mod device;
+pub mod probe;
+
+use opreg_sdk::prelude::*;
+use std::sync::Arc;
+
+/// What registration found: GPUs opened, or why not.
+enum Found {
+    Gpus(Arc<device::Cuda>, u32),
+    Nothing(String),
+}
+
+fn find() -> Found {
+    let gpus = match probe::probe() {
+        Ok(g) => g,
+        Err(e) => return Found::Nothing(e.to_string()),
+    };
+    // The probe checked the libraries and counted devices; opening contexts still calls
+    // cudarc, whose failures would panic: guard once more.
+    let count = gpus.count;
+    let opened = std::panic::catch_unwind(move || device::Cuda::open(count));
+    // cudarc holds its own handles on the libraries from here on.
+    drop(gpus);
+    match opened {
+        Ok(Ok(cuda)) => {
+            let n = cuda.gpus.len() as u32;
+            Found::Gpus(Arc::new(cuda), n)
+        }
+        Ok(Err(e)) => Found::Nothing(format!("opening the devices failed: {}", e.message)),
+        Err(_) => Found::Nothing("opening the devices panicked".into()),
+    }
+}
+
+/// The line written when nothing is registered.
+fn no_gpu_line(why: &str) -> String {
+    format!("cuda: no GPU ({why}); registering nothing")
+}
+
+fn register(r: &mut Registrar) {
+    match find() {
+        Found::Nothing(why) => eprintln!("{}", no_gpu_line(&why)),
+        Found::Gpus(cuda, n) => {
+            r.device_provider(device::CudaProvider(cuda.clone()));
+            for ordinal in 0..n {
+                let device = Device {
+                    kind: DeviceKind::CUDA,
+                    ordinal,
+                };
+                r.blas(
+                    BlasDesc {
+                        name: device.to_string(),
+                        device,
+                        priority: 0,
+                        types: vec![GemmTypes::F32],
+                    },
+                    blas::CublasBlas {
+                        cuda: cuda.clone(),
+                        device,
+                    },
+                );
+            }
+        }
+    }
+}
+
+opreg_sdk::export_plugin! {
+    name: "cuda",
+    version: env!("CARGO_PKG_VERSION"),
+    description: "CUDA device provider and cuBLAS f32 gemm (libraries loaded at run time; registers nothing without a GPU)",
+    register: register,
+}
+
+#[cfg(test)]
+mod tests;
