@@ -2,6 +2,7 @@
 //! plan (dead-node removal, constant folding, kernel placement and binding, buffer liveness),
 //! then run the plan concurrently from many requests.
 
+mod axis;
 mod compiled;
 mod control;
 mod copies;

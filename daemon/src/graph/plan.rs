@@ -178,6 +178,7 @@ fn compile_graph(
         })?;
         let in_slots = values.slots(&n.inputs);
         let out_slots = values.slots(&n.outputs);
+        let input_is_seq = first_is_seq(&values, &in_slots);
         let (step, place) = if let Some(sub) = &subs[i] {
             let mut compile_body =
                 |m: &Model, formal: &[_], captured: &[_], seqs: &HashSet<String>| {
@@ -211,12 +212,12 @@ fn compile_graph(
             }
             let place = host_placement(n, domain_opset);
             (Some(step), place)
-        } else if let Some(op) = sequence::op_of(n, first_is_seq(&values, &in_slots))? {
+        } else if let Some(op) = sequence::op_of(n, input_is_seq)? {
             let dtype = sequence::output_type(&op, &values, &in_slots);
-            let input_is_seq = first_is_seq(&values, &in_slots);
+            let makes_seq = op.makes_sequence(input_is_seq);
             if let Some(Some(s)) = out_slots.first() {
                 values.set(*s, dtype, None);
-                if op.makes_sequence(input_is_seq) {
+                if makes_seq {
                     values.seqs.insert(*s);
                 }
             }

@@ -5,6 +5,7 @@
 #![deny(clippy::indexing_slicing)]
 
 use super::{
+    axis,
     compiled::{Plan, ScanSpec, Step, Work},
     copy,
     memory::ShapeKey,
@@ -843,14 +844,6 @@ fn normalize_axis(step: &Step, axis: i64, rank: usize) -> Result<usize, GraphErr
     })
 }
 
-/// Row `r` of `data` viewed as rows of `len` elements; empty when out of range (the caller's
-/// size check then refuses the result instead of a panic).
-fn row<T>(data: &[T], len: usize, r: usize) -> &[T] {
-    r.checked_mul(len)
-        .and_then(|start| data.get(start..start.checked_add(len)?))
-        .unwrap_or(&[])
-}
-
 /// The sub-tensor at `index` along `axis`, with that axis removed.
 fn slice_axis(
     step: &Step,
@@ -858,35 +851,7 @@ fn slice_axis(
     axis: usize,
     index: usize,
 ) -> Result<HostTensor, GraphError> {
-    let shape = t.shape();
-    let (before, rest) = shape
-        .split_at_checked(axis)
-        .ok_or_else(|| invalid(step, "scan axis out of range"))?;
-    let (&extent, after) = rest
-        .split_first()
-        .ok_or_else(|| invalid(step, "scan axis out of range"))?;
-    let outer: usize = before.iter().product();
-    let inner: usize = after.iter().product();
-    let out_shape: Vec<usize> = before.iter().chain(after).copied().collect();
-    let err = |e: opreg_sdk::PluginError| invalid(step, e.message);
-    if t.dtype() == DType::String {
-        let s = t.strings();
-        let items: Vec<&[u8]> = (0..outer)
-            .flat_map(|o| row(row(s, extent * inner, o), inner, index))
-            .map(|x| x.as_bytes())
-            .collect();
-        return HostTensor::from_strings(&out_shape, &items).map_err(err);
-    }
-    let size = t.dtype().size();
-    let mut out = opreg_sdk::alloc::try_with_capacity(outer * inner * size).map_err(err)?;
-    for o in 0..outer {
-        out.extend_from_slice(row(
-            row(t.bytes(), extent * inner * size, o),
-            inner * size,
-            index,
-        ));
-    }
-    HostTensor::from_bytes(t.dtype(), &out_shape, &out).map_err(err)
+    axis::slice(t, axis, index, 1, false).map_err(|e| invalid(step, e))
 }
 
 /// Stacks equally shaped tensors along a new `axis` (`dtype` for an empty stack).
@@ -896,44 +861,8 @@ fn stack(
     axis: usize,
     dtype: DType,
 ) -> Result<HostTensor, GraphError> {
-    let err = |e: opreg_sdk::PluginError| invalid(step, e.message);
-    let Some(first) = items.first() else {
-        return HostTensor::zeroed(dtype, &[0]).map_err(err);
-    };
-    let inner_shape = first.shape();
-    if items
-        .iter()
-        .any(|t| t.shape() != inner_shape || t.dtype() != first.dtype())
-    {
-        return Err(invalid(
-            step,
-            "iterations produced differently shaped outputs",
-        ));
+    if items.is_empty() {
+        return HostTensor::zeroed(dtype, &[0]).map_err(|e| invalid(step, e.message));
     }
-    let (before, after) = inner_shape
-        .split_at_checked(axis)
-        .ok_or_else(|| invalid(step, "scan output axis out of range"))?;
-    let outer: usize = before.iter().product();
-    let inner: usize = after.iter().product();
-    let mut shape = inner_shape.to_vec();
-    shape.insert(axis, items.len());
-    if first.dtype() == DType::String {
-        let mut all: Vec<&[u8]> = Vec::new();
-        for o in 0..outer {
-            for t in items {
-                all.extend(row(t.strings(), inner, o).iter().map(|s| s.as_bytes()));
-            }
-        }
-        return HostTensor::from_strings(&shape, &all).map_err(err);
-    }
-    let size = first.dtype().size();
-    let mut out =
-        opreg_sdk::alloc::try_with_capacity(items.len().saturating_mul(first.bytes().len()))
-            .map_err(err)?;
-    for o in 0..outer {
-        for t in items {
-            out.extend_from_slice(row(t.bytes(), inner * size, o));
-        }
-    }
-    HostTensor::from_bytes(first.dtype(), &shape, &out).map_err(err)
+    axis::concat(items, axis, true).map_err(|e| invalid(step, format!("iterations' outputs: {e}")))
 }

@@ -17,7 +17,7 @@
 // Request and model data reach this module: no unchecked index or slice.
 #![deny(clippy::indexing_slicing)]
 
-use super::{compiled::Step, import::Node, values::Values, GraphError};
+use super::{axis, compiled::Step, import::Node, values::Values, GraphError};
 use opreg_sdk::{host::HostTensor, AttrValue, DType};
 use std::sync::Arc;
 
@@ -362,7 +362,14 @@ pub(super) fn run(step: &Step, op: &SeqOp, ins: &[Option<Slot>]) -> Result<Vec<S
         }
         SeqOp::Concat { axis, new_axis } => {
             let s = seq_in(step, ins, 0)?;
-            Slot::Tensor(Arc::new(concat(step, s, *axis, *new_axis)?))
+            if s.items.is_empty() {
+                return Err(invalid(step, "cannot concatenate an empty sequence"));
+            }
+            let rank = s.items.first().map_or(0, |t| t.shape().len());
+            let axis = normalize(step, *axis, rank + usize::from(*new_axis))?;
+            Slot::Tensor(Arc::new(
+                axis::concat(&s.items, axis, *new_axis).map_err(|e| invalid(step, e))?,
+            ))
         }
     }])
 }
@@ -380,53 +387,6 @@ fn normalize(step: &Step, axis: i64, rank: usize) -> Result<usize, GraphError> {
     } else {
         axis as usize
     })
-}
-
-/// Elements (bytes, or strings) of `t` in `[start, start+len)` along `axis`, as a tensor.
-fn slice(
-    step: &Step,
-    t: &HostTensor,
-    axis: usize,
-    start: usize,
-    len: usize,
-    keep: bool,
-) -> Result<HostTensor, GraphError> {
-    let shape = t.shape();
-    let outer: usize = shape.iter().take(axis).product();
-    let extent = shape.get(axis).copied().unwrap_or(0);
-    let inner: usize = shape.iter().skip(axis + 1).product();
-    let mut out_shape = shape.to_vec();
-    if keep {
-        if let Some(d) = out_shape.get_mut(axis) {
-            *d = len;
-        }
-    } else {
-        out_shape.remove(axis);
-    }
-    let err = |e: opreg_sdk::PluginError| invalid(step, e.message);
-    if t.dtype() == DType::String {
-        let s = t.strings();
-        let mut items: Vec<&[u8]> = Vec::new();
-        for o in 0..outer {
-            let from = (o * extent + start) * inner;
-            let part = s
-                .get(from..from + len * inner)
-                .ok_or_else(|| invalid(step, "split out of range"))?;
-            items.extend(part.iter().map(|x| x.as_bytes()));
-        }
-        return HostTensor::from_strings(&out_shape, &items).map_err(err);
-    }
-    let size = t.dtype().size();
-    let mut out = opreg_sdk::alloc::try_with_capacity(outer * len * inner * size).map_err(err)?;
-    for o in 0..outer {
-        let from = (o * extent + start) * inner * size;
-        let part = t
-            .bytes()
-            .get(from..from + len * inner * size)
-            .ok_or_else(|| invalid(step, "split out of range"))?;
-        out.extend_from_slice(part);
-    }
-    HostTensor::from_bytes(t.dtype(), &out_shape, &out).map_err(err)
 }
 
 fn split_to_sequence(
@@ -497,82 +457,10 @@ fn split_to_sequence(
         opreg_sdk::alloc::try_with_capacity(lens.len()).map_err(|e| invalid(step, e.message))?;
     let mut start = 0;
     for len in lens {
-        items.push(Arc::new(slice(step, x, axis, start, len, keep)?));
+        items.push(Arc::new(
+            axis::slice(x, axis, start, len, keep).map_err(|e| invalid(step, e))?,
+        ));
         start += len;
     }
     Ok(seq(x.dtype(), items))
-}
-
-/// Joins the elements along `axis` (or stacks them along a new axis).
-fn concat(step: &Step, s: &Sequence, axis: i64, new_axis: bool) -> Result<HostTensor, GraphError> {
-    let Some(first) = s.items.first() else {
-        return Err(invalid(step, "cannot concatenate an empty sequence"));
-    };
-    let rank = first.shape().len();
-    let axis = normalize(step, axis, rank + usize::from(new_axis))?;
-    // Stacking is concatenation of the elements with a unit axis inserted.
-    let shape_of = |t: &HostTensor| -> Vec<usize> {
-        let mut v = t.shape().to_vec();
-        if new_axis {
-            v.insert(axis, 1);
-        }
-        v
-    };
-    let base = shape_of(first);
-    let mut total = 0usize;
-    for t in &s.items {
-        let sh = shape_of(t);
-        let same_elsewhere = sh.len() == base.len()
-            && sh
-                .iter()
-                .zip(&base)
-                .enumerate()
-                .all(|(d, (a, b))| d == axis || a == b);
-        if !same_elsewhere || t.dtype() != first.dtype() {
-            return Err(invalid(
-                step,
-                format!(
-                    "elements {:?} and {:?} ({} and {}) cannot be joined on axis {axis}",
-                    first.shape(),
-                    t.shape(),
-                    first.dtype(),
-                    t.dtype()
-                ),
-            ));
-        }
-        total = total
-            .checked_add(sh.get(axis).copied().unwrap_or(0))
-            .ok_or_else(|| invalid(step, "the joined extent overflows"))?;
-    }
-    let outer: usize = base.iter().take(axis).product();
-    let inner: usize = base.iter().skip(axis + 1).product();
-    let mut out_shape = base.clone();
-    if let Some(d) = out_shape.get_mut(axis) {
-        *d = total;
-    }
-    let err = |e: opreg_sdk::PluginError| invalid(step, e.message);
-    if first.dtype() == DType::String {
-        let mut all: Vec<&[u8]> = Vec::new();
-        for o in 0..outer {
-            for t in &s.items {
-                let n = shape_of(t).get(axis).copied().unwrap_or(0) * inner;
-                let part = t.strings().get(o * n..(o + 1) * n).unwrap_or(&[]);
-                all.extend(part.iter().map(|x| x.as_bytes()));
-            }
-        }
-        return HostTensor::from_strings(&out_shape, &all).map_err(err);
-    }
-    let size = first.dtype().size();
-    let bytes = [outer, total, inner, size]
-        .iter()
-        .try_fold(1usize, |a, &b| a.checked_mul(b))
-        .ok_or_else(|| invalid(step, "the joined tensor's size overflows"))?;
-    let mut out = opreg_sdk::alloc::try_with_capacity(bytes).map_err(err)?;
-    for o in 0..outer {
-        for t in &s.items {
-            let n = shape_of(t).get(axis).copied().unwrap_or(0) * inner * size;
-            out.extend_from_slice(t.bytes().get(o * n..(o + 1) * n).unwrap_or(&[]));
-        }
-    }
-    HostTensor::from_bytes(first.dtype(), &out_shape, &out).map_err(err)
 }

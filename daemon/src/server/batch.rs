@@ -78,8 +78,6 @@ impl Batchers {
         Arc<std::sync::atomic::AtomicUsize>,
     ) {
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-        // Versions that were unloaded or replaced: their collectors end with their senders.
-        queues.retain(|_, q| q.model.strong_count() > 0);
         let key = (model.name.clone(), model.version);
         if let Some(q) = queues.get(&key) {
             if Weak::ptr_eq(&q.model, &Arc::downgrade(model)) {
@@ -88,6 +86,9 @@ impl Batchers {
         }
         // Unbounded: the bound is `queued`, which also counts requests the collector already
         // took but that have not started.
+        // Versions that were unloaded or replaced: their collectors end with their senders.
+        // Swept here, when a queue is made, not on every request.
+        queues.retain(|_, q| q.model.strong_count() > 0);
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         tokio::spawn(collect(
