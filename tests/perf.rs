@@ -1,6 +1,7 @@
 //! `opreg perf`: a concurrency sweep against a real daemon prints one JSON object per step with
 //! ordered latency percentiles and no errors; a model the server does not have fails with a
-//! non-zero exit that names it.
+//! non-zero exit that names it. `opreg bench` runs a model file in-process: ordered latency
+//! figures, a per-operator profile, clear errors for shapes it cannot make up.
 
 use opreg_tests::{onnx::*, *};
 use std::process::{Command, Output};
@@ -182,4 +183,142 @@ async fn a_missing_model_or_server_fails_with_a_clear_message() {
     let stderr = text(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("connecting to"), "{stderr}");
+}
+
+/// A plugin folder with the two plugins the MLP needs.
+fn plugin_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for p in ["onnx_ops", "blas_cpu"] {
+        let src = plugin(p);
+        std::fs::copy(&src, dir.path().join(src.file_name().unwrap())).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn bench_runs_a_model_file_in_process() {
+    let plugins = plugin_dir();
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("mlp.onnx");
+    std::fs::write(&file, mlp()).unwrap();
+    let (file, plugins) = (file.to_str().unwrap(), plugins.path().to_str().unwrap());
+    let out = opreg(&[
+        "bench",
+        file,
+        "--plugin-dir",
+        plugins,
+        "--batch",
+        "8",
+        "--runs",
+        "40",
+        "--min-seconds",
+        "0",
+        "--warmup",
+        "2",
+        "--profile",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["runs"], 40);
+    assert_eq!(v["batch"], 8);
+    assert_eq!(v["inputs"]["x"], serde_json::json!([8, 3]));
+    let (min, median, p90) = (
+        v["min_ms"].as_f64().unwrap(),
+        v["median_ms"].as_f64().unwrap(),
+        v["p90_ms"].as_f64().unwrap(),
+    );
+    assert!(0.0 < min && min <= median && median <= p90, "{v}");
+    assert!(v["peak_rss_bytes"].as_u64().unwrap() > 1 << 20, "{v}");
+    let steps: Vec<&str> = v["profile"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert!(steps.iter().any(|s| s.contains("MatMul")), "{steps:?}");
+    // The table form names the operators it timed.
+    let out = opreg(&[
+        "bench",
+        file,
+        "--plugin-dir",
+        plugins,
+        "--runs",
+        "3",
+        "--min-seconds",
+        "0",
+        "--profile",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    assert!(table.contains("median") && table.contains("p90"), "{table}");
+    assert!(
+        table.contains("per operator") && table.contains("Relu"),
+        "{table}"
+    );
+}
+
+#[test]
+fn bench_says_what_it_cannot_run() {
+    let plugins = plugin_dir();
+    let work = tempfile::tempdir().unwrap();
+    // A sequence length past the batch dimension: bench cannot guess it.
+    let seq = model(
+        vec![node("Relu", &["x"], &["y"])],
+        vec![value("x", F32, &[-1, -1])],
+        vec![value("y", F32, &[-1, -1])],
+        vec![],
+        17,
+    );
+    let file = work.path().join("seq.onnx");
+    std::fs::write(&file, seq).unwrap();
+    let (file, plugins) = (file.to_str().unwrap(), plugins.path().to_str().unwrap());
+    let out = opreg(&["bench", file, "--plugin-dir", plugins, "--runs", "1"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("'x'") && err.contains("give its shape"),
+        "{err}"
+    );
+    // With the shape given, it runs.
+    let out = opreg(&[
+        "bench",
+        file,
+        "--plugin-dir",
+        plugins,
+        "--runs",
+        "2",
+        "--min-seconds",
+        "0",
+        "--shape",
+        "x:2x5",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["inputs"]["x"], serde_json::json!([2, 5]));
+    // A model file that is not ONNX, and an input the model does not have.
+    let junk = work.path().join("junk.onnx");
+    std::fs::write(&junk, b"not a model").unwrap();
+    let out = opreg(&["bench", junk.to_str().unwrap(), "--plugin-dir", plugins]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("junk.onnx"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = opreg(&[
+        "bench",
+        file,
+        "--plugin-dir",
+        plugins,
+        "--input",
+        "nope=/x.npy",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no input 'nope'"),
+        "{}",
+        text(&out.stderr)
+    );
 }

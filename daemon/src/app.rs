@@ -49,14 +49,16 @@ impl App {
     }
 }
 
-/// The folder for private plugin copies. One created by the daemon is removed at shutdown.
-struct RuntimeDir {
+/// The folder for private plugin copies. One created here (not configured) is removed when
+/// dropped: at shutdown, or at the end of `opreg bench`.
+pub struct RuntimeDir {
     path: PathBuf,
     owned: bool,
 }
 
 impl RuntimeDir {
-    fn create(configured: Option<PathBuf>) -> anyhow::Result<RuntimeDir> {
+    /// `configured`, or a new `opreg-<pid>` folder under the system temporary folder.
+    pub fn create(configured: Option<PathBuf>) -> anyhow::Result<RuntimeDir> {
         let (path, owned) = match configured {
             Some(p) => (p, false),
             None => (
@@ -69,7 +71,8 @@ impl RuntimeDir {
         Ok(RuntimeDir { path, owned })
     }
 
-    fn path(&self) -> &Path {
+    /// The folder.
+    pub fn path(&self) -> &Path {
         &self.path
     }
 }

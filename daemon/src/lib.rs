@@ -11,6 +11,7 @@ pub mod app;
 pub mod config;
 pub mod device;
 pub mod exec;
+pub mod feeds;
 pub mod graph;
 pub mod metrics;
 pub mod plugin;

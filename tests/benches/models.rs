@@ -4,11 +4,126 @@
 //! and CNN, and ResNet-50 and MobileNetV2 at batch 1 (float, and quantized to QDQ by ONNX Runtime)
 //! when `target/models` has them (`scripts/bench` writes them).
 //!
-//! Run with `scripts/bench`.
+//! Then the real-model table: each model of `target/models` at batch 1 and 8, `opreg bench`
+//! (the release binary, its own process) against `bench_ort_model.py` (onnxruntime, its own
+//! process), the same thread count and input shapes: median and p90 over at least 30 runs after
+//! warm-up, and each process's peak RSS, as ratios opreg / ONNX Runtime.
+//!
+//! Run with `scripts/bench`. `OPREG_BENCH_MODELS=resnet50,crnn` limits the real-model table.
 
 use opreg_sdk::{host::HostTensor, DType, Device};
 use opregd::{exec::ComputePool, graph, registry::Registry};
-use std::{collections::HashMap, sync::Arc, time::Instant};
+use std::{collections::HashMap, process::Command, sync::Arc, time::Instant};
+
+/// The real models (file stem in `target/models`; those missing are skipped) and the whole
+/// shapes their symbolic dimensions past the batch need (`{b}`: the batch).
+const REAL_MODELS: &[(&str, &[&str])] = &[
+    ("resnet50", &[]),
+    ("resnet18", &[]),
+    ("mobilenetv2", &[]),
+    ("efficientnet_b0", &[]),
+    ("squeezenet", &[]),
+    ("crnn", &[]),
+    ("bert", &["input_ids:{b}x128", "attention_mask:{b}x128"]),
+    ("resnet50_qdq", &[]),
+    ("mobilenetv2_qdq", &[]),
+];
+
+/// Runs `cmd` and parses the JSON object it prints last.
+fn json_of(cmd: &mut Command, what: &str) -> serde_json::Value {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("{what}: {e}: {text}"))
+}
+
+/// The real-model table (see the module docs).
+fn real_models(threads: usize, python: &str) {
+    let root = opreg_tests::workspace();
+    let models = root.join("target/models");
+    let opreg = root.join("target/release/opreg");
+    let plugins = tempfile::tempdir().expect("tempdir");
+    for p in ["onnx_ops", "blas_cpu"] {
+        let src = opreg_tests::plugin(p);
+        std::fs::copy(&src, plugins.path().join(src.file_name().expect("name"))).expect("copy");
+    }
+    let only: Option<Vec<String>> = std::env::var("OPREG_BENCH_MODELS")
+        .ok()
+        .map(|v| v.split(',').map(str::to_string).collect());
+    println!(
+        "\nreal models, {threads} threads, each side in its own process (median and p90 of >= 30 runs)"
+    );
+    println!(
+        "{:>16} {:>5} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>9} {:>9} {:>8}",
+        "model",
+        "batch",
+        "opreg p50",
+        "ORT p50",
+        "opreg p90",
+        "ORT p90",
+        "p50 x",
+        "p90 x",
+        "opreg MiB",
+        "ORT MiB",
+        "RSS x"
+    );
+    for (name, shapes) in REAL_MODELS {
+        let path = models.join(format!("{name}.onnx"));
+        if !path.exists() || only.as_ref().is_some_and(|o| !o.iter().any(|m| m == name)) {
+            continue;
+        }
+        for batch in [1usize, 8] {
+            let shapes: Vec<String> = shapes
+                .iter()
+                .map(|s| s.replace("{b}", &batch.to_string()))
+                .collect();
+            let ours = json_of(
+                Command::new(&opreg)
+                    .arg("bench")
+                    .arg(&path)
+                    .arg("--plugin-dir")
+                    .arg(plugins.path())
+                    .args([
+                        "--threads",
+                        &threads.to_string(),
+                        "--batch",
+                        &batch.to_string(),
+                    ])
+                    .args(shapes.iter().flat_map(|s| ["--shape", s.as_str()]))
+                    .arg("--json"),
+                &format!("opreg bench {name}"),
+            );
+            let peer = json_of(
+                Command::new(python)
+                    .arg(root.join("tests/python/bench_ort_model.py"))
+                    .arg(&path)
+                    .arg(batch.to_string())
+                    .arg(threads.to_string())
+                    .args(&shapes),
+                &format!("onnxruntime {name}"),
+            );
+            let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+            let mib = |v: &serde_json::Value| f(v, "peak_rss_bytes") / f64::from(1 << 20);
+            println!(
+                "{name:>16} {batch:>5} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>8.2} {:>8.2} {:>9.0} {:>9.0} {:>8.2}",
+                f(&ours, "median_ms"),
+                f(&peer, "median_ms"),
+                f(&ours, "p90_ms"),
+                f(&peer, "p90_ms"),
+                f(&ours, "median_ms") / f(&peer, "median_ms"),
+                f(&ours, "p90_ms") / f(&peer, "p90_ms"),
+                mib(&ours),
+                mib(&peer),
+                mib(&ours) / mib(&peer),
+            );
+        }
+    }
+}
 
 fn f32s(bytes: &[u8]) -> Vec<f32> {
     bytes
@@ -23,7 +138,7 @@ fn main() {
         .unwrap_or(1);
     let dir = tempfile::tempdir().expect("tempdir");
     let python = std::env::var("OPREG_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = std::process::Command::new(python)
+    let out = std::process::Command::new(&python)
         .arg(opreg_tests::workspace().join("tests/python/bench_ort.py"))
         .arg(dir.path())
         .arg(threads.to_string())
@@ -126,4 +241,5 @@ fn main() {
             }
         }
     }
+    real_models(threads, &python);
 }

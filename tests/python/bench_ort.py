@@ -5,7 +5,8 @@ usage: python bench_ort.py DIR THREADS [REAL_MODELS_DIR]
 writes DIR/<model>.onnx, DIR/<model>.input (raw f32), DIR/<model>.output (raw f32) and prints
 one JSON line: {model: {"ort_ms": median, "shape": [...], "path": model file}}. With
 REAL_MODELS_DIR (tests/python/make_models.py's output), ResNet-50, MobileNetV2 and ResNet-50
-quantized to QDQ from there are run too, at batch 1.
+quantized to QDQ from there are run too, at batch 1. With OPREG_BENCH_LAYERS=1, single
+Conv + Relu layers at the shapes that dominate those models are added.
 """
 import json
 import os
@@ -73,6 +74,41 @@ if len(sys.argv) > 3:
             x = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)
             x.tofile(os.path.join(out_dir, real + ".input"))
             models[real] = (path, x)
+
+# OPREG_BENCH_LAYERS=1: single Conv + Relu layers at the shapes that dominate ResNet-50 and
+# MobileNetV2 (batch 1), to see per layer where a model's ratio comes from.
+if os.environ.get("OPREG_BENCH_LAYERS"):
+    layers = [
+        # name: (in channels, out channels, size, kernel, stride, group)
+        ("l_3x3_64_56", 64, 64, 56, 3, 1, 1),
+        ("l_3x3_128_28", 128, 128, 28, 3, 1, 1),
+        ("l_3x3_256_14", 256, 256, 14, 3, 1, 1),
+        ("l_3x3_512_7", 512, 512, 7, 3, 1, 1),
+        ("l_3x3s2_128_56", 128, 128, 56, 3, 2, 1),
+        ("l_1x1_64_256_56", 64, 256, 56, 1, 1, 1),
+        ("l_1x1_256_64_56", 256, 64, 56, 1, 1, 1),
+        ("l_1x1_1024_256_14", 1024, 256, 14, 1, 1, 1),
+        ("l_1x1s2_512_1024_28", 512, 1024, 28, 1, 2, 1),
+        ("l_7x7s2_3_64_224", 3, 64, 224, 7, 2, 1),
+        ("l_dw3x3_144_56", 144, 144, 56, 3, 1, 144),
+        ("l_dw3x3s2_96_112", 96, 96, 112, 3, 2, 96),
+        ("l_1x1_32_192_56", 32, 192, 56, 1, 1, 1),
+    ]
+    for name, ci, co, size, k, s, g in layers:
+        x = rng.standard_normal((1, ci, size, size)).astype(np.float32)
+        pad = k // 2
+        out = (size + 2 * pad - k) // s + 1
+        models[name] = (save(
+            name,
+            [
+                helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[pad] * 4, kernel_shape=[k, k], strides=[s, s], group=g),
+                helper.make_node("Relu", ["c"], ["y"]),
+            ],
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, ci, size, size])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, co, out, out])],
+            [init("w", co, ci // g, k, k), init("b", co)],
+            x,
+        ), x)
 
 result = {}
 opts = ort.SessionOptions()

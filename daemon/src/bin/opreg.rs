@@ -18,8 +18,12 @@
 //! opreg report PATH                    a quantization report's summary (local file/folder)
 //! opreg perf NAME [--concurrency-range 1:4 | --request-rate-range 100:400:100] [--json]
 //!                                      load generator (KServe v2 ModelInfer): throughput, p50/p90/p99
+//! opreg bench FILE.onnx [--batch 8] [--profile] [--json]
+//!                                      the model run in-process (no daemon): median/p90, RSS, profile
 //! ```
 
+#[path = "opreg/bench.rs"]
+mod bench;
 #[path = "opreg/perf.rs"]
 mod perf;
 
@@ -174,6 +178,10 @@ enum Cmd {
     /// sweep (closed loop) or a request-rate sweep (open loop) of `ModelInfer` calls with
     /// inputs generated from the model's metadata; works against any KServe v2 gRPC server.
     Perf(perf::PerfArgs),
+    /// Run a model in this process (no daemon) as opregd would, on inputs made from its
+    /// declared shapes or given: median and p90 latency, peak RSS, and with --profile the time
+    /// per operator and node.
+    Bench(bench::BenchArgs),
 }
 
 /// Adds `authorization: Bearer <token>` to every call.
@@ -428,6 +436,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     } = cli
     {
         return perf::run(args, addr, ca_cert, token).await;
+    }
+    if let Cmd::Bench(args) = cli.cmd {
+        return bench::run(args);
     }
     if let Cmd::Report { path } = &cli.cmd {
         return report(path);
@@ -720,7 +731,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         // Local: done above, before connecting.
-        Cmd::Optimize { .. } | Cmd::Report { .. } | Cmd::Perf(_) => {}
+        Cmd::Optimize { .. } | Cmd::Report { .. } | Cmd::Perf(_) | Cmd::Bench(_) => {}
         Cmd::Adaptation { name, version } => {
             let r = registry
                 .model_adaptation(reg::ModelAdaptationRequest { name, version })

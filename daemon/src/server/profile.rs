@@ -2,56 +2,14 @@
 
 use crate::{
     app::App,
-    graph::{self, Dim, GraphError, RunControl},
-    repo::ServedModel,
+    feeds,
+    graph::{self, GraphError, RunControl},
 };
 use opreg_proto::opreg::v1 as pb;
-use opreg_sdk::host::HostTensor;
-use std::{collections::HashMap, sync::Arc, time::Instant};
+use std::{sync::Arc, time::Instant};
 use tonic::Status;
 
 const MAX_RUNS: u32 = 1000;
-
-/// Zero feeds of the model's declared shapes, `batch` for symbolic dimensions.
-fn zero_feeds(
-    model: &ServedModel,
-    batch: usize,
-    max_tensor_bytes: usize,
-) -> Result<HashMap<String, Arc<HostTensor>>, Status> {
-    model
-        .model
-        .inputs
-        .iter()
-        .map(|i| {
-            let shape: Vec<usize> = i
-                .shape
-                .as_ref()
-                .ok_or_else(|| {
-                    Status::failed_precondition(format!(
-                        "input '{}' declares no shape: profile it with real requests",
-                        i.name
-                    ))
-                })?
-                .iter()
-                .map(|d| match d {
-                    Dim::Fixed(n) => *n,
-                    Dim::Symbolic(_) => batch,
-                })
-                .collect();
-            let bytes = opreg_sdk::alloc::numel(&shape).and_then(|n| n.checked_mul(i.dtype.size()));
-            if bytes.is_none_or(|b| b > max_tensor_bytes) {
-                return Err(Status::resource_exhausted(format!(
-                    "input '{}' of shape {shape:?} is larger than the tensor limit",
-                    i.name
-                )));
-            }
-            // Strings are empty, numbers zero.
-            let t = HostTensor::zeroed(i.dtype, &shape)
-                .map_err(|e| Status::internal(e.message.to_string()))?;
-            Ok((i.name.clone(), Arc::new(t)))
-        })
-        .collect()
-}
 
 pub async fn profile(
     app: &Arc<App>,
@@ -76,7 +34,17 @@ pub async fn profile(
     let limits = &app.config.limits;
     let max_tensor = usize::try_from(limits.max_tensor_bytes).unwrap_or(usize::MAX);
     let max_live = usize::try_from(limits.max_request_bytes).unwrap_or(usize::MAX);
-    let feeds = zero_feeds(&model, batch, max_tensor)?;
+    let feeds = feeds::synthesize(
+        &model.model.inputs,
+        &feeds::Shapes::all(batch),
+        feeds::Fill::Zero,
+        max_tensor,
+    )
+    .map_err(|e| match e {
+        feeds::FeedsError::TooLarge { .. } => Status::resource_exhausted(e.to_string()),
+        feeds::FeedsError::Alloc { .. } => Status::internal(e.to_string()),
+        _ => Status::failed_precondition(format!("{e} (profile it with real requests)")),
+    })?;
     let snapshot = app.registry.snapshot();
     let m = model.clone();
     let job = app.compute.run(move || -> Result<_, Status> {
