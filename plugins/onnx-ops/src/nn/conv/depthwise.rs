@@ -4,10 +4,14 @@
 //! The general path unrolls each group with im2col and calls a gemm of one output row per
 //! group: for a depthwise layer that is `kh*kw` copies of the plane and a matrix product with
 //! nothing to reuse, per channel (MobileNetV2's 17 depthwise layers spent most of its f32 run
-//! there). Here each output row is built in place from the input rows under it: the bias,
-//! then each kernel row's taps over the range of outputs where all of them fall inside the
-//! input (one pass per kernel row for 3-wide kernels, one per tap otherwise; the loops are
-//! over contiguous outputs, so they vectorize), the edges with checks, then the activation.
+//! there). Here each channel's input is first copied once into a zero-padded plane, every row
+//! split into `stride` phase rows (column `stride*j + q` goes to phase `q`, position `j`), so
+//! that for any padding, stride and dilation each tap of a run of outputs reads one contiguous
+//! run of the copy: no edge cases in the inner loop. The outputs are then computed in runs of
+//! [`LANES`] (bias, every tap, activation, one store), [`RUNS`] runs at a time so the adds of
+//! independent runs overlap (one run alone waits on its own chain of `kh*kw` dependent adds;
+//! the last layers of MobileNetV2 are 7 wide, so runs are taken across rows, not along one).
+//! Runs past the row's end compute into the copy's zero margin and are not stored.
 
 use super::Activation;
 use crate::nn::{Disjoint, Geometry};
@@ -44,132 +48,309 @@ pub(super) fn run(
     // About 64k multiply-adds per task: enough to pay for the dispatch, small enough to
     // spread the 32-channel layers over the threads.
     let planes = (65536 / plane_out.saturating_mul(taps).max(1)).clamp(1, c.max(1));
-    // Stride-2 rows are split into their even and odd elements first, so the taps read
-    // contiguous runs: `ow + 1` of each per input row.
-    let split = g.strides[1] == 2 && g.dilations[1] == 1 && g.kernel[1] == 3;
-    let split_len = if split { 2 * (ow + 1) } else { 0 };
+    let pad = Padded::new(g, (oh, ow))?;
     let yd = Disjoint::new(y);
     ctx.parallel_for(y_planes, planes, |range| {
-        let mut halves = try_vec(split_len, 0.0f32)?;
+        let mut copy = try_vec(pad.len, 0.0f32)?;
+        let mut offsets = Vec::new();
+        let mut weights = Vec::new();
         for plane in range {
             // SAFETY: each plane is written by the one task whose range holds it.
             let out = unsafe { yd.part(plane * plane_out, plane_out) };
             let ch = plane % c;
             let xp = &x[plane * plane_in..(plane + 1) * plane_in];
-            let wk = &w[ch * taps..(ch + 1) * taps];
+            pad.fill(xp, (ih, iw), &mut copy);
+            pad.taps(&w[ch * taps..(ch + 1) * taps], &mut offsets, &mut weights);
             let b = bias.map_or(0.0, |b| b[ch]);
-            channel(xp, (ih, iw), wk, g, b, act, out, ow, &mut halves);
+            channel(&copy, &pad, &offsets, &weights, b, act, out);
         }
         Ok(())
     })
 }
 
-crate::simd::simd_fn! {
-    /// One channel: `out` (`oh x ow`) from the plane `xp` (`ih x iw`) (compiled for AVX-512 and
-    /// AVX2 too: the baseline vectorizes these loops 4 wide).
-    #[allow(clippy::too_many_arguments)]
-    fn channel(
-        xp: &[f32],
-        dims: (usize, usize),
-        wk: &[f32],
-        g: &Geometry,
+/// Outputs computed together along a row.
+const LANES: usize = 8;
+/// Runs of [`LANES`] outputs computed together.
+const RUNS: usize = 8;
+
+/// The geometry of one channel's zero-padded, phase-split copy (see the module docs).
+struct Padded {
+    /// Output extents.
+    oh: usize,
+    ow: usize,
+    /// Strides, dilations, kernel and leading pads.
+    sh: usize,
+    sw: usize,
+    dh: usize,
+    dw: usize,
+    kh: usize,
+    kw: usize,
+    ph: usize,
+    pw: usize,
+    /// Padded rows the outputs read.
+    rows: usize,
+    /// Length of one phase row.
+    phase_len: usize,
+    /// Floats in the copy.
+    len: usize,
+}
+
+impl Padded {
+    fn new(g: &Geometry, (oh, ow): (usize, usize)) -> Result<Padded, PluginError> {
+        let too_large = || PluginError::invalid("Conv: depthwise geometry overflows");
+        let (sh, sw) = (g.strides[0].max(1), g.strides[1].max(1));
+        let (dh, dw) = (g.dilations[0], g.dilations[1]);
+        let (kh, kw) = (g.kernel[0], g.kernel[1]);
+        let ow_runs = ow
+            .div_ceil(LANES)
+            .checked_mul(LANES)
+            .ok_or_else(too_large)?;
+        // Row oy*sh + ky*dh; phase position ox + (kx*dw)/sw.
+        let rows = (oh.saturating_sub(1))
+            .checked_mul(sh)
+            .and_then(|r| r.checked_add(kh.saturating_sub(1).checked_mul(dh)?))
+            .and_then(|r| r.checked_add(1))
+            .ok_or_else(too_large)?;
+        let phase_len = kw
+            .saturating_sub(1)
+            .checked_mul(dw)
+            .map(|t| t / sw + 1)
+            .and_then(|t| t.checked_add(ow_runs))
+            .ok_or_else(too_large)?;
+        let len = rows
+            .checked_mul(sw)
+            .and_then(|r| r.checked_mul(phase_len))
+            .ok_or_else(too_large)?;
+        Ok(Padded {
+            oh,
+            ow,
+            sh,
+            sw,
+            dh,
+            dw,
+            kh,
+            kw,
+            ph: g.pad_begin[0],
+            pw: g.pad_begin[1],
+            rows,
+            phase_len,
+            len,
+        })
+    }
+
+    /// Copies the plane `xp` (`ih x iw`) into `copy`: padded row `r` is input row `r - ph`,
+    /// padded column `sw*j + q` (phase `q`, position `j`) input column `sw*j + q - pw`. Only
+    /// the positions inside the input are written: the rest are the same for every channel,
+    /// zero since the buffer was made.
+    fn fill(&self, xp: &[f32], (ih, iw): (usize, usize), copy: &mut [f32]) {
+        let row_len = self.sw * self.phase_len;
+        for (r, dst) in copy.chunks_exact_mut(row_len).take(self.rows).enumerate() {
+            let Some(iy) = r.checked_sub(self.ph).filter(|&iy| iy < ih) else {
+                continue;
+            };
+            let src = &xp[iy * iw..(iy + 1) * iw];
+            for (q, phase) in dst.chunks_exact_mut(self.phase_len).enumerate() {
+                // Positions j whose column sw*j + q - pw lies in 0..iw.
+                let lo = self
+                    .pw
+                    .saturating_sub(q)
+                    .div_ceil(self.sw)
+                    .min(self.phase_len);
+                let hi = (iw + self.pw)
+                    .saturating_sub(q)
+                    .div_ceil(self.sw)
+                    .clamp(lo, self.phase_len);
+                let first = self.sw * lo + q - self.pw;
+                if self.sw == 1 {
+                    phase[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]);
+                } else {
+                    let from = src[first..].iter().step_by(self.sw);
+                    phase[lo..hi]
+                        .iter_mut()
+                        .zip(from)
+                        .for_each(|(d, &v)| *d = v);
+                }
+            }
+        }
+    }
+
+    /// Each tap's offset in the copy (from a run's first output) and weight.
+    fn taps(&self, wk: &[f32], offsets: &mut Vec<usize>, weights: &mut Vec<f32>) {
+        offsets.clear();
+        weights.clear();
+        for ky in 0..self.kh {
+            for kx in 0..self.kw {
+                let t = kx * self.dw;
+                offsets.push((ky * self.dh * self.sw + t % self.sw) * self.phase_len + t / self.sw);
+                weights.push(wk[ky * self.kw + kx]);
+            }
+        }
+    }
+}
+
+/// The runs of [`LANES`] outputs, row by row: where each starts in the copy and in `out`, and
+/// how many outputs it stores. Advanced by additions only (a division per run cost more than
+/// the run's taps).
+struct Runs<'a> {
+    pad: &'a Padded,
+    oy: usize,
+    ox: usize,
+}
+
+impl<'a> Runs<'a> {
+    fn new(pad: &'a Padded) -> Self {
+        Runs { pad, oy: 0, ox: 0 }
+    }
+}
+
+impl Iterator for Runs<'_> {
+    type Item = (usize, usize, usize);
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<Self::Item> {
+        let pad = self.pad;
+        if self.oy >= pad.oh || pad.ow == 0 {
+            return None;
+        }
+        let ox = self.ox;
+        let run = (
+            self.oy * pad.sh * pad.sw * pad.phase_len + ox,
+            self.oy * pad.ow + ox,
+            LANES.min(pad.ow - ox),
+        );
+        self.ox += LANES;
+        if self.ox >= pad.ow {
+            self.ox = 0;
+            self.oy += 1;
+        }
+        Some(run)
+    }
+}
+
+/// One channel from its padded copy into `out` (`oh x ow`): bias, taps, activation.
+fn channel(
+    copy: &[f32],
+    pad: &Padded,
+    offsets: &[usize],
+    weights: &[f32],
+    b: f32,
+    act: Activation,
+    out: &mut [f32],
+) {
+    // Every read lies inside the copy by construction (see `Padded::new`); checked once here
+    // so the vector loop can read unchecked.
+    if copy.len() < pad.len || out.len() < pad.oh * pad.ow || offsets.len() != weights.len() {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA; the lengths were checked above.
+        return unsafe { x86::channel(copy, pad, offsets, weights, b, act, out) };
+    }
+    for (src, dst, len) in Runs::new(pad) {
+        let mut sum = [b; LANES];
+        for (&off, &w) in offsets.iter().zip(weights) {
+            let v = &copy[src + off..src + off + LANES];
+            for (s, &x) in sum.iter_mut().zip(v) {
+                *s += w * x;
+            }
+        }
+        for (o, &v) in out[dst..dst + len].iter_mut().zip(&sum) {
+            *o = act.apply(v);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Activation, Padded, Runs, LANES, RUNS};
+    use std::arch::x86_64::*;
+
+    /// The activation on 8 lanes, as [`Activation::apply`] does it (NaN handling included:
+    /// `max`/`min` return their second operand when either is NaN).
+    #[target_feature(enable = "avx2,fma")]
+    fn activate(act: Activation, v: __m256) -> __m256 {
+        match act {
+            Activation::None => v,
+            // f32::max(NaN, 0) is 0.
+            Activation::Relu => _mm256_max_ps(v, _mm256_setzero_ps()),
+            // NaN stays NaN.
+            Activation::Clip(lo, hi) => {
+                _mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), v))
+            }
+            Activation::LeakyRelu(a) => {
+                let neg = _mm256_cmp_ps::<_CMP_LT_OQ>(v, _mm256_setzero_ps());
+                _mm256_blendv_ps(v, _mm256_mul_ps(v, _mm256_set1_ps(a)), neg)
+            }
+        }
+    }
+
+    /// Stores the run `v` at `out[dst..dst + len]`.
+    #[target_feature(enable = "avx2,fma")]
+    fn store(out: &mut [f32], dst: usize, len: usize, v: __m256) {
+        if len == LANES {
+            // SAFETY: `dst + LANES <= out.len()` (a whole run of the row).
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(dst), v) };
+        } else {
+            let mut tmp = [0f32; LANES];
+            // SAFETY: `tmp` holds LANES floats.
+            unsafe { _mm256_storeu_ps(tmp.as_mut_ptr(), v) };
+            out[dst..dst + len].copy_from_slice(&tmp[..len]);
+        }
+    }
+
+    /// [`super::channel`] with [`RUNS`] runs in flight, one FMA per tap and run.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `copy.len() >= pad.len`, `out.len() >= oh * ow`,
+    /// `offsets.len() == weights.len()`, and every offset is one [`Padded::taps`] made for
+    /// `pad` (so each run's reads stay inside the copy).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn channel(
+        copy: &[f32],
+        pad: &Padded,
+        offsets: &[usize],
+        weights: &[f32],
         b: f32,
         act: Activation,
         out: &mut [f32],
-        ow: usize,
-        halves: &mut [f32],
     ) {
-        let (ih, iw) = dims;
-        let (kh, kw) = (g.kernel[0], g.kernel[1]);
-        let (sh, sw) = (g.strides[0], g.strides[1]);
-        let (dh, dw) = (g.dilations[0], g.dilations[1]);
-        let (ph, pw) = (g.pad_begin[0], g.pad_begin[1]);
-        // Outputs whose every tap lies inside a row: ox*sw - pw >= 0 and
-        // ox*sw + (kw-1)*dw - pw < iw.
-        let lo = pw.div_ceil(sw).min(ow);
-        let span = (kw - 1) * dw;
-        let hi = if iw + pw > span {
-            ((iw + pw - span - 1) / sw + 1).clamp(lo, ow)
-        } else {
-            lo
-        };
-        for (oy, row) in out.chunks_mut(ow).enumerate() {
-            row.fill(b);
-            for ky in 0..kh {
-                let iy = (oy * sh + ky * dh) as isize - ph as isize;
-                if iy < 0 || iy >= ih as isize {
-                    continue;
+        let p = copy.as_ptr();
+        let bias = _mm256_set1_ps(b);
+        let mut runs = Runs::new(pad);
+        loop {
+            let mut at = [(0usize, 0usize, 0usize); RUNS];
+            let mut n = 0;
+            for slot in at.iter_mut() {
+                match runs.next() {
+                    Some(r) => *slot = r,
+                    None => break,
                 }
-                let xr = &xp[iy as usize * iw..(iy as usize + 1) * iw];
-                let wr = &wk[ky * kw..(ky + 1) * kw];
-                // The edges: each tap checked.
-                for ox in (0..lo).chain(hi..ow) {
-                    let mut s = 0.0;
-                    for (kx, &wv) in wr.iter().enumerate() {
-                        let ix = (ox * sw + kx * dw) as isize - pw as isize;
-                        if ix >= 0 && ix < iw as isize {
-                            s += wv * xr[ix as usize];
-                        }
+                n += 1;
+            }
+            if n < RUNS {
+                // The last few runs, one at a time.
+                for &(src, dst, len) in &at[..n] {
+                    let mut a = bias;
+                    for (&off, &w) in offsets.iter().zip(weights) {
+                        // SAFETY: src + off + LANES <= pad.len <= copy.len() (caller).
+                        let x = unsafe { _mm256_loadu_ps(p.add(src + off)) };
+                        a = _mm256_fmadd_ps(_mm256_set1_ps(w), x, a);
                     }
-                    row[ox] += s;
+                    store(out, dst, len, activate(act, a));
                 }
-                if lo >= hi {
-                    continue;
-                }
-                // The interior: every tap inside the row.
-                let base = lo * sw - pw;
-                let inner = &mut row[lo..hi];
-                match (kw, sw) {
-                    (3, 1) => {
-                        let (w0, w1, w2) = (wr[0], wr[1], wr[2]);
-                        let n = inner.len();
-                        let (x0, x1, x2) = (
-                            &xr[base..base + n],
-                            &xr[base + dw..base + dw + n],
-                            &xr[base + 2 * dw..base + 2 * dw + n],
-                        );
-                        for (((o, &a), &bb), &cc) in inner.iter_mut().zip(x0).zip(x1).zip(x2) {
-                            *o += w0 * a + w1 * bb + w2 * cc;
-                        }
-                    }
-                    (3, 2) if dw == 1 && halves.len() >= 2 * (inner.len() + 1) => {
-                        let (w0, w1, w2) = (wr[0], wr[1], wr[2]);
-                        let n = inner.len();
-                        let (even, odd) = halves.split_at_mut(n + 1);
-                        // Taps at base + 2j, base + 2j + 1, base + 2j + 2 (the last within the row).
-                        // Pairs from `base` (plain loads and stores, so it vectorizes);
-                        // the last even tap may have no odd partner in the row.
-                        let src = &xr[base..];
-                        let pairs = even.iter_mut().zip(odd.iter_mut());
-                        for ((e, o), p) in pairs.zip(src.chunks_exact(2)) {
-                            *e = p[0];
-                            *o = p[1];
-                        }
-                        even[n] = src[2 * n];
-                        let (e0, e1, o0) = (&even[..n], &even[1..=n], &odd[..n]);
-                        for (((out, &a), &bb), &cc) in inner.iter_mut().zip(e0).zip(o0).zip(e1) {
-                            *out += w0 * a + w1 * bb + w2 * cc;
-                        }
-                    }
-                    (3, _) => {
-                        let (w0, w1, w2) = (wr[0], wr[1], wr[2]);
-                        for (j, o) in inner.iter_mut().enumerate() {
-                            let at = base + j * sw;
-                            *o += w0 * xr[at] + w1 * xr[at + dw] + w2 * xr[at + 2 * dw];
-                        }
-                    }
-                    _ => {
-                        for (kx, &wv) in wr.iter().enumerate() {
-                            let off = base + kx * dw;
-                            for (j, o) in inner.iter_mut().enumerate() {
-                                *o += wv * xr[off + j * sw];
-                            }
-                        }
-                    }
+                return;
+            }
+            let mut acc = [bias; RUNS];
+            for (&off, &w) in offsets.iter().zip(weights) {
+                let w = _mm256_set1_ps(w);
+                for (a, &(src, _, _)) in acc.iter_mut().zip(&at) {
+                    // SAFETY: as above.
+                    *a = _mm256_fmadd_ps(w, unsafe { _mm256_loadu_ps(p.add(src + off)) }, *a);
                 }
             }
-            if act != Activation::None {
-                row.iter_mut().for_each(|v| *v = act.apply(*v));
+            for (a, &(_, dst, len)) in acc.iter().zip(&at) {
+                store(out, dst, len, activate(act, *a));
             }
         }
     }
