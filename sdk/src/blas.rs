@@ -113,7 +113,7 @@ impl std::fmt::Display for GemmTypes {
 #[repr(C)]
 #[derive(StableAbi, Copy, Clone, Debug)]
 pub struct GemmArgs {
-    /// Extension bits; none are defined in 1.0.
+    /// Extension bits: [`GemmArgs::PACKED_A`]; unknown bits make a backend refuse.
     pub flags: u64,
     /// Storage order of A, B and C.
     pub layout: Layout,
@@ -180,6 +180,13 @@ unsafe impl Send for GemmArgs {}
 unsafe impl Sync for GemmArgs {}
 
 impl GemmArgs {
+    /// `flags` bit: the pre-packed operand is A, not B. With it, [`Blas::pack_b`] packs
+    /// `op(A)` (`a`, `lda`, `trans_a`, `m`, `k`) and [`Blas::gemm_packed`] takes A from the
+    /// handle (`a` is ignored) and B from `b`. Constant weights on the left of a product (a
+    /// convolution's `Y = W * cols`) are packed once this way instead of on every call. A
+    /// backend that does not know the bit answers `false` from [`Blas::supports`]; ask first.
+    pub const PACKED_A: u64 = 1;
+
     /// A row-major, untransposed, single gemm of `types` with every optional part off; the
     /// caller fills in the pointers and leading dimensions.
     pub fn new(types: GemmTypes, m: usize, n: usize, k: usize) -> Self {
@@ -279,7 +286,8 @@ pub struct PackedInfo {
     pub device: Device,
     /// Which memory of the device.
     pub memory: MemoryType,
-    /// Extension bits; none are defined in 1.0.
+    /// Extension bits: [`GemmArgs::PACKED_A`] when the handle holds `op(A)` (then `k` is
+    /// its columns, `n` its rows `m`, and `trans_b` records `trans_a`).
     pub flags: u64,
 }
 

@@ -206,8 +206,10 @@ fn supports_refuses_what_it_cannot_run() {
     let mut g = GemmArgs::new(GemmTypes::F32, 2, 2, 2);
     run(|_, blas| {
         assert!(blas.supports(&g));
-        g.flags = 1;
+        g.flags = 2;
         assert!(!blas.supports(&g), "unknown flag bits");
+        g.flags = GemmArgs::PACKED_A | 2;
+        assert!(!blas.supports(&g), "a known bit beside an unknown one");
         g.flags = 0;
         g.epilogue = Epilogue(77);
         assert!(!blas.supports(&g), "unknown epilogue");

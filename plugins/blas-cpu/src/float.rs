@@ -56,10 +56,19 @@ fn check_operand(
     })
 }
 
-/// Validates A and C of `g` (B too unless `packed`) and maps them onto a row-oriented problem.
-fn problem(g: &GemmArgs, b: Option<BSource>) -> Result<Problem, PluginError> {
+/// Validates A and C of `g` (A only unless `a_packed`, B only unless `b` is given) and maps
+/// them onto a row-oriented problem.
+fn problem(
+    g: &GemmArgs,
+    a_packed: Option<(*const f32, usize)>,
+    b: Option<BSource>,
+) -> Result<Problem, PluginError> {
     let reads = g.k > 0 && g.alpha != 0.0;
-    let (ar, ac) = if reads { (g.m, g.k) } else { (0, 0) };
+    let (ar, ac) = if reads && a_packed.is_none() {
+        (g.m, g.k)
+    } else {
+        (0, 0)
+    };
     let a = check_operand("a", g.a, g.layout, g.trans_a, ar, ac, g.lda)?;
     let c = check_operand(
         "c",
@@ -84,6 +93,7 @@ fn problem(g: &GemmArgs, b: Option<BSource>) -> Result<Problem, PluginError> {
         alpha: g.alpha,
         beta: g.beta,
         a,
+        a_packed,
         b,
         c: c.ptr.cast_mut(),
         rsc: c.rs,
@@ -91,10 +101,12 @@ fn problem(g: &GemmArgs, b: Option<BSource>) -> Result<Problem, PluginError> {
     })
 }
 
-/// B packed for one f32 micro-kernel: `k x n` padded to whole panels, cut in depth blocks of
-/// `kc`.
+/// An operand packed for one f32 micro-kernel, cut in depth blocks of `kc`: B (`k x n`,
+/// padded to whole `NR` panels) or, with `a`, A (`n` rows x `k`, padded to whole `MR` panels;
+/// see [`GemmArgs::PACKED_A`]).
 pub(crate) struct PackedF32 {
     kind: KernelKind,
+    a: bool,
     kc: usize,
     k: usize,
     n: usize,
@@ -107,12 +119,20 @@ unsafe impl Sync for PackedF32 {}
 
 impl PackedF32 {
     pub(crate) fn bytes(&self) -> usize {
-        let (nr, _) = gemm::panel_width(self.kind);
-        self.k * self.n.div_ceil(nr) * nr * 4
+        let panel = if self.a {
+            gemm::panel_height(self.kind)
+        } else {
+            gemm::panel_width(self.kind).0
+        };
+        self.k * self.n.div_ceil(panel) * panel * 4
     }
 }
 
-pub(crate) fn pack_b(kind: KernelKind, g: &GemmArgs) -> Result<PackedF32, PluginError> {
+/// Packs B, or A with [`GemmArgs::PACKED_A`].
+pub(crate) fn pack(kind: KernelKind, g: &GemmArgs) -> Result<PackedF32, PluginError> {
+    if g.flags & GemmArgs::PACKED_A != 0 {
+        return pack_a(kind, g);
+    }
     let (k, n) = (g.k, g.n);
     let b = check_operand("b", g.b, g.layout, g.trans_b, k, n, g.ldb)?;
     let (nr, _) = gemm::panel_width(kind);
@@ -127,9 +147,39 @@ pub(crate) fn pack_b(kind: KernelKind, g: &GemmArgs) -> Result<PackedF32, Plugin
     let kc = unsafe { gemm::pack_b_all_for(kind, b, k, n, panels.ptr()) };
     Ok(PackedF32 {
         kind,
+        a: false,
         kc,
         k,
         n,
+        panels,
+    })
+}
+
+/// Packs `op(A)` (`m x k`, row-major layout) in `MR`-row panels.
+fn pack_a(kind: KernelKind, g: &GemmArgs) -> Result<PackedF32, PluginError> {
+    let (m, k) = (g.m, g.k);
+    if g.layout != Layout::ROW_MAJOR {
+        return Err(PluginError::invalid(
+            "cpu blas: packed A needs a row-major layout",
+        ));
+    }
+    let a = check_operand("a", g.a, g.layout, g.trans_a, m, k, g.lda)?;
+    let mr = gemm::panel_height(kind);
+    let floats = m
+        .div_ceil(mr)
+        .checked_mul(mr)
+        .and_then(|h| h.checked_mul(k))
+        .ok_or_else(|| PluginError::invalid("cpu blas: packed A size overflows"))?;
+    let mut panels = AlignedBuf::new(floats.max(1))?;
+    // SAFETY: `panels` has room for `k * m_pad` floats at a 64-byte aligned address; A was
+    // checked above.
+    let kc = unsafe { gemm::pack_a_all_for(kind, a, m, k, panels.ptr()) };
+    Ok(PackedF32 {
+        kind,
+        a: true,
+        kc,
+        k,
+        n: m,
         panels,
     })
 }
@@ -154,25 +204,35 @@ pub(crate) fn gemm(
     g: &GemmArgs,
     packed: Option<&PackedF32>,
 ) -> Result<(), PluginError> {
+    let wants_a = g.flags & GemmArgs::PACKED_A != 0;
     let packed = match packed {
         Some(p) => {
-            if (p.k, p.n) != (g.k, g.n) {
+            let (role, want) = if wants_a {
+                ("A", (g.k, g.m))
+            } else {
+                ("B", (g.k, g.n))
+            };
+            if p.a != wants_a {
                 return Err(PluginError::invalid(format!(
-                    "cpu blas: B packed as {}x{}, gemm wants {}x{}",
-                    p.k, p.n, g.k, g.n
+                    "cpu blas: the packed operand is not {role}, as the flags say"
+                )));
+            }
+            if (p.k, p.n) != want {
+                return Err(PluginError::invalid(format!(
+                    "cpu blas: {role} packed for k {} x {}, gemm wants k {} x {}",
+                    p.k, p.n, want.0, want.1
                 )));
             }
             if !p.kind.available() {
-                return Err(PluginError::invalid(
-                    "cpu blas: packed B is for a kernel this CPU lacks",
-                ));
+                return Err(PluginError::invalid(format!(
+                    "cpu blas: packed {role} is for a kernel this CPU lacks"
+                )));
             }
-            Some((
-                p.kind,
-                BSource::Packed {
-                    ptr: p.panels.as_ptr(),
-                    kc: p.kc,
-                },
+            Some((p.kind, p.a, p.panels.as_ptr(), p.kc))
+        }
+        None if wants_a => {
+            return Err(PluginError::invalid(
+                "cpu blas: PACKED_A is for gemm_packed with a packed A",
             ))
         }
         None => None,
@@ -188,8 +248,11 @@ pub(crate) fn gemm(
         one.b = offset(g.b, p, g.stride_b, 4)?;
         one.c = offset(g.c.cast_const(), p, g.stride_c, 4)?.cast_mut();
         let (kind, mut prob) = match packed {
-            Some((k, b)) => (k, problem(&one, Some(b))?),
-            None => (kind, problem(&one, None)?),
+            Some((k, true, ptr, kc)) => (k, problem(&one, Some((ptr, kc)), None)?),
+            Some((k, false, ptr, kc)) => {
+                (k, problem(&one, None, Some(BSource::Packed { ptr, kc }))?)
+            }
+            None => (kind, problem(&one, None, None)?),
         };
         if let (Layout::COL_MAJOR, BSource::Strided(b)) = (one.layout, prob.b) {
             // C^T = op(B)^T op(A)^T is the same product with a row-major C, which the kernels

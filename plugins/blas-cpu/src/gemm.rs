@@ -42,6 +42,9 @@ pub(crate) struct Problem {
     pub alpha: f32,
     pub beta: f32,
     pub a: Mat,
+    /// A packed by [`pack_a_all`] for this kernel and `m`, `k` (with its depth block), read
+    /// instead of `a`.
+    pub a_packed: Option<(*const f32, usize)>,
     pub b: BSource,
     pub c: *mut f32,
     pub rsc: usize,
@@ -53,10 +56,12 @@ pub(crate) struct Problem {
 unsafe impl Send for Problem {}
 unsafe impl Sync for Problem {}
 
-/// A raw pointer that parallel tasks share (each writes its own disjoint part).
+/// A raw pointer that parallel tasks share (each writes its own disjoint part, or all only
+/// read).
 #[derive(Clone, Copy)]
 struct SharedPtr(*mut f32);
-// SAFETY: tasks write disjoint ranges through it; the buffer outlives the parallel loop.
+// SAFETY: tasks write disjoint ranges through it (or only read); the buffer outlives the
+// parallel loop.
 unsafe impl Send for SharedPtr {}
 unsafe impl Sync for SharedPtr {}
 impl SharedPtr {
@@ -198,6 +203,13 @@ unsafe fn gemm_with<K: MicroKernel>(
             )));
         }
     }
+    if let Some((_, kc)) = p.a_packed {
+        if kc != kc_max {
+            return Err(PluginError::internal(format!(
+                "cpu blas: packed A has depth blocks of {kc}, expected {kc_max}"
+            )));
+        }
+    }
     let mut b_buf = None;
     for jc in (0..n).step_by(K::NC) {
         let nc = K::NC.min(n - jc);
@@ -319,9 +331,17 @@ unsafe fn compute_block<K: MicroKernel>(
     } = blk;
     let panels = nc.div_ceil(K::NR);
     let a_len = mc_max * kc;
+    // Pre-packed A: depth block `pc` at `pc * m_pad`, rows `ic..` at `ic * kc` within it.
+    let m_pad = m.div_ceil(K::MR) * K::MR;
+    let a_block = p
+        .a_packed
+        .map(|(ptr, _)| SharedPtr(ptr.wrapping_add(pc * m_pad).cast_mut()));
     run_ranges(ctx, parallel, row_blocks * col_chunks, 1, |range| {
-        let mut a_buf = AlignedBuf::new(a_len)?;
-        let a_pack = a_buf.ptr();
+        let mut a_buf = match a_block {
+            Some(_) => None,
+            None => Some(AlignedBuf::new(a_len)?),
+        };
+        let mut a_pack: *const f32 = std::ptr::null();
         let mut b_buf = match b {
             BlockB::PerTask(_) => Some(AlignedBuf::new(chunk * K::NR * kc)?),
             BlockB::Packed(_) => None,
@@ -332,8 +352,17 @@ unsafe fn compute_block<K: MicroKernel>(
             let ic = rb * mc_max;
             let mc = mc_max.min(m - ic);
             if packed_rows != Some(rb) {
-                // SAFETY: A is valid (caller); the buffer holds `mc_max * kc` floats.
-                unsafe { pack_a::<K>(p.a, ic, mc, pc, kc, a_pack) };
+                a_pack = match (a_block, a_buf.as_mut()) {
+                    (Some(block), _) => block.get().cast_const().wrapping_add(ic * kc),
+                    (None, Some(buf)) => {
+                        // SAFETY: A is valid (caller); the buffer holds `mc_max * kc` floats.
+                        unsafe { pack_a::<K>(p.a, ic, mc, pc, kc, buf.ptr()) };
+                        buf.as_ptr()
+                    }
+                    (None, None) => {
+                        return Err(PluginError::internal("cpu blas: no A packing buffer"))
+                    }
+                };
                 packed_rows = Some(rb);
             }
             let first = cb * chunk;
@@ -521,6 +550,66 @@ pub(crate) unsafe fn pack_b_all<K: MicroKernel>(
         unsafe { pack_b_panels::<K>(b, pc, kc, 0, n, 0..n_pad / K::NR, out.add(pc * n_pad)) };
     }
     kc_max
+}
+
+/// Packs all of `op(A)` (`m x k`) for kernel `K`: depth blocks of `kc = depth_block(k, KC)`
+/// columns one after another, block `pc` at `out + pc * m_pad` (`m_pad` = `m` rounded up to
+/// `MR`) holding all of its `MR`-row micro-panels, so that a task's rows `ic..` of block `pc`
+/// start at `out + pc * m_pad + ic * kc`, as [`pack_a`] would have packed them. Returns `kc`.
+///
+/// # Safety
+/// A covers `m x k`; `out` has room for `k * m_pad` floats.
+pub(crate) unsafe fn pack_a_all<K: MicroKernel>(
+    a: Mat,
+    m: usize,
+    k: usize,
+    out: *mut f32,
+) -> usize {
+    let kc_max = depth_block(k, K::KC);
+    let m_pad = m.div_ceil(K::MR) * K::MR;
+    for pc in (0..k).step_by(kc_max) {
+        let kc = kc_max.min(k - pc);
+        // SAFETY: forwarded from the caller; block `pc` has room for `kc * m_pad` floats.
+        unsafe { pack_a::<K>(a, 0, m, pc, kc, out.add(pc * m_pad)) };
+    }
+    kc_max
+}
+
+/// [`pack_a_all`] for the kernel `kind`; returns `kc`.
+///
+/// # Safety
+/// As [`pack_a_all`] with `MR` the kernel's (see [`panel_height`]).
+pub(crate) unsafe fn pack_a_all_for(
+    kind: KernelKind,
+    a: Mat,
+    m: usize,
+    k: usize,
+    out: *mut f32,
+) -> usize {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match kind {
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::Avx512 => pack_a_all::<crate::kernels::Avx512>(a, m, k, out),
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::Avx2 => pack_a_all::<crate::kernels::Avx2>(a, m, k, out),
+            _ => pack_a_all::<Portable>(a, m, k, out),
+        }
+    }
+}
+
+/// `MR` of the kernel `kind`.
+pub(crate) fn panel_height(kind: KernelKind) -> usize {
+    fn of<K: MicroKernel>() -> usize {
+        K::MR
+    }
+    match kind {
+        #[cfg(target_arch = "x86_64")]
+        KernelKind::Avx512 => of::<crate::kernels::Avx512>(),
+        #[cfg(target_arch = "x86_64")]
+        KernelKind::Avx2 => of::<crate::kernels::Avx2>(),
+        _ => of::<Portable>(),
+    }
 }
 
 /// [`pack_b_all`] for the kernel `kind`; returns `(kc, nr)`.

@@ -69,7 +69,12 @@ enum Packed {
 }
 
 fn known_shape(g: &GemmArgs) -> bool {
-    g.flags == 0
+    // A packed A: f32, row-major (the integer flavours pack B only).
+    let flags_known = g.flags == 0
+        || (g.flags == GemmArgs::PACKED_A
+            && g.types == GemmTypes::F32
+            && g.layout == Layout::ROW_MAJOR);
+    flags_known
         && matches!(g.layout, Layout::ROW_MAJOR | Layout::COL_MAJOR)
         && matches!(g.trans_a, Transpose::NO | Transpose::YES)
         && matches!(g.trans_b, Transpose::NO | Transpose::YES)
@@ -117,21 +122,23 @@ impl Blas for CpuBlas {
             let bytes = p.bytes();
             (Packed::Int(p), bytes)
         } else {
-            let p = float::pack_b(self.kind, g)?;
+            let p = float::pack(self.kind, g)?;
             let bytes = p.bytes();
             (Packed::F32(p), bytes)
         };
+        // A packed A records A's transpose and rows where B's would be (see PackedInfo).
+        let a = g.flags & GemmArgs::PACKED_A != 0;
         Ok(PackedB::new(
             packed,
             PackedInfo {
                 types: g.types,
-                trans_b: g.trans_b,
+                trans_b: if a { g.trans_a } else { g.trans_b },
                 k: g.k,
-                n: g.n,
+                n: if a { g.m } else { g.n },
                 bytes,
                 device: Device::CPU,
                 memory: MemoryType::DEVICE,
-                flags: 0,
+                flags: g.flags & GemmArgs::PACKED_A,
             },
         ))
     }
@@ -146,10 +153,15 @@ impl Blas for CpuBlas {
             return Err(refuse(g));
         }
         let info = packed.info();
-        if info.types != g.types || info.trans_b != g.trans_b {
+        let (role, trans) = if g.flags & GemmArgs::PACKED_A != 0 {
+            ("A", g.trans_a)
+        } else {
+            ("B", g.trans_b)
+        };
+        if info.types != g.types || info.trans_b != trans {
             return Err(PluginError::invalid(format!(
-                "cpu blas: B packed for {} (trans {}), gemm is {} (trans {})",
-                info.types, info.trans_b.0, g.types, g.trans_b.0
+                "cpu blas: {role} packed for {} (trans {}), gemm is {} (trans {})",
+                info.types, info.trans_b.0, g.types, trans.0
             )));
         }
         match packed.downcast::<Packed>() {

@@ -98,8 +98,16 @@ struct Case {
 const SENTINEL: f32 = 12345.0;
 
 /// Runs one case with kernel `kind` and checks every element of C (and that C's padding is
-/// untouched).
+/// untouched); a packed row-major case runs once with B packed and once with A packed.
 fn check(kind: KernelKind, case: Case) {
+    check_with(kind, case, false);
+    if case.packed && case.layout == Layout::ROW_MAJOR {
+        check_with(kind, case, true);
+    }
+}
+
+/// [`check`], with the packed operand A when `pack_a`.
+fn check_with(kind: KernelKind, case: Case, pack_a: bool) {
     let Case {
         layout,
         ta,
@@ -147,7 +155,16 @@ fn check(kind: KernelKind, case: Case) {
     frame_run(&blas, |ctx| {
         let blas = ctx.blas().expect("blas");
         if packed {
-            let pb = blas.pack_b(ctx, &args).expect("pack_b");
+            let mut args = args;
+            if pack_a {
+                args.flags = GemmArgs::PACKED_A;
+                assert!(blas.supports(&args));
+            }
+            let pb = blas.pack_b(ctx, &args).expect("pack");
+            if pack_a {
+                // A is read from the handle only.
+                args.a = std::ptr::null();
+            }
             blas.gemm_packed(ctx, &args, &pb)
         } else {
             blas.gemm(ctx, &args)
@@ -388,6 +405,63 @@ fn packed_b_is_a_checked_handle() {
         let foreign = PackedB::new(7u32, info);
         let e = gemm_packed_with(kind, 3, &a, &b, &foreign).expect_err("foreign");
         assert!(e.message.contains("another backend"), "{e:?}");
+    }
+}
+
+#[test]
+fn packed_a_is_a_checked_handle() {
+    let a = values(12, 3);
+    let b = values(15, 4);
+    for kind in kernels() {
+        let blas = into_ffi_blas(CpuBlas { kind });
+        let mut c = vec![0f32; 20];
+        let mut args = GemmArgs::f32(4, 5, 3, &a, &b, &mut c).expect("args");
+        let want = {
+            let mut plain = vec![0f32; 20];
+            let g = GemmArgs::f32(4, 5, 3, &a, &b, &mut plain).expect("args");
+            frame_run(&blas, |ctx| ctx.blas().expect("blas").gemm(ctx, &g)).expect("gemm");
+            plain
+        };
+        args.flags = GemmArgs::PACKED_A;
+        let pa =
+            frame_run(&blas, |ctx| ctx.blas().expect("blas").pack_b(ctx, &args)).expect("pack");
+        let info = pa.info();
+        assert_eq!((info.k, info.n, info.flags), (3, 4, GemmArgs::PACKED_A));
+        frame_run(&blas, |ctx| {
+            ctx.blas().expect("blas").gemm_packed(ctx, &args, &pa)
+        })
+        .expect("packed A");
+        assert_eq!(c, want, "{kind:?}");
+        // Used as a packed B (flag missing), with another depth, or without a handle.
+        let mut no_flag = args;
+        no_flag.flags = 0;
+        let e = frame_run(&blas, |ctx| {
+            ctx.blas().expect("blas").gemm_packed(ctx, &no_flag, &pa)
+        })
+        .expect_err("as B");
+        assert!(e.message.contains("not B"), "{e:?}");
+        let mut deeper = args;
+        deeper.k = 2;
+        assert!(frame_run(&blas, |ctx| ctx
+            .blas()
+            .expect("blas")
+            .gemm_packed(ctx, &deeper, &pa))
+        .is_err());
+        assert!(frame_run(&blas, |ctx| ctx.blas().expect("blas").gemm(ctx, &args)).is_err());
+        // Column-major and integer products do not take it.
+        let mut col = args;
+        col.layout = Layout::COL_MAJOR;
+        let mut int = args;
+        int.types = GemmTypes {
+            a: DType::U8,
+            b: DType::I8,
+            c: DType::I32,
+        };
+        int.compute = DType::I32;
+        frame_run(&blas, |ctx| {
+            let blas = ctx.blas().expect("blas");
+            assert!(!blas.supports(&col) && !blas.supports(&int));
+        });
     }
 }
 

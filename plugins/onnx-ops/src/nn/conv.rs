@@ -20,29 +20,58 @@ struct Conv {
     window: WindowAttrs,
     group: usize,
     activation: Activation,
-    /// Constant weights of one group, packed at load as the right operand of the
-    /// pixels-by-channels product ([`Conv::pixels_by_channels`]).
-    packed: Option<Arc<PackedB>>,
+    /// Constant weights of a one-group Conv, packed once at load: as the left operand of
+    /// `Y = W cols` ([`Packed::Left`]), or as the right operand of the pixels-by-channels
+    /// product `Y^T = cols^T W^T` for layers with few pixels ([`Packed::Right`]).
+    packed: Option<Packed>,
+}
+
+/// How [`Conv::packed`] holds the weights.
+#[derive(Clone)]
+enum Packed {
+    /// `W` (`m x k`) as a packed A ([`GemmArgs::PACKED_A`]).
+    Left(Arc<PackedB>),
+    /// `W^T` (`k x m`) as a packed B.
+    Right(Arc<PackedB>),
 }
 
 /// Layers with at most this many output pixels per output channel compute `Y^T = cols^T W^T`
-/// (pixels x channels, C stored column-major, so Y stays NCHW) with the weights packed once
-/// at load, instead of `Y = W cols`, which packs the weights on every call: there the weights
-/// outweigh the pixels (ResNet-50's last two stages: 196 or 49 pixels, 256-2048 channels), and
-/// packing them cost as much as a third of the product. Where pixels dominate, the usual
-/// orientation stores C row by row, which is faster.
+/// (pixels x channels, C stored column-major, so Y stays NCHW) with `W^T` packed as the right
+/// operand: there the weights outweigh the pixels (ResNet-50's last stage: 49 pixels, 512-2048
+/// channels), and the pixels fill the kernel's 6-row tiles better than its 16-column ones.
+/// Elsewhere `Y = W cols` with `W` packed as the left operand stores C row by row, faster.
 const PIXELS_PER_CHANNEL_SWAP: usize = 1;
 
-/// Packs a constant f32 `W` (`m x c/group x k...`) of a one-group Conv as the `k x m` right
-/// operand `W^T` (column-major args), with the node's BLAS backend. `None` when W is not
-/// constant or the backend does not pre-pack.
-fn prepack_weights(node: &NodeInfo<'_>, group: usize) -> Option<Arc<PackedB>> {
+/// Packs a constant f32 `W` (`m x c/group x k...`) of a one-group Conv with the node's BLAS
+/// backend: as the `m x k` left operand when `left` (if the backend packs A), else as the
+/// `k x m` right operand `W^T` (column-major args). `None` when W is not constant or the
+/// backend does not pre-pack.
+fn prepack_weights(node: &NodeInfo<'_>, group: usize, left: bool) -> Option<Packed> {
     let w = node.inputs.get(1)?.constant?;
     if group != 1 || w.dtype != DType::F32 || w.shape().len() < 3 {
         return None;
     }
     let (&m, rest) = w.shape().split_first()?;
     let rows = rest.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
+    let blas = node.blas()?;
+    let ctx = node.context.as_ref()?;
+    if left {
+        let args = weights_left_args(
+            m,
+            1,
+            rows,
+            w.data.cast(),
+            std::ptr::null(),
+            std::ptr::null_mut(),
+        );
+        if !blas.supports(&args) {
+            return None;
+        }
+        return blas
+            .pack_b(ctx, &args)
+            .ok()
+            .map(|p| Packed::Left(Arc::new(p)));
+    }
     let args = pixels_by_channels_args(
         1,
         m,
@@ -51,10 +80,30 @@ fn prepack_weights(node: &NodeInfo<'_>, group: usize) -> Option<Arc<PackedB>> {
         w.data.cast(),
         std::ptr::null_mut(),
     );
-    node.blas()?
-        .pack_b(node.context.as_ref()?, &args)
+    blas.pack_b(ctx, &args)
         .ok()
-        .map(Arc::new)
+        .map(|p| Packed::Right(Arc::new(p)))
+}
+
+/// Row-major gemm arguments of `Y (m x p) = W (m x k) cols (k x p)` with `W` taken from a
+/// packed A ([`GemmArgs::PACKED_A`]).
+fn weights_left_args(
+    m: usize,
+    p: usize,
+    k: usize,
+    w: *const f32,
+    cols: *const f32,
+    y: *mut f32,
+) -> GemmArgs {
+    let mut g = GemmArgs::new(GemmTypes::F32, m, p, k);
+    g.flags = GemmArgs::PACKED_A;
+    g.a = w.cast();
+    g.lda = k.max(1);
+    g.b = cols.cast();
+    g.ldb = p.max(1);
+    g.c = y.cast();
+    g.ldc = p.max(1);
+    g
 }
 
 /// Column-major gemm arguments of `Y^T (p x m) = cols^T (p x k) W^T (k x m)` over the
@@ -141,13 +190,12 @@ impl Activation {
 fn conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
     let group = at_least_one(node, "Conv", "group", 1)?;
     let window = WindowAttrs::from_node(node)?;
-    // The packed weights serve only layers with few pixels per channel: where the input's
-    // spatial extents are known at load and the layer has more, they would sit in memory
-    // beside the weights unused.
-    let packed = if pixels_per_channel(node, &window).is_none_or(|r| r <= PIXELS_PER_CHANNEL_SWAP) {
-        prepack_weights(node, group)
-    } else {
-        None
+    // One packing, for the orientation the layer will use: the right operand where the
+    // input's extents are known at load and it has few pixels per channel, else the left
+    // (with the right as the fallback for a backend that does not pack A).
+    let packed = match pixels_per_channel(node, &window) {
+        Some(r) if r <= PIXELS_PER_CHANNEL_SWAP => prepack_weights(node, group, false),
+        _ => prepack_weights(node, group, true).or_else(|| prepack_weights(node, group, false)),
     };
     Ok(Box::new(Conv {
         window,
@@ -429,8 +477,8 @@ impl Conv {
     }
 
     /// `yg (mg x p) = w (mg x rows) * rhs (rows x p)` for one image and group: with the
-    /// packed weights as `Y^T = rhs^T W^T` where the layer has few pixels per channel (see
-    /// [`PIXELS_PER_CHANNEL_SWAP`]), else as a plain gemm.
+    /// weights packed at load, as the left operand, or as `Y^T = rhs^T W^T` where the layer
+    /// has few pixels per channel (see [`PIXELS_PER_CHANNEL_SWAP`]); else as a plain gemm.
     #[allow(clippy::too_many_arguments)]
     fn product(
         &self,
@@ -442,11 +490,19 @@ impl Conv {
         rhs: &[f32],
         yg: &mut [f32],
     ) -> Result<(), PluginError> {
-        let packed = self.packed.as_deref().filter(|pk| {
+        let fits = |len: usize, a: usize, b: usize| a.checked_mul(b).is_some_and(|e| len >= e);
+        let matches = |pk: &PackedB| {
             let info = pk.info();
-            self.group == 1 && p <= PIXELS_PER_CHANNEL_SWAP * mg && info.k == rows && info.n == mg
-        });
-        let Some(pk) = packed else {
+            self.group == 1 && info.k == rows && info.n == mg
+        };
+        let packed = match &self.packed {
+            Some(Packed::Left(pk)) if matches(pk) => Some((pk, true)),
+            Some(Packed::Right(pk)) if matches(pk) && p <= PIXELS_PER_CHANNEL_SWAP * mg => {
+                Some((pk, false))
+            }
+            _ => None,
+        };
+        let Some((pk, left)) = packed else {
             return gemm_f32(
                 ctx, "Conv", false, false, mg, p, rows, 1.0, w, rhs, 0.0, yg, None,
             );
@@ -454,13 +510,16 @@ impl Conv {
         if p == 0 || mg == 0 {
             return Ok(());
         }
-        let fits = |len: usize, a: usize, b: usize| a.checked_mul(b).is_some_and(|e| len >= e);
         if !fits(rhs.len(), rows, p) || !fits(yg.len(), mg, p) {
             return Err(PluginError::internal(format!(
-                "Conv: operands too short for {p}x{rows} * {rows}x{mg}"
+                "Conv: operands too short for {mg}x{rows} * {rows}x{p}"
             )));
         }
-        let args = pixels_by_channels_args(p, mg, rows, rhs.as_ptr(), w.as_ptr(), yg.as_mut_ptr());
+        let args = if left {
+            weights_left_args(mg, p, rows, w.as_ptr(), rhs.as_ptr(), yg.as_mut_ptr())
+        } else {
+            pixels_by_channels_args(p, mg, rows, rhs.as_ptr(), w.as_ptr(), yg.as_mut_ptr())
+        };
         blas(ctx, "Conv")?.gemm_packed(ctx, &args, pk)
     }
 
