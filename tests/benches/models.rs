@@ -9,11 +9,19 @@
 //! process), the same thread count and input shapes: median and p90 over at least 30 runs after
 //! warm-up, and each process's peak RSS, as ratios opreg / ONNX Runtime.
 //!
+//! Each model is also served by a release `opregd` and called over gRPC (KServe v2, one client,
+//! back to back): its p50 against ONNX Runtime's in-process p50, and the serving overhead (gRPC
+//! p50 - `opreg bench` p50). Last, that overhead alone, on models that do next to nothing with a
+//! 600 KB input (a 1x3x224x224 f32 image): ReduceMean to a scalar, and Relu (600 KB back).
+//!
 //! Run with `scripts/bench`. `OPREG_BENCH_MODELS=resnet50,crnn` limits the real-model table.
 
 use opreg_sdk::{host::HostTensor, DType, Device};
 use opregd::{exec::ComputePool, graph, registry::Registry};
-use std::{collections::HashMap, process::Command, sync::Arc, time::Instant};
+use std::{collections::HashMap, path::Path, process::Command, sync::Arc, time::Instant};
+
+#[path = "models/grpc.rs"]
+mod grpc;
 
 /// The real models (file stem in `target/models`; those missing are skipped) and the whole
 /// shapes their symbolic dimensions past the batch need (`{b}`: the batch).
@@ -24,7 +32,7 @@ const REAL_MODELS: &[(&str, &[&str])] = &[
     ("efficientnet_b0", &[]),
     ("squeezenet", &[]),
     ("crnn", &[]),
-    ("bert", &["input_ids:{b}x128", "attention_mask:{b}x128"]),
+    ("bert6", &["input_ids:{b}x128", "attention_mask:{b}x128"]),
     ("resnet50_qdq", &[]),
     ("mobilenetv2_qdq", &[]),
 ];
@@ -59,7 +67,10 @@ fn real_models(threads: usize, python: &str) {
         "\nreal models, {threads} threads, each side in its own process (median and p90 of >= 30 runs)"
     );
     println!(
-        "{:>16} {:>5} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>9} {:>9} {:>8}",
+        "(gRPC: a release opregd serving the model, one client calling back to back; +gRPC: its p50 - opreg p50)"
+    );
+    println!(
+        "{:>16} {:>5} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9} {:>8} {:>8}",
         "model",
         "batch",
         "opreg p50",
@@ -70,13 +81,20 @@ fn real_models(threads: usize, python: &str) {
         "p90 x",
         "opreg MiB",
         "ORT MiB",
-        "RSS x"
+        "RSS x",
+        "gRPC p50",
+        "gRPC x",
+        "+gRPC ms"
     );
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
     for (name, shapes) in REAL_MODELS {
         let path = models.join(format!("{name}.onnx"));
         if !path.exists() || only.as_ref().is_some_and(|o| !o.iter().any(|m| m == name)) {
             continue;
         }
+        let served = rt
+            .block_on(grpc::serve_file(name, &path))
+            .unwrap_or_else(|e| panic!("serving {name}: {e}"));
         for batch in [1usize, 8] {
             let shapes: Vec<String> = shapes
                 .iter()
@@ -107,10 +125,16 @@ fn real_models(threads: usize, python: &str) {
                     .args(&shapes),
                 &format!("onnxruntime {name}"),
             );
+            let (remote, _) = rt
+                .block_on(async {
+                    let req = grpc::request(&served, batch, &shapes).await?;
+                    grpc::latency(&served, &req).await
+                })
+                .unwrap_or_else(|e| panic!("{name} over gRPC: {e}"));
             let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
             let mib = |v: &serde_json::Value| f(v, "peak_rss_bytes") / f64::from(1 << 20);
             println!(
-                "{name:>16} {batch:>5} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>8.2} {:>8.2} {:>9.0} {:>9.0} {:>8.2}",
+                "{name:>16} {batch:>5} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>8.2} {:>8.2} {:>9.0} {:>9.0} {:>8.2} {:>9.2} {:>8.2} {:>8.2}",
                 f(&ours, "median_ms"),
                 f(&peer, "median_ms"),
                 f(&ours, "p90_ms"),
@@ -120,8 +144,78 @@ fn real_models(threads: usize, python: &str) {
                 mib(&ours),
                 mib(&peer),
                 mib(&ours) / mib(&peer),
+                remote,
+                remote / f(&peer, "median_ms"),
+                remote - f(&ours, "median_ms"),
             );
         }
+    }
+    serving_overhead(&rt, &opreg, plugins.path());
+}
+
+/// The serving overhead alone (see the module docs): `opreg bench` and the daemon over gRPC on
+/// models whose compute is negligible next to moving a 600 KB input.
+fn serving_overhead(rt: &tokio::runtime::Runtime, opreg: &Path, plugins: &Path) {
+    use opreg_tests::onnx::{attr_int, model, node, node_with, value};
+    let dims = [1i64, 3, 224, 224];
+    let cases = [
+        (
+            "reducemean",
+            model(
+                vec![node_with(
+                    "ReduceMean",
+                    &["x"],
+                    &["y"],
+                    vec![attr_int("keepdims", 0)],
+                )],
+                vec![value("x", 1, &dims)],
+                vec![value("y", 1, &[])],
+                vec![],
+                13,
+            ),
+        ),
+        (
+            "relu",
+            model(
+                vec![node("Relu", &["x"], &["y"])],
+                vec![value("x", 1, &dims)],
+                vec![value("y", 1, &dims)],
+                vec![],
+                13,
+            ),
+        ),
+    ];
+    let dir = tempfile::tempdir().expect("tempdir");
+    println!("\nserving overhead, 1x3x224x224 f32 input (588 KiB), one client back to back");
+    println!(
+        "{:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
+        "model", "in-proc p50", "gRPC p50", "+gRPC p50", "gRPC p90", "x in-proc"
+    );
+    for (name, bytes) in cases {
+        let path = dir.path().join(format!("{name}.onnx"));
+        std::fs::write(&path, &bytes).expect("write model");
+        let local = json_of(
+            Command::new(opreg)
+                .arg("bench")
+                .arg(&path)
+                .arg("--plugin-dir")
+                .arg(plugins)
+                .arg("--json"),
+            &format!("opreg bench {name}"),
+        );
+        let (p50, p90) = rt
+            .block_on(async {
+                let served = grpc::serve(name, &bytes).await?;
+                let req = grpc::request(&served, 1, &[]).await?;
+                grpc::latency(&served, &req).await
+            })
+            .unwrap_or_else(|e| panic!("{name} over gRPC: {e}"));
+        let here = local["median_ms"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{name:>12} {here:>12.3} {p50:>12.3} {:>12.3} {p90:>12.3} {:>12.1}",
+            p50 - here,
+            p50 / here
+        );
     }
 }
 

@@ -16,7 +16,8 @@ torch's ONNX exporter produces:
 - resnet50_qdq.onnx, mobilenetv2_qdq.onnx: the two quantized to QDQ by onnxruntime;
 - bert.onnx: a BERT-style encoder (embeddings + LayerNormalization, L layers of multi-head
   self-attention and an erf-GELU feed-forward, as exported from PyTorch), inputs
-  input_ids [N, S] (int64) and attention_mask [N, S] (int64), output [N, S, H].
+  input_ids [N, S] (int64) and attention_mask [N, S] (int64), output [N, S, H];
+- bert6.onnx: the same encoder with 6 layers (the benchmark table's).
 
 Usage: make_models.py OUTDIR [--bert-layers L] [--bert-hidden H] [--only NAME,NAME,...]
 (--only builds a subset, by the file names above without .onnx; a *_qdq model builds its
@@ -355,6 +356,8 @@ def main():
     args = ap.parse_args()
     makers = [("resnet50", resnet50), ("resnet18", resnet18), ("mobilenetv2", mobilenetv2),
               ("bert", lambda: bert(args.bert_layers, args.bert_hidden)),
+              # The benchmark table's encoder: 6 layers (DistilBERT's depth) at the same width.
+              ("bert6", lambda: bert(6, args.bert_hidden)),
               ("efficientnet_b0", efficientnet_b0), ("squeezenet", squeezenet), ("crnn", crnn)]
     quantized = ["resnet50", "mobilenetv2"]
     known = [name for name, _ in makers] + [f"{name}_qdq" for name in quantized]

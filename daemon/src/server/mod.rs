@@ -29,6 +29,9 @@ use tonic_health::ServingStatus;
 /// and model uploads; clients (tritonclient) send up to 2 GiB.
 pub const MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024 * 1024 - 1;
 
+/// Largest HTTP/2 frame a client may send (the protocol's range is 16 KiB to 16 MiB - 1).
+const MAX_FRAME_BYTES: u32 = 1 << 20;
+
 /// How long shutdown waits for in-flight calls and open connections.
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
@@ -83,7 +86,10 @@ pub async fn serve(
         }
     };
 
-    let mut builder = tonic::transport::Server::builder();
+    // Tensors arrive in large messages: with HTTP/2's default 16 KiB frames a 600 KB image is
+    // ~40 frames, each parsed and woken on separately; a larger frame limit lets the client send it
+    // in one.
+    let mut builder = tonic::transport::Server::builder().max_frame_size(Some(MAX_FRAME_BYTES));
     if let Some(tls) = &app.config.tls {
         builder = builder
             .tls_config(tls_config(tls)?)
