@@ -569,7 +569,8 @@ pub trait Real:
     fn is_infinite(self) -> bool;
     /// Sign bit clear (+0.0, +∞ and positive NaNs included).
     fn is_sign_positive(self) -> bool;
-    /// The error function, computed in f64 ([`erf64`]) and rounded once.
+    /// The error function: [`erf64`] for f64; for f32 (and the f16/bf16 computed in it)
+    /// [`erf32`], within 5e-7 of the exact value.
     fn erf(self) -> Self;
 }
 
@@ -676,7 +677,7 @@ macro_rules! real {
         }
     };
 }
-real!(f32, |v: f32| erf64(f64::from(v)) as f32);
+real!(f32, erf32);
 real!(f64, erf64);
 
 /// Ratios of consecutive terms of the erf series, without the `x^2`: `2 / (2n + 3)`.
@@ -733,6 +734,49 @@ pub fn erf64(x: f64) -> f64 {
     }
 }
 
+/// The error function in f32: `x P(x^2) / Q(x^2)` on `x` clamped to [-4, 4] (beyond, erf
+/// rounds to ±1 in f32), the rational approximation of Eigen and XLA. Within 5e-7 absolute
+/// and 3e-7 relative of the exact value; NaN stays NaN.
+///
+/// Why not [`erf64`] rounded: its series costs tens of nanoseconds per element, which made
+/// `Erf` 40 % of a BERT encoder (the exported GELU); this is branch-free, so a loop over a
+/// slice vectorizes, at a few ulps.
+#[inline]
+pub fn erf32(x: f32) -> f32 {
+    const ALPHA: [f32; 7] = [
+        -1.609_603_3e-2,
+        -2.954_599_8e-3,
+        -7.349_906_3e-4,
+        -5.692_506_4e-5,
+        -2.101_024e-6,
+        2.770_681_4e-8,
+        -2.726_142_3e-10,
+    ];
+    const BETA: [f32; 5] = [
+        -1.426_473_9e-2,
+        -7.373_329e-3,
+        -1.682_827e-3,
+        -2.133_740_6e-4,
+        -1.456_607_2e-5,
+    ];
+    // `clamp` keeps a NaN (min/max would not).
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let p = ALPHA[..6]
+        .iter()
+        .rev()
+        .fold(ALPHA[6], |acc, &c| acc * x2 + c);
+    let q = BETA[..4].iter().rev().fold(BETA[4], |acc, &c| acc * x2 + c);
+    // The approximation overshoots 1 by up to 4e-7 near |x| = 3.2, and from 3.9 on (erfc below
+    // 3.5e-8) the exact erf rounds to ±1 where it stays short of it.
+    let r = (x * p / q).clamp(-1.0, 1.0);
+    if x.abs() >= 3.9 {
+        x.signum()
+    } else {
+        r
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Bits
 
@@ -782,6 +826,32 @@ bits!(u8, i8, u16, i16, u32, i32, u64, i64);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn erf32_is_within_its_bound_of_erf64() {
+        let (mut worst_abs, mut worst_rel) = (0f64, 0f64);
+        for i in -1_200_000..=1_200_000 {
+            let x = i as f32 * 5e-6;
+            let (got, want) = (f64::from(erf32(x)), erf64(f64::from(x)));
+            assert!(got.abs() <= 1.0, "erf32({x}) = {got}");
+            worst_abs = worst_abs.max((got - want).abs());
+            if x.abs() < 0.5 && x != 0.0 {
+                worst_rel = worst_rel.max((got - want).abs() / want.abs());
+            }
+        }
+        assert!(worst_abs < 5e-7, "worst absolute error {worst_abs}");
+        assert!(worst_rel < 3e-7, "worst relative error {worst_rel}");
+        let slope = f64::from(erf32(1e-30) / 1e-30);
+        assert!(
+            (slope - std::f64::consts::FRAC_2_SQRT_PI).abs() < 2e-7,
+            "{slope}"
+        );
+        assert_eq!(
+            (erf32(f32::INFINITY), erf32(f32::NEG_INFINITY), erf32(0.0)),
+            (1.0, -1.0, 0.0)
+        );
+        assert!(erf32(f32::NAN).is_nan());
+    }
 
     /// The dtypes `dispatch!` binds for a family, in its order.
     fn bound(family: &[DType]) -> Vec<DType> {
