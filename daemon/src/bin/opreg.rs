@@ -298,7 +298,7 @@ fn optimize(
     all: bool,
 ) -> anyhow::Result<()> {
     let bytes = std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
-    let mut m = opregd::graph::import(&bytes, model.parent())
+    let mut m = opregd::graph::import_owned(bytes, model.parent())
         .with_context(|| format!("importing {}", model.display()))?;
     let mut reports = opregd::graph::optimize(&mut m)?;
     if all {

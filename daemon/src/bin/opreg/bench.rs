@@ -171,9 +171,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let bytes =
         std::fs::read(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
-    let mut model = graph::import(&bytes, args.model.parent())
+    // Owned: initializers decode as slices of the file's buffer instead of copies of it (a
+    // third copy of the weights at the peak otherwise), as the daemon imports.
+    let mut model = graph::import_owned(bytes, args.model.parent())
         .with_context(|| format!("importing {}", args.model.display()))?;
-    drop(bytes);
     graph::optimize(&mut model)?;
     let pool = ComputePool::new(threads)?;
     let snapshot = registry.snapshot();
