@@ -1,8 +1,8 @@
 //! Whole models: opreg's graph runtime (in-process, the workspace's release plugins) side by
 //! side with ONNX Runtime (Python, same machine, same thread count) in one run. Reports the
 //! median-latency ratio opreg / ONNX Runtime per model, after checking both agree: a small MLP
-//! and CNN, and ResNet-50 and MobileNetV2 at batch 1 (float, and quantized to QDQ by ONNX Runtime)
-//! when `target/models` has them (`scripts/bench` writes them).
+//! and CNN, and ResNet-50, MobileNetV2 and EfficientNet-B0 at batch 1 (the first two also
+//! quantized to QDQ by ONNX Runtime) when `target/models` has them (`scripts/bench` writes them).
 //!
 //! Then the real-model table: each model of `target/models` at batch 1 and 8, `opreg bench`
 //! (the release binary, its own process) against `bench_ort_model.py` (onnxruntime, its own

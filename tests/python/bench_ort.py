@@ -68,7 +68,7 @@ models["cnn"] = (save(
 ), x)
 
 if len(sys.argv) > 3:
-    for real in ["resnet50", "mobilenetv2", "resnet50_qdq", "mobilenetv2_qdq"]:
+    for real in ["resnet50", "mobilenetv2", "efficientnet_b0", "resnet50_qdq", "mobilenetv2_qdq"]:
         path = os.path.join(sys.argv[3], real + ".onnx")
         if os.path.exists(path):
             x = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)

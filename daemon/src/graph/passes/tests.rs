@@ -653,3 +653,52 @@ fn a_residual_add_and_its_activation_fuse_into_the_conv_in_the_adds_place() {
     );
     assert_eq!(fuse::ConvAdd.run(&mut doubled).unwrap(), 0);
 }
+
+#[test]
+fn silu_as_exported_fuses_into_the_conv_only_when_nothing_else_reads_its_parts() {
+    let silu = |mul: &[&str], outputs: &[&str]| {
+        model(
+            vec![
+                node("Conv", &["x", "w"], &["c"]),
+                node("Sigmoid", &["c"], &["s"]),
+                node("Mul", mul, &["m"]),
+                node("Neg", &["m"], &["y"]),
+            ],
+            outputs,
+            &[("w", &[1, 1, 1, 1], vec![2.0])],
+        )
+    };
+    // Either operand order of the Mul.
+    for mul in [["c", "s"], ["s", "c"]] {
+        let mut m = silu(&mul, &["y"]);
+        assert_eq!(fuse::ConvActivation.run(&mut m).unwrap(), 1);
+        let ops: Vec<&str> = m.nodes.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(ops, ["FusedConv", "Neg"]);
+        assert_eq!(m.nodes[0].outputs, ["m"]);
+        let act = m.nodes[0]
+            .attributes
+            .iter()
+            .find(|a| a.name == "activation");
+        assert_eq!(
+            act.map(|a| &a.value),
+            Some(&opreg_sdk::AttrValue::String("SiLU".into()))
+        );
+    }
+    // The sigmoid or the Conv's output also a graph output, a Mul of something else, or the
+    // sigmoid squared: left alone.
+    for (mul, outputs) in [
+        (["c", "s"], &["y", "s"][..]),
+        (["c", "s"], &["y", "c"][..]),
+        (["x", "s"], &["y"][..]),
+        (["s", "s"], &["y"][..]),
+    ] {
+        let mut m = silu(&mul, outputs);
+        let before = m.nodes.len();
+        assert_eq!(
+            fuse::ConvActivation.run(&mut m).unwrap(),
+            0,
+            "{mul:?} {outputs:?}"
+        );
+        assert_eq!(m.nodes.len(), before);
+    }
+}

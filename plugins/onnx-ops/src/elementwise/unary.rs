@@ -117,12 +117,7 @@ where
             let a = c(a.into());
             go!(|v| if v > zero { v } else { a * (v / a).exp_m1() })
         }
-        FloatOp::Sigmoid => go!(|v| if v >= zero {
-            one / (one + (-v).exp())
-        } else {
-            let e = v.exp();
-            e / (one + e)
-        }),
+        FloatOp::Sigmoid => go!(|v| v.sigmoid()),
         FloatOp::HardSigmoid { alpha, beta } => {
             let (a, b) = (c(alpha.into()), c(beta.into()));
             go!(|v| hard_sigmoid(v, a, b))

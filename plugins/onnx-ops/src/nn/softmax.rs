@@ -112,11 +112,14 @@ impl SoftmaxOp {
                             }
                         }
                         Kind::Softmax => {
+                            // The exponentials in a loop of their own, which vectorizes (the
+                            // sum, a float reduction, would keep it serial).
+                            for j in 0..n {
+                                yb[at(j)] = T::store((xb[at(j)].load() - max).exp_fast());
+                            }
                             let mut sum = <T::Compute as Arith>::ZERO;
                             for j in 0..n {
-                                let e = (xb[at(j)].load() - max).exp();
-                                sum += e;
-                                yb[at(j)] = T::store(e);
+                                sum += yb[at(j)].load();
                             }
                             for j in 0..n {
                                 yb[at(j)] = T::store(yb[at(j)].load() / sum);
@@ -125,7 +128,7 @@ impl SoftmaxOp {
                         Kind::LogSoftmax => {
                             let mut sum = <T::Compute as Arith>::ZERO;
                             for j in 0..n {
-                                sum += (xb[at(j)].load() - max).exp();
+                                sum += (xb[at(j)].load() - max).exp_fast();
                             }
                             let lse = max + sum.ln();
                             for j in 0..n {
