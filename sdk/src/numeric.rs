@@ -574,7 +574,10 @@ pub trait Real:
     fn erf(self) -> Self;
     /// `e^self` for activations and normalizations, where a loop over a slice should
     /// vectorize: [`exp32`] for f32 (within 2 ulp), [`exp`](Real::exp) for f64.
-    fn exp_fast(self) -> Self;
+    /// (A default, so that adding it broke no implementation outside this crate.)
+    fn exp_fast(self) -> Self {
+        self.exp()
+    }
     /// The logistic function `1 / (1 + e^-self)`, without overflow for either sign; through
     /// [`exp_fast`](Real::exp_fast), with no branch on the sign.
     #[inline]

@@ -302,13 +302,27 @@ struct Params<'p> {
     acts: &'p [Act],
 }
 
-/// `out[g] = sum_k m[g * cols + k] * v[k]` for `rows` rows.
-#[inline]
-fn matvec(m: &[f64], v: &[f64], rows: usize, out: &mut [f64]) {
-    let cols = v.len();
-    for (g, o) in out[..rows].iter_mut().enumerate() {
-        let row = &m[g * cols..(g + 1) * cols];
-        *o = row.iter().zip(v).map(|(a, b)| a * b).sum();
+crate::simd::simd_fn! {
+    /// `out[g] = sum_k m[g * cols + k] * v[k]` for `rows` rows (`cols = v.len()`). Each dot
+    /// product runs in 8 independent partial sums, so it vectorizes and is not one chain of
+    /// dependent adds (a single running sum kept the recurrences at ~4 cycles per
+    /// multiply-add: a CRNN's two BiLSTMs took 43 ms, 7x onnxruntime's whole model).
+    fn matvec(m: &[f64], v: &[f64], rows: usize, out: &mut [f64]) {
+        const LANES: usize = 8;
+        let cols = v.len();
+        for (g, o) in out[..rows].iter_mut().enumerate() {
+            let row = &m[g * cols..(g + 1) * cols];
+            let mut acc = [0.0f64; LANES];
+            let (rc, rt) = row.split_at(cols - cols % LANES);
+            let (vc, vt) = v.split_at(cols - cols % LANES);
+            for (a, b) in rc.chunks_exact(LANES).zip(vc.chunks_exact(LANES)) {
+                for l in 0..LANES {
+                    acc[l] += a[l] * b[l];
+                }
+            }
+            let tail: f64 = rt.iter().zip(vt).map(|(a, b)| a * b).sum();
+            *o = acc.iter().sum::<f64>() + tail;
+        }
     }
 }
 
