@@ -267,14 +267,19 @@ impl Pool {
                             let cols = cols_of.of(ow);
                             *yv = match self.kind {
                                 Kind::Max => {
+                                    // The first tap starts the maximum (a NaN there stays,
+                                    // as the general walk below keeps it); then a plain
+                                    // compare-select per tap, no flag to test.
                                     let mut best = <T::C as Real>::NEG_INFINITY;
-                                    let mut any = false;
-                                    for &r in rows {
-                                        for &c in cols {
-                                            let v = xp[r + c].load();
-                                            if v > best || !any {
-                                                best = v;
-                                                any = true;
+                                    if let (Some(&r0), Some(&c0)) = (rows.first(), cols.first()) {
+                                        best = xp[r0 + c0].load();
+                                        for &r in rows {
+                                            let xr = &xp[r..];
+                                            for &c in cols {
+                                                let v = xr[c].load();
+                                                if v > best {
+                                                    best = v;
+                                                }
                                             }
                                         }
                                     }
