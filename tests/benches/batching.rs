@@ -127,7 +127,7 @@ fn main() {
     if let Some(o) = &ort {
         println!(
             "{:<26} {:>10.1} {:>10.1} {:>10.1}",
-            format!("onnxruntime ({CLIENTS} threads)"),
+            format!("onnxruntime ({CLIENTS} clients)"),
             o["throughput"].as_f64().unwrap_or(0.0),
             o["p50_ms"].as_f64().unwrap_or(0.0),
             o["p99_ms"].as_f64().unwrap_or(0.0)
