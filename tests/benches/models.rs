@@ -125,13 +125,11 @@ fn real_models(threads: usize, python: &str) {
                     .args(&shapes),
                 &format!("onnxruntime {name}"),
             );
-            let (remote, _) = rt
-                .block_on(async {
-                    let req = grpc::request(&served, batch, &shapes).await?;
-                    grpc::latency(&served, &req).await
-                })
-                .unwrap_or_else(|e| panic!("{name} over gRPC: {e}"));
             let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+            // A window of at least 30 requests at opreg's in-process pace, as the other sides.
+            let window = (30.0 * 1.2 * f(&ours, "median_ms")).max(2000.0) as u64;
+            let (remote, _) = grpc::latency(&opreg, &served, batch, &shapes, window)
+                .unwrap_or_else(|e| panic!("{name} over gRPC: {e}"));
             let mib = |v: &serde_json::Value| f(v, "peak_rss_bytes") / f64::from(1 << 20);
             println!(
                 "{name:>16} {batch:>5} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>8.2} {:>8.2} {:>9.0} {:>9.0} {:>8.2} {:>9.2} {:>8.2} {:>8.2}",
@@ -204,11 +202,8 @@ fn serving_overhead(rt: &tokio::runtime::Runtime, opreg: &Path, plugins: &Path) 
             &format!("opreg bench {name}"),
         );
         let (p50, p90) = rt
-            .block_on(async {
-                let served = grpc::serve(name, &bytes).await?;
-                let req = grpc::request(&served, 1, &[]).await?;
-                grpc::latency(&served, &req).await
-            })
+            .block_on(grpc::serve(name, &bytes))
+            .and_then(|served| grpc::latency(opreg, &served, 1, &[], 2000))
             .unwrap_or_else(|e| panic!("{name} over gRPC: {e}"));
         let here = local["median_ms"].as_f64().unwrap_or(f64::NAN);
         println!(

@@ -298,13 +298,18 @@ fn lstm_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
 
 /// A float input as f64 values (contiguous, row-major).
 fn read_f64(op: &str, t: &TensorView<'_>, name: &str) -> Result<Vec<f64>, PluginError> {
+    // Twice an f32 input's size: reserved fallibly.
+    let mut out = try_with_capacity(t.len())?;
     match t.dtype {
-        DType::F32 => Ok(t.as_slice::<f32>()?.iter().map(|&v| v as f64).collect()),
-        DType::F64 => Ok(t.as_slice::<f64>()?.to_vec()),
-        other => Err(PluginError::unimplemented(format!(
-            "{op}: input '{name}' of type {other} is not supported (f32, f64)"
-        ))),
+        DType::F32 => out.extend(t.as_slice::<f32>()?.iter().map(|&v| v as f64)),
+        DType::F64 => out.extend_from_slice(t.as_slice::<f64>()?),
+        other => {
+            return Err(PluginError::unimplemented(format!(
+                "{op}: input '{name}' of type {other} is not supported (f32, f64)"
+            )))
+        }
     }
+    Ok(out)
 }
 
 fn input<'a>(inputs: &[TensorView<'a>], i: usize) -> Option<TensorView<'a>> {
