@@ -1015,6 +1015,74 @@ async fn matmul_and_its_bias_add_run_as_one_fused_kernel() {
     }
 }
 
+/// GELU as exporters write it (Div or Mul by 1/√2, Erf, Add 1, two Muls) in two of its forms:
+/// after a dense layer it goes into the FusedMatMul's epilogue, on its own it becomes one
+/// `opreg::Gelu`; either way the values are the erf-GELU's.
+#[tokio::test]
+async fn gelu_as_exported_runs_fused_into_the_dense_layer_or_alone() {
+    let repo = tempfile::tempdir().expect("repo");
+    let (d, _p) = start_serving(repo.path(), &[]);
+    let mut c = d.inference().await;
+    let bytes = model(
+        vec![
+            node("MatMul", &["x", "w"], &["h0"]),
+            node("Add", &["h0", "b"], &["h"]),
+            // torch's form: Mul(Mul(h, 1 + erf(h / √2)), 0.5).
+            node("Div", &["h", "sqrt2"], &["d1"]),
+            node("Erf", &["d1"], &["e1"]),
+            node("Add", &["e1", "one"], &["a1"]),
+            node("Mul", &["h", "a1"], &["m1"]),
+            node("Mul", &["m1", "half"], &["g"]),
+            // Hugging Face's: Mul(Mul(g, 0.5), 1 + erf(g * 1/√2)).
+            node("Mul", &["g", "half"], &["p2"]),
+            node("Mul", &["inv_sqrt2", "g"], &["d2"]),
+            node("Erf", &["d2"], &["e2"]),
+            node("Add", &["one", "e2"], &["a2"]),
+            node("Mul", &["p2", "a2"], &["y"]),
+        ],
+        vec![value("x", 1, &[-1, 3])],
+        vec![value("y", 1, &[-1, 2])],
+        vec![
+            f32_initializer("w", &[3, 2], &W),
+            f32_initializer("b", &[2], &[0.25, -4.0]),
+            f32_initializer("sqrt2", &[], &[std::f32::consts::SQRT_2]),
+            f32_initializer("inv_sqrt2", &[], &[std::f32::consts::FRAC_1_SQRT_2]),
+            f32_initializer("one", &[], &[1.0]),
+            f32_initializer("half", &[], &[0.5]),
+        ],
+        17,
+    );
+    c.repository_model_load(load_request("gelu", bytes))
+        .await
+        .expect("load");
+    let (_, nodes) = placement(&d, "gelu").await;
+    let ops: Vec<&str> = nodes.iter().map(|(op, _, _)| op.as_str()).collect();
+    assert_eq!(ops, ["FusedMatMul", "Gelu"], "{nodes:?}");
+    let x = [1.0, -2.0, 3.0, 0.5, 0.5, -1.0, -3.0, 0.0, 0.75];
+    let r = c
+        .model_infer(infer_request("gelu", &x))
+        .await
+        .expect("infer")
+        .into_inner();
+    let gelu = |v: f64| 0.5 * v * (1.0 + opreg_sdk::numeric::erf64(v / std::f64::consts::SQRT_2));
+    let got = f32_values(&r.raw_output_contents[0]);
+    assert_eq!(got.len(), 6);
+    for (i, row) in x.chunks(3).enumerate() {
+        for j in 0..2 {
+            let h = (0..3)
+                .map(|k| f64::from(row[k]) * f64::from(W[k * 2 + j]))
+                .sum::<f64>()
+                + [0.25, -4.0][j];
+            let want = gelu(gelu(h));
+            let v = f64::from(got[i * 2 + j]);
+            assert!(
+                (v - want).abs() <= 1e-6 + 1e-5 * want.abs(),
+                "row {i} column {j}: {v} vs {want}"
+            );
+        }
+    }
+}
+
 /// A ResNet-style join over a small image with more channels than pixels: the main path's
 /// Conv and the shortcut's Conv (both with weights packed at load, computed pixels by
 /// channels) meet in an Add and a Relu, which fuse into the main Conv.

@@ -45,6 +45,17 @@ fn float_op(
     Ok(Box::new(FloatUnary(f(node)?)))
 }
 
+/// Gelu's `approximate` attribute.
+fn gelu(n: &NodeInfo<'_>) -> Result<FloatOp, PluginError> {
+    match n.string_or("approximate", "none")?.as_str() {
+        "none" => Ok(FloatOp::Gelu { tanh: false }),
+        "tanh" => Ok(FloatOp::Gelu { tanh: true }),
+        other => Err(PluginError::invalid(format!(
+            "Gelu: attribute 'approximate' must be \"none\" or \"tanh\", got {other:?}"
+        ))),
+    }
+}
+
 fn shift_factory(n: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
     match n.string_or("direction", "")?.as_str() {
         "LEFT" => Ok(Box::new(Binary(BinOp::BitShift { left: true }))),
@@ -82,15 +93,7 @@ pub fn register(r: &mut Registrar) {
         ("Softplus", 1, |_| Ok(FloatOp::Softplus)),
         ("Softsign", 1, |_| Ok(FloatOp::Softsign)),
         ("Tanh", 6, |_| Ok(FloatOp::Tanh)),
-        ("Gelu", 20, |n| {
-            match n.string_or("approximate", "none")?.as_str() {
-                "none" => Ok(FloatOp::Gelu { tanh: false }),
-                "tanh" => Ok(FloatOp::Gelu { tanh: true }),
-                other => Err(PluginError::invalid(format!(
-                    "Gelu: attribute 'approximate' must be \"none\" or \"tanh\", got {other:?}"
-                ))),
-            }
-        }),
+        ("Gelu", 20, gelu),
         ("Mish", 18, |_| Ok(FloatOp::Mish)),
         ("ThresholdedRelu", 10, |n| {
             Ok(FloatOp::ThresholdedRelu(n.float_or("alpha", 1.0)?))
@@ -120,6 +123,15 @@ pub fn register(r: &mut Registrar) {
             float_op(n, f)
         });
     }
+    // `opreg::Gelu`: ONNX's Gelu (opset 20) for models of any opset: the graph pass `gelu`
+    // writes it for the erf-GELU as exporters spell it (Div, Erf, Add, Mul, Mul).
+    r.kernel(
+        KernelDesc::new("opreg", "Gelu", 1, OPEN_END)
+            .constraint("T", FLOATS)
+            .inputs(&["T"])
+            .outputs(&["T"]),
+        |n: &NodeInfo<'_>| float_op(n, gelu),
+    );
 
     // Unary operators over integers too.
     let num_ops: &[(&str, i32, &[DType], NumOp)] = &[

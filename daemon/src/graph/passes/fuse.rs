@@ -19,7 +19,8 @@
 //!
 //! `matmul-add`: a `MatMul` with a constant B whose output only an `Add` of a constant 1-D f32
 //! bias of B's column count reads becomes `opreg::FusedMatMul(A, B, bias)` (the dense layers of
-//! transformer encoders).
+//! transformer encoders); an `opreg::Gelu` alone reading the sum (the FFN's activation, fused
+//! by the pass `gelu` just before) goes into it too, as `activation = "Gelu"`.
 
 use super::{super::import::Model, reads, Fusion, Pass};
 use crate::graph::{import::Node, GraphError};
@@ -363,6 +364,20 @@ impl Pass for MatMulAdd {
                 }
             }
         }
+        // Value -> (position, output) of the `opreg::Gelu` alone reading it.
+        let mut gelu_of = std::collections::HashMap::new();
+        for (i, n) in model.nodes.iter().enumerate() {
+            if let ([x], [y]) = (n.inputs.as_slice(), n.outputs.as_slice()) {
+                if n.domain == "opreg"
+                    && n.op_type == "Gelu"
+                    && read.get(x) == Some(&1)
+                    && !outputs.contains(&x.as_str())
+                    && !y.is_empty()
+                {
+                    gelu_of.insert(x.clone(), (i, y.clone()));
+                }
+            }
+        }
         let mut remove = vec![false; model.nodes.len()];
         let mut fused = 0;
         for mi in 0..model.nodes.len() {
@@ -386,6 +401,8 @@ impl Pass for MatMulAdd {
             if columns.is_none() || columns != bias_len {
                 continue;
             }
+            // An `opreg::Gelu` (pass `gelu`) alone reading the sum: applied in the epilogue.
+            let gelu = gelu_of.get(&out).cloned();
             let Some(mm) = model.nodes.get_mut(mi) else {
                 continue;
             };
@@ -394,6 +411,19 @@ impl Pass for MatMulAdd {
             mm.inputs.truncate(2);
             mm.inputs.push(bias);
             mm.outputs.truncate(1);
+            let out = match gelu {
+                Some((gi, y)) => {
+                    mm.attributes.push(Attribute {
+                        name: "activation".into(),
+                        value: AttrValue::String("Gelu".into()),
+                    });
+                    if let Some(r) = remove.get_mut(gi) {
+                        *r = true;
+                    }
+                    y
+                }
+                None => out,
+            };
             mm.outputs.splice(0..1, [out]);
             if let Some(r) = remove.get_mut(ai) {
                 *r = true;

@@ -10,6 +10,7 @@
 mod bn_fold;
 mod dead;
 mod fuse;
+mod gelu;
 mod identity;
 mod layout;
 mod qdq;
@@ -50,7 +51,8 @@ pub const STANDARD: &[&dyn Pass] = &[
 
 /// The fusions that depend on the registry's kernels, in the order they run: QDQ into
 /// ONNX's integer operators (see [`qdq`]), those channels-last (see [`layout`]), then float
-/// operators into opreg's own (see [`fuse`]).
+/// operators into opreg's own (see [`fuse`] and [`gelu`]; the GELU before `matmul-add`, which
+/// takes it into the product's epilogue).
 pub const FUSIONS: &[&dyn Pass] = &[
     &qdq::QdqConv,
     &qdq::QdqMatMul,
@@ -59,6 +61,7 @@ pub const FUSIONS: &[&dyn Pass] = &[
     &layout::Nhwc,
     &fuse::ConvAdd,
     &fuse::ConvActivation,
+    &gelu::Gelu,
     &fuse::MatMulAdd,
 ];
 

@@ -702,3 +702,159 @@ fn silu_as_exported_fuses_into_the_conv_only_when_nothing_else_reads_its_parts()
         assert_eq!(m.nodes.len(), before);
     }
 }
+
+/// The erf-GELU chain `x -> y` in torch's form (`div` by √2), with the intermediates named
+/// `d e a m`; `extra` nodes follow.
+fn gelu_chain(extra: Vec<Node>, outputs: &[&str]) -> Model {
+    let mut nodes = vec![
+        node("Div", &["x", "sqrt2"], &["d"]),
+        node("Erf", &["d"], &["e"]),
+        node("Add", &["e", "one"], &["a"]),
+        node("Mul", &["x", "a"], &["m"]),
+        node("Mul", &["m", "half"], &["y"]),
+    ];
+    nodes.extend(extra);
+    model(
+        nodes,
+        outputs,
+        &[
+            ("sqrt2", &[], vec![std::f32::consts::SQRT_2]),
+            ("one", &[], vec![1.0]),
+            ("half", &[1], vec![0.5]),
+        ],
+    )
+}
+
+#[test]
+fn gelu_as_exported_becomes_one_node_in_each_form() {
+    let mut m = gelu_chain(vec![node("Neg", &["y"], &["z"])], &["z"]);
+    assert_eq!(gelu::Gelu.run(&mut m).unwrap(), 1);
+    let ops: Vec<(&str, &str)> = m
+        .nodes
+        .iter()
+        .map(|n| (n.domain.as_str(), n.op_type.as_str()))
+        .collect();
+    assert_eq!(ops, [("opreg", "Gelu"), ("", "Neg")]);
+    assert_eq!(
+        (m.nodes[0].inputs.clone(), m.nodes[0].outputs.clone()),
+        (vec!["x".to_string()], vec!["y".to_string()])
+    );
+    assert_eq!(m.opset("opreg"), Some(1));
+    // Hugging Face's form, Mul by 1/√2 from a Constant node, operands swapped throughout.
+    let mut constant = node("Constant", &[], &["inv"]);
+    constant.attributes.push(opreg_sdk::kernel::Attribute {
+        name: "value".into(),
+        value: opreg_sdk::AttrValue::Tensor(
+            opreg_sdk::OwnedTensor::from_vec(vec![], vec![std::f32::consts::FRAC_1_SQRT_2])
+                .unwrap(),
+        ),
+    });
+    let mut m = model(
+        vec![
+            constant,
+            node("Mul", &["half", "x"], &["p"]),
+            node("Mul", &["inv", "x"], &["d"]),
+            node("Erf", &["d"], &["e"]),
+            node("Add", &["one", "e"], &["a"]),
+            node("Mul", &["a", "p"], &["y"]),
+        ],
+        &["y"],
+        &[("one", &[], vec![1.0]), ("half", &[], vec![0.5])],
+    );
+    assert_eq!(gelu::Gelu.run(&mut m).unwrap(), 1);
+    let ops: Vec<&str> = m.nodes.iter().map(|n| n.op_type.as_str()).collect();
+    assert_eq!(ops, ["Constant", "Gelu"]);
+    assert_eq!(m.nodes[1].inputs, ["x"]);
+    assert_eq!(m.nodes[1].outputs, ["y"]);
+    // Mul(Mul(a, 0.5), x).
+    let mut m = model(
+        vec![
+            node("Div", &["x", "sqrt2"], &["d"]),
+            node("Erf", &["d"], &["e"]),
+            node("Add", &["e", "one"], &["a"]),
+            node("Mul", &["a", "half"], &["q"]),
+            node("Mul", &["x", "q"], &["y"]),
+        ],
+        &["y"],
+        &[
+            ("sqrt2", &[], vec![std::f32::consts::SQRT_2]),
+            ("one", &[], vec![1.0]),
+            ("half", &[], vec![0.5]),
+        ],
+    );
+    assert_eq!(gelu::Gelu.run(&mut m).unwrap(), 1);
+    assert_eq!(m.nodes.len(), 1);
+    assert_eq!(
+        (m.nodes[0].op_type.as_str(), m.nodes[0].outputs[0].as_str()),
+        ("Gelu", "y")
+    );
+}
+
+#[test]
+fn gelu_is_left_alone_when_a_part_is_read_elsewhere_or_a_constant_is_off() {
+    // An intermediate also a graph output, or read by another node.
+    for (extra, outputs) in [
+        (vec![], &["y", "e"][..]),
+        (vec![node("Neg", &["a"], &["z"])], &["y", "z"][..]),
+        (vec![node("Neg", &["m"], &["z"])], &["y", "z"][..]),
+    ] {
+        let mut m = gelu_chain(extra, outputs);
+        let before = m.nodes.len();
+        assert_eq!(gelu::Gelu.run(&mut m).unwrap(), 0, "{outputs:?}");
+        assert_eq!(m.nodes.len(), before);
+    }
+    // x read by the Div but the Mul multiplies something else: not a GELU.
+    let mut m = gelu_chain(vec![], &["y"]);
+    m.nodes[3].inputs = vec!["one".into(), "a".into()];
+    assert_eq!(gelu::Gelu.run(&mut m).unwrap(), 0);
+    // Constants that are not √2, 1 and 0.5.
+    for (name, v) in [("sqrt2", 1.5f32), ("one", 2.0), ("half", 0.25)] {
+        let mut m = gelu_chain(vec![], &["y"]);
+        m.initializers.insert(
+            name.into(),
+            Arc::new(HostTensor::from_vec(&[], &[v]).unwrap()),
+        );
+        assert_eq!(gelu::Gelu.run(&mut m).unwrap(), 0, "{name} = {v}");
+    }
+}
+
+#[test]
+fn a_gelu_reading_a_dense_layer_goes_into_its_epilogue() {
+    let dense = |outputs: &[&str]| {
+        let mut m = model(
+            vec![
+                node("MatMul", &["x", "w"], &["h0"]),
+                node("Add", &["h0", "b"], &["h"]),
+                node("Gelu", &["h"], &["g"]),
+                node("Neg", &["g"], &["y"]),
+            ],
+            outputs,
+            &[
+                ("w", &[2, 2], vec![1.0, 2.0, 3.0, 4.0]),
+                ("b", &[2], vec![0.5, -0.5]),
+            ],
+        );
+        m.nodes[2].domain = "opreg".into();
+        m
+    };
+    let mut m = dense(&["y"]);
+    assert_eq!(fuse::MatMulAdd.run(&mut m).unwrap(), 1);
+    let ops: Vec<&str> = m.nodes.iter().map(|n| n.op_type.as_str()).collect();
+    assert_eq!(ops, ["FusedMatMul", "Neg"]);
+    assert_eq!(m.nodes[0].inputs, ["x", "w", "b"]);
+    assert_eq!(m.nodes[0].outputs, ["g"]);
+    let act = m.nodes[0]
+        .attributes
+        .iter()
+        .find(|a| a.name == "activation");
+    assert_eq!(
+        act.map(|a| &a.value),
+        Some(&opreg_sdk::AttrValue::String("Gelu".into()))
+    );
+    // The dense layer's sum is a graph output too: the Gelu stays a node of its own.
+    let mut m = dense(&["y", "h"]);
+    assert_eq!(fuse::MatMulAdd.run(&mut m).unwrap(), 1);
+    let ops: Vec<&str> = m.nodes.iter().map(|n| n.op_type.as_str()).collect();
+    assert_eq!(ops, ["FusedMatMul", "Gelu", "Neg"]);
+    assert!(m.nodes[0].attributes.iter().all(|a| a.name != "activation"));
+}

@@ -213,6 +213,7 @@ pub(super) fn infer(node: &NodeInfo<'_>) -> Vec<Shape> {
         "opreg" => match node.op_type {
             "FusedConv" => "Conv",
             "FusedMatMul" => "MatMul",
+            "Gelu" => "Gelu",
             _ => return out,
         },
         "ai.onnx.preview.training" if matches!(node.op_type, "Adagrad" | "Adam" | "Momentum") => {

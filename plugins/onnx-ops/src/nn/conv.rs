@@ -4,7 +4,8 @@
 mod depthwise;
 
 use super::{
-    at_least_one, blas, conv_bias, matmul::gemm_f32, optional, Disjoint, Geometry, WindowAttrs,
+    activation::Activation, at_least_one, blas, conv_bias, matmul::gemm_f32, optional, Disjoint,
+    Geometry, WindowAttrs,
 };
 use crate::util::{
     broadcast_shapes, broadcast_strides, product_sat, required, row_major_strides, walk_offsets,
@@ -127,70 +128,6 @@ fn pixels_by_channels_args(
     g
 }
 
-/// What `opreg::FusedConv` applies after the bias, in the same pass over the output (the graph
-/// pass `conv-activation` fuses a Conv and the activation reading it into one node; the
-/// attributes are ONNX Runtime's `FusedConv` ones).
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Activation {
-    None,
-    Relu,
-    Clip(f32, f32),
-    LeakyRelu(f32),
-    /// `v * sigmoid(v)` (opreg's own activation name; the pass `conv-activation` writes it).
-    SiLU,
-}
-
-impl Activation {
-    fn from_node(node: &NodeInfo<'_>) -> Result<Self, PluginError> {
-        let params = node.floats("activation_params")?.unwrap_or_default();
-        let param = |i: usize, what: &str| {
-            params.get(i).copied().ok_or_else(|| {
-                PluginError::invalid(format!(
-                    "FusedConv: activation_params needs {what} for this activation"
-                ))
-            })
-        };
-        Ok(match node.string_or("activation", "")?.as_str() {
-            "" => Activation::None,
-            "Relu" => Activation::Relu,
-            "Clip" => Activation::Clip(param(0, "min")?, param(1, "max")?),
-            "LeakyRelu" => Activation::LeakyRelu(param(0, "alpha")?),
-            "SiLU" => Activation::SiLU,
-            other => {
-                return Err(PluginError::unimplemented(format!(
-                    "FusedConv: activation '{other}' is not supported"
-                )))
-            }
-        })
-    }
-
-    #[inline]
-    fn apply(self, v: f32) -> f32 {
-        match self {
-            Activation::None => v,
-            Activation::Relu => v.max(0.0),
-            // As Clip does: NaN stays NaN.
-            Activation::Clip(lo, hi) => {
-                if v < lo {
-                    lo
-                } else if v > hi {
-                    hi
-                } else {
-                    v
-                }
-            }
-            Activation::LeakyRelu(a) => {
-                if v < 0.0 {
-                    a * v
-                } else {
-                    v
-                }
-            }
-            Activation::SiLU => v * opreg_sdk::numeric::Real::sigmoid(v),
-        }
-    }
-}
-
 fn conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
     let group = at_least_one(node, "Conv", "group", 1)?;
     let window = WindowAttrs::from_node(node)?;
@@ -205,7 +142,7 @@ fn conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
         window,
         group,
         activation: if node.domain == "opreg" {
-            Activation::from_node(node)?
+            Activation::from_node(node, "FusedConv")?
         } else {
             Activation::None
         },
@@ -662,7 +599,8 @@ crate::simd::simd_fn! {
             Activation::Relu => each!(|v| v.max(0.0)),
             Activation::Clip(lo, hi) => each!(|v| Activation::Clip(lo, hi).apply(v)),
             Activation::LeakyRelu(a) => each!(|v| if v < 0.0 { a * v } else { v }),
-            Activation::SiLU => each!(|v| v * opreg_sdk::numeric::Real::sigmoid(v)),
+            Activation::SiLU => each!(|v| Activation::SiLU.apply(v)),
+            Activation::Gelu => each!(|v| Activation::Gelu.apply(v)),
         }
     }
 }

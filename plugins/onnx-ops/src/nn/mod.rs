@@ -3,6 +3,7 @@
 
 use opreg_sdk::prelude::*;
 
+mod activation;
 mod conv;
 mod conv_transpose;
 mod deform_conv;

@@ -45,6 +45,41 @@ fn hardmax_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> 
 }
 
 impl SoftmaxOp {
+    /// `(n, inner)`: the length of the normalized axis (of the trailing block before opset 13)
+    /// and the stride between its elements.
+    fn layout(&self, xs: &[usize]) -> Result<(usize, usize), PluginError> {
+        let rank = xs.len().max(1);
+        let axis = normalize_axis(self.axis, rank).map_err(|e| {
+            PluginError::invalid(format!("{}: attribute 'axis': {}", self.op, e.message))
+        })?;
+        let xs1: Vec<usize> = if xs.is_empty() { vec![1] } else { xs.to_vec() };
+        Ok(if self.coerce_2d {
+            (xs1[axis..].iter().product::<usize>(), 1)
+        } else {
+            (xs1[axis], xs1[axis + 1..].iter().product::<usize>())
+        })
+    }
+
+    /// f32 Softmax / LogSoftmax over contiguous rows (the normalized axis innermost, as in
+    /// attention): each row in [`rows_f32`].
+    fn run_rows_f32(
+        &self,
+        ctx: &KernelContext<'_>,
+        x: &TensorView<'_>,
+        n: usize,
+    ) -> Result<(), PluginError> {
+        let xs = x.as_slice::<f32>()?;
+        let y = ctx.output_slice::<f32>(0, x.shape())?;
+        if y.is_empty() || n == 0 {
+            return Ok(());
+        }
+        let log = self.kind == Kind::LogSoftmax;
+        let grain = (8 * 1024 / n).max(1) * n;
+        ctx.parallel_chunks(y, grain, |start, chunk| {
+            rows_f32(&xs[start..start + chunk.len()], chunk, n, log)
+        })
+    }
+
     fn run<T: Float>(
         &self,
         ctx: &KernelContext<'_>,
@@ -57,16 +92,7 @@ impl SoftmaxOp {
         if y.is_empty() {
             return Ok(());
         }
-        let rank = xs.len().max(1);
-        let axis = normalize_axis(self.axis, rank).map_err(|e| {
-            PluginError::invalid(format!("{}: attribute 'axis': {}", self.op, e.message))
-        })?;
-        let xs1: Vec<usize> = if xs.is_empty() { vec![1] } else { xs.to_vec() };
-        let (n, inner) = if self.coerce_2d {
-            (xs1[axis..].iter().product::<usize>(), 1)
-        } else {
-            (xs1[axis], xs1[axis + 1..].iter().product::<usize>())
-        };
+        let (n, inner) = self.layout(xs)?;
         let block = n * inner;
         let grain = (8 * 1024 / block).max(1) * block;
         let kind = self.kind;
@@ -142,13 +168,65 @@ impl SoftmaxOp {
     }
 }
 
+/// Lanes of the max and sum reductions in [`rows_f32`]: independent partial results, so that
+/// the loops vectorize (a float reduction in one accumulator stays serial).
+const LANES: usize = 16;
+
+crate::simd::simd_fn! {
+    /// Softmax (or LogSoftmax with `log`) of each row of `n` elements of `x` into `y`,
+    /// compiled for AVX-512 and AVX2 too. As the generic loop: `x - max` exponentiated with
+    /// `exp32`, NaN propagating (a NaN never wins the max, and poisons the sum).
+    fn rows_f32(x: &[f32], y: &mut [f32], n: usize, log: bool) {
+        for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+            let mut lanes = [f32::NEG_INFINITY; LANES];
+            let mut tail = xr.chunks_exact(LANES);
+            for c in &mut tail {
+                for (m, &v) in lanes.iter_mut().zip(c) {
+                    *m = if v > *m { v } else { *m };
+                }
+            }
+            let mut max = f32::NEG_INFINITY;
+            for &v in lanes.iter().chain(tail.remainder()) {
+                max = if v > max { v } else { max };
+            }
+            for (o, &v) in yr.iter_mut().zip(xr) {
+                *o = opreg_sdk::numeric::exp32(v - max);
+            }
+            let mut sums = [0.0f32; LANES];
+            let mut tail = yr.chunks_exact(LANES);
+            for c in &mut tail {
+                for (s, &v) in sums.iter_mut().zip(c) {
+                    *s += v;
+                }
+            }
+            let sum = sums.iter().sum::<f32>() + tail.remainder().iter().sum::<f32>();
+            if log {
+                let lse = max + sum.ln();
+                for (o, &v) in yr.iter_mut().zip(xr) {
+                    *o = v - lse;
+                }
+            } else {
+                for o in yr.iter_mut() {
+                    *o /= sum;
+                }
+            }
+        }
+    }
+}
+
 impl Kernel for SoftmaxOp {
     fn compute(
         &self,
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let dtype = input(self.op, inputs, 0, "input")?.dtype;
+        let x = input(self.op, inputs, 0, "input")?;
+        let dtype = x.dtype;
+        if dtype == DType::F32 && self.kind != Kind::Hardmax {
+            if let (n, 1) = self.layout(x.shape())? {
+                return self.run_rows_f32(ctx, &x, n);
+            }
+        }
         opreg_sdk::dispatch!(dtype, FLOATS, |T| self.run::<T>(ctx, inputs), other => Err(not_implemented_for(self.op, other)))
     }
 }
@@ -240,6 +318,56 @@ mod tests {
                         .map(|j| y[outer * n * inner + j * inner + lane])
                         .sum();
                     assert!((sum - 1.0).abs() < 1e-5, "axis {axis}: {sum}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn f32_rows_match_an_f64_reference_with_inf_and_nan() {
+        // Rows of 37 and 128 (vector lanes and a tail), values spread over +-40.
+        for n in [1usize, 37, 128] {
+            let rows = 4;
+            let mut x: Vec<f32> = (0..rows * n)
+                .map(|i| ((i * 7919 % 1009) as f32 / 1009.0 - 0.5) * 80.0)
+                .collect();
+            // Row 1 has a -inf (exp 0), row 2 a +inf and row 3 a NaN: the generic loop's
+            // answers (a +inf max makes inf - inf = NaN, as numpy's reference does).
+            x[n] = f32::NEG_INFINITY;
+            x[2 * n + n / 2] = f32::INFINITY;
+            x[3 * n + n - 1] = f32::NAN;
+            for (f, op, log) in [
+                (softmax_factory as super::super::Factory, "Softmax", false),
+                (log_softmax_factory, "LogSoftmax", true),
+            ] {
+                let y = run(f, op, 13, None, &[rows, n], &x);
+                for (r, (xr, yr)) in x.chunks(n).zip(y.chunks(n)).enumerate() {
+                    let max = xr.iter().fold(f64::NEG_INFINITY, |m, &v| {
+                        if f64::from(v) > m {
+                            f64::from(v)
+                        } else {
+                            m
+                        }
+                    });
+                    let sum: f64 = xr.iter().map(|&v| (f64::from(v) - max).exp()).sum();
+                    for (j, (&v, &got)) in xr.iter().zip(yr).enumerate() {
+                        let want = if log {
+                            f64::from(v) - max - sum.ln()
+                        } else {
+                            (f64::from(v) - max).exp() / sum
+                        };
+                        let ok = if want.is_nan() {
+                            got.is_nan()
+                        } else if want.is_infinite() {
+                            f64::from(got) == want
+                        } else {
+                            // f32 rounding of x - max (and of max + ln sum) scales with
+                            // their magnitude.
+                            let scale = 1.0 + f64::from(v).abs() + max.abs();
+                            (f64::from(got) - want).abs() <= 4e-7 * scale * (1.0 + want.abs())
+                        };
+                        assert!(ok, "{op} n={n} row {r} [{j}]: {got} vs {want}");
+                    }
                 }
             }
         }

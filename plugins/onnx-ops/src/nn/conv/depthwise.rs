@@ -283,7 +283,7 @@ mod x86 {
                 _mm256_blendv_ps(v, _mm256_mul_ps(v, _mm256_set1_ps(a)), neg)
             }
             // Lane by lane: the loop is compiled for AVX2 here, so it vectorizes.
-            Activation::SiLU => {
+            Activation::SiLU | Activation::Gelu => {
                 let mut lanes = [0f32; LANES];
                 // SAFETY: `lanes` holds LANES floats.
                 unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
