@@ -1083,6 +1083,95 @@ async fn gelu_as_exported_runs_fused_into_the_dense_layer_or_alone() {
     }
 }
 
+/// A bidirectional LSTM whose W is a constant (packed once at load as the input projection's
+/// right operand) answers as the same LSTM with W fed in each request (packed per call), on a
+/// sequence of 5 steps, 2 batches, 24 inputs and 20 hidden units (uneven against every vector
+/// width and tile size).
+#[tokio::test]
+async fn an_lstm_with_constant_weights_answers_as_with_weights_fed_in() {
+    let repo = tempfile::tempdir().expect("repo");
+    let (d, _p) = start_serving(repo.path(), &[]);
+    let mut c = d.inference().await;
+    let (seq, batch, inp, hid) = (5usize, 2usize, 24usize, 20usize);
+    let wave = |n: usize, seed: usize, scale: f32| -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 37 + seed * 11) % 101) as f32 / 50.0 - 1.0) * scale)
+            .collect()
+    };
+    let (w, r, b) = (
+        wave(2 * 4 * hid * inp, 1, 0.3),
+        wave(2 * 4 * hid * hid, 2, 0.3),
+        wave(2 * 8 * hid, 3, 0.5),
+    );
+    let x = wave(seq * batch * inp, 4, 1.0);
+    let lstm = node_with(
+        "LSTM",
+        &["x", "w", "r", "b"],
+        &["y"],
+        vec![
+            attr_int("hidden_size", hid as i64),
+            attr_string("direction", "bidirectional"),
+        ],
+    );
+    let dims = |v: &[usize]| v.iter().map(|&d| d as i64).collect::<Vec<_>>();
+    let y_dims = dims(&[seq, 2, batch, hid]);
+    let x_value = value("x", 1, &dims(&[seq, batch, inp]));
+    let w_dims = dims(&[2, 4 * hid, inp]);
+    let constants = |with_w: bool| {
+        let mut v = vec![
+            f32_initializer("r", &dims(&[2, 4 * hid, hid]), &r),
+            f32_initializer("b", &dims(&[2, 8 * hid]), &b),
+        ];
+        if with_w {
+            v.push(f32_initializer("w", &w_dims, &w));
+        }
+        v
+    };
+    let packed = model(
+        vec![lstm.clone()],
+        vec![x_value.clone()],
+        vec![value("y", 1, &y_dims)],
+        constants(true),
+        14,
+    );
+    let fed = model(
+        vec![lstm],
+        vec![x_value, value("w", 1, &w_dims)],
+        vec![value("y", 1, &y_dims)],
+        constants(false),
+        14,
+    );
+    let mut outputs = Vec::new();
+    for (name, bytes, feed_w) in [("lstm_packed", packed, false), ("lstm_fed", fed, true)] {
+        c.repository_model_load(load_request(name, bytes))
+            .await
+            .expect("load");
+        let mut inputs = vec![input("x", "FP32", &dims(&[seq, batch, inp]))];
+        let mut raw = vec![f32_bytes(&x)];
+        if feed_w {
+            inputs.push(input("w", "FP32", &w_dims));
+            raw.push(f32_bytes(&w));
+        }
+        let r = c
+            .model_infer(pb::ModelInferRequest {
+                model_name: name.into(),
+                inputs,
+                raw_input_contents: raw,
+                ..Default::default()
+            })
+            .await
+            .expect("infer")
+            .into_inner();
+        outputs.push(f32_values(&r.raw_output_contents[0]));
+    }
+    assert_eq!(outputs[0].len(), seq * 2 * batch * hid);
+    // Not all zero or saturated: the recurrence did something.
+    assert!(outputs[0].iter().any(|v| v.abs() > 0.05 && v.abs() < 0.95));
+    for (i, (a, b)) in outputs[0].iter().zip(&outputs[1]).enumerate() {
+        assert!((a - b).abs() <= 1e-5, "element {i}: {a} vs {b}");
+    }
+}
+
 /// A ResNet-style join over a small image with more channels than pixels: the main path's
 /// Conv and the shortcut's Conv (both with weights packed at load, computed pixels by
 /// channels) meet in an Add and a Relu, which fuse into the main Conv.

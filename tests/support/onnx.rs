@@ -115,6 +115,16 @@ pub fn attr_int(name: &str, v: i64) -> onnx::AttributeProto {
     }
 }
 
+/// A string attribute.
+pub fn attr_string(name: &str, v: &str) -> onnx::AttributeProto {
+    onnx::AttributeProto {
+        name: name.into(),
+        r#type: onnx::attribute_proto::AttributeType::String as i32,
+        s: v.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
 /// A list-of-integers attribute.
 pub fn attr_ints(name: &str, v: &[i64]) -> onnx::AttributeProto {
     onnx::AttributeProto {

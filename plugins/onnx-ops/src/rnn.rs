@@ -1,16 +1,16 @@
 //! Recurrent operators: RNN, GRU and LSTM (forward, reverse, bidirectional; `layout` 0 and 1;
 //! per-batch `sequence_lens`; optional initial states and outputs). Each (direction, batch)
-//! pair is an independent recurrence, so they run in parallel; the arithmetic is f64 for f32
-//! and f64 tensors alike.
+//! pair is an independent recurrence, so they run in parallel. Each type computes in itself, as
+//! the ONNX reference and ONNX Runtime do: the input projection `W x` of every step at once (one
+//! gemm in the BLAS backend for f32), then per step `R h` and the gates as vector passes over
+//! the hidden units, the activations chosen once per pass so that each loop vectorizes.
 
+use opreg_sdk::PackedB;
 use opreg_sdk::{
     alloc::{checked_numel, try_vec, try_with_capacity},
     prelude::*,
 };
-use std::{
-    borrow::Cow,
-    sync::{Arc, Mutex},
-};
+use std::sync::{Arc, Mutex};
 
 /// An activation function of the recurrent cells, with its alpha and beta.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -168,29 +168,9 @@ struct Recurrent {
     layout: usize,
     linear_before_reset: bool,
     input_forget: bool,
-    /// Constant W and R as f64, converted once at load instead of on every call (a CRNN's
-    /// two BiLSTMs spent 7 % of the model converting them).
-    w64: Option<Arc<Vec<f64>>>,
-    r64: Option<Arc<Vec<f64>>>,
-}
-
-/// Constant input `i` of `node` as f64 values, when it is a float constant.
-fn constant_f64(node: &NodeInfo<'_>, i: usize) -> Option<Arc<Vec<f64>>> {
-    let t = node.inputs.get(i)?.constant?;
-    read_f64(node.op_type, &t, "").ok().map(Arc::new)
-}
-
-/// `cached` when it holds as many values as `t`, else `t` converted now.
-fn f64s<'c>(
-    op: &str,
-    cached: &'c Option<Arc<Vec<f64>>>,
-    t: &TensorView<'_>,
-    name: &str,
-) -> Result<Cow<'c, [f64]>, PluginError> {
-    match cached {
-        Some(c) if c.len() == t.len() => Ok(Cow::Borrowed(c.as_slice())),
-        _ => read_f64(op, t, name).map(Cow::Owned),
-    }
+    /// A constant f32 W packed per direction at load as the right operand of the input
+    /// projection `X W_d^T` (a CRNN's BiLSTM packed 2 x 2 MB of weights on every call).
+    packed_w: Vec<Arc<PackedB>>,
 }
 
 fn factory(cell: Cell, node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
@@ -279,9 +259,24 @@ fn factory(cell: Cell, node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginErr
         layout,
         linear_before_reset: node.int_or("linear_before_reset", 0)? != 0,
         input_forget: node.int_or("input_forget", 0)? != 0,
-        w64: constant_f64(node, 1),
-        r64: constant_f64(node, 2),
+        packed_w: pack_w(node, num_dir).unwrap_or_default(),
     }))
+}
+
+/// W (`[num_dir, gates * hidden, input]`) packed per direction, when it is a constant f32
+/// tensor of that rank and the backend packs.
+fn pack_w(node: &NodeInfo<'_>, num_dir: usize) -> Option<Vec<Arc<PackedB>>> {
+    let w = node.inputs.get(1)?.constant?;
+    let (&[nd, gh, input], DType::F32) = (w.shape(), w.dtype) else {
+        return None;
+    };
+    let data = w.as_slice::<f32>().ok()?;
+    if nd != num_dir || gh == 0 || input == 0 {
+        return None;
+    }
+    data.chunks_exact(gh * input)
+        .map(|wd| crate::nn::pack_constant_b(node, wd, input, gh, true))
+        .collect()
 }
 
 fn rnn_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
@@ -296,51 +291,111 @@ fn lstm_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
     factory(Cell::Lstm, node)
 }
 
-/// A float input as f64 values (contiguous, row-major).
-fn read_f64(op: &str, t: &TensorView<'_>, name: &str) -> Result<Vec<f64>, PluginError> {
-    // Twice an f32 input's size: reserved fallibly.
-    let mut out = try_with_capacity(t.len())?;
-    match t.dtype {
-        DType::F32 => out.extend(t.as_slice::<f32>()?.iter().map(|&v| v as f64)),
-        DType::F64 => out.extend_from_slice(t.as_slice::<f64>()?),
-        other => {
-            return Err(PluginError::unimplemented(format!(
-                "{op}: input '{name}' of type {other} is not supported (f32, f64)"
-            )))
-        }
-    }
-    Ok(out)
-}
-
 fn input<'a>(inputs: &[TensorView<'a>], i: usize) -> Option<TensorView<'a>> {
     inputs.get(i).copied().filter(|t| !t.is_absent())
 }
 
-/// What one (direction, batch) recurrence produced: its Y rows (`seq * hidden`, zero past its
-/// length), final H and final C.
-struct Track {
-    y: Vec<f64>,
-    h: Vec<f64>,
-    c: Vec<f64>,
+/// The element types the recurrences compute in (each in itself).
+trait Elem:
+    Element
+    + Copy
+    + PartialOrd
+    + Send
+    + Sync
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+{
+    const ZERO: Self;
+    const ONE: Self;
+    fn of(v: f64) -> Self;
+    /// `v[i] = act(v[i])`.
+    fn activate(act: Act, v: &mut [Self]);
+    /// `out[g] = sum_k m[g * cols + k] * v[k]` for `rows` rows (`cols = v.len()`).
+    fn matvec(m: &[Self], v: &[Self], rows: usize, out: &mut [Self]);
+    /// `out = x w^T`: `x` is `n x k`, `w` is `m x k`, `out` is `n x m` (all row-major);
+    /// `packed`: `w` packed at load (f32 only).
+    #[allow(clippy::too_many_arguments)]
+    fn project(
+        ctx: &KernelContext<'_>,
+        op: &str,
+        x: &[Self],
+        w: &[Self],
+        n: usize,
+        m: usize,
+        out: &mut [Self],
+        packed: Option<&PackedB>,
+    ) -> Result<(), PluginError> {
+        let _ = (ctx, op, packed);
+        let k = w.len() / m.max(1);
+        for (xr, o) in x
+            .chunks_exact(k.max(1))
+            .zip(out.chunks_exact_mut(m))
+            .take(n)
+        {
+            Self::matvec(w, if k == 0 { &[] } else { xr }, m, o);
+        }
+        Ok(())
+    }
 }
 
-/// Per-direction parameters, borrowed from the inputs.
-struct Params<'p> {
-    w: &'p [f64],
-    r: &'p [f64],
-    /// `2 * gates * hidden` (Wb then Rb); zeros when B is absent.
-    b: &'p [f64],
-    /// `3 * hidden` (i, o, f) for LSTM; zeros when P is absent.
-    p: &'p [f64],
-    acts: &'p [Act],
+impl Elem for f64 {
+    const ZERO: f64 = 0.0;
+    const ONE: f64 = 1.0;
+    fn of(v: f64) -> f64 {
+        v
+    }
+    fn activate(act: Act, v: &mut [f64]) {
+        v.iter_mut().for_each(|x| *x = act.apply(*x));
+    }
+    fn matvec(m: &[f64], v: &[f64], rows: usize, out: &mut [f64]) {
+        matvec64(m, v, rows, out)
+    }
+}
+
+impl Elem for f32 {
+    const ZERO: f32 = 0.0;
+    const ONE: f32 = 1.0;
+    fn of(v: f64) -> f32 {
+        v as f32
+    }
+    fn activate(act: Act, v: &mut [f32]) {
+        activate32(act, v)
+    }
+    fn matvec(m: &[f32], v: &[f32], rows: usize, out: &mut [f32]) {
+        matvec32(m, v, rows, out)
+    }
+    fn project(
+        ctx: &KernelContext<'_>,
+        op: &str,
+        x: &[f32],
+        w: &[f32],
+        n: usize,
+        m: usize,
+        out: &mut [f32],
+        packed: Option<&PackedB>,
+    ) -> Result<(), PluginError> {
+        if ctx.blas().is_none() {
+            // No backend (a kernel run on its own): the per-row products.
+            let k = w.len() / m.max(1);
+            for (xr, o) in x
+                .chunks_exact(k.max(1))
+                .zip(out.chunks_exact_mut(m))
+                .take(n)
+            {
+                matvec32(w, if k == 0 { &[] } else { xr }, m, o);
+            }
+            return Ok(());
+        }
+        let k = w.len() / m.max(1);
+        crate::nn::gemm_f32(ctx, op, false, true, n, m, k, 1.0, x, w, 0.0, out, packed)
+    }
 }
 
 crate::simd::simd_fn! {
-    /// `out[g] = sum_k m[g * cols + k] * v[k]` for `rows` rows (`cols = v.len()`). Each dot
-    /// product runs in 8 independent partial sums, so it vectorizes and is not one chain of
-    /// dependent adds (a single running sum kept the recurrences at ~4 cycles per
-    /// multiply-add: a CRNN's two BiLSTMs took 43 ms, 7x onnxruntime's whole model).
-    fn matvec(m: &[f64], v: &[f64], rows: usize, out: &mut [f64]) {
+    /// `out[g] = sum_k m[g * cols + k] * v[k]` in f64, each dot product in 8 independent
+    /// partial sums so that it vectorizes (a single running sum is one chain of dependent adds).
+    fn matvec64(m: &[f64], v: &[f64], rows: usize, out: &mut [f64]) {
         const LANES: usize = 8;
         let cols = v.len();
         for (g, o) in out[..rows].iter_mut().enumerate() {
@@ -359,96 +414,196 @@ crate::simd::simd_fn! {
     }
 }
 
+crate::simd::simd_fn! {
+    /// [`matvec64`] in f32, 16 partial sums (one AVX-512 register).
+    fn matvec32(m: &[f32], v: &[f32], rows: usize, out: &mut [f32]) {
+        const LANES: usize = 16;
+        let cols = v.len();
+        for (g, o) in out[..rows].iter_mut().enumerate() {
+            let row = &m[g * cols..(g + 1) * cols];
+            let mut acc = [0.0f32; LANES];
+            let (rc, rt) = row.split_at(cols - cols % LANES);
+            let (vc, vt) = v.split_at(cols - cols % LANES);
+            for (a, b) in rc.chunks_exact(LANES).zip(vc.chunks_exact(LANES)) {
+                for l in 0..LANES {
+                    acc[l] += a[l] * b[l];
+                }
+            }
+            let tail: f32 = rt.iter().zip(vt).map(|(a, b)| a * b).sum();
+            *o = acc.iter().sum::<f32>() + tail;
+        }
+    }
+}
+
+crate::simd::simd_fn! {
+    /// `v[i] = act(v[i])` in f32, the activation chosen outside the loop: the sigmoid and tanh
+    /// of the gates through `exp32`-based polynomials, so that each loop vectorizes; the rarer
+    /// activations through the f64 definitions.
+    fn activate32(act: Act, v: &mut [f32]) {
+        use opreg_sdk::numeric::{tanh32, Real};
+        match act {
+            Act::Sigmoid => v.iter_mut().for_each(|x| *x = Real::sigmoid(*x)),
+            Act::Tanh => v.iter_mut().for_each(|x| *x = tanh32(*x)),
+            Act::Relu => v.iter_mut().for_each(|x| *x = x.max(0.0)),
+            other => v.iter_mut().for_each(|x| *x = other.apply(f64::from(*x)) as f32),
+        }
+    }
+}
+
+/// What one (direction, batch) recurrence produced: its Y rows (`seq * hidden`, zero past its
+/// length), final H and final C.
+struct Track<T> {
+    y: Vec<T>,
+    h: Vec<T>,
+    c: Vec<T>,
+}
+
+/// Which final state of a recurrence an output takes.
+#[derive(Clone, Copy)]
+enum Pick {
+    H,
+    C,
+}
+
+/// Per-direction parameters, borrowed from the inputs.
+struct Params<'p, T> {
+    r: &'p [T],
+    /// `2 * gates * hidden` (Wb then Rb); zeros when B is absent.
+    b: &'p [T],
+    /// `3 * hidden` (i, o, f) for LSTM; zeros when P is absent.
+    p: &'p [T],
+    acts: &'p [Act],
+}
+
 impl Recurrent {
-    /// Runs one recurrence over `xs` (`seq` rows of `input` values, already in time order of
-    /// the input), for `len` steps, in the direction given by `reverse`.
+    /// `v = clip(v)` with the `clip` attribute.
+    fn clip<T: Elem>(&self, v: &mut [T]) {
+        if let Some(t) = self.clip {
+            let (lo, hi) = (T::of(-t), T::of(t));
+            // As f64::clamp: NaN stays NaN.
+            for x in v {
+                *x = if *x < lo {
+                    lo
+                } else if *x > hi {
+                    hi
+                } else {
+                    *x
+                };
+            }
+        }
+    }
+
+    /// Runs one recurrence for `len` steps in the direction given by `reverse`. `wx(t)` is
+    /// step `t`'s input projection `W x_t` (`gates * hidden` values).
     #[allow(clippy::too_many_arguments)]
-    fn track(
+    fn track<'w, T: Elem>(
         &self,
-        prm: &Params<'_>,
-        xs: &[Vec<f64>],
+        prm: &Params<'_, T>,
+        wx: impl Fn(usize) -> &'w [T],
+        seq: usize,
         len: usize,
         reverse: bool,
         hidden: usize,
-        h0: Vec<f64>,
-        c0: Vec<f64>,
-    ) -> Result<Track, PluginError> {
-        let seq = xs.len();
+        h0: Vec<T>,
+        c0: Vec<T>,
+    ) -> Result<Track<T>, PluginError> {
         let g = self.cell.gates();
         let gh = g * hidden;
         // `seq * hidden` is not bounded by X's size (X may have no input features).
-        let mut y = try_vec(checked_numel(&[seq, hidden])?, 0.0)?;
+        let mut y = try_vec(checked_numel(&[seq, hidden])?, T::ZERO)?;
         let (mut h, mut c) = (h0, c0);
-        let mut wx = vec![0.0; gh];
-        let mut rh = vec![0.0; gh];
-        let mut tmp = vec![0.0; hidden];
-        let clip = |v: f64| match self.clip {
-            Some(t) => v.clamp(-t, t),
-            None => v,
-        };
+        // The gates' pre-activations, then (in place) their values.
+        let mut pre = vec![T::ZERO; gh];
+        let mut rh = vec![T::ZERO; gh];
+        let mut tmp = vec![T::ZERO; hidden];
         let (wb, rb) = prm.b.split_at(gh);
         for step in 0..len {
             let t = if reverse { len - 1 - step } else { step };
-            matvec(prm.w, &xs[t], gh, &mut wx);
+            let wx = wx(t);
             match self.cell {
                 Cell::Rnn => {
-                    matvec(prm.r, &h, gh, &mut rh);
-                    let f = prm.acts[0];
+                    T::matvec(prm.r, &h, gh, &mut rh);
                     for j in 0..hidden {
-                        h[j] = f.apply(clip(wx[j] + rh[j] + wb[j] + rb[j]));
+                        h[j] = wx[j] + rh[j] + wb[j] + rb[j];
                     }
+                    self.clip(&mut h);
+                    T::activate(prm.acts[0], &mut h);
                 }
                 Cell::Gru => {
                     let (f, gact) = (prm.acts[0], prm.acts[1]);
-                    // z and r from the full R h; h~ depends on linear_before_reset.
-                    matvec(prm.r, &h, 2 * hidden, &mut rh);
-                    let mut z = vec![0.0; hidden];
-                    let mut r = vec![0.0; hidden];
-                    for j in 0..hidden {
-                        z[j] = f.apply(clip(wx[j] + rh[j] + wb[j] + rb[j]));
-                        let k = hidden + j;
-                        r[j] = f.apply(clip(wx[k] + rh[k] + wb[k] + rb[k]));
+                    // z and r from the first 2 * hidden rows of R h.
+                    let h2 = 2 * hidden;
+                    T::matvec(prm.r, &h, h2, &mut rh);
+                    for k in 0..h2 {
+                        pre[k] = wx[k] + rh[k] + wb[k] + rb[k];
                     }
-                    let rh_rows = &prm.r[2 * hidden * hidden..];
-                    let o = 2 * hidden;
+                    self.clip(&mut pre[..h2]);
+                    T::activate(f, &mut pre[..h2]);
+                    let (zr, hh) = pre.split_at_mut(h2);
+                    let (z, r) = zr.split_at(hidden);
+                    let rh_rows = &prm.r[h2 * hidden..];
+                    let (wx, wb, rb) = (&wx[h2..], &wb[h2..], &rb[h2..]);
                     if self.linear_before_reset {
-                        matvec(rh_rows, &h, hidden, &mut tmp);
+                        T::matvec(rh_rows, &h, hidden, &mut tmp);
                         for j in 0..hidden {
-                            let k = o + j;
-                            let hh = gact.apply(clip(wx[k] + r[j] * (tmp[j] + rb[k]) + wb[k]));
-                            h[j] = (1.0 - z[j]) * hh + z[j] * h[j];
+                            hh[j] = wx[j] + r[j] * (tmp[j] + rb[j]) + wb[j];
                         }
                     } else {
-                        let rhp: Vec<f64> = r.iter().zip(&h).map(|(a, b)| a * b).collect();
-                        matvec(rh_rows, &rhp, hidden, &mut tmp);
+                        let rhp: Vec<T> = r.iter().zip(&h).map(|(&a, &b)| a * b).collect();
+                        T::matvec(rh_rows, &rhp, hidden, &mut tmp);
                         for j in 0..hidden {
-                            let k = o + j;
-                            let hh = gact.apply(clip(wx[k] + tmp[j] + rb[k] + wb[k]));
-                            h[j] = (1.0 - z[j]) * hh + z[j] * h[j];
+                            hh[j] = wx[j] + tmp[j] + rb[j] + wb[j];
                         }
+                    }
+                    self.clip(hh);
+                    T::activate(gact, hh);
+                    for j in 0..hidden {
+                        h[j] = (T::ONE - z[j]) * hh[j] + z[j] * h[j];
                     }
                 }
                 Cell::Lstm => {
                     let (f, gact, hact) = (prm.acts[0], prm.acts[1], prm.acts[2]);
-                    matvec(prm.r, &h, gh, &mut rh);
-                    let pre = |k: usize| wx[k] + rh[k] + wb[k] + rb[k];
+                    T::matvec(prm.r, &h, gh, &mut rh);
+                    for k in 0..gh {
+                        pre[k] = wx[k] + rh[k] + wb[k] + rb[k];
+                    }
+                    // Gates i, o, f, c; peepholes i and f read the old cell state.
                     let (pi, po, pf) = (
                         &prm.p[..hidden],
                         &prm.p[hidden..2 * hidden],
                         &prm.p[2 * hidden..],
                     );
+                    let (i, rest) = pre.split_at_mut(hidden);
+                    let (o, rest) = rest.split_at_mut(hidden);
+                    let (fg, cc) = rest.split_at_mut(hidden);
                     for j in 0..hidden {
-                        let i = f.apply(clip(pre(j) + pi[j] * c[j]));
-                        let fg = if self.input_forget {
-                            1.0 - i
-                        } else {
-                            f.apply(clip(pre(2 * hidden + j) + pf[j] * c[j]))
-                        };
-                        let cc = gact.apply(clip(pre(3 * hidden + j)));
-                        let cn = fg * c[j] + i * cc;
-                        let o = f.apply(clip(pre(hidden + j) + po[j] * cn));
-                        c[j] = cn;
-                        h[j] = o * hact.apply(cn);
+                        i[j] = i[j] + pi[j] * c[j];
+                    }
+                    self.clip(i);
+                    T::activate(f, i);
+                    if self.input_forget {
+                        for j in 0..hidden {
+                            fg[j] = T::ONE - i[j];
+                        }
+                    } else {
+                        for j in 0..hidden {
+                            fg[j] = fg[j] + pf[j] * c[j];
+                        }
+                        self.clip(fg);
+                        T::activate(f, fg);
+                    }
+                    self.clip(cc);
+                    T::activate(gact, cc);
+                    for j in 0..hidden {
+                        c[j] = fg[j] * c[j] + i[j] * cc[j];
+                        o[j] = o[j] + po[j] * c[j];
+                    }
+                    self.clip(o);
+                    T::activate(f, o);
+                    tmp.copy_from_slice(&c);
+                    T::activate(hact, &mut tmp);
+                    for j in 0..hidden {
+                        h[j] = o[j] * tmp[j];
                     }
                 }
             }
@@ -456,17 +611,14 @@ impl Recurrent {
         }
         Ok(Track { y, h, c })
     }
-}
 
-impl Kernel for Recurrent {
-    fn compute(
+    fn run<T: Elem>(
         &self,
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let op = self.cell.name();
         let [x, w, r] = crate::util::required(op, inputs, ["X", "W", "R"])?;
-        let dtype = x.dtype;
         let num_dir = if self.direction == Direction::Bidirectional {
             2
         } else {
@@ -495,31 +647,43 @@ impl Kernel for Recurrent {
         let bias_len = checked_numel(&[num_dir, 2, gh])?;
         let peephole_len = checked_numel(&[num_dir, 3, hidden])?;
         let expect = |name: &str, t: &TensorView<'_>, want: &[usize]| {
-            if t.shape() == want {
-                Ok(())
-            } else {
-                Err(PluginError::invalid(format!(
+            if t.shape() != want {
+                return Err(PluginError::invalid(format!(
                     "{op}: input '{name}' has shape {:?}, expected {want:?}",
                     t.shape()
-                )))
+                )));
             }
+            if t.dtype != x.dtype {
+                return Err(PluginError::invalid(format!(
+                    "{op}: input '{name}' is {} but X is {}",
+                    t.dtype, x.dtype
+                )));
+            }
+            Ok(())
         };
         expect("W", &w, &[num_dir, gh, input_size])?;
         expect("R", &r, &[num_dir, gh, hidden])?;
-        let xv = read_f64(op, &x, "X")?;
-        let wv = f64s(op, &self.w64, &w, "W")?;
-        let rv = f64s(op, &self.r64, &r, "R")?;
+        let (xv, wv, rv) = (x.as_slice::<T>()?, w.as_slice::<T>()?, r.as_slice::<T>()?);
+        let zeros_b;
         let bv = match input(inputs, 3) {
             Some(b) => {
                 expect("B", &b, &[num_dir, 2 * gh])?;
-                read_f64(op, &b, "B")?
+                b.as_slice::<T>()?
             }
-            None => try_vec(bias_len, 0.0)?,
+            None => {
+                zeros_b = try_vec(bias_len, T::ZERO)?;
+                &zeros_b[..]
+            }
         };
         // Per-batch lengths; `None` (every batch runs `seq` steps) needs no batch-sized vector.
         let lens: Option<Vec<usize>> = match input(inputs, 4) {
             Some(s) => {
-                expect("sequence_lens", &s, &[batch])?;
+                if s.shape() != [batch] {
+                    return Err(PluginError::invalid(format!(
+                        "{op}: input 'sequence_lens' has shape {:?}, expected [{batch}]",
+                        s.shape()
+                    )));
+                }
                 s.to_i64s()?
                     .iter()
                     .map(|&l| {
@@ -549,31 +713,37 @@ impl Kernel for Recurrent {
                 (b * num_dir + d) * hidden
             }
         };
-        let read_state = |i: usize, name: &str| -> Result<Option<Vec<f64>>, PluginError> {
+        let read_state = |i: usize, name: &str| -> Result<Option<&[T]>, PluginError> {
             match input(inputs, i) {
                 Some(t) => {
                     expect(name, &t, &state_shape)?;
-                    Ok(Some(read_f64(op, &t, name)?))
+                    Ok(Some(t.as_slice::<T>()?))
                 }
                 None => Ok(None),
             }
         };
         let h0 = read_state(5, "initial_h")?;
+        let zeros_p;
         let (c0, pv) = if self.cell == Cell::Lstm {
             let c0 = read_state(6, "initial_c")?;
             let pv = match input(inputs, 7) {
                 Some(p) => {
                     expect("P", &p, &[num_dir, 3 * hidden])?;
-                    read_f64(op, &p, "P")?
+                    p.as_slice::<T>()?
                 }
-                None => try_vec(peephole_len, 0.0)?,
+                None => {
+                    zeros_p = try_vec(peephole_len, T::ZERO)?;
+                    &zeros_p[..]
+                }
             };
             (c0, pv)
         } else {
-            (None, try_vec(peephole_len, 0.0)?)
+            zeros_p = try_vec(peephole_len, T::ZERO)?;
+            (None, &zeros_p[..])
         };
         // Outputs first, so that the host refuses sizes past its limit before any per-batch
-        // work or state exists.
+        // work or state exists. Zero-filled: steps past a batch's length and states without
+        // an initial value are zeros.
         let n_out = ctx.num_outputs();
         if n_out > 2 && self.cell != Cell::Lstm {
             return Err(PluginError::invalid(format!(
@@ -586,58 +756,65 @@ impl Kernel for Recurrent {
         } else {
             [batch, seq, num_dir, hidden]
         };
-        let mut y_out = (n_out > 0)
-            .then(|| Sink::alloc(ctx, 0, dtype, &y_shape))
-            .transpose()?;
-        let mut h_out = (n_out > 1)
-            .then(|| Sink::alloc(ctx, 1, dtype, &state_shape))
-            .transpose()?;
-        let mut c_out = (n_out > 2)
-            .then(|| Sink::alloc(ctx, 2, dtype, &state_shape))
-            .transpose()?;
+        let alloc = |i: usize, shape: &[usize]| -> Result<&mut [T], PluginError> {
+            let s = ctx.output_slice::<T>(i, shape)?;
+            s.fill(T::ZERO);
+            Ok(s)
+        };
+        let mut y_out = (n_out > 0).then(|| alloc(0, &y_shape)).transpose()?;
+        let mut h_out = (n_out > 1).then(|| alloc(1, &state_shape)).transpose()?;
+        let mut c_out = (n_out > 2).then(|| alloc(2, &state_shape)).transpose()?;
         if seq == 0 {
             // No steps: Y is empty and the final states are the initial ones (zeros when
             // absent). Nothing per batch is allocated, however large the batch.
-            for (out, init) in [(&mut h_out, &h0), (&mut c_out, &c0)] {
+            for (out, init) in [(&mut h_out, h0), (&mut c_out, c0)] {
                 if let (Some(out), Some(init)) = (out, init) {
-                    out.put(0, init);
+                    out.copy_from_slice(init);
                 }
             }
             return Ok(());
         }
-        let x_at = |t: usize, b: usize| {
-            let row = if self.layout == 0 {
+        // Every step's input projection, per direction: X (all `seq * batch` rows, in X's
+        // order) times W_d^T, one product instead of a matrix-vector product per step.
+        let rows = checked_numel(&[seq, batch])?;
+        let mut proj = try_vec(checked_numel(&[num_dir, rows, gh])?, T::ZERO)?;
+        for (d, pd) in proj.chunks_exact_mut(rows * gh).enumerate() {
+            let wd = &wv[d * gh * input_size..(d + 1) * gh * input_size];
+            let packed = self.packed_w.get(d).map(|p| &**p);
+            T::project(ctx, op, xv, wd, rows, gh, pd, packed)?;
+        }
+        let row_of = |t: usize, b: usize| {
+            if self.layout == 0 {
                 t * batch + b
             } else {
                 b * seq + t
-            };
-            xv[row * input_size..(row + 1) * input_size].to_vec()
+            }
         };
         let per_dir = self.cell.default_acts().len();
         let tasks = checked_numel(&[num_dir, batch])?;
         let mut slots = try_with_capacity(tasks)?;
         slots.resize_with(tasks, || None);
-        let results: Mutex<Vec<Option<Track>>> = Mutex::new(slots);
+        let results: Mutex<Vec<Option<Track<T>>>> = Mutex::new(slots);
         ctx.parallel_for(tasks, 1, |range| {
             for task in range {
                 let (d, b) = (task / batch, task % batch);
                 let prm = Params {
-                    w: &wv[d * gh * input_size..(d + 1) * gh * input_size],
                     r: &rv[d * gh * hidden..(d + 1) * gh * hidden],
                     b: &bv[d * 2 * gh..(d + 1) * 2 * gh],
                     p: &pv[d * 3 * hidden..(d + 1) * 3 * hidden],
                     acts: &self.acts[d * per_dir..(d + 1) * per_dir],
                 };
                 let reverse = self.direction == Direction::Reverse || d == 1;
-                let xs: Vec<Vec<f64>> = (0..seq).map(|t| x_at(t, b)).collect();
+                let pd = &proj[d * rows * gh..(d + 1) * rows * gh];
+                let wx = |t: usize| &pd[row_of(t, b) * gh..(row_of(t, b) + 1) * gh];
                 let s = st(d, b);
-                let state0 = |v: &Option<Vec<f64>>| match v {
+                let state0 = |v: Option<&[T]>| match v {
                     Some(v) => Ok(v[s..s + hidden].to_vec()),
-                    None => try_vec(hidden, 0.0),
+                    None => try_vec(hidden, T::ZERO),
                 };
-                let (h0, c0) = (state0(&h0)?, state0(&c0)?);
+                let (h0, c0) = (state0(h0)?, state0(c0)?);
                 let len = lens.as_ref().map_or(seq, |l| l[b]);
-                let tr = self.track(&prm, &xs, len, reverse, hidden, h0, c0)?;
+                let tr = self.track(&prm, wx, seq, len, reverse, hidden, h0, c0)?;
                 results
                     .lock()
                     .map_err(|_| PluginError::internal(format!("{op}: result slots poisoned")))?
@@ -648,7 +825,7 @@ impl Kernel for Recurrent {
         let results = results
             .into_inner()
             .map_err(|_| PluginError::internal(format!("{op}: result slots poisoned")))?;
-        let tracks: Vec<Track> = results
+        let tracks: Vec<Track<T>> = results
             .into_iter()
             .map(|t| {
                 t.ok_or_else(|| PluginError::internal(format!("{op}: a recurrence did not run")))
@@ -663,15 +840,19 @@ impl Kernel for Recurrent {
                     } else {
                         ((b * seq + t) * num_dir + d) * hidden
                     };
-                    y.put(o, &tr.y[t * hidden..(t + 1) * hidden]);
+                    y[o..o + hidden].copy_from_slice(&tr.y[t * hidden..(t + 1) * hidden]);
                 }
             }
         }
-        let states: [(_, Pick); 2] = [(&mut h_out, |t| &t.h), (&mut c_out, |t| &t.c)];
-        for (out, pick) in states {
+        for (out, pick) in [(&mut h_out, Pick::H), (&mut c_out, Pick::C)] {
             if let Some(out) = out {
                 for (task, tr) in tracks.iter().enumerate() {
-                    out.put(st(task / batch, task % batch), pick(tr));
+                    let s = st(task / batch, task % batch);
+                    let v = match pick {
+                        Pick::H => &tr.h,
+                        Pick::C => &tr.c,
+                    };
+                    out[s..s + hidden].copy_from_slice(v);
                 }
             }
         }
@@ -679,45 +860,20 @@ impl Kernel for Recurrent {
     }
 }
 
-/// Which final state of a recurrence an output takes.
-type Pick = fn(&Track) -> &[f64];
-
-/// An output tensor (f32 or f64) the recurrence writes f64 values into.
-enum Sink<'a> {
-    F32(&'a mut [f32]),
-    F64(&'a mut [f64]),
-}
-
-impl<'a> Sink<'a> {
-    /// Output `i`, zero-filled (states without an initial value start at zero).
-    fn alloc(
-        ctx: &'a KernelContext<'_>,
-        i: usize,
-        dtype: DType,
-        shape: &[usize],
-    ) -> Result<Self, PluginError> {
-        Ok(match dtype {
-            DType::F64 => {
-                let s = ctx.output_slice::<f64>(i, shape)?;
-                s.fill(0.0);
-                Sink::F64(s)
-            }
-            _ => {
-                let s = ctx.output_slice::<f32>(i, shape)?;
-                s.fill(0.0);
-                Sink::F32(s)
-            }
-        })
-    }
-
-    /// Writes `v` from element `at` on.
-    fn put(&mut self, at: usize, v: &[f64]) {
-        match self {
-            Sink::F64(s) => s[at..at + v.len()].copy_from_slice(v),
-            Sink::F32(s) => s[at..at + v.len()]
-                .iter_mut()
-                .zip(v)
-                .for_each(|(o, &x)| *o = x as f32),
+impl Kernel for Recurrent {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        let op = self.cell.name();
+        let [x] = crate::util::required(op, inputs, ["X"])?;
+        match x.dtype {
+            DType::F32 => self.run::<f32>(ctx, inputs),
+            DType::F64 => self.run::<f64>(ctx, inputs),
+            other => Err(PluginError::unimplemented(format!(
+                "{op}: input 'X' of type {other} is not supported (f32, f64)"
+            ))),
         }
     }
 }

@@ -19,7 +19,10 @@ fn resolve(op: &str, opset: i32, inputs: &[Option<&HostTensor>]) -> Option<Regis
         .kernels
         .into_iter()
         .find(|k| {
-            k.desc.op_type.as_str() == op && k.desc.covers(opset) && k.desc.accepts(&types).is_ok()
+            k.desc.domain.is_empty()
+                && k.desc.op_type.as_str() == op
+                && k.desc.covers(opset)
+                && k.desc.accepts(&types).is_ok()
         })
         .map(|k| Registered(k.factory))
 }

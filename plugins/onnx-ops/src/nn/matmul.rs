@@ -116,6 +116,22 @@ fn prepack(node: &NodeInfo<'_>, index: usize, trans_b: bool) -> Option<Arc<Packe
         return None;
     };
     let (k, n) = if trans_b { (cols, rows) } else { (rows, cols) };
+    pack_constant_b(node, b.as_slice::<f32>().ok()?, k, n, trans_b)
+}
+
+/// Packs `b`, part of one of `node`'s constant inputs, as the right operand (`k x n`, or
+/// `n x k` with `trans_b`) of an f32 gemm with the node's BLAS backend. `None` when the
+/// backend does not pre-pack or `b` is too short.
+pub(crate) fn pack_constant_b(
+    node: &NodeInfo<'_>,
+    b: &[f32],
+    k: usize,
+    n: usize,
+    trans_b: bool,
+) -> Option<Arc<PackedB>> {
+    if k.checked_mul(n)? > b.len() {
+        return None;
+    }
     let blas = node.blas()?;
     let args = gemm_args(
         false,
@@ -125,7 +141,7 @@ fn prepack(node: &NodeInfo<'_>, index: usize, trans_b: bool) -> Option<Arc<Packe
         k,
         1.0,
         std::ptr::null(),
-        b.data.cast(),
+        b.as_ptr(),
         0.0,
         std::ptr::null_mut(),
     );

@@ -20,6 +20,7 @@ mod unpool;
 pub(crate) use opreg_sdk::numeric::{Arith, Float, Real, Scalar, FLOATS};
 
 pub(crate) use crate::util::{not_implemented_for, optional, Factory};
+pub(crate) use matmul::{gemm_f32, pack_constant_b};
 
 /// Registers `factory` for `op` once per schema version range: `versions` are the schema
 /// versions in increasing order; the last range is open-ended.
