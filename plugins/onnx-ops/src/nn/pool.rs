@@ -874,8 +874,14 @@ mod tests {
         }
         let tx = HostTensor::from_vec(&xs, &x).expect("x");
         // (kernel, strides, dilations, pads, ceil_mode)
-        let cases: [([usize; 2], [usize; 2], [usize; 2], [usize; 4], bool); 8] = [
-            ([3, 3], [2, 2], [1, 1], [1, 1, 1, 1], false),
+        let cases = [
+            (
+                [3usize, 3],
+                [2usize, 2],
+                [1usize, 1],
+                [1usize, 1, 1, 1],
+                false,
+            ),
             ([3, 3], [2, 2], [1, 1], [0, 0, 0, 0], true),
             ([2, 2], [2, 2], [1, 1], [0, 0, 0, 0], false),
             ([3, 3], [1, 1], [1, 1], [1, 1, 1, 1], false),
