@@ -1,6 +1,6 @@
 //! MatMul and Gemm: shape logic here, the products in the node's BLAS backend.
 
-use super::{activation::Activation, blas, optional, register_versions};
+use super::{activation::Activation, blas, optional, register_versions, Disjoint};
 use crate::util::{broadcast_shapes, broadcast_strides, product_sat, required, walk_offsets};
 use opreg_sdk::{
     alloc::{checked_numel, try_vec, try_with_capacity},
@@ -264,24 +264,31 @@ impl MatMulPlan {
                 packed,
             );
         }
-        for (yb, &(oa, ob)) in y.chunks_mut(m * n).zip(&self.offs) {
-            gemm_f32(
-                ctx,
-                "MatMul",
-                false,
-                false,
-                m,
-                n,
-                k,
-                1.0,
-                &x[oa..],
-                &w[ob..],
-                0.0,
-                yb,
-                None,
-            )?;
-        }
-        Ok(())
+        // One task per product (attention's per-head products are each too small to keep
+        // two threads busy inside the gemm); a task's gemm may still split further.
+        let yd = Disjoint::new(y);
+        ctx.parallel_for(self.offs.len(), 1, |range| {
+            for (i, &(oa, ob)) in self.offs[range.clone()].iter().enumerate() {
+                // SAFETY: product `range.start + i` writes its own block of y.
+                let yb = unsafe { yd.part((range.start + i) * m * n, m * n) };
+                gemm_f32(
+                    ctx,
+                    "MatMul",
+                    false,
+                    false,
+                    m,
+                    n,
+                    k,
+                    1.0,
+                    &x[oa..],
+                    &w[ob..],
+                    0.0,
+                    yb,
+                    None,
+                )?;
+            }
+            Ok(())
+        })
     }
 
     /// The products as plain loops (f64 and integers; integers wrap as numpy's do).
