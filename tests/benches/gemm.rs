@@ -1,6 +1,6 @@
 //! f32 gemm: opreg's CPU BLAS plugin, called through the plugin ABI exactly as kernels call
 //! it, side by side with numpy's OpenBLAS in the same run. Reports time ratios
-//! (opreg / OpenBLAS; below 1 means opreg is faster).
+//! (opreg / OpenBLAS; below 1 means opreg is faster), on one thread and on every core.
 //!
 //! Run with `scripts/bench` (builds the release plugin and the Python venv first).
 
@@ -17,6 +17,7 @@ const SHAPES: &[(usize, usize, usize)] = &[
     (256, 256, 256),
     (512, 512, 512),
     (1024, 1024, 1024),
+    (2048, 2048, 2048),
     (64, 12544, 147),
     (64, 3136, 576),
     (256, 3136, 64),
@@ -92,47 +93,52 @@ fn main() {
     let registration = opreg_sdk::module::collect(module.register()).expect("register");
     let backend = &registration.backends[0];
     println!("backend: {} ({})", backend.desc.name, lib.display());
-    let threads = std::thread::available_parallelism()
+    let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .expect("pool");
-
-    let mut ours = Vec::new();
-    for &(m, n, k) in SHAPES {
-        let a: Vec<f32> = (0..m * k).map(|i| (i % 17) as f32 * 0.1).collect();
-        let b: Vec<f32> = (0..k * n).map(|i| (i % 13) as f32 * 0.1).collect();
-        let mut c = vec![0f32; m * n];
-        let log = |_: LogLevel, _: &str| {};
-        let t = pool.install(|| {
-            best_of(|| {
-                let args = GemmArgs::f32(m, n, k, &a, &b, &mut c).expect("args");
-                let frame = CallFrame::new(0, Device::CPU, Some(&backend.backend), &log);
-                frame
-                    .with_context(|ctx| ctx.blas().expect("blas").gemm(ctx, &args))
-                    .expect("gemm");
-            })
-        });
-        ours.push(t);
-    }
     let python = std::env::var("OPREG_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let theirs = numpy_times(&python, threads);
-    println!("threads: {threads}");
-    println!(
-        "{:>18} {:>12} {:>12} {:>14}",
-        "m x n x k", "opreg GF/s", "OpenBLAS GF/s", "opreg/OpenBLAS"
-    );
-    for (((m, n, k), o), t) in SHAPES.iter().zip(&ours).zip(&theirs) {
-        let flops = 2.0 * (*m * *n * *k) as f64;
+    let mut counts = vec![1];
+    if cores > 1 {
+        counts.push(cores);
+    }
+    for threads in counts {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("pool");
+        let mut ours = Vec::new();
+        for &(m, n, k) in SHAPES {
+            let a: Vec<f32> = (0..m * k).map(|i| (i % 17) as f32 * 0.1).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| (i % 13) as f32 * 0.1).collect();
+            let mut c = vec![0f32; m * n];
+            let log = |_: LogLevel, _: &str| {};
+            let t = pool.install(|| {
+                best_of(|| {
+                    let args = GemmArgs::f32(m, n, k, &a, &b, &mut c).expect("args");
+                    let frame = CallFrame::new(0, Device::CPU, Some(&backend.backend), &log);
+                    frame
+                        .with_context(|ctx| ctx.blas().expect("blas").gemm(ctx, &args))
+                        .expect("gemm");
+                })
+            });
+            ours.push(t);
+        }
+        let theirs = numpy_times(&python, threads);
+        println!("threads: {threads}");
         println!(
-            "{:>18} {:>12.1} {:>12.1} {:>14.2}",
-            format!("{m}x{n}x{k}"),
-            flops / o / 1e9,
-            flops / t / 1e9,
-            o / t
+            "{:>18} {:>12} {:>12} {:>14}",
+            "m x n x k", "opreg GF/s", "OpenBLAS GF/s", "opreg/OpenBLAS"
         );
+        for (((m, n, k), o), t) in SHAPES.iter().zip(&ours).zip(&theirs) {
+            let flops = 2.0 * (*m * *n * *k) as f64;
+            println!(
+                "{:>18} {:>12.1} {:>12.1} {:>14.2}",
+                format!("{m}x{n}x{k}"),
+                flops / o / 1e9,
+                flops / t / 1e9,
+                o / t
+            );
+        }
     }
     drop(registration);
     let _ = PluginModRef::NAME;

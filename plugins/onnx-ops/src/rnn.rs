@@ -5,10 +5,10 @@
 //! gemm in the BLAS backend for f32), then per step `R h` and the gates as vector passes over
 //! the hidden units, the activations chosen once per pass so that each loop vectorizes.
 
-use opreg_sdk::PackedB;
 use opreg_sdk::{
     alloc::{checked_numel, try_vec, try_with_capacity},
     prelude::*,
+    PackedB,
 };
 use std::sync::{Arc, Mutex};
 
@@ -327,15 +327,20 @@ trait Elem:
         packed: Option<&PackedB>,
     ) -> Result<(), PluginError> {
         let _ = (ctx, op, packed);
-        let k = w.len() / m.max(1);
-        for (xr, o) in x
-            .chunks_exact(k.max(1))
-            .zip(out.chunks_exact_mut(m))
-            .take(n)
-        {
-            Self::matvec(w, if k == 0 { &[] } else { xr }, m, o);
-        }
+        project_rows(x, w, n, m, out);
         Ok(())
+    }
+}
+
+/// [`Elem::project`] as one matrix-vector product per row of `x` (no input features: `x` is
+/// empty and `out` keeps its zeros).
+fn project_rows<T: Elem>(x: &[T], w: &[T], n: usize, m: usize, out: &mut [T]) {
+    let k = w.len() / m.max(1);
+    if k == 0 {
+        return;
+    }
+    for (xr, o) in x.chunks_exact(k).zip(out.chunks_exact_mut(m)).take(n) {
+        T::matvec(w, xr, m, o);
     }
 }
 
@@ -377,14 +382,7 @@ impl Elem for f32 {
     ) -> Result<(), PluginError> {
         if ctx.blas().is_none() {
             // No backend (a kernel run on its own): the per-row products.
-            let k = w.len() / m.max(1);
-            for (xr, o) in x
-                .chunks_exact(k.max(1))
-                .zip(out.chunks_exact_mut(m))
-                .take(n)
-            {
-                matvec32(w, if k == 0 { &[] } else { xr }, m, o);
-            }
+            project_rows(x, w, n, m, out);
             return Ok(());
         }
         let k = w.len() / m.max(1);
@@ -513,9 +511,9 @@ impl Recurrent {
         let mut y = try_vec(checked_numel(&[seq, hidden])?, T::ZERO)?;
         let (mut h, mut c) = (h0, c0);
         // The gates' pre-activations, then (in place) their values.
-        let mut pre = vec![T::ZERO; gh];
-        let mut rh = vec![T::ZERO; gh];
-        let mut tmp = vec![T::ZERO; hidden];
+        let mut pre = try_vec(gh, T::ZERO)?;
+        let mut rh = try_vec(gh, T::ZERO)?;
+        let mut tmp = try_vec(hidden, T::ZERO)?;
         let (wb, rb) = prm.b.split_at(gh);
         for step in 0..len {
             let t = if reverse { len - 1 - step } else { step };
