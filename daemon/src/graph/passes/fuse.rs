@@ -182,18 +182,10 @@ impl Pass for ConvActivation {
             }
             conv.outputs.truncate(1);
             conv.outputs.splice(0..1, [out]);
-            for i in gone {
-                if let Some(r) = remove.get_mut(i) {
-                    *r = true;
-                }
-            }
+            super::flag(&mut remove, gone);
             fused += 1;
         }
-        if fused > 0 {
-            model.opsets.insert("opreg".into(), 1);
-        }
-        super::remove_nodes(model, &remove);
-        Ok(fused)
+        Ok(super::finish_opreg_fusion(model, &remove, fused))
     }
 }
 
@@ -310,11 +302,7 @@ impl Pass for ConvAdd {
                 *r = true;
             }
         }
-        if !joins.is_empty() {
-            model.opsets.insert("opreg".into(), 1);
-        }
-        super::remove_nodes(model, &remove);
-        Ok(joins.len())
+        Ok(super::finish_opreg_fusion(model, &remove, joins.len()))
     }
 }
 
@@ -430,10 +418,6 @@ impl Pass for MatMulAdd {
             }
             fused += 1;
         }
-        if fused > 0 {
-            model.opsets.insert("opreg".into(), 1);
-        }
-        super::remove_nodes(model, &remove);
-        Ok(fused)
+        Ok(super::finish_opreg_fusion(model, &remove, fused))
     }
 }

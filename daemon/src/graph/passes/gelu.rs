@@ -183,17 +183,9 @@ impl Pass for Gelu {
             n.op_type = "Gelu".into();
             n.inputs = vec![x];
             n.attributes.clear();
-            for &i in rest {
-                if let Some(r) = remove.get_mut(i) {
-                    *r = true;
-                }
-            }
+            super::flag(&mut remove, rest.iter().copied());
             fused += 1;
         }
-        if fused > 0 {
-            model.opsets.insert("opreg".into(), 1);
-        }
-        super::remove_nodes(model, &remove);
-        Ok(fused)
+        Ok(super::finish_opreg_fusion(model, &remove, fused))
     }
 }

@@ -116,6 +116,25 @@ pub fn run(model: &mut Model, passes: &[&dyn Pass]) -> Result<Vec<PassReport>, G
     Ok(reports)
 }
 
+/// Ends a fusion into opreg's own operators: removes the nodes flagged in `remove` and, when
+/// `fused` nodes were made, imports the `opreg` domain they belong to. Returns `fused`.
+fn finish_opreg_fusion(model: &mut Model, remove: &[bool], fused: usize) -> usize {
+    if fused > 0 {
+        model.opsets.insert("opreg".into(), 1);
+    }
+    remove_nodes(model, remove);
+    fused
+}
+
+/// Flags the nodes at `positions` in `remove`.
+fn flag(remove: &mut [bool], positions: impl IntoIterator<Item = usize>) {
+    for i in positions {
+        if let Some(r) = remove.get_mut(i) {
+            *r = true;
+        }
+    }
+}
+
 /// Removes the nodes whose flag in `remove` is set (by position).
 fn remove_nodes(model: &mut Model, remove: &[bool]) {
     let mut flags = remove.iter();

@@ -420,6 +420,19 @@ impl<C: Real> RowParam<C> {
 }
 
 impl LayerNorm {
+    /// `(axis, rows, cols)`: the normalized axis, and X as rows of `cols` values. Saturating:
+    /// exact whenever X has elements; an empty X returns before the parameters are expanded
+    /// over a row (X may be [0, 2^40]).
+    fn layout(&self, xs: &[usize]) -> Result<(usize, usize, usize), PluginError> {
+        let axis = normalize_axis(self.axis, xs.len()).map_err(|e| {
+            PluginError::invalid(format!(
+                "LayerNormalization: attribute 'axis': {}",
+                e.message
+            ))
+        })?;
+        Ok((axis, product_sat(&xs[..axis]), product_sat(&xs[axis..])))
+    }
+
     fn run<T: Float>(
         &self,
         ctx: &KernelContext<'_>,
@@ -428,12 +441,7 @@ impl LayerNorm {
         const OP: &str = "LayerNormalization";
         let [xv, sv] = required(OP, inputs, ["X", "Scale"])?;
         let xs = xv.shape();
-        let axis = normalize_axis(self.axis, xs.len())
-            .map_err(|e| PluginError::invalid(format!("{OP}: attribute 'axis': {}", e.message)))?;
-        // Exact whenever X has elements; an empty X returns before the parameters are
-        // expanded over a row (X may be [0, 2^40]).
-        let rows = product_sat(&xs[..axis]);
-        let cols = product_sat(&xs[axis..]);
+        let (axis, rows, cols) = self.layout(xs)?;
         let x = xv.as_slice::<T>()?;
         let y = ctx.output_slice::<T>(0, xs)?;
         let mut stat_shape = xs[..axis].to_vec();
@@ -502,10 +510,7 @@ impl LayerNorm {
         const OP: &str = "LayerNormalization";
         let [xv, sv] = required(OP, inputs, ["X", "Scale"])?;
         let xs = xv.shape();
-        let axis = normalize_axis(self.axis, xs.len())
-            .map_err(|e| PluginError::invalid(format!("{OP}: attribute 'axis': {}", e.message)))?;
-        let rows = product_sat(&xs[..axis]);
-        let cols = product_sat(&xs[axis..]);
+        let (axis, rows, cols) = self.layout(xs)?;
         if rows == 0 || cols == 0 || ctx.num_outputs() > 1 {
             return Ok(None);
         }
