@@ -128,58 +128,44 @@ impl PackedF32 {
     }
 }
 
-/// Packs B, or A with [`GemmArgs::PACKED_A`].
+/// Packs B (`k x n`, in `NR`-column panels), or with [`GemmArgs::PACKED_A`] `op(A)` (`m x k`,
+/// row-major layout, in `MR`-row panels).
 pub(crate) fn pack(kind: KernelKind, g: &GemmArgs) -> Result<PackedF32, PluginError> {
-    if g.flags & GemmArgs::PACKED_A != 0 {
-        return pack_a(kind, g);
-    }
-    let (k, n) = (g.k, g.n);
-    let b = check_operand("b", g.b, g.layout, g.trans_b, k, n, g.ldb)?;
-    let (nr, _) = gemm::panel_width(kind);
-    let floats = n
-        .div_ceil(nr)
-        .checked_mul(nr)
-        .and_then(|w| w.checked_mul(k))
-        .ok_or_else(|| PluginError::invalid("cpu blas: packed B size overflows"))?;
-    let mut panels = AlignedBuf::new(floats.max(1))?;
-    // SAFETY: `panels` has room for `k * n_pad` floats at a 64-byte aligned address; B was
-    // checked above.
-    let kc = unsafe { gemm::pack_b_all_for(kind, b, k, n, panels.ptr()) };
-    Ok(PackedF32 {
-        kind,
-        a: false,
-        kc,
-        k,
-        n,
-        panels,
-    })
-}
-
-/// Packs `op(A)` (`m x k`, row-major layout) in `MR`-row panels.
-fn pack_a(kind: KernelKind, g: &GemmArgs) -> Result<PackedF32, PluginError> {
-    let (m, k) = (g.m, g.k);
-    if g.layout != Layout::ROW_MAJOR {
+    let a = g.flags & GemmArgs::PACKED_A != 0;
+    if a && g.layout != Layout::ROW_MAJOR {
         return Err(PluginError::invalid(
             "cpu blas: packed A needs a row-major layout",
         ));
     }
-    let a = check_operand("a", g.a, g.layout, g.trans_a, m, k, g.lda)?;
-    let mr = gemm::panel_height(kind);
-    let floats = m
-        .div_ceil(mr)
-        .checked_mul(mr)
-        .and_then(|h| h.checked_mul(k))
-        .ok_or_else(|| PluginError::invalid("cpu blas: packed A size overflows"))?;
+    // The operand, how many rows (A) or columns (B) it has, and their panel size.
+    let (op, across, panel) = if a {
+        let op = check_operand("a", g.a, g.layout, g.trans_a, g.m, g.k, g.lda)?;
+        (op, g.m, gemm::panel_height(kind))
+    } else {
+        let op = check_operand("b", g.b, g.layout, g.trans_b, g.k, g.n, g.ldb)?;
+        (op, g.n, gemm::panel_width(kind).0)
+    };
+    let floats = across
+        .div_ceil(panel)
+        .checked_mul(panel)
+        .and_then(|w| w.checked_mul(g.k))
+        .ok_or_else(|| PluginError::invalid("cpu blas: packed operand size overflows"))?;
     let mut panels = AlignedBuf::new(floats.max(1))?;
-    // SAFETY: `panels` has room for `k * m_pad` floats at a 64-byte aligned address; A was
-    // checked above.
-    let kc = unsafe { gemm::pack_a_all_for(kind, a, m, k, panels.ptr()) };
+    // SAFETY: `panels` has room for `k` times the padded rows / columns at a 64-byte aligned
+    // address; the operand was checked above.
+    let kc = unsafe {
+        if a {
+            gemm::pack_a_all_for(kind, op, g.m, g.k, panels.ptr())
+        } else {
+            gemm::pack_b_all_for(kind, op, g.k, g.n, panels.ptr())
+        }
+    };
     Ok(PackedF32 {
         kind,
-        a: true,
+        a,
         kc,
-        k,
-        n: m,
+        k: g.k,
+        n: across,
         panels,
     })
 }

@@ -10,6 +10,29 @@ use crate::kernels::{KernelKind, MicroKernel, Portable};
 use opreg_sdk::prelude::*;
 use std::ops::Range;
 
+/// `$e` with `$k` the micro-kernel type of `kind` (the one place that maps a [`KernelKind`] to
+/// its kernel).
+macro_rules! by_kernel {
+    ($kind:expr, $k:ident => $e:expr) => {
+        match $kind {
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::Avx512 => {
+                type $k = crate::kernels::Avx512;
+                $e
+            }
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::Avx2 => {
+                type $k = crate::kernels::Avx2;
+                $e
+            }
+            _ => {
+                type $k = Portable;
+                $e
+            }
+        }
+    };
+}
+
 /// A strided f32 matrix: element `(i, j)` at `ptr + i * rs + j * cs`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Mat {
@@ -150,15 +173,7 @@ pub(crate) unsafe fn gemm(
     p: &Problem,
 ) -> Result<(), PluginError> {
     // SAFETY: forwarded from the caller.
-    unsafe {
-        match kind {
-            #[cfg(target_arch = "x86_64")]
-            KernelKind::Avx512 => gemm_with::<crate::kernels::Avx512>(ctx, p),
-            #[cfg(target_arch = "x86_64")]
-            KernelKind::Avx2 => gemm_with::<crate::kernels::Avx2>(ctx, p),
-            _ => gemm_with::<Portable>(ctx, p),
-        }
-    }
+    unsafe { by_kernel!(kind, K => gemm_with::<K>(ctx, p)) }
 }
 
 /// `C = beta * C` (for `k == 0` or `alpha == 0`, where A and B are not read).
@@ -587,29 +602,12 @@ pub(crate) unsafe fn pack_a_all_for(
     out: *mut f32,
 ) -> usize {
     // SAFETY: forwarded from the caller.
-    unsafe {
-        match kind {
-            #[cfg(target_arch = "x86_64")]
-            KernelKind::Avx512 => pack_a_all::<crate::kernels::Avx512>(a, m, k, out),
-            #[cfg(target_arch = "x86_64")]
-            KernelKind::Avx2 => pack_a_all::<crate::kernels::Avx2>(a, m, k, out),
-            _ => pack_a_all::<Portable>(a, m, k, out),
-        }
-    }
+    unsafe { by_kernel!(kind, K => pack_a_all::<K>(a, m, k, out)) }
 }
 
 /// `MR` of the kernel `kind`.
 pub(crate) fn panel_height(kind: KernelKind) -> usize {
-    fn of<K: MicroKernel>() -> usize {
-        K::MR
-    }
-    match kind {
-        #[cfg(target_arch = "x86_64")]
-        KernelKind::Avx512 => of::<crate::kernels::Avx512>(),
-        #[cfg(target_arch = "x86_64")]
-        KernelKind::Avx2 => of::<crate::kernels::Avx2>(),
-        _ => of::<Portable>(),
-    }
+    by_kernel!(kind, K => K::MR)
 }
 
 /// [`pack_b_all`] for the kernel `kind`; returns `(kc, nr)`.
@@ -624,27 +622,10 @@ pub(crate) unsafe fn pack_b_all_for(
     out: *mut f32,
 ) -> usize {
     // SAFETY: forwarded from the caller.
-    unsafe {
-        match kind {
-            #[cfg(target_arch = "x86_64")]
-            KernelKind::Avx512 => pack_b_all::<crate::kernels::Avx512>(b, k, n, out),
-            #[cfg(target_arch = "x86_64")]
-            KernelKind::Avx2 => pack_b_all::<crate::kernels::Avx2>(b, k, n, out),
-            _ => pack_b_all::<Portable>(b, k, n, out),
-        }
-    }
+    unsafe { by_kernel!(kind, K => pack_b_all::<K>(b, k, n, out)) }
 }
 
 /// `(NR, KC)` of the kernel `kind`.
 pub(crate) fn panel_width(kind: KernelKind) -> (usize, usize) {
-    fn of<K: MicroKernel>() -> (usize, usize) {
-        (K::NR, K::KC)
-    }
-    match kind {
-        #[cfg(target_arch = "x86_64")]
-        KernelKind::Avx512 => of::<crate::kernels::Avx512>(),
-        #[cfg(target_arch = "x86_64")]
-        KernelKind::Avx2 => of::<crate::kernels::Avx2>(),
-        _ => of::<Portable>(),
-    }
+    by_kernel!(kind, K => (K::NR, K::KC))
 }

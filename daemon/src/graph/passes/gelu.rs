@@ -16,7 +16,7 @@
 //! next node of the chain alone and not be a graph output, so removing it loses nothing.
 //! `opreg::Gelu(x) -> y` takes the place of the chain's last node, where `x` is computed.
 
-use super::{super::import::Model, reads, Fusion, Pass};
+use super::{super::import::Model, readers, reads, Fusion, Pass};
 use crate::graph::import::Node;
 use crate::graph::GraphError;
 use opreg_sdk::{AttrValue, DType};
@@ -69,15 +69,11 @@ impl Pass for Gelu {
         let read = reads(model)?;
         let outputs: Vec<&str> = model.outputs.iter().map(|o| o.name.as_str()).collect();
         let producers = model.producers();
-        // The node reading each value, for values read exactly once and not graph outputs.
-        let mut only_reader: HashMap<&str, usize> = HashMap::new();
-        for (i, n) in model.nodes.iter().enumerate() {
-            for v in &n.inputs {
-                if read.get(v) == Some(&1) && !outputs.contains(&v.as_str()) {
-                    only_reader.insert(v.as_str(), i);
-                }
-            }
-        }
+        let reader = readers(model);
+        // The node reading a value, for values read exactly once and not graph outputs.
+        let only_reader = |v: &str| -> Option<usize> {
+            (read.get(v) == Some(&1) && !outputs.contains(&v)).then(|| reader.get(v).copied())?
+        };
         let plain = |i: usize, op: &str| -> Option<&Node> {
             model
                 .nodes
@@ -95,7 +91,7 @@ impl Pass for Gelu {
         let is = |name: &str, want: f64| near(scalar(model, &producers, name), want);
         let out =
             |i: usize| -> Option<&str> { model.nodes.get(i)?.outputs.first().map(|s| s.as_str()) };
-        let next = |i: usize| -> Option<usize> { only_reader.get(out(i)?).copied() };
+        let next = |i: usize| -> Option<usize> { only_reader(out(i)?) };
 
         // (x, the chain's node positions, the last one writing y).
         let mut chains: Vec<(String, Vec<usize>)> = Vec::new();
@@ -106,7 +102,7 @@ impl Pass for Gelu {
             let found = (|| -> Option<(String, Vec<usize>)> {
                 let d = erf.inputs.first()?;
                 let di = *producers.get(d.as_str())?;
-                if only_reader.get(d.as_str()) != Some(&ei) {
+                if only_reader(d) != Some(ei) {
                     return None;
                 }
                 let dn = model.nodes.get(di)?;
@@ -149,7 +145,7 @@ impl Pass for Gelu {
                     // Mul(Mul(x, 0.5), a): p is the half of x, read by this Mul alone.
                     let hi = *producers.get(p.as_str())?;
                     let half = plain(hi, "Mul")?;
-                    if only_reader.get(p.as_str()) != Some(&m1) || !is(&other(half, &x)?, 0.5) {
+                    if only_reader(&p) != Some(m1) || !is(&other(half, &x)?, 0.5) {
                         return None;
                     }
                     Some((x, vec![hi, di, ei, ai, m1]))

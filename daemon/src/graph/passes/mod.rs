@@ -143,6 +143,18 @@ fn remove_nodes(model: &mut Model, remove: &[bool]) {
         .retain(|_| !flags.next().copied().unwrap_or(false));
 }
 
+/// The (last) node reading each value: the one reader of a value read once, which is all the
+/// fusions use it for.
+fn readers(model: &Model) -> std::collections::HashMap<&str, usize> {
+    let mut reader = std::collections::HashMap::new();
+    for (i, n) in model.nodes.iter().enumerate() {
+        for x in n.inputs.iter().filter(|x| !x.is_empty()) {
+            reader.insert(x.as_str(), i);
+        }
+    }
+    reader
+}
+
 /// Names every node reads: its inputs, and the outer values its subgraphs read.
 fn reads(model: &Model) -> Result<std::collections::HashMap<String, usize>, GraphError> {
     let mut count = std::collections::HashMap::new();

@@ -21,7 +21,7 @@
 //! `qdq-maxpool` and `qdq-add` (below) take the integers through a pooling and a residual join
 //! the same way.
 
-use super::{super::import::Model, reads, Fusion, Pass};
+use super::{super::import::Model, readers, reads, Fusion, Pass};
 use crate::graph::{import::Node, GraphError};
 use opreg_sdk::{host::HostTensor, AttrValue, DType};
 use std::{collections::HashMap, sync::Arc};
@@ -277,18 +277,6 @@ fn sole_quantize<'m>(
         zero_point: q.inputs.get(2).filter(|s| !s.is_empty())?,
         output: q.outputs.first()?,
     })
-}
-
-/// The (last) node reading each value: the one reader of a value read once, which is all the
-/// fusions use it for.
-fn readers(model: &Model) -> HashMap<&str, usize> {
-    let mut reader = HashMap::new();
-    for (i, n) in model.nodes.iter().enumerate() {
-        for x in n.inputs.iter().filter(|x| !x.is_empty()) {
-            reader.insert(x.as_str(), i);
-        }
-    }
-    reader
 }
 
 /// A `DequantizeLinear` node's inputs and axis.

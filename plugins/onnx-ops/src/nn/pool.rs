@@ -278,6 +278,8 @@ impl Pool {
                 } else {
                     None
                 };
+                // 2-D max without indices: separable, when its row buffer could be had (else
+                // the general walk below).
                 if s == 2 && ip.is_none() && self.kind == Kind::Max {
                     let (w_in, out_w) = (spatial[1], g.out[1]);
                     let fast = (g.dilations[1] == 1).then(|| (g.kernel[1], g.strides[1]));
@@ -288,50 +290,26 @@ impl Pool {
                         continue;
                     }
                 }
-                if s == 2 && ip.is_none() && !matches!(self.kind, Kind::Lp(_)) {
-                    // The common 2-D case without indices: a plain loop over the window's
+                if let (2, None, Kind::Avg { count_include_pad }) = (s, &ip, self.kind) {
+                    // The common 2-D average without indices: a plain loop over the window's
                     // rows and columns (the general walk below costs ~3x more per tap).
                     let (rows_of, cols_of) = (&taps[0], &taps[1]);
                     for (oh, yrow) in yp.chunks_mut(g.out[1]).enumerate() {
                         let rows = rows_of.of(oh);
                         for (ow, yv) in yrow.iter_mut().enumerate() {
                             let cols = cols_of.of(ow);
-                            *yv = match self.kind {
-                                Kind::Max => {
-                                    // The first tap starts the maximum (a NaN there stays,
-                                    // as the general walk below keeps it); then a plain
-                                    // compare-select per tap, no flag to test.
-                                    let mut best = <T::C as Real>::NEG_INFINITY;
-                                    if let (Some(&r0), Some(&c0)) = (rows.first(), cols.first()) {
-                                        best = xp[r0 + c0].load();
-                                        for &r in rows {
-                                            let xr = &xp[r..];
-                                            for &c in cols {
-                                                let v = xr[c].load();
-                                                if v > best {
-                                                    best = v;
-                                                }
-                                            }
-                                        }
-                                    }
-                                    T::store(best)
+                            let mut sum = <T::C as Arith>::ZERO;
+                            for &r in rows {
+                                for &c in cols {
+                                    sum += xp[r + c].load();
                                 }
-                                Kind::Avg { count_include_pad } => {
-                                    let mut sum = <T::C as Arith>::ZERO;
-                                    for &r in rows {
-                                        for &c in cols {
-                                            sum += xp[r + c].load();
-                                        }
-                                    }
-                                    let n = if count_include_pad {
-                                        rows_of.padded[oh] * cols_of.padded[ow]
-                                    } else {
-                                        rows.len() * cols.len()
-                                    };
-                                    T::store(sum / <T::C as Real>::from_usize(n.max(1)))
-                                }
-                                Kind::Lp(_) => unreachable!("excluded above"),
+                            }
+                            let n = if count_include_pad {
+                                rows_of.padded[oh] * cols_of.padded[ow]
+                            } else {
+                                rows.len() * cols.len()
                             };
+                            *yv = T::store(sum / <T::C as Real>::from_usize(n.max(1)));
                         }
                     }
                     continue;
