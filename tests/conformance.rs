@@ -179,7 +179,14 @@ fn half_to_f64(h: u16) -> f64 {
 }
 
 /// Runs one case; `Ok` when every data set matches.
-async fn run_case(d: &Daemon, dir: PathBuf, name: &str) -> Result<(), String> {
+/// `repo`, with the backends to prefer: each case is written there with a `config.toml` and
+/// loaded by name (`OPREG_CONFORMANCE_BACKENDS=cuda,cpu` runs the suite on the CUDA plugin).
+async fn run_case(
+    d: &Daemon,
+    dir: PathBuf,
+    name: &str,
+    repo: Option<(&std::path::Path, &str)>,
+) -> Result<(), String> {
     let bytes = std::fs::read(dir.join("model.onnx")).map_err(|e| e.to_string())?;
     let model = onnx::ModelProto::decode(bytes.as_slice()).map_err(|e| format!("decode: {e}"))?;
     let graph = model.graph.clone().unwrap_or_default();
@@ -193,21 +200,49 @@ async fn run_case(d: &Daemon, dir: PathBuf, name: &str) -> Result<(), String> {
     let outputs: Vec<&str> = graph.output.iter().map(|v| v.name.as_str()).collect();
     let mut c = d.inference().await;
     let mut params = HashMap::new();
-    params.insert(
-        "file:1/model.onnx".to_string(),
-        pb::ModelRepositoryParameter {
-            parameter_choice: Some(pb::model_repository_parameter::ParameterChoice::BytesParam(
-                bytes,
-            )),
-        },
-    );
-    c.repository_model_load(pb::RepositoryModelLoadRequest {
-        model_name: name.into(),
-        parameters: params,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| format!("load: {:?}: {}", e.code(), e.message()))?;
+    if let Some((repo, backends)) = repo {
+        let at = repo.join(name);
+        std::fs::create_dir_all(at.join("1")).map_err(|e| e.to_string())?;
+        std::fs::write(at.join("1/model.onnx"), &bytes).map_err(|e| e.to_string())?;
+        let list: Vec<String> = backends
+            .split(',')
+            .map(|b| format!("{:?}", b.trim()))
+            .collect();
+        std::fs::write(
+            at.join("config.toml"),
+            format!("backends = [{}]\n", list.join(", ")),
+        )
+        .map_err(|e| e.to_string())?;
+    } else {
+        params.insert(
+            "file:1/model.onnx".to_string(),
+            pb::ModelRepositoryParameter {
+                parameter_choice: Some(
+                    pb::model_repository_parameter::ParameterChoice::BytesParam(bytes),
+                ),
+            },
+        );
+    }
+    // Loads past the daemon's `max_concurrent_loads` are refused with RESOURCE_EXHAUSTED
+    // ("retry later"): do that.
+    let mut tries = 0;
+    loop {
+        let load = c
+            .repository_model_load(pb::RepositoryModelLoadRequest {
+                model_name: name.into(),
+                parameters: params.clone(),
+                ..Default::default()
+            })
+            .await;
+        match load {
+            Err(e) if e.code() == tonic::Code::ResourceExhausted && tries < 600 => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(format!("load: {:?}: {}", e.code(), e.message())),
+            Ok(_) => break,
+        }
+    }
     let mut sets: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| e.to_string())?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -296,7 +331,12 @@ fn main() {
     }
 
     let repo = tempfile::tempdir().expect("repo");
-    let plugins = plugin_dir(&[plugin("onnx_ops"), plugin("blas_cpu")]);
+    let backends = std::env::var("OPREG_CONFORMANCE_BACKENDS").ok();
+    let mut libs = vec![plugin("onnx_ops"), plugin("blas_cpu")];
+    if backends.as_deref().is_some_and(|b| b.contains("cuda")) {
+        libs.push(plugin("cuda"));
+    }
+    let plugins = plugin_dir(&libs);
     let d = Daemon::start_with(Options {
         args: vec![
             "--plugin-dir".into(),
@@ -314,7 +354,8 @@ fn main() {
     let results: BTreeMap<String, Result<(), String>> = rt.block_on(async {
         let mut out = BTreeMap::new();
         for chunk in cases.chunks(4) {
-            let runs = chunk.iter().map(|c| run_case(&d, node_dir.join(c), c));
+            let at = backends.as_deref().map(|b| (repo.path(), b));
+            let runs = chunk.iter().map(|c| run_case(&d, node_dir.join(c), c, at));
             let rs = futures_join(runs).await;
             for (c, r) in chunk.iter().zip(rs) {
                 out.insert(c.clone(), r);

@@ -378,3 +378,76 @@ async fn the_profiler_reports_every_step_with_its_kernel_device_and_bytes() {
     assert!(text.contains("sandwich version 1: 2 runs"), "{text}");
     assert!(text.contains("\tmock\tcopy\tcopy h host->mock"), "{text}");
 }
+
+/// `x[N,3] @ W1` then a Relu named `relu_name` (the mock device declines `decline*` and
+/// refuses `refuse*`).
+fn named_relu(relu_name: &str) -> Vec<u8> {
+    let mut relu = node("Relu", &["h"], &["y"]);
+    relu.name = relu_name.into();
+    model(
+        vec![node("MatMul", &["x", "w1"], &["h"]), relu],
+        vec![value("x", 1, &[-1, 3])],
+        vec![value("y", 1, &[-1, 2])],
+        vec![f32_initializer("w1", &[3, 2], &W1)],
+        17,
+    )
+}
+
+#[tokio::test]
+async fn a_node_a_device_kernel_declines_moves_to_the_cpu_and_a_refusal_fails_the_load() {
+    let (d, dirs) = start("");
+    let repo = dirs[0].path();
+    for name in ["declined", "refused"] {
+        std::fs::create_dir_all(repo.join(format!("{name}/1"))).expect("mkdir");
+        std::fs::write(
+            repo.join(format!("{name}/1/model.onnx")),
+            named_relu(if name == "declined" {
+                "decline_me"
+            } else {
+                "refuse_me"
+            }),
+        )
+        .expect("model");
+        std::fs::write(
+            repo.join(format!("{name}/config.toml")),
+            "backends = [\"mock\", \"cpu\"]\n",
+        )
+        .expect("config");
+    }
+    let mut c = d.inference().await;
+    let load = |name: &str| pb::RepositoryModelLoadRequest {
+        model_name: name.into(),
+        ..Default::default()
+    };
+    c.repository_model_load(load("declined"))
+        .await
+        .expect("a declined node loads on the CPU");
+    let p = placement(&d, "declined").await;
+    let nodes: Vec<(&str, &str)> = p
+        .nodes
+        .iter()
+        .map(|n| (n.op_type.as_str(), n.device.as_str()))
+        .collect();
+    assert_eq!(nodes, [("MatMul", "cpu"), ("Relu", "cpu")]);
+    assert!(p.copies.is_empty(), "{:?}", p.copies);
+    let x = [1.0, -2.0, 3.0];
+    let r = c
+        .model_infer(request("declined", &x))
+        .await
+        .expect("infer")
+        .into_inner();
+    let want: Vec<f32> = (0..2)
+        .map(|j| (0..3).map(|k| x[k] * W1[k * 2 + j]).sum::<f32>().max(0.0))
+        .collect();
+    assert_eq!(f32_values(&r.raw_output_contents[0]), want);
+    // Any other refusal is the model's error, named, not a silent fallback.
+    let err = c
+        .repository_model_load(load("refused"))
+        .await
+        .expect_err("refused");
+    assert!(
+        err.message().contains("refuses this Relu"),
+        "{}",
+        err.message()
+    );
+}

@@ -1,6 +1,8 @@
 //! Calling a bound kernel: the one path every kernel call takes (graph steps, constant
 //! folding, the RunKernel RPC). A host call frame with the node's device, BLAS backend, device
-//! allocator and limits; the device's stream synchronized after the call.
+//! allocator and limits. A device kernel only enqueues on the device's stream: the host waits
+//! where it reads device memory (every copy waits for the stream), not after each call, so
+//! the GPU runs a model's kernels back to back (see [`CallLimits::wait_device`]).
 
 use super::{log_from_plugin, BoundKernel, KernelError};
 use crate::registry::Snapshot;
@@ -15,6 +17,11 @@ pub struct CallLimits<'a> {
     pub max_tensor_bytes: usize,
     /// Asked between chunks of the kernel's parallel work: `true` cuts the call short.
     pub stop: &'a (dyn Fn() -> bool + Sync),
+    /// Wait for the device's stream after a device kernel: for the profiler (a step's time is
+    /// its kernels' then) and callers that read outputs without a copy step. Graph runs need
+    /// not: one stream per device orders every kernel, copy and pooled-buffer reuse, and the
+    /// copies to the host wait for the stream before the host reads.
+    pub wait_device: bool,
 }
 
 /// Runs `bound` (the kernel of node `label`, with `num_outputs` outputs) on `inputs`
@@ -68,7 +75,7 @@ pub fn call(
         });
     }
     computed.map_err(failed)?;
-    if let Some(d) = &device {
+    if let Some(d) = device.as_ref().filter(|_| limits.wait_device) {
         // The kernel enqueued on the device's stream: its outputs are ready after this.
         d.synchronize().map_err(failed)?;
     }

@@ -214,6 +214,7 @@ pub fn run_kernel(snapshot: &Arc<Snapshot>, call: &KernelCall) -> Result<KernelR
     let limits = CallLimits {
         max_tensor_bytes: call.max_tensor_bytes,
         stop: &stop,
+        wait_device: true,
     };
     let outputs = match self::call::call(
         snapshot,

@@ -23,7 +23,7 @@ use crate::{
     exec::{self, BoundKernel, CallLimits, KernelError, NodeDesc},
     registry::{KernelQuery, KernelRef, Snapshot},
 };
-use opreg_sdk::{host::HostTensor, kernel::ValueInfo, DType, Device, TensorView};
+use opreg_sdk::{host::HostTensor, kernel::ValueInfo, DType, Device, ErrorCode, TensorView};
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
@@ -295,6 +295,12 @@ struct NodeSlots<'m> {
 /// Resolves, infers, binds and (when its inputs are all constants) folds one kernel node:
 /// its step (`None` when folded) and where it was placed. Records what is known about the
 /// node's outputs in `values`.
+///
+/// A kernel on a device (not the host) may decline a node it matched by registration but
+/// cannot run (a CUDA Conv over 4 spatial dims, say) by answering `UNIMPLEMENTED` at
+/// inference or instantiation: placement then goes on along the model's device list, as ONNX
+/// Runtime's execution providers decline nodes in `GetCapability`. Any other refusal, or one
+/// from the host's own kernels, fails the load as before.
 fn lower_kernel(
     ns: &NodeSlots<'_>,
     values: &mut Values,
@@ -302,6 +308,57 @@ fn lower_kernel(
     devices: &[Device],
     fold_budget: &mut usize,
 ) -> Result<(Option<Step>, Placement), GraphError> {
+    let mut devices = devices;
+    loop {
+        match lower_kernel_on(ns, values, snapshot, devices, fold_budget) {
+            Err(Lowering::Declined(device, e)) => {
+                // Nothing is recorded before a kernel accepts: retry after the decliner.
+                let at = devices.iter().position(|&d| d == device).unwrap_or(0);
+                let rest = &devices[at + 1..];
+                if rest.is_empty() {
+                    return Err(e.into());
+                }
+                tracing::debug!(node = %ns.node.label(), %device, "declined: {e}");
+                devices = rest;
+            }
+            Err(Lowering::Failed(e)) => return Err(e),
+            Ok(done) => return Ok(done),
+        }
+    }
+}
+
+/// Why [`lower_kernel_on`] did not lower a node.
+enum Lowering {
+    /// A device kernel answered `UNIMPLEMENTED` for this node on this device.
+    Declined(Device, crate::exec::KernelError),
+    Failed(GraphError),
+}
+
+impl<E: Into<GraphError>> From<E> for Lowering {
+    fn from(e: E) -> Self {
+        Lowering::Failed(e.into())
+    }
+}
+
+/// A refusal a device kernel may answer to send the node on along the device list.
+fn declined(device: Device, e: crate::exec::KernelError) -> Lowering {
+    match &e {
+        crate::exec::KernelError::Refused { code, .. }
+            if *code == ErrorCode::Unimplemented && !device.host_accessible() =>
+        {
+            Lowering::Declined(device, e)
+        }
+        _ => Lowering::Failed(e.into()),
+    }
+}
+
+fn lower_kernel_on(
+    ns: &NodeSlots<'_>,
+    values: &mut Values,
+    snapshot: &Arc<Snapshot>,
+    devices: &[Device],
+    fold_budget: &mut usize,
+) -> Result<(Option<Step>, Placement), Lowering> {
     let n = ns.node;
     let (kernel, device) = resolve(snapshot, devices, n, ns.opset, &values.types_of(&ns.inputs))?;
     let label = n.label();
@@ -318,7 +375,8 @@ fn lower_kernel(
         device,
     };
     // The kernel tells what its outputs will be; later nodes resolve by these types.
-    let facts = exec::infer(&kernel, &describing.desc(&[], &[]))?;
+    let facts =
+        exec::infer(&kernel, &describing.desc(&[], &[])).map_err(|e| declined(device, e))?;
     let out_types: Vec<Option<DType>> = (0..n.outputs.len())
         .map(|k| facts.get(k).and_then(|f| f.dtype))
         .collect();
@@ -334,7 +392,7 @@ fn lower_kernel(
     }
     // The node description borrows the constants; it ends with `bind`, before folding adds
     // to them.
-    let bound = exec::bind(snapshot, &kernel, desc)?;
+    let bound = exec::bind(snapshot, &kernel, desc).map_err(|e| declined(device, e))?;
     for (k, s) in ns.outputs.iter().enumerate() {
         if let Some(s) = s {
             let shape = out_shapes.get(k).cloned().flatten().map(|d| from_dims(&d));
@@ -621,6 +679,7 @@ fn fold(
     let limits = CallLimits {
         max_tensor_bytes: *budget,
         stop: &stop,
+        wait_device: true,
     };
     match exec::call(
         snapshot,

@@ -62,6 +62,9 @@ pub struct RunControl {
     peak: AtomicUsize,
     copies: AtomicU64,
     copy_bytes: AtomicU64,
+    /// Wait for the device after each device kernel (profiled runs: step times mean
+    /// something only then).
+    wait_devices: AtomicBool,
 }
 
 impl RunControl {
@@ -82,6 +85,7 @@ impl RunControl {
             peak: AtomicUsize::new(0),
             copies: AtomicU64::new(0),
             copy_bytes: AtomicU64::new(0),
+            wait_devices: AtomicBool::new(false),
         }
     }
 
@@ -104,6 +108,11 @@ impl RunControl {
     }
 
     /// The largest single value a kernel may allocate.
+    /// Whether device kernels are waited for one by one (profiled runs).
+    pub fn waits_for_devices(&self) -> bool {
+        self.wait_devices.load(Ordering::Relaxed)
+    }
+
     pub fn max_tensor_bytes(&self) -> usize {
         self.max_tensor_bytes
     }
@@ -182,6 +191,7 @@ pub fn run_profiled(
     control: &RunControl,
 ) -> Result<(Outputs, StepTimes), GraphError> {
     let mut times = Vec::new();
+    control.wait_devices.store(true, Ordering::Relaxed);
     let out = run_tensors(plan, feeds, control, &mut |t| times.push(t))?;
     Ok((out, times))
 }
@@ -411,6 +421,7 @@ fn run_kernel_step(
     let limits = CallLimits {
         max_tensor_bytes: control.max_tensor_bytes(),
         stop: &stop,
+        wait_device: control.waits_for_devices(),
     };
     match exec::call(
         snapshot,

@@ -120,6 +120,18 @@ impl Gpu {
                 e.0
             )));
         }
+        if crate::tf32() {
+            use cudarc::cublas::sys::{cublasMath_t, cublasSetMathMode, cublasStatus_t};
+            // SAFETY: a live handle.
+            let status = unsafe { cublasSetMathMode(h, cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH) };
+            if status != cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                // SAFETY: created above, used by nobody.
+                let _ = unsafe { blas::destroy_handle(h) };
+                return Err(PluginError::internal(format!(
+                    "cuda: cublasSetMathMode: {status:?}"
+                )));
+            }
+        }
         held.blas.insert(stream.0, h as usize as u64);
         Ok(h)
     }

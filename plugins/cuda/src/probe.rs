@@ -52,6 +52,11 @@ pub const DRIVER_SYMBOLS: &[&str] = &[
     "cuEventCreate",
     "cuEventRecord",
     "cuEventDestroy_v2",
+    "cuModuleLoadData",
+    "cuModuleGetFunction",
+    "cuModuleUnload",
+    "cuLaunchKernel",
+    "cuMemsetD8Async",
 ];
 /// Every cuBLAS function the plugin calls.
 pub const CUBLAS_SYMBOLS: &[&str] = &[
@@ -60,6 +65,7 @@ pub const CUBLAS_SYMBOLS: &[&str] = &[
     "cublasSetStream_v2",
     "cublasSgemm_v2",
     "cublasSgemmStridedBatched",
+    "cublasSetMathMode",
 ];
 
 /// The library names the probe tries, in order.

@@ -12,17 +12,24 @@ fn has_gpu() -> bool {
     probe::probe().is_ok()
 }
 
-/// With no GPU: nothing at all; with one: a provider and a backend per device.
+/// With no GPU: nothing at all; with one: a provider, a backend per device, and the operator
+/// kernels on each device where NVRTC is installed.
 fn check(reg: &Registration) {
-    assert!(reg.kernels.is_empty());
     assert!(reg.quantizers.is_empty());
     if has_gpu() {
         assert_eq!(reg.devices.len(), 1);
         let n = reg.devices[0].provider.info().devices.len();
         assert!(n >= 1);
         assert_eq!(reg.backends.len(), n);
+        let want = if kernels::module::nvrtc_present() {
+            kernels::count_per_gpu() * n
+        } else {
+            0
+        };
+        assert_eq!(reg.kernels.len(), want);
     } else {
         assert!(!gpu_tests(), "OPREG_GPU_TESTS=1 but the probe finds no GPU");
+        assert!(reg.kernels.is_empty(), "kernels without a GPU");
         assert!(reg.devices.is_empty(), "a device provider without a GPU");
         assert!(reg.backends.is_empty(), "a BLAS backend without a GPU");
     }
@@ -44,6 +51,20 @@ fn the_exported_entry_points_register_the_same() {
     check(&reg);
     drop(reg);
     __opreg_plugin_shutdown();
+}
+
+#[test]
+fn the_configuration_sets_tf32_and_refuses_unknown_keys() {
+    // One test owns the static (tests run in parallel).
+    init("tf32 = true\n# a comment\n").expect("tf32 on");
+    assert!(tf32());
+    init("").expect("defaults");
+    assert!(!tf32(), "TF32 is opt-in");
+    let e = init("tf32 = maybe").expect_err("a bad value");
+    assert!(e.message.contains("tf32 = true|false"), "{}", e.message);
+    assert!(init("fast = true").is_err());
+    assert!(init("tf32").is_err());
+    init("").expect("defaults");
 }
 
 #[test]
@@ -211,6 +232,103 @@ mod gpu {
     }
 }
 
+/// Speed of the backend's gemm against cuBLAS called directly, in one process: the plugin's
+/// overhead (argument mapping, handle lookup) must vanish. A benchmark, not a test: run on a
+/// GPU with `OPREG_GPU_TESTS=1 cargo test -p opreg-plugin-cuda --release -- --ignored
+/// --nocapture gemm_speed`; it prints ratios and asserts nothing about time.
+#[test]
+#[ignore]
+fn gemm_speed_against_cublas_called_directly() {
+    use cudarc::cublas::{result as cublas, sys::cublasOperation_t};
+    use cudarc::driver::result as driver;
+    if !gpu_tests() {
+        eprintln!("skipped: GPU benchmarks run with OPREG_GPU_TESTS=1");
+        return;
+    }
+    let g = probe::probe().expect("a GPU");
+    let cuda = Arc::new(device::Cuda::open(g.count).expect("open"));
+    let device = Device::CUDA0;
+    let b = crate::blas::CublasBlas {
+        cuda: cuda.clone(),
+        device,
+    };
+    let gpu = cuda.gpu(device).expect("gpu");
+    let handle = gpu.cublas(Stream::DEFAULT).expect("handle");
+    println!("gemm f32 (row-major C = A B), median of 7 batches; time ratio plugin / cuBLAS (<= 1.05 is the target)");
+    for n in [256usize, 512, 1024, 2048, 4096, 8192] {
+        let bytes = n * n * 4;
+        // SAFETY: the context is bound (cuda.gpu); three n x n buffers, zeroed.
+        let (pa, pb, pc) = unsafe {
+            let a = driver::malloc_sync(bytes).expect("a");
+            let bb = driver::malloc_sync(bytes).expect("b");
+            let c = driver::malloc_sync(bytes).expect("c");
+            for p in [a, bb, c] {
+                driver::memset_d8_sync(p, 0x3c, bytes).expect("fill");
+            }
+            (a, bb, c)
+        };
+        let mut args = GemmArgs::new(GemmTypes::F32, n, n, n);
+        args.a = pa as usize as *const u8;
+        args.b = pb as usize as *const u8;
+        args.c = pc as usize as *mut u8;
+        let reps = (4096 * 4096 * 4096 / (n * n * n)).clamp(2, 200);
+        let time = |f: &dyn Fn()| -> f64 {
+            f();
+            driver::ctx::synchronize().expect("sync");
+            let mut batches: Vec<f64> = (0..7)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    for _ in 0..reps {
+                        f();
+                    }
+                    driver::ctx::synchronize().expect("sync");
+                    t.elapsed().as_secs_f64() / reps as f64
+                })
+                .collect();
+            batches.sort_by(f64::total_cmp);
+            batches[3]
+        };
+        let plugin = time(&|| b.run(Stream::DEFAULT, &args).expect("plugin gemm"));
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let direct = time(&|| {
+            // SAFETY: n x n device buffers; the row-major product as cuBLAS's column-major
+            // one with the operands swapped (what the plugin maps it to).
+            unsafe {
+                cublas::sgemm(
+                    handle,
+                    cublasOperation_t::CUBLAS_OP_N,
+                    cublasOperation_t::CUBLAS_OP_N,
+                    n as i32,
+                    n as i32,
+                    n as i32,
+                    &alpha,
+                    pb as usize as *const f32,
+                    n as i32,
+                    pa as usize as *const f32,
+                    n as i32,
+                    &beta,
+                    pc as usize as *mut f32,
+                    n as i32,
+                )
+            }
+            .expect("sgemm")
+        });
+        let tflops = |s: f64| 2.0 * (n * n * n) as f64 / s / 1e12;
+        println!(
+            "gemm {n:>5}: plugin {:.1} TFLOP/s, cuBLAS {:.1} TFLOP/s, time ratio {:.3}",
+            tflops(plugin),
+            tflops(direct),
+            plugin / direct
+        );
+        // SAFETY: allocated above, no work pending (synchronized).
+        unsafe {
+            for p in [pa, pb, pc] {
+                driver::free_sync(p).expect("free");
+            }
+        }
+    }
+}
+
 /// The driver path through `cudarc` without a GPU: fake CUDA libraries built with `cc` (each
 /// driver function returns an error but `cuInit` and `cuDeviceGetCount`, which the
 /// environment steers), and this test binary run again as a child with `LD_LIBRARY_PATH`
@@ -286,6 +404,12 @@ mod fake {
 
     #[test]
     fn fake_drivers_give_one_reason_each_without_panicking() {
+        if has_gpu() {
+            // The fakes stand in for a driver that is absent; on a GPU machine the real one
+            // (mapped in by the container runtime) is what the loader finds.
+            eprintln!("skipped: a real CUDA driver is installed");
+            return;
+        }
         let dir = std::env::temp_dir().join(format!("opreg-cuda-fake-{}", std::process::id()));
         let old = dir.join("old");
         std::fs::create_dir_all(&old).expect("temp dir");

@@ -226,6 +226,18 @@ impl Kernel for MockRelu {
     }
 }
 
+/// A node named `decline*` is declined (UNIMPLEMENTED: placement moves it to the next device)
+/// and one named `refuse*` refused (INVALID_ARGUMENT: the load fails), so tests can drive both.
+fn relu_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    if node.name.starts_with("decline") {
+        return Err(PluginError::unimplemented("mock: declines this Relu"));
+    }
+    if node.name.starts_with("refuse") {
+        return Err(PluginError::invalid("mock: refuses this Relu"));
+    }
+    Ok(Box::new(MockRelu))
+}
+
 /// Reshape on mock memory: the data stays on the device (a device-to-device copy), the shape
 /// input is declared host memory, as shape, axes and size inputs of device kernels are.
 #[derive(Clone)]
@@ -303,7 +315,7 @@ fn register(r: &mut Registrar) {
             .inputs(&["T"])
             .outputs(&["T"])
             .device(Device::MOCK),
-        stateless(MockRelu),
+        relu_factory,
     );
 }
 

@@ -5,7 +5,7 @@
 //! operator. Compare with `opreg perf` against a daemon to see what serving adds.
 
 use anyhow::{bail, Context};
-use opreg_sdk::Device;
+use opreg_sdk::{Device, DeviceKind};
 use opregd::{
     app::RuntimeDir,
     exec::ComputePool,
@@ -58,6 +58,14 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the tables.
     #[arg(long)]
     pub json: bool,
+    /// Devices in order of preference, as a model's `backends` (e.g. `cuda,cpu`; the CPU is
+    /// always the last fallback).
+    #[arg(long, value_delimiter = ',', default_value = "cpu")]
+    pub backends: Vec<String>,
+    /// PLUGIN:KEY=VALUE: a line of that plugin's configuration, as `[plugin_config.PLUGIN]`
+    /// in the daemon's config file (e.g. `cuda:tf32=true`); repeatable.
+    #[arg(long = "plugin-config", value_name = "PLUGIN:KEY=VALUE")]
+    pub plugin_config: Vec<String>,
 }
 
 const MAX_RUNS: usize = 10_000;
@@ -162,7 +170,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         n => n,
     };
     let stage = RuntimeDir::create(None)?;
-    let registry = Registry::new(stage.path().join("plugins"), Default::default());
+    let mut configs: BTreeMap<String, String> = BTreeMap::new();
+    for spec in &args.plugin_config {
+        let (plugin, line) = spec
+            .split_once(':')
+            .filter(|(_, l)| l.contains('='))
+            .with_context(|| format!("--plugin-config {spec:?}: expected PLUGIN:KEY=VALUE"))?;
+        let text = configs.entry(plugin.to_string()).or_default();
+        text.push_str(line);
+        text.push('\n');
+    }
+    let registry = Registry::new(stage.path().join("plugins"), configs);
     let mut plugins = Vec::new();
     for (path, r) in registry.load_all(&plugin_files(&args)?) {
         let p = r.with_context(|| format!("loading plugin {}", path.display()))?;
@@ -178,8 +196,22 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     graph::optimize(&mut model)?;
     let pool = ComputePool::new(threads)?;
     let snapshot = registry.snapshot();
-    let plan = pool.install(|| graph::compile(&model, snapshot, &[Device::CPU], 256 << 20))?;
+    let mut devices = Vec::new();
+    for b in &args.backends {
+        let kind = DeviceKind::from_name(b.trim())
+            .with_context(|| format!("--backends: unknown backend '{b}' (cpu, cuda, mock)"))?;
+        devices.push(Device { kind, ordinal: 0 });
+    }
+    if !devices.contains(&Device::CPU) {
+        devices.push(Device::CPU);
+    }
+    let plan = pool.install(|| graph::compile(&model, snapshot, &devices, 256 << 20))?;
     let load_seconds = started.elapsed().as_secs_f64();
+    // Where nodes run (folded ones excluded), and the copies between devices per run.
+    let mut placed: BTreeMap<String, usize> = BTreeMap::new();
+    for p in plan.placement.iter().filter(|p| !p.folded) {
+        *placed.entry(p.device.to_string()).or_default() += 1;
+    }
     let feeds = inputs(&model, &args)?;
     let shapes: BTreeMap<&str, Vec<usize>> = feeds
         .iter()
@@ -220,6 +252,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "min_ms": times.first(),
             "mean_ms": total / times.len() as f64,
             "peak_rss_bytes": rss,
+            "placement": placed,
+            "copies": plan.copies.len(),
         });
         if let Some(p) = &profile {
             out["profile"] = serde_json::json!(p
@@ -242,6 +276,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         times.len(),
         args.warmup
     );
+    if placed.keys().any(|d| d != "cpu") {
+        println!(
+            "nodes per device {placed:?}, {} copies per run",
+            plan.copies.len()
+        );
+    }
     println!(
         "median {median:.3} ms   p90 {p90:.3} ms   min {:.3} ms   {:.1} infer/s   peak RSS {}",
         times[0],
