@@ -27,35 +27,14 @@ pub fn gather_strided(
     strides: &[i64],
     scale: f32,
 ) -> Result<(), PluginError> {
-    // Extents of 1 say nothing; merge dimensions walked contiguously.
-    let mut dims: Vec<(i64, i64)> = Vec::new();
-    for (&d, &s) in out.iter().zip(strides) {
-        if d == 1 {
-            continue;
-        }
-        let d = d as i64;
-        match dims.last_mut() {
-            Some(last) if last.1 == s * d => *last = (last.0 * d, s),
-            _ => dims.push((d, s)),
-        }
-    }
-    if dims.is_empty() {
-        dims.push((1, 0));
-    }
-    if dims.len() > MAX_RANK {
-        return Err(PluginError::unimplemented(format!(
-            "cuda: a strided copy over {} dimensions (at most {MAX_RANK})",
-            dims.len()
-        )));
-    }
-    let mut s = Strided {
-        rank: dims.len() as i32,
-        ..Default::default()
+    // The broadcast description with the same strides on both sides: extents of 1 dropped,
+    // dimensions walked contiguously merged.
+    let b = super::elementwise::coalesce(out, strides, strides)?;
+    let s = Strided {
+        rank: b.rank,
+        dims: b.dims,
+        ss: b.sa,
     };
-    for (i, (d, st)) in dims.into_iter().enumerate() {
-        s.dims[i] = d;
-        s.ss[i] = st;
-    }
     let len = count(out)?;
     let n = len as u64;
     // SAFETY: gather_strided_f32(const float*, float*, u64, float, Strided); the strides
