@@ -364,6 +364,9 @@ pub struct Window {
     pub dw: i64,
 }
 
+/// The largest kernel extent, stride, dilation or pad accepted (2^31).
+const MAX_WINDOW_ATTR: i64 = 1 << 31;
+
 /// A node's window attributes (kernel from the attribute or, for Conv, the weights).
 #[derive(Clone, Debug)]
 pub struct WindowAttrs {
@@ -425,6 +428,17 @@ impl WindowAttrs {
             if k < 1 || s < 1 || d < 1 {
                 return Err(PluginError::invalid(format!(
                     "{op}: kernel, strides and dilations must be positive"
+                )));
+            }
+            // Bounded first, so the window arithmetic below cannot overflow whatever a model
+            // writes (the extents come from real tensors).
+            let pads = [get(&self.pads, i, 0), get(&self.pads, i + rank, 0)];
+            if [k, s, d, pads[0], pads[1]]
+                .iter()
+                .any(|&v| v > MAX_WINDOW_ATTR)
+            {
+                return Err(PluginError::invalid(format!(
+                    "{op}: kernel, stride, dilation or pad over {MAX_WINDOW_ATTR}"
                 )));
             }
             let span = (k - 1) * d + 1;
@@ -559,6 +573,15 @@ impl Kernel for Conv {
             )));
         }
         let g = self.window.resolve(c, &xs[2..], &ws[2..], "Conv")?;
+        // kernel_shape, when given, must be W's: the kernels index W by it.
+        let spatial = &ws[2..];
+        let kernel = [g.kh as usize, g.kw as usize];
+        if spatial != &kernel[2 - spatial.len()..] {
+            return Err(PluginError::invalid(format!(
+                "Conv: kernel_shape {:?} differs from W's spatial extents {spatial:?}",
+                &kernel[2 - spatial.len()..]
+            )));
+        }
         let out = window_out(xs, m, &g);
         let xp = env.input(x, "X")?;
         let wp = env.weight(w, &self.w, "W")?;
@@ -978,6 +1001,16 @@ mod tests {
             .resolve(4, &[10], &[3], "Conv")
             .unwrap();
         assert_eq!((g.h, g.oh, g.kh, g.w, g.ow, g.pw), (1, 1, 1, 10, 10, 1));
+        // Attributes that would overflow the window arithmetic are refused, not wrapped.
+        for (pads, strides) in [
+            (vec![1i64 << 40, 0, 0, 0], vec![1, 1]),
+            (vec![0; 4], vec![i64::MAX, 1]),
+        ] {
+            let e = attrs(&pads, &strides, "NOTSET", false)
+                .resolve(1, &[5, 5], &[3, 3], "Conv")
+                .unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidArgument, "{}", e.message);
+        }
         // Three spatial dimensions decline.
         let e = attrs(&[], &[1, 1, 1], "NOTSET", false)
             .resolve(1, &[4, 4, 4], &[1, 1, 1], "Conv")

@@ -360,7 +360,16 @@ impl Kernel for Gather {
         out.extend_from_slice(&xs[a + 1..]);
         let xp = env.weight(x, &self.data, "data")?;
         let yp = env.output(0, &out)?;
-        let bytes: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut bytes: Vec<u8> = Vec::new();
+        bytes
+            .try_reserve_exact(ids.len().saturating_mul(8))
+            .map_err(|_| {
+                PluginError::new(
+                    ErrorCode::ResourceExhausted,
+                    "Gather: no memory for the indices",
+                )
+            })?;
+        bytes.extend(ids.iter().flat_map(|v| v.to_le_bytes()));
         let ip = env.ctx.device_scratch(bytes.len().max(8))?.ptr as usize as u64;
         env.k.upload(env.device, env.stream, ip, &bytes)?;
         let outer = count(&xs[..a])? as u64;
