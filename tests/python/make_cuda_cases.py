@@ -178,6 +178,8 @@ def main():
     resize("decline_resize_antialias", (1, 1, 8, 8), scales=[1, 1, 0.5, 0.5], mode="linear", antialias=1)
     nodes, inputs, inits = conv("x", 2, 3, (3, 3, 3), (1, 2, 5, 5, 5))
     save("decline_conv3d", nodes, [("x", (1, 2, 5, 5, 5))], ["y"], inits)
+    unary("decline_avgpool_same_pads", "AveragePool", shape=(1, 2, 6, 6), kernel_shape=[3, 3], strides=[2, 2],
+          auto_pad="SAME_UPPER", count_include_pad=1)
     save("decline_maxpool_indices", [helper.make_node("MaxPool", ["x"], ["y", "i"], kernel_shape=[2, 2])],
          [("x", (1, 2, 4, 4))], ["y"])
 

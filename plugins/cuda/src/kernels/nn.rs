@@ -720,9 +720,19 @@ fn make_pool(k: &Arc<Kernels>, node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, P
         _ => 1,
     };
     let window = WindowAttrs::from_node(node)?;
-    match &window.kernel {
-        Some(k) if (1..=2).contains(&k.len()) => {}
+    let rank = match &window.kernel {
+        Some(k) if (1..=2).contains(&k.len()) => k.len(),
         _ => return Err(decline(node, "over other than 1 or 2 spatial dimensions")),
+    };
+    // The kernel counts trailing pad taps as far as the leading pad reaches: right for
+    // symmetric explicit pads, not for SAME_* or ceil_mode windows past the end.
+    if mode == 2 {
+        let pads = window.pads.clone().unwrap_or_default();
+        let symmetric = (0..rank).all(|i| pads.get(i) == pads.get(i + rank));
+        if !symmetric || window.ceil || !matches!(window.auto_pad.as_str(), "NOTSET" | "" | "VALID")
+        {
+            return Err(decline(node, "counting asymmetric or implicit pads"));
+        }
     }
     Ok(Box::new(Pool {
         k: k.clone(),
