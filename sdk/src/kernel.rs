@@ -680,7 +680,9 @@ pub trait Kernel: Send + Sync + 'static {
 /// Builds a [`Kernel`] for each node that resolves to this registration.
 pub trait KernelFactory: Send + Sync + 'static {
     /// Reads attributes, checks what can be checked statically and pre-packs constant
-    /// weights. Errors here fail the model load, with the node named.
+    /// weights. Errors here fail the model load, with the node named — except
+    /// [`ErrorCode::Unimplemented`](crate::ErrorCode::Unimplemented) from a kernel on a device
+    /// (not the host), which declines the node: placement moves it to the model's next device.
     fn instantiate(&self, node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError>;
 
     /// Checks the kernel: run by the daemon when the plugin loads (and before a hot swap is
