@@ -5,7 +5,7 @@
 //! - Without a GPU (CI): the plugin registers nothing, every node is placed on the CPU, no copy
 //!   is made, and both models answer alike — a model asking for CUDA still serves.
 //! - With `OPREG_GPU_TESTS=1` (a GPU machine): every node of every case is placed on `cuda`
-//!   except the declined ones (`decline_*` cases keep their node on the CPU), and each output
+//!   except the declined ones (a `decline_*` case's first node is on the CPU), and each output
 //!   equals the CPU plugin's within 1e-4 relative (f32, different summation orders).
 
 use opreg_proto::{inference as pb, opreg::v1 as reg};
@@ -145,19 +145,22 @@ async fn check_all(d: &Daemon, cases: &[PathBuf], gpu: bool) -> Vec<String> {
             .to_string();
         let p = placement(d, &name).await;
         let declined = name.starts_with("decline_");
-        for n in &p.nodes {
-            let want = if gpu && !declined { "cuda" } else { "cpu" };
-            // Declined cases: the declined node is on the CPU; anything else may be either.
-            if declined && n.device == "cuda" {
-                continue;
-            }
+        for (i, n) in p.nodes.iter().enumerate() {
+            on_cuda += (n.device == "cuda") as usize;
+            // A declined case's first node is the one the plugin must decline: it is on the
+            // CPU; the nodes after it may run on either.
+            let want = match (declined, i) {
+                (true, 0) => "cpu",
+                (true, _) => continue,
+                (false, _) if gpu => "cuda",
+                (false, _) => "cpu",
+            };
             if n.device != want {
                 failures.push(format!(
                     "{name}: node {} ({}) placed on {}, not {want}",
                     n.node, n.op_type, n.device
                 ));
             }
-            on_cuda += (n.device == "cuda") as usize;
         }
         if !gpu && !p.copies.is_empty() {
             failures.push(format!("{name}: {} copies without a GPU", p.copies.len()));

@@ -2,8 +2,8 @@
 transformer block: `tests/cuda.rs` serves each on ["cuda", "cpu"] and on ["cpu"] and compares.
 
 Every graph input is f32 (indices, shapes and scales are initializers), so the test can feed
-any model the same way. A case named `decline_<...>` holds a node the CUDA plugin must decline
-(placement then puts it on the CPU).
+any model the same way. A case named `decline_<...>` has as its first node one the CUDA plugin
+must decline (placement then puts it on the CPU).
 
     python make_cuda_cases.py OUT_DIR
 """
@@ -86,7 +86,8 @@ def main():
     save("gemm_trans_a", [helper.make_node("Gemm", ["a", "w"], ["y"], transA=1)], [("a", (32, 6))], ["y"],
          [("w", f32(32, 24))])
     # Convolutions (Conv + Relu and Conv + Add + Relu become FusedConv through the passes).
-    def conv(name, cin, cout, k, x_shape, relu=False, residual=False, **attrs):
+    def conv(cin, cout, k, x_shape, relu=False, residual=False, **attrs):
+        """Conv (+ Add of an input z shaped as x: the pads keep the extents) (+ Relu)."""
         group = attrs.get("group", 1)
         nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], **attrs)]
         last = "c"
@@ -94,7 +95,7 @@ def main():
         if residual:
             nodes.append(helper.make_node("Add", [last, "z"], ["s"]))
             last = "s"
-            inputs.append(("z", None))
+            inputs.append(("z", x_shape))
         if relu:
             nodes.append(helper.make_node("Relu", [last], ["r"]))
             last = "r"
@@ -111,10 +112,10 @@ def main():
         ("conv_same_upper", 3, 4, (3, 3), (1, 3, 9, 9), {}, dict(auto_pad="SAME_UPPER", strides=[2, 2])),
         ("conv_1d", 4, 6, (5,), (2, 4, 20), {}, dict(pads=[2, 2])),
     ]:
-        nodes, inputs, inits = conv(name, cin, cout, k, xs, **extra, **attrs)
+        nodes, inputs, inits = conv(cin, cout, k, xs, **extra, **attrs)
         save(name, nodes, inputs, ["y"], inits)
-    nodes, inputs, inits = conv("x", 8, 8, (3, 3), (2, 8, 6, 6), relu=True, residual=True, pads=[1, 1, 1, 1])
-    save("conv_residual_relu", nodes, [("x", (2, 8, 6, 6)), ("z", (2, 8, 6, 6))], ["y"], inits)
+    nodes, inputs, inits = conv(8, 8, (3, 3), (2, 8, 6, 6), relu=True, residual=True, pads=[1, 1, 1, 1])
+    save("conv_residual_relu", nodes, inputs, ["y"], inits)
     # Pooling and normalization.
     unary("pool_max", "MaxPool", shape=(2, 3, 9, 9), kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
     unary("pool_max_ceil", "MaxPool", shape=(1, 2, 10, 10), kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)
@@ -176,8 +177,8 @@ def main():
            coordinate_transformation_mode="asymmetric", cubic_coeff_a=-0.5)
     # Nodes the plugin declines: they run on the CPU.
     resize("decline_resize_antialias", (1, 1, 8, 8), scales=[1, 1, 0.5, 0.5], mode="linear", antialias=1)
-    nodes, inputs, inits = conv("x", 2, 3, (3, 3, 3), (1, 2, 5, 5, 5))
-    save("decline_conv3d", nodes, [("x", (1, 2, 5, 5, 5))], ["y"], inits)
+    nodes, inputs, inits = conv(2, 3, (3, 3, 3), (1, 2, 5, 5, 5))
+    save("decline_conv3d", nodes, inputs, ["y"], inits)
     unary("decline_avgpool_same_pads", "AveragePool", shape=(1, 2, 6, 6), kernel_shape=[3, 3], strides=[2, 2],
           auto_pad="SAME_UPPER", count_include_pad=1)
     save("decline_maxpool_indices", [helper.make_node("MaxPool", ["x"], ["y", "i"], kernel_shape=[2, 2])],

@@ -107,12 +107,12 @@ impl RunControl {
         self.cancelled.store(true, Ordering::Release);
     }
 
-    /// The largest single value a kernel may allocate.
     /// Whether device kernels are waited for one by one (profiled runs).
     pub fn waits_for_devices(&self) -> bool {
         self.wait_devices.load(Ordering::Relaxed)
     }
 
+    /// The largest single value a kernel may allocate.
     pub fn max_tensor_bytes(&self) -> usize {
         self.max_tensor_bytes
     }

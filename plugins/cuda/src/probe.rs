@@ -56,7 +56,6 @@ pub const DRIVER_SYMBOLS: &[&str] = &[
     "cuModuleGetFunction",
     "cuModuleUnload",
     "cuLaunchKernel",
-    "cuMemsetD8Async",
 ];
 /// Every cuBLAS function the plugin calls.
 pub const CUBLAS_SYMBOLS: &[&str] = &[

@@ -5,14 +5,13 @@
 //! operator. Compare with `opreg perf` against a daemon to see what serving adds.
 
 use anyhow::{bail, Context};
-use opreg_sdk::{Device, DeviceKind};
 use opregd::{
     app::RuntimeDir,
     exec::ComputePool,
     feeds::{self, Fill, Shapes},
     graph::{self, RunControl},
     registry::Registry,
-    repo::Feeds,
+    repo::{Feeds, ModelSettings},
 };
 use std::{
     collections::{BTreeMap, HashMap},
@@ -196,15 +195,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     graph::optimize(&mut model)?;
     let pool = ComputePool::new(threads)?;
     let snapshot = registry.snapshot();
-    let mut devices = Vec::new();
-    for b in &args.backends {
-        let kind = DeviceKind::from_name(b.trim())
-            .with_context(|| format!("--backends: unknown backend '{b}' (cpu, cuda, mock)"))?;
-        devices.push(Device { kind, ordinal: 0 });
+    // As a model's `backends` in its config.toml: the CPU is always the last fallback.
+    let devices = ModelSettings {
+        backends: args.backends.iter().map(|b| b.trim().to_string()).collect(),
+        ..Default::default()
     }
-    if !devices.contains(&Device::CPU) {
-        devices.push(Device::CPU);
-    }
+    .devices()
+    .context("--backends")?;
     let plan = pool.install(|| graph::compile(&model, snapshot, &devices, 256 << 20))?;
     let load_seconds = started.elapsed().as_secs_f64();
     // Where nodes run (folded ones excluded), and the copies between devices per run.

@@ -2,7 +2,7 @@
 //! `kernels.cu`) and binary operators with NumPy broadcasting (strides coalesced on the host).
 
 use super::module::{Kernels, F};
-use super::{count, decline, f32_outputs, like_input, Env, Reg};
+use super::{count, decline, f32_outputs, like_input, optional, required, Env, Reg};
 use crate::args;
 use opreg_sdk::prelude::*;
 use std::sync::Arc;
@@ -100,7 +100,6 @@ const UNARY: &[UnaryOp] = &[
     u("Cos", 7, 22),
 ];
 
-#[derive(Clone)]
 struct Unary {
     k: Arc<Kernels>,
     act: Act,
@@ -156,13 +155,13 @@ fn make_unary(k: &Arc<Kernels>, node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, 
 /// A scalar bound of Clip (opset 11+), given as a host input or absent.
 fn clip_bound(t: Option<&TensorView<'_>>, default: f32) -> Result<f32, PluginError> {
     match t {
-        Some(t) if !t.is_absent() => {
+        Some(t) => {
             let v = t.as_slice::<f32>()?;
             v.first()
                 .copied()
                 .ok_or_else(|| PluginError::invalid("Clip: min/max must hold one value"))
         }
-        _ => Ok(default),
+        None => Ok(default),
     }
 }
 
@@ -173,13 +172,11 @@ impl Kernel for Unary {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let env = Env::new(&self.k, ctx);
-        let x = inputs
-            .first()
-            .ok_or_else(|| PluginError::invalid("cuda: a unary operator needs an input"))?;
+        let x = required(inputs, 0, "a unary operator", "its input")?;
         let mut act = self.act;
         if self.clip_inputs {
-            act.p0 = clip_bound(inputs.get(1), f32::MIN)?;
-            act.p1 = clip_bound(inputs.get(2), f32::MAX)?;
+            act.p0 = clip_bound(optional(inputs, 1), f32::MIN)?;
+            act.p1 = clip_bound(optional(inputs, 2), f32::MAX)?;
         }
         let xp = env.input(x, "X")?;
         let yp = env.output(0, x.shape())?;
@@ -247,13 +244,14 @@ pub fn broadcast(a: &[usize], b: &[usize]) -> Result<Vec<usize>, PluginError> {
 /// Strides of `shape` (contiguous) read at the positions of `out` (right-aligned), 0 along
 /// broadcast dimensions.
 pub fn read_strides(shape: &[usize], out: &[usize]) -> Vec<i64> {
-    let mut strides = vec![0i64; out.len()];
-    let mut s = 1i64;
-    for i in (0..shape.len()).rev() {
-        let o = i + out.len() - shape.len();
-        strides[o] = if shape[i] == 1 { 0 } else { s };
-        s *= shape[i] as i64;
-    }
+    let mut strides = vec![0i64; out.len() - shape.len()];
+    let own = opreg_sdk::tensor::contiguous_strides(shape);
+    strides.extend(
+        shape
+            .iter()
+            .zip(own)
+            .map(|(&d, s)| if d == 1 { 0 } else { s as i64 }),
+    );
     strides
 }
 
@@ -296,7 +294,6 @@ pub fn coalesce(out: &[usize], sa: &[i64], sb: &[i64]) -> Result<Bcast, PluginEr
     Ok(b)
 }
 
-#[derive(Clone)]
 struct Binary {
     k: Arc<Kernels>,
     code: i32,
@@ -320,11 +317,8 @@ impl Kernel for Binary {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let env = Env::new(&self.k, ctx);
-        let [a, b] = inputs else {
-            return Err(PluginError::invalid(
-                "cuda: a binary operator takes two inputs",
-            ));
-        };
+        let a = required(inputs, 0, "a binary operator", "A")?;
+        let b = required(inputs, 1, "a binary operator", "B")?;
         let out = broadcast(a.shape(), b.shape())?;
         let (ap, bp) = (env.input(a, "A")?, env.input(b, "B")?);
         let yp = env.output(0, &out)?;

@@ -40,7 +40,6 @@ __device__ __forceinline__ float act(float v, int kind, float p0, float p1) {
     case 20: return v > 20.f ? v : log1pf(expf(v));                    // Softplus
     case 21: return sinf(v);                                           // Sin
     case 22: return cosf(v);                                           // Cos
-    case 23: return 1.f / sqrtf(v);                                    // (rsqrt, for tests)
     default: return v;
     }
 }

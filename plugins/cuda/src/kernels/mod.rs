@@ -104,25 +104,15 @@ impl<'a, 'c> Env<'a, 'c> {
 
     /// The device address of input `t`, which must be contiguous f32 on this device.
     pub fn input(&self, t: &TensorView<'_>, what: &str) -> Result<u64, PluginError> {
-        self.input_of(t, DType::F32, what)
-    }
-
-    /// The device address of input `t`, contiguous `dtype` on this device.
-    pub fn input_of(
-        &self,
-        t: &TensorView<'_>,
-        dtype: DType,
-        what: &str,
-    ) -> Result<u64, PluginError> {
         if t.device != self.device || t.memory != MemoryType::DEVICE {
             return Err(PluginError::internal(format!(
                 "cuda: {what} is in memory {} of {}, not on {} (the host copies it first)",
                 t.memory.0, t.device, self.device
             )));
         }
-        if t.dtype != dtype || !t.is_contiguous() {
+        if t.dtype != DType::F32 || !t.is_contiguous() {
             return Err(PluginError::invalid(format!(
-                "cuda: {what} must be contiguous {dtype:?}, not {:?}",
+                "cuda: {what} must be contiguous f32, not {:?}",
                 t.dtype
             )));
         }
@@ -169,6 +159,21 @@ impl<'a, 'c> Env<'a, 'c> {
         })?;
         Ok(self.ctx.device_scratch(bytes)?.ptr as usize as u64)
     }
+}
+
+/// Input `i`, which `op` needs (`what` names it in the error).
+pub fn required<'s, 't>(
+    inputs: &'s [TensorView<'t>],
+    i: usize,
+    op: &str,
+    what: &str,
+) -> Result<&'s TensorView<'t>, PluginError> {
+    optional(inputs, i).ok_or_else(|| PluginError::invalid(format!("cuda: {op} needs {what}")))
+}
+
+/// Input `i` when the node gives it (absent optional inputs are `None`).
+pub fn optional<'s, 't>(inputs: &'s [TensorView<'t>], i: usize) -> Option<&'s TensorView<'t>> {
+    inputs.get(i).filter(|t| !t.is_absent())
 }
 
 /// Input `i` of `node` uploaded to its device when it is an f32 constant.
@@ -251,7 +256,6 @@ pub fn like_input(node: &NodeInfo<'_>) -> Vec<OutputFact> {
     )]
 }
 
-#[derive(Clone)]
 /// One registration: op, opset range, the type constraint name of each input (`T` is f32),
 /// which inputs are wanted in host memory, and how to build and infer.
 pub struct Reg {
@@ -273,16 +277,23 @@ const CONSTRAINTS: &[(&str, &[DType])] = &[
     ("R", &[DType::F32, DType::F16, DType::F64]),
 ];
 
-/// Registers every operator kernel on each GPU.
-pub fn register(r: &mut Registrar, k: &Arc<Kernels>) {
-    let regs: Vec<Reg> = [
+/// Every operator kernel of the plugin (registered once per GPU).
+pub fn regs() -> Vec<Reg> {
+    [
         elementwise::regs(),
         nn::regs(),
         rows::regs(),
         shape::regs(),
         resize::regs(),
     ]
-    .concat();
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// Registers every operator kernel on each GPU.
+pub fn register(r: &mut Registrar, k: &Arc<Kernels>) {
+    let regs = regs();
     for gpu in &k.cuda.gpus {
         for reg in &regs {
             let outputs: Vec<&str> = vec!["T"; reg.outputs];
@@ -309,13 +320,4 @@ pub fn register(r: &mut Registrar, k: &Arc<Kernels>) {
             );
         }
     }
-}
-
-/// How many operator kernels [`register`] adds per GPU.
-pub fn count_per_gpu() -> usize {
-    elementwise::regs().len()
-        + nn::regs().len()
-        + rows::regs().len()
-        + shape::regs().len()
-        + resize::regs().len()
 }

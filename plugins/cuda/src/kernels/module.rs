@@ -125,8 +125,9 @@ unsafe impl Sync for Kernels {}
 impl Kernels {
     /// Compiles and loads the kernels on every GPU of `cuda`.
     pub fn load(cuda: Arc<Cuda>) -> Result<Kernels, String> {
-        let mut loaded = Vec::new();
         let mut ptx_for: Vec<((i32, i32), CString)> = Vec::new();
+        // Modules go in as they load: an error on a later GPU drops `kernels`, which unloads
+        // those already loaded.
         let mut kernels = Kernels {
             cuda: cuda.clone(),
             loaded: Vec::new(),
@@ -142,16 +143,17 @@ impl Kernels {
                 .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
                 .unwrap_or(16)
                 .max(1) as u32;
-            if !ptx_for.iter().any(|(c, _)| *c == cc) {
-                let ptx = compile(cc)?;
-                let ptx = CString::new(ptx).map_err(|_| "PTX with a NUL byte".to_string())?;
-                ptx_for.push((cc, ptx));
-            }
-            let ptx = &ptx_for
-                .iter()
-                .find(|(c, _)| *c == cc)
-                .expect("compiled above")
-                .1;
+            // Compiled once per architecture.
+            let at = match ptx_for.iter().position(|(c, _)| *c == cc) {
+                Some(at) => at,
+                None => {
+                    let ptx = CString::new(compile(cc)?)
+                        .map_err(|_| "PTX with a NUL byte".to_string())?;
+                    ptx_for.push((cc, ptx));
+                    ptx_for.len() - 1
+                }
+            };
+            let ptx = &ptx_for[at].1;
             // SAFETY: a NUL-terminated PTX image; the device's context is bound.
             let module = unsafe { result::module::load_data(ptx.as_ptr().cast()) }
                 .map_err(|e| format!("loading the kernels on {}: {e:?}", gpu.device))?;
@@ -168,9 +170,8 @@ impl Kernels {
                     }
                 }
             }
-            loaded.push(Loaded { module, funcs, sms });
+            kernels.loaded.push(Loaded { module, funcs, sms });
         }
-        kernels.loaded = loaded;
         Ok(kernels)
     }
 
@@ -207,10 +208,8 @@ impl Kernels {
         let l = self.on(device)?;
         let gpu = self.cuda.gpu(device)?;
         let s = gpu.stream(stream)?;
-        let func = l.funcs[F::ALL
-            .iter()
-            .position(|&g| g == f)
-            .expect("every F is loaded")];
+        // `funcs` is in the order of `F::ALL`, the declaration order (a test checks).
+        let func = l.funcs[f as usize];
         // SAFETY: per the contract; the context is bound by `gpu`.
         unsafe { result::launch_kernel(func, (grid.max(1), 1, 1), (block, 1, 1), 0, s, args) }
             .map_err(|e| driver_error(&format!("launching {}", f.name()), e))
@@ -329,6 +328,16 @@ impl Drop for DeviceBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `launch` indexes the loaded functions by discriminant: `F::ALL` must list every entry
+    /// point in declaration order.
+    #[test]
+    fn the_entry_points_are_listed_in_declaration_order() {
+        for (i, f) in F::ALL.into_iter().enumerate() {
+            assert_eq!(f as usize, i, "{f:?}");
+        }
+        assert_eq!(F::ALL.len(), F::ResizeLinear3 as usize + 1);
+    }
 
     /// The kernels' source compiles for the oldest and newest architectures the plugin
     /// targets, where NVRTC is installed (no GPU needed: `.ci/run` installs NVRTC from pip),

@@ -5,7 +5,7 @@
 
 use super::elementwise::Act;
 use super::module::{DeviceBuf, Kernels, F};
-use super::{count, decline, f32_outputs, upload_constant, Env, Reg};
+use super::{count, decline, f32_outputs, optional, required, upload_constant, Env, Reg};
 use crate::args;
 use crate::blas::CublasBlas;
 use opreg_sdk::prelude::*;
@@ -157,28 +157,31 @@ impl MatMulPlan {
     }
 }
 
-#[derive(Clone)]
 struct MatMul {
     k: Arc<Kernels>,
-    /// FusedMatMul: bias (uploaded constant) and activation after the product.
-    fused: Option<(Arc<Option<DeviceBuf>>, Act)>,
-    b: Arc<Option<DeviceBuf>>,
+    fused: Option<Fused>,
+}
+
+/// What FusedMatMul adds: B and the bias are host-memory inputs (weights, uploaded at load
+/// when constant), and the activation after the bias.
+struct Fused {
+    b: Option<DeviceBuf>,
+    bias: Option<DeviceBuf>,
+    act: Act,
 }
 
 fn make_matmul(k: &Arc<Kernels>, node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
-    let fused = node.domain == "opreg";
+    let fused = match node.domain {
+        "opreg" => Some(Fused {
+            b: upload_constant(k, node, 1)?,
+            bias: upload_constant(k, node, 2)?,
+            act: Act::fused(node)?,
+        }),
+        _ => None,
+    };
     Ok(Box::new(MatMul {
         k: k.clone(),
-        b: Arc::new(if fused {
-            upload_constant(k, node, 1)?
-        } else {
-            None
-        }),
-        fused: if fused {
-            Some((Arc::new(upload_constant(k, node, 2)?), Act::fused(node)?))
-        } else {
-            None
-        },
+        fused,
     }))
 }
 
@@ -189,26 +192,20 @@ impl Kernel for MatMul {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let env = Env::new(&self.k, ctx);
-        let (a, b) = match inputs {
-            [a, b, ..] => (a, b),
-            _ => return Err(PluginError::invalid("cuda: MatMul takes A and B")),
-        };
+        let a = required(inputs, 0, "MatMul", "A")?;
+        let b = required(inputs, 1, "MatMul", "B")?;
         let plan = matmul_plan(a.shape(), b.shape())?;
         let ap = env.input(a, "A")?;
-        let bp = if self.fused.is_some() {
-            env.weight(b, &self.b, "B")?
-        } else {
-            env.input(b, "B")?
+        let bp = match &self.fused {
+            Some(f) => env.weight(b, &f.b, "B")?,
+            None => env.input(b, "B")?,
         };
         let yp = env.output(0, &plan.out)?;
         plan.run(&env, ap, bp, yp)?;
-        let Some((bias_buf, act)) = &self.fused else {
+        let Some(f) = &self.fused else {
             return Ok(());
         };
-        let bias = inputs
-            .get(2)
-            .filter(|t| !t.is_absent())
-            .ok_or_else(|| PluginError::invalid("FusedMatMul needs its bias"))?;
+        let bias = required(inputs, 2, "FusedMatMul", "its bias")?;
         if bias.len() != plan.n {
             return Err(PluginError::invalid(format!(
                 "FusedMatMul: bias has {} elements for {} columns",
@@ -216,8 +213,8 @@ impl Kernel for MatMul {
                 plan.n
             )));
         }
-        let biasp = env.weight(bias, bias_buf, "bias")?;
-        bias_act(&env, yp, biasp, 0, count(&plan.out)?, 1, plan.n, *act)
+        let biasp = env.weight(bias, &f.bias, "bias")?;
+        bias_act(&env, yp, biasp, 0, count(&plan.out)?, 1, plan.n, f.act)
     }
 }
 
@@ -249,15 +246,14 @@ fn bias_act(
     }
 }
 
-#[derive(Clone)]
 struct Gemm {
     k: Arc<Kernels>,
     alpha: f32,
     beta: f32,
     trans_a: bool,
     trans_b: bool,
-    b: Arc<Option<DeviceBuf>>,
-    c: Arc<Option<DeviceBuf>>,
+    b: Option<DeviceBuf>,
+    c: Option<DeviceBuf>,
 }
 
 fn make_gemm(k: &Arc<Kernels>, node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
@@ -267,8 +263,8 @@ fn make_gemm(k: &Arc<Kernels>, node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, P
         beta: node.float_or("beta", 1.0)?,
         trans_a: node.int_or("transA", 0)? != 0,
         trans_b: node.int_or("transB", 0)? != 0,
-        b: Arc::new(upload_constant(k, node, 1)?),
-        c: Arc::new(upload_constant(k, node, 2)?),
+        b: upload_constant(k, node, 1)?,
+        c: upload_constant(k, node, 2)?,
     }))
 }
 
@@ -279,10 +275,8 @@ impl Kernel for Gemm {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let env = Env::new(&self.k, ctx);
-        let (a, b) = match inputs {
-            [a, b, ..] => (a, b),
-            _ => return Err(PluginError::invalid("cuda: Gemm takes A and B")),
-        };
+        let a = required(inputs, 0, "Gemm", "A")?;
+        let b = required(inputs, 1, "Gemm", "B")?;
         let two = |t: &TensorView<'_>, what: &str| match t.shape() {
             &[r, c] => Ok((r, c)),
             s => Err(PluginError::invalid(format!(
@@ -301,7 +295,7 @@ impl Kernel for Gemm {
         let ap = env.input(a, "A")?;
         let bp = env.weight(b, &self.b, "B")?;
         let yp = env.output(0, &[m, n])?;
-        let c = inputs.get(2).filter(|t| !t.is_absent());
+        let c = optional(inputs, 2);
         let mut beta = 0.0;
         if let (Some(c), true) = (c, self.beta != 0.0) {
             // Y = beta * broadcast(C) first, then the product accumulates onto it.
@@ -509,14 +503,13 @@ fn window_out(x: &[usize], channels: usize, g: &Window) -> Vec<usize> {
     out
 }
 
-#[derive(Clone)]
 struct Conv {
     k: Arc<Kernels>,
     window: WindowAttrs,
     group: usize,
     act: Act,
-    w: Arc<Option<DeviceBuf>>,
-    b: Arc<Option<DeviceBuf>>,
+    w: Option<DeviceBuf>,
+    b: Option<DeviceBuf>,
 }
 
 /// Input channels per group at or under which the direct kernel beats im2col + gemm.
@@ -545,8 +538,8 @@ fn make_conv(k: &Arc<Kernels>, node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, P
         } else {
             Act::NONE
         },
-        w: Arc::new(upload_constant(k, node, 1)?),
-        b: Arc::new(upload_constant(k, node, 2)?),
+        w: upload_constant(k, node, 1)?,
+        b: upload_constant(k, node, 2)?,
     }))
 }
 
@@ -557,17 +550,14 @@ impl Kernel for Conv {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let env = Env::new(&self.k, ctx);
-        let (x, w) = match inputs {
-            [x, w, ..] => (x, w),
-            _ => return Err(PluginError::invalid("cuda: Conv takes X and W")),
-        };
-        let present = |i: usize| inputs.get(i).filter(|t| !t.is_absent());
+        let x = required(inputs, 0, "Conv", "X")?;
+        let w = required(inputs, 1, "Conv", "W")?;
         let (xs, ws) = (x.shape(), w.shape());
         if xs.len() != ws.len() || xs.len() < 3 {
             return Err(PluginError::invalid(format!("Conv: X {xs:?} and W {ws:?}")));
         }
         let (images, c, m, group) = (xs[0], xs[1], ws[0], self.group);
-        if c % group != 0 || m % group != 0 || ws[1] * group != c {
+        if m % group != 0 || ws[1].checked_mul(group) != Some(c) {
             return Err(PluginError::invalid(format!(
                 "Conv: {c} input and {m} output channels in {group} groups with W {ws:?}"
             )));
@@ -586,7 +576,7 @@ impl Kernel for Conv {
         let xp = env.input(x, "X")?;
         let wp = env.weight(w, &self.w, "W")?;
         let yp = env.output(0, &out)?;
-        let bp = match present(2) {
+        let bp = match optional(inputs, 2) {
             Some(b) if b.len() != m => {
                 return Err(PluginError::invalid(format!(
                     "Conv: B has {} for {m} channels",
@@ -596,7 +586,7 @@ impl Kernel for Conv {
             Some(b) => env.weight(b, &self.b, "B")?,
             None => 0,
         };
-        let zp = match present(3) {
+        let zp = match optional(inputs, 3) {
             Some(z) if z.shape() != out.as_slice() => {
                 return Err(PluginError::invalid(format!(
                     "FusedConv: Z {:?} for output {out:?}",
@@ -702,7 +692,6 @@ impl Kernel for Conv {
     }
 }
 
-#[derive(Clone)]
 struct Pool {
     k: Arc<Kernels>,
     window: WindowAttrs,
@@ -748,9 +737,7 @@ impl Kernel for Pool {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let env = Env::new(&self.k, ctx);
-        let x = inputs
-            .first()
-            .ok_or_else(|| PluginError::invalid("cuda: pooling takes X"))?;
+        let x = required(inputs, 0, "pooling", "X")?;
         let xs = x.shape();
         if xs.len() < 3 {
             return Err(PluginError::invalid(format!("pooling: X {xs:?}")));
@@ -771,7 +758,6 @@ impl Kernel for Pool {
     }
 }
 
-#[derive(Clone)]
 struct GlobalAveragePool {
     k: Arc<Kernels>,
 }
@@ -783,9 +769,7 @@ impl Kernel for GlobalAveragePool {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let env = Env::new(&self.k, ctx);
-        let x = inputs
-            .first()
-            .ok_or_else(|| PluginError::invalid("cuda: GlobalAveragePool takes X"))?;
+        let x = required(inputs, 0, "GlobalAveragePool", "X")?;
         let xs = x.shape();
         if xs.len() < 3 {
             return Err(PluginError::invalid(format!("GlobalAveragePool: X {xs:?}")));
@@ -811,11 +795,10 @@ fn make_gap(k: &Arc<Kernels>, _: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, Plugi
     Ok(Box::new(GlobalAveragePool { k: k.clone() }))
 }
 
-#[derive(Clone)]
 struct BatchNorm {
     k: Arc<Kernels>,
     eps: f32,
-    params: Arc<[Option<DeviceBuf>; 4]>,
+    params: [Option<DeviceBuf>; 4],
 }
 
 fn make_batchnorm(k: &Arc<Kernels>, node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
@@ -825,12 +808,12 @@ fn make_batchnorm(k: &Arc<Kernels>, node: &NodeInfo<'_>) -> Result<Box<dyn Kerne
     Ok(Box::new(BatchNorm {
         k: k.clone(),
         eps: node.float_or("epsilon", 1e-5)?,
-        params: Arc::new([
+        params: [
             upload_constant(k, node, 1)?,
             upload_constant(k, node, 2)?,
             upload_constant(k, node, 3)?,
             upload_constant(k, node, 4)?,
-        ]),
+        ],
     }))
 }
 
@@ -841,16 +824,7 @@ impl Kernel for BatchNorm {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let env = Env::new(&self.k, ctx);
-        let [x, rest @ ..] = inputs else {
-            return Err(PluginError::invalid(
-                "cuda: BatchNormalization takes 5 inputs",
-            ));
-        };
-        if rest.len() < 4 {
-            return Err(PluginError::invalid(
-                "cuda: BatchNormalization takes 5 inputs",
-            ));
-        }
+        let x = required(inputs, 0, "BatchNormalization", "X")?;
         let xs = x.shape();
         if xs.len() < 2 {
             return Err(PluginError::invalid(format!(
@@ -859,7 +833,13 @@ impl Kernel for BatchNorm {
         }
         let channels = xs[1];
         let mut p = [0u64; 4];
-        for (i, t) in rest[..4].iter().enumerate() {
+        for (i, buf) in self.params.iter().enumerate() {
+            let t = required(
+                inputs,
+                i + 1,
+                "BatchNormalization",
+                "scale, B, mean and var",
+            )?;
             if t.len() != channels {
                 return Err(PluginError::invalid(format!(
                     "BatchNormalization: input {} has {} values for {channels} channels",
@@ -867,7 +847,7 @@ impl Kernel for BatchNorm {
                     t.len()
                 )));
             }
-            p[i] = env.weight(t, &self.params[i], "a parameter")?;
+            p[i] = env.weight(t, buf, "a parameter")?;
         }
         let (xp, yp) = (env.input(x, "X")?, env.output(0, xs)?);
         let [scale, bias, mean, var] = p;

@@ -4,7 +4,7 @@
 //! (`in = out * scale + shift`), so the kernel does no string work.
 
 use super::module::{Kernels, F};
-use super::{count, decline, f32_outputs, Env, Reg};
+use super::{count, decline, f32_outputs, optional, required, Env, Reg};
 use crate::args;
 use opreg_sdk::prelude::*;
 use std::sync::Arc;
@@ -61,9 +61,8 @@ impl ResizeArgs {
     }
 }
 
-#[derive(Clone)]
-pub struct Resize {
-    k: Option<Arc<Kernels>>,
+/// A Resize node's attributes, as the kernel arguments are planned from them.
+pub struct ResizeAttrs {
     mode: i32,
     coords: String,
     nearest: i32,
@@ -71,14 +70,20 @@ pub struct Resize {
     exclude_outside: bool,
 }
 
-fn make_resize(k: &Arc<Kernels>, node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
-    let mut r = Resize::from_node(node)?;
-    r.k = Some(k.clone());
-    Ok(Box::new(r))
+struct Resize {
+    k: Arc<Kernels>,
+    attrs: ResizeAttrs,
 }
 
-impl Resize {
-    pub fn from_node(node: &NodeInfo<'_>) -> Result<Resize, PluginError> {
+fn make_resize(k: &Arc<Kernels>, node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    Ok(Box::new(Resize {
+        k: k.clone(),
+        attrs: ResizeAttrs::from_node(node)?,
+    }))
+}
+
+impl ResizeAttrs {
+    pub fn from_node(node: &NodeInfo<'_>) -> Result<ResizeAttrs, PluginError> {
         if node.int_or("antialias", 0)? != 0 {
             return Err(decline(node, "with antialias"));
         }
@@ -92,8 +97,7 @@ impl Resize {
         if coords == "tf_crop_and_resize" {
             return Err(decline(node, "with tf_crop_and_resize"));
         }
-        Ok(Resize {
-            k: None,
+        Ok(ResizeAttrs {
             mode: match node.string_or("mode", "nearest")?.as_str() {
                 "nearest" => 0,
                 "linear" => 1,
@@ -229,26 +233,21 @@ impl Kernel for Resize {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let k = self
-            .k
-            .as_ref()
-            .ok_or_else(|| PluginError::internal("cuda: Resize without kernels"))?;
-        let env = Env::new(k, ctx);
-        let x = inputs
-            .first()
-            .ok_or_else(|| PluginError::invalid("cuda: Resize takes X"))?;
-        let present = |i: usize| inputs.get(i).filter(|t| !t.is_absent() && !t.is_empty());
-        let scales = present(2).map(|t| t.as_slice::<f32>()).transpose()?;
-        let sizes = present(3).map(|t| t.to_i64s()).transpose()?;
-        let (out, a) = self.plan(x.shape(), scales, sizes.as_deref())?;
+        let env = Env::new(&self.k, ctx);
+        let x = required(inputs, 0, "Resize", "X")?;
+        // An empty scales or sizes stands for an absent one.
+        let given = |i: usize| optional(inputs, i).filter(|t| !t.is_empty());
+        let scales = given(2).map(|t| t.as_slice::<f32>()).transpose()?;
+        let sizes = given(3).map(|t| t.to_i64s()).transpose()?;
+        let (out, a) = self.attrs.plan(x.shape(), scales, sizes.as_deref())?;
         let xp = env.input(x, "X")?;
         let yp = env.output(0, &out)?;
+        let total = count(&out)?;
         let resized = count(&out[out.len() - a.dims as usize..])?;
-        let planes = (count(&out)? / resized.max(1)) as u64;
         if x.is_empty() || resized == 0 {
             return Ok(());
         }
-        let total = count(&out)?;
+        let planes = (total / resized) as u64;
         if let Some(r) = a.linear3(total, x.len()) {
             let planes = planes as u32;
             // SAFETY: resize_linear3_f32(const float*, float*, unsigned planes, Resize3);
@@ -279,9 +278,8 @@ pub fn regs() -> Vec<Reg> {
 mod tests {
     use super::*;
 
-    fn resize(mode: i32, coords: &str) -> Resize {
-        Resize {
-            k: None,
+    fn resize(mode: i32, coords: &str) -> ResizeAttrs {
+        ResizeAttrs {
             mode,
             coords: coords.into(),
             nearest: 0,

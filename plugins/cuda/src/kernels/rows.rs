@@ -2,12 +2,11 @@
 //! trailing dimensions. One block per row, reductions in warp shuffles.
 
 use super::module::{DeviceBuf, Kernels, F};
-use super::{axis, count, f32_outputs, like_input, upload_constant, Env, Reg};
+use super::{axis, count, f32_outputs, like_input, optional, required, upload_constant, Env, Reg};
 use crate::args;
 use opreg_sdk::prelude::*;
 use std::sync::Arc;
 
-#[derive(Clone)]
 struct Softmax {
     k: Arc<Kernels>,
     axis: i64,
@@ -33,9 +32,7 @@ impl Kernel for Softmax {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let env = Env::new(&self.k, ctx);
-        let x = inputs
-            .first()
-            .ok_or_else(|| PluginError::invalid("cuda: Softmax takes X"))?;
+        let x = required(inputs, 0, "Softmax", "X")?;
         let xs = x.shape();
         let a = axis(self.axis, xs.len(), "Softmax")?;
         let (d, inner) = if self.flatten {
@@ -65,13 +62,12 @@ impl Kernel for Softmax {
     }
 }
 
-#[derive(Clone)]
 struct LayerNorm {
     k: Arc<Kernels>,
     axis: i64,
     eps: f32,
-    scale: Arc<Option<DeviceBuf>>,
-    bias: Arc<Option<DeviceBuf>>,
+    scale: Option<DeviceBuf>,
+    bias: Option<DeviceBuf>,
 }
 
 fn make_layernorm(k: &Arc<Kernels>, node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
@@ -79,8 +75,8 @@ fn make_layernorm(k: &Arc<Kernels>, node: &NodeInfo<'_>) -> Result<Box<dyn Kerne
         k: k.clone(),
         axis: node.int_or("axis", -1)?,
         eps: node.float_or("epsilon", 1e-5)?,
-        scale: Arc::new(upload_constant(k, node, 1)?),
-        bias: Arc::new(upload_constant(k, node, 2)?),
+        scale: upload_constant(k, node, 1)?,
+        bias: upload_constant(k, node, 2)?,
     }))
 }
 
@@ -91,27 +87,22 @@ impl Kernel for LayerNorm {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let env = Env::new(&self.k, ctx);
-        let (x, scale) = match inputs {
-            [x, s, ..] => (x, s),
-            _ => {
-                return Err(PluginError::invalid(
-                    "cuda: LayerNormalization takes X and Scale",
-                ))
-            }
-        };
+        let x = required(inputs, 0, "LayerNormalization", "X")?;
+        let scale = required(inputs, 1, "LayerNormalization", "Scale")?;
         let xs = x.shape();
         let a = axis(self.axis, xs.len(), "LayerNormalization")?;
         let cols = count(&xs[a..])?;
         let rows = count(&xs[..a])?;
-        let bias = inputs.get(2).filter(|t| !t.is_absent());
+        let bias = optional(inputs, 2);
         for (t, what) in [(Some(scale), "Scale"), (bias, "B")] {
-            if let Some(t) = t {
-                if t.len() != cols {
+            match t {
+                Some(t) if t.len() != cols => {
                     return Err(PluginError::unimplemented(format!(
                         "cuda: LayerNormalization {what} of {} values for rows of {cols} (broadcast {what} is not supported here)",
                         t.len()
-                    )));
+                    )))
                 }
+                _ => {}
             }
         }
         let xp = env.input(x, "X")?;

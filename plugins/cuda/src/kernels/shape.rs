@@ -4,7 +4,7 @@
 
 use super::elementwise::MAX_RANK;
 use super::module::{DeviceBuf, Kernels, F};
-use super::{axis, count, decline, f32_outputs, upload_constant, Env, Reg};
+use super::{axis, count, decline, f32_outputs, optional, required, upload_constant, Env, Reg};
 use crate::args;
 use opreg_sdk::prelude::*;
 use std::sync::Arc;
@@ -43,7 +43,6 @@ pub fn gather_strided(
 }
 
 /// Which reshaping operator, and its attributes.
-#[derive(Clone)]
 enum Reshaping {
     /// Reshape: the shape input (host); `allowzero`.
     Reshape(bool),
@@ -53,7 +52,6 @@ enum Reshaping {
     Unsqueeze(Option<Vec<i64>>),
 }
 
-#[derive(Clone)]
 struct Reshape {
     k: Arc<Kernels>,
     how: Reshaping,
@@ -77,8 +75,7 @@ fn reshaped(
     arg: Option<&TensorView<'_>>,
 ) -> Result<Vec<usize>, PluginError> {
     let ints = || -> Result<Vec<i64>, PluginError> {
-        arg.filter(|t| !t.is_absent())
-            .map(|t| t.to_i64s())
+        arg.map(|t| t.to_i64s())
             .transpose()
             .map(|v| v.unwrap_or_default())
     };
@@ -184,10 +181,8 @@ impl Kernel for Reshape {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let env = Env::new(&self.k, ctx);
-        let x = inputs
-            .first()
-            .ok_or_else(|| PluginError::invalid("cuda: Reshape takes data"))?;
-        let out = reshaped(&self.how, x.shape(), inputs.get(1))?;
+        let x = required(inputs, 0, "Reshape", "data")?;
+        let out = reshaped(&self.how, x.shape(), optional(inputs, 1))?;
         if count(&out)? != x.len() {
             return Err(PluginError::invalid(format!(
                 "Reshape: {:?} ({} values) cannot take shape {out:?}",
@@ -201,7 +196,6 @@ impl Kernel for Reshape {
     }
 }
 
-#[derive(Clone)]
 struct Transpose {
     k: Arc<Kernels>,
     perm: Option<Vec<i64>>,
@@ -221,9 +215,7 @@ impl Kernel for Transpose {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let env = Env::new(&self.k, ctx);
-        let x = inputs
-            .first()
-            .ok_or_else(|| PluginError::invalid("cuda: Transpose takes data"))?;
+        let x = required(inputs, 0, "Transpose", "data")?;
         let xs = x.shape();
         let rank = xs.len();
         let perm: Vec<usize> = match &self.perm {
@@ -240,20 +232,14 @@ impl Kernel for Transpose {
                 "Transpose: perm {perm:?} for rank {rank}"
             )));
         }
-        let mut strides = vec![0i64; rank];
-        let mut s = 1i64;
-        for i in (0..rank).rev() {
-            strides[i] = s;
-            s *= xs[i] as i64;
-        }
+        let strides = opreg_sdk::tensor::contiguous_strides(xs);
         let out: Vec<usize> = perm.iter().map(|&p| xs[p]).collect();
-        let read: Vec<i64> = perm.iter().map(|&p| strides[p]).collect();
+        let read: Vec<i64> = perm.iter().map(|&p| strides[p] as i64).collect();
         let (xp, yp) = (env.input(x, "data")?, env.output(0, &out)?);
         gather_strided(&env, xp, yp, &out, &read, 1.0)
     }
 }
 
-#[derive(Clone)]
 struct Concat {
     k: Arc<Kernels>,
     axis: i64,
@@ -273,9 +259,7 @@ impl Kernel for Concat {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let env = Env::new(&self.k, ctx);
-        let first = inputs
-            .first()
-            .ok_or_else(|| PluginError::invalid("cuda: Concat takes inputs"))?;
+        let first = required(inputs, 0, "Concat", "inputs")?;
         let rank = first.rank();
         let a = axis(self.axis, rank, "Concat")?;
         let mut out = first.shape().to_vec();
@@ -316,18 +300,17 @@ impl Kernel for Concat {
 /// Gather: the data is declared host memory, as the tables it reads are mostly constants
 /// (embeddings) uploaded once at load; data computed on the device comes back through the
 /// host (two copies), the price of not copying a whole table per request.
-#[derive(Clone)]
 struct Gather {
     k: Arc<Kernels>,
     axis: i64,
-    data: Arc<Option<DeviceBuf>>,
+    data: Option<DeviceBuf>,
 }
 
 fn make_gather(k: &Arc<Kernels>, node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
     Ok(Box::new(Gather {
         k: k.clone(),
         axis: node.int_or("axis", 0)?,
-        data: Arc::new(upload_constant(k, node, 0)?),
+        data: upload_constant(k, node, 0)?,
     }))
 }
 
@@ -338,9 +321,8 @@ impl Kernel for Gather {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         let env = Env::new(&self.k, ctx);
-        let [x, idx] = inputs else {
-            return Err(PluginError::invalid("cuda: Gather takes data and indices"));
-        };
+        let x = required(inputs, 0, "Gather", "data")?;
+        let idx = required(inputs, 1, "Gather", "indices")?;
         let xs = x.shape();
         let a = axis(self.axis, xs.len(), "Gather")?;
         let extent = xs[a] as i64;
