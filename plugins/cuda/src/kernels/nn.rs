@@ -31,9 +31,11 @@ pub struct MatMulPlan {
     pub batch: usize,
     pub stride_a: usize,
     pub stride_b: usize,
-    /// Mixed broadcasting ([3, 1] x [1, 2] batches): the A and B matrix of each product, one
-    /// gemm each (empty when the strides above describe the batch).
-    pub pairs: Vec<(usize, usize)>,
+    /// Mixed broadcasting ([3, 1] x [1, 2] batches): the output's batch shape and both
+    /// sides' padded to it, from which [`pair`](Self::pair) finds each product's A and B (one
+    /// gemm each, computed as they run: nothing sized by the batch is allocated). `None` when
+    /// the strides above describe the batch.
+    pub mixed: Option<[Vec<usize>; 3]>,
     pub out: Vec<usize>,
 }
 
@@ -69,29 +71,18 @@ pub fn matmul_plan(a: &[usize], b: &[usize]) -> Result<MatMulPlan, PluginError> 
         v.extend_from_slice(s);
         v
     };
-    let mut pairs = Vec::new();
+    // Checked: an empty operand may have dimensions whose product overflows.
+    let (one_a, one_b) = (count(&[m, ka])?, count(&[ka, n])?);
+    let mut mixed = None;
     let (stride_a, stride_b) = if na == batch && nb == batch && pad(ba) == pad(bb) {
-        (m * ka, ka * n)
+        (one_a, one_b)
     } else if na == 1 && nb == batch {
-        (0, ka * n)
+        (0, one_b)
     } else if nb == 1 && na == batch {
-        (m * ka, 0)
+        (one_a, 0)
     } else {
-        // Each output batch index read back through both sides' broadcast.
-        let (pa, pb) = (pad(ba), pad(bb));
-        for i in 0..batch {
-            let (mut rest, mut ia, mut ib, mut sa, mut sb) = (i, 0, 0, 1, 1);
-            for d in (0..batch_shape.len()).rev() {
-                let c = rest % batch_shape[d];
-                rest /= batch_shape[d];
-                ia += if pa[d] == 1 { 0 } else { c * sa };
-                ib += if pb[d] == 1 { 0 } else { c * sb };
-                sa *= pa[d];
-                sb *= pb[d];
-            }
-            pairs.push((ia, ib));
-        }
-        (m * ka, ka * n)
+        mixed = Some([batch_shape.clone(), pad(ba), pad(bb)]);
+        (one_a, one_b)
     };
     let mut out = batch_shape;
     if a.len() > 1 {
@@ -107,27 +98,44 @@ pub fn matmul_plan(a: &[usize], b: &[usize]) -> Result<MatMulPlan, PluginError> 
         batch,
         stride_a,
         stride_b,
-        pairs,
+        mixed,
         out,
     })
 }
 
 impl MatMulPlan {
+    /// The A and B matrices (by position in their batches) of product `i` under mixed
+    /// broadcasting: its output batch index read back through both sides' broadcast.
+    pub fn pair(&self, i: usize) -> (usize, usize) {
+        let Some([out, pa, pb]) = &self.mixed else {
+            return (i, i);
+        };
+        let (mut rest, mut ia, mut ib, mut sa, mut sb) = (i, 0, 0, 1, 1);
+        for d in (0..out.len()).rev() {
+            let c = rest % out[d];
+            rest /= out[d];
+            ia += if pa[d] == 1 { 0 } else { c * sa };
+            ib += if pb[d] == 1 { 0 } else { c * sb };
+            sa *= pa[d];
+            sb *= pb[d];
+        }
+        (ia, ib)
+    }
+
     /// Runs the plan: C = A B (row-major, contiguous) on the device.
     fn run(&self, env: &Env<'_, '_>, a: u64, b: u64, c: u64) -> Result<(), PluginError> {
-        if !self.pairs.is_empty() {
+        if self.mixed.is_some() {
             let one = MatMulPlan {
                 batch: 1,
-                pairs: Vec::new(),
+                mixed: None,
                 out: Vec::new(),
                 ..*self
             };
-            let (sa, sb, sc) = (
-                self.m * self.k * 4,
-                self.k * self.n * 4,
-                self.m * self.n * 4,
-            );
-            for (i, &(ia, ib)) in self.pairs.iter().enumerate() {
+            // Matrix sizes in bytes: the run's output and operands are allocated (each
+            // matrix holds fewer bytes than its tensor), so these do not overflow.
+            let (sa, sb, sc) = (self.stride_a * 4, self.stride_b * 4, self.m * self.n * 4);
+            for i in 0..self.batch {
+                let (ia, ib) = self.pair(i);
                 one.run(
                     env,
                     a + (ia * sa) as u64,
@@ -201,6 +209,9 @@ impl Kernel for MatMul {
             None => env.input(b, "B")?,
         };
         let yp = env.output(0, &plan.out)?;
+        if count(&plan.out)? == 0 {
+            return Ok(());
+        }
         plan.run(&env, ap, bp, yp)?;
         let Some(f) = &self.fused else {
             return Ok(());
@@ -295,6 +306,9 @@ impl Kernel for Gemm {
         let ap = env.input(a, "A")?;
         let bp = env.weight(b, &self.b, "B")?;
         let yp = env.output(0, &[m, n])?;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
         let c = optional(inputs, 2);
         let mut beta = 0.0;
         if let (Some(c), true) = (c, self.beta != 0.0) {
@@ -360,6 +374,9 @@ pub struct Window {
 
 /// The largest kernel extent, stride, dilation or pad accepted (2^31).
 const MAX_WINDOW_ATTR: i64 = 1 << 31;
+/// The largest input extent a window runs over (2^48: far past any tensor that exists, and
+/// small enough that the window arithmetic stays in i64).
+const MAX_WINDOW_EXTENT: usize = 1 << 48;
 
 /// A node's window attributes (kernel from the attribute or, for Conv, the weights).
 #[derive(Clone, Debug)]
@@ -413,6 +430,13 @@ impl WindowAttrs {
         };
         let mut dims = [(1i64, 1i64, 1i64, 1i64, 0i64, 1i64); 2]; // (in, out, k, s, pad, d)
         for i in 0..rank {
+            // An empty X may claim any extents: bounded too.
+            if spatial[i] > MAX_WINDOW_EXTENT {
+                return Err(PluginError::invalid(format!(
+                    "{op}: spatial extent {} over {MAX_WINDOW_EXTENT}",
+                    spatial[i]
+                )));
+            }
             let (inp, k, s, d) = (
                 spatial[i] as i64,
                 kernel[i],
@@ -597,6 +621,10 @@ impl Kernel for Conv {
             None => 0,
         };
         let total = count(&out)?;
+        if total == 0 {
+            // Nothing to write; the extents of an empty X may not even multiply.
+            return Ok(());
+        }
         let (cg, mg) = (c / group, m / group);
         if group > 1 && cg <= DIRECT_MAX_CHANNELS {
             let (images, m64, groups) = (images as i64, m as i64, group as i64);
@@ -618,7 +646,7 @@ impl Kernel for Conv {
         if group == 1 {
             // The images of a batch as one strided-batched gemm each chunk (W shared): the
             // input itself for 1x1 convolutions, im2col columns of a chunk of images else.
-            let per = kg * pixels;
+            let per = count(&[kg, pixels])?;
             let chunk = if plain {
                 images
             } else {
@@ -752,9 +780,13 @@ impl Kernel for Pool {
         let g = self.window.resolve(xs[1], &xs[2..], &kernel, "pooling")?;
         let out = window_out(xs, xs[1], &g);
         let (xp, yp) = (env.input(x, "X")?, env.output(0, &out)?);
-        let (planes, mode) = ((xs[0] * xs[1]) as i64, self.mode);
+        let total = count(&out)?;
+        if total == 0 {
+            return Ok(());
+        }
+        let (planes, mode) = (count(&xs[..2])? as i64, self.mode);
         // SAFETY: pool_f32(const float*, float*, i64 planes, Window, int).
-        unsafe { env.launch_n(F::Pool, count(&out)?, &mut args![xp, yp, planes, g, mode]) }
+        unsafe { env.launch_n(F::Pool, total, &mut args![xp, yp, planes, g, mode]) }
     }
 }
 
@@ -777,7 +809,7 @@ impl Kernel for GlobalAveragePool {
         let mut out = xs[..2].to_vec();
         out.extend(std::iter::repeat_n(1, xs.len() - 2));
         let (xp, yp) = (env.input(x, "X")?, env.output(0, &out)?);
-        let planes = (xs[0] * xs[1]) as u64;
+        let planes = count(&xs[..2])? as u64;
         let size = count(&xs[2..])? as i64;
         // SAFETY: plane_mean_f32(const float*, float*, u64 planes, i64 size).
         unsafe {
@@ -945,9 +977,18 @@ mod tests {
         let p = matmul_plan(&[3, 1, 3, 4], &[1, 2, 4, 2]).unwrap();
         assert_eq!(p.out, vec![3, 2, 3, 2]);
         assert_eq!(
-            p.pairs,
+            (0..p.batch).map(|i| p.pair(i)).collect::<Vec<_>>(),
             vec![(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
         );
+        // Empty operands with huge dimensions: a plan, or a clear error, never an
+        // allocation sized by the batch or an overflow.
+        let p = matmul_plan(&[1 << 20, 1, 0, 4], &[1, 1 << 20, 4, 5]).unwrap();
+        assert_eq!(
+            (p.batch, p.out.clone()),
+            (1 << 40, vec![1 << 20, 1 << 20, 0, 5])
+        );
+        let e = matmul_plan(&[0, 1 << 40, 1 << 40], &[1 << 40, 2]).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument);
     }
 
     fn attrs(pads: &[i64], strides: &[i64], auto_pad: &str, ceil: bool) -> WindowAttrs {
@@ -1001,6 +1042,11 @@ mod tests {
                 .unwrap_err();
             assert_eq!(e.code, ErrorCode::InvalidArgument, "{}", e.message);
         }
+        // So are extents past any real tensor (an empty X may claim them).
+        let e = attrs(&[0; 4], &[1, 1], "NOTSET", false)
+            .resolve(1, &[1 << 50, 5], &[3, 3], "Conv")
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument, "{}", e.message);
         // Three spatial dimensions decline.
         let e = attrs(&[], &[1, 1, 1], "NOTSET", false)
             .resolve(1, &[4, 4, 4], &[1, 1, 1], "Conv")

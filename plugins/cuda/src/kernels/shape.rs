@@ -27,6 +27,10 @@ pub fn gather_strided(
     strides: &[i64],
     scale: f32,
 ) -> Result<(), PluginError> {
+    let len = count(out)?;
+    if len == 0 {
+        return Ok(());
+    }
     // The broadcast description with the same strides on both sides: extents of 1 dropped,
     // dimensions walked contiguously merged.
     let b = super::elementwise::coalesce(out, strides, strides)?;
@@ -35,7 +39,6 @@ pub fn gather_strided(
         dims: b.dims,
         ss: b.sa,
     };
-    let len = count(out)?;
     let n = len as u64;
     // SAFETY: gather_strided_f32(const float*, float*, u64, float, Strided); the strides
     // come from the source's shape, so every read is inside it.
@@ -272,9 +275,15 @@ impl Kernel for Concat {
                     first.shape()
                 )));
             }
-            out[a] += s[a];
+            out[a] = out[a]
+                .checked_add(s[a])
+                .ok_or_else(|| PluginError::invalid("Concat: the output extent overflows"))?;
         }
         let yp = env.output(0, &out)?;
+        if count(&out)? == 0 {
+            // An empty output's other extents may not multiply.
+            return Ok(());
+        }
         let outer = count(&out[..a])? as u64;
         let inner = count(&out[a + 1..])?;
         let total = (out[a] * inner) as i64;
