@@ -101,6 +101,16 @@ pub trait FfiHost: Send + Sync {
     /// `bytes` of 64-byte aligned host scratch memory, valid until the call returns, holding
     /// whatever an earlier call left there (always initialised bytes). Since ABI 1.5.
     fn scratch_reused(&self, bytes: usize) -> RResult<RSliceMut<'_, u8>, PluginError>;
+
+    /// As [`output`](Self::output), for a kernel that writes every element before it returns
+    /// successfully: the host need not zero the buffer, which may hold what an earlier use of
+    /// its memory left (always initialised bytes). Since ABI 1.6.
+    fn output_to_overwrite(
+        &self,
+        index: usize,
+        dtype: DType,
+        shape: RSlice<'_, usize>,
+    ) -> RResult<TensorViewMut<'_>, PluginError>;
 }
 
 /// The context a kernel receives for one call.
@@ -197,6 +207,36 @@ impl<'a> KernelContext<'a> {
         shape: &[usize],
     ) -> Result<&mut [T], PluginError> {
         self.output(index, T::DTYPE, shape)?.into_slice::<T>()
+    }
+
+    /// Allocates output `index` like [`output`](Self::output) for a kernel that writes every
+    /// element of it before returning `Ok`: the host skips zeroing it (a pass over the whole
+    /// output, 3-7 % of a CNN's run), so its elements start as whatever an earlier use of the
+    /// memory left there (initialised, but meaningless; debug builds of the host fill it with
+    /// 0xFF bytes, so that an element left unwritten shows up as NaN or -1 in tests). An
+    /// element left unwritten would leak stale data into the result: use [`output`](Self::output)
+    /// unless every success path writes everything (an error discards the outputs).
+    ///
+    /// Since ABI 1.6: a plugin built with this SDK needs a 1.6 host, which the loader checks.
+    pub fn output_to_overwrite(
+        &self,
+        index: usize,
+        dtype: DType,
+        shape: &[usize],
+    ) -> Result<TensorViewMut<'_>, PluginError> {
+        self.host
+            .output_to_overwrite(index, dtype, shape.into())
+            .into_result()
+    }
+
+    /// [`output_to_overwrite`](Self::output_to_overwrite) as a typed, contiguous host slice.
+    pub fn output_slice_to_overwrite<T: Element>(
+        &self,
+        index: usize,
+        shape: &[usize],
+    ) -> Result<&mut [T], PluginError> {
+        self.output_to_overwrite(index, T::DTYPE, shape)?
+            .into_slice::<T>()
     }
 
     /// Scratch memory for `len` elements of `T`, zeroed, valid for this call.

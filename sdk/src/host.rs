@@ -111,11 +111,21 @@ impl AlignedBuf {
         })
     }
 
-    /// `planned`'s range, zeroed (as every fresh output is), borrowed from its owner.
-    fn planned(planned: &PlannedBuf) -> Self {
-        // SAFETY: `planned` describes `len` writable bytes that stay valid while `keep` is
-        // held, and the plan hands each range to one output at a time.
-        unsafe { std::ptr::write_bytes(planned.ptr.as_ptr(), 0, planned.len) };
+    /// `planned`'s range, borrowed from its owner: zeroed (as every fresh output is) when
+    /// `zero`, else holding what its last user left there (initialised bytes; poisoned with
+    /// 0xFF in debug builds, so that a kernel which promised to overwrite an output and left
+    /// part of it shows).
+    fn planned(planned: &PlannedBuf, zero: bool) -> Self {
+        let fill = if zero {
+            Some(0)
+        } else {
+            cfg!(debug_assertions).then_some(0xFF)
+        };
+        if let Some(byte) = fill {
+            // SAFETY: `planned` describes `len` writable bytes that stay valid while `keep` is
+            // held, and the plan hands each range to one output at a time.
+            unsafe { std::ptr::write_bytes(planned.ptr.as_ptr(), byte, planned.len) };
+        }
         AlignedBuf {
             ptr: planned.ptr,
             len: planned.len,
@@ -238,6 +248,7 @@ impl HostTensor {
         dtype: DType,
         shape: &[usize],
         planned: &PlannedBuf,
+        zero: bool,
     ) -> Result<Self, PluginError> {
         if dtype == DType::String || byte_size(dtype, shape)? != planned.len {
             return Err(PluginError::internal("planned output of another size"));
@@ -246,7 +257,7 @@ impl HostTensor {
             dtype,
             shape: shape.to_vec(),
             strides: contiguous_strides(shape),
-            buf: AlignedBuf::planned(planned),
+            buf: AlignedBuf::planned(planned, zero),
             device: None,
         })
     }
@@ -697,31 +708,15 @@ mod reused {
     }
 }
 
-impl FfiHost for CallFrame<'_> {
-    fn parallel_for(&self, len: usize, grain: usize, task: FfiTask_TO<'_, RRef<'_, ()>>) {
-        let grain = grain.max(1);
-        let chunks = len.div_ceil(grain);
-        if self.should_stop() {
-            return;
-        }
-        if chunks <= 1 {
-            task.run(0, len);
-            return;
-        }
-        (0..chunks).into_par_iter().for_each(|c| {
-            if self.should_stop() {
-                return;
-            }
-            let start = c * grain;
-            task.run(start, (start + grain).min(len));
-        });
-    }
-
-    fn output(
+impl CallFrame<'_> {
+    /// [`FfiHost::output`] (`zero`) and [`FfiHost::output_to_overwrite`] (not zeroed when the
+    /// plan gives the output a range of its arena; a fresh allocation is zeroed either way).
+    fn allocate_output(
         &self,
         index: usize,
         dtype: DType,
         shape: RSlice<'_, usize>,
+        zero: bool,
     ) -> RResult<TensorViewMut<'_>, PluginError> {
         let result = (|| {
             let mut slots = self
@@ -767,7 +762,7 @@ impl FfiHost for CallFrame<'_> {
                     .and_then(Option::as_ref)
                     .filter(|p| Some(p.len) == bytes && p.len > 0 && dtype != DType::String);
                 let t = slot.insert(Box::new(match planned {
-                    Some(p) => HostTensor::in_planned(dtype, shape.as_slice(), p)?,
+                    Some(p) => HostTensor::in_planned(dtype, shape.as_slice(), p, zero)?,
                     None => HostTensor::zeroed(dtype, shape.as_slice())?,
                 }));
                 let data = t.buf.as_mut_slice().as_mut_ptr();
@@ -788,6 +783,45 @@ impl FfiHost for CallFrame<'_> {
             Ok(view)
         })();
         result.into()
+    }
+}
+
+impl FfiHost for CallFrame<'_> {
+    fn parallel_for(&self, len: usize, grain: usize, task: FfiTask_TO<'_, RRef<'_, ()>>) {
+        let grain = grain.max(1);
+        let chunks = len.div_ceil(grain);
+        if self.should_stop() {
+            return;
+        }
+        if chunks <= 1 {
+            task.run(0, len);
+            return;
+        }
+        (0..chunks).into_par_iter().for_each(|c| {
+            if self.should_stop() {
+                return;
+            }
+            let start = c * grain;
+            task.run(start, (start + grain).min(len));
+        });
+    }
+
+    fn output(
+        &self,
+        index: usize,
+        dtype: DType,
+        shape: RSlice<'_, usize>,
+    ) -> RResult<TensorViewMut<'_>, PluginError> {
+        self.allocate_output(index, dtype, shape, true)
+    }
+
+    fn output_to_overwrite(
+        &self,
+        index: usize,
+        dtype: DType,
+        shape: RSlice<'_, usize>,
+    ) -> RResult<TensorViewMut<'_>, PluginError> {
+        self.allocate_output(index, dtype, shape, false)
     }
 
     fn scratch(&self, bytes: usize) -> RResult<RSliceMut<'_, u8>, PluginError> {

@@ -47,6 +47,9 @@ pub struct NodeSpec {
     pub num_outputs: usize,
     /// Device.
     pub device: Device,
+    /// Positions of the inputs given to the factory as constants (as a model's initializers
+    /// are), so that it can prepare them at load.
+    pub constant_inputs: Vec<usize>,
 }
 
 impl NodeSpec {
@@ -59,6 +62,7 @@ impl NodeSpec {
             attributes: Vec::new(),
             num_outputs: 1,
             device: Device::CPU,
+            constant_inputs: Vec::new(),
         }
     }
 
@@ -80,6 +84,12 @@ impl NodeSpec {
     /// Sets the number of outputs.
     pub fn outputs(mut self, n: usize) -> Self {
         self.num_outputs = n;
+        self
+    }
+
+    /// Gives input `i` to the factory as a constant (its value known at instantiation).
+    pub fn constant(mut self, i: usize) -> Self {
+        self.constant_inputs.push(i);
         self
     }
 }
@@ -143,12 +153,15 @@ pub fn run_kernel_opt(
     let input_infos: Vec<ValueInfo<'_>> = inputs
         .iter()
         .zip(&shapes)
-        .map(|(t, s)| ValueInfo {
+        .enumerate()
+        .map(|(i, (t, s))| ValueInfo {
             name: "",
             present: t.is_some(),
             dtype: t.map_or(crate::DType::F32, |t| t.dtype()),
             shape: t.map(|_| s.as_slice()),
-            constant: None,
+            constant: t
+                .filter(|_| node.constant_inputs.contains(&i))
+                .map(|t| t.view()),
         })
         .collect();
     let output_infos: Vec<ValueInfo<'_>> = (0..node.num_outputs)

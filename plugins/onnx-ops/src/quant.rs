@@ -111,7 +111,7 @@ pub(crate) fn fill<T: Element, F>(
 where
     F: Fn(usize) -> T + Sync,
 {
-    let y = ctx.output_slice::<T>(index, shape)?;
+    let y = ctx.output_slice_to_overwrite::<T>(index, shape)?;
     ctx.parallel_chunks(y, GRAIN, |start, chunk| {
         for (j, o) in chunk.iter_mut().enumerate() {
             *o = f(start + j);
@@ -181,7 +181,7 @@ fn quantize_per_tensor(
     z: f32,
     dtype: DType,
 ) -> Result<(), PluginError> {
-    let y = ctx.output(0, dtype, shape)?.into_bytes()?;
+    let y = ctx.output_to_overwrite(0, dtype, shape)?.into_bytes()?;
     ctx.parallel_chunks(y, GRAIN, |start, out| {
         let xs = x.get(start..).unwrap_or_default();
         let (lo, hi) = if dtype == DType::U8 {
@@ -204,7 +204,7 @@ fn dequantize_per_tensor<T: Element + crate::simd::Dequantize>(
     s: f32,
     z: f32,
 ) -> Result<(), PluginError> {
-    let y = ctx.output_slice::<f32>(0, shape)?;
+    let y = ctx.output_slice_to_overwrite::<f32>(0, shape)?;
     ctx.parallel_chunks(y, GRAIN, |start, out| {
         T::dequantize(x.get(start..).unwrap_or_default(), s, z, out);
     })
@@ -222,7 +222,7 @@ fn fill_codes<F>(
 where
     F: Fn(usize) -> u8 + Sync,
 {
-    let y = ctx.output(index, dtype, shape)?.into_bytes()?;
+    let y = ctx.output_to_overwrite(index, dtype, shape)?.into_bytes()?;
     ctx.parallel_chunks(y, GRAIN, |start, chunk| {
         for (j, o) in chunk.iter_mut().enumerate() {
             *o = f(start + j);

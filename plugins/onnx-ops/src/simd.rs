@@ -83,7 +83,7 @@ simd_fn! {
 /// [`round_saturate_byte`] for an `x` that is not NaN (the requantizing epilogue's sums of
 /// finite terms): the clamp compiles to one max and one min, without the NaN selects.
 #[inline(always)]
-fn round_clamp_finite(x: f64, lo: f64, hi: f64) -> u8 {
+pub(crate) fn round_clamp_finite(x: f64, lo: f64, hi: f64) -> u8 {
     const MAGIC: f64 = 6_755_399_441_055_744.0; // 1.5 * 2^52
     let x = if x > lo { x } else { lo };
     let x = if x < hi { x } else { hi };

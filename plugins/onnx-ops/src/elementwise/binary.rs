@@ -313,7 +313,7 @@ where
 {
     let shapes: Vec<&[usize]> = inputs.iter().map(|v| v.shape()).collect();
     let shape = broadcast_shapes(&shapes)?;
-    let out = ctx.output_slice::<T>(0, &shape)?;
+    let out = ctx.output_slice_to_overwrite::<T>(0, &shape)?;
     fold_into(ctx, out, &shape, &inputs[0], |_, a: T| a)?;
     for x in &inputs[1..] {
         match op {

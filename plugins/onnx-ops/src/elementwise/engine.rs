@@ -107,7 +107,7 @@ pub fn map<T: Element, U: Element>(
     f: impl Fn(T) -> U + Sync,
 ) -> Result<(), PluginError> {
     let xs = x.as_slice::<T>()?;
-    let y = ctx.output_slice::<U>(0, x.shape())?;
+    let y = ctx.output_slice_to_overwrite::<U>(0, x.shape())?;
     ctx.parallel_chunks(y, GRAIN, |start, out| {
         for (o, &v) in out.iter_mut().zip(&xs[start..]) {
             *o = f(v);
@@ -126,7 +126,7 @@ pub fn zip2<A: Element, B: Element, O: Element>(
     let shape = broadcast_shapes(&[sha, shb])?;
     let plan = Plan::new(&shape, [sha, shb]);
     let [sa, sb] = plan.inner();
-    let y = ctx.output_slice::<O>(0, &shape)?;
+    let y = ctx.output_slice_to_overwrite::<O>(0, &shape)?;
     ctx.parallel_chunks(y, GRAIN, |start, out| {
         plan.runs(start, out.len(), |pos, [oa, ob], n| {
             let o = &mut out[pos..pos + n];
@@ -186,7 +186,7 @@ pub fn zip3<A: Element, B: Element, C: Element, O: Element>(
     let shape = broadcast_shapes(&shapes)?;
     let plan = Plan::new(&shape, shapes);
     let [sa, sb, sc] = plan.inner();
-    let y = ctx.output_slice::<O>(0, &shape)?;
+    let y = ctx.output_slice_to_overwrite::<O>(0, &shape)?;
     ctx.parallel_chunks(y, GRAIN, |start, out| {
         plan.runs(start, out.len(), |pos, [oa, ob, oc], n| {
             let o = &mut out[pos..pos + n];

@@ -88,7 +88,7 @@ where
     if T::DTYPE == DType::F32 {
         if let Some(fast) = Fast::of(op) {
             let xs = x.as_slice::<f32>()?;
-            let y = ctx.output_slice::<f32>(0, x.shape())?;
+            let y = ctx.output_slice_to_overwrite::<f32>(0, x.shape())?;
             return ctx.parallel_chunks(y, super::engine::GRAIN, |start, out| {
                 unary_f32(&xs[start..start + out.len()], out, fast)
             });

@@ -1,7 +1,9 @@
 //! Conv: im2col per group, then one gemm per batch and group through the BLAS backend;
-//! depthwise 2-D convolutions directly ([`depthwise`]).
+//! depthwise 2-D convolutions and those with few input channels directly ([`depthwise`],
+//! [`shallow`]).
 
 mod depthwise;
+mod shallow;
 
 use super::{
     activation::Activation, at_least_one, blas, conv_bias, matmul::gemm_f32, optional, Disjoint,
@@ -318,7 +320,7 @@ impl Kernel for Conv {
                 conv_bias("Conv", inputs, m)?,
                 z_same.map(|v| v.as_slice()).transpose()?,
                 self.activation,
-                ctx.output_slice::<f32>(0, &out_shape)?,
+                ctx.output_slice_to_overwrite::<f32>(0, &out_shape)?,
             ),
             DType::F32 => self.run_widened(ctx, inputs, xs, &g, m, &out_shape, |v: f32| v, |v| v),
             // Half types: widened to f32 for the BLAS gemm, the result rounded back.
@@ -504,6 +506,11 @@ impl Conv {
             // Z is added after the taps (as the Add it replaces would), then the activation.
             depthwise::run(ctx, xs, g, x, w, bias, Activation::None, y)?;
             return finish(ctx, y, None, z, act, m, p);
+        }
+        if shallow::applies(xs, &g.kernel, group)
+            && shallow::run(ctx, xs, g, m, x, w, bias, z, act, y)?
+        {
+            return Ok(());
         }
         if n * group >= ctx.num_threads().max(2) && !direct {
             // Enough images (x groups) to keep every thread busy: one task per (image, group),
@@ -1031,6 +1038,151 @@ mod tests {
     }
 
     #[test]
+    fn shallow_convolutions_match_direct_loops_in_every_geometry() {
+        // (x [n, c, h, w], output channels, kernel, strides, dilations, pads [top, left,
+        // bottom, right], bias): the first layers of MobileNetV2 and ResNet in small, output
+        // widths around the 16-pixel runs, channel counts around the 8-channel blocks,
+        // dilation, asymmetric and kernel-wide pads, two images.
+        type Case = (
+            [usize; 4],
+            usize,
+            [usize; 2],
+            [usize; 2],
+            [usize; 2],
+            [usize; 4],
+            bool,
+        );
+        let cases: [Case; 9] = [
+            (
+                [1, 3, 20, 20],
+                32,
+                [3, 3],
+                [2, 2],
+                [1, 1],
+                [1, 1, 1, 1],
+                true,
+            ),
+            (
+                [2, 3, 23, 21],
+                5,
+                [7, 7],
+                [2, 2],
+                [1, 1],
+                [3, 3, 3, 3],
+                false,
+            ),
+            ([1, 1, 5, 16], 8, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], true),
+            (
+                [1, 2, 6, 17],
+                17,
+                [3, 3],
+                [1, 1],
+                [1, 1],
+                [0, 1, 2, 1],
+                true,
+            ),
+            ([1, 4, 9, 40], 9, [3, 2], [1, 3], [2, 1], [2, 0, 1, 2], true),
+            (
+                [2, 3, 4, 33],
+                16,
+                [1, 1],
+                [1, 1],
+                [1, 1],
+                [0, 0, 0, 0],
+                false,
+            ),
+            ([1, 3, 3, 3], 3, [5, 5], [1, 1], [1, 1], [2, 2, 2, 2], true),
+            ([1, 2, 2, 2], 4, [3, 3], [1, 1], [1, 1], [3, 3, 3, 3], true),
+            ([1, 3, 8, 1], 8, [3, 1], [2, 1], [1, 1], [1, 0, 1, 0], true),
+        ];
+        for (k, (xs, m, ks, st, dil, pads, bias)) in cases.into_iter().enumerate() {
+            assert_eq!(
+                shallow::applies(&xs, &ks, 1),
+                crate::simd::has_avx512(),
+                "case {k}"
+            );
+            let [n, c, h, w] = xs;
+            println!("case {k}");
+            check(
+                2,
+                [n, c, 1, h, w],
+                [m, c, 1, ks[0], ks[1]],
+                1,
+                [1, st[0], st[1]],
+                [1, dil[0], dil[1]],
+                [0, pads[0], pads[1], 0, pads[2], pads[3]],
+                bias,
+            );
+        }
+        // The activations it applies in registers (ReLU, Clip) and those it leaves to the
+        // pass over each row (SiLU), a fused sum, NaN and -0.0: as Conv, Add and the
+        // activation one after the other.
+        let xs = [1usize, 3, 9, 19];
+        let mut x = data(xs.iter().product(), 5);
+        x[7] = f32::NAN;
+        let w = data(10 * 3 * 9, 6);
+        let b = data(10, 7);
+        let tx = HostTensor::from_vec(&xs, &x).expect("x");
+        let tw = HostTensor::from_vec(&[10, 3, 3, 3], &w).expect("w");
+        let tb = HostTensor::from_vec(&[10], &b).expect("b");
+        let conv = |node: NodeSpec, inputs: &[&HostTensor]| {
+            run_kernel(conv_factory, &node, inputs, Some(Box::new(NaiveBlas))).expect("run")[0]
+                .to_vec::<f32>()
+                .expect("f32")
+        };
+        let plain = NodeSpec::onnx("Conv", 11).attr("pads", ints(&[1, 1, 1, 1]));
+        let y = conv(plain.clone(), &[&tx, &tw, &tb]);
+        let z: Vec<f32> = (0..y.len()).map(|i| (i % 13) as f32 * 0.25 - 1.5).collect();
+        let tz = HostTensor::from_vec(&[1, 10, 9, 19], &z).expect("z");
+        for (act, params) in [
+            ("Relu", vec![]),
+            ("Clip", vec![0.0, 6.0]),
+            ("SiLU", vec![]),
+            ("", vec![]),
+        ] {
+            let activation = match act {
+                "Relu" => Activation::Relu,
+                "Clip" => Activation::Clip(0.0, 6.0),
+                "SiLU" => Activation::SiLU,
+                _ => Activation::None,
+            };
+            let fused = NodeSpec::onnx("FusedConv", 1)
+                .domain("opreg")
+                .attr("pads", ints(&[1, 1, 1, 1]))
+                .attr("activation", AttrValue::String(act.into()))
+                .attr("activation_params", AttrValue::Floats(params));
+            for with_z in [false, true] {
+                let mut inputs = vec![&tx, &tw, &tb];
+                if with_z {
+                    inputs.push(&tz);
+                }
+                let got = conv(fused.clone(), &inputs);
+                let want: Vec<f32> = y
+                    .iter()
+                    .zip(&z)
+                    .map(|(&v, &zv)| activation.apply(if with_z { v + zv } else { v }))
+                    .collect();
+                assert_eq!(got.len(), want.len());
+                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        g.to_bits() == e.to_bits() || (g.is_nan() && e.is_nan()),
+                        "{act} z {with_z} at {i}: {g} vs {e}"
+                    );
+                }
+            }
+        }
+        // No bias, no activation: the sums themselves.
+        let bare = conv(plain, &[&tx, &tw]);
+        for ((&v, &bv), i) in bare.iter().zip(&y).zip(0..) {
+            let with_bias = v + b[(i / (9 * 19)) % 10];
+            assert!(
+                with_bias.to_bits() == bv.to_bits() || (bv.is_nan() && with_bias.is_nan()),
+                "{i}"
+            );
+        }
+    }
+
+    #[test]
     fn depthwise_convolutions_match_direct_loops_in_every_geometry() {
         // (input, kernel, strides, dilations, pads [top, left, bottom, right]): the interior
         // fast loops (3-wide stride 1 and 2, other widths) and the checked edges, padding as
@@ -1149,7 +1301,9 @@ mod tests {
         )
         .expect_err("channels");
         assert!(err.message.contains("does not fit"), "{}", err.message);
-        let tw = HostTensor::from_vec(&[2, 3, 3, 3], &[0.0f32; 54]).expect("w");
+        // Past the few input channels `shallow` computes itself, the product needs a BLAS.
+        let tx = HostTensor::from_vec(&[1, 5, 4, 4], &[0.0f32; 80]).expect("x");
+        let tw = HostTensor::from_vec(&[2, 5, 3, 3], &[0.0f32; 90]).expect("w");
         let err = run_kernel(conv_factory, &NodeSpec::onnx("Conv", 11), &[&tx, &tw], None)
             .expect_err("blas");
         assert!(

@@ -383,7 +383,7 @@ impl Kernel for MatMul {
                 ctx,
                 a.as_slice()?,
                 b.as_slice()?,
-                ctx.output_slice::<f32>(0, &shape)?,
+                ctx.output_slice_to_overwrite::<f32>(0, &shape)?,
                 self.packed.as_deref(),
             ),
             DType::F16 => {
@@ -457,7 +457,7 @@ impl Kernel for FusedMatMul {
                 plan.n
             )));
         }
-        let y = ctx.output_slice::<f32>(0, &plan.out_shape)?;
+        let y = ctx.output_slice_to_overwrite::<f32>(0, &plan.out_shape)?;
         plan.run_f32(
             ctx,
             a.as_slice()?,
@@ -546,7 +546,7 @@ impl Kernel for Gemm {
                 "Gemm: inner dimensions differ (op(A) is {m}x{k}, op(B) is {k2}x{n})"
             )));
         }
-        let y = ctx.output_slice::<f32>(0, &[m, n])?;
+        let y = ctx.output_slice_to_overwrite::<f32>(0, &[m, n])?;
         let mut beta = 0.0;
         if let Some(c) = optional(inputs, 2) {
             let cs = c.shape();

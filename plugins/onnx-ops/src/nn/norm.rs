@@ -199,7 +199,7 @@ impl BatchNorm {
         let eps = <T::Compute as Scalar>::from_f64(self.epsilon as f64);
         let a: Vec<T::Compute> = (0..c).map(|i| scale[i] / (var[i] + eps).sqrt()).collect();
         let b: Vec<T::Compute> = (0..c).map(|i| bias[i] - mean[i] * a[i]).collect();
-        let y = ctx.output_slice::<T>(0, xs)?;
+        let y = ctx.output_slice_to_overwrite::<T>(0, xs)?;
         if !y.is_empty() {
             let plane = plane.max(1);
             let grain = (16 * 1024 / plane).max(1) * plane;
@@ -443,7 +443,7 @@ impl LayerNorm {
         let xs = xv.shape();
         let (axis, rows, cols) = self.layout(xs)?;
         let x = xv.as_slice::<T>()?;
-        let y = ctx.output_slice::<T>(0, xs)?;
+        let y = ctx.output_slice_to_overwrite::<T>(0, xs)?;
         let mut stat_shape = xs[..axis].to_vec();
         stat_shape.resize(xs.len(), 1);
         let nout = ctx.num_outputs();

@@ -582,7 +582,7 @@ impl GlobalPool {
         let mut out_shape = xs[..2].to_vec();
         out_shape.resize(xs.len(), 1);
         let plane = product_sat(&xs[2..]);
-        let y = ctx.output_slice::<T>(0, &out_shape)?;
+        let y = ctx.output_slice_to_overwrite::<T>(0, &out_shape)?;
         let grain = (16 * 1024 / plane.max(1)).max(1);
         ctx.parallel_chunks(y, grain, |start, chunk| {
             for (i, yv) in chunk.iter_mut().enumerate() {

@@ -3,6 +3,9 @@
 //! cannot take the operands.
 
 mod depthwise;
+mod shallow;
+
+use depthwise::{Requant, TapMajor};
 
 use super::gemm::{bytes, zero_points, IntProduct};
 use super::matmul::requant_multiplier;
@@ -925,6 +928,12 @@ struct QLinearConv {
     channels_last: bool,
     /// The weights packed once per group at model load, when they are constant.
     packed: std::sync::Arc<[PackedB]>,
+    /// A depthwise convolution's constant weights, prepared at load for the channels-last
+    /// loop.
+    depthwise: Option<TapMajor>,
+    /// A convolution's constant weights over few input channels, prepared at load for the
+    /// channels-last loop of [`shallow`].
+    shallow: Option<shallow::Packed>,
 }
 
 impl Kernel for QLinearConv {
@@ -1017,7 +1026,9 @@ impl Kernel for QLinearConv {
         };
         let plane = product_sat(&geo.out_sp).max(1);
         // QLinearConv's output is u8 or i8 (its type constraint).
-        let out = ctx.output(0, out_dtype, &shape)?.into_bytes()?;
+        let out = ctx
+            .output_to_overwrite(0, out_dtype, &shape)?
+            .into_bytes()?;
         let signed = out_dtype == DType::I8;
         let (lo, hi) = if signed {
             (-128.0, 127.0)
@@ -1029,10 +1040,38 @@ impl Kernel for QLinearConv {
         let requant = |acc: i32, oc: usize| -> u8 {
             crate::util::round_saturate_byte(f64::from(acc) * mult[oc] + y_zp, lo, hi)
         };
+        // The requantization as the direct channels-last loops take it.
+        let q = Requant {
+            bias,
+            mult: &mult,
+            zp: y_zp,
+            lo,
+            hi,
+            finite,
+        };
+        let (xb, x_signed) = (bytes(x, OP)?, x.dtype == DType::I8);
+        // Channels-last with few input channels (a first layer): directly, when W is
+        // symmetric i8 and the CPU has AVX-512 VNNI.
+        if nhwc && geo.shallow() && finite && w.dtype == DType::I8 && shallow::available() {
+            if let Some((zx, zw)) = int_zero_points(OP, x, w, geo.m, present(2), present(5))? {
+                let [kh, kw] = [geo.k_sp[0], geo.k_sp[1]];
+                let built;
+                let packed = match &self.shallow {
+                    Some(p) if p.fits(geo.m, geo.c, kh, kw) => Some(p),
+                    _ => {
+                        built = shallow::Packed::new(bytes(w, OP)?, geo.m, geo.c, kh, kw);
+                        built.as_ref()
+                    }
+                };
+                if let (Some(packed), true) = (packed, zw.iter().all(|&z| z == 0)) {
+                    return geo.run_shallow_nhwc(ctx, OP, xb, x_signed, zx, packed, &q, out);
+                }
+            }
+        }
         // Channels-last, one group: gathered, multiplied and requantized block by block.
         if nhwc
             && geo.group == 1
-            && depthwise_operands(OP, &geo, x, w, present(2), present(5), Some(bias))?.is_none()
+            && !geo.depthwise()
             && geo.run_blas_nhwc(
                 ctx,
                 OP,
@@ -1085,18 +1124,26 @@ impl Kernel for QLinearConv {
                 requantize(src, out, j0)
             })
         };
-        if let Some(d) = depthwise_operands(OP, &geo, x, w, present(2), present(5), Some(bias))? {
-            if !nhwc {
+        if nhwc && geo.depthwise() && geo.m == geo.c {
+            if let Some((zx, _)) = int_zero_points(OP, x, w, geo.m, present(2), present(5))? {
+                let taps = numel(&geo.k_sp)?;
+                let shifted;
+                let tap_major = match &self.depthwise {
+                    Some(t) if t.fits(geo.c, taps) => t,
+                    _ => {
+                        shifted = TapMajor::new(&shift_w(OP, w, present(5))?, geo.c, taps)?;
+                        &shifted
+                    }
+                };
+                return geo.run_depthwise_nhwc(ctx, OP, xb, x_signed, zx, tap_major, &q, out);
+            }
+        }
+        if !nhwc {
+            if let Some(d) = depthwise_operands(OP, &geo, x, w, present(2), present(5), Some(bias))?
+            {
                 return geo.run_depthwise(ctx, OP, &d, out, |oc, acc, dst| {
                     // The bias is in the accumulators already.
                     crate::simd::requantize_channel(acc, mult[oc], y_zp, lo, hi, dst);
-                });
-            }
-            if geo.m == geo.c {
-                return geo.run_depthwise_nhwc(ctx, OP, &d, out, |c0, acc, dst| {
-                    let n = acc.len();
-                    let (b, m) = (&bias[c0..c0 + n], &mult[c0..c0 + n]);
-                    crate::simd::requantize(acc, b, m, y_zp, (lo, hi), finite, dst);
                 });
             }
         }
@@ -1147,11 +1194,57 @@ pub(super) fn qlinear_conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel
     let packed = prepack(node, &attrs, 3, 5).unwrap_or_default().into();
     // ONNX Runtime's contrib form (`com.microsoft`), as its layout transformer writes it.
     let channels_last = node.domain == "com.microsoft" && node.int_or("channels_last", 0)? != 0;
+    let depthwise = channels_last
+        .then(|| depthwise_weights(node, &attrs))
+        .flatten();
+    let shallow = channels_last
+        .then(|| shallow_weights(node, &attrs))
+        .flatten();
     Ok(Box::new(QLinearConv {
         attrs,
         packed,
         channels_last,
+        depthwise,
+        shallow,
     }))
+}
+
+/// A one-group convolution's constant i8 weights over few input channels (zero point
+/// constant zeros or absent), prepared for [`shallow`]'s loop; `None` for any other node.
+fn shallow_weights(node: &NodeInfo<'_>, attrs: &ConvAttrs) -> Option<shallow::Packed> {
+    let wv = node.inputs.get(3)?.constant?;
+    let zero = match node.inputs.get(5) {
+        Some(z) if z.present => read_i32(&z.constant?, "QLinearConv")
+            .ok()?
+            .iter()
+            .all(|&v| v == 0),
+        _ => true,
+    };
+    let &[m, c, kh, kw] = wv.shape() else {
+        return None;
+    };
+    if !zero || attrs.group != 1 || wv.dtype != DType::I8 {
+        return None;
+    }
+    shallow::Packed::new(bytes(&wv, "QLinearConv").ok()?, m, c, kh, kw)
+}
+
+/// A depthwise convolution's constant weights (`[c, 1, kh, kw]`, `group = c`; zero point
+/// constant or absent), prepared for the channels-last loop; `None` for any other node.
+fn depthwise_weights(node: &NodeInfo<'_>, attrs: &ConvAttrs) -> Option<TapMajor> {
+    let wv = node.inputs.get(3)?.constant?;
+    let zp = match node.inputs.get(5) {
+        Some(z) if z.present => Some(z.constant?),
+        _ => None,
+    };
+    let &[m, 1, kh, kw] = wv.shape() else {
+        return None;
+    };
+    if usize::try_from(attrs.group).ok()? != m {
+        return None;
+    }
+    let shifted = shift_w("QLinearConv", &wv, zp.as_ref()).ok()?;
+    TapMajor::new(&shifted, m, kh.checked_mul(kw)?).ok()
 }
 
 /// The constant weight `inputs[w]` (zero point `inputs[w_zp]`, constant or absent) packed

@@ -1131,7 +1131,7 @@ fn channels_last_convolutions_equal_the_nchw_ones() {
     };
     // (x shape, output channels, group, kernel, strides, pads)
     type Case = ([usize; 4], usize, usize, [usize; 2], [usize; 2], [usize; 4]);
-    let cases: [Case; 10] = [
+    let cases: [Case; 15] = [
         ([1, 16, 5, 7], 24, 1, [1, 1], [1, 1], [0, 0, 0, 0]),
         ([2, 8, 9, 6], 12, 1, [1, 1], [2, 2], [0, 0, 0, 0]),
         ([2, 8, 9, 6], 12, 1, [3, 3], [1, 1], [1, 1, 1, 1]),
@@ -1143,10 +1143,19 @@ fn channels_last_convolutions_equal_the_nchw_ones() {
         // Depthwise, a kernel wider than the padding on one side and uneven strides.
         ([2, 32, 7, 9], 32, 32, [5, 5], [1, 2], [2, 0, 1, 3]),
         ([1, 3, 3, 2], 3, 3, [3, 3], [1, 1], [2, 2, 2, 2]),
+        // Depthwise rows wide enough for runs of four positions and a partial run, two
+        // blocks of 16 channels and a partial one.
+        ([1, 40, 6, 13], 40, 40, [3, 3], [1, 1], [1, 1, 1, 1]),
+        ([2, 48, 11, 15], 48, 48, [3, 3], [2, 2], [0, 1, 1, 0]),
+        // Few input channels (a first layer's direct loop when the weights' zero points are
+        // zero): 3x3 stride 2, 7x7 over 4 channels, fewer outputs than a block, 1 channel.
+        ([2, 3, 9, 11], 20, 1, [3, 3], [2, 2], [1, 1, 1, 1]),
+        ([1, 4, 12, 13], 40, 1, [7, 7], [2, 2], [3, 3, 3, 3]),
+        ([1, 1, 5, 5], 3, 1, [2, 3], [1, 1], [0, 1, 1, 0]),
     ];
     for (k, (xs, m, group, ks, st, pads)) in cases.into_iter().enumerate() {
         let cg = xs[1] / group;
-        for x_signed in [false, true] {
+        for (x_signed, symmetric) in [(false, false), (true, false), (false, true), (true, true)] {
             let xb = bytes(xs.iter().product(), k as u32);
             let wb = bytes(m * cg * ks[0] * ks[1], 70 + k as u32);
             let x_of = |shape: &[usize], b: &[u8]| {
@@ -1165,7 +1174,13 @@ fn channels_last_convolutions_equal_the_nchw_ones() {
                 &[m, cg, ks[0], ks[1]],
                 &wb.iter().map(|&b| b as i8).collect::<Vec<_>>(),
             );
-            let wz = t(&[m], &(0..m).map(|i| (i % 7) as i8 - 3).collect::<Vec<_>>());
+            // Per-channel weight zero points, or all zero (symmetric weights).
+            let wz = t(
+                &[m],
+                &(0..m)
+                    .map(|i| if symmetric { 0 } else { (i % 7) as i8 - 3 })
+                    .collect::<Vec<_>>(),
+            );
             let wsc: Vec<f32> = (0..m).map(|i| 0.003 + 0.0005 * (i % 11) as f32).collect();
             let bias: Vec<i32> = (0..m as i32).map(|i| i * 97 - 400).collect();
             let attrs = [
@@ -1195,6 +1210,8 @@ fn channels_last_convolutions_equal_the_nchw_ones() {
                     .remove(0)
             };
             let nchw = conv(conv_node("QLinearConv", &attrs), &x_of(&xs, &xb));
+            // The weights and their zero point known at load (prepared then) or not.
+            let constant = |node: NodeSpec| node.constant(3).constant(5);
             let [_, _, oh, ow] = nchw.shape() else {
                 panic!("case {k}: output {:?}", nchw.shape());
             };
@@ -1203,13 +1220,16 @@ fn channels_last_convolutions_equal_the_nchw_ones() {
                 .domain("com.microsoft")
                 .attr("channels_last", AttrValue::Int(1));
             let [n, c, h, wd] = xs;
-            let nhwc = conv(node, &x_of(&[n, h, wd, c], &to_nhwc(&xb, xs)));
-            assert_eq!(nhwc.shape(), &[n, oh, ow, m], "case {k}");
-            assert_eq!(
-                nhwc.bytes(),
-                to_nhwc(nchw.bytes(), [n, m, oh, ow]),
-                "case {k}, signed x {x_signed}"
-            );
+            let x_nhwc = x_of(&[n, h, wd, c], &to_nhwc(&xb, xs));
+            for node in [node.clone(), constant(node)] {
+                let nhwc = conv(node, &x_nhwc);
+                assert_eq!(nhwc.shape(), &[n, oh, ow, m], "case {k}");
+                assert_eq!(
+                    nhwc.bytes(),
+                    to_nhwc(nchw.bytes(), [n, m, oh, ow]),
+                    "case {k}, signed x {x_signed}, symmetric w {symmetric}"
+                );
+            }
         }
     }
 }

@@ -252,7 +252,7 @@ fn concat_run<T: Elem>(
         .map(|v| Ok((T::slice(v)?, v.shape()[axis].saturating_mul(inner))))
         .collect::<Result<_, PluginError>>()?;
     let row = srcs.iter().fold(0usize, |a, s| a.saturating_add(s.1));
-    let dst = T::slice_mut(ctx.output(0, xs[0].dtype, out_shape)?)?;
+    let dst = T::slice_mut(ctx.output_to_overwrite(0, xs[0].dtype, out_shape)?)?;
     par_units(ctx, dst, row, |o, out| {
         let mut pos = 0;
         for (s, n) in &srcs {

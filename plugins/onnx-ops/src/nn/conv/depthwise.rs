@@ -48,7 +48,7 @@ pub(super) fn run(
     // About 64k multiply-adds per task: enough to pay for the dispatch, small enough to
     // spread the 32-channel layers over the threads.
     let planes = (65536 / plane_out.saturating_mul(taps).max(1)).clamp(1, c.max(1));
-    let pad = Padded::new(g, (oh, ow))?;
+    let pad = Padded::new(g, (oh, ow), LANES)?;
     let yd = Disjoint::new(y);
     ctx.parallel_for(y_planes, planes, |range| {
         let mut copy = try_vec(pad.len, 0.0f32)?;
@@ -73,37 +73,44 @@ const LANES: usize = 8;
 /// Runs of [`LANES`] outputs computed together.
 const RUNS: usize = 8;
 
-/// The geometry of one channel's zero-padded, phase-split copy (see the module docs).
-struct Padded {
+/// The geometry of one channel's zero-padded, phase-split copy (see the module docs); also
+/// the copy the shallow convolutions read ([`super::shallow`]).
+pub(super) struct Padded {
     /// Output extents.
-    oh: usize,
-    ow: usize,
+    pub(super) oh: usize,
+    pub(super) ow: usize,
     /// Strides, dilations, kernel and leading pads.
-    sh: usize,
-    sw: usize,
-    dh: usize,
-    dw: usize,
-    kh: usize,
-    kw: usize,
-    ph: usize,
-    pw: usize,
+    pub(super) sh: usize,
+    pub(super) sw: usize,
+    pub(super) dh: usize,
+    pub(super) dw: usize,
+    pub(super) kh: usize,
+    pub(super) kw: usize,
+    pub(super) ph: usize,
+    pub(super) pw: usize,
     /// Padded rows the outputs read.
-    rows: usize,
+    pub(super) rows: usize,
     /// Length of one phase row.
-    phase_len: usize,
+    pub(super) phase_len: usize,
     /// Floats in the copy.
-    len: usize,
+    pub(super) len: usize,
 }
 
 impl Padded {
-    fn new(g: &Geometry, (oh, ow): (usize, usize)) -> Result<Padded, PluginError> {
+    /// The copy for outputs `oh x ow`, read in runs of `lanes` outputs (each phase row is
+    /// long enough for a whole last run).
+    pub(super) fn new(
+        g: &Geometry,
+        (oh, ow): (usize, usize),
+        lanes: usize,
+    ) -> Result<Padded, PluginError> {
         let too_large = || PluginError::invalid("Conv: depthwise geometry overflows");
         let (sh, sw) = (g.strides[0].max(1), g.strides[1].max(1));
         let (dh, dw) = (g.dilations[0], g.dilations[1]);
         let (kh, kw) = (g.kernel[0], g.kernel[1]);
         let ow_runs = ow
-            .div_ceil(LANES)
-            .checked_mul(LANES)
+            .div_ceil(lanes)
+            .checked_mul(lanes)
             .ok_or_else(too_large)?;
         // Row oy*sh + ky*dh; phase position ox + (kx*dw)/sw.
         let rows = (oh.saturating_sub(1))
@@ -139,13 +146,13 @@ impl Padded {
     }
 
     /// Copies the plane `xp` (`ih x iw`) into `copy`: padded row `r` is input row `r - ph`,
-    /// padded column `sw*j + q` (phase `q`, position `j`) input column `sw*j + q - pw`. Only
-    /// the positions inside the input are written: the rest are the same for every channel,
-    /// zero since the buffer was made.
-    fn fill(&self, xp: &[f32], (ih, iw): (usize, usize), copy: &mut [f32]) {
+    /// padded column `sw*j + q` (phase `q`, position `j`) input column `sw*j + q - pw`, and
+    /// every other position is zero (so `copy` may hold anything before).
+    pub(super) fn fill(&self, xp: &[f32], (ih, iw): (usize, usize), copy: &mut [f32]) {
         let row_len = self.sw * self.phase_len;
         for (r, dst) in copy.chunks_exact_mut(row_len).take(self.rows).enumerate() {
             let Some(iy) = r.checked_sub(self.ph).filter(|&iy| iy < ih) else {
+                dst.fill(0.0);
                 continue;
             };
             let src = &xp[iy * iw..(iy + 1) * iw];
@@ -161,6 +168,8 @@ impl Padded {
                     .div_ceil(self.sw)
                     .clamp(lo, self.phase_len);
                 let first = self.sw * lo + q - self.pw;
+                phase[..lo].fill(0.0);
+                phase[hi..].fill(0.0);
                 if self.sw == 1 {
                     phase[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]);
                 } else {
@@ -180,11 +189,16 @@ impl Padded {
         weights.clear();
         for ky in 0..self.kh {
             for kx in 0..self.kw {
-                let t = kx * self.dw;
-                offsets.push((ky * self.dh * self.sw + t % self.sw) * self.phase_len + t / self.sw);
+                offsets.push(self.offset(ky, kx));
                 weights.push(wk[ky * self.kw + kx]);
             }
         }
+    }
+
+    /// Tap `(ky, kx)`'s offset in the copy from a run's first output.
+    pub(super) fn offset(&self, ky: usize, kx: usize) -> usize {
+        let t = kx * self.dw;
+        (ky * self.dh * self.sw + t % self.sw) * self.phase_len + t / self.sw
     }
 }
 

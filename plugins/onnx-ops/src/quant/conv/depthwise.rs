@@ -245,158 +245,555 @@ crate::simd::simd_fn! {
     }
 }
 
-/// Channels accumulated at a time by the channels-last loop: a row's sums are `ow * CHANNELS`
-/// i32 at most (MobileNet's 112-wide rows of 32 channels: 14 KiB, within L1).
-const CHANNELS: usize = 256;
+/// Channels per register block of the channels-last loop: one AVX-512 register of i32 (two
+/// AVX2 ones).
+pub(super) const LANES: usize = 16;
 
-/// The geometry the channels-last loop needs per output row.
-struct Position<'a> {
-    win: Window,
+/// A channels-last depthwise convolution's weights, prepared once (at load when they are
+/// constant): tap-major, `w[tap * c + ch]`, their zero point subtracted, and per channel the
+/// sum over the taps (the x zero point's share of a sum whose window lies inside x).
+#[derive(Clone)]
+pub(super) struct TapMajor {
+    w: Vec<i32>,
+    sums: Vec<i32>,
     c: usize,
-    zx: i32,
-    /// Weights tap-major: `w[tap * c + channel]`, zero point subtracted.
-    w: &'a [i32],
+    taps: usize,
 }
 
-impl Geometry {
-    /// Runs a [`depthwise`](Self::depthwise) convolution with one output channel per input
-    /// channel over channels-last x and out (`[n, h, w, c]`), a whole output row at a time:
-    /// per tap, the row's positions inside the input are multiply-added along the channels,
-    /// which are contiguous in x, in the tap-major weights and in the sums (one call per row
-    /// and channel block; a tap's weights stay in registers across the row). `emit(c0, acc,
-    /// dst)` turns one position's sums of channels `c0..` (bias not included) into output
-    /// values.
-    pub(super) fn run_depthwise_nhwc(
-        &self,
-        ctx: &KernelContext<'_>,
-        op: &str,
-        d: &Depthwise<'_>,
-        out: &mut [u8],
-        emit: impl Fn(usize, &[i32], &mut [u8]) + Sync,
-    ) -> Result<(), PluginError> {
-        let c = self.c;
-        let [ih, iw] = [self.in_sp[0], self.in_sp[1]];
-        let [oh_n, ow_n] = [self.out_sp[0], self.out_sp[1]];
-        let [kh_n, kw_n] = [self.k_sp[0], self.k_sp[1]];
-        let taps = kh_n * kw_n;
-        let row = ow_n * c;
-        if out.is_empty() || row == 0 {
-            return Ok(());
-        }
-        if self.m != c
-            || d.x.len() < self.n * ih * iw * c
-            || d.w.len() < c * taps
-            || out.len() < self.n * oh_n * row
-        {
-            return Err(PluginError::invalid(format!(
-                "{op}: x, w or y is shorter than its shape"
-            )));
-        }
-        let mut w = opreg_sdk::alloc::try_vec(taps * c, 0i32)?;
-        for (ch, src) in d.w.chunks_exact(taps).take(c).enumerate() {
-            for (t, &v) in src.iter().enumerate() {
-                w[t * c + ch] = v;
-            }
-        }
-        let p = Position {
-            win: Window::of(self),
-            c,
-            zx: d.x_zp,
-            w: &w,
-        };
-        let image = ih * iw * c;
-        let cn_max = CHANNELS.min(c);
-        // Several output rows per task when rows are small (MobileNet's 7x7 layers).
-        let grain = row * 8192usize.div_ceil(row);
-        let failed = std::sync::atomic::AtomicBool::new(false);
-        ctx.parallel_chunks(out, grain, |start, chunk| {
-            // The row's sums: ow_n * cn_max i32, allocated once per task (fallibly: the
-            // width comes from the model).
-            let Ok(mut acc) = opreg_sdk::alloc::try_vec(ow_n * cn_max, 0i32) else {
-                failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                return;
-            };
-            for (k, orow) in chunk.chunks_mut(row).enumerate() {
-                let r = start / row + k;
-                let (bn, oh) = (r / oh_n, r % oh_n);
-                let Some(x) = d.x.get(bn * image..(bn + 1) * image) else {
-                    return;
-                };
-                for c0 in (0..c).step_by(CHANNELS) {
-                    let cn = CHANNELS.min(c - c0);
-                    let acc = &mut acc[..ow_n * cn];
-                    accumulate_row(&p, d.x_signed, x, oh, c0, acc);
-                    for (pixel, sums) in orow.chunks_exact_mut(c).zip(acc.chunks_exact(cn)) {
-                        emit(c0, sums, &mut pixel[c0..c0 + cn]);
-                    }
+impl TapMajor {
+    /// From weights `[c, 1, kh, kw]` (`taps = kh * kw`) with their zero point subtracted.
+    pub(super) fn new(shifted: &[i32], c: usize, taps: usize) -> Result<Self, PluginError> {
+        let len = c
+            .checked_mul(taps)
+            .filter(|&l| l <= shifted.len())
+            .ok_or_else(|| PluginError::invalid("QLinearConv: w is shorter than its shape"))?;
+        let mut w = opreg_sdk::alloc::try_vec(len, 0i32)?;
+        let mut sums = opreg_sdk::alloc::try_vec(c, 0i32)?;
+        if taps > 0 {
+            for (ch, src) in shifted.chunks_exact(taps).take(c).enumerate() {
+                for (t, &v) in src.iter().enumerate() {
+                    w[t * c + ch] = v;
+                    sums[ch] = sums[ch].wrapping_add(v);
                 }
             }
-        })?;
-        if failed.into_inner() {
-            return Err(PluginError::invalid(format!(
-                "{op}: out of memory for a row of {ow_n} x {cn_max} sums"
-            )));
         }
-        Ok(())
+        Ok(TapMajor { w, sums, c, taps })
+    }
+
+    /// Whether these are the weights of `c` channels of `taps` taps.
+    pub(super) fn fits(&self, c: usize, taps: usize) -> bool {
+        self.c == c && self.taps == taps
     }
 }
 
-impl Position<'_> {
+/// QLinearConv's requantization of one position's sums, per output channel:
+/// `round_saturate((sum + bias) * mult + zp)` into `lo..=hi`, in f64 like the ONNX reference.
+pub(super) struct Requant<'a> {
+    pub bias: &'a [i32],
+    pub mult: &'a [f64],
+    pub zp: f64,
+    pub lo: f64,
+    pub hi: f64,
+    /// `zp` and every multiplier are finite (checked once per node): no sum can be NaN.
+    pub finite: bool,
+}
+
+impl Requant<'_> {
+    /// `out[j] = round_saturate((sums[j] + bias[j]) * mult[j] + zp)`.
     #[inline(always)]
-    fn row<const SIGNED: bool>(&self, x: &[u8], oh: usize, c0: usize, acc: &mut [i32]) {
-        let (c, zx, win) = (self.c, self.zx, &self.win);
-        let cn = acc.len() / win.ow_n.max(1);
-        acc.fill(0);
+    fn run(&self, sums: &[i32], bias: &[i32], mult: &[f64], out: &mut [u8]) {
+        let (zp, lo, hi) = (self.zp, self.lo, self.hi);
+        let values = out.iter_mut().zip(sums).zip(bias).zip(mult);
+        if self.finite {
+            for (((o, &s), &b), &m) in values {
+                *o = crate::simd::round_clamp_finite(f64::from(s.wrapping_add(b)) * m + zp, lo, hi);
+            }
+        } else {
+            for (((o, &s), &b), &m) in values {
+                *o =
+                    crate::util::round_saturate_byte(f64::from(s.wrapping_add(b)) * m + zp, lo, hi);
+            }
+        }
+    }
+}
+
+/// What the channels-last loop needs per output row.
+struct Rows<'a> {
+    win: Window,
+    c: usize,
+    zx: i32,
+    w: &'a TapMajor,
+    /// Per tap, its offset in x from the window's first position, `(kh * dh * iw + kw * dw) *
+    /// c`.
+    offsets: &'a [usize],
+    /// Per channel, the bias less the x zero point's share of a sum whose window lies inside
+    /// x: `bias - zx * Σ w`.
+    inner: &'a [i32],
+    /// The output columns whose window lies inside x's width.
+    cols: (usize, usize),
+    q: &'a Requant<'a>,
+}
+
+#[inline(always)]
+fn value<const SIGNED: bool>(b: u8) -> i32 {
+    if SIGNED {
+        i32::from(b as i8)
+    } else {
+        i32::from(b)
+    }
+}
+
+impl Rows<'_> {
+    /// Output row `oh` of one image `x` into `out` (`ow_n * c` bytes).
+    #[inline(always)]
+    fn row<const SIGNED: bool, const WIDE: bool>(&self, x: &[u8], oh: usize, out: &mut [u8]) {
+        let (c, win) = (self.c, &self.win);
+        let rows_inside = (0..win.kh_n).all(|kh| win.row(oh, kh).is_some());
+        // With AVX-512, the windows inside x run as one pass over the row's interior for
+        // every whole block of 16 channels; what is left is the channels past the last
+        // whole block.
+        #[allow(unused_mut)]
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if WIDE && rows_inside && self.q.finite && self.cols.0 < self.cols.1 {
+            // SAFETY: WIDE rows run only from `wide::row`, on a CPU with AVX-512 F/BW/VL.
+            if !unsafe { wide::interior_run::<SIGNED>(self, x, oh, out) } {
+                return;
+            }
+            done = c - c % LANES;
+        }
+        for (ow, dst) in out.chunks_exact_mut(c).enumerate().take(win.ow_n) {
+            if rows_inside && (self.cols.0..self.cols.1).contains(&ow) {
+                // Every tap inside x (the first row and column of the window included).
+                let base = ((oh * win.sh - win.ph) * win.iw + ow * win.sw - win.pw) * c;
+                self.interior::<SIGNED>(x, base, done, dst);
+            } else {
+                self.border::<SIGNED, WIDE>(x, oh, ow, dst);
+            }
+        }
+    }
+
+    /// A position whose window lies inside x, starting at `base`, channels `from..`: each
+    /// block of channels is summed over the taps, `Σ w * x` (the zero point's share is in
+    /// `inner`), then requantized.
+    #[inline(always)]
+    fn interior<const SIGNED: bool>(&self, x: &[u8], base: usize, from: usize, dst: &mut [u8]) {
+        let c = self.c;
+        let mut c0 = from;
+        while c0 < c {
+            let n = LANES.min(c - c0);
+            let mut acc = [0i32; LANES];
+            if n == LANES {
+                for (t, &off) in self.offsets.iter().enumerate() {
+                    let at = base + off + c0;
+                    let (Some(xs), Some(ws)) = (
+                        x.get(at..).and_then(|s| s.first_chunk::<LANES>()),
+                        self.w
+                            .w
+                            .get(t * c + c0..)
+                            .and_then(|s| s.first_chunk::<LANES>()),
+                    ) else {
+                        return;
+                    };
+                    for ((a, &b), &w) in acc.iter_mut().zip(xs).zip(ws) {
+                        *a = a.wrapping_add(w.wrapping_mul(value::<SIGNED>(b)));
+                    }
+                }
+            } else {
+                for (t, &off) in self.offsets.iter().enumerate() {
+                    let at = base + off + c0;
+                    let (Some(xs), Some(ws)) =
+                        (x.get(at..at + n), self.w.w.get(t * c + c0..t * c + c0 + n))
+                    else {
+                        return;
+                    };
+                    for ((a, &b), &w) in acc.iter_mut().zip(xs).zip(ws) {
+                        *a = a.wrapping_add(w.wrapping_mul(value::<SIGNED>(b)));
+                    }
+                }
+            }
+            let r = c0..c0 + n;
+            self.q.run(
+                &acc[..n],
+                &self.inner[r.clone()],
+                &self.q.mult[r.clone()],
+                &mut dst[r],
+            );
+            c0 += n;
+        }
+    }
+
+    /// A position whose window reaches into the padding: `Σ w * (x - zx)` over the taps
+    /// inside x.
+    #[inline(always)]
+    fn border<const SIGNED: bool, const WIDE: bool>(
+        &self,
+        x: &[u8],
+        oh: usize,
+        ow: usize,
+        dst: &mut [u8],
+    ) {
+        let (c, win) = (self.c, &self.win);
+        let mut c0 = 0;
+        while c0 < c {
+            let n = LANES.min(c - c0);
+            #[cfg(target_arch = "x86_64")]
+            if WIDE && n == LANES && self.q.finite {
+                // SAFETY: WIDE rows run only from `wide::row`, on a CPU with AVX-512 F/BW/VL.
+                if !unsafe { wide::border::<SIGNED>(self, x, oh, ow, c0, dst) } {
+                    return;
+                }
+                c0 += LANES;
+                continue;
+            }
+            let mut acc = [0i32; LANES];
+            for kh in 0..win.kh_n {
+                let Some(y) = win.row(oh, kh) else {
+                    continue;
+                };
+                for kw in 0..win.kw_n {
+                    let xx = (ow * win.sw + kw * win.dw).wrapping_sub(win.pw);
+                    if xx >= win.iw {
+                        continue;
+                    }
+                    let (at, t) = ((y * win.iw + xx) * c + c0, (kh * win.kw_n + kw) * c + c0);
+                    let (Some(xs), Some(ws)) = (x.get(at..at + n), self.w.w.get(t..t + n)) else {
+                        return;
+                    };
+                    for ((a, &b), &w) in acc.iter_mut().zip(xs).zip(ws) {
+                        *a = a.wrapping_add(w.wrapping_mul(value::<SIGNED>(b) - self.zx));
+                    }
+                }
+            }
+            let r = c0..c0 + n;
+            self.q.run(
+                &acc[..n],
+                &self.q.bias[r.clone()],
+                &self.q.mult[r.clone()],
+                &mut dst[r],
+            );
+            c0 += n;
+        }
+    }
+}
+
+/// One output row of a channels-last depthwise convolution ([`Rows::row`]): with AVX-512,
+/// blocks of 16 channels through [`wide`]'s intrinsics; otherwise the portable loops,
+/// compiled for AVX2 and the baseline.
+fn depthwise_row(p: &Rows<'_>, signed: bool, x: &[u8], oh: usize, out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::has_avx512() {
+        // SAFETY: the CPU has AVX-512 F, BW and VL (checked).
+        return unsafe { wide::row(p, signed, x, oh, out) };
+    }
+    portable_row(p, signed, x, oh, out)
+}
+
+crate::simd::simd_fn! {
+    /// [`Rows::row`] without intrinsics (the loops vectorize as the target allows).
+    fn portable_row(p: &Rows<'_>, signed: bool, x: &[u8], oh: usize, out: &mut [u8]) {
+        if signed {
+            p.row::<true, false>(x, oh, out)
+        } else {
+            p.row::<false, false>(x, oh, out)
+        }
+    }
+}
+
+/// The channels-last loop's blocks of 16 channels in AVX-512 registers. Written with
+/// intrinsics because the compiler split the portable 16-lane loop into 8 + 4 + 4 scalar
+/// lanes and kept the sums on the stack (measured: slower than the tap-major loop it was
+/// meant to replace).
+#[cfg(target_arch = "x86_64")]
+pub(super) mod wide {
+    use super::{Requant, Rows, LANES};
+    use std::arch::x86_64::*;
+
+    /// [`Rows::row`] with its 16-channel blocks in registers.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn row(p: &Rows<'_>, signed: bool, x: &[u8], oh: usize, out: &mut [u8]) {
+        if signed {
+            p.row::<true, true>(x, oh, out)
+        } else {
+            p.row::<false, true>(x, oh, out)
+        }
+    }
+
+    /// 16 bytes of x widened to i32, sign-extended for i8.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    fn widen<const SIGNED: bool>(v: __m128i) -> __m512i {
+        if SIGNED {
+            _mm512_cvtepi8_epi32(v)
+        } else {
+            _mm512_cvtepu8_epi32(v)
+        }
+    }
+
+    /// 16 i32 from `v`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    fn load(v: &[i32; LANES]) -> __m512i {
+        // SAFETY: `v` holds the 16 values read.
+        unsafe { _mm512_loadu_si512(v.as_ptr().cast()) }
+    }
+
+    /// Positions per pass of the interior loop: each tap's weights are loaded once for this
+    /// many positions (4 x 16 sums in registers).
+    const POSITIONS: usize = 4;
+
+    /// Output row `oh`'s windows inside x (columns `cols`), every whole block of 16
+    /// channels: `Σ w * x` over the taps, requantized with `inner`'s biases, into `out` (the
+    /// row). One bounds check for the row; `false` where x, the weights or the row are
+    /// shorter than the geometry says (the caller checked: never).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) fn interior_run<const SIGNED: bool>(
+        p: &Rows<'_>,
+        x: &[u8],
+        oh: usize,
+        out: &mut [u8],
+    ) -> bool {
+        let (c, win) = (p.c, &p.win);
+        let (ow0, ow1) = p.cols;
+        if ow0 >= ow1 || c < LANES {
+            return true;
+        }
+        let step = win.sw * c;
+        let max_off = p.offsets.iter().copied().max().unwrap_or(0);
+        // The first window's start, and one past the last byte any window of the row reads.
+        let base0 = ((oh * win.sh - win.ph) * win.iw + ow0 * win.sw - win.pw) * c;
+        let end = (ow1 - 1 - ow0)
+            .checked_mul(step)
+            .and_then(|v| v.checked_add(base0)?.checked_add(max_off)?.checked_add(c));
+        if end.is_none_or(|e| e > x.len())
+            || p.w.w.len() < p.offsets.len() * c
+            || out.len() < ow1 * c
+            || p.inner.len() < c
+            || p.q.mult.len() < c
+        {
+            return false;
+        }
+        let (xp, wp) = (x.as_ptr(), p.w.w.as_ptr());
+        // SAFETY (every load below): a window `ow` in `ow0..ow1` reads x from
+        // `base0 + (ow - ow0) * step + off + c0` for 16 bytes, with `off <= max_off` and
+        // `c0 + 16 <= c`, so below `end <= x.len()`; tap `t < offsets.len()` reads 16 weights
+        // from `t * c + c0`, below `offsets.len() * c <= w.len()`.
+        let tap = |base: usize, off: usize| unsafe { _mm_loadu_si128(xp.add(base + off).cast()) };
+        for c0 in (0..c - c % LANES).step_by(LANES) {
+            let mut ow = ow0;
+            while ow < ow1 {
+                let n = POSITIONS.min(ow1 - ow);
+                let base = base0 + (ow - ow0) * step + c0;
+                let mut acc = [_mm512_setzero_si512(); POSITIONS];
+                if n == POSITIONS {
+                    for (t, &off) in p.offsets.iter().enumerate() {
+                        let wv = unsafe { _mm512_loadu_si512(wp.add(t * c + c0).cast()) };
+                        for (j, a) in acc.iter_mut().enumerate() {
+                            let xv = widen::<SIGNED>(tap(base + j * step, off));
+                            *a = _mm512_add_epi32(*a, _mm512_mullo_epi32(wv, xv));
+                        }
+                    }
+                } else {
+                    for (t, &off) in p.offsets.iter().enumerate() {
+                        let wv = unsafe { _mm512_loadu_si512(wp.add(t * c + c0).cast()) };
+                        for (j, a) in acc.iter_mut().enumerate().take(n) {
+                            let xv = widen::<SIGNED>(tap(base + j * step, off));
+                            *a = _mm512_add_epi32(*a, _mm512_mullo_epi32(wv, xv));
+                        }
+                    }
+                }
+                for (j, &a) in acc.iter().enumerate().take(n) {
+                    let at = (ow + j) * c;
+                    requantize(p, a, p.inner, c0, &mut out[at..at + c]);
+                }
+                ow += n;
+            }
+        }
+        true
+    }
+
+    /// A window reaching into the padding at output `(oh, ow)`, channels `c0..c0 + 16`:
+    /// `Σ w * (x - zx)` over the taps inside x, then requantized with the node's biases.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    pub(super) fn border<const SIGNED: bool>(
+        p: &Rows<'_>,
+        x: &[u8],
+        oh: usize,
+        ow: usize,
+        c0: usize,
+        dst: &mut [u8],
+    ) -> bool {
+        let (c, win) = (p.c, &p.win);
+        let zx = _mm512_set1_epi32(p.zx);
+        let mut acc = _mm512_setzero_si512();
         for kh in 0..win.kh_n {
             let Some(y) = win.row(oh, kh) else {
                 continue;
             };
-            let Some(xrow) = x.get(y * win.iw * c..(y + 1) * win.iw * c) else {
-                return;
-            };
             for kw in 0..win.kw_n {
-                let t = (kh * win.kw_n + kw) * c + c0;
-                let Some(ws) = self.w.get(t..t + cn) else {
-                    return;
-                };
-                let (lo, hi) = win.columns(kw);
-                for ow in lo..hi {
-                    let at = (ow * win.sw + kw * win.dw - win.pw) * c + c0;
-                    let (Some(xs), Some(a)) =
-                        (xrow.get(at..at + cn), acc.get_mut(ow * cn..ow * cn + cn))
-                    else {
-                        return;
-                    };
-                    for ((a, &b), &wv) in a.iter_mut().zip(xs).zip(ws) {
-                        let v = if SIGNED {
-                            i32::from(b as i8)
-                        } else {
-                            i32::from(b)
-                        };
-                        *a = a.wrapping_add(wv.wrapping_mul(v - zx));
-                    }
+                let xx = (ow * win.sw + kw * win.dw).wrapping_sub(win.pw);
+                if xx >= win.iw {
+                    continue;
                 }
+                let (at, t) = ((y * win.iw + xx) * c + c0, (kh * win.kw_n + kw) * c + c0);
+                let (Some(xs), Some(ws)) = (
+                    x.get(at..).and_then(|s| s.first_chunk::<LANES>()),
+                    p.w.w.get(t..).and_then(|s| s.first_chunk::<LANES>()),
+                ) else {
+                    return false;
+                };
+                // SAFETY: `xs` holds the 16 bytes read.
+                let xs = unsafe { _mm_loadu_si128(xs.as_ptr().cast()) };
+                let xv = _mm512_sub_epi32(widen::<SIGNED>(xs), zx);
+                acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(load(ws), xv));
             }
         }
+        requantize(p, acc, p.q.bias, c0, dst)
+    }
+
+    /// `dst[j] = round_clamp((acc[j] + bias[c0 + j]) * mult[c0 + j] + zp)` for 16 channels
+    /// (see [`requantize16`]). `false` where a slice is short.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    fn requantize(p: &Rows<'_>, acc: __m512i, bias: &[i32], c0: usize, dst: &mut [u8]) -> bool {
+        let (Some(b), Some(m), Some(out)) = (
+            bias.get(c0..).and_then(|s| s.first_chunk::<LANES>()),
+            p.q.mult.get(c0..).and_then(|s| s.first_chunk::<LANES>()),
+            dst.get_mut(c0..).and_then(|s| s.first_chunk_mut::<LANES>()),
+        ) else {
+            return false;
+        };
+        let v = requantize16(p.q, acc, b, m);
+        // SAFETY: `out` holds the 16 bytes written.
+        unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), v) };
+        true
+    }
+
+    /// 16 sums requantized to bytes as [`Requant::run`] computes them with finite
+    /// multipliers: `round_clamp((acc[j] + bias[j]) * mult[j] + zp)` in f64 (multiply then
+    /// add, no fused rounding), eight lanes at a time.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    pub(in crate::quant::conv) fn requantize16(
+        q: &Requant<'_>,
+        acc: __m512i,
+        bias: &[i32; LANES],
+        mult: &[f64; LANES],
+    ) -> __m128i {
+        let v = _mm512_add_epi32(acc, load(bias));
+        let (lo8, hi8) = mult.split_at(8);
+        let low = bytes(q, _mm512_castsi512_si256(v), lo8);
+        let high = bytes(q, _mm512_extracti64x4_epi64::<1>(v), hi8);
+        _mm_unpacklo_epi64(low, high)
+    }
+
+    /// Eight sums requantized to bytes (in the low half of the result).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    fn bytes(q: &Requant<'_>, v: __m256i, mult: &[f64]) -> __m128i {
+        const MAGIC: f64 = 6_755_399_441_055_744.0; // 1.5 * 2^52, as `round_clamp_finite`
+        let Some(m) = mult.first_chunk::<8>() else {
+            return _mm_setzero_si128();
+        };
+        // SAFETY: `m` holds the 8 multipliers read.
+        let m = unsafe { _mm512_loadu_pd(m.as_ptr()) };
+        let f = _mm512_add_pd(
+            _mm512_mul_pd(_mm512_cvtepi32_pd(v), m),
+            _mm512_set1_pd(q.zp),
+        );
+        let f = _mm512_min_pd(_mm512_max_pd(f, _mm512_set1_pd(q.lo)), _mm512_set1_pd(q.hi));
+        _mm512_cvtepi64_epi8(_mm512_castpd_si512(_mm512_add_pd(f, _mm512_set1_pd(MAGIC))))
     }
 }
 
-crate::simd::simd_fn! {
-    /// `acc[ow * cn + j] = Σ_taps w[tap][c0 + j] * (x[.., c0 + j] - zx)` for every column
-    /// `ow` of output row `oh` of one channels-last image (`cn = acc.len() / ow_n`): taps in
-    /// the padding contribute nothing.
-    fn accumulate_row(
-        p: &Position<'_>,
-        signed: bool,
+impl Geometry {
+    /// Runs a [`depthwise`](Self::depthwise) QLinearConv with one output channel per input
+    /// channel over channels-last x and out (`[n, h, w, c]`), requantizing as it goes. Per
+    /// output position and block of 16 channels (contiguous in x, in the tap-major weights
+    /// and in the output), the sums stay in a register across the taps and are requantized
+    /// at once: nothing but x, the weights and the output bytes touches memory. A window
+    /// inside x sums `w * x` and corrects for the zero point once per channel (`inner`);
+    /// one reaching into the padding skips the taps outside.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn run_depthwise_nhwc(
+        &self,
+        ctx: &KernelContext<'_>,
+        op: &str,
         x: &[u8],
-        oh: usize,
-        c0: usize,
-        acc: &mut [i32],
-    ) {
-        if signed {
-            p.row::<true>(x, oh, c0, acc)
-        } else {
-            p.row::<false>(x, oh, c0, acc)
+        x_signed: bool,
+        zx: i32,
+        w: &TapMajor,
+        q: &Requant<'_>,
+        out: &mut [u8],
+    ) -> Result<(), PluginError> {
+        let c = self.c;
+        let win = Window::of(self);
+        let (ih, iw, oh_n, ow_n) = (win.ih, win.iw, self.out_sp[0], win.ow_n);
+        let taps = win.kh_n * win.kw_n;
+        let row = ow_n * c;
+        let rows = self.n * oh_n;
+        if row == 0 || rows == 0 {
+            return Ok(());
         }
+        let image = ih * iw * c;
+        if self.m != c
+            || !w.fits(c, taps)
+            || q.bias.len() < c
+            || q.mult.len() < c
+            || x.len() < self.n * image
+            || out.len() < rows * row
+        {
+            return Err(PluginError::invalid(format!(
+                "{op}: x, w, B or y does not fit the convolution's shape"
+            )));
+        }
+        let mut inner = opreg_sdk::alloc::try_vec(c, 0i32)?;
+        for ((v, &b), &s) in inner.iter_mut().zip(q.bias).zip(&w.sums) {
+            *v = b.wrapping_sub(zx.wrapping_mul(s));
+        }
+        // Per tap, its offset from the window's first position; a window too large for
+        // these to fit in memory has no position inside x.
+        let mut offsets: Vec<usize> = opreg_sdk::alloc::try_with_capacity(taps)?;
+        let mut cols = if taps == 0 { (0, 0) } else { (0, ow_n) };
+        for kh in 0..win.kh_n {
+            for kw in 0..win.kw_n {
+                let off = kh
+                    .checked_mul(win.dh)
+                    .and_then(|v| v.checked_mul(iw))
+                    .and_then(|v| v.checked_add(kw.checked_mul(win.dw)?))
+                    .and_then(|v| v.checked_mul(c));
+                match off {
+                    Some(off) => offsets.push(off),
+                    None => cols = (0, 0),
+                }
+            }
+        }
+        for kw in 0..win.kw_n {
+            let (lo, hi) = win.columns(kw);
+            cols = (cols.0.max(lo), cols.1.min(hi));
+        }
+        let p = Rows {
+            win,
+            c,
+            zx,
+            w,
+            offsets: &offsets,
+            inner: &inner,
+            cols,
+            q,
+        };
+        // Several output rows per task when rows are small (MobileNet's 7x7 layers).
+        let grain = row * 8192usize.div_ceil(row);
+        ctx.parallel_chunks(&mut out[..rows * row], grain, |start, chunk| {
+            for (k, orow) in chunk.chunks_mut(row).enumerate() {
+                let r = start / row + k;
+                let (bn, oh) = (r / oh_n, r % oh_n);
+                let Some(xi) = x.get(bn * image..(bn + 1) * image) else {
+                    return;
+                };
+                depthwise_row(&p, x_signed, xi, oh, orow);
+            }
+        })
     }
 }
