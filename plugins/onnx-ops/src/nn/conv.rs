@@ -1188,7 +1188,7 @@ mod tests {
         // fast loops (3-wide stride 1 and 2, other widths) and the checked edges, padding as
         // wide as the kernel, kernels wider than the input, two images.
         type Case = ([usize; 4], [usize; 2], [usize; 2], [usize; 2], [usize; 4]);
-        let cases: [Case; 9] = [
+        let cases: [Case; 11] = [
             ([1, 5, 9, 11], [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
             ([2, 4, 8, 8], [3, 3], [2, 2], [1, 1], [1, 1, 1, 1]),
             ([1, 3, 7, 9], [3, 3], [2, 2], [1, 1], [0, 0, 1, 1]),
@@ -1198,6 +1198,9 @@ mod tests {
             ([1, 2, 3, 2], [3, 3], [1, 1], [1, 1], [3, 3, 3, 3]),
             ([1, 2, 2, 2], [3, 5], [1, 1], [1, 1], [1, 2, 1, 2]),
             ([1, 7, 4, 33], [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
+            // Rows of 16 outputs or more (runs of 16 with AVX-512): stride 2, dilated 5x5.
+            ([2, 3, 9, 40], [3, 3], [2, 2], [1, 1], [1, 1, 1, 1]),
+            ([1, 2, 12, 37], [5, 5], [1, 1], [2, 2], [4, 4, 4, 4]),
         ];
         for (x, k, st, dil, pads) in cases {
             let c = x[1];
@@ -1213,6 +1216,53 @@ mod tests {
                     [0, pads[0], pads[1], 0, pads[2], pads[3]],
                     with_bias,
                 );
+            }
+        }
+        // The fused activations on narrow (runs of 8) and wide (runs of 16) rows, NaN
+        // included: as the plain convolution followed by the activation.
+        for xs in [[1usize, 4, 5, 7], [1, 4, 5, 35]] {
+            let mut x = data(xs.iter().product(), 8);
+            x[3] = f32::NAN;
+            let w = data(4 * 9, 9);
+            let b = data(4, 10);
+            let tx = HostTensor::from_vec(&xs, &x).expect("x");
+            let tw = HostTensor::from_vec(&[4, 1, 3, 3], &w).expect("w");
+            let tb = HostTensor::from_vec(&[4], &b).expect("b");
+            let conv = |node: NodeSpec| {
+                run_kernel(
+                    conv_factory,
+                    &node,
+                    &[&tx, &tw, &tb],
+                    Some(Box::new(NaiveBlas)),
+                )
+                .expect("run")[0]
+                    .to_vec::<f32>()
+                    .expect("f32")
+            };
+            let node = |op: &str| {
+                NodeSpec::onnx(op, 11)
+                    .attr("group", AttrValue::Int(4))
+                    .attr("pads", ints(&[1, 1, 1, 1]))
+            };
+            let y = conv(node("Conv"));
+            for (act, params, f) in [
+                ("Relu", vec![], Activation::Relu),
+                ("Clip", vec![0.0, 6.0], Activation::Clip(0.0, 6.0)),
+                ("LeakyRelu", vec![0.1], Activation::LeakyRelu(0.1)),
+                ("SiLU", vec![], Activation::SiLU),
+            ] {
+                let fused = node("FusedConv")
+                    .domain("opreg")
+                    .attr("activation", AttrValue::String(act.into()))
+                    .attr("activation_params", AttrValue::Floats(params));
+                let got = conv(fused);
+                for (i, (g, &v)) in got.iter().zip(&y).enumerate() {
+                    let e = f.apply(v);
+                    assert!(
+                        g.to_bits() == e.to_bits() || (g.is_nan() && e.is_nan()),
+                        "{xs:?} {act} at {i}: {g} vs {e}"
+                    );
+                }
             }
         }
         // Channel multipliers and 1-D/3-D depthwise convolutions take the general path.

@@ -15,7 +15,7 @@
 
 use super::Activation;
 use crate::nn::{Disjoint, Geometry};
-use opreg_sdk::{alloc::try_vec, prelude::*};
+use opreg_sdk::prelude::*;
 
 /// Whether the convolution of `x` (shape `xs`) with `group` groups and `m` output channels is
 /// one this module computes: 2-D, one input and one output channel per group.
@@ -48,10 +48,18 @@ pub(super) fn run(
     // About 64k multiply-adds per task: enough to pay for the dispatch, small enough to
     // spread the 32-channel layers over the threads.
     let planes = (65536 / plane_out.saturating_mul(taps).max(1)).clamp(1, c.max(1));
-    let pad = Padded::new(g, (oh, ow), LANES)?;
+    // Rows of 16 outputs or more in runs of 16 (AVX-512); narrower ones (MobileNetV2's
+    // 14- and 7-wide layers) in runs of 8, which waste fewer lanes past the row's end.
+    let lanes = if ow >= WIDE_LANES && avx512() {
+        WIDE_LANES
+    } else {
+        LANES
+    };
+    let pad = Padded::new(g, (oh, ow), lanes)?;
     let yd = Disjoint::new(y);
     ctx.parallel_for(y_planes, planes, |range| {
-        let mut copy = try_vec(pad.len, 0.0f32)?;
+        // `fill` writes every element of the copy: reused scratch, no zeroed allocation.
+        let copy = ctx.scratch_reused::<f32>(pad.len)?;
         let mut offsets = Vec::new();
         let mut weights = Vec::new();
         for plane in range {
@@ -59,17 +67,31 @@ pub(super) fn run(
             let out = unsafe { yd.part(plane * plane_out, plane_out) };
             let ch = plane % c;
             let xp = &x[plane * plane_in..(plane + 1) * plane_in];
-            pad.fill(xp, (ih, iw), &mut copy);
+            pad.fill(xp, (ih, iw), copy);
             pad.taps(&w[ch * taps..(ch + 1) * taps], &mut offsets, &mut weights);
             let b = bias.map_or(0.0, |b| b[ch]);
-            channel(&copy, &pad, &offsets, &weights, b, act, out);
+            channel(copy, &pad, &offsets, &weights, b, act, out);
         }
         Ok(())
     })
 }
 
-/// Outputs computed together along a row.
+/// Outputs computed together along a row (AVX2 and portable loops).
 const LANES: usize = 8;
+/// Outputs computed together along a row by the AVX-512 loop.
+const WIDE_LANES: usize = 16;
+
+/// Whether this CPU has AVX-512 (F, BW, VL).
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::simd::has_avx512()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
 /// Runs of [`LANES`] outputs computed together.
 const RUNS: usize = 8;
 
@@ -94,6 +116,8 @@ pub(super) struct Padded {
     pub(super) phase_len: usize,
     /// Floats in the copy.
     pub(super) len: usize,
+    /// Outputs per run ([`LANES`], or [`WIDE_LANES`] for the AVX-512 loop).
+    pub(super) lanes: usize,
 }
 
 impl Padded {
@@ -142,6 +166,7 @@ impl Padded {
             rows,
             phase_len,
             len,
+            lanes,
         })
     }
 
@@ -173,11 +198,7 @@ impl Padded {
                 if self.sw == 1 {
                     phase[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]);
                 } else {
-                    let from = src[first..].iter().step_by(self.sw);
-                    phase[lo..hi]
-                        .iter_mut()
-                        .zip(from)
-                        .for_each(|(d, &v)| *d = v);
+                    every(&src[first..], self.sw, &mut phase[lo..hi]);
                 }
             }
         }
@@ -202,7 +223,28 @@ impl Padded {
     }
 }
 
-/// The runs of [`LANES`] outputs, row by row: where each starts in the copy and in `out`, and
+crate::simd::simd_fn! {
+    /// `dst[j] = src[step * j]`: one phase of a strided row. Stride 2 (the common one) as
+    /// pairs, which vectorizes into shuffles; a step taken at run time does not (measured:
+    /// the stride-2 copies were as slow as the depthwise taps themselves).
+    fn every(src: &[f32], step: usize, dst: &mut [f32]) {
+        let Some((last, head)) = dst.split_last_mut() else {
+            return;
+        };
+        if step == 2 {
+            for (d, pair) in head.iter_mut().zip(src.chunks_exact(2)) {
+                *d = pair[0];
+            }
+            *last = src.get(2 * head.len()).copied().unwrap_or(0.0);
+            return;
+        }
+        for (d, &v) in dst.iter_mut().zip(src.iter().step_by(step)) {
+            *d = v;
+        }
+    }
+}
+
+/// The runs of `pad.lanes` outputs, row by row: where each starts in the copy and in `out`, and
 /// how many outputs it stores. Advanced by additions only (a division per run cost more than
 /// the run's taps).
 struct Runs<'a> {
@@ -230,9 +272,9 @@ impl Iterator for Runs<'_> {
         let run = (
             self.oy * pad.sh * pad.sw * pad.phase_len + ox,
             self.oy * pad.ow + ox,
-            LANES.min(pad.ow - ox),
+            pad.lanes.min(pad.ow - ox),
         );
-        self.ox += LANES;
+        self.ox += pad.lanes;
         if self.ox >= pad.ow {
             self.ox = 0;
             self.oy += 1;
@@ -257,19 +299,29 @@ fn channel(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if pad.lanes == WIDE_LANES && avx512() {
+        // SAFETY: the CPU has AVX-512 F; the lengths were checked above.
+        return unsafe { x86::channel512(copy, pad, offsets, weights, b, act, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if pad.lanes == LANES
+        && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+    {
         // SAFETY: the CPU has AVX2 and FMA; the lengths were checked above.
         return unsafe { x86::channel(copy, pad, offsets, weights, b, act, out) };
     }
+    let lanes = pad.lanes.min(WIDE_LANES);
     for (src, dst, len) in Runs::new(pad) {
-        let mut sum = [b; LANES];
+        let mut sum = [b; WIDE_LANES];
+        let sum = &mut sum[..lanes];
         for (&off, &w) in offsets.iter().zip(weights) {
-            let v = &copy[src + off..src + off + LANES];
+            let v = &copy[src + off..src + off + lanes];
             for (s, &x) in sum.iter_mut().zip(v) {
                 *s += w * x;
             }
         }
-        for (o, &v) in out[dst..dst + len].iter_mut().zip(&sum) {
+        for (o, &v) in out[dst..dst + len].iter_mut().zip(sum.iter()) {
             *o = act.apply(v);
         }
     }
@@ -277,7 +329,7 @@ fn channel(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Activation, Padded, Runs, LANES, RUNS};
+    use super::{Activation, Padded, Runs, LANES, RUNS, WIDE_LANES};
     use std::arch::x86_64::*;
 
     /// The activation on 8 lanes, as [`Activation::apply`] does it (NaN handling included:
@@ -376,6 +428,105 @@ mod x86 {
             }
             for (a, &(_, dst, len)) in acc.iter().zip(&at) {
                 store(out, dst, len, activate(act, *a));
+            }
+        }
+    }
+
+    /// [`activate`] on 16 lanes.
+    #[target_feature(enable = "avx512f")]
+    fn activate512(act: Activation, v: __m512) -> __m512 {
+        match act {
+            Activation::None => v,
+            // f32::max(NaN, 0) is 0.
+            Activation::Relu => _mm512_max_ps(v, _mm512_setzero_ps()),
+            // NaN stays NaN.
+            Activation::Clip(lo, hi) => {
+                _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), v))
+            }
+            Activation::LeakyRelu(a) => {
+                let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, _mm512_setzero_ps());
+                _mm512_mask_mul_ps(v, neg, v, _mm512_set1_ps(a))
+            }
+            // Lane by lane: the loop is compiled for AVX-512 here, so it vectorizes.
+            Activation::SiLU | Activation::Gelu => {
+                let mut lanes = [0f32; WIDE_LANES];
+                // SAFETY: `lanes` holds WIDE_LANES floats.
+                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), v) };
+                for x in &mut lanes {
+                    *x = act.apply(*x);
+                }
+                // SAFETY: as above.
+                unsafe { _mm512_loadu_ps(lanes.as_ptr()) }
+            }
+        }
+    }
+
+    /// Stores the first `len` lanes of the run `v` at `out[dst..dst + len]`.
+    #[target_feature(enable = "avx512f")]
+    fn store512(out: &mut [f32], dst: usize, len: usize, v: __m512) {
+        let len = len.min(WIDE_LANES);
+        let Some(o) = out.get_mut(dst..dst + len) else {
+            return;
+        };
+        let mask = if len == WIDE_LANES {
+            u16::MAX
+        } else {
+            (1u16 << len) - 1
+        };
+        // SAFETY: the mask stores `len` floats, which `o` holds.
+        unsafe { _mm512_mask_storeu_ps(o.as_mut_ptr(), mask, v) };
+    }
+
+    /// [`channel`] in runs of [`WIDE_LANES`] (`pad` built for them), [`RUNS`] runs in flight.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F; as [`channel`] otherwise (each run's 16 reads stay inside the
+    /// copy: `Padded::new` made the phase rows long enough for whole runs of 16).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn channel512(
+        copy: &[f32],
+        pad: &Padded,
+        offsets: &[usize],
+        weights: &[f32],
+        b: f32,
+        act: Activation,
+        out: &mut [f32],
+    ) {
+        let p = copy.as_ptr();
+        let bias = _mm512_set1_ps(b);
+        let mut runs = Runs::new(pad);
+        loop {
+            let mut at = [(0usize, 0usize, 0usize); RUNS];
+            let mut n = 0;
+            for slot in at.iter_mut() {
+                match runs.next() {
+                    Some(r) => *slot = r,
+                    None => break,
+                }
+                n += 1;
+            }
+            if n < RUNS {
+                for &(src, dst, len) in &at[..n] {
+                    let mut a = bias;
+                    for (&off, &w) in offsets.iter().zip(weights) {
+                        // SAFETY: src + off + WIDE_LANES <= pad.len <= copy.len() (caller).
+                        let x = unsafe { _mm512_loadu_ps(p.add(src + off)) };
+                        a = _mm512_fmadd_ps(_mm512_set1_ps(w), x, a);
+                    }
+                    store512(out, dst, len, activate512(act, a));
+                }
+                return;
+            }
+            let mut acc = [bias; RUNS];
+            for (&off, &w) in offsets.iter().zip(weights) {
+                let w = _mm512_set1_ps(w);
+                for (a, &(src, _, _)) in acc.iter_mut().zip(&at) {
+                    // SAFETY: as above.
+                    *a = _mm512_fmadd_ps(w, unsafe { _mm512_loadu_ps(p.add(src + off)) }, *a);
+                }
+            }
+            for (a, &(_, dst, len)) in acc.iter().zip(&at) {
+                store512(out, dst, len, activate512(act, *a));
             }
         }
     }
