@@ -723,6 +723,60 @@ fn qlinear_conv_huge_pads_are_refused() {
     }
 }
 
+/// The channels-last direct loops (depthwise, few input channels) against hostile windows:
+/// huge dilations and pads, a kernel larger than x, an empty x. Each call returns a result
+/// or a clear error, never a panic.
+#[test]
+fn channels_last_direct_loops_survive_hostile_windows() {
+    let s = t::<f32>(&[], &[0.5]);
+    let z = t::<u8>(&[], &[7]);
+    for (c, m, group) in [(3usize, 4usize, 1usize), (16, 16, 16)] {
+        let w = t(&[m, c / group, 3, 3], &vec![1i8; m * (c / group) * 9]);
+        let wz = t(&[m], &vec![0i8; m]);
+        for (h, wd) in [(5usize, 6usize), (0, 4)] {
+            let x = t(&[1, h, wd, c], &vec![9u8; h * wd * c]);
+            let ins = [
+                Some(&x),
+                Some(&s),
+                Some(&z),
+                Some(&w),
+                Some(&s),
+                Some(&wz),
+                Some(&s),
+                Some(&z),
+            ];
+            for (dil, pad) in [(1i64 << 20, 0i64), (1, 1 << 20), (1 << 40, 1 << 41), (1, 0)] {
+                let node = conv_node(
+                    "QLinearConv",
+                    &[
+                        ("group", AttrValue::Int(group as i64)),
+                        ("dilations", AttrValue::Ints(vec![dil, 1])),
+                        ("pads", AttrValue::Ints(vec![pad; 4])),
+                    ],
+                )
+                .domain("com.microsoft")
+                .attr("channels_last", AttrValue::Int(1));
+                for node in [node.clone(), node.constant(3).constant(5)] {
+                    // Ok or an error: what matters is that it returns; the plain window over
+                    // a real image must compute (x is 9 everywhere, its zero point 7, W 1:
+                    // each 3x3 window sums 9 * 2 * (c / group), times 0.5 * 0.5 / 0.5).
+                    let r = run(conv::qlinear_conv_factory, node, &ins);
+                    if (dil, pad, h) == (1, 0, 5) {
+                        let y = r.expect("plain window");
+                        assert_eq!(y[0].shape(), &[1, 3, 4, m]);
+                        let want = 7 + 9 * (c / group) as u8;
+                        assert!(
+                            y[0].bytes().iter().all(|&v| v == want),
+                            "{:?}",
+                            y[0].bytes()
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn per_tensor_fast_paths_match_the_formula_across_chunks_and_edge_values() {
     // Longer than one parallel chunk, with ties, saturation, infinities and NaN.
