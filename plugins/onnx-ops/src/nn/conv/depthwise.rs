@@ -259,6 +259,24 @@ impl<'a> Runs<'a> {
     }
 }
 
+impl Runs<'_> {
+    /// The next [`RUNS`] runs (as many as are left: the count), for the loops that keep
+    /// that many in flight.
+    #[inline(always)]
+    fn next_group(&mut self) -> ([(usize, usize, usize); RUNS], usize) {
+        let mut at = [(0usize, 0usize, 0usize); RUNS];
+        let mut n = 0;
+        for slot in at.iter_mut() {
+            match self.next() {
+                Some(r) => *slot = r,
+                None => break,
+            }
+            n += 1;
+        }
+        (at, n)
+    }
+}
+
 impl Iterator for Runs<'_> {
     type Item = (usize, usize, usize);
 
@@ -396,15 +414,7 @@ mod x86 {
         let bias = _mm256_set1_ps(b);
         let mut runs = Runs::new(pad);
         loop {
-            let mut at = [(0usize, 0usize, 0usize); RUNS];
-            let mut n = 0;
-            for slot in at.iter_mut() {
-                match runs.next() {
-                    Some(r) => *slot = r,
-                    None => break,
-                }
-                n += 1;
-            }
+            let (at, n) = runs.next_group();
             if n < RUNS {
                 // The last few runs, one at a time.
                 for &(src, dst, len) in &at[..n] {
@@ -496,15 +506,7 @@ mod x86 {
         let bias = _mm512_set1_ps(b);
         let mut runs = Runs::new(pad);
         loop {
-            let mut at = [(0usize, 0usize, 0usize); RUNS];
-            let mut n = 0;
-            for slot in at.iter_mut() {
-                match runs.next() {
-                    Some(r) => *slot = r,
-                    None => break,
-                }
-                n += 1;
-            }
+            let (at, n) = runs.next_group();
             if n < RUNS {
                 for &(src, dst, len) in &at[..n] {
                     let mut a = bias;

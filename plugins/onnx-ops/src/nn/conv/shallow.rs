@@ -17,7 +17,7 @@ use super::depthwise::Padded;
 use super::{finish_plane, Activation};
 use crate::nn::{Disjoint, Geometry};
 use opreg_sdk::{
-    alloc::{checked_numel, try_vec},
+    alloc::{checked_numel, try_vec, try_with_capacity},
     prelude::*,
 };
 
@@ -149,11 +149,13 @@ pub(super) fn run(
             m,
         };
         ctx.parallel_for(oh, grain, |range| {
+            // One list of row slices per task, refilled per output row.
+            let mut outs: Vec<&mut [f32]> = try_with_capacity(m)?;
             for oy in range {
-                // SAFETY: output row `oy` of every channel belongs to this task alone.
-                let mut outs: Vec<&mut [f32]> = (0..m)
-                    .map(|oc| unsafe { yd.part(oc * plane + oy * ow, ow) })
-                    .collect();
+                outs.clear();
+                // SAFETY: output row `oy` of every channel belongs to this task alone, and
+                // the previous row's slices were dropped by `clear`.
+                outs.extend((0..m).map(|oc| unsafe { yd.part(oc * plane + oy * ow, ow) }));
                 rows.row(oy, &mut outs, epilogue);
                 if epilogue.is_some() {
                     continue;
