@@ -44,6 +44,34 @@ macro_rules! simd_fn {
             body($($arg),*)
         }
     };
+    // The same for a function generic over one type (each instantiation compiled three times).
+    ($(#[$m:meta])* $vis:vis fn $name:ident<$T:ident: $bound:path>($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        $vis fn $name<$T: $bound>($($arg: $ty),*) {
+            #[inline(always)]
+            fn body<$T: $bound>($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+                unsafe fn avx512<$T: $bound>($($arg: $ty),*) {
+                    body::<$T>($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2<$T: $bound>($($arg: $ty),*) {
+                    body::<$T>($($arg),*)
+                }
+                if $crate::simd::has_avx512() {
+                    // SAFETY: the CPU has these features (checked); the body is safe code.
+                    return unsafe { avx512::<$T>($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has AVX2 (checked); the body is safe code.
+                    return unsafe { avx2::<$T>($($arg),*) };
+                }
+            }
+            body::<$T>($($arg),*)
+        }
+    };
 }
 pub(crate) use simd_fn;
 

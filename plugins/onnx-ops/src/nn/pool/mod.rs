@@ -1,15 +1,15 @@
 //! Pooling: MaxPool (with Indices), AveragePool, LpPool, GlobalAveragePool, GlobalMaxPool.
 
+mod separable;
+
 use super::{
     not_implemented_for, register_versions, Arith, Disjoint, Geometry, Real, Scalar, WindowAttrs,
     FLOATS,
 };
 use crate::util::{input, product_sat, row_major_strides};
 use opreg_sdk::half::{bf16, f16};
-use opreg_sdk::{
-    alloc::{try_vec, try_with_capacity},
-    prelude::*,
-};
+use opreg_sdk::{alloc::try_with_capacity, prelude::*};
+use separable::{max_plane_separable, Separable};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {
@@ -252,20 +252,16 @@ impl Pool {
         // row's accumulator; `None` when they cannot be had (then the direct loop runs).
         let separable = s == 2 && !want_indices && self.kind == Kind::Max && spatial[1] > 0;
         let h_len = if separable {
-            spatial[0].checked_mul(g.out[1])
+            spatial[0]
+                .checked_mul(g.out[1])
+                .and_then(|n| n.checked_mul(2))
         } else {
             None
         };
-        let firsts: Vec<usize> = if separable {
-            let cols = &taps[1];
-            let mut f = try_with_capacity(g.out[1])?;
-            f.extend((0..g.out[1]).map(|ow| cols.of(ow).first().copied().unwrap_or(usize::MAX)));
-            f
-        } else {
-            Vec::new()
-        };
         ctx.parallel_chunks(y, grain, |start, chunk| {
-            let mut hbuf = h_len.and_then(|n| try_vec(n, <T::C as Real>::NEG_INFINITY).ok());
+            // Reused scratch (the row pass writes all of it before the column pass reads):
+            // no zeroed allocation per task.
+            let mut hbuf = h_len.and_then(|n| ctx.scratch_reused::<T::C>(n).ok());
             let mut acc = Vec::new();
             let mut oid = vec![0usize; s];
             let mut lists: Vec<&[usize]> = Vec::with_capacity(s);
@@ -284,9 +280,14 @@ impl Pool {
                     let (w_in, out_w) = (spatial[1], g.out[1]);
                     let fast = (g.dilations[1] == 1).then(|| (g.kernel[1], g.strides[1]));
                     if let Some(h) = hbuf.as_deref_mut() {
-                        max_plane_separable(
-                            xp, w_in, &taps[0], &taps[1], out_w, fast, &firsts, h, &mut acc, yp,
-                        );
+                        let geometry = Separable {
+                            w_in,
+                            rows_of: &taps[0],
+                            cols_of: &taps[1],
+                            out_w,
+                            fast,
+                        };
+                        max_plane_separable::<T>(xp, &geometry, h, &mut acc, yp);
                         continue;
                     }
                 }
@@ -380,121 +381,6 @@ impl Pool {
     }
 }
 
-/// 2-D MaxPool of one plane, separable: first each input row's window maximum at every output
-/// column (`h`: input rows x output columns), then each output row as the elementwise maximum
-/// of its window's rows of `h`, a pass over contiguous rows that vectorizes. The direct loop
-/// reads `kh * kw` taps per output through the tap tables; this reads `kw` per input row and
-/// output column, with the interior columns in a loop of constant kernel width and stride
-/// (`fast`: the column kernel and stride when the dilation is 1). `firsts`: each output column's
-/// first input column (`usize::MAX` for a window all padding).
-///
-/// NaN as the direct loop, where a window's first tap starts the maximum (a NaN there stays)
-/// and a later tap replaces it only when greater: both passes take the maximum of the taps
-/// that are not NaN (from -∞, which a NaN never replaces), and an output whose window starts
-/// on a NaN is NaN.
-#[allow(clippy::too_many_arguments)]
-fn max_plane_separable<T: PoolElem>(
-    xp: &[T],
-    w_in: usize,
-    rows_of: &Taps,
-    cols_of: &Taps,
-    out_w: usize,
-    fast: Option<(usize, usize)>,
-    firsts: &[usize],
-    h: &mut [T::C],
-    acc: &mut Vec<T::C>,
-    yp: &mut [T],
-) {
-    let neg = <T::C as Real>::NEG_INFINITY;
-    // The output columns whose windows lie wholly inside the row, with their first column.
-    let interior = fast.and_then(|(kw, sw)| {
-        let lo = (0..out_w).find(|&ow| cols_of.of(ow).len() == kw)?;
-        let hi = (lo..out_w)
-            .find(|&ow| cols_of.of(ow).len() != kw)
-            .unwrap_or(out_w);
-        Some((lo, hi, *cols_of.of(lo).first()?, kw, sw))
-    });
-    for (xr, hr) in xp.chunks_exact(w_in.max(1)).zip(h.chunks_exact_mut(out_w)) {
-        let (lo, hi) = match interior {
-            Some((lo, hi, c0, kw, sw)) => {
-                let out = &mut hr[lo..hi];
-                match (kw, sw) {
-                    (1, 1) => out
-                        .iter_mut()
-                        .zip(&xr[c0..])
-                        .for_each(|(o, &v)| *o = max_of::<T>(std::iter::once(v))),
-                    (2, 2) => window_max::<T, 2, 2>(xr, c0, out),
-                    (3, 2) => window_max::<T, 3, 2>(xr, c0, out),
-                    (3, 1) => window_max::<T, 3, 1>(xr, c0, out),
-                    (2, 1) => window_max::<T, 2, 1>(xr, c0, out),
-                    _ => {
-                        for (i, o) in out.iter_mut().enumerate() {
-                            let b = c0 + i * sw;
-                            *o = max_of::<T>(xr[b..b + kw].iter().copied());
-                        }
-                    }
-                }
-                (lo, hi)
-            }
-            None => (0, 0),
-        };
-        for ow in (0..lo).chain(hi..out_w) {
-            hr[ow] = max_of::<T>(cols_of.of(ow).iter().map(|&c| xr[c]));
-        }
-    }
-    for (oh, yr) in yp.chunks_exact_mut(out_w).enumerate() {
-        let rows = rows_of.of(oh);
-        let Some((&r0, rest)) = rows.split_first() else {
-            yr.iter_mut().for_each(|o| *o = T::store(neg));
-            continue;
-        };
-        let row = |off: usize| &h[off / w_in * out_w..(off / w_in + 1) * out_w];
-        acc.clear();
-        acc.extend_from_slice(row(r0));
-        for &r in rest {
-            // A select and an unconditional store: the loop vectorizes (a conditional store
-            // does not).
-            for (m, &v) in acc.iter_mut().zip(row(r)) {
-                *m = if v > *m { v } else { *m };
-            }
-        }
-        for ((o, &m), &c0) in yr.iter_mut().zip(acc.iter()).zip(firsts) {
-            *o = if c0 == usize::MAX {
-                T::store(neg)
-            } else {
-                // The window's first tap: a NaN there is the result.
-                let first = xp[r0 + c0].load();
-                T::store(if first.is_nan() { first } else { m })
-            };
-        }
-    }
-}
-
-/// The maximum of the taps that are not NaN (-∞ when there is none).
-#[inline(always)]
-fn max_of<T: PoolElem>(taps: impl Iterator<Item = T>) -> T::C {
-    let mut m = <T::C as Real>::NEG_INFINITY;
-    for v in taps {
-        let v = v.load();
-        m = if v > m { v } else { m };
-    }
-    m
-}
-
-/// `out[i]` = [`max_of`] `x[start + i * S..][..K]`: a kernel width and stride known at compile
-/// time, so that the loop vectorizes.
-fn window_max<T: PoolElem, const K: usize, const S: usize>(
-    x: &[T],
-    start: usize,
-    out: &mut [T::C],
-) {
-    let need = out.len().saturating_sub(1) * S + K;
-    let x = &x[start..start + need];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = max_of::<T>(x[i * S..i * S + K].iter().copied());
-    }
-}
-
 impl Kernel for Pool {
     fn compute(
         &self,
@@ -520,6 +406,20 @@ trait PoolElem: Element + Default {
     type C: Real;
     fn load(self) -> Self::C;
     fn store(v: Self::C) -> Self;
+    /// The separable MaxPool's row pass over its interior columns in a kernel of this type's
+    /// own, where it has one for this window; `false` when it has none (nothing written).
+    #[inline(always)]
+    fn row_max_stride2(
+        x: &[Self],
+        c0: usize,
+        kw: usize,
+        sw: usize,
+        out: &mut [Self::C],
+        first: &mut [Self::C],
+    ) -> bool {
+        let _ = (x, c0, kw, sw, out, first);
+        false
+    }
 }
 
 /// The floats, in their SDK compute type.
@@ -538,7 +438,30 @@ macro_rules! float_elem {
         }
     )*};
 }
-float_elem!(f16, bf16, f32, f64);
+float_elem!(f16, bf16, f64);
+
+impl PoolElem for f32 {
+    type C = f32;
+    #[inline(always)]
+    fn load(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn store(v: f32) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn row_max_stride2(
+        x: &[f32],
+        c0: usize,
+        kw: usize,
+        sw: usize,
+        out: &mut [f32],
+        first: &mut [f32],
+    ) -> bool {
+        separable::row_max_stride2_f32(x, c0, kw, sw, out, first)
+    }
+}
 
 /// 8-bit integers for MaxPool, compared in f32 (exact for every value).
 macro_rules! int8_float {
@@ -856,12 +779,28 @@ mod tests {
     /// others, dilated columns, pads on either side, ceil mode, rows wider than a vector.
     #[test]
     fn separable_max_pool_matches_the_direct_loop_with_nan() {
-        let xs = [1usize, 2, 9, 41];
-        let mut x = data(xs.iter().product());
-        for i in (0..x.len()).step_by(13) {
-            x[i] = f32::NAN;
+        // Widths with no full block of 16 row outputs, exactly 16 (a window ending on the
+        // row's last column), a block and a tail, several blocks; NaN, -0.0 beside 0.0 and
+        // -∞ spread over them.
+        for w in [9usize, 33, 41, 70] {
+            let xs = [1usize, 2, 9, w];
+            let mut x = data(xs.iter().product());
+            for i in (0..x.len()).step_by(13) {
+                x[i] = f32::NAN;
+            }
+            for i in (5..x.len()).step_by(11) {
+                x[i] = -0.0;
+                x[i - 1] = 0.0;
+            }
+            for i in (3..x.len()).step_by(17) {
+                x[i] = f32::NEG_INFINITY;
+            }
+            separable_matches_direct(&xs, &x);
         }
-        let tx = HostTensor::from_vec(&xs, &x).expect("x");
+    }
+
+    fn separable_matches_direct(xs: &[usize], x: &[f32]) {
+        let tx = HostTensor::from_vec(xs, x).expect("x");
         // (kernel, strides, dilations, pads, ceil_mode)
         let cases = [
             (
@@ -900,7 +839,7 @@ mod tests {
             assert_eq!(
                 bits(&separable[0]),
                 bits(&direct[0]),
-                "{k:?} {st:?} {pads:?}"
+                "{k:?} {st:?} {pads:?} {xs:?}"
             );
             assert!(
                 separable[0]
