@@ -80,7 +80,7 @@ fn request(model: &str, cols: usize, rows: &[Vec<f32>]) -> pb::ModelInferRequest
             shape: vec![rows.len() as i64, cols as i64],
             ..Default::default()
         }],
-        raw_input_contents: vec![f32_bytes(&flat)],
+        raw_input_contents: vec![f32_bytes(&flat).into()],
         ..Default::default()
     }
 }

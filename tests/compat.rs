@@ -115,7 +115,7 @@ async fn a_plugin_built_against_the_frozen_1_0_sdk_loads_and_computes() {
                 shape: vec![2, 3],
                 ..Default::default()
             }],
-            raw_input_contents: vec![f32_bytes(&x)],
+            raw_input_contents: vec![f32_bytes(&x).into()],
             ..Default::default()
         })
         .await

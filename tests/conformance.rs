@@ -273,7 +273,7 @@ async fn run_case(
                     shape: t.dims.clone(),
                     ..Default::default()
                 });
-                req.raw_input_contents.push(raw);
+                req.raw_input_contents.push(raw.into());
             }
             let r = c
                 .model_infer(req)

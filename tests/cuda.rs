@@ -84,7 +84,7 @@ async fn request(d: &Daemon, model: &str) -> pb::ModelInferRequest {
             shape,
             ..Default::default()
         });
-        req.raw_input_contents.push(f32_bytes(&values));
+        req.raw_input_contents.push(f32_bytes(&values).into());
     }
     req
 }

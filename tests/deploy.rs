@@ -1105,7 +1105,7 @@ async fn a_daemon_with_the_deployment_args_serves_probes_and_hpa_metric() {
                 shape: vec![1, 3],
                 ..Default::default()
             }],
-            raw_input_contents: vec![f32_bytes(&[1.0, 2.0, 3.0])],
+            raw_input_contents: vec![f32_bytes(&[1.0, 2.0, 3.0]).into()],
             ..Default::default()
         })
         .await

@@ -53,7 +53,7 @@ fn request(model: &str, x: &[f32]) -> pb::ModelInferRequest {
             shape: vec![(x.len() / 3) as i64, 3],
             ..Default::default()
         }],
-        raw_input_contents: vec![f32_bytes(x)],
+        raw_input_contents: vec![f32_bytes(x).into()],
         ..Default::default()
     }
 }

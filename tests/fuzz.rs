@@ -473,7 +473,9 @@ fn fuzz_request_decoder() {
                 }
             }
             if let Some(raw) = pick(&mut rng, &mut r.raw_input_contents) {
-                mutate_bytes(&mut rng, raw, other);
+                let mut bytes = raw.to_vec();
+                mutate_bytes(&mut rng, &mut bytes, other);
+                *raw = bytes.into();
             }
             r
         };
@@ -506,13 +508,13 @@ fn seed_requests() -> Vec<pb::ModelInferRequest> {
         pb::ModelInferRequest {
             model_name: "mlp".into(),
             inputs: vec![input("x", "FP32", &[2, 3])],
-            raw_input_contents: vec![f32_bytes(&[1.0; 6])],
+            raw_input_contents: vec![f32_bytes(&[1.0; 6]).into()],
             ..Default::default()
         },
         pb::ModelInferRequest {
             model_name: "strings".into(),
             inputs: vec![input("s", "BYTES", &[3])],
-            raw_input_contents: vec![bytes],
+            raw_input_contents: vec![bytes.into()],
             ..Default::default()
         },
         pb::ModelInferRequest {

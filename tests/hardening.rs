@@ -39,7 +39,7 @@ fn mlp_request() -> pb::ModelInferRequest {
     pb::ModelInferRequest {
         model_name: "mlp".into(),
         inputs: vec![input("x", "FP32", &[1, 3])],
-        raw_input_contents: vec![f32_bytes(&[1.0, 2.0, 3.0])],
+        raw_input_contents: vec![f32_bytes(&[1.0, 2.0, 3.0]).into()],
         ..Default::default()
     }
 }
@@ -105,7 +105,7 @@ async fn lying_declared_shapes_and_arities_are_refused_at_load_and_the_daemon_se
         let req = pb::ModelInferRequest {
             model_name: "rank0".into(),
             inputs: vec![input("x", "FP32", &[])],
-            raw_input_contents: vec![f32_bytes(&[1.0])],
+            raw_input_contents: vec![f32_bytes(&[1.0]).into()],
             ..Default::default()
         };
         let e = d
@@ -212,7 +212,7 @@ async fn sizes_from_the_wire_fail_the_call_not_the_daemon() {
     let req = pb::ModelInferRequest {
         model_name: "strings".into(),
         inputs: vec![input("s", "BYTES", &[1 << 34])],
-        raw_input_contents: vec![vec![0, 0, 0, 0]],
+        raw_input_contents: vec![vec![0, 0, 0, 0].into()],
         ..Default::default()
     };
     let r = d.inference().await.model_infer(req).await;
@@ -317,7 +317,7 @@ fn loop_request() -> pb::ModelInferRequest {
     pb::ModelInferRequest {
         model_name: "runaway".into(),
         inputs: vec![input("x", "FP32", &[1])],
-        raw_input_contents: vec![f32_bytes(&[1.0])],
+        raw_input_contents: vec![f32_bytes(&[1.0]).into()],
         ..Default::default()
     }
 }
@@ -597,7 +597,7 @@ async fn a_tiny_model_cannot_fold_or_compute_a_huge_constant() {
     let req = pb::ModelInferRequest {
         model_name: "bomb".into(),
         inputs: vec![input("x", "FP32", &[1])],
-        raw_input_contents: vec![f32_bytes(&[1.0])],
+        raw_input_contents: vec![f32_bytes(&[1.0]).into()],
         ..Default::default()
     };
     expect_err(
@@ -658,7 +658,7 @@ async fn served_m(d: &Daemon) -> Vec<f32> {
     let req = pb::ModelInferRequest {
         model_name: "m".into(),
         inputs: vec![input("x", "FP32", &[1])],
-        raw_input_contents: vec![f32_bytes(&[1.0])],
+        raw_input_contents: vec![f32_bytes(&[1.0]).into()],
         ..Default::default()
     };
     let r = d.inference().await.model_infer(req).await.expect("infer");
@@ -879,7 +879,7 @@ fn big_request() -> pb::ModelInferRequest {
     pb::ModelInferRequest {
         model_name: "big".into(),
         inputs: vec![input("x", "FP32", &[N as i64, N as i64])],
-        raw_input_contents: vec![f32_bytes(&vec![1.0; N * N])],
+        raw_input_contents: vec![f32_bytes(&vec![1.0; N * N]).into()],
         ..Default::default()
     }
 }

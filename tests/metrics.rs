@@ -32,7 +32,7 @@ fn request(values: &[f32]) -> pb::ModelInferRequest {
             shape: vec![1, values.len() as i64],
             ..Default::default()
         }],
-        raw_input_contents: vec![f32_bytes(values)],
+        raw_input_contents: vec![f32_bytes(values).into()],
         ..Default::default()
     }
 }

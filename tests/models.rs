@@ -44,7 +44,7 @@ fn infer_request(model: &str, x: &[f32]) -> pb::ModelInferRequest {
     pb::ModelInferRequest {
         model_name: model.into(),
         inputs: vec![input("x", "FP32", &[(x.len() / 3) as i64, 3])],
-        raw_input_contents: vec![f32_bytes(x)],
+        raw_input_contents: vec![f32_bytes(x).into()],
         ..Default::default()
     }
 }
@@ -233,17 +233,17 @@ async fn bad_inference_input_is_invalid_argument_naming_the_tensor() {
     cases.push(("unknown input", r, "unknown input 'z'"));
     let mut r = good.clone();
     r.inputs[0].datatype = "FP64".into();
-    r.raw_input_contents = vec![vec![0; 24]];
+    r.raw_input_contents = vec![vec![0; 24].into()];
     cases.push(("wrong dtype", r, "input 'x' has datatype FP64"));
     let mut r = good.clone();
     r.inputs[0].shape = vec![3];
     cases.push(("wrong rank", r, "input 'x' has shape [3]"));
     let mut r = good.clone();
     r.inputs[0].shape = vec![1, 4];
-    r.raw_input_contents = vec![f32_bytes(&[0.0; 4])];
+    r.raw_input_contents = vec![f32_bytes(&[0.0; 4]).into()];
     cases.push(("wrong dim", r, "input 'x' has shape [1, 4]"));
     let mut r = good.clone();
-    r.raw_input_contents = vec![vec![0; 11]];
+    r.raw_input_contents = vec![vec![0; 11].into()];
     cases.push((
         "short raw",
         r,
@@ -663,7 +663,7 @@ async fn the_demo_model_serves() {
     let req = pb::ModelInferRequest {
         model_name: "demo".into(),
         inputs: vec![input("x", "FP32", &[2, 4])],
-        raw_input_contents: vec![f32_bytes(&x)],
+        raw_input_contents: vec![f32_bytes(&x).into()],
         ..Default::default()
     };
     let r = d
@@ -839,7 +839,7 @@ async fn each_version_has_its_own_state_through_load_failure_and_unload() {
         let mut req = tonic::Request::new(pb::ModelInferRequest {
             model_name: "runaway".into(),
             inputs: vec![input("x", "FP32", &[1])],
-            raw_input_contents: vec![f32_bytes(&[1.0])],
+            raw_input_contents: vec![f32_bytes(&[1.0]).into()],
             ..Default::default()
         });
         req.set_timeout(std::time::Duration::from_secs(3));
@@ -950,7 +950,7 @@ async fn conv_and_its_activation_run_as_one_fused_kernel() {
             .model_infer(pb::ModelInferRequest {
                 model_name: name.into(),
                 inputs: vec![input("x", "FP32", &[1, 2, 2, 2])],
-                raw_input_contents: vec![f32_bytes(&x)],
+                raw_input_contents: vec![f32_bytes(&x).into()],
                 ..Default::default()
             })
             .await
@@ -1156,7 +1156,7 @@ async fn an_lstm_with_constant_weights_answers_as_with_weights_fed_in() {
             .model_infer(pb::ModelInferRequest {
                 model_name: name.into(),
                 inputs,
-                raw_input_contents: raw,
+                raw_input_contents: raw.into_iter().map(Into::into).collect(),
                 ..Default::default()
             })
             .await
@@ -1214,7 +1214,7 @@ async fn a_residual_join_runs_as_one_fused_conv() {
         .model_infer(pb::ModelInferRequest {
             model_name: "join".into(),
             inputs: vec![input("x", "FP32", &[1, c_in as i64, 2, 2])],
-            raw_input_contents: vec![f32_bytes(&x)],
+            raw_input_contents: vec![f32_bytes(&x).into()],
             ..Default::default()
         })
         .await

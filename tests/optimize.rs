@@ -307,7 +307,7 @@ async fn qdq_models_run_on_integer_operators_and_agree_with_the_float_path() {
                         ..Default::default()
                     })
                     .collect(),
-                raw_input_contents: vec![f32_bytes(&x), f32_bytes(&x2)],
+                raw_input_contents: vec![f32_bytes(&x).into(), f32_bytes(&x2).into()],
                 ..Default::default()
             })
             .await

@@ -758,7 +758,7 @@ async fn a_third_party_operator_that_infers_gives_static_shapes_downstream() {
                 shape: vec![2, 3],
                 ..Default::default()
             }],
-            raw_input_contents: vec![f32_bytes(&[-1.0, 0.25, 0.5, 2.0, 0.75, -3.0])],
+            raw_input_contents: vec![f32_bytes(&[-1.0, 0.25, 0.5, 2.0, 0.75, -3.0]).into()],
             ..Default::default()
         })
         .await

@@ -68,7 +68,7 @@ async fn infer(d: &Daemon, name: &str, version: &str) -> Result<Vec<f32>, tonic:
                 shape: vec![1, 2],
                 ..Default::default()
             }],
-            raw_input_contents: vec![f32_bytes(&[1.0, -2.0])],
+            raw_input_contents: vec![f32_bytes(&[1.0, -2.0]).into()],
             ..Default::default()
         })
         .await?;

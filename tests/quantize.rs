@@ -135,7 +135,7 @@ async fn infer(
                 shape: shape.iter().map(|&d| d as i64).collect(),
                 ..Default::default()
             }],
-            raw_input_contents: vec![f32_bytes(x)],
+            raw_input_contents: vec![f32_bytes(x).into()],
             ..Default::default()
         })
         .await?
@@ -1039,7 +1039,7 @@ async fn traffic(d: &Daemon, version: u64, shape: &[usize], x: &[f32]) {
                             shape,
                             ..Default::default()
                         }],
-                        raw_input_contents: vec![f32_bytes(&c)],
+                        raw_input_contents: vec![f32_bytes(&c).into()],
                         ..Default::default()
                     })
                     .await

@@ -69,7 +69,10 @@ fn at_request(p: i64) -> pb::ModelInferRequest {
                 ..Default::default()
             },
         ],
-        raw_input_contents: vec![f32_bytes(&[1.5, -2.0]), p.to_le_bytes().to_vec()],
+        raw_input_contents: vec![
+            f32_bytes(&[1.5, -2.0]).into(),
+            p.to_le_bytes().to_vec().into(),
+        ],
         ..Default::default()
     }
 }
@@ -211,7 +214,7 @@ async fn splitting_a_huge_empty_extent_is_refused_not_an_abort() {
             shape: vec![0, cols],
             ..Default::default()
         }],
-        raw_input_contents: vec![Vec::new()],
+        raw_input_contents: vec![Vec::new().into()],
         ..Default::default()
     };
     let e = client.model_infer(req(1 << 30)).await.expect_err("refused");

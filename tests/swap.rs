@@ -75,7 +75,7 @@ fn infer_request(x: &[f32]) -> ipb::ModelInferRequest {
             shape: vec![1, 4],
             ..Default::default()
         }],
-        raw_input_contents: vec![f32_bytes(x)],
+        raw_input_contents: vec![f32_bytes(x).into()],
         ..Default::default()
     }
 }

@@ -23,7 +23,7 @@ fn request(model: &str) -> pb::ModelInferRequest {
             shape: vec![1, 3, 224, 224],
             ..Default::default()
         }],
-        raw_input_contents: vec![f32_bytes(&x)],
+        raw_input_contents: vec![f32_bytes(&x).into()],
         ..Default::default()
     }
 }

@@ -72,7 +72,7 @@ fn request(model: &str, input: &str, shape: &[i64]) -> ipb::ModelInferRequest {
             shape: shape.to_vec(),
             ..Default::default()
         }],
-        raw_input_contents: vec![f32_bytes(&x)],
+        raw_input_contents: vec![f32_bytes(&x).into()],
         ..Default::default()
     }
 }

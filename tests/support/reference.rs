@@ -99,7 +99,7 @@ pub async fn check(dir: &Path, cases: &[String]) {
                 shape: t.shape().iter().map(|&d| d as i64).collect(),
                 ..Default::default()
             });
-            req.raw_input_contents.push(t.bytes().to_vec());
+            req.raw_input_contents.push(t.bytes().to_vec().into());
         }
         let r = d
             .inference()

@@ -688,7 +688,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             for spec in &inputs {
                 let (t, raw) = parse_input(spec)?;
                 req.inputs.push(t);
-                req.raw_input_contents.push(raw);
+                req.raw_input_contents.push(raw.into());
             }
             let r = inference.model_infer(req).await?.into_inner();
             for (o, raw) in r.outputs.iter().zip(&r.raw_output_contents) {

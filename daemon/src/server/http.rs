@@ -465,7 +465,7 @@ async fn run_infer(
             shape,
             ..Default::default()
         });
-        req.raw_input_contents.push(raw);
+        req.raw_input_contents.push(raw.into());
     }
     if !binary.is_empty() {
         return Err(bad(format!(

@@ -465,7 +465,7 @@ fn build_request(
             shape,
             ..Default::default()
         });
-        req.raw_input_contents.push(raw);
+        req.raw_input_contents.push(raw.into());
     }
     Ok(req)
 }
