@@ -2,6 +2,7 @@
 //! CumSum, TopK.
 
 use crate::nn::{register_versions, Factory};
+use crate::simd::simd_fn;
 use crate::util::{
     input, normalize_axis, not_implemented_for, optional, product_sat, row_major_strides,
     walk_offsets,
@@ -97,15 +98,24 @@ impl<A: Arith> Pairwise<A> {
         self.run = self.run.add(v);
         self.in_run += 1;
         if self.in_run == Self::BLOCK {
-            let mut carry = std::mem::replace(&mut self.run, A::ZERO);
+            let carry = std::mem::replace(&mut self.run, A::ZERO);
             self.in_run = 0;
-            for slot in self.levels.iter_mut() {
-                match slot.take() {
-                    Some(s) => carry = s.add(carry),
-                    None => {
-                        *slot = Some(carry);
-                        break;
-                    }
+            self.add_run(carry);
+        }
+    }
+
+    /// Adds the sum of one whole run of `BLOCK` values; only between whole runs (no value
+    /// added since the last run closed).
+    #[inline(always)]
+    fn add_run(&mut self, run: A) {
+        debug_assert_eq!(self.in_run, 0);
+        let mut carry = run;
+        for slot in self.levels.iter_mut() {
+            match slot.take() {
+                Some(s) => carry = s.add(carry),
+                None => {
+                    *slot = Some(carry);
+                    break;
                 }
             }
         }
@@ -245,6 +255,28 @@ impl Reduce {
         let y = ctx.output_slice::<T>(0, &out_shape)?;
         let kind = self.kind;
         let grain = (16 * 1024 / count.max(1)).max(1);
+        // The reduced extents after every kept one (size-1 extents aside): each output reduces
+        // one contiguous run of X, summed in lanes that vectorize (ReduceMean over a whole
+        // image, over H x W in NCHW, over the last axis).
+        let mut extents = (0..rank).filter(|&d| xs[d] != 1).map(|d| mask[d]);
+        let suffix = extents.by_ref().find(|&reduced| reduced).is_some() && extents.all(|r| r);
+        let summed = matches!(
+            kind,
+            ReduceKind::Sum
+                | ReduceKind::Mean
+                | ReduceKind::L1
+                | ReduceKind::L2
+                | ReduceKind::LogSum
+                | ReduceKind::SumSquare
+        );
+        if suffix && summed && count > 0 && x.len() == y.len().saturating_mul(count) {
+            return ctx.parallel_chunks(y, grain, |start, chunk| {
+                let runs = x[start * count..].chunks_exact(count);
+                for (yv, run) in chunk.iter_mut().zip(runs) {
+                    *yv = T::narrow(finish::<T>(kind, sum_run::<T>(run, kind), count));
+                }
+            });
+        }
         ctx.parallel_chunks(y, grain, |start, chunk| {
             let mut i = 0;
             walk_offsets(&kept, &strides, start, chunk.len(), |base| {
@@ -299,17 +331,65 @@ impl Reduce {
                         acc = <T::Wide as Scalar>::from_f64(m + exps.sum().ln());
                     }
                 }
-                acc = match kind {
-                    ReduceKind::Mean => <T::Wide as Scalar>::from_f64(acc.to_f64() / count as f64),
-                    ReduceKind::L2 => <T::Wide as Scalar>::from_f64(acc.to_f64().sqrt()),
-                    ReduceKind::LogSum => <T::Wide as Scalar>::from_f64(acc.to_f64().ln()),
-                    _ => acc,
-                };
-                chunk[i] = T::narrow(acc);
+                chunk[i] = T::narrow(finish::<T>(kind, acc, count));
                 i += 1;
             });
         })
     }
+}
+
+/// The reduction's last step on its accumulated value (`count` values reduced).
+#[inline(always)]
+fn finish<T: Scalar>(kind: ReduceKind, acc: T::Wide, count: usize) -> T::Wide {
+    match kind {
+        ReduceKind::Mean => <T::Wide as Scalar>::from_f64(acc.to_f64() / count as f64),
+        ReduceKind::L2 => <T::Wide as Scalar>::from_f64(acc.to_f64().sqrt()),
+        ReduceKind::LogSum => <T::Wide as Scalar>::from_f64(acc.to_f64().ln()),
+        _ => acc,
+    }
+}
+
+simd_fn! {
+    /// The summing reductions' accumulated value over one contiguous run (`kind`: Sum, Mean,
+    /// LogSum: the values; L1: their magnitudes; L2, SumSquare: their squares).
+    fn sum_run<T: Scalar>(run: &[T], kind: ReduceKind) -> T::Wide {
+        match kind {
+            ReduceKind::L1 => lanes_sum(run, |v: T::Wide| v.abs()),
+            ReduceKind::L2 | ReduceKind::SumSquare => lanes_sum(run, |v: T::Wide| v.mul(v)),
+            _ => lanes_sum(run, |v: T::Wide| v),
+        }
+    }
+}
+
+/// `Pairwise` summation of `f(v)` over `run` whose runs of `BLOCK` values are each summed in
+/// 16 lanes and the lanes in a tree: the loop over a run vectorizes (a single running sum
+/// does not: float addition does not reassociate), and the error still grows with log(n).
+/// Integers sum exactly either way.
+#[inline(always)]
+fn lanes_sum<T: Scalar>(run: &[T], f: impl Fn(T::Wide) -> T::Wide) -> T::Wide {
+    const LANES: usize = 16;
+    let mut pairwise = Pairwise::<T::Wide>::new();
+    let mut blocks = run.chunks_exact(Pairwise::<T::Wide>::BLOCK);
+    for block in &mut blocks {
+        let mut lanes = [<T::Wide as Arith>::ZERO; LANES];
+        for part in block.chunks_exact(LANES) {
+            for (l, &v) in lanes.iter_mut().zip(part) {
+                *l = l.add(f(v.widen()));
+            }
+        }
+        let mut width = LANES;
+        while width > 1 {
+            width /= 2;
+            for i in 0..width {
+                lanes[i] = lanes[i].add(lanes[i + width]);
+            }
+        }
+        pairwise.add_run(lanes[0]);
+    }
+    for &v in blocks.remainder() {
+        pairwise.add(f(v.widen()));
+    }
+    pairwise.sum()
 }
 
 impl Kernel for Reduce {
@@ -894,6 +974,97 @@ mod tests {
         )
         .expect("run");
         assert_eq!(out[0].to_vec::<f32>().expect("y"), vec![(n / 4) as f32; 4]);
+    }
+
+    /// Reductions over trailing extents (each output one contiguous run, summed in lanes) and
+    /// over leading ones (the general walk) against f64 sums: runs shorter than a block, whole
+    /// blocks, blocks and a tail, size-1 extents between, keepdims on and off.
+    #[test]
+    fn contiguous_and_strided_runs_match_f64_sums() {
+        let cases: [(&[usize], &[i64]); 6] = [
+            (&[3, 1, 5, 40], &[2, 3]),
+            (&[3, 1, 5, 40], &[1, 3]),
+            (&[2, 64], &[1]),
+            (&[2, 3, 1000], &[2]),
+            (&[1, 3, 37, 37], &[0, 1, 2, 3]),
+            (&[130, 2, 1], &[0, 2]),
+        ];
+        for (shape, axes) in cases {
+            let n: usize = shape.iter().product();
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919 % 1009) as f32 - 500.0) / 97.0)
+                .collect();
+            let tx = HostTensor::from_vec(shape, &x).expect("x");
+            let reduced: Vec<bool> = (0..shape.len())
+                .map(|d| axes.contains(&(d as i64)))
+                .collect();
+            // The reference: each output's inputs gathered by its index, summed in f64.
+            let strides = row_major_strides(shape);
+            let kept: Vec<usize> = (0..shape.len())
+                .map(|d| if reduced[d] { 1 } else { shape[d] })
+                .collect();
+            let outs: usize = kept.iter().product();
+            let mut groups = vec![Vec::new(); outs];
+            for (i, &v) in x.iter().enumerate() {
+                let mut o = 0;
+                for d in 0..shape.len() {
+                    o = o * kept[d]
+                        + if reduced[d] {
+                            0
+                        } else {
+                            i / strides[d] % shape[d]
+                        };
+                }
+                groups[o].push(v as f64);
+            }
+            type Reference = fn(&[f64]) -> f64;
+            let ops: [(&str, Factory, Reference); 5] = [
+                ("ReduceSum", reduce_sum, |v| v.iter().sum()),
+                ("ReduceMean", reduce_mean, |v| {
+                    v.iter().sum::<f64>() / v.len() as f64
+                }),
+                ("ReduceL1", reduce_l1, |v| v.iter().map(|a| a.abs()).sum()),
+                ("ReduceL2", reduce_l2, |v| {
+                    v.iter().map(|a| a * a).sum::<f64>().sqrt()
+                }),
+                ("ReduceSumSquare", reduce_sum_square, |v| {
+                    v.iter().map(|a| a * a).sum()
+                }),
+            ];
+            for (op, factory, reference) in ops {
+                for keepdims in [0, 1] {
+                    // Opset 11: every reduction takes `axes` as an attribute.
+                    let node = NodeSpec::onnx(op, 11)
+                        .attr("axes", AttrValue::Ints(axes.to_vec()))
+                        .attr("keepdims", AttrValue::Int(keepdims));
+                    let out = run_kernel(factory, &node, &[&tx], None).expect("run");
+                    let want: Vec<usize> = if keepdims == 1 {
+                        kept.clone()
+                    } else {
+                        (0..shape.len())
+                            .filter(|&d| !reduced[d])
+                            .map(|d| shape[d])
+                            .collect()
+                    };
+                    assert_eq!(out[0].shape(), &want[..], "{op} {shape:?} {axes:?}");
+                    let got = out[0].to_vec::<f32>().expect("y");
+                    for (g, group) in got.iter().zip(&groups) {
+                        let r = reference(group);
+                        assert!(
+                            (*g as f64 - r).abs() <= 1e-5 * r.abs().max(1.0),
+                            "{op} {shape:?} {axes:?}: {g} vs {r}"
+                        );
+                    }
+                }
+            }
+        }
+        // Integers sum exactly in lanes too.
+        let big: Vec<i64> = (0..1000).map(|i| (i * i) as i64 - 300_000).collect();
+        let tx = HostTensor::from_vec(&[2, 500], &big).expect("x");
+        let node = NodeSpec::onnx("ReduceSum", 11).attr("axes", AttrValue::Ints(vec![1]));
+        let out = run_kernel(reduce_sum, &node, &[&tx], None).expect("run");
+        let want: Vec<i64> = big.chunks(500).map(|c| c.iter().sum()).collect();
+        assert_eq!(out[0].to_vec::<i64>().expect("y"), want);
     }
 
     #[test]

@@ -44,20 +44,21 @@ macro_rules! simd_fn {
             body($($arg),*)
         }
     };
-    // The same for a function generic over one type (each instantiation compiled three times).
-    ($(#[$m:meta])* $vis:vis fn $name:ident<$T:ident: $bound:path>($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    // The same for a function generic over one type (each instantiation compiled three times),
+    // with a result.
+    ($(#[$m:meta])* $vis:vis fn $name:ident<$T:ident: $bound:path>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
-        $vis fn $name<$T: $bound>($($arg: $ty),*) {
+        $vis fn $name<$T: $bound>($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn body<$T: $bound>($($arg: $ty),*) $body
+            fn body<$T: $bound>($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-                unsafe fn avx512<$T: $bound>($($arg: $ty),*) {
+                unsafe fn avx512<$T: $bound>($($arg: $ty),*) $(-> $ret)? {
                     body::<$T>($($arg),*)
                 }
                 #[target_feature(enable = "avx2")]
-                unsafe fn avx2<$T: $bound>($($arg: $ty),*) {
+                unsafe fn avx2<$T: $bound>($($arg: $ty),*) $(-> $ret)? {
                     body::<$T>($($arg),*)
                 }
                 if $crate::simd::has_avx512() {
