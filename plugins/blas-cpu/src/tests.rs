@@ -268,6 +268,10 @@ fn small_and_odd_shapes_all_layouts_transposes_and_scales() {
         (9, 33, 1),
         (6, 16, 8),
         (8, 32, 8),
+        // Tiles of 2, 3 and 4 rows (the kernels of fewer rows), across a depth block.
+        (2, 40, 19),
+        (3, 70, 33),
+        (4, 33, 300),
     ];
     sweep(&shapes, &SCALES, &[0, 3]);
 }
@@ -518,6 +522,8 @@ fn two_threads_get_work_on_square_conv_like_and_tall_shapes() {
             (64, 3136, 576),
             (3136, 64, 576),
             (128, 128, 128),
+            // A batch-1 fully connected layer: one row, streaming B.
+            (1, 1000, 2048),
         ] {
             let t = tasks::<K>(m, n, k);
             assert!(t >= 2, "{m}x{n}x{k}: {t} tasks");
