@@ -817,6 +817,8 @@ mod tests {
             ([2, 4], [1, 3], [1, 1], [1, 2, 0, 3], true),
             ([3, 2], [2, 2], [1, 2], [1, 1, 0, 0], false),
             ([1, 1], [1, 1], [1, 1], [0, 0, 0, 0], false),
+            // Down the columns only (a text recognizer's 2 x 1 pools).
+            ([2, 1], [2, 1], [1, 1], [0, 0, 0, 0], false),
         ];
         for (k, st, dil, pads, ceil) in cases {
             let node = NodeSpec::onnx("MaxPool", 19)

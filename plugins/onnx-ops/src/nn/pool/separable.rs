@@ -66,6 +66,9 @@ simd_fn! {
                     let (out, first) = (&mut hr[lo..hi], &mut fr[lo..hi]);
                     if !T::row_max_stride2(xr, c0, kw, sw, out, first) {
                         match (kw, sw) {
+                            // Kernel width 1 (a pool down the columns only, e.g. 2 x 1 in
+                            // text recognizers): the row pass is a copy.
+                            (1, 1) => window_max::<T, 1, 1>(xr, c0, out, first),
                             (2, 2) => window_max::<T, 2, 2>(xr, c0, out, first),
                             (3, 2) => window_max::<T, 3, 2>(xr, c0, out, first),
                             (3, 1) => window_max::<T, 3, 1>(xr, c0, out, first),
