@@ -228,11 +228,6 @@ unsafe fn gemm_with<K: MicroKernel>(
         }
     }
     let mut b_buf = None;
-    // A's rows packed once per depth block for all tasks, when several column chunks would
-    // each pack the same rows (a layer with few pixels as `cols^T W^T`: one row block, up to
-    // 3 tasks per thread; perf showed pack_a at 4 % of a text recognizer).
-    let m_pad = m.div_ceil(K::MR) * K::MR;
-    let mut a_buf = None;
     for jc in (0..n).step_by(K::NC) {
         let nc = K::NC.min(n - jc);
         let panels = nc.div_ceil(K::NR);
@@ -264,35 +259,6 @@ unsafe fn gemm_with<K: MicroKernel>(
                     BlockB::Packed(out.get())
                 }
             };
-            let (row_blocks, mc_max, _, col_chunks) = split;
-            let a_shared = if p.a_packed.is_none() && parallel && col_chunks > 1 {
-                let buf = match &mut a_buf {
-                    Some(buf) => buf,
-                    None => a_buf.insert(AlignedBuf::new(m_pad * kc_max)?),
-                };
-                let out = SharedPtr(buf.ptr());
-                run_ranges(ctx, parallel, row_blocks, 1, |r| {
-                    for rb in r {
-                        let ic = rb * mc_max;
-                        // SAFETY: A is valid (caller); row block `rb` packs into its own
-                        // `mc` rows at `ic * kc` of the `m_pad * kc` floats.
-                        unsafe {
-                            pack_a::<K>(
-                                p.a,
-                                ic,
-                                mc_max.min(m - ic),
-                                pc,
-                                kc,
-                                out.get().wrapping_add(ic * kc),
-                            )
-                        };
-                    }
-                    Ok(())
-                })?;
-                Some(out)
-            } else {
-                None
-            };
             let beta = if pc == 0 { p.beta } else { 1.0 };
             let block = Block {
                 jc,
@@ -302,9 +268,8 @@ unsafe fn gemm_with<K: MicroKernel>(
                 beta,
                 split,
             };
-            // SAFETY: forwarded from the caller; a shared B block and a shared A block are
-            // packed.
-            unsafe { compute_block::<K>(ctx, parallel, p, a_shared, b_block, &block)? };
+            // SAFETY: forwarded from the caller; a shared B block is packed.
+            unsafe { compute_block::<K>(ctx, parallel, p, b_block, &block)? };
         }
     }
     Ok(())
@@ -368,13 +333,11 @@ pub(crate) fn split<K: MicroKernel>(
 /// split into parallel tasks (row blocks x column chunks).
 ///
 /// # Safety
-/// As [`gemm`]; a packed `b` holds the packed `kc x nc` block; `a_shared`, when given, holds
-/// this depth block of A packed (all `m` rows, row `ic` at `ic * kc`).
+/// As [`gemm`]; a packed `b` holds the packed `kc x nc` block.
 unsafe fn compute_block<K: MicroKernel>(
     ctx: &KernelContext<'_>,
     parallel: bool,
     p: &Problem,
-    a_shared: Option<SharedPtr>,
     b: BlockB,
     blk: &Block,
 ) -> Result<(), PluginError> {
@@ -391,12 +354,9 @@ unsafe fn compute_block<K: MicroKernel>(
     let a_len = mc_max * kc;
     // Pre-packed A: depth block `pc` at `pc * m_pad`, rows `ic..` at `ic * kc` within it.
     let m_pad = m.div_ceil(K::MR) * K::MR;
-    // Rows `ic..` at `ic * kc` of this depth block's packed A: shared by the tasks, or
-    // pre-packed (block `pc` at `pc * m_pad`).
-    let a_block = a_shared.or_else(|| {
-        p.a_packed
-            .map(|(ptr, _)| SharedPtr(ptr.wrapping_add(pc * m_pad).cast_mut()))
-    });
+    let a_block = p
+        .a_packed
+        .map(|(ptr, _)| SharedPtr(ptr.wrapping_add(pc * m_pad).cast_mut()));
     run_ranges(ctx, parallel, row_blocks * col_chunks, 1, |range| {
         let mut a_buf = match a_block {
             Some(_) => None,
