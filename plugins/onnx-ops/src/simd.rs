@@ -15,62 +15,34 @@ pub(crate) fn has_avx512() -> bool {
 
 /// `fn name(args) { body }` whose body (safe code) is compiled three times: for AVX-512, for
 /// AVX2 and for the baseline; each call runs the best copy this CPU has (the features are
-/// detected once and cached by std).
+/// detected once and cached by std). The function may be generic over one type
+/// (`fn name<T: Bound>(...)`, each instantiation compiled three times) and return a value.
 macro_rules! simd_fn {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident $(<$T:ident: $bound:path>)? ($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
-        $vis fn $name($($arg: $ty),*) {
+        $vis fn $name $(<$T: $bound>)? ($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn body($($arg: $ty),*) $body
+            fn body $(<$T: $bound>)? ($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-                unsafe fn avx512($($arg: $ty),*) {
-                    body($($arg),*)
+                unsafe fn avx512 $(<$T: $bound>)? ($($arg: $ty),*) $(-> $ret)? {
+                    body $(::<$T>)? ($($arg),*)
                 }
                 #[target_feature(enable = "avx2")]
-                unsafe fn avx2($($arg: $ty),*) {
-                    body($($arg),*)
+                unsafe fn avx2 $(<$T: $bound>)? ($($arg: $ty),*) $(-> $ret)? {
+                    body $(::<$T>)? ($($arg),*)
                 }
                 if $crate::simd::has_avx512() {
                     // SAFETY: the CPU has these features (checked); the body is safe code.
-                    return unsafe { avx512($($arg),*) };
+                    return unsafe { avx512 $(::<$T>)? ($($arg),*) };
                 }
                 if std::arch::is_x86_feature_detected!("avx2") {
                     // SAFETY: the CPU has AVX2 (checked); the body is safe code.
-                    return unsafe { avx2($($arg),*) };
+                    return unsafe { avx2 $(::<$T>)? ($($arg),*) };
                 }
             }
-            body($($arg),*)
-        }
-    };
-    // The same for a function generic over one type (each instantiation compiled three times),
-    // with a result.
-    ($(#[$m:meta])* $vis:vis fn $name:ident<$T:ident: $bound:path>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        $(#[$m])*
-        $vis fn $name<$T: $bound>($($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            fn body<$T: $bound>($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-                unsafe fn avx512<$T: $bound>($($arg: $ty),*) $(-> $ret)? {
-                    body::<$T>($($arg),*)
-                }
-                #[target_feature(enable = "avx2")]
-                unsafe fn avx2<$T: $bound>($($arg: $ty),*) $(-> $ret)? {
-                    body::<$T>($($arg),*)
-                }
-                if $crate::simd::has_avx512() {
-                    // SAFETY: the CPU has these features (checked); the body is safe code.
-                    return unsafe { avx512::<$T>($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU has AVX2 (checked); the body is safe code.
-                    return unsafe { avx2::<$T>($($arg),*) };
-                }
-            }
-            body::<$T>($($arg),*)
+            body $(::<$T>)? ($($arg),*)
         }
     };
 }
