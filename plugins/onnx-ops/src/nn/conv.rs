@@ -1,9 +1,9 @@
 //! Conv: im2col per group, then one gemm per batch and group through the BLAS backend;
-//! depthwise 2-D convolutions and those with few input channels directly ([`depthwise`],
-//! [`shallow`]).
+//! depthwise 2-D convolutions, those with few input channels and the spatial layers of a
+//! CNN's body directly ([`depthwise`], [`direct`]).
 
 mod depthwise;
-mod shallow;
+mod direct;
 
 use super::{
     activation::Activation, at_least_one, blas, conv_bias, matmul::gemm_f32, optional, Disjoint,
@@ -27,6 +27,9 @@ struct Conv {
     /// `Y = W cols` ([`Packed::Left`]), or as the right operand of the pixels-by-channels
     /// product `Y^T = cols^T W^T` for layers with few pixels ([`Packed::Right`]).
     packed: Option<Packed>,
+    /// Constant weights of a layer [`direct`] computes, regrouped for it at load
+    /// ([`direct::pack`]); then `packed` is not built.
+    direct: Option<Arc<Vec<f32>>>,
 }
 
 /// How [`Conv::packed`] holds the weights.
@@ -136,7 +139,9 @@ fn conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
     // One packing, for the orientation the layer will use: the right operand where the
     // input's extents are known at load and it has few pixels per channel, else the left
     // (with the right as the fallback for a backend that does not pack A).
+    let direct = direct_weights(node, &window, group)?;
     let packed = match pixels_per_channel(node, &window) {
+        _ if direct.is_some() => None,
         Some(r) if r <= PIXELS_PER_CHANNEL_SWAP => prepack_weights(node, group, false),
         _ => prepack_weights(node, group, true).or_else(|| prepack_weights(node, group, false)),
     };
@@ -149,7 +154,44 @@ fn conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
             Activation::None
         },
         packed,
+        direct,
     }))
+}
+
+/// The constant f32 weights regrouped for [`direct`] where the input's shape is known at
+/// load and [`direct`] takes the layer; `None` otherwise (then the gemm's packing is built,
+/// and a layer [`direct`] takes after all regroups its weights per call).
+fn direct_weights(
+    node: &NodeInfo<'_>,
+    window: &WindowAttrs,
+    group: usize,
+) -> Result<Option<Arc<Vec<f32>>>, PluginError> {
+    let Some(w) = node.inputs.get(1).and_then(|i| i.constant) else {
+        return Ok(None);
+    };
+    let Some(x) = node.inputs.first().and_then(|i| i.shape) else {
+        return Ok(None);
+    };
+    // The batch may be dynamic; channels and spatial extents decide.
+    let Some(xs) = std::iter::once(Some(1))
+        .chain(x.iter().skip(1).map(|&d| usize::try_from(d).ok()))
+        .collect::<Option<Vec<usize>>>()
+    else {
+        return Ok(None);
+    };
+    if w.dtype != DType::F32 || w.shape().len() != 4 || xs.len() != 4 {
+        return Ok(None);
+    }
+    let Ok(g) = window.resolve("Conv", &xs[2..], Some(&w.shape()[2..])) else {
+        return Ok(None);
+    };
+    if !direct::applies(&xs, &g, group) || w.shape()[1] != xs[1] {
+        return Ok(None);
+    }
+    let m = w.shape()[0];
+    let depth = checked_numel(&w.shape()[1..])?;
+    let data: &[f32] = w.as_slice()?;
+    Ok(Some(Arc::new(direct::pack(data, m, depth)?)))
 }
 
 /// Output pixels per output channel (rounded up), when the input's spatial extents and the
@@ -507,8 +549,20 @@ impl Conv {
             depthwise::run(ctx, xs, g, x, w, bias, Activation::None, y)?;
             return finish(ctx, y, None, z, act, m, p);
         }
-        if shallow::applies(xs, &g.kernel, group)
-            && shallow::run(ctx, xs, g, m, x, w, bias, z, act, y)?
+        if direct::applies(xs, g, group)
+            && direct::run(
+                ctx,
+                xs,
+                g,
+                m,
+                x,
+                w,
+                self.direct.as_deref().map(|v| &v[..]),
+                bias,
+                z,
+                act,
+                y,
+            )?
         {
             return Ok(());
         }
@@ -1097,7 +1151,7 @@ mod tests {
         ];
         for (k, (xs, m, ks, st, dil, pads, bias)) in cases.into_iter().enumerate() {
             assert_eq!(
-                shallow::applies(&xs, &ks, 1),
+                direct::applies(&xs, &geometry(xs, ks, st, dil, pads), 1),
                 crate::simd::has_avx512(),
                 "case {k}"
             );
@@ -1179,6 +1233,109 @@ mod tests {
                 with_bias.to_bits() == bv.to_bits() || (bv.is_nan() && with_bias.is_nan()),
                 "{i}"
             );
+        }
+    }
+
+    /// The 2-D geometry of `x` with a `ks` window (pads top, left, bottom, right).
+    fn geometry(
+        xs: [usize; 4],
+        ks: [usize; 2],
+        st: [usize; 2],
+        dil: [usize; 2],
+        pads: [usize; 4],
+    ) -> Geometry {
+        let out =
+            |i: usize| (xs[2 + i] + pads[i] + pads[2 + i] - (ks[i] - 1) * dil[i] - 1) / st[i] + 1;
+        Geometry {
+            kernel: ks.to_vec(),
+            strides: st.to_vec(),
+            dilations: dil.to_vec(),
+            pad_begin: pads[..2].to_vec(),
+            pad_end: pads[2..].to_vec(),
+            out: vec![out(0), out(1)],
+        }
+    }
+
+    #[test]
+    fn deep_direct_convolutions_match_direct_loops() {
+        // (x [n, c, h, w], output channels, kernel, strides, pads [top, left, bottom,
+        // right]): ResNet's 3x3 layers in small, with output widths around the 16-pixel runs
+        // (12: the narrowest taken; 14: one run per row, tiles of three rows; 20 and 33: runs
+        // of two and three per row, tiles across rows), channel counts around the 8-channel
+        // blocks, a stride, a 5x5 window, asymmetric pads, two images; each with the weights
+        // given at load (regrouped once) and at run time (regrouped per call).
+        type Case = ([usize; 4], usize, [usize; 2], [usize; 2], [usize; 4]);
+        let cases: [Case; 6] = [
+            ([1, 16, 14, 14], 24, [3, 3], [1, 1], [1, 1, 1, 1]),
+            ([2, 5, 7, 12], 9, [3, 3], [1, 1], [1, 1, 1, 1]),
+            ([1, 8, 5, 20], 17, [3, 3], [1, 1], [0, 1, 2, 1]),
+            ([1, 12, 6, 33], 8, [5, 5], [1, 1], [2, 2, 2, 2]),
+            ([1, 7, 9, 40], 3, [3, 3], [2, 2], [1, 1, 1, 1]),
+            ([2, 9, 4, 18], 11, [3, 2], [1, 1], [1, 0, 1, 0]),
+        ];
+        for (k, (xs, m, ks, st, pads)) in cases.into_iter().enumerate() {
+            let g = geometry(xs, ks, st, [1, 1], pads);
+            assert_eq!(
+                direct::applies(&xs, &g, 1),
+                crate::simd::has_avx512(),
+                "case {k}"
+            );
+            let [n, c, h, wd] = xs;
+            let x = data(xs.iter().product(), 1);
+            let w = data(m * c * ks[0] * ks[1], 2);
+            let b = data(m, 3);
+            let (_, want) = naive_conv3(
+                &x,
+                [n, c, 1, h, wd],
+                &w,
+                [m, c, 1, ks[0], ks[1]],
+                Some(&b),
+                1,
+                [1, st[0], st[1]],
+                [1, 1, 1],
+                [0, pads[0], pads[1], 0, pads[2], pads[3]],
+            );
+            let ys = [n, m, g.out[0], g.out[1]];
+            let z: Vec<f32> = (0..want.len())
+                .map(|i| (i % 13) as f32 * 0.25 - 1.5)
+                .collect();
+            let tx = HostTensor::from_vec(&xs, &x).expect("x");
+            let tw = HostTensor::from_vec(&[m, c, ks[0], ks[1]], &w).expect("w");
+            let tb = HostTensor::from_vec(&[m], &b).expect("b");
+            let tz = HostTensor::from_vec(&ys, &z).expect("z");
+            for (act, params, activation) in [
+                ("", vec![], Activation::None),
+                ("Relu", vec![], Activation::Relu),
+                ("Clip", vec![-0.5, 0.5], Activation::Clip(-0.5, 0.5)),
+                ("LeakyRelu", vec![0.1], Activation::LeakyRelu(0.1)),
+                ("SiLU", vec![], Activation::SiLU),
+            ] {
+                for (with_z, constant) in [(false, false), (true, false), (true, true)] {
+                    let mut node = NodeSpec::onnx("FusedConv", 1)
+                        .domain("opreg")
+                        .attr("strides", ints(&st))
+                        .attr("pads", ints(&pads))
+                        .attr("activation", AttrValue::String(act.into()))
+                        .attr("activation_params", AttrValue::Floats(params.clone()));
+                    if constant {
+                        node = node.constant(1);
+                    }
+                    let mut inputs = vec![&tx, &tw, &tb];
+                    if with_z {
+                        inputs.push(&tz);
+                    }
+                    let out = run_kernel(conv_factory, &node, &inputs, Some(Box::new(NaiveBlas)))
+                        .unwrap_or_else(|e| panic!("case {k} {act}: {e}"));
+                    assert_eq!(out[0].shape(), &ys[..], "case {k}");
+                    let expect: Vec<f32> = want
+                        .iter()
+                        .zip(&z)
+                        .map(|(&v, &zv)| activation.apply(if with_z { v + zv } else { v }))
+                        .collect();
+                    println!("case {k} {act} z {with_z} constant {constant}");
+                    close(&out[0].to_vec::<f32>().expect("f32"), &expect);
+                }
+            }
         }
     }
 
