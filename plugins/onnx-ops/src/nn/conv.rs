@@ -1,7 +1,8 @@
 //! Conv: im2col per group, then one gemm per batch and group through the BLAS backend;
-//! depthwise 2-D convolutions, those with few input channels and the spatial layers of a
-//! CNN's body directly ([`depthwise`], [`direct`]).
+//! depthwise 2-D convolutions, those with few input channels and the spatial (3x3) layers of
+//! a CNN's body directly ([`depthwise`], [`direct`], [`deep`]).
 
+mod deep;
 mod depthwise;
 mod direct;
 
@@ -30,6 +31,9 @@ struct Conv {
     /// Constant weights of a layer [`direct`] computes, regrouped for it at load
     /// ([`direct::pack`]); then `packed` is not built.
     direct: Option<Arc<Vec<f32>>>,
+    /// Constant weights of a layer [`deep`] computes, regrouped for it at load
+    /// ([`deep::pack`]); then `packed` is not built.
+    deep: Option<Arc<Vec<f32>>>,
 }
 
 /// How [`Conv::packed`] holds the weights.
@@ -139,9 +143,9 @@ fn conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
     // One packing, for the orientation the layer will use: the right operand where the
     // input's extents are known at load and it has few pixels per channel, else the left
     // (with the right as the fallback for a backend that does not pack A).
-    let direct = direct_weights(node, &window, group)?;
+    let (direct, deep) = direct_weights(node, &window, group)?;
     let packed = match pixels_per_channel(node, &window) {
-        _ if direct.is_some() => None,
+        _ if direct.is_some() || deep.is_some() => None,
         Some(r) if r <= PIXELS_PER_CHANNEL_SWAP => prepack_weights(node, group, false),
         _ => prepack_weights(node, group, true).or_else(|| prepack_weights(node, group, false)),
     };
@@ -155,43 +159,52 @@ fn conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
         },
         packed,
         direct,
+        deep,
     }))
 }
 
-/// The constant f32 weights regrouped for [`direct`] where the input's shape is known at
-/// load and [`direct`] takes the layer; `None` otherwise (then the gemm's packing is built,
-/// and a layer [`direct`] takes after all regroups its weights per call).
+/// Weights regrouped at load for [`direct`] or for [`deep`].
+type Regrouped = Option<Arc<Vec<f32>>>;
+
+/// The constant f32 weights regrouped for [`deep`] or [`direct`] where the input's shape is
+/// known at load and one of them takes the layer; `None` otherwise (then the gemm's packing
+/// is built, and a layer one of them takes after all regroups its weights per call).
 fn direct_weights(
     node: &NodeInfo<'_>,
     window: &WindowAttrs,
     group: usize,
-) -> Result<Option<Arc<Vec<f32>>>, PluginError> {
+) -> Result<(Regrouped, Regrouped), PluginError> {
+    const NONE: (Regrouped, Regrouped) = (None, None);
     let Some(w) = node.inputs.get(1).and_then(|i| i.constant) else {
-        return Ok(None);
+        return Ok(NONE);
     };
     let Some(x) = node.inputs.first().and_then(|i| i.shape) else {
-        return Ok(None);
+        return Ok(NONE);
     };
     // The batch may be dynamic; channels and spatial extents decide.
     let Some(xs) = std::iter::once(Some(1))
         .chain(x.iter().skip(1).map(|&d| usize::try_from(d).ok()))
         .collect::<Option<Vec<usize>>>()
     else {
-        return Ok(None);
+        return Ok(NONE);
     };
-    if w.dtype != DType::F32 || w.shape().len() != 4 || xs.len() != 4 {
-        return Ok(None);
+    if w.dtype != DType::F32 || w.shape().len() != 4 || xs.len() != 4 || w.shape()[1] != xs[1] {
+        return Ok(NONE);
     }
     let Ok(g) = window.resolve("Conv", &xs[2..], Some(&w.shape()[2..])) else {
-        return Ok(None);
+        return Ok(NONE);
     };
-    if !direct::applies(&xs, &g, group) || w.shape()[1] != xs[1] {
-        return Ok(None);
-    }
     let m = w.shape()[0];
-    let depth = checked_numel(&w.shape()[1..])?;
     let data: &[f32] = w.as_slice()?;
-    Ok(Some(Arc::new(direct::pack(data, m, depth)?)))
+    if deep::applies(&xs, &g, group) {
+        let packed = deep::pack(data, m, xs[1], (g.kernel[0], g.kernel[1]))?;
+        return Ok((None, Some(Arc::new(packed))));
+    }
+    if direct::applies(&xs, &g, group) {
+        let depth = checked_numel(&w.shape()[1..])?;
+        return Ok((Some(Arc::new(direct::pack(data, m, depth)?)), None));
+    }
+    Ok(NONE)
 }
 
 /// Output pixels per output channel (rounded up), when the input's spatial extents and the
@@ -548,6 +561,23 @@ impl Conv {
             // Z is added after the taps (as the Add it replaces would), then the activation.
             depthwise::run(ctx, xs, g, x, w, bias, Activation::None, y)?;
             return finish(ctx, y, None, z, act, m, p);
+        }
+        if deep::applies(xs, g, group)
+            && deep::run(
+                ctx,
+                xs,
+                g,
+                m,
+                x,
+                w,
+                self.deep.as_deref().map(|v| &v[..]),
+                bias,
+                z,
+                act,
+                y,
+            )?
+        {
+            return Ok(());
         }
         if direct::applies(xs, g, group)
             && direct::run(
@@ -1257,26 +1287,36 @@ mod tests {
     }
 
     #[test]
-    fn deep_direct_convolutions_match_direct_loops() {
-        // (x [n, c, h, w], output channels, kernel, strides, pads [top, left, bottom,
-        // right]): ResNet's 3x3 layers in small, with output widths around the 16-pixel runs
-        // (12: the narrowest taken; 14: one run per row, tiles of three rows; 20 and 33: runs
-        // of two and three per row, tiles across rows), channel counts around the 8-channel
-        // blocks, a stride, a 5x5 window, asymmetric pads, two images; each with the weights
-        // given at load (regrouped once) and at run time (regrouped per call).
-        type Case = ([usize; 4], usize, [usize; 2], [usize; 2], [usize; 4]);
-        let cases: [Case; 6] = [
-            ([1, 16, 14, 14], 24, [3, 3], [1, 1], [1, 1, 1, 1]),
-            ([2, 5, 7, 12], 9, [3, 3], [1, 1], [1, 1, 1, 1]),
-            ([1, 8, 5, 20], 17, [3, 3], [1, 1], [0, 1, 2, 1]),
-            ([1, 12, 6, 33], 8, [5, 5], [1, 1], [2, 2, 2, 2]),
-            ([1, 7, 9, 40], 3, [3, 3], [2, 2], [1, 1, 1, 1]),
-            ([2, 9, 4, 18], 11, [3, 2], [1, 1], [1, 0, 1, 0]),
+    fn deep_convolutions_match_direct_loops() {
+        // (x [n, c, h, w], output channels, kernel, strides, dilations, pads [top, left,
+        // bottom, right]): ResNet's 3x3 layers in small, with output widths around the
+        // 12-pixel tiles (7, 12, 13: tiles of 7 and 6, 25, 40), channel counts around the
+        // 16-channel blocks of the channels-last copy (5, 16, 21, 32) and the 32-channel
+        // blocks of the output (3, 24, 33, 40), strides, a dilation, a 5x5 window, asymmetric
+        // pads, input rows wider than 16 columns, two images; each with the weights given at
+        // load (regrouped once) and at run time (regrouped per call).
+        type Case = (
+            [usize; 4],
+            usize,
+            [usize; 2],
+            [usize; 2],
+            [usize; 2],
+            [usize; 4],
+        );
+        let cases: [Case; 8] = [
+            ([1, 16, 14, 14], 24, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
+            ([2, 5, 7, 7], 33, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
+            ([1, 21, 5, 20], 40, [3, 3], [1, 1], [1, 1], [0, 1, 2, 1]),
+            ([1, 32, 6, 13], 8, [5, 5], [1, 1], [1, 1], [2, 2, 2, 2]),
+            ([1, 7, 9, 40], 3, [3, 3], [2, 2], [1, 1], [1, 1, 1, 1]),
+            ([2, 9, 4, 25], 11, [3, 2], [1, 1], [1, 1], [1, 0, 1, 0]),
+            ([1, 17, 11, 36], 32, [3, 3], [2, 3], [2, 2], [2, 1, 0, 3]),
+            ([1, 6, 12, 12], 5, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
         ];
-        for (k, (xs, m, ks, st, pads)) in cases.into_iter().enumerate() {
-            let g = geometry(xs, ks, st, [1, 1], pads);
+        for (k, (xs, m, ks, st, dil, pads)) in cases.into_iter().enumerate() {
+            let g = geometry(xs, ks, st, dil, pads);
             assert_eq!(
-                direct::applies(&xs, &g, 1),
+                deep::applies(&xs, &g, 1),
                 crate::simd::has_avx512(),
                 "case {k}"
             );
@@ -1292,7 +1332,7 @@ mod tests {
                 Some(&b),
                 1,
                 [1, st[0], st[1]],
-                [1, 1, 1],
+                [1, dil[0], dil[1]],
                 [0, pads[0], pads[1], 0, pads[2], pads[3]],
             );
             let ys = [n, m, g.out[0], g.out[1]];
@@ -1314,6 +1354,7 @@ mod tests {
                     let mut node = NodeSpec::onnx("FusedConv", 1)
                         .domain("opreg")
                         .attr("strides", ints(&st))
+                        .attr("dilations", ints(&dil))
                         .attr("pads", ints(&pads))
                         .attr("activation", AttrValue::String(act.into()))
                         .attr("activation_params", AttrValue::Floats(params.clone()));
@@ -1508,9 +1549,9 @@ mod tests {
         )
         .expect_err("channels");
         assert!(err.message.contains("does not fit"), "{}", err.message);
-        // Past the few input channels `shallow` computes itself, the product needs a BLAS.
+        // A 1x1 layer is a product, which needs a BLAS.
         let tx = HostTensor::from_vec(&[1, 5, 4, 4], &[0.0f32; 80]).expect("x");
-        let tw = HostTensor::from_vec(&[2, 5, 3, 3], &[0.0f32; 90]).expect("w");
+        let tw = HostTensor::from_vec(&[2, 5, 1, 1], &[0.0f32; 10]).expect("w");
         let err = run_kernel(conv_factory, &NodeSpec::onnx("Conv", 11), &[&tx, &tw], None)
             .expect_err("blas");
         assert!(

@@ -96,7 +96,7 @@ fn avx512() -> bool {
 const RUNS: usize = 8;
 
 /// The geometry of one channel's zero-padded, phase-split copy (see the module docs); also
-/// the copy the shallow convolutions read ([`super::shallow`]).
+/// the copy the direct convolutions read ([`super::direct`]).
 pub(super) struct Padded {
     /// Output extents.
     pub(super) oh: usize,

@@ -1,26 +1,21 @@
-//! 2-D convolutions computed directly with AVX-512, without im2col: those with few input
-//! channels (an image network's first layer: 3 channels, 3x3 or 7x7) and the spatial layers
-//! of a CNN's body (3x3 over 64-256 channels, rows at least [`MIN_WIDTH`] wide).
+//! 2-D convolutions with few input channels (an image network's first layer: 3 channels,
+//! 3x3 or 7x7), computed directly with AVX-512, output pixels in the lanes.
 //!
-//! Through im2col and the gemm such a layer is bound by memory, not arithmetic. A shallow
-//! layer gets a column of `c * kh * kw` values per output pixel (27 for MobileNetV2's first
-//! layer) that is written, packed again by the BLAS and multiplied in one shallow block:
-//! MobileNetV2's first layer took 0.65 ms at 2 threads that way, four times ONNX Runtime's. A
-//! deep one writes a column matrix nine times the input (7.2 MB for ResNet's 56x56x64 layers,
-//! past the caches), which the gemm reads and packs again: ResNet-18's 3x3 layers ran at
-//! ~105 GFLOP/s that way, half of ONNX Runtime's direct NCHWc kernels (measured per node).
+//! Through im2col and the gemm such a layer is bound by memory, not arithmetic: each output
+//! pixel gets a column of `c * kh * kw` values (27 for MobileNetV2's first layer) that is
+//! written, packed again by the BLAS and multiplied in one shallow block: MobileNetV2's first
+//! layer took 0.65 ms at 2 threads that way, four times ONNX Runtime's (which convolves it
+//! directly, `MlasConvNchwFloatKernel`). Deeper layers are [`super::deep`]'s, with the output
+//! channels in the lanes (here a deep layer wastes the rest of a 16-wide run per row: a
+//! quarter of ResNet's 7x7 stage).
 //!
 //! Here each image is copied once into the zero-padded, phase-split form of [`Padded`] (every
 //! tap of a run of outputs then reads one contiguous run of the copy, whatever the padding,
 //! stride and dilation), and the output is computed [`OC`] output channels x [`RUNS`] runs of
 //! [`PIX`] pixels at a time, the sums in registers: per tap [`RUNS`] loads and [`OC`]
 //! broadcast weights feed `OC * RUNS` multiply-adds. Runs are taken row after row, so that a
-//! narrow layer (14 wide: one run per row) still fills the tile from the next rows. The bias,
-//! a fused sum and the activation are applied in registers before the store.
-//!
-//! Where it does not apply: 1x1 layers (a plain gemm over x, no im2col), rows narrower than
-//! [`MIN_WIDTH`] (ResNet's 7x7 stage: a 16-lane run would be half padding, the gemm wins),
-//! CPUs without AVX-512.
+//! narrow layer (one run per row) still fills the tile from the next rows. The bias, a fused
+//! sum and the activation are applied in registers before the store.
 
 use super::depthwise::Padded;
 use super::{finish_plane, Activation};
@@ -37,24 +32,20 @@ const OC: usize = 8;
 /// Runs of [`PIX`] outputs computed together: `OC * RUNS` = 24 registers of sums, with the
 /// runs' loads and a broadcast weight, 28 of the 32.
 const RUNS: usize = 3;
-/// Input channels up to which any layer is taken (its im2col column is too shallow for the
-/// gemm to run near its peak).
-const MAX_SHALLOW: usize = 4;
-/// Output width from which a deeper layer with a window wider than 1x1 is taken: 14 fills
-/// 14 of a run's 16 lanes; ResNet's 7-wide last stage would fill 7.
-const MIN_WIDTH: usize = 12;
+/// At most this many input channels: with more, each output pixel's column is deep enough
+/// for [`super::deep`]'s tiles (or the gemm) to run near their peak.
+const MAX_CHANNELS: usize = 4;
 
 /// Whether this module computes the convolution of `x` (shape `xs`) in geometry `g` with
-/// `group` groups: 2-D, one group, on a CPU with AVX-512, and either at most
-/// [`MAX_SHALLOW`] input channels or a window past 1x1 over rows at least [`MIN_WIDTH`] wide.
+/// `group` groups: 2-D, one group, at most [`MAX_CHANNELS`] input channels, on a CPU with
+/// AVX-512.
 pub(super) fn applies(xs: &[usize], g: &Geometry, group: usize) -> bool {
     xs.len() == 4
         && g.kernel.len() == 2
         && g.out.len() == 2
         && group == 1
-        && xs[1] > 0
+        && (1..=MAX_CHANNELS).contains(&xs[1])
         && g.kernel.iter().all(|&k| k > 0)
-        && (xs[1] <= MAX_SHALLOW || (g.kernel[0] * g.kernel[1] > 1 && g.out[1] >= MIN_WIDTH))
         && avx512()
 }
 
