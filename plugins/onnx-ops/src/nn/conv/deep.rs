@@ -44,7 +44,8 @@ pub(super) fn applies(xs: &[usize], g: &Geometry, group: usize) -> bool {
         && group == 1
         && xs[1] >= MIN_CHANNELS
         && g.kernel.iter().all(|&k| k > 0)
-        && g.kernel[0] * g.kernel[1] > 1
+        // Saturating: with no output channels, W is empty and its extents unbounded.
+        && g.kernel[0].saturating_mul(g.kernel[1]) > 1
         && avx512()
 }
 
@@ -179,7 +180,7 @@ pub(super) fn run(
     // `fill` writes every element of the copy: reused scratch, no zeroed allocation.
     let copy = ctx.scratch_reused::<f32>(copy_len)?;
     // Tasks of (block, rows): about 64k multiply-add instructions each.
-    let per_row = ow * depth * 2;
+    let per_row = ow.saturating_mul(depth).saturating_mul(2);
     let rows_per_task = (65536 / per_row.max(1)).clamp(1, oh);
     let row_tasks = oh.div_ceil(rows_per_task);
     for b in 0..n {
@@ -209,7 +210,7 @@ pub(super) fn run(
             for t in range {
                 let (blk, rt) = (t / row_tasks, t % row_tasks);
                 let rows = rt * rows_per_task..((rt + 1) * rows_per_task).min(oh);
-                tiles.rows(blk, rows, &yd);
+                tiles.rows(blk, rows, &yd)?;
             }
             Ok(())
         })?;
@@ -275,7 +276,12 @@ struct Tiles<'a> {
 
 impl Tiles<'_> {
     /// Output rows `rows` of block `blk`'s channels, into `yd` (the image's output).
-    fn rows(&self, blk: usize, rows: std::ops::Range<usize>, yd: &Disjoint<f32>) {
+    fn rows(
+        &self,
+        blk: usize,
+        rows: std::ops::Range<usize>,
+        yd: &Disjoint<f32>,
+    ) -> Result<(), PluginError> {
         let ow = self.ow;
         let w = &self.wt[blk * self.depth * OCB..(blk + 1) * self.depth * OCB];
         // The reads of every tile stay inside the copy: the last pixel's last tap is the
@@ -287,7 +293,9 @@ impl Tiles<'_> {
             + self.c;
         if self.copy.len() < last || w.len() < self.taps.len() * self.c * OCB || rows.end > self.oh
         {
-            return;
+            return Err(PluginError::internal(
+                "Conv: the channels-last copy or the weights are shorter than the tiles read",
+            ));
         }
         // Tiles of at most MAX_PIX pixels, as even as the row allows.
         let tiles = ow.div_ceil(MAX_PIX);
@@ -311,6 +319,7 @@ impl Tiles<'_> {
                 ox += p;
             }
         }
+        Ok(())
     }
 }
 
