@@ -1,8 +1,7 @@
 //! Conv: im2col per group, then one gemm per batch and group through the BLAS backend;
-//! depthwise 2-D convolutions, those with few input channels and the spatial (3x3) layers of
-//! a CNN's body directly ([`depthwise`], [`direct`], [`deep`]).
+//! depthwise and the other 2-D convolutions with windows past 1x1 (a CNN's first layer and
+//! the 3x3 layers of its body) directly ([`depthwise`], [`direct`]).
 
-mod deep;
 mod depthwise;
 mod direct;
 
@@ -31,9 +30,6 @@ struct Conv {
     /// Constant weights of a layer [`direct`] computes, regrouped for it at load
     /// ([`direct::pack`]); then `packed` is not built.
     direct: Option<Arc<Vec<f32>>>,
-    /// Constant weights of a layer [`deep`] computes, regrouped for it at load
-    /// ([`deep::pack`]); then `packed` is not built.
-    deep: Option<Arc<Vec<f32>>>,
 }
 
 /// How [`Conv::packed`] holds the weights.
@@ -143,9 +139,9 @@ fn conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
     // One packing, for the orientation the layer will use: the right operand where the
     // input's extents are known at load and it has few pixels per channel, else the left
     // (with the right as the fallback for a backend that does not pack A).
-    let (direct, deep) = direct_weights(node, &window, group)?;
+    let direct = direct_weights(node, &window, group)?;
     let packed = match pixels_per_channel(node, &window) {
-        _ if direct.is_some() || deep.is_some() => None,
+        _ if direct.is_some() => None,
         Some(r) if r <= PIXELS_PER_CHANNEL_SWAP => prepack_weights(node, group, false),
         _ => prepack_weights(node, group, true).or_else(|| prepack_weights(node, group, false)),
     };
@@ -159,52 +155,43 @@ fn conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
         },
         packed,
         direct,
-        deep,
     }))
 }
 
-/// Weights regrouped at load for [`direct`] or for [`deep`].
-type Regrouped = Option<Arc<Vec<f32>>>;
-
-/// The constant f32 weights regrouped for [`deep`] or [`direct`] where the input's shape is
-/// known at load and one of them takes the layer; `None` otherwise (then the gemm's packing
-/// is built, and a layer one of them takes after all regroups its weights per call).
+/// The constant f32 weights regrouped for [`direct`] where the input's shape is known at
+/// load and [`direct`] takes the layer; `None` otherwise (then the gemm's packing is built,
+/// and a layer [`direct`] takes after all regroups its weights per call).
 fn direct_weights(
     node: &NodeInfo<'_>,
     window: &WindowAttrs,
     group: usize,
-) -> Result<(Regrouped, Regrouped), PluginError> {
-    const NONE: (Regrouped, Regrouped) = (None, None);
+) -> Result<Option<Arc<Vec<f32>>>, PluginError> {
     let Some(w) = node.inputs.get(1).and_then(|i| i.constant) else {
-        return Ok(NONE);
+        return Ok(None);
     };
     let Some(x) = node.inputs.first().and_then(|i| i.shape) else {
-        return Ok(NONE);
+        return Ok(None);
     };
     // The batch may be dynamic; channels and spatial extents decide.
     let Some(xs) = std::iter::once(Some(1))
         .chain(x.iter().skip(1).map(|&d| usize::try_from(d).ok()))
         .collect::<Option<Vec<usize>>>()
     else {
-        return Ok(NONE);
+        return Ok(None);
     };
     if w.dtype != DType::F32 || w.shape().len() != 4 || xs.len() != 4 || w.shape()[1] != xs[1] {
-        return Ok(NONE);
+        return Ok(None);
     }
     let Ok(g) = window.resolve("Conv", &xs[2..], Some(&w.shape()[2..])) else {
-        return Ok(NONE);
+        return Ok(None);
     };
     let m = w.shape()[0];
     let data: &[f32] = w.as_slice()?;
-    if deep::applies(&xs, &g, group) {
-        let packed = deep::pack(data, m, xs[1], (g.kernel[0], g.kernel[1]))?;
-        return Ok((None, Some(Arc::new(packed))));
+    if !direct::applies(&xs, &g, group) {
+        return Ok(None);
     }
-    if direct::applies(&xs, &g, group) {
-        let depth = checked_numel(&w.shape()[1..])?;
-        return Ok((Some(Arc::new(direct::pack(data, m, depth)?)), None));
-    }
-    Ok(NONE)
+    let packed = direct::pack(data, m, xs[1], (g.kernel[0], g.kernel[1]))?;
+    Ok(Some(Arc::new(packed)))
 }
 
 /// Output pixels per output channel (rounded up), when the input's spatial extents and the
@@ -561,23 +548,6 @@ impl Conv {
             // Z is added after the taps (as the Add it replaces would), then the activation.
             depthwise::run(ctx, xs, g, x, w, bias, Activation::None, y)?;
             return finish(ctx, y, None, z, act, m, p);
-        }
-        if deep::applies(xs, g, group)
-            && deep::run(
-                ctx,
-                xs,
-                g,
-                m,
-                x,
-                w,
-                self.deep.as_deref().map(|v| &v[..]),
-                bias,
-                z,
-                act,
-                y,
-            )?
-        {
-            return Ok(());
         }
         if direct::applies(xs, g, group)
             && direct::run(
@@ -1182,7 +1152,7 @@ mod tests {
         for (k, (xs, m, ks, st, dil, pads, bias)) in cases.into_iter().enumerate() {
             assert_eq!(
                 direct::applies(&xs, &geometry(xs, ks, st, dil, pads), 1),
-                crate::simd::has_avx512(),
+                crate::simd::has_avx512() && ks != [1, 1],
                 "case {k}"
             );
             let [n, c, h, w] = xs;
@@ -1316,7 +1286,7 @@ mod tests {
         for (k, (xs, m, ks, st, dil, pads)) in cases.into_iter().enumerate() {
             let g = geometry(xs, ks, st, dil, pads);
             assert_eq!(
-                deep::applies(&xs, &g, 1),
+                direct::applies(&xs, &g, 1),
                 crate::simd::has_avx512(),
                 "case {k}"
             );

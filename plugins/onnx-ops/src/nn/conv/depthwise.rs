@@ -95,8 +95,7 @@ fn avx512() -> bool {
 /// Runs of [`LANES`] outputs computed together.
 const RUNS: usize = 8;
 
-/// The geometry of one channel's zero-padded, phase-split copy (see the module docs); also
-/// the copy the direct convolutions read ([`super::direct`]).
+/// The geometry of one channel's zero-padded, phase-split copy (see the module docs).
 pub(super) struct Padded {
     /// Output extents.
     pub(super) oh: usize,

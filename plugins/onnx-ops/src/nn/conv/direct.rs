@@ -1,51 +1,52 @@
-//! 2-D convolutions with few input channels (an image network's first layer: 3 channels,
-//! 3x3 or 7x7), computed directly with AVX-512, output pixels in the lanes.
+//! 2-D convolutions with windows past 1x1 (a CNN's first layer and the 3x3 layers of its
+//! body) computed directly with AVX-512, output channels in the lanes, without im2col.
 //!
-//! Through im2col and the gemm such a layer is bound by memory, not arithmetic: each output
-//! pixel gets a column of `c * kh * kw` values (27 for MobileNetV2's first layer) that is
-//! written, packed again by the BLAS and multiplied in one shallow block: MobileNetV2's first
-//! layer took 0.65 ms at 2 threads that way, four times ONNX Runtime's (which convolves it
-//! directly, `MlasConvNchwFloatKernel`). Deeper layers are [`super::deep`]'s, with the output
-//! channels in the lanes (here a deep layer wastes the rest of a 16-wide run per row: a
-//! quarter of ResNet's 7x7 stage).
+//! Through im2col and the gemm such a layer is bound by memory, not arithmetic. A 3x3 layer
+//! writes a column matrix nine times its input (7.2 MB for ResNet's 56x56x64 layers, past the
+//! caches) that the gemm reads and packs again: ResNet-18's 3x3 layers ran at ~105 GFLOP/s
+//! that way, half of ONNX Runtime's (measured per node). A first layer (3 channels) gets a
+//! column of 27 or 147 values per output pixel, multiplied in one shallow block: MobileNetV2's
+//! took 0.65 ms at 2 threads that way, ONNX Runtime 0.3. ONNX Runtime convolves both directly
+//! in its NCHWc layout, the channels in the lanes (`MlasConvNchwcFloatKernel`,
+//! `MlasConvNchwFloatKernel`).
 //!
-//! Here each image is copied once into the zero-padded, phase-split form of [`Padded`] (every
-//! tap of a run of outputs then reads one contiguous run of the copy, whatever the padding,
-//! stride and dilation), and the output is computed [`OC`] output channels x [`RUNS`] runs of
-//! [`PIX`] pixels at a time, the sums in registers: per tap [`RUNS`] loads and [`OC`]
-//! broadcast weights feed `OC * RUNS` multiply-adds. Runs are taken row after row, so that a
-//! narrow layer (one run per row) still fills the tile from the next rows. The bias, a fused
-//! sum and the activation are applied in registers before the store.
+//! Here each image is copied once, zero-padded, channels-last (`copy[(row * cols + col) * c +
+//! ic]`, so that every tap of an output pixel reads one contiguous run of channels, whatever
+//! the stride and dilation), and the output is computed [`OCB`] output channels (two
+//! registers) x up to [`MAX_PIX`] pixels of a row at a time, the sums in registers: per tap and
+//! input channel, two loads of weights, one broadcast per pixel and two multiply-adds per
+//! pixel. No lane is wasted whatever the row's width (ResNet's 7x7 stage included); output
+//! pixels in the lanes (this module's earlier form) wasted the rest of a 16-wide run per row
+//! and measured slower on every layer, the first layers included (MobileNetV2's 0.87 against
+//! 0.27 ms). The tile is turned back to NCHW in registers, the bias, a fused sum and the
+//! activation applied on the way.
 
-use super::depthwise::Padded;
-use super::{finish_plane, Activation};
+use super::Activation;
 use crate::nn::{Disjoint, Geometry};
 use opreg_sdk::{
-    alloc::{checked_numel, try_vec, try_with_capacity},
+    alloc::{checked_numel, try_vec},
     prelude::*,
 };
 
-/// Output pixels per register (f32 lanes of an AVX-512 register).
-const PIX: usize = 16;
-/// Output channels computed together.
-const OC: usize = 8;
-/// Runs of [`PIX`] outputs computed together: `OC * RUNS` = 24 registers of sums, with the
-/// runs' loads and a broadcast weight, 28 of the 32.
-const RUNS: usize = 3;
-/// At most this many input channels: with more, each output pixel's column is deep enough
-/// for [`super::deep`]'s tiles (or the gemm) to run near their peak.
-const MAX_CHANNELS: usize = 4;
-
+/// f32 lanes of an AVX-512 register.
+const LANES: usize = 16;
+/// Output channels per block: two registers.
+const OCB: usize = 2 * LANES;
+/// Output pixels per tile at most: `2 * MAX_PIX` = 24 registers of sums, with two of weights
+/// and a broadcast, 27 of the 32.
+const MAX_PIX: usize = 12;
 /// Whether this module computes the convolution of `x` (shape `xs`) in geometry `g` with
-/// `group` groups: 2-D, one group, at most [`MAX_CHANNELS`] input channels, on a CPU with
-/// AVX-512.
+/// `group` groups: 2-D, one group, a window past 1x1 (a 1x1 layer is a plain gemm over x),
+/// on a CPU with AVX-512.
 pub(super) fn applies(xs: &[usize], g: &Geometry, group: usize) -> bool {
     xs.len() == 4
         && g.kernel.len() == 2
         && g.out.len() == 2
         && group == 1
-        && (1..=MAX_CHANNELS).contains(&xs[1])
+        && xs[1] > 0
         && g.kernel.iter().all(|&k| k > 0)
+        // Saturating: with no output channels, W is empty and its extents unbounded.
+        && g.kernel[0].saturating_mul(g.kernel[1]) > 1
         && avx512()
 }
 
@@ -60,27 +61,47 @@ fn avx512() -> bool {
     }
 }
 
-/// `W` (`m x depth`, depth = c * kh * kw) regrouped per block of [`OC`] output channels,
-/// tap-major: `wt[(blk * depth + t) * OC + o]`, zero for the channels past m. Built once at
-/// load for constant weights, else per call.
-pub(super) fn pack(w: &[f32], m: usize, depth: usize) -> Result<Vec<f32>, PluginError> {
-    let blocks = m.div_ceil(OC);
-    let mut wt = try_vec(checked_numel(&[blocks, depth, OC])?, 0.0f32)?;
-    if depth > 0 {
-        for (oc, wo) in w.chunks_exact(depth).take(m).enumerate() {
-            let (blk, o) = (oc / OC, oc % OC);
-            for (t, &v) in wo.iter().enumerate() {
-                wt[(blk * depth + t) * OC + o] = v;
+/// `W` (`m x c x kh x kw`) regrouped per block of [`OCB`] output channels, tap-major then
+/// channel: `wt[(((blk * kh + ky) * kw + kx) * c + ic) * OCB + o]`, zero for the channels
+/// past m. Built once at load for constant weights, else per call.
+pub(super) fn pack(
+    w: &[f32],
+    m: usize,
+    c: usize,
+    (kh, kw): (usize, usize),
+) -> Result<Vec<f32>, PluginError> {
+    let blocks = m.div_ceil(OCB);
+    let mut wt = try_vec(checked_numel(&[blocks, kh, kw, c, OCB])?, 0.0f32)?;
+    let depth = checked_numel(&[c, kh, kw])?;
+    if depth == 0 || w.len() < checked_numel(&[m, depth])? {
+        return Ok(wt);
+    }
+    for oc in 0..m {
+        let (blk, o) = (oc / OCB, oc % OCB);
+        for ic in 0..c {
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let v = w[((oc * c + ic) * kh + ky) * kw + kx];
+                    wt[(((blk * kh + ky) * kw + kx) * c + ic) * OCB + o] = v;
+                }
             }
         }
     }
     Ok(wt)
 }
 
-/// The convolution into `y` (`n x m x oh x ow`), then `act((y + bias) + z)` per element as
-/// the general path's `finish` does; `packed` is [`pack`] of `w` when built at load.
-/// `Ok(false)` (nothing written) where the padded copy would be much larger than x (huge pads
-/// or dilations): the general path handles those.
+/// The padded channels-last copy of one image: the rows and columns the outputs read.
+struct Copy {
+    cols: usize,
+    /// Leading pads.
+    pt: usize,
+    pl: usize,
+}
+
+/// The convolution into `y` (`n x m x oh x ow`), then `act((y + bias) + z)` per element;
+/// `packed` is [`pack`] of `w` when built at load. `Ok(false)` (nothing written) where the
+/// padded copy would be much larger than x (huge pads or dilations): the general path
+/// handles those.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn run(
     ctx: &KernelContext<'_>,
@@ -97,23 +118,41 @@ pub(super) fn run(
 ) -> Result<bool, PluginError> {
     let (n, c, ih, iw) = (xs[0], xs[1], xs[2], xs[3]);
     let (oh, ow) = (g.out[0], g.out[1]);
+    let (kh, kw) = (g.kernel[0], g.kernel[1]);
+    let (sh, sw) = (g.strides[0].max(1), g.strides[1].max(1));
+    let (dh, dw) = (g.dilations[0].max(1), g.dilations[1].max(1));
     // Non-empty y: its extents multiply without overflow.
     let plane = oh * ow;
     if y.is_empty() || plane == 0 || m == 0 {
         return Ok(true);
     }
-    // A geometry whose padded copy would overflow or be much larger than x (huge pads or
-    // dilations) is left to the general path, which sizes nothing by the padding.
-    let Ok(pad) = Padded::new(g, (oh, ow), PIX) else {
+    // The padded rows and columns the outputs read; a geometry whose copy would overflow or
+    // be much larger than x (huge pads or dilations) is left to the general path.
+    let span = |o: usize, s: usize, k: usize, d: usize| {
+        (o - 1)
+            .checked_mul(s)?
+            .checked_add((k - 1).checked_mul(d)?)?
+            .checked_add(1)
+    };
+    let (Some(rows), Some(cols)) = (span(oh, sh, kh, dh), span(ow, sw, kw, dw)) else {
         return Ok(false);
     };
     let image = checked_numel(&[c, ih, iw])?;
-    let copy_len = checked_numel(&[c, pad.len])?;
-    if copy_len > 2 * image + (1 << 16) {
+    let Some(copy_len) = rows
+        .checked_mul(cols)
+        .and_then(|p| p.checked_mul(c))
+        .filter(|&l| l <= 2 * image + (1 << 16))
+    else {
         return Ok(false);
-    }
-    let depth = checked_numel(&[c, pad.kh, pad.kw])?;
-    let blocks = m.div_ceil(OC);
+    };
+    let cp = Copy {
+        cols,
+        pt: g.pad_begin[0],
+        pl: g.pad_begin[1],
+    };
+    let depth = checked_numel(&[c, kh, kw])?;
+    let blocks = m.div_ceil(OCB);
+    let wt_len = checked_numel(&[blocks, depth, OCB])?;
     if x.len() < checked_numel(&[n, image])?
         || w.len() < checked_numel(&[m, depth])?
         || y.len() < n * m * plane
@@ -124,89 +163,55 @@ pub(super) fn run(
             "Conv: X, W, B or Z is shorter than its shape",
         ));
     }
-    // Per tap (channel, ky, kx) in W's order, its offset in the copy from a run's start.
-    let mut offsets = try_vec(depth, 0usize)?;
-    for ci in 0..c {
-        for ky in 0..pad.kh {
-            for kx in 0..pad.kw {
-                offsets[(ci * pad.kh + ky) * pad.kw + kx] = ci * pad.len + pad.offset(ky, kx);
-            }
+    // Per tap (ky, kx), its offset in the copy from an output pixel's first tap.
+    let mut taps = try_vec(kh * kw, 0usize)?;
+    for ky in 0..kh {
+        for kx in 0..kw {
+            taps[ky * kw + kx] = (ky * dh * cols + kx * dw) * c;
         }
     }
     let built;
     let wt = match packed {
-        Some(p) if p.len() == blocks * depth * OC => p,
+        Some(p) if p.len() == wt_len => p,
         _ => {
-            built = pack(w, m, depth)?;
+            built = pack(w, m, c, (kh, kw))?;
             &built[..]
         }
     };
-    // `fill` writes every element of the copy: reused scratch, no zeroed allocation (fresh
-    // zero pages faulted in on every call).
+    // `fill` writes every element of the copy: reused scratch, no zeroed allocation.
     let copy = ctx.scratch_reused::<f32>(copy_len)?;
-    // Tasks of whole output rows (enough for a tile of RUNS runs, and about 64k
-    // multiply-add instructions) x ranges of channel blocks, so that a layer with few rows
-    // (14) still spreads over the threads.
-    let runs_per_row = ow.div_ceil(PIX);
-    let per_row = blocks * runs_per_row * depth;
-    let rows_per_task = (65536 / per_row.max(1))
-        .max(RUNS.div_ceil(runs_per_row))
-        .clamp(1, oh);
+    // Tasks of (block, rows): about 64k multiply-add instructions each.
+    let per_row = ow.saturating_mul(depth).saturating_mul(2);
+    let rows_per_task = (65536 / per_row.max(1)).clamp(1, oh);
     let row_tasks = oh.div_ceil(rows_per_task);
-    let block_split = (4 * ctx.num_threads().max(1))
-        .div_ceil(row_tasks)
-        .clamp(1, blocks);
-    // Without a fused sum or with SiLU/GELU, what registers do not apply is applied after the
-    // tile, row by row, by the general path's loop.
-    let act_in_registers = match act {
-        Activation::None => Some(Act::None),
-        Activation::Relu => Some(Act::Relu),
-        Activation::Clip(lo, hi) => Some(Act::Clip(lo, hi)),
-        Activation::LeakyRelu(a) => Some(Act::Leaky(a)),
-        Activation::SiLU | Activation::Gelu => None,
-    };
     for b in 0..n {
         let xb = &x[b * image..(b + 1) * image];
-        ctx.parallel_chunks(copy, pad.len, |start, chunk| {
-            let ci = start / pad.len;
-            pad.fill(&xb[ci * ih * iw..(ci + 1) * ih * iw], (ih, iw), chunk);
+        ctx.parallel_chunks(copy, cols * c, |start, chunk| {
+            cp.fill(xb, (c, ih, iw), start / (cols * c), chunk);
         })?;
         let yb = &mut y[b * m * plane..(b + 1) * m * plane];
         let zb = z.map(|z| &z[b * m * plane..(b + 1) * m * plane]);
-        let epilogue = act_in_registers.map(|act| Epilogue { bias, z: zb, act });
         let yd = Disjoint::new(yb);
         let tiles = Tiles {
-            pad: &pad,
             copy,
-            offsets: &offsets,
+            taps: &taps,
+            c,
             wt,
+            depth,
             m,
-            plane,
+            oh,
+            ow,
+            row_step: sh * cols * c,
+            pix_step: sw * c,
+            bias,
+            z: zb,
+            act,
         };
-        ctx.parallel_for(row_tasks * block_split, 1, |range| {
-            let mut runs = try_with_capacity(rows_per_task * runs_per_row)?;
+        ctx.parallel_for(blocks * row_tasks, 1, |range| {
             for t in range {
-                let (rt, bs) = (t / block_split, t % block_split);
+                let (blk, rt) = (t / row_tasks, t % row_tasks);
                 let rows = rt * rows_per_task..((rt + 1) * rows_per_task).min(oh);
-                let blks = bs * blocks / block_split..(bs + 1) * blocks / block_split;
-                runs.clear();
-                runs.extend(
-                    rows.clone()
-                        .flat_map(|oy| (0..ow).step_by(PIX).map(move |j| (oy, j))),
-                );
-                tiles.compute(&runs, blks.clone(), &yd, epilogue);
-                if epilogue.is_some() {
-                    continue;
-                }
-                for oc in (blks.start * OC..blks.end * OC).take_while(|&oc| oc < m) {
-                    for oy in rows.clone() {
-                        let at = oc * plane + oy * ow;
-                        // SAFETY: this task alone writes rows `rows` of the channels in `blks`.
-                        let out = unsafe { yd.part(at, ow) };
-                        let bv = bias.map_or(0.0, |b| b[oc]);
-                        finish_plane(out, bv, zb.map(|z| &z[at..at + ow]), act);
-                    }
-                }
+                tiles.rows(blk, rows, &yd)?;
             }
             Ok(())
         })?;
@@ -214,189 +219,305 @@ pub(super) fn run(
     Ok(true)
 }
 
-/// The activation applied in registers, as [`Activation::apply`] does (NaN included).
-#[derive(Clone, Copy)]
-enum Act {
-    None,
-    Relu,
-    Clip(f32, f32),
-    Leaky(f32),
+impl Copy {
+    /// Padded row `r` of the copy (`cols * c` values): input row `r - pt`, column `q` of it
+    /// input column `q - pl`, channel-minor; zero elsewhere (so `dst` may hold anything).
+    fn fill(&self, x: &[f32], (c, ih, iw): (usize, usize, usize), r: usize, dst: &mut [f32]) {
+        let Some(iy) = r.checked_sub(self.pt).filter(|&iy| iy < ih) else {
+            dst.fill(0.0);
+            return;
+        };
+        // Columns q whose input column q - pl lies in 0..iw.
+        let lo = self.pl.min(self.cols);
+        let hi = (iw + self.pl).clamp(lo, self.cols);
+        dst[..lo * c].fill(0.0);
+        dst[hi * c..].fill(0.0);
+        let first = lo - self.pl.min(lo);
+        let x = &x[first..];
+        let iw_run = hi - lo;
+        // Blocks of 16 channels x 16 columns turned in registers; the channels past the last
+        // whole block one by one.
+        #[cfg(target_arch = "x86_64")]
+        let whole = if iw_run > 0 {
+            // SAFETY: `applies` checked the CPU's AVX-512; the blocks' reads and writes are
+            // bounds-checked slices.
+            unsafe { x86::fill_blocks(x, (c, ih, iw), iy, iw_run, &mut dst[lo * c..hi * c]) }
+        } else {
+            0
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let whole = 0;
+        for ic in whole..c {
+            let src = &x[(ic * ih + iy) * iw..][..iw_run];
+            for (v, d) in src.iter().zip(dst[lo * c + ic..].iter_mut().step_by(c)) {
+                *d = *v;
+            }
+        }
+    }
 }
 
-/// What the tile applies to its sums before storing them: `act((v + bias) + z)`, the bias and
-/// z only where given (so that without them the sums are stored as they are, -0.0 included,
-/// as the unfused graph would).
-#[derive(Clone, Copy)]
-struct Epilogue<'a> {
+/// What computing the tiles of one image needs.
+struct Tiles<'a> {
+    copy: &'a [f32],
+    taps: &'a [usize],
+    c: usize,
+    wt: &'a [f32],
+    depth: usize,
+    m: usize,
+    oh: usize,
+    ow: usize,
+    /// Copy elements from one output row's first tap to the next's, and from one pixel's.
+    row_step: usize,
+    pix_step: usize,
     bias: Option<&'a [f32]>,
     /// The image's fused sum, of the output's shape.
     z: Option<&'a [f32]>,
-    act: Act,
-}
-
-/// What computing tiles of one image needs.
-struct Tiles<'a> {
-    pad: &'a Padded,
-    copy: &'a [f32],
-    offsets: &'a [usize],
-    wt: &'a [f32],
-    m: usize,
-    plane: usize,
+    act: Activation,
 }
 
 impl Tiles<'_> {
-    /// The runs `(oy, j0)` of output channel blocks `blks`, stored into `yd` (the image's
-    /// output): the sums, plus the bias, sum and activation where `epilogue` is given.
-    fn compute(
+    /// Output rows `rows` of block `blk`'s channels, into `yd` (the image's output).
+    fn rows(
         &self,
-        runs: &[(usize, usize)],
-        blks: std::ops::Range<usize>,
+        blk: usize,
+        rows: std::ops::Range<usize>,
         yd: &Disjoint<f32>,
-        epilogue: Option<Epilogue<'_>>,
-    ) {
-        let pad = self.pad;
-        let depth = self.offsets.len();
-        // The reads of every run stay inside the copy by construction (`Padded::new` made
-        // each phase row long enough for a last run of PIX, and `offsets` are its taps);
-        // checked once here for the unchecked loads.
-        if self.copy.len() < pad.len
-            || self.wt.len() < self.m.div_ceil(OC) * depth * OC
-            || blks.end > self.m.div_ceil(OC)
-            || runs.iter().any(|&(oy, j)| oy >= pad.oh || j >= pad.ow)
+    ) -> Result<(), PluginError> {
+        let ow = self.ow;
+        let w = &self.wt[blk * self.depth * OCB..(blk + 1) * self.depth * OCB];
+        // The reads of every tile stay inside the copy: the last pixel's last tap is the
+        // copy's last element by construction (`run` sized it so); checked once here for the
+        // unchecked loads.
+        let last = (self.oh - 1) * self.row_step
+            + (ow - 1) * self.pix_step
+            + self.taps.last().copied().unwrap_or(0)
+            + self.c;
+        if self.copy.len() < last || w.len() < self.taps.len() * self.c * OCB || rows.end > self.oh
         {
-            return;
+            return Err(PluginError::internal(
+                "Conv: the channels-last copy or the weights are shorter than the tiles read",
+            ));
         }
-        let row_len = pad.sh * pad.sw * pad.phase_len;
-        for blk in blks {
-            let w = &self.wt[blk * depth * OC..(blk + 1) * depth * OC];
-            for tile in runs.chunks(RUNS) {
-                let mut starts = [0usize; RUNS];
-                for (s, &(oy, j)) in starts.iter_mut().zip(tile) {
-                    *s = oy * row_len + j;
-                }
+        // Tiles of at most MAX_PIX pixels, as even as the row allows.
+        let tiles = ow.div_ceil(MAX_PIX);
+        let (base, extra) = (ow / tiles, ow % tiles);
+        let mut buf = [0f32; MAX_PIX * OCB];
+        for oy in rows {
+            let mut ox = 0;
+            for t in 0..tiles {
+                let p = base + usize::from(t < extra);
+                let start = oy * self.row_step + ox * self.pix_step;
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: `applies` checked the CPU's AVX-512; the lengths were checked above
-                // and each run is a disjoint part of the rows of this task's channels.
+                // SAFETY: `applies` checked the CPU's AVX-512; every read lies before `last`.
                 unsafe {
-                    let sums = x86::tile(self.copy, &starts[..tile.len()], self.offsets, w);
-                    for (o, row) in sums.iter().enumerate() {
-                        let oc = blk * OC + o;
-                        if oc >= self.m {
-                            break;
-                        }
-                        for (&v, &(oy, j)) in row.iter().zip(tile) {
-                            let at = oc * self.plane + oy * pad.ow + j;
-                            let len = (pad.ow - j).min(PIX);
-                            x86::store(v, yd.part(at, len), oc, at, epilogue);
-                        }
-                    }
-                }
+                    x86::tile(self, start, p, w, &mut buf)
+                };
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as for the tile; the stores are bounds-checked parts of y.
+                unsafe {
+                    x86::store(self, blk, (oy, ox, p), &buf, yd)
+                };
+                ox += p;
             }
         }
+        Ok(())
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Act, Epilogue, OC, PIX, RUNS};
+    use super::{Activation, Tiles, LANES, MAX_PIX, OCB};
+    use crate::nn::Disjoint;
     use std::arch::x86_64::*;
 
-    /// `sums[o][r][j] = Σ_t w[t * OC + o] * copy[starts[r] + offsets[t] + j]` for the (at
-    /// most [`RUNS`]) runs starting at `starts`, each [`PIX`] outputs; rows of `sums` past
-    /// `starts.len()` are zero.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512 F; `starts[r] + offsets[t] + PIX <= copy.len()` for every run
-    /// and tap; `w.len() >= offsets.len() * OC`.
+    /// The 16x16 matrix `r` (a row per register) transposed.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn tile(
-        copy: &[f32],
-        starts: &[usize],
-        offsets: &[usize],
-        w: &[f32],
-    ) -> [[__m512; RUNS]; OC] {
-        match *starts {
-            [a, b, c] => sums::<3>(copy, [a, b, c], offsets, w),
-            [a, b] => pad_runs(sums::<2>(copy, [a, b], offsets, w)),
-            [a] => pad_runs(sums::<1>(copy, [a], offsets, w)),
-            _ => [[_mm512_setzero_ps(); RUNS]; OC],
+    fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
         }
-    }
-
-    #[target_feature(enable = "avx512f")]
-    fn pad_runs<const R: usize>(s: [[__m512; R]; OC]) -> [[__m512; RUNS]; OC] {
-        let mut out = [[_mm512_setzero_ps(); RUNS]; OC];
-        for (o, row) in s.iter().enumerate() {
-            out[o][..R].copy_from_slice(row);
+        // u[4g + k]: in each 128-bit lane l, column 4l + k of rows 4g..4g + 4.
+        let mut u = [_mm512_setzero_ps(); 16];
+        for g in 0..4 {
+            let d = |i: usize| _mm512_castps_pd(t[4 * g + i]);
+            u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(d(0), d(2)));
+            u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(d(0), d(2)));
+            u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(d(1), d(3)));
+            u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(d(1), d(3)));
+        }
+        let mut v = [_mm512_setzero_ps(); 16];
+        for h in 0..2 {
+            for k in 0..4 {
+                let (a, b) = (u[8 * h + k], u[8 * h + 4 + k]);
+                v[8 * h + k] = _mm512_shuffle_f32x4::<0x88>(a, b);
+                v[8 * h + 4 + k] = _mm512_shuffle_f32x4::<0xdd>(a, b);
+            }
+        }
+        let mut out = [_mm512_setzero_ps(); 16];
+        for k in 0..8 {
+            out[k] = _mm512_shuffle_f32x4::<0x88>(v[k], v[8 + k]);
+            out[8 + k] = _mm512_shuffle_f32x4::<0xdd>(v[k], v[8 + k]);
         }
         out
     }
 
-    /// [`tile`] for exactly `R` runs: the loop whose sums stay in registers.
+    /// Copies the whole blocks of 16 channels of input row `iy` (columns `0..run` of each
+    /// channel's row in `x`) channels-last into `dst` (`run * c` values), 16 columns at a
+    /// time; returns the channels copied.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F.
     #[target_feature(enable = "avx512f")]
-    unsafe fn sums<const R: usize>(
-        copy: &[f32],
-        starts: [usize; R],
-        offsets: &[usize],
-        w: &[f32],
-    ) -> [[__m512; R]; OC] {
-        let (p, wp) = (copy.as_ptr(), w.as_ptr());
-        let mut acc = [[_mm512_setzero_ps(); R]; OC];
-        for (t, &off) in offsets.iter().enumerate() {
-            let mut xv = [_mm512_setzero_ps(); R];
-            for (v, &s) in xv.iter_mut().zip(&starts) {
-                *v = _mm512_loadu_ps(p.add(s + off));
-            }
-            let wt = wp.add(t * OC);
-            for (o, a) in acc.iter_mut().enumerate() {
-                let wv = _mm512_set1_ps(*wt.add(o));
-                for (ar, &xr) in a.iter_mut().zip(&xv) {
-                    *ar = _mm512_fmadd_ps(wv, xr, *ar);
+    pub(super) unsafe fn fill_blocks(
+        x: &[f32],
+        (c, ih, iw): (usize, usize, usize),
+        iy: usize,
+        run: usize,
+        dst: &mut [f32],
+    ) -> usize {
+        let whole = c / 16 * 16;
+        if dst.len() < run * c {
+            return 0;
+        }
+        for ic0 in (0..whole).step_by(16) {
+            for ix0 in (0..run).step_by(16) {
+                let n = (run - ix0).min(16);
+                let mask = ((1u32 << n) - 1) as u16;
+                let mut rows = [_mm512_setzero_ps(); 16];
+                for (i, r) in rows.iter_mut().enumerate() {
+                    let src = &x[((ic0 + i) * ih + iy) * iw + ix0..][..n];
+                    *r = _mm512_maskz_loadu_ps(mask, src.as_ptr());
+                }
+                let cols = transpose16(rows);
+                for (j, col) in cols.iter().take(n).enumerate() {
+                    let d = &mut dst[(ix0 + j) * c + ic0..][..16];
+                    _mm512_storeu_ps(d.as_mut_ptr(), *col);
                 }
             }
         }
-        acc
+        whole
     }
 
-    /// Stores the first `out.len()` (at most [`PIX`]) lanes of `v` (output channel `oc`,
-    /// element `at` of the image's output) into `out`, after the epilogue when given.
+    /// Pixels `ox..ox + p` of row `oy` from `buf` (`[pixel][channel]`) into block `blk`'s
+    /// output channels of `yd`, turned in registers, with the bias, the fused sum and the
+    /// activation.
     ///
     /// # Safety
-    /// The CPU has AVX-512 F; with an epilogue its bias holds `oc` and its z element
-    /// `at + out.len() - 1`.
+    /// The CPU has AVX-512 F; the tile lies inside the image's output (`p <= MAX_PIX`).
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn store(
-        v: __m512,
-        out: &mut [f32],
-        oc: usize,
-        at: usize,
-        epilogue: Option<Epilogue<'_>>,
+        t: &Tiles<'_>,
+        blk: usize,
+        (oy, ox, p): (usize, usize, usize),
+        buf: &[f32; MAX_PIX * OCB],
+        yd: &Disjoint<f32>,
     ) {
-        let n = out.len().min(PIX);
-        let mask = if n == PIX { u16::MAX } else { (1u16 << n) - 1 };
-        let mut v = v;
-        if let Some(e) = epilogue {
-            if let Some(b) = e.bias {
-                v = _mm512_add_ps(v, _mm512_set1_ps(*b.get_unchecked(oc)));
+        let plane = t.oh * t.ow;
+        let p = p.min(MAX_PIX);
+        let mask = ((1u32 << p) - 1) as u16;
+        for half in 0..2 {
+            let mut rows = [_mm512_setzero_ps(); 16];
+            for (j, r) in rows.iter_mut().take(p).enumerate() {
+                *r = _mm512_loadu_ps(buf[j * OCB + half * LANES..][..LANES].as_ptr());
             }
-            if let Some(z) = e.z {
-                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, z.as_ptr().add(at)));
-            }
-            v = match e.act {
-                Act::None => v,
-                // f32::max(NaN, 0) is 0: `max` returns its second operand when either is NaN.
-                Act::Relu => _mm512_max_ps(v, _mm512_setzero_ps()),
-                // NaN stays NaN.
-                Act::Clip(lo, hi) => {
-                    _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), v))
+            for (o, &col) in transpose16(rows).iter().enumerate() {
+                let oc = blk * OCB + half * LANES + o;
+                if oc >= t.m {
+                    return;
                 }
-                // `v < 0` is false for NaN, which stays.
-                Act::Leaky(a) => {
-                    let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, _mm512_setzero_ps());
-                    _mm512_mask_mul_ps(v, neg, v, _mm512_set1_ps(a))
+                let at = oc * plane + oy * t.ow + ox;
+                // SAFETY: this task alone writes these rows of block `blk`'s channels.
+                let out = unsafe { yd.part(at, p) };
+                let mut v = col;
+                if let Some(b) = t.bias {
+                    v = _mm512_add_ps(v, _mm512_set1_ps(b[oc]));
+                }
+                if let Some(z) = t.z {
+                    let zr = &z[at..at + p];
+                    v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, zr.as_ptr()));
+                }
+                v = match t.act {
+                    Activation::None => v,
+                    // f32::max(NaN, 0) is 0: `max` returns its second operand when either is
+                    // NaN.
+                    Activation::Relu => _mm512_max_ps(v, _mm512_setzero_ps()),
+                    // NaN stays NaN.
+                    Activation::Clip(lo, hi) => {
+                        _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), v))
+                    }
+                    // `v < 0` is false for NaN, which stays.
+                    Activation::LeakyRelu(a) => {
+                        let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, _mm512_setzero_ps());
+                        _mm512_mask_mul_ps(v, neg, v, _mm512_set1_ps(a))
+                    }
+                    Activation::SiLU | Activation::Gelu => v,
+                };
+                _mm512_mask_storeu_ps(out.as_mut_ptr(), mask, v);
+                if matches!(t.act, Activation::SiLU | Activation::Gelu) {
+                    for d in out.iter_mut() {
+                        *d = t.act.apply(*d);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The sums of `p` (1..=[`MAX_PIX`]) pixels from copy element `start` (stepping by
+    /// `pix_step`) x the block's [`OCB`] channels (weights `w`), into `buf[pixel * OCB +
+    /// channel]`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F; every tap of every pixel lies inside the copy; `w` holds the
+    /// block's `taps * c * OCB` weights.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile(
+        t: &Tiles<'_>,
+        start: usize,
+        p: usize,
+        w: &[f32],
+        buf: &mut [f32; MAX_PIX * OCB],
+    ) {
+        macro_rules! by_width {
+            ($($n:literal)*) => {
+                match p {
+                    $($n => sums::<$n>(t, start, w, buf),)*
+                    _ => {}
                 }
             };
         }
-        _mm512_mask_storeu_ps(out.as_mut_ptr(), mask, v);
+        by_width!(1 2 3 4 5 6 7 8 9 10 11 12);
+    }
+
+    /// [`tile`] for exactly `P` pixels: the loop whose sums stay in registers.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn sums<const P: usize>(
+        t: &Tiles<'_>,
+        start: usize,
+        w: &[f32],
+        buf: &mut [f32; MAX_PIX * OCB],
+    ) {
+        let (cp, mut wp) = (t.copy.as_ptr().add(start), w.as_ptr());
+        let step = t.pix_step;
+        let mut acc = [[_mm512_setzero_ps(); 2]; P];
+        for &tap in t.taps {
+            let q = cp.add(tap);
+            for ic in 0..t.c {
+                let w0 = _mm512_loadu_ps(wp);
+                let w1 = _mm512_loadu_ps(wp.add(LANES));
+                wp = wp.add(OCB);
+                let qi = q.add(ic);
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm512_set1_ps(*qi.add(j * step));
+                    a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
+                    a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
+                }
+            }
+        }
+        for (j, a) in acc.iter().enumerate() {
+            _mm512_storeu_ps(buf.as_mut_ptr().add(j * OCB), a[0]);
+            _mm512_storeu_ps(buf.as_mut_ptr().add(j * OCB + LANES), a[1]);
+        }
     }
 }
