@@ -2,6 +2,7 @@
 //! depthwise and the other 2-D convolutions with windows past 1x1 (a CNN's first layer and
 //! the 3x3 layers of its body) directly ([`depthwise`], [`direct`]).
 
+mod channels_last;
 mod depthwise;
 mod direct;
 
@@ -1354,9 +1355,11 @@ mod tests {
     fn depthwise_convolutions_match_direct_loops_in_every_geometry() {
         // (input, kernel, strides, dilations, pads [top, left, bottom, right]): the interior
         // fast loops (3-wide stride 1 and 2, other widths) and the checked edges, padding as
-        // wide as the kernel, kernels wider than the input, two images.
+        // wide as the kernel, kernels wider than the input, two images; channel counts around
+        // the 16 lanes; images whose channels-last copy is made in bands (the last two);
+        // each through the channels-last loop and the per-plane one.
         type Case = ([usize; 4], [usize; 2], [usize; 2], [usize; 2], [usize; 4]);
-        let cases: [Case; 11] = [
+        let cases: [Case; 13] = [
             ([1, 5, 9, 11], [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
             ([2, 4, 8, 8], [3, 3], [2, 2], [1, 1], [1, 1, 1, 1]),
             ([1, 3, 7, 9], [3, 3], [2, 2], [1, 1], [0, 0, 1, 1]),
@@ -1369,10 +1372,16 @@ mod tests {
             // Rows of 16 outputs or more (runs of 16 with AVX-512): stride 2, dilated 5x5.
             ([2, 3, 9, 40], [3, 3], [2, 2], [1, 1], [1, 1, 1, 1]),
             ([1, 2, 12, 37], [5, 5], [1, 1], [2, 2], [4, 4, 4, 4]),
+            ([2, 20, 40, 60], [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
+            ([1, 33, 30, 70], [3, 3], [2, 2], [1, 1], [1, 1, 1, 1]),
         ];
-        for (x, k, st, dil, pads) in cases {
+        for ((x, k, st, dil, pads), planes) in cases
+            .into_iter()
+            .flat_map(|case| [(case, false), (case, true)])
+        {
             let c = x[1];
             assert!(depthwise::applies(&x, c, c));
+            depthwise::PLANES_ONLY.with(|f| f.set(planes));
             for with_bias in [true, false] {
                 check(
                     2,
@@ -1386,16 +1395,23 @@ mod tests {
                 );
             }
         }
+        depthwise::PLANES_ONLY.with(|f| f.set(false));
         // The fused activations on narrow (runs of 8) and wide (runs of 16) rows, NaN
-        // included: as the plain convolution followed by the activation.
-        for xs in [[1usize, 4, 5, 7], [1, 4, 5, 35]] {
+        // included: as the plain convolution followed by the activation; 20 channels: a
+        // partial register of channels.
+        for (xs, planes) in [[1usize, 4, 5, 7], [1, 4, 5, 35], [1, 20, 5, 35]]
+            .into_iter()
+            .flat_map(|xs| [(xs, false), (xs, true)])
+        {
+            depthwise::PLANES_ONLY.with(|f| f.set(planes));
+            let c = xs[1];
             let mut x = data(xs.iter().product(), 8);
             x[3] = f32::NAN;
-            let w = data(4 * 9, 9);
-            let b = data(4, 10);
+            let w = data(c * 9, 9);
+            let b = data(c, 10);
             let tx = HostTensor::from_vec(&xs, &x).expect("x");
-            let tw = HostTensor::from_vec(&[4, 1, 3, 3], &w).expect("w");
-            let tb = HostTensor::from_vec(&[4], &b).expect("b");
+            let tw = HostTensor::from_vec(&[c, 1, 3, 3], &w).expect("w");
+            let tb = HostTensor::from_vec(&[c], &b).expect("b");
             let conv = |node: NodeSpec| {
                 run_kernel(
                     conv_factory,
@@ -1409,7 +1425,7 @@ mod tests {
             };
             let node = |op: &str| {
                 NodeSpec::onnx(op, 11)
-                    .attr("group", AttrValue::Int(4))
+                    .attr("group", AttrValue::Int(c as i64))
                     .attr("pads", ints(&[1, 1, 1, 1]))
             };
             let y = conv(node("Conv"));
@@ -1428,11 +1444,12 @@ mod tests {
                     let e = f.apply(v);
                     assert!(
                         g.to_bits() == e.to_bits() || (g.is_nan() && e.is_nan()),
-                        "{xs:?} {act} at {i}: {g} vs {e}"
+                        "{xs:?} {act} planes {planes} at {i}: {g} vs {e}"
                     );
                 }
             }
         }
+        depthwise::PLANES_ONLY.with(|f| f.set(false));
         // Channel multipliers and 1-D/3-D depthwise convolutions take the general path.
         assert!(!depthwise::applies(&[1, 4, 5, 5], 4, 8));
         assert!(!depthwise::applies(&[1, 4, 5], 4, 4));

@@ -21,6 +21,7 @@
 //! 0.27 ms). The tile is turned back to NCHW in registers, the bias, a fused sum and the
 //! activation applied on the way.
 
+use super::channels_last::ChannelsLast;
 use super::Activation;
 use crate::nn::{Disjoint, Geometry};
 use opreg_sdk::{
@@ -90,14 +91,6 @@ pub(super) fn pack(
     Ok(wt)
 }
 
-/// The padded channels-last copy of one image: the rows and columns the outputs read.
-struct Copy {
-    cols: usize,
-    /// Leading pads.
-    pt: usize,
-    pl: usize,
-}
-
 /// The convolution into `y` (`n x m x oh x ow`), then `act((y + bias) + z)` per element;
 /// `packed` is [`pack`] of `w` when built at load. `Ok(false)` (nothing written) where the
 /// padded copy would be much larger than x (huge pads or dilations): the general path
@@ -126,30 +119,13 @@ pub(super) fn run(
     if y.is_empty() || plane == 0 || m == 0 {
         return Ok(true);
     }
-    // The padded rows and columns the outputs read; a geometry whose copy would overflow or
-    // be much larger than x (huge pads or dilations) is left to the general path.
-    let span = |o: usize, s: usize, k: usize, d: usize| {
-        (o - 1)
-            .checked_mul(s)?
-            .checked_add((k - 1).checked_mul(d)?)?
-            .checked_add(1)
-    };
-    let (Some(rows), Some(cols)) = (span(oh, sh, kh, dh), span(ow, sw, kw, dw)) else {
+    // A geometry whose copy would overflow or be much larger than x (huge pads or
+    // dilations) is left to the general path.
+    let Some(cp) = ChannelsLast::new(g, (c, ih, iw), c) else {
         return Ok(false);
     };
+    let cols = cp.cols;
     let image = checked_numel(&[c, ih, iw])?;
-    let Some(copy_len) = rows
-        .checked_mul(cols)
-        .and_then(|p| p.checked_mul(c))
-        .filter(|&l| l <= 2 * image + (1 << 16))
-    else {
-        return Ok(false);
-    };
-    let cp = Copy {
-        cols,
-        pt: g.pad_begin[0],
-        pl: g.pad_begin[1],
-    };
     let depth = checked_numel(&[c, kh, kw])?;
     let blocks = m.div_ceil(OCB);
     let wt_len = checked_numel(&[blocks, depth, OCB])?;
@@ -179,15 +155,15 @@ pub(super) fn run(
         }
     };
     // `fill` writes every element of the copy: reused scratch, no zeroed allocation.
-    let copy = ctx.scratch_reused::<f32>(copy_len)?;
+    let copy = ctx.scratch_reused::<f32>(cp.len)?;
     // Tasks of (block, rows): about 64k multiply-add instructions each.
     let per_row = ow.saturating_mul(depth).saturating_mul(2);
     let rows_per_task = (65536 / per_row.max(1)).clamp(1, oh);
     let row_tasks = oh.div_ceil(rows_per_task);
     for b in 0..n {
         let xb = &x[b * image..(b + 1) * image];
-        ctx.parallel_chunks(copy, cols * c, |start, chunk| {
-            cp.fill(xb, (c, ih, iw), start / (cols * c), chunk);
+        ctx.parallel_chunks(copy, cp.row_len(), |start, chunk| {
+            cp.fill(xb, start / cp.row_len(), chunk);
         })?;
         let yb = &mut y[b * m * plane..(b + 1) * m * plane];
         let zb = z.map(|z| &z[b * m * plane..(b + 1) * m * plane]);
@@ -217,43 +193,6 @@ pub(super) fn run(
         })?;
     }
     Ok(true)
-}
-
-impl Copy {
-    /// Padded row `r` of the copy (`cols * c` values): input row `r - pt`, column `q` of it
-    /// input column `q - pl`, channel-minor; zero elsewhere (so `dst` may hold anything).
-    fn fill(&self, x: &[f32], (c, ih, iw): (usize, usize, usize), r: usize, dst: &mut [f32]) {
-        let Some(iy) = r.checked_sub(self.pt).filter(|&iy| iy < ih) else {
-            dst.fill(0.0);
-            return;
-        };
-        // Columns q whose input column q - pl lies in 0..iw.
-        let lo = self.pl.min(self.cols);
-        let hi = (iw + self.pl).clamp(lo, self.cols);
-        dst[..lo * c].fill(0.0);
-        dst[hi * c..].fill(0.0);
-        let first = lo - self.pl.min(lo);
-        let x = &x[first..];
-        let iw_run = hi - lo;
-        // Blocks of 16 channels x 16 columns turned in registers; the channels past the last
-        // whole block one by one.
-        #[cfg(target_arch = "x86_64")]
-        let whole = if iw_run > 0 {
-            // SAFETY: `applies` checked the CPU's AVX-512; the blocks' reads and writes are
-            // bounds-checked slices.
-            unsafe { x86::fill_blocks(x, (c, ih, iw), iy, iw_run, &mut dst[lo * c..hi * c]) }
-        } else {
-            0
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let whole = 0;
-        for ic in whole..c {
-            let src = &x[(ic * ih + iy) * iw..][..iw_run];
-            for (v, d) in src.iter().zip(dst[lo * c + ic..].iter_mut().step_by(c)) {
-                *d = *v;
-            }
-        }
-    }
 }
 
 /// What computing the tiles of one image needs.
@@ -326,79 +265,10 @@ impl Tiles<'_> {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::super::channels_last::x86::transpose16;
     use super::{Activation, Tiles, LANES, MAX_PIX, OCB};
     use crate::nn::Disjoint;
     use std::arch::x86_64::*;
-
-    /// The 16x16 matrix `r` (a row per register) transposed.
-    #[target_feature(enable = "avx512f")]
-    fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
-        let mut t = [_mm512_setzero_ps(); 16];
-        for i in 0..8 {
-            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-        }
-        // u[4g + k]: in each 128-bit lane l, column 4l + k of rows 4g..4g + 4.
-        let mut u = [_mm512_setzero_ps(); 16];
-        for g in 0..4 {
-            let d = |i: usize| _mm512_castps_pd(t[4 * g + i]);
-            u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(d(0), d(2)));
-            u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(d(0), d(2)));
-            u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(d(1), d(3)));
-            u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(d(1), d(3)));
-        }
-        let mut v = [_mm512_setzero_ps(); 16];
-        for h in 0..2 {
-            for k in 0..4 {
-                let (a, b) = (u[8 * h + k], u[8 * h + 4 + k]);
-                v[8 * h + k] = _mm512_shuffle_f32x4::<0x88>(a, b);
-                v[8 * h + 4 + k] = _mm512_shuffle_f32x4::<0xdd>(a, b);
-            }
-        }
-        let mut out = [_mm512_setzero_ps(); 16];
-        for k in 0..8 {
-            out[k] = _mm512_shuffle_f32x4::<0x88>(v[k], v[8 + k]);
-            out[8 + k] = _mm512_shuffle_f32x4::<0xdd>(v[k], v[8 + k]);
-        }
-        out
-    }
-
-    /// Copies the whole blocks of 16 channels of input row `iy` (columns `0..run` of each
-    /// channel's row in `x`) channels-last into `dst` (`run * c` values), 16 columns at a
-    /// time; returns the channels copied.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512 F.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn fill_blocks(
-        x: &[f32],
-        (c, ih, iw): (usize, usize, usize),
-        iy: usize,
-        run: usize,
-        dst: &mut [f32],
-    ) -> usize {
-        let whole = c / 16 * 16;
-        if dst.len() < run * c {
-            return 0;
-        }
-        for ic0 in (0..whole).step_by(16) {
-            for ix0 in (0..run).step_by(16) {
-                let n = (run - ix0).min(16);
-                let mask = ((1u32 << n) - 1) as u16;
-                let mut rows = [_mm512_setzero_ps(); 16];
-                for (i, r) in rows.iter_mut().enumerate() {
-                    let src = &x[((ic0 + i) * ih + iy) * iw + ix0..][..n];
-                    *r = _mm512_maskz_loadu_ps(mask, src.as_ptr());
-                }
-                let cols = transpose16(rows);
-                for (j, col) in cols.iter().take(n).enumerate() {
-                    let d = &mut dst[(ix0 + j) * c + ic0..][..16];
-                    _mm512_storeu_ps(d.as_mut_ptr(), *col);
-                }
-            }
-        }
-        whole
-    }
 
     /// Pixels `ox..ox + p` of row `oy` from `buf` (`[pixel][channel]`) into block `blk`'s
     /// output channels of `yd`, turned in registers, with the bias, the fused sum and the

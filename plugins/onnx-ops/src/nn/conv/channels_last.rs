@@ -1,0 +1,186 @@
+//! The zero-padded, channels-last copy of an NCHW image that the direct and depthwise
+//! convolutions read (`copy[(row * cols + col) * stride + channel]`: every tap of an output
+//! pixel reads one contiguous run of channels, whatever the stride and dilation), and the
+//! 16x16 register transpose that makes it and turns their tiles back to NCHW.
+
+use crate::nn::Geometry;
+
+/// The copy's geometry: the padded rows and columns a 2-D window's outputs read.
+pub(super) struct ChannelsLast {
+    pub(super) cols: usize,
+    /// Channels copied, and the floats between one pixel's and the next's (at least `c`; a
+    /// whole number of 16-lane registers for the depthwise loop, whose lanes past `c` are
+    /// never stored).
+    pub(super) c: usize,
+    pub(super) stride: usize,
+    /// Input extents.
+    ih: usize,
+    iw: usize,
+    /// Leading pads.
+    pt: usize,
+    pl: usize,
+    /// Floats in the copy.
+    pub(super) len: usize,
+}
+
+impl ChannelsLast {
+    /// The copy for the outputs of `g` (2-D, non-empty) over an image of `c` channels of `ih
+    /// x iw`. `None` where it would overflow or be much larger than the image (huge pads or
+    /// dilations): the general paths size nothing by the padding.
+    pub(super) fn new(
+        g: &Geometry,
+        (c, ih, iw): (usize, usize, usize),
+        stride: usize,
+    ) -> Option<ChannelsLast> {
+        let span = |o: usize, s: usize, k: usize, d: usize| {
+            o.checked_sub(1)?
+                .checked_mul(s.max(1))?
+                .checked_add(k.checked_sub(1)?.checked_mul(d.max(1))?)?
+                .checked_add(1)
+        };
+        let rows = span(g.out[0], g.strides[0], g.kernel[0], g.dilations[0])?;
+        let cols = span(g.out[1], g.strides[1], g.kernel[1], g.dilations[1])?;
+        let image = c.checked_mul(ih)?.checked_mul(iw)?;
+        let len = rows.checked_mul(cols)?.checked_mul(stride.max(c))?;
+        (len <= 2 * image + (1 << 16)).then_some(ChannelsLast {
+            cols,
+            c,
+            stride: stride.max(c),
+            ih,
+            iw,
+            pt: g.pad_begin[0],
+            pl: g.pad_begin[1],
+            len,
+        })
+    }
+
+    /// Floats per padded row.
+    pub(super) fn row_len(&self) -> usize {
+        self.cols * self.stride
+    }
+
+    /// Padded row `r` of the copy (`row_len` values) from the image `x` (`c x ih x iw`):
+    /// input row `r - pt`, column `q` of it input column `q - pl`, channel-minor; zero
+    /// elsewhere (so `dst` may hold anything before; the lanes past `c` of each pixel are
+    /// left as they were).
+    pub(super) fn fill(&self, x: &[f32], r: usize, dst: &mut [f32]) {
+        let (c, ih, iw, stride) = (self.c, self.ih, self.iw, self.stride);
+        let Some(iy) = r.checked_sub(self.pt).filter(|&iy| iy < ih) else {
+            dst.fill(0.0);
+            return;
+        };
+        // Columns q whose input column q - pl lies in 0..iw: `lo..hi`, input columns from 0
+        // (`lo` is the pad itself unless the pad covers every column, then nothing is read).
+        let lo = self.pl.min(self.cols);
+        let hi = (iw + self.pl).clamp(lo, self.cols);
+        dst[..lo * stride].fill(0.0);
+        dst[hi * stride..].fill(0.0);
+        let run = hi - lo;
+        // Blocks of 16 channels x 16 columns turned in registers; the channels past the last
+        // whole block one by one.
+        #[cfg(target_arch = "x86_64")]
+        let whole = if run > 0 && crate::simd::has_avx512() {
+            // SAFETY: the CPU has AVX-512; the blocks' reads and writes are bounds-checked
+            // slices.
+            unsafe {
+                x86::fill_blocks(
+                    x,
+                    (c, ih, iw),
+                    stride,
+                    iy,
+                    run,
+                    &mut dst[lo * stride..hi * stride],
+                )
+            }
+        } else {
+            0
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let whole = 0;
+        for ic in whole..c {
+            let src = &x[(ic * ih + iy) * iw..][..run];
+            for (v, d) in src
+                .iter()
+                .zip(dst[lo * stride + ic..].iter_mut().step_by(stride))
+            {
+                *d = *v;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(super) mod x86 {
+    use std::arch::x86_64::*;
+
+    /// The 16x16 matrix `r` (a row per register) transposed.
+    #[target_feature(enable = "avx512f")]
+    pub(in crate::nn::conv) fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        // u[4g + k]: in each 128-bit lane l, column 4l + k of rows 4g..4g + 4.
+        let mut u = [_mm512_setzero_ps(); 16];
+        for g in 0..4 {
+            let d = |i: usize| _mm512_castps_pd(t[4 * g + i]);
+            u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(d(0), d(2)));
+            u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(d(0), d(2)));
+            u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(d(1), d(3)));
+            u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(d(1), d(3)));
+        }
+        let mut v = [_mm512_setzero_ps(); 16];
+        for h in 0..2 {
+            for k in 0..4 {
+                let (a, b) = (u[8 * h + k], u[8 * h + 4 + k]);
+                v[8 * h + k] = _mm512_shuffle_f32x4::<0x88>(a, b);
+                v[8 * h + 4 + k] = _mm512_shuffle_f32x4::<0xdd>(a, b);
+            }
+        }
+        let mut out = [_mm512_setzero_ps(); 16];
+        for k in 0..8 {
+            out[k] = _mm512_shuffle_f32x4::<0x88>(v[k], v[8 + k]);
+            out[8 + k] = _mm512_shuffle_f32x4::<0xdd>(v[k], v[8 + k]);
+        }
+        out
+    }
+
+    /// Copies the whole blocks of 16 channels of input row `iy` (columns `0..run` of each
+    /// channel's row in `x`) channels-last into `dst` (`run` pixels of `stride` values), 16
+    /// columns at a time; returns the channels copied.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn fill_blocks(
+        x: &[f32],
+        (c, ih, iw): (usize, usize, usize),
+        stride: usize,
+        iy: usize,
+        run: usize,
+        dst: &mut [f32],
+    ) -> usize {
+        let whole = c / 16 * 16;
+        if dst.len() < run * stride || stride < c {
+            return 0;
+        }
+        for ic0 in (0..whole).step_by(16) {
+            for ix0 in (0..run).step_by(16) {
+                let n = (run - ix0).min(16);
+                let mask = ((1u32 << n) - 1) as u16;
+                let mut rows = [_mm512_setzero_ps(); 16];
+                for (i, r) in rows.iter_mut().enumerate() {
+                    let src = &x[((ic0 + i) * ih + iy) * iw + ix0..][..n];
+                    *r = _mm512_maskz_loadu_ps(mask, src.as_ptr());
+                }
+                let cols = transpose16(rows);
+                for (j, col) in cols.iter().take(n).enumerate() {
+                    let d = &mut dst[(ix0 + j) * stride + ic0..][..16];
+                    _mm512_storeu_ps(d.as_mut_ptr(), *col);
+                }
+            }
+        }
+        whole
+    }
+}
