@@ -15,7 +15,8 @@
 //! the stride and dilation), and the output is computed [`OCB`] output channels (two
 //! registers) x up to [`MAX_PIX`] pixels of a row at a time, the sums in registers: per tap and
 //! input channel, two loads of weights, one broadcast per pixel and two multiply-adds per
-//! pixel. No lane is wasted whatever the row's width (ResNet's 7x7 stage included); output
+//! pixel (a layer of at most 16 output channels: one register x up to 16 pixels, so that
+//! half of every multiply-add is not padding). No lane is wasted whatever the row's width (ResNet's 7x7 stage included); output
 //! pixels in the lanes (this module's earlier form) wasted the rest of a 16-wide run per row
 //! and measured slower on every layer, the first layers included (MobileNetV2's 0.87 against
 //! 0.27 ms). The tile is turned back to NCHW in registers, the bias, a fused sum and the
@@ -31,11 +32,20 @@ use opreg_sdk::{
 
 /// f32 lanes of an AVX-512 register.
 const LANES: usize = 16;
-/// Output channels per block: two registers.
+/// Output channels per block: two registers (one for a layer of at most [`LANES`]).
 const OCB: usize = 2 * LANES;
 /// Output pixels per tile at most: `2 * MAX_PIX` = 24 registers of sums, with two of weights
-/// and a broadcast, 27 of the 32.
+/// and a broadcast, 27 of the 32 (one register of channels: [`LANES`] pixels, 18).
 const MAX_PIX: usize = 12;
+
+/// Output channels per block for a layer of `m`: [`OCB`], or one register's worth.
+fn block_width(m: usize) -> usize {
+    if m <= LANES {
+        LANES
+    } else {
+        OCB
+    }
+}
 /// Whether this module computes the convolution of `x` (shape `xs`) in geometry `g` with
 /// `group` groups: 2-D, one group, a window past 1x1 (a 1x1 layer is a plain gemm over x),
 /// on a CPU with AVX-512.
@@ -62,28 +72,29 @@ fn avx512() -> bool {
     }
 }
 
-/// `W` (`m x c x kh x kw`) regrouped per block of [`OCB`] output channels, tap-major then
-/// channel: `wt[(((blk * kh + ky) * kw + kx) * c + ic) * OCB + o]`, zero for the channels
-/// past m. Built once at load for constant weights, else per call.
+/// `W` (`m x c x kh x kw`) regrouped per block of `ocb` ([`block_width`]) output channels,
+/// tap-major then channel: `wt[(((blk * kh + ky) * kw + kx) * c + ic) * ocb + o]`, zero for
+/// the channels past m. Built once at load for constant weights, else per call.
 pub(super) fn pack(
     w: &[f32],
     m: usize,
     c: usize,
     (kh, kw): (usize, usize),
 ) -> Result<Vec<f32>, PluginError> {
-    let blocks = m.div_ceil(OCB);
-    let mut wt = try_vec(checked_numel(&[blocks, kh, kw, c, OCB])?, 0.0f32)?;
+    let ocb = block_width(m);
+    let blocks = m.div_ceil(ocb);
+    let mut wt = try_vec(checked_numel(&[blocks, kh, kw, c, ocb])?, 0.0f32)?;
     let depth = checked_numel(&[c, kh, kw])?;
     if depth == 0 || w.len() < checked_numel(&[m, depth])? {
         return Ok(wt);
     }
     for oc in 0..m {
-        let (blk, o) = (oc / OCB, oc % OCB);
+        let (blk, o) = (oc / ocb, oc % ocb);
         for ic in 0..c {
             for ky in 0..kh {
                 for kx in 0..kw {
                     let v = w[((oc * c + ic) * kh + ky) * kw + kx];
-                    wt[(((blk * kh + ky) * kw + kx) * c + ic) * OCB + o] = v;
+                    wt[(((blk * kh + ky) * kw + kx) * c + ic) * ocb + o] = v;
                 }
             }
         }
@@ -127,8 +138,9 @@ pub(super) fn run(
     let cols = cp.cols;
     let image = checked_numel(&[c, ih, iw])?;
     let depth = checked_numel(&[c, kh, kw])?;
-    let blocks = m.div_ceil(OCB);
-    let wt_len = checked_numel(&[blocks, depth, OCB])?;
+    let ocb = block_width(m);
+    let blocks = m.div_ceil(ocb);
+    let wt_len = checked_numel(&[blocks, depth, ocb])?;
     if x.len() < checked_numel(&[n, image])?
         || w.len() < checked_numel(&[m, depth])?
         || y.len() < n * m * plane
@@ -155,6 +167,44 @@ pub(super) fn run(
         }
     };
     // `fill` writes every element of the copy: reused scratch, no zeroed allocation.
+    let tiles = |b: usize| Tiles {
+        taps: &taps,
+        c,
+        wt,
+        depth,
+        m,
+        oh,
+        ow,
+        row_step: sh * cols * c,
+        pix_step: sw * c,
+        bias,
+        z: z.map(|z| &z[b * m * plane..(b + 1) * m * plane]),
+        act,
+    };
+    if n >= ctx.num_threads().max(2) {
+        // Enough images to keep every thread busy: one task per image, each with its own
+        // copy, instead of two parallel passes (copy, tiles) per image: a batch of small
+        // images otherwise waits on the threads' hand-offs (the repo's toy CNN, batch 8).
+        let yd = Disjoint::new(y);
+        return ctx
+            .parallel_for(n, 1, |range| {
+                let copy = ctx.scratch_reused::<f32>(cp.len)?;
+                for b in range {
+                    let xb = &x[b * image..(b + 1) * image];
+                    for (r, chunk) in copy.chunks_mut(cp.row_len()).enumerate() {
+                        cp.fill(xb, r, chunk);
+                    }
+                    // SAFETY: each image's output is written by the one task holding it.
+                    let yb = Disjoint::new(unsafe { yd.part(b * m * plane, m * plane) });
+                    let t = tiles(b);
+                    for blk in 0..blocks {
+                        t.rows(copy, blk, 0..oh, &yb)?;
+                    }
+                }
+                Ok(())
+            })
+            .map(|()| true);
+    }
     let copy = ctx.scratch_reused::<f32>(cp.len)?;
     // Tasks of (block, rows): about 64k multiply-add instructions each.
     let per_row = ow.saturating_mul(depth).saturating_mul(2);
@@ -165,29 +215,14 @@ pub(super) fn run(
         ctx.parallel_chunks(copy, cp.row_len(), |start, chunk| {
             cp.fill(xb, start / cp.row_len(), chunk);
         })?;
-        let yb = &mut y[b * m * plane..(b + 1) * m * plane];
-        let zb = z.map(|z| &z[b * m * plane..(b + 1) * m * plane]);
-        let yd = Disjoint::new(yb);
-        let tiles = Tiles {
-            copy,
-            taps: &taps,
-            c,
-            wt,
-            depth,
-            m,
-            oh,
-            ow,
-            row_step: sh * cols * c,
-            pix_step: sw * c,
-            bias,
-            z: zb,
-            act,
-        };
+        let yd = Disjoint::new(&mut y[b * m * plane..(b + 1) * m * plane]);
+        let tiles = tiles(b);
+        let copy = &*copy;
         ctx.parallel_for(blocks * row_tasks, 1, |range| {
             for t in range {
                 let (blk, rt) = (t / row_tasks, t % row_tasks);
                 let rows = rt * rows_per_task..((rt + 1) * rows_per_task).min(oh);
-                tiles.rows(blk, rows, &yd)?;
+                tiles.rows(copy, blk, rows, &yd)?;
             }
             Ok(())
         })?;
@@ -197,7 +232,6 @@ pub(super) fn run(
 
 /// What computing the tiles of one image needs.
 struct Tiles<'a> {
-    copy: &'a [f32],
     taps: &'a [usize],
     c: usize,
     wt: &'a [f32],
@@ -215,15 +249,18 @@ struct Tiles<'a> {
 }
 
 impl Tiles<'_> {
-    /// Output rows `rows` of block `blk`'s channels, into `yd` (the image's output).
+    /// Output rows `rows` of block `blk`'s channels from `copy` (the image's channels-last
+    /// copy), into `yd` (the image's output).
     fn rows(
         &self,
+        copy: &[f32],
         blk: usize,
         rows: std::ops::Range<usize>,
         yd: &Disjoint<f32>,
     ) -> Result<(), PluginError> {
         let ow = self.ow;
-        let w = &self.wt[blk * self.depth * OCB..(blk + 1) * self.depth * OCB];
+        let ocb = block_width(self.m);
+        let w = &self.wt[blk * self.depth * ocb..(blk + 1) * self.depth * ocb];
         // The reads of every tile stay inside the copy: the last pixel's last tap is the
         // copy's last element by construction (`run` sized it so); checked once here for the
         // unchecked loads.
@@ -231,14 +268,15 @@ impl Tiles<'_> {
             + (ow - 1) * self.pix_step
             + self.taps.last().copied().unwrap_or(0)
             + self.c;
-        if self.copy.len() < last || w.len() < self.taps.len() * self.c * OCB || rows.end > self.oh
-        {
+        if copy.len() < last || w.len() < self.taps.len() * self.c * ocb || rows.end > self.oh {
             return Err(PluginError::internal(
                 "Conv: the channels-last copy or the weights are shorter than the tiles read",
             ));
         }
-        // Tiles of at most MAX_PIX pixels, as even as the row allows.
-        let tiles = ow.div_ceil(MAX_PIX);
+        // Tiles of at most MAX_PIX (one register of channels: LANES) pixels, as even as the
+        // row allows.
+        let max_pix = if ocb == LANES { LANES } else { MAX_PIX };
+        let tiles = ow.div_ceil(max_pix);
         let (base, extra) = (ow / tiles, ow % tiles);
         let mut buf = [0f32; MAX_PIX * OCB];
         for oy in rows {
@@ -249,7 +287,7 @@ impl Tiles<'_> {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `applies` checked the CPU's AVX-512; every read lies before `last`.
                 unsafe {
-                    x86::tile(self, start, p, w, &mut buf)
+                    x86::tile(self, copy.as_ptr().add(start), p, w, &mut buf)
                 };
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as for the tile; the stores are bounds-checked parts of y.
@@ -275,7 +313,8 @@ mod x86 {
     /// activation.
     ///
     /// # Safety
-    /// The CPU has AVX-512 F; the tile lies inside the image's output (`p <= MAX_PIX`).
+    /// The CPU has AVX-512 F; the tile lies inside the image's output (`p <= LANES`, and
+    /// `p * ocb <= MAX_PIX * OCB`).
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn store(
         t: &Tiles<'_>,
@@ -285,15 +324,16 @@ mod x86 {
         yd: &Disjoint<f32>,
     ) {
         let plane = t.oh * t.ow;
-        let p = p.min(MAX_PIX);
+        let ocb = super::block_width(t.m);
+        let p = p.min(LANES);
         let mask = ((1u32 << p) - 1) as u16;
-        for half in 0..2 {
+        for half in 0..ocb / LANES {
             let mut rows = [_mm512_setzero_ps(); 16];
             for (j, r) in rows.iter_mut().take(p).enumerate() {
-                *r = _mm512_loadu_ps(buf[j * OCB + half * LANES..][..LANES].as_ptr());
+                *r = _mm512_loadu_ps(buf[j * ocb + half * LANES..][..LANES].as_ptr());
             }
             for (o, &col) in transpose16(rows).iter().enumerate() {
-                let oc = blk * OCB + half * LANES + o;
+                let oc = blk * ocb + half * LANES + o;
                 if oc >= t.m {
                     return;
                 }
@@ -348,60 +388,70 @@ mod x86 {
         unsafe { _mm512_loadu_ps(l.as_ptr()) }
     }
 
-    /// The sums of `p` (1..=[`MAX_PIX`]) pixels from copy element `start` (stepping by
-    /// `pix_step`) x the block's [`OCB`] channels (weights `w`), into `buf[pixel * OCB +
-    /// channel]`.
+    /// The sums of `p` (1..=[`MAX_PIX`]) pixels whose first tap is at `start` (stepping by
+    /// `pix_step`) x the block's `ocb` ([`super::block_width`]) channels (weights `w`), into
+    /// `buf[pixel * ocb + channel]`.
     ///
     /// # Safety
     /// The CPU has AVX-512 F; every tap of every pixel lies inside the copy; `w` holds the
-    /// block's `taps * c * OCB` weights.
+    /// block's `taps * c * ocb` weights; `p * ocb <= MAX_PIX * OCB`.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn tile(
         t: &Tiles<'_>,
-        start: usize,
+        start: *const f32,
         p: usize,
         w: &[f32],
         buf: &mut [f32; MAX_PIX * OCB],
     ) {
         macro_rules! by_width {
-            ($($n:literal)*) => {
+            ($v:literal: $($n:literal)*) => {
                 match p {
-                    $($n => sums::<$n>(t, start, w, buf),)*
+                    $($n => sums::<$n, $v>(t, start, w, buf),)*
                     _ => {}
                 }
             };
         }
-        by_width!(1 2 3 4 5 6 7 8 9 10 11 12);
+        if super::block_width(t.m) == LANES {
+            by_width!(1: 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
+        } else {
+            by_width!(2: 1 2 3 4 5 6 7 8 9 10 11 12);
+        }
     }
 
-    /// [`tile`] for exactly `P` pixels: the loop whose sums stay in registers.
+    /// [`tile`] for exactly `P` pixels and `V` registers of channels: the loop whose sums
+    /// stay in registers.
     #[target_feature(enable = "avx512f")]
-    unsafe fn sums<const P: usize>(
+    unsafe fn sums<const P: usize, const V: usize>(
         t: &Tiles<'_>,
-        start: usize,
+        start: *const f32,
         w: &[f32],
         buf: &mut [f32; MAX_PIX * OCB],
     ) {
-        let (cp, mut wp) = (t.copy.as_ptr().add(start), w.as_ptr());
+        let (cp, mut wp) = (start, w.as_ptr());
         let step = t.pix_step;
-        let mut acc = [[_mm512_setzero_ps(); 2]; P];
+        let ocb = V * LANES;
+        let mut acc = [[_mm512_setzero_ps(); V]; P];
         for &tap in t.taps {
             let q = cp.add(tap);
             for ic in 0..t.c {
-                let w0 = _mm512_loadu_ps(wp);
-                let w1 = _mm512_loadu_ps(wp.add(LANES));
-                wp = wp.add(OCB);
+                let mut wv = [_mm512_setzero_ps(); V];
+                for (r, v) in wv.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(wp.add(r * LANES));
+                }
+                wp = wp.add(ocb);
                 let qi = q.add(ic);
                 for (j, a) in acc.iter_mut().enumerate() {
                     let xv = _mm512_set1_ps(*qi.add(j * step));
-                    a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
-                    a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
+                    for (ar, &wr) in a.iter_mut().zip(&wv) {
+                        *ar = _mm512_fmadd_ps(xv, wr, *ar);
+                    }
                 }
             }
         }
         for (j, a) in acc.iter().enumerate() {
-            _mm512_storeu_ps(buf.as_mut_ptr().add(j * OCB), a[0]);
-            _mm512_storeu_ps(buf.as_mut_ptr().add(j * OCB + LANES), a[1]);
+            for (r, &v) in a.iter().enumerate() {
+                _mm512_storeu_ps(buf.as_mut_ptr().add(j * ocb + r * LANES), v);
+            }
         }
     }
 }
