@@ -176,6 +176,50 @@ fn run_lanes(
     let row_len = cp.row_len();
     // Padded rows that output rows `r0..r0 + rows` read.
     let band_rows = |rows: usize| (rows - 1) * sh + (kh - 1) * dh + 1;
+    // A large image (MobileNetV2's 112x112 layers: 1.6-4.8 MB channels-last) is copied in
+    // bands of output rows, each read while in cache (measured: one whole copy, written out
+    // to memory and read back, made the 112x112 layers slower than the per-plane loop).
+    // Strided, a band fills more than twice the rows it serves: past the L2 caches the
+    // per-plane loop measured faster (MobileNetV2's 112x112x96 stride-2 layer, 4.9 MB
+    // channels-last: 0.44 against 0.35 ms; 512 KB bands were slower still), below them
+    // slower (its 56x56x144 one: 0.11 against 0.16 ms).
+    if (sh > 1 || sw > 1) && cp.len > 16 * BAND_FLOATS {
+        return Ok(false);
+    }
+    // Output rows per band: as many as fit BAND_FLOATS (a small image: all).
+    let mut most = 1;
+    while most < oh && band_rows(most + 1) * row_len <= BAND_FLOATS {
+        most += 1;
+    }
+    // Copies output rows `rows`' band of image `xb` into `copy` and computes them.
+    let band = |copy: &mut [f32], xb: &[f32], rows: std::ops::Range<usize>, yd: &Disjoint<f32>| {
+        let first = rows.start * sh;
+        let filled = band_rows(rows.len()) * row_len;
+        for (i, chunk) in copy[..filled].chunks_mut(row_len).enumerate() {
+            cp.fill(xb, first + i, chunk);
+        }
+        lanes.rows(&copy[..filled], rows.start, rows, yd)
+    };
+    if n >= ctx.num_threads().max(2) {
+        // Enough images to keep every thread busy: one task per image, band after band,
+        // instead of parallel passes per image that wait on the threads' hand-offs.
+        let band_len = checked_numel(&[band_rows(most), row_len])?;
+        let yd = Disjoint::new(y);
+        return ctx
+            .parallel_for(n, 1, |range| {
+                let copy = ctx.scratch_reused::<f32>(band_len)?;
+                for b in range {
+                    let xb = &x[b * image..(b + 1) * image];
+                    // SAFETY: each image's output is written by the one task holding it.
+                    let yb = Disjoint::new(unsafe { yd.part(b * c * plane, c * plane) });
+                    for k in 0..oh.div_ceil(most) {
+                        band(copy, xb, k * most..((k + 1) * most).min(oh), &yb)?;
+                    }
+                }
+                Ok(())
+            })
+            .map(|()| true);
+    }
     if cp.len <= BAND_FLOATS {
         // A small image: copied once, then every task reads the shared copy (in cache).
         // About 16k multiply-adds per task.
@@ -193,36 +237,16 @@ fn run_lanes(
         }
         return Ok(true);
     }
-    // A large image (MobileNetV2's 112x112 layers: 1.6-4.8 MB channels-last): copied in
-    // bands of output rows, each task its own band, so that the copy is read while in cache
-    // (measured: one whole copy, written out to memory and read back, made the 112x112
-    // layers slower than the per-plane loop). Strided, a band fills more than twice the rows
-    // it serves: past the L2 caches the per-plane loop measured faster (MobileNetV2's
-    // 112x112x96 stride-2 layer, 4.9 MB channels-last: 0.44 against 0.35 ms; 512 KB bands
-    // were slower still), below them slower (its 56x56x144 one: 0.11 against 0.16 ms).
-    if (sh > 1 || sw > 1) && cp.len > 16 * BAND_FLOATS {
-        return Ok(false);
-    }
-    let mut band = 1;
-    while band < oh && band_rows(band + 1) * row_len <= BAND_FLOATS {
-        band += 1;
-    }
-    let band = band.min(oh.div_ceil(2 * ctx.num_threads().max(1)).max(1));
-    let bands = oh.div_ceil(band);
-    let band_len = checked_numel(&[band_rows(band), row_len])?;
+    // A large image: its bands spread over the threads.
+    let most = most.min(oh.div_ceil(2 * ctx.num_threads().max(1)).max(1));
+    let band_len = checked_numel(&[band_rows(most), row_len])?;
     for b in 0..n {
         let xb = &x[b * image..(b + 1) * image];
         let yd = Disjoint::new(&mut y[b * c * plane..(b + 1) * c * plane]);
-        ctx.parallel_for(bands, 1, |range| {
+        ctx.parallel_for(oh.div_ceil(most), 1, |range| {
             let copy = ctx.scratch_reused::<f32>(band_len)?;
             for k in range {
-                let rows = k * band..((k + 1) * band).min(oh);
-                let first = rows.start * sh;
-                let filled = band_rows(rows.len()) * row_len;
-                for (i, chunk) in copy[..filled].chunks_mut(row_len).enumerate() {
-                    cp.fill(xb, first + i, chunk);
-                }
-                lanes.rows(&copy[..filled], rows.start, rows, &yd)?;
+                band(copy, xb, k * most..((k + 1) * most).min(oh), &yd)?;
             }
             Ok(())
         })?;
