@@ -655,7 +655,7 @@ mod x86 {
         }
         let mut out = [_mm512_setzero_ps(); 16];
         for (o, a) in out.iter_mut().zip(acc) {
-            *o = activate512(t.act, a);
+            *o = t.act.apply512(a);
         }
         out
     }
@@ -752,35 +752,6 @@ mod x86 {
         }
     }
 
-    /// [`activate`] on 16 lanes.
-    #[target_feature(enable = "avx512f")]
-    fn activate512(act: Activation, v: __m512) -> __m512 {
-        match act {
-            Activation::None => v,
-            // f32::max(NaN, 0) is 0.
-            Activation::Relu => _mm512_max_ps(v, _mm512_setzero_ps()),
-            // NaN stays NaN.
-            Activation::Clip(lo, hi) => {
-                _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), v))
-            }
-            Activation::LeakyRelu(a) => {
-                let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, _mm512_setzero_ps());
-                _mm512_mask_mul_ps(v, neg, v, _mm512_set1_ps(a))
-            }
-            // Lane by lane: the loop is compiled for AVX-512 here, so it vectorizes.
-            Activation::SiLU | Activation::Gelu => {
-                let mut lanes = [0f32; WIDE_LANES];
-                // SAFETY: `lanes` holds WIDE_LANES floats.
-                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), v) };
-                for x in &mut lanes {
-                    *x = act.apply(*x);
-                }
-                // SAFETY: as above.
-                unsafe { _mm512_loadu_ps(lanes.as_ptr()) }
-            }
-        }
-    }
-
     /// Stores the first `len` lanes of the run `v` at `out[dst..dst + len]`.
     #[target_feature(enable = "avx512f")]
     fn store512(out: &mut [f32], dst: usize, len: usize, v: __m512) {
@@ -825,7 +796,7 @@ mod x86 {
                         let x = unsafe { _mm512_loadu_ps(p.add(src + off)) };
                         a = _mm512_fmadd_ps(_mm512_set1_ps(w), x, a);
                     }
-                    store512(out, dst, len, activate512(act, a));
+                    store512(out, dst, len, act.apply512(a));
                 }
                 return;
             }
@@ -838,7 +809,7 @@ mod x86 {
                 }
             }
             for (a, &(_, dst, len)) in acc.iter().zip(&at) {
-                store512(out, dst, len, activate512(act, *a));
+                store512(out, dst, len, act.apply512(*a));
             }
         }
     }

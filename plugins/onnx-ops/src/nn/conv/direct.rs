@@ -304,7 +304,7 @@ impl Tiles<'_> {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::super::channels_last::x86::transpose16;
-    use super::{Activation, Tiles, LANES, MAX_PIX, OCB};
+    use super::{Tiles, LANES, MAX_PIX, OCB};
     use crate::nn::Disjoint;
     use std::arch::x86_64::*;
 
@@ -348,44 +348,10 @@ mod x86 {
                     let zr = &z[at..at + p];
                     v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, zr.as_ptr()));
                 }
-                v = match t.act {
-                    Activation::None => v,
-                    // f32::max(NaN, 0) is 0: `max` returns its second operand when either is
-                    // NaN.
-                    Activation::Relu => _mm512_max_ps(v, _mm512_setzero_ps()),
-                    // NaN stays NaN.
-                    Activation::Clip(lo, hi) => {
-                        _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), v))
-                    }
-                    // `v < 0` is false for NaN, which stays.
-                    Activation::LeakyRelu(a) => {
-                        let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, _mm512_setzero_ps());
-                        _mm512_mask_mul_ps(v, neg, v, _mm512_set1_ps(a))
-                    }
-                    // Lane by lane, all 16 with the activation fixed: compiled for AVX-512
-                    // here, each loop vectorizes (the exponential included), with the bits
-                    // of `Activation::apply` (one masked loop over the `p` stored values ran
-                    // scalar: EfficientNet's first layer took 1.2 ms, 0.3 this way).
-                    Activation::SiLU => lanes(v, |x| Activation::SiLU.apply(x)),
-                    Activation::Gelu => lanes(v, |x| Activation::Gelu.apply(x)),
-                };
+                v = t.act.apply512(v);
                 _mm512_mask_storeu_ps(out.as_mut_ptr(), mask, v);
             }
         }
-    }
-
-    /// `f` on each lane of `v`.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    fn lanes(v: __m512, f: impl Fn(f32) -> f32) -> __m512 {
-        let mut l = [0f32; LANES];
-        // SAFETY: `l` holds LANES floats.
-        unsafe { _mm512_storeu_ps(l.as_mut_ptr(), v) };
-        for x in &mut l {
-            *x = f(*x);
-        }
-        // SAFETY: as above.
-        unsafe { _mm512_loadu_ps(l.as_ptr()) }
     }
 
     /// The sums of `p` (1..=[`MAX_PIX`]) pixels whose first tap is at `start` (stepping by
