@@ -30,7 +30,7 @@ impl App {
             )
             .with_grace(config.swap.grace)
             .with_quarantine(config.swap.quarantine),
-            compute: ComputePool::new(config.threads)?,
+            compute: ComputePool::new(config.threads)?.spinning(!config.no_spin),
             repo: Repository::new(config.model_repo.clone(), config.limits.clone()),
             metrics: crate::metrics::Metrics::new(),
             batchers: Default::default(),

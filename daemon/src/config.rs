@@ -40,6 +40,10 @@ pub struct Cli {
     /// Threads of the compute pool (0: one per core).
     #[arg(long, env = "OPREG_THREADS")]
     pub threads: Option<usize>,
+    /// Let idle compute workers sleep during a run instead of polling for its next parallel
+    /// loop (less CPU burnt on a shared machine; each loop then waits for a wake-up).
+    #[arg(long, env = "OPREG_NO_SPIN")]
+    pub no_spin: bool,
     /// Require the admin token for inference and read-only calls too (health stays open).
     #[arg(long, env = "OPREG_REQUIRE_TOKEN_FOR_INFERENCE")]
     pub require_token_for_inference: bool,
@@ -225,6 +229,8 @@ pub struct FileConfig {
     pub admin_token: Option<String>,
     pub threads: Option<usize>,
     #[serde(default)]
+    pub no_spin: bool,
+    #[serde(default)]
     pub require_token_for_inference: bool,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -264,6 +270,8 @@ pub struct Config {
     pub runtime_dir: Option<PathBuf>,
     pub admin_token: Option<String>,
     pub threads: usize,
+    /// Idle compute workers sleep during a run (see `exec::with_workers_awake`).
+    pub no_spin: bool,
     pub require_token_for_inference: bool,
     pub tls: Option<Tls>,
     pub limits: Limits,
@@ -414,6 +422,7 @@ impl Config {
             runtime_dir: cli.runtime_dir.or(file.runtime_dir.map(rel)),
             admin_token,
             threads: cli.threads.or(file.threads).unwrap_or(0),
+            no_spin: cli.no_spin || file.no_spin,
             require_token_for_inference,
             tls,
             limits: file.limits.merge(cli.limits)?,
@@ -491,7 +500,7 @@ mod tests {
         let file = dir.path().join("opreg.toml");
         std::fs::write(
             &file,
-            "listen = \"127.0.0.1:9000\"\nplugin_dirs = [\"plugins\"]\nthreads = 3\nadmin_token = \"s3cret\"\n",
+            "listen = \"127.0.0.1:9000\"\nplugin_dirs = [\"plugins\"]\nthreads = 3\nno_spin = true\nadmin_token = \"s3cret\"\n",
         )
         .expect("write");
         let cli = Cli {
@@ -502,6 +511,7 @@ mod tests {
         let c = Config::resolve(cli).expect("config");
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.threads, 5);
+        assert!(c.no_spin, "the file's no_spin");
         assert_eq!(c.plugin_dirs, vec![dir.path().join("plugins")]);
         assert_eq!(c.admin_token.as_deref(), Some("s3cret"));
     }
@@ -568,6 +578,7 @@ mod tests {
     fn defaults_bind_loopback() {
         let c = Config::resolve(Cli::default()).expect("config");
         assert!(c.listen.ip().is_loopback());
+        assert!(!c.no_spin, "workers poll by default");
         assert!(c.plugin_dirs.is_empty());
     }
 }

@@ -9,9 +9,11 @@
 // Request and model data reach this module: no unchecked index or slice.
 #![deny(clippy::indexing_slicing)]
 
+mod awake;
 mod bind;
 mod call;
 
+pub use awake::with_workers_awake;
 pub use bind::{bind, infer, BoundKernel, NodeDesc};
 pub use call::{call, CallLimits};
 
@@ -42,6 +44,13 @@ impl ComputePool {
             })
             .build()?;
         Ok(ComputePool { pool })
+    }
+
+    /// Whether idle workers poll for a run's next parallel loop (the default) or sleep (see
+    /// [`with_workers_awake`]; one setting per process, as there is one pool).
+    pub fn spinning(self, on: bool) -> Self {
+        awake::set_spinning(on);
+        self
     }
 
     /// Runs `f` on the pool, blocking the caller (benchmarks, tests).

@@ -207,7 +207,9 @@ fn run_tensors(
         .into_iter()
         .map(|(n, t)| (n, Slot::Tensor(t)))
         .collect();
-    run_with(plan, feeds, control, observe)?
+    // The pool's other workers poll for this run's loops instead of sleeping between them
+    // (see `exec::with_workers_awake`); nested plans run inside it.
+    crate::exec::with_workers_awake(|| run_with(plan, feeds, control, observe))?
         .into_iter()
         .map(|(name, v)| {
             let t = v.tensor(|| format!("output '{name}'"))?.clone();
