@@ -1274,7 +1274,9 @@ mod tests {
             [usize; 2],
             [usize; 4],
         );
-        let cases: [Case; 8] = [
+        // Rows narrower than their tiles' slots (7, 12, 14 and 20 wide) run in tiles across
+        // rows; the last case's rows are cut into several parallel tasks.
+        let cases: [Case; 9] = [
             ([1, 16, 14, 14], 24, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
             ([2, 5, 7, 7], 33, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
             ([1, 21, 5, 20], 40, [3, 3], [1, 1], [1, 1], [0, 1, 2, 1]),
@@ -1283,6 +1285,7 @@ mod tests {
             ([2, 9, 4, 25], 11, [3, 2], [1, 1], [1, 1], [1, 0, 1, 0]),
             ([1, 17, 11, 36], 32, [3, 3], [2, 3], [2, 2], [2, 1, 0, 3]),
             ([1, 6, 12, 12], 5, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
+            ([1, 64, 14, 14], 40, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
         ];
         for (k, (xs, m, ks, st, dil, pads)) in cases.into_iter().enumerate() {
             let g = geometry(xs, ks, st, dil, pads);

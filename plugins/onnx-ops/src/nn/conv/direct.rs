@@ -279,6 +279,55 @@ impl Tiles<'_> {
         let tiles = ow.div_ceil(max_pix);
         let (base, extra) = (ow / tiles, ow % tiles);
         let mut buf = [0f32; MAX_PIX * OCB];
+        // Rows narrower than a tile's slots waste them (a 7- or 14-wide row fills 14 of 24
+        // sums per tile). Where one output row's first tap lies a whole number `wv` of pixel
+        // steps after the previous row's (stride 1: `wv` is the copy's padded width), the
+        // pixels of consecutive rows lie on one line, `q = oy * wv + ox` at `q * pix_step`:
+        // tiles run along it across rows, the `wv - ow` pixels between two rows computed and
+        // dropped. Taken where that wastes less than the tiles within rows (7x7: 7 of 9 slots
+        // used instead of 7 of 12; 14x14: 14 of 16 instead of 14 of 24).
+        if let Some(wv) = (self.row_step % self.pix_step == 0)
+            .then(|| self.row_step / self.pix_step)
+            .filter(|&wv| wv >= ow && wv < tiles * max_pix)
+        {
+            if rows.is_empty() {
+                return Ok(());
+            }
+            // The last pixel read is row `rows.end - 1`'s last: within `last` as checked.
+            let end = (rows.end - 1) * wv + ow;
+            let mut q = rows.start * wv;
+            while q < end {
+                if q % wv >= ow {
+                    // The dropped pixels between two rows: start the tile on the next row.
+                    q = (q / wv + 1) * wv;
+                    continue;
+                }
+                let p = max_pix.min(end - q);
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `applies` checked the CPU's AVX-512; every read lies before `last`.
+                unsafe {
+                    x86::tile(self, copy.as_ptr().add(q * self.pix_step), p, w, &mut buf)
+                };
+                // Each row's run of the tile, the dropped pixels skipped.
+                let mut j = 0;
+                while j < p {
+                    let (oy, ox) = ((q + j) / wv, (q + j) % wv);
+                    if ox >= ow {
+                        j += wv - ox;
+                        continue;
+                    }
+                    let run = (ow - ox).min(p - j);
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as for the tile; the stores are bounds-checked parts of y.
+                    unsafe {
+                        x86::store(self, blk, (oy, ox, run), j, &buf, yd)
+                    };
+                    j += run;
+                }
+                q += p;
+            }
+            return Ok(());
+        }
         for oy in rows {
             let mut ox = 0;
             for t in 0..tiles {
@@ -292,7 +341,7 @@ impl Tiles<'_> {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as for the tile; the stores are bounds-checked parts of y.
                 unsafe {
-                    x86::store(self, blk, (oy, ox, p), &buf, yd)
+                    x86::store(self, blk, (oy, ox, p), 0, &buf, yd)
                 };
                 ox += p;
             }
@@ -308,18 +357,19 @@ mod x86 {
     use crate::nn::Disjoint;
     use std::arch::x86_64::*;
 
-    /// Pixels `ox..ox + p` of row `oy` from `buf` (`[pixel][channel]`) into block `blk`'s
-    /// output channels of `yd`, turned in registers, with the bias, the fused sum and the
-    /// activation.
+    /// Pixels `ox..ox + p` of row `oy` from `buf` (`[pixel][channel]`, from its pixel `j0`)
+    /// into block `blk`'s output channels of `yd`, turned in registers, with the bias, the
+    /// fused sum and the activation.
     ///
     /// # Safety
     /// The CPU has AVX-512 F; the tile lies inside the image's output (`p <= LANES`, and
-    /// `p * ocb <= MAX_PIX * OCB`).
+    /// `(j0 + p) * ocb <= MAX_PIX * OCB`).
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn store(
         t: &Tiles<'_>,
         blk: usize,
         (oy, ox, p): (usize, usize, usize),
+        j0: usize,
         buf: &[f32; MAX_PIX * OCB],
         yd: &Disjoint<f32>,
     ) {
@@ -330,7 +380,7 @@ mod x86 {
         for half in 0..ocb / LANES {
             let mut rows = [_mm512_setzero_ps(); 16];
             for (j, r) in rows.iter_mut().take(p).enumerate() {
-                *r = _mm512_loadu_ps(buf[j * ocb + half * LANES..][..LANES].as_ptr());
+                *r = _mm512_loadu_ps(buf[(j0 + j) * ocb + half * LANES..][..LANES].as_ptr());
             }
             for (o, &col) in transpose16(rows).iter().enumerate() {
                 let oc = blk * ocb + half * LANES + o;
