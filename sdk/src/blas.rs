@@ -54,6 +54,10 @@ impl Epilogue {
     pub const RELU: Epilogue = Epilogue(1);
     /// `x * Φ(x)` with the exact (erf) form.
     pub const GELU: Epilogue = Epilogue(2);
+    /// `x * sigmoid(x)` (SiLU, Swish). Since ABI 1.7.
+    pub const SILU: Epilogue = Epilogue(3);
+    /// `min(max(x, 0), 6)`, NaN kept (ReLU6: ONNX `Clip(0, 6)`). Since ABI 1.7.
+    pub const RELU6: Epilogue = Epilogue(4);
 }
 
 /// Operand types of one gemm flavour.
@@ -108,7 +112,8 @@ impl std::fmt::Display for GemmTypes {
 ///
 /// `zp_b` and `scale_b` read `b_zero_points` / `b_scales` (null: 0 and 1) with
 /// `b_quant_len` entries: 1 (per tensor) or `n` (per column of `op(B)`). `bias` (null: none)
-/// has `n` entries, one per column, f32 unless `types.c` is I32. A bit of `flags` the backend
+/// has `n` entries, one per column (`m`, one per row, with [`GemmArgs::BIAS_PER_ROW`]), f32
+/// unless `types.c` is I32. A bit of `flags` the backend
 /// does not know makes [`supports`](Blas::supports) false.
 #[repr(C)]
 #[derive(StableAbi, Copy, Clone, Debug)]
@@ -186,6 +191,11 @@ impl GemmArgs {
     /// convolution's `Y = W * cols`) are packed once this way instead of on every call. A
     /// backend that does not know the bit answers `false` from [`Blas::supports`]; ask first.
     pub const PACKED_A: u64 = 1;
+
+    /// `flags` bit: `bias` has `m` entries, one per row of C, instead of `n` (a convolution's
+    /// per-output-channel bias when its weights are on the left, `Y = W * cols`), f32 as for
+    /// columns. Float flavours only. Since ABI 1.7; ask [`Blas::supports`] first.
+    pub const BIAS_PER_ROW: u64 = 2;
 
     /// A row-major, untransposed, single gemm of `types` with every optional part off; the
     /// caller fills in the pointers and leading dimensions.

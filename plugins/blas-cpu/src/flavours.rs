@@ -206,10 +206,12 @@ fn supports_refuses_what_it_cannot_run() {
     let mut g = GemmArgs::new(GemmTypes::F32, 2, 2, 2);
     run(|_, blas| {
         assert!(blas.supports(&g));
-        g.flags = 2;
+        g.flags = 4;
         assert!(!blas.supports(&g), "unknown flag bits");
-        g.flags = GemmArgs::PACKED_A | 2;
+        g.flags = GemmArgs::PACKED_A | 4;
         assert!(!blas.supports(&g), "a known bit beside an unknown one");
+        g.flags = GemmArgs::PACKED_A | GemmArgs::BIAS_PER_ROW;
+        assert!(blas.supports(&g), "both known f32 bits");
         g.flags = 0;
         g.epilogue = Epilogue(77);
         assert!(!blas.supports(&g), "unknown epilogue");
@@ -221,6 +223,9 @@ fn supports_refuses_what_it_cannot_run() {
         };
         g.compute = DType::I32;
         assert!(blas.supports(&g));
+        g.flags = GemmArgs::BIAS_PER_ROW;
+        assert!(!blas.supports(&g), "a bias per row of an integer gemm");
+        g.flags = 0;
         g.layout = Layout::COL_MAJOR;
         assert!(!blas.supports(&g), "integer column-major");
         g.layout = Layout::ROW_MAJOR;

@@ -1,7 +1,7 @@
-//! The f32 flavour of the gemm API: argument checks, batches, pre-packed B, and the epilogue
-//! (bias and activation) applied to C after the blocked product.
+//! The f32 flavour of the gemm API: argument checks, batches and pre-packed operands; the
+//! epilogue (bias and activation) goes to the blocked product, which applies it tile by tile.
 
-use crate::epilogue;
+use crate::epilogue::TileEpilogue;
 use crate::gemm::{self, AlignedBuf, BSource, Mat, Problem};
 use crate::kernels::KernelKind;
 use opreg_sdk::prelude::*;
@@ -98,6 +98,7 @@ fn problem(
         c: c.ptr.cast_mut(),
         rsc: c.rs,
         csc: c.cs,
+        epi: TileEpilogue::of(g, false),
     })
 }
 
@@ -258,18 +259,16 @@ pub(crate) fn gemm(
                 }),
                 rsc: prob.csc,
                 csc: prob.rsc,
+                epi: TileEpilogue::of(&one, true),
                 ..prob
             };
         }
         // SAFETY: the caller guarantees the operands cover the matrices `g` describes (checked
         // for null, alignment and leading dimensions above); the kernel is available (chosen
         // by detection, or checked above for packed B).
+        // The bias (`n` or, per row, `m` f32s by the caller's contract) and the activation
+        // go with the tiles.
         unsafe { gemm::gemm(ctx, kind, &prob)? };
-        if !one.bias.is_null() || one.epilogue != Epilogue::NONE {
-            let (rsc, csc) = strides(one.layout, Transpose::NO, one.ldc);
-            // SAFETY: C was checked to cover `m x n` with these strides; bias has `n` f32s.
-            unsafe { epilogue::apply_f32(ctx, &one, rsc, csc)? };
-        }
     }
     Ok(())
 }

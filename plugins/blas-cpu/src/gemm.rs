@@ -6,6 +6,7 @@
 //! micro-panels), each packing its A block into `MR`-row micro-panels and running the
 //! micro-kernel over its tiles (`jr` over B micro-panels, `ir` over A micro-panels).
 
+use crate::epilogue::TileEpilogue;
 use crate::kernels::{KernelKind, MicroKernel, Portable};
 use opreg_sdk::prelude::*;
 use std::ops::Range;
@@ -72,6 +73,8 @@ pub(crate) struct Problem {
     pub c: *mut f32,
     pub rsc: usize,
     pub csc: usize,
+    /// Bias and activation, applied to each tile after its last depth block.
+    pub epi: Option<TileEpilogue>,
 }
 
 // SAFETY: a problem describes memory the caller owns for the call's duration; tasks read A
@@ -205,8 +208,13 @@ unsafe fn gemm_with<K: MicroKernel>(
         return Ok(());
     }
     if k == 0 || p.alpha == 0.0 {
-        // SAFETY: forwarded from the caller.
-        unsafe { scale_c(p) };
+        // SAFETY: forwarded from the caller; the epilogue's tile is all of C.
+        unsafe {
+            scale_c(p);
+            if let Some(e) = &p.epi {
+                K::finish(e, p.c, p.rsc, p.csc, 0, 0, m, n);
+            }
+        }
         return Ok(());
     }
     let threads = ctx.num_threads().max(1);
@@ -352,6 +360,8 @@ unsafe fn compute_block<K: MicroKernel>(
     } = blk;
     let panels = nc.div_ceil(K::NR);
     let a_len = mc_max * kc;
+    // The epilogue goes with the last depth block's tiles.
+    let epi = p.epi.filter(|_| pc + kc >= p.k);
     // Pre-packed A: depth block `pc` at `pc * m_pad`, rows `ic..` at `ic * kc` within it.
     let m_pad = m.div_ceil(K::MR) * K::MR;
     let a_block = p
@@ -425,18 +435,22 @@ unsafe fn compute_block<K: MicroKernel>(
                     // lies in C and belongs to this task alone; the kernel is available
                     // (caller).
                     unsafe {
+                        let c = p.c.add((ic + ir) * p.rsc + (jc + j) * p.csc);
                         K::tile(
                             kc,
                             a_pack.wrapping_add(ir * kc),
                             b_panel,
-                            p.c.add((ic + ir) * p.rsc + (jc + j) * p.csc),
+                            c,
                             p.rsc,
                             p.csc,
                             p.alpha,
                             beta,
                             mr,
                             nr,
-                        )
+                        );
+                        if let Some(e) = &epi {
+                            K::finish(e, c, p.rsc, p.csc, ic + ir, jc + j, mr, nr);
+                        }
                     };
                 }
             }

@@ -5,6 +5,7 @@
 //! `C[i, j] = alpha * sum_p A[p][i] * B[p][j] + beta * C[i, j]`, for the top-left `mr x nr`
 //! part of the tile only (edges), at `C + i * rsc + j * csc`. `beta == 0` never reads C.
 
+use crate::epilogue::TileEpilogue;
 use std::sync::OnceLock;
 
 /// One micro-kernel with its blocking parameters.
@@ -39,6 +40,26 @@ pub(crate) trait MicroKernel {
         mr: usize,
         nr: usize,
     );
+
+    /// Applies `e` to the `mr x nr` tile at `c` whose first element is C's `(row0, col0)`,
+    /// compiled for the kernel's instruction set (see [`TileEpilogue::apply`]).
+    ///
+    /// # Safety
+    /// As [`TileEpilogue::apply`]; the CPU has the kernel's features.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn finish(
+        e: &TileEpilogue,
+        c: *mut f32,
+        rsc: usize,
+        csc: usize,
+        row0: usize,
+        col0: usize,
+        mr: usize,
+        nr: usize,
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe { e.apply(c, rsc, csc, row0, col0, mr, nr) }
+    }
 }
 
 /// The micro-kernels this build has.
@@ -180,7 +201,7 @@ pub(crate) use x86::{Avx2, Avx512};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{store_scalar, MicroKernel};
+    use super::{store_scalar, MicroKernel, TileEpilogue};
     use std::arch::x86_64::*;
 
     /// 8x32 AVX-512F kernel: per step, two zmm rows of B and eight broadcasts of A feed 16
@@ -219,6 +240,35 @@ mod x86 {
                     _ => avx512_rows::<8>(kc, a, b, c, rsc, csc, alpha, beta, mr, nr),
                 }
             }
+        }
+
+        unsafe fn finish(
+            e: &TileEpilogue,
+            c: *mut f32,
+            rsc: usize,
+            csc: usize,
+            row0: usize,
+            col0: usize,
+            mr: usize,
+            nr: usize,
+        ) {
+            #[target_feature(enable = "avx512f")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn avx512(
+                e: &TileEpilogue,
+                c: *mut f32,
+                rsc: usize,
+                csc: usize,
+                row0: usize,
+                col0: usize,
+                mr: usize,
+                nr: usize,
+            ) {
+                // SAFETY: forwarded from the caller.
+                unsafe { e.apply(c, rsc, csc, row0, col0, mr, nr) }
+            }
+            // SAFETY: forwarded from the caller, who checked that the CPU has AVX-512F.
+            unsafe { avx512(e, c, rsc, csc, row0, col0, mr, nr) }
         }
     }
 
@@ -338,6 +388,35 @@ mod x86 {
         ) {
             // SAFETY: forwarded from the caller, who checked that the CPU has AVX2 and FMA.
             unsafe { avx2_6x16(kc, a, b, c, rsc, csc, alpha, beta, mr, nr) }
+        }
+
+        unsafe fn finish(
+            e: &TileEpilogue,
+            c: *mut f32,
+            rsc: usize,
+            csc: usize,
+            row0: usize,
+            col0: usize,
+            mr: usize,
+            nr: usize,
+        ) {
+            #[target_feature(enable = "avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn avx2(
+                e: &TileEpilogue,
+                c: *mut f32,
+                rsc: usize,
+                csc: usize,
+                row0: usize,
+                col0: usize,
+                mr: usize,
+                nr: usize,
+            ) {
+                // SAFETY: forwarded from the caller.
+                unsafe { e.apply(c, rsc, csc, row0, col0, mr, nr) }
+            }
+            // SAFETY: forwarded from the caller, who checked that the CPU has AVX2 and FMA.
+            unsafe { avx2(e, c, rsc, csc, row0, col0, mr, nr) }
         }
     }
 

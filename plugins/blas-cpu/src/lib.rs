@@ -69,11 +69,12 @@ enum Packed {
 }
 
 fn known_shape(g: &GemmArgs) -> bool {
-    // A packed A: f32, row-major (the integer flavours pack B only).
+    // A packed A: f32, row-major (the integer flavours pack B only); a bias per row: f32.
+    let f32_flags = GemmArgs::PACKED_A | GemmArgs::BIAS_PER_ROW;
     let flags_known = g.flags == 0
-        || (g.flags == GemmArgs::PACKED_A
-            && g.types == GemmTypes::F32
-            && g.layout == Layout::ROW_MAJOR);
+        || (g.types == GemmTypes::F32
+            && g.flags & !f32_flags == 0
+            && (g.flags & GemmArgs::PACKED_A == 0 || g.layout == Layout::ROW_MAJOR));
     flags_known
         && matches!(g.layout, Layout::ROW_MAJOR | Layout::COL_MAJOR)
         && matches!(g.trans_a, Transpose::NO | Transpose::YES)

@@ -93,6 +93,17 @@ struct Case {
     alpha: f32,
     beta: f32,
     packed: bool,
+    /// The activation, and a bias along C's rows or columns.
+    epi: Epilogue,
+    bias: BiasOn,
+}
+
+/// Where a case's bias lies.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum BiasOn {
+    None,
+    Rows,
+    Cols,
 }
 
 const SENTINEL: f32 = 12345.0;
@@ -119,6 +130,8 @@ fn check_with(kind: KernelKind, case: Case, pack_a: bool) {
         alpha,
         beta,
         packed,
+        epi,
+        bias,
     } = case;
     let seed = (m * 1_000_003 + n * 1009 + k) as u64;
     let a = Stored::new(layout, ta, m, k, pad, seed);
@@ -139,7 +152,19 @@ fn check_with(kind: KernelKind, case: Case, pack_a: bool) {
         }
     }
     let c0 = c.data.clone();
+    let bias_values = match bias {
+        BiasOn::None => Vec::new(),
+        BiasOn::Rows => values(m, seed + 3),
+        BiasOn::Cols => values(n, seed + 3),
+    };
     let mut args = GemmArgs::new(GemmTypes::F32, m, n, k);
+    args.epilogue = epi;
+    if bias != BiasOn::None {
+        args.bias = bias_values.as_ptr().cast();
+    }
+    if bias == BiasOn::Rows {
+        args.flags |= GemmArgs::BIAS_PER_ROW;
+    }
     args.layout = layout;
     args.trans_a = ta;
     args.trans_b = tb;
@@ -157,7 +182,7 @@ fn check_with(kind: KernelKind, case: Case, pack_a: bool) {
         if packed {
             let mut args = args;
             if pack_a {
-                args.flags = GemmArgs::PACKED_A;
+                args.flags |= GemmArgs::PACKED_A;
                 assert!(blas.supports(&args));
             }
             let pb = blas.pack_b(ctx, &args).expect("pack");
@@ -188,9 +213,16 @@ fn check_with(kind: KernelKind, case: Case, pack_a: bool) {
                     (alpha as f64 * mag).abs() + (beta as f64 * old).abs(),
                 )
             };
+            let b = match bias {
+                BiasOn::None => 0.0,
+                BiasOn::Rows => bias_values[i] as f64,
+                BiasOn::Cols => bias_values[j] as f64,
+            };
+            // The activations' slopes are within [-0.2, 1.2]; their f32 formulas add a few ulp.
+            let want = epilogue::activate(epi, (want + b) as f32) as f64;
             let got = c.data[c.at(i, j)] as f64;
             assert!(
-                (got - want).abs() <= 1e-5 * scale.max(1e-30) + 1e-30,
+                (got - want).abs() <= 1.2e-5 * (scale + b.abs()).max(1e-30) + 4e-7 * want.abs(),
                 "{kind:?} {case:?}: C[{i},{j}] = {got}, want {want}"
             );
         }
@@ -244,6 +276,8 @@ fn sweep(shapes: &[(usize, usize, usize)], scales: &[(f32, f32)], pads: &[usize]
                                             alpha,
                                             beta,
                                             packed,
+                                            epi: Epilogue::NONE,
+                                            bias: BiasOn::None,
                                         },
                                     );
                                 }
@@ -307,6 +341,8 @@ fn conv_like_and_tall_shapes() {
                     alpha: 1.0,
                     beta: 0.0,
                     packed,
+                    epi: Epilogue::NONE,
+                    bias: BiasOn::None,
                 };
                 check(kind, case);
             }
@@ -315,24 +351,87 @@ fn conv_like_and_tall_shapes() {
 }
 
 #[test]
+fn bias_and_activation_in_the_tiles() {
+    // Edge tiles, several depth blocks (the epilogue must follow the last one only), column
+    // blocks, every layout, B packed, A packed and neither; a bias per row and per column.
+    let epis = [
+        Epilogue::NONE,
+        Epilogue::RELU,
+        Epilogue::RELU6,
+        Epilogue::SILU,
+        Epilogue::GELU,
+    ];
+    for kind in kernels() {
+        for (m, n, k) in [(13, 37, 600), (9, 4150, 5), (70, 33, 40)] {
+            for layout in LAYOUTS {
+                for (i, &epi) in epis.iter().enumerate() {
+                    for bias in [BiasOn::None, BiasOn::Rows, BiasOn::Cols] {
+                        let (alpha, beta) = SCALES[i % 3];
+                        let case = Case {
+                            layout,
+                            ta: TRANS[i % 2],
+                            tb: TRANS[(i / 2) % 2],
+                            m,
+                            n,
+                            k,
+                            pad: 1,
+                            // Values that reach past 6 and below 0 for ReLU6.
+                            alpha: alpha * 8.0,
+                            beta,
+                            packed: (i + m) % 2 == 0,
+                            epi,
+                            bias,
+                        };
+                        check(kind, case);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_activations_formulas() {
+    use epilogue::activate;
+    let silu = |x: f32| x / (1.0 + (-x).exp());
+    for x in [-9.0f32, -1.5, -0.1, 0.0, 0.3, 2.0, 7.5] {
+        assert!((activate(Epilogue::SILU, x) - silu(x)).abs() <= 1e-6 * (1.0 + x.abs()));
+        assert_eq!(activate(Epilogue::RELU6, x), x.clamp(0.0, 6.0));
+        assert_eq!(activate(Epilogue::RELU, x), x.max(0.0));
+    }
+    assert!(activate(Epilogue::RELU6, f32::NAN).is_nan());
+    // GELU(1) = Φ(1) = 0.841344746...
+    assert!((activate(Epilogue::GELU, 1.0) - 0.841_344_75).abs() < 1e-6);
+    assert_eq!(activate(Epilogue(77), 1.5), 1.5);
+}
+
+#[test]
 fn empty_depth_and_zero_alpha_scale_c() {
     for kind in kernels() {
         for layout in LAYOUTS {
             for (k, alpha) in [(0, 1.0), (5, 0.0)] {
                 for beta in [0.0, 2.0] {
-                    let case = Case {
-                        layout,
-                        ta: Transpose::NO,
-                        tb: Transpose::YES,
-                        m: 5,
-                        n: 6,
-                        k,
-                        pad: 1,
-                        alpha,
-                        beta,
-                        packed: false,
-                    };
-                    check(kind, case);
+                    for (epi, bias) in [
+                        (Epilogue::NONE, BiasOn::None),
+                        (Epilogue::RELU6, BiasOn::Rows),
+                        (Epilogue::SILU, BiasOn::Cols),
+                    ] {
+                        let case = Case {
+                            layout,
+                            ta: Transpose::NO,
+                            tb: Transpose::YES,
+                            m: 5,
+                            n: 6,
+                            k,
+                            pad: 1,
+                            alpha,
+                            beta,
+                            packed: false,
+                            epi,
+                            bias,
+                        };
+                        check(kind, case);
+                    }
                 }
             }
         }

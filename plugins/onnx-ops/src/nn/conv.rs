@@ -134,6 +134,19 @@ fn pixels_by_channels_args(
     g
 }
 
+/// Sets the bias (one per output channel: per row of C when the weights are the `left`
+/// operand, per column of the transposed product) and the activation of a product's gemm
+/// arguments.
+fn with_epilogue(args: &mut GemmArgs, left: bool, bias: Option<&[f32]>, code: Epilogue) {
+    args.epilogue = code;
+    if let Some(b) = bias {
+        args.bias = b.as_ptr().cast();
+        if left {
+            args.flags |= GemmArgs::BIAS_PER_ROW;
+        }
+    }
+}
+
 fn conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
     let group = at_least_one(node, "Conv", "group", 1)?;
     let window = WindowAttrs::from_node(node)?;
@@ -462,9 +475,58 @@ impl Conv {
         Ok(())
     }
 
+    /// The weights packed at load for a `mg x rows` by `rows x p` product, and whether they are
+    /// its left operand; `None`: the product runs as a plain gemm.
+    fn packed_for(&self, mg: usize, p: usize, rows: usize) -> Option<(&PackedB, bool)> {
+        let matches = |pk: &PackedB| {
+            let info = pk.info();
+            self.group == 1 && info.k == rows && info.n == mg
+        };
+        match &self.packed {
+            Some(Packed::Left(pk)) if matches(pk) => Some((pk, true)),
+            Some(Packed::Right(pk)) if matches(pk) && p <= PIXELS_PER_CHANNEL_SWAP * mg => {
+                Some((pk, false))
+            }
+            _ => None,
+        }
+    }
+
+    /// The BLAS epilogue that applies `act` after the bias in [`product`](Self::product)'s
+    /// tiles, when the products of this size run on packed weights and the backend supports
+    /// it: then no pass over the output follows (`finish` read and wrote all of Y again).
+    /// `None`: `finish` applies them.
+    fn blas_epilogue(
+        &self,
+        ctx: &KernelContext<'_>,
+        (mg, p, rows): (usize, usize, usize),
+        bias: Option<&[f32]>,
+        act: Activation,
+    ) -> Option<Epilogue> {
+        // The BLAS formulas are `Activation::apply`'s (same bits); other activations stay here.
+        let code = match act {
+            Activation::None => Epilogue::NONE,
+            Activation::Relu => Epilogue::RELU,
+            Activation::Clip(lo, hi) if lo == 0.0 && hi == 6.0 => Epilogue::RELU6,
+            Activation::SiLU => Epilogue::SILU,
+            Activation::Gelu => Epilogue::GELU,
+            Activation::Clip(..) | Activation::LeakyRelu(_) => return None,
+        };
+        let (_, left) = self.packed_for(mg, p, rows)?;
+        let (w, x, mut y) = ([0f32; 1], [0f32; 1], [0f32; 1]);
+        let mut args = if left {
+            weights_left_args(mg, p, rows, w.as_ptr(), x.as_ptr(), y.as_mut_ptr())
+        } else {
+            pixels_by_channels_args(p, mg, rows, x.as_ptr(), w.as_ptr(), y.as_mut_ptr())
+        };
+        with_epilogue(&mut args, left, bias, code);
+        blas(ctx, "Conv").ok()?.supports(&args).then_some(code)
+    }
+
     /// `yg (mg x p) = w (mg x rows) * rhs (rows x p)` for one image and group: with the
     /// weights packed at load, as the left operand, or as `Y^T = rhs^T W^T` where the layer
     /// has few pixels per channel (see [`PIXELS_PER_CHANNEL_SWAP`]); else as a plain gemm.
+    /// With `epi` (what [`blas_epilogue`](Self::blas_epilogue) answered for this size), the
+    /// BLAS adds the group's bias and applies the activation too.
     #[allow(clippy::too_many_arguments)]
     fn product(
         &self,
@@ -475,20 +537,15 @@ impl Conv {
         w: &[f32],
         rhs: &[f32],
         yg: &mut [f32],
+        epi: Option<(Option<&[f32]>, Epilogue)>,
     ) -> Result<(), PluginError> {
         let fits = |len: usize, a: usize, b: usize| a.checked_mul(b).is_some_and(|e| len >= e);
-        let matches = |pk: &PackedB| {
-            let info = pk.info();
-            self.group == 1 && info.k == rows && info.n == mg
-        };
-        let packed = match &self.packed {
-            Some(Packed::Left(pk)) if matches(pk) => Some((pk, true)),
-            Some(Packed::Right(pk)) if matches(pk) && p <= PIXELS_PER_CHANNEL_SWAP * mg => {
-                Some((pk, false))
+        let Some((pk, left)) = self.packed_for(mg, p, rows) else {
+            if epi.is_some() {
+                return Err(PluginError::internal(
+                    "Conv: a BLAS epilogue for a product without packed weights",
+                ));
             }
-            _ => None,
-        };
-        let Some((pk, left)) = packed else {
             return gemm_f32(
                 ctx, "Conv", false, false, mg, p, rows, 1.0, w, rhs, 0.0, yg, None,
             );
@@ -501,11 +558,20 @@ impl Conv {
                 "Conv: operands too short for {mg}x{rows} * {rows}x{p}"
             )));
         }
-        let args = if left {
+        let mut args = if left {
             weights_left_args(mg, p, rows, w.as_ptr(), rhs.as_ptr(), yg.as_mut_ptr())
         } else {
             pixels_by_channels_args(p, mg, rows, rhs.as_ptr(), w.as_ptr(), yg.as_mut_ptr())
         };
+        if let Some((bias, code)) = epi {
+            if bias.is_some_and(|b| b.len() != mg) {
+                return Err(PluginError::internal(format!(
+                    "Conv: a group's bias of {:?} values for {mg} channels",
+                    bias.map(<[f32]>::len)
+                )));
+            }
+            with_epilogue(&mut args, left, bias, code);
+        }
         blas(ctx, "Conv")?.gemm_packed(ctx, &args, pk)
     }
 
@@ -567,6 +633,20 @@ impl Conv {
         {
             return Ok(());
         }
+        // The bias and activation in the BLAS's tiles where it can (never with Z: the sum's
+        // rounding order is the unfused graph's, see `finish`).
+        // (A bias of another length than m, which `conv_bias` refuses, stays with `finish`.)
+        let code = if z.is_none() && bias.is_none_or(|b| b.len() == m) {
+            self.blas_epilogue(ctx, (mg, p, rows), bias.map(|b| &b[..mg]), act)
+        } else {
+            None
+        };
+        let epi_of =
+            |gi: usize| code.map(|c| (bias.and_then(|b| b.get(gi * mg..(gi + 1) * mg)), c));
+        let finish = |y: &mut [f32]| match code {
+            Some(_) => Ok(()),
+            None => finish(ctx, y, bias, z, act, m, p),
+        };
         if n * group >= ctx.num_threads().max(2) && !direct {
             // Enough images (x groups) to keep every thread busy: one task per (image, group),
             // each with its own column buffer, instead of a parallel im2col and gemm per image.
@@ -582,11 +662,11 @@ impl Conv {
                     // SAFETY: each (image, group) writes its own disjoint block of y.
                     let yg = unsafe { yd.part(at, mg * p) };
                     let wg = &w[gi * mg * rows..(gi + 1) * mg * rows];
-                    self.product(ctx, mg, p, rows, wg, col, yg)?;
+                    self.product(ctx, mg, p, rows, wg, col, yg, epi_of(gi))?;
                 }
                 Ok(())
             })?;
-            return finish(ctx, y, bias, z, act, m, p);
+            return finish(y);
         }
         let col = if direct {
             &mut [][..]
@@ -604,10 +684,10 @@ impl Conv {
                 };
                 let yg = &mut y[(b * m + gi * mg) * p..(b * m + (gi + 1) * mg) * p];
                 let wg = &w[gi * mg * rows..(gi + 1) * mg * rows];
-                self.product(ctx, mg, p, rows, wg, rhs, yg)?;
+                self.product(ctx, mg, p, rows, wg, rhs, yg, epi_of(gi))?;
             }
         }
-        finish(ctx, y, bias, z, act, m, p)
+        finish(y)
     }
 }
 
