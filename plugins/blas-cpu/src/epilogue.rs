@@ -25,16 +25,8 @@ pub(crate) fn activate(e: Epilogue, x: f32) -> f32 {
         Epilogue::RELU => x.max(0.0),
         Epilogue::GELU => 0.5 * x * (1.0 + Real::erf(x * std::f64::consts::FRAC_1_SQRT_2 as f32)),
         Epilogue::SILU => x * x.sigmoid(),
-        // As ONNX Clip: NaN stays NaN.
-        Epilogue::RELU6 => {
-            if x < 0.0 {
-                0.0
-            } else if x > 6.0 {
-                6.0
-            } else {
-                x
-            }
-        }
+        // As ONNX Clip (and `f32::clamp`): NaN stays NaN, -0 stays -0.
+        Epilogue::RELU6 => x.clamp(0.0, 6.0),
         _ => x,
     }
 }

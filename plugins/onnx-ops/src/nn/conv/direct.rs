@@ -286,7 +286,7 @@ impl Tiles<'_> {
         // tiles run along it across rows, the `wv - ow` pixels between two rows computed and
         // dropped. Taken where that wastes less than the tiles within rows (7x7: 7 of 9 slots
         // used instead of 7 of 12; 14x14: 14 of 16 instead of 14 of 24).
-        if let Some(wv) = (self.row_step % self.pix_step == 0)
+        if let Some(wv) = (self.pix_step > 0 && self.row_step.is_multiple_of(self.pix_step))
             .then(|| self.row_step / self.pix_step)
             .filter(|&wv| wv >= ow && wv < tiles * max_pix)
         {
