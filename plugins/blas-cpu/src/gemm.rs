@@ -235,6 +235,10 @@ unsafe fn gemm_with<K: MicroKernel>(
             )));
         }
     }
+    if let (BSource::Packed { ptr, .. }, true) = (p.b, m <= K::MR && k > kc_max) {
+        // SAFETY: forwarded from the caller; B is packed for this kernel and `kc_max`.
+        return unsafe { few_rows::<K>(ctx, parallel, p, ptr, kc_max) };
+    }
     let mut b_buf = None;
     for jc in (0..n).step_by(K::NC) {
         let nc = K::NC.min(n - jc);
@@ -281,6 +285,75 @@ unsafe fn gemm_with<K: MicroKernel>(
         }
     }
     Ok(())
+}
+
+/// A product of at most `MR` rows (a batch-1 fully connected layer) with B packed: it only
+/// streams B, each value used once, so blocking the depth buys nothing and cost a parallel
+/// loop per depth block, each re-reading and re-writing C. Here one parallel loop over B's
+/// panels, each panel's depth blocks one after another on the same C tile (in L1), the
+/// epilogue after the last.
+///
+/// # Safety
+/// As [`gemm`]; `b` holds all of B packed by [`pack_b_all`] for `K` with depth blocks of
+/// `kc_max`; `p.m <= K::MR`.
+unsafe fn few_rows<K: MicroKernel>(
+    ctx: &KernelContext<'_>,
+    parallel: bool,
+    p: &Problem,
+    b: *const f32,
+    kc_max: usize,
+) -> Result<(), PluginError> {
+    let (m, n, k) = (p.m, p.n, p.k);
+    let n_pad = n.div_ceil(K::NR) * K::NR;
+    // A's depth blocks, `K::MR` rows each (as `pack_a_all` lays them out): block `pc` at
+    // `pc * MR`.
+    let a_own;
+    let a = match p.a_packed {
+        Some((ptr, _)) => ptr,
+        None => {
+            let mut buf = AlignedBuf::new(k * K::MR)?;
+            // SAFETY: A is valid (caller); the buffer holds `k * MR` floats.
+            unsafe { pack_a_all::<K>(p.a, m, k, buf.ptr()) };
+            a_own = buf;
+            a_own.as_ptr()
+        }
+    };
+    let (a, b) = (SharedPtr(a.cast_mut()), SharedPtr(b.cast_mut()));
+    let panels = n_pad / K::NR;
+    let threads = ctx.num_threads().max(1);
+    let grain = panels.div_ceil(threads * TASKS_PER_THREAD).max(1);
+    run_ranges(ctx, parallel, panels, grain, |range| {
+        for panel in range {
+            let j = panel * K::NR;
+            let nr = K::NR.min(n - j);
+            let c = p.c.wrapping_add(j * p.csc);
+            for pc in (0..k).step_by(kc_max) {
+                let kc = kc_max.min(k - pc);
+                let beta = if pc == 0 { p.beta } else { 1.0 };
+                // SAFETY: block `pc` of A and panel `panel` of B's block `pc` are packed
+                // (`kc` steps each); the tile lies in C and belongs to this task alone.
+                unsafe {
+                    K::tile(
+                        kc,
+                        a.get().cast_const().wrapping_add(pc * K::MR),
+                        b.get().cast_const().wrapping_add(pc * n_pad + j * kc),
+                        c,
+                        p.rsc,
+                        p.csc,
+                        p.alpha,
+                        beta,
+                        m,
+                        nr,
+                    );
+                }
+            }
+            if let Some(e) = &p.epi {
+                // SAFETY: as above.
+                unsafe { K::finish(e, c, p.rsc, p.csc, 0, j, m, nr) };
+            }
+        }
+        Ok(())
+    })
 }
 
 /// The B block of one `(jc, pc)` step.
