@@ -219,12 +219,13 @@ impl Pool {
         out_shape.extend_from_slice(&g.out);
         let x = xv.as_slice::<T>()?;
         // The outputs before anything sized by the geometry: the host refuses outputs past
-        // its limit.
-        let y = ctx.output_slice::<T>(0, &out_shape)?;
+        // its limit. Not zeroed: every path below writes every output element (and every
+        // index) of every plane, windows wholly in the padding included.
+        let y = ctx.output_slice_to_overwrite::<T>(0, &out_shape)?;
         let want_indices = self.kind == Kind::Max && ctx.num_outputs() > 1;
         let mut no_indices: [i64; 0] = [];
         let indices = if want_indices {
-            ctx.output_slice::<i64>(1, &out_shape)?
+            ctx.output_slice_to_overwrite::<i64>(1, &out_shape)?
         } else {
             &mut no_indices[..]
         };
