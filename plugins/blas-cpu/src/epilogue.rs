@@ -119,14 +119,22 @@ impl TileEpilogue {
                             *self.bias.add(bo + o)
                         };
                         if si == 1 {
-                            // A slice: the loop vectorizes (a runtime stride would not).
+                            // A slice: the loop vectorizes (a runtime stride would not). Plain
+                            // `for` loops: `for_each` was compiled out of line, outside the
+                            // kernel's instruction set (SiLU then cost 0.85 ms on 1.2 M values
+                            // at 2 threads, 4.5 cycles each).
                             let run = std::slice::from_raw_parts_mut(run, inner);
                             match bias {
-                                Some(bias) => run
-                                    .iter_mut()
-                                    .zip(bias)
-                                    .for_each(|(v, &b)| *v = activate(act, *v + b)),
-                                None => run.iter_mut().for_each(|v| *v = activate(act, *v + b)),
+                                Some(bias) => {
+                                    for (v, &b) in run.iter_mut().zip(bias) {
+                                        *v = activate(act, *v + b);
+                                    }
+                                }
+                                None => {
+                                    for v in run.iter_mut() {
+                                        *v = activate(act, *v + b);
+                                    }
+                                }
                             }
                         } else {
                             for i in 0..inner {

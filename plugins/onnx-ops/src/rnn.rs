@@ -439,11 +439,20 @@ crate::simd::simd_fn! {
     /// activations through the f64 definitions.
     fn activate32(act: Act, v: &mut [f32]) {
         use opreg_sdk::numeric::{tanh32, Real};
+        // Plain loops: a `for_each` may be compiled out of line, outside the instruction set
+        // this function is compiled for (see blas-cpu's epilogue).
+        macro_rules! each {
+            (|$x:ident| $e:expr) => {
+                for $x in v.iter_mut() {
+                    *$x = $e;
+                }
+            };
+        }
         match act {
-            Act::Sigmoid => v.iter_mut().for_each(|x| *x = Real::sigmoid(*x)),
-            Act::Tanh => v.iter_mut().for_each(|x| *x = tanh32(*x)),
-            Act::Relu => v.iter_mut().for_each(|x| *x = x.max(0.0)),
-            other => v.iter_mut().for_each(|x| *x = other.apply(f64::from(*x)) as f32),
+            Act::Sigmoid => each!(|x| Real::sigmoid(*x)),
+            Act::Tanh => each!(|x| tanh32(*x)),
+            Act::Relu => each!(|x| x.max(0.0)),
+            other => each!(|x| other.apply(f64::from(*x)) as f32),
         }
     }
 }

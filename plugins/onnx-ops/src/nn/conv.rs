@@ -724,15 +724,21 @@ crate::simd::simd_fn! {
     fn finish_plane(plane: &mut [f32], bv: f32, z: Option<&[f32]>, act: Activation) {
         macro_rules! each {
             (|$v:ident| $e:expr) => {
+                // Plain loops: a `for_each` may be compiled out of line, outside the
+                // instruction set this function is compiled for (see blas-cpu's epilogue).
                 match z {
-                    Some(zp) => plane.iter_mut().zip(zp).for_each(|(o, &zv)| {
-                        let $v = (*o + bv) + zv;
-                        *o = $e;
-                    }),
-                    None => plane.iter_mut().for_each(|o| {
-                        let $v = *o + bv;
-                        *o = $e;
-                    }),
+                    Some(zp) => {
+                        for (o, &zv) in plane.iter_mut().zip(zp) {
+                            let $v = (*o + bv) + zv;
+                            *o = $e;
+                        }
+                    }
+                    None => {
+                        for o in plane.iter_mut() {
+                            let $v = *o + bv;
+                            *o = $e;
+                        }
+                    }
                 }
             };
         }

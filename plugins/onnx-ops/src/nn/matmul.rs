@@ -480,8 +480,12 @@ crate::simd::simd_fn! {
     fn finish_rows(rows: &mut [f32], bias: &[f32], act: Activation) {
         macro_rules! each {
             ($a:expr) => {
+                // Plain loops: a `for_each` may be compiled out of line, outside the
+                // instruction set this function is compiled for (see blas-cpu's epilogue).
                 for row in rows.chunks_mut(bias.len().max(1)) {
-                    row.iter_mut().zip(bias).for_each(|(v, b)| *v = $a.apply(*v + b));
+                    for (v, b) in row.iter_mut().zip(bias) {
+                        *v = $a.apply(*v + b);
+                    }
                 }
             };
         }
