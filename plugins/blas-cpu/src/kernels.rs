@@ -204,6 +204,42 @@ mod x86 {
     use super::{store_scalar, MicroKernel, TileEpilogue};
     use std::arch::x86_64::*;
 
+    /// `MicroKernel::finish` compiled for the kernel's target features, so that the epilogue's
+    /// loops vectorize for its instruction set.
+    macro_rules! finish_for {
+        ($features:literal) => {
+            unsafe fn finish(
+                e: &TileEpilogue,
+                c: *mut f32,
+                rsc: usize,
+                csc: usize,
+                row0: usize,
+                col0: usize,
+                mr: usize,
+                nr: usize,
+            ) {
+                #[target_feature(enable = $features)]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn with_features(
+                    e: &TileEpilogue,
+                    c: *mut f32,
+                    rsc: usize,
+                    csc: usize,
+                    row0: usize,
+                    col0: usize,
+                    mr: usize,
+                    nr: usize,
+                ) {
+                    // SAFETY: forwarded from the caller.
+                    unsafe { e.apply(c, rsc, csc, row0, col0, mr, nr) }
+                }
+                // SAFETY: forwarded from the caller, who checked that the CPU has the
+                // kernel's features.
+                unsafe { with_features(e, c, rsc, csc, row0, col0, mr, nr) }
+            }
+        };
+    }
+
     /// 8x32 AVX-512F kernel: per step, two zmm rows of B and eight broadcasts of A feed 16
     /// FMAs into 16 accumulators.
     pub(crate) struct Avx512;
@@ -242,34 +278,7 @@ mod x86 {
             }
         }
 
-        unsafe fn finish(
-            e: &TileEpilogue,
-            c: *mut f32,
-            rsc: usize,
-            csc: usize,
-            row0: usize,
-            col0: usize,
-            mr: usize,
-            nr: usize,
-        ) {
-            #[target_feature(enable = "avx512f")]
-            #[allow(clippy::too_many_arguments)]
-            unsafe fn avx512(
-                e: &TileEpilogue,
-                c: *mut f32,
-                rsc: usize,
-                csc: usize,
-                row0: usize,
-                col0: usize,
-                mr: usize,
-                nr: usize,
-            ) {
-                // SAFETY: forwarded from the caller.
-                unsafe { e.apply(c, rsc, csc, row0, col0, mr, nr) }
-            }
-            // SAFETY: forwarded from the caller, who checked that the CPU has AVX-512F.
-            unsafe { avx512(e, c, rsc, csc, row0, col0, mr, nr) }
-        }
+        finish_for!("avx512f");
     }
 
     /// The product of the first `R` rows of an 8-row A panel with a 32-column B panel
@@ -390,34 +399,7 @@ mod x86 {
             unsafe { avx2_6x16(kc, a, b, c, rsc, csc, alpha, beta, mr, nr) }
         }
 
-        unsafe fn finish(
-            e: &TileEpilogue,
-            c: *mut f32,
-            rsc: usize,
-            csc: usize,
-            row0: usize,
-            col0: usize,
-            mr: usize,
-            nr: usize,
-        ) {
-            #[target_feature(enable = "avx2,fma")]
-            #[allow(clippy::too_many_arguments)]
-            unsafe fn avx2(
-                e: &TileEpilogue,
-                c: *mut f32,
-                rsc: usize,
-                csc: usize,
-                row0: usize,
-                col0: usize,
-                mr: usize,
-                nr: usize,
-            ) {
-                // SAFETY: forwarded from the caller.
-                unsafe { e.apply(c, rsc, csc, row0, col0, mr, nr) }
-            }
-            // SAFETY: forwarded from the caller, who checked that the CPU has AVX2 and FMA.
-            unsafe { avx2(e, c, rsc, csc, row0, col0, mr, nr) }
-        }
+        finish_for!("avx2,fma");
     }
 
     #[target_feature(enable = "avx2,fma")]
