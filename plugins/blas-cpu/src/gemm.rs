@@ -311,7 +311,10 @@ unsafe fn few_rows<K: MicroKernel>(
     let a = match p.a_packed {
         Some((ptr, _)) => ptr,
         None => {
-            let mut buf = AlignedBuf::new(k * K::MR)?;
+            let len = k
+                .checked_mul(K::MR)
+                .ok_or_else(|| PluginError::invalid("cpu blas: packed A size overflows"))?;
+            let mut buf = AlignedBuf::new(len)?;
             // SAFETY: A is valid (caller); the buffer holds `k * MR` floats.
             unsafe { pack_a_all::<K>(p.a, m, k, buf.ptr()) };
             a_own = buf;
