@@ -46,6 +46,20 @@ impl Activation {
         })
     }
 
+    /// The BLAS epilogue that computes this activation with the same formula (and so the same
+    /// bits) inside the gemm's tiles (ABI 1.7), where there is one: a product with a bias and
+    /// this activation then needs no pass of its own over the output.
+    pub(crate) fn blas_epilogue(self) -> Option<Epilogue> {
+        match self {
+            Activation::None => Some(Epilogue::NONE),
+            Activation::Relu => Some(Epilogue::RELU),
+            Activation::Clip(lo, hi) if lo == 0.0 && hi == 6.0 => Some(Epilogue::RELU6),
+            Activation::SiLU => Some(Epilogue::SILU),
+            Activation::Gelu => Some(Epilogue::GELU),
+            Activation::Clip(..) | Activation::LeakyRelu(_) => None,
+        }
+    }
+
     /// The activation of one value. `#[inline(always)]`: the epilogue loops call it with the
     /// activation fixed outside the loop, and must see through it to vectorize.
     #[inline(always)]

@@ -503,14 +503,7 @@ impl Conv {
         act: Activation,
     ) -> Option<Epilogue> {
         // The BLAS formulas are `Activation::apply`'s (same bits); other activations stay here.
-        let code = match act {
-            Activation::None => Epilogue::NONE,
-            Activation::Relu => Epilogue::RELU,
-            Activation::Clip(lo, hi) if lo == 0.0 && hi == 6.0 => Epilogue::RELU6,
-            Activation::SiLU => Epilogue::SILU,
-            Activation::Gelu => Epilogue::GELU,
-            Activation::Clip(..) | Activation::LeakyRelu(_) => return None,
-        };
+        let code = act.blas_epilogue()?;
         let (_, left) = self.packed_for(mg, p, rows)?;
         let (w, x, mut y) = ([0f32; 1], [0f32; 1], [0f32; 1]);
         let mut args = if left {

@@ -58,16 +58,71 @@ pub(crate) fn gemm_f32(
         beta,
         c.as_mut_ptr(),
     );
+    run_gemm(ctx, blas, &args, packed)
+}
+
+/// `C = act(A * B + bias)` (row-major, contiguous, `bias` one per column) with the bias and
+/// activation in the BLAS's tiles: `Ok(false)`, nothing written, where the backend does not
+/// support that epilogue (the caller then runs the product and applies them itself).
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32_with_epilogue(
+    ctx: &KernelContext<'_>,
+    op: &str,
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    packed: Option<&PackedB>,
+    (bias, code): (&[f32], Epilogue),
+) -> Result<bool, PluginError> {
+    let fits =
+        |len: usize, rows: usize, cols: usize| rows.checked_mul(cols).is_some_and(|e| len >= e);
+    if m == 0 || n == 0 || k == 0 || bias.len() != n {
+        return Ok(false);
+    }
+    if !fits(c.len(), m, n) || !fits(a.len(), m, k) || !fits(b.len(), k, n) {
+        return Err(PluginError::internal(format!(
+            "{op}: gemm operands too short for {m}x{k} * {k}x{n}"
+        )));
+    }
+    let blas = blas(ctx, op)?;
+    let mut args = gemm_args(
+        false,
+        false,
+        m,
+        n,
+        k,
+        1.0,
+        a.as_ptr(),
+        b.as_ptr(),
+        0.0,
+        c.as_mut_ptr(),
+    );
+    args.bias = bias.as_ptr().cast();
+    args.epilogue = code;
+    if !blas.supports(&args) {
+        return Ok(false);
+    }
+    run_gemm(ctx, blas, &args, packed).map(|()| true)
+}
+
+/// Runs `args` with `packed` as B where it was packed for this product.
+fn run_gemm(
+    ctx: &KernelContext<'_>,
+    blas: opreg_sdk::blas::BlasRef<'_>,
+    args: &GemmArgs,
+    packed: Option<&PackedB>,
+) -> Result<(), PluginError> {
     match packed {
         Some(p)
             if {
                 let info = p.info();
-                info.k == k && info.n == n && info.trans_b == args.trans_b
+                info.k == args.k && info.n == args.n && info.trans_b == args.trans_b
             } =>
         {
-            blas.gemm_packed(ctx, &args, p)
+            blas.gemm_packed(ctx, args, p)
         }
-        _ => blas.gemm(ctx, &args),
+        _ => blas.gemm(ctx, args),
     }
 }
 
@@ -458,13 +513,17 @@ impl Kernel for FusedMatMul {
             )));
         }
         let y = ctx.output_slice_to_overwrite::<f32>(0, &plan.out_shape)?;
-        plan.run_f32(
-            ctx,
-            a.as_slice()?,
-            b.as_slice()?,
-            y,
-            self.matmul.packed.as_deref(),
-        )?;
+        let (a, b) = (a.as_slice()?, b.as_slice()?);
+        let packed = self.matmul.packed.as_deref();
+        // B shared by every batch (a linear layer): one gemm, the bias and activation in its
+        // tiles where the backend supports them.
+        if let (true, Some(code)) = (plan.offs.is_empty(), self.act.blas_epilogue()) {
+            let dims = (plan.nb * plan.m, plan.n, plan.k);
+            if gemm_f32_with_epilogue(ctx, "FusedMatMul", dims, a, b, y, packed, (bias, code))? {
+                return Ok(());
+            }
+        }
+        plan.run_f32(ctx, a, b, y, packed)?;
         let n = plan.n.max(1);
         let act = self.act;
         ctx.parallel_chunks(y, (16384 / n).max(1) * n, |_, chunk| {
@@ -640,7 +699,7 @@ pub fn register(r: &mut Registrar) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::testblas::{naive_matmul, NaiveBlas};
+    use crate::nn::testblas::{naive_matmul, NaiveBlas, NaiveEpilogueBlas};
     use opreg_sdk::{
         host::HostTensor,
         testkit::{run_kernel, run_kernel_opt, NodeSpec},
@@ -681,20 +740,23 @@ mod tests {
             let node = NodeSpec::onnx("FusedMatMul", 1)
                 .domain("opreg")
                 .attr("activation", AttrValue::String(act.into()));
-            let out = run_kernel(
-                fused_matmul_factory,
-                &node,
-                &[&ta, &tb, &tbias],
-                Some(Box::new(NaiveBlas)),
-            )
-            .expect("run");
-            let got = out[0].to_vec::<f32>().expect("y");
-            for (i, (&g, &s)) in got.iter().zip(&sum).enumerate() {
-                let want = f(s);
-                assert!(
-                    (f64::from(g) - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                    "{act:?} at {i}: {g} vs {want}"
-                );
+            // The bias and activation applied here, and in the BLAS's epilogue.
+            for in_blas in [false, true] {
+                let blas: Box<dyn Blas> = if in_blas {
+                    Box::new(NaiveEpilogueBlas)
+                } else {
+                    Box::new(NaiveBlas)
+                };
+                let out = run_kernel(fused_matmul_factory, &node, &[&ta, &tb, &tbias], Some(blas))
+                    .expect("run");
+                let got = out[0].to_vec::<f32>().expect("y");
+                for (i, (&g, &s)) in got.iter().zip(&sum).enumerate() {
+                    let want = f(s);
+                    assert!(
+                        (f64::from(g) - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{act:?} (in the BLAS: {in_blas}) at {i}: {g} vs {want}"
+                    );
+                }
             }
         }
         // An activation it does not have fails the load, naming it.

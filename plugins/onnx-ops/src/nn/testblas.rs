@@ -70,6 +70,67 @@ impl Blas for NaiveBlas {
     }
 }
 
+/// [`NaiveBlas`] that also takes the f32 epilogues (a bias per column or per row, the
+/// activations of ABI 1.7), applied after the product with the operators' own formulas: the
+/// operators' paths that hand their bias and activation to the BLAS run through it in tests.
+pub(crate) struct NaiveEpilogueBlas;
+
+impl NaiveEpilogueBlas {
+    fn plain(g: &GemmArgs) -> GemmArgs {
+        let mut p = *g;
+        p.flags &= !GemmArgs::BIAS_PER_ROW;
+        p.epilogue = Epilogue::NONE;
+        p.bias = std::ptr::null();
+        p
+    }
+
+    fn activation(e: Epilogue) -> Option<crate::nn::activation::Activation> {
+        use crate::nn::activation::Activation;
+        Some(match e {
+            Epilogue::NONE => Activation::None,
+            Epilogue::RELU => Activation::Relu,
+            Epilogue::RELU6 => Activation::Clip(0.0, 6.0),
+            Epilogue::SILU => Activation::SiLU,
+            Epilogue::GELU => Activation::Gelu,
+            _ => return None,
+        })
+    }
+}
+
+impl Blas for NaiveEpilogueBlas {
+    fn supports(&self, g: &GemmArgs) -> bool {
+        g.types == GemmTypes::F32
+            && Self::activation(g.epilogue).is_some()
+            && NaiveBlas.supports(&Self::plain(g))
+    }
+
+    fn gemm(&self, ctx: &KernelContext<'_>, g: &GemmArgs) -> Result<(), PluginError> {
+        let act = Self::activation(g.epilogue)
+            .ok_or_else(|| PluginError::unimplemented("naive blas: unknown epilogue"))?;
+        NaiveBlas.gemm(ctx, &Self::plain(g))?;
+        let per_row = g.flags & GemmArgs::BIAS_PER_ROW != 0;
+        let (c, bias) = (g.c.cast::<f32>(), g.bias.cast::<f32>());
+        for i in 0..g.m {
+            for j in 0..g.n {
+                let at = match g.layout {
+                    Layout::COL_MAJOR => j * g.ldc + i,
+                    _ => i * g.ldc + j,
+                };
+                // SAFETY: the caller's C covers the product; the bias has m or n values.
+                unsafe {
+                    let b = if bias.is_null() {
+                        0.0
+                    } else {
+                        *bias.add(if per_row { i } else { j })
+                    };
+                    *c.add(at) = act.apply(*c.add(at) + b);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Row-major `a (m x k) * b (k x n)`.
 pub(crate) fn naive_matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     let mut c = vec![0.0; m * n];
