@@ -29,13 +29,7 @@ pub(crate) fn gemm_f32(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let fits =
-        |len: usize, rows: usize, cols: usize| rows.checked_mul(cols).is_some_and(|e| len >= e);
-    if !fits(c.len(), m, n) || (k > 0 && (!fits(a.len(), m, k) || !fits(b.len(), k, n))) {
-        return Err(PluginError::internal(format!(
-            "{op}: gemm operands too short for {m}x{k} * {k}x{n}"
-        )));
-    }
+    check_operands(op, (m, n, k), a, b, c)?;
     if k == 0 {
         // No products: C = beta * C.
         if beta == 0.0 {
@@ -75,16 +69,10 @@ fn gemm_f32_with_epilogue(
     packed: Option<&PackedB>,
     (bias, code): (&[f32], Epilogue),
 ) -> Result<bool, PluginError> {
-    let fits =
-        |len: usize, rows: usize, cols: usize| rows.checked_mul(cols).is_some_and(|e| len >= e);
     if m == 0 || n == 0 || k == 0 || bias.len() != n {
         return Ok(false);
     }
-    if !fits(c.len(), m, n) || !fits(a.len(), m, k) || !fits(b.len(), k, n) {
-        return Err(PluginError::internal(format!(
-            "{op}: gemm operands too short for {m}x{k} * {k}x{n}"
-        )));
-    }
+    check_operands(op, (m, n, k), a, b, c)?;
     let blas = blas(ctx, op)?;
     let mut args = gemm_args(
         false,
@@ -104,6 +92,25 @@ fn gemm_f32_with_epilogue(
         return Ok(false);
     }
     run_gemm(ctx, blas, &args, packed).map(|()| true)
+}
+
+/// Fails unless `c` holds `m x n` values and, for a product with depth, `a` `m x k` and `b`
+/// `k x n`.
+fn check_operands(
+    op: &str,
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    b: &[f32],
+    c: &[f32],
+) -> Result<(), PluginError> {
+    let fits =
+        |len: usize, rows: usize, cols: usize| rows.checked_mul(cols).is_some_and(|e| len >= e);
+    if !fits(c.len(), m, n) || (k > 0 && (!fits(a.len(), m, k) || !fits(b.len(), k, n))) {
+        return Err(PluginError::internal(format!(
+            "{op}: gemm operands too short for {m}x{k} * {k}x{n}"
+        )));
+    }
+    Ok(())
 }
 
 /// Runs `args` with `packed` as B where it was packed for this product.
