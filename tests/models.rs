@@ -1233,3 +1233,113 @@ async fn a_residual_join_runs_as_one_fused_conv() {
     }
     assert_eq!(f32_values(&r.raw_output_contents[0]), want);
 }
+
+/// A MobileNetV2 block (1x1 expand + ReLU6, depthwise 3x3 + ReLU, 1x1 project + the residual
+/// Add): the values inside the block run channels-last (the pass `nhwc-conv`), and the
+/// answer is the NCHW one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mobilenet_block_runs_channels_last_inside() {
+    let (n, c, h, w, m) = (2usize, 3usize, 5usize, 19usize, 20usize);
+    // Halves, quarters and small integers: every sum is exact in f32, in any order.
+    let x: Vec<f32> = (0..n * c * h * w)
+        .map(|i| (i % 9) as f32 * 0.5 - 2.0)
+        .collect();
+    let we: Vec<f32> = (0..m * c).map(|i| (i % 7) as f32 * 0.5 - 1.5).collect();
+    let be: Vec<f32> = (0..m).map(|i| (i % 5) as f32 * 0.5).collect();
+    let wd: Vec<f32> = (0..m * 9).map(|i| (i % 11) as f32 * 0.25 - 1.25).collect();
+    let bd: Vec<f32> = (0..m).map(|i| (i % 3) as f32 - 1.0).collect();
+    let wp: Vec<f32> = (0..c * m).map(|i| (i % 5) as f32 * 0.5 - 1.0).collect();
+    let bp: Vec<f32> = (0..c).map(|i| i as f32).collect();
+    let shape = [n as i64, c as i64, h as i64, w as i64];
+    let bytes = model(
+        vec![
+            node("Conv", &["x", "we", "be"], &["e"]),
+            node("Clip", &["e", "lo", "hi"], &["ce"]),
+            node_with(
+                "Conv",
+                &["ce", "wd", "bd"],
+                &["d"],
+                vec![
+                    attr_int("group", m as i64),
+                    attr_ints("pads", &[1, 1, 1, 1]),
+                ],
+            ),
+            node("Relu", &["d"], &["rd"]),
+            node("Conv", &["rd", "wp", "bp"], &["p"]),
+            node("Add", &["p", "x"], &["y"]),
+        ],
+        vec![value("x", 1, &shape)],
+        vec![value("y", 1, &shape)],
+        vec![
+            f32_initializer("we", &[m as i64, c as i64, 1, 1], &we),
+            f32_initializer("be", &[m as i64], &be),
+            f32_initializer("lo", &[], &[0.0]),
+            f32_initializer("hi", &[], &[6.0]),
+            f32_initializer("wd", &[m as i64, 1, 3, 3], &wd),
+            f32_initializer("bd", &[m as i64], &bd),
+            f32_initializer("wp", &[c as i64, m as i64, 1, 1], &wp),
+            f32_initializer("bp", &[c as i64], &bp),
+        ],
+        17,
+    );
+    let repo = tempfile::tempdir().expect("repo");
+    let (d, _p) = start_serving(repo.path(), &[]);
+    let mut client = d.inference().await;
+    client
+        .repository_model_load(load_request("block", bytes))
+        .await
+        .expect("load");
+    let (_, nodes) = placement(&d, "block").await;
+    let ops: Vec<&str> = nodes.iter().map(|n| n.0.as_str()).collect();
+    assert_eq!(
+        ops,
+        ["FusedConvNhwc", "FusedConvNhwc", "FusedConvNhwc"],
+        "{nodes:?}"
+    );
+    let r = client
+        .model_infer(pb::ModelInferRequest {
+            model_name: "block".into(),
+            inputs: vec![input("x", "FP32", &shape)],
+            raw_input_contents: vec![f32_bytes(&x).into()],
+            ..Default::default()
+        })
+        .await
+        .expect("infer")
+        .into_inner();
+    // The same block in plain loops, NCHW.
+    let p = h * w;
+    let mut want = vec![0f32; n * c * p];
+    for b in 0..n {
+        let xb = &x[b * c * p..][..c * p];
+        let e: Vec<f32> = (0..m * p)
+            .map(|i| {
+                let (oc, px) = (i / p, i % p);
+                let s: f32 = (0..c).map(|ic| we[oc * c + ic] * xb[ic * p + px]).sum();
+                (s + be[oc]).clamp(0.0, 6.0)
+            })
+            .collect();
+        let dw: Vec<f32> = (0..m * p)
+            .map(|i| {
+                let (ch, y, xx) = (i / p, (i % p) / w, i % w);
+                let mut s = bd[ch];
+                for ky in 0..3 {
+                    for kx in 0..3 {
+                        let (iy, ix) = ((y + ky) as isize - 1, (xx + kx) as isize - 1);
+                        if (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix) {
+                            s += wd[ch * 9 + ky * 3 + kx]
+                                * e[ch * p + iy as usize * w + ix as usize];
+                        }
+                    }
+                }
+                s.max(0.0)
+            })
+            .collect();
+        for oc in 0..c {
+            for px in 0..p {
+                let s: f32 = (0..m).map(|ic| wp[oc * m + ic] * dw[ic * p + px]).sum();
+                want[(b * c + oc) * p + px] = s + bp[oc] + xb[oc * p + px];
+            }
+        }
+    }
+    assert_eq!(f32_values(&r.raw_output_contents[0]), want);
+}

@@ -13,6 +13,7 @@ mod fuse;
 mod gelu;
 mod identity;
 mod layout;
+mod nhwc_conv;
 mod qdq;
 
 use super::{import::Model, GraphError};
@@ -52,7 +53,8 @@ pub const STANDARD: &[&dyn Pass] = &[
 /// The fusions that depend on the registry's kernels, in the order they run: QDQ into
 /// ONNX's integer operators (see [`qdq`]), those channels-last (see [`layout`]), then float
 /// operators into opreg's own (see [`fuse`] and [`gelu`]; the GELU before `matmul-add`, which
-/// takes it into the product's epilogue).
+/// takes it into the product's epilogue), the values between the fused 1x1 and depthwise
+/// convolutions channels-last (see [`nhwc_conv`]).
 pub const FUSIONS: &[&dyn Pass] = &[
     &qdq::QdqConv,
     &qdq::QdqMatMul,
@@ -61,6 +63,7 @@ pub const FUSIONS: &[&dyn Pass] = &[
     &layout::Nhwc,
     &fuse::ConvAdd,
     &fuse::ConvActivation,
+    &nhwc_conv::NhwcConv,
     &gelu::Gelu,
     &fuse::MatMulAdd,
 ];

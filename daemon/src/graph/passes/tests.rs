@@ -858,3 +858,108 @@ fn a_gelu_reading_a_dense_layer_goes_into_its_epilogue() {
     assert_eq!(ops, ["FusedMatMul", "Gelu", "Neg"]);
     assert!(m.nodes[0].attributes.iter().all(|a| a.name != "activation"));
 }
+
+/// A MobileNet block: 1x1 expand, depthwise 3x3, 1x1 project, then `tail` reading `p`.
+fn mobile_block(tail: Vec<Node>, outputs: &[&str], expand_w: &[usize]) -> Model {
+    let mut nodes = vec![
+        node("Conv", &["x", "we"], &["e"]),
+        node_with("Conv", &["e", "wd", "bd"], &["d"], &[("group", 4)]),
+        node("Conv", &["d", "wp"], &["p"]),
+    ];
+    nodes.extend(tail);
+    let numel = |s: &[usize]| s.iter().product::<usize>();
+    model(
+        nodes,
+        outputs,
+        &[
+            ("we", expand_w, vec![0.5; numel(expand_w)]),
+            ("wd", &[4, 1, 3, 3], vec![0.25; 36]),
+            ("bd", &[4], vec![1.0; 4]),
+            ("wp", &[2, 4, 1, 1], vec![2.0; 8]),
+        ],
+    )
+}
+
+#[test]
+fn values_between_pointwise_and_depthwise_convolutions_go_channels_last() {
+    let mut m = mobile_block(vec![node("Neg", &["p"], &["y"])], &["y"], &[4, 2, 1, 1]);
+    assert_eq!(nhwc_conv::NhwcConv.run(&mut m).unwrap(), 3);
+    let ops: Vec<(&str, &str)> = m
+        .nodes
+        .iter()
+        .map(|n| (n.domain.as_str(), n.op_type.as_str()))
+        .collect();
+    let nhwc = ("opreg", "FusedConvNhwc");
+    assert_eq!(ops, [nhwc, nhwc, nhwc, ("", "Neg")]);
+    let flags = |n: &Node| {
+        ["x_nhwc", "y_nhwc"].map(|name| {
+            let a = n.attributes.iter().find(|a| a.name == name).expect(name);
+            a.value.clone()
+        })
+    };
+    let int = opreg_sdk::AttrValue::Int;
+    assert_eq!(flags(&m.nodes[0]), [int(0), int(1)]);
+    assert_eq!(flags(&m.nodes[1]), [int(1), int(1)]);
+    assert_eq!(flags(&m.nodes[2]), [int(1), int(0)]);
+    // The channels-last values are renamed; what leaves the region keeps its name.
+    assert_eq!(m.nodes[0].outputs, ["e_nhwc"]);
+    assert_eq!(m.nodes[1].inputs, ["e_nhwc", "wd", "bd"]);
+    assert_eq!(m.nodes[1].outputs, ["d_nhwc"]);
+    assert_eq!(m.nodes[2].inputs[0], "d_nhwc");
+    assert_eq!(m.nodes[2].outputs, ["p"]);
+    // The group attribute stays for the kernel.
+    assert!(m.nodes[1].attributes.iter().any(|a| a.name == "group"));
+    assert_eq!(m.opset("opreg"), Some(1));
+    // Run again: nothing left to convert.
+    assert_eq!(nhwc_conv::NhwcConv.run(&mut m).unwrap(), 0);
+}
+
+#[test]
+fn channels_last_stops_where_a_value_is_read_otherwise() {
+    // The depthwise output read by a Relu too, and a graph output: `d` and `e` stay NCHW
+    // respectively where they are read otherwise.
+    let mut m = mobile_block(
+        vec![node("Relu", &["d"], &["r"])],
+        &["p", "r"],
+        &[4, 2, 1, 1],
+    );
+    assert_eq!(nhwc_conv::NhwcConv.run(&mut m).unwrap(), 2);
+    assert_eq!(m.nodes[0].outputs, ["e_nhwc"]);
+    assert_eq!(m.nodes[1].outputs, ["d"]);
+    assert_eq!(m.nodes[2].inputs[0], "d");
+    assert_eq!(m.nodes[2].op_type, "Conv");
+    let mut out = mobile_block(vec![], &["p", "e"], &[4, 2, 1, 1]);
+    assert_eq!(nhwc_conv::NhwcConv.run(&mut out).unwrap(), 2);
+    assert_eq!(out.nodes[0].op_type, "Conv");
+    assert_eq!(out.nodes[1].inputs[0], "e");
+    assert_eq!(out.nodes[1].outputs, ["d_nhwc"]);
+    // A 3x3 expand (not 1x1) keeps its output NCHW; a strided or padded 1x1 too.
+    let mut wide = mobile_block(vec![], &["p"], &[4, 2, 3, 3]);
+    assert_eq!(nhwc_conv::NhwcConv.run(&mut wide).unwrap(), 2);
+    assert_eq!(wide.nodes[0].op_type, "Conv");
+    for attr in [("strides", vec![2, 2]), ("pads", vec![1, 1, 1, 1])] {
+        let mut m = mobile_block(vec![], &["p"], &[4, 2, 1, 1]);
+        m.nodes[2].attributes.push(opreg_sdk::kernel::Attribute {
+            name: attr.0.into(),
+            value: opreg_sdk::AttrValue::Ints(attr.1),
+        });
+        assert_eq!(nhwc_conv::NhwcConv.run(&mut m).unwrap(), 2, "{}", attr.0);
+        assert_eq!(m.nodes[2].op_type, "Conv");
+        assert_eq!(m.nodes[1].outputs, ["d"]);
+    }
+    // A fused sum (Z) has Y's layout: that output stays NCHW; read as Z, a value too.
+    let mut z = mobile_block(vec![], &["p"], &[4, 2, 1, 1]);
+    z.nodes[1].inputs.push("x".into());
+    assert_eq!(nhwc_conv::NhwcConv.run(&mut z).unwrap(), 2);
+    assert_eq!(z.nodes[1].outputs, ["d"]);
+    let mut read_as_z = mobile_block(vec![], &["p"], &[4, 2, 1, 1]);
+    read_as_z.nodes[2].inputs.extend(["".into(), "e".into()]);
+    assert_eq!(nhwc_conv::NhwcConv.run(&mut read_as_z).unwrap(), 2);
+    assert_eq!(read_as_z.nodes[0].outputs, ["e"]);
+    assert_eq!(read_as_z.nodes[2].inputs, ["d_nhwc", "wp", "", "e"]);
+    // Weights that are not f32 constants: nothing.
+    let mut fed = mobile_block(vec![], &["p"], &[4, 2, 1, 1]);
+    fed.initializers.remove("wd");
+    fed.initializers.remove("we");
+    assert_eq!(nhwc_conv::NhwcConv.run(&mut fed).unwrap(), 0);
+}

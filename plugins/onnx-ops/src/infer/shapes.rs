@@ -210,6 +210,33 @@ pub(super) fn infer(node: &NodeInfo<'_>) -> Vec<Shape> {
     };
     let op = match node.domain {
         "" | "ai.onnx" => node.op_type,
+        "opreg" if node.op_type == "FusedConvNhwc" => {
+            // X and Y each NCHW or channels-last ([N, H, W, C]) per `x_nhwc` / `y_nhwc`.
+            let shape = |i: usize| node.inputs.get(i).filter(|v| v.present)?.shape;
+            *first = (|| {
+                let &[n, d1, d2, d3] = shape(0)? else {
+                    return None;
+                };
+                let (h, w) = if attr_int(node, "x_nhwc", 1) != 0 {
+                    (d1, d2)
+                } else {
+                    (d2, d3)
+                };
+                let wt = shape(1).filter(|w| w.len() == 4)?;
+                let m = *wt.first()?;
+                let spatial = window(node, &[h, w], wt.get(2..).map(<[i64]>::to_vec));
+                let mut s = vec![n];
+                if attr_int(node, "y_nhwc", 1) != 0 {
+                    s.extend(spatial);
+                    s.push(m);
+                } else {
+                    s.push(m);
+                    s.extend(spatial);
+                }
+                Some(s)
+            })();
+            return out;
+        }
         "opreg" => match node.op_type {
             "FusedConv" => "Conv",
             "FusedMatMul" => "MatMul",

@@ -5,6 +5,7 @@
 mod channels_last;
 mod depthwise;
 mod direct;
+mod nhwc;
 
 use super::{
     activation::Activation, at_least_one, blas, conv_bias, matmul::gemm_f32, optional, Disjoint,
@@ -31,6 +32,23 @@ struct Conv {
     /// Constant weights of a layer [`direct`] computes, regrouped for it at load
     /// ([`direct::pack`]); then `packed` is not built.
     direct: Option<Arc<Vec<f32>>>,
+    /// Which of X and Y are channels-last (`opreg::FusedConvNhwc`, see [`nhwc`]).
+    layouts: Layouts,
+}
+
+/// Which of a convolution's X and Y (and Z, which has Y's layout) are channels-last
+/// (`[N, H, W, C]`) instead of NCHW.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Layouts {
+    pub(super) x_nhwc: bool,
+    pub(super) y_nhwc: bool,
+}
+
+impl Layouts {
+    /// Both NCHW: ONNX's Conv.
+    fn nchw(self) -> bool {
+        !self.x_nhwc && !self.y_nhwc
+    }
 }
 
 /// How [`Conv::packed`] holds the weights.
@@ -150,14 +168,28 @@ fn with_epilogue(args: &mut GemmArgs, left: bool, bias: Option<&[f32]>, code: Ep
 fn conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
     let group = at_least_one(node, "Conv", "group", 1)?;
     let window = WindowAttrs::from_node(node)?;
+    let layouts = if node.op_type == "FusedConvNhwc" {
+        Layouts {
+            x_nhwc: node.int_or("x_nhwc", 1)? != 0,
+            y_nhwc: node.int_or("y_nhwc", 1)? != 0,
+        }
+    } else {
+        Layouts::default()
+    };
     // One packing, for the orientation the layer will use: the right operand where the
     // input's extents are known at load and it has few pixels per channel, else the left
-    // (with the right as the fallback for a backend that does not pack A).
-    let direct = direct_weights(node, &window, group)?;
-    let packed = match pixels_per_channel(node, &window) {
-        _ if direct.is_some() => None,
-        Some(r) if r <= PIXELS_PER_CHANNEL_SWAP => prepack_weights(node, group, false),
-        _ => prepack_weights(node, group, true).or_else(|| prepack_weights(node, group, false)),
+    // (with the right as the fallback for a backend that does not pack A). Channels-last
+    // layers: the right operand (their products are pixels by channels, see [`nhwc`]).
+    let (direct, packed) = if !layouts.nchw() {
+        (None, prepack_weights(node, group, false))
+    } else {
+        let direct = direct_weights(node, &window, group)?;
+        let packed = match pixels_per_channel(node, &window) {
+            _ if direct.is_some() => None,
+            Some(r) if r <= PIXELS_PER_CHANNEL_SWAP => prepack_weights(node, group, false),
+            _ => prepack_weights(node, group, true).or_else(|| prepack_weights(node, group, false)),
+        };
+        (direct, packed)
     };
     Ok(Box::new(Conv {
         window,
@@ -169,6 +201,7 @@ fn conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
         },
         packed,
         direct,
+        layouts,
     }))
 }
 
@@ -332,6 +365,9 @@ impl Kernel for Conv {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
+        if !self.layouts.nchw() {
+            return self.compute_nhwc(ctx, inputs);
+        }
         let [xv, wv] = required("Conv", inputs, ["X", "W"])?;
         let (xs, ws) = (xv.shape(), wv.shape());
         if xs.len() < 3 || ws.len() != xs.len() {
@@ -602,11 +638,12 @@ impl Conv {
             && g.strides.iter().all(|&s| s == 1)
             && g.pad_begin.iter().chain(&g.pad_end).all(|&p| p == 0);
         if depthwise::applies(xs, group, m) {
+            let nchw = Layouts::default();
             if z.is_none() {
-                return depthwise::run(ctx, xs, g, x, w, bias, act, y);
+                return depthwise::run(ctx, xs, g, x, w, bias, act, y, nchw);
             }
             // Z is added after the taps (as the Add it replaces would), then the activation.
-            depthwise::run(ctx, xs, g, x, w, bias, Activation::None, y)?;
+            depthwise::run(ctx, xs, g, x, w, bias, Activation::None, y, nchw)?;
             return finish(ctx, y, None, z, act, m, p);
         }
         if direct::applies(xs, g, group)
@@ -768,6 +805,14 @@ pub fn register(r: &mut Registrar) {
     r.kernel(
         KernelDesc::new("opreg", "FusedConv", 1, OPEN_END)
             .constraint("T", &[F32, F16, BF16])
+            .inputs(&["T", "T", "T", "T"])
+            .outputs(&["T"]),
+        conv_factory,
+    );
+    // FusedConv with a channels-last X and/or Y (the graph pass `nhwc-conv`; see [`nhwc`]).
+    r.kernel(
+        KernelDesc::new("opreg", "FusedConvNhwc", 1, OPEN_END)
+            .constraint("T", &[F32])
             .inputs(&["T", "T", "T", "T"])
             .outputs(&["T"]),
         conv_factory,

@@ -21,6 +21,8 @@ pub(super) struct ChannelsLast {
     pl: usize,
     /// Floats in the copy.
     pub(super) len: usize,
+    /// Whether the image is channels-last (`ih x iw x c`) rather than NCHW.
+    pub(super) nhwc: bool,
 }
 
 impl ChannelsLast {
@@ -51,6 +53,7 @@ impl ChannelsLast {
             pt: g.pad_begin[0],
             pl: g.pad_begin[1],
             len,
+            nhwc: false,
         })
     }
 
@@ -59,7 +62,8 @@ impl ChannelsLast {
         self.cols * self.stride
     }
 
-    /// Padded row `r` of the copy (`row_len` values) from the image `x` (`c x ih x iw`):
+    /// Padded row `r` of the copy (`row_len` values) from the image `x` (`c x ih x iw`, or
+    /// `ih x iw x c` when [`nhwc`](Self::nhwc)):
     /// input row `r - pt`, column `q` of it input column `q - pl`, channel-minor; zero
     /// elsewhere (so `dst` may hold anything before; the lanes past `c` of each pixel are
     /// left as they were).
@@ -76,6 +80,21 @@ impl ChannelsLast {
         dst[..lo * stride].fill(0.0);
         dst[hi * stride..].fill(0.0);
         let run = hi - lo;
+        if self.nhwc {
+            // Channels-last already: each pixel's channels copied as they lie.
+            let src = &x[iy * iw * c..][..run * c];
+            if stride == c {
+                dst[lo * c..hi * c].copy_from_slice(src);
+            } else {
+                for (d, s) in dst[lo * stride..hi * stride]
+                    .chunks_exact_mut(stride)
+                    .zip(src.chunks_exact(c.max(1)))
+                {
+                    d[..c].copy_from_slice(s);
+                }
+            }
+            return;
+        }
         // Blocks of 16 channels x 16 columns turned in registers; the channels past the last
         // whole block one by one.
         #[cfg(target_arch = "x86_64")]

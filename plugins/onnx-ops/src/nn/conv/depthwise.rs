@@ -25,7 +25,7 @@
 //! strided images (see [`run_lanes`]).
 
 use super::channels_last::ChannelsLast;
-use super::Activation;
+use super::{nhwc::transposed, Activation, Layouts};
 use crate::nn::{Disjoint, Geometry};
 use opreg_sdk::alloc::{checked_numel, try_vec};
 use opreg_sdk::prelude::*;
@@ -42,9 +42,10 @@ thread_local! {
     pub(super) static PLANES_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// The depthwise convolution into `y` (`n x c x oh x ow`), with `bias` and `act` applied:
-/// channels in the lanes ([`run_lanes`]) on a CPU with AVX-512, else (and for a large
-/// strided image) each channel's plane on its own.
+/// The depthwise convolution into `y` (`n x c x oh x ow`, or `n x oh x ow x c` when
+/// `layouts.y_nhwc`), with `bias` and `act` applied; `xs` is x's NCHW shape whatever its
+/// layout. Channels in the lanes ([`run_lanes`]) on a CPU with AVX-512, else (and for a
+/// large strided NCHW image) each channel's plane on its own.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn run(
     ctx: &KernelContext<'_>,
@@ -55,12 +56,34 @@ pub(super) fn run(
     bias: Option<&[f32]>,
     act: Activation,
     y: &mut [f32],
+    layouts: Layouts,
 ) -> Result<(), PluginError> {
     #[cfg(test)]
     let planes_only = PLANES_ONLY.with(|f| f.get());
     #[cfg(not(test))]
     let planes_only = false;
-    if !planes_only && avx512() && run_lanes(ctx, xs, g, x, w, bias, act, y)? {
+    if !planes_only && avx512() && run_lanes(ctx, xs, g, x, w, bias, act, y, layouts)? {
+        return Ok(());
+    }
+    if !layouts.nchw() {
+        // The per-plane loop reads and writes NCHW: channels-last operands are turned
+        // around it (a CPU without AVX-512, or a copy that would be much larger than x).
+        let (n, c) = (xs[0], xs[1]);
+        let (pin, pout) = (xs[2] * xs[3], g.out[0] * g.out[1]);
+        let nchw_x;
+        let x = if layouts.x_nhwc {
+            nchw_x = transposed(x, n, (pin, c))?;
+            &nchw_x[..]
+        } else {
+            x
+        };
+        if !layouts.y_nhwc {
+            return run(ctx, xs, g, x, w, bias, act, y, Layouts::default());
+        }
+        let mut tmp = try_vec(y.len(), 0.0f32)?;
+        run(ctx, xs, g, x, w, bias, act, &mut tmp, Layouts::default())?;
+        let back = transposed(&tmp, n, (c, pout))?;
+        y.copy_from_slice(&back);
         return Ok(());
     }
     let (c, ih, iw) = (xs[1], xs[2], xs[3]);
@@ -105,9 +128,10 @@ pub(super) fn run(
 }
 
 /// The depthwise convolution with the channels in the lanes (AVX-512): each image copied
-/// channels-last ([`ChannelsLast`]), 16 channels x up to 16 pixels of a row per tile, turned
-/// back to NCHW in registers. `Ok(false)` (nothing written) where the copy would be much
-/// larger than x.
+/// channels-last ([`ChannelsLast`]; a plain copy with its margins when x is channels-last
+/// already), 16 channels x up to 16 pixels of a row per tile, turned back to NCHW in
+/// registers (stored as they are for a channels-last y). `Ok(false)` (nothing written) where
+/// the copy would be much larger than x.
 #[allow(clippy::too_many_arguments)]
 fn run_lanes(
     ctx: &KernelContext<'_>,
@@ -118,6 +142,7 @@ fn run_lanes(
     bias: Option<&[f32]>,
     act: Activation,
     y: &mut [f32],
+    layouts: Layouts,
 ) -> Result<bool, PluginError> {
     let (n, c, ih, iw) = (xs[0], xs[1], xs[2], xs[3]);
     let (oh, ow) = (g.out[0], g.out[1]);
@@ -130,9 +155,10 @@ fn run_lanes(
         return Ok(true);
     }
     let stride = c.div_ceil(WIDE_LANES) * WIDE_LANES;
-    let Some(cp) = ChannelsLast::new(g, (c, ih, iw), stride) else {
+    let Some(mut cp) = ChannelsLast::new(g, (c, ih, iw), stride) else {
         return Ok(false);
     };
+    cp.nhwc = layouts.x_nhwc;
     let image = checked_numel(&[c, ih, iw])?;
     let taps = checked_numel(&[kh, kw])?;
     if x.len() < checked_numel(&[n, image])?
@@ -172,6 +198,7 @@ fn run_lanes(
         row_step: sh * cp.row_len(),
         pix_step: sw * stride,
         act,
+        y_nhwc: layouts.y_nhwc,
     };
     let row_len = cp.row_len();
     // Padded rows that output rows `r0..r0 + rows` read.
@@ -182,8 +209,9 @@ fn run_lanes(
     // Strided, a band fills more than twice the rows it serves: past the L2 caches the
     // per-plane loop measured faster (MobileNetV2's 112x112x96 stride-2 layer, 4.9 MB
     // channels-last: 0.44 against 0.35 ms; 512 KB bands were slower still), below them
-    // slower (its 56x56x144 one: 0.11 against 0.16 ms).
-    if (sh > 1 || sw > 1) && cp.len > 16 * BAND_FLOATS {
+    // slower (its 56x56x144 one: 0.11 against 0.16 ms). A channels-last x has no transpose
+    // to pay: its bands are plain copies.
+    if (sh > 1 || sw > 1) && cp.len > 16 * BAND_FLOATS && !layouts.x_nhwc {
         return Ok(false);
     }
     // Output rows per band: as many as fit BAND_FLOATS (a small image: all).
@@ -271,6 +299,8 @@ struct Lanes<'a> {
     row_step: usize,
     pix_step: usize,
     act: Activation,
+    /// Whether the output is channels-last (tiles stored as they are).
+    y_nhwc: bool,
 }
 
 impl Lanes<'_> {
@@ -625,6 +655,17 @@ mod x86 {
         }
         let acc = by_width!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
         let plane = t.oh * t.ow;
+        if t.y_nhwc {
+            // Pixel j's 16 channels are acc[j] as computed.
+            let lanes = (t.c - cb).min(16);
+            let mask = ((1u32 << lanes) - 1) as u16;
+            for (j, v) in acc.into_iter().take(p).enumerate() {
+                // SAFETY: this task alone writes row `oy` of the image.
+                let out = unsafe { yd.part((oy * t.ow + ox + j) * t.c + cb, lanes) };
+                _mm512_mask_storeu_ps(out.as_mut_ptr(), mask, v);
+            }
+            return;
+        }
         let mask = ((1u32 << p) - 1) as u16;
         for (i, v) in transpose16(acc).into_iter().enumerate() {
             let ch = cb + i;

@@ -1,0 +1,195 @@
+//! `nhwc-conv`: the values between f32 1x1 and depthwise convolutions (a MobileNet block's
+//! expand -> depthwise -> project chain) kept channels-last.
+//!
+//! The depthwise kernel computes with the channels in the lanes: on an NCHW value it copies
+//! its input channels-last and turns each tile of its output back (profiled on MobileNetV2:
+//! as long as the taps themselves). A 1x1 convolution is a gemm that reads and writes either
+//! layout at the same cost (the layout is only the operands' strides). So a value that a 1x1
+//! or depthwise f32 convolution produces and that only such convolutions read (as their X) is
+//! made channels-last: its producer becomes `opreg::FusedConvNhwc` with `y_nhwc = 1`, its
+//! readers with `x_nhwc = 1`, and the value is renamed `<name>_nhwc` (its layout is not the
+//! one its old name had). No transpose is added: every value entering or leaving the
+//! channels-last region is converted inside a convolution.
+//!
+//! ```text
+//! x -> Conv1x1 -> FusedConv(dw, Clip) -> Conv1x1 -> y   ==>
+//! x -> FusedConvNhwc(y_nhwc) -> FusedConvNhwc(x_nhwc, y_nhwc) -> FusedConvNhwc(x_nhwc) -> y
+//! ```
+//!
+//! Runs after `conv-add` and `conv-activation` (their fused nodes are what it converts) and
+//! only where the kernels have `FusedConvNhwc` (see [`Pass::fuses`]). A convolution with a
+//! fused sum (Z, which has Y's layout) keeps an NCHW output. Results do not change: the
+//! kernels compute the same sums in the same order (their tests hold them to it).
+
+use super::{super::import::Model, Fusion, Pass};
+use crate::graph::{import::Node, subgraphs::outer_reads, GraphError};
+use opreg_sdk::{kernel::Attribute, AttrValue, DType};
+use std::collections::{HashMap, HashSet};
+
+/// Channels-last values between 1x1 and depthwise convolutions (see the module docs).
+pub struct NhwcConv;
+
+impl Pass for NhwcConv {
+    fn name(&self) -> &'static str {
+        "nhwc-conv"
+    }
+
+    fn fuses(&self) -> Option<Fusion> {
+        Some(Fusion {
+            original: "Conv",
+            domain: "opreg",
+            fused: "FusedConvNhwc",
+            also: &[],
+        })
+    }
+
+    fn run(&self, model: &mut Model) -> Result<usize, GraphError> {
+        let takes: Vec<bool> = model.nodes.iter().map(|n| converts(model, n)).collect();
+        // Readers of each value by (node, input slot); values read where the pass cannot
+        // follow (graph outputs, subgraphs) are left alone.
+        let mut readers: HashMap<&str, Vec<(usize, usize)>> = HashMap::new();
+        let mut pinned: HashSet<String> = model.outputs.iter().map(|o| o.name.clone()).collect();
+        for (i, n) in model.nodes.iter().enumerate() {
+            for (k, v) in n.inputs.iter().enumerate().filter(|(_, v)| !v.is_empty()) {
+                readers.entry(v.as_str()).or_default().push((i, k));
+            }
+            pinned.extend(outer_reads(n));
+        }
+        let mut found: Vec<(usize, Vec<usize>)> = Vec::new();
+        for (i, n) in model.nodes.iter().enumerate() {
+            let ([y], true) = (n.outputs.as_slice(), takes.get(i) == Some(&true)) else {
+                continue;
+            };
+            // A fused sum has Y's layout: such an output stays NCHW.
+            if n.inputs.get(3).is_some_and(|z| !z.is_empty()) || pinned.contains(y) {
+                continue;
+            }
+            let Some(rs) = readers.get(y.as_str()) else {
+                continue;
+            };
+            if rs
+                .iter()
+                .all(|&(j, k)| k == 0 && takes.get(j) == Some(&true))
+            {
+                found.push((i, rs.iter().map(|&(j, _)| j).collect()));
+            }
+        }
+        if found.is_empty() {
+            return Ok(0);
+        }
+        let mut taken: HashSet<String> = model
+            .initializers
+            .keys()
+            .chain(model.inputs.iter().map(|i| &i.name))
+            .chain(model.outputs.iter().map(|o| &o.name))
+            .chain(
+                model
+                    .nodes
+                    .iter()
+                    .flat_map(|n| n.inputs.iter().chain(&n.outputs)),
+            )
+            .cloned()
+            .collect();
+        let mut layouts: HashMap<usize, (bool, bool)> = HashMap::new();
+        for (i, rs) in found {
+            let Some(y) = model.nodes.get(i).and_then(|n| n.outputs.first()).cloned() else {
+                continue;
+            };
+            let t = fresh(&mut taken, &format!("{y}_nhwc"));
+            if let Some(slot) = model.nodes.get_mut(i).and_then(|n| n.outputs.first_mut()) {
+                *slot = t.clone();
+            }
+            layouts.entry(i).or_default().1 = true;
+            for j in rs {
+                if let Some(slot) = model.nodes.get_mut(j).and_then(|n| n.inputs.first_mut()) {
+                    *slot = t.clone();
+                }
+                layouts.entry(j).or_default().0 = true;
+            }
+        }
+        for (&i, &(x_nhwc, y_nhwc)) in &layouts {
+            let Some(n) = model.nodes.get_mut(i) else {
+                continue;
+            };
+            n.domain = "opreg".into();
+            n.op_type = "FusedConvNhwc".into();
+            n.attributes
+                .retain(|a| a.name != "x_nhwc" && a.name != "y_nhwc");
+            for (name, on) in [("x_nhwc", x_nhwc), ("y_nhwc", y_nhwc)] {
+                n.attributes.push(Attribute {
+                    name: name.into(),
+                    value: AttrValue::Int(on as i64),
+                });
+            }
+        }
+        model.opsets.entry("opreg".into()).or_insert(1);
+        Ok(layouts.len())
+    }
+}
+
+/// Whether `n` is an f32 convolution the channels-last kernel computes: a `Conv` or
+/// `opreg::FusedConv` over 2 spatial dimensions, 1x1 with stride 1, no padding and one group,
+/// or depthwise (one input and one output channel per group).
+fn converts(model: &Model, n: &Node) -> bool {
+    let conv = (n.domain.is_empty() && n.op_type == "Conv")
+        || (n.domain == "opreg" && n.op_type == "FusedConv");
+    let Some(w) = n.inputs.get(1).and_then(|w| model.initializers.get(w)) else {
+        return false;
+    };
+    let &[m, cg, kh, kw] = w.shape() else {
+        return false;
+    };
+    if !conv || w.dtype() != DType::F32 || n.outputs.len() != 1 {
+        return false;
+    }
+    let ints = |name: &str| {
+        n.attributes
+            .iter()
+            .find(|a| a.name == name)
+            .map(|a| match &a.value {
+                AttrValue::Ints(v) => Some(v.clone()),
+                _ => None,
+            })
+    };
+    let group = match n.attributes.iter().find(|a| a.name == "group") {
+        None => 1,
+        Some(Attribute {
+            value: AttrValue::Int(g),
+            ..
+        }) => *g,
+        Some(_) => return false,
+    };
+    let all = |name: &str, v: i64| match ints(name) {
+        None => true,
+        Some(Some(xs)) => xs.iter().all(|&x| x == v),
+        Some(None) => false,
+    };
+    // A kernel_shape attribute, if any, is W's.
+    let kernel_ok = match ints("kernel_shape") {
+        None => true,
+        Some(Some(k)) => k.len() == 2 && k.iter().zip([kh, kw]).all(|(&a, b)| a == b as i64),
+        Some(None) => false,
+    };
+    let auto_pad = n.attributes.iter().find(|a| a.name == "auto_pad");
+    let no_auto_pad = match auto_pad.map(|a| &a.value) {
+        None => true,
+        Some(AttrValue::String(s)) => s.is_empty() || s == "NOTSET",
+        Some(_) => false,
+    };
+    let pointwise =
+        group == 1 && (kh, kw) == (1, 1) && all("strides", 1) && all("pads", 0) && no_auto_pad;
+    let depthwise = cg == 1 && m > 1 && i64::try_from(m).is_ok_and(|m| m == group);
+    kernel_ok && (pointwise || depthwise)
+}
+
+/// A name for a new value (`base`, else `base_1`, …), unused so far.
+fn fresh(taken: &mut HashSet<String>, base: &str) -> String {
+    let mut name = base.to_string();
+    let mut k = 1;
+    while taken.contains(&name) {
+        name = format!("{base}_{k}");
+        k += 1;
+    }
+    taken.insert(name.clone());
+    name
+}

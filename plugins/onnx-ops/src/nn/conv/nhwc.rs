@@ -1,0 +1,485 @@
+//! `opreg::FusedConvNhwc`: FusedConv with a channels-last (`[N, H, W, C]`) X and/or Y
+//! (attributes `x_nhwc`, `y_nhwc`, each 1 by default; Z has Y's layout), written by the graph
+//! pass `nhwc-conv` between the 1x1 and depthwise convolutions of a MobileNet-style block.
+//!
+//! Why: the depthwise kernel computes with the channels in the lanes, so on NCHW values it
+//! copied its input channels-last (a transpose in 16x16 register blocks) and turned every tile
+//! back; on MobileNetV2 that was as long as the taps themselves (profiled: its 17 depthwise
+//! layers 2.1 ms, ONNX Runtime's NCHWc ones 0.64). A 1x1 convolution is a gemm that reads
+//! and writes either layout at no cost: the layout is only the operands' strides (`Y^T =
+//! X^T W^T`). So the pass lets the expanding 1x1 layer write its output channels-last, the
+//! depthwise layer read it so and write channels-last too, and the projecting 1x1 layer read
+//! that and write NCHW again: no transpose anywhere in the block.
+//!
+//! Only those two kinds run here (the pass writes no other): 1x1 with stride 1, no padding and
+//! one group, and depthwise (one input and one output channel per group), 2-D, f32.
+
+use super::{depthwise, finish, optional, Activation, Conv};
+use crate::nn::{blas, conv_bias};
+use crate::util::required;
+use opreg_sdk::alloc::{checked_numel, try_vec};
+use opreg_sdk::prelude::*;
+
+const OP: &str = "FusedConvNhwc";
+
+impl Conv {
+    /// [`Kernel::compute`] for a convolution with a channels-last X or Y.
+    pub(super) fn compute_nhwc(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        let [xv, wv] = required(OP, inputs, ["X", "W"])?;
+        let (xs, ws) = (xv.shape(), wv.shape());
+        let (&[n, d1, d2, d3], &[m, cg, _, _]) = (xs, ws) else {
+            return Err(PluginError::invalid(format!(
+                "{OP}: X {xs:?} and W {ws:?} must be 4-D (2-D convolutions only)"
+            )));
+        };
+        let l = self.layouts;
+        let (c, ih, iw) = if l.x_nhwc { (d3, d1, d2) } else { (d1, d2, d3) };
+        let group = self.group;
+        if cg.checked_mul(group) != Some(c) || m % group != 0 {
+            return Err(PluginError::invalid(format!(
+                "{OP}: W {ws:?} does not fit X {xs:?} (x_nhwc {}) with group {group}",
+                l.x_nhwc as u8
+            )));
+        }
+        let z = optional(inputs, 3).copied();
+        if let Some(v) = [Some(xv), Some(wv), optional(inputs, 2).copied(), z]
+            .into_iter()
+            .flatten()
+            .find(|v| v.dtype != DType::F32)
+        {
+            return Err(PluginError::unimplemented(format!(
+                "{OP} runs in f32 only, got {}",
+                v.dtype
+            )));
+        }
+        let g = self.window.resolve(OP, &[ih, iw], Some(&ws[2..]))?;
+        let (oh, ow) = (g.out[0], g.out[1]);
+        let out_shape = if l.y_nhwc {
+            [n, oh, ow, m]
+        } else {
+            [n, m, oh, ow]
+        };
+        if let Some(z) = z.filter(|z| z.shape() != out_shape) {
+            return Err(PluginError::invalid(format!(
+                "{OP}: Z {:?} must have Y's shape {out_shape:?} (it does not broadcast)",
+                z.shape()
+            )));
+        }
+        let pointwise = group == 1
+            && g.kernel.iter().all(|&k| k == 1)
+            && g.strides.iter().all(|&s| s == 1)
+            && g.pad_begin.iter().chain(&g.pad_end).all(|&p| p == 0);
+        let nchw = [n, c, ih, iw];
+        if !pointwise && !depthwise::applies(&nchw, group, m) {
+            return Err(PluginError::unimplemented(format!(
+                "{OP}: only 1x1 convolutions (stride 1, no padding, one group) and depthwise ones run channels-last, not W {ws:?} with group {group}"
+            )));
+        }
+        let x = xv.as_slice::<f32>()?;
+        let w = wv.as_slice::<f32>()?;
+        let bias = conv_bias(OP, inputs, m)?;
+        let z = z.map(|v| v.as_slice::<f32>()).transpose()?;
+        let y = ctx.output_slice_to_overwrite::<f32>(0, &out_shape)?;
+        let act = self.activation;
+        let p = oh * ow;
+        if pointwise {
+            return self.pointwise(ctx, (n, c, p, m), x, w, bias, z, y);
+        }
+        if z.is_none() {
+            return depthwise::run(ctx, &nchw, &g, x, w, bias, act, y, l);
+        }
+        // Z after the taps (as the Add it replaces would), then the activation.
+        depthwise::run(ctx, &nchw, &g, x, w, bias, Activation::None, y, l)?;
+        finish_any(ctx, y, None, z, act, (m, p), l.y_nhwc)
+    }
+
+    /// The 1x1 convolution of `n` images of `p` pixels, `c` channels in and `m` out, as one
+    /// gemm per image in the layouts asked for (one for the batch when both are channels-last),
+    /// the bias and activation in its tiles where the backend can.
+    #[allow(clippy::too_many_arguments)]
+    fn pointwise(
+        &self,
+        ctx: &KernelContext<'_>,
+        (n, c, p, m): (usize, usize, usize, usize),
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        z: Option<&[f32]>,
+        y: &mut [f32],
+    ) -> Result<(), PluginError> {
+        let l = self.layouts;
+        if y.is_empty() {
+            return Ok(());
+        }
+        let image = checked_numel(&[p, c])?;
+        let out = checked_numel(&[p, m])?;
+        if x.len() < n * image || y.len() < n * out || w.len() < m * c {
+            return Err(PluginError::internal(format!(
+                "{OP}: operands too short for {n} images of {p} pixels, {c} -> {m} channels"
+            )));
+        }
+        // W^T (c x m) is the right operand in every layout (packed at load as such).
+        let packed = match &self.packed {
+            Some(super::Packed::Right(pk)) => Some(pk),
+            _ => None,
+        }
+        .filter(|pk| pk.info().k == c && pk.info().n == m);
+        // Both channels-last: the batch is one product of `n * p` rows.
+        let (images, rows) = if l.x_nhwc && l.y_nhwc {
+            (1, n * p)
+        } else {
+            (n, p)
+        };
+        // The product `pixels x channels`: Y_b (rows x m) = X_b (rows x c) W^T (c x m), with
+        // X_b read transposed when NCHW, and Y_b stored transposed (column-major) when NCHW.
+        let args = |b: usize, y: &mut [f32]| {
+            let mut g = GemmArgs::new(GemmTypes::F32, rows, m, c);
+            g.a = x[b * rows * c..].as_ptr().cast();
+            g.b = w.as_ptr().cast();
+            g.c = y[b * rows * m..].as_mut_ptr().cast();
+            if l.y_nhwc {
+                if l.x_nhwc {
+                    g.lda = c.max(1);
+                } else {
+                    g.trans_a = Transpose::YES;
+                    g.lda = rows.max(1);
+                }
+                // W (m x c) row-major read transposed; packed, it is W^T already.
+                if packed.is_none() {
+                    g.trans_b = Transpose::YES;
+                }
+                g.ldb = if packed.is_none() { c.max(1) } else { m.max(1) };
+                g.ldc = m.max(1);
+            } else {
+                // Column-major: C (rows x m) at ldc = rows is Y_b NCHW, X_b (rows x c
+                // row-major) is op(A) of a transposed column-major A, W (m x c row-major) is
+                // the column-major W^T.
+                g.layout = Layout::COL_MAJOR;
+                g.trans_a = Transpose::YES;
+                g.lda = c.max(1);
+                g.ldb = c.max(1);
+                g.ldc = rows.max(1);
+            }
+            g
+        };
+        let blas = blas(ctx, OP)?;
+        // The bias in the tiles, and the activation too unless Z comes first (the unfused
+        // graph's rounding order: ((product + bias) + Z), then the activation).
+        let code = match z {
+            None => self.activation.blas_epilogue(),
+            Some(_) => Some(Epilogue::NONE),
+        };
+        let epilogue = code.filter(|&code| {
+            let mut probe = args(0, y);
+            probe.epilogue = code;
+            if let Some(b) = bias {
+                probe.bias = b.as_ptr().cast();
+            }
+            blas.supports(&probe)
+        });
+        for b in 0..images {
+            let mut g = args(b, y);
+            if let Some(code) = epilogue {
+                g.epilogue = code;
+                if let Some(bv) = bias {
+                    // One per output channel: per column of the product.
+                    g.bias = bv.as_ptr().cast();
+                }
+            }
+            match packed {
+                Some(pk) => blas.gemm_packed(ctx, &g, pk)?,
+                None => blas.gemm(ctx, &g)?,
+            }
+        }
+        match epilogue {
+            // Everything done in the tiles.
+            Some(_) if z.is_none() => Ok(()),
+            // The bias done: Z, then the activation.
+            Some(_) => finish_any(ctx, y, None, z, self.activation, (m, p), l.y_nhwc),
+            None => finish_any(ctx, y, bias, z, self.activation, (m, p), l.y_nhwc),
+        }
+    }
+}
+
+/// `v = act((v + bias[channel]) + z)` over `y` of `m` channels of `p` pixels per image,
+/// channels-last or NCHW; nothing when there is nothing to do.
+fn finish_any(
+    ctx: &KernelContext<'_>,
+    y: &mut [f32],
+    bias: Option<&[f32]>,
+    z: Option<&[f32]>,
+    act: Activation,
+    (m, p): (usize, usize),
+    y_nhwc: bool,
+) -> Result<(), PluginError> {
+    if !y_nhwc {
+        return finish(ctx, y, bias, z, act, m, p);
+    }
+    if (bias.is_none() && z.is_none() && act == Activation::None) || m == 0 {
+        return Ok(());
+    }
+    if bias.is_some_and(|b| b.len() < m) || z.is_some_and(|z| z.len() < y.len()) {
+        return Err(PluginError::internal(format!(
+            "{OP}: a bias or Z shorter than the output"
+        )));
+    }
+    let rows = (4096 / m).max(1);
+    ctx.parallel_chunks(y, rows * m, |start, chunk| {
+        for (i, v) in chunk.iter_mut().enumerate() {
+            let at = start + i;
+            let b = bias.map_or(0.0, |b| b[at % m]);
+            // As `finish_plane` computes it.
+            *v = act.apply(match z {
+                Some(z) => (*v + b) + z[at],
+                None => *v + b,
+            });
+        }
+    })
+}
+
+/// `src` (`n` images of `a x b`, a-major) as `n` images of `b x a`: NCHW <-> NHWC with `(a, b)`
+/// = `(C, H*W)` or `(H*W, C)`. For the depthwise fallback (a CPU without AVX-512).
+pub(super) fn transposed(
+    src: &[f32],
+    n: usize,
+    (a, b): (usize, usize),
+) -> Result<Vec<f32>, PluginError> {
+    let image = checked_numel(&[a, b])?;
+    let mut out = try_vec(checked_numel(&[n, image])?, 0.0f32)?;
+    for (s, d) in src
+        .chunks_exact(image.max(1))
+        .zip(out.chunks_exact_mut(image.max(1)))
+    {
+        for i in 0..a {
+            for j in 0..b {
+                d[j * a + i] = s[i * b + j];
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{conv_factory, depthwise};
+    use super::transposed;
+    use crate::nn::testblas::{NaiveBlas, NaiveEpilogueBlas};
+    use opreg_sdk::host::HostTensor;
+    use opreg_sdk::prelude::*;
+    use opreg_sdk::testkit::{run_kernel_opt, NodeSpec};
+
+    fn data(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i * 37 + seed * 11) % 23) as f32 - 11.0) / 7.0)
+            .collect()
+    }
+
+    /// One convolution of the cases: X's NCHW shape, W's shape, group, strides, pads.
+    struct Case {
+        x: [usize; 4],
+        w: [usize; 4],
+        group: usize,
+        strides: [i64; 2],
+        pads: [i64; 4],
+    }
+
+    /// `n x a x b` images to `n x b x a`.
+    fn turn(v: &[f32], n: usize, ab: (usize, usize)) -> Vec<f32> {
+        transposed(v, n, ab).expect("transpose")
+    }
+
+    /// Every layout pair of FusedConvNhwc, with and without bias and Z, each activation, on
+    /// a backend with and without the epilogues (and for depthwise ones the per-plane loop
+    /// too), against FusedConv on the NCHW operands: the same bits.
+    #[test]
+    fn channels_last_convolutions_equal_the_nchw_ones() {
+        let cases = [
+            // 1x1: a partial register of channels, pixels across the 16 lanes, two images.
+            Case {
+                x: [2, 5, 3, 7],
+                w: [20, 5, 1, 1],
+                group: 1,
+                strides: [1, 1],
+                pads: [0; 4],
+            },
+            Case {
+                x: [1, 33, 4, 5],
+                w: [17, 33, 1, 1],
+                group: 1,
+                strides: [1, 1],
+                pads: [0; 4],
+            },
+            // Depthwise: padded 3x3 across a row of 16+ pixels, stride 2, 5x5, 7 wide.
+            Case {
+                x: [2, 20, 5, 19],
+                w: [20, 1, 3, 3],
+                group: 20,
+                strides: [1, 1],
+                pads: [1; 4],
+            },
+            Case {
+                x: [1, 17, 9, 11],
+                w: [17, 1, 3, 3],
+                group: 17,
+                strides: [2, 2],
+                pads: [0, 0, 1, 1],
+            },
+            Case {
+                x: [1, 32, 7, 7],
+                w: [32, 1, 5, 5],
+                group: 32,
+                strides: [1, 1],
+                pads: [2; 4],
+            },
+        ];
+        let acts: [(&str, Vec<f32>); 4] = [
+            ("", vec![]),
+            ("Clip", vec![0.0, 6.0]),
+            ("LeakyRelu", vec![0.1]),
+            ("SiLU", vec![]),
+        ];
+        for case in &cases {
+            let [n, c, ih, iw] = case.x;
+            let m = case.w[0];
+            let mut x = data(case.x.iter().product(), 1);
+            x[3] = f32::NAN;
+            let w = data(case.w.iter().product(), 2);
+            let b = data(m, 3);
+            let tw = HostTensor::from_vec(&case.w, &w).expect("w");
+            let tb = HostTensor::from_vec(&[m], &b).expect("b");
+            let node = |op: &str, act: &str, params: &[f32]| {
+                let mut s = NodeSpec::onnx(op, 1)
+                    .domain("opreg")
+                    .attr("group", AttrValue::Int(case.group as i64))
+                    .attr("strides", AttrValue::Ints(case.strides.to_vec()))
+                    .attr("pads", AttrValue::Ints(case.pads.to_vec()));
+                if !act.is_empty() {
+                    s = s
+                        .attr("activation", AttrValue::String(act.into()))
+                        .attr("activation_params", AttrValue::Floats(params.to_vec()));
+                }
+                s
+            };
+            let depthwise = case.group > 1;
+            for planes in [false, true].into_iter().filter(|&p| depthwise || !p) {
+                depthwise::PLANES_ONLY.with(|f| f.set(planes));
+                for ((act, params), epilogues, with_bias) in acts.iter().flat_map(|a| {
+                    [
+                        (a, false, true),
+                        (a, true, true),
+                        (a, true, false),
+                        (a, false, false),
+                    ]
+                }) {
+                    let blas = || -> Box<dyn Blas> {
+                        if epilogues {
+                            Box::new(NaiveEpilogueBlas)
+                        } else {
+                            Box::new(NaiveBlas)
+                        }
+                    };
+                    let tx = HostTensor::from_vec(&case.x, &x).expect("x");
+                    let bias = with_bias.then_some(&tb);
+                    let nchw = |inputs: &[Option<&HostTensor>]| {
+                        run_kernel_opt(
+                            conv_factory,
+                            &node("FusedConv", act, params),
+                            inputs,
+                            Some(blas()),
+                        )
+                        .expect("nchw")
+                        .remove(0)
+                    };
+                    let plain = nchw(&[Some(&tx), Some(&tw), bias]);
+                    let ys = plain.shape().to_vec();
+                    let (oh, ow) = (ys[2], ys[3]);
+                    let want = plain.to_vec::<f32>().expect("f32");
+                    let z = data(want.len(), 4);
+                    let tz = HostTensor::from_vec(&ys, &z).expect("z");
+                    let want_z = nchw(&[Some(&tx), Some(&tw), bias, Some(&tz)])
+                        .to_vec::<f32>()
+                        .expect("f32");
+                    for (xl, yl) in [(true, false), (false, true), (true, true)] {
+                        let xv = if xl {
+                            turn(&x, n, (c, ih * iw))
+                        } else {
+                            x.clone()
+                        };
+                        let xshape = if xl { [n, ih, iw, c] } else { case.x };
+                        let yshape = if yl { [n, oh, ow, m] } else { [n, m, oh, ow] };
+                        let tx = HostTensor::from_vec(&xshape, &xv).expect("x");
+                        let layout = |want: &[f32]| {
+                            if yl {
+                                turn(want, n, (m, oh * ow))
+                            } else {
+                                want.to_vec()
+                            }
+                        };
+                        let zv = HostTensor::from_vec(&yshape, &layout(&z)).expect("z");
+                        let spec = node("FusedConvNhwc", act, params)
+                            .attr("x_nhwc", AttrValue::Int(xl as i64))
+                            .attr("y_nhwc", AttrValue::Int(yl as i64));
+                        for (inputs, expect) in [
+                            (vec![Some(&tx), Some(&tw), bias], &want),
+                            (vec![Some(&tx), Some(&tw), bias, Some(&zv)], &want_z),
+                        ] {
+                            let got = run_kernel_opt(conv_factory, &spec, &inputs, Some(blas()))
+                                .expect("channels-last");
+                            assert_eq!(got[0].shape(), &yshape[..]);
+                            let expect = layout(expect);
+                            for (i, (g, e)) in got[0]
+                                .to_vec::<f32>()
+                                .expect("f32")
+                                .iter()
+                                .zip(&expect)
+                                .enumerate()
+                            {
+                                assert!(
+                                    g.to_bits() == e.to_bits() || (g.is_nan() && e.is_nan()),
+                                    "{:?} w {:?} x_nhwc {xl} y_nhwc {yl} act '{act}' bias {with_bias} z {} epilogues {epilogues} planes {planes} at {i}: {g} vs {e}",
+                                    case.x, case.w, inputs.len() == 4
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            depthwise::PLANES_ONLY.with(|f| f.set(false));
+        }
+    }
+
+    /// What the channels-last kernel does not compute is refused by name, not computed wrong.
+    #[test]
+    fn channels_last_refuses_what_it_does_not_compute() {
+        let run = |xs: &[usize], ws: &[usize], group: i64, z: Option<&[usize]>| {
+            let x = HostTensor::from_vec(xs, &data(xs.iter().product(), 1)).expect("x");
+            let w = HostTensor::from_vec(ws, &data(ws.iter().product(), 2)).expect("w");
+            let zt = z.map(|s| HostTensor::from_vec(s, &data(s.iter().product(), 3)).expect("z"));
+            let mut inputs = vec![Some(&x), Some(&w)];
+            if let Some(zt) = &zt {
+                inputs.extend([None, Some(zt)]);
+            }
+            let spec = NodeSpec::onnx("FusedConvNhwc", 1)
+                .domain("opreg")
+                .attr("group", AttrValue::Int(group));
+            run_kernel_opt(conv_factory, &spec, &inputs, Some(Box::new(NaiveBlas)))
+                .err()
+                .map(|e| e.to_string())
+        };
+        // A 3x3 convolution of one group, a 1-D one, W of the wrong channel count, a Z that
+        // would broadcast.
+        let e = run(&[1, 4, 4, 2], &[3, 2, 3, 3], 1, None).expect("3x3 refused");
+        assert!(e.contains("only 1x1"), "{e}");
+        let e = run(&[1, 4, 2], &[3, 2, 1], 1, None).expect("1-D refused");
+        assert!(e.contains("4-D"), "{e}");
+        let e = run(&[1, 4, 4, 2], &[3, 5, 1, 1], 1, None).expect("channels refused");
+        assert!(e.contains("does not fit"), "{e}");
+        let e = run(&[1, 4, 4, 2], &[3, 2, 1, 1], 1, Some(&[1, 1, 1, 3])).expect("Z refused");
+        assert!(e.contains("does not broadcast"), "{e}");
+        assert!(run(&[1, 4, 4, 2], &[3, 2, 1, 1], 1, Some(&[1, 4, 4, 3])).is_none());
+    }
+}
