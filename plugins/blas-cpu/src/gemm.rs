@@ -239,6 +239,10 @@ unsafe fn gemm_with<K: MicroKernel>(
         // SAFETY: forwarded from the caller; B is packed for this kernel and `kc_max`.
         return unsafe { few_rows::<K>(ctx, parallel, p, ptr, kc_max) };
     }
+    if let (BSource::Packed { ptr, .. }, true) = (p.b, m <= FEW_ROW_BLOCK && k > kc_max) {
+        // SAFETY: as above.
+        return unsafe { one_row_block::<K>(ctx, parallel, p, ptr, kc_max) };
+    }
     let mut b_buf = None;
     for jc in (0..n).step_by(K::NC) {
         let nc = K::NC.min(n - jc);
@@ -353,6 +357,90 @@ unsafe fn few_rows<K: MicroKernel>(
             if let Some(e) = &p.epi {
                 // SAFETY: as above.
                 unsafe { K::finish(e, c, p.rsc, p.csc, 0, j, m, nr) };
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Rows up to which a product with B packed and several depth blocks runs as
+/// [`one_row_block`]: A (at most this many rows, all its depth) stays in L2.
+const FEW_ROW_BLOCK: usize = 64;
+
+/// A product of one row block (`m <= FEW_ROW_BLOCK`: the 7x7 layers of a CNN as pixels by
+/// channels, 49 rows) with B packed and several depth blocks. The blocked loop ran one
+/// parallel loop per depth block, the threads meeting after each (measured on MobileNetV2's
+/// 49 x 320 x 960 layer: a third of the time in the scheduler, 0.23 ms against ONNX
+/// Runtime's 0.095). Here A is packed whole first and one parallel loop runs over chunks of
+/// B's panels, each chunk taking every depth block in turn over its own C columns (in
+/// cache), the epilogue after the last.
+///
+/// # Safety
+/// As [`gemm`]; `b` holds all of B packed by [`pack_b_all`] for `K` with depth blocks of
+/// `kc_max`; `p.m <= FEW_ROW_BLOCK`.
+unsafe fn one_row_block<K: MicroKernel>(
+    ctx: &KernelContext<'_>,
+    parallel: bool,
+    p: &Problem,
+    b: *const f32,
+    kc_max: usize,
+) -> Result<(), PluginError> {
+    let (m, n, k) = (p.m, p.n, p.k);
+    let n_pad = n.div_ceil(K::NR) * K::NR;
+    let m_pad = m.div_ceil(K::MR) * K::MR;
+    // A's depth blocks as `pack_a_all` lays them out: block `pc` at `pc * m_pad`.
+    let a_own;
+    let a = match p.a_packed {
+        Some((ptr, _)) => ptr,
+        None => {
+            let len = k
+                .checked_mul(m_pad)
+                .ok_or_else(|| PluginError::invalid("cpu blas: packed A size overflows"))?;
+            let mut buf = AlignedBuf::new(len)?;
+            // SAFETY: A is valid (caller); the buffer holds `k * m_pad` floats.
+            unsafe { pack_a_all::<K>(p.a, m, k, buf.ptr()) };
+            a_own = buf;
+            a_own.as_ptr()
+        }
+    };
+    let (a, b) = (SharedPtr(a.cast_mut()), SharedPtr(b.cast_mut()));
+    let panels = n_pad / K::NR;
+    let threads = ctx.num_threads().max(1);
+    let grain = panels.div_ceil(threads * TASKS_PER_THREAD).max(1);
+    run_ranges(ctx, parallel, panels, grain, |range| {
+        for pc in (0..k).step_by(kc_max) {
+            let kc = kc_max.min(k - pc);
+            let beta = if pc == 0 { p.beta } else { 1.0 };
+            let last = pc + kc >= k;
+            let a_block = a.get().cast_const().wrapping_add(pc * m_pad);
+            for panel in range.clone() {
+                let j = panel * K::NR;
+                let nr = K::NR.min(n - j);
+                let b_panel = b.get().cast_const().wrapping_add(pc * n_pad + j * kc);
+                for ir in (0..m).step_by(K::MR) {
+                    let mr = K::MR.min(m - ir);
+                    // SAFETY: block `pc` of A (rows `ir..`) and panel `panel` of B's block
+                    // `pc` are packed (`kc` steps each); the tile lies in C and belongs to
+                    // this task alone.
+                    unsafe {
+                        let c = p.c.add(ir * p.rsc + j * p.csc);
+                        K::tile(
+                            kc,
+                            a_block.wrapping_add(ir * kc),
+                            b_panel,
+                            c,
+                            p.rsc,
+                            p.csc,
+                            p.alpha,
+                            beta,
+                            mr,
+                            nr,
+                        );
+                        if let (Some(e), true) = (&p.epi, last) {
+                            K::finish(e, c, p.rsc, p.csc, ir, j, mr, nr);
+                        }
+                    }
+                }
             }
         }
         Ok(())
