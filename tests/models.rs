@@ -1236,10 +1236,17 @@ async fn a_residual_join_runs_as_one_fused_conv() {
 
 /// A MobileNetV2 block (1x1 expand + ReLU6, depthwise 3x3 + ReLU, 1x1 project + the residual
 /// Add): the values inside the block run channels-last (the pass `nhwc-conv`), and the
-/// answer is the NCHW one.
+/// answer is the NCHW one; a narrow block (its projection multiplies W X^T) and a wide one
+/// (X W^T stored column-major).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mobilenet_block_runs_channels_last_inside() {
-    let (n, c, h, w, m) = (2usize, 3usize, 5usize, 19usize, 20usize);
+    for c in [3, 40] {
+        mobilenet_block(c).await;
+    }
+}
+
+async fn mobilenet_block(c: usize) {
+    let (n, h, w, m) = (2usize, 5usize, 19usize, 20usize);
     // Halves, quarters and small integers: every sum is exact in f32, in any order.
     let x: Vec<f32> = (0..n * c * h * w)
         .map(|i| (i % 9) as f32 * 0.5 - 2.0)

@@ -179,9 +179,17 @@ fn conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
     // One packing, for the orientation the layer will use: the right operand where the
     // input's extents are known at load and it has few pixels per channel, else the left
     // (with the right as the fallback for a backend that does not pack A). Channels-last
-    // layers: the right operand (their products are pixels by channels, see [`nhwc`]).
+    // layers: the right operand (their products are pixels by channels, see [`nhwc`]), the
+    // left for a narrow NCHW output.
     let (direct, packed) = if !layouts.nchw() {
-        (None, prepack_weights(node, group, false))
+        let narrow = node
+            .inputs
+            .get(1)
+            .and_then(|w| w.constant)
+            .and_then(|w| w.shape().first().copied())
+            .is_some_and(|m| m < nhwc::LEFT_BELOW);
+        let left = !layouts.y_nhwc && narrow;
+        (None, prepack_weights(node, group, left))
     } else {
         let direct = direct_weights(node, &window, group)?;
         let packed = match pixels_per_channel(node, &window) {

@@ -22,6 +22,12 @@ use opreg_sdk::prelude::*;
 
 const OP: &str = "FusedConvNhwc";
 
+/// Output channels below which a 1x1 layer from channels-last to NCHW multiplies
+/// `W X^T` (weights packed as the left operand, rows of C stored as they are) rather than the
+/// transposed `X W^T`: a product of fewer columns than the BLAS's widest tile (32) wastes
+/// its lanes (MobileNetV2's 16- and 24-channel projections).
+pub(super) const LEFT_BELOW: usize = 32;
+
 impl Conv {
     /// [`Kernel::compute`] for a convolution with a channels-last X or Y.
     pub(super) fn compute_nhwc(
@@ -122,21 +128,36 @@ impl Conv {
                 "{OP}: operands too short for {n} images of {p} pixels, {c} -> {m} channels"
             )));
         }
-        // W^T (c x m) is the right operand in every layout (packed at load as such).
-        let packed = match &self.packed {
-            Some(super::Packed::Right(pk)) => Some(pk),
-            _ => None,
-        }
-        .filter(|pk| pk.info().k == c && pk.info().n == m);
+        // The weights as packed at load (see `LEFT_BELOW`): W^T (c x m) as the right operand,
+        // or W (m x c) as the left one for a narrow NCHW output.
+        let (packed, left) = match &self.packed {
+            Some(super::Packed::Right(pk)) => (Some(pk), false),
+            Some(super::Packed::Left(pk)) if !l.y_nhwc => (Some(pk), true),
+            _ => (None, false),
+        };
+        let packed = packed.filter(|pk| pk.info().k == c && pk.info().n == m);
         // Both channels-last: the batch is one product of `n * p` rows.
         let (images, rows) = if l.x_nhwc && l.y_nhwc {
             (1, n * p)
         } else {
             (n, p)
         };
-        // The product `pixels x channels`: Y_b (rows x m) = X_b (rows x c) W^T (c x m), with
-        // X_b read transposed when NCHW, and Y_b stored transposed (column-major) when NCHW.
         let args = |b: usize, y: &mut [f32]| {
+            if left {
+                // Y_b (m x p) = W (m x c) X_b^T (c x p), X_b (p x c) channels-last.
+                let mut g = GemmArgs::new(GemmTypes::F32, m, p, c);
+                g.flags = GemmArgs::PACKED_A;
+                g.a = w.as_ptr().cast();
+                g.lda = c.max(1);
+                g.b = x[b * p * c..].as_ptr().cast();
+                g.trans_b = Transpose::YES;
+                g.ldb = c.max(1);
+                g.c = y[b * m * p..].as_mut_ptr().cast();
+                g.ldc = p.max(1);
+                return g;
+            }
+            // The product `pixels x channels`: Y_b (rows x m) = X_b (rows x c) W^T (c x m),
+            // X_b read transposed when NCHW, Y_b stored transposed (column-major) when NCHW.
             let mut g = GemmArgs::new(GemmTypes::F32, rows, m, c);
             g.a = x[b * rows * c..].as_ptr().cast();
             g.b = w.as_ptr().cast();
@@ -178,6 +199,9 @@ impl Conv {
             probe.epilogue = code;
             if let Some(b) = bias {
                 probe.bias = b.as_ptr().cast();
+                if left {
+                    probe.flags |= GemmArgs::BIAS_PER_ROW;
+                }
             }
             blas.supports(&probe)
         });
@@ -186,8 +210,11 @@ impl Conv {
             if let Some(code) = epilogue {
                 g.epilogue = code;
                 if let Some(bv) = bias {
-                    // One per output channel: per column of the product.
+                    // One per output channel: per column of the product, per row of `left`.
                     g.bias = bv.as_ptr().cast();
+                    if left {
+                        g.flags |= GemmArgs::BIAS_PER_ROW;
+                    }
                 }
             }
             match packed {
