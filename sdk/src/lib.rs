@@ -82,6 +82,7 @@ pub mod kernel;
 pub mod module;
 pub mod numeric;
 pub mod quant;
+pub mod simd;
 pub mod tensor;
 #[cfg(feature = "testkit")]
 pub mod testkit;

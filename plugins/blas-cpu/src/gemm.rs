@@ -858,7 +858,7 @@ unsafe fn pack_transposed16(
                     *v = unsafe { _mm512_maskz_loadu_ps(mask, src.add((jb + j) * cs + q0)) };
                 }
             }
-            let t = crate::kernels::transpose16(r);
+            let t = opreg_sdk::simd::transpose16(r);
             for (q, v) in t.iter().take(qn).enumerate() {
                 // SAFETY: step q0 + q < kc of the panel, values jb..jb + 16 < nr.
                 unsafe { _mm512_storeu_ps(dst.add((q0 + q) * nr + jb), *v) };

@@ -62,19 +62,7 @@ impl Pass for Nhwc {
         {
             return Ok(0);
         }
-        let taken = model
-            .initializers
-            .keys()
-            .chain(model.inputs.iter().map(|i| &i.name))
-            .chain(model.outputs.iter().map(|o| &o.name))
-            .chain(
-                model
-                    .nodes
-                    .iter()
-                    .flat_map(|n| n.inputs.iter().chain(&n.outputs)),
-            )
-            .cloned()
-            .collect();
+        let taken = super::value_names(model);
         let mut w = Walk {
             twin: HashMap::new(),
             pending: HashSet::new(),
@@ -184,14 +172,7 @@ impl Walk {
     /// A name for a new value (`base`, else `base_1`, …), unused by the model and by the
     /// nodes written so far.
     fn fresh(&mut self, base: &str) -> String {
-        let mut name = base.to_string();
-        let mut k = 1;
-        while self.taken.contains(&name) {
-            name = format!("{base}_{k}");
-            k += 1;
-        }
-        self.taken.insert(name.clone());
-        name
+        super::fresh(&mut self.taken, base)
     }
 
     /// Writes `v` in NCHW (a transpose of its twin) if only its twin exists so far.

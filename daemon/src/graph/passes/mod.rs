@@ -17,6 +17,7 @@ mod nhwc_conv;
 mod qdq;
 
 use super::{import::Model, GraphError};
+use std::collections::HashSet;
 
 /// One rewrite of a model.
 pub trait Pass: Sync {
@@ -174,3 +175,33 @@ fn reads(model: &Model) -> Result<std::collections::HashMap<String, usize>, Grap
 
 #[cfg(test)]
 mod tests;
+
+/// Every value name of `model` (initializers, graph inputs and outputs, node inputs and
+/// outputs), for passes that add values ([`fresh`]).
+fn value_names(model: &Model) -> HashSet<String> {
+    model
+        .initializers
+        .keys()
+        .chain(model.inputs.iter().map(|i| &i.name))
+        .chain(model.outputs.iter().map(|o| &o.name))
+        .chain(
+            model
+                .nodes
+                .iter()
+                .flat_map(|n| n.inputs.iter().chain(&n.outputs)),
+        )
+        .cloned()
+        .collect()
+}
+
+/// A name for a new value (`base`, else `base_1`, …) not in `taken`, added to it.
+fn fresh(taken: &mut HashSet<String>, base: &str) -> String {
+    let mut name = base.to_string();
+    let mut k = 1;
+    while taken.contains(&name) {
+        name = format!("{base}_{k}");
+        k += 1;
+    }
+    taken.insert(name.clone());
+    name
+}

@@ -21,7 +21,7 @@
 //! fused sum (Z, which has Y's layout) keeps an NCHW output. Results do not change: the
 //! kernels compute the same sums in the same order (their tests hold them to it).
 
-use super::{super::import::Model, Fusion, Pass};
+use super::{super::import::Model, fresh, value_names, Fusion, Pass};
 use crate::graph::{import::Node, subgraphs::outer_reads, GraphError};
 use opreg_sdk::{kernel::Attribute, AttrValue, DType};
 use std::collections::{HashMap, HashSet};
@@ -77,19 +77,7 @@ impl Pass for NhwcConv {
         if found.is_empty() {
             return Ok(0);
         }
-        let mut taken: HashSet<String> = model
-            .initializers
-            .keys()
-            .chain(model.inputs.iter().map(|i| &i.name))
-            .chain(model.outputs.iter().map(|o| &o.name))
-            .chain(
-                model
-                    .nodes
-                    .iter()
-                    .flat_map(|n| n.inputs.iter().chain(&n.outputs)),
-            )
-            .cloned()
-            .collect();
+        let mut taken = value_names(model);
         let mut layouts: HashMap<usize, (bool, bool)> = HashMap::new();
         for (i, rs) in found {
             let Some(y) = model.nodes.get(i).and_then(|n| n.outputs.first()).cloned() else {
@@ -180,16 +168,4 @@ fn converts(model: &Model, n: &Node) -> bool {
         group == 1 && (kh, kw) == (1, 1) && all("strides", 1) && all("pads", 0) && no_auto_pad;
     let depthwise = cg == 1 && m > 1 && i64::try_from(m).is_ok_and(|m| m == group);
     kernel_ok && (pointwise || depthwise)
-}
-
-/// A name for a new value (`base`, else `base_1`, …), unused so far.
-fn fresh(taken: &mut HashSet<String>, base: &str) -> String {
-    let mut name = base.to_string();
-    let mut k = 1;
-    while taken.contains(&name) {
-        name = format!("{base}_{k}");
-        k += 1;
-    }
-    taken.insert(name.clone());
-    name
 }
