@@ -309,22 +309,9 @@ unsafe fn few_rows<K: MicroKernel>(
 ) -> Result<(), PluginError> {
     let (m, n, k) = (p.m, p.n, p.k);
     let n_pad = n.div_ceil(K::NR) * K::NR;
-    // A's depth blocks, `K::MR` rows each (as `pack_a_all` lays them out): block `pc` at
-    // `pc * MR`.
-    let a_own;
-    let a = match p.a_packed {
-        Some((ptr, _)) => ptr,
-        None => {
-            let len = k
-                .checked_mul(K::MR)
-                .ok_or_else(|| PluginError::invalid("cpu blas: packed A size overflows"))?;
-            let mut buf = AlignedBuf::new(len)?;
-            // SAFETY: A is valid (caller); the buffer holds `k * MR` floats.
-            unsafe { pack_a_all::<K>(p.a, m, k, buf.ptr()) };
-            a_own = buf;
-            a_own.as_ptr()
-        }
-    };
+    // A's depth blocks of `K::MR` rows (m <= MR): block `pc` at `pc * MR`.
+    // SAFETY: forwarded from the caller.
+    let (_a_own, a) = unsafe { all_of_a::<K>(p)? };
     let (a, b) = (SharedPtr(a.cast_mut()), SharedPtr(b.cast_mut()));
     let panels = n_pad / K::NR;
     let threads = ctx.num_threads().max(1);
@@ -363,6 +350,28 @@ unsafe fn few_rows<K: MicroKernel>(
     })
 }
 
+/// All of `op(A)` packed as [`pack_a_all`] lays it out (depth block `pc` at `pc * m_pad`):
+/// the caller's pre-packed A, else a buffer packed here, returned with it (keep it alive while
+/// the pointer is used).
+///
+/// # Safety
+/// As [`gemm`]; a pre-packed A was packed by [`pack_a_all`] for `K`.
+unsafe fn all_of_a<K: MicroKernel>(
+    p: &Problem,
+) -> Result<(Option<AlignedBuf>, *const f32), PluginError> {
+    if let Some((ptr, _)) = p.a_packed {
+        return Ok((None, ptr));
+    }
+    let len =
+        p.k.checked_mul(p.m.div_ceil(K::MR) * K::MR)
+            .ok_or_else(|| PluginError::invalid("cpu blas: packed A size overflows"))?;
+    let mut buf = AlignedBuf::new(len)?;
+    // SAFETY: A is valid (caller); the buffer holds `k * m_pad` floats.
+    unsafe { pack_a_all::<K>(p.a, p.m, p.k, buf.ptr()) };
+    let ptr = buf.as_ptr();
+    Ok((Some(buf), ptr))
+}
+
 /// Rows up to which a product with B packed and several depth blocks runs as
 /// [`one_row_block`]: A (at most this many rows, all its depth) stays in L2.
 const FEW_ROW_BLOCK: usize = 64;
@@ -388,21 +397,9 @@ unsafe fn one_row_block<K: MicroKernel>(
     let (m, n, k) = (p.m, p.n, p.k);
     let n_pad = n.div_ceil(K::NR) * K::NR;
     let m_pad = m.div_ceil(K::MR) * K::MR;
-    // A's depth blocks as `pack_a_all` lays them out: block `pc` at `pc * m_pad`.
-    let a_own;
-    let a = match p.a_packed {
-        Some((ptr, _)) => ptr,
-        None => {
-            let len = k
-                .checked_mul(m_pad)
-                .ok_or_else(|| PluginError::invalid("cpu blas: packed A size overflows"))?;
-            let mut buf = AlignedBuf::new(len)?;
-            // SAFETY: A is valid (caller); the buffer holds `k * m_pad` floats.
-            unsafe { pack_a_all::<K>(p.a, m, k, buf.ptr()) };
-            a_own = buf;
-            a_own.as_ptr()
-        }
-    };
+    // A's depth blocks: block `pc` at `pc * m_pad`.
+    // SAFETY: forwarded from the caller.
+    let (_a_own, a) = unsafe { all_of_a::<K>(p)? };
     let (a, b) = (SharedPtr(a.cast_mut()), SharedPtr(b.cast_mut()));
     let panels = n_pad / K::NR;
     let threads = ctx.num_threads().max(1);

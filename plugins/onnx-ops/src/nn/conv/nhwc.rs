@@ -14,7 +14,7 @@
 //! Only those two kinds run here (the pass writes no other): 1x1 with stride 1, no padding and
 //! one group, and depthwise (one input and one output channel per group), 2-D, f32.
 
-use super::{depthwise, finish, optional, Activation, Conv};
+use super::{depthwise, finish, optional, with_epilogue, Activation, Conv};
 use crate::nn::{blas, conv_bias};
 use crate::util::required;
 use opreg_sdk::alloc::{checked_numel, try_vec};
@@ -194,28 +194,16 @@ impl Conv {
             None => self.activation.blas_epilogue(),
             Some(_) => Some(Epilogue::NONE),
         };
+        // One bias per output channel: per column of the product, per row of `left`'s.
         let epilogue = code.filter(|&code| {
             let mut probe = args(0, y);
-            probe.epilogue = code;
-            if let Some(b) = bias {
-                probe.bias = b.as_ptr().cast();
-                if left {
-                    probe.flags |= GemmArgs::BIAS_PER_ROW;
-                }
-            }
+            with_epilogue(&mut probe, left, bias, code);
             blas.supports(&probe)
         });
         for b in 0..images {
             let mut g = args(b, y);
             if let Some(code) = epilogue {
-                g.epilogue = code;
-                if let Some(bv) = bias {
-                    // One per output channel: per column of the product, per row of `left`.
-                    g.bias = bv.as_ptr().cast();
-                    if left {
-                        g.flags |= GemmArgs::BIAS_PER_ROW;
-                    }
-                }
+                with_epilogue(&mut g, left, bias, code);
             }
             match packed {
                 Some(pk) => blas.gemm_packed(ctx, &g, pk)?,
