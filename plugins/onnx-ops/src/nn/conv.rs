@@ -1393,7 +1393,7 @@ mod tests {
     fn deep_convolutions_match_direct_loops() {
         // (x [n, c, h, w], output channels, kernel, strides, dilations, pads [top, left,
         // bottom, right]): ResNet's 3x3 layers in small, with output widths around the
-        // 12-pixel tiles (7, 12, 13: tiles of 7 and 6, 25, 40), channel counts around the
+        // 14-pixel tiles (7, 12, 13, 25, 40), channel counts around the
         // 16-channel blocks of the channels-last copy (5, 16, 21, 32) and the 32-channel
         // blocks of the output (3, 24, 33, 40), strides, a dilation, a 5x5 window, asymmetric
         // pads, input rows wider than 16 columns, two images; each with the weights given at
@@ -1406,9 +1406,11 @@ mod tests {
             [usize; 2],
             [usize; 4],
         );
-        // Rows narrower than their tiles' slots (7, 12, 14 and 20 wide) run in tiles across
-        // rows; the last case's rows are cut into several parallel tasks.
-        let cases: [Case; 9] = [
+        // Rows narrower than their tiles' slots (7, 12, 20 and 30 wide) run in tiles across
+        // rows; the ninth case's rows are cut into several parallel tasks. The last two run
+        // whole images per task (two images), in several groups of 16 tiles (along lines and
+        // within rows), their 40 and 20 input channels in passes of 17 (and a rest).
+        let cases: [Case; 11] = [
             ([1, 16, 14, 14], 24, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
             ([2, 5, 7, 7], 33, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
             ([1, 21, 5, 20], 40, [3, 3], [1, 1], [1, 1], [0, 1, 2, 1]),
@@ -1418,6 +1420,8 @@ mod tests {
             ([1, 17, 11, 36], 32, [3, 3], [2, 3], [2, 2], [2, 1, 0, 3]),
             ([1, 6, 12, 12], 5, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
             ([1, 64, 14, 14], 40, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
+            ([2, 40, 30, 30], 24, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
+            ([2, 20, 12, 30], 40, [3, 3], [1, 1], [1, 1], [0, 0, 0, 0]),
         ];
         for (k, (xs, m, ks, st, dil, pads)) in cases.into_iter().enumerate() {
             let g = geometry(xs, ks, st, dil, pads);
