@@ -41,6 +41,56 @@ pub(crate) trait MicroKernel {
         nr: usize,
     );
 
+    /// Whether [`tile_b_rows`](Self::tile_b_rows) reads B in place (else it copies the panel
+    /// first, and the driver packs instead).
+    const B_ROWS: bool = false;
+
+    /// [`tile`](Self::tile) with a full `NR`-wide B panel read in place: step `p` of it at
+    /// `b + p * ldb` (rows of a row-major B), not packed.
+    ///
+    /// # Safety
+    /// As [`tile`](Self::tile), with `NR` readable floats at `b + p * ldb` for `p < kc`
+    /// instead of the packed panel.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile_b_rows(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        rsc: usize,
+        csc: usize,
+        alpha: f32,
+        beta: f32,
+        mr: usize,
+        nr: usize,
+    ) {
+        // One step at a time, C accumulating (correct, slow: kernels the driver sends rows to
+        // override this).
+        if kc == 0 {
+            // SAFETY: forwarded from the caller (no step read).
+            return unsafe { Self::tile(0, a, b, c, rsc, csc, alpha, beta, mr, nr) };
+        }
+        for p in 0..kc {
+            let beta = if p == 0 { beta } else { 1.0 };
+            // SAFETY: step `p` of A's panel and B's row `p`, both inside the caller's ranges.
+            unsafe {
+                Self::tile(
+                    1,
+                    a.add(p * Self::MR),
+                    b.add(p * ldb),
+                    c,
+                    rsc,
+                    csc,
+                    alpha,
+                    beta,
+                    mr,
+                    nr,
+                )
+            }
+        }
+    }
+
     /// Applies `e` to the `mr x nr` tile at `c` whose first element is C's `(row0, col0)`,
     /// compiled for the kernel's instruction set (see [`TileEpilogue::apply`]).
     ///
@@ -269,12 +319,31 @@ mod x86 {
             // runs only its rows' FMAs: the 8-row kernel would spend 8x the FMAs on a product
             // that only has to stream B (measured: a 1 x 2048 x 1000 Gemm 4-6x slower than
             // ONNX Runtime with all 8 rows).
+            unsafe { Self::tile_b_rows(kc, a, b, 32, c, rsc, csc, alpha, beta, mr, nr) }
+        }
+
+        const B_ROWS: bool = true;
+
+        unsafe fn tile_b_rows(
+            kc: usize,
+            a: *const f32,
+            b: *const f32,
+            ldb: usize,
+            c: *mut f32,
+            rsc: usize,
+            csc: usize,
+            alpha: f32,
+            beta: f32,
+            mr: usize,
+            nr: usize,
+        ) {
+            // SAFETY: forwarded from the caller, who checked that the CPU has AVX-512F.
             unsafe {
                 match mr {
-                    1 => avx512_rows::<1>(kc, a, b, c, rsc, csc, alpha, beta, mr, nr),
-                    2 => avx512_rows::<2>(kc, a, b, c, rsc, csc, alpha, beta, mr, nr),
-                    3 | 4 => avx512_rows::<4>(kc, a, b, c, rsc, csc, alpha, beta, mr, nr),
-                    _ => avx512_rows::<8>(kc, a, b, c, rsc, csc, alpha, beta, mr, nr),
+                    1 => avx512_rows::<1>(kc, a, (b, ldb), c, rsc, csc, alpha, beta, mr, nr),
+                    2 => avx512_rows::<2>(kc, a, (b, ldb), c, rsc, csc, alpha, beta, mr, nr),
+                    3 | 4 => avx512_rows::<4>(kc, a, (b, ldb), c, rsc, csc, alpha, beta, mr, nr),
+                    _ => avx512_rows::<8>(kc, a, (b, ldb), c, rsc, csc, alpha, beta, mr, nr),
                 }
             }
         }
@@ -282,14 +351,14 @@ mod x86 {
         finish_for!("avx512f");
     }
 
-    /// The product of the first `R` rows of an 8-row A panel with a 32-column B panel
-    /// (`mr <= R`).
+    /// The product of the first `R` rows of an 8-row A panel with a 32-column B panel whose
+    /// steps lie `ldb` floats apart (32: packed) (`mr <= R`).
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn avx512_rows<const R: usize>(
         kc: usize,
         mut a: *const f32,
-        mut b: *const f32,
+        (mut b, ldb): (*const f32, usize),
         c: *mut f32,
         rsc: usize,
         csc: usize,
@@ -318,7 +387,7 @@ mod x86 {
                     row[1] = _mm512_fmadd_ps(x, b1, row[1]);
                 }
                 a = a.add(8);
-                b = b.add(32);
+                b = b.add(ldb);
             }
         }
         let va = _mm512_set1_ps(alpha);

@@ -732,3 +732,69 @@ fn throughput() {
         }
     }
 }
+
+/// `tile_b_rows` (B's steps `ldb` apart, not packed) against `tile` on the same panel packed:
+/// the same bits for a kernel that reads rows in place, within rounding for the step-by-step
+/// default of the others (which the driver never sends rows to, but which must still be right).
+#[test]
+fn tiles_read_b_rows_in_place_as_packed() {
+    fn one<K: MicroKernel>(exact: bool) {
+        let (kc, ldb) = (37, K::NR + 19);
+        let a = values(kc * K::MR, 1);
+        let b = values(kc * ldb, 2);
+        let packed: Vec<f32> = (0..kc)
+            .flat_map(|p| b[p * ldb..p * ldb + K::NR].iter().copied())
+            .collect();
+        let c0 = values(K::MR * K::NR, 3);
+        for (alpha, beta) in SCALES {
+            let (mut c1, mut c2) = (c0.clone(), c0.clone());
+            // SAFETY: the CPU has the kernel (callers check); the panels and tiles are whole.
+            unsafe {
+                let (nr, mr) = (K::NR, K::MR);
+                K::tile(
+                    kc,
+                    a.as_ptr(),
+                    packed.as_ptr(),
+                    c1.as_mut_ptr(),
+                    nr,
+                    1,
+                    alpha,
+                    beta,
+                    mr,
+                    nr,
+                );
+                K::tile_b_rows(
+                    kc,
+                    a.as_ptr(),
+                    b.as_ptr(),
+                    ldb,
+                    c2.as_mut_ptr(),
+                    nr,
+                    1,
+                    alpha,
+                    beta,
+                    mr,
+                    nr,
+                );
+            }
+            for (i, (x, y)) in c1.iter().zip(&c2).enumerate() {
+                let ok = if exact {
+                    x.to_bits() == y.to_bits()
+                } else {
+                    (x - y).abs() <= 1e-4 * (1.0 + x.abs())
+                };
+                assert!(ok, "{i}: {x} vs {y} (alpha {alpha}, beta {beta})");
+            }
+        }
+    }
+    one::<crate::kernels::Portable>(false);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if KernelKind::Avx2.available() {
+            one::<crate::kernels::Avx2>(false);
+        }
+        if KernelKind::Avx512.available() {
+            one::<crate::kernels::Avx512>(true);
+        }
+    }
+}
