@@ -599,19 +599,8 @@ unsafe fn compute_block<K: MicroKernel>(
                 (BlockB::PerTask(mat), Some(buf)) => {
                     let out = buf.ptr();
                     if packed_cols != Some(cb) {
-                        // SAFETY: B is valid (caller); the buffer holds `chunk` panels, and
-                        // panel `q` of the chunk lands at `out + (q - first) * kc * NR`.
-                        unsafe {
-                            pack_b_panels::<K>(
-                                mat,
-                                pc,
-                                kc,
-                                jc,
-                                nc,
-                                cols.clone(),
-                                out.wrapping_sub(first * kc * K::NR),
-                            )
-                        };
+                        // SAFETY: B is valid (caller); the buffer holds `chunk` panels.
+                        unsafe { pack_b_at::<K>(mat, (pc, kc), (jc, nc), cols.clone(), out) };
                         packed_cols = Some(cb);
                     }
                     out
@@ -629,19 +618,9 @@ unsafe fn compute_block<K: MicroKernel>(
                         (mat.ptr.wrapping_add(pc * mat.rs + jc + j), mat.rs)
                     }
                     (BlockB::Rows(mat), Some(buf)) => {
-                        // SAFETY: B is valid (caller); the buffer holds one panel, which
-                        // lands at `out + panel * kc * NR` = the buffer's start.
-                        unsafe {
-                            pack_b_panels::<K>(
-                                mat,
-                                pc,
-                                kc,
-                                jc,
-                                nc,
-                                panel..panel + 1,
-                                buf.ptr().wrapping_sub(panel * kc * K::NR),
-                            )
-                        };
+                        // SAFETY: B is valid (caller); the buffer holds one panel.
+                        let (out, panels) = (buf.ptr(), panel..panel + 1);
+                        unsafe { pack_b_at::<K>(mat, (pc, kc), (jc, nc), panels, out) };
                         (buf.as_ptr(), K::NR)
                     }
                     (BlockB::Rows(_), None) => {
@@ -720,6 +699,22 @@ unsafe fn pack_a<K: MicroKernel>(
             }
         }
     }
+}
+
+/// [`pack_b_panels`] with the first of `panels` at `out` (a task's own buffer).
+///
+/// # Safety
+/// As [`pack_b_panels`], `out` having room for `panels.len()` panels.
+unsafe fn pack_b_at<K: MicroKernel>(
+    b: Mat,
+    (pc, kc): (usize, usize),
+    (jc, nc): (usize, usize),
+    panels: Range<usize>,
+    out: *mut f32,
+) {
+    let base = out.wrapping_sub(panels.start * kc * K::NR);
+    // SAFETY: forwarded; panel `q` lands at `base + q * kc * NR`, inside `out`'s room.
+    unsafe { pack_b_panels::<K>(b, pc, kc, jc, nc, panels, base) }
 }
 
 /// Packs micro-panels `panels` of B's block (rows `pc..pc+kc`, columns `jc..jc+nc`) into
