@@ -195,7 +195,8 @@ pub(super) fn run(
     let tiles = |b: usize| Tiles {
         taps: &taps,
         c,
-        chunk: (WEIGHTS_L1 / (4 * ocb * taps.len())).clamp(1, c),
+        // (`applies` keeps c and the taps non-zero; `max` keeps this total regardless.)
+        chunk: (WEIGHTS_L1 / (4 * ocb * taps.len()).max(1)).clamp(1, c.max(1)),
         wt,
         depth,
         m,
