@@ -282,17 +282,15 @@ struct Tiles<'a> {
 }
 
 /// Where a tile's pixels go: `p` pixels from `(oy, ox)` of one row, or (tiles along the line
-/// of consecutive rows, see [`Tiles::rows`]) from pixel `q` of that line.
-#[derive(Clone, Copy, Debug, Default)]
+/// of consecutive rows `wv` pixels long, see [`Tiles::rows`]) from pixel `q` of that line.
+#[derive(Clone, Copy, Debug)]
 enum Place {
-    #[default]
-    Unset,
     Row(usize, usize),
-    Line(usize),
+    Line(usize, usize),
 }
 
 /// One tile: its first tap's offset in the copy, its pixels, where they go.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 struct Tile {
     start: usize,
     p: usize,
@@ -340,7 +338,13 @@ impl Tiles<'_> {
             .then(|| self.row_step / self.pix_step)
             .filter(|&wv| wv >= ow && wv < tiles * max_pix);
         // The tiles, computed GROUP at a time.
-        let mut group = [Tile::default(); GROUP];
+        // (Entries past `len` are never read.)
+        let unused = Tile {
+            start: 0,
+            p: 0,
+            place: Place::Row(0, 0),
+        };
+        let mut group = [unused; GROUP];
         let mut len = 0;
         let mut sums = [[0f32; TILE]; GROUP];
         macro_rules! push {
@@ -348,7 +352,7 @@ impl Tiles<'_> {
                 group[len] = $t;
                 len += 1;
                 if len == GROUP {
-                    self.group(copy, w, blk, line, &group, &mut sums, yd);
+                    self.group(copy, w, blk, &group, &mut sums, yd);
                     len = 0;
                 }
             }};
@@ -368,7 +372,7 @@ impl Tiles<'_> {
                     push!(Tile {
                         start: q * self.pix_step,
                         p,
-                        place: Place::Line(q),
+                        place: Place::Line(q, wv),
                     });
                     q += p;
                 }
@@ -387,20 +391,18 @@ impl Tiles<'_> {
                 }
             }
         }
-        self.group(copy, w, blk, line, &group[..len], &mut sums, yd);
+        self.group(copy, w, blk, &group[..len], &mut sums, yd);
         Ok(())
     }
 
     /// The tiles of `group` (checked by [`rows`](Self::rows) to read inside `copy` and `w`):
     /// the sums over the input channels a [`chunk`](Self::chunk) at a time, every tile
     /// taking one chunk before the next (the chunk's weights stay in L1), then stored.
-    #[allow(clippy::too_many_arguments)]
     fn group(
         &self,
         copy: &[f32],
         w: &[f32],
         blk: usize,
-        line: Option<usize>,
         group: &[Tile],
         sums: &mut [[f32; TILE]; GROUP],
         yd: &Disjoint<f32>,
@@ -419,15 +421,15 @@ impl Tiles<'_> {
             ic += n;
         }
         for (t, buf) in group.iter().zip(sums.iter()) {
-            match (t.place, line) {
-                (Place::Row(oy, ox), _) => {
+            match t.place {
+                Place::Row(oy, ox) => {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: as for the tile; the stores are bounds-checked parts of y.
                     unsafe {
                         x86::store(self, blk, (oy, ox, t.p), 0, buf, yd)
                     };
                 }
-                (Place::Line(q), Some(wv)) => {
+                Place::Line(q, wv) => {
                     // Each row's run of the tile, the dropped pixels skipped.
                     let mut j = 0;
                     while j < t.p {
@@ -445,7 +447,6 @@ impl Tiles<'_> {
                         j += run;
                     }
                 }
-                _ => {}
             }
         }
     }
