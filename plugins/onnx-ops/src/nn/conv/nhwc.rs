@@ -300,6 +300,7 @@ mod tests {
         group: usize,
         strides: [i64; 2],
         pads: [i64; 4],
+        dilations: [i64; 2],
     }
 
     /// `n x a x b` images to `n x b x a`.
@@ -320,6 +321,7 @@ mod tests {
                 group: 1,
                 strides: [1, 1],
                 pads: [0; 4],
+                dilations: [1; 2],
             },
             Case {
                 x: [1, 33, 4, 5],
@@ -327,6 +329,7 @@ mod tests {
                 group: 1,
                 strides: [1, 1],
                 pads: [0; 4],
+                dilations: [1; 2],
             },
             // Depthwise: padded 3x3 across a row of 16+ pixels, stride 2, 5x5, 7 wide.
             Case {
@@ -335,6 +338,7 @@ mod tests {
                 group: 20,
                 strides: [1, 1],
                 pads: [1; 4],
+                dilations: [1; 2],
             },
             Case {
                 x: [1, 17, 9, 11],
@@ -342,6 +346,7 @@ mod tests {
                 group: 17,
                 strides: [2, 2],
                 pads: [0, 0, 1, 1],
+                dilations: [1; 2],
             },
             Case {
                 x: [1, 32, 7, 7],
@@ -349,6 +354,33 @@ mod tests {
                 group: 32,
                 strides: [1, 1],
                 pads: [2; 4],
+                dilations: [1; 2],
+            },
+            // Whole registers of channels (read in place, the margin pixel by pixel): two
+            // images strided, a row of 16 + 16 + 7 inner pixels with uneven pads, dilated.
+            Case {
+                x: [2, 16, 9, 37],
+                w: [16, 1, 3, 3],
+                group: 16,
+                strides: [2, 2],
+                pads: [1; 4],
+                dilations: [1; 2],
+            },
+            Case {
+                x: [1, 32, 6, 40],
+                w: [32, 1, 3, 3],
+                group: 32,
+                strides: [1, 1],
+                pads: [0, 1, 1, 0],
+                dilations: [1; 2],
+            },
+            Case {
+                x: [1, 16, 8, 9],
+                w: [16, 1, 3, 3],
+                group: 16,
+                strides: [1, 2],
+                pads: [2, 1, 2, 3],
+                dilations: [2, 3],
             },
         ];
         let acts: [(&str, Vec<f32>); 4] = [
@@ -371,7 +403,8 @@ mod tests {
                     .domain("opreg")
                     .attr("group", AttrValue::Int(case.group as i64))
                     .attr("strides", AttrValue::Ints(case.strides.to_vec()))
-                    .attr("pads", AttrValue::Ints(case.pads.to_vec()));
+                    .attr("pads", AttrValue::Ints(case.pads.to_vec()))
+                    .attr("dilations", AttrValue::Ints(case.dilations.to_vec()));
                 if !act.is_empty() {
                     s = s
                         .attr("activation", AttrValue::String(act.into()))
