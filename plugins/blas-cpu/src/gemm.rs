@@ -386,22 +386,16 @@ unsafe fn one_row_block<K: MicroKernel>(
                     // `pc` are packed (`kc` steps each); the tile lies in C and belongs to
                     // this task alone.
                     unsafe {
-                        let c = p.c.add(ir * p.rsc + j * p.csc);
-                        K::tile(
+                        K::tile_then(
                             kc,
                             a_block.wrapping_add(ir * kc),
-                            b_panel,
-                            c,
-                            p.rsc,
-                            p.csc,
-                            p.alpha,
-                            beta,
-                            mr,
-                            nr,
+                            (b_panel, K::NR),
+                            p.c.add(ir * p.rsc + j * p.csc),
+                            (p.rsc, p.csc),
+                            (p.alpha, beta),
+                            (mr, nr),
+                            p.epi.as_ref().filter(|_| last).map(|e| (e, ir, j)),
                         );
-                        if let (Some(e), true) = (&p.epi, last) {
-                            K::finish(e, c, p.rsc, p.csc, ir, j, mr, nr);
-                        }
                     }
                 }
             }
@@ -572,17 +566,16 @@ unsafe fn compute_block<K: MicroKernel>(
                     // (`ldb` apart, full width) B's own rows; the tile lies in C and belongs to
                     // this task alone; the kernel is available (caller).
                     unsafe {
-                        let c = p.c.add((ic + ir) * p.rsc + (jc + j) * p.csc);
-                        let a = a_pack.wrapping_add(ir * kc);
-                        let (rsc, csc, alpha) = (p.rsc, p.csc, p.alpha);
-                        if ldb == K::NR {
-                            K::tile(kc, a, b_panel, c, rsc, csc, alpha, beta, mr, nr);
-                        } else {
-                            K::tile_b_rows(kc, a, b_panel, ldb, c, rsc, csc, alpha, beta, mr, nr);
-                        }
-                        if let Some(e) = &epi {
-                            K::finish(e, c, p.rsc, p.csc, ic + ir, jc + j, mr, nr);
-                        }
+                        K::tile_then(
+                            kc,
+                            a_pack.wrapping_add(ir * kc),
+                            (b_panel, ldb),
+                            p.c.add((ic + ir) * p.rsc + (jc + j) * p.csc),
+                            (p.rsc, p.csc),
+                            (p.alpha, beta),
+                            (mr, nr),
+                            epi.as_ref().map(|e| (e, ic + ir, jc + j)),
+                        );
                     };
                 }
             }
