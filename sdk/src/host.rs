@@ -786,8 +786,7 @@ impl CallFrame<'_> {
 }
 
 /// Runs `body(c)` for every chunk `c` in `0..chunks` on the calling thread and up to
-/// `workers - 1` other workers of the current rayon pool, each claiming the next chunk from a
-/// shared counter until none is left; returns when every chunk has run.
+/// `workers - 1` other workers of the current rayon pool; returns when every chunk has run.
 ///
 /// Why not `into_par_iter().for_each`: its halves meet in `join`, and a thread waiting there
 /// for a half another worker stole goes to sleep on a futex after a few rounds, to be woken by
@@ -795,13 +794,27 @@ impl CallFrame<'_> {
 /// through the hypervisor). Kernels run several loops of tens of microseconds each; profiled on
 /// MobileNetV2-style blocks at 2 threads, 15 % of the samples were those sleeps and wake-ups,
 /// and 1x1 layers ran slower on two threads than on one. Here the caller waits for the chunks
-/// others claimed by spinning (they are short), and enters the scope's own wait only when
-/// every chunk is done, where nothing is left to sleep on. Chunks are claimed in order, so
-/// each thread's share is as even as the chunks are.
+/// others hold by spinning (they are short), and enters the scope's own wait only when every
+/// chunk is done, where nothing is left to sleep on.
+///
+/// Each worker owns a contiguous range of the chunks, the caller the first, and takes its own
+/// in order before it helps with the others' (from their fronts): as with `join`'s halves, a
+/// kernel's successive loops over the same data (a gemm's depth blocks over the same tiles of
+/// C) give each thread the same part every time, which stays in its core's cache. Handing the
+/// chunks out one by one in order instead made ResNet-50's deep 1x1 layers read every weight
+/// block on both cores.
 fn claim_chunks(workers: usize, chunks: usize, body: impl Fn(usize) + Sync) {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let next = AtomicUsize::new(0);
+    /// A range's next chunk, alone on its cache line (the owner takes from it all the time).
+    #[repr(align(128))]
+    struct Next(AtomicUsize);
+    let workers = workers.clamp(1, chunks.max(1));
+    let end = |w: usize| chunks * w / workers;
+    let next: Vec<Next> = (0..workers)
+        .map(|w| Next(AtomicUsize::new(end(w))))
+        .collect();
     let done = AtomicUsize::new(0);
+    let ids = AtomicUsize::new(1);
     /// Counts a claimed chunk as done however its body ends (a panic included, which the
     /// scope then carries on), so the waiting loop below always ends.
     struct Done<'a>(&'a AtomicUsize);
@@ -810,19 +823,24 @@ fn claim_chunks(workers: usize, chunks: usize, body: impl Fn(usize) + Sync) {
             self.0.fetch_add(1, Ordering::Release);
         }
     }
-    let work = || loop {
-        let c = next.fetch_add(1, Ordering::Relaxed);
-        if c >= chunks {
-            break;
+    let work = |me: usize| {
+        for r in (0..workers).map(|i| (me + i) % workers) {
+            let Some(range) = next.get(r) else { continue };
+            loop {
+                let c = range.0.fetch_add(1, Ordering::Relaxed);
+                if c >= end(r + 1) {
+                    break;
+                }
+                let _done = Done(&done);
+                body(c);
+            }
         }
-        let _done = Done(&done);
-        body(c);
     };
     rayon::in_place_scope(|s| {
         for _ in 1..workers {
-            s.spawn(|_| work());
+            s.spawn(|_| work(ids.fetch_add(1, Ordering::Relaxed)));
         }
-        work();
+        work(0);
         // Every chunk is claimed; wait for those still running elsewhere. A thread holding
         // one may have been descheduled: after a while, give the CPU away between looks.
         let mut spins = 0u32;
