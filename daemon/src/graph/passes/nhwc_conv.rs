@@ -16,6 +16,11 @@
 //! x -> FusedConvNhwc(y_nhwc) -> FusedConvNhwc(x_nhwc, y_nhwc) -> FusedConvNhwc(x_nhwc) -> y
 //! ```
 //!
+//! A network's first layer (any other convolution of one group, which the kernel computes from
+//! an NCHW X) writes channels-last too when only depthwise convolutions read its output (the
+//! stem of MobileNet and EfficientNet): its tiles are stored as they are, and the depthwise
+//! layer reads them in place, where both had turned the tiles around.
+//!
 //! Runs after `conv-add` and `conv-activation` (their fused nodes are what it converts) and
 //! only where the kernels have `FusedConvNhwc` (see [`Pass::fuses`]). A convolution with a
 //! fused sum (Z, which has Y's layout) keeps an NCHW output. Results do not change: the
@@ -44,7 +49,9 @@ impl Pass for NhwcConv {
     }
 
     fn run(&self, model: &mut Model) -> Result<usize, GraphError> {
-        let takes: Vec<bool> = model.nodes.iter().map(|n| converts(model, n)).collect();
+        let kinds: Vec<Option<Kind>> = model.nodes.iter().map(|n| kind(model, n)).collect();
+        let reads =
+            |j: usize| matches!(kinds.get(j), Some(Some(Kind::Pointwise | Kind::Depthwise)));
         // Readers of each value by (node, input slot); values read where the pass cannot
         // follow (graph outputs, subgraphs) are left alone.
         let mut readers: HashMap<&str, Vec<(usize, usize)>> = HashMap::new();
@@ -57,7 +64,7 @@ impl Pass for NhwcConv {
         }
         let mut found: Vec<(usize, Vec<usize>)> = Vec::new();
         for (i, n) in model.nodes.iter().enumerate() {
-            let ([y], true) = (n.outputs.as_slice(), takes.get(i) == Some(&true)) else {
+            let ([y], Some(Some(k))) = (n.outputs.as_slice(), kinds.get(i)) else {
                 continue;
             };
             // A fused sum has Y's layout: such an output stays NCHW.
@@ -67,10 +74,14 @@ impl Pass for NhwcConv {
             let Some(rs) = readers.get(y.as_str()) else {
                 continue;
             };
-            if rs
-                .iter()
-                .all(|&(j, k)| k == 0 && takes.get(j) == Some(&true))
-            {
+            // Another convolution writes channels-last only for depthwise readers, whose
+            // channels-last copy it then saves (a first layer's NCHW output took the
+            // depthwise layer after it a transpose, and its own tiles one).
+            let fits = |j: usize| match k {
+                Kind::General => matches!(kinds.get(j), Some(Some(Kind::Depthwise))),
+                Kind::Pointwise | Kind::Depthwise => reads(j),
+            };
+            if rs.iter().all(|&(j, slot)| slot == 0 && fits(j)) {
                 found.push((i, rs.iter().map(|&(j, _)| j).collect()));
             }
         }
@@ -115,20 +126,28 @@ impl Pass for NhwcConv {
     }
 }
 
-/// Whether `n` is an f32 convolution the channels-last kernel computes: a `Conv` or
-/// `opreg::FusedConv` over 2 spatial dimensions, 1x1 with stride 1, no padding and one group,
-/// or depthwise (one input and one output channel per group).
-fn converts(model: &Model, n: &Node) -> bool {
+/// What an f32 2-D convolution is to the channels-last kernel.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    /// 1x1, stride 1, no padding, one group: reads and writes either layout.
+    Pointwise,
+    /// One input and one output channel per group: reads and writes either layout.
+    Depthwise,
+    /// Any other of one group: writes either layout, reads NCHW only.
+    General,
+}
+
+/// The [`Kind`] of `n` when it is an f32 convolution the channels-last kernel computes: a
+/// `Conv` or `opreg::FusedConv` over 2 spatial dimensions.
+fn kind(model: &Model, n: &Node) -> Option<Kind> {
     let conv = (n.domain.is_empty() && n.op_type == "Conv")
         || (n.domain == "opreg" && n.op_type == "FusedConv");
-    let Some(w) = n.inputs.get(1).and_then(|w| model.initializers.get(w)) else {
-        return false;
-    };
+    let w = n.inputs.get(1).and_then(|w| model.initializers.get(w))?;
     let &[m, cg, kh, kw] = w.shape() else {
-        return false;
+        return None;
     };
     if !conv || w.dtype() != DType::F32 || n.outputs.len() != 1 {
-        return false;
+        return None;
     }
     let ints = |name: &str| {
         n.attributes
@@ -145,7 +164,7 @@ fn converts(model: &Model, n: &Node) -> bool {
             value: AttrValue::Int(g),
             ..
         }) => *g,
-        Some(_) => return false,
+        Some(_) => return None,
     };
     let all = |name: &str, v: i64| match ints(name) {
         None => true,
@@ -167,5 +186,16 @@ fn converts(model: &Model, n: &Node) -> bool {
     let pointwise =
         group == 1 && (kh, kw) == (1, 1) && all("strides", 1) && all("pads", 0) && no_auto_pad;
     let depthwise = cg == 1 && m > 1 && i64::try_from(m).is_ok_and(|m| m == group);
-    kernel_ok && (pointwise || depthwise)
+    let general = group == 1 && no_auto_pad && (kh, kw) != (1, 1);
+    if !kernel_ok {
+        None
+    } else if pointwise {
+        Some(Kind::Pointwise)
+    } else if depthwise {
+        Some(Kind::Depthwise)
+    } else if general {
+        Some(Kind::General)
+    } else {
+        None
+    }
 }

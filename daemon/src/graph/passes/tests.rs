@@ -933,10 +933,30 @@ fn channels_last_stops_where_a_value_is_read_otherwise() {
     assert_eq!(out.nodes[0].op_type, "Conv");
     assert_eq!(out.nodes[1].inputs[0], "e");
     assert_eq!(out.nodes[1].outputs, ["d_nhwc"]);
-    // A 3x3 expand (not 1x1) keeps its output NCHW; a strided or padded 1x1 too.
+    // A 3x3 layer (a network's first) writes channels-last for a depthwise reader only,
+    // and reads NCHW; read by a 1x1 layer, its output stays NCHW.
     let mut wide = mobile_block(vec![], &["p"], &[4, 2, 3, 3]);
-    assert_eq!(nhwc_conv::NhwcConv.run(&mut wide).unwrap(), 2);
-    assert_eq!(wide.nodes[0].op_type, "Conv");
+    assert_eq!(nhwc_conv::NhwcConv.run(&mut wide).unwrap(), 3);
+    assert_eq!(wide.nodes[0].op_type, "FusedConvNhwc");
+    assert_eq!(wide.nodes[0].outputs, ["e_nhwc"]);
+    let x_nhwc = |n: &Node| n.attributes.iter().find(|a| a.name == "x_nhwc").cloned();
+    assert_eq!(
+        x_nhwc(&wide.nodes[0]).map(|a| a.value),
+        Some(opreg_sdk::AttrValue::Int(0))
+    );
+    let mut into_1x1 = model(
+        vec![
+            node("Conv", &["x", "w3"], &["a"]),
+            node("Conv", &["a", "wp"], &["p"]),
+        ],
+        &["p"],
+        &[
+            ("w3", &[4, 2, 3, 3], vec![0.5; 72]),
+            ("wp", &[2, 4, 1, 1], vec![2.0; 8]),
+        ],
+    );
+    assert_eq!(nhwc_conv::NhwcConv.run(&mut into_1x1).unwrap(), 0);
+    // A strided or padded 1x1 keeps its output NCHW.
     for attr in [("strides", vec![2, 2]), ("pads", vec![1, 1, 1, 1])] {
         let mut m = mobile_block(vec![], &["p"], &[4, 2, 1, 1]);
         m.nodes[2].attributes.push(opreg_sdk::kernel::Attribute {

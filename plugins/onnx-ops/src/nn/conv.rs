@@ -666,7 +666,7 @@ impl Conv {
                 bias,
                 z,
                 act,
-                y,
+                (&mut *y, false),
             )?
         {
             return Ok(());

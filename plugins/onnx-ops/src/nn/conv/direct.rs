@@ -143,7 +143,7 @@ pub(super) fn run(
     bias: Option<&[f32]>,
     z: Option<&[f32]>,
     act: Activation,
-    y: &mut [f32],
+    (y, y_nhwc): (&mut [f32], bool),
 ) -> Result<bool, PluginError> {
     let (n, c, ih, iw) = (xs[0], xs[1], xs[2], xs[3]);
     let (oh, ow) = (g.out[0], g.out[1]);
@@ -207,6 +207,7 @@ pub(super) fn run(
         bias,
         z: z.map(|z| &z[b * m * plane..(b + 1) * m * plane]),
         act,
+        y_nhwc,
     };
     if n >= ctx.num_threads().max(2) {
         // Enough images to keep every thread busy: one task per image, each with its own
@@ -276,9 +277,12 @@ struct Tiles<'a> {
     row_step: usize,
     pix_step: usize,
     bias: Option<&'a [f32]>,
-    /// The image's fused sum, of the output's shape.
+    /// The image's fused sum, of the output's shape (and layout).
     z: Option<&'a [f32]>,
     act: Activation,
+    /// Whether the output is channels-last (`oh x ow x m` per image): tiles are stored as
+    /// they are computed, pixel by pixel, instead of turned to channel planes.
+    y_nhwc: bool,
 }
 
 /// Where a tile's pixels go: `p` pixels from `(oy, ox)` of one row, or (tiles along the line
@@ -478,6 +482,38 @@ mod x86 {
         let plane = t.oh * t.ow;
         let ocb = super::block_width(t.m);
         let p = p.min(LANES);
+        if t.y_nhwc {
+            // Pixel j's channels lie together: each 16 of them one masked store.
+            for half in 0..ocb / LANES {
+                let oc = blk * ocb + half * LANES;
+                if oc >= t.m {
+                    return;
+                }
+                let lanes = (t.m - oc).min(LANES);
+                let mask = ((1u32 << lanes) - 1) as u16;
+                // As the planes' stores: the bias added only when there is one.
+                let bias = t
+                    .bias
+                    .map(|b| _mm512_maskz_loadu_ps(mask, b[oc..oc + lanes].as_ptr()));
+                for j in 0..p {
+                    let at = (oy * t.ow + ox + j) * t.m + oc;
+                    let from = (j0 + j) * ocb + half * LANES;
+                    let mut v = _mm512_loadu_ps(buf[from..from + LANES].as_ptr());
+                    if let Some(b) = bias {
+                        v = _mm512_add_ps(v, b);
+                    }
+                    if let Some(z) = t.z {
+                        let zr = &z[at..at + lanes];
+                        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, zr.as_ptr()));
+                    }
+                    v = t.act.apply512(v);
+                    // SAFETY: this task alone writes these pixels of block `blk`'s channels.
+                    let out = unsafe { yd.part(at, lanes) };
+                    _mm512_mask_storeu_ps(out.as_mut_ptr(), mask, v);
+                }
+            }
+            return;
+        }
         let mask = ((1u32 << p) - 1) as u16;
         for half in 0..ocb / LANES {
             let mut rows = [_mm512_setzero_ps(); 16];

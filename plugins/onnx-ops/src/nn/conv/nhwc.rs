@@ -14,7 +14,7 @@
 //! Only those two kinds run here (the pass writes no other): 1x1 with stride 1, no padding and
 //! one group, and depthwise (one input and one output channel per group), 2-D, f32.
 
-use super::{depthwise, finish, optional, with_epilogue, Activation, Conv};
+use super::{depthwise, direct, finish, optional, with_epilogue, Activation, Conv};
 use crate::nn::{blas, conv_bias};
 use crate::util::required;
 use opreg_sdk::alloc::{checked_numel, try_vec};
@@ -80,9 +80,13 @@ impl Conv {
             && g.strides.iter().all(|&s| s == 1)
             && g.pad_begin.iter().chain(&g.pad_end).all(|&p| p == 0);
         let nchw = [n, c, ih, iw];
-        if !pointwise && !depthwise::applies(&nchw, group, m) {
+        // Any other 2-D convolution of one group may write a channels-last Y from an NCHW X
+        // (a network's first layer feeding a depthwise one).
+        let general = group == 1 && !pointwise && !l.x_nhwc;
+        if !pointwise && !depthwise::applies(&nchw, group, m) && !general {
             return Err(PluginError::unimplemented(format!(
-                "{OP}: only 1x1 convolutions (stride 1, no padding, one group) and depthwise ones run channels-last, not W {ws:?} with group {group}"
+                "{OP}: only 1x1 convolutions (stride 1, no padding, one group), depthwise ones, and others of one group from an NCHW X run channels-last, not W {ws:?} with group {group} (x_nhwc {})",
+                l.x_nhwc as u8
             )));
         }
         let x = xv.as_slice::<f32>()?;
@@ -94,6 +98,46 @@ impl Conv {
         let p = oh * ow;
         if pointwise {
             return self.pointwise(ctx, (n, c, p, m), x, w, bias, z, y);
+        }
+        if general {
+            if !l.y_nhwc {
+                return self.run(ctx, &nchw, &g, m, x, w, bias, z, act, y);
+            }
+            // The direct kernel stores its tiles pixel by pixel: no transpose at all.
+            if direct::applies(&nchw, &g, group)
+                && direct::run(
+                    ctx,
+                    &nchw,
+                    &g,
+                    m,
+                    x,
+                    w,
+                    self.direct.as_deref().map(|v| &v[..]),
+                    bias,
+                    z,
+                    act,
+                    (&mut *y, true),
+                )?
+            {
+                return Ok(());
+            }
+            // Else (a CPU without AVX-512, a geometry the direct kernel leaves): NCHW into a
+            // temporary turned channels-last, then Z and the activation.
+            let mut tmp = try_vec(y.len(), 0.0f32)?;
+            self.run(
+                ctx,
+                &nchw,
+                &g,
+                m,
+                x,
+                w,
+                bias,
+                None,
+                Activation::None,
+                &mut tmp,
+            )?;
+            y.copy_from_slice(&transposed(&tmp, n, (m, p))?);
+            return finish_any(ctx, y, None, z, act, (m, p), true);
         }
         if z.is_none() {
             return depthwise::run(ctx, &nchw, &g, x, w, bias, act, y, l);
@@ -382,6 +426,32 @@ mod tests {
                 pads: [2, 1, 2, 3],
                 dilations: [2, 3],
             },
+            // One group, past 1x1 (a first layer): NCHW X only; output channels in a partial
+            // register, over two blocks, two images; dilated with uneven pads.
+            Case {
+                x: [1, 3, 17, 19],
+                w: [20, 3, 3, 3],
+                group: 1,
+                strides: [2, 2],
+                pads: [1; 4],
+                dilations: [1; 2],
+            },
+            Case {
+                x: [2, 3, 12, 12],
+                w: [40, 3, 7, 7],
+                group: 1,
+                strides: [2, 2],
+                pads: [3; 4],
+                dilations: [1; 2],
+            },
+            Case {
+                x: [1, 5, 9, 10],
+                w: [16, 5, 3, 2],
+                group: 1,
+                strides: [1, 2],
+                pads: [0, 2, 1, 1],
+                dilations: [2, 1],
+            },
         ];
         let acts: [(&str, Vec<f32>); 4] = [
             ("", vec![]),
@@ -451,7 +521,13 @@ mod tests {
                     let want_z = nchw(&[Some(&tx), Some(&tw), bias, Some(&tz)])
                         .to_vec::<f32>()
                         .expect("f32");
-                    for (xl, yl) in [(true, false), (false, true), (true, true)] {
+                    let general = case.group == 1 && case.w[2..] != [1, 1];
+                    let layouts: &[(bool, bool)] = if general {
+                        &[(false, true)]
+                    } else {
+                        &[(true, false), (false, true), (true, true)]
+                    };
+                    for &(xl, yl) in layouts {
                         let xv = if xl {
                             turn(&x, n, (c, ih * iw))
                         } else {
