@@ -809,7 +809,8 @@ fn claim_chunks(workers: usize, chunks: usize, body: impl Fn(usize) + Sync) {
     #[repr(align(128))]
     struct Next(AtomicUsize);
     let workers = workers.clamp(1, chunks.max(1));
-    let end = |w: usize| chunks * w / workers;
+    // (In u128: `chunks * w` must not wrap whatever the loop's length.)
+    let end = |w: usize| (chunks as u128 * w as u128 / workers as u128) as usize;
     let next: Vec<Next> = (0..workers)
         .map(|w| Next(AtomicUsize::new(end(w))))
         .collect();
