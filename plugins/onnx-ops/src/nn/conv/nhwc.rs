@@ -576,6 +576,49 @@ mod tests {
         }
     }
 
+    /// Windows from a hostile model (dilations and pads of 2^20 and more, an empty image) on
+    /// the channels-last paths that read X in place or store pixel by pixel: each call
+    /// returns (a result or an error); the plain window computes.
+    #[test]
+    fn channels_last_paths_survive_hostile_windows() {
+        // (c, m, group, x_nhwc): a first layer writing channels-last, a depthwise layer
+        // reading and writing it.
+        for (c, m, group, x_nhwc) in [(3usize, 4usize, 1usize, false), (16, 16, 16, true)] {
+            let w = HostTensor::from_vec(&[m, c / group, 3, 3], &vec![1.0f32; m * (c / group) * 9])
+                .expect("w");
+            for (h, wd) in [(5usize, 6usize), (0, 4)] {
+                let shape = if x_nhwc { [1, h, wd, c] } else { [1, c, h, wd] };
+                let x = HostTensor::from_vec(&shape, &vec![2.0f32; h * wd * c]).expect("x");
+                for (dil, pad) in [(1i64 << 20, 0i64), (1, 1 << 20), (1 << 40, 1 << 41), (1, 0)] {
+                    let node = NodeSpec::onnx("FusedConvNhwc", 1)
+                        .domain("opreg")
+                        .attr("group", AttrValue::Int(group as i64))
+                        .attr("dilations", AttrValue::Ints(vec![dil, 1]))
+                        .attr("pads", AttrValue::Ints(vec![pad; 4]))
+                        .attr("x_nhwc", AttrValue::Int(x_nhwc as i64))
+                        .attr("y_nhwc", AttrValue::Int(1));
+                    let r = run_kernel_opt(
+                        conv_factory,
+                        &node,
+                        &[Some(&x), Some(&w)],
+                        Some(Box::new(NaiveBlas)),
+                    );
+                    if (dil, pad, h) == (1, 0, 5) {
+                        let y = r.expect("plain window");
+                        assert_eq!(y[0].shape(), &[1, 3, 4, m]);
+                        // Each 3x3 window sums 2 over its 9 taps and c / group channels.
+                        let want = 18.0 * (c / group) as f32;
+                        assert!(y[0]
+                            .to_vec::<f32>()
+                            .expect("f32")
+                            .iter()
+                            .all(|&v| v == want));
+                    }
+                }
+            }
+        }
+    }
+
     /// What the channels-last kernel does not compute is refused by name, not computed wrong.
     #[test]
     fn channels_last_refuses_what_it_does_not_compute() {
