@@ -97,9 +97,17 @@ impl Activation {
     /// [`apply`](Self::apply) on the 16 lanes of an AVX-512 register, with its bits (NaN
     /// included: `max`/`min` return their second operand when either is NaN). The AVX-512
     /// epilogues of the direct and depthwise convolutions share it.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    pub(crate) fn apply512(self, v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    ///
+    /// `#[inline(always)]`, not `#[target_feature]` (the two may not be combined): it is
+    /// inlined into the AVX-512 kernels that call it, whose feature then compiles its
+    /// intrinsics. As an `#[inline]` target-feature function it was inlined or not by the
+    /// callers' sizes: when a channels-last store joined the direct convolution's, it went out
+    /// of line in both and cost 5 % of a small CNN.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[inline(always)]
+    pub(crate) unsafe fn apply512(self, v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
         use std::arch::x86_64::*;
         /// `f` on each lane of `v`: compiled for AVX-512 with the activation fixed, the loop
         /// vectorizes (the exponential included).
@@ -115,21 +123,24 @@ impl Activation {
             // SAFETY: as above.
             unsafe { _mm512_loadu_ps(l.as_ptr()) }
         }
-        match self {
-            Activation::None => v,
-            // f32::max(NaN, 0) is 0.
-            Activation::Relu => _mm512_max_ps(v, _mm512_setzero_ps()),
-            // NaN stays NaN.
-            Activation::Clip(lo, hi) => {
-                _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), v))
+        // SAFETY: the CPU has AVX-512F (caller).
+        unsafe {
+            match self {
+                Activation::None => v,
+                // f32::max(NaN, 0) is 0.
+                Activation::Relu => _mm512_max_ps(v, _mm512_setzero_ps()),
+                // NaN stays NaN.
+                Activation::Clip(lo, hi) => {
+                    _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), v))
+                }
+                // `v < 0` is false for NaN, which stays.
+                Activation::LeakyRelu(a) => {
+                    let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, _mm512_setzero_ps());
+                    _mm512_mask_mul_ps(v, neg, v, _mm512_set1_ps(a))
+                }
+                Activation::SiLU => lanes(v, |x| Activation::SiLU.apply(x)),
+                Activation::Gelu => lanes(v, |x| Activation::Gelu.apply(x)),
             }
-            // `v < 0` is false for NaN, which stays.
-            Activation::LeakyRelu(a) => {
-                let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, _mm512_setzero_ps());
-                _mm512_mask_mul_ps(v, neg, v, _mm512_set1_ps(a))
-            }
-            Activation::SiLU => lanes(v, |x| Activation::SiLU.apply(x)),
-            Activation::Gelu => lanes(v, |x| Activation::Gelu.apply(x)),
         }
     }
 }
