@@ -187,8 +187,33 @@ fn run_lanes(
     if let Some(b) = bias {
         bv[..c].copy_from_slice(&b[..c]);
     }
-    if layouts.x_nhwc && c.is_multiple_of(WIDE_LANES) {
-        // Channels-last already, whole registers of channels: the taps read x where it lies.
+    // A channels-last x of whole registers of channels (then `stride == c`) is read where it
+    // lies; else from the padded copy. Only the pitch of a row differs.
+    let in_place = layouts.x_nhwc && c.is_multiple_of(WIDE_LANES);
+    let cols = if in_place { iw } else { cp.cols };
+    let mut offsets = try_vec(taps, 0usize)?;
+    for ky in 0..kh {
+        for kx in 0..kw {
+            offsets[ky * kw + kx] = (ky * dh * cols + kx * dw) * stride;
+        }
+    }
+    let lanes = Lanes {
+        offsets: &offsets,
+        wt: &wt,
+        bv: &bv,
+        c,
+        stride,
+        oh,
+        ow,
+        row_step: sh * cols * stride,
+        pix_step: sw * stride,
+        act,
+        y_nhwc: layouts.y_nhwc,
+    };
+    // Output rows per task when one image is spread over the threads: about 16k multiply-adds.
+    let per_row = (stride / WIDE_LANES) * ow * taps;
+    let grain = (16384 / per_row.max(1)).clamp(1, oh);
+    if in_place {
         let at = InPlace {
             ih,
             iw,
@@ -200,25 +225,6 @@ fn run_lanes(
             dw,
             kh,
             kw,
-        };
-        let mut offsets = try_vec(taps, 0usize)?;
-        for ky in 0..kh {
-            for kx in 0..kw {
-                offsets[ky * kw + kx] = (ky * dh * iw + kx * dw) * c;
-            }
-        }
-        let lanes = Lanes {
-            offsets: &offsets,
-            wt: &wt,
-            bv: &bv,
-            c,
-            stride,
-            oh,
-            ow,
-            row_step: sh * iw * c,
-            pix_step: sw * c,
-            act,
-            y_nhwc: layouts.y_nhwc,
         };
         let yd = Disjoint::new(y);
         if n >= ctx.num_threads().max(2) {
@@ -234,9 +240,6 @@ fn run_lanes(
                 })
                 .map(|()| true);
         }
-        // About 16k multiply-adds per task.
-        let per_row = (stride / WIDE_LANES) * ow * taps;
-        let grain = (16384 / per_row.max(1)).clamp(1, oh);
         for b in 0..n {
             let xb = &x[b * image..(b + 1) * image];
             // SAFETY: each image's output is a disjoint part of y, written one after another.
@@ -245,25 +248,6 @@ fn run_lanes(
         }
         return Ok(true);
     }
-    let mut offsets = try_vec(taps, 0usize)?;
-    for ky in 0..kh {
-        for kx in 0..kw {
-            offsets[ky * kw + kx] = (ky * dh * cp.cols + kx * dw) * stride;
-        }
-    }
-    let lanes = Lanes {
-        offsets: &offsets,
-        wt: &wt,
-        bv: &bv,
-        c,
-        stride,
-        oh,
-        ow,
-        row_step: sh * cp.row_len(),
-        pix_step: sw * stride,
-        act,
-        y_nhwc: layouts.y_nhwc,
-    };
     let row_len = cp.row_len();
     // Padded rows that output rows `r0..r0 + rows` read.
     let band_rows = |rows: usize| (rows - 1) * sh + (kh - 1) * dh + 1;
@@ -314,9 +298,6 @@ fn run_lanes(
     }
     if cp.len <= BAND_FLOATS {
         // A small image: copied once, then every task reads the shared copy (in cache).
-        // About 16k multiply-adds per task.
-        let per_row = (stride / WIDE_LANES) * ow * taps;
-        let grain = (16384 / per_row.max(1)).clamp(1, oh);
         let copy = ctx.scratch_reused::<f32>(cp.len)?;
         for b in 0..n {
             let xb = &x[b * image..(b + 1) * image];
