@@ -9,6 +9,69 @@ use opreg_sdk::{
 };
 use std::borrow::Cow;
 
+/// Scratch buffers shared by the tasks of one parallel loop: a task takes a free one (the
+/// host lends a new one only while all are held, so at most one per thread) and returns it
+/// when done. A loop of many small tasks (the blocks of a channels-last integer product: 66
+/// for a 112x112 image) then works in a few cache-warm buffers; a `scratch_reused` per task
+/// would hold a distinct buffer per task until the call ends, cold in cache (and past the
+/// host pool's buffer count, allocated and zeroed on every call).
+pub(crate) struct TaskScratch<'c, 'h, T: Element> {
+    ctx: &'c KernelContext<'h>,
+    len: usize,
+    free: std::sync::Mutex<Vec<&'c mut [T]>>,
+}
+
+impl<'c, 'h, T: Element> TaskScratch<'c, 'h, T> {
+    /// Buffers of `len` elements from `ctx`'s reused scratch (contents left from earlier use).
+    pub(crate) fn new(ctx: &'c KernelContext<'h>, len: usize) -> Self {
+        Self {
+            ctx,
+            len,
+            free: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A buffer held by the calling task alone until the guard drops.
+    pub(crate) fn take(&self) -> Result<Lent<'_, 'c, 'h, T>, PluginError> {
+        let held = self.free.lock().ok().and_then(|mut v| v.pop());
+        let buf = match held {
+            Some(b) => b,
+            None => self.ctx.scratch_reused::<T>(self.len)?,
+        };
+        Ok(Lent {
+            owner: self,
+            buf: Some(buf),
+        })
+    }
+}
+
+/// A [`TaskScratch`] buffer, returned to it on drop.
+pub(crate) struct Lent<'s, 'c, 'h, T: Element> {
+    owner: &'s TaskScratch<'c, 'h, T>,
+    buf: Option<&'c mut [T]>,
+}
+
+impl<T: Element> std::ops::Deref for Lent<'_, '_, '_, T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        self.buf.as_deref().unwrap_or(&[])
+    }
+}
+
+impl<T: Element> std::ops::DerefMut for Lent<'_, '_, '_, T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        self.buf.as_deref_mut().unwrap_or(&mut [])
+    }
+}
+
+impl<T: Element> Drop for Lent<'_, '_, '_, T> {
+    fn drop(&mut self) {
+        if let (Some(buf), Ok(mut free)) = (self.buf.take(), self.owner.free.lock()) {
+            free.push(buf);
+        }
+    }
+}
+
 /// The error of an operator asked for an element type it has no kernel for (the fallback arm
 /// of its `opreg_sdk::dispatch!`).
 pub(crate) fn not_implemented_for(op: impl std::fmt::Display, dtype: DType) -> PluginError {
@@ -282,6 +345,51 @@ pub fn walk_offsets(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A parallel loop of many tasks through [`TaskScratch`]: each task holds its buffer
+    /// alone (what it wrote is still there after the others ran), and the loop uses at most
+    /// one buffer per thread, not one per task.
+    #[test]
+    fn task_scratch_lends_each_task_its_own_buffer_and_reuses_them() {
+        use opreg_sdk::testkit::{run_kernel_opt, NodeSpec};
+        struct Probe;
+        impl Kernel for Probe {
+            fn compute(
+                &self,
+                ctx: &KernelContext<'_>,
+                _: &[TensorView<'_>],
+            ) -> Result<(), PluginError> {
+                let scratch = TaskScratch::<u64>::new(ctx, 512);
+                let seen = std::sync::Mutex::new(std::collections::HashSet::new());
+                ctx.parallel_for(300, 1, |r| {
+                    let mut buf = scratch.take()?;
+                    buf.fill(r.start as u64);
+                    let mut x = 0u64;
+                    for i in 0..2000u64 {
+                        x = std::hint::black_box(x.wrapping_add(i));
+                    }
+                    if buf.len() != 512 || buf.iter().any(|&v| v != r.start as u64) {
+                        return Err(PluginError::internal("a buffer was shared by two tasks"));
+                    }
+                    if let Ok(mut s) = seen.lock() {
+                        s.insert(buf.as_ptr() as usize);
+                    }
+                    Ok(())
+                })?;
+                let buffers = seen.lock().map(|s| s.len()).unwrap_or(0);
+                let out = ctx.output_slice::<i64>(0, &[2])?;
+                out.copy_from_slice(&[buffers as i64, ctx.num_threads() as i64]);
+                Ok(())
+            }
+        }
+        fn factory(_: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+            Ok(Box::new(Probe))
+        }
+        let out = run_kernel_opt(factory as Factory, &NodeSpec::onnx("Probe", 1), &[], None)
+            .expect("runs");
+        let v = out[0].to_vec::<i64>().expect("i64");
+        assert!(v[0] >= 1 && v[0] <= v[1].max(1), "{v:?}");
+    }
 
     #[test]
     fn broadcasting() {

@@ -13,6 +13,7 @@ use super::{
 };
 use crate::util::{
     broadcast_shapes, broadcast_strides, product_sat, required, row_major_strides, walk_offsets,
+    TaskScratch,
 };
 use opreg_sdk::alloc::{checked_numel, try_vec, try_with_capacity};
 use opreg_sdk::half::{bf16, f16};
@@ -690,8 +691,10 @@ impl Conv {
             // each with its own column buffer, instead of a parallel im2col and gemm per image.
             let yd = Disjoint::new(y);
             let col_len = checked_numel(&[rows, p])?;
+            let cols = TaskScratch::<f32>::new(ctx, col_len);
             ctx.parallel_for(n * group, 1, |range| {
-                let col = ctx.scratch_reused::<f32>(col_len)?;
+                let mut col = cols.take()?;
+                let col = &mut col[..];
                 for t in range {
                     let (b, gi) = (t / group, t % group);
                     let xg = &x[(b * c + gi * cg) * plane..(b * c + (gi + 1) * cg) * plane];

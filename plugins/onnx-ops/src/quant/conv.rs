@@ -10,7 +10,7 @@ use depthwise::{Requant, TapMajor};
 use super::gemm::{bytes, zero_points, IntProduct};
 use super::matmul::requant_multiplier;
 use super::{read_f32, read_i32, Factory, Q8};
-use crate::util::{input, numel, optional, product_sat, required, row_major_strides};
+use crate::util::{input, numel, optional, product_sat, required, row_major_strides, TaskScratch};
 use opreg_sdk::{
     alloc::{try_vec, try_with_capacity},
     prelude::*,
@@ -613,20 +613,23 @@ impl Geometry {
         let blocks = plane.div_ceil(192).div_ceil(threads) * threads;
         let rows = plane.div_ceil(blocks).max(1);
         let failure = std::sync::Mutex::new(None);
+        let tmps = TaskScratch::<i32>::new(ctx, numel(&[rows, m])?);
+        let cols = TaskScratch::<u8>::new(ctx, if direct { 0 } else { numel(&[rows, kdim])? });
         for bn in 0..self.n {
             let xi = &xb[bn * image..(bn + 1) * image];
             let dst = &mut out[bn * plane * m..(bn + 1) * plane * m];
             ctx.parallel_chunks(dst, rows * m, |start, chunk| {
                 let (p0, pn) = (start / m, chunk.len() / m);
                 let mut block = || -> Result<(), PluginError> {
-                    let tmp = ctx.scratch_reused::<i32>(pn * m)?;
-                    let col = ctx.scratch_reused::<u8>(if direct { 0 } else { pn * kdim })?;
+                    let (mut tmp, mut col) = (tmps.take()?, cols.take()?);
                     let a: &[u8] = if direct {
                         xi.get(p0 * kdim..(p0 + pn) * kdim).unwrap_or(&[])
                     } else {
+                        let col = &mut col[..pn * kdim];
                         self.gather_rows(xi, self.c, 0, pad, kdim, p0, col);
                         col
                     };
+                    let tmp = &mut tmp[..pn * m];
                     let product = IntProduct { a, m: pn, ..whole };
                     if !product.run_packed(ctx, tmp, m, packed.first())? {
                         return Err(PluginError::internal(format!(

@@ -33,6 +33,7 @@
 use super::channels_last::ChannelsLast;
 use super::{nhwc::transposed, Activation, Layouts};
 use crate::nn::{Disjoint, Geometry};
+use crate::util::TaskScratch;
 use opreg_sdk::alloc::{checked_numel, try_vec};
 use opreg_sdk::prelude::*;
 
@@ -281,9 +282,11 @@ fn run_lanes(
         // instead of parallel passes per image that wait on the threads' hand-offs.
         let band_len = checked_numel(&[band_rows(most), row_len])?;
         let yd = Disjoint::new(y);
+        let copies = TaskScratch::<f32>::new(ctx, band_len);
         return ctx
             .parallel_for(n, 1, |range| {
-                let copy = ctx.scratch_reused::<f32>(band_len)?;
+                let mut copy = copies.take()?;
+                let copy = &mut copy[..];
                 for b in range {
                     let xb = &x[b * image..(b + 1) * image];
                     // SAFETY: each image's output is written by the one task holding it.
@@ -313,11 +316,13 @@ fn run_lanes(
     // A large image: its bands spread over the threads.
     let most = most.min(oh.div_ceil(2 * ctx.num_threads().max(1)).max(1));
     let band_len = checked_numel(&[band_rows(most), row_len])?;
+    let copies = TaskScratch::<f32>::new(ctx, band_len);
     for b in 0..n {
         let xb = &x[b * image..(b + 1) * image];
         let yd = Disjoint::new(&mut y[b * c * plane..(b + 1) * c * plane]);
         ctx.parallel_for(oh.div_ceil(most), 1, |range| {
-            let copy = ctx.scratch_reused::<f32>(band_len)?;
+            let mut copy = copies.take()?;
+            let copy = &mut copy[..];
             for k in range {
                 band(copy, xb, k * most..((k + 1) * most).min(oh), &yd)?;
             }

@@ -27,6 +27,7 @@
 use super::channels_last::ChannelsLast;
 use super::Activation;
 use crate::nn::{Disjoint, Geometry};
+use crate::util::TaskScratch;
 use opreg_sdk::{
     alloc::{checked_numel, try_vec},
     prelude::*,
@@ -214,9 +215,11 @@ pub(super) fn run(
         // copy, instead of two parallel passes (copy, tiles) per image: a batch of small
         // images otherwise waits on the threads' hand-offs (the repo's toy CNN, batch 8).
         let yd = Disjoint::new(y);
+        let copies = TaskScratch::<f32>::new(ctx, cp.len);
         return ctx
             .parallel_for(n, 1, |range| {
-                let copy = ctx.scratch_reused::<f32>(cp.len)?;
+                let mut copy = copies.take()?;
+                let copy = &mut copy[..];
                 for b in range {
                     let xb = &x[b * image..(b + 1) * image];
                     for (r, chunk) in copy.chunks_mut(cp.row_len()).enumerate() {

@@ -6,7 +6,7 @@ use super::{
     not_implemented_for, register_versions, Arith, Disjoint, Geometry, Real, Scalar, WindowAttrs,
     FLOATS,
 };
-use crate::util::{input, product_sat, row_major_strides};
+use crate::util::{input, product_sat, row_major_strides, TaskScratch};
 use opreg_sdk::half::{bf16, f16};
 use opreg_sdk::{alloc::try_with_capacity, prelude::*};
 use separable::{max_plane_separable, Separable};
@@ -259,10 +259,11 @@ impl Pool {
         } else {
             None
         };
+        let hbufs = TaskScratch::<T::C>::new(ctx, h_len.unwrap_or(0));
         ctx.parallel_chunks(y, grain, |start, chunk| {
             // Reused scratch (the row pass writes all of it before the column pass reads):
             // no zeroed allocation per task.
-            let mut hbuf = h_len.and_then(|n| ctx.scratch_reused::<T::C>(n).ok());
+            let mut hbuf = h_len.and_then(|_| hbufs.take().ok());
             let mut acc = Vec::new();
             let mut oid = vec![0usize; s];
             let mut lists: Vec<&[usize]> = Vec::with_capacity(s);
