@@ -381,6 +381,9 @@ fn blocked_copy<T: Elem>(
             let out = &mut chunk[g * cols..(g + n) * cols];
             for j0 in (0..cols).step_by(TILE) {
                 let j1 = (j0 + TILE).min(cols);
+                if bytes::tile(src, out, cols, off, col_stride, n, j0..j1) {
+                    continue;
+                }
                 // Gather the tile's source rows (contiguous reads) into a small buffer, then
                 // write whole output row segments: no long-strided accesses to either side.
                 buf.clear();
@@ -398,6 +401,101 @@ fn blocked_copy<T: Elem>(
             g += n;
         }
     })
+}
+
+/// [`blocked_copy`]'s tiles of one-byte elements (the integer models' layout changes) in
+/// 16 x 16 blocks of SSE2 byte interleaves: the element-wise loop moves about a byte per
+/// cycle (a u8 NHWC -> NCHW of 1.2 MB took 0.55 ms at 2 threads, ONNX Runtime 0.06 ms).
+mod bytes {
+    use super::Elem;
+    use std::any::TypeId;
+
+    /// Copies the tile `out[i * cols + j] = src[off + j * col_stride + i]` (`i < n`, `j` in
+    /// `js`) when `T` is a byte and the tile is whole 16 x 16 blocks inside both sides;
+    /// `false` (nothing written) otherwise.
+    pub(super) fn tile<T: Elem>(
+        src: &[T],
+        out: &mut [T],
+        cols: usize,
+        off: isize,
+        col_stride: isize,
+        n: usize,
+        js: std::ops::Range<usize>,
+    ) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if TypeId::of::<T>() != TypeId::of::<[u8; 1]>()
+                || !n.is_multiple_of(16)
+                || !js.len().is_multiple_of(16)
+                || off < 0
+                || col_stride < 16
+            {
+                return false;
+            }
+            let (off, stride) = (off as usize, col_stride as usize);
+            // The last byte either side touches must lie inside it.
+            let src_end = js
+                .end
+                .checked_sub(1)
+                .and_then(|j| j.checked_mul(stride)?.checked_add(off)?.checked_add(n));
+            let out_end = n
+                .checked_sub(1)
+                .and_then(|i| i.checked_mul(cols)?.checked_add(js.end));
+            if src_end.is_none_or(|e| e > src.len()) || out_end.is_none_or(|e| e > out.len()) {
+                return false;
+            }
+            // SAFETY: T is `[u8; 1]` (same size and alignment as u8, checked by TypeId).
+            let (sp, op) = (src.as_ptr().cast::<u8>(), out.as_mut_ptr().cast::<u8>());
+            for i0 in (0..n).step_by(16) {
+                for j0 in js.clone().step_by(16) {
+                    // SAFETY: the block's rows read `src[off + j * stride + i0 ..][..16]` for
+                    // `j < js.end`, and write `out[i * cols + j0 ..][..16]` for `i < n`: inside
+                    // both (checked above).
+                    unsafe {
+                        transpose16(
+                            sp.add(off + j0 * stride + i0),
+                            stride,
+                            op.add(i0 * cols + j0),
+                            cols,
+                        )
+                    };
+                }
+            }
+            true
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (src, out, cols, off, col_stride, n, js);
+            false
+        }
+    }
+
+    /// `out[i * ld_out + j] = src[j * ld_src + i]` for `i, j < 16`: four rounds of pairing
+    /// rows `k` and `k + 8` byte by byte (a perfect shuffle each; four make the transpose).
+    ///
+    /// # Safety
+    /// The 16 rows of 16 bytes either side are readable / writable.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn transpose16(src: *const u8, ld_src: usize, out: *mut u8, ld_out: usize) {
+        use std::arch::x86_64::*;
+        let mut r = [_mm_setzero_si128(); 16];
+        for (j, v) in r.iter_mut().enumerate() {
+            // SAFETY: row j of the block (caller).
+            *v = unsafe { _mm_loadu_si128(src.add(j * ld_src).cast()) };
+        }
+        for _ in 0..4 {
+            let mut next = [_mm_setzero_si128(); 16];
+            for k in 0..8 {
+                next[2 * k] = _mm_unpacklo_epi8(r[k], r[k + 8]);
+                next[2 * k + 1] = _mm_unpackhi_epi8(r[k], r[k + 8]);
+            }
+            r = next;
+        }
+        for (i, v) in r.iter().enumerate() {
+            // SAFETY: row i of the output block (caller).
+            unsafe { _mm_storeu_si128(out.add(i * ld_out).cast(), *v) };
+        }
+    }
 }
 
 /// `dst = src`, in parallel.

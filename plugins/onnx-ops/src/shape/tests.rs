@@ -206,6 +206,52 @@ fn transpose_large_matches_naive() {
     }
 }
 
+/// Byte tensors (the integer models' layout changes, moved in 16 x 16 blocks) both ways
+/// between NCHW and NHWC: whole blocks, images whose planes or channels are not multiples of
+/// 16 or 32 (the element loop's edges), two images, against the index formula.
+#[test]
+fn byte_transposes_match_naive() {
+    for (n, c, h, w) in [
+        (1, 96, 16, 32),
+        (2, 48, 9, 37),
+        (1, 3, 40, 40),
+        (1, 144, 7, 7),
+    ] {
+        let len = n * c * h * w;
+        let bytes: Vec<u8> = (0..len).map(|i| (i * 131 % 251) as u8).collect();
+        for (perm, shape) in [([0, 2, 3, 1], [n, c, h, w]), ([0, 3, 1, 2], [n, h, w, c])] {
+            let x = HostTensor::from_vec(&shape, &bytes).expect("tensor");
+            let out = run1(
+                &NodeSpec::onnx("Transpose", 13).attr("perm", ints(&perm)),
+                &[Some(&x)],
+            );
+            let got = out.to_vec::<u8>().expect("u8");
+            let os: Vec<usize> = perm.iter().map(|&p| shape[p as usize]).collect();
+            assert_eq!(out.shape(), &os[..]);
+            let strides = [
+                shape[1] * shape[2] * shape[3],
+                shape[2] * shape[3],
+                shape[3],
+                1,
+            ];
+            let mut k = 0;
+            for a in 0..os[0] {
+                for b in 0..os[1] {
+                    for cc in 0..os[2] {
+                        for d in 0..os[3] {
+                            let idx = [a, b, cc, d];
+                            let src: usize =
+                                (0..4).map(|q| idx[q] * strides[perm[q] as usize]).sum();
+                            assert_eq!(got[k], bytes[src], "{shape:?} perm {perm:?} at {idx:?}");
+                            k += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn transpose_nchw_to_nhwc_batched() {
     let (n, c, h, w) = (3, 45, 7, 11);
