@@ -411,8 +411,8 @@ mod bytes {
     use std::any::TypeId;
 
     /// Copies the tile `out[i * cols + j] = src[off + j * col_stride + i]` (`i < n`, `j` in
-    /// `js`) when `T` is a byte and the tile is whole 16 x 16 blocks inside both sides;
-    /// `false` (nothing written) otherwise.
+    /// `js`) when `T` is a byte and the tile is whole 16 x 16 blocks, or 16 x 3 blocks of an
+    /// output three wide, inside both sides; `false` (nothing written) otherwise.
     pub(super) fn tile<T: Elem>(
         src: &[T],
         out: &mut [T],
@@ -424,9 +424,11 @@ mod bytes {
     ) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
+            // Three columns in all: an RGB image to channels-last (a quantized CNN's input).
+            let rgb = cols == 3 && js == (0..3) && std::arch::is_x86_feature_detected!("ssse3");
             if TypeId::of::<T>() != TypeId::of::<[u8; 1]>()
                 || !n.is_multiple_of(16)
-                || !js.len().is_multiple_of(16)
+                || !(rgb || js.len().is_multiple_of(16))
                 || off < 0
                 || col_stride < 16
             {
@@ -446,6 +448,15 @@ mod bytes {
             }
             // SAFETY: T is `[u8; 1]` (same size and alignment as u8, checked by TypeId).
             let (sp, op) = (src.as_ptr().cast::<u8>(), out.as_mut_ptr().cast::<u8>());
+            if rgb {
+                for i0 in (0..n).step_by(16) {
+                    // SAFETY: rows 0..3 read `src[off + j * stride + i0 ..][..16]` and the
+                    // 16 output rows are `out[i0 * 3 ..][..48]`: inside both (checked above);
+                    // the CPU has SSSE3 (checked).
+                    unsafe { interleave3(sp.add(off + i0), stride, op.add(i0 * 3)) };
+                }
+                return true;
+            }
             for i0 in (0..n).step_by(16) {
                 for j0 in js.clone().step_by(16) {
                     // SAFETY: the block's rows read `src[off + j * stride + i0 ..][..16]` for
@@ -467,6 +478,47 @@ mod bytes {
         {
             let _ = (src, out, cols, off, col_stride, n, js);
             false
+        }
+    }
+
+    /// `pshufb` masks of [`interleave3`]: for output vector `v` and source row `c`, the byte
+    /// of row `c` at each output byte whose channel is `c` (`0x80`, a zero, elsewhere).
+    #[cfg(target_arch = "x86_64")]
+    const RGB: [[[i8; 16]; 3]; 3] = {
+        let mut m = [[[-128i8; 16]; 3]; 3];
+        let mut k = 0;
+        while k < 48 {
+            m[k / 16][k % 3][k % 16] = (k / 3) as i8;
+            k += 1;
+        }
+        m
+    };
+
+    /// `out[3 i + c] = src[c * ld_src + i]` for `i < 16`, `c < 3`: three rows interleaved
+    /// into 48 bytes by byte shuffles.
+    ///
+    /// # Safety
+    /// The three rows of 16 bytes are readable, the 48 output bytes writable; the CPU has
+    /// SSSE3.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "ssse3")]
+    unsafe fn interleave3(src: *const u8, ld_src: usize, out: *mut u8) {
+        use std::arch::x86_64::*;
+        // SAFETY: per the contract.
+        unsafe {
+            let r = [
+                _mm_loadu_si128(src.cast()),
+                _mm_loadu_si128(src.add(ld_src).cast()),
+                _mm_loadu_si128(src.add(2 * ld_src).cast()),
+            ];
+            for (v, masks) in RGB.iter().enumerate() {
+                let mut o = _mm_setzero_si128();
+                for (row, m) in r.iter().zip(masks) {
+                    let m = _mm_loadu_si128(m.as_ptr().cast());
+                    o = _mm_or_si128(o, _mm_shuffle_epi8(*row, m));
+                }
+                _mm_storeu_si128(out.add(16 * v).cast(), o);
+            }
         }
     }
 
