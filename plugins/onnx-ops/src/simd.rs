@@ -110,6 +110,21 @@ simd_fn! {
     /// `out[i] = round_saturate_byte(round(xs[i] / s) + z, lo, hi)`, the quotient rounded in
     /// f32 (QuantizeLinear's per-tensor loop).
     pub fn quantize(xs: &[f32], s: f32, z: f64, lo: f64, hi: f64, out: &mut [u8]) {
+        if z.abs() <= 256.0 && z.fract() == 0.0 && lo.abs() <= 256.0 && hi.abs() <= 256.0 {
+            // An integral zero point and byte bounds: the rounded quotient (within 2^22) plus
+            // the zero point is exact in f32, so the steps stay in f32 (16 lanes, not 8):
+            // the same bytes, NaN to 0 as `round_saturate_byte`.
+            const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+            let (z, lo, hi) = (z as f32, lo as f32, hi as f32);
+            for (o, &v) in out.iter_mut().zip(xs) {
+                let q = round_even_narrow_f32(v / s) + z;
+                let q = if q.is_nan() { 0.0 } else { q };
+                let q = if q > lo { q } else { lo };
+                let q = if q < hi { q } else { hi };
+                *o = (q + MAGIC).to_bits() as u8;
+            }
+            return;
+        }
         for (o, &v) in out.iter_mut().zip(xs) {
             let q = f64::from(round_even_narrow_f32(v / s));
             *o = round_saturate_byte(q + z, lo, hi);
@@ -226,6 +241,41 @@ simd_fn! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// QuantizeLinear's loop gives the general formula's bytes (`x / s` rounded half to even
+    /// in f32, then the zero point added and saturated in f64, NaN to 0): ties, values a hair
+    /// either side, infinities, NaN, u8 and i8, zero points at both ends, and a zero point
+    /// that is not integral (the f64 loop).
+    #[test]
+    fn quantize_gives_the_general_formulas_bytes() {
+        let mut xs: Vec<f32> = (-3000..3000).map(|i| i as f32 * 0.25).collect();
+        xs.extend((-3000..3000).map(|i| (i as f32 * 0.25).next_up()));
+        xs.extend((-3000..3000).map(|i| (i as f32 * 0.25).next_down()));
+        xs.extend([
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e30,
+            -1e30,
+            0.0,
+            -0.0,
+        ]);
+        for (s, z, lo, hi) in [
+            (0.5f32, 0.0, 0.0, 255.0),
+            (0.5, 255.0, 0.0, 255.0),
+            (0.1, 17.0, 0.0, 255.0),
+            (0.5, -128.0, -128.0, 127.0),
+            (0.03, 5.0, -128.0, 127.0),
+            (0.5, 3.5, 0.0, 255.0),
+        ] {
+            let mut out = vec![0u8; xs.len()];
+            quantize(&xs, s, z, lo, hi, &mut out);
+            for (&x, &o) in xs.iter().zip(&out) {
+                let want = round_saturate_byte(f64::from(round_even_narrow_f32(x / s)) + z, lo, hi);
+                assert_eq!(o, want, "x {x} s {s} z {z} bounds {lo}..{hi}");
+            }
+        }
+    }
 
     /// The unfused graph's steps, one value at a time (f32 dequantize and add, the quotient
     /// rounded half to even, the zero point added, saturated).
