@@ -424,10 +424,12 @@ mod bytes {
     ) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
+            if TypeId::of::<T>() != TypeId::of::<[u8; 1]>() {
+                return false;
+            }
             // Three columns in all: an RGB image to channels-last (a quantized CNN's input).
             let rgb = cols == 3 && js == (0..3) && std::arch::is_x86_feature_detected!("ssse3");
-            if TypeId::of::<T>() != TypeId::of::<[u8; 1]>()
-                || !n.is_multiple_of(16)
+            if !n.is_multiple_of(16)
                 || !(rgb || js.len().is_multiple_of(16))
                 || off < 0
                 || col_stride < 16
