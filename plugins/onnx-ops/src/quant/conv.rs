@@ -987,10 +987,10 @@ impl Kernel for QLinearConv {
         }
         // Per output channel (fallibly: `m` comes from the model): the requantizing
         // multiplier, and the bias (zeros without one) for the tiles' epilogue.
-        let mut mult: Vec<f64> = try_with_capacity(geo.m)?;
+        let mut mult: Vec<f32> = try_with_capacity(geo.m)?;
         mult.extend((0..geo.m).map(|oc| {
             let ws = w_scale[if w_scale.len() == 1 { 0 } else { oc }];
-            f64::from(requant_multiplier(DType::F32, x_scale, ws, y_scale))
+            requant_multiplier(DType::F32, x_scale, ws, y_scale)
         }));
         let (out_dtype, y_zp) = match present(7) {
             Some(z) => {
@@ -1000,9 +1000,9 @@ impl Kernel for QLinearConv {
                         "{OP}: y_zero_point must be a scalar"
                     )));
                 }
-                (z.dtype, zv[0] as f64)
+                (z.dtype, zv[0])
             }
-            None => (x.dtype, 0.0),
+            None => (x.dtype, 0),
         };
         let zeros;
         let bias = match present(8) {
@@ -1033,16 +1033,12 @@ impl Kernel for QLinearConv {
             .output_to_overwrite(0, out_dtype, &shape)?
             .into_bytes()?;
         let signed = out_dtype == DType::I8;
-        let (lo, hi) = if signed {
-            (-128.0, 127.0)
-        } else {
-            (0.0, 255.0)
-        };
-        // Checked once: the requantizing loops skip the NaN handling when no sum can be NaN.
-        let finite = y_zp.is_finite() && mult.iter().all(|m| m.is_finite());
-        let requant = |acc: i32, oc: usize| -> u8 {
-            crate::util::round_saturate_byte(f64::from(acc) * mult[oc] + y_zp, lo, hi)
-        };
+        // The output type's bounds less the zero point (a byte of that type: within either
+        // type's range, so exact in f32): where the rounded product is clamped.
+        let (lo, hi) = if signed { (-128, 127) } else { (0, 255) };
+        let (lo, hi) = ((lo - y_zp) as f32, (hi - y_zp) as f32);
+        let requant =
+            |acc: i32, oc: usize| -> u8 { crate::simd::requant_byte(acc, mult[oc], y_zp, lo, hi) };
         // The requantization as the direct channels-last loops take it.
         let q = Requant {
             bias,
@@ -1050,12 +1046,11 @@ impl Kernel for QLinearConv {
             zp: y_zp,
             lo,
             hi,
-            finite,
         };
         let (xb, x_signed) = (bytes(x, OP)?, x.dtype == DType::I8);
         // Channels-last with few input channels (a first layer): directly, when W is
         // symmetric i8 and the CPU has AVX-512 VNNI.
-        if nhwc && geo.shallow() && finite && w.dtype == DType::I8 && shallow::available() {
+        if nhwc && geo.shallow() && w.dtype == DType::I8 && shallow::available() {
             if let Some((zx, zw)) = int_zero_points(OP, x, w, geo.m, present(2), present(5))? {
                 let [kh, kw] = [geo.k_sp[0], geo.k_sp[1]];
                 let built;
@@ -1085,7 +1080,7 @@ impl Kernel for QLinearConv {
                 &self.packed,
                 out,
                 |sums, row| {
-                    crate::simd::requantize(sums, bias, &mult, y_zp, (lo, hi), finite, row);
+                    crate::simd::requantize(sums, bias, &mult, y_zp, (lo, hi), row);
                 },
             )?
         {
@@ -1105,7 +1100,6 @@ impl Kernel for QLinearConv {
                     &mult[j0..j0 + n],
                     y_zp,
                     (lo, hi),
-                    finite,
                     out,
                 );
             };

@@ -1147,8 +1147,10 @@ fn depthwise_convolutions_match_a_naive_convolution() {
                 .enumerate()
                 .map(|(i, &a)| {
                     let oc = (i / plane) % m;
-                    let mult = f64::from(xsc * wsc[oc] / ysc);
-                    let q = (f64::from(a + bias[oc]) * mult + f64::from(y_zp)).round_ties_even();
+                    // The f32 product (as ONNX Runtime), plus the zero point, rounded half
+                    // to even (as the ONNX reference).
+                    let p = (a + bias[oc]) as f32 * (xsc * wsc[oc] / ysc);
+                    let q = (f64::from(p) + f64::from(y_zp)).round_ties_even();
                     q.clamp(0.0, 255.0) as u8
                 })
                 .collect();

@@ -287,32 +287,24 @@ impl TapMajor {
 }
 
 /// QLinearConv's requantization of one position's sums, per output channel:
-/// `round_saturate((sum + bias) * mult + zp)` into `lo..=hi`, in f64 like the ONNX reference.
+/// [`crate::simd::requant_byte`]`(sum + bias, mult, zp, lo, hi)`, in f32 as ONNX Runtime.
 pub(super) struct Requant<'a> {
     pub bias: &'a [i32],
-    pub mult: &'a [f64],
-    pub zp: f64,
-    pub lo: f64,
-    pub hi: f64,
-    /// `zp` and every multiplier are finite (checked once per node): no sum can be NaN.
-    pub finite: bool,
+    pub mult: &'a [f32],
+    /// The output's zero point.
+    pub zp: i32,
+    /// The output type's bounds less the zero point: where the rounded product is clamped.
+    pub lo: f32,
+    pub hi: f32,
 }
 
 impl Requant<'_> {
-    /// `out[j] = round_saturate((sums[j] + bias[j]) * mult[j] + zp)`.
+    /// `out[j] = requant_byte(sums[j] + bias[j], mult[j], ..)`.
     #[inline(always)]
-    fn run(&self, sums: &[i32], bias: &[i32], mult: &[f64], out: &mut [u8]) {
+    fn run(&self, sums: &[i32], bias: &[i32], mult: &[f32], out: &mut [u8]) {
         let (zp, lo, hi) = (self.zp, self.lo, self.hi);
-        let values = out.iter_mut().zip(sums).zip(bias).zip(mult);
-        if self.finite {
-            for (((o, &s), &b), &m) in values {
-                *o = crate::simd::round_clamp_finite(f64::from(s.wrapping_add(b)) * m + zp, lo, hi);
-            }
-        } else {
-            for (((o, &s), &b), &m) in values {
-                *o =
-                    crate::util::round_saturate_byte(f64::from(s.wrapping_add(b)) * m + zp, lo, hi);
-            }
+        for (((o, &s), &b), &m) in out.iter_mut().zip(sums).zip(bias).zip(mult) {
+            *o = crate::simd::requant_byte(s.wrapping_add(b), m, zp, lo, hi);
         }
     }
 }
@@ -355,7 +347,7 @@ impl Rows<'_> {
         #[allow(unused_mut)]
         let mut done = 0;
         #[cfg(target_arch = "x86_64")]
-        if WIDE && rows_inside && self.q.finite && self.cols.0 < self.cols.1 {
+        if WIDE && rows_inside && self.cols.0 < self.cols.1 {
             // SAFETY: WIDE rows run only from `wide::row`, on a CPU with AVX-512 F/BW/VL.
             if !unsafe { wide::interior_run::<SIGNED>(self, x, oh, out) } {
                 return;
@@ -438,7 +430,7 @@ impl Rows<'_> {
         while c0 < c {
             let n = LANES.min(c - c0);
             #[cfg(target_arch = "x86_64")]
-            if WIDE && n == LANES && self.q.finite {
+            if WIDE && n == LANES {
                 // SAFETY: WIDE rows run only from `wide::row`, on a CPU with AVX-512 F/BW/VL.
                 if !unsafe { wide::border::<SIGNED>(self, x, oh, ow, c0, dst) } {
                     return;
@@ -672,40 +664,27 @@ pub(super) mod wide {
         true
     }
 
-    /// 16 sums requantized to bytes as [`Requant::run`] computes them with finite
-    /// multipliers: `round_clamp((acc[j] + bias[j]) * mult[j] + zp)` in f64 (multiply then
-    /// add, no fused rounding), eight lanes at a time.
+    /// 16 sums requantized to bytes as [`Requant::run`] computes them:
+    /// `requant_byte(acc[j] + bias[j], mult[j], ..)` (the sum converted to f32, one
+    /// product, clamped with NaN to `lo`, the zero point added and rounded half to even).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     #[inline]
     pub(in crate::quant::conv) fn requantize16(
         q: &Requant<'_>,
         acc: __m512i,
         bias: &[i32; LANES],
-        mult: &[f64; LANES],
+        mult: &[f32; LANES],
     ) -> __m128i {
+        // 1.5 * 2^23 plus the zero point, as `requant_byte`.
+        let magic = _mm512_set1_ps(12_582_912.0 + q.zp as f32);
         let v = _mm512_add_epi32(acc, load(bias));
-        let (lo8, hi8) = mult.split_at(8);
-        let low = bytes(q, _mm512_castsi512_si256(v), lo8);
-        let high = bytes(q, _mm512_extracti64x4_epi64::<1>(v), hi8);
-        _mm_unpacklo_epi64(low, high)
-    }
-
-    /// Eight sums requantized to bytes (in the low half of the result).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    #[inline]
-    fn bytes(q: &Requant<'_>, v: __m256i, mult: &[f64]) -> __m128i {
-        const MAGIC: f64 = 6_755_399_441_055_744.0; // 1.5 * 2^52, as `round_clamp_finite`
-        let Some(m) = mult.first_chunk::<8>() else {
-            return _mm_setzero_si128();
-        };
-        // SAFETY: `m` holds the 8 multipliers read.
-        let m = unsafe { _mm512_loadu_pd(m.as_ptr()) };
-        let f = _mm512_add_pd(
-            _mm512_mul_pd(_mm512_cvtepi32_pd(v), m),
-            _mm512_set1_pd(q.zp),
-        );
-        let f = _mm512_min_pd(_mm512_max_pd(f, _mm512_set1_pd(q.lo)), _mm512_set1_pd(q.hi));
-        _mm512_cvtepi64_epi8(_mm512_castpd_si512(_mm512_add_pd(f, _mm512_set1_pd(MAGIC))))
+        // SAFETY: `mult` holds the 16 multipliers read.
+        let m = unsafe { _mm512_loadu_ps(mult.as_ptr()) };
+        let f = _mm512_mul_ps(_mm512_cvtepi32_ps(v), m);
+        // `max` returns its second operand when the first is NaN: NaN -> lo, as the scalar.
+        let f = _mm512_max_ps(f, _mm512_set1_ps(q.lo));
+        let f = _mm512_min_ps(f, _mm512_set1_ps(q.hi));
+        _mm512_cvtepi32_epi8(_mm512_castps_si512(_mm512_add_ps(f, magic)))
     }
 }
 

@@ -128,7 +128,7 @@ impl Geometry {
 
     /// Runs a [`shallow`](Self::shallow) QLinearConv over channels-last x and out (`[n, h,
     /// w, c]` / `[n, oh, ow, m]`), x u8 or i8 (`x_signed`) with zero point `zx`, W prepared
-    /// as `w`, finite multipliers (`q.finite`); the caller checked [`available`]. Every
+    /// as `w`; the caller checked [`available`]. Every
     /// output byte is written.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn run_shallow_nhwc(
@@ -154,7 +154,6 @@ impl Geometry {
         let image = ih * iw * c;
         if !self.shallow()
             || !w.fits(m, c, kh, kw)
-            || !q.finite
             || q.bias.len() < m
             || q.mult.len() < m
             || x.len() < self.n * image
@@ -170,7 +169,7 @@ impl Geometry {
         let zu = if x_signed { zx + 128 } else { zx };
         let padded = w.blocks * LANES;
         let mut inner = try_vec(padded, 0i32)?;
-        let mut mult = try_vec(padded, 0f64)?;
+        let mut mult = try_vec(padded, 0f32)?;
         for oc in 0..m {
             inner[oc] = q.bias[oc].wrapping_sub(zu.wrapping_mul(w.sums[oc]));
             mult[oc] = q.mult[oc];
@@ -210,7 +209,7 @@ struct Rows<'a> {
     /// Per output channel (padded to whole blocks): bias less the zero point's share.
     inner: &'a [i32],
     /// Per output channel (padded to whole blocks): the requantizing multiplier.
-    mult: &'a [f64],
+    mult: &'a [f32],
     q: &'a Requant<'a>,
 }
 
