@@ -72,6 +72,39 @@ pub(crate) fn requant_byte(acc: i32, mult: f32, zp: i32, lo: f32, hi: f32) -> u8
     (p + magic).to_bits() as u8
 }
 
+/// `out[i] = requant_byte(src[i] + bias[i], mult[i], zp, lo, hi)` over one run of channels,
+/// in fixed blocks of 16 (one AVX-512 vector each, whatever the run's length: a generic loop
+/// vectorized 64 wide would leave a 16-channel layer to its scalar remainder). A run that is
+/// not a multiple of 16 ends with a block overlapping the one before (24 = 0..16, 8..24):
+/// the overlap is computed twice, to the same bytes.
+#[inline(always)]
+fn requant_run(src: &[i32], bias: &[i32], mult: &[f32], zp: i32, lo: f32, hi: f32, out: &mut [u8]) {
+    const V: usize = 16;
+    let n = out.len().min(src.len()).min(bias.len()).min(mult.len());
+    if n < V {
+        for i in 0..n {
+            out[i] = requant_byte(src[i].wrapping_add(bias[i]), mult[i], zp, lo, hi);
+        }
+        return;
+    }
+    let mut i = 0;
+    while i < n {
+        let j = i.min(n - V);
+        let (Some(s), Some(b), Some(m), Some(o)) = (
+            src[j..].first_chunk::<V>(),
+            bias[j..].first_chunk::<V>(),
+            mult[j..].first_chunk::<V>(),
+            out[j..].first_chunk_mut::<V>(),
+        ) else {
+            return;
+        };
+        for k in 0..V {
+            o[k] = requant_byte(s[k].wrapping_add(b[k]), m[k], zp, lo, hi);
+        }
+        i += V;
+    }
+}
+
 simd_fn! {
     /// `out[i] = requant_byte(src[i] + bias[i], mult[i], zp, lo, hi)` (the sum wrapping as
     /// i32): the requantizing epilogue of the integer convolution over one position's run
@@ -84,11 +117,28 @@ simd_fn! {
         bounds: (f32, f32),
         out: &mut [u8],
     ) {
-        let (lo, hi) = bounds;
-        let n = out.len().min(src.len()).min(bias.len()).min(mult.len());
-        let (src, bias, mult, out) = (&src[..n], &bias[..n], &mult[..n], &mut out[..n]);
-        for i in 0..n {
-            out[i] = requant_byte(src[i].wrapping_add(bias[i]), mult[i], zp, lo, hi);
+        requant_run(src, bias, mult, zp, bounds.0, bounds.1, out)
+    }
+}
+
+simd_fn! {
+    /// [`requantize`] for a block of positions, each a run of `bias.len()` channels
+    /// (position-major in `src` and `out`): one call per block rather than per position
+    /// (the call and its feature check cost as much as 16 channels' requantization).
+    pub fn requantize_rows(
+        src: &[i32],
+        bias: &[i32],
+        mult: &[f32],
+        zp: i32,
+        bounds: (f32, f32),
+        out: &mut [u8],
+    ) {
+        let m = bias.len().min(mult.len());
+        if m == 0 {
+            return;
+        }
+        for (s, o) in src.chunks_exact(m).zip(out.chunks_exact_mut(m)) {
+            requant_run(s, bias, mult, zp, bounds.0, bounds.1, o);
         }
     }
 }
@@ -369,6 +419,11 @@ mod tests {
                 let m = vec![mult; sums.len()];
                 let mut out = vec![0u8; sums.len()];
                 requantize(&sums, &bias, &m, zp, (plo, phi), &mut out);
+                // The same sums as rows of 7 and of 32 channels (a remainder, whole vectors).
+                let mut rows7 = vec![0u8; sums.len()];
+                let mut rows32 = vec![0u8; sums.len()];
+                requantize_rows(&sums, &bias[..7], &m[..7], zp, (plo, phi), &mut rows7);
+                requantize_rows(&sums, &bias[..32], &m[..32], zp, (plo, phi), &mut rows32);
                 let mut channel = vec![0u8; sums.len()];
                 let biased: Vec<i32> = sums
                     .iter()
@@ -394,6 +449,28 @@ mod tests {
                         "acc {acc} mult {mult} zp {zp}"
                     );
                     assert_eq!(channel[i], want, "acc {acc} mult {mult} zp {zp}");
+                    let row_bias = |width: usize| bias[i % width];
+                    let of_rows = |width: usize| {
+                        let p = sums[i].wrapping_add(row_bias(width)) as f32 * mult;
+                        if p.is_nan() {
+                            lo as u8
+                        } else {
+                            round_saturate_byte(
+                                f64::from(p) + f64::from(zp),
+                                f64::from(lo),
+                                f64::from(hi),
+                            )
+                        }
+                    };
+                    // A last partial row is left alone.
+                    for (width, got) in [(7, &rows7), (32, &rows32)] {
+                        let want = if i < sums.len() / width * width {
+                            of_rows(width)
+                        } else {
+                            0
+                        };
+                        assert_eq!(got[i], want, "rows of {width}: acc {} mult {mult}", sums[i]);
+                    }
                 }
             }
         }

@@ -564,8 +564,8 @@ impl Geometry {
     /// products are in cache. One parallel section per image instead of three (gather,
     /// product, requantize: each a wake-up of the pool), and no image-sized i32 buffer.
     /// Blocks are about the product driver's row block (each streams the packed weights
-    /// once), as many as a multiple of the threads. `emit(sums, row)` turns one position's
-    /// products (before bias) into its output bytes. `Ok(false)` and nothing written when
+    /// once), as many as a multiple of the threads. `emit(sums, rows)` turns a block's
+    /// products (before bias; `rows x m`, position-major) into its output bytes. `Ok(false)` and nothing written when
     /// the backend is missing or refuses the operands.
     #[allow(clippy::too_many_arguments)]
     fn run_blas_nhwc(
@@ -636,9 +636,7 @@ impl Geometry {
                             "{op}: the backend refused a block of a product it accepted"
                         )));
                     }
-                    for (sums, row) in tmp.chunks_exact(m).zip(chunk.chunks_exact_mut(m)) {
-                        emit(sums, row);
-                    }
+                    emit(tmp, chunk);
                     Ok(())
                 };
                 if let Err(e) = block() {
@@ -1079,8 +1077,8 @@ impl Kernel for QLinearConv {
                 present(5),
                 &self.packed,
                 out,
-                |sums, row| {
-                    crate::simd::requantize(sums, bias, &mult, y_zp, (lo, hi), row);
+                |sums, rows| {
+                    crate::simd::requantize_rows(sums, bias, &mult, y_zp, (lo, hi), rows);
                 },
             )?
         {
