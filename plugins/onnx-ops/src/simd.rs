@@ -419,11 +419,14 @@ mod tests {
                 let m = vec![mult; sums.len()];
                 let mut out = vec![0u8; sums.len()];
                 requantize(&sums, &bias, &m, zp, (plo, phi), &mut out);
-                // The same sums as rows of 7 and of 32 channels (a remainder, whole vectors).
+                // The same sums as rows of 7, 24 and 32 channels (shorter than a vector, a
+                // last vector overlapping, whole vectors).
                 let mut rows7 = vec![0u8; sums.len()];
+                let mut rows24 = vec![0u8; sums.len()];
                 let mut rows32 = vec![0u8; sums.len()];
                 requantize_rows(&sums, &bias[..7], &m[..7], zp, (plo, phi), &mut rows7);
                 requantize_rows(&sums, &bias[..32], &m[..32], zp, (plo, phi), &mut rows32);
+                requantize_rows(&sums, &bias[..24], &m[..24], zp, (plo, phi), &mut rows24);
                 let mut channel = vec![0u8; sums.len()];
                 let biased: Vec<i32> = sums
                     .iter()
@@ -463,7 +466,7 @@ mod tests {
                         }
                     };
                     // A last partial row is left alone.
-                    for (width, got) in [(7, &rows7), (32, &rows32)] {
+                    for (width, got) in [(7, &rows7), (24, &rows24), (32, &rows32)] {
                         let want = if i < sums.len() / width * width {
                             of_rows(width)
                         } else {
