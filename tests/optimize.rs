@@ -142,7 +142,9 @@ fn i8s(n: usize, seed: u32) -> Vec<u8> {
 /// -> Q -> DQ -> y` and `x2 -> Q -> DQ -> MatMul(DQ(m_i8 per column)) -> Q -> DQ -> y2`. With
 /// `float_outputs`, the float Conv and MatMul outputs are graph outputs too, which keeps them
 /// (and so the float path) in the plan. A residual-style join adds the dequantized Conv output
-/// and a dequantized per-channel constant (broadcast) and quantizes the sum: `y3`.
+/// and a dequantized per-channel constant (broadcast) and quantizes the sum: `y3`. A classifier
+/// head, `x2 -> Q -> DQ -> Gemm(DQ(g_i8 per column, transposed), DQ(gb_i32)) -> Q -> DQ`:
+/// `y4`.
 fn qdq_model(float_outputs: bool) -> Vec<u8> {
     let (xs, ws, ms, ys) = (0.02f32, [0.01f32, 0.02, 0.015, 0.03], [0.01f32; 5], 0.05f32);
     let scalar = |name: &str, v: f32| f32_initializer(name, &[], &[v]);
@@ -152,6 +154,12 @@ fn qdq_model(float_outputs: bool) -> Vec<u8> {
         .flat_map(|v| v.to_le_bytes())
         .collect();
     let bs: Vec<f32> = ws.iter().map(|w| w * xs).collect();
+    // 200 columns: two of QGemm's packed column blocks (192 + 8).
+    let gs: Vec<f32> = (0..200).map(|j| 0.005 + 0.0001 * j as f32).collect();
+    let gbias: Vec<u8> = (0..200i32)
+        .flat_map(|j| (j * 37 - 3000).to_le_bytes())
+        .collect();
+    let gbs: Vec<f32> = gs.iter().map(|g| g * xs).collect();
     let inits = vec![
         scalar("xs", xs),
         u8_scalar("xz", 128),
@@ -168,6 +176,13 @@ fn qdq_model(float_outputs: bool) -> Vec<u8> {
         u8_scalar("rz", 120),
         scalar("ss", 0.05),
         u8_scalar("sz", 90),
+        raw_tensor("gq", 3, &[200, 8], i8s(1600, 13)),
+        // An explicit zero point: onnxruntime's own QDQ -> QGemm fusion rejects a per-column
+        // weight scale without one (opreg's supplies zeros of the scale's shape).
+        raw_tensor("gz", 3, &[200], vec![0; 200]),
+        f32_initializer("gs", &[200], &gs),
+        raw_tensor("gbq", 6, &[200], gbias),
+        f32_initializer("gbs", &[200], &gbs),
     ];
     let nodes = vec![
         node("QuantizeLinear", &["x", "xs", "xz"], &["xq"]),
@@ -207,16 +222,38 @@ fn qdq_model(float_outputs: bool) -> Vec<u8> {
         node("Add", &["y", "rf"], &["sum"]),
         node("QuantizeLinear", &["sum", "ss", "sz"], &["sq"]),
         node("DequantizeLinear", &["sq", "ss", "sz"], &["y3"]),
+        node_with(
+            "DequantizeLinear",
+            &["gq", "gs", "gz"],
+            &["gf"],
+            vec![attr_int("axis", 0)],
+        ),
+        node_with(
+            "DequantizeLinear",
+            &["gbq", "gbs"],
+            &["gbf"],
+            vec![attr_int("axis", 0)],
+        ),
+        node_with(
+            "Gemm",
+            &["x2f", "gf", "gbf"],
+            &["g"],
+            vec![attr_int("transB", 1)],
+        ),
+        node("QuantizeLinear", &["g", "ys", "yz"], &["gq_out"]),
+        node("DequantizeLinear", &["gq_out", "ys", "yz"], &["y4"]),
     ];
     let mut outputs = vec![
         value("y", 1, &[1, 4, 6, 6]),
         value("y2", 1, &[2, 5]),
         value("y3", 1, &[1, 4, 6, 6]),
+        value("y4", 1, &[2, 200]),
     ];
     if float_outputs {
         outputs.push(value("c", 1, &[1, 4, 6, 6]));
         outputs.push(value("p", 1, &[2, 5]));
         outputs.push(value("sum", 1, &[1, 4, 6, 6]));
+        outputs.push(value("g", 1, &[2, 200]));
     }
     model(
         nodes,
@@ -260,7 +297,7 @@ async fn qdq_models_run_on_integer_operators_and_agree_with_the_float_path() {
     };
     let fused = ops("fused").await;
     assert!(
-        ["QLinearConv", "QLinearMatMul", "QLinearAdd"]
+        ["QLinearConv", "QLinearMatMul", "QLinearAdd", "QGemm"]
             .iter()
             .all(|op| fused.iter().any(|o| o == op)),
         "{fused:?}"
@@ -268,12 +305,12 @@ async fn qdq_models_run_on_integer_operators_and_agree_with_the_float_path() {
     assert!(
         !fused
             .iter()
-            .any(|o| o == "Conv" || o == "MatMul" || o == "Add"),
+            .any(|o| o == "Conv" || o == "MatMul" || o == "Add" || o == "Gemm"),
         "{fused:?}"
     );
     let float = ops("float").await;
     assert!(
-        ["Conv", "MatMul", "Add"]
+        ["Conv", "MatMul", "Add", "Gemm"]
             .iter()
             .all(|op| float.iter().any(|o| o == op)),
         "{float:?}"
@@ -300,7 +337,7 @@ async fn qdq_models_run_on_integer_operators_and_agree_with_the_float_path() {
                         ..Default::default()
                     },
                 ],
-                outputs: ["y", "y2", "y3"]
+                outputs: ["y", "y2", "y3", "y4"]
                     .iter()
                     .map(|o| pb::model_infer_request::InferRequestedOutputTensor {
                         name: o.to_string(),

@@ -16,6 +16,7 @@ mod conv;
 mod gemm;
 mod matmul;
 mod pool;
+mod qgemm;
 
 /// The float types of the quantized kernels: f64 is not in their ONNX schemas.
 use opreg_sdk::numeric::FLOATS_TO_F32 as FLOATS;
@@ -672,6 +673,7 @@ pub fn register(r: &mut Registrar) {
     conv::register(r);
     add::register(r);
     pool::register(r);
+    qgemm::register(r);
 }
 
 #[cfg(test)]

@@ -59,6 +59,7 @@ pub const STANDARD: &[&dyn Pass] = &[
 pub const FUSIONS: &[&dyn Pass] = &[
     &qdq::QdqConv,
     &qdq::QdqMatMul,
+    &qdq::QdqGemm,
     &qdq::QdqMaxPool,
     &qdq::QdqAdd,
     &layout::Nhwc,

@@ -983,3 +983,70 @@ fn channels_last_stops_where_a_value_is_read_otherwise() {
     fed.initializers.remove("we");
     assert_eq!(nhwc_conv::NhwcConv.run(&mut fed).unwrap(), 0);
 }
+
+/// `DQ -> Gemm(transB = 1, bias) -> Q` over the weight `gq` ([n = 2, k = 3]), the Gemm's
+/// float attributes and the bias's shape given.
+fn qdq_gemm(alpha: f32, beta: f32, bias_shape: &[usize]) -> Model {
+    let nodes = vec![
+        node("QuantizeLinear", &["x", "xs", "xz"], &["xq"]),
+        node("DequantizeLinear", &["xq", "xs", "xz"], &["xf"]),
+        node_with("DequantizeLinear", &["gq", "gs"], &["gf"], &[("axis", 0)]),
+        {
+            let mut g = node_with("Gemm", &["xf", "gf", "gb"], &["g"], &[("transB", 1)]);
+            for (name, v) in [("alpha", alpha), ("beta", beta)] {
+                g.attributes.push(opreg_sdk::kernel::Attribute {
+                    name: name.into(),
+                    value: opreg_sdk::AttrValue::Float(v),
+                });
+            }
+            g
+        },
+        node("QuantizeLinear", &["g", "ys", "yz"], &["gq_out"]),
+    ];
+    let mut m = with_ints(model(
+        nodes,
+        &["gq_out"],
+        &[
+            ("xs", &[], vec![0.5]),
+            ("gs", &[2], vec![0.25, 0.125]),
+            ("gb", bias_shape, vec![1.0, -1.0]),
+            ("ys", &[], vec![0.2]),
+        ],
+    ));
+    m.initializers.insert(
+        "gq".into(),
+        Arc::new(HostTensor::from_vec(&[2, 3], &[1i8, 2, 3, -4, -5, -6]).unwrap()),
+    );
+    m
+}
+
+#[test]
+fn qdq_around_a_gemm_becomes_qgemm_with_an_int32_bias_only_in_its_plain_form() {
+    let mut m = qdq_gemm(1.0, 1.0, &[2]);
+    assert_eq!(qdq::QdqGemm.run(&mut m).unwrap(), 1);
+    let ops: Vec<&str> = m.nodes.iter().map(|n| n.op_type.as_str()).collect();
+    assert_eq!(ops, ["QuantizeLinear", "QGemm"]);
+    let q = &m.nodes[1];
+    assert_eq!(q.domain, "com.microsoft");
+    assert_eq!(&q.inputs[..5], ["xq", "xs", "xz", "gq", "gs"]);
+    assert_eq!(&q.inputs[7..], ["ys", "yz"]);
+    assert_eq!(q.outputs, ["gq_out"]);
+    // QGemm has no beta; transB stays.
+    let attrs: Vec<&str> = q.attributes.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(attrs, ["transB", "alpha"]);
+    // Bias [1, -1] at x_s * g_s = [0.125, 0.0625]: [8, -16].
+    let b = &m.initializers[&q.inputs[6]];
+    assert_eq!(b.to_vec::<i32>().unwrap(), vec![8, -16]);
+    // A [1, n] bias is per column too.
+    let mut m = qdq_gemm(1.0, 1.0, &[1, 2]);
+    assert_eq!(qdq::QdqGemm.run(&mut m).unwrap(), 1);
+    // Scaled products, and a bias per row ([n, 1] with m = n): left as they are.
+    for mut m in [
+        qdq_gemm(2.0, 1.0, &[2]),
+        qdq_gemm(1.0, 0.5, &[2]),
+        qdq_gemm(1.0, 1.0, &[2, 1]),
+    ] {
+        assert_eq!(qdq::QdqGemm.run(&mut m).unwrap(), 0);
+        assert!(m.nodes.iter().any(|n| n.op_type == "Gemm"));
+    }
+}

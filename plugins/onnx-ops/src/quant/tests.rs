@@ -1371,3 +1371,139 @@ fn nhwc_max_pool_takes_each_windows_maximum() {
         }
     }
 }
+
+/// QGemm against its formula: u8/i8 A, i8/u8 B plain and transposed, per-column scales and
+/// zero points, each form of C, alpha, f32 and u8/i8 outputs, 200 columns (two of the
+/// kernel's packed blocks when B is constant), with and without a BLAS backend.
+#[test]
+fn qgemm_gives_the_formulas_values() {
+    let (m, k, n) = (3usize, 7usize, 200usize);
+    let value = |b: u8, signed: bool| if signed { b as i8 as i32 } else { b as i32 };
+    for (a_signed, b_signed, trans_b) in [
+        (false, true, true),
+        (false, true, false),
+        (true, false, true),
+    ] {
+        let ab: Vec<u8> = (0..m * k).map(|i| (i * 37 % 251) as u8).collect();
+        let bb: Vec<u8> = (0..k * n).map(|i| (i * 91 % 253) as u8).collect();
+        let typed = |shape: &[usize], bytes: &[u8], signed: bool| -> HostTensor {
+            if signed {
+                let v: Vec<i8> = bytes.iter().map(|&b| b as i8).collect();
+                t(shape, &v)
+            } else {
+                t(shape, bytes)
+            }
+        };
+        let a = typed(&[m, k], &ab, a_signed);
+        let b_shape = if trans_b { [n, k] } else { [k, n] };
+        let b = typed(&b_shape, &bb, b_signed);
+        let a_zp_byte = 5u8;
+        let a_zp = typed(&[], &[a_zp_byte], a_signed);
+        let b_zp_bytes: Vec<u8> = (0..n).map(|j| (j % 7) as u8).collect();
+        let b_zp = typed(&[n], &b_zp_bytes, b_signed);
+        let a_s = 0.02f32;
+        let b_s: Vec<f32> = (0..n).map(|j| 0.001 + 0.0001 * j as f32).collect();
+        let (y_s, y_zp) = (0.07f32, 9u8);
+        let alpha = 0.5f32;
+        let sums: Vec<i32> = (0..m * n)
+            .map(|ij| {
+                let (i, j) = (ij / n, ij % n);
+                (0..k)
+                    .map(|kk| {
+                        let bv = if trans_b {
+                            bb[j * k + kk]
+                        } else {
+                            bb[kk * n + j]
+                        };
+                        (value(ab[i * k + kk], a_signed) - value(a_zp_byte, a_signed))
+                            * (value(bv, b_signed) - value(b_zp_bytes[j], b_signed))
+                    })
+                    .sum()
+            })
+            .collect();
+        let per_column: Vec<i32> = (0..n as i32).map(|j| j * 13 - 900).collect();
+        let full: Vec<i32> = (0..(m * n) as i32).map(|v| v * 3 - 500).collect();
+        type Bias<'b> = (Option<HostTensor>, Box<dyn Fn(usize) -> i32 + 'b>);
+        let biases: [Bias<'_>; 4] = [
+            (None, Box::new(|_| 0)),
+            (
+                Some(t(&[n], &per_column)),
+                Box::new(|ij| per_column[ij % n]),
+            ),
+            (
+                Some(t(&[1, n], &per_column)),
+                Box::new(|ij| per_column[ij % n]),
+            ),
+            (Some(t(&[m, n], &full)), Box::new(|ij| full[ij])),
+        ];
+        for (c, bias) in &biases {
+            let scale_t = t::<f32>(&[], &[a_s]);
+            let b_scale = t(&[n], &b_s);
+            let ys = t::<f32>(&[], &[y_s]);
+            let yz = t::<u8>(&[], &[y_zp]);
+            let node = NodeSpec::onnx("QGemm", 1)
+                .domain("com.microsoft")
+                .attr("alpha", AttrValue::Float(alpha))
+                .attr("transB", AttrValue::Int(i64::from(trans_b)));
+            for node in [node.clone(), node.constant(3).constant(5)] {
+                let mut ins = vec![
+                    Some(&a),
+                    Some(&scale_t),
+                    Some(&a_zp),
+                    Some(&b),
+                    Some(&b_scale),
+                    Some(&b_zp),
+                    c.as_ref(),
+                ];
+                // f32 out: the sums plus C, times alpha * a_s * b_s.
+                let y = run(qgemm::factory, node.clone(), &ins).expect("QGemm f32");
+                assert_eq!(y[0].shape(), &[m, n]);
+                let got = y[0].to_vec::<f32>().unwrap();
+                for (ij, &g) in got.iter().enumerate() {
+                    let want = sums[ij].wrapping_add(bias(ij)) as f32 * (alpha * a_s * b_s[ij % n]);
+                    assert_eq!(g, want, "f32 out at {ij}, trans_b {trans_b}");
+                }
+                // u8 out: requantized as QLinearConv (f32 product, + zero point, rounded).
+                ins.extend([Some(&ys), Some(&yz)]);
+                let y = run(qgemm::factory, node, &ins).expect("QGemm u8");
+                assert_eq!(y[0].dtype(), DType::U8);
+                for (ij, &g) in y[0].bytes().iter().enumerate() {
+                    let p =
+                        sums[ij].wrapping_add(bias(ij)) as f32 * (alpha * a_s * b_s[ij % n] / y_s);
+                    let want = (f64::from(p) + f64::from(y_zp))
+                        .round_ties_even()
+                        .clamp(0.0, 255.0);
+                    assert_eq!(g, want as u8, "u8 out at {ij}, trans_b {trans_b}");
+                }
+            }
+        }
+    }
+    // A C that does not broadcast, A and B that do not multiply: errors, not panics.
+    let a = t(&[2, 3], &[1u8; 6]);
+    let b = t(&[3, 4], &[1i8; 12]);
+    let s = t::<f32>(&[], &[1.0]);
+    let z = t::<u8>(&[], &[0]);
+    let zb = t::<i8>(&[], &[0]);
+    let bad_c = t(&[2, 1], &[1i32, 2]);
+    let node = NodeSpec::onnx("QGemm", 1).domain("com.microsoft");
+    let ins = [
+        Some(&a),
+        Some(&s),
+        Some(&z),
+        Some(&b),
+        Some(&s),
+        Some(&zb),
+        Some(&bad_c),
+    ];
+    assert!(run(qgemm::factory, node.clone(), &ins).is_err());
+    let short = t(&[2, 4], &[1i8; 8]);
+    let ins = [
+        Some(&a),
+        Some(&s),
+        Some(&z),
+        Some(&short),
+        Some(&s),
+        Some(&zb),
+    ];
+    assert!(run(qgemm::factory, node, &ins).is_err());
+}
