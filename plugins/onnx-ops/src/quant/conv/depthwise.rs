@@ -255,6 +255,14 @@ pub(super) const LANES: usize = 16;
 #[derive(Clone)]
 pub(super) struct TapMajor {
     w: Vec<i32>,
+    /// Taps in pairs, `[taps.div_ceil(2), c]`: tap `2i`'s weight in the low 16 bits and tap
+    /// `2i + 1`'s in the high 16 bits of each channel's lane (0 past the last tap), for one
+    /// `vpmaddwd` per two taps in the interior loop (zero-point-shifted weights of 8-bit
+    /// tensors fit in i16).
+    pairs: Vec<i32>,
+    /// Whether every weight fits in i16, so that `pairs` holds them (shifted 8-bit weights
+    /// always do: within ±255).
+    pairs_fit: bool,
     sums: Vec<i32>,
     c: usize,
     taps: usize,
@@ -269,15 +277,27 @@ impl TapMajor {
             .ok_or_else(|| PluginError::invalid("QLinearConv: w is shorter than its shape"))?;
         let mut w = opreg_sdk::alloc::try_vec(len, 0i32)?;
         let mut sums = opreg_sdk::alloc::try_vec(c, 0i32)?;
+        let mut pairs = opreg_sdk::alloc::try_vec(taps.div_ceil(2) * c, 0i32)?;
         if taps > 0 {
             for (ch, src) in shifted.chunks_exact(taps).take(c).enumerate() {
                 for (t, &v) in src.iter().enumerate() {
                     w[t * c + ch] = v;
                     sums[ch] = sums[ch].wrapping_add(v);
+                    // As i16 (a weight outside i16 leaves `pairs` unused: see `pairs_fit`).
+                    let half = i32::from(v as i16 as u16);
+                    pairs[t / 2 * c + ch] |= if t % 2 == 0 { half } else { half << 16 };
                 }
             }
         }
-        Ok(TapMajor { w, sums, c, taps })
+        let pairs_fit = w.iter().all(|&v| i16::try_from(v).is_ok());
+        Ok(TapMajor {
+            w,
+            pairs,
+            pairs_fit,
+            sums,
+            c,
+            taps,
+        })
     }
 
     /// Whether these are the weights of `c` channels of `taps` taps.
@@ -347,7 +367,7 @@ impl Rows<'_> {
         #[allow(unused_mut)]
         let mut done = 0;
         #[cfg(target_arch = "x86_64")]
-        if WIDE && rows_inside && self.cols.0 < self.cols.1 {
+        if WIDE && rows_inside && self.w.pairs_fit && self.cols.0 < self.cols.1 {
             // SAFETY: WIDE rows run only from `wide::row`, on a CPU with AVX-512 F/BW/VL.
             if !unsafe { wide::interior_run::<SIGNED>(self, x, oh, out) } {
                 return;
@@ -565,32 +585,48 @@ pub(super) mod wide {
         {
             return false;
         }
-        let (xp, wp) = (x.as_ptr(), p.w.w.as_ptr());
+        if p.w.pairs.len() < p.offsets.len().div_ceil(2) * c {
+            return false;
+        }
+        let (xp, wp) = (x.as_ptr(), p.w.pairs.as_ptr());
         // SAFETY (every load below): a window `ow` in `ow0..ow1` reads x from
         // `base0 + (ow - ow0) * step + off + c0` for 16 bytes, with `off <= max_off` and
-        // `c0 + 16 <= c`, so below `end <= x.len()`; tap `t < offsets.len()` reads 16 weights
-        // from `t * c + c0`, below `offsets.len() * c <= w.len()`.
+        // `c0 + 16 <= c`, so below `end <= x.len()`; tap pair `tp < offsets.len().div_ceil(2)`
+        // reads 16 lanes from `tp * c + c0`, below `offsets.len().div_ceil(2) * c <=
+        // pairs.len()`.
         let tap = |base: usize, off: usize| unsafe { _mm_loadu_si128(xp.add(base + off).cast()) };
+        // Two taps' x as i16 pairs per channel (tap `o0` low, `o1` high), for `vpmaddwd`
+        // against `pairs`: one multiply-add where `vpmullo` took two multiplies (each two
+        // uops on port 0) and two adds. Without a second tap the high half is whatever the
+        // widening left, against a zero weight.
+        let pair = |base: usize, o0: usize, o1: Option<usize>| {
+            let lo = widen::<SIGNED>(tap(base, o0));
+            match o1 {
+                Some(o1) => {
+                    let hi = _mm512_slli_epi32::<16>(widen::<SIGNED>(tap(base, o1)));
+                    _mm512_mask_blend_epi16(0xAAAA_AAAA, lo, hi)
+                }
+                None => lo,
+            }
+        };
         for c0 in (0..c - c % LANES).step_by(LANES) {
             let mut ow = ow0;
             while ow < ow1 {
                 let n = POSITIONS.min(ow1 - ow);
                 let base = base0 + (ow - ow0) * step + c0;
                 let mut acc = [_mm512_setzero_si512(); POSITIONS];
-                if n == POSITIONS {
-                    for (t, &off) in p.offsets.iter().enumerate() {
-                        let wv = unsafe { _mm512_loadu_si512(wp.add(t * c + c0).cast()) };
+                for (tp, taps) in p.offsets.chunks(2).enumerate() {
+                    let (o0, o1) = (taps[0], taps.get(1).copied());
+                    let wv = unsafe { _mm512_loadu_si512(wp.add(tp * c + c0).cast()) };
+                    if n == POSITIONS {
                         for (j, a) in acc.iter_mut().enumerate() {
-                            let xv = widen::<SIGNED>(tap(base + j * step, off));
-                            *a = _mm512_add_epi32(*a, _mm512_mullo_epi32(wv, xv));
+                            let xv = pair(base + j * step, o0, o1);
+                            *a = _mm512_add_epi32(*a, _mm512_madd_epi16(wv, xv));
                         }
-                    }
-                } else {
-                    for (t, &off) in p.offsets.iter().enumerate() {
-                        let wv = unsafe { _mm512_loadu_si512(wp.add(t * c + c0).cast()) };
+                    } else {
                         for (j, a) in acc.iter_mut().enumerate().take(n) {
-                            let xv = widen::<SIGNED>(tap(base + j * step, off));
-                            *a = _mm512_add_epi32(*a, _mm512_mullo_epi32(wv, xv));
+                            let xv = pair(base + j * step, o0, o1);
+                            *a = _mm512_add_epi32(*a, _mm512_madd_epi16(wv, xv));
                         }
                     }
                 }
