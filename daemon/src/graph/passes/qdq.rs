@@ -188,8 +188,9 @@ impl Pass for QdqMaxPool {
 
 /// `DQ(a), DQ(b) -> Add -> Q` with per-tensor parameters, all of one 8-bit type, into ONNX
 /// Runtime's `com.microsoft::QLinearAdd` (the residual joins of a quantized ResNet). The
-/// kernel computes the unfused graph's f32 steps, so results do not change; the two f32
-/// tensors, the float sum and the separate quantization pass are gone.
+/// kernel computes as ONNX Runtime's does (scale ratios, fused multiply-adds): the unfused
+/// graph's result but for rare ties, one step apart; the two f32 tensors, the float sum and the
+/// separate quantization pass are gone.
 pub struct QdqAdd;
 
 impl Pass for QdqAdd {

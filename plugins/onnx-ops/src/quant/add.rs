@@ -4,10 +4,10 @@
 //! residual joins of a quantized ResNet): one pass over bytes instead of two dequantized f32
 //! tensors, an f32 sum and a quantization.
 //!
-//! The arithmetic is the unfused graph's, step for step in f32 — `(a - za) * sa`,
-//! `(b - zb) * sb`, their sum, the quotient by `sc` rounded half to even, `zc` added, saturated —
-//! so the fusion changes no result. (ONNX Runtime's kernel multiplies by the ratios `sa / sc`
-//! and `sb / sc` instead, which can differ by one step on rare ties.)
+//! The arithmetic is ONNX Runtime's (the operator is its own): `a * sa / sc + b * sb / sc` with
+//! the zero points folded into one constant, two fused multiply-adds, rounded half to even,
+//! saturated (see [`crate::simd::qlinear_add`]). The unfused graph's steps (dequantize, add,
+//! divide by `sc`) agree but for rare ties, one step apart, and cost a division per value.
 
 use super::{read_f32, read_i32, Factory, GRAIN, Q8};
 use crate::util::{broadcast_shapes, broadcast_strides, input, numel, optional, walk_offsets};

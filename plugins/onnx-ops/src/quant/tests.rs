@@ -902,8 +902,9 @@ fn qlinear_conv_blas_path_matches_the_loops_on_every_im2col_shape() {
 }
 
 /// QLinearAdd is `Q(DQ(A) + DQ(B))`: compared with this plugin's DequantizeLinear, an f32
-/// add and its QuantizeLinear, for u8 and i8, equal shapes (the vectorized loop, over more
-/// than one parallel chunk) and broadcast shapes, including values that saturate.
+/// add and its QuantizeLinear (equal but for rare ties, one step apart: the kernel computes
+/// as ONNX Runtime's), for u8 and i8, equal shapes (the vectorized loop, over more than one
+/// parallel chunk) and broadcast shapes, including values that saturate.
 #[test]
 fn qlinear_add_is_dequantize_add_quantize() {
     let bytes = |n: usize, seed: u32| -> Vec<u8> {
@@ -981,10 +982,29 @@ fn qlinear_add_is_dequantize_add_quantize() {
             );
             assert_eq!(fused[0].shape(), &shape[..], "case {k}");
             assert_eq!(fused[0].dtype(), want[0].dtype(), "case {k}");
-            assert_eq!(
-                fused[0].bytes(),
-                want[0].bytes(),
-                "case {k}, signed {signed}"
+            // ONNX Runtime's arithmetic (scale ratios, fused multiply-adds): the unfused
+            // graph's bytes but for rare ties, one step apart.
+            let value = |v: u8| {
+                if signed {
+                    i32::from(v as i8)
+                } else {
+                    i32::from(v)
+                }
+            };
+            let apart: Vec<i32> = fused[0]
+                .bytes()
+                .iter()
+                .zip(want[0].bytes())
+                .map(|(&f, &w)| (value(f) - value(w)).abs())
+                .collect();
+            assert!(
+                apart.iter().all(|&d| d <= 1),
+                "case {k}, signed {signed}: more than one step apart"
+            );
+            let ties = apart.iter().filter(|&&d| d == 1).count();
+            assert!(
+                ties * 50 <= n,
+                "case {k}, signed {signed}: {ties} of {n} differ"
             );
             let (lo, hi) = if signed { (0x80, 0x7f) } else { (0, 255) };
             let saturated = want[0]
