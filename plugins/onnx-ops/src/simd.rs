@@ -108,25 +108,12 @@ fn requant_run(src: &[i32], bias: &[i32], mult: &[f32], zp: i32, lo: f32, hi: f3
 }
 
 simd_fn! {
-    /// `out[i] = requant_byte(src[i] + bias[i], mult[i], zp, lo, hi)` (the sum wrapping as
-    /// i32): the requantizing epilogue of the integer convolution over one position's run
-    /// of output channels.
-    pub fn requantize(
-        src: &[i32],
-        bias: &[i32],
-        mult: &[f32],
-        zp: i32,
-        bounds: (f32, f32),
-        out: &mut [u8],
-    ) {
-        requant_run(src, bias, mult, zp, bounds.0, bounds.1, out)
-    }
-}
-
-simd_fn! {
-    /// [`requantize`] for a block of positions, each a run of `bias.len()` channels
-    /// (position-major in `src` and `out`): one call per block rather than per position
-    /// (the call and its feature check cost as much as 16 channels' requantization).
+    /// `out[i] = requant_byte(src[i] + bias[i % m], mult[i % m], zp, lo, hi)` (the sum
+    /// wrapping as i32; `m = bias.len()`): the requantizing epilogue of the integer
+    /// convolution over a block of positions, each a run of `m` output channels
+    /// (position-major in `src` and `out`; one position is a block of one). One call per block
+    /// rather than per position: the call and its feature check cost as much as 16 channels'
+    /// requantization.
     pub fn requantize_rows(
         src: &[i32],
         bias: &[i32],
@@ -146,7 +133,7 @@ simd_fn! {
 }
 
 simd_fn! {
-    /// [`requantize`] for one channel's run: one multiplier, the bias already in `src`.
+    /// [`requantize_rows`] for one channel's run: one multiplier, the bias already in `src`.
     pub fn requantize_channel(src: &[i32], mult: f32, zp: i32, lo: f32, hi: f32, out: &mut [u8]) {
         for (o, &v) in out.iter_mut().zip(src) {
             *o = requant_byte(v, mult, zp, lo, hi);
@@ -426,7 +413,7 @@ mod tests {
                 let bias: Vec<i32> = sums.iter().map(|&s| (s & 7) - 3).collect();
                 let m = vec![mult; sums.len()];
                 let mut out = vec![0u8; sums.len()];
-                requantize(&sums, &bias, &m, zp, (plo, phi), &mut out);
+                requantize_rows(&sums, &bias, &m, zp, (plo, phi), &mut out);
                 // The same sums as rows of 7, 24 and 32 channels (shorter than a vector, a
                 // last vector overlapping, whole vectors).
                 let mut rows7 = vec![0u8; sums.len()];

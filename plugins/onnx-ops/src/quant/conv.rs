@@ -1092,7 +1092,7 @@ impl Kernel for QLinearConv {
             let (bias, mult) = (&bias[g * mg..(g + 1) * mg], &mult[g * mg..(g + 1) * mg]);
             let requantize = |src: &[i32], out: &mut [u8], j0: usize| {
                 let n = src.len();
-                crate::simd::requantize(
+                crate::simd::requantize_rows(
                     src,
                     &bias[j0..j0 + n],
                     &mult[j0..j0 + n],
