@@ -42,7 +42,7 @@ impl ConvAttrs {
 }
 
 /// The geometry of one convolution.
-#[derive(Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 struct Geometry {
     n: usize,
     c: usize,

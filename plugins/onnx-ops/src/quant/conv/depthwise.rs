@@ -5,6 +5,7 @@
 //! output rows, which vectorize for unit strides.
 
 use super::Geometry;
+use crate::util::numel;
 use opreg_sdk::prelude::*;
 
 /// Output positions accumulated at a time (a stack buffer: no allocation in the workers).
@@ -732,6 +733,70 @@ impl Geometry {
     /// at once: nothing but x, the weights and the output bytes touches memory. A window
     /// inside x sums `w * x` and corrects for the zero point once per channel (`inner`);
     /// one reaching into the padding skips the taps outside.
+    /// For a padded depthwise convolution over a small plane (MobileNet's 14x14 and 7x7
+    /// layers, where a quarter to a half of the positions reach into the padding and took
+    /// the per-tap border loop at about twice the interior's cost per position), x copied
+    /// into a frame of zero-point bytes as wide as the windows reach, and the geometry over
+    /// it without padding: every position is then interior, the same sums (a padded tap adds
+    /// `w * (zx - zx)`). `None` where there is no padding or the plane is larger (the border
+    /// is a small share there, and the copy would cost more than it saves).
+    fn padded_nhwc(
+        &self,
+        x: &[u8],
+        zx: i32,
+        row: usize,
+        rows: usize,
+    ) -> Result<Option<(Vec<u8>, Geometry)>, PluginError> {
+        const MAX_PLANE: usize = 14 * 14;
+        let win = Window::of(self);
+        let (oh_n, ow_n) = (self.out_sp[0], win.ow_n);
+        if row == 0 || rows == 0 || oh_n * ow_n > MAX_PLANE || win.kh_n == 0 || win.kw_n == 0 {
+            return Ok(None);
+        }
+        // The frame's extent: from the first window's first tap to the last one's last.
+        let extent = |o: usize, s: usize, k: usize, d: usize| -> Option<usize> {
+            (o - 1)
+                .checked_mul(s)?
+                .checked_add((k - 1).checked_mul(d)?)?
+                .checked_add(1)
+        };
+        let (Some(fh), Some(fw)) = (
+            extent(oh_n, win.sh, win.kh_n, win.dh),
+            extent(ow_n, win.sw, win.kw_n, win.dw),
+        ) else {
+            return Ok(None);
+        };
+        if win.ph == 0 && win.pw == 0 && fh <= win.ih && fw <= win.iw {
+            // Every window inside x already.
+            return Ok(None);
+        }
+        let c = self.c;
+        let frame = numel(&[fh, fw, c])?;
+        let mut padded = opreg_sdk::alloc::try_vec(numel(&[self.n, frame])?, zx as u8)?;
+        let image = win.ih * win.iw * c;
+        // Frame column `fx` holds x's column `fx - pw`: the run of those inside x.
+        let (x0, x1) = (win.pw.min(fw), (win.pw + win.iw).min(fw));
+        for (bn, dst) in padded.chunks_exact_mut(frame).enumerate() {
+            let Some(src) = x.get(bn * image..(bn + 1) * image) else {
+                return Ok(None);
+            };
+            for (fy, drow) in dst.chunks_exact_mut(fw * c).enumerate() {
+                let y = fy.wrapping_sub(win.ph);
+                if y >= win.ih || x0 >= x1 {
+                    continue;
+                }
+                let from = y * win.iw * c;
+                drow[x0 * c..x1 * c].copy_from_slice(&src[from..from + (x1 - x0) * c]);
+            }
+        }
+        let geo = Geometry {
+            in_sp: vec![fh, fw],
+            pad_begin: vec![0, 0],
+            ..self.clone()
+        };
+        Ok(Some((padded, geo)))
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(super) fn run_depthwise_nhwc(
         &self,
@@ -764,6 +829,9 @@ impl Geometry {
             return Err(PluginError::invalid(format!(
                 "{op}: x, w, B or y does not fit the convolution's shape"
             )));
+        }
+        if let Some((padded, geo)) = self.padded_nhwc(x, zx, row, rows)? {
+            return geo.run_depthwise_nhwc(ctx, op, &padded, x_signed, zx, w, q, out);
         }
         let mut inner = opreg_sdk::alloc::try_vec(c, 0i32)?;
         for ((v, &b), &s) in inner.iter_mut().zip(q.bias).zip(&w.sums) {
