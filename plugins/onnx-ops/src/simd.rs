@@ -429,17 +429,18 @@ mod tests {
                     .map(|(&s, &b)| s.wrapping_add(b))
                     .collect();
                 requantize_channel(&biased, mult, zp, plo, phi, &mut channel);
-                for (i, &acc) in biased.iter().enumerate() {
+                // The formula for one biased sum.
+                let formula = |acc: i32| {
                     let p = acc as f32 * mult;
-                    let want = if p.is_nan() {
+                    if p.is_nan() {
                         lo as u8
                     } else {
-                        round_saturate_byte(
-                            f64::from(p) + f64::from(zp),
-                            f64::from(lo),
-                            f64::from(hi),
-                        )
-                    };
+                        let (z, lo, hi) = (f64::from(zp), f64::from(lo), f64::from(hi));
+                        round_saturate_byte(f64::from(p) + z, lo, hi)
+                    }
+                };
+                for (i, &acc) in biased.iter().enumerate() {
+                    let want = formula(acc);
                     assert_eq!(out[i], want, "acc {acc} mult {mult} zp {zp}");
                     assert_eq!(
                         requant_byte(acc, mult, zp, plo, phi),
@@ -447,23 +448,10 @@ mod tests {
                         "acc {acc} mult {mult} zp {zp}"
                     );
                     assert_eq!(channel[i], want, "acc {acc} mult {mult} zp {zp}");
-                    let row_bias = |width: usize| bias[i % width];
-                    let of_rows = |width: usize| {
-                        let p = sums[i].wrapping_add(row_bias(width)) as f32 * mult;
-                        if p.is_nan() {
-                            lo as u8
-                        } else {
-                            round_saturate_byte(
-                                f64::from(p) + f64::from(zp),
-                                f64::from(lo),
-                                f64::from(hi),
-                            )
-                        }
-                    };
                     // A last partial row is left alone.
                     for (width, got) in [(7, &rows7), (24, &rows24), (32, &rows32)] {
                         let want = if i < sums.len() / width * width {
-                            of_rows(width)
+                            formula(sums[i].wrapping_add(bias[i % width]))
                         } else {
                             0
                         };

@@ -434,6 +434,9 @@ struct Plan {
     output: String,
     /// New initializers (weight zero point, int32 bias).
     constants: Vec<(String, HostTensor)>,
+    /// The fused operator's domain, and the original's attributes it does not have.
+    domain: &'static str,
+    dropped: &'static [&'static str],
 }
 
 fn fuse(model: &mut Model, op: &str, fused: &str) -> Result<usize, GraphError> {
@@ -489,11 +492,9 @@ fn fuse(model: &mut Model, op: &str, fused: &str) -> Result<usize, GraphError> {
             model.initializers.insert(unique, Arc::new(t));
         }
         if let Some(n) = model.nodes.get_mut(p.node) {
-            if op == "Gemm" {
-                // QGemm is ONNX Runtime's, without Gemm's `beta` (checked to be 1).
-                n.domain = "com.microsoft".into();
-                n.attributes.retain(|a| a.name != "beta");
-            }
+            n.domain = p.domain.into();
+            n.attributes
+                .retain(|a| !p.dropped.contains(&a.name.as_str()));
             n.op_type = fused.into();
             n.inputs = p.inputs;
             n.outputs = vec![p.output];
@@ -603,32 +604,24 @@ fn plan(
         y_s.clone(),
         y_zp.clone(),
     ];
-    let bias = n.inputs.get(2).filter(|b| !b.is_empty());
-    match (op, bias) {
-        ("Conv", Some(b)) => {
+    // A bias: Conv's per output channel, Gemm's when per column; MatMul has none.
+    let bias = match n.inputs.get(2).filter(|b| !b.is_empty()) {
+        Some(b)
+            if op == "Conv" || (op == "Gemm" && bias_per_column(model, producer, b, channels)) =>
+        {
             let bias = requantized_bias(model, producer, b, x_scale.first()?, &w_scale, channels)?;
             let name = model.fresh_name(&format!("{b}_int32"));
             constants.push((name.clone(), bias));
-            inputs.push(name);
+            Some(name)
         }
-        ("Gemm", b) => {
-            // QGemm takes its bias (C) before the output's scale and zero point.
-            let (yz, ys) = (inputs.pop()?, inputs.pop()?);
-            match b {
-                Some(b) if bias_per_column(model, producer, b, channels) => {
-                    let bias =
-                        requantized_bias(model, producer, b, x_scale.first()?, &w_scale, channels)?;
-                    let name = model.fresh_name(&format!("{b}_int32"));
-                    constants.push((name.clone(), bias));
-                    inputs.push(name);
-                }
-                Some(_) => return None,
-                None => inputs.push(String::new()),
-            }
-            inputs.extend([ys, yz]);
-        }
-        (_, Some(_)) => return None,
-        (_, None) => {}
+        Some(_) => return None,
+        None => None,
+    };
+    if op == "Gemm" {
+        // QGemm takes its bias (C, possibly absent) before the output's scale and zero point.
+        inputs.insert(6, bias.unwrap_or_default());
+    } else {
+        inputs.extend(bias);
     }
     Some(Plan {
         node: i,
@@ -637,6 +630,9 @@ fn plan(
         inputs,
         output: y_q,
         constants,
+        // QGemm is ONNX Runtime's, without Gemm's `beta` (checked to be 1).
+        domain: if op == "Gemm" { "com.microsoft" } else { "" },
+        dropped: if op == "Gemm" { &["beta"] } else { &[] },
     })
 }
 

@@ -128,15 +128,6 @@ fn scalar_zero_point(
     }
 }
 
-/// The value of a byte of an 8-bit tensor.
-fn value(b: u8, signed: bool) -> i32 {
-    if signed {
-        i32::from(b as i8)
-    } else {
-        i32::from(b)
-    }
-}
-
 impl QGemm {
     /// The product through the pre-packed column blocks, in parallel, into `c` (`m x n`).
     /// `Ok(false)` when the backend refuses them.
@@ -264,18 +255,17 @@ impl Kernel for QGemm {
         };
         if !done {
             // No backend for these operands: the sums directly.
-            let (sa, sb) = (a.dtype == DType::I8, b.dtype == DType::I8);
+            let (av, bv) = (read_i32(a, OP)?, read_i32(b, OP)?);
             for (i, row) in c.chunks_exact_mut(n.max(1)).enumerate() {
                 for (j, acc) in row.iter_mut().enumerate() {
                     let zb = b_zp[if b_zp.len() == 1 { 0 } else { j }];
                     *acc = (0..k).fold(0i32, |s, kk| {
-                        let bv = if self.trans_b {
-                            bb[j * cols + kk]
+                        let w = bv[if self.trans_b {
+                            j * cols + kk
                         } else {
-                            bb[kk * cols + j]
-                        };
-                        let x = value(ab[i * k + kk], sa) - a_zp;
-                        s.wrapping_add(x.wrapping_mul(value(bv, sb) - zb))
+                            kk * cols + j
+                        }];
+                        s.wrapping_add((av[i * k + kk] - a_zp).wrapping_mul(w - zb))
                     });
                 }
             }
