@@ -6,6 +6,7 @@ mod channels_last;
 mod depthwise;
 mod direct;
 mod nhwc;
+mod stem;
 
 use super::{
     activation::Activation, at_least_one, blas, conv_bias, matmul::gemm_f32, optional, Disjoint,
@@ -30,9 +31,9 @@ struct Conv {
     /// `Y = W cols` ([`Packed::Left`]), or as the right operand of the pixels-by-channels
     /// product `Y^T = cols^T W^T` for layers with few pixels ([`Packed::Right`]).
     packed: Option<Packed>,
-    /// Constant weights of a layer [`direct`] computes, regrouped for it at load
-    /// ([`direct::pack`]); then `packed` is not built.
-    direct: Option<Arc<Vec<f32>>>,
+    /// Constant weights of a layer [`stem`] or [`direct`] computes, regrouped for it at load
+    /// ([`stem::pack`], [`direct::pack`]); then `packed` is not built.
+    direct: Option<Direct>,
     /// Which of X and Y are channels-last (`opreg::FusedConvNhwc`, see [`nhwc`]).
     layouts: Layouts,
 }
@@ -50,6 +51,13 @@ impl Layouts {
     fn nchw(self) -> bool {
         !self.x_nhwc && !self.y_nhwc
     }
+}
+
+/// Which module's regrouping [`Conv::direct`] holds.
+#[derive(Clone)]
+enum Direct {
+    Stem(Arc<Vec<f32>>),
+    Channels(Arc<Vec<f32>>),
 }
 
 /// How [`Conv::packed`] holds the weights.
@@ -214,14 +222,14 @@ fn conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
     }))
 }
 
-/// The constant f32 weights regrouped for [`direct`] where the input's shape is known at
+/// The constant f32 weights regrouped for [`stem`] or [`direct`] where the input's shape is known at
 /// load and [`direct`] takes the layer; `None` otherwise (then the gemm's packing is built,
 /// and a layer [`direct`] takes after all regroups its weights per call).
 fn direct_weights(
     node: &NodeInfo<'_>,
     window: &WindowAttrs,
     group: usize,
-) -> Result<Option<Arc<Vec<f32>>>, PluginError> {
+) -> Result<Option<Direct>, PluginError> {
     let Some(w) = node.inputs.get(1).and_then(|i| i.constant) else {
         return Ok(None);
     };
@@ -243,11 +251,17 @@ fn direct_weights(
     };
     let m = w.shape()[0];
     let data: &[f32] = w.as_slice()?;
+    let kernel = (g.kernel[0], g.kernel[1]);
+    if stem::applies(&xs, &g, group) {
+        return Ok(Some(Direct::Stem(Arc::new(stem::pack(
+            data, m, xs[1], kernel,
+        )?))));
+    }
     if !direct::applies(&xs, &g, group) {
         return Ok(None);
     }
-    let packed = direct::pack(data, m, xs[1], (g.kernel[0], g.kernel[1]))?;
-    Ok(Some(Arc::new(packed)))
+    let packed = direct::pack(data, m, xs[1], kernel)?;
+    Ok(Some(Direct::Channels(Arc::new(packed))))
 }
 
 /// Output pixels per output channel (rounded up), when the input's spatial extents and the
@@ -364,6 +378,24 @@ fn im2col_rows(x: &[f32], input: &[usize], g: &Geometry, start: usize, chunk: &m
                     oid[d] = 0;
                 }
             }
+        }
+    }
+}
+
+impl Conv {
+    /// The weights regrouped at load for [`stem`], if they were.
+    fn stem_packing(&self) -> Option<&[f32]> {
+        match &self.direct {
+            Some(Direct::Stem(p)) => Some(&p[..]),
+            _ => None,
+        }
+    }
+
+    /// The weights regrouped at load for [`direct`], if they were.
+    fn direct_packing(&self) -> Option<&[f32]> {
+        match &self.direct {
+            Some(Direct::Channels(p)) => Some(&p[..]),
+            _ => None,
         }
     }
 }
@@ -655,6 +687,11 @@ impl Conv {
             depthwise::run(ctx, xs, g, x, w, bias, Activation::None, y, nchw)?;
             return finish(ctx, y, None, z, act, m, p);
         }
+        if stem::applies(xs, g, group)
+            && stem::run(ctx, xs, g, m, x, w, self.stem_packing(), bias, z, act, y)?
+        {
+            return Ok(());
+        }
         if direct::applies(xs, g, group)
             && direct::run(
                 ctx,
@@ -663,7 +700,7 @@ impl Conv {
                 m,
                 x,
                 w,
-                self.direct.as_deref().map(|v| &v[..]),
+                self.direct_packing(),
                 bias,
                 z,
                 act,
@@ -888,9 +925,11 @@ mod tests {
     #[test]
     fn a_fused_residual_sum_equals_conv_then_add_then_the_activation_bit_for_bit() {
         // (x shape, w shape, group, pads, strides, with bias): the per-image gemm path (two
-        // images), the one-image im2col path, a direct 1x1, a depthwise layer, no bias.
+        // images), the one-image im2col path, a direct 1x1, a depthwise layer, no bias, a
+        // first layer with pixels in the lanes ([`stem`]: rows of 35 outputs).
         type Case = ([usize; 4], [usize; 4], usize, i64, i64, bool);
-        let cases: [Case; 5] = [
+        let cases: [Case; 6] = [
+            ([1, 3, 9, 70], [5, 3, 3, 3], 1, 1, 2, true),
             ([2, 3, 6, 5], [4, 3, 3, 3], 1, 1, 1, true),
             ([1, 4, 7, 7], [6, 4, 3, 3], 1, 1, 2, true),
             ([1, 5, 4, 4], [8, 5, 1, 1], 1, 0, 1, true),
@@ -1389,6 +1428,74 @@ mod tests {
             pad_begin: pads[..2].to_vec(),
             pad_end: pads[2..].to_vec(),
             out: vec![out(0), out(1)],
+        }
+    }
+
+    #[test]
+    fn first_layers_with_pixels_in_lanes_match_direct_loops() {
+        // (x [n, c, h, w], output channels, kernel, strides, dilations, pads [top, left,
+        // bottom, right]): rows of at least 32 outputs from at most 4 channels, which [`stem`]
+        // takes: SqueezeNet's unpadded 3x3/2 (64 channels, 8 blocks), ResNet's 7x7/2 on two
+        // images (13 channels: a block of 8 and a part), a grey plane at stride 1, stride 3
+        // with dilation and asymmetric pads (three column phases), a 2x2 window, rows of 9
+        // registers (tiles 3, 3, 3) and of 5 (3, 2), a last register of 2 pixels.
+        type Case = (
+            [usize; 4],
+            usize,
+            [usize; 2],
+            [usize; 2],
+            [usize; 2],
+            [usize; 4],
+        );
+        let cases: [Case; 8] = [
+            ([1, 3, 13, 75], 64, [3, 3], [2, 2], [1, 1], [0, 0, 0, 0]),
+            ([2, 3, 16, 70], 13, [7, 7], [2, 2], [1, 1], [3, 3, 3, 3]),
+            ([1, 1, 6, 40], 8, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
+            ([1, 4, 9, 110], 9, [3, 5], [1, 3], [2, 2], [2, 0, 1, 2]),
+            ([1, 2, 6, 64], 20, [2, 2], [2, 2], [1, 1], [0, 1, 1, 0]),
+            ([1, 3, 4, 130], 17, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
+            ([1, 3, 5, 70], 5, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
+            ([1, 3, 5, 34], 8, [3, 3], [1, 1], [1, 1], [0, 0, 0, 0]),
+        ];
+        for (k, (xs, m, ks, st, dil, pads)) in cases.into_iter().enumerate() {
+            let g = geometry(xs, ks, st, dil, pads);
+            assert_eq!(
+                stem::applies(&xs, &g, 1),
+                crate::simd::has_avx512(),
+                "case {k}"
+            );
+            let [n, c, h, w] = xs;
+            let x = data(xs.iter().product(), 1);
+            let wv = data(m * c * ks[0] * ks[1], 2);
+            let bias = data(m, 3);
+            let (ys, want) = naive_conv3(
+                &x,
+                [n, c, 1, h, w],
+                &wv,
+                [m, c, 1, ks[0], ks[1]],
+                Some(&bias),
+                1,
+                [1, st[0], st[1]],
+                [1, dil[0], dil[1]],
+                [0, pads[0], pads[1], 0, pads[2], pads[3]],
+            );
+            let tx = HostTensor::from_vec(&xs, &x).expect("x");
+            let tw = HostTensor::from_vec(&[m, c, ks[0], ks[1]], &wv).expect("w");
+            let tb = HostTensor::from_vec(&[m], &bias).expect("b");
+            // Weights given per call, and constant (regrouped at load).
+            for constant in [false, true] {
+                let mut node = NodeSpec::onnx("Conv", 11)
+                    .attr("kernel_shape", ints(&ks))
+                    .attr("strides", ints(&st))
+                    .attr("dilations", ints(&dil))
+                    .attr("pads", ints(&pads));
+                if constant {
+                    node = node.constant(1);
+                }
+                let out = run_kernel(conv_factory, &node, &[&tx, &tw, &tb], None).expect("run");
+                assert_eq!(out[0].shape(), &[n, m, ys[3], ys[4]], "case {k}");
+                close(&out[0].to_vec::<f32>().expect("f32"), &want);
+            }
         }
     }
 

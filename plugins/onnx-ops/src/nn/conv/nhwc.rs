@@ -112,7 +112,7 @@ impl Conv {
                     m,
                     x,
                     w,
-                    self.direct.as_deref().map(|v| &v[..]),
+                    self.direct_packing(),
                     bias,
                     z,
                     act,

@@ -1,0 +1,410 @@
+//! 2-D convolutions of images with few channels (a CNN's first layer: three colour planes, or
+//! one grey plane) with output *pixels* in the lanes, written straight into the NCHW planes.
+//!
+//! [`super::direct`] puts output channels in the lanes and turns each tile of at most 14
+//! pixels back to planes (16x16 register transposes, masked stores of 14 floats). On a first
+//! layer a pixel has only 27 (3x3) or 147 (7x7) multiply-adds per output channel, and perf of
+//! SqueezeNet's 3x3/2 first layer at one thread had the turn and the channels-last copy at
+//! half of the layer's samples, the multiply-adds at the other half (0.59 ms for 64x3x3x3 over
+//! 224x224, ONNX Runtime's NCHWc kernel 0.40 with its reorders). Here a tile is [`R`] output
+//! channels x up to [`MAX_V`] registers (96 pixels) of one output row: per tap, one load of x
+//! per register, `R` broadcast weights and `R x V` multiply-adds; the sums go to the planes as
+//! whole registers.
+//!
+//! x is read through a zero-padded copy split into `stride` column phases (phase `f` of a row
+//! holds the padded columns `f, f + s, f + 2s, ...`), so that the sixteen outputs of a register
+//! read sixteen consecutive floats for every tap, whatever the stride and dilation: tap `kx`
+//! reads phase `(kx * d) % s` from column `ox + (kx * d) / s`. With few channels the copy is
+//! about the image's size. With many channels the channels-in-lanes tiles of [`super::direct`]
+//! reuse each loaded value more and stay the better choice ([`MAX_C`]).
+
+use super::Activation;
+use crate::nn::{Disjoint, Geometry};
+use opreg_sdk::{
+    alloc::{checked_numel, try_vec},
+    prelude::*,
+};
+
+/// f32 lanes of an AVX-512 register.
+const LANES: usize = 16;
+/// Output channels per tile (one broadcast weight each per tap).
+const R: usize = 8;
+/// Registers of pixels per tile at most: `R * MAX_V` = 24 registers of sums, the tap's
+/// `MAX_V` registers of x and a broadcast weight, 31 of the 32. (Seven registers, a whole
+/// 112-pixel row per tile, needed 36 and spilled: ResNet's 7x7 first layer ran 15 % slower
+/// than the channels-in-lanes kernel.)
+const MAX_V: usize = 3;
+/// Input channels up to which this module takes a layer.
+const MAX_C: usize = 4;
+/// Output width from which it takes a layer: narrower rows leave lanes of their last
+/// register idle (at 32, at most a quarter).
+const MIN_WIDTH: usize = 2 * LANES;
+
+/// Whether this module computes the convolution of `x` (shape `xs`, NCHW) in geometry `g`
+/// with `group` groups: 2-D, one group, at most [`MAX_C`] input channels, a window past 1x1,
+/// rows of at least [`MIN_WIDTH`] outputs, on a CPU with AVX-512.
+pub(super) fn applies(xs: &[usize], g: &Geometry, group: usize) -> bool {
+    xs.len() == 4
+        && g.kernel.len() == 2
+        && g.out.len() == 2
+        && group == 1
+        && (1..=MAX_C).contains(&xs[1])
+        && g.kernel.iter().all(|&k| k > 0)
+        && g.kernel[0].saturating_mul(g.kernel[1]) > 1
+        && g.out[1] >= MIN_WIDTH
+        && avx512()
+}
+
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::simd::has_avx512()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `W` (`m x c x kh x kw`) in blocks of [`R`] output channels, each tap's `R` weights
+/// together: `wt[(blk * depth + t) * R + o]` with `t = (ic * kh + ky) * kw + kx`, zero for
+/// the channels past m. Built once at load for constant weights, else per call.
+pub(super) fn pack(
+    w: &[f32],
+    m: usize,
+    c: usize,
+    (kh, kw): (usize, usize),
+) -> Result<Vec<f32>, PluginError> {
+    let depth = checked_numel(&[c, kh, kw])?;
+    let blocks = m.div_ceil(R);
+    let mut wt = try_vec(checked_numel(&[blocks, depth, R])?, 0.0f32)?;
+    if depth == 0 || w.len() < checked_numel(&[m, depth])? {
+        return Ok(wt);
+    }
+    for (oc, wo) in w.chunks_exact(depth).take(m).enumerate() {
+        let (blk, o) = (oc / R, oc % R);
+        for (t, &v) in wo.iter().enumerate() {
+            wt[(blk * depth + t) * R + o] = v;
+        }
+    }
+    Ok(wt)
+}
+
+/// The phase-split, zero-padded copy of one image that the tiles read.
+struct Phases {
+    /// Column phases (the horizontal stride).
+    s: usize,
+    /// Padded rows the outputs read.
+    rows: usize,
+    /// Floats per phase row: every register of every output row, the last tap included.
+    pw: usize,
+    ih: usize,
+    iw: usize,
+    pt: usize,
+    pl: usize,
+    len: usize,
+}
+
+impl Phases {
+    /// `None` where the copy would overflow or be much larger than the image (huge pads or
+    /// dilations): [`super::direct`] and the general path take those.
+    fn new(g: &Geometry, (c, ih, iw): (usize, usize, usize)) -> Option<Phases> {
+        let (oh, ow) = (g.out[0], g.out[1]);
+        let s = g.strides[1].max(1);
+        let rows = (oh.checked_sub(1)?)
+            .checked_mul(g.strides[0].max(1))?
+            .checked_add(
+                g.kernel[0]
+                    .checked_sub(1)?
+                    .checked_mul(g.dilations[0].max(1))?,
+            )?
+            .checked_add(1)?;
+        let reach = g.kernel[1]
+            .checked_sub(1)?
+            .checked_mul(g.dilations[1].max(1))?
+            / s;
+        let pw = ow.div_ceil(LANES).checked_mul(LANES)?.checked_add(reach)?;
+        let len = c.checked_mul(s)?.checked_mul(rows)?.checked_mul(pw)?;
+        let image = c.checked_mul(ih)?.checked_mul(iw)?;
+        (len <= 2 * image + (1 << 16)).then_some(Phases {
+            s,
+            rows,
+            pw,
+            ih,
+            iw,
+            pt: g.pad_begin[0],
+            pl: g.pad_begin[1],
+            len,
+        })
+    }
+
+    /// Phase rows `first..` of the copy (`out.len() / pw` of them) from the image `x` (NCHW).
+    fn fill(&self, x: &[f32], first: usize, out: &mut [f32]) {
+        for (r, row) in out.chunks_exact_mut(self.pw).enumerate() {
+            let r = first + r;
+            let (icf, fy) = (r / self.rows, r % self.rows);
+            let (ic, f) = (icf / self.s, icf % self.s);
+            let y = fy.wrapping_sub(self.pt);
+            if y >= self.ih {
+                row.fill(0.0);
+                continue;
+            }
+            let line = &x[(ic * self.ih + y) * self.iw..][..self.iw];
+            // Phase column j holds x's column `j * s + f - pl`: inside x for j in lo..hi.
+            let lo = self.pl.saturating_sub(f).div_ceil(self.s).min(row.len());
+            let hi = (self.iw + self.pl)
+                .saturating_sub(f)
+                .div_ceil(self.s)
+                .clamp(lo, row.len());
+            row[..lo].fill(0.0);
+            row[hi..].fill(0.0);
+            if lo == hi {
+                continue;
+            }
+            // (lo * s + f >= pl whenever lo < hi.)
+            let first = lo * self.s + f - self.pl;
+            if self.s == 1 {
+                row[lo..hi].copy_from_slice(&line[first..first + (hi - lo)]);
+            } else {
+                for (v, &x) in row[lo..hi]
+                    .iter_mut()
+                    .zip(line[first..].iter().step_by(self.s))
+                {
+                    *v = x;
+                }
+            }
+        }
+    }
+}
+
+/// The convolution into `y` (`n x m x oh x ow`, NCHW), then `act((y + bias) + z)` per element
+/// (`z` of y's shape; the sums rounded in the unfused graph's order, as [`super::direct`]);
+/// `packed` is [`pack`] of `w` when built at load. `Ok(false)` (nothing written) where the
+/// copy would be much larger than x.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn run(
+    ctx: &KernelContext<'_>,
+    xs: &[usize],
+    g: &Geometry,
+    m: usize,
+    x: &[f32],
+    w: &[f32],
+    packed: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    z: Option<&[f32]>,
+    act: Activation,
+    y: &mut [f32],
+) -> Result<bool, PluginError> {
+    let (n, c, ih, iw) = (xs[0], xs[1], xs[2], xs[3]);
+    let (oh, ow) = (g.out[0], g.out[1]);
+    let (kh, kw) = (g.kernel[0], g.kernel[1]);
+    let plane = oh * ow;
+    if y.is_empty() || plane == 0 || m == 0 {
+        return Ok(true);
+    }
+    let Some(ph) = Phases::new(g, (c, ih, iw)) else {
+        return Ok(false);
+    };
+    let image = checked_numel(&[c, ih, iw])?;
+    let depth = checked_numel(&[c, kh, kw])?;
+    let blocks = m.div_ceil(R);
+    if x.len() < checked_numel(&[n, image])?
+        || w.len() < checked_numel(&[m, depth])?
+        || y.len() < checked_numel(&[n, m, plane])?
+        || bias.is_some_and(|b| b.len() < m)
+        || z.is_some_and(|z| z.len() < y.len())
+    {
+        return Err(PluginError::invalid(
+            "Conv: X, W, B or Z is shorter than its shape",
+        ));
+    }
+    let built;
+    let wt = match packed {
+        Some(p) if p.len() == blocks * depth * R => p,
+        _ => {
+            built = pack(w, m, c, (kh, kw))?;
+            &built[..]
+        }
+    };
+    // Per tap, where it reads in the copy relative to an output row's first read.
+    let (sh, dh, dw) = (
+        g.strides[0].max(1),
+        g.dilations[0].max(1),
+        g.dilations[1].max(1),
+    );
+    let mut taps = try_vec(depth, 0usize)?;
+    for ic in 0..c {
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let (f, j) = ((kx * dw) % ph.s, (kx * dw) / ph.s);
+                taps[(ic * kh + ky) * kw + kx] = ((ic * ph.s + f) * ph.rows + ky * dh) * ph.pw + j;
+            }
+        }
+    }
+    let row_step = sh * ph.pw;
+    let tiles = |b: usize| Tiles {
+        taps: &taps,
+        wt,
+        depth,
+        m,
+        ow,
+        plane,
+        row_step,
+        bias,
+        z: z.map(|z| &z[b * m * plane..(b + 1) * m * plane]),
+        act,
+    };
+    // Every read of every tile lies in the copy: the last row's last tap reads up to the end
+    // of its phase row (`pw` covers the row's registers and the widest tap), checked once
+    // for the unchecked loads.
+    let last_read = (oh - 1) * row_step + taps.iter().max().copied().unwrap_or(0);
+    if last_read + ow.div_ceil(LANES) * LANES > ph.len || wt.len() < blocks * depth * R {
+        return Err(PluginError::internal(
+            "Conv: the phase copy or the weights are shorter than the tiles read",
+        ));
+    }
+    let copy = ctx.scratch_reused::<f32>(ph.len)?;
+    let rows_per_task = oh.div_ceil(4 * ctx.num_threads().max(1)).max(1);
+    for b in 0..n {
+        let xb = &x[b * image..(b + 1) * image];
+        ctx.parallel_chunks(copy, ph.pw * 8, |start, chunk| {
+            ph.fill(xb, start / ph.pw, chunk);
+        })?;
+        let yd = Disjoint::new(&mut y[b * m * plane..(b + 1) * m * plane]);
+        let copy = &*copy;
+        let tiles = tiles(b);
+        ctx.parallel_for(oh, rows_per_task, |rows| {
+            for blk in 0..blocks {
+                for oy in rows.clone() {
+                    tiles.row(copy, oy, blk, &yd);
+                }
+            }
+            Ok(())
+        })?;
+    }
+    Ok(true)
+}
+
+/// What computing the tiles of one image needs.
+struct Tiles<'a> {
+    taps: &'a [usize],
+    wt: &'a [f32],
+    depth: usize,
+    m: usize,
+    ow: usize,
+    plane: usize,
+    /// Copy floats from one output row's reads to the next's.
+    row_step: usize,
+    bias: Option<&'a [f32]>,
+    /// The image's fused sum, of its output's shape.
+    z: Option<&'a [f32]>,
+    act: Activation,
+}
+
+impl Tiles<'_> {
+    /// Output row `oy` of block `blk`'s channels, in tiles of at most [`MAX_V`] registers.
+    fn row(&self, copy: &[f32], oy: usize, blk: usize, yd: &Disjoint<f32>) {
+        // Tiles of balanced widths (7 registers: 3, 2, 2).
+        let regs = self.ow.div_ceil(LANES);
+        let tiles = regs.div_ceil(MAX_V);
+        let mut v0 = 0;
+        for k in 0..tiles {
+            let v = regs / tiles + usize::from(k < regs % tiles);
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `applies` checked AVX-512; `run` checked that every read of the row's
+            // tiles lies in the copy and the weights hold the block's; the tile's stores lie
+            // in row `oy` of the block's planes, which only this task writes.
+            unsafe {
+                x86::tile(self, copy, oy, blk, v0, v, yd)
+            };
+            v0 += v;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Tiles, LANES, R};
+    use crate::nn::Disjoint;
+    use std::arch::x86_64::*;
+
+    /// Registers `v0..v0 + v` (`v` in 1..=[`super::MAX_V`]) of output row `oy`, block
+    /// `blk`'s channels.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; every tap of the tile reads inside `copy`; the weights hold the
+    /// block's; this task alone writes row `oy` of the block's channels.
+    pub(super) unsafe fn tile(
+        t: &Tiles<'_>,
+        copy: &[f32],
+        oy: usize,
+        blk: usize,
+        v0: usize,
+        v: usize,
+        yd: &Disjoint<f32>,
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match v {
+                1 => sums::<1>(t, copy, oy, blk, v0, yd),
+                2 => sums::<2>(t, copy, oy, blk, v0, yd),
+                _ => sums::<3>(t, copy, oy, blk, v0, yd),
+            }
+        }
+    }
+
+    /// [`tile`] for exactly `V` registers: the loop whose sums stay in registers, then the
+    /// bias, the activation and the stores.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn sums<const V: usize>(
+        t: &Tiles<'_>,
+        copy: &[f32],
+        oy: usize,
+        blk: usize,
+        v0: usize,
+        yd: &Disjoint<f32>,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        let base = copy.as_ptr().add(oy * t.row_step + v0 * LANES);
+        let mut wp = t.wt.as_ptr().add(blk * t.depth * R);
+        for &tap in t.taps {
+            let q = base.add(tap);
+            let mut xv = [_mm512_setzero_ps(); V];
+            for (i, x) in xv.iter_mut().enumerate() {
+                *x = _mm512_loadu_ps(q.add(i * LANES));
+            }
+            for (o, a) in acc.iter_mut().enumerate() {
+                let wv = _mm512_set1_ps(*wp.add(o));
+                for (s, &x) in a.iter_mut().zip(&xv) {
+                    *s = _mm512_fmadd_ps(wv, x, *s);
+                }
+            }
+            wp = wp.add(R);
+        }
+        let x0 = v0 * LANES;
+        for (o, a) in acc.iter().enumerate() {
+            let oc = blk * R + o;
+            if oc >= t.m {
+                return;
+            }
+            // The bias added only when there is one (as `direct`: -0 stays -0 without).
+            let bias = t.bias.map(|b| _mm512_set1_ps(b[oc]));
+            for (i, &s) in a.iter().enumerate() {
+                let x = x0 + i * LANES;
+                let lanes = (t.ow - x).min(LANES);
+                let mask = ((1u32 << lanes) - 1) as u16;
+                let at = oc * t.plane + oy * t.ow + x;
+                let mut v = bias.map_or(s, |b| _mm512_add_ps(s, b));
+                if let Some(z) = t.z {
+                    let zr = &z[at..at + lanes];
+                    v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, zr.as_ptr()));
+                }
+                let v = t.act.apply512(v);
+                // SAFETY: the register's pixels lie in row `oy` of channel `oc`, written by
+                // this task alone (caller).
+                let out = yd.part(at, lanes);
+                _mm512_mask_storeu_ps(out.as_mut_ptr(), mask, v);
+            }
+        }
+    }
+}
