@@ -434,19 +434,25 @@ mod x86 {
         (mr, nr): (usize, usize),
         epi: Option<(&TileEpilogue, usize, usize)>,
     ) {
+        // A tile of at most 16 columns (the last panel of a 196-pixel layer: 4 of 32, of a
+        // 169-pixel one: 9) runs one register of B per step: half the multiply-adds of the
+        // full width, on lanes that are mostly padding. (Row-major C only: a column-major
+        // tile is turned in registers as a whole.)
         // SAFETY: forwarded from the caller.
         unsafe {
-            match mr {
-                1 => avx512_rows::<1>(kc, a, b, c, rsc, csc, alpha, beta, mr, nr, epi),
-                2 => avx512_rows::<2>(kc, a, b, c, rsc, csc, alpha, beta, mr, nr, epi),
-                3 | 4 => avx512_rows::<4>(kc, a, b, c, rsc, csc, alpha, beta, mr, nr, epi),
-                _ => avx512_rows::<8>(kc, a, b, c, rsc, csc, alpha, beta, mr, nr, epi),
+            match (mr, nr <= 16 && csc == 1) {
+                (1, _) => avx512_rows::<1, 2>(kc, a, b, c, rsc, csc, alpha, beta, mr, nr, epi),
+                (2, _) => avx512_rows::<2, 2>(kc, a, b, c, rsc, csc, alpha, beta, mr, nr, epi),
+                (3 | 4, _) => avx512_rows::<4, 2>(kc, a, b, c, rsc, csc, alpha, beta, mr, nr, epi),
+                (_, true) => avx512_rows::<8, 1>(kc, a, b, c, rsc, csc, alpha, beta, mr, nr, epi),
+                (_, false) => avx512_rows::<8, 2>(kc, a, b, c, rsc, csc, alpha, beta, mr, nr, epi),
             }
         }
     }
 
-    /// The product of the first `R` rows of an 8-row A panel with a 32-column B panel whose
-    /// steps lie `ldb` floats apart (32: packed) (`mr <= R`), then, for a row-major C only
+    /// The product of the first `R` rows of an 8-row A panel with the first `16 * V` columns
+    /// of a 32-column B panel whose steps lie `ldb` floats apart (32: packed) (`mr <= R`,
+    /// `nr <= 16 * V`), then, for a row-major C only
     /// (`csc == 1`), `epi`'s bias and ReLU / ReLU6 (NONE: the bias alone) before the store,
     /// computed as [`TileEpilogue::apply`] computes them (the same bits).
     ///
@@ -455,7 +461,7 @@ mod x86 {
     /// [`TileEpilogue::apply`] for the tile at `(row0, col0)`, and `csc == 1`.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn avx512_rows<const R: usize>(
+    unsafe fn avx512_rows<const R: usize, const V: usize>(
         kc: usize,
         mut a: *const f32,
         (mut b, ldb): (*const f32, usize),
@@ -468,7 +474,7 @@ mod x86 {
         nr: usize,
         epi: Option<(&TileEpilogue, usize, usize)>,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
         if csc == 1 {
             // Bring the C tile in while the product runs.
             for i in 0..mr {
@@ -480,12 +486,15 @@ mod x86 {
         for _ in 0..kc {
             // SAFETY: `a` and `b` advance through the caller's `kc` panel steps.
             unsafe {
-                let b0 = _mm512_loadu_ps(b);
-                let b1 = _mm512_loadu_ps(b.add(16));
+                let mut bv = [_mm512_setzero_ps(); V];
+                for (h, v) in bv.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(b.add(16 * h));
+                }
                 for (i, row) in acc.iter_mut().enumerate() {
                     let x = _mm512_set1_ps(*a.add(i));
-                    row[0] = _mm512_fmadd_ps(x, b0, row[0]);
-                    row[1] = _mm512_fmadd_ps(x, b1, row[1]);
+                    for (s, &v) in row.iter_mut().zip(&bv) {
+                        *s = _mm512_fmadd_ps(x, v, *s);
+                    }
                 }
                 a = a.add(8);
                 b = b.add(ldb);
@@ -550,14 +559,15 @@ mod x86 {
                     }
                 }
             }
-        } else if rsc == 1 && R == 8 && mr == 8 {
+        } else if rsc == 1 && R == 8 && V == 2 && mr == 8 {
             // Column-major C (a convolution's NCHW output computed pixels x channels): the
             // tile turned in registers, each column's 8 rows one store. The scalar stores took
             // a third of such a layer (MobileNetV2's channels-last projections to NCHW).
             let mut rows = [_mm512_setzero_ps(); 16];
             for (i, row) in acc.iter().enumerate() {
-                rows[i] = row[0];
-                rows[8 + i] = row[1];
+                for (h, &v) in row.iter().enumerate() {
+                    rows[8 * h + i] = v;
+                }
             }
             // Register j: rows 0..8 of column j (low half) and of column 16 + j (high half).
             let cols = transpose16(rows);

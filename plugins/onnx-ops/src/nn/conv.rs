@@ -570,9 +570,7 @@ impl Conv {
         };
         match &self.packed {
             Some(Packed::Left(pk)) if matches(pk) => Some((pk, true)),
-            Some(Packed::Right(pk)) if matches(pk) && swapped(p, mg) => {
-                Some((pk, false))
-            }
+            Some(Packed::Right(pk)) if matches(pk) && swapped(p, mg) => Some((pk, false)),
             _ => None,
         }
     }
