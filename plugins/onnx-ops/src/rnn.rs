@@ -171,6 +171,9 @@ struct Recurrent {
     /// A constant f32 W packed per direction at load as the right operand of the input
     /// projection `X W_d^T` (a CRNN's BiLSTM packed 2 x 2 MB of weights on every call).
     packed_w: Vec<Arc<PackedB>>,
+    /// A constant f32 R packed per direction at load, the right operand of each step's `H
+    /// R_d^T` over the batch.
+    packed_r: Vec<Arc<PackedB>>,
 }
 
 fn factory(cell: Cell, node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
@@ -259,14 +262,20 @@ fn factory(cell: Cell, node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginErr
         layout,
         linear_before_reset: node.int_or("linear_before_reset", 0)? != 0,
         input_forget: node.int_or("input_forget", 0)? != 0,
-        packed_w: pack_w(node, num_dir).unwrap_or_default(),
+        packed_w: pack_per_direction(node, 1, num_dir).unwrap_or_default(),
+        packed_r: pack_per_direction(node, 2, num_dir).unwrap_or_default(),
     }))
 }
 
-/// W (`[num_dir, gates * hidden, input]`) packed per direction, when it is a constant f32
-/// tensor of that rank and the backend packs.
-fn pack_w(node: &NodeInfo<'_>, num_dir: usize) -> Option<Vec<Arc<PackedB>>> {
-    let w = node.inputs.get(1)?.constant?;
+/// W (input 1, `[num_dir, gates * hidden, input]`) or R (input 2, `[num_dir, gates * hidden,
+/// hidden]`) packed per direction, when it is a constant f32 tensor of that rank and the
+/// backend packs.
+fn pack_per_direction(
+    node: &NodeInfo<'_>,
+    index: usize,
+    num_dir: usize,
+) -> Option<Vec<Arc<PackedB>>> {
+    let w = node.inputs.get(index)?.constant?;
     let (&[nd, gh, input], DType::F32) = (w.shape(), w.dtype) else {
         return None;
     };
@@ -313,6 +322,31 @@ trait Elem:
     fn activate(act: Act, v: &mut [Self]);
     /// `out[g] = sum_k m[g * cols + k] * v[k]` for `rows` rows (`cols = v.len()`).
     fn matvec(m: &[Self], v: &[Self], rows: usize, out: &mut [Self]);
+    /// `out[b] = m v_b` for `batch` vectors `vs` (one after another, `cols` values each) and
+    /// the `rows` rows of `m` (`rows x cols`): `out` is `batch x rows`. `packed`: `m` packed
+    /// at load as a right operand (f32 only).
+    #[allow(clippy::too_many_arguments)]
+    fn matvecs(
+        ctx: &KernelContext<'_>,
+        op: &str,
+        m: &[Self],
+        vs: &[Self],
+        batch: usize,
+        rows: usize,
+        out: &mut [Self],
+        packed: Option<&PackedB>,
+    ) -> Result<(), PluginError> {
+        let _ = (ctx, op, packed);
+        let cols = vs.len() / batch.max(1);
+        if cols == 0 || rows == 0 {
+            out.fill(Self::ZERO);
+            return Ok(());
+        }
+        for (v, o) in vs.chunks_exact(cols).zip(out.chunks_exact_mut(rows)) {
+            Self::matvec(m, v, rows, o);
+        }
+        Ok(())
+    }
     /// `out = x w^T`: `x` is `n x k`, `w` is `m x k`, `out` is `n x m` (all row-major);
     /// `packed`: `w` packed at load (f32 only).
     #[allow(clippy::too_many_arguments)]
@@ -387,6 +421,34 @@ impl Elem for f32 {
         }
         let k = w.len() / m.max(1);
         crate::nn::gemm_f32(ctx, op, false, true, n, m, k, 1.0, x, w, 0.0, out, packed)
+    }
+    fn matvecs(
+        ctx: &KernelContext<'_>,
+        op: &str,
+        m: &[f32],
+        vs: &[f32],
+        batch: usize,
+        rows: usize,
+        out: &mut [f32],
+        packed: Option<&PackedB>,
+    ) -> Result<(), PluginError> {
+        let cols = vs.len() / batch.max(1);
+        if batch < 2 || ctx.blas().is_none() || cols == 0 || rows == 0 {
+            // One vector (batch 1: the same matrix-vector loop as before batching), or no
+            // backend.
+            if cols == 0 || rows == 0 {
+                out.fill(0.0);
+                return Ok(());
+            }
+            for (v, o) in vs.chunks_exact(cols).zip(out.chunks_exact_mut(rows)) {
+                matvec32(m, v, rows, o);
+            }
+            return Ok(());
+        }
+        // `vs m^T`: the batch as the rows of one product.
+        crate::nn::gemm_f32(
+            ctx, op, false, true, batch, rows, cols, 1.0, vs, m, 0.0, out, packed,
+        )
     }
 }
 
@@ -500,123 +562,164 @@ impl Recurrent {
         }
     }
 
-    /// Runs one recurrence for `len` steps in the direction given by `reverse`. `wx(t)` is
-    /// step `t`'s input projection `W x_t` (`gates * hidden` values).
+    /// Runs the recurrences of one direction for every batch entry together: `lens[b]` steps
+    /// for entry `b`, in the direction given by `reverse`. `wx(t, b)` is entry `b`'s input
+    /// projection `W x_t` (`gates * hidden` values); `h` and `c` hold every entry's initial
+    /// state (`batch * hidden` each). Per step, `R h` of all entries is one product (one read
+    /// of R for the batch: each entry on its own read R from L2 once per step, which made a
+    /// CRNN's BiLSTMs at batch 8 twice ONNX Runtime's time), then each entry's gates.
     #[allow(clippy::too_many_arguments)]
     fn track<'w, T: Elem>(
         &self,
+        ctx: &KernelContext<'_>,
         prm: &Params<'_, T>,
-        wx: impl Fn(usize) -> &'w [T],
+        packed_r: Option<&PackedB>,
+        wx: impl Fn(usize, usize) -> &'w [T],
         seq: usize,
-        len: usize,
+        lens: &[usize],
         reverse: bool,
         hidden: usize,
-        h0: Vec<T>,
-        c0: Vec<T>,
-    ) -> Result<Track<T>, PluginError> {
+        (mut h, mut c): (Vec<T>, Vec<T>),
+    ) -> Result<Vec<Track<T>>, PluginError> {
+        let op = self.cell.name();
+        let batch = lens.len();
         let g = self.cell.gates();
         let gh = g * hidden;
+        // The rows of R each step multiplies by h: all, but GRU's candidate rows when they
+        // multiply `r * h` (computed per entry below).
+        let rows = if self.cell == Cell::Gru && !self.linear_before_reset {
+            2 * hidden
+        } else {
+            gh
+        };
         // `seq * hidden` is not bounded by X's size (X may have no input features).
-        let mut y = try_vec(checked_numel(&[seq, hidden])?, T::ZERO)?;
-        let (mut h, mut c) = (h0, c0);
+        let mut ys = try_with_capacity(batch)?;
+        for _ in 0..batch {
+            ys.push(try_vec(checked_numel(&[seq, hidden])?, T::ZERO)?);
+        }
         // The gates' pre-activations, then (in place) their values.
         let mut pre = try_vec(gh, T::ZERO)?;
-        let mut rh = try_vec(gh, T::ZERO)?;
+        let mut rh = try_vec(checked_numel(&[batch, rows])?, T::ZERO)?;
         let mut tmp = try_vec(hidden, T::ZERO)?;
         let (wb, rb) = prm.b.split_at(gh);
-        for step in 0..len {
-            let t = if reverse { len - 1 - step } else { step };
-            let wx = wx(t);
-            match self.cell {
-                Cell::Rnn => {
-                    T::matvec(prm.r, &h, gh, &mut rh);
-                    for j in 0..hidden {
-                        h[j] = wx[j] + rh[j] + wb[j] + rb[j];
-                    }
-                    self.clip(&mut h);
-                    T::activate(prm.acts[0], &mut h);
+        let steps = lens.iter().copied().max().unwrap_or(0);
+        for step in 0..steps {
+            T::matvecs(
+                ctx,
+                op,
+                &prm.r[..rows * hidden],
+                &h,
+                batch,
+                rows,
+                &mut rh,
+                packed_r.filter(|_| rows == gh),
+            )?;
+            for (b, &len) in lens.iter().enumerate() {
+                if step >= len {
+                    continue;
                 }
-                Cell::Gru => {
-                    let (f, gact) = (prm.acts[0], prm.acts[1]);
-                    // z and r from the first 2 * hidden rows of R h.
-                    let h2 = 2 * hidden;
-                    T::matvec(prm.r, &h, h2, &mut rh);
-                    for k in 0..h2 {
-                        pre[k] = wx[k] + rh[k] + wb[k] + rb[k];
-                    }
-                    self.clip(&mut pre[..h2]);
-                    T::activate(f, &mut pre[..h2]);
-                    let (zr, hh) = pre.split_at_mut(h2);
-                    let (z, r) = zr.split_at(hidden);
-                    let rh_rows = &prm.r[h2 * hidden..];
-                    let (wx, wb, rb) = (&wx[h2..], &wb[h2..], &rb[h2..]);
-                    if self.linear_before_reset {
-                        T::matvec(rh_rows, &h, hidden, &mut tmp);
+                let t = if reverse { len - 1 - step } else { step };
+                let wx = wx(t, b);
+                let rh = &rh[b * rows..(b + 1) * rows];
+                let h = &mut h[b * hidden..(b + 1) * hidden];
+                let c = &mut c[b * hidden..(b + 1) * hidden];
+                match self.cell {
+                    Cell::Rnn => {
                         for j in 0..hidden {
-                            hh[j] = wx[j] + r[j] * (tmp[j] + rb[j]) + wb[j];
+                            h[j] = wx[j] + rh[j] + wb[j] + rb[j];
                         }
-                    } else {
-                        let rhp: Vec<T> = r.iter().zip(&h).map(|(&a, &b)| a * b).collect();
-                        T::matvec(rh_rows, &rhp, hidden, &mut tmp);
+                        self.clip(h);
+                        T::activate(prm.acts[0], h);
+                    }
+                    Cell::Gru => {
+                        let (f, gact) = (prm.acts[0], prm.acts[1]);
+                        // z and r from the first 2 * hidden rows of R h.
+                        let h2 = 2 * hidden;
+                        for k in 0..h2 {
+                            pre[k] = wx[k] + rh[k] + wb[k] + rb[k];
+                        }
+                        self.clip(&mut pre[..h2]);
+                        T::activate(f, &mut pre[..h2]);
+                        let (zr, hh) = pre.split_at_mut(h2);
+                        let (z, r) = zr.split_at(hidden);
+                        let (wx, wb, rb) = (&wx[h2..], &wb[h2..], &rb[h2..]);
+                        if self.linear_before_reset {
+                            let rhh = &rh[h2..];
+                            for j in 0..hidden {
+                                hh[j] = wx[j] + r[j] * (rhh[j] + rb[j]) + wb[j];
+                            }
+                        } else {
+                            let rh_rows = &prm.r[h2 * hidden..];
+                            let rhp: Vec<T> =
+                                r.iter().zip(h.iter()).map(|(&a, &b)| a * b).collect();
+                            T::matvec(rh_rows, &rhp, hidden, &mut tmp);
+                            for j in 0..hidden {
+                                hh[j] = wx[j] + tmp[j] + rb[j] + wb[j];
+                            }
+                        }
+                        self.clip(hh);
+                        T::activate(gact, hh);
                         for j in 0..hidden {
-                            hh[j] = wx[j] + tmp[j] + rb[j] + wb[j];
+                            h[j] = (T::ONE - z[j]) * hh[j] + z[j] * h[j];
                         }
                     }
-                    self.clip(hh);
-                    T::activate(gact, hh);
-                    for j in 0..hidden {
-                        h[j] = (T::ONE - z[j]) * hh[j] + z[j] * h[j];
+                    Cell::Lstm => {
+                        let (f, gact, hact) = (prm.acts[0], prm.acts[1], prm.acts[2]);
+                        for k in 0..gh {
+                            pre[k] = wx[k] + rh[k] + wb[k] + rb[k];
+                        }
+                        // Gates i, o, f, c; peepholes i and f read the old cell state.
+                        let (pi, po, pf) = (
+                            &prm.p[..hidden],
+                            &prm.p[hidden..2 * hidden],
+                            &prm.p[2 * hidden..],
+                        );
+                        let (i, rest) = pre.split_at_mut(hidden);
+                        let (o, rest) = rest.split_at_mut(hidden);
+                        let (fg, cc) = rest.split_at_mut(hidden);
+                        for j in 0..hidden {
+                            i[j] = i[j] + pi[j] * c[j];
+                        }
+                        self.clip(i);
+                        T::activate(f, i);
+                        if self.input_forget {
+                            for j in 0..hidden {
+                                fg[j] = T::ONE - i[j];
+                            }
+                        } else {
+                            for j in 0..hidden {
+                                fg[j] = fg[j] + pf[j] * c[j];
+                            }
+                            self.clip(fg);
+                            T::activate(f, fg);
+                        }
+                        self.clip(cc);
+                        T::activate(gact, cc);
+                        for j in 0..hidden {
+                            c[j] = fg[j] * c[j] + i[j] * cc[j];
+                            o[j] = o[j] + po[j] * c[j];
+                        }
+                        self.clip(o);
+                        T::activate(f, o);
+                        tmp.copy_from_slice(c);
+                        T::activate(hact, &mut tmp);
+                        for j in 0..hidden {
+                            h[j] = o[j] * tmp[j];
+                        }
                     }
                 }
-                Cell::Lstm => {
-                    let (f, gact, hact) = (prm.acts[0], prm.acts[1], prm.acts[2]);
-                    T::matvec(prm.r, &h, gh, &mut rh);
-                    for k in 0..gh {
-                        pre[k] = wx[k] + rh[k] + wb[k] + rb[k];
-                    }
-                    // Gates i, o, f, c; peepholes i and f read the old cell state.
-                    let (pi, po, pf) = (
-                        &prm.p[..hidden],
-                        &prm.p[hidden..2 * hidden],
-                        &prm.p[2 * hidden..],
-                    );
-                    let (i, rest) = pre.split_at_mut(hidden);
-                    let (o, rest) = rest.split_at_mut(hidden);
-                    let (fg, cc) = rest.split_at_mut(hidden);
-                    for j in 0..hidden {
-                        i[j] = i[j] + pi[j] * c[j];
-                    }
-                    self.clip(i);
-                    T::activate(f, i);
-                    if self.input_forget {
-                        for j in 0..hidden {
-                            fg[j] = T::ONE - i[j];
-                        }
-                    } else {
-                        for j in 0..hidden {
-                            fg[j] = fg[j] + pf[j] * c[j];
-                        }
-                        self.clip(fg);
-                        T::activate(f, fg);
-                    }
-                    self.clip(cc);
-                    T::activate(gact, cc);
-                    for j in 0..hidden {
-                        c[j] = fg[j] * c[j] + i[j] * cc[j];
-                        o[j] = o[j] + po[j] * c[j];
-                    }
-                    self.clip(o);
-                    T::activate(f, o);
-                    tmp.copy_from_slice(&c);
-                    T::activate(hact, &mut tmp);
-                    for j in 0..hidden {
-                        h[j] = o[j] * tmp[j];
-                    }
-                }
+                ys[b][t * hidden..(t + 1) * hidden].copy_from_slice(h);
             }
-            y[t * hidden..(t + 1) * hidden].copy_from_slice(&h);
         }
-        Ok(Track { y, h, c })
+        Ok(ys
+            .into_iter()
+            .enumerate()
+            .map(|(b, y)| Track {
+                y,
+                h: h[b * hidden..(b + 1) * hidden].to_vec(),
+                c: c[b * hidden..(b + 1) * hidden].to_vec(),
+            })
+            .collect())
     }
 
     fn run<T: Elem>(
@@ -798,13 +901,16 @@ impl Recurrent {
             }
         };
         let per_dir = self.cell.default_acts().len();
-        let tasks = checked_numel(&[num_dir, batch])?;
-        let mut slots = try_with_capacity(tasks)?;
-        slots.resize_with(tasks, || None);
-        let results: Mutex<Vec<Option<Track<T>>>> = Mutex::new(slots);
-        ctx.parallel_for(tasks, 1, |range| {
-            for task in range {
-                let (d, b) = (task / batch, task % batch);
+        // One task per direction, each running its batch together (see `track`).
+        let mut slots = try_with_capacity(num_dir)?;
+        slots.resize_with(num_dir, || None);
+        let results: Mutex<Vec<Option<Vec<Track<T>>>>> = Mutex::new(slots);
+        let all_lens = match &lens {
+            Some(l) => l.clone(),
+            None => try_vec(batch, seq)?,
+        };
+        ctx.parallel_for(num_dir, 1, |range| {
+            for d in range {
                 let prm = Params {
                     r: &rv[d * gh * hidden..(d + 1) * gh * hidden],
                     b: &bv[d * 2 * gh..(d + 1) * 2 * gh],
@@ -813,31 +919,39 @@ impl Recurrent {
                 };
                 let reverse = self.direction == Direction::Reverse || d == 1;
                 let pd = &proj[d * rows * gh..(d + 1) * rows * gh];
-                let wx = |t: usize| &pd[row_of(t, b) * gh..(row_of(t, b) + 1) * gh];
-                let s = st(d, b);
-                let state0 = |v: Option<&[T]>| match v {
-                    Some(v) => Ok(v[s..s + hidden].to_vec()),
-                    None => try_vec(hidden, T::ZERO),
+                let wx = |t: usize, b: usize| &pd[row_of(t, b) * gh..(row_of(t, b) + 1) * gh];
+                let state0 = |v: Option<&[T]>| -> Result<Vec<T>, PluginError> {
+                    let mut out = try_vec(checked_numel(&[batch, hidden])?, T::ZERO)?;
+                    if let Some(v) = v {
+                        for (b, o) in out.chunks_exact_mut(hidden.max(1)).enumerate() {
+                            let s = st(d, b);
+                            o.copy_from_slice(&v[s..s + hidden]);
+                        }
+                    }
+                    Ok(out)
                 };
-                let (h0, c0) = (state0(h0)?, state0(c0)?);
-                let len = lens.as_ref().map_or(seq, |l| l[b]);
-                let tr = self.track(&prm, wx, seq, len, reverse, hidden, h0, c0)?;
+                let state = (state0(h0)?, state0(c0)?);
+                let packed_r = self.packed_r.get(d).map(|p| &**p);
+                let tr = self.track(
+                    ctx, &prm, packed_r, wx, seq, &all_lens, reverse, hidden, state,
+                )?;
                 results
                     .lock()
                     .map_err(|_| PluginError::internal(format!("{op}: result slots poisoned")))?
-                    [task] = Some(tr);
+                    [d] = Some(tr);
             }
             Ok(())
         })?;
         let results = results
             .into_inner()
             .map_err(|_| PluginError::internal(format!("{op}: result slots poisoned")))?;
-        let tracks: Vec<Track<T>> = results
-            .into_iter()
-            .map(|t| {
-                t.ok_or_else(|| PluginError::internal(format!("{op}: a recurrence did not run")))
-            })
-            .collect::<Result<_, _>>()?;
+        // In (direction, batch) order.
+        let mut tracks: Vec<Track<T>> = try_with_capacity(checked_numel(&[num_dir, batch])?)?;
+        for r in results {
+            tracks.extend(
+                r.ok_or_else(|| PluginError::internal(format!("{op}: a recurrence did not run")))?,
+            );
+        }
         if let Some(y) = &mut y_out {
             for (task, tr) in tracks.iter().enumerate() {
                 let (d, b) = (task / batch, task % batch);
@@ -925,6 +1039,7 @@ pub fn register(r: &mut Registrar) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::testblas::NaiveBlas;
     use opreg_sdk::{
         host::HostTensor,
         testkit::{run_kernel_opt, NodeSpec},
@@ -942,6 +1057,107 @@ mod tests {
     }
 
     /// One-unit RNN with Relu, identity weights: H accumulates the inputs.
+    #[test]
+    fn a_batch_stepped_together_equals_each_entry_alone() {
+        // Bidirectional, three entries of lengths 5, 2 and 0, initial states, biases and
+        // peepholes: with a backend, each step multiplies R by the whole batch (a gemm);
+        // without one, entry by entry (matrix-vector products). Both equal the per-entry
+        // runs of a batch of one.
+        let (seq, batch, input, hidden) = (5usize, 3usize, 4usize, 6usize);
+        let vals = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| (((i * 37 + seed * 11) % 23) as f32 - 11.0) / 17.0)
+                .collect()
+        };
+        let lens = HostTensor::from_vec(&[batch], &[5i32, 2, 0]).expect("lens");
+        for (op, g) in [("LSTM", 4), ("GRU", 3), ("RNN", 1)] {
+            let gh = g * hidden;
+            let x = t(&[seq, batch, input], &vals(seq * batch * input, 1));
+            let w = t(&[2, gh, input], &vals(2 * gh * input, 2));
+            let r = t(&[2, gh, hidden], &vals(2 * gh * hidden, 3));
+            let b = t(&[2, 2 * gh], &vals(4 * gh, 4));
+            let h0 = t(&[2, batch, hidden], &vals(2 * batch * hidden, 5));
+            let c0 = t(&[2, batch, hidden], &vals(2 * batch * hidden, 6));
+            let p = t(&[2, 3 * hidden], &vals(6 * hidden, 7));
+            let factory = match op {
+                "LSTM" => lstm_factory,
+                "GRU" => gru_factory,
+                _ => rnn_factory,
+            };
+            for linear_before_reset in [false, true] {
+                if op != "GRU" && linear_before_reset {
+                    continue;
+                }
+                let outs = if op == "LSTM" { 3 } else { 2 };
+                let node = NodeSpec::onnx(op, 14)
+                    .outputs(outs)
+                    .attr("hidden_size", AttrValue::Int(hidden as i64))
+                    .attr("direction", AttrValue::String("bidirectional".into()))
+                    .attr(
+                        "linear_before_reset",
+                        AttrValue::Int(linear_before_reset as i64),
+                    );
+                let mut ins = vec![
+                    Some(&x),
+                    Some(&w),
+                    Some(&r),
+                    Some(&b),
+                    Some(&lens),
+                    Some(&h0),
+                ];
+                if op == "LSTM" {
+                    ins.extend([Some(&c0), Some(&p)]);
+                }
+                let with_blas = run_kernel_opt(factory, &node, &ins, Some(Box::new(NaiveBlas)))
+                    .expect("with a backend");
+                let without = run_kernel_opt(factory, &node, &ins, None).expect("without");
+                for (o, (a, e)) in with_blas.iter().zip(&without).enumerate() {
+                    let (a, e) = (a.to_vec::<f32>().unwrap(), e.to_vec::<f32>().unwrap());
+                    crate::util::testing::assert_close(&a, &e, 1e-5);
+                    assert!(a.iter().any(|&v| v != 0.0), "{op} output {o} is all zeros");
+                }
+                // Entry 1 alone (a batch of one, length 2) gives the batch's entry 1.
+                let one = |tensor: &HostTensor, dims: &[usize], axis: usize| -> HostTensor {
+                    let v = tensor.to_vec::<f32>().unwrap();
+                    let shape = tensor.shape();
+                    let inner: usize = shape[axis + 1..].iter().product();
+                    let outer: usize = shape[..axis].iter().product();
+                    let mut out = Vec::new();
+                    for o in 0..outer {
+                        let at = (o * shape[axis] + 1) * inner;
+                        out.extend_from_slice(&v[at..at + inner]);
+                    }
+                    t(dims, &out)
+                };
+                let x1 = one(&x, &[seq, 1, input], 1);
+                let (h1, c1) = (one(&h0, &[2, 1, hidden], 1), one(&c0, &[2, 1, hidden], 1));
+                let len1 = HostTensor::from_vec(&[1], &[2i32]).expect("len");
+                let mut ins1 = vec![
+                    Some(&x1),
+                    Some(&w),
+                    Some(&r),
+                    Some(&b),
+                    Some(&len1),
+                    Some(&h1),
+                ];
+                if op == "LSTM" {
+                    ins1.extend([Some(&c1), Some(&p)]);
+                }
+                let alone = run_kernel_opt(factory, &node, &ins1, Some(Box::new(NaiveBlas)))
+                    .expect("alone");
+                let y_all = with_blas[0].to_vec::<f32>().unwrap();
+                let y_one = alone[0].to_vec::<f32>().unwrap();
+                // Y is [seq, 2, batch, hidden]: entry 1 of every (step, direction).
+                let picked: Vec<f32> = (0..seq * 2)
+                    .flat_map(|sd| {
+                        y_all[(sd * batch + 1) * hidden..(sd * batch + 2) * hidden].to_vec()
+                    })
+                    .collect();
+                crate::util::testing::assert_close(&picked, &y_one, 1e-5);
+            }
+        }
+    }
+
     #[test]
     fn rnn_relu_sequence_lens_and_reverse() {
         let x = t(&[3, 2, 1], &[1.0, 1.0, 2.0, 2.0, 3.0, 3.0]);
