@@ -13,6 +13,12 @@ pub(crate) fn has_avx512() -> bool {
         && std::arch::is_x86_feature_detected!("avx512vl")
 }
 
+/// No AVX-512 off x86-64 (so that callers need no `cfg` of their own).
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) fn has_avx512() -> bool {
+    false
+}
+
 /// `fn name(args) { body }` whose body (safe code) is compiled three times: for AVX-512, for
 /// AVX2 with FMA and for the baseline (where `mul_add` is a library call); each call runs the best copy this CPU has (the features are
 /// detected once and cached by std). The function may be generic over one type

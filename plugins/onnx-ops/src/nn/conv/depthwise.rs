@@ -69,7 +69,10 @@ pub(super) fn run(
     let planes_only = PLANES_ONLY.with(|f| f.get());
     #[cfg(not(test))]
     let planes_only = false;
-    if !planes_only && avx512() && run_lanes(ctx, xs, g, x, w, bias, act, y, layouts)? {
+    if !planes_only
+        && crate::simd::has_avx512()
+        && run_lanes(ctx, xs, g, x, w, bias, act, y, layouts)?
+    {
         return Ok(());
     }
     if !layouts.nchw() {
@@ -108,7 +111,7 @@ pub(super) fn run(
     let planes = (65536 / plane_out.saturating_mul(taps).max(1)).clamp(1, c.max(1));
     // Rows of 16 outputs or more in runs of 16 (AVX-512); narrower ones (MobileNetV2's
     // 14- and 7-wide layers) in runs of 8, which waste fewer lanes past the row's end.
-    let lanes = if ow >= WIDE_LANES && avx512() {
+    let lanes = if ow >= WIDE_LANES && crate::simd::has_avx512() {
         WIDE_LANES
     } else {
         LANES
@@ -548,16 +551,6 @@ const LANES: usize = 8;
 const WIDE_LANES: usize = 16;
 
 /// Whether this CPU has AVX-512 (F, BW, VL).
-fn avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        crate::simd::has_avx512()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
 /// Runs of [`LANES`] outputs computed together.
 const RUNS: usize = 8;
 
@@ -782,7 +775,7 @@ fn channel(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if pad.lanes == WIDE_LANES && avx512() {
+    if pad.lanes == WIDE_LANES && crate::simd::has_avx512() {
         // SAFETY: the CPU has AVX-512 F; the lengths were checked above.
         return unsafe { x86::channel512(copy, pad, offsets, weights, b, act, out) };
     }

@@ -86,18 +86,7 @@ pub(super) fn applies(xs: &[usize], g: &Geometry, group: usize) -> bool {
         && g.kernel.iter().all(|&k| k > 0)
         // Saturating: with no output channels, W is empty and its extents unbounded.
         && g.kernel[0].saturating_mul(g.kernel[1]) > 1
-        && avx512()
-}
-
-fn avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        crate::simd::has_avx512()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+        && crate::simd::has_avx512()
 }
 
 /// `W` (`m x c x kh x kw`) regrouped per block of `ocb` ([`block_width`]) output channels,

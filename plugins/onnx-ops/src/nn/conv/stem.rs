@@ -12,12 +12,14 @@
 //! whole registers.
 //!
 //! x is read through a zero-padded copy split into `stride` column phases (phase `f` of a row
-//! holds the padded columns `f, f + s, f + 2s, ...`), so that the sixteen outputs of a register
+//! holds the padded columns `f, f + s, f + 2s, ...`: the per-plane depthwise loop's copy,
+//! [`super::depthwise::Padded`]), so that the sixteen outputs of a register
 //! read sixteen consecutive floats for every tap, whatever the stride and dilation: tap `kx`
 //! reads phase `(kx * d) % s` from column `ox + (kx * d) / s`. With few channels the copy is
 //! about the image's size. With many channels the channels-in-lanes tiles of [`super::direct`]
 //! reuse each loaded value more and stay the better choice ([`MAX_C`]).
 
+use super::depthwise::Padded;
 use super::Activation;
 use crate::nn::{Disjoint, Geometry};
 use opreg_sdk::{
@@ -52,18 +54,7 @@ pub(super) fn applies(xs: &[usize], g: &Geometry, group: usize) -> bool {
         && g.kernel.iter().all(|&k| k > 0)
         && g.kernel[0].saturating_mul(g.kernel[1]) > 1
         && g.out[1] >= MIN_WIDTH
-        && avx512()
-}
-
-fn avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        crate::simd::has_avx512()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+        && crate::simd::has_avx512()
 }
 
 /// `W` (`m x c x kh x kw`) in blocks of [`R`] output channels, each tap's `R` weights
@@ -88,93 +79,6 @@ pub(super) fn pack(
         }
     }
     Ok(wt)
-}
-
-/// The phase-split, zero-padded copy of one image that the tiles read.
-struct Phases {
-    /// Column phases (the horizontal stride).
-    s: usize,
-    /// Padded rows the outputs read.
-    rows: usize,
-    /// Floats per phase row: every register of every output row, the last tap included.
-    pw: usize,
-    ih: usize,
-    iw: usize,
-    pt: usize,
-    pl: usize,
-    len: usize,
-}
-
-impl Phases {
-    /// `None` where the copy would overflow or be much larger than the image (huge pads or
-    /// dilations): [`super::direct`] and the general path take those.
-    fn new(g: &Geometry, (c, ih, iw): (usize, usize, usize)) -> Option<Phases> {
-        let (oh, ow) = (g.out[0], g.out[1]);
-        let s = g.strides[1].max(1);
-        let rows = (oh.checked_sub(1)?)
-            .checked_mul(g.strides[0].max(1))?
-            .checked_add(
-                g.kernel[0]
-                    .checked_sub(1)?
-                    .checked_mul(g.dilations[0].max(1))?,
-            )?
-            .checked_add(1)?;
-        let reach = g.kernel[1]
-            .checked_sub(1)?
-            .checked_mul(g.dilations[1].max(1))?
-            / s;
-        let pw = ow.div_ceil(LANES).checked_mul(LANES)?.checked_add(reach)?;
-        let len = c.checked_mul(s)?.checked_mul(rows)?.checked_mul(pw)?;
-        let image = c.checked_mul(ih)?.checked_mul(iw)?;
-        (len <= 2 * image + (1 << 16)).then_some(Phases {
-            s,
-            rows,
-            pw,
-            ih,
-            iw,
-            pt: g.pad_begin[0],
-            pl: g.pad_begin[1],
-            len,
-        })
-    }
-
-    /// Phase rows `first..` of the copy (`out.len() / pw` of them) from the image `x` (NCHW).
-    fn fill(&self, x: &[f32], first: usize, out: &mut [f32]) {
-        for (r, row) in out.chunks_exact_mut(self.pw).enumerate() {
-            let r = first + r;
-            let (icf, fy) = (r / self.rows, r % self.rows);
-            let (ic, f) = (icf / self.s, icf % self.s);
-            let y = fy.wrapping_sub(self.pt);
-            if y >= self.ih {
-                row.fill(0.0);
-                continue;
-            }
-            let line = &x[(ic * self.ih + y) * self.iw..][..self.iw];
-            // Phase column j holds x's column `j * s + f - pl`: inside x for j in lo..hi.
-            let lo = self.pl.saturating_sub(f).div_ceil(self.s).min(row.len());
-            let hi = (self.iw + self.pl)
-                .saturating_sub(f)
-                .div_ceil(self.s)
-                .clamp(lo, row.len());
-            row[..lo].fill(0.0);
-            row[hi..].fill(0.0);
-            if lo == hi {
-                continue;
-            }
-            // (lo * s + f >= pl whenever lo < hi.)
-            let first = lo * self.s + f - self.pl;
-            if self.s == 1 {
-                row[lo..hi].copy_from_slice(&line[first..first + (hi - lo)]);
-            } else {
-                for (v, &x) in row[lo..hi]
-                    .iter_mut()
-                    .zip(line[first..].iter().step_by(self.s))
-                {
-                    *v = x;
-                }
-            }
-        }
-    }
 }
 
 /// The convolution into `y` (`n x m x oh x ow`, NCHW), then `act((y + bias) + z)` per element
@@ -202,10 +106,18 @@ pub(super) fn run(
     if y.is_empty() || plane == 0 || m == 0 {
         return Ok(true);
     }
-    let Some(ph) = Phases::new(g, (c, ih, iw)) else {
+    // Each channel's plane padded and split into column phases as the depthwise loop copies
+    // it (its `Padded`), one plane after another.
+    let Ok(pad) = Padded::new(g, (oh, ow), LANES) else {
         return Ok(false);
     };
     let image = checked_numel(&[c, ih, iw])?;
+    let Some(copy_len) = c
+        .checked_mul(pad.len)
+        .filter(|&l| l <= 2 * image + (1 << 16))
+    else {
+        return Ok(false);
+    };
     let depth = checked_numel(&[c, kh, kw])?;
     let blocks = m.div_ceil(R);
     if x.len() < checked_numel(&[n, image])?
@@ -236,12 +148,13 @@ pub(super) fn run(
     for ic in 0..c {
         for ky in 0..kh {
             for kx in 0..kw {
-                let (f, j) = ((kx * dw) % ph.s, (kx * dw) / ph.s);
-                taps[(ic * kh + ky) * kw + kx] = ((ic * ph.s + f) * ph.rows + ky * dh) * ph.pw + j;
+                let (f, j) = ((kx * dw) % pad.sw, (kx * dw) / pad.sw);
+                taps[(ic * kh + ky) * kw + kx] =
+                    ic * pad.len + ((ky * dh) * pad.sw + f) * pad.phase_len + j;
             }
         }
     }
-    let row_step = sh * ph.pw;
+    let row_step = sh * pad.sw * pad.phase_len;
     let tiles = |b: usize| Tiles {
         taps: &taps,
         wt,
@@ -258,17 +171,19 @@ pub(super) fn run(
     // of its phase row (`pw` covers the row's registers and the widest tap), checked once
     // for the unchecked loads.
     let last_read = (oh - 1) * row_step + taps.iter().max().copied().unwrap_or(0);
-    if last_read + ow.div_ceil(LANES) * LANES > ph.len || wt.len() < blocks * depth * R {
+    if last_read + ow.div_ceil(LANES) * LANES > copy_len || wt.len() < blocks * depth * R {
         return Err(PluginError::internal(
             "Conv: the phase copy or the weights are shorter than the tiles read",
         ));
     }
-    let copy = ctx.scratch_reused::<f32>(ph.len)?;
+    let copy = ctx.scratch_reused::<f32>(copy_len)?;
     let rows_per_task = oh.div_ceil(4 * ctx.num_threads().max(1)).max(1);
     for b in 0..n {
         let xb = &x[b * image..(b + 1) * image];
-        ctx.parallel_chunks(copy, ph.pw * 8, |start, chunk| {
-            ph.fill(xb, start / ph.pw, chunk);
+        let in_plane = ih * iw;
+        ctx.parallel_chunks(copy, pad.len, |start, chunk| {
+            let ic = start / pad.len;
+            pad.fill(&xb[ic * in_plane..(ic + 1) * in_plane], (ih, iw), chunk);
         })?;
         let yd = Disjoint::new(&mut y[b * m * plane..(b + 1) * m * plane]);
         let copy = &*copy;
