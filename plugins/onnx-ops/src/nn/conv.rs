@@ -1829,6 +1829,12 @@ mod tests {
                 HostTensor::from_vec(&[1, 1, 2, 2], &[1.0f32; 4]).expect("x"),
                 HostTensor::from_vec(&[1, 1, 1, 1], &[1.0f32]).expect("w"),
             ),
+            // A 2x2 window over one channel with rows of 2^24 outputs: a first layer
+            // (`stem`), whose padded copy would dwarf x, leaves it to the general path.
+            run(
+                HostTensor::from_vec(&[1, 1, 2, 2], &[1.0f32; 4]).expect("x"),
+                HostTensor::from_vec(&[1, 1, 2, 2], &[1.0f32; 4]).expect("w"),
+            ),
         ];
         for e in errs {
             assert_eq!(e.code, ErrorCode::ResourceExhausted, "{}", e.message);
