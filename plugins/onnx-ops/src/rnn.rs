@@ -1,8 +1,9 @@
 //! Recurrent operators: RNN, GRU and LSTM (forward, reverse, bidirectional; `layout` 0 and 1;
-//! per-batch `sequence_lens`; optional initial states and outputs). Each (direction, batch)
-//! pair is an independent recurrence, so they run in parallel. Each type computes in itself, as
-//! the ONNX reference and ONNX Runtime do: the input projection `W x` of every step at once (one
-//! gemm in the BLAS backend for f32), then per step `R h` and the gates as vector passes over
+//! per-batch `sequence_lens`; optional initial states and outputs). The directions are
+//! independent recurrences, so they run in parallel; within one, the batch steps together.
+//! Each type computes in itself, as the ONNX reference and ONNX Runtime do: the input
+//! projection `W x` of every step at once (one gemm in the BLAS backend for f32), then per step
+//! `R h` of every batch entry (one gemm for f32 batches) and the gates as vector passes over
 //! the hidden units, the activations chosen once per pass so that each loop vectorizes.
 
 use opreg_sdk::{
@@ -337,14 +338,7 @@ trait Elem:
         packed: Option<&PackedB>,
     ) -> Result<(), PluginError> {
         let _ = (ctx, op, packed);
-        let cols = vs.len() / batch.max(1);
-        if cols == 0 || rows == 0 {
-            out.fill(Self::ZERO);
-            return Ok(());
-        }
-        for (v, o) in vs.chunks_exact(cols).zip(out.chunks_exact_mut(rows)) {
-            Self::matvec(m, v, rows, o);
-        }
+        matvec_each(m, vs, batch, rows, out);
         Ok(())
     }
     /// `out = x w^T`: `x` is `n x k`, `w` is `m x k`, `out` is `n x m` (all row-major);
@@ -363,6 +357,18 @@ trait Elem:
         let _ = (ctx, op, packed);
         project_rows(x, w, n, m, out);
         Ok(())
+    }
+}
+
+/// [`Elem::matvecs`] as one matrix-vector product per vector (no columns: `out` is zeros).
+fn matvec_each<T: Elem>(m: &[T], vs: &[T], batch: usize, rows: usize, out: &mut [T]) {
+    let cols = vs.len() / batch.max(1);
+    if cols == 0 || rows == 0 {
+        out.fill(T::ZERO);
+        return;
+    }
+    for (v, o) in vs.chunks_exact(cols).zip(out.chunks_exact_mut(rows)) {
+        T::matvec(m, v, rows, o);
     }
 }
 
@@ -434,15 +440,8 @@ impl Elem for f32 {
     ) -> Result<(), PluginError> {
         let cols = vs.len() / batch.max(1);
         if batch < 2 || ctx.blas().is_none() || cols == 0 || rows == 0 {
-            // One vector (batch 1: the same matrix-vector loop as before batching), or no
-            // backend.
-            if cols == 0 || rows == 0 {
-                out.fill(0.0);
-                return Ok(());
-            }
-            for (v, o) in vs.chunks_exact(cols).zip(out.chunks_exact_mut(rows)) {
-                matvec32(m, v, rows, o);
-            }
+            // One vector (batch 1 keeps its matrix-vector loop), or no backend.
+            matvec_each(m, vs, batch, rows, out);
             return Ok(());
         }
         // `vs m^T`: the batch as the rows of one product.
@@ -905,8 +904,8 @@ impl Recurrent {
         let mut slots = try_with_capacity(num_dir)?;
         slots.resize_with(num_dir, || None);
         let results: Mutex<Vec<Option<Vec<Track<T>>>>> = Mutex::new(slots);
-        let all_lens = match &lens {
-            Some(l) => l.clone(),
+        let all_lens = match lens {
+            Some(l) => l,
             None => try_vec(batch, seq)?,
         };
         ctx.parallel_for(num_dir, 1, |range| {

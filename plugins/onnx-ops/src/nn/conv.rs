@@ -232,9 +232,9 @@ fn conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
     }))
 }
 
-/// The constant f32 weights regrouped for [`stem`] or [`direct`] where the input's shape is known at
-/// load and [`direct`] takes the layer; `None` otherwise (then the gemm's packing is built,
-/// and a layer [`direct`] takes after all regroups its weights per call).
+/// The constant f32 weights regrouped for [`stem`] or [`direct`] where the input's shape is
+/// known at load and one of them takes the layer; `None` otherwise (then the gemm's packing is
+/// built, and a layer either takes after all regroups its weights per call).
 fn direct_weights(
     node: &NodeInfo<'_>,
     window: &WindowAttrs,

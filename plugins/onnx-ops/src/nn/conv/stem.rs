@@ -138,23 +138,19 @@ pub(super) fn run(
             &built[..]
         }
     };
-    // Per tap, where it reads in the copy relative to an output row's first read.
-    let (sh, dh, dw) = (
-        g.strides[0].max(1),
-        g.dilations[0].max(1),
-        g.dilations[1].max(1),
-    );
+    // Per tap, where it reads in the copy relative to an output row's first read (padded row
+    // `oy * sh + ky * dh`, phase `(kx * dw) % sw`, column `ox + (kx * dw) / sw`).
     let mut taps = try_vec(depth, 0usize)?;
     for ic in 0..c {
         for ky in 0..kh {
             for kx in 0..kw {
-                let (f, j) = ((kx * dw) % pad.sw, (kx * dw) / pad.sw);
+                let (f, j) = ((kx * pad.dw) % pad.sw, (kx * pad.dw) / pad.sw);
                 taps[(ic * kh + ky) * kw + kx] =
-                    ic * pad.len + ((ky * dh) * pad.sw + f) * pad.phase_len + j;
+                    ic * pad.len + ((ky * pad.dh) * pad.sw + f) * pad.phase_len + j;
             }
         }
     }
-    let row_step = sh * pad.sw * pad.phase_len;
+    let row_step = pad.sh * pad.sw * pad.phase_len;
     let tiles = |b: usize| Tiles {
         taps: &taps,
         wt,
@@ -168,8 +164,8 @@ pub(super) fn run(
         act,
     };
     // Every read of every tile lies in the copy: the last row's last tap reads up to the end
-    // of its phase row (`pw` covers the row's registers and the widest tap), checked once
-    // for the unchecked loads.
+    // of its phase row (`phase_len` covers the row's registers and the widest tap), checked
+    // once for the unchecked loads.
     let last_read = (oh - 1) * row_step + taps.iter().max().copied().unwrap_or(0);
     if last_read + ow.div_ceil(LANES) * LANES > copy_len || wt.len() < blocks * depth * R {
         return Err(PluginError::internal(
@@ -188,6 +184,9 @@ pub(super) fn run(
         let yd = Disjoint::new(&mut y[b * m * plane..(b + 1) * m * plane]);
         let copy = &*copy;
         let tiles = tiles(b);
+        // A task's rows block by block: the block's planes written in long runs (row after
+        // row of 8 planes, not short runs into all of them: 0.36 -> 0.31 ms on SqueezeNet's
+        // first layer).
         ctx.parallel_for(oh, rows_per_task, |rows| {
             for blk in 0..blocks {
                 for oy in rows.clone() {
