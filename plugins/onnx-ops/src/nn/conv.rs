@@ -1526,7 +1526,7 @@ mod tests {
         // Rows narrower than their tiles' slots (7, 12, 20 and 30 wide) run in tiles across
         // rows; the ninth case's rows are cut into several parallel tasks. The last two run
         // whole images per task (two images), in several groups of 16 tiles (along lines and
-        // within rows), their 40 and 20 input channels in passes of 17 (and a rest).
+        // within rows), their 40 and 20 input channels in blocks of 16 (and a rest).
         let cases: [Case; 11] = [
             ([1, 16, 14, 14], 24, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
             ([2, 5, 7, 7], 33, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),

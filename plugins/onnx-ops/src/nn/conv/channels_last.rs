@@ -6,6 +6,7 @@
 use crate::nn::Geometry;
 
 /// The copy's geometry: the padded rows and columns a 2-D window's outputs read.
+#[derive(Clone)]
 pub(super) struct ChannelsLast {
     pub(super) cols: usize,
     /// Channels copied, and the floats between one pixel's and the next's (at least `c`; a
@@ -55,6 +56,15 @@ impl ChannelsLast {
             len,
             nhwc: false,
         })
+    }
+
+    /// The same copy of fewer channels (`c` at most [`stride`](Self::stride)): the last,
+    /// partial block of a copy made block by block.
+    pub(super) fn with_channels(&self, c: usize) -> ChannelsLast {
+        ChannelsLast {
+            c: c.min(self.stride),
+            ..self.clone()
+        }
     }
 
     /// Floats per padded row.

@@ -10,12 +10,13 @@
 //! in its NCHWc layout, the channels in the lanes (`MlasConvNchwcFloatKernel`,
 //! `MlasConvNchwFloatKernel`).
 //!
-//! Here each image is copied once, zero-padded, channels-last (`copy[(row * cols + col) * c +
-//! ic]`, so that every tap of an output pixel reads one contiguous run of channels, whatever
-//! the stride and dilation), and the output is computed [`OCB`] output channels (two
-//! registers) x up to [`MAX_PIX`] pixels of a row at a time, the sums in registers: per tap and
-//! input channel, two loads of weights, one broadcast per pixel and two multiply-adds per
-//! pixel (a layer of at most 16 output channels: one register x up to 16 pixels, so that
+//! Here each image is copied once, zero-padded, channels-last per block of [`CB`] input
+//! channels (`copy[((blk * rows + row) * cols + col) * CB + ic % CB]`, so that every tap of an
+//! output pixel reads one contiguous run of channels, whatever the stride and dilation, and a
+//! tile's pixels lie a constant step apart), and the output is computed [`OCB`] output
+//! channels (two registers) x up to [`MAX_PIX`] pixels of a row at a time, the sums in
+//! registers: per tap and input channel, two loads of weights, one broadcast per pixel and two
+//! multiply-adds per pixel (a layer of at most 16 output channels: one register x up to 16 pixels, so that
 //! half of every multiply-add is not padding). [`GROUP`] tiles go through the input channels
 //! together, a run of them at a time (see [`WEIGHTS_L1`]), their partial sums parked between
 //! runs, so that the weights they share are read from L1. No lane is wasted whatever the row's width (ResNet's 7x7 stage included); output
@@ -56,6 +57,13 @@ const WEIGHTS_L1: usize = 20 * 1024;
 /// Tiles that share the passes over the weights: their partial sums, `GROUP * TILE` floats
 /// (28 KiB), stay in L1 or L2 between passes.
 const GROUP: usize = 16;
+/// Input channels per block of the copy. Within a block a pixel's channels lie [`CB`] floats
+/// after the previous pixel's (`CB * stride`), so the multiply-add loop addresses a tile's
+/// pixels as constant offsets from one pointer ([`x86::tile`] compiles those steps as
+/// constants). Channels-last over all `c` channels, the step was `c` and each of the 14
+/// broadcasts needed its address computed: 12 integer operations per 28 multiply-adds, some of
+/// them issued on the two ports the multiply-adds use, the loop at ~16 cycles against 14.
+const CB: usize = LANES;
 
 /// Output pixels per tile at most for a block of `ocb` channels.
 fn max_pixels(ocb: usize) -> usize {
@@ -148,9 +156,27 @@ pub(super) fn run(
         return Ok(true);
     }
     // A geometry whose copy would overflow or be much larger than x (huge pads or
-    // dilations) is left to the general path.
-    let Some(cp) = ChannelsLast::new(g, (c, ih, iw), c) else {
+    // dilations) is left to the general path. The copy is made per block of `cb` input
+    // channels (see [`CB`]), each block's pixels `cb` floats apart.
+    let cb = CB.min(c);
+    let cblocks = c.div_ceil(cb);
+    let Some(cp) = ChannelsLast::new(g, (cb, ih, iw), cb) else {
         return Ok(false);
+    };
+    let cp_last = cp.with_channels(c - (cblocks - 1) * cb);
+    let block_len = cp.len;
+    let copy_len = checked_numel(&[cblocks, block_len])?;
+    let row_len = cp.row_len();
+    let rows_per_block = block_len / row_len.max(1);
+    // Padded row `r` of the whole copy (block `r / rows_per_block`) from the image `xb`.
+    let fill = |xb: &[f32], r: usize, dst: &mut [f32]| {
+        let (blkc, r) = (r / rows_per_block, r % rows_per_block);
+        let sub = &xb[blkc * cb * ih * iw..];
+        if blkc + 1 == cblocks {
+            cp_last.fill(sub, r, dst);
+        } else {
+            cp.fill(sub, r, dst);
+        }
     };
     let cols = cp.cols;
     let image = checked_numel(&[c, ih, iw])?;
@@ -172,7 +198,7 @@ pub(super) fn run(
     let mut taps = try_vec(kh * kw, 0usize)?;
     for ky in 0..kh {
         for kx in 0..kw {
-            taps[ky * kw + kx] = (ky * dh * cols + kx * dw) * c;
+            taps[ky * kw + kx] = (ky * dh * cols + kx * dw) * cb;
         }
     }
     let built;
@@ -188,14 +214,16 @@ pub(super) fn run(
         taps: &taps,
         c,
         // (`applies` keeps c and the taps non-zero; `max` keeps this total regardless.)
-        chunk: (WEIGHTS_L1 / (4 * ocb * taps.len()).max(1)).clamp(1, c.max(1)),
+        cb,
+        block_len,
+        chunk: (WEIGHTS_L1 / (4 * ocb * taps.len()).max(1)).clamp(1, cb),
         wt,
         depth,
         m,
         oh,
         ow,
-        row_step: sh * cols * c,
-        pix_step: sw * c,
+        row_step: sh * cols * cb,
+        pix_step: sw * cb,
         bias,
         z: z.map(|z| &z[b * m * plane..(b + 1) * m * plane]),
         act,
@@ -206,15 +234,15 @@ pub(super) fn run(
         // copy, instead of two parallel passes (copy, tiles) per image: a batch of small
         // images otherwise waits on the threads' hand-offs (the repo's toy CNN, batch 8).
         let yd = Disjoint::new(y);
-        let copies = TaskScratch::<f32>::new(ctx, cp.len);
+        let copies = TaskScratch::<f32>::new(ctx, copy_len);
         return ctx
             .parallel_for(n, 1, |range| {
                 let mut copy = copies.take()?;
                 let copy = &mut copy[..];
                 for b in range {
                     let xb = &x[b * image..(b + 1) * image];
-                    for (r, chunk) in copy.chunks_mut(cp.row_len()).enumerate() {
-                        cp.fill(xb, r, chunk);
+                    for (r, chunk) in copy.chunks_mut(row_len).enumerate() {
+                        fill(xb, r, chunk);
                     }
                     // SAFETY: each image's output is written by the one task holding it.
                     let yb = Disjoint::new(unsafe { yd.part(b * m * plane, m * plane) });
@@ -227,7 +255,7 @@ pub(super) fn run(
             })
             .map(|()| true);
     }
-    let copy = ctx.scratch_reused::<f32>(cp.len)?;
+    let copy = ctx.scratch_reused::<f32>(copy_len)?;
     // Tasks of (block, rows): about one group of tiles each (the passes over the weights are
     // shared within a task), cut further while there are fewer than four tasks per thread.
     let tiles_per_row = ow.div_ceil(max_pixels(ocb));
@@ -238,8 +266,8 @@ pub(super) fn run(
     let row_tasks = oh.div_ceil(rows_per_task);
     for b in 0..n {
         let xb = &x[b * image..(b + 1) * image];
-        ctx.parallel_chunks(copy, cp.row_len(), |start, chunk| {
-            cp.fill(xb, start / cp.row_len(), chunk);
+        ctx.parallel_chunks(copy, row_len, |start, chunk| {
+            fill(xb, start / row_len, chunk);
         })?;
         let yd = Disjoint::new(&mut y[b * m * plane..(b + 1) * m * plane]);
         let tiles = tiles(b);
@@ -260,6 +288,10 @@ pub(super) fn run(
 struct Tiles<'a> {
     taps: &'a [usize],
     c: usize,
+    /// Input channels per block of the copy (the floats between two pixels' channels), and
+    /// floats per block.
+    cb: usize,
+    block_len: usize,
     /// Input channels per pass over a group of tiles (see [`WEIGHTS_L1`]).
     chunk: usize,
     wt: &'a [f32],
@@ -314,8 +346,12 @@ impl Tiles<'_> {
         let last = (self.oh - 1) * self.row_step
             + (ow - 1) * self.pix_step
             + self.taps.last().copied().unwrap_or(0)
-            + self.c;
-        if copy.len() < last || w.len() < self.taps.len() * self.c * ocb || rows.end > self.oh {
+            + self.cb;
+        if self.block_len < last
+            || copy.len() < self.c.div_ceil(self.cb) * self.block_len
+            || w.len() < self.taps.len() * self.c * ocb
+            || rows.end > self.oh
+        {
             return Err(PluginError::internal(
                 "Conv: the channels-last copy or the weights are shorter than the tiles read",
             ));
@@ -405,18 +441,26 @@ impl Tiles<'_> {
         sums: &mut [[f32; TILE]; GROUP],
         yd: &Disjoint<f32>,
     ) {
-        let mut ic = 0;
-        while ic < self.c {
-            let n = self.chunk.min(self.c - ic);
-            for (t, buf) in group.iter().zip(sums.iter_mut()) {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `applies` checked the CPU's AVX-512; `rows` checked that every read
-                // lies inside the copy and the weights.
-                unsafe {
-                    x86::tile(self, copy.as_ptr().add(t.start), t.p, w, (ic, n), buf)
-                };
+        // Block by block of the copy, a chunk of the block's channels at a time.
+        for (blkc, base) in (0..self.c)
+            .step_by(self.cb)
+            .zip((0..).step_by(self.block_len))
+        {
+            let cn = self.cb.min(self.c - blkc);
+            let mut i = 0;
+            while i < cn {
+                let n = self.chunk.min(cn - i);
+                for (t, buf) in group.iter().zip(sums.iter_mut()) {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `applies` checked the CPU's AVX-512; `rows` checked that every
+                    // read lies inside the copy's blocks and the weights.
+                    unsafe {
+                        let start = copy.as_ptr().add(base + t.start + i);
+                        x86::tile(self, start, t.p, w, (blkc + i, n), buf)
+                    };
+                }
+                i += n;
             }
-            ic += n;
         }
         for (t, buf) in group.iter().zip(sums.iter()) {
             match t.place {
@@ -560,8 +604,9 @@ mod x86 {
         }
     }
 
-    /// The sums over input channels `ic..ic + n` of `p` (1..=[`super::MAX_PIX`]) pixels whose
-    /// first tap is at `start` (stepping by `pix_step`) x the block's `ocb`
+    /// The sums over input channels `ic..ic + n` (within one block of the copy) of `p`
+    /// (1..=[`super::MAX_PIX`]) pixels whose first tap's channel `ic` is at `start` (stepping
+    /// by `pix_step`, the block's channels consecutive) x the block's `ocb`
     /// ([`super::block_width`]) channels (weights `w`), added to `buf[pixel * ocb +
     /// channel]` (which they start when `ic` is 0).
     ///
@@ -577,10 +622,13 @@ mod x86 {
         chans: (usize, usize),
         buf: &mut [f32; TILE],
     ) {
+        // The pixel steps of a block of 16 channels at strides 1 and 2 as constants.
         macro_rules! by_width {
             ($v:literal: $($n:literal)*) => {
-                match p {
-                    $($n => sums::<$n, $v>(t, start, w, chans, buf),)*
+                match (t.pix_step, p) {
+                    $((16, $n) => sums::<$n, $v, 16>(t, start, w, chans, buf),)*
+                    $((32, $n) => sums::<$n, $v, 32>(t, start, w, chans, buf),)*
+                    $((_, $n) => sums::<$n, $v, 0>(t, start, w, chans, buf),)*
                     _ => {}
                 }
             };
@@ -592,17 +640,17 @@ mod x86 {
         }
     }
 
-    /// [`tile`] for exactly `P` pixels and `V` registers of channels: the loop whose sums
-    /// stay in registers.
+    /// [`tile`] for exactly `P` pixels and `V` registers of channels, pixels `S` floats apart
+    /// (0: `t.pix_step`): the loop whose sums stay in registers.
     #[target_feature(enable = "avx512f")]
-    unsafe fn sums<const P: usize, const V: usize>(
+    unsafe fn sums<const P: usize, const V: usize, const S: usize>(
         t: &Tiles<'_>,
         start: *const f32,
         w: &[f32],
         (ic0, n): (usize, usize),
         buf: &mut [f32; TILE],
     ) {
-        let step = t.pix_step;
+        let step = if S > 0 { S } else { t.pix_step };
         let ocb = V * LANES;
         let mut acc = [[_mm512_setzero_ps(); V]; P];
         if ic0 > 0 {
@@ -613,21 +661,21 @@ mod x86 {
             }
         }
         for (k, &tap) in t.taps.iter().enumerate() {
-            let q = start.add(tap + ic0);
+            let mut q = start.add(tap);
             let mut wp = w.as_ptr().add((k * t.c + ic0) * ocb);
-            for ic in 0..n {
+            for _ in 0..n {
                 let mut wv = [_mm512_setzero_ps(); V];
                 for (r, v) in wv.iter_mut().enumerate() {
                     *v = _mm512_loadu_ps(wp.add(r * LANES));
                 }
                 wp = wp.add(ocb);
-                let qi = q.add(ic);
                 for (j, a) in acc.iter_mut().enumerate() {
-                    let xv = _mm512_set1_ps(*qi.add(j * step));
+                    let xv = _mm512_set1_ps(*q.add(j * step));
                     for (ar, &wr) in a.iter_mut().zip(&wv) {
                         *ar = _mm512_fmadd_ps(xv, wr, *ar);
                     }
                 }
+                q = q.add(1);
             }
         }
         for (j, a) in acc.iter().enumerate() {
