@@ -1,6 +1,7 @@
 //! Pooling: MaxPool (with Indices), AveragePool, LpPool, GlobalAveragePool, GlobalMaxPool.
 
 mod separable;
+mod stride2;
 
 use super::{
     not_implemented_for, register_versions, Arith, Disjoint, Geometry, Real, Scalar, WindowAttrs,
@@ -289,7 +290,9 @@ impl Pool {
                             out_w,
                             fast,
                         };
-                        max_plane_separable::<T>(xp, &geometry, h, &mut acc, yp);
+                        if !T::max_plane_own(xp, &geometry, yp) {
+                            max_plane_separable::<T>(xp, &geometry, h, &mut acc, yp);
+                        }
                         continue;
                     }
                 }
@@ -408,18 +411,11 @@ trait PoolElem: Element + Default {
     type C: Real;
     fn load(self) -> Self::C;
     fn store(v: Self::C) -> Self;
-    /// The separable MaxPool's row pass over its interior columns in a kernel of this type's
-    /// own, where it has one for this window; `false` when it has none (nothing written).
+    /// A 2-D MaxPool plane without indices in a kernel of this type's own, where it has one
+    /// for this window; `false` when it has none (nothing written).
     #[inline(always)]
-    fn row_max_stride2(
-        x: &[Self],
-        c0: usize,
-        kw: usize,
-        sw: usize,
-        out: &mut [Self::C],
-        first: &mut [Self::C],
-    ) -> bool {
-        let _ = (x, c0, kw, sw, out, first);
+    fn max_plane_own(xp: &[Self], geometry: &Separable<'_>, yp: &mut [Self]) -> bool {
+        let _ = (xp, geometry, yp);
         false
     }
 }
@@ -453,15 +449,8 @@ impl PoolElem for f32 {
         v
     }
     #[inline(always)]
-    fn row_max_stride2(
-        x: &[f32],
-        c0: usize,
-        kw: usize,
-        sw: usize,
-        out: &mut [f32],
-        first: &mut [f32],
-    ) -> bool {
-        separable::row_max_stride2_f32(x, c0, kw, sw, out, first)
+    fn max_plane_own(xp: &[f32], geometry: &Separable<'_>, yp: &mut [f32]) -> bool {
+        stride2::max_plane_stride2_f32(xp, geometry, yp)
     }
 }
 
@@ -776,7 +765,8 @@ mod tests {
         }
     }
 
-    /// The separable 2-D MaxPool (one output) against the direct loop (asked for indices too),
+    /// The separable 2-D MaxPool (one output; f32 windows of stride 2 and width 2 or 3 run
+    /// `stride2`'s kernel on AVX-512) against the direct loop (asked for indices too),
     /// bit for bit, NaN included: a kernel width and stride of each specialized loop and
     /// others, dilated columns, pads on either side, ceil mode, rows wider than a vector.
     #[test]
