@@ -588,6 +588,30 @@ pub(crate) fn par_units<T: Send>(
     })
 }
 
+/// `dst` as runs of `unit` elements, run `o` copied from `src(o)` (at least `unit` long), in
+/// tasks of [`GRAIN`] elements whatever the runs' length: one run of a batch-1 tensor (a
+/// channel Split) is still copied by every thread.
+pub(crate) fn par_runs<'a, T: Clone + Send + Sync + 'a>(
+    ctx: &KernelContext<'_>,
+    dst: &mut [T],
+    unit: usize,
+    src: impl Fn(usize) -> &'a [T] + Sync,
+) -> Result<(), PluginError> {
+    if unit == 0 || dst.is_empty() {
+        return Ok(());
+    }
+    ctx.parallel_chunks(dst, GRAIN, |start, chunk| {
+        let mut done = 0;
+        while done < chunk.len() {
+            let pos = start + done;
+            let (o, off) = (pos / unit, pos % unit);
+            let take = (unit - off).min(chunk.len() - done);
+            chunk[done..done + take].clone_from_slice(&src(o)[off..off + take]);
+            done += take;
+        }
+    })
+}
+
 /// Output 0 with `x`'s elements under a new shape.
 pub(crate) fn copy_reshaped(
     ctx: &KernelContext<'_>,

@@ -251,13 +251,38 @@ fn concat_run<T: Elem>(
         .iter()
         .map(|v| Ok((T::slice(v)?, v.shape()[axis].saturating_mul(inner))))
         .collect::<Result<_, PluginError>>()?;
-    let row = srcs.iter().fold(0usize, |a, s| a.saturating_add(s.1));
+    // Where each input's piece starts within one output row (the run along `axis` and in).
+    let mut starts = try_with_capacity(srcs.len())?;
+    let mut row = 0usize;
+    for (_, n) in &srcs {
+        starts.push(row);
+        row = row.saturating_add(*n);
+    }
     let dst = T::slice_mut(ctx.output_to_overwrite(0, xs[0].dtype, out_shape)?)?;
-    par_units(ctx, dst, row, |o, out| {
-        let mut pos = 0;
-        for (s, n) in &srcs {
-            out[pos..pos + n].clone_from_slice(&s[o * n..(o + 1) * n]);
-            pos += n;
+    if row == 0 {
+        return Ok(());
+    }
+    // Tasks of GRAIN output elements whatever the rows: a batch-1 channel concat is one row
+    // (SqueezeNet's fire modules: one 1.5 MB row, copied by one thread as a task per row).
+    ctx.parallel_chunks(dst, GRAIN, |start, chunk| {
+        let mut pos = start;
+        let mut done = 0;
+        while done < chunk.len() {
+            let (o, r) = (pos / row, pos % row);
+            // The piece holding offset `r` (the last starting at or before it: an empty
+            // input shares its start with the next and is skipped).
+            let i = starts.partition_point(|&s| s <= r).saturating_sub(1);
+            let (Some((s, n)), Some(&at)) = (srcs.get(i), starts.get(i)) else {
+                break;
+            };
+            let off = r - at;
+            let take = (n - off).min(chunk.len() - done);
+            if take == 0 {
+                break;
+            }
+            chunk[done..done + take].clone_from_slice(&s[o * n + off..][..take]);
+            pos += take;
+            done += take;
         }
     })
 }
@@ -326,9 +351,7 @@ fn split_run<T: Elem>(
         let dst = T::slice_mut(ctx.output(j, x.dtype, &oshape)?)?;
         let n = s.saturating_mul(inner);
         let b = begin * inner;
-        par_units(ctx, dst, n, |o, out| {
-            out.clone_from_slice(&src[o * row + b..o * row + b + n]);
-        })?;
+        par_runs(ctx, dst, n, |o| &src[o * row + b..o * row + b + n])?;
         begin += s;
     }
     Ok(())

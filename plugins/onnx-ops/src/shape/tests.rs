@@ -321,6 +321,54 @@ fn concat_and_types() {
     .is_err());
 }
 
+/// Concat and Split along the channels of images larger than a task ([`GRAIN`] elements):
+/// the tasks cut the output anywhere (mid-input, across images), an empty input among them.
+#[test]
+fn concat_and_split_across_tasks() {
+    let plane = 99 * 71;
+    let chans = [3usize, 0, 5, 2];
+    let (n, total) = (2usize, chans.iter().sum::<usize>());
+    let ins: Vec<HostTensor> = chans
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| {
+            let v: Vec<f32> = (0..n * c * plane)
+                .map(|j| (i * 1_000_000 + j) as f32)
+                .collect();
+            f32t(&[n, c, 99, 71], &v)
+        })
+        .collect();
+    let mut want = Vec::new();
+    for b in 0..n {
+        for (t, &c) in ins.iter().zip(&chans) {
+            want.extend_from_slice(&vf(t)[b * c * plane..(b + 1) * c * plane]);
+        }
+    }
+    let refs: Vec<Option<&HostTensor>> = ins.iter().map(Some).collect();
+    let node = NodeSpec::onnx("Concat", 13).attr("axis", AttrValue::Int(1));
+    let out = run1(&node, &refs);
+    assert_eq!(out.shape(), &[n, total, 99, 71]);
+    assert!(vf(&out) == want, "concat differs");
+    // And back: Split into the non-empty inputs' channels, of both images and of the first
+    // alone (one run per output).
+    let sizes = i64t(&[3], &[3, 5, 2]);
+    let node = NodeSpec::onnx("Split", 13)
+        .attr("axis", AttrValue::Int(1))
+        .outputs(3);
+    let parts = run(&node, &[Some(&out), Some(&sizes)]).expect("split");
+    for (part, i) in parts.iter().zip([0usize, 2, 3]) {
+        assert!(vf(part) == vf(&ins[i]), "split part {i}");
+    }
+    let one = f32t(&[1, total, 99, 71], &want[..total * plane]);
+    let parts = run(&node, &[Some(&one), Some(&sizes)]).expect("split");
+    for (part, i) in parts.iter().zip([0usize, 2, 3]) {
+        assert!(
+            vf(part) == vf(&ins[i])[..chans[i] * plane],
+            "split part {i} of one"
+        );
+    }
+}
+
 #[test]
 fn split_uneven_and_explicit() {
     let x = iota(&[7]);
