@@ -122,6 +122,40 @@ pub(crate) trait MicroKernel {
         }
     }
 
+    /// Whether [`tile_a_rows_then`](Self::tile_a_rows_then) reads A in place (else it packs
+    /// the panel per call, and the driver packs instead).
+    const A_ROWS: bool = false;
+
+    /// [`tile_then`](Self::tile_then) with the A micro-panel read in place: row `i < mr` of it
+    /// at `a + i * lda`, its steps consecutive (rows of a row-major A), not packed.
+    ///
+    /// # Safety
+    /// As [`tile_then`](Self::tile_then), with `kc` readable floats at `a + i * lda` for each
+    /// `i < mr` instead of the packed panel; `mr >= 1`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile_a_rows_then(
+        kc: usize,
+        (a, lda): (*const f32, usize),
+        b: (*const f32, usize),
+        c: *mut f32,
+        cs: (usize, usize),
+        ab: (f32, f32),
+        (mr, nr): (usize, usize),
+        epi: Option<(&TileEpilogue, usize, usize)>,
+    ) {
+        // Packed here, the missing rows zero (correct, slow: kernels the driver sends rows of
+        // A to override this).
+        let mut panel = vec![0f32; kc * Self::MR];
+        for (p, step) in panel.chunks_exact_mut(Self::MR).enumerate() {
+            for (i, v) in step.iter_mut().enumerate().take(mr) {
+                // SAFETY: row `i < mr`, step `p < kc`: inside the caller's rows.
+                *v = unsafe { *a.add(i * lda + p) };
+            }
+        }
+        // SAFETY: forwarded from the caller, the panel packed.
+        unsafe { Self::tile_then(kc, panel.as_ptr(), b, c, cs, ab, (mr, nr), epi) }
+    }
+
     /// Applies `e` to the `mr x nr` tile at `c` whose first element is C's `(row0, col0)`,
     /// compiled for the kernel's instruction set (see [`TileEpilogue::apply`]).
     ///
@@ -373,7 +407,7 @@ mod x86 {
             unsafe {
                 avx512_tile(
                     kc,
-                    a,
+                    (a, 0),
                     (b, ldb),
                     c,
                     (rsc, csc),
@@ -409,6 +443,48 @@ mod x86 {
             };
             // SAFETY: forwarded from the caller, who checked that the CPU has AVX-512F.
             unsafe {
+                avx512_tile(
+                    kc,
+                    (a, 0),
+                    (b, ldb),
+                    c,
+                    (rsc, csc),
+                    (alpha, beta),
+                    (mr, nr),
+                    now,
+                );
+                if let Some((e, row0, col0)) = later {
+                    Self::finish(e, c, rsc, csc, row0, col0, mr, nr);
+                }
+            }
+        }
+
+        const A_ROWS: bool = true;
+
+        unsafe fn tile_a_rows_then(
+            kc: usize,
+            (a, lda): (*const f32, usize),
+            (b, ldb): (*const f32, usize),
+            c: *mut f32,
+            (rsc, csc): (usize, usize),
+            (alpha, beta): (f32, f32),
+            (mr, nr): (usize, usize),
+            epi: Option<(&TileEpilogue, usize, usize)>,
+        ) {
+            // As `tile_then`: the bias and ReLU / ReLU6 in registers for a row-major tile.
+            let (now, later) = match epi {
+                Some(e)
+                    if csc == 1
+                        && matches!(e.0.act, Epilogue::NONE | Epilogue::RELU | Epilogue::RELU6) =>
+                {
+                    (Some(e), None)
+                }
+                other => (None, other),
+            };
+            // SAFETY: forwarded from the caller, who checked that the CPU has AVX-512F; a
+            // non-zero `lda` (rows in place) whatever the caller's.
+            unsafe {
+                let a = (a, lda.max(1));
                 avx512_tile(kc, a, (b, ldb), c, (rsc, csc), (alpha, beta), (mr, nr), now);
                 if let Some((e, row0, col0)) = later {
                     Self::finish(e, c, rsc, csc, row0, col0, mr, nr);
@@ -419,14 +495,15 @@ mod x86 {
         finish_for!("avx512f");
     }
 
-    /// [`avx512_rows`] for the rows of the tile.
+    /// [`avx512_rows`] for the rows of the tile; `a.1`: 0 for a packed A panel, else the
+    /// distance between the rows of A read in place.
     ///
     /// # Safety
     /// As [`avx512_rows`].
     #[allow(clippy::too_many_arguments)]
     unsafe fn avx512_tile(
         kc: usize,
-        a: *const f32,
+        (a, lda): (*const f32, usize),
         b: (*const f32, usize),
         c: *mut f32,
         (rsc, csc): (usize, usize),
@@ -438,21 +515,91 @@ mod x86 {
         // 169-pixel one: 9) runs one register of B per step: half the multiply-adds of the
         // full width, on lanes that are mostly padding. (Row-major C only: a column-major
         // tile is turned in registers as a whole.)
+        macro_rules! rows {
+            ($in_place:literal) => {
+                match (mr, nr <= 16 && csc == 1) {
+                    (1, _) => avx512_rows::<1, 2, $in_place>(
+                        kc,
+                        (a, lda),
+                        b,
+                        c,
+                        rsc,
+                        csc,
+                        alpha,
+                        beta,
+                        mr,
+                        nr,
+                        epi,
+                    ),
+                    (2, _) => avx512_rows::<2, 2, $in_place>(
+                        kc,
+                        (a, lda),
+                        b,
+                        c,
+                        rsc,
+                        csc,
+                        alpha,
+                        beta,
+                        mr,
+                        nr,
+                        epi,
+                    ),
+                    (3 | 4, _) => avx512_rows::<4, 2, $in_place>(
+                        kc,
+                        (a, lda),
+                        b,
+                        c,
+                        rsc,
+                        csc,
+                        alpha,
+                        beta,
+                        mr,
+                        nr,
+                        epi,
+                    ),
+                    (_, true) => avx512_rows::<8, 1, $in_place>(
+                        kc,
+                        (a, lda),
+                        b,
+                        c,
+                        rsc,
+                        csc,
+                        alpha,
+                        beta,
+                        mr,
+                        nr,
+                        epi,
+                    ),
+                    (_, false) => avx512_rows::<8, 2, $in_place>(
+                        kc,
+                        (a, lda),
+                        b,
+                        c,
+                        rsc,
+                        csc,
+                        alpha,
+                        beta,
+                        mr,
+                        nr,
+                        epi,
+                    ),
+                }
+            };
+        }
         // SAFETY: forwarded from the caller.
         unsafe {
-            match (mr, nr <= 16 && csc == 1) {
-                (1, _) => avx512_rows::<1, 2>(kc, a, b, c, rsc, csc, alpha, beta, mr, nr, epi),
-                (2, _) => avx512_rows::<2, 2>(kc, a, b, c, rsc, csc, alpha, beta, mr, nr, epi),
-                (3 | 4, _) => avx512_rows::<4, 2>(kc, a, b, c, rsc, csc, alpha, beta, mr, nr, epi),
-                (_, true) => avx512_rows::<8, 1>(kc, a, b, c, rsc, csc, alpha, beta, mr, nr, epi),
-                (_, false) => avx512_rows::<8, 2>(kc, a, b, c, rsc, csc, alpha, beta, mr, nr, epi),
+            if lda == 0 {
+                rows!(false)
+            } else {
+                rows!(true)
             }
         }
     }
 
-    /// The product of the first `R` rows of an 8-row A panel with the first `16 * V` columns
-    /// of a 32-column B panel whose steps lie `ldb` floats apart (32: packed) (`mr <= R`,
-    /// `nr <= 16 * V`), then, for a row-major C only
+    /// The product of the first `R` rows of an 8-row A panel (`IN_PLACE`: rows of A `lda`
+    /// floats apart, as [`MicroKernel::tile_a_rows_then`] reads them) with the first `16 * V`
+    /// columns of a 32-column B panel whose steps lie `ldb` floats apart (32: packed) (`mr <=
+    /// R`, `nr <= 16 * V`), then, for a row-major C only
     /// (`csc == 1`), `epi`'s bias and ReLU / ReLU6 (NONE: the bias alone) before the store,
     /// computed as [`TileEpilogue::apply`] computes them (the same bits).
     ///
@@ -461,9 +608,9 @@ mod x86 {
     /// [`TileEpilogue::apply`] for the tile at `(row0, col0)`, and `csc == 1`.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn avx512_rows<const R: usize, const V: usize>(
+    unsafe fn avx512_rows<const R: usize, const V: usize, const IN_PLACE: bool>(
         kc: usize,
-        mut a: *const f32,
+        (mut a, lda): (*const f32, usize),
         (mut b, ldb): (*const f32, usize),
         c: *mut f32,
         rsc: usize,
@@ -483,7 +630,31 @@ mod x86 {
                 _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(nr.min(32) - 1).cast());
             }
         }
-        for _ in 0..kc {
+        if IN_PLACE {
+            // Rows of A where they lie: row i's step p at `rows[i] + p` (base + index
+            // addressing, no packing). The rows past `mr` read row 0 again; their sums are
+            // never stored.
+            let rows: [*const f32; R] =
+                std::array::from_fn(|i| a.wrapping_add(if i < mr { i * lda } else { 0 }));
+            for p in 0..kc {
+                // SAFETY: rows `< mr` of A hold `kc` steps each, `b` advances through the
+                // caller's `kc` panel steps.
+                unsafe {
+                    let mut bv = [_mm512_setzero_ps(); V];
+                    for (h, v) in bv.iter_mut().enumerate() {
+                        *v = _mm512_loadu_ps(b.add(16 * h));
+                    }
+                    for (row, &r) in acc.iter_mut().zip(&rows) {
+                        let x = _mm512_set1_ps(*r.add(p));
+                        for (s, &v) in row.iter_mut().zip(&bv) {
+                            *s = _mm512_fmadd_ps(x, v, *s);
+                        }
+                    }
+                    b = b.add(ldb);
+                }
+            }
+        }
+        for _ in 0..if IN_PLACE { 0 } else { kc } {
             // SAFETY: `a` and `b` advance through the caller's `kc` panel steps.
             unsafe {
                 let mut bv = [_mm512_setzero_ps(); V];
@@ -710,6 +881,60 @@ mod x86 {
             }
             // SAFETY: forwarded from the caller.
             unsafe { store_scalar(&buf, 16, c, rsc, csc, beta, mr, nr) }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows of A read in place give the packed panel's tile: the default (packing per call)
+    /// and, where the CPU has it, the AVX-512 kernel's own loop, for an edge of 3 rows and a
+    /// full tile, rows `lda` apart with other values between them.
+    #[test]
+    fn rows_of_a_in_place_match_the_packed_panel() {
+        fn check<K: MicroKernel>() {
+            let (kc, lda) = (37usize, 53usize);
+            let a: Vec<f32> = (0..K::MR * lda)
+                .map(|i| (i % 29) as f32 * 0.25 - 3.0)
+                .collect();
+            let b: Vec<f32> = (0..kc * K::NR)
+                .map(|i| (i % 31) as f32 * 0.125 - 2.0)
+                .collect();
+            for mr in [3.min(K::MR), K::MR] {
+                let mut packed = vec![0f32; kc * K::MR];
+                for p in 0..kc {
+                    for i in 0..mr {
+                        packed[p * K::MR + i] = a[i * lda + 5 + p];
+                    }
+                }
+                let (mut want, mut got) = (vec![7f32; K::MR * K::NR], vec![7f32; K::MR * K::NR]);
+                let nr = K::NR - 1;
+                // SAFETY: the panels and tiles above hold what the kernels read and write; the
+                // kernel is available (checked by the caller).
+                unsafe {
+                    let (b, cs, ab) = ((b.as_ptr(), K::NR), (K::NR, 1), (1.5, 0.5));
+                    K::tile_then(
+                        kc,
+                        packed.as_ptr(),
+                        b,
+                        want.as_mut_ptr(),
+                        cs,
+                        ab,
+                        (mr, nr),
+                        None,
+                    );
+                    let a = (a.as_ptr().add(5), lda);
+                    K::tile_a_rows_then(kc, a, b, got.as_mut_ptr(), cs, ab, (mr, nr), None);
+                }
+                assert_eq!(got, want, "mr {mr}");
+            }
+        }
+        check::<Portable>();
+        #[cfg(target_arch = "x86_64")]
+        if KernelKind::Avx512.available() {
+            check::<Avx512>();
         }
     }
 }

@@ -622,12 +622,14 @@ mod x86 {
         chans: (usize, usize),
         buf: &mut [f32; TILE],
     ) {
-        // The pixel steps of a block of 16 channels at strides 1 and 2 as constants.
+        // The pixel steps of a block of 16 channels at strides 1 and 2, and of a 3-channel
+        // image at stride 2 (the first layer of MobileNets and EfficientNets), as constants.
         macro_rules! by_width {
             ($v:literal: $($n:literal)*) => {
                 match (t.pix_step, p) {
                     $((16, $n) => sums::<$n, $v, 16>(t, start, w, chans, buf),)*
                     $((32, $n) => sums::<$n, $v, 32>(t, start, w, chans, buf),)*
+                    $((6, $n) => sums::<$n, $v, 6>(t, start, w, chans, buf),)*
                     $((_, $n) => sums::<$n, $v, 0>(t, start, w, chans, buf),)*
                     _ => {}
                 }
