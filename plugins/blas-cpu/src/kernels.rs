@@ -421,42 +421,15 @@ mod x86 {
         unsafe fn tile_then(
             kc: usize,
             a: *const f32,
-            (b, ldb): (*const f32, usize),
+            b: (*const f32, usize),
             c: *mut f32,
-            (rsc, csc): (usize, usize),
-            (alpha, beta): (f32, f32),
-            (mr, nr): (usize, usize),
+            cs: (usize, usize),
+            ab: (f32, f32),
+            mn: (usize, usize),
             epi: Option<(&TileEpilogue, usize, usize)>,
         ) {
-            // A row-major tile takes the bias and a ReLU / ReLU6 in its registers, before
-            // the store: with a shallow product (a 1x1 convolution of 32 input channels, 32
-            // steps per tile) reading the stored tile back for the epilogue took 12 % of the
-            // layer. The other activations (an exponential, erf) stay with `finish`.
-            let (now, later) = match epi {
-                Some(e)
-                    if csc == 1
-                        && matches!(e.0.act, Epilogue::NONE | Epilogue::RELU | Epilogue::RELU6) =>
-                {
-                    (Some(e), None)
-                }
-                other => (None, other),
-            };
-            // SAFETY: forwarded from the caller, who checked that the CPU has AVX-512F.
-            unsafe {
-                avx512_tile(
-                    kc,
-                    (a, 0),
-                    (b, ldb),
-                    c,
-                    (rsc, csc),
-                    (alpha, beta),
-                    (mr, nr),
-                    now,
-                );
-                if let Some((e, row0, col0)) = later {
-                    Self::finish(e, c, rsc, csc, row0, col0, mr, nr);
-                }
-            }
+            // SAFETY: forwarded from the caller (a packed panel: `lda` 0).
+            unsafe { avx512_then(kc, (a, 0), b, c, cs, ab, mn, epi) }
         }
 
         const A_ROWS: bool = true;
@@ -464,35 +437,57 @@ mod x86 {
         unsafe fn tile_a_rows_then(
             kc: usize,
             (a, lda): (*const f32, usize),
-            (b, ldb): (*const f32, usize),
+            b: (*const f32, usize),
             c: *mut f32,
-            (rsc, csc): (usize, usize),
-            (alpha, beta): (f32, f32),
-            (mr, nr): (usize, usize),
+            cs: (usize, usize),
+            ab: (f32, f32),
+            mn: (usize, usize),
             epi: Option<(&TileEpilogue, usize, usize)>,
         ) {
-            // As `tile_then`: the bias and ReLU / ReLU6 in registers for a row-major tile.
-            let (now, later) = match epi {
-                Some(e)
-                    if csc == 1
-                        && matches!(e.0.act, Epilogue::NONE | Epilogue::RELU | Epilogue::RELU6) =>
-                {
-                    (Some(e), None)
-                }
-                other => (None, other),
-            };
-            // SAFETY: forwarded from the caller, who checked that the CPU has AVX-512F; a
-            // non-zero `lda` (rows in place) whatever the caller's.
-            unsafe {
-                let a = (a, lda.max(1));
-                avx512_tile(kc, a, (b, ldb), c, (rsc, csc), (alpha, beta), (mr, nr), now);
-                if let Some((e, row0, col0)) = later {
-                    Self::finish(e, c, rsc, csc, row0, col0, mr, nr);
-                }
-            }
+            // SAFETY: forwarded from the caller; a non-zero `lda` (rows in place) whatever
+            // the caller's.
+            unsafe { avx512_then(kc, (a, lda.max(1)), b, c, cs, ab, mn, epi) }
         }
 
         finish_for!("avx512f");
+    }
+
+    /// [`Avx512`]'s tile then its epilogue, A packed (`lda` 0) or read in place.
+    ///
+    /// # Safety
+    /// As [`MicroKernel::tile_then`] (or [`MicroKernel::tile_a_rows_then`] for a non-zero
+    /// `lda`); the CPU has AVX-512F.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn avx512_then(
+        kc: usize,
+        a: (*const f32, usize),
+        (b, ldb): (*const f32, usize),
+        c: *mut f32,
+        (rsc, csc): (usize, usize),
+        (alpha, beta): (f32, f32),
+        (mr, nr): (usize, usize),
+        epi: Option<(&TileEpilogue, usize, usize)>,
+    ) {
+        // A row-major tile takes the bias and a ReLU / ReLU6 in its registers, before the
+        // store: with a shallow product (a 1x1 convolution of 32 input channels, 32 steps per
+        // tile) reading the stored tile back for the epilogue took 12 % of the layer. The
+        // other activations (an exponential, erf) stay with `finish`.
+        let (now, later) = match epi {
+            Some(e)
+                if csc == 1
+                    && matches!(e.0.act, Epilogue::NONE | Epilogue::RELU | Epilogue::RELU6) =>
+            {
+                (Some(e), None)
+            }
+            other => (None, other),
+        };
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            avx512_tile(kc, a, (b, ldb), c, (rsc, csc), (alpha, beta), (mr, nr), now);
+            if let Some((e, row0, col0)) = later {
+                Avx512::finish(e, c, rsc, csc, row0, col0, mr, nr);
+            }
+        }
     }
 
     /// [`avx512_rows`] for the rows of the tile; `a.1`: 0 for a packed A panel, else the
