@@ -506,6 +506,20 @@ mod x86 {
         (mr, nr): (usize, usize),
         epi: Option<(&TileEpilogue, usize, usize)>,
     ) {
+        /// The kernel's signature, for the choice below.
+        type Rows = unsafe fn(
+            usize,
+            (*const f32, usize),
+            (*const f32, usize),
+            *mut f32,
+            usize,
+            usize,
+            f32,
+            f32,
+            usize,
+            usize,
+            Option<(&TileEpilogue, usize, usize)>,
+        );
         // A tile of at most 16 columns (the last panel of a 196-pixel layer: 4 of 32, of a
         // 169-pixel one: 9) runs one register of B per step: half the multiply-adds of the
         // full width, on lanes that are mostly padding. (Row-major C only: a column-major
@@ -513,82 +527,17 @@ mod x86 {
         macro_rules! rows {
             ($in_place:literal) => {
                 match (mr, nr <= 16 && csc == 1) {
-                    (1, _) => avx512_rows::<1, 2, $in_place>(
-                        kc,
-                        (a, lda),
-                        b,
-                        c,
-                        rsc,
-                        csc,
-                        alpha,
-                        beta,
-                        mr,
-                        nr,
-                        epi,
-                    ),
-                    (2, _) => avx512_rows::<2, 2, $in_place>(
-                        kc,
-                        (a, lda),
-                        b,
-                        c,
-                        rsc,
-                        csc,
-                        alpha,
-                        beta,
-                        mr,
-                        nr,
-                        epi,
-                    ),
-                    (3 | 4, _) => avx512_rows::<4, 2, $in_place>(
-                        kc,
-                        (a, lda),
-                        b,
-                        c,
-                        rsc,
-                        csc,
-                        alpha,
-                        beta,
-                        mr,
-                        nr,
-                        epi,
-                    ),
-                    (_, true) => avx512_rows::<8, 1, $in_place>(
-                        kc,
-                        (a, lda),
-                        b,
-                        c,
-                        rsc,
-                        csc,
-                        alpha,
-                        beta,
-                        mr,
-                        nr,
-                        epi,
-                    ),
-                    (_, false) => avx512_rows::<8, 2, $in_place>(
-                        kc,
-                        (a, lda),
-                        b,
-                        c,
-                        rsc,
-                        csc,
-                        alpha,
-                        beta,
-                        mr,
-                        nr,
-                        epi,
-                    ),
+                    (1, _) => avx512_rows::<1, 2, $in_place> as Rows,
+                    (2, _) => avx512_rows::<2, 2, $in_place>,
+                    (3 | 4, _) => avx512_rows::<4, 2, $in_place>,
+                    (_, true) => avx512_rows::<8, 1, $in_place>,
+                    (_, false) => avx512_rows::<8, 2, $in_place>,
                 }
             };
         }
+        let rows = if lda == 0 { rows!(false) } else { rows!(true) };
         // SAFETY: forwarded from the caller.
-        unsafe {
-            if lda == 0 {
-                rows!(false)
-            } else {
-                rows!(true)
-            }
-        }
+        unsafe { rows(kc, (a, lda), b, c, rsc, csc, alpha, beta, mr, nr, epi) }
     }
 
     /// The product of the first `R` rows of an 8-row A panel (`IN_PLACE`: rows of A `lda`
