@@ -80,6 +80,30 @@ enum Packed {
 /// ResNet-50's 196-pixel 1x1 layers 7.3 against 6.8 ms.
 const SWAP_MAX_PIXELS: usize = 64;
 
+/// The direct kernels' check of their operands against `n` images of `image` values, `m`
+/// filters of `depth` weights and output planes of `plane` values: X, W, Y, the bias and a
+/// fused sum (of Y's shape) at least as long as their shapes say.
+fn operands_fit(
+    (x, w, y): (&[f32], &[f32], &[f32]),
+    bias: Option<&[f32]>,
+    z: Option<&[f32]>,
+    (n, image): (usize, usize),
+    (m, depth): (usize, usize),
+    plane: usize,
+) -> Result<(), PluginError> {
+    if x.len() < checked_numel(&[n, image])?
+        || w.len() < checked_numel(&[m, depth])?
+        || y.len() < checked_numel(&[n, m, plane])?
+        || bias.is_some_and(|b| b.len() < m)
+        || z.is_some_and(|z| z.len() < y.len())
+    {
+        return Err(PluginError::invalid(
+            "Conv: X, W, B or Z is shorter than its shape",
+        ));
+    }
+    Ok(())
+}
+
 /// Whether a layer of `pixels` output pixels and `m` output channels (per group) runs as the
 /// swapped product (see [`SWAP_MAX_PIXELS`]).
 fn swapped(pixels: usize, m: usize) -> bool {
@@ -1438,22 +1462,60 @@ mod tests {
         }
     }
 
+    /// A 2-D case: (x [n, c, h, w], output channels, kernel, strides, dilations, pads [top,
+    /// left, bottom, right]).
+    type Case = (
+        [usize; 4],
+        usize,
+        [usize; 2],
+        [usize; 2],
+        [usize; 2],
+        [usize; 4],
+    );
+
+    /// A case's X, W and B (from [`data`]) as tensors, the output's shape and what the direct
+    /// loops compute.
+    struct Reference {
+        x: HostTensor,
+        w: HostTensor,
+        b: HostTensor,
+        ys: [usize; 4],
+        want: Vec<f32>,
+    }
+
+    fn reference((xs, m, ks, st, dil, pads): Case) -> Reference {
+        let [n, c, h, wd] = xs;
+        let g = geometry(xs, ks, st, dil, pads);
+        let x = data(xs.iter().product(), 1);
+        let w = data(m * c * ks[0] * ks[1], 2);
+        let b = data(m, 3);
+        let (_, want) = naive_conv3(
+            &x,
+            [n, c, 1, h, wd],
+            &w,
+            [m, c, 1, ks[0], ks[1]],
+            Some(&b),
+            1,
+            [1, st[0], st[1]],
+            [1, dil[0], dil[1]],
+            [0, pads[0], pads[1], 0, pads[2], pads[3]],
+        );
+        Reference {
+            x: HostTensor::from_vec(&xs, &x).expect("x"),
+            w: HostTensor::from_vec(&[m, c, ks[0], ks[1]], &w).expect("w"),
+            b: HostTensor::from_vec(&[m], &b).expect("b"),
+            ys: [n, m, g.out[0], g.out[1]],
+            want,
+        }
+    }
+
     #[test]
     fn first_layers_with_pixels_in_lanes_match_direct_loops() {
-        // (x [n, c, h, w], output channels, kernel, strides, dilations, pads [top, left,
-        // bottom, right]): rows of at least 32 outputs from at most 4 channels, which [`stem`]
+        // Rows of at least 32 outputs from at most 4 channels, which [`stem`]
         // takes: SqueezeNet's unpadded 3x3/2 (64 channels, 8 blocks), ResNet's 7x7/2 on two
         // images (13 channels: a block of 8 and a part), a grey plane at stride 1, stride 3
         // with dilation and asymmetric pads (three column phases), a 2x2 window, rows of 9
         // registers (tiles 3, 3, 3) and of 5 (3, 2), a last register of 2 pixels.
-        type Case = (
-            [usize; 4],
-            usize,
-            [usize; 2],
-            [usize; 2],
-            [usize; 2],
-            [usize; 4],
-        );
         let cases: [Case; 8] = [
             ([1, 3, 13, 75], 64, [3, 3], [2, 2], [1, 1], [0, 0, 0, 0]),
             ([2, 3, 16, 70], 13, [7, 7], [2, 2], [1, 1], [3, 3, 3, 3]),
@@ -1464,31 +1526,15 @@ mod tests {
             ([1, 3, 5, 70], 5, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
             ([1, 3, 5, 34], 8, [3, 3], [1, 1], [1, 1], [0, 0, 0, 0]),
         ];
-        for (k, (xs, m, ks, st, dil, pads)) in cases.into_iter().enumerate() {
+        for (k, case) in cases.into_iter().enumerate() {
+            let (xs, _, ks, st, dil, pads) = case;
             let g = geometry(xs, ks, st, dil, pads);
             assert_eq!(
                 stem::applies(&xs, &g, 1),
                 crate::simd::has_avx512(),
                 "case {k}"
             );
-            let [n, c, h, w] = xs;
-            let x = data(xs.iter().product(), 1);
-            let wv = data(m * c * ks[0] * ks[1], 2);
-            let bias = data(m, 3);
-            let (ys, want) = naive_conv3(
-                &x,
-                [n, c, 1, h, w],
-                &wv,
-                [m, c, 1, ks[0], ks[1]],
-                Some(&bias),
-                1,
-                [1, st[0], st[1]],
-                [1, dil[0], dil[1]],
-                [0, pads[0], pads[1], 0, pads[2], pads[3]],
-            );
-            let tx = HostTensor::from_vec(&xs, &x).expect("x");
-            let tw = HostTensor::from_vec(&[m, c, ks[0], ks[1]], &wv).expect("w");
-            let tb = HostTensor::from_vec(&[m], &bias).expect("b");
+            let r = reference(case);
             // Weights given per call, and constant (regrouped at load).
             for constant in [false, true] {
                 let mut node = NodeSpec::onnx("Conv", 11)
@@ -1499,30 +1545,21 @@ mod tests {
                 if constant {
                     node = node.constant(1);
                 }
-                let out = run_kernel(conv_factory, &node, &[&tx, &tw, &tb], None).expect("run");
-                assert_eq!(out[0].shape(), &[n, m, ys[3], ys[4]], "case {k}");
-                close(&out[0].to_vec::<f32>().expect("f32"), &want);
+                let out = run_kernel(conv_factory, &node, &[&r.x, &r.w, &r.b], None).expect("run");
+                assert_eq!(out[0].shape(), &r.ys[..], "case {k}");
+                close(&out[0].to_vec::<f32>().expect("f32"), &r.want);
             }
         }
     }
 
     #[test]
     fn deep_convolutions_match_direct_loops() {
-        // (x [n, c, h, w], output channels, kernel, strides, dilations, pads [top, left,
-        // bottom, right]): ResNet's 3x3 layers in small, with output widths around the
+        // ResNet's 3x3 layers in small, with output widths around the
         // 14-pixel tiles (7, 12, 13, 25, 40), channel counts around the
         // 16-channel blocks of the channels-last copy (5, 16, 21, 32) and the 32-channel
         // blocks of the output (3, 24, 33, 40), strides, a dilation, a 5x5 window, asymmetric
         // pads, input rows wider than 16 columns, two images; each with the weights given at
         // load (regrouped once) and at run time (regrouped per call).
-        type Case = (
-            [usize; 4],
-            usize,
-            [usize; 2],
-            [usize; 2],
-            [usize; 2],
-            [usize; 4],
-        );
         // Rows narrower than their tiles' slots (7, 12, 20 and 30 wide) run in tiles across
         // rows; the ninth case's rows are cut into several parallel tasks. The last two run
         // whole images per task (two images), in several groups of 16 tiles (along lines and
@@ -1540,35 +1577,17 @@ mod tests {
             ([2, 40, 30, 30], 24, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
             ([2, 20, 12, 30], 40, [3, 3], [1, 1], [1, 1], [0, 0, 0, 0]),
         ];
-        for (k, (xs, m, ks, st, dil, pads)) in cases.into_iter().enumerate() {
-            let g = geometry(xs, ks, st, dil, pads);
+        for (k, case) in cases.into_iter().enumerate() {
+            let (xs, _, ks, st, dil, pads) = case;
             assert_eq!(
-                direct::applies(&xs, &g, 1),
+                direct::applies(&xs, &geometry(xs, ks, st, dil, pads), 1),
                 crate::simd::has_avx512(),
                 "case {k}"
             );
-            let [n, c, h, wd] = xs;
-            let x = data(xs.iter().product(), 1);
-            let w = data(m * c * ks[0] * ks[1], 2);
-            let b = data(m, 3);
-            let (_, want) = naive_conv3(
-                &x,
-                [n, c, 1, h, wd],
-                &w,
-                [m, c, 1, ks[0], ks[1]],
-                Some(&b),
-                1,
-                [1, st[0], st[1]],
-                [1, dil[0], dil[1]],
-                [0, pads[0], pads[1], 0, pads[2], pads[3]],
-            );
-            let ys = [n, m, g.out[0], g.out[1]];
+            let Reference { x, w, b, ys, want } = reference(case);
             let z: Vec<f32> = (0..want.len())
                 .map(|i| (i % 13) as f32 * 0.25 - 1.5)
                 .collect();
-            let tx = HostTensor::from_vec(&xs, &x).expect("x");
-            let tw = HostTensor::from_vec(&[m, c, ks[0], ks[1]], &w).expect("w");
-            let tb = HostTensor::from_vec(&[m], &b).expect("b");
             let tz = HostTensor::from_vec(&ys, &z).expect("z");
             for (act, params, activation) in [
                 ("", vec![], Activation::None),
@@ -1588,7 +1607,7 @@ mod tests {
                     if constant {
                         node = node.constant(1);
                     }
-                    let mut inputs = vec![&tx, &tw, &tb];
+                    let mut inputs = vec![&x, &w, &b];
                     if with_z {
                         inputs.push(&tz);
                     }

@@ -184,16 +184,7 @@ pub(super) fn run(
     let ocb = block_width(m);
     let blocks = m.div_ceil(ocb);
     let wt_len = checked_numel(&[blocks, depth, ocb])?;
-    if x.len() < checked_numel(&[n, image])?
-        || w.len() < checked_numel(&[m, depth])?
-        || y.len() < n * m * plane
-        || bias.is_some_and(|b| b.len() < m)
-        || z.is_some_and(|z| z.len() < y.len())
-    {
-        return Err(PluginError::invalid(
-            "Conv: X, W, B or Z is shorter than its shape",
-        ));
-    }
+    super::operands_fit((x, w, y), bias, z, (n, image), (m, depth), plane)?;
     // Per tap (ky, kx), its offset in the copy from an output pixel's first tap.
     let mut taps = try_vec(kh * kw, 0usize)?;
     for ky in 0..kh {

@@ -120,16 +120,7 @@ pub(super) fn run(
     };
     let depth = checked_numel(&[c, kh, kw])?;
     let blocks = m.div_ceil(R);
-    if x.len() < checked_numel(&[n, image])?
-        || w.len() < checked_numel(&[m, depth])?
-        || y.len() < checked_numel(&[n, m, plane])?
-        || bias.is_some_and(|b| b.len() < m)
-        || z.is_some_and(|z| z.len() < y.len())
-    {
-        return Err(PluginError::invalid(
-            "Conv: X, W, B or Z is shorter than its shape",
-        ));
-    }
+    super::operands_fit((x, w, y), bias, z, (n, image), (m, depth), plane)?;
     let built;
     let wt = match packed {
         Some(p) if p.len() == blocks * depth * R => p,

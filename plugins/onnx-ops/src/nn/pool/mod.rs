@@ -263,8 +263,8 @@ impl Pool {
         let hbufs = TaskScratch::<T::C>::new(ctx, h_len.unwrap_or(0));
         ctx.parallel_chunks(y, grain, |start, chunk| {
             // Reused scratch (the row pass writes all of it before the column pass reads):
-            // no zeroed allocation per task.
-            let mut hbuf = h_len.and_then(|_| hbufs.take().ok());
+            // no zeroed allocation per task; taken when a plane first needs it.
+            let mut hbuf = None;
             let mut acc = Vec::new();
             let mut oid = vec![0usize; s];
             let mut lists: Vec<&[usize]> = Vec::with_capacity(s);
@@ -277,22 +277,24 @@ impl Pool {
                 } else {
                     None
                 };
-                // 2-D max without indices: separable, when its row buffer could be had (else
-                // the general walk below).
+                // 2-D max without indices: the element type's own kernel, else separable
+                // when its row buffer could be had (else the general walk below).
                 if s == 2 && ip.is_none() && self.kind == Kind::Max {
-                    let (w_in, out_w) = (spatial[1], g.out[1]);
-                    let fast = (g.dilations[1] == 1).then(|| (g.kernel[1], g.strides[1]));
+                    let geometry = Separable {
+                        w_in: spatial[1],
+                        rows_of: &taps[0],
+                        cols_of: &taps[1],
+                        out_w: g.out[1],
+                        fast: (g.dilations[1] == 1).then(|| (g.kernel[1], g.strides[1])),
+                    };
+                    if T::max_plane_own(xp, &geometry, yp) {
+                        continue;
+                    }
+                    if hbuf.is_none() {
+                        hbuf = h_len.and_then(|_| hbufs.take().ok());
+                    }
                     if let Some(h) = hbuf.as_deref_mut() {
-                        let geometry = Separable {
-                            w_in,
-                            rows_of: &taps[0],
-                            cols_of: &taps[1],
-                            out_w,
-                            fast,
-                        };
-                        if !T::max_plane_own(xp, &geometry, yp) {
-                            max_plane_separable::<T>(xp, &geometry, h, &mut acc, yp);
-                        }
+                        max_plane_separable::<T>(xp, &geometry, h, &mut acc, yp);
                         continue;
                     }
                 }

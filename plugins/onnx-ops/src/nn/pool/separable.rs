@@ -27,6 +27,20 @@ pub(super) struct Separable<'a> {
     pub fast: Option<(usize, usize)>,
 }
 
+impl Separable<'_> {
+    /// The output columns `lo..hi` whose windows lie wholly inside the row (constant kernel
+    /// width and stride, [`fast`](Self::fast)), with the first one's first column `c0`.
+    pub(super) fn interior(&self) -> Option<(usize, usize, usize)> {
+        let (kw, _) = self.fast?;
+        let (cols_of, out_w) = (self.cols_of, self.out_w);
+        let lo = (0..out_w).find(|&ow| cols_of.of(ow).len() == kw)?;
+        let hi = (lo..out_w)
+            .find(|&ow| cols_of.of(ow).len() != kw)
+            .unwrap_or(out_w);
+        Some((lo, hi, *cols_of.of(lo).first()?))
+    }
+}
+
 simd_fn! {
     /// One plane `xp` into `yp`. `h`: scratch of 2 x input rows x output columns (the row
     /// pass's maxima, then its first taps); `acc`: one output row's scratch.
@@ -49,14 +63,9 @@ simd_fn! {
         } = *geometry;
         let neg = <T::C as Real>::NEG_INFINITY;
         let (h, hf) = h.split_at_mut(h.len() / 2);
-        // The output columns whose windows lie wholly inside the row, with their first column.
-        let interior = fast.and_then(|(kw, sw)| {
-            let lo = (0..out_w).find(|&ow| cols_of.of(ow).len() == kw)?;
-            let hi = (lo..out_w)
-                .find(|&ow| cols_of.of(ow).len() != kw)
-                .unwrap_or(out_w);
-            Some((lo, hi, *cols_of.of(lo).first()?, kw, sw))
-        });
+        let interior = geometry
+            .interior()
+            .and_then(|(lo, hi, c0)| Some((lo, hi, c0, fast?.0, fast?.1)));
         let rows = xp
             .chunks_exact(w_in.max(1))
             .zip(h.chunks_exact_mut(out_w))

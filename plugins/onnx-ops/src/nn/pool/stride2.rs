@@ -47,16 +47,7 @@ unsafe fn plane_avx512(xp: &[f32], geometry: &Separable<'_>, kw: usize, yp: &mut
         ..
     } = *geometry;
     // The interior columns `lo..hi`, the first one's window from column `c0`.
-    let lo = (0..out_w).find(|&ow| cols_of.of(ow).len() == kw);
-    let (lo, hi, c0) = match lo.and_then(|lo| Some((lo, *cols_of.of(lo).first()?))) {
-        Some((lo, c0)) => {
-            let hi = (lo..out_w)
-                .find(|&ow| cols_of.of(ow).len() != kw)
-                .unwrap_or(out_w);
-            (lo, hi, c0)
-        }
-        None => (0, 0, 0),
-    };
+    let (lo, hi, c0) = geometry.interior().unwrap_or((0, 0, 0));
     for (oh, yr) in yp.chunks_exact_mut(out_w.max(1)).enumerate() {
         let rows = rows_of.of(oh);
         if rows.is_empty() {
