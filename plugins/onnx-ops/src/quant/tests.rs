@@ -1207,7 +1207,7 @@ fn channels_last_convolutions_equal_the_nchw_ones() {
     };
     // (x shape, output channels, group, kernel, strides, pads)
     type Case = ([usize; 4], usize, usize, [usize; 2], [usize; 2], [usize; 4]);
-    let cases: [Case; 15] = [
+    let cases: [Case; 18] = [
         ([1, 16, 5, 7], 24, 1, [1, 1], [1, 1], [0, 0, 0, 0]),
         ([2, 8, 9, 6], 12, 1, [1, 1], [2, 2], [0, 0, 0, 0]),
         ([2, 8, 9, 6], 12, 1, [3, 3], [1, 1], [1, 1, 1, 1]),
@@ -1223,6 +1223,12 @@ fn channels_last_convolutions_equal_the_nchw_ones() {
         // blocks of 16 channels and a partial one.
         ([1, 40, 6, 13], 40, 40, [3, 3], [1, 1], [1, 1, 1, 1]),
         ([2, 48, 11, 15], 48, 48, [3, 3], [2, 2], [0, 1, 1, 0]),
+        // Depthwise over blocks of 64 channels (the VNNI loop, where the CPU has it) and a
+        // remainder of 16, planes too large for the zero-point frame, so that the border
+        // positions run too: 3x3, stride 2, and 5x5 (taps not a multiple of four).
+        ([1, 144, 15, 14], 144, 144, [3, 3], [1, 1], [1, 1, 1, 1]),
+        ([1, 64, 30, 31], 64, 64, [3, 3], [2, 2], [1, 1, 1, 1]),
+        ([1, 80, 16, 15], 80, 80, [5, 5], [1, 1], [2, 2, 2, 2]),
         // Few input channels (a first layer's direct loop when the weights' zero points are
         // zero): 3x3 stride 2, 7x7 over 4 channels, fewer outputs than a block, 1 channel.
         ([2, 3, 9, 11], 20, 1, [3, 3], [2, 2], [1, 1, 1, 1]),

@@ -4,9 +4,12 @@
 //! float one (measured); here each plane is a few passes of `acc += w * (x - zx)` along
 //! output rows, which vectorize for unit strides.
 
+mod quads;
+
 use super::Geometry;
 use crate::util::numel;
 use opreg_sdk::prelude::*;
+use quads::{QuadRows, Quads};
 
 /// Output positions accumulated at a time (a stack buffer: no allocation in the workers).
 pub(super) const BLOCK: usize = 256;
@@ -264,6 +267,9 @@ pub(super) struct TapMajor {
     /// Whether every weight fits in i16, so that `pairs` holds them (shifted 8-bit weights
     /// always do: within ±255).
     pairs_fit: bool,
+    /// The weights grouped four taps at a time for the VNNI loop, where the CPU has it and
+    /// they fit in i8.
+    quads: Option<Quads>,
     sums: Vec<i32>,
     c: usize,
     taps: usize,
@@ -291,10 +297,14 @@ impl TapMajor {
             }
         }
         let pairs_fit = w.iter().all(|&v| i16::try_from(v).is_ok());
+        let quads = quads::available()
+            .then(|| Quads::new(shifted, c, taps))
+            .flatten();
         Ok(TapMajor {
             w,
             pairs,
             pairs_fit,
+            quads,
             sums,
             c,
             taps,
@@ -345,6 +355,8 @@ struct Rows<'a> {
     /// The output columns whose window lies inside x's width.
     cols: (usize, usize),
     q: &'a Requant<'a>,
+    /// The VNNI loop's operands, where it runs (the whole blocks of 64 channels).
+    quads: Option<&'a QuadRows<'a>>,
 }
 
 #[inline(always)]
@@ -369,8 +381,16 @@ impl Rows<'_> {
         let mut done = 0;
         #[cfg(target_arch = "x86_64")]
         if WIDE && rows_inside && self.w.pairs_fit && self.cols.0 < self.cols.1 {
+            let mut from = 0;
+            if let Some(q) = self.quads {
+                // SAFETY: `quads` is set only where `quads::available()` (run_depthwise_nhwc).
+                if !unsafe { quads::interior::<SIGNED>(self, q, x, oh, out) } {
+                    return;
+                }
+                from = q.w.channels();
+            }
             // SAFETY: WIDE rows run only from `wide::row`, on a CPU with AVX-512 F/BW/VL.
-            if !unsafe { wide::interior_run::<SIGNED>(self, x, oh, out) } {
+            if !unsafe { wide::interior_run::<SIGNED>(self, x, oh, from, out) } {
                 return;
             }
             done = c - c % LANES;
@@ -381,7 +401,16 @@ impl Rows<'_> {
                 let base = ((oh * win.sh - win.ph) * win.iw + ow * win.sw - win.pw) * c;
                 self.interior::<SIGNED>(x, base, done, dst);
             } else {
-                self.border::<SIGNED, WIDE>(x, oh, ow, dst);
+                let mut from = 0;
+                #[cfg(target_arch = "x86_64")]
+                if let (true, Some(q)) = (WIDE, self.quads) {
+                    // SAFETY: `quads` is set only where `quads::available()`.
+                    if !unsafe { quads::border::<SIGNED>(self, q, x, oh, ow, dst) } {
+                        return;
+                    }
+                    from = q.w.channels();
+                }
+                self.border::<SIGNED, WIDE>(x, oh, ow, from, dst);
             }
         }
     }
@@ -436,18 +465,19 @@ impl Rows<'_> {
         }
     }
 
-    /// A position whose window reaches into the padding: `Σ w * (x - zx)` over the taps
-    /// inside x.
+    /// A position whose window reaches into the padding, channels `from..`: `Σ w * (x -
+    /// zx)` over the taps inside x.
     #[inline(always)]
     fn border<const SIGNED: bool, const WIDE: bool>(
         &self,
         x: &[u8],
         oh: usize,
         ow: usize,
+        from: usize,
         dst: &mut [u8],
     ) {
         let (c, win) = (self.c, &self.win);
-        let mut c0 = 0;
+        let mut c0 = from;
         while c0 < c {
             let n = LANES.min(c - c0);
             #[cfg(target_arch = "x86_64")]
@@ -556,14 +586,15 @@ pub(super) mod wide {
     const POSITIONS: usize = 4;
 
     /// Output row `oh`'s windows inside x (columns `cols`), every whole block of 16
-    /// channels: `Σ w * x` over the taps, requantized with `inner`'s biases, into `out` (the
-    /// row). One bounds check for the row; `false` where x, the weights or the row are
+    /// channels from channel `from`: `Σ w * x` over the taps, requantized with `inner`'s
+    /// biases, into `out` (the row). One bounds check for the row; `false` where x, the weights or the row are
     /// shorter than the geometry says (the caller checked: never).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub(super) fn interior_run<const SIGNED: bool>(
         p: &Rows<'_>,
         x: &[u8],
         oh: usize,
+        from: usize,
         out: &mut [u8],
     ) -> bool {
         let (c, win) = (p.c, &p.win);
@@ -610,7 +641,7 @@ pub(super) mod wide {
                 None => lo,
             }
         };
-        for c0 in (0..c - c % LANES).step_by(LANES) {
+        for c0 in (from..c - c % LANES).step_by(LANES) {
             let mut ow = ow0;
             while ow < ow1 {
                 let n = POSITIONS.min(ow1 - ow);
@@ -863,6 +894,24 @@ impl Geometry {
             let (lo, hi) = win.columns(kw);
             cols = (cols.0.max(lo), cols.1.min(hi));
         }
+        let quad_rows = match &w.quads {
+            Some(qw) => {
+                // The loop reads i8 x as `x + 128`: its zero point moves with it.
+                let zq = zx.wrapping_add(if x_signed { 128 } else { 0 });
+                let mut shifted = opreg_sdk::alloc::try_vec(c, 0i32)?;
+                for ((v, &b), &s) in shifted.iter_mut().zip(q.bias).zip(&w.sums) {
+                    *v = b.wrapping_sub(zq.wrapping_mul(s));
+                }
+                Some(QuadRows {
+                    w: qw,
+                    groups: qw.groups(&offsets)?,
+                    pad: opreg_sdk::alloc::try_vec(qw.channels(), zx as u8)?,
+                    inner: qw.permute(&shifted)?,
+                    mult: qw.permute(q.mult)?,
+                })
+            }
+            _ => None,
+        };
         let p = Rows {
             win,
             c,
@@ -872,6 +921,7 @@ impl Geometry {
             inner: &inner,
             cols,
             q,
+            quads: quad_rows.as_ref(),
         };
         // Several output rows per task when rows are small (MobileNet's 7x7 layers).
         let grain = row * 8192usize.div_ceil(row);
