@@ -287,15 +287,11 @@ fn finish_any(
         )));
     }
     let rows = (4096 / m).max(1);
+    // Chunks of whole rows (`rows * m` values), so that each row starts at channel 0.
     ctx.parallel_chunks(y, rows * m, |start, chunk| {
-        for (i, v) in chunk.iter_mut().enumerate() {
-            let at = start + i;
-            let b = bias.map_or(0.0, |b| b[at % m]);
-            // As `finish_plane` computes it.
-            *v = act.apply(match z {
-                Some(z) => (*v + b) + z[at],
-                None => *v + b,
-            });
+        for (i, row) in chunk.chunks_mut(m).enumerate() {
+            let at = start + i * m;
+            super::finish_row(row, bias, z.and_then(|z| z.get(at..at + row.len())), act);
         }
     })
 }
