@@ -22,9 +22,15 @@
 //! layer reads them in place, where both had turned the tiles around.
 //!
 //! Runs after `conv-add` and `conv-activation` (their fused nodes are what it converts) and
-//! only where the kernels have `FusedConvNhwc` (see [`Pass::fuses`]). A convolution with a
-//! fused sum (Z, which has Y's layout) keeps an NCHW output. Results do not change: the
-//! kernels compute the same sums in the same order (their tests hold them to it).
+//! only where the kernels have `FusedConvNhwc` (see [`Pass::fuses`]). A fused sum (Z) has
+//! Y's layout: a convolution with a Z writes channels-last only where its Z is channels-last,
+//! and a value read as a Z only where its reader writes channels-last, so a residual chain
+//! (MobileNetV2's 24- to 160-channel bottleneck values, each read by the next block's
+//! expansion and, as Z, by its projection) goes channels-last as a whole. Kept NCHW, those
+//! values cost every projection a column-major store and every expansion a transposing
+//! pack (MobileNetV2's narrow projections ran at 1.7-1.95x ONNX Runtime's time). Results
+//! do not change: the kernels compute the same sums in the same order (their tests hold
+//! them to it).
 
 use super::{super::import::Model, fresh, value_names, Fusion, Pass};
 use crate::graph::{import::Node, subgraphs::outer_reads, GraphError};
@@ -62,13 +68,15 @@ impl Pass for NhwcConv {
             }
             pinned.extend(outer_reads(n));
         }
-        let mut found: Vec<(usize, Vec<usize>)> = Vec::new();
+        // Candidates: producer -> its output's readers (node, slot).
+        let mut found: HashMap<usize, Vec<(usize, usize)>> = HashMap::new();
+        let mut producer: HashMap<&str, usize> = HashMap::new();
         for (i, n) in model.nodes.iter().enumerate() {
             let ([y], Some(Some(k))) = (n.outputs.as_slice(), kinds.get(i)) else {
                 continue;
             };
-            // A fused sum has Y's layout: such an output stays NCHW.
-            if n.inputs.get(3).is_some_and(|z| !z.is_empty()) || pinned.contains(y) {
+            producer.insert(y.as_str(), i);
+            if pinned.contains(y) {
                 continue;
             }
             let Some(rs) = readers.get(y.as_str()) else {
@@ -76,13 +84,44 @@ impl Pass for NhwcConv {
             };
             // Another convolution writes channels-last only for depthwise readers, whose
             // channels-last copy it then saves (a first layer's NCHW output took the
-            // depthwise layer after it a transpose, and its own tiles one).
-            let fits = |j: usize| match k {
-                Kind::General => matches!(kinds.get(j), Some(Some(Kind::Depthwise))),
-                Kind::Pointwise | Kind::Depthwise => reads(j),
+            // depthwise layer after it a transpose, and its own tiles one). A value read as
+            // a fused sum (Z, slot 3) takes its reader's Y layout: checked below.
+            let fits = |j: usize, slot: usize| match (k, slot) {
+                (Kind::General, 0) => matches!(kinds.get(j), Some(Some(Kind::Depthwise))),
+                (Kind::Pointwise | Kind::Depthwise, 0 | 3) => reads(j),
+                _ => false,
             };
-            if rs.iter().all(|&(j, slot)| slot == 0 && fits(j)) {
-                found.push((i, rs.iter().map(|&(j, _)| j).collect()));
+            if rs.iter().all(|&(j, slot)| fits(j, slot)) {
+                found.insert(i, rs.clone());
+            }
+        }
+        // A fused sum has Y's layout: a convolution with a Z writes channels-last only where
+        // its Z is channels-last, and a value read as a Z is channels-last only where its
+        // reader writes so (a residual chain of MobileNetV2 goes channels-last as a whole,
+        // or stays NCHW). Removing one candidate can undo others: until nothing changes.
+        loop {
+            let undone: Vec<usize> = found
+                .iter()
+                .filter(|&(&i, rs)| {
+                    let node = model.nodes.get(i);
+                    let z = node.and_then(|n| n.inputs.get(3)).filter(|z| !z.is_empty());
+                    let z_fits = z.is_none_or(|z| {
+                        producer
+                            .get(z.as_str())
+                            .is_some_and(|p| found.contains_key(p))
+                    });
+                    let readers_fit = rs
+                        .iter()
+                        .all(|&(j, slot)| slot != 3 || found.contains_key(&j));
+                    !(z_fits && readers_fit)
+                })
+                .map(|(&i, _)| i)
+                .collect();
+            if undone.is_empty() {
+                break;
+            }
+            for i in undone {
+                found.remove(&i);
             }
         }
         if found.is_empty() {
@@ -90,6 +129,9 @@ impl Pass for NhwcConv {
         }
         let mut taken = value_names(model);
         let mut layouts: HashMap<usize, (bool, bool)> = HashMap::new();
+        let mut found: Vec<(usize, Vec<(usize, usize)>)> = found.into_iter().collect();
+        // In graph order, so that the fresh names do not depend on the map's.
+        found.sort_unstable_by_key(|&(i, _)| i);
         for (i, rs) in found {
             let Some(y) = model.nodes.get(i).and_then(|n| n.outputs.first()).cloned() else {
                 continue;
@@ -99,11 +141,14 @@ impl Pass for NhwcConv {
                 *slot = t.clone();
             }
             layouts.entry(i).or_default().1 = true;
-            for j in rs {
-                if let Some(slot) = model.nodes.get_mut(j).and_then(|n| n.inputs.first_mut()) {
+            for (j, k) in rs {
+                if let Some(slot) = model.nodes.get_mut(j).and_then(|n| n.inputs.get_mut(k)) {
                     *slot = t.clone();
                 }
-                layouts.entry(j).or_default().0 = true;
+                // Read as X: the reader's X is channels-last; as Z, its Y is (a candidate).
+                if k == 0 {
+                    layouts.entry(j).or_default().0 = true;
+                }
             }
         }
         for (&i, &(x_nhwc, y_nhwc)) in &layouts {

@@ -984,6 +984,52 @@ fn channels_last_stops_where_a_value_is_read_otherwise() {
     assert_eq!(nhwc_conv::NhwcConv.run(&mut fed).unwrap(), 0);
 }
 
+/// A residual chain (MobileNetV2's bottleneck values): `a`, read by the next block's
+/// expansion as X and by its projection as Z, goes channels-last with the projection's
+/// output; where the projection's output must stay NCHW (a graph output), so does `a`.
+#[test]
+fn a_residual_chain_goes_channels_last_with_its_sums() {
+    let chain = |outputs: &[&str]| {
+        let mut m = mobile_block(
+            vec![node("Conv", &["p", "wq"], &["q"])],
+            outputs,
+            &[4, 2, 1, 1],
+        );
+        m.nodes.insert(0, node("Conv", &["x", "wa"], &["a"]));
+        m.nodes[1].inputs[0] = "a".into();
+        m.nodes[3].inputs.extend(["".into(), "a".into()]);
+        for (name, shape) in [("wa", [2, 2, 1, 1]), ("wq", [2, 2, 1, 1])] {
+            let t = HostTensor::from_vec(&shape, &[0.5f32; 4]).unwrap();
+            m.initializers.insert(name.into(), Arc::new(t));
+        }
+        m
+    };
+    let mut m = chain(&["q"]);
+    assert_eq!(nhwc_conv::NhwcConv.run(&mut m).unwrap(), 5);
+    assert_eq!(m.nodes[0].outputs, ["a_nhwc"]);
+    assert_eq!(m.nodes[1].inputs[0], "a_nhwc");
+    assert_eq!(m.nodes[3].inputs, ["d_nhwc", "wp", "", "a_nhwc"]);
+    assert_eq!(m.nodes[3].outputs, ["p_nhwc"]);
+    assert_eq!(m.nodes[4].inputs[0], "p_nhwc");
+    let flag = |n: &Node, name: &str| {
+        n.attributes
+            .iter()
+            .find(|a| a.name == name)
+            .map(|a| a.value.clone())
+    };
+    let int = |v| Some(opreg_sdk::AttrValue::Int(v));
+    assert_eq!(flag(&m.nodes[3], "x_nhwc"), int(1));
+    assert_eq!(flag(&m.nodes[3], "y_nhwc"), int(1));
+    assert_eq!(flag(&m.nodes[4], "y_nhwc"), int(0));
+    // `p` a graph output: the projection writes NCHW, so its Z `a` stays NCHW too (and
+    // with it the expansion's X); the block's inner values still go channels-last.
+    let mut pinned = chain(&["q", "p"]);
+    assert_eq!(nhwc_conv::NhwcConv.run(&mut pinned).unwrap(), 3);
+    assert_eq!(pinned.nodes[0].outputs, ["a"]);
+    assert_eq!(pinned.nodes[3].inputs, ["d_nhwc", "wp", "", "a"]);
+    assert_eq!(pinned.nodes[3].outputs, ["p"]);
+}
+
 /// `DQ -> Gemm(transB = 1, bias) -> Q` over the weight `gq` ([n = 2, k = 3]), the Gemm's
 /// float attributes and the bias's shape given.
 fn qdq_gemm(alpha: f32, beta: f32, bias_shape: &[usize]) -> Model {
