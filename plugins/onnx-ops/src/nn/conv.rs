@@ -826,6 +826,22 @@ fn finish(
     })
 }
 
+/// `$each!(|v| f(v))` with `f` the activation `$act` computes (as [`Activation::apply`]
+/// does), chosen once so that the loop `$each` writes vectorizes: [`finish_plane`]'s and
+/// [`finish_row`]'s loops.
+macro_rules! per_activation {
+    ($act:expr, $each:ident) => {
+        match $act {
+            Activation::None => $each!(|v| v),
+            Activation::Relu => $each!(|v| v.max(0.0)),
+            Activation::Clip(lo, hi) => $each!(|v| Activation::Clip(lo, hi).apply(v)),
+            Activation::LeakyRelu(a) => $each!(|v| if v < 0.0 { a * v } else { v }),
+            Activation::SiLU => $each!(|v| Activation::SiLU.apply(v)),
+            Activation::Gelu => $each!(|v| Activation::Gelu.apply(v)),
+        }
+    };
+}
+
 crate::simd::simd_fn! {
     /// `v = act((v + bv) + z)` over one plane (`z` absent: `act(v + bv)`), with the activation
     /// chosen once outside the loop so that each loop vectorizes (SiLU's sigmoid included),
@@ -851,14 +867,7 @@ crate::simd::simd_fn! {
                 }
             };
         }
-        match act {
-            Activation::None => each!(|v| v),
-            Activation::Relu => each!(|v| v.max(0.0)),
-            Activation::Clip(lo, hi) => each!(|v| Activation::Clip(lo, hi).apply(v)),
-            Activation::LeakyRelu(a) => each!(|v| if v < 0.0 { a * v } else { v }),
-            Activation::SiLU => each!(|v| Activation::SiLU.apply(v)),
-            Activation::Gelu => each!(|v| Activation::Gelu.apply(v)),
-        }
+        per_activation!(act, each);
     }
 }
 
@@ -899,14 +908,7 @@ crate::simd::simd_fn! {
                 }
             };
         }
-        match act {
-            Activation::None => each!(|v| v),
-            Activation::Relu => each!(|v| v.max(0.0)),
-            Activation::Clip(lo, hi) => each!(|v| Activation::Clip(lo, hi).apply(v)),
-            Activation::LeakyRelu(a) => each!(|v| if v < 0.0 { a * v } else { v }),
-            Activation::SiLU => each!(|v| Activation::SiLU.apply(v)),
-            Activation::Gelu => each!(|v| Activation::Gelu.apply(v)),
-        }
+        per_activation!(act, each);
     }
 }
 
