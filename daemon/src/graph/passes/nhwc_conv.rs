@@ -106,9 +106,9 @@ impl Pass for NhwcConv {
                     let node = model.nodes.get(i);
                     let z = node.and_then(|n| n.inputs.get(3)).filter(|z| !z.is_empty());
                     let z_fits = z.is_none_or(|z| {
-                        producer
-                            .get(z.as_str())
-                            .is_some_and(|p| found.contains_key(p))
+                        producer.get(z.as_str()).is_some_and(|p| {
+                            found.contains_key(p) && same_shape(model, &producer, i, *p)
+                        })
                     });
                     let readers_fit = rs
                         .iter()
@@ -168,6 +168,96 @@ impl Pass for NhwcConv {
         }
         model.opsets.entry("opreg".into()).or_insert(1);
         Ok(layouts.len())
+    }
+}
+
+/// Whether node `at`'s output provably has the shape of node `z`'s (its fused sum), so that
+/// a channels-last Z needs no broadcast (the channels-last kernel adds a Z of Y's shape only;
+/// `conv-add` fuses any broadcasting Add, and the graph carries no shapes here): `at`'s X
+/// reached back from `at` through convolutions that keep the spatial size (1x1, or
+/// depthwise stride 1 padded by `k - 1`) is `z`'s output, and both write as many channels.
+/// A residual block (expand, depthwise, project over the block's input) is such a path.
+fn same_shape(model: &Model, producer: &HashMap<&str, usize>, at: usize, z: usize) -> bool {
+    let out_channels = |i: usize| {
+        let n = model.nodes.get(i)?;
+        let w = model.initializers.get(n.inputs.get(1)?)?;
+        w.shape().first().copied()
+    };
+    let Some(zy) = model.nodes.get(z).and_then(|n| n.outputs.first()) else {
+        return false;
+    };
+    if out_channels(at).is_none() || out_channels(at) != out_channels(z) {
+        return false;
+    }
+    // A MobileNet block is three convolutions; a few more allow for longer chains.
+    let mut i = at;
+    for _ in 0..8 {
+        let Some(n) = model.nodes.get(i) else {
+            return false;
+        };
+        if !keeps_size(model, n) {
+            return false;
+        }
+        let Some(x) = n.inputs.first() else {
+            return false;
+        };
+        if x == zy {
+            return true;
+        }
+        let Some(&p) = producer.get(x.as_str()) else {
+            return false;
+        };
+        i = p;
+    }
+    false
+}
+
+/// Whether `n` is a convolution whose output has its input's spatial size: 1x1 (stride 1,
+/// no padding: [`Kind::Pointwise`]), or depthwise with stride and dilation 1 and `k - 1`
+/// padding along each axis.
+fn keeps_size(model: &Model, n: &Node) -> bool {
+    match kind(model, n) {
+        Some(Kind::Pointwise) => true,
+        Some(Kind::Depthwise) => {
+            let Some(w) = n.inputs.get(1).and_then(|w| model.initializers.get(w)) else {
+                return false;
+            };
+            let &[_, _, kh, kw] = w.shape() else {
+                return false;
+            };
+            let ints = |name: &str| {
+                n.attributes
+                    .iter()
+                    .find(|a| a.name == name)
+                    .map(|a| match &a.value {
+                        AttrValue::Ints(v) => Some(v.clone()),
+                        _ => None,
+                    })
+            };
+            let ones = |name: &str| match ints(name) {
+                None => true,
+                Some(Some(v)) => v.iter().all(|&x| x == 1),
+                Some(None) => false,
+            };
+            // Padding `k - 1` along an axis (the sums checked: pads come from the model).
+            let keeps = |a: i64, b: i64, k: usize| {
+                i64::try_from(k).is_ok_and(|k| a.checked_add(b) == Some(k - 1))
+            };
+            let pads_keep = match ints("pads") {
+                Some(Some(p)) => match p.as_slice() {
+                    &[t, l, b, r] => keeps(t, b, kh) && keeps(l, r, kw),
+                    _ => false,
+                },
+                None => (kh, kw) == (1, 1),
+                Some(None) => false,
+            };
+            let no_auto_pad = n.attributes.iter().all(|a| {
+                a.name != "auto_pad"
+                    || matches!(&a.value, AttrValue::String(s) if s.is_empty() || s == "NOTSET")
+            });
+            ones("strides") && ones("dilations") && pads_keep && no_auto_pad
+        }
+        _ => false,
     }
 }
 

@@ -986,7 +986,8 @@ fn channels_last_stops_where_a_value_is_read_otherwise() {
 
 /// A residual chain (MobileNetV2's bottleneck values): `a`, read by the next block's
 /// expansion as X and by its projection as Z, goes channels-last with the projection's
-/// output; where the projection's output must stay NCHW (a graph output), so does `a`.
+/// output; where the projection's output must stay NCHW (a graph output), or where the
+/// block changes the image's size (Z would broadcast), so does `a`.
 #[test]
 fn a_residual_chain_goes_channels_last_with_its_sums() {
     let chain = |outputs: &[&str]| {
@@ -998,6 +999,11 @@ fn a_residual_chain_goes_channels_last_with_its_sums() {
         m.nodes.insert(0, node("Conv", &["x", "wa"], &["a"]));
         m.nodes[1].inputs[0] = "a".into();
         m.nodes[3].inputs.extend(["".into(), "a".into()]);
+        // The depthwise layer padded to keep the size: `p` and its Z `a` have one shape.
+        m.nodes[2].attributes.push(opreg_sdk::kernel::Attribute {
+            name: "pads".into(),
+            value: opreg_sdk::AttrValue::Ints(vec![1, 1, 1, 1]),
+        });
         for (name, shape) in [("wa", [2, 2, 1, 1]), ("wq", [2, 2, 1, 1])] {
             let t = HostTensor::from_vec(&shape, &[0.5f32; 4]).unwrap();
             m.initializers.insert(name.into(), Arc::new(t));
@@ -1028,6 +1034,14 @@ fn a_residual_chain_goes_channels_last_with_its_sums() {
     assert_eq!(pinned.nodes[0].outputs, ["a"]);
     assert_eq!(pinned.nodes[3].inputs, ["d_nhwc", "wp", "", "a"]);
     assert_eq!(pinned.nodes[3].outputs, ["p"]);
+    // Unpadded, the 3x3 layer shrinks the image: `a` would broadcast against `p`, which
+    // the channels-last kernel does not do, so the sum and its Z stay NCHW.
+    let mut shrinking = chain(&["q"]);
+    shrinking.nodes[2].attributes.retain(|a| a.name != "pads");
+    assert_eq!(nhwc_conv::NhwcConv.run(&mut shrinking).unwrap(), 3);
+    assert_eq!(shrinking.nodes[0].outputs, ["a"]);
+    assert_eq!(shrinking.nodes[3].inputs, ["d_nhwc", "wp", "", "a"]);
+    assert_eq!(shrinking.nodes[3].outputs, ["p"]);
 }
 
 /// `DQ -> Gemm(transB = 1, bias) -> Q` over the weight `gq` ([n = 2, k = 3]), the Gemm's

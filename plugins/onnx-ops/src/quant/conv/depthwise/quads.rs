@@ -120,6 +120,21 @@ pub(super) struct QuadRows<'a> {
     pub pad: Vec<u8>,
 }
 
+impl QuadRows<'_> {
+    /// Whether these operands hold what both loops read for `c` channels under `taps` taps:
+    /// whole blocks within `c`, one group of weights per four taps, and a permuted bias,
+    /// multiplier and padding byte for every channel of the blocks.
+    fn fits(&self, c: usize, taps: usize) -> bool {
+        let (w, n) = (self.w, self.w.channels());
+        n <= c
+            && w.quads == taps.div_ceil(4)
+            && w.w.len() >= w.blocks * w.quads * BLOCK
+            && self.inner.len() >= n
+            && self.mult.len() >= n
+            && self.pad.len() >= n
+    }
+}
+
 /// Whether the CPU runs [`interior`]: AVX-512 with VNNI (the dot products) and VBMI (the
 /// byte permute).
 pub(super) fn available() -> bool {
@@ -249,12 +264,9 @@ mod wide {
             .checked_mul(step)
             .and_then(|v| v.checked_add(base0)?.checked_add(max_off)?.checked_add(c));
         if end.is_none_or(|e| e > x.len())
-            || w.channels() > c
+            || !q.fits(c, win.kh_n * win.kw_n)
             || w.quads != q.groups.len()
-            || w.w.len() < w.blocks * w.quads * BLOCK
             || out.len() < ow1 * c
-            || q.inner.len() < w.channels()
-            || q.mult.len() < w.channels()
         {
             return false;
         }
@@ -315,14 +327,7 @@ mod wide {
     ) -> bool {
         let (c, win, w) = (p.c, &p.win, q.w);
         let taps = win.kh_n * win.kw_n;
-        if w.channels() > c
-            || dst.len() < c
-            || q.pad.len() < w.channels()
-            || w.quads != taps.div_ceil(4)
-            || w.w.len() < w.blocks * w.quads * BLOCK
-            || q.inner.len() < w.channels()
-            || q.mult.len() < w.channels()
-        {
+        if !q.fits(c, taps) || dst.len() < c {
             return false;
         }
         // Per tap, where its channels start in x, or `None` in the padding.
