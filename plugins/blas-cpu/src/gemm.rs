@@ -605,12 +605,22 @@ unsafe fn pack_a<K: MicroKernel>(
     out: *mut f32,
 ) {
     let mr_ = K::MR;
+    #[cfg(target_arch = "x86_64")]
+    let turn8 = mr_ == 8 && a.cs == 1 && std::arch::is_x86_feature_detected!("avx");
     for r0 in (0..mc).step_by(mr_) {
         let rows = mr_.min(mc - r0);
         let dst = out.wrapping_add(r0 * kc);
         let src = a.ptr.wrapping_add((ic + r0) * a.rs + pc * a.cs);
         // SAFETY (all branches): reads stay inside A's block, writes inside this panel.
         unsafe {
+            #[cfg(target_arch = "x86_64")]
+            if rows == mr_ && turn8 {
+                // Rows of A contiguous (a channels-last image's pixels): 8x8 blocks turned
+                // in registers. The scalar interleave below cost a 1x1 layer of depth 64 over
+                // 3136 pixels more than a tenth of its time.
+                x86::pack_rows8(src, a.rs, kc, dst);
+                continue;
+            }
             if rows == mr_ && a.rs == 1 {
                 // Columns of A are contiguous: MR values per step in one copy.
                 for q in 0..kc {
@@ -865,6 +875,60 @@ unsafe fn pack_transposed16(
             // SAFETY: as the x86 version.
             unsafe {
                 *dst.add(q * nr + j) = if j < cols { *src.add(j * cs + q) } else { 0.0 };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Packs 8 rows of A (`rs` floats apart, each contiguous over `kc` values) into one
+    /// micro-panel at `dst` (step `q` holding the 8 rows' values of column `q`), 8 columns at a
+    /// time through an 8x8 transpose in registers.
+    ///
+    /// # Safety
+    /// The CPU has AVX; the 8 rows hold `kc` floats each from `src`; `dst` has room for
+    /// `8 * kc` floats.
+    #[target_feature(enable = "avx")]
+    pub(super) unsafe fn pack_rows8(src: *const f32, rs: usize, kc: usize, dst: *mut f32) {
+        let mut q = 0;
+        while q + 8 <= kc {
+            // SAFETY: columns `q..q + 8` of the 8 rows, and 64 floats of the panel.
+            unsafe {
+                let r = |i: usize| _mm256_loadu_ps(src.add(i * rs + q));
+                let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
+                let (r4, r5, r6, r7) = (r(4), r(5), r(6), r(7));
+                let (t0, t1) = (_mm256_unpacklo_ps(r0, r1), _mm256_unpackhi_ps(r0, r1));
+                let (t2, t3) = (_mm256_unpacklo_ps(r2, r3), _mm256_unpackhi_ps(r2, r3));
+                let (t4, t5) = (_mm256_unpacklo_ps(r4, r5), _mm256_unpackhi_ps(r4, r5));
+                let (t6, t7) = (_mm256_unpacklo_ps(r6, r7), _mm256_unpackhi_ps(r6, r7));
+                // Columns j and j + 4 of rows 0-3 (s0..s3) and of rows 4-7 (s4..s7).
+                let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                let d = dst.add(q * 8);
+                _mm256_storeu_ps(d, _mm256_permute2f128_ps::<0x20>(s0, s4));
+                _mm256_storeu_ps(d.add(8), _mm256_permute2f128_ps::<0x20>(s1, s5));
+                _mm256_storeu_ps(d.add(16), _mm256_permute2f128_ps::<0x20>(s2, s6));
+                _mm256_storeu_ps(d.add(24), _mm256_permute2f128_ps::<0x20>(s3, s7));
+                _mm256_storeu_ps(d.add(32), _mm256_permute2f128_ps::<0x31>(s0, s4));
+                _mm256_storeu_ps(d.add(40), _mm256_permute2f128_ps::<0x31>(s1, s5));
+                _mm256_storeu_ps(d.add(48), _mm256_permute2f128_ps::<0x31>(s2, s6));
+                _mm256_storeu_ps(d.add(56), _mm256_permute2f128_ps::<0x31>(s3, s7));
+            }
+            q += 8;
+        }
+        for q in q..kc {
+            for i in 0..8 {
+                // SAFETY: as above, the columns past the last whole 8.
+                unsafe { *dst.add(q * 8 + i) = *src.add(i * rs + q) };
             }
         }
     }

@@ -1,43 +1,48 @@
-//! `nhwc-conv`: the values between f32 1x1 and depthwise convolutions (a MobileNet block's
-//! expand -> depthwise -> project chain) kept channels-last.
+//! `nhwc-conv`: the values between f32 convolutions (a MobileNet block's expand -> depthwise
+//! -> project chain, a ResNet's 1x1 -> 3x3 -> 1x1 bottlenecks) kept channels-last.
 //!
 //! The depthwise kernel computes with the channels in the lanes: on an NCHW value it copies
 //! its input channels-last and turns each tile of its output back (profiled on MobileNetV2:
-//! as long as the taps themselves). A 1x1 convolution is a gemm that reads and writes either
-//! layout at the same cost (the layout is only the operands' strides). So a value that a 1x1
-//! or depthwise f32 convolution produces and that only such convolutions read (as their X) is
-//! made channels-last: its producer becomes `opreg::FusedConvNhwc` with `y_nhwc = 1`, its
-//! readers with `x_nhwc = 1`, and the value is renamed `<name>_nhwc` (its layout is not the
-//! one its old name had). No transpose is added: every value entering or leaving the
-//! channels-last region is converted inside a convolution.
+//! as long as the taps themselves). The direct kernel of the other convolutions past 1x1
+//! (a ResNet's 3x3 layers) copies its input channels-last too, 16 channels at a time, and
+//! turns its tiles back likewise. A 1x1 convolution is a gemm that reads and writes either
+//! layout (the layout is only the operands' strides), faster channels-last where its depth
+//! is large: ResNet-50's 1x1 layers of 512-1024 input channels took 13-21 % less time so
+//! (per node, alternating builds), its 3x3 layers the same (±3 %). So a value that an f32
+//! convolution produces and that only convolutions read (as their X) is made channels-last:
+//! its producer becomes `opreg::FusedConvNhwc` with `y_nhwc = 1`, its readers with
+//! `x_nhwc = 1`, and the value is renamed `<name>_nhwc` (its layout is not the one its old
+//! name had). No transpose is added: every value entering or leaving the channels-last region
+//! is converted inside a convolution.
 //!
 //! ```text
 //! x -> Conv1x1 -> FusedConv(dw, Clip) -> Conv1x1 -> y   ==>
 //! x -> FusedConvNhwc(y_nhwc) -> FusedConvNhwc(x_nhwc, y_nhwc) -> FusedConvNhwc(x_nhwc) -> y
 //! ```
 //!
-//! A network's first layer (any other convolution of one group, which the kernel computes from
-//! an NCHW X) writes channels-last too when only depthwise convolutions read its output (the
-//! stem of MobileNet and EfficientNet): its tiles are stored as they are, and the depthwise
-//! layer reads them in place, where both had turned the tiles around.
+//! One exception: a 1x1 reader whose own output must stay NCHW (a Concat or a pool reads it)
+//! computes from a channels-last X into NCHW by storing its tiles column by column, slower
+//! than the NCHW product; so a value such a reader takes stays NCHW unless a depthwise layer
+//! writes it (whose NCHW output costs more). SqueezeNet's Fire modules stay NCHW so (their
+//! squeeze layers' 16-64 channels also half-fill the channels-last product's tiles).
 //!
 //! Runs after `conv-add` and `conv-activation` (their fused nodes are what it converts) and
 //! only where the kernels have `FusedConvNhwc` (see [`Pass::fuses`]). A fused sum (Z) has
 //! Y's layout: a convolution with a Z writes channels-last only where its Z is channels-last,
 //! and a value read as a Z only where its reader writes channels-last, so a residual chain
-//! (MobileNetV2's 24- to 160-channel bottleneck values, each read by the next block's
-//! expansion and, as Z, by its projection) goes channels-last as a whole. Kept NCHW, those
-//! values cost every projection a column-major store and every expansion a transposing
-//! pack (MobileNetV2's narrow projections ran at 1.7-1.95x ONNX Runtime's time). Results
-//! do not change: the kernels compute the same sums in the same order (their tests hold
-//! them to it).
+//! (MobileNetV2's 24- to 160-channel bottleneck values, a ResNet stage's block outputs, each
+//! read by the next block's first layer and, as Z, by its projection) goes channels-last as a
+//! whole. Kept NCHW, those values cost every projection a column-major store and every
+//! expansion a transposing pack (MobileNetV2's narrow projections ran at 1.7-1.95x ONNX
+//! Runtime's time). Results do not change: the kernels compute the same sums in the same
+//! order (their tests hold them to it).
 
 use super::{super::import::Model, fresh, value_names, Fusion, Pass};
 use crate::graph::{import::Node, subgraphs::outer_reads, GraphError};
 use opreg_sdk::{kernel::Attribute, AttrValue, DType};
 use std::collections::{HashMap, HashSet};
 
-/// Channels-last values between 1x1 and depthwise convolutions (see the module docs).
+/// Channels-last values between convolutions (see the module docs).
 pub struct NhwcConv;
 
 impl Pass for NhwcConv {
@@ -56,8 +61,7 @@ impl Pass for NhwcConv {
 
     fn run(&self, model: &mut Model) -> Result<usize, GraphError> {
         let kinds: Vec<Option<Kind>> = model.nodes.iter().map(|n| kind(model, n)).collect();
-        let reads =
-            |j: usize| matches!(kinds.get(j), Some(Some(Kind::Pointwise | Kind::Depthwise)));
+        let reads = |j: usize| matches!(kinds.get(j), Some(Some(_)));
         // Readers of each value by (node, input slot); values read where the pass cannot
         // follow (graph outputs, subgraphs) are left alone.
         let mut readers: HashMap<&str, Vec<(usize, usize)>> = HashMap::new();
@@ -72,7 +76,7 @@ impl Pass for NhwcConv {
         let mut found: HashMap<usize, Vec<(usize, usize)>> = HashMap::new();
         let mut producer: HashMap<&str, usize> = HashMap::new();
         for (i, n) in model.nodes.iter().enumerate() {
-            let ([y], Some(Some(k))) = (n.outputs.as_slice(), kinds.get(i)) else {
+            let ([y], Some(Some(_))) = (n.outputs.as_slice(), kinds.get(i)) else {
                 continue;
             };
             producer.insert(y.as_str(), i);
@@ -82,15 +86,9 @@ impl Pass for NhwcConv {
             let Some(rs) = readers.get(y.as_str()) else {
                 continue;
             };
-            // Another convolution writes channels-last only for depthwise readers, whose
-            // channels-last copy it then saves (a first layer's NCHW output took the
-            // depthwise layer after it a transpose, and its own tiles one). A value read as
-            // a fused sum (Z, slot 3) takes its reader's Y layout: checked below.
-            let fits = |j: usize, slot: usize| match (k, slot) {
-                (Kind::General, 0) => matches!(kinds.get(j), Some(Some(Kind::Depthwise))),
-                (Kind::Pointwise | Kind::Depthwise, 0 | 3) => reads(j),
-                _ => false,
-            };
+            // Read by convolutions only, as X or as a fused sum (Z, slot 3), which takes its
+            // reader's Y layout (checked below).
+            let fits = |j: usize, slot: usize| matches!(slot, 0 | 3) && reads(j);
             if rs.iter().all(|&(j, slot)| fits(j, slot)) {
                 found.insert(i, rs.clone());
             }
@@ -99,6 +97,7 @@ impl Pass for NhwcConv {
         // its Z is channels-last, and a value read as a Z is channels-last only where its
         // reader writes so (a residual chain of MobileNetV2 goes channels-last as a whole,
         // or stays NCHW). Removing one candidate can undo others: until nothing changes.
+        let writers: HashSet<usize> = found.keys().copied().collect();
         loop {
             let undone: Vec<usize> = found
                 .iter()
@@ -110,9 +109,22 @@ impl Pass for NhwcConv {
                             found.contains_key(p) && same_shape(model, &producer, i, *p)
                         })
                     });
-                    let readers_fit = rs
-                        .iter()
-                        .all(|&(j, slot)| slot != 3 || found.contains_key(&j));
+                    // A 1x1 reader whose output cannot go channels-last (a Concat or a
+                    // pool reads it) would compute from a channels-last X into NCHW, its
+                    // tiles stored column by column: SqueezeNet's expand layers ran 10-15 %
+                    // slower so, their squeeze layer too (16-64 channels: the tiles half
+                    // empty). Not after a depthwise layer, whose NCHW output costs more (its
+                    // tiles turned back). Only such readers: one that merely lost its own
+                    // candidacy to the fixed point would take every value upstream along.
+                    let depthwise = matches!(kinds.get(i), Some(Some(Kind::Depthwise)));
+                    let readers_fit = rs.iter().all(|&(j, slot)| match slot {
+                        3 => found.contains_key(&j),
+                        _ => {
+                            depthwise
+                                || !matches!(kinds.get(j), Some(Some(Kind::Pointwise)))
+                                || writers.contains(&j)
+                        }
+                    });
                     !(z_fits && readers_fit)
                 })
                 .map(|(&i, _)| i)
@@ -173,102 +185,133 @@ impl Pass for NhwcConv {
 
 /// Whether node `at`'s output provably has the shape of node `z`'s (its fused sum), so that
 /// a channels-last Z needs no broadcast (the channels-last kernel adds a Z of Y's shape only;
-/// `conv-add` fuses any broadcasting Add, and the graph carries no shapes here): `at`'s X
-/// reached back from `at` through convolutions that keep the spatial size (1x1, or
-/// depthwise stride 1 padded by `k - 1`) is `z`'s output, and both write as many channels.
-/// A residual block (expand, depthwise, project over the block's input) is such a path.
+/// `conv-add` fuses any broadcasting Add, and the graph carries no shapes here): both write
+/// as many channels, and walking back through convolutions from each reaches one value along
+/// paths that map spatial extents alike (the same sequence of [`SpatialMap`]s once the
+/// size-keeping ones are left out). A residual block over its input (MobileNetV2's expand,
+/// depthwise, project; a ResNet's 1x1, 3x3, 1x1) is such a pair, and so is a downsampling
+/// ResNet block (3x3 stride 2 padded 1 on one path, 1x1 stride 2 on the shortcut: both
+/// `(h - 1) / 2 + 1`).
 fn same_shape(model: &Model, producer: &HashMap<&str, usize>, at: usize, z: usize) -> bool {
     let out_channels = |i: usize| {
         let n = model.nodes.get(i)?;
         let w = model.initializers.get(n.inputs.get(1)?)?;
         w.shape().first().copied()
     };
-    let Some(zy) = model.nodes.get(z).and_then(|n| n.outputs.first()) else {
-        return false;
-    };
     if out_channels(at).is_none() || out_channels(at) != out_channels(z) {
         return false;
     }
-    // A MobileNet block is three convolutions; a few more allow for longer chains.
-    let mut i = at;
+    let (Some(from_at), Some(from_z)) = (
+        walk_back(model, producer, at),
+        model
+            .nodes
+            .get(z)
+            .and_then(|n| n.outputs.first())
+            .and_then(|zy| {
+                let mut path = walk_back(model, producer, z)?;
+                path.insert(0, (zy.as_str(), Vec::new()));
+                Some(path)
+            }),
+    ) else {
+        return false;
+    };
+    from_at
+        .iter()
+        .any(|(v, maps)| from_z.iter().any(|(u, other)| u == v && other == maps))
+}
+
+/// A convolution's spatial extents, per axis: `out = (in + pads - span) / stride + 1` with
+/// `span = dilation * (k - 1) + 1`, kept as `(pads - span, stride)`; two maps are the same
+/// function of `in` exactly when these are equal.
+type SpatialMap = Vec<(i64, i64)>;
+
+/// The values reached walking back from node `from` through convolutions (X after X, at most
+/// a few), each with the maps between it and `from`'s output (outermost first, those that
+/// keep the size left out); `None` where `from` is not a convolution this pass knows.
+fn walk_back<'m>(
+    model: &'m Model,
+    producer: &HashMap<&str, usize>,
+    from: usize,
+) -> Option<Vec<(&'m str, Vec<SpatialMap>)>> {
+    let mut path = Vec::new();
+    let mut maps = Vec::new();
+    let mut i = from;
+    // A MobileNet or ResNet block is three convolutions; a few more allow longer chains.
     for _ in 0..8 {
         let Some(n) = model.nodes.get(i) else {
-            return false;
+            break;
         };
-        if !keeps_size(model, n) {
-            return false;
+        let Some(map) = spatial_map(model, n) else {
+            break;
+        };
+        if !map.iter().all(|&(d, s)| (d, s) == (-1, 1)) {
+            maps.push(map);
         }
         let Some(x) = n.inputs.first() else {
-            return false;
+            break;
         };
-        if x == zy {
-            return true;
-        }
+        path.push((x.as_str(), maps.clone()));
         let Some(&p) = producer.get(x.as_str()) else {
-            return false;
+            break;
         };
         i = p;
     }
-    false
+    (!path.is_empty()).then_some(path)
 }
 
-/// Whether `n` is a convolution whose output has its input's spatial size: 1x1 (stride 1,
-/// no padding: [`Kind::Pointwise`]), or depthwise with stride and dilation 1 and `k - 1`
-/// padding along each axis.
-fn keeps_size(model: &Model, n: &Node) -> bool {
-    match kind(model, n) {
-        Some(Kind::Pointwise) => true,
-        Some(Kind::Depthwise) => {
-            let Some(w) = n.inputs.get(1).and_then(|w| model.initializers.get(w)) else {
-                return false;
-            };
-            let &[_, _, kh, kw] = w.shape() else {
-                return false;
-            };
-            let ints = |name: &str| {
-                n.attributes
-                    .iter()
-                    .find(|a| a.name == name)
-                    .map(|a| match &a.value {
-                        AttrValue::Ints(v) => Some(v.clone()),
-                        _ => None,
-                    })
-            };
-            let ones = |name: &str| match ints(name) {
-                None => true,
-                Some(Some(v)) => v.iter().all(|&x| x == 1),
-                Some(None) => false,
-            };
-            // Padding `k - 1` along an axis (the sums checked: pads come from the model).
-            let keeps = |a: i64, b: i64, k: usize| {
-                i64::try_from(k).is_ok_and(|k| a.checked_add(b) == Some(k - 1))
-            };
-            let pads_keep = match ints("pads") {
-                Some(Some(p)) => match p.as_slice() {
-                    &[t, l, b, r] => keeps(t, b, kh) && keeps(l, r, kw),
-                    _ => false,
-                },
-                None => (kh, kw) == (1, 1),
-                Some(None) => false,
-            };
-            let no_auto_pad = n.attributes.iter().all(|a| {
-                a.name != "auto_pad"
-                    || matches!(&a.value, AttrValue::String(s) if s.is_empty() || s == "NOTSET")
-            });
-            ones("strides") && ones("dilations") && pads_keep && no_auto_pad
-        }
-        _ => false,
+/// The [`SpatialMap`] of `n` when it is a 2-D convolution this pass knows (see [`kind`]) with
+/// explicit (or no) pads, strides and dilations.
+fn spatial_map(model: &Model, n: &Node) -> Option<SpatialMap> {
+    kind(model, n)?;
+    let w = n.inputs.get(1).and_then(|w| model.initializers.get(w))?;
+    let &[_, _, kh, kw] = w.shape() else {
+        return None;
+    };
+    let ints = |name: &str, default: Vec<i64>| match n.attributes.iter().find(|a| a.name == name) {
+        None => Some(default),
+        Some(Attribute {
+            value: AttrValue::Ints(v),
+            ..
+        }) => Some(v.clone()),
+        Some(_) => None,
+    };
+    let no_auto_pad = n.attributes.iter().all(|a| {
+        a.name != "auto_pad"
+            || matches!(&a.value, AttrValue::String(s) if s.is_empty() || s == "NOTSET")
+    });
+    let (Some(&[t, l, bo, r]), Some(&[sh, sw]), Some(&[dh, dw])) = (
+        ints("pads", vec![0; 4]).as_deref(),
+        ints("strides", vec![1; 2]).as_deref(),
+        ints("dilations", vec![1; 2]).as_deref(),
+    ) else {
+        return None;
+    };
+    if !no_auto_pad {
+        return None;
     }
+    [(kh, t, bo, sh, dh), (kw, l, r, sw, dw)]
+        .into_iter()
+        .map(|(k, begin, end, stride, dilation)| {
+            let span = i64::try_from(k)
+                .ok()?
+                .checked_sub(1)?
+                .checked_mul(dilation)?
+                .checked_add(1)?;
+            let d = begin.checked_add(end)?.checked_sub(span)?;
+            (stride >= 1).then_some((d, stride))
+        })
+        .collect()
 }
 
 /// What an f32 2-D convolution is to the channels-last kernel.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
-    /// 1x1, stride 1, no padding, one group: reads and writes either layout.
+    /// 1x1, no padding, one group (strided too: a ResNet's downsampling shortcut): reads and
+    /// writes either layout.
     Pointwise,
     /// One input and one output channel per group: reads and writes either layout.
     Depthwise,
-    /// Any other of one group: writes either layout, reads NCHW only.
+    /// Any other of one group (the direct kernel's): reads and writes either layout.
     General,
 }
 
@@ -318,8 +361,7 @@ fn kind(model: &Model, n: &Node) -> Option<Kind> {
         Some(AttrValue::String(s)) => s.is_empty() || s == "NOTSET",
         Some(_) => false,
     };
-    let pointwise =
-        group == 1 && (kh, kw) == (1, 1) && all("strides", 1) && all("pads", 0) && no_auto_pad;
+    let pointwise = group == 1 && (kh, kw) == (1, 1) && all("pads", 0) && no_auto_pad;
     let depthwise = cg == 1 && m > 1 && i64::try_from(m).is_ok_and(|m| m == group);
     let general = group == 1 && no_auto_pad && (kh, kw) != (1, 1);
     if !kernel_ok {

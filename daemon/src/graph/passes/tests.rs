@@ -956,16 +956,18 @@ fn channels_last_stops_where_a_value_is_read_otherwise() {
         ],
     );
     assert_eq!(nhwc_conv::NhwcConv.run(&mut into_1x1).unwrap(), 0);
-    // A strided or padded 1x1 keeps its output NCHW.
-    for attr in [("strides", vec![2, 2]), ("pads", vec![1, 1, 1, 1])] {
+    // A padded 1x1 keeps its X NCHW; a strided one (a downsampling shortcut) reads either.
+    for (attr, converted) in [("pads", vec![1, 1, 1, 1]), ("strides", vec![2, 2])] {
         let mut m = mobile_block(vec![], &["p"], &[4, 2, 1, 1]);
         m.nodes[2].attributes.push(opreg_sdk::kernel::Attribute {
-            name: attr.0.into(),
-            value: opreg_sdk::AttrValue::Ints(attr.1),
+            name: attr.into(),
+            value: opreg_sdk::AttrValue::Ints(converted.clone()),
         });
-        assert_eq!(nhwc_conv::NhwcConv.run(&mut m).unwrap(), 2, "{}", attr.0);
-        assert_eq!(m.nodes[2].op_type, "Conv");
-        assert_eq!(m.nodes[1].outputs, ["d"]);
+        let strided = attr == "strides";
+        let count = nhwc_conv::NhwcConv.run(&mut m).unwrap();
+        assert_eq!(count, if strided { 3 } else { 2 }, "{attr}");
+        assert_eq!(m.nodes[2].op_type == "FusedConvNhwc", strided, "{attr}");
+        assert_eq!(m.nodes[1].outputs, [if strided { "d_nhwc" } else { "d" }]);
     }
     // A fused sum (Z) has Y's layout: that output stays NCHW; read as Z, a value too.
     let mut z = mobile_block(vec![], &["p"], &[4, 2, 1, 1]);
@@ -991,8 +993,10 @@ fn channels_last_stops_where_a_value_is_read_otherwise() {
 #[test]
 fn a_residual_chain_goes_channels_last_with_its_sums() {
     let chain = |outputs: &[&str]| {
+        // The chain's last reader a depthwise layer (a 1x1 one writing NCHW would keep the
+        // values from 1x1 layers NCHW: see `a_3x3_chain_goes_channels_last_unless_a_1x1_layer_writes_nchw`).
         let mut m = mobile_block(
-            vec![node("Conv", &["p", "wq"], &["q"])],
+            vec![node_with("Conv", &["p", "wq"], &["q"], &[("group", 2)])],
             outputs,
             &[4, 2, 1, 1],
         );
@@ -1004,8 +1008,9 @@ fn a_residual_chain_goes_channels_last_with_its_sums() {
             name: "pads".into(),
             value: opreg_sdk::AttrValue::Ints(vec![1, 1, 1, 1]),
         });
-        for (name, shape) in [("wa", [2, 2, 1, 1]), ("wq", [2, 2, 1, 1])] {
-            let t = HostTensor::from_vec(&shape, &[0.5f32; 4]).unwrap();
+        for (name, shape) in [("wa", [2, 2, 1, 1]), ("wq", [2, 1, 3, 3])] {
+            let len = shape.iter().product();
+            let t = HostTensor::from_vec(&shape, &vec![0.5f32; len]).unwrap();
             m.initializers.insert(name.into(), Arc::new(t));
         }
         m
@@ -1042,6 +1047,119 @@ fn a_residual_chain_goes_channels_last_with_its_sums() {
     assert_eq!(shrinking.nodes[0].outputs, ["a"]);
     assert_eq!(shrinking.nodes[3].inputs, ["d_nhwc", "wp", "", "a"]);
     assert_eq!(shrinking.nodes[3].outputs, ["p"]);
+}
+
+/// `node` with integer-list attributes (pads, strides).
+fn node_ints(op: &str, inputs: &[&str], outputs: &[&str], attrs: &[(&str, &[i64])]) -> Node {
+    let mut n = node(op, inputs, outputs);
+    n.attributes = attrs
+        .iter()
+        .map(|(k, v)| opreg_sdk::kernel::Attribute {
+            name: (*k).into(),
+            value: opreg_sdk::AttrValue::Ints(v.to_vec()),
+        })
+        .collect();
+    n
+}
+
+/// A ResNet bottleneck that downsamples (1x1 reduce, 3x3 stride 2, 1x1 projection whose Z is
+/// the 1x1 stride-2 shortcut) after a 1x1 layer, read by a 3x3 layer: every value between
+/// the convolutions goes channels-last, the shortcut's sum included, since both of the sum's
+/// paths halve the image alike; with a shortcut of stride 1 (the sum would broadcast), the
+/// sum and the shortcut's output stay NCHW. A 1x1 layer that must write NCHW (SqueezeNet's
+/// expand layers, read by a Concat) keeps the values from 1x1 and 3x3 layers before it NCHW.
+#[test]
+fn a_3x3_chain_goes_channels_last_unless_a_1x1_layer_writes_nchw() {
+    let bottleneck = |shortcut_stride: i64| {
+        model(
+            vec![
+                node("Conv", &["x", "ws"], &["a"]),
+                node("Conv", &["a", "wr"], &["b"]),
+                node_ints(
+                    "Conv",
+                    &["b", "wt"],
+                    &["c"],
+                    &[("strides", &[2, 2]), ("pads", &[1, 1, 1, 1])],
+                ),
+                node_ints(
+                    "Conv",
+                    &["a", "wd"],
+                    &["ds"],
+                    &[("strides", &[shortcut_stride, shortcut_stride])],
+                ),
+                node("Conv", &["c", "wp", "", "ds"], &["o"]),
+                node_ints("Conv", &["o", "wg"], &["y"], &[("pads", &[1, 1, 1, 1])]),
+            ],
+            &["y"],
+            &[
+                ("ws", &[4, 2, 1, 1], vec![0.5; 8]),
+                ("wr", &[2, 4, 1, 1], vec![0.5; 8]),
+                ("wt", &[2, 2, 3, 3], vec![0.5; 36]),
+                ("wd", &[4, 4, 1, 1], vec![0.5; 16]),
+                ("wp", &[4, 2, 1, 1], vec![0.5; 8]),
+                ("wg", &[2, 4, 3, 3], vec![0.5; 72]),
+            ],
+        )
+    };
+    let flags = |n: &Node| {
+        ["x_nhwc", "y_nhwc"].map(|name| {
+            n.attributes
+                .iter()
+                .find(|a| a.name == name)
+                .map(|a| a.value.clone())
+        })
+    };
+    let on = |x: i64, y: i64| {
+        [
+            Some(opreg_sdk::AttrValue::Int(x)),
+            Some(opreg_sdk::AttrValue::Int(y)),
+        ]
+    };
+    let mut m = bottleneck(2);
+    assert_eq!(nhwc_conv::NhwcConv.run(&mut m).unwrap(), 6);
+    assert_eq!(flags(&m.nodes[0]), on(0, 1));
+    for i in 1..5 {
+        assert_eq!(flags(&m.nodes[i]), on(1, 1), "{}", m.nodes[i].name);
+    }
+    assert_eq!(flags(&m.nodes[5]), on(1, 0));
+    assert_eq!(m.nodes[4].inputs, ["c_nhwc", "wp", "", "ds_nhwc"]);
+    assert_eq!(m.nodes[5].inputs[0], "o_nhwc");
+    assert_eq!(m.nodes[5].outputs, ["y"]);
+    // A shortcut of stride 1: the sum and its Z stay NCHW, the rest goes channels-last.
+    let mut m = bottleneck(1);
+    assert_eq!(nhwc_conv::NhwcConv.run(&mut m).unwrap(), 5);
+    assert_eq!(m.nodes[4].inputs, ["c_nhwc", "wp", "", "ds"]);
+    assert_eq!(m.nodes[4].outputs, ["o"]);
+    assert_eq!(flags(&m.nodes[3]), on(1, 0));
+    assert_eq!(m.nodes[5].op_type, "Conv");
+    // A Fire module: squeeze read by a 1x1 and a 3x3 expand layer, both read by a Concat.
+    let fire = |with_1x1: bool| {
+        let mut nodes = vec![
+            node("Conv", &["x", "wq"], &["s"]),
+            node_ints("Conv", &["s", "w3"], &["e3"], &[("pads", &[1, 1, 1, 1])]),
+        ];
+        if with_1x1 {
+            nodes.push(node("Conv", &["s", "w1"], &["e1"]));
+            nodes.push(node("Concat", &["e1", "e3"], &["y"]));
+        } else {
+            nodes.push(node("Relu", &["e3"], &["y"]));
+        }
+        model(
+            nodes,
+            &["y"],
+            &[
+                ("wq", &[2, 4, 1, 1], vec![0.5; 8]),
+                ("w3", &[4, 2, 3, 3], vec![0.5; 72]),
+                ("w1", &[4, 2, 1, 1], vec![0.5; 8]),
+            ],
+        )
+    };
+    let mut m = fire(true);
+    assert_eq!(nhwc_conv::NhwcConv.run(&mut m).unwrap(), 0);
+    let mut m = fire(false);
+    assert_eq!(nhwc_conv::NhwcConv.run(&mut m).unwrap(), 2);
+    assert_eq!(m.nodes[1].inputs[0], "s_nhwc");
+    assert_eq!(flags(&m.nodes[1]), on(1, 0));
 }
 
 /// `DQ -> Gemm(transB = 1, bias) -> Q` over the weight `gq` ([n = 2, k = 3]), the Gemm's

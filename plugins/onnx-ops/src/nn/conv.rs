@@ -219,28 +219,28 @@ fn conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
     } else {
         Layouts::default()
     };
-    // One packing, for the orientation the layer will use: the right operand where the
-    // input's extents are known at load and it has few pixels per channel, else the left
-    // (with the right as the fallback for a backend that does not pack A). Channels-last
-    // layers: the right operand (their products are pixels by channels, see [`nhwc`]), the
-    // left for a narrow NCHW output.
-    let (direct, packed) = if !layouts.nchw() {
+    // Weights regrouped for [`stem`] or [`direct`] where one takes the layer (the direct
+    // kernel in either layout); else one packing, for the orientation the gemm will use: the
+    // right operand where the input's extents are known at load and it has few pixels per
+    // channel, else the left (with the right as the fallback for a backend that does not
+    // pack A). Channels-last layers: the right operand (their products are pixels by
+    // channels, see [`nhwc`]), the left for a narrow NCHW output.
+    let direct = direct_weights(node, &window, group, layouts)?;
+    let packed = if direct.is_some() {
+        None
+    } else if !layouts.nchw() {
         let narrow = node
             .inputs
             .get(1)
             .and_then(|w| w.constant)
             .and_then(|w| w.shape().first().copied())
             .is_some_and(|m| m < nhwc::LEFT_BELOW);
-        let left = !layouts.y_nhwc && narrow;
-        (None, prepack_weights(node, group, left))
+        prepack_weights(node, group, !layouts.y_nhwc && narrow)
     } else {
-        let direct = direct_weights(node, &window, group)?;
-        let packed = match pixels_and_channels(node, &window) {
-            _ if direct.is_some() => None,
+        match pixels_and_channels(node, &window) {
             Some((p, m)) if swapped(p, m) => prepack_weights(node, group, false),
             _ => prepack_weights(node, group, true).or_else(|| prepack_weights(node, group, false)),
-        };
-        (direct, packed)
+        }
     };
     Ok(Box::new(Conv {
         window,
@@ -257,12 +257,14 @@ fn conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
 }
 
 /// The constant f32 weights regrouped for [`stem`] or [`direct`] where the input's shape is
-/// known at load and one of them takes the layer; `None` otherwise (then the gemm's packing is
-/// built, and a layer either takes after all regroups its weights per call).
+/// known at load and one of them takes the layer (only [`direct`] where a layout is
+/// channels-last); `None` otherwise (then the gemm's packing is built, and a layer either
+/// takes after all regroups its weights per call).
 fn direct_weights(
     node: &NodeInfo<'_>,
     window: &WindowAttrs,
     group: usize,
+    layouts: Layouts,
 ) -> Result<Option<Direct>, PluginError> {
     let Some(w) = node.inputs.get(1).and_then(|i| i.constant) else {
         return Ok(None);
@@ -271,12 +273,16 @@ fn direct_weights(
         return Ok(None);
     };
     // The batch may be dynamic; channels and spatial extents decide.
-    let Some(xs) = std::iter::once(Some(1))
+    let Some(mut xs) = std::iter::once(Some(1))
         .chain(x.iter().skip(1).map(|&d| usize::try_from(d).ok()))
         .collect::<Option<Vec<usize>>>()
     else {
         return Ok(None);
     };
+    if layouts.x_nhwc && xs.len() == 4 {
+        // `[N, H, W, C]` as the NCHW shape the geometry is resolved from.
+        xs = vec![xs[0], xs[3], xs[1], xs[2]];
+    }
     if w.dtype != DType::F32 || w.shape().len() != 4 || xs.len() != 4 || w.shape()[1] != xs[1] {
         return Ok(None);
     }
@@ -286,7 +292,7 @@ fn direct_weights(
     let m = w.shape()[0];
     let data: &[f32] = w.as_slice()?;
     let kernel = (g.kernel[0], g.kernel[1]);
-    if stem::applies(&xs, &g, group) {
+    if layouts.nchw() && stem::applies(&xs, &g, group) {
         return Ok(Some(Direct::Stem(Arc::new(stem::pack(
             data, m, xs[1], kernel,
         )?))));
@@ -735,7 +741,7 @@ impl Conv {
                 bias,
                 z,
                 act,
-                (&mut *y, false),
+                (&mut *y, Layouts::default()),
             )?
         {
             return Ok(());

@@ -24,6 +24,10 @@ pub(super) struct ChannelsLast {
     pub(super) len: usize,
     /// Whether the image is channels-last (`ih x iw x c`) rather than NCHW.
     pub(super) nhwc: bool,
+    /// Floats between one pixel's channels and the next's in a channels-last image: `c`, or
+    /// the image's whole channel count where the copy takes one block of its channels (the
+    /// direct kernel copies 16 at a time; the caller offsets the image to the block's first).
+    pub(super) pixel_step: usize,
 }
 
 impl ChannelsLast {
@@ -55,6 +59,7 @@ impl ChannelsLast {
             pl: g.pad_begin[1],
             len,
             nhwc: false,
+            pixel_step: c,
         })
     }
 
@@ -73,7 +78,8 @@ impl ChannelsLast {
     }
 
     /// Padded row `r` of the copy (`row_len` values) from the image `x` (`c x ih x iw`, or
-    /// `ih x iw x c` when [`nhwc`](Self::nhwc)):
+    /// `ih x iw x c` when [`nhwc`](Self::nhwc), pixels [`pixel_step`](Self::pixel_step)
+    /// apart):
     /// input row `r - pt`, column `q` of it input column `q - pl`, channel-minor; zero
     /// elsewhere (so `dst` may hold anything before; the lanes past `c` of each pixel are
     /// left as they were).
@@ -92,6 +98,32 @@ impl ChannelsLast {
         let run = hi - lo;
         if self.nhwc {
             // Channels-last already: each pixel's channels copied as they lie.
+            let step = self.pixel_step.max(c);
+            if step != c {
+                // One block of a wider image's channels: `c` of every `step`.
+                // (The caller's operand check covers the image: every pixel has its `c`.)
+                let src = x.get(iy * iw * step..).unwrap_or_default();
+                let pixels = dst[lo * stride..hi * stride]
+                    .chunks_exact_mut(stride)
+                    .zip(src.chunks(step));
+                if c == 16 {
+                    // The direct kernel's whole blocks: one fixed-size move per pixel (a
+                    // `copy_from_slice` of a run-time length is a call to memcpy per pixel,
+                    // which made the copy cost as much as the 3x3 layer's taps).
+                    for (d, s) in pixels {
+                        if let (Some(d), Some(s)) = (d.first_chunk_mut::<16>(), s.first_chunk()) {
+                            *d = *s;
+                        }
+                    }
+                } else {
+                    for (d, s) in pixels {
+                        if let Some(s) = s.get(..c) {
+                            d[..c].copy_from_slice(s);
+                        }
+                    }
+                }
+                return;
+            }
             let src = &x[iy * iw * c..][..run * c];
             if stride == c {
                 dst[lo * c..hi * c].copy_from_slice(src);

@@ -28,7 +28,7 @@
 //! phase-split copy, need no transpose, and measured 20-25 % faster on those layers.)
 
 use super::channels_last::ChannelsLast;
-use super::Activation;
+use super::{Activation, Layouts};
 use crate::nn::{Disjoint, Geometry};
 use crate::util::TaskScratch;
 use opreg_sdk::{
@@ -127,7 +127,9 @@ pub(super) fn pack(
     Ok(wt)
 }
 
-/// The convolution into `y` (`n x m x oh x ow`), then `act((y + bias) + z)` per element;
+/// The convolution of `x` (`n x c x ih x iw`, or `n x ih x iw x c` when `layouts.x_nhwc`) into
+/// `y` (`n x m x oh x ow`, or channels-last when `layouts.y_nhwc`), then `act((y + bias) + z)`
+/// per element;
 /// `packed` is [`pack`] of `w` when built at load. `Ok(false)` (nothing written) where the
 /// padded copy would be much larger than x (huge pads or dilations): the general path
 /// handles those.
@@ -143,8 +145,9 @@ pub(super) fn run(
     bias: Option<&[f32]>,
     z: Option<&[f32]>,
     act: Activation,
-    (y, y_nhwc): (&mut [f32], bool),
+    (y, layouts): (&mut [f32], Layouts),
 ) -> Result<bool, PluginError> {
+    let y_nhwc = layouts.y_nhwc;
     let (n, c, ih, iw) = (xs[0], xs[1], xs[2], xs[3]);
     let (oh, ow) = (g.out[0], g.out[1]);
     let (kh, kw) = (g.kernel[0], g.kernel[1]);
@@ -160,9 +163,13 @@ pub(super) fn run(
     // channels (see [`CB`]), each block's pixels `cb` floats apart.
     let cb = CB.min(c);
     let cblocks = c.div_ceil(cb);
-    let Some(cp) = ChannelsLast::new(g, (cb, ih, iw), cb) else {
+    let Some(mut cp) = ChannelsLast::new(g, (cb, ih, iw), cb) else {
         return Ok(false);
     };
+    // A channels-last image is copied a block of `cb` channels at a time too (runs of `cb`
+    // floats every `c`): no transpose.
+    cp.nhwc = layouts.x_nhwc;
+    cp.pixel_step = if layouts.x_nhwc { c } else { cb };
     let cp_last = cp.with_channels(c - (cblocks - 1) * cb);
     let block_len = cp.len;
     let copy_len = checked_numel(&[cblocks, block_len])?;
@@ -171,7 +178,12 @@ pub(super) fn run(
     // Padded row `r` of the whole copy (block `r / rows_per_block`) from the image `xb`.
     let fill = |xb: &[f32], r: usize, dst: &mut [f32]| {
         let (blkc, r) = (r / rows_per_block, r % rows_per_block);
-        let sub = &xb[blkc * cb * ih * iw..];
+        let first = if layouts.x_nhwc {
+            blkc * cb
+        } else {
+            blkc * cb * ih * iw
+        };
+        let sub = &xb[first..];
         if blkc + 1 == cblocks {
             cp_last.fill(sub, r, dst);
         } else {

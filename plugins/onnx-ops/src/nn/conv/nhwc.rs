@@ -1,23 +1,26 @@
 //! `opreg::FusedConvNhwc`: FusedConv with a channels-last (`[N, H, W, C]`) X and/or Y
 //! (attributes `x_nhwc`, `y_nhwc`, each 1 by default; Z has Y's layout), written by the graph
-//! pass `nhwc-conv` between the 1x1 and depthwise convolutions of a MobileNet-style block.
+//! pass `nhwc-conv` between convolutions (a MobileNet block's 1x1 and depthwise layers, a
+//! ResNet's 1x1 and 3x3 ones).
 //!
 //! Why: the depthwise kernel computes with the channels in the lanes, so on NCHW values it
 //! copied its input channels-last (a transpose in 16x16 register blocks) and turned every tile
 //! back; on MobileNetV2 that was as long as the taps themselves (profiled: its 17 depthwise
 //! layers 2.1 ms, ONNX Runtime's NCHWc ones 0.64). A 1x1 convolution is a gemm that reads
-//! and writes either layout at no cost: the layout is only the operands' strides (`Y^T =
-//! X^T W^T`). So the pass lets the expanding 1x1 layer write its output channels-last, the
-//! depthwise layer read it so and write channels-last too, and the projecting 1x1 layer read
-//! that and write NCHW again: no transpose anywhere in the block.
+//! and writes either layout: the layout is only the operands' strides (`Y^T = X^T W^T`). So
+//! the pass lets the expanding 1x1 layer write its output channels-last, the depthwise layer
+//! read it so and write channels-last too, and the projecting 1x1 layer read that. The direct
+//! kernel of the other convolutions of one group ([`direct`]) copies a channels-last X a
+//! block of 16 channels at a time (no transpose) and stores channels-last tiles as they are.
 //!
-//! Only those two kinds run here (the pass writes no other): 1x1 with stride 1, no padding and
-//! one group, and depthwise (one input and one output channel per group), 2-D, f32.
+//! Runs here: 1x1 with no padding and one group (strided: the pixels it reads first, in X's
+//! layout), depthwise (one input and one output channel per group), and other 2-D f32
+//! convolutions of one group.
 
 use super::{depthwise, direct, finish, optional, with_epilogue, Activation, Conv};
 use crate::nn::{blas, conv_bias};
 use crate::util::required;
-use opreg_sdk::alloc::{checked_numel, try_vec};
+use opreg_sdk::alloc::{checked_numel, try_vec, try_with_capacity};
 use opreg_sdk::prelude::*;
 
 const OP: &str = "FusedConvNhwc";
@@ -77,16 +80,15 @@ impl Conv {
         }
         let pointwise = group == 1
             && g.kernel.iter().all(|&k| k == 1)
-            && g.strides.iter().all(|&s| s == 1)
             && g.pad_begin.iter().chain(&g.pad_end).all(|&p| p == 0);
         let nchw = [n, c, ih, iw];
-        // Any other 2-D convolution of one group may write a channels-last Y from an NCHW X
-        // (a network's first layer feeding a depthwise one).
-        let general = group == 1 && !pointwise && !l.x_nhwc;
+        // Any other 2-D convolution of one group reads and writes either layout (the direct
+        // kernel's copy takes a channels-last image's blocks of channels as they lie, and
+        // its tiles are stored pixel by pixel): a ResNet's 3x3 layers between its 1x1 ones.
+        let general = group == 1 && !pointwise;
         if !pointwise && !depthwise::applies(&nchw, group, m) && !general {
             return Err(PluginError::unimplemented(format!(
-                "{OP}: only 1x1 convolutions (stride 1, no padding, one group), depthwise ones, and others of one group from an NCHW X run channels-last, not W {ws:?} with group {group} (x_nhwc {})",
-                l.x_nhwc as u8
+                "{OP}: only 1x1 convolutions (no padding, one group), depthwise ones, and others of one group run channels-last, not W {ws:?} with group {group}"
             )));
         }
         let x = xv.as_slice::<f32>()?;
@@ -97,13 +99,15 @@ impl Conv {
         let act = self.activation;
         let p = oh * ow;
         if pointwise {
+            if g.strides.iter().any(|&s| s > 1) {
+                // A strided 1x1 layer (a ResNet's downsampling shortcut) reads every
+                // `s`-th pixel: those pixels first, in X's layout, then the plain product.
+                let sub = subsampled(x, l.x_nhwc, (n, c), (ih, iw), (oh, ow), &g.strides)?;
+                return self.pointwise(ctx, (n, c, p, m), &sub, w, bias, z, y);
+            }
             return self.pointwise(ctx, (n, c, p, m), x, w, bias, z, y);
         }
         if general {
-            if !l.y_nhwc {
-                return self.run(ctx, &nchw, &g, m, x, w, bias, z, act, y);
-            }
-            // The direct kernel stores its tiles pixel by pixel: no transpose at all.
             if direct::applies(&nchw, &g, group)
                 && direct::run(
                     ctx,
@@ -116,13 +120,23 @@ impl Conv {
                     bias,
                     z,
                     act,
-                    (&mut *y, true),
+                    (&mut *y, l),
                 )?
             {
                 return Ok(());
             }
-            // Else (a CPU without AVX-512, a geometry the direct kernel leaves): NCHW into a
-            // temporary turned channels-last, then Z and the activation.
+            // Else (a CPU without AVX-512, a geometry the direct kernel leaves): through
+            // NCHW, X turned first and Y after.
+            let x_nchw;
+            let x = if l.x_nhwc {
+                x_nchw = transposed(x, n, (ih * iw, c))?;
+                &x_nchw[..]
+            } else {
+                x
+            };
+            if !l.y_nhwc {
+                return self.run(ctx, &nchw, &g, m, x, w, bias, z, act, y);
+            }
             let mut tmp = try_vec(y.len(), 0.0f32)?;
             self.run(
                 ctx,
@@ -296,8 +310,50 @@ fn finish_any(
     })
 }
 
+/// The pixels a strided 1x1 convolution reads (`(oy * sh, ox * sw)` for each output pixel) of
+/// `n` images of `c` channels, in the images' layout (channels-last when `nhwc`).
+fn subsampled(
+    x: &[f32],
+    nhwc: bool,
+    (n, c): (usize, usize),
+    (ih, iw): (usize, usize),
+    (oh, ow): (usize, usize),
+    strides: &[usize],
+) -> Result<Vec<f32>, PluginError> {
+    let (sh, sw) = (strides[0].max(1), strides[1].max(1));
+    let mut out = try_with_capacity(checked_numel(&[n, c, oh, ow])?)?;
+    let image = checked_numel(&[c, ih, iw])?;
+    if x.len() < checked_numel(&[n, image])?
+        || (oh > 0 && (oh - 1) * sh >= ih)
+        || (ow > 0 && (ow - 1) * sw >= iw)
+    {
+        return Err(PluginError::internal(format!(
+            "{OP}: X is shorter than the pixels a strided 1x1 layer reads"
+        )));
+    }
+    for xb in x.chunks_exact(image.max(1)).take(n) {
+        if nhwc {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let at = ((oy * sh) * iw + ox * sw) * c;
+                    out.extend_from_slice(&xb[at..at + c]);
+                }
+            }
+        } else {
+            for plane in xb.chunks_exact((ih * iw).max(1)) {
+                for oy in 0..oh {
+                    let row = &plane[oy * sh * iw..];
+                    out.extend(row.iter().step_by(sw).take(ow));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// `src` (`n` images of `a x b`, a-major) as `n` images of `b x a`: NCHW <-> NHWC with `(a, b)`
-/// = `(C, H*W)` or `(H*W, C)`. For the depthwise fallback (a CPU without AVX-512).
+/// = `(C, H*W)` or `(H*W, C)`. For the fallbacks (a CPU without AVX-512, a geometry the direct
+/// kernel leaves).
 pub(super) fn transposed(
     src: &[f32],
     n: usize,
@@ -422,8 +478,8 @@ mod tests {
                 pads: [2, 1, 2, 3],
                 dilations: [2, 3],
             },
-            // One group, past 1x1 (a first layer): NCHW X only; output channels in a partial
-            // register, over two blocks, two images; dilated with uneven pads.
+            // One group, past 1x1 (a first layer): output channels in a partial register, over
+            // two blocks, two images; dilated with uneven pads.
             Case {
                 x: [1, 3, 17, 19],
                 w: [20, 3, 3, 3],
@@ -447,6 +503,41 @@ mod tests {
                 strides: [1, 2],
                 pads: [0, 2, 1, 1],
                 dilations: [2, 1],
+            },
+            // A ResNet's 3x3 layers: two blocks of input channels, the second partial (the
+            // copy's fixed 16-channel moves and its run-time ones), stride 1 and 2.
+            Case {
+                x: [2, 20, 6, 9],
+                w: [20, 20, 3, 3],
+                group: 1,
+                strides: [1, 1],
+                pads: [1; 4],
+                dilations: [1; 2],
+            },
+            Case {
+                x: [1, 32, 9, 10],
+                w: [40, 32, 3, 3],
+                group: 1,
+                strides: [2, 2],
+                pads: [1; 4],
+                dilations: [1; 2],
+            },
+            // Strided 1x1 (a downsampling shortcut), two images, uneven strides.
+            Case {
+                x: [2, 20, 7, 9],
+                w: [24, 20, 1, 1],
+                group: 1,
+                strides: [2, 2],
+                pads: [0; 4],
+                dilations: [1; 2],
+            },
+            Case {
+                x: [1, 9, 5, 8],
+                w: [33, 9, 1, 1],
+                group: 1,
+                strides: [2, 3],
+                pads: [0; 4],
+                dilations: [1; 2],
             },
         ];
         let acts: [(&str, Vec<f32>); 4] = [
@@ -517,13 +608,7 @@ mod tests {
                     let want_z = nchw(&[Some(&tx), Some(&tw), bias, Some(&tz)])
                         .to_vec::<f32>()
                         .expect("f32");
-                    let general = case.group == 1 && case.w[2..] != [1, 1];
-                    let layouts: &[(bool, bool)] = if general {
-                        &[(false, true)]
-                    } else {
-                        &[(true, false), (false, true), (true, true)]
-                    };
-                    for &(xl, yl) in layouts {
+                    for (xl, yl) in [(true, false), (false, true), (true, true)] {
                         let xv = if xl {
                             turn(&x, n, (c, ih * iw))
                         } else {
@@ -633,10 +718,11 @@ mod tests {
                 .err()
                 .map(|e| e.to_string())
         };
-        // A 3x3 convolution of one group, a 1-D one, W of the wrong channel count, a Z that
-        // would broadcast.
-        let e = run(&[1, 4, 4, 2], &[3, 2, 3, 3], 1, None).expect("3x3 refused");
+        // A grouped convolution that is not depthwise, a 1-D one, W of the wrong channel
+        // count, a Z that would broadcast. (A 3x3 one of one group computes.)
+        let e = run(&[1, 4, 4, 4], &[4, 2, 3, 3], 2, None).expect("grouped refused");
         assert!(e.contains("only 1x1"), "{e}");
+        assert!(run(&[1, 4, 4, 2], &[3, 2, 3, 3], 1, None).is_none());
         let e = run(&[1, 4, 2], &[3, 2, 1], 1, None).expect("1-D refused");
         assert!(e.contains("4-D"), "{e}");
         let e = run(&[1, 4, 4, 2], &[3, 5, 1, 1], 1, None).expect("channels refused");
