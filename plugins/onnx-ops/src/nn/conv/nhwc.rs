@@ -20,7 +20,7 @@
 use super::{depthwise, direct, finish, optional, with_epilogue, Activation, Conv};
 use crate::nn::{blas, conv_bias};
 use crate::util::required;
-use opreg_sdk::alloc::{checked_numel, try_vec, try_with_capacity};
+use opreg_sdk::alloc::{checked_numel, try_vec};
 use opreg_sdk::prelude::*;
 
 const OP: &str = "FusedConvNhwc";
@@ -102,8 +102,9 @@ impl Conv {
             if g.strides.iter().any(|&s| s > 1) {
                 // A strided 1x1 layer (a ResNet's downsampling shortcut) reads every
                 // `s`-th pixel: those pixels first, in X's layout, then the plain product.
-                let sub = subsampled(x, l.x_nhwc, (n, c), (ih, iw), (oh, ow), &g.strides)?;
-                return self.pointwise(ctx, (n, c, p, m), &sub, w, bias, z, y);
+                let sub = ctx.scratch_reused::<f32>(checked_numel(&[n, c, p])?)?;
+                subsample(x, l.x_nhwc, (n, c), (ih, iw), (oh, ow), &g.strides, sub)?;
+                return self.pointwise(ctx, (n, c, p, m), sub, w, bias, z, y);
             }
             return self.pointwise(ctx, (n, c, p, m), x, w, bias, z, y);
         }
@@ -311,19 +312,23 @@ fn finish_any(
 }
 
 /// The pixels a strided 1x1 convolution reads (`(oy * sh, ox * sw)` for each output pixel) of
-/// `n` images of `c` channels, in the images' layout (channels-last when `nhwc`).
-fn subsampled(
+/// `n` images of `c` channels, in the images' layout (channels-last when `nhwc`), into `out`
+/// (`n * c * oh * ow` values, every one written: it may be reused scratch).
+#[allow(clippy::too_many_arguments)]
+fn subsample(
     x: &[f32],
     nhwc: bool,
     (n, c): (usize, usize),
     (ih, iw): (usize, usize),
     (oh, ow): (usize, usize),
     strides: &[usize],
-) -> Result<Vec<f32>, PluginError> {
+    out: &mut [f32],
+) -> Result<(), PluginError> {
     let (sh, sw) = (strides[0].max(1), strides[1].max(1));
-    let mut out = try_with_capacity(checked_numel(&[n, c, oh, ow])?)?;
     let image = checked_numel(&[c, ih, iw])?;
+    let sub = checked_numel(&[c, oh, ow])?;
     if x.len() < checked_numel(&[n, image])?
+        || out.len() < checked_numel(&[n, sub])?
         || (oh > 0 && (oh - 1) * sh >= ih)
         || (ow > 0 && (ow - 1) * sw >= iw)
     {
@@ -331,24 +336,28 @@ fn subsampled(
             "{OP}: X is shorter than the pixels a strided 1x1 layer reads"
         )));
     }
-    for xb in x.chunks_exact(image.max(1)).take(n) {
+    if image == 0 || sub == 0 {
+        return Ok(());
+    }
+    for (xb, ob) in x.chunks_exact(image).zip(out.chunks_exact_mut(sub)).take(n) {
         if nhwc {
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let at = ((oy * sh) * iw + ox * sw) * c;
-                    out.extend_from_slice(&xb[at..at + c]);
-                }
+            for (q, o) in ob.chunks_exact_mut(c).enumerate() {
+                let (oy, ox) = (q / ow, q % ow);
+                let at = (oy * sh * iw + ox * sw) * c;
+                o.copy_from_slice(&xb[at..at + c]);
             }
         } else {
-            for plane in xb.chunks_exact((ih * iw).max(1)) {
-                for oy in 0..oh {
+            for (plane, o) in xb.chunks_exact(ih * iw).zip(ob.chunks_exact_mut(oh * ow)) {
+                for (oy, orow) in o.chunks_exact_mut(ow).enumerate() {
                     let row = &plane[oy * sh * iw..];
-                    out.extend(row.iter().step_by(sw).take(ow));
+                    for (d, v) in orow.iter_mut().zip(row.iter().step_by(sw)) {
+                        *d = *v;
+                    }
                 }
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// `src` (`n` images of `a x b`, a-major) as `n` images of `b x a`: NCHW <-> NHWC with `(a, b)`
