@@ -199,7 +199,9 @@ pub(super) fn run(
         } else {
             blkc * cb * ih * iw
         };
-        let sub = &xb[first..];
+        // (An empty image has no block past the first: `fill` then reads nothing, every row
+        // lying in the padding.)
+        let sub = xb.get(first..).unwrap_or_default();
         if blkc + 1 == cblocks {
             cp_last.fill(sub, r, dst);
         } else {
