@@ -1132,6 +1132,17 @@ fn a_3x3_chain_goes_channels_last_unless_a_1x1_layer_writes_nchw() {
     assert_eq!(m.nodes[4].outputs, ["o"]);
     assert_eq!(flags(&m.nodes[3]), on(1, 0));
     assert_eq!(m.nodes[5].op_type, "Conv");
+    // Read by the network's pool instead of a 3x3 layer: the pool reads channels-last too.
+    let mut m = bottleneck(2);
+    m.nodes[5] = node("GlobalAveragePool", &["o"], &["y"]);
+    assert_eq!(nhwc_conv::NhwcConv.run(&mut m).unwrap(), 6);
+    assert_eq!(m.nodes[4].outputs, ["o_nhwc"]);
+    assert_eq!(
+        (m.nodes[5].domain.as_str(), m.nodes[5].op_type.as_str()),
+        ("opreg", "GlobalAveragePoolNhwc")
+    );
+    assert_eq!(m.nodes[5].inputs, ["o_nhwc"]);
+    assert_eq!(m.nodes[5].outputs, ["y"]);
     // A Fire module: squeeze read by a 1x1 and a 3x3 expand layer, both read by a Concat.
     let fire = |with_1x1: bool| {
         let mut nodes = vec![

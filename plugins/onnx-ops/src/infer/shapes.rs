@@ -237,6 +237,18 @@ pub(super) fn infer(node: &NodeInfo<'_>) -> Vec<Shape> {
             })();
             return out;
         }
+        "opreg" if node.op_type == "GlobalAveragePoolNhwc" => {
+            // X channels-last [N, H, W, C]; Y the pool's own [N, C, 1, 1].
+            let x = node
+                .inputs
+                .first()
+                .filter(|v| v.present)
+                .and_then(|v| v.shape);
+            if let Some(&[n, _, _, c]) = x {
+                *first = Some(vec![n, c, 1, 1]);
+            }
+            return out;
+        }
         "opreg" => match node.op_type {
             "FusedConv" => "Conv",
             "FusedMatMul" => "MatMul",

@@ -9,7 +9,10 @@ use super::{
 };
 use crate::util::{input, product_sat, row_major_strides, TaskScratch};
 use opreg_sdk::half::{bf16, f16};
-use opreg_sdk::{alloc::try_with_capacity, prelude::*};
+use opreg_sdk::{
+    alloc::{checked_numel, try_with_capacity},
+    prelude::*,
+};
 use separable::{max_plane_separable, Separable};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -551,6 +554,71 @@ fn global_avg_factory(_: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> 
     }))
 }
 
+/// `opreg::GlobalAveragePoolNhwc`: GlobalAveragePool of a channels-last f32 X (`[N, H, W,
+/// C]`, written by the graph pass `nhwc-conv` where a network's last convolution feeds its
+/// pool) into the pool's own `[N, C, 1, 1]`. Each channel's sum is taken in the order
+/// [`GlobalPool`] takes it over a plane (8 running sums over the pixels by their index mod 8,
+/// the pixels past the last whole 8 after; the same bits), the channels in the lanes.
+struct GlobalAverageNhwc;
+
+impl Kernel for GlobalAverageNhwc {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        const OP: &str = "GlobalAveragePoolNhwc";
+        let xv = input(OP, inputs, 0, "X")?;
+        let &[n, h, w, c] = xv.shape() else {
+            return Err(PluginError::invalid(format!(
+                "{OP}: X must be [N, H, W, C], got {:?}",
+                xv.shape()
+            )));
+        };
+        let x = xv.as_slice::<f32>()?;
+        let y = ctx.output_slice_to_overwrite::<f32>(0, &[n, c, 1, 1])?;
+        let plane = h.saturating_mul(w);
+        let image = plane.saturating_mul(c);
+        if y.is_empty() {
+            return Ok(());
+        }
+        if x.len() < n.saturating_mul(image) {
+            return Err(PluginError::internal(format!(
+                "{OP}: X is shorter than its shape"
+            )));
+        }
+        // acc[j * c + ch]: channel ch's sum over the pixels p = j (mod 8) before `whole`;
+        // then, past it, the tail's sum.
+        let sums = ctx.scratch_reused::<f32>(checked_numel(&[9, c])?)?;
+        let whole = plane / 8 * 8;
+        for (b, yb) in y.chunks_exact_mut(c).enumerate() {
+            sums.fill(0.0);
+            let (acc, tail) = sums.split_at_mut(8 * c);
+            let xb = &x[b * image..(b + 1) * image];
+            for (p, px) in xb.chunks_exact(c).enumerate() {
+                let into = if p < whole {
+                    &mut acc[(p % 8) * c..(p % 8 + 1) * c]
+                } else {
+                    &mut tail[..]
+                };
+                for (a, v) in into.iter_mut().zip(px) {
+                    *a += v;
+                }
+            }
+            let count = plane as f32;
+            for (ch, out) in yb.iter_mut().enumerate() {
+                let sum = (0..8).fold(0.0f32, |s, j| s + acc[j * c + ch]) + tail[ch];
+                *out = sum / count;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn global_avg_nhwc_factory(_: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    Ok(Box::new(GlobalAverageNhwc))
+}
+
 fn global_max_factory(_: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
     Ok(Box::new(GlobalPool {
         op: "GlobalMaxPool",
@@ -609,6 +677,13 @@ pub fn register(r: &mut Registrar) {
         &["T"],
         &["T"],
         global_avg_factory,
+    );
+    r.kernel(
+        KernelDesc::new("opreg", "GlobalAveragePoolNhwc", 1, OPEN_END)
+            .constraint("T", &[DType::F32])
+            .inputs(&["T"])
+            .outputs(&["T"]),
+        global_avg_nhwc_factory,
     );
     register_versions(
         r,
@@ -902,6 +977,50 @@ mod tests {
             .map(|s| s + 6.5)
             .collect();
         close(&got[0].to_vec::<f32>().expect("y"), &want);
+    }
+
+    /// The channels-last average equals the NCHW one bit for bit (pixels past a whole 8, two
+    /// images, uneven values); a rank other than 4 is refused.
+    #[test]
+    fn channels_last_global_average_equals_the_nchw_one() {
+        let (n, c, h, w) = (2usize, 21usize, 3usize, 7usize);
+        let x: Vec<f32> = (0..n * c * h * w)
+            .map(|i| ((i * 7919) % 1013) as f32 * 0.37 - 90.0)
+            .collect();
+        let nchw = HostTensor::from_vec(&[n, c, h, w], &x).expect("x");
+        let want = run_kernel(
+            global_avg_factory,
+            &NodeSpec::onnx("GlobalAveragePool", 1),
+            &[&nchw],
+            None,
+        )
+        .expect("nchw")
+        .remove(0);
+        let mut turned = vec![0f32; x.len()];
+        for b in 0..n {
+            for ch in 0..c {
+                for p in 0..h * w {
+                    turned[(b * h * w + p) * c + ch] = x[(b * c + ch) * h * w + p];
+                }
+            }
+        }
+        let nhwc = HostTensor::from_vec(&[n, h, w, c], &turned).expect("x");
+        let spec = NodeSpec::onnx("GlobalAveragePoolNhwc", 1).domain("opreg");
+        let got = run_kernel(global_avg_nhwc_factory, &spec, &[&nhwc], None)
+            .expect("nhwc")
+            .remove(0);
+        assert_eq!(got.shape(), want.shape());
+        let bits = |t: &HostTensor| -> Vec<u32> {
+            t.to_vec::<f32>()
+                .expect("f32")
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        assert_eq!(bits(&got), bits(&want));
+        let flat = HostTensor::from_vec(&[n, c], &x[..n * c]).expect("x");
+        let e = run_kernel(global_avg_nhwc_factory, &spec, &[&flat], None).expect_err("rank 2");
+        assert!(e.to_string().contains("[N, H, W, C]"), "{e}");
     }
 
     #[test]
