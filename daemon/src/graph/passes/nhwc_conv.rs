@@ -12,7 +12,8 @@
 //! convolution produces and that only convolutions read (as their X) is made channels-last:
 //! its producer becomes `opreg::FusedConvNhwc` with `y_nhwc = 1`, its readers with
 //! `x_nhwc = 1`, and the value is renamed `<name>_nhwc` (its layout is not the one its old
-//! name had). No transpose is added: every value entering or leaving the channels-last region
+//! name had). A GlobalAveragePool reader (a network's head) becomes
+//! `opreg::GlobalAveragePoolNhwc`, whose output is the pool's own `[N, C, 1, 1]`. No transpose is added: every value entering or leaving the channels-last region
 //! is converted inside a convolution.
 //!
 //! ```text
