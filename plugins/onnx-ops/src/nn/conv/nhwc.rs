@@ -750,6 +750,20 @@ mod tests {
         assert!(e.contains("4-D"), "{e}");
         let e = run(&[1, 4, 4, 2], &[3, 5, 1, 1], 1, None).expect("channels refused");
         assert!(e.contains("does not fit"), "{e}");
+        // A strided 1x1 layer with hostile strides reads one pixel per image, no overflow.
+        let x = HostTensor::from_vec(&[2, 3, 5, 4], &data(120, 1)).expect("x");
+        let w = HostTensor::from_vec(&[6, 4, 1, 1], &data(24, 2)).expect("w");
+        let spec = NodeSpec::onnx("FusedConvNhwc", 1)
+            .domain("opreg")
+            .attr("strides", AttrValue::Ints(vec![1 << 40, 1 << 62]));
+        let y = run_kernel_opt(
+            conv_factory,
+            &spec,
+            &[Some(&x), Some(&w)],
+            Some(Box::new(NaiveBlas)),
+        )
+        .expect("strided 1x1");
+        assert_eq!(y[0].shape(), &[2, 1, 1, 6]);
         let e = run(&[1, 4, 4, 2], &[3, 2, 1, 1], 1, Some(&[1, 1, 1, 3])).expect("Z refused");
         assert!(e.contains("does not broadcast"), "{e}");
         assert!(run(&[1, 4, 4, 2], &[3, 2, 1, 1], 1, Some(&[1, 4, 4, 3])).is_none());

@@ -900,16 +900,9 @@ mod tests {
                 .expect("direct");
             let separable = run_kernel(max_pool_factory, &node, &[&tx], None).expect("run");
             assert_eq!(separable[0].shape(), direct[0].shape(), "{k:?} {st:?}");
-            let bits = |t: &HostTensor| -> Vec<u32> {
-                t.to_vec::<f32>()
-                    .expect("f32")
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect()
-            };
             assert_eq!(
-                bits(&separable[0]),
-                bits(&direct[0]),
+                f32_bits(&separable[0]),
+                f32_bits(&direct[0]),
                 "{k:?} {st:?} {pads:?} {xs:?}"
             );
             assert!(
@@ -979,6 +972,15 @@ mod tests {
         close(&got[0].to_vec::<f32>().expect("y"), &want);
     }
 
+    /// The bits of an f32 tensor's values (NaN payloads and signed zeros compared exactly).
+    fn f32_bits(t: &HostTensor) -> Vec<u32> {
+        t.to_vec::<f32>()
+            .expect("f32")
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    }
+
     /// The channels-last average equals the NCHW one bit for bit (pixels past a whole 8, two
     /// images, uneven values); a rank other than 4 is refused.
     #[test]
@@ -1010,14 +1012,7 @@ mod tests {
             .expect("nhwc")
             .remove(0);
         assert_eq!(got.shape(), want.shape());
-        let bits = |t: &HostTensor| -> Vec<u32> {
-            t.to_vec::<f32>()
-                .expect("f32")
-                .iter()
-                .map(|v| v.to_bits())
-                .collect()
-        };
-        assert_eq!(bits(&got), bits(&want));
+        assert_eq!(f32_bits(&got), f32_bits(&want));
         let flat = HostTensor::from_vec(&[n, c], &x[..n * c]).expect("x");
         let e = run_kernel(global_avg_nhwc_factory, &spec, &[&flat], None).expect_err("rank 2");
         assert!(e.to_string().contains("[N, H, W, C]"), "{e}");
