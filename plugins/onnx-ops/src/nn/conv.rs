@@ -1616,11 +1616,13 @@ mod tests {
         // blocks of the output (3, 24, 33, 40), strides, a dilation, a 5x5 window, asymmetric
         // pads, input rows wider than 16 columns, two images; each with the weights given at
         // load (regrouped once) and at run time (regrouped per call).
-        // Rows narrower than their tiles' slots (7, 12, 20 and 30 wide) run in tiles across
-        // rows; the ninth case's rows are cut into several parallel tasks. The last two run
-        // whole images per task (two images), in several groups of 16 tiles (along lines and
-        // within rows), their 40 and 20 input channels in blocks of 16 (and a rest).
-        let cases: [Case; 11] = [
+        // The ninth case's rows are cut into several parallel tasks. The tenth and eleventh
+        // run whole images per task (two images), in several groups of 16 tiles, their 40
+        // and 20 input channels in blocks of 16 (and a rest). The last three skip the kernel
+        // rows that read only padding: a text recognizer's 2-row maps (every row has some),
+        // pads past the kernel (the first and last output rows read nothing but padding),
+        // and a vertical dilation whose rows of taps straddle the image.
+        let cases: [Case; 14] = [
             ([1, 16, 14, 14], 24, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
             ([2, 5, 7, 7], 33, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
             ([1, 21, 5, 20], 40, [3, 3], [1, 1], [1, 1], [0, 1, 2, 1]),
@@ -1632,6 +1634,9 @@ mod tests {
             ([1, 64, 14, 14], 40, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
             ([2, 40, 30, 30], 24, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
             ([2, 20, 12, 30], 40, [3, 3], [1, 1], [1, 1], [0, 0, 0, 0]),
+            ([2, 24, 2, 32], 40, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
+            ([1, 16, 3, 9], 16, [3, 3], [1, 1], [1, 1], [3, 1, 3, 1]),
+            ([1, 18, 5, 9], 20, [3, 3], [2, 1], [2, 1], [3, 1, 2, 1]),
         ];
         for (k, case) in cases.into_iter().enumerate() {
             let (xs, _, ks, st, dil, pads) = case;
