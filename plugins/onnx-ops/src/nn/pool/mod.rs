@@ -13,7 +13,7 @@ use opreg_sdk::{
     alloc::{checked_numel, try_with_capacity},
     prelude::*,
 };
-use separable::{max_plane_separable, Separable};
+use separable::{max_plane_rows, max_plane_separable, Separable};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {
@@ -264,6 +264,13 @@ impl Pool {
             None
         };
         let hbufs = TaskScratch::<T::C>::new(ctx, h_len.unwrap_or(0));
+        // A window one column wide over every column as it is: rows only (see
+        // `max_plane_rows`).
+        let rows_only = separable
+            && g.kernel[1] == 1
+            && g.strides[1] == 1
+            && g.pad_begin[1] == 0
+            && g.out[1] == spatial[1];
         ctx.parallel_chunks(y, grain, |start, chunk| {
             // Reused scratch (the row pass writes all of it before the column pass reads):
             // no zeroed allocation per task; taken when a plane first needs it.
@@ -291,6 +298,10 @@ impl Pool {
                         fast: (g.dilations[1] == 1).then(|| (g.kernel[1], g.strides[1])),
                     };
                     if T::max_plane_own(xp, &geometry, yp) {
+                        continue;
+                    }
+                    if rows_only {
+                        max_plane_rows::<T>(xp, &taps[0], g.out[1], &mut acc, yp);
                         continue;
                     }
                     if hbuf.is_none() {
@@ -886,8 +897,11 @@ mod tests {
             ([2, 4], [1, 3], [1, 1], [1, 2, 0, 3], true),
             ([3, 2], [2, 2], [1, 2], [1, 1, 0, 0], false),
             ([1, 1], [1, 1], [1, 1], [0, 0, 0, 0], false),
-            // Down the columns only (a text recognizer's 2 x 1 pools).
+            // Down the columns only (a text recognizer's 2 x 1 pools; rows only, read in
+            // place), with row pads and ceil mode, with a row dilation.
             ([2, 1], [2, 1], [1, 1], [0, 0, 0, 0], false),
+            ([3, 1], [2, 1], [1, 1], [1, 0, 1, 0], true),
+            ([2, 1], [1, 1], [2, 1], [0, 0, 1, 0], false),
         ];
         for (k, st, dil, pads, ceil) in cases {
             let node = NodeSpec::onnx("MaxPool", 19)
