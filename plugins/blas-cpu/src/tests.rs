@@ -363,13 +363,15 @@ fn bias_and_activation_in_the_tiles() {
     ];
     for kind in kernels() {
         // (5 x 70 x 600 with B packed: the few-rows loop, its depth blocks on one tile;
-        // 49 x 70 x 600: one row block, every depth block in one parallel loop.)
+        // 49 x 70 x 600 and 200 x 70 x 600 (two row blocks): each task takes every depth
+        // block in turn, in one parallel loop, B packed at load or by the task.)
         for (m, n, k) in [
             (13, 37, 600),
             (9, 4150, 5),
             (70, 33, 40),
             (5, 70, 600),
             (49, 70, 600),
+            (200, 70, 600),
         ] {
             for layout in LAYOUTS {
                 for (i, &epi) in epis.iter().enumerate() {
@@ -386,7 +388,7 @@ fn bias_and_activation_in_the_tiles() {
                             // Values that reach past 6 and below 0 for ReLU6.
                             alpha: alpha * 8.0,
                             beta,
-                            packed: (i + m) % 2 == 0 || m == 5 || m == 49,
+                            packed: (i + m) % 2 == 0 || m == 5 || m == 49 || bias == BiasOn::Rows,
                             epi,
                             bias,
                         };
