@@ -7,7 +7,12 @@
 //! Then the real-model table: each model of `target/models` at batch 1 and 8, `opreg bench`
 //! (the release binary, its own process) against `bench_ort_model.py` (onnxruntime, its own
 //! process), the same thread count and input shapes: median and p90 over at least 30 runs after
-//! warm-up, and each process's peak RSS, as ratios opreg / ONNX Runtime.
+//! warm-up, and each process's peak RSS, as ratios opreg / ONNX Runtime. The two sides run
+//! alternately, `OPREG_BENCH_ROUNDS` rounds (3 by default) of one process each, and a ratio is
+//! the median of the rounds' ratios, each from two processes run back to back: on a shared
+//! machine whose speed drifts by tens of percent from one minute to the next, one process per
+//! side put each in a different state (the same ORT process measured 1.54 and 1.95 ms on
+//! SqueezeNet minutes apart); the range of the rounds' ratios is printed beside it.
 //!
 //! Each model is also served by a release `opregd` and called over gRPC (KServe v2, one client,
 //! back to back): its p50 against ONNX Runtime's in-process p50, and the serving overhead (gRPC
@@ -63,14 +68,22 @@ fn real_models(threads: usize, python: &str) {
     let only: Option<Vec<String>> = std::env::var("OPREG_BENCH_MODELS")
         .ok()
         .map(|v| v.split(',').map(str::to_string).collect());
+    let rounds: usize = std::env::var("OPREG_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
     println!(
-        "\nreal models, {threads} threads, each side in its own process (median and p90 of >= 30 runs)"
+        "\nreal models, {threads} threads, each side in its own process (median and p90 of >= 30 runs), {rounds} alternating rounds"
+    );
+    println!(
+        "(p50, p90: medians over the rounds; p50 x, p90 x: medians of the rounds' ratios, p50 x range: their lowest and highest)"
     );
     println!(
         "(gRPC: a release opregd serving the model, one client calling back to back; +gRPC: its p50 - opreg p50)"
     );
     println!(
-        "{:>16} {:>5} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9} {:>8} {:>8}",
+        "{:>16} {:>5} {:>10} {:>10} {:>10} {:>10} {:>8} {:>11} {:>8} {:>9} {:>9} {:>8} {:>9} {:>8} {:>8}",
         "model",
         "batch",
         "opreg p50",
@@ -78,6 +91,7 @@ fn real_models(threads: usize, python: &str) {
         "opreg p90",
         "ORT p90",
         "p50 x",
+        "p50 x range",
         "p90 x",
         "opreg MiB",
         "ORT MiB",
@@ -100,55 +114,93 @@ fn real_models(threads: usize, python: &str) {
                 .iter()
                 .map(|s| s.replace("{b}", &batch.to_string()))
                 .collect();
-            let ours = json_of(
-                Command::new(&opreg)
-                    .arg("bench")
-                    .arg(&path)
-                    .arg("--plugin-dir")
-                    .arg(plugins.path())
-                    .args([
-                        "--threads",
-                        &threads.to_string(),
-                        "--batch",
-                        &batch.to_string(),
-                    ])
-                    .args(shapes.iter().flat_map(|s| ["--shape", s.as_str()]))
-                    .arg("--json"),
-                &format!("opreg bench {name}"),
-            );
-            let peer = json_of(
-                Command::new(python)
-                    .arg(root.join("tests/python/bench_ort_model.py"))
-                    .arg(&path)
-                    .arg(batch.to_string())
-                    .arg(threads.to_string())
-                    .args(&shapes),
-                &format!("onnxruntime {name}"),
-            );
+            let mut runs = Vec::with_capacity(rounds);
+            for _ in 0..rounds {
+                let ours = json_of(
+                    Command::new(&opreg)
+                        .arg("bench")
+                        .arg(&path)
+                        .arg("--plugin-dir")
+                        .arg(plugins.path())
+                        .args([
+                            "--threads",
+                            &threads.to_string(),
+                            "--batch",
+                            &batch.to_string(),
+                        ])
+                        .args(shapes.iter().flat_map(|s| ["--shape", s.as_str()]))
+                        .arg("--json"),
+                    &format!("opreg bench {name}"),
+                );
+                let peer = json_of(
+                    Command::new(python)
+                        .arg(root.join("tests/python/bench_ort_model.py"))
+                        .arg(&path)
+                        .arg(batch.to_string())
+                        .arg(threads.to_string())
+                        .args(&shapes),
+                    &format!("onnxruntime {name}"),
+                );
+                runs.push((ours, peer));
+            }
             let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+            // Per side and key, over the rounds: the median, and the median of the ratios.
+            let med = |side: usize, k: &str| {
+                median(
+                    runs.iter()
+                        .map(|r| f(if side == 0 { &r.0 } else { &r.1 }, k)),
+                )
+            };
+            let ratios =
+                |k: &str| -> Vec<f64> { runs.iter().map(|(o, p)| f(o, k) / f(p, k)).collect() };
+            let p50x = ratios("median_ms");
+            let (lo, hi) = p50x
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &v| {
+                    (l.min(v), h.max(v))
+                });
+            let ours_p50 = med(0, "median_ms");
             // A window of at least 30 requests at opreg's in-process pace, as the other sides.
-            let window = (30.0 * 1.2 * f(&ours, "median_ms")).max(2000.0) as u64;
+            let window = (30.0 * 1.2 * ours_p50).max(2000.0) as u64;
             let (remote, _) = grpc::latency(&opreg, &served, batch, &shapes, window)
                 .unwrap_or_else(|e| panic!("{name} over gRPC: {e}"));
-            let mib = |v: &serde_json::Value| f(v, "peak_rss_bytes") / f64::from(1 << 20);
+            // Peak RSS: the largest of the rounds' processes, each side.
+            let mib = |side: usize| {
+                runs.iter()
+                    .map(|r| f(if side == 0 { &r.0 } else { &r.1 }, "peak_rss_bytes"))
+                    .fold(f64::NAN, f64::max)
+                    / f64::from(1 << 20)
+            };
             println!(
-                "{name:>16} {batch:>5} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>8.2} {:>8.2} {:>9.0} {:>9.0} {:>8.2} {:>9.2} {:>8.2} {:>8.2}",
-                f(&ours, "median_ms"),
-                f(&peer, "median_ms"),
-                f(&ours, "p90_ms"),
-                f(&peer, "p90_ms"),
-                f(&ours, "median_ms") / f(&peer, "median_ms"),
-                f(&ours, "p90_ms") / f(&peer, "p90_ms"),
-                mib(&ours),
-                mib(&peer),
-                mib(&ours) / mib(&peer),
+                "{name:>16} {batch:>5} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>8.2} {:>11} {:>8.2} {:>9.0} {:>9.0} {:>8.2} {:>9.2} {:>8.2} {:>8.2}",
+                ours_p50,
+                med(1, "median_ms"),
+                med(0, "p90_ms"),
+                med(1, "p90_ms"),
+                median(p50x.iter().copied()),
+                format!("{lo:.2}-{hi:.2}"),
+                median(ratios("p90_ms").into_iter()),
+                mib(0),
+                mib(1),
+                mib(0) / mib(1),
                 remote,
-                remote / f(&peer, "median_ms"),
-                remote - f(&ours, "median_ms"),
+                remote / med(1, "median_ms"),
+                remote - ours_p50,
             );
         }
     }
     serving_overhead(&rt, &opreg, plugins.path());
+}
+
+/// The median of `v` (NaN when empty; the mean of the middle two when even).
+fn median(v: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = v.collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// The serving overhead alone (see the module docs): `opreg bench` and the daemon over gRPC on
