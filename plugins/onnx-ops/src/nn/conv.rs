@@ -1571,8 +1571,9 @@ mod tests {
         // takes: SqueezeNet's unpadded 3x3/2 (64 channels, 8 blocks), ResNet's 7x7/2 on two
         // images (13 channels: a block of 8 and a part), a grey plane at stride 1, stride 3
         // with dilation and asymmetric pads (three column phases), a 2x2 window, rows of 9
-        // registers (tiles 3, 3, 3) and of 5 (3, 2), a last register of 2 pixels.
-        let cases: [Case; 8] = [
+        // registers (tiles 3, 3, 3) and of 5 (3, 2), a last register of 2 pixels; three
+        // small grey images (a text recognizer's lines: one task per image).
+        let cases: [Case; 9] = [
             ([1, 3, 13, 75], 64, [3, 3], [2, 2], [1, 1], [0, 0, 0, 0]),
             ([2, 3, 16, 70], 13, [7, 7], [2, 2], [1, 1], [3, 3, 3, 3]),
             ([1, 1, 6, 40], 8, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
@@ -1581,6 +1582,7 @@ mod tests {
             ([1, 3, 4, 130], 17, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
             ([1, 3, 5, 70], 5, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
             ([1, 3, 5, 34], 8, [3, 3], [1, 1], [1, 1], [0, 0, 0, 0]),
+            ([3, 1, 8, 40], 16, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
         ];
         for (k, case) in cases.into_iter().enumerate() {
             let (xs, _, ks, st, dil, pads) = case;

@@ -38,6 +38,9 @@ const R: usize = 8;
 const MAX_V: usize = 3;
 /// Input channels up to which this module takes a layer.
 const MAX_C: usize = 4;
+/// Floats of an image's phase copy up to which a batch runs one task per image (64 KiB per
+/// thread's copy, in L2 with its output rows).
+const SMALL_COPY: usize = 1 << 14;
 /// Output width from which it takes a layer: narrower rows leave lanes of their last
 /// register idle (at 32, at most a quarter).
 const MIN_WIDTH: usize = 2 * LANES;
@@ -163,11 +166,41 @@ pub(super) fn run(
             "Conv: the phase copy or the weights are shorter than the tiles read",
         ));
     }
+    let in_plane = ih * iw;
+    if n >= ctx.num_threads().max(2) && copy_len <= SMALL_COPY {
+        // Small images, enough of them for every thread: one task per image, its copy and
+        // every row (a text recognizer's 32x128 grey lines, batch 8: two parallel loops per
+        // image, the copy of one plane on one thread, and the threads' hand-offs cost more
+        // than the layer's multiply-adds). Large ones (224x224 colour images) measured the
+        // same either way and keep the rows spread over the threads.
+        let yd = Disjoint::new(y);
+        let copies = crate::util::TaskScratch::<f32>::new(ctx, copy_len);
+        return ctx
+            .parallel_for(n, 1, |range| {
+                let mut copy = copies.take()?;
+                let copy = &mut copy[..];
+                for b in range {
+                    let xb = &x[b * image..(b + 1) * image];
+                    for (ic, chunk) in copy.chunks_mut(pad.len).enumerate() {
+                        pad.fill(&xb[ic * in_plane..(ic + 1) * in_plane], (ih, iw), chunk);
+                    }
+                    // SAFETY: each image's output is written by the one task holding it.
+                    let yb = Disjoint::new(unsafe { yd.part(b * m * plane, m * plane) });
+                    let tiles = tiles(b);
+                    for blk in 0..blocks {
+                        for oy in 0..oh {
+                            tiles.row(copy, oy, blk, &yb);
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .map(|()| true);
+    }
     let copy = ctx.scratch_reused::<f32>(copy_len)?;
     let rows_per_task = oh.div_ceil(4 * ctx.num_threads().max(1)).max(1);
     for b in 0..n {
         let xb = &x[b * image..(b + 1) * image];
-        let in_plane = ih * iw;
         ctx.parallel_chunks(copy, pad.len, |start, chunk| {
             let ic = start / pad.len;
             pad.fill(&xb[ic * in_plane..(ic + 1) * in_plane], (ih, iw), chunk);
