@@ -284,23 +284,13 @@ fn run_lanes(
         // Enough images to keep every thread busy: one task per image, band after band,
         // instead of parallel passes per image that wait on the threads' hand-offs.
         let band_len = checked_numel(&[band_rows(most), row_len])?;
-        let yd = Disjoint::new(y);
-        let copies = TaskScratch::<f32>::new(ctx, band_len);
-        return ctx
-            .parallel_for(n, 1, |range| {
-                let mut copy = copies.take()?;
-                let copy = &mut copy[..];
-                for b in range {
-                    let xb = &x[b * image..(b + 1) * image];
-                    // SAFETY: each image's output is written by the one task holding it.
-                    let yb = Disjoint::new(unsafe { yd.part(b * c * plane, c * plane) });
-                    for k in 0..oh.div_ceil(most) {
-                        band(copy, xb, k * most..((k + 1) * most).min(oh), &yb)?;
-                    }
-                }
-                Ok(())
-            })
-            .map(|()| true);
+        return super::per_image_tasks(ctx, n, (y, c * plane), band_len, |copy, b, yb| {
+            let xb = &x[b * image..(b + 1) * image];
+            for k in 0..oh.div_ceil(most) {
+                band(copy, xb, k * most..((k + 1) * most).min(oh), yb)?;
+            }
+            Ok(())
+        });
     }
     if cp.len <= BAND_FLOATS {
         // A small image: copied once, then every task reads the shared copy (in cache).

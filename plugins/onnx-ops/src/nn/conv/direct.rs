@@ -261,29 +261,19 @@ pub(super) fn run(
         // Enough images to keep every thread busy: one task per image, each with its own
         // copy, instead of two parallel passes (copy, tiles) per image: a batch of small
         // images otherwise waits on the threads' hand-offs (the repo's toy CNN, batch 8).
-        let yd = Disjoint::new(y);
-        let copies = TaskScratch::<f32>::new(ctx, copy_len);
         let sums = TaskScratch::<f32>::new(ctx, GROUP * TILE);
-        return ctx
-            .parallel_for(n, 1, |range| {
-                let mut copy = copies.take()?;
-                let copy = &mut copy[..];
-                let mut sums = sums.take()?;
-                for b in range {
-                    let xb = &x[b * image..(b + 1) * image];
-                    for (r, chunk) in copy.chunks_mut(row_len).enumerate() {
-                        fill(xb, r, chunk);
-                    }
-                    // SAFETY: each image's output is written by the one task holding it.
-                    let yb = Disjoint::new(unsafe { yd.part(b * m * plane, m * plane) });
-                    let t = tiles(b);
-                    for blk in 0..blocks {
-                        t.rows(copy, blk, 0..oh, &yb, &mut sums)?;
-                    }
-                }
-                Ok(())
-            })
-            .map(|()| true);
+        return super::per_image_tasks(ctx, n, (y, m * plane), copy_len, |copy, b, yb| {
+            let xb = &x[b * image..(b + 1) * image];
+            for (r, chunk) in copy.chunks_mut(row_len).enumerate() {
+                fill(xb, r, chunk);
+            }
+            let mut sums = sums.take()?;
+            let t = tiles(b);
+            for blk in 0..blocks {
+                t.rows(copy, blk, 0..oh, yb, &mut sums)?;
+            }
+            Ok(())
+        });
     }
     let copy = ctx.scratch_reused::<f32>(copy_len)?;
     // Tasks of (block, rows): about one group of tiles each (the passes over the weights are

@@ -173,29 +173,19 @@ pub(super) fn run(
         // image, the copy of one plane on one thread, and the threads' hand-offs cost more
         // than the layer's multiply-adds). Large ones (224x224 colour images) measured the
         // same either way and keep the rows spread over the threads.
-        let yd = Disjoint::new(y);
-        let copies = crate::util::TaskScratch::<f32>::new(ctx, copy_len);
-        return ctx
-            .parallel_for(n, 1, |range| {
-                let mut copy = copies.take()?;
-                let copy = &mut copy[..];
-                for b in range {
-                    let xb = &x[b * image..(b + 1) * image];
-                    for (ic, chunk) in copy.chunks_mut(pad.len).enumerate() {
-                        pad.fill(&xb[ic * in_plane..(ic + 1) * in_plane], (ih, iw), chunk);
-                    }
-                    // SAFETY: each image's output is written by the one task holding it.
-                    let yb = Disjoint::new(unsafe { yd.part(b * m * plane, m * plane) });
-                    let tiles = tiles(b);
-                    for blk in 0..blocks {
-                        for oy in 0..oh {
-                            tiles.row(copy, oy, blk, &yb);
-                        }
-                    }
+        return super::per_image_tasks(ctx, n, (y, m * plane), copy_len, |copy, b, yb| {
+            let xb = &x[b * image..(b + 1) * image];
+            for (ic, chunk) in copy.chunks_mut(pad.len).enumerate() {
+                pad.fill(&xb[ic * in_plane..(ic + 1) * in_plane], (ih, iw), chunk);
+            }
+            let tiles = tiles(b);
+            for blk in 0..blocks {
+                for oy in 0..oh {
+                    tiles.row(copy, oy, blk, yb);
                 }
-                Ok(())
-            })
-            .map(|()| true);
+            }
+            Ok(())
+        });
     }
     let copy = ctx.scratch_reused::<f32>(copy_len)?;
     let rows_per_task = oh.div_ceil(4 * ctx.num_threads().max(1)).max(1);
