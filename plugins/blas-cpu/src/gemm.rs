@@ -267,11 +267,12 @@ unsafe fn gemm_with<K: MicroKernel>(
         // of one loop per depth block, the threads meeting after each. Measured on 1x1
         // layers whose depth spans 2-4 blocks (SqueezeNet's 13x13 384->64: ~2x ONNX
         // Runtime's time in the model, the second thread adding nothing).
+        let whole_split = split::<K>(m, nc, k, threads);
         let whole = match p.b {
             BSource::Packed { ptr, .. } if k > kc_max => Some(BlockB::PackedAll(ptr, n_pad)),
-            BSource::Strided(b) if k > kc_max => {
-                let split = split::<K>(m, nc, k, threads);
-                ((split.0 - 1) * nc <= m).then_some(BlockB::PerTask(b))
+            // (The condition for packing per task below.)
+            BSource::Strided(b) if k > kc_max && (whole_split.0 - 1) * nc <= m => {
+                Some(BlockB::PerTask(b))
             }
             _ => None,
         };
@@ -281,7 +282,7 @@ unsafe fn gemm_with<K: MicroKernel>(
                 nc,
                 depth: 0..k,
                 kc_max,
-                split: split::<K>(m, nc, k, threads),
+                split: whole_split,
             };
             // SAFETY: forwarded from the caller; a packed B holds every depth block.
             unsafe { compute_block::<K>(ctx, parallel, p, b, &block)? };

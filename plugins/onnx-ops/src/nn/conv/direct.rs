@@ -361,21 +361,20 @@ struct KernelRows {
 }
 
 impl KernelRows {
-    /// The kernel rows that read the image for some output row of `rows` (non-empty): those
-    /// of its last row onwards (the first kernel rows read the top padding, fewer of them
-    /// further down) up to those of its first (the last ones read the bottom padding, more
-    /// further down). Padded row `oy * sh + ky * dh` holds input row `that - pt`.
-    fn span(&self, rows: (usize, usize)) -> (usize, usize) {
+    /// The kernel rows `lo..hi` that read the image for output row `oy`: kernel row `ky` reads
+    /// padded row `oy * sh + ky * dh`, input row `that - pt`, so the first ones may read the
+    /// top padding and the last ones the bottom padding (none where every row does: pads past
+    /// the kernel).
+    fn span(&self, oy: usize) -> (usize, usize) {
         // First ky with `oy * sh + ky * dh >= bound` (`kh` if none).
-        let first_at = |oy: usize, bound: usize| {
-            let top = oy.saturating_mul(self.sh);
+        let first_at = |bound: usize| {
             bound
-                .saturating_sub(top)
+                .saturating_sub(oy.saturating_mul(self.sh))
                 .div_ceil(self.dh.max(1))
                 .min(self.kh)
         };
-        let lo = first_at(rows.1, self.pt);
-        let hi = first_at(rows.0, self.pt.saturating_add(self.ih));
+        let lo = first_at(self.pt);
+        let hi = first_at(self.pt.saturating_add(self.ih));
         (lo, hi.max(lo))
     }
 }
@@ -452,7 +451,7 @@ impl Tiles<'_> {
                     start: oy * self.row_step + ox * self.pix_step,
                     p,
                     at: (oy, ox),
-                    ky: self.vertical.span((oy, oy)),
+                    ky: self.vertical.span(oy),
                 });
                 ox += p;
             }
