@@ -930,6 +930,51 @@ mod tests {
         }
     }
 
+    /// The rows-only MaxPool (one column wide over every column) under hostile windows: row
+    /// pads of 2^40 refused as too large, a row stride of 2^40 (one output row, its window's
+    /// first rows), and a window wholly in the top padding (-inf, as the direct loop).
+    #[test]
+    fn rows_only_max_pool_survives_hostile_windows() {
+        let node = |pads: [i64; 4], strides: [i64; 2], k: [i64; 2]| {
+            NodeSpec::onnx("MaxPool", 19)
+                .attr("kernel_shape", AttrValue::Ints(k.to_vec()))
+                .attr("strides", AttrValue::Ints(strides.to_vec()))
+                .attr("pads", AttrValue::Ints(pads.to_vec()))
+        };
+        let xs = [1usize, 2, 5, 3];
+        let x = data(xs.iter().product());
+        let tx = HostTensor::from_vec(&xs, &x).expect("x");
+        let e = run_kernel(
+            max_pool_factory,
+            &node([1 << 40, 0, 1 << 40, 0], [1, 1], [2, 1]),
+            &[&tx],
+            None,
+        )
+        .expect_err("huge row pads");
+        assert_eq!(e.code, ErrorCode::ResourceExhausted, "{}", e.message);
+        let y = run_kernel(
+            max_pool_factory,
+            &node([0; 4], [1 << 40, 1], [2, 1]),
+            &[&tx],
+            None,
+        )
+        .expect("huge row stride");
+        assert_eq!(y[0].shape(), &[1, 2, 1, 3]);
+        let want: Vec<f32> = (0..2)
+            .flat_map(|c| {
+                let x = &x;
+                (0..3).map(move |j| x[c * 15 + j].max(x[c * 15 + 3 + j]))
+            })
+            .collect();
+        assert_eq!(y[0].to_vec::<f32>().expect("f32"), want);
+        let padded = node([1, 0, 0, 0], [1, 1], [1, 1]);
+        let got = run_kernel(max_pool_factory, &padded, &[&tx], None).expect("padded");
+        let direct =
+            run_kernel(max_pool_factory, &padded.clone().outputs(2), &[&tx], None).expect("direct");
+        assert_eq!(f32_bits(&got[0]), f32_bits(&direct[0]));
+        assert_eq!(got[0].to_vec::<f32>().expect("f32")[0], f32::NEG_INFINITY);
+    }
+
     #[test]
     fn max_pool_indices_column_major_and_same_pad() {
         let x: Vec<f32> = (0..12).map(|i| i as f32).collect();
