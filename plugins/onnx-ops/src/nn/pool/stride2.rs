@@ -93,54 +93,69 @@ unsafe fn interior(xp: &[f32], rows: &[usize], c0: usize, three: bool, out: &mut
         // SAFETY: masked to `x` (AVX-512 F: caller).
         unsafe { _mm512_maskz_loadu_ps(mask, x.as_ptr().wrapping_add(at)) }
     };
-    // Every vector but the last reads whole registers (the taps of its 16 outputs end at
-    // `p + 34` at most, within `span` while 16 more outputs follow): plain loads from each
-    // row's pointer. Computing a mask and a checked slice per load, as the last vector does,
-    // cost three times the loads themselves (64x111x111 at batch 8: 3.3 ms against ONNX
-    // Runtime's 0.66).
-    let whole = n.saturating_sub(1) / 16 * 16;
-    let mut done = 0;
-    if whole > 0 {
-        // Each row's first tap, with `span` floats after it (sliced once, checked).
-        let mut starts = [std::ptr::null::<f32>(); 8];
-        let fits = rows.len() <= starts.len()
+    // Whole-register loads from each row's pointer: computing a mask and a checked slice per
+    // load, as the masked loop below does, cost three times the loads themselves (64x111x111
+    // at batch 8: 3.3 ms against ONNX Runtime's 0.66). Every vector but the last reads within
+    // the row's `span` (the taps of its 16 outputs end at `p + 34` at most, while 16 more
+    // outputs follow). The last vector's loads run whole too when the plane holds the 34
+    // floats from its `p`: they reach into the next row, whose values only feed the lanes
+    // past `n`, which the masked store drops. That is every row but a plane's last one or
+    // two, so 27-wide output rows (SqueezeNet's 128x55x55 pool) no longer take one of their
+    // two vectors masked.
+    let vectors = n.div_ceil(16);
+    let last_end = 2 * 16 * vectors.saturating_sub(1) + 34;
+    let mut starts = [std::ptr::null::<f32>(); 8];
+    let row_starts = |len: usize, starts: &mut [*const f32; 8]| {
+        rows.len() <= starts.len()
             && rows.iter().zip(starts.iter_mut()).all(|(&r, s)| {
-                match xp.get(r + c0..).and_then(|x| x.get(..span)) {
+                match xp.get(r + c0..).and_then(|x| x.get(..len)) {
                     Some(x) => {
                         *s = x.as_ptr();
                         true
                     }
                     None => false,
                 }
-            });
-        if fits {
-            let starts = &starts[..rows.len()];
-            for i in (0..whole).step_by(16) {
-                let p = 2 * i;
-                let mut m = _mm512_setzero_ps();
-                for (k, &x) in starts.iter().enumerate() {
-                    // SAFETY: `p + 34 <= span` (another 16 outputs follow: `2 * (i + 16) +
-                    // 2 <= span`), so every load lies in the row's checked `span` floats.
-                    unsafe {
-                        let (a, b) = (_mm512_loadu_ps(x.add(p)), _mm512_loadu_ps(x.add(p + 16)));
-                        let e = _mm512_permutex2var_ps(a, even, b);
-                        m = if k == 0 { e } else { _mm512_max_ps(e, m) };
-                        m = _mm512_max_ps(_mm512_permutex2var_ps(a, odd, b), m);
-                        if three {
-                            let (a2, b2) = (
-                                _mm512_loadu_ps(x.add(p + 2)),
-                                _mm512_loadu_ps(x.add(p + 18)),
-                            );
-                            m = _mm512_max_ps(_mm512_permutex2var_ps(a2, even, b2), m);
-                        }
-                    }
+            })
+    };
+    let whole = if row_starts(last_end.max(span), &mut starts) {
+        vectors * 16
+    } else if row_starts(span, &mut starts) {
+        n.saturating_sub(1) / 16 * 16
+    } else {
+        0
+    };
+    let starts = &starts[..rows.len().min(starts.len())];
+    for i in (0..whole).step_by(16) {
+        let p = 2 * i;
+        let mut m = _mm512_setzero_ps();
+        for (k, &x) in starts.iter().enumerate() {
+            // SAFETY: `p + 34 <= span` (another 16 outputs follow: `2 * (i + 16) + 2 <=
+            // span`) or, when `whole` covers the last vector, `p + 34 <= last_end`: every
+            // load lies in the row's checked floats.
+            unsafe {
+                let (a, b) = (_mm512_loadu_ps(x.add(p)), _mm512_loadu_ps(x.add(p + 16)));
+                let e = _mm512_permutex2var_ps(a, even, b);
+                m = if k == 0 { e } else { _mm512_max_ps(e, m) };
+                m = _mm512_max_ps(_mm512_permutex2var_ps(a, odd, b), m);
+                if three {
+                    let (a2, b2) = (
+                        _mm512_loadu_ps(x.add(p + 2)),
+                        _mm512_loadu_ps(x.add(p + 18)),
+                    );
+                    m = _mm512_max_ps(_mm512_permutex2var_ps(a2, even, b2), m);
                 }
-                // SAFETY: outputs `i..i + 16` lie in `out` (`i + 16 <= whole < n`).
-                unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(i), m) };
             }
-            done = whole;
+        }
+        if i + 16 <= n {
+            // SAFETY: outputs `i..i + 16` lie in `out`.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(i), m) };
+        } else {
+            let mask = ((1u32 << (n - i)) - 1) as __mmask16;
+            // SAFETY: masked to `out`'s first `n` elements (`i < n < i + 16`).
+            unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), mask, m) };
         }
     }
+    let done = whole.min(n);
     for i in (done..n).step_by(16) {
         let p = 2 * i;
         let mut m = _mm512_setzero_ps();
