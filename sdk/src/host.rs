@@ -567,19 +567,27 @@ impl<'a> CallFrame<'a> {
         self
     }
 
-    fn within_limit(&self, what: &str, bytes: Option<usize>) -> Result<(), PluginError> {
+    /// `what` names the allocation in the error, built only on the error path: this runs for
+    /// every output of every node, where formatting a label each time cost a measurable part
+    /// of a small node's overhead.
+    fn within_limit<W: std::fmt::Display>(
+        &self,
+        what: impl FnOnce() -> W,
+        bytes: Option<usize>,
+    ) -> Result<(), PluginError> {
         match bytes {
             Some(b) if b <= self.max_tensor_bytes => Ok(()),
             Some(b) => Err(PluginError::new(
                 ErrorCode::ResourceExhausted,
                 format!(
-                    "{what} would take {b} bytes, more than the limit of {} bytes per tensor",
+                    "{} would take {b} bytes, more than the limit of {} bytes per tensor",
+                    what(),
                     self.max_tensor_bytes
                 ),
             )),
             None => Err(PluginError::new(
                 ErrorCode::ResourceExhausted,
-                format!("{what} is larger than the address space"),
+                format!("{} is larger than the address space", what()),
             )),
         }
     }
@@ -620,7 +628,7 @@ impl CallFrame<'_> {
         bytes: usize,
         make: fn(usize) -> Result<AlignedBuf, PluginError>,
     ) -> Result<RSliceMut<'_, u8>, PluginError> {
-        self.within_limit("scratch buffer", Some(bytes))?;
+        self.within_limit(|| "scratch buffer", Some(bytes))?;
         let mut buf = make(bytes)?;
         let ptr = buf.as_mut_slice().as_mut_ptr();
         list.lock()
@@ -734,7 +742,7 @@ impl CallFrame<'_> {
             let bytes =
                 crate::alloc::numel(shape.as_slice()).and_then(|n| n.checked_mul(dtype.size()));
             self.within_limit(
-                &format!("output {index} ({dtype} {:?})", shape.as_slice()),
+                || format!("output {index} ({dtype} {:?})", shape.as_slice()),
                 bytes,
             )?;
             let (t, device, memory, data) = if self.output_on_device(index) {
@@ -938,7 +946,7 @@ impl FfiHost for CallFrame<'_> {
     fn device_scratch(&self, bytes: usize) -> RResult<crate::MemRef, PluginError> {
         if !self.device.host_accessible() {
             let result = (|| {
-                self.within_limit("device scratch", Some(bytes))?;
+                self.within_limit(|| "device scratch", Some(bytes))?;
                 let alloc = self.alloc.ok_or_else(|| {
                     PluginError::unimplemented(format!(
                         "device {}: this host has no device scratch",

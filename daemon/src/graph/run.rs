@@ -171,7 +171,7 @@ fn bytes_of(t: &HostTensor) -> usize {
 /// Runs `plan` on `feeds` (one tensor per input, checked by the caller) and returns the
 /// outputs in declaration order, with no deadline or limits. Call it on the compute pool.
 pub fn run(plan: &Plan, feeds: HashMap<String, Value>) -> Result<Vec<(String, Value)>, GraphError> {
-    run_tensors(plan, feeds, &RunControl::unbounded(), &mut |_| {})
+    run_tensors(plan, feeds, &RunControl::unbounded(), None)
 }
 
 /// Like [`run`], bounded and cancellable by `control`.
@@ -180,7 +180,7 @@ pub fn run_with_control(
     feeds: HashMap<String, Value>,
     control: &RunControl,
 ) -> Result<Vec<(String, Value)>, GraphError> {
-    run_tensors(plan, feeds, control, &mut |_| {})
+    run_tensors(plan, feeds, control, None)
 }
 
 /// Like [`run_with_control`], also returning the time each top-level step took and the bytes
@@ -192,7 +192,7 @@ pub fn run_profiled(
 ) -> Result<(Outputs, StepTimes), GraphError> {
     let mut times = Vec::new();
     control.wait_devices.store(true, Ordering::Relaxed);
-    let out = run_tensors(plan, feeds, control, &mut |t| times.push(t))?;
+    let out = run_tensors(plan, feeds, control, Some(&mut |t| times.push(t)))?;
     Ok((out, times))
 }
 
@@ -201,7 +201,7 @@ fn run_tensors(
     plan: &Plan,
     feeds: HashMap<String, Value>,
     control: &RunControl,
-    observe: &mut dyn FnMut(StepTime),
+    observe: Option<&mut dyn FnMut(StepTime)>,
 ) -> Result<Vec<(String, Value)>, GraphError> {
     let feeds = feeds
         .into_iter()
@@ -271,7 +271,9 @@ fn run_with(
     plan: &Plan,
     mut feeds: HashMap<String, Slot>,
     control: &RunControl,
-    observe: &mut dyn FnMut(StepTime),
+    // Called after each step with its time, when profiling (reading the clock twice per step
+    // is a measurable part of a small node's cost, so runs that do not profile do not).
+    mut observe: Option<&mut dyn FnMut(StepTime)>,
 ) -> Result<Vec<(String, Slot)>, GraphError> {
     // The input shapes pick the memory pattern: an arena when one was learnt for them, else
     // this run records the sizes to learn it.
@@ -308,7 +310,7 @@ fn run_with(
     }
     for (index, step) in plan.steps.iter().enumerate() {
         control.check(&step.label)?;
-        let started = std::time::Instant::now();
+        let started = observe.is_some().then(Instant::now);
         let ins: Vec<Option<Slot>> = step
             .inputs
             .iter()
@@ -384,11 +386,13 @@ fn run_with(
         for s in &step.release {
             values.release(*s);
         }
-        observe(StepTime {
-            step: index,
-            seconds: started.elapsed().as_secs_f64(),
-            output_bytes,
-        });
+        if let (Some(observe), Some(started)) = (observe.as_mut(), started) {
+            observe(StepTime {
+                step: index,
+                seconds: started.elapsed().as_secs_f64(),
+                output_bytes,
+            });
+        }
     }
     let outputs = plan
         .outputs
@@ -515,7 +519,7 @@ fn run_nested(
     feeds: HashMap<String, Slot>,
     control: &RunControl,
 ) -> Result<Vec<Slot>, GraphError> {
-    Ok(run_with(plan, feeds, control, &mut |_| {})?
+    Ok(run_with(plan, feeds, control, None)?
         .into_iter()
         .map(|(_, t)| t)
         .collect())
