@@ -814,6 +814,18 @@ mod x86 {
         cb: usize,
         yd: &Disjoint<f32>,
     ) {
+        if t.y_nhwc {
+            macro_rules! by_width {
+                ($($n:literal)*) => {
+                    match p {
+                        $($n => store_nhwc::<$n>(t, base, (oy, ox), cb, yd),)*
+                        _ => {}
+                    }
+                };
+            }
+            by_width!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
+            return;
+        }
         macro_rules! by_width {
             ($($n:literal)*) => {
                 match p {
@@ -824,17 +836,6 @@ mod x86 {
         }
         let acc = by_width!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
         let plane = t.oh * t.ow;
-        if t.y_nhwc {
-            // Pixel j's 16 channels are acc[j] as computed.
-            let lanes = (t.c - cb).min(16);
-            let mask = ((1u32 << lanes) - 1) as u16;
-            for (j, v) in acc.into_iter().take(p).enumerate() {
-                // SAFETY: this task alone writes row `oy` of the image.
-                let out = unsafe { yd.part((oy * t.ow + ox + j) * t.c + cb, lanes) };
-                _mm512_mask_storeu_ps(out.as_mut_ptr(), mask, v);
-            }
-            return;
-        }
         let mask = ((1u32 << p) - 1) as u16;
         for (i, v) in transpose16(acc).into_iter().enumerate() {
             let ch = cb + i;
@@ -913,13 +914,10 @@ mod x86 {
         true
     }
 
-    /// The activated sums of [`lanes_tile`] for exactly `P` pixels (rows past `P` zero).
+    /// The bias and every tap of [`lanes_tile`] for exactly `P` pixels (not activated).
+    #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn lanes_sums<const P: usize>(
-        t: &Lanes<'_>,
-        base: *const f32,
-        cb: usize,
-    ) -> [__m512; 16] {
+    unsafe fn tap_sums<const P: usize>(t: &Lanes<'_>, base: *const f32, cb: usize) -> [__m512; P] {
         let bias = _mm512_loadu_ps(t.bv.as_ptr().add(cb));
         let mut acc = [bias; P];
         for (k, &off) in t.offsets.iter().enumerate() {
@@ -929,11 +927,42 @@ mod x86 {
                 *a = _mm512_fmadd_ps(wv, _mm512_loadu_ps(q.add(j * t.pix_step)), *a);
             }
         }
+        acc
+    }
+
+    /// The activated sums of [`lanes_tile`] for exactly `P` pixels (rows past `P` zero), for
+    /// the transpose to NCHW.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn lanes_sums<const P: usize>(
+        t: &Lanes<'_>,
+        base: *const f32,
+        cb: usize,
+    ) -> [__m512; 16] {
         let mut out = [_mm512_setzero_ps(); 16];
-        for (o, a) in out.iter_mut().zip(acc) {
+        for (o, a) in out.iter_mut().zip(tap_sums::<P>(t, base, cb)) {
             *o = t.act.apply512(a);
         }
         out
+    }
+
+    /// [`lanes_tile`] into a channels-last y: pixel `j`'s 16 channels are its sum as computed,
+    /// stored where it is made rather than returned in the transpose's array of 16 registers
+    /// and copied out per tile.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_nhwc<const P: usize>(
+        t: &Lanes<'_>,
+        base: *const f32,
+        (oy, ox): (usize, usize),
+        cb: usize,
+        yd: &Disjoint<f32>,
+    ) {
+        let lanes = (t.c - cb).min(16);
+        let mask = ((1u32 << lanes) - 1) as u16;
+        for (j, a) in tap_sums::<P>(t, base, cb).into_iter().enumerate() {
+            // SAFETY: this task alone writes row `oy` of the image.
+            let out = unsafe { yd.part((oy * t.ow + ox + j) * t.c + cb, lanes) };
+            _mm512_mask_storeu_ps(out.as_mut_ptr(), mask, t.act.apply512(a));
+        }
     }
 
     /// The activation on 8 lanes, as [`Activation::apply`] does it (NaN handling included:
