@@ -247,7 +247,11 @@ impl Values<'_> {
     }
 
     fn get(&self, slot: usize) -> Option<Slot> {
-        self.slots.get(slot).cloned().flatten()
+        self.slot(slot).cloned()
+    }
+
+    fn slot(&self, slot: usize) -> Option<&Slot> {
+        self.slots.get(slot).and_then(Option::as_ref)
     }
 
     fn release(&mut self, slot: usize) {
@@ -311,27 +315,30 @@ fn run_with(
     for (index, step) in plan.steps.iter().enumerate() {
         control.check(&step.label)?;
         let started = observe.is_some().then(Instant::now);
-        let ins: Vec<Option<Slot>> = step
-            .inputs
-            .iter()
-            .map(|s| s.and_then(|s| values.get(s)))
-            .collect();
+        // Kernels read their inputs where the value table holds them (no clone of each
+        // input's handle per step); the other steps take their own handles.
+        let ins = || -> Vec<Option<Slot>> {
+            step.inputs
+                .iter()
+                .map(|s| s.and_then(|s| values.get(s)))
+                .collect()
+        };
         let outs: Vec<Slot> = match &step.work {
             Work::Kernel(bound) => {
-                let ins = tensors(step, &ins)?;
+                let views = kernel_inputs(step, &values)?;
                 let planned = arena.as_ref().map_or_else(Vec::new, |a| {
                     step.outputs
                         .iter()
                         .map(|s| s.and_then(|s| a.place(s)))
                         .collect()
                 });
-                run_kernel_step(step, bound, &ins, &plan.snapshot, control, planned)?
+                run_kernel_step(step, bound, &views, &plan.snapshot, control, planned)?
                     .into_iter()
                     .map(|t| Slot::Tensor(Arc::new(t)))
                     .collect()
             }
             Work::Copy { from, to } => {
-                let t = tensors(step, &ins)?
+                let t = tensors(step, &ins())?
                     .first()
                     .cloned()
                     .flatten()
@@ -352,7 +359,7 @@ fn run_with(
                     .fetch_add(t.byte_len() as u64, Ordering::Relaxed);
                 vec![Slot::Tensor(Arc::new(moved))]
             }
-            Work::Sequence(op) => sequence::run(step, op, &ins)?,
+            Work::Sequence(op) => sequence::run(step, op, &ins())?,
             control_work => {
                 let captured: Vec<Slot> = step
                     .captured
@@ -366,10 +373,9 @@ fn run_with(
                         })
                     })
                     .collect::<Result<_, _>>()?;
-                run_control(step, control_work, &ins, &captured, control)?
+                run_control(step, control_work, &ins(), &captured, control)?
             }
         };
-        drop(ins);
         let output_bytes = outs.iter().map(Slot::byte_len).sum();
         for (s, t) in step.outputs.iter().zip(outs) {
             if let Some(s) = s {
@@ -414,15 +420,11 @@ fn run_with(
 fn run_kernel_step(
     step: &Step,
     bound: &BoundKernel,
-    inputs: &[Option<Value>],
+    views: &[TensorView<'_>],
     snapshot: &Snapshot,
     control: &RunControl,
     planned: Vec<Option<PlannedBuf>>,
 ) -> Result<Vec<HostTensor>, GraphError> {
-    let views: Vec<TensorView<'_>> = inputs
-        .iter()
-        .map(|t| t.as_ref().map_or(TensorView::absent(), |t| t.view()))
-        .collect();
     let stop = || control.should_stop();
     let limits = CallLimits {
         max_tensor_bytes: control.max_tensor_bytes(),
@@ -434,7 +436,7 @@ fn run_kernel_step(
         bound,
         &step.label,
         step.outputs.len(),
-        &views,
+        views,
         &limits,
         planned,
     ) {
@@ -450,7 +452,25 @@ fn run_kernel_step(
     }
 }
 
-/// A kernel's inputs: tensors (a sequence reaching a kernel is refused).
+/// A kernel step's inputs as views of the tensors the value table holds (absent optional
+/// inputs as [`TensorView::absent`]; a sequence reaching a kernel is refused).
+fn kernel_inputs<'v>(
+    step: &Step,
+    values: &'v Values<'_>,
+) -> Result<Vec<TensorView<'v>>, GraphError> {
+    step.inputs
+        .iter()
+        .enumerate()
+        .map(|(k, s)| match s.and_then(|s| values.slot(s)) {
+            Some(v) => v
+                .tensor(|| format!("node {}: input {k}", step.label))
+                .map(|t| t.view()),
+            None => Ok(TensorView::absent()),
+        })
+        .collect()
+}
+
+/// Non-kernel steps' inputs: tensors (a sequence is refused).
 fn tensors(step: &Step, ins: &[Option<Slot>]) -> Result<Vec<Option<Value>>, GraphError> {
     ins.iter()
         .enumerate()
