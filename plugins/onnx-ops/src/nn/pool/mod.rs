@@ -1098,6 +1098,22 @@ mod tests {
         let flat = HostTensor::from_vec(&[n, c], &x).expect("x");
         let e = run_kernel(global_avg_nhwc_factory, &spec, &[&flat], None).expect_err("rank 2");
         assert!(e.to_string().contains("[N, H, W, C]"), "{e}");
+        // An empty plane (a zero height beside a width of 2^40): no data to read, the same
+        // bits as the NCHW pool (0 / 0) for every channel of every image.
+        let huge = 1usize << 40;
+        let empty = HostTensor::from_vec(&[3, 0, huge, 5], &[] as &[f32]).expect("x");
+        let got = run_kernel(global_avg_nhwc_factory, &spec, &[&empty], None).expect("empty");
+        let nchw = HostTensor::from_vec(&[3, 5, 0, huge], &[] as &[f32]).expect("x");
+        let want = run_kernel(
+            global_avg_factory,
+            &NodeSpec::onnx("GlobalAveragePool", 1),
+            &[&nchw],
+            None,
+        )
+        .expect("nchw empty")
+        .remove(0);
+        assert_eq!(got[0].shape(), &[3, 5, 1, 1]);
+        assert_eq!(f32_bits(&got[0]), f32_bits(&want));
     }
 
     #[test]
