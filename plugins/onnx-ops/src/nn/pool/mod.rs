@@ -1065,19 +1065,17 @@ mod tests {
         // 21 channels (one task per image), 300 (a block of 256 and a part: the tasks split
         // each image's channels), with planes of 21 pixels (a tail past 8 x 2) and of 3.
         let spec = NodeSpec::onnx("GlobalAveragePoolNhwc", 1).domain("opreg");
+        let nchw_average = |x: &HostTensor| {
+            let node = NodeSpec::onnx("GlobalAveragePool", 1);
+            run_kernel(global_avg_factory, &node, &[x], None)
+                .expect("nchw")
+                .remove(0)
+        };
         for (n, c, h, w) in [(2usize, 21usize, 3usize, 7usize), (3, 300, 1, 3)] {
             let x: Vec<f32> = (0..n * c * h * w)
                 .map(|i| ((i * 7919) % 1013) as f32 * 0.37 - 90.0)
                 .collect();
-            let nchw = HostTensor::from_vec(&[n, c, h, w], &x).expect("x");
-            let want = run_kernel(
-                global_avg_factory,
-                &NodeSpec::onnx("GlobalAveragePool", 1),
-                &[&nchw],
-                None,
-            )
-            .expect("nchw")
-            .remove(0);
+            let want = nchw_average(&HostTensor::from_vec(&[n, c, h, w], &x).expect("x"));
             let mut turned = vec![0f32; x.len()];
             for b in 0..n {
                 for ch in 0..c {
@@ -1103,15 +1101,7 @@ mod tests {
         let huge = 1usize << 40;
         let empty = HostTensor::from_vec(&[3, 0, huge, 5], &[] as &[f32]).expect("x");
         let got = run_kernel(global_avg_nhwc_factory, &spec, &[&empty], None).expect("empty");
-        let nchw = HostTensor::from_vec(&[3, 5, 0, huge], &[] as &[f32]).expect("x");
-        let want = run_kernel(
-            global_avg_factory,
-            &NodeSpec::onnx("GlobalAveragePool", 1),
-            &[&nchw],
-            None,
-        )
-        .expect("nchw empty")
-        .remove(0);
+        let want = nchw_average(&HostTensor::from_vec(&[3, 5, 0, huge], &[] as &[f32]).expect("x"));
         assert_eq!(got[0].shape(), &[3, 5, 1, 1]);
         assert_eq!(f32_bits(&got[0]), f32_bits(&want));
     }
