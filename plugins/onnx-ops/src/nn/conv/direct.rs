@@ -444,6 +444,7 @@ impl Tiles<'_> {
             }};
         }
         for oy in rows {
+            let ky = self.vertical.span(oy);
             let mut ox = 0;
             for t in 0..tiles {
                 let p = base + usize::from(t < extra);
@@ -451,7 +452,7 @@ impl Tiles<'_> {
                     start: oy * self.row_step + ox * self.pix_step,
                     p,
                     at: (oy, ox),
-                    ky: self.vertical.span(oy),
+                    ky,
                 });
                 ox += p;
             }
