@@ -15,7 +15,6 @@ mod add;
 mod conv;
 mod gemm;
 mod matmul;
-mod pool;
 mod qgemm;
 
 /// The float types of the quantized kernels: f64 is not in their ONNX schemas.
@@ -672,7 +671,6 @@ pub fn register(r: &mut Registrar) {
     matmul::register(r);
     conv::register(r);
     add::register(r);
-    pool::register(r);
     qgemm::register(r);
 }
 

@@ -13,8 +13,14 @@
 //! its producer becomes `opreg::FusedConvNhwc` with `y_nhwc = 1`, its readers with
 //! `x_nhwc = 1`, and the value is renamed `<name>_nhwc` (its layout is not the one its old
 //! name had). A GlobalAveragePool reader (a network's head) becomes
-//! `opreg::GlobalAveragePoolNhwc`, whose output is the pool's own `[N, C, 1, 1]`. No transpose is added: every value entering or leaving the channels-last region
-//! is converted inside a convolution.
+//! `opreg::GlobalAveragePoolNhwc`, whose output is the pool's own `[N, C, 1, 1]`. A 2-D
+//! MaxPool between such values (ResNet's and SqueezeNet's 3x3/2 pool after the stem: made by
+//! a convolution, read by convolutions) goes channels-last with them, as
+//! `opreg::MaxPoolNhwc`: in NCHW each row of its stride-2 windows is split into even and odd
+//! columns, channels-last every tap is a run of channels (nine vector maxima per 16 channels
+//! of a 3x3 window, as in ONNX Runtime's NCHWc pool), and the convolution before it stores its
+//! tiles channels-last without turning them. No transpose is added: every value entering or
+//! leaving the channels-last region is converted inside a convolution.
 //!
 //! ```text
 //! x -> Conv1x1 -> FusedConv(dw, Clip) -> Conv1x1 -> y   ==>
@@ -56,13 +62,16 @@ impl Pass for NhwcConv {
             original: "Conv",
             domain: "opreg",
             fused: "FusedConvNhwc",
-            also: &[("opreg", "GlobalAveragePoolNhwc")],
+            // `MaxPoolNhwc` came with `GlobalAveragePoolNhwc` (one plugin release): a
+            // registry with the one has the other.
+            also: &[("opreg", "GlobalAveragePoolNhwc"), ("opreg", "MaxPoolNhwc")],
         })
     }
 
     fn run(&self, model: &mut Model) -> Result<usize, GraphError> {
         let kinds: Vec<Option<Kind>> = model.nodes.iter().map(|n| kind(model, n)).collect();
         let reads = |j: usize| matches!(kinds.get(j), Some(Some(_)));
+        let is_pool = |j: usize| matches!(kinds.get(j), Some(Some(Kind::Pool)));
         // A network's final pool reads a channels-last X too (`opreg::GlobalAveragePoolNhwc`):
         // else its last residual chain stays NCHW, every projection of the stage storing
         // column-major (ResNet-50's 7x7 stage, 1.3-1.6x ONNX Runtime's time).
@@ -134,15 +143,24 @@ impl Pass for NhwcConv {
                     // tiles turned back). Only such readers: one that merely lost its own
                     // candidacy to the fixed point would take every value upstream along.
                     let depthwise = matches!(kinds.get(i), Some(Some(Kind::Depthwise)));
+                    let pointwise = |j: usize| matches!(kinds.get(j), Some(Some(Kind::Pointwise)));
                     let readers_fit = rs.iter().all(|&(j, slot)| match slot {
                         3 => found.contains_key(&j),
-                        _ => {
-                            depthwise
-                                || !matches!(kinds.get(j), Some(Some(Kind::Pointwise)))
-                                || writers.contains(&j)
-                        }
+                        // A MaxPool reads and writes one layout: its output must go too.
+                        _ if is_pool(j) => found.contains_key(&j),
+                        // A pool's 1x1 readers must stay channels-last themselves: SqueezeNet's
+                        // squeeze layer after its first pool, storing NCHW from a
+                        // channels-last X, lost what the pool gained (0.02 -> 0.028 ms).
+                        _ if is_pool(i) => !pointwise(j) || found.contains_key(&j),
+                        _ => depthwise || !pointwise(j) || writers.contains(&j),
                     });
-                    !(z_fits && readers_fit)
+                    // ... and its input must be channels-last for its output to be.
+                    let x_fits = !is_pool(i)
+                        || node
+                            .and_then(|n| n.inputs.first())
+                            .and_then(|x| producer.get(x.as_str()))
+                            .is_some_and(|p| found.contains_key(p));
+                    !(z_fits && readers_fit && x_fits)
                 })
                 .map(|(&i, _)| i)
                 .collect();
@@ -159,6 +177,7 @@ impl Pass for NhwcConv {
         let mut taken = value_names(model);
         let mut layouts: HashMap<usize, (bool, bool)> = HashMap::new();
         let mut pools = Vec::new();
+        let mut max_pools = Vec::new();
         let mut found: Vec<(usize, Vec<(usize, usize)>)> = found.into_iter().collect();
         // In graph order, so that the fresh names do not depend on the map's.
         found.sort_unstable_by_key(|&(i, _)| i);
@@ -170,7 +189,11 @@ impl Pass for NhwcConv {
             if let Some(slot) = model.nodes.get_mut(i).and_then(|n| n.outputs.first_mut()) {
                 *slot = t.clone();
             }
-            layouts.entry(i).or_default().1 = true;
+            if is_pool(i) {
+                max_pools.push(i);
+            } else {
+                layouts.entry(i).or_default().1 = true;
+            }
             for (j, k) in rs {
                 if let Some(slot) = model.nodes.get_mut(j).and_then(|n| n.inputs.get_mut(k)) {
                     *slot = t.clone();
@@ -178,7 +201,7 @@ impl Pass for NhwcConv {
                 // Read as X: the reader's X is channels-last; as Z, its Y is (a candidate).
                 if k == 0 && pool(j) {
                     pools.push(j);
-                } else if k == 0 {
+                } else if k == 0 && !is_pool(j) {
                     layouts.entry(j).or_default().0 = true;
                 }
             }
@@ -204,8 +227,16 @@ impl Pass for NhwcConv {
                 n.op_type = "GlobalAveragePoolNhwc".into();
             }
         }
+        for &j in &max_pools {
+            if let Some(n) = model.nodes.get_mut(j) {
+                n.domain = "opreg".into();
+                n.op_type = "MaxPoolNhwc".into();
+                // No Indices output (`kind`): no storage order.
+                n.attributes.retain(|a| a.name != "storage_order");
+            }
+        }
         model.opsets.entry("opreg".into()).or_insert(1);
-        Ok(layouts.len() + pools.len())
+        Ok(layouts.len() + pools.len() + max_pools.len())
     }
 }
 
@@ -219,10 +250,17 @@ impl Pass for NhwcConv {
 /// ResNet block (3x3 stride 2 padded 1 on one path, 1x1 stride 2 on the shortcut: both
 /// `(h - 1) / 2 + 1`).
 fn same_shape(model: &Model, producer: &HashMap<&str, usize>, at: usize, z: usize) -> bool {
-    let out_channels = |i: usize| {
-        let n = model.nodes.get(i)?;
-        let w = model.initializers.get(n.inputs.get(1)?)?;
-        w.shape().first().copied()
+    // A pool has its input's channels: walk back to the convolution before it.
+    let out_channels = |mut i: usize| {
+        for _ in 0..8 {
+            let n = model.nodes.get(i)?;
+            if kind(model, n) != Some(Kind::Pool) {
+                let w = model.initializers.get(n.inputs.get(1)?)?;
+                return w.shape().first().copied();
+            }
+            i = *producer.get(n.inputs.first()?.as_str())?;
+        }
+        None
     };
     if out_channels(at).is_none() || out_channels(at) != out_channels(z) {
         return false;
@@ -285,14 +323,9 @@ fn walk_back<'m>(
     (!path.is_empty()).then_some(path)
 }
 
-/// The [`SpatialMap`] of `n` when it is a 2-D convolution this pass knows (see [`kind`]) with
-/// explicit (or no) pads, strides and dilations.
+/// The [`SpatialMap`] of `n` when it is a 2-D convolution or MaxPool this pass knows (see
+/// [`kind`]) with explicit (or no) pads, strides and dilations.
 fn spatial_map(model: &Model, n: &Node) -> Option<SpatialMap> {
-    kind(model, n)?;
-    let w = n.inputs.get(1).and_then(|w| model.initializers.get(w))?;
-    let &[_, _, kh, kw] = w.shape() else {
-        return None;
-    };
     let ints = |name: &str, default: Vec<i64>| match n.attributes.iter().find(|a| a.name == name) {
         None => Some(default),
         Some(Attribute {
@@ -300,6 +333,24 @@ fn spatial_map(model: &Model, n: &Node) -> Option<SpatialMap> {
             ..
         }) => Some(v.clone()),
         Some(_) => None,
+    };
+    let (kh, kw) = if kind(model, n)? == Kind::Pool {
+        // A ceil-mode pool's extents are another function (rounded up, and a window may not
+        // start in the end padding): not followed.
+        let ceil = n
+            .attributes
+            .iter()
+            .any(|a| a.name == "ceil_mode" && !matches!(a.value, AttrValue::Int(0)));
+        match ints("kernel_shape", Vec::new())?.as_slice() {
+            &[kh, kw] if !ceil => (usize::try_from(kh).ok()?, usize::try_from(kw).ok()?),
+            _ => return None,
+        }
+    } else {
+        let w = n.inputs.get(1).and_then(|w| model.initializers.get(w))?;
+        let &[_, _, kh, kw] = w.shape() else {
+            return None;
+        };
+        (kh, kw)
     };
     let no_auto_pad = n.attributes.iter().all(|a| {
         a.name != "auto_pad"
@@ -339,11 +390,22 @@ enum Kind {
     Depthwise,
     /// Any other of one group (the direct kernel's): reads and writes either layout.
     General,
+    /// A 2-D f32 MaxPool without indices, its X and Y in one layout (`opreg::MaxPoolNhwc`
+    /// channels-last). f32 because what it reads is: it goes channels-last only after a
+    /// convolution this pass converts.
+    Pool,
 }
 
 /// The [`Kind`] of `n` when it is an f32 convolution the channels-last kernel computes: a
 /// `Conv` or `opreg::FusedConv` over 2 spatial dimensions.
 fn kind(model: &Model, n: &Node) -> Option<Kind> {
+    if n.domain.is_empty() && n.op_type == "MaxPool" {
+        // One input, no Indices output, a 2-D window.
+        let two_d = n.attributes.iter().any(|a| {
+            a.name == "kernel_shape" && matches!(&a.value, AttrValue::Ints(k) if k.len() == 2)
+        });
+        return (two_d && n.inputs.len() == 1 && n.outputs.len() == 1).then_some(Kind::Pool);
+    }
     let conv = (n.domain.is_empty() && n.op_type == "Conv")
         || (n.domain == "opreg" && n.op_type == "FusedConv");
     let w = n.inputs.get(1).and_then(|w| model.initializers.get(w))?;

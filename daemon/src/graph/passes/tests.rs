@@ -1173,6 +1173,119 @@ fn a_3x3_chain_goes_channels_last_unless_a_1x1_layer_writes_nchw() {
     assert_eq!(flags(&m.nodes[1]), on(1, 0));
 }
 
+/// A network's first pool (ResNet's stem -> 3x3/2 MaxPool -> the first block, whose sum
+/// takes the pool's output as Z) goes channels-last with the convolutions around it, as
+/// `opreg::MaxPoolNhwc`; it stays NCHW where its output would have to stay NCHW anyway (a
+/// graph output, a ceil-mode pool, whose extents the sum's shape check does not follow), where
+/// it gives indices, and where its 1x1 reader writes NCHW (SqueezeNet's squeeze layer).
+#[test]
+fn a_max_pool_between_convolutions_goes_channels_last() {
+    let pool = |outputs: &[&str], ceil: bool| {
+        let mut n = node_ints(
+            "MaxPool",
+            &["s"],
+            outputs,
+            &[
+                ("kernel_shape", &[3, 3]),
+                ("strides", &[2, 2]),
+                ("pads", &[1, 1, 1, 1]),
+            ],
+        );
+        if ceil {
+            n.attributes.push(opreg_sdk::kernel::Attribute {
+                name: "ceil_mode".into(),
+                value: opreg_sdk::AttrValue::Int(1),
+            });
+        }
+        n
+    };
+    let resnet = |pool: Node, outputs: &[&str]| {
+        model(
+            vec![
+                node_ints(
+                    "Conv",
+                    &["x", "ws"],
+                    &["s"],
+                    &[("strides", &[2, 2]), ("pads", &[3, 3, 3, 3])],
+                ),
+                pool,
+                node_ints("Conv", &["p", "wa"], &["a"], &[("pads", &[1, 1, 1, 1])]),
+                node_ints(
+                    "Conv",
+                    &["a", "wb", "", "p"],
+                    &["b"],
+                    &[("pads", &[1, 1, 1, 1])],
+                ),
+                node("GlobalAveragePool", &["b"], &["y"]),
+            ],
+            outputs,
+            &[
+                ("ws", &[4, 3, 7, 7], vec![0.5; 588]),
+                ("wa", &[4, 4, 3, 3], vec![0.5; 144]),
+                ("wb", &[4, 4, 3, 3], vec![0.5; 144]),
+            ],
+        )
+    };
+    let flags = |n: &Node| {
+        ["x_nhwc", "y_nhwc"].map(|name| {
+            n.attributes
+                .iter()
+                .find(|a| a.name == name)
+                .map(|a| a.value.clone())
+        })
+    };
+    let on = |x: i64, y: i64| [Some(x), Some(y)].map(|v| v.map(opreg_sdk::AttrValue::Int));
+    let op = |n: &Node| (n.domain.clone(), n.op_type.clone());
+    let mut m = resnet(pool(&["p"], false), &["y"]);
+    assert_eq!(nhwc_conv::NhwcConv.run(&mut m).unwrap(), 5);
+    assert_eq!(flags(&m.nodes[0]), on(0, 1));
+    assert_eq!(op(&m.nodes[1]), ("opreg".into(), "MaxPoolNhwc".into()));
+    assert_eq!(m.nodes[1].inputs, ["s_nhwc"]);
+    assert_eq!(m.nodes[1].outputs, ["p_nhwc"]);
+    assert_eq!(flags(&m.nodes[2]), on(1, 1));
+    assert_eq!(m.nodes[3].inputs, ["a_nhwc", "wb", "", "p_nhwc"]);
+    assert_eq!(flags(&m.nodes[3]), on(1, 1));
+    assert_eq!(
+        op(&m.nodes[4]),
+        ("opreg".into(), "GlobalAveragePoolNhwc".into())
+    );
+    // Where the pool stays NCHW, so does the stem's output.
+    let stays = |m: &Model| {
+        assert_eq!(op(&m.nodes[1]), (String::new(), "MaxPool".into()));
+        assert_eq!(m.nodes[1].inputs, ["s"]);
+        assert_eq!(m.nodes[0].outputs, ["s"]);
+    };
+    for mut m in [
+        resnet(pool(&["p"], false), &["y", "p"]),
+        resnet(pool(&["p"], true), &["y"]),
+        resnet(pool(&["p", "i"], false), &["y", "i"]),
+    ] {
+        nhwc_conv::NhwcConv.run(&mut m).unwrap();
+        stays(&m);
+    }
+    // SqueezeNet: a ceil-mode pool read by a squeeze layer whose expand layers write NCHW
+    // for a Concat.
+    let mut m = model(
+        vec![
+            node_ints("Conv", &["x", "ws"], &["s"], &[("strides", &[2, 2])]),
+            pool(&["p"], true),
+            node("Conv", &["p", "wq"], &["q"]),
+            node("Conv", &["q", "w1"], &["e1"]),
+            node_ints("Conv", &["q", "w3"], &["e3"], &[("pads", &[1, 1, 1, 1])]),
+            node("Concat", &["e1", "e3"], &["y"]),
+        ],
+        &["y"],
+        &[
+            ("ws", &[4, 3, 3, 3], vec![0.5; 108]),
+            ("wq", &[2, 4, 1, 1], vec![0.5; 8]),
+            ("w1", &[4, 2, 1, 1], vec![0.5; 8]),
+            ("w3", &[4, 2, 3, 3], vec![0.5; 72]),
+        ],
+    );
+    nhwc_conv::NhwcConv.run(&mut m).unwrap();
+    stays(&m);
+}
+
 /// `DQ -> Gemm(transB = 1, bias) -> Q` over the weight `gq` ([n = 2, k = 3]), the Gemm's
 /// float attributes and the bias's shape given.
 fn qdq_gemm(alpha: f32, beta: f32, bias_shape: &[usize]) -> Model {

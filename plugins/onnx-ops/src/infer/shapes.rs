@@ -249,7 +249,8 @@ pub(super) fn infer(node: &NodeInfo<'_>) -> Vec<Shape> {
             }
             return out;
         }
-        "opreg" => match node.op_type {
+        // `MaxPoolNhwc`: with the channels-last operators below.
+        "opreg" if node.op_type != "MaxPoolNhwc" => match node.op_type {
             "FusedConv" => "Conv",
             "FusedMatMul" => "MatMul",
             "Gelu" => "Gelu",
@@ -279,7 +280,12 @@ pub(super) fn infer(node: &NodeInfo<'_>) -> Vec<Shape> {
         {
             "QLinearConv"
         }
-        "com.microsoft" if matches!(node.op_type, "QLinearConv" | "NhwcMaxPool") => {
+        "com.microsoft" | "opreg"
+            if matches!(
+                (node.domain, node.op_type),
+                ("com.microsoft", "QLinearConv" | "NhwcMaxPool") | ("opreg", "MaxPoolNhwc")
+            ) =>
+        {
             // Channels-last: x is [N, H, W, C], the output [N, OH, OW, M].
             let shape = |i: usize| node.inputs.get(i).filter(|v| v.present)?.shape;
             *first = (|| {

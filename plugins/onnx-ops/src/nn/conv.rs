@@ -324,7 +324,8 @@ fn direct_weights(
     let m = w.shape()[0];
     let data: &[f32] = w.as_slice()?;
     let kernel = (g.kernel[0], g.kernel[1]);
-    if layouts.nchw() && stem::applies(&xs, &g, group) {
+    // The stem reads NCHW X and writes either layout.
+    if !layouts.x_nhwc && stem::applies(&xs, &g, group) {
         return Ok(Some(Direct::Stem(Arc::new(stem::pack(
             data, m, xs[1], kernel,
         )?))));
@@ -757,7 +758,19 @@ impl Conv {
             return finish(ctx, y, None, z, act, m, p);
         }
         if stem::applies(xs, g, group)
-            && stem::run(ctx, xs, g, m, x, w, self.stem_packing(), bias, z, act, y)?
+            && stem::run(
+                ctx,
+                xs,
+                g,
+                m,
+                x,
+                w,
+                self.stem_packing(),
+                bias,
+                z,
+                act,
+                (&mut *y, false),
+            )?
         {
             return Ok(());
         }

@@ -17,7 +17,7 @@
 //! layout), depthwise (one input and one output channel per group), and other 2-D f32
 //! convolutions of one group.
 
-use super::{depthwise, direct, finish, optional, with_epilogue, Activation, Conv};
+use super::{depthwise, direct, finish, optional, stem, with_epilogue, Activation, Conv};
 use crate::nn::{blas, conv_bias};
 use crate::util::required;
 use opreg_sdk::alloc::{checked_numel, try_vec};
@@ -118,6 +118,26 @@ impl Conv {
             return self.pointwise(ctx, (n, c, p, m), x, w, bias, z, y);
         }
         if general {
+            // A first layer (NCHW image in, a channels-last MaxPool after it) in the stem's
+            // pixel tiles, turned channels-last as stored.
+            if !l.x_nhwc
+                && stem::applies(&nchw, &g, group)
+                && stem::run(
+                    ctx,
+                    &nchw,
+                    &g,
+                    m,
+                    x,
+                    w,
+                    self.stem_packing(),
+                    bias,
+                    z,
+                    act,
+                    (&mut *y, l.y_nhwc),
+                )?
+            {
+                return Ok(());
+            }
             if direct::applies(&nchw, &g, group)
                 && direct::run(
                     ctx,
@@ -548,6 +568,25 @@ mod tests {
                 pads: [1; 4],
                 dilations: [1; 2],
             },
+            // First layers the stem's pixel tiles take (at most 4 channels in, rows of 32 or
+            // more): channels-last Y turned in registers, a partial last block of 8 channels
+            // and a partial last register of pixels.
+            Case {
+                x: [1, 3, 7, 70],
+                w: [20, 3, 3, 3],
+                group: 1,
+                strides: [2, 2],
+                pads: [1; 4],
+                dilations: [1; 2],
+            },
+            Case {
+                x: [2, 3, 5, 67],
+                w: [8, 3, 7, 7],
+                group: 1,
+                strides: [2, 2],
+                pads: [3; 4],
+                dilations: [1; 2],
+            },
             // Strided 1x1 (a downsampling shortcut), two images, uneven strides.
             Case {
                 x: [2, 20, 7, 9],
@@ -634,7 +673,14 @@ mod tests {
                     let want_z = nchw(&[Some(&tx), Some(&tw), bias, Some(&tz)])
                         .to_vec::<f32>()
                         .expect("f32");
-                    for (xl, yl) in [(true, false), (false, true), (true, true)] {
+                    // A first layer's channels-last X leaves the stem's tiles (they read NCHW
+                    // planes) for the channels-in-lanes kernel, which sums in another order:
+                    // only its channels-last Y is the stem's.
+                    let stem_case = case.x[1] <= 4 && case.w[2] * case.w[3] > 1;
+                    for (xl, yl) in [(true, false), (false, true), (true, true)]
+                        .into_iter()
+                        .filter(|&(xl, _)| !(stem_case && xl))
+                    {
                         let xv = if xl {
                             turn(&x, n, (c, ih * iw))
                         } else {

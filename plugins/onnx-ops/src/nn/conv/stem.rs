@@ -18,6 +18,13 @@
 //! reads phase `(kx * d) % s` from column `ox + (kx * d) / s`. With few channels the copy is
 //! about the image's size. With many channels the channels-in-lanes tiles of [`super::direct`]
 //! reuse each loaded value more and stay the better choice ([`MAX_C`]).
+//!
+//! Y may be channels-last (`opreg::FusedConvNhwc` with `y_nhwc`, where the `nhwc-conv` pass
+//! carries the stem's output through a channels-last MaxPool): a tile's [`R`] channels x 16
+//! pixels are then turned in registers (two rounds of shuffles) into each pixel's [`R`]
+//! channels, stored as two runs of four. On SqueezeNet's first layer (64x3x3x3 over 224x224,
+//! one thread) that took 0.39 ms, the channels-in-lanes kernel (which stores channels-last
+//! without a turn) 0.43, and the NCHW store here 0.33.
 
 use super::depthwise::Padded;
 use super::Activation;
@@ -100,7 +107,7 @@ pub(super) fn run(
     bias: Option<&[f32]>,
     z: Option<&[f32]>,
     act: Activation,
-    y: &mut [f32],
+    (y, y_nhwc): (&mut [f32], bool),
 ) -> Result<bool, PluginError> {
     let (n, c, ih, iw) = (xs[0], xs[1], xs[2], xs[3]);
     let (oh, ow) = (g.out[0], g.out[1]);
@@ -156,6 +163,7 @@ pub(super) fn run(
         bias,
         z: z.map(|z| &z[b * m * plane..(b + 1) * m * plane]),
         act,
+        y_nhwc,
     };
     // Every read of every tile lies in the copy: the last row's last tap reads up to the end
     // of its phase row (`phase_len` covers the row's registers and the widest tap), checked
@@ -178,12 +186,7 @@ pub(super) fn run(
             for (ic, chunk) in copy.chunks_mut(pad.len).enumerate() {
                 pad.fill(&xb[ic * in_plane..(ic + 1) * in_plane], (ih, iw), chunk);
             }
-            let tiles = tiles(b);
-            for blk in 0..blocks {
-                for oy in 0..oh {
-                    tiles.row(copy, oy, blk, yb);
-                }
-            }
+            tiles(b).rows(copy, 0..oh, blocks, yb);
             Ok(())
         });
     }
@@ -198,15 +201,8 @@ pub(super) fn run(
         let yd = Disjoint::new(&mut y[b * m * plane..(b + 1) * m * plane]);
         let copy = &*copy;
         let tiles = tiles(b);
-        // A task's rows block by block: the block's planes written in long runs (row after
-        // row of 8 planes, not short runs into all of them: 0.36 -> 0.31 ms on SqueezeNet's
-        // first layer).
         ctx.parallel_for(oh, rows_per_task, |rows| {
-            for blk in 0..blocks {
-                for oy in rows.clone() {
-                    tiles.row(copy, oy, blk, &yd);
-                }
-            }
+            tiles.rows(copy, rows, blocks, &yd);
             Ok(())
         })?;
     }
@@ -224,12 +220,35 @@ struct Tiles<'a> {
     /// Copy floats from one output row's reads to the next's.
     row_step: usize,
     bias: Option<&'a [f32]>,
-    /// The image's fused sum, of its output's shape.
+    /// The image's fused sum, of its output's shape and layout.
     z: Option<&'a [f32]>,
     act: Activation,
+    /// Y channels-last: pixel `p`'s channel `oc` at `p * m + oc`.
+    y_nhwc: bool,
 }
 
 impl Tiles<'_> {
+    /// Output rows `rows` of every block of channels. NCHW, block by block: the block's planes
+    /// written in long runs (row after row of 8 planes, not short runs into all of them: 0.36
+    /// -> 0.31 ms on SqueezeNet's first layer). Channels-last, row by row: a pixel's channels
+    /// share cache lines, which block by block were each written 8 times over a whole
+    /// image's rows (2.1x the NCHW layer's time on SqueezeNet's first layer).
+    fn rows(&self, copy: &[f32], rows: std::ops::Range<usize>, blocks: usize, yd: &Disjoint<f32>) {
+        if self.y_nhwc {
+            for oy in rows {
+                for blk in 0..blocks {
+                    self.row(copy, oy, blk, yd);
+                }
+            }
+        } else {
+            for blk in 0..blocks {
+                for oy in rows.clone() {
+                    self.row(copy, oy, blk, yd);
+                }
+            }
+        }
+    }
+
     /// Output row `oy` of block `blk`'s channels, in tiles of at most [`MAX_V`] registers.
     fn row(&self, copy: &[f32], oy: usize, blk: usize, yd: &Disjoint<f32>) {
         // Tiles of balanced widths (7 registers: 3, 2, 2).
@@ -241,7 +260,7 @@ impl Tiles<'_> {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `applies` checked AVX-512; `run` checked that every read of the row's
             // tiles lies in the copy and the weights hold the block's; the tile's stores lie
-            // in row `oy` of the block's planes, which only this task writes.
+            // in row `oy` of the block's channels, which only this task writes.
             unsafe {
                 x86::tile(self, copy, oy, blk, v0, v, yd)
             };
@@ -310,6 +329,11 @@ mod x86 {
             wp = wp.add(R);
         }
         let x0 = v0 * LANES;
+        if t.y_nhwc {
+            // Handed over by value once summed: indexed in place here, the sums lived in
+            // memory and the loop above stored each one after every multiply-add.
+            return tile_nhwc(t, acc, oy, blk, x0, yd);
+        }
         for (o, a) in acc.iter().enumerate() {
             let oc = blk * R + o;
             if oc >= t.m {
@@ -332,6 +356,150 @@ mod x86 {
                 // this task alone (caller).
                 let out = yd.part(at, lanes);
                 _mm512_mask_storeu_ps(out.as_mut_ptr(), mask, v);
+            }
+        }
+    }
+
+    /// A tile's sums channels-last: the bias per channel, then each register column turned
+    /// and stored ([`store_nhwc`]).
+    ///
+    /// # Safety
+    /// As [`store_nhwc`].
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_nhwc<const V: usize>(
+        t: &Tiles<'_>,
+        mut acc: [[__m512; V]; R],
+        oy: usize,
+        blk: usize,
+        x0: usize,
+        yd: &Disjoint<f32>,
+    ) {
+        // The bias here; Z and the activation once turned (`store_nhwc`).
+        for (o, a) in acc.iter_mut().enumerate() {
+            let bias = t
+                .bias
+                .and_then(|b| b.get(blk * R + o))
+                .map(|&b| _mm512_set1_ps(b));
+            for s in a.iter_mut() {
+                *s = bias.map_or(*s, |b| _mm512_add_ps(*s, b));
+            }
+        }
+        // Register `i` of every channel's row: a column of the tile, not a walk over `acc`.
+        #[allow(clippy::needless_range_loop)]
+        for i in 0..V {
+            let regs: [__m512; R] = std::array::from_fn(|o| acc[o][i]);
+            store_nhwc(t, &regs, oy, blk, x0 + i * LANES, yd);
+        }
+    }
+
+    // The turn below is written for tiles of 8 channels.
+    const _: () = assert!(R == 8);
+
+    /// One register column of a tile channels-last: `regs[o]` holds channel `blk * R + o` of
+    /// the 16 pixels from column `x` of output row `oy` (the bias added); pixel `p`'s [`R`]
+    /// channels go to `y[(oy * ow + x + p) * m + blk * R..]`, as two runs of four, Z (same
+    /// places) added and the activation applied on the way, in the NCHW store's order.
+    ///
+    /// The turn: `unpacklo/hi` pairs channels (0,1), (2,3), ... per pixel, `shuffle_ps` then
+    /// joins two pairs, so that register `q[k]` (`k` in 0..4) holds pixel `4L + k`'s channels
+    /// 0-3 in its 128-bit lane `L`, and `q[4 + k]` the same pixels' channels 4-7. Each lane is
+    /// stored as a run of four (fewer past m); pixels past the row's end are not.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; this task alone writes row `oy` of the block's channels.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_nhwc(
+        t: &Tiles<'_>,
+        regs: &[__m512; R],
+        oy: usize,
+        blk: usize,
+        x: usize,
+        yd: &Disjoint<f32>,
+    ) {
+        let pairs = |a: __m512, b: __m512| (_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+        let (lo01, hi01) = pairs(regs[0], regs[1]);
+        let (lo23, hi23) = pairs(regs[2], regs[3]);
+        let (lo45, hi45) = pairs(regs[4], regs[5]);
+        let (lo67, hi67) = pairs(regs[6], regs[7]);
+        let q = [
+            _mm512_shuffle_ps::<0x44>(lo01, lo23),
+            _mm512_shuffle_ps::<0xEE>(lo01, lo23),
+            _mm512_shuffle_ps::<0x44>(hi01, hi23),
+            _mm512_shuffle_ps::<0xEE>(hi01, hi23),
+            _mm512_shuffle_ps::<0x44>(lo45, lo67),
+            _mm512_shuffle_ps::<0xEE>(lo45, lo67),
+            _mm512_shuffle_ps::<0x44>(hi45, hi67),
+            _mm512_shuffle_ps::<0xEE>(hi45, hi67),
+        ];
+        let oc0 = blk * R;
+        // Channels of the block inside m, per run of four.
+        let live = t.m.saturating_sub(oc0).min(R);
+        let pixels = t.ow.saturating_sub(x).min(LANES);
+        if live == R && pixels == LANES && t.z.is_none() {
+            // The common case, without a check per run: 16 pixels of a whole block. Their
+            // runs span one range of the row (checked once); pixel `p`'s starts `p * m` in.
+            let m = t.m;
+            let out = yd.part((oy * t.ow + x) * m + oc0, (LANES - 1) * m + R);
+            let base = out.as_mut_ptr();
+            for (j, &v) in q.iter().enumerate() {
+                let v = t.act.apply512(v);
+                // SAFETY: inside `out` (pixel `4 * lane + k`, channels `4 * half..+4`).
+                let at = base.add((j % 4) * m + 4 * (j / 4));
+                _mm_storeu_ps(at, _mm512_castps512_ps128(v));
+                _mm_storeu_ps(at.add(4 * m), _mm512_extractf32x4_ps::<1>(v));
+                _mm_storeu_ps(at.add(8 * m), _mm512_extractf32x4_ps::<2>(v));
+                _mm_storeu_ps(at.add(12 * m), _mm512_extractf32x4_ps::<3>(v));
+            }
+            return;
+        }
+        for (j, &v) in q.iter().enumerate() {
+            let (k, half) = (j % 4, j / 4);
+            let count = live.saturating_sub(4 * half).min(4);
+            if count == 0 {
+                continue;
+            }
+            // Lane `lane` holds pixel `4 * lane + k`: where its run goes, if inside the row.
+            let at = |lane: usize| {
+                let p = 4 * lane + k;
+                (p < pixels).then(|| (oy * t.ow + x + p) * t.m + oc0 + 4 * half)
+            };
+            let mut v = v;
+            if let Some(z) = t.z {
+                let mut zq = [_mm_setzero_ps(); 4];
+                for (lane, zl) in zq.iter_mut().enumerate() {
+                    if let Some(zr) = at(lane).and_then(|a| z.get(a..a + count)) {
+                        let mut run = [0.0f32; 4];
+                        run[..count].copy_from_slice(zr);
+                        *zl = _mm_loadu_ps(run.as_ptr());
+                    }
+                }
+                let zv = _mm512_insertf32x4::<1>(_mm512_castps128_ps512(zq[0]), zq[1]);
+                let zv = _mm512_insertf32x4::<2>(zv, zq[2]);
+                v = _mm512_add_ps(v, _mm512_insertf32x4::<3>(zv, zq[3]));
+            }
+            let v = t.act.apply512(v);
+            // Each 128-bit lane stored whole (a masked 512-bit store from a pointer 16-48
+            // bytes before the run measured 2.2x the NCHW layer's time).
+            let runs = [
+                _mm512_castps512_ps128(v),
+                _mm512_extractf32x4_ps::<1>(v),
+                _mm512_extractf32x4_ps::<2>(v),
+                _mm512_extractf32x4_ps::<3>(v),
+            ];
+            for (lane, &r) in runs.iter().enumerate() {
+                let Some(a) = at(lane) else {
+                    continue;
+                };
+                // SAFETY: the pixel's channels of this block lie in row `oy`, written by this
+                // task alone (caller).
+                let out = yd.part(a, count);
+                if count == 4 {
+                    _mm_storeu_ps(out.as_mut_ptr(), r);
+                } else {
+                    let mut run = [0.0f32; 4];
+                    _mm_storeu_ps(run.as_mut_ptr(), r);
+                    out.copy_from_slice(&run[..count]);
+                }
             }
         }
     }

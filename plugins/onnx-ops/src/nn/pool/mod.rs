@@ -1,5 +1,6 @@
 //! Pooling: MaxPool (with Indices), AveragePool, LpPool, GlobalAveragePool, GlobalMaxPool.
 
+mod nhwc;
 mod separable;
 mod stride2;
 
@@ -656,6 +657,7 @@ fn global_max_factory(_: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> 
 }
 
 pub fn register(r: &mut Registrar) {
+    nhwc::register(r);
     let t: &[(&str, &[DType])] = &[("T", FLOATS)];
     // MaxPool: int8 and uint8 from opset 12.
     let with_int8: Vec<DType> = FLOATS
