@@ -524,6 +524,16 @@ mod tests {
                 pads: [2, 1, 2, 3],
                 dilations: [2, 3],
             },
+            // Five registers of channels: the margin pixels in a group of four blocks and one
+            // of one (MobileNetV2's 14x14 and 7x7 layers).
+            Case {
+                x: [1, 80, 7, 7],
+                w: [80, 1, 3, 3],
+                group: 80,
+                strides: [1, 1],
+                pads: [1; 4],
+                dilations: [1; 2],
+            },
             // One group, past 1x1 (a first layer): output channels in a partial register, over
             // two blocks, two images; dilated with uneven pads.
             Case {
