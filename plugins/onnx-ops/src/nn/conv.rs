@@ -58,6 +58,8 @@ impl Layouts {
 enum Direct {
     Stem(Arc<Vec<f32>>),
     Channels(Arc<Vec<f32>>),
+    /// A depthwise layer's weights as one row of channels per tap ([`depthwise::pack`]).
+    Depthwise(Arc<Vec<f32>>),
 }
 
 /// How [`Conv::packed`] holds the weights.
@@ -315,7 +317,17 @@ fn direct_weights(
         // `[N, H, W, C]` as the NCHW shape the geometry is resolved from.
         xs = vec![xs[0], xs[3], xs[1], xs[2]];
     }
-    if w.dtype != DType::F32 || w.shape().len() != 4 || xs.len() != 4 || w.shape()[1] != xs[1] {
+    if w.dtype != DType::F32 || w.shape().len() != 4 || xs.len() != 4 {
+        return Ok(None);
+    }
+    if depthwise::applies(&xs, group, w.shape()[0]) && w.shape()[1] == 1 {
+        // Regrouped per call, the taps' rows took a scattered pass over W on every run
+        // (MobileNetV2's 17 layers: 64k scattered stores per image).
+        let taps = w.shape()[2].saturating_mul(w.shape()[3]);
+        let packed = depthwise::pack(w.as_slice()?, xs[1], taps)?;
+        return Ok(Some(Direct::Depthwise(Arc::new(packed))));
+    }
+    if w.shape()[1] != xs[1] {
         return Ok(None);
     }
     let Ok(g) = window.resolve("Conv", &xs[2..], Some(&w.shape()[2..])) else {
@@ -467,6 +479,14 @@ impl Conv {
     fn direct_packing(&self) -> Option<&[f32]> {
         match &self.direct {
             Some(Direct::Channels(p)) => Some(&p[..]),
+            _ => None,
+        }
+    }
+
+    /// The weights regrouped at load for [`depthwise`], if they were.
+    fn depthwise_packing(&self) -> Option<&[f32]> {
+        match &self.direct {
+            Some(Direct::Depthwise(p)) => Some(&p[..]),
             _ => None,
         }
     }
@@ -751,10 +771,28 @@ impl Conv {
         if depthwise::applies(xs, group, m) {
             let nchw = Layouts::default();
             if z.is_none() {
-                return depthwise::run(ctx, xs, g, x, w, bias, act, y, nchw);
+                return depthwise::run(
+                    ctx,
+                    xs,
+                    g,
+                    (x, w, self.depthwise_packing()),
+                    bias,
+                    act,
+                    y,
+                    nchw,
+                );
             }
             // Z is added after the taps (as the Add it replaces would), then the activation.
-            depthwise::run(ctx, xs, g, x, w, bias, Activation::None, y, nchw)?;
+            depthwise::run(
+                ctx,
+                xs,
+                g,
+                (x, w, self.depthwise_packing()),
+                bias,
+                Activation::None,
+                y,
+                nchw,
+            )?;
             return finish(ctx, y, None, z, act, m, p);
         }
         if stem::applies(xs, g, group)

@@ -58,8 +58,7 @@ pub(super) fn run(
     ctx: &KernelContext<'_>,
     xs: &[usize],
     g: &Geometry,
-    x: &[f32],
-    w: &[f32],
+    (x, w, packed): (&[f32], &[f32], Option<&[f32]>),
     bias: Option<&[f32]>,
     act: Activation,
     y: &mut [f32],
@@ -71,7 +70,7 @@ pub(super) fn run(
     let planes_only = false;
     if !planes_only
         && crate::simd::has_avx512()
-        && run_lanes(ctx, xs, g, x, w, bias, act, y, layouts)?
+        && run_lanes(ctx, xs, g, (x, w, packed), bias, act, y, layouts)?
     {
         return Ok(());
     }
@@ -88,10 +87,19 @@ pub(super) fn run(
             x
         };
         if !layouts.y_nhwc {
-            return run(ctx, xs, g, x, w, bias, act, y, Layouts::default());
+            return run(ctx, xs, g, (x, w, None), bias, act, y, Layouts::default());
         }
         let mut tmp = try_vec(y.len(), 0.0f32)?;
-        run(ctx, xs, g, x, w, bias, act, &mut tmp, Layouts::default())?;
+        run(
+            ctx,
+            xs,
+            g,
+            (x, w, None),
+            bias,
+            act,
+            &mut tmp,
+            Layouts::default(),
+        )?;
         let back = transposed(&tmp, n, (c, pout))?;
         y.copy_from_slice(&back);
         return Ok(());
@@ -137,6 +145,19 @@ pub(super) fn run(
     })
 }
 
+/// `W` (`c x taps`, one input channel per group) as one row of `stride` channels per tap
+/// (`stride`: c rounded up to whole registers, zero past c): what [`run_lanes`] reads.
+pub(super) fn pack(w: &[f32], c: usize, taps: usize) -> Result<Vec<f32>, PluginError> {
+    let stride = c.div_ceil(WIDE_LANES) * WIDE_LANES;
+    let mut wt = try_vec(checked_numel(&[taps, stride])?, 0.0f32)?;
+    for (ch, wc) in w.chunks_exact(taps.max(1)).take(c).enumerate() {
+        for (t, &v) in wc.iter().enumerate() {
+            wt[t * stride + ch] = v;
+        }
+    }
+    Ok(wt)
+}
+
 /// The depthwise convolution with the channels in the lanes (AVX-512): each image copied
 /// channels-last ([`ChannelsLast`]; a plain copy with its margins when x is channels-last
 /// already), 16 channels x up to 16 pixels of a row per tile, turned back to NCHW in
@@ -147,8 +168,7 @@ fn run_lanes(
     ctx: &KernelContext<'_>,
     xs: &[usize],
     g: &Geometry,
-    x: &[f32],
-    w: &[f32],
+    (x, w, packed): (&[f32], &[f32], Option<&[f32]>),
     bias: Option<&[f32]>,
     act: Activation,
     y: &mut [f32],
@@ -180,13 +200,16 @@ fn run_lanes(
             "Conv: X, W or B is shorter than its shape",
         ));
     }
-    // Weights per tap as rows of `stride` channels, the bias as one such row (zero past c).
-    let mut wt = try_vec(checked_numel(&[taps, stride])?, 0.0f32)?;
-    for (ch, wc) in w.chunks_exact(taps).take(c).enumerate() {
-        for (t, &v) in wc.iter().enumerate() {
-            wt[t * stride + ch] = v;
+    // Weights per tap as rows of `stride` channels (regrouped at load for constant weights),
+    // the bias as one such row (zero past c).
+    let built;
+    let wt = match packed {
+        Some(p) if p.len() == checked_numel(&[taps, stride])? => p,
+        _ => {
+            built = pack(w, c, taps)?;
+            &built[..]
         }
-    }
+    };
     let mut bv = try_vec(stride, 0.0f32)?;
     if let Some(b) = bias {
         bv[..c].copy_from_slice(&b[..c]);
@@ -203,7 +226,7 @@ fn run_lanes(
     }
     let lanes = Lanes {
         offsets: &offsets,
-        wt: &wt,
+        wt,
         bv: &bv,
         c,
         stride,

@@ -184,10 +184,28 @@ impl Conv {
             return finish_any(ctx, y, None, z, act, (m, p), true);
         }
         if z.is_none() {
-            return depthwise::run(ctx, &nchw, &g, x, w, bias, act, y, l);
+            return depthwise::run(
+                ctx,
+                &nchw,
+                &g,
+                (x, w, self.depthwise_packing()),
+                bias,
+                act,
+                y,
+                l,
+            );
         }
         // Z after the taps (as the Add it replaces would), then the activation.
-        depthwise::run(ctx, &nchw, &g, x, w, bias, Activation::None, y, l)?;
+        depthwise::run(
+            ctx,
+            &nchw,
+            &g,
+            (x, w, self.depthwise_packing()),
+            bias,
+            Activation::None,
+            y,
+            l,
+        )?;
         finish_any(ctx, y, None, z, act, (m, p), l.y_nhwc)
     }
 
@@ -710,10 +728,19 @@ mod tests {
                         let spec = node("FusedConvNhwc", act, params)
                             .attr("x_nhwc", AttrValue::Int(xl as i64))
                             .attr("y_nhwc", AttrValue::Int(yl as i64));
-                        for (inputs, expect) in [
+                        // W given per call, and constant (regrouped at load).
+                        for ((inputs, expect), constant) in [
                             (vec![Some(&tx), Some(&tw), bias], &want),
                             (vec![Some(&tx), Some(&tw), bias, Some(&zv)], &want_z),
-                        ] {
+                        ]
+                        .into_iter()
+                        .flat_map(|run| [(run.clone(), false), (run, true)])
+                        {
+                            let spec = if constant {
+                                spec.clone().constant(1)
+                            } else {
+                                spec.clone()
+                            };
                             let got = run_kernel_opt(conv_factory, &spec, &inputs, Some(blas()))
                                 .expect("channels-last");
                             assert_eq!(got[0].shape(), &yshape[..]);
@@ -727,7 +754,7 @@ mod tests {
                             {
                                 assert!(
                                     g.to_bits() == e.to_bits() || (g.is_nan() && e.is_nan()),
-                                    "{:?} w {:?} x_nhwc {xl} y_nhwc {yl} act '{act}' bias {with_bias} z {} epilogues {epilogues} planes {planes} at {i}: {g} vs {e}",
+                                    "{:?} w {:?} x_nhwc {xl} y_nhwc {yl} act '{act}' bias {with_bias} z {} epilogues {epilogues} planes {planes} constant {constant} at {i}: {g} vs {e}",
                                     case.x, case.w, inputs.len() == 4
                                 );
                             }
