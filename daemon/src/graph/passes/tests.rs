@@ -1049,6 +1049,21 @@ fn a_residual_chain_goes_channels_last_with_its_sums() {
     assert_eq!(shrinking.nodes[3].outputs, ["p"]);
 }
 
+/// A `FusedConvNhwc`'s `x_nhwc` and `y_nhwc` attributes, `None` where absent.
+fn flags(n: &Node) -> [Option<opreg_sdk::AttrValue>; 2] {
+    ["x_nhwc", "y_nhwc"].map(|name| {
+        n.attributes
+            .iter()
+            .find(|a| a.name == name)
+            .map(|a| a.value.clone())
+    })
+}
+
+/// What [`flags`] gives for `x_nhwc = x`, `y_nhwc = y`.
+fn on(x: i64, y: i64) -> [Option<opreg_sdk::AttrValue>; 2] {
+    [Some(x), Some(y)].map(|v| v.map(opreg_sdk::AttrValue::Int))
+}
+
 /// `node` with integer-list attributes (pads, strides).
 fn node_ints(op: &str, inputs: &[&str], outputs: &[&str], attrs: &[(&str, &[i64])]) -> Node {
     let mut n = node(op, inputs, outputs);
@@ -1100,20 +1115,6 @@ fn a_3x3_chain_goes_channels_last_unless_a_1x1_layer_writes_nchw() {
                 ("wg", &[2, 4, 3, 3], vec![0.5; 72]),
             ],
         )
-    };
-    let flags = |n: &Node| {
-        ["x_nhwc", "y_nhwc"].map(|name| {
-            n.attributes
-                .iter()
-                .find(|a| a.name == name)
-                .map(|a| a.value.clone())
-        })
-    };
-    let on = |x: i64, y: i64| {
-        [
-            Some(opreg_sdk::AttrValue::Int(x)),
-            Some(opreg_sdk::AttrValue::Int(y)),
-        ]
     };
     let mut m = bottleneck(2);
     assert_eq!(nhwc_conv::NhwcConv.run(&mut m).unwrap(), 6);
@@ -1226,15 +1227,6 @@ fn a_max_pool_between_convolutions_goes_channels_last() {
             ],
         )
     };
-    let flags = |n: &Node| {
-        ["x_nhwc", "y_nhwc"].map(|name| {
-            n.attributes
-                .iter()
-                .find(|a| a.name == name)
-                .map(|a| a.value.clone())
-        })
-    };
-    let on = |x: i64, y: i64| [Some(x), Some(y)].map(|v| v.map(opreg_sdk::AttrValue::Int));
     let op = |n: &Node| (n.domain.clone(), n.op_type.clone());
     let mut m = resnet(pool(&["p"], false), &["y"]);
     assert_eq!(nhwc_conv::NhwcConv.run(&mut m).unwrap(), 5);

@@ -51,55 +51,62 @@ impl Kernel for NhwcMaxPool {
         let image = checked_numel(&[ih, iw, c])?;
         let total = checked_numel(&[n, image])?;
         let dims = Dims { ih, iw, c, oh_n };
-        match x.dtype {
-            DType::F32 => {
-                let xs = x.as_slice::<f32>()?;
-                // Every element is written (`max_row`).
-                let out = ctx.output_slice_to_overwrite::<f32>(0, &[n, oh_n, ow_n, c])?;
-                if out.is_empty() || row == 0 {
-                    return Ok(());
-                }
-                if xs.len() < total {
-                    return Err(PluginError::invalid(format!(
-                        "{op}: x is shorter than its shape"
-                    )));
-                }
-                // Rows of at least 8192 values per task: a task per row of a 7x7 map would
-                // cost more in hand-offs than its maxima.
-                let grain = row * 8192usize.div_ceil(row);
-                ctx.parallel_chunks(out, grain, |start, chunk| {
-                    for (k, orow) in chunk.chunks_mut(row).enumerate() {
-                        dims.row(xs, &g, start / row + k, orow, max_row_f32);
-                    }
-                })
+        let max_row = match x.dtype {
+            DType::F32 => None,
+            DType::U8 => Some(max_row_u8 as MaxRow<u8>),
+            DType::I8 => Some(max_row_i8 as MaxRow<u8>),
+            other => {
+                return Err(PluginError::unimplemented(format!(
+                    "{op}: no kernel for {other:?}"
+                )))
             }
-            DType::U8 | DType::I8 => {
-                let signed = x.dtype == DType::I8;
-                let xb = x.as_bytes()?;
-                let out = ctx
-                    .output_to_overwrite(0, x.dtype, &[n, oh_n, ow_n, c])?
-                    .into_bytes()?;
-                if out.is_empty() || row == 0 {
-                    return Ok(());
-                }
-                if xb.len() < total {
-                    return Err(PluginError::invalid(format!(
-                        "{op}: x is shorter than its shape"
-                    )));
-                }
-                let grain = row * 8192usize.div_ceil(row);
-                let max_row = if signed { max_row_i8 } else { max_row_u8 };
-                ctx.parallel_chunks(out, grain, |start, chunk| {
-                    for (k, orow) in chunk.chunks_mut(row).enumerate() {
-                        dims.row(xb, &g, start / row + k, orow, max_row);
-                    }
-                })
-            }
-            other => Err(PluginError::unimplemented(format!(
-                "{op}: no kernel for {other:?}"
-            ))),
+        };
+        // Every element is written (`max_row`).
+        let out = ctx.output_to_overwrite(0, x.dtype, &[n, oh_n, ow_n, c])?;
+        let shape = (dims, &g, total, row);
+        match max_row {
+            None => rows(
+                ctx,
+                op,
+                x.as_slice::<f32>()?,
+                out.into_slice()?,
+                shape,
+                max_row_f32,
+            ),
+            Some(max_row) => rows(ctx, op, x.as_bytes()?, out.into_bytes()?, shape, max_row),
         }
     }
+}
+
+/// One output row's loop for an element type (see [`max_row`]).
+type MaxRow<T> = fn(&[T], &RowTaps<'_>, bool, &mut [T]);
+
+/// Every row of `out` (`[N, OH, OW, C]`) from `x` by `max_row`, spread over the threads; `x`
+/// must hold `total` values.
+fn rows<T: Copy + Send + Sync>(
+    ctx: &KernelContext<'_>,
+    op: &str,
+    x: &[T],
+    out: &mut [T],
+    (dims, g, total, row): (Dims, &Geometry, usize, usize),
+    max_row: MaxRow<T>,
+) -> Result<(), PluginError> {
+    if out.is_empty() || row == 0 {
+        return Ok(());
+    }
+    if x.len() < total {
+        return Err(PluginError::invalid(format!(
+            "{op}: x is shorter than its shape"
+        )));
+    }
+    // Rows of at least 8192 values per task: a task per row of a 7x7 map would cost more in
+    // hand-offs than its maxima.
+    let grain = row * 8192usize.div_ceil(row);
+    ctx.parallel_chunks(out, grain, |start, chunk| {
+        for (k, orow) in chunk.chunks_mut(row).enumerate() {
+            dims.row(x, g, start / row + k, orow, max_row);
+        }
+    })
 }
 
 /// The extents an output row is found by.
@@ -127,14 +134,7 @@ const MAX_ROWS: usize = 16;
 impl Dims {
     /// Output row `r` (image `r / oh_n`, row `r % oh_n`) of `x` into `orow`, by `max_row`
     /// over the window rows inside the image.
-    fn row<T: Copy>(
-        self,
-        x: &[T],
-        g: &Geometry,
-        r: usize,
-        orow: &mut [T],
-        max_row: fn(&[T], &RowTaps<'_>, bool, &mut [T]),
-    ) {
+    fn row<T: Copy>(self, x: &[T], g: &Geometry, r: usize, orow: &mut [T], max_row: MaxRow<T>) {
         let Dims { ih, iw, c, oh_n } = self;
         let image = ih * iw * c;
         let (bn, oh) = (r / oh_n.max(1), r % oh_n.max(1));
@@ -565,5 +565,25 @@ mod tests {
                 );
             }
         }
+        // No images beside a 2^40 extent: an empty output, nothing read or allocated; an
+        // empty row refused (the window does not fit), as a 2^40-wide output (not allocated).
+        let spec = NodeSpec::onnx(OP_F32, 1)
+            .domain("opreg")
+            .attr("kernel_shape", ints(&[1, 1]));
+        for (xs, ok) in [
+            ([0, 3, 3, 1usize << 40], true),
+            ([1, 1, 1 << 40, 0], true),
+            ([1, 0, 3, 1 << 40], false),
+        ] {
+            let x = HostTensor::from_vec(&xs, &[] as &[f32]).expect("x");
+            let got = run_kernel(f32_factory, &spec, &[&x], None);
+            assert_eq!(got.is_ok(), ok, "{xs:?}: {:?}", got.as_ref().err());
+            if let Ok(y) = got {
+                assert_eq!(y[0].shape(), &xs[..]);
+            }
+        }
+        let wide = spec.attr("pads", ints(&[0, 0, 0, 1 << 40]));
+        let x = HostTensor::from_vec(&[1, 1, 1, 16], &[0.0f32; 16]).expect("x");
+        assert!(run_kernel(f32_factory, &wide, &[&x], None).is_err());
     }
 }
