@@ -14,13 +14,15 @@
 //! `x_nhwc = 1`, and the value is renamed `<name>_nhwc` (its layout is not the one its old
 //! name had). A GlobalAveragePool reader (a network's head) becomes
 //! `opreg::GlobalAveragePoolNhwc`, whose output is the pool's own `[N, C, 1, 1]`. A 2-D
-//! MaxPool between such values (ResNet's and SqueezeNet's 3x3/2 pool after the stem: made by
-//! a convolution, read by convolutions) goes channels-last with them, as
-//! `opreg::MaxPoolNhwc`: in NCHW each row of its stride-2 windows is split into even and odd
-//! columns, channels-last every tap is a run of channels (nine vector maxima per 16 channels
-//! of a 3x3 window, as in ONNX Runtime's NCHWc pool), and the convolution before it stores its
-//! tiles channels-last without turning them. No transpose is added: every value entering or
-//! leaving the channels-last region is converted inside a convolution.
+//! MaxPool between such values (ResNet's 3x3/2 pool after the stem: made by a convolution,
+//! read by convolutions) goes channels-last with them, as `opreg::MaxPoolNhwc`: in NCHW each
+//! row of its stride-2 windows is split into even and odd columns, channels-last every tap is
+//! a run of channels (nine vector maxima per 16 channels of a 3x3 window, as in ONNX
+//! Runtime's NCHWc pool). Not where a 1x1 reader of the pool would write NCHW (SqueezeNet's
+//! squeeze layers, whose expand layers feed a Concat): that reader storing NCHW from a
+//! channels-last X, and the stem turning its tiles, cost more than the pool gained. No
+//! transpose is added: every value entering or leaving the channels-last region is converted
+//! inside a convolution.
 //!
 //! ```text
 //! x -> Conv1x1 -> FusedConv(dw, Clip) -> Conv1x1 -> y   ==>

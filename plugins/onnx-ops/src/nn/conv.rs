@@ -320,7 +320,11 @@ fn direct_weights(
     if w.dtype != DType::F32 || w.shape().len() != 4 || xs.len() != 4 {
         return Ok(None);
     }
-    if depthwise::applies(&xs, group, w.shape()[0]) && w.shape()[1] == 1 {
+    // Only the AVX-512 loop reads the regrouped weights.
+    if depthwise::applies(&xs, group, w.shape()[0])
+        && w.shape()[1] == 1
+        && crate::simd::has_avx512()
+    {
         // Regrouped per call, the taps' rows took a scattered pass over W on every run
         // (MobileNetV2's 17 layers: 64k scattered stores per image).
         let taps = w.shape()[2].saturating_mul(w.shape()[3]);

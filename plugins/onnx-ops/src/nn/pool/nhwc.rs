@@ -8,7 +8,8 @@
 //! window is nine vector maxima per 16 channels, whatever the stride (ONNX Runtime pools in its
 //! NCHWc layout for the same reason). The NCHW pool of a stride-2 window first splits each row
 //! into even and odd columns with permutes: ResNet-18's 64x112x112 pool took 0.09 ms there at
-//! batch 1 and 1.5 ms at batch 8, 0.04 and 0.68 ms here (ONNX Runtime's NCHWc pool 0.57 ms).
+//! batch 1 and 1.5 ms at batch 8, 0.04 and 0.68 ms here (ONNX Runtime's NCHWc pool at batch 8:
+//! 0.57 ms).
 //!
 //! The result is the NCHW `MaxPool`'s to the bit: a window's first tap (row-major order) starts
 //! the maximum and a later tap replaces it only when greater, so a NaN first tap stays, a
@@ -50,7 +51,13 @@ impl Kernel for NhwcMaxPool {
         let row = checked_numel(&[ow_n, c])?;
         let image = checked_numel(&[ih, iw, c])?;
         let total = checked_numel(&[n, image])?;
-        let dims = Dims { ih, iw, c, oh_n };
+        let dims = Dims {
+            ih,
+            iw,
+            c,
+            oh_n,
+            image,
+        };
         let max_row = match x.dtype {
             DType::F32 => None,
             DType::U8 => Some(max_row_u8 as MaxRow<u8>),
@@ -116,6 +123,8 @@ struct Dims {
     iw: usize,
     c: usize,
     oh_n: usize,
+    /// `ih * iw * c` (checked by the caller).
+    image: usize,
 }
 
 /// The taps of one output row: the input rows its windows cover (offsets of whole rows
@@ -135,8 +144,13 @@ impl Dims {
     /// Output row `r` (image `r / oh_n`, row `r % oh_n`) of `x` into `orow`, by `max_row`
     /// over the window rows inside the image.
     fn row<T: Copy>(self, x: &[T], g: &Geometry, r: usize, orow: &mut [T], max_row: MaxRow<T>) {
-        let Dims { ih, iw, c, oh_n } = self;
-        let image = ih * iw * c;
+        let Dims {
+            ih,
+            iw,
+            c,
+            oh_n,
+            image,
+        } = self;
         let (bn, oh) = (r / oh_n.max(1), r % oh_n.max(1));
         // Always there (the caller checked x's length); were it not, every pixel gets the
         // empty window's value, so that the output is written whole either way.
@@ -299,11 +313,12 @@ mod x86 {
             return;
         };
         for (i, pixel) in out.chunks_exact_mut(c.max(1)).enumerate() {
-            let at = start + i * step;
-            if at + reach > x.len() {
+            // Checked, though the caller's ranges keep it small: the loads below are not.
+            let at = i.checked_mul(step).and_then(|o| o.checked_add(start));
+            let Some(at) = at.filter(|a| a.checked_add(reach).is_some_and(|e| e <= x.len())) else {
                 pixel.fill(f32::NAN);
                 continue;
-            }
+            };
             let p = x.as_ptr().add(at);
             let o = pixel.as_mut_ptr();
             let mut ch = 0;
