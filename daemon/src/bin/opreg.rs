@@ -297,7 +297,8 @@ fn optimize(
     threshold: usize,
     all: bool,
 ) -> anyhow::Result<()> {
-    let bytes = std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
+    let bytes = opregd::graph::ModelBytes::read(model)
+        .with_context(|| format!("reading {}", model.display()))?;
     let mut m = opregd::graph::import_owned(bytes, model.parent())
         .with_context(|| format!("importing {}", model.display()))?;
     let mut reports = opregd::graph::optimize(&mut m)?;

@@ -6,7 +6,10 @@
 // Request and model data reach this module: no unchecked index or slice.
 #![deny(clippy::indexing_slicing)]
 
-use super::GraphError;
+use super::{
+    model_file::{ModelBytes, Owned},
+    GraphError,
+};
 use abi_stable::std_types::{RString, RVec};
 use opreg_proto::onnx;
 use opreg_sdk::{host::HostTensor, kernel::Attribute, AttrValue, DType, OwnedTensor};
@@ -167,31 +170,35 @@ impl Model {
 
 /// Decodes and checks an ONNX model. `dir` is the folder external data is read from.
 pub fn import(bytes: &[u8], dir: Option<&Path>) -> Result<Model, GraphError> {
-    from_proto(onnx::ModelProto::decode(bytes), dir)
+    from_proto(onnx::ModelProto::decode(bytes), dir, None)
 }
 
 /// [`import`] from an owned buffer (a model file as read): initializer bytes are decoded as
-/// slices of it rather than copied, so the weights are copied once, into their tensors.
-pub fn import_owned(
-    bytes: impl Into<prost::bytes::Bytes>,
-    dir: Option<&Path>,
-) -> Result<Model, GraphError> {
-    from_proto(onnx::ModelProto::decode(bytes.into()), dir)
+/// slices of it rather than copied, so the weights are copied once, into their tensors. A
+/// file [`ModelBytes::read`] filled gives each initializer's pages back as it is copied (see
+/// [`super::model_file`]).
+pub fn import_owned(bytes: impl Into<ModelBytes>, dir: Option<&Path>) -> Result<Model, GraphError> {
+    let (bytes, owned) = bytes.into().into_parts();
+    from_proto(onnx::ModelProto::decode(bytes), dir, owned)
 }
 
 fn from_proto(
     proto: Result<onnx::ModelProto, prost::DecodeError>,
     dir: Option<&Path>,
+    owned: Option<Owned>,
 ) -> Result<Model, GraphError> {
     let mut proto = proto.map_err(|e| GraphError::Decode(e.to_string()))?;
+    let mut owned = owned;
     if let Some(u) = super::legacy::upgrade(&mut proto)? {
         tracing::info!(
             from = u.from,
             to = u.to,
             "legacy model upgraded to a newer opset at import"
         );
+        // The upgrade may have copied initializers' handles elsewhere in the model.
+        owned = None;
     }
-    let graph = proto
+    let mut graph = proto
         .graph
         .ok_or_else(|| GraphError::Invalid("the model has no graph".into()))?;
     if proto.opset_import.is_empty() {
@@ -202,7 +209,7 @@ fn from_proto(
         .iter()
         .map(|o| (normalise_domain(&o.domain), o.version))
         .collect();
-    let (mut model, _) = graph_model(&graph, opsets, dir, true)?;
+    let (mut model, _) = graph_model(&mut graph, opsets, dir, true, owned)?;
     // Operators the runtime expands into standard ones (FlexAttention), once, from the top:
     // an expansion inside a branch may need the outer graph's types.
     super::expand::expand(&mut model)?;
@@ -215,9 +222,9 @@ pub fn import_subgraph(
     bytes: &[u8],
     opsets: &HashMap<String, i64>,
 ) -> Result<(Model, FormalInputs), GraphError> {
-    let graph = onnx::GraphProto::decode(bytes)
+    let mut graph = onnx::GraphProto::decode(bytes)
         .map_err(|e| GraphError::Decode(format!("subgraph: {e}")))?;
-    graph_model(&graph, opsets.clone(), None, false)
+    graph_model(&mut graph, opsets.clone(), None, false, None)
 }
 
 /// Parses the subgraphs of a control-flow node (none for other nodes). Nesting is bounded by
@@ -264,19 +271,27 @@ fn normalise_domain(d: &str) -> String {
     }
 }
 
+/// `owned`: the buffer `graph`'s initializer bytes are slices of, when import may give their
+/// pages back once copied (taken out of `graph` first: nothing can read them after).
 fn graph_model(
-    graph: &onnx::GraphProto,
+    graph: &mut onnx::GraphProto,
     opsets: HashMap<String, i64>,
     dir: Option<&Path>,
     top: bool,
+    owned: Option<Owned>,
 ) -> Result<(Model, FormalInputs), GraphError> {
     let mut initializers = HashMap::new();
-    for t in &graph.initializer {
+    for t in &mut graph.initializer {
         if t.name.is_empty() {
             return Err(GraphError::Invalid("an initializer has no name".into()));
         }
-        initializers.insert(t.name.clone(), Arc::new(tensor(t, dir)?));
+        let value = Arc::new(tensor(t, dir)?);
+        if let Some(owned) = &owned {
+            owned.give_back(std::mem::take(&mut t.raw_data));
+        }
+        initializers.insert(t.name.clone(), value);
     }
+    let graph = &*graph;
     let formal: Vec<&onnx::ValueInfoProto> = graph
         .input
         .iter()

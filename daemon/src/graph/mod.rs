@@ -12,6 +12,7 @@ mod export;
 mod import;
 mod legacy;
 mod memory;
+mod model_file;
 mod passes;
 mod plan;
 mod run;
@@ -26,6 +27,7 @@ pub use import::{
     import, import_owned, tensor as tensor_from_proto, Dim, IoSpec, Model, Node, Shape,
 };
 pub use memory::MemoryStats;
+pub use model_file::ModelBytes;
 pub use passes::{fuse, optimize, PassReport};
 pub use plan::compile;
 pub use run::{run, run_profiled, run_with_control, RunControl, StepTime};

@@ -306,6 +306,11 @@ impl Drop for Running<'_> {
 }
 
 impl Adaptive {
+    /// Whether the version in `dir` is adaptive (its folder has a policy file).
+    pub fn wanted(dir: &Path) -> bool {
+        dir.join(POLICY_FILE).exists()
+    }
+
     /// The adaptive side of the version in `dir`, when its folder has a policy file;
     /// `model` is the version's model as written (its QDQ parameters are the served ranges).
     /// A float model larger than `max_bytes` is refused.
@@ -314,7 +319,7 @@ impl Adaptive {
         model: &prost::bytes::Bytes,
         max_bytes: u64,
     ) -> Result<Option<Adaptive>, RepoError> {
-        if !dir.join(POLICY_FILE).exists() {
+        if !Adaptive::wanted(dir) {
             return Ok(None);
         }
         let policy = Policy::read(dir)?;

@@ -531,25 +531,36 @@ impl Repository {
     ) -> Result<BTreeMap<u64, Arc<ServedModel>>, Box<VersionError>> {
         let snapshot = registry.snapshot();
         let mut loaded = BTreeMap::new();
-        let build = |version: u64, bytes: prost::bytes::Bytes, dir: Option<&Path>| {
+        let build = |version: u64, mut bytes: graph::ModelBytes, dir: Option<&Path>| {
             self.check_size(
                 &format!("version {version} of model '{name}'"),
                 bytes.len() as u64,
             )?;
+            // The version's folder, also for a submitted version (its model is written there
+            // once every version built): an adaptive version's extra files are there. Only
+            // an adaptive version reads the model's bytes again after the build (which
+            // otherwise gives their pages back as it copies the weights out).
+            let vdir = self
+                .root
+                .as_ref()
+                .map(|root| root.join(name).join(version.to_string()));
+            let again = vdir
+                .as_ref()
+                .filter(|v| Adaptive::wanted(v))
+                .map(|_| bytes.shared());
             let mut m = ServedModel::build(
                 name,
                 version,
-                bytes.clone(),
+                bytes,
                 dir,
                 settings.clone(),
                 snapshot.clone(),
                 self.limits.max_folded_bytes,
             )?;
-            // The version's folder, also for a submitted version (its model is written there
-            // once every version built): an adaptive version's extra files are there.
-            if let Some(root) = &self.root {
-                let vdir = root.join(name).join(version.to_string());
-                m.adaptive = Adaptive::read(&vdir, &bytes, self.limits.max_model_bytes)?;
+            if let (Some(root), Some(vdir)) = (&self.root, &vdir) {
+                if let Some(again) = &again {
+                    m.adaptive = Adaptive::read(vdir, again, self.limits.max_model_bytes)?;
+                }
                 m.read_warmup(&root.join(name))?;
             }
             Ok(m)
@@ -565,16 +576,16 @@ impl Repository {
                 .len();
             self.check_size(&format!("version {version} of model '{name}'"), len)
                 .map_err(|e| Box::new((Some(*version), e)))?;
-            let bytes = std::fs::read(path)
+            let bytes = graph::ModelBytes::read(path)
                 .map_err(io)
                 .map_err(|e| Box::new((Some(*version), e)))?;
-            let m = build(*version, bytes.into(), path.parent())
-                .map_err(|e| Box::new((Some(*version), e)))?;
+            let m =
+                build(*version, bytes, path.parent()).map_err(|e| Box::new((Some(*version), e)))?;
             loaded.insert(*version, Arc::new(m));
         }
         for (&version, bytes) in files {
             let bytes = prost::bytes::Bytes::copy_from_slice(bytes);
-            let m = build(version, bytes, None).map_err(|e| Box::new((Some(version), e)))?;
+            let m = build(version, bytes.into(), None).map_err(|e| Box::new((Some(version), e)))?;
             loaded.insert(version, Arc::new(m));
         }
         Ok(loaded)

@@ -228,7 +228,7 @@ impl ServedModel {
     pub fn build(
         name: &str,
         version: u64,
-        bytes: prost::bytes::Bytes,
+        bytes: graph::ModelBytes,
         dir: Option<&Path>,
         settings: ModelSettings,
         snapshot: Arc<Snapshot>,

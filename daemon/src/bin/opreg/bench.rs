@@ -186,10 +186,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         plugins.push(format!("{} {}", p.name, p.version));
     }
     let started = Instant::now();
-    let bytes =
-        std::fs::read(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
+    let bytes = graph::ModelBytes::read(&args.model)
+        .with_context(|| format!("reading {}", args.model.display()))?;
     // Owned: initializers decode as slices of the file's buffer instead of copies of it (a
-    // third copy of the weights at the peak otherwise), as the daemon imports.
+    // third copy of the weights at the peak otherwise), and their pages go back as they are
+    // copied, as the daemon imports.
     let mut model = graph::import_owned(bytes, args.model.parent())
         .with_context(|| format!("importing {}", args.model.display()))?;
     graph::optimize(&mut model)?;
