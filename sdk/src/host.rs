@@ -7,7 +7,7 @@
 use crate::{
     blas::{FfiBlasBox, FfiBlas_TO},
     context::{FfiHost, FfiTask_TO, LogLevel},
-    tensor::{contiguous_strides, TensorView, TensorViewMut},
+    tensor::{TensorView, TensorViewMut},
     DType, Device, Element, ErrorCode, KernelContext, MemRef, MemoryType, PluginError,
 };
 use abi_stable::{
@@ -169,11 +169,23 @@ impl Drop for AlignedBuf {
     }
 }
 
+/// A tensor's dimensions or strides, inline up to rank 6. Every node output is a
+/// `HostTensor`: a shape and a strides vector on the heap were two allocations and two frees
+/// per output, a measurable part of a small node's host time (a chain of 240 16-float `Add`s).
+type Dims<T> = smallvec::SmallVec<[T; 6]>;
+
+/// Row-major strides of `shape`, inline (as [`contiguous_strides`]).
+fn strides_of(shape: &[usize]) -> Dims<isize> {
+    let mut strides = smallvec::smallvec![0isize; shape.len()];
+    crate::tensor::fill_contiguous_strides(shape, &mut strides);
+    strides
+}
+
 /// A dense, row-major tensor in host memory, owned by the host.
 pub struct HostTensor {
     dtype: DType,
-    shape: Vec<usize>,
-    strides: Vec<isize>,
+    shape: Dims<usize>,
+    strides: Dims<isize>,
     buf: AlignedBuf,
     /// Set when the data lives in a device's memory instead of `buf` (then empty).
     device: Option<Box<dyn DeviceBuffer>>,
@@ -227,8 +239,8 @@ impl HostTensor {
         let len = byte_size(dtype, shape)?;
         let mut t = HostTensor {
             dtype,
-            shape: shape.to_vec(),
-            strides: contiguous_strides(shape),
+            shape: Dims::from_slice(shape),
+            strides: strides_of(shape),
             buf: AlignedBuf::zeroed(len)?,
             device: None,
         };
@@ -254,8 +266,8 @@ impl HostTensor {
         }
         Ok(HostTensor {
             dtype,
-            shape: shape.to_vec(),
-            strides: contiguous_strides(shape),
+            shape: Dims::from_slice(shape),
+            strides: strides_of(shape),
             buf: AlignedBuf::planned(planned, zero),
             device: None,
         })
@@ -277,8 +289,8 @@ impl HostTensor {
         }
         Ok(HostTensor {
             dtype,
-            shape: shape.to_vec(),
-            strides: contiguous_strides(shape),
+            shape: Dims::from_slice(shape),
+            strides: strides_of(shape),
             // Copied, not zeroed first: model weights are hundreds of megabytes.
             buf: AlignedBuf::copy_of(bytes)?,
             device: None,
@@ -370,8 +382,8 @@ impl HostTensor {
         }
         Ok(HostTensor {
             dtype,
-            shape: shape.to_vec(),
-            strides: contiguous_strides(shape),
+            shape: Dims::from_slice(shape),
+            strides: strides_of(shape),
             buf: AlignedBuf::zeroed(0)?,
             device: Some(buf),
         })
@@ -465,7 +477,9 @@ pub struct CallFrame<'a> {
     device: Device,
     blas: Option<&'a FfiBlasBox>,
     log: &'a LogSink<'a>,
-    outputs: Mutex<Vec<Option<Box<HostTensor>>>>,
+    /// Behind an `Arc` from the start: the run keeps each output as one, and a `Box` moved
+    /// into a new `Arc` was another allocation, copy and free per output.
+    outputs: Mutex<Vec<Option<Arc<HostTensor>>>>,
     scratch: Mutex<Vec<AlignedBuf>>,
     /// Buffers lent from [`reused`]'s pool, given back when the frame drops.
     reused: Mutex<Vec<AlignedBuf>>,
@@ -600,7 +614,15 @@ impl<'a> CallFrame<'a> {
 
     /// The outputs the kernel allocated, by position, with strings adopted by the host.
     /// Errors name the first output the kernel left unallocated.
-    pub fn into_outputs(mut self) -> Result<Vec<HostTensor>, PluginError> {
+    pub fn into_outputs(self) -> Result<Vec<HostTensor>, PluginError> {
+        self.into_shared_outputs()?
+            .into_iter()
+            .map(|t| Arc::try_unwrap(t).map_err(|_| PluginError::internal("an output is shared")))
+            .collect()
+    }
+
+    /// [`into_outputs`](Self::into_outputs), each output in the `Arc` it was made in.
+    pub fn into_shared_outputs(mut self) -> Result<Vec<Arc<HostTensor>>, PluginError> {
         let outputs = std::mem::take(
             self.outputs
                 .get_mut()
@@ -610,10 +632,12 @@ impl<'a> CallFrame<'a> {
             .into_iter()
             .enumerate()
             .map(|(i, t)| {
-                let mut t = *t.ok_or_else(|| {
+                let mut t = t.ok_or_else(|| {
                     PluginError::internal(format!("kernel did not produce output {i}"))
                 })?;
-                t.adopt_strings();
+                Arc::get_mut(&mut t)
+                    .ok_or_else(|| PluginError::internal("an output is shared"))?
+                    .adopt_strings();
                 Ok(t)
             })
             .collect()
@@ -753,7 +777,7 @@ impl CallFrame<'_> {
                     ))
                 })?;
                 let buf = alloc.alloc(bytes.unwrap_or(0))?;
-                let t = slot.insert(Box::new(HostTensor::on_device(
+                let t = slot.insert(Arc::new(HostTensor::on_device(
                     dtype,
                     shape.as_slice(),
                     buf,
@@ -761,23 +785,28 @@ impl CallFrame<'_> {
                 let mem = t
                     .device_mem()
                     .ok_or_else(|| PluginError::internal("device output"))?;
-                (t, mem.device, mem.memory, mem.ptr)
+                (&**t, mem.device, mem.memory, mem.ptr)
             } else {
                 let planned = self
                     .planned
                     .get(index)
                     .and_then(Option::as_ref)
                     .filter(|p| Some(p.len) == bytes && p.len > 0 && dtype != DType::String);
-                let t = slot.insert(Box::new(match planned {
+                let t = slot.insert(Arc::new(match planned {
                     Some(p) => HostTensor::in_planned(dtype, shape.as_slice(), p, zero)?,
                     None => HostTensor::zeroed(dtype, shape.as_slice())?,
                 }));
-                let data = t.buf.as_mut_slice().as_mut_ptr();
-                (t, Device::CPU, MemoryType::DEVICE, data)
+                let data = Arc::get_mut(t)
+                    .ok_or_else(|| PluginError::internal("a new output is shared"))?
+                    .buf
+                    .as_mut_slice()
+                    .as_mut_ptr();
+                (&**t, Device::CPU, MemoryType::DEVICE, data)
             };
-            // SAFETY: the boxed tensor is neither moved nor dropped while the frame lives (slots
-            // are only filled once, and taken in `into_outputs`, which consumes the frame), so
-            // its shape, strides and buffer outlive the returned borrow of `self`.
+            // SAFETY: the tensor behind the slot's `Arc` is neither moved nor dropped while the
+            // frame lives (slots are only filled once, and taken in `into_outputs`, which
+            // consumes the frame), so its shape, strides (inline in it) and buffer outlive the
+            // returned borrow of `self`.
             let (shape, strides): (&[usize], &[isize]) = unsafe {
                 (
                     &*(t.shape.as_slice() as *const [usize]),

@@ -504,6 +504,12 @@ impl OwnedTensor {
 /// Row-major strides, in elements, for `shape`.
 pub fn contiguous_strides(shape: &[usize]) -> Vec<isize> {
     let mut strides = vec![0isize; shape.len()];
+    fill_contiguous_strides(shape, &mut strides);
+    strides
+}
+
+/// Writes the row-major strides of `shape` into `strides` (of the same length).
+pub(crate) fn fill_contiguous_strides(shape: &[usize], strides: &mut [isize]) {
     let mut acc = 1isize;
     for (s, &d) in strides.iter_mut().zip(shape).rev() {
         *s = acc;
@@ -512,7 +518,6 @@ pub fn contiguous_strides(shape: &[usize]) -> Vec<isize> {
         // tensor that large could not have been allocated.
         acc = acc.saturating_mul(isize::try_from(d.max(1)).unwrap_or(isize::MAX));
     }
-    strides
 }
 
 /// True when `strides` describe a dense row-major layout of `shape`.

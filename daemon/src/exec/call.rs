@@ -6,6 +6,8 @@
 
 use super::{log_from_plugin, BoundKernel, KernelError};
 use crate::registry::Snapshot;
+use std::sync::Arc;
+
 use opreg_sdk::{
     host::{CallFrame, HostTensor, PlannedBuf},
     LogLevel, TensorView,
@@ -36,7 +38,7 @@ pub fn call(
     inputs: &[TensorView<'_>],
     limits: &CallLimits<'_>,
     planned: Vec<Option<PlannedBuf>>,
-) -> Result<Vec<HostTensor>, KernelError> {
+) -> Result<Vec<Arc<HostTensor>>, KernelError> {
     let plugin = bound.plugin.name.as_str();
     let failed = |e: opreg_sdk::PluginError| KernelError::Failed {
         node: label.to_string(),
@@ -79,5 +81,5 @@ pub fn call(
         // The kernel enqueued on the device's stream: its outputs are ready after this.
         d.synchronize().map_err(failed)?;
     }
-    frame.into_outputs().map_err(failed)
+    frame.into_shared_outputs().map_err(failed)
 }

@@ -157,7 +157,7 @@ pub struct KernelCall {
 
 /// The result of a kernel call and who computed it.
 pub struct KernelResult {
-    pub outputs: Vec<HostTensor>,
+    pub outputs: Vec<std::sync::Arc<HostTensor>>,
     pub plugin: String,
     pub generation: u64,
 }

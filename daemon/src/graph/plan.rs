@@ -666,7 +666,7 @@ fn fold(
     num_outputs: usize,
     constants: &HashMap<usize, Arc<HostTensor>>,
     budget: &mut usize,
-) -> Result<Option<Vec<HostTensor>>, GraphError> {
+) -> Result<Option<Vec<Arc<HostTensor>>>, GraphError> {
     let views: Vec<TensorView<'_>> = in_slots
         .iter()
         .map(|s| {

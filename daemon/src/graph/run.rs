@@ -334,7 +334,7 @@ fn run_with(
                 });
                 run_kernel_step(step, bound, &views, &plan.snapshot, control, planned)?
                     .into_iter()
-                    .map(|t| Slot::Tensor(Arc::new(t)))
+                    .map(Slot::Tensor)
                     .collect()
             }
             Work::Copy { from, to } => {
@@ -424,7 +424,7 @@ fn run_kernel_step(
     snapshot: &Snapshot,
     control: &RunControl,
     planned: Vec<Option<PlannedBuf>>,
-) -> Result<Vec<HostTensor>, GraphError> {
+) -> Result<Vec<Arc<HostTensor>>, GraphError> {
     let stop = || control.should_stop();
     let limits = CallLimits {
         max_tensor_bytes: control.max_tensor_bytes(),

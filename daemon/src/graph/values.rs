@@ -108,8 +108,8 @@ impl Values {
     }
 
     /// Makes the value in `slot` a constant (a folded result).
-    pub fn set_constant(&mut self, slot: usize, t: HostTensor) {
+    pub fn set_constant(&mut self, slot: usize, t: Arc<HostTensor>) {
         self.set(slot, Some(t.dtype()), fixed(&t));
-        self.constants.insert(slot, Arc::new(t));
+        self.constants.insert(slot, t);
     }
 }
