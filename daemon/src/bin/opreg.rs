@@ -297,7 +297,7 @@ fn optimize(
     threshold: usize,
     all: bool,
 ) -> anyhow::Result<()> {
-    let bytes = opregd::graph::ModelBytes::read(model)
+    let bytes = opregd::graph::ModelBytes::read(model, u64::MAX)
         .with_context(|| format!("reading {}", model.display()))?;
     let mut m = opregd::graph::import_owned(bytes, model.parent())
         .with_context(|| format!("importing {}", model.display()))?;

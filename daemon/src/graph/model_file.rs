@@ -29,9 +29,17 @@ pub struct ModelBytes {
 
 impl ModelBytes {
     /// Reads the file at `path` into memory of its own, which import may give back as it goes.
-    pub fn read(path: &Path) -> std::io::Result<ModelBytes> {
+    /// A file of more than `max_bytes` is refused before anything is allocated (the caller's
+    /// size check may have seen a smaller file: it can change in between).
+    pub fn read(path: &Path, max_bytes: u64) -> std::io::Result<ModelBytes> {
         let mut file = std::fs::File::open(path)?;
-        let len = usize::try_from(file.metadata()?.len())
+        let len = file.metadata()?.len();
+        if len > max_bytes {
+            return Err(std::io::Error::other(format!(
+                "the file has {len} bytes, more than the limit of {max_bytes}"
+            )));
+        }
+        let len = usize::try_from(len)
             .map_err(|_| std::io::Error::other("the file is larger than the address space"))?;
         if len == 0 {
             return Ok(ModelBytes::from(Bytes::new()));
@@ -202,7 +210,9 @@ mod tests {
         let page = page_size();
         let data: Vec<u8> = (0..4 * page + 100).map(|i| (i % 251) as u8 + 1).collect();
         std::fs::write(&path, &data).expect("write");
-        let (bytes, owned) = ModelBytes::read(&path).expect("read").into_parts();
+        let (bytes, owned) = ModelBytes::read(&path, u64::MAX)
+            .expect("read")
+            .into_parts();
         assert_eq!(&bytes[..], &data[..]);
         let owned = owned.expect("owned");
         // A mapping starts on a page: a slice from 10 bytes into page 1 to 60 bytes into page
@@ -225,13 +235,19 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("m.bin");
         std::fs::write(&path, [7u8; 10]).expect("write");
-        let mut m = ModelBytes::read(&path).expect("read");
+        let mut m = ModelBytes::read(&path, u64::MAX).expect("read");
         let kept = m.shared();
         assert!(m.into_parts().1.is_none());
         assert_eq!(&kept[..], &[7u8; 10]);
         std::fs::write(&path, []).expect("write");
-        assert!(ModelBytes::read(&path).expect("read").is_empty());
-        assert!(ModelBytes::read(&dir.path().join("none")).is_err());
+        assert!(ModelBytes::read(&path, u64::MAX).expect("read").is_empty());
+        std::fs::write(&path, [1u8; 11]).expect("write");
+        let err = ModelBytes::read(&path, 10).err().expect("over the limit");
+        assert!(
+            err.to_string().contains("more than the limit of 10"),
+            "{err}"
+        );
+        assert!(ModelBytes::read(&dir.path().join("none"), u64::MAX).is_err());
     }
 
     /// A model with initializers of several pages each, one of them a multiple of the page
@@ -304,8 +320,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("m.onnx");
         std::fs::write(&path, &model).expect("write");
-        let own = super::super::import_owned(ModelBytes::read(&path).expect("read"), None)
-            .expect("own buffer");
+        let own =
+            super::super::import_owned(ModelBytes::read(&path, u64::MAX).expect("read"), None)
+                .expect("own buffer");
         let shared = super::super::import(&model, None).expect("shared buffer");
         for name in &names {
             let (x, y) = (&own.initializers[name], &shared.initializers[name]);

@@ -576,7 +576,7 @@ impl Repository {
                 .len();
             self.check_size(&format!("version {version} of model '{name}'"), len)
                 .map_err(|e| Box::new((Some(*version), e)))?;
-            let bytes = graph::ModelBytes::read(path)
+            let bytes = graph::ModelBytes::read(path, self.limits.max_model_bytes)
                 .map_err(io)
                 .map_err(|e| Box::new((Some(*version), e)))?;
             let m =

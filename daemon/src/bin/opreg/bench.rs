@@ -186,7 +186,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         plugins.push(format!("{} {}", p.name, p.version));
     }
     let started = Instant::now();
-    let bytes = graph::ModelBytes::read(&args.model)
+    let bytes = graph::ModelBytes::read(&args.model, u64::MAX)
         .with_context(|| format!("reading {}", args.model.display()))?;
     // Owned: initializers decode as slices of the file's buffer instead of copies of it (a
     // third copy of the weights at the peak otherwise), and their pages go back as they are
