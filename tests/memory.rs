@@ -75,3 +75,84 @@ fn later_runs_place_values_in_one_reused_arena_with_the_same_results() {
         "a, b, c and d at batch 2"
     );
 }
+
+/// Two concatenations along the channels of a batch: `c = Concat(a, b)`, whose inputs only it
+/// reads, and `e = Concat(b2, a2)`, whose `a2` an `Add` reads too.
+fn concats() -> Vec<u8> {
+    let w = |name: &str, k: i64, seed: usize| {
+        let v: Vec<f32> = (0..4 * 4 * (k * k) as usize)
+            .map(|i| (((i * 29 + seed) % 19) as f32 - 9.0) / 16.0)
+            .collect();
+        f32_initializer(name, &[4, 4, k, k], &v)
+    };
+    let pads = || vec![attr_ints("pads", &[1, 1, 1, 1])];
+    let axis = || vec![attr_int("axis", 1)];
+    model(
+        vec![
+            node("Conv", &["x", "w1"], &["a0"]),
+            node("Sigmoid", &["a0"], &["a"]),
+            node_with("Conv", &["x", "w3"], &["b0"], pads()),
+            node("Sigmoid", &["b0"], &["b"]),
+            node_with("Concat", &["a", "b"], &["c"], axis()),
+            node("Tanh", &["c"], &["d"]),
+            node("Sigmoid", &["x"], &["a2"]),
+            node("Tanh", &["x"], &["b2"]),
+            node_with("Concat", &["b2", "a2"], &["e"], axis()),
+            node("Tanh", &["e"], &["f"]),
+            node("Add", &["a2", "x"], &["g"]),
+        ],
+        vec![value("x", 1, &[-1, 4, 8, 8])],
+        vec![
+            value("d", 1, &[-1, 8, 8, 8]),
+            value("f", 1, &[-1, 8, 8, 8]),
+            value("g", 1, &[-1, 4, 8, 8]),
+        ],
+        vec![w("w1", 1, 3), w("w3", 3, 7)],
+        13,
+    )
+}
+
+#[test]
+fn a_batch_one_concat_is_assembled_in_place_with_the_same_results() {
+    let stage = tempfile::tempdir().expect("tempdir");
+    let registry = Registry::new(stage.path().join("stage"), Default::default());
+    for (p, r) in registry.load_all(&[
+        opreg_tests::plugin("onnx_ops"),
+        opreg_tests::plugin("blas_cpu"),
+    ]) {
+        r.unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    }
+    let pool = ComputePool::new(2).expect("pool");
+    let model = graph::import(&concats(), None).expect("import");
+    let plan = pool
+        .install(|| graph::compile(&model, registry.snapshot(), &[Device::CPU], usize::MAX))
+        .expect("compile");
+    let run = |batch: usize| {
+        let x: Vec<f32> = (0..batch * 256)
+            .map(|i| ((i % 31) as f32 - 15.0) / 9.0)
+            .collect();
+        let x = HostTensor::from_vec(&[batch, 4, 8, 8], &x).expect("x");
+        let feeds: HashMap<String, Arc<HostTensor>> = [("x".to_string(), Arc::new(x))].into();
+        let out = pool.install(|| graph::run(&plan, feeds)).expect("run");
+        out.iter()
+            .map(|(name, t)| (name.clone(), t.shape().to_vec(), t.bytes().to_vec()))
+            .collect::<Vec<_>>()
+    };
+    // Batch 1: each input of `c` is one run of its output, and only `c` reads them; batch 2:
+    // the images interleave the inputs, so the concat copies.
+    for batch in [1, 2] {
+        let first = run(batch);
+        assert_eq!(first[0].1, [batch, 8, 8, 8]);
+        for _ in 0..3 {
+            assert_eq!(run(batch), first, "an arena run differs (batch {batch})");
+        }
+        // The three arena runs at batch 1 skipped `c`'s copy; those at batch 2 none.
+        assert_eq!(plan.memory.stats().concats_assembled, 3, "batch {batch}");
+    }
+    let stats = plan.memory.stats();
+    assert_eq!(stats.patterns, 2, "{stats:?}");
+    assert_eq!(
+        stats.concats_in_place, 1,
+        "only `c` at batch 1: `e`'s `a2` has a second reader, batch 2 interleaves: {stats:?}"
+    );
+}

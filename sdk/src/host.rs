@@ -125,6 +125,12 @@ impl AlignedBuf {
             // held, and the plan hands each range to one output at a time.
             unsafe { std::ptr::write_bytes(planned.ptr.as_ptr(), byte, planned.len) };
         }
+        Self::planned_as_is(planned)
+    }
+
+    /// `planned`'s range holding the bytes already there (neither zeroed nor poisoned): a
+    /// value the host assembled in it.
+    fn planned_as_is(planned: &PlannedBuf) -> Self {
         AlignedBuf {
             ptr: planned.ptr,
             len: planned.len,
@@ -269,6 +275,26 @@ impl HostTensor {
             shape: Dims::from_slice(shape),
             strides: strides_of(shape),
             buf: AlignedBuf::planned(planned, zero),
+            device: None,
+        })
+    }
+
+    /// A tensor over `planned`'s range as it is (not zeroed), which must be exactly its size
+    /// (not for `String`): a value the host assembled there, such as a concatenation whose
+    /// inputs were made end to end inside it.
+    pub fn over_planned(
+        dtype: DType,
+        shape: &[usize],
+        planned: &PlannedBuf,
+    ) -> Result<Self, PluginError> {
+        if dtype == DType::String || byte_size(dtype, shape)? != planned.len {
+            return Err(PluginError::internal("planned value of another size"));
+        }
+        Ok(HostTensor {
+            dtype,
+            shape: Dims::from_slice(shape),
+            strides: strides_of(shape),
+            buf: AlignedBuf::planned_as_is(planned),
             device: None,
         })
     }

@@ -180,4 +180,7 @@ pub(super) struct Step {
     pub outputs: Vec<Option<usize>>,
     /// Slots whose last reader is this step: released after it.
     pub release: Vec<usize>,
+    /// The axis of a standard `Concat` run by a kernel on the host, which the memory plan may
+    /// assemble in place (see `memory::Concat`).
+    pub concat_axis: Option<i64>,
 }

@@ -157,6 +157,7 @@ pub(super) fn lower(
         captured: captured_slots,
         outputs,
         release: Vec::new(),
+        concat_axis: None,
     })
 }
 

@@ -162,6 +162,7 @@ impl Ctx<'_> {
             captured: Vec::new(),
             outputs: vec![Some(new)],
             release: Vec::new(),
+            concat_axis: None,
         });
         self.place.insert(new, to);
         self.copied.insert((slot, to), new);

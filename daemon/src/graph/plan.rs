@@ -9,7 +9,7 @@
 
 use super::compiled::{Placement, Plan, Step, Work};
 use super::control::{self, Typed};
-use super::memory::MemoryPlan;
+use super::memory::{Concat, MemoryPlan};
 use super::passes::Fusion;
 use super::schedule::schedule;
 use super::subgraphs::{subgraphs, Subgraphs};
@@ -23,7 +23,9 @@ use crate::{
     exec::{self, BoundKernel, CallLimits, KernelError, NodeDesc},
     registry::{KernelQuery, KernelRef, Snapshot},
 };
-use opreg_sdk::{host::HostTensor, kernel::ValueInfo, DType, Device, ErrorCode, TensorView};
+use opreg_sdk::{
+    host::HostTensor, kernel::ValueInfo, AttrValue, DType, Device, ErrorCode, TensorView,
+};
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
@@ -230,6 +232,7 @@ fn compile_graph(
                 captured: Vec::new(),
                 outputs: out_slots,
                 release: Vec::new(),
+                concat_axis: None,
             };
             (Some(step), place)
         } else {
@@ -445,6 +448,17 @@ fn lower_kernel_on(
             },
         ));
     }
+    let node = ns.node;
+    let concat_axis = (node.domain.is_empty() && node.op_type == "Concat" && device == Device::CPU)
+        .then(|| {
+            node.attributes
+                .iter()
+                .find_map(|a| match (&*a.name, &a.value) {
+                    ("axis", AttrValue::Int(v)) => Some(*v),
+                    _ => None,
+                })
+        })
+        .flatten();
     let step = Step {
         label,
         work: Work::Kernel(bound),
@@ -453,6 +467,7 @@ fn lower_kernel_on(
         captured: Vec::new(),
         outputs: ns.outputs.clone(),
         release: Vec::new(),
+        concat_axis,
     };
     Ok((Some(step), place))
 }
@@ -638,6 +653,7 @@ fn finish(
             }
         }
     }
+    let concats = in_place_concats(&steps, &lifetimes);
     Ok(Plan {
         steps,
         slots: types.len(),
@@ -650,9 +666,47 @@ fn finish(
         output_shapes,
         placement,
         copies,
-        memory: MemoryPlan::new(lifetimes),
+        memory: MemoryPlan::new(lifetimes, concats),
         snapshot,
     })
+}
+
+/// The `Concat` steps whose inputs the memory plan may make inside the output: every input
+/// and the output placeable, each input read by that step alone (a value read twice, or by a
+/// later step that may write it in place, keeps its own memory), and no value in two of them.
+fn in_place_concats(steps: &[Step], lifetimes: &[Option<(usize, usize)>]) -> Vec<Concat> {
+    let mut readers: HashMap<usize, usize> = HashMap::new();
+    for st in steps {
+        for s in st.inputs.iter().flatten().chain(&st.captured) {
+            *readers.entry(*s).or_default() += 1;
+        }
+    }
+    let placeable = |s: &usize| matches!(lifetimes.get(*s), Some(Some(_)));
+    let mut taken = HashSet::new();
+    let mut concats = Vec::new();
+    for (step, st) in steps.iter().enumerate() {
+        let (Some(_), [Some(output)]) = (st.concat_axis, st.outputs.as_slice()) else {
+            continue;
+        };
+        let Some(inputs) = st.inputs.iter().copied().collect::<Option<Vec<usize>>>() else {
+            continue;
+        };
+        let members = || inputs.iter().chain([output]);
+        if inputs.is_empty()
+            || !members().all(placeable)
+            || members().any(|s| taken.contains(s))
+            || inputs.iter().any(|s| readers.get(s) != Some(&1))
+        {
+            continue;
+        }
+        taken.extend(members().copied());
+        concats.push(Concat {
+            step,
+            output: *output,
+            inputs,
+        });
+    }
+    concats
 }
 
 /// Runs a node whose inputs are all constants once, at load, when its results fit in what is

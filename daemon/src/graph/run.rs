@@ -8,7 +8,7 @@ use super::{
     axis,
     compiled::{Plan, ScanSpec, Step, Work},
     copy,
-    memory::ShapeKey,
+    memory::{Concat, RunArena, ShapeKey},
     sequence::{self, Slot},
     GraphError,
 };
@@ -300,6 +300,10 @@ fn run_with(
         owned: vec![false; plan.slots],
         control,
     };
+    // Which of the plan's concatenations had every input as one contiguous run of the output
+    // (recorded with the sizes, for the pattern to place them in place).
+    let concats = plan.memory.concats();
+    let mut contiguous = vec![false; if sizes.is_empty() { 0 } else { concats.len() }];
     for (s, t) in &plan.constants {
         if let Some(place) = values.slots.get_mut(*s) {
             *place = Some(Slot::Tensor(t.clone()));
@@ -323,15 +327,37 @@ fn run_with(
                 .map(|s| s.and_then(|s| values.get(s)))
                 .collect()
         };
+        let in_place = arena.as_ref().and_then(|a| Some((a, a.in_place(index)?)));
+        // The inputs made end to end inside the output's range: the output is that range,
+        // nothing to copy.
+        let assembled = match (&step.work, in_place) {
+            (Work::Kernel(_), Some((a, c))) => assembled(a, c, step, &values),
+            _ => None,
+        };
         let outs: Vec<Slot> = match &step.work {
+            _ if assembled.is_some() => {
+                plan.memory.assembled_one();
+                assembled.into_iter().collect()
+            }
             Work::Kernel(bound) => {
                 let views = kernel_inputs(step, &values)?;
-                let planned = arena.as_ref().map_or_else(Vec::new, |a| {
-                    step.outputs
+                // A concatenation placed in place whose inputs are not where the plan put
+                // them copies into memory of its own: its planned range holds its inputs.
+                let planned = match arena.as_ref() {
+                    Some(a) if in_place.is_none() => step
+                        .outputs
                         .iter()
                         .map(|s| s.and_then(|s| a.place(s)))
-                        .collect()
-                });
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                if !sizes.is_empty() {
+                    if let Some(g) = concats.iter().position(|c| c.step == index) {
+                        if let Some(c) = contiguous.get_mut(g) {
+                            *c = contiguous_pieces(step, &views);
+                        }
+                    }
+                }
                 run_kernel_step(step, bound, &views, &plan.snapshot, control, planned)?
                     .into_iter()
                     .map(Slot::Tensor)
@@ -411,7 +437,7 @@ fn run_with(
         })
         .collect::<Result<Vec<_>, _>>()?;
     if !sizes.is_empty() {
-        plan.memory.learn(key, &sizes);
+        plan.memory.learn(key, &sizes, &contiguous);
     }
     Ok(outputs)
 }
@@ -450,6 +476,74 @@ fn run_kernel_step(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Whether a `Concat` step's inputs are each one contiguous run of its output: host tensors of
+/// one (non-string) type with nothing but ones before the axis.
+fn contiguous_pieces(step: &Step, inputs: &[TensorView<'_>]) -> bool {
+    let Some(axis) = step.concat_axis else {
+        return false;
+    };
+    let dtype = inputs.first().map(|v| v.dtype);
+    !inputs.is_empty()
+        && inputs.iter().all(|v| {
+            let rank = v.shape().len() as i64;
+            let ax = if axis < 0 { axis + rank } else { axis };
+            Some(v.dtype) == dtype
+                && v.dtype != DType::String
+                && v.device.host_accessible()
+                && usize::try_from(ax)
+                    .ok()
+                    .and_then(|ax| v.shape().get(..ax).filter(|_| ax < v.shape().len()))
+                    .is_some_and(|before| before.iter().all(|&d| d == 1))
+        })
+}
+
+/// Concatenation `c`'s output when its inputs lie end to end in the output's planned range,
+/// as the pattern placed them: each input a host tensor at its planned address, of one type,
+/// nothing but ones before the axis and the same extents after it, their bytes adding up to
+/// the output's range. `None` (the kernel runs) for anything else: an input a kernel returned
+/// from elsewhere, shapes the kernel should judge.
+fn assembled(arena: &RunArena, c: &Concat, step: &Step, values: &Values<'_>) -> Option<Slot> {
+    let out = arena.place(c.output)?;
+    let mut at = out.ptr.as_ptr() as usize;
+    let mut views = Vec::with_capacity(c.inputs.len());
+    let mut shape: Option<Vec<usize>> = None;
+    for &s in &c.inputs {
+        let (Some(p), Some(Slot::Tensor(t))) = (arena.place(s), values.slot(s)) else {
+            return None;
+        };
+        if !t.on_host() || t.bytes().as_ptr() as usize != at || p.ptr.as_ptr() as usize != at {
+            return None;
+        }
+        at += t.byte_len();
+        views.push(t.view());
+        let rank = t.shape().len() as i64;
+        let axis = step.concat_axis?;
+        let ax = usize::try_from(if axis < 0 { axis + rank } else { axis }).ok()?;
+        match shape.as_mut() {
+            None => shape = Some(t.shape().to_vec()),
+            Some(sh) => {
+                let same = sh.len() == t.shape().len()
+                    && sh
+                        .iter()
+                        .zip(t.shape())
+                        .enumerate()
+                        .all(|(i, (a, b))| i == ax || a == b);
+                let grown = sh.get(ax)?.checked_add(*t.shape().get(ax)?)?;
+                if !same {
+                    return None;
+                }
+                *sh.get_mut(ax)? = grown;
+            }
+        }
+    }
+    if at != out.ptr.as_ptr() as usize + out.len || !contiguous_pieces(step, &views) {
+        return None;
+    }
+    let dtype = views.first()?.dtype;
+    let t = HostTensor::over_planned(dtype, &shape?, &out).ok()?;
+    Some(Slot::Tensor(Arc::new(t)))
 }
 
 /// A kernel step's inputs as views of the tensors the value table holds (absent optional
