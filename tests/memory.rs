@@ -7,6 +7,54 @@ use opreg_tests::onnx::*;
 use opregd::{exec::ComputePool, graph, registry::Registry};
 use std::{collections::HashMap, sync::Arc};
 
+/// A model compiled with the shipped plugins, run on a two-thread pool.
+struct Compiled {
+    pool: ComputePool,
+    plan: graph::Plan,
+    // Holds the registry's staged plugin copies for the plan's life.
+    _stage: tempfile::TempDir,
+}
+
+impl Compiled {
+    fn new(model: &[u8]) -> Self {
+        let stage = tempfile::tempdir().expect("tempdir");
+        let registry = Registry::new(stage.path().join("stage"), Default::default());
+        for (p, r) in registry.load_all(&[
+            opreg_tests::plugin("onnx_ops"),
+            opreg_tests::plugin("blas_cpu"),
+        ]) {
+            r.unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        }
+        let pool = ComputePool::new(2).expect("pool");
+        let model = graph::import(model, None).expect("import");
+        let plan = pool
+            .install(|| graph::compile(&model, registry.snapshot(), &[Device::CPU], usize::MAX))
+            .expect("compile");
+        Compiled {
+            pool,
+            plan,
+            _stage: stage,
+        }
+    }
+
+    /// Runs with `x` of shape `[batch, 4, 8, 8]` (values cycling with `period`); each output's
+    /// name, shape and bytes.
+    fn run(&self, batch: usize, period: usize) -> Vec<(String, Vec<usize>, Vec<u8>)> {
+        let x: Vec<f32> = (0..batch * 256)
+            .map(|i| ((i % period) as f32 - (period / 2) as f32) / 7.0)
+            .collect();
+        let x = HostTensor::from_vec(&[batch, 4, 8, 8], &x).expect("x");
+        let feeds: HashMap<String, Arc<HostTensor>> = [("x".to_string(), Arc::new(x))].into();
+        let out = self
+            .pool
+            .install(|| graph::run(&self.plan, feeds))
+            .expect("run");
+        out.iter()
+            .map(|(name, t)| (name.clone(), t.shape().to_vec(), t.bytes().to_vec()))
+            .collect()
+    }
+}
+
 /// `y = Sigmoid(Conv(Sigmoid(Conv(x)))) + Sigmoid(Conv(x))` with a symbolic batch (Sigmoid: no
 /// fusion joins it to the Conv, so four values are planned).
 fn residual_cnn() -> Vec<u8> {
@@ -34,28 +82,8 @@ fn residual_cnn() -> Vec<u8> {
 
 #[test]
 fn later_runs_place_values_in_one_reused_arena_with_the_same_results() {
-    let stage = tempfile::tempdir().expect("tempdir");
-    let registry = Registry::new(stage.path().join("stage"), Default::default());
-    for (p, r) in registry.load_all(&[
-        opreg_tests::plugin("onnx_ops"),
-        opreg_tests::plugin("blas_cpu"),
-    ]) {
-        r.unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    }
-    let pool = ComputePool::new(2).expect("pool");
-    let model = graph::import(&residual_cnn(), None).expect("import");
-    let plan = pool
-        .install(|| graph::compile(&model, registry.snapshot(), &[Device::CPU], usize::MAX))
-        .expect("compile");
-    let run = |batch: usize| {
-        let x: Vec<f32> = (0..batch * 256)
-            .map(|i| ((i % 23) as f32 - 11.0) / 7.0)
-            .collect();
-        let x = HostTensor::from_vec(&[batch, 4, 8, 8], &x).expect("x");
-        let feeds: HashMap<String, Arc<HostTensor>> = [("x".to_string(), Arc::new(x))].into();
-        let out = pool.install(|| graph::run(&plan, feeds)).expect("run");
-        out[0].1.bytes().to_vec()
-    };
+    let model = Compiled::new(&residual_cnn());
+    let run = |batch: usize| model.run(batch, 23);
     for batch in [1, 2] {
         // The first run with these shapes: heap allocations, sizes learnt.
         let first = run(batch);
@@ -63,7 +91,7 @@ fn later_runs_place_values_in_one_reused_arena_with_the_same_results() {
             assert_eq!(run(batch), first, "an arena run differs (batch {batch})");
         }
     }
-    let stats = plan.memory.stats();
+    let stats = model.plan.memory.stats();
     assert_eq!(stats.patterns, 2, "{stats:?}");
     // Sequential runs reuse the one arena of each pattern.
     assert_eq!(stats.arenas_allocated, 2, "{stats:?}");
@@ -114,30 +142,8 @@ fn concats() -> Vec<u8> {
 
 #[test]
 fn a_batch_one_concat_is_assembled_in_place_with_the_same_results() {
-    let stage = tempfile::tempdir().expect("tempdir");
-    let registry = Registry::new(stage.path().join("stage"), Default::default());
-    for (p, r) in registry.load_all(&[
-        opreg_tests::plugin("onnx_ops"),
-        opreg_tests::plugin("blas_cpu"),
-    ]) {
-        r.unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    }
-    let pool = ComputePool::new(2).expect("pool");
-    let model = graph::import(&concats(), None).expect("import");
-    let plan = pool
-        .install(|| graph::compile(&model, registry.snapshot(), &[Device::CPU], usize::MAX))
-        .expect("compile");
-    let run = |batch: usize| {
-        let x: Vec<f32> = (0..batch * 256)
-            .map(|i| ((i % 31) as f32 - 15.0) / 9.0)
-            .collect();
-        let x = HostTensor::from_vec(&[batch, 4, 8, 8], &x).expect("x");
-        let feeds: HashMap<String, Arc<HostTensor>> = [("x".to_string(), Arc::new(x))].into();
-        let out = pool.install(|| graph::run(&plan, feeds)).expect("run");
-        out.iter()
-            .map(|(name, t)| (name.clone(), t.shape().to_vec(), t.bytes().to_vec()))
-            .collect::<Vec<_>>()
-    };
+    let model = Compiled::new(&concats());
+    let run = |batch: usize| model.run(batch, 31);
     // Batch 1: each input of `c` is one run of its output, and only `c` reads them; batch 2:
     // the images interleave the inputs, so the concat copies.
     for batch in [1, 2] {
@@ -147,9 +153,13 @@ fn a_batch_one_concat_is_assembled_in_place_with_the_same_results() {
             assert_eq!(run(batch), first, "an arena run differs (batch {batch})");
         }
         // The three arena runs at batch 1 skipped `c`'s copy; those at batch 2 none.
-        assert_eq!(plan.memory.stats().concats_assembled, 3, "batch {batch}");
+        assert_eq!(
+            model.plan.memory.stats().concats_assembled,
+            3,
+            "batch {batch}"
+        );
     }
-    let stats = plan.memory.stats();
+    let stats = model.plan.memory.stats();
     assert_eq!(stats.patterns, 2, "{stats:?}");
     assert_eq!(
         stats.concats_in_place, 1,

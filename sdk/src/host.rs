@@ -110,27 +110,8 @@ impl AlignedBuf {
         })
     }
 
-    /// `planned`'s range, borrowed from its owner: zeroed (as every fresh output is) when
-    /// `zero`, else holding what its last user left there (initialised bytes; poisoned with
-    /// 0xFF in debug builds, so that a kernel which promised to overwrite an output and left
-    /// part of it shows).
-    fn planned(planned: &PlannedBuf, zero: bool) -> Self {
-        let fill = if zero {
-            Some(0)
-        } else {
-            cfg!(debug_assertions).then_some(0xFF)
-        };
-        if let Some(byte) = fill {
-            // SAFETY: `planned` describes `len` writable bytes that stay valid while `keep` is
-            // held, and the plan hands each range to one output at a time.
-            unsafe { std::ptr::write_bytes(planned.ptr.as_ptr(), byte, planned.len) };
-        }
-        Self::planned_as_is(planned)
-    }
-
-    /// `planned`'s range holding the bytes already there (neither zeroed nor poisoned): a
-    /// value the host assembled in it.
-    fn planned_as_is(planned: &PlannedBuf) -> Self {
+    /// `planned`'s range, borrowed from its owner (held by `keep`), holding the bytes already there.
+    fn planned(planned: &PlannedBuf) -> Self {
         AlignedBuf {
             ptr: planned.ptr,
             len: planned.len,
@@ -259,24 +240,26 @@ impl HostTensor {
         Ok(t)
     }
 
-    /// A zeroed tensor in `planned`'s range, which must be exactly its size (not for
-    /// `String`).
+    /// A fresh output in `planned`'s range, which must be exactly its size (not for `String`):
+    /// zeroed (as every fresh output is) when `zero`, else holding what its last user left
+    /// there (initialised bytes; poisoned with 0xFF in debug builds, so that a kernel which
+    /// promised to overwrite an output and left part of it shows).
     fn in_planned(
         dtype: DType,
         shape: &[usize],
         planned: &PlannedBuf,
         zero: bool,
     ) -> Result<Self, PluginError> {
-        if dtype == DType::String || byte_size(dtype, shape)? != planned.len {
-            return Err(PluginError::internal("planned output of another size"));
+        let mut tensor = Self::over_planned(dtype, shape, planned)?;
+        let fill = if zero {
+            Some(0)
+        } else {
+            cfg!(debug_assertions).then_some(0xFF)
+        };
+        if let Some(byte) = fill {
+            tensor.buf.as_mut_slice().fill(byte);
         }
-        Ok(HostTensor {
-            dtype,
-            shape: Dims::from_slice(shape),
-            strides: strides_of(shape),
-            buf: AlignedBuf::planned(planned, zero),
-            device: None,
-        })
+        Ok(tensor)
     }
 
     /// A tensor over `planned`'s range as it is (not zeroed), which must be exactly its size
@@ -294,7 +277,7 @@ impl HostTensor {
             dtype,
             shape: Dims::from_slice(shape),
             strides: strides_of(shape),
-            buf: AlignedBuf::planned_as_is(planned),
+            buf: AlignedBuf::planned(planned),
             device: None,
         })
     }
