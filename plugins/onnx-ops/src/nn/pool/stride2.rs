@@ -1,7 +1,7 @@
 //! 2-D f32 MaxPool without indices whose windows step 2 columns and span 2 or 3 (the 3x3/2
 //! pools of ResNet and SqueezeNet, the 2x2/2 of VGG-style nets), in AVX-512: each output row
-//! 16 outputs at a time, every row of their windows split into even and odd columns with one
-//! permute per 16 outputs and folded into the maxima in registers.
+//! 16 outputs at a time, their windows' rows folded into maxima per input column as loaded,
+//! then split into even and odd columns (3 permutes per 16 outputs) and folded across.
 //!
 //! The separable loop ([`super::separable`]) makes two passes through a scratch of input rows
 //! x output columns (50 KiB per 112x112 plane, past L1) with short loops per 56-wide row:
@@ -11,8 +11,10 @@
 //!
 //! NaN as the direct loop: a window's first tap starts the maximum (a NaN there stays) and a
 //! later tap replaces it only when greater. `maxps(v, m)` is `v > m ? v : m` (a NaN `v` leaves
-//! `m`, a NaN `m` stays), so the maxima start from the first row's even columns, the first
-//! taps, and fold every other tap in with `v` first.
+//! `m`, a NaN `m` stays): the folds start from -inf, so they skip NaN taps, and a NaN first
+//! tap is put back at the end. Ties keep the earlier operand, but the rows are folded before
+//! the columns: a window whose largest taps are 0.0 and -0.0 in different rows may give either
+//! zero (the direct loop gives the first in row-major order).
 
 use super::separable::Separable;
 
@@ -125,26 +127,44 @@ unsafe fn interior(xp: &[f32], rows: &[usize], c0: usize, three: bool, out: &mut
         0
     };
     let starts = &starts[..rows.len().min(starts.len())];
+    // Each window row's taps at the 32 (34) columns of 16 outputs are folded down the rows as
+    // loaded, and split into even and odd columns once per 16 outputs: 3 permutes, where
+    // splitting every row's vectors took 3 per window row (9 for a 3x3 window). The row
+    // folds start from -inf and skip NaN taps; a NaN first tap (row 0, column `c0 + 2i`) is
+    // put back at the end.
+    let neg = _mm512_set1_ps(f32::NEG_INFINITY);
     for i in (0..whole).step_by(16) {
         let p = 2 * i;
-        let mut m = _mm512_setzero_ps();
+        let (mut va, mut vb, mut vc, mut vd) = (neg, neg, neg, neg);
+        let (mut a0, mut b0) = (neg, neg);
         for (k, &x) in starts.iter().enumerate() {
             // SAFETY: `p + 34 <= span` (another 16 outputs follow: `2 * (i + 16) + 2 <=
             // span`) or, when `whole` covers the last vector, `p + 34 <= last_end`: every
             // load lies in the row's checked floats.
             unsafe {
                 let (a, b) = (_mm512_loadu_ps(x.add(p)), _mm512_loadu_ps(x.add(p + 16)));
-                let e = _mm512_permutex2var_ps(a, even, b);
-                m = if k == 0 { e } else { _mm512_max_ps(e, m) };
-                m = _mm512_max_ps(_mm512_permutex2var_ps(a, odd, b), m);
+                if k == 0 {
+                    (a0, b0) = (a, b);
+                }
+                va = _mm512_max_ps(a, va);
+                vb = _mm512_max_ps(b, vb);
                 if three {
-                    let (a2, b2) = (
-                        _mm512_loadu_ps(x.add(p + 2)),
-                        _mm512_loadu_ps(x.add(p + 18)),
-                    );
-                    m = _mm512_max_ps(_mm512_permutex2var_ps(a2, even, b2), m);
+                    vc = _mm512_max_ps(_mm512_loadu_ps(x.add(p + 2)), vc);
+                    vd = _mm512_max_ps(_mm512_loadu_ps(x.add(p + 18)), vd);
                 }
             }
+        }
+        let mut m = _mm512_max_ps(
+            _mm512_permutex2var_ps(va, odd, vb),
+            _mm512_permutex2var_ps(va, even, vb),
+        );
+        if three {
+            m = _mm512_max_ps(_mm512_permutex2var_ps(vc, even, vd), m);
+        }
+        // Any NaN among row 0's 32 columns (unordered: either operand NaN).
+        if _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(a0, b0) != 0 {
+            let first = _mm512_permutex2var_ps(a0, even, b0);
+            m = _mm512_mask_mov_ps(m, _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(first, first), first);
         }
         if i + 16 <= n {
             // SAFETY: outputs `i..i + 16` lie in `out`.
