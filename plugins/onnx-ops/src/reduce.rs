@@ -868,6 +868,9 @@ struct TopK {
     attr_k: Option<i64>,
 }
 
+/// TopK's `k` up to which one pass keeps the best in order (see `TopK::run`).
+const SCAN_K: usize = 64;
+
 fn topk_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
     let attr_k = if node.opset < 10 {
         Some(node.int_or("k", -1)?)
@@ -939,16 +942,58 @@ impl TopK {
         let vals = crate::nn::Disjoint::new(values);
         let idxs = crate::nn::Disjoint::new(indices);
         ctx.parallel_for(outer * inner, (4096 / n).max(1), |range| {
-            let mut lane: Vec<(T::Wide, usize)> = try_with_capacity(n)?;
+            let scan = k <= SCAN_K && k.saturating_mul(8) <= n;
+            let mut lane: Vec<(T::Wide, usize)> = try_with_capacity(if scan { k + 1 } else { n })?;
             for l in range {
                 let (o, i) = (l / inner, l % inner);
                 lane.clear();
-                lane.extend((0..n).map(|j| (x[(o * n + j) * inner + i].widen(), j)));
-                if k < n {
-                    lane.select_nth_unstable_by(k - 1, order);
-                    lane.truncate(k);
+                let at = |j: usize| x[(o * n + j) * inner + i].widen();
+                if scan {
+                    // A few of many (a classifier's top 5 of 1000-30000 scores): one pass
+                    // keeping the best k in order; a value past the k-th's is turned away by
+                    // one comparison (a NaN, the largest of all, is not, nor a tie, which
+                    // the order decides by index). Selecting over the whole lane took 40x
+                    // ONNX Runtime's time (64 rows of 30000).
+                    let mut j = 0;
+                    while j < n {
+                        // A contiguous lane (the last axis) is turned away 16 values at a
+                        // time while none of them can enter (one vector compare).
+                        if inner == 1 && lane.len() == k && j + 16 <= n {
+                            let t = lane[k - 1].0;
+                            let run = &x[o * n + j..][..16];
+                            let any = run.iter().fold(false, |a, &v| {
+                                let v = v.widen();
+                                a | !(if largest { v < t } else { v > t })
+                            });
+                            if !any {
+                                j += 16;
+                                continue;
+                            }
+                        }
+                        let (i_v, v) = (j, at(j));
+                        j += 1;
+                        if lane.len() == k {
+                            let worst = lane[k - 1];
+                            if (largest && v < worst.0) || (!largest && v > worst.0) {
+                                continue;
+                            }
+                            if order(&(v, i_v), &worst) != std::cmp::Ordering::Less {
+                                continue;
+                            }
+                            lane.pop();
+                        }
+                        let pos = lane
+                            .partition_point(|e| order(e, &(v, i_v)) == std::cmp::Ordering::Less);
+                        lane.insert(pos, (v, i_v));
+                    }
+                } else {
+                    lane.extend((0..n).map(|j| (at(j), j)));
+                    if k < n {
+                        lane.select_nth_unstable_by(k - 1, order);
+                        lane.truncate(k);
+                    }
+                    lane.sort_unstable_by(order);
                 }
-                lane.sort_unstable_by(order);
                 for (j, &(v, at)) in lane.iter().enumerate() {
                     let pos = (o * k + j) * inner + i;
                     // SAFETY: each lane writes its own positions only.
@@ -1679,6 +1724,68 @@ mod tests {
         )
         .expect_err("k too large");
         assert!(err.message.contains("K = 9"), "{}", err.message);
+    }
+}
+
+#[cfg(test)]
+mod topk_scan_tests {
+    use super::*;
+    use opreg_sdk::{
+        host::HostTensor,
+        testkit::{run_kernel, NodeSpec},
+    };
+
+    /// A few of many (one pass keeping the best k) equals a whole sort by value, NaN as the
+    /// largest, ties by index: k of 1, 5 and 64 from rows of 1000 with repeated values and
+    /// NaN, largest and smallest, along the last axis and along the first (strided lanes).
+    #[test]
+    fn top_few_of_many_equal_a_whole_sort() {
+        let (rows, n) = (3usize, 1000usize);
+        let mut x: Vec<f32> = (0..rows * n)
+            .map(|i| ((i * 7919) % 211) as f32 - 100.0)
+            .collect();
+        for i in (17..x.len()).step_by(97) {
+            x[i] = f32::NAN;
+        }
+        let key = |v: f32| if v.is_nan() { f32::INFINITY } else { v };
+        for (shape, axis) in [([rows, n], 1i64), ([n, rows], 0)] {
+            let data: Vec<f32> = if axis == 1 {
+                x.clone()
+            } else {
+                (0..n * rows)
+                    .map(|p| x[(p % rows) * n + p / rows])
+                    .collect()
+            };
+            let tx = HostTensor::from_vec(&shape, &data).expect("x");
+            for k in [1usize, 5, 64] {
+                for largest in [1i64, 0] {
+                    let kt = HostTensor::from_vec(&[1], &[k as i64]).expect("k");
+                    let node = NodeSpec::onnx("TopK", 11)
+                        .attr("axis", AttrValue::Int(axis))
+                        .attr("largest", AttrValue::Int(largest))
+                        .outputs(2);
+                    let out = run_kernel(topk_factory, &node, &[&tx, &kt], None).expect("run");
+                    let (vals, idx) = (
+                        out[0].to_vec::<f32>().expect("v"),
+                        out[1].to_vec::<i64>().expect("i"),
+                    );
+                    for r in 0..rows {
+                        let mut lane: Vec<(f32, usize)> =
+                            (0..n).map(|j| (x[r * n + j], j)).collect();
+                        lane.sort_by(|a, b| {
+                            let c = key(a.0).total_cmp(&key(b.0));
+                            let c = if largest == 1 { c.reverse() } else { c };
+                            c.then(a.1.cmp(&b.1))
+                        });
+                        let at = |j: usize| if axis == 1 { r * k + j } else { j * rows + r };
+                        for (j, &(v, i)) in lane.iter().take(k).enumerate() {
+                            assert_eq!(idx[at(j)], i as i64, "k {k} largest {largest} axis {axis}");
+                            assert_eq!(vals[at(j)].to_bits(), v.to_bits());
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 

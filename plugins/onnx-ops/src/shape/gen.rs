@@ -107,6 +107,22 @@ impl Kernel for Size {
 // Constant / ConstantOfShape
 
 /// Writes `t` as output 0 (with `shape`, repeating its single element when `repeat`).
+/// `dst` as copies of `one` end to end (`dst.len()` a multiple of it): the first copied, then
+/// the filled part doubled. A copy per element (a `memcpy` call each, the size known only at
+/// run time) took 2.4 ms for 1.6 M floats against ONNX Runtime's 0.1.
+fn fill_repeating(dst: &mut [u8], one: &[u8]) {
+    let Some(first) = dst.get_mut(..one.len()).filter(|_| !one.is_empty()) else {
+        return;
+    };
+    first.copy_from_slice(one);
+    let mut filled = one.len();
+    while filled < dst.len() {
+        let n = filled.min(dst.len() - filled);
+        dst.copy_within(..n, filled);
+        filled += n;
+    }
+}
+
 fn write_owned(
     ctx: &KernelContext<'_>,
     t: &OwnedTensor,
@@ -135,9 +151,7 @@ fn write_owned(
         let one = t.data.get(..size).ok_or_else(|| {
             PluginError::invalid("ConstantOfShape: attribute 'value' holds no element")
         })?;
-        for c in dst.chunks_exact_mut(size) {
-            c.copy_from_slice(one);
-        }
+        fill_repeating(dst, one);
     } else if dst.len() == t.data.len() {
         dst.copy_from_slice(&t.data);
     } else {
@@ -545,5 +559,25 @@ mod range_half_tests {
     #[test]
     fn range_official_cases() {
         crate::testcases::run_cases(&["test_range_"], factory);
+    }
+}
+
+#[cfg(test)]
+mod fill_tests {
+    use super::fill_repeating;
+
+    /// Copies end to end for counts around the doublings (1, 2, 3, 7, 8, 1000) and element
+    /// sizes 1, 4 and 8; nothing written into an empty destination.
+    #[test]
+    fn fill_repeating_writes_every_copy() {
+        for one in [&[7u8][..], &[1, 2, 3, 4], &[9, 8, 7, 6, 5, 4, 3, 2]] {
+            for count in [0usize, 1, 2, 3, 7, 8, 1000] {
+                let mut dst = vec![0u8; one.len() * count];
+                fill_repeating(&mut dst, one);
+                let want: Vec<u8> = one.iter().copied().cycle().take(dst.len()).collect();
+                assert_eq!(dst, want, "{one:?} x {count}");
+            }
+        }
+        fill_repeating(&mut [0u8; 4], &[]);
     }
 }

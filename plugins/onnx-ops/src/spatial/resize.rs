@@ -505,6 +505,9 @@ impl Resize {
             .collect::<Result<_, _>>()?;
         let extrapolation = T::from_f64(self.extrapolation);
         let rank = out_shape.len();
+        if rank > 0 {
+            return by_rows(ctx, x, &taps, &out_shape, extrapolation, y);
+        }
         ctx.parallel_chunks(y, 1024, |start, chunk| {
             let mut coords = vec![0usize; rank];
             for (i, out) in chunk.iter_mut().enumerate() {
@@ -520,6 +523,135 @@ impl Resize {
                 };
             }
         })
+    }
+}
+
+/// The resize of `x` into `y` (`out_shape`, rank 1 or more) one output row (last axis) at a
+/// time: each level of [`gather`]'s recursion over the leading axes combines whole rows of
+/// sums, and the last axis's taps fill a row. The same operations per element as `gather`, in
+/// its order (the results are bit for bit the same), but the coordinates, the tap ranges and
+/// the recursion are worked out once per row instead of once per element: upsampling
+/// 8x64x28x28 by 2 took 18-21 ms against ONNX Runtime's 0.5-0.9.
+fn by_rows<T: Scalar>(
+    ctx: &KernelContext<'_>,
+    x: &[T],
+    taps: &[Taps],
+    out_shape: &[usize],
+    extrapolation: T,
+    y: &mut [T],
+) -> Result<(), PluginError> {
+    let rank = out_shape.len();
+    let out_w = out_shape[rank - 1];
+    if out_w == 0 {
+        return Ok(());
+    }
+    let rows = y.len() / out_w;
+    let grain = (4096 / out_w).max(1);
+    let yd = crate::nn::Disjoint::new(y);
+    // Nearest: one tap of weight 1 per coordinate on every axis (an empty list outside the
+    // crop), so each output is a copy of one input element, taken as it is (no round trip
+    // through f64, which turned -0.0 into 0.0 and rounded 64-bit integers past 2^53).
+    let copies = taps.iter().all(|t| {
+        t.start.windows(2).all(|w| w[1] - w[0] <= 1) && t.weight.iter().all(|&w| w == 1.0)
+    });
+    if copies {
+        let last = &taps[rank - 1];
+        return ctx.parallel_for(rows, grain, |range| {
+            for row in range {
+                let (mut lin, mut base, mut outside) = (row, 0usize, false);
+                for (d, t) in taps[..rank - 1].iter().enumerate().rev() {
+                    let c = lin % out_shape[d];
+                    lin /= out_shape[d];
+                    match t.offset.get(t.start[c]) {
+                        Some(&o) if t.start[c + 1] > t.start[c] => base += o,
+                        _ => outside = true,
+                    }
+                }
+                // SAFETY: row `row` of y is written by this task only.
+                let out = unsafe { yd.part(row * out_w, out_w) };
+                if outside {
+                    out.fill(extrapolation);
+                    continue;
+                }
+                for (ow, o) in out.iter_mut().enumerate() {
+                    let (from, to) = (last.start[ow], last.start[ow + 1]);
+                    *o = if to > from {
+                        x[base + last.offset[from]]
+                    } else {
+                        extrapolation
+                    };
+                }
+            }
+            Ok(())
+        });
+    }
+    ctx.parallel_for(rows, grain, |range| {
+        // One row of sums per level of the recursion.
+        let mut levels = (0..rank)
+            .map(|_| try_vec(out_w, 0.0f64))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut coords = vec![0usize; rank];
+        for row in range {
+            let mut lin = row;
+            for d in (0..rank - 1).rev() {
+                coords[d] = lin % out_shape[d];
+                lin /= out_shape[d];
+            }
+            // SAFETY: row `row` of y is written by this task only.
+            let out = unsafe { yd.part(row * out_w, out_w) };
+            if taps[..rank - 1]
+                .iter()
+                .zip(&coords)
+                .any(|(t, &c)| t.outside[c])
+            {
+                out.fill(extrapolation);
+                continue;
+            }
+            row_sums(x, taps, &coords, 0, 0, &mut levels);
+            let last = &taps[rank - 1];
+            for ((o, &v), &outside) in out.iter_mut().zip(&levels[0]).zip(&last.outside) {
+                *o = if outside {
+                    extrapolation
+                } else {
+                    T::from_f64(v)
+                };
+            }
+        }
+        Ok(())
+    })
+}
+
+/// [`gather`] over axes `d..` for every output coordinate of the last axis at once, into
+/// `levels[0]` (`levels[1..]` hold the deeper axes' rows).
+fn row_sums<T: Scalar>(
+    x: &[T],
+    taps: &[Taps],
+    coords: &[usize],
+    d: usize,
+    base: usize,
+    levels: &mut [Vec<f64>],
+) {
+    let Some((this, deeper)) = levels.split_first_mut() else {
+        return;
+    };
+    let t = &taps[d];
+    if d + 1 == taps.len() {
+        for (ow, s) in this.iter_mut().enumerate() {
+            let mut sum = 0.0;
+            for k in t.start[ow]..t.start[ow + 1] {
+                sum += t.weight[k] * x[base + t.offset[k]].to_f64();
+            }
+            *s = sum;
+        }
+        return;
+    }
+    this.fill(0.0);
+    for k in t.start[coords[d]]..t.start[coords[d] + 1] {
+        row_sums(x, taps, coords, d + 1, base + t.offset[k], deeper);
+        let w = t.weight[k];
+        for (s, &c) in this.iter_mut().zip(&deeper[0]) {
+            *s += w * c;
+        }
     }
 }
 
