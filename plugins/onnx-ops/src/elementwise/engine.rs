@@ -190,21 +190,52 @@ pub fn zip3<A: Element, B: Element, C: Element, O: Element>(
     ctx.parallel_chunks(y, GRAIN, |start, out| {
         plan.runs(start, out.len(), |pos, [oa, ob, oc], n| {
             let o = &mut out[pos..pos + n];
-            if (sa, sb, sc) == (1, 1, 1) {
-                let ins = xa[oa..oa + n]
-                    .iter()
-                    .zip(&xb[ob..ob + n])
-                    .zip(&xc[oc..oc + n]);
-                for (o, ((&a, &b), &c)) in o.iter_mut().zip(ins) {
-                    *o = f(a, b, c);
-                }
-            } else {
-                for (k, o) in o.iter_mut().enumerate() {
-                    *o = f(xa[oa + k * sa], xb[ob + k * sb], xc[oc + k * sc]);
+            // Each operand a run of n values (stride 1) or one value repeated (stride 0, a
+            // broadcast scalar or row): a loop per combination, which vectorizes; indexing
+            // with the strides did not (Where(x > 0, x, 0): 6x ONNX Runtime's time).
+            macro_rules! src {
+                ($x:ident, $o:ident, 1) => {
+                    $x[$o..$o + n].iter().copied()
+                };
+                ($x:ident, $o:ident, 0) => {
+                    std::iter::repeat($x[$o]).take(n)
+                };
+            }
+            macro_rules! fill {
+                ($a:tt, $b:tt, $c:tt) => {
+                    fill3(o, src!(xa, oa, $a), src!(xb, ob, $b), src!(xc, oc, $c), &f)
+                };
+            }
+            match (sa, sb, sc) {
+                (1, 1, 1) => fill!(1, 1, 1),
+                (1, 1, 0) => fill!(1, 1, 0),
+                (1, 0, 1) => fill!(1, 0, 1),
+                (0, 1, 1) => fill!(0, 1, 1),
+                (1, 0, 0) => fill!(1, 0, 0),
+                (0, 1, 0) => fill!(0, 1, 0),
+                (0, 0, 1) => fill!(0, 0, 1),
+                _ => {
+                    for (k, o) in o.iter_mut().enumerate() {
+                        *o = f(xa[oa + k * sa], xb[ob + k * sb], xc[oc + k * sc]);
+                    }
                 }
             }
         })
     })
+}
+
+/// `o[k] = f(a_k, b_k, c_k)` over three sources of at least `o.len()` values each.
+#[inline(always)]
+fn fill3<A, B, C, O>(
+    o: &mut [O],
+    a: impl Iterator<Item = A>,
+    b: impl Iterator<Item = B>,
+    c: impl Iterator<Item = C>,
+    f: &impl Fn(A, B, C) -> O,
+) {
+    for (o, ((a, b), c)) in o.iter_mut().zip(a.zip(b).zip(c)) {
+        *o = f(a, b, c);
+    }
 }
 
 /// `out = f(out, b)` in place, `b` broadcast to `shape` (the shape of `out`).

@@ -644,6 +644,67 @@ fn where_broadcasts_three_inputs() {
     assert_eq!(run("Where", 16, &[], &[&c2, &bx, &by]).bytes(), &[0, 1, 0]);
 }
 
+/// Each of Where's three operands whole or one repeated value (every combination of
+/// contiguous and broadcast runs, each its own loop) against element-by-element selection;
+/// rows of 100 (past a vector), and a row broadcast along the columns for the strided case.
+#[test]
+fn where_with_each_operand_whole_or_repeated_selects_per_element() {
+    let n = 3 * 100;
+    let cond: Vec<u8> = (0..n).map(|i| ((i * 7) % 3 == 0) as u8).collect();
+    let xs: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let ys: Vec<f32> = (0..n).map(|i| -(i as f32) - 0.5).collect();
+    for mask in 0..8u8 {
+        let whole = |bit: u8| mask & (1 << bit) != 0;
+        let c = if whole(0) {
+            b(&[3, 100], &cond)
+        } else {
+            b(&[1], &[1])
+        };
+        let x = if whole(1) {
+            t(&[3, 100], &xs)
+        } else {
+            t(&[1], &[7.0f32])
+        };
+        let y = if whole(2) {
+            t(&[3, 100], &ys)
+        } else {
+            t(&[], &[-7.0f32])
+        };
+        let got = run("Where", 16, &[], &[&c, &x, &y]);
+        let want: Vec<f32> = (0..n)
+            .map(|i| {
+                let pick = if whole(0) { cond[i] != 0 } else { true };
+                match (pick, whole(1), whole(2)) {
+                    (true, true, _) => xs[i],
+                    (true, false, _) => 7.0,
+                    (false, _, true) => ys[i],
+                    (false, _, false) => -7.0,
+                }
+            })
+            .collect();
+        let want_shape: &[usize] = if mask == 0 { &[1] } else { &[3, 100] };
+        assert_eq!(got.shape(), want_shape, "mask {mask}");
+        let got = f32s(&got);
+        if mask == 0 {
+            assert_eq!(got, vec![7.0]);
+        } else {
+            assert_eq!(got, want, "mask {mask}");
+        }
+    }
+    // A column broadcast along rows: the value changes every row (stride 0 within a run).
+    let col = t(&[3, 1], &[1.0f32, 2.0, 3.0]);
+    let c = b(&[3, 100], &cond);
+    let got = f32s(&run("Where", 16, &[], &[&c, &col, &t(&[3, 100], &ys)]));
+    for (i, g) in got.iter().enumerate() {
+        let want = if cond[i] != 0 {
+            (i / 100 + 1) as f32
+        } else {
+            ys[i]
+        };
+        assert_eq!(*g, want, "{i}");
+    }
+}
+
 #[test]
 fn strings_in_equal_and_where() {
     let a = HostTensor::from_strings(&[2, 2], &[b"ab", b"cd", b"", b"x"]).expect("strings");
