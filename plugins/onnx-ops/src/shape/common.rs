@@ -381,7 +381,9 @@ fn blocked_copy<T: Elem>(
             let out = &mut chunk[g * cols..(g + n) * cols];
             for j0 in (0..cols).step_by(TILE) {
                 let j1 = (j0 + TILE).min(cols);
-                if bytes::tile(src, out, cols, off, col_stride, n, j0..j1) {
+                if bytes::tile(src, out, cols, off, col_stride, n, j0..j1)
+                    || words::tile(src, out, cols, off, col_stride, n, j0..j1)
+                {
                     continue;
                 }
                 // Gather the tile's source rows (contiguous reads) into a small buffer, then
@@ -401,6 +403,120 @@ fn blocked_copy<T: Elem>(
             g += n;
         }
     })
+}
+
+/// [`blocked_copy`]'s tiles of four-byte elements (f32, i32: NCHW <-> NHWC, attention's head
+/// transposes) in 8 x 8 blocks of AVX register transposes: the element-wise loop (a gather
+/// into a buffer, then a scatter) took 3.4x ONNX Runtime's time on 8x64x56x56 to NHWC.
+mod words {
+    use super::Elem;
+    use std::any::TypeId;
+
+    /// Copies the tile `out[i * cols + j] = src[off + j * col_stride + i]` (`i < n`, `j` in
+    /// `js`) when `T` is four bytes, the CPU has AVX and the tile is whole 8 x 8 blocks inside
+    /// both sides; `false` (nothing written) otherwise.
+    pub(super) fn tile<T: Elem>(
+        src: &[T],
+        out: &mut [T],
+        cols: usize,
+        off: isize,
+        col_stride: isize,
+        n: usize,
+        js: std::ops::Range<usize>,
+    ) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if TypeId::of::<T>() != TypeId::of::<[u8; 4]>()
+                || !n.is_multiple_of(8)
+                || !js.len().is_multiple_of(8)
+                || off < 0
+                || col_stride < 8
+                || !std::arch::is_x86_feature_detected!("avx")
+            {
+                return false;
+            }
+            let (off, stride) = (off as usize, col_stride as usize);
+            // The last element either side touches must lie inside it.
+            let src_end = js
+                .end
+                .checked_sub(1)
+                .and_then(|j| j.checked_mul(stride)?.checked_add(off)?.checked_add(n));
+            let out_end = n
+                .checked_sub(1)
+                .and_then(|i| i.checked_mul(cols)?.checked_add(js.end));
+            if src_end.is_none_or(|e| e > src.len()) || out_end.is_none_or(|e| e > out.len()) {
+                return false;
+            }
+            // SAFETY: T is `[u8; 4]` (four bytes, checked by TypeId), moved as f32 bit patterns
+            // with unaligned loads and stores (no arithmetic: NaN payloads are kept).
+            let (sp, op) = (src.as_ptr().cast::<f32>(), out.as_mut_ptr().cast::<f32>());
+            for i0 in (0..n).step_by(8) {
+                for j0 in js.clone().step_by(8) {
+                    // SAFETY: the block reads `src[off + j * stride + i0 ..][..8]` for
+                    // `j < js.end` and writes `out[i * cols + j0 ..][..8]` for `i < n`: inside
+                    // both (checked above); the CPU has AVX (checked).
+                    unsafe {
+                        transpose8(
+                            sp.add(off + j0 * stride + i0),
+                            stride,
+                            op.add(i0 * cols + j0),
+                            cols,
+                        )
+                    };
+                }
+            }
+            true
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (src, out, cols, off, col_stride, n, js);
+            false
+        }
+    }
+
+    /// `dst[i * dst_stride + k] = src[k * src_stride + i]` for an 8 x 8 block.
+    ///
+    /// # Safety
+    /// The 8 rows of 8 floats at `src + k * src_stride` are readable and those at
+    /// `dst + i * dst_stride` writable; the CPU has AVX.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx")]
+    unsafe fn transpose8(src: *const f32, src_stride: usize, dst: *mut f32, dst_stride: usize) {
+        use std::arch::x86_64::*;
+        // SAFETY: (caller) every row read and written lies inside its slice.
+        unsafe {
+            let r: [__m256; 8] = std::array::from_fn(|k| _mm256_loadu_ps(src.add(k * src_stride)));
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+            let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            let o = [
+                _mm256_permute2f128_ps::<0x20>(u0, u4),
+                _mm256_permute2f128_ps::<0x20>(u1, u5),
+                _mm256_permute2f128_ps::<0x20>(u2, u6),
+                _mm256_permute2f128_ps::<0x20>(u3, u7),
+                _mm256_permute2f128_ps::<0x31>(u0, u4),
+                _mm256_permute2f128_ps::<0x31>(u1, u5),
+                _mm256_permute2f128_ps::<0x31>(u2, u6),
+                _mm256_permute2f128_ps::<0x31>(u3, u7),
+            ];
+            for (i, v) in o.iter().enumerate() {
+                _mm256_storeu_ps(dst.add(i * dst_stride), *v);
+            }
+        }
+    }
 }
 
 /// [`blocked_copy`]'s tiles of one-byte elements (the integer models' layout changes) in

@@ -252,6 +252,73 @@ fn byte_transposes_match_naive() {
     }
 }
 
+/// Four-byte tensors (moved in 8 x 8 blocks of register transposes) both ways between NCHW
+/// and NHWC: whole blocks, planes and channels that are not multiples of 8 or 32 (the element
+/// loop's edges), two images, against the index formula; f32 bit patterns (NaN payloads,
+/// -0.0) come through unchanged.
+#[test]
+fn four_byte_transposes_match_naive() {
+    for (n, c, h, w) in [
+        (1, 96, 16, 32),
+        (2, 48, 9, 37),
+        (1, 64, 8, 8),
+        (1, 20, 7, 7),
+    ] {
+        let len = n * c * h * w;
+        let words: Vec<u32> = (0..len)
+            .map(|i| match i % 97 {
+                3 => 0x7fc0_1234,
+                5 => 0x8000_0000,
+                _ => (i as u32).wrapping_mul(2_654_435_761),
+            })
+            .collect();
+        for (perm, shape) in [([0, 2, 3, 1], [n, c, h, w]), ([0, 3, 1, 2], [n, h, w, c])] {
+            let x = HostTensor::from_vec(&shape, &words).expect("tensor");
+            let out = run1(
+                &NodeSpec::onnx("Transpose", 13).attr("perm", ints(&perm)),
+                &[Some(&x)],
+            );
+            let os: Vec<usize> = perm.iter().map(|&p| shape[p as usize]).collect();
+            assert_eq!(out.shape(), &os[..]);
+            let got = out.to_vec::<u32>().expect("u32");
+            let strides = [
+                shape[1] * shape[2] * shape[3],
+                shape[2] * shape[3],
+                shape[3],
+                1,
+            ];
+            let mut k = 0;
+            for a in 0..os[0] {
+                for b in 0..os[1] {
+                    for cc in 0..os[2] {
+                        for d in 0..os[3] {
+                            let idx = [a, b, cc, d];
+                            let src: usize =
+                                (0..4).map(|q| idx[q] * strides[perm[q] as usize]).sum();
+                            assert_eq!(got[k], words[src], "{shape:?} perm {perm:?} at {idx:?}");
+                            k += 1;
+                        }
+                    }
+                }
+            }
+            // The same bits as f32.
+            let floats: Vec<f32> = words.iter().map(|&b| f32::from_bits(b)).collect();
+            let xf = HostTensor::from_vec(&shape, &floats).expect("tensor");
+            let outf = run1(
+                &NodeSpec::onnx("Transpose", 13).attr("perm", ints(&perm)),
+                &[Some(&xf)],
+            );
+            let bits: Vec<u32> = outf
+                .to_vec::<f32>()
+                .expect("f32")
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            assert_eq!(bits, got, "f32 {shape:?} perm {perm:?}");
+        }
+    }
+}
+
 #[test]
 fn transpose_nchw_to_nhwc_batched() {
     let (n, c, h, w) = (3, 45, 7, 11);
