@@ -405,6 +405,43 @@ fn blocked_copy<T: Elem>(
     })
 }
 
+/// The tile `out[i * cols + j] = src[off + j * col_stride + i]` (`i < n`, `j` in `js`) of
+/// [`bytes`] and [`words`]: `off` and the stride as offsets where the last element it reads
+/// and the last it writes lie inside `src` and `out` (their lengths); `None` otherwise.
+fn tile_inside(
+    (src_len, out_len): (usize, usize),
+    cols: usize,
+    (off, col_stride): (isize, isize),
+    n: usize,
+    js: &std::ops::Range<usize>,
+) -> Option<(usize, usize)> {
+    let (off, stride) = (
+        usize::try_from(off).ok()?,
+        usize::try_from(col_stride).ok()?,
+    );
+    let src_end = (js.end.checked_sub(1)?)
+        .checked_mul(stride)?
+        .checked_add(off)?
+        .checked_add(n)?;
+    let out_end = (n.checked_sub(1)?).checked_mul(cols)?.checked_add(js.end)?;
+    (src_end <= src_len && out_end <= out_len).then_some((off, stride))
+}
+
+/// Calls `block(i0, j0)` for every `b x b` block of a tile of `n` rows and the columns `js`
+/// (both whole multiples of `b`), row blocks outermost.
+fn each_block(
+    n: usize,
+    js: &std::ops::Range<usize>,
+    b: usize,
+    mut block: impl FnMut(usize, usize),
+) {
+    for i0 in (0..n).step_by(b) {
+        for j0 in js.clone().step_by(b) {
+            block(i0, j0);
+        }
+    }
+}
+
 /// [`blocked_copy`]'s tiles of four-byte elements (f32, i32: NCHW <-> NHWC, attention's head
 /// transposes) in 8 x 8 blocks of AVX register transposes: the element-wise loop (a gather
 /// into a buffer, then a scatter) took 3.4x ONNX Runtime's time on 8x64x56x56 to NHWC.
@@ -435,36 +472,27 @@ mod words {
             {
                 return false;
             }
-            let (off, stride) = (off as usize, col_stride as usize);
-            // The last element either side touches must lie inside it.
-            let src_end = js
-                .end
-                .checked_sub(1)
-                .and_then(|j| j.checked_mul(stride)?.checked_add(off)?.checked_add(n));
-            let out_end = n
-                .checked_sub(1)
-                .and_then(|i| i.checked_mul(cols)?.checked_add(js.end));
-            if src_end.is_none_or(|e| e > src.len()) || out_end.is_none_or(|e| e > out.len()) {
+            let Some((off, stride)) =
+                super::tile_inside((src.len(), out.len()), cols, (off, col_stride), n, &js)
+            else {
                 return false;
-            }
+            };
             // SAFETY: T is `[u8; 4]` (four bytes, checked by TypeId), moved as f32 bit patterns
             // with unaligned loads and stores (no arithmetic: NaN payloads are kept).
             let (sp, op) = (src.as_ptr().cast::<f32>(), out.as_mut_ptr().cast::<f32>());
-            for i0 in (0..n).step_by(8) {
-                for j0 in js.clone().step_by(8) {
-                    // SAFETY: the block reads `src[off + j * stride + i0 ..][..8]` for
-                    // `j < js.end` and writes `out[i * cols + j0 ..][..8]` for `i < n`: inside
-                    // both (checked above); the CPU has AVX (checked).
-                    unsafe {
-                        transpose8(
-                            sp.add(off + j0 * stride + i0),
-                            stride,
-                            op.add(i0 * cols + j0),
-                            cols,
-                        )
-                    };
-                }
-            }
+            super::each_block(n, &js, 8, |i0, j0| {
+                // SAFETY: the block reads `src[off + j * stride + i0 ..][..8]` for `j < js.end`
+                // and writes `out[i * cols + j0 ..][..8]` for `i < n`: inside both (checked
+                // above); the CPU has AVX (checked).
+                unsafe {
+                    transpose8(
+                        sp.add(off + j0 * stride + i0),
+                        stride,
+                        op.add(i0 * cols + j0),
+                        cols,
+                    )
+                };
+            });
             true
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -552,18 +580,11 @@ mod bytes {
             {
                 return false;
             }
-            let (off, stride) = (off as usize, col_stride as usize);
-            // The last byte either side touches must lie inside it.
-            let src_end = js
-                .end
-                .checked_sub(1)
-                .and_then(|j| j.checked_mul(stride)?.checked_add(off)?.checked_add(n));
-            let out_end = n
-                .checked_sub(1)
-                .and_then(|i| i.checked_mul(cols)?.checked_add(js.end));
-            if src_end.is_none_or(|e| e > src.len()) || out_end.is_none_or(|e| e > out.len()) {
+            let Some((off, stride)) =
+                super::tile_inside((src.len(), out.len()), cols, (off, col_stride), n, &js)
+            else {
                 return false;
-            }
+            };
             // SAFETY: T is `[u8; 1]` (same size and alignment as u8, checked by TypeId).
             let (sp, op) = (src.as_ptr().cast::<u8>(), out.as_mut_ptr().cast::<u8>());
             if rgb {
@@ -575,21 +596,19 @@ mod bytes {
                 }
                 return true;
             }
-            for i0 in (0..n).step_by(16) {
-                for j0 in js.clone().step_by(16) {
-                    // SAFETY: the block's rows read `src[off + j * stride + i0 ..][..16]` for
-                    // `j < js.end`, and write `out[i * cols + j0 ..][..16]` for `i < n`: inside
-                    // both (checked above).
-                    unsafe {
-                        transpose16(
-                            sp.add(off + j0 * stride + i0),
-                            stride,
-                            op.add(i0 * cols + j0),
-                            cols,
-                        )
-                    };
-                }
-            }
+            super::each_block(n, &js, 16, |i0, j0| {
+                // SAFETY: the block's rows read `src[off + j * stride + i0 ..][..16]` for
+                // `j < js.end`, and write `out[i * cols + j0 ..][..16]` for `i < n`: inside
+                // both (checked above).
+                unsafe {
+                    transpose16(
+                        sp.add(off + j0 * stride + i0),
+                        stride,
+                        op.add(i0 * cols + j0),
+                        cols,
+                    )
+                };
+            });
             true
         }
         #[cfg(not(target_arch = "x86_64"))]

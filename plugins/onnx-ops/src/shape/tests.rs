@@ -206,6 +206,33 @@ fn transpose_large_matches_naive() {
     }
 }
 
+/// `data` (of 4-D `shape`) transposed by `perm`, by the index formula.
+fn permuted<T: Copy>(data: &[T], shape: [usize; 4], perm: [i64; 4]) -> Vec<T> {
+    let strides = [
+        shape[1] * shape[2] * shape[3],
+        shape[2] * shape[3],
+        shape[3],
+        1,
+    ];
+    let os: Vec<usize> = perm.iter().map(|&p| shape[p as usize]).collect();
+    let mut out = Vec::with_capacity(data.len());
+    for a in 0..os[0] {
+        for b in 0..os[1] {
+            for c in 0..os[2] {
+                for d in 0..os[3] {
+                    let idx = [a, b, c, d];
+                    out.push(
+                        data[(0..4)
+                            .map(|q| idx[q] * strides[perm[q] as usize])
+                            .sum::<usize>()],
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Byte tensors (the integer models' layout changes, moved in 16 x 16 blocks) both ways
 /// between NCHW and NHWC: whole blocks, images whose planes or channels are not multiples of
 /// 16 or 32 (the element loop's edges), two images, against the index formula.
@@ -228,26 +255,11 @@ fn byte_transposes_match_naive() {
             let got = out.to_vec::<u8>().expect("u8");
             let os: Vec<usize> = perm.iter().map(|&p| shape[p as usize]).collect();
             assert_eq!(out.shape(), &os[..]);
-            let strides = [
-                shape[1] * shape[2] * shape[3],
-                shape[2] * shape[3],
-                shape[3],
-                1,
-            ];
-            let mut k = 0;
-            for a in 0..os[0] {
-                for b in 0..os[1] {
-                    for cc in 0..os[2] {
-                        for d in 0..os[3] {
-                            let idx = [a, b, cc, d];
-                            let src: usize =
-                                (0..4).map(|q| idx[q] * strides[perm[q] as usize]).sum();
-                            assert_eq!(got[k], bytes[src], "{shape:?} perm {perm:?} at {idx:?}");
-                            k += 1;
-                        }
-                    }
-                }
-            }
+            assert_eq!(
+                got,
+                permuted(&bytes, shape, perm),
+                "{shape:?} perm {perm:?}"
+            );
         }
     }
 }
@@ -281,26 +293,11 @@ fn four_byte_transposes_match_naive() {
             let os: Vec<usize> = perm.iter().map(|&p| shape[p as usize]).collect();
             assert_eq!(out.shape(), &os[..]);
             let got = out.to_vec::<u32>().expect("u32");
-            let strides = [
-                shape[1] * shape[2] * shape[3],
-                shape[2] * shape[3],
-                shape[3],
-                1,
-            ];
-            let mut k = 0;
-            for a in 0..os[0] {
-                for b in 0..os[1] {
-                    for cc in 0..os[2] {
-                        for d in 0..os[3] {
-                            let idx = [a, b, cc, d];
-                            let src: usize =
-                                (0..4).map(|q| idx[q] * strides[perm[q] as usize]).sum();
-                            assert_eq!(got[k], words[src], "{shape:?} perm {perm:?} at {idx:?}");
-                            k += 1;
-                        }
-                    }
-                }
-            }
+            assert_eq!(
+                got,
+                permuted(&words, shape, perm),
+                "{shape:?} perm {perm:?}"
+            );
             // The same bits as f32.
             let floats: Vec<f32> = words.iter().map(|&b| f32::from_bits(b)).collect();
             let xf = HostTensor::from_vec(&shape, &floats).expect("tensor");
