@@ -465,7 +465,7 @@ simd_fn! {
     fn extreme_rows<T: Scalar>(acc: &mut [T::Wide], row: &[T], max: bool) {
         for (a, &v) in acc.iter_mut().zip(row) {
             let v = v.widen();
-            if (max && v > *a) || (!max && v < *a) {
+            if beats(max, v, *a) {
                 *a = v;
             }
         }
@@ -581,7 +581,7 @@ fn extremes_of_runs<T: Scalar>(
         })?;
         let mut acc = init;
         for &v in &partial {
-            if (max && v > acc) || (!max && v < acc) {
+            if beats(max, v, acc) {
                 acc = v;
             }
         }
@@ -594,27 +594,35 @@ simd_fn! {
     /// The maximum (`max`) or minimum of `init` and `run`'s values, NaN values skipped as the
     /// general walk skips them (a comparison with NaN is false), in 16 lanes that vectorize.
     fn extreme_run<T: Scalar>(run: &[T], max: bool, init: T::Wide) -> T::Wide {
+        // Each branch a loop of its own comparison (`max` a constant inside each).
         if max {
-            lanes_extreme(run, init, |v, l| v > l)
+            lanes_extreme(run, init, true)
         } else {
-            lanes_extreme(run, init, |v, l| v < l)
+            lanes_extreme(run, init, false)
         }
     }
 }
 
+/// Whether `v` replaces `acc` as the running maximum (`max`) or minimum: strictly beyond it
+/// (a NaN on either side never does; ties keep the earlier).
 #[inline(always)]
-fn lanes_extreme<T: Scalar>(
-    run: &[T],
-    init: T::Wide,
-    better: impl Fn(T::Wide, T::Wide) -> bool,
-) -> T::Wide {
+fn beats<W: PartialOrd>(max: bool, v: W, acc: W) -> bool {
+    if max {
+        v > acc
+    } else {
+        v < acc
+    }
+}
+
+#[inline(always)]
+fn lanes_extreme<T: Scalar>(run: &[T], init: T::Wide, max: bool) -> T::Wide {
     const LANES: usize = 16;
     let mut lanes = [init; LANES];
     let mut parts = run.chunks_exact(LANES);
     for part in &mut parts {
         for (l, &v) in lanes.iter_mut().zip(part) {
             let v = v.widen();
-            if better(v, *l) {
+            if beats(max, v, *l) {
                 *l = v;
             }
         }
@@ -622,7 +630,7 @@ fn lanes_extreme<T: Scalar>(
     let rest = parts.remainder().iter().map(|v| v.widen());
     let mut acc = init;
     for v in lanes.into_iter().chain(rest) {
-        if better(v, acc) {
+        if beats(max, v, acc) {
             acc = v;
         }
     }
@@ -963,7 +971,7 @@ impl TopK {
                             let run = &x[o * n + j..][..16];
                             let any = run.iter().fold(false, |a, &v| {
                                 let v = v.widen();
-                                a | !(if largest { v < t } else { v > t })
+                                a | !beats(!largest, v, t)
                             });
                             if !any {
                                 j += 16;
@@ -974,7 +982,7 @@ impl TopK {
                         j += 1;
                         if lane.len() == k {
                             let worst = lane[k - 1];
-                            if (largest && v < worst.0) || (!largest && v > worst.0) {
+                            if beats(!largest, v, worst.0) {
                                 continue;
                             }
                             if order(&(v, i_v), &worst) != std::cmp::Ordering::Less {
