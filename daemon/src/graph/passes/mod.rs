@@ -8,6 +8,7 @@
 //! `OPREG_DUMP_AFTER=<pass name>` (or `all`) prints the graph after it.
 
 mod bn_fold;
+mod conv_pool;
 mod dead;
 mod fuse;
 mod gelu;
@@ -55,7 +56,8 @@ pub const STANDARD: &[&dyn Pass] = &[
 /// ONNX's integer operators (see [`qdq`]), those channels-last (see [`layout`]), then float
 /// operators into opreg's own (see [`fuse`] and [`gelu`]; the GELU before `matmul-add`, which
 /// takes it into the product's epilogue), the values between the fused 1x1 and depthwise
-/// convolutions channels-last (see [`nhwc_conv`]).
+/// convolutions channels-last (see [`nhwc_conv`]), a first layer left NCHW with its pool (see
+/// [`conv_pool`]).
 pub const FUSIONS: &[&dyn Pass] = &[
     &qdq::QdqConv,
     &qdq::QdqMatMul,
@@ -66,6 +68,7 @@ pub const FUSIONS: &[&dyn Pass] = &[
     &fuse::ConvAdd,
     &fuse::ConvActivation,
     &nhwc_conv::NhwcConv,
+    &conv_pool::ConvPool,
     &gelu::Gelu,
     &fuse::MatMulAdd,
 ];

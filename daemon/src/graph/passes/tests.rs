@@ -1344,3 +1344,85 @@ fn qdq_around_a_gemm_becomes_qgemm_with_an_int32_bias_only_in_its_plain_form() {
         assert!(m.nodes.iter().any(|n| n.op_type == "Gemm"));
     }
 }
+
+/// A first layer and the MaxPool that alone reads it become one `opreg::FusedConvMaxPool`
+/// carrying the pool's window as `pool_` attributes (and not its `storage_order`); not where
+/// the convolution has more input channels, a fused sum, or other readers, where its output
+/// is a graph output, or where the pool gives indices.
+#[test]
+fn a_first_layer_takes_in_its_max_pool() {
+    let stem = |w: &str, outputs: &[&str]| {
+        let mut conv = node_ints("FusedConv", &["x", w, "b"], &["c"], &[("strides", &[2, 2])]);
+        conv.domain = "opreg".into();
+        conv.attributes.push(opreg_sdk::kernel::Attribute {
+            name: "activation".into(),
+            value: opreg_sdk::AttrValue::String("Relu".into()),
+        });
+        let mut pool = node_ints(
+            "MaxPool",
+            &["c"],
+            outputs,
+            &[("kernel_shape", &[3, 3]), ("strides", &[2, 2])],
+        );
+        pool.attributes.extend([
+            opreg_sdk::kernel::Attribute {
+                name: "ceil_mode".into(),
+                value: opreg_sdk::AttrValue::Int(1),
+            },
+            opreg_sdk::kernel::Attribute {
+                name: "storage_order".into(),
+                value: opreg_sdk::AttrValue::Int(0),
+            },
+        ]);
+        model(
+            vec![conv, pool, node("Relu", &["p"], &["y"])],
+            &["y"],
+            &[
+                ("w3", &[8, 3, 3, 3], vec![0.5; 216]),
+                ("w16", &[8, 16, 3, 3], vec![0.5; 1152]),
+                ("b", &[8], vec![0.0; 8]),
+            ],
+        )
+    };
+    let mut m = stem("w3", &["p"]);
+    assert_eq!(conv_pool::ConvPool.run(&mut m).unwrap(), 1);
+    assert_eq!(m.nodes.len(), 2);
+    let fused = &m.nodes[0];
+    assert_eq!(
+        (fused.domain.as_str(), fused.op_type.as_str()),
+        ("opreg", "FusedConvMaxPool")
+    );
+    assert_eq!(fused.inputs, ["x", "w3", "b"]);
+    assert_eq!(fused.outputs, ["p"]);
+    let names: Vec<&str> = fused.attributes.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "strides",
+            "activation",
+            "pool_kernel_shape",
+            "pool_strides",
+            "pool_ceil_mode"
+        ]
+    );
+    assert_eq!(m.opsets.get("opreg"), Some(&1));
+    // Left alone.
+    let unchanged = |mut m: Model, why: &str| {
+        let before = m.nodes.len();
+        assert_eq!(conv_pool::ConvPool.run(&mut m).unwrap(), 0, "{why}");
+        assert_eq!(m.nodes.len(), before, "{why}");
+        assert_eq!(m.nodes[0].op_type, "FusedConv", "{why}");
+    };
+    unchanged(stem("w16", &["p"]), "16 input channels");
+    unchanged(stem("w3", &["p", "indices"]), "indices");
+    let mut read_twice = stem("w3", &["p"]);
+    read_twice.nodes.push(node("Neg", &["c"], &["n"]));
+    read_twice.outputs.push(io("n"));
+    unchanged(read_twice, "another reader");
+    let mut output = stem("w3", &["p"]);
+    output.outputs.push(io("c"));
+    unchanged(output, "a graph output");
+    let mut with_z = stem("w3", &["p"]);
+    with_z.nodes[0].inputs.push("x".into());
+    unchanged(with_z, "a fused sum");
+}

@@ -175,13 +175,23 @@ fn product(dims: &[i64]) -> i64 {
 /// The spatial output extents of a convolution or pooling window, through the kernels' own
 /// window geometry; unknown when an extent or the kernel is, or the window does not fit.
 fn window(node: &NodeInfo<'_>, spatial: &[i64], kernel: Option<Vec<i64>>) -> Vec<i64> {
+    window_prefixed(node, "", spatial, kernel)
+}
+
+/// [`window`] of the attributes named with `prefix` (`opreg::FusedConvMaxPool`'s `pool_`).
+fn window_prefixed(
+    node: &NodeInfo<'_>,
+    prefix: &str,
+    spatial: &[i64],
+    kernel: Option<Vec<i64>>,
+) -> Vec<i64> {
     let unknown = vec![RUNTIME; spatial.len()];
     let (Some(extents), Ok(attrs)) = (
         spatial
             .iter()
             .map(|&d| usize::try_from(d).ok())
             .collect::<Option<Vec<usize>>>(),
-        WindowAttrs::from_node(node),
+        WindowAttrs::from_node_prefixed(node, prefix),
     ) else {
         return unknown;
     };
@@ -233,6 +243,22 @@ pub(super) fn infer(node: &NodeInfo<'_>) -> Vec<Shape> {
                     s.push(m);
                     s.extend(spatial);
                 }
+                Some(s)
+            })();
+            return out;
+        }
+        "opreg" if node.op_type == "FusedConvMaxPool" => {
+            // The convolution's extents, then the pool's over them (its attributes named
+            // `pool_...`).
+            let shape = |i: usize| node.inputs.get(i).filter(|v| v.present)?.shape;
+            *first = (|| {
+                let &[n, _, h, w] = shape(0)? else {
+                    return None;
+                };
+                let wt = shape(1).filter(|w| w.len() == 4)?;
+                let conv = window(node, &[h, w], wt.get(2..).map(<[i64]>::to_vec));
+                let mut s = vec![n, *wt.first()?];
+                s.extend(window_prefixed(node, "pool_", &conv, None));
                 Some(s)
             })();
             return out;

@@ -9,8 +9,8 @@ mod nhwc;
 mod stem;
 
 use super::{
-    activation::Activation, at_least_one, blas, conv_bias, matmul::gemm_f32, optional, Disjoint,
-    Geometry, WindowAttrs,
+    activation::Activation, at_least_one, blas, conv_bias, matmul::gemm_f32, optional, pool,
+    Disjoint, Geometry, WindowAttrs,
 };
 use crate::util::{
     broadcast_shapes, broadcast_strides, product_sat, required, row_major_strides, walk_offsets,
@@ -243,51 +243,149 @@ fn with_epilogue(args: &mut GemmArgs, left: bool, bias: Option<&[f32]>, code: Ep
 }
 
 fn conv_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
-    let group = at_least_one(node, "Conv", "group", 1)?;
-    let window = WindowAttrs::from_node(node)?;
-    let layouts = if node.op_type == "FusedConvNhwc" {
-        Layouts {
-            x_nhwc: node.int_or("x_nhwc", 1)? != 0,
-            y_nhwc: node.int_or("y_nhwc", 1)? != 0,
-        }
-    } else {
-        Layouts::default()
-    };
-    // Weights regrouped for [`stem`] or [`direct`] where one takes the layer (the direct
-    // kernel in either layout); else one packing, for the orientation the gemm will use: the
-    // right operand where the input's extents are known at load and it has few pixels per
-    // channel, else the left (with the right as the fallback for a backend that does not
-    // pack A). Channels-last layers: the right operand (their products are pixels by
-    // channels, see [`nhwc`]), the left for a narrow NCHW output.
-    let direct = direct_weights(node, &window, group, layouts)?;
-    let packed = if direct.is_some() {
-        None
-    } else if !layouts.nchw() {
-        let narrow = node
-            .inputs
-            .get(1)
-            .and_then(|w| w.constant)
-            .and_then(|w| w.shape().first().copied())
-            .is_some_and(|m| m < nhwc::LEFT_BELOW);
-        prepack_weights(node, group, !layouts.y_nhwc && narrow)
-    } else {
-        match pixels_and_channels(node, &window) {
-            Some((p, m)) if swapped(p, m) => prepack_weights(node, group, false),
-            _ => prepack_weights(node, group, true).or_else(|| prepack_weights(node, group, false)),
-        }
-    };
-    Ok(Box::new(Conv {
-        window,
-        group,
-        activation: if node.domain == "opreg" {
-            Activation::from_node(node, "FusedConv")?
-        } else {
-            Activation::None
-        },
-        packed,
-        direct,
-        layouts,
+    Ok(Box::new(Conv::from_node(node)?))
+}
+
+/// `opreg::FusedConvMaxPool`: a 2-D f32 `FusedConv` (no Z) whose output only a MaxPool (no
+/// Indices) reads, the pool's attributes carried with a `pool_` prefix (the graph pass
+/// `conv-pool`). A first layer that [`stem`] computes pools its rows as they are computed
+/// ([`stem::run_pooled`]); any other computes the convolution whole into scratch and pools it
+/// as MaxPool does. The same values as the two nodes, bit for bit.
+struct ConvMaxPool {
+    conv: Conv,
+    pool: WindowAttrs,
+}
+
+fn conv_max_pool_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+    let pool = WindowAttrs::from_node_prefixed(node, "pool_")?;
+    if pool.kernel_shape.as_ref().is_none_or(|k| k.len() != 2) {
+        return Err(PluginError::invalid(
+            "FusedConvMaxPool: attribute 'pool_kernel_shape' (2 values) is required",
+        ));
+    }
+    Ok(Box::new(ConvMaxPool {
+        conv: Conv::from_node(node)?,
+        pool,
     }))
+}
+
+impl Kernel for ConvMaxPool {
+    fn compute(
+        &self,
+        ctx: &KernelContext<'_>,
+        inputs: &[TensorView<'_>],
+    ) -> Result<(), PluginError> {
+        const OP: &str = "FusedConvMaxPool";
+        let [xv, wv] = required(OP, inputs, ["X", "W"])?;
+        let (xs, ws) = (xv.shape(), wv.shape());
+        let (&[n, c, _, _], &[m, cg, _, _]) = (xs, ws) else {
+            return Err(PluginError::invalid(format!(
+                "{OP}: X {xs:?} and W {ws:?} must have rank 4"
+            )));
+        };
+        if optional(inputs, 3).is_some() {
+            return Err(PluginError::invalid(format!("{OP}: takes no Z")));
+        }
+        let group = self.conv.group;
+        if cg.checked_mul(group) != Some(c) || m % group != 0 {
+            return Err(PluginError::invalid(format!(
+                "{OP}: W {ws:?} does not fit X {xs:?} with group {group}"
+            )));
+        }
+        let bias = optional(inputs, 2).copied();
+        if let Some(v) = [Some(xv), Some(wv), bias]
+            .into_iter()
+            .flatten()
+            .find(|v| v.dtype != DType::F32)
+        {
+            return Err(PluginError::unimplemented(format!(
+                "{OP} is implemented for f32 only, got {}",
+                v.dtype
+            )));
+        }
+        let g = self.conv.window.resolve("Conv", &xs[2..], Some(&ws[2..]))?;
+        let (oh, ow) = (g.out[0], g.out[1]);
+        let gp = self.pool.resolve("MaxPool", &g.out, None)?;
+        let y = ctx.output_slice_to_overwrite::<f32>(0, &[n, m, gp.out[0], gp.out[1]])?;
+        if y.is_empty() {
+            return Ok(());
+        }
+        let (x, w) = (xv.as_slice::<f32>()?, wv.as_slice::<f32>()?);
+        let bias = conv_bias(OP, inputs, m)?;
+        let act = self.conv.activation;
+        if group == 1 && stem::applies(xs, &g, group) {
+            let rows = pool::MaxRows::new(&gp, (oh, ow))?;
+            if stem::run_pooled(
+                ctx,
+                xs,
+                &g,
+                m,
+                (x, w, self.conv.stem_packing()),
+                bias,
+                act,
+                (&rows, (gp.out[0], gp.out[1])),
+                y,
+            )? {
+                return Ok(());
+            }
+        }
+        let conv_shape = [n, m, oh, ow];
+        let whole = ctx.scratch_reused::<f32>(checked_numel(&conv_shape)?)?;
+        self.conv
+            .run(ctx, xs, &g, m, x, w, bias, None, act, whole)?;
+        pool::max_pool_f32(ctx, (whole, &conv_shape), &gp, y)
+    }
+}
+
+impl Conv {
+    fn from_node(node: &NodeInfo<'_>) -> Result<Self, PluginError> {
+        let group = at_least_one(node, "Conv", "group", 1)?;
+        let window = WindowAttrs::from_node(node)?;
+        let layouts = if node.op_type == "FusedConvNhwc" {
+            Layouts {
+                x_nhwc: node.int_or("x_nhwc", 1)? != 0,
+                y_nhwc: node.int_or("y_nhwc", 1)? != 0,
+            }
+        } else {
+            Layouts::default()
+        };
+        // Weights regrouped for [`stem`] or [`direct`] where one takes the layer (the direct
+        // kernel in either layout); else one packing, for the orientation the gemm will use: the
+        // right operand where the input's extents are known at load and it has few pixels per
+        // channel, else the left (with the right as the fallback for a backend that does not
+        // pack A). Channels-last layers: the right operand (their products are pixels by
+        // channels, see [`nhwc`]), the left for a narrow NCHW output.
+        let direct = direct_weights(node, &window, group, layouts)?;
+        let packed = if direct.is_some() {
+            None
+        } else if !layouts.nchw() {
+            let narrow = node
+                .inputs
+                .get(1)
+                .and_then(|w| w.constant)
+                .and_then(|w| w.shape().first().copied())
+                .is_some_and(|m| m < nhwc::LEFT_BELOW);
+            prepack_weights(node, group, !layouts.y_nhwc && narrow)
+        } else {
+            match pixels_and_channels(node, &window) {
+                Some((p, m)) if swapped(p, m) => prepack_weights(node, group, false),
+                _ => prepack_weights(node, group, true)
+                    .or_else(|| prepack_weights(node, group, false)),
+            }
+        };
+        Ok(Conv {
+            window,
+            group,
+            activation: if node.domain == "opreg" {
+                Activation::from_node(node, "FusedConv")?
+            } else {
+                Activation::None
+            },
+            packed,
+            direct,
+            layouts,
+        })
+    }
 }
 
 /// The constant f32 weights regrouped for [`stem`] or [`direct`] where the input's shape is
@@ -1043,6 +1141,15 @@ pub fn register(r: &mut Registrar) {
             .outputs(&["T"]),
         conv_factory,
     );
+    // FusedConv and the MaxPool reading it (the graph pass `conv-pool`; see
+    // [`ConvMaxPool`]).
+    r.kernel(
+        KernelDesc::new("opreg", "FusedConvMaxPool", 1, OPEN_END)
+            .constraint("T", &[F32])
+            .inputs(&["T", "T", "T"])
+            .outputs(&["T"]),
+        conv_max_pool_factory,
+    );
     // FusedConv with a channels-last X and/or Y (the graph pass `nhwc-conv`; see [`nhwc`]).
     r.kernel(
         KernelDesc::new("opreg", "FusedConvNhwc", 1, OPEN_END)
@@ -1708,6 +1815,160 @@ mod tests {
                 close(&out[0].to_vec::<f32>().expect("f32"), &r.want);
             }
         }
+    }
+
+    /// `opreg::FusedConvMaxPool` gives the bits of FusedConv (its ReLU) then MaxPool. First
+    /// layers whose pool runs in bands ([`stem::run_pooled`]): SqueezeNet's unpadded 3x3/2
+    /// with a ceil-mode 3x3/2 pool, ResNet's padded 7x7/2 and 3x3/2 on two images (13
+    /// channels: a block and a part), a grey plane with a 2x2/2 pool (tall enough that a
+    /// task's band takes several steps); and layers computed
+    /// whole, then pooled: 16 input channels, a 3x3/1 pool (not in bands). X holds NaNs
+    /// (a pool keeps a window's first tap when it is NaN); weights per call and constant.
+    #[test]
+    fn a_fused_max_pool_equals_conv_then_max_pool_bit_for_bit() {
+        /// A conv case, the pool's kernel, strides, pads and ceil mode, and whether it runs
+        /// in bands.
+        type Pooled = (Case, [usize; 2], [usize; 2], [usize; 4], bool, bool);
+        let cases: [Pooled; 5] = [
+            (
+                ([1, 3, 131, 70], 16, [3, 3], [2, 2], [1, 1], [0; 4]),
+                [3, 3],
+                [2, 2],
+                [0; 4],
+                true,
+                true,
+            ),
+            (
+                ([2, 3, 40, 72], 13, [7, 7], [2, 2], [1, 1], [3; 4]),
+                [3, 3],
+                [2, 2],
+                [1; 4],
+                false,
+                true,
+            ),
+            (
+                ([1, 1, 100, 64], 8, [3, 3], [1, 1], [1, 1], [1; 4]),
+                [2, 2],
+                [2, 2],
+                [0; 4],
+                false,
+                true,
+            ),
+            (
+                ([1, 16, 20, 40], 8, [3, 3], [1, 1], [1, 1], [1; 4]),
+                [3, 3],
+                [2, 2],
+                [1; 4],
+                false,
+                false,
+            ),
+            (
+                ([1, 3, 20, 66], 8, [3, 3], [1, 1], [1, 1], [1; 4]),
+                [3, 3],
+                [1, 1],
+                [1; 4],
+                false,
+                false,
+            ),
+        ];
+        for (k, (case, pk, ps, pp, ceil, banded)) in cases.into_iter().enumerate() {
+            let (xs, _, ks, st, _, pads) = case;
+            let g = geometry(xs, ks, st, [1, 1], pads);
+            let pool_attrs = WindowAttrs {
+                kernel_shape: Some(pk.iter().map(|&v| v as i64).collect()),
+                strides: Some(ps.iter().map(|&v| v as i64).collect()),
+                dilations: None,
+                pads: Some(pp.iter().map(|&v| v as i64).collect()),
+                auto_pad: super::super::AutoPad::NotSet,
+                ceil_mode: ceil,
+            };
+            let gp = pool_attrs.resolve("MaxPool", &g.out, None).expect("pool");
+            let rows = pool::MaxRows::new(&gp, (g.out[0], g.out[1])).expect("rows");
+            assert_eq!(
+                stem::applies(&xs, &g, 1) && rows.in_bands(),
+                banded && crate::simd::has_avx512(),
+                "case {k}"
+            );
+            let r = reference(case);
+            let mut x = r.x.to_vec::<f32>().expect("x");
+            for i in (5..x.len()).step_by(97) {
+                x[i] = f32::NAN;
+            }
+            let x = HostTensor::from_vec(&xs, &x).expect("x");
+            // Constant weights with a ReLU (which turns NaN sums into zeros), weights per
+            // call without one (NaN sums reach the pool).
+            for constant in [false, true] {
+                let act = AttrValue::String(if constant { "Relu" } else { "" }.into());
+                let mut conv = NodeSpec::onnx("FusedConv", 1)
+                    .domain("opreg")
+                    .attr("activation", act.clone())
+                    .attr("strides", ints(&st))
+                    .attr("pads", ints(&pads));
+                if constant {
+                    conv = conv.constant(1);
+                }
+                let y = run_kernel(conv_factory, &conv, &[&x, &r.w, &r.b], None).expect("conv");
+                let pool_node = NodeSpec::onnx("MaxPool", 12)
+                    .attr("kernel_shape", ints(&pk))
+                    .attr("strides", ints(&ps))
+                    .attr("pads", ints(&pp))
+                    .attr("ceil_mode", AttrValue::Int(ceil as i64));
+                let want =
+                    run_kernel(pool::max_pool_factory, &pool_node, &[&y[0]], None).expect("pool");
+                let mut fused = NodeSpec::onnx("FusedConvMaxPool", 1)
+                    .domain("opreg")
+                    .attr("activation", act)
+                    .attr("strides", ints(&st))
+                    .attr("pads", ints(&pads))
+                    .attr("pool_kernel_shape", ints(&pk))
+                    .attr("pool_strides", ints(&ps))
+                    .attr("pool_pads", ints(&pp))
+                    .attr("pool_ceil_mode", AttrValue::Int(ceil as i64));
+                if constant {
+                    fused = fused.constant(1);
+                }
+                let got = run_kernel(conv_max_pool_factory, &fused, &[&x, &r.w, &r.b], None)
+                    .expect("fused");
+                assert_eq!(got[0].shape(), want[0].shape(), "case {k}");
+                let bits = |t: &HostTensor| -> Vec<u32> {
+                    t.to_vec::<f32>()
+                        .expect("f32")
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect()
+                };
+                let (got_bits, want_bits) = (bits(&got[0]), bits(&want[0]));
+                let first_diff = got_bits.iter().zip(&want_bits).position(|(a, b)| a != b);
+                assert_eq!(first_diff, None, "case {k}, constant {constant}");
+                let nan = bits(&got[0]).iter().any(|&b| f32::from_bits(b).is_nan());
+                assert_eq!(nan, !constant, "case {k}");
+            }
+        }
+        // Refused: a Z, other than f32, rank other than 4, no pool window.
+        let r = reference(([1, 3, 8, 40], 8, [3, 3], [1, 1], [1, 1], [0; 4]));
+        let fused = NodeSpec::onnx("FusedConvMaxPool", 1)
+            .domain("opreg")
+            .attr("pool_kernel_shape", ints(&[2, 2]));
+        let z = HostTensor::from_vec(&[1, 8, 6, 38], &vec![0.0f32; 8 * 6 * 38]).expect("z");
+        let e = run_kernel(conv_max_pool_factory, &fused, &[&r.x, &r.w, &r.b, &z], None)
+            .expect_err("Z");
+        assert!(e.message.contains("no Z"), "{e:?}");
+        let e = run_kernel(
+            conv_max_pool_factory,
+            &NodeSpec::onnx("FusedConvMaxPool", 1).domain("opreg"),
+            &[&r.x, &r.w],
+            None,
+        )
+        .expect_err("no window");
+        assert!(e.message.contains("pool_kernel_shape"), "{e:?}");
+        let x16 = HostTensor::from_vec(&[1, 3, 8, 40], &vec![f16::ONE; 960]).expect("x");
+        let w16 = HostTensor::from_vec(&[8, 3, 3, 3], &vec![f16::ONE; 216]).expect("w");
+        let e = run_kernel(conv_max_pool_factory, &fused, &[&x16, &w16], None).expect_err("f16");
+        assert_eq!(e.code, ErrorCode::Unimplemented, "{e:?}");
+        let flat = HostTensor::from_vec(&[1, 3, 40], &vec![0.0f32; 120]).expect("x");
+        let w1 = HostTensor::from_vec(&[8, 3, 3], &vec![0.0f32; 72]).expect("w");
+        let e = run_kernel(conv_max_pool_factory, &fused, &[&flat, &w1], None).expect_err("1-D");
+        assert!(e.message.contains("rank 4"), "{e:?}");
     }
 
     #[test]

@@ -111,7 +111,14 @@ pub(crate) struct Geometry {
 
 impl WindowAttrs {
     pub fn from_node(node: &NodeInfo<'_>) -> Result<Self, PluginError> {
-        let auto_pad = match node.string_or("auto_pad", "NOTSET")?.as_str() {
+        Self::from_node_prefixed(node, "")
+    }
+
+    /// The window of the attributes named `<prefix>kernel_shape`, `<prefix>strides`, ... (a
+    /// fused node carrying a second window: `opreg::FusedConvMaxPool`'s `pool_` ones).
+    pub fn from_node_prefixed(node: &NodeInfo<'_>, prefix: &str) -> Result<Self, PluginError> {
+        let name = |a: &str| format!("{prefix}{a}");
+        let auto_pad = match node.string_or(&name("auto_pad"), "NOTSET")?.as_str() {
             "NOTSET" | "" => AutoPad::NotSet,
             "VALID" => AutoPad::Valid,
             "SAME_UPPER" => AutoPad::SameUpper,
@@ -124,12 +131,12 @@ impl WindowAttrs {
             }
         };
         Ok(WindowAttrs {
-            kernel_shape: node.ints("kernel_shape")?,
-            strides: node.ints("strides")?,
-            dilations: node.ints("dilations")?,
-            pads: node.ints("pads")?,
+            kernel_shape: node.ints(&name("kernel_shape"))?,
+            strides: node.ints(&name("strides"))?,
+            dilations: node.ints(&name("dilations"))?,
+            pads: node.ints(&name("pads"))?,
             auto_pad,
-            ceil_mode: node.int_or("ceil_mode", 0)? != 0,
+            ceil_mode: node.int_or(&name("ceil_mode"), 0)? != 0,
         })
     }
 

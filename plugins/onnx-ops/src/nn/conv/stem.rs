@@ -28,7 +28,8 @@
 
 use super::depthwise::Padded;
 use super::Activation;
-use crate::nn::{Disjoint, Geometry};
+use crate::nn::{pool::MaxRows, Disjoint, Geometry};
+use crate::util::TaskScratch;
 use opreg_sdk::{
     alloc::{checked_numel, try_vec},
     prelude::*,
@@ -109,72 +110,35 @@ pub(super) fn run(
     act: Activation,
     (y, y_nhwc): (&mut [f32], bool),
 ) -> Result<bool, PluginError> {
-    let (n, c, ih, iw) = (xs[0], xs[1], xs[2], xs[3]);
+    let n = xs[0];
     let (oh, ow) = (g.out[0], g.out[1]);
-    let (kh, kw) = (g.kernel[0], g.kernel[1]);
     let plane = oh * ow;
     if y.is_empty() || plane == 0 || m == 0 {
         return Ok(true);
     }
-    // Each channel's plane padded and split into column phases as the depthwise loop copies
-    // it (its `Padded`), one plane after another.
-    let Ok(pad) = Padded::new(g, (oh, ow), LANES) else {
+    let Some(layer) = Layer::new(xs, g, m, w, packed)? else {
         return Ok(false);
     };
-    let image = checked_numel(&[c, ih, iw])?;
-    let Some(copy_len) = c
-        .checked_mul(pad.len)
-        .filter(|&l| l <= 2 * image + (1 << 16))
-    else {
-        return Ok(false);
-    };
-    let depth = checked_numel(&[c, kh, kw])?;
-    let blocks = m.div_ceil(R);
-    super::operands_fit((x, w, y), bias, z, (n, image), (m, depth), plane)?;
-    let built;
-    let wt = match packed {
-        Some(p) if p.len() == blocks * depth * R => p,
-        _ => {
-            built = pack(w, m, c, (kh, kw))?;
-            &built[..]
-        }
-    };
-    // Per tap, where it reads in the copy relative to an output row's first read (padded row
-    // `oy * sh + ky * dh`, phase `(kx * dw) % sw`, column `ox + (kx * dw) / sw`).
-    let mut taps = try_vec(depth, 0usize)?;
-    for ic in 0..c {
-        for ky in 0..kh {
-            for kx in 0..kw {
-                let (f, j) = ((kx * pad.dw) % pad.sw, (kx * pad.dw) / pad.sw);
-                taps[(ic * kh + ky) * kw + kx] =
-                    ic * pad.len + ((ky * pad.dh) * pad.sw + f) * pad.phase_len + j;
-            }
-        }
-    }
-    let row_step = pad.sh * pad.sw * pad.phase_len;
-    let tiles = |b: usize| Tiles {
-        taps: &taps,
-        wt,
-        depth,
-        m,
-        ow,
-        plane,
-        row_step,
+    super::operands_fit(
+        (x, w, y),
         bias,
+        z,
+        (n, layer.image),
+        (m, layer.depth),
+        plane,
+    )?;
+    let Layer {
+        ref pad,
+        copy_len,
+        blocks,
+        image,
+        ..
+    } = layer;
+    let tiles = |b: usize| Tiles {
         z: z.map(|z| &z[b * m * plane..(b + 1) * m * plane]),
-        act,
         y_nhwc,
+        ..layer.tiles(m, g, bias, act)
     };
-    // Every read of every tile lies in the copy: the last row's last tap reads up to the end
-    // of its phase row (`phase_len` covers the row's registers and the widest tap), checked
-    // once for the unchecked loads.
-    let last_read = (oh - 1) * row_step + taps.iter().max().copied().unwrap_or(0);
-    if last_read + ow.div_ceil(LANES) * LANES > copy_len || wt.len() < blocks * depth * R {
-        return Err(PluginError::internal(
-            "Conv: the phase copy or the weights are shorter than the tiles read",
-        ));
-    }
-    let in_plane = ih * iw;
     if n >= ctx.num_threads().max(2) && copy_len <= SMALL_COPY {
         // Small images, enough of them for every thread: one task per image, its copy and
         // every row (a text recognizer's 32x128 grey lines, batch 8: two parallel loops per
@@ -182,10 +146,7 @@ pub(super) fn run(
         // than the layer's multiply-adds). Large ones (224x224 colour images) measured the
         // same either way and keep the rows spread over the threads.
         return super::per_image_tasks(ctx, n, (y, m * plane), copy_len, |copy, b, yb| {
-            let xb = &x[b * image..(b + 1) * image];
-            for (ic, chunk) in copy.chunks_mut(pad.len).enumerate() {
-                pad.fill(&xb[ic * in_plane..(ic + 1) * in_plane], (ih, iw), chunk);
-            }
+            layer.fill(&x[b * image..(b + 1) * image], copy);
             tiles(b).rows(copy, 0..oh, blocks, yb);
             Ok(())
         });
@@ -196,7 +157,11 @@ pub(super) fn run(
         let xb = &x[b * image..(b + 1) * image];
         ctx.parallel_chunks(copy, pad.len, |start, chunk| {
             let ic = start / pad.len;
-            pad.fill(&xb[ic * in_plane..(ic + 1) * in_plane], (ih, iw), chunk);
+            pad.fill(
+                &xb[ic * layer.in_plane..(ic + 1) * layer.in_plane],
+                layer.in_hw,
+                chunk,
+            );
         })?;
         let yd = Disjoint::new(&mut y[b * m * plane..(b + 1) * m * plane]);
         let copy = &*copy;
@@ -207,6 +172,245 @@ pub(super) fn run(
         })?;
     }
     Ok(true)
+}
+
+/// Pooled output rows per step of [`run_pooled`]'s tasks: 4 rows of a 3x3/2 pool read 9 rows
+/// of the convolution (8 new after the first step), 32 KiB for 8 channels of 111 columns: in
+/// L1 while the pool reads them.
+const POOL_STEP: usize = 4;
+
+/// [`run`] followed by the MaxPool `pool` (`opreg::FusedConvMaxPool`, NCHW, no Z): each task
+/// takes a band of the pool's output rows and, block by block, computes the rows of the
+/// convolution those windows read into [`R`] scratch planes, a few rows at a time, and pools
+/// them while they are in cache. The convolution's output never goes to memory whole: on
+/// SqueezeNet's first layer 3.1 MB per image written by the convolution and read back by
+/// the pool. Rows shared by two tasks' windows are computed by both (one row per band
+/// boundary). `Ok(false)` (nothing written) where [`run`] would not take the layer or the pool
+/// does not run in bands ([`MaxRows::in_bands`]).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn run_pooled(
+    ctx: &KernelContext<'_>,
+    xs: &[usize],
+    g: &Geometry,
+    m: usize,
+    (x, w, packed): (&[f32], &[f32], Option<&[f32]>),
+    bias: Option<&[f32]>,
+    act: Activation,
+    (pool, (ph, pw)): (&MaxRows, (usize, usize)),
+    y: &mut [f32],
+) -> Result<bool, PluginError> {
+    let n = xs[0];
+    let (oh, ow) = (g.out[0], g.out[1]);
+    let (plane, pooled) = (oh * ow, ph * pw);
+    if y.is_empty() || pooled == 0 || m == 0 {
+        return Ok(true);
+    }
+    if !pool.in_bands() || plane == 0 {
+        return Ok(false);
+    }
+    let Some(layer) = Layer::new(xs, g, m, w, packed)? else {
+        return Ok(false);
+    };
+    super::operands_fit(
+        (x, w, &[]),
+        bias,
+        None,
+        (n, layer.image),
+        (m, layer.depth),
+        0,
+    )?;
+    if y.len() < checked_numel(&[n, m, pooled])? {
+        return Err(PluginError::invalid(
+            "FusedConvMaxPool: Y is shorter than its shape",
+        ));
+    }
+    let Layer {
+        ref pad,
+        copy_len,
+        blocks,
+        image,
+        ..
+    } = layer;
+    // Scratch planes at their own places in a block (`local`), full size so that the pool's
+    // row offsets hold; only the rows a task computes are touched.
+    let tiles = Tiles {
+        local: true,
+        ..layer.tiles(m, g, bias, act)
+    };
+    let copy = ctx.scratch_reused::<f32>(copy_len)?;
+    let planes = TaskScratch::<f32>::new(ctx, checked_numel(&[R, plane])?);
+    let rows_per_task = ph.div_ceil(2 * ctx.num_threads().max(1)).max(1);
+    for b in 0..n {
+        let xb = &x[b * image..(b + 1) * image];
+        ctx.parallel_chunks(copy, pad.len, |start, chunk| {
+            let ic = start / pad.len;
+            pad.fill(
+                &xb[ic * layer.in_plane..(ic + 1) * layer.in_plane],
+                layer.in_hw,
+                chunk,
+            );
+        })?;
+        let yd = Disjoint::new(&mut y[b * m * pooled..(b + 1) * m * pooled]);
+        let (copy, tiles) = (&*copy, &tiles);
+        ctx.parallel_for(ph, rows_per_task, |band| {
+            let mut scratch = planes.take()?;
+            for blk in 0..blocks {
+                // The convolution rows in the scratch so far (the band's steps read rows in
+                // order, each step's first one maybe the last step's last).
+                let mut held = 0..0;
+                for first in band.clone().step_by(POOL_STEP) {
+                    let rows = first..(first + POOL_STEP).min(band.end);
+                    let need = pool.input_rows(rows.clone());
+                    let from = if held.contains(&need.start) {
+                        held.end
+                    } else {
+                        need.start
+                    };
+                    {
+                        let sd = Disjoint::new(&mut scratch[..]);
+                        for oy in from..need.end {
+                            tiles.row(copy, oy, blk, &sd);
+                        }
+                    }
+                    held = need;
+                    for (o, xp) in scratch.chunks_exact(plane).enumerate() {
+                        let oc = blk * R + o;
+                        if oc >= m {
+                            break;
+                        }
+                        // SAFETY: rows `rows` of channel `oc`'s pooled plane are written by
+                        // this task alone (the bands are disjoint).
+                        let out = unsafe { yd.part(oc * pooled + first * pw, rows.len() * pw) };
+                        if !pool.rows(xp, first, out) {
+                            return Err(PluginError::internal(
+                                "FusedConvMaxPool: the pool does not run in bands",
+                            ));
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })?;
+    }
+    Ok(true)
+}
+
+/// What computing a layer's tiles needs, once per call: the phase copy's geometry, the
+/// weights regrouped, and where each tap reads in the copy.
+struct Layer<'a> {
+    pad: Padded,
+    /// Floats of one image's copy (all its channels).
+    copy_len: usize,
+    /// Weights per output channel (`c * kh * kw`).
+    depth: usize,
+    blocks: usize,
+    /// Floats of one input image, and of one of its planes.
+    image: usize,
+    in_plane: usize,
+    in_hw: (usize, usize),
+    wt: std::borrow::Cow<'a, [f32]>,
+    taps: Vec<usize>,
+    row_step: usize,
+}
+
+impl<'a> Layer<'a> {
+    /// The layer of X's shape `xs` in geometry `g` with `m` filters `w` (`packed`: [`pack`] of
+    /// them, when built at load); `None` where the copy would be much larger than X.
+    fn new(
+        xs: &[usize],
+        g: &Geometry,
+        m: usize,
+        w: &[f32],
+        packed: Option<&'a [f32]>,
+    ) -> Result<Option<Self>, PluginError> {
+        let (c, ih, iw) = (xs[1], xs[2], xs[3]);
+        let (oh, ow) = (g.out[0], g.out[1]);
+        let (kh, kw) = (g.kernel[0], g.kernel[1]);
+        // Each channel's plane padded and split into column phases as the depthwise loop
+        // copies it (its `Padded`), one plane after another.
+        let Ok(pad) = Padded::new(g, (oh, ow), LANES) else {
+            return Ok(None);
+        };
+        let image = checked_numel(&[c, ih, iw])?;
+        let Some(copy_len) = c
+            .checked_mul(pad.len)
+            .filter(|&l| l <= 2 * image + (1 << 16))
+        else {
+            return Ok(None);
+        };
+        let depth = checked_numel(&[c, kh, kw])?;
+        let blocks = m.div_ceil(R);
+        let wt = match packed {
+            Some(p) if p.len() == blocks * depth * R => std::borrow::Cow::Borrowed(p),
+            _ => std::borrow::Cow::Owned(pack(w, m, c, (kh, kw))?),
+        };
+        // Per tap, where it reads in the copy relative to an output row's first read (padded
+        // row `oy * sh + ky * dh`, phase `(kx * dw) % sw`, column `ox + (kx * dw) / sw`).
+        let mut taps = try_vec(depth, 0usize)?;
+        for ic in 0..c {
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let (f, j) = ((kx * pad.dw) % pad.sw, (kx * pad.dw) / pad.sw);
+                    taps[(ic * kh + ky) * kw + kx] =
+                        ic * pad.len + ((ky * pad.dh) * pad.sw + f) * pad.phase_len + j;
+                }
+            }
+        }
+        let row_step = pad.sh * pad.sw * pad.phase_len;
+        // Every read of every tile lies in the copy: the last row's last tap reads up to the
+        // end of its phase row (`phase_len` covers the row's registers and the widest tap),
+        // checked once for the unchecked loads.
+        let last_read = oh.saturating_sub(1) * row_step + taps.iter().max().copied().unwrap_or(0);
+        if last_read + ow.div_ceil(LANES) * LANES > copy_len || wt.len() < blocks * depth * R {
+            return Err(PluginError::internal(
+                "Conv: the phase copy or the weights are shorter than the tiles read",
+            ));
+        }
+        Ok(Some(Layer {
+            pad,
+            copy_len,
+            depth,
+            blocks,
+            image,
+            in_plane: ih * iw,
+            in_hw: (ih, iw),
+            wt,
+            taps,
+            row_step,
+        }))
+    }
+
+    /// Image `xb`'s copy into `copy` (its `copy_len` floats).
+    fn fill(&self, xb: &[f32], copy: &mut [f32]) {
+        for (ic, chunk) in copy.chunks_mut(self.pad.len).enumerate() {
+            let plane = &xb[ic * self.in_plane..(ic + 1) * self.in_plane];
+            self.pad.fill(plane, self.in_hw, chunk);
+        }
+    }
+
+    /// The tiles of an NCHW output without a Z (the callers set those they have).
+    fn tiles<'t>(
+        &'t self,
+        m: usize,
+        g: &Geometry,
+        bias: Option<&'t [f32]>,
+        act: Activation,
+    ) -> Tiles<'t> {
+        Tiles {
+            taps: &self.taps,
+            wt: &self.wt,
+            depth: self.depth,
+            m,
+            ow: g.out[1],
+            plane: g.out[0] * g.out[1],
+            row_step: self.row_step,
+            bias,
+            z: None,
+            act,
+            y_nhwc: false,
+            local: false,
+        }
+    }
 }
 
 /// What computing the tiles of one image needs.
@@ -225,6 +429,9 @@ struct Tiles<'a> {
     act: Activation,
     /// Y channels-last: pixel `p`'s channel `oc` at `p * m + oc`.
     y_nhwc: bool,
+    /// Y is [`R`] planes of one block's channels (a scratch), not all `m` planes: channel `oc`
+    /// of block `blk` at plane `oc - blk * R`.
+    local: bool,
 }
 
 impl Tiles<'_> {
@@ -345,7 +552,7 @@ mod x86 {
                 let x = x0 + i * LANES;
                 let lanes = (t.ow - x).min(LANES);
                 let mask = ((1u32 << lanes) - 1) as u16;
-                let at = oc * t.plane + oy * t.ow + x;
+                let at = if t.local { o } else { oc } * t.plane + oy * t.ow + x;
                 let mut v = bias.map_or(s, |b| _mm512_add_ps(s, b));
                 if let Some(z) = t.z {
                     let zr = &z[at..at + lanes];

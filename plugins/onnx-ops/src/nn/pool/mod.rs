@@ -42,7 +42,7 @@ fn window(node: &NodeInfo<'_>) -> Result<WindowAttrs, PluginError> {
     Ok(w)
 }
 
-fn max_pool_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
+pub(in crate::nn) fn max_pool_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
     Ok(Box::new(Pool {
         op: "MaxPool",
         kind: Kind::Max,
@@ -217,9 +217,7 @@ impl Pool {
                 self.op
             )));
         }
-        let spatial = &xs[2..];
-        let s = spatial.len();
-        let g = self.window.resolve(self.op, spatial, None)?;
+        let g = self.window.resolve(self.op, &xs[2..], None)?;
         let mut out_shape = xs[..2].to_vec();
         out_shape.extend_from_slice(&g.out);
         let x = xv.as_slice::<T>()?;
@@ -228,12 +226,29 @@ impl Pool {
         // index) of every plane, windows wholly in the padding included.
         let y = ctx.output_slice_to_overwrite::<T>(0, &out_shape)?;
         let want_indices = self.kind == Kind::Max && ctx.num_outputs() > 1;
-        let mut no_indices: [i64; 0] = [];
         let indices = if want_indices {
-            ctx.output_slice_to_overwrite::<i64>(1, &out_shape)?
+            Some(ctx.output_slice_to_overwrite::<i64>(1, &out_shape)?)
         } else {
-            &mut no_indices[..]
+            None
         };
+        self.pool(ctx, (x, xs), &g, y, indices)
+    }
+
+    /// The pool of `x` (shape `xs`, `N x C x spatial`) in geometry `g` into `y` (and the
+    /// indices, for a MaxPool asked for them).
+    fn pool<T: PoolElem>(
+        &self,
+        ctx: &KernelContext<'_>,
+        (x, xs): (&[T], &[usize]),
+        g: &Geometry,
+        y: &mut [T],
+        indices: Option<&mut [i64]>,
+    ) -> Result<(), PluginError> {
+        let spatial = xs.get(2..).unwrap_or(&[]);
+        let s = spatial.len();
+        let want_indices = indices.is_some();
+        let mut no_indices: [i64; 0] = [];
+        let indices = indices.unwrap_or(&mut no_indices[..]);
         if y.is_empty() {
             return Ok(());
         }
@@ -245,7 +260,7 @@ impl Pool {
         // Per dimension and output position: the in-range taps (as offsets) and the number
         // of taps inside the padded extent.
         let taps = (0..s)
-            .map(|d| Taps::new(&g, spatial, in_strides[d], d))
+            .map(|d| Taps::new(g, spatial, in_strides[d], d))
             .collect::<Result<Vec<_>, _>>()?;
         let indices = Disjoint::new(indices);
         // Column-major strides of the spatial dims, for storage_order = 1.
@@ -272,6 +287,15 @@ impl Pool {
             && g.strides[1] == 1
             && g.pad_begin[1] == 0
             && g.out[1] == spatial[1];
+        // A 2-D window's column stepping when constant, and its interior columns: once,
+        // not per plane.
+        let columns = match (s, taps.get(1)) {
+            (2, Some(cols_of)) => {
+                let fast = (g.dilations[1] == 1).then(|| (g.kernel[1], g.strides[1]));
+                (fast, separable::interior(cols_of, g.out[1], fast))
+            }
+            _ => (None, None),
+        };
         ctx.parallel_chunks(y, grain, |start, chunk| {
             // Reused scratch (the row pass writes all of it before the column pass reads):
             // no zeroed allocation per task; taken when a plane first needs it.
@@ -296,7 +320,8 @@ impl Pool {
                         rows_of: &taps[0],
                         cols_of: &taps[1],
                         out_w: g.out[1],
-                        fast: (g.dilations[1] == 1).then(|| (g.kernel[1], g.strides[1])),
+                        fast: columns.0,
+                        interior: columns.1,
                     };
                     if T::max_plane_own(xp, &geometry, yp) {
                         continue;
@@ -400,6 +425,101 @@ impl Pool {
                 }
             }
         })
+    }
+}
+
+/// MaxPool of f32 `x` (shape `xs`, `N x C x spatial`) in geometry `g` into `y`, without
+/// indices: what `opreg::FusedConvMaxPool` runs over a convolution it computed whole.
+pub(in crate::nn) fn max_pool_f32(
+    ctx: &KernelContext<'_>,
+    (x, xs): (&[f32], &[usize]),
+    g: &Geometry,
+    y: &mut [f32],
+) -> Result<(), PluginError> {
+    let pool = Pool {
+        op: "MaxPool",
+        kind: Kind::Max,
+        // Only `g` is used: the window is resolved already.
+        window: WindowAttrs {
+            kernel_shape: None,
+            strides: None,
+            dilations: None,
+            pads: None,
+            auto_pad: super::AutoPad::NotSet,
+            ceil_mode: false,
+        },
+        storage_order: false,
+    };
+    pool.pool(ctx, (x, xs), g, y, None)
+}
+
+/// A 2-D f32 MaxPool computed a band of output rows at a time, from a plane of which only
+/// the input rows those windows read need hold values: `opreg::FusedConvMaxPool` pools the
+/// rows of its convolution while they are in cache (see `conv::stem`).
+pub(in crate::nn) struct MaxRows {
+    rows_of: Taps,
+    cols_of: Taps,
+    w_in: usize,
+    out_w: usize,
+    fast: Option<(usize, usize)>,
+    interior: Option<(usize, usize, usize)>,
+}
+
+impl MaxRows {
+    /// The pool of geometry `g` (2-D) over planes of `h x w`.
+    pub(in crate::nn) fn new(g: &Geometry, (h, w): (usize, usize)) -> Result<Self, PluginError> {
+        let (Some(&out_w), Some(&dilation), Some(&kw), Some(&sw)) = (
+            g.out.get(1),
+            g.dilations.get(1),
+            g.kernel.get(1),
+            g.strides.get(1),
+        ) else {
+            return Err(PluginError::internal("MaxRows: the window is not 2-D"));
+        };
+        let spatial = [h, w];
+        let cols_of = Taps::new(g, &spatial, 1, 1)?;
+        let fast = (dilation == 1).then_some((kw, sw));
+        Ok(MaxRows {
+            rows_of: Taps::new(g, &spatial, w, 0)?,
+            interior: separable::interior(&cols_of, out_w, fast),
+            cols_of,
+            w_in: w,
+            out_w,
+            fast,
+        })
+    }
+
+    fn geometry(&self) -> Separable<'_> {
+        Separable {
+            w_in: self.w_in,
+            rows_of: &self.rows_of,
+            cols_of: &self.cols_of,
+            out_w: self.out_w,
+            fast: self.fast,
+            interior: self.interior,
+        }
+    }
+
+    /// Whether [`rows`](Self::rows) computes this pool on this CPU (windows stepping 2
+    /// columns over 2 or 3, AVX-512: [`stride2`]).
+    pub(in crate::nn) fn in_bands(&self) -> bool {
+        stride2::takes(&self.geometry())
+    }
+
+    /// The input rows that output rows `rows` read (empty where every window lies in the
+    /// padding).
+    pub(in crate::nn) fn input_rows(&self, rows: std::ops::Range<usize>) -> std::ops::Range<usize> {
+        let w = self.w_in.max(1);
+        let read = rows.flat_map(|o| self.rows_of.of(o).iter().map(|&off| off / w));
+        let (lo, hi) = read.fold((usize::MAX, 0), |(lo, hi), r| (lo.min(r), hi.max(r + 1)));
+        lo.min(hi)..hi
+    }
+
+    /// Output rows from `first` into `out` (whole rows of the output's width) from the plane
+    /// `xp`, of which only [`input_rows`](Self::input_rows) are read; `false` (nothing
+    /// written) where not [`in_bands`](Self::in_bands).
+    pub(in crate::nn) fn rows(&self, xp: &[f32], first: usize, out: &mut [f32]) -> bool {
+        stride2::max_rows_stride2_f32(xp, &self.geometry(), first, out)
     }
 }
 

@@ -25,20 +25,30 @@ pub(super) struct Separable<'a> {
     pub cols_of: &'a Taps,
     pub out_w: usize,
     pub fast: Option<(usize, usize)>,
+    /// [`interior`] of these columns, worked out once per geometry.
+    pub interior: Option<(usize, usize, usize)>,
 }
 
 impl Separable<'_> {
-    /// The output columns `lo..hi` whose windows lie wholly inside the row (constant kernel
-    /// width and stride, [`fast`](Self::fast)), with the first one's first column `c0`.
+    /// [`interior`] of these columns.
     pub(super) fn interior(&self) -> Option<(usize, usize, usize)> {
-        let (kw, _) = self.fast?;
-        let (cols_of, out_w) = (self.cols_of, self.out_w);
-        let lo = (0..out_w).find(|&ow| cols_of.of(ow).len() == kw)?;
-        let hi = (lo..out_w)
-            .find(|&ow| cols_of.of(ow).len() != kw)
-            .unwrap_or(out_w);
-        Some((lo, hi, *cols_of.of(lo).first()?))
+        self.interior
     }
+}
+
+/// The output columns `lo..hi` whose windows lie wholly inside the row (constant kernel
+/// width and stride: `fast`, as in [`Separable`]), with the first one's first column `c0`.
+pub(super) fn interior(
+    cols_of: &Taps,
+    out_w: usize,
+    fast: Option<(usize, usize)>,
+) -> Option<(usize, usize, usize)> {
+    let (kw, _) = fast?;
+    let lo = (0..out_w).find(|&ow| cols_of.of(ow).len() == kw)?;
+    let hi = (lo..out_w)
+        .find(|&ow| cols_of.of(ow).len() != kw)
+        .unwrap_or(out_w);
+    Some((lo, hi, *cols_of.of(lo).first()?))
 }
 
 simd_fn! {
@@ -60,6 +70,7 @@ simd_fn! {
             cols_of,
             out_w,
             fast,
+            ..
         } = *geometry;
         let neg = <T::C as Real>::NEG_INFINITY;
         let (h, hf) = h.split_at_mut(h.len() / 2);

@@ -22,26 +22,49 @@ use super::separable::Separable;
 /// geometry's columns step 2 over windows of 2 or 3 and the CPU has AVX-512; `false`
 /// (nothing written) otherwise.
 pub(super) fn max_plane_stride2_f32(xp: &[f32], geometry: &Separable<'_>, yp: &mut [f32]) -> bool {
+    max_rows_stride2_f32(xp, geometry, 0, yp)
+}
+
+/// Whether [`max_rows_stride2_f32`] takes `geometry` on this CPU.
+pub(super) fn takes(geometry: &Separable<'_>) -> bool {
+    cfg!(target_arch = "x86_64")
+        && matches!(geometry.fast, Some((2 | 3, 2)))
+        && crate::simd::has_avx512()
+}
+
+/// [`max_plane_stride2_f32`] for the output rows from `first` that `out` holds (whole rows;
+/// only the input rows their windows read are read): a fused convolution pools a band of
+/// rows at a time while they are in cache.
+pub(super) fn max_rows_stride2_f32(
+    xp: &[f32],
+    geometry: &Separable<'_>,
+    first: usize,
+    out: &mut [f32],
+) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if let Some((kw @ (2 | 3), 2)) = geometry.fast {
-        if crate::simd::has_avx512() {
-            // SAFETY: the CPU has AVX-512 F (checked).
-            unsafe { plane_avx512(xp, geometry, kw, yp) };
-            return true;
-        }
+    if let (true, Some((kw, _))) = (takes(geometry), geometry.fast) {
+        // SAFETY: the CPU has AVX-512 F (checked).
+        unsafe { rows_avx512(xp, geometry, kw, first, out) };
+        return true;
     }
-    let _ = (xp, geometry, yp);
+    let _ = (xp, geometry, first, out);
     false
 }
 
-/// [`max_plane_stride2_f32`] once checked: the output columns whose windows lie wholly inside
+/// [`max_rows_stride2_f32`] once checked: the output columns whose windows lie wholly inside
 /// the row in vectors, the others (pads, a ceil-mode edge) tap by tap.
 ///
 /// # Safety
 /// The CPU has AVX-512 F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn plane_avx512(xp: &[f32], geometry: &Separable<'_>, kw: usize, yp: &mut [f32]) {
+unsafe fn rows_avx512(
+    xp: &[f32],
+    geometry: &Separable<'_>,
+    kw: usize,
+    first: usize,
+    out: &mut [f32],
+) {
     let Separable {
         rows_of,
         cols_of,
@@ -50,8 +73,8 @@ unsafe fn plane_avx512(xp: &[f32], geometry: &Separable<'_>, kw: usize, yp: &mut
     } = *geometry;
     // The interior columns `lo..hi`, the first one's window from column `c0`.
     let (lo, hi, c0) = geometry.interior().unwrap_or((0, 0, 0));
-    for (oh, yr) in yp.chunks_exact_mut(out_w.max(1)).enumerate() {
-        let rows = rows_of.of(oh);
+    for (i, yr) in out.chunks_exact_mut(out_w.max(1)).enumerate() {
+        let rows = rows_of.of(first + i);
         if rows.is_empty() {
             yr.fill(f32::NEG_INFINITY);
             continue;
