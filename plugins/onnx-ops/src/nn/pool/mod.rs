@@ -14,7 +14,7 @@ use opreg_sdk::{
     alloc::{checked_numel, try_with_capacity},
     prelude::*,
 };
-use separable::{max_plane_rows, max_plane_separable, Separable};
+use separable::{avg_plane_separable, max_plane_rows, max_plane_separable, Separable};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {
@@ -271,7 +271,10 @@ impl Pool {
         let grain = (4096 / out_plane.max(1)).max(1) * out_plane;
         // The separable MaxPool's row maxima (input rows x output columns) and one output
         // row's accumulator; `None` when they cannot be had (then the direct loop runs).
-        let separable = s == 2 && !want_indices && self.kind == Kind::Max && spatial[1] > 0;
+        let separable = s == 2
+            && !want_indices
+            && matches!(self.kind, Kind::Max | Kind::Avg { .. })
+            && spatial[1] > 0;
         let h_len = if separable {
             spatial[0]
                 .checked_mul(g.out[1])
@@ -339,8 +342,24 @@ impl Pool {
                     }
                 }
                 if let (2, None, Kind::Avg { count_include_pad }) = (s, &ip, self.kind) {
-                    // The common 2-D average without indices: a plain loop over the window's
-                    // rows and columns (the general walk below costs ~3x more per tap).
+                    // Separable when its row sums' scratch could be had.
+                    if hbuf.is_none() {
+                        hbuf = h_len.and_then(|_| hbufs.take().ok());
+                    }
+                    if let Some(h) = hbuf.as_deref_mut() {
+                        let geometry = Separable {
+                            w_in: spatial[1],
+                            rows_of: &taps[0],
+                            cols_of: &taps[1],
+                            out_w: g.out[1],
+                            fast: columns.0,
+                            interior: columns.1,
+                        };
+                        avg_plane_separable::<T>(xp, &geometry, count_include_pad, h, &mut acc, yp);
+                        continue;
+                    }
+                    // Else a plain loop over the window's rows and columns (the general walk
+                    // below costs ~3x more per tap).
                     let (rows_of, cols_of) = (&taps[0], &taps[1]);
                     for (oh, yrow) in yp.chunks_mut(g.out[1]).enumerate() {
                         let rows = rows_of.of(oh);
@@ -989,6 +1008,40 @@ mod tests {
                 if kind == Kind::Max {
                     assert_eq!(got[1].to_vec::<i64>().expect("i64"), idx);
                 }
+            }
+        }
+    }
+
+    /// The separable 2-D AveragePool against the direct loops on rows wider than a vector:
+    /// stride-1 windows of width 2 and 3 (shifted runs) with pads on either side and ceil
+    /// mode, a strided and a dilated window (tap by tap), counting the padding or not.
+    #[test]
+    fn separable_average_pool_matches_the_direct_loops() {
+        let xs = [1usize, 2, 9, 40];
+        let x = data(xs.iter().product());
+        let tx = HostTensor::from_vec(&xs, &x).expect("x");
+        // (kernel, strides, dilations, pads, ceil_mode, expected out)
+        let cases = [
+            ([3, 3], [1, 1], [1, 1], [1, 1, 1, 1], false, [9, 40]),
+            ([2, 2], [1, 1], [1, 1], [0, 1, 1, 0], false, [9, 40]),
+            ([3, 3], [1, 1], [1, 1], [0, 2, 0, 0], true, [7, 40]),
+            ([3, 3], [2, 2], [1, 1], [1, 1, 1, 1], true, [5, 21]),
+            ([2, 3], [1, 1], [2, 2], [1, 2, 0, 1], false, [8, 39]),
+        ];
+        for (k, st, dil, pads, ceil, out) in cases {
+            for count_include_pad in [false, true] {
+                let node = NodeSpec::onnx("AveragePool", 19)
+                    .attr("kernel_shape", ints(&k))
+                    .attr("strides", ints(&st))
+                    .attr("dilations", ints(&dil))
+                    .attr("pads", ints(&pads))
+                    .attr("ceil_mode", AttrValue::Int(ceil as i64))
+                    .attr("count_include_pad", AttrValue::Int(count_include_pad as i64));
+                let got = run_kernel(avg_pool_factory, &node, &[&tx], None).expect("run");
+                let kind = Kind::Avg { count_include_pad };
+                let (want, _) = naive_pool2(&x, xs, k, st, dil, pads, out, kind);
+                assert_eq!(got[0].shape(), &[1, 2, out[0], out[1]], "{k:?} {st:?}");
+                close(&got[0].to_vec::<f32>().expect("f32"), &want);
             }
         }
     }
