@@ -207,10 +207,7 @@ impl BatchNorm {
                 for (pi, yp) in chunk.chunks_mut(plane).enumerate() {
                     let p = start / plane + pi;
                     let ch = p % c;
-                    let xp = &x[p * plane..(p + 1) * plane];
-                    for (yv, xv) in yp.iter_mut().zip(xp) {
-                        *yv = T::store(xv.load() * a[ch] + b[ch]);
-                    }
+                    affine_plane::<T>(&x[p * plane..(p + 1) * plane], (a[ch], b[ch]), yp);
                 }
             })?;
         }
@@ -556,6 +553,18 @@ fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + chunks.remainder().iter().map(|&v| f(v)).sum::<f32>()
+}
+
+crate::simd::simd_fn! {
+    /// `y = x * a + b` over one plane (BatchNormalization in inference), a multiply then an
+    /// add as before (no fused rounding), compiled for AVX-512 and AVX2 too: the SSE2
+    /// baseline's 4 lanes took 4.4x ONNX Runtime's time on 8x64x56x56.
+    fn affine_plane<T: Float>(x: &[T], ab: (T::Compute, T::Compute), y: &mut [T]) {
+        let (a, b) = ab;
+        for (yv, xv) in y.iter_mut().zip(x) {
+            *yv = T::store(xv.load() * a + b);
+        }
+    }
 }
 
 crate::simd::simd_fn! {
