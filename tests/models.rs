@@ -1350,3 +1350,109 @@ async fn mobilenet_block(c: usize) {
     }
     assert_eq!(f32_values(&r.raw_output_contents[0]), want);
 }
+
+/// A first layer, its ReLU and the MaxPool reading it (SqueezeNet's stem: 3x3 stride 2, then
+/// a 3x3 stride-2 ceil-mode pool) run as one `opreg::FusedConvMaxPool` (pass `conv-pool`)
+/// whose output shape is inferred through both windows and whose values are those of the
+/// three operators, computed here by direct loops.
+#[tokio::test]
+async fn a_first_layer_and_its_max_pool_run_as_one_fused_kernel() {
+    let (c_in, h, w, m) = (3usize, 9usize, 70usize, 8usize);
+    let (oh, ow) = ((h - 3) / 2 + 1, (w - 3) / 2 + 1);
+    // Ceil mode: a last window starting inside the row may reach past it.
+    let (ph, pw) = ((oh - 3).div_ceil(2) + 1, (ow - 3).div_ceil(2) + 1);
+    let x: Vec<f32> = (0..c_in * h * w)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+        .collect();
+    let wt: Vec<f32> = (0..m * c_in * 9)
+        .map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0)
+        .collect();
+    let b: Vec<f32> = (0..m).map(|o| o as f32 * 0.25 - 1.0).collect();
+    let bytes = model(
+        vec![
+            node_with(
+                "Conv",
+                &["x", "w", "b"],
+                &["c"],
+                vec![attr_ints("strides", &[2, 2])],
+            ),
+            node("Relu", &["c"], &["r"]),
+            node_with(
+                "MaxPool",
+                &["r"],
+                &["y"],
+                vec![
+                    attr_ints("kernel_shape", &[3, 3]),
+                    attr_ints("strides", &[2, 2]),
+                    attr_int("ceil_mode", 1),
+                ],
+            ),
+        ],
+        vec![value("x", 1, &[1, c_in as i64, h as i64, w as i64])],
+        // The output's shape left to inference.
+        vec![value("y", 1, &[])],
+        vec![
+            f32_initializer("w", &[m as i64, c_in as i64, 3, 3], &wt),
+            f32_initializer("b", &[m as i64], &b),
+        ],
+        17,
+    );
+    let repo = tempfile::tempdir().expect("repo");
+    let (d, _p) = start_serving(repo.path(), &[]);
+    let mut c = d.inference().await;
+    c.repository_model_load(load_request("stem", bytes))
+        .await
+        .expect("load");
+    let (_, nodes) = placement(&d, "stem").await;
+    assert_eq!(
+        nodes,
+        vec![(
+            "FusedConvMaxPool".to_string(),
+            "cpu".to_string(),
+            "onnx-ops".to_string()
+        )]
+    );
+    let r = c
+        .model_infer(pb::ModelInferRequest {
+            model_name: "stem".into(),
+            inputs: vec![input("x", "FP32", &[1, c_in as i64, h as i64, w as i64])],
+            raw_input_contents: vec![f32_bytes(&x).into()],
+            ..Default::default()
+        })
+        .await
+        .expect("infer")
+        .into_inner();
+    assert_eq!(r.outputs[0].shape, [1, m as i64, ph as i64, pw as i64]);
+    // The convolution with its bias and ReLU, in the operators' order of sums.
+    let conv = |o: usize, y: usize, xx: usize| {
+        let mut s = 0.0f32;
+        for ic in 0..c_in {
+            for ky in 0..3 {
+                for kx in 0..3 {
+                    s += wt[((o * c_in + ic) * 3 + ky) * 3 + kx]
+                        * x[(ic * h + 2 * y + ky) * w + 2 * xx + kx];
+                }
+            }
+        }
+        (s + b[o]).max(0.0)
+    };
+    let mut want = Vec::new();
+    for o in 0..m {
+        for py in 0..ph {
+            for px in 0..pw {
+                let mut best = f32::NEG_INFINITY;
+                for y in (2 * py..2 * py + 3).filter(|&y| y < oh) {
+                    for xx in (2 * px..2 * px + 3).filter(|&xx| xx < ow) {
+                        best = best.max(conv(o, y, xx));
+                    }
+                }
+                want.push(best);
+            }
+        }
+    }
+    let got = f32_values(&r.raw_output_contents[0]);
+    assert_eq!(got.len(), want.len());
+    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+        assert!((g - e).abs() <= 1e-4 * e.abs().max(1.0), "{i}: {g} vs {e}");
+    }
+}

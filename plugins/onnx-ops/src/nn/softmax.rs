@@ -189,17 +189,24 @@ crate::simd::simd_fn! {
             for &v in lanes.iter().chain(tail.remainder()) {
                 max = if v > max { v } else { max };
             }
-            for (o, &v) in yr.iter_mut().zip(xr) {
-                *o = opreg_sdk::numeric::exp32(v - max);
-            }
+            // The exponentials summed as they are stored (one pass over the row, not a second
+            // one reading them back), in the same lanes and order.
+            let exp = |v: f32| opreg_sdk::numeric::exp32(v - max);
             let mut sums = [0.0f32; LANES];
-            let mut tail = yr.chunks_exact(LANES);
-            for c in &mut tail {
-                for (s, &v) in sums.iter_mut().zip(c) {
-                    *s += v;
+            let mut outs = yr.chunks_exact_mut(LANES);
+            let mut ins = xr.chunks_exact(LANES);
+            for (oc, ic) in (&mut outs).zip(&mut ins) {
+                for ((o, &v), s) in oc.iter_mut().zip(ic).zip(sums.iter_mut()) {
+                    *o = exp(v);
+                    *s += *o;
                 }
             }
-            let sum = sums.iter().sum::<f32>() + tail.remainder().iter().sum::<f32>();
+            let mut rest = 0.0f32;
+            for (o, &v) in outs.into_remainder().iter_mut().zip(ins.remainder()) {
+                *o = exp(v);
+                rest += *o;
+            }
+            let sum = sums.iter().sum::<f32>() + rest;
             if log {
                 let lse = max + sum.ln();
                 for (o, &v) in yr.iter_mut().zip(xr) {

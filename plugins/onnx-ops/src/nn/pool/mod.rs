@@ -1036,7 +1036,10 @@ mod tests {
                     .attr("dilations", ints(&dil))
                     .attr("pads", ints(&pads))
                     .attr("ceil_mode", AttrValue::Int(ceil as i64))
-                    .attr("count_include_pad", AttrValue::Int(count_include_pad as i64));
+                    .attr(
+                        "count_include_pad",
+                        AttrValue::Int(count_include_pad as i64),
+                    );
                 let got = run_kernel(avg_pool_factory, &node, &[&tx], None).expect("run");
                 let kind = Kind::Avg { count_include_pad };
                 let (want, _) = naive_pool2(&x, xs, k, st, dil, pads, out, kind);
