@@ -128,7 +128,6 @@ pub(super) fn run(
         plane,
     )?;
     let Layer {
-        ref pad,
         copy_len,
         blocks,
         image,
@@ -154,15 +153,7 @@ pub(super) fn run(
     let copy = ctx.scratch_reused::<f32>(copy_len)?;
     let rows_per_task = oh.div_ceil(4 * ctx.num_threads().max(1)).max(1);
     for b in 0..n {
-        let xb = &x[b * image..(b + 1) * image];
-        ctx.parallel_chunks(copy, pad.len, |start, chunk| {
-            let ic = start / pad.len;
-            pad.fill(
-                &xb[ic * layer.in_plane..(ic + 1) * layer.in_plane],
-                layer.in_hw,
-                chunk,
-            );
-        })?;
+        layer.fill_parallel(ctx, &x[b * image..(b + 1) * image], copy)?;
         let yd = Disjoint::new(&mut y[b * m * plane..(b + 1) * m * plane]);
         let copy = &*copy;
         let tiles = tiles(b);
@@ -225,7 +216,6 @@ pub(super) fn run_pooled(
         ));
     }
     let Layer {
-        ref pad,
         copy_len,
         blocks,
         image,
@@ -241,15 +231,7 @@ pub(super) fn run_pooled(
     let planes = TaskScratch::<f32>::new(ctx, checked_numel(&[R, plane])?);
     let rows_per_task = ph.div_ceil(2 * ctx.num_threads().max(1)).max(1);
     for b in 0..n {
-        let xb = &x[b * image..(b + 1) * image];
-        ctx.parallel_chunks(copy, pad.len, |start, chunk| {
-            let ic = start / pad.len;
-            pad.fill(
-                &xb[ic * layer.in_plane..(ic + 1) * layer.in_plane],
-                layer.in_hw,
-                chunk,
-            );
-        })?;
+        layer.fill_parallel(ctx, &x[b * image..(b + 1) * image], copy)?;
         let yd = Disjoint::new(&mut y[b * m * pooled..(b + 1) * m * pooled]);
         let (copy, tiles) = (&*copy, &tiles);
         ctx.parallel_for(ph, rows_per_task, |band| {
@@ -383,9 +365,26 @@ impl<'a> Layer<'a> {
     /// Image `xb`'s copy into `copy` (its `copy_len` floats).
     fn fill(&self, xb: &[f32], copy: &mut [f32]) {
         for (ic, chunk) in copy.chunks_mut(self.pad.len).enumerate() {
-            let plane = &xb[ic * self.in_plane..(ic + 1) * self.in_plane];
-            self.pad.fill(plane, self.in_hw, chunk);
+            self.fill_channel(xb, ic, chunk);
         }
+    }
+
+    /// [`fill`](Self::fill) with one task per channel.
+    fn fill_parallel(
+        &self,
+        ctx: &KernelContext<'_>,
+        xb: &[f32],
+        copy: &mut [f32],
+    ) -> Result<(), PluginError> {
+        ctx.parallel_chunks(copy, self.pad.len, |start, chunk| {
+            self.fill_channel(xb, start / self.pad.len, chunk)
+        })
+    }
+
+    /// Channel `ic` of image `xb` into its part of the copy.
+    fn fill_channel(&self, xb: &[f32], ic: usize, chunk: &mut [f32]) {
+        let plane = &xb[ic * self.in_plane..(ic + 1) * self.in_plane];
+        self.pad.fill(plane, self.in_hw, chunk);
     }
 
     /// The tiles of an NCHW output without a Z (the callers set those they have).

@@ -948,18 +948,54 @@ mod tests {
         crate::util::testing::assert_close(a, b, 1e-5);
     }
 
+    /// A 2-D pool case: kernel, strides, dilations, pads, ceil mode, the expected output's
+    /// extents.
+    type PoolCase = (
+        [usize; 2],
+        [usize; 2],
+        [usize; 2],
+        [usize; 4],
+        bool,
+        [usize; 2],
+    );
+
+    /// Every pool against direct loops, on small planes and on rows wider than a vector
+    /// (the separable AveragePool's stride-1 windows of width 2 and 3 as shifted runs, with
+    /// pads on either side and ceil mode; strided and dilated windows tap by tap).
     #[test]
     fn pools_match_naive_loops() {
-        let xs = [2usize, 3, 7, 8];
-        let x = data(xs.iter().product());
-        let tx = HostTensor::from_vec(&xs, &x).expect("x");
-        // (kernel, strides, dilations, pads, ceil_mode, expected out)
-        let cases = [
-            ([3, 3], [1, 1], [1, 1], [1, 1, 1, 1], false, [7, 8]),
-            ([2, 3], [2, 2], [1, 1], [0, 1, 1, 0], false, [4, 4]),
-            ([2, 2], [2, 3], [1, 1], [0, 0, 0, 0], true, [4, 3]),
-            ([3, 2], [2, 1], [2, 2], [1, 0, 2, 1], true, [4, 7]),
-        ];
+        let small: ([usize; 4], Vec<PoolCase>) = (
+            [2, 3, 7, 8],
+            vec![
+                ([3, 3], [1, 1], [1, 1], [1, 1, 1, 1], false, [7, 8]),
+                ([2, 3], [2, 2], [1, 1], [0, 1, 1, 0], false, [4, 4]),
+                ([2, 2], [2, 3], [1, 1], [0, 0, 0, 0], true, [4, 3]),
+                ([3, 2], [2, 1], [2, 2], [1, 0, 2, 1], true, [4, 7]),
+            ],
+        );
+        let wide: ([usize; 4], Vec<PoolCase>) = (
+            [1, 2, 9, 40],
+            vec![
+                ([3, 3], [1, 1], [1, 1], [1, 1, 1, 1], false, [9, 40]),
+                ([2, 2], [1, 1], [1, 1], [0, 1, 1, 0], false, [9, 40]),
+                ([3, 3], [1, 1], [1, 1], [0, 2, 0, 0], true, [7, 40]),
+                ([3, 3], [2, 2], [1, 1], [1, 1, 1, 1], true, [5, 21]),
+                ([2, 3], [1, 1], [2, 2], [1, 2, 0, 1], false, [8, 39]),
+            ],
+        );
+        for (xs, cases) in [small, wide] {
+            let x = data(xs.iter().product());
+            let tx = HostTensor::from_vec(&xs, &x).expect("x");
+            pools_match_naive_loops_on(xs, &x, &tx, cases);
+        }
+    }
+
+    fn pools_match_naive_loops_on(
+        xs: [usize; 4],
+        x: &[f32],
+        tx: &HostTensor,
+        cases: Vec<PoolCase>,
+    ) {
         for (k, st, dil, pads, ceil, out) in cases {
             for (factory, kind, name) in [
                 (
@@ -1001,50 +1037,17 @@ mod tests {
                 if kind == Kind::Max {
                     node = node.outputs(2);
                 }
-                let got = run_kernel(factory, &node, &[&tx], None).expect("run");
-                let (want, idx) = naive_pool2(&x, xs, k, st, dil, pads, out, kind);
-                assert_eq!(got[0].shape(), &[2, 3, out[0], out[1]], "{name} {k:?}");
+                let got = run_kernel(factory, &node, &[tx], None).expect("run");
+                let (want, idx) = naive_pool2(x, xs, k, st, dil, pads, out, kind);
+                assert_eq!(
+                    got[0].shape(),
+                    &[xs[0], xs[1], out[0], out[1]],
+                    "{name} {k:?}"
+                );
                 close(&got[0].to_vec::<f32>().expect("f32"), &want);
                 if kind == Kind::Max {
                     assert_eq!(got[1].to_vec::<i64>().expect("i64"), idx);
                 }
-            }
-        }
-    }
-
-    /// The separable 2-D AveragePool against the direct loops on rows wider than a vector:
-    /// stride-1 windows of width 2 and 3 (shifted runs) with pads on either side and ceil
-    /// mode, a strided and a dilated window (tap by tap), counting the padding or not.
-    #[test]
-    fn separable_average_pool_matches_the_direct_loops() {
-        let xs = [1usize, 2, 9, 40];
-        let x = data(xs.iter().product());
-        let tx = HostTensor::from_vec(&xs, &x).expect("x");
-        // (kernel, strides, dilations, pads, ceil_mode, expected out)
-        let cases = [
-            ([3, 3], [1, 1], [1, 1], [1, 1, 1, 1], false, [9, 40]),
-            ([2, 2], [1, 1], [1, 1], [0, 1, 1, 0], false, [9, 40]),
-            ([3, 3], [1, 1], [1, 1], [0, 2, 0, 0], true, [7, 40]),
-            ([3, 3], [2, 2], [1, 1], [1, 1, 1, 1], true, [5, 21]),
-            ([2, 3], [1, 1], [2, 2], [1, 2, 0, 1], false, [8, 39]),
-        ];
-        for (k, st, dil, pads, ceil, out) in cases {
-            for count_include_pad in [false, true] {
-                let node = NodeSpec::onnx("AveragePool", 19)
-                    .attr("kernel_shape", ints(&k))
-                    .attr("strides", ints(&st))
-                    .attr("dilations", ints(&dil))
-                    .attr("pads", ints(&pads))
-                    .attr("ceil_mode", AttrValue::Int(ceil as i64))
-                    .attr(
-                        "count_include_pad",
-                        AttrValue::Int(count_include_pad as i64),
-                    );
-                let got = run_kernel(avg_pool_factory, &node, &[&tx], None).expect("run");
-                let kind = Kind::Avg { count_include_pad };
-                let (want, _) = naive_pool2(&x, xs, k, st, dil, pads, out, kind);
-                assert_eq!(got[0].shape(), &[1, 2, out[0], out[1]], "{k:?} {st:?}");
-                close(&got[0].to_vec::<f32>().expect("f32"), &want);
             }
         }
     }
