@@ -290,14 +290,21 @@ impl Pool {
             && g.strides[1] == 1
             && g.pad_begin[1] == 0
             && g.out[1] == spatial[1];
-        // A 2-D window's column stepping when constant, and its interior columns: once,
-        // not per plane.
-        let columns = match (s, taps.get(1)) {
-            (2, Some(cols_of)) => {
+        // A 2-D window's separable geometry (its column stepping when constant and its
+        // interior columns worked out once, not per plane).
+        let geometry = match (taps.as_slice(), spatial) {
+            ([rows_of, cols_of], &[_, w_in]) => {
                 let fast = (g.dilations[1] == 1).then(|| (g.kernel[1], g.strides[1]));
-                (fast, separable::interior(cols_of, g.out[1], fast))
+                Some(Separable {
+                    w_in,
+                    rows_of,
+                    cols_of,
+                    out_w: g.out[1],
+                    fast,
+                    interior: separable::interior(cols_of, g.out[1], fast),
+                })
             }
-            _ => (None, None),
+            _ => None,
         };
         ctx.parallel_chunks(y, grain, |start, chunk| {
             // Reused scratch (the row pass writes all of it before the column pass reads):
@@ -317,16 +324,8 @@ impl Pool {
                 };
                 // 2-D max without indices: the element type's own kernel, else separable
                 // when its row buffer could be had (else the general walk below).
-                if s == 2 && ip.is_none() && self.kind == Kind::Max {
-                    let geometry = Separable {
-                        w_in: spatial[1],
-                        rows_of: &taps[0],
-                        cols_of: &taps[1],
-                        out_w: g.out[1],
-                        fast: columns.0,
-                        interior: columns.1,
-                    };
-                    if T::max_plane_own(xp, &geometry, yp) {
+                if let (Some(geometry), None, Kind::Max) = (&geometry, &ip, self.kind) {
+                    if T::max_plane_own(xp, geometry, yp) {
                         continue;
                     }
                     if rows_only {
@@ -337,25 +336,19 @@ impl Pool {
                         hbuf = h_len.and_then(|_| hbufs.take().ok());
                     }
                     if let Some(h) = hbuf.as_deref_mut() {
-                        max_plane_separable::<T>(xp, &geometry, h, &mut acc, yp);
+                        max_plane_separable::<T>(xp, geometry, h, &mut acc, yp);
                         continue;
                     }
                 }
-                if let (2, None, Kind::Avg { count_include_pad }) = (s, &ip, self.kind) {
+                if let (Some(geometry), None, Kind::Avg { count_include_pad }) =
+                    (&geometry, &ip, self.kind)
+                {
                     // Separable when its row sums' scratch could be had.
                     if hbuf.is_none() {
                         hbuf = h_len.and_then(|_| hbufs.take().ok());
                     }
                     if let Some(h) = hbuf.as_deref_mut() {
-                        let geometry = Separable {
-                            w_in: spatial[1],
-                            rows_of: &taps[0],
-                            cols_of: &taps[1],
-                            out_w: g.out[1],
-                            fast: columns.0,
-                            interior: columns.1,
-                        };
-                        avg_plane_separable::<T>(xp, &geometry, count_include_pad, h, &mut acc, yp);
+                        avg_plane_separable::<T>(xp, geometry, count_include_pad, h, &mut acc, yp);
                         continue;
                     }
                     // Else a plain loop over the window's rows and columns (the general walk
