@@ -1965,6 +1965,17 @@ mod tests {
         let w16 = HostTensor::from_vec(&[8, 3, 3, 3], &vec![f16::ONE; 216]).expect("w");
         let e = run_kernel(conv_max_pool_factory, &fused, &[&x16, &w16], None).expect_err("f16");
         assert_eq!(e.code, ErrorCode::Unimplemented, "{e:?}");
+        // Hostile windows: a convolution with no output rows under a padded pool, a pool
+        // whose pads dwarf the plane: an error or an answer, never a panic.
+        let short = HostTensor::from_vec(&[1, 3, 2, 40], &vec![1.0f32; 240]).expect("x");
+        for (pads, kernel) in [([1i64, 1, 1, 1], 3i64), ([1 << 40, 0, 1 << 40, 0], 2)] {
+            let hostile = NodeSpec::onnx("FusedConvMaxPool", 1)
+                .domain("opreg")
+                .attr("pool_kernel_shape", AttrValue::Ints(vec![kernel, kernel]))
+                .attr("pool_pads", AttrValue::Ints(pads.to_vec()));
+            let _ = run_kernel(conv_max_pool_factory, &hostile, &[&short, &r.w], None);
+            let _ = run_kernel(conv_max_pool_factory, &hostile, &[&r.x, &r.w], None);
+        }
         let flat = HostTensor::from_vec(&[1, 3, 40], &vec![0.0f32; 120]).expect("x");
         let w1 = HostTensor::from_vec(&[8, 3, 3], &vec![0.0f32; 72]).expect("w");
         let e = run_kernel(conv_max_pool_factory, &fused, &[&flat, &w1], None).expect_err("1-D");
