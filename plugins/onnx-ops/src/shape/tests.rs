@@ -593,6 +593,13 @@ fn pad_modes() {
     assert_eq!(pad1(13, "reflect", &[2, 2]), vec![3, 2, 1, 2, 3, 2, 1]);
     assert_eq!(pad1(19, "wrap", &[2, 4]), vec![2, 3, 1, 2, 3, 1, 2, 3, 1]);
     assert_eq!(pad1(13, "constant", &[-1, 1]), vec![2, 3, 0]);
+    // Empty rows, cropped past their start: padding only.
+    let empty = run1(
+        &NodeSpec::onnx("Pad", 13),
+        &[Some(&f32t(&[2, 0], &[])), Some(&i64t(&[4], &[0, -1, 0, 2]))],
+    );
+    assert_eq!(empty.shape(), &[2, 1]);
+    assert_eq!(vf(&empty), vec![0.0, 0.0]);
     assert!(run(
         &NodeSpec::onnx("Pad", 13).attr("mode", s("wrap")),
         &[Some(&y), Some(&i64t(&[2], &[1, 1]))]
