@@ -754,8 +754,15 @@ impl ArgReduce {
         } else {
             out_shape.remove(axis);
         }
-        let y = ctx.output_slice::<i64>(0, &out_shape)?;
         let (max, last) = (self.max, self.last);
+        if let (Some(x), true) = (x_f32::<T>(x), inner > 1 && u32::try_from(n).is_ok()) {
+            // Every output element is written.
+            let y = ctx.output_slice_to_overwrite::<i64>(0, &out_shape)?;
+            return ctx.parallel_chunks(y, (16 * 1024 / n).max(1), |start, chunk| {
+                arg_rows_f32(x, (n, inner), (max, last), start, chunk)
+            });
+        }
+        let y = ctx.output_slice::<i64>(0, &out_shape)?;
         ctx.parallel_chunks(y, (16 * 1024 / n).max(1), |start, chunk| {
             for (k, yv) in chunk.iter_mut().enumerate() {
                 let (o, i) = ((start + k) / inner, (start + k) % inner);
@@ -778,6 +785,66 @@ impl ArgReduce {
                 *yv = at as i64;
             }
         })
+    }
+}
+
+/// `x` as f32, when `T` is f32.
+fn x_f32<T: Scalar>(x: &[T]) -> Option<&[f32]> {
+    (T::DTYPE == DType::F32).then(|| {
+        // SAFETY: `T` is f32 (its dtype), so the slice's memory is f32s.
+        unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) }
+    })
+}
+
+/// Positions of ArgMax/ArgMin per block of outputs along the inner axes.
+const ARG_BLOCK: usize = 64;
+
+crate::simd::simd_fn! {
+    /// ArgMax (`max`) or ArgMin over the middle axis of `x` (`[outer, n, inner]`, f32) for
+    /// the outputs `start..start + y.len()`: per block of up to [`ARG_BLOCK`] outputs along
+    /// the inner axes, the running best values and their indices, updated row after row of
+    /// the reduced axis with compares and selects that vectorize. The general loop walked
+    /// each output's `n` values `inner` apart with a branch per value (ArgMax over the
+    /// channels of 8x64x56x56: 2.8x ONNX Runtime's time). The same comparisons in the same
+    /// order per output, so the same index (NaN: a NaN first value is never replaced, a later
+    /// one never wins; `last`: ties go to the later index).
+    fn arg_rows_f32(
+        x: &[f32],
+        shape: (usize, usize),
+        mode: (bool, bool),
+        start: usize,
+        y: &mut [i64],
+    ) {
+        let ((n, inner), (max, last)) = (shape, mode);
+        let mut done = 0;
+        while done < y.len() {
+            let at = start + done;
+            let (o, i) = (at / inner, at % inner);
+            // A block inside one outer slice.
+            let len = (y.len() - done).min(inner - i).min(ARG_BLOCK);
+            let base = o * n * inner + i;
+            let mut best = [0.0f32; ARG_BLOCK];
+            let mut index = [0u32; ARG_BLOCK];
+            best[..len].copy_from_slice(&x[base..base + len]);
+            for j in 1..n {
+                let row = &x[base + j * inner..][..len];
+                let j = j as u32;
+                for ((b, a), &v) in best[..len].iter_mut().zip(&mut index[..len]).zip(row) {
+                    let better = match (max, last) {
+                        (true, false) => v > *b,
+                        (true, true) => v >= *b,
+                        (false, false) => v < *b,
+                        (false, true) => v <= *b,
+                    };
+                    *b = if better { v } else { *b };
+                    *a = if better { j } else { *a };
+                }
+            }
+            for (out, &a) in y[done..done + len].iter_mut().zip(&index[..len]) {
+                *out = i64::from(a);
+            }
+            done += len;
+        }
     }
 }
 
@@ -1662,6 +1729,43 @@ mod tests {
         assert_eq!(run(argmax_factory, -1, 0, 1), (vec![2], vec![2, 2]));
         assert_eq!(run(argmin_factory, 1, 0, 0), (vec![2], vec![0, 1]));
         assert_eq!(run(argmin_factory, 0, 1, 0), (vec![1, 3], vec![1, 1, 1]));
+    }
+
+    /// ArgMax/ArgMin over f32 along a middle axis (the blocked rows of `arg_rows_f32`) give
+    /// the indices of the general loop, which f64 takes: ties both ways, NaN first and later,
+    /// blocks cut by the outer slices and by a chunk's end, every axis.
+    #[test]
+    fn blocked_arg_reductions_match_the_general_loop() {
+        let shape = [3usize, 7, 5, 70];
+        let x: Vec<f32> = (0..shape.iter().product::<usize>())
+            .map(|i| match i % 29 {
+                0 => f32::NAN,
+                k => (k % 6) as f32 - 2.0,
+            })
+            .collect();
+        let x64: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+        let (t32, t64) = (
+            HostTensor::from_vec(&shape, &x).expect("x"),
+            HostTensor::from_vec(&shape, &x64).expect("x"),
+        );
+        for axis in 0..4 {
+            for (f, op) in [
+                (argmax_factory as Factory, "ArgMax"),
+                (argmin_factory, "ArgMin"),
+            ] {
+                for last in [0, 1] {
+                    let node = NodeSpec::onnx(op, 13)
+                        .attr("axis", AttrValue::Int(axis))
+                        .attr("select_last_index", AttrValue::Int(last));
+                    let run = |t: &HostTensor| {
+                        run_kernel(f, &node, &[t], None).expect("run")[0]
+                            .to_vec::<i64>()
+                            .expect("i64")
+                    };
+                    assert_eq!(run(&t32), run(&t64), "{op} axis {axis} last {last}");
+                }
+            }
+        }
     }
 
     #[test]
