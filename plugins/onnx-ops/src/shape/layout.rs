@@ -723,8 +723,8 @@ fn pad_run<T: Elem>(
     // map (8x64x56x56 padded by one: 3.2x ONNX Runtime's time so).
     let (d_last, begin) = (x.shape()[rank - 1] as i128, pads[rank - 1].0 as i128);
     let clip = |v: i128| v.clamp(0, last.len() as i128) as usize;
-    let (lo, hi) = (clip(begin), clip(begin + d_last));
-    let (lo, hi) = (lo, hi.max(lo));
+    let lo = clip(begin);
+    let hi = clip(begin + d_last).max(lo);
     let first = (lo as i128 - begin) as usize;
     par_units(ctx, dst, last.len(), |row, out| {
         // The source offset of this row's start, or None when the row is all padding.

@@ -29,13 +29,6 @@ pub(super) struct Separable<'a> {
     pub interior: Option<(usize, usize, usize)>,
 }
 
-impl Separable<'_> {
-    /// [`interior`] of these columns.
-    pub(super) fn interior(&self) -> Option<(usize, usize, usize)> {
-        self.interior
-    }
-}
-
 /// The output columns `lo..hi` whose windows lie wholly inside the row (constant kernel
 /// width and stride: `fast`, as in [`Separable`]), with the first one's first column `c0`.
 pub(super) fn interior(
@@ -70,13 +63,11 @@ simd_fn! {
             cols_of,
             out_w,
             fast,
-            ..
+            interior,
         } = *geometry;
         let neg = <T::C as Real>::NEG_INFINITY;
         let (h, hf) = h.split_at_mut(h.len() / 2);
-        let interior = geometry
-            .interior()
-            .and_then(|(lo, hi, c0)| Some((lo, hi, c0, fast?.0, fast?.1)));
+        let interior = interior.and_then(|(lo, hi, c0)| Some((lo, hi, c0, fast?.0, fast?.1)));
         let rows = xp
             .chunks_exact(w_in.max(1))
             .zip(h.chunks_exact_mut(out_w))

@@ -72,7 +72,7 @@ unsafe fn rows_avx512(
         ..
     } = *geometry;
     // The interior columns `lo..hi`, the first one's window from column `c0`.
-    let (lo, hi, c0) = geometry.interior().unwrap_or((0, 0, 0));
+    let (lo, hi, c0) = geometry.interior.unwrap_or((0, 0, 0));
     for (i, yr) in out.chunks_exact_mut(out_w.max(1)).enumerate() {
         let rows = rows_of.of(first + i);
         if rows.is_empty() {
