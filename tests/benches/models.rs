@@ -303,7 +303,8 @@ fn main() {
             panic!("{}: {e}", p.display());
         }
     }
-    let pool = ComputePool::new(threads).expect("pool");
+    // This thread computes, as onnxruntime's caller does (see `ComputePool::on_this_thread`).
+    let pool = ComputePool::on_this_thread(threads).expect("pool");
     println!("threads: {threads}");
     println!(
         "{:>16} {:>12} {:>12} {:>14}",

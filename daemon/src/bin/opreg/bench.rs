@@ -194,7 +194,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut model = graph::import_owned(bytes, args.model.parent())
         .with_context(|| format!("importing {}", args.model.display()))?;
     graph::optimize(&mut model)?;
-    let pool = ComputePool::new(threads)?;
+    // This thread computes (as ONNX Runtime's caller does), so that a run's time is the
+    // model's and not a hand-off to a sleeping worker and back.
+    let pool = ComputePool::on_this_thread(threads)?;
     let snapshot = registry.snapshot();
     // As a model's `backends` in its config.toml: the CPU is always the last fallback.
     let devices = ModelSettings {
