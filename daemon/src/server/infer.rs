@@ -388,7 +388,7 @@ async fn run(
                 ..Default::default()
             });
         // tritonclient reads outputs only from raw_output_contents, by position.
-        resp.raw_output_contents.push(tensor::to_raw(t).into());
+        resp.raw_output_contents.push(tensor::shared_raw(t));
     }
     let output_ns = t2.elapsed().as_nanos() as u64;
     Ok((

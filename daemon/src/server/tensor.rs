@@ -4,6 +4,7 @@
 #![deny(clippy::indexing_slicing)]
 
 use opreg_sdk::{host::HostTensor, DType};
+use std::sync::Arc;
 use tonic::Status;
 
 /// Largest tensor a request may carry, in elements (guards the shape product).
@@ -204,6 +205,23 @@ pub fn typed_to_raw(
     Ok(out)
 }
 
+/// A response's raw contents of an output: the tensor's own bytes, shared (no copy: a 600 KB
+/// image-sized output was copied once here and once more by the encoder), except for strings,
+/// which are encoded (see [`to_raw`]).
+pub fn shared_raw(t: &Arc<HostTensor>) -> prost::bytes::Bytes {
+    /// Owns the output while the response holds its bytes.
+    struct Raw(Arc<HostTensor>);
+    impl AsRef<[u8]> for Raw {
+        fn as_ref(&self) -> &[u8] {
+            self.0.bytes()
+        }
+    }
+    if t.dtype() == DType::String {
+        return to_raw(t).into();
+    }
+    prost::bytes::Bytes::from_owner(Raw(t.clone()))
+}
+
 /// Encodes a tensor as raw contents (inverse of [`from_raw`]).
 pub fn to_raw(t: &HostTensor) -> Vec<u8> {
     if t.dtype() != DType::String {
@@ -231,6 +249,8 @@ mod tests {
             .collect();
         let t = from_raw("x", DType::F32, &[2], &bytes).expect("decode");
         assert_eq!(to_raw(&t), bytes);
+        let t = Arc::new(t);
+        assert_eq!(shared_raw(&t).as_ref(), bytes.as_slice());
         let err = from_raw("x", DType::F32, &[3], &bytes).expect_err("short");
         assert!(
             err.message().contains("tensor 'x'") && err.message().contains("needs 12 bytes"),
@@ -252,6 +272,7 @@ mod tests {
             ["ab", "", "xyz"]
         );
         assert_eq!(to_raw(&t), raw);
+        assert_eq!(shared_raw(&Arc::new(t)).as_ref(), raw.as_slice());
         assert!(from_raw("s", DType::String, &[2], &raw).is_err());
         assert!(from_raw("s", DType::String, &[3], &raw[..raw.len() - 1]).is_err());
     }
