@@ -109,6 +109,75 @@ fn relu_floats_and_signed_ints() {
 }
 
 #[test]
+fn f32_activations_and_exp_tanh_match_their_formulas_over_wide_and_edge_inputs() {
+    // The f32 loops compiled for AVX-512 / AVX2: long enough for full vectors and a
+    // remainder, with the edge values among them (NaN, signed zeros, infinities, subnormals,
+    // overflow of exp).
+    let mut xs: Vec<f32> = (0..1037).map(|i| (i as f32 - 518.0) * 0.173).collect();
+    xs.extend([
+        f32::NAN,
+        -0.0,
+        0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        1e-40,
+        -1e-40,
+        88.8,
+        -104.5,
+        20.0,
+    ]);
+    let x = t(&[xs.len()], &xs);
+    let same = |op: &str, attrs: &[(&str, AttrValue)], f: &dyn Fn(f32) -> f32| {
+        let got = f32s(&run(op, 14, attrs, &[&x]));
+        for (&g, &v) in got.iter().zip(&xs) {
+            let w = f(v);
+            assert!(
+                g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                "{op}({v:e}) = {g:e}, want {w:e}"
+            );
+        }
+    };
+    same("Relu", &[], &|v| if v < 0.0 { 0.0 } else { v });
+    same("LeakyRelu", &[("alpha", float(0.1))], &|v| {
+        if v < 0.0 {
+            0.1 * v
+        } else {
+            v
+        }
+    });
+    let hs = |v: f32, a: f32, b: f32| (a * v + b).clamp(0.0, 1.0);
+    same(
+        "HardSigmoid",
+        &[("alpha", float(0.3)), ("beta", float(0.4))],
+        &|v| if v.is_nan() { v } else { hs(v, 0.3, 0.4) },
+    );
+    same("HardSwish", &[], &|v| {
+        if v.is_nan() {
+            v
+        } else {
+            v * hs(v, (1.0f64 / 6.0) as f32, 0.5)
+        }
+    });
+    // Exp and Tanh within a few ulp of the correctly rounded value (f64 rounded to f32),
+    // exact at the special values.
+    let near = |op: &str, f: &dyn Fn(f64) -> f64| {
+        let got = f32s(&run(op, 13, &[], &[&x]));
+        for (&g, &v) in got.iter().zip(&xs) {
+            let w = f(f64::from(v)) as f32;
+            let ulp = (w.abs().max(f32::MIN_POSITIVE) * f32::EPSILON).max(1e-45);
+            assert!(
+                g == w
+                    || (g.is_nan() && w.is_nan())
+                    || (f64::from(g) - f64::from(w)).abs() <= 4.0 * f64::from(ulp),
+                "{op}({v:e}) = {g:e}, want {w:e}"
+            );
+        }
+    };
+    near("Exp", &f64::exp);
+    near("Tanh", &f64::tanh);
+}
+
+#[test]
 fn activations_match_reference_values() {
     let x = t(&[3], &[-1.0f64, 0.0, 2.0]);
     let e1 = (-1.0f64).exp_m1(); // e^-1 - 1 = -0.6321205588285577
