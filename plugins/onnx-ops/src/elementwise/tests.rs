@@ -158,6 +158,9 @@ fn f32_activations_and_exp_tanh_match_their_formulas_over_wide_and_edge_inputs()
             v * hs(v, (1.0f64 / 6.0) as f32, 0.5)
         }
     });
+    same("Floor", &[], &f32::floor);
+    same("Ceil", &[], &f32::ceil);
+    same("Round", &[], &f32::round_ties_even);
     // Exp and Tanh within a few ulp of the correctly rounded value (f64 rounded to f32),
     // exact at the special values.
     let near = |op: &str, f: &dyn Fn(f64) -> f64| {
