@@ -189,6 +189,21 @@ pub(crate) fn input<'a, 'b>(
     optional(inputs, i).ok_or_else(|| PluginError::invalid(format!("{op}: input {i} is missing")))
 }
 
+/// Output `index` for a kernel that writes every element of it: not zeroed first (see
+/// `KernelContext::output_to_overwrite`), but for strings, whose slots must hold strings.
+pub(crate) fn output_written<'a>(
+    ctx: &'a KernelContext<'_>,
+    index: usize,
+    dtype: DType,
+    shape: &[usize],
+) -> Result<TensorViewMut<'a>, PluginError> {
+    if dtype == DType::String {
+        ctx.output(index, dtype, shape)
+    } else {
+        ctx.output_to_overwrite(index, dtype, shape)
+    }
+}
+
 /// Row-major strides, in elements. They saturate: only an empty tensor's strides overflow,
 /// and none of its elements is addressed.
 pub(crate) fn strides_of(shape: &[usize]) -> Vec<isize> {
@@ -759,7 +774,8 @@ pub(crate) fn copy_reshaped(
         shape: &[usize],
     ) -> Result<(), PluginError> {
         let src = T::slice(x)?;
-        let dst = T::slice_mut(ctx.output(0, x.dtype, shape)?)?;
+        // Every element copied.
+        let dst = T::slice_mut(output_written(ctx, 0, x.dtype, shape)?)?;
         copy_all(ctx, src, dst)
     }
     // Saturating: a product past usize cannot match X's length anyway.
@@ -790,7 +806,8 @@ pub(crate) fn copy_strided(
         base: isize,
     ) -> Result<(), PluginError> {
         let src = T::slice(x)?;
-        let dst = T::slice_mut(ctx.output(0, x.dtype, shape)?)?;
+        // Every element read through the strides.
+        let dst = T::slice_mut(output_written(ctx, 0, x.dtype, shape)?)?;
         strided_copy(ctx, src, dst, shape, strides, base)
     }
     by_elem!(x.dtype, run(ctx, x, shape, strides, base))
@@ -815,7 +832,8 @@ pub(crate) fn copy_permuted(
         out_shape: &[usize],
     ) -> Result<(), PluginError> {
         let src = T::slice(x)?;
-        let dst = T::slice_mut(ctx.output(0, x.dtype, out_shape)?)?;
+        // Every element read through the permuted strides.
+        let dst = T::slice_mut(output_written(ctx, 0, x.dtype, out_shape)?)?;
         strided_copy(ctx, src, dst, pshape, pstrides, 0)
     }
     by_elem!(x.dtype, run(ctx, x, &pshape, &pstrides, out_shape))

@@ -45,7 +45,8 @@ fn gather_run<T: Elem>(
     let mut out_shape = shape[..axis].to_vec();
     out_shape.extend_from_slice(idx_shape);
     out_shape.extend_from_slice(&shape[axis + 1..]);
-    let dst = T::slice_mut(ctx.output(0, data.dtype, &out_shape)?)?;
+    // Every element is one of `data`'s, copied below.
+    let dst = T::slice_mut(output_written(ctx, 0, data.dtype, &out_shape)?)?;
     let n = idx.len();
     par_units(ctx, dst, inner, |u, out| {
         let (o, j) = (u / n, u % n);

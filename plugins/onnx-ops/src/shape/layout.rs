@@ -258,7 +258,7 @@ fn concat_run<T: Elem>(
         starts.push(row);
         row = row.saturating_add(*n);
     }
-    let dst = T::slice_mut(ctx.output_to_overwrite(0, xs[0].dtype, out_shape)?)?;
+    let dst = T::slice_mut(output_written(ctx, 0, xs[0].dtype, out_shape)?)?;
     if row == 0 {
         return Ok(());
     }
@@ -348,7 +348,8 @@ fn split_run<T: Elem>(
     for (j, &s) in sizes.iter().enumerate() {
         let mut oshape = shape.to_vec();
         oshape[axis] = s;
-        let dst = T::slice_mut(ctx.output(j, x.dtype, &oshape)?)?;
+        // Every element: one run per outer index.
+        let dst = T::slice_mut(output_written(ctx, j, x.dtype, &oshape)?)?;
         let n = s.saturating_mul(inner);
         let b = begin * inner;
         par_runs(ctx, dst, n, |o| &src[o * row + b..o * row + b + n])?;
@@ -695,11 +696,7 @@ fn pad_run<T: Elem>(
     // The output before the index maps: the host refuses sizes past its limit. Every element
     // is written below (a run of X, a mapped element or the fill): not zeroed first, but for
     // strings, whose slots must hold strings.
-    let dst = T::slice_mut(if x.dtype == DType::String {
-        ctx.output(0, x.dtype, &out_shape)?
-    } else {
-        ctx.output_to_overwrite(0, x.dtype, &out_shape)?
-    })?;
+    let dst = T::slice_mut(output_written(ctx, 0, x.dtype, &out_shape)?)?;
     if dst.is_empty() {
         return Ok(());
     }
