@@ -34,16 +34,7 @@ pub struct ComputePool {
 impl ComputePool {
     /// A pool of `threads` workers (0: one per core).
     pub fn new(threads: usize) -> anyhow::Result<Self> {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("opreg-compute-{i}"))
-            // Without a handler rayon aborts the process on a panic in a spawned job. `run`
-            // catches panics itself; this is the last line for any other job.
-            .panic_handler(|p| {
-                tracing::error!("compute job panicked: {}", panic_message(p.as_ref()))
-            })
-            .build()?;
-        Ok(ComputePool { pool })
+        Self::build(threads, false)
     }
 
     /// A pool of `threads` workers (0: one per core) whose first is the calling thread:
@@ -55,15 +46,24 @@ impl ComputePool {
     /// async runtime's threads and take [`new`](Self::new)'s pool. The calling thread stays
     /// worker 0 for the life of the process (rayon leaks such a pool's registry).
     pub fn on_this_thread(threads: usize) -> anyhow::Result<Self> {
-        let pool = rayon::ThreadPoolBuilder::new()
+        Self::build(threads, true)
+    }
+
+    fn build(threads: usize, this_thread: bool) -> anyhow::Result<Self> {
+        let mut builder = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
-            .use_current_thread()
             .thread_name(|i| format!("opreg-compute-{i}"))
+            // Without a handler rayon aborts the process on a panic in a spawned job. `run`
+            // catches panics itself; this is the last line for any other job.
             .panic_handler(|p| {
                 tracing::error!("compute job panicked: {}", panic_message(p.as_ref()))
-            })
-            .build()?;
-        Ok(ComputePool { pool })
+            });
+        if this_thread {
+            builder = builder.use_current_thread();
+        }
+        Ok(ComputePool {
+            pool: builder.build()?,
+        })
     }
 
     /// Whether idle workers poll for a run's next parallel loop (the default) or sleep (see
