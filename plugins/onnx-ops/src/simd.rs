@@ -272,9 +272,162 @@ simd_fn! {
     }
 }
 
+/// `e^x` in 16 lanes: [`exp32`](opreg_sdk::numeric::exp32)'s range reduction and polynomial
+/// with fused multiply-adds, and the power of two applied by `vscalefps` (one rounding, as
+/// `exp32`'s two exact products and a last one). About 15 instructions per vector where the
+/// scalar function, compiled in a loop, took twice as many (its clamp, separate products and
+/// sums, the powers of two built in integer lanes): `Exp` over 64 Ki values ran at 2.6x ONNX
+/// Runtime's vectorized one, a row Softmax (8x12x128x128) at 2.8x. Within 2 ulp, as
+/// `exp32`; the values may differ from it by an ulp (the fused roundings), as ONNX Runtime's
+/// differ between its kernels. Saturates as `exp32`: +inf past 88.7, 0 below -104; NaN stays.
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn exp32_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // The constants of `exp32` (see there).
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const P: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ];
+    const SHIFT: f32 = 12_582_912.0;
+    // `clamp`, keeping a NaN: `max(a, b)` is `a > b ? a : b`, so a NaN `x` in the second
+    // operand comes through both.
+    let x = _mm512_min_ps(
+        _mm512_set1_ps(89.0),
+        _mm512_max_ps(_mm512_set1_ps(-104.0), x),
+    );
+    let shift = _mm512_set1_ps(SHIFT);
+    // n = round(x / ln 2) through the shift, r = x - n ln 2 in two parts.
+    let n = _mm512_sub_ps(
+        _mm512_fmadd_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E), shift),
+        shift,
+    );
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+    let mut p = _mm512_set1_ps(P[0]);
+    for c in &P[1..] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
+    }
+    // p r^2 + r + 1, then times 2^n (n in [-150, 128]: 0 or +inf at the ends).
+    let y = _mm512_add_ps(
+        _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r),
+        _mm512_set1_ps(1.0),
+    );
+    _mm512_scalef_ps(y, n)
+}
+
+/// `y[i] = exp32(x[i])` over the shorter of the two, 16 lanes at a time ([`exp32_avx512`]).
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn exp32_slice_avx512(x: &[f32], y: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = x.len().min(y.len());
+    let mut i = 0;
+    while i < n {
+        let mask = lanes_mask(n - i);
+        // SAFETY: masked to the `n - i` elements left in both slices.
+        unsafe {
+            let v = _mm512_maskz_loadu_ps(mask, x.as_ptr().add(i));
+            _mm512_mask_storeu_ps(y.as_mut_ptr().add(i), mask, exp32_avx512(v));
+        }
+        i += 16;
+    }
+}
+
+/// The mask of the first `min(left, 16)` lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn lanes_mask(left: usize) -> u16 {
+    if left >= 16 {
+        u16::MAX
+    } else {
+        ((1u32 << left) - 1) as u16
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The vector exponential is within 2 ulp of e^x over the range where it is neither 0
+    /// nor infinite, exact at the special values and past both clamps, and within an ulp of
+    /// the scalar `exp32`; slices of every tail length leave the lanes past their end alone.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn exp32_avx512_is_within_2_ulp_and_saturates_as_exp32() {
+        if !has_avx512() {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        let mut xs: Vec<f32> = (-2_200_000..=2_000_000)
+            .map(|i| i as f32 * 5.1e-5)
+            .collect();
+        xs.extend([
+            f32::NAN,
+            -f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.0,
+            -0.0,
+            88.72,
+            88.73,
+            89.0,
+            1e30,
+            -103.9,
+            -104.0,
+            -1e30,
+            f32::MIN_POSITIVE,
+            -f32::MIN_POSITIVE,
+        ]);
+        let mut ys = vec![0.0f32; xs.len()];
+        // SAFETY: AVX-512 checked above.
+        unsafe { exp32_slice_avx512(&xs, &mut ys) };
+        let mut worst = 0f64;
+        for (&x, &y) in xs.iter().zip(&ys) {
+            let scalar = opreg_sdk::numeric::exp32(x);
+            let want = f64::from(x).exp();
+            if x.is_nan() {
+                assert!(y.is_nan(), "exp({x}) = {y}");
+                continue;
+            }
+            if want >= f64::from(f32::MIN_POSITIVE) && want < f64::from(f32::MAX) {
+                // In ulps of the exact result's binade.
+                let ulp = 2f64.powi(want.log2().floor() as i32 - 23);
+                worst = worst.max((f64::from(y) - want).abs() / ulp);
+                assert!(
+                    (f64::from(y) - f64::from(scalar)).abs() <= ulp,
+                    "exp({x:e}) = {y:e}, exp32 gives {scalar:e}"
+                );
+            } else {
+                // Subnormal, zero or infinite: as the scalar function.
+                assert!(
+                    y == scalar || (f64::from(y) - f64::from(scalar)).abs() <= 2f64.powi(-149),
+                    "exp({x:e}) = {y:e}, exp32 gives {scalar:e}"
+                );
+            }
+        }
+        assert!(worst <= 2.0, "worst error {worst} ulp");
+        for len in 0..40 {
+            let mut out = [-7.0f32; 48];
+            // SAFETY: AVX-512 checked above.
+            unsafe { exp32_slice_avx512(&xs[1000..1000 + len], &mut out[..len]) };
+            assert!(out[len..].iter().all(|&v| v == -7.0), "wrote past {len}");
+            assert_eq!(&out[..len], &ys[1000..1000 + len], "tail of {len}");
+        }
+    }
 
     /// QuantizeLinear's loop gives the general formula's bytes (`x / s` rounded half to even
     /// in f32, then the zero point added and saturated in f64, NaN to 0): ties, values a hair

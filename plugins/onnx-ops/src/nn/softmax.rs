@@ -75,6 +75,13 @@ impl SoftmaxOp {
         }
         let log = self.kind == Kind::LogSoftmax;
         let grain = (8 * 1024 / n).max(1) * n;
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::has_avx512() {
+            return ctx.parallel_chunks(y, grain, |start, chunk| {
+                // SAFETY: the CPU has AVX-512 F (checked).
+                unsafe { rows_avx512(&xs[start..start + chunk.len()], chunk, n, log) }
+            });
+        }
         ctx.parallel_chunks(y, grain, |start, chunk| {
             rows_f32(&xs[start..start + chunk.len()], chunk, n, log)
         })
@@ -216,6 +223,62 @@ crate::simd::simd_fn! {
                 for o in yr.iter_mut() {
                     *o /= sum;
                 }
+            }
+        }
+    }
+}
+
+/// [`rows_f32`] in AVX-512 intrinsics: the maximum, then the exponentials stored and summed in
+/// one pass ([`exp32_avx512`](crate::simd::exp32_avx512), within an ulp of `exp32`), then the row
+/// scaled by the sum's reciprocal, as ONNX Runtime's MLAS does, where `rows_f32` divides (a
+/// division per element was the loop's largest cost: 8x12x128x128 ran at 2.8x ONNX Runtime).
+/// The reciprocal puts each value within an ulp of the quotient. NaN as `rows_f32`: never the
+/// maximum (`max(v, m)` keeps `m` when `v` is NaN), poisoning the sum.
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn rows_avx512(x: &[f32], y: &mut [f32], n: usize, log: bool) {
+    use crate::simd::{exp32_avx512, lanes_mask};
+    use std::arch::x86_64::*;
+    for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+        let (xp, yp) = (xr.as_ptr(), yr.as_mut_ptr());
+        let neg = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut m = neg;
+        for i in (0..n).step_by(LANES) {
+            // SAFETY: masked to the row's `n - i` elements left.
+            let v = unsafe { _mm512_mask_loadu_ps(neg, lanes_mask(n - i), xp.add(i)) };
+            m = _mm512_max_ps(v, m);
+        }
+        let max = _mm512_reduce_max_ps(m);
+        let mv = _mm512_set1_ps(max);
+        let mut sums = _mm512_setzero_ps();
+        for i in (0..n).step_by(LANES) {
+            let mask = lanes_mask(n - i);
+            // SAFETY: masked to the row's `n - i` elements left, in `xr` and in `yr`.
+            unsafe {
+                let e = exp32_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, xp.add(i)), mv));
+                _mm512_mask_storeu_ps(yp.add(i), mask, e);
+                sums = _mm512_mask_add_ps(sums, mask, sums, e);
+            }
+        }
+        let sum = _mm512_reduce_add_ps(sums);
+        let (scale, add) = if log {
+            (_mm512_set1_ps(1.0), _mm512_set1_ps(-(max + sum.ln())))
+        } else {
+            (_mm512_set1_ps(1.0 / sum), _mm512_setzero_ps())
+        };
+        for i in (0..n).step_by(LANES) {
+            let mask = lanes_mask(n - i);
+            // SAFETY: masked to the row's `n - i` elements left, in `xr` and in `yr`.
+            unsafe {
+                let v = if log {
+                    _mm512_add_ps(_mm512_maskz_loadu_ps(mask, xp.add(i)), add)
+                } else {
+                    _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, yp.add(i)), scale)
+                };
+                _mm512_mask_storeu_ps(yp.add(i), mask, v);
             }
         }
     }
