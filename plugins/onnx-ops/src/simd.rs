@@ -347,6 +347,39 @@ pub(crate) unsafe fn exp32_slice_avx512(x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// `y[i] = sigmoid(x[i])` as [`Real::sigmoid`](opreg_sdk::numeric::Real::sigmoid) computes it
+/// (`s = 1 / (1 + e^-|x|)`, and `e^-|x| s` for a negative sign: no overflow either side), the
+/// exponential by [`exp32_avx512`]. The loop of `sigmoid` per element ran at 1.5x ONNX
+/// Runtime's Sigmoid (a SiLU's, 64 Ki values).
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn sigmoid_slice_avx512(x: &[f32], y: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = x.len().min(y.len());
+    let sign = _mm512_set1_epi32(i32::MIN);
+    let one = _mm512_set1_ps(1.0);
+    let mut i = 0;
+    while i < n {
+        let mask = lanes_mask(n - i);
+        // SAFETY: masked to the `n - i` elements left in both slices.
+        unsafe {
+            let v = _mm512_maskz_loadu_ps(mask, x.as_ptr().add(i));
+            // -|v|: the sign bit set.
+            let neg = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));
+            let e = exp32_avx512(neg);
+            let s = _mm512_div_ps(one, _mm512_add_ps(one, e));
+            // Lanes whose sign bit is set take e * s.
+            let negative = _mm512_test_epi32_mask(_mm512_castps_si512(v), sign);
+            let r = _mm512_mask_mul_ps(s, negative, e, s);
+            _mm512_mask_storeu_ps(y.as_mut_ptr().add(i), mask, r);
+        }
+        i += 16;
+    }
+}
+
 /// The mask of the first `min(left, 16)` lanes.
 #[cfg(target_arch = "x86_64")]
 #[inline]

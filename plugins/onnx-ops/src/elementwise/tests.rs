@@ -161,7 +161,7 @@ fn f32_activations_and_exp_tanh_match_their_formulas_over_wide_and_edge_inputs()
     same("Floor", &[], &f32::floor);
     same("Ceil", &[], &f32::ceil);
     same("Round", &[], &f32::round_ties_even);
-    // Exp and Tanh within a few ulp of the correctly rounded value (f64 rounded to f32),
+    // Exp, Tanh and Sigmoid within a few ulp of the correctly rounded value (f64 rounded to f32),
     // exact at the special values.
     let near = |op: &str, f: &dyn Fn(f64) -> f64| {
         let got = f32s(&run(op, 13, &[], &[&x]));
@@ -178,6 +178,7 @@ fn f32_activations_and_exp_tanh_match_their_formulas_over_wide_and_edge_inputs()
     };
     near("Exp", &f64::exp);
     near("Tanh", &f64::tanh);
+    near("Sigmoid", &|v| 1.0 / (1.0 + (-v).exp()));
 }
 
 #[test]

@@ -170,10 +170,15 @@ where
     }
 }
 
+/// A loop over a slice in intrinsics of a target feature (unsafe: the CPU must have it).
+#[cfg(target_arch = "x86_64")]
+type SliceFn = unsafe fn(&[f32], &mut [f32]);
+
 /// The f32 operators [`unary_f32`] runs: activations and the functions with a branch-free
 /// polynomial in the SDK, each as [`float_unary`] (or [`num_unary`]) computes it.
 #[derive(Clone, Copy)]
 enum Fast {
+    /// With AVX-512 in [`sigmoid_slice_avx512`](crate::simd::sigmoid_slice_avx512).
     Sigmoid,
     Erf,
     Gelu,
@@ -219,11 +224,18 @@ impl Fast {
         let xs = x.as_slice::<f32>()?;
         let y = ctx.output_slice_to_overwrite::<f32>(0, x.shape())?;
         #[cfg(target_arch = "x86_64")]
-        if matches!(self, Fast::Exp) && crate::simd::has_avx512() {
-            return ctx.parallel_chunks(y, super::engine::GRAIN, |start, out| {
-                // SAFETY: the CPU has AVX-512 F (checked).
-                unsafe { crate::simd::exp32_slice_avx512(&xs[start..start + out.len()], out) }
-            });
+        if crate::simd::has_avx512() {
+            let vector: Option<SliceFn> = match self {
+                Fast::Exp => Some(crate::simd::exp32_slice_avx512),
+                Fast::Sigmoid => Some(crate::simd::sigmoid_slice_avx512),
+                _ => None,
+            };
+            if let Some(f) = vector {
+                return ctx.parallel_chunks(y, super::engine::GRAIN, |start, out| {
+                    // SAFETY: the CPU has AVX-512 F (checked), all `f` needs.
+                    unsafe { f(&xs[start..start + out.len()], out) }
+                });
+            }
         }
         ctx.parallel_chunks(y, super::engine::GRAIN, |start, out| {
             unary_f32(&xs[start..start + out.len()], out, self)
