@@ -702,16 +702,17 @@ macro_rules! real {
 real!(f32, erf32, exp32);
 real!(f64, erf64, f64::exp);
 
-/// `e^x` in f32, branch-free so that a loop over a slice vectorizes: Cephes' `expf` (`x = n ln2 +
-/// r` with |r| <= ln2/2, a degree-6 polynomial for `e^r`), scaled by `2^n` as two exact powers
-/// of two built from exponent bits, so results down into the subnormals come out right. Within
-/// 2 ulp for normal results; +∞ past 88.72, 0 below -104; NaN stays NaN.
-#[inline]
-pub fn exp32(x: f32) -> f32 {
-    // ln 2 split so that `n * LN2_HI` is exact for the n that occur.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const P: [f32; 6] = [
+/// The constants of [`exp32`], for vector forms of it that must agree with it (a plugin's
+/// intrinsics): `x` clamped to [`LOWEST`](exp32_parts::LOWEST)..=[`HIGHEST`](exp32_parts::HIGHEST),
+/// `n = round(x log2 e)`, `r = x - n LN2_HI - n LN2_LO`, `e^x = 2^n (1 + r + r^2 p(r))` with `p`
+/// the polynomial [`P`](exp32_parts::P) (highest degree first).
+pub mod exp32_parts {
+    /// ln 2's leading bits, so that `n * LN2_HI` is exact for the n that occur.
+    pub const LN2_HI: f32 = 0.693_359_4;
+    /// ln 2 less [`LN2_HI`].
+    pub const LN2_LO: f32 = -2.121_944_4e-4;
+    /// Cephes' `expf` coefficients, highest degree first.
+    pub const P: [f32; 6] = [
         1.987_569_1e-4,
         1.398_199_9e-3,
         8.333_452e-3,
@@ -720,8 +721,21 @@ pub fn exp32(x: f32) -> f32 {
         // Cephes' 5.0000001201e-1, which rounds to 0.5 in f32.
         0.5,
     ];
+    /// The clamp's ends: they keep n in [-150, 128] (+∞ above 88.72, 0 below -104).
+    pub const LOWEST: f32 = -104.0;
+    /// See [`LOWEST`].
+    pub const HIGHEST: f32 = 89.0;
+}
+
+/// `e^x` in f32, branch-free so that a loop over a slice vectorizes: Cephes' `expf` (`x = n ln2 +
+/// r` with |r| <= ln2/2, a degree-6 polynomial for `e^r`), scaled by `2^n` as two exact powers
+/// of two built from exponent bits, so results down into the subnormals come out right. Within
+/// 2 ulp for normal results; +∞ past 88.72, 0 below -104; NaN stays NaN.
+#[inline]
+pub fn exp32(x: f32) -> f32 {
+    use exp32_parts::{HIGHEST, LN2_HI, LN2_LO, LOWEST, P};
     // `clamp` keeps a NaN; the bounds keep n in [-150, 128], where both halves of 2^n are normal.
-    let x = x.clamp(-104.0, 89.0);
+    let x = x.clamp(LOWEST, HIGHEST);
     // Round to nearest by adding 1.5 * 2^23 (SSE2 has no rounding instruction, and `round`
     // would be a call per element): the integer then sits in the low mantissa bits.
     const SHIFT: f32 = 12_582_912.0;

@@ -287,24 +287,14 @@ simd_fn! {
 #[target_feature(enable = "avx512f")]
 #[inline]
 pub(crate) unsafe fn exp32_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use opreg_sdk::numeric::exp32_parts::{HIGHEST, LN2_HI, LN2_LO, LOWEST, P};
     use std::arch::x86_64::*;
-    // The constants of `exp32` (see there).
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const P: [f32; 6] = [
-        1.987_569_1e-4,
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ];
     const SHIFT: f32 = 12_582_912.0;
     // `clamp`, keeping a NaN: `max(a, b)` is `a > b ? a : b`, so a NaN `x` in the second
     // operand comes through both.
     let x = _mm512_min_ps(
-        _mm512_set1_ps(89.0),
-        _mm512_max_ps(_mm512_set1_ps(-104.0), x),
+        _mm512_set1_ps(HIGHEST),
+        _mm512_max_ps(_mm512_set1_ps(LOWEST), x),
     );
     let shift = _mm512_set1_ps(SHIFT);
     // n = round(x / ln 2) through the shift, r = x - n ln 2 in two parts.
