@@ -68,7 +68,7 @@ pub struct BenchArgs {
 }
 
 const MAX_RUNS: usize = 10_000;
-const PROFILE_RUNS: usize = 10;
+const PROFILE_RUNS: usize = 31;
 
 /// The default plugin folder: `plugins` beside the executable.
 fn default_plugin_dir() -> Option<PathBuf> {
@@ -309,19 +309,30 @@ struct Profile {
     total_ms: f64,
 }
 
-/// Mean time per step over [`PROFILE_RUNS`] profiled runs (after the timed ones, so warm).
+/// Median time per step over [`PROFILE_RUNS`] profiled runs (after the timed ones, so warm):
+/// on a shared machine a mean of a few runs took one preempted run's stall for a slow node
+/// (a Concat "taking" 3 ms one time and 1 ms the next).
 fn profile(pool: &ComputePool, plan: &graph::Plan, feeds: &Feeds) -> anyhow::Result<Profile> {
     let info = plan.steps();
-    let mut ms = vec![0f64; info.len()];
+    // Per step, its time in each run (a step inside a loop sums its iterations).
+    let mut runs = vec![Vec::with_capacity(PROFILE_RUNS); info.len()];
     for _ in 0..PROFILE_RUNS {
         let (_, steps) =
             pool.install(|| graph::run_profiled(plan, feeds.clone(), &RunControl::unbounded()))?;
+        let mut this = vec![0f64; info.len()];
         for t in steps {
-            if let Some(slot) = ms.get_mut(t.step) {
-                *slot += t.seconds * 1e3 / PROFILE_RUNS as f64;
+            if let Some(slot) = this.get_mut(t.step) {
+                *slot += t.seconds * 1e3;
             }
         }
+        for (r, ms) in runs.iter_mut().zip(this) {
+            r.push(ms);
+        }
     }
+    let ms = runs.into_iter().map(|mut r| {
+        r.sort_by(f64::total_cmp);
+        quantile(&r, 0.5)
+    });
     let steps: Vec<StepRow> = info
         .into_iter()
         .zip(ms)
@@ -353,7 +364,7 @@ impl Profile {
         let mut ops: Vec<_> = by_op.into_iter().collect();
         ops.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
         println!(
-            "\nper operator (mean of {PROFILE_RUNS} profiled runs, {:.3} ms in steps):",
+            "\nper operator (median of {PROFILE_RUNS} profiled runs per node, {:.3} ms in steps):",
             self.total_ms
         );
         println!(
