@@ -751,6 +751,19 @@ pub fn exp32(x: f32) -> f32 {
     y * pow2(half) * pow2(n - half)
 }
 
+/// [`tanh32`]'s odd polynomial for |x| below [`TANH32_SMALL_BELOW`]: `tanh x = x + x z p(z)`
+/// with `z = x^2` and `p` these coefficients, highest degree first (Cephes' `tanhf`). Public
+/// for vector forms of `tanh32` that must agree with it.
+pub const TANH32_SMALL: [f32; 5] = [
+    -5.704_988_7e-3,
+    2.063_909e-2,
+    -5.373_971_6e-2,
+    1.333_144_2e-1,
+    -3.333_328e-1,
+];
+/// Where [`tanh32`] switches from its polynomial to `1 - 2 / (e^2|x| + 1)`.
+pub const TANH32_SMALL_BELOW: f32 = 0.625;
+
 /// `tanh x` in f32, branch-free so that a loop over a slice vectorizes: Cephes' `tanhf`, an odd
 /// polynomial below |x| = 0.625 (no cancellation near 0) and `1 - 2 / (e^2|x| + 1)` above
 /// (through [`exp32`], which saturates to +∞ past 44: the result is then exactly ±1). Both are
@@ -760,14 +773,12 @@ pub fn tanh32(x: f32) -> f32 {
     // On |x|, the sign put back at the end (so tanh -0 = -0).
     let a = x.abs();
     let z = a * a;
-    let small =
-        ((((-5.704_988_7e-3 * z + 2.063_909e-2) * z - 5.373_971_6e-2) * z + 1.333_144_2e-1) * z
-            - 3.333_328e-1)
-            * z
-            * a
-            + a;
+    let p = TANH32_SMALL[1..]
+        .iter()
+        .fold(TANH32_SMALL[0], |acc, &c| acc * z + c);
+    let small = p * z * a + a;
     let large = 1.0 - 2.0 / (exp32(2.0 * a) + 1.0);
-    (if a < 0.625 { small } else { large }).copysign(x)
+    (if a < TANH32_SMALL_BELOW { small } else { large }).copysign(x)
 }
 
 /// Ratios of consecutive terms of the erf series, without the `x^2`: `2 / (2n + 3)`.

@@ -316,13 +316,19 @@ pub(crate) unsafe fn exp32_avx512(x: std::arch::x86_64::__m512) -> std::arch::x8
     _mm512_scalef_ps(y, n)
 }
 
-/// `y[i] = exp32(x[i])` over the shorter of the two, 16 lanes at a time ([`exp32_avx512`]).
+/// `y[i] = f(x[i])` over the shorter of the two, 16 lanes at a time, the last vector masked
+/// (its lanes past the end read as 0 and not stored).
 ///
 /// # Safety
 /// The CPU has AVX-512 F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn exp32_slice_avx512(x: &[f32], y: &mut [f32]) {
+#[inline]
+unsafe fn each_avx512(
+    x: &[f32],
+    y: &mut [f32],
+    f: impl Fn(std::arch::x86_64::__m512) -> std::arch::x86_64::__m512,
+) {
     use std::arch::x86_64::*;
     let n = x.len().min(y.len());
     let mut i = 0;
@@ -331,10 +337,23 @@ pub(crate) unsafe fn exp32_slice_avx512(x: &[f32], y: &mut [f32]) {
         // SAFETY: masked to the `n - i` elements left in both slices.
         unsafe {
             let v = _mm512_maskz_loadu_ps(mask, x.as_ptr().add(i));
-            _mm512_mask_storeu_ps(y.as_mut_ptr().add(i), mask, exp32_avx512(v));
+            _mm512_mask_storeu_ps(y.as_mut_ptr().add(i), mask, f(v));
         }
         i += 16;
     }
+}
+
+/// `y[i] = exp32(x[i])` ([`exp32_avx512`]) over the shorter of the two.
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn exp32_slice_avx512(x: &[f32], y: &mut [f32]) {
+    // SAFETY: AVX-512 F (caller); the closure inherits this function's target features.
+    let exp = |v| unsafe { exp32_avx512(v) };
+    // SAFETY: AVX-512 F (caller).
+    unsafe { each_avx512(x, y, exp) }
 }
 
 /// `y[i] = sigmoid(x[i])` as [`Real::sigmoid`](opreg_sdk::numeric::Real::sigmoid) computes it
@@ -348,26 +367,59 @@ pub(crate) unsafe fn exp32_slice_avx512(x: &[f32], y: &mut [f32]) {
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn sigmoid_slice_avx512(x: &[f32], y: &mut [f32]) {
     use std::arch::x86_64::*;
-    let n = x.len().min(y.len());
     let sign = _mm512_set1_epi32(i32::MIN);
     let one = _mm512_set1_ps(1.0);
-    let mut i = 0;
-    while i < n {
-        let mask = lanes_mask(n - i);
-        // SAFETY: masked to the `n - i` elements left in both slices.
-        unsafe {
-            let v = _mm512_maskz_loadu_ps(mask, x.as_ptr().add(i));
-            // -|v|: the sign bit set.
-            let neg = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));
-            let e = exp32_avx512(neg);
-            let s = _mm512_div_ps(one, _mm512_add_ps(one, e));
-            // Lanes whose sign bit is set take e * s.
-            let negative = _mm512_test_epi32_mask(_mm512_castps_si512(v), sign);
-            let r = _mm512_mask_mul_ps(s, negative, e, s);
-            _mm512_mask_storeu_ps(y.as_mut_ptr().add(i), mask, r);
+    let sigmoid = |v: __m512| {
+        // -|v|: the sign bit set.
+        let neg = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));
+        // SAFETY: AVX-512 F (caller).
+        let e = unsafe { exp32_avx512(neg) };
+        let s = _mm512_div_ps(one, _mm512_add_ps(one, e));
+        // Lanes whose sign bit is set take e * s.
+        let negative = _mm512_test_epi32_mask(_mm512_castps_si512(v), sign);
+        _mm512_mask_mul_ps(s, negative, e, s)
+    };
+    // SAFETY: AVX-512 F (caller).
+    unsafe { each_avx512(x, y, sigmoid) }
+}
+
+/// `y[i] = tanh(x[i])` as [`tanh32`](opreg_sdk::numeric::tanh32) computes it (its odd
+/// polynomial below |x| = 0.625, `1 - 2 / (e^2|x| + 1)` above, the sign put back), with fused
+/// multiply-adds and [`exp32_avx512`]: within 2 ulp. The loop of `tanh32` per element ran at
+/// 1.04x ONNX Runtime's Tanh (50 chained over 64 Ki values; 0.75x this way).
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn tanh_slice_avx512(x: &[f32], y: &mut [f32]) {
+    use opreg_sdk::numeric::{TANH32_SMALL, TANH32_SMALL_BELOW};
+    use std::arch::x86_64::*;
+    let sign = _mm512_set1_epi32(i32::MIN);
+    let (one, two) = (_mm512_set1_ps(1.0), _mm512_set1_ps(2.0));
+    let tanh = |x: __m512| {
+        let v = _mm512_castps_si512(x);
+        let a = _mm512_castsi512_ps(_mm512_andnot_si512(sign, v));
+        let z = _mm512_mul_ps(a, a);
+        let mut p = _mm512_set1_ps(TANH32_SMALL[0]);
+        for c in &TANH32_SMALL[1..] {
+            p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(*c));
         }
-        i += 16;
-    }
+        let small = _mm512_fmadd_ps(_mm512_mul_ps(p, z), a, a);
+        // SAFETY: AVX-512 F (caller).
+        let e = unsafe { exp32_avx512(_mm512_mul_ps(two, a)) };
+        let large = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(e, one)));
+        // Below the switch: the polynomial (a NaN compares false and stays NaN above).
+        let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a, _mm512_set1_ps(TANH32_SMALL_BELOW));
+        let r = _mm512_mask_blend_ps(below, large, small);
+        // x's sign on the (non-negative) result.
+        _mm512_castsi512_ps(_mm512_or_si512(
+            _mm512_castps_si512(r),
+            _mm512_and_si512(v, sign),
+        ))
+    };
+    // SAFETY: AVX-512 F (caller).
+    unsafe { each_avx512(x, y, tanh) }
 }
 
 /// The mask of the first `min(left, 16)` lanes.
@@ -384,6 +436,81 @@ pub(crate) fn lanes_mask(left: usize) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The vector Tanh and Sigmoid are within a few ulp of the f64 functions over a dense
+    /// sweep (Tanh's switch from its polynomial at 0.625 included), keep the sign of zero and
+    /// NaN, and saturate as the scalar ones; tails leave the lanes past their end alone.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn tanh_and_sigmoid_avx512_are_within_a_few_ulp() {
+        if !has_avx512() {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        let mut xs: Vec<f32> = (-400_000..=400_000).map(|i| i as f32 * 2.5e-4).collect();
+        xs.extend((-1000..1000).map(|i| i as f32 * 0.13));
+        xs.extend([
+            0.625f32.next_down(),
+            0.625,
+            -0.625,
+            1e-30,
+            -1e-30,
+            1e-40,
+            9.0,
+            20.0,
+        ]);
+        xs.extend([
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.0,
+            -0.0,
+            f32::NAN,
+            200.0,
+            -200.0,
+        ]);
+        type Slice = unsafe fn(&[f32], &mut [f32]);
+        type Exact = fn(f64) -> f64;
+        let cases: [(&str, Slice, Exact, f32); 2] = [
+            ("tanh", tanh_slice_avx512, f64::tanh, 3.0),
+            (
+                "sigmoid",
+                sigmoid_slice_avx512,
+                |v| 1.0 / (1.0 + (-v).exp()),
+                3.0,
+            ),
+        ];
+        for (name, f, exact, ulps) in cases {
+            let mut ys = vec![0.0f32; xs.len()];
+            // SAFETY: AVX-512 checked above.
+            unsafe { f(&xs, &mut ys) };
+            for (&x, &y) in xs.iter().zip(&ys) {
+                let want = exact(f64::from(x));
+                if x.is_nan() {
+                    assert!(y.is_nan(), "{name}(NaN) = {y}");
+                    continue;
+                }
+                let w = want as f32;
+                let ulp = (w.abs().max(f32::MIN_POSITIVE) * f32::EPSILON).max(1e-45);
+                assert!(
+                    (f64::from(y) - want).abs() <= f64::from(ulps * ulp),
+                    "{name}({x:e}) = {y:e}, want {want:e}"
+                );
+                if x == 0.0 && name == "tanh" {
+                    assert_eq!(y.to_bits(), x.to_bits(), "tanh keeps the zero's sign");
+                }
+            }
+            for len in 0..20 {
+                let mut out = [-7.0f32; 24];
+                // SAFETY: AVX-512 checked above.
+                unsafe { f(&xs[5000..5000 + len], &mut out[..len]) };
+                assert!(
+                    out[len..].iter().all(|&v| v == -7.0),
+                    "{name} wrote past {len}"
+                );
+                assert_eq!(&out[..len], &ys[5000..5000 + len], "{name} tail of {len}");
+            }
+        }
+    }
 
     /// The vector exponential is within 2 ulp of e^x over the range where it is neither 0
     /// nor infinite, exact at the special values and past both clamps, and within an ulp of

@@ -188,7 +188,8 @@ enum Fast {
     /// (fused multiply-adds, within an ulp of `exp32`): the loop below, partly scalar, ran at
     /// 2.6x ONNX Runtime.
     Exp,
-    /// [`tanh32`](opreg_sdk::numeric::tanh32) (within 2 ulp), likewise.
+    /// [`tanh32`](opreg_sdk::numeric::tanh32) (within 2 ulp), likewise; with AVX-512 in
+    /// [`tanh_slice_avx512`](crate::simd::tanh_slice_avx512).
     Tanh,
     Relu,
     LeakyRelu(f32),
@@ -228,6 +229,7 @@ impl Fast {
             let vector: Option<SliceFn> = match self {
                 Fast::Exp => Some(crate::simd::exp32_slice_avx512),
                 Fast::Sigmoid => Some(crate::simd::sigmoid_slice_avx512),
+                Fast::Tanh => Some(crate::simd::tanh_slice_avx512),
                 _ => None,
             };
             if let Some(f) = vector {
