@@ -40,18 +40,22 @@ impl Compiled {
     /// Runs with `x` of shape `[batch, 4, 8, 8]` (values cycling with `period`); each output's
     /// name, shape and bytes.
     fn run(&self, batch: usize, period: usize) -> Vec<(String, Vec<usize>, Vec<u8>)> {
+        self.outputs(batch, period)
+            .iter()
+            .map(|(name, t)| (name.clone(), t.shape().to_vec(), t.bytes().to_vec()))
+            .collect()
+    }
+
+    /// [`run`](Self::run)'s outputs themselves.
+    fn outputs(&self, batch: usize, period: usize) -> Vec<(String, Arc<HostTensor>)> {
         let x: Vec<f32> = (0..batch * 256)
             .map(|i| ((i % period) as f32 - (period / 2) as f32) / 7.0)
             .collect();
         let x = HostTensor::from_vec(&[batch, 4, 8, 8], &x).expect("x");
         let feeds: HashMap<String, Arc<HostTensor>> = [("x".to_string(), Arc::new(x))].into();
-        let out = self
-            .pool
+        self.pool
             .install(|| graph::run(&self.plan, feeds))
-            .expect("run");
-        out.iter()
-            .map(|(name, t)| (name.clone(), t.shape().to_vec(), t.bytes().to_vec()))
-            .collect()
+            .expect("run")
     }
 }
 
@@ -102,6 +106,42 @@ fn later_runs_place_values_in_one_reused_arena_with_the_same_results() {
         4 * (2 * 4 * 8 * 8 * 4),
         "a, b, c and d at batch 2"
     );
+}
+
+/// Graph outputs go to blocks the plan keeps: runs whose outputs are dropped reuse one block,
+/// and an output still held keeps its block and its values while later runs (of other
+/// inputs) get another block.
+#[test]
+fn graph_outputs_reuse_blocks_nothing_holds_and_never_a_held_ones() {
+    let model = Compiled::new(&residual_cnn());
+    let blocks = || model.plan.memory.stats().output_blocks_allocated;
+    // The first run learns the sizes; the next ones place `y` in one block, the same results.
+    let first = model.run(2, 23);
+    assert_eq!(blocks(), 0, "nothing placed before the pattern is learnt");
+    for _ in 0..3 {
+        assert_eq!(model.run(2, 23), first);
+    }
+    assert_eq!(blocks(), 1, "one block, reused once each output is dropped");
+    let held = model.outputs(2, 23);
+    assert_eq!(held.len(), 1);
+    let kept = held[0].1.bytes().to_vec();
+    assert_eq!(kept, first[0].2);
+    // Other inputs while `held` is alive: another block, other values, `held` untouched.
+    let other = model.run(2, 11);
+    assert_ne!(other[0].2, kept, "the inputs should give other values");
+    assert_eq!(
+        held[0].1.bytes(),
+        &kept[..],
+        "a later run wrote into a held output"
+    );
+    assert_eq!(blocks(), 2, "{:?}", model.plan.memory.stats());
+    // Released, both blocks are reused: no more allocations.
+    drop(held);
+    for _ in 0..3 {
+        assert_eq!(model.run(2, 23), first);
+        assert_eq!(model.run(2, 11), other);
+    }
+    assert_eq!(blocks(), 2, "{:?}", model.plan.memory.stats());
 }
 
 /// Two concatenations along the channels of a batch: `c = Concat(a, b)`, whose inputs only it

@@ -654,6 +654,14 @@ fn finish(
         }
     }
     let concats = in_place_concats(&steps, &lifetimes);
+    // Graph outputs made by a host kernel step (not inputs or constants passed through, nor
+    // values from control flow or another device): their memory is kept between runs.
+    let host_outputs: Vec<usize> = steps
+        .iter()
+        .filter(|st| matches!(st.work, Work::Kernel(_)) && st.device == Device::CPU)
+        .flat_map(|st| st.outputs.iter().flatten().copied())
+        .filter(|s| outputs.iter().any(|(_, o)| o == s))
+        .collect();
     Ok(Plan {
         steps,
         slots: types.len(),
@@ -666,7 +674,7 @@ fn finish(
         output_shapes,
         placement,
         copies,
-        memory: MemoryPlan::new(lifetimes, concats),
+        memory: MemoryPlan::new(lifetimes, concats, &host_outputs),
         snapshot,
     })
 }
