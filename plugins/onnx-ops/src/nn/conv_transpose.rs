@@ -212,6 +212,12 @@ impl Kernel for ConvTranspose {
                 // col2im: each task owns whole output channel planes.
                 ctx.parallel_chunks(yg, p_out, |start, plane| {
                     let oc = start / p_out;
+                    if let ([ih, iw], Some(cols)) =
+                        (spatial, col.get(oc * kk * p_in..(oc + 1) * kk * p_in))
+                    {
+                        col2im_2d(cols, plane, &g, (*ih, *iw));
+                        return;
+                    }
                     let mut kid = vec![0usize; s];
                     let mut iid = vec![0usize; s];
                     for r in 0..kk {
@@ -257,6 +263,76 @@ impl Kernel for ConvTranspose {
             })?;
         }
         Ok(())
+    }
+}
+
+/// col2im of one output channel's plane in 2-D: per tap, each input row's values added into
+/// the output row they land in, over the input columns whose outputs lie inside the row
+/// (worked out once per tap). The general loop worked out every value's position dimension
+/// by dimension: a 2x2/2 upsampling of 8x64x28x28 ran at 5x ONNX Runtime. `cols` holds the
+/// channel's `kh * kw` rows of `ih * iw` values.
+fn col2im_2d(cols: &[f32], plane: &mut [f32], g: &Geometry, (ih, iw): (usize, usize)) {
+    let two = |v: &[usize]| <[usize; 2]>::try_from(v).ok();
+    let (Some([kh, kw]), Some([oh, ow]), Some([sh, sw]), Some([dh, dw]), Some([ph, pw])) = (
+        two(&g.kernel),
+        two(&g.out),
+        two(&g.strides),
+        two(&g.dilations),
+        <[isize; 2]>::try_from(&g.pad_begin[..]).ok(),
+    ) else {
+        return;
+    };
+    let at = |i: usize, s: usize, k: usize, d: usize, p: isize| {
+        (i as isize)
+            .saturating_mul(s as isize)
+            .saturating_add((k as isize).saturating_mul(d as isize))
+            .saturating_sub(p)
+    };
+    for ky in 0..kh {
+        for kx in 0..kw {
+            let Some(rows) = cols.get((ky * kw + kx) * ih * iw..(ky * kw + kx + 1) * ih * iw)
+            else {
+                return;
+            };
+            // Input columns `lo..hi` land inside the row: 0 <= ix * sw + c < ow.
+            let c = at(0, sw, kx, dw, pw);
+            let lo = if c >= 0 {
+                0
+            } else {
+                c.unsigned_abs().div_ceil(sw.max(1))
+            };
+            let hi = if c >= ow as isize {
+                0
+            } else {
+                (ow as isize - c).unsigned_abs().div_ceil(sw.max(1)).min(iw)
+            };
+            if lo >= hi {
+                continue;
+            }
+            let first = at(lo, sw, kx, dw, pw).unsigned_abs();
+            for iy in 0..ih {
+                let oy = at(iy, sh, ky, dh, ph);
+                if oy < 0 || oy >= oh as isize {
+                    continue;
+                }
+                let oy = oy.unsigned_abs();
+                let (Some(orow), Some(src)) = (
+                    plane.get_mut(oy * ow + first..(oy + 1) * ow),
+                    rows.get(iy * iw + lo..iy * iw + hi),
+                ) else {
+                    continue;
+                };
+                if sw == 1 {
+                    for (o, &v) in orow.iter_mut().zip(src) {
+                        *o += v;
+                    }
+                } else {
+                    for (o, &v) in orow.iter_mut().step_by(sw.max(1)).zip(src) {
+                        *o += v;
+                    }
+                }
+            }
+        }
     }
 }
 
