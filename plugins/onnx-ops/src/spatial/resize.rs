@@ -575,9 +575,49 @@ fn by_rows<T: Scalar>(
             Ok(())
         });
     }
+    // Leading axes the resize leaves alone (each coordinate one tap of weight 1, as the batch
+    // and channel axes of an image resize) only move the base offset: the recursion skips
+    // them, where it made a pass over the row per such axis (adding the sums of the axes
+    // inside, times 1, to zeros).
+    let identity = |t: &Taps| {
+        !t.outside.iter().any(|&o| o)
+            && t.start.windows(2).all(|w| w[1] - w[0] == 1)
+            && t.weight.iter().all(|&w| w == 1.0)
+    };
+    let axes: Vec<usize> = (0..rank - 1)
+        .filter(|&d| !identity(&taps[d]))
+        .chain([rank - 1])
+        .collect();
+    // The last axis's taps as pairs (offset, weight) x 2 where no coordinate has more than two
+    // (linear modes): its loop then runs without the tap ranges' bookkeeping. Same products,
+    // same order.
+    let last = &taps[rank - 1];
+    let pairs: Option<Vec<Pair>> = (0..out_w)
+        .map(|ow| {
+            let (from, to) = (last.start[ow], last.start[ow + 1]);
+            match to - from {
+                1 => Some((
+                    last.offset[from],
+                    last.weight[from],
+                    last.offset[from],
+                    0.0,
+                    false,
+                )),
+                2 => Some((
+                    last.offset[from],
+                    last.weight[from],
+                    last.offset[from + 1],
+                    last.weight[from + 1],
+                    true,
+                )),
+                _ => None,
+            }
+        })
+        .collect();
+    let pairs = pairs.as_deref();
     ctx.parallel_for(rows, grain, |range| {
         // One row of sums per level of the recursion.
-        let mut levels = (0..rank)
+        let mut levels = (0..axes.len())
             .map(|_| try_vec(out_w, 0.0f64))
             .collect::<Result<Vec<_>, _>>()?;
         let mut coords = vec![0usize; rank];
@@ -597,7 +637,11 @@ fn by_rows<T: Scalar>(
                 out.fill(extrapolation);
                 continue;
             }
-            row_sums(x, taps, &coords, 0, 0, &mut levels);
+            let base = (0..rank - 1)
+                .filter(|d| !axes.contains(d))
+                .map(|d| taps[d].offset[taps[d].start[coords[d]]])
+                .sum();
+            row_sums(x, taps, pairs, &coords, &axes, base, &mut levels);
             let last = &taps[rank - 1];
             for ((o, &v), &outside) in out.iter_mut().zip(&levels[0]).zip(&last.outside) {
                 *o = if outside {
@@ -611,21 +655,33 @@ fn by_rows<T: Scalar>(
     })
 }
 
-/// The sums over axes `d..` (see [`by_rows`]) for every output coordinate of the last axis at
-/// once, into `levels[0]` (`levels[1..]` hold the deeper axes' rows).
+/// The sums over `axes` (see [`by_rows`]; the last one the row's) for every output coordinate
+/// of the last axis at once, into `levels[0]` (`levels[1..]` hold the deeper axes' rows).
 fn row_sums<T: Scalar>(
     x: &[T],
     taps: &[Taps],
+    pairs: Option<&[Pair]>,
     coords: &[usize],
-    d: usize,
+    axes: &[usize],
     base: usize,
     levels: &mut [Vec<f64>],
 ) {
-    let Some((this, deeper)) = levels.split_first_mut() else {
+    let (Some((this, deeper)), Some((&d, inner))) = (levels.split_first_mut(), axes.split_first())
+    else {
         return;
     };
     let t = &taps[d];
-    if d + 1 == taps.len() {
+    if let (true, Some(pairs)) = (inner.is_empty(), pairs) {
+        for (s, &(o0, w0, o1, w1, two)) in this.iter_mut().zip(pairs) {
+            // Never -0.0 (0 + -0 is +0), so adding 0.0 for a one-tap coordinate changes
+            // nothing; a select, not `0 * x`, which an infinite x would make NaN.
+            let v = 0.0 + w0 * x[base + o0].to_f64();
+            let second = w1 * x[base + o1].to_f64();
+            *s = v + if two { second } else { 0.0 };
+        }
+        return;
+    }
+    if inner.is_empty() {
         for (ow, s) in this.iter_mut().enumerate() {
             let mut sum = 0.0;
             for k in t.start[ow]..t.start[ow + 1] {
@@ -637,7 +693,7 @@ fn row_sums<T: Scalar>(
     }
     this.fill(0.0);
     for k in t.start[coords[d]]..t.start[coords[d] + 1] {
-        row_sums(x, taps, coords, d + 1, base + t.offset[k], deeper);
+        row_sums(x, taps, pairs, coords, inner, base + t.offset[k], deeper);
         let w = t.weight[k];
         for (s, &c) in this.iter_mut().zip(&deeper[0]) {
             *s += w * c;
@@ -651,6 +707,10 @@ fn normalize(coeffs: &mut [f64]) {
         coeffs.iter_mut().for_each(|c| *c /= sum);
     }
 }
+
+/// The taps `(offset, weight, offset, weight, two)` of one output coordinate (`two` false:
+/// only the first).
+type Pair = (usize, f64, usize, f64, bool);
 
 /// The (input offset, weight) taps of each output coordinate along one axis.
 struct Taps {
@@ -783,6 +843,22 @@ mod tests {
                 4.0,
             ],
         );
+    }
+
+    #[test]
+    fn linear_resize_keeps_an_infinity_at_the_edge_and_mixes_it_inside() {
+        // Columns 0 and 3 of the upsampled row read one input column each (the clamped
+        // edge); an infinite edge value stays infinite there (not 0 * inf = NaN from a second
+        // tap of weight 0), and spreads into the columns that mix it.
+        let x = HostTensor::from_vec(&[1, 1, 1, 2], &[f32::INFINITY, 2.0]).expect("x");
+        let scales = HostTensor::from_vec(&[4], &[1.0f32, 1.0, 1.0, 2.0]).expect("scales");
+        let node = NodeSpec::onnx("Resize", 19).attr("mode", s("linear"));
+        let out =
+            run_kernel_opt(factory, &node, &[Some(&x), None, Some(&scales)], None).expect("run");
+        let y = out[0].to_vec::<f32>().expect("f32");
+        assert_eq!(y.len(), 4);
+        assert_eq!(&y[..3], &[f32::INFINITY; 3], "{y:?}");
+        assert_eq!(y[3], 2.0, "{y:?}");
     }
 
     #[test]
