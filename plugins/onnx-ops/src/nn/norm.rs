@@ -47,18 +47,37 @@ fn nc(op: &str, xs: &[usize]) -> Result<(usize, usize, usize), PluginError> {
     Ok((xs[0], xs[1], product_sat(&xs[2..])))
 }
 
-/// Mean and population variance of `x`.
-fn moments<T: Float>(x: &[T]) -> (T::Compute, T::Compute) {
-    let n = <T::Compute as Real>::from_usize(x.len().max(1));
-    let mut sum = <T::Compute as Arith>::ZERO;
-    x.iter().for_each(|v| sum += v.load());
-    let mean = sum / n;
-    let mut sq = <T::Compute as Arith>::ZERO;
-    x.iter().for_each(|v| {
-        let d = v.load() - mean;
-        sq += d * d;
-    });
-    (mean, sq / n)
+crate::simd::simd_fn! {
+    /// Mean and (biased) variance of `x`, each sum in [`LANES`] partial sums (combined at the
+    /// end) so that the loops vectorize, compiled for AVX-512 and AVX2 too: one accumulator
+    /// made each pass a chain of dependent adds (InstanceNormalization over 8x64x56x56 ran at
+    /// 2.75x ONNX Runtime). The partial sums also round less than one running sum does.
+    fn moments<T: Float>(x: &[T]) -> (T::Compute, T::Compute) {
+        let zero = <T::Compute as Arith>::ZERO;
+        // The sum of `f(v)` over x (a macro, not a closure through `dyn`: the loop must inline).
+        macro_rules! sum_of {
+            (|$v:ident| $f:expr) => {{
+                let mut lanes = [zero; LANES];
+                let mut chunks = x.chunks_exact(LANES);
+                for c in &mut chunks {
+                    for (a, v) in lanes.iter_mut().zip(c) {
+                        let $v = v.load();
+                        *a += $f;
+                    }
+                }
+                let mut s = lanes.iter().fold(zero, |s, &a| s + a);
+                for v in chunks.remainder() {
+                    let $v = v.load();
+                    s += $f;
+                }
+                s
+            }};
+        }
+        let n = <T::Compute as Real>::from_usize(x.len().max(1));
+        let mean = sum_of!(|v| v) / n;
+        let sq = sum_of!(|v| (v - mean) * (v - mean));
+        (mean, sq / n)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -288,7 +307,8 @@ impl GroupStats {
         let scale = params_len::<T::Compute>(self.op, "scale", &sv, params_n)?;
         let bias = params_len::<T::Compute>(self.op, "B", &bv, params_n)?;
         let x = xv.as_slice::<T>()?;
-        let y = ctx.output_slice::<T>(0, xs)?;
+        // Every element is written below (each group's planes whole).
+        let y = ctx.output_slice_to_overwrite::<T>(0, xs)?;
         if y.is_empty() {
             return Ok(());
         }
@@ -539,7 +559,8 @@ impl LayerNorm {
     }
 }
 
-/// Lanes of the sums in [`layer_norm_row`]: independent partial sums, so that they vectorize.
+/// Lanes of the sums in [`layer_norm_row`] and [`moments`]: independent partial sums, so that
+/// they vectorize.
 const LANES: usize = 16;
 
 /// The sum of `x` in [`LANES`] partial sums.
@@ -953,6 +974,26 @@ mod tests {
         for f in &facts[1..] {
             assert_eq!(f.dtype, Some(DType::F32));
             assert_eq!(f.shape, Some(vec![3]));
+        }
+    }
+
+    #[test]
+    fn moments_match_an_f64_reference_over_whole_lanes_and_a_tail() {
+        for len in [1usize, 15, 16, 17, 1037, 3136] {
+            let x: Vec<f32> = (0..len)
+                .map(|i| ((i * 7919 % 1009) as f32 / 1009.0 - 0.3) * 5.0 + 100.0)
+                .collect();
+            let (mean, var) = moments(&x);
+            let m64 = x.iter().map(|&v| f64::from(v)).sum::<f64>() / len as f64;
+            let v64 = x.iter().map(|&v| (f64::from(v) - m64).powi(2)).sum::<f64>() / len as f64;
+            assert!(
+                (f64::from(mean) - m64).abs() <= 1e-5 * m64.abs(),
+                "{len}: {mean} vs {m64}"
+            );
+            assert!(
+                (f64::from(var) - v64).abs() <= 1e-4 * v64 + 1e-6,
+                "{len}: {var} vs {v64}"
+            );
         }
     }
 
