@@ -546,7 +546,17 @@ fn by_rows<T: Scalar>(
     });
     if copies {
         let last = &taps[rank - 1];
+        // Per output column, the input offset it copies (`None`: outside the crop).
+        let cols: Vec<Option<usize>> = (0..out_w)
+            .map(|ow| {
+                let (from, to) = (last.start[ow], last.start[ow + 1]);
+                (to > from).then(|| last.offset[from])
+            })
+            .collect();
         return ctx.parallel_for(rows, grain, |range| {
+            // The last row this task gathered, and its base: a row with the same base (the
+            // rows an upsampling repeats) is a copy of it, not another gather.
+            let mut prev: Option<(usize, usize)> = None;
             for row in range {
                 let (mut lin, mut base, mut outside) = (row, 0usize, false);
                 for (d, t) in taps[..rank - 1].iter().enumerate().rev() {
@@ -561,16 +571,22 @@ fn by_rows<T: Scalar>(
                 let out = unsafe { yd.part(row * out_w, out_w) };
                 if outside {
                     out.fill(extrapolation);
+                    prev = None;
                     continue;
                 }
-                for (ow, o) in out.iter_mut().enumerate() {
-                    let (from, to) = (last.start[ow], last.start[ow + 1]);
-                    *o = if to > from {
-                        x[base + last.offset[from]]
-                    } else {
-                        extrapolation
+                if let Some((p, _)) = prev.filter(|&(_, b)| b == base) {
+                    // SAFETY: row `p` (before `row`) was written by this task, and no other
+                    // borrow of it is alive.
+                    out.copy_from_slice(unsafe { yd.part(p * out_w, out_w) });
+                    continue;
+                }
+                for (o, c) in out.iter_mut().zip(&cols) {
+                    *o = match c {
+                        Some(off) => x[base + off],
+                        None => extrapolation,
                     };
                 }
+                prev = Some((row, base));
             }
             Ok(())
         });
