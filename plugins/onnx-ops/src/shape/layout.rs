@@ -589,7 +589,8 @@ impl Kernel for Tile {
             vstrides: &[isize],
         ) -> Result<(), PluginError> {
             let src = T::slice(x)?;
-            let dst = T::slice_mut(ctx.output(0, x.dtype, out)?)?;
+            // The strided copy writes every element: not zeroed first.
+            let dst = T::slice_mut(output_written(ctx, 0, x.dtype, out)?)?;
             strided_copy(ctx, src, dst, vshape, vstrides, 0)
         }
         by_elem!(data.dtype, run(ctx, data, &out, &vshape, &vstrides))
