@@ -547,12 +547,12 @@ fn by_rows<T: Scalar>(
     if copies {
         let last = &taps[rank - 1];
         // Per output column, the input offset it copies (`None`: outside the crop).
-        let cols: Vec<Option<usize>> = (0..out_w)
-            .map(|ow| {
-                let (from, to) = (last.start[ow], last.start[ow + 1]);
-                (to > from).then(|| last.offset[from])
-            })
-            .collect();
+        // Sized from the request's shapes: reserved fallibly.
+        let mut cols: Vec<Option<usize>> = try_with_capacity(out_w)?;
+        cols.extend((0..out_w).map(|ow| {
+            let (from, to) = (last.start[ow], last.start[ow + 1]);
+            (to > from).then(|| last.offset[from])
+        }));
         return ctx.parallel_for(rows, grain, |range| {
             // The last row this task gathered, and its base: a row with the same base (the
             // rows an upsampling repeats) is a copy of it, not another gather.
@@ -608,28 +608,37 @@ fn by_rows<T: Scalar>(
     // (linear modes): its loop then runs without the tap ranges' bookkeeping. Same products,
     // same order.
     let last = &taps[rank - 1];
-    let pairs: Option<Vec<Pair>> = (0..out_w)
-        .map(|ow| {
-            let (from, to) = (last.start[ow], last.start[ow + 1]);
-            match to - from {
-                1 => Some((
-                    last.offset[from],
-                    last.weight[from],
-                    last.offset[from],
-                    0.0,
-                    false,
-                )),
-                2 => Some((
-                    last.offset[from],
-                    last.weight[from],
-                    last.offset[from + 1],
-                    last.weight[from + 1],
-                    true,
-                )),
-                _ => None,
+    let pair_of = |ow: usize| -> Option<Pair> {
+        let (from, to) = (last.start[ow], last.start[ow + 1]);
+        match to - from {
+            1 => Some((
+                last.offset[from],
+                last.weight[from],
+                last.offset[from],
+                0.0,
+                false,
+            )),
+            2 => Some((
+                last.offset[from],
+                last.weight[from],
+                last.offset[from + 1],
+                last.weight[from + 1],
+                true,
+            )),
+            _ => None,
+        }
+    };
+    // Sized from the request's shapes: reserved fallibly.
+    let mut pairs: Option<Vec<Pair>> = Some(try_with_capacity(out_w)?);
+    for ow in 0..out_w {
+        match (pair_of(ow), pairs.as_mut()) {
+            (Some(p), Some(v)) => v.push(p),
+            _ => {
+                pairs = None;
+                break;
             }
-        })
-        .collect();
+        }
+    }
     let pairs = pairs.as_deref();
     ctx.parallel_for(rows, grain, |range| {
         // One row of sums per level of the recursion.
