@@ -243,6 +243,10 @@ impl<'a> KernelContext<'a> {
     // Each call returns a fresh host buffer, so the `&mut` never aliases.
     #[allow(clippy::mut_from_ref)]
     pub fn scratch<T: Element>(&self, len: usize) -> Result<&mut [T], PluginError> {
+        if len == 0 {
+            // No call: the host's empty buffer need not be aligned for `T`.
+            return Ok(&mut []);
+        }
         let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| {
             PluginError::new(ErrorCode::ResourceExhausted, "scratch size overflows")
         })?;
@@ -269,6 +273,10 @@ impl<'a> KernelContext<'a> {
     // Each call returns a distinct host buffer, so the `&mut` never aliases.
     #[allow(clippy::mut_from_ref)]
     pub fn scratch_reused<T: Element>(&self, len: usize) -> Result<&mut [T], PluginError> {
+        if len == 0 {
+            // No call: the host's empty buffer need not be aligned for `T`.
+            return Ok(&mut []);
+        }
         let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| {
             PluginError::new(ErrorCode::ResourceExhausted, "scratch size overflows")
         })?;
