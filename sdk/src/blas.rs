@@ -197,6 +197,21 @@ impl GemmArgs {
     /// columns. Float flavours only. Since ABI 1.7; ask [`Blas::supports`] first.
     pub const BIAS_PER_ROW: u64 = 2;
 
+    /// `flags` bit: the requantization of QLinearConv and QLinearMatMul (ONNX Runtime's
+    /// `MlasRequantizeOutput`) instead of the scale-based one. Integer A and B, `types.c` U8
+    /// or I8, epilogue NONE, alpha 1, beta 0: `bias` holds `n` **i32** values (or is null),
+    /// `b_scales` holds `n` multipliers `mult[j]` (one per column, whatever `b_quant_len`,
+    /// which then counts the zero points only), and
+    /// `C[i, j] = `[`requant_byte`](crate::numeric::requant_byte)`(acc[i, j] + bias[j],
+    /// mult[j], c_zero_point, lo, hi)` with `lo`, `hi` the output type's bounds less
+    /// `c_zero_point`: the sum in f32 times the multiplier, clamped, plus the zero point,
+    /// rounded half to even. `a_scale` and `c_scale` are not read. A backend applies it to
+    /// each tile as it is finished, where the operator would otherwise store i32 sums and
+    /// read them back. A B packed for the same A and B types with an I32 C serves these
+    /// calls too ([`Blas::gemm_packed`]). A backend that does not know the bit answers
+    /// `false` from [`Blas::supports`]; ask first.
+    pub const REQUANT_MULTIPLIER: u64 = 4;
+
     /// A row-major, untransposed, single gemm of `types` with every optional part off; the
     /// caller fills in the pointers and leading dimensions.
     pub fn new(types: GemmTypes, m: usize, n: usize, k: usize) -> Self {

@@ -201,15 +201,102 @@ fn integer_flavours_match_the_reference() {
     }
 }
 
+/// `GemmArgs::REQUANT_MULTIPLIER` through the registered backend: exactly `requant_byte` of
+/// the exact sum plus the i32 bias, per column multipliers, u8 and i8 results, B plain or
+/// transposed, per tensor or per column zero points, and B packed for an i32 C (the flag's
+/// contract) or not packed at all.
+#[test]
+fn requantization_by_multipliers_matches_requant_byte() {
+    let (m, n, k) = (19, 37, 45);
+    let a = bytes(m * k, 8);
+    let b = bytes(k * n, 9);
+    let bias: Vec<i32> = (0..n as i32).map(|j| j * 97 - 1800).collect();
+    let mult: Vec<f32> = (0..n).map(|j| 0.0005 + j as f32 * 0.0001).collect();
+    for (ta, tb, tc) in [
+        (DType::U8, DType::I8, DType::U8),
+        (DType::I8, DType::U8, DType::I8),
+    ] {
+        let (sa, sb) = (ta == DType::I8, tb == DType::I8);
+        let za = if sa { 5 } else { 131 };
+        for (per_column, trans_b, packed) in (0..8).map(|v| (v & 1 != 0, v & 2 != 0, v & 4 != 0)) {
+            let zb: Vec<i32> = if per_column {
+                (0..n as i32)
+                    .map(|j| if sb { j - 20 } else { j * 5 })
+                    .collect()
+            } else {
+                vec![if sb { 0 } else { 128 }]
+            };
+            let want_acc = acc(&a, sa, za, &b, sb, &zb, m, n, k, trans_b);
+            let mut g = GemmArgs::new(
+                GemmTypes {
+                    a: ta,
+                    b: tb,
+                    c: DType::I32,
+                },
+                m,
+                n,
+                k,
+            );
+            g.a = a.as_ptr();
+            g.b = b.as_ptr();
+            if trans_b {
+                g.trans_b = Transpose::YES;
+                g.ldb = k;
+            }
+            g.a_zero_point = za;
+            g.b_zero_points = zb.as_ptr();
+            g.b_quant_len = zb.len();
+            let mut c = vec![0u8; m * n];
+            run(|ctx, blas| {
+                // Packed for i32 sums, as an operator packs its weights at load.
+                let p = packed.then(|| blas.pack_b(ctx, &g).expect("pack"));
+                let mut r = g;
+                r.types.c = tc;
+                r.flags = GemmArgs::REQUANT_MULTIPLIER;
+                r.b_scales = mult.as_ptr();
+                r.bias = bias.as_ptr().cast();
+                r.c_zero_point = if tc == DType::U8 { 120 } else { -3 };
+                r.c = c.as_mut_ptr();
+                assert!(blas.supports(&r));
+                match &p {
+                    Some(p) => blas.gemm_packed(ctx, &r, p).expect("gemm packed"),
+                    None => blas.gemm(ctx, &r).expect("gemm"),
+                }
+            });
+            let (zp, lo, hi) = if tc == DType::U8 {
+                (120, 0, 255)
+            } else {
+                (-3, -128, 127)
+            };
+            for (e, &s) in want_acc.iter().enumerate() {
+                let j = e % n;
+                let want = opreg_sdk::numeric::requant_byte(
+                    s + bias[j],
+                    mult[j],
+                    zp,
+                    (lo - zp) as f32,
+                    (hi - zp) as f32,
+                );
+                assert_eq!(
+                    c[e], want,
+                    "{ta}x{tb}->{tc} per_column {per_column} trans_b {trans_b} packed {packed} element {e}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn supports_refuses_what_it_cannot_run() {
     let mut g = GemmArgs::new(GemmTypes::F32, 2, 2, 2);
     run(|_, blas| {
         assert!(blas.supports(&g));
-        g.flags = 4;
+        g.flags = 8;
         assert!(!blas.supports(&g), "unknown flag bits");
-        g.flags = GemmArgs::PACKED_A | 4;
+        g.flags = GemmArgs::PACKED_A | 8;
         assert!(!blas.supports(&g), "a known bit beside an unknown one");
+        g.flags = GemmArgs::REQUANT_MULTIPLIER;
+        assert!(!blas.supports(&g), "requantization of an f32 gemm");
         g.flags = GemmArgs::PACKED_A | GemmArgs::BIAS_PER_ROW;
         assert!(blas.supports(&g), "both known f32 bits");
         g.flags = 0;
@@ -234,6 +321,22 @@ fn supports_refuses_what_it_cannot_run() {
         g.b_quant_len = 1;
         g.types.c = DType::F16;
         assert!(!blas.supports(&g), "f16 result of an integer gemm");
+        g.flags = GemmArgs::REQUANT_MULTIPLIER;
+        assert!(!blas.supports(&g), "an f16 result by multipliers");
+        g.types.c = DType::I32;
+        assert!(!blas.supports(&g), "i32 sums by multipliers");
+        g.types.c = DType::U8;
+        assert!(blas.supports(&g), "u8 by multipliers");
+        g.c_zero_point = 256;
+        assert!(!blas.supports(&g), "a u8 zero point of 256");
+        g.types.c = DType::I8;
+        g.c_zero_point = -128;
+        assert!(blas.supports(&g), "i8 by multipliers");
+        g.epilogue = Epilogue::RELU;
+        assert!(!blas.supports(&g), "an activation with multipliers");
+        g.epilogue = Epilogue::NONE;
+        g.flags |= GemmArgs::PACKED_A;
+        assert!(!blas.supports(&g), "multipliers with a packed A");
     });
 }
 

@@ -43,12 +43,13 @@ mod drive;
 mod kernel;
 mod pack;
 mod portable;
+mod requant;
 #[cfg(test)]
 mod tests;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-use drive::drive;
+use drive::{drive, Dest};
 use kernel::Geometry;
 pub(crate) use kernel::Int8Kernel;
 use pack::{AlignedBytes, BView};
@@ -109,31 +110,51 @@ pub(crate) struct IntA<'a> {
     pub zp: i32,
 }
 
-/// Output C (`m x n` i32, element `(i, j)` at `ptr[i * ldc + j]`) shared by the tasks of one
-/// product, each of which writes its own rows ([`gemm_rows`]).
+/// Output C (`m x n` values of `T`, element `(i, j)` at `ptr[i * ldc + j]`) shared by the
+/// tasks of one product, each of which writes its own rows ([`gemm_rows`]).
 #[derive(Clone, Copy)]
-pub(crate) struct IntC<'a> {
-    ptr: *mut i32,
+pub(crate) struct MatC<'a, T> {
+    ptr: *mut T,
     len: usize,
     ldc: usize,
-    _c: PhantomData<&'a mut [i32]>,
+    _c: PhantomData<&'a mut [T]>,
 }
 
-// SAFETY: an `IntC` is a mutable borrow of the buffer for `'a`; `gemm_rows`' contract makes
-// the tasks sharing it write disjoint rows, so no element is accessed by two threads.
-unsafe impl Send for IntC<'_> {}
-unsafe impl Sync for IntC<'_> {}
+/// i32 sums.
+pub(crate) type IntC<'a> = MatC<'a, i32>;
+/// Requantized bytes (u8, or i8 as its two's-complement bytes).
+pub(crate) type ByteC<'a> = MatC<'a, u8>;
 
-impl<'a> IntC<'a> {
+// SAFETY: a `MatC` is a mutable borrow of the buffer for `'a`; `gemm_rows`' contract makes
+// the tasks sharing it write disjoint rows, so no element is accessed by two threads.
+unsafe impl<T: Send> Send for MatC<'_, T> {}
+unsafe impl<T: Send> Sync for MatC<'_, T> {}
+
+impl<'a, T> MatC<'a, T> {
     /// The whole C buffer with row stride `ldc` (checked against `m` and `n` by the gemm).
-    pub(crate) fn new(c: &'a mut [i32], ldc: usize) -> Self {
-        IntC {
+    pub(crate) fn new(c: &'a mut [T], ldc: usize) -> Self {
+        MatC {
             ptr: c.as_mut_ptr(),
             len: c.len(),
             ldc,
             _c: PhantomData,
         }
     }
+}
+
+/// The requantizing output stage ([`gemm_rows_requant`], `GemmArgs::REQUANT_MULTIPLIER`):
+/// `C[i, j] = requant_byte(acc[i, j] + bias[j], mult[j], zp, lo, hi)`, applied to each
+/// register tile as soon as its sums are final (from L1), not in a pass over an i32 C.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Requant<'a> {
+    /// One per column of C.
+    pub bias: &'a [i32],
+    /// One per column of C.
+    pub mult: &'a [f32],
+    pub zp: i32,
+    /// The output type's bounds less `zp` (see `opreg_sdk::numeric::requant_byte`).
+    pub lo: f32,
+    pub hi: f32,
 }
 
 /// Checks that a u8 (`signed == false`) or i8 zero point is in range.
@@ -337,7 +358,61 @@ pub(crate) unsafe fn gemm_rows(
         return Ok(());
     }
     // SAFETY: A, C and the row range are checked; exclusivity of the rows is the caller's.
-    unsafe { drive(a, rows, packed, c) }
+    unsafe { drive(a, rows, packed, Dest::Sums(c)) }
+}
+
+/// [`gemm_rows`] with the requantizing output stage `rq`: rows `rows` of C, as bytes, in
+/// `c` (`m x n`, row stride `ldc >= n`). `rq` holds `n` biases and multipliers.
+///
+/// # Safety
+/// As [`gemm_rows`]: no other code accesses rows `rows` of C while this runs.
+pub(crate) unsafe fn gemm_rows_requant(
+    a: &IntA<'_>,
+    m: usize,
+    rows: Range<usize>,
+    packed: &PackedB,
+    c: ByteC<'_>,
+    rq: &Requant<'_>,
+) -> Result<(), String> {
+    let (k, n) = (packed.k, packed.n);
+    check_zp("A", a.zp, a.signed)?;
+    check_matrix("A", a.a.len(), m, k, a.lda)?;
+    check_matrix("C", c.len, m, n, c.ldc)?;
+    if rq.bias.len() < n || rq.mult.len() < n {
+        return Err(format!(
+            "int8 gemm: {n} columns but {} biases and {} multipliers",
+            rq.bias.len(),
+            rq.mult.len()
+        ));
+    }
+    if rows.start > rows.end || rows.end > m {
+        return Err(format!(
+            "int8 gemm: row range {}..{} is not within the {m} rows of A",
+            rows.start, rows.end
+        ));
+    }
+    if !packed.kind.available() {
+        return Err(format!(
+            "int8 gemm: B was packed for {:?}, not available on this CPU",
+            packed.kind
+        ));
+    }
+    if rows.is_empty() || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        let zeros = try_zeros(n, "an empty product's sums")?;
+        for i in rows {
+            // SAFETY: row i < m lies in C (checked above), and the caller gives this call
+            // exclusive access to it.
+            let row = unsafe { std::slice::from_raw_parts_mut(c.ptr.add(i * c.ldc), n) };
+            requant::row(&zeros, rq, row);
+        }
+        return Ok(());
+    }
+    // SAFETY: A, C, the tables and the row range are checked; exclusivity of the rows is the
+    // caller's.
+    unsafe { drive(a, rows, packed, Dest::Requant(c, rq)) }
 }
 
 impl PackedB {

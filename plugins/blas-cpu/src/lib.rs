@@ -72,6 +72,7 @@ fn known_shape(g: &GemmArgs) -> bool {
     // A packed A: f32, row-major (the integer flavours pack B only); a bias per row: f32.
     let f32_flags = GemmArgs::PACKED_A | GemmArgs::BIAS_PER_ROW;
     let flags_known = g.flags == 0
+        || (g.types.is_integer() && g.flags == GemmArgs::REQUANT_MULTIPLIER)
         || (g.types == GemmTypes::F32
             && g.flags & !f32_flags == 0
             && (g.flags & GemmArgs::PACKED_A == 0 || g.layout == Layout::ROW_MAJOR));
@@ -159,7 +160,14 @@ impl Blas for CpuBlas {
         } else {
             ("B", g.trans_b)
         };
-        if info.types != g.types || info.trans_b != trans {
+        // An integer B's packing does not depend on C's type (i32 sums or requantized
+        // bytes): one packed at load serves both.
+        let same_types = if g.types.is_integer() {
+            (info.types.a, info.types.b) == (g.types.a, g.types.b)
+        } else {
+            info.types == g.types
+        };
+        if !same_types || info.trans_b != trans {
             return Err(PluginError::invalid(format!(
                 "cpu blas: {role} packed for {} (trans {}), gemm is {} (trans {})",
                 info.types, info.trans_b.0, g.types, trans.0

@@ -4,7 +4,7 @@
 
 use crate::epilogue::{activate, requantize, SendPtr};
 use crate::float::offset;
-use crate::int8::{self, IntA, IntC};
+use crate::int8::{self, ByteC, IntA, IntC, Requant};
 use opreg_sdk::prelude::*;
 
 /// B packed for the integer kernels, with the zero points it was packed for (the kernels fold
@@ -23,7 +23,20 @@ impl PackedInt {
 
 /// Whether this backend runs the integer `g` (types, layout, output stage).
 pub(crate) fn supports(g: &GemmArgs) -> bool {
+    let requant = g.flags & GemmArgs::REQUANT_MULTIPLIER != 0;
     let out_ok = match g.types.c {
+        DType::U8 | DType::I8 if requant => {
+            let zp_range = if g.types.c == DType::I8 {
+                -128..=127
+            } else {
+                0..=255
+            };
+            g.epilogue == Epilogue::NONE
+                && g.alpha == 1.0
+                && g.beta == 0.0
+                && zp_range.contains(&g.c_zero_point)
+        }
+        _ if requant => false,
         DType::I32 => g.epilogue == Epilogue::NONE && g.alpha == 1.0 && g.beta == 0.0,
         DType::F32 => true,
         DType::U8 | DType::I8 => {
@@ -202,6 +215,42 @@ unsafe fn one(
         return Ok(());
     }
     let grain = b.inner.rows_per_task(m, ctx.num_threads());
+    if g.flags & GemmArgs::REQUANT_MULTIPLIER != 0 {
+        // SAFETY: C covers `c_len` bytes (contract); tasks write disjoint rows.
+        let out = unsafe { std::slice::from_raw_parts_mut(c, c_len) };
+        let out = ByteC::new(out, g.ldc);
+        // SAFETY: `b_scales` holds `n` multipliers under this flag, `bias` (when not null)
+        // `n` i32 (the caller's contract).
+        let (mult, bias) = unsafe {
+            if g.b_scales.is_null() {
+                return Err(PluginError::invalid(
+                    "cpu blas: REQUANT_MULTIPLIER needs n multipliers in b_scales",
+                ));
+            }
+            (
+                std::slice::from_raw_parts(g.b_scales, n),
+                read(g.bias.cast::<i32>(), n, 0),
+            )
+        };
+        // The output type's bounds less the zero point (in range: `supports`), exact in f32.
+        let (lo, hi) = if g.types.c == DType::I8 {
+            (-128, 127)
+        } else {
+            (0, 255)
+        };
+        let zp = g.c_zero_point;
+        let rq = Requant {
+            bias: &bias,
+            mult,
+            zp,
+            lo: (lo - zp) as f32,
+            hi: (hi - zp) as f32,
+        };
+        return ctx.parallel_for(m, grain, |rows| {
+            // SAFETY: rows are disjoint between tasks; the tables hold `n` values.
+            unsafe { int8::gemm_rows_requant(a, m, rows, &b.inner, out, &rq) }.map_err(err)
+        });
+    }
     if g.types.c == DType::I32 {
         // SAFETY: C covers `c_len` i32 values (contract); tasks write disjoint rows.
         let out = unsafe { std::slice::from_raw_parts_mut(c.cast::<i32>(), c_len) };

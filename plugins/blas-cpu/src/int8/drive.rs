@@ -3,11 +3,30 @@
 //! function on each register tile.
 
 use super::pack::{self, AMode, AlignedBytes};
-use super::{Int8Kernel, IntA, IntC, PackedB};
+use super::{requant, ByteC, Int8Kernel, IntA, IntC, PackedB, Requant};
 use std::ops::Range;
 
 /// Most rows of A packed per block, over all kernels (`Geometry::mc`).
 pub(super) const MAX_MC: usize = 192;
+
+/// Where the product goes.
+pub(super) enum Dest<'a> {
+    /// The i32 sums, into C.
+    Sums(IntC<'a>),
+    /// Requantized bytes, into C: each tile's sums go to a scratch tile (one depth block) or
+    /// to a row block of sums (several), and are requantized from there after the tile's
+    /// last depth block.
+    Requant(ByteC<'a>, &'a Requant<'a>),
+}
+
+/// i32 of the scratch tile a requantized product's tiles are stored to before their
+/// requantization (at least `mr * nr` of every kernel: 8 x 48).
+const SCRATCH_TILE: usize = 8 * 48;
+
+/// The scratch tile, on a cache line: its rows (`nr` i32, a multiple of 16) then are too, and
+/// no vector store or load straddles two lines (unaligned, the kernel ran at half speed).
+#[repr(C, align(64))]
+struct ScratchTile([i32; SCRATCH_TILE]);
 
 /// One register tile's work for a kernel (pointers into packed buffers and C).
 pub(super) struct Tile {
@@ -34,6 +53,23 @@ pub(super) struct Tile {
     /// VNNI only, or null (both): `rowsum[i] * zb[j]` is subtracted (per-column zero points).
     pub rowsum: *const i32,
     pub zb: *const i32,
+    /// AVX-512 VNNI only, or null: the tile's sums are final (its last depth block) and go
+    /// to bytes, requantized in registers ([`TileRequant`]); C is read (after the first depth
+    /// block: whole vectors) but not written.
+    pub rq: *const TileRequant,
+}
+
+/// Where and how a tile with [`Tile::rq`] stores its requantized bytes.
+pub(super) struct TileRequant {
+    /// The tile's top-left byte, and the row stride.
+    pub out: *mut u8,
+    pub ldo: usize,
+    /// The tables from the tile's first column (read masked to the tile's columns).
+    pub bias: *const i32,
+    pub mult: *const f32,
+    pub zp: i32,
+    pub lo: f32,
+    pub hi: f32,
 }
 
 /// A kernel's tile function: computes `t` with `mr` rows and `nv` vectors of columns;
@@ -60,7 +96,7 @@ pub(super) unsafe fn drive(
     a: &IntA<'_>,
     rows: Range<usize>,
     p: &PackedB,
-    c: IntC<'_>,
+    dest: Dest<'_>,
 ) -> Result<(), String> {
     let g = p.kind.geometry();
     let group = g.group();
@@ -109,6 +145,32 @@ pub(super) unsafe fn drive(
         }
     };
     let tile = tile_fn(p.kind);
+    // Requantized: the sums of a product of several depth blocks wait for their last block in
+    // a row block of sums (`mc x width`: rows padded as B's panels are, so that the kernels
+    // store whole vectors); those of one depth block go to one scratch tile.
+    let requant = matches!(dest, Dest::Requant(..));
+    let sums_len = if requant && k > kc {
+        mc_max * p.width
+    } else {
+        0
+    };
+    // Aligned as the scratch tile is (rows of `width`, a multiple of 16 i32).
+    let mut block_sums = AlignedBytes::zeroed(4 * sums_len, "a row block of sums")?;
+    let mut scratch = ScratchTile([0; SCRATCH_TILE]);
+    if requant && g.mr * g.nr > SCRATCH_TILE {
+        return Err(format!(
+            "int8 gemm: internal error: {:?} tiles exceed the scratch tile",
+            p.kind
+        ));
+    }
+    // The AVX-512 VNNI kernel requantizes in registers, and stores 16-byte masked vectors
+    // (VL: every CPU with AVX-512 VNNI has it, checked anyway); the other kernels' tiles are
+    // requantized from the sums they store.
+    #[cfg(target_arch = "x86_64")]
+    let avx512 =
+        p.kind == Int8Kernel::Avx512Vnni && std::arch::is_x86_feature_detected!("avx512vl");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx512 = false;
     let null = std::ptr::null::<i32>();
     let mut ic = rows.start;
     while ic < rows.end {
@@ -171,14 +233,52 @@ pub(super) unsafe fn drive(
                     } else {
                         (a_buf.ptr().wrapping_add(r0 * groups * 4), 0)
                     };
+                    // Where the tile's sums go: C, the row block of sums, or the scratch.
+                    let (c_ptr, ldc) = match &dest {
+                        // SAFETY: (ic + r0, j0) lies in C (rows < m and j0 < n, checked).
+                        Dest::Sums(c) => (unsafe { c.ptr.add((ic + r0) * c.ldc + j0) }, c.ldc),
+                        Dest::Requant(..) if sums_len == 0 => (scratch.0.as_mut_ptr(), g.nr),
+                        // SAFETY: (r0, j0) lies in the `mc_max x width` row block of i32
+                        // (r0 < mc, j0 < n <= width; 64-byte aligned).
+                        Dest::Requant(..) => (
+                            unsafe {
+                                block_sums
+                                    .bytes_mut()
+                                    .as_mut_ptr()
+                                    .cast::<i32>()
+                                    .add(r0 * p.width + j0)
+                            },
+                            p.width,
+                        ),
+                    };
+                    // The AVX-512 kernel requantizes the tile's final sums in registers,
+                    // as MLAS's symmetric convolution kernels do: stored and requantized
+                    // from L1 afterwards (a pass over 16 columns at a time), its 1x1 layers
+                    // of 16-32 channels spent more time there than in the multiply-adds.
+                    let last = pc + kcb == k;
+                    let in_registers = match (&dest, last && avx512) {
+                        (Dest::Requant(out, rq), true) => Some(TileRequant {
+                            // SAFETY: (ic + r0, j0) lies in C's checked rows.
+                            out: unsafe { out.ptr.add((ic + r0) * out.ldc + j0) },
+                            ldo: out.ldc,
+                            bias: rq.bias[j0..].as_ptr(),
+                            mult: rq.mult[j0..].as_ptr(),
+                            zp: rq.zp,
+                            lo: rq.lo,
+                            hi: rq.hi,
+                        }),
+                        _ => None,
+                    };
                     let t = Tile {
+                        rq: in_registers
+                            .as_ref()
+                            .map_or(std::ptr::null(), |r| r as *const TileRequant),
                         groups,
                         a: a_ptr,
                         lda,
                         b: b_panel,
-                        // SAFETY: (ic + r0, j0) lies in C (rows < m and j0 < n, checked).
-                        c: unsafe { c.ptr.add((ic + r0) * c.ldc + j0) },
-                        ldc: c.ldc,
+                        c: c_ptr,
+                        ldc,
                         nr,
                         first: pc == 0,
                         colterm,
@@ -196,6 +296,24 @@ pub(super) unsafe fn drive(
                             "int8 gemm: internal error: no {mr} x {nv} tile for {:?}",
                             p.kind
                         ));
+                    }
+                    if let (Dest::Requant(out, rq), true, None) = (&dest, last, &in_registers) {
+                        // SAFETY: the tile's `mr x nr` sums are final at `c_ptr` (`ldc`
+                        // apart); its bytes (ic + r0.., j0..) lie in C's checked rows, which
+                        // this call has to itself; j0 + nr <= n, the tables' length
+                        // (checked by the caller).
+                        unsafe {
+                            requant::tile(
+                                c_ptr,
+                                ldc,
+                                mr,
+                                nr,
+                                out.ptr.add((ic + r0) * out.ldc + j0),
+                                out.ldc,
+                                rq,
+                                j0,
+                            )
+                        };
                     }
                 }
             }

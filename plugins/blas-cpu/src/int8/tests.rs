@@ -639,3 +639,96 @@ fn rows_per_task_keeps_tiles_whole_and_deep_products_in_blocks() {
         assert_eq!(tiny.rows_per_task(0, 2), 1);
     }
 }
+
+/// The requantizing output stage (`gemm_rows_requant`) gives, for every kernel, exactly
+/// `requant_byte` of the exact sum plus the bias, and writes nothing outside its rows and
+/// columns: one and several depth blocks, edge tiles, A read in place and packed, per-column
+/// zero points, u8 and i8 results, and multipliers that saturate, vanish or are infinite
+/// (an infinite one times a zero sum is NaN, which gives the lower bound).
+#[test]
+fn requantized_tiles_match_requant_byte() {
+    let mut rng = Rng::new(9);
+    let shapes = [
+        (1, 1, 4),
+        (9, 17, 16),
+        (37, 96, 16),
+        (8, 48, 24),
+        (25, 50, 32),
+        (70, 33, 515),
+        (200, 64, 1100),
+    ];
+    const BYTE_SENTINEL: u8 = 0xA5;
+    for (s, &(m, n, k)) in shapes.iter().enumerate() {
+        for (v, (a_signed, b_signed, transposed)) in variants().enumerate() {
+            if (v + s) % 3 != 0 && v != 0 {
+                continue;
+            }
+            let mut case = Case::random(
+                &mut rng,
+                (m, n, k),
+                a_signed,
+                b_signed,
+                transposed,
+                v % 2 == 1,
+                2,
+            );
+            if v == 0 {
+                // u8 A with B's zero point 0: the AVX-512 kernel reads A in place.
+                case.b_zp = vec![0];
+            }
+            let bias: Vec<i32> = (0..n).map(|_| rng.below(20001) as i32 - 10000).collect();
+            let mult: Vec<f32> = (0..n)
+                .map(|j| match j % 11 {
+                    3 => 0.0,
+                    7 => f32::INFINITY,
+                    5 => 1.0,
+                    _ => (rng.below(1000) as f32 + 1.0) * 1e-6,
+                })
+                .collect();
+            let signed_out = s % 2 == 1;
+            let zp = rng.zp(signed_out);
+            let (lo, hi) = if signed_out { (-128, 127) } else { (0, 255) };
+            let rq = Requant {
+                bias: &bias,
+                mult: &mult,
+                zp,
+                lo: (lo - zp) as f32,
+                hi: (hi - zp) as f32,
+            };
+            let want = case.expected();
+            let rows = if m > 3 { 1..m - 1 } else { 0..m };
+            for kind in available() {
+                let packed = case.pack(kind).unwrap();
+                let mut c = vec![BYTE_SENTINEL; m * case.ldc];
+                // SAFETY: `c` is borrowed for the call alone.
+                unsafe {
+                    gemm_rows_requant(
+                        &case.int_a(),
+                        m,
+                        rows.clone(),
+                        &packed,
+                        ByteC::new(&mut c, case.ldc),
+                        &rq,
+                    )
+                }
+                .unwrap();
+                for i in 0..m {
+                    for j in 0..case.ldc {
+                        let got = c[i * case.ldc + j];
+                        let expect = if rows.contains(&i) && j < n {
+                            let acc = want[i * n + j].wrapping_add(bias[j]);
+                            opreg_sdk::numeric::requant_byte(acc, mult[j], zp, rq.lo, rq.hi)
+                        } else {
+                            BYTE_SENTINEL
+                        };
+                        assert_eq!(
+                            got, expect,
+                            "{kind:?} ({i}, {j}) of {m}x{n}x{k} variant {v} zp {zp} \
+                             signed out {signed_out}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -8,6 +8,7 @@
 
 use super::drive::Tile;
 use super::pack::AMode;
+use super::requant::requant_avx512;
 use std::arch::x86_64::*;
 
 /// `match (mr, nv)` over the listed shapes, calling `$kernel::<MR, NV>(t)`; false for others.
@@ -34,36 +35,58 @@ macro_rules! dispatch {
 /// # Safety
 /// `t` describes packed VNNI micro-panels of `t.groups` groups for `mr` rows and `nv * 16`
 /// columns, tables as documented on [`Tile`] covering them, and a writable `mr x t.nr` tile of
-/// C; the CPU has AVX-512F, AVX-512BW and AVX-512 VNNI.
+/// C (or of bytes, [`Tile::rq`]); the CPU has AVX-512 F, BW, VL and VNNI.
 pub(super) unsafe fn tile_avx512vnni(t: &Tile, mr: usize, nv: usize) -> bool {
     // SAFETY: forwarded from the caller.
     unsafe {
-        if t.lda == 0 {
-            dispatch!(vnni512_packed, t, mr, nv, [1 2 3 4 5 6 7 8], [1 2 3])
-        } else {
-            dispatch!(vnni512_in_place, t, mr, nv, [1 2 3 4 5 6 7 8], [1 2 3])
+        match (t.lda == 0, t.rq.is_null()) {
+            (true, true) => dispatch!(vnni512_packed, t, mr, nv, [1 2 3 4 5 6 7 8], [1 2 3]),
+            (false, true) => dispatch!(vnni512_in_place, t, mr, nv, [1 2 3 4 5 6 7 8], [1 2 3]),
+            (true, false) => {
+                dispatch!(vnni512_packed_requant, t, mr, nv, [1 2 3 4 5 6 7 8], [1 2 3])
+            }
+            (false, false) => {
+                dispatch!(vnni512_in_place_requant, t, mr, nv, [1 2 3 4 5 6 7 8], [1 2 3])
+            }
         }
     }
 }
 
-/// [`vnni512`] on a packed A micro-panel.
-///
-/// # Safety
-/// As [`vnni512`].
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn vnni512_packed<const MR: usize, const NV: usize>(t: &Tile) {
-    // SAFETY: forwarded from the caller.
-    unsafe { vnni512::<MR, NV, false>(t) }
+/// The instances of [`vnni512`]: A packed or read in place (`t.lda` apart); the sums stored
+/// to C, or requantized in registers to bytes ([`Tile::rq`]). Which store stage is a constant
+/// of each instance, not a test in the tile: tested, the store loop lost its unrolling and
+/// the accumulators their registers (zeroed and kept on the stack).
+macro_rules! vnni512_instances {
+    ($($name:ident: $in_place:literal, $requant:literal;)*) => {$(
+        /// See [`vnni512_instances`].
+        ///
+        /// # Safety
+        /// As [`vnni512`].
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+        unsafe fn $name<const MR: usize, const NV: usize>(t: &Tile) {
+            // SAFETY: forwarded from the caller.
+            unsafe { vnni512::<MR, NV, $in_place, $requant>(t) }
+        }
+    )*};
 }
 
-/// [`vnni512`] on A read in place (`t.lda` apart).
-///
-/// # Safety
-/// As [`vnni512`].
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn vnni512_in_place<const MR: usize, const NV: usize>(t: &Tile) {
-    // SAFETY: forwarded from the caller.
-    unsafe { vnni512::<MR, NV, true>(t) }
+vnni512_instances! {
+    vnni512_packed: false, false;
+    vnni512_in_place: true, false;
+    vnni512_packed_requant: false, true;
+    vnni512_in_place_requant: true, true;
+}
+
+/// `$body` for each `$i` of the listed constants below `$n` (a const generic): unrolled by
+/// construction, so that every `acc[i][v]` it names is a register, whatever LLVM's unrolling
+/// thresholds make of a loop.
+macro_rules! unrolled {
+    ($i:ident < $n:expr, [$($k:literal)*], $body:block) => {$(
+        if $k < $n {
+            let $i: usize = $k;
+            $body
+        }
+    )*};
 }
 
 /// AVX-VNNI tiles up to 6 x 16.
@@ -100,7 +123,9 @@ unsafe fn a_lane(a: *const u8, i: usize) -> i32 {
 /// # Safety
 /// As [`tile_avx512vnni`] with `mr == MR` and `nv == NV`.
 #[inline(always)]
-unsafe fn vnni512<const MR: usize, const NV: usize, const IN_PLACE: bool>(t: &Tile) {
+unsafe fn vnni512<const MR: usize, const NV: usize, const IN_PLACE: bool, const REQUANT: bool>(
+    t: &Tile,
+) {
     let mut acc = [[_mm512_setzero_si512(); NV]; MR];
     let (mut a, mut b) = (t.a, t.b);
     // Bytes from one row's lane to the next, and from one group to the next.
@@ -124,6 +149,11 @@ unsafe fn vnni512<const MR: usize, const NV: usize, const IN_PLACE: bool>(t: &Ti
             a = a.add(group_step);
             b = b.add(64 * NV);
         }
+    }
+    if REQUANT {
+        // SAFETY: forwarded from the caller; `rq` points to the driver's live `TileRequant`.
+        unsafe { store_requant::<MR, NV>(t, &acc) };
+        return;
     }
     for (i, row) in acc.iter().enumerate() {
         // SAFETY: the tables hold `MR` rows and `16 * NV` columns (caller).
@@ -167,6 +197,89 @@ unsafe fn vnni512<const MR: usize, const NV: usize, const IN_PLACE: bool>(t: &Ti
             }
         }
     }
+}
+
+/// The store stage of [`vnni512`] for a tile whose sums are final ([`Tile::rq`]): the
+/// zero-point terms, the partial sums of earlier depth blocks (C, padded to whole vectors),
+/// the bias, the requantization and a store of bytes, in registers. Inlined into the tile and
+/// unrolled by [`unrolled!`] (`acc` is only ever indexed by constants).
+///
+/// # Safety
+/// As [`vnni512`], with `t.rq` pointing to the driver's live `TileRequant`, and (after the
+/// first depth block) C's rows holding `16 * NV` sums at the tile.
+#[inline(always)]
+unsafe fn store_requant<const MR: usize, const NV: usize>(t: &Tile, acc: &[[__m512i; NV]; MR]) {
+    // Everything read from the tile's description and its tables up front: a byte store may
+    // alias anything, and each one made the compiler read them again.
+    // SAFETY: a non-null `rq` points to the driver's live `TileRequant`; the row tables hold
+    // `MR` rows (caller).
+    let (rq, radd, rsum) = unsafe {
+        let mut radd = [0i32; MR];
+        let mut rsum = [0i32; MR];
+        for i in 0..MR {
+            if !t.rowadd.is_null() {
+                radd[i] = *t.rowadd.add(i);
+            }
+            if !t.rowsum.is_null() {
+                rsum[i] = *t.rowsum.add(i);
+            }
+        }
+        (&*t.rq, radd, rsum)
+    };
+    let (out, ldo, c, ldc, first, nr) = (rq.out, rq.ldo, t.c, t.ldc, t.first, t.nr);
+    let (lo, hi) = (_mm512_set1_ps(rq.lo), _mm512_set1_ps(rq.hi));
+    let magic = _mm512_set1_ps(12_582_912.0 + rq.zp as f32);
+    let (row_terms, per_column_zb) = (!t.rowadd.is_null(), !t.rowsum.is_null());
+    unrolled!(v < NV, [0 1 2], {
+        let lanes = nr.saturating_sub(16 * v).min(16);
+        if lanes > 0 {
+            let mask: __mmask16 = if lanes == 16 {
+                0xFFFF
+            } else {
+                (1u16 << lanes) - 1
+            };
+            // SAFETY: the tables cover the tile's columns (lanes past them masked off), the
+            // column ones `16 * NV` columns; C's rows hold `16 * NV` sums at the tile
+            // (caller); the bytes of row i < mr, columns < nr, lie in the caller's tile of
+            // the output.
+            unsafe {
+                // The bias, and on the first depth block the column terms (later ones find
+                // them in C's partial sums).
+                let mut col = _mm512_maskz_loadu_epi32(mask, rq.bias.add(16 * v).cast());
+                if first && !t.colterm.is_null() {
+                    col = _mm512_add_epi32(col, _mm512_loadu_si512(t.colterm.add(16 * v).cast()));
+                }
+                let mult = _mm512_maskz_loadu_ps(mask, rq.mult.add(16 * v));
+                let zb = if per_column_zb {
+                    _mm512_loadu_si512(t.zb.add(16 * v).cast())
+                } else {
+                    _mm512_setzero_si512()
+                };
+                unrolled!(i < MR, [0 1 2 3 4 5 6 7], {
+                    let mut r = _mm512_add_epi32(acc[i][v], col);
+                    if row_terms {
+                        r = _mm512_add_epi32(r, _mm512_set1_epi32(radd[i]));
+                    }
+                    if per_column_zb {
+                        let rs = _mm512_set1_epi32(rsum[i]);
+                        r = _mm512_sub_epi32(r, _mm512_mullo_epi32(rs, zb));
+                    }
+                    if !first {
+                        r = _mm512_add_epi32(r, _mm512_loadu_si512(c.add(i * ldc + 16 * v).cast()));
+                    }
+                    let q = _mm512_cvtepi32_epi8(requant_avx512(r, mult, lo, hi, magic));
+                    let o = out.add(i * ldo + 16 * v);
+                    // A whole vector unmasked: masked byte stores filled the store queue (the
+                    // driver's next stores waited on them).
+                    if lanes == 16 {
+                        _mm_storeu_si128(o.cast(), q);
+                    } else {
+                        _mm_mask_storeu_epi8(o.cast(), mask, q);
+                    }
+                });
+            }
+        }
+    });
 }
 
 /// The AVX-VNNI `MR x 8 NV` tile.

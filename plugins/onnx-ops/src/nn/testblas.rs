@@ -131,6 +131,77 @@ impl Blas for NaiveEpilogueBlas {
     }
 }
 
+/// [`NaiveBlas`] that also requantizes integer products by per-column multipliers
+/// (`GemmArgs::REQUANT_MULTIPLIER`) with the SDK's `requant_byte`, after an i32 product: the
+/// integer convolution's path that hands its requantization to the BLAS runs through it in
+/// tests.
+pub(crate) struct NaiveRequantBlas;
+
+thread_local! {
+    /// Requantizing products [`NaiveRequantBlas`] ran on this thread: a test checks that the
+    /// path it covers was taken.
+    pub(crate) static REQUANT_CALLS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+impl NaiveRequantBlas {
+    fn sums(g: &GemmArgs, c: &mut [i32]) -> GemmArgs {
+        let mut p = *g;
+        p.flags = 0;
+        p.types.c = DType::I32;
+        p.b_scales = std::ptr::null();
+        p.bias = std::ptr::null();
+        p.c = c.as_mut_ptr().cast();
+        p.ldc = g.n;
+        p
+    }
+}
+
+impl Blas for NaiveRequantBlas {
+    fn supports(&self, g: &GemmArgs) -> bool {
+        if g.flags != GemmArgs::REQUANT_MULTIPLIER {
+            return NaiveBlas.supports(g);
+        }
+        let mut none: [i32; 0] = [];
+        matches!(g.types.c, DType::U8 | DType::I8) && NaiveBlas.supports(&Self::sums(g, &mut none))
+    }
+
+    fn gemm(&self, ctx: &KernelContext<'_>, g: &GemmArgs) -> Result<(), PluginError> {
+        if g.flags != GemmArgs::REQUANT_MULTIPLIER {
+            return NaiveBlas.gemm(ctx, g);
+        }
+        REQUANT_CALLS.with(|c| c.set(c.get() + 1));
+        let mut sums = vec![0i32; g.m * g.n];
+        NaiveBlas.gemm(ctx, &Self::sums(g, &mut sums))?;
+        let (lo, hi) = if g.types.c == DType::I8 {
+            (-128, 127)
+        } else {
+            (0, 255)
+        };
+        let zp = g.c_zero_point;
+        for i in 0..g.m {
+            for j in 0..g.n {
+                // SAFETY: the caller's C covers the product; bias and multipliers n values.
+                unsafe {
+                    let b = if g.bias.is_null() {
+                        0
+                    } else {
+                        *g.bias.cast::<i32>().add(j)
+                    };
+                    let q = opreg_sdk::numeric::requant_byte(
+                        sums[i * g.n + j].wrapping_add(b),
+                        *g.b_scales.add(j),
+                        zp,
+                        (lo - zp) as f32,
+                        (hi - zp) as f32,
+                    );
+                    *g.c.add(i * g.ldc + j) = q;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Row-major `a (m x k) * b (k x n)`.
 pub(crate) fn naive_matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     let mut c = vec![0.0; m * n];

@@ -7,7 +7,7 @@ mod shallow;
 
 use depthwise::{Requant, TapMajor};
 
-use super::gemm::{bytes, zero_points, IntProduct};
+use super::gemm::{bytes, zero_points, IntProduct, RequantOut};
 use super::matmul::requant_multiplier;
 use super::{read_f32, read_i32, Factory, Q8};
 use crate::util::{input, numel, optional, product_sat, required, row_major_strides, TaskScratch};
@@ -568,9 +568,10 @@ impl Geometry {
     /// products are in cache. One parallel section per image instead of three (gather,
     /// product, requantize: each a wake-up of the pool), and no image-sized i32 buffer.
     /// Blocks are about the product driver's row block (each streams the packed weights
-    /// once), as many as a multiple of the threads. `emit(sums, rows)` turns a block's
-    /// products (before bias; `rows x m`, position-major) into its output bytes. `Ok(false)` and nothing written when
-    /// the backend is missing or refuses the operands.
+    /// once), as many as a multiple of the threads. The block is requantized by `rq` (the
+    /// products clamped to `bounds`): by the backend, tile by tile, where it supports
+    /// `GemmArgs::REQUANT_MULTIPLIER`, else here from the block's i32 sums. `Ok(false)` and
+    /// nothing written when the backend is missing or refuses the operands.
     #[allow(clippy::too_many_arguments)]
     fn run_blas_nhwc(
         &self,
@@ -582,7 +583,8 @@ impl Geometry {
         w_zp: Option<&TensorView<'_>>,
         packed: &[PackedB],
         out: &mut [u8],
-        emit: impl Fn(&[i32], &mut [u8]) + Sync,
+        rq: &RequantOut<'_>,
+        bounds: (f32, f32),
     ) -> Result<bool, PluginError> {
         let Some((zx, zw)) = int_zero_points(op, x, w, self.m, x_zp, w_zp)? else {
             return Ok(false);
@@ -613,6 +615,9 @@ impl Geometry {
         if !whole.supported(ctx) {
             return Ok(false);
         }
+        // The backend requantizes each tile as it finishes it where it can; else the block's
+        // i32 sums are stored and requantized here.
+        let fused = whole.supports_requant(ctx, rq);
         let threads = ctx.num_threads().max(1);
         // Positions per block: the driver's row block (192), more where a block's product is
         // cheap (a 1x1 layer of 16-32 input channels: each block's call to the product and its
@@ -620,12 +625,21 @@ impl Geometry {
         // 8-20 % faster in blocks of 384-768, ResNet-50's 64->256 ones a little slower).
         let per_row = m.saturating_mul(kdim).max(1);
         let rb = (BLOCK_PRODUCT / per_row).clamp(192, 768);
+        // A pointwise convolution's images are one product: x is `n * plane` positions of `c`
+        // channels, y `n * plane` of `m`. One parallel section for the batch, not one per
+        // image (each a wake-up of the pool and a wait for its slowest block: MobileNetV2's
+        // 1x1 layers at batch 8 measured 1.1-1.4x ONNX Runtime per image).
+        let (images, image, plane) = if direct {
+            (1, self.n * image, self.n * plane)
+        } else {
+            (self.n, image, plane)
+        };
         let blocks = plane.div_ceil(rb).div_ceil(threads) * threads;
         let rows = plane.div_ceil(blocks).max(1);
         let failure = std::sync::Mutex::new(None);
-        let tmps = TaskScratch::<i32>::new(ctx, numel(&[rows, m])?);
+        let tmps = TaskScratch::<i32>::new(ctx, if fused { 0 } else { numel(&[rows, m])? });
         let cols = TaskScratch::<u8>::new(ctx, if direct { 0 } else { numel(&[rows, kdim])? });
-        for bn in 0..self.n {
+        for bn in 0..images {
             let xi = &xb[bn * image..(bn + 1) * image];
             let dst = &mut out[bn * plane * m..(bn + 1) * plane * m];
             ctx.parallel_chunks(dst, rows * m, |start, chunk| {
@@ -639,14 +653,24 @@ impl Geometry {
                         self.gather_rows(xi, self.c, 0, pad, kdim, p0, col);
                         col
                     };
-                    let tmp = &mut tmp[..pn * m];
                     let product = IntProduct { a, m: pn, ..whole };
-                    if !product.run_packed(ctx, tmp, m, packed.first())? {
+                    let done = if fused {
+                        product.run_requant(ctx, chunk, m, packed.first(), rq)?
+                    } else {
+                        let tmp = &mut tmp[..pn * m];
+                        let done = product.run_packed(ctx, tmp, m, packed.first())?;
+                        if done {
+                            crate::simd::requantize_rows(
+                                tmp, rq.bias, rq.mult, rq.zp, bounds, chunk,
+                            );
+                        }
+                        done
+                    };
+                    if !done {
                         return Err(PluginError::internal(format!(
                             "{op}: the backend refused a block of a product it accepted"
                         )));
                     }
-                    emit(tmp, chunk);
                     Ok(())
                 };
                 if let Err(e) = block() {
@@ -1087,9 +1111,13 @@ impl Kernel for QLinearConv {
                 present(5),
                 &self.packed,
                 out,
-                |sums, rows| {
-                    crate::simd::requantize_rows(sums, bias, &mult, y_zp, (lo, hi), rows);
+                &RequantOut {
+                    bias,
+                    mult: &mult,
+                    zp: y_zp,
+                    out: out_dtype,
                 },
+                (lo, hi),
             )?
         {
             return Ok(());

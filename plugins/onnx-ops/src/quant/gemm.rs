@@ -24,13 +24,30 @@ pub(super) struct IntProduct<'a> {
     pub b_zp: &'a [i32],
 }
 
+/// The requantizing output stage of [`IntProduct::run_requant`]:
+/// `y[i, j] = requant_byte(acc[i, j] + bias[j], mult[j], zp, ..)` as a byte of `out` (U8, or
+/// I8 as its two's-complement bytes), as QLinearConv and QLinearMatMul requantize.
+pub(super) struct RequantOut<'a> {
+    /// One per column.
+    pub bias: &'a [i32],
+    /// One per column.
+    pub mult: &'a [f32],
+    pub zp: i32,
+    pub out: DType,
+}
+
 impl IntProduct<'_> {
     fn args(&self, c: &mut [i32], ldc: usize) -> GemmArgs {
+        self.args_of(DType::I32, c.as_mut_ptr().cast(), ldc)
+    }
+
+    /// The arguments with C of type `c_type` at `c`.
+    fn args_of(&self, c_type: DType, c: *mut u8, ldc: usize) -> GemmArgs {
         let mut g = GemmArgs::new(
             GemmTypes {
                 a: self.a_type,
                 b: self.b_type,
-                c: DType::I32,
+                c: c_type,
             },
             self.m,
             self.n,
@@ -46,14 +63,62 @@ impl IntProduct<'_> {
         }
         g.b_zero_points = self.b_zp.as_ptr();
         g.b_quant_len = self.b_zp.len();
-        g.c = c.as_mut_ptr().cast();
+        g.c = c;
         g.ldc = ldc;
         g
     }
 
+    /// The arguments of [`run_requant`](Self::run_requant) (C at `c`).
+    fn requant_args(&self, rq: &RequantOut<'_>, c: *mut u8, ldc: usize) -> GemmArgs {
+        let mut g = self.args_of(rq.out, c, ldc);
+        g.flags = GemmArgs::REQUANT_MULTIPLIER;
+        g.b_scales = rq.mult.as_ptr();
+        g.bias = rq.bias.as_ptr().cast();
+        g.c_zero_point = rq.zp;
+        g
+    }
+
+    /// Whether the node's backend requantizes this product's tiles itself
+    /// ([`run_requant`](Self::run_requant) would not answer `Ok(false)`).
+    pub fn supports_requant(&self, ctx: &KernelContext<'_>, rq: &RequantOut<'_>) -> bool {
+        let g = self.requant_args(rq, std::ptr::null_mut(), self.n);
+        ctx.blas().is_some_and(|b| b.supports(&g))
+    }
+
+    /// The product requantized by the backend, tile by tile, into `out` (row stride `ldc`):
+    /// no i32 sums stored and read back. B from `packed` when it was packed for this
+    /// product's operands (with an i32 C: the flag's contract lets it serve). `Ok(false)`
+    /// when there is no backend or it does not requantize these operands.
+    pub fn run_requant(
+        &self,
+        ctx: &KernelContext<'_>,
+        out: &mut [u8],
+        ldc: usize,
+        packed: Option<&PackedB>,
+        rq: &RequantOut<'_>,
+    ) -> Result<bool, PluginError> {
+        let Some(blas) = ctx.blas() else {
+            return Ok(false);
+        };
+        if !self.covered(out.len(), ldc) || rq.bias.len() != self.n || rq.mult.len() != self.n {
+            return Err(PluginError::internal(
+                "integer product: operands shorter than their shapes",
+            ));
+        }
+        let g = self.requant_args(rq, out.as_mut_ptr(), ldc);
+        if !blas.supports(&g) {
+            return Ok(false);
+        }
+        match packed.filter(|p| self.fits_operands(p)) {
+            Some(p) => blas.gemm_packed(ctx, &g, p)?,
+            None => blas.gemm(ctx, &g)?,
+        }
+        Ok(true)
+    }
+
     /// Whether the operands cover what the product reads (so the backend never reads past
     /// them): checked here, on the plugin's side, before any pointer crosses.
-    fn covered(&self, c: &[i32], ldc: usize) -> bool {
+    fn covered(&self, c_len: usize, ldc: usize) -> bool {
         let span = |rows: usize, cols: usize, ld: usize| -> Option<usize> {
             if rows == 0 || cols == 0 {
                 return Some(0);
@@ -68,7 +133,7 @@ impl IntProduct<'_> {
         let ok = |need: Option<usize>, have: usize| need.is_some_and(|n| n <= have);
         ok(span(self.m, self.k, self.lda), self.a.len())
             && ok(span(br, bc, self.ldb), self.b.len())
-            && ok(span(self.m, self.n, ldc), c.len())
+            && ok(span(self.m, self.n, ldc), c_len)
             && (self.b_zp.len() == 1 || self.b_zp.len() == self.n)
     }
 
@@ -96,7 +161,7 @@ impl IntProduct<'_> {
         let Some(blas) = ctx.blas() else {
             return Ok(false);
         };
-        if !self.covered(c, ldc) {
+        if !self.covered(c.len(), ldc) {
             return Err(PluginError::internal(
                 "integer product: operands shorter than their shapes",
             ));
@@ -123,10 +188,19 @@ impl IntProduct<'_> {
     /// Whether `packed` was packed for exactly this product's B (types, shape,
     /// transposition), so that [`run_packed`](Self::run_packed) takes it instead of B.
     pub fn fits(&self, packed: &PackedB) -> bool {
+        packed.info().types.c == DType::I32 && self.fits_operands(packed)
+    }
+
+    /// Whether `packed` was packed for this product's A and B types, shape and transposition
+    /// (whatever its C type).
+    fn fits_operands(&self, packed: &PackedB) -> bool {
         let info = packed.info();
         let mut none: [i32; 0] = [];
         let g = self.args(&mut none, self.n);
-        info.types == g.types && info.trans_b == g.trans_b && info.k == g.k && info.n == g.n
+        (info.types.a, info.types.b) == (g.types.a, g.types.b)
+            && info.trans_b == g.trans_b
+            && info.k == g.k
+            && info.n == g.n
     }
 
     /// B packed by the node's backend at model load (constant weights), or `None` when the

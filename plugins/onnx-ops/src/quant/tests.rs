@@ -5,8 +5,9 @@ use opreg_sdk::{
     testkit::{run_kernel_opt, NodeSpec},
 };
 
-/// Runs a kernel twice, without a BLAS backend (the operators' own loops) and with the naive
-/// reference backend (the BLAS path), and checks both give the same outputs, or both fail.
+/// Runs a kernel three times, without a BLAS backend (the operators' own loops), with the
+/// naive reference backend (the BLAS path) and with one that also requantizes (the path that
+/// hands the requantization to the BLAS), and checks all give the same outputs, or all fail.
 fn run(
     f: Factory,
     node: NodeSpec,
@@ -27,21 +28,23 @@ fn both(
     ) -> Result<Vec<HostTensor>, PluginError>,
 ) -> Result<Vec<HostTensor>, PluginError> {
     let plain = run(&node, inputs, None);
-    let blas = run(
-        &node,
-        inputs,
-        Some(Box::new(crate::nn::testblas::NaiveBlas)),
-    );
-    match (&plain, &blas) {
-        (Ok(a), Ok(b)) => {
-            assert_eq!(a.len(), b.len());
-            for (x, y) in a.iter().zip(b) {
-                assert_eq!((x.dtype(), x.shape()), (y.dtype(), y.shape()), "{node:?}");
-                assert_eq!(x.bytes(), y.bytes(), "{node:?}: BLAS path differs");
+    let backends: [Box<dyn Blas>; 2] = [
+        Box::new(crate::nn::testblas::NaiveBlas),
+        Box::new(crate::nn::testblas::NaiveRequantBlas),
+    ];
+    for backend in backends {
+        let blas = run(&node, inputs, Some(backend));
+        match (&plain, &blas) {
+            (Ok(a), Ok(b)) => {
+                assert_eq!(a.len(), b.len());
+                for (x, y) in a.iter().zip(b) {
+                    assert_eq!((x.dtype(), x.shape()), (y.dtype(), y.shape()), "{node:?}");
+                    assert_eq!(x.bytes(), y.bytes(), "{node:?}: BLAS path differs");
+                }
             }
+            (Err(_), Err(_)) => {}
+            _ => panic!("{node:?}: without BLAS {plain:?}, with BLAS {blas:?}"),
         }
-        (Err(_), Err(_)) => {}
-        _ => panic!("{node:?}: without BLAS {plain:?}, with BLAS {blas:?}"),
     }
     plain
 }
@@ -1305,7 +1308,16 @@ fn channels_last_convolutions_equal_the_nchw_ones() {
             let [n, c, h, wd] = xs;
             let x_nhwc = x_of(&[n, h, wd, c], &to_nhwc(&xb, xs));
             for node in [node.clone(), constant(node)] {
+                let calls = crate::nn::testblas::REQUANT_CALLS.with(|c| c.get());
                 let nhwc = conv(node, &x_nhwc);
+                // One group over more than a few channels: the requantizing BLAS path ran
+                // (and `run` compared it with the loops).
+                if group == 1 && xs[1] >= 8 {
+                    assert!(
+                        crate::nn::testblas::REQUANT_CALLS.with(|c| c.get()) > calls,
+                        "case {k}: the BLAS did not requantize"
+                    );
+                }
                 assert_eq!(nhwc.shape(), &[n, oh, ow, m], "case {k}");
                 assert_eq!(
                     nhwc.bytes(),
