@@ -618,6 +618,25 @@ impl Geometry {
         // The backend requantizes each tile as it finishes it where it can; else the block's
         // i32 sums are stored and requantized here.
         let fused = whole.supports_requant(ctx, rq);
+        if fused && direct {
+            // Nothing to gather and nothing to requantize here: the whole batch is one
+            // product, x (`n * plane` positions of `c` channels, read in place) times the
+            // weights into y, which the backend splits over the threads itself (one parallel
+            // section; blocks of it here, each a nested parallel call, measured slower).
+            let positions = self.n * plane;
+            let product = IntProduct {
+                a: xb.get(..positions * kdim).unwrap_or(&[]),
+                m: positions,
+                ..whole
+            };
+            let out = &mut out[..positions * m];
+            if !product.run_requant(ctx, out, m, packed.first(), rq)? {
+                return Err(PluginError::internal(format!(
+                    "{op}: the backend refused a product it accepted"
+                )));
+            }
+            return Ok(true);
+        }
         let threads = ctx.num_threads().max(1);
         // Positions per block: the driver's row block (192), more where a block's product is
         // cheap (a 1x1 layer of 16-32 input channels: each block's call to the product and its
@@ -627,8 +646,7 @@ impl Geometry {
         let rb = (BLOCK_PRODUCT / per_row).clamp(192, 768);
         // A pointwise convolution's images are one product: x is `n * plane` positions of `c`
         // channels, y `n * plane` of `m`. One parallel section for the batch, not one per
-        // image (each a wake-up of the pool and a wait for its slowest block: MobileNetV2's
-        // 1x1 layers at batch 8 measured 1.1-1.4x ONNX Runtime per image).
+        // image (each a wake-up of the pool and a wait for its slowest block).
         let (images, image, plane) = if direct {
             (1, self.n * image, self.n * plane)
         } else {
