@@ -702,6 +702,14 @@ macro_rules! real {
 real!(f32, erf32, exp32);
 real!(f64, erf64, f64::exp);
 
+/// The bounds [`requant_byte`] clamps to for a byte output (`signed`: i8, else u8) with zero
+/// point `zp`: the type's range less the zero point, exact in f32 (saturating for a zero point
+/// outside the type, which then clamps every value to one end).
+pub fn requant_bounds(signed: bool, zp: i32) -> (f32, f32) {
+    let (lo, hi): (i32, i32) = if signed { (-128, 127) } else { (0, 255) };
+    (lo.saturating_sub(zp) as f32, hi.saturating_sub(zp) as f32)
+}
+
 /// The requantization of one integer sum (QLinearConv's and QLinearMatMul's, the bias in
 /// it): `round_even(acc * mult + zp)` with the product clamped to `[lo, hi]` (the output's
 /// bounds less the zero point), as its byte (an i8 result as its two's-complement byte). The

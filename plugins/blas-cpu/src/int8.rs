@@ -329,26 +329,12 @@ pub(crate) unsafe fn gemm_rows(
     packed: &PackedB,
     c: IntC<'_>,
 ) -> Result<(), String> {
-    let (k, n) = (packed.k, packed.n);
-    check_zp("A", a.zp, a.signed)?;
-    check_matrix("A", a.a.len(), m, k, a.lda)?;
-    check_matrix("C", c.len, m, n, c.ldc)?;
-    if rows.start > rows.end || rows.end > m {
-        return Err(format!(
-            "int8 gemm: row range {}..{} is not within the {m} rows of A",
-            rows.start, rows.end
-        ));
-    }
-    if !packed.kind.available() {
-        return Err(format!(
-            "int8 gemm: B was packed for {:?}, not available on this CPU",
-            packed.kind
-        ));
-    }
+    check_call(a, m, &rows, packed, (c.len, c.ldc))?;
+    let n = packed.n;
     if rows.is_empty() || n == 0 {
         return Ok(());
     }
-    if k == 0 {
+    if packed.k == 0 {
         for i in rows {
             // SAFETY: row i < m lies in C (checked above: (m-1)*ldc + n <= len), and the
             // caller gives this call exclusive access to it.
@@ -374,10 +360,8 @@ pub(crate) unsafe fn gemm_rows_requant(
     c: ByteC<'_>,
     rq: &Requant<'_>,
 ) -> Result<(), String> {
-    let (k, n) = (packed.k, packed.n);
-    check_zp("A", a.zp, a.signed)?;
-    check_matrix("A", a.a.len(), m, k, a.lda)?;
-    check_matrix("C", c.len, m, n, c.ldc)?;
+    check_call(a, m, &rows, packed, (c.len, c.ldc))?;
+    let n = packed.n;
     if rq.bias.len() < n || rq.mult.len() < n {
         return Err(format!(
             "int8 gemm: {n} columns but {} biases and {} multipliers",
@@ -385,22 +369,10 @@ pub(crate) unsafe fn gemm_rows_requant(
             rq.mult.len()
         ));
     }
-    if rows.start > rows.end || rows.end > m {
-        return Err(format!(
-            "int8 gemm: row range {}..{} is not within the {m} rows of A",
-            rows.start, rows.end
-        ));
-    }
-    if !packed.kind.available() {
-        return Err(format!(
-            "int8 gemm: B was packed for {:?}, not available on this CPU",
-            packed.kind
-        ));
-    }
     if rows.is_empty() || n == 0 {
         return Ok(());
     }
-    if k == 0 {
+    if packed.k == 0 {
         let zeros = try_zeros(n, "an empty product's sums")?;
         for i in rows {
             // SAFETY: row i < m lies in C (checked above), and the caller gives this call
@@ -413,6 +385,34 @@ pub(crate) unsafe fn gemm_rows_requant(
     // SAFETY: A, C, the tables and the row range are checked; exclusivity of the rows is the
     // caller's.
     unsafe { drive(a, rows, packed, Dest::Requant(c, rq)) }
+}
+
+/// The checks every product call makes: A's zero point and extent, C's extent (`len` elements,
+/// row stride `ldc`), the row range within A's `m` rows, and B packed for a kernel this CPU
+/// has.
+fn check_call(
+    a: &IntA<'_>,
+    m: usize,
+    rows: &Range<usize>,
+    packed: &PackedB,
+    (len, ldc): (usize, usize),
+) -> Result<(), String> {
+    check_zp("A", a.zp, a.signed)?;
+    check_matrix("A", a.a.len(), m, packed.k, a.lda)?;
+    check_matrix("C", len, m, packed.n, ldc)?;
+    if rows.start > rows.end || rows.end > m {
+        return Err(format!(
+            "int8 gemm: row range {}..{} is not within the {m} rows of A",
+            rows.start, rows.end
+        ));
+    }
+    if !packed.kind.available() {
+        return Err(format!(
+            "int8 gemm: B was packed for {:?}, not available on this CPU",
+            packed.kind
+        ));
+    }
+    Ok(())
 }
 
 impl PackedB {

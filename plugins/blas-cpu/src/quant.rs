@@ -232,19 +232,14 @@ unsafe fn one(
                 read(g.bias.cast::<i32>(), n, 0),
             )
         };
-        // The output type's bounds less the zero point (in range: `supports`), exact in f32.
-        let (lo, hi) = if g.types.c == DType::I8 {
-            (-128, 127)
-        } else {
-            (0, 255)
-        };
         let zp = g.c_zero_point;
+        let (lo, hi) = opreg_sdk::numeric::requant_bounds(g.types.c == DType::I8, zp);
         let rq = Requant {
             bias: &bias,
             mult,
             zp,
-            lo: (lo - zp) as f32,
-            hi: (hi - zp) as f32,
+            lo,
+            hi,
         };
         return ctx.parallel_for(m, grain, |rows| {
             // SAFETY: rows are disjoint between tasks; the tables hold `n` values.

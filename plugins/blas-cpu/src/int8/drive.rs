@@ -13,9 +13,10 @@ pub(super) const MAX_MC: usize = 192;
 pub(super) enum Dest<'a> {
     /// The i32 sums, into C.
     Sums(IntC<'a>),
-    /// Requantized bytes, into C: each tile's sums go to a scratch tile (one depth block) or
-    /// to a row block of sums (several), and are requantized from there after the tile's
-    /// last depth block.
+    /// Requantized bytes, into C. A product of several depth blocks keeps its partial sums
+    /// in a row block of sums; after a tile's last depth block the AVX-512 VNNI kernel
+    /// requantizes it in registers, and the other kernels store it (to a scratch tile, or
+    /// that row block) and [`requant::tile`] turns it into bytes.
     Requant(ByteC<'a>, &'a Requant<'a>),
 }
 
@@ -23,8 +24,9 @@ pub(super) enum Dest<'a> {
 /// requantization (at least `mr * nr` of every kernel: 8 x 48).
 const SCRATCH_TILE: usize = 8 * 48;
 
-/// The scratch tile, on a cache line: its rows (`nr` i32, a multiple of 16) then are too, and
-/// no vector store or load straddles two lines (unaligned, the kernel ran at half speed).
+/// The scratch tile, on a cache line: its rows (`nr` i32, a multiple of 8) then start on a
+/// vector boundary, and no vector store of the kernel or load of the requantization
+/// straddles two lines.
 #[repr(C, align(64))]
 struct ScratchTile([i32; SCRATCH_TILE]);
 
@@ -146,8 +148,8 @@ pub(super) unsafe fn drive(
     };
     let tile = tile_fn(p.kind);
     // Requantized: the sums of a product of several depth blocks wait for their last block in
-    // a row block of sums (`mc x width`: rows padded as B's panels are, so that the kernels
-    // store whole vectors); those of one depth block go to one scratch tile.
+    // a row block of sums (`mc x width`: rows padded as B's panels are, so that the AVX-512
+    // kernel reads them back as whole vectors); those of one depth block need none.
     let requant = matches!(dest, Dest::Requant(..));
     let sums_len = if requant && k > kc {
         mc_max * p.width

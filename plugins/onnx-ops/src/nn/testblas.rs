@@ -172,12 +172,8 @@ impl Blas for NaiveRequantBlas {
         REQUANT_CALLS.with(|c| c.set(c.get() + 1));
         let mut sums = vec![0i32; g.m * g.n];
         NaiveBlas.gemm(ctx, &Self::sums(g, &mut sums))?;
-        let (lo, hi) = if g.types.c == DType::I8 {
-            (-128, 127)
-        } else {
-            (0, 255)
-        };
         let zp = g.c_zero_point;
+        let (lo, hi) = opreg_sdk::numeric::requant_bounds(g.types.c == DType::I8, zp);
         for i in 0..g.m {
             for j in 0..g.n {
                 // SAFETY: the caller's C covers the product; bias and multipliers n values.
@@ -191,8 +187,8 @@ impl Blas for NaiveRequantBlas {
                         sums[i * g.n + j].wrapping_add(b),
                         *g.b_scales.add(j),
                         zp,
-                        (lo - zp) as f32,
-                        (hi - zp) as f32,
+                        lo,
+                        hi,
                     );
                     *g.c.add(i * g.ldc + j) = q;
                 }

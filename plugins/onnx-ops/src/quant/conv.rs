@@ -568,8 +568,8 @@ impl Geometry {
     /// products are in cache. One parallel section per image instead of three (gather,
     /// product, requantize: each a wake-up of the pool), and no image-sized i32 buffer.
     /// Blocks are about the product driver's row block (each streams the packed weights
-    /// once), as many as a multiple of the threads. The block is requantized by `rq` (the
-    /// products clamped to `bounds`): by the backend, tile by tile, where it supports
+    /// once), as many as a multiple of the threads. The block is requantized by `rq`: by the
+    /// backend, tile by tile, where it supports
     /// `GemmArgs::REQUANT_MULTIPLIER`, else here from the block's i32 sums. `Ok(false)` and
     /// nothing written when the backend is missing or refuses the operands.
     #[allow(clippy::too_many_arguments)]
@@ -584,7 +584,6 @@ impl Geometry {
         packed: &[PackedB],
         out: &mut [u8],
         rq: &RequantOut<'_>,
-        bounds: (f32, f32),
     ) -> Result<bool, PluginError> {
         let Some((zx, zw)) = int_zero_points(op, x, w, self.m, x_zp, w_zp)? else {
             return Ok(false);
@@ -679,7 +678,12 @@ impl Geometry {
                         let done = product.run_packed(ctx, tmp, m, packed.first())?;
                         if done {
                             crate::simd::requantize_rows(
-                                tmp, rq.bias, rq.mult, rq.zp, bounds, chunk,
+                                tmp,
+                                rq.bias,
+                                rq.mult,
+                                rq.zp,
+                                rq.bounds(),
+                                chunk,
                             );
                         }
                         done
@@ -1082,11 +1086,14 @@ impl Kernel for QLinearConv {
         let out = ctx
             .output_to_overwrite(0, out_dtype, &shape)?
             .into_bytes()?;
-        let signed = out_dtype == DType::I8;
-        // The output type's bounds less the zero point (a byte of that type: within either
-        // type's range, so exact in f32): where the rounded product is clamped.
-        let (lo, hi) = if signed { (-128, 127) } else { (0, 255) };
-        let (lo, hi) = ((lo - y_zp) as f32, (hi - y_zp) as f32);
+        let rq = RequantOut {
+            bias,
+            mult: &mult,
+            zp: y_zp,
+            out: out_dtype,
+        };
+        // Where the rounded product is clamped.
+        let (lo, hi) = rq.bounds();
         let requant =
             |acc: i32, oc: usize| -> u8 { crate::simd::requant_byte(acc, mult[oc], y_zp, lo, hi) };
         // The requantization as the direct channels-last loops take it.
@@ -1129,13 +1136,7 @@ impl Kernel for QLinearConv {
                 present(5),
                 &self.packed,
                 out,
-                &RequantOut {
-                    bias,
-                    mult: &mult,
-                    zp: y_zp,
-                    out: out_dtype,
-                },
-                (lo, hi),
+                &rq,
             )?
         {
             return Ok(());

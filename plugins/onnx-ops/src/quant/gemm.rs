@@ -26,7 +26,7 @@ pub(super) struct IntProduct<'a> {
 
 /// The requantizing output stage of [`IntProduct::run_requant`]:
 /// `y[i, j] = requant_byte(acc[i, j] + bias[j], mult[j], zp, ..)` as a byte of `out` (U8, or
-/// I8 as its two's-complement bytes), as QLinearConv and QLinearMatMul requantize.
+/// I8 as its two's-complement bytes), as QLinearConv requantizes.
 pub(super) struct RequantOut<'a> {
     /// One per column.
     pub bias: &'a [i32],
@@ -34,6 +34,14 @@ pub(super) struct RequantOut<'a> {
     pub mult: &'a [f32],
     pub zp: i32,
     pub out: DType,
+}
+
+impl RequantOut<'_> {
+    /// The output type's bounds less the zero point, where a product is clamped (exact in
+    /// f32: a byte of either type).
+    pub fn bounds(&self) -> (f32, f32) {
+        opreg_sdk::numeric::requant_bounds(self.out == DType::I8, self.zp)
+    }
 }
 
 impl IntProduct<'_> {
