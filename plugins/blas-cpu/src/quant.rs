@@ -215,6 +215,16 @@ unsafe fn one(
         return Ok(());
     }
     let grain = b.inner.rows_per_task(m, ctx.num_threads());
+    // Tasks over blocks of rows and columns (columns only split for products of few rows).
+    let (task_rows, task_cols) = b.inner.tasks(m, ctx.num_threads());
+    let (row_tasks, col_tasks) = (m.div_ceil(task_rows), n.div_ceil(task_cols));
+    let block = |t: usize| {
+        let (r, j) = (t / col_tasks, t % col_tasks);
+        (
+            r * task_rows..((r + 1) * task_rows).min(m),
+            j * task_cols..((j + 1) * task_cols).min(n),
+        )
+    };
     if g.flags & GemmArgs::REQUANT_MULTIPLIER != 0 {
         // SAFETY: C covers `c_len` bytes (contract); tasks write disjoint rows.
         let out = unsafe { std::slice::from_raw_parts_mut(c, c_len) };
@@ -241,9 +251,14 @@ unsafe fn one(
             lo,
             hi,
         };
-        return ctx.parallel_for(m, grain, |rows| {
-            // SAFETY: rows are disjoint between tasks; the tables hold `n` values.
-            unsafe { int8::gemm_rows_requant(a, m, rows, &b.inner, out, &rq) }.map_err(err)
+        return ctx.parallel_for(row_tasks * col_tasks, 1, |tasks| {
+            for t in tasks {
+                let (rows, cols) = block(t);
+                // SAFETY: the tasks' blocks are disjoint; the tables hold `n` values.
+                unsafe { int8::gemm_rows_requant(a, m, rows, cols, &b.inner, out, &rq) }
+                    .map_err(err)?;
+            }
+            Ok(())
         });
     }
     if g.types.c == DType::I32 {
@@ -253,17 +268,23 @@ unsafe fn one(
         let bias: Option<Vec<i32>> =
             (!g.bias.is_null()).then(|| unsafe { read(g.bias.cast::<i32>(), n, 0) });
         let base = SendPtr(c.cast::<i32>());
-        return ctx.parallel_for(m, grain, |rows| {
-            // SAFETY: rows are disjoint between tasks.
-            unsafe { int8::gemm_rows(a, m, rows.clone(), &b.inner, out) }.map_err(err)?;
-            if let Some(bias) = &bias {
-                for i in rows {
-                    // SAFETY: row i of C lies in the checked span.
-                    let row =
-                        unsafe { std::slice::from_raw_parts_mut(base.get().add(i * g.ldc), n) };
-                    row.iter_mut()
-                        .zip(bias)
-                        .for_each(|(v, b)| *v = v.wrapping_add(*b));
+        return ctx.parallel_for(row_tasks * col_tasks, 1, |tasks| {
+            for t in tasks {
+                let (rows, cols) = block(t);
+                // SAFETY: the tasks' blocks are disjoint.
+                unsafe { int8::gemm_block(a, m, rows.clone(), cols.clone(), &b.inner, out) }
+                    .map_err(err)?;
+                if let Some(bias) = &bias {
+                    for i in rows {
+                        // SAFETY: row i of C lies in the checked span; this task owns its
+                        // columns `cols`.
+                        let row =
+                            unsafe { std::slice::from_raw_parts_mut(base.get().add(i * g.ldc), n) };
+                        row[cols.clone()]
+                            .iter_mut()
+                            .zip(&bias[cols.clone()])
+                            .for_each(|(v, b)| *v = v.wrapping_add(*b));
+                    }
                 }
             }
             Ok(())

@@ -90,19 +90,21 @@ fn tile_fn(kind: Int8Kernel) -> TileFn {
     }
 }
 
-/// The blocked product for rows `rows` (non-empty), `k > 0`, `n > 0`.
+/// The blocked product for rows `rows` (non-empty) and columns `cols` (non-empty, from a
+/// micro-panel's first column to one's first column or `n`), `k > 0`.
 ///
 /// # Safety
 /// As [`super::gemm_rows`], with A, C and `rows` checked and the kernel available.
 pub(super) unsafe fn drive(
     a: &IntA<'_>,
     rows: Range<usize>,
+    cols: Range<usize>,
     p: &PackedB,
     dest: Dest<'_>,
 ) -> Result<(), String> {
     let g = p.kind.geometry();
     let group = g.group();
-    let (k, n) = (p.k, p.n);
+    let k = p.k;
     let kc = p.kc;
     let mc_max = g.mc.min(MAX_MC).min(rows.len());
 
@@ -198,8 +200,8 @@ pub(super) unsafe fn drive(
             }
             // Where block `pc` of B starts (earlier blocks are all `kc` deep).
             let b_block = pc / group * p.width * 4;
-            for j0 in (0..n).step_by(g.nr) {
-                let nr = g.nr.min(n - j0);
+            for j0 in cols.clone().step_by(g.nr) {
+                let nr = g.nr.min(cols.end - j0);
                 let nv = nr.div_ceil(g.lanes);
                 let b_panel = p.data.ptr().wrapping_add(b_block + j0 * groups * 4);
                 // The layout's invariants, checked once per micro-panel (cheap): the kernel

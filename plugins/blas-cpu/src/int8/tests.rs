@@ -700,18 +700,27 @@ fn requantized_tiles_match_requant_byte() {
             for kind in available() {
                 let packed = case.pack(kind).unwrap();
                 let mut c = vec![BYTE_SENTINEL; m * case.ldc];
-                // SAFETY: `c` is borrowed for the call alone.
-                unsafe {
-                    gemm_rows_requant(
-                        &case.int_a(),
-                        m,
-                        rows.clone(),
-                        &packed,
-                        ByteC::new(&mut c, case.ldc),
-                        &rq,
-                    )
+                // All columns at once, or (every other shape) in two blocks split at a
+                // micro-panel, as tasks of a product of few rows run them.
+                let nr = kind.geometry().nr;
+                let split = if s % 2 == 0 && n > nr { nr } else { n };
+                let splits = [0..split, split..n];
+                let shared = ByteC::new(&mut c, case.ldc);
+                for cols in splits {
+                    // SAFETY: the blocks are disjoint and `c` is borrowed for the calls alone.
+                    unsafe {
+                        gemm_rows_requant(
+                            &case.int_a(),
+                            m,
+                            rows.clone(),
+                            cols,
+                            &packed,
+                            shared,
+                            &rq,
+                        )
+                    }
+                    .unwrap();
                 }
-                .unwrap();
                 for i in 0..m {
                     for j in 0..case.ldc {
                         let got = c[i * case.ldc + j];
@@ -731,4 +740,91 @@ fn requantized_tiles_match_requant_byte() {
             }
         }
     }
+}
+
+/// `gemm_block` computes exactly its columns (whole micro-panels) of its rows, for every
+/// kernel, leaves the rest of C alone, and refuses columns that split a micro-panel.
+#[test]
+fn column_blocks_compute_their_columns_only() {
+    let mut rng = Rng::new(11);
+    for (s, &(m, n, k)) in [(5, 150, 40), (49, 97, 600), (12, 48, 8)]
+        .iter()
+        .enumerate()
+    {
+        let case = Case::random(&mut rng, (m, n, k), s == 1, s != 1, s == 2, s == 0, 1);
+        let want = case.expected();
+        for kind in available() {
+            let packed = case.pack(kind).unwrap();
+            let nr = kind.geometry().nr;
+            let cols = nr.min(n)..n;
+            let mut c = vec![SENTINEL; m * case.ldc];
+            // SAFETY: `c` is borrowed for the call alone.
+            unsafe {
+                gemm_block(
+                    &case.int_a(),
+                    m,
+                    0..m,
+                    cols.clone(),
+                    &packed,
+                    IntC::new(&mut c, case.ldc),
+                )
+            }
+            .unwrap();
+            for i in 0..m {
+                for j in 0..case.ldc {
+                    let expect = if cols.contains(&j) {
+                        want[i * n + j]
+                    } else {
+                        SENTINEL
+                    };
+                    assert_eq!(
+                        c[i * case.ldc + j],
+                        expect,
+                        "{kind:?} ({i}, {j}) of {m}x{n}x{k}"
+                    );
+                }
+            }
+            if n > 1 {
+                // SAFETY: as above.
+                let split = unsafe {
+                    gemm_block(
+                        &case.int_a(),
+                        m,
+                        0..m,
+                        1..n,
+                        &packed,
+                        IntC::new(&mut c, case.ldc),
+                    )
+                };
+                assert!(
+                    split.is_err(),
+                    "{kind:?}: columns from 1 split a micro-panel"
+                );
+            }
+        }
+    }
+}
+
+/// Products of few rows split their columns over the threads (whole micro-panels); products
+/// of many rows, or too little work, split rows only.
+#[test]
+fn few_rows_split_columns() {
+    let mut rng = Rng::new(12);
+    let big = Case::random(&mut rng, (1, 1280, 320), false, true, false, false, 0);
+    let kind = Int8Kernel::best();
+    let packed = big.pack(kind).unwrap();
+    let nr = kind.geometry().nr;
+    // MobileNetV2's last 1x1 layer at 7x7: 49 rows.
+    let (rows, cols) = packed.tasks(49, 2);
+    assert_eq!(rows, 49);
+    assert!(cols % nr == 0 && 1280usize.div_ceil(cols) >= 2, "{cols}");
+    // Many rows: rows only.
+    let (rows, cols) = packed.tasks(3136, 2);
+    assert!(rows < 3136 && cols == 1280, "{rows} {cols}");
+    // One thread: one task.
+    assert_eq!(packed.tasks(49, 1).1, 1280);
+    // Too little work to split: 4 rows of a 16 x 48 product.
+    let small = Case::random(&mut rng, (1, 48, 16), false, true, false, false, 0);
+    let p = small.pack(kind).unwrap();
+    assert_eq!(p.tasks(4, 2).1, 48);
 }
