@@ -94,6 +94,28 @@ fn acc(
         .collect()
 }
 
+/// An integer gemm of `types` over row-major A (`m x k`, zero point `za`) and B (`k x n`, or
+/// `n x k` when `trans_b`; zero points `zb`), C to be set by the caller.
+fn int_args(
+    types: GemmTypes,
+    (m, n, k): (usize, usize, usize),
+    (a, za): (&[u8], i32),
+    (b, zb): (&[u8], &[i32]),
+    trans_b: bool,
+) -> GemmArgs {
+    let mut g = GemmArgs::new(types, m, n, k);
+    g.a = a.as_ptr();
+    g.b = b.as_ptr();
+    if trans_b {
+        g.trans_b = Transpose::YES;
+        g.ldb = k;
+    }
+    g.a_zero_point = za;
+    g.b_zero_points = zb.as_ptr();
+    g.b_quant_len = zb.len();
+    g
+}
+
 #[test]
 fn integer_flavours_match_the_reference() {
     let (m, n, k) = (9, 13, 21);
@@ -124,27 +146,14 @@ fn integer_flavours_match_the_reference() {
                     };
                     let scales: Vec<f32> = (0..zb.len()).map(|j| 0.01 + j as f32 * 0.003).collect();
                     let want_acc = acc(&a, sa, za, &b, sb, &zb, m, n, k, trans_b);
-                    let mut g = GemmArgs::new(
-                        GemmTypes {
-                            a: ta,
-                            b: tb_type,
-                            c: tc,
-                        },
-                        m,
-                        n,
-                        k,
-                    );
-                    g.a = a.as_ptr();
-                    g.b = b.as_ptr();
-                    if trans_b {
-                        g.trans_b = Transpose::YES;
-                        g.ldb = k;
-                    }
-                    g.a_zero_point = za;
+                    let types = GemmTypes {
+                        a: ta,
+                        b: tb_type,
+                        c: tc,
+                    };
+                    let mut g = int_args(types, (m, n, k), (&a, za), (&b, &zb), trans_b);
                     g.a_scale = 0.5;
-                    g.b_zero_points = zb.as_ptr();
                     g.b_scales = scales.as_ptr();
-                    g.b_quant_len = zb.len();
                     g.c_scale = 0.25;
                     g.c_zero_point = if tc == DType::U8 { 100 } else { -5 };
                     if tc != DType::I32 {
@@ -227,25 +236,12 @@ fn requantization_by_multipliers_matches_requant_byte() {
                 vec![if sb { 0 } else { 128 }]
             };
             let want_acc = acc(&a, sa, za, &b, sb, &zb, m, n, k, trans_b);
-            let mut g = GemmArgs::new(
-                GemmTypes {
-                    a: ta,
-                    b: tb,
-                    c: DType::I32,
-                },
-                m,
-                n,
-                k,
-            );
-            g.a = a.as_ptr();
-            g.b = b.as_ptr();
-            if trans_b {
-                g.trans_b = Transpose::YES;
-                g.ldb = k;
-            }
-            g.a_zero_point = za;
-            g.b_zero_points = zb.as_ptr();
-            g.b_quant_len = zb.len();
+            let types = GemmTypes {
+                a: ta,
+                b: tb,
+                c: DType::I32,
+            };
+            let g = int_args(types, (m, n, k), (&a, za), (&b, &zb), trans_b);
             let mut c = vec![0u8; m * n];
             run(|ctx, blas| {
                 // Packed for i32 sums, as an operator packs its weights at load.

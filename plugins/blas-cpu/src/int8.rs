@@ -142,7 +142,7 @@ impl<'a, T> MatC<'a, T> {
     }
 }
 
-/// The requantizing output stage ([`gemm_rows_requant`], `GemmArgs::REQUANT_MULTIPLIER`):
+/// The requantizing output stage ([`gemm_block_requant`], `GemmArgs::REQUANT_MULTIPLIER`):
 /// `C[i, j] = requant_byte(acc[i, j] + bias[j], mult[j], zp, lo, hi)`, applied to each
 /// register tile as soon as its sums are final (from L1), not in a pass over an i32 C.
 #[derive(Clone, Copy, Debug)]
@@ -334,8 +334,8 @@ pub(crate) unsafe fn gemm_rows(
 }
 
 /// [`gemm_rows`] for the columns `cols` of those rows only: from the first column of one of
-/// B's micro-panels ([`PackedB::column_grain`]) to another's first column or `n`, so that
-/// tasks may split a product of few rows by columns too.
+/// B's micro-panels (see [`PackedB::tasks`]) to another's first column or `n`, so that tasks
+/// may split a product of few rows by columns too.
 ///
 /// # Safety
 /// As [`gemm_rows`], for the rows `rows` and columns `cols` of C.
@@ -347,21 +347,8 @@ pub(crate) unsafe fn gemm_block(
     packed: &PackedB,
     c: IntC<'_>,
 ) -> Result<(), String> {
-    check_call(a, m, &rows, &cols, packed, (c.len, c.ldc))?;
-    if rows.is_empty() || cols.is_empty() {
-        return Ok(());
-    }
-    if packed.k == 0 {
-        for i in rows {
-            // SAFETY: row i < m lies in C (checked above: (m-1)*ldc + n <= len), and the
-            // caller gives this call exclusive access to its columns `cols`.
-            let row = unsafe { std::slice::from_raw_parts_mut(c.ptr.add(i * c.ldc), packed.n) };
-            row[cols.clone()].fill(0);
-        }
-        return Ok(());
-    }
-    // SAFETY: A, C and the ranges are checked; exclusivity of the block is the caller's.
-    unsafe { drive(a, rows, cols, packed, Dest::Sums(c)) }
+    // SAFETY: forwarded from the caller.
+    unsafe { block(a, m, rows, cols, packed, Dest::Sums(c)) }
 }
 
 /// [`gemm_block`] with the requantizing output stage `rq`: rows `rows` and columns `cols`
@@ -370,7 +357,7 @@ pub(crate) unsafe fn gemm_block(
 ///
 /// # Safety
 /// As [`gemm_rows`]: no other code accesses that block of C while this runs.
-pub(crate) unsafe fn gemm_rows_requant(
+pub(crate) unsafe fn gemm_block_requant(
     a: &IntA<'_>,
     m: usize,
     rows: Range<usize>,
@@ -379,36 +366,69 @@ pub(crate) unsafe fn gemm_rows_requant(
     c: ByteC<'_>,
     rq: &Requant<'_>,
 ) -> Result<(), String> {
-    check_call(a, m, &rows, &cols, packed, (c.len, c.ldc))?;
+    // SAFETY: forwarded from the caller.
+    unsafe { block(a, m, rows, cols, packed, Dest::Requant(c, rq)) }
+}
+
+/// The block `rows x cols` of the product into `dest`: the checks, an empty block, an empty
+/// depth (every sum 0: zeros, or their requantization), else the driver.
+///
+/// # Safety
+/// As [`gemm_rows`]: no other code accesses that block of C while this runs.
+unsafe fn block(
+    a: &IntA<'_>,
+    m: usize,
+    rows: Range<usize>,
+    cols: Range<usize>,
+    packed: &PackedB,
+    dest: Dest<'_>,
+) -> Result<(), String> {
+    let extent = match &dest {
+        Dest::Sums(c) => (c.len, c.ldc),
+        Dest::Requant(c, _) => (c.len, c.ldc),
+    };
+    check_call(a, m, &rows, &cols, packed, extent)?;
     let n = packed.n;
-    if rq.bias.len() < n || rq.mult.len() < n {
-        return Err(format!(
-            "int8 gemm: {n} columns but {} biases and {} multipliers",
-            rq.bias.len(),
-            rq.mult.len()
-        ));
+    if let Dest::Requant(_, rq) = &dest {
+        if rq.bias.len() < n || rq.mult.len() < n {
+            return Err(format!(
+                "int8 gemm: {n} columns but {} biases and {} multipliers",
+                rq.bias.len(),
+                rq.mult.len()
+            ));
+        }
     }
     if rows.is_empty() || cols.is_empty() {
         return Ok(());
     }
     if packed.k == 0 {
-        let zeros = try_zeros(n, "an empty product's sums")?;
-        let tables = Requant {
-            bias: &rq.bias[cols.clone()],
-            mult: &rq.mult[cols.clone()],
-            ..*rq
-        };
+        let zeros = try_zeros(cols.len(), "an empty product's sums")?;
+        // Row i < m of C lies in it (checked above: (m-1)*ldc + n <= len), and the caller
+        // gives this call exclusive access to its columns `cols`.
         for i in rows {
-            // SAFETY: row i < m lies in C (checked above), and the caller gives this call
-            // exclusive access to its columns `cols`.
-            let row = unsafe { std::slice::from_raw_parts_mut(c.ptr.add(i * c.ldc), n) };
-            requant::row(&zeros, &tables, &mut row[cols.clone()]);
+            match &dest {
+                Dest::Sums(c) => {
+                    // SAFETY: see above.
+                    let row = unsafe { std::slice::from_raw_parts_mut(c.ptr.add(i * c.ldc), n) };
+                    row[cols.clone()].copy_from_slice(&zeros);
+                }
+                Dest::Requant(c, rq) => {
+                    // SAFETY: see above.
+                    let row = unsafe { std::slice::from_raw_parts_mut(c.ptr.add(i * c.ldc), n) };
+                    let tables = Requant {
+                        bias: &rq.bias[cols.clone()],
+                        mult: &rq.mult[cols.clone()],
+                        ..**rq
+                    };
+                    requant::row(&zeros, &tables, &mut row[cols.clone()]);
+                }
+            }
         }
         return Ok(());
     }
     // SAFETY: A, C, the tables and the ranges are checked; exclusivity of the block is the
     // caller's.
-    unsafe { drive(a, rows, cols, packed, Dest::Requant(c, rq)) }
+    unsafe { drive(a, rows, cols, packed, dest) }
 }
 
 /// The checks every product call makes: the columns whole micro-panels of B, A's zero point

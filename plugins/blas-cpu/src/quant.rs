@@ -255,7 +255,7 @@ unsafe fn one(
             for t in tasks {
                 let (rows, cols) = block(t);
                 // SAFETY: the tasks' blocks are disjoint; the tables hold `n` values.
-                unsafe { int8::gemm_rows_requant(a, m, rows, cols, &b.inner, out, &rq) }
+                unsafe { int8::gemm_block_requant(a, m, rows, cols, &b.inner, out, &rq) }
                     .map_err(err)?;
             }
             Ok(())

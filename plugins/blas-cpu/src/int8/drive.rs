@@ -160,13 +160,6 @@ pub(super) unsafe fn drive(
     };
     // Aligned as the scratch tile is (rows of `width`, a multiple of 16 i32).
     let mut block_sums = AlignedBytes::zeroed(4 * sums_len, "a row block of sums")?;
-    let mut scratch = ScratchTile([0; SCRATCH_TILE]);
-    if requant && g.mr * g.nr > SCRATCH_TILE {
-        return Err(format!(
-            "int8 gemm: internal error: {:?} tiles exceed the scratch tile",
-            p.kind
-        ));
-    }
     // The AVX-512 VNNI kernel requantizes in registers, and stores 16-byte masked vectors
     // (VL: every CPU with AVX-512 VNNI has it, checked anyway); the other kernels' tiles are
     // requantized from the sums they store.
@@ -175,6 +168,19 @@ pub(super) unsafe fn drive(
         p.kind == Int8Kernel::Avx512Vnni && std::arch::is_x86_feature_detected!("avx512vl");
     #[cfg(not(target_arch = "x86_64"))]
     let avx512 = false;
+    // Only where a kernel stores a single depth block's sums to requantize them (not on the
+    // i32 path, nor for the in-register kernel, whose C is then not touched).
+    let mut scratch = if requant && sums_len == 0 && !avx512 {
+        Some(ScratchTile([0; SCRATCH_TILE]))
+    } else {
+        None
+    };
+    if scratch.is_some() && g.mr * g.nr > SCRATCH_TILE {
+        return Err(format!(
+            "int8 gemm: internal error: {:?} tiles exceed the scratch tile",
+            p.kind
+        ));
+    }
     let null = std::ptr::null::<i32>();
     let mut ic = rows.start;
     while ic < rows.end {
@@ -241,7 +247,12 @@ pub(super) unsafe fn drive(
                     let (c_ptr, ldc) = match &dest {
                         // SAFETY: (ic + r0, j0) lies in C (rows < m and j0 < n, checked).
                         Dest::Sums(c) => (unsafe { c.ptr.add((ic + r0) * c.ldc + j0) }, c.ldc),
-                        Dest::Requant(..) if sums_len == 0 => (scratch.0.as_mut_ptr(), g.nr),
+                        Dest::Requant(..) if sums_len == 0 => (
+                            scratch
+                                .as_mut()
+                                .map_or(std::ptr::null_mut(), |s| s.0.as_mut_ptr()),
+                            g.nr,
+                        ),
                         // SAFETY: (r0, j0) lies in the `mc_max x width` row block of i32
                         // (r0 < mc, j0 < n <= width; 64-byte aligned).
                         Dest::Requant(..) => (

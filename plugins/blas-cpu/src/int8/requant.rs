@@ -1,4 +1,4 @@
-//! The requantizing output stage of [`super::gemm_rows_requant`]: a register tile's final i32
+//! The requantizing output stage of [`super::gemm_block_requant`]: a register tile's final i32
 //! sums, just stored to L1 by the kernel, turned into bytes. Fused here rather than run by the
 //! operator over an i32 C afterwards: MobileNetV2's 1x1 layers (16-32 input channels) spent
 //! more time storing, reloading (from L2) and requantizing their sums than multiplying them.

@@ -640,7 +640,7 @@ fn rows_per_task_keeps_tiles_whole_and_deep_products_in_blocks() {
     }
 }
 
-/// The requantizing output stage (`gemm_rows_requant`) gives, for every kernel, exactly
+/// The requantizing output stage (`gemm_block_requant`) gives, for every kernel, exactly
 /// `requant_byte` of the exact sum plus the bias, and writes nothing outside its rows and
 /// columns: one and several depth blocks, edge tiles, A read in place and packed, per-column
 /// zero points, u8 and i8 results, and multipliers that saturate, vanish or are infinite
@@ -656,6 +656,8 @@ fn requantized_tiles_match_requant_byte() {
         (25, 50, 32),
         (70, 33, 515),
         (200, 64, 1100),
+        // No depth: every sum 0, the bias alone requantized.
+        (5, 20, 0),
     ];
     const BYTE_SENTINEL: u8 = 0xA5;
     for (s, &(m, n, k)) in shapes.iter().enumerate() {
@@ -709,7 +711,7 @@ fn requantized_tiles_match_requant_byte() {
                 for cols in splits {
                     // SAFETY: the blocks are disjoint and `c` is borrowed for the calls alone.
                     unsafe {
-                        gemm_rows_requant(
+                        gemm_block_requant(
                             &case.int_a(),
                             m,
                             rows.clone(),

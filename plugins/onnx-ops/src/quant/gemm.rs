@@ -114,14 +114,7 @@ impl IntProduct<'_> {
             ));
         }
         let g = self.requant_args(rq, out.as_mut_ptr(), ldc);
-        if !blas.supports(&g) {
-            return Ok(false);
-        }
-        match packed.filter(|p| self.fits_operands(p)) {
-            Some(p) => blas.gemm_packed(ctx, &g, p)?,
-            None => blas.gemm(ctx, &g)?,
-        }
-        Ok(true)
+        call(ctx, blas, &g, packed.filter(|p| self.fits_operands(p)))
     }
 
     /// Whether the operands cover what the product reads (so the backend never reads past
@@ -175,14 +168,7 @@ impl IntProduct<'_> {
             ));
         }
         let g = self.args(c, ldc);
-        if !blas.supports(&g) {
-            return Ok(false);
-        }
-        match packed.filter(|p| self.fits(p)) {
-            Some(p) => blas.gemm_packed(ctx, &g, p)?,
-            None => blas.gemm(ctx, &g)?,
-        }
-        Ok(true)
+        call(ctx, blas, &g, packed.filter(|p| self.fits(p)))
     }
 
     /// Whether the node's backend runs this product's operand types and options (what
@@ -230,6 +216,24 @@ impl IntProduct<'_> {
         }
         blas.pack_b(node.context.as_ref()?, &g).ok()
     }
+}
+
+/// `g` through `blas`, with B from `packed` when given: `Ok(false)` when the backend does not
+/// support `g` (nothing written).
+fn call(
+    ctx: &KernelContext<'_>,
+    blas: opreg_sdk::blas::BlasRef<'_>,
+    g: &GemmArgs,
+    packed: Option<&PackedB>,
+) -> Result<bool, PluginError> {
+    if !blas.supports(g) {
+        return Ok(false);
+    }
+    match packed {
+        Some(p) => blas.gemm_packed(ctx, g, p)?,
+        None => blas.gemm(ctx, g)?,
+    }
+    Ok(true)
 }
 
 /// The raw bytes of a u8/i8 tensor (i8 as its two's-complement bytes).
