@@ -404,12 +404,26 @@ fn sample_message(s: opregd::quant::data::Sample, heldout: bool) -> reg::Quantiz
 }
 
 /// A channel to the daemon, and the interceptor that sends the token with every call.
+/// The largest HTTP/2 frame the client accepts (the protocol allows 16 KiB to 16 MiB - 1).
+const CLIENT_MAX_FRAME_BYTES: u32 = 1 << 20;
+/// The client's flow-control windows for one call's response and for the connection.
+const CLIENT_STREAM_WINDOW_BYTES: u32 = 8 << 20;
+const CLIENT_CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
+
 async fn connect(
     addr: &str,
     ca_cert: Option<&std::path::Path>,
     token: Option<&str>,
 ) -> anyhow::Result<(Channel, Token)> {
-    let mut endpoint = Channel::from_shared(addr.to_string())?;
+    // Responses of tensors are large: with HTTP/2's defaults a 600 KB output reached the
+    // client as ~40 frames of 16 KiB, within flow-control windows the client reopens as it
+    // reads. Frames of up to 1 MiB and windows past a batch's tensors let the daemon send it at
+    // once: the serving overhead of a Relu on a 600 KB image (opreg perf, back to back) went
+    // from 0.76-0.92 to 0.48-0.56 ms over gRPC.
+    let mut endpoint = Channel::from_shared(addr.to_string())?
+        .max_frame_size(CLIENT_MAX_FRAME_BYTES)
+        .initial_stream_window_size(CLIENT_STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CLIENT_CONNECTION_WINDOW_BYTES);
     if let Some(ca) = ca_cert {
         let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
         endpoint = endpoint
