@@ -505,8 +505,11 @@ impl Lanes<'_> {
             {
                 let first = (oy * at.sh + (at.kh - 1) * at.dh + 1).saturating_sub(at.pt);
                 let last = ((oy + 1) * at.sh + (at.kh - 1) * at.dh + 1).saturating_sub(at.pt);
-                let row_floats = at.iw * c;
-                x86::prefetch_l2(xb, first * row_floats..last.min(at.ih) * row_floats);
+                // Saturating: a hint needs no exact range (`prefetch_l2` skips one past x).
+                let row_floats = at.iw.saturating_mul(c);
+                let rows =
+                    first.saturating_mul(row_floats)..last.min(at.ih).saturating_mul(row_floats);
+                x86::prefetch_l2(xb, rows);
             }
             // The tap rows inside the image are consecutive taps: the inner pixels of a row
             // whose window leaves the image at the top or bottom (a padded first or last
