@@ -403,13 +403,13 @@ fn sample_message(s: opregd::quant::data::Sample, heldout: bool) -> reg::Quantiz
     }
 }
 
-/// A channel to the daemon, and the interceptor that sends the token with every call.
 /// The largest HTTP/2 frame the client accepts (the protocol allows 16 KiB to 16 MiB - 1).
 const CLIENT_MAX_FRAME_BYTES: u32 = 1 << 20;
 /// The client's flow-control windows for one call's response and for the connection.
 const CLIENT_STREAM_WINDOW_BYTES: u32 = 8 << 20;
 const CLIENT_CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
 
+/// A channel to the daemon, and the interceptor that sends the token with every call.
 async fn connect(
     addr: &str,
     ca_cert: Option<&std::path::Path>,
