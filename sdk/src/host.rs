@@ -84,6 +84,18 @@ impl AlignedBuf {
 
     /// A copy of `bytes`.
     pub fn copy_of(bytes: &[u8]) -> Result<Self, PluginError> {
+        Self::copy_in_chunks(bytes, bytes.len(), |_| {})
+    }
+
+    /// A copy of `bytes`, made in consecutive chunks of at most `chunk_len` bytes, calling
+    /// `copied(range)` after each: a caller may release each range of the source as soon as
+    /// it is copied (a model's weights, read from its file's buffer, then never exist twice
+    /// at once). The copy's pages become resident as they are written.
+    pub fn copy_in_chunks(
+        bytes: &[u8],
+        chunk_len: usize,
+        mut copied: impl FnMut(std::ops::Range<usize>),
+    ) -> Result<Self, PluginError> {
         let len = bytes.len();
         if len == 0 {
             return Self::zeroed(0);
@@ -101,8 +113,18 @@ impl AlignedBuf {
                 format!("out of memory allocating {len} bytes"),
             )
         })?;
-        // SAFETY: `ptr` holds `len` writable bytes and does not overlap `bytes`.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr.as_ptr(), len) };
+        let step = chunk_len.max(1);
+        let mut at = 0;
+        while at < len {
+            let n = step.min(len - at);
+            // SAFETY: `ptr` holds `len` writable bytes and does not overlap `bytes`;
+            // `at + n <= len`.
+            unsafe {
+                std::ptr::copy_nonoverlapping(bytes.as_ptr().add(at), ptr.as_ptr().add(at), n)
+            };
+            copied(at..at + n);
+            at += n;
+        }
         Ok(AlignedBuf {
             ptr,
             len,
@@ -284,6 +306,18 @@ impl HostTensor {
 
     /// A tensor holding a copy of `bytes` (not for `String`).
     pub fn from_bytes(dtype: DType, shape: &[usize], bytes: &[u8]) -> Result<Self, PluginError> {
+        Self::from_bytes_in_chunks(dtype, shape, bytes, bytes.len(), |_| {})
+    }
+
+    /// [`from_bytes`](Self::from_bytes), copying in chunks of at most `chunk_len` bytes and
+    /// calling `copied(range)` after each (see [`AlignedBuf::copy_in_chunks`]).
+    pub fn from_bytes_in_chunks(
+        dtype: DType,
+        shape: &[usize],
+        bytes: &[u8],
+        chunk_len: usize,
+        copied: impl FnMut(std::ops::Range<usize>),
+    ) -> Result<Self, PluginError> {
         if dtype == DType::String {
             return Err(PluginError::invalid(
                 "string tensors are built with from_strings",
@@ -301,7 +335,7 @@ impl HostTensor {
             shape: Dims::from_slice(shape),
             strides: strides_of(shape),
             // Copied, not zeroed first: model weights are hundreds of megabytes.
-            buf: AlignedBuf::copy_of(bytes)?,
+            buf: AlignedBuf::copy_in_chunks(bytes, chunk_len, copied)?,
             device: None,
         })
     }

@@ -285,10 +285,21 @@ fn graph_model(
         if t.name.is_empty() {
             return Err(GraphError::Invalid("an initializer has no name".into()));
         }
-        let value = Arc::new(tensor(t, dir)?);
-        if let Some(owned) = &owned {
-            owned.give_back(std::mem::take(&mut t.raw_data));
-        }
+        let value = match &owned {
+            Some(owned) => {
+                let raw = t.raw_data.clone();
+                let value = tensor_copied(t, dir, &mut |r| {
+                    if let Some(part) = raw.get(r.clone()).map(|_| raw.slice(r)) {
+                        owned.give_back(part);
+                    }
+                })?;
+                drop(raw);
+                owned.give_back(std::mem::take(&mut t.raw_data));
+                value
+            }
+            None => tensor(t, dir)?,
+        };
+        let value = Arc::new(value);
         initializers.insert(t.name.clone(), value);
     }
     let graph = &*graph;
@@ -409,6 +420,20 @@ fn io_spec(v: &onnx::ValueInfoProto) -> Result<IoSpec, GraphError> {
 
 /// Reads a `TensorProto` in any of its storage forms.
 pub fn tensor(t: &onnx::TensorProto, dir: Option<&Path>) -> Result<HostTensor, GraphError> {
+    tensor_copied(t, dir, &mut |_| {})
+}
+
+/// Bytes of `raw_data` copied at a time by [`tensor_copied`].
+const COPY_CHUNK: usize = 8 << 20;
+
+/// [`tensor`], calling `copied(range)` as each range of `raw_data` has been copied into the
+/// tensor (in chunks of [`COPY_CHUNK`]): import gives those pages back as it goes, so that a
+/// 94 MB embedding table does not exist twice at the load's peak.
+fn tensor_copied(
+    t: &onnx::TensorProto,
+    dir: Option<&Path>,
+    copied: &mut dyn FnMut(std::ops::Range<usize>),
+) -> Result<HostTensor, GraphError> {
     let what = || format!("tensor '{}'", t.name);
     let dtype = DType::from_onnx_code(t.data_type).ok_or_else(|| {
         GraphError::Unsupported(format!(
@@ -463,7 +488,8 @@ pub fn tensor(t: &onnx::TensorProto, dir: Option<&Path>) -> Result<HostTensor, G
         return HostTensor::from_bytes(dtype, &shape, &bytes).map_err(bad);
     }
     if !t.raw_data.is_empty() || numel == 0 {
-        return HostTensor::from_bytes(dtype, &shape, &t.raw_data).map_err(bad);
+        return HostTensor::from_bytes_in_chunks(dtype, &shape, &t.raw_data, COPY_CHUNK, copied)
+            .map_err(bad);
     }
     let count = |n: usize| -> Result<(), GraphError> {
         if n == numel {
