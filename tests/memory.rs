@@ -206,3 +206,184 @@ fn a_batch_one_concat_is_assembled_in_place_with_the_same_results() {
         "only `c` at batch 1: `e`'s `a2` has a second reader, batch 2 interleaves: {stats:?}"
     );
 }
+
+/// `y = MatMul(MatMul(x, w1), s) + s`: `w1` is read by one MatMul (which packs it: absorbed),
+/// `s` by a MatMul and by an Add (which reads it at run time).
+fn shared_weights(w1: &[f32]) -> Vec<u8> {
+    let s: Vec<f32> = (0..16).map(|i| (i as f32 - 7.5) / 8.0).collect();
+    model(
+        vec![
+            node("MatMul", &["x", "w1"], &["h"]),
+            node("MatMul", &["h", "s"], &["m"]),
+            node("Add", &["m", "s"], &["y"]),
+        ],
+        vec![value("x", 1, &[4, 8])],
+        vec![value("y", 1, &[4, 4])],
+        vec![
+            f32_initializer("w1", &[8, 4], w1),
+            f32_initializer("s", &[4, 4], &s),
+        ],
+        13,
+    )
+}
+
+fn w1() -> Vec<f32> {
+    (0..32).map(|i| ((i * 7 % 13) as f32 - 6.0) / 4.0).collect()
+}
+
+/// What [`shared_weights`] computes, in f64.
+fn shared_weights_reference(x: &[f32], w1: &[f32]) -> Vec<f32> {
+    let s: Vec<f64> = (0..16).map(|i| (i as f64 - 7.5) / 8.0).collect();
+    let mut y = vec![0f32; 16];
+    for r in 0..4 {
+        let h: Vec<f64> = (0..4)
+            .map(|c| {
+                (0..8)
+                    .map(|k| x[r * 8 + k] as f64 * w1[k * 4 + c] as f64)
+                    .sum()
+            })
+            .collect();
+        for c in 0..4 {
+            let m: f64 = (0..4).map(|k| h[k] * s[k * 4 + c]).sum();
+            y[r * 4 + c] = (m + s[r * 4 + c]) as f32;
+        }
+    }
+    y
+}
+
+fn shared_weights_input() -> (HashMap<String, Arc<HostTensor>>, Vec<f32>) {
+    let x: Vec<f32> = (0..32).map(|i| (i as f32 - 16.0) / 10.0).collect();
+    let t = HostTensor::from_vec(&[4, 8], &x).expect("x");
+    ([("x".to_string(), Arc::new(t))].into(), x)
+}
+
+fn assert_close(got: &HostTensor, want: &[f32]) {
+    let got = got.to_vec::<f32>().expect("f32 output");
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+            "y[{i}] = {g}, want {w}"
+        );
+    }
+}
+
+fn shipped_registry(stage: &std::path::Path) -> Registry {
+    let registry = Registry::new(stage.join("stage"), Default::default());
+    for (p, r) in registry.load_all(&[
+        opreg_tests::plugin("onnx_ops"),
+        opreg_tests::plugin("blas_cpu"),
+    ]) {
+        r.unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    }
+    registry
+}
+
+#[test]
+fn weights_a_kernel_packed_are_freed_as_it_binds_and_results_are_unchanged() {
+    let stage = tempfile::tempdir().expect("tempdir");
+    let registry = shipped_registry(stage.path());
+    let pool = ComputePool::new(2).expect("pool");
+    let (feeds, x) = shared_weights_input();
+    let want = shared_weights_reference(&x, &w1());
+
+    let mut model = graph::import(&shared_weights(&w1()), None).expect("import");
+    let w1_weak = Arc::downgrade(&model.initializers["w1"]);
+    let s_weak = Arc::downgrade(&model.initializers["s"]);
+    let (plan, freed) = pool
+        .install(|| {
+            graph::compile_owned(&mut model, registry.snapshot(), &[Device::CPU], usize::MAX)
+        })
+        .expect("compile");
+    // w1's only reader packed it: gone from memory, not only from the plan. s is read by the
+    // Add at run time: kept, and back in the model.
+    assert_eq!(freed, ["w1"]);
+    assert!(w1_weak.upgrade().is_none(), "w1 is still allocated");
+    assert!(!model.initializers.contains_key("w1"));
+    assert!(Arc::ptr_eq(
+        &model.initializers["s"],
+        &s_weak.upgrade().expect("s kept")
+    ));
+    for _ in 0..2 {
+        let out = pool
+            .install(|| graph::run(&plan, feeds.clone()))
+            .expect("run");
+        assert_close(&out[0].1, &want);
+    }
+
+    // The borrowing compile leaves the model whole and computes the same.
+    let model = graph::import(&shared_weights(&w1()), None).expect("import");
+    let plan = pool
+        .install(|| graph::compile(&model, registry.snapshot(), &[Device::CPU], usize::MAX))
+        .expect("compile");
+    assert!(model.initializers.contains_key("w1"));
+    let out = pool.install(|| graph::run(&plan, feeds)).expect("run");
+    assert_close(&out[0].1, &want);
+}
+
+#[test]
+fn a_version_reads_freed_weights_again_for_a_new_plan_and_refuses_a_changed_file() {
+    use opregd::repo::{ModelSettings, RepoError, ServedModel};
+    let stage = tempfile::tempdir().expect("tempdir");
+    let registry = shipped_registry(stage.path());
+    let pool = ComputePool::new(2).expect("pool");
+    let (feeds, x) = shared_weights_input();
+    let want = shared_weights_reference(&x, &w1());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("model.onnx");
+    std::fs::write(&file, shared_weights(&w1())).expect("write model");
+    let bytes = graph::ModelBytes::read(&file, u64::MAX).expect("read");
+    let served = pool
+        .install(|| {
+            ServedModel::build(
+                "shared",
+                1,
+                bytes,
+                Some(&file),
+                ModelSettings::default(),
+                registry.snapshot(),
+                1 << 20,
+            )
+        })
+        .expect("build");
+    assert!(!served.model.initializers.contains_key("w1"));
+    let full = served.full_model().expect("whole graph");
+    assert_eq!(full.initializers["w1"].to_vec::<f32>().expect("w1"), w1());
+    assert!(Arc::ptr_eq(
+        &full.initializers["s"],
+        &served.model.initializers["s"]
+    ));
+    drop(full);
+
+    // A plugin load makes a new generation: the next plan is compiled from the file again.
+    let run_on_new_plan = |registry: &Registry| {
+        let snapshot = registry.snapshot();
+        let plan = pool.install(|| served.plan(&snapshot))?;
+        assert_eq!(plan.generation(), snapshot.generation);
+        let out = pool
+            .install(|| graph::run(&plan, feeds.clone()))
+            .expect("run");
+        assert_close(&out[0].1, &want);
+        Ok::<_, RepoError>(())
+    };
+    for (p, r) in registry.load_all(&[opreg_tests::plugin("mock_good")]) {
+        r.unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    }
+    run_on_new_plan(&registry).expect("re-bound plan");
+
+    // The file now holds other weights: a new plan is refused, naming the weights, and the
+    // version's own plan goes on serving.
+    let other: Vec<f32> = w1().iter().map(|v| v + 1.0).collect();
+    std::fs::write(&file, shared_weights(&other)).expect("rewrite model");
+    registry
+        .unload("mock-good")
+        .expect("unload mock-good (a new generation)");
+    let err = run_on_new_plan(&registry).expect_err("a changed file");
+    assert!(
+        matches!(&err, RepoError::Changed { .. }) && err.to_string().contains("'w1'"),
+        "{err}"
+    );
+    let plan = served.current_plan();
+    let out = pool.install(|| graph::run(&plan, feeds)).expect("run");
+    assert_close(&out[0].1, &want);
+}

@@ -675,6 +675,17 @@ pub trait Kernel: Send + Sync + 'static {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError>;
+
+    /// The constant inputs (by position) this kernel copied at instantiation, in a form of
+    /// its own (weights packed for its BLAS), and never reads in [`compute`](Self::compute)
+    /// (ABI 1.8). The host may then free such a constant once no other node reads it — a
+    /// model's weights are otherwise held twice, as loaded and as packed — and passes
+    /// [`TensorView::absent`] in its place to `compute`. Only inputs whose
+    /// [`ValueInfo::constant`] was given at instantiation count; the host ignores others.
+    /// Default: none (every input is passed as it is).
+    fn absorbed(&self) -> Vec<usize> {
+        Vec::new()
+    }
 }
 
 /// Builds a [`Kernel`] for each node that resolves to this registration.
@@ -840,6 +851,12 @@ pub trait FfiKernel: Send + Sync {
         ctx: &KernelContext<'_>,
         inputs: RSlice<'_, TensorView<'_>>,
     ) -> RResult<(), PluginError>;
+
+    /// See [`Kernel::absorbed`]. Appended in 1.8: an older plugin's vtable lacks it, and this
+    /// default body (none: every input is passed) answers for it.
+    fn absorbed(&self) -> RVec<u32> {
+        RVec::new()
+    }
 }
 
 /// An owned kernel factory object, as it crosses the ABI.
@@ -890,6 +907,15 @@ impl FfiKernel for KernelAdapter {
         inputs: RSlice<'_, TensorView<'_>>,
     ) -> RResult<(), PluginError> {
         guard("kernel", || self.0.compute(ctx, inputs.as_slice())).into()
+    }
+
+    fn absorbed(&self) -> RVec<u32> {
+        // A position past u32 is no input of any node; a panic here would cross the ABI.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.0.absorbed()))
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|i| u32::try_from(i).ok())
+            .collect()
     }
 }
 

@@ -113,9 +113,9 @@ pub use tensor::{Device, DeviceKind, MemoryType, OwnedTensor, TensorView, Tensor
 pub const ABI_MAJOR: u32 = 1;
 /// The ABI minor version: bumped when capabilities are appended to the root module or to a
 /// trait's vtable. Older minors keep loading.
-pub const ABI_MINOR: u32 = 7;
+pub const ABI_MINOR: u32 = 8;
 /// `ABI_MAJOR.ABI_MINOR.0`, as checked by `abi_stable` when a plugin loads.
-pub const ABI_VERSION: &str = "1.7.0";
+pub const ABI_VERSION: &str = "1.8.0";
 
 /// Everything a plugin author usually needs.
 ///

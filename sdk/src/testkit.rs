@@ -113,6 +113,18 @@ pub fn run_kernel_opt(
     inputs: &[Option<&HostTensor>],
     blas: Option<Box<dyn Blas>>,
 ) -> Result<Vec<HostTensor>, PluginError> {
+    run_kernel_absorbing(factory, node, inputs, blas).map(|(outputs, _)| outputs)
+}
+
+/// Like [`run_kernel_opt`], also returning the constant inputs the kernel absorbed
+/// ([`Kernel::absorbed`](crate::Kernel::absorbed)), which it was run without (passed absent,
+/// as the daemon passes them).
+pub fn run_kernel_absorbing(
+    factory: impl KernelFactory,
+    node: &NodeSpec,
+    inputs: &[Option<&HostTensor>],
+    blas: Option<Box<dyn Blas>>,
+) -> Result<(Vec<HostTensor>, Vec<usize>), PluginError> {
     struct Boxed(Box<dyn Blas>);
     impl Blas for Boxed {
         fn supports(&self, args: &crate::GemmArgs) -> bool {
@@ -191,15 +203,27 @@ pub fn run_kernel_opt(
         };
         factory.instantiate(info.as_ffi()).into_result()
     })?;
+    // As the daemon does: a constant the kernel absorbed (ABI 1.8) is passed absent, so a
+    // kernel that declares it and still reads it fails here.
+    let absorbed: Vec<usize> = kernel
+        .absorbed()
+        .into_iter()
+        .filter_map(|i| usize::try_from(i).ok())
+        .filter(|i| node.constant_inputs.contains(i))
+        .collect();
     let views: Vec<_> = inputs
         .iter()
-        .map(|t| t.map_or(crate::TensorView::absent(), |t| t.view()))
+        .enumerate()
+        .map(|(i, t)| match t {
+            Some(t) if !absorbed.contains(&i) => t.view(),
+            _ => crate::TensorView::absent(),
+        })
         .collect();
     let frame = CallFrame::new(node.num_outputs, node.device, blas.as_ref(), &log);
     frame
         .with_context(|ctx| kernel.compute(ctx, views.as_slice().into()))
         .into_result()?;
-    frame.into_outputs()
+    Ok((frame.into_outputs()?, absorbed))
 }
 
 /// Runs a kernel factory's self-test through the ABI wrappers, as the daemon does at load.

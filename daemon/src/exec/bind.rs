@@ -37,6 +37,9 @@ pub struct BoundKernel {
     /// The memory type each input is wanted in, and each output produced in.
     pub input_memory: Vec<MemoryType>,
     pub output_memory: Vec<MemoryType>,
+    /// The constant inputs the kernel keeps a form of its own of and never reads at run time
+    /// (ABI 1.8 `absorbed`), ascending: the plan may free them and passes them absent.
+    pub absorbed: Vec<usize>,
 }
 
 /// Asks `kernel` what `node`'s outputs will be (ABI 1.1 `infer`; a 1.0 plugin answers
@@ -91,6 +94,7 @@ pub fn bind(
         load_frame = load_frame.with_device(h, &[]);
     }
     let label = node.label.to_string();
+    let constant: Vec<bool> = node.inputs.iter().map(|v| v.constant.is_some()).collect();
     let instance = load_frame
         .with_context(|ctx| {
             let info = NodeInfo {
@@ -113,7 +117,18 @@ pub fn bind(
             code: e.code,
             message: e.message.to_string(),
         })?;
+    // Only what was given as a constant can have been absorbed: any other position a plugin
+    // names is ignored (its input is passed as usual).
+    let mut absorbed: Vec<usize> = instance
+        .absorbed()
+        .into_iter()
+        .filter_map(|i| usize::try_from(i).ok())
+        .filter(|&i| constant.get(i).copied().unwrap_or(false))
+        .collect();
+    absorbed.sort_unstable();
+    absorbed.dedup();
     Ok(BoundKernel {
+        absorbed,
         instance,
         plugin: plugin.clone(),
         kernel: kernel_label(&reg.desc),

@@ -29,7 +29,7 @@ pub use import::{
 pub use memory::MemoryStats;
 pub use model_file::ModelBytes;
 pub use passes::{fuse, optimize, PassReport};
-pub use plan::compile;
+pub use plan::{compile, compile_owned};
 pub use run::{run, run_profiled, run_with_control, RunControl, StepTime};
 
 #[derive(Debug, thiserror::Error)]

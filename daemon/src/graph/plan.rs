@@ -51,8 +51,62 @@ const NONDETERMINISTIC: &[&str] = &[
 
 /// Compiles `model` against `snapshot`, placing each node on the first device of `devices`
 /// that has a kernel for it. Call it on the compute pool: folding runs kernels.
+///
+/// The plan holds no constant that every reader absorbed (ABI 1.8: packed at instantiation
+/// and passed absent); `model` keeps its own handles to them. [`compile_owned`] frees them.
 pub fn compile(
     model: &Model,
+    snapshot: Arc<Snapshot>,
+    devices: &[Device],
+    max_folded_bytes: usize,
+) -> Result<Plan, GraphError> {
+    compile_with(
+        model,
+        model.initializers.clone(),
+        snapshot,
+        devices,
+        max_folded_bytes,
+    )
+}
+
+/// Like [`compile`], but the plan takes `model`'s initializers over while it binds, so that
+/// each constant every reader absorbed is freed as soon as its last reader has packed it:
+/// a model's weights are never held twice, as loaded and as packed, not even at the peak
+/// (a BERT-base encoder's MatMul weights are 170 MB of its 265). Afterwards `model` holds
+/// again every initializer the plan still holds; the names of the others (freed) are
+/// returned, and `model` is no longer complete without them (see
+/// `repo::model::ServedModel::full_model`). On an error some may be freed already.
+pub fn compile_owned(
+    model: &mut Model,
+    snapshot: Arc<Snapshot>,
+    devices: &[Device],
+    max_folded_bytes: usize,
+) -> Result<(Plan, Vec<String>), GraphError> {
+    // Weak handles say afterwards which tensors the plan kept: the same allocations go back.
+    let handles: Vec<(String, std::sync::Weak<HostTensor>)> = model
+        .initializers
+        .iter()
+        .map(|(n, t)| (n.clone(), Arc::downgrade(t)))
+        .collect();
+    let initializers = std::mem::take(&mut model.initializers);
+    let plan = compile_with(model, initializers, snapshot, devices, max_folded_bytes);
+    let mut freed = Vec::new();
+    for (name, weak) in handles {
+        match weak.upgrade() {
+            Some(t) => {
+                model.initializers.insert(name, t);
+            }
+            None => freed.push(name),
+        }
+    }
+    freed.sort_unstable();
+    Ok((plan?, freed))
+}
+
+/// [`compile`] with the initializers given apart from the graph (`model`'s own are not read).
+fn compile_with(
+    model: &Model,
+    initializers: HashMap<String, Arc<HostTensor>>,
     snapshot: Arc<Snapshot>,
     devices: &[Device],
     max_folded_bytes: usize,
@@ -74,16 +128,24 @@ pub fn compile(
         })
         .collect();
     let fused;
-    let model = if fusions.is_empty() {
-        model
+    let (model, initializers) = if fusions.is_empty() {
+        (model, initializers)
     } else {
-        let mut m = model.clone();
+        let mut m = Model {
+            opsets: model.opsets.clone(),
+            inputs: model.inputs.clone(),
+            outputs: model.outputs.clone(),
+            initializers,
+            nodes: model.nodes.clone(),
+        };
         super::passes::run(&mut m, &fusions)?;
+        let initializers = std::mem::take(&mut m.initializers);
         fused = m;
-        &fused
+        (&fused, initializers)
     };
     let plan = compile_graph(
         model,
+        initializers,
         &formal,
         &[],
         &HashSet::new(),
@@ -135,8 +197,11 @@ fn fusion_available(snapshot: &Snapshot, devices: &[Device], f: Fusion) -> bool 
         .all(|&(domain, op)| devices.iter().any(|&d| has(op, domain, d, &[])))
 }
 
+/// Lowers one graph (the model's, or a subgraph's) whose initializers are `initializers`.
+#[allow(clippy::too_many_arguments)]
 fn compile_graph(
     model: &Model,
+    initializers: HashMap<String, Arc<HostTensor>>,
     formal: &[(String, Option<DType>)],
     captured: &[(String, Option<DType>)],
     seqs: &HashSet<String>,
@@ -144,7 +209,7 @@ fn compile_graph(
     devices: &[Device],
     fold_budget: &mut usize,
 ) -> Result<Plan, GraphError> {
-    let mut values = Values::new(model, formal, captured)?;
+    let mut values = Values::new(model, initializers, formal, captured)?;
     for (name, s) in &values.inputs {
         if seqs.contains(name) {
             values.seqs.insert(*s);
@@ -166,10 +231,36 @@ fn compile_graph(
         r
     };
     let order = schedule(model, &values, reads)?;
+    // Reads of each constant still to be lowered. A constant read any other way than absorbed
+    // by a kernel (ABI 1.8) or consumed by a fold is pinned: the plan keeps it. One whose
+    // last read is lowered unpinned is freed there, before the next node packs its weights.
+    // Every value's reads are counted, not only the initializers': a folded result becomes a
+    // constant on the way (a QDQ model's dequantized weights), after its readers were counted.
+    let slot_reads = |i: usize, values: &Values| -> Vec<usize> {
+        reads(i)
+            .into_iter()
+            .filter_map(|x| values.slot_of.get(x).copied())
+            .collect()
+    };
+    let mut pending: HashMap<usize, usize> = HashMap::new();
+    for i in 0..model.nodes.len() {
+        for s in slot_reads(i, &values) {
+            *pending.entry(s).or_default() += 1;
+        }
+    }
+    let mut pinned: HashSet<usize> = model
+        .outputs
+        .iter()
+        .filter_map(|o| values.slot_of.get(&o.name).copied())
+        .collect();
 
     let mut steps = Vec::new();
     let mut placement = Vec::new();
     for i in order {
+        let read: Vec<usize> = slot_reads(i, &values)
+            .into_iter()
+            .filter(|s| values.constants.contains_key(s))
+            .collect();
         let n = &model.nodes[i];
         let domain_opset = model.opset(&n.domain).ok_or_else(|| {
             GraphError::Invalid(format!(
@@ -186,6 +277,7 @@ fn compile_graph(
                 |m: &Model, formal: &[_], captured: &[_], seqs: &HashSet<String>| {
                     compile_graph(
                         m,
+                        m.initializers.clone(),
                         formal,
                         captured,
                         seqs,
@@ -257,6 +349,34 @@ fn compile_graph(
             };
             lower_kernel(&node, &mut values, &snapshot, devices, fold_budget)?
         };
+        let mut step = step;
+        // No step: folded, its constants were read at compile time and are not again.
+        if let Some(st) = &mut step {
+            let absorbed = match &st.work {
+                Work::Kernel(b) => b.absorbed.as_slice(),
+                _ => &[],
+            };
+            for (k, slot) in st.inputs.iter_mut().enumerate() {
+                if let Some(sl) = slot.filter(|sl| read.contains(sl)) {
+                    if absorbed.contains(&k) {
+                        *slot = None;
+                    } else {
+                        pinned.insert(sl);
+                    }
+                }
+            }
+            if !matches!(st.work, Work::Kernel(_)) {
+                pinned.extend(read.iter().copied());
+            }
+        }
+        for s in &read {
+            if let Some(left) = pending.get_mut(s) {
+                *left = left.saturating_sub(1);
+                if *left == 0 && !pinned.contains(s) {
+                    values.constants.remove(s);
+                }
+            }
+        }
         placement.push(place);
         steps.extend(step);
     }

@@ -31,6 +31,7 @@ impl Values {
     /// (ONNX's default-value inputs).
     pub fn new(
         model: &Model,
+        initializers: HashMap<String, Arc<HostTensor>>,
         formal: &[(String, Option<DType>)],
         captured: &[(String, Option<DType>)],
     ) -> Result<Self, GraphError> {
@@ -42,10 +43,10 @@ impl Values {
             inputs: Vec::new(),
             seqs: Default::default(),
         };
-        for (name, t) in &model.initializers {
-            let s = v.push(Some(t.dtype()), fixed(t));
-            v.slot_of.insert(name.clone(), s);
-            v.constants.insert(s, t.clone());
+        for (name, t) in initializers {
+            let s = v.push(Some(t.dtype()), fixed(&t));
+            v.slot_of.insert(name, s);
+            v.constants.insert(s, t);
         }
         for (name, t) in formal.iter().chain(captured) {
             let declared = model

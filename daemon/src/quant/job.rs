@@ -377,7 +377,7 @@ pub fn run(
     };
 
     progress(Progress::Stage("preparing".into()));
-    let model = prepare::prepare(&served.model);
+    let model = prepare::prepare(&*served.full_model()?);
     let observations = planner.observations(&model)?;
 
     progress(Progress::Stage("calibrating".into()));

@@ -63,6 +63,14 @@ pub enum RepoError {
     },
     #[error("{0}")]
     Config(String),
+    /// A version whose plan freed weights after packing them re-reads its file to compile a
+    /// new plan (after a plugin swap): the file no longer holds those weights.
+    #[error("model '{name}' version {version}: {reason}; reload the model to serve its file as it is now")]
+    Changed {
+        name: String,
+        version: u64,
+        reason: String,
+    },
 }
 
 /// Where one model version is in its life cycle (Triton's model states).
@@ -531,7 +539,7 @@ impl Repository {
     ) -> Result<BTreeMap<u64, Arc<ServedModel>>, Box<VersionError>> {
         let snapshot = registry.snapshot();
         let mut loaded = BTreeMap::new();
-        let build = |version: u64, mut bytes: graph::ModelBytes, dir: Option<&Path>| {
+        let build = |version: u64, mut bytes: graph::ModelBytes, file: Option<&Path>| {
             self.check_size(
                 &format!("version {version} of model '{name}'"),
                 bytes.len() as u64,
@@ -552,7 +560,7 @@ impl Repository {
                 name,
                 version,
                 bytes,
-                dir,
+                file,
                 settings.clone(),
                 snapshot.clone(),
                 self.limits.max_folded_bytes,
@@ -580,7 +588,7 @@ impl Repository {
                 .map_err(io)
                 .map_err(|e| Box::new((Some(*version), e)))?;
             let m =
-                build(*version, bytes, path.parent()).map_err(|e| Box::new((Some(*version), e)))?;
+                build(*version, bytes, Some(path)).map_err(|e| Box::new((Some(*version), e)))?;
             loaded.insert(*version, Arc::new(m));
         }
         for (&version, bytes) in files {

@@ -8,8 +8,9 @@ use crate::{
 use opreg_sdk::{host::HostTensor, Device, DeviceKind};
 use serde::Deserialize;
 use std::{
-    collections::{HashMap, VecDeque},
-    path::Path,
+    borrow::Cow,
+    collections::{BTreeMap, HashMap, VecDeque},
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
@@ -191,7 +192,12 @@ pub struct Stats {
 pub struct ServedModel {
     pub name: String,
     pub version: u64,
+    /// The graph after the standard passes. Its initializers lack those the plan freed after
+    /// packing them (see [`full_model`](Self::full_model)): what reads weights goes through
+    /// `full_model`; inputs, outputs and nodes are all here.
     pub model: Model,
+    /// The initializers `model` lacks, and where they come back from.
+    evicted: Option<Evicted>,
     pub settings: ModelSettings,
     devices: Vec<Device>,
     current: Mutex<Current>,
@@ -207,6 +213,37 @@ pub struct ServedModel {
     warmup: Vec<Feeds>,
     /// Permits for its runs when `instance_count` limits them.
     pub instances: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+/// Initializers a version's plan freed once its kernels had packed them (ABI 1.8 `absorbed`,
+/// [`graph::compile_owned`]): a BERT-base encoder's MatMul weights, 170 MB of its 265, are
+/// otherwise held twice for the life of the version. A new plan (after a plugin swap) or a
+/// quantization job needs the whole graph again: the version's file is imported once more,
+/// and these are taken from it, each checked against its checksum at load.
+struct Evicted {
+    file: PathBuf,
+    /// The file's size at load (a larger file is refused before it is read).
+    len: u64,
+    /// Name -> CRC-32 of its element type, shape and bytes.
+    sums: BTreeMap<String, u32>,
+}
+
+/// The checksum [`Evicted`] keeps of one tensor.
+fn tensor_sum(t: &HostTensor) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&t.dtype().0.to_le_bytes());
+    for d in t.shape() {
+        h.update(&(*d as u64).to_le_bytes());
+    }
+    if t.dtype() == opreg_sdk::DType::String {
+        for v in t.strings() {
+            h.update(&(v.len() as u64).to_le_bytes());
+            h.update(v.as_bytes());
+        }
+    } else {
+        h.update(t.bytes());
+    }
+    h.finalize()
 }
 
 /// A plan compiled ahead of publishing a generation, for [`ServedModel::install`].
@@ -225,11 +262,15 @@ struct Current {
 
 impl ServedModel {
     /// Imports and compiles a model version. Blocking.
+    ///
+    /// `file`: where `bytes` were read from (external data is looked up beside it). A version
+    /// built from a file frees the weights its plan packed (see [`Evicted`]); one built from
+    /// bytes alone keeps them.
     pub fn build(
         name: &str,
         version: u64,
         bytes: graph::ModelBytes,
-        dir: Option<&Path>,
+        file: Option<&Path>,
         settings: ModelSettings,
         snapshot: Arc<Snapshot>,
         max_folded_bytes: u64,
@@ -240,7 +281,8 @@ impl ServedModel {
             version,
             source,
         };
-        let mut model = graph::import_owned(bytes, dir).map_err(wrap)?;
+        let len = bytes.len() as u64;
+        let mut model = graph::import_owned(bytes, file.and_then(Path::parent)).map_err(wrap)?;
         // The standard passes run once per version; a re-bind after a hot swap starts from
         // their result.
         let reports = graph::optimize(&mut model).map_err(wrap)?;
@@ -258,7 +300,41 @@ impl ServedModel {
         settings
             .pins_met(&snapshot)
             .map_err(|why| RepoError::Config(format!("model '{name}' version {version} {why}")))?;
-        let plan = graph::compile(&model, snapshot, &devices, max_folded_bytes).map_err(wrap)?;
+        let (plan, evicted) = match file {
+            Some(file) => {
+                // Checksums first: the plan frees what it absorbs as it binds.
+                let sums: HashMap<String, u32> = model
+                    .initializers
+                    .iter()
+                    .map(|(n, t)| (n.clone(), tensor_sum(t)))
+                    .collect();
+                let (plan, freed) =
+                    graph::compile_owned(&mut model, snapshot, &devices, max_folded_bytes)
+                        .map_err(wrap)?;
+                let sums: BTreeMap<String, u32> = freed
+                    .into_iter()
+                    .filter_map(|n| sums.get(&n).map(|&s| (n, s)))
+                    .collect();
+                let evicted = (!sums.is_empty()).then(|| Evicted {
+                    file: file.to_path_buf(),
+                    len,
+                    sums,
+                });
+                (plan, evicted)
+            }
+            None => (
+                graph::compile(&model, snapshot, &devices, max_folded_bytes).map_err(wrap)?,
+                None,
+            ),
+        };
+        if let Some(e) = &evicted {
+            tracing::debug!(
+                model = name,
+                version,
+                freed = e.sums.len(),
+                "weights packed by their kernels freed"
+            );
+        }
         // Output shapes the model leaves undeclared come from shape inference.
         for (o, inferred) in model.outputs.iter_mut().zip(&plan.output_shapes) {
             if o.shape.is_none() {
@@ -272,6 +348,7 @@ impl ServedModel {
             name: name.into(),
             version,
             model,
+            evicted,
             settings,
             devices,
             current: Mutex::new(Current {
@@ -304,19 +381,81 @@ impl ServedModel {
         Ok(current.plan.clone())
     }
 
-    /// Compiles `source` (the version's own graph when `None`) against `snapshot`.
+    /// Compiles `source` (the version's own graph when `None`) against `snapshot`. The
+    /// version's own graph, when its weights were freed, is read again ([`full_model`](Self::full_model))
+    /// and frees them again as it binds.
     fn compile(&self, source: Option<&Model>, snapshot: &Arc<Snapshot>) -> Result<Plan, RepoError> {
-        graph::compile(
-            source.unwrap_or(&self.model),
-            snapshot.clone(),
-            &self.devices,
-            self.max_folded_bytes,
-        )
-        .map_err(|source| RepoError::Graph {
+        let wrap = |source| RepoError::Graph {
             name: self.name.clone(),
             version: self.version,
             source,
-        })
+        };
+        let source = match source {
+            Some(m) => Cow::Borrowed(m),
+            None => self.full_model()?,
+        };
+        match source {
+            Cow::Borrowed(m) => {
+                graph::compile(m, snapshot.clone(), &self.devices, self.max_folded_bytes)
+                    .map_err(wrap)
+            }
+            Cow::Owned(mut m) => graph::compile_owned(
+                &mut m,
+                snapshot.clone(),
+                &self.devices,
+                self.max_folded_bytes,
+            )
+            .map(|(plan, _)| plan)
+            .map_err(wrap),
+        }
+    }
+
+    /// The version's whole graph: [`model`](Self::model) itself, or, when its plan freed
+    /// weights, a copy sharing its tensors with the freed ones read again from the version's
+    /// file (imported and passed as at load; each checked against its checksum, so a file
+    /// changed since is refused rather than served as this version). Blocking.
+    pub fn full_model(&self) -> Result<Cow<'_, Model>, RepoError> {
+        let Some(e) = &self.evicted else {
+            return Ok(Cow::Borrowed(&self.model));
+        };
+        let changed = |reason: String| RepoError::Changed {
+            name: self.name.clone(),
+            version: self.version,
+            reason,
+        };
+        let io = |source| RepoError::Io {
+            path: e.file.clone(),
+            source,
+        };
+        let len = std::fs::metadata(&e.file).map_err(io)?.len();
+        if len != e.len {
+            return Err(changed(format!(
+                "its file has {len} bytes, {} when it was loaded (weights freed after packing are read from it again for a new plan)",
+                e.len
+            )));
+        }
+        let bytes = graph::ModelBytes::read(&e.file, e.len).map_err(io)?;
+        let wrap = |source| RepoError::Graph {
+            name: self.name.clone(),
+            version: self.version,
+            source,
+        };
+        let mut fresh = graph::import_owned(bytes, e.file.parent()).map_err(wrap)?;
+        graph::optimize(&mut fresh).map_err(wrap)?;
+        let mut full = self.model.clone();
+        for (name, &sum) in &e.sums {
+            let t = fresh
+                .initializers
+                .remove(name)
+                .filter(|t| tensor_sum(t) == sum)
+                .ok_or_else(|| {
+                    changed(format!(
+                        "its file no longer holds the weights '{name}' it was loaded with (freed after packing, read again for a new plan)"
+                    ))
+                })?;
+            full.initializers.insert(name.clone(), t);
+        }
+        Ok(Cow::Owned(full))
     }
 
     /// Whether `snapshot` lacks a build this version pins: it then stays on its plan.

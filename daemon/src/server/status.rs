@@ -137,7 +137,7 @@ fn repo_status(e: &crate::repo::RepoError) -> Status {
             R::BadName(_) | R::BadRequest(_) | R::Config(_) => Code::InvalidArgument,
             R::TooLarge(_) | R::Busy { .. } => Code::ResourceExhausted,
             R::Graph { source, .. } => graph_code(source),
-            R::NoRepository => Code::FailedPrecondition,
+            R::NoRepository | R::Changed { .. } => Code::FailedPrecondition,
             R::Io { .. } => Code::Internal,
         };
         // Clients see where in the repository, not where the repository is on the host.

@@ -1,13 +1,15 @@
 //! MatMul and Gemm: shape logic here, the products in the node's BLAS backend.
 
 use super::{activation::Activation, blas, optional, register_versions, Disjoint};
-use crate::util::{broadcast_shapes, broadcast_strides, product_sat, required, walk_offsets};
+use crate::util::{
+    broadcast_shapes, broadcast_strides, input, product_sat, required, walk_offsets,
+};
 use opreg_sdk::{
     alloc::{checked_numel, try_vec, try_with_capacity},
     prelude::*,
     PackedB,
 };
-use std::sync::Arc;
+use std::{borrow::Cow, sync::Arc};
 
 /// A row-major f32 gemm on contiguous operands with the given transposes.
 #[allow(clippy::too_many_arguments)]
@@ -29,7 +31,8 @@ pub(crate) fn gemm_f32(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    check_operands(op, (m, n, k), a, b, c)?;
+    let packed = packed.filter(|p| fits(p, k, n, trans_b));
+    check_operands(op, (m, n, k), a, b, c, packed.is_some())?;
     if k == 0 {
         // No products: C = beta * C.
         if beta == 0.0 {
@@ -72,7 +75,8 @@ fn gemm_f32_with_epilogue(
     if m == 0 || n == 0 || k == 0 || bias.len() != n {
         return Ok(false);
     }
-    check_operands(op, (m, n, k), a, b, c)?;
+    let packed = packed.filter(|p| fits(p, k, n, false));
+    check_operands(op, (m, n, k), a, b, c, packed.is_some())?;
     let blas = blas(ctx, op)?;
     let mut args = gemm_args(
         false,
@@ -94,18 +98,32 @@ fn gemm_f32_with_epilogue(
     run_gemm(ctx, blas, &args, packed).map(|()| true)
 }
 
+/// Whether `packed` was packed as the B of a `k x n` product with this transpose.
+fn fits(packed: &PackedB, k: usize, n: usize, trans_b: bool) -> bool {
+    let info = packed.info();
+    let trans = if trans_b {
+        Transpose::YES
+    } else {
+        Transpose::NO
+    };
+    info.k == k && info.n == n && info.trans_b == trans
+}
+
 /// Fails unless `c` holds `m x n` values and, for a product with depth, `a` `m x k` and `b`
-/// `k x n`.
+/// `k x n` (`b` may be empty when a pre-packed B fitting the product serves: `packed`).
 fn check_operands(
     op: &str,
     (m, n, k): (usize, usize, usize),
     a: &[f32],
     b: &[f32],
     c: &[f32],
+    packed: bool,
 ) -> Result<(), PluginError> {
     let fits =
         |len: usize, rows: usize, cols: usize| rows.checked_mul(cols).is_some_and(|e| len >= e);
-    if !fits(c.len(), m, n) || (k > 0 && (!fits(a.len(), m, k) || !fits(b.len(), k, n))) {
+    if !fits(c.len(), m, n)
+        || (k > 0 && (!fits(a.len(), m, k) || (!packed && !fits(b.len(), k, n))))
+    {
         return Err(PluginError::internal(format!(
             "{op}: gemm operands too short for {m}x{k} * {k}x{n}"
         )));
@@ -129,6 +147,11 @@ fn run_gemm(
         {
             blas.gemm_packed(ctx, args, p)
         }
+        // B absorbed (see `Prepacked`) and no packing fits: the callers checked `fits`, so
+        // this is a bug, not a read through a null pointer.
+        _ if args.b.is_null() => Err(PluginError::internal(
+            "gemm: B was absorbed at model load and the packed B does not fit this product",
+        )),
         _ => blas.gemm(ctx, args),
     }
 }
@@ -169,16 +192,81 @@ fn gemm_args(
     g
 }
 
+/// A constant B packed at model load, with its shape: every run computes with the packed
+/// form, so the kernel absorbs B (ABI 1.8 `absorbed`: the host frees the original when no
+/// other node reads it, and passes B absent).
+#[derive(Clone)]
+struct Prepacked {
+    packed: Arc<PackedB>,
+    /// B's shape as the node has it.
+    shape: Vec<usize>,
+}
+
 /// Packs a constant 2-D f32 B (`inputs[index]`) with the node's BLAS backend at model load,
 /// so that every run skips packing the weights. `None` when B is not constant or the backend
 /// does not pre-pack (then each run packs as usual).
-fn prepack(node: &NodeInfo<'_>, index: usize, trans_b: bool) -> Option<Arc<PackedB>> {
+fn prepack(node: &NodeInfo<'_>, index: usize, trans_b: bool) -> Option<Prepacked> {
     let b = node.inputs.get(index)?.constant?;
     let (&[rows, cols], DType::F32) = (b.shape(), b.dtype) else {
         return None;
     };
     let (k, n) = if trans_b { (cols, rows) } else { (rows, cols) };
-    pack_constant_b(node, b.as_slice::<f32>().ok()?, k, n, trans_b)
+    let packed = pack_constant_b(node, b.as_slice::<f32>().ok()?, k, n, trans_b)?;
+    // What a run would check packing against (`fits`): only then is B never read.
+    fits(&packed, k, n, trans_b).then(|| Prepacked {
+        packed,
+        shape: vec![rows, cols],
+    })
+}
+
+/// A node's A and B as compute reads them: B is the absorbed constant's shape and no data
+/// when it was pre-packed (whether or not the host passed it), else the input.
+struct Operands<'a, 'k> {
+    a: TensorView<'a>,
+    b_shape: Cow<'k, [usize]>,
+    b: Option<TensorView<'a>>,
+}
+
+fn operands<'a, 'k>(
+    op: &str,
+    inputs: &[TensorView<'a>],
+    pre: &'k Option<Prepacked>,
+) -> Result<Operands<'a, 'k>, PluginError>
+where
+    'a: 'k,
+{
+    match pre {
+        Some(p) => {
+            let [a] = required(op, inputs, ["A"])?;
+            if a.dtype != DType::F32 {
+                return Err(PluginError::invalid(format!(
+                    "{op}: A is {} but B is float",
+                    a.dtype
+                )));
+            }
+            Ok(Operands {
+                a,
+                b_shape: Cow::Borrowed(&p.shape),
+                b: None,
+            })
+        }
+        None => {
+            let [a, b] = required(op, inputs, ["A", "B"])?;
+            Ok(Operands {
+                a,
+                b_shape: Cow::Owned(b.shape().to_vec()),
+                b: Some(b),
+            })
+        }
+    }
+}
+
+/// B's data: empty when it was absorbed (the packed form serves).
+fn b_data<'a>(b: &Option<TensorView<'a>>) -> Result<&'a [f32], PluginError> {
+    match b {
+        Some(b) => b.as_slice(),
+        None => Ok(&[]),
+    }
 }
 
 /// Packs `b`, part of one of `node`'s constant inputs, as the right operand (`k x n`, or
@@ -212,10 +300,9 @@ pub(crate) fn pack_constant_b(
         .map(Arc::new)
 }
 
-#[derive(Clone)]
 struct MatMul {
     /// B pre-packed at model load when it is a constant 2-D f32 matrix.
-    packed: Option<Arc<PackedB>>,
+    pre: Option<Prepacked>,
 }
 
 /// The products a MatMul computes: `nb` gemms of `m x k` by `k x n`, at these element offsets
@@ -326,6 +413,12 @@ impl MatMulPlan {
                 packed,
             );
         }
+        if w.is_empty() && k > 0 {
+            // Only a 2-D B is absorbed, and its products fold into one gemm above.
+            return Err(PluginError::internal(
+                "MatMul: batched products with an absorbed B",
+            ));
+        }
         // One task per product (attention's per-head products are each too small to keep
         // two threads busy inside the gemm); a task's gemm may still split further.
         let yd = Disjoint::new(y);
@@ -421,21 +514,26 @@ impl Kernel for MatMul {
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
         use opreg_sdk::half::{bf16, f16};
-        let [a, b] = required("MatMul", inputs, ["A", "B"])?;
-        if a.dtype != b.dtype {
-            return Err(PluginError::invalid(format!(
-                "MatMul: A is {} but B is {}",
-                a.dtype, b.dtype
-            )));
+        let Operands { a, b_shape, b } = operands("MatMul", inputs, &self.pre)?;
+        if let Some(b) = &b {
+            if a.dtype != b.dtype {
+                return Err(PluginError::invalid(format!(
+                    "MatMul: A is {} but B is {}",
+                    a.dtype, b.dtype
+                )));
+            }
         }
-        let plan = MatMulPlan::new(a.shape(), b.shape())?;
+        // Only an f32 B is ever absorbed, and then A is f32 too (`operands`).
+        let given =
+            || b.ok_or_else(|| PluginError::internal("MatMul: B was absorbed but A is not f32"));
+        let plan = MatMulPlan::new(a.shape(), &b_shape)?;
         let shape = plan.out_shape.clone();
         macro_rules! looped {
             ($t:ty) => {
                 plan.run_loop(
                     ctx,
                     a.as_slice::<$t>()?,
-                    b.as_slice()?,
+                    given()?.as_slice()?,
                     ctx.output_slice(0, &shape)?,
                 )
             };
@@ -444,9 +542,9 @@ impl Kernel for MatMul {
             DType::F32 => plan.run_f32(
                 ctx,
                 a.as_slice()?,
-                b.as_slice()?,
+                b_data(&b)?,
                 ctx.output_slice_to_overwrite::<f32>(0, &shape)?,
-                self.packed.as_deref(),
+                self.pre.as_ref().map(|p| &*p.packed),
             ),
             DType::F16 => {
                 // Output first (the host refuses sizes past its limit), then the f32 result
@@ -456,7 +554,7 @@ impl Kernel for MatMul {
                 plan.run_f32(
                     ctx,
                     &widen(&a, f16::to_f32)?,
-                    &widen(&b, f16::to_f32)?,
+                    &widen(&given()?, f16::to_f32)?,
                     &mut y,
                     None,
                 )?;
@@ -473,7 +571,7 @@ impl Kernel for MatMul {
                 plan.run_f32(
                     ctx,
                     &widen(&a, bf16::to_f32)?,
-                    &widen(&b, bf16::to_f32)?,
+                    &widen(&given()?, bf16::to_f32)?,
                     &mut y,
                     None,
                 )?;
@@ -492,6 +590,10 @@ impl Kernel for MatMul {
             ))),
         }
     }
+
+    fn absorbed(&self) -> Vec<usize> {
+        self.pre.iter().map(|_| 1).collect()
+    }
 }
 
 /// `opreg::FusedMatMul(A, B, bias)`: MatMul followed by the `Add` of a per-column bias and,
@@ -509,8 +611,9 @@ impl Kernel for FusedMatMul {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let [a, b, bias] = required("FusedMatMul", inputs, ["A", "B", "bias"])?;
-        let plan = MatMulPlan::new(a.shape(), b.shape())?;
+        let Operands { a, b_shape, b } = operands("FusedMatMul", inputs, &self.matmul.pre)?;
+        let bias = input("FusedMatMul", inputs, 2, "bias")?;
+        let plan = MatMulPlan::new(a.shape(), &b_shape)?;
         let bias = bias.as_slice::<f32>()?;
         if bias.len() != plan.n {
             return Err(PluginError::invalid(format!(
@@ -520,8 +623,8 @@ impl Kernel for FusedMatMul {
             )));
         }
         let y = ctx.output_slice_to_overwrite::<f32>(0, &plan.out_shape)?;
-        let (a, b) = (a.as_slice()?, b.as_slice()?);
-        let packed = self.matmul.packed.as_deref();
+        let (a, b) = (a.as_slice()?, b_data(&b)?);
+        let packed = self.matmul.pre.as_ref().map(|p| &*p.packed);
         // B shared by every batch (a linear layer): one gemm, the bias and activation in its
         // tiles where the backend supports them.
         if let (true, Some(code)) = (plan.offs.is_empty(), self.act.blas_epilogue()) {
@@ -536,6 +639,10 @@ impl Kernel for FusedMatMul {
         ctx.parallel_chunks(y, (16384 / n).max(1) * n, |_, chunk| {
             finish_rows(chunk, bias, act)
         })
+    }
+
+    fn absorbed(&self) -> Vec<usize> {
+        self.matmul.absorbed()
     }
 }
 
@@ -569,7 +676,7 @@ crate::simd::simd_fn! {
 fn fused_matmul_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
     Ok(Box::new(FusedMatMul {
         matmul: MatMul {
-            packed: prepack(node, 1, false),
+            pre: prepack(node, 1, false),
         },
         act: Activation::from_node(node, "FusedMatMul")?,
     }))
@@ -582,7 +689,7 @@ struct Gemm {
     trans_a: bool,
     trans_b: bool,
     /// B pre-packed at model load when it is a constant f32 matrix.
-    packed: Option<Arc<PackedB>>,
+    pre: Option<Prepacked>,
 }
 
 fn gemm_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
@@ -591,7 +698,7 @@ fn gemm_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
         beta: node.float_or("beta", 1.0)?,
         trans_a: node.int_or("transA", 0)? != 0,
         trans_b: node.int_or("transB", 0)? != 0,
-        packed: prepack(node, 1, node.int_or("transB", 0)? != 0),
+        pre: prepack(node, 1, node.int_or("transB", 0)? != 0),
     }))
 }
 
@@ -601,12 +708,12 @@ impl Kernel for Gemm {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        let [a, b] = required("Gemm", inputs, ["A", "B"])?;
-        let (&[ra, ca], &[rb, cb]) = (a.shape(), b.shape()) else {
+        let Operands { a, b_shape, b } = operands("Gemm", inputs, &self.pre)?;
+        let (&[ra, ca], &[rb, cb]) = (a.shape(), &*b_shape) else {
             return Err(PluginError::invalid(format!(
                 "Gemm: A and B must be 2-D, got {:?} and {:?}",
                 a.shape(),
-                b.shape()
+                b_shape
             )));
         };
         let (m, k) = if self.trans_a { (ca, ra) } else { (ra, ca) };
@@ -651,17 +758,21 @@ impl Kernel for Gemm {
             k,
             self.alpha,
             a.as_slice()?,
-            b.as_slice()?,
+            b_data(&b)?,
             beta,
             y,
-            self.packed.as_deref(),
+            self.pre.as_ref().map(|p| &*p.packed),
         )
+    }
+
+    fn absorbed(&self) -> Vec<usize> {
+        self.pre.iter().map(|_| 1).collect()
     }
 }
 
 fn matmul_factory(node: &NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError> {
     Ok(Box::new(MatMul {
-        packed: prepack(node, 1, false),
+        pre: prepack(node, 1, false),
     }))
 }
 
@@ -709,7 +820,7 @@ mod tests {
     use crate::nn::testblas::{naive_matmul, NaiveBlas, NaiveEpilogueBlas};
     use opreg_sdk::{
         host::HostTensor,
-        testkit::{run_kernel, run_kernel_opt, NodeSpec},
+        testkit::{run_kernel, run_kernel_absorbing, run_kernel_opt, NodeSpec},
     };
 
     fn seq(n: usize, scale: f32) -> Vec<f32> {
@@ -778,6 +889,78 @@ mod tests {
         )
         .expect_err("unknown activation");
         assert!(err.to_string().contains("Swoosh"), "{err}");
+    }
+
+    #[test]
+    fn a_constant_b_packed_at_load_is_absorbed_and_never_read() {
+        use crate::nn::testblas::NaivePackingBlas;
+        // A batch of 2 x 3 rows (folded into one gemm), B 5 x 4 (Gemm: given transposed).
+        let (m, k, n) = (6, 5, 4);
+        let a = seq(m * k, 0.5);
+        let b = seq(k * n, 0.25);
+        let want: Vec<f32> = naive_matmul(&a, &b, m, k, n);
+        let bias = vec![0.5f32; n];
+        let ta = HostTensor::from_vec(&[2, 3, k], &a).expect("a");
+        let ta2 = HostTensor::from_vec(&[m, k], &a).expect("a");
+        let tb = HostTensor::from_vec(&[k, n], &b).expect("b");
+        let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+        let tbt = HostTensor::from_vec(&[n, k], &bt).expect("b^T");
+        let tbias = HostTensor::from_vec(&[n], &bias).expect("bias");
+        let with_bias: Vec<f32> = want.iter().map(|v| v + 0.5).collect();
+        type Case<'a> = (
+            &'a str,
+            fn(&NodeInfo<'_>) -> Result<Box<dyn Kernel>, PluginError>,
+            NodeSpec,
+            Vec<&'a HostTensor>,
+            &'a [f32],
+        );
+        let cases: [Case<'_>; 3] = [
+            (
+                "MatMul",
+                matmul_factory,
+                NodeSpec::onnx("MatMul", 13),
+                vec![&ta, &tb],
+                &want,
+            ),
+            (
+                "Gemm",
+                gemm_factory,
+                NodeSpec::onnx("Gemm", 13).attr("transB", AttrValue::Int(1)),
+                vec![&ta2, &tbt],
+                &want,
+            ),
+            (
+                "FusedMatMul",
+                fused_matmul_factory,
+                NodeSpec::onnx("FusedMatMul", 1).domain("opreg"),
+                vec![&ta, &tb, &tbias],
+                &with_bias,
+            ),
+        ];
+        for (op, factory, node, inputs, want) in cases {
+            let inputs: Vec<Option<&HostTensor>> = inputs.into_iter().map(Some).collect();
+            // B constant and packed: absorbed, and the test kit runs the kernel without it,
+            // as the daemon does.
+            let (out, absorbed) = run_kernel_absorbing(
+                factory,
+                &node.clone().constant(1),
+                &inputs,
+                Some(Box::new(NaivePackingBlas)),
+            )
+            .unwrap_or_else(|e| panic!("{op}: {e}"));
+            assert_eq!(absorbed, [1], "{op}");
+            close(&out[0].to_vec::<f32>().expect("y"), want);
+            // B given at run time, or constant with a backend that does not pack: read.
+            for (node, blas) in [
+                (node.clone(), Box::new(NaivePackingBlas) as Box<dyn Blas>),
+                (node.clone().constant(1), Box::new(NaiveBlas)),
+            ] {
+                let (out, absorbed) = run_kernel_absorbing(factory, &node, &inputs, Some(blas))
+                    .unwrap_or_else(|e| panic!("{op}: {e}"));
+                assert!(absorbed.is_empty(), "{op}");
+                close(&out[0].to_vec::<f32>().expect("y"), want);
+            }
+        }
     }
 
     fn matmul(sa: &[usize], sb: &[usize]) -> (Vec<usize>, Vec<f32>, Vec<f32>, Vec<f32>) {

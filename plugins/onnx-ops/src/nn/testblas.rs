@@ -248,3 +248,62 @@ unsafe fn integer(g: &GemmArgs) {
         }
     }
 }
+
+/// [`NaiveBlas`] that pre-packs an f32 B: `op(B)` copied row-major (`k x n`). Operators that
+/// pack their constant weights at load (and then absorb them, ABI 1.8) run through it in tests.
+pub(crate) struct NaivePackingBlas;
+
+impl Blas for NaivePackingBlas {
+    fn supports(&self, g: &GemmArgs) -> bool {
+        NaiveBlas.supports(g)
+    }
+
+    fn gemm(&self, ctx: &KernelContext<'_>, g: &GemmArgs) -> Result<(), PluginError> {
+        NaiveBlas.gemm(ctx, g)
+    }
+
+    fn pack_b(&self, _ctx: &KernelContext<'_>, g: &GemmArgs) -> Result<PackedB, PluginError> {
+        if g.types != GemmTypes::F32 || g.flags != 0 || g.layout != Layout::ROW_MAJOR {
+            return Err(PluginError::unimplemented("packs row-major f32 B only"));
+        }
+        let b = g.b.cast::<f32>();
+        let mut dense = Vec::with_capacity(g.k * g.n);
+        for p in 0..g.k {
+            for j in 0..g.n {
+                let i = match g.trans_b {
+                    Transpose::YES => j * g.ldb + p,
+                    _ => p * g.ldb + j,
+                };
+                // SAFETY: the caller's B covers `op(B)` as `g` describes it.
+                dense.push(unsafe { *b.add(i) });
+            }
+        }
+        let info = PackedInfo {
+            types: g.types,
+            trans_b: g.trans_b,
+            k: g.k,
+            n: g.n,
+            bytes: dense.len() * 4,
+            device: Device::CPU,
+            memory: MemoryType::DEVICE,
+            flags: 0,
+        };
+        Ok(PackedB::new(dense, info))
+    }
+
+    fn gemm_packed(
+        &self,
+        ctx: &KernelContext<'_>,
+        g: &GemmArgs,
+        packed: &PackedB,
+    ) -> Result<(), PluginError> {
+        let dense = packed
+            .downcast::<Vec<f32>>()
+            .ok_or_else(|| PluginError::invalid("not packed by NaivePackingBlas"))?;
+        let mut plain = *g;
+        plain.b = dense.as_ptr().cast();
+        plain.trans_b = Transpose::NO;
+        plain.ldb = g.n;
+        NaiveBlas.gemm(ctx, &plain)
+    }
+}
