@@ -13,6 +13,7 @@ pub mod device;
 pub mod exec;
 pub mod feeds;
 pub mod graph;
+pub mod heap;
 pub mod metrics;
 pub mod plugin;
 pub mod quant;

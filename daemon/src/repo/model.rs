@@ -376,7 +376,12 @@ impl ServedModel {
         if current.plan.generation() < snapshot.generation {
             let plan = self.compile(current.replaced.as_deref(), snapshot)?;
             tracing::info!(model = %self.name, version = self.version, generation = snapshot.generation, "plan re-bound to new plugins");
-            current.plan = Arc::new(plan);
+            let old = std::mem::replace(&mut current.plan, Arc::new(plan));
+            let plan = current.plan.clone();
+            drop(current);
+            drop(old);
+            crate::heap::release_freed();
+            return Ok(plan);
         }
         Ok(current.plan.clone())
     }

@@ -82,6 +82,9 @@ pub fn swap(app: &App, path: &Path, options: &SwapOptions) -> Result<SwapReport,
             .inc(),
         Err(e) => refuse(app, path, e),
     }
+    // The replaced plans (or the refused candidate's) are gone, and the weights read again
+    // to compile them.
+    crate::heap::release_freed();
     result
 }
 
@@ -96,6 +99,7 @@ pub fn rollback(app: &App, name: &str) -> Result<SwapReport, SwapError> {
     };
     let prepared = prepare(app, &candidate)?;
     let report = publish(candidate, prepared, Vec::new(), &options, started);
+    crate::heap::release_freed();
     app.metrics.rollbacks.with_label_values(&[name]).inc();
     Ok(report)
 }
