@@ -786,3 +786,85 @@ async fn warm_up_samples_from_the_model_config_verify_a_swap_before_any_request(
     let check = ok.checks.first().expect("checked");
     assert!(check.recorded && check.inputs == 1, "{check:?}");
 }
+
+/// `y = x * W` (x 2x8, W 8x4), served from a repository file: the MatMul packs W and absorbs
+/// it, so the version's plan frees it (ABI 1.8).
+fn matmul_file_model(w: &[f32]) -> Vec<u8> {
+    use opreg_tests::onnx::*;
+    model(
+        vec![node("MatMul", &["x", "w"], &["y"])],
+        vec![value("x", 1, &[2, 8])],
+        vec![value("y", 1, &[2, 4])],
+        vec![f32_initializer("w", &[8, 4], w)],
+        13,
+    )
+}
+
+#[tokio::test]
+async fn a_swap_recompiles_a_version_whose_packed_weights_were_freed_and_answers_the_same() {
+    let w: Vec<f32> = (0..32).map(|i| (i % 7) as f32 - 3.0).collect();
+    let x: Vec<f32> = (0..16).map(|i| i as f32 / 4.0).collect();
+    let want: Vec<f32> = (0..8)
+        .map(|i| (0..8).map(|k| x[i / 4 * 8 + k] * w[k * 4 + i % 4]).sum())
+        .collect();
+    let repo = tempfile::tempdir().expect("tempdir");
+    let dir = repo.path().join("mm").join("1");
+    std::fs::create_dir_all(&dir).expect("version folder");
+    std::fs::write(dir.join("model.onnx"), matmul_file_model(&w)).expect("model");
+    let (d, _plugins) = start_serving(repo.path(), &[]);
+    let mut inf = d.inference().await;
+    let request = || ipb::ModelInferRequest {
+        model_name: "mm".into(),
+        inputs: vec![ipb::model_infer_request::InferInputTensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: vec![2, 8],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![f32_bytes(&x).into()],
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let first = loop {
+        match inf.model_infer(request()).await {
+            Ok(r) => break r.into_inner(),
+            // Not loaded yet.
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("mm never served: {e}\n{}", d.log()),
+        }
+    };
+    let close = |got: &[f32]| {
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                "{got:?} vs {want:?}"
+            );
+        }
+    };
+    close(&f32_values(&first.raw_output_contents[0]));
+    // Swapping in the operators again compiles the version anew: its freed weights are read
+    // from its file (a plan compiled from the version's graph as kept would lack `w` and fail
+    // the swap), and the answer stays the same.
+    let r = d
+        .registry()
+        .await
+        .swap_plugin(pb::SwapPluginRequest {
+            path: plugin("onnx_ops").display().to_string(),
+            name: "onnx-ops".into(),
+            abs_tolerance: 0.0,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("swap: {e}\n{}", d.log()))
+        .into_inner();
+    assert_eq!(r.plans_compiled, 1);
+    let again = inf
+        .model_infer(request())
+        .await
+        .expect("infer")
+        .into_inner();
+    close(&f32_values(&again.raw_output_contents[0]));
+}
