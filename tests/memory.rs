@@ -290,14 +290,22 @@ fn weights_a_kernel_packed_are_freed_as_it_binds_and_results_are_unchanged() {
     let mut model = graph::import(&shared_weights(&w1()), None).expect("import");
     let w1_weak = Arc::downgrade(&model.initializers["w1"]);
     let s_weak = Arc::downgrade(&model.initializers["s"]);
+    let mut seen = Vec::new();
     let (plan, freed) = pool
         .install(|| {
-            graph::compile_owned(&mut model, registry.snapshot(), &[Device::CPU], usize::MAX)
+            graph::compile_owned(
+                &mut model,
+                registry.snapshot(),
+                &[Device::CPU],
+                usize::MAX,
+                &mut |name, _| seen.push(name.to_string()),
+            )
         })
         .expect("compile");
     // w1's only reader packed it: gone from memory, not only from the plan. s is read by the
     // Add at run time: kept, and back in the model.
     assert_eq!(freed, ["w1"]);
+    assert_eq!(seen, ["w1"], "told of what it let go of");
     assert!(w1_weak.upgrade().is_none(), "w1 is still allocated");
     assert!(!model.initializers.contains_key("w1"));
     assert!(Arc::ptr_eq(

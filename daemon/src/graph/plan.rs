@@ -66,6 +66,7 @@ pub fn compile(
         snapshot,
         devices,
         max_folded_bytes,
+        &mut |_, _| {},
     )
 }
 
@@ -76,11 +77,14 @@ pub fn compile(
 /// again every initializer the plan still holds; the names of the others (freed) are
 /// returned, and `model` is no longer complete without them (see
 /// `repo::model::ServedModel::full_model`). On an error some may be freed already.
+/// `on_free(name, tensor)` sees each constant the plan lets go of, just before (a folded
+/// result's name is its node output's).
 pub fn compile_owned(
     model: &mut Model,
     snapshot: Arc<Snapshot>,
     devices: &[Device],
     max_folded_bytes: usize,
+    on_free: &mut dyn FnMut(&str, &HostTensor),
 ) -> Result<(Plan, Vec<String>), GraphError> {
     // Weak handles say afterwards which tensors the plan kept: the same allocations go back.
     let handles: Vec<(String, std::sync::Weak<HostTensor>)> = model
@@ -89,7 +93,14 @@ pub fn compile_owned(
         .map(|(n, t)| (n.clone(), Arc::downgrade(t)))
         .collect();
     let initializers = std::mem::take(&mut model.initializers);
-    let plan = compile_with(model, initializers, snapshot, devices, max_folded_bytes);
+    let plan = compile_with(
+        model,
+        initializers,
+        snapshot,
+        devices,
+        max_folded_bytes,
+        on_free,
+    );
     let mut freed = Vec::new();
     for (name, weak) in handles {
         match weak.upgrade() {
@@ -103,13 +114,15 @@ pub fn compile_owned(
     Ok((plan?, freed))
 }
 
-/// [`compile`] with the initializers given apart from the graph (`model`'s own are not read).
+/// [`compile`] with the initializers given apart from the graph (`model`'s own are not read),
+/// and `on_free` told of each constant the plan lets go of.
 fn compile_with(
     model: &Model,
     initializers: HashMap<String, Arc<HostTensor>>,
     snapshot: Arc<Snapshot>,
     devices: &[Device],
     max_folded_bytes: usize,
+    on_free: &mut dyn FnMut(&str, &HostTensor),
 ) -> Result<Plan, GraphError> {
     let formal: Typed = model
         .inputs
@@ -132,11 +145,8 @@ fn compile_with(
         (model, initializers)
     } else {
         let mut m = Model {
-            opsets: model.opsets.clone(),
-            inputs: model.inputs.clone(),
-            outputs: model.outputs.clone(),
             initializers,
-            nodes: model.nodes.clone(),
+            ..model.clone()
         };
         super::passes::run(&mut m, &fusions)?;
         let initializers = std::mem::take(&mut m.initializers);
@@ -152,6 +162,7 @@ fn compile_with(
         snapshot,
         devices,
         &mut fold_budget,
+        on_free,
     )?;
     // KServe v2 carries tensors: a sequence may live inside the graph, not leave it.
     if let Some(((name, _), _)) = plan.outputs.iter().zip(&plan.output_seqs).find(|(_, &s)| s) {
@@ -208,6 +219,7 @@ fn compile_graph(
     snapshot: Arc<Snapshot>,
     devices: &[Device],
     fold_budget: &mut usize,
+    on_free: &mut dyn FnMut(&str, &HostTensor),
 ) -> Result<Plan, GraphError> {
     let mut values = Values::new(model, initializers, formal, captured)?;
     for (name, s) in &values.inputs {
@@ -284,6 +296,7 @@ fn compile_graph(
                         snapshot.clone(),
                         devices,
                         fold_budget,
+                        &mut |_, _| {},
                     )
                 };
             let step = control::lower(
@@ -373,7 +386,11 @@ fn compile_graph(
             if let Some(left) = pending.get_mut(s) {
                 *left = left.saturating_sub(1);
                 if *left == 0 && !pinned.contains(s) {
-                    values.constants.remove(s);
+                    if let Some(t) = values.constants.remove(s) {
+                        if let Some(name) = values.slot_of.iter().find(|(_, v)| **v == *s) {
+                            on_free(name.0, &t);
+                        }
+                    }
                 }
             }
         }

@@ -302,15 +302,18 @@ impl ServedModel {
             .map_err(|why| RepoError::Config(format!("model '{name}' version {version} {why}")))?;
         let (plan, evicted) = match file {
             Some(file) => {
-                // Checksums first: the plan frees what it absorbs as it binds.
-                let sums: HashMap<String, u32> = model
-                    .initializers
-                    .iter()
-                    .map(|(n, t)| (n.clone(), tensor_sum(t)))
-                    .collect();
-                let (plan, freed) =
-                    graph::compile_owned(&mut model, snapshot, &devices, max_folded_bytes)
-                        .map_err(wrap)?;
+                // The checksum of each weight the plan frees, taken as it lets go of it.
+                let mut sums: HashMap<String, u32> = HashMap::new();
+                let (plan, freed) = graph::compile_owned(
+                    &mut model,
+                    snapshot,
+                    &devices,
+                    max_folded_bytes,
+                    &mut |name, t| {
+                        sums.insert(name.to_string(), tensor_sum(t));
+                    },
+                )
+                .map_err(wrap)?;
                 let sums: BTreeMap<String, u32> = freed
                     .into_iter()
                     .filter_map(|n| sums.get(&n).map(|&s| (n, s)))
@@ -409,6 +412,7 @@ impl ServedModel {
                 snapshot.clone(),
                 &self.devices,
                 self.max_folded_bytes,
+                &mut |_, _| {},
             )
             .map(|(plan, _)| plan)
             .map_err(wrap),

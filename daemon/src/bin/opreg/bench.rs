@@ -206,8 +206,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     .devices()
     .context("--backends")?;
     // As the daemon compiles a version read from a file: weights a kernel packed are freed.
-    let (plan, _freed) =
-        pool.install(|| graph::compile_owned(&mut model, snapshot, &devices, 256 << 20))?;
+    let (plan, _freed) = pool.install(|| {
+        graph::compile_owned(&mut model, snapshot, &devices, 256 << 20, &mut |_, _| {})
+    })?;
     let load_seconds = started.elapsed().as_secs_f64();
     // Where nodes run (folded ones excluded), and the copies between devices per run.
     let mut placed: BTreeMap<String, usize> = BTreeMap::new();
