@@ -1211,7 +1211,7 @@ fn channels_last_convolutions_equal_the_nchw_ones() {
     };
     // (x shape, output channels, group, kernel, strides, pads)
     type Case = ([usize; 4], usize, usize, [usize; 2], [usize; 2], [usize; 4]);
-    let cases: [Case; 18] = [
+    let cases: [Case; 19] = [
         ([1, 16, 5, 7], 24, 1, [1, 1], [1, 1], [0, 0, 0, 0]),
         ([2, 8, 9, 6], 12, 1, [1, 1], [2, 2], [0, 0, 0, 0]),
         ([2, 8, 9, 6], 12, 1, [3, 3], [1, 1], [1, 1, 1, 1]),
@@ -1226,6 +1226,8 @@ fn channels_last_convolutions_equal_the_nchw_ones() {
         // Depthwise rows wide enough for runs of four positions and a partial run, two
         // blocks of 16 channels and a partial one.
         ([1, 40, 6, 13], 40, 40, [3, 3], [1, 1], [1, 1, 1, 1]),
+        // Two images framed in zero-point bytes (a small padded plane), uneven pads.
+        ([2, 24, 7, 7], 24, 24, [3, 3], [1, 1], [2, 1, 0, 1]),
         ([2, 48, 11, 15], 48, 48, [3, 3], [2, 2], [0, 1, 1, 0]),
         // Depthwise over blocks of 64 channels (the VNNI loop, where the CPU has it) and a
         // remainder of 16, planes too large for the zero-point frame, so that the border
