@@ -51,7 +51,12 @@ impl Compiled {
         let x: Vec<f32> = (0..batch * 256)
             .map(|i| ((i % period) as f32 - (period / 2) as f32) / 7.0)
             .collect();
-        let x = HostTensor::from_vec(&[batch, 4, 8, 8], &x).expect("x");
+        self.run_x(batch, &x)
+    }
+
+    /// The outputs for `x` of shape `[batch, 4, 8, 8]`.
+    fn run_x(&self, batch: usize, x: &[f32]) -> Vec<(String, Arc<HostTensor>)> {
+        let x = HostTensor::from_vec(&[batch, 4, 8, 8], x).expect("x");
         let feeds: HashMap<String, Arc<HostTensor>> = [("x".to_string(), Arc::new(x))].into();
         self.pool
             .install(|| graph::run(&self.plan, feeds))
@@ -394,4 +399,97 @@ fn a_version_reads_freed_weights_again_for_a_new_plan_and_refuses_a_changed_file
     let plan = served.current_plan();
     let out = pool.install(|| graph::run(&plan, feeds)).expect("run");
     assert_close(&out[0].1, &want);
+}
+
+/// Eight images `[8, 4, 8, 8]`, each different.
+fn eight_images() -> Vec<f32> {
+    (0..8 * 256)
+        .map(|i| (((i * 7 + i / 256 * 13) % 29) as f32 - 14.0) / 9.0)
+        .collect()
+}
+
+/// Each image of `x` run alone (batch 1), the outputs' values image after image.
+fn image_by_image(model: &Compiled, x: &[f32]) -> Vec<Vec<f32>> {
+    let mut per_output: Vec<Vec<f32>> = Vec::new();
+    for image in x.chunks(256) {
+        for (k, (_, t)) in model.run_x(1, image).iter().enumerate() {
+            if per_output.len() <= k {
+                per_output.push(Vec::new());
+            }
+            per_output[k].extend(t.to_vec::<f32>().expect("f32"));
+        }
+    }
+    per_output
+}
+
+/// A batch of a graph whose samples never meet (convolutions, activations, a residual sum)
+/// runs image by image, the images side by side on the pool's two threads: the results are
+/// each image's own, and the plan learnt no batch-8 memory pattern (only the parts' batch-1
+/// one: the run never ran as one batch-8 graph).
+#[test]
+fn a_separable_batch_runs_image_by_image_with_each_images_results() {
+    let model = Compiled::new(&residual_cnn());
+    let x = eight_images();
+    let want = image_by_image(&model, &x);
+    assert_eq!(model.plan.memory.stats().patterns, 1);
+    for _ in 0..3 {
+        let out = model.run_x(8, &x);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].1.shape(), &[8, 4, 8, 8]);
+        let got = out[0].1.to_vec::<f32>().expect("f32");
+        for (i, (g, w)) in got.iter().zip(&want[0]).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                "element {i}: {g} vs {w}"
+            );
+        }
+    }
+    let stats = model.plan.memory.stats();
+    assert_eq!(
+        stats.patterns, 1,
+        "split runs plan batch-1 parts only: {stats:?}"
+    );
+}
+
+/// A constant of the batch's own extent (`[8, 4, 8, 8]`) added to the activations pairs each
+/// image with its own slice: split image by image each part would get the whole constant.
+/// Such a graph (and one that concatenates along the batch) runs whole, and answers right.
+#[test]
+fn a_graph_that_pairs_samples_with_a_batch_sized_constant_runs_whole() {
+    let c: Vec<f32> = (0..8 * 256).map(|i| (i % 97) as f32 / 50.0).collect();
+    let bytes = model(
+        vec![
+            node("Sigmoid", &["x"], &["a"]),
+            node("Add", &["a", "c"], &["y"]),
+        ],
+        vec![value("x", 1, &[-1, 4, 8, 8])],
+        vec![value("y", 1, &[8, 4, 8, 8])],
+        vec![f32_initializer("c", &[8, 4, 8, 8], &c)],
+        13,
+    );
+    let m = Compiled::new(&bytes);
+    let x = eight_images();
+    let out = m.run_x(8, &x);
+    let got = out[0].1.to_vec::<f32>().expect("f32");
+    for (i, g) in got.iter().enumerate() {
+        let want = 1.0 / (1.0 + (-x[i]).exp()) + c[i];
+        assert!((g - want).abs() <= 1e-5, "element {i}: {g} vs {want}");
+    }
+    assert_eq!(m.plan.memory.stats().patterns, 1, "one batch-8 pattern");
+
+    let concat = model(
+        vec![
+            node("Sigmoid", &["x"], &["a"]),
+            node_with("Concat", &["a", "x"], &["y"], vec![attr_int("axis", 0)]),
+        ],
+        vec![value("x", 1, &[-1, 4, 8, 8])],
+        vec![value("y", 1, &[-1, 4, 8, 8])],
+        vec![],
+        13,
+    );
+    let m = Compiled::new(&concat);
+    let out = m.run_x(8, &x);
+    assert_eq!(out[0].1.shape(), &[16, 4, 8, 8]);
+    let got = out[0].1.to_vec::<f32>().expect("f32");
+    assert_eq!(&got[8 * 256..], &x[..], "the second half is x itself");
 }

@@ -897,6 +897,15 @@ impl Drop for Inside {
     }
 }
 
+/// Runs `body(i)` for every `i` in `0..parts` on the calling thread and up to `workers - 1`
+/// other workers of the current rayon pool, each call as a chunk of a parallel loop: the
+/// kernels it calls see one thread ([`KernelContext::num_threads`](crate::KernelContext))
+/// and run their own loops inline. For whole runs side by side (a batch split image by
+/// image); returns when every part has run.
+pub fn run_parts(workers: usize, parts: usize, body: impl Fn(usize) + Sync) {
+    claim_chunks(workers, parts, body)
+}
+
 /// Runs `body(c)` for every chunk `c` in `0..chunks` on the calling thread and up to
 /// `workers - 1` other workers of the current rayon pool; returns when every chunk has run.
 ///

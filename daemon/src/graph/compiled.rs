@@ -67,6 +67,9 @@ pub struct Plan {
     pub memory: super::memory::MemoryPlan,
     /// The snapshot the plan is bound to: keeps its plugins mapped and gives BLAS backends.
     pub snapshot: Arc<Snapshot>,
+    /// Whether a large batch may run image by image, side by side (see
+    /// [`batch`](super::batch)).
+    pub(super) batch_split: bool,
 }
 
 /// What one step of a plan is, for the profiler and listings.

@@ -3,6 +3,7 @@
 //! then run the plan concurrently from many requests.
 
 mod axis;
+mod batch;
 mod compiled;
 mod control;
 mod copies;

@@ -221,6 +221,7 @@ fn compile_graph(
     fold_budget: &mut usize,
     on_free: &mut dyn FnMut(&str, &HostTensor),
 ) -> Result<Plan, GraphError> {
+    let batch_split = super::batch::separable(model, &initializers);
     let mut values = Values::new(model, initializers, formal, captured)?;
     for (name, s) in &values.inputs {
         if seqs.contains(name) {
@@ -397,7 +398,9 @@ fn compile_graph(
         placement.push(place);
         steps.extend(step);
     }
-    finish(model, formal.len(), values, steps, placement, snapshot)
+    let mut plan = finish(model, formal.len(), values, steps, placement, snapshot)?;
+    plan.batch_split = batch_split;
+    Ok(plan)
 }
 
 /// Where a node the daemon runs itself (control flow, sequences) is placed.
@@ -813,6 +816,7 @@ fn finish(
         copies,
         memory: MemoryPlan::new(lifetimes, concats, &host_outputs),
         snapshot,
+        batch_split: false,
     })
 }
 

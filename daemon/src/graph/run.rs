@@ -203,6 +203,12 @@ fn run_tensors(
     control: &RunControl,
     observe: Option<&mut dyn FnMut(StepTime)>,
 ) -> Result<Vec<(String, Value)>, GraphError> {
+    // A batch-separable graph's large batch runs image by image, the images side by side.
+    if observe.is_none() {
+        if let Some(out) = super::batch::run_split(plan, &feeds, control) {
+            return out;
+        }
+    }
     let feeds = feeds
         .into_iter()
         .map(|(n, t)| (n, Slot::Tensor(t)))
@@ -210,6 +216,26 @@ fn run_tensors(
     // The pool's other workers poll for this run's loops instead of sleeping between them
     // (see `exec::with_workers_awake`); nested plans run inside it.
     crate::exec::with_workers_awake(|| run_with(plan, feeds, control, observe))?
+        .into_iter()
+        .map(|(name, v)| {
+            let t = v.tensor(|| format!("output '{name}'"))?.clone();
+            Ok((name, t))
+        })
+        .collect()
+}
+
+/// One part of a split batch ([`super::batch`]): `plan` on `feeds`, on the calling thread
+/// (inside the split's parallel loop, where the other workers are already awake).
+pub(super) fn run_part(
+    plan: &Plan,
+    feeds: HashMap<String, Value>,
+    control: &RunControl,
+) -> Result<Outputs, GraphError> {
+    let feeds = feeds
+        .into_iter()
+        .map(|(n, t)| (n, Slot::Tensor(t)))
+        .collect();
+    run_with(plan, feeds, control, None)?
         .into_iter()
         .map(|(name, v)| {
             let t = v.tensor(|| format!("output '{name}'"))?.clone();
