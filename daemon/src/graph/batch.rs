@@ -30,6 +30,10 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+/// Most images a batch is split into; a larger batch runs whole. (Each part costs a result
+/// slot and a copy of its inputs; past a few hundred images the split gains nothing more.)
+const MAX_PARTS: usize = 1024;
+
 /// Per-sample kinds whose non-constant inputs all carry the batch leading and whose outputs
 /// then do too, with no attribute that could reach across samples.
 const PER_SAMPLE: &[&str] = &[
@@ -207,9 +211,12 @@ pub(super) fn run_split(
         return None;
     }
     let batch = feeds.values().next()?.shape().first().copied()?;
-    if batch < 2 * threads
+    // Every image of every input at least one byte: the parts (and their result slots) are
+    // then bounded by the request's bytes, and capped besides (a larger batch runs whole).
+    if !(2 * threads..=MAX_PARTS).contains(&batch)
         || feeds.values().any(|t| {
             t.shape().first() != Some(&batch)
+                || t.byte_len() < batch
                 || t.dtype() == DType::String
                 || t.device_mem().is_some()
         })
