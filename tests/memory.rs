@@ -93,7 +93,8 @@ fn residual_cnn() -> Vec<u8> {
 fn later_runs_place_values_in_one_reused_arena_with_the_same_results() {
     let model = Compiled::new(&residual_cnn());
     let run = |batch: usize| model.run(batch, 23);
-    for batch in [1, 2] {
+    // (Batch 3 on two threads runs as one batch; 2 or 4 would run image by image.)
+    for batch in [1, 3] {
         // The first run with these shapes: heap allocations, sizes learnt.
         let first = run(batch);
         for _ in 0..3 {
@@ -108,8 +109,8 @@ fn later_runs_place_values_in_one_reused_arena_with_the_same_results() {
     assert!(stats.arena_bytes < stats.value_bytes, "{stats:?}");
     assert_eq!(
         stats.value_bytes,
-        4 * (2 * 4 * 8 * 8 * 4),
-        "a, b, c and d at batch 2"
+        4 * (3 * 4 * 8 * 8 * 4),
+        "a, b, c and d at batch 3"
     );
 }
 
@@ -121,18 +122,19 @@ fn graph_outputs_reuse_blocks_nothing_holds_and_never_a_held_ones() {
     let model = Compiled::new(&residual_cnn());
     let blocks = || model.plan.memory.stats().output_blocks_allocated;
     // The first run learns the sizes; the next ones place `y` in one block, the same results.
-    let first = model.run(2, 23);
+    // (Batch 3 on two threads runs as one batch: 2 or 4 would run image by image.)
+    let first = model.run(3, 23);
     assert_eq!(blocks(), 0, "nothing placed before the pattern is learnt");
     for _ in 0..3 {
-        assert_eq!(model.run(2, 23), first);
+        assert_eq!(model.run(3, 23), first);
     }
     assert_eq!(blocks(), 1, "one block, reused once each output is dropped");
-    let held = model.outputs(2, 23);
+    let held = model.outputs(3, 23);
     assert_eq!(held.len(), 1);
     let kept = held[0].1.bytes().to_vec();
     assert_eq!(kept, first[0].2);
     // Other inputs while `held` is alive: another block, other values, `held` untouched.
-    let other = model.run(2, 11);
+    let other = model.run(3, 11);
     assert_ne!(other[0].2, kept, "the inputs should give other values");
     assert_eq!(
         held[0].1.bytes(),
@@ -143,8 +145,8 @@ fn graph_outputs_reuse_blocks_nothing_holds_and_never_a_held_ones() {
     // Released, both blocks are reused: no more allocations.
     drop(held);
     for _ in 0..3 {
-        assert_eq!(model.run(2, 23), first);
-        assert_eq!(model.run(2, 11), other);
+        assert_eq!(model.run(3, 23), first);
+        assert_eq!(model.run(3, 11), other);
     }
     assert_eq!(blocks(), 2, "{:?}", model.plan.memory.stats());
 }
@@ -189,15 +191,16 @@ fn concats() -> Vec<u8> {
 fn a_batch_one_concat_is_assembled_in_place_with_the_same_results() {
     let model = Compiled::new(&concats());
     let run = |batch: usize| model.run(batch, 31);
-    // Batch 1: each input of `c` is one run of its output, and only `c` reads them; batch 2:
-    // the images interleave the inputs, so the concat copies.
-    for batch in [1, 2] {
+    // Batch 1: each input of `c` is one run of its output, and only `c` reads them; batch 3
+    // (run as one batch on two threads): the images interleave the inputs, so the concat
+    // copies.
+    for batch in [1, 3] {
         let first = run(batch);
         assert_eq!(first[0].1, [batch, 8, 8, 8]);
         for _ in 0..3 {
             assert_eq!(run(batch), first, "an arena run differs (batch {batch})");
         }
-        // The three arena runs at batch 1 skipped `c`'s copy; those at batch 2 none.
+        // The three arena runs at batch 1 skipped `c`'s copy; those at batch 3 none.
         assert_eq!(
             model.plan.memory.stats().concats_assembled,
             3,
@@ -208,7 +211,7 @@ fn a_batch_one_concat_is_assembled_in_place_with_the_same_results() {
     assert_eq!(stats.patterns, 2, "{stats:?}");
     assert_eq!(
         stats.concats_in_place, 1,
-        "only `c` at batch 1: `e`'s `a2` has a second reader, batch 2 interleaves: {stats:?}"
+        "only `c` at batch 1: `e`'s `a2` has a second reader, batch 3 interleaves: {stats:?}"
     );
 }
 
