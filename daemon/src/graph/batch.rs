@@ -24,7 +24,7 @@ use super::{
     run::{run_part, Outputs, RunControl},
     GraphError,
 };
-use opreg_sdk::{host::HostTensor, AttrValue, DType, Device};
+use opreg_sdk::{host::HostTensor, AttrValue, DType};
 use std::{
     collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
@@ -34,24 +34,15 @@ use std::{
 /// slot and a copy of its inputs; past a few hundred images the split gains nothing more.)
 const MAX_PARTS: usize = 1024;
 
-/// Per-sample kinds whose non-constant inputs all carry the batch leading and whose outputs
-/// then do too, with no attribute that could reach across samples.
+/// Kinds without an arm of their own in [`separable`] that keep samples apart once their inputs
+/// past the first are constant: pools and elementwise functions of one tensor.
 const PER_SAMPLE: &[&str] = &[
-    // Convolutions and pools (constant weights checked below).
-    "Conv",
-    "FusedConv",
-    "FusedConvNhwc",
-    "FusedConvMaxPool",
-    "QLinearConv",
     "AveragePool",
     "GlobalAveragePool",
     "GlobalAveragePoolNhwc",
     "GlobalMaxPool",
     "QLinearGlobalAveragePool",
-    "BatchNormalization",
-    // Elementwise, unary.
     "Relu",
-    "Clip",
     "Sigmoid",
     "Tanh",
     "HardSigmoid",
@@ -69,19 +60,6 @@ const PER_SAMPLE: &[&str] = &[
     "Sqrt",
     "Identity",
     "Cast",
-    // Elementwise, binary (a constant operand checked by [`constant_per_sample`]).
-    "Add",
-    "Sub",
-    "Mul",
-    "Div",
-    "Max",
-    "Min",
-    "PRelu",
-    "QLinearAdd",
-    "QLinearMul",
-    // Quantization of activations (per tensor, or per axis past the batch: checked below).
-    "QuantizeLinear",
-    "DequantizeLinear",
 ];
 
 /// Whether every node of `model` that runs (not folded from constants) keeps samples apart
@@ -202,12 +180,7 @@ pub(super) fn run_split(
     control: &RunControl,
 ) -> Option<Result<Outputs, GraphError>> {
     let threads = rayon::current_num_threads();
-    if !plan.batch_split
-        || threads < 2
-        || rayon::current_thread_index().is_none()
-        || plan.placement.iter().any(|p| p.device != Device::CPU)
-        || !plan.copies.is_empty()
-    {
+    if !plan.batch_split || threads < 2 || rayon::current_thread_index().is_none() {
         return None;
     }
     let batch = feeds.values().next()?.shape().first().copied()?;

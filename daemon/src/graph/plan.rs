@@ -399,7 +399,10 @@ fn compile_graph(
         steps.extend(step);
     }
     let mut plan = finish(model, formal.len(), values, steps, placement, snapshot)?;
-    plan.batch_split = batch_split;
+    // Split runs are host-only: every step on the CPU, no copies between memories.
+    plan.batch_split = batch_split
+        && plan.copies.is_empty()
+        && plan.placement.iter().all(|p| p.device == Device::CPU);
     Ok(plan)
 }
 
