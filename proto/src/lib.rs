@@ -7,6 +7,8 @@
 
 #![allow(clippy::all, missing_docs)]
 
+pub mod codec;
+
 /// `package inference`: the KServe v2 / Open Inference Protocol.
 pub mod inference {
     tonic::include_proto!("inference");
