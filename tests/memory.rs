@@ -454,6 +454,52 @@ fn a_separable_batch_runs_image_by_image_with_each_images_results() {
     );
 }
 
+/// A split batch's parts read their images where they lie in the batch when an image starts
+/// on the host's 64-byte alignment (4x8x8 f32: 1 KiB) and from a copy otherwise (3x5x5 f32:
+/// 300 bytes, so images 1..8 start off it); both ways each image's results are its own.
+#[test]
+fn split_images_viewed_in_place_or_copied_give_each_images_results() {
+    for (c, hw) in [(4usize, 8usize), (3, 5)] {
+        let dims = [-1, c as i64, hw as i64, hw as i64];
+        let bytes = model(
+            vec![
+                node("Sigmoid", &["x"], &["a"]),
+                node("Neg", &["a"], &["b"]),
+                node("Exp", &["b"], &["y"]),
+            ],
+            vec![value("x", 1, &dims)],
+            vec![value("y", 1, &dims)],
+            vec![],
+            13,
+        );
+        let m = Compiled::new(&bytes);
+        let per = c * hw * hw;
+        let x: Vec<f32> = (0..8 * per)
+            .map(|i| ((i * 11 % 23) as f32 - 11.0) / 7.0)
+            .collect();
+        let run = |batch: usize, x: &[f32]| {
+            let t = HostTensor::from_vec(&[batch, c, hw, hw], x).expect("x");
+            let feeds: HashMap<String, Arc<HostTensor>> = [("x".to_string(), Arc::new(t))].into();
+            let out = m.pool.install(|| graph::run(&m.plan, feeds)).expect("run");
+            out[0].1.to_vec::<f32>().expect("f32")
+        };
+        let want: Vec<f32> = x.chunks(per).flat_map(|image| run(1, image)).collect();
+        for _ in 0..2 {
+            let got = run(8, &x);
+            assert_eq!(got.len(), want.len());
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    g.to_bits(),
+                    w.to_bits(),
+                    "{c}x{hw}x{hw} element {i}: {g} vs {w}"
+                );
+            }
+        }
+        // Split: only the parts' batch-1 pattern was ever planned.
+        assert_eq!(m.plan.memory.stats().patterns, 1, "{c}x{hw}x{hw}");
+    }
+}
+
 /// A constant of the batch's own extent (`[8, 4, 8, 8]`) added to the activations pairs each
 /// image with its own slice: split image by image each part would get the whole constant.
 /// Such a graph (and one that concatenates along the batch) runs whole, and answers right.

@@ -16,7 +16,8 @@ use abi_stable::{
 };
 use std::{alloc, any::Any, ptr::NonNull, sync::Arc, sync::Mutex};
 
-const ALIGN: usize = 64;
+/// Alignment of every host buffer this module allocates, and of planned ranges.
+pub const ALIGN: usize = 64;
 
 /// A 64-byte aligned host buffer: owned heap memory, or a range of a larger buffer (an arena)
 /// that `keep` holds alive.
@@ -82,6 +83,52 @@ impl AlignedBuf {
             })
     }
 
+    /// `parts` end to end in one buffer, each copied once (nothing zeroed first): a batch
+    /// assembled from its images' results.
+    pub fn concat(parts: &[&[u8]]) -> Result<Self, PluginError> {
+        let len = parts
+            .iter()
+            .try_fold(0usize, |a, p| a.checked_add(p.len()))
+            .ok_or_else(|| {
+                PluginError::new(ErrorCode::ResourceExhausted, "concatenation size overflows")
+            })?;
+        let buf = Self::uninit(len)?;
+        let mut at = 0;
+        for p in parts {
+            // SAFETY: `buf` holds `len` writable bytes, the parts' lengths sum to `len`, and
+            // they do not overlap the fresh buffer.
+            unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), buf.ptr.as_ptr().add(at), p.len()) };
+            at += p.len();
+        }
+        Ok(buf)
+    }
+
+    /// `len` bytes, not initialised: every caller writes all of them before the buffer is
+    /// read.
+    fn uninit(len: usize) -> Result<Self, PluginError> {
+        if len == 0 {
+            return Self::zeroed(0);
+        }
+        let layout = alloc::Layout::from_size_align(len, ALIGN).map_err(|_| {
+            PluginError::new(
+                ErrorCode::ResourceExhausted,
+                format!("cannot allocate {len} bytes"),
+            )
+        })?;
+        // SAFETY: non-zero size.
+        let ptr = NonNull::new(unsafe { alloc::alloc(layout) }).ok_or_else(|| {
+            PluginError::new(
+                ErrorCode::ResourceExhausted,
+                format!("out of memory allocating {len} bytes"),
+            )
+        })?;
+        Ok(AlignedBuf {
+            ptr,
+            len,
+            keep: None,
+        })
+    }
+
     /// A copy of `bytes`.
     pub fn copy_of(bytes: &[u8]) -> Result<Self, PluginError> {
         Self::copy_in_chunks(bytes, bytes.len(), |_| {})
@@ -97,22 +144,9 @@ impl AlignedBuf {
         mut copied: impl FnMut(std::ops::Range<usize>),
     ) -> Result<Self, PluginError> {
         let len = bytes.len();
-        if len == 0 {
-            return Self::zeroed(0);
-        }
-        let layout = alloc::Layout::from_size_align(len, ALIGN).map_err(|_| {
-            PluginError::new(
-                ErrorCode::ResourceExhausted,
-                format!("cannot allocate {len} bytes"),
-            )
-        })?;
-        // SAFETY: non-zero size; every byte is written before the buffer is used.
-        let ptr = NonNull::new(unsafe { alloc::alloc(layout) }).ok_or_else(|| {
-            PluginError::new(
-                ErrorCode::ResourceExhausted,
-                format!("out of memory allocating {len} bytes"),
-            )
-        })?;
+        // Every byte is written below before the buffer is used.
+        let buf = Self::uninit(len)?;
+        let ptr = buf.ptr;
         let step = chunk_len.max(1);
         let mut at = 0;
         while at < len {
@@ -125,11 +159,7 @@ impl AlignedBuf {
             copied(at..at + n);
             at += n;
         }
-        Ok(AlignedBuf {
-            ptr,
-            len,
-            keep: None,
-        })
+        Ok(buf)
     }
 
     /// `planned`'s range, borrowed from its owner (held by `keep`), holding the bytes already there.
@@ -336,6 +366,37 @@ impl HostTensor {
             strides: strides_of(shape),
             // Copied, not zeroed first: model weights are hundreds of megabytes.
             buf: AlignedBuf::copy_in_chunks(bytes, chunk_len, copied)?,
+            device: None,
+        })
+    }
+
+    /// A tensor whose bytes are `parts` end to end (not for `String`), copied once each and
+    /// not zeroed first: a batch's output assembled from its images' results.
+    pub fn from_byte_parts(
+        dtype: DType,
+        shape: &[usize],
+        parts: &[&[u8]],
+    ) -> Result<Self, PluginError> {
+        if dtype == DType::String {
+            return Err(PluginError::invalid(
+                "string tensors are built with from_strings",
+            ));
+        }
+        let len = byte_size(dtype, shape)?;
+        let total = parts
+            .iter()
+            .map(|p| p.len())
+            .fold(0usize, usize::saturating_add);
+        if total != len {
+            return Err(PluginError::invalid(format!(
+                "{dtype} tensor of shape {shape:?} needs {len} bytes, its parts hold {total}"
+            )));
+        }
+        Ok(HostTensor {
+            dtype,
+            shape: Dims::from_slice(shape),
+            strides: strides_of(shape),
+            buf: AlignedBuf::concat(parts)?,
             device: None,
         })
     }
@@ -1169,5 +1230,26 @@ mod tests {
         // other claimed the rest), and the pool is usable afterwards.
         assert_eq!(ran.load(Ordering::Relaxed), 49);
         assert_eq!(pool.install(rayon::current_num_threads), 2);
+    }
+
+    /// A tensor made of byte parts holds them end to end in an aligned buffer, and refuses
+    /// parts that do not add up to its shape, and strings.
+    #[test]
+    fn a_tensor_from_byte_parts_holds_them_end_to_end() {
+        use super::{HostTensor, ALIGN};
+        use crate::DType;
+        let (a, b, c) = (
+            [1u8, 2, 3, 4],
+            [5u8, 6, 7, 8, 9, 10, 11, 12],
+            [13u8, 14, 15, 16],
+        );
+        let t = HostTensor::from_byte_parts(DType::F32, &[2, 2], &[&a, &b, &c]).expect("parts");
+        assert_eq!(t.bytes(), (1..=16).collect::<Vec<u8>>());
+        assert_eq!(t.bytes().as_ptr() as usize % ALIGN, 0);
+        assert!(HostTensor::from_byte_parts(DType::F32, &[5], &[&a, &b, &c]).is_err());
+        assert!(HostTensor::from_byte_parts(DType::F32, &[3], &[&a, &b, &c]).is_err());
+        assert!(HostTensor::from_byte_parts(DType::String, &[1], &[]).is_err());
+        let empty = HostTensor::from_byte_parts(DType::F32, &[0, 4], &[]).expect("empty");
+        assert!(empty.bytes().is_empty());
     }
 }
