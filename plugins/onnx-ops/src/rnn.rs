@@ -409,7 +409,10 @@ impl Elem for f32 {
     }
     fn matvec(m: &[f32], v: &[f32], rows: usize, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if crate::simd::has_avx512() && m.len() >= rows * v.len() && out.len() >= rows {
+        if crate::simd::has_avx512()
+            && rows.checked_mul(v.len()).is_some_and(|n| m.len() >= n)
+            && out.len() >= rows
+        {
             // SAFETY: the CPU has AVX-512 F (checked); `m` holds `rows` rows of `v.len()`.
             unsafe { matvec32_rows4(m, v, rows, out) };
             return;
