@@ -30,8 +30,9 @@ pub struct AlignedBuf {
 }
 
 /// A range of host memory that the host planned for one kernel output (see
-/// [`CallFrame::with_planned_outputs`]): `len` bytes at `ptr`, 64-byte aligned, valid while
-/// `keep` is held.
+/// [`CallFrame::with_planned_outputs`]), or that a tensor views in place (see
+/// [`HostTensor::over_planned`]: one image of a batch): `len` bytes at `ptr`, 64-byte aligned,
+/// valid while `keep` is held.
 #[derive(Clone)]
 pub struct PlannedBuf {
     /// Start of the range.

@@ -34,7 +34,8 @@ use std::{
 };
 
 /// Most images a batch is split into; a larger batch runs whole. (Each part costs a result
-/// slot and a copy of its inputs; past a few hundred images the split gains nothing more.)
+/// slot, and a copy of any input whose images are not aligned; past a few hundred images the
+/// split gains nothing more.)
 const MAX_PARTS: usize = 1024;
 
 /// Kinds without an arm of their own in [`separable`] that keep samples apart once their inputs
