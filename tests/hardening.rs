@@ -797,6 +797,104 @@ async fn small_requests_never_wait_on_nagle() {
     );
 }
 
+/// A raw gRPC call to `ModelInfer` whose request body is `body` and stays open (no end of
+/// stream): the status the daemon answers with, within 10 s.
+async fn raw_model_infer(d: &Daemon, body: &[u8]) -> tonic::Status {
+    let tcp = tokio::net::TcpStream::connect(d.addr)
+        .await
+        .expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    let mut client = client.ready().await.expect("HTTP/2 ready");
+    let request = http::Request::post(format!(
+        "http://{}/inference.GRPCInferenceService/ModelInfer",
+        d.addr
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .expect("request");
+    let (response, mut send) = client.send_request(request, false).expect("send");
+    send.send_data(bytes::Bytes::copy_from_slice(body), false)
+        .expect("data");
+    let within = Duration::from_secs(10);
+    let response = tokio::time::timeout(within, response)
+        .await
+        .expect("an answer within 10 s")
+        .expect("a response, not a dropped connection");
+    let (head, mut rest) = response.into_parts();
+    // A refusal before any message is trailers-only: the status is in the headers.
+    let headers = if head.headers.contains_key("grpc-status") {
+        head.headers
+    } else {
+        tokio::time::timeout(within, rest.trailers())
+            .await
+            .expect("trailers within 10 s")
+            .expect("trailers")
+            .expect("a grpc-status")
+    };
+    drop(send);
+    let status = tonic::Status::from_header_map(&headers).expect("grpc-status");
+    eprintln!("ATTACK refused: {:?}: {}", status.code(), status.message());
+    status
+}
+
+#[tokio::test]
+async fn declared_message_lengths_past_the_receiving_budget_are_refused_unreserved() {
+    // tonic reserves a message's declared length when its 5-byte header arrives: here 2 MiB
+    // that never come, against a budget of 1 MiB of messages being received.
+    let repo = tempfile::tempdir().expect("repo");
+    let (mut d, _p) = start_serving(repo.path(), &["--max-receiving-bytes", "1048576"]);
+    load(&d, "mlp", mlp()).await.expect("healthy model");
+    let s = raw_model_infer(&d, &[0, 0, 0x20, 0, 0]).await;
+    assert_eq!(s.code(), Code::ResourceExhausted, "{}", s.message());
+    assert!(
+        s.message().contains("2097152 bytes") && s.message().contains("--max-receiving-bytes"),
+        "{}",
+        s.message()
+    );
+    // Messages within the budget still pass, and the refused one holds nothing.
+    for _ in 0..3 {
+        assert_serving(&mut d, Duration::from_secs(10)).await;
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_header_declaring_two_gib_cannot_abort_a_daemon_short_of_memory() {
+    let repo = tempfile::tempdir().expect("repo");
+    let (mut d, _p) = start_serving(repo.path(), &[]);
+    load(&d, "mlp", mlp()).await.expect("healthy model");
+    // The address space the daemon has now plus 1 GiB: no 2 GiB reservation can succeed, as
+    // on a machine with strict overcommit or a container smaller than the message. tonic's
+    // own reservation of a declared length aborts the process there.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).expect("status");
+    let vm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmSize");
+    let bytes = (vm_kib + (1 << 20)) * 1024;
+    let limit = libc::rlimit {
+        rlim_cur: bytes,
+        rlim_max: bytes,
+    };
+    // SAFETY: plain system call on the daemon's pid with a valid rlimit.
+    let r = unsafe {
+        libc::prlimit(
+            d.pid() as libc::pid_t,
+            libc::RLIMIT_AS,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let s = raw_model_infer(&d, &[0, 0x7f, 0xff, 0xff, 0xff]).await;
+    assert_eq!(s.code(), Code::ResourceExhausted, "{}", s.message());
+    assert!(s.message().contains("cannot reserve"), "{}", s.message());
+    assert_serving(&mut d, Duration::from_secs(10)).await;
+}
+
 /// `y = x * k`, padded with an unused 4 MiB initializer so that writing the file takes a
 /// while (the kill must be able to land inside the write).
 fn padded_model(k: f32) -> Vec<u8> {

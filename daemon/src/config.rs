@@ -116,6 +116,10 @@ pub struct LimitFlags {
     /// Largest total of a request's live values (inputs, intermediates, outputs) in bytes.
     #[arg(long, env = "OPREG_MAX_REQUEST_BYTES")]
     pub max_request_bytes: Option<u64>,
+    /// Largest total of the gRPC messages being received at once, in bytes (each reserved
+    /// whole when its header arrives); a message past it is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "OPREG_MAX_RECEIVING_BYTES")]
+    pub max_receiving_bytes: Option<u64>,
     /// Largest total of the constants folded at model load, in bytes; nodes past it run at
     /// request time instead.
     #[arg(long, env = "OPREG_MAX_FOLDED_BYTES")]
@@ -142,6 +146,7 @@ pub struct LimitFlags {
 pub struct Limits {
     pub max_tensor_bytes: u64,
     pub max_request_bytes: u64,
+    pub max_receiving_bytes: u64,
     pub max_folded_bytes: u64,
     pub max_model_bytes: u64,
     pub max_concurrent_loads: usize,
@@ -152,11 +157,13 @@ pub struct Limits {
 impl Default for Limits {
     /// Sized for a server that runs real models (a ResNet-50 request holds ~100 MB of live
     /// values) and stays inside a machine of a few GiB: one value up to 2 GiB (the gRPC
-    /// message limit), 4 GiB live per request, 256 MiB of folded constants per model.
+    /// message limit), 4 GiB live per request, 4 GiB of messages being received (two of the
+    /// largest at once), 256 MiB of folded constants per model.
     fn default() -> Self {
         Limits {
             max_tensor_bytes: 2 << 30,
             max_request_bytes: 4 << 30,
+            max_receiving_bytes: 4 << 30,
             max_folded_bytes: 256 << 20,
             max_model_bytes: 2 << 30,
             max_concurrent_loads: 2,
@@ -190,11 +197,16 @@ impl Limits {
         take!(
             max_tensor_bytes,
             max_request_bytes,
+            max_receiving_bytes,
             max_folded_bytes,
             max_model_bytes,
             max_concurrent_loads,
             max_failed_models,
             infer_timeout_s
+        );
+        anyhow::ensure!(
+            self.max_receiving_bytes > 0,
+            "max_receiving_bytes must be at least 1"
         );
         anyhow::ensure!(
             self.max_concurrent_loads > 0,
@@ -535,7 +547,7 @@ mod tests {
         let file = dir.path().join("opreg.toml");
         std::fs::write(
             &file,
-            "[limits]\nmax_tensor_bytes = 1000\nmax_concurrent_loads = 4\n",
+            "[limits]\nmax_tensor_bytes = 1000\nmax_concurrent_loads = 4\nmax_receiving_bytes = 7\n",
         )
         .expect("write");
         let cli = Cli {
@@ -550,6 +562,10 @@ mod tests {
         assert_eq!(c.limits.max_tensor_bytes, 1000);
         assert_eq!(c.limits.max_concurrent_loads, 1);
         assert_eq!(
+            c.limits.max_receiving_bytes, 7,
+            "the file's receiving budget"
+        );
+        assert_eq!(
             c.limits.max_request_bytes,
             Limits::default().max_request_bytes
         );
@@ -561,6 +577,18 @@ mod tests {
             ..Cli::default()
         };
         assert!(Config::resolve(zero).is_err());
+        let no_receiving = Cli {
+            limits: LimitFlags {
+                max_receiving_bytes: Some(0),
+                ..LimitFlags::default()
+            },
+            ..Cli::default()
+        };
+        let err = Config::resolve(no_receiving).expect_err("a budget of nothing");
+        assert!(
+            format!("{err:#}").contains("max_receiving_bytes"),
+            "{err:#}"
+        );
         let half_tls = Cli {
             tls_cert: Some("cert.pem".into()),
             ..Cli::default()

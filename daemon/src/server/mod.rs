@@ -7,6 +7,7 @@ pub mod infer;
 mod inference;
 mod profile;
 pub mod quantize;
+pub mod receive;
 mod registry;
 mod status;
 pub mod tensor;
@@ -100,6 +101,10 @@ pub async fn serve(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = builder
         .layer(auth::AuthLayer::new(auth::Policy::new(&app.config)))
+        // Inside the policy: a refused caller's body is never read.
+        .layer(receive::ReceiveLayer::new(receive::Budget::new(
+            app.config.limits.max_receiving_bytes,
+        )))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(inference)

@@ -1,0 +1,388 @@
+//! What a gRPC message may make the daemon reserve before its bytes arrive.
+//!
+//! tonic reserves a message's whole declared length as soon as its 5-byte header arrives
+//! (`Streaming::decode_chunk`: `buf.reserve(len)`, for any length up to the decoding limit,
+//! [`MAX_MESSAGE_BYTES`](super::MAX_MESSAGE_BYTES) = 2 GiB - 1: clients such as `tritonclient`
+//! send tensors that large). The reservation is infallible: where the allocation fails (a
+//! machine with strict overcommit, an address-space limit, a container smaller than the
+//! message) the process aborts. Five bytes from any client that may call at all, and the
+//! daemon is gone; and many concurrent streams each declaring a large message commit memory
+//! for data that never comes.
+//!
+//! So every request body passes through [`Receiving`] on its way to tonic. It follows the
+//! gRPC framing (a flag byte and a big-endian u32 length per message, across HTTP/2 frames)
+//! and, before tonic sees a message's header, admits its length: against a process-wide budget
+//! of bytes being received (`--max-receiving-bytes`, held from the header until the message's
+//! last byte has passed), and for a message of at least [`PROBE_BYTES`], by reserving that
+//! much fallibly first (released at once, then reserved by tonic). A message refused either
+//! way fails its call with `RESOURCE_EXHAUSTED` naming the size; tonic never reserves it.
+
+use std::{
+    pin::Pin,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+};
+use tonic::{
+    body::Body,
+    codegen::{
+        http::{Request, Response},
+        Bytes,
+    },
+    Status,
+};
+
+/// Messages from this size on are reserved fallibly before tonic reserves them. Smaller ones
+/// are not probed: a reservation of less than this failing means the process is out of memory
+/// anyway, and the probe of every message (an `mmap` and `munmap` past glibc's threshold)
+/// would cost each request microseconds.
+pub const PROBE_BYTES: usize = 64 << 20;
+
+/// The bytes of the messages being received, process-wide.
+#[derive(Debug)]
+pub struct Budget {
+    limit: usize,
+    held: AtomicUsize,
+}
+
+impl Budget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: u64) -> Arc<Self> {
+        Arc::new(Budget {
+            limit: usize::try_from(limit).unwrap_or(usize::MAX),
+            held: AtomicUsize::new(0),
+        })
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Acquire)
+    }
+
+    /// Takes `len` bytes for a message about to be received, or refuses it.
+    fn admit(&self, len: usize) -> Result<(), Status> {
+        let taken = self
+            .held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+                h.checked_add(len).filter(|&t| t <= self.limit)
+            });
+        if let Err(held) = taken {
+            return Err(Status::resource_exhausted(format!(
+                "a gRPC message of {len} bytes would take the messages being received to more \
+                 than --max-receiving-bytes ({} bytes; {held} held now)",
+                self.limit
+            )));
+        }
+        if len >= PROBE_BYTES {
+            let mut probe = Vec::<u8>::new();
+            if probe.try_reserve_exact(len).is_err() {
+                self.release(len);
+                return Err(Status::resource_exhausted(format!(
+                    "a gRPC message of {len} bytes: the daemon cannot reserve that much memory now"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn release(&self, len: usize) {
+        self.held.fetch_sub(len, Ordering::AcqRel);
+    }
+}
+
+/// Where the body is in the gRPC framing.
+#[derive(Debug, Clone, Copy)]
+enum Framing {
+    /// `n` bytes of a message's 5-byte header read so far.
+    Header { bytes: [u8; 5], n: usize },
+    /// Inside a message: `left` bytes of it still to come.
+    Message { left: usize },
+}
+
+/// A request body whose gRPC messages are admitted against a [`Budget`] before tonic sees
+/// their headers.
+pub struct Receiving {
+    inner: Body,
+    budget: Arc<Budget>,
+    framing: Framing,
+    /// Bytes of the budget this body holds (its current message's length).
+    held: usize,
+    /// A refusal already reported: nothing more is read.
+    failed: bool,
+}
+
+impl Receiving {
+    pub fn new(inner: Body, budget: Arc<Budget>) -> Self {
+        Receiving {
+            inner,
+            budget,
+            framing: Framing::Header {
+                bytes: [0; 5],
+                n: 0,
+            },
+            held: 0,
+            failed: false,
+        }
+    }
+
+    /// Follows the framing through `data`, admitting each message whose header completes.
+    fn follow(&mut self, mut data: &[u8]) -> Result<(), Status> {
+        while !data.is_empty() {
+            match &mut self.framing {
+                Framing::Header { bytes, n } => {
+                    let take = (5 - *n).min(data.len());
+                    bytes[*n..*n + take].copy_from_slice(&data[..take]);
+                    *n += take;
+                    data = &data[take..];
+                    if *n == 5 {
+                        let declared = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+                        let len = usize::try_from(declared).unwrap_or(usize::MAX);
+                        self.budget.admit(len)?;
+                        self.held = len;
+                        self.framing = Framing::Message { left: len };
+                        self.finish_message_if_done();
+                    }
+                }
+                Framing::Message { left } => {
+                    let take = (*left).min(data.len());
+                    *left -= take;
+                    data = &data[take..];
+                    self.finish_message_if_done();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// At a message's end: its bytes are with tonic, which decodes it; the budget goes back.
+    fn finish_message_if_done(&mut self) {
+        if let Framing::Message { left: 0 } = self.framing {
+            self.budget.release(std::mem::take(&mut self.held));
+            self.framing = Framing::Header {
+                bytes: [0; 5],
+                n: 0,
+            };
+        }
+    }
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        // A call that ended mid-message (cancelled, refused, disconnected).
+        self.budget.release(std::mem::take(&mut self.held));
+    }
+}
+
+impl http_body::Body for Receiving {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        let this = self.get_mut();
+        if this.failed {
+            return Poll::Ready(None);
+        }
+        let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            other => return other,
+        };
+        if let Some(data) = frame.data_ref() {
+            if let Err(status) = this.follow(data) {
+                this.failed = true;
+                return Poll::Ready(Some(Err(status)));
+            }
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.failed || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The tower layer that puts every request body through [`Receiving`].
+#[derive(Clone)]
+pub struct ReceiveLayer {
+    budget: Arc<Budget>,
+}
+
+impl ReceiveLayer {
+    pub fn new(budget: Arc<Budget>) -> Self {
+        ReceiveLayer { budget }
+    }
+}
+
+impl<S> tower::Layer<S> for ReceiveLayer {
+    type Service = Budgeted<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Budgeted {
+            inner,
+            budget: self.budget.clone(),
+        }
+    }
+}
+
+/// A service whose request bodies are admitted against the budget.
+#[derive(Clone)]
+pub struct Budgeted<S> {
+    inner: S,
+    budget: Arc<Budget>,
+}
+
+impl<S, RB> tower::Service<Request<Body>> for Budgeted<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<RB>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let budget = self.budget.clone();
+        self.inner
+            .call(req.map(|body| Body::new(Receiving::new(body, budget))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body::Body as _;
+    use std::collections::VecDeque;
+    use tonic::Code;
+
+    /// A body of the given chunks.
+    struct Chunks(VecDeque<Bytes>);
+
+    impl http_body::Body for Chunks {
+        type Data = Bytes;
+        type Error = Status;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+            Poll::Ready(self.0.pop_front().map(|b| Ok(http_body::Frame::data(b))))
+        }
+    }
+
+    fn message(len: u32) -> Vec<u8> {
+        let mut m = vec![0u8];
+        m.extend_from_slice(&len.to_be_bytes());
+        m.extend(std::iter::repeat_n(7u8, len as usize));
+        m
+    }
+
+    /// Polls `body` to its end: the bytes passed through, or the first error.
+    fn drain(
+        body: &mut Receiving,
+        after_each: &mut dyn FnMut(&Receiving),
+    ) -> Result<Vec<u8>, Status> {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut out = Vec::new();
+        loop {
+            match Pin::new(&mut *body).poll_frame(&mut cx) {
+                Poll::Ready(Some(Ok(f))) => {
+                    out.extend_from_slice(f.data_ref().expect("data"));
+                    after_each(body);
+                }
+                Poll::Ready(Some(Err(s))) => return Err(s),
+                Poll::Ready(None) => return Ok(out),
+                Poll::Pending => unreachable!("the test body is always ready"),
+            }
+        }
+    }
+
+    fn body(chunks: Vec<Vec<u8>>, budget: &Arc<Budget>) -> Receiving {
+        let chunks = Chunks(chunks.into_iter().map(Bytes::from).collect());
+        Receiving::new(Body::new(chunks), budget.clone())
+    }
+
+    #[test]
+    fn messages_split_anywhere_pass_unchanged_and_hold_the_budget_while_in_flight() {
+        // Three messages, cut at every offset into two chunks, and byte by byte.
+        let stream: Vec<u8> = [message(3), message(0), message(20)].concat();
+        let mut cuts: Vec<Vec<Vec<u8>>> = (0..=stream.len())
+            .map(|i| vec![stream[..i].to_vec(), stream[i..].to_vec()])
+            .collect();
+        cuts.push(stream.iter().map(|&b| vec![b]).collect());
+        for chunks in cuts {
+            let budget = Budget::new(20);
+            let mut b = body(chunks, &budget);
+            let mut most = 0;
+            let out = drain(&mut b, &mut |b| most = most.max(b.budget.held()))
+                .expect("every message fits");
+            assert_eq!(out, stream, "the bytes pass through unchanged");
+            assert!(most <= 20, "held at most one message at a time: {most}");
+            assert_eq!(
+                budget.held(),
+                0,
+                "every message's bytes went back at its end"
+            );
+        }
+    }
+
+    #[test]
+    fn a_message_past_the_budget_is_refused_before_its_header_passes() {
+        let budget = Budget::new(1000);
+        // Another call holds 900 bytes.
+        budget.admit(900).expect("room");
+        let mut b = body(vec![message(50), message(101)], &budget);
+        let mut frames = 0;
+        let e = drain(&mut b, &mut |_| frames += 1).expect_err("refused");
+        assert_eq!(e.code(), Code::ResourceExhausted);
+        assert!(
+            e.message().contains("101 bytes") && e.message().contains("--max-receiving-bytes"),
+            "{}",
+            e.message()
+        );
+        assert_eq!(
+            frames, 1,
+            "the first message passed, the second's header did not"
+        );
+        // Nothing more is read after the refusal, and dropping the body frees what it held.
+        let waker = std::task::Waker::noop();
+        assert!(matches!(
+            Pin::new(&mut b).poll_frame(&mut Context::from_waker(waker)),
+            Poll::Ready(None)
+        ));
+        drop(b);
+        assert_eq!(budget.held(), 900, "only the other call's bytes are held");
+    }
+
+    #[test]
+    fn a_body_dropped_mid_message_gives_its_bytes_back() {
+        let budget = Budget::new(1 << 20);
+        let whole = message(1000);
+        let mut b = body(vec![whole[..100].to_vec()], &budget);
+        drain(&mut b, &mut |_| {}).expect("admitted");
+        assert_eq!(budget.held(), 1000, "held while the message is incomplete");
+        drop(b);
+        assert_eq!(budget.held(), 0);
+    }
+
+    #[test]
+    fn a_declared_length_that_cannot_be_reserved_is_refused_not_aborted() {
+        // More than any allocator can give (and more than `isize::MAX` on 32-bit targets):
+        // the fallible probe fails, where tonic's `reserve` would abort the process.
+        let budget = Budget::new(u64::MAX);
+        let huge = usize::MAX / 2 + 1;
+        let e = budget.admit(huge).expect_err("cannot be reserved");
+        assert_eq!(e.code(), Code::ResourceExhausted);
+        assert!(e.message().contains("cannot reserve"), "{}", e.message());
+        assert_eq!(budget.held(), 0, "a refused probe gives the bytes back");
+    }
+}
