@@ -797,9 +797,13 @@ async fn small_requests_never_wait_on_nagle() {
     );
 }
 
-/// A raw gRPC call to `ModelInfer` whose request body is `body` and stays open (no end of
-/// stream): the status the daemon answers with, within 10 s.
-async fn raw_model_infer(d: &Daemon, body: &[u8]) -> tonic::Status {
+/// A raw gRPC call to `ModelInfer` on its own connection whose request body is `body` and
+/// stays open (no end of stream): the response to come, and the stream (keep it to keep the
+/// call open).
+async fn raw_call(
+    d: &Daemon,
+    body: &[u8],
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
     let tcp = tokio::net::TcpStream::connect(d.addr)
         .await
         .expect("connect");
@@ -817,6 +821,12 @@ async fn raw_model_infer(d: &Daemon, body: &[u8]) -> tonic::Status {
     let (response, mut send) = client.send_request(request, false).expect("send");
     send.send_data(bytes::Bytes::copy_from_slice(body), false)
         .expect("data");
+    (response, send)
+}
+
+/// [`raw_call`]'s status, answered within 10 s.
+async fn raw_model_infer(d: &Daemon, body: &[u8]) -> tonic::Status {
+    let (response, send) = raw_call(d, body).await;
     let within = Duration::from_secs(10);
     let response = tokio::time::timeout(within, response)
         .await
@@ -857,6 +867,29 @@ async fn declared_message_lengths_past_the_receiving_budget_are_refused_unreserv
     for _ in 0..3 {
         assert_serving(&mut d, Duration::from_secs(10)).await;
     }
+    // A client that declares 1 MiB and sends nothing more holds the whole budget while its
+    // stream is open: other large messages are refused meanwhile, small requests (not
+    // counted) still pass.
+    let (_stalled, _open) = raw_call(&d, &[0, 0, 0x10, 0, 0]).await;
+    // The other: 1 MiB declared and sent (bytes that decode to no request): refused at its
+    // header while the stalled one is counted, else failed as it decodes.
+    let mut whole = vec![0u8, 0, 0x10, 0, 0];
+    whole.resize(5 + (1 << 20), 0xff);
+    let started = Instant::now();
+    loop {
+        let s = raw_model_infer(&d, &whole).await;
+        if s.code() == Code::ResourceExhausted && s.message().contains("1048576 held now") {
+            break;
+        }
+        // (The daemon may not have read the stalled call's header yet.)
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the stalled message is not counted: {}",
+            s.message()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_serving(&mut d, Duration::from_secs(10)).await;
 }
 
 #[cfg(target_os = "linux")]

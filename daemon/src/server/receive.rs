@@ -11,11 +11,19 @@
 //!
 //! So every request body passes through [`Receiving`] on its way to tonic. It follows the
 //! gRPC framing (a flag byte and a big-endian u32 length per message, across HTTP/2 frames)
-//! and, before tonic sees a message's header, admits its length: against a process-wide budget
-//! of bytes being received (`--max-receiving-bytes`, held from the header until the message's
-//! last byte has passed), and for a message of at least [`PROBE_BYTES`], by reserving that
-//! much fallibly first (released at once, then reserved by tonic). A message refused either
-//! way fails its call with `RESOURCE_EXHAUSTED` naming the size; tonic never reserves it.
+//! and, before tonic sees the header of a message of at least [`COUNTED_FROM`] bytes, admits
+//! its length: against a process-wide budget of bytes being received (`--max-receiving-bytes`,
+//! held from the header until the message's last byte has passed), and by reserving that much
+//! fallibly first (released at once, then reserved by tonic). A message refused either way
+//! fails its call with `RESOURCE_EXHAUSTED` naming the size; tonic never reserves it.
+//!
+//! Smaller messages (a typical request: an image of a few hundred KB) are neither counted nor
+//! probed: what they reserve is small, the probe (an `mmap` and `munmap` past glibc's
+//! threshold) would cost each request microseconds, and a budget filled by clients that
+//! declare large messages and never send them cannot refuse them. Such a stalled message
+//! holds its share of the budget until its stream ends (tonic sets no timeout on a request
+//! body), refusing other large messages meanwhile; a daemon open to untrusted clients belongs
+//! behind a proxy with request-body timeouts.
 
 use std::{
     pin::Pin,
@@ -34,16 +42,16 @@ use tonic::{
     Status,
 };
 
-/// Messages from this size on are reserved fallibly before tonic reserves them. Smaller ones
-/// are not probed: a reservation of less than this failing means the process is out of memory
-/// anyway, and the probe of every message (an `mmap` and `munmap` past glibc's threshold)
-/// would cost each request microseconds.
-pub const PROBE_BYTES: usize = 64 << 20;
+/// Messages from this size on are counted against the budget and reserved fallibly before
+/// tonic reserves them (see the module's documentation for the smaller ones).
+pub const COUNTED_FROM: usize = 1 << 20;
 
 /// The bytes of the messages being received, process-wide.
 #[derive(Debug)]
 pub struct Budget {
     limit: usize,
+    /// Messages smaller than this pass uncounted ([`COUNTED_FROM`]; 0 in the unit tests).
+    from: usize,
     held: AtomicUsize,
 }
 
@@ -52,6 +60,7 @@ impl Budget {
     pub fn new(limit: u64) -> Arc<Self> {
         Arc::new(Budget {
             limit: usize::try_from(limit).unwrap_or(usize::MAX),
+            from: COUNTED_FROM,
             held: AtomicUsize::new(0),
         })
     }
@@ -61,8 +70,12 @@ impl Budget {
         self.held.load(Ordering::Acquire)
     }
 
-    /// Takes `len` bytes for a message about to be received, or refuses it.
-    fn admit(&self, len: usize) -> Result<(), Status> {
+    /// Takes `len` bytes for a message about to be received (the bytes now held for it:
+    /// `len`, or 0 for an uncounted one), or refuses it.
+    fn admit(&self, len: usize) -> Result<usize, Status> {
+        if len < self.from {
+            return Ok(0);
+        }
         let taken = self
             .held
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
@@ -75,16 +88,14 @@ impl Budget {
                 self.limit
             )));
         }
-        if len >= PROBE_BYTES {
-            let mut probe = Vec::<u8>::new();
-            if probe.try_reserve_exact(len).is_err() {
-                self.release(len);
-                return Err(Status::resource_exhausted(format!(
-                    "a gRPC message of {len} bytes: the daemon cannot reserve that much memory now"
-                )));
-            }
+        let mut probe = Vec::<u8>::new();
+        if probe.try_reserve_exact(len).is_err() {
+            self.release(len);
+            return Err(Status::resource_exhausted(format!(
+                "a gRPC message of {len} bytes: the daemon cannot reserve that much memory now"
+            )));
         }
-        Ok(())
+        Ok(len)
     }
 
     fn release(&self, len: usize) {
@@ -139,8 +150,7 @@ impl Receiving {
                     if *n == 5 {
                         let declared = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
                         let len = usize::try_from(declared).unwrap_or(usize::MAX);
-                        self.budget.admit(len)?;
-                        self.held = len;
+                        self.held = self.budget.admit(len)?;
                         self.framing = Framing::Message { left: len };
                         self.finish_message_if_done();
                     }
@@ -306,6 +316,15 @@ mod tests {
         }
     }
 
+    /// A budget of `limit` bytes that counts every message.
+    fn counting(limit: usize) -> Arc<Budget> {
+        Arc::new(Budget {
+            limit,
+            from: 0,
+            held: AtomicUsize::new(0),
+        })
+    }
+
     fn body(chunks: Vec<Vec<u8>>, budget: &Arc<Budget>) -> Receiving {
         let chunks = Chunks(chunks.into_iter().map(Bytes::from).collect());
         Receiving::new(Body::new(chunks), budget.clone())
@@ -320,7 +339,7 @@ mod tests {
             .collect();
         cuts.push(stream.iter().map(|&b| vec![b]).collect());
         for chunks in cuts {
-            let budget = Budget::new(20);
+            let budget = counting(20);
             let mut b = body(chunks, &budget);
             let mut most = 0;
             let out = drain(&mut b, &mut |b| most = most.max(b.budget.held()))
@@ -337,7 +356,7 @@ mod tests {
 
     #[test]
     fn a_message_past_the_budget_is_refused_before_its_header_passes() {
-        let budget = Budget::new(1000);
+        let budget = counting(1000);
         // Another call holds 900 bytes.
         budget.admit(900).expect("room");
         let mut b = body(vec![message(50), message(101)], &budget);
@@ -365,7 +384,7 @@ mod tests {
 
     #[test]
     fn a_body_dropped_mid_message_gives_its_bytes_back() {
-        let budget = Budget::new(1 << 20);
+        let budget = counting(1 << 20);
         let whole = message(1000);
         let mut b = body(vec![whole[..100].to_vec()], &budget);
         drain(&mut b, &mut |_| {}).expect("admitted");
@@ -379,6 +398,11 @@ mod tests {
         // More than any allocator can give (and more than `isize::MAX` on 32-bit targets):
         // the fallible probe fails, where tonic's `reserve` would abort the process.
         let budget = Budget::new(u64::MAX);
+        assert_eq!(
+            budget.admit(COUNTED_FROM - 1).expect("small"),
+            0,
+            "not counted"
+        );
         let huge = usize::MAX / 2 + 1;
         let e = budget.admit(huge).expect_err("cannot be reserved");
         assert_eq!(e.code(), Code::ResourceExhausted);
