@@ -33,6 +33,7 @@ use opreg_proto::{
     inference::{self as pb, grpc_inference_service_client::GrpcInferenceServiceClient},
     opreg::v1::{self as reg, registry_client::RegistryClient},
 };
+use opregd::server::receive::{self, ReceivingResponses};
 use std::collections::HashMap;
 use tonic::{
     metadata::{Ascii, MetadataValue},
@@ -347,7 +348,7 @@ fn report(path: &std::path::Path) -> anyhow::Result<()> {
 /// The model's inputs as the daemon declares them.
 async fn model_inputs(
     inference: &mut GrpcInferenceServiceClient<
-        tonic::service::interceptor::InterceptedService<Channel, Token>,
+        tonic::service::interceptor::InterceptedService<Conn, Token>,
     >,
     name: &str,
     version: &str,
@@ -409,12 +410,15 @@ const CLIENT_MAX_FRAME_BYTES: u32 = 1 << 20;
 const CLIENT_STREAM_WINDOW_BYTES: u32 = 8 << 20;
 const CLIENT_CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
 
+/// A connection to the daemon as the clients use it: its responses admitted as they arrive.
+type Conn = ReceivingResponses<Channel>;
+
 /// A channel to the daemon, and the interceptor that sends the token with every call.
 async fn connect(
     addr: &str,
     ca_cert: Option<&std::path::Path>,
     token: Option<&str>,
-) -> anyhow::Result<(Channel, Token)> {
+) -> anyhow::Result<(Conn, Token)> {
     // Responses of tensors are large: with HTTP/2's defaults a 600 KB output reached the
     // client as ~40 frames of 16 KiB, within flow-control windows the client reopens as it
     // reads. Frames of up to 1 MiB and windows past a batch's tensors let the daemon send it at
@@ -433,6 +437,9 @@ async fn connect(
         .connect()
         .await
         .with_context(|| format!("connecting to {addr}"))?;
+    // A response whose declared length cannot be reserved fails its call instead of
+    // aborting the client (tonic reserves it infallibly; see `server::receive`).
+    let channel = ReceivingResponses::new(channel, receive::Budget::new(u64::MAX));
     let token = Token(
         token
             .map(|t| format!("Bearer {t}").parse())

@@ -92,7 +92,7 @@ impl Budget {
         if probe.try_reserve_exact(len).is_err() {
             self.release(len);
             return Err(Status::resource_exhausted(format!(
-                "a gRPC message of {len} bytes: the daemon cannot reserve that much memory now"
+                "a gRPC message of {len} bytes: cannot reserve that much memory now"
             )));
         }
         Ok(len)
@@ -267,6 +267,47 @@ where
     }
 }
 
+/// A client's channel whose response bodies pass through [`Receiving`]: the same tonic
+/// decoder reserves a response's declared length in a client, so a server (or anything in
+/// between) declaring more than the client can allocate would abort it. `opreg`'s channels
+/// take their responses through this, with a budget of `u64::MAX`: only the fallible
+/// reservation of messages of [`COUNTED_FROM`] bytes or more applies.
+#[derive(Clone)]
+pub struct ReceivingResponses<S> {
+    inner: S,
+    budget: Arc<Budget>,
+}
+
+impl<S> ReceivingResponses<S> {
+    pub fn new(inner: S, budget: Arc<Budget>) -> Self {
+        ReceivingResponses { inner, budget }
+    }
+}
+
+impl<S, B> tower::Service<Request<B>> for ReceivingResponses<S>
+where
+    S: tower::Service<Request<B>, Response = Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let budget = self.budget.clone();
+        let response = self.inner.call(req);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|body| Body::new(Receiving::new(body, budget))))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -391,6 +432,34 @@ mod tests {
         assert_eq!(budget.held(), 1000, "held while the message is incomplete");
         drop(b);
         assert_eq!(budget.held(), 0);
+    }
+
+    #[test]
+    fn a_client_gets_an_unreservable_response_as_an_error() {
+        use tower::Service as _;
+        // A "server" answering with a message header that declares 4 GiB - 1, past the
+        // client's budget here (in `opreg`, whose budget is unlimited, the fallible
+        // reservation refuses what cannot be had).
+        let server = tower::service_fn(|_req: Request<Body>| async {
+            let head = Bytes::from_static(&[0, 0xff, 0xff, 0xff, 0xff]);
+            let body = Chunks(VecDeque::from([head]));
+            Ok::<_, std::convert::Infallible>(Response::new(Body::new(body)))
+        });
+        let mut client = ReceivingResponses::new(server, counting(1 << 30));
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut call = client.call(Request::new(Body::empty()));
+        let Poll::Ready(Ok(response)) = call.as_mut().poll(&mut cx) else {
+            panic!("the response head is ready");
+        };
+        let mut body = response.into_body();
+        match Pin::new(&mut body).poll_frame(&mut cx) {
+            Poll::Ready(Some(Err(e))) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+                assert!(e.message().contains("4294967295 bytes"), "{}", e.message());
+            }
+            _ => panic!("the declared length must be refused"),
+        }
     }
 
     #[test]

@@ -31,9 +31,9 @@ use std::{
     time::Duration,
 };
 use tokio::{sync::mpsc, time::Instant};
-use tonic::{service::interceptor::InterceptedService, transport::Channel};
+use tonic::service::interceptor::InterceptedService;
 
-type Client = GrpcInferenceServiceClient<InterceptedService<Channel, Token>>;
+type Client = GrpcInferenceServiceClient<InterceptedService<super::Conn, Token>>;
 
 #[derive(clap::Args)]
 pub struct PerfArgs {
