@@ -138,3 +138,59 @@ fn curl_style_json_requests_get_json_answers_and_clear_errors() {
         "{status} {body}"
     );
 }
+
+/// Sends a request head declaring `length` body bytes and only the first few of them; the
+/// status line answered within 10 s (the daemon must answer without waiting for the rest).
+fn declared_only(addr: &str, path: &str, length: u64, extra: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{extra}Content-Length: {length}\r\n\r\n{{\"inputs\""
+    )
+    .expect("write");
+    let mut head = [0u8; 512];
+    let n = s
+        .read(&mut head)
+        .expect("an answer within 10 s, before the body");
+    String::from_utf8_lossy(&head[..n])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+fn bodies_are_read_after_the_access_check_and_within_the_receiving_budget() {
+    let repo = tempfile::tempdir().unwrap();
+    let (d, _plugins) = start_serving(
+        repo.path(),
+        &[
+            "--admin-token",
+            "s3cret",
+            "--max-receiving-bytes",
+            "1048576",
+        ],
+    );
+    let addr = http_addr(&d);
+    // Without the token, a load is refused at once: its 100 MiB body is not read first.
+    let status = declared_only(&addr, "/v2/repository/models/m/load", 100 << 20, "");
+    assert!(status.contains(" 401"), "{status}");
+    // With it, a body past the receiving budget is refused at its head (429, RESOURCE_EXHAUSTED).
+    let status = declared_only(
+        &addr,
+        "/v2/repository/models/m/load",
+        2 << 20,
+        "Authorization: Bearer s3cret\r\n",
+    );
+    assert!(status.contains(" 429"), "{status}");
+    // Past the 2 GiB a body may have: refused whatever the budget.
+    let status = declared_only(&addr, "/v2/models/m/infer", 3 << 30, "");
+    assert!(status.contains(" 400"), "{status}");
+    // The daemon still answers.
+    assert_eq!(
+        http(&addr, "GET", "/v2/health/live", "").0,
+        "HTTP/1.0 200 OK"
+    );
+}

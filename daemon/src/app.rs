@@ -15,6 +15,9 @@ pub struct App {
     pub metrics: crate::metrics::Metrics,
     /// Dynamic batching queues, per model version.
     pub batchers: crate::server::batch::Batchers,
+    /// The request bytes being received, gRPC messages and REST bodies together
+    /// (`--max-receiving-bytes`).
+    pub receiving: std::sync::Arc<crate::server::receive::Budget>,
     ready: AtomicBool,
     // Declared last: the registry (and the plugin copies it maps) must go first.
     _runtime_dir: RuntimeDir,
@@ -34,6 +37,7 @@ impl App {
             repo: Repository::new(config.model_repo.clone(), config.limits.clone()),
             metrics: crate::metrics::Metrics::new(),
             batchers: Default::default(),
+            receiving: crate::server::receive::Budget::new(config.limits.max_receiving_bytes),
             ready: AtomicBool::new(false),
             _runtime_dir: runtime_dir,
             config,

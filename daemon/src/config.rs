@@ -116,9 +116,9 @@ pub struct LimitFlags {
     /// Largest total of a request's live values (inputs, intermediates, outputs) in bytes.
     #[arg(long, env = "OPREG_MAX_REQUEST_BYTES")]
     pub max_request_bytes: Option<u64>,
-    /// Largest total of the gRPC messages of 1 MiB or more being received at once, in bytes
-    /// (each reserved whole when its header arrives); a message past it is refused with
-    /// RESOURCE_EXHAUSTED.
+    /// Largest total of the gRPC messages and REST bodies of 1 MiB or more being received at
+    /// once, in bytes (each reserved whole when its header arrives); a message past it is
+    /// refused with RESOURCE_EXHAUSTED (REST: 429).
     #[arg(long, env = "OPREG_MAX_RECEIVING_BYTES")]
     pub max_receiving_bytes: Option<u64>,
     /// Largest total of the constants folded at model load, in bytes; nodes past it run at

@@ -12,10 +12,11 @@
 use super::{
     auth::{Access, Policy},
     inference::InferenceApi,
+    receive,
 };
 use crate::app::App;
 use axum::{
-    body::Bytes,
+    body::{Body, Bytes},
     extract::{Path, State},
     http::{header, HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
@@ -25,7 +26,7 @@ use axum::{
 use opreg_proto::inference::{self as pb, grpc_inference_service_server::GrpcInferenceService};
 use opreg_sdk::DType;
 use serde_json::{json, Map, Value};
-use std::{collections::HashMap, sync::Weak};
+use std::{collections::HashMap, pin::Pin, sync::Weak};
 use tonic::{Code, Status};
 
 /// The binary-data extension's header: the length of the JSON part of a body.
@@ -111,7 +112,6 @@ pub fn router(app: Weak<App>, policy: Policy) -> Router {
         .route("/v2/repository/index", post(index))
         .route("/v2/repository/models/{model}/load", post(load))
         .route("/v2/repository/models/{model}/unload", post(unload))
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(ctx)
 }
 
@@ -295,9 +295,10 @@ async fn index(State(c): State<Ctx>, h: HeaderMap) -> Reply {
 
 /// `POST /v2/repository/models/{model}/load`, optionally with `{"parameters": {"file:1/model.onnx":
 /// "<base64>"}}` as tritonclient.http sends model files.
-async fn load(State(c): State<Ctx>, h: HeaderMap, Path(model): Path<String>, body: Bytes) -> Reply {
+async fn load(State(c): State<Ctx>, h: HeaderMap, Path(model): Path<String>, body: Body) -> Reply {
     use base64::Engine;
     let api = c.api(Access::Admin, &h)?;
+    let (body, _held) = read_body(&api.app, &h, body).await?;
     let mut parameters = HashMap::new();
     if !body.is_empty() {
         let v: Value = serde_json::from_slice(&body)
@@ -347,7 +348,7 @@ async fn unload(State(c): State<Ctx>, h: HeaderMap, Path(model): Path<String>) -
     Ok(StatusCode::OK.into_response())
 }
 
-async fn infer(s: State<Ctx>, h: HeaderMap, Path(model): Path<String>, body: Bytes) -> Reply {
+async fn infer(s: State<Ctx>, h: HeaderMap, Path(model): Path<String>, body: Body) -> Reply {
     run_infer(s, h, model, String::new(), body).await
 }
 
@@ -355,9 +356,62 @@ async fn infer_v(
     s: State<Ctx>,
     h: HeaderMap,
     Path((model, version)): Path<(String, String)>,
-    body: Bytes,
+    body: Body,
 ) -> Reply {
     run_infer(s, h, model, version, body).await
+}
+
+/// A request body, read after the caller's access check (an extractor would read it before
+/// the handler runs: a caller without the token could make the daemon hold bodies of up to
+/// [`MAX_BODY`]): at most `MAX_BODY` bytes, into a buffer grown fallibly, and from
+/// [`receive::COUNTED_FROM`] bytes on counted against the budget the gRPC listener shares
+/// (`--max-receiving-bytes`), held until the returned guard drops.
+async fn read_body(
+    app: &App,
+    headers: &HeaderMap,
+    mut body: Body,
+) -> Result<(Bytes, receive::Held), HttpError> {
+    use http_body::Body as _;
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.trim().parse::<usize>().ok());
+    let too_large = |n: usize| {
+        HttpError(Status::out_of_range(format!(
+            "a request body of {n} bytes is larger than the {MAX_BODY} bytes accepted"
+        )))
+    };
+    if let Some(n) = declared.filter(|&n| n > MAX_BODY) {
+        return Err(too_large(n));
+    }
+    let mut held = app.receiving.hold(declared.unwrap_or(0))?;
+    let no_memory = |n: usize| {
+        HttpError(Status::resource_exhausted(format!(
+            "cannot reserve {n} bytes for a request body"
+        )))
+    };
+    let mut buf = Vec::new();
+    if let Some(n) = declared {
+        buf.try_reserve_exact(n).map_err(|_| no_memory(n))?;
+    }
+    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+        let frame = frame.map_err(|e| bad(format!("reading the request body: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let total = buf.len().saturating_add(data.len());
+        if total > MAX_BODY {
+            return Err(too_large(total));
+        }
+        if total > buf.capacity() {
+            // (Doubling, as `Vec` would, with the budget taken for what is reserved.)
+            let want = total.max(buf.capacity().saturating_mul(2)).min(MAX_BODY);
+            held.grow(want)?;
+            buf.try_reserve_exact(want - buf.len())
+                .map_err(|_| no_memory(want))?;
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok((Bytes::from(buf), held))
 }
 
 /// The JSON part and the binary part of a body (binary-data extension).
@@ -393,9 +447,10 @@ async fn run_infer(
     h: HeaderMap,
     model: String,
     version: String,
-    body: Bytes,
+    body: Body,
 ) -> Reply {
     let api = c.api(Access::Read, &h)?;
+    let (body, _held) = read_body(&api.app, &h, body).await?;
     let (head, mut binary) = split_body(&h, &body)?;
     let v: Value = serde_json::from_slice(head)
         .map_err(|e| bad(format!("inference request: not JSON: {e}")))?;

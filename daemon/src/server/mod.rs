@@ -102,9 +102,7 @@ pub async fn serve(
     let server = builder
         .layer(auth::AuthLayer::new(auth::Policy::new(&app.config)))
         // Inside the policy: a refused caller's body is never read.
-        .layer(receive::ReceiveLayer::new(receive::Budget::new(
-            app.config.limits.max_receiving_bytes,
-        )))
+        .layer(receive::ReceiveLayer::new(app.receiving.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(inference)

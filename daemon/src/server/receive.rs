@@ -76,30 +76,73 @@ impl Budget {
         if len < self.from {
             return Ok(0);
         }
-        let taken = self
-            .held
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
-                h.checked_add(len).filter(|&t| t <= self.limit)
-            });
-        if let Err(held) = taken {
-            return Err(Status::resource_exhausted(format!(
-                "a gRPC message of {len} bytes would take the messages being received to more \
-                 than --max-receiving-bytes ({} bytes; {held} held now)",
-                self.limit
-            )));
-        }
+        self.take(len, len)?;
         let mut probe = Vec::<u8>::new();
         if probe.try_reserve_exact(len).is_err() {
             self.release(len);
             return Err(Status::resource_exhausted(format!(
-                "a gRPC message of {len} bytes: cannot reserve that much memory now"
+                "a message of {len} bytes: cannot reserve that much memory now"
             )));
         }
         Ok(len)
     }
 
+    /// Takes `len` bytes of the budget for a message (or body) of `size` bytes, or refuses.
+    fn take(&self, len: usize, size: usize) -> Result<(), Status> {
+        let taken = self
+            .held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+                h.checked_add(len).filter(|&t| t <= self.limit)
+            });
+        match taken {
+            Ok(_) => Ok(()),
+            Err(held) => Err(Status::resource_exhausted(format!(
+                "a message of {size} bytes would take the messages being received to more \
+                 than --max-receiving-bytes ({} bytes; {held} held now)",
+                self.limit
+            ))),
+        }
+    }
+
     fn release(&self, len: usize) {
         self.held.fetch_sub(len, Ordering::AcqRel);
+    }
+
+    /// Holds the budget for a request body of `declared` bytes (its `Content-Length`, 0 when
+    /// unknown) read outside gRPC (the REST listener), as [`Receiving`] does for a gRPC
+    /// message: counted from [`COUNTED_FROM`] bytes on and reserved fallibly first; more as
+    /// it grows ([`Held::grow`]), given back when the guard drops.
+    pub fn hold(self: &Arc<Self>, declared: usize) -> Result<Held, Status> {
+        let bytes = self.admit(declared)?;
+        Ok(Held {
+            budget: self.clone(),
+            bytes,
+        })
+    }
+}
+
+/// Bytes of a [`Budget`] held for one request body, given back when dropped.
+pub struct Held {
+    budget: Arc<Budget>,
+    bytes: usize,
+}
+
+impl Held {
+    /// The body now needs `total` bytes: the difference is taken from the budget once the
+    /// body counts (`total` of [`COUNTED_FROM`] or more), or the body is refused.
+    pub fn grow(&mut self, total: usize) -> Result<(), Status> {
+        if total < self.budget.from || total <= self.bytes {
+            return Ok(());
+        }
+        self.budget.take(total - self.bytes, total)?;
+        self.bytes = total;
+        Ok(())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
     }
 }
 
