@@ -24,6 +24,10 @@
 //! holds its share of the budget until its stream ends (tonic sets no timeout on a request
 //! body), refusing other large messages meanwhile; a daemon open to untrusted clients belongs
 //! behind a proxy with request-body timeouts.
+//!
+//! The same [`Budget`] covers the REST listener's bodies ([`Budget::hold`], read only after
+//! the caller's token check) and, unlimited, `opreg`'s responses ([`ReceivingResponses`]:
+//! tonic's client reserves a response's declared length just the same).
 
 use std::{
     pin::Pin,
