@@ -892,6 +892,37 @@ async fn declared_message_lengths_past_the_receiving_budget_are_refused_unreserv
     assert_serving(&mut d, Duration::from_secs(10)).await;
 }
 
+#[tokio::test]
+async fn a_message_that_stops_arriving_gives_its_budget_back() {
+    let repo = tempfile::tempdir().expect("repo");
+    let (mut d, _p) = start_serving(
+        repo.path(),
+        &[
+            "--max-receiving-bytes",
+            "1048576",
+            "--receive-idle-timeout-s",
+            "1",
+        ],
+    );
+    load(&d, "mlp", mlp()).await.expect("healthy model");
+    // A header declaring the whole budget, then nothing: after a second without a byte the
+    // call fails (its own answer, within raw_model_infer's 10 s)...
+    let s = raw_model_infer(&d, &[0, 0, 0x10, 0, 0]).await;
+    assert_eq!(s.code(), Code::DeadlineExceeded, "{}", s.message());
+    assert!(
+        s.message().contains("--receive-idle-timeout-s"),
+        "{}",
+        s.message()
+    );
+    // ...and its share is back: a whole 1 MiB message is admitted (and fails as it decodes:
+    // its bytes are no request), not refused for the budget.
+    let mut whole = vec![0u8, 0, 0x10, 0, 0];
+    whole.resize(5 + (1 << 20), 0xff);
+    let s = raw_model_infer(&d, &whole).await;
+    assert_ne!(s.code(), Code::ResourceExhausted, "{}", s.message());
+    assert_serving(&mut d, Duration::from_secs(10)).await;
+}
+
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn a_header_declaring_two_gib_cannot_abort_a_daemon_short_of_memory() {

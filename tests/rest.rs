@@ -193,4 +193,9 @@ fn bodies_are_read_after_the_access_check_and_within_the_receiving_budget() {
         http(&addr, "GET", "/v2/health/live", "").0,
         "HTTP/1.0 200 OK"
     );
+    // A counted body that stops arriving fails after the idle time (504), its share back.
+    let (d, _plugins) = start_serving(repo.path(), &["--receive-idle-timeout-s", "1"]);
+    let addr = http_addr(&d);
+    let status = declared_only(&addr, "/v2/models/m/infer", 2 << 20, "");
+    assert!(status.contains(" 504"), "{status}");
 }

@@ -37,7 +37,10 @@ impl App {
             repo: Repository::new(config.model_repo.clone(), config.limits.clone()),
             metrics: crate::metrics::Metrics::new(),
             batchers: Default::default(),
-            receiving: crate::server::receive::Budget::new(config.limits.max_receiving_bytes),
+            receiving: crate::server::receive::Budget::new(
+                config.limits.max_receiving_bytes,
+                config.limits.receive_idle_timeout(),
+            ),
             ready: AtomicBool::new(false),
             _runtime_dir: runtime_dir,
             config,

@@ -121,6 +121,10 @@ pub struct LimitFlags {
     /// refused with RESOURCE_EXHAUSTED (REST: 429).
     #[arg(long, env = "OPREG_MAX_RECEIVING_BYTES")]
     pub max_receiving_bytes: Option<u64>,
+    /// Seconds a message counted against --max-receiving-bytes may go without a byte before
+    /// its call fails with DEADLINE_EXCEEDED and its share is given back; 0: no limit.
+    #[arg(long, env = "OPREG_RECEIVE_IDLE_TIMEOUT_S")]
+    pub receive_idle_timeout_s: Option<f64>,
     /// Largest total of the constants folded at model load, in bytes; nodes past it run at
     /// request time instead.
     #[arg(long, env = "OPREG_MAX_FOLDED_BYTES")]
@@ -148,6 +152,7 @@ pub struct Limits {
     pub max_tensor_bytes: u64,
     pub max_request_bytes: u64,
     pub max_receiving_bytes: u64,
+    pub receive_idle_timeout_s: f64,
     pub max_folded_bytes: u64,
     pub max_model_bytes: u64,
     pub max_concurrent_loads: usize,
@@ -165,6 +170,7 @@ impl Default for Limits {
             max_tensor_bytes: 2 << 30,
             max_request_bytes: 4 << 30,
             max_receiving_bytes: 4 << 30,
+            receive_idle_timeout_s: 30.0,
             max_folded_bytes: 256 << 20,
             max_model_bytes: 2 << 30,
             max_concurrent_loads: 2,
@@ -179,6 +185,13 @@ impl Limits {
     pub fn infer_timeout(&self) -> Option<std::time::Duration> {
         (self.infer_timeout_s > 0.0)
             .then(|| std::time::Duration::try_from_secs_f64(self.infer_timeout_s).ok())
+            .flatten()
+    }
+
+    /// How long a counted message may go without a byte, if limited.
+    pub fn receive_idle_timeout(&self) -> Option<std::time::Duration> {
+        (self.receive_idle_timeout_s > 0.0)
+            .then(|| std::time::Duration::try_from_secs_f64(self.receive_idle_timeout_s).ok())
             .flatten()
     }
 
@@ -199,6 +212,7 @@ impl Limits {
             max_tensor_bytes,
             max_request_bytes,
             max_receiving_bytes,
+            receive_idle_timeout_s,
             max_folded_bytes,
             max_model_bytes,
             max_concurrent_loads,
@@ -208,6 +222,10 @@ impl Limits {
         anyhow::ensure!(
             self.max_receiving_bytes > 0,
             "max_receiving_bytes must be at least 1"
+        );
+        anyhow::ensure!(
+            self.receive_idle_timeout_s >= 0.0 && self.receive_idle_timeout_s.is_finite(),
+            "receive_idle_timeout_s must be a number of seconds >= 0"
         );
         anyhow::ensure!(
             self.max_concurrent_loads > 0,
@@ -548,7 +566,7 @@ mod tests {
         let file = dir.path().join("opreg.toml");
         std::fs::write(
             &file,
-            "[limits]\nmax_tensor_bytes = 1000\nmax_concurrent_loads = 4\nmax_receiving_bytes = 7\n",
+            "[limits]\nmax_tensor_bytes = 1000\nmax_concurrent_loads = 4\nmax_receiving_bytes = 7\nreceive_idle_timeout_s = 2.5\n",
         )
         .expect("write");
         let cli = Cli {
@@ -566,6 +584,11 @@ mod tests {
             c.limits.max_receiving_bytes, 7,
             "the file's receiving budget"
         );
+        assert_eq!(
+            c.limits.receive_idle_timeout(),
+            Some(std::time::Duration::from_millis(2500))
+        );
+        assert_eq!(Limits::default().receive_idle_timeout_s, 30.0);
         assert_eq!(
             c.limits.max_request_bytes,
             Limits::default().max_request_bytes
@@ -590,6 +613,14 @@ mod tests {
             format!("{err:#}").contains("max_receiving_bytes"),
             "{err:#}"
         );
+        let negative_idle = Cli {
+            limits: LimitFlags {
+                receive_idle_timeout_s: Some(-1.0),
+                ..LimitFlags::default()
+            },
+            ..Cli::default()
+        };
+        assert!(Config::resolve(negative_idle).is_err());
         let half_tls = Cli {
             tls_cert: Some("cert.pem".into()),
             ..Cli::default()

@@ -439,7 +439,7 @@ async fn connect(
         .with_context(|| format!("connecting to {addr}"))?;
     // A response whose declared length cannot be reserved fails its call instead of
     // aborting the client (tonic reserves it infallibly; see `server::receive`).
-    let channel = ReceivingResponses::new(channel, receive::Budget::new(u64::MAX));
+    let channel = ReceivingResponses::new(channel, receive::Budget::new(u64::MAX, None));
     let token = Token(
         token
             .map(|t| format!("Bearer {t}").parse())

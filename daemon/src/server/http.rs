@@ -393,7 +393,22 @@ async fn read_body(
     if let Some(n) = declared {
         buf.try_reserve_exact(n).map_err(|_| no_memory(n))?;
     }
-    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+    let idle = app.config.limits.receive_idle_timeout();
+    loop {
+        let next = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx));
+        // A counted body that stops arriving gives its share back (as a gRPC message does).
+        let frame = match idle.filter(|_| held.counted()) {
+            Some(limit) => tokio::time::timeout(limit, next).await.map_err(|_| {
+                HttpError(Status::deadline_exceeded(format!(
+                    "no byte of the request body for {}s (--receive-idle-timeout-s)",
+                    limit.as_secs_f64()
+                )))
+            })?,
+            None => next.await,
+        };
+        let Some(frame) = frame else {
+            break;
+        };
         let frame = frame.map_err(|e| bad(format!("reading the request body: {e}")))?;
         let Ok(data) = frame.into_data() else {
             continue;

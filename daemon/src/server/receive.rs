@@ -20,22 +20,25 @@
 //! Smaller messages (a typical request: an image of a few hundred KB) are neither counted nor
 //! probed: what they reserve is small, the probe (an `mmap` and `munmap` past glibc's
 //! threshold) would cost each request microseconds, and a budget filled by clients that
-//! declare large messages and never send them cannot refuse them. Such a stalled message
-//! holds its share of the budget until its stream ends (tonic sets no timeout on a request
-//! body), refusing other large messages meanwhile; a daemon open to untrusted clients belongs
-//! behind a proxy with request-body timeouts.
+//! declare large messages and never send them cannot refuse them. A counted message that stops
+//! arriving (no byte for `--receive-idle-timeout-s`, 30 s by default; tonic sets no timeout on
+//! a request body) fails its call with `DEADLINE_EXCEEDED` and gives its share back, so
+//! clients that declare large messages and send nothing hold the budget against others for
+//! that long at most.
 //!
 //! The same [`Budget`] covers the REST listener's bodies ([`Budget::hold`], read only after
 //! the caller's token check) and, unlimited, `opreg`'s responses ([`ReceivingResponses`]:
 //! tonic's client reserves a response's declared length just the same).
 
 use std::{
+    future::Future,
     pin::Pin,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
     },
     task::{Context, Poll},
+    time::Duration,
 };
 use tonic::{
     body::Body,
@@ -57,15 +60,18 @@ pub struct Budget {
     /// Messages smaller than this pass uncounted ([`COUNTED_FROM`]; 0 in the unit tests).
     from: usize,
     held: AtomicUsize,
+    /// How long a counted message may go without a byte before it fails (None: forever).
+    idle: Option<Duration>,
 }
 
 impl Budget {
-    /// A budget of `limit` bytes.
-    pub fn new(limit: u64) -> Arc<Self> {
+    /// A budget of `limit` bytes, whose counted messages fail after `idle` without a byte.
+    pub fn new(limit: u64, idle: Option<Duration>) -> Arc<Self> {
         Arc::new(Budget {
             limit: usize::try_from(limit).unwrap_or(usize::MAX),
             from: COUNTED_FROM,
             held: AtomicUsize::new(0),
+            idle,
         })
     }
 
@@ -132,6 +138,11 @@ pub struct Held {
 }
 
 impl Held {
+    /// Whether the body counts against the budget (is 1 MiB or more so far).
+    pub fn counted(&self) -> bool {
+        self.bytes > 0
+    }
+
     /// The body now needs `total` bytes: the difference is taken from the budget once the
     /// body counts (`total` of [`COUNTED_FROM`] or more), or the body is refused.
     pub fn grow(&mut self, total: usize) -> Result<(), Status> {
@@ -169,6 +180,9 @@ pub struct Receiving {
     held: usize,
     /// A refusal already reported: nothing more is read.
     failed: bool,
+    /// The idle clock of a counted message, started when the body first waits for bytes and
+    /// restarted by each frame.
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Receiving {
@@ -182,6 +196,7 @@ impl Receiving {
             },
             held: 0,
             failed: false,
+            idle: None,
         }
     }
 
@@ -211,6 +226,33 @@ impl Receiving {
             }
         }
         Ok(())
+    }
+
+    /// The body waits for bytes: a counted message that waited its budget's idle time fails,
+    /// its share given back.
+    fn wait(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        let (held, Some(limit)) = (self.held, self.budget.idle) else {
+            return Poll::Pending;
+        };
+        if held == 0 {
+            return Poll::Pending;
+        }
+        let clock = self
+            .idle
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if clock.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.failed = true;
+        self.budget.release(std::mem::take(&mut self.held));
+        Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
+            "no byte of a {held}-byte message for {}s (--receive-idle-timeout-s): its share of \
+             --max-receiving-bytes is given back",
+            limit.as_secs_f64()
+        )))))
     }
 
     /// At a message's end: its bytes are with tonic, which decodes it; the budget goes back.
@@ -246,8 +288,11 @@ impl http_body::Body for Receiving {
         }
         let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => frame,
+            Poll::Pending => return this.wait(cx),
             other => return other,
         };
+        // Bytes came: the idle clock starts again when the body next waits.
+        this.idle = None;
         if let Some(data) = frame.data_ref() {
             if let Err(status) = this.follow(data) {
                 this.failed = true;
@@ -410,6 +455,7 @@ mod tests {
             limit,
             from: 0,
             held: AtomicUsize::new(0),
+            idle: None,
         })
     }
 
@@ -513,7 +559,7 @@ mod tests {
     fn a_declared_length_that_cannot_be_reserved_is_refused_not_aborted() {
         // More than any allocator can give (and more than `isize::MAX` on 32-bit targets):
         // the fallible probe fails, where tonic's `reserve` would abort the process.
-        let budget = Budget::new(u64::MAX);
+        let budget = Budget::new(u64::MAX, None);
         assert_eq!(
             budget.admit(COUNTED_FROM - 1).expect("small"),
             0,
