@@ -254,13 +254,18 @@ impl Daemon {
 
     /// Resident memory of the daemon, in KiB (`VmRSS`).
     pub fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS")
+    }
+
+    /// A `kB` line of the daemon's `/proc/PID/status` (`VmRSS`, `VmSize`, ...).
+    pub fn status_kib(&self, field: &str) -> u64 {
         let status =
             std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS")
+            .unwrap_or_else(|| panic!("{field} in /proc/PID/status"))
     }
 
     /// Whether the process is still running (not exited, not killed by a signal).

@@ -119,15 +119,16 @@ impl Budget {
     }
 
     /// Holds the budget for a request body of `declared` bytes (its `Content-Length`, 0 when
-    /// unknown) read outside gRPC (the REST listener), as [`Receiving`] does for a gRPC
-    /// message: counted from [`COUNTED_FROM`] bytes on and reserved fallibly first; more as
-    /// it grows ([`Held::grow`]), given back when the guard drops.
+    /// unknown) read outside gRPC (the REST listener), counted from [`COUNTED_FROM`] bytes on
+    /// as a gRPC message is; more as it grows ([`Held::grow`]), given back when the guard
+    /// drops. No probe: the caller reserves its buffer fallibly itself.
     pub fn hold(self: &Arc<Self>, declared: usize) -> Result<Held, Status> {
-        let bytes = self.admit(declared)?;
-        Ok(Held {
+        let mut held = Held {
             budget: self.clone(),
-            bytes,
-        })
+            bytes: 0,
+        };
+        held.grow(declared)?;
+        Ok(held)
     }
 }
 
@@ -514,6 +515,26 @@ mod tests {
         ));
         drop(b);
         assert_eq!(budget.held(), 900, "only the other call's bytes are held");
+    }
+
+    #[test]
+    fn rest_bodies_hold_what_they_declare_and_what_they_grow_to() {
+        let budget = counting(100);
+        let mut a = budget.hold(60).expect("room for 60");
+        assert!(a.counted());
+        let e = budget.hold(41).map(|_| ()).expect_err("60 + 41 > 100");
+        assert_eq!(e.code(), Code::ResourceExhausted);
+        a.grow(100).expect("grows into the rest");
+        assert_eq!(budget.held(), 100);
+        a.grow(80).expect("never shrinks");
+        assert!(a.grow(101).is_err(), "past the budget");
+        drop(a);
+        assert_eq!(budget.held(), 0, "given back whole");
+        // Below the threshold of a real budget: nothing held.
+        let real = Budget::new(1, None);
+        let small = real.hold(COUNTED_FROM - 1).expect("uncounted");
+        assert!(!small.counted());
+        assert_eq!(real.held(), 0);
     }
 
     #[test]
