@@ -542,3 +542,47 @@ fn a_graph_that_pairs_samples_with_a_batch_sized_constant_runs_whole() {
     let got = out[0].1.to_vec::<f32>().expect("f32");
     assert_eq!(&got[8 * 256..], &x[..], "the second half is x itself");
 }
+
+/// `y = SequenceAt(SequenceConstruct(Sigmoid(x)), 0) + Tanh(Neg(x))`: the sequence holds
+/// `Sigmoid(x)` past that value's last read (the construct), while `Neg` and `Tanh` run.
+fn held_by_a_sequence() -> Vec<u8> {
+    model(
+        vec![
+            node("Sigmoid", &["x"], &["a"]),
+            node("SequenceConstruct", &["a"], &["q"]),
+            node("Neg", &["x"], &["b"]),
+            node("Tanh", &["b"], &["c"]),
+            node("SequenceAt", &["q", "at"], &["e"]),
+            node("Add", &["e", "c"], &["y"]),
+        ],
+        vec![value("x", 1, &[-1, 4, 8, 8])],
+        vec![value("y", 1, &[-1, 4, 8, 8])],
+        vec![i64_initializer("at", &[], &[0])],
+        13,
+    )
+}
+
+/// A value a sequence holds keeps its memory to itself: the plan used to place `Neg(x)` where
+/// `Sigmoid(x)` lay once the construct had read it, and the sequence's element then read
+/// `Neg`'s values from the second run on.
+#[test]
+fn a_value_a_sequence_holds_is_not_overwritten_by_a_later_one() {
+    let model = Compiled::new(&held_by_a_sequence());
+    for batch in [1, 3] {
+        let x: Vec<f32> = (0..batch * 256)
+            .map(|i| (i % 19) as f32 / 4.0 - 2.0)
+            .collect();
+        let want: Vec<f32> = x
+            .iter()
+            .map(|&v| {
+                let v = v as f64;
+                (1.0 / (1.0 + (-v).exp()) + (-v).tanh()) as f32
+            })
+            .collect();
+        // The first run learns the sizes; the next ones place values in the arena.
+        for _ in 0..3 {
+            assert_close(&model.run_x(batch, &x)[0].1, &want);
+        }
+    }
+    assert_eq!(model.plan.memory.stats().patterns, 2);
+}

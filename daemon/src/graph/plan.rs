@@ -782,13 +782,25 @@ fn finish(
             steps[k].release.push(s);
         }
     }
+    // Values a step may hand on as they are, to a sequence or an optional or out of a
+    // subgraph (the same tensor under another slot, or in a list): their memory lives past
+    // their slot's last read, so a run must not place another value in it after that read.
+    let escapes: HashSet<usize> = steps
+        .iter()
+        .filter(|st| !matches!(st.work, Work::Kernel(_) | Work::Copy { .. }))
+        .flat_map(|st| st.inputs.iter().flatten().chain(&st.captured))
+        .copied()
+        .collect();
     // Values a run may place in its arena: made by a host kernel step and released by the
-    // run (not outputs, constants, or values from control flow and copies).
+    // run (not outputs, constants, values handed on, or values from control flow and copies).
     for (made, st) in steps.iter().enumerate() {
         if !matches!(st.work, Work::Kernel(_)) || st.device != Device::CPU {
             continue;
         }
         for s in st.outputs.iter().flatten() {
+            if escapes.contains(s) {
+                continue;
+            }
             if let (Some(&last), false) = (last_use.get(s), keep.contains(s)) {
                 if let Some(l) = lifetimes.get_mut(*s) {
                     *l = Some((made, last.max(made)));
