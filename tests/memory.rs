@@ -543,6 +543,54 @@ fn a_graph_that_pairs_samples_with_a_batch_sized_constant_runs_whole() {
     assert_eq!(&got[8 * 256..], &x[..], "the second half is x itself");
 }
 
+/// A ResNet bottleneck and a layer after it: `a = Relu(Conv1x1(x))`,
+/// `b = Relu(Conv3x3(a))`, `s = Relu(Conv1x1(b) + a)`, `y = Conv1x1(s)`. `a` is read last
+/// by the sum's convolution, which may write `s` over it.
+fn bottleneck() -> Vec<u8> {
+    let w = |name: &str, k: i64, seed: usize| {
+        let v: Vec<f32> = (0..4 * 4 * (k * k) as usize)
+            .map(|i| (((i * 31 + seed) % 23) as f32 - 11.0) / 24.0)
+            .collect();
+        f32_initializer(name, &[4, 4, k, k], &v)
+    };
+    let pads = || vec![attr_ints("pads", &[1, 1, 1, 1])];
+    model(
+        vec![
+            node("Conv", &["x", "w1"], &["a0"]),
+            node("Relu", &["a0"], &["a"]),
+            node_with("Conv", &["a", "w2"], &["b0"], pads()),
+            node("Relu", &["b0"], &["b"]),
+            node("Conv", &["b", "w3"], &["c"]),
+            node("Add", &["c", "a"], &["s0"]),
+            node("Relu", &["s0"], &["s"]),
+            node("Conv", &["s", "w4"], &["y"]),
+        ],
+        vec![value("x", 1, &[-1, 4, 8, 8])],
+        vec![value("y", 1, &[-1, 4, 8, 8])],
+        vec![w("w1", 1, 1), w("w2", 3, 5), w("w3", 1, 9), w("w4", 1, 13)],
+        13,
+    )
+}
+
+#[test]
+fn a_residual_sum_is_written_over_its_addend_with_the_same_results() {
+    let model = Compiled::new(&bottleneck());
+    let stats = || model.plan.memory.stats();
+    for batch in [1, 3] {
+        // The first run with these shapes allocates each value apart: the sum reads `a`
+        // from its own memory. Later ones place `s` over `a` and sum into it in the product.
+        let first = model.outputs(batch, 29);
+        let want = first[0].1.to_vec::<f32>().expect("f32");
+        assert!(want.iter().any(|v| *v != 0.0), "a degenerate test model");
+        let handed = stats().aliases_handed;
+        for _ in 0..3 {
+            assert_close(&model.outputs(batch, 29)[0].1, &want);
+        }
+        assert_eq!(stats().aliases_handed, handed + 3, "{:?}", stats());
+    }
+    assert_eq!(stats().aliased, 2, "one per pattern: {:?}", stats());
+}
+
 /// `y = SequenceAt(SequenceConstruct(Sigmoid(x)), 0) + Tanh(Neg(x))`: the sequence holds
 /// `Sigmoid(x)` past that value's last read (the construct), while `Neg` and `Tanh` run.
 fn held_by_a_sequence() -> Vec<u8> {

@@ -41,6 +41,11 @@ pub struct PlannedBuf {
     pub len: usize,
     /// The range's owner, held by the tensor placed there.
     pub keep: Arc<dyn Any + Send + Sync>,
+    /// The range holds the elements of an input of the same call that the kernel declared
+    /// the output may reuse ([`KernelDesc::aliases`](crate::KernelDesc::aliases)), and the
+    /// input is still there: the output is handed out over them as they are, neither zeroed
+    /// nor poisoned (the kernel finds out by comparing data pointers). Never set otherwise.
+    pub holds_input: bool,
 }
 
 // SAFETY: the range is plain memory whose owner `keep` is Send + Sync; who writes it is
@@ -296,7 +301,8 @@ impl HostTensor {
     /// A fresh output in `planned`'s range, which must be exactly its size (not for `String`):
     /// zeroed (as every fresh output is) when `zero`, else holding what its last user left
     /// there (initialised bytes; poisoned with 0xFF in debug builds, so that a kernel which
-    /// promised to overwrite an output and left part of it shows).
+    /// promised to overwrite an output and left part of it shows). A range that
+    /// [holds an input](PlannedBuf::holds_input) is neither: it is that input's memory.
     fn in_planned(
         dtype: DType,
         shape: &[usize],
@@ -304,7 +310,9 @@ impl HostTensor {
         zero: bool,
     ) -> Result<Self, PluginError> {
         let mut tensor = Self::over_planned(dtype, shape, planned)?;
-        let fill = if zero {
+        let fill = if planned.holds_input {
+            None
+        } else if zero {
             Some(0)
         } else {
             cfg!(debug_assertions).then_some(0xFF)
@@ -918,7 +926,9 @@ impl CallFrame<'_> {
                     &*(t.strides.as_slice() as *const [isize]),
                 )
             };
-            // SAFETY: as above; each output is handed out once, so the view is unaliased.
+            // SAFETY: as above; each output is handed out once, so the view aliases nothing
+            // but, where the host placed it over one (`PlannedBuf::holds_input`), the input
+            // the kernel declared it may reuse, which the kernel then reads by pointer.
             let mut view = unsafe { TensorViewMut::from_raw(dtype, device, shape, strides, data) };
             view.memory = memory;
             Ok(view)

@@ -67,7 +67,17 @@ pub struct KernelDesc {
     /// Outputs produced in another memory type than the device's own.
     pub output_memory: Vec<(usize, MemoryType)>,
     /// `(input, output)`: the output may reuse the input's buffer (in-place), when the host
-    /// can prove nothing else reads the input afterwards.
+    /// can prove nothing else reads the input afterwards. The host decides per call: where it
+    /// does, the output [`KernelContext::output`](crate::KernelContext::output) (or
+    /// [`output_to_overwrite`](crate::KernelContext::output_to_overwrite)) returns starts at
+    /// the input's data pointer, holding the input's elements as they are (neither zeroed nor
+    /// poisoned: a kernel that declares an alias must write every element of that output).
+    /// The kernel finds out by comparing the two pointers, and then must read that input only
+    /// by raw pointer, each element before its own write to it (no `&[T]` of the input may
+    /// live while it writes the output). opregd's memory plan does it for host kernels
+    /// whose input and output have the same byte size (a residual sum written over its
+    /// addend); a host may also never do it (opregd before that did not), which the same
+    /// pointer test handles.
     pub aliases: Vec<(usize, usize)>,
     /// Device scratch the kernel needs per call, in bytes, when known up front (lets the
     /// host reserve it once per plan instead of per call).

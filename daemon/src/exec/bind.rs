@@ -40,6 +40,10 @@ pub struct BoundKernel {
     /// The constant inputs the kernel keeps a form of its own of and never reads at run time
     /// (ABI 1.8 `absorbed`), ascending: the plan may free them and passes them absent.
     pub absorbed: Vec<usize>,
+    /// `(input, output)` positions whose output the kernel lets the host place over the
+    /// input's memory ([`KernelDesc::aliases`](opreg_sdk::KernelDesc::aliases)), within the
+    /// node's inputs and outputs.
+    pub aliases: Vec<(usize, usize)>,
 }
 
 /// Asks `kernel` what `node`'s outputs will be (ABI 1.1 `infer`; a 1.0 plugin answers
@@ -127,8 +131,16 @@ pub fn bind(
         .collect();
     absorbed.sort_unstable();
     absorbed.dedup();
+    let aliases = reg
+        .desc
+        .aliases
+        .iter()
+        .copied()
+        .filter(|&(i, o)| i < num_in && o < num_out)
+        .collect();
     Ok(BoundKernel {
         absorbed,
+        aliases,
         instance,
         plugin: plugin.clone(),
         kernel: kernel_label(&reg.desc),

@@ -309,6 +309,7 @@ fn image_view(batch: &Arc<HostTensor>, shape: &[usize], bytes: &[u8]) -> Option<
         ptr: std::ptr::NonNull::new(bytes.as_ptr().cast_mut())?,
         len: bytes.len(),
         keep: batch.clone(),
+        holds_input: false,
     };
     HostTensor::over_planned(batch.dtype(), shape, &planned).ok()
 }

@@ -111,6 +111,21 @@ pub(super) struct Concat {
     pub inputs: Vec<usize>,
 }
 
+/// An output a kernel may write over one of its inputs ([`KernelDesc::aliases`]): kernel step
+/// `step` reads slot `input` last and makes slot `output`. Where a pattern's sizes make the
+/// two equal, it places both at one range (one value living from the input's making to the
+/// output's last read), and the run hands the output to the kernel over the input's elements
+/// ([`PlannedBuf::holds_input`]): ResNet-50's residual sums are written over their addends,
+/// whose cache lines the product then reads once instead of reading Z and, for ownership, Y.
+///
+/// [`KernelDesc::aliases`]: opreg_sdk::KernelDesc::aliases
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Alias {
+    pub step: usize,
+    pub input: usize,
+    pub output: usize,
+}
+
 /// Offsets for one set of input shapes, and its idle arenas.
 struct Pattern {
     /// Per slot: `(offset, bytes)` in the arena.
@@ -119,6 +134,8 @@ struct Pattern {
     outputs: Vec<(usize, usize)>,
     /// The concatenations placed in place for these shapes.
     in_place: Vec<Concat>,
+    /// The aliases placed in one range for these shapes.
+    aliased: Vec<Alias>,
     size: usize,
     idle: Mutex<Vec<Arc<Arena>>>,
     /// The plan's idle bytes over all its patterns (see [`MAX_IDLE_BYTES`]).
@@ -132,6 +149,8 @@ pub struct MemoryPlan {
     lifetimes: Vec<Option<(usize, usize)>>,
     /// Concatenations that may be placed in place (see [`Concat`]).
     concats: Vec<Concat>,
+    /// Outputs that may be placed over an input (see [`Alias`]).
+    aliases: Vec<Alias>,
     /// Per slot: whether it is a graph output a host kernel makes (placed in `blocks`).
     outputs: Vec<bool>,
     blocks: Arc<OutputBlocks>,
@@ -139,6 +158,7 @@ pub struct MemoryPlan {
     arenas_allocated: AtomicU64,
     idle_bytes: Arc<AtomicUsize>,
     assembled: AtomicU64,
+    handed: AtomicU64,
 }
 
 /// What a plan's memory planning did so far.
@@ -154,6 +174,10 @@ pub struct MemoryStats {
     pub value_bytes: usize,
     /// Concatenations the patterns place in place, over all patterns.
     pub concats_in_place: usize,
+    /// Outputs the patterns place over an input, over all patterns.
+    pub aliased: usize,
+    /// Runs' outputs handed to their kernels over their input so far.
+    pub aliases_handed: u64,
     /// Runs' concatenations assembled in place so far (their copies skipped).
     pub concats_assembled: u64,
     /// Blocks allocated for graph outputs over the plan's life (a steady state whose callers
@@ -163,10 +187,13 @@ pub struct MemoryStats {
 
 impl MemoryPlan {
     /// A plan over `lifetimes` (per slot, `None` for values runs must not place), with the
-    /// `concats` that may be placed in place and the graph `outputs` (slots) host kernels make.
+    /// `concats` that may be placed in place, the `aliases` that may share a range and the
+    /// graph `outputs` (slots) host kernels make. No slot is in two concats or aliases, nor in
+    /// both.
     pub(super) fn new(
         lifetimes: Vec<Option<(usize, usize)>>,
         concats: Vec<Concat>,
+        aliases: Vec<Alias>,
         outputs: &[usize],
     ) -> Self {
         let mut is_output = vec![false; lifetimes.len()];
@@ -178,12 +205,14 @@ impl MemoryPlan {
         MemoryPlan {
             lifetimes,
             concats,
+            aliases,
             outputs: is_output,
             blocks: Arc::default(),
             patterns: Mutex::new(HashMap::new()),
             arenas_allocated: AtomicU64::new(0),
             idle_bytes: Arc::new(AtomicUsize::new(0)),
             assembled: AtomicU64::new(0),
+            handed: AtomicU64::new(0),
         }
     }
 
@@ -228,6 +257,13 @@ impl MemoryPlan {
         self.assembled.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts the outputs a run handed to their kernel over their input.
+    pub(super) fn handed(&self, outputs: usize) {
+        if outputs > 0 {
+            self.handed.fetch_add(outputs as u64, Ordering::Relaxed);
+        }
+    }
+
     /// Learns the pattern for `key` from the sizes a run recorded (per slot, bytes) and the
     /// concatenations whose inputs were contiguous runs of their output (`contiguous`, per
     /// entry of [`concats`](Self::concats)).
@@ -266,7 +302,28 @@ impl MemoryPlan {
             values.push((slots + in_place.len(), bytes, life));
             in_place.push(c.clone());
         }
-        let (mut places, size) = assign(&values, slots + in_place.len());
+        // Each alias whose two values have one size becomes one value too, numbered after
+        // the concatenations.
+        let mut aliased = Vec::new();
+        for a in &self.aliases {
+            let bytes = |s: usize| sizes.get(s).copied().flatten().filter(|&b| b > 0);
+            let life = |s: usize| self.lifetimes.get(s).copied().flatten();
+            let (Some(input), Some((made, _)), Some((_, last))) =
+                (bytes(a.input), life(a.input), life(a.output))
+            else {
+                continue;
+            };
+            let Some(range) = input.checked_next_multiple_of(ALIGN) else {
+                continue;
+            };
+            if bytes(a.output) != Some(input) {
+                continue;
+            }
+            values.retain(|v| v.0 != a.input && v.0 != a.output);
+            values.push((slots + in_place.len() + aliased.len(), range, (made, last)));
+            aliased.push(a.clone());
+        }
+        let (mut places, size) = assign(&values, slots + in_place.len() + aliased.len());
         for (g, c) in in_place.iter().enumerate() {
             let Some(Some((base, _))) = places.get(slots + g).copied() else {
                 continue;
@@ -283,6 +340,14 @@ impl MemoryPlan {
                 *p = Some((base, at - base));
             }
         }
+        for (g, a) in aliased.iter().enumerate() {
+            let place = places.get(slots + in_place.len() + g).copied().flatten();
+            for s in [a.input, a.output] {
+                if let Some(p) = places.get_mut(s) {
+                    *p = place;
+                }
+            }
+        }
         places.truncate(slots);
         patterns.insert(
             key,
@@ -290,6 +355,7 @@ impl MemoryPlan {
                 places,
                 outputs,
                 in_place,
+                aliased,
                 size,
                 idle: Mutex::new(Vec::new()),
                 idle_bytes: self.idle_bytes.clone(),
@@ -331,6 +397,8 @@ impl MemoryPlan {
             arena_bytes: largest.map_or(0, |p| p.size),
             value_bytes: largest.map_or(0, |p| p.places.iter().flatten().map(|(_, b)| b).sum()),
             concats_in_place: patterns.values().map(|p| p.in_place.len()).sum(),
+            aliased: patterns.values().map(|p| p.aliased.len()).sum(),
+            aliases_handed: self.handed.load(Ordering::Relaxed),
             concats_assembled: self.assembled.load(Ordering::Relaxed),
             output_blocks_allocated: self.blocks.allocated.load(Ordering::Relaxed),
         }
@@ -378,6 +446,7 @@ impl OutputBlocks {
             ptr: block.ptr,
             len,
             keep: block,
+            holds_input: false,
         })
     }
 }
@@ -431,6 +500,13 @@ impl RunArena {
         self.pattern.in_place.iter().find(|c| c.step == step)
     }
 
+    /// The input slot whose range this pattern gave output `slot` of step `step` (see
+    /// [`Alias`]).
+    pub(super) fn aliased(&self, step: usize, slot: usize) -> Option<usize> {
+        let a = self.pattern.aliased.iter().find(|a| a.step == step)?;
+        (a.output == slot).then_some(a.input)
+    }
+
     /// The range planned for `slot`, if any: in the arena, or a graph output's block.
     pub(super) fn place(&self, slot: usize) -> Option<PlannedBuf> {
         if let Some(&(_, len)) = self.pattern.outputs.iter().find(|(s, _)| *s == slot) {
@@ -446,6 +522,7 @@ impl RunArena {
             ptr,
             len,
             keep: self.arena.clone(),
+            holds_input: false,
         })
     }
 }
@@ -506,7 +583,12 @@ mod tests {
 
     #[test]
     fn arenas_are_reused_only_when_nothing_holds_them() {
-        let plan = MemoryPlan::new(vec![Some((0, 1)), Some((1, 2)), None], Vec::new(), &[]);
+        let plan = MemoryPlan::new(
+            vec![Some((0, 1)), Some((1, 2)), None],
+            Vec::new(),
+            Vec::new(),
+            &[],
+        );
         let key: ShapeKey = vec![(DType::F32, vec![2])];
         assert!(plan.arena(&key).is_none(), "nothing learnt yet");
         plan.learn(key.clone(), &[Some(100), Some(10), Some(1000)], &[]);
@@ -525,8 +607,56 @@ mod tests {
     }
 
     #[test]
+    fn an_alias_of_one_size_shares_one_range_and_others_do_not() {
+        // Step 1 reads slot 0 last and makes slot 1 (declared aliased); slot 2 lives
+        // throughout. Slot 1 is read by step 2.
+        let alias = Alias {
+            step: 1,
+            input: 0,
+            output: 1,
+        };
+        let plan = MemoryPlan::new(
+            vec![Some((0, 1)), Some((1, 2)), Some((0, 2))],
+            Vec::new(),
+            vec![alias.clone()],
+            &[],
+        );
+        let same: ShapeKey = vec![(DType::F32, vec![1])];
+        plan.learn(same.clone(), &[Some(256), Some(256), Some(64)], &[]);
+        let run = plan.arena(&same).expect("pattern");
+        let (z, y, other) = (
+            run.place(0).expect("z"),
+            run.place(1).expect("y"),
+            run.place(2).expect("other"),
+        );
+        assert_eq!((z.ptr, z.len), (y.ptr, y.len), "y over z");
+        assert!(
+            !y.holds_input,
+            "the run says whether z is there, not the pattern"
+        );
+        assert_ne!(other.ptr, z.ptr);
+        assert_eq!(
+            (run.aliased(1, 1), run.aliased(1, 0), run.aliased(2, 1)),
+            (Some(0), None, None)
+        );
+        assert_eq!(plan.stats().aliased, 1);
+        // Sizes that differ (an output larger than its input): apart, as without the alias.
+        let other_sizes: ShapeKey = vec![(DType::F32, vec![2])];
+        plan.learn(other_sizes.clone(), &[Some(256), Some(512), Some(64)], &[]);
+        let run = plan.arena(&other_sizes).expect("pattern");
+        let (z, y) = (run.place(0).expect("z"), run.place(1).expect("y"));
+        assert!(
+            z.ptr.as_ptr() as usize + z.len <= y.ptr.as_ptr() as usize
+                || y.ptr.as_ptr() as usize + y.len <= z.ptr.as_ptr() as usize,
+            "live together, so disjoint"
+        );
+        assert_eq!(run.aliased(1, 1), None);
+        assert_eq!(plan.stats().aliased, 1);
+    }
+
+    #[test]
     fn idle_arenas_are_bounded_in_bytes_over_all_shapes() {
-        let plan = MemoryPlan::new(vec![Some((0, 0))], Vec::new(), &[]);
+        let plan = MemoryPlan::new(vec![Some((0, 0))], Vec::new(), Vec::new(), &[]);
         // Patterns whose arenas are each 3/8 of the idle bound: two fit, the third is freed.
         let big = MAX_IDLE_BYTES / 8 * 3;
         for batch in 1..=3usize {

@@ -9,7 +9,7 @@
 
 use super::compiled::{Placement, Plan, Step, Work};
 use super::control::{self, Typed};
-use super::memory::{Concat, MemoryPlan};
+use super::memory::{Alias, Concat, MemoryPlan};
 use super::passes::Fusion;
 use super::schedule::schedule;
 use super::subgraphs::{subgraphs, Subgraphs};
@@ -809,6 +809,7 @@ fn finish(
         }
     }
     let concats = in_place_concats(&steps, &lifetimes);
+    let aliases = aliases(&steps, &lifetimes, &concats);
     // Graph outputs made by a host kernel step (not inputs or constants passed through, nor
     // values from control flow or another device): their memory is kept between runs.
     let host_outputs: Vec<usize> = steps
@@ -829,7 +830,7 @@ fn finish(
         output_shapes,
         placement,
         copies,
-        memory: MemoryPlan::new(lifetimes, concats, &host_outputs),
+        memory: MemoryPlan::new(lifetimes, concats, aliases, &host_outputs),
         snapshot,
         batch_split: false,
     })
@@ -871,6 +872,53 @@ fn in_place_concats(steps: &[Step], lifetimes: &[Option<(usize, usize)>]) -> Vec
         });
     }
     concats
+}
+
+/// The outputs the memory plan may place over an input (see `memory::Alias`): a host kernel
+/// declared the pair, the input is read last by that step (and once by it) and both values
+/// are placeable; none already in an in-place concatenation or another alias.
+fn aliases(steps: &[Step], lifetimes: &[Option<(usize, usize)>], concats: &[Concat]) -> Vec<Alias> {
+    let mut taken: HashSet<usize> = concats
+        .iter()
+        .flat_map(|c| c.inputs.iter().chain([&c.output]))
+        .copied()
+        .collect();
+    let mut aliases = Vec::new();
+    for (step, st) in steps.iter().enumerate() {
+        let Work::Kernel(bound) = &st.work else {
+            continue;
+        };
+        if st.device != Device::CPU {
+            continue;
+        }
+        for &(i, o) in &bound.aliases {
+            let (Some(Some(input)), Some(Some(output))) = (st.inputs.get(i), st.outputs.get(o))
+            else {
+                continue;
+            };
+            let (input, output) = (*input, *output);
+            let read_once = st.inputs.iter().flatten().filter(|&&s| s == input).count() == 1
+                && !st.captured.contains(&input);
+            let last_read_here =
+                matches!(lifetimes.get(input), Some(Some((_, last))) if *last == step);
+            let placeable = matches!(lifetimes.get(output), Some(Some(_)));
+            if read_once
+                && last_read_here
+                && placeable
+                && input != output
+                && !taken.contains(&input)
+                && !taken.contains(&output)
+            {
+                taken.extend([input, output]);
+                aliases.push(Alias {
+                    step,
+                    input,
+                    output,
+                });
+            }
+        }
+    }
+    aliases
 }
 
 /// Runs a node whose inputs are all constants once, at load, when its results fit in what is

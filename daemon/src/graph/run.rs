@@ -373,10 +373,12 @@ fn run_with(
                     Some(a) if in_place.is_none() => step
                         .outputs
                         .iter()
-                        .map(|s| s.and_then(|s| a.place(s)))
+                        .map(|s| s.and_then(|s| place_output(a, index, s, &values)))
                         .collect(),
                     _ => Vec::new(),
                 };
+                let handed = planned.iter().flatten().filter(|p| p.holds_input).count();
+                plan.memory.handed(handed);
                 if !sizes.is_empty() {
                     if let Some(g) = concats.iter().position(|c| c.step == index) {
                         if let Some(c) = contiguous.get_mut(g) {
@@ -502,6 +504,25 @@ fn run_kernel_step(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// The range planned for output `slot` of kernel step `step`. Where the pattern placed it
+/// over an input (`memory::Alias`) that lies there now, the range is handed over holding that
+/// input ([`PlannedBuf::holds_input`]: not zeroed, the kernel declared it may write over it);
+/// where the input ended up elsewhere (a size the pattern did not expect), the range is the
+/// output's alone.
+fn place_output(
+    arena: &RunArena,
+    step: usize,
+    slot: usize,
+    values: &Values<'_>,
+) -> Option<PlannedBuf> {
+    let mut place = arena.place(slot)?;
+    if let Some(input) = arena.aliased(step, slot) {
+        place.holds_input = matches!(values.slot(input), Some(Slot::Tensor(t))
+            if t.on_host() && std::ptr::eq(t.bytes().as_ptr(), place.ptr.as_ptr()));
+    }
+    Some(place)
 }
 
 /// Whether a `Concat` step's inputs are each one contiguous run of its output: host tensors of

@@ -332,7 +332,7 @@ impl Kernel for ConvMaxPool {
         let conv_shape = [n, m, oh, ow];
         let whole = ctx.scratch_reused::<f32>(checked_numel(&conv_shape)?)?;
         self.conv
-            .run(ctx, xs, &g, m, x, w, bias, None, act, whole)?;
+            .run(ctx, xs, &g, m, x, w, bias, Sum::None, act, whole)?;
         pool::max_pool_f32(ctx, (whole, &conv_shape), &gp, y)
     }
 }
@@ -637,18 +637,28 @@ impl Kernel for Conv {
         // shape takes the widened path, which broadcasts as Add does.
         let z_same = z.filter(|v| v.shape() == out_shape.as_slice());
         match xv.dtype {
-            DType::F32 if z.is_none() || z_same.is_some() => self.run(
-                ctx,
-                xs,
-                &g,
-                m,
-                xv.as_slice()?,
-                wv.as_slice()?,
-                conv_bias("Conv", inputs, m)?,
-                z_same.map(|v| v.as_slice()).transpose()?,
-                self.activation,
-                ctx.output_slice_to_overwrite::<f32>(0, &out_shape)?,
-            ),
+            DType::F32 if z.is_none() || z_same.is_some() => {
+                let y = ctx.output_slice_to_overwrite::<f32>(0, &out_shape)?;
+                // The host may place Y over Z (the alias registered with FusedConv, when
+                // nothing reads Z after this node): Z's elements are then Y's, and no slice
+                // of Z may live while Y is written (see `Sum::InY`).
+                let sum = match z_same {
+                    Some(v) if std::ptr::eq(v.data, y.as_ptr().cast()) => Sum::InY,
+                    z => Sum::from(z.map(|v| v.as_slice()).transpose()?),
+                };
+                self.run(
+                    ctx,
+                    xs,
+                    &g,
+                    m,
+                    xv.as_slice()?,
+                    wv.as_slice()?,
+                    conv_bias("Conv", inputs, m)?,
+                    sum,
+                    self.activation,
+                    y,
+                )
+            }
             DType::F32 => self.run_widened(ctx, inputs, xs, &g, m, &out_shape, |v: f32| v, |v| v),
             // Half types: widened to f32 for the BLAS gemm, the result rounded back.
             DType::F16 => self.run_widened(
@@ -723,7 +733,8 @@ impl Conv {
             None => (z.as_ref().map(|(_, v)| v.as_slice()), self.activation),
             Some(_) => (None, Activation::None),
         };
-        self.run(ctx, xs, g, m, &x, &w, bias.as_deref(), same_z, act, &mut y)?;
+        let sum = Sum::from(same_z);
+        self.run(ctx, xs, g, m, &x, &w, bias.as_deref(), sum, act, &mut y)?;
         let Some((zs, zv)) = broadcast else {
             out.iter_mut().zip(&y).for_each(|(o, &v)| *o = store(v));
             return Ok(());
@@ -767,7 +778,7 @@ impl Conv {
     fn blas_epilogue(
         &self,
         ctx: &KernelContext<'_>,
-        (mg, p, rows): (usize, usize, usize),
+        (mg, p, rows, beta): (usize, usize, usize, f32),
         bias: Option<&[f32]>,
         act: Activation,
     ) -> Option<Epilogue> {
@@ -780,6 +791,7 @@ impl Conv {
         } else {
             pixels_by_channels_args(p, mg, rows, x.as_ptr(), w.as_ptr(), y.as_mut_ptr())
         };
+        args.beta = beta;
         with_epilogue(&mut args, left, bias, code);
         blas(ctx, "Conv").ok()?.supports(&args).then_some(code)
     }
@@ -799,6 +811,7 @@ impl Conv {
         w: &[f32],
         rhs: &[f32],
         yg: &mut [f32],
+        beta: f32,
         epi: Option<(Option<&[f32]>, Epilogue)>,
     ) -> Result<(), PluginError> {
         let fits = |len: usize, a: usize, b: usize| a.checked_mul(b).is_some_and(|e| len >= e);
@@ -809,7 +822,7 @@ impl Conv {
                 ));
             }
             return gemm_f32(
-                ctx, "Conv", false, false, mg, p, rows, 1.0, w, rhs, 0.0, yg, None,
+                ctx, "Conv", false, false, mg, p, rows, 1.0, w, rhs, beta, yg, None,
             );
         };
         if p == 0 || mg == 0 {
@@ -825,6 +838,7 @@ impl Conv {
         } else {
             pixels_by_channels_args(p, mg, rows, rhs.as_ptr(), w.as_ptr(), yg.as_mut_ptr())
         };
+        args.beta = beta;
         if let Some((bias, code)) = epi {
             if bias.is_some_and(|b| b.len() != mg) {
                 return Err(PluginError::internal(format!(
@@ -837,8 +851,8 @@ impl Conv {
         blas(ctx, "Conv")?.gemm_packed(ctx, &args, pk)
     }
 
-    /// The convolution in f32 into `y` (of the output's shape), plus `z` (of the same shape)
-    /// when given, then `act`.
+    /// The convolution in f32 into `y` (of the output's shape), plus the sum Z (of the same
+    /// shape) when given, then `act`.
     #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
@@ -849,7 +863,7 @@ impl Conv {
         x: &[f32],
         w: &[f32],
         bias: Option<&[f32]>,
-        z: Option<&[f32]>,
+        sum: Sum<'_>,
         act: Activation,
         y: &mut [f32],
     ) -> Result<(), PluginError> {
@@ -859,6 +873,24 @@ impl Conv {
         if y.is_empty() {
             return Ok(());
         }
+        // Z already in Y: the products add themselves to it (beta 1: Y's cache lines are
+        // read once, for the sum, instead of Z's and then Y's for ownership). The direct
+        // kernels read Z where they write Y, so they take a copy of it; one of them declining
+        // leaves the product with that copy.
+        let own_kernel = depthwise::applies(xs, group, m)
+            || stem::applies(xs, g, group)
+            || direct::applies(xs, g, group);
+        let copied;
+        let (z, beta) = match sum {
+            Sum::None => (None, 0.0),
+            Sum::Apart(z) => (Some(z), 0.0),
+            Sum::InY if own_kernel => {
+                copied = ctx.scratch_reused::<f32>(y.len())?;
+                copied.copy_from_slice(y);
+                (Some(&*copied), 0.0)
+            }
+            Sum::InY => (None, 1.0),
+        };
         // Non-empty y: the output's extents multiply without overflow.
         let p: usize = g.out.iter().product();
         // Saturating: with no input channels, X and W are empty and their spatial and kernel
@@ -935,7 +967,7 @@ impl Conv {
         // rounding order is the unfused graph's, see `finish`).
         // (A bias of another length than m, which `conv_bias` refuses, stays with `finish`.)
         let code = if z.is_none() && bias.is_none_or(|b| b.len() == m) {
-            self.blas_epilogue(ctx, (mg, p, rows), bias.map(|b| &b[..mg]), act)
+            self.blas_epilogue(ctx, (mg, p, rows, beta), bias.map(|b| &b[..mg]), act)
         } else {
             None
         };
@@ -974,7 +1006,7 @@ impl Conv {
                     // SAFETY: each (image, group) writes its own disjoint block of y.
                     let yg = unsafe { yd.part(at, mg * p) };
                     let wg = &w[gi * mg * rows..(gi + 1) * mg * rows];
-                    self.product(ctx, mg, p, rows, wg, rhs, yg, epi_of(gi))?;
+                    self.product(ctx, mg, p, rows, wg, rhs, yg, beta, epi_of(gi))?;
                 }
                 Ok(())
             })?;
@@ -996,7 +1028,7 @@ impl Conv {
                 };
                 let yg = &mut y[(b * m + gi * mg) * p..(b * m + (gi + 1) * mg) * p];
                 let wg = &w[gi * mg * rows..(gi + 1) * mg * rows];
-                self.product(ctx, mg, p, rows, wg, rhs, yg, epi_of(gi))?;
+                self.product(ctx, mg, p, rows, wg, rhs, yg, beta, epi_of(gi))?;
             }
         }
         finish(y)
@@ -1115,6 +1147,22 @@ crate::simd::simd_fn! {
     }
 }
 
+/// A convolution's residual sum Z: none, a tensor apart, or already in Y (the host placed Y
+/// over Z's memory, the alias FusedConv and FusedConvNhwc register: Z's elements are read
+/// through Y, never through a slice of Z, which would alias Y).
+#[derive(Clone, Copy)]
+pub(super) enum Sum<'a> {
+    None,
+    Apart(&'a [f32]),
+    InY,
+}
+
+impl<'a> From<Option<&'a [f32]>> for Sum<'a> {
+    fn from(z: Option<&'a [f32]>) -> Self {
+        z.map_or(Sum::None, Sum::Apart)
+    }
+}
+
 pub fn register(r: &mut Registrar) {
     use opreg_sdk::dtype::names::*;
     // bf16 from opset 22.
@@ -1138,7 +1186,9 @@ pub fn register(r: &mut Registrar) {
         KernelDesc::new("opreg", "FusedConv", 1, OPEN_END)
             .constraint("T", &[F32, F16, BF16])
             .inputs(&["T", "T", "T", "T"])
-            .outputs(&["T"]),
+            .outputs(&["T"])
+            // Y over Z where the plan allows (see `Sum::InY`).
+            .alias(3, 0),
         conv_factory,
     );
     // FusedConv and the MaxPool reading it (the graph pass `conv-pool`; see
@@ -1155,7 +1205,9 @@ pub fn register(r: &mut Registrar) {
         KernelDesc::new("opreg", "FusedConvNhwc", 1, OPEN_END)
             .constraint("T", &[F32])
             .inputs(&["T", "T", "T", "T"])
-            .outputs(&["T"]),
+            .outputs(&["T"])
+            // Y over Z where the plan allows (see `nhwc::compute_nhwc`).
+            .alias(3, 0),
         conv_factory,
     );
 }
