@@ -151,15 +151,18 @@ fn graph_outputs_reuse_blocks_nothing_holds_and_never_a_held_ones() {
     assert_eq!(blocks(), 2, "{:?}", model.plan.memory.stats());
 }
 
+/// Weights `name` of a `k x k` convolution of 4 channels to 4, small multiples of 1/16.
+fn conv_weights(name: &str, k: i64, seed: usize) -> opreg_proto::onnx::TensorProto {
+    let v: Vec<f32> = (0..4 * 4 * (k * k) as usize)
+        .map(|i| (((i * 29 + seed) % 19) as f32 - 9.0) / 16.0)
+        .collect();
+    f32_initializer(name, &[4, 4, k, k], &v)
+}
+
 /// Two concatenations along the channels of a batch: `c = Concat(a, b)`, whose inputs only it
 /// reads, and `e = Concat(b2, a2)`, whose `a2` an `Add` reads too.
 fn concats() -> Vec<u8> {
-    let w = |name: &str, k: i64, seed: usize| {
-        let v: Vec<f32> = (0..4 * 4 * (k * k) as usize)
-            .map(|i| (((i * 29 + seed) % 19) as f32 - 9.0) / 16.0)
-            .collect();
-        f32_initializer(name, &[4, 4, k, k], &v)
-    };
+    let w = conv_weights;
     let pads = || vec![attr_ints("pads", &[1, 1, 1, 1])];
     let axis = || vec![attr_int("axis", 1)];
     model(
@@ -547,12 +550,7 @@ fn a_graph_that_pairs_samples_with_a_batch_sized_constant_runs_whole() {
 /// `b = Relu(Conv3x3(a))`, `s = Relu(Conv1x1(b) + a)`, `y = Conv1x1(s)`. `a` is read last
 /// by the sum's convolution, which may write `s` over it.
 fn bottleneck() -> Vec<u8> {
-    let w = |name: &str, k: i64, seed: usize| {
-        let v: Vec<f32> = (0..4 * 4 * (k * k) as usize)
-            .map(|i| (((i * 31 + seed) % 23) as f32 - 11.0) / 24.0)
-            .collect();
-        f32_initializer(name, &[4, 4, k, k], &v)
-    };
+    let w = conv_weights;
     let pads = || vec![attr_ints("pads", &[1, 1, 1, 1])];
     model(
         vec![
