@@ -503,8 +503,10 @@ impl RunArena {
     /// The input slot whose range this pattern gave output `slot` of step `step` (see
     /// [`Alias`]).
     pub(super) fn aliased(&self, step: usize, slot: usize) -> Option<usize> {
-        let a = self.pattern.aliased.iter().find(|a| a.step == step)?;
-        (a.output == slot).then_some(a.input)
+        let a = self.pattern.aliased.iter();
+        a.filter(|a| a.step == step && a.output == slot)
+            .map(|a| a.input)
+            .next()
     }
 
     /// The range planned for `slot`, if any: in the arena, or a graph output's block.

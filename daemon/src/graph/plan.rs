@@ -905,7 +905,6 @@ fn aliases(steps: &[Step], lifetimes: &[Option<(usize, usize)>], concats: &[Conc
             if read_once
                 && last_read_here
                 && placeable
-                && input != output
                 && !taken.contains(&input)
                 && !taken.contains(&output)
             {

@@ -877,14 +877,16 @@ impl Conv {
         // read once, for the sum, instead of Z's and then Y's for ownership). The direct
         // kernels read Z where they write Y, so they take a copy of it; one of them declining
         // leaves the product with that copy.
-        let own_kernel = depthwise::applies(xs, group, m)
-            || stem::applies(xs, g, group)
-            || direct::applies(xs, g, group);
+        let own_kernel = || {
+            depthwise::applies(xs, group, m)
+                || stem::applies(xs, g, group)
+                || direct::applies(xs, g, group)
+        };
         let copied;
         let (z, beta) = match sum {
             Sum::None => (None, 0.0),
             Sum::Apart(z) => (Some(z), 0.0),
-            Sum::InY if own_kernel => {
+            Sum::InY if own_kernel() => {
                 copied = ctx.scratch_reused::<f32>(y.len())?;
                 copied.copy_from_slice(y);
                 (Some(&*copied), 0.0)
