@@ -19,6 +19,19 @@ pub(crate) fn has_avx512() -> bool {
     false
 }
 
+/// Whether this CPU has AVX2 and FMA (every x86-64 of the last decade; the AVX2 kernels'
+/// baseline where AVX-512 is missing).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// No AVX2 off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) fn has_avx2_fma() -> bool {
+    false
+}
+
 /// `fn name(args) { body }` whose body (safe code) is compiled three times: for AVX-512, for
 /// AVX2 with FMA and for the baseline (where `mul_add` is a library call); each call runs the best copy this CPU has (the features are
 /// detected once and cached by std). The function may be generic over one type

@@ -143,4 +143,46 @@ impl Activation {
             }
         }
     }
+
+    /// [`apply512`](Self::apply512) on the 8 lanes of an AVX2 register (the AVX2 epilogues
+    /// of the direct convolution), with the same bits.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[inline(always)]
+    pub(crate) unsafe fn apply256(self, v: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        /// `f` on each lane of `v` (see `apply512`).
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        fn lanes(v: __m256, f: impl Fn(f32) -> f32) -> __m256 {
+            let mut l = [0f32; 8];
+            // SAFETY: `l` holds 8 floats.
+            unsafe { _mm256_storeu_ps(l.as_mut_ptr(), v) };
+            for x in &mut l {
+                *x = f(*x);
+            }
+            // SAFETY: as above.
+            unsafe { _mm256_loadu_ps(l.as_ptr()) }
+        }
+        // SAFETY: the CPU has AVX2 and FMA (caller).
+        unsafe {
+            match self {
+                Activation::None => v,
+                // `max_ps(v, 0)` is 0 for NaN, as f32::max(NaN, 0).
+                Activation::Relu => _mm256_max_ps(v, _mm256_setzero_ps()),
+                // NaN stays NaN (`max_ps`/`min_ps` return their second operand on NaN).
+                Activation::Clip(lo, hi) => {
+                    _mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), v))
+                }
+                // `v < 0` is false for NaN, which stays.
+                Activation::LeakyRelu(a) => {
+                    let neg = _mm256_cmp_ps::<_CMP_LT_OQ>(v, _mm256_setzero_ps());
+                    _mm256_blendv_ps(v, _mm256_mul_ps(v, _mm256_set1_ps(a)), neg)
+                }
+                Activation::SiLU => lanes(v, |x| Activation::SiLU.apply(x)),
+                Activation::Gelu => lanes(v, |x| Activation::Gelu.apply(x)),
+            }
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! The zero-padded, channels-last copy of an NCHW image that the direct and depthwise
 //! convolutions read (`copy[(row * cols + col) * stride + channel]`: every tap of an output
 //! pixel reads one contiguous run of channels, whatever the stride and dilation), and the
-//! 16x16 register transpose that makes it and turns their tiles back to NCHW.
+//! 16x16 (AVX2: 8x8) register transposes that make it and turn their tiles back to NCHW.
 
 use crate::nn::Geometry;
 
@@ -137,14 +137,28 @@ impl ChannelsLast {
             }
             return;
         }
-        // Blocks of 16 channels x 16 columns turned in registers; the channels past the last
-        // whole block one by one.
+        // Blocks of 16 (AVX2: 8) channels x as many columns turned in registers; the
+        // channels past the last whole block one by one.
         #[cfg(target_arch = "x86_64")]
-        let whole = if run > 0 && crate::simd::has_avx512() {
+        let whole = if run == 0 {
+            0
+        } else if crate::simd::has_avx512() {
             // SAFETY: the CPU has AVX-512; the blocks' reads and writes are bounds-checked
             // slices.
             unsafe {
                 x86::fill_blocks(
+                    x,
+                    (c, ih, iw),
+                    stride,
+                    iy,
+                    run,
+                    &mut dst[lo * stride..hi * stride],
+                )
+            }
+        } else if crate::simd::has_avx2_fma() {
+            // SAFETY: the CPU has AVX2; as above.
+            unsafe {
+                x86::fill_blocks8(
                     x,
                     (c, ih, iw),
                     stride,
@@ -208,6 +222,79 @@ pub(super) mod x86 {
                 for (j, col) in cols.iter().take(n).enumerate() {
                     let d = &mut dst[(ix0 + j) * stride + ic0..][..16];
                     _mm512_storeu_ps(d.as_mut_ptr(), *col);
+                }
+            }
+        }
+        whole
+    }
+
+    /// The 8x8 matrix `r` (a row per register) transposed (AVX shuffles). Inlined, as
+    /// [`transpose16`].
+    ///
+    /// # Safety
+    /// The CPU has AVX (callers compiled for AVX2 may call it safely).
+    #[target_feature(enable = "avx")]
+    #[inline]
+    pub(in crate::nn::conv) fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        // t[2i], t[2i + 1]: rows 2i and 2i + 1 interleaved (columns 0, 1, 4, 5 and 2, 3, 6, 7).
+        let mut t = [_mm256_setzero_ps(); 8];
+        for i in 0..4 {
+            t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        // u[4g + k]: in each 128-bit half h, column 4h + k of rows 4g..4g + 4.
+        let mut u = [_mm256_setzero_ps(); 8];
+        for g in 0..2 {
+            let (a, b) = (t[4 * g], t[4 * g + 2]);
+            let (c, d) = (t[4 * g + 1], t[4 * g + 3]);
+            u[4 * g] = _mm256_shuffle_ps::<0x44>(a, b);
+            u[4 * g + 1] = _mm256_shuffle_ps::<0xee>(a, b);
+            u[4 * g + 2] = _mm256_shuffle_ps::<0x44>(c, d);
+            u[4 * g + 3] = _mm256_shuffle_ps::<0xee>(c, d);
+        }
+        let mut out = [_mm256_setzero_ps(); 8];
+        for k in 0..4 {
+            out[k] = _mm256_permute2f128_ps::<0x20>(u[k], u[4 + k]);
+            out[4 + k] = _mm256_permute2f128_ps::<0x31>(u[k], u[4 + k]);
+        }
+        out
+    }
+
+    /// [`fill_blocks`] with AVX2: blocks of 8 channels x 8 columns.
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn fill_blocks8(
+        x: &[f32],
+        (c, ih, iw): (usize, usize, usize),
+        stride: usize,
+        iy: usize,
+        run: usize,
+        dst: &mut [f32],
+    ) -> usize {
+        let whole = c / 8 * 8;
+        if dst.len() < run * stride || stride < c {
+            return 0;
+        }
+        for ic0 in (0..whole).step_by(8) {
+            let mut ix0 = 0;
+            while ix0 + 8 <= run {
+                let mut rows = [_mm256_setzero_ps(); 8];
+                for (i, r) in rows.iter_mut().enumerate() {
+                    let src = &x[((ic0 + i) * ih + iy) * iw + ix0..][..8];
+                    *r = _mm256_loadu_ps(src.as_ptr());
+                }
+                for (j, col) in transpose8(rows).iter().enumerate() {
+                    let d = &mut dst[(ix0 + j) * stride + ic0..][..8];
+                    _mm256_storeu_ps(d.as_mut_ptr(), *col);
+                }
+                ix0 += 8;
+            }
+            // The last columns (fewer than 8) one by one.
+            for ix in ix0..run {
+                for i in 0..8 {
+                    dst[ix * stride + ic0 + i] = x[((ic0 + i) * ih + iy) * iw + ix];
                 }
             }
         }

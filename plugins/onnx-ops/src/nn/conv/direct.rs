@@ -1,5 +1,6 @@
 //! 2-D convolutions with windows past 1x1 (a CNN's first layer and the 3x3 layers of its
-//! body) computed directly with AVX-512, output channels in the lanes, without im2col.
+//! body) computed directly with AVX-512 or AVX2 ([`Isa`]), output channels in the lanes,
+//! without im2col.
 //!
 //! Through im2col and the gemm such a layer is bound by memory, not arithmetic. A 3x3 layer
 //! writes a column matrix nine times its input (7.2 MB for ResNet's 56x56x64 layers, past the
@@ -38,15 +39,22 @@ use opreg_sdk::{
 
 /// f32 lanes of an AVX-512 register.
 const LANES: usize = 16;
-/// Output channels per block: two registers (one for a layer of at most [`LANES`]).
+/// Output channels per block with AVX-512: two registers (one for a layer of at most
+/// [`LANES`]).
 const OCB: usize = 2 * LANES;
-/// Output pixels per tile at most: `2 * MAX_PIX` = 28 registers of sums, with two of weights
+/// Output pixels per tile at most with AVX-512: `2 * MAX_PIX` = 28 registers of sums, with two of weights
 /// and a broadcast, 31 of the 32 (one register of channels: [`LANES`] pixels, 18). Every
 /// pixel more per weight load counts: 14 against 12 measured 1.84 -> 1.48 ms on a 14x14
 /// 256-channel layer at one thread (one tile per row instead of 12-pixel tiles along a 16-wide
 /// line), 2-4 % elsewhere.
 const MAX_PIX: usize = 14;
-/// Floats of one tile's sums.
+/// f32 lanes of an AVX2 register.
+const LANES2: usize = 8;
+/// Output pixels per tile at most with AVX2 and two registers of channels (16): 12 registers
+/// of sums, two of weights and a broadcast, 15 of the 16 (the BLAS's 6x16 gemm tile, here
+/// without im2col and packing); with one register (a layer of at most 8 channels), 12 (14).
+const MAX_PIX2: usize = 6;
+/// Floats of one tile's sums (the largest tile of either instruction set).
 const TILE: usize = MAX_PIX * OCB;
 /// Bytes of a block's weights (every tap, a run of input channels) that a group of tiles
 /// shares per pass: they stay in L1 (48 KiB here) while each tile of the group reads them.
@@ -63,28 +71,78 @@ const GROUP: usize = 16;
 /// constants). Channels-last over all `c` channels, the step was `c` and each of the 14
 /// broadcasts needed its address computed: 12 integer operations per 28 multiply-adds, some of
 /// them issued on the two ports the multiply-adds use, the loop at ~16 cycles against 14.
+/// The same 16 with AVX2: the loop broadcasts one input channel at a time, so the copy's
+/// blocks need not match the registers' lanes.
 const CB: usize = LANES;
 
-/// Output pixels per tile at most for a block of `ocb` channels.
-fn max_pixels(ocb: usize) -> usize {
-    if ocb == LANES {
-        LANES
-    } else {
-        MAX_PIX
-    }
+/// The vector unit the tiles run on; its lanes size the blocks of output channels and the
+/// tiles of pixels (and so the regrouped weights: [`pack`] and [`run`] must agree, which they
+/// do on one CPU).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Isa {
+    /// AVX-512 F: 32 registers of 16 lanes.
+    Avx512,
+    /// AVX2 with FMA: 16 registers of 8 lanes. Without it (AVX-512's kernels only), an AVX2
+    /// CPU ran ResNet's 3x3 layers through im2col and the gemm at ~28 GFLOP/s (Zen 3, one
+    /// thread: 8.1-8.4 ms for a 56x56 64->64 layer), ONNX Runtime's NCHWc kernel at ~2.5x
+    /// that.
+    Avx2,
 }
 
-/// Output channels per block for a layer of `m`: [`OCB`], or one register's worth.
-fn block_width(m: usize) -> usize {
-    if m <= LANES {
-        LANES
-    } else {
-        OCB
+#[cfg(test)]
+thread_local! {
+    /// Whether [`Isa::detect`] answers AVX2 on an AVX-512 CPU (on the test's thread, which
+    /// loads and runs the kernel), so that both loops are tested there.
+    pub(super) static TEST_AVX2: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+impl Isa {
+    /// The best this CPU has, if any (AVX2 where a test asks, see [`TEST_AVX2`]).
+    pub(super) fn detect() -> Option<Isa> {
+        #[cfg(test)]
+        if TEST_AVX2.get() && crate::simd::has_avx2_fma() {
+            return Some(Isa::Avx2);
+        }
+        if crate::simd::has_avx512() {
+            Some(Isa::Avx512)
+        } else if crate::simd::has_avx2_fma() {
+            Some(Isa::Avx2)
+        } else {
+            None
+        }
+    }
+
+    /// f32 lanes of a register.
+    fn lanes(self) -> usize {
+        match self {
+            Isa::Avx512 => LANES,
+            Isa::Avx2 => LANES2,
+        }
+    }
+
+    /// Output pixels per tile at most for a block of `ocb` channels.
+    fn max_pixels(self, ocb: usize) -> usize {
+        match (self, ocb == self.lanes()) {
+            (Isa::Avx512, true) => LANES,
+            (Isa::Avx512, false) => MAX_PIX,
+            (Isa::Avx2, true) => 2 * MAX_PIX2,
+            (Isa::Avx2, false) => MAX_PIX2,
+        }
+    }
+
+    /// Output channels per block for a layer of `m`: two registers, or one for a layer of at
+    /// most one register's worth.
+    fn block_width(self, m: usize) -> usize {
+        if m <= self.lanes() {
+            self.lanes()
+        } else {
+            2 * self.lanes()
+        }
     }
 }
 /// Whether this module computes the convolution of `x` (shape `xs`) in geometry `g` with
 /// `group` groups: 2-D, one group, a window past 1x1 (a 1x1 layer is a plain gemm over x),
-/// on a CPU with AVX-512.
+/// on a CPU with AVX-512 or AVX2 ([`Isa::detect`]).
 pub(super) fn applies(xs: &[usize], g: &Geometry, group: usize) -> bool {
     xs.len() == 4
         && g.kernel.len() == 2
@@ -94,10 +152,10 @@ pub(super) fn applies(xs: &[usize], g: &Geometry, group: usize) -> bool {
         && g.kernel.iter().all(|&k| k > 0)
         // Saturating: with no output channels, W is empty and its extents unbounded.
         && g.kernel[0].saturating_mul(g.kernel[1]) > 1
-        && crate::simd::has_avx512()
+        && Isa::detect().is_some()
 }
 
-/// `W` (`m x c x kh x kw`) regrouped per block of `ocb` ([`block_width`]) output channels,
+/// `W` (`m x c x kh x kw`) regrouped per block of `ocb` ([`Isa::block_width`]) output channels,
 /// then per block of [`CB`] input channels (the copy's), tap-major within it: weight `o` of
 /// tap `t = ky * kw + kx` and input channel `ic` (of block `b = ic / cb`, `cbl` channels) at
 /// [`weight_at`]`(t, ic) * ocb + o` in the output block's `taps * c * ocb` values; zero for the
@@ -111,7 +169,8 @@ pub(super) fn pack(
     c: usize,
     (kh, kw): (usize, usize),
 ) -> Result<Vec<f32>, PluginError> {
-    let ocb = block_width(m);
+    // No unit, no tiles: `applies` is false and nothing reads the regrouping.
+    let ocb = Isa::detect().map_or(OCB, |isa| isa.block_width(m));
     let blocks = m.div_ceil(ocb);
     let mut wt = try_vec(checked_numel(&[blocks, kh, kw, c, ocb])?, 0.0f32)?;
     let depth = checked_numel(&[c, kh, kw])?;
@@ -164,6 +223,9 @@ pub(super) fn run(
     (y, layouts): (&mut [f32], Layouts),
 ) -> Result<bool, PluginError> {
     let y_nhwc = layouts.y_nhwc;
+    let Some(isa) = Isa::detect() else {
+        return Ok(false);
+    };
     let (n, c, ih, iw) = (xs[0], xs[1], xs[2], xs[3]);
     let (oh, ow) = (g.out[0], g.out[1]);
     let (kh, kw) = (g.kernel[0], g.kernel[1]);
@@ -211,7 +273,7 @@ pub(super) fn run(
     let cols = cp.cols;
     let image = checked_numel(&[c, ih, iw])?;
     let depth = checked_numel(&[c, kh, kw])?;
-    let ocb = block_width(m);
+    let ocb = isa.block_width(m);
     let blocks = m.div_ceil(ocb);
     let wt_len = checked_numel(&[blocks, depth, ocb])?;
     super::operands_fit((x, w, y), bias, z, (n, image), (m, depth), plane)?;
@@ -256,6 +318,7 @@ pub(super) fn run(
         z: z.map(|z| &z[b * m * plane..(b + 1) * m * plane]),
         act,
         y_nhwc,
+        isa,
     };
     if n >= ctx.num_threads().max(2) {
         // Enough images to keep every thread busy: one task per image, each with its own
@@ -278,7 +341,7 @@ pub(super) fn run(
     let copy = ctx.scratch_reused::<f32>(copy_len)?;
     // Tasks of (block, rows): about one group of tiles each (the passes over the weights are
     // shared within a task), cut further while there are fewer than four tasks per thread.
-    let tiles_per_row = ow.div_ceil(max_pixels(ocb));
+    let tiles_per_row = ow.div_ceil(isa.max_pixels(ocb));
     let mut rows_per_task = (GROUP / tiles_per_row).clamp(1, oh);
     while rows_per_task > 1 && blocks * oh.div_ceil(rows_per_task) < 4 * ctx.num_threads() {
         rows_per_task /= 2;
@@ -364,6 +427,8 @@ struct Tiles<'a> {
     /// Whether the output is channels-last (`oh x ow x m` per image): tiles are stored as
     /// they are computed, pixel by pixel, instead of turned to channel planes.
     y_nhwc: bool,
+    /// The vector unit (detected once per call).
+    isa: Isa,
 }
 
 /// One tile: its first tap's offset in the copy, its `p` pixels from `(oy, ox)` of one output
@@ -426,7 +491,7 @@ impl Tiles<'_> {
         // 16-channel 3x3 layer's time (memset in its profile).
         let (sums, _) = sums.as_chunks_mut::<TILE>();
         let ow = self.ow;
-        let ocb = block_width(self.m);
+        let ocb = self.isa.block_width(self.m);
         let w = &self.wt[blk * self.depth * ocb..(blk + 1) * self.depth * ocb];
         // The reads of every tile stay inside the copy: the last pixel's last tap is the
         // copy's last element by construction (`run` sized it so); checked once here for the
@@ -445,9 +510,8 @@ impl Tiles<'_> {
                 "Conv: the channels-last copy, the weights or the sums are shorter than the tiles need",
             ));
         }
-        // Tiles of at most MAX_PIX (one register of channels: LANES) pixels, as even as the
-        // row allows.
-        let max_pix = max_pixels(ocb);
+        // Tiles of at most `max_pixels` pixels, as even as the row allows.
+        let max_pix = self.isa.max_pixels(ocb);
         let tiles = ow.div_ceil(max_pix);
         let (base, extra) = (ow / tiles, ow % tiles);
         // Tiles stay within a row, so that each skips the kernel rows its row reads only
@@ -515,11 +579,15 @@ impl Tiles<'_> {
                 let n = self.chunk.min(cn - i);
                 for (t, buf) in group.iter().zip(sums.iter_mut()) {
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `applies` checked the CPU's AVX-512; `rows` checked that every
-                    // read lies inside the copy's blocks and the weights.
+                    // SAFETY: `isa` was detected on this CPU; `rows` checked that every read
+                    // lies inside the copy's blocks and the weights.
                     unsafe {
                         let start = copy.as_ptr().add(base + t.start + i);
-                        x86::tile(self, start, (t.p, t.ky), w, (blkc + i, n), buf)
+                        let at = (t.p, t.ky);
+                        match self.isa {
+                            Isa::Avx512 => x86::tile(self, start, at, w, (blkc + i, n), buf),
+                            Isa::Avx2 => avx2::tile(self, start, at, w, (blkc + i, n), buf),
+                        }
                     };
                 }
                 i += n;
@@ -530,10 +598,12 @@ impl Tiles<'_> {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as for the tile; the stores are bounds-checked parts of y.
             unsafe {
-                if self.y_nhwc {
-                    x86::store_nhwc(self, blk, (oy, ox, t.p), buf, yd)
-                } else {
-                    x86::store(self, blk, (oy, ox, t.p), buf, yd)
+                let at = (oy, ox, t.p);
+                match (self.isa, self.y_nhwc) {
+                    (Isa::Avx512, true) => x86::store_nhwc(self, blk, at, buf, yd),
+                    (Isa::Avx512, false) => x86::store(self, blk, at, buf, yd),
+                    (Isa::Avx2, true) => avx2::store_nhwc(self, blk, at, buf, yd),
+                    (Isa::Avx2, false) => avx2::store(self, blk, at, buf, yd),
                 }
             };
         }
@@ -563,7 +633,7 @@ mod x86 {
         yd: &Disjoint<f32>,
     ) {
         let plane = t.oh * t.ow;
-        let ocb = super::block_width(t.m);
+        let ocb = t.isa.block_width(t.m);
         let p = p.min(LANES);
         let mask = ((1u32 << p) - 1) as u16;
         for half in 0..ocb / LANES {
@@ -607,7 +677,7 @@ mod x86 {
         buf: &[f32; TILE],
         yd: &Disjoint<f32>,
     ) {
-        let ocb = super::block_width(t.m);
+        let ocb = t.isa.block_width(t.m);
         let p = p.min(LANES);
         // Pixel j's channels lie together: each 16 of them one masked store.
         for half in 0..ocb / LANES {
@@ -643,7 +713,7 @@ mod x86 {
     /// The sums over input channels `ic..ic + n` (within one block of the copy) of `p`
     /// (1..=[`super::MAX_PIX`]) pixels whose first tap's channel `ic` is at `start` (stepping
     /// by `pix_step`, the block's channels consecutive) x the block's `ocb`
-    /// ([`super::block_width`]) channels (weights `w`), over kernel rows `ky.0..ky.1`, added
+    /// ([`super::Isa::block_width`]) channels (weights `w`), over kernel rows `ky.0..ky.1`, added
     /// to `buf[pixel * ocb + channel]` (which they start when `ic` is 0).
     ///
     /// # Safety
@@ -671,7 +741,7 @@ mod x86 {
                 }
             };
         }
-        if super::block_width(t.m) == LANES {
+        if t.isa.block_width(t.m) == LANES {
             by_width!(1: 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
         } else {
             by_width!(2: 1 2 3 4 5 6 7 8 9 10 11 12 13 14);
@@ -736,6 +806,243 @@ mod x86 {
         for (j, a) in acc.iter().enumerate() {
             for (r, &v) in a.iter().enumerate() {
                 _mm512_storeu_ps(buf.as_mut_ptr().add(j * ocb + r * LANES), v);
+            }
+        }
+    }
+}
+
+/// The AVX2 tiles: [`x86`]'s loops at half the width, 8 lanes and 16 registers.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::super::channels_last::x86::transpose8;
+    use super::{Tiles, LANES2, TILE};
+    use crate::nn::Disjoint;
+    use std::arch::x86_64::*;
+
+    /// Lanes `0..n` (at most 8) of a mask for `maskload`/`maskstore`.
+    #[target_feature(enable = "avx2,fma")]
+    fn first_lanes(n: usize) -> __m256i {
+        let n = n.min(LANES2) as i32;
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(n),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
+    }
+
+    /// The first `out.len()` (at most 8) lanes of `v` into `out`: whole, or by halves,
+    /// pairs and one. (`maskstore` is microcoded on AMD's cores: the direct kernel's stores
+    /// of 6-pixel runs took 7 % of a 3x3 layer that way.)
+    #[target_feature(enable = "avx2,fma")]
+    fn store_first(out: &mut [f32], v: __m256) {
+        let n = out.len().min(LANES2);
+        if n == LANES2 {
+            // SAFETY: `out` holds 8 floats.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), v) };
+            return;
+        }
+        let (mut rest, mut at) = (_mm256_castps256_ps128(v), 0);
+        // SAFETY: each store writes lanes `at..at + k` of `out`, `at + k <= n`.
+        unsafe {
+            if n >= 4 {
+                _mm_storeu_ps(out.as_mut_ptr(), rest);
+                rest = _mm256_extractf128_ps::<1>(v);
+                at = 4;
+            }
+            if n - at >= 2 {
+                _mm_storel_epi64(out.as_mut_ptr().add(at).cast(), _mm_castps_si128(rest));
+                rest = _mm_movehl_ps(rest, rest);
+                at += 2;
+            }
+            if n > at {
+                _mm_store_ss(out.as_mut_ptr().add(at), rest);
+            }
+        }
+    }
+
+    /// Pixels `ox..ox + p` of row `oy` from `buf` (`[pixel][channel]`) into block `blk`'s
+    /// output channels of `yd`, turned 8x8 in registers, with the bias, the fused sum and the
+    /// activation.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `p * ocb <= TILE`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn store(
+        t: &Tiles<'_>,
+        blk: usize,
+        (oy, ox, p): (usize, usize, usize),
+        buf: &[f32; TILE],
+        yd: &Disjoint<f32>,
+    ) {
+        let plane = t.oh * t.ow;
+        let ocb = t.isa.block_width(t.m);
+        for half in 0..ocb / LANES2 {
+            for j0 in (0..p).step_by(LANES2) {
+                let pn = (p - j0).min(LANES2);
+                let mask = first_lanes(pn);
+                let mut rows = [_mm256_setzero_ps(); LANES2];
+                for (j, r) in rows.iter_mut().take(pn).enumerate() {
+                    let from = (j0 + j) * ocb + half * LANES2;
+                    *r = _mm256_loadu_ps(buf[from..from + LANES2].as_ptr());
+                }
+                for (o, &col) in transpose8(rows).iter().enumerate() {
+                    let oc = blk * ocb + half * LANES2 + o;
+                    if oc >= t.m {
+                        break;
+                    }
+                    let at = oc * plane + oy * t.ow + ox + j0;
+                    // SAFETY: this task alone writes these rows of block `blk`'s channels.
+                    let out = unsafe { yd.part(at, pn) };
+                    let mut v = col;
+                    if let Some(b) = t.bias {
+                        v = _mm256_add_ps(v, _mm256_set1_ps(b[oc]));
+                    }
+                    if let Some(z) = t.z {
+                        let zr = &z[at..at + pn];
+                        // SAFETY: the lanes read lie in `zr` (the mask's `pn`).
+                        v = _mm256_add_ps(v, unsafe { _mm256_maskload_ps(zr.as_ptr(), mask) });
+                    }
+                    // SAFETY: the CPU has AVX2 and FMA.
+                    v = unsafe { t.act.apply256(v) };
+                    store_first(out, v);
+                }
+            }
+        }
+    }
+
+    /// [`store`] for a channels-last output: each pixel's 8 channels one masked store.
+    ///
+    /// # Safety
+    /// As [`store`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn store_nhwc(
+        t: &Tiles<'_>,
+        blk: usize,
+        (oy, ox, p): (usize, usize, usize),
+        buf: &[f32; TILE],
+        yd: &Disjoint<f32>,
+    ) {
+        let ocb = t.isa.block_width(t.m);
+        for half in 0..ocb / LANES2 {
+            let oc = blk * ocb + half * LANES2;
+            if oc >= t.m {
+                return;
+            }
+            let lanes = (t.m - oc).min(LANES2);
+            let mask = first_lanes(lanes);
+            // SAFETY: the lanes read lie in the bias (the mask's `lanes`).
+            let bias = t
+                .bias
+                .map(|b| unsafe { _mm256_maskload_ps(b[oc..oc + lanes].as_ptr(), mask) });
+            for j in 0..p {
+                let at = (oy * t.ow + ox + j) * t.m + oc;
+                let from = j * ocb + half * LANES2;
+                let mut v = _mm256_loadu_ps(buf[from..from + LANES2].as_ptr());
+                if let Some(b) = bias {
+                    v = _mm256_add_ps(v, b);
+                }
+                if let Some(z) = t.z {
+                    let zr = &z[at..at + lanes];
+                    // SAFETY: as the bias.
+                    v = _mm256_add_ps(v, unsafe { _mm256_maskload_ps(zr.as_ptr(), mask) });
+                }
+                // SAFETY: this task alone writes these pixels of block `blk`'s channels; the
+                // CPU has AVX2 and FMA.
+                let out = unsafe { yd.part(at, lanes) };
+                v = unsafe { t.act.apply256(v) };
+                store_first(out, v);
+            }
+        }
+    }
+
+    /// [`super::x86::tile`] with AVX2: the sums over input channels `ic..ic + n` of `p`
+    /// (1..=[`super::Isa::max_pixels`]) pixels x the block's channels.
+    ///
+    /// # Safety
+    /// As [`super::x86::tile`], with AVX2 and FMA for AVX-512.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile(
+        t: &Tiles<'_>,
+        start: *const f32,
+        (p, ky): (usize, (usize, usize)),
+        w: &[f32],
+        chans: (usize, usize),
+        buf: &mut [f32; TILE],
+    ) {
+        // The pixel steps of a block of 16 channels at strides 1 and 2, and of a 3-channel
+        // image at stride 2 (the first layer of MobileNets and EfficientNets), as constants.
+        macro_rules! by_width {
+            ($v:literal: $($n:literal)*) => {
+                match (t.pix_step, p) {
+                    $((16, $n) => sums::<$n, $v, 16>(t, start, ky, w, chans, buf),)*
+                    $((32, $n) => sums::<$n, $v, 32>(t, start, ky, w, chans, buf),)*
+                    $((6, $n) => sums::<$n, $v, 6>(t, start, ky, w, chans, buf),)*
+                    $((_, $n) => sums::<$n, $v, 0>(t, start, ky, w, chans, buf),)*
+                    _ => {}
+                }
+            };
+        }
+        if t.isa.block_width(t.m) == LANES2 {
+            by_width!(1: 1 2 3 4 5 6 7 8 9 10 11 12);
+        } else {
+            by_width!(2: 1 2 3 4 5 6);
+        }
+    }
+
+    /// [`tile`] for exactly `P` pixels and `V` registers of channels, pixels `S` floats apart
+    /// (0: `t.pix_step`): the loop whose sums stay in registers.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn sums<const P: usize, const V: usize, const S: usize>(
+        t: &Tiles<'_>,
+        start: *const f32,
+        ky: (usize, usize),
+        w: &[f32],
+        (ic0, n): (usize, usize),
+        buf: &mut [f32; TILE],
+    ) {
+        let step = if S > 0 { S } else { t.pix_step };
+        let ocb = V * LANES2;
+        let mut acc = [[_mm256_setzero_ps(); V]; P];
+        if ic0 > 0 {
+            for (j, a) in acc.iter_mut().enumerate() {
+                for (r, v) in a.iter_mut().enumerate() {
+                    *v = _mm256_loadu_ps(buf.as_ptr().add(j * ocb + r * LANES2));
+                }
+            }
+        }
+        // The next block of input channels' weights asked for into L2 (see the AVX-512 loop).
+        let ahead = t.taps.len() * t.cb * ocb;
+        let kw = t.taps.len() / t.vertical.kh.max(1);
+        let k0 = (ky.0 * kw).min(t.taps.len());
+        let taps = t
+            .taps
+            .get(k0..(ky.1 * kw).min(t.taps.len()))
+            .unwrap_or_default();
+        for (k, &tap) in (k0..).zip(taps) {
+            let mut q = start.add(tap);
+            let mut wp = w
+                .as_ptr()
+                .add(super::weight_at((t.c, t.cb, t.taps.len()), k, ic0) * ocb);
+            for _ in 0..n {
+                let mut wv = [_mm256_setzero_ps(); V];
+                for (r, v) in wv.iter_mut().enumerate() {
+                    *v = _mm256_loadu_ps(wp.add(r * LANES2));
+                }
+                // One prefetch per 64-byte line of weights (a 16-channel block's two
+                // registers are one line).
+                _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(ahead).cast());
+                wp = wp.add(ocb);
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_broadcast_ss(&*q.add(j * step));
+                    for (ar, &wr) in a.iter_mut().zip(&wv) {
+                        *ar = _mm256_fmadd_ps(xv, wr, *ar);
+                    }
+                }
+                q = q.add(1);
+            }
+        }
+        for (j, a) in acc.iter().enumerate() {
+            for (r, &v) in a.iter().enumerate() {
+                _mm256_storeu_ps(buf.as_mut_ptr().add(j * ocb + r * LANES2), v);
             }
         }
     }
