@@ -1234,19 +1234,22 @@ async fn a_residual_join_runs_as_one_fused_conv() {
     assert_eq!(f32_values(&r.raw_output_contents[0]), want);
 }
 
-/// Whether this CPU has the AVX-512 the onnx-ops plugin's channels-last kernels need.
-fn avx512() -> bool {
+/// Whether this CPU has the vector units the onnx-ops plugin's channels-last kernels need
+/// (AVX-512 F/BW/VL, or AVX2 with FMA).
+fn channels_last_kernels() -> bool {
     #[cfg(target_arch = "x86_64")]
-    return std::arch::is_x86_feature_detected!("avx512f")
+    return (std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("avx512bw")
-        && std::arch::is_x86_feature_detected!("avx512vl");
+        && std::arch::is_x86_feature_detected!("avx512vl"))
+        || (std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma"));
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
 
 /// A MobileNetV2 block (1x1 expand + ReLU6, depthwise 3x3 + ReLU, 1x1 project + the residual
 /// Add): the values inside the block run channels-last (the pass `nhwc-conv`, on CPUs with
-/// AVX-512), and the answer is the NCHW one; a narrow block (its projection multiplies W X^T) and a wide one
+/// AVX-512 or AVX2), and the answer is the NCHW one; a narrow block (its projection multiplies W X^T) and a wide one
 /// (X W^T stored column-major).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mobilenet_block_runs_channels_last_inside() {
@@ -1308,9 +1311,9 @@ async fn mobilenet_block(c: usize) {
         .expect("load");
     let (_, nodes) = placement(&d, "block").await;
     let ops: Vec<&str> = nodes.iter().map(|n| n.0.as_str()).collect();
-    // The plugin offers the channels-last kernel only on CPUs with AVX-512 (where its own
-    // kernels run); elsewhere the block stays NCHW, with the same answer.
-    let fused = if avx512() {
+    // The plugin offers the channels-last kernel only on CPUs with AVX-512 or AVX2 (where
+    // its own kernels run); elsewhere the block stays NCHW, with the same answer.
+    let fused = if channels_last_kernels() {
         "FusedConvNhwc"
     } else {
         "FusedConv"

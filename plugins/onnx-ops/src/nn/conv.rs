@@ -418,10 +418,10 @@ fn direct_weights(
     if w.dtype != DType::F32 || w.shape().len() != 4 || xs.len() != 4 {
         return Ok(None);
     }
-    // Only the AVX-512 loop reads the regrouped weights.
+    // Only the channels-last loops (AVX-512, AVX2) read the regrouped weights.
     if depthwise::applies(&xs, group, w.shape()[0])
         && w.shape()[1] == 1
-        && crate::simd::has_avx512()
+        && direct::Isa::detect().is_some()
     {
         // Regrouped per call, the taps' rows took a scattered pass over W on every run
         // (MobileNetV2's 17 layers: 64k scattered stores per image).
@@ -1203,13 +1203,15 @@ pub fn register(r: &mut Registrar) {
         conv_max_pool_factory,
     );
     // FusedConv with a channels-last X and/or Y (the graph pass `nhwc-conv`; see [`nhwc`]),
-    // offered only where it pays: its depthwise and stem kernels are AVX-512 ones (the direct
-    // one has an AVX2 loop too), and without them each channels-last operand is turned around
-    // the NCHW loops. On an AVX2
-    // CPU (Zen 3, one thread) the pass made MobileNetV2 45.8 ms against 27.8 without it,
-    // ResNet-18 115-121 against 75-108, ResNet-50 182-209 against 158-194 (interleaved).
+    // offered only where it pays: where the depthwise and direct kernels have a loop of
+    // their own (AVX-512, or AVX2 with FMA: `direct::Isa`). Without one each channels-last
+    // operand was turned around the NCHW loops: on an AVX2 CPU before its loops (Zen 3, one
+    // thread) the pass made MobileNetV2 45.8 ms against 27.8 without it. With them, the same
+    // CPU, interleaved, best of 3-4 rounds: MobileNetV2 11.1-11.9 against 13.1-13.3 ms,
+    // ResNet-18 44.9 against 45.8, ResNet-50 100.4-103.2 against 102.8-103.1 (the depthwise
+    // layers no longer turn their image both ways).
     // Without the kernel the pass does not run (it fuses only into kernels that exist).
-    if !crate::simd::has_avx512() {
+    if direct::Isa::detect().is_none() {
         return;
     }
     r.kernel(
@@ -2163,13 +2165,19 @@ mod tests {
             ([2, 20, 40, 60], [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
             ([1, 33, 30, 70], [3, 3], [2, 2], [1, 1], [1, 1, 1, 1]),
         ];
-        for ((x, k, st, dil, pads), planes) in cases
-            .into_iter()
-            .flat_map(|case| [(case, false), (case, true)])
-        {
+        // The AVX2 tiles too where the CPU has AVX-512 (see `direct::TEST_AVX2`).
+        let avx2 = crate::simd::has_avx512() && crate::simd::has_avx2_fma();
+        for ((x, k, st, dil, pads), planes, avx2) in cases.into_iter().flat_map(|case| {
+            [
+                (case, false, false),
+                (case, true, false),
+                (case, false, avx2),
+            ]
+        }) {
             let c = x[1];
             assert!(depthwise::applies(&x, c, c));
             depthwise::PLANES_ONLY.with(|f| f.set(planes));
+            direct::TEST_AVX2.set(avx2);
             for with_bias in [true, false] {
                 check(
                     2,
@@ -2184,6 +2192,7 @@ mod tests {
             }
         }
         depthwise::PLANES_ONLY.with(|f| f.set(false));
+        direct::TEST_AVX2.set(false);
         // The fused activations on narrow (runs of 8) and wide (runs of 16) rows, NaN
         // included: as the plain convolution followed by the activation; 20 channels: a
         // partial register of channels.

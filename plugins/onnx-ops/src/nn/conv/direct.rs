@@ -813,7 +813,7 @@ mod x86 {
 
 /// The AVX2 tiles: [`x86`]'s loops at half the width, 8 lanes and 16 registers.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(super) mod avx2 {
     use super::super::channels_last::x86::transpose8;
     use super::{Tiles, LANES2, TILE};
     use crate::nn::Disjoint;
@@ -833,7 +833,7 @@ mod avx2 {
     /// pairs and one. (`maskstore` is microcoded on AMD's cores: the direct kernel's stores
     /// of 6-pixel runs took 7 % of a 3x3 layer that way.)
     #[target_feature(enable = "avx2,fma")]
-    fn store_first(out: &mut [f32], v: __m256) {
+    pub(in crate::nn::conv) fn store_first(out: &mut [f32], v: __m256) {
         let n = out.len().min(LANES2);
         if n == LANES2 {
             // SAFETY: `out` holds 8 floats.
