@@ -1066,36 +1066,6 @@ mod x86 {
         }
     }
 
-    /// The activation on 8 lanes, as [`Activation::apply`] does it (NaN handling included:
-    /// `max`/`min` return their second operand when either is NaN).
-    #[target_feature(enable = "avx2,fma")]
-    fn activate(act: Activation, v: __m256) -> __m256 {
-        match act {
-            Activation::None => v,
-            // f32::max(NaN, 0) is 0.
-            Activation::Relu => _mm256_max_ps(v, _mm256_setzero_ps()),
-            // NaN stays NaN.
-            Activation::Clip(lo, hi) => {
-                _mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), v))
-            }
-            Activation::LeakyRelu(a) => {
-                let neg = _mm256_cmp_ps::<_CMP_LT_OQ>(v, _mm256_setzero_ps());
-                _mm256_blendv_ps(v, _mm256_mul_ps(v, _mm256_set1_ps(a)), neg)
-            }
-            // Lane by lane: the loop is compiled for AVX2 here, so it vectorizes.
-            Activation::SiLU | Activation::Gelu => {
-                let mut lanes = [0f32; LANES];
-                // SAFETY: `lanes` holds LANES floats.
-                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
-                for x in &mut lanes {
-                    *x = act.apply(*x);
-                }
-                // SAFETY: as above.
-                unsafe { _mm256_loadu_ps(lanes.as_ptr()) }
-            }
-        }
-    }
-
     /// Stores the run `v` at `out[dst..dst + len]`.
     #[target_feature(enable = "avx2,fma")]
     fn store(out: &mut [f32], dst: usize, len: usize, v: __m256) {
@@ -1140,7 +1110,8 @@ mod x86 {
                         let x = unsafe { _mm256_loadu_ps(p.add(src + off)) };
                         a = _mm256_fmadd_ps(_mm256_set1_ps(w), x, a);
                     }
-                    store(out, dst, len, activate(act, a));
+                    // SAFETY: the CPU has AVX2 and FMA (this function's features).
+                    store(out, dst, len, unsafe { act.apply256(a) });
                 }
                 return;
             }
@@ -1153,7 +1124,8 @@ mod x86 {
                 }
             }
             for (a, &(_, dst, len)) in acc.iter().zip(&at) {
-                store(out, dst, len, activate(act, *a));
+                // SAFETY: as above.
+                store(out, dst, len, unsafe { act.apply256(*a) });
             }
         }
     }
