@@ -42,8 +42,8 @@ const LANES: usize = 16;
 /// Output channels per block with AVX-512: two registers (one for a layer of at most
 /// [`LANES`]).
 const OCB: usize = 2 * LANES;
-/// Output pixels per tile at most with AVX-512: `2 * MAX_PIX` = 28 registers of sums, with two of weights
-/// and a broadcast, 31 of the 32 (one register of channels: [`LANES`] pixels, 18). Every
+/// Output pixels per tile at most with AVX-512: `2 * MAX_PIX` = 28 registers of sums, with two
+/// of weights and a broadcast, 31 of the 32 (one register of channels: [`LANES`] pixels, 18). Every
 /// pixel more per weight load counts: 14 against 12 measured 1.84 -> 1.48 ms on a 14x14
 /// 256-channel layer at one thread (one tile per row instead of 12-pixel tiles along a 16-wide
 /// line), 2-4 % elsewhere.
@@ -813,8 +813,8 @@ mod x86 {
 
 /// The AVX2 tiles: [`x86`]'s loops at half the width, 8 lanes and 16 registers.
 #[cfg(target_arch = "x86_64")]
-pub(super) mod avx2 {
-    use super::super::channels_last::x86::transpose8;
+mod avx2 {
+    use super::super::channels_last::x86::{store_first, transpose8};
     use super::{Tiles, LANES2, TILE};
     use crate::nn::Disjoint;
     use std::arch::x86_64::*;
@@ -827,36 +827,6 @@ pub(super) mod avx2 {
             _mm256_set1_epi32(n),
             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
         )
-    }
-
-    /// The first `out.len()` (at most 8) lanes of `v` into `out`: whole, or by halves,
-    /// pairs and one. (`maskstore` is microcoded on AMD's cores: the direct kernel's stores
-    /// of 6-pixel runs took 7 % of a 3x3 layer that way.)
-    #[target_feature(enable = "avx2,fma")]
-    pub(in crate::nn::conv) fn store_first(out: &mut [f32], v: __m256) {
-        let n = out.len().min(LANES2);
-        if n == LANES2 {
-            // SAFETY: `out` holds 8 floats.
-            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), v) };
-            return;
-        }
-        let (mut rest, mut at) = (_mm256_castps256_ps128(v), 0);
-        // SAFETY: each store writes lanes `at..at + k` of `out`, `at + k <= n`.
-        unsafe {
-            if n >= 4 {
-                _mm_storeu_ps(out.as_mut_ptr(), rest);
-                rest = _mm256_extractf128_ps::<1>(v);
-                at = 4;
-            }
-            if n - at >= 2 {
-                _mm_storel_epi64(out.as_mut_ptr().add(at).cast(), _mm_castps_si128(rest));
-                rest = _mm_movehl_ps(rest, rest);
-                at += 2;
-            }
-            if n > at {
-                _mm_store_ss(out.as_mut_ptr().add(at), rest);
-            }
-        }
     }
 
     /// Pixels `ox..ox + p` of row `oy` from `buf` (`[pixel][channel]`) into block `blk`'s
@@ -909,7 +879,7 @@ pub(super) mod avx2 {
         }
     }
 
-    /// [`store`] for a channels-last output: each pixel's 8 channels one masked store.
+    /// [`store`] for a channels-last output: each pixel's 8 channels one store.
     ///
     /// # Safety
     /// As [`store`].
