@@ -733,7 +733,9 @@ mod x86 {
     }
 
     /// 6x16 AVX2 + FMA kernel: per step, two ymm rows of B and six broadcasts of A feed 12
-    /// FMAs into 12 accumulators.
+    /// FMAs into 12 accumulators. As [`Avx512`]: A's rows read in place, tiles of
+    /// few rows or columns run only their own FMAs, and a row-major tile takes its bias and
+    /// ReLU / ReLU6 in registers.
     pub(crate) struct Avx2;
 
     impl MicroKernel for Avx2 {
@@ -756,18 +758,214 @@ mod x86 {
             nr: usize,
         ) {
             // SAFETY: forwarded from the caller, who checked that the CPU has AVX2 and FMA.
-            unsafe { avx2_6x16(kc, a, b, c, rsc, csc, alpha, beta, mr, nr) }
+            unsafe { Self::tile_b_rows(kc, a, b, 16, c, rsc, csc, alpha, beta, mr, nr) }
+        }
+
+        // Reads B's rows in place when asked (`tile` does, with packed panels), but does not
+        // ask the driver to send them: a 16-float panel row is one cache line, and on Zen 3
+        // ResNet-50's 1x1 layers (64-1024 rows, W x X) ran no faster in place than packed.
+        const B_ROWS: bool = false;
+
+        unsafe fn tile_b_rows(
+            kc: usize,
+            a: *const f32,
+            b: *const f32,
+            ldb: usize,
+            c: *mut f32,
+            rsc: usize,
+            csc: usize,
+            alpha: f32,
+            beta: f32,
+            mr: usize,
+            nr: usize,
+        ) {
+            // SAFETY: forwarded from the caller, who checked that the CPU has AVX2 and FMA.
+            unsafe {
+                avx2_tile(
+                    kc,
+                    (a, 0),
+                    (b, ldb),
+                    c,
+                    (rsc, csc),
+                    (alpha, beta),
+                    (mr, nr),
+                    None,
+                )
+            }
+        }
+
+        unsafe fn tile_then(
+            kc: usize,
+            a: *const f32,
+            b: (*const f32, usize),
+            c: *mut f32,
+            cs: (usize, usize),
+            ab: (f32, f32),
+            mn: (usize, usize),
+            epi: Option<(&TileEpilogue, usize, usize)>,
+        ) {
+            // SAFETY: forwarded from the caller (a packed panel: `lda` 0).
+            unsafe { avx2_then(kc, (a, 0), b, c, cs, ab, mn, epi) }
+        }
+
+        const A_ROWS: bool = true;
+
+        unsafe fn tile_a_rows_then(
+            kc: usize,
+            (a, lda): (*const f32, usize),
+            b: (*const f32, usize),
+            c: *mut f32,
+            cs: (usize, usize),
+            ab: (f32, f32),
+            mn: (usize, usize),
+            epi: Option<(&TileEpilogue, usize, usize)>,
+        ) {
+            // SAFETY: forwarded from the caller; a non-zero `lda` (rows in place) whatever
+            // the caller's.
+            unsafe { avx2_then(kc, (a, lda.max(1)), b, c, cs, ab, mn, epi) }
         }
 
         finish_for!("avx2,fma");
     }
 
+    /// [`Avx2`]'s tile then its epilogue, A packed (`lda` 0) or read in place: as
+    /// [`avx512_then`] (a row-major tile's bias and ReLU / ReLU6 in registers: with a shallow
+    /// product, MobileNetV2's 1x1 layers of 16-32 input channels, applying them to the stored
+    /// tile was 8 % of the model's samples on an AVX2 CPU).
+    ///
+    /// # Safety
+    /// As [`MicroKernel::tile_then`] (or [`MicroKernel::tile_a_rows_then`] for a non-zero
+    /// `lda`); the CPU has AVX2 and FMA.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn avx2_then(
+        kc: usize,
+        a: (*const f32, usize),
+        (b, ldb): (*const f32, usize),
+        c: *mut f32,
+        (rsc, csc): (usize, usize),
+        (alpha, beta): (f32, f32),
+        (mr, nr): (usize, usize),
+        epi: Option<(&TileEpilogue, usize, usize)>,
+    ) {
+        let (now, later) = match epi {
+            Some(e)
+                if csc == 1
+                    && matches!(e.0.act, Epilogue::NONE | Epilogue::RELU | Epilogue::RELU6) =>
+            {
+                (Some(e), None)
+            }
+            other => (None, other),
+        };
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            avx2_tile(kc, a, (b, ldb), c, (rsc, csc), (alpha, beta), (mr, nr), now);
+            if let Some((e, row0, col0)) = later {
+                Avx2::finish(e, c, rsc, csc, row0, col0, mr, nr);
+            }
+        }
+    }
+
+    /// [`avx2_rows`] for the rows of the tile; `a.1`: 0 for a packed A panel, else the
+    /// distance between the rows of A read in place.
+    ///
+    /// # Safety
+    /// As [`avx2_rows`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn avx2_tile(
+        kc: usize,
+        (a, lda): (*const f32, usize),
+        b: (*const f32, usize),
+        c: *mut f32,
+        (rsc, csc): (usize, usize),
+        (alpha, beta): (f32, f32),
+        (mr, nr): (usize, usize),
+        epi: Option<(&TileEpilogue, usize, usize)>,
+    ) {
+        /// The kernel's signature, for the choice below.
+        type Rows = unsafe fn(
+            usize,
+            (*const f32, usize),
+            (*const f32, usize),
+            *mut f32,
+            usize,
+            usize,
+            f32,
+            f32,
+            usize,
+            usize,
+            Option<(&TileEpilogue, usize, usize)>,
+        );
+        // As `avx512_tile`: a tile of few rows (a batch-1 fully connected layer) or of at
+        // most 8 columns (the last panel of a 24-channel layer) runs only its own FMAs.
+        macro_rules! rows {
+            ($in_place:literal) => {
+                match (mr, nr <= 8 && csc == 1) {
+                    (1, _) => avx2_rows::<1, 2, $in_place> as Rows,
+                    (2, _) => avx2_rows::<2, 2, $in_place>,
+                    (3 | 4, _) => avx2_rows::<4, 2, $in_place>,
+                    (_, true) => avx2_rows::<6, 1, $in_place>,
+                    (_, false) => avx2_rows::<6, 2, $in_place>,
+                }
+            };
+        }
+        let rows = if lda == 0 { rows!(false) } else { rows!(true) };
+        // SAFETY: forwarded from the caller.
+        unsafe { rows(kc, (a, lda), b, c, rsc, csc, alpha, beta, mr, nr, epi) }
+    }
+
+    /// The first `lanes` (1..=8) floats at `p` in the low lanes of a register, the rest zero,
+    /// reading nothing past them. (`vmaskmovps` is microcoded on AMD CPUs; edges are rare.)
+    ///
+    /// # Safety
+    /// `lanes` floats are readable at `p`; the CPU has AVX.
+    #[inline(always)]
+    unsafe fn load_first(p: *const f32, lanes: usize) -> __m256 {
+        if lanes >= 8 {
+            // SAFETY: eight readable floats (caller).
+            return unsafe { _mm256_loadu_ps(p) };
+        }
+        let mut tmp = [0f32; 8];
+        // SAFETY: `lanes < 8` readable floats (caller) into the 8-float array.
+        unsafe {
+            std::ptr::copy_nonoverlapping(p, tmp.as_mut_ptr(), lanes);
+            _mm256_loadu_ps(tmp.as_ptr())
+        }
+    }
+
+    /// Stores the low `lanes` (1..=8) lanes of `v` at `p`, writing nothing past them.
+    ///
+    /// # Safety
+    /// `lanes` floats are writable at `p`; the CPU has AVX.
+    #[inline(always)]
+    unsafe fn store_first(p: *mut f32, lanes: usize, v: __m256) {
+        if lanes >= 8 {
+            // SAFETY: eight writable floats (caller).
+            return unsafe { _mm256_storeu_ps(p, v) };
+        }
+        let mut tmp = [0f32; 8];
+        // SAFETY: the 8-float array, then `lanes < 8` writable floats (caller).
+        unsafe {
+            _mm256_storeu_ps(tmp.as_mut_ptr(), v);
+            std::ptr::copy_nonoverlapping(tmp.as_ptr(), p, lanes);
+        }
+    }
+
+    /// The product of the first `R` rows of a 6-row A panel (`IN_PLACE`: rows of A `lda`
+    /// floats apart, as [`MicroKernel::tile_a_rows_then`] reads them) with the first `8 * V`
+    /// columns of a 16-column B panel whose steps lie `ldb` floats apart (16: packed) (`mr <=
+    /// R`, `nr <= 8 * V`), then, for a row-major C only (`csc == 1`), `epi`'s bias and ReLU /
+    /// ReLU6 (NONE: the bias alone) before the store, computed as [`TileEpilogue::apply`]
+    /// computes them (the same bits).
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; as [`MicroKernel::tile_b_rows`]; with `epi`, as
+    /// [`TileEpilogue::apply`] for the tile at `(row0, col0)`, and `csc == 1`.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn avx2_6x16(
+    unsafe fn avx2_rows<const R: usize, const V: usize, const IN_PLACE: bool>(
         kc: usize,
-        mut a: *const f32,
-        mut b: *const f32,
+        (mut a, lda): (*const f32, usize),
+        (mut b, ldb): (*const f32, usize),
         c: *mut f32,
         rsc: usize,
         csc: usize,
@@ -775,43 +973,106 @@ mod x86 {
         beta: f32,
         mr: usize,
         nr: usize,
+        epi: Option<(&TileEpilogue, usize, usize)>,
     ) {
-        let mut acc = [[_mm256_setzero_ps(); 2]; 6];
-        for _ in 0..kc {
+        let mut acc = [[_mm256_setzero_ps(); V]; R];
+        if IN_PLACE {
+            // Rows of A where they lie (see `avx512_rows`); rows past `mr` read row 0 again,
+            // their sums never stored.
+            let rows: [*const f32; R] =
+                std::array::from_fn(|i| a.wrapping_add(if i < mr { i * lda } else { 0 }));
+            for p in 0..kc {
+                // SAFETY: rows `< mr` of A hold `kc` steps each, `b` advances through the
+                // caller's `kc` panel steps.
+                unsafe {
+                    let mut bv = [_mm256_setzero_ps(); V];
+                    for (h, v) in bv.iter_mut().enumerate() {
+                        *v = _mm256_loadu_ps(b.add(8 * h));
+                    }
+                    for (row, &r) in acc.iter_mut().zip(&rows) {
+                        let x = _mm256_broadcast_ss(&*r.add(p));
+                        for (s, &v) in row.iter_mut().zip(&bv) {
+                            *s = _mm256_fmadd_ps(x, v, *s);
+                        }
+                    }
+                    b = b.add(ldb);
+                }
+            }
+        }
+        for _ in 0..if IN_PLACE { 0 } else { kc } {
             // SAFETY: `a` and `b` advance through the caller's `kc` panel steps.
             unsafe {
-                let b0 = _mm256_loadu_ps(b);
-                let b1 = _mm256_loadu_ps(b.add(8));
+                let mut bv = [_mm256_setzero_ps(); V];
+                for (h, v) in bv.iter_mut().enumerate() {
+                    *v = _mm256_loadu_ps(b.add(8 * h));
+                }
                 for (i, row) in acc.iter_mut().enumerate() {
                     let x = _mm256_broadcast_ss(&*a.add(i));
-                    row[0] = _mm256_fmadd_ps(x, b0, row[0]);
-                    row[1] = _mm256_fmadd_ps(x, b1, row[1]);
+                    for (s, &v) in row.iter_mut().zip(&bv) {
+                        *s = _mm256_fmadd_ps(x, v, *s);
+                    }
                 }
                 a = a.add(6);
-                b = b.add(16);
+                b = b.add(ldb);
             }
         }
         let va = _mm256_set1_ps(alpha);
-        if csc == 1 && mr == 6 && nr == 16 {
+        if csc == 1 {
             let vb = _mm256_set1_ps(beta);
-            for (i, row) in acc.iter().enumerate() {
+            let (zero, six) = (_mm256_setzero_ps(), _mm256_set1_ps(6.0));
+            for (i, row) in acc.iter().enumerate().take(mr) {
+                // The bias of a row (or none: `apply` adds 0.0 then too).
+                let row_bias = match epi {
+                    // SAFETY: the bias covers the tile's rows (caller).
+                    Some((e, row0, _)) if e.per_row && !e.bias.is_null() => unsafe {
+                        _mm256_set1_ps(*e.bias.add(row0 + i))
+                    },
+                    _ => zero,
+                };
                 for (h, v) in row.iter().enumerate() {
-                    // SAFETY: full tile: row i < 6, columns 8h..8h+8 < 16 are the caller's.
+                    let lanes = nr.saturating_sub(8 * h).min(8);
+                    if lanes == 0 {
+                        break;
+                    }
+                    // SAFETY: the first `lanes` floats of row i from column 8h lie in the
+                    // caller's tile (row i < mr, columns < nr), and of the bias (caller).
                     unsafe {
                         let p = c.add(i * rsc + 8 * h);
                         let r = if beta == 0.0 {
                             _mm256_mul_ps(*v, va)
-                        } else if beta == 1.0 {
-                            _mm256_fmadd_ps(*v, va, _mm256_loadu_ps(p))
                         } else {
-                            _mm256_fmadd_ps(*v, va, _mm256_mul_ps(_mm256_loadu_ps(p), vb))
+                            let old = load_first(p, lanes);
+                            if beta == 1.0 {
+                                _mm256_fmadd_ps(*v, va, old)
+                            } else {
+                                _mm256_fmadd_ps(*v, va, _mm256_mul_ps(old, vb))
+                            }
                         };
-                        _mm256_storeu_ps(p, r);
+                        let r = match epi {
+                            None => r,
+                            Some((e, _, col0)) => {
+                                let bias = if e.bias.is_null() || e.per_row {
+                                    row_bias
+                                } else {
+                                    load_first(e.bias.add(col0 + 8 * h), lanes)
+                                };
+                                let s = _mm256_add_ps(r, bias);
+                                // As `activate`: max(NaN, 0) is 0 (the second operand is
+                                // returned where either is NaN); clamp keeps NaN and -0.
+                                match e.act {
+                                    Epilogue::RELU => _mm256_max_ps(s, zero),
+                                    Epilogue::RELU6 => _mm256_min_ps(six, _mm256_max_ps(zero, s)),
+                                    _ => s,
+                                }
+                            }
+                        };
+                        store_first(p, lanes, r);
                     }
                 }
             }
         } else {
             let mut buf = [0f32; 6 * 16];
+            debug_assert!(mr <= R);
             for (i, row) in acc.iter().enumerate() {
                 for (h, v) in row.iter().enumerate() {
                     // SAFETY: 8 floats at row i, half h of the 6x16 buffer.
@@ -834,7 +1095,7 @@ mod tests {
     use super::*;
 
     /// Rows of A read in place give the packed panel's tile: the default (packing per call)
-    /// and, where the CPU has it, the AVX-512 kernel's own loop, for an edge of 3 rows and a
+    /// and, where the CPU has them, the AVX-512 and AVX2 kernels' own loops, for an edge of 3 rows and a
     /// full tile, rows `lda` apart with other values between them.
     #[test]
     fn rows_of_a_in_place_match_the_packed_panel() {
@@ -877,8 +1138,13 @@ mod tests {
         }
         check::<Portable>();
         #[cfg(target_arch = "x86_64")]
-        if KernelKind::Avx512.available() {
-            check::<Avx512>();
+        {
+            if KernelKind::Avx512.available() {
+                check::<Avx512>();
+            }
+            if KernelKind::Avx2.available() {
+                check::<Avx2>();
+            }
         }
     }
 }

@@ -793,7 +793,7 @@ fn tiles_read_b_rows_in_place_as_packed() {
     #[cfg(target_arch = "x86_64")]
     {
         if KernelKind::Avx2.available() {
-            one::<crate::kernels::Avx2>(false);
+            one::<crate::kernels::Avx2>(true);
         }
         if KernelKind::Avx512.available() {
             one::<crate::kernels::Avx512>(true);
