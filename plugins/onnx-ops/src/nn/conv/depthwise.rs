@@ -219,11 +219,9 @@ fn run_lanes(
     if let Some(b) = bias {
         bv[..c].copy_from_slice(&b[..c]);
     }
-    // A channels-last x of whole registers of channels (then `stride == c`) is read where it
+    // A channels-last x of whole blocks of 16 channels (then `stride == c`) is read where it
     // lies; else from the padded copy. Only the pitch of a row differs.
-    // (Its edge loops are AVX-512 ones: with AVX2 a channels-last x is copied with its
-    // margins, a plain copy per row.)
-    let in_place = layouts.x_nhwc && c.is_multiple_of(WIDE_LANES) && isa == Isa::Avx512;
+    let in_place = layouts.x_nhwc && c.is_multiple_of(WIDE_LANES);
     let cols = if in_place { iw } else { cp.cols };
     let mut offsets = try_vec(taps, 0usize)?;
     for ky in 0..kh {
@@ -462,6 +460,18 @@ impl InPlace {
         (ky0, ky1, (top + ky0 * self.dh).saturating_sub(self.pt))
     }
 
+    /// The tap columns of output column `ox` that lie in the image, `kx0..kx1` (possibly
+    /// empty), and the input column of the first (as [`tap_rows`](Self::tap_rows)).
+    fn tap_cols(&self, ox: usize) -> (usize, usize, usize) {
+        let left = ox * self.sw;
+        let kx0 = self.pl.saturating_sub(left).div_ceil(self.dw).min(self.kw);
+        let kx1 = (self.iw + self.pl)
+            .checked_sub(left)
+            .map_or(0, |room| room.div_ceil(self.dw).min(self.kw))
+            .max(kx0);
+        (kx0, kx1, (left + kx0 * self.dw).saturating_sub(self.pl))
+    }
+
     /// The output columns all of whose taps lie in the image: `lo..hi` (`lo == hi`: none).
     fn inner_cols(&self, ow: usize) -> (usize, usize) {
         let lo = self.pl.div_ceil(self.sw).min(ow);
@@ -548,10 +558,17 @@ impl Lanes<'_> {
             #[cfg(target_arch = "x86_64")]
             for cb in (0..c).step_by(WIDE_LANES * x86::EDGE_BLOCKS) {
                 for ox in edges.clone().into_iter().flatten() {
-                    // SAFETY: AVX-512 (as for every tile here); c is a multiple of 16
-                    // (checked above); the reads are checked.
-                    if !unsafe { x86::edge_pixel(self, at, xb, (oy, ox), (ky0, ky1, iy0), cb, yd) }
-                    {
+                    let pixel = (oy, ox);
+                    let taps = (ky0, ky1, iy0);
+                    // SAFETY: `run_lanes` runs only on a CPU with `isa`; c is a multiple of
+                    // 16 (checked above); the reads are checked.
+                    let stored = unsafe {
+                        match self.isa {
+                            Isa::Avx512 => x86::edge_pixel(self, at, xb, pixel, taps, cb, yd),
+                            Isa::Avx2 => avx2::edge_pixel(self, at, xb, pixel, taps, cb, yd),
+                        }
+                    };
+                    if !stored {
                         return Err(PluginError::internal(
                             "Conv: a depthwise edge pixel would read past the image",
                         ));
@@ -566,17 +583,14 @@ impl Lanes<'_> {
                 while ox < hi {
                     let p = (hi - ox).min(WIDE_LANES);
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `run_lanes` runs only on a CPU with AVX-512; the reads lie
-                    // before the row's last (checked above), the stores in bounds-checked
-                    // parts of y.
+                    // SAFETY: `run_lanes` runs only on a CPU with `isa`; the reads lie before
+                    // the row's last (checked above), the stores in bounds-checked parts of y.
                     unsafe {
-                        x86::lanes_tile(
-                            &row,
-                            xb.as_ptr().add(base + (ox - lo) * self.pix_step + cb),
-                            (oy, ox, p),
-                            cb,
-                            yd,
-                        )
+                        let at = xb.as_ptr().add(base + (ox - lo) * self.pix_step + cb);
+                        match self.isa {
+                            Isa::Avx512 => x86::lanes_tile(&row, at, (oy, ox, p), cb, yd),
+                            Isa::Avx2 => avx2::lanes_tile(&row, at, (oy, ox, p), cb, yd),
+                        }
                     };
                     ox += p;
                 }
@@ -963,14 +977,7 @@ mod x86 {
         yd: &Disjoint<f32>,
     ) -> bool {
         let c = t.c;
-        // Tap columns inside the image, kx0..kx1 (as `InPlace::tap_rows` finds the rows).
-        let left = ox * at.sw;
-        let kx0 = at.pl.saturating_sub(left).div_ceil(at.dw).min(at.kw);
-        let kx1 = (at.iw + at.pl)
-            .checked_sub(left)
-            .map_or(0, |room| room.div_ceil(at.dw).min(at.kw))
-            .max(kx0);
-        let ix0 = (left + kx0 * at.dw).saturating_sub(at.pl);
+        let (kx0, kx1, ix0) = at.tap_cols(ox);
         let mut acc: [__m512; G] =
             std::array::from_fn(|g| _mm512_loadu_ps(t.bv.as_ptr().add(cb + 16 * g)));
         if kx0 < kx1 && ky0 < ky1 {
@@ -1210,7 +1217,8 @@ mod prefetch_tests {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::super::channels_last::x86::{store_first, transpose8};
-    use super::Lanes;
+    use super::x86::EDGE_BLOCKS;
+    use super::{InPlace, Lanes};
     use crate::nn::Disjoint;
     use std::arch::x86_64::*;
 
@@ -1288,5 +1296,93 @@ mod avx2 {
             *o = t.act.apply256(a);
         }
         out
+    }
+
+    /// [`x86::edge_pixel`](super::x86::edge_pixel) on AVX2: the same pixel and channels
+    /// (`16 * EDGE_BLOCKS`, fewer at the end), in registers of 8 channels.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; as [`x86::edge_pixel`](super::x86::edge_pixel).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn edge_pixel(
+        t: &Lanes<'_>,
+        at: &InPlace,
+        xb: &[f32],
+        pixel: (usize, usize),
+        rows: (usize, usize, usize),
+        cb: usize,
+        yd: &Disjoint<f32>,
+    ) -> bool {
+        // `t.c - cb` is a multiple of 16 (caller): an even number of registers.
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match (t.c - cb) / L {
+                2 => edge_blocks::<2>(t, at, xb, pixel, rows, cb, yd),
+                4 => edge_blocks::<4>(t, at, xb, pixel, rows, cb, yd),
+                6 => edge_blocks::<6>(t, at, xb, pixel, rows, cb, yd),
+                _ => edge_blocks::<{ 2 * EDGE_BLOCKS }>(t, at, xb, pixel, rows, cb, yd),
+            }
+        }
+    }
+
+    /// [`edge_pixel`] for exactly `G` registers of 8 channels.
+    ///
+    /// # Safety
+    /// As [`edge_pixel`], with `cb + 8 * G <= t.c`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn edge_blocks<const G: usize>(
+        t: &Lanes<'_>,
+        at: &InPlace,
+        xb: &[f32],
+        (oy, ox): (usize, usize),
+        (ky0, ky1, iy0): (usize, usize, usize),
+        cb: usize,
+        yd: &Disjoint<f32>,
+    ) -> bool {
+        let c = t.c;
+        let (kx0, kx1, ix0) = at.tap_cols(ox);
+        let mut acc: [__m256; G] =
+            std::array::from_fn(|g| _mm256_loadu_ps(t.bv.as_ptr().add(cb + L * g)));
+        if kx0 < kx1 && ky0 < ky1 {
+            // The last tap read: checked once for the unchecked loads below.
+            let last = ((iy0 + (ky1 - 1 - ky0) * at.dh) * at.iw + ix0 + (kx1 - 1 - kx0) * at.dw)
+                * c
+                + cb
+                + L * G;
+            if last > xb.len() {
+                return false;
+            }
+            for ky in ky0..ky1 {
+                let row = (iy0 + (ky - ky0) * at.dh) * at.iw;
+                for kx in kx0..kx1 {
+                    let from = xb.as_ptr().add((row + ix0 + (kx - kx0) * at.dw) * c + cb);
+                    let w = t.wt.as_ptr().add((ky * at.kw + kx) * t.stride + cb);
+                    for (g, a) in acc.iter_mut().enumerate() {
+                        let wv = _mm256_loadu_ps(w.add(L * g));
+                        *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(from.add(L * g)), *a);
+                    }
+                }
+            }
+        }
+        let pix = oy * t.ow + ox;
+        let plane = t.oh * t.ow;
+        for (g, &a) in acc.iter().enumerate() {
+            let v = t.act.apply256(a);
+            let cg = cb + L * g;
+            if t.y_nhwc {
+                // SAFETY: this task alone writes row `oy` of the image.
+                let out = unsafe { yd.part(pix * c + cg, L) };
+                _mm256_storeu_ps(out.as_mut_ptr(), v);
+                continue;
+            }
+            let mut l = [0f32; L];
+            _mm256_storeu_ps(l.as_mut_ptr(), v);
+            for (i, &v) in l.iter().enumerate() {
+                // SAFETY: this task alone writes row `oy` of every channel.
+                let out = unsafe { yd.part((cg + i) * plane + pix, 1) };
+                out[0] = v;
+            }
+        }
+        true
     }
 }

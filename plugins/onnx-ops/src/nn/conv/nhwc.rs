@@ -687,8 +687,18 @@ mod tests {
                 s
             };
             let depthwise = case.group > 1;
-            for planes in [false, true].into_iter().filter(|&p| depthwise || !p) {
+            // Depthwise: the channels-in-lanes loop, the per-plane one, and where the CPU has
+            // AVX-512 the AVX2 tiles too (see `direct::TEST_AVX2`).
+            let both = crate::simd::has_avx512() && crate::simd::has_avx2_fma();
+            let variants = [(false, false), (true, false), (false, true)];
+            let runs = match (depthwise, both) {
+                (false, _) => 1,
+                (true, false) => 2,
+                (true, true) => 3,
+            };
+            for &(planes, avx2) in &variants[..runs] {
                 depthwise::PLANES_ONLY.with(|f| f.set(planes));
+                super::super::direct::TEST_AVX2.set(avx2);
                 for ((act, params), epilogues, with_bias) in acts.iter().flat_map(|a| {
                     [
                         (a, false, true),
@@ -778,7 +788,7 @@ mod tests {
                             {
                                 assert!(
                                     g.to_bits() == e.to_bits() || (g.is_nan() && e.is_nan()),
-                                    "{:?} w {:?} x_nhwc {xl} y_nhwc {yl} act '{act}' bias {with_bias} z {} epilogues {epilogues} planes {planes} constant {constant} at {i}: {g} vs {e}",
+                                    "{:?} w {:?} x_nhwc {xl} y_nhwc {yl} act '{act}' bias {with_bias} z {} epilogues {epilogues} planes {planes} avx2 {avx2} constant {constant} at {i}: {g} vs {e}",
                                     case.x, case.w, inputs.len() == 4
                                 );
                             }
@@ -787,6 +797,7 @@ mod tests {
                 }
             }
             depthwise::PLANES_ONLY.with(|f| f.set(false));
+            super::super::direct::TEST_AVX2.set(false);
         }
     }
 
@@ -796,12 +807,17 @@ mod tests {
     #[test]
     fn channels_last_paths_survive_hostile_windows() {
         // (c, m, group, x_nhwc): a first layer writing channels-last, a depthwise layer
-        // reading and writing it.
-        for (c, m, group, x_nhwc) in [
+        // reading and writing it; each with the best loops and the AVX2 ones (see
+        // `direct::TEST_AVX2`; the same where the CPU has no AVX-512).
+        for ((c, m, group, x_nhwc), avx2) in [
             (3usize, 4usize, 1usize, false),
             (16, 16, 16, true),
             (20, 4, 1, true),
-        ] {
+        ]
+        .into_iter()
+        .flat_map(|case| [(case, false), (case, true)])
+        {
+            super::super::direct::TEST_AVX2.set(avx2);
             let w = HostTensor::from_vec(&[m, c / group, 3, 3], &vec![1.0f32; m * (c / group) * 9])
                 .expect("w");
             for (h, wd) in [(5usize, 6usize), (0, 4)] {
@@ -845,6 +861,7 @@ mod tests {
                 }
             }
         }
+        super::super::direct::TEST_AVX2.set(false);
     }
 
     /// What the channels-last kernel does not compute is refused by name, not computed wrong.
