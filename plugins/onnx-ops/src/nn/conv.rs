@@ -1856,12 +1856,23 @@ mod tests {
             ([1, 3, 5, 34], 8, [3, 3], [1, 1], [1, 1], [0, 0, 0, 0]),
             ([3, 1, 8, 40], 16, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
         ];
-        for (k, case) in cases.into_iter().enumerate() {
+        // Each with the best tiles and, where the CPU has AVX-512, the AVX2 ones too (see
+        // `direct::TEST_AVX2`).
+        for ((k, case), avx2) in cases.into_iter().enumerate().flat_map(|c| {
+            let both = crate::simd::has_avx512() && crate::simd::has_avx2_fma();
+            [(c, false), (c, true)]
+                .into_iter()
+                .take(1 + usize::from(both))
+        }) {
+            direct::TEST_AVX2.set(avx2);
             let (xs, _, ks, st, dil, pads) = case;
             let g = geometry(xs, ks, st, dil, pads);
+            let isa = direct::Isa::detect();
+            let window = ks[0] * ks[1];
             assert_eq!(
                 stem::applies(&xs, &g, 1),
-                crate::simd::has_avx512(),
+                isa == Some(direct::Isa::Avx512)
+                    || (isa.is_some() && window <= stem::AVX2_MAX_WINDOW),
                 "case {k}"
             );
             let r = reference(case);
@@ -1882,6 +1893,7 @@ mod tests {
                 close(&out[0].to_vec::<f32>().expect("f32"), &r.want);
             }
         }
+        direct::TEST_AVX2.set(false);
     }
 
     /// `opreg::FusedConvMaxPool` gives the bits of FusedConv (its ReLU) then MaxPool. First
@@ -1938,7 +1950,16 @@ mod tests {
                 false,
             ),
         ];
-        for (k, (case, pk, ps, pp, ceil, banded)) in cases.into_iter().enumerate() {
+        // Each with the best tiles and, where the CPU has AVX-512, the AVX2 ones too.
+        for ((k, (case, pk, ps, pp, ceil, banded)), avx2) in
+            cases.into_iter().enumerate().flat_map(|c| {
+                let both = crate::simd::has_avx512() && crate::simd::has_avx2_fma();
+                [(c, false), (c, true)]
+                    .into_iter()
+                    .take(1 + usize::from(both))
+            })
+        {
+            direct::TEST_AVX2.set(avx2);
             let (xs, _, ks, st, _, pads) = case;
             let g = geometry(xs, ks, st, [1, 1], pads);
             let pool_attrs = WindowAttrs {
@@ -1950,10 +1971,13 @@ mod tests {
                 ceil_mode: ceil,
             };
             let gp = pool_attrs.resolve("MaxPool", &g.out, None).expect("pool");
+            let isa = direct::Isa::detect();
             let rows = pool::MaxRows::new(&gp, (g.out[0], g.out[1])).expect("rows");
             assert_eq!(
                 stem::applies(&xs, &g, 1) && rows.in_bands(),
-                banded && crate::simd::has_avx512(),
+                banded
+                    && (isa == Some(direct::Isa::Avx512)
+                        || (isa.is_some() && ks[0] * ks[1] <= stem::AVX2_MAX_WINDOW)),
                 "case {k}"
             );
             let r = reference(case);
@@ -2013,6 +2037,7 @@ mod tests {
                 assert_eq!(nan, !constant, "case {k}");
             }
         }
+        direct::TEST_AVX2.set(false);
         // Refused: a Z, other than f32, rank other than 4, no pool window.
         let r = reference(([1, 3, 8, 40], 8, [3, 3], [1, 1], [1, 1], [0; 4]));
         let fused = NodeSpec::onnx("FusedConvMaxPool", 1)

@@ -25,8 +25,12 @@
 //! channels, stored as two runs of four. On SqueezeNet's first layer (64x3x3x3 over 224x224,
 //! one thread) that took 0.39 ms, the channels-in-lanes kernel (which stores channels-last
 //! without a turn) 0.43, and the NCHW store here 0.33.
+//!
+//! On AVX2 + FMA (16 registers of 8 lanes) a tile is [`R`] channels x one register of 8
+//! pixels ([`avx2`]), for windows of up to [`AVX2_MAX_WINDOW`] taps.
 
 use super::depthwise::Padded;
+use super::direct::Isa;
 use super::Activation;
 use crate::nn::{pool::MaxRows, Disjoint, Geometry};
 use crate::util::TaskScratch;
@@ -55,7 +59,8 @@ const MIN_WIDTH: usize = 2 * LANES;
 
 /// Whether this module computes the convolution of `x` (shape `xs`, NCHW) in geometry `g`
 /// with `group` groups: 2-D, one group, at most [`MAX_C`] input channels, a window past 1x1,
-/// rows of at least [`MIN_WIDTH`] outputs, on a CPU with AVX-512.
+/// rows of at least [`MIN_WIDTH`] outputs, on a CPU with AVX-512, or AVX2 + FMA ([`Isa`]) for
+/// windows of at most [`AVX2_MAX_WINDOW`] taps.
 pub(super) fn applies(xs: &[usize], g: &Geometry, group: usize) -> bool {
     xs.len() == 4
         && g.kernel.len() == 2
@@ -65,8 +70,19 @@ pub(super) fn applies(xs: &[usize], g: &Geometry, group: usize) -> bool {
         && g.kernel.iter().all(|&k| k > 0)
         && g.kernel[0].saturating_mul(g.kernel[1]) > 1
         && g.out[1] >= MIN_WIDTH
-        && crate::simd::has_avx512()
+        && match Isa::detect() {
+            Some(Isa::Avx512) => true,
+            Some(Isa::Avx2) => g.kernel[0].saturating_mul(g.kernel[1]) <= AVX2_MAX_WINDOW,
+            None => false,
+        }
 }
+
+/// Window taps up to which AVX2 CPUs take a layer here. A wider window has taps enough that
+/// the channels-in-lanes tiles' denser loop (16 channels x 6 pixels per tap) outweighs their
+/// turn back to NCHW: ResNet's 7x7/2 first layer (64 channels over 224x224, one thread,
+/// Zen 3) took 3.3-3.6 ms there against 3.4-3.8 here; SqueezeNet's 3x3/2 one 1.3-1.6
+/// against 0.9-1.0 here.
+pub(super) const AVX2_MAX_WINDOW: usize = 9;
 
 /// `W` (`m x c x kh x kw`) in blocks of [`R`] output channels, each tap's `R` weights
 /// together: `wt[(blk * depth + t) * R + o]` with `t = (ic * kh + ky) * kw + kx`, zero for
@@ -408,6 +424,8 @@ impl<'a> Layer<'a> {
             act,
             y_nhwc: false,
             local: false,
+            // `applies` found one (AVX2 where nothing else would run these tiles).
+            isa: Isa::detect().unwrap_or(Isa::Avx2),
         }
     }
 }
@@ -431,6 +449,8 @@ struct Tiles<'a> {
     /// Y is [`R`] planes of one block's channels (a scratch), not all `m` planes: channel `oc`
     /// of block `blk` at plane `oc - blk * R`.
     local: bool,
+    /// The vector unit of the tiles.
+    isa: Isa,
 }
 
 impl Tiles<'_> {
@@ -455,8 +475,18 @@ impl Tiles<'_> {
         }
     }
 
-    /// Output row `oy` of block `blk`'s channels, in tiles of at most [`MAX_V`] registers.
+    /// Output row `oy` of block `blk`'s channels, in tiles of at most [`MAX_V`] registers
+    /// (AVX2: one register of 8 pixels per tile).
     fn row(&self, copy: &[f32], oy: usize, blk: usize, yd: &Disjoint<f32>) {
+        #[cfg(target_arch = "x86_64")]
+        if self.isa == Isa::Avx2 {
+            for v in 0..self.ow.div_ceil(avx2::L) {
+                // SAFETY: `applies` checked AVX2 and FMA; as below (a register of 8 pixels
+                // reads inside the 16 that the copy holds for its register of 16).
+                unsafe { avx2::tile(self, copy, oy, blk, v, yd) };
+            }
+            return;
+        }
         // Tiles of balanced widths (7 registers: 3, 2, 2).
         let regs = self.ow.div_ceil(LANES);
         let tiles = regs.div_ceil(MAX_V);
@@ -707,6 +737,102 @@ mod x86 {
                     out.copy_from_slice(&run[..count]);
                 }
             }
+        }
+    }
+}
+
+/// The tiles on AVX2 + FMA: [`R`] output channels x one register of 8 pixels (8 sums, a
+/// register of x and a broadcast weight of the 16 registers; two registers of pixels would
+/// need 19 and spill), each tap one load of x, [`R`] broadcasts and [`R`] multiply-adds,
+/// summed in the AVX-512 tiles' order (the same bits). Without it an AVX2 CPU ran first
+/// layers through the channels-in-lanes kernel, whose tiles of 6 pixels are turned back to
+/// NCHW by partial stores: SqueezeNet's 3x3/2 first layer (64 channels over 224x224) took
+/// 1.3-2.4 ms at one thread on Zen 3, half of it in those stores.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::super::channels_last::x86::{store_first, transpose8};
+    use super::{Tiles, R};
+    use crate::nn::Disjoint;
+    use std::arch::x86_64::*;
+
+    /// f32 lanes of an AVX2 register.
+    pub(super) const L: usize = 8;
+
+    // The turn below is an 8x8 one.
+    const _: () = assert!(R == L);
+
+    /// The first `from.len()` (at most 8) floats of `from` in the low lanes, the rest zero.
+    #[target_feature(enable = "avx")]
+    fn load_first(from: &[f32]) -> __m256 {
+        let mut run = [0.0f32; L];
+        let n = from.len().min(L);
+        run[..n].copy_from_slice(&from[..n]);
+        // SAFETY: 8 floats.
+        unsafe { _mm256_loadu_ps(run.as_ptr()) }
+    }
+
+    /// Register `v` (pixels `8v..8v + 8`) of output row `oy`, block `blk`'s channels: the
+    /// taps, then the bias, Z and the activation, stored to the NCHW planes (one run of up to
+    /// 8 pixels per channel) or channels-last (the tile turned 8x8, one run of up to 8
+    /// channels per pixel).
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; every tap of the tile reads inside `copy`; the weights hold
+    /// the block's; this task alone writes row `oy` of the block's channels.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile(
+        t: &Tiles<'_>,
+        copy: &[f32],
+        oy: usize,
+        blk: usize,
+        v: usize,
+        yd: &Disjoint<f32>,
+    ) {
+        let mut acc = [_mm256_setzero_ps(); R];
+        // SAFETY (loop): the caller's copy and weights.
+        unsafe {
+            let base = copy.as_ptr().add(oy * t.row_step + v * L);
+            let mut wp = t.wt.as_ptr().add(blk * t.depth * R);
+            for &tap in t.taps {
+                let x = _mm256_loadu_ps(base.add(tap));
+                for (o, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(_mm256_broadcast_ss(&*wp.add(o)), x, *a);
+                }
+                wp = wp.add(R);
+            }
+        }
+        let x0 = v * L;
+        let pixels = t.ow.saturating_sub(x0).min(L);
+        let oc0 = blk * R;
+        let live = t.m.saturating_sub(oc0).min(R);
+        // The bias added only when there is one (as `direct`: -0 stays -0 without).
+        if let Some(b) = t.bias {
+            for (a, &b) in acc.iter_mut().zip(&b[oc0..oc0 + live]) {
+                *a = _mm256_add_ps(*a, _mm256_set1_ps(b));
+            }
+        }
+        if t.y_nhwc {
+            for (p, &c) in transpose8(acc).iter().enumerate().take(pixels) {
+                let at = (oy * t.ow + x0 + p) * t.m + oc0;
+                let c = match t.z {
+                    Some(z) => _mm256_add_ps(c, load_first(&z[at..at + live])),
+                    None => c,
+                };
+                // SAFETY: the pixel's channels of this block lie in row `oy`, written by
+                // this task alone (caller).
+                store_first(unsafe { yd.part(at, live) }, t.act.apply256(c));
+            }
+            return;
+        }
+        for (o, &a) in acc.iter().enumerate().take(live) {
+            let at = if t.local { o } else { oc0 + o } * t.plane + oy * t.ow + x0;
+            let a = match t.z {
+                Some(z) => _mm256_add_ps(a, load_first(&z[at..at + pixels])),
+                None => a,
+            };
+            // SAFETY: the register's pixels lie in row `oy` of channel `oc0 + o`, written
+            // by this task alone (caller).
+            store_first(unsafe { yd.part(at, pixels) }, t.act.apply256(a));
         }
     }
 }
