@@ -513,7 +513,7 @@ impl MaxRows {
     }
 
     /// Whether [`rows`](Self::rows) computes this pool on this CPU (windows stepping 2
-    /// columns over 2 or 3, AVX-512: [`stride2`]).
+    /// columns over 2 or 3, AVX-512 or AVX: [`stride2`]).
     pub(in crate::nn) fn in_bands(&self) -> bool {
         stride2::takes(&self.geometry())
     }
@@ -1046,7 +1046,7 @@ mod tests {
     }
 
     /// The separable 2-D MaxPool (one output; f32 windows of stride 2 and width 2 or 3 run
-    /// `stride2`'s kernel on AVX-512) against the direct loop (asked for indices too),
+    /// `stride2`'s kernels on AVX-512 and AVX) against the direct loop (asked for indices too),
     /// bit for bit, NaN included, but for the sign of a zero maximum (a window whose largest
     /// taps are 0.0 and -0.0 in different rows may give either: `stride2` folds down the rows
     /// before across the columns): a kernel width and stride of each specialized loop and
@@ -1056,7 +1056,13 @@ mod tests {
         // Widths with no full block of 16 row outputs, exactly 16 (a window ending on the
         // row's last column), a block and a tail, several blocks; NaN, -0.0 beside 0.0 and
         // -∞ spread over them.
-        for w in [9usize, 33, 41, 70] {
+        // Each with the best stride-2 loop and, where the CPU has AVX-512, the AVX one too.
+        let runs = 1 + usize::from(crate::simd::has_avx512());
+        for (w, avx) in [9usize, 33, 41, 70]
+            .into_iter()
+            .flat_map(|w| [(w, false), (w, true)].into_iter().take(runs))
+        {
+            stride2::TEST_AVX.set(avx);
             let xs = [1usize, 2, 9, w];
             let mut x = data(xs.iter().product());
             for i in (0..x.len()).step_by(13) {
@@ -1071,6 +1077,7 @@ mod tests {
             }
             separable_matches_direct(&xs, &x);
         }
+        stride2::TEST_AVX.set(false);
     }
 
     fn separable_matches_direct(xs: &[usize], x: &[f32]) {

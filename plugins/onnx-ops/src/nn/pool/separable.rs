@@ -3,7 +3,7 @@
 //! direct loop reads `kh * kw` taps per output through the tap tables; this reads `kw` per
 //! input row and output column (with the interior columns in a loop of constant kernel width
 //! and stride) and `kh` contiguous rows per output row, loops that vectorize. (f32 windows
-//! stepping 2 columns over 2 or 3, on AVX-512, take [`super::stride2`]'s one pass instead.)
+//! stepping 2 columns over 2 or 3, on AVX-512 or AVX, take [`super::stride2`]'s one pass instead.)
 //!
 //! NaN as the direct loop, where a window's first tap starts the maximum (a NaN there stays)
 //! and a later tap replaces it only when greater: both passes take the maximum of the taps

@@ -1,7 +1,8 @@
 //! 2-D f32 MaxPool without indices whose windows step 2 columns and span 2 or 3 (the 3x3/2
 //! pools of ResNet and SqueezeNet, the 2x2/2 of VGG-style nets), in AVX-512: each output row
 //! 16 outputs at a time, their windows' rows folded into maxima per input column as loaded,
-//! then split into even and odd columns (3 permutes per 16 outputs) and folded across.
+//! then split into even and odd columns (3 permutes per 16 outputs) and folded across. On
+//! AVX alone the same, 8 outputs at a time ([`interior_avx`]).
 //!
 //! The separable loop ([`super::separable`]) makes two passes through a scratch of input rows
 //! x output columns (50 KiB per 112x112 plane, past L1) with short loops per 56-wide row:
@@ -19,17 +20,39 @@
 use super::separable::Separable;
 
 /// `yp` (one output plane, `rows_of.len() x out_w`) from `xp` (one input plane), where the
-/// geometry's columns step 2 over windows of 2 or 3 and the CPU has AVX-512; `false`
+/// geometry's columns step 2 over windows of 2 or 3 and the CPU has AVX-512 or AVX; `false`
 /// (nothing written) otherwise.
 pub(super) fn max_plane_stride2_f32(xp: &[f32], geometry: &Separable<'_>, yp: &mut [f32]) -> bool {
     max_rows_stride2_f32(xp, geometry, 0, yp)
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Set by tests to run the AVX loop where the CPU also has AVX-512.
+    pub(super) static TEST_AVX: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The loop this CPU runs: AVX-512 (`Some(true)`), AVX (`Some(false)`), or none.
+fn isa() -> Option<bool> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[cfg(test)]
+        if TEST_AVX.get() && std::arch::is_x86_feature_detected!("avx") {
+            return Some(false);
+        }
+        if crate::simd::has_avx512() {
+            return Some(true);
+        }
+        if std::arch::is_x86_feature_detected!("avx") {
+            return Some(false);
+        }
+    }
+    None
+}
+
 /// Whether [`max_rows_stride2_f32`] takes `geometry` on this CPU.
 pub(super) fn takes(geometry: &Separable<'_>) -> bool {
-    cfg!(target_arch = "x86_64")
-        && matches!(geometry.fast, Some((2 | 3, 2)))
-        && crate::simd::has_avx512()
+    matches!(geometry.fast, Some((2 | 3, 2))) && isa().is_some()
 }
 
 /// [`max_plane_stride2_f32`] for the output rows from `first` that `out` holds (whole rows;
@@ -42,17 +65,22 @@ pub(super) fn max_rows_stride2_f32(
     out: &mut [f32],
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if let (true, Some((kw, _))) = (takes(geometry), geometry.fast) {
-        // SAFETY: the CPU has AVX-512 F (checked).
-        unsafe { rows_avx512(xp, geometry, kw, first, out) };
+    if let (true, Some((kw, _)), Some(avx512)) = (takes(geometry), geometry.fast, isa()) {
+        // SAFETY: the CPU has AVX-512 F, or AVX (checked).
+        unsafe {
+            if avx512 {
+                rows_avx512(xp, geometry, kw, first, out)
+            } else {
+                rows_avx(xp, geometry, kw, first, out)
+            }
+        };
         return true;
     }
     let _ = (xp, geometry, first, out);
     false
 }
 
-/// [`max_rows_stride2_f32`] once checked: the output columns whose windows lie wholly inside
-/// the row in vectors, the others (pads, a ceil-mode edge) tap by tap.
+/// [`max_rows_stride2_f32`] once checked, on AVX-512.
 ///
 /// # Safety
 /// The CPU has AVX-512 F.
@@ -64,6 +92,47 @@ unsafe fn rows_avx512(
     kw: usize,
     first: usize,
     out: &mut [f32],
+) {
+    // SAFETY: AVX-512 F (caller).
+    rows(
+        xp,
+        geometry,
+        kw,
+        first,
+        out,
+        |xp, rows, c0, three, yr| unsafe { interior(xp, rows, c0, three, yr) },
+    )
+}
+
+/// [`max_rows_stride2_f32`] once checked, on AVX (8 outputs per vector: ResNet-style and
+/// SqueezeNet's 3x3/2 pools had run the separable loop's two passes on AVX2 CPUs).
+///
+/// # Safety
+/// The CPU has AVX.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn rows_avx(xp: &[f32], geometry: &Separable<'_>, kw: usize, first: usize, out: &mut [f32]) {
+    // SAFETY: AVX (caller).
+    rows(
+        xp,
+        geometry,
+        kw,
+        first,
+        out,
+        |xp, rows, c0, three, yr| unsafe { interior_avx(xp, rows, c0, three, yr) },
+    )
+}
+
+/// The output columns whose windows lie wholly inside the row through `interior`, the others
+/// (pads, a ceil-mode edge) tap by tap.
+#[inline(always)]
+fn rows(
+    xp: &[f32],
+    geometry: &Separable<'_>,
+    kw: usize,
+    first: usize,
+    out: &mut [f32],
+    interior: impl Fn(&[f32], &[usize], usize, bool, &mut [f32]),
 ) {
     let Separable {
         rows_of,
@@ -80,8 +149,7 @@ unsafe fn rows_avx512(
             continue;
         }
         if hi > lo {
-            // SAFETY: AVX-512 F (caller); the kernel's loads are masked to the slices.
-            unsafe { interior(xp, rows, c0, kw == 3, &mut yr[lo..hi]) };
+            interior(xp, rows, c0, kw == 3, &mut yr[lo..hi]);
         }
         for ow in (0..lo).chain(hi..out_w) {
             let cols = cols_of.of(ow);
@@ -217,4 +285,122 @@ unsafe fn interior(xp: &[f32], rows: &[usize], c0: usize, three: bool, out: &mut
         // SAFETY: masked to `out`'s first `n` elements.
         unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), mask, m) };
     }
+}
+
+/// [`interior`] on AVX, 8 outputs per vector: the same row folds from -inf, the even and odd
+/// columns split by in-lane shuffles (`0x88`, `0xDD`) and put in order once per 8 outputs by
+/// one cross-lane permute (a permutation commutes with the maxima), the same NaN rule. The
+/// outputs past the last whole vector (a plane's last row or two) tap by tap in that order.
+///
+/// # Safety
+/// The CPU has AVX.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn interior_avx(xp: &[f32], rows: &[usize], c0: usize, three: bool, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = out.len();
+    // Every tap a row's windows read.
+    let span = (n - 1) * 2 + if three { 3 } else { 2 };
+    // As `interior`: whole-register loads from each row's pointer, every vector but the last
+    // inside the row's `span` (the taps of 8 outputs end at `p + 18`, while 8 more outputs
+    // follow), the last too when the plane holds its 18 floats.
+    let vectors = n.div_ceil(8);
+    let last_end = 2 * 8 * vectors.saturating_sub(1) + 18;
+    let mut starts = [std::ptr::null::<f32>(); 8];
+    let row_starts = |len: usize, starts: &mut [*const f32; 8]| {
+        rows.len() <= starts.len()
+            && rows.iter().zip(starts.iter_mut()).all(|(&r, s)| {
+                match xp.get(r + c0..).and_then(|x| x.get(..len)) {
+                    Some(x) => {
+                        *s = x.as_ptr();
+                        true
+                    }
+                    None => false,
+                }
+            })
+    };
+    let whole = if row_starts(last_end.max(span), &mut starts) {
+        vectors * 8
+    } else if row_starts(span, &mut starts) {
+        n.saturating_sub(1) / 8 * 8
+    } else {
+        0
+    };
+    let starts = &starts[..rows.len().min(starts.len())];
+    let neg = _mm256_set1_ps(f32::NEG_INFINITY);
+    for i in (0..whole).step_by(8) {
+        let p = 2 * i;
+        let (mut va, mut vb, mut vc, mut vd) = (neg, neg, neg, neg);
+        let (mut a0, mut b0) = (neg, neg);
+        for (k, &x) in starts.iter().enumerate() {
+            // SAFETY: `p + 18 <= span` (another 8 outputs follow) or, when `whole` covers the
+            // last vector, `p + 18 <= last_end`: every load lies in the row's checked floats.
+            unsafe {
+                let (a, b) = (_mm256_loadu_ps(x.add(p)), _mm256_loadu_ps(x.add(p + 8)));
+                if k == 0 {
+                    (a0, b0) = (a, b);
+                }
+                va = _mm256_max_ps(a, va);
+                vb = _mm256_max_ps(b, vb);
+                if three {
+                    vc = _mm256_max_ps(_mm256_loadu_ps(x.add(p + 2)), vc);
+                    vd = _mm256_max_ps(_mm256_loadu_ps(x.add(p + 10)), vd);
+                }
+            }
+        }
+        // Even columns `[0 2 8 10 | 4 6 12 14]`, odd ones likewise: in order after the
+        // permute below.
+        let mut m = _mm256_max_ps(
+            _mm256_shuffle_ps::<0xDD>(va, vb),
+            _mm256_shuffle_ps::<0x88>(va, vb),
+        );
+        if three {
+            m = _mm256_max_ps(_mm256_shuffle_ps::<0x88>(vc, vd), m);
+        }
+        let first = _mm256_shuffle_ps::<0x88>(a0, b0);
+        m = _mm256_blendv_ps(m, first, _mm256_cmp_ps::<_CMP_UNORD_Q>(first, first));
+        let m = _mm256_castpd_ps(pairs_in_order(_mm256_castps_pd(m)));
+        if i + 8 <= n {
+            // SAFETY: outputs `i..i + 8` lie in `out`.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(i), m) };
+        } else {
+            let mut v = [0f32; 8];
+            // SAFETY: 8 floats.
+            unsafe { _mm256_storeu_ps(v.as_mut_ptr(), m) };
+            out[i..].copy_from_slice(&v[..n - i]);
+        }
+    }
+    for (i, o) in out.iter_mut().enumerate().skip(whole.min(n)) {
+        let col = |r: usize, j: usize| xp[r + c0 + 2 * i + j];
+        // Each column folded down the rows from -inf (`maxps(v, m)`: v > m ? v : m).
+        let fold = |j: usize| {
+            rows.iter()
+                .map(|&r| col(r, j))
+                .fold(f32::NEG_INFINITY, |m, v| if v > m { v } else { m })
+        };
+        let (a, b) = (fold(0), fold(1));
+        let mut m = if b > a { b } else { a };
+        if three {
+            let c = fold(2);
+            m = if c > m { c } else { m };
+        }
+        *o = match rows.first() {
+            Some(&r) if col(r, 0).is_nan() => col(r, 0),
+            _ => m,
+        };
+    }
+}
+
+/// The 64-bit lanes `[0 2 1 3]` of `v` (`vpermpd` is AVX2; on AVX alone: swap the middle
+/// two through the 128-bit halves).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+fn pairs_in_order(v: std::arch::x86_64::__m256d) -> std::arch::x86_64::__m256d {
+    use std::arch::x86_64::*;
+    // lo = [0 1], hi = [2 3] -> [0 2 | 1 3].
+    let lo = _mm256_castpd256_pd128(v);
+    let hi = _mm256_extractf128_pd::<1>(v);
+    let a = _mm_unpacklo_pd(lo, hi);
+    let b = _mm_unpackhi_pd(lo, hi);
+    _mm256_insertf128_pd::<1>(_mm256_castpd128_pd256(a), b)
 }
