@@ -357,6 +357,91 @@ mod x86 {
         };
     }
 
+    /// The [`MicroKernel`] methods of a register kernel whose loops `$tile` ([`avx512_tile`],
+    /// [`avx2_tile`]) compute a tile from a packed or in-place A and B (`tile` and
+    /// `tile_b_rows` through it, the epilogues through [`then`]), with its `finish`.
+    macro_rules! register_tiles {
+        ($tile:ident, $features:literal) => {
+            unsafe fn tile(
+                kc: usize,
+                a: *const f32,
+                b: *const f32,
+                c: *mut f32,
+                rsc: usize,
+                csc: usize,
+                alpha: f32,
+                beta: f32,
+                mr: usize,
+                nr: usize,
+            ) {
+                // SAFETY: forwarded from the caller (a packed B panel: its steps NR apart).
+                unsafe { Self::tile_b_rows(kc, a, b, Self::NR, c, rsc, csc, alpha, beta, mr, nr) }
+            }
+
+            unsafe fn tile_b_rows(
+                kc: usize,
+                a: *const f32,
+                b: *const f32,
+                ldb: usize,
+                c: *mut f32,
+                rsc: usize,
+                csc: usize,
+                alpha: f32,
+                beta: f32,
+                mr: usize,
+                nr: usize,
+            ) {
+                // SAFETY: forwarded from the caller, who checked that the CPU has the
+                // kernel's features (a packed A panel: `lda` 0).
+                unsafe {
+                    $tile(
+                        kc,
+                        (a, 0),
+                        (b, ldb),
+                        c,
+                        (rsc, csc),
+                        (alpha, beta),
+                        (mr, nr),
+                        None,
+                    )
+                }
+            }
+
+            unsafe fn tile_then(
+                kc: usize,
+                a: *const f32,
+                b: (*const f32, usize),
+                c: *mut f32,
+                cs: (usize, usize),
+                ab: (f32, f32),
+                mn: (usize, usize),
+                epi: Option<(&TileEpilogue, usize, usize)>,
+            ) {
+                // SAFETY: forwarded from the caller (a packed panel: `lda` 0).
+                unsafe { then::<Self>($tile, kc, (a, 0), b, c, cs, ab, mn, epi) }
+            }
+
+            const A_ROWS: bool = true;
+
+            unsafe fn tile_a_rows_then(
+                kc: usize,
+                (a, lda): (*const f32, usize),
+                b: (*const f32, usize),
+                c: *mut f32,
+                cs: (usize, usize),
+                ab: (f32, f32),
+                mn: (usize, usize),
+                epi: Option<(&TileEpilogue, usize, usize)>,
+            ) {
+                // SAFETY: forwarded from the caller; a non-zero `lda` (rows in place)
+                // whatever the caller's.
+                unsafe { then::<Self>($tile, kc, (a, lda.max(1)), b, c, cs, ab, mn, epi) }
+            }
+
+            finish_for!($features);
+        };
+    }
+
     /// 8x32 AVX-512F kernel: per step, two zmm rows of B and eight broadcasts of A feed 16
     /// FMAs into 16 accumulators.
     pub(crate) struct Avx512;
@@ -368,110 +453,40 @@ mod x86 {
         const KC: usize = 256;
         const NC: usize = 4096;
 
-        unsafe fn tile(
-            kc: usize,
-            a: *const f32,
-            b: *const f32,
-            c: *mut f32,
-            rsc: usize,
-            csc: usize,
-            alpha: f32,
-            beta: f32,
-            mr: usize,
-            nr: usize,
-        ) {
-            // SAFETY: forwarded from the caller, who checked that the CPU has AVX-512F.
-            // A tile of fewer rows (a gemm of 1..4 rows: a batch-1 fully connected layer)
-            // runs only its rows' FMAs: the 8-row kernel would spend 8x the FMAs on a product
-            // that only has to stream B (measured: a 1 x 2048 x 1000 Gemm 4-6x slower than
-            // ONNX Runtime with all 8 rows).
-            unsafe { Self::tile_b_rows(kc, a, b, 32, c, rsc, csc, alpha, beta, mr, nr) }
-        }
-
+        // B's rows read in place: see `IN_PLACE_ROWS` in the driver.
         const B_ROWS: bool = true;
 
-        unsafe fn tile_b_rows(
-            kc: usize,
-            a: *const f32,
-            b: *const f32,
-            ldb: usize,
-            c: *mut f32,
-            rsc: usize,
-            csc: usize,
-            alpha: f32,
-            beta: f32,
-            mr: usize,
-            nr: usize,
-        ) {
-            // SAFETY: forwarded from the caller, who checked that the CPU has AVX-512F.
-            unsafe {
-                avx512_tile(
-                    kc,
-                    (a, 0),
-                    (b, ldb),
-                    c,
-                    (rsc, csc),
-                    (alpha, beta),
-                    (mr, nr),
-                    None,
-                )
-            }
-        }
-
-        unsafe fn tile_then(
-            kc: usize,
-            a: *const f32,
-            b: (*const f32, usize),
-            c: *mut f32,
-            cs: (usize, usize),
-            ab: (f32, f32),
-            mn: (usize, usize),
-            epi: Option<(&TileEpilogue, usize, usize)>,
-        ) {
-            // SAFETY: forwarded from the caller (a packed panel: `lda` 0).
-            unsafe { avx512_then(kc, (a, 0), b, c, cs, ab, mn, epi) }
-        }
-
-        const A_ROWS: bool = true;
-
-        unsafe fn tile_a_rows_then(
-            kc: usize,
-            (a, lda): (*const f32, usize),
-            b: (*const f32, usize),
-            c: *mut f32,
-            cs: (usize, usize),
-            ab: (f32, f32),
-            mn: (usize, usize),
-            epi: Option<(&TileEpilogue, usize, usize)>,
-        ) {
-            // SAFETY: forwarded from the caller; a non-zero `lda` (rows in place) whatever
-            // the caller's.
-            unsafe { avx512_then(kc, (a, lda.max(1)), b, c, cs, ab, mn, epi) }
-        }
-
-        finish_for!("avx512f");
+        // A tile of fewer rows (a gemm of 1..4 rows: a batch-1 fully connected layer) runs
+        // only its rows' FMAs: the 8-row kernel would spend 8x the FMAs on a product that only
+        // has to stream B (measured: a 1 x 2048 x 1000 Gemm 4-6x slower than ONNX Runtime
+        // with all 8 rows).
+        register_tiles!(avx512_tile, "avx512f");
     }
 
-    /// [`Avx512`]'s tile then its epilogue, A packed (`lda` 0) or read in place.
+    /// One tile of a register kernel's loop `rows` ([`avx512_tile`], [`avx2_tile`]) then its
+    /// epilogue, A packed (`lda` 0) or read in place. A row-major tile takes the bias and a
+    /// ReLU / ReLU6 in its registers, before the store: with a shallow product (a 1x1
+    /// convolution of 16-32 input channels, as many steps per tile) reading the stored tile
+    /// back for the epilogue took 12 % of the layer (AVX-512), 8 % of MobileNetV2's samples
+    /// (AVX2). The other activations (an exponential, erf) stay with `K::finish`.
     ///
     /// # Safety
     /// As [`MicroKernel::tile_then`] (or [`MicroKernel::tile_a_rows_then`] for a non-zero
-    /// `lda`); the CPU has AVX-512F.
+    /// `lda`); the CPU has `K`'s and `rows`' features. (Inlined: `rows` is then a direct
+    /// call.)
+    #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn avx512_then(
+    unsafe fn then<K: MicroKernel>(
+        rows: Tile,
         kc: usize,
         a: (*const f32, usize),
-        (b, ldb): (*const f32, usize),
+        b: (*const f32, usize),
         c: *mut f32,
         (rsc, csc): (usize, usize),
-        (alpha, beta): (f32, f32),
+        ab: (f32, f32),
         (mr, nr): (usize, usize),
         epi: Option<(&TileEpilogue, usize, usize)>,
     ) {
-        // A row-major tile takes the bias and a ReLU / ReLU6 in its registers, before the
-        // store: with a shallow product (a 1x1 convolution of 32 input channels, 32 steps per
-        // tile) reading the stored tile back for the epilogue took 12 % of the layer. The
-        // other activations (an exponential, erf) stay with `finish`.
         let (now, later) = match epi {
             Some(e)
                 if csc == 1
@@ -483,12 +498,39 @@ mod x86 {
         };
         // SAFETY: forwarded from the caller.
         unsafe {
-            avx512_tile(kc, a, (b, ldb), c, (rsc, csc), (alpha, beta), (mr, nr), now);
+            rows(kc, a, b, c, (rsc, csc), ab, (mr, nr), now);
             if let Some((e, row0, col0)) = later {
-                Avx512::finish(e, c, rsc, csc, row0, col0, mr, nr);
+                K::finish(e, c, rsc, csc, row0, col0, mr, nr);
             }
         }
     }
+
+    /// A register kernel's tile with an epilogue done in registers ([`then`]).
+    type Tile = unsafe fn(
+        usize,
+        (*const f32, usize),
+        (*const f32, usize),
+        *mut f32,
+        (usize, usize),
+        (f32, f32),
+        (usize, usize),
+        Option<(&TileEpilogue, usize, usize)>,
+    );
+
+    /// A register kernel's loop for a fixed number of rows and registers.
+    type Rows = unsafe fn(
+        usize,
+        (*const f32, usize),
+        (*const f32, usize),
+        *mut f32,
+        usize,
+        usize,
+        f32,
+        f32,
+        usize,
+        usize,
+        Option<(&TileEpilogue, usize, usize)>,
+    );
 
     /// [`avx512_rows`] for the rows of the tile; `a.1`: 0 for a packed A panel, else the
     /// distance between the rows of A read in place.
@@ -506,20 +548,6 @@ mod x86 {
         (mr, nr): (usize, usize),
         epi: Option<(&TileEpilogue, usize, usize)>,
     ) {
-        /// The kernel's signature, for the choice below.
-        type Rows = unsafe fn(
-            usize,
-            (*const f32, usize),
-            (*const f32, usize),
-            *mut f32,
-            usize,
-            usize,
-            f32,
-            f32,
-            usize,
-            usize,
-            Option<(&TileEpilogue, usize, usize)>,
-        );
         // A tile of at most 16 columns (the last panel of a 196-pixel layer: 4 of 32, of a
         // 169-pixel one: 9) runs one register of B per step: half the multiply-adds of the
         // full width, on lanes that are mostly padding. (Row-major C only: a column-major
@@ -745,124 +773,12 @@ mod x86 {
         const KC: usize = 256;
         const NC: usize = 4096;
 
-        unsafe fn tile(
-            kc: usize,
-            a: *const f32,
-            b: *const f32,
-            c: *mut f32,
-            rsc: usize,
-            csc: usize,
-            alpha: f32,
-            beta: f32,
-            mr: usize,
-            nr: usize,
-        ) {
-            // SAFETY: forwarded from the caller, who checked that the CPU has AVX2 and FMA.
-            unsafe { Self::tile_b_rows(kc, a, b, 16, c, rsc, csc, alpha, beta, mr, nr) }
-        }
-
         // Reads B's rows in place when asked (`tile` does, with packed panels), but does not
         // ask the driver to send them: a 16-float panel row is one cache line, and on Zen 3
         // ResNet-50's 1x1 layers (64-1024 rows, W x X) ran no faster in place than packed.
         const B_ROWS: bool = false;
 
-        unsafe fn tile_b_rows(
-            kc: usize,
-            a: *const f32,
-            b: *const f32,
-            ldb: usize,
-            c: *mut f32,
-            rsc: usize,
-            csc: usize,
-            alpha: f32,
-            beta: f32,
-            mr: usize,
-            nr: usize,
-        ) {
-            // SAFETY: forwarded from the caller, who checked that the CPU has AVX2 and FMA.
-            unsafe {
-                avx2_tile(
-                    kc,
-                    (a, 0),
-                    (b, ldb),
-                    c,
-                    (rsc, csc),
-                    (alpha, beta),
-                    (mr, nr),
-                    None,
-                )
-            }
-        }
-
-        unsafe fn tile_then(
-            kc: usize,
-            a: *const f32,
-            b: (*const f32, usize),
-            c: *mut f32,
-            cs: (usize, usize),
-            ab: (f32, f32),
-            mn: (usize, usize),
-            epi: Option<(&TileEpilogue, usize, usize)>,
-        ) {
-            // SAFETY: forwarded from the caller (a packed panel: `lda` 0).
-            unsafe { avx2_then(kc, (a, 0), b, c, cs, ab, mn, epi) }
-        }
-
-        const A_ROWS: bool = true;
-
-        unsafe fn tile_a_rows_then(
-            kc: usize,
-            (a, lda): (*const f32, usize),
-            b: (*const f32, usize),
-            c: *mut f32,
-            cs: (usize, usize),
-            ab: (f32, f32),
-            mn: (usize, usize),
-            epi: Option<(&TileEpilogue, usize, usize)>,
-        ) {
-            // SAFETY: forwarded from the caller; a non-zero `lda` (rows in place) whatever
-            // the caller's.
-            unsafe { avx2_then(kc, (a, lda.max(1)), b, c, cs, ab, mn, epi) }
-        }
-
-        finish_for!("avx2,fma");
-    }
-
-    /// [`Avx2`]'s tile then its epilogue, A packed (`lda` 0) or read in place: as
-    /// [`avx512_then`] (a row-major tile's bias and ReLU / ReLU6 in registers: with a shallow
-    /// product, MobileNetV2's 1x1 layers of 16-32 input channels, applying them to the stored
-    /// tile was 8 % of the model's samples on an AVX2 CPU).
-    ///
-    /// # Safety
-    /// As [`MicroKernel::tile_then`] (or [`MicroKernel::tile_a_rows_then`] for a non-zero
-    /// `lda`); the CPU has AVX2 and FMA.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn avx2_then(
-        kc: usize,
-        a: (*const f32, usize),
-        (b, ldb): (*const f32, usize),
-        c: *mut f32,
-        (rsc, csc): (usize, usize),
-        (alpha, beta): (f32, f32),
-        (mr, nr): (usize, usize),
-        epi: Option<(&TileEpilogue, usize, usize)>,
-    ) {
-        let (now, later) = match epi {
-            Some(e)
-                if csc == 1
-                    && matches!(e.0.act, Epilogue::NONE | Epilogue::RELU | Epilogue::RELU6) =>
-            {
-                (Some(e), None)
-            }
-            other => (None, other),
-        };
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            avx2_tile(kc, a, (b, ldb), c, (rsc, csc), (alpha, beta), (mr, nr), now);
-            if let Some((e, row0, col0)) = later {
-                Avx2::finish(e, c, rsc, csc, row0, col0, mr, nr);
-            }
-        }
+        register_tiles!(avx2_tile, "avx2,fma");
     }
 
     /// [`avx2_rows`] for the rows of the tile; `a.1`: 0 for a packed A panel, else the
@@ -881,20 +797,6 @@ mod x86 {
         (mr, nr): (usize, usize),
         epi: Option<(&TileEpilogue, usize, usize)>,
     ) {
-        /// The kernel's signature, for the choice below.
-        type Rows = unsafe fn(
-            usize,
-            (*const f32, usize),
-            (*const f32, usize),
-            *mut f32,
-            usize,
-            usize,
-            f32,
-            f32,
-            usize,
-            usize,
-            Option<(&TileEpilogue, usize, usize)>,
-        );
         // As `avx512_tile`: a tile of few rows (a batch-1 fully connected layer) or of at
         // most 8 columns (the last panel of a 24-channel layer) runs only its own FMAs.
         macro_rules! rows {

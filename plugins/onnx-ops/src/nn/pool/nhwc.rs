@@ -322,6 +322,26 @@ mod x86 {
     /// Taps per window at most for [`interior`] (a 7x7 window).
     pub(super) const MAX_TAPS: usize = 49;
 
+    /// `out`'s pixels (`c` channels each) with the offset in x of each one's first tap,
+    /// `None` where its window (`rel` from there, `c` floats each) would leave x: checked,
+    /// though the callers' ranges keep them inside, as the loads are not.
+    fn windows<'a>(
+        x_len: usize,
+        (start, step): (usize, usize),
+        rel: &[usize],
+        c: usize,
+        out: &'a mut [f32],
+    ) -> impl Iterator<Item = (Option<usize>, &'a mut [f32])> {
+        let reach = rel.iter().max().copied().unwrap_or(0) + c;
+        out.chunks_exact_mut(c.max(1))
+            .enumerate()
+            .map(move |(i, pixel)| {
+                let at = i.checked_mul(step).and_then(|o| o.checked_add(start));
+                let at = at.filter(|a| a.checked_add(reach).is_some_and(|e| e <= x_len));
+                (at, pixel)
+            })
+    }
+
     /// `out`'s pixels (`c` channels each), pixel `i`'s window the taps at `x[start + i * step
     /// + rel[t]..][..c]`, `rel[0] = 0` the first: `m = tap 0`, then `m = maxps(tap, m)` per
     /// tap in order (the NCHW loop's order and NaN rule). The caller's ranges keep every
@@ -337,15 +357,12 @@ mod x86 {
         c: usize,
         out: &mut [f32],
     ) {
-        let reach = rel.iter().max().copied().unwrap_or(0) + c;
-        let (Some(later), false) = (rel.get(1..), rel.is_empty()) else {
+        let Some(later) = rel.get(1..).filter(|_| !rel.is_empty()) else {
             out.fill(f32::NAN);
             return;
         };
-        for (i, pixel) in out.chunks_exact_mut(c.max(1)).enumerate() {
-            // Checked, though the caller's ranges keep it small: the loads below are not.
-            let at = i.checked_mul(step).and_then(|o| o.checked_add(start));
-            let Some(at) = at.filter(|a| a.checked_add(reach).is_some_and(|e| e <= x.len())) else {
+        for (at, pixel) in windows(x.len(), (start, step), rel, c, out) {
+            let Some(at) = at else {
                 pixel.fill(f32::NAN);
                 continue;
             };
@@ -401,15 +418,12 @@ mod x86 {
         c: usize,
         out: &mut [f32],
     ) {
-        let reach = rel.iter().max().copied().unwrap_or(0) + c;
-        let (Some(later), false) = (rel.get(1..), rel.is_empty()) else {
+        let Some(later) = rel.get(1..).filter(|_| !rel.is_empty()) else {
             out.fill(f32::NAN);
             return;
         };
-        for (i, pixel) in out.chunks_exact_mut(c.max(1)).enumerate() {
-            // Checked, though the caller's ranges keep it small: the loads below are not.
-            let at = i.checked_mul(step).and_then(|o| o.checked_add(start));
-            let Some(at) = at.filter(|a| a.checked_add(reach).is_some_and(|e| e <= x.len())) else {
+        for (at, pixel) in windows(x.len(), (start, step), rel, c, out) {
+            let Some(at) = at else {
                 pixel.fill(f32::NAN);
                 continue;
             };

@@ -164,6 +164,44 @@ fn rows(
     }
 }
 
+/// For `n` outputs in vectors of `lanes` (the taps of `lanes` outputs end `2 * lanes + 2`
+/// floats after their first): how many outputs whole-register loads may compute, and each
+/// window row's first tap (`rows` at offsets of `xp`, from column `c0`; at most 8 rows, else
+/// none). Every vector but the last reads within the row's `span` (another `lanes` outputs
+/// follow); the last too where the plane holds its `2 * lanes + 2` floats (it then reads into
+/// the next row, whose values feed only lanes past `n`, never stored).
+fn whole_vectors(
+    xp: &[f32],
+    (rows, c0): (&[usize], usize),
+    n: usize,
+    span: usize,
+    lanes: usize,
+) -> (usize, [*const f32; 8]) {
+    let vectors = n.div_ceil(lanes);
+    let last_end = 2 * lanes * vectors.saturating_sub(1) + 2 * lanes + 2;
+    let mut starts = [std::ptr::null::<f32>(); 8];
+    let mut row_starts = |len: usize| {
+        rows.len() <= starts.len()
+            && rows.iter().zip(starts.iter_mut()).all(|(&r, s)| {
+                match xp.get(r + c0..).and_then(|x| x.get(..len)) {
+                    Some(x) => {
+                        *s = x.as_ptr();
+                        true
+                    }
+                    None => false,
+                }
+            })
+    };
+    let whole = if row_starts(last_end.max(span)) {
+        vectors * lanes
+    } else if row_starts(span) {
+        n.saturating_sub(1) / lanes * lanes
+    } else {
+        0
+    };
+    (whole, starts)
+}
+
 /// `out[i]` = the maximum over the rows at offsets `rows` of columns `c0 + 2i`, `c0 + 2i + 1`
 /// (and `c0 + 2i + 2` when `three`), the first row's `c0 + 2i` first.
 ///
@@ -195,28 +233,7 @@ unsafe fn interior(xp: &[f32], rows: &[usize], c0: usize, three: bool, out: &mut
     // past `n`, which the masked store drops. That is every row but a plane's last one or
     // two, so 27-wide output rows (SqueezeNet's 128x55x55 pool) no longer take one of their
     // two vectors masked.
-    let vectors = n.div_ceil(16);
-    let last_end = 2 * 16 * vectors.saturating_sub(1) + 34;
-    let mut starts = [std::ptr::null::<f32>(); 8];
-    let row_starts = |len: usize, starts: &mut [*const f32; 8]| {
-        rows.len() <= starts.len()
-            && rows.iter().zip(starts.iter_mut()).all(|(&r, s)| {
-                match xp.get(r + c0..).and_then(|x| x.get(..len)) {
-                    Some(x) => {
-                        *s = x.as_ptr();
-                        true
-                    }
-                    None => false,
-                }
-            })
-    };
-    let whole = if row_starts(last_end.max(span), &mut starts) {
-        vectors * 16
-    } else if row_starts(span, &mut starts) {
-        n.saturating_sub(1) / 16 * 16
-    } else {
-        0
-    };
+    let (whole, starts) = whole_vectors(xp, (rows, c0), n, span, 16);
     let starts = &starts[..rows.len().min(starts.len())];
     // Each window row's taps at the 32 (34) columns of 16 outputs are folded down the rows as
     // loaded, and split into even and odd columns once per 16 outputs: 3 permutes, where
@@ -304,28 +321,7 @@ unsafe fn interior_avx(xp: &[f32], rows: &[usize], c0: usize, three: bool, out: 
     // As `interior`: whole-register loads from each row's pointer, every vector but the last
     // inside the row's `span` (the taps of 8 outputs end at `p + 18`, while 8 more outputs
     // follow), the last too when the plane holds its 18 floats.
-    let vectors = n.div_ceil(8);
-    let last_end = 2 * 8 * vectors.saturating_sub(1) + 18;
-    let mut starts = [std::ptr::null::<f32>(); 8];
-    let row_starts = |len: usize, starts: &mut [*const f32; 8]| {
-        rows.len() <= starts.len()
-            && rows.iter().zip(starts.iter_mut()).all(|(&r, s)| {
-                match xp.get(r + c0..).and_then(|x| x.get(..len)) {
-                    Some(x) => {
-                        *s = x.as_ptr();
-                        true
-                    }
-                    None => false,
-                }
-            })
-    };
-    let whole = if row_starts(last_end.max(span), &mut starts) {
-        vectors * 8
-    } else if row_starts(span, &mut starts) {
-        n.saturating_sub(1) / 8 * 8
-    } else {
-        0
-    };
+    let (whole, starts) = whole_vectors(xp, (rows, c0), n, span, 8);
     let starts = &starts[..rows.len().min(starts.len())];
     let neg = _mm256_set1_ps(f32::NEG_INFINITY);
     for i in (0..whole).step_by(8) {
