@@ -1042,7 +1042,7 @@ async fn a_kill_at_any_point_of_an_upload_leaves_the_old_version_or_the_new_one(
 }
 
 /// Side of the MatMul that takes seconds in a debug build.
-const N: usize = 2048;
+const N: usize = 3072;
 
 fn big_request() -> pb::ModelInferRequest {
     pb::ModelInferRequest {
@@ -1082,9 +1082,10 @@ async fn all_overdue(d: &Daemon, make: fn() -> pb::ModelInferRequest, timeout: D
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_long_kernel_call_is_cut_at_the_deadline_between_its_chunks() {
-    // A 2048^3 MatMul takes seconds in a debug build; the host stops handing out its parallel
-    // chunks once the deadline passes, so both compute threads come back at once instead of
-    // after the whole product.
+    // A 3072^3 MatMul takes a second or more (the BLAS is optimized in test builds too:
+    // `[profile.dev.package.opreg-plugin-blas-cpu]`), two of them at once more; the host stops
+    // handing out its parallel chunks once the deadline passes, so both compute threads come
+    // back at once instead of after the whole product.
     let repo = tempfile::tempdir().expect("repo");
     let (mut d, _p) = start_serving(repo.path(), &["--threads", "2"]);
     load(&d, "mlp", mlp()).await.expect("healthy model");
