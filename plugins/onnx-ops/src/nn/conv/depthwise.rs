@@ -472,6 +472,16 @@ impl InPlace {
         (kx0, kx1, (left + kx0 * self.dw).saturating_sub(self.pl))
     }
 
+    /// The pixel of x that the last tap inside the image reads, for the (non-empty) tap rows
+    /// and columns of [`tap_rows`](Self::tap_rows) and [`tap_cols`](Self::tap_cols).
+    fn last_tap(
+        &self,
+        (ky0, ky1, iy0): (usize, usize, usize),
+        (kx0, kx1, ix0): (usize, usize, usize),
+    ) -> usize {
+        (iy0 + (ky1 - 1 - ky0) * self.dh) * self.iw + ix0 + (kx1 - 1 - kx0) * self.dw
+    }
+
     /// The output columns all of whose taps lie in the image: `lo..hi` (`lo == hi`: none).
     fn inner_cols(&self, ow: usize) -> (usize, usize) {
         let lo = self.pl.div_ceil(self.sw).min(ow);
@@ -982,10 +992,7 @@ mod x86 {
             std::array::from_fn(|g| _mm512_loadu_ps(t.bv.as_ptr().add(cb + 16 * g)));
         if kx0 < kx1 && ky0 < ky1 {
             // The last tap read: checked once for the unchecked loads below.
-            let last = ((iy0 + (ky1 - 1 - ky0) * at.dh) * at.iw + ix0 + (kx1 - 1 - kx0) * at.dw)
-                * c
-                + cb
-                + 16 * G;
+            let last = at.last_tap((ky0, ky1, iy0), (kx0, kx1, ix0)) * c + cb + 16 * G;
             if last > xb.len() {
                 return false;
             }
@@ -1345,10 +1352,7 @@ mod avx2 {
             std::array::from_fn(|g| _mm256_loadu_ps(t.bv.as_ptr().add(cb + L * g)));
         if kx0 < kx1 && ky0 < ky1 {
             // The last tap read: checked once for the unchecked loads below.
-            let last = ((iy0 + (ky1 - 1 - ky0) * at.dh) * at.iw + ix0 + (kx1 - 1 - kx0) * at.dw)
-                * c
-                + cb
-                + L * G;
+            let last = at.last_tap((ky0, ky1, iy0), (kx0, kx1, ix0)) * c + cb + L * G;
             if last > xb.len() {
                 return false;
             }

@@ -16,6 +16,32 @@ use opreg_sdk::{
 };
 use separable::{avg_plane_separable, max_plane_rows, max_plane_separable, Separable};
 
+#[cfg(test)]
+thread_local! {
+    /// Set by tests to run the AVX fast loops ([`stride2`], [`nhwc`]) where the CPU also has
+    /// AVX-512.
+    pub(super) static TEST_AVX: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The vector loops this CPU runs for the pools' fast paths: AVX-512 (`Some(true)`), AVX
+/// (`Some(false)`), or none.
+fn fast_loops() -> Option<bool> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[cfg(test)]
+        if TEST_AVX.get() && std::arch::is_x86_feature_detected!("avx") {
+            return Some(false);
+        }
+        if crate::simd::has_avx512() {
+            return Some(true);
+        }
+        if std::arch::is_x86_feature_detected!("avx") {
+            return Some(false);
+        }
+    }
+    None
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {
     Max,
@@ -1062,7 +1088,7 @@ mod tests {
             .into_iter()
             .flat_map(|w| [(w, false), (w, true)].into_iter().take(runs))
         {
-            stride2::TEST_AVX.set(avx);
+            TEST_AVX.set(avx);
             let xs = [1usize, 2, 9, w];
             let mut x = data(xs.iter().product());
             for i in (0..x.len()).step_by(13) {
@@ -1077,7 +1103,7 @@ mod tests {
             }
             separable_matches_direct(&xs, &x);
         }
-        stride2::TEST_AVX.set(false);
+        TEST_AVX.set(false);
     }
 
     fn separable_matches_direct(xs: &[usize], x: &[f32]) {

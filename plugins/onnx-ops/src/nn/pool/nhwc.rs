@@ -236,28 +236,6 @@ fn max_row<T: Copy>(
     }
 }
 
-#[cfg(test)]
-thread_local! {
-    /// Set by tests to run the AVX interior loop where the CPU also has AVX-512.
-    static TEST_AVX: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Which interior loop this CPU runs, if any.
-#[cfg(target_arch = "x86_64")]
-fn interior_isa() -> Option<bool> {
-    #[cfg(test)]
-    if TEST_AVX.get() && std::arch::is_x86_feature_detected!("avx") {
-        return Some(false);
-    }
-    if crate::simd::has_avx512() {
-        Some(true)
-    } else if std::arch::is_x86_feature_detected!("avx") {
-        Some(false)
-    } else {
-        None
-    }
-}
-
 /// [`max_row`] over f32: the pixels whose windows lie wholly inside the row's columns with
 /// AVX-512 or AVX ([`x86::interior`], [`x86::interior_avx`]), the others (pads, a ceil-mode
 /// edge) by the loop.
@@ -275,7 +253,7 @@ fn max_row_f32(x: &[f32], taps: &RowTaps<'_>, fresh: bool, orow: &mut [f32]) {
         .map_or(0, |last| last / s1.max(1) + 1)
         .clamp(lo, ow_n);
     #[cfg(target_arch = "x86_64")]
-    if let (true, Some(avx512)) = (fresh && hi > lo && !rows.is_empty(), interior_isa()) {
+    if let (true, Some(avx512)) = (fresh && hi > lo && !rows.is_empty(), super::fast_loops()) {
         let mut rel = [0usize; x86::MAX_TAPS];
         let mut n = 0;
         for &row in rows {
@@ -648,7 +626,7 @@ mod tests {
             .into_iter()
             .flat_map(|case| [(case, false), (case, true)].into_iter().take(runs))
         {
-            TEST_AVX.set(avx);
+            super::super::TEST_AVX.set(avx);
             // NCHW values: ties of -0 and +0, NaN and -inf sprinkled.
             let mut x: Vec<f32> = (0..n * c * h * w)
                 .map(|i| ((i * 29 % 31) as f32 - 15.0) / 4.0)
@@ -705,7 +683,7 @@ mod tests {
                 );
             }
         }
-        TEST_AVX.set(false);
+        super::super::TEST_AVX.set(false);
         // No images beside a 2^40 extent: an empty output, nothing read or allocated; an
         // empty row refused (the window does not fit), as a 2^40-wide output (not allocated).
         let spec = NodeSpec::onnx(OP_F32, 1)

@@ -26,33 +26,9 @@ pub(super) fn max_plane_stride2_f32(xp: &[f32], geometry: &Separable<'_>, yp: &m
     max_rows_stride2_f32(xp, geometry, 0, yp)
 }
 
-#[cfg(test)]
-thread_local! {
-    /// Set by tests to run the AVX loop where the CPU also has AVX-512.
-    pub(super) static TEST_AVX: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// The loop this CPU runs: AVX-512 (`Some(true)`), AVX (`Some(false)`), or none.
-fn isa() -> Option<bool> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[cfg(test)]
-        if TEST_AVX.get() && std::arch::is_x86_feature_detected!("avx") {
-            return Some(false);
-        }
-        if crate::simd::has_avx512() {
-            return Some(true);
-        }
-        if std::arch::is_x86_feature_detected!("avx") {
-            return Some(false);
-        }
-    }
-    None
-}
-
 /// Whether [`max_rows_stride2_f32`] takes `geometry` on this CPU.
 pub(super) fn takes(geometry: &Separable<'_>) -> bool {
-    matches!(geometry.fast, Some((2 | 3, 2))) && isa().is_some()
+    matches!(geometry.fast, Some((2 | 3, 2))) && super::fast_loops().is_some()
 }
 
 /// [`max_plane_stride2_f32`] for the output rows from `first` that `out` holds (whole rows;
@@ -65,7 +41,9 @@ pub(super) fn max_rows_stride2_f32(
     out: &mut [f32],
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if let (true, Some((kw, _)), Some(avx512)) = (takes(geometry), geometry.fast, isa()) {
+    if let (true, Some((kw, _)), Some(avx512)) =
+        (takes(geometry), geometry.fast, super::fast_loops())
+    {
         // SAFETY: the CPU has AVX-512 F, or AVX (checked).
         unsafe {
             if avx512 {
