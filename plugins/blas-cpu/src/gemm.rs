@@ -371,9 +371,13 @@ const FEW_ROW_BLOCK: usize = 64;
 /// blocks: it mostly streams B, each value used by few rows. The blocked loop ran one
 /// parallel loop per depth block, the threads meeting after each (measured on MobileNetV2's
 /// 49 x 320 x 960 layer: a third of the time in the scheduler, 0.23 ms against ONNX
-/// Runtime's 0.095). Here A is packed whole first and one parallel loop runs over chunks of
-/// B's panels, each chunk taking every depth block in turn over its own C columns (in
-/// cache), the epilogue after the last.
+/// Runtime's 0.095). Here one parallel loop runs over units of (B panel, part of the rows),
+/// each unit taking every depth block in turn over its own C tile (in cache), the epilogue
+/// after the last. A whose rows a kernel reads in place is not packed (packing it whole
+/// before the loop ran on one thread: a tenth of a 49 x 160 x 960 product at two threads).
+/// The rows are cut in parts where the panels alone do not share out evenly: 160 columns are
+/// 5 panels, 3 for one thread and 2 for the other (the product measured 141 GF/s against
+/// 181 GF/s through the general loop); as 10 units of half the rows they split 5 and 5.
 ///
 /// # Safety
 /// As [`gemm`]; `b` holds all of B packed by [`pack_b_all`] for `K` with depth blocks of
@@ -388,45 +392,104 @@ unsafe fn one_row_block<K: MicroKernel>(
     let (m, n, k) = (p.m, p.n, p.k);
     let n_pad = n.div_ceil(K::NR) * K::NR;
     let m_pad = m.div_ceil(K::MR) * K::MR;
-    // A's depth blocks: block `pc` at `pc * m_pad`.
+    let a_rows = p.a_packed.is_none() && K::A_ROWS && p.a.cs == 1;
+    // Balanced tiles for a row-major C only: a column-major one stores full tiles turned in
+    // registers, and others through a buffer.
+    let balanced = a_rows && p.csc == 1;
+    // A's depth blocks, packed: block `pc` at `pc * m_pad` (unless read in place).
     // SAFETY: forwarded from the caller.
-    let (_a_own, a) = unsafe { all_of_a::<K>(p)? };
-    let (a, b) = (SharedPtr(a.cast_mut()), SharedPtr(b.cast_mut()));
+    let (_a_own, a_packed) = if a_rows {
+        (None, std::ptr::null())
+    } else {
+        unsafe { all_of_a::<K>(p)? }
+    };
+    let (a_packed, b) = (SharedPtr(a_packed.cast_mut()), SharedPtr(b.cast_mut()));
     let panels = n_pad / K::NR;
-    let threads = ctx.num_threads().max(1);
-    let grain = panels.div_ceil(threads * TASKS_PER_THREAD).max(1);
-    run_ranges(ctx, parallel, panels, grain, |range| {
+    let threads = if parallel {
+        ctx.num_threads().max(1)
+    } else {
+        1
+    };
+    let tiles = row_tiles(m, K::MR, balanced).count();
+    let parts = row_parts(panels, tiles, threads);
+    let units = panels * parts;
+    let grain = units.div_ceil(threads * TASKS_PER_THREAD).max(1);
+    run_ranges(ctx, parallel, units, grain, |range| {
         for pc in (0..k).step_by(kc_max) {
             let kc = kc_max.min(k - pc);
             let beta = if pc == 0 { p.beta } else { 1.0 };
             let last = pc + kc >= k;
-            let a_block = a.get().cast_const().wrapping_add(pc * m_pad);
-            for panel in range.clone() {
+            let a_block = a_packed.get().cast_const().wrapping_add(pc * m_pad);
+            for unit in range.clone() {
+                let (panel, part) = (unit / parts, unit % parts);
                 let j = panel * K::NR;
                 let nr = K::NR.min(n - j);
                 let b_panel = b.get().cast_const().wrapping_add(pc * n_pad + j * kc);
-                for ir in (0..m).step_by(K::MR) {
-                    let mr = K::MR.min(m - ir);
-                    // SAFETY: block `pc` of A (rows `ir..`) and panel `panel` of B's block
-                    // `pc` are packed (`kc` steps each); the tile lies in C and belongs to
-                    // this task alone.
+                let mine = part * tiles / parts..(part + 1) * tiles / parts;
+                for (ir, mr) in row_tiles(m, K::MR, balanced)
+                    .take(mine.end)
+                    .skip(mine.start)
+                {
+                    let c = p.c.wrapping_add(ir * p.rsc + j * p.csc);
+                    let epi = p.epi.as_ref().filter(|_| last).map(|e| (e, ir, j));
+                    let (b, cs, ab) = ((b_panel, K::NR), (p.rsc, p.csc), (p.alpha, beta));
+                    // SAFETY: rows `ir..ir + mr` of A (read in place from column `pc`, or
+                    // block `pc` of the packed A) and panel `panel` of B's block `pc` hold
+                    // `kc` steps each; the tile lies in C and belongs to this unit alone.
                     unsafe {
-                        K::tile_then(
-                            kc,
-                            a_block.wrapping_add(ir * kc),
-                            (b_panel, K::NR),
-                            p.c.add(ir * p.rsc + j * p.csc),
-                            (p.rsc, p.csc),
-                            (p.alpha, beta),
-                            (mr, nr),
-                            p.epi.as_ref().filter(|_| last).map(|e| (e, ir, j)),
-                        );
+                        if a_rows {
+                            let a = p.a.ptr.add(ir * p.a.rs + pc);
+                            K::tile_a_rows_then(kc, (a, p.a.rs), b, c, cs, ab, (mr, nr), epi);
+                        } else {
+                            let a = a_block.wrapping_add(ir * kc);
+                            K::tile_then(kc, a, b, c, cs, ab, (mr, nr), epi);
+                        }
                     }
                 }
             }
         }
         Ok(())
     })
+}
+
+/// The row tiles of a block of `rows` rows for a kernel of `mr` rows: `(first row, rows)`.
+/// Packed A comes in `mr`-row panels, so its tiles are `mr` rows but the last. Rows read in
+/// place (`balanced`) make as many tiles of near-equal height instead: the kernels run a tile
+/// of one to three rows latency-bound (too few independent sums to keep the FMA units busy),
+/// and 49 rows as 6 x 8 + 1 took the time of about 52 rows; as 7 x 7 they take the time of
+/// 49. (Every row sums its products in the same order whatever its tile: the same bits.)
+pub(crate) fn row_tiles(
+    rows: usize,
+    mr: usize,
+    balanced: bool,
+) -> impl Iterator<Item = (usize, usize)> + Clone {
+    let tiles = rows.div_ceil(mr.max(1));
+    let (base, extra) = if balanced && tiles > 0 {
+        (rows / tiles, rows % tiles)
+    } else {
+        (mr, 0)
+    };
+    (0..tiles).map(move |t| {
+        let first = t * base + t.min(extra);
+        (first, (base + usize::from(t < extra)).min(rows - first))
+    })
+}
+
+/// Into how many parts [`one_row_block`] cuts the row tiles (`tiles` of them) so that its
+/// units (panels x parts) share out evenly over `threads`: 1 where the panels already do, or
+/// are many enough that a leftover panel costs little.
+pub(crate) fn row_parts(panels: usize, tiles: usize, threads: usize) -> usize {
+    if threads <= 1 || panels.is_multiple_of(threads) || panels >= 4 * threads {
+        return 1;
+    }
+    // The fewest parts that make the units a multiple of the threads.
+    let gcd = |mut a: usize, mut b: usize| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    (threads / gcd(panels, threads)).clamp(1, tiles.max(1))
 }
 
 /// The B block of one `(jc, pc)` step.
@@ -606,8 +669,7 @@ unsafe fn compute_block<K: MicroKernel>(
                     }
                     _ => (b_chunk.wrapping_add((panel - first) * kc * K::NR), K::NR),
                 };
-                for ir in (0..mc).step_by(K::MR) {
-                    let mr = K::MR.min(mc - ir);
+                for (ir, mr) in row_tiles(mc, K::MR, a_rows && p.csc == 1) {
                     let c = p.c.wrapping_add((ic + ir) * p.rsc + (jc + j) * p.csc);
                     let epi = epi.as_ref().map(|e| (e, ic + ir, jc + j));
                     let (b, cs, ab) = ((b_panel, ldb), (p.rsc, p.csc), (p.alpha, beta));

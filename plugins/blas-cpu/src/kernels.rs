@@ -563,7 +563,15 @@ mod x86 {
                 }
             };
         }
-        let rows = if lda == 0 { rows!(false) } else { rows!(true) };
+        let rows = match (lda, mr, nr <= 16 && csc == 1) {
+            (0, ..) => rows!(false),
+            // Balanced tiles of rows read in place (the driver's `row_tiles`: 49 rows as 7 x 7)
+            // run their own rows only.
+            (_, 5, false) => avx512_rows::<5, 2, true>,
+            (_, 6, false) => avx512_rows::<6, 2, true>,
+            (_, 7, false) => avx512_rows::<7, 2, true>,
+            _ => rows!(true),
+        };
         // SAFETY: forwarded from the caller.
         unsafe { rows(kc, (a, lda), b, c, rsc, csc, alpha, beta, mr, nr, epi) }
     }
@@ -810,7 +818,12 @@ mod x86 {
                 }
             };
         }
-        let rows = if lda == 0 { rows!(false) } else { rows!(true) };
+        let rows = match (lda, mr, nr <= 8 && csc == 1) {
+            (0, ..) => rows!(false),
+            // As `avx512_tile`: a balanced tile of rows read in place (49 rows as 4 x 6 + 5 x 5).
+            (_, 5, false) => avx2_rows::<5, 2, true>,
+            _ => rows!(true),
+        };
         // SAFETY: forwarded from the caller.
         unsafe { rows(kc, (a, lda), b, c, rsc, csc, alpha, beta, mr, nr, epi) }
     }

@@ -350,6 +350,86 @@ fn conv_like_and_tall_shapes() {
     }
 }
 
+/// Products of few rows with B packed and several depth blocks (`one_row_block`: a 7x7
+/// layer's 49 positions), A read in place or packed: every row count up to the limit, so
+/// that every balanced tile height and every split of the rows into parts is met, with
+/// panel counts that do and do not share out over two threads.
+#[test]
+fn few_rows_packed_b_every_height_and_part() {
+    for kind in kernels() {
+        for m in (1..=64).filter(|m| m % 4 != 0 || *m == 64 || *m == 8) {
+            for n in [16, 160, 200] {
+                let case = Case {
+                    layout: Layout::ROW_MAJOR,
+                    ta: Transpose::NO,
+                    tb: Transpose::NO,
+                    m,
+                    n,
+                    k: 300,
+                    pad: 1,
+                    alpha: 1.0,
+                    beta: 0.0,
+                    packed: true,
+                    epi: Epilogue::RELU,
+                    bias: BiasOn::Cols,
+                };
+                check(kind, case);
+            }
+        }
+    }
+}
+
+#[test]
+fn row_tiles_cover_each_row_once_and_balance_in_place() {
+    for mr in [6, 8] {
+        for rows in 0..=200 {
+            for balanced in [false, true] {
+                let tiles: Vec<_> = crate::gemm::row_tiles(rows, mr, balanced).collect();
+                assert_eq!(tiles.len(), rows.div_ceil(mr), "{rows} rows, mr {mr}");
+                let mut next = 0;
+                for &(first, len) in &tiles {
+                    assert_eq!(first, next, "{rows} rows, mr {mr}, {balanced}: {tiles:?}");
+                    assert!((1..=mr).contains(&len), "{rows} rows: {tiles:?}");
+                    next += len;
+                }
+                assert_eq!(next, rows);
+                let (lo, hi) = tiles
+                    .iter()
+                    .fold((usize::MAX, 0), |(lo, hi), t| (lo.min(t.1), hi.max(t.1)));
+                if balanced && rows > 0 {
+                    assert!(hi - lo <= 1, "{rows} rows, mr {mr}: {tiles:?}");
+                } else if !balanced && rows > 0 {
+                    // Packed panels: full tiles but the last.
+                    assert!(tiles[..tiles.len() - 1].iter().all(|t| t.1 == mr));
+                }
+            }
+        }
+    }
+    // 49 rows: 7 x 7 with 8-row tiles, 4 x 6 + 5 x 5 with 6-row ones.
+    let heights = |mr| {
+        crate::gemm::row_tiles(49, mr, true)
+            .map(|t| t.1)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(heights(8), vec![7; 7]);
+    assert_eq!(heights(6), vec![6, 6, 6, 6, 5, 5, 5, 5, 5]);
+}
+
+#[test]
+fn row_parts_even_out_the_units() {
+    use crate::gemm::row_parts;
+    // 5 panels on 2 threads: halves of the rows, 10 units.
+    assert_eq!(row_parts(5, 7, 2), 2);
+    // Even already, or many panels: whole rows.
+    assert_eq!(row_parts(4, 7, 2), 1);
+    assert_eq!(row_parts(9, 7, 2), 1);
+    assert_eq!(row_parts(5, 7, 1), 1);
+    // 5 panels on 4 threads: quarters; never more parts than tiles.
+    assert_eq!(row_parts(5, 7, 4), 4);
+    assert_eq!(row_parts(5, 1, 4), 1);
+    assert_eq!(row_parts(3, 2, 4), 2);
+}
+
 #[test]
 fn bias_and_activation_in_the_tiles() {
     // Edge tiles, several depth blocks (the epilogue must follow the last one only), column
