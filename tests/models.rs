@@ -1472,3 +1472,149 @@ async fn a_first_layer_and_its_max_pool_run_as_one_fused_kernel() {
         assert!((g - e).abs() <= 1e-4 * e.abs().max(1.0), "{i}: {g} vs {e}");
     }
 }
+
+/// A Fire module between two layers (SqueezeNet's body: squeeze 1x1 + ReLU, expand 1x1 and
+/// 3x3 + ReLU, their channel Concat, a ceil-mode MaxPool, the next layer): on CPUs with the
+/// channels-last kernels everything after the first layer runs channels-last (pass
+/// `nhwc-conv`: the Concat along axis 3, the pool `opreg::MaxPoolNhwc`), and the answer is
+/// the NCHW one, computed here by direct loops in exact arithmetic (halves and quarters).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fire_module_runs_channels_last_through_its_concat() {
+    let (n, c, h, w) = (2usize, 3usize, 10usize, 13usize);
+    let (sq, e1, e3, out) = (4usize, 5usize, 6usize, 2usize);
+    let cat = e1 + e3;
+    let vals = |len: usize, seed: usize, scale: f32| -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 7 + seed) % 9) as f32 * scale - 4.0 * scale)
+            .collect()
+    };
+    let x = vals(n * c * h * w, 1, 0.5);
+    let (wq, bq) = (vals(sq * c, 2, 0.25), vals(sq, 3, 0.5));
+    let (w1, b1) = (vals(e1 * sq, 4, 0.25), vals(e1, 5, 0.5));
+    let (w3, b3) = (vals(e3 * sq * 9, 6, 0.25), vals(e3, 7, 0.5));
+    let (wn, bn) = (vals(out * cat * 9, 8, 0.25), vals(out, 0, 0.5));
+    let pads = || attr_ints("pads", &[1, 1, 1, 1]);
+    let shape = [n as i64, c as i64, h as i64, w as i64];
+    let bytes = model(
+        vec![
+            node("Conv", &["x", "wq", "bq"], &["s"]),
+            node("Relu", &["s"], &["rs"]),
+            node("Conv", &["rs", "w1", "b1"], &["a"]),
+            node("Relu", &["a"], &["ra"]),
+            node_with("Conv", &["rs", "w3", "b3"], &["b"], vec![pads()]),
+            node("Relu", &["b"], &["rb"]),
+            node_with("Concat", &["ra", "rb"], &["cat"], vec![attr_int("axis", 1)]),
+            node_with(
+                "MaxPool",
+                &["cat"],
+                &["p"],
+                vec![
+                    attr_ints("kernel_shape", &[3, 3]),
+                    attr_ints("strides", &[2, 2]),
+                    attr_int("ceil_mode", 1),
+                ],
+            ),
+            node_with("Conv", &["p", "wn", "bn"], &["y"], vec![pads()]),
+        ],
+        vec![value("x", 1, &shape)],
+        vec![value("y", 1, &[])],
+        vec![
+            f32_initializer("wq", &[sq as i64, c as i64, 1, 1], &wq),
+            f32_initializer("bq", &[sq as i64], &bq),
+            f32_initializer("w1", &[e1 as i64, sq as i64, 1, 1], &w1),
+            f32_initializer("b1", &[e1 as i64], &b1),
+            f32_initializer("w3", &[e3 as i64, sq as i64, 3, 3], &w3),
+            f32_initializer("b3", &[e3 as i64], &b3),
+            f32_initializer("wn", &[out as i64, cat as i64, 3, 3], &wn),
+            f32_initializer("bn", &[out as i64], &bn),
+        ],
+        17,
+    );
+    let repo = tempfile::tempdir().expect("repo");
+    let (d, _p) = start_serving(repo.path(), &[]);
+    let mut client = d.inference().await;
+    client
+        .repository_model_load(load_request("fire", bytes))
+        .await
+        .expect("load");
+    let (_, nodes) = placement(&d, "fire").await;
+    let ops: Vec<&str> = nodes.iter().map(|n| n.0.as_str()).collect();
+    if channels_last_kernels() {
+        let conv = "FusedConvNhwc";
+        assert_eq!(
+            ops,
+            [conv, conv, conv, "Concat", "MaxPoolNhwc", conv],
+            "{nodes:?}"
+        );
+    } else {
+        assert!(
+            ops.contains(&"Concat") && ops.contains(&"MaxPool"),
+            "{nodes:?}"
+        );
+    }
+    let r = client
+        .model_infer(pb::ModelInferRequest {
+            model_name: "fire".into(),
+            inputs: vec![input("x", "FP32", &shape)],
+            raw_input_contents: vec![f32_bytes(&x).into()],
+            ..Default::default()
+        })
+        .await
+        .expect("infer")
+        .into_inner();
+    // The same layers in plain loops, NCHW: a `k x k` convolution (padding `k / 2`) + ReLU.
+    let conv = |x: &[f32], ci: usize, (h, w): (usize, usize), wt: &[f32], b: &[f32], k: usize| {
+        let co = b.len();
+        let mut y = vec![0f32; co * h * w];
+        for o in 0..co {
+            for yy in 0..h {
+                for xx in 0..w {
+                    let mut s = b[o];
+                    for i in 0..ci {
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let (iy, ix) = (yy + ky, xx + kx);
+                                let (iy, ix) = (iy.wrapping_sub(k / 2), ix.wrapping_sub(k / 2));
+                                if iy < h && ix < w {
+                                    s += wt[((o * ci + i) * k + ky) * k + kx]
+                                        * x[(i * h + iy) * w + ix];
+                                }
+                            }
+                        }
+                    }
+                    y[(o * h + yy) * w + xx] = s;
+                }
+            }
+        }
+        y
+    };
+    let relu = |v: Vec<f32>| v.into_iter().map(|v| v.max(0.0)).collect::<Vec<_>>();
+    let (ph, pw) = ((h - 3).div_ceil(2) + 1, (w - 3).div_ceil(2) + 1);
+    let mut want = Vec::new();
+    for img in 0..n {
+        let xb = &x[img * c * h * w..][..c * h * w];
+        let s = relu(conv(xb, c, (h, w), &wq, &bq, 1));
+        let mut cat_v = relu(conv(&s, sq, (h, w), &w1, &b1, 1));
+        cat_v.extend(relu(conv(&s, sq, (h, w), &w3, &b3, 3)));
+        let mut pooled = vec![f32::NEG_INFINITY; cat * ph * pw];
+        for ch in 0..cat {
+            for py in 0..ph {
+                for px in 0..pw {
+                    for y in (2 * py..2 * py + 3).filter(|&y| y < h) {
+                        for xx in (2 * px..2 * px + 3).filter(|&xx| xx < w) {
+                            let v = cat_v[(ch * h + y) * w + xx];
+                            let best = &mut pooled[(ch * ph + py) * pw + px];
+                            *best = best.max(v);
+                        }
+                    }
+                }
+            }
+        }
+        want.extend(conv(&pooled, cat, (ph, pw), &wn, &bn, 3));
+    }
+    assert_eq!(
+        r.outputs[0].shape,
+        [n as i64, out as i64, ph as i64, pw as i64]
+    );
+    assert_eq!(f32_values(&r.raw_output_contents[0]), want);
+}

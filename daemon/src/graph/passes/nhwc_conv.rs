@@ -74,6 +74,7 @@ impl Pass for NhwcConv {
         let kinds: Vec<Option<Kind>> = model.nodes.iter().map(|n| kind(model, n)).collect();
         let reads = |j: usize| matches!(kinds.get(j), Some(Some(_)));
         let is_pool = |j: usize| matches!(kinds.get(j), Some(Some(Kind::Pool)));
+        let is_concat = |j: usize| matches!(kinds.get(j), Some(Some(Kind::Concat)));
         // A network's final pool reads a channels-last X too (`opreg::GlobalAveragePoolNhwc`):
         // else its last residual chain stays NCHW, every projection of the stage storing
         // column-major (ResNet-50's 7x7 stage, 1.3-1.6x ONNX Runtime's time).
@@ -113,9 +114,9 @@ impl Pass for NhwcConv {
                 continue;
             };
             // Read by convolutions only, as X or as a fused sum (Z, slot 3), which takes its
-            // reader's Y layout (checked below).
+            // reader's Y layout (checked below), or by a channel Concat (any slot).
             let fits = |j: usize, slot: usize| {
-                (matches!(slot, 0 | 3) && reads(j)) || (slot == 0 && pool(j))
+                is_concat(j) || (matches!(slot, 0 | 3) && reads(j)) || (slot == 0 && pool(j))
             };
             if rs.iter().all(|&(j, slot)| fits(j, slot)) {
                 found.insert(i, rs.clone());
@@ -131,7 +132,10 @@ impl Pass for NhwcConv {
                 .iter()
                 .filter(|&(&i, rs)| {
                     let node = model.nodes.get(i);
-                    let z = node.and_then(|n| n.inputs.get(3)).filter(|z| !z.is_empty());
+                    let z = node
+                        .filter(|_| !is_concat(i))
+                        .and_then(|n| n.inputs.get(3))
+                        .filter(|z| !z.is_empty());
                     let z_fits = z.is_none_or(|z| {
                         producer.get(z.as_str()).is_some_and(|p| {
                             found.contains_key(p) && same_shape(model, &producer, i, *p)
@@ -147,21 +151,32 @@ impl Pass for NhwcConv {
                     let depthwise = matches!(kinds.get(i), Some(Some(Kind::Depthwise)));
                     let pointwise = |j: usize| matches!(kinds.get(j), Some(Some(Kind::Pointwise)));
                     let readers_fit = rs.iter().all(|&(j, slot)| match slot {
+                        // A Concat reads and writes one layout: its output must go too.
+                        _ if is_concat(j) => found.contains_key(&j),
                         3 => found.contains_key(&j),
                         // A MaxPool reads and writes one layout: its output must go too.
                         _ if is_pool(j) => found.contains_key(&j),
                         // A pool's 1x1 readers must stay channels-last themselves: SqueezeNet's
                         // squeeze layer after its first pool, storing NCHW from a
                         // channels-last X, lost what the pool gained (0.02 -> 0.028 ms).
-                        _ if is_pool(i) => !pointwise(j) || found.contains_key(&j),
+                        _ if is_pool(i) || is_concat(i) => !pointwise(j) || found.contains_key(&j),
                         _ => depthwise || !pointwise(j) || writers.contains(&j),
                     });
-                    // ... and its input must be channels-last for its output to be.
-                    let x_fits = !is_pool(i)
-                        || node
-                            .and_then(|n| n.inputs.first())
-                            .and_then(|x| producer.get(x.as_str()))
-                            .is_some_and(|p| found.contains_key(p));
+                    // ... and its input must be channels-last for its output to be (every input
+                    // of a Concat).
+                    let channels_last = |x: &String| {
+                        producer
+                            .get(x.as_str())
+                            .is_some_and(|p| found.contains_key(p))
+                    };
+                    let x_fits = if is_concat(i) {
+                        node.is_some_and(|n| n.inputs.iter().all(channels_last))
+                    } else {
+                        !is_pool(i)
+                            || node
+                                .and_then(|n| n.inputs.first())
+                                .is_some_and(channels_last)
+                    };
                     !(z_fits && readers_fit && x_fits)
                 })
                 .map(|(&i, _)| i)
@@ -180,6 +195,7 @@ impl Pass for NhwcConv {
         let mut layouts: HashMap<usize, (bool, bool)> = HashMap::new();
         let mut pools = Vec::new();
         let mut max_pools = Vec::new();
+        let mut concats = Vec::new();
         let mut found: Vec<(usize, Vec<(usize, usize)>)> = found.into_iter().collect();
         // In graph order, so that the fresh names do not depend on the map's.
         found.sort_unstable_by_key(|&(i, _)| i);
@@ -193,6 +209,8 @@ impl Pass for NhwcConv {
             }
             if is_pool(i) {
                 max_pools.push(i);
+            } else if is_concat(i) {
+                concats.push(i);
             } else {
                 layouts.entry(i).or_default().1 = true;
             }
@@ -203,7 +221,7 @@ impl Pass for NhwcConv {
                 // Read as X: the reader's X is channels-last; as Z, its Y is (a candidate).
                 if k == 0 && pool(j) {
                     pools.push(j);
-                } else if k == 0 && !is_pool(j) {
+                } else if k == 0 && !is_pool(j) && !is_concat(j) {
                     layouts.entry(j).or_default().0 = true;
                 }
             }
@@ -237,8 +255,18 @@ impl Pass for NhwcConv {
                 n.attributes.retain(|a| a.name != "storage_order");
             }
         }
+        for &j in &concats {
+            if let Some(n) = model.nodes.get_mut(j) {
+                // The channels, axis 1 of NCHW, are axis 3 of NHWC.
+                n.attributes.retain(|a| a.name != "axis");
+                n.attributes.push(Attribute {
+                    name: "axis".into(),
+                    value: AttrValue::Int(3),
+                });
+            }
+        }
         model.opsets.entry("opreg".into()).or_insert(1);
-        Ok(layouts.len() + pools.len() + max_pools.len())
+        Ok(layouts.len() + pools.len() + max_pools.len() + concats.len())
     }
 }
 
@@ -336,7 +364,11 @@ fn spatial_map(model: &Model, n: &Node) -> Option<SpatialMap> {
         }) => Some(v.clone()),
         Some(_) => None,
     };
-    let (kh, kw) = if kind(model, n)? == Kind::Pool {
+    let k = kind(model, n)?;
+    if k == Kind::Concat {
+        return None;
+    }
+    let (kh, kw) = if k == Kind::Pool {
         // A ceil-mode pool's extents are another function (rounded up, and a window may not
         // start in the end padding): not followed.
         let ceil = n
@@ -396,11 +428,25 @@ enum Kind {
     /// channels-last). f32 because what it reads is: it goes channels-last only after a
     /// convolution this pass converts.
     Pool,
+    /// A Concat along the channels (axis 1 or -3) of values that all go channels-last (so
+    /// 4-D: convolutions' and pools' outputs), its output read by such readers: axis 3 of
+    /// the channels-last values (SqueezeNet's Fire modules, whose expand layers feed one).
+    /// Kept NCHW, a Fire module's layers ran at 1.3-2.6x ONNX Runtime's time, each storing
+    /// NCHW; channels-last, a Concat copies runs of channels per pixel.
+    Concat,
 }
 
 /// The [`Kind`] of `n` when it is an f32 convolution the channels-last kernel computes: a
 /// `Conv` or `opreg::FusedConv` over 2 spatial dimensions.
 fn kind(model: &Model, n: &Node) -> Option<Kind> {
+    if n.domain.is_empty() && n.op_type == "Concat" {
+        let channels = n
+            .attributes
+            .iter()
+            .any(|a| a.name == "axis" && matches!(a.value, AttrValue::Int(1) | AttrValue::Int(-3)));
+        let inputs = !n.inputs.is_empty() && n.inputs.iter().all(|x| !x.is_empty());
+        return (channels && inputs && n.outputs.len() == 1).then_some(Kind::Concat);
+    }
     if n.domain.is_empty() && n.op_type == "MaxPool" {
         // One input, no Indices output, a 2-D window.
         let two_d = n.attributes.iter().any(|a| {

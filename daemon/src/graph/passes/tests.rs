@@ -1174,6 +1174,94 @@ fn a_3x3_chain_goes_channels_last_unless_a_1x1_layer_writes_nchw() {
     assert_eq!(flags(&m.nodes[1]), on(1, 0));
 }
 
+/// SqueezeNet's Fire modules: a channel Concat whose inputs are all channels-last and whose
+/// readers take channels-last values goes channels-last as axis 3, and so do the expand
+/// layers feeding it, their squeeze layer and the next module's squeeze layer reading it (and
+/// a ceil-mode MaxPool between). Where the Concat's output is read otherwise (a graph
+/// output), or one of its inputs cannot go channels-last, it all stays NCHW.
+#[test]
+fn a_fire_module_concat_goes_channels_last_along_axis_3() {
+    let fire = |axis: i64, outputs: &[&str], e1_input: &str| {
+        model(
+            vec![
+                node("Conv", &["x", "wq"], &["s"]),
+                node("Conv", &[e1_input, "w1"], &["e1"]),
+                node_ints("Conv", &["s", "w3"], &["e3"], &[("pads", &[1, 1, 1, 1])]),
+                node_with("Concat", &["e1", "e3"], &["c"], &[("axis", axis)]),
+                node_ints(
+                    "MaxPool",
+                    &["c"],
+                    &["p"],
+                    &[("kernel_shape", &[3, 3]), ("strides", &[2, 2])],
+                ),
+                // 3x3: a 1x1 reader of the pool writing NCHW would keep the pool NCHW.
+                node_ints("Conv", &["p", "wn"], &["y"], &[("pads", &[1, 1, 1, 1])]),
+            ],
+            outputs,
+            &[
+                ("wq", &[2, 4, 1, 1], vec![0.5; 8]),
+                ("w1", &[4, 2, 1, 1], vec![0.5; 8]),
+                ("w3", &[4, 2, 3, 3], vec![0.5; 72]),
+                ("wn", &[2, 8, 3, 3], vec![0.5; 144]),
+            ],
+        )
+    };
+    for axis in [1, -3] {
+        let mut m = fire(axis, &["y"], "s");
+        // Four convolutions, the Concat and the pool.
+        assert_eq!(nhwc_conv::NhwcConv.run(&mut m).unwrap(), 6, "axis {axis}");
+        assert_eq!(flags(&m.nodes[0]), on(0, 1));
+        assert_eq!(flags(&m.nodes[1]), on(1, 1));
+        assert_eq!(flags(&m.nodes[2]), on(1, 1));
+        let concat = &m.nodes[3];
+        assert_eq!(
+            (concat.domain.as_str(), concat.op_type.as_str()),
+            ("", "Concat")
+        );
+        assert_eq!(concat.inputs, ["e1_nhwc", "e3_nhwc"]);
+        assert_eq!(concat.outputs, ["c_nhwc"]);
+        let axes: Vec<_> = concat
+            .attributes
+            .iter()
+            .filter(|a| a.name == "axis")
+            .collect();
+        assert_eq!(axes.len(), 1);
+        assert_eq!(axes[0].value, opreg_sdk::AttrValue::Int(3));
+        assert_eq!(m.nodes[4].op_type, "MaxPoolNhwc");
+        assert_eq!(m.nodes[4].inputs, ["c_nhwc"]);
+        assert_eq!(flags(&m.nodes[5]), on(1, 0));
+        assert_eq!(m.nodes[5].outputs, ["y"]);
+    }
+    // The Concat's output a graph output; one input from outside the convolutions (the
+    // graph's input read by an expand layer is fine, but a Concat of a graph input is not);
+    // another axis: the module stays NCHW around the Concat.
+    let mut pinned = fire(1, &["y", "c"], "s");
+    let mut other_axis = fire(2, &["y"], "s");
+    let mut graph_input = fire(1, &["y"], "s");
+    graph_input.nodes[3].inputs[0] = "x".into();
+    for (what, m) in [
+        ("pinned", &mut pinned),
+        ("axis 2", &mut other_axis),
+        ("graph input", &mut graph_input),
+    ] {
+        nhwc_conv::NhwcConv.run(m).unwrap();
+        let concat = &m.nodes[3];
+        assert_eq!(concat.outputs, ["c"], "{what}");
+        assert!(
+            concat.inputs.iter().all(|x| !x.ends_with("_nhwc")),
+            "{what}"
+        );
+        assert!(
+            concat
+                .attributes
+                .iter()
+                .all(|a| a.name != "axis" || a.value != opreg_sdk::AttrValue::Int(3)),
+            "{what}"
+        );
+        assert_eq!(m.nodes[4].op_type, "MaxPool", "{what}");
+    }
+}
+
 /// A network's first pool (ResNet's stem -> 3x3/2 MaxPool -> the first block, whose sum
 /// takes the pool's output as Z) goes channels-last with the convolutions around it, as
 /// `opreg::MaxPoolNhwc`; it stays NCHW where its output would have to stay NCHW anyway (a
