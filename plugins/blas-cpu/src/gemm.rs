@@ -426,10 +426,35 @@ unsafe fn one_row_block<K: MicroKernel>(
                 let nr = K::NR.min(n - j);
                 let b_panel = b.get().cast_const().wrapping_add(pc * n_pad + j * kc);
                 let mine = part * tiles / parts..(part + 1) * tiles / parts;
-                for (ir, mr) in row_tiles(m, K::MR, balanced)
+                // The next panel this range takes (of this depth block, or the range's first
+                // of the next) brought into L2 while this one's tiles run, as in
+                // `compute_block`.
+                let next = if part + 1 < parts {
+                    None
+                } else if unit + 1 < range.end {
+                    Some(b_panel.wrapping_add(kc * K::NR))
+                } else if pc + kc < k {
+                    let kc_next = kc_max.min(k - pc - kc);
+                    let first = range.start / parts * K::NR;
+                    Some(
+                        b.get()
+                            .cast_const()
+                            .wrapping_add((pc + kc) * n_pad + first * kc_next),
+                    )
+                } else {
+                    None
+                };
+                let slices = mine.len().max(1);
+                let panel_bytes = kc * K::NR * 4;
+                for (t, (ir, mr)) in row_tiles(m, K::MR, balanced)
                     .take(mine.end)
                     .skip(mine.start)
+                    .enumerate()
                 {
+                    if let Some(next) = next {
+                        let (from, to) = (t * panel_bytes / slices, (t + 1) * panel_bytes / slices);
+                        prefetch_l2(next.cast::<u8>().wrapping_add(from), to - from);
+                    }
                     let c = p.c.wrapping_add(ir * p.rsc + j * p.csc);
                     let epi = p.epi.as_ref().filter(|_| last).map(|e| (e, ir, j));
                     let (b, cs, ab) = ((b_panel, K::NR), (p.rsc, p.csc), (p.alpha, beta));
@@ -450,6 +475,23 @@ unsafe fn one_row_block<K: MicroKernel>(
         }
         Ok(())
     })
+}
+
+/// Asks for the `len` bytes at `p` to be brought into L2 (a hint: nothing is read, and no
+/// fault follows from an address outside memory).
+#[inline]
+fn prefetch_l2(p: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for off in (0..len).step_by(64) {
+        // SAFETY: a prefetch reads nothing architecturally and never faults.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                p.wrapping_add(off).cast(),
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, len);
 }
 
 /// The row tiles of a block of `rows` rows for a kernel of `mr` rows: `(first row, rows)`.
@@ -650,6 +692,7 @@ unsafe fn compute_block<K: MicroKernel>(
                     return Err(PluginError::internal("cpu blas: no B packing buffer"))
                 }
             };
+            let cols_end = cols.end;
             for panel in cols {
                 let j = panel * K::NR;
                 let nr = K::NR.min(nc - j);
@@ -669,7 +712,29 @@ unsafe fn compute_block<K: MicroKernel>(
                     }
                     _ => (b_chunk.wrapping_add((panel - first) * kc * K::NR), K::NR),
                 };
-                for (ir, mr) in row_tiles(mc, K::MR, a_rows && p.csc == 1) {
+                // A packed B panel comes from L3 or memory (a layer's weights, read once per
+                // run): the next one this task takes (the next of the chunk, or the chunk's
+                // first in the next depth block) is brought into L2 a slice per tile while
+                // this one's tiles run, so that its first tile does not wait on it. ResNet-50's
+                // 1x1 layers at 14x14, one thread: 0.79-0.84 -> 0.72-0.78 ms (ORT 0.64-0.66).
+                let next = match b {
+                    BlockB::Packed(_) | BlockB::PackedAll(..) if panel + 1 < cols_end => {
+                        Some(b_panel.wrapping_add(kc * K::NR))
+                    }
+                    BlockB::PackedAll(all, n_pad) if pc + kc < depth.end => {
+                        let kc_next = kc_max.min(p.k - pc - kc);
+                        let at = (pc + kc) * n_pad + jc * kc_next + first * kc_next * K::NR;
+                        Some(all.wrapping_add(at))
+                    }
+                    _ => None,
+                };
+                let tiles = mc.div_ceil(K::MR).max(1);
+                let panel_bytes = kc * K::NR * 4;
+                for (t, (ir, mr)) in row_tiles(mc, K::MR, a_rows && p.csc == 1).enumerate() {
+                    if let Some(next) = next {
+                        let (from, to) = (t * panel_bytes / tiles, (t + 1) * panel_bytes / tiles);
+                        prefetch_l2(next.cast::<u8>().wrapping_add(from), to - from);
+                    }
                     let c = p.c.wrapping_add((ic + ir) * p.rsc + (jc + j) * p.csc);
                     let epi = epi.as_ref().map(|e| (e, ic + ir, jc + j));
                     let (b, cs, ab) = ((b_panel, ldb), (p.rsc, p.csc), (p.alpha, beta));
