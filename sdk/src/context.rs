@@ -416,7 +416,7 @@ pub fn even_grain(len: usize, grain: usize, threads: usize) -> usize {
         let rounds = chunks.div_ceil(threads);
         // The first thread takes chunks 0, threads, 2 * threads, ...: all full but maybe the
         // last of the loop.
-        let last_short = (chunks - 1) % threads == 0;
+        let last_short = (chunks - 1).is_multiple_of(threads);
         rounds * g - if last_short { chunks * g - len } else { 0 }
     };
     // Chunk counts that are multiples of `threads`, from half as many chunks as `grain` gives
