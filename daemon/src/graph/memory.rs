@@ -302,9 +302,16 @@ impl MemoryPlan {
             values.push((slots + in_place.len(), bytes, life));
             in_place.push(c.clone());
         }
-        // Each alias whose two values have one size becomes one value too, numbered after
-        // the concatenations.
+        // Each chain of aliases whose values have one size becomes one value too, numbered
+        // after the concatenations: a residual stage's sums are each written over their
+        // addend and are the next block's addend, written over in turn (ResNet-50: half of
+        // its 16 sums went to a range of their own, each then read Z apart in an extra pass
+        // when only lone aliases were placed). Aliases come in step order, so a chain's links
+        // arrive after the link that made their input.
         let mut aliased = Vec::new();
+        // Per chain: its slots, its range's bytes, its lifetime.
+        let mut chains: Vec<(Vec<usize>, usize, (usize, usize))> = Vec::new();
+        let mut chain_of: HashMap<usize, usize> = HashMap::new();
         for a in &self.aliases {
             let bytes = |s: usize| sizes.get(s).copied().flatten().filter(|&b| b > 0);
             let life = |s: usize| self.lifetimes.get(s).copied().flatten();
@@ -316,14 +323,31 @@ impl MemoryPlan {
             let Some(range) = input.checked_next_multiple_of(ALIGN) else {
                 continue;
             };
-            if bytes(a.output) != Some(input) {
+            if bytes(a.output) != Some(input) || chain_of.contains_key(&a.output) {
                 continue;
             }
-            values.retain(|v| v.0 != a.input && v.0 != a.output);
-            values.push((slots + in_place.len() + aliased.len(), range, (made, last)));
+            match chain_of.get(&a.input).copied() {
+                Some(c) => {
+                    let Some(chain) = chains.get_mut(c).filter(|chain| chain.1 == range) else {
+                        continue;
+                    };
+                    chain.0.push(a.output);
+                    chain.2 = (chain.2 .0.min(made), chain.2 .1.max(last));
+                    chain_of.insert(a.output, c);
+                }
+                None => {
+                    chain_of.insert(a.input, chains.len());
+                    chain_of.insert(a.output, chains.len());
+                    chains.push((vec![a.input, a.output], range, (made, last)));
+                }
+            }
             aliased.push(a.clone());
         }
-        let (mut places, size) = assign(&values, slots + in_place.len() + aliased.len());
+        values.retain(|v| !chain_of.contains_key(&v.0));
+        for (c, (_, range, life)) in chains.iter().enumerate() {
+            values.push((slots + in_place.len() + c, *range, *life));
+        }
+        let (mut places, size) = assign(&values, slots + in_place.len() + chains.len());
         for (g, c) in in_place.iter().enumerate() {
             let Some(Some((base, _))) = places.get(slots + g).copied() else {
                 continue;
@@ -340,9 +364,9 @@ impl MemoryPlan {
                 *p = Some((base, at - base));
             }
         }
-        for (g, a) in aliased.iter().enumerate() {
-            let place = places.get(slots + in_place.len() + g).copied().flatten();
-            for s in [a.input, a.output] {
+        for (c, (members, ..)) in chains.iter().enumerate() {
+            let place = places.get(slots + in_place.len() + c).copied().flatten();
+            for &s in members {
                 if let Some(p) = places.get_mut(s) {
                     *p = place;
                 }
@@ -654,6 +678,71 @@ mod tests {
         );
         assert_eq!(run.aliased(1, 1), None);
         assert_eq!(plan.stats().aliased, 1);
+    }
+
+    #[test]
+    fn a_chain_of_aliases_shares_one_range() {
+        // A residual chain: step 1 writes slot 1 over slot 0, step 2 slot 2 over slot 1, step
+        // 3 reads slot 2; slot 3 lives throughout, slot 4 (step 3's output) after the chain.
+        let link = |step: usize, input: usize, output: usize| Alias {
+            step,
+            input,
+            output,
+        };
+        let plan = MemoryPlan::new(
+            vec![
+                Some((0, 1)),
+                Some((1, 2)),
+                Some((2, 3)),
+                Some((0, 3)),
+                Some((3, 4)),
+            ],
+            Vec::new(),
+            vec![link(1, 0, 1), link(2, 1, 2)],
+            &[],
+        );
+        let key: ShapeKey = vec![(DType::F32, vec![1])];
+        plan.learn(
+            key.clone(),
+            &[Some(256), Some(256), Some(256), Some(64), Some(256)],
+            &[],
+        );
+        let run = plan.arena(&key).expect("pattern");
+        let place = |s: usize| {
+            let p = run.place(s).expect("placed");
+            (p.ptr.as_ptr() as usize, p.len)
+        };
+        assert_eq!(place(0), place(1));
+        assert_eq!(place(1), place(2));
+        assert_eq!((run.aliased(1, 1), run.aliased(2, 2)), (Some(0), Some(1)));
+        assert_eq!(plan.stats().aliased, 2);
+        // The chain lives until step 3, with slot 3: their ranges are apart.
+        let (chain, other) = (place(2), place(3));
+        assert!(chain.0 + chain.1 <= other.0 || other.0 + other.1 <= chain.0);
+        // A link whose output has another size ends the chain there.
+        let sizes: ShapeKey = vec![(DType::F32, vec![2])];
+        plan.learn(
+            sizes.clone(),
+            &[Some(256), Some(256), Some(512), Some(64), Some(256)],
+            &[],
+        );
+        let run = plan.arena(&sizes).expect("pattern");
+        assert_eq!(
+            (run.aliased(1, 1), run.aliased(2, 2)),
+            (Some(0), None),
+            "the second link is not placed"
+        );
+        let (p0, p1, p2) = (
+            run.place(0).expect("0"),
+            run.place(1).expect("1"),
+            run.place(2).expect("2"),
+        );
+        assert_eq!(p0.ptr, p1.ptr);
+        let (a, b) = (p1.ptr.as_ptr() as usize, p2.ptr.as_ptr() as usize);
+        assert!(
+            a + p1.len <= b || b + p2.len <= a,
+            "slot 2 apart from the chain"
+        );
     }
 
     #[test]

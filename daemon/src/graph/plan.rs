@@ -876,9 +876,11 @@ fn in_place_concats(steps: &[Step], lifetimes: &[Option<(usize, usize)>]) -> Vec
 
 /// The outputs the memory plan may place over an input (see `memory::Alias`): a host kernel
 /// declared the pair, the input is read last by that step (and once by it) and both values
-/// are placeable; none already in an in-place concatenation or another alias.
+/// are placeable; neither in an in-place concatenation. A value may be the output of one alias
+/// and the input of a later one (a residual chain: the memory plan places the chain at one
+/// range); being read last once, an input joins one alias at most, and an output is made once.
 fn aliases(steps: &[Step], lifetimes: &[Option<(usize, usize)>], concats: &[Concat]) -> Vec<Alias> {
-    let mut taken: HashSet<usize> = concats
+    let taken: HashSet<usize> = concats
         .iter()
         .flat_map(|c| c.inputs.iter().chain([&c.output]))
         .copied()
@@ -908,7 +910,6 @@ fn aliases(steps: &[Step], lifetimes: &[Option<(usize, usize)>], concats: &[Conc
                 && !taken.contains(&input)
                 && !taken.contains(&output)
             {
-                taken.extend([input, output]);
                 aliases.push(Alias {
                     step,
                     input,
