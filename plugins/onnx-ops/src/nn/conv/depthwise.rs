@@ -244,10 +244,13 @@ fn run_lanes(
         isa,
         prefetch: x.len().saturating_mul(4) >= PREFETCH_FROM,
     };
-    // Output rows per task when one image is spread over the threads: about 16k multiply-adds.
+    // Output rows per task when one image is spread over the threads: about 16k multiply-adds,
+    // but never the whole image on one thread (a 7x7x576 layer's 7 rows were one task: its
+    // multiply-adds are a fifth of its time, the rest reading the input), and evenly: 14
+    // rows in 5, 5 and 4 kept one thread on 10 of them.
     let per_row = (stride / WIDE_LANES) * ow * taps;
-    // Evenly over the threads: 14 rows in 5, 5 and 4 kept one thread on 10 of them.
-    let grain = ctx.even_grain(oh, (16384 / per_row.max(1)).clamp(1, oh));
+    let most = oh.div_ceil(ctx.num_threads().max(1));
+    let grain = ctx.even_grain(oh, (16384 / per_row.max(1)).clamp(1, most));
     if in_place {
         let at = InPlace {
             ih,
