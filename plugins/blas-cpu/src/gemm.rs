@@ -582,7 +582,12 @@ pub(crate) fn split<K: MicroKernel>(
 ) -> (usize, usize, usize, usize) {
     let panels = nc.div_ceil(K::NR).max(1);
     let m = m.max(1);
-    let blocks = m.div_ceil(K::MC);
+    // A block of at most MC rows; but where the columns are few panels (fewer than two per
+    // thread) and the rows many, at least one block per thread: SqueezeNet's 13x13 layers of
+    // 48 output channels (169 rows, panels of 32 and 16 columns) split by their two panels
+    // ran 2:1 on two threads.
+    let few_panels = threads > 1 && panels < 2 * threads && m >= 4 * K::MR * threads;
+    let blocks = m.div_ceil(K::MC).max(if few_panels { threads } else { 1 });
     let mc = m.div_ceil(blocks).div_ceil(K::MR) * K::MR;
     let row_blocks = m.div_ceil(mc);
     // A task streams its B panels whatever the rows: a block of a few rows (a batch-1 fully

@@ -723,6 +723,15 @@ fn two_threads_get_work_on_square_conv_like_and_tall_shapes() {
         let (rows, mc, chunk, cols) = split::<K>(64, 3136, 192, 1);
         assert_eq!((rows, chunk, cols), (1, panels, 1));
         assert!(mc >= 64 && mc < 64 + K::MR);
+        // Few panels (48 columns: 32 + 16 with AVX-512), many rows: the rows split, one block
+        // per thread, instead of the two unequal panels.
+        if 48usize.div_ceil(K::NR) < 4 {
+            let (rows, mc, _, cols) = split::<K>(169, 48, 256, 2);
+            assert!(
+                rows >= 2 && cols == 1 && rows * mc >= 169,
+                "{rows} x {mc}, {cols}"
+            );
+        }
         // Balanced row blocks, each at most MC rows, covering all rows.
         let (rows, mc, _, _) = split::<K>(1024, 1024, 256, 2);
         assert!(mc <= K::MC && mc % K::MR == 0 && rows * mc >= 1024 && (rows - 1) * mc < 1024);
