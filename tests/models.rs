@@ -1247,6 +1247,57 @@ fn channels_last_kernels() -> bool {
     false
 }
 
+/// A daemon serving one model from a fresh repository (keep it alive while used).
+struct Served {
+    daemon: Daemon,
+    _plugins: tempfile::TempDir,
+    _repo: tempfile::TempDir,
+    /// The kernels' op types in plan order.
+    ops: Vec<String>,
+}
+
+impl Served {
+    /// Starts a daemon and loads `bytes` as model `name`.
+    async fn model(name: &str, bytes: Vec<u8>) -> Served {
+        let repo = tempfile::tempdir().expect("repo");
+        let (daemon, plugins) = start_serving(repo.path(), &[]);
+        daemon
+            .inference()
+            .await
+            .repository_model_load(load_request(name, bytes))
+            .await
+            .expect("load");
+        let (_, nodes) = placement(&daemon, name).await;
+        Served {
+            daemon,
+            _plugins: plugins,
+            _repo: repo,
+            ops: nodes.into_iter().map(|n| n.0).collect(),
+        }
+    }
+
+    /// Model `name`'s first output for the f32 input `x` of `shape`, with its shape.
+    async fn infer_x(&self, name: &str, shape: &[i64], x: &[f32]) -> (Vec<i64>, Vec<f32>) {
+        let r = self
+            .daemon
+            .inference()
+            .await
+            .model_infer(pb::ModelInferRequest {
+                model_name: name.into(),
+                inputs: vec![input("x", "FP32", shape)],
+                raw_input_contents: vec![f32_bytes(x).into()],
+                ..Default::default()
+            })
+            .await
+            .expect("infer")
+            .into_inner();
+        (
+            r.outputs[0].shape.clone(),
+            f32_values(&r.raw_output_contents[0]),
+        )
+    }
+}
+
 /// A MobileNetV2 block (1x1 expand + ReLU6, depthwise 3x3 + ReLU, 1x1 project + the residual
 /// Add): the values inside the block run channels-last (the pass `nhwc-conv`, on CPUs with
 /// AVX-512 or AVX2), and the answer is the NCHW one; a narrow block (its projection multiplies W X^T) and a wide one
@@ -1302,15 +1353,7 @@ async fn mobilenet_block(c: usize) {
         ],
         17,
     );
-    let repo = tempfile::tempdir().expect("repo");
-    let (d, _p) = start_serving(repo.path(), &[]);
-    let mut client = d.inference().await;
-    client
-        .repository_model_load(load_request("block", bytes))
-        .await
-        .expect("load");
-    let (_, nodes) = placement(&d, "block").await;
-    let ops: Vec<&str> = nodes.iter().map(|n| n.0.as_str()).collect();
+    let served = Served::model("block", bytes).await;
     // The plugin offers the channels-last kernel only on CPUs with AVX-512 or AVX2 (where
     // its own kernels run); elsewhere the block stays NCHW, with the same answer.
     let fused = if channels_last_kernels() {
@@ -1318,17 +1361,8 @@ async fn mobilenet_block(c: usize) {
     } else {
         "FusedConv"
     };
-    assert_eq!(ops, [fused; 3], "{nodes:?}");
-    let r = client
-        .model_infer(pb::ModelInferRequest {
-            model_name: "block".into(),
-            inputs: vec![input("x", "FP32", &shape)],
-            raw_input_contents: vec![f32_bytes(&x).into()],
-            ..Default::default()
-        })
-        .await
-        .expect("infer")
-        .into_inner();
+    assert_eq!(served.ops, [fused; 3]);
+    let (_, got) = served.infer_x("block", &shape, &x).await;
     // The same block in plain loops, NCHW.
     let p = h * w;
     let mut want = vec![0f32; n * c * p];
@@ -1364,7 +1398,7 @@ async fn mobilenet_block(c: usize) {
             }
         }
     }
-    assert_eq!(f32_values(&r.raw_output_contents[0]), want);
+    assert_eq!(got, want);
 }
 
 /// A first layer, its ReLU and the MaxPool reading it (SqueezeNet's stem: 3x3 stride 2, then
@@ -1530,38 +1564,16 @@ async fn a_fire_module_runs_channels_last_through_its_concat() {
         ],
         17,
     );
-    let repo = tempfile::tempdir().expect("repo");
-    let (d, _p) = start_serving(repo.path(), &[]);
-    let mut client = d.inference().await;
-    client
-        .repository_model_load(load_request("fire", bytes))
-        .await
-        .expect("load");
-    let (_, nodes) = placement(&d, "fire").await;
-    let ops: Vec<&str> = nodes.iter().map(|n| n.0.as_str()).collect();
+    let served = Served::model("fire", bytes).await;
+    let ops = &served.ops;
     if channels_last_kernels() {
         let conv = "FusedConvNhwc";
-        assert_eq!(
-            ops,
-            [conv, conv, conv, "Concat", "MaxPoolNhwc", conv],
-            "{nodes:?}"
-        );
+        assert_eq!(ops, &[conv, conv, conv, "Concat", "MaxPoolNhwc", conv]);
     } else {
-        assert!(
-            ops.contains(&"Concat") && ops.contains(&"MaxPool"),
-            "{nodes:?}"
-        );
+        let has = |op: &str| ops.iter().any(|o| o == op);
+        assert!(has("Concat") && has("MaxPool"), "{ops:?}");
     }
-    let r = client
-        .model_infer(pb::ModelInferRequest {
-            model_name: "fire".into(),
-            inputs: vec![input("x", "FP32", &shape)],
-            raw_input_contents: vec![f32_bytes(&x).into()],
-            ..Default::default()
-        })
-        .await
-        .expect("infer")
-        .into_inner();
+    let (got_shape, got) = served.infer_x("fire", &shape, &x).await;
     // The same layers in plain loops, NCHW: a `k x k` convolution (padding `k / 2`) + ReLU.
     let conv = |x: &[f32], ci: usize, (h, w): (usize, usize), wt: &[f32], b: &[f32], k: usize| {
         let co = b.len();
@@ -1612,9 +1624,6 @@ async fn a_fire_module_runs_channels_last_through_its_concat() {
         }
         want.extend(conv(&pooled, cat, (ph, pw), &wn, &bn, 3));
     }
-    assert_eq!(
-        r.outputs[0].shape,
-        [n as i64, out as i64, ph as i64, pw as i64]
-    );
-    assert_eq!(f32_values(&r.raw_output_contents[0]), want);
+    assert_eq!(got_shape, [n as i64, out as i64, ph as i64, pw as i64]);
+    assert_eq!(got, want);
 }
