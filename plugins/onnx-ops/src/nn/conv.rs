@@ -439,7 +439,7 @@ fn direct_weights(
     let data: &[f32] = w.as_slice()?;
     let kernel = (g.kernel[0], g.kernel[1]);
     // The stem reads NCHW X and writes either layout.
-    if !layouts.x_nhwc && stem::applies(&xs, &g, group) {
+    if !layouts.x_nhwc && stem::applies(&xs, &g, group) && stem::keeps(m, layouts.y_nhwc) {
         return Ok(Some(Direct::Stem(Arc::new(stem::pack(
             data, m, xs[1], kernel,
         )?))));

@@ -139,6 +139,7 @@ impl Conv {
             // pixel tiles, turned channels-last as stored.
             if !l.x_nhwc
                 && stem::applies(&nchw, &g, group)
+                && stem::keeps(m, l.y_nhwc)
                 && stem::run(
                     ctx,
                     &nchw,

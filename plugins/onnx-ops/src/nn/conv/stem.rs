@@ -77,6 +77,21 @@ pub(super) fn applies(xs: &[usize], g: &Geometry, group: usize) -> bool {
         }
 }
 
+/// Output channels from which a layer with a channels-last Y goes to [`super::direct`]
+/// instead, on AVX-512: the channels-in-lanes tiles store each pixel's channels as they are,
+/// where this module turns its 8-channel x 16-pixel tiles (two rounds of shuffles, then 16-byte
+/// stores; a third of SqueezeNet's first layer at one thread). Measured at 2 threads on
+/// Emerald Rapids: SqueezeNet's 64-channel 3x3/2 layer 0.40-0.43 -> 0.37 ms, ResNet-50's
+/// 64-channel 7x7/2 1.09-1.19 -> 1.03-1.04; MobileNetV2's 32-channel one 0.22 -> 0.22-0.24 (so
+/// it stays here). AVX2 keeps its own tiles (measured faster on Zen 3 in stop 58).
+const NHWC_DIRECT_FROM: usize = 64;
+
+/// Whether a layer of `m` output channels that [`applies`] computes here when Y is
+/// channels-last (`y_nhwc`); else [`super::direct`] takes it.
+pub(super) fn keeps(m: usize, y_nhwc: bool) -> bool {
+    !(y_nhwc && m >= NHWC_DIRECT_FROM && Isa::detect() == Some(Isa::Avx512))
+}
+
 /// Window taps up to which AVX2 CPUs take a layer here. A wider window has taps enough that
 /// the channels-in-lanes tiles' denser loop (16 channels x 6 pixels per tap) outweighs their
 /// turn back to NCHW: ResNet's 7x7/2 first layer (64 channels over 224x224, one thread,
