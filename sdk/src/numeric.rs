@@ -298,9 +298,18 @@ macro_rules! scalar_float {
 }
 scalar_float!(f32, f64);
 
+/// f64 -> bf16 through f32, as numpy's `ml_dtypes` (Eigen) converts. `half`'s own
+/// `bf16::from_f64` (2.7) loses the bits below the rounding bit for some values: the f32
+/// `0x116e8006` (1.881434e-28) widened to f64 came back as bf16 `0x116e`, not the nearest
+/// `0x116f` (9 of 200 000 spread f32 bit patterns), so a Cast from f32 rounded wrong.
+#[inline]
+fn bf16_from_f64(v: f64) -> bf16 {
+    bf16::from_f32(v as f32)
+}
+
 // f16 and bf16 compute in f32: widening is exact, storing rounds once.
 macro_rules! scalar_half {
-    ($($t:ty),*) => {$(
+    ($($t:ty => $from_f64:path),*) => {$(
         impl Scalar for $t {
             const IS_FLOAT: bool = true;
             const LOWEST: Self = <$t>::MIN;
@@ -318,15 +327,15 @@ macro_rules! scalar_half {
             #[inline]
             fn to_f64(self) -> f64 { <$t>::to_f64(self) }
             #[inline]
-            fn from_f64(v: f64) -> Self { <$t>::from_f64(v) }
+            fn from_f64(v: f64) -> Self { $from_f64(v) }
             #[inline]
             fn to_i128(self) -> i128 { <$t>::to_f64(self) as i128 }
             #[inline]
-            fn from_i128(v: i128) -> Self { <$t>::from_f64(v as f64) }
+            fn from_i128(v: i128) -> Self { $from_f64(v as f64) }
         }
     )*};
 }
-scalar_half!(f16, bf16);
+scalar_half!(f16 => f16::from_f64, bf16 => bf16_from_f64);
 
 impl Scalar for Bool {
     const IS_FLOAT: bool = false;
@@ -1098,6 +1107,16 @@ mod tests {
         assert_eq!(x.load(), 1.5f32);
         assert_eq!(f16::store(1.0 / 3.0), f16::from_f32(1.0 / 3.0));
         assert_eq!(bf16::narrow(2.5), bf16::from_f32(2.5));
+        // An f32 rounds to bf16 the same way whether it comes as f32 or widened to f64 (where
+        // `half`'s own `bf16::from_f64` drops the sticky bits).
+        for bits in [0x116e_8006u32, 0x2e92_8004, 0x4bb6_8002, 0xf37a_8002] {
+            let x = f32::from_bits(bits);
+            assert_eq!(
+                <bf16 as Scalar>::from_f64(f64::from(x)).to_bits(),
+                bf16::from_f32(x).to_bits(),
+                "{bits:#x}"
+            );
+        }
         // A NaN stored from f32 is the type's own NaN.
         assert_eq!(f16::store(f32::NAN).to_bits(), f16::NAN.to_bits());
         assert_eq!(bf16::store(f32::NAN).to_bits(), bf16::NAN.to_bits());

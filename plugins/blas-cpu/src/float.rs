@@ -17,24 +17,20 @@ pub(crate) fn strides(layout: Layout, trans: Transpose, ld: usize) -> (usize, us
     }
 }
 
-/// Checks one operand: `op(X)` is `rows x cols`; its leading dimension must cover the
-/// contiguous dimension of the stored matrix, and the pointer must be a valid f32 address.
-fn check_operand(
+/// Checks one operand of elements `elem` bytes wide: `op(X)` is `rows x cols`; its leading
+/// dimension must cover the contiguous dimension of the stored matrix, and the pointer must be
+/// a valid, aligned address. Returns `op(X)`'s (row, column) strides in elements.
+pub(crate) fn check_strided(
     name: &str,
     ptr: *const u8,
-    layout: Layout,
-    trans: Transpose,
+    (layout, trans, ld): (Layout, Transpose, usize),
     rows: usize,
     cols: usize,
-    ld: usize,
-) -> Result<Mat, PluginError> {
+    elem: usize,
+) -> Result<(usize, usize), PluginError> {
     let (rs, cs) = strides(layout, trans, ld);
     if rows == 0 || cols == 0 {
-        return Ok(Mat {
-            ptr: ptr.cast(),
-            rs,
-            cs,
-        });
+        return Ok((rs, cs));
     }
     // The contiguous dimension of op(X) is the one with stride 1.
     let inner = if cs == 1 { cols } else { rows };
@@ -44,11 +40,25 @@ fn check_operand(
             "cpu blas: ld{name} = {ld} is less than {inner}"
         )));
     }
-    if ptr.is_null() || !(ptr as usize).is_multiple_of(std::mem::align_of::<f32>()) {
+    if ptr.is_null() || !(ptr as usize).is_multiple_of(elem) {
         return Err(PluginError::invalid(format!(
-            "cpu blas: {name} is null or not f32-aligned"
+            "cpu blas: {name} is null or not aligned to its {elem}-byte elements"
         )));
     }
+    Ok((rs, cs))
+}
+
+/// [`check_strided`] for an f32 operand.
+fn check_operand(
+    name: &str,
+    ptr: *const u8,
+    layout: Layout,
+    trans: Transpose,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+) -> Result<Mat, PluginError> {
+    let (rs, cs) = check_strided(name, ptr, (layout, trans, ld), rows, cols, 4)?;
     Ok(Mat {
         ptr: ptr.cast(),
         rs,

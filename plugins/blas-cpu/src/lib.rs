@@ -23,6 +23,10 @@
 //! unmaps the library, so a hot-swapped BLAS plugin would leak its mapping on every swap
 //! (DESIGN §3).
 //!
+//! The bf16 flavour (bf16 A and B, f32 or bf16 C, f32 sums) runs `vdpbf16ps` on operands packed
+//! in pairs of depth where the CPU has AVX-512 BF16, else widens them for the f32 kernels
+//! ([`bf16`]).
+//!
 //! The integer flavours (u8/i8 x u8/i8, exact i32 accumulation, then dequantized f32 or
 //! requantized u8/i8 with bias and activation) run the kernels of [`int8`]: AVX-512 VNNI, AVX2
 //! without `maddubs` saturation, or portable ([`quant`] is the output stage around them).
@@ -30,6 +34,7 @@
 //! Not supported: operands that overlap C, and types other than those above (refused with
 //! `Unimplemented`; [`Blas::supports`] says so first).
 
+mod bf16;
 mod epilogue;
 #[cfg(test)]
 mod flavours;
@@ -51,13 +56,20 @@ const NAME: &str = "cpu";
 /// The CPU BLAS backend, running one micro-kernel.
 struct CpuBlas {
     kind: KernelKind,
+    bf16: bf16::Path,
 }
 
 impl CpuBlas {
     /// The backend with the best kernel of this CPU.
     fn detect() -> Self {
+        Self::with_kernel(KernelKind::best())
+    }
+
+    /// The backend with f32 kernel `kind` (bf16 products on the best path for it).
+    fn with_kernel(kind: KernelKind) -> Self {
         CpuBlas {
-            kind: KernelKind::best(),
+            kind,
+            bf16: bf16::Path::best(kind),
         }
     }
 }
@@ -65,6 +77,7 @@ impl CpuBlas {
 /// What a packed B handle of this backend holds.
 enum Packed {
     F32(float::PackedF32),
+    Bf16(bf16::PackedBf16),
     Int(quant::PackedInt),
 }
 
@@ -75,7 +88,8 @@ fn known_shape(g: &GemmArgs) -> bool {
         || (g.types.is_integer() && g.flags == GemmArgs::REQUANT_MULTIPLIER)
         || (g.types == GemmTypes::F32
             && g.flags & !f32_flags == 0
-            && (g.flags & GemmArgs::PACKED_A == 0 || g.layout == Layout::ROW_MAJOR));
+            && (g.flags & GemmArgs::PACKED_A == 0 || g.layout == Layout::ROW_MAJOR))
+        || (g.types.a == DType::BF16 && g.flags & !f32_flags == 0);
     flags_known
         && matches!(g.layout, Layout::ROW_MAJOR | Layout::COL_MAJOR)
         && matches!(g.trans_a, Transpose::NO | Transpose::YES)
@@ -95,6 +109,8 @@ impl Blas for CpuBlas {
         known_shape(g)
             && if g.types == GemmTypes::F32 {
                 g.compute == DType::F32
+            } else if g.types.a == DType::BF16 {
+                bf16::supports(g)
             } else {
                 g.types.is_integer() && quant::supports(g)
             }
@@ -110,12 +126,14 @@ impl Blas for CpuBlas {
         }
         if g.types.is_integer() {
             quant::gemm(ctx, g, None)
+        } else if g.types.a == DType::BF16 {
+            bf16::gemm(ctx, self.bf16, g, None)
         } else {
             float::gemm(ctx, self.kind, g, None)
         }
     }
 
-    fn pack_b(&self, _ctx: &KernelContext<'_>, g: &GemmArgs) -> Result<PackedB, PluginError> {
+    fn pack_b(&self, ctx: &KernelContext<'_>, g: &GemmArgs) -> Result<PackedB, PluginError> {
         if !self.supports(g) {
             return Err(refuse(g));
         }
@@ -123,6 +141,10 @@ impl Blas for CpuBlas {
             let p = quant::pack_b(g)?;
             let bytes = p.bytes();
             (Packed::Int(p), bytes)
+        } else if g.types.a == DType::BF16 {
+            let p = bf16::pack_b(ctx, self.bf16, g)?;
+            let bytes = p.bytes();
+            (Packed::Bf16(p), bytes)
         } else {
             let p = float::pack(self.kind, g)?;
             let bytes = p.bytes();
@@ -160,9 +182,9 @@ impl Blas for CpuBlas {
         } else {
             ("B", g.trans_b)
         };
-        // An integer B's packing does not depend on C's type (i32 sums or requantized
-        // bytes): one packed at load serves both.
-        let same_types = if g.types.is_integer() {
+        // An integer or bf16 B's packing does not depend on C's type (i32 sums or
+        // requantized bytes; f32 or bf16): one packed at load serves both.
+        let same_types = if g.types.is_integer() || g.types.a == DType::BF16 {
             (info.types.a, info.types.b) == (g.types.a, g.types.b)
         } else {
             info.types == g.types
@@ -175,6 +197,7 @@ impl Blas for CpuBlas {
         }
         match packed.downcast::<Packed>() {
             Some(Packed::F32(p)) => float::gemm(ctx, self.kind, g, Some(p)),
+            Some(Packed::Bf16(p)) => bf16::gemm(ctx, self.bf16, g, Some(p)),
             Some(Packed::Int(p)) => quant::gemm(ctx, g, Some(p)),
             None => Err(PluginError::invalid(
                 "cpu blas: B was packed by another backend (or another build of this one)",
@@ -184,7 +207,7 @@ impl Blas for CpuBlas {
 }
 
 fn register(r: &mut Registrar) {
-    let int = |a, b, c| GemmTypes { a, b, c };
+    let types = |a, b, c| GemmTypes { a, b, c };
     r.blas(
         BlasDesc {
             name: NAME.into(),
@@ -192,11 +215,13 @@ fn register(r: &mut Registrar) {
             priority: 0,
             types: vec![
                 GemmTypes::F32,
-                int(DType::U8, DType::I8, DType::I32),
-                int(DType::U8, DType::U8, DType::I32),
-                int(DType::I8, DType::I8, DType::I32),
-                int(DType::U8, DType::I8, DType::F32),
-                int(DType::U8, DType::I8, DType::U8),
+                types(DType::BF16, DType::BF16, DType::F32),
+                types(DType::BF16, DType::BF16, DType::BF16),
+                types(DType::U8, DType::I8, DType::I32),
+                types(DType::U8, DType::U8, DType::I32),
+                types(DType::I8, DType::I8, DType::I32),
+                types(DType::U8, DType::I8, DType::F32),
+                types(DType::U8, DType::I8, DType::U8),
             ],
         },
         CpuBlas::detect(),
@@ -206,6 +231,6 @@ fn register(r: &mut Registrar) {
 opreg_sdk::export_plugin! {
     name: "blas-cpu",
     version: env!("CARGO_PKG_VERSION"),
-    description: "CPU BLAS backend (f32 and exact integer gemm; AVX-512/VNNI/AVX2/portable kernels; B pre-packing; host-pool parallel)",
+    description: "CPU BLAS backend (f32, bf16 and exact integer gemm; AVX-512/BF16/VNNI/AVX2/portable kernels; B pre-packing; host-pool parallel)",
     register: register,
 }

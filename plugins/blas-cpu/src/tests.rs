@@ -176,7 +176,7 @@ fn check_with(kind: KernelKind, case: Case, pack_a: bool) {
     args.ldb = b.ld;
     args.c = c.data.as_mut_ptr().cast();
     args.ldc = c.ld;
-    let blas = into_ffi_blas(CpuBlas { kind });
+    let blas = into_ffi_blas(CpuBlas::with_kernel(kind));
     frame_run(&blas, |ctx| {
         let blas = ctx.blas().expect("blas");
         if packed {
@@ -554,7 +554,7 @@ fn packed_fixture(kind: KernelKind) -> (Vec<f32>, Vec<f32>, PackedB) {
     let b = values(15, 4);
     let mut c = vec![0f32; 20];
     let args = GemmArgs::f32(4, 5, 3, &a, &b, &mut c).expect("args");
-    let blas = into_ffi_blas(CpuBlas { kind });
+    let blas = into_ffi_blas(CpuBlas::with_kernel(kind));
     let pb = frame_run(&blas, |ctx| ctx.blas().expect("blas").pack_b(ctx, &args)).expect("pack");
     (a, b, pb)
 }
@@ -568,7 +568,7 @@ fn gemm_packed_with(
 ) -> Result<Vec<f32>, PluginError> {
     let mut c = vec![0f32; 20];
     let args = GemmArgs::f32(4, 5, k, a, b, &mut c)?;
-    let blas = into_ffi_blas(CpuBlas { kind });
+    let blas = into_ffi_blas(CpuBlas::with_kernel(kind));
     frame_run(&blas, |ctx| {
         ctx.blas().expect("blas").gemm_packed(ctx, &args, pb)
     })?;
@@ -606,7 +606,7 @@ fn packed_a_is_a_checked_handle() {
     let a = values(12, 3);
     let b = values(15, 4);
     for kind in kernels() {
-        let blas = into_ffi_blas(CpuBlas { kind });
+        let blas = into_ffi_blas(CpuBlas::with_kernel(kind));
         let mut c = vec![0f32; 20];
         let mut args = GemmArgs::f32(4, 5, 3, &a, &b, &mut c).expect("args");
         let want = {
@@ -787,7 +787,7 @@ fn throughput() {
         if only.as_ref().is_some_and(|o| *o != format!("{kind:?}")) {
             continue;
         }
-        let blas = into_ffi_blas(CpuBlas { kind });
+        let blas = into_ffi_blas(CpuBlas::with_kernel(kind));
         for &(m, n, k) in &shapes {
             let a = values(m * k, 1);
             let b = values(k * n, 2);

@@ -151,12 +151,17 @@ impl Quantizer for MixedPrecision {
             return Static.observe(graph, &m.rest);
         }
         // A float type needs no ranges; the host wants at least one observation (none would
-        // mean "the host's defaults"): the first input's range, nearly free.
+        // mean "the host's defaults"): one f32 tensor's range, nearly free. Only f32 tensors
+        // can be observed, so an encoder's token ids cannot serve: its first f32 input, else
+        // its first f32 output.
+        let f32_value = |name: &str| graph.value(name).is_some_and(|v| v.dtype == DType::F32);
         Ok(graph
             .inputs
             .iter()
-            .take(1)
+            .find(|i| f32_value(i))
+            .or_else(|| graph.outputs.iter().find(|o| f32_value(o)))
             .map(|i| TensorObservation::new(i.as_str(), Observation::MIN_MAX))
+            .into_iter()
             .collect())
     }
 

@@ -6,6 +6,7 @@ use crate::util::{
 };
 use opreg_sdk::{
     alloc::{checked_numel, try_vec, try_with_capacity},
+    half::bf16,
     prelude::*,
     PackedB,
 };
@@ -111,12 +112,12 @@ fn fits(packed: &PackedB, k: usize, n: usize, trans_b: bool) -> bool {
 
 /// Fails unless `c` holds `m x n` values and, for a product with depth, `a` `m x k` and `b`
 /// `k x n` (`b` may be empty when a pre-packed B fitting the product serves: `packed`).
-fn check_operands(
+fn check_operands<T>(
     op: &str,
     (m, n, k): (usize, usize, usize),
-    a: &[f32],
-    b: &[f32],
-    c: &[f32],
+    a: &[T],
+    b: &[T],
+    c: &[T],
     packed: bool,
 ) -> Result<(), PluginError> {
     let fits =
@@ -129,6 +130,47 @@ fn check_operands(
         )));
     }
     Ok(())
+}
+
+/// The operand types of a bf16 product: bf16 A, B and C (the BLAS sums in f32).
+pub(crate) const BF16_TYPES: GemmTypes = GemmTypes {
+    a: DType::BF16,
+    b: DType::BF16,
+    c: DType::BF16,
+};
+
+/// Whether the node's BLAS backend has a bf16 gemm (else bf16 products are widened to f32).
+pub(crate) fn has_bf16_gemm(ctx: &KernelContext<'_>) -> bool {
+    ctx.blas()
+        .is_some_and(|b| b.supports(&GemmArgs::new(BF16_TYPES, 1, 1, 1)))
+}
+
+/// `C = A * B` on contiguous row-major bf16 operands in the node's BLAS bf16 gemm (f32 sums,
+/// C rounded to nearest even), with `packed` as B where it fits.
+fn gemm_bf16(
+    ctx: &KernelContext<'_>,
+    (m, n, k): (usize, usize, usize),
+    a: &[bf16],
+    b: &[bf16],
+    c: &mut [bf16],
+    packed: Option<&PackedB>,
+) -> Result<(), PluginError> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let packed = packed.filter(|p| fits(p, k, n, false));
+    check_operands("MatMul", (m, n, k), a, b, c, packed.is_some())?;
+    let blas = blas(ctx, "MatMul")?;
+    let mut g = GemmArgs::new(BF16_TYPES, m, n, k);
+    (g.a, g.lda) = (a.as_ptr().cast(), k.max(1));
+    (g.b, g.ldb) = (b.as_ptr().cast(), n);
+    (g.c, g.ldc) = (c.as_mut_ptr().cast(), n);
+    if !blas.supports(&g) {
+        return Err(PluginError::unimplemented(
+            "MatMul: the BLAS backend has no bf16 gemm",
+        ));
+    }
+    run_gemm(ctx, blas, &g, packed)
 }
 
 /// Runs `args` with `packed` as B where it was packed for this product.
@@ -202,16 +244,29 @@ struct Prepacked {
     shape: Vec<usize>,
 }
 
-/// Packs a constant 2-D f32 B (`inputs[index]`) with the node's BLAS backend at model load,
-/// so that every run skips packing the weights. `None` when B is not constant or the backend
-/// does not pre-pack (then each run packs as usual).
+/// Packs a constant 2-D f32 B (`inputs[index]`), or an untransposed bf16 one, with the node's
+/// BLAS backend at model load, so that every run skips packing the weights. `None` when B is
+/// not constant or the backend does not pre-pack it (then each run packs as usual).
 fn prepack(node: &NodeInfo<'_>, index: usize, trans_b: bool) -> Option<Prepacked> {
     let b = node.inputs.get(index)?.constant?;
-    let (&[rows, cols], DType::F32) = (b.shape(), b.dtype) else {
+    let &[rows, cols] = b.shape() else {
         return None;
     };
     let (k, n) = if trans_b { (cols, rows) } else { (rows, cols) };
-    let packed = pack_constant_b(node, b.as_slice::<f32>().ok()?, k, n, trans_b)?;
+    let packed = match b.dtype {
+        DType::F32 => pack_constant_b(node, b.as_slice::<f32>().ok()?, k, n, trans_b)?,
+        // MatMul's (the only bf16 operator with a B here).
+        DType::BF16 if !trans_b => {
+            let w = b.as_slice::<bf16>().ok()?;
+            if k.checked_mul(n)? > w.len() {
+                return None;
+            }
+            let mut g = GemmArgs::new(BF16_TYPES, 1, n, k);
+            (g.b, g.ldb) = (w.as_ptr().cast(), n);
+            Arc::new(node.blas()?.pack_b(node.context.as_ref()?, &g).ok()?)
+        }
+        _ => return None,
+    };
     // What a run would check packing against (`fits`): only then is B never read.
     fits(&packed, k, n, trans_b).then(|| Prepacked {
         packed,
@@ -238,9 +293,10 @@ where
     match pre {
         Some(p) => {
             let [a] = required(op, inputs, ["A"])?;
-            if a.dtype != DType::F32 {
+            let want = p.packed.info().types.a;
+            if a.dtype != want {
                 return Err(PluginError::invalid(format!(
-                    "{op}: A is {} but B is float",
+                    "{op}: A is {} but B is {want}",
                     a.dtype
                 )));
             }
@@ -262,7 +318,7 @@ where
 }
 
 /// B's data: empty when it was absorbed (the packed form serves).
-fn b_data<'a>(b: &Option<TensorView<'a>>) -> Result<&'a [f32], PluginError> {
+fn b_data<'a, T: Element>(b: &Option<TensorView<'a>>) -> Result<&'a [T], PluginError> {
     match b {
         Some(b) => b.as_slice(),
         None => Ok(&[]),
@@ -301,7 +357,7 @@ pub(crate) fn pack_constant_b(
 }
 
 struct MatMul {
-    /// B pre-packed at model load when it is a constant 2-D f32 matrix.
+    /// B pre-packed at model load when it is a constant 2-D f32 or bf16 matrix.
     pre: Option<Prepacked>,
 }
 
@@ -391,27 +447,53 @@ impl MatMulPlan {
         y: &mut [f32],
         packed: Option<&PackedB>,
     ) -> Result<(), PluginError> {
+        self.run_products(ctx, x, w, y, packed, |ctx, m, x, w, y, packed| {
+            gemm_f32(
+                ctx, "MatMul", false, false, m, self.n, self.k, 1.0, x, w, 0.0, y, packed,
+            )
+        })
+    }
+
+    /// The products in the node's BLAS bf16 gemm (bf16 operands and result, f32 sums).
+    fn run_bf16(
+        &self,
+        ctx: &KernelContext<'_>,
+        x: &[bf16],
+        w: &[bf16],
+        y: &mut [bf16],
+        packed: Option<&PackedB>,
+    ) -> Result<(), PluginError> {
+        self.run_products(ctx, x, w, y, packed, |ctx, m, x, w, y, packed| {
+            gemm_bf16(ctx, (m, self.n, self.k), x, w, y, packed)
+        })
+    }
+
+    /// The products, each through `gemm(ctx, rows, a, b, c, packed B)` on contiguous
+    /// row-major operands `rows x k`, `k x n` and `rows x n`.
+    fn run_products<T: Send + Sync>(
+        &self,
+        ctx: &KernelContext<'_>,
+        x: &[T],
+        w: &[T],
+        y: &mut [T],
+        packed: Option<&PackedB>,
+        gemm: impl Fn(
+                &KernelContext<'_>,
+                usize,
+                &[T],
+                &[T],
+                &mut [T],
+                Option<&PackedB>,
+            ) -> Result<(), PluginError>
+            + Sync,
+    ) -> Result<(), PluginError> {
         let (m, k, n) = (self.m, self.k, self.n);
         if y.is_empty() {
             return Ok(());
         }
         if self.offs.is_empty() {
             // B shared by every batch: fold the batches into M, one gemm.
-            return gemm_f32(
-                ctx,
-                "MatMul",
-                false,
-                false,
-                self.nb * m,
-                n,
-                k,
-                1.0,
-                x,
-                w,
-                0.0,
-                y,
-                packed,
-            );
+            return gemm(ctx, self.nb * m, x, w, y, packed);
         }
         if w.is_empty() && k > 0 {
             // Only a 2-D B is absorbed, and its products fold into one gemm above.
@@ -426,21 +508,7 @@ impl MatMulPlan {
             for (i, &(oa, ob)) in self.offs[range.clone()].iter().enumerate() {
                 // SAFETY: product `range.start + i` writes its own block of y.
                 let yb = unsafe { yd.part((range.start + i) * m * n, m * n) };
-                gemm_f32(
-                    ctx,
-                    "MatMul",
-                    false,
-                    false,
-                    m,
-                    n,
-                    k,
-                    1.0,
-                    &x[oa..],
-                    &w[ob..],
-                    0.0,
-                    yb,
-                    None,
-                )?;
+                gemm(ctx, m, &x[oa..], &w[ob..], yb, None)?;
             }
             Ok(())
         })
@@ -513,7 +581,7 @@ impl Kernel for MatMul {
         ctx: &KernelContext<'_>,
         inputs: &[TensorView<'_>],
     ) -> Result<(), PluginError> {
-        use opreg_sdk::half::{bf16, f16};
+        use opreg_sdk::half::f16;
         let Operands { a, b_shape, b } = operands("MatMul", inputs, &self.pre)?;
         if let Some(b) = &b {
             if a.dtype != b.dtype {
@@ -523,9 +591,10 @@ impl Kernel for MatMul {
                 )));
             }
         }
-        // Only an f32 B is ever absorbed, and then A is f32 too (`operands`).
-        let given =
-            || b.ok_or_else(|| PluginError::internal("MatMul: B was absorbed but A is not f32"));
+        // Only an f32 or bf16 B is ever absorbed, and then A has its type (`operands`).
+        let given = || {
+            b.ok_or_else(|| PluginError::internal("MatMul: B was absorbed but A's type differs"))
+        };
         let plan = MatMulPlan::new(a.shape(), &b_shape)?;
         let shape = plan.out_shape.clone();
         macro_rules! looped {
@@ -563,6 +632,13 @@ impl Kernel for MatMul {
                     .for_each(|(o, &v)| *o = f16::from_f32(v));
                 Ok(())
             }
+            DType::BF16 if self.pre.is_some() || has_bf16_gemm(ctx) => plan.run_bf16(
+                ctx,
+                a.as_slice()?,
+                b_data(&b)?,
+                ctx.output_slice_to_overwrite::<bf16>(0, &shape)?,
+                self.pre.as_ref().map(|p| &*p.packed),
+            ),
             DType::BF16 => {
                 // Output first (the host refuses sizes past its limit), then the f32 result
                 // it rounds: with K = 0 both can be far larger than A and B.
@@ -1054,6 +1130,48 @@ mod tests {
             "{}",
             err.message
         );
+    }
+
+    #[test]
+    fn bf16_products_run_in_the_blas_bf16_gemm_or_widened() {
+        use crate::nn::testblas::NaivePackingBlas;
+        // Values of a few bits: every sum is exact in f32 and in bf16, whatever the path.
+        let (k, n) = (5, 4);
+        let a = seq(2 * 3 * k, 0.5);
+        let b = seq(k * n, 0.25);
+        let b2 = seq(2 * k * n, 0.125);
+        let h = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
+        let ta = HostTensor::from_vec(&[2, 3, k], &h(&a)).expect("a");
+        let tb = HostTensor::from_vec(&[k, n], &h(&b)).expect("b");
+        let tb2 = HostTensor::from_vec(&[2, k, n], &h(&b2)).expect("b2");
+        let shared = h(&naive_matmul(&a, &b, 6, k, n));
+        let batched: Vec<bf16> = (0..2)
+            .flat_map(|p| {
+                let (ap, bp) = (
+                    &a[p * 3 * k..(p + 1) * 3 * k],
+                    &b2[p * k * n..(p + 1) * k * n],
+                );
+                h(&naive_matmul(ap, bp, 3, k, n))
+            })
+            .collect();
+        let run = |node: NodeSpec, b: &HostTensor, blas: Box<dyn Blas>| {
+            let (out, absorbed) =
+                run_kernel_absorbing(matmul_factory, &node, &[Some(&ta), Some(b)], Some(blas))
+                    .expect("run");
+            (out[0].to_vec::<bf16>().expect("bf16"), absorbed)
+        };
+        let node = NodeSpec::onnx("MatMul", 13);
+        // A constant B is packed by the BLAS's bf16 flavour and absorbed (the widening path
+        // could not run without it).
+        let (y, absorbed) = run(node.clone().constant(1), &tb, Box::new(NaivePackingBlas));
+        assert_eq!((y, absorbed), (shared.clone(), vec![1]));
+        // B given at run time: the bf16 gemm per call; per product for a batched B.
+        assert_eq!(run(node.clone(), &tb, Box::new(NaiveBlas)).0, shared);
+        assert_eq!(run(node.clone(), &tb2, Box::new(NaiveBlas)).0, batched);
+        // A backend without the bf16 flavour: widened to its f32 gemm, same values.
+        let (y, absorbed) = run(node.clone().constant(1), &tb, Box::new(NaiveEpilogueBlas));
+        assert_eq!((y, absorbed), (shared, vec![]));
+        assert_eq!(run(node, &tb2, Box::new(NaiveEpilogueBlas)).0, batched);
     }
 
     #[test]

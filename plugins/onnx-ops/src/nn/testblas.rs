@@ -1,8 +1,9 @@
 //! A naive reference BLAS backend for unit tests.
 
-use opreg_sdk::prelude::*;
+use opreg_sdk::{half::bf16, prelude::*};
 
-/// Triple-loop gemm honouring layout, transposes, alpha, beta and leading dimensions.
+/// Triple-loop gemm honouring layout, transposes, alpha, beta and leading dimensions (f32);
+/// row-major, untransposed, `beta` 0 for the integer and bf16 flavours.
 pub(crate) struct NaiveBlas;
 
 impl Blas for NaiveBlas {
@@ -15,13 +16,25 @@ impl Blas for NaiveBlas {
                 || (g.types.is_integer()
                     && g.types.c == DType::I32
                     && g.layout == Layout::ROW_MAJOR
-                    && g.trans_a == Transpose::NO))
+                    && g.trans_a == Transpose::NO)
+                || (g.types.a == DType::BF16
+                    && g.types.b == DType::BF16
+                    && matches!(g.types.c, DType::BF16 | DType::F32)
+                    && g.layout == Layout::ROW_MAJOR
+                    && g.trans_a == Transpose::NO
+                    && g.trans_b == Transpose::NO
+                    && g.beta == 0.0))
     }
 
     fn gemm(&self, _ctx: &KernelContext<'_>, g: &GemmArgs) -> Result<(), PluginError> {
         if g.types.is_integer() {
             // SAFETY: the caller's operands cover what `g` describes.
             unsafe { integer(g) };
+            return Ok(());
+        }
+        if g.types.a == DType::BF16 {
+            // SAFETY: as above.
+            unsafe { bf16_product(g) };
             return Ok(());
         }
         assert_eq!(g.types, GemmTypes::F32);
@@ -249,8 +262,34 @@ unsafe fn integer(g: &GemmArgs) {
     }
 }
 
-/// [`NaiveBlas`] that pre-packs an f32 B: `op(B)` copied row-major (`k x n`). Operators that
-/// pack their constant weights at load (and then absorb them, ABI 1.8) run through it in tests.
+/// The bf16 flavour: row-major `C = alpha * A * B`, summed in f32, C bf16 or f32.
+///
+/// # Safety
+/// The operands must cover the matrices `g` describes.
+unsafe fn bf16_product(g: &GemmArgs) {
+    // SAFETY: in bounds per the contract.
+    let w = |p: *const u8, i: usize| bf16::from_bits(unsafe { *p.cast::<u16>().add(i) }).to_f32();
+    for i in 0..g.m {
+        for j in 0..g.n {
+            let acc: f32 = (0..g.k)
+                .map(|p| w(g.a, i * g.lda + p) * w(g.b, p * g.ldb + j))
+                .sum();
+            let (v, ci) = (g.alpha * acc, i * g.ldc + j);
+            // SAFETY: as above.
+            unsafe {
+                if g.types.c == DType::BF16 {
+                    *g.c.cast::<u16>().add(ci) = bf16::from_f32(v).to_bits();
+                } else {
+                    *g.c.cast::<f32>().add(ci) = v;
+                }
+            }
+        }
+    }
+}
+
+/// [`NaiveBlas`] that pre-packs an f32 B (`op(B)` copied row-major, `k x n`) or a row-major
+/// bf16 one (copied). Operators that pack their constant weights at load (and then absorb
+/// them, ABI 1.8) run through it in tests.
 pub(crate) struct NaivePackingBlas;
 
 impl Blas for NaivePackingBlas {
@@ -263,6 +302,23 @@ impl Blas for NaivePackingBlas {
     }
 
     fn pack_b(&self, _ctx: &KernelContext<'_>, g: &GemmArgs) -> Result<PackedB, PluginError> {
+        if g.types.a == DType::BF16 && self.supports(g) {
+            // SAFETY: the caller's B covers `k x n` with leading dimension `ldb`.
+            let dense: Vec<u16> = (0..g.k * g.n)
+                .map(|e| unsafe { *g.b.cast::<u16>().add(e / g.n * g.ldb + e % g.n) })
+                .collect();
+            let info = PackedInfo {
+                types: g.types,
+                trans_b: g.trans_b,
+                k: g.k,
+                n: g.n,
+                bytes: dense.len() * 2,
+                device: Device::CPU,
+                memory: MemoryType::DEVICE,
+                flags: 0,
+            };
+            return Ok(PackedB::new(dense, info));
+        }
         if g.types != GemmTypes::F32 || g.flags != 0 || g.layout != Layout::ROW_MAJOR {
             return Err(PluginError::unimplemented("packs row-major f32 B only"));
         }
@@ -297,13 +353,76 @@ impl Blas for NaivePackingBlas {
         g: &GemmArgs,
         packed: &PackedB,
     ) -> Result<(), PluginError> {
-        let dense = packed
-            .downcast::<Vec<f32>>()
-            .ok_or_else(|| PluginError::invalid("not packed by NaivePackingBlas"))?;
         let mut plain = *g;
-        plain.b = dense.as_ptr().cast();
+        plain.b = match (packed.downcast::<Vec<f32>>(), packed.downcast::<Vec<u16>>()) {
+            (Some(dense), _) => dense.as_ptr().cast(),
+            (_, Some(dense)) => dense.as_ptr().cast(),
+            _ => return Err(PluginError::invalid("not packed by NaivePackingBlas")),
+        };
         plain.trans_b = Transpose::NO;
         plain.ldb = g.n;
         NaiveBlas.gemm(ctx, &plain)
+    }
+}
+
+/// [`NaiveEpilogueBlas`] with the bf16 flavour's bias and activation epilogues (row-major,
+/// untransposed): the operands (and C, with `beta`) widened, the f32 product and its epilogue computed
+/// there, C rounded to bf16. Counts the bf16 products it ran ([`NaiveBf16Blas::calls`]), so a
+/// test sees which path an operator took.
+pub(crate) struct NaiveBf16Blas(pub std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl NaiveBf16Blas {
+    fn is_bf16(g: &GemmArgs) -> bool {
+        g.types.a == DType::BF16 && g.types.b == DType::BF16 && g.types.c == DType::BF16
+    }
+
+    /// The f32 arguments of a bf16 product (pointers left to the caller).
+    fn widened(g: &GemmArgs) -> GemmArgs {
+        let mut f = *g;
+        f.types = GemmTypes::F32;
+        f
+    }
+}
+
+impl Blas for NaiveBf16Blas {
+    fn supports(&self, g: &GemmArgs) -> bool {
+        if !Self::is_bf16(g) {
+            return NaiveEpilogueBlas.supports(g);
+        }
+        g.layout == Layout::ROW_MAJOR
+            && g.trans_a == Transpose::NO
+            && g.trans_b == Transpose::NO
+            && NaiveEpilogueBlas.supports(&Self::widened(g))
+    }
+
+    fn gemm(&self, ctx: &KernelContext<'_>, g: &GemmArgs) -> Result<(), PluginError> {
+        if !Self::is_bf16(g) {
+            return NaiveEpilogueBlas.gemm(ctx, g);
+        }
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let wide = |p: *const u8, rows: usize, cols: usize, ld: usize| -> Vec<f32> {
+            (0..rows * cols)
+                // SAFETY: the caller's operand covers `rows x cols` with leading dimension `ld`.
+                .map(|e| unsafe { *p.cast::<u16>().add(e / cols * ld + e % cols) })
+                .map(|v| bf16::from_bits(v).to_f32())
+                .collect()
+        };
+        let (a, b) = (wide(g.a, g.m, g.k, g.lda), wide(g.b, g.k, g.n, g.ldb));
+        let mut c = if g.beta == 0.0 {
+            vec![0f32; g.m * g.n]
+        } else {
+            wide(g.c, g.m, g.n, g.ldc)
+        };
+        let mut f = Self::widened(g);
+        (f.a, f.lda, f.b, f.ldb) = (a.as_ptr().cast(), g.k, b.as_ptr().cast(), g.n);
+        (f.c, f.ldc) = (c.as_mut_ptr().cast(), g.n);
+        NaiveEpilogueBlas.gemm(ctx, &f)?;
+        for (e, v) in c.iter().enumerate() {
+            // SAFETY: the caller's C covers `m x n` with leading dimension `ldc`.
+            unsafe {
+                *g.c.cast::<u16>().add(e / g.n * g.ldc + e % g.n) = bf16::from_f32(*v).to_bits()
+            };
+        }
+        Ok(())
     }
 }
