@@ -194,6 +194,34 @@ pub(crate) fn offset(
         .ok_or_else(|| PluginError::invalid("cpu blas: batch offset overflows"))
 }
 
+/// Checks that an operand packed as A (`a`) or B with depth `k` and `n` rows (A) or columns
+/// (B) is the one `g` asks for ([`GemmArgs::PACKED_A`] or not) at its sizes; returns its role
+/// ("A" or "B") for later messages.
+pub(crate) fn check_packed(
+    g: &GemmArgs,
+    a: bool,
+    (k, n): (usize, usize),
+) -> Result<&'static str, PluginError> {
+    let wants_a = g.flags & GemmArgs::PACKED_A != 0;
+    let (role, want) = if wants_a {
+        ("A", (g.k, g.m))
+    } else {
+        ("B", (g.k, g.n))
+    };
+    if a != wants_a {
+        return Err(PluginError::invalid(format!(
+            "cpu blas: the packed operand is not {role}, as the flags say"
+        )));
+    }
+    if (k, n) != want {
+        return Err(PluginError::invalid(format!(
+            "cpu blas: {role} packed for k {k} x {n}, gemm wants k {} x {}",
+            want.0, want.1
+        )));
+    }
+    Ok(role)
+}
+
 /// Runs every product of the batch `g` describes, then its epilogue.
 pub(crate) fn gemm(
     ctx: &KernelContext<'_>,
@@ -204,22 +232,7 @@ pub(crate) fn gemm(
     let wants_a = g.flags & GemmArgs::PACKED_A != 0;
     let packed = match packed {
         Some(p) => {
-            let (role, want) = if wants_a {
-                ("A", (g.k, g.m))
-            } else {
-                ("B", (g.k, g.n))
-            };
-            if p.a != wants_a {
-                return Err(PluginError::invalid(format!(
-                    "cpu blas: the packed operand is not {role}, as the flags say"
-                )));
-            }
-            if (p.k, p.n) != want {
-                return Err(PluginError::invalid(format!(
-                    "cpu blas: {role} packed for k {} x {}, gemm wants k {} x {}",
-                    p.k, p.n, want.0, want.1
-                )));
-            }
+            let role = check_packed(g, p.a, (p.k, p.n))?;
             if !p.kind.available() {
                 return Err(PluginError::invalid(format!(
                     "cpu blas: packed {role} is for a kernel this CPU lacks"

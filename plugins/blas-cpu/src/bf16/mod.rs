@@ -330,22 +330,7 @@ pub(crate) fn gemm(
 ) -> Result<(), PluginError> {
     let wants_a = g.flags & GemmArgs::PACKED_A != 0;
     if let Some(p) = packed {
-        let (role, want) = if wants_a {
-            ("A", (g.k, g.m))
-        } else {
-            ("B", (g.k, g.n))
-        };
-        if p.a != wants_a {
-            return Err(PluginError::invalid(format!(
-                "cpu blas: the packed operand is not {role}, as the flags say"
-            )));
-        }
-        if (p.k, p.n) != want {
-            return Err(PluginError::invalid(format!(
-                "cpu blas: {role} packed for k {} x {}, gemm wants k {} x {}",
-                p.k, p.n, want.0, want.1
-            )));
-        }
+        float::check_packed(g, p.a, (p.k, p.n))?;
         let fits = matches!(
             (&p.form, path),
             (Form::Pairs(_), Path::Pairs) | (Form::Widened(_), Path::Widen(_))
