@@ -1611,12 +1611,8 @@ mod tests {
             let (x, w) = (vals(xs.iter().product(), 1), vals(ws.iter().product(), 2));
             let b = vals(ws[0], 3);
             let h = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
-            let out = [xs[0], ws[0], (xs[2] + 2 * pad - 3) / stride + 1, 0];
-            let out = if ws[2] == 1 {
-                [xs[0], ws[0], xs[2], xs[3]]
-            } else {
-                [out[0], out[1], out[2], (xs[3] + 2 * pad - 3) / stride + 1]
-            };
+            let extent = |d: usize| (xs[d] + 2 * pad - ws[d]) / stride + 1;
+            let out = [xs[0], ws[0], extent(2), extent(3)];
             let z = vals(out.iter().product(), 4);
             let tz = HostTensor::from_vec(&out, &z).expect("z");
             let tz16 = HostTensor::from_vec(&out, &h(&z)).expect("z");

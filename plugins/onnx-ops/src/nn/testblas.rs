@@ -292,6 +292,22 @@ unsafe fn bf16_product(g: &GemmArgs) {
 /// them, ABI 1.8) run through it in tests.
 pub(crate) struct NaivePackingBlas;
 
+impl NaivePackingBlas {
+    /// What a B of `g` packed into `bytes` bytes records.
+    fn info(g: &GemmArgs, bytes: usize) -> PackedInfo {
+        PackedInfo {
+            types: g.types,
+            trans_b: g.trans_b,
+            k: g.k,
+            n: g.n,
+            bytes,
+            device: Device::CPU,
+            memory: MemoryType::DEVICE,
+            flags: 0,
+        }
+    }
+}
+
 impl Blas for NaivePackingBlas {
     fn supports(&self, g: &GemmArgs) -> bool {
         NaiveBlas.supports(g)
@@ -307,17 +323,8 @@ impl Blas for NaivePackingBlas {
             let dense: Vec<u16> = (0..g.k * g.n)
                 .map(|e| unsafe { *g.b.cast::<u16>().add(e / g.n * g.ldb + e % g.n) })
                 .collect();
-            let info = PackedInfo {
-                types: g.types,
-                trans_b: g.trans_b,
-                k: g.k,
-                n: g.n,
-                bytes: dense.len() * 2,
-                device: Device::CPU,
-                memory: MemoryType::DEVICE,
-                flags: 0,
-            };
-            return Ok(PackedB::new(dense, info));
+            let bytes = dense.len() * 2;
+            return Ok(PackedB::new(dense, Self::info(g, bytes)));
         }
         if g.types != GemmTypes::F32 || g.flags != 0 || g.layout != Layout::ROW_MAJOR {
             return Err(PluginError::unimplemented("packs row-major f32 B only"));
@@ -334,16 +341,7 @@ impl Blas for NaivePackingBlas {
                 dense.push(unsafe { *b.add(i) });
             }
         }
-        let info = PackedInfo {
-            types: g.types,
-            trans_b: g.trans_b,
-            k: g.k,
-            n: g.n,
-            bytes: dense.len() * 4,
-            device: Device::CPU,
-            memory: MemoryType::DEVICE,
-            flags: 0,
-        };
+        let info = Self::info(g, dense.len() * 4);
         Ok(PackedB::new(dense, info))
     }
 
